@@ -1,0 +1,306 @@
+"""NumPy float64 oracle of SPEC.md.
+
+Plain loops and float64 wherever SPEC.md does not prescribe float32 arithmetic, written for clarity rather
+than speed: this module is the referee both packages are tested against, so it shares no code with them.
+Section numbers refer to SPEC.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+SCORING_MODES = ("entropy", "margin", "loss", "combined")
+SELECTION_STRATEGIES = ("topk", "stratified", "sequence_aware", "fixed_quota")
+
+# SPEC §11: (atol, rtol) of an implementation's float32 statistic against this oracle.
+SCORE_TOL: dict[str, tuple[float, float]] = {
+    "lse": (1e-4, 1e-5),
+    "entropy": (1e-4, 1e-5),
+    "nll": (1e-4, 1e-5),
+    "confidence": (1e-5, 1e-5),
+    "runner_up": (1e-5, 1e-5),
+    "margin": (1e-5, 1e-5),
+    "difficulty": (3e-4, 1e-5),
+}
+SCORE_PARITY_ATOL = 6e-4
+SCORE_PARITY_RTOL = 2e-5
+
+F32 = np.float32
+
+
+# ----------------------------------------------------------------------------------------------- §2 stats
+def _row_statistics(z: np.ndarray) -> tuple[float, float, float, float]:
+    """lse, entropy, p1, p2 of one row in float64 (nan where the row is not finite)."""
+    z = np.asarray(z, dtype=np.float64)
+    if np.isnan(z).any() or np.isposinf(z).any() or np.isneginf(z).all():
+        return (math.nan,) * 4
+    m = z.max()
+    finite = ~np.isneginf(z)
+    e = np.zeros_like(z)
+    e[finite] = np.exp(z[finite] - m)
+    d = e.sum()
+    lse = m + math.log(d)
+    p = e / d
+    # H = lse - sum p z, with the p_j = 0 (z_j = -inf) terms contributing nothing.
+    entropy = lse - float((p[finite] * z[finite]).sum())
+    order = np.sort(z)[::-1]
+    p1 = math.exp(order[0] - lse)
+    p2 = math.exp(order[1] - lse) if z.size >= 2 and not np.isneginf(order[1]) else 0.0
+    return lse, entropy, p1, p2
+
+
+def token_statistics(logits: np.ndarray, targets: np.ndarray | None = None,
+                     ignore_index: int = -100) -> dict[str, np.ndarray]:
+    """SPEC §2 for every token. Returns float64 arrays of the token shape plus ``row_finite``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shape = logits.shape[:-1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = {k: np.zeros(flat.shape[0]) for k in ("lse", "entropy", "confidence", "runner_up", "nll")}
+    row_finite = np.zeros(flat.shape[0], dtype=bool)
+    tflat = None if targets is None else np.asarray(targets).reshape(-1)
+    for i, z in enumerate(flat):
+        lse, h, p1, p2 = _row_statistics(z)
+        out["lse"][i], out["entropy"][i], out["confidence"][i], out["runner_up"][i] = lse, h, p1, p2
+        ok = all(math.isfinite(v) for v in (lse, h, p1, p2))
+        if tflat is not None and tflat[i] != ignore_index:
+            t = int(tflat[i])
+            if not 0 <= t < z.size:
+                raise ValueError(f"targets: value {t} outside [0, {z.size})")
+            nll = lse - z[t]
+            out["nll"][i] = nll
+            ok = ok and math.isfinite(nll)
+        row_finite[i] = ok
+    res = {k: v.reshape(shape) for k, v in out.items()}
+    res["row_finite"] = row_finite.reshape(shape)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ §3 difficulty
+def difficulty_from_statistics(stats: dict[str, np.ndarray], scoring: str = "combined",
+                               has_targets: bool = True) -> np.ndarray:
+    if scoring not in SCORING_MODES:
+        raise ValueError(f"scoring must be one of {SCORING_MODES}, got {scoring!r}")
+    margin = 1.0 - (stats["confidence"] - stats["runner_up"])
+    if scoring == "entropy":
+        return stats["entropy"].copy()
+    if scoring == "margin":
+        return margin
+    if scoring == "loss":
+        if not has_targets:
+            raise ValueError("scoring='loss' needs targets")
+        return stats["nll"].copy()
+    d = stats["entropy"] + margin
+    return d + stats["nll"] if has_targets else d
+
+
+def score_tokens(logits: np.ndarray, targets: np.ndarray | None = None, scoring: str = "combined",
+                 ignore_index: int = -100, valid_mask: np.ndarray | None = None) -> dict[str, Any]:
+    """SPEC §2-§4: difficulty, validity and eligibility of every token."""
+    stats = token_statistics(logits, targets, ignore_index)
+    shape = stats["lse"].shape
+    if targets is not None:
+        valid = np.asarray(targets).reshape(shape) != ignore_index
+    else:
+        valid = np.ones(shape, dtype=bool)
+    if valid_mask is not None:
+        valid = valid & np.asarray(valid_mask, dtype=bool).reshape(shape)
+    d = difficulty_from_statistics(stats, scoring, has_targets=targets is not None)
+    eligible = valid & stats["row_finite"] & ~np.isnan(d)
+    nonfinite = valid & ~stats["row_finite"]
+    return {"difficulty": d, "eligible": eligible, "valid": valid, "stats": stats, "nonfinite": nonfinite}
+
+
+# ------------------------------------------------------------------------------------------------ §5 ratio
+def linear_warmup_ratio(min_tokens_ratio: float = 0.25, warmup_steps: int = 1000) -> Callable[[int], np.float32]:
+    """SPEC §5.1 in float32 arithmetic."""
+    if not 0.0 < min_tokens_ratio <= 1.0:
+        raise ValueError("min_tokens_ratio must be in (0, 1]")
+    if warmup_steps < 0:
+        raise ValueError("warmup_steps must be >= 0")
+    mn = F32(min_tokens_ratio)
+
+    def schedule(step: int) -> np.float32:
+        if warmup_steps == 0:
+            return mn
+        t = min(F32(1.0), F32(step) / F32(warmup_steps))
+        return F32(F32(1.0) - F32(t * F32(F32(1.0) - mn)))
+
+    return schedule
+
+
+def dynamic_ratio(base_ratio: float, mean_confidence: float, threshold_sensitivity: float) -> np.float32:
+    """SPEC §5.2 in float32 arithmetic."""
+    one = F32(1.0)
+    adj = F32(F32(one - F32(mean_confidence)) * F32(threshold_sensitivity))
+    return F32(min(one, F32(F32(base_ratio) * F32(one + adj))))
+
+
+def num_selected(n: int, ratio: float) -> int:
+    """SPEC §5.3, exact integer arithmetic."""
+    n = int(n)
+    if n == 0:
+        return 0
+    r_q = int(np.round(F32(F32(ratio) * F32(65536.0))))  # np.round is half-to-even
+    k = (r_q * n + 32768) // 65536
+    return min(n, max(1, k))
+
+
+# ------------------------------------------------------------------------------------------- §6 the order
+def _order_key(d: float) -> float:
+    return 0.0 if d == 0 else float(d)  # -0.0 == +0.0
+
+
+def rank_tokens(difficulty: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """Rank of every eligible token (difficulty descending, lower flat index first); -1 elsewhere."""
+    d = np.asarray(difficulty, dtype=np.float64).reshape(-1)
+    e = np.asarray(eligible, dtype=bool).reshape(-1) & ~np.isnan(d)
+    idx = [i for i in range(d.size) if e[i]]
+    idx.sort(key=lambda i: (-_order_key(d[i]), i))
+    rank = np.full(d.size, -1, dtype=np.int64)
+    for r, i in enumerate(idx):
+        rank[i] = r
+    return rank.reshape(np.shape(difficulty))
+
+
+# -------------------------------------------------------------------------------------------- §7 strategies
+def stratum_counts(n: int, k: int, num_strata: int) -> tuple[list[int], list[int]]:
+    """Stratum sizes m_s and effective quotas e_s (SPEC §7.2)."""
+    S = num_strata
+    bounds = [(s * n) // S for s in range(S + 1)]
+    m = [bounds[s + 1] - bounds[s] for s in range(S)]
+    W = S * (S + 1) // 2
+    q = [(k * (S - s)) // W for s in range(S)]
+    for s in range(k - sum(q)):
+        q[s] += 1
+    e = [0] * S
+    carry = 0
+    for s in range(S):
+        e[s] = min(m[s], q[s] + carry)
+        carry = q[s] + carry - e[s]
+    for s in range(S):
+        extra = min(m[s] - e[s], carry)
+        e[s] += extra
+        carry -= extra
+    assert carry == 0 and sum(e) == k
+    return m, e
+
+
+def select_tokens(difficulty: np.ndarray, eligible: np.ndarray, ratio: float, selection: str = "topk",
+                  num_strata: int = 4, min_tokens_per_sequence: int = 1) -> tuple[np.ndarray, int]:
+    """SPEC §7. ``difficulty``/``eligible`` are (N,) or (B, T); rows of a 2-D input are sequences."""
+    if selection not in SELECTION_STRATEGIES:
+        raise ValueError(f"selection must be one of {SELECTION_STRATEGIES}, got {selection!r}")
+    shape = np.shape(difficulty)
+    rank = rank_tokens(difficulty, eligible).reshape(-1)
+    n = int((rank >= 0).sum())
+    k = num_selected(n, ratio)
+    mask = np.zeros(rank.size, dtype=bool)
+    if selection in ("topk", "fixed_quota", "sequence_aware"):
+        mask = (rank >= 0) & (rank < k)
+    if selection == "stratified":
+        m, e = stratum_counts(n, k, num_strata)
+        chosen_ranks = set()
+        start = 0
+        for s in range(num_strata):
+            for j in range(e[s]):
+                chosen_ranks.add(start + ((2 * j + 1) * m[s]) // (2 * e[s]))
+            start += m[s]
+        mask = np.array([r in chosen_ranks for r in rank]) & (rank >= 0)
+    if selection == "sequence_aware":
+        seq = rank.reshape(shape if len(shape) == 2 else (1, -1))
+        d2 = np.asarray(difficulty, dtype=np.float64).reshape(seq.shape)
+        e2 = (seq >= 0)
+        mask2 = mask.reshape(seq.shape)
+        for b in range(seq.shape[0]):
+            r_b = rank_tokens(d2[b], e2[b])
+            mask2[b] |= (r_b >= 0) & (r_b < min_tokens_per_sequence)
+        mask = mask2.reshape(-1)
+    return mask.reshape(shape), k
+
+
+# ----------------------------------------------------------------------------------------------- §8 loss
+def cggr_loss(logits: np.ndarray, targets: np.ndarray, step: int, scoring: str = "combined",
+              selection: str = "topk", dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
+              min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
+              min_tokens_per_sequence: int = 1, ignore_index: int = -100,
+              difficulty_override: np.ndarray | None = None) -> dict[str, Any]:
+    """The whole CGGRLoss forward and its analytic gradient w.r.t. the logits (float64).
+
+    ``difficulty_override`` lets a test feed an implementation's own float32 difficulties, so that the
+    selection is compared exactly while the scores are compared within tolerance.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    sc = score_tokens(logits, targets, scoring, ignore_index)
+    d = sc["difficulty"] if difficulty_override is None else np.asarray(difficulty_override, np.float64)
+    eligible = sc["eligible"]
+    n = int(eligible.sum())
+    base = linear_warmup_ratio(min_tokens_ratio, warmup_steps)(step)
+    conf = sc["stats"]["confidence"]
+    mean_conf = float(conf[eligible].mean()) if n else 0.0
+    if dynamic_threshold and selection != "fixed_quota":
+        ratio = dynamic_ratio(base, mean_conf, threshold_sensitivity)
+    else:
+        ratio = F32(base)
+    mask, k = select_tokens(d, eligible, ratio, selection, num_strata, min_tokens_per_sequence)
+    count = int(mask.sum())
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    t = np.asarray(targets).reshape(-1)
+    mflat = mask.reshape(-1)
+    grad = np.zeros_like(flat)
+    total = 0.0
+    lse = sc["stats"]["lse"].reshape(-1)
+    for i in np.nonzero(mflat)[0]:
+        total += sc["stats"]["nll"].reshape(-1)[i]
+        p = np.exp(flat[i] - lse[i])
+        p[t[i]] -= 1.0
+        grad[i] = p / count
+    loss = total / max(1, count)
+
+    def avg(x: np.ndarray) -> float:
+        return float(x[eligible].mean()) if n else 0.0
+
+    metrics = {
+        "step": int(step),
+        "token_ratio": float(base),
+        "effective_ratio": float(ratio),
+        "tokens_selected": count,
+        "tokens_total": n,
+        "tokens_nonfinite": int(sc["nonfinite"].sum()),
+        "tokens_out_of_range": 0,
+        "avg_confidence": avg(conf),
+        "avg_entropy": avg(sc["stats"]["entropy"]),
+        "avg_difficulty": avg(d),
+        "selection": selection,
+        "scoring": scoring,
+    }
+    return {"loss": loss, "grad": grad.reshape(logits.shape), "mask": mask, "k": k, "ratio": ratio,
+            "metrics": metrics, "scores": sc}
+
+
+# -------------------------------------------------------------------------------------- §9 sequence level
+def select_sequences(router_logits: np.ndarray, labels: np.ndarray, ratio: float, scoring: str = "combined",
+                     ignore_index: int = -100, attention_mask: np.ndarray | None = None,
+                     difficulty_override: np.ndarray | None = None) -> dict[str, Any]:
+    """SPEC §9: shift, score tokens, average per sequence, keep the k_seq hardest sequences.
+
+    ``ratio`` is the float32 ratio after the dynamic threshold. ``difficulty_override`` (B, T-1) replaces the
+    token difficulties (to compare selection exactly given an implementation's own float32 scores).
+    """
+    logits = np.asarray(router_logits, dtype=np.float64)[:, :-1]
+    tgt = np.array(labels)[:, 1:].copy()
+    if attention_mask is not None:
+        tgt[np.asarray(attention_mask)[:, 1:] == 0] = ignore_index
+    sc = score_tokens(logits, tgt, scoring, ignore_index)
+    d = sc["difficulty"] if difficulty_override is None else np.asarray(difficulty_override, np.float64)
+    e = sc["eligible"]
+    B = d.shape[0]
+    seq_d = np.zeros(B, dtype=np.float32)
+    seq_ok = e.any(axis=1)
+    for b in range(B):
+        if seq_ok[b]:
+            seq_d[b] = F32(d[b][e[b]].mean())
+    mask, k = select_tokens(seq_d, seq_ok, ratio, "topk")
+    return {"mask": mask, "k": k, "sequence_difficulty": seq_d, "sequence_eligible": seq_ok, "scores": sc}
