@@ -1,0 +1,25 @@
+"""Test-session set-up shared by every test module.
+
+The interpreters must be chosen before triton or jax is first imported, so they are set here, at collection
+time, unless the caller already chose (a GPU run sets neither).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
+    try:
+        from tests.parity.test_parity import PARITY_REPORT
+    except Exception:  # parity suite not collected in this run
+        return
+    if not PARITY_REPORT:
+        return
+    terminalreporter.section("CGGR parity (SPEC §11 level 3)")
+    for strategy, (identical, total) in sorted(PARITY_REPORT.items()):
+        terminalreporter.write_line(
+            f"{strategy:>15}: {identical}/{total} generated batches selected identical tokens in torch and jax")
