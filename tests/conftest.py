@@ -13,13 +13,15 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
-    try:
-        from tests.parity.test_parity import PARITY_REPORT
-    except Exception:  # parity suite not collected in this run
-        return
-    if not PARITY_REPORT:
+    # Read from the test reports (user_properties), which also reach the controller under pytest-xdist.
+    rows = []
+    for report in terminalreporter.stats.get("passed", []):
+        for name, value in getattr(report, "user_properties", []):
+            if name == "cggr_parity":
+                rows.append(tuple(value))
+    if not rows:
         return
     terminalreporter.section("CGGR parity (SPEC §11 level 3)")
-    for strategy, (identical, total) in sorted(PARITY_REPORT.items()):
+    for strategy, identical, total in sorted(rows):
         terminalreporter.write_line(
             f"{strategy:>15}: {identical}/{total} generated batches selected identical tokens in torch and jax")

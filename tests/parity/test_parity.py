@@ -183,7 +183,7 @@ def _allowed_disagreements(d, eligible, selection, k, min_tps, band_of):
 
 
 @pytest.mark.parametrize("selection", STRATEGIES)
-def test_level3_selections_identical_outside_band(selection):
+def test_level3_selections_identical_outside_band(selection, record_property):
     rng = np.random.default_rng(1234 + STRATEGIES.index(selection))
     identical = total = 0
     for trial in range(12):
@@ -209,6 +209,7 @@ def test_level3_selections_identical_outside_band(selection):
         differ = m_t != m_j
         assert not (differ & ~allowed).any(), f"selection differs outside the tolerance band ({selection})"
     PARITY_REPORT[selection] = [identical, total]
+    record_property("cggr_parity", (selection, identical, total))
     assert total == 12
 
 

@@ -1,0 +1,195 @@
+"""The Pallas selective cross-entropy (``cggr_jax.kernels.cross_entropy``) in interpreter mode.
+
+Loss and ∂loss/∂logits against ``jax.grad`` of a plain-JAX reference and against the float64 oracle formula
+(SPEC §8: ``(softmax − onehot)/|S|`` on selected rows, exactly 0 elsewhere); the scores → selection → loss
+pipeline against ``oracle.select_tokens`` fed with the kernel's own float32 difficulties.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cggr_jax.kernels import (
+    scored_selective_cross_entropy_pallas,
+    selective_cross_entropy_pallas,
+    token_statistics_pallas,
+)
+from cggr_jax.scoring import difficulty_from_statistics
+from tests import oracle
+
+IGNORE = -100
+DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+# gradient tolerance (atol, rtol) by logits dtype: SPEC §11 level 4 for fp32; the rounding of the stored
+# gradient (2^-11, 2^-8 relative) for fp16/bf16
+GRAD_TOL = {"float32": (1e-5, 1e-4), "float16": (1e-5, 2e-3), "bfloat16": (1e-5, 8e-3)}
+
+
+def make_batch(dtype, n: int = 23, v: int = 203, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 3.0, size=(n, v)).astype(np.float32)
+    t = rng.integers(0, v, size=n).astype(np.int32)
+    mask = rng.random(n) < 0.45
+    z[0, v - 1] = 20.0; t[0] = v - 1; mask[0] = True      # target and maximum in the ragged block
+    z[1, ::4] = -np.inf; t[1] = 1; mask[1] = True          # masked vocabulary entries in a selected row
+    t[2] = IGNORE; mask[2] = True                          # ignored token inside the mask: never selected
+    z[3, 7] = np.nan; mask[3] = False                      # non-finite rows outside the selection
+    z[4, 9] = np.inf; mask[4] = False
+    z = np.asarray(jnp.asarray(z, dtype).astype(jnp.float32))
+    return z, t, mask
+
+
+def oracle_loss_grad(z: np.ndarray, t: np.ndarray, sel: np.ndarray) -> tuple[float, np.ndarray]:
+    """SPEC §8 in float64 for a given selection ``sel`` (already restricted to valid finite tokens)."""
+    z64 = z.astype(np.float64).reshape(-1, z.shape[-1])
+    tf, sf = t.reshape(-1), sel.reshape(-1)
+    count = int(sf.sum())
+    grad = np.zeros_like(z64)
+    total = 0.0
+    for i in np.nonzero(sf)[0]:
+        row = z64[i]
+        m = row.max()
+        lse = m + np.log(np.exp(row - m).sum())
+        total += lse - row[tf[i]]
+        p = np.exp(row - lse)
+        p[tf[i]] -= 1.0
+        grad[i] = p / count
+    return total / max(1, count), grad.reshape(z.shape)
+
+
+def xla_reference(logits: jax.Array, targets: jax.Array, sel: jax.Array) -> jax.Array:
+    """Plain JAX masked-mean cross-entropy (differentiated with jax.grad as the reference)."""
+    x = logits.astype(jnp.float32)
+    x = jnp.where(sel[..., None], x, 0.0)  # unselected (possibly non-finite) rows carry no gradient
+    safe_t = jnp.where(sel, targets, 0)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    z_t = jnp.take_along_axis(x, safe_t[..., None], axis=-1)[..., 0]
+    count = jnp.maximum(jnp.sum(sel), 1)
+    return jnp.sum(jnp.where(sel, lse - z_t, 0.0)) / count
+
+
+def check_against_references(loss, grad, z, t, sel, dtype: str, logits) -> None:
+    ref_loss, ref_grad = oracle_loss_grad(z, t, sel)
+    assert loss.dtype == jnp.float32 and loss.shape == ()
+    np.testing.assert_allclose(float(loss), ref_loss, atol=1e-5, rtol=1e-5)
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    g = np.asarray(grad.astype(jnp.float32), np.float64)
+    atol, rtol = GRAD_TOL[dtype]
+    np.testing.assert_allclose(g, ref_grad, atol=atol, rtol=rtol)
+    assert (g[~sel] == 0).all(), "unselected rows must have an exactly zero gradient"
+    x_loss, x_grad = jax.value_and_grad(xla_reference)(jnp.asarray(z), jnp.asarray(t), jnp.asarray(sel))
+    np.testing.assert_allclose(float(loss), float(x_loss), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(g, np.asarray(x_grad, np.float64), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_loss_and_grad(dtype: str) -> None:
+    z, t, mask = make_batch(DTYPES[dtype])
+    logits = jnp.asarray(z, DTYPES[dtype])
+    fn = jax.jit(jax.value_and_grad(
+        lambda x: selective_cross_entropy_pallas(x, jnp.asarray(t), jnp.asarray(mask), interpret=True,
+                                                 block_v=64)))
+    loss, grad = fn(logits)
+    sel = mask & (t != IGNORE)
+    check_against_references(loss, grad, z, t, sel, dtype, logits)
+
+
+def test_reusing_stats_equals_recomputing() -> None:
+    """``stats=`` from the scoring kernel (no second read) gives the same loss and gradient."""
+    z, t, mask = make_batch(jnp.float32, seed=1)
+    logits, tj, mj = jnp.asarray(z), jnp.asarray(t), jnp.asarray(mask)
+
+    def with_stats(x):
+        stats = token_statistics_pallas(jax.lax.stop_gradient(x), tj, interpret=True, block_v=64)
+        return selective_cross_entropy_pallas(x, tj, mj, stats=stats, interpret=True, block_v=64)
+
+    loss_a, grad_a = jax.jit(jax.value_and_grad(with_stats))(logits)
+    loss_b, grad_b = jax.jit(jax.value_and_grad(
+        lambda x: selective_cross_entropy_pallas(x, tj, mj, interpret=True, block_v=64)))(logits)
+    np.testing.assert_array_equal(np.asarray(grad_a), np.asarray(grad_b))
+    np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
+    check_against_references(loss_a, grad_a, z, t, mask & (t != IGNORE), "float32", logits)
+
+
+def test_nothing_selected_and_all_ignored() -> None:
+    z, t, _ = make_batch(jnp.float32, n=9, v=70, seed=2)
+    logits = jnp.asarray(z)
+    fn = jax.jit(jax.value_and_grad(lambda x, tt, m: selective_cross_entropy_pallas(
+        x, tt, m, interpret=True, block_v=32)))
+    for tt, m in ((t, np.zeros(9, bool)), (np.full(9, IGNORE, np.int32), np.ones(9, bool))):
+        loss, grad = fn(logits, jnp.asarray(tt), jnp.asarray(m))
+        assert float(loss) == 0.0
+        assert not np.isnan(np.asarray(grad)).any() and (np.asarray(grad) == 0).all()
+    loss, grad = jax.value_and_grad(lambda x: selective_cross_entropy_pallas(
+        x, jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool), interpret=True))(jnp.zeros((0, 5)))
+    assert float(loss) == 0.0 and grad.shape == (0, 5)
+
+
+def test_nonfinite_selected_row_is_dropped() -> None:
+    """A mask that (against the contract) selects a non-finite row: the row is left out, no NaN anywhere."""
+    z, t, mask = make_batch(jnp.float32, n=9, v=70, seed=3)
+    mask = mask.copy()
+    mask[3] = mask[4] = True  # NaN row and +inf row
+    loss, grad = jax.jit(jax.value_and_grad(lambda x: selective_cross_entropy_pallas(
+        x, jnp.asarray(t), jnp.asarray(mask), interpret=True, block_v=32)))(jnp.asarray(z))
+    sel = mask & (t != IGNORE)
+    sel[3] = sel[4] = False
+    ref_loss, ref_grad = oracle_loss_grad(z, t, sel)
+    np.testing.assert_allclose(float(loss), ref_loss, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), ref_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_scored_pipeline_matches_oracle_selection() -> None:
+    """3-D input: kernel scores → device selection → loss; the mask equals the oracle's selection given the
+    kernel's float32 difficulties, the scores are within SPEC bounds, loss/grad follow SPEC §8."""
+    rng = np.random.default_rng(5)
+    b, tt, v = 3, 11, 97
+    z = rng.normal(0.0, 2.0, size=(b, tt, v)).astype(np.float32)
+    t = rng.integers(0, v, size=(b, tt)).astype(np.int32)
+    t[0, :4] = IGNORE
+    z[1, 2, 5] = np.nan
+    ratio = np.float32(0.3)
+    logits, tj = jnp.asarray(z), jnp.asarray(t)
+
+    def fn(x, r):  # the ratio is a device value in the loss (after the dynamic threshold)
+        loss, mask, k = scored_selective_cross_entropy_pallas(x, tj, r, selection="topk",
+                                                              interpret=True, block_v=32)
+        stats = token_statistics_pallas(jax.lax.stop_gradient(x), tj, interpret=True, block_v=32)
+        return loss, (mask, k, difficulty_from_statistics(stats, "combined"))
+
+    (loss, (mask, k, d)), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(logits, jnp.float32(ratio))
+    d = np.asarray(d)
+    ref_scores = oracle.score_tokens(z, t)
+    ok = ref_scores["eligible"]
+    np.testing.assert_allclose(d[ok], ref_scores["difficulty"][ok], atol=3e-4, rtol=1e-5)
+    ref_mask, ref_k = oracle.select_tokens(d, ok, ratio, "topk")
+    assert 0 < ref_k < ok.sum()
+    np.testing.assert_array_equal(np.asarray(mask), ref_mask)
+    assert int(k) == ref_k
+    check_against_references(loss, grad, z, t, ref_mask, "float32", logits)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mask": np.ones((4,), bool)}, "mask"),
+    ({"mask": np.ones((5,), np.int32)}, "mask"),
+    ({"targets": np.zeros((5,), np.float32)}, "targets"),
+    ({"targets": np.full((5,), 9, np.int32)}, "targets"),
+])
+def test_bad_arguments(kwargs, match: str) -> None:
+    args = {"logits": jnp.zeros((5, 9)), "targets": jnp.zeros((5,), jnp.int32), "mask": jnp.ones((5,), bool)}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        selective_cross_entropy_pallas(args["logits"], args["targets"], args["mask"], interpret=True)
+
+
+def test_triton_lowering_forward_backward() -> None:
+    """The GPU path of loss + custom backward lowers through the Triton backend (no GPU needed), N·V > 2^31."""
+    from tests.jax.test_kernel_scoring import lower_for_cuda
+
+    n, v = 17_000, 128_256
+    text = lower_for_cuda(
+        jax.grad(lambda x, t, m: selective_cross_entropy_pallas(x, t, m, interpret=False)),
+        jax.ShapeDtypeStruct((n, v), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.int32),
+        jax.ShapeDtypeStruct((n,), jnp.bool_))
+    assert text.count("triton") >= 2  # the row-masked forward and the gradient kernel
