@@ -1,0 +1,263 @@
+"""Throughput of CGGR batch splitting (``CGGRModel``) against standard training, PyTorch.
+
+GPU run (the default is the ~135M Llama-style SmolLM shape, built from a config, random init, random tokens)::
+
+    python benchmarks/bench_batch_split_torch.py --batch-size 64 --out bench_batch_split_torch.json
+    python benchmarks/bench_batch_split_torch.py --find-batch --out ...      # largest power-of-two batch that fits
+    python benchmarks/bench_batch_split_torch.py --quick                     # CPU smoke test, tiny model
+
+Modes (each starts from the same initial weights and a fresh AdamW):
+
+* ``standard``        forward + backward of the whole batch;
+* ``random_sequence`` the same number of sequences as CGGR keeps (``num_selected(B, ratio)``), chosen at
+  random: the cost of the main pass alone, without the router;
+* ``cggr``            ``CGGRModel``: 4-layer truncated router under ``no_grad`` on the whole batch, then forward +
+  backward of the kept sequences.
+
+One timed step = the loss forward, backward, ``AdamW.step()``, ``zero_grad`` (and ``CGGRModel.step()``).
+Steps are timed with ``torch.cuda.synchronize()`` around each step after ``--warmup`` untimed steps; the median
+of ``--steps`` is reported. **tokens/s counts the tokens of the input batch** (``B·T`` per step, what the data
+loader consumes), so a mode that trains on fewer sequences of the same batch shows as faster. The curriculum is
+skipped (``warmup_steps=0``) and the dynamic threshold is off by default so that CGGR keeps exactly
+``num_selected(B, ratio)`` sequences (``--dynamic-threshold`` turns it on).
+
+Outputs: a markdown table on stdout (and ``--md FILE``) and, with ``--out FILE``, a JSON record of the
+configuration, the environment and every mode's numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# The SmolLM-135M shape (Llama architecture).
+FULL = dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+            intermediate_size=1536, vocab_size=49152)
+QUICK = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=64, vocab_size=97)
+MODES = ("standard", "random_sequence", "cggr")
+
+
+def build_model(shape: dict[str, int], seq_len: int, device: torch.device, dtype: torch.dtype, seed: int,
+                attn: str | None):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(**shape, max_position_embeddings=max(seq_len, 64), tie_word_embeddings=True,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if attn is not None:
+        cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    return model.to(device=device, dtype=dtype).train()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor],
+             shape: dict[str, int]) -> dict[str, Any]:
+    from cggr_torch.curriculum import num_selected
+    from cggr_torch.model import CGGRModel
+
+    param_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model = build_model(shape, args.seq_len, device, param_dtype, args.seed, args.attn)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if args.precision == "bf16-autocast" else None)
+    params_millions = sum(p.numel() for p in model.parameters()) / 1e6
+    B = batches[0].shape[0]
+    keep = num_selected(B, args.ratio)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    cggr = None
+    if mode == "cggr":
+        cggr = CGGRModel(model, router_layers=args.router_layers, min_tokens_ratio=args.ratio, warmup_steps=0,
+                         dynamic_threshold=args.dynamic_threshold,
+                         router_batch_size=args.router_batch_size or None)
+    kept_counts: list[int] = []
+
+    def step(ids: torch.Tensor) -> None:
+        ctx = autocast if autocast is not None else torch.autocast(device_type=device.type, enabled=False)
+        with ctx:
+            if mode == "standard":
+                loss = model(input_ids=ids, labels=ids).loss
+                kept_counts.append(B)
+            elif mode == "random_sequence":
+                idx = torch.randperm(B, generator=gen)[:keep].sort().values.to(device)
+                sub = ids.index_select(0, idx)
+                loss = model(input_ids=sub, labels=sub).loss
+                kept_counts.append(keep)
+            else:
+                loss = cggr(ids, labels=ids)
+                kept_counts.append(int(cggr.last_kept.numel()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cggr is not None:
+            cggr.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(args.warmup):
+        step(batches[i % len(batches)])
+    sync(device)
+    times = []
+    for i in range(args.steps):
+        ids = batches[(args.warmup + i) % len(batches)]
+        sync(device)
+        t0 = time.perf_counter()
+        step(ids)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    tokens = B * args.seq_len
+    result = {
+        "mode": mode,
+        "params_millions": params_millions,
+        "batch_size": B,
+        "seq_len": args.seq_len,
+        "sequences_trained_median": statistics.median(kept_counts[args.warmup:]),
+        "step_ms_median": 1e3 * med,
+        "step_ms_min": 1e3 * min(times),
+        "step_ms_max": 1e3 * max(times),
+        "tokens_per_s": tokens / med,
+        "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
+    }
+    if cggr is not None:
+        result["cggr_metrics"] = cggr.get_metrics()
+    del model, opt, cggr
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def find_batch(args: argparse.Namespace, device: torch.device, shape: dict[str, int]) -> int:
+    """Largest power of two (<= --max-batch) for which one standard training step fits in memory."""
+    best = 0
+    B = 1
+    while B <= args.max_batch:
+        try:
+            probe = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1})
+            ids = torch.randint(0, shape["vocab_size"], (B, args.seq_len), device=device)
+            run_mode("standard", probe, device, [ids], shape)
+            best = B
+            B *= 2
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if best == 0:
+        raise SystemExit("--find-batch: even a batch of 1 does not fit")
+    return best
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    base = next((r for r in results if r["mode"] == "standard"), None)
+    lines = ["| mode | batch | sequences trained | step (ms, median) | tokens/s | speed-up | peak mem (GiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
+        lines.append(f"| {r['mode']} | {r['batch_size']} | {r['sequences_trained_median']:g} | "
+                     f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:,.0f} | {speed:.2f}x | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU smoke test with a tiny model")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--find-batch", action="store_true", help="use the largest power-of-two batch that fits")
+    p.add_argument("--max-batch", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--ratio", type=float, default=0.25, help="min_tokens_ratio (fraction of sequences kept)")
+    p.add_argument("--router-layers", type=int, default=4)
+    p.add_argument("--router-batch-size", type=int, default=16,
+                   help="score the batch in chunks of this many sequences (bounds the (B, T, V) router-logit "
+                        "memory); 0 = the whole batch at once")
+    p.add_argument("--dynamic-threshold", action="store_true")
+    p.add_argument("--precision", choices=("bf16-autocast", "bf16", "fp32"), default="bf16-autocast",
+                   help="bf16-autocast: fp32 weights + bf16 autocast; bf16: bf16 weights")
+    p.add_argument("--attn", default=None, help="attn_implementation (default: the transformers default, sdpa)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON output file")
+    p.add_argument("--md", default=None, help="markdown output file")
+    args = p.parse_args(argv)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"--modes: unknown mode {m!r}; expected a subset of {MODES}")
+    if args.quick:
+        device = torch.device("cpu")
+        shape = QUICK
+        args.seq_len = min(args.seq_len, 32)
+        args.batch_size = min(args.batch_size, 8)
+        args.router_layers = min(args.router_layers, 1)
+        args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
+        args.precision = "fp32"
+        args.find_batch = False
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: use --quick for the CPU smoke test")
+        device = torch.device("cuda")
+        shape = FULL
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.find_batch:
+        args.batch_size = find_batch(args, device, shape)
+        print(f"--find-batch: batch size {args.batch_size}")
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    batches = [torch.randint(0, shape["vocab_size"], (args.batch_size, args.seq_len), generator=g).to(device)
+               for _ in range(4)]
+    results = []
+    for mode in modes:
+        r = run_mode(mode, args, device, batches, shape)
+        results.append(r)
+        print(f"{mode:>16}: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s", flush=True)
+    table = markdown(results)
+    print()
+    print(table)
+    import transformers
+
+    record = {
+        "config": {**vars(args), "model_shape": shape, "params_millions": None},
+        "environment": {
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        },
+        "results": results,
+        "markdown": table,
+    }
+    record["config"]["params_millions"] = results[0]["params_millions"] if results else None
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=2, default=str))
+        print(f"\nJSON: {args.out}")
+    if args.md:
+        Path(args.md).write_text(table + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()

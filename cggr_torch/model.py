@@ -1,0 +1,324 @@
+"""Batch splitting: ``CGGRModel`` runs the full model only on the hardest sequences of each batch (SPEC §9).
+
+One training step of ``CGGRModel(model)(input_ids, labels, attention_mask)``:
+
+1. **Router pass** (``torch.no_grad()``): a cheap router (default: the model's first 4 layers sharing its
+   weights, :func:`~cggr_torch.router.create_truncated_router`) produces logits ``(B, T, V)``.
+2. **Token scores**: causal shift (``logits[:, t]`` against ``labels[:, t+1]``,
+   :func:`~cggr_torch.utils.shift_for_causal_lm`), SPEC §2-§4 per token; a target is ignored when it equals
+   ``ignore_index`` or its position is padding (``attention_mask == 0``).
+3. **Sequence difficulty** ``D_b = Σ_{t eligible} d_{b,t} / n_b`` (float32), ``n_b`` the eligible tokens of
+   sequence ``b``; a sequence with ``n_b = 0`` is not eligible. ``n_seq`` = eligible sequences.
+4. **How many**: ``ratio`` = SPEC §5 at the current step (curriculum, then the dynamic threshold with ``c̄`` the
+   mean confidence over *all* eligible tokens of the batch); ``k_seq = num_selected(n_seq, ratio)`` (§5.3:
+   ``k_seq = 0`` iff ``n_seq = 0``, else ``min(n_seq, max(1, round(ratio·n_seq)))``).
+5. **Which**: the ``k_seq`` eligible sequences of highest ``D_b`` (§6 order: ``D`` descending, lower batch index
+   first), kept in their original batch order.
+6. **Main pass**: ``input_ids``, ``labels``, ``attention_mask`` and every per-sequence keyword argument (a tensor
+   whose first dimension is ``B``) are sliced to the kept rows; the model runs forward on them with
+   ``labels`` (ignored positions set to ``-100``) and its own loss, the mean token cross-entropy over their
+   valid shifted targets, is returned. Backward therefore costs ``k_seq / B`` of a full batch.
+
+**Synchronisation.** Steps 1-5 run asynchronously on the device. Slicing to a data-dependent number of rows
+needs ``k_seq`` on the host, so ``torch.nonzero`` of the keep-mask is the one (unavoidable) host
+synchronisation of the step. Everything else (shape checks, curriculum) is host-only, target range checks on
+CUDA are device-side assertions, and the metrics stay on the device until :meth:`CGGRModel.get_metrics`.
+
+**Documented edge cases.**
+
+* ``B = 1``: the single sequence is kept whenever it has an eligible token (``k_seq = max(1, ·)``), so the step
+  equals a standard step plus the router's cost.
+* A sequence that is all padding / all ``ignore_index`` (or whose router rows are all non-finite) is never kept.
+  If no sequence is eligible (e.g. an all-padding batch, or ``T = 1``) the main model does not run and the loss
+  is a float32 ``0.0`` leaf tensor with ``requires_grad=True`` (``backward()`` works and leaves every gradient
+  untouched). Under DistributedDataParallel this means that rank skips the model's forward; avoid all-padding
+  batches there.
+* The router pass uses the model's current train/eval mode (dropout included), since it shares its modules.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .router import (
+    HF_IGNORE_INDEX,
+    ROUTER_INPUT_KEYS,
+    PassthroughRouter,
+    TruncatedRouter,
+    _CurriculumMixin,
+    _masked_mean,
+    check_batch,
+    create_truncated_router,
+    effective_labels,
+    is_masked_lm,
+    model_vocab_size,
+    router_logits,
+    score_next_tokens,
+)
+from .scoring import TokenScores, TokenStatistics
+from .selection import select_tokens
+from .utils import check_config
+
+__all__ = ["CGGRModel", "BatchSplitOutput", "SEQUENCE_SELECTIONS", "MODEL_METRIC_KEYS"]
+
+#: Selections valid at sequence level (SPEC §9): ``topk``, and ``fixed_quota`` (= ``topk`` without the
+#: dynamic threshold, §7.1). ``stratified`` and ``sequence_aware`` select tokens and are a ``ValueError``.
+SEQUENCE_SELECTIONS: tuple[str, ...] = ("topk", "fixed_quota")
+
+#: Keys of :meth:`CGGRModel.get_metrics`: SPEC §10 plus the sequence counts.
+MODEL_METRIC_KEYS: tuple[str, ...] = (
+    "step", "token_ratio", "effective_ratio", "tokens_selected", "tokens_total", "tokens_nonfinite",
+    "tokens_out_of_range", "avg_confidence", "avg_entropy", "avg_difficulty", "selection", "scoring",
+    "sequences_selected", "sequences_total",
+)
+
+
+class BatchSplitOutput(NamedTuple):
+    """Result of :meth:`CGGRModel.forward_with`.
+
+    ``loss``: mean cross-entropy over the kept sequences' valid targets (0-d); ``outputs``: the main model's
+    output on the kept sequences (None when none was kept); ``kept``: int64 batch indices of the kept
+    sequences, ascending; ``sequence_difficulty``: float32 ``(B,)`` ``D_b`` (0 where not eligible);
+    ``sequence_eligible``: bool ``(B,)``.
+    """
+
+    loss: torch.Tensor
+    outputs: Any
+    kept: torch.Tensor
+    sequence_difficulty: torch.Tensor
+    sequence_eligible: torch.Tensor
+
+
+def _loss_of(outputs: Any) -> Optional[torch.Tensor]:
+    loss = getattr(outputs, "loss", None)
+    if loss is None and isinstance(outputs, dict):
+        loss = outputs.get("loss")
+    if loss is None and isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor) \
+            and outputs[0].dim() == 0:
+        loss = outputs[0]
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def _shares_all_weights(router: nn.Module, model: nn.Module) -> bool:
+    """True when every parameter and buffer of ``router`` is (the same object as) one of ``model``'s."""
+    owned = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    return all(id(t) in owned for t in router.parameters()) and all(id(t) in owned for t in router.buffers())
+
+
+class CGGRModel(_CurriculumMixin, nn.Module):
+    """Batch splitting (SPEC §9): score with a cheap router, train the full model on the hardest sequences.
+
+    See the module docstring for the algorithm, the single host synchronisation and the edge cases.
+
+    Usage::
+
+        cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=1000)
+        loss = cggr(input_ids, labels=labels, attention_mask=attention_mask)
+        loss.backward(); optimizer.step(); optimizer.zero_grad(); cggr.step()
+
+    Args:
+        model: the model to train (a Hugging Face ``…ForCausalLM``, or any module whose forward accepts
+            ``input_ids``, ``attention_mask``, ``labels`` and per-sequence keyword arguments and returns its
+            mean token cross-entropy as ``.loss`` / ``['loss']`` / a 0-d first tuple element, ignoring label
+            ``-100`` and shifting internally when it is causal).
+        router: a module ``(input_ids, attention_mask=..., **kw) -> (B, T, V)`` logits (or an output with
+            ``.logits``) over the model's vocabulary. ``None``: ``create_truncated_router(model, router_layers)``.
+            A router whose weights all belong to ``model`` (a truncated or passthrough router of ``model``, or
+            any router built from its modules) is held by reference and *not* registered as a sub-module, so
+            ``parameters()``/``state_dict()`` list each weight once; an independent router is registered as
+            ``router`` (a truncated router of *another* model registers that model as ``router_model``).
+        scoring: SPEC §3 difficulty (``'entropy'``, ``'margin'``, ``'loss'``, ``'combined'``).
+        min_tokens_ratio, warmup_steps: the curriculum of SPEC §5.1 (``0 < min_tokens_ratio <= 1``,
+            ``warmup_steps >= 0``).
+        dynamic_threshold, threshold_sensitivity: SPEC §5.2.
+        selection: ``'topk'`` (default) or ``'fixed_quota'`` (topk with the dynamic threshold off). The token
+            strategies ``'stratified'`` and ``'sequence_aware'`` are a ``ValueError`` at sequence level (§9).
+        num_strata, min_tokens_per_sequence: validated as in ``CGGRLoss`` (§5.1) for a uniform constructor,
+            but unused: they parametrise token strategies that do not apply to sequences.
+        ignore_index: label value without a target (also every padding position is ignored).
+        ratio_schedule: optional ``step -> ratio in (0, 1]`` replacing the linear warm-up.
+        router_layers: layers of the default router (``router=None`` only).
+        shift_labels: ``None`` = shift (causal LM) unless the model is a masked LM (no shift).
+        router_batch_size: run the router and the scoring on chunks of this many sequences (bounds the memory
+            of the ``(B, T, V)`` router logits); ``None`` = the whole batch at once.
+    """
+
+    def __init__(self, model: nn.Module, router: Optional[nn.Module] = None, scoring: str = "combined",
+                 min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, dynamic_threshold: bool = True,
+                 threshold_sensitivity: float = 0.5, selection: str = "topk", num_strata: int = 4,
+                 min_tokens_per_sequence: int = 1, *, ignore_index: int = -100,
+                 ratio_schedule: Optional[Callable[[int], Any]] = None, router_layers: int = 4,
+                 shift_labels: Optional[bool] = None, router_batch_size: Optional[int] = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        check_config(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+                     threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+                     warmup_steps=warmup_steps, num_strata=num_strata,
+                     min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index)
+        if selection not in SEQUENCE_SELECTIONS:
+            raise ValueError(f"selection: batch splitting selects whole sequences and supports "
+                             f"{SEQUENCE_SELECTIONS} (SPEC §9); {selection!r} selects tokens, use CGGRLoss for it")
+        if shift_labels is not None and not isinstance(shift_labels, bool):
+            raise ValueError(f"shift_labels: expected None or a bool, got {shift_labels!r}")
+        if router_batch_size is not None and (not isinstance(router_batch_size, numbers.Integral)
+                                              or isinstance(router_batch_size, bool) or router_batch_size < 1):
+            raise ValueError(f"router_batch_size: expected None or an integer >= 1, got {router_batch_size!r}")
+        self.model = model
+        if router is None:
+            router = create_truncated_router(model, router_layers)
+        if not callable(router):
+            raise ValueError(f"router: expected a module returning (B, T, V) logits, got {type(router).__name__}")
+        if isinstance(router, (TruncatedRouter, PassthroughRouter)):
+            object.__setattr__(self, "router", router)
+            if router.source is not model:
+                self.router_model = router.source
+        elif isinstance(router, nn.Module) and not _shares_all_weights(router, model):
+            self.router = router
+        else:
+            object.__setattr__(self, "router", router)
+        self.scoring = scoring
+        self.selection = selection
+        self.dynamic_threshold = dynamic_threshold
+        self.threshold_sensitivity = float(threshold_sensitivity)
+        self.min_tokens_ratio = float(min_tokens_ratio)
+        self.warmup_steps = int(warmup_steps)
+        self.num_strata = int(num_strata)
+        self.min_tokens_per_sequence = int(min_tokens_per_sequence)
+        self.ignore_index = int(ignore_index)
+        self.shift_labels = (not is_masked_lm(model)) if shift_labels is None else shift_labels
+        self.router_batch_size = None if router_batch_size is None else int(router_batch_size)
+        self.vocab_size = model_vocab_size(model)
+        self._init_curriculum(min_tokens_ratio, warmup_steps, ratio_schedule)
+        self._last: Optional[dict[str, Any]] = None
+        self.last_kept: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def _router_scores(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor],
+                       router_kwargs: dict[str, Any]) -> tuple[TokenScores, torch.Tensor]:
+        """Token scores ``(B, T)`` of the router's logits (chunked over sequences if requested)."""
+        B = input_ids.shape[0]
+        chunk = self.router_batch_size or B
+        parts: list[TokenScores] = []
+        nonfinite = torch.zeros((), dtype=torch.int64, device=input_ids.device)
+        for start in range(0, B, chunk):
+            sl = slice(start, min(B, start + chunk))
+            if chunk >= B:      # the whole batch: hand over the caller's tensors themselves
+                ids, am, kw = input_ids, attention_mask, router_kwargs
+            else:
+                ids = input_ids[sl]
+                am = None if attention_mask is None else attention_mask[sl]
+                kw = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v)
+                      for k, v in router_kwargs.items()}
+            logits = router_logits(self.router(ids, attention_mask=am, **kw))
+            rows = sl.stop - sl.start
+            if logits.dim() != 3 or tuple(logits.shape[:2]) != (rows, input_ids.shape[1]):
+                raise ValueError(f"router: expected logits of shape ({rows}, {input_ids.shape[1]}, V), got "
+                                 f"{tuple(logits.shape)}")
+            if self.vocab_size is not None and logits.shape[-1] != self.vocab_size:
+                raise ValueError(f"router: its vocabulary has {logits.shape[-1]} entries but the model's has "
+                                 f"{self.vocab_size}; the router must score the model's own vocabulary (build it "
+                                 f"with create_truncated_router(model) or from a model with the same tokenizer)")
+            scores, nf = score_next_tokens(logits, labels[sl], am, scoring=self.scoring,
+                                           ignore_index=self.ignore_index, shift=self.shift_labels)
+            parts.append(scores)
+            nonfinite = nonfinite + nf
+        if len(parts) == 1:
+            return parts[0], nonfinite
+        stats = TokenStatistics(*(torch.cat([p.stats[i] for p in parts]) for i in range(len(TokenStatistics._fields))))
+        return TokenScores(torch.cat([p.difficulty for p in parts]), torch.cat([p.eligible for p in parts]),
+                           torch.cat([p.valid for p in parts]), stats), nonfinite
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs: Any) -> torch.Tensor:
+        """Batch-split training loss (0-d tensor) of ``(input_ids, labels)`` ``(B, T)``; see the module docs.
+
+        ``kwargs`` go to the main model; tensors whose first dimension is ``B`` are sliced with the batch
+        (``position_ids`` of shape ``(1, T)`` and non-tensors pass unchanged). ``position_ids`` and
+        ``token_type_ids`` also go to the router.
+
+        Raises:
+            ValueError: ``input_ids`` not 2-D integer, ``labels``/``attention_mask`` of another shape, labels
+                out of ``[0, V)`` (CPU; a device assertion on CUDA), a router whose logits are not
+                ``(B, T, V_model)``, or a model that returns no loss.
+        """
+        return self.forward_with(self.model, input_ids, labels, attention_mask, **kwargs).loss
+
+    def forward_with(self, model: Callable[..., Any], input_ids: torch.Tensor, labels: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> BatchSplitOutput:
+        """:meth:`forward` with ``model`` as the main pass (e.g. a DDP / accelerate wrapper of ``self.model``,
+        as the Hugging Face ``Trainer`` hands it to ``compute_loss``); returns a :class:`BatchSplitOutput`."""
+        check_batch(input_ids, labels, attention_mask)
+        B = input_ids.shape[0]
+        router_kwargs = {k: kwargs[k] for k in ROUTER_INPUT_KEYS if kwargs.get(k) is not None}
+        with torch.no_grad():
+            scores, nonfinite = self._router_scores(input_ids, labels, attention_mask, router_kwargs)
+            elig = scores.eligible
+            count = elig.sum(dim=1)
+            seq_elig = count > 0
+            zero = torch.zeros((), dtype=torch.float32, device=elig.device)
+            seq_d = torch.where(elig, scores.difficulty, zero).sum(dim=1) / torch.clamp(count, min=1).to(torch.float32)
+            n = count.sum()
+            mean_conf = _masked_mean(scores.stats.confidence, elig, n)
+            base = self._base_ratio()
+            ratio = self._effective_ratio(base, mean_conf, self.dynamic_threshold and self.selection == "topk")
+            keep, k_seq = select_tokens(seq_d, seq_elig, ratio, selection="topk")
+            eff = effective_labels(labels, attention_mask, self.ignore_index).to(torch.int64)
+        kept = torch.nonzero(keep).reshape(-1)   # the step's one host synchronisation (dynamic slice size)
+        num_kept = int(kept.numel())
+        if num_kept == 0:
+            loss = torch.zeros((), dtype=torch.float32, device=input_ids.device, requires_grad=True)
+            outputs = None
+            tokens_selected = torch.zeros((), dtype=torch.int64, device=input_ids.device)
+        else:
+            def take(t: Any) -> Any:
+                if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == B:
+                    return t.index_select(0, kept)
+                return t
+
+            eff_k = eff.index_select(0, kept)
+            main_kwargs = {k: take(v) for k, v in kwargs.items()}
+            if attention_mask is not None:
+                main_kwargs["attention_mask"] = attention_mask.index_select(0, kept)
+            outputs = model(input_ids=input_ids.index_select(0, kept), labels=eff_k, **main_kwargs)
+            loss = _loss_of(outputs)
+            if loss is None:
+                raise ValueError(f"model: {type(self.model).__name__} returned no loss for labels=...; CGGRModel "
+                                 f"needs a model that computes its mean token cross-entropy from `labels`")
+            scored = eff_k[:, 1:] if self.shift_labels else eff_k
+            tokens_selected = (scored != HF_IGNORE_INDEX).sum()
+        self.last_kept = kept
+        self._last = {
+            "step": self._step,
+            "token_ratio": float(base),
+            "effective_ratio": ratio,
+            "tokens_selected": tokens_selected,
+            "tokens_total": n,
+            "tokens_nonfinite": nonfinite,
+            "tokens_out_of_range": 0,
+            "avg_confidence": mean_conf,
+            "avg_entropy": _masked_mean(scores.stats.entropy, elig, n),
+            "avg_difficulty": _masked_mean(scores.difficulty, elig, n),
+            "sequences_selected": num_kept,
+            "sequences_total": seq_elig.sum(),
+            "k_seq": k_seq,
+        }
+        return BatchSplitOutput(loss, outputs, kept, seq_d, seq_elig)
+
+    # ------------------------------------------------------------------------------------------ metrics
+    def get_metrics(self) -> dict[str, Any]:
+        """SPEC §10 metrics of the last forward as Python scalars, plus ``sequences_selected`` (kept sequences)
+        and ``sequences_total`` (eligible sequences, the denominator of the ratio). ``tokens_selected`` counts
+        the valid targets in the main loss, ``tokens_total`` the router's eligible tokens of the whole batch.
+        Reads the device: call it outside the training step's hot path. Before the first forward the counts
+        and averages are 0 and both ratios are the current base ratio."""
+        return self._metrics_dict(self._last, extra_keys=("sequences_selected", "sequences_total"))
+
+    def extra_repr(self) -> str:
+        return (f"scoring={self.scoring!r}, selection={self.selection!r}, min_tokens_ratio={self.min_tokens_ratio}, "
+                f"warmup_steps={self.warmup_steps}, dynamic_threshold={self.dynamic_threshold}, step={self._step}")

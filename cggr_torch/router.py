@@ -1,0 +1,648 @@
+"""Truncated routers and the token scorer for batch splitting (SPEC §9) and static-shape routing.
+
+A *router* is any module that maps ``input_ids`` ``(B, T)`` (plus ``attention_mask`` and optional per-token
+inputs such as ``position_ids``) to logits ``(B, T, V)`` over the model's vocabulary. CGGR uses it to score
+token difficulty cheaply before the real forward pass.
+
+:func:`create_truncated_router` builds one from a Hugging Face model **without copying a single weight**: it is
+the model itself with its decoder-layer list cut to the first ``num_layers`` entries. Concretely, every module on
+the path from the task model to the layer list (e.g. ``LlamaForCausalLM → LlamaModel → layers``) is replaced by
+a *view*: a new object of the same class whose ``__dict__`` is the original's (same ``_parameters`` and
+``_buffers`` dictionaries, same child modules, same config, same hooks) except that the child on the path is the
+next view, and at the end of the path a ``ModuleList`` holding the first ``num_layers`` original layer objects.
+The router then calls the model's *own* ``forward``: embeddings, the model's own mask construction
+(``create_causal_mask`` & co.), rotary embeddings, the first layers, the final norm, the LM head and any
+logit soft-capping run exactly as in the full model, so
+
+    router(x) == the full model with ``layers[num_layers:]`` removed
+
+bit for bit, on every transformers version whose forward iterates the layer list (all 5.x releases). A model
+compiled with ``model.compile()`` or ``torch.compile(model)`` is truncated *eagerly* (the compiled graph is the
+full model's; compiled sub-modules such as individual layers are kept). The views
+are refreshed from the originals at every call, so later changes to the model (``.to()``, ``.train()``,
+replaced embeddings, gradient checkpointing flags, LoRA layers injected into the shared layers) are always
+seen. Because the parameters are the model's own ``Parameter`` objects, the router costs no parameter memory
+and always scores with the current weights.
+
+Supported families (auto-detected from ``config.model_type``, each verified in ``tests/torch/test_router.py``
+against the full model): see :data:`SUPPORTED_ARCHITECTURES`. Any other architecture raises a ``ValueError``
+naming the three ways forward: ``layers_path='…'`` (the dotted path of its decoder-layer ``ModuleList``; the
+error message proposes the candidate it found), an explicit router module, or ``architecture='passthrough'``
+(the full model scores itself, costing a full extra forward). There is no silent fallback.
+
+:class:`CGGRScorer` turns a router into ``(difficulty, mask, info)`` over the input positions: SPEC §2-§7
+applied to the router's logits, with a fixed output shape ``(B, T)``, so the mask can drive static-shape
+routing such as sending unselected tokens to a "null" expert in a mixture-of-experts layer
+(``examples/moe_null_routing.py``).
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .curriculum import dynamic_ratio, linear_warmup_ratio
+from .loss import METRIC_KEYS
+from .scoring import TokenScores, TokenStatistics, score_tokens
+from .selection import select_tokens
+from .utils import check_config, check_ratio_value, is_integer_dtype
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "ROUTER_INPUT_KEYS",
+    "TruncatedRouter",
+    "PassthroughRouter",
+    "create_truncated_router",
+    "router_logits",
+    "model_vocab_size",
+    "is_masked_lm",
+    "check_batch",
+    "effective_labels",
+    "score_next_tokens",
+    "METRIC_KEYS",
+    "CGGRScorer",
+]
+
+#: The Hugging Face label value that the models' own losses ignore.
+HF_IGNORE_INDEX = -100
+
+#: Per-token inputs that CGGR hands to the router as well as to the main model (when the caller gives them).
+ROUTER_INPUT_KEYS: tuple[str, ...] = ("position_ids", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    """Where a family keeps its decoder layers, relative to the task model (…ForCausalLM / …ForMaskedLM)."""
+
+    layers_path: str
+    masked_lm: bool = False
+
+
+#: ``config.model_type`` → the dotted path of the decoder-layer ``ModuleList`` in the task model. Every entry
+#: is tested against the full model on a tiny configuration (``tests/torch/test_router.py``).
+SUPPORTED_ARCHITECTURES: Mapping[str, _Architecture] = {
+    "llama": _Architecture("model.layers"),
+    "mistral": _Architecture("model.layers"),
+    "mixtral": _Architecture("model.layers"),
+    "qwen2": _Architecture("model.layers"),
+    "qwen3": _Architecture("model.layers"),
+    "gemma": _Architecture("model.layers"),
+    "gemma2": _Architecture("model.layers"),
+    "phi3": _Architecture("model.layers"),
+    "olmo2": _Architecture("model.layers"),
+    "gpt2": _Architecture("transformer.h"),
+    "gptj": _Architecture("transformer.h"),
+    "falcon": _Architecture("transformer.h"),
+    "gpt_neox": _Architecture("gpt_neox.layers"),
+    "bert": _Architecture("bert.encoder.layer", masked_lm=True),
+    "roberta": _Architecture("roberta.encoder.layer", masked_lm=True),
+}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def router_logits(output: Any) -> torch.Tensor:
+    """The logits of a router's output: a tensor, an object with ``.logits`` (a ``ModelOutput``), a mapping
+    with key ``'logits'``, or a tuple/list whose first element is the logits.
+
+    Raises:
+        ValueError: none of these forms.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValueError(f"router: expected its output to be a (B, T, V) logits tensor, an object with .logits or a "
+                     f"tuple whose first element is the logits, got {type(output).__name__}")
+
+
+def model_vocab_size(model: nn.Module) -> Optional[int]:
+    """Rows of the model's output embedding (the LM head), else ``config.vocab_size``, else None."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            head = get_out()
+        except (AttributeError, NotImplementedError):
+            head = None
+        weight = getattr(head, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            return int(weight.shape[0])
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(vocab) if isinstance(vocab, numbers.Integral) else None
+
+
+def is_masked_lm(model: nn.Module) -> bool:
+    """True for masked (bidirectional) LMs, whose logits at ``t`` predict ``labels[t]`` (no shift)."""
+    if isinstance(model, (TruncatedRouter, PassthroughRouter)):
+        return model.masked_lm
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = SUPPORTED_ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if arch is not None:
+        return arch.masked_lm
+    return type(model).__name__.endswith("ForMaskedLM")
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module:
+    obj: Any = model
+    for part in path.split("."):
+        children = getattr(obj, "_modules", None)
+        if not isinstance(children, Mapping) or part not in children or children[part] is None:
+            raise ValueError(f"layers_path: {type(model).__name__} has no sub-module {path!r} "
+                             f"(no child {part!r} under {type(obj).__name__})")
+        obj = children[part]
+    return obj
+
+
+def _candidate_layer_paths(model: nn.Module) -> list[str]:
+    """Dotted paths of ``ModuleList``s whose length is ``config.num_hidden_layers`` (an error-message hint)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name and (n is None or len(module) == n):
+            found.append(name)
+    return found[:3]
+
+
+def _check_no_forward_override(module: nn.Module, path: str) -> None:
+    if "forward" in module.__dict__:
+        raise ValueError(
+            f"model: the module at {path or '<root>'!r} ({type(module).__name__}) has an instance-level `forward` "
+            f"(e.g. accelerate dispatch hooks from device_map=...). A truncated view would call the original "
+            f"module's forward and silently run every layer; load the model without device_map/offloading, or "
+            f"pass CGGRModel an explicit router module")
+
+
+# ------------------------------------------------------------------------------------------- the routers
+class TruncatedRouter(nn.Module):
+    """The model's first ``num_layers`` decoder layers plus its embeddings, final norm and head; shared weights.
+
+    Built by :func:`create_truncated_router`. ``forward(input_ids, attention_mask=None, **kwargs)`` returns the
+    logits ``(B, T, V)`` of the truncated model (computed by the model's own ``forward`` code, with
+    ``use_cache=False``). Its registered sub-module ``view`` exposes exactly the parameters the truncated forward
+    uses, all of which are the model's own ``Parameter`` objects (no copies). The model itself is held as a
+    plain reference (``source``), not as a sub-module.
+    """
+
+    def __init__(self, model: nn.Module, num_layers: int, layers_path: str, architecture: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "source", model)
+        self.num_layers = int(num_layers)
+        self.layers_path = layers_path
+        self.architecture = architecture
+        arch = SUPPORTED_ARCHITECTURES.get(architecture)
+        self.masked_lm = arch.masked_lm if arch is not None else type(model).__name__.endswith("ForMaskedLM")
+        self.view = self._build_view()
+
+    # The view of module `src` whose child `name` is replaced by `child` (same __dict__ otherwise).
+    @staticmethod
+    def _view_of(src: nn.Module, name: str, child: nn.Module, reuse: Optional[nn.Module]) -> nn.Module:
+        view = reuse if reuse is not None and type(reuse) is type(src) else object.__new__(type(src))
+        state = dict(src.__dict__)
+        modules = type(src._modules)(src._modules)
+        modules[name] = child
+        state["_modules"] = modules
+        # `Module.compile()` stores a compiled call of the *original* module: the view must run its own forward.
+        if state.get("_compiled_call_impl") is not None:
+            state["_compiled_call_impl"] = None
+        view.__dict__.clear()
+        view.__dict__.update(state)
+        return view
+
+    def _build_view(self, previous: Optional[nn.Module] = None) -> nn.Module:
+        """(Re)build the chain of views along ``layers_path`` from the current state of the model."""
+        parts = self.layers_path.split(".")
+        chain = [self.source]
+        for i, part in enumerate(parts):
+            _check_no_forward_override(chain[-1], ".".join(parts[:i]))
+            chain.append(_resolve(chain[-1], part))
+        layers = chain[-1]
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"layers_path: {self.layers_path!r} is a {type(layers).__name__}, expected the "
+                             f"nn.ModuleList of decoder layers")
+        if len(layers) < self.num_layers:
+            raise ValueError(f"num_layers: the model has {len(layers)} layers at {self.layers_path!r}, "
+                             f"cannot keep {self.num_layers}")
+        # Reuse the previous truncated list when it still holds the same layer objects.
+        old_views: list[Optional[nn.Module]] = [None] * len(parts)
+        node = previous
+        for i, part in enumerate(parts):
+            old_views[i] = node
+            node = node._modules.get(part) if node is not None else None
+        keep = [layers[i] for i in range(self.num_layers)]
+        if isinstance(node, nn.ModuleList) and len(node) == len(keep) and all(a is b for a, b in zip(node, keep)):
+            child: nn.Module = node
+        else:
+            child = nn.ModuleList(keep)
+        for i in range(len(parts) - 1, -1, -1):
+            child = self._view_of(chain[i], parts[i], child, old_views[i])
+        return child
+
+    def refresh(self) -> None:
+        """Re-synchronise the views with the model (done automatically before every forward)."""
+        view = self._build_view(self._modules.get("view"))
+        if view is not self._modules.get("view"):
+            self.view = view
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs: Any) -> torch.Tensor:
+        """Logits ``(B, T, V)`` of the truncated model for ``input_ids`` ``(B, T)``."""
+        self.refresh()
+        out = self.view(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True,
+                        **kwargs)
+        return router_logits(out)
+
+    def extra_repr(self) -> str:
+        return (f"architecture={self.architecture!r}, num_layers={self.num_layers}, "
+                f"layers_path={self.layers_path!r}")
+
+
+class PassthroughRouter(nn.Module):
+    """The full model used as its own router (``architecture='passthrough'``): no truncation, a full extra
+    forward pass per step. Holds the model as a plain reference (no duplicate registration)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "source", model)
+        self.architecture = "passthrough"
+        self.masked_lm = is_masked_lm(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs: Any) -> torch.Tensor:
+        out = self.source(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True,
+                          **kwargs)
+        return router_logits(out)
+
+
+def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architecture: Optional[str] = None,
+                            layers_path: Optional[str] = None) -> nn.Module:
+    """A router sharing ``model``'s embeddings, first ``num_layers`` decoder layers, final norm, rotary
+    embeddings and LM head (zero extra parameter memory; see the module docstring for how).
+
+    Args:
+        model: a Hugging Face task model with an LM head (``…ForCausalLM``; ``…ForMaskedLM`` for BERT-style
+            families), not dispatched with ``device_map`` hooks.
+        num_layers: decoder layers to keep, ``1 <= num_layers <= `` the model's layer count.
+        architecture: ``None`` to detect the family from ``model.config.model_type``; a key of
+            :data:`SUPPORTED_ARCHITECTURES` to force one; or ``'passthrough'`` to use the full model as the
+            router (``num_layers`` is then unused).
+        layers_path: the dotted path (from ``model``) of the decoder-layer ``nn.ModuleList``, for architectures
+            that are not auto-detected (e.g. ``'model.layers'``). Overrides the family's path. The router is
+            then exactly "the model with that list cut", which is correct as long as the model's forward
+            iterates over that list; verify it against the full model once.
+
+    Returns:
+        :class:`TruncatedRouter` (or :class:`PassthroughRouter`).
+
+    Raises:
+        ValueError: bad ``num_layers``, unknown architecture (naming the fixes), a model without an LM head,
+            a ``layers_path`` that is not a ``ModuleList``, or a model dispatched with accelerate hooks.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module (a Hugging Face task model), got {type(model).__name__}")
+    orig = model._modules.get("_orig_mod")
+    if isinstance(orig, nn.Module):     # torch.compile(model): truncate the original module (run eagerly)
+        model = orig
+    if architecture == "passthrough":
+        if layers_path is not None:
+            raise ValueError("layers_path: not used with architecture='passthrough' (the full model is the router)")
+        return PassthroughRouter(model)
+    if not isinstance(num_layers, numbers.Integral) or isinstance(num_layers, bool) or num_layers < 1:
+        raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if architecture is not None and architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"architecture: expected None (auto-detect), 'passthrough' or one of "
+                         f"{sorted(SUPPORTED_ARCHITECTURES)}, got {architecture!r}")
+    family = architecture if architecture is not None else model_type
+    if layers_path is None:
+        if family not in SUPPORTED_ARCHITECTURES:
+            hint = _candidate_layer_paths(model)
+            hint_txt = (f"; its decoder layers look like they are at {hint[0]!r}" if hint else "")
+            raise ValueError(
+                f"create_truncated_router: cannot auto-detect the architecture of {type(model).__name__} "
+                f"(config.model_type={model_type!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}){hint_txt}. "
+                f"Pass layers_path='<dotted path of the decoder-layer ModuleList>' to truncate it anyway, give "
+                f"CGGRModel an explicit router module (input_ids, attention_mask -> (B, T, V) logits), or use "
+                f"architecture='passthrough' to score with the full model (a full extra forward per step)")
+        layers_path = SUPPORTED_ARCHITECTURES[family].layers_path
+        name = family
+    else:
+        if not isinstance(layers_path, str) or not layers_path:
+            raise ValueError(f"layers_path: expected a dotted module path such as 'model.layers', got {layers_path!r}")
+        name = family if isinstance(family, str) else type(model).__name__
+    head = getattr(model, "get_output_embeddings", None)
+    if not callable(head) or head() is None:
+        raise ValueError(f"model: {type(model).__name__} has no LM head (get_output_embeddings() is None); pass the "
+                         f"task model (…ForCausalLM / …ForMaskedLM), not the bare base model")
+    _resolve(model, layers_path)
+    return TruncatedRouter(model, int(num_layers), layers_path, name)
+
+
+# ------------------------------------------------------------------------------------- next-token scoring
+def check_batch(input_ids: Any, labels: Any, attention_mask: Any, *, labels_required: bool = True) -> None:
+    """Static checks of a batch (no device work): 2-D integer ``input_ids`` ``(B, T)`` with ``B >= 1``;
+    ``labels`` integer of the same shape; ``attention_mask`` integer or bool of the same shape."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected a 2-D (batch, seq_len) tensor, got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}"
+                         f" (a single sequence must be given as shape (1, T))")
+    if not is_integer_dtype(input_ids.dtype):
+        raise ValueError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
+    if input_ids.shape[0] < 1:
+        raise ValueError(f"input_ids: expected at least one sequence, got shape {tuple(input_ids.shape)}")
+    if labels is None:
+        if labels_required:
+            raise ValueError("labels: required (a (B, T) integer tensor; use ignore_index for positions without a "
+                             "target)")
+    else:
+        if not isinstance(labels, torch.Tensor) or not is_integer_dtype(labels.dtype):
+            raise ValueError(f"labels: expected an integer tensor, got "
+                             f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} (that of input_ids), got "
+                             f"{tuple(labels.shape)}")
+        if labels.device != input_ids.device:
+            raise ValueError(f"labels: expected device {input_ids.device} (that of input_ids), got {labels.device}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or not (
+                is_integer_dtype(attention_mask.dtype) or attention_mask.dtype == torch.bool):
+            raise ValueError(f"attention_mask: expected an integer or bool tensor, got "
+                             f"{attention_mask.dtype if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of input_ids), got "
+                             f"{tuple(attention_mask.shape)}; 4-D custom masks are not supported by batch "
+                             f"splitting")
+        if attention_mask.device != input_ids.device:
+            raise ValueError(f"attention_mask: expected device {input_ids.device}, got {attention_mask.device}")
+
+
+def effective_labels(labels: torch.Tensor, attention_mask: Optional[torch.Tensor], ignore_index: int,
+                     out_ignore_index: int = HF_IGNORE_INDEX) -> torch.Tensor:
+    """``labels`` with every ignored position (``labels == ignore_index`` or ``attention_mask == 0``) set to
+    ``out_ignore_index`` (the Hugging Face ``-100`` by default, what the models' own losses ignore)."""
+    drop = labels == ignore_index
+    if attention_mask is not None:
+        drop = drop | (attention_mask == 0)
+    return labels.masked_fill(drop, out_ignore_index)
+
+
+def _pad_last(x: torch.Tensor, value: Union[int, float, bool]) -> torch.Tensor:
+    """Append one column of ``value`` along dim 1 (re-aligns shifted scores to the input positions)."""
+    pad = torch.full((x.shape[0], 1), value, dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad], dim=1)
+
+
+def score_next_tokens(logits: torch.Tensor, labels: Optional[torch.Tensor],
+                      attention_mask: Optional[torch.Tensor], *, scoring: str, ignore_index: int,
+                      shift: bool = True) -> tuple[TokenScores, torch.Tensor]:
+    """Score a router's logits ``(B, T, V)`` per input position (SPEC §2-§4, §9).
+
+    * With ``labels`` and ``shift=True`` (causal LMs): position ``t`` is scored as the pair ``logits[:, t]`` /
+      ``labels[:, t+1]`` (``shift_for_causal_lm``); the pair is valid when ``labels[:, t+1] != ignore_index``
+      and ``attention_mask[:, t+1] != 0`` (a padding target is ignored). The last position has no target: its
+      difficulty and statistics are 0 and it is neither valid nor eligible.
+    * With ``labels`` and ``shift=False`` (masked LMs): ``logits[:, t]`` / ``labels[:, t]``, valid when
+      ``labels[:, t] != ignore_index`` and ``attention_mask[:, t] != 0``.
+    * Without ``labels``: every position whose attention mask is non-zero is valid and the difficulty is the
+      target-free formula of §3 (``scoring='loss'`` is a ``ValueError``).
+
+    Returns:
+        ``(scores, nonfinite)``: a :class:`~cggr_torch.scoring.TokenScores` whose tensors have the input
+        shape ``(B, T)``, and the 0-d int64 count of valid tokens excluded because their router row was not
+        finite (the metric ``tokens_nonfinite``).
+    """
+    if labels is None:
+        valid_mask = None if attention_mask is None else attention_mask != 0
+        scores = score_tokens(logits, None, scoring=scoring, valid_mask=valid_mask)
+    else:
+        tgt = labels
+        if attention_mask is not None:
+            tgt = tgt.masked_fill(attention_mask == 0, ignore_index)
+        if shift:
+            shifted = score_tokens(logits[:, :-1], tgt[:, 1:], scoring=scoring, ignore_index=ignore_index)
+            stats = TokenStatistics(*(_pad_last(x, 0.0) for x in shifted.stats))
+            scores = TokenScores(_pad_last(shifted.difficulty, 0.0), _pad_last(shifted.eligible, False),
+                                 _pad_last(shifted.valid, False), stats)
+        else:
+            scores = score_tokens(logits, tgt, scoring=scoring, ignore_index=ignore_index)
+    nonfinite = (scores.valid & ~scores.eligible).sum()
+    return scores, nonfinite
+
+
+# ------------------------------------------------------------------------------------ curriculum state
+class _CurriculumMixin:
+    """Step counter, ratio schedule and dynamic threshold shared by :class:`CGGRScorer` and ``CGGRModel``.
+
+    The step lives in ``state_dict()`` as extra state (``{'step': int}``), so resuming restores the curriculum.
+    """
+
+    _step: int
+    ratio_schedule: Callable[[int], Any]
+    dynamic_threshold: bool
+    threshold_sensitivity: float
+
+    def _init_curriculum(self, min_tokens_ratio: float, warmup_steps: int,
+                         ratio_schedule: Optional[Callable[[int], Any]]) -> None:
+        if ratio_schedule is None:
+            ratio_schedule = linear_warmup_ratio(min_tokens_ratio, warmup_steps)
+        elif not callable(ratio_schedule):
+            raise ValueError(f"ratio_schedule: expected a callable step -> ratio in (0, 1], got "
+                             f"{type(ratio_schedule).__name__}")
+        self.ratio_schedule = ratio_schedule
+        self._step = 0
+
+    @property
+    def current_step(self) -> int:
+        """The curriculum step the next forward uses (number of :meth:`step` calls, or as restored/set)."""
+        return self._step
+
+    def step(self) -> None:
+        """Advance the curriculum by one; call once after each optimizer step."""
+        self._step += 1
+
+    def set_step(self, step: int) -> None:
+        """Set the curriculum step (e.g. to the trainer's global step when resuming)."""
+        if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step: expected an integer >= 0, got {step!r}")
+        self._step = int(step)
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"step": self._step}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, Mapping) or "step" not in state:
+            raise ValueError(f"state_dict: expected extra state {{'step': int}}, got {state!r}")
+        self.set_step(int(state["step"]))
+
+    def _base_ratio(self) -> np.float32:
+        """``base(step)`` of SPEC §5.1 (or the custom schedule's value, checked to lie in (0, 1])."""
+        value = self.ratio_schedule(self._step)
+        return np.float32(check_ratio_value("ratio_schedule(step)", value))
+
+    def _metrics_dict(self, last: Optional[dict[str, Any]], extra_keys: tuple[str, ...]) -> dict[str, Any]:
+        return _metrics_dict_impl(self, last, extra_keys)
+
+    def _effective_ratio(self, base: np.float32, mean_confidence: torch.Tensor, dynamic: bool) -> torch.Tensor:
+        """SPEC §5.2 as a 0-d float32 tensor on the device of ``mean_confidence`` (no synchronisation)."""
+        if dynamic:
+            return dynamic_ratio(base, mean_confidence, self.threshold_sensitivity)
+        return torch.full((), float(base), dtype=torch.float32, device=mean_confidence.device)
+
+
+def _metrics_dict_impl(obj: Any, last: Optional[dict[str, Any]], extra_keys: tuple[str, ...]) -> dict[str, Any]:
+    numeric = [k for k in METRIC_KEYS if k not in ("selection", "scoring")] + list(extra_keys)
+    if last is None:
+        base = float(obj._base_ratio())
+        out: dict[str, Any] = {k: 0 for k in numeric}
+        out.update(step=obj._step, token_ratio=base, effective_ratio=base, avg_confidence=0.0, avg_entropy=0.0,
+                   avg_difficulty=0.0)
+    else:
+        out = {k: _to_python(last[k]) for k in numeric}
+    out["selection"] = obj.selection
+    out["scoring"] = obj.scoring
+    return out
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """float32 sum of ``x`` over ``mask`` divided by ``count`` (0 when the count is 0); no synchronisation."""
+    total = torch.where(mask, x.to(torch.float32), torch.zeros((), dtype=torch.float32, device=x.device)).sum()
+    return total / torch.clamp(count, min=1).to(torch.float32)
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return int(value) if not value.dtype.is_floating_point else float(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- scorer
+class CGGRScorer(_CurriculumMixin, nn.Module):
+    """Score token difficulty with a router and pick the hard tokens: ``(difficulty, mask, info)``.
+
+    ``forward(input_ids, labels=None, attention_mask=None, **router_kwargs)`` runs ``router`` under
+    ``torch.no_grad()`` and applies SPEC §2-§7 to its logits:
+
+    * difficulty ``d`` per §3 (``scoring``), eligibility per §4, the ratio per §5 (curriculum at the scorer's
+      step, dynamic threshold from the mean confidence ``c̄`` of the eligible tokens), ``k`` per §5.3 and the
+      selection per §7 (``selection``) over the batch's eligible tokens in flat order ``b·T + t``;
+    * with ``labels`` (causal router): position ``t`` is scored against ``labels[:, t+1]``; the last position
+      has no target and is never selected; padding (``attention_mask == 0``) and ``ignore_index`` targets are
+      ignored. With ``shift_labels=False`` (masked LMs) position ``t`` is scored against ``labels[:, t]``.
+      Without labels every non-padding position is scored by the target-free formula of §3.
+
+    Every output has the static shape ``(B, T)`` of ``input_ids`` whatever ``k`` is, so ``mask`` can drive
+    static-shape routing (e.g. mixture-of-experts "null routing": unselected tokens go to a no-op expert, see
+    ``examples/moe_null_routing.py``). Nothing in ``forward`` synchronises with the device.
+
+    Returns:
+        ``difficulty`` (float32 ``(B, T)``; meaningful only where ``info['eligible']``: it is 0 at the last
+        position of a shifted batch and may be NaN on non-finite router rows),
+        ``mask`` (bool ``(B, T)``), and ``info``: a dict of tensors ``k``, ``ratio`` (effective, float32),
+        ``eligible``, ``valid``, ``stats`` (:class:`~cggr_torch.scoring.TokenStatistics`, ``(B, T)``),
+        ``tokens_selected``, ``tokens_total``, ``tokens_nonfinite``, ``avg_confidence``, ``avg_entropy``,
+        ``avg_difficulty``, plus host values ``token_ratio`` and ``step``. :meth:`get_metrics` returns the last
+        call's SPEC §10 metrics as Python scalars. Call :meth:`step` after each optimizer step.
+
+    Args:
+        router: a module mapping ``(input_ids, attention_mask=..., **router_kwargs)`` to logits ``(B, T, V)``
+            (see :func:`router_logits` for the accepted output forms), e.g. :func:`create_truncated_router`.
+        scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio, warmup_steps,
+        num_strata, min_tokens_per_sequence, ignore_index, ratio_schedule: as ``CGGRLoss`` (SPEC §3-§7).
+        shift_labels: ``None`` to shift unless the router is a masked LM (:func:`is_masked_lm`).
+    """
+
+    def __init__(self, router: nn.Module, *, scoring: str = "combined", selection: str = "topk",
+                 dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
+                 min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
+                 min_tokens_per_sequence: int = 1, ignore_index: int = -100,
+                 ratio_schedule: Optional[Callable[[int], Any]] = None,
+                 shift_labels: Optional[bool] = None) -> None:
+        super().__init__()
+        if not callable(router):
+            raise ValueError(f"router: expected a callable module returning (B, T, V) logits, got "
+                             f"{type(router).__name__}")
+        check_config(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+                     threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+                     warmup_steps=warmup_steps, num_strata=num_strata,
+                     min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index)
+        if shift_labels is not None and not isinstance(shift_labels, bool):
+            raise ValueError(f"shift_labels: expected None or a bool, got {shift_labels!r}")
+        if isinstance(router, nn.Module) and not isinstance(router, (TruncatedRouter, PassthroughRouter)):
+            self.router = router
+        else:  # weights owned by another model: held by reference, not registered (no duplicate state)
+            object.__setattr__(self, "router", router)
+        self.scoring = scoring
+        self.selection = selection
+        self.dynamic_threshold = dynamic_threshold
+        self.threshold_sensitivity = float(threshold_sensitivity)
+        self.min_tokens_ratio = float(min_tokens_ratio)
+        self.warmup_steps = int(warmup_steps)
+        self.num_strata = int(num_strata)
+        self.min_tokens_per_sequence = int(min_tokens_per_sequence)
+        self.ignore_index = int(ignore_index)
+        self.shift_labels = (not is_masked_lm(router)) if shift_labels is None else shift_labels
+        self._init_curriculum(min_tokens_ratio, warmup_steps, ratio_schedule)
+        self._last: Optional[dict[str, Any]] = None
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None,
+                **router_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        check_batch(input_ids, labels, attention_mask, labels_required=False)
+        if labels is None and self.scoring == "loss":
+            raise ValueError("labels: scoring='loss' needs labels (the next-token targets), got None")
+        with torch.no_grad():
+            logits = router_logits(self.router(input_ids, attention_mask=attention_mask, **router_kwargs))
+            if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
+                raise ValueError(f"router: expected logits of shape ({input_ids.shape[0]}, {input_ids.shape[1]}, V), "
+                                 f"got {tuple(logits.shape)}")
+            scores, nonfinite = score_next_tokens(logits, labels, attention_mask, scoring=self.scoring,
+                                                  ignore_index=self.ignore_index, shift=self.shift_labels)
+            eligible = scores.eligible
+            n = eligible.sum()
+            mean_conf = _masked_mean(scores.stats.confidence, eligible, n)
+            base = self._base_ratio()
+            dynamic = self.dynamic_threshold and self.selection != "fixed_quota"
+            ratio = self._effective_ratio(base, mean_conf, dynamic)
+            mask, k = select_tokens(scores.difficulty, eligible, ratio, selection=self.selection,
+                                    num_strata=self.num_strata,
+                                    min_tokens_per_sequence=self.min_tokens_per_sequence)
+        info: dict[str, Any] = {
+            "k": k,
+            "ratio": ratio,
+            "effective_ratio": ratio,
+            "tokens_out_of_range": 0,
+            "token_ratio": float(base),
+            "step": self._step,
+            "eligible": eligible,
+            "valid": scores.valid,
+            "stats": scores.stats,
+            "tokens_selected": mask.sum(),
+            "tokens_total": n,
+            "tokens_nonfinite": nonfinite,
+            "avg_confidence": mean_conf,
+            "avg_entropy": _masked_mean(scores.stats.entropy, eligible, n),
+            "avg_difficulty": _masked_mean(scores.difficulty, eligible, n),
+        }
+        self._last = info
+        return scores.difficulty, mask, info
+
+    def get_metrics(self) -> dict[str, Any]:
+        """SPEC §10 metrics of the last forward as Python scalars (reads the device: call outside the step).
+
+        Before the first forward the counts and averages are 0 and both ratios are the current base ratio."""
+        return self._metrics_dict(self._last, extra_keys=())
+
+    def extra_repr(self) -> str:
+        return (f"scoring={self.scoring!r}, selection={self.selection!r}, min_tokens_ratio={self.min_tokens_ratio}, "
+                f"warmup_steps={self.warmup_steps}, dynamic_threshold={self.dynamic_threshold}, step={self._step}")

@@ -1,0 +1,130 @@
+"""CGGRTrainer / CGGRStepCallback with a real transformers Trainer on CPU (tiny model, no downloads)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate>=1.1 (the torch extra)")
+
+from transformers import TrainerControl, TrainerState, TrainingArguments  # noqa: E402
+
+from cggr_torch.model import CGGRModel  # noqa: E402
+from cggr_torch.trainer import CGGRStepCallback, CGGRTrainer  # noqa: E402
+from tests import oracle  # noqa: E402
+from tests.torch.test_router import V, tiny_model  # noqa: E402
+
+
+def _dataset(n: int, T: int = 10, seed: int = 0, pad_every: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(3, V, (T,), generator=g)
+        am = torch.ones(T, dtype=torch.long)
+        if i % pad_every == 1:
+            am[T - 3:] = 0
+            ids[T - 3:] = 0
+        labels = ids.masked_fill(am == 0, -100)
+        rows.append({"input_ids": ids, "attention_mask": am, "labels": labels})
+    return rows
+
+
+def _args(tmp_path, **kw: Any) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=6,
+                learning_rate=1e-3, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+                dataloader_num_workers=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def test_trainer_runs_batch_splitting_and_advances_the_curriculum(tmp_path):
+    model = tiny_model("llama").train()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = CGGRTrainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=_dataset(24),
+                          cggr_kwargs=dict(router_layers=2, warmup_steps=2, min_tokens_ratio=0.5))
+    out = trainer.train()
+    assert trainer.state.global_step == 3 and trainer.cggr.current_step == 3
+    assert math.isfinite(out.training_loss)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    last = [h for h in trainer.state.log_history if "loss" in h][-1]
+    # the last logged step ran at curriculum step 2 = end of warm-up: ratio 0.5 before the dynamic threshold
+    assert last["cggr/step"] == 2 and last["cggr/token_ratio"] == 0.5
+    want = oracle.num_selected(last["cggr/sequences_total"], last["cggr/effective_ratio"])
+    assert last["cggr/sequences_selected"] == want < 6
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert trainer.model is model                      # the Trainer trains (and saves) the plain model
+
+
+def test_gradient_accumulation_steps_the_curriculum_once_per_optimizer_step(tmp_path):
+    model = tiny_model("gpt2").train()
+    trainer = CGGRTrainer(model=model, args=_args(tmp_path, max_steps=2, gradient_accumulation_steps=2,
+                                                  per_device_train_batch_size=4),
+                          train_dataset=_dataset(16), cggr_kwargs=dict(router_layers=1, warmup_steps=0))
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.cggr.current_step == 2
+    assert trainer.model_accepts_loss_kwargs is False   # per-micro-batch mean, scaled by the Trainer
+
+
+def test_evaluation_uses_the_standard_full_batch_loss(tmp_path):
+    model = tiny_model("llama")
+    data = _dataset(6, pad_every=2)
+    trainer = CGGRTrainer(model=model, args=_args(tmp_path, per_device_eval_batch_size=6), eval_dataset=data,
+                          cggr_kwargs=dict(router_layers=1, warmup_steps=0, min_tokens_ratio=0.25))
+    metrics = trainer.evaluate()
+    batch = {k: torch.stack([row[k] for row in data]) for k in data[0]}
+    with torch.no_grad():
+        want = model(**batch).loss
+    assert metrics["eval_loss"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_callback_resumes_from_the_global_step():
+    cggr = CGGRModel(tiny_model("gpt2"), router_layers=1)
+    cb = CGGRStepCallback(cggr)
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 7                         # as restored from a checkpoint
+    cb.on_step_begin(None, state, control)
+    assert cggr.current_step == 7
+    state.global_step = 8
+    cb.on_step_end(None, state, control)
+    assert cggr.current_step == 8
+    cb.on_step_begin(None, state, control)        # already aligned: unchanged
+    assert cggr.current_step == 8
+    with pytest.raises(ValueError, match="step"):
+        CGGRStepCallback(object())
+
+
+def test_trainer_rejects_what_it_would_silently_ignore(tmp_path):
+    model = tiny_model("llama")
+    data = _dataset(6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        CGGRTrainer(model=model, args=_args(tmp_path, label_smoothing_factor=0.1), train_dataset=data,
+                    cggr_kwargs=dict(router_layers=1))
+    with pytest.raises(ValueError, match="same model"):
+        CGGRTrainer(model=model, args=_args(tmp_path), train_dataset=data,
+                    cggr_model=CGGRModel(tiny_model("llama", seed=2), router_layers=1))
+    with pytest.raises(ValueError, match="not both"):
+        CGGRTrainer(model=model, args=_args(tmp_path), train_dataset=data,
+                    cggr_model=CGGRModel(model, router_layers=1), cggr_kwargs=dict(router_layers=1))
+    trainer = CGGRTrainer(model=model, args=_args(tmp_path), train_dataset=data, cggr_kwargs=dict(router_layers=1))
+    model.train()
+    with pytest.raises(ValueError, match="labels"):
+        trainer.compute_loss(model, {"input_ids": data[0]["input_ids"][None]})
+
+
+def test_hf_trainer_example_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_example_under_test", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    res = example.main(["--steps", "3", "--warmup", "1", "--max-chars", "20000", "--batch-size", "4",
+                        "--seq-len", "16", "--layers", "2", "--router-layers", "1", "--d-model", "16",
+                        "--out", str(tmp_path)])
+    assert res["cggr"]["cggr_step"] == 3 and math.isfinite(res["cggr"]["eval_loss"])
+    assert (tmp_path / "results.json").exists() and (tmp_path / "cggr" / "final").is_dir()
