@@ -1,0 +1,55 @@
+"""CGGR (Confidence-Gated Gradient Routing) for PyTorch: cross-entropy over the hardest tokens.
+
+The contract is ``SPEC.md``; the names mirror ``cggr_jax`` (``CONTRIBUTING.md``). CUDA tensors use the Triton
+kernels of :mod:`cggr_torch.kernels` when they import; set ``CGGR_DISABLE_KERNELS=1`` to force the pure-PyTorch
+reference everywhere.
+"""
+from .curriculum import dynamic_ratio, linear_warmup_ratio, num_selected
+from .loss import METRIC_KEYS, CGGRLoss, cggr_loss
+from .scoring import (
+    SCORING_MODES,
+    TokenScores,
+    TokenStatistics,
+    difficulty_from_statistics,
+    score_tokens,
+    token_statistics,
+)
+from .selection import SELECTION_STRATEGIES, rank_tokens, select_tokens
+from .utils import shift_for_causal_lm
+from .model import CGGRModel
+from .router import CGGRScorer, PassthroughRouter, TruncatedRouter, create_truncated_router
+
+__all__ = [
+    "CGGRLoss",
+    "cggr_loss",
+    "METRIC_KEYS",
+    "SCORING_MODES",
+    "SELECTION_STRATEGIES",
+    "TokenScores",
+    "TokenStatistics",
+    "token_statistics",
+    "difficulty_from_statistics",
+    "score_tokens",
+    "linear_warmup_ratio",
+    "dynamic_ratio",
+    "num_selected",
+    "rank_tokens",
+    "select_tokens",
+    "shift_for_causal_lm",
+    "CGGRModel",
+    "CGGRScorer",
+    "PassthroughRouter",
+    "TruncatedRouter",
+    "create_truncated_router",
+    "CGGRTrainer",
+    "CGGRStepCallback",
+]
+
+
+def __getattr__(name: str):
+    # The Trainer integration imports transformers' Trainer (and accelerate); load it only when asked for.
+    if name in ("CGGRTrainer", "CGGRStepCallback"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'cggr_torch' has no attribute {name!r}")

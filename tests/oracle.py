@@ -207,7 +207,7 @@ def select_tokens(difficulty: np.ndarray, eligible: np.ndarray, ratio: float, se
             for j in range(e[s]):
                 chosen_ranks.add(start + ((2 * j + 1) * m[s]) // (2 * e[s]))
             start += m[s]
-        mask = np.array([r in chosen_ranks for r in rank]) & (rank >= 0)
+        mask = np.array([r in chosen_ranks for r in rank], dtype=bool) & (rank >= 0)
     if selection == "sequence_aware":
         seq = rank.reshape(shape if len(shape) == 2 else (1, -1))
         d2 = np.asarray(difficulty, dtype=np.float64).reshape(seq.shape)

@@ -44,7 +44,7 @@ def selection_problems(draw):
                                           0.3, 7.0, 1e-30]), min_size=1, max_size=6))
     d = np.array([draw(st.sampled_from(pool)) for _ in range(size)], dtype=np.float32).reshape(shape)
     eligible = np.array(draw(st.lists(st.booleans(), min_size=size, max_size=size)), dtype=bool).reshape(shape)
-    ratio = np.float32(draw(st.floats(1e-6, 1.0, width=32)))
+    ratio = np.float32(draw(st.floats(2.0**-20, 1.0, width=32)))
     selection = draw(st.sampled_from(STRATEGIES))
     num_strata = draw(st.integers(1, 5))
     min_tps = draw(st.integers(0, 3))
@@ -68,7 +68,7 @@ def test_level1_masks_bit_identical(problem):
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(0, 2**31 - 1), ratio=st.floats(1e-6, 1.0, width=32))
+@given(n=st.integers(0, 2**31 - 1), ratio=st.floats(2.0**-20, 1.0, width=32))
 def test_level1_num_selected_identical(n, ratio):
     r = np.float32(ratio)
     k_o = oracle.num_selected(n, r)

@@ -1,0 +1,40 @@
+"""Tests of ``cggr_torch`` against the float64 oracle ``tests/oracle.py``; shared helpers below."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tests import oracle
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def random_logits(rng: np.random.Generator, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                  scale: float = 2.0) -> torch.Tensor:
+    """Logits with per-row temperatures (a spread of difficulties), exactly representable in ``dtype``."""
+    temps = rng.uniform(0.3, 3.0, size=shape[:-1] + (1,))
+    x = rng.standard_normal(shape) * scale / temps
+    return torch.from_numpy(x.astype(np.float32)).to(dtype)
+
+
+def random_targets(rng: np.random.Generator, shape: tuple[int, ...], V: int, p_ignore: float = 0.15,
+                   ignore_index: int = -100) -> torch.Tensor:
+    t = rng.integers(0, V, size=shape)
+    t[rng.random(shape) < p_ignore] = ignore_index
+    return torch.from_numpy(t)
+
+
+def as_f64(x: torch.Tensor) -> np.ndarray:
+    """The exact values of a (possibly half-precision) tensor as float64."""
+    return x.detach().to(torch.float32).double().numpy()
+
+
+def assert_within(actual: torch.Tensor, expected: np.ndarray, quantity: str, where: np.ndarray | None = None,
+                  scale: float = 1.0) -> None:
+    """``|a − e| ≤ atol + rtol·|e|`` with SPEC §11's bounds for ``quantity`` (times ``scale``)."""
+    atol, rtol = oracle.SCORE_TOL[quantity]
+    a = actual.detach().double().numpy()
+    e = np.asarray(expected, dtype=np.float64)
+    if where is not None:
+        a, e = a[where], e[where]
+    np.testing.assert_allclose(a, e, atol=scale * atol, rtol=scale * rtol, err_msg=quantity)
