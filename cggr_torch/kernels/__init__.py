@@ -1,0 +1,60 @@
+"""Triton kernels of ``cggr_torch`` (SPEC §12): one-pass token scoring and a selective cross-entropy.
+
+Public entry points (imported lazily, so that ``import cggr_torch.kernels`` works without Triton):
+
+* :func:`token_statistics_triton` ``(logits, targets=None, ignore_index=-100) -> TokenStatistics`` - the
+  SPEC §2 statistics of every token from **one read of the logits** (online softmax, per row: running max
+  ``m``, ``d = Σ 2^{u}``, ``s = Σ 2^{u}·u`` with ``u = z·log2(e) − c`` and a true whole-row top-2);
+* :func:`score_tokens_triton` - the same pass plus the difficulty of one scoring mode and eligibility
+  (SPEC §3-§4), mirroring :func:`cggr_torch.scoring.score_tokens`;
+* :func:`selective_cross_entropy_triton` ``(logits, targets, mask, *, ignore_index=-100, lse=None,
+  inplace_backward=False) -> loss`` - ``Σ_{i∈mask} nll_i / max(1, |mask|)`` as an autograd function whose
+  backward writes ``(softmax − onehot)·g/|mask|`` only for selected rows (recomputed from the saved ``lse``)
+  and zeros elsewhere, optionally into the logits buffer.
+
+Launch-grid and block-size heuristics live in one place: :mod:`cggr_torch.kernels.scoring`
+(:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`, :func:`backward_config`); the benchmarks
+``benchmarks/bench_scoring_torch.py`` sweeps alternatives on a GPU.
+
+On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is
+imported); otherwise they need CUDA tensors. Kernel errors are raised, never replaced by the reference.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+__all__ = [
+    "triton_available",
+    "token_statistics_triton",
+    "score_tokens_triton",
+    "selective_cross_entropy_triton",
+    "LaunchConfig",
+    "scoring_config",
+    "lse_config",
+    "backward_config",
+]
+
+_LAZY = {
+    "token_statistics_triton": "scoring",
+    "score_tokens_triton": "scoring",
+    "LaunchConfig": "scoring",
+    "scoring_config": "scoring",
+    "lse_config": "scoring",
+    "backward_config": "scoring",
+    "selective_cross_entropy_triton": "cross_entropy",
+}
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (it is not imported by this call)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def __getattr__(name: str) -> Any:
+    """Import the kernel modules on first use (PEP 562); a missing Triton raises ``ModuleNotFoundError``."""
+    if name in _LAZY:
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,332 @@
+"""Selective cross-entropy (SPEC §8) with a sparse backward, in Triton.
+
+::
+
+    S     = {i : mask_i ∧ target_i ≠ ignore_index ∧ 0 ≤ target_i < V}      (the selected rows)
+    loss  = Σ_{i∈S} nll_i / max(1, |S|),        nll_i = lse_i − z_i[target_i]            (float32)
+    ∂loss/∂z_i = g·(softmax(z_i) − onehot(target_i)) / max(1, |S|)   for i ∈ S,   0 otherwise
+
+**Forward.** One program per row; an unselected row is not read at all. With ``lse`` given (from the
+scoring pass, :func:`cggr_torch.kernels.scoring.token_statistics_triton`) a selected row costs one gather
+(``z[target]``); without it the program streams the row once for an online log-sum-exp. The per-row losses
+are summed by ``torch.sum`` (deterministic), divided by the device count: no host synchronisation.
+
+**Backward.** Grid ``(N, ceil(V/BLOCK))``: a program of a selected row reads its block of logits once and
+writes ``(2^{(z − lse)·log2 e} − [col = target])·g/|S|`` (``g/|S|`` is read from a device scalar); a program
+of an unselected row only writes zeros. Memory traffic is therefore ``|S|·V`` reads plus ``N·V`` writes.
+``inplace_backward=True`` writes the gradient into the logits buffer itself (no ``N·V`` allocation; the
+logits are destroyed, so nothing else may need them afterwards; one backward per forward).
+
+The selection itself (scores → ratio → :func:`cggr_torch.selection.select_tokens`) is done by the caller on
+the device; ``mask`` must only contain eligible (finite) rows - a selected non-finite row makes the loss NaN.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from ..utils import check_logits, check_target_range, check_targets
+from .scoring import (
+    LaunchConfig,
+    RowGeometry,
+    _ref_of,
+    backward_config,
+    check_kernel_device,
+    device_guard,
+    flat_targets,
+    lse_config,
+    row_geometry,
+)
+
+__all__ = ["selective_cross_entropy_triton", "launch_selective_forward", "launch_selective_backward"]
+
+
+# ============================================================================================== kernels
+@triton.jit
+def _lse_block(x, m, d_acc):
+    """Fold one [ROWS, GROUP] float32 block into the running max m and the lanes of d = Σ 2^{u}."""
+    m_new = tl.maximum(m, tl.max(tl.max(x, 1), 0))
+    if m_new > m:
+        c_new = _ref_of(m_new)
+        c_old = tl.where(m > float("-inf"), m * 1.4426950408889634, c_new)
+        d_acc = d_acc * tl.exp2(c_old - c_new)
+        m = m_new
+    c = _ref_of(m)
+    d_acc += tl.sum(tl.exp2(tl.fma(x, 1.4426950408889634, -c)), 1)
+    return m, d_acc
+
+
+@triton.jit
+def _selective_forward_kernel(
+    x_ptr, t_ptr, sel_ptr, lse_in_ptr, nll_ptr, lse_out_ptr,
+    V, T, stride_b, stride_t,
+    HAS_LSE: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Per row: nll (0 when not selected) and, without HAS_LSE, the lse of selected rows (0 elsewhere)."""
+    i = tl.program_id(0).to(tl.int64)
+    b = i // T
+    row_ptr = x_ptr + b * stride_b + (i - b * T) * stride_t
+    BLOCK: tl.constexpr = ROWS * GROUP
+    sel = tl.load(sel_ptr + i)
+    nll = tl.zeros([], tl.float32)
+    lse = tl.zeros([], tl.float32)
+    if sel != 0:
+        tgt = tl.load(t_ptr + i)  # selected ⇒ valid and in range (checked by the launcher's mask)
+        z_t = tl.load(row_ptr + tgt).to(tl.float32)
+        if HAS_LSE:
+            lse = tl.load(lse_in_ptr + i)
+            nll = lse - z_t
+        else:
+            idx = tl.arange(0, ROWS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+            m = tl.full([], float("-inf"), tl.float32)
+            d_acc = tl.zeros([ROWS], tl.float32)
+            n_full = V // BLOCK
+            x_next = tl.load(row_ptr + idx, mask=n_full > 0, other=0.0, eviction_policy="evict_first")
+            for blk in range(0, n_full):  # full blocks, next block requested before this one is reduced
+                x = x_next
+                x_next = tl.load(row_ptr + ((blk + 1) * BLOCK + idx), mask=blk + 1 < n_full, other=0.0,
+                                 eviction_policy="evict_first")
+                m, d_acc = _lse_block(x.to(tl.float32), m, d_acc)
+            if n_full * BLOCK < V:
+                cols = n_full * BLOCK + idx
+                x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"),
+                            eviction_policy="evict_first").to(tl.float32)
+                m, d_acc = _lse_block(x, m, d_acc)
+            c = _ref_of(m)
+            log2d = tl.log2(tl.sum(d_acc, 0))
+            lse = (c + log2d) * 0.6931471805599453
+            nll = (log2d - tl.fma(z_t, 1.4426950408889634, -c)) * 0.6931471805599453
+    tl.store(nll_ptr + i, nll)
+    if not HAS_LSE:
+        tl.store(lse_out_ptr + i, lse)
+
+
+@triton.jit
+def _selective_backward_kernel(
+    x_ptr, t_ptr, sel_ptr, lse_ptr, scale_ptr, g_ptr,
+    V, T, x_stride_b, x_stride_t, g_stride_b, g_stride_t,
+    BLOCK: tl.constexpr,
+):
+    """Program (row, column block): the gradient block of a selected row, zeros for the others."""
+    i = tl.program_id(0).to(tl.int64)
+    b = i // T
+    t = i - b * T
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_row = cols < V
+    g_row = g_ptr + b * g_stride_b + t * g_stride_t
+    sel = tl.load(sel_ptr + i)
+    if sel != 0:
+        x_row = x_ptr + b * x_stride_b + t * x_stride_t
+        x = tl.load(x_row + cols, mask=in_row, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        lse = tl.load(lse_ptr + i)
+        scale = tl.load(scale_ptr)
+        tgt = tl.load(t_ptr + i)
+        p = tl.exp2((x - lse) * 1.4426950408889634)
+        grad = (p - tl.where(cols == tgt, 1.0, 0.0)) * scale
+        tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=in_row)
+    else:
+        tl.store(g_row + cols, tl.zeros([BLOCK], g_ptr.dtype.element_ty), mask=in_row)
+
+
+# ============================================================================================ launchers
+def launch_selective_forward(geom: RowGeometry, targets: torch.Tensor, selected: torch.Tensor,
+                             lse: Optional[torch.Tensor], nll_out: torch.Tensor,
+                             lse_out: Optional[torch.Tensor], config: Optional[LaunchConfig] = None) -> None:
+    """Per-row nll into ``nll_out`` (float32 ``(N,)``); without ``lse`` also the lse into ``lse_out``.
+
+    ``selected`` is uint8 ``(N,)`` and must only mark rows whose target is valid and in range;
+    ``targets`` is contiguous int64 ``(N,)``; ``lse`` (when given) contiguous float32 ``(N,)``.
+    """
+    n = geom.n
+    if n == 0:
+        return
+    has_lse = lse is not None
+    if not has_lse and lse_out is None:
+        raise ValueError("lse_out: a float32 (N,) buffer is needed when lse is not given")
+    cfg = config if config is not None else lse_config(geom.vocab, geom.x.dtype)
+    with device_guard(geom.x):
+        _selective_forward_kernel[(n,)](
+            geom.x, targets, selected, lse if has_lse else nll_out, nll_out, nll_out if has_lse else lse_out,
+            geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t,
+            HAS_LSE=has_lse, ROWS=cfg.rows, GROUP=cfg.group, num_warps=cfg.num_warps,
+        )
+
+
+def launch_selective_backward(geom: RowGeometry, targets: torch.Tensor, selected: torch.Tensor,
+                              lse: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor,
+                              config: Optional[LaunchConfig] = None) -> None:
+    """Write every row of ``grad`` (shape of the logits, unit last stride; may be the logits themselves).
+
+    ``scale`` is a float32 device tensor of one element, ``g/max(1, |S|)``.
+    """
+    n = geom.n
+    if n == 0:
+        return
+    want = geom.token_shape + (geom.vocab,)
+    if tuple(grad.shape) != want or grad.device != geom.x.device:
+        raise ValueError(f"grad: expected shape {want} on {geom.x.device}, got {tuple(grad.shape)} on {grad.device}")
+    if grad.stride(-1) != 1 and geom.vocab > 1:
+        raise ValueError(f"grad: expected a unit stride along V, got strides {grad.stride()}")
+    if grad.dim() == 2:
+        g_sb, g_st = 0, grad.stride(0)
+    else:
+        g_sb, g_st = grad.stride(0), grad.stride(1)
+    cfg = config if config is not None else backward_config(geom.vocab, grad.dtype)
+    block = cfg.block
+    grid = (n, triton.cdiv(geom.vocab, block))
+    with device_guard(geom.x):
+        _selective_backward_kernel[grid](
+            geom.x, targets, selected, lse, scale, grad,
+            geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, g_sb, g_st,
+            BLOCK=block, num_warps=cfg.num_warps,
+        )
+
+
+# ======================================================================================= autograd glue
+def _rows_disjoint(t: torch.Tensor) -> bool:
+    """True when distinct rows of a ``(B, T, V)`` / ``(N, V)`` tensor with unit last stride never overlap."""
+    V = t.shape[-1]
+    if t.dim() == 2:
+        return t.shape[0] <= 1 or t.stride(0) >= V
+    B, T = t.shape[0], t.shape[1]
+    ok_t = T <= 1 or t.stride(1) >= V
+    span_t = (T - 1) * t.stride(1) + V if T >= 1 else 0
+    ok_b = B <= 1 or t.stride(0) >= span_t
+    return ok_t and ok_b
+
+
+class _SelectiveCrossEntropy(torch.autograd.Function):
+    """``loss = Σ_{i∈S} nll_i / max(1, |S|)``; backward ``g·(softmax − onehot)/max(1, |S|)`` on S, 0 elsewhere.
+
+    Inputs are prepared by :func:`selective_cross_entropy_triton` (int64 targets, uint8 ``selected`` that
+    only marks rows with a valid in-range target, optional float32 ``lse``). Saved for backward: the logits
+    (or their unit-stride copy), targets, ``selected``, the lse and ``max(1, |S|)`` - no ``N·V`` buffer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
+                lse: Optional[torch.Tensor], inplace_backward: bool,
+                fwd_config: Optional[LaunchConfig], bwd_config: Optional[LaunchConfig]) -> torch.Tensor:
+        geom = row_geometry(logits.detach())
+        dev = logits.device
+        nll = torch.empty((geom.n,), dtype=torch.float32, device=dev)
+        if lse is None:
+            lse_saved = torch.empty((geom.n,), dtype=torch.float32, device=dev)
+            launch_selective_forward(geom, targets, selected, None, nll, lse_saved, fwd_config)
+        else:
+            lse_saved = lse
+            launch_selective_forward(geom, targets, selected, lse, nll, None, fwd_config)
+        count = selected.sum(dtype=torch.int64)
+        denom = torch.clamp(count, min=1).to(torch.float32)
+        loss = nll.sum() / denom
+        # geom.x is the logits or (non-unit last stride, never with inplace_backward) a contiguous copy.
+        ctx.save_for_backward(geom.x, targets, selected, lse_saved, denom)
+        ctx.geom_meta = (geom.n, geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, geom.token_shape)
+        ctx.logits_shape = tuple(logits.shape)
+        ctx.inplace_backward = inplace_backward
+        ctx.bwd_config = bwd_config
+        ctx.backward_done = False
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        x, targets, selected, lse, denom = ctx.saved_tensors
+        nones = (None,) * 6
+        if not ctx.needs_input_grad[0]:
+            return (None,) + nones
+        if ctx.inplace_backward and ctx.backward_done:
+            raise RuntimeError("selective_cross_entropy_triton(inplace_backward=True): the logits buffer already "
+                               "holds the gradient; a second backward (retain_graph=True) cannot recompute it")
+        n, V, T, sb, st, token_shape = ctx.geom_meta
+        geom = RowGeometry(x, n, V, T, sb, st, token_shape)
+        scale = (grad_loss.detach().to(torch.float32).reshape(1) / denom).contiguous()
+        if ctx.inplace_backward:
+            grad = x
+        else:
+            grad = torch.empty(ctx.logits_shape, dtype=x.dtype, device=x.device)
+        launch_selective_backward(geom, targets, selected, lse, scale, grad, ctx.bwd_config)
+        if ctx.inplace_backward:
+            ctx.backward_done = True
+            torch.autograd.graph.increment_version(grad)
+        return (grad,) + nones
+
+
+def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
+                                   ignore_index: int = -100, lse: Optional[torch.Tensor] = None,
+                                   inplace_backward: bool = False,
+                                   forward_config: Optional[LaunchConfig] = None,
+                                   backward_config: Optional[LaunchConfig] = None) -> torch.Tensor:
+    """Mean float32 cross-entropy over the selected tokens, with a sparse backward (see the module docstring).
+
+    Args:
+        logits: ``(B, T, V)`` or ``(N, V)`` float32/float16/bfloat16/float64 on CUDA (CPU under
+            ``TRITON_INTERPRET=1``); any strides (a non-unit last stride costs one copy).
+        targets: integer tensor of shape ``logits.shape[:-1]``; values in ``[0, V)`` or ``ignore_index``
+            (CPU: ``ValueError``; CUDA: device-side assertion; an out-of-range target is never read and its
+            token is treated as not selected).
+        mask: bool tensor of the token shape, the selection (SPEC §7). Tokens whose target is
+            ``ignore_index`` are never in the loss, even when ``mask`` marks them.
+        ignore_index: target value of a token without a target.
+        lse: optional float32 tensor of the token shape holding each row's log-sum-exp (e.g.
+            ``token_statistics_triton(...).lse``); then the forward reads only ``z[target]`` of the selected
+            rows. Without it the forward streams each selected row once.
+        inplace_backward: write the gradient into the logits buffer (saves an ``N·V`` allocation; the logits
+            are overwritten, so no other autograd node may need them; one backward only). Needs logits with
+            unit last stride and non-overlapping rows.
+        forward_config, backward_config: optional launch shapes (default :func:`lse_config` /
+            :func:`backward_config` of :mod:`cggr_torch.kernels.scoring`).
+
+    Returns:
+        0-d float32 loss ``Σ_{i∈S} nll_i / max(1, |S|)`` (0.0 when nothing is selected).
+
+    Raises:
+        ValueError: bad shapes, dtypes, devices, ``inplace_backward`` on a layout that cannot hold the
+            gradient, or (CPU) out-of-range targets.
+    """
+    check_logits(logits)
+    check_kernel_device(logits, "logits")
+    check_targets(targets, logits)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    ignore_index = int(ignore_index)
+    token_shape = tuple(logits.shape[:-1])
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"mask: expected a bool tensor of shape {token_shape}, got "
+                         f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if tuple(mask.shape) != token_shape:
+        raise ValueError(f"mask: expected shape {token_shape} (the leading dims of logits), got {tuple(mask.shape)}")
+    if mask.device != logits.device:
+        raise ValueError(f"mask: expected device {logits.device}, got {mask.device}")
+    if lse is not None:
+        if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32:
+            raise ValueError(f"lse: expected a float32 tensor of shape {token_shape}, got "
+                             f"{lse.dtype if isinstance(lse, torch.Tensor) else type(lse).__name__}")
+        if tuple(lse.shape) != token_shape:
+            raise ValueError(f"lse: expected shape {token_shape}, got {tuple(lse.shape)}")
+        if lse.device != logits.device:
+            raise ValueError(f"lse: expected device {logits.device}, got {lse.device}")
+    if not isinstance(inplace_backward, bool):
+        raise ValueError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
+    V = logits.shape[-1]
+    if inplace_backward:
+        if logits.stride(-1) != 1 and V > 1:
+            raise ValueError(f"logits: inplace_backward=True needs a unit stride along V, got strides "
+                             f"{logits.stride()}; pass logits.contiguous() or inplace_backward=False")
+        if not _rows_disjoint(logits):
+            raise ValueError(f"logits: inplace_backward=True needs rows that do not overlap in memory, got shape "
+                             f"{tuple(logits.shape)} with strides {logits.stride()}")
+    check_target_range(targets, V, ignore_index)
+
+    t = flat_targets(targets)
+    with torch.no_grad():
+        readable = (t != ignore_index) & (t >= 0) & (t < V)
+        selected = (mask.reshape(-1) & readable).to(torch.uint8).contiguous()
+    lse_flat = None if lse is None else lse.detach().reshape(-1).contiguous()
+    return _SelectiveCrossEntropy.apply(logits, t, selected, lse_flat, inplace_backward,
+                                        forward_config, backward_config)

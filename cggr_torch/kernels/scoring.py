@@ -1,0 +1,467 @@
+"""One-pass Triton scoring kernel (SPEC §2-§4) and the launch heuristics of every ``cggr_torch`` kernel.
+
+Per row ``z ∈ R^V`` (loaded in its own dtype, upcast exactly to float32) the kernel keeps, while it streams
+the row block by block, in base-2 units with ``L = log2(e)``:
+
+* ``m`` - the running maximum (a scalar) and the reference ``c = fl(m·L)`` (``c = 0`` while ``m = −∞``);
+* ``u_j = fma(z_j, L, −c)`` and ``e_j = 2^{u_j}``;
+* ``d = Σ_j e_j`` and ``s = Σ_j e_j·max(u_j, −3e38)`` - a ``−∞`` logit has ``e_j = 0`` and contributes
+  ``0·(−3e38) = 0`` (never ``0·(−∞) = NaN``);
+* a whole-row top-2 ``(z_(1), z_(2))`` of the multiset (ties count), merged with the associative rule
+  ``(a1, a2) ⊕ (b1, b2) = (max(a1, b1), max(min(a1, b1), a2, b2))``.
+
+When the maximum grows from ``m`` to ``m'`` the accumulators are rebased exactly once for that block:
+``δ = c − c'``, ``s ← (s + δ·d)·2^δ``, ``d ← d·2^δ`` (``δ = 0`` while ``m = −∞``, where
+``d = s = 0``).
+At the end, with ``ℓ = log2 d`` and ``ln 2 = 1/L``::
+
+    lse = (c + ℓ)·ln 2              H   = (ℓ − s/d)·ln 2             (= lse − Σ p_j z_j)
+    p1  = 2^{fma(m, L, −c)} / d     p2  = 2^{fma(z_(2), L, −c)} / d   (V = 1 or z_(2) = −∞ → 0)
+    nll = (ℓ − fma(z_t, L, −c))·ln 2                                  (valid target t; 0 otherwise)
+
+The reference ``c`` cancels in these formulas (up to the rounding of ``δ`` at a rebase), so rounding ``m·L``
+costs nothing; ``nll`` and ``H`` avoid the cancellation of two numbers of size ``|m|``. A NaN anywhere in the
+row makes ``d`` NaN; a ``+∞`` makes some ``u`` NaN; an all ``−∞`` row gives ``d = 0``: all three are
+therefore not finite (SPEC §2). Limitation: ``m·L`` overflows for ``|m| > 2.3e38``, so a row whose largest
+logit is that large (representable in fp32/bf16) is reported as not finite.
+
+Vectorisation: a block of ``BLOCK = ROWS·GROUP`` logits is viewed as ``[ROWS, GROUP]``; ``GROUP`` contiguous
+elements (one 16-byte load) are first reduced inside a thread (``d``, ``s``, top-2), so the loop-carried
+state is ``4·ROWS`` floats per program instead of ``4·BLOCK`` - fewer registers, more loads in flight.
+``GROUP = 1`` is the plain per-lane variant. The loop over full blocks requests block ``k+1`` before it
+reduces block ``k``; the ragged last block is a separate masked step (``other = −∞``), so full blocks
+carry no per-element mask. Instruction budget (sm_90 SASS, bf16, default config): ~11 instructions and one
+``ex2`` per logit, no spills. Rows are addressed with 64-bit offsets ``b·stride_b + t·stride_t``
+(any ``N·V``, strided ``(B, T, V)`` views such as ``logits[:, :-1]`` without a copy); column offsets are
+32-bit (``V < 2^31``).
+
+Launch heuristics (:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`,
+:func:`backward_config`) are defined here, and only here, for all kernels of this package.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..scoring import SCORING_MODES, TokenScores, TokenStatistics
+from ..utils import FLOAT_DTYPES, check_logits, check_target_range, check_targets
+
+__all__ = [
+    "LaunchConfig",
+    "scoring_config",
+    "lse_config",
+    "backward_config",
+    "token_statistics_triton",
+    "score_tokens_triton",
+    "launch_scoring",
+]
+
+_MODE_CODE = {"entropy": 0, "margin": 1, "loss": 2, "combined": 3}
+_NO_DIFFICULTY = -1
+
+
+# ============================================================================================ heuristics
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _is_pow2(x: int) -> bool:
+    return isinstance(x, int) and x >= 1 and (x & (x - 1)) == 0
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block shape of one kernel launch.
+
+    Attributes:
+        rows: ``ROWS`` (power of two): vector lanes of the loop-carried state.
+        group: ``GROUP`` (power of two): contiguous elements reduced inside a thread before they reach the
+            state (1 = no in-thread pre-reduction). The block is ``rows·group`` logits per loop iteration.
+            The backward kernel ignores the split and uses a flat block of ``rows·group`` elements.
+        num_warps: warps per program (power of two, 1-32).
+    """
+
+    rows: int
+    group: int
+    num_warps: int
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "group", "num_warps"):
+            value = getattr(self, name)
+            if not _is_pow2(value):
+                raise ValueError(f"LaunchConfig.{name}: expected a power of two >= 1, got {value!r}")
+        if self.num_warps > 32:
+            raise ValueError(f"LaunchConfig.num_warps: expected at most 32, got {self.num_warps}")
+
+    @property
+    def block(self) -> int:
+        """Logits per loop iteration (``rows·group``)."""
+        return self.rows * self.group
+
+
+#: Scoring / lse kernels: one warp per row and ``ROWS = 128`` lanes, i.e. four 16-byte loads per thread per
+#: iteration (1024 bf16 / 512 fp32 logits). One warp needs no barrier for the per-block max (shuffles only);
+#: with the next block prefetched the loop uses ~96 registers (sm_90, ptxas), so ~21 programs fit on an SM
+#: with ~42 KB of loads in flight. Measured alternatives: ``benchmarks/bench_scoring_torch.py --sweep``.
+_STREAM_ROWS = 128
+_STREAM_WARPS = 1
+#: Backward kernel: bytes of gradient per program (one block, no loop: the grid is rows × column blocks),
+#: with four 16-byte vectors per thread.
+_BACKWARD_BYTES = 8192
+
+
+def _warps_for(rows: int) -> int:
+    """Four 16-byte vectors per thread: ``rows // 128`` warps, clamped to ``[1, 8]``."""
+    return max(1, min(8, rows // 128))
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
+    return torch.finfo(dtype).bits // 8
+
+
+def scoring_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
+    """Heuristic block for the one-pass scoring kernel (one program per row, a loop over the row).
+
+    ``GROUP`` = elements of one 16-byte load (8 for bf16/fp16, 4 for fp32, 2 for fp64), ``ROWS = 128``
+    (fewer, a power of two, for rows shorter than one block), one warp.
+    """
+    group = max(1, 16 // _element_size(dtype))
+    block = max(group, min(_STREAM_ROWS * group, _next_pow2(vocab_size)))
+    return LaunchConfig(rows=block // group, group=group, num_warps=_STREAM_WARPS)
+
+
+def lse_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
+    """Heuristic block for the selective forward's log-sum-exp pass (same streaming shape as scoring)."""
+    return scoring_config(vocab_size, dtype)
+
+
+def backward_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
+    """Heuristic block for the backward kernel: grid ``(N, ceil(V/BLOCK))``, one flat block per program.
+
+    ``BLOCK = _BACKWARD_BYTES`` of gradient (4096 bf16 / 2048 fp32; the next power of two ≥ V for short
+    rows), ``num_warps = BLOCK / (32·4·GROUP)`` so that each thread stores four 16-byte vectors.
+    """
+    elsize = _element_size(dtype)
+    group = max(1, 16 // elsize)
+    block = max(group, min(_BACKWARD_BYTES // elsize, _next_pow2(vocab_size)))
+    rows = block // group
+    return LaunchConfig(rows=rows, group=group, num_warps=_warps_for(rows))
+
+
+# ======================================================================================= input handling
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_kernel_device(tensor: torch.Tensor, name: str) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``)."""
+    if tensor.device.type == "cuda":
+        return
+    if tensor.device.type == "cpu" and _interpreting():
+        return
+    raise ValueError(f"{name}: the Triton kernels need a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), "
+                     f"got a tensor on {tensor.device}; use cggr_torch.scoring.token_statistics for the reference")
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make the tensor's CUDA device current for a launch (Triton launches on the current device)."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
+class RowGeometry(NamedTuple):
+    """How the kernels address the rows of a ``(B, T, V)`` or ``(N, V)`` tensor.
+
+    Row ``i`` (the flat token index) is ``b = i // T``, ``t = i − b·T`` and starts at element
+    ``b·stride_b + t·stride_t`` of ``x`` (64-bit in the kernels); columns have unit stride.
+    """
+
+    x: torch.Tensor
+    n: int
+    vocab: int
+    seq_len: int
+    stride_b: int
+    stride_t: int
+    token_shape: tuple[int, ...]
+
+
+def row_geometry(logits: torch.Tensor) -> RowGeometry:
+    """Addressing of validated ``logits``; a tensor whose last dimension is not unit-stride is copied once."""
+    V = logits.shape[-1]
+    x = logits if (logits.stride(-1) == 1 or V == 1) else logits.contiguous()
+    token_shape = tuple(logits.shape[:-1])
+    if logits.dim() == 2:
+        n = logits.shape[0]
+        return RowGeometry(x, n, V, max(1, n), 0, x.stride(0), token_shape)
+    B, T = logits.shape[0], logits.shape[1]
+    return RowGeometry(x, B * T, V, max(1, T), x.stride(0), x.stride(1), token_shape)
+
+
+def flat_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Targets as a contiguous int64 ``(N,)`` tensor (a copy only when needed)."""
+    return targets.reshape(-1).to(torch.int64).contiguous()
+
+
+# ============================================================================================== kernel
+@triton.jit
+def _top2_combine(a1, a2, b1, b2):
+    """Merge two (largest, second largest) pairs of a multiset: ties count, so equal maxima give a2 = a1."""
+    hi = tl.maximum(a1, b1)
+    lo = tl.minimum(a1, b1)
+    return hi, tl.maximum(lo, tl.maximum(a2, b2))
+
+
+@triton.jit
+def _ref_of(m):
+    """Reference c = fl(m·log2 e) of the running max; 0 while m = −inf (then every e_j is 0)."""
+    return tl.where(m > float("-inf"), m * 1.4426950408889634, 0.0)
+
+
+@triton.jit
+def _group_top2(x, ROWS: tl.constexpr, GROUP: tl.constexpr):
+    """Largest and second largest of each row of a [ROWS, GROUP] block (in-thread for GROUP ≤ one vector).
+
+    The first level sorts pairs (2 min/max per pair) instead of merging (x, −inf) singletons (4 per merge).
+    """
+    if GROUP == 1:
+        g1 = tl.reshape(x, [ROWS])
+        g2 = tl.full([ROWS], float("-inf"), tl.float32)
+    else:
+        xa, xb = tl.split(tl.reshape(x, [ROWS, GROUP // 2, 2]))
+        g1, g2 = tl.reduce((tl.maximum(xa, xb), tl.minimum(xa, xb)), 1, _top2_combine)
+    return g1, g2
+
+
+@triton.jit
+def _stream_block(x, m, t1, t2, d_acc, s_acc, ROWS: tl.constexpr, GROUP: tl.constexpr):
+    """Fold one [ROWS, GROUP] float32 block into the running (m, top-2 lanes, d lanes, s lanes)."""
+    g1, g2 = _group_top2(x, ROWS, GROUP)
+    t1, t2 = _top2_combine(t1, t2, g1, g2)
+    m_new = tl.maximum(m, tl.max(g1, 0))
+    if m_new > m:
+        c_new = _ref_of(m_new)
+        c_old = tl.where(m > float("-inf"), m * 1.4426950408889634, c_new)
+        delta = c_old - c_new
+        alpha = tl.exp2(delta)
+        s_acc = (s_acc + delta * d_acc) * alpha
+        d_acc = d_acc * alpha
+        m = m_new
+    c = _ref_of(m)
+    u = tl.fma(x, 1.4426950408889634, -c)
+    e = tl.exp2(u)
+    d_acc += tl.sum(e, 1)
+    s_acc += tl.sum(e * tl.maximum(u, -3.0e38), 1)
+    return m, t1, t2, d_acc, s_acc
+
+
+@triton.jit
+def _scoring_kernel(
+    x_ptr, t_ptr, out_ptr, fin_ptr,
+    V, T, stride_b, stride_t, out_stride, ignore_index,
+    HAS_TARGETS: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr,
+):
+    """One program per row: lse, H, p1, p2, nll, difficulty (MODE >= 0) and the finite flag, float32."""
+    i = tl.program_id(0).to(tl.int64)
+    b = i // T
+    row_ptr = x_ptr + b * stride_b + (i - b * T) * stride_t
+
+    BLOCK: tl.constexpr = ROWS * GROUP
+    idx = tl.arange(0, ROWS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    m = tl.full([], float("-inf"), tl.float32)
+    t1 = tl.full([ROWS], float("-inf"), tl.float32)
+    t2 = tl.full([ROWS], float("-inf"), tl.float32)
+    d_acc = tl.zeros([ROWS], tl.float32)
+    s_acc = tl.zeros([ROWS], tl.float32)
+
+    # Full blocks, software-pipelined: block blk+1 is requested before block blk is reduced.
+    n_full = V // BLOCK
+    x_next = tl.load(row_ptr + idx, mask=n_full > 0, other=0.0, eviction_policy="evict_first")
+    for blk in range(0, n_full):
+        x = x_next
+        x_next = tl.load(row_ptr + ((blk + 1) * BLOCK + idx), mask=blk + 1 < n_full, other=0.0,
+                         eviction_policy="evict_first")
+        m, t1, t2, d_acc, s_acc = _stream_block(x.to(tl.float32), m, t1, t2, d_acc, s_acc, ROWS, GROUP)
+    if n_full * BLOCK < V:  # ragged last block
+        cols = n_full * BLOCK + idx
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"),
+                    eviction_policy="evict_first").to(tl.float32)
+        m, t1, t2, d_acc, s_acc = _stream_block(x, m, t1, t2, d_acc, s_acc, ROWS, GROUP)
+
+    d = tl.sum(d_acc, 0)
+    s = tl.sum(s_acc, 0)
+    _top1, z2 = tl.reduce((t1, t2), 0, _top2_combine)
+    c = _ref_of(m)
+    log2d = tl.log2(d)
+    lse = (c + log2d) * 0.6931471805599453
+    entropy = (log2d - s / d) * 0.6931471805599453
+    p1 = tl.exp2(tl.fma(m, 1.4426950408889634, -c)) / d
+    p2 = tl.exp2(tl.fma(z2, 1.4426950408889634, -c)) / d
+    finite = (tl.abs(lse) < float("inf")) & (tl.abs(entropy) < float("inf")) \
+        & (tl.abs(p1) < float("inf")) & (tl.abs(p2) < float("inf"))
+
+    nll = tl.zeros([], tl.float32)
+    if HAS_TARGETS:
+        tgt = tl.load(t_ptr + i)
+        valid = tgt != ignore_index
+        readable = valid & (tgt >= 0) & (tgt < V)
+        # Ignored and out-of-range targets are never read (masked load of index 0 with no memory access).
+        z_t = tl.load(row_ptr + tl.where(readable, tgt, 0), mask=readable, other=0.0).to(tl.float32)
+        nll_val = (log2d - tl.fma(z_t, 1.4426950408889634, -c)) * 0.6931471805599453
+        nll = tl.where(readable, nll_val, tl.where(valid, float("nan"), 0.0))
+        finite = finite & ((tl.abs(nll) < float("inf")) | (valid == 0))
+
+    tl.store(out_ptr + i, lse)
+    tl.store(out_ptr + out_stride + i, entropy)
+    tl.store(out_ptr + 2 * out_stride + i, p1)
+    tl.store(out_ptr + 3 * out_stride + i, p2)
+    tl.store(out_ptr + 4 * out_stride + i, nll)
+    if MODE >= 0:
+        margin = 1.0 - (p1 - p2)
+        if MODE == 0:
+            diff = entropy
+        elif MODE == 1:
+            diff = margin
+        elif MODE == 2:
+            diff = nll
+        else:
+            if HAS_TARGETS:
+                diff = (entropy + margin) + nll
+            else:
+                diff = entropy + margin
+        tl.store(out_ptr + 5 * out_stride + i, diff)
+    tl.store(fin_ptr + i, finite.to(tl.int8))
+
+
+# ============================================================================================ launchers
+def launch_scoring(geom: RowGeometry, targets: Optional[torch.Tensor], ignore_index: int, mode: int,
+                   out: torch.Tensor, finite: torch.Tensor, config: Optional[LaunchConfig] = None) -> None:
+    """Run the scoring kernel into caller-provided buffers (no validation beyond buffer shapes).
+
+    Args:
+        geom: :func:`row_geometry` of validated logits.
+        targets: ``None`` or contiguous int64 ``(N,)``; ignored / out-of-range targets are never read.
+        ignore_index: target value without a target.
+        mode: ``-1`` (statistics only) or the code of a scoring mode (entropy 0, margin 1, loss 2,
+            combined 3).
+        out: float32 ``(6, N)`` with unit stride along N; rows lse, entropy, p1, p2, nll, difficulty (the last
+            written only when ``mode >= 0``).
+        finite: int8 ``(N,)``, 1 where the row is finite (SPEC §2), else 0.
+        config: launch shape; :func:`scoring_config` when None.
+    """
+    n = geom.n
+    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != 6 or out.shape[1] != n \
+            or (n > 1 and out.stride(1) != 1):
+        raise ValueError(f"out: expected a float32 (6, {n}) buffer with unit stride along N, got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    if finite.dtype != torch.int8 or tuple(finite.shape) != (n,) or (n > 1 and finite.stride(0) != 1):
+        raise ValueError(f"finite: expected a contiguous int8 ({n},) buffer, got {finite.dtype} "
+                         f"{tuple(finite.shape)}")
+    if n == 0:
+        return
+    cfg = config if config is not None else scoring_config(geom.vocab, geom.x.dtype)
+    has_t = targets is not None
+    with device_guard(geom.x):
+        _scoring_kernel[(n,)](
+            geom.x, targets if has_t else finite, out, finite,
+            geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, out.stride(0), int(ignore_index),
+            HAS_TARGETS=has_t, MODE=int(mode), ROWS=cfg.rows, GROUP=cfg.group, num_warps=cfg.num_warps,
+        )
+
+
+def _validated(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int) -> None:
+    check_logits(logits)  # rank 2/3, float32/float16/bfloat16/float64, V >= 1
+    check_kernel_device(logits, "logits")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if targets is not None:
+        check_targets(targets, logits)
+        check_target_range(targets, logits.shape[-1], ignore_index)
+
+
+def _run(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int, mode: int,
+         config: Optional[LaunchConfig]) -> tuple[torch.Tensor, torch.Tensor, RowGeometry]:
+    geom = row_geometry(logits.detach())
+    out = torch.empty((6, geom.n), dtype=torch.float32, device=logits.device)
+    finite = torch.empty((geom.n,), dtype=torch.int8, device=logits.device)
+    t = None if targets is None else flat_targets(targets)
+    launch_scoring(geom, t, ignore_index, mode, out, finite, config)
+    return out, finite, geom
+
+
+def _stats_of(out: torch.Tensor, shape: tuple[int, ...]) -> TokenStatistics:
+    return TokenStatistics(*(out[k].view(shape) for k in range(5)))
+
+
+def token_statistics_triton(logits: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                            ignore_index: int = -100, *,
+                            config: Optional[LaunchConfig] = None) -> TokenStatistics:
+    """SPEC §2 statistics of every token from one read of the logits (see the module docstring).
+
+    Args:
+        logits: ``(B, T, V)`` or ``(N, V)`` float32/float16/bfloat16/float64 (computed in float32) on CUDA
+            (CPU under ``TRITON_INTERPRET=1``); any strides (a non-unit last stride costs one copy).
+        targets: optional integer tensor of shape ``logits.shape[:-1]``; values in ``[0, V)`` or
+            ``ignore_index`` (CPU: ``ValueError`` otherwise; CUDA: device-side assertion, and the
+            out-of-range target is never read - its ``nll`` is NaN, so the row is not finite).
+        ignore_index: target value of a token without a target (``nll = 0`` there, the target is not read).
+        config: optional launch shape overriding :func:`scoring_config`.
+
+    Returns:
+        :class:`cggr_torch.scoring.TokenStatistics`, float32 tensors of shape ``logits.shape[:-1]``.
+
+    Raises:
+        ValueError: bad shapes, dtypes, device, or (CPU) out-of-range targets.
+    """
+    _validated(logits, targets, ignore_index)
+    out, _finite, geom = _run(logits, targets, ignore_index, _NO_DIFFICULTY, config)
+    return _stats_of(out, geom.token_shape)
+
+
+def score_tokens_triton(logits: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+                        scoring: str = "combined", ignore_index: int = -100,
+                        valid_mask: Optional[torch.Tensor] = None,
+                        config: Optional[LaunchConfig] = None) -> TokenScores:
+    """SPEC §2-§4 in the same single pass: statistics, the ``scoring`` difficulty and eligibility.
+
+    Mirrors :func:`cggr_torch.scoring.score_tokens`: ``valid = targets != ignore_index`` (all True without
+    targets) AND ``valid_mask``; ``eligible = valid ∧ row finite ∧ d not NaN``. The difficulty is computed
+    in the kernel in float32 with the SPEC order ``(H ⊕ (1 ⊖ (p1 ⊖ p2))) ⊕ nll`` and is bit-identical to
+    :func:`cggr_torch.scoring.difficulty_from_statistics` applied to the returned statistics.
+
+    Raises:
+        ValueError: unknown ``scoring``, ``'loss'`` without targets, a bad ``valid_mask`` and the checks of
+            :func:`token_statistics_triton`.
+    """
+    if scoring not in SCORING_MODES:
+        raise ValueError(f"scoring: expected one of {SCORING_MODES}, got {scoring!r}")
+    if scoring == "loss" and targets is None:
+        raise ValueError("targets: scoring='loss' needs targets, got None")
+    _validated(logits, targets, ignore_index)
+    token_shape = tuple(logits.shape[:-1])
+    if valid_mask is not None:
+        if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool:
+            got = valid_mask.dtype if isinstance(valid_mask, torch.Tensor) else type(valid_mask).__name__
+            raise ValueError(f"valid_mask: expected a bool tensor of shape {token_shape}, got {got}")
+        if tuple(valid_mask.shape) != token_shape:
+            raise ValueError(f"valid_mask: expected shape {token_shape}, got {tuple(valid_mask.shape)}")
+        if valid_mask.device != logits.device:
+            raise ValueError(f"valid_mask: expected device {logits.device}, got {valid_mask.device}")
+    out, finite, geom = _run(logits, targets, ignore_index, _MODE_CODE[scoring], config)
+    stats = _stats_of(out, token_shape)
+    difficulty = out[5].view(token_shape)
+    if targets is not None:
+        valid = targets != ignore_index
+    else:
+        valid = torch.ones(token_shape, dtype=torch.bool, device=logits.device)
+    if valid_mask is not None:
+        valid = valid & valid_mask
+    eligible = valid & finite.view(token_shape).bool() & ~torch.isnan(difficulty)
+    return TokenScores(difficulty, eligible, valid, stats)

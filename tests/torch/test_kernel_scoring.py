@@ -1,0 +1,294 @@
+"""The one-pass Triton scoring kernel (cggr_torch.kernels.scoring) against the float64 oracle.
+
+Runs in the Triton interpreter on CPU tensors (TRITON_INTERPRET=1) or, when the interpreter is off and a GPU
+is present, on CUDA. Shapes are small and odd; the launch configs force blocks smaller than V so that every
+row has several full blocks and a ragged last block (V = 37, BLOCK = 16: 16 + 16 + 5).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from cggr_torch import scoring as ref_scoring  # noqa: E402
+from cggr_torch import selection as ref_selection  # noqa: E402
+from cggr_torch.kernels import scoring as ks  # noqa: E402
+from tests import oracle  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: log2(0), inf − inf on bad rows
+
+if ks._interpreting():
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:  # pragma: no cover - depends on the machine
+    pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+
+NEG = float("-inf")
+V = 37
+IGN = -100
+CFG = ks.LaunchConfig(rows=4, group=4, num_warps=1)       # BLOCK 16 → blocks of 16, 16, 5
+STAT_KEYS = ("lse", "entropy", "confidence", "runner_up", "nll")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def crafted(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 logits (15, 37) with every edge case of SPEC §2, and int64 targets."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(15, V, generator=g, dtype=torch.float64) * 2.0
+    t = torch.randint(0, V, (15,), generator=g)
+    x[1, 35] = 15.0                                   # max in the ragged last block
+    x[2, 3] = x[2, 20] = 9.0                          # equal maxima in two blocks → p2 = p1
+    x[3, 10] = 8.0
+    x[3, 2] = x[3, 33] = 6.0                          # runner-up tie across blocks (one in the tail)
+    x[4, :16] = NEG                                   # whole first block −∞ (max still −∞ after it)
+    x[4, 30] = NEG
+    t[4] = 20
+    x[5, 32:] = NEG                                   # −∞ in the ragged tail
+    x[5, 0] = 5.0
+    t[5] = 0
+    x[6, :] = NEG                                     # only −∞: not finite
+    x[7, 25] = float("nan")                           # NaN: not finite
+    x[8, 30] = float("inf")                           # +∞: not finite
+    t[9] = 11
+    x[9, 11] = NEG                                    # target logit −∞: nll = +∞, not finite
+    t[10] = IGN                                       # ignored target: nll = 0, never read
+    x[11, :] = NEG                                    # one finite entry: p1 = 1, p2 = 0, H = 0
+    x[11, 17] = 2.5
+    t[11] = 17
+    x[12] += 1000.0                                   # large offset: no cancellation in H / nll
+    x[13, :] = 0.75                                   # constant row: p1 = p2 = 1/V, H = log V
+    x[14] -= 1000.0
+    return x, t
+
+
+def assert_close_tol(got: np.ndarray, want: np.ndarray, key: str, where: np.ndarray) -> None:
+    atol, rtol = oracle.SCORE_TOL[key]
+    got = np.asarray(got, dtype=np.float64)[where]
+    want = np.asarray(want, dtype=np.float64)[where]
+    err = np.abs(got - want)
+    bound = atol + rtol * np.abs(want)
+    assert np.all(err <= bound), f"{key}: max excess {np.max(err - bound):.3e} at rows {np.nonzero(err > bound)[0]}"
+
+
+def finite_from_stats(st: ref_scoring.TokenStatistics) -> np.ndarray:
+    ok = np.ones(st.lse.shape, dtype=bool)
+    for k in STAT_KEYS:
+        ok &= np.isfinite(getattr(st, k).cpu().numpy())
+    return ok
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_statistics_match_oracle(dtype: str) -> None:
+    x64, t = crafted()
+    x = x64.to(DTYPES[dtype])
+    ref = oracle.token_statistics(x.to(torch.float64).numpy(), t.numpy(), IGN)
+    st = ks.token_statistics_triton(x.to(DEVICE), t.to(DEVICE), IGN, config=CFG)
+    assert isinstance(st, ref_scoring.TokenStatistics)
+    fin = ref["row_finite"]
+    assert fin.sum() == 11 and not fin[[6, 7, 8, 9]].any()
+    for k in STAT_KEYS:
+        v = getattr(st, k)
+        assert v.dtype == torch.float32 and tuple(v.shape) == (15,)
+        assert_close_tol(v.cpu().numpy(), ref[k], k, fin)
+    assert np.array_equal(finite_from_stats(st), fin)
+    c = st.confidence.cpu()
+    r = st.runner_up.cpu()
+    assert r[2] == c[2]                                 # tie across blocks: bit-identical p2 = p1
+    assert r[11] == 0 and c[11] == 1 and st.entropy.cpu()[11] == 0
+    assert r[13] == c[13]
+    assert st.nll.cpu()[10] == 0                        # ignored target
+    assert torch.isposinf(st.nll.cpu()[9])
+
+
+@pytest.mark.parametrize("cfg", [ks.LaunchConfig(16, 1, 1), ks.LaunchConfig(8, 2, 2), ks.LaunchConfig(2, 8, 1)],
+                         ids=["group1", "group2", "group8"])
+def test_block_shapes_agree(cfg: ks.LaunchConfig) -> None:
+    """Every (ROWS, GROUP) split of a 16-wide block gives the oracle's statistics (per-lane and grouped top-2)."""
+    x64, t = crafted(seed=1)
+    x = x64.to(torch.float32)
+    ref = oracle.token_statistics(x.to(torch.float64).numpy(), t.numpy(), IGN)
+    st = ks.token_statistics_triton(x.to(DEVICE), t.to(DEVICE), IGN, config=cfg)
+    for k in STAT_KEYS:
+        assert_close_tol(getattr(st, k).cpu().numpy(), ref[k], k, ref["row_finite"])
+    assert np.array_equal(finite_from_stats(st), ref["row_finite"])
+    assert st.runner_up.cpu()[2] == st.confidence.cpu()[2]
+
+
+def test_default_config_and_poisoned_buffers() -> None:
+    """Heuristic launch shape (one ragged block) into NaN / sentinel-filled buffers: every row is written."""
+    x64, t = crafted(seed=2)
+    x = x64.to(torch.bfloat16).to(DEVICE)
+    geom = ks.row_geometry(x)
+    out = torch.full((6, 15), float("nan"), dtype=torch.float32, device=DEVICE)
+    fin = torch.full((15,), 7, dtype=torch.int8, device=DEVICE)
+    ks.launch_scoring(geom, ks.flat_targets(t.to(DEVICE)), IGN, ks._MODE_CODE["combined"], out, fin)
+    ref = oracle.score_tokens(x.to(torch.float64).cpu().numpy(), t.numpy(), "combined", IGN)
+    rf = ref["stats"]["row_finite"]
+    assert set(fin.cpu().tolist()) <= {0, 1}
+    assert np.array_equal(fin.cpu().numpy().astype(bool), rf)
+    for j, k in enumerate(STAT_KEYS):
+        assert_close_tol(out[j].cpu().numpy(), ref["stats"][k], k, rf)
+    assert_close_tol(out[5].cpu().numpy(), ref["difficulty"], "difficulty", ref["eligible"])
+    assert not torch.isnan(out[:, torch.from_numpy(rf).to(DEVICE)]).any()
+    # statistics only (mode −1): the difficulty row is left untouched
+    out2 = torch.full((6, 15), float("nan"), dtype=torch.float32, device=DEVICE)
+    ks.launch_scoring(geom, None, IGN, -1, out2, fin, CFG)
+    assert torch.isnan(out2[5]).all()
+    assert (out2[4] == 0).all()                         # no targets: nll = 0
+
+
+@pytest.mark.parametrize("scoring", ["entropy", "margin", "loss", "combined"])
+def test_difficulty_modes(scoring: str) -> None:
+    x64, t = crafted(seed=3)
+    x = x64.to(torch.float32)
+    vm = torch.ones(15, dtype=torch.bool)
+    vm[0] = False
+    sc = ks.score_tokens_triton(x.to(DEVICE), t.to(DEVICE), scoring=scoring, ignore_index=IGN,
+                                valid_mask=vm.to(DEVICE), config=CFG)
+    ref = oracle.score_tokens(x.numpy().astype(np.float64), t.numpy(), scoring, IGN, valid_mask=vm.numpy())
+    assert np.array_equal(sc.eligible.cpu().numpy(), ref["eligible"])
+    assert np.array_equal(sc.valid.cpu().numpy(), ref["valid"])
+    assert sc.difficulty.dtype == torch.float32
+    assert_close_tol(sc.difficulty.cpu().numpy(), ref["difficulty"], "difficulty", ref["eligible"])
+    # the in-kernel difficulty is bit-identical to the reference formula applied to the kernel's statistics
+    d_ref = ref_scoring.difficulty_from_statistics(sc.stats, scoring, has_targets=True)
+    torch.testing.assert_close(sc.difficulty, d_ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_no_targets() -> None:
+    x64, _ = crafted(seed=4)
+    x = x64.to(torch.float16)
+    sc = ks.score_tokens_triton(x.to(DEVICE), None, scoring="combined", config=CFG)
+    ref = oracle.score_tokens(x.to(torch.float64).numpy(), None, "combined")
+    assert np.array_equal(sc.eligible.cpu().numpy(), ref["eligible"])
+    assert sc.valid.all()
+    assert (sc.stats.nll == 0).all()
+    assert_close_tol(sc.difficulty.cpu().numpy(), ref["difficulty"], "difficulty", ref["eligible"])
+    with pytest.raises(ValueError, match="targets"):
+        ks.score_tokens_triton(x.to(DEVICE), None, scoring="loss")
+
+
+def test_strided_views() -> None:
+    """A (B, T, V) slice ``logits[:, :-1]`` is read in place; a non-unit last stride is copied, not misread."""
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(2, 8, V, generator=g).to(torch.bfloat16)
+    t = torch.randint(0, V, (2, 7), generator=g)
+    t[1, 3] = IGN
+    view = full[:, :-1]                                 # strides (8V, V, 1): rows not evenly spaced
+    st = ks.token_statistics_triton(view.to(DEVICE), t.to(DEVICE), IGN, config=CFG)
+    assert tuple(st.lse.shape) == (2, 7)
+    ref = oracle.token_statistics(view.to(torch.float64).numpy(), t.numpy(), IGN)
+    for k in STAT_KEYS:
+        assert_close_tol(getattr(st, k).cpu().numpy(), ref[k], k, ref["row_finite"])
+    # transposed storage: last stride ≠ 1
+    base = torch.randn(V, 9, generator=g)
+    tt = torch.randint(0, V, (9,), generator=g)
+    xt = base.t()
+    assert xt.stride(-1) != 1
+    st2 = ks.token_statistics_triton(xt.to(DEVICE), tt.to(DEVICE), config=CFG)
+    ref2 = oracle.token_statistics(xt.to(torch.float64).numpy(), tt.numpy())
+    for k in STAT_KEYS:
+        assert_close_tol(getattr(st2, k).cpu().numpy(), ref2[k], k, ref2["row_finite"])
+
+
+def test_vocab_one_and_empty() -> None:
+    x = torch.tensor([[0.5], [-3.0], [NEG]], dtype=torch.float32)
+    st = ks.token_statistics_triton(x.to(DEVICE), torch.tensor([0, IGN, 0]).to(DEVICE), IGN)
+    ref = oracle.token_statistics(x.numpy().astype(np.float64), np.array([0, IGN, 0]), IGN)
+    for k in STAT_KEYS:
+        assert_close_tol(getattr(st, k).cpu().numpy(), ref[k], k, ref["row_finite"])
+    assert (st.runner_up.cpu()[:2] == 0).all()
+    assert np.array_equal(finite_from_stats(st), ref["row_finite"])
+    empty = ks.token_statistics_triton(torch.zeros(2, 0, V).to(DEVICE), torch.zeros(2, 0, dtype=torch.long).to(DEVICE))
+    assert tuple(empty.lse.shape) == (2, 0)
+    sc = ks.score_tokens_triton(torch.zeros(0, V).to(DEVICE))
+    assert sc.difficulty.shape == (0,) and sc.eligible.dtype == torch.bool
+
+
+def test_out_of_range_target_is_never_read() -> None:
+    """Past the checks (e.g. after a failed CUDA device assertion) an out-of-range target is not read:
+    its nll is NaN and the row is not finite."""
+    x = torch.randn(3, V)
+    geom = ks.row_geometry(x.to(DEVICE))
+    out = torch.full((6, 3), float("nan"), device=DEVICE)
+    fin = torch.full((3,), 7, dtype=torch.int8, device=DEVICE)
+    t = torch.tensor([V, -5, 4], dtype=torch.int64, device=DEVICE)
+    ks.launch_scoring(geom, t, IGN, ks._MODE_CODE["loss"], out, fin, CFG)
+    assert torch.isnan(out[4, :2]).all() and torch.isfinite(out[4, 2])
+    assert fin.cpu().tolist() == [0, 0, 1]
+
+
+def test_bad_input() -> None:
+    x = torch.randn(4, V, device=DEVICE)
+    with pytest.raises(ValueError, match="logits"):
+        ks.token_statistics_triton(torch.ones(4, V, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="logits"):
+        ks.token_statistics_triton(torch.randn(4, device=DEVICE))
+    with pytest.raises(ValueError, match="logits"):
+        ks.token_statistics_triton(torch.randn(4, 0, device=DEVICE))
+    with pytest.raises(ValueError, match="targets"):
+        ks.token_statistics_triton(x, torch.zeros(5, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="targets"):
+        ks.token_statistics_triton(x, torch.zeros(4, device=DEVICE))            # float targets
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="targets"):
+            ks.token_statistics_triton(x, torch.tensor([0, 1, V, 2]))
+    with pytest.raises(ValueError, match="scoring"):
+        ks.score_tokens_triton(x, scoring="focal")
+    with pytest.raises(ValueError, match="valid_mask"):
+        ks.score_tokens_triton(x, valid_mask=torch.ones(4, device=DEVICE))
+    with pytest.raises(ValueError, match="ignore_index"):
+        ks.token_statistics_triton(x, None, 1.5)
+    with pytest.raises(ValueError, match="LaunchConfig.rows"):
+        ks.LaunchConfig(rows=3, group=4, num_warps=1)
+    with pytest.raises(ValueError, match="out"):
+        ks.launch_scoring(ks.row_geometry(x), None, IGN, -1, torch.empty(5, 4, device=DEVICE),
+                          torch.empty(4, dtype=torch.int8, device=DEVICE))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the device check is about CPU tensors without the interpreter")
+def test_cpu_without_interpreter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        ks.token_statistics_triton(torch.randn(2, V))
+
+
+def test_heuristics() -> None:
+    for dt, group in ((torch.bfloat16, 8), (torch.float16, 8), (torch.float32, 4), (torch.float64, 2)):
+        c = ks.scoring_config(128256, dt)
+        assert c.group == group and c.block * torch.finfo(dt).bits // 8 == 16 * 128 and c.num_warps == 1
+        b = ks.backward_config(128256, dt)
+        assert b.block * torch.finfo(dt).bits // 8 == 8192
+    small = ks.scoring_config(37, torch.float32)
+    assert small.block == 64 and small.rows == 16
+    assert ks.backward_config(3, torch.bfloat16).block == 8
+
+
+def test_selection_on_kernel_scores_matches_oracle() -> None:
+    """Selection given identical float32 scores is identical (SPEC §11 level 1), for every strategy."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(3, 13, V, generator=g) * 2).to(torch.bfloat16)
+    t = torch.randint(0, V, (3, 13), generator=g)
+    t[0, :4] = IGN
+    x[2, 5, 7] = float("nan")
+    x[1, 2] = 0.0                                        # exact ties of difficulty
+    x[1, 9] = 0.0
+    sc = ks.score_tokens_triton(x.to(DEVICE), t.to(DEVICE), scoring="combined", ignore_index=IGN, config=CFG)
+    d = sc.difficulty.cpu()
+    e = sc.eligible.cpu()
+    ref = oracle.score_tokens(x.to(torch.float64).numpy(), t.numpy(), "combined", IGN)
+    assert np.array_equal(e.numpy(), ref["eligible"])
+    for selection in ("topk", "stratified", "sequence_aware", "fixed_quota"):
+        for ratio in (np.float32(0.3375), np.float32(0.25), np.float32(1.0)):
+            mask, k = ref_selection.select_tokens(sc.difficulty, sc.eligible, torch.tensor(ratio, device=DEVICE),
+                                                  selection=selection, num_strata=3, min_tokens_per_sequence=2)
+            m_ref, k_ref = oracle.select_tokens(d.numpy(), e.numpy(), ratio, selection, 3, 2)
+            assert int(k) == k_ref
+            assert np.array_equal(mask.cpu().numpy(), m_ref), selection
