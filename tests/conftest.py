@@ -1,14 +1,15 @@
 """Test-session set-up shared by every test module.
 
 The interpreters must be chosen before triton or jax is first imported, so they are set here, at collection
-time, unless the caller already chose (a GPU run sets neither).
+time, unless the caller already chose; on a machine with an NVIDIA GPU neither is forced.
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if not os.path.exists("/dev/nvidiactl"):  # no NVIDIA GPU: kernels run in their interpreters
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 

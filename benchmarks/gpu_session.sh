@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device-tool call = one batch of GPU work. Usage (on the GPU machine, repo root):
+#   bash benchmarks/gpu_session.sh kernels      # correctness at real sizes + kernel benchmarks
+#   bash benchmarks/gpu_session.sh models       # batch-split and fused-linear benchmarks
+# Logs and JSON go to $OUT (or ./out/gpu). Carried wheels in .whl/ (liger-kernel, cut-cross-entropy) are
+# installed into /tmp/site first; nothing is fetched from a registry.
+set -u
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+unset TRITON_INTERPRET JAX_PLATFORMS
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "=== $name rc=$rc"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, triton, jax, flax, optax; print('torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)" | tee -a "$OUT/device.txt"
+case "${1:-kernels}" in
+  kernels)
+    step gpu_check_torch 110 python3 benchmarks/gpu_check_torch.py
+    step gpu_check_jax 110 python3 benchmarks/gpu_check_jax.py
+    step pytest_gpu_torch 80 python3 -m pytest -q -x -m gpu tests/torch -p no:cacheprovider
+    step bench_scoring_torch 75 python3 benchmarks/bench_scoring_torch.py --out "$OUT/bench_scoring_torch.json"
+    step bench_selective_ce_torch 65 python3 benchmarks/bench_selective_ce_torch.py --out "$OUT/bench_selective_ce_torch.json"
+    step bench_scoring_jax 75 python3 benchmarks/bench_scoring_jax.py --out "$OUT/bench_scoring_jax.json"
+    step bench_selective_ce_jax 55 python3 benchmarks/bench_selective_ce_jax.py --out "$OUT/bench_selective_ce_jax.json"
+    ;;
+  *) echo "unknown session ${1}"; exit 2;;
+esac
