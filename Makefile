@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	OMP_WAIT_POLICY=PASSIVE $(PY) examples/demo.py
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadfile -q
+	OMP_WAIT_POLICY=PASSIVE TRITON_INTERPRET=1 JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadfile -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,6 +11,8 @@ if not os.path.exists("/dev/nvidiactl"):  # no NVIDIA GPU: kernels run in their 
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# PyTorch's OpenMP threads spin-wait by default; on a loaded 2-core machine that costs >10x per step.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001

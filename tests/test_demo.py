@@ -1,0 +1,297 @@
+"""Tests of the demo (`examples/demo.py`) and its data helpers (`examples/data.py`).
+
+The end-to-end test runs ``python examples/demo.py --quick`` exactly as ``make demo`` runs the full demo
+(a subprocess, both frameworks, four runs) into a temporary directory and checks the artefacts: the PNG,
+the JSON curves (finite, the right lengths, the CGGR curriculum reaching ``min_tokens_ratio``, the same
+curriculum in PyTorch and JAX) and the summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from examples import data
+from examples import demo
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\tTabs,  spaces  & ünïcödé — “quotes” 🙂\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# split
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, n_eval", [(1000, 100), (1009, 100), (10, 1), (19, 1)])
+def test_split_is_the_fixed_contiguous_90_10(n: int, n_eval: int) -> None:
+    ids = np.arange(n, dtype=np.int32)
+    train, held_out = data.split_train_eval(ids)
+    assert len(held_out) == n_eval and len(train) == n - n_eval
+    np.testing.assert_array_equal(np.concatenate([train, held_out]), ids)  # order kept, nothing lost
+    train2, held_out2 = data.split_train_eval(ids.copy())
+    np.testing.assert_array_equal(train, train2)
+    np.testing.assert_array_equal(held_out, held_out2)
+
+
+@pytest.mark.parametrize("ids, fraction", [(np.arange(9), 0.1), (np.zeros((4, 4), np.int32), 0.1),
+                                           (np.arange(100), 0.0), (np.arange(100), 1.0)])
+def test_split_rejects_bad_input(ids: np.ndarray, fraction: float) -> None:
+    with pytest.raises(ValueError):
+        data.split_train_eval(ids, fraction)
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenizers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_char_tokenizer_round_trip_and_sorted_alphabet() -> None:
+    tok = data.CharTokenizer.from_text(SAMPLE)
+    assert tok.vocab_size == len(set(SAMPLE))
+    assert list(tok.alphabet) == sorted(set(SAMPLE))
+    ids = tok.encode(SAMPLE)
+    assert ids.dtype == np.int32 and ids.shape == (len(SAMPLE),)
+    assert ids.min() >= 0 and ids.max() < tok.vocab_size
+    assert tok.decode(ids) == SAMPLE
+    assert tok.decode(ids.tolist()) == SAMPLE
+    assert tok.encode("") .shape == (0,) and tok.decode([]) == ""
+    # id order is the sorted character order
+    assert tok.encode("\t")[0] == 0 and tok.decode([tok.vocab_size - 1]) == max(SAMPLE)
+
+
+def test_char_tokenizer_errors() -> None:
+    tok = data.CharTokenizer.from_text("abc")
+    with pytest.raises(ValueError, match="not in the alphabet"):
+        tok.encode("abd")
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        tok.decode([0, 3])
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        tok.decode([-1])
+    with pytest.raises(ValueError):
+        data.CharTokenizer.from_text("")
+    with pytest.raises(ValueError):
+        data.CharTokenizer("aa")
+
+
+def test_byte_tokenizer_round_trip() -> None:
+    tok = data.ByteTokenizer()
+    ids = tok.encode(SAMPLE)
+    assert tok.vocab_size == 256 and ids.dtype == np.int32
+    assert len(ids) == len(SAMPLE.encode("utf-8")) and ids.max() < 256
+    assert tok.decode(ids) == SAMPLE
+    with pytest.raises(ValueError):
+        tok.decode([256])
+
+
+@pytest.fixture(scope="module")
+def bpe_text() -> str:
+    return data.stdlib_corpus(["textwrap.py"])  # ~20 kB of real text
+
+
+def test_bpe_tokenizer_round_trip_deterministic_and_compressing(bpe_text: str, tmp_path: Path) -> None:
+    tok = data.BPETokenizer.train(bpe_text, vocab_size=400)
+    assert 256 < tok.vocab_size <= 400
+    ids = tok.encode(bpe_text)
+    assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < tok.vocab_size
+    assert tok.decode(ids) == bpe_text
+    assert len(ids) < 0.8 * len(bpe_text.encode("utf-8"))  # merges were learned and are used
+    # byte-level: text never seen in training (unicode, odd whitespace) still round-trips exactly
+    assert tok.decode(tok.encode(SAMPLE)) == SAMPLE
+    assert tok.decode(tok.encode("  leading\n\n\n   trailing  ")) == "  leading\n\n\n   trailing  "
+    # training is deterministic
+    assert data.BPETokenizer.train(bpe_text, vocab_size=400).to_json() == tok.to_json()
+    # save / load
+    path = tmp_path / "bpe.json"
+    tok.save(path)
+    loaded = data.BPETokenizer.load(path)
+    np.testing.assert_array_equal(loaded.encode(SAMPLE), tok.encode(SAMPLE))
+    with pytest.raises(ValueError, match="vocab_size"):
+        data.BPETokenizer.train(bpe_text, vocab_size=100)
+
+
+# --------------------------------------------------------------------------------------------------
+# text sources
+# --------------------------------------------------------------------------------------------------
+
+
+def test_stdlib_fallback_when_no_data_dir(tmp_path: Path) -> None:
+    env = {data.DATA_DIR_ENV: str(tmp_path / "no-such-dir")}
+    root = tmp_path / "repo"  # root/../shared/data does not exist
+    assert data.find_tinyshakespeare(env, root) is None
+    source = data.load_text(env=env, root=root)
+    assert source.name == "python-stdlib"
+    assert source.text == data.stdlib_corpus()  # deterministic
+    assert source.text == data.load_text(env={}, root=root).text
+    # the files in their sorted order, each followed by a newline
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    present = [f for f in sorted(data.STDLIB_CORPUS_FILES) if (stdlib / f).is_file()]
+    assert len(present) >= len(data.STDLIB_CORPUS_FILES) - 2
+    first = (stdlib / present[0]).read_text(encoding="utf-8")
+    assert source.text.startswith(first + "\n")
+    assert len(source.text) > 300_000
+    assert data.load_text(env=env, root=root, max_chars=1000).text == source.text[:1000]
+
+
+def test_stdlib_corpus_skips_missing_and_raises_when_none(tmp_path: Path) -> None:
+    (tmp_path / "b.py").write_text("bbb", encoding="utf-8")
+    (tmp_path / "a.py").write_text("aaa", encoding="utf-8")
+    assert data.stdlib_corpus(["b.py", "missing.py", "a.py"], stdlib_dir=tmp_path) == "aaa\nbbb\n"
+    with pytest.raises(FileNotFoundError):
+        data.stdlib_corpus(["missing.py"], stdlib_dir=tmp_path)
+
+
+def _make_data_dir(base: Path, text: str) -> Path:
+    (base / "tinyshakespeare").mkdir(parents=True)
+    (base / "tinyshakespeare" / "input.txt").write_text(text, encoding="utf-8")
+    return base
+
+
+def test_data_dir_lookup_order(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    root.mkdir()
+    _make_data_dir(tmp_path / "shared" / "data", "from shared")
+    env_dir = _make_data_dir(tmp_path / "env", "from env")
+    # ../shared/data relative to the repository root
+    source = data.load_text(env={}, root=root)
+    assert (source.name, source.text) == ("tinyshakespeare", "from shared")
+    # $CGGR_DATA_DIR comes first
+    assert data.load_text(env={data.DATA_DIR_ENV: str(env_dir)}, root=root).text == "from env"
+    # an explicit file overrides both
+    explicit = tmp_path / "mine.txt"
+    explicit.write_text("explicit text", encoding="utf-8")
+    source = data.load_text(explicit, env={data.DATA_DIR_ENV: str(env_dir)}, root=root)
+    assert (source.name, source.text) == ("mine.txt", "explicit text")
+    # a missing explicit file is an error, never a silent fallback
+    with pytest.raises(FileNotFoundError):
+        data.load_text(tmp_path / "missing.txt", env={}, root=root)
+    with pytest.raises(ValueError, match="max_chars"):
+        data.load_text(explicit, max_chars=0)
+
+
+def test_default_data_dir_is_shared_beside_repo() -> None:
+    assert data.default_data_dirs(env={})[-1] == REPO_ROOT.parent / "shared" / "data"
+
+
+# --------------------------------------------------------------------------------------------------
+# batches
+# --------------------------------------------------------------------------------------------------
+
+
+def test_batch_iterator_windows_are_reproducible_contiguous_and_in_range() -> None:
+    tokens = np.arange(37, dtype=np.int64)
+    batches = list(data.batch_iterator(tokens, 5, 7, seed=3, num_batches=20))
+    assert len(batches) == 20
+    for b in batches:
+        assert b.shape == (5, 7) and b.dtype == np.int32
+        np.testing.assert_array_equal(np.diff(b, axis=1), 1)  # each row is a contiguous window
+        assert b.min() >= 0 and b.max() <= 36
+    starts = np.concatenate([b[:, 0] for b in batches])
+    assert starts.max() <= 37 - 7 and len(set(starts.tolist())) > 10  # offsets vary, last window reachable
+    again = list(data.batch_iterator(tokens, 5, 7, seed=3, num_batches=20))
+    for a, b in zip(batches, again):
+        np.testing.assert_array_equal(a, b)
+    other = next(data.batch_iterator(tokens, 5, 7, seed=4))
+    assert not np.array_equal(other, batches[0])
+    exact = next(data.batch_iterator(np.arange(7), 2, 7, seed=0))  # len == seq_len: one possible window
+    np.testing.assert_array_equal(exact, np.tile(np.arange(7), (2, 1)))
+
+
+def test_eval_batches_are_consecutive_and_drop_the_tail() -> None:
+    tokens = np.arange(100)
+    batches = data.eval_batches(tokens, 3, 8)  # 12 windows -> 4 batches of 3, tail of 4 tokens dropped
+    assert len(batches) == 4 and all(b.shape == (3, 8) and b.dtype == np.int32 for b in batches)
+    np.testing.assert_array_equal(np.concatenate(batches).ravel(), np.arange(96))
+    assert len(data.eval_batches(tokens, 3, 8, max_batches=2)) == 2
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_size=0, seq_len=4), dict(batch_size=2, seq_len=1),
+                                    dict(batch_size=2, seq_len=11)])
+def test_batching_rejects_bad_arguments(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        next(data.batch_iterator(np.arange(10), **kwargs))
+    with pytest.raises(ValueError):
+        data.eval_batches(np.arange(10), **kwargs)
+    with pytest.raises(ValueError, match="one batch"):
+        data.eval_batches(np.arange(10), 2, 6)
+    with pytest.raises(ValueError, match="integer"):
+        next(data.batch_iterator(np.linspace(0, 1, 10), 2, 4))
+
+
+# --------------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------------
+
+
+def test_demo_defaults_reach_min_ratio_within_the_run() -> None:
+    cfg = demo.make_config(demo.parse_args([]))
+    assert cfg.warmup_steps < cfg.steps and cfg.min_tokens_ratio == 0.25
+    assert cfg.steps % cfg.eval_every == 0
+    quick = demo.make_config(demo.parse_args(["--quick"]))
+    assert quick.warmup_steps < quick.steps <= 10
+    custom = demo.make_config(demo.parse_args(["--steps", "50", "--seed", "3"]))
+    assert (custom.steps, custom.warmup_steps, custom.eval_every, custom.seed) == (50, 15, 5, 3)
+
+
+def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
+    assert demo.main(["--frameworks", "tensorflow", "--out", str(tmp_path)]) == 2
+    assert demo.main(["--steps", "0", "--out", str(tmp_path)]) == 2
+    with pytest.raises(FileNotFoundError):
+        demo.main(["--quick", "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path)])
+
+
+def test_demo_quick_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the demo must not need the test-suite's interpreter settings
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "demo.py"), "--quick", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    png = out / demo.PLOT_NAME
+    assert png.is_file() and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    result = json.loads((out / demo.CURVES_NAME).read_text(encoding="utf-8"))
+    cfg = result["config"]
+    steps, vocab = cfg["steps"], result["text"]["vocab_size"]
+    assert set(result["runs"]) == {"torch-ce", "torch-cggr", "jax-ce", "jax-cggr"}
+    for name, run in result["runs"].items():
+        for key in ("train_loss", "token_ratio", "effective_ratio", "tokens_selected", "tokens_total", "eval_loss"):
+            values = run[key]
+            assert values and all(v is not None and math.isfinite(v) for v in values), (name, key, values)
+        assert run["steps"] == list(range(steps))
+        assert run["eval_steps"][0] == 0 and run["eval_steps"][-1] == steps
+        assert len(run["eval_loss"]) == len(run["eval_steps"])
+        # a freshly initialised model predicts about uniformly: held-out CE ≈ ln V at step 0
+        assert abs(run["eval_loss"][0] - math.log(vocab)) < 0.5, (name, run["eval_loss"][0])
+        n_tokens = cfg["batch_size"] * (cfg["seq_len"] - 1)
+        assert all(t == n_tokens for t in run["tokens_total"])
+        if run["loss"] == "cross_entropy":
+            assert run["tokens_selected"] == run["tokens_total"] and set(run["token_ratio"]) == {1.0}
+        else:
+            assert run["token_ratio"][0] == 1.0 and run["token_ratio"][-1] == pytest.approx(cfg["min_tokens_ratio"])
+            assert all(e >= r for e, r in zip(run["effective_ratio"], run["token_ratio"]))
+            assert run["tokens_selected"][-1] < n_tokens
+    # the curriculum is the same schedule in both frameworks, and step 0 starts from the same ratio
+    assert result["runs"]["torch-cggr"]["token_ratio"] == result["runs"]["jax-cggr"]["token_ratio"]
+    # within a framework, both runs start from the same initialisation and see the same first batch
+    for fw in ("torch", "jax"):
+        ce, cggr = result["runs"][f"{fw}-ce"], result["runs"][f"{fw}-cggr"]
+        assert ce["eval_loss"][0] == cggr["eval_loss"][0]
+        assert ce["train_loss"][0] == pytest.approx(cggr["train_loss"][0], rel=1e-5)  # ratio 1 at step 0
+
+    assert "held-out CE" in proc.stdout
+    for name in result["runs"]:
+        assert name in proc.stdout
+    assert "eval_ce=" in proc.stderr and "sel=" in proc.stderr  # the progress bars with live metrics
