@@ -62,7 +62,8 @@ from .scoring import TokenScores, TokenStatistics
 from .selection import select_tokens
 from .utils import check_config
 
-__all__ = ["CGGRModel", "BatchSplitOutput", "SEQUENCE_SELECTIONS", "MODEL_METRIC_KEYS"]
+__all__ = ["CGGRModel", "BatchSplitOutput", "SEQUENCE_SELECTIONS", "MODEL_METRIC_KEYS", "SequenceSelection",
+           "select_sequences", "sequence_difficulty"]
 
 #: Selections valid at sequence level (SPEC §9): ``topk``, and ``fixed_quota`` (= ``topk`` without the
 #: dynamic threshold, §7.1). ``stratified`` and ``sequence_aware`` select tokens and are a ``ValueError``.
@@ -106,6 +107,37 @@ def _shares_all_weights(router: nn.Module, model: nn.Module) -> bool:
     """True when every parameter and buffer of ``router`` is (the same object as) one of ``model``'s."""
     owned = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
     return all(id(t) in owned for t in router.parameters()) and all(id(t) in owned for t in router.buffers())
+
+
+class SequenceSelection(NamedTuple):
+    """Result of :func:`select_sequences` (mirrors ``cggr_jax.batch_split.SequenceSelection``)."""
+
+    mask: torch.Tensor        # (B,) bool, the kept sequences (exactly ``k`` of them)
+    k: torch.Tensor           # 0-d int64 ``k_seq``
+    difficulty: torch.Tensor  # (B,) float32 ``D_b`` (0 for ineligible sequences)
+    eligible: torch.Tensor    # (B,) bool, sequences with at least one eligible shifted target
+
+
+def sequence_difficulty(difficulty: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC §9: ``D_b`` = float32 mean token difficulty over the eligible tokens of row ``b``; a row with no
+    eligible token is not eligible (its ``D_b`` is 0)."""
+    count = eligible.sum(dim=1)
+    zero = torch.zeros((), dtype=torch.float32, device=difficulty.device)
+    total = torch.where(eligible, difficulty.to(torch.float32), zero).sum(dim=1)
+    return total / torch.clamp(count, min=1).to(torch.float32), count > 0
+
+
+def select_sequences(router_logits: torch.Tensor, labels: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor] = None, *, ratio: Any, scoring: str = "combined",
+                     ignore_index: int = -100) -> SequenceSelection:
+    """SPEC §9 sequence selection from router logits ``(B, T, V)`` and unshifted ``labels`` ``(B, T)`` at the
+    float32 effective ``ratio`` — the pure form of what :meth:`CGGRModel.forward` does after its router pass,
+    used by the cross-framework parity tests (``cggr_jax.batch_split.select_sequences(..., ratio=...)``)."""
+    scores, _ = score_next_tokens(router_logits, labels, attention_mask, scoring=scoring,
+                                  ignore_index=ignore_index, shift=True)
+    seq_d, seq_elig = sequence_difficulty(scores.difficulty, scores.eligible)
+    mask, k = select_tokens(seq_d, seq_elig, ratio, selection="topk")
+    return SequenceSelection(mask, k, seq_d, seq_elig)
 
 
 class CGGRModel(_CurriculumMixin, nn.Module):
@@ -259,11 +291,8 @@ class CGGRModel(_CurriculumMixin, nn.Module):
         with torch.no_grad():
             scores, nonfinite = self._router_scores(input_ids, labels, attention_mask, router_kwargs)
             elig = scores.eligible
-            count = elig.sum(dim=1)
-            seq_elig = count > 0
-            zero = torch.zeros((), dtype=torch.float32, device=elig.device)
-            seq_d = torch.where(elig, scores.difficulty, zero).sum(dim=1) / torch.clamp(count, min=1).to(torch.float32)
-            n = count.sum()
+            seq_d, seq_elig = sequence_difficulty(scores.difficulty, elig)
+            n = elig.sum()
             mean_conf = _masked_mean(scores.stats.confidence, elig, n)
             base = self._base_ratio()
             ratio = self._effective_ratio(base, mean_conf, self.dynamic_threshold and self.selection == "topk")
