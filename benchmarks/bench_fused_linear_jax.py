@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""Benchmark the fused LM head + CGGR selective cross-entropy (``cggr_jax.fused_linear``) on a GPU.
+
+Shape (default): ``N = 16384``, ``d = 2048``, ``V = 128256``, bfloat16 hidden states and weight ``(V, d)``,
+ratio 0.25 (``selection='fixed_quota'``, ``warmup_steps=0``, ``capacity = k = N/4``). Every method is
+``jax.jit(jax.value_and_grad(loss, argnums=(hidden, weight)))``:
+
+* ``cggr_fused``            - :func:`cggr_jax.fused_linear.fused_linear_cggr_loss` (default 0.25 GiB plan;
+  ``cggr_fused[B=…]`` other ``memory_budget_bytes``, ``--budgets``);
+* ``cggr_fused[logits=f32]`` - the same with float32 logits (``logits_dtype``);
+* ``cggr_materialised``     - full logits ``h Wᵀ`` then ``cggr_jax.loss.cggr_loss`` (if that module exists);
+* ``xla_linear_optax_ce``   - full logits (float32 accumulation) + ``optax.softmax_cross_entropy_with_integer_labels``
+  mean (the plain full-gradient baseline);
+* ``matmul``                - one ``(N, d) × (d, V)`` GEMM (the FLOP unit; the fused loss needs ≈ 1.75 of them).
+
+Columns: median / p10 / p90 (ms, ``block_until_ready``, after ``--warmup`` calls) and the compiled program's
+memory (``compiled.memory_analysis()``): ``temp`` = XLA's temporary buffers (the working memory) and ``out`` =
+outputs (loss + gradients), in GiB. ``check``: the fused loss and gradients against ``cggr_materialised`` (same
+selection) when both run.
+
+Run on the H200 from the repository root::
+
+    python benchmarks/bench_fused_linear_jax.py --out bench_fused_linear_jax.json
+
+``--quick`` runs tiny shapes on the CPU backend (checks the script; numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+GIB = 2**30
+
+
+def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--budgets", type=float, nargs="*", default=[0.125, 0.5], help="extra budgets in GiB")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--methods", nargs="*", default=None)
+    ap.add_argument("--out", default="bench_fused_linear_jax.json")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU backend (script check only)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        args.n, args.d, args.vocab, args.warmup, args.iters, args.budgets = 300, 64, 1001, 1, 2, [0.0001]
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from cggr_jax.fused_linear import DEFAULT_MEMORY_BUDGET, fused_linear_cggr_loss, plan_chunks
+
+    dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[args.dtype]
+    N, d, V = args.n, args.d, args.vocab
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+    temps = jax.random.uniform(k1, (N, 1), minval=0.3, maxval=3.0)
+    hidden = (jax.random.normal(k2, (N, d)) * temps).astype(dtype)
+    weight = (jax.random.normal(k3, (V, d)) * (1.5 / d**0.5)).astype(dtype)
+    labels = jax.random.randint(k4, (N,), 0, V, dtype=jnp.int32)
+    cfg = dict(selection="fixed_quota", warmup_steps=0, min_tokens_ratio=args.ratio)
+    cap = int(round(args.ratio * N))
+
+    def fused(budget: int, ldt: Any = None) -> Callable[..., Any]:
+        def loss(h: Any, w: Any) -> Any:
+            return fused_linear_cggr_loss(h, w, labels, 0, capacity=cap, memory_budget_bytes=budget,
+                                          logits_dtype=ldt, **cfg)[0]
+        return loss
+
+    def dense_ce(h: Any, w: Any) -> Any:
+        z = jnp.einsum("nd,vd->nv", h, w, preferred_element_type=jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()
+
+    losses: dict[str, Callable[..., Any]] = {"cggr_fused": fused(DEFAULT_MEMORY_BUDGET)}
+    for b in args.budgets:
+        losses[f"cggr_fused[B={b:g}GiB]"] = fused(max(1, int(b * GIB)))
+    losses["cggr_fused[logits=f32]"] = fused(DEFAULT_MEMORY_BUDGET, jnp.float32)
+    notes: dict[str, str] = {}
+    try:
+        from cggr_jax.loss import cggr_loss
+
+        def materialised(h: Any, w: Any) -> Any:
+            z = jnp.einsum("nd,vd->nv", h, w, preferred_element_type=jnp.float32).astype(h.dtype)
+            return cggr_loss(z, labels, 0, **cfg)[0]
+        losses["cggr_materialised"] = materialised
+    except ImportError as err:
+        notes["cggr_materialised"] = f"cggr_jax.loss not importable ({err})"
+    losses["xla_linear_optax_ce"] = dense_ce
+    if args.methods:
+        losses = {k: v for k, v in losses.items() if k in args.methods or k.split("[")[0] in args.methods}
+
+    programs: dict[str, Any] = {name: jax.jit(jax.value_and_grad(fn, argnums=(0, 1))) for name, fn in losses.items()}
+    if not args.methods or "matmul" in args.methods:
+        programs["matmul"] = jax.jit(lambda h, w: jnp.einsum("nd,vd->nv", h, w))
+
+    rows: list[dict[str, Any]] = []
+    results: dict[str, Any] = {}
+    for name, prog in programs.items():
+        try:
+            compiled = prog.lower(hidden, weight).compile()
+            mem = compiled.memory_analysis()
+            out = None
+            for _ in range(args.warmup):
+                out = jax.block_until_ready(compiled(hidden, weight))
+            times = []
+            for _ in range(args.iters):
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(compiled(hidden, weight))
+                times.append(1e3 * (time.perf_counter() - t0))
+            if name in ("cggr_fused", "cggr_materialised"):
+                results[name] = out
+        except Exception as err:  # reported, not fatal (e.g. out of memory for a baseline)
+            rows.append({"method": name, "error": f"{type(err).__name__}: {err}"[:300]})
+            continue
+        q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
+        row = {"method": name, "median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1]}
+        if mem is not None:
+            row["temp_gib"] = getattr(mem, "temp_size_in_bytes", 0) / GIB
+            row["out_gib"] = getattr(mem, "output_size_in_bytes", 0) / GIB
+        rows.append(row)
+    mm = next((r["median_ms"] for r in rows if r["method"] == "matmul" and "median_ms" in r), None)
+    for r in rows:
+        if "median_ms" in r:
+            r["matmul_equivalents"] = r["median_ms"] / mm if mm else None
+
+    check: dict[str, Any] = {}
+    if "cggr_fused" in results and "cggr_materialised" in results:
+        (la, (gha, gwa)), (lb, (ghb, gwb)) = results["cggr_fused"], results["cggr_materialised"]
+        check["loss_abs_diff"] = float(abs(la - lb))
+        for nm, x, y in (("grad_hidden", gha, ghb), ("grad_weight", gwa, gwb)):
+            x32, y32 = np.asarray(x, np.float32), np.asarray(y, np.float32)
+            check[f"{nm}_max_err_rel"] = float(np.abs(x32 - y32).max() / max(np.abs(y32).max(), 1e-30))
+
+    env = {"jax": jax.__version__, "backend": jax.default_backend(),
+           "device": str(jax.devices()[0].device_kind), "python": platform.python_version(),
+           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    plan = plan_chunks(N, d, V, dtype, selected_rows=cap)
+    result = {"env": env, "shape": {"N": N, "d": d, "V": V, "dtype": args.dtype, "ratio": args.ratio},
+              "plan_default_without_kernel": plan._asdict(), "rows": rows, "notes": notes, "check": check}
+    print(f"\n### JAX fused linear + CGGR CE, N={N} d={d} V={V} {args.dtype}, ratio {args.ratio} ({env['device']})\n")
+    print("| method | median ms | p10 | p90 | temp GiB | out GiB | × matmul |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['method']} | error: {r['error']} | | | | | |")
+            continue
+
+        def fmt(v: Optional[float], digits: int = 2) -> str:
+            return "-" if v is None else f"{v:.{digits}f}"
+        print(f"| {r['method']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | "
+              f"{fmt(r.get('temp_gib'), 3)} | {fmt(r.get('out_gib'), 3)} | {fmt(r['matmul_equivalents'])} |")
+    for name, why in notes.items():
+        print(f"\n* {name}: {why}")
+    if check:
+        print(f"\ncheck (fused vs materialised): {json.dumps(check)}")
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

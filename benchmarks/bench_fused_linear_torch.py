@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Benchmark the fused LM head + CGGR selective cross-entropy (``cggr_torch.fused_linear``) on a GPU.
+
+Shape (default): ``N = 16384`` tokens, ``d = 2048``, ``V = 128256``, bfloat16 hidden states and weight, ratio
+0.25 (``selection='fixed_quota'``, ``warmup_steps=0``: exactly ``k = N/4`` rows, no dynamic threshold).
+Every method runs forward + backward to ``∂hidden`` and ``∂weight`` (``torch.autograd.grad``):
+
+* ``cggr_fused``          - :func:`cggr_torch.fused_linear.fused_linear_cggr_loss` (default 0.25 GiB plan);
+  ``cggr_fused[B=…]`` - the same with other ``memory_budget_bytes`` (``--budgets``);
+* ``cggr_materialised``   - ``cggr_loss(F.linear(h, W), t)``: full logits, then the CGGR loss (Triton kernels);
+* ``torch_linear_ce``     - ``F.cross_entropy(F.linear(h, W).float(), t)``: plain full cross-entropy;
+* ``liger_flce``          - Liger's ``LigerFusedLinearCrossEntropyLoss`` (full gradient), if importable;
+* ``cce``                 - Apple's ``cut_cross_entropy.linear_cross_entropy`` (full gradient), if importable;
+* ``matmul``              - one ``(N, d) × (d, V)`` GEMM: the FLOP unit (the fused loss needs ≈ 1 + 3·0.25 = 1.75
+  of them; full-gradient fused kernels 3).
+
+Columns: median / p10 / p90 time (ms, CUDA events, after warm-up), ``peak_extra`` = ``max_memory_allocated``
+during the call minus the memory allocated before it (inputs), ``working`` = ``peak_extra`` minus the
+gradients the call returns (``∂h``: ``N·d``, ``∂W``: ``V·d`` elements, the unavoidable outputs), ``vs_liger`` =
+time / Liger's time. The goal: ``cggr_fused`` ≤ 0.5 × Liger's time with ``working`` ≤ 0.25 GiB.
+``check`` compares ``cggr_fused`` with ``cggr_materialised`` (same selection): loss difference and the largest
+gradient error relative to the largest gradient entry.
+
+Run on the H200 from the repository root::
+
+    python benchmarks/bench_fused_linear_torch.py --out bench_fused_linear_torch.json
+
+``--quick`` runs tiny shapes on CPU (checks the script; numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+GIB = 2**30
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16384, help="tokens N")
+    ap.add_argument("--d", type=int, default=2048, help="hidden size d")
+    ap.add_argument("--vocab", type=int, default=128256, help="vocabulary V")
+    ap.add_argument("--dtype", choices=DTYPES, default="bf16")
+    ap.add_argument("--ratio", type=float, default=0.25, help="fraction of tokens selected (fixed_quota)")
+    ap.add_argument("--budgets", type=float, nargs="*", default=[0.125, 0.5],
+                    help="extra memory_budget_bytes values to time, in GiB (the default 0.25 is always timed)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--methods", nargs="*", default=None, help="subset of methods to run")
+    ap.add_argument("--out", default="bench_fused_linear_torch.json", help="JSON output path")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU (script check only)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.d, args.vocab, args.warmup, args.iters, args.budgets = 300, 64, 1001, 1, 2, [0.0001]
+    return args
+
+
+def environment(torch: Any) -> dict[str, Any]:
+    out = {"torch": torch.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "cuda": torch.version.cuda, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse(argv)
+    import torch
+    import torch.nn.functional as F
+
+    from cggr_torch import cggr_loss
+    from cggr_torch.fused_linear import DEFAULT_MEMORY_BUDGET, fused_linear_cggr, plan_chunks
+
+    cuda = torch.cuda.is_available() and not args.quick
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    N, d, V = args.n, args.d, args.vocab
+    g = torch.Generator(device="cpu").manual_seed(0)
+    temps = torch.empty(N, 1).uniform_(0.3, 3.0, generator=g)
+    hidden = (torch.randn(N, d, generator=g) * temps).to(dev, dtype).requires_grad_(True)
+    weight = (torch.randn(V, d, generator=g) * (1.5 / d**0.5)).to(dev, dtype).requires_grad_(True)
+    labels = torch.randint(0, V, (N,), generator=g).to(dev)
+    cfg = dict(selection="fixed_quota", warmup_steps=0, min_tokens_ratio=args.ratio)
+
+    def fused(budget: int) -> Callable[[], tuple]:
+        def run() -> tuple:
+            loss = fused_linear_cggr(hidden, weight, labels, 0, memory_budget_bytes=budget, **cfg).loss
+            return (loss,) + torch.autograd.grad(loss, (hidden, weight))
+        return run
+
+    def materialised() -> tuple:
+        loss, _ = cggr_loss(F.linear(hidden, weight), labels, 0, **cfg)
+        return (loss,) + torch.autograd.grad(loss, (hidden, weight))
+
+    def full_ce() -> tuple:
+        loss = F.cross_entropy(F.linear(hidden, weight).float(), labels)
+        return (loss,) + torch.autograd.grad(loss, (hidden, weight))
+
+    def matmul() -> tuple:
+        with torch.no_grad():
+            return (hidden @ weight.t(),)
+
+    methods: dict[str, Callable[[], tuple]] = {"cggr_fused": fused(DEFAULT_MEMORY_BUDGET)}
+    for b in args.budgets:
+        methods[f"cggr_fused[B={b:g}GiB]"] = fused(max(1, int(b * GIB)))
+    methods["cggr_materialised"] = materialised
+    methods["torch_linear_ce"] = full_ce
+    notes: dict[str, str] = {}
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        liger = LigerFusedLinearCrossEntropyLoss()
+
+        def liger_run() -> tuple:
+            loss = liger(weight, hidden, labels)
+            loss = loss[0] if isinstance(loss, tuple) else loss
+            return (loss,) + torch.autograd.grad(loss, (hidden, weight))
+        if cuda:
+            methods["liger_flce"] = liger_run
+        else:
+            notes["liger_flce"] = "needs CUDA"
+    except ImportError as err:
+        notes["liger_flce"] = f"not importable ({err})"
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        def cce_run() -> tuple:
+            loss = linear_cross_entropy(hidden, weight, labels)
+            return (loss,) + torch.autograd.grad(loss, (hidden, weight))
+        if cuda:
+            methods["cce"] = cce_run
+        else:
+            notes["cce"] = "needs CUDA"
+    except ImportError as err:
+        notes["cce"] = f"not importable ({err})"
+    methods["matmul"] = matmul
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods or k.split("[")[0] in args.methods}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn: Callable[[], tuple]) -> tuple[list[float], int, int]:
+        out = None
+        for _ in range(args.warmup):
+            out = fn()
+            del out
+        sync()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else 0
+        out = fn()
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - base) if cuda else 0
+        grad_bytes = sum(x.numel() * x.element_size() for x in out[1:])
+        del out
+        times = []
+        for _ in range(args.iters):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                out = fn()
+                times.append(1e3 * (time.perf_counter() - t0))
+            del out
+        return times, peak, grad_bytes
+
+    rows: list[dict[str, Any]] = []
+    for name, fn in methods.items():
+        try:
+            times, peak, grad_bytes = timed(fn)
+        except Exception as err:  # a baseline that fails (e.g. out of memory) is reported, not fatal
+            rows.append({"method": name, "error": f"{type(err).__name__}: {err}"[:300]})
+            if cuda:
+                torch.cuda.empty_cache()
+            continue
+        q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
+        rows.append({"method": name, "median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1],
+                     "peak_extra_gib": peak / GIB if cuda else None,
+                     "working_gib": (peak - grad_bytes) / GIB if cuda else None})
+    liger_ms = next((r["median_ms"] for r in rows if r["method"] == "liger_flce" and "median_ms" in r), None)
+    mm_ms = next((r["median_ms"] for r in rows if r["method"] == "matmul" and "median_ms" in r), None)
+    for r in rows:
+        if "median_ms" in r:
+            r["vs_liger"] = r["median_ms"] / liger_ms if liger_ms else None
+            r["matmul_equivalents"] = r["median_ms"] / mm_ms if mm_ms else None
+
+    check: dict[str, Any] = {}
+    if "cggr_fused" in methods and "cggr_materialised" in methods:
+        a = methods["cggr_fused"]()
+        b = methods["cggr_materialised"]()
+        check["loss_abs_diff"] = float((a[0] - b[0]).detach().abs())
+        for nm, x, y in (("grad_hidden", a[1], b[1]), ("grad_weight", a[2], b[2])):
+            scale = float(y.float().abs().max())
+            check[f"{nm}_max_err_rel"] = float((x.float() - y.float()).abs().max()) / max(scale, 1e-30)
+        del a, b
+
+    k = round(args.ratio * N)
+    plan_fwd = plan_chunks(N, d, V, dtype, selected_rows=k)
+    result = {"env": environment(torch), "shape": {"N": N, "d": d, "V": V, "dtype": args.dtype, "ratio": args.ratio},
+              "plan_default": plan_fwd._asdict(), "rows": rows, "notes": notes, "check": check,
+              "goal": {"time_vs_liger_max": 0.5, "working_gib_max": 0.25}}
+    print(f"\n### fused linear + CGGR CE, N={N} d={d} V={V} {args.dtype}, ratio {args.ratio} "
+          f"({result['env']['device']})\n")
+    print("| method | median ms | p10 | p90 | peak extra GiB | working GiB | × Liger | × matmul |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['method']} | error: {r['error']} | | | | | | |")
+            continue
+        def fmt(v: Optional[float], digits: int = 2) -> str:
+            return "-" if v is None else f"{v:.{digits}f}"
+        print(f"| {r['method']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | "
+              f"{fmt(r['peak_extra_gib'], 3)} | {fmt(r['working_gib'], 3)} | {fmt(r['vs_liger'])} | "
+              f"{fmt(r['matmul_equivalents'])} |")
+    for name, why in notes.items():
+        print(f"\n* {name}: {why}")
+    if check:
+        print(f"\ncheck (fused vs materialised): {json.dumps(check)}")
+    print(f"default plan at K={k}: {plan_fwd}")
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

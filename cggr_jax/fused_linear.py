@@ -1,0 +1,743 @@
+r"""Fused LM head + CGGR selective cross-entropy for JAX: the ``(N, V)`` logits are never held in memory.
+
+With hidden states ``h ∈ R^{N×d}``, an LM-head weight ``W`` (``(V, d)``, ``weight_layout="vd"``, the
+PyTorch/tied-embedding layout; or ``(d, V)``, ``"dv"``, a Flax ``Dense`` kernel) and an optional bias
+``b ∈ R^V``, the logits are ``z_i = W h_i + b``. CGGR (SPEC §2-§8)::
+
+    loss = Σ_{i∈S} nll_i / max(1, |S|),     nll_i = lse_i − z_i[t_i]
+    g_i  = (softmax(z_i) − onehot(t_i)) / max(1, |S|)   (i ∈ S; 0 otherwise)
+    ∂h_i = g_i W,   ∂W = Σ_{i∈S} g_iᵀ h_i,   ∂b = Σ_{i∈S} g_i
+
+**Forward** (under ``stop_gradient``): ``lax.scan`` over blocks of ``R`` rows (a static tail block for
+``N mod R``); each block's logits ``H_c Wᵀ + b`` (one XLA matmul, ``logits_dtype``, float32 accumulation)
+go through :func:`cggr_jax.scoring.token_statistics`' dispatcher (the Pallas kernel on a GPU backend, the XLA
+reference elsewhere) and only the five float32 statistics per row survive. Difficulty, eligibility, ratio,
+``k`` and the selection follow from them (:mod:`cggr_jax.selection`, static shapes), and the loss value is
+``Σ_S nll / |S|`` — no extra matmul.
+
+**Fixed-size selection buffer.** The selected rows are gathered into a buffer of static size ``capacity``
+(default :func:`max_selected`: the largest number of tokens the configuration can select from ``N`` — ``N``
+whenever the ratio can reach 1, e.g. during the linear warmup). The selected tokens are ordered by their rank
+(SPEC §6, hardest first) and the first ``capacity`` enter the buffer; rows beyond the actual ``|S|`` are
+padding with weight 0 (their hidden state is replaced by zeros, so even a non-finite padding row contributes
+an exact 0). Should ``|S|`` exceed an explicit ``capacity``, the easiest selected tokens are dropped from the
+loss, the metric ``tokens_selected`` reports the kept count and :attr:`FusedLinearCGGROutput.tokens_over_capacity`
+the dropped one (concrete, non-traced inputs raise :class:`ValueError` instead). The default capacity never
+overflows.
+
+**Backward** (``jax.custom_vjp``): only the buffer's rows are recomputed, one vocabulary chunk of ``C``
+columns at a time (``lax.fori_loop`` over full chunks plus a static tail)::
+
+    Z = H_S W[v0:v1]ᵀ + b[v0:v1];   G = (exp(Z − lse_S) − onehot)·w        (float32, saved lse)
+    ∂H_S += G W[v0:v1]  (float32 accumulator);   ∂W[v0:v1] = Gᵀ H_S;   ∂b[v0:v1] = Σ G
+
+with ``G`` cast to the inputs' dtype for the matmuls and float32 accumulation (``preferred_element_type``):
+every GEMM, including ``∂W``'s over all buffered rows, accumulates in float32, and ``∂W`` is written once per
+chunk (no ``V × d`` float32 buffer). Matmul work: ``1 + 3·capacity/N`` matmul equivalents (1.75 at a
+capacity of ``N/4``) against 3 for a full-gradient fused kernel. Storing the selected rows' softmax during the
+forward is not possible within the budget: the selection exists only after every row is scored, and the
+``capacity × V`` buffer (1 GiB in bf16 at ``4096 × 128256``) is four times the default budget.
+
+**Memory heuristic** (:func:`plan_chunks`; ``e`` = element size of the inputs, ``ℓ`` of ``logits_dtype``,
+``B`` = ``memory_budget_bytes``, default 0.25 GiB): forward blocks of ``R = round_down_128(7/8·B / (V·(ℓ +
+s)))`` rows (``s = 0`` with the Pallas statistics kernel, 16 for the XLA reference's float32 temporaries);
+backward chunks of ``C = round_down_128((7/8·B − cap·d·(4 + e)) / (cap·(ℓ + 8 + e)))`` columns (at least
+128), the fixed part being the float32 ``∂H_S`` accumulator and ``H_S``. The gradients are outputs, not
+working memory.
+
+Everything is jit-safe with static shapes; the configuration (and the chunk sizes, ``capacity``,
+``weight_layout``, ``logits_dtype``) are static.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cggr_jax import curriculum, selection as selection_mod, utils
+from cggr_jax import loss as _loss
+from cggr_jax import scoring as _sc
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "ChunkPlan",
+    "FusedLinearCGGROutput",
+    "plan_chunks",
+    "max_selected",
+    "fused_linear_cggr",
+    "fused_linear_cggr_loss",
+    "fused_linear_scores",
+    "decoder_lm_hidden_states",
+    "decoder_lm_cggr_loss",
+]
+
+#: Default working-memory budget (bytes): 0.25 GiB.
+DEFAULT_MEMORY_BUDGET: int = 2**28
+
+_WEIGHT_LAYOUTS = ("vd", "dv")
+_REFERENCE_STAT_BYTES = 16
+_ALIGN = 128
+_FILL = 0.875
+_CONFIG_FIELDS = ("scoring", "selection", "dynamic_threshold", "threshold_sensitivity", "min_tokens_ratio",
+                  "warmup_steps", "num_strata", "min_tokens_per_sequence", "ignore_index", "ratio_schedule")
+
+
+# ============================================================================================ chunk plan
+class ChunkPlan(NamedTuple):
+    """``row_chunk`` rows per forward block, ``vocab_chunk`` columns per backward step."""
+
+    row_chunk: int
+    vocab_chunk: int
+
+
+def _round_down(x: int, align: int = _ALIGN) -> int:
+    return (x // align) * align if x >= align else max(1, x)
+
+
+def _positive_int(value: Any, name: str, allow_none: bool = True) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    return utils.check_int(value, name, minimum=1)
+
+
+def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, *,
+                selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+                statistics_kernel: bool = False, logits_dtype: Any = None) -> ChunkPlan:
+    """Chunk sizes that keep the working memory near ``memory_budget_bytes`` (see the module docstring).
+
+    Args:
+        num_rows: ``N``; hidden_dim: ``d``; vocab_size: ``V``.
+        dtype: dtype of the hidden states and weight; ``logits_dtype``: that of the logits (default ``dtype``).
+        selected_rows: rows of the backward buffer (``capacity``; ``N`` when None).
+        memory_budget_bytes: the budget (default 0.25 GiB).
+        statistics_kernel: True when the statistics come from the Pallas kernel (no float32 temporaries).
+    """
+    num_rows = utils.check_int(num_rows, "num_rows", minimum=0)
+    hidden_dim = utils.check_int(hidden_dim, "hidden_dim", minimum=0)
+    vocab_size = utils.check_int(vocab_size, "vocab_size", minimum=1)
+    budget = utils.check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
+    e = jnp.dtype(dtype).itemsize
+    ell = jnp.dtype(dtype if logits_dtype is None else logits_dtype).itemsize
+    target = int(_FILL * budget)
+    per_row = vocab_size * (ell + (0 if statistics_kernel else _REFERENCE_STAT_BYTES))
+    row_chunk = min(max(1, num_rows), _round_down(target // per_row))
+    k = max(1, num_rows if selected_rows is None else int(selected_rows))
+    fixed = k * hidden_dim * (4 + e)
+    per_col = k * (ell + 8 + e)
+    cols = (target - fixed) // per_col if target > fixed else 0
+    vocab_chunk = min(vocab_size, max(min(_ALIGN, vocab_size), _round_down(int(cols))))
+    return ChunkPlan(int(row_chunk), int(vocab_chunk))
+
+
+def _num_selected_host(n: int, ratio: np.float32) -> int:
+    """SPEC §5.3 on the host (exact integers)."""
+    if n == 0:
+        return 0
+    r_q = int(np.round(np.float32(np.float32(ratio) * np.float32(65536.0))))
+    return min(n, max(1, (r_q * n + 32768) // 65536))
+
+
+def max_selected(num_tokens: int, num_sequences: int = 1, *, selection: str = "topk",
+                 dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
+                 min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, min_tokens_per_sequence: int = 1,
+                 ratio_schedule: Optional[Callable[[Any], Any]] = None) -> int:
+    """The largest number of tokens the configuration can select from ``num_tokens`` (the default capacity).
+
+    The ratio's maximum over all steps and batches: 1 with a ``ratio_schedule`` (unknown) or a linear warmup
+    (``warmup_steps > 0`` starts at 1); otherwise ``min_tokens_ratio``, raised by the dynamic threshold to at
+    most ``min(1, r·(1 + threshold_sensitivity))`` (``c̄ ≥ 0``). ``k`` is monotone in the ratio and in ``n``,
+    so ``k_max = num_selected(N, r_max)``; ``sequence_aware`` adds up to ``min_tokens_per_sequence`` per
+    sequence. Capped at ``num_tokens``.
+    """
+    num_tokens = utils.check_int(num_tokens, "num_tokens", minimum=0)
+    num_sequences = utils.check_int(num_sequences, "num_sequences", minimum=1)
+    if ratio_schedule is not None or warmup_steps > 0:
+        r_max = np.float32(1.0)
+    else:
+        r_max = np.float32(min_tokens_ratio)
+        if dynamic_threshold and selection != "fixed_quota":
+            f32 = np.float32   # SPEC §5.2 at c̄ = 0, in host float32 (callable while tracing)
+            r_max = min(f32(1.0), f32(r_max * f32(f32(1.0) + f32(f32(1.0) * f32(threshold_sensitivity)))))
+    k = _num_selected_host(num_tokens, r_max)
+    if selection == "sequence_aware":
+        k += num_sequences * int(min_tokens_per_sequence)
+    return min(num_tokens, k)
+
+
+# ============================================================================================ config
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static configuration of one fused call (hashable: a ``jit`` static argument)."""
+
+    scoring: str
+    selection: str
+    dynamic_threshold: bool
+    threshold_sensitivity: float
+    min_tokens_ratio: float
+    warmup_steps: int
+    num_strata: int
+    min_tokens_per_sequence: int
+    ignore_index: int
+    ratio_schedule: Optional[Callable[[Any], Any]]
+    capacity: int
+    row_chunk: int
+    vocab_chunk: int
+    weight_layout: str
+    logits_dtype: str
+    statistics_kernel: bool
+
+
+def _check_loss_config(scoring_name: Any, selection: Any, dynamic_threshold: Any, threshold_sensitivity: Any,
+                       min_tokens_ratio: Any, warmup_steps: Any, num_strata: Any, min_tokens_per_sequence: Any,
+                       ignore_index: Any, ratio_schedule: Any) -> dict[str, Any]:
+    utils.check_choice(scoring_name, "scoring", _sc.SCORING_MODES)
+    utils.check_choice(selection, "selection", selection_mod.SELECTION_STRATEGIES)
+    if not isinstance(dynamic_threshold, bool):
+        raise ValueError(f"dynamic_threshold: expected a bool, got {dynamic_threshold!r}")
+    return dict(
+        scoring=scoring_name, selection=selection, dynamic_threshold=dynamic_threshold,
+        threshold_sensitivity=utils.check_real(threshold_sensitivity, "threshold_sensitivity", low=0.0),
+        min_tokens_ratio=utils.check_real(min_tokens_ratio, "min_tokens_ratio", low=0.0, high=1.0,
+                                          low_inclusive=False),
+        warmup_steps=utils.check_int(warmup_steps, "warmup_steps", minimum=0),
+        num_strata=utils.check_int(num_strata, "num_strata", minimum=1, maximum=selection_mod.MAX_STRATA),
+        min_tokens_per_sequence=utils.check_int(min_tokens_per_sequence, "min_tokens_per_sequence", minimum=0),
+        ignore_index=utils.check_int(ignore_index, "ignore_index"),
+        ratio_schedule=_check_schedule(ratio_schedule),
+    )
+
+
+def _check_schedule(ratio_schedule: Any) -> Optional[Callable[[Any], Any]]:
+    if ratio_schedule is not None and not callable(ratio_schedule):
+        raise ValueError(f"ratio_schedule: expected None or a callable step -> ratio in (0, 1], got "
+                         f"{type(ratio_schedule).__name__}")
+    return ratio_schedule
+
+
+def _config_from_loss_fn(loss_fn: Any) -> dict[str, Any]:
+    """The loss configuration of a ``cggr_jax.loss.CGGRLoss``-like object (its constructor's field names)."""
+    missing = [name for name in _CONFIG_FIELDS if not hasattr(loss_fn, name)]
+    if missing:
+        raise ValueError(f"loss_fn: expected a cggr_jax CGGRLoss (with attributes {_CONFIG_FIELDS}), got "
+                         f"{type(loss_fn).__name__} without {missing}")
+    return {name: getattr(loss_fn, name) for name in _CONFIG_FIELDS}
+
+
+# ========================================================================================= input checks
+def _describe(x: Any) -> str:
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        return type(x).__name__
+    return f"an array of dtype {dtype} and shape {tuple(shape)}"
+
+
+def _check_linear(hidden: Any, weight: Any, bias: Any, weight_layout: str) -> tuple[int, int]:
+    """Static checks of ``hidden``, ``weight``, ``bias``; returns ``(d, V)``."""
+    utils.check_choice(weight_layout, "weight_layout", _WEIGHT_LAYOUTS)
+    h_dtype = getattr(hidden, "dtype", None)
+    h_shape = getattr(hidden, "shape", None)
+    if h_dtype is None or h_shape is None or len(h_shape) not in (2, 3) \
+            or not jnp.issubdtype(h_dtype, jnp.floating):
+        raise ValueError(f"hidden: expected a floating (N, d) or (B, T, d) array, got {_describe(hidden)}")
+    d = int(h_shape[-1])
+    w_shape = getattr(weight, "shape", None)
+    w_dtype = getattr(weight, "dtype", None)
+    want = f"(V, {d})" if weight_layout == "vd" else f"({d}, V)"
+    if w_shape is None or w_dtype is None or len(w_shape) != 2:
+        raise ValueError(f"weight: expected the LM head weight of shape {want} (weight_layout="
+                         f"{weight_layout!r}), got {_describe(weight)}")
+    w_d, V = (w_shape[1], w_shape[0]) if weight_layout == "vd" else (w_shape[0], w_shape[1])
+    if w_d != d:
+        raise ValueError(f"weight: expected shape {want} with d = hidden.shape[-1] = {d} (weight_layout="
+                         f"{weight_layout!r}), got {tuple(w_shape)}")
+    if V < 1:
+        raise ValueError(f"weight: the vocabulary dimension V must be >= 1, got shape {tuple(w_shape)}")
+    if w_dtype != h_dtype:
+        raise ValueError(f"weight: expected dtype {h_dtype} (that of hidden), got {w_dtype}; cast one of them")
+    if bias is not None:
+        b_shape = getattr(bias, "shape", None)
+        if b_shape is None or tuple(b_shape) != (V,):
+            raise ValueError(f"bias: expected None or an array of shape ({V},), got {_describe(bias)}")
+        if bias.dtype != h_dtype:
+            raise ValueError(f"bias: expected dtype {h_dtype} (that of hidden), got {bias.dtype}")
+    return d, int(V)
+
+
+def _check_labels(labels: Any, hidden_shape: tuple[int, ...], vocab_size: int, ignore_index: int) -> jax.Array:
+    labels = utils.as_targets(labels, tuple(hidden_shape[:-1]) + (vocab_size,), "labels")
+    utils.check_target_range(labels, vocab_size, ignore_index, "labels")
+    return labels
+
+
+def _resolve_logits_dtype(logits_dtype: Any, hidden_dtype: Any) -> str:
+    dt = jnp.dtype(hidden_dtype if logits_dtype is None else logits_dtype)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"logits_dtype: expected None or a floating dtype, got {logits_dtype!r}")
+    return dt.name
+
+
+def _statistics_kernel() -> bool:
+    """Whether the statistics go to the Pallas kernel (decided outside any trace, a static argument)."""
+    return _sc.use_kernel()
+
+
+# ==================================================================================== blockwise scoring
+def _logits(h: jax.Array, w: jax.Array, b: Optional[jax.Array], layout: str, ldt: Any) -> jax.Array:
+    """``h Wᵀ + b`` in ``ldt`` with float32 accumulation (``w`` in the given layout)."""
+    contract = ((1,), (1,)) if layout == "vd" else ((1,), (0,))
+    z = jax.lax.dot_general(h, w, (contract, ((), ())), preferred_element_type=jnp.float32)
+    if b is not None:
+        z = z + b.astype(jnp.float32)
+    return z.astype(ldt)
+
+
+def _blockwise_statistics(h2: jax.Array, w: jax.Array, b: Optional[jax.Array], safe: Optional[jax.Array],
+                          has_target: Optional[jax.Array], ignore_index: int, row_chunk: int, layout: str,
+                          ldt: Any, kernel: bool) -> _sc.TokenStatistics:
+    """Flat SPEC §2 statistics of ``h2 Wᵀ + b`` from ``row_chunk``-row logit blocks."""
+    N = h2.shape[0]
+    R = max(1, min(row_chunk, N)) if N else 1
+    n_full = N // R
+    tail = N - n_full * R
+
+    def block(h_c: jax.Array, t_c: Optional[jax.Array], m_c: Optional[jax.Array]) -> _sc.TokenStatistics:
+        return _sc.dispatch_statistics(_logits(h_c, w, b, layout, ldt), t_c, m_c, ignore_index, kernel=kernel)
+
+    parts: list[_sc.TokenStatistics] = []
+    if n_full > 0:
+        def body(carry: None, i: jax.Array) -> tuple[None, _sc.TokenStatistics]:
+            r0 = i * R
+            h_c = jax.lax.dynamic_slice_in_dim(h2, r0, R, 0)
+            t_c = None if safe is None else jax.lax.dynamic_slice_in_dim(safe, r0, R, 0)
+            m_c = None if has_target is None else jax.lax.dynamic_slice_in_dim(has_target, r0, R, 0)
+            return carry, block(h_c, t_c, m_c)
+
+        _, ys = jax.lax.scan(body, None, jnp.arange(n_full, dtype=jnp.int32))
+        parts.append(_sc.TokenStatistics(*(y.reshape(-1) for y in ys)))
+    if tail > 0:
+        r0 = n_full * R
+        parts.append(block(h2[r0:], None if safe is None else safe[r0:],
+                           None if has_target is None else has_target[r0:]))
+    if not parts:
+        empty = jnp.zeros((0,), jnp.float32)
+        return _sc.TokenStatistics(empty, empty, empty, empty, empty)
+    if len(parts) == 1:
+        return parts[0]
+    return _sc.TokenStatistics(*(jnp.concatenate(xs) for xs in zip(*parts)))
+
+
+# ============================================================================================ backward
+@dataclasses.dataclass(frozen=True)
+class _BackwardPlan:
+    vocab_chunk: int
+    weight_layout: str
+    logits_dtype: str
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _selected_rows_loss(plan: _BackwardPlan, hidden2d: jax.Array, weight: jax.Array, bias: Optional[jax.Array],
+                        loss_value: jax.Array, rows: jax.Array, row_weight: jax.Array, row_target: jax.Array,
+                        row_lse: jax.Array) -> jax.Array:
+    """Returns ``loss_value``; its VJP is the selective cross-entropy gradient of the buffered rows."""
+    return loss_value
+
+
+def _selected_rows_fwd(plan: _BackwardPlan, hidden2d: jax.Array, weight: jax.Array, bias: Optional[jax.Array],
+                       loss_value: jax.Array, rows: jax.Array, row_weight: jax.Array, row_target: jax.Array,
+                       row_lse: jax.Array) -> tuple[jax.Array, tuple[Any, ...]]:
+    return loss_value, (hidden2d, weight, bias, rows, row_weight, row_target, row_lse)
+
+
+def _vocab_slice(x: jax.Array, start: Any, size: int, axis: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _selected_rows_bwd(plan: _BackwardPlan, res: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
+    hidden2d, weight, bias, rows, row_weight, row_target, row_lse = res
+    N, d = hidden2d.shape
+    layout = plan.weight_layout
+    v_axis = 0 if layout == "vd" else 1
+    V = weight.shape[v_axis]
+    cap = rows.shape[0]
+    cdt = hidden2d.dtype
+    ldt = jnp.dtype(plan.logits_dtype)
+    if cap == 0:
+        gb0 = None if bias is None else jnp.zeros_like(bias)
+        return (jnp.zeros_like(hidden2d), jnp.zeros_like(weight), gb0) + (None,) * 5
+    live = row_weight > 0
+    w_rows = row_weight * g.astype(jnp.float32)
+    h_sel = jnp.where(live[:, None], hidden2d[rows], jnp.zeros((), cdt))
+    lse_col = row_lse[:, None]
+
+    def chunk(v0: Any, size: int) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+        w_c = _vocab_slice(weight, v0, size, v_axis)
+        b_c = None if bias is None else _vocab_slice(bias, v0, size, 0)
+        z = _logits(h_sel, w_c, b_c, layout, ldt).astype(jnp.float32)
+        cols = v0 + jnp.arange(size, dtype=jnp.int32)
+        onehot = (row_target[:, None] == cols[None, :]).astype(jnp.float32)
+        gz = jnp.where(live[:, None], (jnp.exp(z - lse_col) - onehot) * w_rows[:, None], 0.0)
+        gz_c = gz.astype(cdt)
+        if layout == "vd":   # w_c (C, d)
+            gh = jax.lax.dot_general(gz_c, w_c, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            gw = jax.lax.dot_general(gz_c, h_sel, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        else:                # w_c (d, C)
+            gh = jax.lax.dot_general(gz_c, w_c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            gw = jax.lax.dot_general(h_sel, gz_c, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        gb = None if bias is None else jnp.sum(gz, axis=0)
+        return gh, gw.astype(weight.dtype), gb
+
+    C = max(1, min(plan.vocab_chunk, V))
+    n_full = V // C
+    tail = V - n_full * C
+    acc_h = jnp.zeros((cap, d), jnp.float32)
+    grad_w = jnp.zeros_like(weight)
+    grad_b = None if bias is None else jnp.zeros((V,), jnp.float32)
+
+    def body(i: jax.Array, carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        a_h, g_w, g_b = carry
+        v0 = i * C
+        gh, gw, gb = chunk(v0, C)
+        g_w = jax.lax.dynamic_update_slice_in_dim(g_w, gw, v0, v_axis)
+        if g_b is not None:
+            g_b = jax.lax.dynamic_update_slice_in_dim(g_b, gb, v0, 0)
+        return a_h + gh, g_w, g_b
+
+    if n_full > 0:
+        acc_h, grad_w, grad_b = jax.lax.fori_loop(0, n_full, body, (acc_h, grad_w, grad_b))
+    if tail > 0:
+        v0 = n_full * C
+        gh, gw, gb = chunk(v0, tail)
+        acc_h = acc_h + gh
+        grad_w = jax.lax.dynamic_update_slice_in_dim(grad_w, gw, v0, v_axis)
+        if grad_b is not None:
+            grad_b = grad_b.at[v0:].set(gb)
+    # Rows are distinct except the padding slots (row 0, value exactly 0), so an add in the output dtype is
+    # exact and needs no N × d float32 buffer.
+    acc_h = jnp.where(live[:, None], acc_h, 0.0).astype(cdt)
+    grad_h = jnp.zeros((N, d), cdt).at[rows].add(acc_h)
+    grad_b_out = None if bias is None else grad_b.astype(bias.dtype)
+    return (grad_h, grad_w, grad_b_out) + (None,) * 5
+
+
+_selected_rows_loss.defvjp(_selected_rows_fwd, _selected_rows_bwd)
+
+
+# ================================================================================================ core
+class FusedLinearCGGROutput(NamedTuple):
+    """Result of :func:`fused_linear_cggr`.
+
+    Attributes:
+        loss: float32 scalar (differentiable w.r.t. ``hidden``, ``weight``, ``bias``).
+        metrics: dict of scalar arrays, keys :data:`cggr_jax.loss.NUMERIC_METRIC_KEYS` (SPEC §10; usable with
+            ``metrics_to_dict`` and ``advance_curriculum``).
+        mask: bool selection actually in the loss (token shape).
+        scores: :class:`cggr_jax.scoring.TokenScores` of every token.
+        tokens_over_capacity: int32 scalar, selected tokens that did not fit in ``capacity`` (0 by default).
+    """
+
+    loss: jax.Array
+    metrics: dict[str, jax.Array]
+    mask: jax.Array
+    scores: _sc.TokenScores
+    tokens_over_capacity: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _fused(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labels: jax.Array, step: jax.Array,
+           cfg: _Config) -> FusedLinearCGGROutput:
+    token_shape = labels.shape
+    d = hidden.shape[-1]
+    h2 = hidden.reshape(-1, d)
+    N = h2.shape[0]
+    V = weight.shape[0] if cfg.weight_layout == "vd" else weight.shape[1]
+    ldt = jnp.dtype(cfg.logits_dtype)
+    flat_labels = labels.reshape(-1)
+    not_ignored, in_range, safe = utils.target_masks(flat_labels, V, cfg.ignore_index)
+    has_t = not_ignored & in_range
+    sg = jax.lax.stop_gradient
+    flat = _blockwise_statistics(sg(h2), sg(weight), None if bias is None else sg(bias), safe, has_t,
+                                 cfg.ignore_index, cfg.row_chunk, cfg.weight_layout, ldt, cfg.statistics_kernel)
+    stats = _sc.TokenStatistics(*(x.reshape(token_shape) for x in flat))
+    has_t2 = has_t.reshape(token_shape)
+    difficulty = _sc.difficulty_from_statistics(stats, cfg.scoring, has_targets=True)
+    elig = has_t2 & _sc.row_finite(stats, has_t2) & ~jnp.isnan(difficulty)
+    scores = _sc.TokenScores(difficulty, elig, has_t2, stats)
+    n = jnp.sum(elig, dtype=jnp.int32)
+    denom = jnp.maximum(n, 1).astype(jnp.float32)
+
+    def mean_eligible(x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.where(elig, x, 0.0), dtype=jnp.float32) / denom
+
+    avg_conf = mean_eligible(stats.confidence)
+    schedule = cfg.ratio_schedule or curriculum.linear_warmup_ratio(cfg.min_tokens_ratio, cfg.warmup_steps)
+    base = jnp.asarray(schedule(step)).astype(jnp.float32).reshape(())
+    if cfg.dynamic_threshold and cfg.selection != "fixed_quota":
+        ratio = curriculum.dynamic_ratio(base, avg_conf, cfg.threshold_sensitivity)
+    else:
+        ratio = base
+    mask, _k = selection_mod.select_tokens(difficulty, elig, ratio, selection=cfg.selection,
+                                           num_strata=cfg.num_strata,
+                                           min_tokens_per_sequence=cfg.min_tokens_per_sequence)
+    # The fixed-size buffer: selected tokens in rank order (hardest first), the first `capacity` kept.
+    mask_f = mask.reshape(-1)
+    rank = selection_mod.rank_tokens(difficulty, elig).reshape(-1)
+    key = jnp.where(mask_f, rank, jnp.int32(N))
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    position = jnp.zeros((N,), jnp.int32).at[order].set(jnp.arange(N, dtype=jnp.int32))
+    count = jnp.sum(mask_f, dtype=jnp.int32)
+    cap = cfg.capacity
+    kept_mask = mask_f & (position < cap)
+    kept = jnp.minimum(count, cap)
+    sel_denom = jnp.maximum(kept, 1).astype(jnp.float32)
+    loss_value = jnp.sum(jnp.where(kept_mask, flat.nll, 0.0), dtype=jnp.float32) / sel_denom
+    slot_live = jnp.arange(cap, dtype=jnp.int32) < kept
+    rows = jnp.where(slot_live, order[:cap], 0)
+    row_weight = jnp.where(slot_live, 1.0 / sel_denom, 0.0).astype(jnp.float32)
+    row_target = jnp.where(slot_live, safe[rows], 0)
+    row_lse = jnp.where(slot_live, flat.lse[rows], 0.0)
+    plan = _BackwardPlan(cfg.vocab_chunk, cfg.weight_layout, cfg.logits_dtype)
+    loss = _selected_rows_loss(plan, h2, weight, bias, sg(loss_value), rows, row_weight, row_target, row_lse)
+    valid = has_t2
+    values = {
+        "step": jnp.asarray(step, jnp.int32),
+        "token_ratio": base,
+        "effective_ratio": ratio,
+        "tokens_selected": kept,
+        "tokens_total": n,
+        "tokens_nonfinite": jnp.sum(valid & ~elig, dtype=jnp.int32),
+        "tokens_out_of_range": jnp.sum(not_ignored & ~in_range, dtype=jnp.int32),
+        "avg_confidence": avg_conf,
+        "avg_entropy": mean_eligible(stats.entropy),
+        "avg_difficulty": mean_eligible(difficulty),
+    }
+    metrics = {key: values[key] for key in _loss.NUMERIC_METRIC_KEYS}
+    return FusedLinearCGGROutput(loss, metrics, kept_mask.reshape(token_shape), scores, count - kept)
+
+
+def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, labels: jax.Array, step: Any, *,
+                      bias: Optional[jax.Array] = None, loss_fn: Any = None, scoring: str = "combined",
+                      selection: str = "topk", dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
+                      min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
+                      min_tokens_per_sequence: int = 1, ignore_index: int = -100,
+                      ratio_schedule: Optional[Callable[[Any], Any]] = None, capacity: Optional[int] = None,
+                      row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
+                      memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, weight_layout: str = "vd",
+                      logits_dtype: Any = None) -> FusedLinearCGGROutput:
+    """CGGR loss of the LM head ``z = hidden · Wᵀ + bias`` without materialising the logits (jit-safe).
+
+    Equal (up to float rounding of the chunked matmuls) to the CGGR loss of the materialised logits with the
+    default cross-entropy, in value, gradients and selection — as long as ``|S| ≤ capacity``.
+
+    Args:
+        hidden: ``(N, d)`` or ``(B, T, d)`` floating array, aligned with ``labels`` (a causal LM shifts first;
+            a 3-D input's rows are the sequences of ``sequence_aware``).
+        weight: the LM head, ``(V, d)`` (``weight_layout="vd"``) or ``(d, V)`` (``"dv"``), dtype of ``hidden``.
+        labels: integer array of the token shape; values in ``[0, V)`` or ``ignore_index`` (concrete
+            out-of-range values raise; traced ones make the token ineligible, metric ``tokens_out_of_range``).
+        step: curriculum step (int or integer scalar array, may be traced).
+        bias: optional ``(V,)`` bias, dtype of ``hidden``.
+        loss_fn: optional ``cggr_jax`` ``CGGRLoss`` whose configuration is used instead of the keyword
+            arguments below (then they must keep their defaults).
+        scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio, warmup_steps,
+        num_strata, min_tokens_per_sequence, ignore_index, ratio_schedule: the CGGR configuration (SPEC).
+        capacity: static size of the selected-rows buffer (default :func:`max_selected`).
+        row_chunk_size, vocab_chunk_size, memory_budget_bytes: chunking (default :func:`plan_chunks`).
+        weight_layout: ``"vd"`` or ``"dv"``.
+        logits_dtype: dtype of the recomputed logits (default: that of ``hidden``; float32 matches a head
+            computed with ``preferred_element_type=float32`` such as ``cggr_jax.models.DecoderLM``).
+
+    Returns:
+        :class:`FusedLinearCGGROutput`.
+
+    Raises:
+        ValueError: bad shapes/dtypes/configuration; concrete labels out of range; concrete inputs whose
+            selection exceeds ``capacity``.
+    """
+    given = dict(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+                 threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+                 warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
+                 ignore_index=ignore_index, ratio_schedule=ratio_schedule)
+    if loss_fn is not None:
+        defaults = dict(scoring="combined", selection="topk", dynamic_threshold=True, threshold_sensitivity=0.5,
+                        min_tokens_ratio=0.25, warmup_steps=1000, num_strata=4, min_tokens_per_sequence=1,
+                        ignore_index=-100, ratio_schedule=None)
+        changed = [k for k, v in given.items() if v is not defaults[k] and v != defaults[k]]
+        if changed:
+            raise ValueError(f"loss_fn: pass either loss_fn or the configuration keywords, not both (got {changed})")
+        given = _config_from_loss_fn(loss_fn)
+    conf = _check_loss_config(given["scoring"], given["selection"], given["dynamic_threshold"],
+                              given["threshold_sensitivity"], given["min_tokens_ratio"], given["warmup_steps"],
+                              given["num_strata"], given["min_tokens_per_sequence"], given["ignore_index"],
+                              given["ratio_schedule"])
+    _positive_int(row_chunk_size, "row_chunk_size")
+    _positive_int(vocab_chunk_size, "vocab_chunk_size")
+    utils.check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
+    d, V = _check_linear(hidden, weight, bias, weight_layout)
+    labels = _check_labels(labels, tuple(hidden.shape), V, conf["ignore_index"])
+    step_arr = curriculum.check_step(step)
+    token_shape = tuple(hidden.shape[:-1])
+    N = int(np.prod(token_shape))
+    num_seq = token_shape[0] if len(token_shape) == 2 else 1
+    if capacity is None:
+        cap = max_selected(N, max(1, num_seq), **{k: conf[k] for k in (
+            "selection", "dynamic_threshold", "threshold_sensitivity", "min_tokens_ratio", "warmup_steps",
+            "min_tokens_per_sequence", "ratio_schedule")})
+    else:
+        cap = utils.check_int(capacity, "capacity", minimum=min(1, N), maximum=N)
+    ldt = _resolve_logits_dtype(logits_dtype, hidden.dtype)
+    kernel = _statistics_kernel()
+    plan = plan_chunks(N, d, V, hidden.dtype, selected_rows=cap, memory_budget_bytes=memory_budget_bytes,
+                       statistics_kernel=kernel, logits_dtype=ldt)
+    cfg = _Config(capacity=cap, row_chunk=row_chunk_size or plan.row_chunk,
+                  vocab_chunk=vocab_chunk_size or plan.vocab_chunk, weight_layout=weight_layout,
+                  logits_dtype=ldt, statistics_kernel=kernel, **conf)
+    out = _fused(hidden, weight, bias, labels, step_arr, cfg)
+    concrete = not any(utils.is_traced(x) for x in (hidden, weight, bias, labels, step_arr) if x is not None)
+    if concrete:
+        over = int(out.tokens_over_capacity)
+        if over > 0:
+            raise ValueError(f"capacity: {cap} rows cannot hold the {cap + over} selected tokens; pass "
+                             f"capacity >= {cap + over} or leave it None (max_selected)")
+    return out
+
+
+def fused_linear_cggr_loss(hidden: jax.Array, weight: jax.Array, labels: jax.Array, step: Any,
+                           **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(loss, metrics)`` of :func:`fused_linear_cggr` (same arguments), for ``jax.value_and_grad(...,
+    has_aux=True)``."""
+    out = fused_linear_cggr(hidden, weight, labels, step, **kwargs)
+    return out.loss, out.metrics
+
+
+# ================================================================================ forward-only scores
+@functools.partial(jax.jit, static_argnames=("scoring_name", "ignore_index", "row_chunk", "layout", "ldt",
+                                             "kernel"))
+def _scores(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labels: Optional[jax.Array],
+            valid_mask: Optional[jax.Array], scoring_name: str, ignore_index: int, row_chunk: int, layout: str,
+            ldt: str, kernel: bool) -> _sc.TokenScores:
+    token_shape = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    V = weight.shape[0] if layout == "vd" else weight.shape[1]
+    if labels is None:
+        safe = has_t = None
+        valid = jnp.ones(token_shape, bool)
+    else:
+        not_ignored, in_range, safe = utils.target_masks(labels.reshape(-1), V, ignore_index)
+        has_t = not_ignored & in_range
+        valid = has_t.reshape(token_shape)
+    flat = _blockwise_statistics(h2, weight, bias, safe, has_t, ignore_index, row_chunk, layout, jnp.dtype(ldt),
+                                 kernel)
+    stats = _sc.TokenStatistics(*(x.reshape(token_shape) for x in flat))
+    if valid_mask is not None:
+        valid = valid & valid_mask
+    d = _sc.difficulty_from_statistics(stats, scoring_name, has_targets=labels is not None)
+    elig = valid & _sc.row_finite(stats, None if has_t is None else has_t.reshape(token_shape)) & ~jnp.isnan(d)
+    return _sc.TokenScores(d, elig, valid, stats)
+
+
+def fused_linear_scores(hidden: jax.Array, weight: jax.Array, labels: Optional[jax.Array] = None,
+                        bias: Optional[jax.Array] = None, *, scoring: str = "combined", ignore_index: int = -100,
+                        valid_mask: Optional[jax.Array] = None, row_chunk_size: Optional[int] = None,
+                        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, weight_layout: str = "vd",
+                        logits_dtype: Any = None) -> _sc.TokenScores:
+    """SPEC §2-§4 scores of ``hidden · Wᵀ + bias`` without materialising the logits (router use).
+
+    Equal to ``cggr_jax.scoring.score_tokens(logits, labels, ...)`` up to the rounding of the chunked matmuls;
+    arguments as :func:`fused_linear_cggr` and :func:`cggr_jax.scoring.score_tokens`. No gradient is defined
+    (wrap the inputs in ``jax.lax.stop_gradient`` when used inside a differentiated function).
+    """
+    scoring_name = scoring
+    utils.check_choice(scoring_name, "scoring", _sc.SCORING_MODES)
+    if scoring_name == "loss" and labels is None:
+        raise ValueError("labels: scoring='loss' needs labels, got None")
+    ignore_index = utils.check_int(ignore_index, "ignore_index")
+    _positive_int(row_chunk_size, "row_chunk_size")
+    utils.check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
+    d, V = _check_linear(hidden, weight, bias, weight_layout)
+    token_shape = tuple(hidden.shape[:-1])
+    if labels is not None:
+        labels = _check_labels(labels, tuple(hidden.shape), V, ignore_index)
+    if valid_mask is not None:
+        if getattr(valid_mask, "dtype", None) != jnp.bool_ or tuple(getattr(valid_mask, "shape", ())) != token_shape:
+            raise ValueError(f"valid_mask: expected a bool array of shape {token_shape}, got {_describe(valid_mask)}")
+    ldt = _resolve_logits_dtype(logits_dtype, hidden.dtype)
+    N = int(np.prod(token_shape))
+    kernel = _statistics_kernel()
+    row_chunk = row_chunk_size or plan_chunks(N, d, V, hidden.dtype, memory_budget_bytes=memory_budget_bytes,
+                                              statistics_kernel=kernel, logits_dtype=ldt).row_chunk
+    return _scores(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight),
+                   None if bias is None else jax.lax.stop_gradient(bias), labels, valid_mask,
+                   scoring_name=scoring_name, ignore_index=ignore_index, row_chunk=row_chunk, layout=weight_layout,
+                   ldt=ldt, kernel=kernel)
+
+
+
+# ============================================================================================ DecoderLM
+def decoder_lm_hidden_states(model: Any, input_ids: jax.Array,
+                             attention_mask: Optional[jax.Array] = None) -> jax.Array:
+    """Final (normed) hidden states ``(B, T, d)`` of a :class:`cggr_jax.models.DecoderLM`: the input of its
+    LM head.
+
+    Uses ``model.hidden_states(input_ids, attention_mask)`` when the model defines it; otherwise runs the
+    model's documented sub-modules (``embed``, ``layers``, ``final_norm``) exactly as ``DecoderLM.__call__``
+    does before its head.
+    """
+    from cggr_jax import models
+
+    if not isinstance(model, models.DecoderLM):
+        raise ValueError(f"model: expected a cggr_jax.models.DecoderLM, got {type(model).__name__}")
+    method = getattr(model, "hidden_states", None)
+    if callable(method):
+        return method(input_ids, attention_mask)
+    models._check_inputs(model.config, input_ids, attention_mask)
+    x = model.embed(jnp.asarray(input_ids).astype(jnp.int32))
+    for block in list(model.layers):
+        x = block(x, attention_mask)
+    return model.final_norm(x)
+
+
+def decoder_lm_cggr_loss(model: Any, input_ids: jax.Array, labels: jax.Array, step: Any, *,
+                         attention_mask: Optional[jax.Array] = None,
+                         **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CGGR loss of a :class:`cggr_jax.models.DecoderLM` without materialising its ``(B, T, V)`` logits.
+
+    ``hidden = decoder_lm_hidden_states(model, input_ids, attention_mask)``; the head weight is
+    ``model.lm_head.kernel`` (``(d, V)``, ``weight_layout="dv"``) or, with tied embeddings,
+    ``model.embed.embedding`` (``(V, d)``), cast to the model's compute dtype exactly as the model's head does;
+    logits are float32 like the model's (``logits_dtype=float32`` unless given). Labels are shifted (SPEC §1):
+    position ``t`` is scored against ``labels[:, t + 1]``, the last position and positions whose next token is
+    padding (``attention_mask[:, t + 1] == 0``) get ``ignore_index`` (the convention of SPEC §9). ``kwargs``
+    are those of :func:`fused_linear_cggr` (configuration, capacity, chunking). Differentiable w.r.t. the
+    model's parameters (use inside ``nnx.value_and_grad`` with ``has_aux=True``).
+    """
+    from cggr_jax import models
+
+    if not isinstance(model, models.DecoderLM):
+        raise ValueError(f"model: expected a cggr_jax.models.DecoderLM, got {type(model).__name__}")
+    ids_shape = getattr(input_ids, "shape", None)
+    if ids_shape is None or len(ids_shape) != 2:
+        raise ValueError(f"input_ids: expected an integer (B, T) array, got {_describe(input_ids)}")
+    labels = utils.as_targets(labels, tuple(ids_shape) + (model.config.vocab_size,), "labels")
+    loss_fn = kwargs.get("loss_fn")
+    ignore_index = kwargs.get("ignore_index", -100) if loss_fn is None else getattr(loss_fn, "ignore_index", -100)
+    ignore_index = utils.check_int(ignore_index, "ignore_index")
+    dtype = model.config.dtype
+    hidden = decoder_lm_hidden_states(model, input_ids, attention_mask).astype(dtype)
+    if model.lm_head is not None:
+        weight, layout = model.lm_head.kernel[...].astype(dtype), "dv"
+    else:
+        weight, layout = model.embed.embedding[...].astype(dtype), "vd"
+    labels = jnp.asarray(labels)
+    pad = jnp.full((labels.shape[0], 1), ignore_index, dtype=labels.dtype)
+    shifted = jnp.concatenate([labels[:, 1:], pad], axis=1)
+    if attention_mask is not None:
+        nxt = jnp.concatenate([jnp.asarray(attention_mask)[:, 1:] != 0,
+                               jnp.zeros((labels.shape[0], 1), bool)], axis=1)
+        shifted = jnp.where(nxt, shifted, jnp.asarray(ignore_index, labels.dtype))
+    kwargs.setdefault("logits_dtype", jnp.float32)
+    return fused_linear_cggr_loss(hidden, weight, shifted, step, weight_layout=layout, **kwargs)

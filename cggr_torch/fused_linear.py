@@ -1,0 +1,609 @@
+r"""Fused LM head + CGGR selective cross-entropy: the ``(N, V)`` logits are never held in memory.
+
+With hidden states ``h ∈ R^{N×d}``, an LM-head weight ``W ∈ R^{V×d}`` (the ``nn.Linear`` layout) and an
+optional bias ``b ∈ R^V``, the logits of token ``i`` are ``z_i = W h_i + b``. CGGR (SPEC §2-§8) needs every
+row's statistics to choose the selection ``S``, but only the selected rows in the loss::
+
+    loss = Σ_{i∈S} nll_i / max(1, |S|),     nll_i = lse_i − z_i[t_i]
+
+    g_i = ∂loss/∂z_i = (softmax(z_i) − onehot(t_i)) / max(1, |S|)      for i ∈ S, 0 otherwise
+    ∂loss/∂h_i = g_i W          (zero for every unselected row)
+    ∂loss/∂W   = Σ_{i∈S} g_iᵀ h_i = G_Sᵀ H_S
+    ∂loss/∂b   = Σ_{i∈S} g_i
+
+**Forward** (no gradient graph, no host synchronisation): the rows are processed in chunks of ``R`` rows;
+each chunk's logits ``Z_c = H_c Wᵀ + b`` (one cuBLAS matmul in the inputs' dtype, ``R × V``) go through
+:func:`cggr_torch.scoring.token_statistics`' dispatcher (the Triton one-pass scoring kernel on CUDA, the
+PyTorch reference elsewhere) and are dropped. Only the five float32 statistics per row survive. Then the
+difficulty (§3), eligibility (§4), ratio (§5), selection (§7) and the loss value ``Σ_S nll / |S|`` come from
+the statistics alone — the forward computes no extra matmul for the loss.
+
+**Backward** recomputes the logits of the selected rows only. The ``K = |S|`` selected rows are gathered
+(``H_S``: ``K × d``); for each vocabulary chunk ``[v0, v1)`` of ``C`` columns::
+
+    Z   = H_S W[v0:v1]ᵀ + b[v0:v1]                 (K × C, inputs' dtype, float32 accumulation in cuBLAS)
+    G   = (exp(Z − lse_S) − onehot) · grad / |S|   (float32, with the forward's saved lse)
+    ∂h_S   += G W[v0:v1]                            (float32 accumulator K × d)
+    ∂W[v0:v1] = Gᵀ H_S                              (one matmul over all K rows: float32 accumulation)
+    ∂b[v0:v1] = Σ_rows G                            (float32)
+
+so ``∂W`` is accumulated in float32 inside a single GEMM per vocabulary chunk (no ``V × d`` float32
+buffer), and every vocabulary chunk is visited once. Matmul work: one full forward (``2NVd`` FLOPs) plus three
+matmuls on the ``K`` selected rows (recompute, ``∂h``, ``∂W``: ``6KVd``), i.e. ``1 + 3ρ`` matmul
+equivalents at ratio ``ρ = K/N`` (1.75 at ``ρ = 0.25``) against 3 for a full-gradient fused kernel. Keeping the
+selected rows' softmax from the forward would save the recompute (1.5) but the selection is only known after
+*all* rows are scored, and the ``K × V`` buffer it needs (1 GiB in bf16 at ``K = 4096, V = 128256``) is four
+times the memory budget below; recomputation is therefore the design.
+
+The backward reads ``K`` on the host (to size the gathered buffer): on CUDA the count is copied to pinned
+memory with a non-blocking copy in the forward, and the backward waits only for that copy's event. The
+forward itself never synchronises. Unselected, ignored and non-finite rows are never read in the backward, so
+their gradient is exactly zero (never ``0·NaN``).
+
+**Memory heuristic** (:func:`plan_chunks`, overridable by ``row_chunk_size`` / ``vocab_chunk_size``; all
+sizes in bytes, ``e`` = element size of the inputs, ``B`` = ``memory_budget_bytes``, default 0.25 GiB):
+
+* forward: a chunk of ``R`` rows holds ``R·V·(e + s)`` bytes (``s = 0`` with the Triton statistics kernel,
+  which reads the logits in place; ``s = 28`` for the PyTorch reference's float32 temporaries), so
+  ``R = round_down_128(7/8 · B / (V·(e + s)))`` (at least 1, at most ``N``). At ``N = 16384, d = 2048,
+  V = 128256`` bf16 with the kernel: ``R = 896`` rows, 219 MiB of logits.
+* backward: ``K·d·(4 + 2e)`` bytes are fixed (float32 ``∂h_S`` accumulator, ``H_S``, one ``K × d`` partial
+  product) and a chunk of ``C`` columns adds ``K·C·(2e + 4)`` (``Z``, float32 ``G``, ``G`` in the inputs'
+  dtype), so ``C = round_down_128((7/8 · B − fixed) / (K·(2e + 4)))``, at least 128 (or ``V``). At
+  ``K = 4096`` (ratio 0.25) this is ``C = 5120``. The fixed part alone reaches ``7/8·B`` when
+  ``K·d·(4 + 2e) ≥ 7/8·B`` (``K ≥ 14336`` at ``d = 2048`` bf16, i.e. a ratio ≥ 0.875 of 16384 tokens, as
+  early in the warmup); ``C`` is then 128 and the working set exceeds the budget by that fixed part.
+
+The gradients themselves (``∂h``: ``N × d``, ``∂W``: ``V × d``, ``∂b``) are outputs, not working memory.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .curriculum import _host_step, dynamic_ratio
+from .loss import CGGRLoss, Schedule, _base_ratio, _Config, _make_config
+from .scoring import (
+    TokenScores,
+    TokenStatistics,
+    _load_kernel,
+    _score_from_statistics,
+    _statistics_dispatch,
+    use_kernels_for,
+)
+from .selection import select_tokens
+from .utils import FLOAT_DTYPES, check_scoring, check_target_range, is_integer_dtype
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "ChunkPlan",
+    "FusedLinearCGGROutput",
+    "FusedLinearCGGRLoss",
+    "plan_chunks",
+    "fused_linear_cggr",
+    "fused_linear_cggr_loss",
+    "fused_linear_scores",
+    "hf_causal_lm_cggr_loss",
+]
+
+#: Default working-memory budget of the fused loss (bytes): 0.25 GiB.
+DEFAULT_MEMORY_BUDGET: int = 2**28
+
+#: Float32 temporaries per logit of the PyTorch reference statistics (upcast, shift, exp, e·shift, top-2).
+_REFERENCE_STAT_BYTES = 28
+_ALIGN = 128
+_FILL = 0.875  # fraction of the budget a plan aims for (the caching allocator rounds blocks up)
+
+
+# ============================================================================================ chunk plan
+class ChunkPlan(NamedTuple):
+    """Chunk sizes of one call: ``row_chunk`` rows per forward matmul, ``vocab_chunk`` columns per backward
+    step."""
+
+    row_chunk: int
+    vocab_chunk: int
+
+
+def _round_down(x: int, align: int = _ALIGN) -> int:
+    return (x // align) * align if x >= align else max(1, x)
+
+
+def _check_positive_int(value: Any, name: str, allow_none: bool = True) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or int(value) < 1:
+        raise ValueError(f"{name}: expected {'None or ' if allow_none else ''}an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype, *,
+                selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+                statistics_kernel: bool = True) -> ChunkPlan:
+    """Chunk sizes that keep the fused loss' working memory near ``memory_budget_bytes`` (module docstring).
+
+    Args:
+        num_rows: ``N``, tokens of the call.
+        hidden_dim: ``d``.
+        vocab_size: ``V``.
+        dtype: dtype of the hidden states and the weight (the logits' dtype).
+        selected_rows: ``K``, rows of the backward (``N`` when unknown).
+        memory_budget_bytes: the budget ``B`` (default 0.25 GiB).
+        statistics_kernel: True when the statistics come from the Triton kernel (no float32 temporaries).
+
+    Returns:
+        :class:`ChunkPlan` ``(row_chunk, vocab_chunk)``: ``1 ≤ row_chunk ≤ max(1, N)``,
+        ``1 ≤ vocab_chunk ≤ V``.
+    """
+    for name, value in (("num_rows", num_rows), ("hidden_dim", hidden_dim), ("vocab_size", vocab_size)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size: expected an integer >= 1, got {vocab_size}")
+    budget = _check_positive_int(memory_budget_bytes, "memory_budget_bytes", allow_none=False)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
+    e = torch.empty((), dtype=dtype).element_size()
+    target = int(_FILL * budget)
+    per_row = vocab_size * (e + (0 if statistics_kernel else _REFERENCE_STAT_BYTES))
+    row_chunk = min(max(1, int(num_rows)), _round_down(target // per_row))
+    k = int(num_rows) if selected_rows is None else int(selected_rows)
+    k = max(1, k)
+    fixed = k * int(hidden_dim) * (4 + 2 * e)
+    per_col = k * (2 * e + 4)
+    cols = (target - fixed) // per_col if target > fixed else 0
+    vocab_chunk = min(int(vocab_size), max(min(_ALIGN, int(vocab_size)), _round_down(int(cols))))
+    return ChunkPlan(int(row_chunk), int(vocab_chunk))
+
+
+# ========================================================================================= input checks
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+    return type(x).__name__
+
+
+def _check_linear(hidden: Any, weight: Any, bias: Any) -> None:
+    """Shapes, dtypes and devices of ``hidden (N, d) | (B, T, d)``, ``weight (V, d)``, ``bias (V,)``."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden: expected a (N, d) or (B, T, d) floating tensor, got {_describe(hidden)}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"hidden: expected dtype float32, float16, bfloat16 or float64, got {hidden.dtype}")
+    d = hidden.shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight: expected the LM head weight of shape (V, d) = (V, {d}), got {_describe(weight)}")
+    if weight.shape[1] != d:
+        raise ValueError(f"weight: expected shape (V, {d}) (d = hidden.shape[-1]), got {tuple(weight.shape)}; "
+                         f"an nn.Linear LM head's .weight has this layout")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight: the vocabulary dimension V must be >= 1, got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: expected dtype {hidden.dtype} (that of hidden), got {weight.dtype}; cast one of "
+                         f"them (e.g. hidden.to(weight.dtype))")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: expected device {hidden.device} (that of hidden), got {weight.device}")
+    if bias is not None:
+        V = weight.shape[0]
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,):
+            raise ValueError(f"bias: expected None or a tensor of shape ({V},), got {_describe(bias)}")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias: expected dtype {hidden.dtype} (that of hidden), got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias: expected device {hidden.device} (that of hidden), got {bias.device}")
+
+
+def _check_labels(labels: Any, hidden: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    expected = tuple(hidden.shape[:-1])
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels: expected an integer tensor of shape {expected}, got {_describe(labels)}")
+    if not is_integer_dtype(labels.dtype):
+        raise ValueError(f"labels: expected an integer dtype, got {labels.dtype}")
+    if tuple(labels.shape) != expected:
+        raise ValueError(f"labels: expected shape {expected} (the leading dims of hidden {tuple(hidden.shape)}), "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels: expected device {hidden.device} (that of hidden), got {labels.device}")
+    check_target_range(labels, vocab_size, ignore_index, name="labels")
+
+
+def _statistics_kernel_for(hidden: torch.Tensor) -> bool:
+    return use_kernels_for(hidden) and _load_kernel() is not None
+
+
+# ==================================================================================== blockwise scoring
+def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          targets: Optional[torch.Tensor], ignore_index: int, row_chunk: int) -> TokenStatistics:
+    """SPEC §2 statistics of every row of ``hidden2d Wᵀ + b`` from ``row_chunk``-row logit blocks (flat)."""
+    N = hidden2d.shape[0]
+    dev = hidden2d.device
+    out = [torch.empty((N,), dtype=torch.float32, device=dev) for _ in TokenStatistics._fields]
+    with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
+        for r0 in range(0, N, row_chunk):
+            r1 = min(N, r0 + row_chunk)
+            z = F.linear(hidden2d[r0:r1], weight, bias)
+            st = _statistics_dispatch(z, None if targets is None else targets[r0:r1], ignore_index)
+            for buf, x in zip(out, st):
+                buf[r0:r1] = x
+            del z, st
+    return TokenStatistics(*out)
+
+
+# ============================================================================================ autograd
+class _SelectedRowsCrossEntropy(torch.autograd.Function):
+    """``loss = Σ_{i∈mask} nll_i / denom`` whose backward recomputes only the selected rows' logits."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                nll: torch.Tensor, mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor,
+                count: torch.Tensor, vocab_chunk: Optional[int], memory_budget_bytes: int) -> torch.Tensor:
+        denom = torch.clamp(count, min=1).to(torch.float32)
+        loss = torch.where(mask, nll, torch.zeros_like(nll)).sum() / denom
+        ctx.save_for_backward(hidden2d, weight, bias, mask, safe_targets, lse, denom)
+        if count.device.type == "cuda":
+            host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            host.copy_(count, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            ctx.count_host = (host, event)
+        else:
+            ctx.count_host = (count, None)
+        ctx.vocab_chunk = vocab_chunk
+        ctx.memory_budget_bytes = memory_budget_bytes
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        hidden2d, weight, bias, mask, safe_targets, lse, denom = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        rest = (None,) * 7
+        if not (need_h or need_w or need_b):
+            return (None, None, None) + rest
+        host, event = ctx.count_host
+        if event is not None:
+            event.synchronize()  # waits for the forward's count copy only, not for the queued backward work
+        K = int(host)
+        N, d = hidden2d.shape
+        V = weight.shape[0]
+        dtype = hidden2d.dtype
+        dev = hidden2d.device
+        grad_h = torch.zeros_like(hidden2d) if need_h else None
+        grad_w = (torch.zeros_like(weight) if K == 0 else torch.empty_like(weight)) if need_w else None
+        grad_b32 = torch.zeros((V,), dtype=torch.float32, device=dev) if need_b else None
+        if K > 0:
+            with torch.autocast(device_type=dev.type, enabled=False):
+                # Selected rows in increasing index order, without a second synchronisation.
+                idx = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[:K]
+                h_sel = hidden2d.index_select(0, idx)
+                t_sel = safe_targets.index_select(0, idx)
+                lse_sel = lse.index_select(0, idx).unsqueeze(1)
+                scale = grad_loss.detach().to(torch.float32).reshape(()) / denom
+                chunk = ctx.vocab_chunk
+                if chunk is None:
+                    chunk = plan_chunks(N, d, V, dtype, selected_rows=K,
+                                        memory_budget_bytes=ctx.memory_budget_bytes).vocab_chunk
+                acc_h = torch.zeros((K, d), dtype=torch.float32, device=dev) if need_h else None
+                for v0 in range(0, V, chunk):
+                    v1 = min(V, v0 + chunk)
+                    w_c = weight[v0:v1]
+                    z = F.linear(h_sel, w_c, None if bias is None else bias[v0:v1])
+                    g = z.to(torch.float32)
+                    del z
+                    g.sub_(lse_sel).exp_()
+                    hit = (t_sel >= v0) & (t_sel < v1)
+                    col = torch.clamp(t_sel - v0, 0, v1 - v0 - 1).unsqueeze(1)
+                    g.scatter_add_(1, col, -hit.to(torch.float32).unsqueeze(1))
+                    g.mul_(scale)
+                    if need_b:
+                        grad_b32[v0:v1] = g.sum(dim=0)
+                    g_c = g.to(dtype)
+                    del g
+                    if need_h:
+                        acc_h.add_(g_c @ w_c)
+                    if need_w:
+                        torch.mm(g_c.t(), h_sel, out=grad_w[v0:v1])
+                    del g_c
+                if need_h:
+                    grad_h.index_copy_(0, idx, acc_h.to(dtype))
+        grad_b = grad_b32.to(bias.dtype) if need_b else None
+        return (grad_h, grad_w, grad_b) + rest
+
+
+# ================================================================================================ core
+class FusedLinearCGGROutput(NamedTuple):
+    """Result of :func:`fused_linear_cggr`.
+
+    Attributes:
+        loss: float32 0-d loss with gradient (to ``hidden``, ``weight``, ``bias``).
+        metrics: SPEC §10 numeric metrics as detached 0-d tensors (no synchronisation).
+        mask: bool selection of the token shape (``hidden.shape[:-1]``).
+        scores: :class:`cggr_torch.scoring.TokenScores` of every token (token shape).
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    mask: torch.Tensor
+    scores: TokenScores
+
+
+def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
+         step: int, base: np.float32, cfg: _Config, row_chunk_size: Optional[int],
+         vocab_chunk_size: Optional[int], memory_budget_bytes: int) -> FusedLinearCGGROutput:
+    """The fused loss on validated inputs."""
+    token_shape = tuple(hidden.shape[:-1])
+    d = hidden.shape[-1]
+    V = weight.shape[0]
+    dev = hidden.device
+    hidden2d = hidden.reshape(-1, d)
+    N = hidden2d.shape[0]
+    row_chunk = row_chunk_size or plan_chunks(N, d, V, hidden.dtype, memory_budget_bytes=memory_budget_bytes,
+                                              statistics_kernel=_statistics_kernel_for(hidden)).row_chunk
+    with torch.no_grad():
+        flat_t = labels.reshape(-1)
+        flat = _blockwise_statistics(hidden2d.detach(), weight.detach(),
+                                     None if bias is None else bias.detach(), flat_t, cfg.ignore_index, row_chunk)
+        stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
+        scores = _score_from_statistics(stats, labels, cfg.scoring, cfg.ignore_index, None)
+        elig = scores.eligible
+        n = elig.sum()
+        denom = torch.clamp(n, min=1).to(torch.float32)
+
+        def mean_eligible(x: torch.Tensor) -> torch.Tensor:
+            return torch.where(elig, x, torch.zeros_like(x)).sum(dtype=torch.float32) / denom
+
+        avg_conf = mean_eligible(stats.confidence)
+        base_t = torch.full((), float(base), dtype=torch.float32, device=dev)
+        if cfg.dynamic_threshold and cfg.selection != "fixed_quota":
+            ratio = dynamic_ratio(base_t, avg_conf, cfg.threshold_sensitivity)
+        else:
+            ratio = base_t
+        mask, _k = select_tokens(scores.difficulty, elig, ratio, selection=cfg.selection,
+                                 num_strata=cfg.num_strata, min_tokens_per_sequence=cfg.min_tokens_per_sequence)
+        count = mask.sum()
+        valid = scores.valid
+        safe_t = torch.where(valid & (labels >= 0) & (labels < V), labels, torch.zeros_like(labels))
+        safe_t = safe_t.reshape(-1).to(torch.int64)
+
+    loss = _SelectedRowsCrossEntropy.apply(hidden2d, weight, bias, flat.nll, mask.reshape(-1), safe_t, flat.lse,
+                                           count, vocab_chunk_size, memory_budget_bytes)
+    metrics = {
+        "step": torch.full((), int(step), dtype=torch.int64, device=dev),
+        "token_ratio": base_t,
+        "effective_ratio": ratio.detach(),
+        "tokens_selected": count,
+        "tokens_total": n,
+        "tokens_nonfinite": (valid & ~elig).sum(),
+        "tokens_out_of_range": torch.zeros((), dtype=torch.int64, device=dev),
+        "avg_confidence": avg_conf,
+        "avg_entropy": mean_eligible(stats.entropy),
+        "avg_difficulty": mean_eligible(scores.difficulty),
+    }
+    return FusedLinearCGGROutput(loss, metrics, mask, scores)
+
+
+def _check_chunk_args(row_chunk_size: Any, vocab_chunk_size: Any, memory_budget_bytes: Any) -> None:
+    _check_positive_int(row_chunk_size, "row_chunk_size")
+    _check_positive_int(vocab_chunk_size, "vocab_chunk_size")
+    _check_positive_int(memory_budget_bytes, "memory_budget_bytes", allow_none=False)
+
+
+def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      step: Union[int, torch.Tensor], *, bias: Optional[torch.Tensor] = None,
+                      scoring: str = "combined", selection: str = "topk", dynamic_threshold: bool = True,
+                      threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25,
+                      warmup_steps: int = 1000, num_strata: int = 4, min_tokens_per_sequence: int = 1,
+                      ignore_index: int = -100, ratio_schedule: Optional[Schedule] = None,
+                      row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
+                      memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> FusedLinearCGGROutput:
+    """CGGR loss of the LM head ``z = hidden · weightᵀ + bias`` without materialising the logits.
+
+    Equal (up to float rounding of the chunked matmuls) to ``cggr_loss(F.linear(hidden, weight, bias), labels,
+    step, ...)`` with the default cross-entropy, in value, gradients and selection.
+
+    Args:
+        hidden: ``(N, d)`` or ``(B, T, d)`` float32/float16/bfloat16/float64 (a 3-D input's rows are the
+            sequences of ``sequence_aware``); already aligned with ``labels`` (a causal LM shifts first, see
+            :func:`hf_causal_lm_cggr_loss`).
+        weight: ``(V, d)`` LM-head weight (``nn.Linear`` layout), same dtype and device as ``hidden``.
+        labels: integer tensor of shape ``hidden.shape[:-1]``; values in ``[0, V)`` or ``ignore_index``.
+        step: curriculum step (host integer).
+        bias: optional ``(V,)`` LM-head bias.
+        scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio, warmup_steps,
+        num_strata, min_tokens_per_sequence, ignore_index, ratio_schedule: as :class:`cggr_torch.CGGRLoss`.
+        row_chunk_size: rows per forward logits block (default: :func:`plan_chunks`).
+        vocab_chunk_size: vocabulary columns per backward step (default: :func:`plan_chunks` with the real
+            ``K``).
+        memory_budget_bytes: working-memory target of the default plan (bytes, default 0.25 GiB).
+
+    Raises:
+        ValueError: bad shapes/dtypes/devices/configuration, or (CPU) labels out of range. On CUDA an
+            out-of-range label trips a device-side assertion (no synchronisation).
+    """
+    cfg, schedule = _make_config(scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio,
+                                 warmup_steps, num_strata, min_tokens_per_sequence, ignore_index, None,
+                                 ratio_schedule)
+    _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
+    s = _host_step(step)
+    _check_linear(hidden, weight, bias)
+    _check_labels(labels, hidden, weight.shape[0], cfg.ignore_index)
+    return _run(hidden, weight, labels, bias, s, _base_ratio(schedule, s), cfg, row_chunk_size,
+                vocab_chunk_size, int(memory_budget_bytes))
+
+
+def fused_linear_cggr_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           step: Union[int, torch.Tensor], **kwargs: Any) -> tuple[torch.Tensor,
+                                                                                    dict[str, torch.Tensor]]:
+    """``(loss, metrics)`` of :func:`fused_linear_cggr` (same arguments): the functional form, mirroring
+    :func:`cggr_torch.cggr_loss`."""
+    out = fused_linear_cggr(hidden, weight, labels, step, **kwargs)
+    return out.loss, out.metrics
+
+
+# =============================================================================================== module
+class FusedLinearCGGRLoss(CGGRLoss):
+    """:class:`cggr_torch.CGGRLoss` fused with the LM head: ``forward(hidden, weight, labels, bias=None)``.
+
+    Same configuration, ``step()``, ``get_metrics()`` and ``state_dict()`` as ``CGGRLoss`` (the default
+    float32 cross-entropy; no ``base_loss``), plus the chunking arguments of :func:`fused_linear_cggr`.
+    The logits are never materialised; see the module docstring for the algorithm and memory heuristic.
+
+    Example::
+
+        criterion = FusedLinearCGGRLoss(min_tokens_ratio=0.25, warmup_steps=1000)
+        hidden = model.model(input_ids).last_hidden_state            # (B, T, d)
+        loss = criterion(hidden[:, :-1], model.lm_head.weight, labels[:, 1:])
+        loss.backward(); optimizer.step(); criterion.step()
+    """
+
+    def __init__(self, scoring: str = "combined", selection: str = "topk", dynamic_threshold: bool = True,
+                 threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
+                 num_strata: int = 4, min_tokens_per_sequence: int = 1, ignore_index: int = -100,
+                 ratio_schedule: Optional[Schedule] = None, *, row_chunk_size: Optional[int] = None,
+                 vocab_chunk_size: Optional[int] = None,
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> None:
+        super().__init__(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+                         threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+                         warmup_steps=warmup_steps, num_strata=num_strata,
+                         min_tokens_per_sequence=min_tokens_per_sequence, base_loss=None,
+                         ignore_index=ignore_index, ratio_schedule=ratio_schedule)
+        _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
+        self.row_chunk_size = row_chunk_size
+        self.vocab_chunk_size = vocab_chunk_size
+        self.memory_budget_bytes = int(memory_budget_bytes)
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Selective loss of one batch (float32 scalar) from the LM head's inputs. Never synchronises."""
+        _check_linear(hidden, weight, bias)
+        _check_labels(labels, hidden, weight.shape[0], self._cfg.ignore_index)
+        step = self._step
+        out = _run(hidden, weight, labels, bias, step, _base_ratio(self._schedule, step), self._cfg,
+                   self.row_chunk_size, self.vocab_chunk_size, self.memory_budget_bytes)
+        self._metrics = out.metrics
+        return out.loss
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, row_chunk_size={self.row_chunk_size}, "
+                f"vocab_chunk_size={self.vocab_chunk_size}, memory_budget_bytes={self.memory_budget_bytes}")
+
+
+# ================================================================================ forward-only scores
+def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None, *, scoring: str = "combined",
+                        ignore_index: int = -100, valid_mask: Optional[torch.Tensor] = None,
+                        row_chunk_size: Optional[int] = None,
+                        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> TokenScores:
+    """SPEC §2-§4 scores of the logits ``hidden · weightᵀ + bias`` without materialising them (router use).
+
+    Equal to ``score_tokens(F.linear(hidden, weight, bias), labels, scoring=..., ...)`` up to the rounding of
+    the chunked matmuls. No gradient flows through the result.
+
+    Args:
+        hidden: ``(N, d)`` or ``(B, T, d)`` floating tensor.
+        weight: ``(V, d)``, same dtype/device.
+        labels: optional integer tensor of the token shape (needed for ``nll``; ``scoring='loss'``).
+        bias: optional ``(V,)``.
+        scoring, ignore_index, valid_mask: as :func:`cggr_torch.score_tokens`.
+        row_chunk_size, memory_budget_bytes: as :func:`fused_linear_cggr`.
+    """
+    check_scoring(scoring)
+    if scoring == "loss" and labels is None:
+        raise ValueError("labels: scoring='loss' needs labels, got None")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index: expected an integer, got {ignore_index!r}")
+    _check_chunk_args(row_chunk_size, None, memory_budget_bytes)
+    _check_linear(hidden, weight, bias)
+    token_shape = tuple(hidden.shape[:-1])
+    if labels is not None:
+        _check_labels(labels, hidden, weight.shape[0], int(ignore_index))
+    if valid_mask is not None:
+        if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool \
+                or tuple(valid_mask.shape) != token_shape:
+            raise ValueError(f"valid_mask: expected a bool tensor of shape {token_shape}, got {_describe(valid_mask)}")
+        if valid_mask.device != hidden.device:
+            raise ValueError(f"valid_mask: expected device {hidden.device}, got {valid_mask.device}")
+    d = hidden.shape[-1]
+    hidden2d = hidden.reshape(-1, d)
+    row_chunk = row_chunk_size or plan_chunks(hidden2d.shape[0], d, weight.shape[0], hidden.dtype,
+                                              memory_budget_bytes=int(memory_budget_bytes),
+                                              statistics_kernel=_statistics_kernel_for(hidden)).row_chunk
+    flat = _blockwise_statistics(hidden2d.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                 None if labels is None else labels.reshape(-1), int(ignore_index), row_chunk)
+    stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
+    with torch.no_grad():
+        return _score_from_statistics(stats, labels, scoring, int(ignore_index), valid_mask)
+
+
+# ========================================================================================= Hugging Face
+_UNSUPPORTED_HEAD_OPTIONS = ("final_logit_softcapping", "logit_scale", "output_logit_scale", "logits_scaling")
+
+
+def _check_plain_head(model: nn.Module) -> None:
+    """Reject models whose logits are not ``lm_head(hidden)`` (softcapping or scaling after the head)."""
+    config = getattr(model, "config", None)
+    for name in _UNSUPPORTED_HEAD_OPTIONS:
+        value = getattr(config, name, None)
+        if value is not None and value != 1 and value != 1.0:
+            raise ValueError(f"model: config.{name}={value!r} transforms the logits after the LM head; the fused "
+                             f"loss computes hidden · weightᵀ + bias only")
+
+
+def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                           loss_module: FusedLinearCGGRLoss, attention_mask: Optional[torch.Tensor] = None,
+                           **model_kwargs: Any) -> torch.Tensor:
+    """CGGR loss of a Hugging Face causal LM without materialising its ``(B, T, V)`` logits.
+
+    Runs the base model (``model.base_model``, e.g. ``model.model`` of a Llama) to get the final hidden states
+    ``(B, T, d)``, takes the output embedding ``model.get_output_embeddings()`` (an ``nn.Linear``; tied
+    embeddings are the same parameter) and calls ``loss_module(hidden, weight, shifted_labels, bias)`` where
+    ``shifted_labels[:, t] = labels[:, t + 1]`` and the last position gets ``ignore_index`` (SPEC §1: the
+    prediction at ``t`` is scored against token ``t + 1``; the last position has no target). Shifting the
+    labels instead of slicing the hidden states avoids copying them. A position whose next token is padding
+    (``attention_mask[:, t + 1] == 0``) is ignored as well (the convention of SPEC §9); ``attention_mask`` and
+    ``model_kwargs`` are passed to the base model.
+
+    Returns the float32 loss; metrics via ``loss_module.get_metrics()``; call ``loss_module.step()`` after
+    each optimizer step.
+
+    Raises:
+        ValueError: ``loss_module`` not a :class:`FusedLinearCGGRLoss`, a model without a base model or linear
+            output embedding, logit softcapping/scaling after the head, or bad ``input_ids``/``labels``.
+    """
+    if not isinstance(loss_module, FusedLinearCGGRLoss):
+        raise ValueError(f"loss_module: expected a cggr_torch.fused_linear.FusedLinearCGGRLoss, got "
+                         f"{type(loss_module).__name__}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or not is_integer_dtype(input_ids.dtype):
+        raise ValueError(f"input_ids: expected an integer (B, T) tensor, got {_describe(input_ids)}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape) \
+            or not is_integer_dtype(labels.dtype):
+        raise ValueError(f"labels: expected an integer tensor of shape {tuple(input_ids.shape)} (that of "
+                         f"input_ids), got {_describe(labels)}")
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        raise ValueError(f"model: expected a Hugging Face *ForCausalLM with a base model (model.base_model), got "
+                         f"{type(model).__name__}")
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"model: expected get_output_embeddings() to return an nn.Linear LM head, got "
+                         f"{type(head).__name__}")
+    _check_plain_head(model)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0]
+    ignore = loss_module.ignore_index
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore)], dim=1)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(labels.shape):
+            raise ValueError(f"attention_mask: expected None or a tensor of shape {tuple(labels.shape)}, got "
+                             f"{_describe(attention_mask)}")
+        pad_next = torch.cat([attention_mask[:, 1:] == 0, torch.ones_like(attention_mask[:, :1], dtype=torch.bool)],
+                             dim=1)
+        shifted = shifted.masked_fill(pad_next, ignore)
+    return loss_module(hidden, head.weight, shifted, head.bias)
