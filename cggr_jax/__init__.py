@@ -1,0 +1,66 @@
+"""CGGR — Confidence-Gated Gradient Routing for JAX, optax and Flax NNX.
+
+Train on the hardest tokens of each batch: score every token (entropy, top-2 margin, cross-entropy), keep a
+curriculum-controlled fraction of them, and back-propagate only through those. ``SPEC.md`` is the contract;
+every function here is pure, static-shaped, ``jax.jit``- and ``jax.grad``-compatible.
+
+Quick start (Flax NNX)::
+
+    loss_fn = cggr_jax.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=1000)
+    tx = optax.chain(cggr_jax.advance_curriculum(), optax.adamw(3e-4))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, input_ids, labels):
+        step = cggr_jax.current_step(optimizer.opt_state)
+        def compute(model):
+            logits, targets = cggr_jax.shift_for_causal_lm(model(input_ids), labels)
+            return loss_fn(logits, targets, step)
+        (loss, metrics), grads = nnx.value_and_grad(compute, has_aux=True)(model)
+        optimizer.update(model, grads, cggr_metrics=metrics)
+        return loss, metrics
+"""
+from cggr_jax import curriculum, loss, scoring, selection, transform, utils
+from cggr_jax.curriculum import dynamic_ratio, linear_warmup_ratio, num_selected
+from cggr_jax.loss import METRIC_KEYS, CGGRLoss, cggr_loss, metrics_to_dict
+from cggr_jax.scoring import (
+    SCORING_MODES,
+    TokenScores,
+    TokenStatistics,
+    difficulty_from_statistics,
+    score_tokens,
+    token_statistics,
+)
+from cggr_jax.selection import SELECTION_STRATEGIES, rank_tokens, select_tokens
+from cggr_jax.transform import CurriculumState, advance_curriculum, current_step, latest_metrics
+from cggr_jax.utils import shift_for_causal_lm
+
+__all__ = [
+    "curriculum",
+    "loss",
+    "scoring",
+    "selection",
+    "transform",
+    "utils",
+    "SCORING_MODES",
+    "SELECTION_STRATEGIES",
+    "METRIC_KEYS",
+    "TokenStatistics",
+    "TokenScores",
+    "token_statistics",
+    "difficulty_from_statistics",
+    "score_tokens",
+    "linear_warmup_ratio",
+    "dynamic_ratio",
+    "num_selected",
+    "rank_tokens",
+    "select_tokens",
+    "CGGRLoss",
+    "cggr_loss",
+    "metrics_to_dict",
+    "CurriculumState",
+    "advance_curriculum",
+    "current_step",
+    "latest_metrics",
+    "shift_for_causal_lm",
+]

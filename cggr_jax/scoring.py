@@ -1,0 +1,307 @@
+r"""Per-token statistics and difficulty (SPEC §2–§4).
+
+For one row :math:`z \in \mathbb{R}^V` (upcast exactly to float32):
+
+.. math::
+
+    m = \max_j z_j, \qquad s = \sum_j e^{z_j - m}, \qquad \mathrm{lse} = m + \log s, \qquad
+    p_j = e^{z_j - \mathrm{lse}}
+
+    H = -\sum_j p_j \log p_j = \mathrm{lse} - \sum_j p_j z_j = \log s - \sum_j p_j (z_j - m)
+
+    p_1 = \max_j p_j = 1 / s, \qquad p_2 = e^{z_{(2)} - m} / s, \qquad \mathrm{nll} = \mathrm{lse} - z_t
+        = (m - z_t) + \log s
+
+:math:`z_{(2)}` is the second largest element of the multiset :math:`\{z_j\}` (two equal maxima give
+:math:`p_2 = p_1`; :math:`V = 1` gives :math:`p_2 = 0`). Entries equal to :math:`-\infty` have
+:math:`p_j = 0` and contribute exactly 0 to :math:`H` (``0·(−∞)`` is never evaluated). The shifted forms above
+are algebraically identical to SPEC §2 and avoid cancelling two large numbers.
+
+Difficulty (SPEC §3), in float32 with the prescribed evaluation order:
+``margin_term = 1 − (p1 − p2)``; ``entropy: H``; ``margin: margin_term``; ``loss: nll``;
+``combined: (H + margin_term) + nll`` (``H + margin_term`` without targets).
+
+:func:`token_statistics` is the reference; on a GPU backend it dispatches to
+``cggr_jax.kernels.scoring.token_statistics_pallas`` when that module imports, unless the environment variable
+``CGGR_DISABLE_KERNELS=1`` is set.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from cggr_jax import utils
+
+__all__ = [
+    "SCORING_MODES",
+    "TokenStatistics",
+    "TokenScores",
+    "token_statistics",
+    "token_statistics_reference",
+    "difficulty_from_statistics",
+    "score_tokens",
+    "row_finite",
+    "dispatch_statistics",
+    "use_kernel",
+    "kernels_disabled",
+]
+
+SCORING_MODES: tuple[str, ...] = ("entropy", "margin", "loss", "combined")
+
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+_DISABLE_ENV = "CGGR_DISABLE_KERNELS"
+
+
+class TokenStatistics(NamedTuple):
+    """Float32 statistics of every token (token shape = the logits' shape without ``V``).
+
+    ``nll`` is 0 where there is no valid target (no targets given, ``ignore_index``, or out of range).
+    """
+
+    lse: jax.Array
+    entropy: jax.Array
+    confidence: jax.Array
+    runner_up: jax.Array
+    nll: jax.Array
+
+
+class TokenScores(NamedTuple):
+    """Result of :func:`score_tokens` (SPEC §3–§4).
+
+    ``difficulty`` float32; ``valid`` (target given, not ``ignore_index``, inside ``[0, V)``, and inside
+    ``valid_mask``); ``eligible`` = ``valid`` and the row finite and the difficulty not NaN; ``stats`` the
+    :class:`TokenStatistics`. Valid but non-finite tokens are ``valid & ~eligible``.
+    """
+
+    difficulty: jax.Array
+    eligible: jax.Array
+    valid: jax.Array
+    stats: TokenStatistics
+
+
+# ------------------------------------------------------------------------------------------- kernel hook
+@functools.lru_cache(maxsize=1)
+def _load_pallas_kernel() -> Callable[..., TokenStatistics] | None:
+    try:
+        from cggr_jax.kernels.scoring import token_statistics_pallas
+    except ImportError as err:
+        warnings.warn(f"cggr_jax: the Pallas scoring kernel could not be imported ({err!r}); using the XLA "
+                      f"reference token_statistics on this GPU backend", RuntimeWarning, stacklevel=3)
+        return None
+    return token_statistics_pallas
+
+
+def kernels_disabled() -> bool:
+    """True when ``CGGR_DISABLE_KERNELS`` is ``1``/``true``/``yes`` (the switch shared with ``cggr_torch``)."""
+    return os.environ.get(_DISABLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def use_kernel() -> bool:
+    """Whether :func:`token_statistics` dispatches to the Pallas kernel: a GPU default backend,
+    ``CGGR_DISABLE_KERNELS`` unset, and ``cggr_jax.kernels.scoring`` importable (a failed import warns once).
+
+    Decided outside any trace and passed to the jitted implementation as a static argument, so changing the
+    environment variable takes effect at the next call.
+    """
+    if kernels_disabled() or jax.default_backend() not in _GPU_PLATFORMS:
+        return False
+    return _load_pallas_kernel() is not None
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def token_statistics_reference(logits: jax.Array, safe_targets: jax.Array | None,
+                               has_target: jax.Array | None) -> TokenStatistics:
+    """The XLA reference of SPEC §2 on already checked inputs (see the module docstring for the math).
+
+    ``safe_targets`` (int32, already sanitised to ``[0, V)``) and ``has_target`` (bool) are both ``None``
+    or both token-shaped. Non-finite rows give non-finite statistics (never a NaN in a finite row).
+    """
+    z = logits.astype(jnp.float32)
+    V = z.shape[-1]
+    m = jnp.max(z, axis=-1)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    d = z - m_safe[..., None]                       # <= 0 in a finite row; -inf entries stay -inf
+    e = jnp.exp(d)
+    s = jnp.sum(e, axis=-1)                         # >= 1 in a finite row (the maximum contributes 1)
+    log_s = jnp.log(s)
+    lse = m_safe + log_s                            # -inf for an all -inf row, +inf/NaN propagate
+    # H = log s - sum_j e_j d_j / s; the e_j = 0 terms of -inf entries contribute exactly 0.
+    ed = jnp.where(d == -jnp.inf, 0.0, e * d)
+    entropy = log_s - jnp.sum(ed, axis=-1) / s
+    if V >= 2:
+        top2 = jax.lax.top_k(z, 2)[0]
+        z1, z2 = top2[..., 0], top2[..., 1]
+        confidence = jnp.exp(z1 - m_safe) / s        # = 1/s in a finite row
+        runner_up = jnp.exp(z2 - m_safe) / s         # exp(-inf) = 0 when the runner-up is masked
+    else:                                            # V = 1: p1 = 1 (for a finite row), p2 = 0
+        confidence = jnp.exp(m - m_safe) / s
+        runner_up = jnp.zeros_like(confidence)
+    if safe_targets is None:
+        nll = jnp.zeros_like(lse)
+    else:
+        z_t = jnp.take_along_axis(z, safe_targets[..., None], axis=-1, mode="clip")[..., 0]
+        nll = jnp.where(has_target, (m_safe - z_t) + log_s, 0.0)   # = lse − z_t, without rounding lse
+    return TokenStatistics(lse, entropy, confidence, runner_up, nll)
+
+
+def _checked_inputs(logits: Any, targets: Any, ignore_index: Any,
+                    ) -> tuple[jax.Array, jax.Array | None, int]:
+    """Validate (SPEC §1, §11) and return ``(logits, targets, ignore_index)``; concrete out-of-range targets
+    raise :class:`ValueError` here (traced ones are made ineligible by the callers)."""
+    logits = utils.as_logits(logits)
+    ignore_index = utils.check_int(ignore_index, "ignore_index")
+    if targets is None:
+        return logits, None, ignore_index
+    targets = utils.as_targets(targets, logits.shape)
+    utils.check_target_range(targets, logits.shape[-1], ignore_index)
+    return logits, targets, ignore_index
+
+
+def _target_masks(targets: jax.Array | None, vocab_size: int, ignore_index: int,
+                  ) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(safe_targets, has_target)`` or ``(None, None)``; see :func:`cggr_jax.utils.target_masks`."""
+    if targets is None:
+        return None, None
+    not_ignored, in_range, safe = utils.target_masks(targets, vocab_size, ignore_index)
+    return safe, not_ignored & in_range
+
+
+def token_statistics(logits: jax.Array, targets: jax.Array | None = None, *,
+                     ignore_index: int = -100) -> TokenStatistics:
+    """SPEC §2 for every token of ``logits`` ``(B, T, V)`` / ``(N, V)``; float32 results of the token shape.
+
+    ``targets`` (integer, the leading dims of ``logits``) are only needed for ``nll``; a target equal to
+    ``ignore_index`` (or, under ``jit``, outside ``[0, V)``) has ``nll = 0`` and is never used as an index.
+    Concrete out-of-range targets raise :class:`ValueError`.
+
+    On a GPU backend this calls ``cggr_jax.kernels.scoring.token_statistics_pallas(logits, targets,
+    ignore_index)`` when that module imports (``CGGR_DISABLE_KERNELS=1`` forces the XLA reference). The kernel
+    path has no autodiff rule: differentiate the loss, whose statistics are taken under ``stop_gradient``.
+    """
+    logits, targets, ignore_index = _checked_inputs(logits, targets, ignore_index)
+    return _token_statistics_impl(logits, targets, ignore_index=ignore_index, kernel=use_kernel())
+
+
+@functools.partial(jax.jit, static_argnames=("ignore_index", "kernel"))
+def _token_statistics_impl(logits: jax.Array, targets: jax.Array | None, *, ignore_index: int,
+                           kernel: bool) -> TokenStatistics:
+    safe, has_target = _target_masks(targets, logits.shape[-1], ignore_index)
+    return dispatch_statistics(logits, safe, has_target, ignore_index, kernel=kernel)
+
+
+def dispatch_statistics(logits: jax.Array, safe_targets: jax.Array | None, has_target: jax.Array | None,
+                        ignore_index: int, *, kernel: bool) -> TokenStatistics:
+    """Statistics of checked inputs: the Pallas kernel when ``kernel`` (see :func:`use_kernel`), else
+    :func:`token_statistics_reference`. ``safe_targets``/``has_target`` as from
+    :func:`cggr_jax.utils.target_masks` (both None without targets)."""
+    if not kernel:
+        return token_statistics_reference(logits, safe_targets, has_target)
+    token_statistics_pallas = _load_pallas_kernel()
+    if token_statistics_pallas is None:
+        raise RuntimeError("dispatch_statistics(kernel=True) but cggr_jax.kernels.scoring did not import")
+    # The kernel sees in-range targets or ignore_index only (int32), never an out-of-range value.
+    kernel_targets = None if safe_targets is None else jnp.where(has_target, safe_targets, ignore_index)
+    stats = token_statistics_pallas(logits, kernel_targets, ignore_index)
+    if not isinstance(stats, TokenStatistics):
+        raise TypeError(f"token_statistics_pallas returned {type(stats).__name__}, expected TokenStatistics")
+    chex.assert_shape(tuple(stats), logits.shape[:-1])
+    chex.assert_type(tuple(stats), jnp.float32)
+    if has_target is not None:  # the contract: nll is exactly 0 without a valid target
+        stats = stats._replace(nll=jnp.where(has_target, stats.nll, 0.0))
+    return stats
+
+
+def row_finite(stats: TokenStatistics, has_target: jax.Array | None) -> jax.Array:
+    """SPEC §2: ``lse``, ``H``, ``p1``, ``p2`` and (where a valid target exists) ``nll`` all finite."""
+    ok = (jnp.isfinite(stats.lse) & jnp.isfinite(stats.entropy) & jnp.isfinite(stats.confidence)
+          & jnp.isfinite(stats.runner_up))
+    if has_target is not None:
+        ok = ok & (jnp.isfinite(stats.nll) | ~has_target)
+    return ok
+
+
+# ------------------------------------------------------------------------------------------- difficulty
+def difficulty_from_statistics(stats: TokenStatistics, scoring: str = "combined", *,
+                               has_targets: bool = True) -> jax.Array:
+    """SPEC §3 in float32: ``margin_term = 1 − (p1 − p2)``; ``entropy → H``; ``margin → margin_term``;
+    ``loss → nll``; ``combined → (H + margin_term) + nll`` (``H + margin_term`` when ``has_targets`` is
+    False). ``scoring='loss'`` with ``has_targets=False`` is a :class:`ValueError`.
+    """
+    utils.check_choice(scoring, "scoring", SCORING_MODES)
+    if not isinstance(has_targets, bool):
+        raise ValueError(f"has_targets: expected a bool, got {has_targets!r}")
+    if not isinstance(stats, TokenStatistics):
+        raise ValueError(f"stats: expected a TokenStatistics, got {type(stats).__name__}")
+    one = jnp.float32(1.0)
+    entropy = stats.entropy.astype(jnp.float32)
+    margin = one - (stats.confidence.astype(jnp.float32) - stats.runner_up.astype(jnp.float32))
+    if scoring == "entropy":
+        return entropy
+    if scoring == "margin":
+        return margin
+    if scoring == "loss":
+        if not has_targets:
+            raise ValueError("scoring: 'loss' needs targets (the per-token cross-entropy); pass targets or "
+                             "choose 'entropy', 'margin' or 'combined'")
+        return stats.nll.astype(jnp.float32)
+    d = entropy + margin
+    return d + stats.nll.astype(jnp.float32) if has_targets else d
+
+
+def score_tokens(logits: jax.Array, targets: jax.Array | None = None, *, scoring: str = "combined",
+                 ignore_index: int = -100, valid_mask: jax.Array | None = None) -> TokenScores:
+    """SPEC §2–§4: difficulty, validity and eligibility of every token.
+
+    * ``valid`` = target given and ``!= ignore_index`` and inside ``[0, V)`` (every token when
+      ``targets`` is None), and ``valid_mask`` where one is passed (bool, the token shape);
+    * ``eligible`` = ``valid`` and the row finite (SPEC §2) and the difficulty not NaN.
+    """
+    utils.check_choice(scoring, "scoring", SCORING_MODES)
+    if scoring == "loss" and targets is None:
+        raise ValueError("scoring: 'loss' needs targets (the per-token cross-entropy); pass targets or "
+                         "choose 'entropy', 'margin' or 'combined'")
+    logits, targets, ignore_index = _checked_inputs(logits, targets, ignore_index)
+    token_shape = tuple(logits.shape[:-1])
+    if valid_mask is not None:
+        vm_dtype = getattr(valid_mask, "dtype", None)
+        vm_shape = getattr(valid_mask, "shape", None)
+        if vm_dtype is None or vm_dtype != jnp.bool_:
+            raise ValueError(f"valid_mask: expected a bool array of shape {token_shape}, got dtype {vm_dtype}")
+        if tuple(vm_shape) != token_shape:
+            raise ValueError(f"valid_mask: expected shape {token_shape} (the leading dimensions of logits), "
+                             f"got {tuple(vm_shape)}")
+        valid_mask = jnp.asarray(valid_mask)
+    return _score_tokens_impl(logits, targets, valid_mask, scoring=scoring, ignore_index=ignore_index,
+                              kernel=use_kernel())
+
+
+@functools.partial(jax.jit, static_argnames=("scoring", "ignore_index", "kernel"))
+def _score_tokens_impl(logits: jax.Array, targets: jax.Array | None, valid_mask: jax.Array | None, *,
+                       scoring: str, ignore_index: int, kernel: bool) -> TokenScores:
+    safe, has_target = _target_masks(targets, logits.shape[-1], ignore_index)
+    stats = dispatch_statistics(logits, safe, has_target, ignore_index, kernel=kernel)
+    valid = jnp.ones(logits.shape[:-1], dtype=bool) if has_target is None else has_target
+    if valid_mask is not None:
+        valid = valid & valid_mask
+    difficulty = difficulty_from_statistics(stats, scoring, has_targets=targets is not None)
+    eligible = valid & row_finite(stats, has_target) & ~jnp.isnan(difficulty)
+    return TokenScores(difficulty, eligible, valid, stats)
+
+
+# ------------------------------------------------------------------------- names used by sibling modules
+def _kernel_for_backend() -> Callable[..., TokenStatistics] | None:
+    """The Pallas kernel when :func:`use_kernel` is true, else None (kept for ``cggr_jax.fused_linear``)."""
+    return _load_pallas_kernel() if use_kernel() else None
+
+
+def _dispatch_statistics(logits: jax.Array, safe_targets: jax.Array | None, has_target: jax.Array | None,
+                         ignore_index: int) -> TokenStatistics:
+    """:func:`dispatch_statistics` with ``kernel=use_kernel()`` decided at trace time (kept for
+    ``cggr_jax.fused_linear``; new code should decide outside the trace and pass ``kernel=`` statically)."""
+    return dispatch_statistics(logits, safe_targets, has_target, ignore_index, kernel=use_kernel())
