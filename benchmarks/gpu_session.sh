@@ -22,17 +22,41 @@ step() {  # step NAME TIMEOUT_S CMD...
   tail -n 25 "$OUT/$name.log"
   echo "=== $name rc=$rc"
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/device.txt"
-python3 -c "import torch, triton, jax, flax, optax; print('torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)" | tee -a "$OUT/device.txt"
+# Only 8 files come back from a device call: the device line goes to stdout, not to a file.
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+python3 -c "import torch, triton, jax, flax, optax; print('torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 case "${1:-kernels}" in
   kernels)
-    step gpu_check_torch 110 python3 benchmarks/gpu_check_torch.py
+    step gpu_check_torch 140 python3 benchmarks/gpu_check_torch.py
     step gpu_check_jax 110 python3 benchmarks/gpu_check_jax.py
-    step pytest_gpu_torch 80 python3 -m pytest -q -x -m gpu tests/torch -p no:cacheprovider
-    step bench_scoring_torch 75 python3 benchmarks/bench_scoring_torch.py --out "$OUT/bench_scoring_torch.json"
-    step bench_selective_ce_torch 65 python3 benchmarks/bench_selective_ce_torch.py --out "$OUT/bench_selective_ce_torch.json"
+    step pytest_gpu_torch 60 python3 -m pytest -q -x -m gpu tests/torch -p no:cacheprovider
+    step bench_scoring_torch 60 python3 benchmarks/bench_scoring_torch.py --out "$OUT/bench_scoring_torch.json"
+    step bench_selective_ce_torch 70 python3 benchmarks/bench_selective_ce_torch.py --out "$OUT/bench_selective_ce_torch.json"
+    step bench_selection_torch 50 python3 benchmarks/bench_selection_torch.py --out "$OUT/bench_selection_torch.json"
     step bench_scoring_jax 75 python3 benchmarks/bench_scoring_jax.py --out "$OUT/bench_scoring_jax.json"
     step bench_selective_ce_jax 55 python3 benchmarks/bench_selective_ce_jax.py --out "$OUT/bench_selective_ce_jax.json"
+    ;;
+  models)
+    step bench_batch_split_torch 200 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --out "$OUT/bench_batch_split_torch.json"
+    step bench_batch_split_jax 200 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --out "$OUT/bench_batch_split_jax.json"
+    step bench_fused_linear_torch 80 python3 benchmarks/bench_fused_linear_torch.py --out "$OUT/bench_fused_linear_torch.json"
+    step bench_fused_linear_jax 80 python3 benchmarks/bench_fused_linear_jax.py --out "$OUT/bench_fused_linear_jax.json"
+    ;;
+  quality1|quality2)
+    # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many
+    # outputs travel back as one archive.
+    export CGGR_DATA_DIR=${CGGR_DATA_DIR:-$PWD/.data}
+    Q=out/quality-gpu
+    if [ "$1" = quality1 ]; then
+      step quality_torch_main 560 python3 -m benchmarks.quality.run --scale gpu --frameworks torch --modes main \
+        --budget flops --out $Q --deadline-min 6.5 --no-progress
+    else
+      step quality_jax_main 330 python3 -m benchmarks.quality.run --scale gpu --frameworks jax --modes main \
+        --budget flops --out $Q --deadline-min 4.5 --no-progress
+      step quality_torch_ablations 230 python3 -m benchmarks.quality.run --scale gpu --frameworks torch \
+        --modes ablations --seeds 0,1 --steps 150 --out $Q --deadline-min 3 --no-progress
+    fi
+    tar czf "$OUT/$1.tgz" -C out quality-gpu
     ;;
   *) echo "unknown session ${1}"; exit 2;;
 esac
