@@ -14,6 +14,13 @@ Modes (each from the same initial weights, a fresh ``optax.chain(advance_curricu
 * ``cggr``            the truncated router (first ``--router-layers`` blocks, shared weights, no gradient) on
   the whole batch, SPEC §9 selection, forward + backward of the kept sequences padded to the smallest bucket.
 
+``--router-layers 1,2,4,8`` and ``--router-path auto,logits`` (comma lists) run one ``cggr[L=…,path]`` row per
+combination. **Router time**: after a router mode's timed steps, the router pass alone (the step's own
+``_route``: truncated forward, scoring — fused or from the logits, ``router_path`` in the row — and the
+sequence selection, jitted on its own) is timed ``--steps`` times in the same process (``router_ms_median``);
+the summary lines give ``cggr / standard`` and ``cggr / random_sequence`` (goals ≥ 2.5× and ≥ 0.9×), the
+overhead ``cggr − random_sequence`` and the router's share of it.
+
 One timed step is one call of the jitted training step (router, selection, forward, backward, AdamW update),
 ended by ``jax.block_until_ready`` on the new state and metrics; ``--warmup`` untimed calls (the first one
 compiles) precede ``--steps`` timed ones and the median is reported. **tokens/s counts the tokens of the
@@ -115,13 +122,17 @@ def peak_memory_gb() -> float | None:
     return None if peak is None else peak / 2**30
 
 
-def run_mode(mode: str, cfg: DecoderConfig, args: argparse.Namespace, batches: list[jax.Array]) -> dict[str, Any]:
+def run_mode(mode: str, cfg: DecoderConfig, args: argparse.Namespace, batches: list[jax.Array],
+             router_layers: int | None = None, router_path: str = "auto", label: str | None = None) -> dict[str, Any]:
     from cggr_jax.transform import advance_curriculum
 
     model = DecoderLM(cfg, rngs=nnx.Rngs(args.seed))
     graphdef = nnx.split(model, nnx.Param, ...)[0]
-    split_cfg = bs.BatchSplitConfig(router_layers=args.router_layers, min_tokens_ratio=args.ratio, warmup_steps=0,
-                                    dynamic_threshold=args.dynamic_threshold, seed=args.seed)
+    split_cfg = bs.BatchSplitConfig(router_layers=args.router_layers if router_layers is None else router_layers,
+                                    min_tokens_ratio=args.ratio, warmup_steps=0,
+                                    dynamic_threshold=args.dynamic_threshold, seed=args.seed,
+                                    router_path=router_path,
+                                    router_memory_budget_bytes=args.router_memory_budget or bs.ROUTER_MEMORY_BUDGET)
     B = batches[0].shape[0]
     buckets = buckets_for(args, B)
     tx = optax.chain(advance_curriculum(), optax.adamw(args.lr, weight_decay=0.1))
@@ -150,9 +161,24 @@ def run_mode(mode: str, cfg: DecoderConfig, args: argparse.Namespace, batches: l
         if not np.isfinite(float(m["loss"])):
             raise RuntimeError(f"{mode}: non-finite loss {float(m['loss'])} at timed step {i}")
     med = statistics.median(times)
+    router: dict[str, Any] = {}
+    if mode in ("cggr", "random_sequence_router"):
+        # The router pass alone: the step's own routing code, jitted by itself, on the trained parameters.
+        route = jax.jit(lambda params, rest, ids: step._route(params, rest, ids, ids, None, jnp.int32(0))[:2])
+        jax.block_until_ready(route(state.params, state.rest, batches[0]))    # compile
+        rtimes = []
+        for i in range(args.steps):
+            ids = batches[i % len(batches)]
+            t0 = time.perf_counter()
+            jax.block_until_ready(route(state.params, state.rest, ids))
+            rtimes.append(time.perf_counter() - t0)
+        router = {"router_layers": split_cfg.router_layers, "router_path": step.router_path,
+                  "router_path_reason": step.router_path_reason,
+                  "router_ms_median": 1e3 * statistics.median(rtimes), "router_ms_min": 1e3 * min(rtimes)}
     tokens = B * args.seq_len
     return {
-        "mode": mode,
+        **router,
+        "mode": label or mode,
         "step_ms_median": 1e3 * med,
         "step_ms_min": 1e3 * min(times),
         "step_ms_max": 1e3 * max(times),
@@ -169,14 +195,30 @@ def run_mode(mode: str, cfg: DecoderConfig, args: argparse.Namespace, batches: l
 
 def markdown(results: list[dict[str, Any]], header: str) -> str:
     base = next((r for r in results if r["mode"] == "standard"), None)
+    rand = next((r for r in results if r["mode"] == "random_sequence"), None)
     lines = [header, "",
-             "| mode | step ms (median) | tokens/s | speed-up vs standard | sequences kept | bucket | compile s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| mode | step ms (median) | tokens/s | speed-up vs standard | sequences kept | bucket | router path | "
+             "router alone (ms) | compile s |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in results:
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
+        router = f"{r['router_ms_median']:.1f}" if "router_ms_median" in r else "-"
         lines.append(f"| {r['mode']} | {r['step_ms_median']:.1f} | {r['tokens_per_s']:,.0f} | {speed} | "
-                     f"{r['sequences_kept_median']:g} | {r['bucket_size_median']:g} | "
-                     f"{r['compile_plus_first_step_s']:.1f} |")
+                     f"{r['sequences_kept_median']:g} | {r['bucket_size_median']:g} | {r.get('router_path', '-')} | "
+                     f"{router} | {r['compile_plus_first_step_s']:.1f} |")
+    for r in results:
+        if "router_ms_median" not in r or not r["mode"].startswith("cggr"):
+            continue
+        parts = []
+        if base:
+            parts.append(f"cggr/standard = {base['step_ms_median'] / r['step_ms_median']:.2f}x (goal >= 2.5x)")
+        if rand:
+            over = r["step_ms_median"] - rand["step_ms_median"]
+            parts.append(f"cggr/random_sequence = {rand['step_ms_median'] / r['step_ms_median']:.2f}x (goal >= 0.9x)")
+            share = f"{100 * r['router_ms_median'] / over:.0f}% of the overhead" if over > 0 else "no overhead"
+            parts.append(f"overhead = {over:.1f} ms, router alone = {r['router_ms_median']:.1f} ms ({share})")
+        lines.append("")
+        lines.append(f"* {r['mode']}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -186,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default 64; --quick 8)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024; --quick 32)")
     p.add_argument("--ratio", type=float, default=0.25, help="min_tokens_ratio (fraction of sequences kept)")
-    p.add_argument("--router-layers", type=int, default=None, help="router depth (default 4; --quick 1)")
+    p.add_argument("--router-layers", default=None,
+                   help="router depth (default 4; --quick 1), or a comma list (e.g. 1,2,4,8): one cggr row each")
+    p.add_argument("--router-path", default="auto",
+                   help="auto | fused | logits, or a comma list (e.g. auto,logits): one cggr row per value")
+    p.add_argument("--router-memory-budget", type=int, default=None,
+                   help="bytes of logit blocks on the fused router path (default: BatchSplitConfig's, 1 GiB)")
     p.add_argument("--dynamic-threshold", action="store_true", help="turn the SPEC §5.2 threshold on")
     p.add_argument("--buckets", default=None, help="comma-separated bucket sizes (default: see module doc)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="compute dtype (default bf16; --quick fp32)")
@@ -202,7 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     q = args.quick
     args.batch_size = args.batch_size or (8 if q else 64)
     args.seq_len = args.seq_len or (32 if q else 1024)
-    args.router_layers = args.router_layers if args.router_layers is not None else (1 if q else 4)
+    try:
+        layer_list = ([int(x) for x in str(args.router_layers).split(",") if x] if args.router_layers is not None
+                      else [1 if q else 4])
+    except ValueError:
+        raise SystemExit(f"--router-layers: expected an int or a comma list of ints, got {args.router_layers!r}")
+    path_list = [x for x in str(args.router_path).split(",") if x]
+    for x in path_list:
+        if x not in bs.ROUTER_PATHS:
+            raise SystemExit(f"--router-path: expected values in {bs.ROUTER_PATHS}, got {x!r}")
+    if not layer_list or not path_list:
+        raise SystemExit("--router-layers / --router-path: need at least one value")
+    args.router_layers = layer_list[0]
     args.dtype = args.dtype or ("fp32" if q else "bf16")
     args.warmup = max(1, args.warmup if args.warmup is not None else 2 if q else 3)
     args.steps = args.steps or (3 if q else 20)
@@ -219,23 +277,32 @@ def main(argv: list[str] | None = None) -> int:
         nnx.state(nnx.eval_shape(lambda: DecoderLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)))
     results: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
+    variants = [(L, path) for L in layer_list for path in path_list]
+    runs = []
     for mode in modes:
-        print(f"[{mode}] running ...", flush=True)
+        if mode == "cggr":
+            runs += [(mode, L, path, "cggr" if len(variants) == 1 else f"cggr[L={L},{path}]") for L, path in variants]
+        else:
+            runs.append((mode, layer_list[0], path_list[0], mode))
+    for mode, L, path, label in runs:
+        print(f"[{label}] running ...", flush=True)
         try:
-            r = run_mode(mode, cfg, args, batches)
+            r = run_mode(mode, cfg, args, batches, router_layers=L, router_path=path, label=label)
         except Exception as err:  # noqa: BLE001 - out of memory is reported per mode, the others still run
             if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
                 raise
-            failures[mode] = f"out of device memory at B={args.batch_size}: {str(err).splitlines()[0][:300]}"
-            print(f"[{mode}] FAILED: {failures[mode]} (try a smaller --batch-size)", flush=True)
+            failures[label] = f"out of device memory at B={args.batch_size}: {str(err).splitlines()[0][:300]}"
+            print(f"[{label}] FAILED: {failures[label]} (try a smaller --batch-size)", flush=True)
             continue
-        print(f"[{mode}] {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
-              f"kept {r['sequences_kept_median']:g}/{args.batch_size}", flush=True)
+        extra = (f", router alone {r['router_ms_median']:.1f} ms ({r['router_path']})"
+                 if "router_ms_median" in r else "")
+        print(f"[{label}] {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
+              f"kept {r['sequences_kept_median']:g}/{args.batch_size}{extra}", flush=True)
         results.append(r)
 
     device = jax.devices()[0]
     header = (f"JAX batch splitting: {n_params / 1e6:.2f}M params, B={args.batch_size}, T={args.seq_len}, "
-              f"{args.dtype}, ratio {args.ratio}, router {args.router_layers} layers, attention "
+              f"{args.dtype}, ratio {args.ratio}, router layers {layer_list}, paths {path_list}, attention "
               f"{notes['attention']}, device {device.device_kind}")
     table = markdown(results, header)
     for mode, why in failures.items():

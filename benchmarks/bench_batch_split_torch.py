@@ -12,7 +12,15 @@ Modes (each starts from the same initial weights and a fresh AdamW):
 * ``random_sequence`` the same number of sequences as CGGR keeps (``num_selected(B, ratio)``), chosen at
   random: the cost of the main pass alone, without the router;
 * ``cggr``            ``CGGRModel``: 4-layer truncated router under ``no_grad`` on the whole batch, then forward +
-  backward of the kept sequences.
+  backward of the kept sequences. ``--router-layers 1,2,4,8`` and ``--router-path auto,logits`` (comma lists)
+  run one ``cggr[L=…,path]`` row per combination (a sweep in one process, same batches and weights).
+
+**Router time.** After a cggr row's timed steps, the router pass alone (``CGGRModel.select``: router forward,
+scoring, sequence selection; no main pass, no host sync inside) is timed ``--steps`` times in the same
+process and reported as ``router_ms_median``; ``router_path`` says whether the router was scored on the fused
+path (final hidden states + blockwise LM-head scoring, the ``(B, T, V)`` logits never exist) or from its
+logits. The summary lines give ``cggr / standard``, ``cggr / random_sequence`` (goals: ≥ 2.5× and ≥ 0.9×),
+the measured overhead ``cggr − random_sequence`` and the router's share of it.
 
 One timed step = the loss forward, backward, ``AdamW.step()``, ``zero_grad`` (and ``CGGRModel.step()``).
 Steps are timed with ``torch.cuda.synchronize()`` around each step after ``--warmup`` untimed steps; the median
@@ -69,7 +77,8 @@ def sync(device: torch.device) -> None:
 
 
 def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor],
-             shape: dict[str, int]) -> dict[str, Any]:
+             shape: dict[str, int], router_layers: int | None = None, router_path: str = "auto",
+             label: str | None = None) -> dict[str, Any]:
     from cggr_torch.curriculum import num_selected
     from cggr_torch.model import CGGRModel
 
@@ -84,9 +93,10 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches:
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     cggr = None
     if mode == "cggr":
-        cggr = CGGRModel(model, router_layers=args.router_layers, min_tokens_ratio=args.ratio, warmup_steps=0,
+        cggr = CGGRModel(model, router_layers=router_layers, min_tokens_ratio=args.ratio, warmup_steps=0,
                          dynamic_threshold=args.dynamic_threshold,
-                         router_batch_size=args.router_batch_size or None)
+                         router_batch_size=args.router_batch_size or None, router_path=router_path,
+                         router_memory_budget_bytes=args.router_memory_budget)
     kept_counts: list[int] = []
 
     def step(ids: torch.Tensor) -> None:
@@ -123,9 +133,20 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches:
         sync(device)
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
+    router_times: list[float] = []
+    if cggr is not None:   # the router pass alone, same batches, same precision
+        ctx = autocast if autocast is not None else torch.autocast(device_type=device.type, enabled=False)
+        for i in range(args.steps):
+            ids = batches[i % len(batches)]
+            sync(device)
+            t0 = time.perf_counter()
+            with ctx:
+                cggr.select(ids, labels=ids)
+            sync(device)
+            router_times.append(time.perf_counter() - t0)
     tokens = B * args.seq_len
     result = {
-        "mode": mode,
+        "mode": label or mode,
         "params_millions": params_millions,
         "batch_size": B,
         "seq_len": args.seq_len,
@@ -138,6 +159,11 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches:
     }
     if cggr is not None:
         result["cggr_metrics"] = cggr.get_metrics()
+        result["router_layers"] = router_layers
+        result["router_path"] = result["cggr_metrics"]["router_path"]
+        result["router_path_reason"] = cggr.router_path_reason
+        result["router_ms_median"] = 1e3 * statistics.median(router_times)
+        result["router_ms_min"] = 1e3 * min(router_times)
     del model, opt, cggr
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -168,13 +194,30 @@ def find_batch(args: argparse.Namespace, device: torch.device, shape: dict[str, 
 
 def markdown(results: list[dict[str, Any]]) -> str:
     base = next((r for r in results if r["mode"] == "standard"), None)
-    lines = ["| mode | batch | sequences trained | step (ms, median) | tokens/s | speed-up | peak mem (GiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    rand = next((r for r in results if r["mode"] == "random_sequence"), None)
+    lines = ["| mode | batch | sequences trained | step (ms, median) | tokens/s | speed-up | router path | "
+             "router alone (ms) | peak mem (GiB) |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in results:
         speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
+        router = f"{r['router_ms_median']:.1f}" if "router_ms_median" in r else "-"
         lines.append(f"| {r['mode']} | {r['batch_size']} | {r['sequences_trained_median']:g} | "
-                     f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:,.0f} | {speed:.2f}x | {mem} |")
+                     f"{r['step_ms_median']:.1f} | {r['tokens_per_s']:,.0f} | {speed:.2f}x | "
+                     f"{r.get('router_path', '-')} | {router} | {mem} |")
+    for r in results:
+        if "router_ms_median" not in r:
+            continue
+        parts = []
+        if base:
+            parts.append(f"cggr/standard = {base['step_ms_median'] / r['step_ms_median']:.2f}x (goal >= 2.5x)")
+        if rand:
+            over = r["step_ms_median"] - rand["step_ms_median"]
+            parts.append(f"cggr/random_sequence = {rand['step_ms_median'] / r['step_ms_median']:.2f}x (goal >= 0.9x)")
+            share = f"{100 * r['router_ms_median'] / over:.0f}% of the overhead" if over > 0 else "no overhead"
+            parts.append(f"overhead = {over:.1f} ms, router alone = {r['router_ms_median']:.1f} ms ({share})")
+        lines.append("")
+        lines.append(f"* {r['mode']}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -186,10 +229,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-batch", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--ratio", type=float, default=0.25, help="min_tokens_ratio (fraction of sequences kept)")
-    p.add_argument("--router-layers", type=int, default=4)
-    p.add_argument("--router-batch-size", type=int, default=16,
+    p.add_argument("--router-layers", default="4",
+                   help="router depth, or a comma list (e.g. 1,2,4,8) for a sweep: one cggr row per value")
+    p.add_argument("--router-path", default="auto",
+                   help="auto | fused | logits, or a comma list (e.g. auto,logits): one cggr row per value")
+    p.add_argument("--router-memory-budget", type=int, default=None,
+                   help="bytes of logit blocks on the fused router path (default: CGGRModel's, 1 GiB)")
+    p.add_argument("--router-batch-size", type=int, default=0,
                    help="score the batch in chunks of this many sequences (bounds the (B, T, V) router-logit "
-                        "memory); 0 = the whole batch at once")
+                        "memory of the logits path); 0 (default) = the whole batch at once")
     p.add_argument("--dynamic-threshold", action="store_true")
     p.add_argument("--precision", choices=("bf16-autocast", "bf16", "fp32"), default="bf16-autocast",
                    help="bf16-autocast: fp32 weights + bf16 autocast; bf16: bf16 weights")
@@ -209,12 +257,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"--modes: unknown mode {m!r}; expected a subset of {MODES}")
+    from cggr_torch.router import ROUTER_MEMORY_BUDGET, ROUTER_PATHS
+
+    try:
+        layer_list = [int(x) for x in str(args.router_layers).split(",") if x]
+    except ValueError:
+        raise SystemExit(f"--router-layers: expected an int or a comma list of ints, got {args.router_layers!r}")
+    path_list = [x for x in str(args.router_path).split(",") if x]
+    for x in path_list:
+        if x not in ROUTER_PATHS:
+            raise SystemExit(f"--router-path: expected values in {ROUTER_PATHS}, got {x!r}")
+    if not layer_list or not path_list or min(layer_list) < 1:
+        raise SystemExit("--router-layers / --router-path: need at least one value (layers >= 1)")
+    if args.router_memory_budget is None:
+        args.router_memory_budget = ROUTER_MEMORY_BUDGET
     if args.quick:
         device = torch.device("cpu")
         shape = QUICK
         args.seq_len = min(args.seq_len, 32)
         args.batch_size = min(args.batch_size, 8)
-        args.router_layers = min(args.router_layers, 1)
+        layer_list = sorted({min(x, QUICK["num_hidden_layers"] - 1) for x in layer_list})
         args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
         args.precision = "fp32"
         args.find_batch = False
@@ -232,17 +294,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = [torch.randint(0, shape["vocab_size"], (args.batch_size, args.seq_len), generator=g).to(device)
                for _ in range(4)]
     results = []
+    variants = [(L, path) for L in layer_list for path in path_list]
     for mode in modes:
-        r = run_mode(mode, args, device, batches, shape)
-        results.append(r)
-        print(f"{mode:>16}: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s", flush=True)
+        runs = [(None, "auto", mode)] if mode != "cggr" else [
+            (L, path, "cggr" if len(variants) == 1 else f"cggr[L={L},{path}]") for L, path in variants]
+        for L, path, label in runs:
+            r = run_mode(mode, args, device, batches, shape, router_layers=L, router_path=path, label=label)
+            results.append(r)
+            extra = (f", router alone {r['router_ms_median']:.1f} ms ({r['router_path']})"
+                     if "router_ms_median" in r else "")
+            print(f"{label:>16}: {r['step_ms_median']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s{extra}",
+                  flush=True)
     table = markdown(results)
     print()
     print(table)
     import transformers
 
     record = {
-        "config": {**vars(args), "model_shape": shape, "params_millions": None},
+        "config": {**vars(args), "router_layers_list": layer_list, "router_paths": path_list, "model_shape": shape,
+                   "params_millions": None},
         "environment": {
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -27,14 +27,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 python3 -c "import torch, triton, jax, flax, optax; print('torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 case "${1:-kernels}" in
   kernels)
-    step gpu_check_torch 140 python3 benchmarks/gpu_check_torch.py
+    step gpu_check_torch 120 python3 benchmarks/gpu_check_torch.py
     step gpu_check_jax 110 python3 benchmarks/gpu_check_jax.py
-    step pytest_gpu_torch 60 python3 -m pytest -q -x -m gpu tests/torch -p no:cacheprovider
-    step bench_scoring_torch 60 python3 benchmarks/bench_scoring_torch.py --out "$OUT/bench_scoring_torch.json"
-    step bench_selective_ce_torch 70 python3 benchmarks/bench_selective_ce_torch.py --out "$OUT/bench_selective_ce_torch.json"
-    step bench_selection_torch 50 python3 benchmarks/bench_selection_torch.py --out "$OUT/bench_selection_torch.json"
-    step bench_scoring_jax 75 python3 benchmarks/bench_scoring_jax.py --out "$OUT/bench_scoring_jax.json"
-    step bench_selective_ce_jax 55 python3 benchmarks/bench_selective_ce_jax.py --out "$OUT/bench_selective_ce_jax.json"
+    step pytest_gpu_torch 50 python3 -m pytest -q -x -m gpu tests/torch -p no:cacheprovider
+    # torch: one log + one JSON for the three kernel benchmarks (scoring and selective-CE JSON embedded in
+    # bench_torch.json; the log's tail repeats the three summaries)
+    step bench_torch 150 bash -c 'python3 benchmarks/bench_scoring_torch.py --out /tmp/bench_scoring_torch.json; python3 benchmarks/bench_selective_ce_torch.py --out /tmp/bench_selective_ce_torch.json; python3 benchmarks/bench_selection_torch.py --include-json /tmp/bench_scoring_torch.json /tmp/bench_selective_ce_torch.json --out "$0/bench_torch.json"' "$OUT"
+    # jax: one log + one JSON for both benchmarks (the scoring JSON is embedded in bench_jax.json; the log's
+    # tail repeats both summaries, ending with the best launches as ready LaunchDefaults lines)
+    step bench_jax 160 bash -c 'python3 benchmarks/bench_scoring_jax.py --out /tmp/bench_scoring_jax.json; python3 benchmarks/bench_selective_ce_jax.py --scoring-json /tmp/bench_scoring_jax.json --out "$0/bench_jax.json"' "$OUT"
     ;;
   models)
     step bench_batch_split_torch 200 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --out "$OUT/bench_batch_split_torch.json"
@@ -56,7 +57,7 @@ case "${1:-kernels}" in
       step quality_torch_ablations 230 python3 -m benchmarks.quality.run --scale gpu --frameworks torch \
         --modes ablations --seeds 0,1 --steps 150 --out $Q --deadline-min 3 --no-progress
     fi
-    tar czf "$OUT/$1.tgz" -C out quality-gpu
+    tar czf "$OUT/$1.tgz" --exclude=cache -C out quality-gpu
     ;;
   *) echo "unknown session ${1}"; exit 2;;
 esac

@@ -23,8 +23,13 @@ Training step (:func:`make_batch_split_train_step`)
 ----------------------------------------------------
 One ``jax.jit``-compiled function ``(state, input_ids, labels, attention_mask) -> (state, metrics)``:
 
-* the router is ``model.router_logits(ids, router_layers)`` on ``stop_gradient(params)`` — the model's own
-  first blocks, final norm and head (no parameter copies, no gradient);
+* the router is the model's own first ``router_layers`` blocks, final norm and head on
+  ``stop_gradient(params)`` (no parameter copies, no gradient). On the **fused path** (default for a
+  :class:`cggr_jax.models.DecoderLM`, ``config.router_path``) it stops at the final normed hidden states
+  (``model.hidden_states(ids, mask, router_layers)``) and the head is scored block by block
+  (:func:`select_sequences_fused`), so the ``(B, T, V)`` float32 router logits are never materialised; on the
+  **logits path** (any other model) ``model.router_logits(ids, router_layers)`` is scored. The step's
+  :attr:`BatchSplitTrainStep.router_path` says which one runs;
 * the ``k_seq`` kept sequences are gathered into a batch of **static** size ``b``, the smallest configured
   *bucket* ``≥ k_seq`` (hardest first); the ``b − k_seq`` extra rows are the next sequences in the order
   with loss weight 0, so the loss is exactly the mean token cross-entropy over the valid shifted tokens of
@@ -89,13 +94,28 @@ __all__ = [
     "BatchSplitState",
     "BatchSplitTrainStep",
     "SEQUENCE_METRIC_KEYS",
+    "ROUTER_PATHS",
+    "ROUTER_MEMORY_BUDGET",
     "select_sequences",
+    "select_sequences_fused",
+    "resolve_router_path",
     "score_sequences",
     "sequence_difficulty",
     "default_buckets",
     "causal_lm_loss",
     "make_batch_split_train_step",
 ]
+
+#: How the router's tokens are scored (:attr:`BatchSplitConfig.router_path`): ``"fused"`` runs the router to
+#: its final normed hidden states (``DecoderLM.hidden_states``) and scores the LM head block by block with
+#: :func:`cggr_jax.fused_linear.fused_linear_scores` (the ``(B, T, V)`` float32 logits never exist);
+#: ``"logits"`` scores ``model.router_logits(...)``; ``"auto"`` takes ``"fused"`` whenever
+#: :func:`resolve_router_path` allows it.
+ROUTER_PATHS: tuple[str, ...] = ("auto", "fused", "logits")
+
+#: Default working memory (bytes) of the fused router's logit blocks: 1 GiB (the router runs before the main
+#: pass, whose activations set the step's peak).
+ROUTER_MEMORY_BUDGET: int = 2**30
 
 Mode = Literal["cggr", "random_sequence", "random_sequence_router", "standard"]
 MODES: tuple[str, ...] = ("cggr", "random_sequence", "random_sequence_router", "standard")
@@ -135,6 +155,12 @@ class BatchSplitConfig:
         ratio_schedule: optional ``step -> ratio`` (an ``optax.Schedule``, values in ``(0, 1]``) replacing the
             default curriculum.
         seed: PRNG seed of the random modes (the key of step ``s`` is ``fold_in(key(seed), s)``).
+        router_path: ``"auto"`` (default), ``"fused"`` or ``"logits"`` (:data:`ROUTER_PATHS`): score the router
+            from its final hidden states without materialising its logits (a :class:`cggr_jax.models.DecoderLM`,
+            whose head is a plain linear map), or from ``router_logits``. ``"fused"`` on a model that cannot
+            take it is a :class:`ValueError`; ``"auto"`` falls back and the step reports it
+            (:attr:`BatchSplitTrainStep.router_path`, :attr:`BatchSplitTrainStep.router_path_reason`).
+        router_memory_budget_bytes: working memory of the fused path's logit blocks (bytes, default 1 GiB).
     """
 
     router_layers: int = 4
@@ -147,6 +173,8 @@ class BatchSplitConfig:
     ignore_index: int = -100
     ratio_schedule: Callable[[Any], Any] | None = None
     seed: int = 0
+    router_path: str = "auto"
+    router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET
 
     def __post_init__(self) -> None:
         utils.check_int(self.router_layers, "router_layers", minimum=0)
@@ -163,6 +191,8 @@ class BatchSplitConfig:
         utils.check_int(self.warmup_steps, "warmup_steps", minimum=0)
         utils.check_int(self.ignore_index, "ignore_index")
         utils.check_int(self.seed, "seed")
+        utils.check_choice(self.router_path, "router_path", ROUTER_PATHS)
+        utils.check_int(self.router_memory_budget_bytes, "router_memory_budget_bytes", minimum=1)
         if self.ratio_schedule is not None and not callable(self.ratio_schedule):
             raise ValueError(f"ratio_schedule: expected a callable step -> ratio, got {self.ratio_schedule!r}")
 
@@ -290,8 +320,18 @@ def select_sequences(
     if (step is None) == (ratio is None):
         raise ValueError("select_sequences: pass exactly one of step= (curriculum) or ratio= (effective ratio)")
 
+    targets, valid_mask, out_of_range = _shifted_targets(labels, attention_mask, V, config)
+    ts = scoring.score_tokens(logits[:, :-1], targets, scoring=config.scoring, ignore_index=config.ignore_index,
+                              valid_mask=valid_mask)
+    return _select_from_scores(ts, out_of_range, step, ratio, config)
+
+
+def _shifted_targets(labels: Any, attention_mask: Any, V: int,
+                     config: BatchSplitConfig) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """``(labels[:, 1:], attention_mask[:, 1:] != 0 or None, out-of-range count)``; concrete out-of-range
+    labels raise :class:`ValueError` (SPEC §11)."""
     labels = jnp.asarray(labels)
-    shifted_logits, targets = logits[:, :-1], labels[:, 1:]
+    targets = labels[:, 1:]
     valid_mask = None
     if attention_mask is not None:
         valid_mask = jnp.asarray(attention_mask)[:, 1:] != 0
@@ -300,11 +340,13 @@ def select_sequences(
     not_ignored, in_range, _ = utils.target_masks(targets, V, config.ignore_index)
     considered = not_ignored if valid_mask is None else not_ignored & valid_mask
     out_of_range = jnp.sum(considered & ~in_range, dtype=jnp.int32)
+    return targets, valid_mask, out_of_range
 
-    ts = scoring.score_tokens(shifted_logits, targets, scoring=config.scoring, ignore_index=config.ignore_index,
-                              valid_mask=valid_mask)
+
+def _select_from_scores(ts: scoring.TokenScores, out_of_range: jax.Array, step: Any, ratio: Any,
+                        config: BatchSplitConfig) -> SequenceSelection:
+    """Steps 3-5 of the module docstring from the ``(B, T−1)`` token scores of the shifted pairs."""
     seq_d, seq_ok = sequence_difficulty(ts.difficulty, ts.eligible)
-
     if ratio is not None:
         eff = curriculum.check_ratio_value(ratio)
         base = jnp.float32(jnp.nan)
@@ -321,6 +363,93 @@ def select_sequences(
     mask, k = selection.select_tokens(seq_d, seq_ok, eff, selection="topk")
     rank = selection.rank_tokens(seq_d, seq_ok)
     return SequenceSelection(mask, k, rank, seq_d, seq_ok, eff, base, ts, out_of_range)
+
+
+def select_sequences_fused(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    step: Any = None,
+    ratio: Any = None,
+    config: BatchSplitConfig = BatchSplitConfig(),
+    vocab_size: int | None = None,
+    bias: jax.Array | None = None,
+    weight_layout: str = "vd",
+    logits_dtype: Any = jnp.float32,
+) -> SequenceSelection:
+    """:func:`select_sequences` of the logits ``z = hidden · Wᵀ + bias`` without materialising them.
+
+    ``hidden`` ``(B, T, d)`` are the router's final normed hidden states (``DecoderLM.hidden_states``),
+    ``weight`` the LM head (``(V, d)`` with ``weight_layout="vd"``, a tied embedding; ``(d, V)`` with ``"dv"``,
+    a Flax kernel) in the dtype the head computes in. The shifted pairs ``hidden[:, t]`` / ``labels[:, t+1]``
+    are scored by :func:`cggr_jax.fused_linear.fused_linear_scores` in row blocks of at most
+    ``config.router_memory_budget_bytes`` of ``logits_dtype`` logits (float32 by default, like
+    ``DecoderLM``'s head), so the result equals ``select_sequences(head(hidden), ...)`` up to the rounding of
+    the blocked matmul; everything after the token scores is the same code. No gradient flows through it.
+    """
+    from cggr_jax import fused_linear
+
+    if not isinstance(config, BatchSplitConfig):
+        raise ValueError(f"config: expected a BatchSplitConfig, got {type(config).__name__}")
+    hshape = getattr(hidden, "shape", None)
+    if hshape is None or len(hshape) != 3:
+        raise ValueError(f"hidden: expected the router's final hidden states of shape (B, T, d), got "
+                         f"{tuple(hshape) if hshape is not None else type(hidden).__name__}")
+    wshape = getattr(weight, "shape", None)
+    if wshape is None or len(wshape) != 2 or weight_layout not in ("vd", "dv"):
+        raise ValueError(f"weight: expected a 2-D LM-head weight with weight_layout 'vd' or 'dv', got "
+                         f"{tuple(wshape) if wshape is not None else type(weight).__name__} / {weight_layout!r}")
+    V = int(wshape[0] if weight_layout == "vd" else wshape[1])
+    _check_labels_and_mask(tuple(hshape[:2]), labels, attention_mask, "hidden[:, :, 0]")
+    if vocab_size is not None and int(vocab_size) != V:
+        raise ValueError(f"weight: vocabulary size {V} differs from the model's vocab_size {int(vocab_size)}; the "
+                         f"router must share the model's tokenizer and head")
+    if (step is None) == (ratio is None):
+        raise ValueError("select_sequences_fused: pass exactly one of step= (curriculum) or ratio= (effective "
+                         "ratio)")
+    targets, valid_mask, out_of_range = _shifted_targets(labels, attention_mask, V, config)
+    ts = fused_linear.fused_linear_scores(
+        jax.lax.stop_gradient(hidden[:, :-1]), jax.lax.stop_gradient(weight), targets,
+        None if bias is None else jax.lax.stop_gradient(bias), scoring=config.scoring,
+        ignore_index=config.ignore_index, valid_mask=valid_mask,
+        memory_budget_bytes=config.router_memory_budget_bytes, weight_layout=weight_layout,
+        logits_dtype=logits_dtype)
+    return _select_from_scores(ts, out_of_range, step, ratio, config)
+
+
+def _decoder_head(model: Any) -> tuple[jax.Array, str]:
+    """``(weight, layout)`` of a ``DecoderLM``'s head, cast to the compute dtype exactly as its head does."""
+    dtype = model.config.dtype
+    if model.lm_head is not None:
+        return model.lm_head.kernel[...].astype(dtype), "dv"
+    return model.embed.embedding[...].astype(dtype), "vd"
+
+
+def resolve_router_path(model: Any, router_path: str) -> tuple[str, str]:
+    """``(path, reason)``: ``"fused"`` or ``"logits"`` for ``model`` under ``router_path`` (SPEC-neutral: both
+    give the same scores up to matmul rounding) and a sentence saying why.
+
+    ``"fused"`` needs a :class:`cggr_jax.models.DecoderLM` (its head is a plain linear map of
+    ``hidden_states``; no logit soft-capping or scaling). Any other model only promises ``router_logits``.
+
+    Raises:
+        ValueError: an unknown ``router_path``, or ``"fused"`` for a model that cannot take it.
+    """
+    from cggr_jax import models
+
+    utils.check_choice(router_path, "router_path", ROUTER_PATHS)
+    if router_path == "logits":
+        return "logits", "router_path='logits' was requested"
+    if isinstance(model, models.DecoderLM) and callable(getattr(model, "hidden_states", None)):
+        return "fused", ("DecoderLM: plain linear head, scored from the router's final hidden states without "
+                         "materialising its (B, T, V) logits")
+    reason = (f"{type(model).__name__} is not a cggr_jax.models.DecoderLM: only its router_logits are known, "
+              f"not a plain linear head over hidden states")
+    if router_path == "fused":
+        raise ValueError(f"router_path: 'fused' is not possible: {reason}; use 'auto' or 'logits'")
+    return "logits", reason
 
 
 def score_sequences(
@@ -475,6 +604,10 @@ class BatchSplitTrainStep:
         self.mode = mode
         self.buckets = buckets
         self.vocab_size = vocab_size
+        #: ``"fused"`` / ``"logits"``: how the router is scored (resolved by :meth:`init` and at trace time;
+        #: ``None`` for the modes without a router or before either), and why (:func:`resolve_router_path`).
+        self.router_path: str | None = None
+        self.router_path_reason: str | None = None
         self.num_traces = 0
         jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
         if compiler_options:
@@ -496,6 +629,8 @@ class BatchSplitTrainStep:
             self.vocab_size = int(vocab) if isinstance(vocab, int) else None
         opt_state = self.optimizer.init(params)
         transform.current_step(opt_state)  # raises ValueError when advance_curriculum() is missing
+        if self.mode in ("cggr", "random_sequence_router"):
+            self.router_path, self.router_path_reason = resolve_router_path(model, self.config.router_path)
         return BatchSplitState(params, rest, opt_state)
 
     def model(self, state: BatchSplitState) -> nnx.Module:
@@ -557,9 +692,17 @@ class BatchSplitTrainStep:
             return rank, k, metrics
 
         router_model = nnx.merge(self.graphdef, jax.lax.stop_gradient(params), rest)
-        router_logits = router_model.router_logits(input_ids, cfg.router_layers, attention_mask)
-        sel = select_sequences(jax.lax.stop_gradient(router_logits), labels, attention_mask, step=step,
-                               config=cfg, vocab_size=self.vocab_size)
+        path, self.router_path_reason = resolve_router_path(router_model, cfg.router_path)  # trace time
+        self.router_path = path
+        if path == "fused":
+            hidden = router_model.hidden_states(input_ids, attention_mask, cfg.router_layers)
+            weight, layout = _decoder_head(router_model)
+            sel = select_sequences_fused(hidden, weight, labels, attention_mask, step=step, config=cfg,
+                                         vocab_size=self.vocab_size, weight_layout=layout)
+        else:
+            router_logits = router_model.router_logits(input_ids, cfg.router_layers, attention_mask)
+            sel = select_sequences(jax.lax.stop_gradient(router_logits), labels, attention_mask, step=step,
+                                   config=cfg, vocab_size=self.vocab_size)
         rank = sel.rank
         if self.mode == "random_sequence_router":
             rank = selection.rank_tokens(jax.random.uniform(key, (B,), dtype=jnp.float32), sel.eligible)

@@ -337,6 +337,23 @@ class DecoderLM(nnx.Module):
         """Full forward: float32 logits ``(B, T, V)``."""
         return self._forward(input_ids, self.config.num_layers, attention_mask)
 
+    def hidden_states(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, num_layers: int | None = None
+    ) -> jax.Array:
+        """Final normed hidden states ``(B, T, d)`` in the compute ``dtype``: the input of the LM head.
+
+        ``num_layers`` (``None`` = all ``L``) truncates the stack as :meth:`router_logits` does, so
+        ``router_logits(ids, n, mask)`` equals the head applied to ``hidden_states(ids, mask, n)``; fused
+        scorers (``cggr_jax.fused_linear``) use it to score the head without materialising the logits.
+        """
+        n = self.config.num_layers if num_layers is None else num_layers
+        _check_num_layers(n, self.config)
+        _check_inputs(self.config, input_ids, attention_mask)
+        x = self.embed(input_ids.astype(jnp.int32))
+        for block in list(self.layers)[:n]:
+            x = block(x, attention_mask)
+        return self.final_norm(x)
+
     def router_logits(
         self, input_ids: jax.Array, num_layers: int, attention_mask: jax.Array | None = None
     ) -> jax.Array:

@@ -3,7 +3,13 @@
 One training step of ``CGGRModel(model)(input_ids, labels, attention_mask)``:
 
 1. **Router pass** (``torch.no_grad()``): a cheap router (default: the model's first 4 layers sharing its
-   weights, :func:`~cggr_torch.router.create_truncated_router`) produces logits ``(B, T, V)``.
+   weights, :func:`~cggr_torch.router.create_truncated_router`). On the **fused path** (the default whenever
+   the router is a truncated router whose LM head is a plain ``nn.Linear``, no logit soft-capping/scaling) it
+   runs to its final normed hidden states and the head's logits are scored block by block
+   (:func:`cggr_torch.fused_linear.fused_linear_scores`: row-chunked matmul + the Triton scoring kernel), so
+   the ``(B, T, V)`` router logits never exist; otherwise (**logits path**: arbitrary router modules,
+   passthrough routers, masked LMs, soft-capped heads) the router's logits are materialised and scored.
+   ``get_metrics()['router_path']`` says which path ran and :attr:`CGGRModel.router_path_reason` why.
 2. **Token scores**: causal shift (``logits[:, t]`` against ``labels[:, t+1]``,
    :func:`~cggr_torch.utils.shift_for_causal_lm`), SPEC §2-§4 per token; a target is ignored when it equals
    ``ignore_index`` or its position is padding (``attention_mask == 0``).
@@ -46,8 +52,11 @@ from torch import nn
 from .router import (
     HF_IGNORE_INDEX,
     ROUTER_INPUT_KEYS,
+    ROUTER_MEMORY_BUDGET,
+    ROUTER_PATHS,
     PassthroughRouter,
     TruncatedRouter,
+    _check_budget,
     _CurriculumMixin,
     _masked_mean,
     check_batch,
@@ -55,10 +64,11 @@ from .router import (
     effective_labels,
     is_masked_lm,
     model_vocab_size,
-    router_logits,
+    resolve_router_path,
+    router_token_scores,
     score_next_tokens,
 )
-from .scoring import TokenScores, TokenStatistics
+from .scoring import TokenScores
 from .selection import select_tokens
 from .utils import check_config
 
@@ -69,11 +79,12 @@ __all__ = ["CGGRModel", "BatchSplitOutput", "SEQUENCE_SELECTIONS", "MODEL_METRIC
 #: dynamic threshold, §7.1). ``stratified`` and ``sequence_aware`` select tokens and are a ``ValueError``.
 SEQUENCE_SELECTIONS: tuple[str, ...] = ("topk", "fixed_quota")
 
-#: Keys of :meth:`CGGRModel.get_metrics`: SPEC §10 plus the sequence counts.
+#: Keys of :meth:`CGGRModel.get_metrics`: SPEC §10 plus the sequence counts and the router path used
+#: (``'fused'`` or ``'logits'``, a string like ``selection``/``scoring``).
 MODEL_METRIC_KEYS: tuple[str, ...] = (
     "step", "token_ratio", "effective_ratio", "tokens_selected", "tokens_total", "tokens_nonfinite",
     "tokens_out_of_range", "avg_confidence", "avg_entropy", "avg_difficulty", "selection", "scoring",
-    "sequences_selected", "sequences_total",
+    "sequences_selected", "sequences_total", "router_path",
 )
 
 
@@ -116,6 +127,22 @@ class SequenceSelection(NamedTuple):
     k: torch.Tensor           # 0-d int64 ``k_seq``
     difficulty: torch.Tensor  # (B,) float32 ``D_b`` (0 for ineligible sequences)
     eligible: torch.Tensor    # (B,) bool, sequences with at least one eligible shifted target
+
+
+class _Route(NamedTuple):
+    """Everything the router pass of one step produced (device tensors, plus the host path and base ratio)."""
+
+    path: str
+    scores: TokenScores
+    nonfinite: torch.Tensor
+    n: torch.Tensor
+    mean_conf: torch.Tensor
+    base: Any
+    ratio: torch.Tensor
+    seq_d: torch.Tensor
+    seq_elig: torch.Tensor
+    keep: torch.Tensor
+    k_seq: torch.Tensor
 
 
 def sequence_difficulty(difficulty: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +202,13 @@ class CGGRModel(_CurriculumMixin, nn.Module):
         router_layers: layers of the default router (``router=None`` only).
         shift_labels: ``None`` = shift (causal LM) unless the model is a masked LM (no shift).
         router_batch_size: run the router and the scoring on chunks of this many sequences (bounds the memory
-            of the ``(B, T, V)`` router logits); ``None`` = the whole batch at once.
+            of the ``(B, T, V)`` router logits on the logits path); ``None`` (default) = the whole batch at once,
+            the fastest (the fused path never holds the full logits anyway).
+        router_path: ``'auto'`` (default: ``'fused'`` when possible, else ``'logits'``), ``'fused'`` (a
+            ``ValueError`` naming the reason when the router cannot take it) or ``'logits'``; see
+            :func:`cggr_torch.router.resolve_router_path`.
+        router_memory_budget_bytes: working memory of the fused path's logit blocks (default 1 GiB; the router
+            pass runs before the main pass, so this does not raise the step's peak memory).
     """
 
     def __init__(self, model: nn.Module, router: Optional[nn.Module] = None, scoring: str = "combined",
@@ -183,7 +216,8 @@ class CGGRModel(_CurriculumMixin, nn.Module):
                  threshold_sensitivity: float = 0.5, selection: str = "topk", num_strata: int = 4,
                  min_tokens_per_sequence: int = 1, *, ignore_index: int = -100,
                  ratio_schedule: Optional[Callable[[int], Any]] = None, router_layers: int = 4,
-                 shift_labels: Optional[bool] = None, router_batch_size: Optional[int] = None) -> None:
+                 shift_labels: Optional[bool] = None, router_batch_size: Optional[int] = None,
+                 router_path: str = "auto", router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -199,6 +233,9 @@ class CGGRModel(_CurriculumMixin, nn.Module):
         if router_batch_size is not None and (not isinstance(router_batch_size, numbers.Integral)
                                               or isinstance(router_batch_size, bool) or router_batch_size < 1):
             raise ValueError(f"router_batch_size: expected None or an integer >= 1, got {router_batch_size!r}")
+        _check_budget(router_memory_budget_bytes)
+        if router_path not in ROUTER_PATHS:
+            raise ValueError(f"router_path: expected one of {ROUTER_PATHS}, got {router_path!r}")
         self.model = model
         if router is None:
             router = create_truncated_router(model, router_layers)
@@ -224,46 +261,42 @@ class CGGRModel(_CurriculumMixin, nn.Module):
         self.shift_labels = (not is_masked_lm(model)) if shift_labels is None else shift_labels
         self.router_batch_size = None if router_batch_size is None else int(router_batch_size)
         self.vocab_size = model_vocab_size(model)
+        self.router_path = router_path
+        self.router_memory_budget_bytes = int(router_memory_budget_bytes)
+        #: Why the last (or, before the first forward, the next) router pass takes its path.
+        self.router_path_reason = resolve_router_path(router, router_path)[1]
         self._init_curriculum(min_tokens_ratio, warmup_steps, ratio_schedule)
         self._last: Optional[dict[str, Any]] = None
         self.last_kept: Optional[torch.Tensor] = None
 
-    # ------------------------------------------------------------------------------------------ scoring
-    def _router_scores(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                       attention_mask: Optional[torch.Tensor],
-                       router_kwargs: dict[str, Any]) -> tuple[TokenScores, torch.Tensor]:
-        """Token scores ``(B, T)`` of the router's logits (chunked over sequences if requested)."""
-        B = input_ids.shape[0]
-        chunk = self.router_batch_size or B
-        parts: list[TokenScores] = []
-        nonfinite = torch.zeros((), dtype=torch.int64, device=input_ids.device)
-        for start in range(0, B, chunk):
-            sl = slice(start, min(B, start + chunk))
-            if chunk >= B:      # the whole batch: hand over the caller's tensors themselves
-                ids, am, kw = input_ids, attention_mask, router_kwargs
-            else:
-                ids = input_ids[sl]
-                am = None if attention_mask is None else attention_mask[sl]
-                kw = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v)
-                      for k, v in router_kwargs.items()}
-            logits = router_logits(self.router(ids, attention_mask=am, **kw))
-            rows = sl.stop - sl.start
-            if logits.dim() != 3 or tuple(logits.shape[:2]) != (rows, input_ids.shape[1]):
-                raise ValueError(f"router: expected logits of shape ({rows}, {input_ids.shape[1]}, V), got "
-                                 f"{tuple(logits.shape)}")
-            if self.vocab_size is not None and logits.shape[-1] != self.vocab_size:
-                raise ValueError(f"router: its vocabulary has {logits.shape[-1]} entries but the model's has "
-                                 f"{self.vocab_size}; the router must score the model's own vocabulary (build it "
-                                 f"with create_truncated_router(model) or from a model with the same tokenizer)")
-            scores, nf = score_next_tokens(logits, labels[sl], am, scoring=self.scoring,
-                                           ignore_index=self.ignore_index, shift=self.shift_labels)
-            parts.append(scores)
-            nonfinite = nonfinite + nf
-        if len(parts) == 1:
-            return parts[0], nonfinite
-        stats = TokenStatistics(*(torch.cat([p.stats[i] for p in parts]) for i in range(len(TokenStatistics._fields))))
-        return TokenScores(torch.cat([p.difficulty for p in parts]), torch.cat([p.eligible for p in parts]),
-                           torch.cat([p.valid for p in parts]), stats), nonfinite
+    # ------------------------------------------------------------------------------------------ routing
+    def _route(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor],
+               kwargs: dict[str, Any]) -> _Route:
+        """Steps 1-5 of the module docstring under ``no_grad``: router pass, scores, ratio, keep-mask. Async."""
+        router_kwargs = {k: kwargs[k] for k in ROUTER_INPUT_KEYS if kwargs.get(k) is not None}
+        path, self.router_path_reason = resolve_router_path(self.router, self.router_path)  # host only
+        with torch.no_grad():
+            scores, nonfinite = router_token_scores(
+                self.router, path, input_ids, labels, attention_mask, router_kwargs, scoring=self.scoring,
+                ignore_index=self.ignore_index, shift=self.shift_labels, vocab_size=self.vocab_size,
+                batch_chunk=self.router_batch_size, memory_budget_bytes=self.router_memory_budget_bytes)
+            elig = scores.eligible
+            seq_d, seq_elig = sequence_difficulty(scores.difficulty, elig)
+            n = elig.sum()
+            mean_conf = _masked_mean(scores.stats.confidence, elig, n)
+            base = self._base_ratio()
+            ratio = self._effective_ratio(base, mean_conf, self.dynamic_threshold and self.selection == "topk")
+            keep, k_seq = select_tokens(seq_d, seq_elig, ratio, selection="topk")
+        return _Route(path, scores, nonfinite, n, mean_conf, base, ratio, seq_d, seq_elig, keep, k_seq)
+
+    def select(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+               **kwargs: Any) -> SequenceSelection:
+        """The router pass and sequence selection of one batch alone (no main pass, no host synchronisation,
+        no metrics recorded): the sequences :meth:`forward` would keep at the current step. Used to time the
+        router separately (``benchmarks/bench_batch_split_torch.py``) and to compare router paths."""
+        check_batch(input_ids, labels, attention_mask)
+        r = self._route(input_ids, labels, attention_mask, kwargs)
+        return SequenceSelection(r.keep, r.k_seq, r.seq_d, r.seq_elig)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -287,18 +320,9 @@ class CGGRModel(_CurriculumMixin, nn.Module):
         as the Hugging Face ``Trainer`` hands it to ``compute_loss``); returns a :class:`BatchSplitOutput`."""
         check_batch(input_ids, labels, attention_mask)
         B = input_ids.shape[0]
-        router_kwargs = {k: kwargs[k] for k in ROUTER_INPUT_KEYS if kwargs.get(k) is not None}
-        with torch.no_grad():
-            scores, nonfinite = self._router_scores(input_ids, labels, attention_mask, router_kwargs)
-            elig = scores.eligible
-            seq_d, seq_elig = sequence_difficulty(scores.difficulty, elig)
-            n = elig.sum()
-            mean_conf = _masked_mean(scores.stats.confidence, elig, n)
-            base = self._base_ratio()
-            ratio = self._effective_ratio(base, mean_conf, self.dynamic_threshold and self.selection == "topk")
-            keep, k_seq = select_tokens(seq_d, seq_elig, ratio, selection="topk")
-            eff = effective_labels(labels, attention_mask, self.ignore_index).to(torch.int64)
-        kept = torch.nonzero(keep).reshape(-1)   # the step's one host synchronisation (dynamic slice size)
+        r = self._route(input_ids, labels, attention_mask, kwargs)
+        scores, elig, n, seq_elig = r.scores, r.scores.eligible, r.n, r.seq_elig
+        kept = torch.nonzero(r.keep).reshape(-1)   # the step's one host synchronisation (dynamic slice size)
         num_kept = int(kept.numel())
         if num_kept == 0:
             loss = torch.zeros((), dtype=torch.float32, device=input_ids.device, requires_grad=True)
@@ -310,10 +334,12 @@ class CGGRModel(_CurriculumMixin, nn.Module):
                     return t.index_select(0, kept)
                 return t
 
-            eff_k = eff.index_select(0, kept)
+            am_k = None if attention_mask is None else attention_mask.index_select(0, kept)
+            with torch.no_grad():   # only the kept rows' labels are needed
+                eff_k = effective_labels(labels.index_select(0, kept), am_k, self.ignore_index).to(torch.int64)
             main_kwargs = {k: take(v) for k, v in kwargs.items()}
-            if attention_mask is not None:
-                main_kwargs["attention_mask"] = attention_mask.index_select(0, kept)
+            if am_k is not None:
+                main_kwargs["attention_mask"] = am_k
             outputs = model(input_ids=input_ids.index_select(0, kept), labels=eff_k, **main_kwargs)
             loss = _loss_of(outputs)
             if loss is None:
@@ -324,29 +350,34 @@ class CGGRModel(_CurriculumMixin, nn.Module):
         self.last_kept = kept
         self._last = {
             "step": self._step,
-            "token_ratio": float(base),
-            "effective_ratio": ratio,
+            "token_ratio": float(r.base),
+            "effective_ratio": r.ratio,
             "tokens_selected": tokens_selected,
             "tokens_total": n,
-            "tokens_nonfinite": nonfinite,
+            "tokens_nonfinite": r.nonfinite,
             "tokens_out_of_range": 0,
-            "avg_confidence": mean_conf,
+            "avg_confidence": r.mean_conf,
             "avg_entropy": _masked_mean(scores.stats.entropy, elig, n),
             "avg_difficulty": _masked_mean(scores.difficulty, elig, n),
             "sequences_selected": num_kept,
             "sequences_total": seq_elig.sum(),
-            "k_seq": k_seq,
+            "k_seq": r.k_seq,
+            "router_path": r.path,
         }
-        return BatchSplitOutput(loss, outputs, kept, seq_d, seq_elig)
+        return BatchSplitOutput(loss, outputs, kept, r.seq_d, seq_elig)
 
     # ------------------------------------------------------------------------------------------ metrics
     def get_metrics(self) -> dict[str, Any]:
         """SPEC §10 metrics of the last forward as Python scalars, plus ``sequences_selected`` (kept sequences)
-        and ``sequences_total`` (eligible sequences, the denominator of the ratio). ``tokens_selected`` counts
+        and ``sequences_total`` (eligible sequences, the denominator of the ratio), and ``router_path``
+        (``'fused'`` or ``'logits'``, see :attr:`router_path_reason`). ``tokens_selected`` counts
         the valid targets in the main loss, ``tokens_total`` the router's eligible tokens of the whole batch.
         Reads the device: call it outside the training step's hot path. Before the first forward the counts
         and averages are 0 and both ratios are the current base ratio."""
-        return self._metrics_dict(self._last, extra_keys=("sequences_selected", "sequences_total"))
+        out = self._metrics_dict(self._last, extra_keys=("sequences_selected", "sequences_total"))
+        out["router_path"] = (self._last["router_path"] if self._last is not None
+                              else resolve_router_path(self.router, self.router_path)[0])
+        return out
 
     def extra_repr(self) -> str:
         return (f"scoring={self.scoring!r}, selection={self.selection!r}, min_tokens_ratio={self.min_tokens_ratio}, "

@@ -46,10 +46,11 @@ import torch
 from torch import nn
 
 from .curriculum import dynamic_ratio, linear_warmup_ratio
+from .fused_linear import fused_linear_scores
 from .loss import METRIC_KEYS
 from .scoring import TokenScores, TokenStatistics, score_tokens
 from .selection import select_tokens
-from .utils import check_config, check_ratio_value, is_integer_dtype
+from .utils import check_config, check_ratio_value, check_target_range, is_integer_dtype
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -64,6 +65,12 @@ __all__ = [
     "effective_labels",
     "score_next_tokens",
     "METRIC_KEYS",
+    "ROUTER_PATHS",
+    "fused_head_unsupported_reason",
+    "resolve_router_path",
+    "score_next_tokens_fused",
+    "router_token_scores",
+    "ROUTER_MEMORY_BUDGET",
     "CGGRScorer",
 ]
 
@@ -101,6 +108,25 @@ SUPPORTED_ARCHITECTURES: Mapping[str, _Architecture] = {
     "bert": _Architecture("bert.encoder.layer", masked_lm=True),
     "roberta": _Architecture("roberta.encoder.layer", masked_lm=True),
 }
+
+#: How a router's token scores are computed (``router_path=`` of :class:`CGGRScorer` / ``CGGRModel``):
+#: ``'fused'`` runs the truncated router to its final normed hidden states and scores the LM head
+#: ``hidden · Wᵀ + b`` block by block (:func:`cggr_torch.fused_linear.fused_linear_scores`: the ``(B, T, V)``
+#: logits never exist); ``'logits'`` calls the router and scores the logits it returns; ``'auto'`` picks
+#: ``'fused'`` whenever :func:`fused_head_unsupported_reason` finds no reason against it.
+ROUTER_PATHS: tuple[str, ...] = ("auto", "fused", "logits")
+
+#: Causal families whose task-model forward computes its logits as exactly
+#: ``get_output_embeddings()(base_model(...).last_hidden_state)`` (the base model applies the final norm),
+#: possibly followed by a logit soft-cap/scale that :func:`fused_head_unsupported_reason` detects from the
+#: config. Each is checked against the materialised path in ``tests/torch/test_router.py``.
+_PLAIN_HEAD_FAMILIES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3",
+                                  "olmo2", "gpt2", "gptj", "falcon", "gpt_neox"})
+
+#: Config attributes that transform the logits after the LM head (soft-capping, scaling): a value other than
+#: None / 1 means the head is not a plain linear map and the fused router path cannot be used.
+_LOGIT_TRANSFORM_OPTIONS = ("final_logit_softcapping", "logit_scale", "output_logit_scale", "logits_scaling",
+                            "output_multiplier_scale", "logit_softcapping")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -258,6 +284,55 @@ class TruncatedRouter(nn.Module):
         out = self.view(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True,
                         **kwargs)
         return router_logits(out)
+
+    def fused_head_reason(self) -> Optional[str]:
+        """None when the truncated model's logits are exactly ``lm_head(hidden_states(...))`` with a plain
+        ``nn.Linear`` head, else the reason why not (see :func:`fused_head_unsupported_reason`)."""
+        if self.masked_lm:
+            return (f"{self.architecture!r} is a masked LM: its head transforms the hidden states (dense, "
+                    f"activation, norm) before the vocabulary projection")
+        if self.architecture not in _PLAIN_HEAD_FAMILIES:
+            return (f"the architecture {self.architecture!r} (layers_path={self.layers_path!r}) is not one whose "
+                    f"head is verified to be lm_head(last_hidden_state); known: {sorted(_PLAIN_HEAD_FAMILIES)}")
+        prefix = self.layers_path.split(".")[0]
+        if "." not in self.layers_path or getattr(self.source, "base_model_prefix", None) != prefix:
+            return (f"layers_path={self.layers_path!r} does not start at the base model "
+                    f"(base_model_prefix={getattr(self.source, 'base_model_prefix', None)!r})")
+        get_head = getattr(self.source, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if type(head) is not nn.Linear:
+            return (f"the LM head is a {type(head).__name__}, not a plain torch.nn.Linear (e.g. a LoRA or "
+                    f"quantised wrapper whose forward is not weight·h + bias)")
+        if head._forward_hooks or head._forward_pre_hooks:
+            return "the LM head has forward hooks, which the fused path would bypass"
+        config = getattr(self.source, "config", None)
+        for name in _LOGIT_TRANSFORM_OPTIONS:
+            value = getattr(config, name, None)
+            if value is not None and not isinstance(value, bool) and value != 1:
+                return f"config.{name}={value!r} transforms the logits after the LM head"
+        return None
+
+    def lm_head(self) -> nn.Linear:
+        """The model's LM head (``get_output_embeddings()``), shared with the model."""
+        reason = self.fused_head_reason()
+        if reason is not None:
+            raise ValueError(f"router: no plain linear LM head to fuse: {reason}")
+        return self.source.get_output_embeddings()
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                      **kwargs: Any) -> torch.Tensor:
+        """Final hidden states ``(B, T, d)`` of the truncated model (after its final norm): the input of the LM
+        head, computed by the base model's own ``forward`` on the truncated layer list."""
+        self.refresh()
+        base = self.view._modules[self.layers_path.split(".")[0]]
+        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **kwargs)
+        hidden = getattr(out, "last_hidden_state", None)
+        if not isinstance(hidden, torch.Tensor):
+            hidden = out[0] if isinstance(out, (tuple, list)) else None
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            raise ValueError(f"router: the base model of {self.architecture!r} returned no (B, T, d) "
+                             f"last_hidden_state (got {type(out).__name__})")
+        return hidden
 
     def extra_repr(self) -> str:
         return (f"architecture={self.architecture!r}, num_layers={self.num_layers}, "
@@ -437,6 +512,164 @@ def score_next_tokens(logits: torch.Tensor, labels: Optional[torch.Tensor],
     return scores, nonfinite
 
 
+# ------------------------------------------------------------------------------------- the fused path
+#: Default working-memory budget (bytes) of the fused router scoring: 1 GiB of logit blocks. The router pass
+#: runs before the main pass, whose activations dominate the step's peak, so a larger block than the fused
+#: loss' 0.25 GiB default costs no peak memory and saves kernel launches (64·1024 rows at V = 49152 in bf16:
+#: 8 blocks of 9344 rows instead of 29 of 2304).
+ROUTER_MEMORY_BUDGET: int = 2**30
+
+
+def fused_head_unsupported_reason(router: Any) -> Optional[str]:
+    """Why ``router`` cannot be scored on the fused path (None when it can).
+
+    The fused path needs a :class:`TruncatedRouter` of a causal family in ``_PLAIN_HEAD_FAMILIES`` whose LM
+    head is a plain ``nn.Linear`` without hooks and whose config applies no soft-capping or scaling to the
+    logits (e.g. Gemma-2's ``final_logit_softcapping``): then ``logits = head(hidden)`` exactly. Arbitrary
+    router modules and passthrough routers only expose their logits.
+    """
+    if isinstance(router, TruncatedRouter):
+        return router.fused_head_reason()
+    if isinstance(router, PassthroughRouter):
+        return ("architecture='passthrough': an unverified architecture scores itself through its own forward, "
+                "so only its logits are known to be right")
+    return (f"the router is a {type(router).__name__}, an arbitrary module whose logits can only be read from "
+            f"its output (build it with create_truncated_router for the fused path)")
+
+
+def resolve_router_path(router: Any, router_path: str) -> tuple[str, str]:
+    """``(path, reason)``: the path (``'fused'`` or ``'logits'``) that ``router_path`` gives for ``router``,
+    and a sentence saying why (reported by ``CGGRModel.router_path_reason``).
+
+    Raises:
+        ValueError: ``router_path`` not in :data:`ROUTER_PATHS`, or ``'fused'`` requested for a router that
+            cannot take it (the message gives the reason; there is no silent fallback).
+    """
+    if router_path not in ROUTER_PATHS:
+        raise ValueError(f"router_path: expected one of {ROUTER_PATHS}, got {router_path!r}")
+    if router_path == "logits":
+        return "logits", "router_path='logits' was requested"
+    reason = fused_head_unsupported_reason(router)
+    if reason is None:
+        return "fused", ("plain linear LM head: scored from the router's final hidden states without "
+                         "materialising its (B, T, V) logits")
+    if router_path == "fused":
+        raise ValueError(f"router_path: 'fused' is not possible for this router: {reason}; use 'auto' (falls back "
+                         f"to the logits and reports router_path='logits') or 'logits'")
+    return "logits", reason
+
+
+def score_next_tokens_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], *,
+                            scoring: str, ignore_index: int, shift: bool = True,
+                            memory_budget_bytes: int = ROUTER_MEMORY_BUDGET) -> tuple[TokenScores, torch.Tensor]:
+    """:func:`score_next_tokens` of the logits ``hidden · weightᵀ + bias`` without materialising them.
+
+    ``hidden`` ``(B, T, d)`` are the router's final (normed) hidden states; the logits are formed block by
+    block by :func:`cggr_torch.fused_linear.fused_linear_scores` (row-chunked matmul, then the Triton scoring
+    kernel on CUDA) and only the five float32 statistics per token are kept. Instead of slicing the hidden
+    states (a copy of ``B·(T−1)·d`` values) the *labels* are shifted: position ``t`` is scored against
+    ``labels[:, t+1]`` and the last position gets ``ignore_index``; its statistics and difficulty are then set
+    to 0, so the result equals :func:`score_next_tokens` on ``F.linear(hidden, weight, bias)`` up to the
+    rounding of the chunked matmul. Under ``torch.autocast`` the matmul runs in the autocast dtype, as
+    ``nn.Linear`` would. No host synchronisation.
+
+    Returns:
+        ``(scores, nonfinite)`` as :func:`score_next_tokens`.
+    """
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):  # the head would run in the autocast dtype: so do the blocks
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    if labels is None:
+        valid_mask = None if attention_mask is None else attention_mask != 0
+        scores = fused_linear_scores(hidden, weight, None, bias, scoring=scoring, valid_mask=valid_mask,
+                                     memory_budget_bytes=memory_budget_bytes)
+    else:
+        tgt = labels if attention_mask is None else labels.masked_fill(attention_mask == 0, ignore_index)
+        if shift:
+            tgt = torch.cat([tgt[:, 1:], tgt.new_full((tgt.shape[0], 1), ignore_index)], dim=1)
+        # Same check (and message) as the logits path; a device assertion on CUDA, no synchronisation.
+        check_target_range(tgt, weight.shape[0], ignore_index)
+        scores = fused_linear_scores(hidden, weight, tgt, bias, scoring=scoring, ignore_index=ignore_index,
+                                     memory_budget_bytes=memory_budget_bytes)
+        if shift:  # the last position has no target: 0 statistics and difficulty, as score_next_tokens
+            for x in (*scores.stats, scores.difficulty):
+                x[:, -1] = 0.0
+    nonfinite = (scores.valid & ~scores.eligible).sum()
+    return scores, nonfinite
+
+
+def _check_budget(value: Any) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"router_memory_budget_bytes: expected an integer >= 1 (bytes), got {value!r}")
+
+
+def _cat_scores(parts: list[TokenScores]) -> TokenScores:
+    stats = TokenStatistics(*(torch.cat([p.stats[i] for p in parts]) for i in range(len(TokenStatistics._fields))))
+    return TokenScores(torch.cat([p.difficulty for p in parts]), torch.cat([p.eligible for p in parts]),
+                       torch.cat([p.valid for p in parts]), stats)
+
+
+def router_token_scores(router: Callable[..., Any], path: str, input_ids: torch.Tensor,
+                        labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
+                        router_kwargs: Mapping[str, Any], *, scoring: str, ignore_index: int, shift: bool,
+                        vocab_size: Optional[int] = None, batch_chunk: Optional[int] = None,
+                        memory_budget_bytes: int = ROUTER_MEMORY_BUDGET) -> tuple[TokenScores, torch.Tensor]:
+    """The router pass: token scores ``(B, T)`` (SPEC §2-§4 at the input positions) and the non-finite count.
+
+    ``path='fused'`` (a :class:`TruncatedRouter` accepted by :func:`resolve_router_path`): final hidden states
+    then :func:`score_next_tokens_fused`; ``path='logits'``: the router's logits, checked to be
+    ``(rows, T, V)`` with ``V = vocab_size`` when given, then :func:`score_next_tokens`. ``batch_chunk``: run
+    the router on chunks of that many sequences (``None``: the whole batch, the caller's tensors themselves).
+    Call under ``torch.no_grad()``; nothing here synchronises with the device.
+    """
+    B, T = input_ids.shape
+    chunk = batch_chunk or B
+    parts: list[TokenScores] = []
+    nonfinite: Optional[torch.Tensor] = None
+    for start in range(0, B, chunk):
+        if chunk >= B:
+            ids, am, lab, kw = input_ids, attention_mask, labels, router_kwargs
+        else:
+            sl = slice(start, min(B, start + chunk))
+            ids = input_ids[sl]
+            am = None if attention_mask is None else attention_mask[sl]
+            lab = None if labels is None else labels[sl]
+            kw = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v)
+                  for k, v in router_kwargs.items()}
+        rows = ids.shape[0]
+        if path == "fused":
+            head = router.lm_head()
+            if vocab_size is not None and head.weight.shape[0] != vocab_size:
+                raise ValueError(f"router: its LM head has {head.weight.shape[0]} rows but the model's vocabulary "
+                                 f"has {vocab_size} entries")
+            hidden = router.hidden_states(ids, attention_mask=am, **kw)
+            if tuple(hidden.shape[:2]) != (rows, T):
+                raise ValueError(f"router: expected hidden states of shape ({rows}, {T}, d), got "
+                                 f"{tuple(hidden.shape)}")
+            scores, nf = score_next_tokens_fused(hidden, head.weight, head.bias, lab, am, scoring=scoring,
+                                                 ignore_index=ignore_index, shift=shift,
+                                                 memory_budget_bytes=memory_budget_bytes)
+        elif path == "logits":
+            logits = router_logits(router(ids, attention_mask=am, **kw))
+            if logits.dim() != 3 or tuple(logits.shape[:2]) != (rows, T):
+                raise ValueError(f"router: expected logits of shape ({rows}, {T}, V), got {tuple(logits.shape)}")
+            if vocab_size is not None and logits.shape[-1] != vocab_size:
+                raise ValueError(f"router: its vocabulary has {logits.shape[-1]} entries but the model's has "
+                                 f"{vocab_size}; the router must score the model's own vocabulary (build it "
+                                 f"with create_truncated_router(model) or from a model with the same tokenizer)")
+            scores, nf = score_next_tokens(logits, lab, am, scoring=scoring, ignore_index=ignore_index, shift=shift)
+            del logits
+        else:
+            raise ValueError(f"path: expected 'fused' or 'logits' (a resolved router path), got {path!r}")
+        parts.append(scores)
+        nonfinite = nf if nonfinite is None else nonfinite + nf
+    assert nonfinite is not None  # B >= 1 (checked by check_batch)
+    return (parts[0] if len(parts) == 1 else _cat_scores(parts)), nonfinite
+
+
 # ------------------------------------------------------------------------------------ curriculum state
 class _CurriculumMixin:
     """Step counter, ratio schedule and dynamic threshold shared by :class:`CGGRScorer` and ``CGGRModel``.
@@ -560,6 +793,12 @@ class CGGRScorer(_CurriculumMixin, nn.Module):
         scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio, warmup_steps,
         num_strata, min_tokens_per_sequence, ignore_index, ratio_schedule: as ``CGGRLoss`` (SPEC §3-§7).
         shift_labels: ``None`` to shift unless the router is a masked LM (:func:`is_masked_lm`).
+        router_path: ``'auto'`` (default), ``'fused'`` or ``'logits'``: how the router's tokens are scored
+            (:data:`ROUTER_PATHS`, :func:`resolve_router_path`). ``'auto'`` scores a truncated router with a
+            plain linear head from its final hidden states without materialising the ``(B, T, V)`` logits and
+            falls back to the logits otherwise; ``info['router_path']`` and :attr:`router_path_used` say which
+            path ran, :attr:`router_path_reason` why.
+        router_memory_budget_bytes: working memory of the fused path's logit blocks (default 1 GiB).
     """
 
     def __init__(self, router: nn.Module, *, scoring: str = "combined", selection: str = "topk",
@@ -567,11 +806,14 @@ class CGGRScorer(_CurriculumMixin, nn.Module):
                  min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
                  min_tokens_per_sequence: int = 1, ignore_index: int = -100,
                  ratio_schedule: Optional[Callable[[int], Any]] = None,
-                 shift_labels: Optional[bool] = None) -> None:
+                 shift_labels: Optional[bool] = None, router_path: str = "auto",
+                 router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET) -> None:
         super().__init__()
         if not callable(router):
             raise ValueError(f"router: expected a callable module returning (B, T, V) logits, got "
                              f"{type(router).__name__}")
+        _check_budget(router_memory_budget_bytes)
+        resolve_router_path(router, router_path)   # validates router_path; 'fused' must be possible
         check_config(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
                      threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
                      warmup_steps=warmup_steps, num_strata=num_strata,
@@ -592,6 +834,9 @@ class CGGRScorer(_CurriculumMixin, nn.Module):
         self.min_tokens_per_sequence = int(min_tokens_per_sequence)
         self.ignore_index = int(ignore_index)
         self.shift_labels = (not is_masked_lm(router)) if shift_labels is None else shift_labels
+        self.router_path = router_path
+        self.router_memory_budget_bytes = int(router_memory_budget_bytes)
+        self.router_path_reason = resolve_router_path(router, router_path)[1]
         self._init_curriculum(min_tokens_ratio, warmup_steps, ratio_schedule)
         self._last: Optional[dict[str, Any]] = None
 
@@ -601,13 +846,13 @@ class CGGRScorer(_CurriculumMixin, nn.Module):
         check_batch(input_ids, labels, attention_mask, labels_required=False)
         if labels is None and self.scoring == "loss":
             raise ValueError("labels: scoring='loss' needs labels (the next-token targets), got None")
+        # Host-only (a few attribute reads): the model may have changed since the last call (e.g. a LoRA head).
+        path, self.router_path_reason = resolve_router_path(self.router, self.router_path)
         with torch.no_grad():
-            logits = router_logits(self.router(input_ids, attention_mask=attention_mask, **router_kwargs))
-            if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
-                raise ValueError(f"router: expected logits of shape ({input_ids.shape[0]}, {input_ids.shape[1]}, V), "
-                                 f"got {tuple(logits.shape)}")
-            scores, nonfinite = score_next_tokens(logits, labels, attention_mask, scoring=self.scoring,
-                                                  ignore_index=self.ignore_index, shift=self.shift_labels)
+            scores, nonfinite = router_token_scores(self.router, path, input_ids, labels, attention_mask,
+                                                    router_kwargs, scoring=self.scoring,
+                                                    ignore_index=self.ignore_index, shift=self.shift_labels,
+                                                    memory_budget_bytes=self.router_memory_budget_bytes)
             eligible = scores.eligible
             n = eligible.sum()
             mean_conf = _masked_mean(scores.stats.confidence, eligible, n)
@@ -633,14 +878,24 @@ class CGGRScorer(_CurriculumMixin, nn.Module):
             "avg_confidence": mean_conf,
             "avg_entropy": _masked_mean(scores.stats.entropy, eligible, n),
             "avg_difficulty": _masked_mean(scores.difficulty, eligible, n),
+            "router_path": path,
         }
         self._last = info
         return scores.difficulty, mask, info
 
+    @property
+    def router_path_used(self) -> str:
+        """``'fused'`` or ``'logits'``: the path of the last forward (before the first one, of the next one);
+        also ``info['router_path']``. :attr:`router_path_reason` says why."""
+        if self._last is not None:
+            return self._last["router_path"]
+        return resolve_router_path(self.router, self.router_path)[0]
+
     def get_metrics(self) -> dict[str, Any]:
         """SPEC §10 metrics of the last forward as Python scalars (reads the device: call outside the step).
 
-        Before the first forward the counts and averages are 0 and both ratios are the current base ratio."""
+        Before the first forward the counts and averages are 0 and both ratios are the current base ratio.
+        The router path is :attr:`router_path_used` (kept out of this dict, whose keys are SPEC §10's)."""
         return self._metrics_dict(self._last, extra_keys=())
 
     def extra_repr(self) -> str:

@@ -412,3 +412,85 @@ def test_latest_metrics_reach_the_curriculum_state(curriculum_run):
     m = curriculum_run["metrics"][-1]
     for key in ("step", "tokens_selected", "tokens_total", "effective_ratio", "avg_confidence"):
         np.testing.assert_array_equal(np.asarray(last[key]), np.asarray(m[key]))
+
+
+# ------------------------------------------------------------------------------ fused router path (no logits)
+@pytest.mark.parametrize("tie,dtype", [(False, jnp.float32), (True, jnp.bfloat16)])
+def test_fused_router_selects_like_the_logits_path_and_the_oracle(tie, dtype):
+    cfg = DecoderConfig(vocab_size=29, d_model=16, num_layers=3, num_heads=2, max_seq_len=9, mlp_ratio=2,
+                        tie_embeddings=tie, dtype=dtype)
+    model = DecoderLM(cfg, rngs=nnx.Rngs(3))
+    ids = jax.random.randint(jax.random.key(7), (7, 9), 0, 29, dtype=jnp.int32)
+    labels = ids.at[1, 1:].set(IGNORE).at[3, 4].set(IGNORE)   # an all-ignored sequence, one ignored target
+    mask = jnp.ones_like(ids).at[2, 6:].set(0).at[4, :].set(0)  # right padding, an all-padding sequence
+    config = bs.BatchSplitConfig(router_layers=2, warmup_steps=0, min_tokens_ratio=0.4)
+    logits = model.router_logits(ids, 2, mask)
+    hidden = model.hidden_states(ids, mask, 2)
+    weight, layout = bs._decoder_head(model)
+    a = bs.select_sequences(logits, labels, mask, step=0, config=config, vocab_size=29)
+    b = bs.select_sequences_fused(hidden, weight, labels, mask, step=0, config=config, vocab_size=29,
+                                  weight_layout=layout)
+    # scores within SPEC §11 of the float64 oracle on the router's own logits, eligibility identical
+    ref = reference_sequences(logits, labels, mask, 0, min_ratio=0.4, warmup=0)
+    e = ref["scores"]["eligible"]
+    np.testing.assert_array_equal(np.asarray(b.token_scores.eligible), e)
+    atol, rtol = oracle.SCORE_TOL["difficulty"]
+    np.testing.assert_allclose(np.asarray(b.token_scores.difficulty)[e], ref["scores"]["difficulty"][e],
+                               atol=atol, rtol=rtol)
+    np.testing.assert_allclose(np.asarray(b.difficulty), np.asarray(a.difficulty), atol=2 * atol, rtol=2 * rtol)
+    assert not bool(b.eligible[1]) and not bool(b.eligible[4])
+    # identical selection (the sequence difficulties are far apart compared with the matmul rounding)
+    np.testing.assert_array_equal(np.asarray(b.mask), np.asarray(a.mask))
+    assert int(a.k) == int(b.k) and float(a.ratio) == float(b.ratio)
+    # given identical difficulties the selection code is the same: exact
+    mask_ref, k_ref = oracle.select_tokens(np.asarray(b.difficulty, np.float64), np.asarray(b.eligible),
+                                           np.float32(b.ratio), "topk")
+    np.testing.assert_array_equal(np.asarray(b.mask), mask_ref)
+    assert int(b.k) == k_ref
+
+
+def test_fused_and_logits_train_steps_agree_and_report_their_path():
+    model = _model(4)
+    graphdef = nnx.split(model, nnx.Param, ...)[0]
+    ids, labels, mask = _batch_at(3)
+    out = {}
+    for path in ("auto", "logits"):
+        cfg = bs.BatchSplitConfig(router_layers=1, warmup_steps=0, min_tokens_ratio=0.5, router_path=path)
+        step = bs.make_batch_split_train_step(graphdef, cfg, _curriculum_tx(optax.sgd(LR)), buckets=(B // 2,),
+                                              donate=False, compiler_options=FAST)
+        state = step.init(model)
+        state, m = step(state, ids, labels, mask)
+        out[path] = (step.router_path, jax.device_get(m), state)
+    assert out["auto"][0] == "fused" and out["logits"][0] == "logits"
+    ma, ml = out["auto"][1], out["logits"][1]
+    assert int(ma["sequences_selected"]) == int(ml["sequences_selected"])
+    assert int(ma["tokens_total"]) == int(ml["tokens_total"])
+    np.testing.assert_allclose(float(ma["loss"]), float(ml["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(ma["avg_difficulty"]), float(ml["avg_difficulty"]), atol=6e-4, rtol=2e-5)
+    for x, y in zip(jax.tree_util.tree_leaves(out["auto"][2].params), jax.tree_util.tree_leaves(out["logits"][2].params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def test_router_path_validation_and_explicit_fallback():
+    with pytest.raises(ValueError, match="router_path"):
+        bs.BatchSplitConfig(router_path="nope")
+    with pytest.raises(ValueError, match="router_memory_budget_bytes"):
+        bs.BatchSplitConfig(router_memory_budget_bytes=0)
+
+    class OtherLM(nnx.Module):  # only router_logits: not a DecoderLM
+        pass
+
+    assert bs.resolve_router_path(_model(), "auto")[0] == "fused"
+    path, reason = bs.resolve_router_path(OtherLM(), "auto")
+    assert path == "logits" and "DecoderLM" in reason
+    with pytest.raises(ValueError, match="router_path"):
+        bs.resolve_router_path(OtherLM(), "fused")
+    assert bs.resolve_router_path(_model(), "logits")[0] == "logits"
+    hidden = jnp.zeros((2, 5, 16))
+    with pytest.raises(ValueError, match="hidden"):
+        bs.select_sequences_fused(hidden[0], jnp.zeros((V, 16)), jnp.zeros((2, 5), jnp.int32), step=0)
+    with pytest.raises(ValueError, match="vocab"):
+        bs.select_sequences_fused(hidden, jnp.zeros((V, 16)), jnp.zeros((2, 5), jnp.int32), step=0,
+                                  vocab_size=V + 1)
+    with pytest.raises(ValueError, match="labels"):
+        bs.select_sequences_fused(hidden, jnp.zeros((V, 16)), jnp.full((2, 5), V, jnp.int32), step=0)

@@ -346,6 +346,9 @@ def test_benchmark_quick_mode_runs(tmp_path):
     by_mode = {r["mode"]: r for r in record["results"]}
     assert by_mode["cggr"]["sequences_trained_median"] == by_mode["random_sequence"]["sequences_trained_median"] == 2
     assert all(r["tokens_per_s"] > 0 for r in record["results"])
+    cg = by_mode["cggr"]
+    assert cg["router_path"] == "fused" and cg["router_ms_median"] > 0
+    assert cg["cggr_metrics"]["router_path"] == "fused"
 
 
 def test_moe_null_routing_example_runs():
@@ -361,3 +364,59 @@ def test_moe_null_routing_example_runs():
     moe.routing_mask, moe.capacity = mask, 1
     y = moe(x)
     assert (y[~mask] == 0).all() and int(moe.last_stats["routed"]) <= 2
+
+
+# ---------------------------------------------------------------------------------- fused router path
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fused_and_logits_router_paths_keep_the_same_sequences(family):
+    model = tiny_model(family)
+    fused = CGGRModel(model, router_layers=2, warmup_steps=0)
+    chunked = CGGRModel(model, router_layers=2, warmup_steps=0, router_batch_size=3, router_memory_budget_bytes=4096)
+    plain = CGGRModel(model, router_layers=2, warmup_steps=0, router_path="logits")
+    assert fused.get_metrics()["router_path"] == "fused" and plain.get_metrics()["router_path"] == "logits"
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, V, (7, 9), generator=g)
+        labels = ids.clone()
+        labels[2, 1:] = -100                                  # all ignored: never kept
+        am = torch.ones_like(ids)
+        am[4, 6:] = 0
+        res = {name: m.forward_with(model, ids, labels, am) for name, m in
+               (("fused", fused), ("chunked", chunked), ("logits", plain))}
+        for name in ("fused", "chunked"):
+            assert torch.equal(res[name].kept, res["logits"].kept)
+            assert torch.equal(res[name].sequence_eligible, res["logits"].sequence_eligible)
+            torch.testing.assert_close(res[name].sequence_difficulty, res["logits"].sequence_difficulty,
+                                       atol=6e-4, rtol=2e-5)
+            torch.testing.assert_close(res[name].loss, res["logits"].loss, atol=0, rtol=0)   # same main pass
+        assert not res["fused"].sequence_eligible[2]
+        mf, ml = fused.get_metrics(), plain.get_metrics()
+        assert mf["router_path"] == "fused" and ml["router_path"] == "logits"
+        assert {k: mf[k] for k in ("tokens_total", "tokens_nonfinite", "sequences_selected", "sequences_total",
+                                   "tokens_selected")} == \
+               {k: ml[k] for k in ("tokens_total", "tokens_nonfinite", "sequences_selected", "sequences_total",
+                                   "tokens_selected")}
+        # select(): the router pass alone chooses what forward kept (no main pass, no metrics)
+        sel = fused.select(ids, labels, am)
+        assert torch.equal(torch.nonzero(sel.mask).reshape(-1), res["fused"].kept)
+        assert int(sel.k) == len(res["fused"].kept)
+
+
+def test_fused_router_all_ignored_batch_and_explicit_paths():
+    model = tiny_model("llama")
+    ids = torch.randint(3, V, (3, 6))
+    cggr = CGGRModel(model, router_layers=1, warmup_steps=0, router_path="fused")
+    loss = cggr(ids, labels=torch.full_like(ids, -100))
+    assert float(loss.detach()) == 0.0 and cggr.last_kept.numel() == 0
+    m = cggr.get_metrics()
+    assert m["router_path"] == "fused" and m["tokens_total"] == 0 and m["sequences_total"] == 0
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="router_path"):
+        CGGRModel(model, router_layers=1, router_path="fast")
+    with pytest.raises(ValueError, match="router_path"):
+        CGGRModel(RecordingLM(V), FixedRouter(torch.zeros(3, 6, V)), router_path="fused")
+    with pytest.raises(ValueError, match="router_memory_budget_bytes"):
+        CGGRModel(model, router_layers=1, router_memory_budget_bytes=-1)
+    auto = CGGRModel(RecordingLM(V), FixedRouter(torch.zeros(3, 6, V)))
+    assert auto.get_metrics()["router_path"] == "logits" and "arbitrary module" in auto.router_path_reason

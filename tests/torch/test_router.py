@@ -24,6 +24,8 @@ from cggr_torch.router import (  # noqa: E402
     PassthroughRouter,
     TruncatedRouter,
     create_truncated_router,
+    fused_head_unsupported_reason,
+    resolve_router_path,
     router_logits,
 )
 from tests import oracle  # noqa: E402
@@ -477,3 +479,112 @@ def test_compiled_models_are_truncated_not_run_in_full():
     assert router2.view._compiled_call_impl is None and model._compiled_call_impl is not None
     with torch.no_grad():
         torch.testing.assert_close(router2(ids, attention_mask=am), want, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------- fused router path (no logits)
+_CAUSAL = sorted(f for f, a in SUPPORTED_ARCHITECTURES.items() if not a.masked_lm)
+
+
+@pytest.mark.parametrize("family", _CAUSAL)
+def test_fused_router_path_scores_like_the_logits_path(family):
+    model = tiny_model(family)
+    router = create_truncated_router(model, num_layers=KEEP)
+    ids, am = _batch(2, B=4, T=8)
+    labels = ids.clone()
+    labels[2, 3] = -100
+    fused = CGGRScorer(router, warmup_steps=0, min_tokens_ratio=0.4)
+    plain = CGGRScorer(router, warmup_steps=0, min_tokens_ratio=0.4, router_path="logits")
+    if family == "gemma2":   # final_logit_softcapping: explicit fallback, with the reason
+        assert fused.router_path_used == "logits"
+        assert "final_logit_softcapping" in fused.router_path_reason
+        with pytest.raises(ValueError, match="router_path"):
+            CGGRScorer(router, router_path="fused")
+        return
+    d_f, mask_f, info_f = fused(ids, labels, am)
+    d_l, mask_l, info_l = plain(ids, labels, am)
+    assert info_f["router_path"] == fused.router_path_used == "fused"
+    assert info_l["router_path"] == "logits"
+    with torch.no_grad():
+        logits = router(ids, attention_mask=am)
+    ref = _oracle_scores(logits, labels, am, "combined")
+    torch.testing.assert_close(info_f["eligible"][:, :-1], torch.from_numpy(ref["eligible"]))
+    assert torch.equal(info_f["eligible"], info_l["eligible"]) and torch.equal(info_f["valid"], info_l["valid"])
+    assert_within(d_f[:, :-1], ref["difficulty"], "difficulty", where=ref["eligible"])
+    for name in ("confidence", "entropy"):
+        torch.testing.assert_close(getattr(info_f["stats"], name), getattr(info_l["stats"], name), atol=2e-5,
+                                   rtol=2e-5)
+    # the last position has no target: zero statistics and difficulty on both paths
+    assert (d_f[:, -1] == 0).all() and all((x[:, -1] == 0).all() for x in info_f["stats"])
+    assert torch.equal(mask_f, mask_l) and int(info_f["k"]) == int(info_l["k"])
+    # identical difficulties give the identical selection (same code after the scores)
+    ref_mask, _ = oracle.select_tokens(d_f.double().numpy(), info_f["eligible"].numpy(), float(info_f["ratio"]))
+    np.testing.assert_array_equal(mask_f.numpy(), ref_mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_router_path_half_precision_nan_rows_and_autocast(dtype):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = float("nan")   # token 5 poisons its position and every later one
+    ids, am = _batch(3, B=4, T=8)
+    ids[1, 4] = 5
+    router = create_truncated_router(model, num_layers=1)
+    runs = {}
+    for precision in ("model", "autocast"):
+        m = model.to(dtype) if precision == "model" else model.float()
+        ctx = (torch.autocast("cpu", dtype=dtype) if precision == "autocast"
+               else torch.autocast("cpu", enabled=False))
+        with ctx:
+            f = CGGRScorer(router, warmup_steps=0)(ids, ids, am)
+            lg = CGGRScorer(router, warmup_steps=0, router_path="logits")(ids, ids, am)
+        runs[precision] = (f, lg)
+        assert m is model
+    for f, lg in runs.values():
+        (d_f, mask_f, info_f), (d_l, mask_l, info_l) = f, lg
+        assert torch.equal(info_f["eligible"], info_l["eligible"])
+        assert int(info_f["tokens_nonfinite"]) == int(info_l["tokens_nonfinite"]) >= 4   # row 1, positions 4..7
+        assert not info_f["eligible"][1, 4:].any()
+        e = info_f["eligible"]
+        torch.testing.assert_close(d_f[e], d_l[e], atol=6e-4, rtol=2e-5)
+        assert torch.equal(mask_f, mask_l)
+
+
+class _WrappedHead(nn.Linear):
+    """A Linear subclass (as a LoRA / quantised wrapper would be): not provably weight·h + bias."""
+
+
+def test_fused_router_path_falls_back_explicitly():
+    model = tiny_model("llama")
+    router = create_truncated_router(model, num_layers=1)
+    assert fused_head_unsupported_reason(router) is None
+    assert resolve_router_path(router, "auto")[0] == "fused"
+    assert resolve_router_path(router, "logits")[0] == "logits"
+    logits = torch.zeros(2, 5, V)
+    path, reason = resolve_router_path(FixedRouter(logits), "auto")
+    assert path == "logits" and "arbitrary module" in reason
+    with pytest.raises(ValueError, match="router_path"):
+        resolve_router_path(FixedRouter(logits), "fused")
+    with pytest.raises(ValueError, match="router_path"):
+        resolve_router_path(router, "materialised")
+    with pytest.raises(ValueError, match="router_memory_budget_bytes"):
+        CGGRScorer(router, router_memory_budget_bytes=0)
+    assert "passthrough" in fused_head_unsupported_reason(create_truncated_router(model, architecture="passthrough"))
+    assert "masked LM" in fused_head_unsupported_reason(create_truncated_router(tiny_model("bert"), 1))
+    # a hook on the head would be bypassed: the next call falls back (re-checked every call, host only)
+    scorer = CGGRScorer(router, warmup_steps=0)
+    ids, am = _batch(1)
+    handle = model.lm_head.register_forward_hook(lambda mod, inp, out: None)
+    scorer(ids, ids, am)
+    assert scorer.router_path_used == "logits" and "hook" in scorer.router_path_reason
+    handle.remove()
+    scorer(ids, ids, am)
+    assert scorer.router_path_used == "fused"
+    wrapped = _WrappedHead(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+    wrapped.weight = model.lm_head.weight
+    model.lm_head = wrapped
+    assert "not a plain" in fused_head_unsupported_reason(router)
+    model.config.final_logit_softcapping = None   # None means no transform
+    model.lm_head = nn.Linear(wrapped.in_features, wrapped.out_features, bias=False)
+    assert fused_head_unsupported_reason(router) is None
+    model.config.logit_scale = 0.5
+    assert "logit_scale" in fused_head_unsupported_reason(router)
