@@ -141,7 +141,7 @@ def _num_selected_host(n: int, ratio: np.float32) -> int:
     return min(n, max(1, (r_q * n + 32768) // 65536))
 
 
-def max_selected(num_tokens: int, num_sequences: int = 1, *, selection: str = "topk",
+def max_selected(num_tokens: int, num_sequences: int = 1, *, selection: str = "stratified",
                  dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
                  min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, min_tokens_per_sequence: int = 1,
                  ratio_schedule: Optional[Callable[[Any], Any]] = None) -> int:
@@ -521,7 +521,7 @@ def _fused(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labe
 
 def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, labels: jax.Array, step: Any, *,
                       bias: Optional[jax.Array] = None, loss_fn: Any = None, scoring: str = "combined",
-                      selection: str = "topk", dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
+                      selection: str = "stratified", dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
                       min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
                       min_tokens_per_sequence: int = 1, ignore_index: int = -100,
                       ratio_schedule: Optional[Callable[[Any], Any]] = None, capacity: Optional[int] = None,
@@ -563,7 +563,7 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, labels: jax.Array, s
                  warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
                  ignore_index=ignore_index, ratio_schedule=ratio_schedule)
     if loss_fn is not None:
-        defaults = dict(scoring="combined", selection="topk", dynamic_threshold=True, threshold_sensitivity=0.5,
+        defaults = dict(scoring="combined", selection="stratified", dynamic_threshold=True, threshold_sensitivity=0.5,
                         min_tokens_ratio=0.25, warmup_steps=1000, num_strata=4, min_tokens_per_sequence=1,
                         ignore_index=-100, ratio_schedule=None)
         changed = [k for k, v in given.items() if v is not defaults[k] and v != defaults[k]]

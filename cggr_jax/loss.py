@@ -11,8 +11,11 @@ from the difficulties of SPEC §3 (under ``stop_gradient``: the selection carrie
         \frac{\mathrm{softmax}(z_i) - \mathrm{onehot}(t_i)}{\max(1, |\mathcal S|)}\ [i \in \mathcal S]
 
 in float32 (the gradient is cast to the logits' dtype). With nothing selectable — an empty call, every token
-ignored, every valid row non-finite — the loss is ``0.0`` and its gradient all zeros, never NaN: the
-backward only reads the selected rows' softmax, and unselected rows receive exact zeros.
+ignored, every valid row non-finite — the loss is ``0.0`` and its gradient all zeros, never NaN: the forward
+sums the selected rows' ``nll`` statistic, and the custom backward replaces every unselected row by zeros
+before the exponential, so a NaN or infinite row cannot leak into the gradient (no ``0·NaN``). On a GPU
+backend the Pallas selective cross-entropy (``cggr_jax.kernels``) computes the same loss with a sparse
+backward; ``CGGR_DISABLE_KERNELS=1`` forces the XLA reference.
 
 Everything is traced: ``step`` is an int32 scalar array, the curriculum is an ``optax.Schedule`` and the
 dynamic threshold a float32 reduction, so a jitted training step compiles once for the whole run.
@@ -118,7 +121,7 @@ class CGGRLoss:
 
     Args:
       scoring: ``'combined'`` (default), ``'entropy'``, ``'margin'`` or ``'loss'`` (SPEC §3).
-      selection: ``'topk'`` (default), ``'stratified'``, ``'sequence_aware'`` or ``'fixed_quota'`` (SPEC §7).
+      selection: ``'topk'``, ``'stratified'`` (default), ``'sequence_aware'`` or ``'fixed_quota'`` (SPEC §7).
       dynamic_threshold: scale the ratio by ``1 + (1 − c̄)·threshold_sensitivity`` (SPEC §5.2; off for
         ``'fixed_quota'``).
       threshold_sensitivity: finite, ``>= 0`` (typically 0–1).
@@ -141,7 +144,7 @@ class CGGRLoss:
     """
 
     scoring: str = "combined"
-    selection: str = "topk"
+    selection: str = "stratified"
     dynamic_threshold: bool = True
     threshold_sensitivity: float = 0.5
     min_tokens_ratio: float = 0.25

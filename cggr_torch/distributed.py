@@ -267,7 +267,7 @@ def _local_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base:
 
 def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torch.Tensor], *,
               scope: str = "global", process_group: Optional[dist.ProcessGroup] = None,
-              check_consistency: bool = True, scoring: str = "combined", selection: str = "topk",
+              check_consistency: bool = True, scoring: str = "combined", selection: str = "stratified",
               dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25,
               warmup_steps: int = 1000, num_strata: int = 4, min_tokens_per_sequence: int = 1,
               base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = -100,

@@ -394,7 +394,7 @@ def _check_chunk_args(row_chunk_size: Any, vocab_chunk_size: Any, memory_budget_
 
 def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       step: Union[int, torch.Tensor], *, bias: Optional[torch.Tensor] = None,
-                      scoring: str = "combined", selection: str = "topk", dynamic_threshold: bool = True,
+                      scoring: str = "combined", selection: str = "stratified", dynamic_threshold: bool = True,
                       threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25,
                       warmup_steps: int = 1000, num_strata: int = 4, min_tokens_per_sequence: int = 1,
                       ignore_index: int = -100, ratio_schedule: Optional[Schedule] = None,
@@ -460,7 +460,7 @@ class FusedLinearCGGRLoss(CGGRLoss):
         loss.backward(); optimizer.step(); criterion.step()
     """
 
-    def __init__(self, scoring: str = "combined", selection: str = "topk", dynamic_threshold: bool = True,
+    def __init__(self, scoring: str = "combined", selection: str = "stratified", dynamic_threshold: bool = True,
                  threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
                  num_strata: int = 4, min_tokens_per_sequence: int = 1, ignore_index: int = -100,
                  ratio_schedule: Optional[Schedule] = None, *, row_chunk_size: Optional[int] = None,

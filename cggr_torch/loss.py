@@ -9,8 +9,23 @@ One call::
     mask, k     = select_tokens(d, eligible, ratio, ...)           (§5.3, §7)
     loss        = Σ_{i ∈ mask} ce_i / max(1, |mask|)                (§8, float32)
 
-On CUDA with the default ``base_loss`` the scores come from the Triton scoring kernel and the loss from the
-selective cross-entropy kernel of :mod:`cggr_torch.kernels` (sparse backward: only selected rows are read);
+On CUDA with the default ``base_loss`` the whole forward is the **fused kernel path** (:func:`_forward_fused`),
+about ten launches and no host synchronisation:
+
+1. the scoring kernel (:func:`cggr_torch.kernels.scoring.launch_scoring`) writes the statistics, the
+   difficulty, an int8 status (valid / eligible / target out of range) and the int32 sort key of SPEC §6;
+2. one plan program (:mod:`cggr_torch.kernels.selection`) sums the eligible count, confidence, entropy and
+   difficulty in a fixed order, applies the dynamic threshold and computes ``k`` exactly, writing every
+   SPEC §10 metric into two small device buffers (plus ``torch._assert_async`` on the target-range flag);
+3. one ``torch.sort`` of the keys and one mask pass (plus a row sort and a top-up pass for
+   ``sequence_aware``);
+4. the loss is the masked mean of the scoring pass's ``nll`` (one program); the backward kernel reads only
+   the selected rows and forms ``g/|S|`` on the device.
+
+The loss's difficulties are bit-identical to :func:`cggr_torch.scoring.difficulty_from_statistics` of the
+kernel's statistics, and the selection is bit-identical to :func:`cggr_torch.selection.select_tokens` on
+them. Other kernel devices (the Triton interpreter in tests) and a custom ``base_loss`` use the composable
+path: scoring kernel → :func:`select_tokens` → selective cross-entropy kernel (or ``base_loss``).
 ``CGGR_DISABLE_KERNELS=1`` forces the PyTorch reference below, and a kernel error is raised, never replaced.
 
 In the reference, ``ce`` is computed on *sanitised* inputs: rows that are not finite are replaced by zeros
@@ -57,6 +72,10 @@ Schedule = Callable[[int], Any]
 
 _CE_KERNEL_MODULE = "cggr_torch.kernels.cross_entropy"
 _ce_kernel_cache: dict[str, Optional[Callable[..., torch.Tensor]]] = {}
+_SELECT_KERNEL_MODULE = "cggr_torch.kernels.selection"
+_fused_cache: dict[str, Optional[Callable[..., Any]]] = {}
+#: Devices whose tensors take the fused kernel path (:func:`_forward_fused`).
+_FUSED_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
 
 def _load_selective_ce() -> Optional[Callable[..., torch.Tensor]]:
@@ -90,10 +109,65 @@ def _base_ratio(schedule: Schedule, step: int) -> np.float32:
     return np.float32(check_ratio_value("ratio_schedule", schedule(step)))
 
 
-def _validate_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
+def _validate_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, *,
+                     range_check: bool = True) -> None:
     check_logits(logits)
     check_targets(targets, logits)
-    check_target_range(targets, logits.shape[-1], ignore_index)
+    if range_check:
+        check_target_range(targets, logits.shape[-1], ignore_index)
+
+
+def _fused_available(logits: torch.Tensor, base_loss: Optional[Callable[..., torch.Tensor]]) -> bool:
+    """The fused kernel path applies: default base loss, a fused device, kernels enabled and importable."""
+    if base_loss is not None or logits.device.type not in _FUSED_DEVICE_TYPES or not use_kernels_for(logits):
+        return False
+    if import_kernel(_SELECT_KERNEL_MODULE, "select_from_scores", _fused_cache) is None:
+        warn_no_kernel(_SELECT_KERNEL_MODULE)
+        return False
+    return True
+
+
+def _forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32,
+                   cfg: _Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The whole loss in ~10 kernel launches on statically validated inputs (see the module docstring).
+
+    The target range is checked by the plan kernel (the ``ok`` slot) and ``torch._assert_async`` - one launch
+    instead of eight; an out-of-range target is never read either way (its row is not eligible).
+    """
+    from .kernels import cross_entropy as kce
+    from .kernels import scoring as ks
+    from .kernels import selection as ksel
+
+    dev = logits.device
+    V = logits.shape[-1]
+    token_shape = tuple(logits.shape[:-1])
+    with torch.no_grad():
+        geom = ks.row_geometry(logits.detach())
+        t = ks.flat_targets(targets)
+        n = geom.n
+        out = torch.empty((6, n), dtype=torch.float32, device=dev)
+        finite = torch.empty((n,), dtype=torch.int8, device=dev)
+        key = torch.empty((n,), dtype=torch.int32 if ksel.SORT_KEY_BITS == 32 else torch.int64, device=dev)
+        status = torch.empty((n,), dtype=torch.int8, device=dev)
+        ks.launch_scoring(geom, t, cfg.ignore_index, ks._MODE_CODE[cfg.scoring], out, finite, key=key,
+                          status=status)
+        plan = ksel.select_from_scores(
+            key, status, out, token_shape, selection=cfg.selection, num_strata=cfg.num_strata,
+            min_tokens_per_sequence=cfg.min_tokens_per_sequence, base_ratio=float(base),
+            dynamic=cfg.dynamic_threshold and cfg.selection != "fixed_quota",
+            threshold_sensitivity=cfg.threshold_sensitivity, step=step)
+        ints, floats = plan.ints, plan.floats
+        if dev.type == "cuda":
+            torch._assert_async(ints[ksel.INT_SLOTS["ok"]],
+                                f"targets: every value must lie in [0, {V}) or equal ignore_index={cfg.ignore_index}")
+        elif not bool(ints[ksel.INT_SLOTS["ok"]]):  # interpreter (CPU tensors): eager, as check_target_range
+            check_target_range(targets, V, cfg.ignore_index)
+    sel = ksel.INT_SLOTS["tokens_selected"]
+    loss = kce.scored_selective_cross_entropy(logits, geom, t, plan.mask.reshape(-1), out[0], out[4],
+                                              ints[sel:sel + 1])
+    metrics = {name: ints[slot] for name, slot in ksel.INT_SLOTS.items() if name in NUMERIC_METRIC_KEYS}
+    metrics.update({name: floats[slot] for name, slot in ksel.FLOAT_SLOTS.items()})
+    return loss, {name: metrics[name] for name in NUMERIC_METRIC_KEYS}
 
 
 def _forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: _Config,
@@ -183,7 +257,7 @@ def _make_config(scoring: str, selection: str, dynamic_threshold: bool, threshol
 
 
 def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torch.Tensor], *,
-              scoring: str = "combined", selection: str = "topk", dynamic_threshold: bool = True,
+              scoring: str = "combined", selection: str = "stratified", dynamic_threshold: bool = True,
               threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
               num_strata: int = 4, min_tokens_per_sequence: int = 1,
               base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = -100,
@@ -197,7 +271,10 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
                                  warmup_steps, num_strata, min_tokens_per_sequence, ignore_index, base_loss,
                                  ratio_schedule)
     s = _host_step(step)
-    _validate_inputs(logits, targets, cfg.ignore_index)
+    fused = _fused_available(logits, base_loss) if isinstance(logits, torch.Tensor) else False
+    _validate_inputs(logits, targets, cfg.ignore_index, range_check=not fused)
+    if fused:
+        return _forward_fused(logits, targets, s, _base_ratio(schedule, s), cfg)
     return _forward(logits, targets, s, _base_ratio(schedule, s), cfg, base_loss)
 
 
@@ -225,7 +302,7 @@ class CGGRLoss(nn.Module):
     Call :meth:`step` after each optimizer step; the step counter is part of :meth:`state_dict`.
     """
 
-    def __init__(self, scoring: str = "combined", selection: str = "topk", dynamic_threshold: bool = True,
+    def __init__(self, scoring: str = "combined", selection: str = "stratified", dynamic_threshold: bool = True,
                  threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
                  num_strata: int = 4, min_tokens_per_sequence: int = 1,
                  base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = -100,
@@ -303,10 +380,14 @@ class CGGRLoss(nn.Module):
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Selective loss of one batch (float32 scalar). Never synchronises with the device."""
-        _validate_inputs(logits, targets, self._cfg.ignore_index)
+        fused = _fused_available(logits, self.base_loss) if isinstance(logits, torch.Tensor) else False
+        _validate_inputs(logits, targets, self._cfg.ignore_index, range_check=not fused)
         step = self._step
-        loss, metrics = _forward(logits, targets, step, _base_ratio(self._schedule, step), self._cfg,
-                                 self.base_loss)
+        if fused:
+            loss, metrics = _forward_fused(logits, targets, step, _base_ratio(self._schedule, step), self._cfg)
+        else:
+            loss, metrics = _forward(logits, targets, step, _base_ratio(self._schedule, step), self._cfg,
+                                     self.base_loss)
         self._metrics = metrics
         return loss
 

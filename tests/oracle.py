@@ -222,7 +222,7 @@ def select_tokens(difficulty: np.ndarray, eligible: np.ndarray, ratio: float, se
 
 # ----------------------------------------------------------------------------------------------- §8 loss
 def cggr_loss(logits: np.ndarray, targets: np.ndarray, step: int, scoring: str = "combined",
-              selection: str = "topk", dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
+              selection: str = "stratified", dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
               min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
               min_tokens_per_sequence: int = 1, ignore_index: int = -100,
               difficulty_override: np.ndarray | None = None) -> dict[str, Any]:

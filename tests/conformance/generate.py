@@ -55,6 +55,7 @@ def build_cases() -> list[dict]:
 
     def add(name: str, logits: np.ndarray, targets: np.ndarray, step: int, **config) -> None:
         logits = np.asarray(logits, dtype=np.float32)
+        config = {"selection": "stratified", **config}  # the loss default (SPEC §7), written out
         res = oracle.cggr_loss(logits, targets, step, **config)
         sc = res["scores"]
         cases.append({

@@ -113,7 +113,8 @@ def test_docs_metrics_example_160_of_256():
     rng = np.random.default_rng(7)
     logits = random_logits(rng, (8, 32, 11))
     targets = torch.from_numpy(rng.integers(0, 11, (8, 32)))
-    crit = CGGRLoss(dynamic_threshold=False, min_tokens_ratio=0.25, warmup_steps=1000)
+    # the docs' example was written with their default selection, topk (ours is stratified: SPEC §7)
+    crit = CGGRLoss(selection="topk", dynamic_threshold=False, min_tokens_ratio=0.25, warmup_steps=1000)
     for _ in range(500):
         crit.step()
     crit(logits, targets)
