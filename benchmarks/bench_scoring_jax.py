@@ -3,23 +3,30 @@
 
 For each vocabulary size (default N = 16384 tokens, V = 128256 and 131072, bfloat16 logits) it times
 
-* ``copy``      — a device-to-device copy of the logits (``jnp.copy`` under ``jit``): reads and writes the
-  logits once, so **half its time is the read-once floor** of any scoring pass;
-* ``xla_naive`` — ``jit`` of the straightforward JAX code (``logsumexp``, softmax, ``lax.top_k``, gather);
-* ``xla_reference`` — ``jit`` of the package's reference ``cggr_jax.scoring.token_statistics_reference``;
-* ``pallas``    — the kernel with its default launch parameters, and a sweep of ``block_v × num_warps``
-  (the best is reported; use it to update the defaults in ``cggr_jax/kernels/scoring.py``).
+* **read floors** — what reading the logits once costs, measured four ways (all reported; see below):
+  ``copy/2 (jnp.copy)`` (round 1's floor: a d2d copy reads and writes once, so half of it),
+  ``copy/2 (x + zero)`` (an elementwise fusion with a runtime operand XLA cannot fold away),
+  ``copy/2 (in place, donated)`` (the same, writing into the donated input buffer) and
+  ``read only (XLA row max)`` (``jnp.max(x, -1)``: reads once, writes N floats: the direct measurement);
+* ``xla_naive`` / ``xla_reference`` — ``jit`` of plain JAX statistics and of the package's XLA reference;
+* ``pallas (default)`` — the kernel with :data:`cggr_jax.kernels.SCORING_DEFAULTS`;
+* a sweep of ≤ 12 launches ``(block_rows, block_v, num_warps)`` (first vocabulary only; the others run the
+  default and the best): each is checked against the default's statistics (within twice the SPEC §11
+  bounds) before it may win, and the best is printed as a ready ``LaunchDefaults`` line;
+* ``pallas read-only (best launch)`` — the kernel's own streaming loop with the arithmetic removed (a row
+  max only): the bandwidth this tiling can reach, i.e. how much of the gap is arithmetic.
 
-Timing: random data made on the device, ``--warmup`` untimed calls, then ``--reps`` calls each timed with
-``block_until_ready``; the median (and p10/p90) in milliseconds. Prints a markdown table and writes JSON to
-``--out``.
+Timing: random data made on the device, 2 untimed calls (compile + warm-up), then calls timed with
+``block_until_ready`` until ``--budget-ms`` of timed work (at least 5, at most ``--reps``); median, p10, p90.
+The output ends with a short summary (the GPU session shows only the last lines of each step); ``--out``
+gets the JSON.
 
 Run on the H200 (from the repository root)::
 
     python benchmarks/bench_scoring_jax.py --out bench_scoring_jax.json
 
-``--smoke`` runs tiny shapes with the kernel in interpreter mode on any backend (checks the script only;
-the numbers mean nothing).
+``--smoke`` runs tiny shapes with the kernel interpreted on any backend (checks the script only; the numbers
+mean nothing).
 """
 from __future__ import annotations
 
@@ -35,28 +42,57 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from cggr_jax.kernels import token_statistics_pallas  # noqa: E402
+from cggr_jax.kernels import kernel_config, token_statistics_pallas  # noqa: E402
+from cggr_jax.kernels import scoring as kscoring  # noqa: E402
 from cggr_jax.scoring import token_statistics_reference  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
+FIELDS = ("lse", "entropy", "confidence", "runner_up", "nll")
+#: SPEC §11 (atol, rtol) per field, doubled: two implementations' parity bound.
+PARITY = {"lse": (2e-4, 2e-5), "entropy": (2e-4, 2e-5), "nll": (2e-4, 2e-5), "confidence": (2e-5, 2e-5),
+          "runner_up": (2e-5, 2e-5)}
+#: The sweep, as (block_rows, bytes of one row per step, num_warps): block_v = bytes // itemsize (bf16: 1024
+#: for 2048 B). One warp owning one row with 1-8 KiB steps; 2-16 rows per program with one warp per row
+#: (per-row reductions stay in the warp; one cross-warp "any row needs a top-2 merge" test per step); one
+#: row split over 2 or 4 warps (round 1's shape, now with the register prefetch).
+SWEEP = [(1, 2048, 1), (1, 1024, 1), (1, 4096, 1), (2, 1024, 1), (2, 2048, 2), (4, 2048, 4), (4, 1024, 4),
+         (8, 1024, 8), (8, 2048, 8), (16, 1024, 16), (1, 4096, 2), (1, 4096, 4)]
 
 
 # ------------------------------------------------------------------------------------------ timing helpers
-def time_fn(fn: Callable[..., Any], args: Sequence[Any], *, warmup: int, reps: int) -> dict[str, float]:
-    """Median/p10/p90 wall time (ms) of ``fn(*args)`` with ``block_until_ready`` after every call."""
+def time_fn(fn: Callable[..., Any], args: Sequence[Any], *, budget_ms: float = 100.0, max_reps: int = 50,
+            warmup: int = 2) -> dict[str, float]:
+    """Median/p10/p90 wall time (ms) of ``fn(*args)``, ``block_until_ready`` after every call; calls are timed
+    until ``budget_ms`` of timed work (≥ 5 and ≤ ``max_reps`` calls)."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
+    times: list[float] = []
+    while len(times) < max_reps and (len(times) < 5 or sum(times) < budget_ms):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9), "reps": reps}
+    return {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9), "reps": len(times)}
+
+
+def time_donated(fn: Callable[..., jax.Array], x: jax.Array, *rest: Any, budget_ms: float = 100.0,
+                 max_reps: int = 50) -> tuple[dict[str, float], jax.Array]:
+    """Like :func:`time_fn` for ``x = fn(x, *rest)`` with ``x`` donated (in place); returns the last ``x``."""
+    for _ in range(2):
+        x = jax.block_until_ready(fn(x, *rest))
+    times: list[float] = []
+    while len(times) < max_reps and (len(times) < 5 or sum(times) < budget_ms):
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(fn(x, *rest))
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9), "reps": len(times)}, x
 
 
 def environment() -> dict[str, Any]:
@@ -110,86 +146,205 @@ def naive_statistics(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, 
     return lse, entropy, p1, p2, nll
 
 
+def launch_of(rows: int, block_bytes: int, warps: int, itemsize: int) -> dict[str, int]:
+    return {"block_rows": rows, "block_v": max(16, block_bytes // itemsize), "num_warps": warps}
+
+
+def launch_name(launch: dict[str, Any]) -> str:
+    return f"R={launch['block_rows']} bv={launch['block_v']} w={launch['num_warps']}"
+
+
+def defaults_line(launch: dict[str, Any], itemsize: int, name: str = "SCORING_DEFAULTS") -> str:
+    return (f"{name} = LaunchDefaults(block_rows={launch['block_rows']}, "
+            f"block_bytes={launch['block_v'] * itemsize}, num_warps={launch['num_warps']}, num_stages=1)")
+
+
+# ---------------------------------------------------------------------------------- read-only pallas loop
+def read_only_pallas(x: jax.Array, launch: dict[str, int], interpret: bool) -> jax.Array:
+    """The scoring kernel's streaming loop (same tiles, prefetch, masks) with only a row max per step: the
+    read bandwidth this launch can reach without the softmax arithmetic. Returns float32 ``(N,)``."""
+    from jax.experimental import pallas as pl
+
+    n, v = x.shape
+    cfg = kernel_config(v, x.dtype.itemsize, interpret=interpret, **launch)
+    rows, chunk = cfg.block_rows, kscoring.tile_columns(cfg, x.dtype.itemsize)
+
+    def kernel(x_ref: Any, o_ref: Any) -> None:
+        row0, _, in_range = kscoring.program_rows(n, rows)
+        mask = in_range if n % rows else None
+        stream = kscoring._Stream(x_ref, row0, rows, mask, v, cfg.block_v, chunk)
+
+        def fn(tiles: list[jax.Array], m: jax.Array) -> jax.Array:
+            for t in tiles:
+                m = jnp.maximum(m, jnp.max(t.astype(jnp.float32), axis=1))
+            return m
+
+        m = stream.fold(fn, jnp.full((rows,), -jnp.inf, jnp.float32))
+        kscoring.store(o_ref.at[pl.ds(row0, rows)], m, mask)
+
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((n,), jnp.float32), grid=(pl.cdiv(n, rows),),
+                          in_specs=[kscoring.whole(x.shape)], out_specs=kscoring.whole((n,)),
+                          name="cggr_read_only", **kscoring.pallas_call_options(cfg))(x)
+
+
+def dump(path: str, env: dict[str, Any], note: Optional[str], args: Any, best: Optional[dict[str, Any]],
+         itemsize: int, summary: list[str], results: list[dict[str, Any]]) -> Optional[str]:
+    """Write the JSON (after every vocabulary, so a run cut short keeps what it measured); returns the best
+    launch's ``LaunchDefaults`` line (None without a sweep)."""
+    line = None if best is None else defaults_line(best, itemsize)
+    with open(path, "w") as f:
+        json.dump({"benchmark": "scoring_jax", "env": env, "note": note, "args": vars(args), "best_launch": best,
+                   "best_defaults_line": line, "summary": summary, "results": results}, f, indent=2)
+    return line
+
+
 # --------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=16384, help="tokens (rows)")
     ap.add_argument("--vocab", type=int, nargs="+", default=[128256, 131072])
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--block-v", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    ap.add_argument("--num-warps", type=int, nargs="+", default=[4, 8, 16])
-    ap.add_argument("--no-sweep", action="store_true", help="only the default launch parameters")
+    ap.add_argument("--budget-ms", type=float, default=100.0, help="timed work per measurement")
+    ap.add_argument("--reps", type=int, default=50, help="most timed calls per measurement")
+    ap.add_argument("--no-sweep", action="store_true", help="only the default launch")
     ap.add_argument("--out", default="bench_scoring_jax.json", help="JSON output path")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, kernel interpreted (script check)")
     args = ap.parse_args(argv)
     require_gpu(args.smoke)
+    sweep = SWEEP
     if args.smoke:
-        args.n, args.vocab, args.reps, args.warmup = 24, [300], 2, 1
-        args.block_v, args.num_warps = [64, 128], [4]
-    interpret = True if args.smoke else False
+        args.n, args.vocab, args.reps, args.budget_ms = 24, [300, 301], 5, 1.0
+        sweep = [(1, 128, 1), (4, 128, 4)]
+    interpret = bool(args.smoke)
     note = triton_deprecation_note()
     warnings.filterwarnings("ignore", message=".*[Tt]riton.*deprecated.*")
     dtype = DTYPES[args.dtype]
+    itemsize = jnp.dtype(dtype).itemsize
     env = environment()
+    timing = dict(budget_ms=args.budget_ms, max_reps=args.reps)
     print(f"# Scoring benchmark — {env['device']}, jax {env['jax']}, N={args.n}, {args.dtype}")
     if note:
         print(f"_{note}_")
     results: list[dict[str, Any]] = []
+    summary: list[str] = []
+    best_overall: Optional[dict[str, Any]] = None
     key = jax.random.PRNGKey(0)
-    for v in args.vocab:
+    for vi, v in enumerate(args.vocab):
         x = random_logits(jax.random.fold_in(key, v), args.n, v, dtype)
         t = jax.random.randint(jax.random.fold_in(key, v + 1), (args.n,), 0, v, jnp.int32)
         jax.block_until_ready((x, t))
         nbytes = x.size * x.dtype.itemsize
         rows: list[dict[str, Any]] = []
 
-        def record(name: str, fn: Callable[..., Any], fargs: Sequence[Any], **extra: Any) -> dict[str, Any]:
-            r = time_fn(fn, fargs, warmup=args.warmup, reps=args.reps)
+        def record(name: str, r: dict[str, Any], **extra: Any) -> dict[str, Any]:
             r.update(name=name, n=args.n, vocab=v, dtype=args.dtype, bytes=nbytes, **extra)
             r["read_GBps"] = nbytes / (r["median_ms"] * 1e-3) / 1e9
             rows.append(r)
             return r
 
-        copy = record("copy (d2d, read+write)", jax.jit(jnp.copy), [x])
-        floor_ms = copy["median_ms"] / 2.0
-        record("xla_naive", jax.jit(naive_statistics), [x, t])
-        record("xla_reference", jax.jit(lambda a, b: token_statistics_reference(a, b, b >= 0)), [x, t])
-        record("pallas (default)", jax.jit(lambda a, b: token_statistics_pallas(a, b, interpret=interpret)),
-               [x, t])
+        # -- read floors
+        zero = jnp.zeros((), dtype)
+        floors = {
+            "copy/2 (jnp.copy)": record("copy (jnp.copy, read+write)", time_fn(jax.jit(jnp.copy), [x], **timing),
+                                        floor_kind="copy")["median_ms"] / 2,
+            "copy/2 (x + zero)": record("copy (x + zero operand, read+write)", time_fn(
+                jax.jit(lambda a, z: a + z), [x, zero], **timing), floor_kind="copy")["median_ms"] / 2,
+        }
+        xd = jnp.copy(x)
+        # the zero is a runtime operand, so XLA cannot fold the add away (an identity on a donated buffer)
+        r, xd = time_donated(jax.jit(lambda a, z: a + z, donate_argnums=0), xd, zero, **timing)
+        del xd
+        floors["copy/2 (in place, donated)"] = record("copy in place (donated, read+write)", r,
+                                                      floor_kind="copy")["median_ms"] / 2
+        floors["read only (XLA row max)"] = record("read only (XLA row max)", time_fn(
+            jax.jit(lambda a: jnp.max(a, axis=-1)), [x], **timing), floor_kind="read")["median_ms"]
+        floor_r1 = floors["copy/2 (jnp.copy)"]
+        floor_best = min(floors.values())
+
+        # -- references and the default kernel
+        if vi == 0:
+            record("xla_naive", time_fn(jax.jit(naive_statistics), [x, t], **timing))
+            record("xla_reference", time_fn(jax.jit(lambda a, b: token_statistics_reference(a, b, b >= 0)), [x, t],
+                                            **timing))
+        default_fn = jax.jit(lambda a, b: token_statistics_pallas(a, b, interpret=interpret))
+        ref_stats = jax.block_until_ready(default_fn(x, t))
+        dcfg = kernel_config(v, itemsize)
+        default_launch = {"block_rows": dcfg.block_rows, "block_v": dcfg.block_v, "num_warps": dcfg.num_warps}
+        default = record("pallas (default)", time_fn(default_fn, [x, t], **timing), **default_launch)
+
+        @jax.jit
+        def worst_ratio(a: Any, b: Any) -> jax.Array:
+            """max over rows and fields of |a − b| / (2·SPEC bound), NaN-aware (NaN must match NaN)."""
+            out = []
+            for f, fa, fb in zip(FIELDS, a, b):
+                atol, rtol = PARITY[f]
+                nan_mismatch = jnp.isnan(fa) != jnp.isnan(fb)
+                ratio = jnp.where(jnp.isnan(fb), 0.0, jnp.abs(fa - fb) / (atol + rtol * jnp.abs(fb)))
+                out.append(jnp.max(jnp.where(nan_mismatch, jnp.inf, ratio)))
+            return jnp.max(jnp.stack(out))
+
+        # -- the sweep (first vocabulary) or default + best (the others)
+        candidates = []
         if not args.no_sweep:
-            best = None
-            for bv in args.block_v:
-                for nw in args.num_warps:
-                    fn = jax.jit(lambda a, b, bv=bv, nw=nw: token_statistics_pallas(
-                        a, b, interpret=interpret, block_v=bv, num_warps=nw))
-                    try:
-                        r = time_fn(fn, [x, t], warmup=args.warmup, reps=max(5, args.reps // 5))
-                    except Exception as err:  # a launch configuration the compiler rejects: report, go on
-                        print(f"  block_v={bv} num_warps={nw}: failed ({type(err).__name__}: {err})"[:300])
-                        continue
-                    if best is None or r["median_ms"] < best[0]:
-                        best = (r["median_ms"], bv, nw)
-            if best is not None:
-                _, bv, nw = best
-                record(f"pallas (best: block_v={bv}, num_warps={nw})", jax.jit(
-                    lambda a, b: token_statistics_pallas(a, b, interpret=interpret, block_v=bv, num_warps=nw)),
-                    [x, t], block_v=bv, num_warps=nw)
+            if vi == 0:
+                candidates = [launch_of(r_, b_, w_, itemsize) for r_, b_, w_ in sweep]
+            elif best_overall is not None:
+                candidates = [best_overall]
+        best: Optional[tuple[float, dict[str, Any]]] = None
+        for launch in candidates:
+            fn = jax.jit(lambda a, b, launch=launch: token_statistics_pallas(a, b, interpret=interpret, **launch))
+            t0 = time.perf_counter()
+            try:
+                out = jax.block_until_ready(fn(x, t))
+                compile_s = time.perf_counter() - t0
+                worst = float(worst_ratio(out, ref_stats))
+                r = time_fn(fn, [x, t], **timing)
+            except Exception as err:  # a launch the compiler rejects: report it, go on
+                print(f"  {launch_name(launch)}: failed ({type(err).__name__}: {err})"[:240])
+                continue
+            ok = worst <= 1.0
+            rec = record(f"pallas sweep {launch_name(launch)}", r, **launch, agrees_with_default=ok,
+                         worst_vs_default=worst, compile_s=compile_s)
+            print(f"  sweep {launch_name(launch):>22}: {rec['median_ms']:.3f} ms  {rec['read_GBps']:.0f} GB/s"
+                  f"  {'ok' if ok else f'DISAGREES with the default (worst/bound {worst:.2f})'}", flush=True)
+            if ok and (best is None or r["median_ms"] < best[0]):
+                best = (r["median_ms"], launch)
+        if best is not None:
+            if vi == 0:
+                best_overall = best[1]
+            ro = jax.jit(lambda a, launch=best[1]: read_only_pallas(a, launch, interpret))
+            record(f"pallas read-only loop ({launch_name(best[1])})", time_fn(ro, [x], **timing), **best[1])
         for r in rows:
-            r["x_read_once_floor"] = r["median_ms"] / floor_ms
+            r["x_floor_round1"] = r["median_ms"] / floor_r1
+            r["x_floor_best"] = r["median_ms"] / floor_best
         results += rows
-        print(f"\n## V = {v}  (logits {nbytes / 1e9:.2f} GB; read-once floor = copy/2 = {floor_ms:.3f} ms)\n")
-        print("| method | median ms | p10 | p90 | read GB/s | × floor |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(f"\n## V = {v}  (logits {nbytes / 1e9:.2f} GB; floors: "
+              + ", ".join(f"{k} {val:.3f} ms" for k, val in floors.items()) + ")\n")
+        print("| method | median ms | p10 | p90 | read GB/s | × copy/2 | × best floor |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for r in rows:
+            if r["name"].startswith("pallas sweep"):
+                continue
             print(f"| {r['name']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} | "
-                  f"{r['read_GBps']:.0f} | {r['x_read_once_floor']:.2f} |")
-        del x, t
-    with open(args.out, "w") as f:
-        json.dump({"benchmark": "scoring_jax", "env": env, "note": note, "args": vars(args),
-                   "results": results}, f, indent=2)
-    print(f"\nwrote {args.out}")
+                  f"{r['read_GBps']:.0f} | {r['x_floor_round1']:.2f} | {r['x_floor_best']:.2f} |")
+        line = (f"V={v}: floor copy/2 {floor_r1:.3f} ms, best floor {floor_best:.3f} ms "
+                f"({min(floors, key=floors.get)}); default {launch_name(default_launch)} "
+                f"{default['median_ms']:.3f} ms = {default['median_ms'] / floor_r1:.2f}x copy/2, "
+                f"{default['median_ms'] / floor_best:.2f}x best")
+        if best is not None:
+            line += (f"; best {launch_name(best[1])} {best[0]:.3f} ms = {best[0] / floor_r1:.2f}x copy/2, "
+                     f"{best[0] / floor_best:.2f}x best")
+        summary.append(line)
+        del x, t, ref_stats
+        dump(args.out, env, note, args, best_overall, itemsize, summary, results)  # partial results survive
+    summary_best = dump(args.out, env, note, args, best_overall, itemsize, summary, results)
+    if summary_best is not None:
+        summary.append(f"best scoring launch ({args.dtype}, V={args.vocab[0]}): {launch_name(best_overall)}  "
+                       f"-> cggr_jax/kernels/scoring.py: {summary_best}")
+        dump(args.out, env, note, args, best_overall, itemsize, summary, results)
+    print(f"\nwrote {args.out}\n\n# summary (scoring)")
+    for line in summary:
+        print(line)
     return 0
 
 

@@ -7,6 +7,14 @@ score bounds (SPEC §11) and selection.
   whose backward reads only the selected rows and recomputes their softmax from the saved ``lse``.
 * :func:`scored_selective_cross_entropy_pallas` — scores → ``cggr_jax.selection.select_tokens`` → the loss.
 
+Launch parameters. Every kernel takes ``block_rows`` (token rows per program), ``block_v`` (vocabulary
+columns per loop step or per program), ``num_warps`` and ``num_stages`` (see :mod:`.scoring` for the tile
+layout they produce); :class:`Launch` bundles them, ``None`` meaning the default. The defaults live in one
+place each, :data:`SCORING_DEFAULTS` and :data:`BACKWARD_DEFAULTS` (:class:`LaunchDefaults`, with the block
+width in bytes so fp32 and bf16 issue the same loads); ``benchmarks/bench_scoring_jax.py`` and
+``benchmarks/bench_selective_ce_jax.py`` sweep them on a GPU and print the best as a ready
+``LaunchDefaults(...)`` line.
+
 Where they run. The backend choice is one switch, :data:`PALLAS_GPU_BACKEND` (``"triton"``), read only by
 ``scoring._compiler_params``: on a GPU the generic ``pl.pallas_call`` is lowered through Pallas' Triton
 backend (explicit ``jax.experimental.pallas.triton.CompilerParams``), which exists in both supported JAX
@@ -20,8 +28,12 @@ XLA reference otherwise.
 """
 from .cross_entropy import scored_selective_cross_entropy_pallas, selective_cross_entropy_pallas
 from .scoring import (
+    BACKWARD_DEFAULTS,
     PALLAS_GPU_BACKEND,
+    SCORING_DEFAULTS,
     KernelConfig,
+    Launch,
+    LaunchDefaults,
     kernel_config,
     kernels_enabled,
     resolve_interpret,
@@ -31,6 +43,10 @@ from .scoring import (
 
 __all__ = [
     "PALLAS_GPU_BACKEND",
+    "Launch",
+    "LaunchDefaults",
+    "SCORING_DEFAULTS",
+    "BACKWARD_DEFAULTS",
     "KernelConfig",
     "kernel_config",
     "kernels_enabled",

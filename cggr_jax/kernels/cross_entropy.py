@@ -8,11 +8,17 @@ by the selection of SPEC §7 only holds eligible tokens, for which this is the m
 
 Forward. ``nll`` and ``lse`` come from the scoring kernel (:mod:`cggr_jax.kernels.scoring`): either passed in
 as ``stats=`` (the scores the selection was made from — then the loss reads no logits at all), or computed
-here with the kernel's row mask, which reads only the selected rows.
+here with the kernel's row mask, which reads only programs holding a selected row.
 
-Backward. One program per row: a selected row is read once and its gradient row written from the saved
-``lse`` (``softmax(z) = exp(z − lse)``, no second reduction); every other row is written with zeros without
-being read. The gradient is float32 arithmetic, stored in the logits' dtype.
+Backward. The gradient is written tile by tile: grid ``(⌈N / R⌉, ⌈V / block_v⌉)``, one ``(R, block_v)``
+tile per program (``R = block_rows``), no loop. A tile reads the logits of its *selected* rows only (the
+load is masked per row) and writes ``(2^{(z − lse)·log2 e} − onehot(t)) · g / |S|`` there — the softmax
+from the saved ``lse``, no second reduction — and exact zeros in every other row; a tile without a selected
+row reads nothing and only stores zeros. Tiles at the edges mask their stores: the columns ``≥ V`` of the
+last column tile (``V mod block_v ≠ 0``) and the rows ``≥ N`` of the last row tile (``N mod R ≠ 0``) are
+neither read nor written. The arithmetic is float32, stored in the logits' dtype. Per element of a selected
+row: one subtraction, one multiply and one ``ex2`` (``(z − lse)`` is exact for the terms that matter, so
+``p`` keeps full float32 relative accuracy even for ``|lse|`` in the thousands).
 
 The selection itself (``mask``, the scores it came from) carries no gradient: ``stats`` is wrapped in
 ``stop_gradient`` and the custom rule returns no cotangent for targets, mask, lse or nll.
@@ -33,17 +39,23 @@ from jax.experimental import pallas as pl
 
 from .scoring import (
     _LOG2E,
-    _SQUEEZED,
+    BACKWARD_DEFAULTS,
+    SCORING_DEFAULTS,
     KernelConfig,
-    _bind,
-    _masked_load,
-    _masked_store,
+    Launch,
+    as_float32_input,
+    bind,
     check_inputs,
+    exp2,
     kernel_config,
+    load,
     pallas_call_options,
+    program_rows,
     row_statistics,
     sanitize_targets,
+    store,
     token_statistics_pallas,
+    whole,
 )
 
 if TYPE_CHECKING:
@@ -54,80 +66,65 @@ __all__ = ["selective_cross_entropy_pallas", "scored_selective_cross_entropy_pal
 
 # ---------------------------------------------------------------------------------------- backward kernel
 def _ce_grad_kernel(tgt_ref: Any, sel_ref: Any, lse_ref: Any, scale_ref: Any, x_ref: Any, g_ref: Any, *,
-                    v: int, block_v: int) -> None:
+                    n: int, v: int, rows: int, block_v: int, interpret: bool) -> None:
     f32 = jnp.float32
-    selected = sel_ref[...] != 0
+    row0, safe, in_range = program_rows(n, rows)
+    sel = (sel_ref[safe] != 0) & in_range                      # (R,) selected real rows
+    any_sel = jnp.max(sel.astype(jnp.int32)) > 0
+    j = pl.program_id(1)
+    start = pl.multiple_of(j * block_v, block_v)
+    shape = (rows, block_v)
+    view = (pl.ds(row0, rows), pl.ds(start, block_v))
     out_dtype = g_ref.dtype
 
-    @pl.when(selected)
-    def _grad_row() -> None:
-        lse = lse_ref[...]
-        tgt = tgt_ref[...]
-        scale = scale_ref[0]
+    def tile(col_mask: bool) -> None:
+        cols = start + lax.broadcasted_iota(jnp.int32, shape, 1)
+        mask = jnp.broadcast_to(in_range[:, None], shape) if n % rows else None
+        if col_mask:
+            mask = cols < v if mask is None else mask & (cols < v)
 
-        def write(sl: Any, cols: jax.Array, x: jax.Array, mask: Optional[jax.Array]) -> None:
-            p = jnp.exp2((x.astype(f32) - lse) * f32(_LOG2E))
-            g = ((p - jnp.where(cols == tgt, f32(1.0), f32(0.0))) * scale).astype(out_dtype)
-            if mask is None:
-                g_ref[sl] = g
-            else:
-                _masked_store(g_ref.at[sl], g, mask)
+        @pl.when(any_sel)
+        def _gradient() -> None:
+            # Unselected rows of the tile are not read (a one-row tile gets here only when it is selected).
+            read = None if rows == 1 else jnp.broadcast_to(sel[:, None], shape)
+            if col_mask:
+                read = cols < v if read is None else read & (cols < v)
+            x = load(x_ref.at[view], read, None if read is None else -jnp.inf, stream=True)
+            lse = lse_ref[safe]
+            tgt = tgt_ref[safe]
+            p = exp2((x.astype(f32) - lse[:, None]) * f32(_LOG2E), interpret)
+            g = (p - jnp.where(cols == tgt[:, None], f32(1.0), f32(0.0))) * scale_ref[0]
+            if rows > 1:
+                g = jnp.where(sel[:, None], g, f32(0.0))
+            store(g_ref.at[view], g.astype(out_dtype), mask)
 
-        _write_loop(v, block_v, lambda sl, cols, mask: write(
-            sl, cols, x_ref[sl] if mask is None else _masked_load(x_ref.at[sl], mask, -jnp.inf), mask))
+        @pl.when(jnp.logical_not(any_sel))
+        def _zeros() -> None:
+            store(g_ref.at[view], jnp.zeros(shape, out_dtype), mask)
 
-    @pl.when(jnp.logical_not(selected))
-    def _zero_row() -> None:
-        zeros = jnp.zeros((block_v,), out_dtype)
-
-        def write(sl: Any, cols: jax.Array, mask: Optional[jax.Array]) -> None:
-            del cols
-            if mask is None:
-                g_ref[sl] = zeros
-            else:
-                _masked_store(g_ref.at[sl], zeros, mask)
-
-        _write_loop(v, block_v, write)
-
-
-def _write_loop(v: int, block_v: int, write: Any) -> None:
-    """Call ``write(slice, cols, mask)`` for the full blocks (``mask=None``) and the ragged tail (masked)."""
-    n_full, tail = divmod(v, block_v)
-    lanes = lax.broadcasted_iota(jnp.int32, (block_v,), 0)
-
-    def full_body(j: jax.Array, c: Any) -> Any:
-        start = pl.multiple_of(j * block_v, block_v)
-        write(pl.ds(start, block_v), start + lanes, None)
-        return c
-
-    def tail_body(j: jax.Array, c: Any) -> Any:  # traced start: see scoring._vocab_loop
-        start = pl.multiple_of(j * block_v, block_v)
-        cols = start + lanes
-        write(pl.ds(start, block_v), cols, cols < v)
-        return c
-
-    if n_full:
-        lax.fori_loop(0, n_full, full_body, 0)
-    if tail:
-        lax.fori_loop(n_full, n_full + 1, tail_body, 0)
+    n_full = v // block_v
+    if v % block_v == 0:
+        tile(False)
+    else:  # only the last column tile is ragged; the others store without a column mask
+        pl.when(j < n_full)(lambda: tile(False))
+        pl.when(j >= n_full)(lambda: tile(True))
 
 
 def _ce_grad(logits2d: jax.Array, tgt: jax.Array, sel: jax.Array, lse: jax.Array, scale: jax.Array,
              cfg: KernelConfig) -> jax.Array:
     n, v = logits2d.shape
-    row_spec = pl.BlockSpec((_SQUEEZED, v), lambda i: (i, 0))
-    scalar_spec = pl.BlockSpec((_SQUEEZED,), lambda i: (i,))
-    one_spec = pl.BlockSpec((1,), lambda i: (0,))
-    kernel = _bind(_ce_grad_kernel, v=v, block_v=cfg.block_v)
+    kernel = bind(_ce_grad_kernel, n=n, v=v, rows=cfg.block_rows, block_v=cfg.block_v,
+                  interpret=cfg.interpret)
+    args = [tgt, sel.astype(jnp.int32), lse, scale.reshape(1).astype(jnp.float32), logits2d]
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n, v), logits2d.dtype),
-        grid=(n,),
-        in_specs=[scalar_spec, scalar_spec, scalar_spec, one_spec, row_spec],
-        out_specs=row_spec,
+        grid=(pl.cdiv(n, cfg.block_rows), pl.cdiv(v, cfg.block_v)),
+        in_specs=[whole(a.shape) for a in args],
+        out_specs=whole((n, v)),
         name="cggr_selective_ce_grad",
         **pallas_call_options(cfg),
-    )(tgt, sel.astype(jnp.int32), lse, scale.reshape(1), logits2d)
+    )(*args)
 
 
 # ------------------------------------------------------------------------------------------- custom_vjp
@@ -162,11 +159,20 @@ _selective_ce.defvjp(_selective_ce_fwd, _selective_ce_bwd)
 
 
 # ------------------------------------------------------------------------------------------ entry points
+def _as_launch(value: Optional[Launch], name: str) -> Launch:
+    if value is None:
+        return Launch()
+    if not isinstance(value, Launch):
+        raise ValueError(f"{name} must be a cggr_jax.kernels.Launch or None, got {type(value).__name__}")
+    return value
+
+
 def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: jax.Array, *,
                                    ignore_index: int = -100, stats: Optional["TokenStatistics"] = None,
-                                   interpret: Optional[bool] = None, block_v: Optional[int] = None,
-                                   num_warps: Optional[int] = None,
-                                   num_stages: Optional[int] = None) -> jax.Array:
+                                   interpret: Optional[bool] = None, block_rows: Optional[int] = None,
+                                   block_v: Optional[int] = None, num_warps: Optional[int] = None,
+                                   num_stages: Optional[int] = None,
+                                   scoring_launch: Optional[Launch] = None) -> jax.Array:
     """Mean float32 cross-entropy over the selected tokens, with the sparse custom backward (module doc).
 
     Args:
@@ -175,7 +181,11 @@ def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: 
       mask: bool array of the token shape, the selection (SPEC §7).
       stats: optional ``TokenStatistics`` of these logits/targets (e.g. from :func:`token_statistics_pallas`
         used for the selection); its ``lse``/``nll`` are reused and the forward reads no logits.
-      interpret, block_v, num_warps, num_stages: as in :func:`token_statistics_pallas`.
+      interpret: ``None`` = compile with the Triton backend on a GPU, interpret elsewhere.
+      block_rows, block_v, num_warps, num_stages: launch of the backward kernel (rows × columns per program;
+        defaults :data:`~cggr_jax.kernels.scoring.BACKWARD_DEFAULTS`).
+      scoring_launch: launch of the row-masked scoring pass that computes ``lse``/``nll`` when ``stats`` is
+        None (defaults :data:`~cggr_jax.kernels.scoring.SCORING_DEFAULTS`).
 
     Returns:
       A float32 scalar; ``0.0`` with an all-zero gradient when nothing is selected. jit-safe.
@@ -188,17 +198,19 @@ def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: 
         raise ValueError(f"mask must have dtype bool, got {jnp.asarray(mask).dtype}")
     v = logits.shape[-1]
     n = math.prod(targets.shape)
+    itemsize = as_float32_input(logits).dtype.itemsize
+    cfg = kernel_config(v, itemsize, defaults=BACKWARD_DEFAULTS, block_rows=block_rows, block_v=block_v,
+                        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    fwd_cfg = kernel_config(v, itemsize, defaults=SCORING_DEFAULTS, interpret=interpret,
+                            **_as_launch(scoring_launch, "scoring_launch").kwargs())
     if n == 0:
         return jnp.sum(logits.astype(jnp.float32)) * jnp.float32(0.0)  # 0.0, differentiable, zero grad
-    cfg = kernel_config(v, block_v=block_v, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-    logits2d = logits.reshape(n, v)
-    if logits2d.dtype not in (jnp.float32, jnp.float16, jnp.bfloat16):
-        logits2d = logits2d.astype(jnp.float32)  # float64: computed (and differentiated) in float32
+    logits2d = as_float32_input(logits.reshape(n, v))  # float64: computed (and differentiated) in float32
     tgt, code = sanitize_targets(targets.reshape(n), v, ignore_index)
     want = jnp.asarray(mask).reshape(n) & (code == 1)
     if stats is None:
         lse, _, _, _, nll = row_statistics(lax.stop_gradient(logits2d), targets.reshape(n),
-                                           ignore_index=ignore_index, cfg=cfg, row_mask=want)
+                                           ignore_index=ignore_index, cfg=fwd_cfg, row_mask=want)
     else:
         for name in ("lse", "nll"):
             arr = getattr(stats, name)
@@ -214,8 +226,8 @@ def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: 
 def scored_selective_cross_entropy_pallas(
         logits: jax.Array, targets: jax.Array, ratio: Any, *, scoring: str = "combined",
         selection: str = "topk", num_strata: int = 4, min_tokens_per_sequence: int = 1,
-        ignore_index: int = -100, interpret: Optional[bool] = None, block_v: Optional[int] = None,
-        num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+        ignore_index: int = -100, interpret: Optional[bool] = None, scoring_launch: Optional[Launch] = None,
+        backward_launch: Optional[Launch] = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Scores (one kernel read of the logits) → selection on device → selective cross-entropy.
 
@@ -223,13 +235,17 @@ def scored_selective_cross_entropy_pallas(
     (valid ∧ target in range ∧ finite row ∧ difficulty not NaN). Returns ``(loss, mask, k)``; gradients flow
     to ``logits`` through the sparse backward only. The difficulty is
     ``cggr_jax.scoring.difficulty_from_statistics``, the selection ``cggr_jax.selection.select_tokens``.
+    ``scoring_launch`` / ``backward_launch``: :class:`~cggr_jax.kernels.scoring.Launch` of the scoring and
+    the backward kernel (None: their defaults).
     """
     from cggr_jax.scoring import difficulty_from_statistics, row_finite
     from cggr_jax.selection import select_tokens
 
     logits, targets, ignore_index = check_inputs(logits, targets, ignore_index)
-    opts = dict(interpret=interpret, block_v=block_v, num_warps=num_warps, num_stages=num_stages)
-    stats = token_statistics_pallas(lax.stop_gradient(logits), targets, ignore_index, **opts)
+    scoring_launch = _as_launch(scoring_launch, "scoring_launch")
+    backward_launch = _as_launch(backward_launch, "backward_launch")
+    stats = token_statistics_pallas(lax.stop_gradient(logits), targets, ignore_index, interpret=interpret,
+                                    **scoring_launch.kwargs())
     stats = jax.tree_util.tree_map(lax.stop_gradient, stats)
     difficulty = difficulty_from_statistics(stats, scoring, has_targets=True)
     _, code = sanitize_targets(targets.reshape(-1), logits.shape[-1], ignore_index)
@@ -238,5 +254,5 @@ def scored_selective_cross_entropy_pallas(
     mask, k = select_tokens(difficulty, eligible, ratio, selection=selection, num_strata=num_strata,
                             min_tokens_per_sequence=min_tokens_per_sequence)
     loss = selective_cross_entropy_pallas(logits, targets, mask, ignore_index=ignore_index, stats=stats,
-                                          **opts)
+                                          interpret=interpret, **backward_launch.kwargs())
     return loss, mask, k

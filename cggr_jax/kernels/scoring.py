@@ -1,63 +1,82 @@
 """Pallas scoring kernel: every SPEC §2 statistic of a row in one read of the logits.
 
-One program handles one row ``z ∈ ℝ^V`` (upcast exactly to float32 on load) and walks the vocabulary in
-blocks of ``block_v`` columns with an online (streaming) softmax. The carry after blocks ``0 … b`` is
+Math. A row ``z ∈ ℝ^V`` (upcast exactly to float32 on load) is streamed in steps of ``block_v`` columns with
+an online (streaming) softmax. The carry after the steps ``0 … b`` is
 
     m  = max_j z_j                                   running maximum
     r  = second largest element of the multiset      runner-up logit z_(2) (ties counted, −∞ if none)
-    d  = Σ_j exp(z_j − m)                            running normaliser
-    s  = Σ_j exp(z_j − m)·(z_j − m)                  running first moment, shifted by m
+    d  = Σ_j e^{z_j − m}                             running normaliser
+    s  = Σ_j e^{z_j − m}·(z_j − m)                   running first moment, shifted by m
 
-When a block raises the maximum to ``m' ≥ m`` the old terms are rescaled with ``α = exp(m − m')``::
+When a step raises the maximum to ``m' ≥ m`` the old terms are rescaled with ``α = e^{m − m'}``::
 
-    d ← α·d + Σ_blk exp(z − m')
-    s ← α·(s + d·(m − m')) + Σ_blk exp(z − m')·(z − m')
+    d ← α·d + Σ_step e^{z − m'}
+    s ← α·(s + d·(m − m')) + Σ_step e^{z − m'}·(z − m')
 
-(the second line is ``Σ e^{z−m'}(z−m') = α·Σ e^{z−m}((z−m) + (m−m'))``). At the end, with ``z_t`` the target logit,
+(the second line is ``Σ e^{z−m'}(z−m') = α·Σ e^{z−m}((z−m) + (m−m'))``). At the end, with ``z_t`` the target
+logit,
 
     lse = m + log d        H = log d − s/d   (= lse − Σ_j p_j z_j)
-    p1  = 1/d              p2 = exp(r − m)/d
+    p1  = 1/d              p2 = e^{r − m}/d
     nll = (m − z_t) + log d
 
-These are the brief's identities with ``s`` kept relative to ``m`` (``Σ p_j z_j = m + s/d``), which avoids the
-cancellation of two numbers of size ``|m|`` in ``H``. A ``−∞`` entry has ``exp(z − m) = 0`` exactly and its
-``(z − m)`` factor is clamped to a finite value first, so it contributes 0 to ``s`` (no ``0·(−∞)``).
+``s`` is kept relative to ``m`` (``Σ p_j z_j = m + s/d``), which avoids the cancellation of two numbers of
+size ``|m|`` in ``H``; ``z − m`` is exact for the terms that matter, so every finite ``m`` (up to ``FLT_MAX``)
+is handled. ``e^t`` is computed as ``2^{t·log2 e}``. A ``−∞`` entry has ``e^{z − m} = 0`` exactly and its
+``(z − m)`` factor is clamped to −200 first, so it contributes 0 to ``s`` (no ``0·(−∞)``).
 
-Top-2 across blocks. A block with maximum ``b1`` (``c`` copies) and second value ``b2`` (``b2 = b1`` when
-``c ≥ 2``) merges with the carry as ``m' = max(m, b1)``, ``r' = max(min(m, b1), max(r, b2))`` — the second
+Top-2 across steps. A step with maximum ``b1`` (``k`` copies) and second value ``b2`` (``b2 = b1`` when
+``k ≥ 2``) merges with the carry as ``m' = max(m, b1)``, ``r' = max(min(m, b1), max(r, b2))`` — the second
 largest of the union of two multisets, ties included (two equal maxima give ``r' = m'`` and so ``p2 = p1``).
-A block with ``b1 ≤ r`` cannot change ``(m, r)``; the merge, which costs three more passes over the block
-in registers, is skipped for it. ``V = 1`` leaves ``r = −∞`` and ``p2 = 0``.
+A step with ``b1 ≤ r`` in every row of the program cannot change ``(m, r)`` (the formula then returns ``r``);
+the merge, which costs two more passes over the step in registers, is skipped for it — after the first few
+steps of a row, almost every step. ``V = 1`` leaves ``r = −∞`` and ``p2 = 0``.
 
 Non-finite rows. A NaN anywhere makes ``d`` NaN (``exp(NaN) = NaN``; this does not rely on how ``max``
-treats NaN, which differs between the Triton lowering (``maxnumf``) and XLA); ``+∞`` makes ``m = +∞``; a row
-of only ``−∞`` keeps ``m = −∞``. Such rows get NaN in ``lse, entropy, confidence, runner_up`` (and in
-``nll`` when the target is valid), exactly like ``tests/oracle.py``, so every consumer sees them as not
-finite (SPEC §2).
+treats NaN, which is ``maxnum`` in the Triton lowering); ``+∞`` makes ``m = +∞``; a row of only ``−∞`` keeps
+``m = −∞``. Such rows get NaN in ``lse, entropy, confidence, runner_up`` (and in ``nll`` when the target is
+valid), exactly like ``tests/oracle.py``, so every consumer sees them as not finite (SPEC §2).
 
-Targets. The target logit is read with one masked scalar load at the sanitised column
-``where(valid ∧ 0 ≤ t < V, t, 0)``; the load is masked off for ignored rows, so an ``ignore_index`` row
+Targets. The target logits are read with one masked gather per program at the sanitised columns
+``where(valid ∧ 0 ≤ t < V, t, 0)``; the gather is masked off for ignored rows, so an ``ignore_index`` row
 never reads its target. ``nll = 0`` where ``t = ignore_index``. Concrete (non-traced) targets outside
 ``[0, V)`` raise ``ValueError``; under ``jit`` they cannot raise (SPEC §11) and, like ignored ones, give
 ``nll = 0`` (``cggr_jax.scoring.TokenStatistics``: no valid target) and are never used as an index; the
 callers make them ineligible.
 
-Ragged vocabularies. Full blocks are read unmasked; the last, ragged block (``V mod block_v ≠ 0``) is a
-masked load with ``other = −∞`` — never a clamped ``pl.ds`` slice, whose start the interpreter (and
-``lax.dynamic_slice``) would silently shift back into range.
+Launch geometry (:class:`KernelConfig`, defaults :data:`SCORING_DEFAULTS`). A program owns ``block_rows = R``
+consecutive token rows ``pid·R … pid·R + R − 1``. One loop step reads ``block_v`` columns of each of them as
+``block_v / C`` sub-tiles of shape ``(R, C)``, ``C = 32·vec·max(1, num_warps / R)`` and ``vec`` = the
+elements of one 16-byte load (8 for bf16/fp16, 4 for fp32). With ``num_warps ≤ R`` that is exactly the
+layout Triton's coalescing pass gives an ``(R, C)`` tile — lanes along the columns, warps along the rows — so
+each warp owns whole rows, each thread holds ``block_v / (32·vec)`` 16-byte vectors of its row per step, and
+every per-row reduction (max, the two sums) stays inside one warp: register operations and five shuffles, no
+shared memory, no barrier. (Only the "does any row need a top-2 merge" test crosses warps when
+``R > 1 = num_warps / R``.) With ``num_warps > R`` the spare warps split the columns and the reductions cross
+warps. Ragged last row block (``N mod R ≠ 0``): the rows past ``N`` are masked off in every logits load
+(nothing is read) and in every output store (nothing is written); per-row scalars (targets, row mask) are
+gathered at the row index clamped to ``N − 1``.
+
+Pipelining. The loop over the full steps prefetches step ``j + 1`` into registers before it reduces step
+``j`` (the last full step re-reads itself rather than paying masked-load register fills in every step).
+Triton's software pipeliner only pipelines loads of loops that feed a ``dot`` or carry a per-loop
+``num_stages`` attribute, which Pallas does not emit, so ``num_stages`` has no effect on these loops (it is
+passed to Triton unchanged). The ragged last step is a separate masked load with ``other = −∞``. Loads use
+``evict_first`` (read-once stream). ``2^x`` is one ``ex2.approx.ftz.f32`` (inline PTX) on the GPU instead
+of libdevice's ``exp2f``, whose subnormal-range fix-ups cost four instructions per logit; the interpreter
+uses ``jnp.exp2``. Results below ``2^-126`` flush to 0, which changes no statistic by more than ``1e-38``.
 
 Backend (the single switch, :data:`PALLAS_GPU_BACKEND`): see ``cggr_jax/kernels/__init__.py``. On GPU the
 ``pallas_call`` is lowered through Pallas' Triton backend by passing ``plt.CompilerParams``; elsewhere it
-runs with ``interpret=True``. Addresses: the Triton lowering switches the pointer offsets of a ref to
-64-bit when the whole array exceeds 2^32 bytes, so ``N·V > 2^31`` elements is addressed correctly (the
-row index itself is < 2^31).
+runs with ``interpret=True``. Addresses: the Triton lowering switches the element offsets of a ref to 64-bit
+when the whole array exceeds 2^32 bytes, so ``N·V > 2^31`` elements is addressed correctly.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +92,11 @@ if TYPE_CHECKING:  # imported lazily at run time: cggr_jax.scoring may import th
 
 __all__ = [
     "PALLAS_GPU_BACKEND",
+    "Launch",
+    "LaunchDefaults",
     "KernelConfig",
+    "SCORING_DEFAULTS",
+    "BACKWARD_DEFAULTS",
     "kernel_config",
     "kernels_enabled",
     "use_pallas_kernels",
@@ -87,22 +110,116 @@ __all__ = [
 #: with a warning at lowering but keeps it). Why not Mosaic GPU (the default backend of a bare
 #: ``pl.pallas_call`` since jax 0.10): its generic ``pallas_call`` path is itself deprecated in favour of
 #: ``plgpu.kernel`` (an API that changed between 0.10 and 0.11), it has no masked load with a fill value
-#: (a ragged vocabulary block must read as −∞) and needs warpgroup-level code for a row reduction, while this workload — a
-#: bandwidth-bound streaming reduction without matmuls — gains nothing from wgmma/TMA on Hopper.
+#: (a ragged vocabulary block must read as −∞) and needs warpgroup-level code for a row reduction, while this
+#: workload — a bandwidth-bound streaming reduction without matmuls — gains nothing from wgmma/TMA on Hopper.
 #: This constant is the only place that names the lowering; :func:`_compiler_params` reads it.
 PALLAS_GPU_BACKEND: str = "triton"
 
 _LOG2E = 1.4426950408889634
-#: Lower clamp of ``z − m`` inside ``exp(z − m)·(z − m)``: ``exp2(-200·log2 e) = 0`` in float32, so the
-#: clamp changes no nonzero term and turns ``0·(−∞)`` into ``0·(−200) = 0``.
+#: Lower clamp of ``t = z − m`` inside ``e^t·t``: ``e^-200 = 0`` in float32 (``2^-288``), so the clamp changes
+#: no nonzero term and turns ``0·(−∞)`` into ``0·(−200) = 0``.
 _T_MIN = -200.0
-_SQUEEZED: Any = getattr(pl, "squeezed", None)  # a squeezed block dim; older jax spells it None
-
-DEFAULT_BLOCK_V = 4096
-DEFAULT_NUM_WARPS = 8
-DEFAULT_NUM_STAGES = 3
 
 
+# ------------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Launch parameters of one kernel; ``None`` fields take the kernel's defaults.
+
+    ``block_rows``: token rows per program (power of two); ``block_v``: vocabulary columns per loop step
+    (scoring) or per program (backward), a power of two; ``num_warps``: warps per program (power of two);
+    ``num_stages``: Triton's ``num_stages`` (passed through; no effect on these loops, see the module doc).
+    """
+
+    block_rows: Optional[int] = None
+    block_v: Optional[int] = None
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+
+    def kwargs(self) -> dict[str, Optional[int]]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchDefaults:
+    """Default launch of a kernel: ``block_bytes`` is the width of one row's step in bytes, so that
+    ``block_v = block_bytes // itemsize`` (the same loads per thread for bf16/fp16 and fp32)."""
+
+    block_rows: int
+    block_bytes: int
+    num_warps: int
+    num_stages: int
+
+
+#: Scoring kernel defaults: one warp per program owning one row, 2 KiB of the row per step (bf16: 1024
+#: logits, four 16-byte loads per thread, the next step prefetched). Switch with the best line printed by
+#: ``benchmarks/bench_scoring_jax.py`` (H200 measurements in ``benchmarks/results/``).
+SCORING_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=2048, num_warps=1, num_stages=1)
+#: Selective-CE backward defaults: one row × 8 KiB of gradient per program (bf16: 4096 columns), 4 warps
+#: (four 16-byte stores per thread). Switch with ``benchmarks/bench_selective_ce_jax.py``.
+BACKWARD_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=8192, num_warps=4, num_stages=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Validated static launch parameters (hashable: used as a ``custom_vjp`` non-differentiable argument).
+
+    ``block_rows``: token rows per program; ``block_v``: vocabulary columns per step (scoring) or per program
+    (backward); ``num_warps``, ``num_stages``: Triton launch options (ignored by the interpreter);
+    ``interpret``: run the kernel as ``pallas_call(..., interpret=True)``.
+    """
+
+    block_rows: int
+    block_v: int
+    num_warps: int
+    num_stages: int
+    interpret: bool
+
+
+def _is_pow2(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1 and not x & (x - 1)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def kernel_config(vocab: int, itemsize: int = 2, *, defaults: LaunchDefaults = SCORING_DEFAULTS,
+                  block_rows: Optional[int] = None, block_v: Optional[int] = None,
+                  num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                  interpret: Optional[bool] = None) -> KernelConfig:
+    """Validate/default the launch parameters for a vocabulary of ``vocab`` columns of ``itemsize`` bytes.
+
+    Defaults come from ``defaults`` (:data:`SCORING_DEFAULTS` or :data:`BACKWARD_DEFAULTS`); the default
+    ``block_v`` is ``defaults.block_bytes // itemsize`` capped at the next power of two ≥ ``vocab`` (and at
+    least 16). ``ValueError`` for a parameter that is not a power of two (``num_stages``: a positive int).
+    """
+    if block_rows is None:
+        block_rows = defaults.block_rows
+    if not _is_pow2(block_rows):
+        raise ValueError(f"block_rows must be a positive power of two, got {block_rows!r}")
+    if block_v is None:
+        block_v = max(16, min(defaults.block_bytes // max(1, itemsize), _next_pow2(vocab)))
+    if not _is_pow2(block_v):
+        raise ValueError(f"block_v must be a positive power of two, got {block_v!r}")
+    num_warps = defaults.num_warps if num_warps is None else num_warps
+    if not _is_pow2(num_warps) or num_warps > 32:
+        raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps!r}")
+    num_stages = defaults.num_stages if num_stages is None else num_stages
+    if not isinstance(num_stages, (int, np.integer)) or isinstance(num_stages, bool) or num_stages < 1:
+        raise ValueError(f"num_stages must be a positive integer, got {num_stages!r}")
+    return KernelConfig(int(block_rows), int(block_v), int(num_warps), int(num_stages),
+                        resolve_interpret(interpret))
+
+
+def tile_columns(cfg: KernelConfig, itemsize: int) -> int:
+    """Columns ``C`` of one ``(R, C)`` sub-tile (module doc): ``32·vec·max(1, num_warps // R)``, at most
+    ``block_v``; ``vec`` = elements of a 16-byte load."""
+    vec = max(1, 16 // max(1, itemsize))
+    return min(cfg.block_v, 32 * vec * max(1, cfg.num_warps // cfg.block_rows))
+
+
+# ------------------------------------------------------------------------------------------- environment
 def kernels_enabled() -> bool:
     """False when ``CGGR_DISABLE_KERNELS`` is ``1``/``true``/``yes`` (the same switch as ``cggr_torch``)."""
     return os.environ.get("CGGR_DISABLE_KERNELS", "").strip().lower() not in ("1", "true", "yes")
@@ -139,58 +256,68 @@ def _compiler_params(num_warps: int, num_stages: int) -> Any:
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _masked_load(ref: Any, mask: jax.Array, other: Any) -> jax.Array:
-    """``plt.load`` with a mask (the only masked load the Triton lowering and the interpreter share)."""
-    load = getattr(plt, "load", None)
-    if load is None:
-        raise RuntimeError(f"jax {jax.__version__} has no jax.experimental.pallas.triton.load (masked load)")
-    return load(ref, mask=mask, other=other)
-
-
-def _masked_store(ref: Any, value: jax.Array, mask: jax.Array) -> None:
-    store = getattr(plt, "store", None)
-    if store is None:
-        raise RuntimeError(f"jax {jax.__version__} has no jax.experimental.pallas.triton.store (masked store)")
-    store(ref, value, mask=mask)
-
-
-# ------------------------------------------------------------------------------------------------- config
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """Static launch parameters (hashable: used as a ``custom_vjp`` non-differentiable argument).
-
-    ``block_v``: vocabulary columns per loop step, a power of two (Triton tensors must be); ``num_warps``,
-    ``num_stages``: Triton launch options (ignored by the interpreter); ``interpret``: run the kernel as
-    ``pallas_call(..., interpret=True)``.
-    """
-
-    block_v: int
-    num_warps: int
-    num_stages: int
-    interpret: bool
-
-
-def kernel_config(vocab: int, *, block_v: Optional[int] = None, num_warps: Optional[int] = None,
-                  num_stages: Optional[int] = None, interpret: Optional[bool] = None) -> KernelConfig:
-    """Validate/default the launch parameters for a vocabulary of ``vocab`` columns."""
-    if block_v is None:
-        block_v = min(DEFAULT_BLOCK_V, max(16, 1 << max(0, (vocab - 1).bit_length())))
-    if not isinstance(block_v, (int, np.integer)) or block_v < 1 or block_v & (block_v - 1):
-        raise ValueError(f"block_v must be a positive power of two, got {block_v!r}")
-    num_warps = DEFAULT_NUM_WARPS if num_warps is None else num_warps
-    if not isinstance(num_warps, (int, np.integer)) or num_warps < 1 or num_warps & (num_warps - 1):
-        raise ValueError(f"num_warps must be a positive power of two, got {num_warps!r}")
-    num_stages = DEFAULT_NUM_STAGES if num_stages is None else num_stages
-    if not isinstance(num_stages, (int, np.integer)) or num_stages < 1:
-        raise ValueError(f"num_stages must be a positive integer, got {num_stages!r}")
-    return KernelConfig(int(block_v), int(num_warps), int(num_stages), resolve_interpret(interpret))
-
-
 def pallas_call_options(cfg: KernelConfig) -> dict[str, Any]:
     """``interpret=``/``compiler_params=`` keyword arguments of ``pl.pallas_call`` for ``cfg``."""
     if cfg.interpret:
         return {"interpret": True}
     return {"interpret": False, "compiler_params": _compiler_params(cfg.num_warps, cfg.num_stages)}
+
+
+# ------------------------------------------------------------------------------------ in-kernel primitives
+def _plt_fn(name: str) -> Callable[..., Any]:
+    fn = getattr(plt, name, None)
+    if fn is None:
+        raise RuntimeError(f"jax {jax.__version__} has no jax.experimental.pallas.triton.{name}; the Pallas "
+                           "Triton backend these kernels use is missing (set CGGR_DISABLE_KERNELS=1)")
+    return fn
+
+
+def load(ref: Any, mask: Optional[jax.Array] = None, other: Any = None, *, stream: bool = False) -> jax.Array:
+    """``plt.load`` (optionally masked; the only masked load the Triton lowering and the interpreter share).
+    Masked-off elements are not read; they take ``other`` (undefined when ``other`` is None: only for values
+    that are never used). ``stream``: a read-once stream (``evict_first``: do not keep it in L2 at the
+    expense of other data)."""
+    kwargs: dict[str, Any] = {"eviction_policy": "evict_first"} if stream else {}
+    if mask is not None:
+        kwargs["mask"] = mask
+        if other is not None:
+            kwargs["other"] = other
+    return _plt_fn("load")(ref, **kwargs)
+
+
+def store(ref: Any, value: jax.Array, mask: Optional[jax.Array] = None) -> None:
+    """``plt.store``, optionally masked (masked-off elements are not written)."""
+    if mask is None:
+        _plt_fn("store")(ref, value)
+    else:
+        _plt_fn("store")(ref, value, mask=mask)
+
+
+def exp2(x: jax.Array, interpret: bool) -> jax.Array:
+    """``2^x`` in float32: one ``ex2.approx.ftz.f32`` per element on the GPU (module doc), ``jnp.exp2`` in
+    the interpreter. NaN → NaN, +∞ → +∞, −∞ → 0; results below 2^-126 flush to 0."""
+    if interpret:
+        return jnp.exp2(x)
+    [y] = _plt_fn("elementwise_inline_asm")(
+        "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return y
+
+
+def whole(shape: Sequence[int]) -> Any:
+    """A BlockSpec whose block is the whole array (the kernel indexes it itself, with masks at the edges)."""
+    shape = tuple(int(s) for s in shape)
+    zeros = (0,) * len(shape)
+    return pl.BlockSpec(shape, lambda *ids: zeros)
+
+
+def program_rows(n: int, rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(row0, safe, in_range)`` of this program's rows ``row0 … row0 + rows − 1``: ``safe`` (``(rows,)``)
+    clamped to ``n − 1`` (always a legal gather index) and ``in_range`` whether each is a real row
+    (``< n``)."""
+    row0 = pl.multiple_of(pl.program_id(0) * rows, rows)
+    ids = row0 + lax.broadcasted_iota(jnp.int32, (rows,), 0)
+    return row0, jnp.minimum(ids, n - 1), ids < n
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -223,141 +350,182 @@ def sanitize_targets(targets1d: jax.Array, vocab: int, ignore_index: int) -> tup
 
 
 # ------------------------------------------------------------------------------------------------- kernel
-def _vocab_loop(v: int, block_v: int, step: Callable[[jax.Array, Any], Any],
-                load_full: Callable[[Any], jax.Array], load_tail: Callable[[Any, jax.Array], jax.Array],
-                carry: Any) -> Any:
-    """Fold ``carry = step(x_block, carry)`` over the vocabulary: the full blocks with ``load_full(slice)``
-    (unmasked), then the ragged last block with ``load_tail(slice, cols < V)`` (masked, reads −∞ past V)."""
-    n_full, tail = divmod(v, block_v)
+class _Stream:
+    """The ``(R, block_v)`` steps of a program's rows as ``(R, C)`` sub-tiles, loaded in the input dtype.
 
-    def full_body(j: jax.Array, c: Any) -> Any:
-        start = pl.multiple_of(j * block_v, block_v)
-        return step(load_full(pl.ds(start, block_v)), c)
+    ``row_mask`` (``(R,)`` bool or None): rows past ``N`` of a ragged last program; their loads are masked
+    off (nothing is read; their values are undefined and never stored) — None when ``N`` is a multiple of
+    ``R``."""
 
-    if n_full:
-        carry = lax.fori_loop(0, n_full, full_body, carry)
-    if tail:
-        # A one-step loop: its index is traced, so the slice start is dynamic. (A static start past V − block_v
-        # is rejected at trace time; a clamped one would read the wrong columns. The load is masked instead.)
-        def tail_body(j: jax.Array, c: Any) -> Any:
-            start = pl.multiple_of(j * block_v, block_v)
-            cols = start + lax.broadcasted_iota(jnp.int32, (block_v,), 0)
-            return step(load_tail(pl.ds(start, block_v), cols < v), c)
+    def __init__(self, x_ref: Any, row0: jax.Array, rows: int, row_mask: Optional[jax.Array], v: int,
+                 block_v: int, chunk: int) -> None:
+        self.x_ref, self.row0, self.rows, self.row_mask = x_ref, row0, rows, row_mask
+        self.v, self.block_v, self.chunk = v, block_v, chunk
+        self.n_sub = block_v // chunk
+        self.n_full, self.tail = divmod(v, block_v)
 
-        carry = lax.fori_loop(n_full, n_full + 1, tail_body, carry)
-    return carry
+    def step(self, j: jax.Array, *, ragged: bool = False) -> list[jax.Array]:
+        """Sub-tiles of step ``j``; ``ragged``: the last, partial step, whose columns ``≥ V`` are masked off
+        (read as −∞)."""
+        start = pl.multiple_of(j * self.block_v, self.block_v)
+        shape = (self.rows, self.chunk)
+        rows_ok = None if self.row_mask is None else jnp.broadcast_to(self.row_mask[:, None], shape)
+        tiles = []
+        for u in range(self.n_sub):
+            col0 = pl.multiple_of(start + u * self.chunk, self.chunk)
+            view = self.x_ref.at[pl.ds(self.row0, self.rows), pl.ds(col0, self.chunk)]
+            mask, other = rows_ok, None  # rows past N: values never used
+            if ragged:
+                cols_ok = col0 + lax.broadcasted_iota(jnp.int32, shape, 1) < self.v
+                mask, other = (cols_ok if mask is None else mask & cols_ok), -jnp.inf
+            tiles.append(load(view, mask, other, stream=True))
+        return tiles
+
+    def fold(self, fn: Callable[[list[jax.Array], Any], Any], carry: Any) -> Any:
+        """``carry = fn(tiles, carry)`` over every step: the full steps with a one-step register prefetch,
+        then the ragged step (masked)."""
+        if self.n_full:
+            def body(j: jax.Array, state: Any) -> Any:
+                tiles, c = state
+                # Issued before this step is reduced. The last full step re-reads itself instead of
+                # masking (a masked load costs register fills every step; the re-read is one block per row).
+                nxt = self.step(jnp.minimum(j + 1, self.n_full - 1))
+                return nxt, fn(tiles, c)
+
+            first = self.step(jnp.int32(0))
+            _, carry = lax.fori_loop(0, self.n_full, body, (first, carry))
+        if self.tail:
+            # A one-step loop: its index is traced, so the slice start is dynamic (a static start past
+            # V − block_v is rejected at trace time).
+            carry = lax.fori_loop(self.n_full, self.n_full + 1,
+                                  lambda j, c: fn(self.step(j, ragged=True), c), carry)
+        return carry
 
 
-def _row_statistics_kernel(*refs: Any, v: int, block_v: int, has_targets: bool, has_row_mask: bool) -> None:
+def _online_statistics(stream: _Stream, interpret: bool) -> tuple[jax.Array, ...]:
+    """``(m, r, d, s)`` per row of the program (module doc), ``(R,)`` float32 each."""
+    f32 = jnp.float32
+    neg_inf = f32(-jnp.inf)
+    log2e = f32(_LOG2E)
+    rows = stream.rows
+
+    def fn(tiles: list[jax.Array], carry: Any) -> Any:
+        m, r, d, s = carry
+        xs = [t.astype(f32) for t in tiles]
+        xm = xs[0]
+        for x in xs[1:]:
+            xm = jnp.maximum(xm, x)
+        b1 = jnp.max(xm, axis=1)
+
+        def merge_top2() -> jax.Array:
+            copies = jnp.zeros((rows,), jnp.int32)
+            below = jnp.full((rows,), neg_inf)
+            for x in xs:
+                is_max = x == b1[:, None]
+                copies = copies + jnp.sum(is_max.astype(jnp.int32), axis=1)
+                below = jnp.maximum(below, jnp.max(jnp.where(is_max, neg_inf, x), axis=1))
+            b2 = jnp.where(copies > 1, b1, below)
+            return jnp.maximum(jnp.minimum(m, b1), jnp.maximum(r, b2))
+
+        need = jnp.max((b1 > r).astype(jnp.int32)) > 0  # any row of the program: one uniform branch
+        r_new = lax.cond(need, merge_top2, lambda: r)
+        m_new = jnp.maximum(m, b1)
+        # Exponent base: m' where it is finite. A row whose maximum is +∞/NaN ends non-finite anyway (its
+        # outputs become NaN); base 0 only keeps its arithmetic defined. All −∞ so far: 2^(−∞) = 0.
+        base = jnp.where((m_new > neg_inf) & (m_new < jnp.inf), m_new, f32(0.0))
+        had_terms = m > neg_inf  # d = s = 0 until a finite maximum was seen
+        delta = jnp.where(had_terms, jnp.maximum(m - base, f32(_T_MIN)), f32(0.0))
+        alpha = jnp.where(had_terms, exp2(delta * log2e, interpret), f32(0.0))
+        acc_e = acc_s = None
+        for x in xs:
+            t = x - base[:, None]
+            e = exp2(t * log2e, interpret)
+            es = e * jnp.maximum(t, f32(_T_MIN))
+            acc_e = e if acc_e is None else acc_e + e
+            acc_s = es if acc_s is None else acc_s + es
+        d_new = d * alpha + jnp.sum(acc_e, axis=1)
+        s_new = (s + d * delta) * alpha + jnp.sum(acc_s, axis=1)
+        return m_new, r_new, d_new, s_new
+
+    init = (jnp.full((rows,), neg_inf), jnp.full((rows,), neg_inf), jnp.zeros((rows,), f32),
+            jnp.zeros((rows,), f32))
+    return stream.fold(fn, init)
+
+
+def _row_statistics_kernel(*refs: Any, n: int, v: int, rows: int, block_v: int, chunk: int,
+                           has_targets: bool, has_row_mask: bool, interpret: bool) -> None:
     it = iter(refs)
     x_ref = next(it)
     tgt_ref = next(it) if has_targets else None
     code_ref = next(it) if has_targets else None
     row_ref = next(it) if has_row_mask else None
-    lse_ref, ent_ref, p1_ref, p2_ref = next(it), next(it), next(it), next(it)
-    nll_ref = next(it) if has_targets else None
+    outs = [next(it) for _ in range(5 if has_targets else 4)]
     f32 = jnp.float32
-    neg_inf = f32(-jnp.inf)
-
-    def step(x: jax.Array, carry: Any) -> Any:
-        x = x.astype(f32)
-        m, r, d, s = carry
-        b1 = jnp.max(x)
-
-        def merge_top2() -> jax.Array:
-            is_max = x == b1
-            copies = jnp.sum(is_max.astype(jnp.int32))
-            below = jnp.max(jnp.where(is_max, neg_inf, x))
-            b2 = jnp.where(copies > 1, b1, below)
-            return jnp.maximum(jnp.minimum(m, b1), jnp.maximum(r, b2))
-
-        r_new = lax.cond(b1 > r, merge_top2, lambda: r)
-        m_new = jnp.maximum(m, b1)
-        # Exponent base: m' where it is finite. A row whose maximum is +∞/NaN ends non-finite anyway (its
-        # outputs become NaN below); base 0 only keeps its arithmetic defined. All −∞ so far: exp(−∞ − 0) = 0.
-        base = jnp.where((m_new > neg_inf) & (m_new < f32(jnp.inf)), m_new, f32(0.0))
-        t = x - base
-        e = jnp.exp2(t * f32(_LOG2E))
-        d_blk = jnp.sum(e)
-        s_blk = jnp.sum(e * jnp.maximum(t, f32(_T_MIN)))
-        had_terms = m > neg_inf  # d = s = 0 until a finite maximum was seen
-        delta = jnp.where(had_terms, jnp.maximum(m - base, f32(_T_MIN)), f32(0.0))
-        alpha = jnp.where(had_terms, jnp.exp2(delta * f32(_LOG2E)), f32(0.0))
-        d_new = d * alpha + d_blk
-        s_new = (s + d * delta) * alpha + s_blk
-        return m_new, r_new, d_new, s_new
+    row0, safe, in_range = program_rows(n, rows)
+    out_mask = in_range if n % rows else None  # rows past N exist only in a ragged last program
+    active = in_range if row_ref is None else in_range & (row_ref[safe] != 0)
 
     def compute() -> None:
-        init = (neg_inf, neg_inf, f32(0.0), f32(0.0))
-        m, r, d, s = _vocab_loop(
-            v, block_v, step,
-            lambda sl: x_ref[sl],
-            lambda sl, mask: _masked_load(x_ref.at[sl], mask, -jnp.inf),
-            init)
-        bad = jnp.logical_not((d == d) & (m > neg_inf) & (m < f32(jnp.inf)))
+        stream = _Stream(x_ref, row0, rows, out_mask, v, block_v, chunk)
+        m, r, d, s = _online_statistics(stream, interpret)
+        bad = jnp.logical_not((d == d) & (m > -jnp.inf) & (m < jnp.inf))
         nan = f32(jnp.nan)
         log_d = jnp.log(d)
-        lse_ref[...] = jnp.where(bad, nan, m + log_d)
-        ent_ref[...] = jnp.where(bad, nan, log_d - s / d)
-        p1_ref[...] = jnp.where(bad, nan, f32(1.0) / d)
-        p2_ref[...] = jnp.where(bad, nan, jnp.exp2((r - m) * f32(_LOG2E)) / d)
+        vals = [m + log_d, log_d - s / d, f32(1.0) / d, exp2((r - m) * f32(_LOG2E), interpret) / d]
+        vals = [jnp.where(bad, nan, x) for x in vals]
         if has_targets:
-            code = code_ref[...]
-            ok = code == 1
-            # One masked scalar read of the target logit: rows without a valid in-range target read nothing.
-            z_t = _masked_load(x_ref.at[tgt_ref[...]], ok, 0).astype(f32)
-            nll = (m - z_t) + log_d
-            nll_ref[...] = jnp.where(ok, jnp.where(bad, nan, nll), f32(0.0))
+            ok = code_ref[safe] == 1
+            # One masked gather of the target logits: rows without a valid in-range target read nothing.
+            z_t = load(x_ref.at[safe, tgt_ref[safe]], ok, 0).astype(f32)
+            vals.append(jnp.where(ok, jnp.where(bad, nan, (m - z_t) + log_d), f32(0.0)))
+        for ref, val in zip(outs, vals):
+            store(ref.at[pl.ds(row0, rows)], jnp.where(active, val, f32(0.0)), out_mask)
 
-    if not has_row_mask:
+    if row_ref is None:
         compute()
         return
-    active = row_ref[...] != 0
-    pl.when(active)(compute)
+    any_active = jnp.max(active.astype(jnp.int32)) > 0
+    pl.when(any_active)(compute)
 
-    @pl.when(jnp.logical_not(active))
-    def _skip() -> None:
-        zero = jnp.float32(0.0)
-        for ref in (lse_ref, ent_ref, p1_ref, p2_ref) + ((nll_ref,) if has_targets else ()):
-            ref[...] = zero
+    @pl.when(jnp.logical_not(any_active))
+    def _skip() -> None:  # rows outside the row mask are not read; their outputs are 0
+        for ref in outs:
+            store(ref.at[pl.ds(row0, rows)], jnp.zeros((rows,), f32), out_mask)
 
 
 def row_statistics(logits2d: jax.Array, targets1d: Optional[jax.Array], *, ignore_index: int,
                    cfg: KernelConfig, row_mask: Optional[jax.Array] = None) -> tuple[jax.Array, ...]:
     """Run the scoring kernel on ``(N, V)`` logits; returns float32 ``(lse, entropy, p1, p2[, nll])`` ``(N,)``.
 
-    ``row_mask`` (optional, ``(N,)`` bool): rows where it is False are not read at all and get 0 in every
-    output (the selective cross-entropy's sparse forward).
+    ``row_mask`` (optional, ``(N,)`` bool): a program none of whose rows is in the mask reads nothing; rows
+    outside the mask get 0 in every output (the selective cross-entropy's sparse forward).
     """
     n, v = logits2d.shape
     x = as_float32_input(logits2d)
-    row_spec = pl.BlockSpec((_SQUEEZED, v), lambda i: (i, 0))
-    scalar_spec = pl.BlockSpec((_SQUEEZED,), lambda i: (i,))
+    rows = cfg.block_rows
     args: list[jax.Array] = [x]
-    in_specs = [row_spec]
     has_targets = targets1d is not None
     if has_targets:
         t, code = sanitize_targets(targets1d, v, ignore_index)
         args += [t, code]
-        in_specs += [scalar_spec, scalar_spec]
     if row_mask is not None:
         args.append(row_mask.astype(jnp.int32))
-        in_specs.append(scalar_spec)
     n_out = 5 if has_targets else 4
-    kernel = _bind(_row_statistics_kernel, v=v, block_v=cfg.block_v, has_targets=has_targets,
-                   has_row_mask=row_mask is not None)
+    kernel = bind(_row_statistics_kernel, n=n, v=v, rows=rows, block_v=cfg.block_v,
+                  chunk=tile_columns(cfg, x.dtype.itemsize), has_targets=has_targets,
+                  has_row_mask=row_mask is not None, interpret=cfg.interpret)
     return tuple(pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * n_out,
-        grid=(n,),
-        in_specs=in_specs,
-        out_specs=[scalar_spec] * n_out,
+        grid=(pl.cdiv(n, rows),),
+        in_specs=[whole(a.shape) for a in args],
+        out_specs=[whole((n,))] * n_out,
         name="cggr_token_statistics",
         **pallas_call_options(cfg),
     )(*args))
 
 
-def _bind(fn: Callable[..., None], **static: Any) -> Callable[..., None]:
+def bind(fn: Callable[..., None], **static: Any) -> Callable[..., None]:
     """``functools.partial`` that keeps the kernel's name (Pallas names the kernel after it)."""
     def kernel(*refs: Any) -> None:
         fn(*refs, **static)
@@ -368,8 +536,8 @@ def _bind(fn: Callable[..., None], **static: Any) -> Callable[..., None]:
 
 # ------------------------------------------------------------------------------------------- entry point
 def token_statistics_pallas(logits: jax.Array, targets: Optional[jax.Array] = None, ignore_index: int = -100,
-                            *, interpret: Optional[bool] = None, block_v: Optional[int] = None,
-                            num_warps: Optional[int] = None,
+                            *, interpret: Optional[bool] = None, block_rows: Optional[int] = None,
+                            block_v: Optional[int] = None, num_warps: Optional[int] = None,
                             num_stages: Optional[int] = None) -> "TokenStatistics":
     """SPEC §2 statistics of every token from one read of the logits (the kernel behind
     ``cggr_jax.scoring.token_statistics``).
@@ -379,7 +547,8 @@ def token_statistics_pallas(logits: jax.Array, targets: Optional[jax.Array] = No
       targets: optional integer array of the token shape; ``ignore_index`` marks tokens without a target.
       ignore_index: the ignored target value (default −100).
       interpret: ``None`` = compile with the Triton backend on a GPU, interpret elsewhere.
-      block_v, num_warps, num_stages: launch parameters (defaults: 4096 or the next power of two ≥ V, 8, 3).
+      block_rows, block_v, num_warps, num_stages: launch parameters (module doc; defaults
+        :data:`SCORING_DEFAULTS`: one row per program, 2 KiB of it per step, one warp).
 
     Returns:
       ``cggr_jax.scoring.TokenStatistics(lse, entropy, confidence, runner_up, nll)``, float32 of the token
@@ -391,10 +560,11 @@ def token_statistics_pallas(logits: jax.Array, targets: Optional[jax.Array] = No
     shape = logits.shape[:-1]
     v = logits.shape[-1]
     n = math.prod(shape)
+    cfg = kernel_config(v, as_float32_input(logits).dtype.itemsize, block_rows=block_rows, block_v=block_v,
+                        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     if n == 0:
         z = jnp.zeros(shape, jnp.float32)
         return TokenStatistics(z, z, z, z, z)
-    cfg = kernel_config(v, block_v=block_v, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     outs = row_statistics(logits.reshape(n, v), None if targets is None else targets.reshape(n),
                           ignore_index=ignore_index, cfg=cfg)
     lse, ent, p1, p2 = (o.reshape(shape) for o in outs[:4])

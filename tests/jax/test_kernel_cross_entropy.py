@@ -2,7 +2,9 @@
 
 Loss and ∂loss/∂logits against ``jax.grad`` of a plain-JAX reference and against the float64 oracle formula
 (SPEC §8: ``(softmax − onehot)/|S|`` on selected rows, exactly 0 elsewhere); the scores → selection → loss
-pipeline against ``oracle.select_tokens`` fed with the kernel's own float32 difficulties.
+pipeline against ``oracle.select_tokens`` fed with the kernel's own float32 difficulties. The backward
+kernel's tiles: several rows per program with N not a multiple of ``block_rows``, ragged column tiles, a
+tile wider than V; on the GPU path (Triton IR inspected on CPU) every store of a ragged tile is masked.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ import numpy as np
 import pytest
 
 from cggr_jax.kernels import (
+    Launch,
     scored_selective_cross_entropy_pallas,
     selective_cross_entropy_pallas,
     token_statistics_pallas,
 )
-from cggr_jax.scoring import difficulty_from_statistics
+from cggr_jax.scoring import TokenStatistics, difficulty_from_statistics
 from tests import oracle
 
 IGNORE = -100
@@ -83,16 +86,48 @@ def check_against_references(loss, grad, z, t, sel, dtype: str, logits) -> None:
     np.testing.assert_allclose(g, np.asarray(x_grad, np.float64), atol=atol, rtol=rtol)
 
 
+#: Per dtype (23 × 203 batch): the backward tiles — R = 4 (23 = 5·4 + 3: a ragged last row block) with ragged
+#: 64-wide column tiles; R = 2 with one 256-wide tile per row block (wider than V); R = 8 with 32-wide tiles —
+#: and the launch of the row-masked forward (single- and multi-row programs).
+CASES = {
+    "float32": (dict(block_rows=4, block_v=64, num_warps=2), Launch(block_v=64)),
+    "bfloat16": (dict(block_rows=2, block_v=256, num_warps=4), Launch(block_rows=4, block_v=64, num_warps=4)),
+    "float16": (dict(block_rows=8, block_v=32, num_warps=1), Launch(block_v=32)),
+}
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_loss_and_grad(dtype: str) -> None:
+    backward, forward = CASES[dtype]
     z, t, mask = make_batch(DTYPES[dtype])
+    assert z.shape[0] % backward["block_rows"] != 0
     logits = jnp.asarray(z, DTYPES[dtype])
     fn = jax.jit(jax.value_and_grad(
         lambda x: selective_cross_entropy_pallas(x, jnp.asarray(t), jnp.asarray(mask), interpret=True,
-                                                 block_v=64)))
+                                                 scoring_launch=forward, **backward)))
     loss, grad = fn(logits)
     sel = mask & (t != IGNORE)
+    assert sel[-3:].any()  # the ragged last row block holds selected rows
     check_against_references(loss, grad, z, t, sel, dtype, logits)
+
+
+def test_default_launches_bf16() -> None:
+    """The default launches (scoring: 1024-column steps; backward: one 4096-column tile per program, so V =
+    4099 gives a full tile and a 3-column ragged one) on bf16 logits, with the statistics reused."""
+    rng = np.random.default_rng(9)
+    z = rng.normal(0.0, 3.0, size=(5, 4099)).astype(np.float32)
+    z[0, 4098] = 20.0
+    z = np.asarray(jnp.asarray(z, jnp.bfloat16).astype(jnp.float32))
+    t = np.array([4098, 4097, 5, IGNORE, 2], np.int32)
+    mask = np.array([True, True, False, True, True])
+    logits, tj, mj = jnp.asarray(z, jnp.bfloat16), jnp.asarray(t), jnp.asarray(mask)
+
+    def fn(x):
+        stats = token_statistics_pallas(jax.lax.stop_gradient(x), tj, interpret=True)
+        return selective_cross_entropy_pallas(x, tj, mj, stats=stats, interpret=True)
+
+    loss, grad = jax.jit(jax.value_and_grad(fn))(logits)
+    check_against_references(loss, grad, z, t, mask & (t != IGNORE), "bfloat16", logits)
 
 
 def test_reusing_stats_equals_recomputing() -> None:
@@ -105,8 +140,10 @@ def test_reusing_stats_equals_recomputing() -> None:
         return selective_cross_entropy_pallas(x, tj, mj, stats=stats, interpret=True, block_v=64)
 
     loss_a, grad_a = jax.jit(jax.value_and_grad(with_stats))(logits)
+    # the row-masked forward with 4-row programs: programs without a selected row read nothing
     loss_b, grad_b = jax.jit(jax.value_and_grad(
-        lambda x: selective_cross_entropy_pallas(x, tj, mj, interpret=True, block_v=64)))(logits)
+        lambda x: selective_cross_entropy_pallas(x, tj, mj, interpret=True, block_v=64, scoring_launch=Launch(
+            block_rows=4, block_v=64, num_warps=4))))(logits)
     np.testing.assert_array_equal(np.asarray(grad_a), np.asarray(grad_b))
     np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
     check_against_references(loss_a, grad_a, z, t, mask & (t != IGNORE), "float32", logits)
@@ -116,7 +153,7 @@ def test_nothing_selected_and_all_ignored() -> None:
     z, t, _ = make_batch(jnp.float32, n=9, v=70, seed=2)
     logits = jnp.asarray(z)
     fn = jax.jit(jax.value_and_grad(lambda x, tt, m: selective_cross_entropy_pallas(
-        x, tt, m, interpret=True, block_v=32)))
+        x, tt, m, interpret=True, block_rows=2, block_v=32, scoring_launch=Launch(block_rows=2, block_v=32))))
     for tt, m in ((t, np.zeros(9, bool)), (np.full(9, IGNORE, np.int32), np.ones(9, bool))):
         loss, grad = fn(logits, jnp.asarray(tt), jnp.asarray(m))
         assert float(loss) == 0.0
@@ -132,7 +169,8 @@ def test_nonfinite_selected_row_is_dropped() -> None:
     mask = mask.copy()
     mask[3] = mask[4] = True  # NaN row and +inf row
     loss, grad = jax.jit(jax.value_and_grad(lambda x: selective_cross_entropy_pallas(
-        x, jnp.asarray(t), jnp.asarray(mask), interpret=True, block_v=32)))(jnp.asarray(z))
+        x, jnp.asarray(t), jnp.asarray(mask), interpret=True, block_v=32,
+        scoring_launch=Launch(block_v=32))))(jnp.asarray(z))
     sel = mask & (t != IGNORE)
     sel[3] = sel[4] = False
     ref_loss, ref_grad = oracle_loss_grad(z, t, sel)
@@ -153,8 +191,9 @@ def test_scored_pipeline_matches_oracle_selection() -> None:
     logits, tj = jnp.asarray(z), jnp.asarray(t)
 
     def fn(x, r):  # the ratio is a device value in the loss (after the dynamic threshold)
-        loss, mask, k = scored_selective_cross_entropy_pallas(x, tj, r, selection="topk",
-                                                              interpret=True, block_v=32)
+        loss, mask, k = scored_selective_cross_entropy_pallas(
+            x, tj, r, selection="topk", interpret=True, scoring_launch=Launch(block_v=32),
+            backward_launch=Launch(block_rows=2, block_v=32, num_warps=2))
         stats = token_statistics_pallas(jax.lax.stop_gradient(x), tj, interpret=True, block_v=32)
         return loss, (mask, k, difficulty_from_statistics(stats, "combined"))
 
@@ -175,12 +214,23 @@ def test_scored_pipeline_matches_oracle_selection() -> None:
     ({"mask": np.ones((5,), np.int32)}, "mask"),
     ({"targets": np.zeros((5,), np.float32)}, "targets"),
     ({"targets": np.full((5,), 9, np.int32)}, "targets"),
+    ({"block_rows": 6}, "block_rows"),
+    ({"block_v": 100}, "block_v"),
+    ({"scoring_launch": {"block_v": 64}}, "scoring_launch"),
+    ({"scoring_launch": Launch(num_warps=5)}, "num_warps"),
 ])
 def test_bad_arguments(kwargs, match: str) -> None:
     args = {"logits": jnp.zeros((5, 9)), "targets": jnp.zeros((5,), jnp.int32), "mask": jnp.ones((5,), bool)}
     args.update(kwargs)
+    logits, targets, mask = args.pop("logits"), args.pop("targets"), args.pop("mask")
     with pytest.raises(ValueError, match=match):
-        selective_cross_entropy_pallas(args["logits"], args["targets"], args["mask"], interpret=True)
+        selective_cross_entropy_pallas(logits, targets, mask, interpret=True, **args)
+
+
+def test_bad_pipeline_launch() -> None:
+    with pytest.raises(ValueError, match="backward_launch"):
+        scored_selective_cross_entropy_pallas(jnp.zeros((5, 9)), jnp.zeros((5,), jnp.int32), 0.5,
+                                              interpret=True, backward_launch=(1, 64, 4, 1))
 
 
 def test_triton_lowering_forward_backward() -> None:
@@ -193,3 +243,31 @@ def test_triton_lowering_forward_backward() -> None:
         jax.ShapeDtypeStruct((n, v), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.int32),
         jax.ShapeDtypeStruct((n,), jnp.bool_))
     assert text.count("triton") >= 2  # the row-masked forward and the gradient kernel
+
+
+@pytest.mark.parametrize("n,v,rows,bv,ragged_rows,ragged_cols", [
+    (23, 203, 4, 64, True, True), (24, 256, 4, 64, False, False), (17_000, 128_256, 2, 4096, False, True)])
+def test_triton_ir_backward_masks(n: int, v: int, rows: int, bv: int, ragged_rows: bool,
+                                  ragged_cols: bool) -> None:
+    """GPU path of the backward kernel: with a ragged row block every gradient store is masked; otherwise
+    only the stores of the ragged column tile are; the logits are only read under the selected-row mask."""
+    from tests.jax.test_kernel_scoring import memory_ops, triton_ir
+
+    def grad(x, t, m, lse, nll):
+        stats = TokenStatistics(lse, lse, lse, lse, nll)
+        return jax.grad(lambda a: selective_cross_entropy_pallas(
+            a, t, m, stats=stats, interpret=False, block_rows=rows, block_v=bv, num_warps=4))(x)
+
+    f32 = jax.ShapeDtypeStruct((n,), jnp.float32)
+    ttirs = triton_ir(grad, jax.ShapeDtypeStruct((n, v), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.int32),
+                      jax.ShapeDtypeStruct((n,), jnp.bool_), f32, f32)
+    [ttir] = [t for t in ttirs if "cggr_selective_ce_grad" in t]
+    stores = [k for k, ty in memory_ops(ttir, "tt.store") if ty == "bf16"]
+    loads = [k for k, ty in memory_ops(ttir, "tt.load") if ty == "bf16"]
+    assert stores and loads and all(k >= 2 for k in loads)  # x is read only for selected rows
+    if ragged_rows:
+        assert all(k == 3 for k in stores), "an unmasked gradient store in a ragged row block"
+    elif ragged_cols:
+        assert sorted(set(k for k in stores)) == [2, 3]  # full column tiles unmasked, the ragged one masked
+    else:
+        assert all(k == 2 for k in stores)

@@ -2,21 +2,37 @@
 
 Small odd shapes with a vocabulary block smaller than V, so every row spans several blocks and a ragged last
 block: maxima in the ragged block, ties across blocks (runner-up = max), −∞ entries, NaN/±∞ rows, targets
-whose logit is −∞, ignore_index and out-of-range targets, fp32/fp16/bf16 input.
+whose logit is −∞, ignore_index and out-of-range targets, fp32/fp16/bf16 input. Multi-row programs
+(``block_rows`` R > 1, N not a multiple of R, several sub-tiles per step) must give the single-row results;
+rows whose maximum is near ``FLT_MAX`` are exact. The Triton IR of the GPU path is inspected on CPU: a
+ragged last row block masks every logits load and every output store (nothing out of bounds).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cggr_jax.kernels import token_statistics_pallas
+from cggr_jax.kernels import Launch, kernel_config, token_statistics_pallas
+from cggr_jax.kernels.scoring import SCORING_DEFAULTS, tile_columns
 from cggr_jax.scoring import TokenStatistics, difficulty_from_statistics
 from tests import oracle
 
 IGNORE = -100
 FIELDS = ("lse", "entropy", "confidence", "runner_up", "nll")
+
+
+@functools.partial(jax.jit, static_argnames=("ignore_index", "block_rows", "block_v", "num_warps"))
+def stats_of(x, t, ignore_index: int = IGNORE, block_rows=None, block_v=None, num_warps=None) -> TokenStatistics:
+    """The interpreted kernel under one shared ``jit`` (tests with the same shapes and launch share the
+    compilation, which dominates the run time of this module)."""
+    return token_statistics_pallas(x, t, ignore_index, interpret=True, block_rows=block_rows, block_v=block_v,
+                                   num_warps=num_warps)
+
+
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
 
@@ -90,8 +106,7 @@ def assert_matches_oracle(stats: TokenStatistics, z: np.ndarray, t: np.ndarray |
 def test_statistics_match_oracle(dtype: str) -> None:
     z, t = crafted_batch(DTYPES[dtype])
     x = jnp.asarray(z, DTYPES[dtype])
-    fn = jax.jit(lambda a, b: token_statistics_pallas(a, b, IGNORE, interpret=True, block_v=64))
-    stats = fn(x, jnp.asarray(t))
+    stats = stats_of(x, jnp.asarray(t), block_v=64)
     assert_matches_oracle(stats, z, t)
     p1, p2 = np.asarray(stats.confidence), np.asarray(stats.runner_up)
     for row in (1, 2, 16, 21, 22):  # tied maxima (across blocks, inside one block): p2 equals p1 exactly
@@ -102,7 +117,7 @@ def test_statistics_match_oracle(dtype: str) -> None:
 
 def test_ties_and_masks_random() -> None:
     """Integer-valued logits (ties everywhere, across blocks) with random −∞ masks, three seeds, one shape."""
-    fn = jax.jit(lambda a, b: token_statistics_pallas(a, b, IGNORE, interpret=True, block_v=32))
+    fn = functools.partial(stats_of, block_v=32)
     for seed in range(3):
         rng = np.random.default_rng(100 + seed)
         z = rng.integers(-3, 4, size=(29, 101)).astype(np.float32)
@@ -110,6 +125,65 @@ def test_ties_and_masks_random() -> None:
         t = rng.integers(0, 101, size=29).astype(np.int32)
         t[rng.random(29) < 0.2] = IGNORE
         assert_matches_oracle(fn(jnp.asarray(z), jnp.asarray(t)), z, t)
+
+
+#: Multi-row launches on the 37-row crafted batch (a ragged last program each): R = 4 with one sub-tile per
+#: step, R = 8 with fewer warps than rows, R = 2 with two (R, 128) fp32 sub-tiles per 256-column step. Each
+#: is compared with the single-row kernel of the same block (the same sub-tiles).
+MULTI_ROW = {
+    "R4_w4_bv64": (jnp.float32, dict(block_rows=4, block_v=64, num_warps=4)),
+    "R8_w2_bv64_bf16": (jnp.bfloat16, dict(block_rows=8, block_v=64, num_warps=2)),
+    "R2_w1_bv256_2subtiles": (jnp.float32, dict(block_rows=2, block_v=256, num_warps=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(MULTI_ROW))
+def test_multi_row_matches_oracle_and_single_row(name: str) -> None:
+    dtype, launch = MULTI_ROW[name]
+    z, t = crafted_batch(dtype)
+    assert z.shape[0] % launch["block_rows"] != 0  # the last program has rows past N
+    x, tj = jnp.asarray(z, dtype), jnp.asarray(t)
+    multi = stats_of(x, tj, **launch)
+    assert_matches_oracle(multi, z, t)
+    single = stats_of(x, tj, block_v=launch["block_v"])
+    # Same per-row arithmetic in the same order: the grouping of rows into programs changes nothing.
+    for f in FIELDS:
+        np.testing.assert_allclose(np.asarray(getattr(multi, f)), np.asarray(getattr(single, f)),
+                                   rtol=2e-7, atol=0, equal_nan=True, err_msg=f)
+
+
+def test_huge_logits() -> None:
+    """Maxima near FLT_MAX (``z − m`` and ``m + log d`` must not overflow or cancel): exact statistics, also
+    next to ordinary rows of the same program; uniform huge rows against the closed form (the float64 oracle
+    cancels there)."""
+    rng = np.random.default_rng(11)
+    n, v = 7, 45
+    z = rng.normal(0.0, 2.0, size=(n, v)).astype(np.float32)
+    t = rng.integers(0, v, size=n).astype(np.int32)
+    z[1, 5] = 3.0e38; t[1] = 5                     # one huge entry: p1 = 1, p2 = 0, H = 0, nll = 0
+    z[1, 6] = -3.0e38                              # z − m = −6e38 overflows to −∞: a zero term
+    z[2, 7] = z[2, 30] = 3.3e38                    # tied huge maxima: p1 = p2 = 1/2, H = log 2
+    z[3] = 2.0e38; z[3, 0] = 1.0                   # 44 equal huge entries and one ordinary one
+    z[4] = 3.2e38                                  # uniform huge row
+    z[5] = -3.2e38                                 # uniform hugely negative row
+    stats = stats_of(jnp.asarray(z), jnp.asarray(t), block_rows=4, block_v=16, num_warps=4)
+    got = {f: np.asarray(getattr(stats, f), np.float64) for f in FIELDS}
+    oracle_rows = [0, 1, 6]  # row 2's float64 oracle entropy cancels (lse − Σ p z at |z| = 3e38)
+    ref = oracle.token_statistics(z[oracle_rows], t[oracle_rows], IGNORE)
+    for f in FIELDS:
+        atol, rtol = oracle.SCORE_TOL[f]
+        np.testing.assert_allclose(got[f][oracle_rows], ref[f], atol=atol, rtol=rtol, err_msg=f)
+    assert got["confidence"][1] == 1.0 and got["runner_up"][1] == 0.0 and got["entropy"][1] == 0.0
+    np.testing.assert_allclose([got["confidence"][2], got["runner_up"][2]], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(got["entropy"][2], np.log(2), atol=1e-6)
+    np.testing.assert_allclose(got["lse"][2], np.float32(3.3e38), rtol=1e-6)
+    # Row 3: 44 entries equal to 2e38 and one far below: log of 44 equal terms.
+    np.testing.assert_allclose(got["lse"][3], 2.0e38 + np.log(v - 1), rtol=1e-6)
+    np.testing.assert_allclose(got["entropy"][3], np.log(v - 1), atol=1e-5)
+    for row, m in ((4, 3.2e38), (5, -3.2e38)):
+        np.testing.assert_allclose(got["lse"][row], np.float32(m), rtol=1e-6)
+        np.testing.assert_allclose([got["entropy"][row], got["nll"][row]], np.log(v), atol=1e-5)
+        np.testing.assert_allclose([got["confidence"][row], got["runner_up"][row]], 1.0 / v, rtol=1e-6)
 
 
 def test_three_dim_without_targets() -> None:
@@ -121,16 +195,16 @@ def test_three_dim_without_targets() -> None:
     assert_matches_oracle(stats, z, None)
 
 
-@pytest.mark.parametrize("v,block_v", [(300, 16), (256, 64), (100, 128), (1, 16)])
-def test_block_geometry(v: int, block_v: int) -> None:
-    """Many blocks, no ragged block, one block larger than V (all masked tail), and V = 1."""
+@pytest.mark.parametrize("v,block_v,rows", [(300, 16, 1), (256, 64, 2), (100, 128, 1), (1, 16, 4)])
+def test_block_geometry(v: int, block_v: int, rows: int) -> None:
+    """Many blocks, no ragged block, one block larger than V (all masked tail), and V = 1; 11 rows, so the
+    2- and 4-row programs end with a ragged row block."""
     rng = np.random.default_rng(v)
     z = rng.normal(0.0, 4.0, size=(11, v)).astype(np.float32)
     z[0, v - 1] = 50.0
     t = rng.integers(0, v, size=11).astype(np.int32)
     t[3] = IGNORE
-    stats = jax.jit(lambda a, b: token_statistics_pallas(a, b, IGNORE, interpret=True, block_v=block_v))(
-        jnp.asarray(z), jnp.asarray(t))
+    stats = stats_of(jnp.asarray(z), jnp.asarray(t), block_v=block_v, block_rows=rows, num_warps=rows)
     assert_matches_oracle(stats, z, t)
     if v == 1:
         assert (np.asarray(stats.runner_up) == 0).all() and (np.asarray(stats.confidence) == 1).all()
@@ -145,6 +219,23 @@ def test_default_block_and_float64_input() -> None:
     ref = oracle.token_statistics(z, t, -1)
     np.testing.assert_allclose(np.asarray(stats.nll), ref["nll"], atol=1e-4, rtol=1e-5)
     assert float(stats.nll[3]) == 0.0
+
+
+def test_default_launch_bf16_many_steps() -> None:
+    """The default launch on a GPU-like row: bf16, V = 4099 → 1024-column steps of four (1, 256) sub-tiles,
+    four full steps (register prefetch, the last one re-reading itself) and a ragged step of 3 columns."""
+    rng = np.random.default_rng(8)
+    z = rng.normal(0.0, 3.0, size=(3, 4099)).astype(np.float32)
+    z[0, 4098] = 25.0                                  # the maximum in the ragged step
+    z[1, 1000] = z[1, 3000] = 22.0                     # tied maxima in different steps
+    z[2, 1500:1600] = -np.inf
+    z = np.asarray(jnp.asarray(z, jnp.bfloat16).astype(jnp.float32))
+    t = np.array([4098, 7, IGNORE], np.int32)
+    cfg = kernel_config(4099, 2, interpret=True)
+    assert cfg.block_v == 1024 and tile_columns(cfg, 2) == 256
+    stats = stats_of(jnp.asarray(z, jnp.bfloat16), jnp.asarray(t))
+    assert_matches_oracle(stats, z, t)
+    assert np.asarray(stats.runner_up)[1] == np.asarray(stats.confidence)[1]
 
 
 def test_out_of_range_targets() -> None:
@@ -165,8 +256,9 @@ def test_empty_and_all_ignored() -> None:
     empty3 = token_statistics_pallas(jnp.zeros((2, 0, 17)), None, interpret=True)
     assert empty3.lse.shape == (2, 0)
     z = np.random.default_rng(3).normal(size=(6, 21)).astype(np.float32)
+    # one program of 8 rows holds all 6: every program is ragged
     stats = token_statistics_pallas(jnp.asarray(z), jnp.full((6,), IGNORE, jnp.int32), interpret=True,
-                                    block_v=16)
+                                    block_rows=8, block_v=16, num_warps=2)
     assert (np.asarray(stats.nll) == 0).all()
     assert_matches_oracle(stats, z, np.full(6, IGNORE, np.int32))
 
@@ -185,8 +277,10 @@ def test_bad_arguments(args, match: str) -> None:
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"block_v": 48}, "block_v"), ({"num_warps": 3}, "num_warps"), ({"num_stages": 0}, "num_stages"),
-    ({"interpret": "yes"}, "interpret"), ({"ignore_index": 1.5}, "ignore_index"),
+    ({"block_v": 48}, "block_v"), ({"num_warps": 3}, "num_warps"), ({"num_warps": 64}, "num_warps"),
+    ({"num_stages": 0}, "num_stages"), ({"block_rows": 3}, "block_rows"), ({"block_rows": 0}, "block_rows"),
+    ({"block_rows": True}, "block_rows"), ({"interpret": "yes"}, "interpret"),
+    ({"ignore_index": 1.5}, "ignore_index"),
 ])
 def test_bad_options(kwargs, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -214,3 +308,82 @@ def test_triton_lowering_large_shapes() -> None:
     text = lower_for_cuda(lambda a: token_statistics_pallas(a, None, interpret=False, block_v=256),
                           jax.ShapeDtypeStruct((5, 1000), jnp.float16))
     assert "triton" in text
+
+
+def test_launch_geometry() -> None:
+    """Defaults and the sub-tile width C = 32·vec·max(1, num_warps // block_rows), capped at block_v."""
+    cfg = kernel_config(128_256, 2, interpret=True)
+    assert (cfg.block_rows, cfg.block_v, cfg.num_warps) == (
+        SCORING_DEFAULTS.block_rows, SCORING_DEFAULTS.block_bytes // 2, SCORING_DEFAULTS.num_warps)
+    assert kernel_config(128_256, 4, interpret=True).block_v == SCORING_DEFAULTS.block_bytes // 4
+    assert kernel_config(100, 2, interpret=True).block_v == 128   # next power of two >= V
+    assert kernel_config(3, 4, interpret=True).block_v == 16
+    geo = lambda r, bv, w, size: tile_columns(kernel_config(10**5, size, block_rows=r, block_v=bv,  # noqa: E731
+                                                            num_warps=w, interpret=True), size)
+    assert geo(1, 1024, 1, 2) == 256 and geo(1, 1024, 1, 4) == 128   # one 16-byte vector per lane
+    assert geo(4, 1024, 4, 2) == 256 and geo(8, 512, 2, 2) == 256    # warps own rows
+    assert geo(1, 2048, 4, 2) == 1024 and geo(2, 2048, 8, 4) == 512  # spare warps split the columns
+    assert geo(1, 64, 1, 2) == 64                                     # never wider than block_v
+    assert Launch(block_rows=2).kwargs() == {"block_rows": 2, "block_v": None, "num_warps": None,
+                                             "num_stages": None}
+
+
+def triton_ir(fn, *shapes) -> list[str]:
+    """The Triton IR (TTIR text) of every ``pallas_call`` in ``jit(fn)`` lowered for CUDA on this machine."""
+    lower_for_cuda(lambda: None)  # skips where lowering needs a GPU
+    try:
+        from jax._src.pallas.triton import pallas_call_registration as registration
+    except ImportError as err:  # internal module moved: nothing to inspect on this jax
+        pytest.skip(f"jax internals changed ({err})")
+    captured: list[str] = []
+    original = registration.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = original(*args, **kwargs)
+        captured.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        lower_for_cuda(fn, *shapes)
+    finally:
+        registration.lowering.lower_jaxpr_to_triton_module = original
+    return captured
+
+
+def memory_ops(ttir: str, op: str) -> list[tuple[int, str]]:
+    """``(operand count, element type)`` of every ``tt.load``/``tt.store`` on a tensor of pointers. Loads of a
+    pointer that is then stored to (the read half of Pallas' swap lowering of a store, dead code that Triton
+    removes) are left out."""
+    lines = [line.strip() for line in ttir.splitlines()]
+    stored = {line.split("tt.store ", 1)[1].split(",")[0].strip() for line in lines if "tt.store " in line}
+    out = []
+    for line in lines:
+        if f"{op} " not in line or "tensor<" not in line.split(":")[-1]:
+            continue
+        body = line.split(f"{op} ", 1)[1].split(" :")[0].split(" evictionPolicy")[0].split(" {")[0]
+        if op == "tt.load" and body.split(",")[0].strip() in stored:
+            continue
+        out.append((len(body.split(",")), line.split("!tt.ptr<")[-1].split(">")[0]))
+    return out
+
+
+@pytest.mark.parametrize("n,rows,ragged", [(37, 4, True), (40, 4, False), (17_000, 8, False)])
+def test_triton_ir_masks_ragged_row_block(n: int, rows: int, ragged: bool) -> None:
+    """GPU path: with N mod R ≠ 0 every tile load of the logits and every output store carries a mask (the
+    rows past N are neither read nor written); with N mod R = 0 the full steps load without a mask. The
+    last case is N·V > 2^31 bf16 (64-bit offsets)."""
+    v = 128_256 if n > 1000 else 300
+    [ttir] = triton_ir(lambda a, b: token_statistics_pallas(a, b, interpret=False, block_rows=rows,
+                                                            block_v=256, num_warps=rows),
+                       jax.ShapeDtypeStruct((n, v), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.int32))
+    tile_loads = [k for k, ty in memory_ops(ttir, "tt.load") if ty == "bf16"]
+    stores = memory_ops(ttir, "tt.store")
+    assert tile_loads and len(stores) == 5
+    if ragged:
+        assert all(k >= 2 for k in tile_loads), "an unmasked logits load in a ragged row block"
+        assert all(k == 3 for k, _ in stores), "an unmasked output store in a ragged row block"
+    else:
+        assert any(k == 1 for k in tile_loads) and all(k == 2 for k, _ in stores)
+    if n * v > 2**31:
+        assert "i64" in ttir
