@@ -38,8 +38,8 @@ case "${1:-kernels}" in
     step bench_jax 160 bash -c 'python3 benchmarks/bench_scoring_jax.py --out /tmp/bench_scoring_jax.json; python3 benchmarks/bench_selective_ce_jax.py --scoring-json /tmp/bench_scoring_jax.json --out "$0/bench_jax.json"' "$OUT"
     ;;
   models)
-    step bench_batch_split_torch 200 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --out "$OUT/bench_batch_split_torch.json"
-    step bench_batch_split_jax 200 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --out "$OUT/bench_batch_split_jax.json"
+    step bench_batch_split_torch 200 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --router-path auto,logits --out "$OUT/bench_batch_split_torch.json"
+    step bench_batch_split_jax 200 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --router-path auto,logits --out "$OUT/bench_batch_split_jax.json"
     step bench_fused_linear_torch 80 python3 benchmarks/bench_fused_linear_torch.py --out "$OUT/bench_fused_linear_torch.json"
     step bench_fused_linear_jax 80 python3 benchmarks/bench_fused_linear_jax.py --out "$OUT/bench_fused_linear_jax.json"
     ;;
