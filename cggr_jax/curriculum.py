@@ -169,6 +169,8 @@ def linear_warmup_ratio(min_tokens_ratio: float = 0.25, warmup_steps: int = 1000
     ``base(step) = 1 ⊖ (min(1, f32(step) ⊘ f32(warmup_steps)) ⊗ (1 ⊖ min_tokens_ratio))`` in float32, and
     ``min_tokens_ratio`` when ``warmup_steps = 0``. Examples (0.25, 1000): step 0 → 1, 500 → 0.625,
     ≥ 1000 → 0.25. ``0 < min_tokens_ratio ≤ 1`` and integer ``warmup_steps ≥ 0``, else :class:`ValueError`.
+    The step is any integer scalar or array (e.g. optax's int32 ``count``); a negative traced step (which
+    cannot raise) counts as 0, i.e. ratio 1.
     """
     min_tokens_ratio = utils.check_real(min_tokens_ratio, "min_tokens_ratio", low=0.0, high=1.0,
                                         low_inclusive=False)

@@ -5,8 +5,9 @@ compiles once under ``jax.jit`` whatever ``n`` and ``k`` are.
 
 **Order (§6).** Eligible tokens are ranked by difficulty descending, ties by lower flat index. The float32
 difficulty is mapped to a monotone int32 key (``-0.0`` and ``+0.0`` equal, ``±inf`` ordinary numbers) and the
-tokens are sorted on ``(not eligible, −key, flat index)`` with :func:`jax.lax.sort`; the index key makes the
-order total, so no tie can depend on the sort's stability. A NaN difficulty is never eligible.
+tokens are sorted on ``(−key, flat index)`` with :func:`jax.lax.sort` (ineligible tokens keyed last); the
+index key makes the order total, so no tie can depend on the sort's stability. A NaN difficulty is never
+eligible.
 
 **Integer arithmetic.** ``k`` (§5.3), the stratum bounds ``floor(s·n/S)``, the quotas ``floor(k·(S−s)/W)`` and
 the in-stratum positions ``floor((2j+1)·m/(2e))`` are exact. Their products exceed 32 bits for large ``n``,
@@ -116,19 +117,23 @@ def _order_key(difficulty: jax.Array) -> jax.Array:
 def _ranks_last_axis(difficulty: jax.Array, eligible: jax.Array) -> jax.Array:
     """Rank along the last axis (difficulty descending, lower index first), −1 where not eligible.
 
-    ``eligible`` must already exclude NaN difficulties.
+    ``eligible`` must already exclude NaN difficulties. One sort on ``(key, index)`` — ineligible entries get
+    the key ``INT32_MAX``, above every eligible ``−key`` (``|key| ≤ 0x7F800001`` for non-NaN floats), so they
+    sort last — then the permutation is inverted with a scatter (unique indices).
     """
-    length = difficulty.shape[-1]
-    iota = jax.lax.broadcasted_iota(jnp.int32, difficulty.shape, difficulty.ndim - 1)
-    not_eligible = (~eligible).astype(jnp.int32)
-    key = _order_key(difficulty)
-    # -key is safe: for non-NaN floats |key| <= 0x7F800000 (ineligible entries are zeroed first).
-    neg_key = jnp.where(eligible, -key, jnp.int32(0))
-    if length == 0:
-        return jnp.full(difficulty.shape, -1, dtype=jnp.int32)
-    _, _, order = jax.lax.sort((not_eligible, neg_key, iota), dimension=difficulty.ndim - 1, num_keys=3)
-    # order[p] = index at sorted position p; sorting (order, iota) by order inverts the permutation.
-    _, position = jax.lax.sort((order, iota), dimension=difficulty.ndim - 1, num_keys=1)
+    shape = difficulty.shape
+    axis = difficulty.ndim - 1
+    if shape[-1] == 0 or difficulty.size == 0:
+        return jnp.full(shape, -1, dtype=jnp.int32)
+    iota = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+    sort_key = jnp.where(eligible, -_order_key(difficulty), jnp.int32(np.iinfo(np.int32).max))
+    _, order = jax.lax.sort((sort_key, iota), dimension=axis, num_keys=2)
+    # order[..., p] = index at sorted position p; scatter p back to that index.
+    if difficulty.ndim == 1:
+        position = jnp.zeros_like(order).at[order].set(iota, unique_indices=True)
+    else:
+        rows = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+        position = jnp.zeros_like(order).at[rows, order].set(iota, unique_indices=True)
     return jnp.where(eligible, position, jnp.int32(-1))
 
 
