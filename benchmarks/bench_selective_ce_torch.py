@@ -1,25 +1,28 @@
 #!/usr/bin/env python
-"""Benchmark CGGR's selective cross-entropy (fwd + bwd, Triton) against full cross-entropy kernels on a GPU.
+"""Benchmark CGGR's selective cross-entropy (fwd + bwd) against full cross-entropy kernels on a GPU.
 
 Default: N = 16384 tokens, V = 128256 and 131072, bfloat16 logits (a leaf tensor that requires grad, as a
 model's output would), selection ratio 0.25. Every row is one forward + backward producing ``logits.grad``:
 
-* ``cggr triton``            - the whole CGGR path on the device, no host sync: one-pass scoring
-  (:func:`score_tokens_triton`: statistics, combined difficulty, eligibility) → :func:`select_tokens`
-  (``topk``, ratio 0.25) → :func:`selective_cross_entropy_triton` (``lse`` from the scoring pass) → backward
-  (selected rows read once, every row of the gradient written once);
-* ``cggr triton inplace``    - the same with ``inplace_backward=True`` (gradient written into the logits);
-* ``CGGRLoss``               - the package module (``selection='fixed_quota'``, ratio 0.25) as wired now;
-* ``liger CE``               - Liger-Kernel's fused cross-entropy (skipped when ``liger_kernel`` is absent);
-* ``torch.compile CE``       - ``torch.compile`` of ``F.cross_entropy(logits.float(), targets)``;
-* ``eager CE``               - ``F.cross_entropy(logits, targets)``;
-* a breakdown of the CGGR path: scoring, selection, backward kernel alone.
+* ``raw pipeline``            - the composable public functions: :func:`score_tokens_triton` →
+  :func:`select_tokens` (``topk``, device ratio 0.25) → :func:`selective_cross_entropy_triton` (``lse`` from
+  the scoring pass) → backward; also with ``inplace_backward=True``;
+* ``CGGRLoss <strategy>``     - the module (fused kernel path) for every strategy, ``dynamic_threshold=False``
+  and ``warmup_steps=0`` so that every row keeps the same 25 % (``stratified``: S = 4; ``sequence_aware``:
+  the input is viewed as (16, 1024) sequences, one token each); plus the default configuration (its default
+  strategy with the dynamic threshold on: it keeps more tokens, so its backward reads more rows);
+* ``liger CE``                - Liger-Kernel's fused cross-entropy (skipped when ``liger_kernel`` is absent);
+* ``eager CE``                - ``F.cross_entropy(logits, targets)``; ``--compile`` adds ``torch.compile``;
+* parts of the fused path, device time from CUDA graphs: scoring (+ key/status), plan, sort, mask, masked
+  mean, backward kernel; and a short sweep of backward launch variants (block bytes, blocks per program,
+  store cache modifier) - pick the fastest for ``cggr_torch/kernels/scoring.py`` (``_BACKWARD_*``).
 
 Columns: median/p10/p90 ms (``triton.testing.do_bench``, L2 flushed, ``--buffers`` logit buffers used
-round-robin), ``× liger`` (goal for ``cggr triton``: ≤ 0.65), ``floor ms`` (bytes the method must move at
+round-robin), ``× liger`` (goal for the CGGR rows: ≤ 0.65), ``floor ms`` (bytes the method must move at
 the copy bandwidth: CGGR reads N·V once for scoring, re-reads the selected rows and writes N·V of gradient;
 a full CE reads N·V and writes N·V), and the peak extra memory of one call above what was allocated before
-it (the gradient included). Writes JSON to ``--out``.
+it (the gradient included). The last lines are a summary (the GPU session shows only the tail). Writes JSON
+to ``--out``.
 
 Run on the H200 from the repository root::
 
@@ -41,6 +44,8 @@ from typing import Any, Callable, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+STRATEGIES = ("fixed_quota", "topk", "stratified", "sequence_aware")
+
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,15 +53,19 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, nargs="+", default=[128256, 131072])
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--seq-len", type=int, default=1024, help="sequence length of the sequence_aware row")
     ap.add_argument("--buffers", type=int, default=2, help="independent logit buffers used round-robin")
-    ap.add_argument("--rep-ms", type=int, default=300)
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument("--compile", action="store_true", help="add the torch.compile CE baseline (slow to compile)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the backward launch sweep")
     ap.add_argument("--out", default="bench_selective_ce_torch.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, kernels interpreted")
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
-        args.n, args.vocab, args.buffers, args.no_compile = 24, [300], 2, True
+        args.n, args.vocab, args.buffers, args.seq_len = 24, [300], 2, 8
+    if args.n % args.seq_len:
+        ap.error(f"--n {args.n} must be a multiple of --seq-len {args.seq_len}")
     return args
 
 
@@ -80,11 +89,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     import torch.nn.functional as F
     import triton
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
 
     from cggr_torch import CGGRLoss
-    from cggr_torch.kernels.cross_entropy import launch_selective_backward, selective_cross_entropy_triton
-    from cggr_torch.kernels.scoring import flat_targets, row_geometry, score_tokens_triton
+    from cggr_torch import loss as loss_mod
+    from cggr_torch.kernels import cross_entropy as kce
+    from cggr_torch.kernels import scoring as ks
+    from cggr_torch.kernels import selection as ksel
     from cggr_torch.selection import select_tokens
 
     if not args.smoke:
@@ -92,6 +103,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.exit("error: this benchmark needs a CUDA GPU; use --smoke to check the script on CPU")
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             sys.exit("error: unset TRITON_INTERPRET (the interpreter is for CPU tests)")
+    else:  # exercise the CUDA code paths on CPU tensors under the interpreter
+        from cggr_torch import scoring as scoring_mod
+        scoring_mod._KERNEL_DEVICE_TYPES = ("cpu",)
+        loss_mod._FUSED_DEVICE_TYPES = ("cpu",)
     device = "cpu" if args.smoke else "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     elsize = torch.finfo(dtype).bits // 8
@@ -116,6 +131,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  quantiles=[0.5, 0.1, 0.9])
         return {"median_ms": med, "p10_ms": p10, "p90_ms": p90}
 
+    def graph_us(fn: Callable[[], Any]) -> Optional[float]:
+        """Device time of ``fn`` alone (CUDA graph replay), µs; None on CPU or when capture fails."""
+        if args.smoke:
+            fn()
+            return None
+        try:
+            return 1e3 * do_bench_cudagraph(fn, rep=max(20, args.rep_ms // 4))
+        except Exception as err:  # noqa: BLE001 - report and go on
+            print(f"  graph capture failed: {type(err).__name__}: {err}"[:200])
+            torch.cuda.synchronize()
+            return None
+
     def peak_extra_bytes(fn: Callable[[], Any]) -> Optional[int]:
         if device != "cuda":
             return None
@@ -129,15 +156,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     ratio_t = torch.tensor(args.ratio, dtype=torch.float32, device=device)
 
-    def cggr_fwd_bwd(x: torch.Tensor, t: torch.Tensor, inplace: bool) -> None:
+    def raw_fwd_bwd(x: torch.Tensor, t: torch.Tensor, inplace: bool) -> None:
         with torch.no_grad():
-            sc = score_tokens_triton(x.detach(), t)
+            sc = ks.score_tokens_triton(x.detach(), t)
             mask, _k = select_tokens(sc.difficulty, sc.eligible, ratio_t)
-        loss = selective_cross_entropy_triton(x, t, mask, lse=sc.stats.lse, inplace_backward=inplace)
+        loss = kce.selective_cross_entropy_triton(x, t, mask, lse=sc.stats.lse, inplace_backward=inplace)
         loss.backward()
 
-    ce_compiled = None if args.no_compile else torch.compile(lambda x, t: F.cross_entropy(x.float(), t))
+    ce_compiled = torch.compile(lambda x, t: F.cross_entropy(x.float(), t)) if args.compile else None
     results: list[dict[str, Any]] = []
+    summary: list[str] = []
     gen = torch.Generator(device=device).manual_seed(0)
     for v in args.vocab:
         bufs = []
@@ -173,61 +201,131 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         full_floor = 2 * nbytes                                   # read N·V, write N·V
         cggr_floor = nbytes * (2 + args.ratio)                    # scoring read, selected re-read, gradient write
-        record("cggr triton (score+select+CE, fwd+bwd)", lambda x, t: cggr_fwd_bwd(x, t, False), cggr_floor)
-        record("cggr triton inplace_backward", lambda x, t: cggr_fwd_bwd(x, t, True), cggr_floor)
-        crit = CGGRLoss(selection="fixed_quota", min_tokens_ratio=args.ratio, warmup_steps=0)
-        try:
-            record("CGGRLoss module (fixed_quota)", lambda x, t: crit(x, t).backward(), cggr_floor)
-        except Exception as err:  # noqa: BLE001 - report and continue: the module is wired elsewhere
-            print(f"  CGGRLoss failed: {type(err).__name__}: {err}"[:300])
+        record("raw pipeline (score+select+CE)", lambda x, t: raw_fwd_bwd(x, t, False), cggr_floor, kind="raw")
+        record("raw pipeline, inplace_backward", lambda x, t: raw_fwd_bwd(x, t, True), cggr_floor, kind="raw")
+        seq = (args.n // args.seq_len, args.seq_len)
+        for strategy in STRATEGIES:
+            crit = CGGRLoss(selection=strategy, dynamic_threshold=False, min_tokens_ratio=args.ratio,
+                            warmup_steps=0, num_strata=4, min_tokens_per_sequence=1)
+            if strategy == "sequence_aware":
+                fn = (lambda x, t, c=crit: c(x.view(seq + (v,)), t.view(seq)).backward())
+            else:
+                fn = (lambda x, t, c=crit: c(x, t).backward())
+            record(f"CGGRLoss {strategy}", fn, cggr_floor, kind="module", strategy=strategy)
+        crit_dyn = CGGRLoss(min_tokens_ratio=args.ratio, warmup_steps=0)
+        record(f"CGGRLoss default ({crit_dyn.selection}, dynamic threshold)", lambda x, t: crit_dyn(x, t).backward(),
+               None, kind="module", strategy=f"default={crit_dyn.selection}+dynamic")
         if liger is not None:
-            record("liger CE (full)", lambda x, t: liger(x, t).backward(), full_floor)
+            record("liger CE (full)", lambda x, t: liger(x, t).backward(), full_floor, kind="baseline")
         if ce_compiled is not None:
-            record("torch.compile CE (full, fp32 upcast)", lambda x, t: ce_compiled(x, t).backward(), full_floor)
-        record("eager CE (full)", lambda x, t: F.cross_entropy(x, t).backward(), full_floor)
+            record("torch.compile CE (full, fp32 upcast)", lambda x, t: ce_compiled(x, t).backward(), full_floor,
+                   kind="baseline")
+        record("eager CE (full)", lambda x, t: F.cross_entropy(x, t).backward(), full_floor, kind="baseline")
 
-        # breakdown of the CGGR path (no autograd)
-        xs = [b.detach() for b in bufs]
-        with torch.no_grad():
-            scs = [score_tokens_triton(x, t) for x, t in zip(xs, tgts)]
-            masks = [select_tokens(s.difficulty, s.eligible, ratio_t)[0] for s in scs]
-        record("  part: scoring (score_tokens_triton)", lambda x, t: score_tokens_triton(x.detach(), t), nbytes,
-               grads=False)
-        record("  part: selection (select_tokens)",
-               lambda x, t: select_tokens(scs[0].difficulty, scs[0].eligible, ratio_t), None, grads=False)
-        g_buf = torch.empty_like(xs[0])
-        scale = torch.full((1,), 1.0, device=device)
+        # ---- parts of the fused path (device time from CUDA graphs; no autograd)
+        x0, t0 = bufs[0].detach(), tgts[0]
+        geom = ks.row_geometry(x0)
+        tf = ks.flat_targets(t0)
+        n = geom.n
+        out = torch.empty((6, n), dtype=torch.float32, device=device)
+        fin = torch.empty((n,), dtype=torch.int8, device=device)
+        key = torch.empty((n,), dtype=torch.int32, device=device)
+        status = torch.empty((n,), dtype=torch.int8, device=device)
+        mode = ks._MODE_CODE["combined"]
+        parts: list[tuple[str, Optional[float], Optional[float]]] = []
 
-        def bwd_only(x: torch.Tensor, t: torch.Tensor) -> None:
-            i = next(cyc)
-            tf = flat_targets(tgts[i])
-            sel = masks[i].to(torch.uint8)
-            launch_selective_backward(row_geometry(xs[i]), tf, sel, scs[i].stats.lse, scale, g_buf)
+        def part(name: str, fn: Callable[[], Any], floor_bytes: Optional[float] = None) -> None:
+            us = graph_us(fn)
+            parts.append((name, us, None if floor_bytes is None or us is None else
+                          us / (floor_bytes / copy_bw * 1e6)))
 
-        record("  part: backward kernel (incl. target/mask prep)", bwd_only, nbytes * (1 + args.ratio), grads=False)
-        del g_buf, xs, scs, masks
+        part("scoring kernel (+ key, status)", lambda: ks.launch_scoring(geom, tf, -100, mode, out, fin, key=key,
+                                                                         status=status), nbytes)
+        ints = torch.empty((8,), dtype=torch.int64, device=device)
+        floats = torch.empty((8,), dtype=torch.float32, device=device)
+        part("plan kernel", lambda: ksel.launch_plan(ints, floats, None, n, status=status, stats=out,
+                                                     ratio=args.ratio))
+        part("sort (int32 key, stable)", lambda: ksel.sort_order(key))
+        order = ksel.sort_order(key)
+        mask = torch.empty((n,), dtype=torch.bool, device=device)
+        part("mask kernel", lambda: ksel.launch_mask(order, ints, None, mask))
+        loss_buf = torch.empty((), dtype=torch.float32, device=device)
+        count = torch.empty((1,), dtype=torch.int64, device=device)
+        part("masked mean (loss)", lambda: kce.launch_masked_mean(mask, out[4], loss_buf, count))
+        g_buf = torch.empty_like(x0)
+        gscale = torch.ones((1,), dtype=torch.float32, device=device)
+        bwd_default = ks.backward_config(v, dtype)
+        bwd_bytes = nbytes * (1 + args.ratio)
+        part(f"backward kernel ({bwd_default.describe()})",
+             lambda: kce.launch_selective_backward(geom, tf, mask, out[0], gscale, g_buf, count=count), bwd_bytes)
+        sweep: list[dict[str, Any]] = []
+        if not args.no_sweep and not args.smoke:
+            group = max(1, 16 // elsize)
+            variants = [
+                ks.LaunchConfig(rows=16384 // elsize // group, group=group, num_warps=8),
+                ks.LaunchConfig(rows=4096 // elsize // group, group=group, num_warps=2),
+                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                                blocks_per_program=2),
+                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                                blocks_per_program=4),
+                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                                store_hint=".cs"),
+                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                                blocks_per_program=2, store_hint=".cs"),
+            ]
+            for c in variants:
+                us = graph_us(lambda c=c: kce.launch_selective_backward(geom, tf, mask, out[0], gscale, g_buf,
+                                                                        c, count=count))
+                sweep.append({"config": c.describe(), "gpu_us": us})
+                parts.append((f"  backward {c.describe()}", us,
+                              None if us is None else us / (bwd_bytes / copy_bw * 1e6)))
+        del g_buf, out, fin, key, status, order, mask
 
         liger_ms = next((r["median_ms"] for r in rows if r["name"].startswith("liger")), None)
         for r in rows:
             r["x_liger"] = None if liger_ms is None else r["median_ms"] / liger_ms
             r["x_floor"] = None if r["floor_ms"] is None else r["median_ms"] / r["floor_ms"]
         results += rows
+        results.append({"name": "parts", "vocab": v, "parts": [{"name": p[0], "gpu_us": p[1], "x_floor": p[2]}
+                                                               for p in parts], "backward_sweep": sweep})
+        fmt = lambda v_, f: "-" if v_ is None else format(v_, f)  # noqa: E731
         print(f"\n## V = {v}  (logits {nbytes / 1e9:.2f} GB, copy {copy['median_ms']:.3f} ms = "
-              f"{copy_bw / 1e9:.0f} GB/s moved; goal: cggr triton ≤ 0.65 × liger)\n")
+              f"{copy_bw / 1e9:.0f} GB/s moved; goal: CGGR rows ≤ 0.65 × liger)\n")
         print("| method | median ms | p10 | p90 | × liger | floor ms | × floor | peak extra GB |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        fmt = lambda v_, f: "-" if v_ is None else format(v_, f)  # noqa: E731
         for r in rows:
             print(f"| {r['name']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} | "
                   f"{fmt(r['x_liger'], '.2f')} | {fmt(r['floor_ms'], '.3f')} | {fmt(r['x_floor'], '.2f')} | "
                   f"{fmt(r['peak_extra_GB'], '.2f')} |")
+        print("\n| part (fused path) | gpu µs | × floor |")
+        print("|---|---:|---:|")
+        for name, us, xf in parts:
+            print(f"| {name} | {fmt(us, '.1f')} | {fmt(xf, '.2f')} |")
+
+        by = {r["name"]: r for r in rows}
+        raw = by["raw pipeline (score+select+CE)"]
+        summary.append(f"V={v}: liger {fmt(liger_ms, '.3f')} ms | raw pipeline {raw['median_ms']:.3f} ms "
+                       f"({fmt(raw['x_liger'], '.2f')}x liger)")
+        summary.append("  CGGRLoss: " + ", ".join(
+            f"{r['strategy']} {r['median_ms']:.3f} ({fmt(r['x_liger'], '.2f')}x)" for r in rows
+            if r.get("kind") == "module"))
+        line = "  parts gpu µs: " + ", ".join(f"{name.split(' (')[0].replace(' kernel', '').strip()} {fmt(us, '.0f')}"
+                                           for name, us, _ in parts if not name.startswith("  "))
+        best = min((s_ for s_ in sweep if s_["gpu_us"] is not None), key=lambda s_: s_["gpu_us"], default=None)
+        if best is not None:
+            line += f" | best backward {best['config']} {best['gpu_us']:.0f}"
+        summary.append(line)
         del bufs, tgts
         if device == "cuda":
             torch.cuda.empty_cache()
     with open(args.out, "w") as f:
-        json.dump({"benchmark": "selective_ce_torch", "env": env, "args": vars(args), "results": results}, f,
+        json.dump({"benchmark": "selective_ce_torch", "env": env, "args": vars(args), "results": results,
+                   "summary": summary}, f,
                   indent=2)
     print(f"\nwrote {args.out}")
+    print("\nSUMMARY (ms fwd+bwd, x liger; goal <= 0.65)")
+    for line in summary:
+        print(line)
     return 0
 
 

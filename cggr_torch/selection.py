@@ -1,13 +1,21 @@
 """Which tokens are kept: the total order and the selection strategies (SPEC §6, §7).
 
-Everything here is exact comparison and int64 arithmetic on the device; nothing reads a value back to the
+Everything here is exact comparison and integer arithmetic on the device; nothing reads a value back to the
 host, and nothing loops over tokens in Python.
 
-The total order (§6): eligible tokens by difficulty descending, ties by lower flat index. It is computed with
-one *stable* descending sort of the key ``where(eligible, d, −∞)`` with ``−0.0`` canonicalised to ``+0.0``
-(radix sorts order by bit pattern), followed by a cumulative count of the eligible entries in sorted order;
-an eligible ``−∞`` difficulty ties with the ineligible keys, but only eligible entries are counted, so the
-ranks are still exact.
+The total order (§6): eligible tokens by difficulty descending, ties by lower flat index. Both paths sort an
+int32 key once: ``b`` = the float32 bits of the difficulty (``−0.0`` canonicalised to ``+0.0``),
+``o = b`` if ``b ≥ 0`` else ``b ^ 0x7FFFFFFF`` (monotone in the value, ``±∞`` included), ``key = ~o`` for
+eligible tokens and ``2^31 − 1`` for the others (no eligible key reaches it: that would be a NaN). One stable
+ascending sort puts the ``n`` eligible tokens first, in rank order, so ``rank(order[j]) = j`` - no cumulative
+count, no comparison of keys after the sort. Float64 difficulties are ranked by their float64 values
+(a stable ascending sort of ``−d``, NaN for the others), since float32 keys would merge distinct values.
+
+Dispatch: CUDA tensors (float32/float16/bfloat16 difficulties) use the Triton implementation
+:func:`cggr_torch.kernels.selection.select_tokens_triton` (keys → sort → a one-program plan for ``n``/``k``/
+strata → one mask pass: a handful of launches instead of dozens) unless ``CGGR_DISABLE_KERNELS=1`` or Triton
+is not importable (then the PyTorch code below, with the one-time warning of :mod:`cggr_torch.scoring`).
+Both give bit-identical masks and ``k`` (tested against the oracle).
 """
 from __future__ import annotations
 
@@ -18,11 +26,18 @@ import numpy as np
 import torch
 
 from .curriculum import num_selected
+from .scoring import import_kernel, use_kernels_for, warn_no_kernel
 from .utils import check_selection
 
 __all__ = ["SELECTION_STRATEGIES", "rank_tokens", "select_tokens", "stratum_counts"]
 
 SELECTION_STRATEGIES: tuple[str, ...] = ("topk", "stratified", "sequence_aware", "fixed_quota")
+
+_KERNEL_MODULE = "cggr_torch.kernels.selection"
+_select_kernel_cache: dict = {}
+_rank_kernel_cache: dict = {}
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SENTINEL = 2**31 - 1
 
 
 def _check(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
@@ -41,19 +56,46 @@ def _check(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
         raise ValueError(f"eligible: expected device {difficulty.device}, got {eligible.device}")
 
 
+def _order_key32(d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """int32 key whose ascending order is SPEC §6 (see the module docstring); ``d`` float32, ``e`` bool."""
+    d = torch.where(d == 0, torch.zeros_like(d), d).contiguous()          # −0.0 → +0.0
+    bits = d.view(torch.int32)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return torch.where(e, torch.bitwise_not(ordered), torch.full_like(ordered, _SENTINEL))
+
+
+def _sorted_order(difficulty: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, n)``: flat indices with the ``n`` eligible tokens first, in rank order (SPEC §6)."""
+    d = difficulty.reshape(-1)
+    e = eligible.reshape(-1) & ~torch.isnan(d)
+    if d.dtype == torch.float64:
+        # float64 values would collide as float32 keys: stable ascending sort of −d, NaN (sorted last by
+        # torch.sort) for the tokens that are not eligible; −(+0.0) gives every zero the same bits.
+        key = torch.where(e, -torch.where(d == 0, torch.zeros_like(d), d), torch.full_like(d, float("nan")))
+        order = torch.sort(key, stable=True).indices
+    else:
+        order = torch.sort(_order_key32(d.to(torch.float32), e), stable=True).indices
+    return order, e.sum()
+
+
 def _flat_rank(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """int64 rank of every flat token (−1 where not eligible or NaN), SPEC §6."""
-    d = difficulty.reshape(-1)
-    if d.dtype not in (torch.float32, torch.float64):
-        d = d.to(torch.float32)  # exact upcast of half precision
-    e = eligible.reshape(-1) & ~torch.isnan(d)
-    key = torch.where(e, d, torch.full_like(d, float("-inf")))
-    key = torch.where(key == 0, torch.zeros_like(key), key)  # −0.0 → +0.0
-    order = torch.sort(key, descending=True, stable=True).indices
-    e_sorted = e[order]
-    pos = torch.cumsum(e_sorted.to(torch.int64), dim=0) - 1
-    rank_sorted = torch.where(e_sorted, pos, torch.full_like(pos, -1))
-    return torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    order, n = _sorted_order(difficulty, eligible)
+    pos = torch.arange(order.numel(), device=order.device, dtype=torch.int64)
+    return torch.empty_like(pos).scatter_(0, order, torch.where(pos < n, pos, torch.full_like(pos, -1)))
+
+
+def _load_select_kernel():
+    return import_kernel(_KERNEL_MODULE, "select_tokens_triton", _select_kernel_cache)
+
+
+def _load_rank_kernel():
+    return import_kernel(_KERNEL_MODULE, "rank_tokens_triton", _rank_kernel_cache)
+
+
+def _use_kernel(difficulty: torch.Tensor) -> bool:
+    """CUDA (kernel device), kernels enabled, and a dtype the float32 key represents exactly."""
+    return use_kernels_for(difficulty) and difficulty.dtype in _KERNEL_DTYPES
 
 
 def rank_tokens(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
@@ -67,6 +109,11 @@ def rank_tokens(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tenso
         eligible: bool tensor of the same shape.
     """
     _check(difficulty, eligible)
+    if _use_kernel(difficulty):
+        kernel = _load_rank_kernel()
+        if kernel is not None:
+            return kernel(difficulty, eligible)
+        warn_no_kernel(_KERNEL_MODULE)
     return _flat_rank(difficulty, eligible).to(torch.int32).reshape(difficulty.shape)
 
 
@@ -162,6 +209,12 @@ def select_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union
             or min_tokens_per_sequence < 0:
         raise ValueError(f"min_tokens_per_sequence: expected an integer >= 0, got {min_tokens_per_sequence!r}")
     num_strata, min_tokens_per_sequence = int(num_strata), int(min_tokens_per_sequence)
+    if _use_kernel(difficulty):
+        kernel = _load_select_kernel()
+        if kernel is not None:
+            return kernel(difficulty, eligible, ratio, selection=selection, num_strata=num_strata,
+                          min_tokens_per_sequence=min_tokens_per_sequence)
+        warn_no_kernel(_KERNEL_MODULE)
     rank = _flat_rank(difficulty, eligible)
     n = (rank >= 0).sum()
     k = num_selected(n, ratio)

@@ -1,4 +1,4 @@
-"""Triton kernels of ``cggr_torch`` (SPEC §12): one-pass token scoring and a selective cross-entropy.
+"""Triton kernels of ``cggr_torch`` (SPEC §12): one-pass scoring, device selection, selective cross-entropy.
 
 Public entry points (imported lazily, so that ``import cggr_torch.kernels`` works without Triton):
 
@@ -10,11 +10,19 @@ Public entry points (imported lazily, so that ``import cggr_torch.kernels`` work
 * :func:`selective_cross_entropy_triton` ``(logits, targets, mask, *, ignore_index=-100, lse=None,
   inplace_backward=False) -> loss`` - ``Σ_{i∈mask} nll_i / max(1, |mask|)`` as an autograd function whose
   backward writes ``(softmax − onehot)·g/|mask|`` only for selected rows (recomputed from the saved ``lse``)
-  and zeros elsewhere, optionally into the logits buffer.
+  and zeros elsewhere, optionally into the logits buffer;
+* :func:`select_tokens_triton` / :func:`rank_tokens_triton` - SPEC §6-§7 selection on the device in a few
+  launches (sort key → one ``torch.sort`` → a one-program plan for ``n``/``k``/strata → one mask pass),
+  bit-identical to :func:`cggr_torch.selection.select_tokens`, which dispatches CUDA tensors to it;
+  :func:`select_from_scores` is the fused :class:`cggr_torch.CGGRLoss` path's selection (the plan also
+  computes the dynamic ratio and every SPEC §10 metric);
+* :func:`scored_selective_cross_entropy` - the fused path's loss: the masked mean of the scoring pass's
+  ``nll`` with the same sparse backward.
 
 Launch-grid and block-size heuristics live in one place: :mod:`cggr_torch.kernels.scoring`
 (:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`, :func:`backward_config`); the benchmarks
-``benchmarks/bench_scoring_torch.py`` sweeps alternatives on a GPU.
+``benchmarks/bench_scoring_torch.py`` (scoring variants), ``benchmarks/bench_selective_ce_torch.py``
+(backward variants) and ``benchmarks/bench_selection_torch.py`` (sort variants) sweep alternatives on a GPU.
 
 On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is
 imported); otherwise they need CUDA tensors. Kernel errors are raised, never replaced by the reference.
@@ -30,6 +38,10 @@ __all__ = [
     "token_statistics_triton",
     "score_tokens_triton",
     "selective_cross_entropy_triton",
+    "scored_selective_cross_entropy",
+    "select_tokens_triton",
+    "rank_tokens_triton",
+    "select_from_scores",
     "LaunchConfig",
     "scoring_config",
     "lse_config",
@@ -44,6 +56,10 @@ _LAZY = {
     "lse_config": "scoring",
     "backward_config": "scoring",
     "selective_cross_entropy_triton": "cross_entropy",
+    "scored_selective_cross_entropy": "cross_entropy",
+    "select_tokens_triton": "selection",
+    "rank_tokens_triton": "selection",
+    "select_from_scores": "selection",
 }
 
 

@@ -43,7 +43,17 @@ from .scoring import (
     row_geometry,
 )
 
-__all__ = ["selective_cross_entropy_triton", "launch_selective_forward", "launch_selective_backward"]
+__all__ = [
+    "selective_cross_entropy_triton",
+    "scored_selective_cross_entropy",
+    "launch_selective_forward",
+    "launch_selective_backward",
+    "launch_masked_mean",
+]
+
+#: The one-program masked mean: 4096 lanes, 8 warps (16 B of mask and nll per thread per step).
+_MEAN_BLOCK = 4096
+_MEAN_WARPS = 8
 
 
 # ============================================================================================== kernels
@@ -108,29 +118,57 @@ def _selective_forward_kernel(
 
 @triton.jit
 def _selective_backward_kernel(
-    x_ptr, t_ptr, sel_ptr, lse_ptr, scale_ptr, g_ptr,
+    x_ptr, t_ptr, sel_ptr, lse_ptr, scale_ptr, count_ptr, g_ptr,
     V, T, x_stride_b, x_stride_t, g_stride_b, g_stride_t,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, BPP: tl.constexpr, HAS_COUNT: tl.constexpr, STORE_HINT: tl.constexpr,
 ):
-    """Program (row, column block): the gradient block of a selected row, zeros for the others."""
+    """Program (row, column-block group): BPP gradient blocks of a selected row, zeros for the others.
+
+    The scale is ``scale[0]`` or, with HAS_COUNT, ``scale[0] ⊘ max(1, count[0])`` (g / |S| read on the device).
+    """
     i = tl.program_id(0).to(tl.int64)
     b = i // T
     t = i - b * T
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    in_row = cols < V
+    col0 = tl.program_id(1) * (BLOCK * BPP)
+    offs = tl.arange(0, BLOCK)
     g_row = g_ptr + b * g_stride_b + t * g_stride_t
     sel = tl.load(sel_ptr + i)
     if sel != 0:
         x_row = x_ptr + b * x_stride_b + t * x_stride_t
-        x = tl.load(x_row + cols, mask=in_row, other=0.0, eviction_policy="evict_first").to(tl.float32)
         lse = tl.load(lse_ptr + i)
-        scale = tl.load(scale_ptr)
         tgt = tl.load(t_ptr + i)
-        p = tl.exp2((x - lse) * 1.4426950408889634)
-        grad = (p - tl.where(cols == tgt, 1.0, 0.0)) * scale
-        tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=in_row)
+        scale = tl.load(scale_ptr).to(tl.float32)
+        if HAS_COUNT:
+            scale = tl.math.div_rn(scale, tl.maximum(tl.load(count_ptr), 1).to(tl.float32))
+        for j in tl.static_range(BPP):
+            cols = col0 + j * BLOCK + offs
+            in_row = cols < V
+            x = tl.load(x_row + cols, mask=in_row, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            p = tl.exp2((x - lse) * 1.4426950408889634)
+            grad = (p - tl.where(cols == tgt, 1.0, 0.0)) * scale
+            tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=in_row, cache_modifier=STORE_HINT)
     else:
-        tl.store(g_row + cols, tl.zeros([BLOCK], g_ptr.dtype.element_ty), mask=in_row)
+        for j in tl.static_range(BPP):
+            cols = col0 + j * BLOCK + offs
+            tl.store(g_row + cols, tl.zeros([BLOCK], g_ptr.dtype.element_ty), mask=cols < V,
+                     cache_modifier=STORE_HINT)
+
+
+@triton.jit
+def _masked_mean_kernel(mask_ptr, nll_ptr, loss_ptr, count_ptr, N, BLOCK: tl.constexpr):
+    """One program: ``count = Σ mask``, ``loss = (Σ_{mask} nll) ⊘ max(1, count)`` (fixed summation order)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    cnt = tl.zeros([BLOCK], tl.int64)
+    for start in range(0, N, BLOCK):
+        idx = start + offs
+        sel = tl.load(mask_ptr + idx, mask=idx < N, other=0) != 0
+        nll = tl.load(nll_ptr + idx, mask=idx < N, other=0.0)   # independent of sel: one memory round trip
+        acc += tl.where(sel, nll, 0.0)
+        cnt += sel.to(tl.int64)
+    count = tl.sum(cnt, 0)
+    tl.store(loss_ptr, tl.math.div_rn(tl.sum(acc, 0), tl.maximum(count, 1).to(tl.float32)))
+    tl.store(count_ptr, count)
 
 
 # ============================================================================================ launchers
@@ -159,10 +197,12 @@ def launch_selective_forward(geom: RowGeometry, targets: torch.Tensor, selected:
 
 def launch_selective_backward(geom: RowGeometry, targets: torch.Tensor, selected: torch.Tensor,
                               lse: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor,
-                              config: Optional[LaunchConfig] = None) -> None:
+                              config: Optional[LaunchConfig] = None, *,
+                              count: Optional[torch.Tensor] = None) -> None:
     """Write every row of ``grad`` (shape of the logits, unit last stride; may be the logits themselves).
 
-    ``scale`` is a float32 device tensor of one element, ``g/max(1, |S|)``.
+    ``scale`` is a float32 device tensor of one element: ``g/max(1, |S|)``, or ``g`` when ``count`` (an int64
+    device tensor of one element holding ``|S|``) is given - then the division happens in the kernel.
     """
     n = geom.n
     if n == 0:
@@ -172,19 +212,41 @@ def launch_selective_backward(geom: RowGeometry, targets: torch.Tensor, selected
         raise ValueError(f"grad: expected shape {want} on {geom.x.device}, got {tuple(grad.shape)} on {grad.device}")
     if grad.stride(-1) != 1 and geom.vocab > 1:
         raise ValueError(f"grad: expected a unit stride along V, got strides {grad.stride()}")
+    if scale.numel() != 1 or scale.dtype != torch.float32:
+        raise ValueError(f"scale: expected a float32 tensor of one element, got {scale.dtype} {tuple(scale.shape)}")
+    if count is not None and (count.numel() != 1 or count.dtype != torch.int64):
+        raise ValueError(f"count: expected an int64 tensor of one element, got {count.dtype} {tuple(count.shape)}")
     if grad.dim() == 2:
         g_sb, g_st = 0, grad.stride(0)
     else:
         g_sb, g_st = grad.stride(0), grad.stride(1)
     cfg = config if config is not None else backward_config(geom.vocab, grad.dtype)
     block = cfg.block
-    grid = (n, triton.cdiv(geom.vocab, block))
+    grid = (n, triton.cdiv(geom.vocab, block * cfg.blocks_per_program))
     with device_guard(geom.x):
         _selective_backward_kernel[grid](
-            geom.x, targets, selected, lse, scale, grad,
+            geom.x, targets, selected, lse, scale, count if count is not None else scale, grad,
             geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, g_sb, g_st,
-            BLOCK=block, num_warps=cfg.num_warps,
+            BLOCK=block, BPP=cfg.blocks_per_program, HAS_COUNT=count is not None, STORE_HINT=cfg.store_hint,
+            num_warps=cfg.num_warps,
         )
+
+
+def launch_masked_mean(mask: torch.Tensor, nll: torch.Tensor, loss: torch.Tensor, count: torch.Tensor) -> None:
+    """``count ← Σ mask`` (int64, one element) and ``loss ← Σ_{mask} nll / max(1, count)`` (float32, one element).
+
+    ``mask`` is a contiguous bool/uint8 ``(N,)`` tensor, ``nll`` contiguous float32 ``(N,)``; one program sums in
+    a fixed order (deterministic). Unselected entries of ``nll`` (NaN for non-finite rows) are never used.
+    """
+    n = mask.numel()
+    if mask.dtype not in (torch.bool, torch.uint8, torch.int8) or mask.dim() != 1 or not mask.is_contiguous():
+        raise ValueError(f"mask: expected a contiguous 1-byte (N,) tensor, got {mask.dtype} {tuple(mask.shape)}")
+    if nll.dtype != torch.float32 or tuple(nll.shape) != (n,) or not nll.is_contiguous():
+        raise ValueError(f"nll: expected a contiguous float32 ({n},) tensor, got {nll.dtype} {tuple(nll.shape)}")
+    if loss.dtype != torch.float32 or loss.numel() != 1 or count.dtype != torch.int64 or count.numel() != 1:
+        raise ValueError("loss, count: expected one-element float32 and int64 tensors")
+    with device_guard(mask):
+        _masked_mean_kernel[(1,)](mask, nll, loss, count, n, BLOCK=_MEAN_BLOCK, num_warps=_MEAN_WARPS)
 
 
 # ======================================================================================= autograd glue
@@ -330,3 +392,77 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
     lse_flat = None if lse is None else lse.detach().reshape(-1).contiguous()
     return _SelectiveCrossEntropy.apply(logits, t, selected, lse_flat, inplace_backward,
                                         forward_config, backward_config)
+
+
+# ===================================================================== fused path (scores already computed)
+class _ScoredSelectiveCrossEntropy(torch.autograd.Function):
+    """``loss = Σ_{i∈S} nll_i / max(1, |S|)`` from the scoring pass's ``nll``; backward as
+    :class:`_SelectiveCrossEntropy`, with ``g/|S|`` formed in the backward kernel from the device count."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, geom: RowGeometry, targets: torch.Tensor, selected: torch.Tensor,
+                lse: torch.Tensor, nll: torch.Tensor, count: torch.Tensor,
+                bwd_config: Optional[LaunchConfig]) -> torch.Tensor:
+        loss = torch.empty((), dtype=torch.float32, device=logits.device)
+        launch_masked_mean(selected, nll, loss, count)
+        ctx.save_for_backward(geom.x, targets, selected, lse, count)
+        ctx.geom_meta = (geom.n, geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, geom.token_shape)
+        ctx.logits_shape = tuple(logits.shape)
+        ctx.bwd_config = bwd_config
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        x, targets, selected, lse, count = ctx.saved_tensors
+        nones = (None,) * 7
+        if not ctx.needs_input_grad[0]:
+            return (None,) + nones
+        n, V, T, sb, st, token_shape = ctx.geom_meta
+        geom = RowGeometry(x, n, V, T, sb, st, token_shape)
+        g = grad_loss.detach()
+        if g.dtype != torch.float32:
+            g = g.to(torch.float32)
+        grad = torch.empty(ctx.logits_shape, dtype=x.dtype, device=x.device)
+        launch_selective_backward(geom, targets, selected, lse, g.reshape(1), grad, ctx.bwd_config, count=count)
+        return (grad,) + nones
+
+
+def scored_selective_cross_entropy(logits: torch.Tensor, geom: RowGeometry, targets: torch.Tensor,
+                                   selected: torch.Tensor, lse: torch.Tensor, nll: torch.Tensor,
+                                   count: torch.Tensor, *,
+                                   backward_config: Optional[LaunchConfig] = None) -> torch.Tensor:
+    """Selective cross-entropy whose per-row statistics come from the scoring kernel (the fused CGGR path).
+
+    ::
+
+        |S|  = Σ_i selected_i                      (written to ``count``)
+        loss = Σ_{i∈S} nll_i / max(1, |S|)          (one program, fixed order: deterministic)
+        ∂loss/∂z_i = g·(2^{(z_i − lse_i)·log2 e} − onehot(t_i)) / max(1, |S|)  for i ∈ S, 0 otherwise
+
+    Nothing is re-read in the forward (``nll`` and ``lse`` are the scoring pass's); the backward is the sparse
+    kernel of :func:`selective_cross_entropy_triton` with ``g/|S|`` formed on the device.
+
+    Args:
+        logits: the differentiable ``(B, T, V)`` / ``(N, V)`` logits (CUDA, or CPU under the interpreter).
+        geom: :func:`cggr_torch.kernels.scoring.row_geometry` of ``logits.detach()`` (the scoring pass's).
+        targets: contiguous int64 ``(N,)``.
+        selected: contiguous bool/uint8 ``(N,)``; must only mark rows that are eligible (valid, in-range
+            target, finite statistics) - the caller's selection guarantees it.
+        lse, nll: contiguous float32 ``(N,)`` from the scoring kernel.
+        count: int64 device tensor of one element; receives ``|S|``.
+        backward_config: optional launch shape of the backward kernel.
+
+    Returns:
+        0-d float32 loss (0.0 when nothing is selected).
+    """
+    n = geom.n
+    for name, t, dt in (("targets", targets, (torch.int64,)), ("selected", selected, (torch.bool, torch.uint8)),
+                        ("lse", lse, (torch.float32,)), ("nll", nll, (torch.float32,))):
+        if t.dtype not in dt or tuple(t.shape) != (n,) or not t.is_contiguous() or t.device != logits.device:
+            raise ValueError(f"{name}: expected a contiguous {dt[0]} ({n},) tensor on {logits.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if count.dtype != torch.int64 or count.numel() != 1 or count.device != logits.device:
+        raise ValueError(f"count: expected an int64 one-element tensor on {logits.device}, got {count.dtype} "
+                         f"{tuple(count.shape)} on {count.device}")
+    return _ScoredSelectiveCrossEntropy.apply(logits, geom, targets, selected, lse, nll, count, backward_config)

@@ -15,9 +15,9 @@ When the maximum grows from ``m`` to ``m'`` the accumulators are rebased exactly
 ``d = s = 0``).
 At the end, with ``ℓ = log2 d`` and ``ln 2 = 1/L``::
 
-    lse = (c + ℓ)·ln 2              H   = (ℓ − s/d)·ln 2             (= lse − Σ p_j z_j)
-    p1  = 2^{fma(m, L, −c)} / d     p2  = 2^{fma(z_(2), L, −c)} / d   (V = 1 or z_(2) = −∞ → 0)
-    nll = (ℓ − fma(z_t, L, −c))·ln 2                                  (valid target t; 0 otherwise)
+    lse = (c + ℓ)·ln 2              H   = (ℓ − s/d) ⊘ L              (= lse − Σ p_j z_j)
+    p1  = 2^{fma(m, L, −c)} ⊘ d     p2  = 2^{fma(z_(2), L, −c)} ⊘ d   (V = 1 or z_(2) = −∞ → 0)
+    nll = (ℓ − fma(z_t, L, −c)) ⊘ L                                   (valid target t; 0 otherwise)
 
 The reference ``c`` cancels in these formulas (up to the rounding of ``δ`` at a rebase), so rounding ``m·L``
 costs nothing; ``nll`` and ``H`` avoid the cancellation of two numbers of size ``|m|``. A NaN anywhere in the
@@ -35,12 +35,38 @@ carry no per-element mask. Instruction budget (sm_90 SASS, bf16, default config)
 (any ``N·V``, strided ``(B, T, V)`` views such as ``logits[:, :-1]`` without a copy); column offsets are
 32-bit (``V < 2^31``).
 
+Epilogue without contraction: ``H``, ``nll``, ``p1`` and ``p2`` are produced by correctly rounded divisions
+(``H = (ℓ − s/d) ⊘ L``, ``nll = (ℓ − fma(z_t, L, −c)) ⊘ L``), so no multiplication feeds the additions of
+the difficulty ``(H ⊕ (1 ⊖ (p1 ⊖ p2))) ⊕ nll``: the compiler cannot fuse them into an FMA, and the in-kernel
+difficulty is bit-identical to :func:`cggr_torch.scoring.difficulty_from_statistics` of the kernel's own
+statistics on every backend. The target logit is gathered before the row is streamed (its latency hides
+behind the stream).
+
+Selection outputs (``key``/``status`` buffers, used by :class:`cggr_torch.CGGRLoss` and
+:mod:`cggr_torch.kernels.selection`): per row an int8 ``status`` (bit 0 valid, bit 1 eligible, bit 2 target
+out of range) and a sort key whose *ascending* order is the total order of SPEC §6: with ``b`` the int32
+bits of the difficulty (``−0.0`` canonicalised to ``+0.0``), ``o = b`` if ``b ≥ 0`` else ``b ^ 0x7FFFFFFF``
+(monotone in the float value), ``key32 = ~o`` for eligible rows and ``2^31 − 1`` otherwise (no eligible key
+reaches it: that would be a NaN). A stable ascending sort then ranks eligible tokens by difficulty
+descending, ties by lower index. ``key64 = key32·2^32 + i`` is unique, so any (unstable) sort gives the
+same order.
+
 Launch heuristics (:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`,
-:func:`backward_config`) are defined here, and only here, for all kernels of this package.
+:func:`backward_config`) are defined here, and only here, for all kernels of this package. Variants for the
+benchmark sweep: ``ftz`` (the stream's ``2^u`` by ``ex2.approx.ftz.f32`` inline PTX: one MUFU op instead of
+MUFU plus the subnormal fix-up; results below ``2^−126`` flush to 0, far below every tolerance; CUDA only),
+``lazy_top2`` (the runner-up kept as one scalar; a block's own top-2 is computed only when its maximum
+exceeds it, which for real logits is a handful of the ~125 blocks of a row: one max per logit instead of
+the pairwise top-2, and no top-2 lanes in registers; exact, ties included), ``persistent`` (a grid of
+``persistent × #SM`` programs looping over rows) and ``evict`` (the cache eviction hint of the streaming
+loads). Budget of the hot loop per logit (bf16): upcast 1, ``u`` 1, ``2^u`` 1 MUFU (+3 for the non-ftz
+subnormal fix-up), ``d`` 1, ``s`` 2, top-2 3 (lazy: 0.9) - i.e. ~12.7 instructions by default and ~7.5 with
+``ftz`` and ``lazy_top2``, which matters because the default loop issues close to the SM's limit at HBM rate.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 import os
 from dataclasses import dataclass
@@ -61,6 +87,7 @@ __all__ = [
     "token_statistics_triton",
     "score_tokens_triton",
     "launch_scoring",
+    "num_sms",
 ]
 
 _MODE_CODE = {"entropy": 0, "margin": 1, "loss": 2, "combined": 3}
@@ -76,9 +103,13 @@ def _is_pow2(x: int) -> bool:
     return isinstance(x, int) and x >= 1 and (x & (x - 1)) == 0
 
 
+_EVICT_POLICIES = ("evict_first", "evict_last", "")
+_STORE_HINTS = ("", ".cs", ".wt", ".cg")
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block shape of one kernel launch.
+    """Launch shape of one kernel.
 
     Attributes:
         rows: ``ROWS`` (power of two): vector lanes of the loop-carried state.
@@ -86,35 +117,88 @@ class LaunchConfig:
             state (1 = no in-thread pre-reduction). The block is ``rows·group`` logits per loop iteration.
             The backward kernel ignores the split and uses a flat block of ``rows·group`` elements.
         num_warps: warps per program (power of two, 1-32).
+        ftz: scoring stream only: ``2^u`` by ``ex2.approx.ftz.f32`` (inline PTX, CUDA only; see the module
+            docstring). False: ``tl.exp2``.
+        persistent: scoring only: 0 = one program per row; ``p > 0`` = ``p`` programs per SM looping over the
+            rows (grid ``min(N, p·#SM)``).
+        evict: eviction hint of the streaming logit loads: ``'evict_first'``, ``'evict_last'`` or ``''``.
+        lazy_top2: scoring only: track the row's runner-up as a scalar and compute a block's top-2 only when
+            the block's maximum exceeds it (see :func:`_stream_block_lazy`; exact, ties included). False: the
+            per-lane pairwise top-2 on every block.
+        blocks_per_program: backward only: consecutive column blocks written by one program (grid
+            ``(N, ceil(V / (BLOCK·blocks_per_program)))``).
+        store_hint: backward only: cache modifier of the gradient stores (``''``, ``'.cs'``, ``'.wt'``,
+            ``'.cg'``).
     """
 
     rows: int
     group: int
     num_warps: int
+    ftz: bool = False
+    persistent: int = 0
+    evict: str = "evict_first"
+    lazy_top2: bool = False
+    blocks_per_program: int = 1
+    store_hint: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("rows", "group", "num_warps"):
+        for name in ("rows", "group", "num_warps", "blocks_per_program"):
             value = getattr(self, name)
             if not _is_pow2(value):
                 raise ValueError(f"LaunchConfig.{name}: expected a power of two >= 1, got {value!r}")
         if self.num_warps > 32:
             raise ValueError(f"LaunchConfig.num_warps: expected at most 32, got {self.num_warps}")
+        for name in ("ftz", "lazy_top2"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LaunchConfig.{name}: expected a bool, got {getattr(self, name)!r}")
+        if isinstance(self.persistent, bool) or not isinstance(self.persistent, int) or self.persistent < 0:
+            raise ValueError(f"LaunchConfig.persistent: expected an int >= 0 (programs per SM), got "
+                             f"{self.persistent!r}")
+        if self.evict not in _EVICT_POLICIES:
+            raise ValueError(f"LaunchConfig.evict: expected one of {_EVICT_POLICIES}, got {self.evict!r}")
+        if self.store_hint not in _STORE_HINTS:
+            raise ValueError(f"LaunchConfig.store_hint: expected one of {_STORE_HINTS}, got {self.store_hint!r}")
 
     @property
     def block(self) -> int:
         """Logits per loop iteration (``rows·group``)."""
         return self.rows * self.group
 
+    def describe(self) -> str:
+        """Short label, e.g. ``128x8 1w ftz p21``."""
+        parts = [f"{self.rows}x{self.group}", f"{self.num_warps}w"]
+        if self.ftz:
+            parts.append("ftz")
+        if self.lazy_top2:
+            parts.append("lazy")
+        if self.persistent:
+            parts.append(f"p{self.persistent}")
+        if self.evict != "evict_first":
+            parts.append(f"evict={self.evict or 'none'}")
+        if self.blocks_per_program != 1:
+            parts.append(f"bpp{self.blocks_per_program}")
+        if self.store_hint:
+            parts.append(f"st{self.store_hint}")
+        return " ".join(parts)
+
 
 #: Scoring / lse kernels: one warp per row and ``ROWS = 128`` lanes, i.e. four 16-byte loads per thread per
 #: iteration (1024 bf16 / 512 fp32 logits). One warp needs no barrier for the per-block max (shuffles only);
 #: with the next block prefetched the loop uses ~96 registers (sm_90, ptxas), so ~21 programs fit on an SM
-#: with ~42 KB of loads in flight. Measured alternatives: ``benchmarks/bench_scoring_torch.py --sweep``.
+#: with ~42 KB of loads in flight. Measured alternatives: ``benchmarks/bench_scoring_torch.py`` (sweep).
 _STREAM_ROWS = 128
 _STREAM_WARPS = 1
-#: Backward kernel: bytes of gradient per program (one block, no loop: the grid is rows × column blocks),
-#: with four 16-byte vectors per thread.
+#: Scoring stream variants chosen by the sweep (see :class:`LaunchConfig`); the defaults are the measured
+#: H200 baseline (1.13 ms at N = 16384, V = 128256 bf16).
+_STREAM_FTZ = False
+_STREAM_LAZY_TOP2 = False
+_STREAM_PERSISTENT = 0
+#: Backward kernel: bytes of gradient per block (the grid is rows × column-block groups), with four 16-byte
+#: vectors per thread; ``_BACKWARD_BLOCKS_PER_PROGRAM`` consecutive blocks per program and the cache modifier
+#: of the gradient stores are sweep variants (``benchmarks/bench_selective_ce_torch.py``).
 _BACKWARD_BYTES = 8192
+_BACKWARD_BLOCKS_PER_PROGRAM = 1
+_BACKWARD_STORE_HINT = ""
 
 
 def _warps_for(rows: int) -> int:
@@ -136,12 +220,16 @@ def scoring_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
     """
     group = max(1, 16 // _element_size(dtype))
     block = max(group, min(_STREAM_ROWS * group, _next_pow2(vocab_size)))
-    return LaunchConfig(rows=block // group, group=group, num_warps=_STREAM_WARPS)
+    ftz = _STREAM_FTZ and not _interpreting()
+    return LaunchConfig(rows=block // group, group=group, num_warps=_STREAM_WARPS, ftz=ftz,
+                        persistent=_STREAM_PERSISTENT, lazy_top2=_STREAM_LAZY_TOP2)
 
 
 def lse_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
-    """Heuristic block for the selective forward's log-sum-exp pass (same streaming shape as scoring)."""
-    return scoring_config(vocab_size, dtype)
+    """Heuristic block for the selective forward's log-sum-exp pass (the streaming shape of scoring; the
+    scoring-only variants ``ftz``/``persistent`` do not apply)."""
+    c = scoring_config(vocab_size, dtype)
+    return LaunchConfig(rows=c.rows, group=c.group, num_warps=c.num_warps)
 
 
 def backward_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
@@ -154,7 +242,8 @@ def backward_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
     group = max(1, 16 // elsize)
     block = max(group, min(_BACKWARD_BYTES // elsize, _next_pow2(vocab_size)))
     rows = block // group
-    return LaunchConfig(rows=rows, group=group, num_warps=_warps_for(rows))
+    return LaunchConfig(rows=rows, group=group, num_warps=_warps_for(rows),
+                        blocks_per_program=_BACKWARD_BLOCKS_PER_PROGRAM, store_hint=_BACKWARD_STORE_HINT)
 
 
 # ======================================================================================= input handling
@@ -241,7 +330,30 @@ def _group_top2(x, ROWS: tl.constexpr, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _stream_block(x, m, t1, t2, d_acc, s_acc, ROWS: tl.constexpr, GROUP: tl.constexpr):
+def _order_key(d, eligible, i, KEY64: tl.constexpr):
+    """The ascending sort key of SPEC §6 (module docstring) for float32 difficulties ``d`` at flat indices
+    ``i`` (int64): ``~o`` (int32) or ``~o·2^32 + i`` (int64) for eligible tokens, the sentinel otherwise."""
+    bits = tl.where(d == 0.0, 0.0, d).to(tl.int32, bitcast=True)        # −0.0 → +0.0
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    key = tl.where(eligible, ~ordered, 2147483647)
+    if KEY64:
+        key = (key.to(tl.int64) << 32) | i
+    return key
+
+
+@triton.jit
+def _exp2(u, FTZ: tl.constexpr):
+    """``2^u``: ``ex2.approx.ftz.f32`` (one MUFU op, subnormal results flushed to 0) or ``tl.exp2``."""
+    if FTZ:
+        e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [u], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        e = tl.exp2(u)
+    return e
+
+
+@triton.jit
+def _stream_block(x, m, t1, t2, d_acc, s_acc, ROWS: tl.constexpr, GROUP: tl.constexpr, FTZ: tl.constexpr):
     """Fold one [ROWS, GROUP] float32 block into the running (m, top-2 lanes, d lanes, s lanes)."""
     g1, g2 = _group_top2(x, ROWS, GROUP)
     t1, t2 = _top2_combine(t1, t2, g1, g2)
@@ -256,65 +368,111 @@ def _stream_block(x, m, t1, t2, d_acc, s_acc, ROWS: tl.constexpr, GROUP: tl.cons
         m = m_new
     c = _ref_of(m)
     u = tl.fma(x, 1.4426950408889634, -c)
-    e = tl.exp2(u)
+    e = _exp2(u, FTZ)
     d_acc += tl.sum(e, 1)
     s_acc += tl.sum(e * tl.maximum(u, -3.0e38), 1)
     return m, t1, t2, d_acc, s_acc
 
 
 @triton.jit
-def _scoring_kernel(
-    x_ptr, t_ptr, out_ptr, fin_ptr,
+def _stream_block_lazy(x, m, m2, d_acc, s_acc, ROWS: tl.constexpr, GROUP: tl.constexpr, FTZ: tl.constexpr):
+    """:func:`_stream_block` with a *lazy* top-2: the row's runner-up ``m2`` is a scalar, and a block's own
+    top-2 is computed only when its maximum ``b1`` exceeds ``m2`` (otherwise ``(m, m2) ⊕ (b1, b2) = (m, m2)``
+    exactly, ties included, because ``b2 ≤ b1 ≤ m2 ≤ m``). Per logit: one in-thread max instead of the
+    pairwise top-2; the slow path runs for the few blocks that raise the runner-up."""
+    g1 = tl.max(x, 1)
+    bm = tl.max(g1, 0)
+    if bm > m2:
+        gg1, gg2 = _group_top2(x, ROWS, GROUP)
+        _b1, b2 = tl.reduce((gg1, gg2), 0, _top2_combine)
+        m2 = tl.maximum(tl.minimum(m, bm), tl.maximum(m2, b2))
+    m_new = tl.maximum(m, bm)
+    if m_new > m:
+        c_new = _ref_of(m_new)
+        c_old = tl.where(m > float("-inf"), m * 1.4426950408889634, c_new)
+        delta = c_old - c_new
+        alpha = tl.exp2(delta)
+        s_acc = (s_acc + delta * d_acc) * alpha
+        d_acc = d_acc * alpha
+        m = m_new
+    c = _ref_of(m)
+    u = tl.fma(x, 1.4426950408889634, -c)
+    e = _exp2(u, FTZ)
+    d_acc += tl.sum(e, 1)
+    s_acc += tl.sum(e * tl.maximum(u, -3.0e38), 1)
+    return m, m2, d_acc, s_acc
+
+
+@triton.jit
+def _score_row(
+    i, x_ptr, t_ptr, out_ptr, fin_ptr, key_ptr, status_ptr,
     V, T, stride_b, stride_t, out_stride, ignore_index,
-    HAS_TARGETS: tl.constexpr, MODE: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr,
+    HAS_TARGETS: tl.constexpr, MODE: tl.constexpr, SELECT: tl.constexpr, KEY64: tl.constexpr,
+    ROWS: tl.constexpr, GROUP: tl.constexpr, FTZ: tl.constexpr, EVICT: tl.constexpr, LAZY: tl.constexpr,
 ):
-    """One program per row: lse, H, p1, p2, nll, difficulty (MODE >= 0) and the finite flag, float32."""
-    i = tl.program_id(0).to(tl.int64)
+    """Row ``i`` (int64): lse, H, p1, p2, nll, difficulty (MODE >= 0), finite flag; with SELECT key and status."""
     b = i // T
     row_ptr = x_ptr + b * stride_b + (i - b * T) * stride_t
 
-    BLOCK: tl.constexpr = ROWS * GROUP
-    idx = tl.arange(0, ROWS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    m = tl.full([], float("-inf"), tl.float32)
-    t1 = tl.full([ROWS], float("-inf"), tl.float32)
-    t2 = tl.full([ROWS], float("-inf"), tl.float32)
-    d_acc = tl.zeros([ROWS], tl.float32)
-    s_acc = tl.zeros([ROWS], tl.float32)
-
-    # Full blocks, software-pipelined: block blk+1 is requested before block blk is reduced.
-    n_full = V // BLOCK
-    x_next = tl.load(row_ptr + idx, mask=n_full > 0, other=0.0, eviction_policy="evict_first")
-    for blk in range(0, n_full):
-        x = x_next
-        x_next = tl.load(row_ptr + ((blk + 1) * BLOCK + idx), mask=blk + 1 < n_full, other=0.0,
-                         eviction_policy="evict_first")
-        m, t1, t2, d_acc, s_acc = _stream_block(x.to(tl.float32), m, t1, t2, d_acc, s_acc, ROWS, GROUP)
-    if n_full * BLOCK < V:  # ragged last block
-        cols = n_full * BLOCK + idx
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"),
-                    eviction_policy="evict_first").to(tl.float32)
-        m, t1, t2, d_acc, s_acc = _stream_block(x, m, t1, t2, d_acc, s_acc, ROWS, GROUP)
-
-    d = tl.sum(d_acc, 0)
-    s = tl.sum(s_acc, 0)
-    _top1, z2 = tl.reduce((t1, t2), 0, _top2_combine)
-    c = _ref_of(m)
-    log2d = tl.log2(d)
-    lse = (c + log2d) * 0.6931471805599453
-    entropy = (log2d - s / d) * 0.6931471805599453
-    p1 = tl.exp2(tl.fma(m, 1.4426950408889634, -c)) / d
-    p2 = tl.exp2(tl.fma(z2, 1.4426950408889634, -c)) / d
-    finite = (tl.abs(lse) < float("inf")) & (tl.abs(entropy) < float("inf")) \
-        & (tl.abs(p1) < float("inf")) & (tl.abs(p2) < float("inf"))
-
-    nll = tl.zeros([], tl.float32)
+    # The target logit is requested first: its (dependent) gather overlaps the stream.
+    valid = tl.full([], 1, tl.int1)
+    readable = tl.full([], 0, tl.int1)
+    z_t = tl.zeros([], tl.float32)
     if HAS_TARGETS:
         tgt = tl.load(t_ptr + i)
         valid = tgt != ignore_index
         readable = valid & (tgt >= 0) & (tgt < V)
         # Ignored and out-of-range targets are never read (masked load of index 0 with no memory access).
         z_t = tl.load(row_ptr + tl.where(readable, tgt, 0), mask=readable, other=0.0).to(tl.float32)
-        nll_val = (log2d - tl.fma(z_t, 1.4426950408889634, -c)) * 0.6931471805599453
+
+    BLOCK: tl.constexpr = ROWS * GROUP
+    idx = tl.arange(0, ROWS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    m = tl.full([], float("-inf"), tl.float32)
+    d_acc = tl.zeros([ROWS], tl.float32)
+    s_acc = tl.zeros([ROWS], tl.float32)
+    if LAZY:
+        z2 = tl.full([], float("-inf"), tl.float32)
+    else:
+        t1 = tl.full([ROWS], float("-inf"), tl.float32)
+        t2 = tl.full([ROWS], float("-inf"), tl.float32)
+
+    # Full blocks, software-pipelined: block blk+1 is requested before block blk is reduced.
+    n_full = V // BLOCK
+    x_next = tl.load(row_ptr + idx, mask=n_full > 0, other=0.0, eviction_policy=EVICT)
+    for blk in range(0, n_full):
+        x = x_next
+        x_next = tl.load(row_ptr + ((blk + 1) * BLOCK + idx), mask=blk + 1 < n_full, other=0.0,
+                         eviction_policy=EVICT)
+        if LAZY:
+            m, z2, d_acc, s_acc = _stream_block_lazy(x.to(tl.float32), m, z2, d_acc, s_acc, ROWS, GROUP, FTZ)
+        else:
+            m, t1, t2, d_acc, s_acc = _stream_block(x.to(tl.float32), m, t1, t2, d_acc, s_acc, ROWS, GROUP, FTZ)
+    if n_full * BLOCK < V:  # ragged last block
+        cols = n_full * BLOCK + idx
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
+        if LAZY:
+            m, z2, d_acc, s_acc = _stream_block_lazy(x, m, z2, d_acc, s_acc, ROWS, GROUP, FTZ)
+        else:
+            m, t1, t2, d_acc, s_acc = _stream_block(x, m, t1, t2, d_acc, s_acc, ROWS, GROUP, FTZ)
+
+    # Epilogue: no multiplication feeds an addition of the difficulty (correctly rounded divisions), so it
+    # cannot be contracted into an FMA and equals the reference formula on the stored statistics bit for bit.
+    d = tl.sum(d_acc, 0)
+    s = tl.sum(s_acc, 0)
+    if not LAZY:
+        _top1, z2 = tl.reduce((t1, t2), 0, _top2_combine)
+    c = _ref_of(m)
+    log2d = tl.log2(d)
+    lse = (c + log2d) * 0.6931471805599453
+    entropy = tl.math.div_rn(log2d - tl.math.div_rn(s, d), 1.4426950408889634)
+    p1 = tl.math.div_rn(tl.exp2(tl.fma(m, 1.4426950408889634, -c)), d)
+    p2 = tl.math.div_rn(tl.exp2(tl.fma(z2, 1.4426950408889634, -c)), d)
+    finite = (tl.abs(lse) < float("inf")) & (tl.abs(entropy) < float("inf")) \
+        & (tl.abs(p1) < float("inf")) & (tl.abs(p2) < float("inf"))
+
+    nll = tl.zeros([], tl.float32)
+    if HAS_TARGETS:
+        nll_val = tl.math.div_rn(log2d - tl.fma(z_t, 1.4426950408889634, -c), 1.4426950408889634)
         nll = tl.where(readable, nll_val, tl.where(valid, float("nan"), 0.0))
         finite = finite & ((tl.abs(nll) < float("inf")) | (valid == 0))
 
@@ -337,12 +495,58 @@ def _scoring_kernel(
             else:
                 diff = entropy + margin
         tl.store(out_ptr + 5 * out_stride + i, diff)
+        if SELECT:
+            eligible = valid & finite & (diff == diff)
+            tl.store(key_ptr + i, _order_key(diff, eligible, i, KEY64))
+            status = valid.to(tl.int8) | (eligible.to(tl.int8) << 1) | ((valid & (readable == 0)).to(tl.int8) << 2)
+            tl.store(status_ptr + i, status)
     tl.store(fin_ptr + i, finite.to(tl.int8))
 
 
+@triton.jit
+def _scoring_kernel(
+    x_ptr, t_ptr, out_ptr, fin_ptr, key_ptr, status_ptr,
+    N, V, T, stride_b, stride_t, out_stride, ignore_index,
+    HAS_TARGETS: tl.constexpr, MODE: tl.constexpr, SELECT: tl.constexpr, KEY64: tl.constexpr,
+    ROWS: tl.constexpr, GROUP: tl.constexpr, FTZ: tl.constexpr, PERSISTENT: tl.constexpr, EVICT: tl.constexpr,
+    LAZY: tl.constexpr,
+):
+    """One row per program, or (PERSISTENT) a grid-stride loop over the rows."""
+    if PERSISTENT:
+        for r in range(tl.program_id(0), N, tl.num_programs(0)):
+            _score_row(r + tl.zeros([], tl.int64), x_ptr, t_ptr, out_ptr, fin_ptr, key_ptr, status_ptr,
+                       V, T, stride_b, stride_t, out_stride, ignore_index,
+                       HAS_TARGETS, MODE, SELECT, KEY64, ROWS, GROUP, FTZ, EVICT, LAZY)
+    else:
+        _score_row(tl.program_id(0).to(tl.int64), x_ptr, t_ptr, out_ptr, fin_ptr, key_ptr, status_ptr,
+                   V, T, stride_b, stride_t, out_stride, ignore_index,
+                   HAS_TARGETS, MODE, SELECT, KEY64, ROWS, GROUP, FTZ, EVICT, LAZY)
+
+
 # ============================================================================================ launchers
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+def num_sms(tensor: torch.Tensor) -> int:
+    """Streaming multiprocessors of the tensor's CUDA device (2 under the interpreter); cached, no sync."""
+    if tensor.device.type != "cuda":
+        return 2
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+def check_config_device(config: LaunchConfig, tensor: torch.Tensor) -> None:
+    """``ftz`` is inline PTX: refused for anything but a CUDA tensor (the interpreter cannot run it)."""
+    if config.ftz and (tensor.device.type != "cuda" or _interpreting()):
+        raise ValueError("config.ftz: the ex2.approx.ftz inline PTX needs a CUDA tensor without "
+                         "TRITON_INTERPRET; use ftz=False")
+
+
 def launch_scoring(geom: RowGeometry, targets: Optional[torch.Tensor], ignore_index: int, mode: int,
-                   out: torch.Tensor, finite: torch.Tensor, config: Optional[LaunchConfig] = None) -> None:
+                   out: torch.Tensor, finite: torch.Tensor, config: Optional[LaunchConfig] = None, *,
+                   key: Optional[torch.Tensor] = None, status: Optional[torch.Tensor] = None) -> None:
     """Run the scoring kernel into caller-provided buffers (no validation beyond buffer shapes).
 
     Args:
@@ -355,6 +559,9 @@ def launch_scoring(geom: RowGeometry, targets: Optional[torch.Tensor], ignore_in
             written only when ``mode >= 0``).
         finite: int8 ``(N,)``, 1 where the row is finite (SPEC §2), else 0.
         config: launch shape; :func:`scoring_config` when None.
+        key: optional contiguous int32 or int64 ``(N,)``: the sort key of SPEC §6 (see the module docstring;
+            needs ``mode >= 0`` and ``status``).
+        status: optional contiguous int8 ``(N,)``: bit 0 valid, bit 1 eligible, bit 2 target out of range.
     """
     n = geom.n
     if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != 6 or out.shape[1] != n \
@@ -364,15 +571,32 @@ def launch_scoring(geom: RowGeometry, targets: Optional[torch.Tensor], ignore_in
     if finite.dtype != torch.int8 or tuple(finite.shape) != (n,) or (n > 1 and finite.stride(0) != 1):
         raise ValueError(f"finite: expected a contiguous int8 ({n},) buffer, got {finite.dtype} "
                          f"{tuple(finite.shape)}")
+    select = key is not None or status is not None
+    if select:
+        if key is None or status is None:
+            raise ValueError("key, status: pass both selection buffers or neither")
+        if mode < 0:
+            raise ValueError("key: the sort key needs a difficulty (mode >= 0), got mode -1")
+        if key.dtype not in (torch.int32, torch.int64) or tuple(key.shape) != (n,) or (n > 1 and key.stride(0) != 1):
+            raise ValueError(f"key: expected a contiguous int32 or int64 ({n},) buffer, got {key.dtype} "
+                             f"{tuple(key.shape)}")
+        if status.dtype != torch.int8 or tuple(status.shape) != (n,) or (n > 1 and status.stride(0) != 1):
+            raise ValueError(f"status: expected a contiguous int8 ({n},) buffer, got {status.dtype} "
+                             f"{tuple(status.shape)}")
     if n == 0:
         return
     cfg = config if config is not None else scoring_config(geom.vocab, geom.x.dtype)
+    check_config_device(cfg, geom.x)
     has_t = targets is not None
+    grid = (min(n, cfg.persistent * num_sms(geom.x)),) if cfg.persistent else (n,)
     with device_guard(geom.x):
-        _scoring_kernel[(n,)](
+        _scoring_kernel[grid](
             geom.x, targets if has_t else finite, out, finite,
-            geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, out.stride(0), int(ignore_index),
-            HAS_TARGETS=has_t, MODE=int(mode), ROWS=cfg.rows, GROUP=cfg.group, num_warps=cfg.num_warps,
+            key if select else finite, status if select else finite,
+            n, geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, out.stride(0), int(ignore_index),
+            HAS_TARGETS=has_t, MODE=int(mode), SELECT=select, KEY64=select and key.dtype == torch.int64,
+            ROWS=cfg.rows, GROUP=cfg.group, FTZ=cfg.ftz, PERSISTENT=cfg.persistent > 0, EVICT=cfg.evict,
+            LAZY=cfg.lazy_top2, num_warps=cfg.num_warps,
         )
 
 

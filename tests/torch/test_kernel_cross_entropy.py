@@ -84,9 +84,10 @@ def test_end_to_end_against_oracle() -> None:
     xd, td = x.to(DEVICE), t.to(DEVICE)
     sc = ks.score_tokens_triton(xd, td, scoring="combined", ignore_index=IGN, config=FWD)
     res = oracle.cggr_loss(x.numpy().astype(np.float64), t.numpy(), step=1000, ignore_index=IGN,
-                           difficulty_override=sc.difficulty.cpu().numpy())
+                           selection="stratified", difficulty_override=sc.difficulty.cpu().numpy())
     assert np.array_equal(sc.eligible.cpu().numpy(), res["scores"]["eligible"])
-    mask, k = ref_selection.select_tokens(sc.difficulty, sc.eligible, torch.tensor(res["ratio"], device=DEVICE))
+    mask, k = ref_selection.select_tokens(sc.difficulty, sc.eligible, torch.tensor(res["ratio"], device=DEVICE),
+                                          selection="stratified")
     assert int(k) == res["k"] and np.array_equal(mask.cpu().numpy(), res["mask"])
     assert 0 < int(k) < int(sc.eligible.sum())
     for lse in (None, sc.stats.lse):
@@ -277,3 +278,57 @@ def test_transposed_logits_are_copied_not_misread() -> None:
     loss.backward()
     assert abs(float(loss.detach()) - want_loss) <= 1e-5 + 1e-5 * abs(want_loss)
     torch.testing.assert_close(leaf.grad.cpu().t().to(torch.float64), want_grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [ks.LaunchConfig(4, 4, 1, blocks_per_program=2),
+                                 ks.LaunchConfig(4, 4, 1, blocks_per_program=4, store_hint=".cs"),
+                                 ks.LaunchConfig(2, 4, 1, store_hint=".cg")],
+                         ids=["bpp2", "bpp4-cs", "block8-cg"])
+def test_backward_launch_variants(cfg: ks.LaunchConfig) -> None:
+    """Blocks per program and store cache modifiers change the schedule only: the same gradient."""
+    x, t, mask = data(seed=12, dtype=torch.bfloat16)
+    leaf = x.clone().to(DEVICE).requires_grad_(True)
+    loss = kce.selective_cross_entropy_triton(leaf, t.to(DEVICE), mask.to(DEVICE), ignore_index=IGN,
+                                              forward_config=FWD, backward_config=cfg)
+    loss.backward()
+    _, want = run(x, t, mask)
+    torch.testing.assert_close(leaf.grad, want, atol=0, rtol=0)
+
+
+def test_scored_selective_cross_entropy_and_masked_mean() -> None:
+    """The fused path's loss: masked mean of the scoring pass's nll, count written on the device, the
+    backward scaled by g/|S| read from that count."""
+    x, t, mask = data(seed=13)
+    t[1] = 4                                             # every selected row valid (the caller guarantees it)
+    xd, td = x.to(DEVICE), t.to(DEVICE)
+    geom = ks.row_geometry(xd)
+    tf = ks.flat_targets(td)
+    out = torch.empty((6, 13), device=DEVICE)
+    fin = torch.empty((13,), dtype=torch.int8, device=DEVICE)
+    ks.launch_scoring(geom, tf, IGN, -1, out, fin, FWD)
+    out[4, ~mask.to(DEVICE)] = float("nan")              # unselected nll never reaches the loss
+    want_loss, want_grad = reference(x, t, mask, scale=3.0)
+    leaf = x.clone().to(DEVICE).requires_grad_(True)
+    count = torch.full((1,), -1, dtype=torch.int64, device=DEVICE)
+    loss = kce.scored_selective_cross_entropy(leaf, ks.row_geometry(leaf.detach()), tf, mask.to(DEVICE).contiguous(),
+                                              out[0], out[4], count, backward_config=BWD)
+    (loss * 3.0).backward()
+    assert int(count) == int(mask.sum())
+    assert abs(float(loss.detach()) - want_loss) <= 1e-5 + 1e-5 * abs(want_loss)
+    torch.testing.assert_close(leaf.grad.cpu().to(torch.float64), want_grad, atol=1e-6, rtol=1e-4)
+    # nothing selected: 0 loss, zero gradient; a long masked mean (several program steps) is exact in count
+    leaf.grad = None
+    none = torch.zeros(13, dtype=torch.bool, device=DEVICE)
+    loss0 = kce.scored_selective_cross_entropy(leaf, geom, tf, none, out[0], out[4], count)
+    loss0.backward()
+    assert float(loss0.detach()) == 0.0 and int(count) == 0 and (leaf.grad == 0).all()
+    m = torch.rand(9000, generator=torch.Generator().manual_seed(1)) < 0.3
+    v = torch.rand(9000, generator=torch.Generator().manual_seed(2))
+    lo = torch.empty((), device=DEVICE)
+    kce.launch_masked_mean(m.to(DEVICE), v.to(DEVICE), lo, count)
+    assert int(count) == int(m.sum())
+    assert abs(float(lo) - float(v[m].double().mean())) <= 1e-6
+    with pytest.raises(ValueError, match="selected"):
+        kce.scored_selective_cross_entropy(leaf, geom, tf, mask.float().to(DEVICE), out[0], out[4], count)
+    with pytest.raises(ValueError, match="count"):
+        kce.scored_selective_cross_entropy(leaf, geom, tf, mask.to(DEVICE), out[0], out[4], count.int())

@@ -292,3 +292,119 @@ def test_selection_on_kernel_scores_matches_oracle() -> None:
             m_ref, k_ref = oracle.select_tokens(d.numpy(), e.numpy(), ratio, selection, 3, 2)
             assert int(k) == k_ref
             assert np.array_equal(mask.cpu().numpy(), m_ref), selection
+
+
+@pytest.mark.parametrize("key_dtype", [torch.int32, torch.int64], ids=["key32", "key64"])
+def test_selection_outputs_key_and_status(key_dtype: torch.dtype) -> None:
+    """With key/status buffers the kernel also writes the SPEC §6 sort key and the status bits; the
+    statistics and the difficulty are unchanged (bit for bit)."""
+    from cggr_torch.selection import _order_key32
+
+    x64, t = crafted(seed=7)
+    x = x64.to(torch.float32)
+    x[0] = 0.5                                          # constant rows: equal difficulties (ties), d = ±0 cases
+    x[1] = 0.5
+    t[0], t[1] = 3, 5
+    t[12] = V + 3                                       # out of range: never read, not eligible, status bit 2
+    t[13] = -7
+    xd, td = x.to(DEVICE), t.to(DEVICE)
+    geom = ks.row_geometry(xd)
+    tf = ks.flat_targets(td)
+    out = torch.full((6, 15), float("nan"), device=DEVICE)
+    fin = torch.full((15,), 7, dtype=torch.int8, device=DEVICE)
+    key = torch.full((15,), 99, dtype=key_dtype, device=DEVICE)
+    status = torch.full((15,), 99, dtype=torch.int8, device=DEVICE)
+    ks.launch_scoring(geom, tf, IGN, ks._MODE_CODE["combined"], out, fin, CFG, key=key, status=status)
+    plain = torch.full((6, 15), float("nan"), device=DEVICE)
+    ks.launch_scoring(geom, tf, IGN, ks._MODE_CODE["combined"], plain, fin, CFG)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0, equal_nan=True)
+    stats = ref_scoring.TokenStatistics(*(out[j] for j in range(5)))
+    finite = torch.ones(15, dtype=torch.bool, device=DEVICE)
+    for k in STAT_KEYS:
+        finite &= torch.isfinite(getattr(stats, k))
+    valid = td != IGN
+    eligible = valid & finite & ~torch.isnan(out[5])
+    in_range = (td >= 0) & (td < V)
+    assert status.cpu().tolist() == (valid.to(torch.int8) | (eligible.to(torch.int8) << 1)
+                                     | ((valid & ~in_range).to(torch.int8) << 2)).cpu().tolist()
+    assert status.cpu()[[12, 13]].tolist() == [5, 5] and status.cpu()[10] == 0
+    want = _order_key32(out[5], eligible)
+    if key_dtype == torch.int64:
+        want = (want.to(torch.int64) << 32) | torch.arange(15, device=DEVICE)
+    assert torch.equal(key, want)
+    # the key's ascending (stable) order is the oracle's rank order
+    order = torch.sort(key, stable=True).indices.cpu().numpy()
+    rank = oracle.rank_tokens(out[5].cpu().numpy(), eligible.cpu().numpy())
+    n = int(eligible.sum())
+    assert rank[order[:n]].tolist() == list(range(n)) and (rank[order[n:]] == -1).all()
+    with pytest.raises(ValueError, match="key"):
+        ks.launch_scoring(geom, tf, IGN, -1, out, fin, CFG, key=key, status=status)
+    with pytest.raises(ValueError, match="status"):
+        ks.launch_scoring(geom, tf, IGN, 3, out, fin, CFG, key=key, status=status.to(torch.int32))
+
+
+@pytest.mark.parametrize("cfg", [ks.LaunchConfig(4, 4, 1, persistent=1), ks.LaunchConfig(4, 4, 1, persistent=3),
+                                 ks.LaunchConfig(4, 4, 1, evict=""), ks.LaunchConfig(4, 4, 1, evict="evict_last")],
+                         ids=["persistent1", "persistent3", "no-evict-hint", "evict-last"])
+def test_launch_variants_are_bit_identical(cfg: ks.LaunchConfig) -> None:
+    """Persistent grids and eviction hints change the schedule, not the arithmetic."""
+    x64, t = crafted(seed=8)
+    x = x64.to(torch.bfloat16).to(DEVICE)
+    sc = ks.score_tokens_triton(x, t.to(DEVICE), ignore_index=IGN, config=CFG)
+    sv = ks.score_tokens_triton(x, t.to(DEVICE), ignore_index=IGN, config=cfg)
+    torch.testing.assert_close(sv.difficulty, sc.difficulty, rtol=0, atol=0, equal_nan=True)
+    for k in STAT_KEYS:
+        torch.testing.assert_close(getattr(sv.stats, k), getattr(sc.stats, k), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(sv.eligible, sc.eligible)
+
+
+@pytest.mark.parametrize("rows,group", [(4, 4), (16, 1), (2, 8)], ids=["4x4", "16x1", "2x8"])
+def test_lazy_top2_is_bit_identical(rows: int, group: int) -> None:
+    """The lazy runner-up (block top-2 only when the block can change it) equals the per-lane top-2 exactly:
+    ties across blocks, a tie with the maximum in a later block, −∞ blocks, an ascending row (every block
+    raises the runner-up) and a descending row (no block after the first does)."""
+    x64, t = crafted(seed=10)
+    x64[0] = torch.arange(V, dtype=torch.float64)                  # ascending: the slow path every block
+    x64[13] = -torch.arange(V, dtype=torch.float64)                # descending: the fast path after block 0
+    x64[14, 3] = x64[14, 30] = x64[14].max() + 1.0                 # equal maxima in the first and last block
+    x = x64.to(torch.float32).to(DEVICE)
+    base = ks.LaunchConfig(rows, group, 1)
+    lazy = ks.LaunchConfig(rows, group, 1, lazy_top2=True)
+    a = ks.score_tokens_triton(x, t.to(DEVICE), ignore_index=IGN, config=base)
+    b = ks.score_tokens_triton(x, t.to(DEVICE), ignore_index=IGN, config=lazy)
+    for k in STAT_KEYS:
+        torch.testing.assert_close(getattr(b.stats, k), getattr(a.stats, k), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(b.difficulty, a.difficulty, rtol=0, atol=0, equal_nan=True)
+    assert b.stats.runner_up[14] == b.stats.confidence[14]
+    ref = oracle.token_statistics(x64.to(torch.float32).double().numpy(), t.numpy(), IGN)
+    assert_close_tol(b.stats.runner_up.cpu().numpy(), ref["runner_up"], "runner_up", ref["row_finite"])
+
+
+def test_launch_config_validation() -> None:
+    for kw, field in ((dict(persistent=-1), "persistent"), (dict(persistent=True), "persistent"),
+                      (dict(evict="evict_never"), "evict"), (dict(ftz=1), "ftz"), (dict(lazy_top2=0), "lazy_top2"),
+                      (dict(blocks_per_program=3), "blocks_per_program"), (dict(store_hint=".xx"), "store_hint")):
+        with pytest.raises(ValueError, match=f"LaunchConfig.{field}"):
+            ks.LaunchConfig(4, 4, 1, **kw)
+    c = ks.LaunchConfig(128, 8, 1, ftz=True, persistent=16, evict="", lazy_top2=True)
+    assert c.describe() == "128x8 1w ftz lazy p16 evict=none"
+    assert not ks.scoring_config(128256, torch.bfloat16).ftz or DEVICE == "cuda"
+    if DEVICE == "cpu":                                  # inline PTX cannot run in the interpreter
+        with pytest.raises(ValueError, match="ftz"):
+            ks.token_statistics_triton(torch.randn(2, V), config=ks.LaunchConfig(4, 4, 1, ftz=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="ftz is inline PTX: CUDA only")
+def test_cuda_ftz_stream_matches_oracle() -> None:
+    x64, t = crafted(seed=9)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = x64.to(dtype)
+        ref = oracle.score_tokens(x.to(torch.float64).numpy(), t.numpy(), "combined", IGN)
+        sc = ks.score_tokens_triton(x.to(DEVICE), t.to(DEVICE), ignore_index=IGN,
+                                    config=ks.LaunchConfig(4, 4, 1, ftz=True, lazy_top2=True))
+        fin = ref["stats"]["row_finite"]
+        for k in STAT_KEYS:
+            assert_close_tol(getattr(sc.stats, k).cpu().numpy(), ref["stats"][k], k, fin)
+        assert_close_tol(sc.difficulty.cpu().numpy(), ref["difficulty"], "difficulty", ref["eligible"])
+        assert np.array_equal(sc.eligible.cpu().numpy(), ref["eligible"])
