@@ -801,7 +801,7 @@ class CGGRScorer(_CurriculumMixin, nn.Module):
         router_memory_budget_bytes: working memory of the fused path's logit blocks (default 1 GiB).
     """
 
-    def __init__(self, router: nn.Module, *, scoring: str = "combined", selection: str = "stratified",
+    def __init__(self, router: nn.Module, *, scoring: str = "combined", selection: str = "topk",
                  dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
                  min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
                  min_tokens_per_sequence: int = 1, ignore_index: int = -100,

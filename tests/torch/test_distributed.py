@@ -90,7 +90,7 @@ def _check_global(logits: torch.Tensor, targets: torch.Tensor, step: int, world:
     assert x.grad is not None and x.grad.dtype == logits.dtype and torch.isfinite(x.grad).all()
 
     scoring = cfg.get("scoring", "combined")
-    selection = cfg.get("selection", "topk")
+    selection = cfg.get("selection", "stratified")
     parts = [score_tokens(_slice(logits, world, r), _slice(targets, world, r), scoring=scoring) for r in range(world)]
     d_cat = torch.cat([p.difficulty for p in parts]).numpy()
     e_cat = torch.cat([p.eligible for p in parts]).numpy()
