@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 
-if not os.path.exists("/dev/nvidiactl"):  # no NVIDIA GPU: kernels run in their interpreters
+import shutil
+
+if shutil.which("nvidia-smi") is None and not os.path.exists("/proc/driver/nvidia"):  # no GPU: interpreters
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -154,10 +154,10 @@ class LaunchDefaults:
 #: Scoring kernel defaults: one warp per program owning one row, 2 KiB of the row per step (bf16: 1024
 #: logits, four 16-byte loads per thread, the next step prefetched). Switch with the best line printed by
 #: ``benchmarks/bench_scoring_jax.py`` (H200 measurements in ``benchmarks/results/``).
-SCORING_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=2048, num_warps=1, num_stages=1)
+SCORING_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=4096, num_warps=1, num_stages=1)  # H200 run 6: 1.11x floor
 #: Selective-CE backward defaults: one row × 8 KiB of gradient per program (bf16: 4096 columns), 4 warps
 #: (four 16-byte stores per thread). Switch with ``benchmarks/bench_selective_ce_jax.py``.
-BACKWARD_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=8192, num_warps=4, num_stages=1)
+BACKWARD_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=16384, num_warps=8, num_stages=1)  # H200 run 6
 
 
 @dataclasses.dataclass(frozen=True)

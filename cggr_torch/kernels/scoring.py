@@ -188,11 +188,13 @@ class LaunchConfig:
 #: with ~42 KB of loads in flight. Measured alternatives: ``benchmarks/bench_scoring_torch.py`` (sweep).
 _STREAM_ROWS = 128
 _STREAM_WARPS = 1
-#: Scoring stream variants chosen by the sweep (see :class:`LaunchConfig`); the defaults are the measured
-#: H200 baseline (1.13 ms at N = 16384, V = 128256 bf16).
-_STREAM_FTZ = False
-_STREAM_LAZY_TOP2 = False
+#: Scoring stream variants chosen by the sweep (see :class:`LaunchConfig`). H200 run 6 (benchmarks/RESULTS.md):
+#: flush-to-zero exp2 + lazy runner-up + no eviction hint = 1.044x the read-once floor at N = 16384,
+#: V = 128256 bf16 (1.057x at V = 131072), against 1.129x / 1.171x for the plain stream.
+_STREAM_FTZ = True
+_STREAM_LAZY_TOP2 = True
 _STREAM_PERSISTENT = 0
+_STREAM_EVICT = ""
 #: Backward kernel: bytes of gradient per block (the grid is rows × column-block groups), with four 16-byte
 #: vectors per thread; ``_BACKWARD_BLOCKS_PER_PROGRAM`` consecutive blocks per program and the cache modifier
 #: of the gradient stores are sweep variants (``benchmarks/bench_selective_ce_torch.py``).
@@ -222,7 +224,7 @@ def scoring_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
     block = max(group, min(_STREAM_ROWS * group, _next_pow2(vocab_size)))
     ftz = _STREAM_FTZ and not _interpreting()
     return LaunchConfig(rows=block // group, group=group, num_warps=_STREAM_WARPS, ftz=ftz,
-                        persistent=_STREAM_PERSISTENT, lazy_top2=_STREAM_LAZY_TOP2)
+                        persistent=_STREAM_PERSISTENT, lazy_top2=_STREAM_LAZY_TOP2, evict=_STREAM_EVICT)
 
 
 def lse_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
