@@ -215,7 +215,7 @@ def test_random_token_matches_oracle(dtype: torch.dtype, dynamic: bool) -> None:
     priority = torch.rand((B, T), generator=replay)
 
     loss, count = trainer._random_token_loss(logits, targets)
-    ref = oracle.cggr_loss(logits.detach().float().numpy(), targets.numpy(), step=2, scoring="entropy",
+    ref = oracle.cggr_loss(logits.detach().float().numpy(), targets.numpy(), step=2, scoring="entropy", selection="topk",
                            dynamic_threshold=dynamic, min_tokens_ratio=0.3, warmup_steps=4,
                            difficulty_override=priority.numpy())
     assert int(count) == int(ref["mask"].sum()) == ref["k"]
@@ -252,7 +252,7 @@ def test_jax_random_token_matches_oracle(dtype: str) -> None:
         lambda x: random_token_loss(x, jnp.asarray(targets), jnp.int32(step), jnp.int32(seed), v, schedule),
         has_aux=True))(z)
     priority = jax.random.uniform(jax.random.fold_in(jax.random.key(seed), step), (B, T), dtype=jnp.float32)
-    ref = oracle.cggr_loss(np.asarray(z.astype(jnp.float32)), targets, step=step, scoring="entropy",
+    ref = oracle.cggr_loss(np.asarray(z.astype(jnp.float32)), targets, step=step, scoring="entropy", selection="topk",
                            min_tokens_ratio=0.3, warmup_steps=4, difficulty_override=np.asarray(priority))
     assert int(count) == ref["k"] == int(ref["mask"].sum())
     np.testing.assert_allclose(float(loss), ref["loss"], rtol=1e-5, atol=1e-5)

@@ -101,7 +101,7 @@ def _compare_with_oracle(ctx: Ctx, logits: np.ndarray, targets: np.ndarray, step
     scoring = cfg.get("scoring", "combined")
     d, e = ctx.shard_difficulties(logits, targets, scoring, dtype)
     ratio = np.float32(metrics["effective_ratio"])
-    mask_ref, k_ref = oracle.select_tokens(d, e, ratio, selection=cfg.get("selection", "topk"),
+    mask_ref, k_ref = oracle.select_tokens(d, e, ratio, selection=cfg.get("selection", "stratified"),
                                            num_strata=cfg.get("num_strata", 4),
                                            min_tokens_per_sequence=cfg.get("min_tokens_per_sequence", 1))
     ref = oracle.cggr_loss(logits.astype(np.float64), targets, step, difficulty_override=d, **cfg)

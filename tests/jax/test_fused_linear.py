@@ -146,7 +146,7 @@ def test_dv_layout_no_bias_under_jit():
     host = metrics_to_dict(out.metrics, loss_fn)
     assert host["tokens_selected"] == int(ref["mask"].sum()) and host["step"] == 3
     with pytest.raises(ValueError, match="loss_fn"):
-        fl.fused_linear_cggr(h, w, t, 0, loss_fn=loss_fn, selection="stratified")
+        fl.fused_linear_cggr(h, w, t, 0, loss_fn=loss_fn, selection="topk")
 
 
 # -------------------------------------------------------------------------- ignore_index, NaN, all-ignored
@@ -185,7 +185,7 @@ def test_all_ignored_or_empty_gives_zero_loss_and_zero_grads(shape):
 def test_capacity_overflow_under_jit_keeps_the_hardest_and_reports_it():
     h, w, b, t = _inputs(7, (37,), 24, 301, jnp.float32, p_ignore=0.0)
     t = t.at[5].set(301)  # out of range: only possible traced
-    cfg = dict(warmup_steps=0, min_tokens_ratio=0.5, dynamic_threshold=False)
+    cfg = dict(selection="topk", warmup_steps=0, min_tokens_ratio=0.5, dynamic_threshold=False)
 
     @jax.jit
     def f(h, w, t):
