@@ -222,8 +222,8 @@ def test_default_block_and_float64_input() -> None:
 
 
 def test_default_launch_bf16_many_steps() -> None:
-    """The default launch on a GPU-like row: bf16, V = 4099 → 1024-column steps of four (1, 256) sub-tiles,
-    four full steps (register prefetch, the last one re-reading itself) and a ragged step of 3 columns."""
+    """The default launch on a GPU-like row: bf16, V = 4099 → 2048-column steps of eight (1, 256) sub-tiles,
+    two full steps (register prefetch, the last one re-reading itself) and a ragged step of 3 columns."""
     rng = np.random.default_rng(8)
     z = rng.normal(0.0, 3.0, size=(3, 4099)).astype(np.float32)
     z[0, 4098] = 25.0                                  # the maximum in the ragged step
@@ -232,7 +232,7 @@ def test_default_launch_bf16_many_steps() -> None:
     z = np.asarray(jnp.asarray(z, jnp.bfloat16).astype(jnp.float32))
     t = np.array([4098, 7, IGNORE], np.int32)
     cfg = kernel_config(4099, 2, interpret=True)
-    assert cfg.block_v == 1024 and tile_columns(cfg, 2) == 256
+    assert cfg.block_v == 2048 and tile_columns(cfg, 2) == 256
     stats = stats_of(jnp.asarray(z, jnp.bfloat16), jnp.asarray(t))
     assert_matches_oracle(stats, z, t)
     assert np.asarray(stats.runner_up)[1] == np.asarray(stats.confidence)[1]
