@@ -67,8 +67,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .curriculum import _host_step, dynamic_ratio
-from .loss import CGGRLoss, Schedule, _base_ratio, _Config, _make_config
+from .curriculum import _host_step
+from .loss import CGGRLoss, Schedule, _base_ratio, _Config, _make_config, _select_and_measure
 from .scoring import (
     TokenScores,
     TokenStatistics,
@@ -77,7 +77,6 @@ from .scoring import (
     _statistics_dispatch,
     use_kernels_for,
 )
-from .selection import select_tokens
 from .utils import FLOAT_DTYPES, check_scoring, check_target_range, is_integer_dtype
 
 __all__ = [
@@ -338,7 +337,6 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias:
     token_shape = tuple(hidden.shape[:-1])
     d = hidden.shape[-1]
     V = weight.shape[0]
-    dev = hidden.device
     hidden2d = hidden.reshape(-1, d)
     N = hidden2d.shape[0]
     row_chunk = row_chunk_size or plan_chunks(N, d, V, hidden.dtype, memory_budget_bytes=memory_budget_bytes,
@@ -348,41 +346,14 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias:
         flat = _blockwise_statistics(hidden2d.detach(), weight.detach(),
                                      None if bias is None else bias.detach(), flat_t, cfg.ignore_index, row_chunk)
         stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
-        scores = _score_from_statistics(stats, labels, cfg.scoring, cfg.ignore_index, None)
-        elig = scores.eligible
-        n = elig.sum()
-        denom = torch.clamp(n, min=1).to(torch.float32)
-
-        def mean_eligible(x: torch.Tensor) -> torch.Tensor:
-            return torch.where(elig, x, torch.zeros_like(x)).sum(dtype=torch.float32) / denom
-
-        avg_conf = mean_eligible(stats.confidence)
-        base_t = torch.full((), float(base), dtype=torch.float32, device=dev)
-        if cfg.dynamic_threshold and cfg.selection != "fixed_quota":
-            ratio = dynamic_ratio(base_t, avg_conf, cfg.threshold_sensitivity)
-        else:
-            ratio = base_t
-        mask, _k = select_tokens(scores.difficulty, elig, ratio, selection=cfg.selection,
-                                 num_strata=cfg.num_strata, min_tokens_per_sequence=cfg.min_tokens_per_sequence)
-        count = mask.sum()
+        scores, mask, metrics = _select_and_measure(stats, labels, step, base, cfg)
+        count = metrics["tokens_selected"]
         valid = scores.valid
         safe_t = torch.where(valid & (labels >= 0) & (labels < V), labels, torch.zeros_like(labels))
         safe_t = safe_t.reshape(-1).to(torch.int64)
 
     loss = _SelectedRowsCrossEntropy.apply(hidden2d, weight, bias, flat.nll, mask.reshape(-1), safe_t, flat.lse,
                                            count, vocab_chunk_size, memory_budget_bytes)
-    metrics = {
-        "step": torch.full((), int(step), dtype=torch.int64, device=dev),
-        "token_ratio": base_t,
-        "effective_ratio": ratio.detach(),
-        "tokens_selected": count,
-        "tokens_total": n,
-        "tokens_nonfinite": (valid & ~elig).sum(),
-        "tokens_out_of_range": torch.zeros((), dtype=torch.int64, device=dev),
-        "avg_confidence": avg_conf,
-        "avg_entropy": mean_eligible(stats.entropy),
-        "avg_difficulty": mean_eligible(scores.difficulty),
-    }
     return FusedLinearCGGROutput(loss, metrics, mask, scores)
 
 

@@ -49,6 +49,8 @@ from torch import nn
 
 from .curriculum import _host_step, dynamic_ratio, linear_warmup_ratio
 from .scoring import (
+    TokenScores,
+    TokenStatistics,
     _row_finite,
     _score_from_statistics,
     _statistics_dispatch,
@@ -173,27 +175,11 @@ def _forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: int, base:
 def _forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: _Config,
              base_loss: Optional[Callable[..., torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole loss on validated inputs; returns ``(loss, metrics)`` with 0-d tensor metrics."""
-    dev = logits.device
     V = logits.shape[-1]
     with torch.no_grad():
         stats = _statistics_dispatch(logits.detach(), targets, cfg.ignore_index)
-        scores = _score_from_statistics(stats, targets, cfg.scoring, cfg.ignore_index, None)
-        elig = scores.eligible
-        n = elig.sum()
-        denom = torch.clamp(n, min=1).to(torch.float32)
-
-        def mean_eligible(x: torch.Tensor) -> torch.Tensor:
-            return torch.where(elig, x, torch.zeros_like(x)).sum(dtype=torch.float32) / denom
-
-        avg_conf = mean_eligible(stats.confidence)
-        base_t = torch.full((), float(base), dtype=torch.float32, device=dev)
-        if cfg.dynamic_threshold and cfg.selection != "fixed_quota":
-            ratio = dynamic_ratio(base_t, avg_conf, cfg.threshold_sensitivity)
-        else:
-            ratio = base_t
-        mask, _k = select_tokens(scores.difficulty, elig, ratio, selection=cfg.selection,
-                                 num_strata=cfg.num_strata, min_tokens_per_sequence=cfg.min_tokens_per_sequence)
-        count = mask.sum()
+        scores, mask, metrics = _select_and_measure(stats, targets, step, base, cfg)
+        count = metrics["tokens_selected"]
         valid = scores.valid
 
     ce_kernel = None
@@ -224,19 +210,46 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.fl
         total = torch.where(flat_mask, ce, torch.zeros_like(ce)).sum()
         loss = total / torch.clamp(count, min=1).to(torch.float32)
 
+    return loss, metrics
+
+
+def _select_and_measure(stats: TokenStatistics, targets: torch.Tensor, step: int, base: Any,
+                        cfg: "_Config") -> tuple[TokenScores, torch.Tensor, dict[str, torch.Tensor]]:
+    """SPEC §3-§7 and §10 from per-token statistics: scores, the selection mask and the metric tensors.
+
+    Shared by every loss that has the statistics at hand (materialised logits, the fused LM head); runs under
+    ``no_grad`` in the caller and never synchronises with the device.
+    """
+    dev = stats.lse.device
+    scores = _score_from_statistics(stats, targets, cfg.scoring, cfg.ignore_index, None)
+    elig = scores.eligible
+    n = elig.sum()
+    denom = torch.clamp(n, min=1).to(torch.float32)
+
+    def mean_eligible(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(elig, x, torch.zeros_like(x)).sum(dtype=torch.float32) / denom
+
+    avg_conf = mean_eligible(stats.confidence)
+    base_t = torch.full((), float(base), dtype=torch.float32, device=dev)
+    if cfg.dynamic_threshold and cfg.selection != "fixed_quota":
+        ratio = dynamic_ratio(base_t, avg_conf, cfg.threshold_sensitivity)
+    else:
+        ratio = base_t
+    mask, _k = select_tokens(scores.difficulty, elig, ratio, selection=cfg.selection,
+                             num_strata=cfg.num_strata, min_tokens_per_sequence=cfg.min_tokens_per_sequence)
     metrics = {
         "step": torch.full((), int(step), dtype=torch.int64, device=dev),
         "token_ratio": base_t,
         "effective_ratio": ratio.detach(),
-        "tokens_selected": count,
+        "tokens_selected": mask.sum(),
         "tokens_total": n,
-        "tokens_nonfinite": (valid & ~elig).sum(),
+        "tokens_nonfinite": (scores.valid & ~elig).sum(),
         "tokens_out_of_range": torch.zeros((), dtype=torch.int64, device=dev),
         "avg_confidence": avg_conf,
         "avg_entropy": mean_eligible(stats.entropy).detach(),
         "avg_difficulty": mean_eligible(scores.difficulty).detach(),
     }
-    return loss, metrics
+    return scores, mask, metrics
 
 
 def _make_config(scoring: str, selection: str, dynamic_threshold: bool, threshold_sensitivity: float,
