@@ -7,6 +7,10 @@ Every method runs forward + backward to ``∂hidden`` and ``∂weight`` (``torch
 
 * ``cggr_fused``          - :func:`cggr_torch.fused_linear.fused_linear_cggr_loss` (default 0.25 GiB plan);
   ``cggr_fused[B=…]`` - the same with other ``memory_budget_bytes`` (``--budgets``);
+* ``cggr_fused[overlap]`` - the forward's statistics kernel on a side stream beside the next block's GEMM;
+* ``cggr_fused[elementwise-grad]`` - the backward's chunk gradient with PyTorch element-wise ops instead of
+  the in-place Triton kernel (the pre-kernel implementation, for comparison);
+* ``cggr_fused forward only`` - the forward alone under ``no_grad`` (the backward is the difference);
 * ``cggr_materialised``   - ``cggr_loss(F.linear(h, W), t)``: full logits, then the CGGR loss (Triton kernels);
 * ``torch_linear_ce``     - ``F.cross_entropy(F.linear(h, W).float(), t)``: plain full cross-entropy;
 * ``liger_flce``          - Liger's ``LigerFusedLinearCrossEntropyLoss`` (full gradient), if importable;
@@ -83,6 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch.nn.functional as F
 
     from cggr_torch import cggr_loss
+    from cggr_torch import fused_linear as fl
     from cggr_torch.fused_linear import DEFAULT_MEMORY_BUDGET, fused_linear_cggr, plan_chunks
 
     cuda = torch.cuda.is_available() and not args.quick
@@ -102,6 +107,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return (loss,) + torch.autograd.grad(loss, (hidden, weight))
         return run
 
+    def variant(run: Callable[[], tuple], **patch: Any) -> Callable[[], tuple]:
+        """``run`` with module attributes of ``cggr_torch.fused_linear`` temporarily replaced."""
+        def patched() -> tuple:
+            saved = {k: getattr(fl, k) for k in patch}
+            try:
+                for k, v in patch.items():
+                    setattr(fl, k, v)
+                return run()
+            finally:
+                for k, v in saved.items():
+                    setattr(fl, k, v)
+        return patched
+
+    def fused_forward_only() -> tuple:
+        with torch.no_grad():
+            return (fused_linear_cggr(hidden, weight, labels, 0, **cfg).loss,)
+
     def materialised() -> tuple:
         loss, _ = cggr_loss(F.linear(hidden, weight), labels, 0, **cfg)
         return (loss,) + torch.autograd.grad(loss, (hidden, weight))
@@ -117,6 +139,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     methods: dict[str, Callable[[], tuple]] = {"cggr_fused": fused(DEFAULT_MEMORY_BUDGET)}
     for b in args.budgets:
         methods[f"cggr_fused[B={b:g}GiB]"] = fused(max(1, int(b * GIB)))
+    # Variants of the default plan: the forward's statistics kernel beside the next block's GEMM (two
+    # streams), and the PyTorch element-wise chunk gradient instead of the in-place Triton kernel.
+    methods["cggr_fused[overlap]"] = variant(fused(DEFAULT_MEMORY_BUDGET), _OVERLAP_FORWARD=True)
+    methods["cggr_fused[elementwise-grad]"] = variant(fused(DEFAULT_MEMORY_BUDGET),
+                                                      _gradient_kernel_for=lambda h: None)
+    methods["cggr_fused forward only"] = fused_forward_only
     methods["cggr_materialised"] = materialised
     methods["torch_linear_ce"] = full_ce
     notes: dict[str, str] = {}
@@ -216,7 +244,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         del a, b
 
     k = round(args.ratio * N)
-    plan_fwd = plan_chunks(N, d, V, dtype, selected_rows=k)
+    plan_fwd = plan_chunks(N, d, V, dtype, selected_rows=k,
+                           gradient_kernel=fl._gradient_kernel_for(hidden) is not None)
     result = {"env": environment(torch), "shape": {"N": N, "d": d, "V": V, "dtype": args.dtype, "ratio": args.ratio},
               "plan_default": plan_fwd._asdict(), "rows": rows, "notes": notes, "check": check,
               "goal": {"time_vs_liger_max": 0.5, "working_gib_max": 0.25}}

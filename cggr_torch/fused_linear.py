@@ -22,10 +22,16 @@ the statistics alone — the forward computes no extra matmul for the loss.
 (``H_S``: ``K × d``); for each vocabulary chunk ``[v0, v1)`` of ``C`` columns::
 
     Z   = H_S W[v0:v1]ᵀ + b[v0:v1]                 (K × C, inputs' dtype, float32 accumulation in cuBLAS)
-    G   = (exp(Z − lse_S) − onehot) · grad / |S|   (float32, with the forward's saved lse)
+    G   = (exp(Z − lse_S) − onehot) · grad / |S|   (float32 arithmetic, with the forward's saved lse)
     ∂h_S   += G W[v0:v1]                            (float32 accumulator K × d)
     ∂W[v0:v1] = Gᵀ H_S                              (one matmul over all K rows: float32 accumulation)
     ∂b[v0:v1] = Σ_rows G                            (float32)
+
+On CUDA the second line is one Triton pass that overwrites ``Z`` with ``G`` in the inputs' dtype
+(:mod:`cggr_torch.kernels.fused_linear`: 4 bytes moved per bf16 logit instead of ~20 for the PyTorch
+element-wise ops, which remain the reference on other devices), and ``∂h_S`` is accumulated with cuBLAS'
+float32-output GEMM (``torch.addmm(..., out_dtype=torch.float32)``) where the installed PyTorch has it, so no
+partial product is rounded to bf16 before the sum.
 
 so ``∂W`` is accumulated in float32 inside a single GEMM per vocabulary chunk (no ``V × d`` float32
 buffer), and every vocabulary chunk is visited once. Matmul work: one full forward (``2NVd`` FLOPs) plus three
@@ -47,17 +53,20 @@ sizes in bytes, ``e`` = element size of the inputs, ``B`` = ``memory_budget_byte
   which reads the logits in place; ``s = 28`` for the PyTorch reference's float32 temporaries), so
   ``R = round_down_128(7/8 · B / (V·(e + s)))`` (at least 1, at most ``N``). At ``N = 16384, d = 2048,
   V = 128256`` bf16 with the kernel: ``R = 896`` rows, 219 MiB of logits.
-* backward: ``K·d·(4 + 2e)`` bytes are fixed (float32 ``∂h_S`` accumulator, ``H_S``, one ``K × d`` partial
-  product) and a chunk of ``C`` columns adds ``K·C·(2e + 4)`` (``Z``, float32 ``G``, ``G`` in the inputs'
-  dtype), so ``C = round_down_128((7/8 · B − fixed) / (K·(2e + 4)))``, at least 128 (or ``V``). At
-  ``K = 4096`` (ratio 0.25) this is ``C = 5120``. The fixed part alone reaches ``7/8·B`` when
-  ``K·d·(4 + 2e) ≥ 7/8·B`` (``K ≥ 14336`` at ``d = 2048`` bf16, i.e. a ratio ≥ 0.875 of 16384 tokens, as
-  early in the warmup); ``C`` is then 128 and the working set exceeds the budget by that fixed part.
+* backward: ``K·d·(8 + e)`` bytes are fixed (float32 ``∂h_S`` accumulator and its next value, ``H_S``) and a
+  chunk of ``C`` columns adds ``K·C·c`` with ``c = e`` with the in-place gradient kernel (``Z`` becomes ``G``)
+  and ``c = 2e + 4`` with the PyTorch element-wise ops (``Z``, float32 ``G``, ``G`` in the inputs' dtype), so
+  ``C = round_down_128((7/8 · B − fixed) / (K·c))``, at least 128 (or ``V``). At ``K = 4096`` (ratio 0.25),
+  ``d = 2048`` bf16 this is ``C = 18432`` with the kernel (7 vocabulary chunks at ``V = 128256``) and
+  ``C = 4608`` without. The fixed part alone reaches ``7/8·B`` when ``K·d·(8 + e) ≥ 7/8·B`` (``K ≥ 11469`` at
+  ``d = 2048`` bf16, i.e. a ratio ≥ 0.7 of 16384 tokens, as early in the warmup); ``C`` is then 128 and the
+  working set exceeds the budget by that fixed part.
 
 The gradients themselves (``∂h``: ``N × d``, ``∂W``: ``V × d``, ``∂b``) are outputs, not working memory.
 """
 from __future__ import annotations
 
+import importlib
 import numbers
 from typing import Any, NamedTuple, Optional, Union
 
@@ -73,6 +82,7 @@ from .scoring import (
     TokenScores,
     TokenStatistics,
     _load_kernel,
+    import_kernel,
     _score_from_statistics,
     _statistics_dispatch,
     use_kernels_for,
@@ -98,6 +108,12 @@ DEFAULT_MEMORY_BUDGET: int = 2**28
 _REFERENCE_STAT_BYTES = 28
 _ALIGN = 128
 _FILL = 0.875  # fraction of the budget a plan aims for (the caching allocator rounds blocks up)
+_GRADIENT_KERNEL_MODULE = "cggr_torch.kernels.fused_linear"
+_gradient_kernel_cache: dict[str, Any] = {}
+_MIXED_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
+#: Run each forward block's statistics kernel on a side stream, beside the next block's matmul (CUDA only;
+#: ``benchmarks/bench_fused_linear_torch.py`` measures both settings).
+_OVERLAP_FORWARD = False
 
 
 # ============================================================================================ chunk plan
@@ -123,7 +139,7 @@ def _check_positive_int(value: Any, name: str, allow_none: bool = True) -> Optio
 
 def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype, *,
                 selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                statistics_kernel: bool = True) -> ChunkPlan:
+                statistics_kernel: bool = True, gradient_kernel: bool = False) -> ChunkPlan:
     """Chunk sizes that keep the fused loss' working memory near ``memory_budget_bytes`` (module docstring).
 
     Args:
@@ -134,6 +150,8 @@ def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dt
         selected_rows: ``K``, rows of the backward (``N`` when unknown).
         memory_budget_bytes: the budget ``B`` (default 0.25 GiB).
         statistics_kernel: True when the statistics come from the Triton kernel (no float32 temporaries).
+        gradient_kernel: True when the backward's chunk gradient is the in-place Triton kernel
+            (:mod:`cggr_torch.kernels.fused_linear`: no float32 copy of the chunk).
 
     Returns:
         :class:`ChunkPlan` ``(row_chunk, vocab_chunk)``: ``1 ≤ row_chunk ≤ max(1, N)``,
@@ -153,8 +171,8 @@ def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dt
     row_chunk = min(max(1, int(num_rows)), _round_down(target // per_row))
     k = int(num_rows) if selected_rows is None else int(selected_rows)
     k = max(1, k)
-    fixed = k * int(hidden_dim) * (4 + 2 * e)
-    per_col = k * (2 * e + 4)
+    fixed = k * int(hidden_dim) * (8 + e)
+    per_col = k * (e if gradient_kernel else 2 * e + 4)
     cols = (target - fixed) // per_col if target > fixed else 0
     vocab_chunk = min(int(vocab_size), max(min(_ALIGN, int(vocab_size)), _round_down(int(cols))))
     return ChunkPlan(int(row_chunk), int(vocab_chunk))
@@ -217,19 +235,103 @@ def _statistics_kernel_for(hidden: torch.Tensor) -> bool:
 # ==================================================================================== blockwise scoring
 def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           targets: Optional[torch.Tensor], ignore_index: int, row_chunk: int) -> TokenStatistics:
-    """SPEC §2 statistics of every row of ``hidden2d Wᵀ + b`` from ``row_chunk``-row logit blocks (flat)."""
+    """SPEC §2 statistics of every row of ``hidden2d Wᵀ + b`` from ``row_chunk``-row logit blocks (flat).
+
+    With the Triton statistics kernel each block's statistics are written straight into their slice of one
+    ``(6, N)`` buffer (the labels were range-checked once by the caller, so no per-block validation or copy);
+    with ``_OVERLAP_FORWARD`` on CUDA the kernel of block ``i`` runs on a side stream while the matmul of
+    block ``i + 1`` runs (a memory-bound pass beside a compute-bound GEMM; two blocks are then alive, so the
+    caller's plan halves ``row_chunk``). Elsewhere the statistics dispatcher (the PyTorch reference) is used.
+    """
     N = hidden2d.shape[0]
     dev = hidden2d.device
-    out = [torch.empty((N,), dtype=torch.float32, device=dev) for _ in TokenStatistics._fields]
     with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
+        if _statistics_kernel_for(hidden2d):
+            from .kernels import scoring as ks
+            out = torch.empty((6, N), dtype=torch.float32, device=dev)
+            finite = torch.empty((N,), dtype=torch.int8, device=dev)
+            t = None if targets is None else ks.flat_targets(targets)
+            side = torch.cuda.Stream(device=dev) if _OVERLAP_FORWARD and dev.type == "cuda" else None
+            main = torch.cuda.current_stream(dev) if side is not None else None
+            for r0 in range(0, N, row_chunk):
+                r1 = min(N, r0 + row_chunk)
+                z = F.linear(hidden2d[r0:r1], weight, bias)
+                geom = ks.row_geometry(z)
+                t_c = None if t is None else t[r0:r1]
+                if side is None:
+                    ks.launch_scoring(geom, t_c, ignore_index, ks._NO_DIFFICULTY, out[:, r0:r1], finite[r0:r1])
+                else:
+                    side.wait_stream(main)
+                    with torch.cuda.stream(side):
+                        ks.launch_scoring(geom, t_c, ignore_index, ks._NO_DIFFICULTY, out[:, r0:r1],
+                                          finite[r0:r1])
+                    z.record_stream(side)  # the allocator keeps the block until the side stream is done
+                del z
+            if side is not None:
+                main.wait_stream(side)
+            return TokenStatistics(*(out[k] for k in range(5)))
+        out_list = [torch.empty((N,), dtype=torch.float32, device=dev) for _ in TokenStatistics._fields]
         for r0 in range(0, N, row_chunk):
             r1 = min(N, r0 + row_chunk)
             z = F.linear(hidden2d[r0:r1], weight, bias)
             st = _statistics_dispatch(z, None if targets is None else targets[r0:r1], ignore_index)
-            for buf, x in zip(out, st):
+            for buf, x in zip(out_list, st):
                 buf[r0:r1] = x
             del z, st
-    return TokenStatistics(*out)
+    return TokenStatistics(*out_list)
+
+def _forward_row_chunk(hidden: torch.Tensor, N: int, d: int, V: int, memory_budget_bytes: int) -> int:
+    """The plan's forward block, halved when the overlapped forward keeps two blocks alive."""
+    kernel = _statistics_kernel_for(hidden)
+    rows = plan_chunks(N, d, V, hidden.dtype, memory_budget_bytes=memory_budget_bytes,
+                       statistics_kernel=kernel).row_chunk
+    if kernel and _OVERLAP_FORWARD and hidden.device.type == "cuda":
+        rows = _round_down(max(1, rows // 2))
+    return rows
+
+
+def _gradient_kernel_for(hidden: torch.Tensor) -> Optional[Any]:
+    """The Triton chunk-gradient module for ``hidden``'s device and dtype, or None (PyTorch element-wise ops).
+
+    None on non-kernel devices, with ``CGGR_DISABLE_KERNELS=1``, for float64 and when Triton is absent; a
+    kernel error is raised by the launch, never replaced.
+    """
+    if not use_kernels_for(hidden) or hidden.dtype == torch.float64:
+        return None
+    launch = import_kernel(_GRADIENT_KERNEL_MODULE, "launch_chunk_gradient", _gradient_kernel_cache)
+    if launch is None:
+        return None
+    return importlib.import_module(_GRADIENT_KERNEL_MODULE)
+
+
+def _mixed_addmm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc_fp32, a, b, out_dtype=torch.float32)`` runs for ``a, b`` of ``dtype`` here.
+
+    PyTorch ≥ 2.8 exposes cuBLAS' float32-output GEMM for float16/bfloat16 inputs on CUDA; probed once per
+    (device type, dtype) on a 2 × 2 problem because older builds and other backends lack the overload.
+    """
+    key = (device.type, dtype)
+    if key not in _MIXED_ADDMM:
+        ok = False
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            try:
+                a = torch.zeros((2, 2), dtype=dtype, device=device)
+                c = torch.zeros((2, 2), dtype=torch.float32, device=device)
+                ok = torch.addmm(c, a, a, out_dtype=torch.float32).dtype == torch.float32
+            except (TypeError, RuntimeError, NotImplementedError):
+                ok = False
+        _MIXED_ADDMM[key] = ok
+    return _MIXED_ADDMM[key]
+
+
+def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` with ``acc`` float32 (float64 for float64 inputs): the product is not rounded to the
+    inputs' dtype before the sum where the backend offers a float32-output GEMM (``∂h_S`` over vocab chunks)."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if _mixed_addmm_supported(a.device, a.dtype):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    return acc.add_(a @ b)
 
 
 # ============================================================================================ autograd
@@ -273,7 +375,8 @@ class _SelectedRowsCrossEntropy(torch.autograd.Function):
         dev = hidden2d.device
         grad_h = torch.zeros_like(hidden2d) if need_h else None
         grad_w = (torch.zeros_like(weight) if K == 0 else torch.empty_like(weight)) if need_w else None
-        grad_b32 = torch.zeros((V,), dtype=torch.float32, device=dev) if need_b else None
+        grad_b32 = torch.zeros((V,), dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                               device=dev) if need_b else None
         if K > 0:
             with torch.autocast(device_type=dev.type, enabled=False):
                 # Selected rows in increasing index order, without a second synchronisation.
@@ -283,27 +386,44 @@ class _SelectedRowsCrossEntropy(torch.autograd.Function):
                 lse_sel = lse.index_select(0, idx).unsqueeze(1)
                 scale = grad_loss.detach().to(torch.float32).reshape(()) / denom
                 chunk = ctx.vocab_chunk
+                kernel = _gradient_kernel_for(hidden2d)
                 if chunk is None:
                     chunk = plan_chunks(N, d, V, dtype, selected_rows=K,
-                                        memory_budget_bytes=ctx.memory_budget_bytes).vocab_chunk
-                acc_h = torch.zeros((K, d), dtype=torch.float32, device=dev) if need_h else None
+                                        memory_budget_bytes=ctx.memory_budget_bytes,
+                                        gradient_kernel=kernel is not None).vocab_chunk
+                acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+                acc_h = torch.zeros((K, d), dtype=acc_dtype, device=dev) if need_h else None
+                if kernel is not None:
+                    lse_rows = lse_sel.reshape(-1)
+                    scale_dev = scale.reshape(1)
                 for v0 in range(0, V, chunk):
                     v1 = min(V, v0 + chunk)
                     w_c = weight[v0:v1]
                     z = F.linear(h_sel, w_c, None if bias is None else bias[v0:v1])
-                    g = z.to(torch.float32)
-                    del z
-                    g.sub_(lse_sel).exp_()
-                    hit = (t_sel >= v0) & (t_sel < v1)
-                    col = torch.clamp(t_sel - v0, 0, v1 - v0 - 1).unsqueeze(1)
-                    g.scatter_add_(1, col, -hit.to(torch.float32).unsqueeze(1))
-                    g.mul_(scale)
-                    if need_b:
-                        grad_b32[v0:v1] = g.sum(dim=0)
-                    g_c = g.to(dtype)
-                    del g
+                    if kernel is not None:
+                        # One pass, in place: z becomes G in the inputs' dtype (float32 arithmetic).
+                        colsum = None
+                        if need_b:
+                            colsum = torch.empty((-(-K // kernel.CHUNK_BLOCK_ROWS), v1 - v0),
+                                                 dtype=torch.float32, device=dev)
+                        kernel.launch_chunk_gradient(z, lse_rows, t_sel, v0, scale_dev, colsum)
+                        if need_b:
+                            grad_b32[v0:v1] = colsum.sum(dim=0)
+                        g_c = z
+                    else:
+                        g = z.to(torch.float32)
+                        del z
+                        g.sub_(lse_sel).exp_()
+                        hit = (t_sel >= v0) & (t_sel < v1)
+                        col = torch.clamp(t_sel - v0, 0, v1 - v0 - 1).unsqueeze(1)
+                        g.scatter_add_(1, col, -hit.to(torch.float32).unsqueeze(1))
+                        g.mul_(scale)
+                        if need_b:
+                            grad_b32[v0:v1] = g.sum(dim=0)
+                        g_c = g.to(dtype)
+                        del g
                     if need_h:
-                        acc_h.add_(g_c @ w_c)
+                        acc_h = _accumulate_matmul(acc_h, g_c, w_c)
                     if need_w:
                         torch.mm(g_c.t(), h_sel, out=grad_w[v0:v1])
                     del g_c
@@ -339,8 +459,7 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias:
     V = weight.shape[0]
     hidden2d = hidden.reshape(-1, d)
     N = hidden2d.shape[0]
-    row_chunk = row_chunk_size or plan_chunks(N, d, V, hidden.dtype, memory_budget_bytes=memory_budget_bytes,
-                                              statistics_kernel=_statistics_kernel_for(hidden)).row_chunk
+    row_chunk = row_chunk_size or _forward_row_chunk(hidden, N, d, V, memory_budget_bytes)
     with torch.no_grad():
         flat_t = labels.reshape(-1)
         flat = _blockwise_statistics(hidden2d.detach(), weight.detach(),
@@ -500,9 +619,8 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: Opti
             raise ValueError(f"valid_mask: expected device {hidden.device}, got {valid_mask.device}")
     d = hidden.shape[-1]
     hidden2d = hidden.reshape(-1, d)
-    row_chunk = row_chunk_size or plan_chunks(hidden2d.shape[0], d, weight.shape[0], hidden.dtype,
-                                              memory_budget_bytes=int(memory_budget_bytes),
-                                              statistics_kernel=_statistics_kernel_for(hidden)).row_chunk
+    row_chunk = row_chunk_size or _forward_row_chunk(hidden, hidden2d.shape[0], d, weight.shape[0],
+                                                     int(memory_budget_bytes))
     flat = _blockwise_statistics(hidden2d.detach(), weight.detach(), None if bias is None else bias.detach(),
                                  None if labels is None else labels.reshape(-1), int(ignore_index), row_chunk)
     stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))

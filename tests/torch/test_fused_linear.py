@@ -247,8 +247,12 @@ def test_plan_meets_the_memory_budget_at_the_target_shape():
     N, d, V = 16384, 2048, 128256
     plan = plan_chunks(N, d, V, torch.bfloat16, selected_rows=4096)
     assert plan.row_chunk % 128 == 0 and plan.row_chunk * V * 2 <= DEFAULT_MEMORY_BUDGET
-    backward = 4096 * d * (4 + 2 * 2) + 4096 * plan.vocab_chunk * (2 * 2 + 4)
+    backward = 4096 * d * (8 + 2) + 4096 * plan.vocab_chunk * (2 * 2 + 4)
     assert plan.vocab_chunk % 128 == 0 and backward <= DEFAULT_MEMORY_BUDGET
+    # The in-place gradient kernel needs only the bf16 chunk: about four times the columns per step.
+    kplan = plan_chunks(N, d, V, torch.bfloat16, selected_rows=4096, gradient_kernel=True)
+    assert kplan.row_chunk == plan.row_chunk and kplan.vocab_chunk >= 3 * plan.vocab_chunk
+    assert 4096 * d * (8 + 2) + 4096 * kplan.vocab_chunk * 2 <= DEFAULT_MEMORY_BUDGET
     ref_plan = plan_chunks(N, d, V, torch.bfloat16, statistics_kernel=False)
     assert ref_plan.row_chunk < plan.row_chunk                 # the reference statistics need float32 temps
     tiny = plan_chunks(5, 3, 7, torch.float32, memory_budget_bytes=1)
