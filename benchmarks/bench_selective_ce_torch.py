@@ -15,7 +15,11 @@ model's output would), selection ratio 0.25. Every row is one forward + backward
 * ``eager CE``                - ``F.cross_entropy(logits, targets)``; ``--compile`` adds ``torch.compile``;
 * parts of the fused path, device time from CUDA graphs: scoring (+ key/status), plan, sort, mask, masked
   mean, backward kernel; and a short sweep of backward launch variants (block bytes, blocks per program,
-  store cache modifier) - pick the fastest for ``cggr_torch/kernels/scoring.py`` (``_BACKWARD_*``).
+  store cache modifier, the row-major ``flat`` grid) - pick the fastest for
+  ``cggr_torch/kernels/scoring.py`` (``_BACKWARD_*``);
+* two reference floors for the backward kernel, timed like the parts (no CGGR work): ``grad.zero_()`` of an
+  N×V buffer (the pure write of N·V) and "write N·V + read ratio·N rows" (``zero_`` of the other rows plus a
+  copy of the first ratio·N rows: exactly the backward's traffic, laid out sequentially).
 
 Columns: median/p10/p90 ms (``triton.testing.do_bench``, L2 flushed, ``--buffers`` logit buffers used
 round-robin), ``× liger`` (goal for the CGGR rows: ≤ 0.65), ``floor ms`` (bytes the method must move at
@@ -258,6 +262,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bwd_bytes = nbytes * (1 + args.ratio)
         part(f"backward kernel ({bwd_default.describe()})",
              lambda: kce.launch_selective_backward(geom, tf, mask, out[0], gscale, g_buf, count=count), bwd_bytes)
+        # Reference floors (no CGGR work): what the backward's writes alone cost, and its exact traffic as
+        # plain sequential copy/fill kernels - how close the kernel can get without changing what it moves.
+        n_read = int(args.ratio * n)
+
+        def write_read_floor() -> None:
+            g_buf[n_read:].zero_()
+            g_buf[:n_read].copy_(x0[:n_read])
+
+        floors: list[dict[str, Any]] = []
+        for name, fn, fb in (("write N·V (grad.zero_())", lambda: g_buf.zero_(), nbytes),
+                             (f"write N·V + read {args.ratio:g}·N rows (zero_ + copy)", write_read_floor, bwd_bytes)):
+            part(f"floor (reference): {name}", fn, fb)
+            floors.append({"name": name, "gpu_us": parts[-1][1], "x_floor": parts[-1][2], "bytes": fb})
         sweep: list[dict[str, Any]] = []
         if not args.no_sweep and not args.smoke:
             group = max(1, 16 // elsize)
@@ -272,6 +289,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 store_hint=".cs"),
                 ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
                                 blocks_per_program=2, store_hint=".cs"),
+                # row-major grid: neighbouring programs store along one row instead of one row apart
+                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                                flat_grid=True),
+                ks.LaunchConfig(rows=16384 // elsize // group, group=group, num_warps=8, flat_grid=True),
+                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                                blocks_per_program=2, flat_grid=True),
+                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                                store_hint=".cs", flat_grid=True),
             ]
             for c in variants:
                 us = graph_us(lambda c=c: kce.launch_selective_backward(geom, tf, mask, out[0], gscale, g_buf,
@@ -287,7 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             r["x_floor"] = None if r["floor_ms"] is None else r["median_ms"] / r["floor_ms"]
         results += rows
         results.append({"name": "parts", "vocab": v, "parts": [{"name": p[0], "gpu_us": p[1], "x_floor": p[2]}
-                                                               for p in parts], "backward_sweep": sweep})
+                                                               for p in parts], "backward_sweep": sweep,
+                        "reference_floors": floors})
         fmt = lambda v_, f: "-" if v_ is None else format(v_, f)  # noqa: E731
         print(f"\n## V = {v}  (logits {nbytes / 1e9:.2f} GB, copy {copy['median_ms']:.3f} ms = "
               f"{copy_bw / 1e9:.0f} GB/s moved; goal: CGGR rows ≤ 0.65 × liger)\n")
@@ -310,10 +336,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{r['strategy']} {r['median_ms']:.3f} ({fmt(r['x_liger'], '.2f')}x)" for r in rows
             if r.get("kind") == "module"))
         line = "  parts gpu µs: " + ", ".join(f"{name.split(' (')[0].replace(' kernel', '').strip()} {fmt(us, '.0f')}"
-                                           for name, us, _ in parts if not name.startswith("  "))
+                                           for name, us, _ in parts
+                                           if not name.startswith("  ") and not name.startswith("floor"))
         best = min((s_ for s_ in sweep if s_["gpu_us"] is not None), key=lambda s_: s_["gpu_us"], default=None)
         if best is not None:
             line += f" | best backward {best['config']} {best['gpu_us']:.0f}"
+        summary.append(line)
+        line = "  reference floors gpu µs (not CGGR work; x = vs copy bandwidth): " + ", ".join(
+            f"{f_['name']} {fmt(f_['gpu_us'], '.0f')} ({fmt(f_['x_floor'], '.2f')}x)" for f_ in floors)
+        bwd_us = next((us for name, us, _ in parts if name.startswith("backward kernel")), None)
+        if bwd_us is not None and floors[-1]["gpu_us"]:
+            line += f" | backward default = {bwd_us / floors[-1]['gpu_us']:.2f}x the write+read floor"
         summary.append(line)
         del bufs, tgts
         if device == "cuda":

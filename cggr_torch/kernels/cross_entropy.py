@@ -11,9 +11,15 @@ scoring pass, :func:`cggr_torch.kernels.scoring.token_statistics_triton`) a sele
 (``z[target]``); without it the program streams the row once for an online log-sum-exp. The per-row losses
 are summed by ``torch.sum`` (deterministic), divided by the device count: no host synchronisation.
 
-**Backward.** Grid ``(N, ceil(V/BLOCK))``: a program of a selected row reads its block of logits once and
-writes ``(2^{(z − lse)·log2 e} − [col = target])·g/|S|`` (``g/|S|`` is read from a device scalar); a program
-of an unselected row only writes zeros. Memory traffic is therefore ``|S|·V`` reads plus ``N·V`` writes.
+**Backward.** One program per (row, group of ``BPP`` column blocks), ``G = ceil(V/(BLOCK·BPP))`` groups per
+row: a program of a selected row reads its blocks of logits once and writes
+``(2^{(z − lse)·log2 e} − [col = target])·g/|S|`` (``g/|S|`` is read from a device scalar); a program of an
+unselected row only writes zeros. Memory traffic is therefore ``|S|·V`` reads plus ``N·V`` writes. The
+default grid is ``(N, G)``; since the hardware launches ``program_id(0)`` fastest, programs that run side by
+side write the same columns of different rows (stores one row apart). ``LaunchConfig.flat_grid`` launches
+the row-major 1-D grid ``(N·G,)`` instead (program ``p`` → row ``p div G``, group ``p mod G``), so that
+neighbouring programs write consecutive addresses of one row; which is faster is a benchmark question
+(``benchmarks/bench_selective_ce_torch.py``). Both grids write exactly the same values.
 ``inplace_backward=True`` writes the gradient into the logits buffer itself (no ``N·V`` allocation; the
 logits are destroyed, so nothing else may need them afterwards; one backward per forward).
 
@@ -54,6 +60,9 @@ __all__ = [
 #: The one-program masked mean: 4096 lanes, 8 warps (16 B of mask and nll per thread per step).
 _MEAN_BLOCK = 4096
 _MEAN_WARPS = 8
+#: CUDA's grid limits (programs along x and along y).
+_GRID_X_MAX = 2**31 - 1
+_GRID_Y_MAX = 65535
 
 
 # ============================================================================================== kernels
@@ -119,17 +128,27 @@ def _selective_forward_kernel(
 @triton.jit
 def _selective_backward_kernel(
     x_ptr, t_ptr, sel_ptr, lse_ptr, scale_ptr, count_ptr, g_ptr,
-    V, T, x_stride_b, x_stride_t, g_stride_b, g_stride_t,
+    V, T, x_stride_b, x_stride_t, g_stride_b, g_stride_t, n_col_groups,
     BLOCK: tl.constexpr, BPP: tl.constexpr, HAS_COUNT: tl.constexpr, STORE_HINT: tl.constexpr,
+    FLAT_GRID: tl.constexpr,
 ):
     """Program (row, column-block group): BPP gradient blocks of a selected row, zeros for the others.
 
     The scale is ``scale[0]`` or, with HAS_COUNT, ``scale[0] ⊘ max(1, count[0])`` (g / |S| read on the device).
+    Grid ``(N, n_col_groups)``, or with FLAT_GRID ``(N·n_col_groups,)`` in row-major order, so that programs
+    launched one after another store along one row instead of one row apart.
     """
-    i = tl.program_id(0).to(tl.int64)
+    if FLAT_GRID:
+        pid = tl.program_id(0).to(tl.int64)
+        i = pid // n_col_groups
+        # col_group < n_col_groups < 2^31 (the launcher's bound): column offsets stay 32-bit, as in the 2-D grid.
+        col_group = (pid - i * n_col_groups).to(tl.int32)
+    else:
+        i = tl.program_id(0).to(tl.int64)
+        col_group = tl.program_id(1)
     b = i // T
     t = i - b * T
-    col0 = tl.program_id(1) * (BLOCK * BPP)
+    col0 = col_group * (BLOCK * BPP)
     offs = tl.arange(0, BLOCK)
     g_row = g_ptr + b * g_stride_b + t * g_stride_t
     sel = tl.load(sel_ptr + i)
@@ -203,6 +222,11 @@ def launch_selective_backward(geom: RowGeometry, targets: torch.Tensor, selected
 
     ``scale`` is a float32 device tensor of one element: ``g/max(1, |S|)``, or ``g`` when ``count`` (an int64
     device tensor of one element holding ``|S|``) is given - then the division happens in the kernel.
+
+    The grid is ``(N, G)`` with ``G = ceil(V/(BLOCK·blocks_per_program))`` column groups per row, or with
+    ``config.flat_grid`` the row-major ``(N·G,)``, whose consecutive programs store sequentially along a row
+    (see the module docstring). CUDA bounds the grid (x ≤ 2^31 − 1, y ≤ 65535 programs); a shape beyond
+    them raises ``ValueError`` before anything is launched.
     """
     n = geom.n
     if n == 0:
@@ -222,13 +246,28 @@ def launch_selective_backward(geom: RowGeometry, targets: torch.Tensor, selected
         g_sb, g_st = grad.stride(0), grad.stride(1)
     cfg = config if config is not None else backward_config(geom.vocab, grad.dtype)
     block = cfg.block
-    grid = (n, triton.cdiv(geom.vocab, block * cfg.blocks_per_program))
+    n_col_groups = triton.cdiv(geom.vocab, block * cfg.blocks_per_program)
+    if cfg.flat_grid:
+        if n * n_col_groups > _GRID_X_MAX:
+            raise ValueError(f"backward flat grid: N·G = {n}·{n_col_groups} = {n * n_col_groups} programs exceed "
+                             f"the grid limit {_GRID_X_MAX}; use larger blocks / blocks_per_program, or "
+                             f"flat_grid=False")
+        grid: tuple[int, ...] = (n * n_col_groups,)
+    else:
+        if n > _GRID_X_MAX:
+            raise ValueError(f"backward grid: N = {n} rows exceed the grid limit {_GRID_X_MAX}")
+        if n_col_groups > _GRID_Y_MAX:
+            raise ValueError(f"backward grid: G = ceil(V / (BLOCK·blocks_per_program)) = {n_col_groups} column "
+                             f"groups (V = {geom.vocab}, BLOCK = {block}, blocks_per_program = "
+                             f"{cfg.blocks_per_program}) exceed the grid's y limit {_GRID_Y_MAX}; use larger "
+                             f"blocks / blocks_per_program, or flat_grid=True")
+        grid = (n, n_col_groups)
     with device_guard(geom.x):
         _selective_backward_kernel[grid](
             geom.x, targets, selected, lse, scale, count if count is not None else scale, grad,
-            geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, g_sb, g_st,
+            geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, g_sb, g_st, n_col_groups,
             BLOCK=block, BPP=cfg.blocks_per_program, HAS_COUNT=count is not None, STORE_HINT=cfg.store_hint,
-            num_warps=cfg.num_warps,
+            FLAT_GRID=cfg.flat_grid, num_warps=cfg.num_warps,
         )
 
 

@@ -129,6 +129,10 @@ class LaunchConfig:
             ``(N, ceil(V / (BLOCK·blocks_per_program)))``).
         store_hint: backward only: cache modifier of the gradient stores (``''``, ``'.cs'``, ``'.wt'``,
             ``'.cg'``).
+        flat_grid: backward only: a 1-D grid of ``N·G`` programs (``G`` column groups per row), program
+            ``p`` writing group ``p mod G`` of row ``p div G``, so that programs launched one after another
+            store along one row (sequential addresses). False: the 2-D grid ``(N, G)``, whose fastest
+            index is the row (neighbouring programs store the same columns of different rows).
     """
 
     rows: int
@@ -140,6 +144,7 @@ class LaunchConfig:
     lazy_top2: bool = False
     blocks_per_program: int = 1
     store_hint: str = ""
+    flat_grid: bool = False
 
     def __post_init__(self) -> None:
         for name in ("rows", "group", "num_warps", "blocks_per_program"):
@@ -148,7 +153,7 @@ class LaunchConfig:
                 raise ValueError(f"LaunchConfig.{name}: expected a power of two >= 1, got {value!r}")
         if self.num_warps > 32:
             raise ValueError(f"LaunchConfig.num_warps: expected at most 32, got {self.num_warps}")
-        for name in ("ftz", "lazy_top2"):
+        for name in ("ftz", "lazy_top2", "flat_grid"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LaunchConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         if isinstance(self.persistent, bool) or not isinstance(self.persistent, int) or self.persistent < 0:
@@ -165,7 +170,7 @@ class LaunchConfig:
         return self.rows * self.group
 
     def describe(self) -> str:
-        """Short label, e.g. ``128x8 1w ftz p21``."""
+        """Short label, e.g. ``128x8 1w ftz p21`` or ``512x8 4w bpp2 flat``."""
         parts = [f"{self.rows}x{self.group}", f"{self.num_warps}w"]
         if self.ftz:
             parts.append("ftz")
@@ -179,6 +184,8 @@ class LaunchConfig:
             parts.append(f"bpp{self.blocks_per_program}")
         if self.store_hint:
             parts.append(f"st{self.store_hint}")
+        if self.flat_grid:
+            parts.append("flat")
         return " ".join(parts)
 
 
@@ -197,10 +204,13 @@ _STREAM_PERSISTENT = 0
 _STREAM_EVICT = ""
 #: Backward kernel: bytes of gradient per block (the grid is rows × column-block groups), with four 16-byte
 #: vectors per thread; ``_BACKWARD_BLOCKS_PER_PROGRAM`` consecutive blocks per program and the cache modifier
-#: of the gradient stores are sweep variants (``benchmarks/bench_selective_ce_torch.py``).
+#: of the gradient stores are sweep variants (``benchmarks/bench_selective_ce_torch.py``), and so is the
+#: flat (row-major) grid: the 2-D grid's launch order scatters consecutive programs' stores one row
+#: (V·elsize bytes) apart; the flat grid keeps them sequential, which may suit the DRAM write path better.
 _BACKWARD_BYTES = 8192
 _BACKWARD_BLOCKS_PER_PROGRAM = 1
 _BACKWARD_STORE_HINT = ""
+_BACKWARD_FLAT_GRID = False
 
 
 def _warps_for(rows: int) -> int:
@@ -235,7 +245,8 @@ def lse_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
 
 
 def backward_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
-    """Heuristic block for the backward kernel: grid ``(N, ceil(V/BLOCK))``, one flat block per program.
+    """Heuristic block for the backward kernel: one flat block per program, ``G = ceil(V/BLOCK)`` column
+    groups per row, on the grid ``(N, G)`` or (``_BACKWARD_FLAT_GRID``) the row-major 1-D grid ``(N·G,)``.
 
     ``BLOCK = _BACKWARD_BYTES`` of gradient (4096 bf16 / 2048 fp32; the next power of two ≥ V for short
     rows), ``num_warps = BLOCK / (32·4·GROUP)`` so that each thread stores four 16-byte vectors.
@@ -245,7 +256,8 @@ def backward_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
     block = max(group, min(_BACKWARD_BYTES // elsize, _next_pow2(vocab_size)))
     rows = block // group
     return LaunchConfig(rows=rows, group=group, num_warps=_warps_for(rows),
-                        blocks_per_program=_BACKWARD_BLOCKS_PER_PROGRAM, store_hint=_BACKWARD_STORE_HINT)
+                        blocks_per_program=_BACKWARD_BLOCKS_PER_PROGRAM, store_hint=_BACKWARD_STORE_HINT,
+                        flat_grid=_BACKWARD_FLAT_GRID)
 
 
 # ======================================================================================= input handling

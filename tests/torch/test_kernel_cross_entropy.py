@@ -35,6 +35,7 @@ V = 37
 IGN = -100
 FWD = ks.LaunchConfig(rows=4, group=4, num_warps=1)    # 16-wide blocks: 16 + 16 + ragged 5
 BWD = ks.LaunchConfig(rows=4, group=4, num_warps=1)    # backward grid (N, 3)
+BWD_FLAT = ks.LaunchConfig(rows=4, group=4, num_warps=1, flat_grid=True)    # backward grid (3·N,), row-major
 
 
 def reference(x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, scale: float = 1.0,
@@ -172,7 +173,8 @@ def test_poisoned_gradient_buffer_is_fully_written() -> None:
     assert (nll[~s] == 0).all() and (lse_out[~s] == 0).all()
 
 
-def test_strided_slice_and_3d() -> None:
+@pytest.mark.parametrize("bwd", [BWD, BWD_FLAT], ids=["grid2d", "flat"])
+def test_strided_slice_and_3d(bwd: ks.LaunchConfig) -> None:
     """``logits[:, :-1]`` of a (B, T+1, V) tensor: read in place, the gradient reaches the full tensor."""
     g = torch.Generator().manual_seed(5)
     full = torch.randn(2, 6, V, generator=g)
@@ -185,7 +187,7 @@ def test_strided_slice_and_3d() -> None:
         leaf = full.clone().to(DEVICE).requires_grad_(True)
         y = (leaf * 1)[:, :-1]
         loss = kce.selective_cross_entropy_triton(y, t.to(DEVICE), mask.to(DEVICE), ignore_index=IGN,
-                                                  inplace_backward=inplace, forward_config=FWD, backward_config=BWD)
+                                                  inplace_backward=inplace, forward_config=FWD, backward_config=bwd)
         loss.backward()
         assert abs(float(loss.detach()) - want_loss) <= 1e-5 + 1e-5 * abs(want_loss)
         torch.testing.assert_close(leaf.grad.cpu()[:, :-1].to(torch.float64), want_grad, atol=1e-6, rtol=1e-4)
@@ -282,10 +284,14 @@ def test_transposed_logits_are_copied_not_misread() -> None:
 
 @pytest.mark.parametrize("cfg", [ks.LaunchConfig(4, 4, 1, blocks_per_program=2),
                                  ks.LaunchConfig(4, 4, 1, blocks_per_program=4, store_hint=".cs"),
-                                 ks.LaunchConfig(2, 4, 1, store_hint=".cg")],
-                         ids=["bpp2", "bpp4-cs", "block8-cg"])
+                                 ks.LaunchConfig(2, 4, 1, store_hint=".cg"),
+                                 ks.LaunchConfig(4, 4, 1, flat_grid=True),
+                                 ks.LaunchConfig(4, 4, 1, blocks_per_program=2, store_hint=".cs", flat_grid=True),
+                                 ks.LaunchConfig(4, 4, 1, blocks_per_program=4, flat_grid=True)],
+                         ids=["bpp2", "bpp4-cs", "block8-cg", "flat", "flat-bpp2-cs", "flat-bpp4-one-group"])
 def test_backward_launch_variants(cfg: ks.LaunchConfig) -> None:
-    """Blocks per program and store cache modifiers change the schedule only: the same gradient."""
+    """Blocks per program, store cache modifiers and the flat grid change the schedule only: the same gradient
+    (``flat-bpp4-one-group``: one column group per row, so the flat grid is one program per row)."""
     x, t, mask = data(seed=12, dtype=torch.bfloat16)
     leaf = x.clone().to(DEVICE).requires_grad_(True)
     loss = kce.selective_cross_entropy_triton(leaf, t.to(DEVICE), mask.to(DEVICE), ignore_index=IGN,
@@ -332,3 +338,66 @@ def test_scored_selective_cross_entropy_and_masked_mean() -> None:
         kce.scored_selective_cross_entropy(leaf, geom, tf, mask.float().to(DEVICE), out[0], out[4], count)
     with pytest.raises(ValueError, match="count"):
         kce.scored_selective_cross_entropy(leaf, geom, tf, mask.to(DEVICE), out[0], out[4], count.int())
+
+
+@pytest.mark.parametrize("with_count", [False, True], ids=["scale", "count"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_flat_grid_backward_writes_every_element(dtype: torch.dtype, with_count: bool) -> None:
+    """The row-major 1-D grid against the float64 reference and, bit for bit, against the 2-D grid: a NaN
+    gradient buffer is fully overwritten (ragged last block included), ignored / unselected rows - NaN and
+    ±inf ones among them - get exact zeros, ``g/|S|`` from a host scalar or from the device count."""
+    x, t, mask = data(seed=14, dtype=dtype)
+    t[0] = V - 1                                         # a selected target in the ragged last block
+    x[5] = float("nan")
+    x[6] = float("-inf")
+    x[7, 2] = float("inf")
+    mask[5:8] = False
+    xd = x.to(DEVICE)
+    geom = ks.row_geometry(xd)
+    tf = ks.flat_targets(t.to(DEVICE))
+    sel = (mask.to(DEVICE) & (tf != IGN)).to(torch.uint8)
+    n_sel = int(sel.sum())
+    lse = torch.logsumexp(xd.float(), dim=-1)
+    g = 2.5
+    if with_count:
+        scale = torch.full((1,), g, device=DEVICE)
+        kw = {"count": torch.full((1,), n_sel, dtype=torch.int64, device=DEVICE)}
+    else:
+        scale = torch.full((1,), g / n_sel, device=DEVICE)
+        kw = {}
+    grads = {}
+    for cfg in (BWD_FLAT, BWD):
+        grads[cfg.flat_grid] = torch.full_like(xd, float("nan"))
+        kce.launch_selective_backward(geom, tf, sel, lse, scale, grads[cfg.flat_grid], cfg, **kw)
+    grad = grads[True]
+    assert not torch.isnan(grad).any()
+    assert (grad.cpu()[~sel.bool().cpu()] == 0).all()
+    _, want = reference(x, t, mask, scale=g)
+    tol = {torch.float32: (1e-6, 1e-4), torch.float16: (1e-6, 2e-3), torch.bfloat16: (1e-6, 8e-3)}[dtype]
+    torch.testing.assert_close(grad.cpu().to(torch.float64), want, atol=tol[0], rtol=tol[1])
+    torch.testing.assert_close(grad, grads[False], atol=0, rtol=0)
+
+
+def test_flat_grid_config_and_grid_limits() -> None:
+    """``flat_grid`` is a validated, labelled, off-by-default field; grids beyond CUDA's limits (x ≤ 2^31 − 1,
+    y ≤ 65535 programs) raise before any launch (views with stride 0 stand in for huge tensors)."""
+    assert ks.LaunchConfig(4, 4, 1, flat_grid=True).describe() == "4x4 1w flat"
+    assert BWD.describe() == "4x4 1w"
+    with pytest.raises(ValueError, match="LaunchConfig.flat_grid"):
+        ks.LaunchConfig(4, 4, 1, flat_grid=1)
+    assert not ks.backward_config(128256, torch.bfloat16).flat_grid
+
+    def launch(n: int, vocab: int, cfg: ks.LaunchConfig) -> None:
+        x = torch.zeros(1, vocab, device=DEVICE).expand(n, vocab)
+        small = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        kce.launch_selective_backward(ks.row_geometry(x), small, small.to(torch.uint8),
+                                      torch.zeros(1, device=DEVICE), torch.ones(1, device=DEVICE),
+                                      torch.zeros(1, vocab, device=DEVICE).expand(n, vocab), cfg)
+
+    with pytest.raises(ValueError, match="flat grid: N·G"):
+        launch(2**30, V, BWD_FLAT)                       # 3 column groups: 3·2^30 programs
+    with pytest.raises(ValueError, match="N = 2147483648 rows"):
+        launch(2**31, V, BWD)
+    v_big = 16 * 65535 + 1                               # 65536 column groups of 16
+    with pytest.raises(ValueError, match="y limit 65535"):
+        launch(2, v_big, BWD)
