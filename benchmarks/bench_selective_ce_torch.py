@@ -216,6 +216,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 fn = (lambda x, t, c=crit: c(x, t).backward())
             record(f"CGGRLoss {strategy}", fn, cggr_floor, kind="module", strategy=strategy)
+        # The docs' strategy with the flat (row-major) backward grid instead of the default 2-D grid.
+        crit_flat = CGGRLoss(selection="topk", dynamic_threshold=False, min_tokens_ratio=args.ratio, warmup_steps=0)
+
+        def topk_flat(x: torch.Tensor, t: torch.Tensor) -> None:
+            saved = ks._BACKWARD_FLAT_GRID
+            ks._BACKWARD_FLAT_GRID = True
+            try:
+                crit_flat(x, t).backward()
+            finally:
+                ks._BACKWARD_FLAT_GRID = saved
+        record("CGGRLoss topk, flat backward grid", topk_flat, cggr_floor, kind="module", strategy="topk+flat")
         crit_dyn = CGGRLoss(min_tokens_ratio=args.ratio, warmup_steps=0)
         record(f"CGGRLoss default ({crit_dyn.selection}, dynamic threshold)", lambda x, t: crit_dyn(x, t).backward(),
                None, kind="module", strategy=f"default={crit_dyn.selection}+dynamic")

@@ -2,6 +2,8 @@
 # One device-tool call = one batch of GPU work. Usage (on the GPU machine, repo root):
 #   bash benchmarks/gpu_session.sh kernels      # correctness at real sizes + kernel benchmarks
 #   bash benchmarks/gpu_session.sh models       # batch-split and fused-linear benchmarks
+#   bash benchmarks/gpu_session.sh kernels2     # selective CE (flat grid, floors) + fused LM head, GPU tests
+#   bash benchmarks/gpu_session.sh routers      # batch split with routers of 1, 2 and 4 layers
 # Logs and JSON go to $OUT (or ./out/gpu). Carried wheels in .whl/ (liger-kernel, cut-cross-entropy) are
 # installed into /tmp/site first; nothing is fetched from a registry.
 set -u
@@ -42,6 +44,17 @@ case "${1:-kernels}" in
     step bench_batch_split_jax 200 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --router-path auto,logits --out "$OUT/bench_batch_split_jax.json"
     step bench_fused_linear_torch 80 python3 benchmarks/bench_fused_linear_torch.py --out "$OUT/bench_fused_linear_torch.json"
     step bench_fused_linear_jax 80 python3 benchmarks/bench_fused_linear_jax.py --out "$OUT/bench_fused_linear_jax.json"
+    ;;
+  kernels2)
+    # Round 2 (session 2): the fused LM head's in-place gradient kernel, the flat backward grid, the floors.
+    step pytest_gpu_torch 120 bash -c 'python3 -m pytest -q -x -p no:cacheprovider tests/torch/test_kernel_fused_linear.py tests/torch/test_kernel_cross_entropy.py && python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/torch'
+    step bench_selective_ce_torch 170 python3 benchmarks/bench_selective_ce_torch.py --out "$OUT/bench_selective_ce_torch.json"
+    step bench_fused_linear_torch 170 python3 benchmarks/bench_fused_linear_torch.py --out "$OUT/bench_fused_linear_torch.json"
+    ;;
+  routers)
+    # Router depth sweep of the batch-split benchmark (what a shallower router buys against random_sequence).
+    step bench_batch_split_torch 230 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --router-layers 1,2,4 --router-path auto --out "$OUT/bench_batch_split_torch.json"
+    step bench_batch_split_jax 300 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --router-layers 1,2,4 --router-path auto --out "$OUT/bench_batch_split_jax.json"
     ;;
   quality1|quality2)
     # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many
