@@ -175,6 +175,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as err:
         notes["cce"] = f"not importable ({err})"
     methods["matmul"] = matmul
+
+    # Diagnostics of the forward: the blockwise GEMMs alone (no statistics), by row blocks of the default
+    # plan's size and twice it, and by vocabulary blocks of all rows - how much of the forward is GEMM shape.
+    def gemm_rows(rows: int) -> Callable[[], tuple]:
+        def run() -> tuple:
+            with torch.no_grad():
+                last = None
+                for r0 in range(0, N, rows):
+                    last = F.linear(hidden[r0:r0 + rows], weight)
+                    del last
+                return (hidden[:1].sum(),)
+        return run
+
+    def gemm_vocab(cols: int) -> Callable[[], tuple]:
+        def run() -> tuple:
+            with torch.no_grad():
+                for v0 in range(0, V, cols):
+                    z = F.linear(hidden, weight[v0:v0 + cols])
+                    del z
+                return (hidden[:1].sum(),)
+        return run
+
+    r_plan = plan_chunks(N, d, V, dtype).row_chunk
+    c_plan = max(128, (r_plan * V // N) // 128 * 128)  # the same logits bytes per block, as columns
+    methods[f"diag: forward GEMMs, {r_plan}-row blocks"] = gemm_rows(r_plan)
+    methods[f"diag: forward GEMMs, {2 * r_plan}-row blocks"] = gemm_rows(2 * r_plan)
+    methods[f"diag: forward GEMMs, {c_plan}-column blocks"] = gemm_vocab(c_plan)
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods or k.split("[")[0] in args.methods}
 

@@ -13,6 +13,10 @@ times ``jax.value_and_grad`` (w.r.t. the logits) under ``jit`` of
   found there and the best backward launch found here;
 * its parts: ``scoring kernel`` alone, ``selection`` alone (on precomputed difficulties; both for the first
   vocabulary only), and ``selective CE given mask+stats`` (fwd + sparse bwd only);
+* the same pipelines and CE part with the backward kernel on a flat row-major 1-D grid (``flat backward
+  grid`` rows: ``cggr_jax.kernels.cross_entropy.BACKWARD_FLAT_GRID = True`` while a fresh ``jit`` is traced
+  and timed, restored afterwards; the grid actually traced is checked and recorded as ``backward_grid``, the
+  CE part's gradient is compared with the 2-D grid's);
 * the backward's floor: ``write floor`` (XLA writing N·V zeros in the logits' dtype) + the selected fraction
   of ``read floor`` (XLA row max);
 * a sweep of ≤ 12 backward launches ``(block_rows, block_v, num_warps)`` of the selective CE given
@@ -53,6 +57,7 @@ from bench_scoring_jax import (  # noqa: E402
     time_fn,
     triton_deprecation_note,
 )
+from cggr_jax.kernels import cross_entropy as ce_module  # noqa: E402
 from cggr_jax.kernels import (  # noqa: E402
     BACKWARD_DEFAULTS,
     Launch,
@@ -69,6 +74,40 @@ from cggr_jax.selection import select_tokens  # noqa: E402
 #: 2-16 KiB tiles of one row with 1-8 warps; 2-8 rows per tile (fewer, larger programs).
 SWEEP = [(1, 8192, 4), (1, 4096, 2), (1, 8192, 8), (1, 16384, 8), (1, 16384, 4), (1, 4096, 1), (1, 2048, 1),
          (2, 8192, 8), (2, 4096, 4), (4, 4096, 8), (4, 2048, 4), (8, 2048, 8)]
+
+
+def backward_grids(fn: Any, fargs: Sequence[Any]) -> list[tuple[int, ...]]:
+    """Grids of the backward kernel's ``pallas_call`` (``cggr_selective_ce_grad``) in the jaxpr of ``fn``."""
+    grids: list[tuple[int, ...]] = []
+
+    def walk(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call" and "cggr_selective_ce_grad" in str(eqn.params.get("name")):
+                grids.append(tuple(eqn.params["grid_mapping"].grid))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*fargs).jaxpr)
+    return grids
+
+
+def with_flat_backward_grid(make_fn: Any, fargs: Sequence[Any], run: Any) -> tuple[Any, list[tuple[int, ...]]]:
+    """``run(jax.jit(make_fn()))`` with ``BACKWARD_FLAT_GRID = True`` (restored afterwards, also on error).
+    ``make_fn`` must build a new function: a ``jit`` traced before keeps the grid it was traced with. Raises
+    ``RuntimeError`` when the traced backward kernel is not on a 1-D grid (a mislabelled measurement)."""
+    saved = ce_module.BACKWARD_FLAT_GRID
+    ce_module.BACKWARD_FLAT_GRID = True
+    try:
+        fn = jax.jit(make_fn())
+        grids = backward_grids(fn, fargs)
+        if not grids or any(len(g) != 1 for g in grids):
+            raise RuntimeError(f"BACKWARD_FLAT_GRID = True traced backward grids {grids}, expected 1-D")
+        return run(fn), grids
+    finally:
+        ce_module.BACKWARD_FLAT_GRID = saved
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -121,6 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def dump(best_line: Optional[str] = None) -> None:
         with open(args.out, "w") as f:
             json.dump({"benchmark": "selective_ce_jax", "env": env, "note": note, "args": vars(args),
+                       "backward_flat_grid_default": ce_module.BACKWARD_FLAT_GRID,
                        "best_backward_launch": None if best_backward is None else best_backward.kwargs(),
                        "best_backward_defaults_line": best_line, "summary": summary, "results": results,
                        "scoring": scoring_json}, f, indent=2)
@@ -153,6 +193,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         default_pipe = record("cggr pallas: score+select+CE (default launches)",
                               jax.jit(jax.value_and_grad(pipeline, has_aux=True)), [x, t, ratio])
+        flat_pipe, _ = with_flat_backward_grid(
+            lambda: jax.value_and_grad(lambda a, b, r: pipeline(a, b, r), has_aux=True), [x, t, ratio],
+            lambda fn: record("cggr pallas: score+select+CE (default launches, flat backward grid)", fn,
+                              [x, t, ratio], backward_flat_grid=True))
 
         stats_fn = jax.jit(lambda a, b: token_statistics_pallas(a, b, interpret=interpret))
         stats = stats_fn(x, t)
@@ -171,13 +215,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ce_default = jax.jit(jax.value_and_grad(lambda a, b, m, s: ce(a, b, m, s, Launch())))
         _, g_ref = jax.block_until_ready(ce_default(x, t, mask, stats))
         ce_part = record("  selective CE given mask+stats (default backward)", ce_default, [x, t, mask, stats])
-        write = record("  write floor (XLA zeros, N·V)", jax.jit(lambda a: jnp.zeros_like(a)), [x])
-        read = record("  read floor (XLA row max, N·V)", jax.jit(lambda a: jnp.max(a, axis=-1)), [x])
-        bwd_floor = write["median_ms"] + frac * read["median_ms"]
 
         @jax.jit
         def max_diff(g: jax.Array, h: jax.Array) -> jax.Array:
             return jnp.max(jnp.abs(g.astype(jnp.float32) - h.astype(jnp.float32)))
+
+        def time_flat_ce(fn: Any) -> dict[str, Any]:
+            _, g = jax.block_until_ready(fn(x, t, mask, stats))
+            worst = float(max_diff(g, g_ref))
+            del g
+            r = record("  selective CE given mask+stats (default backward, flat grid)", fn, [x, t, mask, stats],
+                       backward_flat_grid=True, max_abs_diff_vs_default=worst)
+            r["agrees_with_default"] = worst <= 1e-6
+            return r
+
+        ce_flat, grids = with_flat_backward_grid(
+            lambda: jax.value_and_grad(lambda a, b, m, s: ce(a, b, m, s, Launch())), [x, t, mask, stats],
+            time_flat_ce)
+        ce_flat["backward_grid"] = [list(g) for g in grids]
+        print(f"  CE given mask+stats, flat backward grid {grids}: {ce_flat['median_ms']:.3f} ms vs 2-D grid "
+              f"{ce_part['median_ms']:.3f} ms  " + ("ok" if ce_flat["agrees_with_default"] else
+                                                    f"DISAGREES (max |diff| {ce_flat['max_abs_diff_vs_default']:.2e})"),
+              flush=True)
+        write = record("  write floor (XLA zeros, N·V)", jax.jit(lambda a: jnp.zeros_like(a)), [x])
+        read = record("  read floor (XLA row max, N·V)", jax.jit(lambda a: jnp.max(a, axis=-1)), [x])
+        bwd_floor = write["median_ms"] + frac * read["median_ms"]
 
         candidates: list[Launch] = []
         if not args.no_sweep:
@@ -207,12 +269,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 best = (r["median_ms"], launch)
         if best is not None and vi == 0:
             best_backward = best[1]
-        tuned = None
+        tuned = tuned_flat = None
         if best_scoring is not None or best_backward is not None:
             tuned = record("cggr pallas: score+select+CE (best launches)", jax.jit(jax.value_and_grad(
                 lambda a, b, r: pipeline(a, b, r, best_scoring, best_backward), has_aux=True)), [x, t, ratio],
                 scoring_launch=None if best_scoring is None else best_scoring.kwargs(),
                 backward_launch=None if best_backward is None else best_backward.kwargs())
+            tuned_flat, _ = with_flat_backward_grid(
+                lambda: jax.value_and_grad(lambda a, b, r: pipeline(a, b, r, best_scoring, best_backward),
+                                           has_aux=True), [x, t, ratio],
+                lambda fn: record("cggr pallas: score+select+CE (best launches, flat backward grid)", fn,
+                                  [x, t, ratio], backward_flat_grid=True,
+                                  scoring_launch=None if best_scoring is None else best_scoring.kwargs(),
+                                  backward_launch=None if best_backward is None else best_backward.kwargs()))
         for r in rows:
             r["speedup_vs_optax_dense"] = dense["median_ms"] / r["median_ms"]
             r["x_backward_floor"] = r["median_ms"] / bwd_floor
@@ -228,9 +297,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{r['speedup_vs_optax_dense']:.2f} |")
         dcfg = kernel_config(v, itemsize, defaults=BACKWARD_DEFAULTS)
         line = (f"V={v}: optax dense {dense['median_ms']:.3f} ms; pipeline default {default_pipe['median_ms']:.3f} ms"
+                f" (flat backward grid {flat_pipe['median_ms']:.3f} ms)"
                 + (f", tuned {tuned['median_ms']:.3f} ms" if tuned else "")
+                + (f" (flat backward grid {tuned_flat['median_ms']:.3f} ms)" if tuned_flat else "")
                 + f"; CE given mask+stats (R={dcfg.block_rows} bv={dcfg.block_v} w={dcfg.num_warps}) "
-                f"{ce_part['median_ms']:.3f} ms = {ce_part['median_ms'] / bwd_floor:.2f}x floor {bwd_floor:.3f}")
+                f"{ce_part['median_ms']:.3f} ms = {ce_part['median_ms'] / bwd_floor:.2f}x floor {bwd_floor:.3f}"
+                f" (flat backward grid {ce_flat['median_ms']:.3f} ms = {ce_flat['median_ms'] / bwd_floor:.2f}x"
+                + ("" if ce_flat["agrees_with_default"] else ", DISAGREES with the 2-D grid") + ")")
         if best is not None:
             line += f"; best backward {launch_name(best[1].kwargs())} {best[0]:.3f} ms = {best[0] / bwd_floor:.2f}x"
         summary.append(line)

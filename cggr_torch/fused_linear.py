@@ -266,7 +266,7 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
                         ks.launch_scoring(geom, t_c, ignore_index, ks._NO_DIFFICULTY, out[:, r0:r1],
                                           finite[r0:r1])
                     z.record_stream(side)  # the allocator keeps the block until the side stream is done
-                del z
+                del z, geom  # geom holds z too: both must go before the next block is allocated
             if side is not None:
                 main.wait_stream(side)
             return TokenStatistics(*(out[k] for k in range(5)))
@@ -410,6 +410,7 @@ class _SelectedRowsCrossEntropy(torch.autograd.Function):
                         if need_b:
                             grad_b32[v0:v1] = colsum.sum(dim=0)
                         g_c = z
+                        del z  # only g_c may hold the chunk, or two chunks coexist at the next F.linear
                     else:
                         g = z.to(torch.float32)
                         del z

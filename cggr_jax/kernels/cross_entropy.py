@@ -10,8 +10,9 @@ Forward. ``nll`` and ``lse`` come from the scoring kernel (:mod:`cggr_jax.kernel
 as ``stats=`` (the scores the selection was made from — then the loss reads no logits at all), or computed
 here with the kernel's row mask, which reads only programs holding a selected row.
 
-Backward. The gradient is written tile by tile: grid ``(⌈N / R⌉, ⌈V / block_v⌉)``, one ``(R, block_v)``
-tile per program (``R = block_rows``), no loop. A tile reads the logits of its *selected* rows only (the
+Backward. The gradient is written tile by tile: grid ``(⌈N / R⌉, ⌈V / block_v⌉)`` (or, with
+:data:`BACKWARD_FLAT_GRID`, the same tiles on a flat row-major 1-D grid), one ``(R, block_v)`` tile per
+program (``R = block_rows``), no loop. A tile reads the logits of its *selected* rows only (the
 load is masked per row) and writes ``(2^{(z − lse)·log2 e} − onehot(t)) · g / |S|`` there — the softmax
 from the saved ``lse``, no second reduction — and exact zeros in every other row; a tile without a selected
 row reads nothing and only stores zeros. Tiles at the edges mask their stores: the columns ``≥ V`` of the
@@ -63,15 +64,35 @@ if TYPE_CHECKING:
 
 __all__ = ["selective_cross_entropy_pallas", "scored_selective_cross_entropy_pallas"]
 
+#: Grid order of the backward kernel (experimental; read by :func:`_ce_grad` when the backward is traced).
+#: ``False`` (default): the 2-D grid ``(⌈N / R⌉, ⌈V / block_v⌉)``. The Triton lowering launches
+#: ``program_id(0)`` fastest, so consecutive programs write the *same* column tile of successive row tiles —
+#: stores one logits row (``V·itemsize``, ~250 KB for V = 128256 bf16) apart. ``True``: a flat 1-D grid of
+#: ``⌈N / R⌉·⌈V / block_v⌉`` programs in row-major order (row tile ``pid // n_col_tiles``, column tile
+#: ``pid mod n_col_tiles``), so consecutive programs walk along one row and their stores are contiguous. In
+#: the PyTorch/Triton twin of this kernel that made the backward 10 % faster on an H200 (1316 → 1183 µs,
+#: N = 16384, V = 128256 bf16); the Pallas variant is not measured yet, hence the default stays ``False``.
+#: Both give bit-identical gradients. ``benchmarks/bench_selective_ce_jax.py`` toggles it (set it, then
+#: build a fresh ``jax.jit``: a function already traced keeps the grid it was traced with).
+BACKWARD_FLAT_GRID = False
+
+#: Largest flat grid (programs): CUDA's ``gridDim.x`` limit, and ``program_id`` is int32.
+_MAX_FLAT_PROGRAMS = 2**31 - 1
+
 
 # ---------------------------------------------------------------------------------------- backward kernel
 def _ce_grad_kernel(tgt_ref: Any, sel_ref: Any, lse_ref: Any, scale_ref: Any, x_ref: Any, g_ref: Any, *,
-                    n: int, v: int, rows: int, block_v: int, interpret: bool) -> None:
+                    n: int, v: int, rows: int, block_v: int, interpret: bool, flat: bool) -> None:
     f32 = jnp.float32
-    row0, safe, in_range = program_rows(n, rows)
+    if flat:  # 1-D row-major grid: program pid = i·n_col_tiles + j (the grid size fits int32, see _ce_grad)
+        n_col_tiles = pl.cdiv(v, block_v)
+        pid = pl.program_id(0)
+        i, j = lax.div(pid, n_col_tiles), lax.rem(pid, n_col_tiles)  # pid ≥ 0: C division = floor division
+    else:  # 2-D grid (row tile, column tile)
+        i, j = pl.program_id(0), pl.program_id(1)
+    row0, safe, in_range = program_rows(n, rows, i)
     sel = (sel_ref[safe] != 0) & in_range                      # (R,) selected real rows
     any_sel = jnp.max(sel.astype(jnp.int32)) > 0
-    j = pl.program_id(1)
     start = pl.multiple_of(j * block_v, block_v)
     shape = (rows, block_v)
     view = (pl.ds(row0, rows), pl.ds(start, block_v))
@@ -113,13 +134,25 @@ def _ce_grad_kernel(tgt_ref: Any, sel_ref: Any, lse_ref: Any, scale_ref: Any, x_
 def _ce_grad(logits2d: jax.Array, tgt: jax.Array, sel: jax.Array, lse: jax.Array, scale: jax.Array,
              cfg: KernelConfig) -> jax.Array:
     n, v = logits2d.shape
+    flat = bool(BACKWARD_FLAT_GRID)  # read at trace time
+    n_row_tiles, n_col_tiles = pl.cdiv(n, cfg.block_rows), pl.cdiv(v, cfg.block_v)
+    if flat:
+        if n_row_tiles * n_col_tiles > _MAX_FLAT_PROGRAMS:
+            raise ValueError(
+                f"BACKWARD_FLAT_GRID: logits of shape ({n}, {v}) with block_rows={cfg.block_rows}, "
+                f"block_v={cfg.block_v} need {n_row_tiles} x {n_col_tiles} = {n_row_tiles * n_col_tiles} "
+                f"programs, more than the {_MAX_FLAT_PROGRAMS} a flat (int32) grid can index; use larger "
+                f"blocks or BACKWARD_FLAT_GRID = False")
+        grid: tuple[int, ...] = (n_row_tiles * n_col_tiles,)
+    else:
+        grid = (n_row_tiles, n_col_tiles)
     kernel = bind(_ce_grad_kernel, n=n, v=v, rows=cfg.block_rows, block_v=cfg.block_v,
-                  interpret=cfg.interpret)
+                  interpret=cfg.interpret, flat=flat)
     args = [tgt, sel.astype(jnp.int32), lse, scale.reshape(1).astype(jnp.float32), logits2d]
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n, v), logits2d.dtype),
-        grid=(pl.cdiv(n, cfg.block_rows), pl.cdiv(v, cfg.block_v)),
+        grid=grid,
         in_specs=[whole(a.shape) for a in args],
         out_specs=whole((n, v)),
         name="cggr_selective_ce_grad",

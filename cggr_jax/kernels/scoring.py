@@ -311,11 +311,13 @@ def whole(shape: Sequence[int]) -> Any:
     return pl.BlockSpec(shape, lambda *ids: zeros)
 
 
-def program_rows(n: int, rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def program_rows(n: int, rows: int, tile: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(row0, safe, in_range)`` of this program's rows ``row0 … row0 + rows − 1``: ``safe`` (``(rows,)``)
     clamped to ``n − 1`` (always a legal gather index) and ``in_range`` whether each is a real row
-    (``< n``)."""
-    row0 = pl.multiple_of(pl.program_id(0) * rows, rows)
+    (``< n``). ``tile``: the row-tile index (``row0 = tile·rows``); ``None`` = ``pl.program_id(0)``."""
+    if tile is None:
+        tile = pl.program_id(0)
+    row0 = pl.multiple_of(tile * rows, rows)
     ids = row0 + lax.broadcasted_iota(jnp.int32, (rows,), 0)
     return row0, jnp.minimum(ids, n - 1), ids < n
 

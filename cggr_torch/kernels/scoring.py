@@ -206,11 +206,13 @@ _STREAM_EVICT = ""
 #: vectors per thread; ``_BACKWARD_BLOCKS_PER_PROGRAM`` consecutive blocks per program and the cache modifier
 #: of the gradient stores are sweep variants (``benchmarks/bench_selective_ce_torch.py``), and so is the
 #: flat (row-major) grid: the 2-D grid's launch order scatters consecutive programs' stores one row
-#: (V·elsize bytes) apart; the flat grid keeps them sequential, which may suit the DRAM write path better.
+#: (V·elsize bytes) apart; the flat grid keeps them sequential, which suits the DRAM write path better.
+#: H200 run 9 (benchmarks/RESULTS.md), N = 16384, V = 128256 bf16, 25 % selected: 2-D grid 1316 µs, flat
+#: 1183 µs, flat + streaming stores (``.cs``) 1175 µs (1439 / 1215 / 1204 µs at V = 131072) - adopted.
 _BACKWARD_BYTES = 8192
 _BACKWARD_BLOCKS_PER_PROGRAM = 1
-_BACKWARD_STORE_HINT = ""
-_BACKWARD_FLAT_GRID = False
+_BACKWARD_STORE_HINT = ".cs"
+_BACKWARD_FLAT_GRID = True
 
 
 def _warps_for(rows: int) -> int:

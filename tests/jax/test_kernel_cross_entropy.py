@@ -19,6 +19,7 @@ from cggr_jax.kernels import (
     selective_cross_entropy_pallas,
     token_statistics_pallas,
 )
+from cggr_jax.kernels import cross_entropy as ce_module
 from cggr_jax.scoring import TokenStatistics, difficulty_from_statistics
 from tests import oracle
 
@@ -245,13 +246,17 @@ def test_triton_lowering_forward_backward() -> None:
     assert text.count("triton") >= 2  # the row-masked forward and the gradient kernel
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["grid2d", "flat"])
 @pytest.mark.parametrize("n,v,rows,bv,ragged_rows,ragged_cols", [
     (23, 203, 4, 64, True, True), (24, 256, 4, 64, False, False), (17_000, 128_256, 2, 4096, False, True)])
 def test_triton_ir_backward_masks(n: int, v: int, rows: int, bv: int, ragged_rows: bool,
-                                  ragged_cols: bool) -> None:
+                                  ragged_cols: bool, flat: bool, monkeypatch) -> None:
     """GPU path of the backward kernel: with a ragged row block every gradient store is masked; otherwise
-    only the stores of the ragged column tile are; the logits are only read under the selected-row mask."""
+    only the stores of the ragged column tile are; the logits are only read under the selected-row mask.
+    Both grid orders (``BACKWARD_FLAT_GRID``): the flat grid reads only program id x."""
     from tests.jax.test_kernel_scoring import memory_ops, triton_ir
+
+    monkeypatch.setattr(ce_module, "BACKWARD_FLAT_GRID", flat)
 
     def grad(x, t, m, lse, nll):
         stats = TokenStatistics(lse, lse, lse, lse, nll)
@@ -262,6 +267,7 @@ def test_triton_ir_backward_masks(n: int, v: int, rows: int, bv: int, ragged_row
     ttirs = triton_ir(grad, jax.ShapeDtypeStruct((n, v), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.int32),
                       jax.ShapeDtypeStruct((n,), jnp.bool_), f32, f32)
     [ttir] = [t for t in ttirs if "cggr_selective_ce_grad" in t]
+    assert ("tt.get_program_id y" in ttir) is not flat
     stores = [k for k, ty in memory_ops(ttir, "tt.store") if ty == "bf16"]
     loads = [k for k, ty in memory_ops(ttir, "tt.load") if ty == "bf16"]
     assert stores and loads and all(k >= 2 for k in loads)  # x is read only for selected rows
@@ -271,3 +277,115 @@ def test_triton_ir_backward_masks(n: int, v: int, rows: int, bv: int, ragged_row
         assert sorted(set(k for k in stores)) == [2, 3]  # full column tiles unmasked, the ragged one masked
     else:
         assert all(k == 2 for k in stores)
+
+
+# ----------------------------------------------------------------- flat row-major grid (BACKWARD_FLAT_GRID)
+def ce_grad_grids(fn, *args) -> list[tuple[int, ...]]:
+    """The grids of the backward kernel's ``pallas_call`` in the jaxpr of ``fn(*args)``."""
+    grids: list[tuple[int, ...]] = []
+
+    def walk(jaxpr) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call" and "cggr_selective_ce_grad" in str(eqn.params["name"]):
+                grids.append(tuple(eqn.params["grid_mapping"].grid))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return grids
+
+
+def flat_and_grid2d(monkeypatch, make_fn, *args) -> tuple[tuple, tuple]:
+    """``make_fn()`` — a fresh function each call, so no trace of one grid order is reused for the other —
+    run with ``BACKWARD_FLAT_GRID`` True and False; the backward kernel's grid is checked to be 1-D / 2-D."""
+    out = []
+    for flat in (True, False):
+        monkeypatch.setattr(ce_module, "BACKWARD_FLAT_GRID", flat)
+        grids = ce_grad_grids(make_fn(), *args)
+        assert grids and all(len(g) == (1 if flat else 2) for g in grids), grids
+        out.append((grids, jax.jit(make_fn())(*args)))
+    return out[0], out[1]
+
+
+#: (dtype, N, V, backward launch): a ragged last row tile and a ragged last column tile with several rows per
+#: program (fp32), one-row programs over 7 column tiles (bf16), 8-row programs (fp16; 23 = 2·8 + 7), and N, V
+#: multiples of the tile (no ragged tile at all, fp32).
+FLAT_CASES = [
+    ("float32", 23, 203, dict(block_rows=4, block_v=64, num_warps=2)),
+    ("bfloat16", 23, 203, dict(block_rows=1, block_v=32, num_warps=1)),
+    ("float16", 23, 203, dict(block_rows=8, block_v=32, num_warps=4)),
+    ("float32", 24, 256, dict(block_rows=4, block_v=64, num_warps=4)),
+]
+
+
+@pytest.mark.parametrize("dtype,n,v,backward", FLAT_CASES,
+                         ids=[f"{d}-{n}x{v}-R{b['block_rows']}-bv{b['block_v']}" for d, n, v, b in FLAT_CASES])
+def test_flat_grid_loss_and_grad(dtype: str, n: int, v: int, backward: dict, monkeypatch) -> None:
+    """``BACKWARD_FLAT_GRID = True``: a 1-D grid of ``⌈N/R⌉·⌈V/block_v⌉`` programs; loss and gradient
+    against the float64 oracle and jax.grad (ignored row in the mask, NaN/+inf rows unselected: exactly zero
+    gradient in every unselected row), and bit-identical to the 2-D grid."""
+    z, t, mask = make_batch(DTYPES[dtype], n=n, v=v, seed=4)
+    logits = jnp.asarray(z, DTYPES[dtype])
+    tj, mj = jnp.asarray(t), jnp.asarray(mask)
+    stats = token_statistics_pallas(logits, tj, interpret=True, block_v=64)
+    make = lambda: jax.value_and_grad(lambda x: selective_cross_entropy_pallas(  # noqa: E731
+        x, tj, mj, stats=stats, interpret=True, **backward))
+    (grids, (loss, grad)), (_, (loss2d, grad2d)) = flat_and_grid2d(monkeypatch, make, logits)
+    tiles = -(-n // backward["block_rows"]) * -(-v // backward["block_v"])
+    assert grids == [(tiles,)]
+    sel = mask & (t != IGNORE)
+    assert sel[-1] or sel[-2] or sel[-3]  # selected rows in the last row tile
+    check_against_references(loss, grad, z, t, sel, dtype, logits)
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(grad2d))
+    assert float(loss) == float(loss2d)
+
+
+def test_flat_grid_nothing_selected_all_ignored_nonfinite(monkeypatch) -> None:
+    """Flat grid: nothing selected / every token ignored → loss 0 and an all-zero gradient; a mask selecting
+    the NaN and +inf rows drops them (zero gradient there, no NaN anywhere, same as the 2-D grid)."""
+    z, t, mask = make_batch(jnp.float32, n=9, v=70, seed=2)
+    mask = mask.copy()
+    mask[3] = mask[4] = True  # NaN row and +inf row
+    logits = jnp.asarray(z)
+    make = lambda: jax.value_and_grad(lambda x, tt, m: selective_cross_entropy_pallas(  # noqa: E731
+        x, tt, m, interpret=True, block_rows=2, block_v=32, scoring_launch=Launch(block_rows=2, block_v=32)))
+    (grids, (loss, grad)), (_, (_, grad2d)) = flat_and_grid2d(monkeypatch, make, logits, jnp.asarray(t),
+                                                              jnp.asarray(mask))
+    assert grids == [(5 * 3,)]
+    sel = mask & (t != IGNORE)
+    sel[3] = sel[4] = False
+    ref_loss, ref_grad = oracle_loss_grad(z, t, sel)
+    np.testing.assert_allclose(float(loss), ref_loss, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), ref_grad, atol=1e-5, rtol=1e-4)
+    assert (np.asarray(grad)[~sel] == 0).all()
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(grad2d))
+    monkeypatch.setattr(ce_module, "BACKWARD_FLAT_GRID", True)
+    fn = jax.jit(make())
+    assert ce_grad_grids(fn, logits, jnp.asarray(t), jnp.asarray(mask)) == [(15,)]
+    for tt, m in ((t, np.zeros(9, bool)), (np.full(9, IGNORE, np.int32), np.ones(9, bool))):
+        loss, grad = fn(logits, jnp.asarray(tt), jnp.asarray(m))
+        assert float(loss) == 0.0
+        assert not np.isnan(np.asarray(grad)).any() and (np.asarray(grad) == 0).all()
+
+
+def test_flat_grid_too_many_programs(monkeypatch) -> None:
+    """A flat grid of more than 2^31 − 1 programs is refused at trace time with the shapes in the message;
+    the same shapes trace with the 2-D grid."""
+    n, v = 2**20, 2**17  # 2^20 row tiles × 2^13 column tiles of 16 = 2^33 programs
+
+    def fn(x, t, m, lse, nll):
+        stats = TokenStatistics(lse, lse, lse, lse, nll)
+        return jax.grad(lambda a: selective_cross_entropy_pallas(
+            a, t, m, stats=stats, interpret=True, block_rows=1, block_v=16))(x)
+
+    f32 = jax.ShapeDtypeStruct((n,), jnp.float32)
+    shapes = (jax.ShapeDtypeStruct((n, v), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.int32),
+              jax.ShapeDtypeStruct((n,), jnp.bool_), f32, f32)
+    monkeypatch.setattr(ce_module, "BACKWARD_FLAT_GRID", True)
+    with pytest.raises(ValueError, match=rf"BACKWARD_FLAT_GRID.*\({n}, {v}\).*{2**33}"):
+        jax.eval_shape(lambda *a: fn(*a), *shapes)
+    monkeypatch.setattr(ce_module, "BACKWARD_FLAT_GRID", False)
+    assert jax.eval_shape(lambda *a: fn(*a), *shapes).shape == (n, v)
