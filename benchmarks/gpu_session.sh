@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_session.sh kernels      # correctness at real sizes + kernel benchmarks
 #   bash benchmarks/gpu_session.sh models       # batch-split and fused-linear benchmarks
 #   bash benchmarks/gpu_session.sh kernels2     # selective CE (flat grid, floors) + fused LM head, GPU tests
+#   bash benchmarks/gpu_session.sh kernels3     # adopted flat backward at real sizes, Pallas flat, fused LM head
 #   bash benchmarks/gpu_session.sh routers      # batch split with routers of 1, 2 and 4 layers
 # Logs and JSON go to $OUT (or ./out/gpu). Carried wheels in .whl/ (liger-kernel, cut-cross-entropy) are
 # installed into /tmp/site first; nothing is fetched from a registry.
@@ -50,6 +51,15 @@ case "${1:-kernels}" in
     step pytest_gpu_torch 120 bash -c 'python3 -m pytest -q -x -p no:cacheprovider tests/torch/test_kernel_fused_linear.py tests/torch/test_kernel_cross_entropy.py && python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/torch'
     step bench_selective_ce_torch 170 python3 benchmarks/bench_selective_ce_torch.py --out "$OUT/bench_selective_ce_torch.json"
     step bench_fused_linear_torch 170 python3 benchmarks/bench_fused_linear_torch.py --out "$OUT/bench_fused_linear_torch.json"
+    ;;
+  kernels3)
+    # Round 3 (session 2): the adopted flat Triton backward verified at real sizes, the Pallas flat variant,
+    # the fused LM head after the memory fix with its forward GEMM diagnostics.
+    step gpu_check_torch 130 python3 benchmarks/gpu_check_torch.py
+    step pytest_gpu 120 bash -c 'python3 -m pytest -q -x -p no:cacheprovider tests/torch/test_kernel_cross_entropy.py tests/torch/test_kernel_fused_linear.py && JAX_PLATFORMS=cuda python3 -m pytest -q -x -p no:cacheprovider tests/jax/test_kernel_cross_entropy.py'
+    step bench_selective_ce_torch 100 python3 benchmarks/bench_selective_ce_torch.py --no-sweep --out "$OUT/bench_selective_ce_torch.json"
+    step bench_selective_ce_jax 130 python3 benchmarks/bench_selective_ce_jax.py --out "$OUT/bench_selective_ce_jax.json"
+    step bench_fused_linear_torch 100 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --out "$OUT/bench_fused_linear_torch.json"
     ;;
   routers)
     # Router depth sweep of the batch-split benchmark (what a shallower router buys against random_sequence).
