@@ -258,13 +258,16 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
                 z = F.linear(hidden2d[r0:r1], weight, bias)
                 geom = ks.row_geometry(z)
                 t_c = None if t is None else t[r0:r1]
+                # A block has few rows: widen each row's program so that the GPU still streams at full rate.
+                cfg = ks.scoring_config_for_rows(r1 - r0, geom.vocab, z.dtype, ks.num_sms(z))
                 if side is None:
-                    ks.launch_scoring(geom, t_c, ignore_index, ks._NO_DIFFICULTY, out[:, r0:r1], finite[r0:r1])
+                    ks.launch_scoring(geom, t_c, ignore_index, ks._NO_DIFFICULTY, out[:, r0:r1], finite[r0:r1],
+                                      cfg)
                 else:
                     side.wait_stream(main)
                     with torch.cuda.stream(side):
                         ks.launch_scoring(geom, t_c, ignore_index, ks._NO_DIFFICULTY, out[:, r0:r1],
-                                          finite[r0:r1])
+                                          finite[r0:r1], cfg)
                     z.record_stream(side)  # the allocator keeps the block until the side stream is done
                 del z, geom  # geom holds z too: both must go before the next block is allocated
             if side is not None:

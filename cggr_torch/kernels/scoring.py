@@ -66,6 +66,7 @@ subnormal fix-up), ``d`` 1, ``s`` 2, top-2 3 (lazy: 0.9) - i.e. ~12.7 instructio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import numbers
 import os
@@ -237,6 +238,30 @@ def scoring_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
     ftz = _STREAM_FTZ and not _interpreting()
     return LaunchConfig(rows=block // group, group=group, num_warps=_STREAM_WARPS, ftz=ftz,
                         persistent=_STREAM_PERSISTENT, lazy_top2=_STREAM_LAZY_TOP2, evict=_STREAM_EVICT)
+
+
+#: One-warp scoring programs resident per SM below which the stream cannot keep enough loads in flight:
+#: with fewer rows than ``_STREAM_MIN_WARPS_PER_SM · #SM`` each row gets several warps (see
+#: :func:`scoring_config_for_rows`). The fused LM head scores blocks of ~900 rows: at one warp per row an
+#: H200 (132 SMs) then holds ~7 warps per SM and reads at roughly half the bandwidth (run 10).
+_STREAM_MIN_WARPS_PER_SM = 16
+
+
+def scoring_config_for_rows(n_rows: int, vocab_size: int, dtype: torch.dtype, sms: int) -> LaunchConfig:
+    """:func:`scoring_config` for a launch of only ``n_rows`` rows on ``sms`` SMs.
+
+    With ``n_rows ≥ _STREAM_MIN_WARPS_PER_SM · sms`` this is :func:`scoring_config` (one warp per row). With
+    fewer rows each program gets ``w = min(8, next_pow2(⌈16·sms / n_rows⌉))`` warps and ``ROWS = 128·w`` lanes
+    (still four 16-byte loads per thread per iteration; the per-block maximum then crosses warps), with
+    ``ROWS`` clipped to the row length like the default and ``w`` to ``ROWS / 128``. Same statistics up to the summation order of the lanes.
+    """
+    base = scoring_config(vocab_size, dtype)
+    target = _STREAM_MIN_WARPS_PER_SM * max(1, int(sms))
+    if n_rows <= 0 or n_rows >= target:
+        return base
+    warps = min(8, _next_pow2(-(-target // int(n_rows))))
+    rows = max(1, min(_STREAM_ROWS * warps, _next_pow2(vocab_size) // base.group))
+    return dataclasses.replace(base, rows=rows, num_warps=max(1, min(warps, rows // _STREAM_ROWS)))
 
 
 def lse_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:

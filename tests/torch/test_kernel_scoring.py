@@ -271,6 +271,27 @@ def test_heuristics() -> None:
     assert ks.backward_config(3, torch.bfloat16).block == 8
 
 
+def test_few_rows_get_wider_programs_with_the_same_statistics() -> None:
+    """A launch of few rows (the fused LM head's blocks) widens each row's program; the statistics agree."""
+    base = ks.scoring_config(128256, torch.bfloat16)
+    assert ks.scoring_config_for_rows(16384, 128256, torch.bfloat16, 132) == base
+    wide = ks.scoring_config_for_rows(896, 128256, torch.bfloat16, 132)
+    assert (wide.num_warps, wide.rows, wide.group) == (4, 512, 8) and wide.lazy_top2 == base.lazy_top2
+    assert ks.scoring_config_for_rows(1, 128256, torch.bfloat16, 132).num_warps == 8
+    assert ks.scoring_config_for_rows(5, 37, torch.float32, 132).rows == 16     # clipped to the row length
+    assert ks.scoring_config_for_rows(2, 301, torch.float32, 132).num_warps == 1  # 128 lanes cover the row
+    x = torch.randn(6, 1201, dtype=torch.float32) * 4
+    x[2, 1200] = 40.0                                  # the row maximum in the ragged last block
+    x[4] = float("nan")
+    t = torch.tensor([0, 1200, 1200, 5, 7, -100])
+    want = ks.token_statistics_triton(x.to(DEVICE), t.to(DEVICE))
+    cfg = ks.scoring_config_for_rows(6, 1201, torch.float32, 64)
+    assert (cfg.num_warps, cfg.rows) == (4, 512) and cfg.rows > ks.scoring_config(1201, torch.float32).rows
+    got = ks.token_statistics_triton(x.to(DEVICE), t.to(DEVICE), config=cfg)
+    for name, a, b in zip(want._fields, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True, msg=name)
+
+
 def test_selection_on_kernel_scores_matches_oracle() -> None:
     """Selection given identical float32 scores is identical (SPEC §11 level 1), for every strategy."""
     g = torch.Generator().manual_seed(6)
