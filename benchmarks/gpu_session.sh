@@ -62,9 +62,12 @@ case "${1:-kernels}" in
     step bench_fused_linear_torch 100 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --out "$OUT/bench_fused_linear_torch.json"
     ;;
   routers)
-    # Router depth sweep of the batch-split benchmark (what a shallower router buys against random_sequence).
-    step bench_batch_split_torch 230 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --router-layers 1,2,4 --router-path auto --out "$OUT/bench_batch_split_torch.json"
-    step bench_batch_split_jax 300 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --router-layers 1,2,4 --router-path auto --out "$OUT/bench_batch_split_jax.json"
+    # The fused LM head after the wide-program scoring launch (both frameworks), and the router depth sweep
+    # of the batch-split benchmark (what a shallower router buys against random_sequence).
+    step bench_fused_linear_torch 90 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --out "$OUT/bench_fused_linear_torch.json"
+    step bench_fused_linear_jax 100 python3 benchmarks/bench_fused_linear_jax.py --out "$OUT/bench_fused_linear_jax.json"
+    step bench_batch_split_torch 140 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --router-layers 1,2,4 --router-path auto --out "$OUT/bench_batch_split_torch.json"
+    step bench_batch_split_jax 210 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --router-layers 2,4 --router-path auto --out "$OUT/bench_batch_split_jax.json"
     ;;
   quality1|quality2)
     # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many

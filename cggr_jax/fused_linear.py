@@ -306,7 +306,13 @@ def _blockwise_statistics(h2: jax.Array, w: jax.Array, b: Optional[jax.Array], s
     tail = N - n_full * R
 
     def block(h_c: jax.Array, t_c: Optional[jax.Array], m_c: Optional[jax.Array]) -> _sc.TokenStatistics:
-        return _sc.dispatch_statistics(_logits(h_c, w, b, layout, ldt), t_c, m_c, ignore_index, kernel=kernel)
+        z = _logits(h_c, w, b, layout, ldt)
+        launch = None
+        if kernel:  # a block has few rows: widen each row's program so the statistics stream at full rate
+            from .kernels import scoring as _ks
+            launch = _ks.scoring_config_for_rows(z.shape[0], z.shape[1], jnp.dtype(z.dtype).itemsize,
+                                                 _ks.device_sm_count())
+        return _sc.dispatch_statistics(z, t_c, m_c, ignore_index, kernel=kernel, launch=launch)
 
     parts: list[_sc.TokenStatistics] = []
     if n_full > 0:

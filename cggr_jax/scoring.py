@@ -196,10 +196,11 @@ def _token_statistics_impl(logits: jax.Array, targets: jax.Array | None, *, igno
 
 
 def dispatch_statistics(logits: jax.Array, safe_targets: jax.Array | None, has_target: jax.Array | None,
-                        ignore_index: int, *, kernel: bool) -> TokenStatistics:
+                        ignore_index: int, *, kernel: bool, launch: Any = None) -> TokenStatistics:
     """Statistics of checked inputs: the Pallas kernel when ``kernel`` (see :func:`use_kernel`), else
     :func:`token_statistics_reference`. ``safe_targets``/``has_target`` as from
-    :func:`cggr_jax.utils.target_masks` (both None without targets)."""
+    :func:`cggr_jax.utils.target_masks` (both None without targets); ``launch`` an optional
+    :class:`cggr_jax.kernels.scoring.Launch` for the kernel (ignored by the reference)."""
     if not kernel:
         return token_statistics_reference(logits, safe_targets, has_target)
     token_statistics_pallas = _load_pallas_kernel()
@@ -207,7 +208,8 @@ def dispatch_statistics(logits: jax.Array, safe_targets: jax.Array | None, has_t
         raise RuntimeError("dispatch_statistics(kernel=True) but cggr_jax.kernels.scoring did not import")
     # The kernel sees in-range targets or ignore_index only (int32), never an out-of-range value.
     kernel_targets = None if safe_targets is None else jnp.where(has_target, safe_targets, ignore_index)
-    stats = token_statistics_pallas(logits, kernel_targets, ignore_index)
+    stats = token_statistics_pallas(logits, kernel_targets, ignore_index,
+                                    **({} if launch is None else launch.kwargs()))
     if not isinstance(stats, TokenStatistics):
         raise TypeError(f"token_statistics_pallas returned {type(stats).__name__}, expected TokenStatistics")
     chex.assert_shape(tuple(stats), logits.shape[:-1])

@@ -99,6 +99,8 @@ __all__ = [
     "BACKWARD_DEFAULTS",
     "kernel_config",
     "kernels_enabled",
+    "scoring_config_for_rows",
+    "device_sm_count",
     "use_pallas_kernels",
     "resolve_interpret",
     "token_statistics_pallas",
@@ -232,6 +234,40 @@ def use_pallas_kernels() -> bool:
     CPU/TPU the XLA reference is used (the kernels stay callable there with ``interpret=True``).
     """
     return kernels_enabled() and jax.default_backend() == "gpu"
+
+
+#: One-warp scoring programs resident per SM below which the stream cannot keep enough loads in flight
+#: (mirror of ``cggr_torch.kernels.scoring._STREAM_MIN_WARPS_PER_SM``; see :func:`scoring_config_for_rows`).
+STREAM_MIN_WARPS_PER_SM = 16
+
+
+def scoring_config_for_rows(n_rows: int, vocab: int, itemsize: int, sms: int) -> Launch:
+    """Launch of the scoring kernel for a call of only ``n_rows`` rows on ``sms`` SMs.
+
+    ``Launch()`` (the :data:`SCORING_DEFAULTS`) when ``n_rows ≥ 16·sms``. With fewer rows (the fused LM head's
+    blocks) each row's program gets ``w = min(8, next_pow2(⌈16·sms / n_rows⌉))`` warps and a step ``w`` times
+    as wide (the same loads per thread), with the step clipped to the row like the default and ``w`` to the
+    widening that clipping leaves. Same statistics up to the summation order.
+    """
+    target = STREAM_MIN_WARPS_PER_SM * max(1, int(sms))
+    if n_rows <= 0 or n_rows >= target:
+        return Launch()
+    warps = min(8, _next_pow2(-(-target // int(n_rows))))
+    base_v = max(16, min(SCORING_DEFAULTS.block_bytes // max(1, itemsize), _next_pow2(vocab)))
+    block_v = max(16, min(SCORING_DEFAULTS.block_bytes * warps // max(1, itemsize), _next_pow2(vocab)))
+    warps = max(1, min(warps, block_v // base_v)) * SCORING_DEFAULTS.num_warps
+    return Launch(block_v=block_v, num_warps=min(32, warps))
+
+
+def device_sm_count() -> int:
+    """Streaming multiprocessors of the default JAX GPU device (2 when it reports none or is not a GPU, as the
+    PyTorch twin does under its interpreter)."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover - no backend at all
+        return 2
+    count = getattr(dev, "core_count", None) if dev.platform == "gpu" else None
+    return int(count) if isinstance(count, (int, np.integer)) and count > 0 else 2
 
 
 def resolve_interpret(interpret: Optional[bool]) -> bool:

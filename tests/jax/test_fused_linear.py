@@ -257,6 +257,31 @@ def test_fused_linear_scores_match_score_tokens():
         fl.fused_linear_scores(h, w, t, valid_mask=vm[0])
 
 
+def test_fused_statistics_through_the_pallas_kernel_with_wide_programs(monkeypatch):
+    """The forward's blocks through the (interpreted) Pallas kernel, launched for few rows (wide programs):
+    the same scores as the XLA reference path."""
+    from cggr_jax.kernels import scoring as ks
+
+    calls = []
+    original = ks.scoring_config_for_rows
+
+    def spy(n_rows, vocab, itemsize, sms):
+        launch = original(n_rows, vocab, itemsize, 64)          # 64 "SMs": blocks of 7 rows are few
+        calls.append((n_rows, launch))
+        return launch
+
+    h, w, b, t = _inputs(13, (3, 11), 23, 2053, jnp.float32)     # rows of 2053: room for wider steps
+    h = h.at[2, 5].set(jnp.inf)
+    want = fl.fused_linear_scores(h, w, t, b, row_chunk_size=7)
+    monkeypatch.setattr(ks, "scoring_config_for_rows", spy)
+    monkeypatch.setattr(fl, "_statistics_kernel", lambda: True)
+    got = fl.fused_linear_scores(h, w, t, b, row_chunk_size=7)
+    assert calls and all(launch.num_warps and launch.num_warps > 1 for _, launch in calls)
+    np.testing.assert_array_equal(np.asarray(got.eligible), np.asarray(want.eligible))
+    assert not bool(got.eligible[2, 5])
+    np.testing.assert_allclose(np.asarray(got.difficulty), np.asarray(want.difficulty), atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_input_raises_clear_errors():
     h, w, b, t = _inputs(10, (37,), 24, 301, jnp.float32)

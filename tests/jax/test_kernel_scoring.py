@@ -387,3 +387,25 @@ def test_triton_ir_masks_ragged_row_block(n: int, rows: int, ragged: bool) -> No
         assert any(k == 1 for k in tile_loads) and all(k == 2 for k, _ in stores)
     if n * v > 2**31:
         assert "i64" in ttir
+
+
+def test_few_rows_get_wider_programs_with_the_same_statistics() -> None:
+    """A launch of few rows (the fused LM head's blocks) widens each row's program; the statistics agree."""
+    from cggr_jax.kernels.scoring import scoring_config_for_rows
+
+    assert scoring_config_for_rows(16384, 128256, 2, 132) == Launch()
+    wide = scoring_config_for_rows(896, 128256, 2, 132)
+    assert (wide.num_warps, wide.block_v) == (4, 4 * SCORING_DEFAULTS.block_bytes // 2)
+    assert scoring_config_for_rows(1, 128256, 2, 132).num_warps == 8
+    assert scoring_config_for_rows(2, 301, 4, 132).num_warps == 1       # one default step covers the row
+    rng = np.random.default_rng(4)
+    z = (rng.standard_normal((6, 1201)) * 4).astype(np.float32)
+    z[2, 1200] = 40.0                                   # the row maximum in the ragged last step
+    z[4] = np.nan
+    t = jnp.asarray([0, 1200, 1200, 5, 7, -100])
+    launch = scoring_config_for_rows(6, 1201, 4, 64)
+    assert launch.num_warps > 1 and launch.block_v > kernel_config(1201, 4, interpret=True).block_v
+    want = token_statistics_pallas(jnp.asarray(z), t, interpret=True)
+    got = token_statistics_pallas(jnp.asarray(z), t, interpret=True, **launch.kwargs())
+    for name, a, b in zip(TokenStatistics._fields, got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=name)
