@@ -197,11 +197,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return (hidden[:1].sum(),)
         return run
 
+    def stats_blocks(rows: int, warps: Optional[int]) -> Callable[[], tuple]:
+        """The forward's statistics kernel alone over N/rows blocks of one (rows, V) logits buffer: the
+        default launch (warps None: ``scoring_config_for_rows``) or ``warps`` warps per row."""
+        from cggr_torch.kernels import scoring as ks
+        with torch.no_grad():
+            z = F.linear(hidden[:rows], weight)
+        geom = ks.row_geometry(z)
+        out = torch.empty((6, rows), dtype=torch.float32, device=dev)
+        fin = torch.empty((rows,), dtype=torch.int8, device=dev)
+        t = labels[:rows].contiguous()
+        if warps is None:
+            cfg = ks.scoring_config_for_rows(rows, V, dtype, ks.num_sms(z))
+        else:
+            import dataclasses
+            base = ks.scoring_config(V, dtype)
+            cfg = dataclasses.replace(base, rows=min(128 * warps, ks._next_pow2(V) // base.group), num_warps=warps)
+
+        def run() -> tuple:
+            for _ in range(0, N, rows):
+                ks.launch_scoring(geom, t, -100, ks._NO_DIFFICULTY, out, fin, cfg)
+            return (out[0, :1].sum(),)
+        run.describe = cfg.describe()  # type: ignore[attr-defined]
+        return run
+
     r_plan = plan_chunks(N, d, V, dtype).row_chunk
     c_plan = max(128, (r_plan * V // N) // 128 * 128)  # the same logits bytes per block, as columns
     methods[f"diag: forward GEMMs, {r_plan}-row blocks"] = gemm_rows(r_plan)
     methods[f"diag: forward GEMMs, {2 * r_plan}-row blocks"] = gemm_rows(2 * r_plan)
     methods[f"diag: forward GEMMs, {c_plan}-column blocks"] = gemm_vocab(c_plan)
+    if cuda:
+        for warps in (None, 1, 2, 8):
+            fn = stats_blocks(r_plan, warps)
+            label = "default" if warps is None else f"{warps} warp(s)"
+            methods[f"diag: statistics kernel only, {N // r_plan}x {r_plan} rows, {label} ({fn.describe})"] = fn
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods or k.split("[")[0] in args.methods}
 

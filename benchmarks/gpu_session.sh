@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh models       # batch-split and fused-linear benchmarks
 #   bash benchmarks/gpu_session.sh kernels2     # selective CE (flat grid, floors) + fused LM head, GPU tests
 #   bash benchmarks/gpu_session.sh kernels3     # adopted flat backward at real sizes, Pallas flat, fused LM head
+#   bash benchmarks/gpu_session.sh final        # batch split (torch, 60 steps) + fused LM head diagnostics
 #   bash benchmarks/gpu_session.sh routers      # batch split with routers of 1, 2 and 4 layers
 # Logs and JSON go to $OUT (or ./out/gpu). Carried wheels in .whl/ (liger-kernel, cut-cross-entropy) are
 # installed into /tmp/site first; nothing is fetched from a registry.
@@ -68,6 +69,12 @@ case "${1:-kernels}" in
     step bench_fused_linear_jax 100 python3 benchmarks/bench_fused_linear_jax.py --out "$OUT/bench_fused_linear_jax.json"
     step bench_batch_split_torch 140 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --router-layers 1,2,4 --router-path auto --out "$OUT/bench_batch_split_torch.json"
     step bench_batch_split_jax 210 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --router-layers 2,4 --router-path auto --out "$OUT/bench_batch_split_jax.json"
+    ;;
+  final)
+    # Session 2, last call: the PyTorch batch split with 3x the timed steps (its small-batch steps are noisy),
+    # and the fused LM head with the statistics-kernel diagnostics.
+    step bench_batch_split_torch 200 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --router-layers 2,4 --router-path auto --warmup 10 --steps 60 --out "$OUT/bench_batch_split_torch.json"
+    step bench_fused_linear_torch 120 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --out "$OUT/bench_fused_linear_torch.json"
     ;;
   quality1|quality2)
     # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many
