@@ -237,15 +237,16 @@ def use_pallas_kernels() -> bool:
 
 
 #: One-warp scoring programs resident per SM below which the stream cannot keep enough loads in flight
-#: (mirror of ``cggr_torch.kernels.scoring._STREAM_MIN_WARPS_PER_SM``; see :func:`scoring_config_for_rows`).
-STREAM_MIN_WARPS_PER_SM = 16
+#: (mirror of ``cggr_torch.kernels.scoring._STREAM_MIN_WARPS_PER_SM``, measured there; see
+#: :func:`scoring_config_for_rows`).
+STREAM_MIN_WARPS_PER_SM = 8
 
 
 def scoring_config_for_rows(n_rows: int, vocab: int, itemsize: int, sms: int) -> Launch:
     """Launch of the scoring kernel for a call of only ``n_rows`` rows on ``sms`` SMs.
 
-    ``Launch()`` (the :data:`SCORING_DEFAULTS`) when ``n_rows ≥ 16·sms``. With fewer rows (the fused LM head's
-    blocks) each row's program gets ``w = min(8, next_pow2(⌈16·sms / n_rows⌉))`` warps and a step ``w`` times
+    ``Launch()`` (the :data:`SCORING_DEFAULTS`) when ``n_rows ≥ 8·sms``. With fewer rows (the fused LM head's
+    blocks) each row's program gets ``w = min(8, next_pow2(⌈8·sms / n_rows⌉))`` warps and a step ``w`` times
     as wide (the same loads per thread), with the step clipped to the row like the default and ``w`` to the
     widening that clipping leaves. Same statistics up to the summation order.
     """

@@ -240,18 +240,19 @@ def scoring_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
                         persistent=_STREAM_PERSISTENT, lazy_top2=_STREAM_LAZY_TOP2, evict=_STREAM_EVICT)
 
 
-#: One-warp scoring programs resident per SM below which the stream cannot keep enough loads in flight:
-#: with fewer rows than ``_STREAM_MIN_WARPS_PER_SM · #SM`` each row gets several warps (see
-#: :func:`scoring_config_for_rows`). The fused LM head scores blocks of ~900 rows: at one warp per row an
-#: H200 (132 SMs) then holds ~7 warps per SM and reads at roughly half the bandwidth (run 10).
-_STREAM_MIN_WARPS_PER_SM = 16
+#: One-warp scoring programs per SM below which the stream cannot keep enough loads in flight: with fewer
+#: rows than ``_STREAM_MIN_WARPS_PER_SM · #SM`` each row gets several warps (see
+#: :func:`scoring_config_for_rows`). The fused LM head scores blocks of 896 rows (bf16, V = 128256): on an
+#: H200 (132 SMs) 18 such launches took 1.88 ms with 1 warp per row, 1.50 ms with 2, 1.89 ms with 4 and
+#: 1.65 ms with 8 (run 12; the read floor is ~0.93 ms), so 8 per SM - 2 warps for those blocks - is adopted.
+_STREAM_MIN_WARPS_PER_SM = 8
 
 
 def scoring_config_for_rows(n_rows: int, vocab_size: int, dtype: torch.dtype, sms: int) -> LaunchConfig:
     """:func:`scoring_config` for a launch of only ``n_rows`` rows on ``sms`` SMs.
 
     With ``n_rows ≥ _STREAM_MIN_WARPS_PER_SM · sms`` this is :func:`scoring_config` (one warp per row). With
-    fewer rows each program gets ``w = min(8, next_pow2(⌈16·sms / n_rows⌉))`` warps and ``ROWS = 128·w`` lanes
+    fewer rows each program gets ``w = min(8, next_pow2(⌈8·sms / n_rows⌉))`` warps and ``ROWS = 128·w`` lanes
     (still four 16-byte loads per thread per iteration; the per-block maximum then crosses warps), with
     ``ROWS`` clipped to the row length like the default and ``w`` to ``ROWS / 128``. Same statistics up to the summation order of the lanes.
     """

@@ -395,7 +395,7 @@ def test_few_rows_get_wider_programs_with_the_same_statistics() -> None:
 
     assert scoring_config_for_rows(16384, 128256, 2, 132) == Launch()
     wide = scoring_config_for_rows(896, 128256, 2, 132)
-    assert (wide.num_warps, wide.block_v) == (4, 4 * SCORING_DEFAULTS.block_bytes // 2)
+    assert (wide.num_warps, wide.block_v) == (2, 2 * SCORING_DEFAULTS.block_bytes // 2)
     assert scoring_config_for_rows(1, 128256, 2, 132).num_warps == 8
     assert scoring_config_for_rows(2, 301, 4, 132).num_warps == 1       # one default step covers the row
     rng = np.random.default_rng(4)
