@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh kernels2     # selective CE (flat grid, floors) + fused LM head, GPU tests
 #   bash benchmarks/gpu_session.sh kernels3     # adopted flat backward at real sizes, Pallas flat, fused LM head
 #   bash benchmarks/gpu_session.sh final        # batch split (torch, 60 steps) + fused LM head diagnostics
+#   bash benchmarks/gpu_session.sh verify       # adopted defaults: selective CE (+ torch.compile), fused LM heads
 #   bash benchmarks/gpu_session.sh routers      # batch split with routers of 1, 2 and 4 layers
 # Logs and JSON go to $OUT (or ./out/gpu). Carried wheels in .whl/ (liger-kernel, cut-cross-entropy) are
 # installed into /tmp/site first; nothing is fetched from a registry.
@@ -75,6 +76,13 @@ case "${1:-kernels}" in
     # and the fused LM head with the statistics-kernel diagnostics.
     step bench_batch_split_torch 200 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --router-layers 2,4 --router-path auto --warmup 10 --steps 60 --out "$OUT/bench_batch_split_torch.json"
     step bench_fused_linear_torch 120 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --out "$OUT/bench_fused_linear_torch.json"
+    ;;
+  verify)
+    # Session 2, verification of the adopted defaults: selective CE with the torch.compile baseline in the
+    # same run, both fused LM heads with the few-row scoring launch.
+    step bench_selective_ce_torch 220 python3 benchmarks/bench_selective_ce_torch.py --no-sweep --compile --out "$OUT/bench_selective_ce_torch.json"
+    step bench_fused_linear_torch 110 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --out "$OUT/bench_fused_linear_torch.json"
+    step bench_fused_linear_jax 110 python3 benchmarks/bench_fused_linear_jax.py --out "$OUT/bench_fused_linear_jax.json"
     ;;
   quality1|quality2)
     # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many
