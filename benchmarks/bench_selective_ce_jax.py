@@ -78,20 +78,8 @@ SWEEP = [(1, 8192, 4), (1, 4096, 2), (1, 8192, 8), (1, 16384, 8), (1, 16384, 4),
 
 def backward_grids(fn: Any, fargs: Sequence[Any]) -> list[tuple[int, ...]]:
     """Grids of the backward kernel's ``pallas_call`` (``cggr_selective_ce_grad``) in the jaxpr of ``fn``."""
-    grids: list[tuple[int, ...]] = []
-
-    def walk(jaxpr: Any) -> None:
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pallas_call" and "cggr_selective_ce_grad" in str(eqn.params.get("name")):
-                grids.append(tuple(eqn.params["grid_mapping"].grid))
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (list, tuple)) else (param,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-    walk(jax.make_jaxpr(fn)(*fargs).jaxpr)
-    return grids
+    from cggr_jax.kernels.cross_entropy import backward_grids as grids_of
+    return grids_of(fn, *fargs)
 
 
 def with_flat_backward_grid(make_fn: Any, fargs: Sequence[Any], run: Any) -> tuple[Any, list[tuple[int, ...]]]:

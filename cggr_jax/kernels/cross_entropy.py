@@ -62,7 +62,7 @@ from .scoring import (
 if TYPE_CHECKING:
     from cggr_jax.scoring import TokenStatistics
 
-__all__ = ["selective_cross_entropy_pallas", "scored_selective_cross_entropy_pallas"]
+__all__ = ["selective_cross_entropy_pallas", "scored_selective_cross_entropy_pallas", "backward_grids"]
 
 #: Grid order of the backward kernel (experimental; read by :func:`_ce_grad` when the backward is traced).
 #: ``False`` (default): the 2-D grid ``(⌈N / R⌉, ⌈V / block_v⌉)``. The Triton lowering launches
@@ -158,6 +158,26 @@ def _ce_grad(logits2d: jax.Array, tgt: jax.Array, sel: jax.Array, lse: jax.Array
         name="cggr_selective_ce_grad",
         **pallas_call_options(cfg),
     )(*args)
+
+
+def backward_grids(fn: Any, *args: Any) -> list[tuple[int, ...]]:
+    """The launch grids of this module's backward kernel (``cggr_selective_ce_grad``) in the jaxpr of
+    ``fn(*args)``, nested jaxprs included: which grid (2-D or :data:`BACKWARD_FLAT_GRID`'s flat one) a traced
+    function really uses (JAX reuses traces, so a flag flipped after a trace is not seen by it)."""
+    grids: list[tuple[int, ...]] = []
+
+    def walk(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call" and "cggr_selective_ce_grad" in str(eqn.params.get("name")):
+                grids.append(tuple(eqn.params["grid_mapping"].grid))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return grids
 
 
 # ------------------------------------------------------------------------------------------- custom_vjp

@@ -282,20 +282,8 @@ def test_triton_ir_backward_masks(n: int, v: int, rows: int, bv: int, ragged_row
 # ----------------------------------------------------------------- flat row-major grid (BACKWARD_FLAT_GRID)
 def ce_grad_grids(fn, *args) -> list[tuple[int, ...]]:
     """The grids of the backward kernel's ``pallas_call`` in the jaxpr of ``fn(*args)``."""
-    grids: list[tuple[int, ...]] = []
-
-    def walk(jaxpr) -> None:
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pallas_call" and "cggr_selective_ce_grad" in str(eqn.params["name"]):
-                grids.append(tuple(eqn.params["grid_mapping"].grid))
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (list, tuple)) else (param,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return grids
+    from cggr_jax.kernels.cross_entropy import backward_grids
+    return backward_grids(fn, *args)
 
 
 def flat_and_grid2d(monkeypatch, make_fn, *args) -> tuple[tuple, tuple]:

@@ -38,3 +38,20 @@ def assert_within(actual: torch.Tensor, expected: np.ndarray, quantity: str, whe
     if where is not None:
         a, e = a[where], e[where]
     np.testing.assert_allclose(a, e, atol=scale * atol, rtol=scale * rtol, err_msg=quantity)
+
+
+def kernel_test_device() -> str:
+    """Where the Triton kernel tests run: ``"cpu"`` under the interpreter (``TRITON_INTERPRET=1``, set by
+    tests/conftest.py on machines without an NVIDIA GPU), ``"cuda"`` on a GPU; skips the calling module
+    otherwise."""
+    import pytest
+
+    from cggr_torch.kernels import scoring as ks
+
+    if ks._interpreting():
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+    raise AssertionError("unreachable")  # pragma: no cover
+

@@ -16,16 +16,12 @@ from cggr_torch import scoring as scoring_mod  # noqa: E402
 from cggr_torch.fused_linear import fused_linear_cggr  # noqa: E402
 from cggr_torch.kernels import fused_linear as kfl  # noqa: E402
 from cggr_torch.kernels import scoring as ks  # noqa: E402
+from tests.torch import kernel_test_device  # noqa: E402
 
 # NaN rows make NumPy (the interpreter's backend) warn about all-NaN reductions; the results are checked.
 pytestmark = pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
 
-if ks._interpreting():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:  # pragma: no cover
-    pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+DEVICE = kernel_test_device()
 
 DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The kernel computes in float32 and rounds G once to the logits' dtype: half an ulp of |G| ≤ |s|.

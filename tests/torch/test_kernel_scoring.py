@@ -19,16 +19,12 @@ pytest.importorskip("triton")
 from cggr_torch import scoring as ref_scoring  # noqa: E402
 from cggr_torch import selection as ref_selection  # noqa: E402
 from cggr_torch.kernels import scoring as ks  # noqa: E402
+from tests.torch import kernel_test_device  # noqa: E402
 from tests import oracle  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: log2(0), inf − inf on bad rows
 
-if ks._interpreting():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:  # pragma: no cover - depends on the machine
-    pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+DEVICE = kernel_test_device()
 
 NEG = float("-inf")
 V = 37

@@ -24,18 +24,14 @@ from cggr_torch import scoring as scoring_mod  # noqa: E402
 from cggr_torch import selection as sel_mod  # noqa: E402
 from cggr_torch.curriculum import dynamic_ratio  # noqa: E402
 from cggr_torch.kernels import scoring as ks  # noqa: E402
+from tests.torch import kernel_test_device  # noqa: E402
 from cggr_torch.kernels import selection as ksel  # noqa: E402
 from tests import oracle  # noqa: E402
 from tests.torch import as_f64, random_logits, random_targets  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-if ks._interpreting():
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:  # pragma: no cover - depends on the machine
-    pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+DEVICE = kernel_test_device()
 
 INF, NAN = float("inf"), float("nan")
 IGN = -100
