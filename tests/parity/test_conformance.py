@@ -34,7 +34,7 @@ def _run(framework: str, case: dict):
         sc = cggr_torch.scoring.score_tokens(torch.from_numpy(logits), torch.from_numpy(targets),
                                              scoring=cfg.get("scoring", "combined"))
         conv = lambda t: t.detach().numpy()  # noqa: E731
-        return float(loss), {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}, sc, conv
+        return float(loss.detach()), {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}, sc, conv
     loss, metrics = cggr_jax.cggr_loss(jnp.asarray(logits), jnp.asarray(targets, dtype=jnp.int32),
                                        jnp.int32(case["step"]), **cfg)
     sc = cggr_jax.scoring.score_tokens(jnp.asarray(logits), jnp.asarray(targets, dtype=jnp.int32),
