@@ -49,7 +49,6 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .curriculum import _host_step, dynamic_ratio
 from .loss import (
@@ -59,6 +58,7 @@ from .loss import (
     _Config,
     _forward,
     _make_config,
+    _selected_cross_entropy,
     _validate_inputs,
 )
 from .scoring import _row_finite, _score_from_statistics, _statistics_dispatch
@@ -138,33 +138,6 @@ def _check_consistency(logits: torch.Tensor, step: int, base: np.float32, world:
             return f"logits {tuple(dims) + (row[3],)}, step {row[4]}, base ratio {b}"
         detail = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows))
         raise ValueError(f"logits: {msg}; got {detail}")
-
-
-def _selected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                            row_ok: torch.Tensor, valid: torch.Tensor,
-                            base_loss: Optional[Callable[..., torch.Tensor]]) -> torch.Tensor:
-    """``Σ_{i ∈ mask} ce_i`` (float32, with gradient) on sanitised inputs, exactly as ``cggr_torch.loss``.
-
-    Rows that are not finite are replaced by zeros and ignored/out-of-range targets by 0 before the
-    cross-entropy, so unselected tokens get an exact zero gradient (never ``0·NaN``).
-    """
-    V = logits.shape[-1]
-    with torch.no_grad():
-        safe_t = torch.where(valid & (targets >= 0) & (targets < V), targets, torch.zeros_like(targets))
-        safe_t = safe_t.reshape(-1).to(torch.int64)
-    z = logits.reshape(-1, V).to(torch.float32)
-    z = torch.where(row_ok.reshape(-1, 1), z, torch.zeros_like(z))
-    if base_loss is None:
-        ce = F.cross_entropy(z, safe_t, reduction="none")
-    else:
-        ce = base_loss(z, safe_t)
-        if not isinstance(ce, torch.Tensor) or tuple(ce.shape) != (z.shape[0],):
-            got = tuple(ce.shape) if isinstance(ce, torch.Tensor) else type(ce).__name__
-            raise ValueError(f"base_loss: expected one loss per token, shape ({z.shape[0]},), got {got}; "
-                             f"use reduction='none'")
-        ce = ce.to(torch.float32)
-    flat = mask.reshape(-1)
-    return torch.where(flat, ce, torch.zeros_like(ce)).sum()
 
 
 def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: _Config,

@@ -175,7 +175,6 @@ def _forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: int, base:
 def _forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: _Config,
              base_loss: Optional[Callable[..., torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole loss on validated inputs; returns ``(loss, metrics)`` with 0-d tensor metrics."""
-    V = logits.shape[-1]
     with torch.no_grad():
         stats = _statistics_dispatch(logits.detach(), targets, cfg.ignore_index)
         scores, mask, metrics = _select_and_measure(stats, targets, step, base, cfg)
@@ -192,25 +191,40 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.fl
         loss = ce_kernel(logits, targets, mask, ignore_index=cfg.ignore_index, lse=stats.lse)
     else:
         with torch.no_grad():
-            row_ok = _row_finite(stats, has_targets=True).reshape(-1, 1)
-            safe_t = torch.where(valid & (targets >= 0) & (targets < V), targets, torch.zeros_like(targets))
-            safe_t = safe_t.reshape(-1).to(torch.int64)
-        z = logits.reshape(-1, V).to(torch.float32)
-        z = torch.where(row_ok, z, torch.zeros_like(z))      # non-finite rows → 0 (zero gradient stays zero)
-        if base_loss is None:
-            ce = F.cross_entropy(z, safe_t, reduction="none")
-        else:
-            ce = base_loss(z, safe_t)
-            if not isinstance(ce, torch.Tensor) or tuple(ce.shape) != (z.shape[0],):
-                got = tuple(ce.shape) if isinstance(ce, torch.Tensor) else type(ce).__name__
-                raise ValueError(f"base_loss: expected one loss per token, shape ({z.shape[0]},), got {got}; "
-                                 f"use reduction='none'")
-            ce = ce.to(torch.float32)
-        flat_mask = mask.reshape(-1)
-        total = torch.where(flat_mask, ce, torch.zeros_like(ce)).sum()
+            row_ok = _row_finite(stats, has_targets=True)
+        total = _selected_cross_entropy(logits, targets, mask, row_ok, valid, base_loss)
         loss = total / torch.clamp(count, min=1).to(torch.float32)
 
     return loss, metrics
+
+
+def _selected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                            row_ok: torch.Tensor, valid: torch.Tensor,
+                            base_loss: Optional[Callable[..., torch.Tensor]]) -> torch.Tensor:
+    """``Σ_{i ∈ mask} ce_i`` (float32, with gradient) on sanitised inputs: the reference loss's sum, shared with
+    :mod:`cggr_torch.distributed`.
+
+    Rows that are not finite (``row_ok`` False) are replaced by zeros and ignored/out-of-range targets by 0
+    before the cross-entropy, so unselected tokens get an exact zero gradient (never ``0·NaN``) and nothing is
+    read out of bounds; ``base_loss`` must return one loss per token.
+    """
+    V = logits.shape[-1]
+    with torch.no_grad():
+        safe_t = torch.where(valid & (targets >= 0) & (targets < V), targets, torch.zeros_like(targets))
+        safe_t = safe_t.reshape(-1).to(torch.int64)
+    z = logits.reshape(-1, V).to(torch.float32)
+    z = torch.where(row_ok.reshape(-1, 1), z, torch.zeros_like(z))   # non-finite rows → 0
+    if base_loss is None:
+        ce = F.cross_entropy(z, safe_t, reduction="none")
+    else:
+        ce = base_loss(z, safe_t)
+        if not isinstance(ce, torch.Tensor) or tuple(ce.shape) != (z.shape[0],):
+            got = tuple(ce.shape) if isinstance(ce, torch.Tensor) else type(ce).__name__
+            raise ValueError(f"base_loss: expected one loss per token, shape ({z.shape[0]},), got {got}; "
+                             f"use reduction='none'")
+        ce = ce.to(torch.float32)
+    flat = mask.reshape(-1)
+    return torch.where(flat, ce, torch.zeros_like(ce)).sum()
 
 
 def _select_and_measure(stats: TokenStatistics, targets: torch.Tensor, step: int, base: Any,

@@ -301,6 +301,18 @@ def _rows_disjoint(t: torch.Tensor) -> bool:
     return ok_t and ok_b
 
 
+def _save_geometry(ctx: Any, geom: RowGeometry, logits: torch.Tensor) -> None:
+    """Keep the row geometry's host fields on ``ctx`` (the buffer itself goes through ``save_for_backward``)."""
+    ctx.geom_meta = (geom.n, geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, geom.token_shape)
+    ctx.logits_shape = tuple(logits.shape)
+
+
+def _saved_geometry(ctx: Any, x: torch.Tensor) -> RowGeometry:
+    """The :class:`RowGeometry` of the saved buffer ``x`` from :func:`_save_geometry`'s fields."""
+    n, V, T, sb, st, token_shape = ctx.geom_meta
+    return RowGeometry(x, n, V, T, sb, st, token_shape)
+
+
 class _SelectiveCrossEntropy(torch.autograd.Function):
     """``loss = Σ_{i∈S} nll_i / max(1, |S|)``; backward ``g·(softmax − onehot)/max(1, |S|)`` on S, 0 elsewhere.
 
@@ -327,8 +339,7 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
         loss = nll.sum() / denom
         # geom.x is the logits or (non-unit last stride, never with inplace_backward) a contiguous copy.
         ctx.save_for_backward(geom.x, targets, selected, lse_saved, denom)
-        ctx.geom_meta = (geom.n, geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, geom.token_shape)
-        ctx.logits_shape = tuple(logits.shape)
+        _save_geometry(ctx, geom, logits)
         ctx.inplace_backward = inplace_backward
         ctx.bwd_config = bwd_config
         ctx.backward_done = False
@@ -344,8 +355,7 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
         if ctx.inplace_backward and ctx.backward_done:
             raise RuntimeError("selective_cross_entropy_triton(inplace_backward=True): the logits buffer already "
                                "holds the gradient; a second backward (retain_graph=True) cannot recompute it")
-        n, V, T, sb, st, token_shape = ctx.geom_meta
-        geom = RowGeometry(x, n, V, T, sb, st, token_shape)
+        geom = _saved_geometry(ctx, x)
         scale = (grad_loss.detach().to(torch.float32).reshape(1) / denom).contiguous()
         if ctx.inplace_backward:
             grad = x
@@ -445,8 +455,7 @@ class _ScoredSelectiveCrossEntropy(torch.autograd.Function):
         loss = torch.empty((), dtype=torch.float32, device=logits.device)
         launch_masked_mean(selected, nll, loss, count)
         ctx.save_for_backward(geom.x, targets, selected, lse, count)
-        ctx.geom_meta = (geom.n, geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, geom.token_shape)
-        ctx.logits_shape = tuple(logits.shape)
+        _save_geometry(ctx, geom, logits)
         ctx.bwd_config = bwd_config
         return loss
 
@@ -457,8 +466,7 @@ class _ScoredSelectiveCrossEntropy(torch.autograd.Function):
         nones = (None,) * 7
         if not ctx.needs_input_grad[0]:
             return (None,) + nones
-        n, V, T, sb, st, token_shape = ctx.geom_meta
-        geom = RowGeometry(x, n, V, T, sb, st, token_shape)
+        geom = _saved_geometry(ctx, x)
         g = grad_loss.detach()
         if g.dtype != torch.float32:
             g = g.to(torch.float32)
