@@ -7,7 +7,6 @@ Every method runs forward + backward to ``∂hidden`` and ``∂weight`` (``torch
 
 * ``cggr_fused``          - :func:`cggr_torch.fused_linear.fused_linear_cggr_loss` (default 0.25 GiB plan);
   ``cggr_fused[B=…]`` - the same with other ``memory_budget_bytes`` (``--budgets``);
-* ``cggr_fused[overlap]`` - the forward's statistics kernel on a side stream beside the next block's GEMM;
 * ``cggr_fused[elementwise-grad]`` - the backward's chunk gradient with PyTorch element-wise ops instead of
   the in-place Triton kernel (the pre-kernel implementation, for comparison);
 * ``cggr_fused forward only`` - the forward alone under ``no_grad`` (the backward is the difference);
@@ -139,9 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     methods: dict[str, Callable[[], tuple]] = {"cggr_fused": fused(DEFAULT_MEMORY_BUDGET)}
     for b in args.budgets:
         methods[f"cggr_fused[B={b:g}GiB]"] = fused(max(1, int(b * GIB)))
-    # Variants of the default plan: the forward's statistics kernel beside the next block's GEMM (two
-    # streams), and the PyTorch element-wise chunk gradient instead of the in-place Triton kernel.
-    methods["cggr_fused[overlap]"] = variant(fused(DEFAULT_MEMORY_BUDGET), _OVERLAP_FORWARD=True)
+    # Variant of the default plan: the PyTorch element-wise chunk gradient instead of the in-place Triton kernel.
     methods["cggr_fused[elementwise-grad]"] = variant(fused(DEFAULT_MEMORY_BUDGET),
                                                       _gradient_kernel_for=lambda h: None)
     methods["cggr_fused forward only"] = fused_forward_only

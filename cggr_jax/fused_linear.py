@@ -311,7 +311,7 @@ def _blockwise_statistics(h2: jax.Array, w: jax.Array, b: Optional[jax.Array], s
         if kernel:  # a block has few rows: widen each row's program so the statistics stream at full rate
             from .kernels import scoring as _ks
             launch = _ks.scoring_config_for_rows(z.shape[0], z.shape[1], jnp.dtype(z.dtype).itemsize,
-                                                 _ks.device_sm_count())
+                                                 _ks.num_sms())
         return _sc.dispatch_statistics(z, t_c, m_c, ignore_index, kernel=kernel, launch=launch)
 
     parts: list[_sc.TokenStatistics] = []

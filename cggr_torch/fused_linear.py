@@ -111,9 +111,6 @@ _FILL = 0.875  # fraction of the budget a plan aims for (the caching allocator r
 _GRADIENT_KERNEL_MODULE = "cggr_torch.kernels.fused_linear"
 _gradient_kernel_cache: dict[str, Any] = {}
 _MIXED_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
-#: Run each forward block's statistics kernel on a side stream, beside the next block's matmul (CUDA only;
-#: ``benchmarks/bench_fused_linear_torch.py`` measures both settings).
-_OVERLAP_FORWARD = False
 
 
 # ============================================================================================ chunk plan
@@ -238,10 +235,10 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
     """SPEC §2 statistics of every row of ``hidden2d Wᵀ + b`` from ``row_chunk``-row logit blocks (flat).
 
     With the Triton statistics kernel each block's statistics are written straight into their slice of one
-    ``(6, N)`` buffer (the labels were range-checked once by the caller, so no per-block validation or copy);
-    with ``_OVERLAP_FORWARD`` on CUDA the kernel of block ``i`` runs on a side stream while the matmul of
-    block ``i + 1`` runs (a memory-bound pass beside a compute-bound GEMM; two blocks are then alive, so the
-    caller's plan halves ``row_chunk``). Elsewhere the statistics dispatcher (the PyTorch reference) is used.
+    ``(6, N)`` buffer (the labels were range-checked once by the caller, so no per-block validation or copy).
+    Elsewhere the statistics dispatcher (the PyTorch reference) is used. (Running a block's statistics on a
+    side stream beside the next block's GEMM was measured on the H200 and gained nothing reliable - the GEMM
+    occupies every SM - so the blocks run in order; benchmarks/RESULTS.md, runs 10-13.)
     """
     N = hidden2d.shape[0]
     dev = hidden2d.device
@@ -251,27 +248,15 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
             out = torch.empty((6, N), dtype=torch.float32, device=dev)
             finite = torch.empty((N,), dtype=torch.int8, device=dev)
             t = None if targets is None else ks.flat_targets(targets)
-            side = torch.cuda.Stream(device=dev) if _OVERLAP_FORWARD and dev.type == "cuda" else None
-            main = torch.cuda.current_stream(dev) if side is not None else None
             for r0 in range(0, N, row_chunk):
                 r1 = min(N, r0 + row_chunk)
                 z = F.linear(hidden2d[r0:r1], weight, bias)
                 geom = ks.row_geometry(z)
-                t_c = None if t is None else t[r0:r1]
                 # A block has few rows: widen each row's program so that the GPU still streams at full rate.
                 cfg = ks.scoring_config_for_rows(r1 - r0, geom.vocab, z.dtype, ks.num_sms(z))
-                if side is None:
-                    ks.launch_scoring(geom, t_c, ignore_index, ks._NO_DIFFICULTY, out[:, r0:r1], finite[r0:r1],
-                                      cfg)
-                else:
-                    side.wait_stream(main)
-                    with torch.cuda.stream(side):
-                        ks.launch_scoring(geom, t_c, ignore_index, ks._NO_DIFFICULTY, out[:, r0:r1],
-                                          finite[r0:r1], cfg)
-                    z.record_stream(side)  # the allocator keeps the block until the side stream is done
+                ks.launch_scoring(geom, None if t is None else t[r0:r1], ignore_index, ks._NO_DIFFICULTY,
+                                  out[:, r0:r1], finite[r0:r1], cfg)
                 del z, geom  # geom holds z too: both must go before the next block is allocated
-            if side is not None:
-                main.wait_stream(side)
             return TokenStatistics(*(out[k] for k in range(5)))
         out_list = [torch.empty((N,), dtype=torch.float32, device=dev) for _ in TokenStatistics._fields]
         for r0 in range(0, N, row_chunk):
@@ -282,16 +267,6 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
                 buf[r0:r1] = x
             del z, st
     return TokenStatistics(*out_list)
-
-def _forward_row_chunk(hidden: torch.Tensor, N: int, d: int, V: int, memory_budget_bytes: int) -> int:
-    """The plan's forward block, halved when the overlapped forward keeps two blocks alive."""
-    kernel = _statistics_kernel_for(hidden)
-    rows = plan_chunks(N, d, V, hidden.dtype, memory_budget_bytes=memory_budget_bytes,
-                       statistics_kernel=kernel).row_chunk
-    if kernel and _OVERLAP_FORWARD and hidden.device.type == "cuda":
-        rows = _round_down(max(1, rows // 2))
-    return rows
-
 
 def _gradient_kernel_for(hidden: torch.Tensor) -> Optional[Any]:
     """The Triton chunk-gradient module for ``hidden``'s device and dtype, or None (PyTorch element-wise ops).
@@ -463,7 +438,8 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias:
     V = weight.shape[0]
     hidden2d = hidden.reshape(-1, d)
     N = hidden2d.shape[0]
-    row_chunk = row_chunk_size or _forward_row_chunk(hidden, N, d, V, memory_budget_bytes)
+    row_chunk = row_chunk_size or plan_chunks(N, d, V, hidden.dtype, memory_budget_bytes=memory_budget_bytes,
+                                              statistics_kernel=_statistics_kernel_for(hidden)).row_chunk
     with torch.no_grad():
         flat_t = labels.reshape(-1)
         flat = _blockwise_statistics(hidden2d.detach(), weight.detach(),
@@ -623,8 +599,9 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: Opti
             raise ValueError(f"valid_mask: expected device {hidden.device}, got {valid_mask.device}")
     d = hidden.shape[-1]
     hidden2d = hidden.reshape(-1, d)
-    row_chunk = row_chunk_size or _forward_row_chunk(hidden, hidden2d.shape[0], d, weight.shape[0],
-                                                     int(memory_budget_bytes))
+    row_chunk = row_chunk_size or plan_chunks(hidden2d.shape[0], d, weight.shape[0], hidden.dtype,
+                                              memory_budget_bytes=int(memory_budget_bytes),
+                                              statistics_kernel=_statistics_kernel_for(hidden)).row_chunk
     flat = _blockwise_statistics(hidden2d.detach(), weight.detach(), None if bias is None else bias.detach(),
                                  None if labels is None else labels.reshape(-1), int(ignore_index), row_chunk)
     stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))

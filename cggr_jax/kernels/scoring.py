@@ -100,7 +100,7 @@ __all__ = [
     "kernel_config",
     "kernels_enabled",
     "scoring_config_for_rows",
-    "device_sm_count",
+    "num_sms",
     "use_pallas_kernels",
     "resolve_interpret",
     "token_statistics_pallas",
@@ -260,9 +260,9 @@ def scoring_config_for_rows(n_rows: int, vocab: int, itemsize: int, sms: int) ->
     return Launch(block_v=block_v, num_warps=min(32, warps))
 
 
-def device_sm_count() -> int:
-    """Streaming multiprocessors of the default JAX GPU device (2 when it reports none or is not a GPU, as the
-    PyTorch twin does under its interpreter)."""
+def num_sms() -> int:
+    """Streaming multiprocessors of the default JAX GPU device, as ``cggr_torch.kernels.scoring.num_sms`` (2
+    when it reports none or is not a GPU, as the PyTorch twin does under its interpreter)."""
     try:
         dev = jax.devices()[0]
     except RuntimeError:  # pragma: no cover - no backend at all

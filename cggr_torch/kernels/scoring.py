@@ -254,7 +254,8 @@ def scoring_config_for_rows(n_rows: int, vocab_size: int, dtype: torch.dtype, sm
     With ``n_rows ≥ _STREAM_MIN_WARPS_PER_SM · sms`` this is :func:`scoring_config` (one warp per row). With
     fewer rows each program gets ``w = min(8, next_pow2(⌈8·sms / n_rows⌉))`` warps and ``ROWS = 128·w`` lanes
     (still four 16-byte loads per thread per iteration; the per-block maximum then crosses warps), with
-    ``ROWS`` clipped to the row length like the default and ``w`` to ``ROWS / 128``. Same statistics up to the summation order of the lanes.
+    ``ROWS`` clipped to the row length like the default and ``w`` to ``ROWS / 128``. Same statistics up to the
+    summation order of the lanes.
     """
     base = scoring_config(vocab_size, dtype)
     target = _STREAM_MIN_WARPS_PER_SM * max(1, int(sms))
@@ -395,11 +396,11 @@ def _exp2(u, FTZ: tl.constexpr):
 
 
 @triton.jit
-def _stream_block(x, m, t1, t2, d_acc, s_acc, ROWS: tl.constexpr, GROUP: tl.constexpr, FTZ: tl.constexpr):
-    """Fold one [ROWS, GROUP] float32 block into the running (m, top-2 lanes, d lanes, s lanes)."""
-    g1, g2 = _group_top2(x, ROWS, GROUP)
-    t1, t2 = _top2_combine(t1, t2, g1, g2)
-    m_new = tl.maximum(m, tl.max(g1, 0))
+def _fold_sums(x, m, block_max, d_acc, s_acc, FTZ: tl.constexpr):
+    """Fold a block (maximum ``block_max``) into the running max ``m`` and the lanes of ``d = Σ 2^u`` and
+    ``s = Σ 2^u·u`` (``u = z·log2 e − c``, ``c`` the reference of ``m``): rescale both sums when the maximum
+    rises, then add the block. Shared by both stream variants, whose only difference is the top-2."""
+    m_new = tl.maximum(m, block_max)
     if m_new > m:
         c_new = _ref_of(m_new)
         c_old = tl.where(m > float("-inf"), m * 1.4426950408889634, c_new)
@@ -413,6 +414,15 @@ def _stream_block(x, m, t1, t2, d_acc, s_acc, ROWS: tl.constexpr, GROUP: tl.cons
     e = _exp2(u, FTZ)
     d_acc += tl.sum(e, 1)
     s_acc += tl.sum(e * tl.maximum(u, -3.0e38), 1)
+    return m, d_acc, s_acc
+
+
+@triton.jit
+def _stream_block(x, m, t1, t2, d_acc, s_acc, ROWS: tl.constexpr, GROUP: tl.constexpr, FTZ: tl.constexpr):
+    """Fold one [ROWS, GROUP] float32 block into the running (m, top-2 lanes, d lanes, s lanes)."""
+    g1, g2 = _group_top2(x, ROWS, GROUP)
+    t1, t2 = _top2_combine(t1, t2, g1, g2)
+    m, d_acc, s_acc = _fold_sums(x, m, tl.max(g1, 0), d_acc, s_acc, FTZ)
     return m, t1, t2, d_acc, s_acc
 
 
@@ -428,20 +438,7 @@ def _stream_block_lazy(x, m, m2, d_acc, s_acc, ROWS: tl.constexpr, GROUP: tl.con
         gg1, gg2 = _group_top2(x, ROWS, GROUP)
         _b1, b2 = tl.reduce((gg1, gg2), 0, _top2_combine)
         m2 = tl.maximum(tl.minimum(m, bm), tl.maximum(m2, b2))
-    m_new = tl.maximum(m, bm)
-    if m_new > m:
-        c_new = _ref_of(m_new)
-        c_old = tl.where(m > float("-inf"), m * 1.4426950408889634, c_new)
-        delta = c_old - c_new
-        alpha = tl.exp2(delta)
-        s_acc = (s_acc + delta * d_acc) * alpha
-        d_acc = d_acc * alpha
-        m = m_new
-    c = _ref_of(m)
-    u = tl.fma(x, 1.4426950408889634, -c)
-    e = _exp2(u, FTZ)
-    d_acc += tl.sum(e, 1)
-    s_acc += tl.sum(e * tl.maximum(u, -3.0e38), 1)
+    m, d_acc, s_acc = _fold_sums(x, m, bm, d_acc, s_acc, FTZ)
     return m, m2, d_acc, s_acc
 
 
