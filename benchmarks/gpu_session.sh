@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh kernels3     # adopted flat backward at real sizes, Pallas flat, fused LM head
 #   bash benchmarks/gpu_session.sh final        # batch split (torch, 60 steps) + fused LM head diagnostics
 #   bash benchmarks/gpu_session.sh verify       # adopted defaults: selective CE (+ torch.compile), fused LM heads
+#   bash benchmarks/gpu_session.sh review       # scoring-stream refactor re-checked and re-timed
 #   bash benchmarks/gpu_session.sh routers      # batch split with routers of 1, 2 and 4 layers
 # Logs and JSON go to $OUT (or ./out/gpu). Carried wheels in .whl/ (liger-kernel, cut-cross-entropy) are
 # installed into /tmp/site first; nothing is fetched from a registry.
@@ -83,6 +84,15 @@ case "${1:-kernels}" in
     step bench_selective_ce_torch 220 python3 benchmarks/bench_selective_ce_torch.py --no-sweep --compile --out "$OUT/bench_selective_ce_torch.json"
     step bench_fused_linear_torch 110 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --out "$OUT/bench_fused_linear_torch.json"
     step bench_fused_linear_jax 110 python3 benchmarks/bench_fused_linear_jax.py --out "$OUT/bench_fused_linear_jax.json"
+    ;;
+  review)
+    # Session 2, after the review refactor of the scoring stream (one shared rescale-and-accumulate helper):
+    # correctness at real sizes and the timings that depend on the scoring kernel, re-measured.
+    step gpu_check_torch 130 python3 benchmarks/gpu_check_torch.py
+    step pytest_gpu_torch 90 python3 -m pytest -q -x -p no:cacheprovider tests/torch/test_kernel_scoring.py tests/torch/test_kernel_fused_linear.py tests/torch/test_kernel_cross_entropy.py
+    step bench_scoring_torch 90 python3 benchmarks/bench_scoring_torch.py --no-sweep --out "$OUT/bench_scoring_torch.json"
+    step bench_selective_ce_torch 100 python3 benchmarks/bench_selective_ce_torch.py --no-sweep --out "$OUT/bench_selective_ce_torch.json"
+    step bench_fused_linear_torch 100 python3 benchmarks/bench_fused_linear_torch.py --budgets --out "$OUT/bench_fused_linear_torch.json"
     ;;
   quality1|quality2)
     # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many
