@@ -272,9 +272,11 @@ def test_fused_statistics_through_the_pallas_kernel_with_wide_programs(monkeypat
 
     h, w, b, t = _inputs(13, (3, 11), 23, 2053, jnp.float32)     # rows of 2053: room for wider steps
     h = h.at[2, 5].set(jnp.inf)
+    monkeypatch.setattr(fl, "_statistics_kernel", lambda: False)   # the XLA reference, on any backend
     want = fl.fused_linear_scores(h, w, t, b, row_chunk_size=7)
     monkeypatch.setattr(ks, "scoring_config_for_rows", spy)
     monkeypatch.setattr(fl, "_statistics_kernel", lambda: True)
+    jax.clear_caches()                    # a GPU run may hold this call's kernel trace from another test
     got = fl.fused_linear_scores(h, w, t, b, row_chunk_size=7)
     assert calls and all(launch.num_warps and launch.num_warps > 1 for _, launch in calls)
     np.testing.assert_array_equal(np.asarray(got.eligible), np.asarray(want.eligible))

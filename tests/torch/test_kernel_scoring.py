@@ -97,7 +97,11 @@ def test_statistics_match_oracle(dtype: str) -> None:
     c = st.confidence.cpu()
     r = st.runner_up.cpu()
     assert r[2] == c[2]                                 # tie across blocks: bit-identical p2 = p1
-    assert r[11] == 0 and c[11] == 1 and st.entropy.cpu()[11] == 0
+    assert r[11] == 0 and c[11] == 1
+    # A one-hot row has entropy 0: exactly in the interpreter; compiled, u = fma(z, log2 e, −c) keeps the
+    # rounding residual of the reference c = m·log2 e, so |H| is a few 1e-8 (far inside SPEC §11).
+    h11 = float(st.entropy.cpu()[11])
+    assert h11 == 0 if DEVICE == "cpu" else abs(h11) <= 1e-6
     assert r[13] == c[13]
     assert st.nll.cpu()[10] == 0                        # ignored target
     assert torch.isposinf(st.nll.cpu()[9])
