@@ -61,6 +61,9 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--methods", nargs="*", default=None, help="subset of methods to run")
     ap.add_argument("--out", default="bench_fused_linear_torch.json", help="JSON output path")
+    ap.add_argument("--forward-columns", type=int, nargs="*", default=[],
+                    help="extra forward-only runs with these vocabulary block widths (vocab_chunk_size)")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler kernel breakdown (CUDA)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU (script check only)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -106,6 +109,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return (loss,) + torch.autograd.grad(loss, (hidden, weight))
         return run
 
+    def fused_rows(budget: int, rows: int) -> Callable[[], tuple]:
+        """The fused loss with the forward in blocks of ``rows`` whole rows (the pre-chunked forward)."""
+        def run() -> tuple:
+            loss = fused_linear_cggr(hidden, weight, labels, 0, memory_budget_bytes=budget, row_chunk_size=rows,
+                                     **cfg).loss
+            return (loss,) + torch.autograd.grad(loss, (hidden, weight))
+        return run
+
     def variant(run: Callable[[], tuple], **patch: Any) -> Callable[[], tuple]:
         """``run`` with module attributes of ``cggr_torch.fused_linear`` temporarily replaced."""
         def patched() -> tuple:
@@ -119,9 +130,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     setattr(fl, k, v)
         return patched
 
-    def fused_forward_only() -> tuple:
-        with torch.no_grad():
-            return (fused_linear_cggr(hidden, weight, labels, 0, **cfg).loss,)
+    def fused_forward_only(cols: Optional[int] = None) -> Callable[[], tuple]:
+        def run() -> tuple:
+            with torch.no_grad():
+                return (fused_linear_cggr(hidden, weight, labels, 0, vocab_chunk_size=cols, **cfg).loss,)
+        return run
 
     def materialised() -> tuple:
         loss, _ = cggr_loss(F.linear(hidden, weight), labels, 0, **cfg)
@@ -141,7 +154,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Variant of the default plan: the PyTorch element-wise chunk gradient instead of the in-place Triton kernel.
     methods["cggr_fused[elementwise-grad]"] = variant(fused(DEFAULT_MEMORY_BUDGET),
                                                       _gradient_kernel_for=lambda h: None)
-    methods["cggr_fused forward only"] = fused_forward_only
+    methods["cggr_fused forward only"] = fused_forward_only()
+    for cols in args.forward_columns:
+        methods[f"cggr_fused forward only [{cols} columns]"] = fused_forward_only(cols)
     methods["cggr_materialised"] = materialised
     methods["torch_linear_ce"] = full_ce
     notes: dict[str, str] = {}
@@ -173,8 +188,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         notes["cce"] = f"not importable ({err})"
     methods["matmul"] = matmul
 
-    # Diagnostics of the forward: the blockwise GEMMs alone (no statistics), by row blocks of the default
-    # plan's size and twice it, and by vocabulary blocks of all rows - how much of the forward is GEMM shape.
+    # Diagnostics of the forward: the blockwise GEMMs alone (no statistics), by row blocks as the previous plan
+    # (896 rows of the whole vocabulary) and by vocabulary blocks of all rows (the plan's width and others) -
+    # how much of the forward is GEMM shape - and the statistics launches alone over the plan's blocks.
     def gemm_rows(rows: int) -> Callable[[], tuple]:
         def run() -> tuple:
             with torch.no_grad():
@@ -194,40 +210,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return (hidden[:1].sum(),)
         return run
 
-    def stats_blocks(rows: int, warps: Optional[int]) -> Callable[[], tuple]:
-        """The forward's statistics kernel alone over N/rows blocks of one (rows, V) logits buffer: the
-        default launch (warps None: ``scoring_config_for_rows``) or ``warps`` warps per row."""
+    def stats_chunks(cols: int, warps: Optional[int]) -> Callable[[], tuple]:
+        """The forward's chunked statistics launches alone over the ceil(V / cols) blocks of all N rows, read
+        from one (N, cols) logits buffer: the default launch (warps None) or ``warps`` warps per row."""
         from cggr_torch.kernels import scoring as ks
         with torch.no_grad():
-            z = F.linear(hidden[:rows], weight)
-        geom = ks.row_geometry(z)
-        out = torch.empty((6, rows), dtype=torch.float32, device=dev)
-        fin = torch.empty((rows,), dtype=torch.int8, device=dev)
-        t = labels[:rows].contiguous()
+            z = F.linear(hidden, weight[:cols])
+        state = torch.empty((ks.CHUNK_STATE_ROWS, N), dtype=torch.float32, device=dev)
+        out = torch.empty((6, N), dtype=torch.float32, device=dev)
+        fin = torch.empty((N,), dtype=torch.int8, device=dev)
+        t = labels.contiguous()
         if warps is None:
-            cfg = ks.scoring_config_for_rows(rows, V, dtype, ks.num_sms(z))
+            cfg = ks.scoring_config_for_rows(N, cols, dtype, ks.num_sms(z))
         else:
             import dataclasses
-            base = ks.scoring_config(V, dtype)
-            cfg = dataclasses.replace(base, rows=min(128 * warps, ks._next_pow2(V) // base.group), num_warps=warps)
+            base = ks.scoring_config(cols, dtype)
+            cfg = dataclasses.replace(base, rows=min(128 * warps, ks._next_pow2(cols) // base.group),
+                                      num_warps=warps)
 
         def run() -> tuple:
-            for _ in range(0, N, rows):
-                ks.launch_scoring(geom, t, -100, ks._NO_DIFFICULTY, out, fin, cfg)
+            for v0 in range(0, V, cols):
+                w = min(cols, V - v0)
+                ks.launch_scoring_chunk(z[:, :w], t, -100, v0, V, state, out, fin, cfg)
             return (out[0, :1].sum(),)
         run.describe = cfg.describe()  # type: ignore[attr-defined]
         return run
 
-    r_plan = plan_chunks(N, d, V, dtype).row_chunk
-    c_plan = max(128, (r_plan * V // N) // 128 * 128)  # the same logits bytes per block, as columns
-    methods[f"diag: forward GEMMs, {r_plan}-row blocks"] = gemm_rows(r_plan)
-    methods[f"diag: forward GEMMs, {2 * r_plan}-row blocks"] = gemm_rows(2 * r_plan)
-    methods[f"diag: forward GEMMs, {c_plan}-column blocks"] = gemm_vocab(c_plan)
-    if cuda:
-        for warps in (None, 1, 2, 8):
-            fn = stats_blocks(r_plan, warps)
+    def profile_breakdown(fn: Callable[[], tuple], label: str) -> None:
+        """CUDA kernel time per kernel name over 3 calls (torch.profiler), printed as a table."""
+        from torch.profiler import ProfilerActivity, profile
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+        print(f"\n#### profile: {label} (3 calls; CUDA time per kernel)\n")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+
+    plan_now = plan_chunks(N, d, V, dtype)
+    c_plan = plan_now.forward_vocab_chunk
+    if c_plan < V and plan_now.row_chunk == N:
+        methods[f"cggr_fused[896-row blocks]"] = fused_rows(DEFAULT_MEMORY_BUDGET, 896)
+    methods["diag: forward GEMMs, 896-row blocks"] = gemm_rows(896)
+    methods["diag: forward GEMMs, 1792-row blocks"] = gemm_rows(1792)
+    for cols in sorted({c_plan, 4096, 6144, 8192, 16384}):
+        methods[f"diag: forward GEMMs, {cols}-column blocks"] = gemm_vocab(cols)
+    if cuda and c_plan < V:
+        for warps in (None, 2, 4):
+            fn = stats_chunks(c_plan, warps)
             label = "default" if warps is None else f"{warps} warp(s)"
-            methods[f"diag: statistics kernel only, {N // r_plan}x {r_plan} rows, {label} ({fn.describe})"] = fn
+            methods[f"diag: chunked statistics only, {-(-V // c_plan)}x {N}x{c_plan}, {label} "
+                    f"({fn.describe})"] = fn
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods or k.split("[")[0] in args.methods}
 
@@ -295,6 +330,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             scale = float(y.float().abs().max())
             check[f"{nm}_max_err_rel"] = float((x.float() - y.float()).abs().max()) / max(scale, 1e-30)
         del a, b
+        # Scores: the fused forward's statistics against the scoring of the materialised logits.
+        from cggr_torch import score_tokens
+        from cggr_torch.fused_linear import fused_linear_scores
+        with torch.no_grad():
+            fs = fused_linear_scores(hidden, weight, labels)
+            ms = score_tokens(F.linear(hidden, weight), labels)
+            for nm in ("difficulty",) + tuple(fs.stats._fields):
+                x = fs.difficulty if nm == "difficulty" else getattr(fs.stats, nm)
+                y = ms.difficulty if nm == "difficulty" else getattr(ms.stats, nm)
+                check[f"scores_{nm}_max_abs_err"] = float((x - y).abs().nan_to_num(0.0).max())
+            check["scores_eligible_equal"] = bool(torch.equal(fs.eligible, ms.eligible))
+            del fs, ms
+
+    if cuda and args.profile:
+        profile_breakdown(methods["cggr_fused"] if "cggr_fused" in methods else fused(DEFAULT_MEMORY_BUDGET),
+                          "cggr_fused fwd+bwd, default plan")
 
     k = round(args.ratio * N)
     plan_fwd = plan_chunks(N, d, V, dtype, selected_rows=k,

@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh verify       # adopted defaults: selective CE (+ torch.compile), fused LM heads
 #   bash benchmarks/gpu_session.sh review       # scoring-stream refactor re-checked and re-timed
 #   bash benchmarks/gpu_session.sh routers      # batch split with routers of 1, 2 and 4 layers
+#   bash benchmarks/gpu_session.sh chunked      # fused LM head: forward in vocabulary blocks, with a profile
 # Logs and JSON go to $OUT (or ./out/gpu). Carried wheels in .whl/ (liger-kernel, cut-cross-entropy) are
 # installed into /tmp/site first; nothing is fetched from a registry.
 set -u
@@ -93,6 +94,12 @@ case "${1:-kernels}" in
     step bench_scoring_torch 90 python3 benchmarks/bench_scoring_torch.py --no-sweep --out "$OUT/bench_scoring_torch.json"
     step bench_selective_ce_torch 100 python3 benchmarks/bench_selective_ce_torch.py --no-sweep --out "$OUT/bench_selective_ce_torch.json"
     step bench_fused_linear_torch 100 python3 benchmarks/bench_fused_linear_torch.py --budgets --out "$OUT/bench_fused_linear_torch.json"
+    ;;
+  chunked)
+    # Session 3: the fused LM head's forward in vocabulary blocks of all rows (chunked statistics launches):
+    # GPU tests of the kernels and the fused loss, then the benchmark with a profiler breakdown.
+    step pytest_gpu_torch 200 python3 -m pytest -q -x -p no:cacheprovider tests/torch/test_kernel_scoring.py tests/torch/test_kernel_fused_linear.py tests/torch/test_fused_linear.py
+    step bench_fused_linear_torch 200 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --forward-columns 4096 6144 --profile --out "$OUT/bench_fused_linear_torch.json"
     ;;
   quality1|quality2)
     # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many

@@ -11,10 +11,15 @@ row's statistics to choose the selection ``S``, but only the selected rows in th
     ∂loss/∂W   = Σ_{i∈S} g_iᵀ h_i = G_Sᵀ H_S
     ∂loss/∂b   = Σ_{i∈S} g_i
 
-**Forward** (no gradient graph, no host synchronisation): the rows are processed in chunks of ``R`` rows;
-each chunk's logits ``Z_c = H_c Wᵀ + b`` (one cuBLAS matmul in the inputs' dtype, ``R × V``) go through
-:func:`cggr_torch.scoring.token_statistics`' dispatcher (the Triton one-pass scoring kernel on CUDA, the
-PyTorch reference elsewhere) and are dropped. Only the five float32 statistics per row survive. Then the
+**Forward** (no gradient graph, no host synchronisation): the logits are produced in blocks of ``R`` rows ×
+``C`` vocabulary columns, ``Z_b = H_r W[v0:v1]ᵀ + b[v0:v1]`` (one cuBLAS matmul in the inputs' dtype), each
+block's statistics are taken and the block is dropped. With the Triton statistics kernel (CUDA) the plan
+keeps all rows in one block (``R = N``) and splits the vocabulary: tall GEMMs, and a statistics launch of one
+program per row that resumes each row's streaming state - running max, runner-up, the rescaled sums
+``d = Σ 2^u`` and ``s = Σ 2^u·u``, the target logit - where the previous column block left it
+(:func:`cggr_torch.kernels.scoring.launch_scoring_chunk`; the last block writes the statistics). Row blocks
+instead starve the statistics pass: a block of 896 rows cannot fill 132 SMs. The PyTorch reference
+statistics (other devices) take whole rows. Only the five float32 statistics per row survive. Then the
 difficulty (§3), eligibility (§4), ratio (§5), selection (§7) and the loss value ``Σ_S nll / |S|`` come from
 the statistics alone — the forward computes no extra matmul for the loss.
 
@@ -49,10 +54,12 @@ their gradient is exactly zero (never ``0·NaN``).
 **Memory heuristic** (:func:`plan_chunks`, overridable by ``row_chunk_size`` / ``vocab_chunk_size``; all
 sizes in bytes, ``e`` = element size of the inputs, ``B`` = ``memory_budget_bytes``, default 0.25 GiB):
 
-* forward: a chunk of ``R`` rows holds ``R·V·(e + s)`` bytes (``s = 0`` with the Triton statistics kernel,
-  which reads the logits in place; ``s = 28`` for the PyTorch reference's float32 temporaries), so
-  ``R = round_down_128(7/8 · B / (V·(e + s)))`` (at least 1, at most ``N``). At ``N = 16384, d = 2048,
-  V = 128256`` bf16 with the kernel: ``R = 896`` rows, 219 MiB of logits.
+* forward with the statistics kernel: a block of ``R × C`` logits holds ``R·C·e`` bytes (the kernel reads
+  them in place); ``R = N`` and ``C = V`` when ``N·V·e ≤ 7/8·B``, else ``C = round_down_128(7/8 · B / (N·e))``
+  (and, should that be narrower than 4096 columns, ``C = 4096`` and ``R = round_down_128(7/8·B / (C·e))``).
+  At ``N = 16384, d = 2048, V = 128256`` bf16: ``C = 7168`` (18 blocks, 224 MiB of logits).
+* forward with the PyTorch reference statistics (``s = 28`` bytes of float32 temporaries per logit): whole
+  rows, ``R = round_down_128(7/8 · B / (V·(e + s)))`` (at least 1, at most ``N``).
 * backward: ``K·d·(8 + e)`` bytes are fixed (float32 ``∂h_S`` accumulator and its next value, ``H_S``) and a
   chunk of ``C`` columns adds ``K·C·c`` with ``c = e`` with the in-place gradient kernel (``Z`` becomes ``G``)
   and ``c = 2e + 4`` with the PyTorch element-wise ops (``Z``, float32 ``G``, ``G`` in the inputs' dtype), so
@@ -67,6 +74,7 @@ The gradients themselves (``∂h``: ``N × d``, ``∂W``: ``V × d``, ``∂b``) 
 from __future__ import annotations
 
 import importlib
+import math
 import numbers
 from typing import Any, NamedTuple, Optional, Union
 
@@ -107,6 +115,8 @@ DEFAULT_MEMORY_BUDGET: int = 2**28
 #: Float32 temporaries per logit of the PyTorch reference statistics (upcast, shift, exp, e·shift, top-2).
 _REFERENCE_STAT_BYTES = 28
 _ALIGN = 128
+#: Narrowest forward logits block (columns) before the plan splits the rows instead (very large N).
+_MIN_FORWARD_COLUMNS = 4096
 _FILL = 0.875  # fraction of the budget a plan aims for (the caching allocator rounds blocks up)
 _GRADIENT_KERNEL_MODULE = "cggr_torch.kernels.fused_linear"
 _gradient_kernel_cache: dict[str, Any] = {}
@@ -115,11 +125,12 @@ _MIXED_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
 
 # ============================================================================================ chunk plan
 class ChunkPlan(NamedTuple):
-    """Chunk sizes of one call: ``row_chunk`` rows per forward matmul, ``vocab_chunk`` columns per backward
-    step."""
+    """Chunk sizes of one call: the forward's logits blocks are ``row_chunk`` rows × ``forward_vocab_chunk``
+    columns; the backward steps through ``vocab_chunk`` columns of the selected rows at a time."""
 
     row_chunk: int
     vocab_chunk: int
+    forward_vocab_chunk: int
 
 
 def _round_down(x: int, align: int = _ALIGN) -> int:
@@ -134,9 +145,17 @@ def _check_positive_int(value: Any, name: str, allow_none: bool = True) -> Optio
     return int(value)
 
 
+def _forward_columns(rows: int, vocab_size: int, elsize: int, target: int) -> int:
+    """Columns of an ``rows``-row forward block within ``target`` bytes (the whole row when it fits)."""
+    if rows * vocab_size * elsize <= target:
+        return vocab_size
+    return min(vocab_size, _round_down(target // (rows * elsize)))
+
+
 def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype, *,
                 selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                statistics_kernel: bool = True, gradient_kernel: bool = False) -> ChunkPlan:
+                statistics_kernel: bool = True, gradient_kernel: bool = False,
+                row_chunk: Optional[int] = None) -> ChunkPlan:
     """Chunk sizes that keep the fused loss' working memory near ``memory_budget_bytes`` (module docstring).
 
     Args:
@@ -146,13 +165,15 @@ def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dt
         dtype: dtype of the hidden states and the weight (the logits' dtype).
         selected_rows: ``K``, rows of the backward (``N`` when unknown).
         memory_budget_bytes: the budget ``B`` (default 0.25 GiB).
-        statistics_kernel: True when the statistics come from the Triton kernel (no float32 temporaries).
+        statistics_kernel: True when the statistics come from the Triton kernel (no float32 temporaries;
+            the forward may then split the vocabulary, see the module docstring).
         gradient_kernel: True when the backward's chunk gradient is the in-place Triton kernel
             (:mod:`cggr_torch.kernels.fused_linear`: no float32 copy of the chunk).
+        row_chunk: rows per forward block chosen by the caller (the plan then only sizes the columns).
 
     Returns:
-        :class:`ChunkPlan` ``(row_chunk, vocab_chunk)``: ``1 ≤ row_chunk ≤ max(1, N)``,
-        ``1 ≤ vocab_chunk ≤ V``.
+        :class:`ChunkPlan` ``(row_chunk, vocab_chunk, forward_vocab_chunk)``: ``1 ≤ row_chunk ≤ max(1, N)``,
+        ``1 ≤ vocab_chunk ≤ V``, ``1 ≤ forward_vocab_chunk ≤ V`` (``V`` without the statistics kernel).
     """
     for name, value in (("num_rows", num_rows), ("hidden_dim", hidden_dim), ("vocab_size", vocab_size)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
@@ -160,19 +181,33 @@ def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dt
     if vocab_size < 1:
         raise ValueError(f"vocab_size: expected an integer >= 1, got {vocab_size}")
     budget = _check_positive_int(memory_budget_bytes, "memory_budget_bytes", allow_none=False)
+    row_chunk = _check_positive_int(row_chunk, "row_chunk")
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
     e = torch.empty((), dtype=dtype).element_size()
+    V = int(vocab_size)
     target = int(_FILL * budget)
-    per_row = vocab_size * (e + (0 if statistics_kernel else _REFERENCE_STAT_BYTES))
-    row_chunk = min(max(1, int(num_rows)), _round_down(target // per_row))
+    n = max(1, int(num_rows))
+    if statistics_kernel:
+        # Vocabulary blocks of all rows: GEMMs of the full height and a statistics launch with a program per
+        # row (rows of a block fill the GPU); rows are split only when a block would be narrower than
+        # _MIN_FORWARD_COLUMNS.
+        rows = min(n, row_chunk) if row_chunk is not None else n
+        cols = _forward_columns(rows, V, e, target)
+        if row_chunk is None and cols < min(V, _MIN_FORWARD_COLUMNS):
+            cols = min(V, _MIN_FORWARD_COLUMNS)
+            rows = min(n, _round_down(target // (cols * e)))
+    else:
+        per_row = V * (e + _REFERENCE_STAT_BYTES)
+        rows = min(n, row_chunk) if row_chunk is not None else min(n, _round_down(target // per_row))
+        cols = V
     k = int(num_rows) if selected_rows is None else int(selected_rows)
     k = max(1, k)
     fixed = k * int(hidden_dim) * (8 + e)
     per_col = k * (e if gradient_kernel else 2 * e + 4)
-    cols = (target - fixed) // per_col if target > fixed else 0
-    vocab_chunk = min(int(vocab_size), max(min(_ALIGN, int(vocab_size)), _round_down(int(cols))))
-    return ChunkPlan(int(row_chunk), int(vocab_chunk))
+    bcols = (target - fixed) // per_col if target > fixed else 0
+    vocab_chunk = min(V, max(min(_ALIGN, V), _round_down(int(bcols))))
+    return ChunkPlan(int(rows), int(vocab_chunk), int(cols))
 
 
 # ========================================================================================= input checks
@@ -231,32 +266,48 @@ def _statistics_kernel_for(hidden: torch.Tensor) -> bool:
 
 # ==================================================================================== blockwise scoring
 def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          targets: Optional[torch.Tensor], ignore_index: int, row_chunk: int) -> TokenStatistics:
-    """SPEC §2 statistics of every row of ``hidden2d Wᵀ + b`` from ``row_chunk``-row logit blocks (flat).
+                          targets: Optional[torch.Tensor], ignore_index: int, row_chunk: int,
+                          vocab_chunk: int) -> TokenStatistics:
+    """SPEC §2 statistics of every row of ``hidden2d Wᵀ + b`` from logit blocks of ``row_chunk`` rows ×
+    ``vocab_chunk`` columns (flat).
 
-    With the Triton statistics kernel each block's statistics are written straight into their slice of one
-    ``(6, N)`` buffer (the labels were range-checked once by the caller, so no per-block validation or copy).
-    Elsewhere the statistics dispatcher (the PyTorch reference) is used. (Running a block's statistics on a
-    side stream beside the next block's GEMM was measured on the H200 and gained nothing reliable - the GEMM
-    occupies every SM - so the blocks run in order; benchmarks/RESULTS.md, runs 10-13.)
+    With the Triton statistics kernel each block goes to one launch that writes its rows' statistics
+    straight into one ``(6, N)`` buffer (the labels were range-checked once by the caller, so no per-block
+    validation or copy); a row split into vocabulary blocks carries its running state from one block's
+    launch to the next (:func:`cggr_torch.kernels.scoring.launch_scoring_chunk`). Elsewhere the statistics
+    dispatcher (the PyTorch reference) takes whole rows (``vocab_chunk`` is ignored: its float32 temporaries
+    are what the plan sizes). The blocks run in order on one stream: a block's statistics beside the next
+    block's GEMM on a side stream gained nothing reliable on the H200 (the GEMM occupies every SM;
+    benchmarks/RESULTS.md, runs 10-13).
     """
     N = hidden2d.shape[0]
+    V = weight.shape[0]
     dev = hidden2d.device
     with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
         if _statistics_kernel_for(hidden2d):
             from .kernels import scoring as ks
             out = torch.empty((6, N), dtype=torch.float32, device=dev)
             finite = torch.empty((N,), dtype=torch.int8, device=dev)
+            C = max(1, min(int(vocab_chunk), V))
+            state = torch.empty((ks.CHUNK_STATE_ROWS, N), dtype=torch.float32, device=dev) if C < V else None
             t = None if targets is None else ks.flat_targets(targets)
             for r0 in range(0, N, row_chunk):
                 r1 = min(N, r0 + row_chunk)
-                z = F.linear(hidden2d[r0:r1], weight, bias)
-                geom = ks.row_geometry(z)
-                # A block has few rows: widen each row's program so that the GPU still streams at full rate.
-                cfg = ks.scoring_config_for_rows(r1 - r0, geom.vocab, z.dtype, ks.num_sms(z))
-                ks.launch_scoring(geom, None if t is None else t[r0:r1], ignore_index, ks._NO_DIFFICULTY,
-                                  out[:, r0:r1], finite[r0:r1], cfg)
-                del z, geom  # geom holds z too: both must go before the next block is allocated
+                t_r = None if t is None else t[r0:r1]
+                for v0 in range(0, V, C):
+                    v1 = min(V, v0 + C)
+                    z = F.linear(hidden2d[r0:r1], weight[v0:v1], None if bias is None else bias[v0:v1])
+                    # A block of few rows widens each row's program so that the GPU still streams at full rate.
+                    cfg = ks.scoring_config_for_rows(r1 - r0, v1 - v0, z.dtype, ks.num_sms(z))
+                    if state is None:
+                        geom = ks.row_geometry(z)
+                        ks.launch_scoring(geom, t_r, ignore_index, ks._NO_DIFFICULTY, out[:, r0:r1],
+                                          finite[r0:r1], cfg)
+                        del geom  # holds z too: both must go before the next block is allocated
+                    else:
+                        ks.launch_scoring_chunk(z, t_r, ignore_index, v0, V, state[:, r0:r1], out[:, r0:r1],
+                                                finite[r0:r1], cfg)
+                    del z
             return TokenStatistics(*(out[k] for k in range(5)))
         out_list = [torch.empty((N,), dtype=torch.float32, device=dev) for _ in TokenStatistics._fields]
         for r0 in range(0, N, row_chunk):
@@ -267,6 +318,7 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
                 buf[r0:r1] = x
             del z, st
     return TokenStatistics(*out_list)
+
 
 def _gradient_kernel_for(hidden: torch.Tensor) -> Optional[Any]:
     """The Triton chunk-gradient module for ``hidden``'s device and dtype, or None (PyTorch element-wise ops).
@@ -429,6 +481,16 @@ class FusedLinearCGGROutput(NamedTuple):
     scores: TokenScores
 
 
+def _forward_blocks(hidden: torch.Tensor, vocab_size: int, row_chunk_size: Optional[int],
+                    vocab_chunk_size: Optional[int], memory_budget_bytes: int) -> tuple[int, int]:
+    """``(rows, columns)`` of the forward's logits blocks: the caller's sizes where given, else the plan's."""
+    d = hidden.shape[-1]
+    N = math.prod(hidden.shape[:-1])
+    plan = plan_chunks(N, d, vocab_size, hidden.dtype, memory_budget_bytes=memory_budget_bytes,
+                       statistics_kernel=_statistics_kernel_for(hidden), row_chunk=row_chunk_size)
+    return plan.row_chunk, (vocab_chunk_size or plan.forward_vocab_chunk)
+
+
 def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
          step: int, base: np.float32, cfg: _Config, row_chunk_size: Optional[int],
          vocab_chunk_size: Optional[int], memory_budget_bytes: int) -> FusedLinearCGGROutput:
@@ -438,12 +500,12 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias:
     V = weight.shape[0]
     hidden2d = hidden.reshape(-1, d)
     N = hidden2d.shape[0]
-    row_chunk = row_chunk_size or plan_chunks(N, d, V, hidden.dtype, memory_budget_bytes=memory_budget_bytes,
-                                              statistics_kernel=_statistics_kernel_for(hidden)).row_chunk
+    row_chunk, forward_cols = _forward_blocks(hidden, V, row_chunk_size, vocab_chunk_size, memory_budget_bytes)
     with torch.no_grad():
         flat_t = labels.reshape(-1)
         flat = _blockwise_statistics(hidden2d.detach(), weight.detach(),
-                                     None if bias is None else bias.detach(), flat_t, cfg.ignore_index, row_chunk)
+                                     None if bias is None else bias.detach(), flat_t, cfg.ignore_index, row_chunk,
+                                     forward_cols)
         stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
         scores, mask, metrics = _select_and_measure(stats, labels, step, base, cfg)
         count = metrics["tokens_selected"]
@@ -486,8 +548,9 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio, warmup_steps,
         num_strata, min_tokens_per_sequence, ignore_index, ratio_schedule: as :class:`cggr_torch.CGGRLoss`.
         row_chunk_size: rows per forward logits block (default: :func:`plan_chunks`).
-        vocab_chunk_size: vocabulary columns per backward step (default: :func:`plan_chunks` with the real
-            ``K``).
+        vocab_chunk_size: vocabulary columns per forward logits block (statistics kernel only; the reference
+            statistics take whole rows) and per backward step (default: :func:`plan_chunks`, its
+            ``forward_vocab_chunk`` and, with the real ``K``, its ``vocab_chunk``).
         memory_budget_bytes: working-memory target of the default plan (bytes, default 0.25 GiB).
 
     Raises:
@@ -566,7 +629,7 @@ class FusedLinearCGGRLoss(CGGRLoss):
 def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor] = None,
                         bias: Optional[torch.Tensor] = None, *, scoring: str = "combined",
                         ignore_index: int = -100, valid_mask: Optional[torch.Tensor] = None,
-                        row_chunk_size: Optional[int] = None,
+                        row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
                         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> TokenScores:
     """SPEC §2-§4 scores of the logits ``hidden · weightᵀ + bias`` without materialising them (router use).
 
@@ -580,13 +643,14 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: Opti
         bias: optional ``(V,)``.
         scoring, ignore_index, valid_mask: as :func:`cggr_torch.score_tokens`.
         row_chunk_size, memory_budget_bytes: as :func:`fused_linear_cggr`.
+        vocab_chunk_size: vocabulary columns per logits block (as :func:`fused_linear_cggr`'s forward).
     """
     check_scoring(scoring)
     if scoring == "loss" and labels is None:
         raise ValueError("labels: scoring='loss' needs labels, got None")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index: expected an integer, got {ignore_index!r}")
-    _check_chunk_args(row_chunk_size, None, memory_budget_bytes)
+    _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
     _check_linear(hidden, weight, bias)
     token_shape = tuple(hidden.shape[:-1])
     if labels is not None:
@@ -599,11 +663,11 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: Opti
             raise ValueError(f"valid_mask: expected device {hidden.device}, got {valid_mask.device}")
     d = hidden.shape[-1]
     hidden2d = hidden.reshape(-1, d)
-    row_chunk = row_chunk_size or plan_chunks(hidden2d.shape[0], d, weight.shape[0], hidden.dtype,
-                                              memory_budget_bytes=int(memory_budget_bytes),
-                                              statistics_kernel=_statistics_kernel_for(hidden)).row_chunk
+    row_chunk, forward_cols = _forward_blocks(hidden, weight.shape[0], row_chunk_size, vocab_chunk_size,
+                                              int(memory_budget_bytes))
     flat = _blockwise_statistics(hidden2d.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                 None if labels is None else labels.reshape(-1), int(ignore_index), row_chunk)
+                                 None if labels is None else labels.reshape(-1), int(ignore_index), row_chunk,
+                                 forward_cols)
     stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
     with torch.no_grad():
         return _score_from_statistics(stats, labels, scoring, int(ignore_index), valid_mask)

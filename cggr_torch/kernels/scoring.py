@@ -88,6 +88,8 @@ __all__ = [
     "token_statistics_triton",
     "score_tokens_triton",
     "launch_scoring",
+    "launch_scoring_chunk",
+    "CHUNK_STATE_ROWS",
     "num_sms",
 ]
 
@@ -444,12 +446,19 @@ def _stream_block_lazy(x, m, m2, d_acc, s_acc, ROWS: tl.constexpr, GROUP: tl.con
 
 @triton.jit
 def _score_row(
-    i, x_ptr, t_ptr, out_ptr, fin_ptr, key_ptr, status_ptr,
-    V, T, stride_b, stride_t, out_stride, ignore_index,
+    i, x_ptr, t_ptr, out_ptr, fin_ptr, key_ptr, status_ptr, state_ptr,
+    V, T, stride_b, stride_t, out_stride, ignore_index, v0, V_TOTAL, state_stride,
     HAS_TARGETS: tl.constexpr, MODE: tl.constexpr, SELECT: tl.constexpr, KEY64: tl.constexpr,
     ROWS: tl.constexpr, GROUP: tl.constexpr, FTZ: tl.constexpr, EVICT: tl.constexpr, LAZY: tl.constexpr,
+    FIRST: tl.constexpr, FINAL: tl.constexpr,
 ):
-    """Row ``i`` (int64): lse, H, p1, p2, nll, difficulty (MODE >= 0), finite flag; with SELECT key and status."""
+    """Row ``i`` (int64): lse, H, p1, p2, nll, difficulty (MODE >= 0), finite flag; with SELECT key and status.
+
+    The streamed row holds the ``V`` columns ``[v0, v0 + V)`` of a row of ``V_TOTAL`` (a whole row: ``v0 = 0``,
+    ``V = V_TOTAL``, ``FIRST = FINAL = True``). A chunk that is not ``FIRST`` starts from the running state
+    ``(m, z_(2), d, s, z_t)`` stored at ``state_ptr + j·state_stride + i`` by the previous chunk; a chunk that
+    is not ``FINAL`` stores that state instead of the statistics (see :func:`launch_scoring_chunk`).
+    """
     b = i // T
     row_ptr = x_ptr + b * stride_b + (i - b * T) * stride_t
 
@@ -460,20 +469,37 @@ def _score_row(
     if HAS_TARGETS:
         tgt = tl.load(t_ptr + i)
         valid = tgt != ignore_index
-        readable = valid & (tgt >= 0) & (tgt < V)
+        readable = valid & (tgt >= 0) & (tgt < V_TOTAL)
+        local = tgt - v0
+        here = readable & (local >= 0) & (local < V)
         # Ignored and out-of-range targets are never read (masked load of index 0 with no memory access).
-        z_t = tl.load(row_ptr + tl.where(readable, tgt, 0), mask=readable, other=0.0).to(tl.float32)
+        z_t = tl.load(row_ptr + tl.where(here, local, 0), mask=here, other=0.0).to(tl.float32)
+        if not FIRST:
+            z_t = tl.where(here, z_t, tl.load(state_ptr + 4 * state_stride + i))
 
     BLOCK: tl.constexpr = ROWS * GROUP
     idx = tl.arange(0, ROWS)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    m = tl.full([], float("-inf"), tl.float32)
-    d_acc = tl.zeros([ROWS], tl.float32)
-    s_acc = tl.zeros([ROWS], tl.float32)
-    if LAZY:
-        z2 = tl.full([], float("-inf"), tl.float32)
+    if FIRST:
+        m = tl.full([], float("-inf"), tl.float32)
+        d_acc = tl.zeros([ROWS], tl.float32)
+        s_acc = tl.zeros([ROWS], tl.float32)
+        if LAZY:
+            z2 = tl.full([], float("-inf"), tl.float32)
+        else:
+            t1 = tl.full([ROWS], float("-inf"), tl.float32)
+            t2 = tl.full([ROWS], float("-inf"), tl.float32)
     else:
-        t1 = tl.full([ROWS], float("-inf"), tl.float32)
-        t2 = tl.full([ROWS], float("-inf"), tl.float32)
+        # The previous chunks' sums enter lane 0: every lane is relative to the same reference c(m).
+        lane0 = tl.arange(0, ROWS) == 0
+        m = tl.load(state_ptr + i)
+        m2_prev = tl.load(state_ptr + state_stride + i)
+        d_acc = tl.where(lane0, tl.load(state_ptr + 2 * state_stride + i), 0.0)
+        s_acc = tl.where(lane0, tl.load(state_ptr + 3 * state_stride + i), 0.0)
+        if LAZY:
+            z2 = m2_prev
+        else:
+            t1 = tl.where(lane0, m, float("-inf"))
+            t2 = tl.where(lane0, m2_prev, float("-inf"))
 
     # Full blocks, software-pipelined: block blk+1 is requested before block blk is reduced.
     n_full = V // BLOCK
@@ -500,46 +526,54 @@ def _score_row(
     s = tl.sum(s_acc, 0)
     if not LAZY:
         _top1, z2 = tl.reduce((t1, t2), 0, _top2_combine)
-    c = _ref_of(m)
-    log2d = tl.log2(d)
-    lse = (c + log2d) * 0.6931471805599453
-    entropy = tl.math.div_rn(log2d - tl.math.div_rn(s, d), 1.4426950408889634)
-    p1 = tl.math.div_rn(tl.exp2(tl.fma(m, 1.4426950408889634, -c)), d)
-    p2 = tl.math.div_rn(tl.exp2(tl.fma(z2, 1.4426950408889634, -c)), d)
-    finite = (tl.abs(lse) < float("inf")) & (tl.abs(entropy) < float("inf")) \
-        & (tl.abs(p1) < float("inf")) & (tl.abs(p2) < float("inf"))
+    if not FINAL:
+        tl.store(state_ptr + i, m)
+        tl.store(state_ptr + state_stride + i, z2)
+        tl.store(state_ptr + 2 * state_stride + i, d)
+        tl.store(state_ptr + 3 * state_stride + i, s)
+        if HAS_TARGETS:
+            tl.store(state_ptr + 4 * state_stride + i, z_t)
+    else:
+        c = _ref_of(m)
+        log2d = tl.log2(d)
+        lse = (c + log2d) * 0.6931471805599453
+        entropy = tl.math.div_rn(log2d - tl.math.div_rn(s, d), 1.4426950408889634)
+        p1 = tl.math.div_rn(tl.exp2(tl.fma(m, 1.4426950408889634, -c)), d)
+        p2 = tl.math.div_rn(tl.exp2(tl.fma(z2, 1.4426950408889634, -c)), d)
+        finite = (tl.abs(lse) < float("inf")) & (tl.abs(entropy) < float("inf")) \
+            & (tl.abs(p1) < float("inf")) & (tl.abs(p2) < float("inf"))
 
-    nll = tl.zeros([], tl.float32)
-    if HAS_TARGETS:
-        nll_val = tl.math.div_rn(log2d - tl.fma(z_t, 1.4426950408889634, -c), 1.4426950408889634)
-        nll = tl.where(readable, nll_val, tl.where(valid, float("nan"), 0.0))
-        finite = finite & ((tl.abs(nll) < float("inf")) | (valid == 0))
+        nll = tl.zeros([], tl.float32)
+        if HAS_TARGETS:
+            nll_val = tl.math.div_rn(log2d - tl.fma(z_t, 1.4426950408889634, -c), 1.4426950408889634)
+            nll = tl.where(readable, nll_val, tl.where(valid, float("nan"), 0.0))
+            finite = finite & ((tl.abs(nll) < float("inf")) | (valid == 0))
 
-    tl.store(out_ptr + i, lse)
-    tl.store(out_ptr + out_stride + i, entropy)
-    tl.store(out_ptr + 2 * out_stride + i, p1)
-    tl.store(out_ptr + 3 * out_stride + i, p2)
-    tl.store(out_ptr + 4 * out_stride + i, nll)
-    if MODE >= 0:
-        margin = 1.0 - (p1 - p2)
-        if MODE == 0:
-            diff = entropy
-        elif MODE == 1:
-            diff = margin
-        elif MODE == 2:
-            diff = nll
-        else:
-            if HAS_TARGETS:
-                diff = (entropy + margin) + nll
+        tl.store(out_ptr + i, lse)
+        tl.store(out_ptr + out_stride + i, entropy)
+        tl.store(out_ptr + 2 * out_stride + i, p1)
+        tl.store(out_ptr + 3 * out_stride + i, p2)
+        tl.store(out_ptr + 4 * out_stride + i, nll)
+        if MODE >= 0:
+            margin = 1.0 - (p1 - p2)
+            if MODE == 0:
+                diff = entropy
+            elif MODE == 1:
+                diff = margin
+            elif MODE == 2:
+                diff = nll
             else:
-                diff = entropy + margin
-        tl.store(out_ptr + 5 * out_stride + i, diff)
-        if SELECT:
-            eligible = valid & finite & (diff == diff)
-            tl.store(key_ptr + i, _order_key(diff, eligible, i, KEY64))
-            status = valid.to(tl.int8) | (eligible.to(tl.int8) << 1) | ((valid & (readable == 0)).to(tl.int8) << 2)
-            tl.store(status_ptr + i, status)
-    tl.store(fin_ptr + i, finite.to(tl.int8))
+                if HAS_TARGETS:
+                    diff = (entropy + margin) + nll
+                else:
+                    diff = entropy + margin
+            tl.store(out_ptr + 5 * out_stride + i, diff)
+            if SELECT:
+                eligible = valid & finite & (diff == diff)
+                tl.store(key_ptr + i, _order_key(diff, eligible, i, KEY64))
+                status = valid.to(tl.int8) | (eligible.to(tl.int8) << 1) | ((valid & (readable == 0)).to(tl.int8) << 2)
+                tl.store(status_ptr + i, status)
+        tl.store(fin_ptr + i, finite.to(tl.int8))
 
 
 @triton.jit
@@ -553,13 +587,26 @@ def _scoring_kernel(
     """One row per program, or (PERSISTENT) a grid-stride loop over the rows."""
     if PERSISTENT:
         for r in range(tl.program_id(0), N, tl.num_programs(0)):
-            _score_row(r + tl.zeros([], tl.int64), x_ptr, t_ptr, out_ptr, fin_ptr, key_ptr, status_ptr,
-                       V, T, stride_b, stride_t, out_stride, ignore_index,
-                       HAS_TARGETS, MODE, SELECT, KEY64, ROWS, GROUP, FTZ, EVICT, LAZY)
+            _score_row(r + tl.zeros([], tl.int64), x_ptr, t_ptr, out_ptr, fin_ptr, key_ptr, status_ptr, out_ptr,
+                       V, T, stride_b, stride_t, out_stride, ignore_index, 0, V, 0,
+                       HAS_TARGETS, MODE, SELECT, KEY64, ROWS, GROUP, FTZ, EVICT, LAZY, True, True)
     else:
-        _score_row(tl.program_id(0).to(tl.int64), x_ptr, t_ptr, out_ptr, fin_ptr, key_ptr, status_ptr,
-                   V, T, stride_b, stride_t, out_stride, ignore_index,
-                   HAS_TARGETS, MODE, SELECT, KEY64, ROWS, GROUP, FTZ, EVICT, LAZY)
+        _score_row(tl.program_id(0).to(tl.int64), x_ptr, t_ptr, out_ptr, fin_ptr, key_ptr, status_ptr, out_ptr,
+                   V, T, stride_b, stride_t, out_stride, ignore_index, 0, V, 0,
+                   HAS_TARGETS, MODE, SELECT, KEY64, ROWS, GROUP, FTZ, EVICT, LAZY, True, True)
+
+
+@triton.jit
+def _chunk_scoring_kernel(
+    x_ptr, t_ptr, out_ptr, fin_ptr, state_ptr,
+    N, C, stride_t, out_stride, ignore_index, v0, V_TOTAL, state_stride,
+    HAS_TARGETS: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr, FTZ: tl.constexpr,
+    EVICT: tl.constexpr, LAZY: tl.constexpr, FIRST: tl.constexpr, FINAL: tl.constexpr,
+):
+    """One row per program over the columns ``[v0, v0 + C)`` of an ``(N, C)`` logits chunk (statistics only)."""
+    _score_row(tl.program_id(0).to(tl.int64), x_ptr, t_ptr, out_ptr, fin_ptr, fin_ptr, fin_ptr, state_ptr,
+               C, N, 0, stride_t, out_stride, ignore_index, v0, V_TOTAL, state_stride,
+               HAS_TARGETS, -1, False, False, ROWS, GROUP, FTZ, EVICT, LAZY, FIRST, FINAL)
 
 
 # ============================================================================================ launchers
@@ -636,6 +683,87 @@ def launch_scoring(geom: RowGeometry, targets: Optional[torch.Tensor], ignore_in
             HAS_TARGETS=has_t, MODE=int(mode), SELECT=select, KEY64=select and key.dtype == torch.int64,
             ROWS=cfg.rows, GROUP=cfg.group, FTZ=cfg.ftz, PERSISTENT=cfg.persistent > 0, EVICT=cfg.evict,
             LAZY=cfg.lazy_top2, num_warps=cfg.num_warps,
+        )
+
+
+#: Float32 values of the running state of :func:`launch_scoring_chunk` per row: ``m``, ``z_(2)``, ``d``, ``s``,
+#: ``z_t`` (see the module docstring for their meaning; ``d`` and ``s`` are relative to ``c = fl(m·log2 e)``).
+CHUNK_STATE_ROWS = 5
+
+
+def launch_scoring_chunk(z: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int, v0: int,
+                         vocab_size: int, state: torch.Tensor, out: torch.Tensor, finite: torch.Tensor,
+                         config: Optional[LaunchConfig] = None) -> None:
+    r"""Fold the vocabulary chunk ``z = logits[:, v0:v0 + C]`` into each row's running statistics.
+
+    For logits produced one vocabulary chunk at a time (the fused LM head's forward), the chunks of a row are
+    streamed in increasing ``v0`` by consecutive launches on one stream: the first (``v0 = 0``) starts from an
+    empty state, every launch but the last (``v0 + C = vocab_size``) stores the state of the streaming
+    recurrence of the module docstring - ``(m, z_(2), d, s, z_t)``, exact float32 values - in ``state`` and the
+    next one resumes from it, so the result equals one pass over the whole row up to the summation order of
+    the ``d``/``s`` lanes. The last launch writes the statistics (``out`` rows 0-4: lse, H, p1, p2, nll) and
+    the finite flags, as :func:`launch_scoring` with ``mode = -1``. The target logit is read in the chunk
+    that holds it.
+
+    Args:
+        z: ``(N, C)`` float32/float16/bfloat16/float64 chunk with unit column stride (row stride ≥ C).
+        targets: ``None`` or contiguous int64 ``(N,)`` targets in the full vocabulary (``ignore_index`` or
+            out of ``[0, vocab_size)``: never read; an out-of-range target gives ``nll = NaN`` as in
+            :func:`launch_scoring`).
+        ignore_index: target value without a target.
+        v0: first vocabulary column of the chunk (host int, ``0 ≤ v0``, ``v0 + C ≤ vocab_size``).
+        vocab_size: the full row length ``V``.
+        state: float32 ``(CHUNK_STATE_ROWS, N)`` with unit stride along N: the running state (read unless
+            ``v0 = 0``, written unless ``v0 + C = vocab_size``).
+        out, finite: as :func:`launch_scoring` (written by the last chunk only).
+        config: launch shape; :func:`scoring_config` of ``C`` when None (``persistent`` is not supported).
+
+    Raises:
+        ValueError: shapes, dtypes or ranges other than the above.
+    """
+    check_kernel_device(z, "z")
+    if z.dim() != 2 or z.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"z: expected a 2-D float tensor (N, C), got {z.dtype} {tuple(z.shape)}")
+    n, C = z.shape
+    if C < 1 or (C > 1 and z.stride(1) != 1) or (n > 1 and z.stride(0) < C):
+        raise ValueError(f"z: expected C >= 1 columns with unit stride and non-overlapping rows, got shape "
+                         f"{tuple(z.shape)} strides {z.stride()}")
+    for name, value in (("v0", v0), ("vocab_size", vocab_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name}: expected a host integer, got {value!r}")
+    v0, vocab_size = int(v0), int(vocab_size)
+    if v0 < 0 or v0 + C > vocab_size:
+        raise ValueError(f"v0: expected 0 <= v0 and v0 + C <= vocab_size, got v0={v0}, C={C}, "
+                         f"vocab_size={vocab_size}")
+    if state.dtype != torch.float32 or state.dim() != 2 or tuple(state.shape) != (CHUNK_STATE_ROWS, n) \
+            or (n > 1 and state.stride(1) != 1) or state.device != z.device:
+        raise ValueError(f"state: expected a float32 ({CHUNK_STATE_ROWS}, {n}) buffer with unit stride along N on "
+                         f"{z.device}, got {state.dtype} {tuple(state.shape)} strides {state.stride()}")
+    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != 6 or out.shape[1] != n \
+            or (n > 1 and out.stride(1) != 1):
+        raise ValueError(f"out: expected a float32 (6, {n}) buffer with unit stride along N, got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    if finite.dtype != torch.int8 or tuple(finite.shape) != (n,) or (n > 1 and finite.stride(0) != 1):
+        raise ValueError(f"finite: expected a contiguous int8 ({n},) buffer, got {finite.dtype} "
+                         f"{tuple(finite.shape)}")
+    if targets is not None and (targets.dtype != torch.int64 or tuple(targets.shape) != (n,)
+                                or (n > 1 and targets.stride(0) != 1)):
+        raise ValueError(f"targets: expected None or a contiguous int64 ({n},) tensor, got "
+                         f"{targets.dtype} {tuple(targets.shape)}")
+    cfg = config if config is not None else scoring_config(C, z.dtype)
+    if cfg.persistent:
+        raise ValueError("config.persistent: the chunked launch runs one program per row; use persistent=0")
+    check_config_device(cfg, z)
+    if n == 0:
+        return
+    has_t = targets is not None
+    with device_guard(z):
+        _chunk_scoring_kernel[(n,)](
+            z, targets if has_t else finite, out, finite, state,
+            n, C, z.stride(0) if n > 1 else C, out.stride(0), int(ignore_index), v0, vocab_size,
+            state.stride(0),
+            HAS_TARGETS=has_t, ROWS=cfg.rows, GROUP=cfg.group, FTZ=cfg.ftz, EVICT=cfg.evict,
+            LAZY=cfg.lazy_top2, FIRST=v0 == 0, FINAL=v0 + C == vocab_size, num_warps=cfg.num_warps,
         )
 
 

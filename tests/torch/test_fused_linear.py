@@ -246,7 +246,10 @@ def test_module_step_metrics_and_state_dict():
 def test_plan_meets_the_memory_budget_at_the_target_shape():
     N, d, V = 16384, 2048, 128256
     plan = plan_chunks(N, d, V, torch.bfloat16, selected_rows=4096)
-    assert plan.row_chunk % 128 == 0 and plan.row_chunk * V * 2 <= DEFAULT_MEMORY_BUDGET
+    # With the statistics kernel the forward keeps every row and splits the vocabulary.
+    assert plan.row_chunk == N and plan.forward_vocab_chunk % 128 == 0
+    assert plan.row_chunk * plan.forward_vocab_chunk * 2 <= DEFAULT_MEMORY_BUDGET
+    assert N * 2 * (plan.forward_vocab_chunk + 128) > 0.875 * DEFAULT_MEMORY_BUDGET  # the widest that fits
     backward = 4096 * d * (8 + 2) + 4096 * plan.vocab_chunk * (2 * 2 + 4)
     assert plan.vocab_chunk % 128 == 0 and backward <= DEFAULT_MEMORY_BUDGET
     # The in-place gradient kernel needs only the bf16 chunk: about four times the columns per step.
@@ -254,10 +257,21 @@ def test_plan_meets_the_memory_budget_at_the_target_shape():
     assert kplan.row_chunk == plan.row_chunk and kplan.vocab_chunk >= 3 * plan.vocab_chunk
     assert 4096 * d * (8 + 2) + 4096 * kplan.vocab_chunk * 2 <= DEFAULT_MEMORY_BUDGET
     ref_plan = plan_chunks(N, d, V, torch.bfloat16, statistics_kernel=False)
-    assert ref_plan.row_chunk < plan.row_chunk                 # the reference statistics need float32 temps
+    # The reference statistics take whole rows and need float32 temporaries.
+    assert ref_plan.forward_vocab_chunk == V and ref_plan.row_chunk * V * (2 + 28) <= DEFAULT_MEMORY_BUDGET
+    # Very many rows: blocks no narrower than 4096 columns, the rows split instead.
+    big = plan_chunks(8 * N, d, V, torch.bfloat16, selected_rows=4096)
+    assert big.forward_vocab_chunk == 4096 and big.row_chunk % 128 == 0 and big.row_chunk < 8 * N
+    assert big.row_chunk * 4096 * 2 <= DEFAULT_MEMORY_BUDGET
+    # A caller's row block: the plan sizes the columns for it.
+    own = plan_chunks(N, d, V, torch.bfloat16, row_chunk=1000)
+    assert own.row_chunk == 1000 and 1000 * own.forward_vocab_chunk * 2 <= DEFAULT_MEMORY_BUDGET
+    assert plan_chunks(30, 3, 7, torch.float32, row_chunk=1000).row_chunk == 30
     tiny = plan_chunks(5, 3, 7, torch.float32, memory_budget_bytes=1)
-    assert tiny == (1, 7)
-    assert plan_chunks(0, 3, 7, torch.float32) == (1, 7)
+    assert tiny == (1, 7, 7)
+    assert plan_chunks(0, 3, 7, torch.float32) == (1, 7, 7)
+    with pytest.raises(ValueError, match="row_chunk"):
+        plan_chunks(5, 3, 7, torch.float32, row_chunk=0)
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         plan_chunks(5, 3, 7, torch.float32, memory_budget_bytes=0)
     with pytest.raises(ValueError, match="vocab_size"):

@@ -145,17 +145,23 @@ def test_fused_loss_with_the_kernel_equals_the_elementwise_backward(monkeypatch,
 
 
 @pytest.mark.parametrize("with_labels", [True, False])
-def test_blockwise_statistics_kernel_path_equals_the_reference(monkeypatch, with_labels):
-    """The forward writes each block's statistics straight into one buffer: same scores as the reference."""
+@pytest.mark.parametrize("blocks", [dict(row_chunk_size=8), dict(vocab_chunk_size=64),
+                                    dict(row_chunk_size=20, vocab_chunk_size=101)],
+                         ids=["row-blocks", "vocab-blocks", "row-and-vocab-blocks"])
+def test_blockwise_statistics_kernel_path_equals_the_reference(monkeypatch, with_labels, blocks):
+    """The forward writes each block's statistics straight into one buffer - a row split into vocabulary
+    blocks carries its state between launches: same scores as the reference (whole rows)."""
     from cggr_torch.fused_linear import fused_linear_scores
     h, w, b, t = _inputs(5, 29, 16, 203, torch.float32)
     h[3] = float("nan")
+    b[150:] = float("-inf")     # the last vocabulary block of every row is entirely -inf
+    t[t >= 150] = 7
     labels = t.to(DEVICE) if with_labels else None
     args = (h.to(DEVICE), w.to(DEVICE), labels, b.to(DEVICE))
     monkeypatch.setattr(scoring_mod, "_KERNEL_DEVICE_TYPES", ("cpu", "cuda"))
-    got = fused_linear_scores(*args, row_chunk_size=8)
+    got = fused_linear_scores(*args, **blocks)
     monkeypatch.setenv("CGGR_DISABLE_KERNELS", "1")
-    ref = fused_linear_scores(*args, row_chunk_size=8)
+    ref = fused_linear_scores(*args, **blocks)
     for name in ("difficulty",) + tuple(got.stats._fields):
         a = (got.difficulty if name == "difficulty" else getattr(got.stats, name)).cpu()
         r = (ref.difficulty if name == "difficulty" else getattr(ref.stats, name)).cpu()

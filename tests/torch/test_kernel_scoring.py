@@ -429,3 +429,101 @@ def test_cuda_ftz_stream_matches_oracle() -> None:
             assert_close_tol(getattr(sc.stats, k).cpu().numpy(), ref["stats"][k], k, fin)
         assert_close_tol(sc.difficulty.cpu().numpy(), ref["difficulty"], "difficulty", ref["eligible"])
         assert np.array_equal(sc.eligible.cpu().numpy(), ref["eligible"])
+
+
+# --------------------------------------------------------------------------- vocabulary-chunked launches
+def _chunked(x: torch.Tensor, t, widths: list[int], cfg=None, poison: bool = True):
+    """Statistics of ``x`` streamed in column chunks of the given widths (one launch each), into poisoned
+    buffers."""
+    n, vocab = x.shape
+    fill = float("nan") if poison else 0.0
+    state = torch.full((ks.CHUNK_STATE_ROWS, n), fill, dtype=torch.float32, device=x.device)
+    out = torch.full((6, n), fill, dtype=torch.float32, device=x.device)
+    fin = torch.full((n,), 7, dtype=torch.int8, device=x.device)
+    v0 = 0
+    for w in widths:
+        c = x[:, v0:v0 + w]
+        ks.launch_scoring_chunk(c, t, IGN, v0, vocab, state, out, fin, cfg)
+        v0 += w
+    assert v0 == vocab
+    return out, fin
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("widths", [[16, 16, 5], [1, 30, 6], [3, 1, 1, 32], [37]],
+                         ids=["block-aligned", "one-column-first", "odd", "whole-row"])
+def test_chunked_launches_match_the_oracle(dtype: str, widths: list[int]) -> None:
+    """Every SPEC §2 edge case of ``crafted`` (−∞ blocks, ties across chunks, NaN, +∞, targets in any chunk,
+    ignored targets) gives the oracle's statistics when the row arrives in chunks."""
+    x64, t = crafted(seed=3)
+    x = x64.to(DTYPES[dtype]).to(DEVICE)
+    ref = oracle.token_statistics(x.cpu().to(torch.float64).numpy(), t.numpy(), IGN)
+    out, fin = _chunked(x, t.to(DEVICE), widths, CFG)
+    fin_ref = ref["row_finite"]
+    assert np.array_equal(fin.cpu().numpy().astype(bool), fin_ref)
+    for j, k in enumerate(STAT_KEYS):
+        assert_close_tol(out[j].cpu().numpy(), ref[k], k, fin_ref)
+    assert out[3].cpu()[2] == out[2].cpu()[2]             # equal maxima in two chunks: p2 = p1
+    assert out[4].cpu()[10] == 0 and torch.isposinf(out[4].cpu()[9])
+
+
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy-top2", "pairwise-top2"])
+def test_chunked_launches_equal_the_whole_row_launch(lazy: bool) -> None:
+    """Same kernel, same rows: chunking changes only the summation order of d and s (and nothing in the
+    top-2, the target logit or the finite flags)."""
+    x64, t = crafted(seed=4)
+    x = x64.to(torch.float32).to(DEVICE)
+    import dataclasses
+    cfg = dataclasses.replace(CFG, lazy_top2=lazy)
+    whole = torch.full((6, 15), float("nan"), dtype=torch.float32, device=DEVICE)
+    fin_whole = torch.zeros((15,), dtype=torch.int8, device=DEVICE)
+    ks.launch_scoring(ks.row_geometry(x), t.to(DEVICE), IGN, -1, whole, fin_whole, cfg)
+    out, fin = _chunked(x, t.to(DEVICE), [7, 9, 21], cfg)
+    assert torch.equal(fin.cpu(), fin_whole.cpu())
+    ok = fin_whole.cpu().bool()
+    for j in (2, 3):                                      # p1, p2 from the same top-2 and d up to rounding
+        torch.testing.assert_close(out[j].cpu()[ok], whole[j].cpu()[ok], rtol=2e-6, atol=1e-7)
+    for j in (0, 1, 4):
+        torch.testing.assert_close(out[j].cpu()[ok], whole[j].cpu()[ok], rtol=2e-6, atol=2e-6)
+    assert torch.equal(out[4].cpu().isnan(), whole[4].cpu().isnan())
+
+
+def test_chunked_launch_without_targets_and_with_strided_chunks() -> None:
+    """Chunks as column views of one (N, V) tensor (row stride V > C), no targets: nll = 0 everywhere."""
+    x64, _ = crafted(seed=5)
+    x = x64.to(torch.bfloat16).to(DEVICE)
+    ref = oracle.token_statistics(x.cpu().to(torch.float64).numpy(), None, IGN)
+    out, fin = _chunked(x, None, [20, 17])
+    assert np.array_equal(fin.cpu().numpy().astype(bool), ref["row_finite"])
+    for j, k in enumerate(STAT_KEYS[:4]):
+        assert_close_tol(out[j].cpu().numpy(), ref[k], k, ref["row_finite"])
+    assert (out[4].cpu() == 0).all()
+
+
+def test_chunked_launch_bad_input() -> None:
+    x = torch.zeros((4, 10), device=DEVICE)
+    state = torch.zeros((ks.CHUNK_STATE_ROWS, 4), device=DEVICE)
+    out = torch.zeros((6, 4), device=DEVICE)
+    fin = torch.zeros((4,), dtype=torch.int8, device=DEVICE)
+    t = torch.zeros((4,), dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="v0"):
+        ks.launch_scoring_chunk(x, t, IGN, 5, 12, state, out, fin)        # chunk past the end of the row
+    with pytest.raises(ValueError, match="v0"):
+        ks.launch_scoring_chunk(x, t, IGN, -1, 12, state, out, fin)
+    with pytest.raises(ValueError, match="vocab_size"):
+        ks.launch_scoring_chunk(x, t, IGN, 0, 12.0, state, out, fin)
+    with pytest.raises(ValueError, match="state"):
+        ks.launch_scoring_chunk(x, t, IGN, 0, 12, state[:4], out, fin)
+    with pytest.raises(ValueError, match="state"):
+        ks.launch_scoring_chunk(x, t, IGN, 0, 12, state.double(), out, fin)
+    with pytest.raises(ValueError, match="out"):
+        ks.launch_scoring_chunk(x, t, IGN, 0, 12, state, out[:5], fin)
+    with pytest.raises(ValueError, match="finite"):
+        ks.launch_scoring_chunk(x, t, IGN, 0, 12, state, out, fin.int())
+    with pytest.raises(ValueError, match="targets"):
+        ks.launch_scoring_chunk(x, t.int(), IGN, 0, 12, state, out, fin)
+    with pytest.raises(ValueError, match="z"):
+        ks.launch_scoring_chunk(x.t(), t, IGN, 0, 12, state, out, fin)   # columns not unit-stride
+    with pytest.raises(ValueError, match="persistent"):
+        ks.launch_scoring_chunk(x, t, IGN, 0, 12, state, out, fin, ks.LaunchConfig(4, 4, 1, persistent=1))
+    ks.launch_scoring_chunk(x[:0], t[:0], IGN, 0, 12, state[:, :0], out[:, :0], fin[:0])   # no rows: no launch
