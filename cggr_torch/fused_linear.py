@@ -35,8 +35,8 @@ the statistics alone — the forward computes no extra matmul for the loss.
 On CUDA the second line is one Triton pass that overwrites ``Z`` with ``G`` in the inputs' dtype
 (:mod:`cggr_torch.kernels.fused_linear`: 4 bytes moved per bf16 logit instead of ~20 for the PyTorch
 element-wise ops, which remain the reference on other devices), and ``∂h_S`` is accumulated with cuBLAS'
-float32-output GEMM (``torch.addmm(..., out_dtype=torch.float32)``) where the installed PyTorch has it, so no
-partial product is rounded to bf16 before the sum.
+float32-output GEMM (``torch.addmm(..., out_dtype=torch.float32, out=acc)``, in place) where the installed
+PyTorch has it, so no partial product is rounded to bf16 before the sum.
 
 so ``∂W`` is accumulated in float32 inside a single GEMM per vocabulary chunk (no ``V × d`` float32
 buffer), and every vocabulary chunk is visited once. Matmul work: one full forward (``2NVd`` FLOPs) plus three
@@ -60,14 +60,16 @@ sizes in bytes, ``e`` = element size of the inputs, ``B`` = ``memory_budget_byte
   At ``N = 16384, d = 2048, V = 128256`` bf16: ``C = 7168`` (18 blocks, 224 MiB of logits).
 * forward with the PyTorch reference statistics (``s = 28`` bytes of float32 temporaries per logit): whole
   rows, ``R = round_down_128(7/8 · B / (V·(e + s)))`` (at least 1, at most ``N``).
-* backward: ``K·d·(8 + e)`` bytes are fixed (float32 ``∂h_S`` accumulator and its next value, ``H_S``) and a
-  chunk of ``C`` columns adds ``K·C·c`` with ``c = e`` with the in-place gradient kernel (``Z`` becomes ``G``)
-  and ``c = 2e + 4`` with the PyTorch element-wise ops (``Z``, float32 ``G``, ``G`` in the inputs' dtype), so
-  ``C = round_down_128((7/8 · B − fixed) / (K·c))``, at least 128 (or ``V``). At ``K = 4096`` (ratio 0.25),
-  ``d = 2048`` bf16 this is ``C = 18432`` with the kernel (7 vocabulary chunks at ``V = 128256``) and
-  ``C = 4608`` without. The fixed part alone reaches ``7/8·B`` when ``K·d·(8 + e) ≥ 7/8·B`` (``K ≥ 11469`` at
-  ``d = 2048`` bf16, i.e. a ratio ≥ 0.7 of 16384 tokens, as early in the warmup); ``C`` is then 128 and the
-  working set exceeds the budget by that fixed part.
+* backward: ``K·d·(a + e)`` bytes are fixed (``H_S`` and the float32 ``∂h_S`` accumulator: ``a = 4`` when it
+  is updated in place - cuBLAS' float32-output GEMM with ``out=``, or float32 inputs - else ``a = 8`` for its
+  next value) and a chunk of ``C`` columns adds ``K·C·c`` with ``c = e`` with the in-place gradient kernel
+  (``Z`` becomes ``G``) and ``c = 2e + 4`` with the PyTorch element-wise ops (``Z``, float32 ``G``, ``G`` in
+  the inputs' dtype), so ``C = round_down_128((7/8 · B − fixed) / (K·c))``, at least 128 (or ``V``). At
+  ``K = 4096`` (ratio 0.25), ``d = 2048`` bf16 this is ``C = 22528`` with the kernel and the in-place
+  accumulator on CUDA (6 vocabulary chunks at ``V = 128256``) and ``C = 4608`` with neither. The fixed part
+  alone reaches ``7/8·B`` when ``K·d·(a + e) ≥ 7/8·B`` (``K ≥ 19115`` at ``d = 2048`` bf16 in place, i.e.
+  more rows than the 16384 tokens of the benchmark; ``K ≥ 11469`` with ``a = 8``, a ratio ≥ 0.7 as early in
+  the warmup); ``C`` is then 128 and the working set exceeds the budget by that fixed part.
 
 The gradients themselves (``∂h``: ``N × d``, ``∂W``: ``V × d``, ``∂b``) are outputs, not working memory.
 """
@@ -120,7 +122,7 @@ _MIN_FORWARD_COLUMNS = 4096
 _FILL = 0.875  # fraction of the budget a plan aims for (the caching allocator rounds blocks up)
 _GRADIENT_KERNEL_MODULE = "cggr_torch.kernels.fused_linear"
 _gradient_kernel_cache: dict[str, Any] = {}
-_MIXED_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
+_MIXED_ADDMM: dict[tuple[str, torch.dtype], Optional[str]] = {}
 
 
 # ============================================================================================ chunk plan
@@ -155,7 +157,7 @@ def _forward_columns(rows: int, vocab_size: int, elsize: int, target: int) -> in
 def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype, *,
                 selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
                 statistics_kernel: bool = True, gradient_kernel: bool = False,
-                row_chunk: Optional[int] = None) -> ChunkPlan:
+                row_chunk: Optional[int] = None, inplace_accumulation: bool = False) -> ChunkPlan:
     """Chunk sizes that keep the fused loss' working memory near ``memory_budget_bytes`` (module docstring).
 
     Args:
@@ -170,6 +172,8 @@ def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dt
         gradient_kernel: True when the backward's chunk gradient is the in-place Triton kernel
             (:mod:`cggr_torch.kernels.fused_linear`: no float32 copy of the chunk).
         row_chunk: rows per forward block chosen by the caller (the plan then only sizes the columns).
+        inplace_accumulation: True when the backward's float32 ``∂h_S`` accumulator is updated in place (no
+            second ``K × d`` float32 buffer; cuBLAS' float32-output GEMM with ``out=``, or float32 inputs).
 
     Returns:
         :class:`ChunkPlan` ``(row_chunk, vocab_chunk, forward_vocab_chunk)``: ``1 ≤ row_chunk ≤ max(1, N)``,
@@ -203,7 +207,7 @@ def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dt
         cols = V
     k = int(num_rows) if selected_rows is None else int(selected_rows)
     k = max(1, k)
-    fixed = k * int(hidden_dim) * (8 + e)
+    fixed = k * int(hidden_dim) * ((4 if inplace_accumulation else 8) + e)
     per_col = k * (e if gradient_kernel else 2 * e + 4)
     bcols = (target - fixed) // per_col if target > fixed else 0
     vocab_chunk = min(V, max(min(_ALIGN, V), _round_down(int(bcols))))
@@ -334,32 +338,53 @@ def _gradient_kernel_for(hidden: torch.Tensor) -> Optional[Any]:
     return importlib.import_module(_GRADIENT_KERNEL_MODULE)
 
 
-def _mixed_addmm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(acc_fp32, a, b, out_dtype=torch.float32)`` runs for ``a, b`` of ``dtype`` here.
+def _mixed_addmm_mode(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """How ``acc_fp32 + a @ b`` runs for ``a, b`` of ``dtype`` here without rounding the product to ``dtype``.
 
-    PyTorch ≥ 2.8 exposes cuBLAS' float32-output GEMM for float16/bfloat16 inputs on CUDA; probed once per
-    (device type, dtype) on a 2 × 2 problem because older builds and other backends lack the overload.
+    ``"inplace"``: ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` - cuBLAS' float32-output GEMM
+    accumulating into ``acc`` itself (no copy of ``acc``, no second accumulator); ``"functional"``: the same
+    without ``out=`` (PyTorch first copies ``acc`` into a new result); None: neither (older builds, other
+    backends). PyTorch ≥ 2.8 exposes the float32-output GEMM for float16/bfloat16 inputs on CUDA; probed once
+    per (device type, dtype) on a 2 × 2 problem, result checked.
     """
     key = (device.type, dtype)
     if key not in _MIXED_ADDMM:
-        ok = False
+        mode: Optional[str] = None
         if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            a = torch.ones((2, 2), dtype=dtype, device=device)
             try:
-                a = torch.zeros((2, 2), dtype=dtype, device=device)
-                c = torch.zeros((2, 2), dtype=torch.float32, device=device)
-                ok = torch.addmm(c, a, a, out_dtype=torch.float32).dtype == torch.float32
+                c = torch.ones((2, 2), dtype=torch.float32, device=device)
+                r = torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+                if r.data_ptr() == c.data_ptr() and bool((c == 3).all()):
+                    mode = "inplace"
             except (TypeError, RuntimeError, NotImplementedError):
-                ok = False
-        _MIXED_ADDMM[key] = ok
+                pass
+            if mode is None:
+                try:
+                    c = torch.ones((2, 2), dtype=torch.float32, device=device)
+                    if bool((torch.addmm(c, a, a, out_dtype=torch.float32) == 3).all()):
+                        mode = "functional"
+                except (TypeError, RuntimeError, NotImplementedError):
+                    pass
+        _MIXED_ADDMM[key] = mode
     return _MIXED_ADDMM[key]
+
+
+def _accumulates_in_place(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`_accumulate_matmul` needs no second ``K × d`` buffer (see :func:`plan_chunks`)."""
+    return dtype in (torch.float32, torch.float64) or _mixed_addmm_mode(device, dtype) == "inplace"
 
 
 def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc + a @ b`` with ``acc`` float32 (float64 for float64 inputs): the product is not rounded to the
-    inputs' dtype before the sum where the backend offers a float32-output GEMM (``∂h_S`` over vocab chunks)."""
+    inputs' dtype before the sum where the backend offers a float32-output GEMM (``∂h_S`` over vocab chunks);
+    in place where it can accumulate into ``acc`` itself."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
-    if _mixed_addmm_supported(a.device, a.dtype):
+    mode = _mixed_addmm_mode(a.device, a.dtype)
+    if mode == "inplace":
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    if mode == "functional":
         return torch.addmm(acc, a, b, out_dtype=torch.float32)
     return acc.add_(a @ b)
 
@@ -420,7 +445,8 @@ class _SelectedRowsCrossEntropy(torch.autograd.Function):
                 if chunk is None:
                     chunk = plan_chunks(N, d, V, dtype, selected_rows=K,
                                         memory_budget_bytes=ctx.memory_budget_bytes,
-                                        gradient_kernel=kernel is not None).vocab_chunk
+                                        gradient_kernel=kernel is not None,
+                                        inplace_accumulation=_accumulates_in_place(dev, dtype)).vocab_chunk
                 acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
                 acc_h = torch.zeros((K, d), dtype=acc_dtype, device=dev) if need_h else None
                 if kernel is not None:

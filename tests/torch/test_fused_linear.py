@@ -256,6 +256,10 @@ def test_plan_meets_the_memory_budget_at_the_target_shape():
     kplan = plan_chunks(N, d, V, torch.bfloat16, selected_rows=4096, gradient_kernel=True)
     assert kplan.row_chunk == plan.row_chunk and kplan.vocab_chunk >= 3 * plan.vocab_chunk
     assert 4096 * d * (8 + 2) + 4096 * kplan.vocab_chunk * 2 <= DEFAULT_MEMORY_BUDGET
+    # An accumulator updated in place frees one K x d float32 buffer for wider chunks.
+    iplan = plan_chunks(N, d, V, torch.bfloat16, selected_rows=4096, gradient_kernel=True, inplace_accumulation=True)
+    assert iplan.vocab_chunk > kplan.vocab_chunk
+    assert 4096 * d * (4 + 2) + 4096 * iplan.vocab_chunk * 2 <= 0.875 * DEFAULT_MEMORY_BUDGET
     ref_plan = plan_chunks(N, d, V, torch.bfloat16, statistics_kernel=False)
     # The reference statistics take whole rows and need float32 temporaries.
     assert ref_plan.forward_vocab_chunk == V and ref_plan.row_chunk * V * (2 + 28) <= DEFAULT_MEMORY_BUDGET
@@ -388,3 +392,26 @@ def test_hf_helper_rejects_bad_arguments():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         hf_causal_lm_cggr_loss(model, ids, ids, FusedLinearCGGRLoss())
+
+
+def test_accumulate_matmul_adds_the_float32_product():
+    """The backward's ∂h accumulator: float32 result of acc + a @ b; in place where cuBLAS' float32-output GEMM
+    takes out= (CUDA), with the product unrounded there."""
+    from cggr_torch import fused_linear as fl
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(37, 301, generator=g).to(dev, torch.bfloat16)
+    b = torch.randn(301, 19, generator=g).to(dev, torch.bfloat16)
+    acc = torch.randn(37, 19, generator=g).to(dev)
+    want = acc.double() + a.double() @ b.double()
+    mode = fl._mixed_addmm_mode(dev, torch.bfloat16)
+    buf = acc.clone()
+    got = fl._accumulate_matmul(buf, a, b)
+    assert got.dtype == torch.float32 and got.shape == (37, 19)
+    rel = 1e-5 if mode is not None else 1e-2       # without the mixed GEMM the product is rounded to bf16
+    assert float((got.double() - want).abs().max()) <= rel * float(want.abs().max())
+    if mode == "inplace" or dev.type == "cpu":
+        assert got.data_ptr() == buf.data_ptr()
+    assert fl._accumulates_in_place(dev, torch.float32)
+    if dev.type == "cpu":
+        assert mode is None and not fl._accumulates_in_place(dev, torch.bfloat16)
