@@ -210,9 +210,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return (hidden[:1].sum(),)
         return run
 
-    def stats_chunks(cols: int, warps: Optional[int]) -> Callable[[], tuple]:
+    def stats_chunks(cols: int, warps: Optional[int], **change: Any) -> Callable[[], tuple]:
         """The forward's chunked statistics launches alone over the ceil(V / cols) blocks of all N rows, read
-        from one (N, cols) logits buffer: the default launch (warps None) or ``warps`` warps per row."""
+        from one (N, cols) logits buffer: the default launch (warps None) or ``warps`` warps per row, with
+        other LaunchConfig fields changed by ``change``."""
+        import dataclasses
         from cggr_torch.kernels import scoring as ks
         with torch.no_grad():
             z = F.linear(hidden, weight[:cols])
@@ -223,10 +225,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if warps is None:
             cfg = ks.scoring_config_for_rows(N, cols, dtype, ks.num_sms(z))
         else:
-            import dataclasses
             base = ks.scoring_config(cols, dtype)
             cfg = dataclasses.replace(base, rows=min(128 * warps, ks._next_pow2(cols) // base.group),
                                       num_warps=warps)
+        cfg = dataclasses.replace(cfg, **change)
 
         def run() -> tuple:
             for v0 in range(0, V, cols):
@@ -258,11 +260,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for cols in sorted({c_plan, 4096, 6144, 8192, 16384}):
         methods[f"diag: forward GEMMs, {cols}-column blocks"] = gemm_vocab(cols)
     if cuda and c_plan < V:
-        for warps in (None, 2, 4):
-            fn = stats_chunks(c_plan, warps)
-            label = "default" if warps is None else f"{warps} warp(s)"
+        for warps, change in ((None, {}), (2, {}), (None, dict(rows=64)), (None, dict(evict="evict_first")),
+                              (None, dict(lazy_top2=False))):
+            fn = stats_chunks(c_plan, warps, **change)
+            label = "default" if warps is None and not change else "variant"
             methods[f"diag: chunked statistics only, {-(-V // c_plan)}x {N}x{c_plan}, {label} "
                     f"({fn.describe})"] = fn
+
+    # Floors of the parts that move memory, and the backward's GEMMs alone (same shapes as the plan's).
+    def copy_blocks(rows: int, cols: int, blocks: int) -> Callable[[], tuple]:
+        """``blocks`` copies of a (rows, cols) buffer: each reads and writes rows·cols elements once."""
+        src = torch.empty((rows, cols), dtype=dtype, device=dev).normal_()
+        dst = torch.empty_like(src)
+
+        def run() -> tuple:
+            for _ in range(blocks):
+                dst.copy_(src)
+            return (dst[:1, :1].float().sum(),)
+        return run
+
+    k_sel = round(args.ratio * N)
+    methods[f"diag: copy N x V in {-(-V // c_plan)} blocks (statistics read floor = half)"] = \
+        copy_blocks(N, c_plan, -(-V // c_plan))
+    methods["diag: copy K x V once (in-place gradient pass floor)"] = copy_blocks(k_sel, V, 1)
+
+    def backward_gemms() -> tuple:
+        with torch.no_grad():
+            bplan = plan_chunks(N, d, V, dtype, selected_rows=k_sel,
+                                gradient_kernel=fl._gradient_kernel_for(hidden) is not None,
+                                inplace_accumulation=fl._accumulates_in_place(dev, dtype))
+            h_sel = hidden[:k_sel]
+            acc = torch.zeros((k_sel, d), dtype=torch.float32, device=dev)
+            gw = torch.empty_like(weight)
+            for v0 in range(0, V, bplan.vocab_chunk):
+                w_c = weight[v0:v0 + bplan.vocab_chunk]
+                z = F.linear(h_sel, w_c)
+                acc = fl._accumulate_matmul(acc, z, w_c)
+                torch.mm(z.t(), h_sel, out=gw[v0:v0 + bplan.vocab_chunk])
+                del z
+            return (acc[:1, :1].sum(),)
+    methods["diag: backward GEMMs alone (recompute, dh, dW over the plan's chunks)"] = backward_gemms
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods or k.split("[")[0] in args.methods}
 

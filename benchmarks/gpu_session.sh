@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh review       # scoring-stream refactor re-checked and re-timed
 #   bash benchmarks/gpu_session.sh routers      # batch split with routers of 1, 2 and 4 layers
 #   bash benchmarks/gpu_session.sh chunked      # fused LM head: forward in vocabulary blocks, with a profile
+#   bash benchmarks/gpu_session.sh chunked2     # + in-place backward accumulator, launch variants, floors
 # Logs and JSON go to $OUT (or ./out/gpu). Carried wheels in .whl/ (liger-kernel, cut-cross-entropy) are
 # installed into /tmp/site first; nothing is fetched from a registry.
 set -u
@@ -100,6 +101,12 @@ case "${1:-kernels}" in
     # GPU tests of the kernels and the fused loss, then the benchmark with a profiler breakdown.
     step pytest_gpu_torch 200 python3 -m pytest -q -x -p no:cacheprovider tests/torch/test_kernel_scoring.py tests/torch/test_kernel_fused_linear.py tests/torch/test_fused_linear.py
     step bench_fused_linear_torch 200 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --forward-columns 4096 6144 --profile --out "$OUT/bench_fused_linear_torch.json"
+    ;;
+  chunked2)
+    # Session 3, second call: the in-place float32 accumulator of the backward, statistics-launch variants,
+    # and the floors of every part measured in the same run.
+    step pytest_gpu_torch 150 python3 -m pytest -q -x -p no:cacheprovider tests/torch/test_kernel_fused_linear.py tests/torch/test_fused_linear.py
+    step bench_fused_linear_torch 220 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --profile --out "$OUT/bench_fused_linear_torch.json"
     ;;
   quality1|quality2)
     # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many
