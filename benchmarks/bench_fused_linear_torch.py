@@ -250,6 +250,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.cuda.synchronize()
         print(f"\n#### profile: {label} (3 calls; CUDA time per kernel)\n")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+        # The GPU timeline: busy time against the span of the three calls, and the longest idle gaps with
+        # the kernels on either side (host-bound stretches show up here, not in the per-kernel table).
+        from torch.autograd import DeviceType
+        spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+        if spans:
+            busy, gaps, cur_end, prev = 0.0, [], spans[0][0], spans[0][2]
+            for start, end, name in spans:
+                if start > cur_end:
+                    gaps.append((start - cur_end, prev[:60], name[:60]))
+                busy += max(0.0, end - max(start, cur_end))
+                if end > cur_end:
+                    cur_end, prev = end, name
+            span = cur_end - spans[0][0]
+            print(f"GPU timeline of the 3 calls: span {span / 1e3:.2f} ms, busy {busy / 1e3:.2f} ms, idle "
+                  f"{(span - busy) / 1e3:.2f} ms in {len(gaps)} gaps; the longest:")
+            for gap, before, after in sorted(gaps, reverse=True)[:12]:
+                print(f"  {gap:8.1f} us  after {before}  before {after}")
 
     plan_now = plan_chunks(N, d, V, dtype)
     c_plan = plan_now.forward_vocab_chunk

@@ -108,6 +108,10 @@ case "${1:-kernels}" in
     step pytest_gpu_torch 150 python3 -m pytest -q -x -p no:cacheprovider tests/torch/test_kernel_fused_linear.py tests/torch/test_fused_linear.py
     step bench_fused_linear_torch 220 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --profile --out "$OUT/bench_fused_linear_torch.json"
     ;;
+  timeline)
+    # Session 3: where the fused LM head's wall time goes beyond its kernels (GPU idle gaps in a profile).
+    step bench_fused_linear_torch 120 python3 benchmarks/bench_fused_linear_torch.py --budgets --methods cggr_fused liger_flce matmul --profile --out "$OUT/bench_fused_linear_torch.json"
+    ;;
   quality1|quality2)
     # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many
     # outputs travel back as one archive.
