@@ -399,6 +399,57 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             del fs, ms
 
     if cuda and args.profile:
+        # Where the wall time goes beyond the kernels: the default call timed alone (as above), ten calls
+        # back to back (the next call's host work overlaps the previous call's GPU tail), the host time of
+        # one call, and - a diagnostic only - the backward without its wait for the selected-row count
+        # (the count is the known k of this configuration, pre-filled into the pinned buffer).
+        base_fn = methods.get("cggr_fused") or fused(DEFAULT_MEMORY_BUDGET)
+        k_known = round(args.ratio * N)
+
+        def no_count_wait() -> tuple:
+            real_empty, real_sync = torch.empty, torch.cuda.Event.synchronize
+
+            def prefilled(*a: Any, **kw: Any) -> Any:
+                t = real_empty(*a, **kw)
+                if kw.get("pin_memory"):
+                    t.fill_(k_known)
+                return t
+            torch.empty, torch.cuda.Event.synchronize = prefilled, (lambda self: None)
+            try:
+                return base_fn()
+            finally:
+                torch.empty, torch.cuda.Event.synchronize = real_empty, real_sync
+
+        def per_call(fn: Callable[[], tuple], calls: int) -> float:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / calls
+
+        host = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            base_fn()
+            host.append(1e3 * (time.perf_counter() - t0))
+        torch.cuda.synchronize()
+        print("\n#### wall time per call (ms)\n")
+        print(f"* default, each call timed alone: {per_call(base_fn, 1):.2f} (x10 median below)")
+        print(f"* default, 10 calls back to back: {per_call(base_fn, 10):.2f}")
+        print(f"* host time of one call (returns after the backward is queued): "
+              f"{statistics.median(host):.2f}")
+        print(f"* backward without the count wait (diagnostic), alone: {per_call(no_count_wait, 1):.2f}; "
+              f"10 back to back: {per_call(no_count_wait, 10):.2f}")
+        alone = [per_call(no_count_wait, 1) for _ in range(5)]
+        base = [per_call(base_fn, 1) for _ in range(5)]
+        print(f"* medians of 5 single calls: default {statistics.median(base):.2f}, without the count wait "
+              f"{statistics.median(alone):.2f}")
         profile_breakdown(methods["cggr_fused"] if "cggr_fused" in methods else fused(DEFAULT_MEMORY_BUDGET),
                           "cggr_fused fwd+bwd, default plan")
 
