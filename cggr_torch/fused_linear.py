@@ -38,8 +38,8 @@ element-wise ops, which remain the reference on other devices), and ``∂h_S`` i
 float32-output GEMM (``torch.addmm(..., out_dtype=torch.float32, out=acc)``, in place) where the installed
 PyTorch has it, so no partial product is rounded to bf16 before the sum.
 
-so ``∂W`` is accumulated in float32 inside a single GEMM per vocabulary chunk (no ``V × d`` float32
-buffer), and every vocabulary chunk is visited once. Matmul work: one full forward (``2NVd`` FLOPs) plus three
+``∂W`` is accumulated in float32 inside a single GEMM per vocabulary chunk (no ``V × d`` float32 buffer),
+and every vocabulary chunk is visited once. Matmul work: one full forward (``2NVd`` FLOPs) plus three
 matmuls on the ``K`` selected rows (recompute, ``∂h``, ``∂W``: ``6KVd``), i.e. ``1 + 3ρ`` matmul
 equivalents at ratio ``ρ = K/N`` (1.75 at ``ρ = 0.25``) against 3 for a full-gradient fused kernel. Keeping the
 selected rows' softmax from the forward would save the recompute (1.5) but the selection is only known after
@@ -47,7 +47,8 @@ selected rows' softmax from the forward would save the recompute (1.5) but the s
 times the memory budget below; recomputation is therefore the design.
 
 The backward reads ``K`` on the host (to size the gathered buffer): on CUDA the count is copied to pinned
-memory with a non-blocking copy in the forward, and the backward waits only for that copy's event. The
+memory with a non-blocking copy in the forward, and the backward waits only for that copy's event (on the
+H200 that wait cost nothing measurable: benchmarks/RESULTS.md, run 17). The
 forward itself never synchronises. Unselected, ignored and non-finite rows are never read in the backward, so
 their gradient is exactly zero (never ``0·NaN``).
 
