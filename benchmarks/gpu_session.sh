@@ -10,6 +10,9 @@
 #   bash benchmarks/gpu_session.sh routers      # batch split with routers of 1, 2 and 4 layers
 #   bash benchmarks/gpu_session.sh chunked      # fused LM head: forward in vocabulary blocks, with a profile
 #   bash benchmarks/gpu_session.sh chunked2     # + in-place backward accumulator, launch variants, floors
+#   bash benchmarks/gpu_session.sh timeline     # fused LM head: wall time per call, host time, profile gaps
+#   bash benchmarks/gpu_session.sh final3a      # both vocabulary-block forwards: GPU tests + fused LM head benches
+#   bash benchmarks/gpu_session.sh final3b      # batch splitting (both frameworks) with the new router head
 # Logs and JSON go to $OUT (or ./out/gpu). Carried wheels in .whl/ (liger-kernel, cut-cross-entropy) are
 # installed into /tmp/site first; nothing is fetched from a registry.
 set -u
@@ -111,6 +114,18 @@ case "${1:-kernels}" in
   timeline)
     # Session 3: where the fused LM head's wall time goes beyond its kernels (GPU idle gaps in a profile).
     step bench_fused_linear_torch 120 python3 benchmarks/bench_fused_linear_torch.py --budgets --methods cggr_fused liger_flce matmul --profile --out "$OUT/bench_fused_linear_torch.json"
+    ;;
+  final3a)
+    # Session 3, verification of both vocabulary-block forwards: compiled tests of both frameworks, then the
+    # fused LM head benchmarks (PyTorch with the floors, JAX against XLA + optax).
+    step pytest_gpu 230 bash -c 'python3 -m pytest -q -x -p no:cacheprovider tests/torch/test_kernel_scoring.py tests/torch/test_kernel_fused_linear.py tests/torch/test_fused_linear.py && JAX_PLATFORMS=cuda python3 -m pytest -q -x -p no:cacheprovider tests/jax/test_kernel_scoring.py tests/jax/test_fused_linear.py'
+    step bench_fused_linear_torch 150 python3 benchmarks/bench_fused_linear_torch.py --budgets 0.5 --out "$OUT/bench_fused_linear_torch.json"
+    step bench_fused_linear_jax 150 python3 benchmarks/bench_fused_linear_jax.py --out "$OUT/bench_fused_linear_jax.json"
+    ;;
+  final3b)
+    # Session 3: batch splitting with the routers' LM head scored in vocabulary blocks (both frameworks).
+    step bench_batch_split_torch 260 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --router-layers 2,4 --router-path auto --warmup 10 --steps 60 --out "$OUT/bench_batch_split_torch.json"
+    step bench_batch_split_jax 260 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --router-layers 2,4 --router-path auto --out "$OUT/bench_batch_split_jax.json"
     ;;
   quality1|quality2)
     # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many
