@@ -5,15 +5,20 @@ Shape (default): ``N = 16384``, ``d = 2048``, ``V = 128256``, bfloat16 hidden st
 ratio 0.25 (``selection='fixed_quota'``, ``warmup_steps=0``, ``capacity = k = N/4``). Every method is
 ``jax.jit(jax.value_and_grad(loss, argnums=(hidden, weight)))``:
 
-* ``cggr_fused``            - :func:`cggr_jax.fused_linear.fused_linear_cggr_loss` (default 0.25 GiB plan;
-  ``cggr_fused[B=…]`` other ``memory_budget_bytes``, ``--budgets``);
+* ``cggr_fused``            - :func:`cggr_jax.fused_linear.fused_linear_cggr_loss` (default 0.25 GiB plan:
+  with the Pallas statistics kernel, blocks of all ``N`` rows × ``forward_vocab_chunk`` columns whose rows
+  carry their streaming state between blocks; ``cggr_fused[B=…]`` other ``memory_budget_bytes``, ``--budgets``);
+* ``cggr_fused[896-row blocks]`` - the previous forward for comparison: ``row_chunk_size=896`` (``--row-blocks``),
+  for which the plan keeps whole vocabulary rows (``896 × V`` logits per block, one whole-row statistics
+  launch each);
 * ``cggr_fused[logits=f32]`` - the same with float32 logits (``logits_dtype``);
 * ``cggr_materialised``     - full logits ``h Wᵀ`` then ``cggr_jax.loss.cggr_loss`` (if that module exists);
 * ``xla_linear_optax_ce``   - full logits (float32 accumulation) + ``optax.softmax_cross_entropy_with_integer_labels``
   mean (the plain full-gradient baseline);
 * ``matmul``                - one ``(N, d) × (d, V)`` GEMM (the FLOP unit; the fused loss needs ≈ 1.75 of them).
 
-Columns: median / p10 / p90 (ms, ``block_until_ready``, after ``--warmup`` calls) and the compiled program's
+The plan (``row_chunk``, ``forward_vocab_chunk``, ``vocab_chunk``) of each ``cggr_fused`` variant is printed
+and saved. Columns: median / p10 / p90 (ms, ``block_until_ready``, after ``--warmup`` calls) and the compiled program's
 memory (``compiled.memory_analysis()``): ``temp`` = XLA's temporary buffers (the working memory) and ``out`` =
 outputs (loss + gradients), in GiB. ``check``: the fused loss and gradients against ``cggr_materialised`` (same
 selection) when both run.
@@ -49,6 +54,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.125, 0.5], help="extra budgets in GiB")
+    ap.add_argument("--row-blocks", type=int, default=896,
+                    help="rows per block of the whole-row forward variant (0: leave it out)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--methods", nargs="*", default=None)
@@ -58,6 +65,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.quick:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         args.n, args.d, args.vocab, args.warmup, args.iters, args.budgets = 300, 64, 1001, 1, 2, [0.0001]
+        args.row_blocks = 128
     return args
 
 
@@ -68,6 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import numpy as np
     import optax
 
+    from cggr_jax import fused_linear as fl
     from cggr_jax.fused_linear import DEFAULT_MEMORY_BUDGET, fused_linear_cggr_loss, plan_chunks
 
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[args.dtype]
@@ -80,20 +89,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = dict(selection="fixed_quota", warmup_steps=0, min_tokens_ratio=args.ratio)
     cap = int(round(args.ratio * N))
 
-    def fused(budget: int, ldt: Any = None) -> Callable[..., Any]:
+    kernel = fl._statistics_kernel()   # the Pallas statistics kernel: on a GPU backend unless disabled
+    plans: dict[str, dict[str, int]] = {}
+
+    def fused(name: str, budget: int, ldt: Any = None, row_chunk_size: Optional[int] = None) -> Callable[..., Any]:
+        plan, rows, cols = fl._forward_blocks(N, d, V, dtype, jnp.dtype(dtype if ldt is None else ldt).name,
+                                              kernel, row_chunk_size, None, budget, selected_rows=cap)
+        plans[name] = {"row_chunk": rows, "forward_vocab_chunk": cols, "vocab_chunk": plan.vocab_chunk,
+                       "forward_blocks": -(-N // rows) * -(-V // cols)}
+
         def loss(h: Any, w: Any) -> Any:
             return fused_linear_cggr_loss(h, w, labels, 0, capacity=cap, memory_budget_bytes=budget,
-                                          logits_dtype=ldt, **cfg)[0]
+                                          logits_dtype=ldt, row_chunk_size=row_chunk_size, **cfg)[0]
         return loss
 
     def dense_ce(h: Any, w: Any) -> Any:
         z = jnp.einsum("nd,vd->nv", h, w, preferred_element_type=jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()
 
-    losses: dict[str, Callable[..., Any]] = {"cggr_fused": fused(DEFAULT_MEMORY_BUDGET)}
+    losses: dict[str, Callable[..., Any]] = {"cggr_fused": fused("cggr_fused", DEFAULT_MEMORY_BUDGET)}
+    if args.row_blocks > 0:
+        # The previous forward: row blocks of the whole vocabulary (896 × 128256 bf16 logits fit the budget).
+        name = f"cggr_fused[{args.row_blocks}-row blocks]"
+        losses[name] = fused(name, DEFAULT_MEMORY_BUDGET, row_chunk_size=args.row_blocks)
     for b in args.budgets:
-        losses[f"cggr_fused[B={b:g}GiB]"] = fused(max(1, int(b * GIB)))
-    losses["cggr_fused[logits=f32]"] = fused(DEFAULT_MEMORY_BUDGET, jnp.float32)
+        name = f"cggr_fused[B={b:g}GiB]"
+        losses[name] = fused(name, max(1, int(b * GIB)))
+    losses["cggr_fused[logits=f32]"] = fused("cggr_fused[logits=f32]", DEFAULT_MEMORY_BUDGET, jnp.float32)
     notes: dict[str, str] = {}
     try:
         from cggr_jax.loss import cggr_loss
@@ -153,10 +175,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = {"jax": jax.__version__, "backend": jax.default_backend(),
            "device": str(jax.devices()[0].device_kind), "python": platform.python_version(),
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    plan = plan_chunks(N, d, V, dtype, selected_rows=cap)
+    env["statistics_kernel"] = kernel
+    plan_kernel = plan_chunks(N, d, V, dtype, selected_rows=cap, statistics_kernel=True)
+    plan_reference = plan_chunks(N, d, V, dtype, selected_rows=cap, statistics_kernel=False)
     result = {"env": env, "shape": {"N": N, "d": d, "V": V, "dtype": args.dtype, "ratio": args.ratio},
-              "plan_default_without_kernel": plan._asdict(), "rows": rows, "notes": notes, "check": check}
+              "plans": plans, "plan_default_with_kernel": plan_kernel._asdict(),
+              "plan_default_without_kernel": plan_reference._asdict(), "rows": rows, "notes": notes,
+              "check": check}
     print(f"\n### JAX fused linear + CGGR CE, N={N} d={d} V={V} {args.dtype}, ratio {args.ratio} ({env['device']})\n")
+    print(f"statistics kernel: {kernel}; default plan with the kernel {dict(plan_kernel._asdict())}, "
+          f"without {dict(plan_reference._asdict())}\n")
+    print("| variant | forward block (rows × cols) | forward blocks | backward cols |")
+    print("|---|---:|---:|---:|")
+    for name, p in plans.items():
+        print(f"| {name} | {p['row_chunk']} × {p['forward_vocab_chunk']} | {p['forward_blocks']} | "
+              f"{p['vocab_chunk']} |")
+    print()
     print("| method | median ms | p10 | p90 | temp GiB | out GiB | × matmul |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

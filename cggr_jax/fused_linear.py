@@ -8,12 +8,23 @@ PyTorch/tied-embedding layout; or ``(d, V)``, ``"dv"``, a Flax ``Dense`` kernel)
     g_i  = (softmax(z_i) − onehot(t_i)) / max(1, |S|)   (i ∈ S; 0 otherwise)
     ∂h_i = g_i W,   ∂W = Σ_{i∈S} g_iᵀ h_i,   ∂b = Σ_{i∈S} g_i
 
-**Forward** (under ``stop_gradient``): ``lax.scan`` over blocks of ``R`` rows (a static tail block for
-``N mod R``); each block's logits ``H_c Wᵀ + b`` (one XLA matmul, ``logits_dtype``, float32 accumulation)
-go through :func:`cggr_jax.scoring.token_statistics`' dispatcher (the Pallas kernel on a GPU backend, the XLA
-reference elsewhere) and only the five float32 statistics per row survive. Difficulty, eligibility, ratio,
-``k`` and the selection follow from them (:mod:`cggr_jax.selection`, static shapes), and the loss value is
-``Σ_S nll / |S|`` — no extra matmul.
+**Forward** (under ``stop_gradient``): the logits are produced in blocks of ``R`` rows × ``C`` vocabulary
+columns, ``Z_b = H_r W[v0:v1]ᵀ + b[v0:v1]`` (one XLA matmul, ``logits_dtype``, float32 accumulation), each
+block's statistics are taken and the block is dropped; only the five float32 statistics per row survive.
+``lax.scan`` runs over the row blocks (a static tail block for ``N mod R``). With the Pallas statistics
+kernel (GPU backend) the plan keeps all rows in one block (``R = N``) and splits the vocabulary: a Python
+loop over static column slices of ``W``/``b`` (either ``weight_layout``) feeds
+:func:`cggr_jax.kernels.scoring.chunk_statistics`, which resumes each row's streaming state - running max
+``m``, runner-up ``r``, the rescaled sums ``d = Σ e^{z−m}`` and ``s = Σ e^{z−m}(z − m)``, the target logit -
+where the previous column block left it, the last block giving the statistics. Tall GEMMs, and a statistics
+launch of one program per row (the PyTorch twin measured that row blocks of a whole vocabulary starve the
+statistics pass: 896 rows cannot fill 132 SMs; ``benchmarks/bench_fused_linear_jax.py`` times both forwards).
+Each block's GEMM is ordered after the previous block's statistics (an ``optimization_barrier``), so the GEMMs
+cannot all be scheduled ahead of the kernels and one block of logits at a time needs to be live. With
+``C = V`` every row block goes whole
+to the dispatcher of :func:`cggr_jax.scoring.token_statistics`; the XLA reference statistics (other backends)
+always take whole rows. Difficulty, eligibility, ratio, ``k`` and the selection follow from the statistics
+(:mod:`cggr_jax.selection`, static shapes), and the loss value is ``Σ_S nll / |S|`` — no extra matmul.
 
 **Fixed-size selection buffer.** The selected rows are gathered into a buffer of static size ``capacity``
 (default :func:`max_selected`: the largest number of tokens the configuration can select from ``N`` — ``N``
@@ -38,12 +49,20 @@ capacity of ``N/4``) against 3 for a full-gradient fused kernel. Storing the sel
 forward is not possible within the budget: the selection exists only after every row is scored, and the
 ``capacity × V`` buffer (1 GiB in bf16 at ``4096 × 128256``) is four times the default budget.
 
-**Memory heuristic** (:func:`plan_chunks`; ``e`` = element size of the inputs, ``ℓ`` of ``logits_dtype``,
-``B`` = ``memory_budget_bytes``, default 0.25 GiB): forward blocks of ``R = round_down_128(7/8·B / (V·(ℓ +
-s)))`` rows (``s = 0`` with the Pallas statistics kernel, 16 for the XLA reference's float32 temporaries);
-backward chunks of ``C = round_down_128((7/8·B − cap·d·(4 + e)) / (cap·(ℓ + 8 + e)))`` columns (at least
-128), the fixed part being the float32 ``∂H_S`` accumulator and ``H_S``. The gradients are outputs, not
-working memory.
+**Memory heuristic** (:func:`plan_chunks`, overridable by ``row_chunk_size`` / ``vocab_chunk_size``; ``e`` =
+element size of the inputs, ``ℓ`` of ``logits_dtype``, ``B`` = ``memory_budget_bytes``, default 0.25 GiB):
+
+* forward with the Pallas statistics kernel: a block of ``R × C`` logits holds ``R·C·ℓ`` bytes (the kernel
+  reads them in place); ``R = N`` and ``C = V`` when ``N·V·ℓ ≤ 7/8·B``, else ``C = round_down_128(7/8·B /
+  (N·ℓ))`` (and, should that be narrower than 4096 columns, ``C = 4096`` and ``R = round_down_128(7/8·B /
+  (C·ℓ))``); a caller's ``row_chunk_size`` fixes ``R`` and the plan sizes ``C`` for it. At ``N = 16384,
+  V = 128256`` bf16: ``C = 7168`` (18 blocks, 224 MiB of logits).
+* forward with the XLA reference statistics: whole rows, ``R = round_down_128(7/8·B / (V·(ℓ + 16)))`` (16
+  bytes of float32 temporaries per logit; at least 1, at most ``N``).
+* backward: chunks of ``C = round_down_128((7/8·B − cap·d·(4 + e)) / (cap·(ℓ + 8 + e)))`` columns (at least
+  128), the fixed part being the float32 ``∂H_S`` accumulator and ``H_S``.
+
+The gradients are outputs, not working memory.
 
 Everything is jit-safe with static shapes; the configuration (and the chunk sizes, ``capacity``,
 ``weight_layout``, ``logits_dtype``) are static.
@@ -82,16 +101,21 @@ _WEIGHT_LAYOUTS = ("vd", "dv")
 _REFERENCE_STAT_BYTES = 16
 _ALIGN = 128
 _FILL = 0.875
+#: Narrowest forward logits block (columns) before the plan splits the rows instead (very large N); the
+#: same value as ``cggr_torch.fused_linear``.
+_MIN_FORWARD_COLUMNS = 4096
 _CONFIG_FIELDS = ("scoring", "selection", "dynamic_threshold", "threshold_sensitivity", "min_tokens_ratio",
                   "warmup_steps", "num_strata", "min_tokens_per_sequence", "ignore_index", "ratio_schedule")
 
 
 # ============================================================================================ chunk plan
 class ChunkPlan(NamedTuple):
-    """``row_chunk`` rows per forward block, ``vocab_chunk`` columns per backward step."""
+    """Chunk sizes of one call: the forward's logits blocks are ``row_chunk`` rows × ``forward_vocab_chunk``
+    columns; the backward steps through ``vocab_chunk`` columns of the selected rows at a time."""
 
     row_chunk: int
     vocab_chunk: int
+    forward_vocab_chunk: int
 
 
 def _round_down(x: int, align: int = _ALIGN) -> int:
@@ -104,9 +128,17 @@ def _positive_int(value: Any, name: str, allow_none: bool = True) -> Optional[in
     return utils.check_int(value, name, minimum=1)
 
 
+def _forward_columns(rows: int, vocab_size: int, elsize: int, target: int) -> int:
+    """Columns of a ``rows``-row forward block within ``target`` bytes (the whole row when it fits)."""
+    if rows * vocab_size * elsize <= target:
+        return vocab_size
+    return min(vocab_size, _round_down(target // (rows * elsize)))
+
+
 def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, *,
                 selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                statistics_kernel: bool = False, logits_dtype: Any = None) -> ChunkPlan:
+                statistics_kernel: bool = False, logits_dtype: Any = None,
+                row_chunk: Optional[int] = None) -> ChunkPlan:
     """Chunk sizes that keep the working memory near ``memory_budget_bytes`` (see the module docstring).
 
     Args:
@@ -114,23 +146,43 @@ def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, *,
         dtype: dtype of the hidden states and weight; ``logits_dtype``: that of the logits (default ``dtype``).
         selected_rows: rows of the backward buffer (``capacity``; ``N`` when None).
         memory_budget_bytes: the budget (default 0.25 GiB).
-        statistics_kernel: True when the statistics come from the Pallas kernel (no float32 temporaries).
+        statistics_kernel: True when the statistics come from the Pallas kernel (no float32 temporaries; the
+            forward may then split the vocabulary, see the module docstring).
+        row_chunk: rows per forward block chosen by the caller (the plan then only sizes the columns).
+
+    Returns:
+        :class:`ChunkPlan` ``(row_chunk, vocab_chunk, forward_vocab_chunk)``: ``1 ≤ row_chunk ≤ max(1, N)``,
+        ``1 ≤ vocab_chunk ≤ V``, ``1 ≤ forward_vocab_chunk ≤ V`` (``V`` without the statistics kernel).
     """
     num_rows = utils.check_int(num_rows, "num_rows", minimum=0)
     hidden_dim = utils.check_int(hidden_dim, "hidden_dim", minimum=0)
     vocab_size = utils.check_int(vocab_size, "vocab_size", minimum=1)
     budget = utils.check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
+    row_chunk = _positive_int(row_chunk, "row_chunk")
     e = jnp.dtype(dtype).itemsize
     ell = jnp.dtype(dtype if logits_dtype is None else logits_dtype).itemsize
     target = int(_FILL * budget)
-    per_row = vocab_size * (ell + (0 if statistics_kernel else _REFERENCE_STAT_BYTES))
-    row_chunk = min(max(1, num_rows), _round_down(target // per_row))
+    n = max(1, num_rows)
+    if statistics_kernel:
+        # Vocabulary blocks of all rows: GEMMs of the full height and a statistics launch with a program per
+        # row (the rows of a block fill the GPU); rows are split only when a block would be narrower than
+        # _MIN_FORWARD_COLUMNS (very large N).
+        rows = min(n, row_chunk) if row_chunk is not None else n
+        cols = _forward_columns(rows, vocab_size, ell, target)
+        if row_chunk is None and cols < min(vocab_size, _MIN_FORWARD_COLUMNS):
+            cols = min(vocab_size, _MIN_FORWARD_COLUMNS)
+            rows = min(n, _round_down(target // (cols * ell)))
+    else:
+        # The XLA reference statistics take whole rows (their float32 temporaries are what is sized here).
+        per_row = vocab_size * (ell + _REFERENCE_STAT_BYTES)
+        rows = min(n, row_chunk) if row_chunk is not None else min(n, _round_down(target // per_row))
+        cols = vocab_size
     k = max(1, num_rows if selected_rows is None else int(selected_rows))
     fixed = k * hidden_dim * (4 + e)
     per_col = k * (ell + 8 + e)
-    cols = (target - fixed) // per_col if target > fixed else 0
-    vocab_chunk = min(vocab_size, max(min(_ALIGN, vocab_size), _round_down(int(cols))))
-    return ChunkPlan(int(row_chunk), int(vocab_chunk))
+    bcols = (target - fixed) // per_col if target > fixed else 0
+    vocab_chunk = min(vocab_size, max(min(_ALIGN, vocab_size), _round_down(int(bcols))))
+    return ChunkPlan(int(rows), int(vocab_chunk), int(cols))
 
 
 def _num_selected_host(n: int, ratio: np.float32) -> int:
@@ -186,6 +238,7 @@ class _Config:
     capacity: int
     row_chunk: int
     vocab_chunk: int
+    forward_vocab_chunk: int
     weight_layout: str
     logits_dtype: str
     statistics_kernel: bool
@@ -286,6 +339,20 @@ def _statistics_kernel() -> bool:
     return _sc.use_kernel()
 
 
+def _forward_blocks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, ldt: str, kernel: bool,
+                    row_chunk_size: Optional[int], vocab_chunk_size: Optional[int], memory_budget_bytes: int,
+                    selected_rows: Optional[int] = None) -> tuple[ChunkPlan, int, int]:
+    """``(plan, rows, columns)``: the plan (its rows sized for the caller's ``row_chunk_size`` when given)
+    and the forward's logits blocks - the caller's ``vocab_chunk_size`` where given, else the plan's, and
+    always ``V`` without the statistics kernel (the XLA reference takes whole rows; a normalised value also
+    keeps the static jit arguments, and so the compilations, the same)."""
+    plan = plan_chunks(num_rows, hidden_dim, vocab_size, dtype, selected_rows=selected_rows,
+                       memory_budget_bytes=memory_budget_bytes, statistics_kernel=kernel, logits_dtype=ldt,
+                       row_chunk=row_chunk_size)
+    cols = min(vocab_size, vocab_chunk_size or plan.forward_vocab_chunk) if kernel else vocab_size
+    return plan, plan.row_chunk, cols
+
+
 # ==================================================================================== blockwise scoring
 def _logits(h: jax.Array, w: jax.Array, b: Optional[jax.Array], layout: str, ldt: Any) -> jax.Array:
     """``h Wᵀ + b`` in ``ldt`` with float32 accumulation (``w`` in the given layout)."""
@@ -296,16 +363,72 @@ def _logits(h: jax.Array, w: jax.Array, b: Optional[jax.Array], layout: str, ldt
     return z.astype(ldt)
 
 
+def _kernel_itemsize(dtype: Any) -> int:
+    """Element size the Pallas kernel reads ``dtype`` logits in (float64 is computed in float32)."""
+    dt = jnp.dtype(dtype)
+    return dt.itemsize if dt in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)) else 4
+
+
+def _vocab_chunked_statistics(h_c: jax.Array, w: jax.Array, b: Optional[jax.Array], t_c: Optional[jax.Array],
+                              m_c: Optional[jax.Array], ignore_index: int, layout: str, ldt: Any,
+                              cols: int) -> _sc.TokenStatistics:
+    """Statistics of the rows ``h_c`` from vocabulary blocks ``Z = h_c W[v0:v1]ᵀ + b[v0:v1]`` of ``cols``
+    columns (a ragged last block), each folded into the rows' carried state by the Pallas chunk kernel
+    (:func:`cggr_jax.kernels.scoring.chunk_statistics`; the last block yields the statistics).
+
+    ``t_c``/``m_c``: the safe targets and "has a valid target" mask of the rows (both None without labels).
+    The blocks are a Python loop over static slices of the vocabulary axis (axis 0 of a ``"vd"`` weight, 1 of
+    ``"dv"``), so every kernel launch has a static ``v0``.
+    """
+    from .kernels import scoring as _ks
+
+    V = w.shape[0] if layout == "vd" else w.shape[1]
+    rows = h_c.shape[0]
+    # The kernel sees in-range targets or ignore_index only (as dispatch_statistics gives the whole-row one).
+    t_k = None if t_c is None else jnp.where(m_c, t_c, ignore_index)
+    itemsize = _kernel_itemsize(ldt)
+    state: Any = None
+    for v0 in range(0, V, cols):
+        v1 = min(V, v0 + cols)
+        w_c = w[v0:v1] if layout == "vd" else w[:, v0:v1]
+        b_c = None if b is None else b[v0:v1]
+        h_in = h_c
+        if state is not None:
+            # Data dependence of this block's GEMM on the previous block's statistics: XLA cannot hoist the
+            # GEMMs ahead of the kernels, so one block of logits at a time needs to be live (the plan's budget).
+            h_in, state = jax.lax.optimization_barrier((h_c, state))
+        z = _logits(h_in, w_c, b_c, layout, ldt)
+        # Few rows (a row split): widen each row's program so that the statistics still stream at full rate.
+        launch = _ks.scoring_config_for_rows(rows, v1 - v0, itemsize, _ks.num_sms())
+        cfg = _ks.kernel_config(v1 - v0, itemsize, **launch.kwargs())
+        state = _ks.chunk_statistics(z, t_k, ignore_index=ignore_index, v0=v0, vocab_size=V, state=state,
+                                     cfg=cfg)
+    lse, entropy, p1, p2 = state[:4]
+    nll = jnp.zeros((rows,), jnp.float32) if t_c is None else jnp.where(m_c, state[4], 0.0)
+    return _sc.TokenStatistics(lse, entropy, p1, p2, nll)
+
+
 def _blockwise_statistics(h2: jax.Array, w: jax.Array, b: Optional[jax.Array], safe: Optional[jax.Array],
                           has_target: Optional[jax.Array], ignore_index: int, row_chunk: int, layout: str,
-                          ldt: Any, kernel: bool) -> _sc.TokenStatistics:
-    """Flat SPEC §2 statistics of ``h2 Wᵀ + b`` from ``row_chunk``-row logit blocks."""
+                          ldt: Any, kernel: bool, vocab_chunk: Optional[int] = None) -> _sc.TokenStatistics:
+    """Flat SPEC §2 statistics of ``h2 Wᵀ + b`` from logit blocks of ``row_chunk`` rows × ``vocab_chunk``
+    columns (None = ``V``).
+
+    With the Pallas kernel and ``vocab_chunk < V`` each row block is split into vocabulary blocks whose rows
+    carry their streaming state from one block to the next (:func:`_vocab_chunked_statistics`); otherwise
+    each row block's whole-row logits go to the statistics dispatcher (the XLA reference always takes whole
+    rows: ``vocab_chunk`` is ignored without the kernel).
+    """
     N = h2.shape[0]
+    V = w.shape[0] if layout == "vd" else w.shape[1]
     R = max(1, min(row_chunk, N)) if N else 1
     n_full = N // R
     tail = N - n_full * R
+    cols = V if (not kernel or vocab_chunk is None) else max(1, min(int(vocab_chunk), V))
 
     def block(h_c: jax.Array, t_c: Optional[jax.Array], m_c: Optional[jax.Array]) -> _sc.TokenStatistics:
+        if cols < V:
+            return _vocab_chunked_statistics(h_c, w, b, t_c, m_c, ignore_index, layout, ldt, cols)
         z = _logits(h_c, w, b, layout, ldt)
         launch = None
         if kernel:  # a block has few rows: widen each row's program so the statistics stream at full rate
@@ -467,7 +590,8 @@ def _fused(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labe
     has_t = not_ignored & in_range
     sg = jax.lax.stop_gradient
     flat = _blockwise_statistics(sg(h2), sg(weight), None if bias is None else sg(bias), safe, has_t,
-                                 cfg.ignore_index, cfg.row_chunk, cfg.weight_layout, ldt, cfg.statistics_kernel)
+                                 cfg.ignore_index, cfg.row_chunk, cfg.weight_layout, ldt, cfg.statistics_kernel,
+                                 cfg.forward_vocab_chunk)
     stats = _sc.TokenStatistics(*(x.reshape(token_shape) for x in flat))
     has_t2 = has_t.reshape(token_shape)
     difficulty = _sc.difficulty_from_statistics(stats, cfg.scoring, has_targets=True)
@@ -552,7 +676,12 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, labels: jax.Array, s
         scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio, warmup_steps,
         num_strata, min_tokens_per_sequence, ignore_index, ratio_schedule: the CGGR configuration (SPEC).
         capacity: static size of the selected-rows buffer (default :func:`max_selected`).
-        row_chunk_size, vocab_chunk_size, memory_budget_bytes: chunking (default :func:`plan_chunks`).
+        row_chunk_size: rows per forward logits block (default: :func:`plan_chunks`, which then sizes the
+            columns for these rows).
+        vocab_chunk_size: vocabulary columns per forward logits block (Pallas statistics kernel only; the XLA
+            reference statistics take whole rows) and per backward step (default: :func:`plan_chunks`, its
+            ``forward_vocab_chunk`` and, with ``capacity`` rows, its ``vocab_chunk``).
+        memory_budget_bytes: working-memory target of the default plan (bytes, default 0.25 GiB).
         weight_layout: ``"vd"`` or ``"dv"``.
         logits_dtype: dtype of the recomputed logits (default: that of ``hidden``; float32 matches a head
             computed with ``preferred_element_type=float32`` such as ``cggr_jax.models.DecoderLM``).
@@ -597,11 +726,11 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, labels: jax.Array, s
         cap = utils.check_int(capacity, "capacity", minimum=min(1, N), maximum=N)
     ldt = _resolve_logits_dtype(logits_dtype, hidden.dtype)
     kernel = _statistics_kernel()
-    plan = plan_chunks(N, d, V, hidden.dtype, selected_rows=cap, memory_budget_bytes=memory_budget_bytes,
-                       statistics_kernel=kernel, logits_dtype=ldt)
-    cfg = _Config(capacity=cap, row_chunk=row_chunk_size or plan.row_chunk,
-                  vocab_chunk=vocab_chunk_size or plan.vocab_chunk, weight_layout=weight_layout,
-                  logits_dtype=ldt, statistics_kernel=kernel, **conf)
+    plan, rows, cols = _forward_blocks(N, d, V, hidden.dtype, ldt, kernel, row_chunk_size, vocab_chunk_size,
+                                       memory_budget_bytes, selected_rows=cap)
+    cfg = _Config(capacity=cap, row_chunk=rows, vocab_chunk=vocab_chunk_size or plan.vocab_chunk,
+                  forward_vocab_chunk=cols, weight_layout=weight_layout, logits_dtype=ldt,
+                  statistics_kernel=kernel, **conf)
     out = _fused(hidden, weight, bias, labels, step_arr, cfg)
     concrete = not any(utils.is_traced(x) for x in (hidden, weight, bias, labels, step_arr) if x is not None)
     if concrete:
@@ -621,11 +750,11 @@ def fused_linear_cggr_loss(hidden: jax.Array, weight: jax.Array, labels: jax.Arr
 
 
 # ================================================================================ forward-only scores
-@functools.partial(jax.jit, static_argnames=("scoring_name", "ignore_index", "row_chunk", "layout", "ldt",
-                                             "kernel"))
+@functools.partial(jax.jit, static_argnames=("scoring_name", "ignore_index", "row_chunk", "vocab_chunk", "layout",
+                                             "ldt", "kernel"))
 def _scores(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labels: Optional[jax.Array],
-            valid_mask: Optional[jax.Array], scoring_name: str, ignore_index: int, row_chunk: int, layout: str,
-            ldt: str, kernel: bool) -> _sc.TokenScores:
+            valid_mask: Optional[jax.Array], scoring_name: str, ignore_index: int, row_chunk: int,
+            vocab_chunk: int, layout: str, ldt: str, kernel: bool) -> _sc.TokenScores:
     token_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     V = weight.shape[0] if layout == "vd" else weight.shape[1]
@@ -637,7 +766,7 @@ def _scores(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], lab
         has_t = not_ignored & in_range
         valid = has_t.reshape(token_shape)
     flat = _blockwise_statistics(h2, weight, bias, safe, has_t, ignore_index, row_chunk, layout, jnp.dtype(ldt),
-                                 kernel)
+                                 kernel, vocab_chunk)
     stats = _sc.TokenStatistics(*(x.reshape(token_shape) for x in flat))
     if valid_mask is not None:
         valid = valid & valid_mask
@@ -649,13 +778,15 @@ def _scores(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], lab
 def fused_linear_scores(hidden: jax.Array, weight: jax.Array, labels: Optional[jax.Array] = None,
                         bias: Optional[jax.Array] = None, *, scoring: str = "combined", ignore_index: int = -100,
                         valid_mask: Optional[jax.Array] = None, row_chunk_size: Optional[int] = None,
-                        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, weight_layout: str = "vd",
-                        logits_dtype: Any = None) -> _sc.TokenScores:
+                        vocab_chunk_size: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+                        weight_layout: str = "vd", logits_dtype: Any = None) -> _sc.TokenScores:
     """SPEC §2-§4 scores of ``hidden · Wᵀ + bias`` without materialising the logits (router use).
 
     Equal to ``cggr_jax.scoring.score_tokens(logits, labels, ...)`` up to the rounding of the chunked matmuls;
-    arguments as :func:`fused_linear_cggr` and :func:`cggr_jax.scoring.score_tokens`. No gradient is defined
-    (wrap the inputs in ``jax.lax.stop_gradient`` when used inside a differentiated function).
+    arguments as :func:`fused_linear_cggr` and :func:`cggr_jax.scoring.score_tokens` (``row_chunk_size``,
+    ``vocab_chunk_size``: the forward's logits blocks, default :func:`plan_chunks`; ``vocab_chunk_size``
+    applies with the Pallas statistics kernel only). No gradient is defined (wrap the inputs in
+    ``jax.lax.stop_gradient`` when used inside a differentiated function).
     """
     scoring_name = scoring
     utils.check_choice(scoring_name, "scoring", _sc.SCORING_MODES)
@@ -663,6 +794,7 @@ def fused_linear_scores(hidden: jax.Array, weight: jax.Array, labels: Optional[j
         raise ValueError("labels: scoring='loss' needs labels, got None")
     ignore_index = utils.check_int(ignore_index, "ignore_index")
     _positive_int(row_chunk_size, "row_chunk_size")
+    _positive_int(vocab_chunk_size, "vocab_chunk_size")
     utils.check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
     d, V = _check_linear(hidden, weight, bias, weight_layout)
     token_shape = tuple(hidden.shape[:-1])
@@ -674,12 +806,12 @@ def fused_linear_scores(hidden: jax.Array, weight: jax.Array, labels: Optional[j
     ldt = _resolve_logits_dtype(logits_dtype, hidden.dtype)
     N = int(np.prod(token_shape))
     kernel = _statistics_kernel()
-    row_chunk = row_chunk_size or plan_chunks(N, d, V, hidden.dtype, memory_budget_bytes=memory_budget_bytes,
-                                              statistics_kernel=kernel, logits_dtype=ldt).row_chunk
+    _, row_chunk, cols = _forward_blocks(N, d, V, hidden.dtype, ldt, kernel, row_chunk_size, vocab_chunk_size,
+                                         memory_budget_bytes)
     return _scores(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight),
                    None if bias is None else jax.lax.stop_gradient(bias), labels, valid_mask,
-                   scoring_name=scoring_name, ignore_index=ignore_index, row_chunk=row_chunk, layout=weight_layout,
-                   ldt=ldt, kernel=kernel)
+                   scoring_name=scoring_name, ignore_index=ignore_index, row_chunk=row_chunk, vocab_chunk=cols,
+                   layout=weight_layout, ldt=ldt, kernel=kernel)
 
 
 

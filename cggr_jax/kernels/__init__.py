@@ -3,6 +3,9 @@ score bounds (SPEC §11) and selection.
 
 * :func:`token_statistics_pallas` — every SPEC §2 statistic of a row in one read of the logits (online
   softmax with a true whole-row top-2), returning ``cggr_jax.scoring.TokenStatistics``.
+* :func:`chunk_statistics` — the same statistics from logits that arrive one vocabulary block at a time (the
+  fused LM head's forward): each call resumes every row's carried streaming state, the last one returns the
+  statistics.
 * :func:`selective_cross_entropy_pallas` — mean cross-entropy over a selection with a ``jax.custom_vjp``
   whose backward reads only the selected rows and recomputes their softmax from the saved ``lse``.
 * :func:`scored_selective_cross_entropy_pallas` — scores → ``cggr_jax.selection.select_tokens`` → the loss.
@@ -34,6 +37,7 @@ from .scoring import (
     KernelConfig,
     Launch,
     LaunchDefaults,
+    chunk_statistics,
     kernel_config,
     kernels_enabled,
     resolve_interpret,
@@ -53,6 +57,7 @@ __all__ = [
     "resolve_interpret",
     "use_pallas_kernels",
     "token_statistics_pallas",
+    "chunk_statistics",
     "selective_cross_entropy_pallas",
     "scored_selective_cross_entropy_pallas",
 ]

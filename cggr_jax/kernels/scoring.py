@@ -44,6 +44,15 @@ never reads its target. ``nll = 0`` where ``t = ignore_index``. Concrete (non-tr
 ``nll = 0`` (``cggr_jax.scoring.TokenStatistics``: no valid target) and are never used as an index; the
 callers make them ineligible.
 
+Vocabulary chunks (:func:`chunk_statistics`, the fused LM head's forward). A row may also arrive as column
+chunks ``z[:, v0:v0 + C]`` in increasing ``v0``, one launch each. The carry is the state between launches:
+``(m, r, d, s, z_t)``, float32 ``(CHUNK_STATE_ROWS, N)``. The first chunk starts from ``(−∞, −∞, 0, 0)``,
+every later one resumes the recurrence above from the stored carry (``d``, ``s`` stay relative to the
+carried ``m`` and are rescaled by ``α`` when a chunk raises it; the top-2 merge is the same multiset union),
+and the last (``v0 + C = V``) turns the carry into the statistics with the formulas above. The result is
+that of one pass over the row up to the summation order of ``d`` and ``s``. ``z_t`` is read (one masked
+gather at column ``t − v0``) by the chunk with ``v0 ≤ t < v0 + C`` only; the others pass it on.
+
 Launch geometry (:class:`KernelConfig`, defaults :data:`SCORING_DEFAULTS`). A program owns ``block_rows = R``
 consecutive token rows ``pid·R … pid·R + R − 1``. One loop step reads ``block_v`` columns of each of them as
 ``block_v / C`` sub-tiles of shape ``(R, C)``, ``C = 32·vec·max(1, num_warps / R)`` and ``vec`` = the
@@ -104,6 +113,8 @@ __all__ = [
     "use_pallas_kernels",
     "resolve_interpret",
     "token_statistics_pallas",
+    "CHUNK_STATE_ROWS",
+    "chunk_statistics",
 ]
 
 # ------------------------------------------------------------------------------------------------ backend
@@ -441,8 +452,13 @@ class _Stream:
         return carry
 
 
-def _online_statistics(stream: _Stream, interpret: bool) -> tuple[jax.Array, ...]:
-    """``(m, r, d, s)`` per row of the program (module doc), ``(R,)`` float32 each."""
+def _online_statistics(stream: _Stream, interpret: bool,
+                       init: Optional[tuple[jax.Array, ...]] = None) -> tuple[jax.Array, ...]:
+    """``(m, r, d, s)`` per row of the program (module doc), ``(R,)`` float32 each.
+
+    ``init``: the carry ``(m, r, d, s)`` to resume from (the state a previous vocabulary chunk of the same
+    rows left, :func:`chunk_statistics`); None = the empty row ``(−∞, −∞, 0, 0)``. The recurrence is the same
+    either way: ``d``, ``s`` are relative to the carried ``m`` and get rescaled when a step raises it."""
     f32 = jnp.float32
     neg_inf = f32(-jnp.inf)
     log2e = f32(_LOG2E)
@@ -486,9 +502,26 @@ def _online_statistics(stream: _Stream, interpret: bool) -> tuple[jax.Array, ...
         s_new = (s + d * delta) * alpha + jnp.sum(acc_s, axis=1)
         return m_new, r_new, d_new, s_new
 
-    init = (jnp.full((rows,), neg_inf), jnp.full((rows,), neg_inf), jnp.zeros((rows,), f32),
-            jnp.zeros((rows,), f32))
-    return stream.fold(fn, init)
+    if init is None:
+        init = (jnp.full((rows,), neg_inf), jnp.full((rows,), neg_inf), jnp.zeros((rows,), f32),
+                jnp.zeros((rows,), f32))
+    return stream.fold(fn, tuple(x.astype(f32) for x in init))
+
+
+def _row_outputs(m: jax.Array, r: jax.Array, d: jax.Array, s: jax.Array, z_t: Optional[jax.Array],
+                 valid: Optional[jax.Array], interpret: bool) -> list[jax.Array]:
+    """The statistics of a finished carry (module doc): ``[lse, H, p1, p2]`` and, with a target logit
+    ``z_t``, ``nll`` (0 where ``valid`` is False). A row whose ``d`` is NaN or whose ``m`` is ±∞ is not
+    finite: NaN in every statistic (and in ``nll`` where the target is valid)."""
+    f32 = jnp.float32
+    bad = jnp.logical_not((d == d) & (m > -jnp.inf) & (m < jnp.inf))
+    nan = f32(jnp.nan)
+    log_d = jnp.log(d)
+    vals = [m + log_d, log_d - s / d, f32(1.0) / d, exp2((r - m) * f32(_LOG2E), interpret) / d]
+    vals = [jnp.where(bad, nan, x) for x in vals]
+    if z_t is not None:
+        vals.append(jnp.where(valid, jnp.where(bad, nan, (m - z_t) + log_d), f32(0.0)))
+    return vals
 
 
 def _row_statistics_kernel(*refs: Any, n: int, v: int, rows: int, block_v: int, chunk: int,
@@ -507,16 +540,12 @@ def _row_statistics_kernel(*refs: Any, n: int, v: int, rows: int, block_v: int, 
     def compute() -> None:
         stream = _Stream(x_ref, row0, rows, out_mask, v, block_v, chunk)
         m, r, d, s = _online_statistics(stream, interpret)
-        bad = jnp.logical_not((d == d) & (m > -jnp.inf) & (m < jnp.inf))
-        nan = f32(jnp.nan)
-        log_d = jnp.log(d)
-        vals = [m + log_d, log_d - s / d, f32(1.0) / d, exp2((r - m) * f32(_LOG2E), interpret) / d]
-        vals = [jnp.where(bad, nan, x) for x in vals]
+        ok = z_t = None
         if has_targets:
             ok = code_ref[safe] == 1
             # One masked gather of the target logits: rows without a valid in-range target read nothing.
             z_t = load(x_ref.at[safe, tgt_ref[safe]], ok, 0).astype(f32)
-            vals.append(jnp.where(ok, jnp.where(bad, nan, (m - z_t) + log_d), f32(0.0)))
+        vals = _row_outputs(m, r, d, s, z_t, ok, interpret)
         for ref, val in zip(outs, vals):
             store(ref.at[pl.ds(row0, rows)], jnp.where(active, val, f32(0.0)), out_mask)
 
@@ -571,6 +600,170 @@ def bind(fn: Callable[..., None], **static: Any) -> Callable[..., None]:
     kernel.__name__ = fn.__name__.lstrip("_")
     kernel.__qualname__ = kernel.__name__
     return kernel
+
+
+# ------------------------------------------------------------------------------- vocabulary-chunked launch
+#: Float32 ``(N,)`` rows of the running state of :func:`chunk_statistics`: ``m``, the runner-up ``r =
+#: z_(2)``, ``d``, ``s`` (relative to ``m``, module doc) and the target logit ``z_t`` (0 until the chunk that
+#: holds the target; 0 throughout without targets). The same layout as ``cggr_torch``'s chunked launch.
+CHUNK_STATE_ROWS = 5
+
+
+def _chunk_statistics_kernel(*refs: Any, n: int, c: int, rows: int, block_v: int, chunk: int,
+                             has_targets: bool, first: bool, final: bool, interpret: bool) -> None:
+    """One vocabulary chunk ``[v0, v0 + c)`` of each row folded into the carried state (see
+    :func:`chunk_statistics`). Refs: the ``(N, c)`` chunk; with targets the chunk-local target column and the
+    chunk code (2: valid target in this chunk, 1: valid target elsewhere, 0 ignored, −1 out of range); unless
+    ``first`` the previous state ``m, r, d, s[, z_t]``; then the outputs: the new state (not ``final``) or
+    the statistics ``lse, H, p1, p2[, nll]``."""
+    it = iter(refs)
+    x_ref = next(it)
+    col_ref = next(it) if has_targets else None
+    code_ref = next(it) if has_targets else None
+    n_state = 5 if has_targets else 4
+    prev = [] if first else [next(it) for _ in range(n_state)]
+    outs = [next(it) for _ in range(n_state)]
+    f32 = jnp.float32
+    row0, safe, in_range = program_rows(n, rows)
+    out_mask = in_range if n % rows else None  # rows past N exist only in a ragged last program
+    # Per-row scalars are gathered at the clamped row index (always legal); rows past N are never stored.
+    init = None if first else tuple(ref[safe] for ref in prev[:4])
+    stream = _Stream(x_ref, row0, rows, out_mask, c, block_v, chunk)
+    m, r, d, s = _online_statistics(stream, interpret, init)
+    z_t = valid = None
+    if has_targets:
+        code = code_ref[safe]
+        here = code == 2
+        # The target logit is read in the chunk that holds it (one masked gather; the column is clamped to 0
+        # elsewhere and not read); the other chunks pass the carried value on.
+        z_here = load(x_ref.at[safe, col_ref[safe]], here, 0).astype(f32)
+        z_t = z_here if first else jnp.where(here, z_here, prev[4][safe])
+        valid = code >= 1
+    if final:
+        vals = _row_outputs(m, r, d, s, z_t, valid, interpret)
+    else:
+        vals = [m, r, d, s] + ([z_t] if has_targets else [])
+    for ref, val in zip(outs, vals):
+        store(ref.at[pl.ds(row0, rows)], val, out_mask)
+
+
+def _describe_array(x: Any) -> str:
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        return "None" if x is None else type(x).__name__
+    return f"an array of dtype {dtype} and shape {tuple(shape)}"
+
+
+def _check_host_int(value: Any, name: str, minimum: int) -> int:
+    """A static (host) integer ``>= minimum``; a traced value cannot size or place a static chunk."""
+    if utils.is_traced(value):
+        raise ValueError(f"{name}: expected a host (static) integer >= {minimum}, got a traced value")
+    return utils.check_int(value, name, minimum=minimum)
+
+
+def chunk_statistics(logits_chunk: jax.Array, targets1d: Optional[jax.Array] = None, *, ignore_index: int,
+                     v0: int, vocab_size: int, state: Optional[jax.Array] = None,
+                     cfg: Optional[KernelConfig] = None) -> "jax.Array | tuple[jax.Array, ...]":
+    r"""Fold the vocabulary chunk ``logits_chunk = z[:, v0:v0 + C]`` into each row's streaming statistics.
+
+    For logits produced one vocabulary chunk at a time (the fused LM head's forward): the chunks of a row
+    are passed in increasing ``v0``, the first (``v0 = 0``) starting from the empty carry ``(m, r, d, s) =
+    (−∞, −∞, 0, 0)``, every later one from the ``state`` the previous call returned. Each call runs the
+    recurrence of the module docstring over its ``C`` columns (same kernel body, same ``_Stream`` with the
+    ragged last step masked to −∞), so with chunk widths ``C_1 … C_k`` the result equals one pass over the
+    whole row up to the summation order of ``d`` and ``s``: the top-2 ``(m, r)``, the target logit and the
+    finiteness are exactly those of :func:`row_statistics`. A chunk that is not the last (``v0 + C <
+    vocab_size``) returns the new state; the last returns the statistics, computed from the final carry
+    exactly as :func:`row_statistics` does::
+
+        lse = m + log d,   H = log d − s/d,   p1 = 1/d,   p2 = e^{r − m}/d,   nll = (m − z_t) + log d
+
+    Targets are indices into the FULL vocabulary: :func:`sanitize_targets` decides validity against
+    ``vocab_size``, and the chunk with ``v0 ≤ t < v0 + C`` reads ``z_t`` at column ``t − v0`` (one masked
+    gather; every other chunk keeps the carried ``z_t``). ``nll = 0`` for ``ignore_index`` and (possible only
+    under ``jit``) out-of-range targets; NaN statistics on non-finite rows, as :func:`row_statistics`.
+
+    Args:
+      logits_chunk: ``(N, C)`` float32/float16/bfloat16 (float64 is computed in float32), ``C ≥ 1``.
+      targets1d: ``None`` or an integer ``(N,)`` array (the same in every chunk of a row; concrete values
+        outside ``[0, vocab_size)`` that are not ``ignore_index`` raise).
+      ignore_index: the ignored target value.
+      v0: first vocabulary column of the chunk, a host int with ``0 ≤ v0`` and ``v0 + C ≤ vocab_size``.
+      vocab_size: ``V``, the full row length (host int ≥ 1).
+      state: float32 ``(CHUNK_STATE_ROWS, N)`` = ``(m, r, d, s, z_t)`` returned by the previous chunk;
+        required when ``v0 > 0``, not read (and may be None) when ``v0 = 0``.
+      cfg: launch parameters (:func:`kernel_config` of ``C`` and the input's element size when None).
+
+    Returns:
+      Not the last chunk: the new state, float32 ``(CHUNK_STATE_ROWS, N)``. The last chunk: float32
+      ``(lse, entropy, p1, p2[, nll])`` of shape ``(N,)`` each (``nll`` only with targets). jit-safe; the
+      shapes and ``v0`` are static.
+
+    Raises:
+      ValueError: naming the argument, for a bad rank/dtype/shape, ``v0``/``vocab_size`` that are not host
+        integers or place the chunk outside ``[0, vocab_size)``, a missing or malformed ``state``, a ``cfg``
+        that is not a :class:`KernelConfig`, or concrete targets out of range.
+    """
+    shape = getattr(logits_chunk, "shape", None)
+    dtype = getattr(logits_chunk, "dtype", None)
+    if shape is None or dtype is None or len(shape) != 2 or not jnp.issubdtype(dtype, jnp.floating) \
+            or shape[1] < 1:
+        raise ValueError(f"logits_chunk: expected a floating (N, C) array with C >= 1 columns, got "
+                         f"{_describe_array(logits_chunk)}")
+    n, c = int(shape[0]), int(shape[1])
+    ignore_index = utils.check_int(ignore_index, "ignore_index")
+    vocab_size = _check_host_int(vocab_size, "vocab_size", 1)
+    v0 = _check_host_int(v0, "v0", 0)
+    if v0 + c > vocab_size:
+        raise ValueError(f"v0: expected 0 <= v0 and v0 + C <= vocab_size, got v0={v0}, C={c}, "
+                         f"vocab_size={vocab_size}")
+    first, final = v0 == 0, v0 + c == vocab_size
+    if state is not None or not first:
+        s_shape, s_dtype = getattr(state, "shape", None), getattr(state, "dtype", None)
+        if s_shape is None or tuple(s_shape) != (CHUNK_STATE_ROWS, n) or s_dtype != jnp.float32:
+            raise ValueError(f"state: expected the float32 ({CHUNK_STATE_ROWS}, {n}) state returned by the "
+                             f"previous chunk (required when v0 > 0; v0 = {v0}), got {_describe_array(state)}")
+    if targets1d is not None:
+        targets1d = utils.as_targets(targets1d, (n, vocab_size), "targets1d")
+        utils.check_target_range(targets1d, vocab_size, ignore_index, "targets1d")
+    if cfg is not None and not isinstance(cfg, KernelConfig):
+        raise ValueError(f"cfg: expected None or a KernelConfig (kernel_config(...)), got {type(cfg).__name__}")
+    x = as_float32_input(jnp.asarray(logits_chunk))
+    if cfg is None:
+        cfg = kernel_config(c, x.dtype.itemsize)
+    has_targets = targets1d is not None
+    n_state = 5 if has_targets else 4
+    if n == 0:
+        if final:
+            return tuple(jnp.zeros((0,), jnp.float32) for _ in range(n_state))
+        return jnp.zeros((CHUNK_STATE_ROWS, 0), jnp.float32)
+    args: list[jax.Array] = [x]
+    if has_targets:
+        t, code = sanitize_targets(targets1d, vocab_size, ignore_index)
+        here = (code == 1) & (t >= v0) & (t < v0 + c)
+        # Chunk-local column (0 where the target is not in this chunk: a legal index that is never read) and
+        # the chunk code 2 = "read z_t here"; the validity codes 1/0/−1 of sanitize_targets otherwise.
+        args += [jnp.where(here, t - v0, 0).astype(jnp.int32), jnp.where(here, 2, code).astype(jnp.int32)]
+    if not first:
+        args += [state[j] for j in range(n_state)]
+    rows = cfg.block_rows
+    kernel = bind(_chunk_statistics_kernel, n=n, c=c, rows=rows, block_v=cfg.block_v,
+                  chunk=tile_columns(cfg, x.dtype.itemsize), has_targets=has_targets, first=first, final=final,
+                  interpret=cfg.interpret)
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * n_state,
+        grid=(pl.cdiv(n, rows),),
+        in_specs=[whole(a.shape) for a in args],
+        out_specs=[whole((n,))] * n_state,
+        name="cggr_chunk_statistics",
+        **pallas_call_options(cfg),
+    )(*args)
+    if final:
+        return tuple(outs)
+    if not has_targets:  # z_t row: no target logit to carry
+        outs = list(outs) + [jnp.zeros((n,), jnp.float32)]
+    return jnp.stack(outs)
 
 
 # ------------------------------------------------------------------------------------------- entry point

@@ -5,6 +5,9 @@ Public entry points (imported lazily, so that ``import cggr_torch.kernels`` work
 * :func:`token_statistics_triton` ``(logits, targets=None, ignore_index=-100) -> TokenStatistics`` - the
   SPEC §2 statistics of every token from **one read of the logits** (online softmax, per row: running max
   ``m``, ``d = Σ 2^{u}``, ``s = Σ 2^{u}·u`` with ``u = z·log2(e) − c`` and a true whole-row top-2);
+* :func:`launch_scoring_chunk` - the same statistics from logits that arrive one vocabulary block at a time
+  (the fused LM head's forward): each launch resumes every row's streaming state where the previous block
+  left it, the last one writes the statistics;
 * :func:`score_tokens_triton` - the same pass plus the difficulty of one scoring mode and eligibility
   (SPEC §3-§4), mirroring :func:`cggr_torch.scoring.score_tokens`;
 * :func:`selective_cross_entropy_triton` ``(logits, targets, mask, *, ignore_index=-100, lse=None,
@@ -37,6 +40,7 @@ __all__ = [
     "triton_available",
     "token_statistics_triton",
     "score_tokens_triton",
+    "launch_scoring_chunk",
     "selective_cross_entropy_triton",
     "scored_selective_cross_entropy",
     "select_tokens_triton",
@@ -51,6 +55,7 @@ __all__ = [
 _LAZY = {
     "token_statistics_triton": "scoring",
     "score_tokens_triton": "scoring",
+    "launch_scoring_chunk": "scoring",
     "LaunchConfig": "scoring",
     "scoring_config": "scoring",
     "lse_config": "scoring",

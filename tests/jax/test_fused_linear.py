@@ -222,7 +222,7 @@ def test_capacity_overflow_under_jit_keeps_the_hardest_and_reports_it():
         fl.fused_linear_cggr(h, w, t, 0, bias=b, **cfg)
 
 
-def test_max_selected_and_plan():
+def test_max_selected():
     assert fl.max_selected(16384) == 16384                                   # warmup starts at ratio 1
     assert fl.max_selected(16384, warmup_steps=0) == oracle.num_selected(16384, np.float32(0.375))
     assert fl.max_selected(16384, warmup_steps=0, selection="fixed_quota") == 4096
@@ -230,12 +230,46 @@ def test_max_selected_and_plan():
     assert fl.max_selected(10, 3, warmup_steps=0, selection="sequence_aware", min_tokens_per_sequence=2) == 10
     assert fl.max_selected(0) == 0
     assert fl.max_selected(100, warmup_steps=0, ratio_schedule=lambda s: 0.1) == 100
-    plan = fl.plan_chunks(16384, 2048, 128256, jnp.bfloat16, selected_rows=4096, statistics_kernel=True)
-    assert plan.row_chunk % 128 == 0 and plan.row_chunk * 128256 * 2 <= fl.DEFAULT_MEMORY_BUDGET
-    assert 4096 * 2048 * 6 + 4096 * plan.vocab_chunk * 12 <= fl.DEFAULT_MEMORY_BUDGET
-    assert fl.plan_chunks(5, 3, 7, jnp.float32, memory_budget_bytes=1) == (1, 7)
+
+
+def test_plan_meets_the_memory_budget_at_the_target_shape():
+    N, d, V = 16384, 2048, 128256
+    budget = fl.DEFAULT_MEMORY_BUDGET
+    plan = fl.plan_chunks(N, d, V, jnp.bfloat16, selected_rows=4096, statistics_kernel=True)
+    # With the statistics kernel the forward keeps every row and splits the vocabulary (as cggr_torch).
+    assert plan.row_chunk == N and plan.forward_vocab_chunk == 7168
+    assert plan.row_chunk * plan.forward_vocab_chunk * 2 <= budget
+    assert N * 2 * (plan.forward_vocab_chunk + 128) > 0.875 * budget              # the widest that fits
+    # Backward: the float32 ∂H_S accumulator and H_S, then per column the logits, two float32 temporaries
+    # and the gradient in the inputs' dtype.
+    assert plan.vocab_chunk % 128 == 0 and 4096 * d * (4 + 2) + 4096 * plan.vocab_chunk * (2 + 8 + 2) <= budget
+    # float32 logits: all rows would leave 3584 columns, narrower than 4096 - so 4096 columns of fewer rows.
+    f32 = fl.plan_chunks(N, d, V, jnp.bfloat16, selected_rows=4096, statistics_kernel=True,
+                         logits_dtype=jnp.float32)
+    assert f32.forward_vocab_chunk == 4096 and f32.row_chunk == 14336 and 14336 * 4096 * 4 <= budget
+    # The XLA reference statistics take whole rows and need float32 temporaries; same backward.
+    ref_plan = fl.plan_chunks(N, d, V, jnp.bfloat16, selected_rows=4096)
+    assert ref_plan.forward_vocab_chunk == V and ref_plan.row_chunk == 101   # < 128 rows: not rounded
+    assert ref_plan.row_chunk * V * (2 + 16) <= budget and ref_plan.vocab_chunk == plan.vocab_chunk
+    # Very many rows: blocks no narrower than 4096 columns, the rows split instead.
+    big = fl.plan_chunks(8 * N, d, V, jnp.bfloat16, selected_rows=4096, statistics_kernel=True)
+    assert big.forward_vocab_chunk == 4096 and big.row_chunk % 128 == 0 and big.row_chunk < 8 * N
+    assert big.row_chunk * 4096 * 2 <= budget
+    # A caller's row block: the plan sizes the columns for it (whole rows when they fit).
+    own = fl.plan_chunks(N, d, V, jnp.bfloat16, statistics_kernel=True, row_chunk=1000)
+    assert own.row_chunk == 1000 and 1000 * own.forward_vocab_chunk * 2 <= budget and own.forward_vocab_chunk < V
+    assert fl.plan_chunks(N, d, V, jnp.bfloat16, statistics_kernel=True, row_chunk=896).forward_vocab_chunk == V
+    assert fl.plan_chunks(30, 3, 7, jnp.float32, statistics_kernel=True, row_chunk=1000).row_chunk == 30
+    assert fl.plan_chunks(N, d, V, jnp.bfloat16, row_chunk=1000)[::2] == (1000, V)
+    for kernel in (False, True):
+        assert fl.plan_chunks(5, 3, 7, jnp.float32, memory_budget_bytes=1, statistics_kernel=kernel) == (1, 7, 7)
+        assert fl.plan_chunks(0, 3, 7, jnp.float32, statistics_kernel=kernel) == (1, 7, 7)
+    with pytest.raises(ValueError, match="row_chunk"):
+        fl.plan_chunks(5, 3, 7, jnp.float32, row_chunk=0)
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         fl.plan_chunks(5, 3, 7, jnp.float32, memory_budget_bytes=0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        fl.plan_chunks(5, 3, 0, jnp.float32)
 
 
 # -------------------------------------------------------------------------------- forward-only scores
@@ -255,6 +289,10 @@ def test_fused_linear_scores_match_score_tokens():
         fl.fused_linear_scores(h, w, None, scoring="loss")
     with pytest.raises(ValueError, match="valid_mask"):
         fl.fused_linear_scores(h, w, t, valid_mask=vm[0])
+    with pytest.raises(ValueError, match="vocab_chunk_size"):
+        fl.fused_linear_scores(h, w, t, vocab_chunk_size=0)
+    with pytest.raises(ValueError, match="row_chunk_size"):
+        fl.fused_linear_scores(h, w, t, row_chunk_size=-1)
 
 
 def test_fused_statistics_through_the_pallas_kernel_with_wide_programs(monkeypatch):
@@ -284,6 +322,84 @@ def test_fused_statistics_through_the_pallas_kernel_with_wide_programs(monkeypat
     np.testing.assert_allclose(np.asarray(got.difficulty), np.asarray(want.difficulty), atol=1e-5, rtol=1e-5)
 
 
+def _spy_chunk_launches(monkeypatch):
+    """Record ``(rows, v0, C)`` of every chunked statistics launch the fused forward traces."""
+    from cggr_jax.kernels import scoring as ks
+
+    calls = []
+    original = ks.chunk_statistics
+
+    def spy(logits_chunk, targets1d=None, **kw):
+        calls.append((logits_chunk.shape[0], kw["v0"], logits_chunk.shape[1]))
+        return original(logits_chunk, targets1d, **kw)
+
+    monkeypatch.setattr(ks, "chunk_statistics", spy)
+    return calls
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("blocks,layout", [(dict(vocab_chunk_size=64), "vd"),
+                                           (dict(row_chunk_size=20, vocab_chunk_size=101), "dv"),
+                                           (dict(row_chunk_size=8), "vd")],
+                         ids=["vocab-blocks", "row-and-vocab-blocks-dv", "row-blocks"])
+def test_blockwise_statistics_kernel_path_equals_the_reference(monkeypatch, with_labels, blocks, layout):
+    """The forward through the (interpreted) Pallas kernel: a row split into vocabulary blocks carries its
+    state from one block's launch to the next - same scores as the XLA reference (whole rows). Blocks of 64
+    columns (a ragged last one), of 101 columns over row blocks of 20 (a row tail of 9, a 1-column last
+    block, the "dv" layout), and row blocks only (whole rows: no chunked launch)."""
+    h, w, b, t = _inputs(5, (29,), 16, 203, jnp.float32)
+    h = h.at[3].set(jnp.nan)
+    b = b.at[150:].set(-jnp.inf)            # the last vocabulary block of every row is entirely -inf
+    t = jnp.where(t >= 150, 7, t)
+    labels = t if with_labels else None
+    weight = w if layout == "vd" else w.T
+    monkeypatch.setattr(fl, "_statistics_kernel", lambda: False)
+    ref = fl.fused_linear_scores(h, weight, labels, b, weight_layout=layout, **blocks)
+    calls = _spy_chunk_launches(monkeypatch)
+    monkeypatch.setattr(fl, "_statistics_kernel", lambda: True)
+    fl._scores.clear_cache()                # another test may hold this call's trace (the spy sees none)
+    got = fl.fused_linear_scores(h, weight, labels, b, weight_layout=layout, **blocks)
+    cols = blocks.get("vocab_chunk_size")
+    if cols is None:
+        assert not calls                    # 8-row blocks of whole rows fit the budget: the whole-row kernel
+    else:
+        starts = list(range(0, 203, cols))
+        rows = [blocks.get("row_chunk_size", 29)] + ([29 % blocks["row_chunk_size"]] if "row_chunk_size" in blocks
+                                                      else [])
+        assert calls == [(r, v0, min(cols, 203 - v0)) for r in rows for v0 in starts]
+    for name in ("difficulty",) + tuple(got.stats._fields):
+        a = got.difficulty if name == "difficulty" else getattr(got.stats, name)
+        r = ref.difficulty if name == "difficulty" else getattr(ref.stats, name)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=2e-5, atol=2e-5, equal_nan=True,
+                                   err_msg=name)
+    np.testing.assert_array_equal(np.asarray(got.eligible), np.asarray(ref.eligible))
+    assert not bool(got.eligible[3])
+
+
+def test_vocab_chunked_forward_gives_the_reference_loss_and_gradients(monkeypatch):
+    """``fused_linear_cggr`` with the kernel forward in vocabulary blocks (``vocab_chunk_size`` also sizes
+    the backward's chunks) and a bf16 ``"dv"`` head: the selection, loss and gradients of the reference
+    forward."""
+    h, w, b, t = _inputs(8, (3, 13), 24, 301, jnp.bfloat16)
+    cfg = dict(selection="sequence_aware", min_tokens_ratio=0.3, warmup_steps=0, min_tokens_per_sequence=1,
+               weight_layout="dv", vocab_chunk_size=100)
+    monkeypatch.setattr(fl, "_statistics_kernel", lambda: False)
+    want, grads_want = _run(h, w.T, b, t, 0, **cfg)
+    calls = _spy_chunk_launches(monkeypatch)
+    monkeypatch.setattr(fl, "_statistics_kernel", lambda: True)
+    fl._fused.clear_cache()
+    got, grads_got = _run(h, w.T, b, t, 0, **cfg)
+    assert [v0 for _, v0, _ in calls] == [0, 100, 200, 300]      # 100-column blocks, a 1-column last one
+    np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
+    assert int(got.metrics["tokens_selected"]) > 0
+    np.testing.assert_allclose(float(got.loss), float(want.loss), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got.scores.difficulty), np.asarray(want.scores.difficulty),
+                               rtol=1e-5, atol=1e-5)
+    for name, a, e in zip(("hidden", "weight", "bias"), grads_got, grads_want):
+        # The same rows, lse and backward: the gradients differ at most by the lse's last bits.
+        _close(a, _f64(e), 1e-2, name)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_input_raises_clear_errors():
     h, w, b, t = _inputs(10, (37,), 24, 301, jnp.float32)
@@ -302,6 +418,7 @@ def test_bad_input_raises_clear_errors():
         (dict(bias=b.astype(jnp.float16)), "bias: expected dtype"),
         (dict(row_chunk_size=0), "row_chunk_size"),
         (dict(vocab_chunk_size=2.5), "vocab_chunk_size"),
+        (dict(vocab_chunk_size=0), "vocab_chunk_size"),
         (dict(capacity=38), "capacity"),
         (dict(selection="bogus"), "selection"),
         (dict(step=-1), "step"),

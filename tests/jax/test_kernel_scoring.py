@@ -409,3 +409,198 @@ def test_few_rows_get_wider_programs_with_the_same_statistics() -> None:
     got = token_statistics_pallas(jnp.asarray(z), t, interpret=True, **launch.kwargs())
     for name, a, b in zip(TokenStatistics._fields, got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+# --------------------------------------------------------------------------- vocabulary-chunked launches
+from cggr_jax.kernels.scoring import CHUNK_STATE_ROWS, chunk_statistics  # noqa: E402
+
+CHUNK_V = 37
+
+
+def chunk_crafted(dtype, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """15 rows of ``CHUNK_V = 37`` columns (rounded to ``dtype``, returned as float32) with the edge cases of a
+    row that arrives in column chunks; with the widths ``[16, 16, 5]`` the chunks are ``[0, 16)``,
+    ``[16, 32)``, ``[32, 37)``."""
+    rng = np.random.default_rng(seed)
+    v = CHUNK_V
+    z = rng.normal(0.0, 2.0, size=(15, v)).astype(np.float32)
+    t = rng.integers(0, v, size=15).astype(np.int32)
+    z[0, ::4] = -np.inf                     # −∞ columns in every chunk
+    z[1, :16] = -np.inf                     # a whole −∞ first chunk (and a −∞ 1-column chunk)
+    z[2, 3] = z[2, 30] = 9.0                # tie of the maximum across chunks: p2 = p1
+    z[3, 20] = np.nan                       # NaN in a middle chunk
+    z[4, 35] = np.inf                       # +∞ in a later chunk (after finite chunks)
+    z[5, :] = -np.inf                       # only −∞: not finite
+    t[6] = 0                                # target in the first chunk (the first column)
+    t[7] = v - 1                            # target in the last chunk (the last column)
+    t[8] = 17                               # target in a middle chunk
+    z[9, 33] = -np.inf; t[9] = 33           # target logit −∞ in a later chunk: nll = +∞
+    t[10] = IGNORE                          # ignored target: nll = 0, never read
+    z[11, 36] = 12.0; z[11, 0] = 11.5       # maximum in the last chunk, runner-up in the first
+    z[12] += 1000.0                         # large offset (relative sums)
+    z[13, 32:] = -np.inf                    # a whole −∞ last chunk after finite ones
+    z[14, :] = -np.inf; z[14, 20] = 1.0     # a single finite entry in a middle chunk
+    z = np.asarray(jnp.asarray(z, dtype).astype(jnp.float32))
+    return z, t
+
+
+def chunked(x: jax.Array, t, widths: tuple[int, ...], *, block_rows: int = 1, num_warps: int = 1,
+            block_v: int = 16) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
+    """Statistics of ``x`` streamed in column chunks of the given widths (one interpreted launch each):
+    ``(final statistics, [states after each non-final chunk])``."""
+    vocab = x.shape[1]
+    assert sum(widths) == vocab
+    itemsize = jnp.dtype(x.dtype).itemsize
+    state, states, v0 = None, [], 0
+    for w in widths:
+        cfg = kernel_config(w, itemsize, block_rows=block_rows, block_v=block_v, num_warps=num_warps,
+                            interpret=True)
+        state = chunk_statistics(x[:, v0:v0 + w], t, ignore_index=IGNORE, v0=v0, vocab_size=vocab, state=state,
+                                 cfg=cfg)
+        v0 += w
+        if v0 < vocab:
+            assert state.shape == (CHUNK_STATE_ROWS, x.shape[0]) and state.dtype == jnp.float32
+            states.append(state)
+    return state, states
+
+
+@functools.partial(jax.jit, static_argnames=("widths", "block_rows", "num_warps", "block_v"))
+def chunked_jit(x, t, widths: tuple[int, ...], block_rows: int = 1, num_warps: int = 1, block_v: int = 16):
+    """:func:`chunked` under one ``jit`` (one compilation per shape and widths)."""
+    return chunked(x, t, widths, block_rows=block_rows, num_warps=num_warps, block_v=block_v)
+
+
+CHUNK_WIDTHS = {"block-aligned": (16, 16, 5), "one-column-first": (1, 30, 6), "odd": (3, 1, 1, 32),
+                "whole-row": (37,)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(CHUNK_WIDTHS))
+def test_chunked_statistics_match_the_oracle(dtype: str, name: str) -> None:
+    """Every edge case of :func:`chunk_crafted` (−∞ columns and whole −∞ chunks, ties of the maximum across
+    chunks, NaN, +∞ in a later chunk, targets in the first/middle/last chunk, ignored targets, 1-column
+    chunks) gives the oracle's statistics when the row arrives in chunks."""
+    z, t = chunk_crafted(DTYPES[dtype])
+    stats, _ = chunked_jit(jnp.asarray(z, DTYPES[dtype]), jnp.asarray(t), CHUNK_WIDTHS[name])
+    assert len(stats) == 5
+    stats = TokenStatistics(*stats)
+    assert_matches_oracle(stats, z, t)
+    p1, p2, nll = (np.asarray(a) for a in (stats.confidence, stats.runner_up, stats.nll))
+    assert p2[2] == p1[2]                                  # equal maxima in two chunks: p2 = p1 exactly
+    assert nll[10] == 0 and np.isposinf(nll[9])
+    assert p1[14] == 1.0 and p2[14] == 0.0 and np.asarray(stats.entropy)[14] == 0.0
+    assert np.isnan(p1[[3, 4, 5]]).all()                   # NaN, +∞, only −∞: not finite
+
+
+@pytest.mark.parametrize("launch", [dict(), dict(block_rows=4, num_warps=4)], ids=["single-row", "R4-ragged"])
+def test_chunked_statistics_equal_the_whole_row_kernel(launch: dict) -> None:
+    """Same kernel body, same rows: chunking changes only the summation order of ``d`` and ``s`` - nothing
+    in the top-2, the target logit or the finiteness. A 4-row program over 15 rows has a ragged last
+    program in every chunk."""
+    z, t = chunk_crafted(jnp.float32, seed=4)
+    x, tj = jnp.asarray(z), jnp.asarray(t)
+    whole_row = stats_of(x, tj, block_v=16, **launch)
+    got, states = chunked_jit(x, tj, (7, 9, 21), **launch)
+    got = TokenStatistics(*got)
+    for f in FIELDS:
+        a, b = np.asarray(getattr(got, f)), np.asarray(getattr(whole_row, f))
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f)
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6, equal_nan=True, err_msg=f)
+    # The carried state after the second chunk: the running maximum and target logit of the first 16 columns.
+    m, r, _d, _s, z_t = (np.asarray(a) for a in states[1])
+    finite = np.isfinite(z[:, :16]).all(axis=1)
+    np.testing.assert_array_equal(m[finite], z[finite, :16].max(axis=1))
+    np.testing.assert_array_equal(r[finite], np.sort(z[finite, :16], axis=1)[:, -2])
+    early = (t >= 0) & (t < 16)
+    np.testing.assert_array_equal(z_t[early], z[early, t[early]])
+    assert (z_t[~early] == 0).all()                        # not read yet (or ignored): still 0
+
+
+def test_chunked_statistics_without_targets() -> None:
+    """No targets: the last chunk returns the four row statistics, the carried ``z_t`` row is 0."""
+    z, _ = chunk_crafted(jnp.bfloat16, seed=5)
+    stats, states = chunked_jit(jnp.asarray(z, jnp.bfloat16), None, (20, 17))
+    assert len(stats) == 4 and (np.asarray(states[0][4]) == 0).all()
+    zeros = jnp.zeros((z.shape[0],), jnp.float32)
+    assert_matches_oracle(TokenStatistics(*stats, zeros), z, None)
+
+
+def test_chunked_statistics_out_of_range_targets_under_jit() -> None:
+    """Traced targets cannot raise: outside ``[0, vocab_size)`` they give ``nll = 0`` and are never read,
+    in whichever chunk; a concrete call raises naming the argument."""
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(4, 12)).astype(np.float32)
+    t = np.array([11, 12, -5, 3], np.int32)
+    stats, _ = chunked_jit(jnp.asarray(z), jnp.asarray(t), (5, 7))
+    ref = oracle.token_statistics(z, np.where((t >= 0) & (t < 12), t, IGNORE), IGNORE)
+    np.testing.assert_allclose(np.asarray(stats[4]), ref["nll"], rtol=1e-6, atol=1e-6)
+    assert float(stats[4][1]) == 0.0 and float(stats[4][2]) == 0.0
+    with pytest.raises(ValueError, match="targets1d"):
+        chunk_statistics(jnp.asarray(z[:, :5]), jnp.asarray(t), ignore_index=IGNORE, v0=0, vocab_size=12)
+
+
+def test_chunked_statistics_empty_rows() -> None:
+    x = jnp.zeros((0, 5), jnp.bfloat16)
+    state = chunk_statistics(x, None, ignore_index=IGNORE, v0=0, vocab_size=9)
+    assert state.shape == (CHUNK_STATE_ROWS, 0) and state.dtype == jnp.float32
+    last = chunk_statistics(x[:, :4], jnp.zeros((0,), jnp.int32), ignore_index=IGNORE, v0=5, vocab_size=9,
+                            state=state)
+    assert len(last) == 5 and all(a.shape == (0,) and a.dtype == jnp.float32 for a in last)
+
+
+def test_chunked_statistics_bad_arguments() -> None:
+    x = jnp.zeros((4, 10), jnp.float32)
+    t = jnp.zeros((4,), jnp.int32)
+    state = jnp.zeros((CHUNK_STATE_ROWS, 4), jnp.float32)
+    call = functools.partial(chunk_statistics, ignore_index=IGNORE)
+    cases = [
+        (lambda: call(x, t, v0=5, vocab_size=12, state=state), "v0"),              # past the end of the row
+        (lambda: call(x, t, v0=-1, vocab_size=12, state=state), "v0"),
+        (lambda: call(x, t, v0=1.0, vocab_size=12, state=state), "v0"),
+        (lambda: jax.jit(lambda v: call(x, t, v0=v, vocab_size=12, state=state))(0), "v0"),  # traced
+        (lambda: call(x, t, v0=0, vocab_size=12.0), "vocab_size"),
+        (lambda: call(x, t, v0=0, vocab_size=0), "vocab_size"),
+        (lambda: call(x, t, v0=2, vocab_size=12), "state"),                        # missing after v0 = 0
+        (lambda: call(x, t, v0=2, vocab_size=12, state=state[:4]), "state"),
+        (lambda: call(x, t, v0=2, vocab_size=12, state=state.astype(jnp.bfloat16)), "state"),
+        (lambda: call(x, t, v0=2, vocab_size=12, state=state[:, :3]), "state"),
+        (lambda: call(x[0], t, v0=0, vocab_size=12), "logits_chunk"),
+        (lambda: call(x.astype(jnp.int32), t, v0=0, vocab_size=12), "logits_chunk"),
+        (lambda: call(x[:, :0], t, v0=0, vocab_size=12), "logits_chunk"),
+        (lambda: call(x[None], t, v0=0, vocab_size=12), "logits_chunk"),
+        (lambda: call(x, t[:3], v0=0, vocab_size=12), "targets1d"),
+        (lambda: call(x, t.astype(jnp.float32), v0=0, vocab_size=12), "targets1d"),
+        (lambda: call(x, t.at[0].set(12), v0=0, vocab_size=12), "targets1d"),      # concrete, out of range
+        (lambda: call(x, t, v0=0, vocab_size=12, cfg=Launch()), "cfg"),
+        (lambda: chunk_statistics(x, t, ignore_index=0.5, v0=0, vocab_size=12), "ignore_index"),
+    ]
+    for fn, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fn()
+
+
+@pytest.mark.parametrize("n,rows,v0", [(16_384, 1, 0), (16_384, 1, 7168), (16_384, 1, 121_088), (37, 4, 7168)],
+                         ids=["first", "middle", "last", "middle-ragged-rows"])
+def test_chunk_kernel_triton_ir(n: int, rows: int, v0: int) -> None:
+    """GPU path of the chunked launch at the fused LM head's shape (``N = 16384``, ``C = 7168`` bf16 of
+    ``V = 128256``): it lowers through the Triton backend; five stores per program (the state or the
+    statistics); with a ragged row block every logits load and every store is masked."""
+    c, vocab = 7168, 128_256
+    cfg = kernel_config(c, 2, block_rows=rows, num_warps=rows, interpret=False)
+    first = v0 == 0
+
+    def fn(x, t, *state):
+        return chunk_statistics(x, t, ignore_index=IGNORE, v0=v0, vocab_size=vocab,
+                                state=None if first else state[0], cfg=cfg)
+
+    shapes = [jax.ShapeDtypeStruct((n, c), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.int32)]
+    if not first:
+        shapes.append(jax.ShapeDtypeStruct((CHUNK_STATE_ROWS, n), jnp.float32))
+    [ttir] = triton_ir(fn, *shapes)
+    tile_loads = [k for k, ty in memory_ops(ttir, "tt.load") if ty == "bf16"]
+    stores = memory_ops(ttir, "tt.store")
+    assert tile_loads and len(stores) == 5
+    if n % rows:
+        assert all(k >= 2 for k in tile_loads) and all(k == 3 for k, _ in stores)
+    else:
+        assert any(k == 1 for k in tile_loads) and all(k == 2 for k, _ in stores)
