@@ -123,9 +123,11 @@ case "${1:-kernels}" in
     step bench_fused_linear_jax 150 python3 benchmarks/bench_fused_linear_jax.py --out "$OUT/bench_fused_linear_jax.json"
     ;;
   final3b)
-    # Session 3: batch splitting with the routers' LM head scored in vocabulary blocks (both frameworks).
-    step bench_batch_split_torch 260 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --router-layers 2,4 --router-path auto --warmup 10 --steps 60 --out "$OUT/bench_batch_split_torch.json"
-    step bench_batch_split_jax 260 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --router-layers 2,4 --router-path auto --out "$OUT/bench_batch_split_jax.json"
+    # Session 3: batch splitting with the routers' LM head scored in vocabulary blocks (both frameworks),
+    # after the JAX fused-linear GPU tests (re-run after a tolerance fix).
+    step pytest_gpu_jax 140 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/jax/test_kernel_scoring.py tests/jax/test_fused_linear.py
+    step bench_batch_split_torch 200 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --router-layers 2,4 --router-path auto --warmup 10 --steps 60 --out "$OUT/bench_batch_split_torch.json"
+    step bench_batch_split_jax 230 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --router-layers 2,4 --router-path auto --out "$OUT/bench_batch_split_jax.json"
     ;;
   quality1|quality2)
     # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many
