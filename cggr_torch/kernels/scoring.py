@@ -630,6 +630,17 @@ def check_config_device(config: LaunchConfig, tensor: torch.Tensor) -> None:
                          "TRITON_INTERPRET; use ftz=False")
 
 
+def _check_statistics_buffers(out: torch.Tensor, finite: torch.Tensor, n: int) -> None:
+    """The output buffers of a scoring launch: float32 ``(6, n)`` with unit stride along N, int8 ``(n,)``."""
+    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != 6 or out.shape[1] != n \
+            or (n > 1 and out.stride(1) != 1):
+        raise ValueError(f"out: expected a float32 (6, {n}) buffer with unit stride along N, got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    if finite.dtype != torch.int8 or tuple(finite.shape) != (n,) or (n > 1 and finite.stride(0) != 1):
+        raise ValueError(f"finite: expected a contiguous int8 ({n},) buffer, got {finite.dtype} "
+                         f"{tuple(finite.shape)}")
+
+
 def launch_scoring(geom: RowGeometry, targets: Optional[torch.Tensor], ignore_index: int, mode: int,
                    out: torch.Tensor, finite: torch.Tensor, config: Optional[LaunchConfig] = None, *,
                    key: Optional[torch.Tensor] = None, status: Optional[torch.Tensor] = None) -> None:
@@ -650,13 +661,7 @@ def launch_scoring(geom: RowGeometry, targets: Optional[torch.Tensor], ignore_in
         status: optional contiguous int8 ``(N,)``: bit 0 valid, bit 1 eligible, bit 2 target out of range.
     """
     n = geom.n
-    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != 6 or out.shape[1] != n \
-            or (n > 1 and out.stride(1) != 1):
-        raise ValueError(f"out: expected a float32 (6, {n}) buffer with unit stride along N, got "
-                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
-    if finite.dtype != torch.int8 or tuple(finite.shape) != (n,) or (n > 1 and finite.stride(0) != 1):
-        raise ValueError(f"finite: expected a contiguous int8 ({n},) buffer, got {finite.dtype} "
-                         f"{tuple(finite.shape)}")
+    _check_statistics_buffers(out, finite, n)
     select = key is not None or status is not None
     if select:
         if key is None or status is None:
@@ -739,13 +744,7 @@ def launch_scoring_chunk(z: torch.Tensor, targets: Optional[torch.Tensor], ignor
             or (n > 1 and state.stride(1) != 1) or state.device != z.device:
         raise ValueError(f"state: expected a float32 ({CHUNK_STATE_ROWS}, {n}) buffer with unit stride along N on "
                          f"{z.device}, got {state.dtype} {tuple(state.shape)} strides {state.stride()}")
-    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != 6 or out.shape[1] != n \
-            or (n > 1 and out.stride(1) != 1):
-        raise ValueError(f"out: expected a float32 (6, {n}) buffer with unit stride along N, got "
-                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
-    if finite.dtype != torch.int8 or tuple(finite.shape) != (n,) or (n > 1 and finite.stride(0) != 1):
-        raise ValueError(f"finite: expected a contiguous int8 ({n},) buffer, got {finite.dtype} "
-                         f"{tuple(finite.shape)}")
+    _check_statistics_buffers(out, finite, n)
     if targets is not None and (targets.dtype != torch.int64 or tuple(targets.shape) != (n,)
                                 or (n > 1 and targets.stride(0) != 1)):
         raise ValueError(f"targets: expected None or a contiguous int64 ({n},) tensor, got "
