@@ -137,7 +137,7 @@ def _forward_columns(rows: int, vocab_size: int, elsize: int, target: int) -> in
 
 def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, *,
                 selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                statistics_kernel: bool = False, logits_dtype: Any = None,
+                statistics_kernel: bool = True, logits_dtype: Any = None,
                 row_chunk: Optional[int] = None) -> ChunkPlan:
     """Chunk sizes that keep the working memory near ``memory_budget_bytes`` (see the module docstring).
 
@@ -146,8 +146,9 @@ def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, *,
         dtype: dtype of the hidden states and weight; ``logits_dtype``: that of the logits (default ``dtype``).
         selected_rows: rows of the backward buffer (``capacity``; ``N`` when None).
         memory_budget_bytes: the budget (default 0.25 GiB).
-        statistics_kernel: True when the statistics come from the Pallas kernel (no float32 temporaries; the
-            forward may then split the vocabulary, see the module docstring).
+        statistics_kernel: True (default, as in ``cggr_torch``) when the statistics come from the Pallas
+            kernel (no float32 temporaries; the forward may then split the vocabulary, see the module
+            docstring); False for the XLA reference (whole rows).
         row_chunk: rows per forward block chosen by the caller (the plan then only sizes the columns).
 
     Returns:

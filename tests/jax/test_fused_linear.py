@@ -238,6 +238,7 @@ def test_plan_meets_the_memory_budget_at_the_target_shape():
     plan = fl.plan_chunks(N, d, V, jnp.bfloat16, selected_rows=4096, statistics_kernel=True)
     # With the statistics kernel the forward keeps every row and splits the vocabulary (as cggr_torch).
     assert plan.row_chunk == N and plan.forward_vocab_chunk == 7168
+    assert fl.plan_chunks(N, d, V, jnp.bfloat16, selected_rows=4096) == plan   # the default, as in cggr_torch
     assert plan.row_chunk * plan.forward_vocab_chunk * 2 <= budget
     assert N * 2 * (plan.forward_vocab_chunk + 128) > 0.875 * budget              # the widest that fits
     # Backward: the float32 ∂H_S accumulator and H_S, then per column the logits, two float32 temporaries
@@ -248,7 +249,7 @@ def test_plan_meets_the_memory_budget_at_the_target_shape():
                          logits_dtype=jnp.float32)
     assert f32.forward_vocab_chunk == 4096 and f32.row_chunk == 14336 and 14336 * 4096 * 4 <= budget
     # The XLA reference statistics take whole rows and need float32 temporaries; same backward.
-    ref_plan = fl.plan_chunks(N, d, V, jnp.bfloat16, selected_rows=4096)
+    ref_plan = fl.plan_chunks(N, d, V, jnp.bfloat16, selected_rows=4096, statistics_kernel=False)
     assert ref_plan.forward_vocab_chunk == V and ref_plan.row_chunk == 101   # < 128 rows: not rounded
     assert ref_plan.row_chunk * V * (2 + 16) <= budget and ref_plan.vocab_chunk == plan.vocab_chunk
     # Very many rows: blocks no narrower than 4096 columns, the rows split instead.
@@ -260,7 +261,7 @@ def test_plan_meets_the_memory_budget_at_the_target_shape():
     assert own.row_chunk == 1000 and 1000 * own.forward_vocab_chunk * 2 <= budget and own.forward_vocab_chunk < V
     assert fl.plan_chunks(N, d, V, jnp.bfloat16, statistics_kernel=True, row_chunk=896).forward_vocab_chunk == V
     assert fl.plan_chunks(30, 3, 7, jnp.float32, statistics_kernel=True, row_chunk=1000).row_chunk == 30
-    assert fl.plan_chunks(N, d, V, jnp.bfloat16, row_chunk=1000)[::2] == (1000, V)
+    assert fl.plan_chunks(N, d, V, jnp.bfloat16, row_chunk=1000, statistics_kernel=False)[::2] == (1000, V)
     for kernel in (False, True):
         assert fl.plan_chunks(5, 3, 7, jnp.float32, memory_budget_bytes=1, statistics_kernel=kernel) == (1, 7, 7)
         assert fl.plan_chunks(0, 3, 7, jnp.float32, statistics_kernel=kernel) == (1, 7, 7)
