@@ -56,6 +56,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.125, 0.5], help="extra budgets in GiB")
     ap.add_argument("--row-blocks", type=int, default=896,
                     help="rows per block of the whole-row forward variant (0: leave it out)")
+    ap.add_argument("--diagnostics", action="store_true",
+                    help="also time the forward alone, its statistics and its GEMMs (where the time goes)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--methods", nargs="*", default=None)
@@ -133,6 +135,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     programs: dict[str, Any] = {name: jax.jit(jax.value_and_grad(fn, argnums=(0, 1))) for name, fn in losses.items()}
     if not args.methods or "matmul" in args.methods:
         programs["matmul"] = jax.jit(lambda h, w: jnp.einsum("nd,vd->nv", h, w))
+    if args.diagnostics:
+        # Where the time goes: the loss value alone (XLA drops the backward), the forward's blocks + statistics
+        # alone, and the forward's GEMMs alone (each block reduced by a max so that it is computed in full).
+        from cggr_jax.fused_linear import fused_linear_scores
+        cols = plans["cggr_fused"]["forward_vocab_chunk"]
+        programs["diag: cggr_fused forward only"] = jax.jit(losses["cggr_fused"])
+        programs["diag: forward blocks + statistics (fused_linear_scores)"] = jax.jit(
+            lambda h, w: fused_linear_scores(h, w, labels).difficulty)
+
+        def gemm_blocks(h: Any, w: Any) -> Any:
+            acc = jnp.zeros((), jnp.float32)
+            for v0 in range(0, V, cols):
+                z = jnp.einsum("nd,vd->nv", h, w[v0:v0 + cols], preferred_element_type=jnp.float32).astype(h.dtype)
+                acc = acc + jnp.max(z).astype(jnp.float32)
+            return acc
+        programs[f"diag: forward GEMMs in {cols}-column blocks (+ a max pass)"] = jax.jit(gemm_blocks)
 
     rows: list[dict[str, Any]] = []
     results: dict[str, Any] = {}

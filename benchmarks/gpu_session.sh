@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_session.sh timeline     # fused LM head: wall time per call, host time, profile gaps
 #   bash benchmarks/gpu_session.sh final3a      # both vocabulary-block forwards: GPU tests + fused LM head benches
 #   bash benchmarks/gpu_session.sh final3b      # batch splitting (both frameworks) with the new router head
+#   bash benchmarks/gpu_session.sh jaxdiag      # JAX fused LM head: forward alone, statistics, GEMMs
 # Logs and JSON go to $OUT (or ./out/gpu). Carried wheels in .whl/ (liger-kernel, cut-cross-entropy) are
 # installed into /tmp/site first; nothing is fetched from a registry.
 set -u
@@ -128,6 +129,10 @@ case "${1:-kernels}" in
     step pytest_gpu_jax 140 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider tests/jax/test_kernel_scoring.py tests/jax/test_fused_linear.py
     step bench_batch_split_torch 200 python3 benchmarks/bench_batch_split_torch.py --batch-size 64 --router-layers 2,4 --router-path auto --warmup 10 --steps 60 --out "$OUT/bench_batch_split_torch.json"
     step bench_batch_split_jax 230 python3 benchmarks/bench_batch_split_jax.py --batch-size 64 --router-layers 2,4 --router-path auto --out "$OUT/bench_batch_split_jax.json"
+    ;;
+  jaxdiag)
+    # Session 3: where the JAX fused LM head's time goes (forward alone, its statistics, its GEMMs).
+    step bench_fused_linear_jax 200 python3 benchmarks/bench_fused_linear_jax.py --budgets --row-blocks 0 --methods cggr_fused matmul --diagnostics --out "$OUT/bench_fused_linear_jax.json"
     ;;
   quality1|quality2)
     # The study reads the corpora from $CGGR_DATA_DIR (carry a copy of shared/data as .data/); its many
