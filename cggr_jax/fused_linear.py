@@ -21,9 +21,8 @@ launch of one program per row (the PyTorch twin measured that row blocks of a wh
 statistics pass: 896 rows cannot fill 132 SMs; ``benchmarks/bench_fused_linear_jax.py`` times both forwards).
 Each block's GEMM is ordered after the previous block's statistics (an ``optimization_barrier``), so the GEMMs
 cannot all be scheduled ahead of the kernels and one block of logits at a time needs to be live. With
-``C = V`` every row block goes whole
-to the dispatcher of :func:`cggr_jax.scoring.token_statistics`; the XLA reference statistics (other backends)
-always take whole rows. Difficulty, eligibility, ratio, ``k`` and the selection follow from the statistics
+``C = V`` every row block goes whole to the dispatcher of :func:`cggr_jax.scoring.token_statistics`; the XLA
+reference statistics (other backends) always take whole rows. Difficulty, eligibility, ratio, ``k`` and the selection follow from the statistics
 (:mod:`cggr_jax.selection`, static shapes), and the loss value is ``Σ_S nll / |S|`` — no extra matmul.
 
 **Fixed-size selection buffer.** The selected rows are gathered into a buffer of static size ``capacity``
@@ -364,12 +363,6 @@ def _logits(h: jax.Array, w: jax.Array, b: Optional[jax.Array], layout: str, ldt
     return z.astype(ldt)
 
 
-def _kernel_itemsize(dtype: Any) -> int:
-    """Element size the Pallas kernel reads ``dtype`` logits in (float64 is computed in float32)."""
-    dt = jnp.dtype(dtype)
-    return dt.itemsize if dt in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)) else 4
-
-
 def _vocab_chunked_statistics(h_c: jax.Array, w: jax.Array, b: Optional[jax.Array], t_c: Optional[jax.Array],
                               m_c: Optional[jax.Array], ignore_index: int, layout: str, ldt: Any,
                               cols: int) -> _sc.TokenStatistics:
@@ -387,7 +380,6 @@ def _vocab_chunked_statistics(h_c: jax.Array, w: jax.Array, b: Optional[jax.Arra
     rows = h_c.shape[0]
     # The kernel sees in-range targets or ignore_index only (as dispatch_statistics gives the whole-row one).
     t_k = None if t_c is None else jnp.where(m_c, t_c, ignore_index)
-    itemsize = _kernel_itemsize(ldt)
     state: Any = None
     for v0 in range(0, V, cols):
         v1 = min(V, v0 + cols)
@@ -399,6 +391,7 @@ def _vocab_chunked_statistics(h_c: jax.Array, w: jax.Array, b: Optional[jax.Arra
             # GEMMs ahead of the kernels, so one block of logits at a time needs to be live (the plan's budget).
             h_in, state = jax.lax.optimization_barrier((h_c, state))
         z = _logits(h_in, w_c, b_c, layout, ldt)
+        itemsize = _ks.as_float32_input(z).dtype.itemsize      # the element size the kernel reads
         # Few rows (a row split): widen each row's program so that the statistics still stream at full rate.
         launch = _ks.scoring_config_for_rows(rows, v1 - v0, itemsize, _ks.num_sms())
         cfg = _ks.kernel_config(v1 - v0, itemsize, **launch.kwargs())
@@ -434,8 +427,8 @@ def _blockwise_statistics(h2: jax.Array, w: jax.Array, b: Optional[jax.Array], s
         launch = None
         if kernel:  # a block has few rows: widen each row's program so the statistics stream at full rate
             from .kernels import scoring as _ks
-            launch = _ks.scoring_config_for_rows(z.shape[0], z.shape[1], jnp.dtype(z.dtype).itemsize,
-                                                 _ks.num_sms())
+            launch = _ks.scoring_config_for_rows(z.shape[0], z.shape[1],
+                                                 _ks.as_float32_input(z).dtype.itemsize, _ks.num_sms())
         return _sc.dispatch_statistics(z, t_c, m_c, ignore_index, kernel=kernel, launch=launch)
 
     parts: list[_sc.TokenStatistics] = []
