@@ -1,0 +1,143 @@
+"""One configuration for every CGGR entry point of both packages (SPEC §3, §4, §5, §7, §9).
+
+:class:`CGGRConfig` is a frozen, hashable dataclass of the settings the seed docs name plus ``ignore_index``.
+It is validated once, in ``__post_init__``, with the same ``ValueError`` messages in PyTorch and JAX; the loss,
+the fused LM head, the distributed loss, batch splitting and the scorer of both packages all build one and read
+their settings from it, so a setting's name, default and rule are written here and nowhere else.
+
+Pure Python: importing this module imports neither torch nor jax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Mapping
+
+__all__ = [
+    "SCORING_MODES",
+    "SELECTION_STRATEGIES",
+    "SEQUENCE_SELECTIONS",
+    "CONFIG_FIELDS",
+    "CGGRConfig",
+    "check_ratio_value",
+    "is_int",
+    "is_real",
+]
+
+#: SPEC §3: the difficulty of a token.
+SCORING_MODES: tuple[str, ...] = ("entropy", "margin", "loss", "combined")
+#: SPEC §7: how the ``k`` hardest tokens are chosen.
+SELECTION_STRATEGIES: tuple[str, ...] = ("topk", "stratified", "sequence_aware", "fixed_quota")
+#: SPEC §9: batch splitting selects whole sequences; the per-token strategies have no meaning there.
+SEQUENCE_SELECTIONS: tuple[str, ...] = ("topk", "fixed_quota")
+
+
+def is_real(x: Any) -> bool:
+    """A real Python/NumPy number that is not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def is_int(x: Any) -> bool:
+    """An integral Python/NumPy number that is not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_ratio_value(name: str, value: Any) -> float:
+    """A host number in ``(0, 1]`` (SPEC §5.1), returned as a Python float; ``ValueError`` naming ``name``."""
+    if not is_real(value):
+        raise ValueError(f"{name}: expected a number in (0, 1], got {type(value).__name__}")
+    value = float(value)
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"{name}: expected a number in (0, 1], got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class CGGRConfig:
+    """The settings of CGGR (seed docs "Configuration Reference"; SPEC §3–§7).
+
+    Attributes:
+        scoring: the difficulty of SPEC §3, one of :data:`SCORING_MODES`.
+        selection: the strategy of SPEC §7, one of :data:`SELECTION_STRATEGIES` (batch splitting accepts only
+            :data:`SEQUENCE_SELECTIONS`; see :meth:`for_sequences`).
+        dynamic_threshold: raise the kept ratio on low-confidence batches (SPEC §5.2).
+        threshold_sensitivity: how strongly (``>= 0``).
+        min_tokens_ratio: the curriculum's final ratio, in ``(0, 1]`` (SPEC §5.1).
+        warmup_steps: steps from ratio 1 to ``min_tokens_ratio`` (``>= 0``; 0 = no curriculum).
+        num_strata: strata of ``stratified`` (``>= 1``).
+        min_tokens_per_sequence: the per-sequence floor of ``sequence_aware`` (``>= 0``).
+        ignore_index: the target value that marks a position without a target (SPEC §4).
+
+    The default ``selection`` is ``"stratified"``, that of ``CGGRLoss``; batch splitting's default is ``"topk"``
+    (:data:`DEFAULT_SEQUENCE_SELECTION`).
+    """
+
+    scoring: str = "combined"
+    selection: str = "stratified"
+    dynamic_threshold: bool = True
+    threshold_sensitivity: float = 0.5
+    min_tokens_ratio: float = 0.25
+    warmup_steps: int = 1000
+    num_strata: int = 4
+    min_tokens_per_sequence: int = 1
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORING_MODES:
+            raise ValueError(f"scoring: expected one of {SCORING_MODES}, got {self.scoring!r}")
+        if self.selection not in SELECTION_STRATEGIES:
+            raise ValueError(f"selection: expected one of {SELECTION_STRATEGIES}, got {self.selection!r}")
+        if not isinstance(self.dynamic_threshold, bool):
+            raise ValueError(f"dynamic_threshold: expected a bool, got {type(self.dynamic_threshold).__name__}")
+        s = self.threshold_sensitivity
+        if not is_real(s) or not math.isfinite(float(s)) or float(s) < 0:
+            raise ValueError(f"threshold_sensitivity: expected a finite number >= 0, got {s!r}")
+        check_ratio_value("min_tokens_ratio", self.min_tokens_ratio)
+        if not is_int(self.warmup_steps) or int(self.warmup_steps) < 0:
+            raise ValueError(f"warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
+        if not is_int(self.num_strata) or int(self.num_strata) < 1:
+            raise ValueError(f"num_strata: expected an integer >= 1, got {self.num_strata!r}")
+        if not is_int(self.min_tokens_per_sequence) or int(self.min_tokens_per_sequence) < 0:
+            raise ValueError(
+                f"min_tokens_per_sequence: expected an integer >= 0, got {self.min_tokens_per_sequence!r}")
+        if not is_int(self.ignore_index):
+            raise ValueError(f"ignore_index: expected an integer, got {self.ignore_index!r}")
+        # Normalise NumPy scalars to Python numbers so that equal configs hash equal (jit static arguments).
+        for name, kind in (("threshold_sensitivity", float), ("min_tokens_ratio", float), ("warmup_steps", int),
+                           ("num_strata", int), ("min_tokens_per_sequence", int), ("ignore_index", int)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
+    @property
+    def uses_dynamic_threshold(self) -> bool:
+        """SPEC §5.2: the threshold applies unless it is off or the selection is ``fixed_quota``."""
+        return self.dynamic_threshold and self.selection != "fixed_quota"
+
+    def for_sequences(self) -> "CGGRConfig":
+        """This config, checked for batch splitting (SPEC §9): ``selection`` must select whole sequences."""
+        if self.selection not in SEQUENCE_SELECTIONS:
+            raise ValueError(f"selection: batch splitting selects whole sequences and supports "
+                             f"{SEQUENCE_SELECTIONS} (SPEC §9); {self.selection!r} selects tokens, use CGGRLoss "
+                             f"for it")
+        return self
+
+    def replace(self, **changes: Any) -> "CGGRConfig":
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any], *, caller: str = "config") -> "CGGRConfig":
+        """Build from keyword settings; an unknown name is a ``ValueError`` naming it and the caller."""
+        unknown = sorted(set(kwargs) - set(CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(f"{caller}: unknown setting(s) {unknown}; expected a subset of {CONFIG_FIELDS}")
+        return cls(**kwargs)
+
+
+#: The setting names, in the order of the dataclass (and of the seed docs' constructor).
+CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(CGGRConfig))
+#: Batch splitting's default selection (SPEC §9).
+DEFAULT_SEQUENCE_SELECTION = "topk"

@@ -1,0 +1,79 @@
+"""The shared configuration (cggr/config.py): defaults, validation messages, the dynamic-threshold rule."""
+import dataclasses
+
+import pytest
+
+from cggr import CONFIG_FIELDS, SEQUENCE_SELECTIONS, CGGRConfig, check_label_dtype_range
+
+
+def test_defaults_follow_the_seed_docs():
+    cfg = CGGRConfig()
+    assert (cfg.scoring, cfg.selection, cfg.dynamic_threshold, cfg.threshold_sensitivity) == \
+        ("combined", "stratified", True, 0.5)
+    assert (cfg.min_tokens_ratio, cfg.warmup_steps, cfg.num_strata, cfg.min_tokens_per_sequence,
+            cfg.ignore_index) == (0.25, 1000, 4, 1, -100)
+    assert CONFIG_FIELDS[0] == "scoring" and "ignore_index" in CONFIG_FIELDS
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(scoring="nope"), "scoring"), (dict(selection="x"), "selection"),
+    (dict(dynamic_threshold=1), "dynamic_threshold"), (dict(threshold_sensitivity=-1.0), "threshold_sensitivity"),
+    (dict(threshold_sensitivity=float("nan")), "threshold_sensitivity"), (dict(min_tokens_ratio=0.0), "min_tokens_ratio"),
+    (dict(min_tokens_ratio=1.5), "min_tokens_ratio"), (dict(min_tokens_ratio=True), "min_tokens_ratio"),
+    (dict(warmup_steps=-1), "warmup_steps"), (dict(warmup_steps=2.0), "warmup_steps"),
+    (dict(num_strata=0), "num_strata"), (dict(min_tokens_per_sequence=-1), "min_tokens_per_sequence"),
+    (dict(ignore_index=1.5), "ignore_index"),
+])
+def test_bad_settings_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        CGGRConfig(**kwargs)
+
+
+def test_unknown_setting_names_the_caller():
+    with pytest.raises(ValueError, match=r"CGGRLoss: unknown setting\(s\) \['warmup'\]"):
+        CGGRConfig.from_kwargs({"warmup": 3}, caller="CGGRLoss")
+
+
+def test_dynamic_threshold_rule():
+    assert CGGRConfig().uses_dynamic_threshold
+    assert not CGGRConfig(dynamic_threshold=False).uses_dynamic_threshold
+    assert not CGGRConfig(selection="fixed_quota").uses_dynamic_threshold
+
+
+def test_frozen_hashable_and_numpy_scalars_normalised():
+    np = pytest.importorskip("numpy")
+    a = CGGRConfig(min_tokens_ratio=np.float32(0.5), warmup_steps=np.int64(3))
+    b = CGGRConfig(min_tokens_ratio=0.5, warmup_steps=3)
+    assert a == b and hash(a) == hash(b) and type(a.warmup_steps) is int
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.scoring = "loss"
+
+
+def test_sequence_selections():
+    assert CGGRConfig(selection="topk").for_sequences().selection == "topk"
+    with pytest.raises(ValueError, match="^selection: batch splitting"):
+        CGGRConfig(selection="stratified").for_sequences()
+    assert set(SEQUENCE_SELECTIONS) == {"topk", "fixed_quota"}
+
+
+def test_label_dtype_rule():
+    check_label_dtype_range("labels", "int16", -2**15, 2**15 - 1, -100)
+    with pytest.raises(ValueError, match=r"^labels: dtype uint8 .* ignore_index=-100"):
+        check_label_dtype_range("labels", "uint8", 0, 255, -100)
+
+
+def test_import_cggr_needs_no_framework():
+    import subprocess
+    import sys
+    code = ("import sys, cggr; assert 'torch' not in sys.modules and 'jax' not in sys.modules, "
+            "sorted(m for m in sys.modules if m in ('torch', 'jax'))")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lazy_torch_api():
+    pytest.importorskip("torch")
+    import cggr
+    import cggr_torch
+    assert cggr.CGGRLoss is cggr_torch.CGGRLoss and cggr.create_truncated_router is cggr_torch.create_truncated_router
+    with pytest.raises(AttributeError):
+        cggr.not_a_name
