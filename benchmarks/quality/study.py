@@ -1,0 +1,801 @@
+"""Quality study v2 (issue 15, PROTOCOL.md): does CGGR reach a target held-out loss sooner, on `pycode`?
+
+One invocation runs a *plan* of tasks in priority order (reference model, LR sweeps, the gate, paired-seed arms,
+controls), each writing its JSON as soon as it finishes, and skipping tasks whose JSON already exists (resume =
+run the same command again). ``--deadline-s`` starts no task whose estimated cost would end past that many
+seconds after start, so a device call ends inside its limit with whole runs written.
+
+    python -m benchmarks.quality.study --scale S --round round1 --out benchmarks/quality/results/round1
+    python -m benchmarks.quality.study --scale tiny --out /tmp/q --device cpu     # the CPU smoke
+
+Only the public API of ``cggr_torch`` is used (``CGGRModel``, ``create_truncated_router``, ``score_tokens``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.quality import pycode
+
+try:  # progress bars are optional (the GPU image has tqdm; keep working without it)
+    from tqdm import tqdm as _tqdm
+except ImportError:  # pragma: no cover
+    _tqdm = None
+
+SCHEMA = "cggr-quality-v2-run/1"
+ARMS = ("std_B", "std_k", "random_subset", "oracle_loss", "oracle_excess", "ref_only", "cggr_matched",
+        "cggr_shipped")
+#: Rough cost of one step relative to a std_B step (for the deadline estimate only, before anything is measured).
+COST_FACTOR = {"std_B": 1.0, "std_k": 0.3, "random_subset": 0.3, "oracle_loss": 0.65, "oracle_excess": 0.65,
+               "ref_only": 0.3, "cggr_matched": 0.6, "cggr_shipped": 1.0}
+
+
+# ----------------------------------------------------------------------------------------------- scales
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    d_model: int
+    layers: int
+    heads: int
+    ffn: int
+    seq_len: int = 1024
+    batch: int = 32          # candidates per step (B)
+    keep: int = 8            # trained rows per step of the k-arms (k)
+    steps: int = 600         # N
+    eval_points: int = 10
+    eval_chunks: int = 256   # val subset of the learning curves
+    eval_batch: int = 32
+    gate_chunks: int = 2048
+    gate_routers: tuple = (1, 2, 4)
+    ref_epochs: int = 2
+    ref_lr: float = 2e-3
+    noise_frac: float = 0.1
+    lr_grid_B: tuple = (1e-3, 2e-3, 4e-3, 8e-3)
+    lr_grid_k: tuple = (5e-4, 1e-3, 2e-3, 4e-3)
+    seeds: tuple = (0, 1, 2)
+    ood_chunks: int = 64
+    val_chunks: Optional[int] = None    # None = all of val for the final numbers
+    ref_chunks: Optional[int] = None    # None = the whole ref split
+    train_chunks: Optional[int] = None  # None = the whole train split (tiny uses a slice)
+
+
+SCALES = {
+    "S": Scale("S", 384, 6, 6, 1024),
+    "S2": Scale("S2", 512, 8, 8, 1376),
+    "M": Scale("M", 768, 12, 12, 2048),
+    # CPU smoke: checks the harness, not the science. Short chunks (first 33 tokens of each), tiny model.
+    "tiny": Scale("tiny", 32, 2, 2, 64, seq_len=32, batch=8, keep=2, steps=6, eval_points=2, eval_chunks=8,
+                  eval_batch=8, gate_chunks=40, gate_routers=(1, 2), ref_epochs=1, lr_grid_B=(1e-3, 3e-3),
+                  lr_grid_k=(1e-3, 3e-3), seeds=(0, 1), ood_chunks=4, val_chunks=16, ref_chunks=32, train_chunks=400),
+}
+
+
+def n_noise(scale: Scale) -> int:
+    """Noise chunks per candidate batch: round(noise_frac * B) (3 of 32 at S: 9.4 %)."""
+    return int(round(scale.noise_frac * scale.batch))
+
+
+# ----------------------------------------------------------------------------------------------- model
+def build_model(scale: Scale, vocab: int, seed: int, device: torch.device) -> torch.nn.Module:
+    """Llama-style model from a config (no downloads), initialised under ``torch.manual_seed(seed)``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=scale.d_model, intermediate_size=scale.ffn,
+                      num_hidden_layers=scale.layers, num_attention_heads=scale.heads,
+                      num_key_value_heads=scale.heads, max_position_embeddings=scale.seq_len + 1,
+                      tie_word_embeddings=False, initializer_range=0.02, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None, use_cache=False)
+    cfg._attn_implementation = "sdpa"  # flash/mem-efficient SDPA kernels with is_causal, no mask tensor
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).to(device)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]     # weight decay on matrices only
+    other = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float = 0.05, final_frac: float = 0.1) -> float:
+    """Linear warm-up over the run's first 5 % of steps, cosine to 10 % of peak at its own last step."""
+    if total < 1:
+        raise ValueError(f"total steps must be >= 1, got {total}")
+    w = max(1, int(round(warmup_frac * total)))
+    if step < w:
+        return peak * (step + 1) / w
+    p = min(1.0, (step - w) / max(1, total - 1 - w))
+    return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class Ctx:
+    """Device, autocast and the tensors shared by every run of an invocation."""
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+        self.amp = self.device.type == "cuda"
+        if self.amp:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=True) if self.amp else _Null()
+
+    def tokens(self, toks: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(toks.astype(np.int64))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def token_nll(model: torch.nn.Module, toks: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+    """(B, T) next-token NLL (float32 softmax) of chunks ``toks`` (B, T+1), no grad."""
+    with torch.no_grad(), ctx.autocast():
+        logits = model(input_ids=toks[:, :-1]).logits
+    return F.cross_entropy(logits.float().transpose(1, 2), toks[:, 1:], reduction="none")
+
+
+def chunk_nll(model: torch.nn.Module, rows: np.ndarray, ctx: Ctx, batch: int, seq_len: int,
+              desc: str = "", progress: bool = False) -> np.ndarray:
+    """Per-chunk mean NLL of ``rows`` (n, >= seq_len+1) under ``model`` (no grad), float32 numpy."""
+    out = []
+    it = range(0, rows.shape[0], batch)
+    for s in _bar(it, desc, progress):
+        t = ctx.tokens(rows[s:s + batch, :seq_len + 1])
+        out.append(token_nll(model, t, ctx).mean(1))
+    return torch.cat(out).cpu().numpy().astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def _bar(it, desc: str, on: bool, total: Optional[int] = None):
+    if on and _tqdm is not None:
+        return _tqdm(it, desc=desc, total=total, leave=False, mininterval=2.0, file=sys.stdout)
+    return it
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+class Evaluator:
+    """Held-out loss: the fixed val subset (curves), all of val + OOD sets + frequency buckets (final)."""
+
+    BUCKETS = ((0, 100), (100, 1000), (1000, 5000), (5000, None))
+
+    def __init__(self, corpus: pycode.Corpus, scale: Scale, ctx: Ctx, probs: np.ndarray) -> None:
+        self.scale, self.ctx = scale, ctx
+        val = corpus["val"]
+        if scale.val_chunks:
+            val = val[pycode.eval_subset(val.shape[0], scale.val_chunks)]
+        self.val = val[:, :scale.seq_len + 1]
+        self.subset = self.val[pycode.eval_subset(val.shape[0], min(scale.eval_chunks, val.shape[0]))]
+        self.ood = {k: v[:scale.ood_chunks, :scale.seq_len + 1] for k, v in pycode.load_ood(corpus.data_dir).items()}
+        rank = np.empty(len(probs), np.int64)
+        rank[np.argsort(-probs, kind="stable")] = np.arange(len(probs))   # 0 = most frequent train token
+        self.rank = torch.from_numpy(rank).to(ctx.device)
+
+    def curve_loss(self, model) -> float:
+        return float(chunk_nll(model, self.subset, self.ctx, self.scale.eval_batch, self.scale.seq_len).mean())
+
+    def final(self, model) -> dict:
+        s, ctx = self.scale, self.ctx
+        tot = torch.zeros(len(self.BUCKETS), dtype=torch.float64, device=ctx.device)
+        cnt = torch.zeros(len(self.BUCKETS), dtype=torch.float64, device=ctx.device)
+        per_chunk = []
+        for i in range(0, self.val.shape[0], s.eval_batch):
+            t = ctx.tokens(self.val[i:i + s.eval_batch])
+            nll = token_nll(model, t, ctx)
+            per_chunk.append(nll.mean(1))
+            r = self.rank[t[:, 1:]]
+            for b, (lo, hi) in enumerate(self.BUCKETS):
+                m = (r >= lo) if hi is None else ((r >= lo) & (r < hi))
+                tot[b] += (nll * m).sum().double()
+                cnt[b] += m.sum().double()
+        pc = torch.cat(per_chunk)
+        out = {"val_loss": float(pc.mean()), "val_chunks": int(pc.numel()),
+               "val_loss_subset": self.curve_loss(model),
+               "val_loss_by_freq_bucket": {f"rank_{lo}_{hi if hi else 'end'}": float(tot[b] / cnt[b]) if cnt[b] else None
+                                           for b, (lo, hi) in enumerate(self.BUCKETS)},
+               "val_token_share_by_freq_bucket": {f"rank_{lo}_{hi if hi else 'end'}": float(cnt[b] / cnt.sum())
+                                                  for b, (lo, hi) in enumerate(self.BUCKETS)},
+               "ood": {k: float(chunk_nll(model, v, ctx, s.eval_batch, s.seq_len).mean()) for k, v in self.ood.items()}}
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- one run
+@dataclass
+class RunSpec:
+    arm: str
+    seed: int
+    lr: float
+    steps: int
+    noise: bool = False
+    tag: str = ""           # e.g. "sweep", "repeat", "budget"
+
+    def key(self) -> str:
+        t = f"__{self.tag}" if self.tag else ""
+        n = "+noise" if self.noise else ""
+        return f"{self.arm}{n}__lr{self.lr:g}__N{self.steps}__s{self.seed}{t}"
+
+
+class Study:
+    """Everything one invocation shares: corpus, unigram, evaluator, reference tables, the output folder."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.scale: Scale = args.scale_obj
+        self.out = Path(args.out)
+        (self.out / "runs").mkdir(parents=True, exist_ok=True)
+        self.ctx = Ctx(args.device)
+        self.t_start = time.time()
+        self.progress = not args.no_progress
+        self.log_path = self.out / "log.txt"
+        data_dir = pycode.find_pycode_dir(args.data_dir)
+        t = time.time()
+        corpus = pycode.load_corpus(data_dir, ("train", "ref", "val"), verify=not args.no_verify)
+        s = self.scale
+        if s.train_chunks:
+            corpus.splits["train"] = corpus["train"][:s.train_chunks]
+        if s.ref_chunks:
+            corpus.splits["ref"] = corpus["ref"][:s.ref_chunks]
+        self.corpus = corpus
+        self.V = corpus.vocab_size
+        self.probs = pycode.unigram(corpus["train"], self.V)
+        self.evaluator = Evaluator(corpus, s, self.ctx, self.probs)
+        self.log(f"corpus {data_dir}: train {corpus['train'].shape} ref {corpus['ref'].shape} val "
+                 f"{corpus['val'].shape} V={self.V}, OOD sets {sorted(self.evaluator.ood)} ({time.time() - t:.1f} s)")
+        self.ref_train: Optional[np.ndarray] = None
+        self.ref_noise: dict[int, np.ndarray] = {}
+        self.ref_gate_noise: Optional[np.ndarray] = None
+        self.measured_ms: dict[str, float] = {}
+        self.best_B_state: Optional[dict] = None
+        self.versions = {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": _version("transformers"), "numpy": np.__version__}
+        self.commit = _git_commit()
+        self.device_name = torch.cuda.get_device_name(0) if self.ctx.device.type == "cuda" else "cpu"
+
+    # -------------------------------------------------------------------------- helpers
+    def log(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')} +{time.time() - getattr(self, 't_start', time.time()):6.1f}s] {msg}"
+        print(line, flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(line + "\n")
+
+    def elapsed(self) -> float:
+        return time.time() - self.t_start
+
+    def export(self) -> None:
+        """Tar the output folder to --export (atomically), so a device call killed later still returns it."""
+        if not self.args.export:
+            return
+        dst = Path(self.args.export)
+        tmp = dst.with_suffix(".tmp")
+        with tarfile.open(tmp, "w:gz") as tf:
+            tf.add(self.out, arcname=self.out.name)
+        os.replace(tmp, dst)
+
+    def noise_rows(self, seed: int) -> np.ndarray:
+        s = self.scale
+        return pycode.noise_bank(self.probs, max(1, n_noise(s)) * s.steps * 2, s.seq_len, seed)
+
+    def gate_noise_rows(self) -> np.ndarray:
+        s = self.scale
+        return pycode.noise_bank(self.probs, max(1, int(round(s.noise_frac * s.gate_chunks))), s.seq_len, 10_000)
+
+    def stream(self, seed: int, batch: int, steps: int, noise: bool, offset: int = 0) -> pycode.CandidateStream:
+        s = self.scale
+        return pycode.CandidateStream(self.corpus["train"], seed, batch, steps, s.seq_len,
+                                      noise_frac=s.noise_frac if noise else 0.0,
+                                      noise=self.noise_rows(seed) if noise else None, offset=offset)
+
+    def ref_of(self, ids: np.ndarray, seed: int) -> np.ndarray:
+        out = np.empty(len(ids), np.float32)
+        pos = ids >= 0
+        out[pos] = self.ref_train[ids[pos]]
+        if (~pos).any():
+            out[~pos] = self.ref_noise[seed][pycode.NOISE_ID_BASE - ids[~pos]]
+        return out
+
+    def estimate_s(self, spec: RunSpec) -> float:
+        ms = self.measured_ms.get(spec.arm)
+        if ms is None:
+            base = self.measured_ms.get("std_B", self.args.assume_ms_std_B)
+            ms = base * COST_FACTOR[spec.arm]
+        return spec.steps * ms / 1000 + 8.0   # + model build and evaluations
+
+    def fits(self, seconds: float) -> bool:
+        return self.args.deadline_s is None or self.elapsed() + seconds <= self.args.deadline_s
+
+    # -------------------------------------------------------------------------- reference model
+    def ensure_reference(self) -> None:
+        s, d = self.scale, self.out / "ref"
+        d.mkdir(exist_ok=True)
+        f_train, f_meta = d / "refnll_train.npy", d / "ref.json"
+        seeds = sorted(set(s.seeds) | {0})
+        if f_train.exists() and f_meta.exists() and all((d / f"refnll_noise_s{x}.npy").exists() for x in seeds) \
+                and (d / "refnll_gate_noise.npy").exists():
+            self.ref_train = np.load(f_train)
+            self.ref_noise = {x: np.load(d / f"refnll_noise_s{x}.npy") for x in seeds}
+            self.ref_gate_noise = np.load(d / "refnll_gate_noise.npy")
+            self.log(f"reference tables loaded from {d}")
+            return
+        t0 = time.time()
+        ref = self.corpus["ref"]
+        steps_per_epoch = max(1, ref.shape[0] // s.batch)
+        total = steps_per_epoch * s.ref_epochs
+        model = build_model(s, self.V, 1000, self.ctx.device)
+        opt = make_optimizer(model, s.ref_lr, self.ctx.device)
+        rng = np.random.default_rng(1000)
+        order = np.concatenate([rng.permutation(ref.shape[0])[:steps_per_epoch * s.batch] for _ in range(s.ref_epochs)])
+        losses = []
+        for i in _bar(range(total), "reference", self.progress):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(i, total, s.ref_lr)
+            t = self.ctx.tokens(ref[order[i * s.batch:(i + 1) * s.batch], :s.seq_len + 1])
+            losses.append(self._train_rows(model, opt, t))
+        self.ctx.sync()
+        train_s = time.time() - t0
+        model.eval()
+        val = self.evaluator.final(model)
+        t1 = time.time()
+        self.ref_train = chunk_nll(model, self.corpus["train"], self.ctx, max(s.eval_batch, 64), s.seq_len,
+                                   "ref NLL of train", self.progress)
+        for x in seeds:
+            self.ref_noise[x] = chunk_nll(model, self.noise_rows(x), self.ctx, max(s.eval_batch, 64), s.seq_len)
+            np.save(d / f"refnll_noise_s{x}.npy", self.ref_noise[x])
+        self.ref_gate_noise = chunk_nll(model, self.gate_noise_rows(), self.ctx, s.eval_batch, s.seq_len)
+        np.save(d / "refnll_gate_noise.npy", self.ref_gate_noise)
+        np.save(f_train, self.ref_train)
+        meta = {"arch": asdict(s), "seed": 1000, "split": "ref", "chunks": int(ref.shape[0]), "epochs": s.ref_epochs,
+                "steps": total, "lr": s.ref_lr, "train_s": train_s, "score_s": time.time() - t1,
+                "train_loss_last50": float(np.mean([float(x) for x in losses[-50:]])), "final": val,
+                "refnll_train_mean": float(self.ref_train.mean()),
+                "refnll_noise_mean": {str(x): float(v.mean()) for x, v in self.ref_noise.items()},
+                "device": self.device_name, "commit": self.commit}
+        f_meta.write_text(json.dumps(meta, indent=1))
+        self.log(f"reference: {total} steps in {train_s:.1f} s, val {val['val_loss']:.4f}, ref NLL train mean "
+                 f"{self.ref_train.mean():.3f}, noise mean {np.mean([v.mean() for v in self.ref_noise.values()]):.3f}")
+        del model, opt
+        self.export()
+
+    # -------------------------------------------------------------------------- training
+    def _train_rows(self, model, opt, toks: torch.Tensor) -> torch.Tensor:
+        """One optimizer step of mean next-token CE on ``toks`` (b, T+1). Returns the loss (device, no sync)."""
+        with self.ctx.autocast():
+            logits = model(input_ids=toks[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), toks[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def run(self, spec: RunSpec, keep_state: bool = False) -> Optional[dict]:
+        path = self.out / "runs" / f"{spec.key()}.json"
+        if path.exists() and not self.args.no_resume:
+            self.log(f"skip {spec.key()} (done)")
+            return json.loads(path.read_text())
+        est = self.estimate_s(spec)
+        if not self.fits(est):
+            self.log(f"deadline: not starting {spec.key()} (~{est:.0f} s)")
+            return None
+        if spec.arm not in ARMS:
+            raise ValueError(f"arm: expected one of {ARMS}, got {spec.arm!r}")
+        s, ctx = self.scale, self.ctx
+        t_build = time.time()
+        model = build_model(s, self.V, spec.seed, ctx.device)
+        opt = make_optimizer(model, spec.lr, ctx.device)
+        cggr = None
+        if spec.arm in ("cggr_matched", "cggr_shipped"):
+            from cggr_torch import CGGRModel
+
+            opts = {} if spec.arm == "cggr_shipped" else {"warmup_steps": 0, "dynamic_threshold": False}
+            cggr = CGGRModel(model, router_layers=min(4, s.layers), **opts)
+        B = s.keep if spec.arm == "std_k" else s.batch
+        stream = self.stream(spec.seed, B, spec.steps, spec.noise)
+        k = s.keep
+        evals = sorted({max(1, round(spec.steps * (j + 1) / s.eval_points)) for j in range(s.eval_points)})
+        curve, trained_ids, losses = [], [], []
+        n_drained = 0
+        cand_tokens = trained_rows = 0
+        sel = {"cand_ref": 0.0, "trained_ref": 0.0, "cand_full": 0.0, "trained_full": 0.0, "n_full": 0,
+               "noise_trained_by_quarter": [0, 0, 0, 0], "rows_by_quarter": [0, 0, 0, 0]}
+        wall = 0.0
+        t_first = None
+        ctx.sync()
+        t_build_s = time.time() - t_build
+        t0 = time.time()
+        bar = _bar(range(spec.steps), spec.key(), self.progress)
+        for i in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(i, spec.steps, spec.lr)
+            ids, toks_np = stream.batch(i)
+            toks = ctx.tokens(toks_np)
+            cand_tokens += toks_np.shape[0] * s.seq_len
+            ref = self.ref_of(ids, spec.seed)
+            sel["cand_ref"] += float(ref.sum())
+            if spec.arm in ("std_B", "std_k"):
+                chosen = np.arange(len(ids))
+                losses.append(self._train_rows(model, opt, toks))
+            elif spec.arm in ("random_subset", "ref_only"):
+                if spec.arm == "random_subset":
+                    chosen = np.sort(np.random.default_rng([spec.seed, i, 0x72]).choice(len(ids), k, replace=False))
+                else:
+                    chosen = np.sort(np.argsort(ref, kind="stable")[:k])     # lowest reference NLL
+                losses.append(self._train_rows(model, opt, toks[torch.from_numpy(chosen).to(ctx.device)]))
+            elif spec.arm in ("oracle_loss", "oracle_excess"):
+                full = token_nll(model, toks, ctx).mean(1)                  # no-grad forward on all candidates
+                score = full if spec.arm == "oracle_loss" else full - torch.from_numpy(ref).to(ctx.device)
+                idx = torch.topk(score, k).indices
+                sel["cand_full"] += full.sum()
+                sel["trained_full"] += full[idx].sum()
+                sel["n_full"] += 1
+                chosen = None                                               # read back at the next eval (no sync)
+                trained_ids.append((i, idx, ids))
+                losses.append(self._train_rows(model, opt, toks[idx]))
+            else:  # cggr_matched / cggr_shipped: the shipped batch-splitting path, 1025 tokens in so the
+                # targets are exactly the other arms' 1024 (CGGRModel shifts internally)
+                with ctx.autocast():
+                    loss = cggr(toks, labels=toks)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                cggr.step()
+                losses.append(loss.detach())
+                chosen = cggr.last_kept.cpu().numpy()   # CGGRModel already synchronised to slice the batch
+            if chosen is not None:
+                trained_ids.append((i, chosen, ids))
+            if i == 0:
+                ctx.sync()
+                t_first = time.time() - t0
+                t0 = time.time()
+            if i + 1 in evals:
+                ctx.sync()
+                seg = time.time() - t0
+                # The first step (CUDA/cuBLAS start-up) is reported apart; it is counted at the mean step time.
+                wall += seg
+                steps_timed = i  # steps 1..i
+                wall_axis = wall * (i + 1) / max(1, steps_timed)
+                trained_rows += self._drain(trained_ids, n_drained, sel, spec)
+                n_drained = len(trained_ids)
+                model.eval()
+                vl = self.evaluator.curve_loss(model)
+                model.train()
+                tl = float(torch.stack(losses).float().mean()) if losses else None   # mean since the last eval
+                curve.append({"step": i + 1, "trained_tokens": trained_rows * s.seq_len, "candidate_tokens": cand_tokens,
+                              "wall_s": wall_axis, "val_loss": vl, "train_loss": tl})
+                losses = []
+                if not math.isfinite(vl):
+                    self.log(f"{spec.key()}: non-finite val loss at step {i + 1}; stopping this run")
+                    break
+                ctx.sync()
+                t0 = time.time()
+        model.eval()
+        final = self.evaluator.final(model)
+        ms = 1000 * wall / max(1, spec.steps - 1)
+        self.measured_ms[spec.arm] = ms if spec.arm not in self.measured_ms else min(ms, self.measured_ms[spec.arm])
+        all_ids = np.concatenate([ids[c] for _, c, ids in trained_ids]) if trained_ids else np.zeros(0, np.int64)
+        rows = max(1, sum(sel["rows_by_quarter"]))
+        res = {
+            "schema": SCHEMA, "key": spec.key(), "arm": spec.arm, "noise": spec.noise, "seed": spec.seed,
+            "lr": spec.lr, "tag": spec.tag, "scale": asdict(s), "params": n_params(model),
+            "accounting": {"optimizer_steps": spec.steps, "candidate_tokens": cand_tokens,
+                           "trained_tokens": trained_rows * s.seq_len, "trained_rows": trained_rows,
+                           "train_wall_s": wall * spec.steps / max(1, spec.steps - 1), "first_step_s": t_first,
+                           "ms_per_step": ms, "build_s": t_build_s},
+            "curve": curve, "final": final,
+            "selection": {"noise_share_trained": sum(sel["noise_trained_by_quarter"]) / rows,
+                          "noise_share_trained_by_quarter": [n / max(1, r) for n, r in
+                                                             zip(sel["noise_trained_by_quarter"], sel["rows_by_quarter"])],
+                          "noise_share_candidates": (n_noise(s) / s.batch) if spec.noise else 0.0,
+                          "ref_nll_trained_mean": sel["trained_ref"] / rows,
+                          "ref_nll_candidates_mean": sel["cand_ref"] / max(1, cand_tokens // s.seq_len),
+                          "full_nll_trained_mean": (float(sel["trained_full"]) / (sel["n_full"] * k)) if sel["n_full"] else None,
+                          "full_nll_candidates_mean": (float(sel["cand_full"]) / (sel["n_full"] * s.batch)) if sel["n_full"] else None},
+            "device": self.device_name, "amp": "bf16" if ctx.amp else "fp32", "versions": self.versions,
+            "commit": self.commit, "protocol_commit": self.args.protocol_commit,
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if cggr is not None:
+            res["cggr_metrics_last"] = {k2: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+                                        for k2, v in cggr.get_metrics().items()}
+        if spec.arm not in ("std_B", "std_k"):
+            np.save(self.out / "runs" / f"{spec.key()}.ids.npy", all_ids.astype(np.int32))
+        path.write_text(json.dumps(res, indent=1))
+        self.log(f"done {spec.key()}: val {final['val_loss']:.4f} (subset {curve[-1]['val_loss'] if curve else float('nan'):.4f}), "
+                 f"{ms:.1f} ms/step, trained {trained_rows} rows, noise share {res['selection']['noise_share_trained']:.3f}")
+        if keep_state and (self.best_B_state is None or final["val_loss"] < self.best_B_state["val"]):
+            self.best_B_state = {"spec": spec, "val": final["val_loss"],
+                                 "state": {k2: v.detach().cpu().clone() for k2, v in model.state_dict().items()}}
+        del model, opt, cggr
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.export()
+        return res
+
+    def _drain(self, trained, start: int, sel: dict, spec: RunSpec) -> int:
+        """Book the choices ``trained[start:]`` (``(step, chosen, ids)``; the oracle arms' ``chosen`` is still a
+        device tensor, read back here, at an evaluation, so that their steps never wait for the host).
+        Returns the rows added."""
+        added = 0
+        for j in range(start, len(trained)):
+            i, c, ids = trained[j]
+            if isinstance(c, torch.Tensor):
+                c = np.sort(c.cpu().numpy())
+                trained[j] = (i, c, ids)
+            q = min(3, 4 * i // spec.steps)
+            sel["rows_by_quarter"][q] += len(c)
+            sel["noise_trained_by_quarter"][q] += int((ids[c] < 0).sum())
+            sel["trained_ref"] += float(self.ref_of(ids[c], spec.seed).sum())
+            added += len(c)
+        return added
+
+    # -------------------------------------------------------------------------- the gate
+    def gate(self) -> Optional[dict]:
+        path = self.out / "gate.json"
+        if path.exists() and not self.args.no_resume:
+            self.log("skip gate (done)")
+            return json.loads(path.read_text())
+        if self.best_B_state is None:
+            self.log("gate: no std_B checkpoint in memory (resumed run?); retraining it")
+            best = self.best_lr("std_B")
+            if best is None:
+                return None
+            spec = RunSpec("std_B", 0, best, self.scale.steps, tag="gate-retrain")
+            if not self.fits(self.estimate_s(spec) + 20):
+                return None
+            old = self.args.no_resume
+            self.args.no_resume = True
+            self.run(spec, keep_state=True)
+            self.args.no_resume = old
+        from cggr_torch import create_truncated_router, score_tokens
+
+        s, ctx = self.scale, self.ctx
+        t0 = time.time()
+        model = build_model(s, self.V, 0, ctx.device)
+        model.load_state_dict(self.best_B_state["state"])
+        model.eval()
+        stream = self.stream(0, s.gate_chunks, 1, False, offset=s.batch * s.steps)   # unused by seed-0 runs
+        ids, rows = stream.batch(0)
+        noise = self.gate_noise_rows()
+        routers = [n for n in s.gate_routers if n <= s.layers]
+        res = {"checkpoint": self.best_B_state["spec"].key(), "checkpoint_val": self.best_B_state["val"],
+               "chunks": int(len(ids)), "noise_chunks": int(noise.shape[0]), "routers": routers, "sets": {}}
+        for setname in ("clean", "noise"):
+            r = rows.copy()
+            ref = self.ref_train[ids].copy()
+            is_noise = np.zeros(len(ids), bool)
+            if setname == "noise":
+                pos = np.random.default_rng(77).choice(len(ids), noise.shape[0], replace=False)
+                r[pos] = noise[:, :s.seq_len + 1]
+                ref[pos] = self.ref_gate_noise
+                is_noise[pos] = True
+            scores: dict[str, list] = {"full_loss": []}
+            for n in routers:
+                scores[f"r{n}_loss"] = []
+                scores[f"r{n}_combined"] = []
+            routers_m = {n: create_truncated_router(model, n) for n in routers}
+            for b in range(0, len(r), s.eval_batch):
+                t = ctx.tokens(r[b:b + s.eval_batch])
+                scores["full_loss"].append(token_nll(model, t, ctx).mean(1))
+                for n, rm in routers_m.items():
+                    with torch.no_grad(), ctx.autocast():
+                        lg = rm(t[:, :-1])
+                    lg = lg.float()
+                    scores[f"r{n}_loss"].append(F.cross_entropy(lg.transpose(1, 2), t[:, 1:], reduction="none").mean(1))
+                    ts = score_tokens(lg, t[:, 1:], scoring="combined")
+                    e = ts.eligible.float()
+                    scores[f"r{n}_combined"].append((ts.difficulty.nan_to_num(0.0) * e).sum(1) / e.sum(1).clamp_min(1))
+            sc = {k2: torch.cat(v).cpu().numpy().astype(np.float64) for k2, v in scores.items()}
+            sc["ref_loss"] = ref.astype(np.float64)
+            sc["oracle_excess"] = sc["full_loss"] - sc["ref_loss"]
+            for n in routers:
+                sc[f"r{n}_excess"] = sc[f"r{n}_loss"] - sc["ref_loss"]
+            out = {"spearman_vs_full_loss": {k2: spearman(v, sc["full_loss"]) for k2, v in sc.items()},
+                   "spearman_vs_oracle_excess": {k2: spearman(v, sc["oracle_excess"]) for k2, v in sc.items()},
+                   "means": {k2: float(v.mean()) for k2, v in sc.items()}}
+            if setname == "noise":
+                out["noise_share_top25"] = {k2: top_share(v, is_noise, 0.25) for k2, v in sc.items()}
+                out["noise_share_top25_of_lowest_ref"] = top_share(-sc["ref_loss"], is_noise, 0.25)
+                out["noise_mean"] = {k2: float(v[is_noise].mean()) for k2, v in sc.items()}
+                out["clean_mean"] = {k2: float(v[~is_noise].mean()) for k2, v in sc.items()}
+            res["sets"][setname] = out
+        res["seconds"] = time.time() - t0
+        res["commit"] = self.commit
+        path.write_text(json.dumps(res, indent=1))
+        g = res["sets"]
+        self.log("gate: rho(router loss, full loss) " + ", ".join(f"r{n}={g['clean']['spearman_vs_full_loss'][f'r{n}_loss']:.3f}" for n in routers)
+                 + "; rho(router excess, oracle excess) " + ", ".join(f"r{n}={g['clean']['spearman_vs_oracle_excess'][f'r{n}_excess']:.3f}" for n in routers)
+                 + "; noise top25 full_loss %.2f oracle_excess %.2f" % (g["noise"]["noise_share_top25"]["full_loss"],
+                                                                        g["noise"]["noise_share_top25"]["oracle_excess"]))
+        del model
+        self.export()
+        return res
+
+    # -------------------------------------------------------------------------- LR choice
+    def best_lr(self, arm: str) -> Optional[float]:
+        """argmin of final full-val loss over the seed-0 sweep runs of ``arm`` (PROTOCOL.md §3)."""
+        grid = self.scale.lr_grid_B if arm == "std_B" else self.scale.lr_grid_k
+        best = None
+        for lr in grid:
+            p = self.out / "runs" / f"{RunSpec(arm, 0, lr, self.scale.steps).key()}.json"
+            if p.exists():
+                v = json.loads(p.read_text())["final"]["val_loss"]
+                if math.isfinite(v) and (best is None or v < best[1]):
+                    best = (lr, v)
+        return None if best is None else best[0]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    r = spearmanr(a, b).statistic
+    return float(r) if np.isfinite(r) else 0.0
+
+
+def top_share(score: np.ndarray, flag: np.ndarray, frac: float) -> float:
+    """Share of flagged items among the top ``frac`` by score."""
+    n = max(1, int(round(frac * len(score))))
+    top = np.argsort(-score, kind="stable")[:n]
+    return float(flag[top].mean())
+
+
+def _version(pkg: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+        return version(pkg)
+    except Exception:
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=pycode.REPO).stdout.strip() or None
+    except Exception:
+        return os.environ.get("CGGR_COMMIT")
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+def plan_round1(st: Study) -> None:
+    """PROTOCOL.md §8 round 1, in priority order; every step is skipped when its output exists."""
+    s = st.scale
+    st.ensure_reference()
+    # LR sweeps (seed 0). The best std_B model is kept in memory for the gate.
+    for lr in s.lr_grid_B:
+        spec = RunSpec("std_B", 0, lr, s.steps)
+        st.run(spec, keep_state=True)    # keeps the best-so-far weights in memory
+    _keep_best_only(st)
+    for lr in s.lr_grid_k:
+        st.run(RunSpec("std_k", 0, lr, s.steps))
+    lr_B, lr_k = st.best_lr("std_B"), st.best_lr("std_k")
+    st.log(f"tuned LR: std_B {lr_B}, std_k {lr_k}")
+    if lr_B is None or lr_k is None:
+        st.log("sweeps incomplete: stopping the plan here")
+        return
+    st.gate()
+    arm_lr = {a: lr_k for a in ARMS}
+    arm_lr["std_B"] = arm_lr["cggr_shipped"] = lr_B
+    main_arms = ("std_B", "std_k", "random_subset", "oracle_loss", "oracle_excess", "ref_only", "cggr_matched",
+                 "cggr_shipped")
+    noise_arms = ("random_subset", "oracle_excess", "oracle_loss", "cggr_matched")
+    seeds = list(s.seeds)
+    for a in main_arms:
+        st.run(RunSpec(a, seeds[0], arm_lr[a], s.steps))
+    for a in noise_arms:
+        st.run(RunSpec(a, seeds[0], arm_lr[a], s.steps, noise=True))
+    for seed in seeds[1:]:
+        for a in main_arms:
+            st.run(RunSpec(a, seed, arm_lr[a], s.steps))
+    st.run(RunSpec("std_k", seeds[0], lr_k, s.steps, tag="repeat"))
+    for seed in seeds:
+        for steps in (s.steps // 2, s.steps * 2):
+            st.run(RunSpec("std_k", seed, lr_k, steps, tag="budget"))
+    for seed in seeds[1:]:
+        for a in noise_arms:
+            st.run(RunSpec(a, seed, arm_lr[a], s.steps, noise=True))
+
+
+def _keep_best_only(st: Study) -> None:
+    """After the std_B sweep: the kept checkpoint must be the tuned one (run() keeps the latest)."""
+    best = st.best_lr("std_B")
+    if st.best_B_state is not None and best is not None and st.best_B_state["spec"].lr != best:
+        st.log(f"kept std_B checkpoint (lr {st.best_B_state['spec'].lr}) is not the tuned one ({best}); "
+               f"the gate will retrain it")
+        st.best_B_state = None
+
+
+PLANS: dict[str, Callable[[Study], None]] = {"round1": plan_round1}
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", default="S", help=f"one of {sorted(SCALES)}")
+    p.add_argument("--round", default="round1", help=f"the plan to run: one of {sorted(PLANS)}")
+    p.add_argument("--out", required=True, help="output folder (runs/*.json, ref/, gate.json, log.txt)")
+    p.add_argument("--data-dir", default=None, help="the pycode folder (default: $CGGR_PYCODE_DIR, .data/pycode, "
+                                                     "../shared/data/pycode)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--steps", type=int, default=None, help="override N (optimizer steps of the main runs)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the scale's, 0,1,2)")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="start no task that would end later than this many seconds after start")
+    p.add_argument("--assume-ms-std-B", type=float, default=40.0,
+                   help="std_B ms/step assumed for the deadline before one is measured")
+    p.add_argument("--export", default=None, help="tar.gz path refreshed after every task (device calls)")
+    p.add_argument("--protocol-commit", default=os.environ.get("CGGR_PROTOCOL_COMMIT"),
+                   help="the commit of PROTOCOL.md the runs follow (recorded in every JSON)")
+    p.add_argument("--no-resume", action="store_true", help="re-run tasks whose output exists")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--no-verify", action="store_true", help="skip the corpus sha256 checks")
+    a = p.parse_args(argv)
+    if a.scale not in SCALES:
+        raise ValueError(f"--scale: expected one of {sorted(SCALES)}, got {a.scale!r}")
+    if a.round not in PLANS:
+        raise ValueError(f"--round: expected one of {sorted(PLANS)}, got {a.round!r}")
+    scale = SCALES[a.scale]
+    if a.steps is not None:
+        if a.steps < 2:
+            raise ValueError(f"--steps: expected an integer >= 2, got {a.steps}")
+        scale = replace(scale, steps=a.steps)
+    if a.seeds is not None:
+        try:
+            seeds = tuple(int(x) for x in a.seeds.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"--seeds: expected comma-separated integers, got {a.seeds!r}") from None
+        if not seeds or any(x < 0 for x in seeds):
+            raise ValueError(f"--seeds: expected non-negative integers, got {a.seeds!r}")
+        scale = replace(scale, seeds=seeds)
+    if a.device is None:
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device not in ("cuda", "cpu"):
+        raise ValueError(f"--device: expected cuda or cpu, got {a.device!r}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if a.deadline_s is not None and a.deadline_s <= 0:
+        raise ValueError(f"--deadline-s: expected > 0, got {a.deadline_s}")
+    a.scale_obj = scale
+    return a
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = parse_args(argv)
+    st = Study(args)
+    st.log(f"plan {args.round} at scale {args.scale_obj.name} on {st.device_name}; commit {st.commit}; "
+           f"protocol {args.protocol_commit}")
+    PLANS[args.round](st)
+    st.log(f"plan finished or stopped at its deadline after {st.elapsed():.0f} s")
+    st.export()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
