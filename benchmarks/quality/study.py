@@ -275,6 +275,7 @@ class Study:
         self.ref_gate_noise: Optional[np.ndarray] = None
         self.measured_ms: dict[str, float] = {}
         self.best_B_state: Optional[dict] = None
+        self.last_state: Optional[dict] = None
         self.versions = {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": _version("transformers"), "numpy": np.__version__}
         self.commit = _git_commit()
@@ -396,7 +397,9 @@ class Study:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def run(self, spec: RunSpec, keep_state: bool = False) -> Optional[dict]:
+    def run(self, spec: RunSpec, keep_state: Any = False) -> Optional[dict]:
+        """Train one run (skipped when its JSON exists). ``keep_state``: True = keep the weights in memory when
+        they beat the kept ones (the std_B sweep, for the gate); "last" = keep them as ``last_state``."""
         path = self.out / "runs" / f"{spec.key()}.json"
         if path.exists() and not self.args.no_resume:
             self.log(f"skip {spec.key()} (done)")
@@ -531,7 +534,10 @@ class Study:
         path.write_text(json.dumps(res, indent=1))
         self.log(f"done {spec.key()}: val {final['val_loss']:.4f} (subset {curve[-1]['val_loss'] if curve else float('nan'):.4f}), "
                  f"{ms:.1f} ms/step, trained {trained_rows} rows, noise share {res['selection']['noise_share_trained']:.3f}")
-        if keep_state and (self.best_B_state is None or final["val_loss"] < self.best_B_state["val"]):
+        if keep_state == "last":
+            self.last_state = {"spec": spec, "val": final["val_loss"],
+                               "state": {k2: v.detach().cpu().clone() for k2, v in model.state_dict().items()}}
+        elif keep_state and (self.best_B_state is None or final["val_loss"] < self.best_B_state["val"]):
             self.best_B_state = {"spec": spec, "val": final["val_loss"],
                                  "state": {k2: v.detach().cpu().clone() for k2, v in model.state_dict().items()}}
         del model, opt, cggr
@@ -558,12 +564,13 @@ class Study:
         return added
 
     # -------------------------------------------------------------------------- the gate
-    def gate(self) -> Optional[dict]:
-        path = self.out / "gate.json"
+    def gate(self, name: str = "gate.json", state: Optional[dict] = None) -> Optional[dict]:
+        """PROTOCOL.md §4 on ``state`` (default: the tuned std_B seed-0 checkpoint), written to ``name``."""
+        path = self.out / name
         if path.exists() and not self.args.no_resume:
-            self.log("skip gate (done)")
+            self.log(f"skip {name} (done)")
             return json.loads(path.read_text())
-        if self.best_B_state is None:
+        if state is None and self.best_B_state is None:
             self.log("gate: no std_B checkpoint in memory (resumed run?); retraining it")
             best = self.best_lr("std_B")
             if best is None:
@@ -579,14 +586,15 @@ class Study:
 
         s, ctx = self.scale, self.ctx
         t0 = time.time()
+        state = state if state is not None else self.best_B_state
         model = build_model(s, self.V, 0, ctx.device)
-        model.load_state_dict(self.best_B_state["state"])
+        model.load_state_dict(state["state"])
         model.eval()
         stream = self.stream(0, s.gate_chunks, 1, False, offset=s.batch * s.steps)   # unused by seed-0 runs
         ids, rows = stream.batch(0)
         noise = self.gate_noise_rows()
         routers = [n for n in s.gate_routers if n <= s.layers]
-        res = {"checkpoint": self.best_B_state["spec"].key(), "checkpoint_val": self.best_B_state["val"],
+        res = {"checkpoint": state["spec"].key(), "checkpoint_val": state["val"],
                "chunks": int(len(ids)), "noise_chunks": int(noise.shape[0]), "routers": routers, "sets": {}}
         for setname in ("clean", "noise"):
             r = rows.copy()
@@ -631,7 +639,7 @@ class Study:
         res["commit"] = self.commit
         path.write_text(json.dumps(res, indent=1))
         g = res["sets"]
-        self.log("gate: rho(router loss, full loss) " + ", ".join(f"r{n}={g['clean']['spearman_vs_full_loss'][f'r{n}_loss']:.3f}" for n in routers)
+        self.log(f"{name} ({state['spec'].key()}): rho(router loss, full loss) " + ", ".join(f"r{n}={g['clean']['spearman_vs_full_loss'][f'r{n}_loss']:.3f}" for n in routers)
                  + "; rho(router excess, oracle excess) " + ", ".join(f"r{n}={g['clean']['spearman_vs_oracle_excess'][f'r{n}_excess']:.3f}" for n in routers)
                  + "; noise top25 full_loss %.2f oracle_excess %.2f" % (g["noise"]["noise_share_top25"]["full_loss"],
                                                                         g["noise"]["noise_share_top25"]["oracle_excess"]))
@@ -677,6 +685,8 @@ def _version(pkg: str) -> Optional[str]:
 
 
 def _git_commit() -> Optional[str]:
+    if os.environ.get("CGGR_COMMIT"):   # a device copy's git HEAD can differ from the tree that was sent
+        return os.environ["CGGR_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=pycode.REPO).stdout.strip() or None
@@ -724,6 +734,32 @@ def plan_round1(st: Study) -> None:
             st.run(RunSpec(a, seed, arm_lr[a], s.steps, noise=True))
 
 
+def plan_round1b(st: Study) -> None:
+    """Round 1, second device call: what the first left, re-prioritised after it (RESULTS.md says why): the
+    nondeterminism floor doubling as a second gate checkpoint (a model *weaker* than the reference), then the
+    paired seeds 1-2 of the arms that decide round 2, then the rest of plan_round1 in its order."""
+    s = st.scale
+    st.ensure_reference()
+    lr_B, lr_k = st.best_lr("std_B"), st.best_lr("std_k")
+    if lr_B is None or lr_k is None:
+        st.log("round1b needs round1's sweeps: stopping")
+        return
+    st.log(f"tuned LR: std_B {lr_B}, std_k {lr_k}")
+    seeds = list(s.seeds)
+    if not (st.out / "gate_std_k.json").exists():
+        st.run(RunSpec("std_k", seeds[0], lr_k, s.steps, tag="repeat"), keep_state="last")
+        if st.last_state is not None:
+            st.gate("gate_std_k.json", st.last_state)
+    arm_lr = {a: lr_k for a in ARMS}
+    arm_lr["std_B"] = arm_lr["cggr_shipped"] = lr_B
+    for seed in seeds[1:]:
+        for a in ("std_k", "random_subset", "oracle_excess", "cggr_matched"):
+            st.run(RunSpec(a, seed, arm_lr[a], s.steps))
+    for seed in seeds[1:]:
+        st.run(RunSpec("oracle_loss", seed, arm_lr["oracle_loss"], s.steps))
+    plan_round1(st)
+
+
 def _keep_best_only(st: Study) -> None:
     """After the std_B sweep: the kept checkpoint must be the tuned one (run() keeps the latest)."""
     best = st.best_lr("std_B")
@@ -733,7 +769,7 @@ def _keep_best_only(st: Study) -> None:
         st.best_B_state = None
 
 
-PLANS: dict[str, Callable[[Study], None]] = {"round1": plan_round1}
+PLANS: dict[str, Callable[[Study], None]] = {"round1": plan_round1, "round1b": plan_round1b}
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
