@@ -1,0 +1,323 @@
+"""Summaries of a quality-study v2 results folder (PROTOCOL.md §5): sweep, paired deltas with t-intervals,
+effective data multiplier m, time-to-target, selection logs, gate tables, and the learning-curve plots.
+
+    python -m benchmarks.quality.analyze benchmarks/quality/results/round1     # writes summary.md/.json + PNGs
+
+Reads only the run JSONs (``runs/*.json``), ``gate*.json`` and ``ref/ref.json``; re-running is idempotent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+#: Two-sided 95 % Student t quantiles by degrees of freedom (beyond the table: the normal 1.96).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t95(dof: int) -> float:
+    if dof < 1:
+        raise ValueError(f"dof: expected >= 1, got {dof}")
+    return _T95.get(dof, 1.96)
+
+
+def load_runs(folder: Path) -> list:
+    runs = []
+    for p in sorted((folder / "runs").glob("*.json")):
+        r = json.loads(p.read_text())
+        if r.get("schema") != "cggr-quality-v2-run/1":
+            raise ValueError(f"{p}: not a quality-v2 run JSON (schema {r.get('schema')!r})")
+        runs.append(r)
+    if not runs:
+        raise ValueError(f"{folder}/runs holds no run JSON")
+    return runs
+
+
+def label(r: dict) -> str:
+    return r["arm"] + ("+noise" if r["noise"] else "")
+
+
+def paired(a: dict, b: dict, floor: float = 0.0) -> Optional[dict]:
+    """Paired Δ = a - b over the seeds both have: mean, SE, 95 % t-CI and the PROTOCOL.md §6.2 verdict."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = np.array([a[s] - b[s] for s in seeds])
+    out = {"n": len(seeds), "seeds": seeds, "per_seed": [float(x) for x in d], "mean": float(d.mean())}
+    if len(seeds) < 2:
+        out.update(se=None, ci=None, verdict="1 seed: no interval")
+        return out
+    se = float(d.std(ddof=1) / math.sqrt(len(d)))
+    half = t95(len(d) - 1) * se
+    out.update(se=se, ci=[out["mean"] - half, out["mean"] + half])
+    if abs(out["mean"]) < max(floor, 2 * se):
+        out["verdict"] = "no difference (|Δ| < max(δ0, 2 SE)): add seeds"
+    elif out["ci"][1] < 0:
+        out["verdict"] = "lower (better)"
+    elif out["ci"][0] > 0:
+        out["verdict"] = "higher (worse)"
+    else:
+        out["verdict"] = "CI spans 0"
+    return out
+
+
+def invert_curve(points: list, loss: float) -> tuple:
+    """Trained tokens D at which the piecewise-linear (log D, L) curve through ``points`` [(D, L)] reaches ``loss``;
+    linear extrapolation in log D beyond the ends. Returns (D, extrapolated?)."""
+    pts = sorted(points)
+    if len(pts) < 2:
+        raise ValueError("need >= 2 budgets to invert a learning curve")
+    x = np.log([p[0] for p in pts])
+    y = np.array([p[1] for p in pts])
+    for i in range(len(pts) - 1):
+        lo, hi = sorted((y[i], y[i + 1]))
+        if lo <= loss <= hi and y[i] != y[i + 1]:
+            return float(math.exp(x[i] + (loss - y[i]) * (x[i + 1] - x[i]) / (y[i + 1] - y[i]))), False
+    i = 0 if loss > y[0] else len(pts) - 2           # beyond the cheap end, or beyond the expensive end
+    slope = (y[i + 1] - y[i]) / (x[i + 1] - x[i])
+    if slope == 0:
+        return float("nan"), True
+    return float(math.exp(x[i] + (loss - y[i]) / slope)), True
+
+
+def time_to_target(curve: list, target: float) -> Optional[float]:
+    """Wall-clock at which the val curve first reaches ``target`` (linear between evaluations), else None."""
+    prev = None
+    for c in curve:
+        if c["val_loss"] <= target:
+            if prev is None or prev["val_loss"] == c["val_loss"]:
+                return c["wall_s"]
+            f = (prev["val_loss"] - target) / (prev["val_loss"] - c["val_loss"])
+            return prev["wall_s"] + f * (c["wall_s"] - prev["wall_s"])
+        prev = c
+    return None
+
+
+def summarize(folder: Path) -> dict:
+    runs = load_runs(folder)
+    N = max(r["scale"]["steps"] for r in runs)
+    main = [r for r in runs if not r["tag"] and r["accounting"]["optimizer_steps"] == N]
+    # The tuned LR of an arm family = the LR its seed-1.. runs use (the sweep is seed 0 only).
+    sweep = defaultdict(dict)
+    for r in main:
+        if r["arm"] in ("std_B", "std_k") and r["seed"] == 0:
+            sweep[r["arm"]][r["lr"]] = {"val": r["final"]["val_loss"], "ms_per_step": r["accounting"]["ms_per_step"]}
+    tuned = {a: min(v, key=lambda lr: v[lr]["val"]) for a, v in sweep.items()}
+    arms = defaultdict(dict)   # label -> seed -> run (tuned LR only for the swept arms)
+    for r in main:
+        if r["arm"] in tuned and r["lr"] != tuned[r["arm"]]:
+            continue
+        arms[label(r)][r["seed"]] = r
+    repeat = [r for r in runs if r["tag"] == "repeat"]
+    floor = 0.0
+    if repeat and repeat[0]["seed"] in arms.get(repeat[0]["arm"], {}):
+        floor = abs(repeat[0]["final"]["val_loss"] - arms[repeat[0]["arm"]][repeat[0]["seed"]]["final"]["val_loss"])
+    val = {lab: {s: r["final"]["val_loss"] for s, r in d.items()} for lab, d in arms.items()}
+    table = {}
+    for lab, d in sorted(arms.items()):
+        rs = [d[s] for s in sorted(d)]
+        v = np.array([r["final"]["val_loss"] for r in rs])
+        table[lab] = {
+            "seeds": sorted(d), "val_per_seed": [float(x) for x in v], "val_mean": float(v.mean()),
+            "val_sd": float(v.std(ddof=1)) if len(v) > 1 else None,
+            "lr": rs[0]["lr"], "trained_tokens": rs[0]["accounting"]["trained_tokens"],
+            "candidate_tokens": rs[0]["accounting"]["candidate_tokens"], "steps": rs[0]["accounting"]["optimizer_steps"],
+            "train_wall_s": float(np.mean([r["accounting"]["train_wall_s"] for r in rs])),
+            "ms_per_step": float(np.mean([r["accounting"]["ms_per_step"] for r in rs])),
+            "noise_share_trained": float(np.mean([r["selection"]["noise_share_trained"] for r in rs])),
+            "ref_nll_trained": float(np.mean([r["selection"]["ref_nll_trained_mean"] for r in rs])),
+            "ref_nll_candidates": float(np.mean([r["selection"]["ref_nll_candidates_mean"] for r in rs])),
+            "full_nll_trained": _mean_or_none([r["selection"]["full_nll_trained_mean"] for r in rs]),
+            "full_nll_candidates": _mean_or_none([r["selection"]["full_nll_candidates_mean"] for r in rs]),
+            "ood": {k: float(np.mean([r["final"]["ood"][k] for r in rs])) for k in rs[0]["final"]["ood"]},
+            "by_freq": {k: float(np.mean([r["final"]["val_loss_by_freq_bucket"][k] for r in rs]))
+                        for k in rs[0]["final"]["val_loss_by_freq_bucket"]},
+        }
+    comparisons = {}
+    for lab in table:
+        base = "random_subset+noise" if lab.endswith("+noise") else "random_subset"
+        for comp in (base, "std_k"):
+            if lab != comp and comp in val and (comp != "std_k" or not lab.endswith("+noise")):
+                comparisons[f"{lab} - {comp}"] = paired(val[lab], val[comp], floor)
+    # m: per seed, against that seed's std_k budget curve (N/2, N, 2N where run).
+    budgets = defaultdict(list)
+    for r in runs:
+        if r["arm"] == "std_k" and not r["noise"] and r["lr"] == tuned.get("std_k") and r["tag"] in ("", "budget"):
+            budgets[r["seed"]].append((r["accounting"]["trained_tokens"], r["final"]["val_loss"]))
+    m = {}
+    for lab, d in table.items():
+        if lab.startswith("std_") or lab.endswith("+noise"):
+            continue
+        per = {}
+        for s in d["seeds"]:
+            if len(budgets.get(s, [])) >= 2:
+                D, ext = invert_curve(budgets[s], arms[lab][s]["final"]["val_loss"])
+                per[s] = {"m": D / arms[lab][s]["accounting"]["trained_tokens"], "extrapolated": ext,
+                          "budgets": sorted(budgets[s])}
+        if per:
+            xs = np.array([p["m"] for p in per.values()])
+            entry = {"per_seed": per, "mean": float(xs.mean()), "n": len(xs)}
+            if len(xs) > 1:
+                half = t95(len(xs) - 1) * xs.std(ddof=1) / math.sqrt(len(xs))
+                entry["ci"] = [float(xs.mean() - half), float(xs.mean() + half)]
+            m[lab] = entry
+    ttt = {}
+    if "std_B" in arms:
+        for lab, d in arms.items():
+            ttt[lab] = {}
+            for s, r in d.items():
+                if s in arms["std_B"]:
+                    tgt = arms["std_B"][s]["final"]["val_loss"]
+                    ttt[lab][s] = {"target": tgt, "time_s": time_to_target(r["curve"], tgt),
+                                   "std_B_wall_s": arms["std_B"][s]["accounting"]["train_wall_s"]}
+    gates = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("gate*.json"))}
+    ref = json.loads((folder / "ref" / "ref.json").read_text()) if (folder / "ref" / "ref.json").exists() else None
+    return {"N": N, "sweep": {a: {str(k): v for k, v in d.items()} for a, d in sweep.items()}, "tuned_lr": tuned,
+            "floor_delta0": floor, "repeat": [r["key"] for r in repeat], "arms": table, "paired": comparisons,
+            "m": m, "time_to_target": ttt, "gates": gates, "reference": ref,
+            "budget_runs": {str(s): sorted(v) for s, v in budgets.items()}}
+
+
+def _mean_or_none(xs: list) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def _reached(t: Optional[float]) -> str:
+    return "not reached" if t is None else f"{t:.1f} s"
+
+
+def _f(x, nd=4) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def render(summary: dict) -> str:
+    s = summary
+    L = [f"# Quality study v2 summary (N = {s['N']} steps)\n"]
+    if s["reference"]:
+        r = s["reference"]
+        L.append(f"Reference model: {r['steps']} steps on `ref` ({r['chunks']} chunks, {r['epochs']} epochs, lr "
+                 f"{r['lr']}), val {r['final']['val_loss']:.4f}; mean ref NLL of train chunks "
+                 f"{r['refnll_train_mean']:.3f}, of noise chunks {np.mean(list(r['refnll_noise_mean'].values())):.3f}.\n")
+    L.append("## LR sweeps (seed 0, final full-val loss)\n\n| arm | " + " | ".join(["lr", "val", "ms/step"]) + " |\n|---|---|---|---|")
+    for a, d in s["sweep"].items():
+        for lr, v in sorted(d.items(), key=lambda kv: float(kv[0])):
+            star = " **(tuned)**" if float(lr) == s["tuned_lr"][a] else ""
+            L.append(f"| {a} | {float(lr):g}{star} | {v['val']:.4f} | {v['ms_per_step']:.1f} |")
+    L.append(f"\nNondeterminism floor δ0 (same seed twice: {', '.join(s['repeat']) or 'not run'}): "
+             f"{s['floor_delta0']:.4f} nats.\n")
+    L.append("## Arms at equal steps (final full-val loss, nats/token)\n")
+    L.append("| arm | lr | seeds | val per seed | mean ± sd | trained tok | candidate tok | train s | ms/step | "
+             "noise share | ref NLL trained / cand | full NLL trained / cand | WikiText-2 | Shakespeare |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for lab, d in s["arms"].items():
+        L.append(f"| `{lab}` | {d['lr']:g} | {len(d['seeds'])} | {', '.join(f'{x:.4f}' for x in d['val_per_seed'])} | "
+                 f"{d['val_mean']:.4f} ± {_f(d['val_sd'])} | {d['trained_tokens'] / 1e6:.2f}M | "
+                 f"{d['candidate_tokens'] / 1e6:.2f}M | {d['train_wall_s']:.1f} | {d['ms_per_step']:.1f} | "
+                 f"{d['noise_share_trained']:.3f} | {d['ref_nll_trained']:.3f} / {d['ref_nll_candidates']:.3f} | "
+                 f"{_f(d['full_nll_trained'], 3)} / {_f(d['full_nll_candidates'], 3)} | "
+                 f"{_f(d['ood'].get('wikitext2_valid'), 3)} | {_f(d['ood'].get('tinyshakespeare'), 3)} |")
+    L.append("\n## Paired differences (Δ = arm − comparator, per seed; 95 % t-CI)\n")
+    L.append("| comparison | n | Δ per seed | mean Δ | SE | 95 % CI | verdict |\n|---|---|---|---|---|---|---|")
+    for k, p in s["paired"].items():
+        if p is None:
+            continue
+        ci = "—" if p["ci"] is None else f"[{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]"
+        L.append(f"| {k} | {p['n']} | {', '.join(f'{x:+.4f}' for x in p['per_seed'])} | {p['mean']:+.4f} | "
+                 f"{_f(p['se'])} | {ci} | {p['verdict']} |")
+    L.append("\n## Effective data multiplier m vs `std_k`'s budget curve\n")
+    if not s["m"]:
+        L.append("No seed has >= 2 `std_k` budgets yet.")
+    for lab, e in s["m"].items():
+        per = ", ".join(f"s{sd}: {p['m']:.2f}{' (extrapolated)' if p['extrapolated'] else ''}"
+                        for sd, p in e["per_seed"].items())
+        ci = f", 95 % CI [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]" if "ci" in e else " (one seed: no interval)"
+        L.append(f"* `{lab}`: m = {e['mean']:.2f}{ci}; {per}")
+    L.append(f"\nBudget points (trained tokens, val) per seed: {s['budget_runs']}\n")
+    L.append("## Time to tuned `std_B`'s final val loss (same seed)\n")
+    for lab, d in s["time_to_target"].items():
+        parts = [f"s{sd}: {_reached(v['time_s'])} (std_B {v['std_B_wall_s']:.1f} s, target {v['target']:.4f})"
+                 for sd, v in sorted(d.items())]
+        L.append(f"* `{lab}`: " + "; ".join(parts))
+    L.append("\n## Val loss by target-token frequency rank (mean over seeds)\n")
+    keys = next(iter(s["arms"].values()))["by_freq"].keys()
+    L.append("| arm | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for lab, d in s["arms"].items():
+        L.append(f"| `{lab}` | " + " | ".join(_f(d["by_freq"][k], 3) for k in keys) + " |")
+    for name, g in s["gates"].items():
+        L.append(f"\n## Gate `{name}`: checkpoint `{g['checkpoint']}` (val {g['checkpoint_val']:.4f}), "
+                 f"{g['chunks']} candidate chunks\n")
+        c, n = g["sets"]["clean"], g["sets"]["noise"]
+        L.append("| score | ρ vs full loss (clean) | ρ vs oracle excess (clean) | ρ vs full loss (noise set) | "
+                 "noise share in top 25 % | mean on noise / clean chunks |\n|---|---|---|---|---|---|")
+        for k in c["spearman_vs_full_loss"]:
+            L.append(f"| {k} | {c['spearman_vs_full_loss'][k]:.3f} | {c['spearman_vs_oracle_excess'][k]:.3f} | "
+                     f"{n['spearman_vs_full_loss'][k]:.3f} | {n['noise_share_top25'][k]:.3f} | "
+                     f"{n['noise_mean'][k]:.3f} / {n['clean_mean'][k]:.3f} |")
+        L.append(f"\nLowest reference NLL (`ref_only`'s rule): noise share in top 25 % "
+                 f"{n['noise_share_top25_of_lowest_ref']:.3f}. Base rate of noise: "
+                 f"{g['noise_chunks'] / g['chunks']:.3f}.")
+    return "\n".join(L) + "\n"
+
+
+def plot(summary: dict, folder: Path, runs: list) -> list:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = {}
+    for lab in summary["arms"]:
+        arms[lab] = [r for r in runs if label(r) == lab and not r["tag"]
+                     and r["accounting"]["optimizer_steps"] == summary["N"]
+                     and (r["arm"] not in summary["tuned_lr"] or r["lr"] == summary["tuned_lr"][r["arm"]])]
+    written = []
+    for xkey, xlabel, fname in (("trained_tokens", "trained tokens", "plot_val_vs_trained_tokens.png"),
+                                ("wall_s", "training wall-clock (s, H200)", "plot_val_vs_wallclock.png")):
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for lab, rs in sorted(arms.items()):
+            xs = np.array([[c[xkey] for c in r["curve"]] for r in rs], dtype=float)
+            ys = np.array([[c["val_loss"] for c in r["curve"]] for r in rs], dtype=float)
+            x = xs.mean(0)
+            line, = ax.plot(x, ys.mean(0), label=f"{lab} (n={len(rs)})", ls="--" if "+noise" in lab else "-")
+            if len(rs) > 1:
+                ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("val loss (nats/token, 256-chunk subset)")
+        ax.set_ylim(top=min(6.5, ax.get_ylim()[1]))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"pycode, scale S, N = {summary['N']} steps: mean over seeds, band = min..max")
+        fig.tight_layout()
+        p = folder / fname
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", help="a results folder written by benchmarks.quality.study")
+    ap.add_argument("--no-plots", action="store_true")
+    a = ap.parse_args(argv)
+    folder = Path(a.folder)
+    if not (folder / "runs").is_dir():
+        raise ValueError(f"{folder} has no runs/ folder: pass the --out of benchmarks.quality.study")
+    s = summarize(folder)
+    (folder / "summary.json").write_text(json.dumps(s, indent=1, default=str))
+    (folder / "summary.md").write_text(render(s))
+    if not a.no_plots:
+        plot(s, folder, load_runs(folder))
+    print(f"wrote {folder}/summary.md, summary.json" + ("" if a.no_plots else " and plots"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
