@@ -1,421 +1,236 @@
-"""The quality harness (``benchmarks/quality``): end-to-end cpu-smoke run, plus its pieces against independent
-references (the float64 oracle, parameter counts of the real models, hand-computed statistics).
+"""The quality-study v2 harness (``benchmarks/quality``: ``pycode.py``, ``study.py``, ``analyze.py``) on CPU.
 
-The end-to-end test runs the ``cpu-smoke`` scale in a temporary directory (PyTorch and JAX, every mode, one
-seed) and checks that the run JSONs, ``results.md``, ``summary.json`` and the PNG plots exist and hold finite
-numbers for every mode. It needs the shared corpora (``../shared/data`` or ``$CGGR_DATA_DIR``) and is skipped,
-saying so, when they are absent.
+A synthetic corpus in the pycode format (manifest + ``.u16.xz`` arrays of 1025-token chunks, V = 64) is written to a
+temporary folder, so the end-to-end test needs neither the GPU nor the 39 MB real corpus: it runs the whole round-1
+plan at the ``tiny`` scale (reference model, LR sweeps, the gate, every arm incl. CGGR's batch splitting through
+the public API, noise controls), checks every JSON, resumes (nothing re-runs), and renders the summary. The pieces
+(one-pass batches, noise flags, the LR schedule, paired statistics, the m inversion, time-to-target, CLI errors)
+are checked against hand-computed values. One test reads the real corpus's small `val` split when
+``../shared/data/pycode`` is present and is skipped otherwise.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import lzma
 import math
-from dataclasses import replace
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from benchmarks.quality import report
-from benchmarks.quality.data import eval_windows, find_data_dir, train_batches
-from benchmarks.quality.flops import SCORE_FLOPS_PER_LOGIT, ModelShape, step_flops
-from benchmarks.quality.modes import (
-    MODES,
-    OptimConfig,
-    TorchTrainer,
-    VariantDefaults,
-    build_torch_model,
-    parse_variants,
-)
-from benchmarks.quality.run import SCALES, lr_at, main, setup_tag
-from tests import oracle
+from benchmarks.quality import analyze, pycode, study
 
-TINY = ModelShape(vocab_size=61, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=24)
+V = 64
 
 
-def _data_available() -> bool:
+def _write_corpus(root: Path, copy_load_py: bool = False) -> Path:
+    """A pycode-format folder with small splits of structured random tokens (learnable: a repeating motif)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    splits = {}
+    for name, n in (("train", 200), ("ref", 40), ("val", 24), ("test", 8)):
+        motif = rng.integers(1, V, 17)
+        base = np.resize(motif, (n, 1025))
+        noise = rng.integers(0, V, (n, 1025))
+        arr = np.where(rng.random((n, 1025)) < 0.3, noise, base).astype("<u2")
+        raw = arr.tobytes()
+        xz = lzma.compress(raw)
+        (root / f"{name}.u16.xz").write_bytes(xz)
+        splits[name] = {"file": f"{name}.u16.xz", "dtype": "<u2", "shape": [n, 1025],
+                        "sha256_raw": hashlib.sha256(raw).hexdigest(), "sha256_xz": hashlib.sha256(xz).hexdigest()}
+    (root / "manifest.json").write_text(json.dumps({"name": "synthetic", "tokenizer": {"vocab_size": V},
+                                                    "splits": splits}))
+    if copy_load_py:
+        shutil.copy(pycode.find_pycode_dir() / "load.py", root / "load.py")
+    return root
+
+
+def _real_corpus() -> Path | None:
     try:
-        find_data_dir()
+        return pycode.find_pycode_dir()
     except FileNotFoundError:
-        return False
-    return True
+        return None
 
 
-# ------------------------------------------------------------------------------------------- end to end
-E2E_MODES = ("standard,random_token,random_sequence,cggr_token:scoring=entropy,cggr_token:scoring=margin,"
-             "cggr_token:scoring=loss,cggr_token,cggr_token:selection=stratified,cggr_sequence,"
-             "cggr_sequence:scoring=loss:shift=0")
-E2E_JAX_MODES = "standard,random_token,cggr_token,random_sequence,cggr_sequence"
-
-
-def _finite_numbers(obj: object, where: str) -> int:
-    """Assert every number in a JSON tree is finite; return how many were checked."""
+def _finite(obj: object, where: str = "") -> int:
     if isinstance(obj, bool) or obj is None or isinstance(obj, str):
         return 0
     if isinstance(obj, (int, float)):
         assert math.isfinite(obj), f"non-finite number at {where}: {obj}"
         return 1
     if isinstance(obj, dict):
-        return sum(_finite_numbers(v, f"{where}.{k}") for k, v in obj.items())
+        return sum(_finite(v, f"{where}.{k}") for k, v in obj.items())
     if isinstance(obj, list):
-        return sum(_finite_numbers(v, f"{where}[{i}]") for i, v in enumerate(obj))
+        return sum(_finite(v, f"{where}[{i}]") for i, v in enumerate(obj))
     raise AssertionError(f"unexpected JSON value at {where}: {obj!r}")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not _data_available(), reason="shared corpora (../shared/data or $CGGR_DATA_DIR) not found")
-def test_cpu_smoke_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "q"
-    common = ["--scale", "cpu-smoke", "--out", str(out), "--seeds", "0", "--steps", "6", "--no-progress"]
-    assert main(common + ["--frameworks", "torch", "--modes", E2E_MODES, "--no-report"]) == 0
-    assert main(common + ["--frameworks", "jax", "--modes", E2E_JAX_MODES]) == 0
-
-    runs = {(r["framework"], r["label"]): r for r in report.load_runs(out)}
-    expected = [("torch", m) for m in E2E_MODES.split(",")] + [("jax", m) for m in E2E_JAX_MODES.split(",")]
-    assert sorted(runs) == sorted(expected)
-    for fw in ("torch", "jax"):
-        assert {r["mode"] for (f, _), r in runs.items() if f == fw} == set(MODES)
-    B, T = 8, 32
-    for (fw, label), r in runs.items():
-        assert _finite_numbers(r["curve"], f"{fw}/{label}.curve") > 0
-        _finite_numbers(r["final"], f"{fw}/{label}.final")
-        _finite_numbers(r["per_step"], f"{fw}/{label}.per_step")
-        assert r["steps"] == 6 and len(r["per_step"]["loss"]) == 6 and len(r["curve"]) == 3  # p = 0, 1/2, 1
-        assert r["data"]["eval_file"] == "wikitext-2/valid.txt"
-        assert 3.0 < r["final"]["eval_loss"] < 7.0  # ~log(320) = 5.77 at init, a few steps of training
-        assert r["final"]["tokens_per_s"] > 0 and r["final"]["flops"] > 0
-        std = step_flops("standard", TINY_SMOKE(r), B, T).executed
-        per_step = [c["flops"] for c in r["curve"]]
-        assert per_step == sorted(per_step)
-        if r["mode"] == "standard":
-            assert r["final"]["flops"] == pytest.approx(6 * std)
-            assert r["final"]["kept_token_fraction"] == 1.0
-        elif r["mode"] in ("random_token", "cggr_token"):
-            assert r["final"]["flops"] > 6 * std > r["final"]["flops_nominal"]  # dense backward, scored
-            assert 0 < r["final"]["kept_token_fraction"] < 1
-        else:
-            assert 0 < r["final"]["kept_sequence_fraction"] < 1
-            if r["mode"] == "random_sequence":
-                assert r["final"]["flops"] < 6 * std
-            ps = r["per_step"]
-            recomputed = sum(step_flops(r["mode"], TINY_SMOKE(r), B, T, kept_sequences=k, main_rows=rows,
-                                        router_layers=1).executed
-                             for k, rows in zip(ps["kept_sequences"], ps["main_rows"]))
-            assert r["final"]["flops"] == pytest.approx(recomputed)
-            assert all(k <= rows <= B for k, rows in zip(ps["kept_sequences"], ps["main_rows"]))
-    # random_token keeps exactly CGGRLoss's count: same init, same batch and same confidence at step 0.
-    for fw, cggr in (("torch", "cggr_token"), ("jax", "cggr_token")):
-        assert runs[(fw, "random_token")]["per_step"]["kept_tokens"][0] == \
-            runs[(fw, cggr)]["per_step"]["kept_tokens"][0]
-    # Same seed → same initial weights and eval set: the step-0 eval loss is shared by every torch variant.
-    init = {round(r["curve"][0]["eval_loss"], 6) for (fw, _), r in runs.items() if fw == "torch"}
-    assert len(init) == 1
-
-    md = (out / "results.md").read_text()
-    assert "wikitext-2/valid.txt" in md and "tinyshakespeare/input.txt" in md
-    for fw, label in expected:
-        assert f"`{label}`" in md
-    assert "NON-FINITE" not in md
+# ------------------------------------------------------------------------------------------- end to end
+def test_round1_plan_end_to_end_tiny(tmp_path: Path) -> None:
+    data = _write_corpus(tmp_path / "pycode")
+    out = tmp_path / "out"
+    argv = ["--scale", "tiny", "--out", str(out), "--data-dir", str(data), "--device", "cpu", "--no-progress",
+            "--export", str(tmp_path / "export.tar.gz")]
+    assert study.main(argv) == 0
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    s = study.SCALES["tiny"]
+    arms = {r["arm"] + ("+noise" if r["noise"] else "") for r in runs.values()}
+    assert arms >= set(study.ARMS) | {"random_subset+noise", "oracle_excess+noise", "oracle_loss+noise",
+                                      "cggr_matched+noise"}
+    assert len([r for r in runs.values() if r["tag"] == "budget"]) == 2 * len(s.seeds)
+    assert any(r["tag"] == "repeat" for r in runs.values())
+    for key, r in runs.items():
+        assert r["key"] == key and _finite(r) > 20
+        acc = r["accounting"]
+        assert acc["optimizer_steps"] == len(range(acc["optimizer_steps"])) and len(r["curve"]) >= 1
+        rows_per_step = {"std_B": s.batch, "cggr_shipped": None}.get(r["arm"], s.keep)
+        if rows_per_step is not None:   # every arm but the shipped default trains a fixed count
+            assert acc["trained_rows"] == rows_per_step * acc["optimizer_steps"]
+        cand = s.keep if r["arm"] == "std_k" else s.batch
+        assert acc["candidate_tokens"] == cand * acc["optimizer_steps"] * s.seq_len
+        assert acc["trained_tokens"] == acc["trained_rows"] * s.seq_len
+        if r["arm"] not in ("std_B", "std_k"):
+            ids = np.load(out / "runs" / f"{key}.ids.npy")
+            assert len(ids) == acc["trained_rows"]
+            pos = ids[ids >= 0]
+            assert len(np.unique(pos)) == len(pos), "one pass: no chunk trained twice"
+            assert r["selection"]["noise_share_trained"] == pytest.approx((ids < 0).mean())
+        if not r["noise"]:
+            assert r["selection"]["noise_share_trained"] == 0.0
+    # Paired candidates: the random subset of a seed picks from exactly the chunks the oracle arms see.
+    perm0 = np.random.default_rng(0).permutation(200)[:s.batch * s.steps]
+    for arm in ("random_subset", "oracle_loss", "oracle_excess", "ref_only", "cggr_matched"):
+        ids = np.load(out / "runs" / f"{study.RunSpec(arm, 0, 1e-3, s.steps).key()}.ids.npy")
+        assert set(ids.tolist()) <= set(perm0.tolist())
+    gate = json.loads((out / "gate.json").read_text())
+    assert _finite(gate) > 10 and gate["routers"] == [1, 2]
+    assert gate["sets"]["noise"]["noise_share_top25"]["full_loss"] <= 0.4 + 1e-9
+    assert (out / "ref" / "refnll_train.npy").exists() and (tmp_path / "export.tar.gz").stat().st_size > 0
+    # Resume: the same command re-runs nothing.
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    assert study.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
+    # The summary renders from what was written.
+    assert analyze.main([str(out), "--no-plots"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    labels = {(v["framework"], v["label"]) for s in summary for v in s["variants"]}
-    assert labels == set(expected)
-    for s in summary:
-        for v in s["variants"]:
-            for field in ("eval_loss", "eval_loss_at_equal_flops", "eval_loss_at_equal_wall", "flops",
-                          "tokens_per_s"):
-                assert all(math.isfinite(x) for x in v[field]), (v["key"], field, v[field])
-    pngs = sorted(out.glob("plot_*.png"))
-    assert len(pngs) == 6  # {torch, jax} x {step, wall, flops}
-    for p in pngs:
-        data = p.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, p
+    assert "oracle_excess - random_subset" in summary["paired"] and summary["paired"]["oracle_excess - random_subset"]["n"] == 2
+    assert "m" in summary and "## Gate `gate`" in (out / "summary.md").read_text()
 
 
-def TINY_SMOKE(run: dict) -> ModelShape:  # noqa: N802 - the shape a run record describes
-    m = run["model"]
-    return ModelShape(m["vocab_size"], m["d_model"], m["num_layers"], m["num_heads"], m["num_kv_heads"],
-                      m["ffn_dim"])
+def test_synthetic_corpus_loads_with_the_real_load_py(tmp_path: Path) -> None:
+    if _real_corpus() is None:
+        pytest.skip("the real pycode folder (../shared/data/pycode) is absent: its load.py cannot be checked")
+    data = _write_corpus(tmp_path / "pycode", copy_load_py=True)
+    c = pycode.load_corpus(data, ("train", "val"))
+    c2 = pycode.load_corpus(_write_corpus(tmp_path / "b"), ("train", "val"))   # the built-in fallback loader
+    assert c["train"].shape == (200, 1025) and c.vocab_size == V
+    assert (c["train"] == c2["train"]).all()
 
 
-# ------------------------------------------------------------------------------------------------ FLOPs
-def test_flops_matmul_params_match_the_real_models() -> None:
-    """P_layer / matmul parameters against the Linear weights of both frameworks' models (independent)."""
-    model = build_torch_model(TINY, seq_len=8, seed=0, device="cpu")
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert TINY.matmul_params == linear
-    emb = model.get_input_embeddings().weight.numel()
-    assert sum(p.numel() for p in model.parameters()) == linear + emb + TINY.d_model * (2 * TINY.num_layers + 1)
-
-    import jax
-    from flax import nnx
-
-    from cggr_jax.models import DecoderConfig, DecoderLM
-
-    jm = DecoderLM(DecoderConfig(vocab_size=61, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2,
-                                 mlp_hidden_dim=24, max_seq_len=8), rngs=nnx.Rngs(0))
-    params = nnx.state(jm, nnx.Param)
-    two_d = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params) if x.ndim >= 2)
-    assert two_d - 61 * 16 == TINY.matmul_params  # every matrix but the embedding table
+def test_real_corpus_val_split() -> None:
+    d = _real_corpus()
+    if d is None:
+        pytest.skip("the real pycode folder (../shared/data/pycode) is absent")
+    c = pycode.load_corpus(d, ("val",))
+    assert c["val"].shape == (953, 1025) and c.vocab_size == 16384 and int(c["val"].max()) < 16384
+    # Consecutive rows overlap by one token (chunk i = tokens [1024 i, 1024 i + 1025) of the stream).
+    assert (c["val"][:-1, -1] == c["val"][1:, 0]).all()
 
 
-def test_step_flops_per_mode() -> None:
-    B, T = 3, 7
-    P = TINY.matmul_params
-    attn = 4 * TINY.num_layers * TINY.d_model * (T + 1) / 2
-    full = 2 * P + attn
-    assert TINY.forward_flops_per_token(2, T) == full
-    router1 = 2 * (TINY.params_per_layer + 16 * 61) + 4 * 1 * 16 * (T + 1) / 2
-    assert TINY.forward_flops_per_token(1, T) == router1
-    score = SCORE_FLOPS_PER_LOGIT * 61 * B * (T - 1)
-    std = step_flops("standard", TINY, B, T)
-    assert std.executed == std.nominal == 3 * full * B * T
-    tok = step_flops("cggr_token", TINY, B, T, kept_tokens=5)
-    assert tok.executed == 3 * full * B * T + score
-    assert tok.nominal == full * B * T + 2 * full * 5 + score
-    assert step_flops("random_token", TINY, B, T, kept_tokens=5) == tok
-    rs = step_flops("random_sequence", TINY, B, T, kept_sequences=1, main_rows=2)  # JAX bucket of 2
-    assert (rs.executed, rs.nominal) == (3 * full * 2 * T, 3 * full * 1 * T)
-    cs = step_flops("cggr_sequence", TINY, B, T, kept_sequences=1, main_rows=1, router_layers=1)
-    assert cs.executed == cs.nominal == router1 * B * T + score + 3 * full * T
-    with pytest.raises(ValueError, match="mode"):
-        step_flops("cggr", TINY, B, T)
-    with pytest.raises(ValueError, match="kept_tokens"):
-        step_flops("cggr_token", TINY, B, T, kept_tokens=B * T + 1)
-    with pytest.raises(ValueError, match="main_rows"):
-        step_flops("cggr_sequence", TINY, B, T, kept_sequences=2, main_rows=1)
-    with pytest.raises(ValueError, match="layers"):
-        TINY.forward_flops_per_token(3, T)
-    with pytest.raises(ValueError, match="num_kv_heads"):
-        ModelShape(61, 16, 2, 4, 3, 24)
-
-
-# ----------------------------------------------------------------------------------------- random_token
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_random_token_matches_oracle(dtype: torch.dtype, dynamic: bool) -> None:
-    """random_token = the oracle's CGGRLoss with the trainer's random priorities as difficulties: same k, same
-    mask, same loss; ignored and non-finite rows are never selected and get exactly zero gradient."""
-    v = parse_variants(f"random_token:ratio=0.3:warmup=4:dynamic={int(dynamic)}", ("torch",), VariantDefaults(),
-                       TINY.num_layers)[0]
-    trainer = TorchTrainer(v, TINY, seq_len=8, seed=3, optim=OptimConfig())
-    trainer.step_index = 2  # mid-curriculum: base = 1 - 0.5 * 0.7 = 0.65
-    g = torch.Generator().manual_seed(0)
-    B, T, V = 3, 13, 61
-    logits = (torch.randn(B, T, V, generator=g) * 3).to(dtype)
-    targets = torch.randint(0, V, (B, T), generator=g)
-    targets[0, 2] = -100
-    targets[2, :4] = -100
-    logits[1, 5, 7] = float("nan")
-    logits[2, 6, 0] = float("inf")
-    logits[0, 9, :] = float("-inf")
-    logits = logits.requires_grad_(True)
-    replay = torch.Generator().manual_seed(0)
-    replay.set_state(trainer.generator.get_state())
-    priority = torch.rand((B, T), generator=replay)
-
-    loss, count = trainer._random_token_loss(logits, targets)
-    ref = oracle.cggr_loss(logits.detach().float().numpy(), targets.numpy(), step=2, scoring="entropy", selection="topk",
-                           dynamic_threshold=dynamic, min_tokens_ratio=0.3, warmup_steps=4,
-                           difficulty_override=priority.numpy())
-    assert int(count) == int(ref["mask"].sum()) == ref["k"]
-    assert math.isfinite(float(loss.detach()))
-    np.testing.assert_allclose(float(loss.detach()), ref["loss"], rtol=1e-5, atol=1e-5)
-    loss.backward()
-    grad = logits.grad.float().numpy()
-    assert np.isfinite(grad).all()
-    np.testing.assert_allclose(grad, ref["grad"], atol=2e-3 if dtype != torch.float32 else 1e-6, rtol=1e-2)
-    for b, t in ((0, 2), (2, 0), (1, 5), (2, 6), (0, 9)):
-        assert not ref["mask"][b, t] and (grad[b, t] == 0).all()
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_jax_random_token_matches_oracle(dtype: str) -> None:
-    import jax
-    import jax.numpy as jnp
-
-    from benchmarks.quality.jax_modes import random_token_loss
-    from cggr_jax.curriculum import linear_warmup_ratio
-
-    v = parse_variants("random_token:ratio=0.3:warmup=4", ("jax",), VariantDefaults(), TINY.num_layers)[0]
-    rng = np.random.default_rng(1)
-    B, T, V = 2, 11, 37
-    logits = (rng.standard_normal((B, T, V)) * 3).astype(np.float32)
-    logits[0, 3, 5] = np.nan
-    logits[1, 4, :] = -np.inf
-    targets = rng.integers(0, V, (B, T)).astype(np.int32)
-    targets[1, :3] = -100
-    z = jnp.asarray(logits, dtype=getattr(jnp, dtype))
-    step, seed = 3, 17
-    schedule = linear_warmup_ratio(0.3, 4)
-    (loss, count), grad = jax.jit(jax.value_and_grad(  # one compilation instead of many eager ops
-        lambda x: random_token_loss(x, jnp.asarray(targets), jnp.int32(step), jnp.int32(seed), v, schedule),
-        has_aux=True))(z)
-    priority = jax.random.uniform(jax.random.fold_in(jax.random.key(seed), step), (B, T), dtype=jnp.float32)
-    ref = oracle.cggr_loss(np.asarray(z.astype(jnp.float32)), targets, step=step, scoring="entropy", selection="topk",
-                           min_tokens_ratio=0.3, warmup_steps=4, difficulty_override=np.asarray(priority))
-    assert int(count) == ref["k"] == int(ref["mask"].sum())
-    np.testing.assert_allclose(float(loss), ref["loss"], rtol=1e-5, atol=1e-5)
-    g = np.asarray(grad.astype(jnp.float32))
-    assert np.isfinite(g).all()
-    np.testing.assert_allclose(g, ref["grad"], atol=1e-6 if dtype == "float32" else 4e-3, rtol=1e-2)
-    assert (g[0, 3] == 0).all() and (g[1, 4] == 0).all() and (g[1, :3] == 0).all()
-
-
-def test_random_token_all_ignored_is_zero() -> None:
-    v = parse_variants("random_token", ("torch",), VariantDefaults(), TINY.num_layers)[0]
-    trainer = TorchTrainer(v, TINY, seq_len=8, seed=0, optim=OptimConfig())
-    logits = torch.randn(2, 5, 61, requires_grad=True)
-    loss, count = trainer._random_token_loss(logits, torch.full((2, 5), -100))
-    loss.backward()
-    assert int(count) == 0 and float(loss.detach()) == 0.0 and (logits.grad == 0).all()
-
-
-# ---------------------------------------------------------------------------------------- specs, data, lr
-def test_parse_variants_presets_and_errors() -> None:
-    d = VariantDefaults(warmup=10, router_layers=2)
-    main_torch = parse_variants("main", ("torch",), d, num_layers=8)
-    assert {v.mode for v in main_torch} == set(MODES)
-    assert sorted(v.scoring for v in main_torch if v.mode == "cggr_token") == ["combined", "entropy", "loss",
-                                                                               "margin"]
-    both = parse_variants("main,standard", ("torch", "jax"), d, num_layers=8)
-    assert len(both) == len(main_torch) + 5  # duplicates dropped
-    abl = parse_variants("ablations", ("torch",), d, num_layers=8)
-    assert any(v.mode == "cggr_sequence" and v.router_layers == 4 for v in abl)  # {half}
-    v = parse_variants("cggr_sequence:router=3:shift=0:warmup=0", ("torch",), d, num_layers=8)[0]
-    assert (v.router_layers, v.shift, v.warmup, v.ratio, v.label) == (3, False, 0, 0.25,
-                                                                       "cggr_sequence:warmup=0:router_layers=3:shift=0")
-    assert parse_variants("standard", ("torch",), d, 8)[0].options() == {}
-    for spec, match in (("cggr", "unknown mode"), ("standard:ratio=0.5", "does not use"),
-                        ("cggr_token:foo=1", "unknown option"), ("cggr_token:ratio=0", r"\(0, 1\]"),
-                        ("cggr_token:ratio=0.5:ratio=0.4", "twice"), ("cggr_token:scoring=x", "scoring"),
-                        ("cggr_sequence:selection=stratified", "selection"),
-                        ("cggr_sequence:router_layers=9", "router_layers"), ("cggr_token:dynamic=maybe", "0/1"),
-                        ("random_sequence:dynamic=1", "does not use"), ("cggr_token:ratio", "key=value")):
+# ------------------------------------------------------------------------------------------- pieces
+def test_candidate_stream_one_pass_paired_and_noise() -> None:
+    train = np.arange(100 * 9, dtype=np.uint16).reshape(100, 9)   # row i holds 9i .. 9i+8: ids readable
+    a = pycode.CandidateStream(train, seed=3, batch=8, steps=10, seq_len=8)
+    b = pycode.CandidateStream(train, seed=3, batch=8, steps=10, seq_len=8)
+    ids = np.concatenate([a.batch(i)[0] for i in range(10)])
+    assert len(np.unique(ids)) == 80                                 # one pass
+    assert all((a.batch(i)[1] == b.batch(i)[1]).all() for i in range(10))   # same seed, same batches
+    i0, t0 = a.batch(0)
+    assert (t0[:, 0] == 9 * i0).all() and t0.shape == (8, 9)
+    k = pycode.CandidateStream(train, seed=3, batch=2, steps=40, seq_len=8)
+    assert (np.concatenate([k.batch(i)[0] for i in range(40)]) == ids).all()   # std_k = the same permutation
+    bank = np.full((30, 9), 7, np.uint16)
+    n = pycode.CandidateStream(train, seed=3, batch=8, steps=10, seq_len=8, noise_frac=0.25, noise=bank)
+    for i in range(10):
+        ids_n, toks = n.batch(i)
+        ids_c, toks_c = a.batch(i)
+        flag = ids_n < 0
+        assert flag.sum() == 2 and (toks[flag] == 7).all() and (toks[~flag] == toks_c[~flag]).all()
+        assert (ids_n[~flag] == ids_c[~flag]).all()
+        assert set((-1 - ids_n[flag]).tolist()) == {2 * i, 2 * i + 1}   # each noise row used once
+    for kw, match in (({"steps": 13}, "one pass"), ({"seq_len": 9}, "seq_len"), ({"noise_frac": 1.0}, "noise_frac"),
+                      ({"noise_frac": 0.25}, "noise bank")):
+        args = {"seed": 0, "batch": 8, "steps": 10, "seq_len": 8, **kw}
         with pytest.raises(ValueError, match=match):
-            parse_variants(spec, ("torch",), d, 8)
-    with pytest.raises(ValueError, match="PyTorch-only"):
-        parse_variants("cggr_sequence:shift=0", ("jax",), d, 8)
-    with pytest.raises(ValueError, match="frameworks"):
-        parse_variants("standard", ("tf",), d, 8)
+            pycode.CandidateStream(train, **args)
+    with pytest.raises(IndexError):
+        a.batch(10)
 
 
-def test_batches_and_eval_windows() -> None:
-    data = np.arange(1000, dtype=np.int32)
-    a = [next(it) for it in [train_batches(data, 4, 9, seed=5)] for _ in range(3)]
-    b = [next(it) for it in [train_batches(data, 4, 9, seed=5)] for _ in range(3)]
-    assert all((x == y).all() for x, y in zip(a, b)) and a[0].shape == (4, 9) and a[0].dtype == np.int32
-    assert all((np.diff(x, axis=1) == 1).all() for x in a)  # contiguous windows
-    w = eval_windows(data, 5, 10)
-    assert w.shape == (5, 10) and w[0, 0] == 0 and w[-1, -1] == 999
-    assert (np.diff(w[:, 0]) > 0).all()
-    with pytest.raises(ValueError, match="seq_len"):
-        eval_windows(data, 2, 1)
-    with pytest.raises(ValueError, match="at least seq_len"):
-        eval_windows(data[:5], 2, 10)
-    with pytest.raises(FileNotFoundError, match="lacks"):
-        find_data_dir("/nonexistent/dir")
+def test_noise_bank_follows_the_unigram() -> None:
+    probs = np.array([0.5, 0.25, 0.25, 0.0])
+    bank = pycode.noise_bank(probs, 200, 99, seed=1)
+    assert bank.shape == (200, 100) and bank.dtype == np.uint16 and not (bank == 3).any()
+    freq = np.bincount(bank.ravel(), minlength=4) / bank.size
+    np.testing.assert_allclose(freq, probs, atol=0.01)
+    assert (pycode.noise_bank(probs, 5, 9, 1) == pycode.noise_bank(probs, 5, 9, 1)).all()
+    u = pycode.unigram(np.array([[0, 1, 1, 9], [2, 2, 2, 9]], np.uint16), 4)
+    np.testing.assert_allclose(u, [1 / 6, 2 / 6, 3 / 6, 0])       # the overlapping last column is not counted
 
 
-def test_lr_schedule() -> None:
-    assert lr_at(0.0, 1.0, 0.1) == pytest.approx(1e-3)
-    assert lr_at(0.05, 1.0, 0.1) == pytest.approx(0.5)
-    assert lr_at(0.1, 1.0, 0.1) == pytest.approx(1.0)
-    assert lr_at(1.0, 1.0, 0.1) == pytest.approx(0.1)
-    assert lr_at(2.0, 1.0, 0.1) == pytest.approx(0.1)
-    xs = np.linspace(0.1, 1.0, 50)
-    ys = [lr_at(x, 2.0, 0.1) for x in xs]
-    assert all(a >= b for a, b in zip(ys, ys[1:]))
-    assert lr_at(0.0, 1.0, 0.0) == pytest.approx(1.0)
+def test_lr_schedule_and_eval_subset() -> None:
+    N, peak = 100, 2.0
+    lrs = [study.lr_at(i, N, peak) for i in range(N)]
+    assert lrs[0] == pytest.approx(peak / 5) and lrs[4] == pytest.approx(peak)       # 5 warm-up steps
+    assert lrs[-1] == pytest.approx(0.1 * peak) and max(lrs) == pytest.approx(peak)
+    assert all(x >= y - 1e-12 for x, y in zip(lrs[4:], lrs[5:]))                       # monotone decay
+    with pytest.raises(ValueError):
+        study.lr_at(0, 0, 1.0)
+    sub = pycode.eval_subset(953, 256)
+    assert len(sub) == 256 and sub[0] == 0 and sub[-1] == 952
+    with pytest.raises(ValueError):
+        pycode.eval_subset(5, 6)
 
 
-def test_setup_tag_separates_setups() -> None:
-    s = SCALES["cpu-smoke"]
-    tags = {setup_tag(s, "steps", None), setup_tag(s, "flops", None), setup_tag(s, "time", 1.0),
-            setup_tag(s, "time", 2.0), setup_tag(replace(s, steps=9), "steps", None)}
-    assert len(tags) == 5
-    assert setup_tag(replace(s, seeds=(5,)), "steps", None) == setup_tag(s, "steps", None)  # seeds do not matter
+def test_statistics() -> None:
+    p = analyze.paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.5, 1: 2.4, 2: 3.6})
+    d = np.array([-0.5, -0.4, -0.6])
+    se = d.std(ddof=1) / math.sqrt(3)
+    assert p["mean"] == pytest.approx(-0.5) and p["se"] == pytest.approx(se)
+    assert p["ci"] == pytest.approx([-0.5 - 4.303 * se, -0.5 + 4.303 * se])
+    assert p["verdict"] == "lower (better)"
+    assert analyze.paired({0: 1.0, 1: 1.0}, {0: 1.01, 1: 0.99}, floor=0.05)["verdict"].startswith("no difference")
+    assert analyze.paired({0: 1.0}, {1: 1.0}) is None
+    assert analyze.paired({0: 1.0}, {0: 2.0})["verdict"] == "1 seed: no interval"
+    pts = [(100.0, 5.0), (200.0, 4.0), (400.0, 3.5)]
+    assert analyze.invert_curve(pts, 4.0) == (pytest.approx(200.0), False)
+    D, ext = analyze.invert_curve(pts, 4.5)
+    assert D == pytest.approx(100 * math.sqrt(2)) and not ext
+    D, ext = analyze.invert_curve(pts, 3.0)                  # beyond: slope of the last segment in log D
+    assert ext and D == pytest.approx(800.0)
+    with pytest.raises(ValueError):
+        analyze.invert_curve(pts[:1], 4.0)
+    curve = [{"wall_s": 1.0, "val_loss": 5.0}, {"wall_s": 2.0, "val_loss": 3.0}]
+    assert analyze.time_to_target(curve, 4.0) == pytest.approx(1.5)
+    assert analyze.time_to_target(curve, 2.0) is None
+    assert analyze.t95(2) == 4.303 and analyze.t95(50) == 1.96
+    with pytest.raises(ValueError):
+        analyze.t95(0)
+    assert study.spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 30, 25])) == pytest.approx(0.8)
+    assert study.top_share(np.array([4.0, 3, 2, 1]), np.array([True, False, True, True]), 0.5) == 0.5
 
 
-def test_bad_cli_arguments(tmp_path: Path) -> None:
-    for argv, match in ((["--seeds", "a"], "seeds"), (["--shard", "2/2"], "shard"),
-                        (["--eval-sequences", "10", "--eval-batch-size", "4"], "multiple"),
-                        (["--router-layers", "3"], "exceeds"), (["--modes", "bogus"], "unknown mode")):
+def test_bad_cli_input(tmp_path: Path) -> None:
+    for argv, match in ((["--scale", "XL"], "--scale"), (["--round", "round9"], "--round"),
+                        (["--seeds", "a,b"], "--seeds"), (["--seeds", "-1"], "--seeds"), (["--steps", "1"], "--steps"),
+                        (["--deadline-s", "0"], "--deadline-s"), (["--device", "tpu"], "--device")):
         with pytest.raises(ValueError, match=match):
-            main(["--scale", "cpu-smoke", "--out", str(tmp_path), "--no-progress", *argv])
-
-
-# ---------------------------------------------------------------------------------------------- report
-def _fake_run(fw: str, mode: str, label: str, seed: int, final: float, flops: float, options: dict) -> dict:
-    curve = [{"step": 0, "flops": 0.0, "flops_nominal": 0.0, "wall_s": 0.0, "eval_loss": 6.0},
-             {"step": 10, "flops": flops / 2, "flops_nominal": flops / 4, "wall_s": 1.0, "eval_loss": final + 1.0},
-             {"step": 20, "flops": flops, "flops_nominal": flops / 2, "wall_s": 2.0, "eval_loss": final}]
-    for c in curve:
-        c.update(progress=c["step"] / 20, tokens_seen=c["step"] * 10, eval_ppl=math.exp(c["eval_loss"]),
-                 train_loss=None)
-    return {
-        "schema": "cggr-quality-run/1", "framework": fw, "mode": mode, "label": label, "key": f"{fw}/{label}",
-        "variant": {"framework": fw, "mode": mode, "label": label, "options": options}, "seed": seed,
-        "scale": {"d_model": 1, "num_layers": 1, "seq_len": 2, "batch_size": 1, "steps": 20, "vocab_size": 256,
-                  "eval_sequences": 1, "lr_warmup": 0.1, "router_layers": 1, "curriculum_fraction": 0.25,
-                  "seeds": [0, 1, 2]},
-        "budget": {"kind": "steps", "total": 20.0, "hit_step_cap": False}, "device": "cpu", "amp": "fp32",
-        "optim": {"lr": 1e-3, "weight_decay": 0.1, "grad_clip": 1.0},
-        "model": {"d_model": 1, "num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "ffn_dim": 1, "vocab_size": 256,
-                  "params": 1, "matmul_params": 1},
-        "data": {"split": "train on A; evaluate on B", "train_tokens": 100, "eval_tokens": 10, "tokenizer": "bpe"},
-        "versions": {"python": "3"}, "git_commit": None, "steps": 20, "curve": curve,
-        "final": {"eval_loss": final, "eval_ppl": math.exp(final), "flops": flops, "flops_nominal": flops / 2,
-                  "train_wall_s": 2.0, "first_step_s": 0.1, "tokens_per_s": 100.0, "kept_token_fraction": 0.5,
-                  "kept_sequence_fraction": 1.0, "epochs": 2.0},
-    }
-
-
-def test_report_paired_statistics_and_plots(tmp_path: Path) -> None:
-    opts_r = {"ratio": 0.25, "warmup": 5, "dynamic": True, "sensitivity": 0.5}
-    opts_c = {**opts_r, "scoring": "combined", "selection": "topk"}
-    std = {0: 4.0, 1: 4.2, 2: 4.1}
-    rnd = {0: 4.05, 1: 4.2, 2: 4.2}              # diffs vs standard: +0.05, 0, +0.1 -> inconclusive
-    cg = {0: 3.9, 1: 4.11, 2: 4.0}               # diffs vs standard: -0.1, -0.09, -0.1 -> better
-    runs = []
-    for s in range(3):
-        runs.append(_fake_run("torch", "standard", "standard", s, std[s], 100.0, {}))
-        runs.append(_fake_run("torch", "random_token", "random_token", s, rnd[s], 100.0, opts_r))
-        runs.append(_fake_run("torch", "random_token", "random_token:ratio=0.5", s, 9.0, 100.0,
-                              {**opts_r, "ratio": 0.5}))
-        runs.append(_fake_run("torch", "cggr_token", "cggr_token", s, cg[s], 50.0, opts_c))
-    (tmp_path / "runs").mkdir()
-    for i, r in enumerate(runs):
-        (tmp_path / "runs" / f"r{i}.json").write_text(json.dumps(r))
-    [section] = report.summarize(report.load_runs(tmp_path))
-    by = {v["label"]: v for v in section["variants"]}
-    assert [v["label"] for v in section["variants"]][0] == "standard"
-    c = by["cggr_token"]
-    assert c["baseline"] == "torch/random_token"  # the ratio-0.25 baseline, not the ratio-0.5 one
-    d = np.array([cg[s] - std[s] for s in range(3)])
-    assert c["vs_standard"]["final"]["mean"] == pytest.approx(d.mean())
-    assert c["vs_standard"]["final"]["std"] == pytest.approx(d.std(ddof=1))
-    assert c["vs_standard"]["final"]["verdict"] == "better"
-    assert by["random_token"]["vs_standard"]["final"]["verdict"] == "inconclusive"
-    assert c["eval_loss"][0] == pytest.approx(np.mean(list(cg.values())))
-    # Equal FLOPs = 50 (the cheapest run's end): cggr is read at its end, standard at its midpoint (loss + 1).
-    assert section["common"]["torch"]["flops"] == 50.0
-    assert c["eval_loss_at_equal_flops"][0] == pytest.approx(np.mean(list(cg.values())))
-    assert by["standard"]["eval_loss_at_equal_flops"][0] == pytest.approx(np.mean(list(std.values())) + 1.0)
-    assert c["vs_standard"]["equal_flops"]["verdict"] == "better"
-    assert report.t95(1) == pytest.approx(12.706) and report.t95(100) == 1.96
-    with pytest.raises(ValueError, match="dof"):
-        report.t95(0)
-    one = report._paired({0: 1.0}, {0: 2.0})
-    assert one is not None and one["verdict"] == "inconclusive (1 seed)"
-    assert report._paired({0: 1.0}, {1: 2.0}) is None
-
-    written = report.write_report(tmp_path)
-    md = (tmp_path / "results.md").read_text()
-    assert "better" in md and "`random_token:ratio=0.5`" in md and "mid-schedule" in md
-    assert {p.name for p in written} >= {"results.md", "summary.json", "plot_s1_torch_step.png",
-                                          "plot_s1_torch_wall.png", "plot_s1_torch_flops.png"}
-    bad = _fake_run("torch", "cggr_token", "cggr_token", 3, 4.0, 50.0, {**opts_c, "ratio": 0.5})
-    (tmp_path / "runs" / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="different options"):
-        report.summarize(report.load_runs(tmp_path))
+            study.parse_args(["--out", str(tmp_path), *argv])
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        pycode.find_pycode_dir(str(tmp_path))
+    with pytest.raises(ValueError, match="runs/"):
+        analyze.main([str(tmp_path)])
+    with pytest.raises(ValueError, match="split"):
+        pycode.load_corpus(tmp_path, ("bogus",))

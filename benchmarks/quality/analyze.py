@@ -135,8 +135,8 @@ def summarize(folder: Path) -> dict:
             "ref_nll_candidates": float(np.mean([r["selection"]["ref_nll_candidates_mean"] for r in rs])),
             "full_nll_trained": _mean_or_none([r["selection"]["full_nll_trained_mean"] for r in rs]),
             "full_nll_candidates": _mean_or_none([r["selection"]["full_nll_candidates_mean"] for r in rs]),
-            "ood": {k: float(np.mean([r["final"]["ood"][k] for r in rs])) for k in rs[0]["final"]["ood"]},
-            "by_freq": {k: float(np.mean([r["final"]["val_loss_by_freq_bucket"][k] for r in rs]))
+            "ood": {k: _mean_or_none([r["final"]["ood"].get(k) for r in rs]) for k in rs[0]["final"]["ood"]},
+            "by_freq": {k: _mean_or_none([r["final"]["val_loss_by_freq_bucket"][k] for r in rs])
                         for k in rs[0]["final"]["val_loss_by_freq_bucket"]},
         }
     comparisons = {}
