@@ -115,7 +115,7 @@ def test_round1_plan_end_to_end_tiny(tmp_path: Path) -> None:
     # The summary renders from what was written.
     assert analyze.main([str(out), "--no-plots"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert "oracle_excess - random_subset" in summary["paired"] and summary["paired"]["oracle_excess - random_subset"]["n"] == 2
+    assert summary["paired"]["oracle_excess - random_subset"]["n"] == 2
     assert "m" in summary and "## Gate `gate`" in (out / "summary.md").read_text()
 
 

@@ -127,7 +127,8 @@ def summarize(folder: Path) -> dict:
             "seeds": sorted(d), "val_per_seed": [float(x) for x in v], "val_mean": float(v.mean()),
             "val_sd": float(v.std(ddof=1)) if len(v) > 1 else None,
             "lr": rs[0]["lr"], "trained_tokens": rs[0]["accounting"]["trained_tokens"],
-            "candidate_tokens": rs[0]["accounting"]["candidate_tokens"], "steps": rs[0]["accounting"]["optimizer_steps"],
+            "candidate_tokens": rs[0]["accounting"]["candidate_tokens"],
+            "steps": rs[0]["accounting"]["optimizer_steps"],
             "train_wall_s": float(np.mean([r["accounting"]["train_wall_s"] for r in rs])),
             "ms_per_step": float(np.mean([r["accounting"]["ms_per_step"] for r in rs])),
             "noise_share_trained": float(np.mean([r["selection"]["noise_share_trained"] for r in rs])),
@@ -204,8 +205,9 @@ def render(summary: dict) -> str:
         r = s["reference"]
         L.append(f"Reference model: {r['steps']} steps on `ref` ({r['chunks']} chunks, {r['epochs']} epochs, lr "
                  f"{r['lr']}), val {r['final']['val_loss']:.4f}; mean ref NLL of train chunks "
-                 f"{r['refnll_train_mean']:.3f}, of noise chunks {np.mean(list(r['refnll_noise_mean'].values())):.3f}.\n")
-    L.append("## LR sweeps (seed 0, final full-val loss)\n\n| arm | " + " | ".join(["lr", "val", "ms/step"]) + " |\n|---|---|---|---|")
+                 f"{r['refnll_train_mean']:.3f}, of noise chunks "
+                 f"{np.mean(list(r['refnll_noise_mean'].values())):.3f}.\n")
+    L.append("## LR sweeps (seed 0, final full-val loss)\n\n| arm | lr | val | ms/step |\n|---|---|---|---|")
     for a, d in s["sweep"].items():
         for lr, v in sorted(d.items(), key=lambda kv: float(kv[0])):
             star = " **(tuned)**" if float(lr) == s["tuned_lr"][a] else ""

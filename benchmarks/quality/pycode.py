@@ -31,7 +31,7 @@ def find_pycode_dir(explicit: Optional[str] = None) -> Path:
         p = Path(cand)
         if not (p / "manifest.json").is_file():
             raise FileNotFoundError(f"{p} is not a pycode folder (it lacks manifest.json); rebuild it with "
-                                    f"`python build.py --out DIR` from the data folder, see benchmarks/quality/README.md")
+                                    f"`python build.py --out DIR` from the data folder (benchmarks/quality/README.md)")
         return p
     for p in DEFAULT_DIRS:
         tried.append(str(p))

@@ -220,7 +220,8 @@ class Evaluator:
         pc = torch.cat(per_chunk)
         out = {"val_loss": float(pc.mean()), "val_chunks": int(pc.numel()),
                "val_loss_subset": self.curve_loss(model),
-               "val_loss_by_freq_bucket": {f"rank_{lo}_{hi if hi else 'end'}": float(tot[b] / cnt[b]) if cnt[b] else None
+               "val_loss_by_freq_bucket": {f"rank_{lo}_{hi if hi else 'end'}":
+                                           float(tot[b] / cnt[b]) if cnt[b] else None
                                            for b, (lo, hi) in enumerate(self.BUCKETS)},
                "val_token_share_by_freq_bucket": {f"rank_{lo}_{hi if hi else 'end'}": float(cnt[b] / cnt.sum())
                                                   for b, (lo, hi) in enumerate(self.BUCKETS)},
@@ -492,8 +493,8 @@ class Study:
                 vl = self.evaluator.curve_loss(model)
                 model.train()
                 tl = float(torch.stack(losses).float().mean()) if losses else None   # mean since the last eval
-                curve.append({"step": i + 1, "trained_tokens": trained_rows * s.seq_len, "candidate_tokens": cand_tokens,
-                              "wall_s": wall_axis, "val_loss": vl, "train_loss": tl})
+                curve.append({"step": i + 1, "trained_tokens": trained_rows * s.seq_len,
+                              "candidate_tokens": cand_tokens, "wall_s": wall_axis, "val_loss": vl, "train_loss": tl})
                 losses = []
                 if not math.isfinite(vl):
                     self.log(f"{spec.key()}: non-finite val loss at step {i + 1}; stopping this run")
@@ -503,9 +504,10 @@ class Study:
         model.eval()
         final = self.evaluator.final(model)
         ms = 1000 * wall / max(1, spec.steps - 1)
-        self.measured_ms[spec.arm] = ms if spec.arm not in self.measured_ms else min(ms, self.measured_ms[spec.arm])
+        self.measured_ms[spec.arm] = min(ms, self.measured_ms.get(spec.arm, ms))
         all_ids = np.concatenate([ids[c] for _, c, ids in trained_ids]) if trained_ids else np.zeros(0, np.int64)
         rows = max(1, sum(sel["rows_by_quarter"]))
+        n_full = sel["n_full"]
         res = {
             "schema": SCHEMA, "key": spec.key(), "arm": spec.arm, "noise": spec.noise, "seed": spec.seed,
             "lr": spec.lr, "tag": spec.tag, "scale": asdict(s), "params": n_params(model),
@@ -515,13 +517,13 @@ class Study:
                            "ms_per_step": ms, "build_s": t_build_s},
             "curve": curve, "final": final,
             "selection": {"noise_share_trained": sum(sel["noise_trained_by_quarter"]) / rows,
-                          "noise_share_trained_by_quarter": [n / max(1, r) for n, r in
-                                                             zip(sel["noise_trained_by_quarter"], sel["rows_by_quarter"])],
+                          "noise_share_trained_by_quarter": [
+                              n / max(1, r) for n, r in zip(sel["noise_trained_by_quarter"], sel["rows_by_quarter"])],
                           "noise_share_candidates": (n_noise(s) / s.batch) if spec.noise else 0.0,
                           "ref_nll_trained_mean": sel["trained_ref"] / rows,
                           "ref_nll_candidates_mean": sel["cand_ref"] / max(1, cand_tokens // s.seq_len),
-                          "full_nll_trained_mean": (float(sel["trained_full"]) / (sel["n_full"] * k)) if sel["n_full"] else None,
-                          "full_nll_candidates_mean": (float(sel["cand_full"]) / (sel["n_full"] * s.batch)) if sel["n_full"] else None},
+                          "full_nll_trained_mean": float(sel["trained_full"]) / (n_full * k) if n_full else None,
+                          "full_nll_candidates_mean": float(sel["cand_full"]) / (n_full * s.batch) if n_full else None},
             "device": self.device_name, "amp": "bf16" if ctx.amp else "fp32", "versions": self.versions,
             "commit": self.commit, "protocol_commit": self.args.protocol_commit,
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -532,8 +534,9 @@ class Study:
         if spec.arm not in ("std_B", "std_k"):
             np.save(self.out / "runs" / f"{spec.key()}.ids.npy", all_ids.astype(np.int32))
         path.write_text(json.dumps(res, indent=1))
-        self.log(f"done {spec.key()}: val {final['val_loss']:.4f} (subset {curve[-1]['val_loss'] if curve else float('nan'):.4f}), "
-                 f"{ms:.1f} ms/step, trained {trained_rows} rows, noise share {res['selection']['noise_share_trained']:.3f}")
+        sub = curve[-1]["val_loss"] if curve else float("nan")
+        self.log(f"done {spec.key()}: val {final['val_loss']:.4f} (subset {sub:.4f}), {ms:.1f} ms/step, trained "
+                 f"{trained_rows} rows, noise share {res['selection']['noise_share_trained']:.3f}")
         if keep_state == "last":
             self.last_state = {"spec": spec, "val": final["val_loss"],
                                "state": {k2: v.detach().cpu().clone() for k2, v in model.state_dict().items()}}
@@ -639,10 +642,12 @@ class Study:
         res["commit"] = self.commit
         path.write_text(json.dumps(res, indent=1))
         g = res["sets"]
-        self.log(f"{name} ({state['spec'].key()}): rho(router loss, full loss) " + ", ".join(f"r{n}={g['clean']['spearman_vs_full_loss'][f'r{n}_loss']:.3f}" for n in routers)
-                 + "; rho(router excess, oracle excess) " + ", ".join(f"r{n}={g['clean']['spearman_vs_oracle_excess'][f'r{n}_excess']:.3f}" for n in routers)
-                 + "; noise top25 full_loss %.2f oracle_excess %.2f" % (g["noise"]["noise_share_top25"]["full_loss"],
-                                                                        g["noise"]["noise_share_top25"]["oracle_excess"]))
+        rho_l = ", ".join(f"r{n}={g['clean']['spearman_vs_full_loss'][f'r{n}_loss']:.3f}" for n in routers)
+        rho_e = ", ".join(f"r{n}={g['clean']['spearman_vs_oracle_excess'][f'r{n}_excess']:.3f}" for n in routers)
+        top = g["noise"]["noise_share_top25"]
+        self.log(f"{name} ({state['spec'].key()}): rho(router loss, full loss) {rho_l}; rho(router excess, oracle "
+                 f"excess) {rho_e}; noise top25 full_loss {top['full_loss']:.2f} "
+                 f"oracle_excess {top['oracle_excess']:.2f}")
         del model
         self.export()
         return res
@@ -761,7 +766,8 @@ def plan_round1b(st: Study) -> None:
 
 
 def _keep_best_only(st: Study) -> None:
-    """After the std_B sweep: the kept checkpoint must be the tuned one (run() keeps the latest)."""
+    """After the std_B sweep: the kept checkpoint must be the tuned one. run() keeps the best of the runs it trained
+    in this invocation; a resumed sweep skips finished runs, so the tuned one may not be among them."""
     best = st.best_lr("std_B")
     if st.best_B_state is not None and best is not None and st.best_B_state["spec"].lr != best:
         st.log(f"kept std_B checkpoint (lr {st.best_B_state['spec'].lr}) is not the tuned one ({best}); "
