@@ -102,7 +102,8 @@ def test_round1_plan_end_to_end_tiny(tmp_path: Path) -> None:
     # Paired candidates: the random subset of a seed picks from exactly the chunks the oracle arms see.
     perm0 = np.random.default_rng(0).permutation(200)[:s.batch * s.steps]
     for arm in ("random_subset", "oracle_loss", "oracle_excess", "ref_only", "cggr_matched"):
-        ids = np.load(out / "runs" / f"{study.RunSpec(arm, 0, 1e-3, s.steps).key()}.ids.npy")
+        [path] = (out / "runs").glob(f"{arm}__lr*__N{s.steps}__s0.ids.npy")    # at whichever LR was tuned
+        ids = np.load(path)
         assert set(ids.tolist()) <= set(perm0.tolist())
     gate = json.loads((out / "gate.json").read_text())
     assert _finite(gate) > 10 and gate["routers"] == [1, 2]
@@ -112,6 +113,9 @@ def test_round1_plan_end_to_end_tiny(tmp_path: Path) -> None:
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     assert study.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
+    next((out / "runs").glob(f"oracle_loss__lr*__N{s.steps}__s1.json")).unlink()
+    assert study.main(argv + ["--dry-run"]) == 0        # lists the missing run, trains nothing
+    assert len(list((out / "runs").glob("*.json"))) == len(mtimes) - 1
     # The summary renders from what was written.
     assert analyze.main([str(out), "--no-plots"]) == 0
     summary = json.loads((out / "summary.json").read_text())

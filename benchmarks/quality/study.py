@@ -39,9 +39,10 @@ except ImportError:  # pragma: no cover
 SCHEMA = "cggr-quality-v2-run/1"
 ARMS = ("std_B", "std_k", "random_subset", "oracle_loss", "oracle_excess", "ref_only", "cggr_matched",
         "cggr_shipped")
-#: Rough cost of one step relative to a std_B step (for the deadline estimate only, before anything is measured).
-COST_FACTOR = {"std_B": 1.0, "std_k": 0.3, "random_subset": 0.3, "oracle_loss": 0.65, "oracle_excess": 0.65,
-               "ref_only": 0.3, "cggr_matched": 0.6, "cggr_shipped": 1.0}
+#: Cost of one step relative to a std_B step, for the deadline estimate of an arm not yet measured in this output
+#: folder (measured at scale S on an H200 in round 1: std_B 35.6 ms/step).
+COST_FACTOR = {"std_B": 1.0, "std_k": 0.55, "random_subset": 0.6, "oracle_loss": 1.7, "oracle_excess": 1.75,
+               "ref_only": 0.6, "cggr_matched": 0.85, "cggr_shipped": 1.25}
 
 
 # ----------------------------------------------------------------------------------------------- scales
@@ -274,20 +275,27 @@ class Study:
         self.ref_train: Optional[np.ndarray] = None
         self.ref_noise: dict[int, np.ndarray] = {}
         self.ref_gate_noise: Optional[np.ndarray] = None
+        self.device_name = torch.cuda.get_device_name(0) if self.ctx.device.type == "cuda" else "cpu"
         self.measured_ms: dict[str, float] = {}
+        for p in (self.out / "runs").glob("*.json"):    # a resumed folder: estimate from what was measured there
+            r = json.loads(p.read_text())
+            if r.get("device") == self.device_name and r["scale"]["name"] == s.name:
+                ms = r["accounting"]["ms_per_step"]
+                self.measured_ms[r["arm"]] = max(ms, self.measured_ms.get(r["arm"], ms))   # plan for the slowest
         self.best_B_state: Optional[dict] = None
         self.last_state: Optional[dict] = None
+        self.dry_total = 0.0
         self.versions = {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": _version("transformers"), "numpy": np.__version__}
         self.commit = _git_commit()
-        self.device_name = torch.cuda.get_device_name(0) if self.ctx.device.type == "cuda" else "cpu"
 
     # -------------------------------------------------------------------------- helpers
     def log(self, msg: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')} +{time.time() - getattr(self, 't_start', time.time()):6.1f}s] {msg}"
         print(line, flush=True)
-        with open(self.log_path, "a") as f:
-            f.write(line + "\n")
+        if not self.args.dry_run:
+            with open(self.log_path, "a") as f:
+                f.write(line + "\n")
 
     def elapsed(self) -> float:
         return time.time() - self.t_start
@@ -346,6 +354,9 @@ class Study:
             self.ref_noise = {x: np.load(d / f"refnll_noise_s{x}.npy") for x in seeds}
             self.ref_gate_noise = np.load(d / "refnll_gate_noise.npy")
             self.log(f"reference tables loaded from {d}")
+            return
+        if self.args.dry_run:
+            self.log("would train the reference model and score every train chunk (~90 s at S on an H200)")
             return
         t0 = time.time()
         ref = self.corpus["ref"]
@@ -406,6 +417,10 @@ class Study:
             self.log(f"skip {spec.key()} (done)")
             return json.loads(path.read_text())
         est = self.estimate_s(spec)
+        if self.args.dry_run:
+            self.dry_total += est
+            self.log(f"would run {spec.key()} (~{est:.0f} s; {self.dry_total:.0f} s so far)")
+            return None
         if not self.fits(est):
             self.log(f"deadline: not starting {spec.key()} (~{est:.0f} s)")
             return None
@@ -504,7 +519,7 @@ class Study:
         model.eval()
         final = self.evaluator.final(model)
         ms = 1000 * wall / max(1, spec.steps - 1)
-        self.measured_ms[spec.arm] = min(ms, self.measured_ms.get(spec.arm, ms))
+        self.measured_ms[spec.arm] = max(ms, self.measured_ms.get(spec.arm, ms))
         all_ids = np.concatenate([ids[c] for _, c, ids in trained_ids]) if trained_ids else np.zeros(0, np.int64)
         rows = max(1, sum(sel["rows_by_quarter"]))
         n_full = sel["n_full"]
@@ -573,6 +588,9 @@ class Study:
         if path.exists() and not self.args.no_resume:
             self.log(f"skip {name} (done)")
             return json.loads(path.read_text())
+        if self.args.dry_run:
+            self.log(f"would run the gate {name} (~20 s at S on an H200, plus a std_B retrain if not in memory)")
+            return None
         if state is None and self.best_B_state is None:
             self.log("gate: no std_B checkpoint in memory (resumed run?); retraining it")
             best = self.best_lr("std_B")
@@ -796,6 +814,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument("--protocol-commit", default=os.environ.get("CGGR_PROTOCOL_COMMIT"),
                    help="the commit of PROTOCOL.md the runs follow (recorded in every JSON)")
     p.add_argument("--no-resume", action="store_true", help="re-run tasks whose output exists")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs the plan would start (with estimated seconds) and run nothing")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--no-verify", action="store_true", help="skip the corpus sha256 checks")
     a = p.parse_args(argv)
