@@ -42,7 +42,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 sys.path.insert(0, ROOT)
 
 STRATEGIES = ("topk", "fixed_quota", "stratified", "sequence_aware")

@@ -18,15 +18,15 @@ For each vocabulary size (default N = 16384 tokens, V = 128256 and 131072, bfloa
 * ``--compile`` / ``--reference`` add ``torch.compile`` of the naive PyTorch code and the eager reference
   (29.7 ms and 60.3 ms on the H200 at V = 128256: slow, so off by default).
 
-Timing: ``triton.testing.do_bench`` (median, p10, p90 in ms; it flushes L2 between calls) over ``--buffers``
-independent random N(0, 3²) logit buffers used round-robin. Prints a markdown table and writes JSON to
-``--out``.
+Timing: the harness (:func:`benchmarks.harness.measure`: CUDA events, warm-up, median and IQR) over
+``--buffers`` independent random N(0, 3²) logit buffers used round-robin. Prints a markdown table and writes
+JSON to ``--out``; ``benchmarks/scoring.py --framework torch`` runs this and turns the JSON into records.
 
 Run on the H200 from the repository root::
 
-    python benchmarks/bench_scoring_torch.py --out bench_scoring_torch.json
+    python benchmarks/scoring.py --framework torch
 
-``--smoke`` runs tiny shapes on CPU with the kernel interpreted (checks the script only; numbers mean nothing).
+``--smoke`` (``--quick``) runs tiny shapes on CPU with the kernel interpreted (checks the script only).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 sys.path.insert(0, ROOT)
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
@@ -51,13 +51,14 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, nargs="+", default=[128256, 131072])
     ap.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
     ap.add_argument("--buffers", type=int, default=3, help="independent logit buffers used round-robin")
-    ap.add_argument("--rep-ms", type=int, default=150, help="do_bench measurement time per method (ms)")
-    ap.add_argument("--sweep-rep-ms", type=int, default=100, help="do_bench time per sweep variant (ms)")
+    ap.add_argument("--rep-ms", type=int, default=150, help="timed work per method (ms)")
+    ap.add_argument("--sweep-rep-ms", type=int, default=100, help="timed work per sweep variant (ms)")
     ap.add_argument("--no-sweep", action="store_true", help="only the default launch shape")
     ap.add_argument("--compile", action="store_true", help="add the torch.compile naive baseline")
     ap.add_argument("--reference", action="store_true", help="add the eager PyTorch reference")
     ap.add_argument("--out", default="bench_scoring_torch.json", help="JSON output path")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, kernel interpreted (script check)")
+    ap.add_argument("--smoke", "--quick", action="store_true",
+                    help="tiny shapes on CPU, kernel interpreted (script check)")
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"   # must precede the first import of triton
@@ -86,14 +87,15 @@ SWEEP: tuple[tuple[int, int, bool, bool, int, str], ...] = (
 
 def sweep_configs(vocab: int, elsize: int, cuda: bool) -> list[Any]:
     """The :data:`SWEEP` entries as ``LaunchConfig`` (rows clipped to the vocabulary; ftz only on CUDA)."""
-    from cggr_torch.kernels.scoring import LaunchConfig, _next_pow2
+    from benchmarks.harness import compat
 
+    LaunchConfig = compat.torch_launch().LaunchConfig
     group = max(1, 16 // elsize)
     out = []
     for rows, warps, ftz, lazy, persistent, evict in SWEEP:
         if ftz and not cuda:
             continue
-        rows = max(1, min(rows, _next_pow2(vocab) // group))
+        rows = max(1, min(rows, compat.torch_next_pow2(vocab) // group))
         c = LaunchConfig(rows=rows, group=group, num_warps=warps, ftz=ftz, lazy_top2=lazy, persistent=persistent,
                          evict=evict)
         if c not in out:
@@ -112,19 +114,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse(argv)
     import torch
     import triton
-    from triton.testing import do_bench
 
-    from cggr_torch.kernels.scoring import (
-        _MODE_CODE,
-        LaunchConfig,
-        flat_targets,
-        launch_scoring,
-        row_geometry,
-        score_tokens_triton,
-        scoring_config,
-        token_statistics_triton,
-    )
-    from cggr_torch.scoring import token_statistics, token_statistics_reference
+    from benchmarks.harness import compat, measure
+    from cggr_torch import token_statistics
+    from cggr_torch.kernels import score_tokens_triton, token_statistics_triton
+
+    ks = compat.torch_scoring_kernels()
+    launch = compat.torch_launch()
+    LaunchConfig, scoring_config = launch.LaunchConfig, launch.scoring_config
+    flat_targets, launch_scoring, row_geometry = ks.flat_targets, ks.launch_scoring, ks.row_geometry
 
     if not args.smoke:
         if not torch.cuda.is_available():
@@ -136,16 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elsize = torch.finfo(dtype).bits // 8
 
     def timed(fn: Callable[[], Any], rep_ms: Optional[int] = None) -> dict[str, float]:
-        if args.smoke:  # no CUDA events on CPU: a plain wall-clock median of a few calls
-            ts = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
-            ts.sort()
-            return {"median_ms": ts[1], "p10_ms": ts[0], "p90_ms": ts[2]}
-        med, p10, p90 = do_bench(fn, warmup=10, rep=rep_ms or args.rep_ms, quantiles=[0.5, 0.1, 0.9])
-        return {"median_ms": med, "p10_ms": p10, "p90_ms": p90}
+        if args.smoke:  # interpreted kernels on CPU: one host-clock call, no warm-up (numbers mean nothing)
+            return measure(fn, framework="torch", device=device, warmup=0, reps=1).as_dict()
+        return measure(fn, framework="torch", device=device, warmup=10, budget_ms=rep_ms or args.rep_ms).as_dict()
 
     def naive_statistics(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         z = x.float()
@@ -181,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fin = torch.empty((args.n,), dtype=torch.int8, device=device)
         key = torch.empty((args.n,), dtype=torch.int32, device=device)
         status = torch.empty((args.n,), dtype=torch.int8, device=device)
-        mode = _MODE_CODE["combined"]
+        mode = compat.torch_mode_code("combined")
 
         def record(name: str, fn: Callable[[int], Any], **extra: Any) -> dict[str, Any]:
             r = timed(lambda: fn(next(cyc)))
@@ -199,7 +190,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if compiled is not None:
             record("torch.compile naive", lambda i: compiled(bufs[i], tgts[i]))
         if args.reference:
-            record("reference (eager)", lambda i: token_statistics_reference(bufs[i], tgts[i]))
+            def reference(i: int) -> Any:
+                with compat.force("torch", "reference"):
+                    return token_statistics(bufs[i], tgts[i])
+            record("reference (eager)", reference)
         cfg = scoring_config(v, dtype)
         default = record(f"triton kernel, default ({cfg.describe()})", lambda i: kernel(i, None), kind="default")
         record("triton kernel + key/status (CGGRLoss's pass)", lambda i: kernel(i, None, True), kind="fused")

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
 
 from cggr_jax.kernels import kernel_config, token_statistics_pallas  # noqa: E402
 from cggr_jax.kernels import scoring as kscoring  # noqa: E402

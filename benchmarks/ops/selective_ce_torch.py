@@ -45,7 +45,7 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 sys.path.insert(0, ROOT)
 
 STRATEGIES = ("fixed_quota", "topk", "stratified", "sequence_aware")

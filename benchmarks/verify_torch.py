@@ -200,7 +200,7 @@ def check_scoring(label: str, n: int, v: int, dtype: torch.dtype, extra_rows: Se
 
 
 def check_variants(n: int, v: int, dtype: torch.dtype) -> None:
-    from benchmarks.bench_scoring_torch import sweep_configs
+    from benchmarks.ops.scoring_torch import sweep_configs
     from cggr_torch.kernels import scoring as ks
     from tests import oracle
 

@@ -1,0 +1,270 @@
+"""The ONE place where the benchmarks reach into package internals.
+
+The op benchmarks time kernels, launch variants and floors that no public API exposes (a scoring launch with
+a given ``LaunchConfig``, the fused LM head's chunk plan, the backward grid switch...). Every such import is
+here, one function per internal, each trying the new module layout of issue 13 first (``kernels/launch.py``
+for launch heuristics, ``dispatch.force`` instead of private globals, public names where the redesign made
+them public) and falling back to the pre-redesign path. After a package move, fix the paths here and
+nowhere else. Everything else in ``benchmarks/`` imports the packages through their public names.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from types import ModuleType
+from typing import Any, Iterator, Optional, Sequence
+
+__all__ = [
+    "force", "torch_scoring_kernels", "torch_launch", "torch_mode_code", "torch_next_pow2",
+    "torch_selection_kernels", "torch_sort_key_bits", "torch_selection_check", "torch_backward_flat_grid",
+    "torch_plan_chunks", "torch_default_memory_budget", "torch_fused_linear_module",
+    "jax_scoring_kernels", "jax_stream_class", "jax_cross_entropy_kernels", "jax_backward_flat_grid",
+    "jax_backward_grids", "jax_plan_chunks", "jax_default_memory_budget", "jax_fused_linear_module",
+]
+
+
+def _module(*names: str) -> ModuleType:
+    """The first importable module of ``names`` (new layout first)."""
+    err: Optional[Exception] = None
+    for n in names:
+        try:
+            return importlib.import_module(n)
+        except ModuleNotFoundError as e:  # this layout does not have it: try the next
+            if e.name is None or not (n == e.name or n.startswith(e.name + ".")):
+                raise  # a missing dependency inside the module, not a moved module: report it
+            err = e
+    raise ImportError(f"none of {names} is importable") from err
+
+
+def _attr(candidates: Sequence[tuple[str, str]]) -> Any:
+    """The first ``module.attribute`` of ``candidates`` that exists (new names first)."""
+    tried = []
+    for mod, attr in candidates:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError:
+            tried.append(f"{mod} (no module)")
+            continue
+        if hasattr(m, attr):
+            return getattr(m, attr)
+        tried.append(f"{mod}.{attr}")
+    raise ImportError("benchmarks.harness.compat: none of " + ", ".join(tried) + " exists; fix the path here")
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+@contextlib.contextmanager
+def force(framework: str, mode: str) -> Iterator[None]:
+    """Force ``"kernel"`` or ``"reference"`` paths of one package for the duration of the block.
+
+    New layout: ``<package>.dispatch.force(mode)``. Old layout: ``"reference"`` = ``CGGR_DISABLE_KERNELS=1``;
+    ``"kernel"`` on CPU tensors (interpreted Triton, the CPU smoke runs) = the device-type allow-lists of
+    ``cggr_torch.scoring._KERNEL_DEVICE_TYPES`` / ``cggr_torch.loss._FUSED_DEVICE_TYPES`` widened to CPU (JAX's
+    kernels take ``interpret=`` themselves, so nothing to widen there)."""
+    if mode not in ("kernel", "reference", "auto"):
+        raise ValueError(f"mode: expected 'kernel', 'reference' or 'auto', got {mode!r}")
+    pkg = {"torch": "cggr_torch", "jax": "cggr_jax"}[framework]
+    try:
+        dispatch = importlib.import_module(f"{pkg}.dispatch")
+    except ModuleNotFoundError:
+        dispatch = None
+    if dispatch is not None and hasattr(dispatch, "force"):
+        with dispatch.force(mode):
+            yield
+        return
+    saved_env = os.environ.get("CGGR_DISABLE_KERNELS")
+    patched: list[tuple[Any, str, Any]] = []
+    try:
+        if mode == "reference":
+            os.environ["CGGR_DISABLE_KERNELS"] = "1"
+        elif mode == "kernel":
+            os.environ.pop("CGGR_DISABLE_KERNELS", None)
+            if framework == "torch":
+                for mod, attr in (("cggr_torch.scoring", "_KERNEL_DEVICE_TYPES"),
+                                  ("cggr_torch.loss", "_FUSED_DEVICE_TYPES")):
+                    m = importlib.import_module(mod)
+                    if hasattr(m, attr):
+                        patched.append((m, attr, getattr(m, attr)))
+                        setattr(m, attr, tuple(getattr(m, attr)) + ("cpu",))
+        yield
+    finally:
+        for m, attr, old in reversed(patched):
+            setattr(m, attr, old)
+        if saved_env is None:
+            os.environ.pop("CGGR_DISABLE_KERNELS", None)
+        else:
+            os.environ["CGGR_DISABLE_KERNELS"] = saved_env
+
+
+# ------------------------------------------------------------------------------------- torch kernels
+def torch_scoring_kernels() -> ModuleType:
+    """The Triton scoring/CE-backward launchers (``launch_scoring``, ``row_geometry``, ``flat_targets``,
+    ``score_tokens_triton``, ``launch_scoring_chunk``, ``backward_config``...): the scoring benchmark times
+    the kernel alone and its launch variants, which no public API exposes."""
+    return _module("cggr_torch.kernels.scoring")
+
+
+def torch_launch() -> ModuleType:
+    """Launch heuristics (``LaunchConfig``, ``scoring_config``, ``scoring_config_for_rows``, ``num_sms``,
+    ``backward_config``, ``CHUNK_STATE_ROWS``): ``kernels/launch.py`` after issue 13, ``kernels/scoring.py``
+    before. Returns a namespace that looks in both, so a name that stayed behind is still found."""
+    mods = []
+    for n in ("cggr_torch.kernels.launch", "cggr_torch.kernels.scoring"):
+        try:
+            mods.append(importlib.import_module(n))
+        except ModuleNotFoundError:
+            pass
+
+    class _Both:
+        def __getattr__(self, name: str) -> Any:
+            for m in mods:
+                if hasattr(m, name):
+                    return getattr(m, name)
+            raise AttributeError(f"{name} in none of {[m.__name__ for m in mods]} (benchmarks.harness.compat)")
+    return _Both()  # type: ignore[return-value]
+
+
+def torch_mode_code(scoring: str) -> int:
+    """The scoring kernel's integer code of a scoring mode (private ``_MODE_CODE`` before issue 13)."""
+    table = _attr([("cggr_torch.kernels.launch", "MODE_CODE"), ("cggr_torch.kernels.scoring", "MODE_CODE"),
+                   ("cggr_torch.kernels.scoring", "_MODE_CODE")])
+    return int(table[scoring])
+
+
+def torch_next_pow2(x: int) -> int:
+    """Next power of two ≥ x, as the launch heuristics round (private ``_next_pow2`` before issue 13)."""
+    fn = _attr([("cggr_torch.kernels.launch", "next_pow2"), ("cggr_torch.kernels.scoring", "next_pow2"),
+                ("cggr_torch.kernels.scoring", "_next_pow2")])
+    return int(fn(x))
+
+
+def torch_selection_kernels() -> ModuleType:
+    """The Triton selection launchers (``launch_keys``, ``launch_plan``, ``launch_mask``, ``sort_order``),
+    timed one by one as the selection benchmark's building blocks."""
+    return _module("cggr_torch.kernels.selection")
+
+
+@contextlib.contextmanager
+def torch_sort_key_bits(bits: int) -> Iterator[None]:
+    """Temporarily use ``bits``-bit sort keys in the Triton selection (``kernels.selection.SORT_KEY_BITS``,
+    a module global: the int64-key variant that run 6 rejected is still measured against the int32 default)."""
+    ksel = torch_selection_kernels()
+    old = ksel.SORT_KEY_BITS
+    ksel.SORT_KEY_BITS = bits
+    try:
+        yield
+    finally:
+        ksel.SORT_KEY_BITS = old
+
+
+def torch_selection_check(difficulty: Any, eligible: Any) -> Any:
+    """The argument validation of ``select_tokens`` alone (timed as a building block); private ``_check`` in
+    ``cggr_torch.selection`` before issue 13, a public check in ``utils`` after it where it moved."""
+    fn = _attr([("cggr_torch.utils", "check_selection_inputs"), ("cggr_torch.selection", "check_inputs"),
+                ("cggr_torch.selection", "_check")])
+    return fn(difficulty, eligible)
+
+
+@contextlib.contextmanager
+def torch_backward_flat_grid(on: bool) -> Iterator[None]:
+    """Temporarily switch the Triton CE backward between the flat and the 2-D grid (module global
+    ``_BACKWARD_FLAT_GRID``; DECISIONS.md: ce-backward-flat-grid)."""
+    mod = None
+    for n, attr in (("cggr_torch.kernels.launch", "BACKWARD_FLAT_GRID"),
+                    ("cggr_torch.kernels.scoring", "BACKWARD_FLAT_GRID"),
+                    ("cggr_torch.kernels.scoring", "_BACKWARD_FLAT_GRID")):
+        try:
+            m = importlib.import_module(n)
+        except ModuleNotFoundError:
+            continue
+        if hasattr(m, attr):
+            mod = (m, attr)
+            break
+    if mod is None:
+        raise ImportError("benchmarks.harness.compat: no BACKWARD_FLAT_GRID switch found")
+    old = getattr(*mod)
+    setattr(mod[0], mod[1], on)
+    try:
+        yield
+    finally:
+        setattr(mod[0], mod[1], old)
+
+
+def torch_fused_linear_module() -> ModuleType:
+    """``cggr_torch.fused_linear`` for its internals used by the fused-head diagnostics
+    (``_gradient_kernel_for``, ``_accumulates_in_place``, ``_accumulate_matmul``); the module keeps its name
+    in issue 13's layout."""
+    return _module("cggr_torch.fused_linear")
+
+
+def torch_plan_chunks(*args: Any, **kwargs: Any) -> Any:
+    """The fused LM head's chunk plan (DECISIONS.md: fused-head-chunk-plan); ``kernels/launch.py`` or
+    ``fused_linear.py``."""
+    return _attr([("cggr_torch.kernels.launch", "plan_chunks"), ("cggr_torch.fused_linear", "plan_chunks")])(
+        *args, **kwargs)
+
+
+def torch_default_memory_budget() -> int:
+    """The fused LM head's default working-memory budget in bytes (0.25 GiB)."""
+    return int(_attr([("cggr_torch.kernels.launch", "DEFAULT_MEMORY_BUDGET"),
+                      ("cggr_torch.fused_linear", "DEFAULT_MEMORY_BUDGET")]))
+
+
+# --------------------------------------------------------------------------------------- jax kernels
+def jax_scoring_kernels() -> ModuleType:
+    """``cggr_jax.kernels.scoring``: the read-only Pallas loop of the scoring benchmark reuses its tiling
+    helpers (``tile_columns``, ``program_rows``, ``store``, ``whole``, ``pallas_call_options``)."""
+    return _module("cggr_jax.kernels.scoring")
+
+
+def jax_stream_class() -> Any:
+    """The Pallas streaming loop class (private ``_Stream`` before issue 13)."""
+    return _attr([("cggr_jax.kernels.scoring", "Stream"), ("cggr_jax.kernels.scoring", "_Stream")])
+
+
+def jax_cross_entropy_kernels() -> ModuleType:
+    """``cggr_jax.kernels.cross_entropy`` (the Pallas CE backward; its ``BACKWARD_FLAT_GRID`` switch)."""
+    return _module("cggr_jax.kernels.cross_entropy")
+
+
+@contextlib.contextmanager
+def jax_backward_flat_grid(on: bool) -> Iterator[None]:
+    """Temporarily switch the Pallas CE backward's grid (DECISIONS.md: ce-backward-flat-grid: it stays 2-D in
+    JAX); ``kernels/launch.py`` after issue 13 if it moved there, else ``kernels/cross_entropy.py``."""
+    for n in ("cggr_jax.kernels.launch", "cggr_jax.kernels.cross_entropy"):
+        try:
+            m = importlib.import_module(n)
+        except ModuleNotFoundError:
+            continue
+        if hasattr(m, "BACKWARD_FLAT_GRID"):
+            old = m.BACKWARD_FLAT_GRID
+            m.BACKWARD_FLAT_GRID = on
+            try:
+                yield
+            finally:
+                m.BACKWARD_FLAT_GRID = old
+            return
+    raise ImportError("benchmarks.harness.compat: no BACKWARD_FLAT_GRID in cggr_jax")
+
+
+def jax_backward_grids(fn: Any, *args: Any) -> Any:
+    """The Pallas backward launches of a traced call (``kernels.cross_entropy.backward_grids``), to report
+    which grid a timing used."""
+    return _attr([("cggr_jax.kernels.cross_entropy", "backward_grids")])(fn, *args)
+
+
+def jax_fused_linear_module() -> ModuleType:
+    """``cggr_jax.fused_linear`` for the diagnostics' internals (``_forward_blocks``, ``_statistics_kernel``)."""
+    return _module("cggr_jax.fused_linear")
+
+
+def jax_plan_chunks(*args: Any, **kwargs: Any) -> Any:
+    """The JAX fused LM head's chunk plan (DECISIONS.md: fused-head-chunk-plan)."""
+    return _attr([("cggr_jax.kernels.launch", "plan_chunks"), ("cggr_jax.fused_linear", "plan_chunks")])(
+        *args, **kwargs)
+
+
+def jax_default_memory_budget() -> int:
+    """The JAX fused LM head's default working-memory budget in bytes."""
+    return int(_attr([("cggr_jax.kernels.launch", "DEFAULT_MEMORY_BUDGET"),
+                      ("cggr_jax.fused_linear", "DEFAULT_MEMORY_BUDGET")]))
