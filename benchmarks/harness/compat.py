@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any, Iterator, Optional, Sequence
 
 __all__ = [
-    "force", "torch_scoring_kernels", "torch_launch", "torch_mode_code", "torch_next_pow2",
+    "force", "torch_scoring_kernels", "torch_cross_entropy_kernels", "torch_launch", "torch_mode_code", "torch_next_pow2",
     "torch_selection_kernels", "torch_sort_key_bits", "torch_selection_check", "torch_backward_flat_grid",
     "torch_plan_chunks", "torch_default_memory_budget", "torch_fused_linear_module",
     "jax_scoring_kernels", "jax_stream_class", "jax_cross_entropy_kernels", "jax_backward_flat_grid",
@@ -102,6 +102,12 @@ def torch_scoring_kernels() -> ModuleType:
     ``score_tokens_triton``, ``launch_scoring_chunk``, ``backward_config``...): the scoring benchmark times
     the kernel alone and its launch variants, which no public API exposes."""
     return _module("cggr_torch.kernels.scoring")
+
+
+def torch_cross_entropy_kernels() -> ModuleType:
+    """The Triton selective-CE launchers (``selective_cross_entropy_triton``, ``launch_selective_backward``,
+    ``launch_masked_mean``): the selective-CE benchmark times the backward kernel and its launch variants alone."""
+    return _module("cggr_torch.kernels.cross_entropy")
 
 
 def torch_launch() -> ModuleType:

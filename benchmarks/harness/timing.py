@@ -37,7 +37,7 @@ class Timing:
     min_ms: float
     reps: int
     warmup: int
-    method: str  # "cuda-events" | "host-clock+block_until_ready" | "host-clock"
+    method: str  # "cuda-events" | "cuda-graph+cuda-events" | "host-clock+block_until_ready" | "host-clock"
 
     @property
     def iqr_ms(self) -> float:
@@ -85,16 +85,35 @@ def _torch_cuda() -> Optional[Any]:
 
 def measure(fn: Callable[[], Any], *, framework: str, warmup: int = 3, budget_ms: float = 100.0,
             min_reps: int = 5, max_reps: int = 200, reps: Optional[int] = None,
-            device: Optional[str] = None) -> Timing:
+            device: Optional[str] = None, before_each: Optional[Callable[[], Any]] = None,
+            cuda_graph: bool = False) -> Timing:
     """Time ``fn()`` (no arguments: close over the inputs, rotate buffers inside ``fn`` if needed).
 
     ``framework``: ``"torch"`` (CUDA events when ``device`` is a CUDA device, or ``device`` is None and CUDA is
-    available), ``"jax"`` (``jax.block_until_ready`` on the result), ``"host"`` (the host clock alone, for
-    pure-Python helpers and the tests). ``reps`` fixes the number of timed calls instead of ``budget_ms``.
+    available), ``"jax"`` (``jax.block_until_ready`` on the result), ``"host"`` (the host clock alone: the
+    host's enqueue cost of an asynchronous call, pure-Python helpers, the tests). ``reps`` fixes the number of
+    timed calls instead of ``budget_ms``. ``before_each`` runs before every call, outside the timed interval
+    (e.g. ``x.grad = None`` so that a backward does not accumulate). ``cuda_graph=True`` (PyTorch on CUDA)
+    captures ``fn`` once in a CUDA graph and times its replays: the device time alone, without the host's
+    launch cost (the selection and CE parts are host-bound when called eagerly); raises if capture fails.
     """
     framework = _framework_of(framework)
     torch = _torch_cuda() if framework == "torch" else None
     use_events = torch is not None and (device is None or str(device).startswith("cuda"))
+    if cuda_graph:
+        if not use_events:
+            raise ValueError("cuda_graph: needs framework='torch' on a CUDA device")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (allocator, autotuning), as CUDA graphs require
+            for _ in range(max(1, warmup)):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        fn, warmup = graph.replay, 1
     if framework == "jax":
         import jax
 
@@ -109,12 +128,15 @@ def measure(fn: Callable[[], Any], *, framework: str, warmup: int = 3, budget_ms
         call = fn  # type: ignore[assignment]
         method = "cuda-events" if use_events else "host-clock"
 
+    prep = before_each if before_each is not None else (lambda: None)
     for _ in range(max(0, warmup)):
+        prep()
         call()
     if use_events:
         torch.cuda.synchronize()
     # one call's estimate decides the count
     if reps is None:
+        prep()
         t0 = time.perf_counter()
         call()
         if use_events:
@@ -125,6 +147,7 @@ def measure(fn: Callable[[], Any], *, framework: str, warmup: int = 3, budget_ms
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for s, e in zip(starts, ends):
+            prep()
             s.record()
             fn()
             e.record()
@@ -133,10 +156,11 @@ def measure(fn: Callable[[], Any], *, framework: str, warmup: int = 3, budget_ms
     else:
         times = []
         for _ in range(reps):
+            prep()
             t0 = time.perf_counter()
             call()
             times.append((time.perf_counter() - t0) * 1e3)
-    return summarize(times, warmup=warmup, method=method)
+    return summarize(times, warmup=warmup, method=("cuda-graph+" + method) if cuda_graph else method)
 
 
 def ratio(value_ms: Optional[float], baseline_ms: Optional[float]) -> Optional[float]:

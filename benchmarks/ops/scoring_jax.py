@@ -16,14 +16,14 @@ For each vocabulary size (default N = 16384 tokens, V = 128256 and 131072, bfloa
 * ``pallas read-only (best launch)`` — the kernel's own streaming loop with the arithmetic removed (a row
   max only): the bandwidth this tiling can reach, i.e. how much of the gap is arithmetic.
 
-Timing: random data made on the device, 2 untimed calls (compile + warm-up), then calls timed with
-``block_until_ready`` until ``--budget-ms`` of timed work (at least 5, at most ``--reps``); median, p10, p90.
+Timing: random data made on the device, 2 untimed calls (compile + warm-up), then calls timed by the harness
+(``block_until_ready``) until ``--budget-ms`` of timed work (at least 5, at most ``--reps``); median, IQR.
 The output ends with a short summary (the GPU session shows only the last lines of each step); ``--out``
 gets the JSON.
 
 Run on the H200 (from the repository root)::
 
-    python benchmarks/bench_scoring_jax.py --out bench_scoring_jax.json
+    python benchmarks/scoring.py --framework jax
 
 ``--smoke`` runs tiny shapes with the kernel interpreted on any backend (checks the script only; the numbers
 mean nothing).
@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -46,9 +45,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
 
+from benchmarks.harness import compat, measure  # noqa: E402
+from cggr_jax import token_statistics  # noqa: E402
 from cggr_jax.kernels import kernel_config, token_statistics_pallas  # noqa: E402
-from cggr_jax.kernels import scoring as kscoring  # noqa: E402
-from cggr_jax.scoring import token_statistics_reference  # noqa: E402
+
+kscoring = compat.jax_scoring_kernels()
 
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 FIELDS = ("lse", "entropy", "confidence", "runner_up", "nll")
@@ -66,33 +67,23 @@ SWEEP = [(1, 2048, 1), (1, 1024, 1), (1, 4096, 1), (2, 1024, 1), (2, 2048, 2), (
 # ------------------------------------------------------------------------------------------ timing helpers
 def time_fn(fn: Callable[..., Any], args: Sequence[Any], *, budget_ms: float = 100.0, max_reps: int = 50,
             warmup: int = 2) -> dict[str, float]:
-    """Median/p10/p90 wall time (ms) of ``fn(*args)``, ``block_until_ready`` after every call; calls are timed
-    until ``budget_ms`` of timed work (≥ 5 and ≤ ``max_reps`` calls)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times: list[float] = []
-    while len(times) < max_reps and (len(times) < 5 or sum(times) < budget_ms):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9), "reps": len(times)}
+    """``fn(*args)`` timed by the harness (``block_until_ready`` after each call, warm-up first, as many calls
+    as fit ``budget_ms``, ≥ 5 and ≤ ``max_reps``): median, IQR, p10/p90 in ms."""
+    return measure(lambda: fn(*args), framework="jax", warmup=warmup, budget_ms=budget_ms,
+                   min_reps=min(5, max_reps), max_reps=max_reps).as_dict()
 
 
 def time_donated(fn: Callable[..., jax.Array], x: jax.Array, *rest: Any, budget_ms: float = 100.0,
                  max_reps: int = 50) -> tuple[dict[str, float], jax.Array]:
     """Like :func:`time_fn` for ``x = fn(x, *rest)`` with ``x`` donated (in place); returns the last ``x``."""
-    for _ in range(2):
-        x = jax.block_until_ready(fn(x, *rest))
-    times: list[float] = []
-    while len(times) < max_reps and (len(times) < 5 or sum(times) < budget_ms):
-        t0 = time.perf_counter()
-        x = jax.block_until_ready(fn(x, *rest))
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
-    return {"median_ms": statistics.median(times), "p10_ms": q(0.1), "p90_ms": q(0.9), "reps": len(times)}, x
+    cell = [x]
+
+    def step() -> jax.Array:
+        cell[0] = fn(cell[0], *rest)
+        return cell[0]
+    r = measure(step, framework="jax", warmup=2, budget_ms=budget_ms, min_reps=min(5, max_reps),
+                max_reps=max_reps).as_dict()
+    return r, cell[0]
 
 
 def environment() -> dict[str, Any]:
@@ -172,7 +163,7 @@ def read_only_pallas(x: jax.Array, launch: dict[str, int], interpret: bool) -> j
     def kernel(x_ref: Any, o_ref: Any) -> None:
         row0, _, in_range = kscoring.program_rows(n, rows)
         mask = in_range if n % rows else None
-        stream = kscoring._Stream(x_ref, row0, rows, mask, v, cfg.block_v, chunk)
+        stream = compat.jax_stream_class()(x_ref, row0, rows, mask, v, cfg.block_v, chunk)
 
         def fn(tiles: list[jax.Array], m: jax.Array) -> jax.Array:
             for t in tiles:
@@ -208,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--reps", type=int, default=50, help="most timed calls per measurement")
     ap.add_argument("--no-sweep", action="store_true", help="only the default launch")
     ap.add_argument("--out", default="bench_scoring_jax.json", help="JSON output path")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, kernel interpreted (script check)")
+    ap.add_argument("--smoke", "--quick", action="store_true", help="tiny shapes, kernel interpreted (script check)")
     args = ap.parse_args(argv)
     require_gpu(args.smoke)
     sweep = SWEEP
@@ -264,8 +255,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # -- references and the default kernel
         if vi == 0:
             record("xla_naive", time_fn(jax.jit(naive_statistics), [x, t], **timing))
-            record("xla_reference", time_fn(jax.jit(lambda a, b: token_statistics_reference(a, b, b >= 0)), [x, t],
-                                            **timing))
+            with compat.force("jax", "reference"):  # the package's XLA path, traced under the forced dispatch
+                ref_fn = jax.jit(lambda a, b: token_statistics(a, b))
+                record("xla_reference", time_fn(ref_fn, [x, t], **timing))
         default_fn = jax.jit(lambda a, b: token_statistics_pallas(a, b, interpret=interpret))
         ref_stats = jax.block_until_ready(default_fn(x, t))
         dcfg = kernel_config(v, itemsize)

@@ -15,8 +15,8 @@ Rows:
   host-``k`` alternatives ``torch.topk`` / ``torch.kthvalue`` on the unique key (they need ``k`` on the host,
   i.e. a synchronisation, so they cannot be used in a training step: listed for their GPU time only).
 
-Columns: ``gpu µs`` = ``triton.testing.do_bench_cudagraph`` (the device time alone; ``-`` when the call
-cannot be captured, e.g. because it synchronises), ``eager ms`` = ``triton.testing.do_bench`` (what a tight
+Columns: ``gpu µs`` = the harness's CUDA-graph timing (the device time alone; ``-`` when the call
+cannot be captured, e.g. because it synchronises), ``eager ms`` = the harness's CUDA-event timing (what a tight
 loop sees, launch overhead included when the CPU is the bottleneck), ``cpu µs`` = host time to enqueue one
 call (no synchronisation), ``sync`` = whether one call synchronises with the host
 (``torch.cuda.set_sync_debug_mode('error')``), ``exact`` = bit-identical mask and ``k`` to the reference
@@ -27,7 +27,7 @@ The last lines are a summary (the GPU session shows only the tail). Writes JSON 
 as one step: one log, one JSON) and prints their summaries before this one. Run on the H200 from the
 repository root::
 
-    python benchmarks/bench_selection_torch.py --out bench_selection_torch.json
+    python benchmarks/selection.py --framework torch
 
 ``--smoke`` runs tiny shapes on CPU with the kernels interpreted (checks the script only).
 """
@@ -57,7 +57,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--out", default="bench_selection_torch.json")
     ap.add_argument("--include-json", nargs="*", default=[],
                     help="JSON files of other benchmarks to embed in --out; their summaries are printed last")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, kernels interpreted")
+    ap.add_argument("--smoke", "--quick", action="store_true", help="tiny shapes on CPU, kernels interpreted")
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -86,13 +86,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import numpy as np
     import torch
     import triton
-    from triton.testing import do_bench, do_bench_cudagraph
 
-    from cggr_torch import selection as sel_mod
-    from cggr_torch.curriculum import num_selected
-    from cggr_torch.kernels import selection as ksel
-    from cggr_torch.utils import check_selection
+    from benchmarks.harness import compat
+    from benchmarks.harness import measure as hmeasure
+    from cggr_torch import num_selected, select_tokens
     from tests import oracle
+
+    ksel = compat.torch_selection_kernels()
+
+    def reference_path() -> Any:
+        return compat.force("torch", "reference")
 
     if not args.smoke:
         if not torch.cuda.is_available():
@@ -101,9 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.exit("error: unset TRITON_INTERPRET (the interpreter is for CPU tests)")
     cuda = not args.smoke
     device = "cuda" if cuda else "cpu"
-    if not cuda:  # the smoke run exercises the Triton path on CPU tensors (interpreter)
-        from cggr_torch import scoring as scoring_mod
-        scoring_mod._KERNEL_DEVICE_TYPES = ("cpu",)
+    if not cuda:  # the smoke run exercises the Triton path on CPU tensors (interpreter), for the whole run
+        compat.force("torch", "kernel").__enter__()
     env = {"torch": torch.__version__, "triton": triton.__version__,
            "device": torch.cuda.get_device_name() if cuda else "cpu", "python": platform.python_version(),
            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -115,7 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.cuda.synchronize()
 
     def measure(fn: Callable[[], Any]) -> dict[str, Any]:
-        """gpu µs (CUDA graph), eager ms (do_bench), cpu µs per enqueue, sync (bool)."""
+        """gpu µs (harness, CUDA graph replays), eager ms (harness, CUDA events), cpu µs per enqueue (harness,
+        host clock), sync (bool)."""
         out: dict[str, Any] = {}
         fn()
         sync()
@@ -131,23 +134,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out["sync"] = err is not None
             sync()
             try:
-                out["gpu_us"] = 1e3 * do_bench_cudagraph(fn, rep=args.rep_ms)
+                out["gpu_us"] = 1e3 * hmeasure(fn, framework="torch", cuda_graph=True,
+                                               budget_ms=args.rep_ms).median_ms
             except Exception as e:  # noqa: BLE001 - capture fails for synchronising calls: report, go on
                 out["gpu_us"] = None
                 out["graph_error"] = f"{type(e).__name__}: {e}"[:200]
                 torch.cuda.synchronize()
-            out["eager_ms"] = do_bench(fn, warmup=5, rep=args.rep_ms)
-            reps = 50
+            out["eager_ms"] = hmeasure(fn, framework="torch", warmup=5, budget_ms=args.rep_ms).median_ms
             sync()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            out["cpu_us"] = (time.perf_counter() - t0) / reps * 1e6
+            out["cpu_us"] = 1e3 * hmeasure(fn, framework="host", warmup=0, reps=50).median_ms  # enqueue only
             sync()
         else:
-            t0 = time.perf_counter()
-            fn()
-            out.update(sync=False, gpu_us=None, eager_ms=(time.perf_counter() - t0) * 1e3, cpu_us=None)
+            out.update(sync=False, gpu_us=None, cpu_us=None,
+                       eager_ms=hmeasure(fn, framework="torch", device="cpu", warmup=0, reps=1).median_ms)
         return out
 
     # ---------------------------------------------------------------------------------- oracle sanity
@@ -159,17 +158,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for strategy in STRATEGIES:
         m_o, k_o = oracle.select_tokens(d_small, e_small, np.float32(args.ratio), strategy, 4, 2)
         for bits in (32, 64):
-            ksel.SORT_KEY_BITS = bits
-            m, k = sel_mod.select_tokens(torch.from_numpy(d_small).to(device), torch.from_numpy(e_small).to(device),
-                                         torch.tensor(args.ratio, device=device), selection=strategy,
-                                         min_tokens_per_sequence=2)
+            with compat.torch_sort_key_bits(bits):
+                m, k = select_tokens(torch.from_numpy(d_small).to(device), torch.from_numpy(e_small).to(device),
+                                     torch.tensor(args.ratio, device=device), selection=strategy,
+                                     min_tokens_per_sequence=2)
             oracle_ok &= int(k) == k_o and np.array_equal(m.cpu().numpy(), m_o)
-        with env_var("CGGR_DISABLE_KERNELS", "1"):
-            m, k = sel_mod.select_tokens(torch.from_numpy(d_small).to(device), torch.from_numpy(e_small).to(device),
+        with reference_path():
+            m, k = select_tokens(torch.from_numpy(d_small).to(device), torch.from_numpy(e_small).to(device),
                                          torch.tensor(args.ratio, device=device), selection=strategy,
                                          min_tokens_per_sequence=2)
         oracle_ok &= int(k) == k_o and np.array_equal(m.cpu().numpy(), m_o)
-    ksel.SORT_KEY_BITS = 32
     print(f"oracle check (997 tokens, ties, ±0, ±inf, NaN; triton int32/int64 keys and torch path): "
           f"{'PASS' if oracle_ok else 'FAIL'}")
 
@@ -197,34 +195,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         # references: the PyTorch path
         ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        with env_var("CGGR_DISABLE_KERNELS", "1"):
+        with reference_path():
             for strategy in STRATEGIES:
-                ref[strategy] = sel_mod.select_tokens(d, e, ratio_t, selection=strategy)
+                ref[strategy] = select_tokens(d, e, ratio_t, selection=strategy)
 
         def same(strategy: str, got: tuple[torch.Tensor, torch.Tensor]) -> bool:
             m_r, k_r = ref[strategy]
             return bool(torch.equal(got[0], m_r)) and int(got[1]) == int(k_r)
 
         for strategy in STRATEGIES:
-            fn = (lambda s=strategy: sel_mod.select_tokens(d, e, ratio_t, selection=s))
+            fn = (lambda s=strategy: select_tokens(d, e, ratio_t, selection=s))
             record(f"select_tokens {strategy} (triton, int32 key)", fn, same(strategy, fn()), strategy=strategy,
                    path="triton32")
-        ksel.SORT_KEY_BITS = 64
-        for strategy in ("topk", "stratified"):
-            fn = (lambda s=strategy: sel_mod.select_tokens(d, e, ratio_t, selection=s))
-            record(f"select_tokens {strategy} (triton, int64 key)", fn, same(strategy, fn()), strategy=strategy,
-                   path="triton64")
-        ksel.SORT_KEY_BITS = 32
-        with env_var("CGGR_DISABLE_KERNELS", "1"):
+        with compat.torch_sort_key_bits(64):
+            for strategy in ("topk", "stratified"):
+                fn = (lambda s=strategy: select_tokens(d, e, ratio_t, selection=s))
+                record(f"select_tokens {strategy} (triton, int64 key)", fn, same(strategy, fn()), strategy=strategy,
+                       path="triton64")
+        with reference_path():
             for strategy in STRATEGIES:
                 record(f"select_tokens {strategy} (pytorch path)",
-                       lambda s=strategy: sel_mod.select_tokens(d, e, ratio_t, selection=s), True,
+                       lambda s=strategy: select_tokens(d, e, ratio_t, selection=s), True,
                        strategy=strategy, path="torch")
 
         # building blocks
         flat_d, flat_e = d.reshape(-1), e.reshape(-1)
-        record("  validation (_check + check_selection)",
-               lambda: (sel_mod._check(d, e), check_selection("topk")))
+        record("  validation (select_tokens' argument checks)", lambda: compat.torch_selection_check(d, e))
         n_dev = flat_e.sum()
         record("  ratio -> k (num_selected, device)", lambda: num_selected(n_dev, ratio_t))
         key32 = torch.empty((n_tok,), dtype=torch.int32, device=device)
@@ -318,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"SUMMARY {data.get('benchmark', name)}")
         for line in data.get("summary", []):
             print(line)
-    print("SUMMARY selection (gpu = CUDA-graph device µs; eager = do_bench ms; cpu = enqueue µs/call)")
+    print("SUMMARY selection (gpu = CUDA-graph device µs; eager = CUDA-event ms; cpu = enqueue µs/call)")
     for line in summary:
         print(line)
     return 0 if oracle_ok and not bad else 1

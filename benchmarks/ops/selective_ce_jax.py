@@ -9,7 +9,7 @@ times ``jax.value_and_grad`` (w.r.t. the logits) under ``jit`` of
 * ``cggr pallas: score+select+CE`` — the whole pipeline
   (:func:`cggr_jax.kernels.scored_selective_cross_entropy_pallas`: scoring kernel → ``select_tokens`` on
   device → selective CE with the sparse backward), with the default launches and, when a scoring benchmark
-  JSON is given (``--scoring-json``, written by ``bench_scoring_jax.py``), with the best scoring launch
+  JSON is given (``--scoring-json``, written by ``benchmarks/scoring.py --framework jax``), with the best scoring launch
   found there and the best backward launch found here;
 * its parts: ``scoring kernel`` alone, ``selection`` alone (on precomputed difficulties; both for the first
   vocabulary only), and ``selective CE given mask+stats`` (fwd + sparse bwd only);
@@ -27,7 +27,7 @@ Timing: random data made on the device, 2 untimed calls, then timed calls with `
 with a short summary (the scoring benchmark's summary is repeated there when ``--scoring-json`` is given);
 ``--out`` gets the JSON (with the scoring benchmark's JSON embedded under ``"scoring"``).
 
-    python benchmarks/bench_selective_ce_jax.py --scoring-json bench_scoring_jax.json --out bench_jax.json
+    python benchmarks/selective_ce.py --framework jax --scoring-json <run>/kernels/raw/scoring_jax.json
 
 ``--smoke`` runs tiny shapes with the kernels interpreted on any backend (checks the script only).
 """
@@ -45,10 +45,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_scoring_jax (shared helpers)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
 
-from bench_scoring_jax import (  # noqa: E402
+from benchmarks.harness import compat  # noqa: E402
+from benchmarks.ops.scoring_jax import (  # noqa: E402
     DTYPES,
     environment,
     launch_name,
@@ -57,7 +57,6 @@ from bench_scoring_jax import (  # noqa: E402
     time_fn,
     triton_deprecation_note,
 )
-from cggr_jax.kernels import cross_entropy as ce_module  # noqa: E402
 from cggr_jax.kernels import (  # noqa: E402
     BACKWARD_DEFAULTS,
     Launch,
@@ -66,8 +65,7 @@ from cggr_jax.kernels import (  # noqa: E402
     selective_cross_entropy_pallas,
     token_statistics_pallas,
 )
-from cggr_jax.scoring import difficulty_from_statistics  # noqa: E402
-from cggr_jax.selection import select_tokens  # noqa: E402
+from cggr_jax import difficulty_from_statistics, select_tokens  # noqa: E402
 
 #: Backward sweep as (block_rows, bytes of gradient per row of the tile, num_warps): block_v = bytes //
 #: itemsize (bf16: 4096 for 8 KiB). The default (one row, 8 KiB, 4 warps: four 16-byte stores per thread);
@@ -78,24 +76,19 @@ SWEEP = [(1, 8192, 4), (1, 4096, 2), (1, 8192, 8), (1, 16384, 8), (1, 16384, 4),
 
 def backward_grids(fn: Any, fargs: Sequence[Any]) -> list[tuple[int, ...]]:
     """Grids of the backward kernel's ``pallas_call`` (``cggr_selective_ce_grad``) in the jaxpr of ``fn``."""
-    from cggr_jax.kernels.cross_entropy import backward_grids as grids_of
-    return grids_of(fn, *fargs)
+    return compat.jax_backward_grids(fn, *fargs)
 
 
 def with_flat_backward_grid(make_fn: Any, fargs: Sequence[Any], run: Any) -> tuple[Any, list[tuple[int, ...]]]:
     """``run(jax.jit(make_fn()))`` with ``BACKWARD_FLAT_GRID = True`` (restored afterwards, also on error).
     ``make_fn`` must build a new function: a ``jit`` traced before keeps the grid it was traced with. Raises
     ``RuntimeError`` when the traced backward kernel is not on a 1-D grid (a mislabelled measurement)."""
-    saved = ce_module.BACKWARD_FLAT_GRID
-    ce_module.BACKWARD_FLAT_GRID = True
-    try:
+    with compat.jax_backward_flat_grid(True):
         fn = jax.jit(make_fn())
         grids = backward_grids(fn, fargs)
         if not grids or any(len(g) != 1 for g in grids):
             raise RuntimeError(f"BACKWARD_FLAT_GRID = True traced backward grids {grids}, expected 1-D")
         return run(fn), grids
-    finally:
-        ce_module.BACKWARD_FLAT_GRID = saved
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -112,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="bench_scoring_jax.py JSON: its best scoring launch is used for the tuned pipeline and "
                          "its summary is repeated at the end")
     ap.add_argument("--out", default="bench_selective_ce_jax.json")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, kernels interpreted (script check)")
+    ap.add_argument("--smoke", "--quick", action="store_true", help="tiny shapes, kernels interpreted (script check)")
     args = ap.parse_args(argv)
     require_gpu(args.smoke)
     sweep = SWEEP
@@ -148,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def dump(best_line: Optional[str] = None) -> None:
         with open(args.out, "w") as f:
             json.dump({"benchmark": "selective_ce_jax", "env": env, "note": note, "args": vars(args),
-                       "backward_flat_grid_default": ce_module.BACKWARD_FLAT_GRID,
+                       "backward_flat_grid_default": compat.jax_cross_entropy_kernels().BACKWARD_FLAT_GRID,
                        "best_backward_launch": None if best_backward is None else best_backward.kwargs(),
                        "best_backward_defaults_line": best_line, "summary": summary, "results": results,
                        "scoring": scoring_json}, f, indent=2)

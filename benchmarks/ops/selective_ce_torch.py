@@ -21,8 +21,8 @@ model's output would), selection ratio 0.25. Every row is one forward + backward
   N×V buffer (the pure write of N·V) and "write N·V + read ratio·N rows" (``zero_`` of the other rows plus a
   copy of the first ratio·N rows: exactly the backward's traffic, laid out sequentially).
 
-Columns: median/p10/p90 ms (``triton.testing.do_bench``, L2 flushed, ``--buffers`` logit buffers used
-round-robin), ``× liger`` (goal for the CGGR rows: ≤ 0.65), ``floor ms`` (bytes the method must move at
+Columns: median/p10/p90 ms (the harness: CUDA events after warm-up, ``logits.grad`` reset outside the timed
+interval, ``--buffers`` logit buffers used round-robin), ``× liger`` (goal for the CGGR rows: ≤ 0.65), ``floor ms`` (bytes the method must move at
 the copy bandwidth: CGGR reads N·V once for scoring, re-reads the selected rows and writes N·V of gradient;
 a full CE reads N·V and writes N·V), and the peak extra memory of one call above what was allocated before
 it (the gradient included). The last lines are a summary (the GPU session shows only the tail). Writes JSON
@@ -30,7 +30,7 @@ to ``--out``.
 
 Run on the H200 from the repository root::
 
-    python benchmarks/bench_selective_ce_torch.py --out bench_selective_ce_torch.json
+    python benchmarks/selective_ce.py --framework torch
 
 ``--smoke`` runs tiny shapes on CPU with the kernels interpreted (checks the script only).
 """
@@ -63,7 +63,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="add the torch.compile CE baseline (slow to compile)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the backward launch sweep")
     ap.add_argument("--out", default="bench_selective_ce_torch.json")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, kernels interpreted")
+    ap.add_argument("--smoke", "--quick", action="store_true", help="tiny shapes on CPU, kernels interpreted")
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -93,24 +93,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     import torch.nn.functional as F
     import triton
-    from triton.testing import do_bench, do_bench_cudagraph
 
-    from cggr_torch import CGGRLoss
-    from cggr_torch import loss as loss_mod
-    from cggr_torch.kernels import cross_entropy as kce
-    from cggr_torch.kernels import scoring as ks
-    from cggr_torch.kernels import selection as ksel
-    from cggr_torch.selection import select_tokens
+    from benchmarks.harness import compat, measure
+    from cggr_torch import CGGRLoss, select_tokens
+
+    ks = compat.torch_scoring_kernels()
+    kce = compat.torch_cross_entropy_kernels()
+    launch = compat.torch_launch()
+    ksel = compat.torch_selection_kernels()
 
     if not args.smoke:
         if not torch.cuda.is_available():
             sys.exit("error: this benchmark needs a CUDA GPU; use --smoke to check the script on CPU")
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
             sys.exit("error: unset TRITON_INTERPRET (the interpreter is for CPU tests)")
-    else:  # exercise the CUDA code paths on CPU tensors under the interpreter
-        from cggr_torch import scoring as scoring_mod
-        scoring_mod._KERNEL_DEVICE_TYPES = ("cpu",)
-        loss_mod._FUSED_DEVICE_TYPES = ("cpu",)
+    else:  # exercise the CUDA code paths on CPU tensors under the interpreter (for the whole run)
+        forced = compat.force("torch", "kernel")
+        forced.__enter__()
     device = "cpu" if args.smoke else "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     elsize = torch.finfo(dtype).bits // 8
@@ -123,17 +122,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"_liger: {liger_note}_")
 
     def timed(fn: Callable[[], Any], grad_to_none: Optional[list] = None) -> dict[str, float]:
-        if args.smoke:
-            ts = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
-            ts.sort()
-            return {"median_ms": ts[1], "p10_ms": ts[0], "p90_ms": ts[2]}
-        med, p10, p90 = do_bench(fn, warmup=10, rep=args.rep_ms, grad_to_none=grad_to_none,
-                                 quantiles=[0.5, 0.1, 0.9])
-        return {"median_ms": med, "p10_ms": p10, "p90_ms": p90}
+        def reset() -> None:  # a backward must not accumulate into the previous call's gradient
+            for b in grad_to_none or ():
+                b.grad = None
+        if args.smoke:  # interpreted kernels: one host-clock call, numbers mean nothing
+            return measure(fn, framework="torch", device=device, warmup=0, reps=1, before_each=reset).as_dict()
+        return measure(fn, framework="torch", device=device, warmup=10, budget_ms=args.rep_ms,
+                       before_each=reset).as_dict()
 
     def graph_us(fn: Callable[[], Any]) -> Optional[float]:
         """Device time of ``fn`` alone (CUDA graph replay), µs; None on CPU or when capture fails."""
@@ -141,7 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             fn()
             return None
         try:
-            return 1e3 * do_bench_cudagraph(fn, rep=max(20, args.rep_ms // 4))
+            return 1e3 * measure(fn, framework="torch", device=device, cuda_graph=True,
+                                 budget_ms=max(20, args.rep_ms // 4)).median_ms
         except Exception as err:  # noqa: BLE001 - report and go on
             print(f"  graph capture failed: {type(err).__name__}: {err}"[:200])
             torch.cuda.synchronize()
@@ -220,12 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         crit_flat = CGGRLoss(selection="topk", dynamic_threshold=False, min_tokens_ratio=args.ratio, warmup_steps=0)
 
         def topk_flat(x: torch.Tensor, t: torch.Tensor) -> None:
-            saved = ks._BACKWARD_FLAT_GRID
-            ks._BACKWARD_FLAT_GRID = True
-            try:
+            with compat.torch_backward_flat_grid(True):
                 crit_flat(x, t).backward()
-            finally:
-                ks._BACKWARD_FLAT_GRID = saved
         record("CGGRLoss topk, flat backward grid", topk_flat, cggr_floor, kind="module", strategy="topk+flat")
         crit_dyn = CGGRLoss(min_tokens_ratio=args.ratio, warmup_steps=0)
         record(f"CGGRLoss default ({crit_dyn.selection}, dynamic threshold)", lambda x, t: crit_dyn(x, t).backward(),
@@ -246,7 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fin = torch.empty((n,), dtype=torch.int8, device=device)
         key = torch.empty((n,), dtype=torch.int32, device=device)
         status = torch.empty((n,), dtype=torch.int8, device=device)
-        mode = ks._MODE_CODE["combined"]
+        mode = compat.torch_mode_code("combined")
         parts: list[tuple[str, Optional[float], Optional[float]]] = []
 
         def part(name: str, fn: Callable[[], Any], floor_bytes: Optional[float] = None) -> None:
@@ -269,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         part("masked mean (loss)", lambda: kce.launch_masked_mean(mask, out[4], loss_buf, count))
         g_buf = torch.empty_like(x0)
         gscale = torch.ones((1,), dtype=torch.float32, device=device)
-        bwd_default = ks.backward_config(v, dtype)
+        bwd_default = launch.backward_config(v, dtype)
         bwd_bytes = nbytes * (1 + args.ratio)
         part(f"backward kernel ({bwd_default.describe()})",
              lambda: kce.launch_selective_backward(geom, tf, mask, out[0], gscale, g_buf, count=count), bwd_bytes)
@@ -290,23 +282,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.no_sweep and not args.smoke:
             group = max(1, 16 // elsize)
             variants = [
-                ks.LaunchConfig(rows=16384 // elsize // group, group=group, num_warps=8),
-                ks.LaunchConfig(rows=4096 // elsize // group, group=group, num_warps=2),
-                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                launch.LaunchConfig(rows=16384 // elsize // group, group=group, num_warps=8),
+                launch.LaunchConfig(rows=4096 // elsize // group, group=group, num_warps=2),
+                launch.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
                                 blocks_per_program=2),
-                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                launch.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
                                 blocks_per_program=4),
-                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                launch.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
                                 store_hint=".cs"),
-                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                launch.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
                                 blocks_per_program=2, store_hint=".cs"),
                 # row-major grid: neighbouring programs store along one row instead of one row apart
-                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                launch.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
                                 flat_grid=True),
-                ks.LaunchConfig(rows=16384 // elsize // group, group=group, num_warps=8, flat_grid=True),
-                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                launch.LaunchConfig(rows=16384 // elsize // group, group=group, num_warps=8, flat_grid=True),
+                launch.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
                                 blocks_per_program=2, flat_grid=True),
-                ks.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
+                launch.LaunchConfig(rows=bwd_default.rows, group=group, num_warps=bwd_default.num_warps,
                                 store_hint=".cs", flat_grid=True),
             ]
             for c in variants:
