@@ -7,6 +7,7 @@ per script family; unknown numeric fields are kept as metrics rather than droppe
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from benchmarks.harness.records import make_record
@@ -103,9 +104,11 @@ def _rows_ops(raw: dict[str, Any], op: str, fw: str, ratio_keys: dict[str, str],
             _tokens(metrics, ms, n, None)
         elif op == "selective_ce" and n:
             _tokens(metrics, ms, n, (n * sel_ratio) if sel_ratio else None)
+        is_sweep = str(name).strip().lower().startswith(("sweep", "pallas sweep"))
         out.append(make_record(op=op, framework=fw, case=str(name), shape=shape, dtype=row.get("dtype"),
                                metrics=metrics, ratios=_ratios(row, ratio_keys, invert),
-                               baseline=is_baseline(str(name)), **base))
+                               baseline=is_baseline(str(name)), extra={"sweep": True} if is_sweep else None,
+                               **base))
     return out
 
 
@@ -177,3 +180,40 @@ def convert(raw: dict[str, Any], kind: str, *, suite: Optional[str] = None, comm
     if op == "batch_split":
         return _batch_split(raw, fw, base)
     raise ValueError(f"kind: unknown benchmark kind {kind!r}")
+
+
+def rebuild_migrated(root: Path) -> int:
+    """Re-derive the records of the migrated runs (``manifest.json`` with ``"migrated": true``) from their raw
+    JSON, e.g. after this converter improved: ``python -m benchmarks.harness.convert benchmarks/results``."""
+    import json
+
+    from benchmarks.harness.records import write_records
+
+    n = 0
+    for man_path in sorted(Path(root).glob("*/*/manifest.json")):
+        man = json.loads(man_path.read_text())
+        if not man.get("migrated"):
+            continue
+        folder = man_path.parent
+        for old in folder.glob("*/*.jsonl"):
+            old.unlink()
+        label = man["archive_run"]
+        for raw_path in sorted(folder.glob("*/raw/*.json")):
+            raw = json.loads(raw_path.read_text())
+            kind = kind_of(raw, raw_path.name)
+            if kind is None:
+                continue
+            cmd = (f"{man['legacy_case']}  (legacy script {raw_path.stem}; {label[:3]} {label[3:]} of "
+                   f"RESULTS_ARCHIVE.md)")
+            recs = convert(raw, kind, commit=man["commit"], gpu=man["gpu"], date=man["date"], command=cmd)
+            for r in recs:
+                r.setdefault("extra", {}).update(archive_run=label)
+            write_records(recs, raw_path.parent.parent / f"{kind}.jsonl")
+            n += len(recs)
+    return n
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(rebuild_migrated(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")), "records")
