@@ -23,8 +23,8 @@ one GPU with ``CGGRLoss``; ``W`` GPUs with ``DistributedCGGRLoss`` global and lo
 ``jit`` (XLA's partitioning), and plain cross-entropy on 1 and ``W`` GPUs; plus the loss alone (forward and
 backward on fixed logits). Scaling efficiency = tokens/s(W) / (W · tokens/s(1)).
 
-    python benchmarks/dp_check_jax.py            # 2 GPUs; writes $OUT/dp_check_jax.json if $OUT is set
-    python benchmarks/dp_check_jax.py --smoke    # CPU, 2 forced host devices, tiny shapes (checks the script)
+    python benchmarks/verify_dp_jax.py            # 2 GPUs; writes $OUT/dp_check_jax.json if $OUT is set
+    python benchmarks/verify_dp_jax.py --smoke    # CPU, 2 forced host devices, tiny shapes (checks the script)
 
 Exit status: 0 when every check passes, 1 otherwise, 2 when there are fewer GPUs than ``--devices``.
 """

@@ -24,8 +24,8 @@ plain cross-entropy on 1 and ``W`` GPUs for comparison; and the loss alone (forw
 in both scopes. The per-GPU batch is the same in every run (weak scaling): the scaling efficiency is
 ``tokens/s(W GPUs) / (W · tokens/s(1 GPU))``.
 
-    python benchmarks/dp_check_torch.py                 # 2 GPUs; writes $OUT/dp_check_torch.json if $OUT is set
-    python benchmarks/dp_check_torch.py --smoke         # CPU + gloo, tiny shapes: checks the script only
+    python benchmarks/verify_dp_torch.py                 # 2 GPUs; writes $OUT/dp_check_torch.json if $OUT is set
+    python benchmarks/verify_dp_torch.py --smoke         # CPU + gloo, tiny shapes: checks the script only
 
 Exit status: 0 when every check passes, 1 otherwise, 2 when there are fewer GPUs than ``--world``.
 """

@@ -18,7 +18,7 @@ block is ragged (N mod R ≠ 0). For each launch:
 Prints every failed check, one PASS/FAIL line per case and launch (``--verbose``: every check), and exits 1
 if any check fails (2 if there is no GPU).
 
-    python benchmarks/gpu_check_jax.py            # on the H200, from the repository root
+    python benchmarks/verify_jax.py            # on the H200, from the repository root
 
 ``--launch R,BV,W`` / ``--backward-launch R,BV,W`` add a scoring / backward launch to check on every case.
 ``--smoke`` runs small shapes with the kernels interpreted on any backend (checks the script only).
@@ -43,7 +43,7 @@ from cggr_jax.kernels import (  # noqa: E402
     selective_cross_entropy_pallas,
     token_statistics_pallas,
 )
-from cggr_jax.scoring import token_statistics_reference  # noqa: E402
+from benchmarks.harness import compat  # noqa: E402
 from tests import oracle  # noqa: E402
 
 IGNORE = -100
@@ -156,7 +156,7 @@ def check_case(spec: str, rep: Report, *, interpret: bool,
     ts = np.asarray(t[rows])
     ref = oracle.token_statistics(xs, ts, IGNORE)
     safe = jnp.where(t == IGNORE, 0, t)
-    ref_x = jax.jit(lambda a, b, h: token_statistics_reference(a, b, h))(x, safe, t != IGNORE)
+    ref_x = jax.jit(lambda a, b, h: compat.jax_token_statistics_reference(a, b, h))(x, safe, t != IGNORE)
     for scoring_launch, backward_launch in launches:
         tag = (f"scoring {describe(scoring_launch)}, backward {describe(backward_launch)}"
                + ("" if scoring_launch.block_rows in (None, 1) or n % scoring_launch.block_rows == 0

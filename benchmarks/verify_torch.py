@@ -30,7 +30,7 @@ Prints **one line per group** - ``PASS  <group> (<n> checks)`` or ``FAIL  <group
 
 Run from the repository root on a GPU machine (``TRITON_INTERPRET`` unset)::
 
-    python benchmarks/gpu_check_torch.py
+    python benchmarks/verify_torch.py
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import sys
 import textwrap
 from typing import Any, Iterator, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 sys.path.insert(0, ROOT)
 SMOKE = "--smoke" in sys.argv[1:]
 if SMOKE:  # the interpreter must be chosen before triton is first imported
@@ -50,6 +50,8 @@ if SMOKE:  # the interpreter must be chosen before triton is first imported
 DEV = "cpu" if SMOKE else "cuda"
 
 import numpy as np  # noqa: E402
+
+from benchmarks.harness import compat  # noqa: E402
 import torch  # noqa: E402
 
 STAT_KEYS = ("lse", "entropy", "confidence", "runner_up", "nll")
@@ -142,15 +144,13 @@ def sample_rows(n: int, extra: Sequence[int] = ()) -> torch.Tensor:
 
 
 def torch_key32(d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """The PyTorch form of the SPEC §6 sort key (``cggr_torch.selection._order_key32``)."""
-    from cggr_torch.selection import _order_key32
-
-    return _order_key32(d.to(torch.float32), e)
+    """The PyTorch form of the SPEC §6 sort key (the selection's int32 key, via ``benchmarks.harness.compat``)."""
+    return compat.torch_order_key32(d.to(torch.float32), e)
 
 
 # ================================================================================================ groups
 def check_scoring(label: str, n: int, v: int, dtype: torch.dtype, extra_rows: Sequence[int] = ()) -> None:
-    from cggr_torch.kernels import scoring as ks
+    ks = compat.torch_scoring_kernels()
     from cggr_torch.scoring import difficulty_from_statistics
     from tests import oracle
 
@@ -166,7 +166,7 @@ def check_scoring(label: str, n: int, v: int, dtype: torch.dtype, extra_rows: Se
     fin = torch.full((n,), 7, dtype=torch.int8, device=DEV)
     key = torch.full((n,), 12345, dtype=torch.int32, device=DEV)
     status = torch.full((n,), 99, dtype=torch.int8, device=DEV)
-    ks.launch_scoring(geom, tf, IGN, ks._MODE_CODE["combined"], out, fin, key=key, status=status)
+    ks.launch_scoring(geom, tf, IGN, compat.torch_mode_code("combined"), out, fin, key=key, status=status)
     sync()
     fin_all = fin.cpu()
     report("finite flags written for every row", bool(((fin_all == 0) | (fin_all == 1)).all()))
@@ -201,7 +201,7 @@ def check_scoring(label: str, n: int, v: int, dtype: torch.dtype, extra_rows: Se
 
 def check_variants(n: int, v: int, dtype: torch.dtype) -> None:
     from benchmarks.ops.scoring_torch import sweep_configs
-    from cggr_torch.kernels import scoring as ks
+    ks = compat.torch_scoring_kernels()
     from tests import oracle
 
     x, t = make_logits(n, v, dtype, seed=5)
@@ -215,7 +215,7 @@ def check_variants(n: int, v: int, dtype: torch.dtype) -> None:
         out = torch.full((6, n), float("nan"), dtype=torch.float32, device=DEV)
         fin = torch.full((n,), 7, dtype=torch.int8, device=DEV)
         try:
-            ks.launch_scoring(geom, tf, IGN, ks._MODE_CODE["combined"], out, fin, c)
+            ks.launch_scoring(geom, tf, IGN, compat.torch_mode_code("combined"), out, fin, c)
             sync()
         except Exception as err:  # noqa: BLE001 - a variant that does not compile fails its check only
             report(f"{c.describe()} runs", False, f"{type(err).__name__}: {err}"[:160])
@@ -234,7 +234,7 @@ def check_variants(n: int, v: int, dtype: torch.dtype) -> None:
 
 def check_selection() -> None:
     from cggr_torch import selection as sel_mod
-    from cggr_torch.kernels import selection as ksel
+    ksel = compat.torch_selection_kernels()
     from tests import oracle
 
     g = torch.Generator(device=DEV).manual_seed(3)
@@ -248,23 +248,16 @@ def check_selection() -> None:
         d.view(-1)[idx[50:100]] = -0.0
         e = torch.rand(shape, generator=g, device=DEV) > 0.1
         for strategy in STRATEGIES:
-            os.environ["CGGR_DISABLE_KERNELS"] = "1"
-            try:
+            with compat.force("torch", "reference"):
                 m_ref, k_ref = sel_mod.select_tokens(d, e, ratio, selection=strategy, min_tokens_per_sequence=2)
-            finally:
-                del os.environ["CGGR_DISABLE_KERNELS"]
             for bits in (32, 64):
-                ksel.SORT_KEY_BITS = bits
-                m, k = sel_mod.select_tokens(d, e, ratio, selection=strategy, min_tokens_per_sequence=2)
+                with compat.torch_sort_key_bits(bits):
+                    m, k = sel_mod.select_tokens(d, e, ratio, selection=strategy, min_tokens_per_sequence=2)
                 report(f"{shape} {strategy} int{bits} key = PyTorch path",
                        bool(torch.equal(m, m_ref)) and int(k) == int(k_ref))
-            ksel.SORT_KEY_BITS = 32
         r = sel_mod.rank_tokens(d, e)
-        os.environ["CGGR_DISABLE_KERNELS"] = "1"
-        try:
+        with compat.force("torch", "reference"):
             r_ref = sel_mod.rank_tokens(d, e)
-        finally:
-            del os.environ["CGGR_DISABLE_KERNELS"]
         report(f"{shape} rank_tokens = PyTorch path", bool(torch.equal(r, r_ref)))
     rng = np.random.default_rng(16)
     pool = np.array([0.0, -0.0, 1.0, 1.0, 2.5, -np.inf, np.inf, np.nan], dtype=np.float32)
@@ -298,8 +291,8 @@ def reference_ce(x: torch.Tensor, t: torch.Tensor, sel: torch.Tensor, rows: torc
 
 
 def check_selective_ce(n: int, v: int, dtype: torch.dtype, ratio: float, extra_rows: Sequence[int] = ()) -> None:
-    from cggr_torch.kernels import cross_entropy as kce
-    from cggr_torch.kernels import scoring as ks
+    kce = compat.torch_cross_entropy_kernels()
+    ks = compat.torch_scoring_kernels()
     from cggr_torch.selection import select_tokens
 
     x, t = make_logits(n, v, dtype, seed=7 * n + v)
@@ -345,7 +338,7 @@ def check_fused_loss(n: int, v: int, dtype: torch.dtype, extra_rows: Sequence[in
     from cggr_torch import CGGRLoss
     from cggr_torch import selection as sel_mod
     from cggr_torch.curriculum import dynamic_ratio
-    from cggr_torch.kernels import scoring as ks
+    ks = compat.torch_scoring_kernels()
 
     x, t = make_logits(n, v, dtype, seed=11 * n + v)
     t[torch.arange(0, n, 97, device=DEV)] = IGN
@@ -367,7 +360,7 @@ def check_fused_loss(n: int, v: int, dtype: torch.dtype, extra_rows: Sequence[in
         tin = t.view(seq) if shaped else t
         loss = crit(xin, tin)
         loss.backward()
-        met = crit._metrics
+        met = compat.torch_loss_metric_tensors(crit)
         ratio = met["effective_ratio"]
         if dynamic:
             want_ratio = dynamic_ratio(met["token_ratio"], met["avg_confidence"], 0.5)
@@ -375,12 +368,9 @@ def check_fused_loss(n: int, v: int, dtype: torch.dtype, extra_rows: Sequence[in
                    bool(torch.equal(ratio, want_ratio)), f"{float(ratio)!r} vs {float(want_ratio)!r}")
         d_in = sc.difficulty.view(seq) if shaped else sc.difficulty
         e_in = sc.eligible.view(seq) if shaped else sc.eligible
-        os.environ["CGGR_DISABLE_KERNELS"] = "1"
-        try:
+        with compat.force("torch", "reference"):
             m_ref, k_ref = sel_mod.select_tokens(d_in, e_in, ratio, selection=sel_name, num_strata=4,
                                                  min_tokens_per_sequence=2)
-        finally:
-            del os.environ["CGGR_DISABLE_KERNELS"]
         m_ref = m_ref.reshape(-1)
         count = int(m_ref.sum())
         report(f"{name}: tokens_selected = PyTorch selection on the kernel scores",
@@ -473,12 +463,8 @@ def smoke() -> int:
     """The same checks on tiny CPU shapes under the interpreter (no sync / device-assert checks)."""
     import warnings
 
-    from cggr_torch import loss as loss_mod
-    from cggr_torch import scoring as scoring_mod
-
     warnings.filterwarnings("ignore", category=RuntimeWarning)   # interpreter: log2(0), inf − inf on bad rows
-    scoring_mod._KERNEL_DEVICE_TYPES = ("cpu",)
-    loss_mod._FUSED_DEVICE_TYPES = ("cpu",)
+    compat.force("torch", "kernel").__enter__()  # kernels on CPU tensors (interpreter) for the whole smoke run
     with group("smoke scoring bf16 40x300"):
         check_scoring("", 40, 300, torch.bfloat16)
     with group("smoke variants fp32 30x301"):

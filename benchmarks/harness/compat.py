@@ -17,9 +17,10 @@ from typing import Any, Iterator, Optional, Sequence
 
 __all__ = [
     "force", "torch_scoring_kernels", "torch_cross_entropy_kernels", "torch_launch", "torch_mode_code", "torch_next_pow2",
-    "torch_selection_kernels", "torch_sort_key_bits", "torch_selection_check", "torch_backward_flat_grid",
+    "torch_selection_kernels", "torch_sort_key_bits", "torch_selection_check", "torch_order_key32",
+    "torch_loss_metric_tensors", "torch_backward_flat_grid",
     "torch_plan_chunks", "torch_default_memory_budget", "torch_fused_linear_module",
-    "jax_scoring_kernels", "jax_stream_class", "jax_cross_entropy_kernels", "jax_backward_flat_grid",
+    "jax_scoring_kernels", "jax_token_statistics_reference", "jax_stream_class", "jax_cross_entropy_kernels", "jax_backward_flat_grid",
     "jax_backward_grids", "jax_plan_chunks", "jax_default_memory_budget", "jax_fused_linear_module",
 ]
 
@@ -171,6 +172,25 @@ def torch_selection_check(difficulty: Any, eligible: Any) -> Any:
     return fn(difficulty, eligible)
 
 
+def torch_order_key32(difficulty: Any, eligible: Any) -> Any:
+    """The PyTorch form of the SPEC §6 int32 sort key (private ``cggr_torch.selection._order_key32`` before
+    issue 13): ``verify_torch.py`` checks the Triton key kernel against it."""
+    fn = _attr([("cggr_torch.selection", "order_key32"), ("cggr_torch.kernels.selection", "order_key32"),
+                ("cggr_torch.selection", "_order_key32")])
+    return fn(difficulty, eligible)
+
+
+def torch_loss_metric_tensors(loss_module: Any) -> dict:
+    """The last call's metrics of a ``CGGRLoss`` as device tensors (private ``_metrics`` before issue 13;
+    ``get_metrics()`` converts to Python numbers, which the bit-for-bit ratio check of ``verify_torch.py``
+    cannot use). Falls back to ``get_metrics()`` if the tensors are no longer reachable."""
+    for name in ("metric_tensors", "last_metrics", "_metrics"):
+        m = getattr(loss_module, name, None)
+        if isinstance(m, dict) and m:
+            return m
+    return loss_module.get_metrics()
+
+
 @contextlib.contextmanager
 def torch_backward_flat_grid(on: bool) -> Iterator[None]:
     """Temporarily switch the Triton CE backward between the flat and the 2-D grid (module global
@@ -221,6 +241,23 @@ def jax_scoring_kernels() -> ModuleType:
     """``cggr_jax.kernels.scoring``: the read-only Pallas loop of the scoring benchmark reuses its tiling
     helpers (``tile_columns``, ``program_rows``, ``store``, ``whole``, ``pallas_call_options``)."""
     return _module("cggr_jax.kernels.scoring")
+
+
+def jax_token_statistics_reference(logits: Any, safe_targets: Any, has_target: Any) -> Any:
+    """The XLA reference statistics on already checked inputs (``cggr_jax.scoring.token_statistics_reference``
+    before issue 13, whose contract the redesign may change): ``verify_jax.py`` compares the Pallas kernel with
+    it. Fallback: the public ``token_statistics`` with the XLA path forced (traced inside the caller's jit)."""
+    try:
+        fn = _attr([("cggr_jax.scoring", "token_statistics_reference")])
+        return fn(logits, safe_targets, has_target)
+    except (ImportError, TypeError):
+        import jax.numpy as jnp
+
+        from cggr_jax import token_statistics
+
+        targets = None if safe_targets is None else jnp.where(has_target, safe_targets, -100)
+        with force("jax", "reference"):
+            return token_statistics(logits, targets, ignore_index=-100)
 
 
 def jax_stream_class() -> Any:
