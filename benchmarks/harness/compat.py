@@ -20,7 +20,7 @@ __all__ = [
     "torch_selection_kernels", "torch_sort_key_bits", "torch_selection_check", "torch_order_key32",
     "torch_loss_metric_tensors", "torch_backward_flat_grid",
     "torch_plan_chunks", "torch_default_memory_budget", "torch_fused_linear_module",
-    "jax_scoring_kernels", "jax_token_statistics_reference", "jax_stream_class", "jax_cross_entropy_kernels", "jax_backward_flat_grid",
+    "torch_router_constants", "jax_batch_split_route", "jax_scoring_kernels", "jax_token_statistics_reference", "jax_stream_class", "jax_cross_entropy_kernels", "jax_backward_flat_grid",
     "jax_backward_grids", "jax_plan_chunks", "jax_default_memory_budget", "jax_fused_linear_module",
 ]
 
@@ -236,7 +236,26 @@ def torch_default_memory_budget() -> int:
                       ("cggr_torch.fused_linear", "DEFAULT_MEMORY_BUDGET")]))
 
 
+def torch_router_constants() -> tuple[int, tuple[str, ...]]:
+    """``(ROUTER_MEMORY_BUDGET, ROUTER_PATHS)`` of the batch-split router (``cggr_torch.router`` before issue
+    13; the batch-split benchmark validates ``--router-path`` and defaults its budget with them)."""
+    budget = _attr([("cggr_torch.router", "ROUTER_MEMORY_BUDGET"), ("cggr_torch.batch_split", "ROUTER_MEMORY_BUDGET"),
+                    ("cggr_torch.kernels.launch", "ROUTER_MEMORY_BUDGET")])
+    paths = _attr([("cggr_torch.router", "ROUTER_PATHS"), ("cggr_torch.batch_split", "ROUTER_PATHS")])
+    return int(budget), tuple(paths)
+
+
 # --------------------------------------------------------------------------------------- jax kernels
+def jax_batch_split_route(step: Any) -> Any:
+    """The routing function of a JAX batch-split train step (private ``step._route(params, rest, ids, labels,
+    mask, step_index)`` before issue 13): the benchmark times the router pass alone."""
+    for name in ("route", "_route"):
+        fn = getattr(step, name, None)
+        if fn is not None:
+            return fn
+    raise ImportError("benchmarks.harness.compat: the batch-split step has no route function; fix the name here")
+
+
 def jax_scoring_kernels() -> ModuleType:
     """``cggr_jax.kernels.scoring``: the read-only Pallas loop of the scoring benchmark reuses its tiling
     helpers (``tile_columns``, ``program_rows``, ``store``, ``whole``, ``pallas_call_options``)."""

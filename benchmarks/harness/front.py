@@ -95,7 +95,7 @@ def main(op: str, argv: Optional[Sequence[str]] = None) -> int:
         rc = e.code if isinstance(e.code, int) else 1
         if not isinstance(e.code, int) and e.code is not None:
             print(e.code, file=sys.stderr)
-    rc = int(rc or 0)
+    rc = rc if isinstance(rc, int) else 0  # some implementations return their result dict
     meta.update(rc=rc, wall_s=time.time() - t0, telemetry_after=_env.telemetry(),
                 software=_env.software("torch", "triton") if args.framework == "torch"
                 else _env.software("jax", "jaxlib", "flax", "optax"))

@@ -3,8 +3,8 @@
 GPU run (default: the ~135M SmolLM shape — 30 layers, d 576, 9 heads / 3 kv heads, SwiGLU 1536, vocab 49152,
 tied embeddings — built from a config with random init and random tokens; seq 1024; bf16 compute)::
 
-    python benchmarks/bench_batch_split_jax.py --batch-size 64 --out bench_batch_split_jax.json
-    python benchmarks/bench_batch_split_jax.py --quick            # CPU smoke test, tiny model
+    python benchmarks/batch_split.py --framework jax --batch-size 64 --out bench_batch_split_jax.json
+    python benchmarks/batch_split.py --framework jax --quick            # CPU smoke test, tiny model
 
 Modes (each from the same initial weights, a fresh ``optax.chain(advance_curriculum(), optax.adamw(...))``):
 
@@ -124,7 +124,8 @@ def peak_memory_gb() -> float | None:
 
 def run_mode(mode: str, cfg: DecoderConfig, args: argparse.Namespace, batches: list[jax.Array],
              router_layers: int | None = None, router_path: str = "auto", label: str | None = None) -> dict[str, Any]:
-    from cggr_jax.transform import advance_curriculum
+    from benchmarks.harness import compat, measure
+    from cggr_jax import advance_curriculum
 
     model = DecoderLM(cfg, rngs=nnx.Rngs(args.seed))
     graphdef = nnx.split(model, nnx.Param, ...)[0]
@@ -148,40 +149,47 @@ def run_mode(mode: str, cfg: DecoderConfig, args: argparse.Namespace, batches: l
         state, metrics = step(state, batches[i % len(batches)], batches[i % len(batches)])
     jax.block_until_ready((state, metrics))
 
-    times, kept, bucket = [], [], []
-    for i in range(args.steps):
-        ids = batches[(args.warmup + i) % len(batches)]
-        t0 = time.perf_counter()
-        state, metrics = step(state, ids, ids)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-        m = jax.device_get(metrics)
+    # Timed by the harness (block_until_ready after each step); each step's metrics are kept and read after
+    # the timed loop, outside the timed interval.
+    cell = [state]
+    all_metrics: list[Any] = []
+    counter = iter(range(10**9))
+
+    def timed_step() -> Any:
+        ids = batches[(args.warmup + next(counter)) % len(batches)]
+        cell[0], metrics_i = step(cell[0], ids, ids)
+        all_metrics.append(metrics_i)
+        return cell[0], metrics_i
+    step_timing = measure(timed_step, framework="jax", warmup=0, reps=args.steps)
+    state = cell[0]
+    kept, bucket = [], []
+    for i, m in enumerate(jax.device_get(all_metrics)):
         kept.append(int(m["sequences_selected"]))
         bucket.append(int(m["bucket_size"]))
         if not np.isfinite(float(m["loss"])):
             raise RuntimeError(f"{mode}: non-finite loss {float(m['loss'])} at timed step {i}")
-    med = statistics.median(times)
+    med = step_timing.median_ms / 1e3
     router: dict[str, Any] = {}
     if mode in ("cggr", "random_sequence_router"):
         # The router pass alone: the step's own routing code, jitted by itself, on the trained parameters.
-        route = jax.jit(lambda params, rest, ids: step._route(params, rest, ids, ids, None, jnp.int32(0))[:2])
+        route_fn = compat.jax_batch_split_route(step)
+        route = jax.jit(lambda params, rest, ids: route_fn(params, rest, ids, ids, None, jnp.int32(0))[:2])
         jax.block_until_ready(route(state.params, state.rest, batches[0]))    # compile
-        rtimes = []
-        for i in range(args.steps):
-            ids = batches[i % len(batches)]
-            t0 = time.perf_counter()
-            jax.block_until_ready(route(state.params, state.rest, ids))
-            rtimes.append(time.perf_counter() - t0)
+        rcounter = iter(range(10**9))
+        rt = measure(lambda: route(state.params, state.rest, batches[next(rcounter) % len(batches)]),
+                     framework="jax", warmup=0, reps=args.steps)
         router = {"router_layers": split_cfg.router_layers, "router_path": step.router_path,
                   "router_path_reason": step.router_path_reason,
-                  "router_ms_median": 1e3 * statistics.median(rtimes), "router_ms_min": 1e3 * min(rtimes)}
+                  "router_ms_median": rt.median_ms, "router_ms_min": rt.min_ms}
     tokens = B * args.seq_len
     return {
         **router,
         "mode": label or mode,
         "step_ms_median": 1e3 * med,
-        "step_ms_min": 1e3 * min(times),
-        "step_ms_max": 1e3 * max(times),
+        "step_ms_min": step_timing.min_ms,
+        "step_ms_p25": step_timing.p25_ms,
+        "step_ms_p75": step_timing.p75_ms,
+        "step_ms_p90": step_timing.p90_ms,
         "tokens_per_s": tokens / med,
         "sequences_kept_median": statistics.median(kept),
         "bucket_size_median": statistics.median(bucket),

@@ -2,9 +2,9 @@
 
 GPU run (the default is the ~135M Llama-style SmolLM shape, built from a config, random init, random tokens)::
 
-    python benchmarks/bench_batch_split_torch.py --batch-size 64 --out bench_batch_split_torch.json
-    python benchmarks/bench_batch_split_torch.py --find-batch --out ...      # largest power-of-two batch that fits
-    python benchmarks/bench_batch_split_torch.py --quick                     # CPU smoke test, tiny model
+    python benchmarks/batch_split.py --framework torch --batch-size 64 --out bench_batch_split_torch.json
+    python benchmarks/batch_split.py --framework torch --find-batch --out ...      # largest power-of-two batch that fits
+    python benchmarks/batch_split.py --framework torch --quick                     # CPU smoke test, tiny model
 
 Modes (each starts from the same initial weights and a fresh AdamW):
 
@@ -79,8 +79,8 @@ def sync(device: torch.device) -> None:
 def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor],
              shape: dict[str, int], router_layers: int | None = None, router_path: str = "auto",
              label: str | None = None) -> dict[str, Any]:
-    from cggr_torch.curriculum import num_selected
-    from cggr_torch.model import CGGRModel
+    from benchmarks.harness import measure
+    from cggr_torch import CGGRModel, num_selected
 
     param_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = build_model(shape, args.seq_len, device, param_dtype, args.seed, args.attn)
@@ -124,26 +124,27 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches:
     for i in range(args.warmup):
         step(batches[i % len(batches)])
     sync(device)
-    times = []
-    for i in range(args.steps):
-        ids = batches[(args.warmup + i) % len(batches)]
-        sync(device)
-        t0 = time.perf_counter()
-        step(ids)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    router_times: list[float] = []
+    # The harness times each step (CUDA events on a GPU); the GPU is drained before every step (untimed), so a
+    # step's time is the whole step from an idle GPU, as before the harness.
+    counter = iter(range(10**9))
+
+    def timed_step() -> None:
+        step(batches[(args.warmup + next(counter)) % len(batches)])
+    t = measure(timed_step, framework="torch", device=device.type, warmup=0, reps=args.steps,
+                before_each=lambda: sync(device))
+    med = t.median_ms / 1e3
+    step_timing = t.as_dict()
+    router_timing = None
     if cggr is not None:   # the router pass alone, same batches, same precision
         ctx = autocast if autocast is not None else torch.autocast(device_type=device.type, enabled=False)
-        for i in range(args.steps):
-            ids = batches[i % len(batches)]
-            sync(device)
-            t0 = time.perf_counter()
+        rcounter = iter(range(10**9))
+
+        def route() -> None:
+            ids = batches[next(rcounter) % len(batches)]
             with ctx:
                 cggr.select(ids, labels=ids)
-            sync(device)
-            router_times.append(time.perf_counter() - t0)
+        router_timing = measure(route, framework="torch", device=device.type, warmup=0, reps=args.steps,
+                                before_each=lambda: sync(device))
     tokens = B * args.seq_len
     result = {
         "mode": label or mode,
@@ -152,8 +153,10 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches:
         "seq_len": args.seq_len,
         "sequences_trained_median": statistics.median(kept_counts[args.warmup:]),
         "step_ms_median": 1e3 * med,
-        "step_ms_min": 1e3 * min(times),
-        "step_ms_max": 1e3 * max(times),
+        "step_ms_min": step_timing["min_ms"],
+        "step_ms_p25": step_timing["p25_ms"],
+        "step_ms_p75": step_timing["p75_ms"],
+        "step_ms_p90": step_timing["p90_ms"],
         "tokens_per_s": tokens / med,
         "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
     }
@@ -162,8 +165,8 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches:
         result["router_layers"] = router_layers
         result["router_path"] = result["cggr_metrics"]["router_path"]
         result["router_path_reason"] = cggr.router_path_reason
-        result["router_ms_median"] = 1e3 * statistics.median(router_times)
-        result["router_ms_min"] = 1e3 * min(router_times)
+        result["router_ms_median"] = router_timing.median_ms
+        result["router_ms_min"] = router_timing.min_ms
     del model, opt, cggr
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -257,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"--modes: unknown mode {m!r}; expected a subset of {MODES}")
-    from cggr_torch.router import ROUTER_MEMORY_BUDGET, ROUTER_PATHS
+    from benchmarks.harness import compat
+
+    ROUTER_MEMORY_BUDGET, ROUTER_PATHS = compat.torch_router_constants()
 
     try:
         layer_list = [int(x) for x in str(args.router_layers).split(",") if x]
