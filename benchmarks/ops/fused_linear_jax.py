@@ -25,7 +25,7 @@ selection) when both run.
 
 Run on the H200 from the repository root::
 
-    python benchmarks/bench_fused_linear_jax.py --out bench_fused_linear_jax.json
+    python benchmarks/fused_linear.py --framework jax --out bench_fused_linear_jax.json
 
 ``--quick`` runs tiny shapes on the CPU backend (checks the script; numbers mean nothing).
 """
@@ -78,8 +78,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import numpy as np
     import optax
 
-    from cggr_jax import fused_linear as fl
-    from cggr_jax.fused_linear import DEFAULT_MEMORY_BUDGET, fused_linear_cggr_loss, plan_chunks
+    from benchmarks.harness import compat, measure
+
+    fl = compat.jax_fused_linear_module()  # the diagnostics call its internals (see compat.py)
+    fused_linear_cggr_loss = fl.fused_linear_cggr_loss
+    plan_chunks = compat.jax_plan_chunks
+    DEFAULT_MEMORY_BUDGET = compat.jax_default_memory_budget()
 
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[args.dtype]
     N, d, V = args.n, args.d, args.vocab
@@ -120,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     losses["cggr_fused[logits=f32]"] = fused("cggr_fused[logits=f32]", DEFAULT_MEMORY_BUDGET, jnp.float32)
     notes: dict[str, str] = {}
     try:
-        from cggr_jax.loss import cggr_loss
+        from cggr_jax import cggr_loss
 
         def materialised(h: Any, w: Any) -> Any:
             z = jnp.einsum("nd,vd->nv", h, w, preferred_element_type=jnp.float32).astype(h.dtype)
@@ -158,21 +162,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             compiled = prog.lower(hidden, weight).compile()
             mem = compiled.memory_analysis()
-            out = None
-            for _ in range(args.warmup):
-                out = jax.block_until_ready(compiled(hidden, weight))
-            times = []
-            for _ in range(args.iters):
-                t0 = time.perf_counter()
-                out = jax.block_until_ready(compiled(hidden, weight))
-                times.append(1e3 * (time.perf_counter() - t0))
+            cell: list[Any] = [None]
+
+            def call(compiled: Any = compiled) -> Any:
+                cell[0] = compiled(hidden, weight)
+                return cell[0]
+            t = measure(call, framework="jax", warmup=args.warmup, reps=args.iters)
             if name in ("cggr_fused", "cggr_materialised"):
-                results[name] = out
+                results[name] = cell[0]
         except Exception as err:  # reported, not fatal (e.g. out of memory for a baseline)
             rows.append({"method": name, "error": f"{type(err).__name__}: {err}"[:300]})
             continue
-        q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
-        row = {"method": name, "median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1]}
+        row = {"method": name, "median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
+               "p25_ms": t.p25_ms, "p75_ms": t.p75_ms}
         if mem is not None:
             row["temp_gib"] = getattr(mem, "temp_size_in_bytes", 0) / GIB
             row["out_gib"] = getattr(mem, "output_size_in_bytes", 0) / GIB

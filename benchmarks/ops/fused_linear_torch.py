@@ -26,7 +26,7 @@ gradient error relative to the largest gradient entry.
 
 Run on the H200 from the repository root::
 
-    python benchmarks/bench_fused_linear_torch.py --out bench_fused_linear_torch.json
+    python benchmarks/fused_linear.py --framework torch --out bench_fused_linear_torch.json
 
 ``--quick`` runs tiny shapes on CPU (checks the script; numbers mean nothing).
 """
@@ -88,9 +88,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     import torch.nn.functional as F
 
+    from benchmarks.harness import compat, measure
     from cggr_torch import cggr_loss
-    from cggr_torch import fused_linear as fl
-    from cggr_torch.fused_linear import DEFAULT_MEMORY_BUDGET, fused_linear_cggr, plan_chunks
+
+    fl = compat.torch_fused_linear_module()  # the diagnostics patch / call its internals (see compat.py)
+    fused_linear_cggr = fl.fused_linear_cggr
+    plan_chunks = compat.torch_plan_chunks
+    DEFAULT_MEMORY_BUDGET = compat.torch_default_memory_budget()
 
     cuda = torch.cuda.is_available() and not args.quick
     dev = torch.device("cuda" if cuda else "cpu")
@@ -215,18 +219,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from one (N, cols) logits buffer: the default launch (warps None) or ``warps`` warps per row, with
         other LaunchConfig fields changed by ``change``."""
         import dataclasses
-        from cggr_torch.kernels import scoring as ks
+        ks, launch = compat.torch_scoring_kernels(), compat.torch_launch()
         with torch.no_grad():
             z = F.linear(hidden, weight[:cols])
-        state = torch.empty((ks.CHUNK_STATE_ROWS, N), dtype=torch.float32, device=dev)
+        state = torch.empty((launch.CHUNK_STATE_ROWS, N), dtype=torch.float32, device=dev)
         out = torch.empty((6, N), dtype=torch.float32, device=dev)
         fin = torch.empty((N,), dtype=torch.int8, device=dev)
         t = labels.contiguous()
         if warps is None:
-            cfg = ks.scoring_config_for_rows(N, cols, dtype, ks.num_sms(z))
+            cfg = launch.scoring_config_for_rows(N, cols, dtype, launch.num_sms(z))
         else:
-            base = ks.scoring_config(cols, dtype)
-            cfg = dataclasses.replace(base, rows=min(128 * warps, ks._next_pow2(cols) // base.group),
+            base = launch.scoring_config(cols, dtype)
+            cfg = dataclasses.replace(base, rows=min(128 * warps, compat.torch_next_pow2(cols) // base.group),
                                       num_warps=warps)
         cfg = dataclasses.replace(cfg, **change)
 
@@ -340,33 +344,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         peak = (torch.cuda.max_memory_allocated() - base) if cuda else 0
         grad_bytes = sum(x.numel() * x.element_size() for x in out[1:])
         del out
-        times = []
-        for _ in range(args.iters):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                out = fn()
-                times.append(1e3 * (time.perf_counter() - t0))
-            del out
-        return times, peak, grad_bytes
+        # the harness (CUDA events), the GPU drained before each call as before the harness
+        t = measure(fn, framework="torch", device=dev.type, warmup=0, reps=args.iters, before_each=sync)
+        return t, peak, grad_bytes
 
     rows: list[dict[str, Any]] = []
     for name, fn in methods.items():
         try:
-            times, peak, grad_bytes = timed(fn)
+            t, peak, grad_bytes = timed(fn)
         except Exception as err:  # a baseline that fails (e.g. out of memory) is reported, not fatal
             rows.append({"method": name, "error": f"{type(err).__name__}: {err}"[:300]})
             if cuda:
                 torch.cuda.empty_cache()
             continue
-        q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
-        rows.append({"method": name, "median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1],
+        rows.append({"method": name, "median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
+                     "p25_ms": t.p25_ms, "p75_ms": t.p75_ms,
                      "peak_extra_gib": peak / GIB if cuda else None,
                      "working_gib": (peak - grad_bytes) / GIB if cuda else None})
     liger_ms = next((r["median_ms"] for r in rows if r["method"] == "liger_flce" and "median_ms" in r), None)
