@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence

@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import warnings
 from typing import Any, Optional, Sequence
 
