@@ -19,7 +19,9 @@ __all__ = [
     "force", "torch_scoring_kernels", "torch_cross_entropy_kernels", "torch_launch", "torch_mode_code", "torch_next_pow2",
     "torch_selection_kernels", "torch_sort_key_bits", "torch_selection_check", "torch_order_key32",
     "torch_loss_metric_tensors", "torch_backward_flat_grid",
-    "torch_plan_chunks", "torch_default_memory_budget", "torch_fused_linear_module",
+    "torch_fused_gradient_kernel", "torch_fused_without_gradient_kernel", "torch_fused_accumulates_in_place",
+    "torch_fused_accumulate_matmul", "jax_fused_statistics_kernel", "jax_fused_forward_blocks", "torch_plan_chunks",
+    "torch_default_memory_budget", "torch_fused_linear_module",
     "torch_router_constants", "jax_batch_split_route", "jax_scoring_kernels", "jax_token_statistics_reference", "jax_stream_class", "jax_cross_entropy_kernels", "jax_backward_flat_grid",
     "jax_backward_grids", "jax_plan_chunks", "jax_default_memory_budget", "jax_fused_linear_module",
 ]
@@ -223,6 +225,40 @@ def torch_fused_linear_module() -> ModuleType:
     return _module("cggr_torch.fused_linear")
 
 
+def torch_fused_gradient_kernel(hidden: Any) -> Any:
+    """The Triton in-place chunk-gradient kernel the fused head would use for ``hidden`` (None without one;
+    private ``fused_linear._gradient_kernel_for`` before issue 13). DECISIONS.md: fused-head-inplace-gradient."""
+    return _attr([("cggr_torch.fused_linear", "gradient_kernel_for"),
+                  ("cggr_torch.fused_linear", "_gradient_kernel_for")])(hidden)
+
+
+@contextlib.contextmanager
+def torch_fused_without_gradient_kernel() -> Iterator[None]:
+    """Run the fused head with its element-wise PyTorch chunk gradient instead of the Triton pass (the rejected
+    alternative of DECISIONS.md: fused-head-inplace-gradient): patches the module's kernel lookup."""
+    fl = torch_fused_linear_module()
+    name = "gradient_kernel_for" if hasattr(fl, "gradient_kernel_for") else "_gradient_kernel_for"
+    old = getattr(fl, name)
+    setattr(fl, name, lambda h: None)
+    try:
+        yield
+    finally:
+        setattr(fl, name, old)
+
+
+def torch_fused_accumulates_in_place(device: Any, dtype: Any) -> bool:
+    """Whether the fused head's backward accumulates ∂h in place (cuBLAS float32-output GEMM); private
+    ``fused_linear._accumulates_in_place`` before issue 13. DECISIONS.md: fused-head-chunk-plan."""
+    return bool(_attr([("cggr_torch.fused_linear", "accumulates_in_place"),
+                       ("cggr_torch.fused_linear", "_accumulates_in_place")])(device, dtype))
+
+
+def torch_fused_accumulate_matmul(acc: Any, z: Any, w: Any) -> Any:
+    """``acc += z @ w`` as the fused head's backward does it (private ``fused_linear._accumulate_matmul``)."""
+    return _attr([("cggr_torch.fused_linear", "accumulate_matmul"),
+                  ("cggr_torch.fused_linear", "_accumulate_matmul")])(acc, z, w)
+
+
 def torch_plan_chunks(*args: Any, **kwargs: Any) -> Any:
     """The fused LM head's chunk plan (DECISIONS.md: fused-head-chunk-plan); ``kernels/launch.py`` or
     ``fused_linear.py``."""
@@ -318,6 +354,18 @@ def jax_backward_grids(fn: Any, *args: Any) -> Any:
 def jax_fused_linear_module() -> ModuleType:
     """``cggr_jax.fused_linear`` for the diagnostics' internals (``_forward_blocks``, ``_statistics_kernel``)."""
     return _module("cggr_jax.fused_linear")
+
+
+def jax_fused_statistics_kernel() -> Any:
+    """Whether / which Pallas statistics kernel the JAX fused head uses here (private
+    ``fused_linear._statistics_kernel()`` before issue 13)."""
+    return _attr([("cggr_jax.fused_linear", "statistics_kernel"), ("cggr_jax.fused_linear", "_statistics_kernel")])()
+
+
+def jax_fused_forward_blocks(*args: Any, **kwargs: Any) -> Any:
+    """``(plan, rows, cols)`` of the JAX fused head's forward blocks (private ``fused_linear._forward_blocks``)."""
+    return _attr([("cggr_jax.fused_linear", "forward_blocks"), ("cggr_jax.fused_linear", "_forward_blocks")])(
+        *args, **kwargs)
 
 
 def jax_plan_chunks(*args: Any, **kwargs: Any) -> Any:

@@ -94,11 +94,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = dict(selection="fixed_quota", warmup_steps=0, min_tokens_ratio=args.ratio)
     cap = int(round(args.ratio * N))
 
-    kernel = fl._statistics_kernel()   # the Pallas statistics kernel: on a GPU backend unless disabled
+    kernel = compat.jax_fused_statistics_kernel()   # the Pallas statistics kernel: on a GPU backend unless disabled
     plans: dict[str, dict[str, int]] = {}
 
     def fused(name: str, budget: int, ldt: Any = None, row_chunk_size: Optional[int] = None) -> Callable[..., Any]:
-        plan, rows, cols = fl._forward_blocks(N, d, V, dtype, jnp.dtype(dtype if ldt is None else ldt).name,
+        plan, rows, cols = compat.jax_fused_forward_blocks(N, d, V, dtype, jnp.dtype(dtype if ldt is None else ldt).name,
                                               kernel, row_chunk_size, None, budget, selected_rows=cap)
         plans[name] = {"row_chunk": rows, "forward_vocab_chunk": cols, "vocab_chunk": plan.vocab_chunk,
                        "forward_blocks": -(-N // rows) * -(-V // cols)}

@@ -121,17 +121,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return (loss,) + torch.autograd.grad(loss, (hidden, weight))
         return run
 
-    def variant(run: Callable[[], tuple], **patch: Any) -> Callable[[], tuple]:
-        """``run`` with module attributes of ``cggr_torch.fused_linear`` temporarily replaced."""
+    def variant(run: Callable[[], tuple]) -> Callable[[], tuple]:
+        """``run`` with the element-wise PyTorch chunk gradient instead of the Triton pass."""
         def patched() -> tuple:
-            saved = {k: getattr(fl, k) for k in patch}
-            try:
-                for k, v in patch.items():
-                    setattr(fl, k, v)
+            with compat.torch_fused_without_gradient_kernel():
                 return run()
-            finally:
-                for k, v in saved.items():
-                    setattr(fl, k, v)
         return patched
 
     def fused_forward_only(cols: Optional[int] = None) -> Callable[[], tuple]:
@@ -156,8 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for b in args.budgets:
         methods[f"cggr_fused[B={b:g}GiB]"] = fused(max(1, int(b * GIB)))
     # Variant of the default plan: the PyTorch element-wise chunk gradient instead of the in-place Triton kernel.
-    methods["cggr_fused[elementwise-grad]"] = variant(fused(DEFAULT_MEMORY_BUDGET),
-                                                      _gradient_kernel_for=lambda h: None)
+    methods["cggr_fused[elementwise-grad]"] = variant(fused(DEFAULT_MEMORY_BUDGET))
     methods["cggr_fused forward only"] = fused_forward_only()
     for cols in args.forward_columns:
         methods[f"cggr_fused forward only [{cols} columns]"] = fused_forward_only(cols)
@@ -309,15 +302,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def backward_gemms() -> tuple:
         with torch.no_grad():
             bplan = plan_chunks(N, d, V, dtype, selected_rows=k_sel,
-                                gradient_kernel=fl._gradient_kernel_for(hidden) is not None,
-                                inplace_accumulation=fl._accumulates_in_place(dev, dtype))
+                                gradient_kernel=compat.torch_fused_gradient_kernel(hidden) is not None,
+                                inplace_accumulation=compat.torch_fused_accumulates_in_place(dev, dtype))
             h_sel = hidden[:k_sel]
             acc = torch.zeros((k_sel, d), dtype=torch.float32, device=dev)
             gw = torch.empty_like(weight)
             for v0 in range(0, V, bplan.vocab_chunk):
                 w_c = weight[v0:v0 + bplan.vocab_chunk]
                 z = F.linear(h_sel, w_c)
-                acc = fl._accumulate_matmul(acc, z, w_c)
+                acc = compat.torch_fused_accumulate_matmul(acc, z, w_c)
                 torch.mm(z.t(), h_sel, out=gw[v0:v0 + bplan.vocab_chunk])
                 del z
             return (acc[:1, :1].sum(),)
@@ -447,7 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     k = round(args.ratio * N)
     plan_fwd = plan_chunks(N, d, V, dtype, selected_rows=k,
-                           gradient_kernel=fl._gradient_kernel_for(hidden) is not None)
+                           gradient_kernel=compat.torch_fused_gradient_kernel(hidden) is not None)
     result = {"env": environment(torch), "shape": {"N": N, "d": d, "V": V, "dtype": args.dtype, "ratio": args.ratio},
               "plan_default": plan_fwd._asdict(), "rows": rows, "notes": notes, "check": check,
               "goal": {"time_vs_liger_max": 0.5, "working_gib_max": 0.25}}
