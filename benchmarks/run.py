@@ -296,6 +296,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         print(f"# run folder: {run}\n# commit {commit}, gpu {gpu}, {n_gpus} GPU(s); expected ~{total / 60:.1f} min"
               f"{' (--trim)' if args.trim else ''}")
+        for b in batches([st for _, st, why in plan if why is None], args.serial):
+            if len(b) > 1:
+                print(f"# concurrently (one batch, ~{int(1.2 * max(s.estimate(args.trim) for s in b))} s): "
+                      + ", ".join(s.name for s in b))
         for suite, st, why in plan:
             cmd = expand(st, trim=args.trim, run=run, commit=commit, py=py, quality_args=quality_args,
                          xdist=xdist if st.kind == "pytest" else (), quick=args.quick)
