@@ -76,6 +76,22 @@ def _rel(path: Path, out: Path) -> str:
     return os.path.relpath(path, out.parent).replace(os.sep, "/")
 
 
+def _telemetry_line(meta_path: Path) -> Optional[str]:
+    """``GPU before/after: SM clock, power`` from the benchmark's ``.meta.json`` (nvidia-smi), if logged."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    parts = []
+    for when in ("before", "after"):
+        t = meta.get(f"telemetry_{when}") or {}
+        g = (t.get("gpus") or [{}])[0]
+        if "clocks.sm" in g:
+            parts.append(f"{when}: SM {g['clocks.sm']:.0f} MHz, {g.get('power.draw', float('nan')):.0f} W, "
+                         f"{g.get('temperature.gpu', float('nan')):.0f} °C")
+    return ("GPU " + "; ".join(parts) + ".") if parts else None
+
+
 def _sweep_name(case: str) -> str:
     c = case.strip()
     for prefix in ("pallas sweep ", "sweep "):
@@ -180,6 +196,9 @@ def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
                     f"`{_sweep_name(r['case'])}` {_fmt(r['metrics'].get('median_ms'))} ms "
                     f"(V={r['shape'].get('vocab')})"
                     for r in best) + "."]
+            clocks = _telemetry_line(Path(recs[0]["_file"]).with_suffix("").with_suffix(".meta.json"))
+            if clocks:
+                lines += ["", clocks]
             commands = sorted({r["command"] for r in recs})
             commits = sorted({r["commit"] for r in recs})
             older = len(runs) - 1

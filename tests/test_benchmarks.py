@@ -183,6 +183,9 @@ def _fake(tmp: Path, folder: str, started: str, median: float, *, quick: bool = 
                 "median_ms": 1.953}, baseline=True, commit=folder[11:], gpu="NVIDIA H200", date=folder[:10],
                 command="c")]
     records.write_records(recs, d / "kernels" / "scoring_torch.jsonl")
+    gpu = {"clocks.sm": 1980.0, "power.draw": 512.0, "temperature.gpu": 41.0}
+    (d / "kernels" / "scoring_torch.meta.json").write_text(json.dumps(
+        {"telemetry_before": {"gpus": [gpu]}, "telemetry_after": {"gpus": [dict(gpu, **{"clocks.sm": 1755.0})]}}))
 
 
 def test_report_renders_the_latest_run(tmp_path):
@@ -197,6 +200,7 @@ def test_report_renders_the_latest_run(tmp_path):
     assert "`bbbbbbb`" in text and "#2026-12-02_bbbbbbb" in text  # commit and command of the figure
     assert "RESULTS_ARCHIVE.md" in text and "DECISIONS.md" in text
     assert "*(baseline)*" in text and "1 older run(s)" in text
+    assert "before: SM 1980 MHz, 512 W" in text and "after: SM 1755 MHz" in text  # nvidia-smi telemetry
 
 
 def test_report_leaves_out_quick_records(tmp_path):

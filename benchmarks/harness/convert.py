@@ -103,7 +103,9 @@ def _rows_ops(raw: dict[str, Any], op: str, fw: str, ratio_keys: dict[str, str],
         if op in ("scoring",) and n:
             _tokens(metrics, ms, n, None)
         elif op == "selective_ce" and n:
-            _tokens(metrics, ms, n, (n * sel_ratio) if sel_ratio else None)
+            # the dynamic threshold keeps more than the nominal ratio: no trained-token figure for those rows
+            nominal = sel_ratio and "dynamic" not in str(name).lower()
+            _tokens(metrics, ms, n, (n * sel_ratio) if nominal else None)
         is_sweep = str(name).strip().lower().startswith(("sweep", "pallas sweep"))
         out.append(make_record(op=op, framework=fw, case=str(name), shape=shape, dtype=row.get("dtype"),
                                metrics=metrics, ratios=_ratios(row, ratio_keys, invert),
