@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The batch_split benchmark: ``python benchmarks/batch_split.py --framework torch|jax [--quick] [implementation options]``.
+"""The batch_split benchmark:
+``python benchmarks/batch_split.py --framework torch|jax [--quick] [implementation options]``.
 
 Runs ``benchmarks/ops/batch_split_<framework>.py`` through the shared front (:mod:`benchmarks.harness.front`):
 records under ``benchmarks/results/<gpu>/<date>_<commit>/<suite>/``; ``--help`` lists every option.

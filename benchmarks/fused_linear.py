@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The fused_linear benchmark: ``python benchmarks/fused_linear.py --framework torch|jax [--quick] [implementation options]``.
+"""The fused_linear benchmark:
+``python benchmarks/fused_linear.py --framework torch|jax [--quick] [implementation options]``.
 
 Runs ``benchmarks/ops/fused_linear_<framework>.py`` through the shared front (:mod:`benchmarks.harness.front`):
 records under ``benchmarks/results/<gpu>/<date>_<commit>/<suite>/``; ``--help`` lists every option.

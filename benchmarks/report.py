@@ -30,7 +30,8 @@ if __package__ in (None, ""):
 
 from benchmarks.harness.records import RESULTS_ROOT, SUITES, load_records  # noqa: E402
 
-SUITE_TITLES = {"verify": "verify: GPU tests and real-size checks", "kernels": "kernels: scoring, selective CE, selection",
+SUITE_TITLES = {"verify": "verify: GPU tests and real-size checks",
+                "kernels": "kernels: scoring, selective CE, selection",
                 "heads": "heads: fused LM head + selective CE", "models": "models: batch splitting, whole step",
                 "quality": "quality"}
 MAX_ROWS = 40

@@ -368,7 +368,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             wall = time.time() - t0
             text = log.read_text(errors="replace")
             tail = "\n".join(text.splitlines()[-15:])
-            print(f"--- {suite}/{st.name} (log tail)\n{tail}\n=== {suite}/{st.name} rc={rc} in {wall:.0f} s", flush=True)
+            print(f"--- {suite}/{st.name} (log tail)\n{tail}\n=== {suite}/{st.name} rc={rc} in {wall:.0f} s",
+                  flush=True)
             entry.update(rc=rc, wall_s=round(wall, 1), timed_out=rc == 124)
             failures += int(rc != 0)
             if st.kind in ("pytest", "check"):

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The scoring benchmark: ``python benchmarks/scoring.py --framework torch|jax [--quick] [implementation options]``.
+"""The scoring benchmark:
+``python benchmarks/scoring.py --framework torch|jax [--quick] [implementation options]``.
 
 Runs ``benchmarks/ops/scoring_<framework>.py`` through the shared front (:mod:`benchmarks.harness.front`):
 records under ``benchmarks/results/<gpu>/<date>_<commit>/<suite>/``; ``--help`` lists every option.

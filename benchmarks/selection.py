@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The selection benchmark: ``python benchmarks/selection.py --framework torch|jax [--quick] [implementation options]``.
+"""The selection benchmark:
+``python benchmarks/selection.py --framework torch|jax [--quick] [implementation options]``.
 
 Runs ``benchmarks/ops/selection_<framework>.py`` through the shared front (:mod:`benchmarks.harness.front`):
 records under ``benchmarks/results/<gpu>/<date>_<commit>/<suite>/``; ``--help`` lists every option.

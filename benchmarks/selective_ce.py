@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The selective_ce benchmark: ``python benchmarks/selective_ce.py --framework torch|jax [--quick] [implementation options]``.
+"""The selective_ce benchmark:
+``python benchmarks/selective_ce.py --framework torch|jax [--quick] [implementation options]``.
 
 Runs ``benchmarks/ops/selective_ce_<framework>.py`` through the shared front (:mod:`benchmarks.harness.front`):
 records under ``benchmarks/results/<gpu>/<date>_<commit>/<suite>/``; ``--help`` lists every option.

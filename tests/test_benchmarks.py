@@ -46,7 +46,8 @@ def test_runner_list_names_every_suite(capsys):
 @pytest.mark.parametrize("trim", [False, True])
 def test_runner_dry_run_prints_the_commands(suite, trim, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("CGGR_GPU_COUNT", "1")  # the plan of a one-GPU machine, whatever this one has
-    argv = [suite, "--dry-run", "--commit", "abc1234", "--run-folder", str(tmp_path / "r")] + (["--trim"] if trim else [])
+    argv = [suite, "--dry-run", "--commit", "abc1234", "--run-folder", str(tmp_path / "r")]
+    argv += ["--trim"] if trim else []
     assert run.main(argv) == 0
     out = capsys.readouterr().out
     cmds = [line for line in out.splitlines() if line and not line.startswith("#")]

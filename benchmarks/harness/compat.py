@@ -16,13 +16,13 @@ from types import ModuleType
 from typing import Any, Iterator, Optional, Sequence
 
 __all__ = [
-    "force", "torch_scoring_kernels", "torch_cross_entropy_kernels", "torch_launch", "torch_mode_code", "torch_next_pow2",
-    "torch_selection_kernels", "torch_sort_key_bits", "torch_selection_check", "torch_order_key32",
-    "torch_loss_metric_tensors", "torch_backward_flat_grid",
-    "torch_fused_gradient_kernel", "torch_fused_without_gradient_kernel", "torch_fused_accumulates_in_place",
-    "torch_fused_accumulate_matmul", "jax_fused_statistics_kernel", "jax_fused_forward_blocks", "torch_plan_chunks",
-    "torch_default_memory_budget", "torch_fused_linear_module",
-    "torch_router_constants", "jax_batch_split_route", "jax_scoring_kernels", "jax_token_statistics_reference", "jax_stream_class", "jax_cross_entropy_kernels", "jax_backward_flat_grid",
+    "force", "torch_scoring_kernels", "torch_cross_entropy_kernels", "torch_launch", "torch_mode_code",
+    "torch_next_pow2", "torch_selection_kernels", "torch_sort_key_bits", "torch_selection_check",
+    "torch_order_key32", "torch_loss_metric_tensors", "torch_backward_flat_grid", "torch_fused_gradient_kernel",
+    "torch_fused_without_gradient_kernel", "torch_fused_accumulates_in_place", "torch_fused_accumulate_matmul",
+    "jax_fused_statistics_kernel", "jax_fused_forward_blocks", "torch_plan_chunks", "torch_default_memory_budget",
+    "torch_fused_linear_module", "torch_router_constants", "jax_batch_split_route", "jax_scoring_kernels",
+    "jax_token_statistics_reference", "jax_stream_class", "jax_cross_entropy_kernels", "jax_backward_flat_grid",
     "jax_backward_grids", "jax_plan_chunks", "jax_default_memory_budget", "jax_fused_linear_module",
 ]
 

@@ -43,7 +43,7 @@ QUICK_FLAG = {"scoring": "--smoke", "selective_ce": "--smoke", "selection": "--s
 
 def build_parser(op: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python benchmarks/{op}.py", add_help=False,
-                                description=f"{op} benchmark; options not listed here go to the implementation (listed below)")
+                                description=f"{op} benchmark; other options go to the implementation (listed below)")
     p.add_argument("--framework", choices=("torch", "jax"), required=True)
     p.add_argument("--suite", default=SUITE_OF_OP[op], help="suite the records belong to (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (script check; numbers mean nothing)")
