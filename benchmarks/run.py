@@ -344,7 +344,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     why_of = {id(st): why for _, st, why in plan}
     for batch in batches([st for _, st, _ in plan], args.serial):
         running = []
-        estimate = max(st.estimate(args.trim) for st in batch)
+        to_run = [st.estimate(args.trim) for st in batch if why_of[id(st)] is None]
+        estimate = max(to_run) if to_run else 0  # the batch's longest step that will run
         for st in batch:
             suite, why = suite_of[id(st)], why_of[id(st)]
             entry = {"suite": suite, "step": st.name, "estimate_s": st.estimate(args.trim)}
@@ -358,14 +359,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 manifest["steps"].append(entry)
                 continue
             running.append(_start(st, suite, entry, args, run, commit, quality_args, xdist, env, deadline))
-        for st, suite, entry, proc, log, t0, timeout in running:
-            try:
-                rc = proc.wait(timeout=max(1.0, t0 + timeout - time.time()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)  # the step's own process group (started by _start), nothing else
-                proc.wait()
-                rc = 124
-            wall = time.time() - t0
+        finished: dict[int, tuple[int, float]] = {}  # index in running -> (rc, wall s), in finishing order
+        while len(finished) < len(running):
+            for i, (st, suite, entry, proc, log, t0, timeout) in enumerate(running):
+                if i in finished:
+                    continue
+                rc = proc.poll()
+                if rc is None and time.time() - t0 > timeout:
+                    os.killpg(proc.pid, 9)  # the step's own process group (started by _start), nothing else
+                    proc.wait()
+                    rc = 124
+                if rc is not None:
+                    finished[i] = (rc, time.time() - t0)
+                    print(f"... {suite}/{st.name} finished: rc={rc} in {finished[i][1]:.0f} s", flush=True)
+            if len(finished) < len(running):
+                time.sleep(0.5)
+        for i in finished:  # report in finishing order
+            st, suite, entry, proc, log, t0, timeout = running[i]
+            rc, wall = finished[i]
             text = log.read_text(errors="replace")
             tail = "\n".join(text.splitlines()[-15:])
             print(f"--- {suite}/{st.name} (log tail)\n{tail}\n=== {suite}/{st.name} rc={rc} in {wall:.0f} s",
