@@ -249,3 +249,27 @@ def test_selection_has_no_jax_benchmark(capsys):
 
     assert front.main("selection", ["--framework", "jax"]) == 0
     assert "n/a" in capsys.readouterr().out
+
+
+def test_runner_concurrent_steps_timeouts_and_deadline(tmp_path, monkeypatch, capsys):
+    """The runner's own mechanics on stand-in steps: a parallel batch, a step killed at its timeout (rc 124,
+    its own process group), a step skipped because the deadline cannot fit it, the manifest and the records."""
+    py = sys.executable
+    steps = [
+        run.Step("quick_ok", [py, "-c", "print('1 passed in 0.10s')"], est_s=1, timeout_s=20, kind="pytest",
+                 parallel="checks"),
+        run.Step("hangs", [py, "-c", "import time; time.sleep(60)"], est_s=1, timeout_s=2, kind="check",
+                 parallel="checks"),
+        run.Step("too_long", [py, "-c", "print('never')"], est_s=3600, timeout_s=4000, kind="check"),
+    ]
+    monkeypatch.setitem(run.SUITES, "verify", ("stand-in", steps))
+    rc = run.main(["verify", "--allow-cpu", "--run-folder", str(tmp_path), "--commit", "abc1234",
+                   "--deadline-min", "1", "--pytest-workers", "0"])
+    assert rc == 1  # one failing step
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    by = {s["step"]: s for s in man["steps"]}
+    assert by["quick_ok"]["rc"] == 0 and by["quick_ok"]["wall_s"] < 15
+    assert by["hangs"]["rc"] == 124 and by["hangs"]["timed_out"] and by["hangs"]["wall_s"] < 15
+    assert "deadline" in by["too_long"]["skipped"]
+    recs = {r["case"]: r for r in records.load_records(tmp_path / "verify")}
+    assert recs["quick_ok"]["metrics"]["passed"] == 1.0 and recs["hangs"]["metrics"]["rc"] == 124
