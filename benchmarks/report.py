@@ -139,9 +139,14 @@ def _verify_table(recs: list[dict[str, Any]]) -> list[str]:
     lines = ["| step | framework | rc | passed | failed | skipped | wall s |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in recs:
         m = r["metrics"]
-        lines.append(f"| {r['case']} | {r['framework']} | {int(m.get('rc', -1))} | {int(m.get('passed', 0))} | "
-                     f"{int(m.get('failed', 0) + m.get('error', 0))} | {int(m.get('skipped', 0))} | "
-                     f"{m.get('wall_s', 0):.0f} |")
+        is_pytest = r["op"] == "pytest"
+
+        def n(key: str) -> str:
+            return str(int(m.get(key, 0))) if is_pytest else "—"
+        failed = str(int(m.get("failed", 0) + m.get("error", 0))) if is_pytest else "—"
+        wall = m.get("wall_s", m.get("pytest_s"))
+        lines.append(f"| {r['case']} | {r['framework']} | {int(m.get('rc', -1))} | {n('passed')} | {failed} | "
+                     f"{n('skipped')} | {_fmt(wall, 0)} |")
     return lines
 
 

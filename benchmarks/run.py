@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # ``python benchmarks/run.py``: make the reposito
     sys.path.insert(0, os.path.dirname(_here))
 
 from benchmarks.harness import env as _env  # noqa: E402
+from benchmarks.harness.convert import parse_pytest  # noqa: E402,F401  (re-exported: the runner's records)
 from benchmarks.harness.records import RESULTS_ROOT, run_dir, write_records, make_record  # noqa: E402
 
 ROOT = _env.REPO_ROOT
@@ -180,22 +181,6 @@ def expand(step: Step, *, trim: bool, run: Path, commit: str, py: str, quality_a
     if quick and step.kind == "op":
         out.append("--quick")  # the op scripts' CPU script check (tests/test_benchmarks.py)
     return out
-
-
-def parse_pytest(log: str) -> dict[str, float]:
-    """Counts from pytest's last summary line (``3 failed, 97 passed, 1 skipped in 49.1s``)."""
-    import re
-
-    counts: dict[str, float] = {}
-    for line in reversed(log.splitlines()):
-        if re.search(r"\b(passed|failed|error|errors|skipped|no tests ran)\b", line) and " in " in line:
-            for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)", line):
-                counts[what.rstrip("s") if what.startswith("error") else what] = float(n)
-            m = re.search(r" in ([\d.]+)s", line)
-            if m:
-                counts["pytest_s"] = float(m.group(1))
-            break
-    return counts
 
 
 def build_parser() -> argparse.ArgumentParser:

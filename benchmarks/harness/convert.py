@@ -184,6 +184,46 @@ def convert(raw: dict[str, Any], kind: str, *, suite: Optional[str] = None, comm
     raise ValueError(f"kind: unknown benchmark kind {kind!r}")
 
 
+def parse_pytest(log: str) -> dict[str, float]:
+    """Counts from pytest's last summary line (``3 failed, 97 passed, 1 skipped in 49.1s``)."""
+    import re
+
+    counts: dict[str, float] = {}
+    for line in reversed(log.splitlines()):
+        if re.search(r"\b(passed|failed|error|errors|skipped|no tests ran)\b", line) and " in " in line:
+            for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)", line):
+                counts[what.rstrip("s") if what.startswith("error") else what] = float(n)
+            m = re.search(r" in ([\d.]+)s", line)
+            if m:
+                counts["pytest_s"] = float(m.group(1))
+            break
+    return counts
+
+
+def verify_log_record(log_path: Path, *, commit: str, gpu: str, date: str, command: str) -> Optional[dict[str, Any]]:
+    """A ``verify`` record from a pytest log or a GPU-check log (``ALL PASS`` / ``PASS: 0 failed`` / ``FAIL``)."""
+    text = log_path.read_text(errors="replace")
+    name = log_path.stem
+    fw = "jax" if "jax" in name else "torch" if "torch" in name else "both"
+    if name.startswith("pytest"):
+        metrics = parse_pytest(text)
+        if not metrics:
+            return None
+        metrics["rc"] = float(1 if metrics.get("failed") or metrics.get("error") else 0)
+        op = "pytest"
+    else:
+        tail = "\n".join(text.splitlines()[-40:])
+        if "ALL PASS" in tail or "PASS: 0 failed" in tail:
+            rc = 0.0
+        elif "FAIL" in tail or "Traceback" in tail:
+            rc = 1.0
+        else:
+            return None
+        metrics, op = {"rc": rc}, "check"
+    return make_record(suite="verify", op=op, framework=fw, case=name, metrics=metrics, commit=commit, gpu=gpu,
+                       date=date, command=command, extra={"tail": "\n".join(text.splitlines()[-8:])[-1500:]})
+
+
 def rebuild_migrated(root: Path) -> int:
     """Re-derive the records of the migrated runs (``manifest.json`` with ``"migrated": true``) from their raw
     JSON, e.g. after this converter improved: ``python -m benchmarks.harness.convert benchmarks/results``."""
@@ -212,6 +252,13 @@ def rebuild_migrated(root: Path) -> int:
                 r.setdefault("extra", {}).update(archive_run=label)
             write_records(recs, raw_path.parent.parent / f"{kind}.jsonl")
             n += len(recs)
+        for log_path in sorted(folder.glob("verify/raw/*.log")):
+            cmd = f"{man['legacy_case']}  ({log_path.name}; {label[:3]} {label[3:]} of RESULTS_ARCHIVE.md)"
+            rec = verify_log_record(log_path, commit=man["commit"], gpu=man["gpu"], date=man["date"], command=cmd)
+            if rec is not None:
+                rec["extra"]["archive_run"] = label
+                write_records([rec], folder / "verify" / f"{rec['op']}_{log_path.stem}.jsonl")
+                n += 1
     return n
 
 
