@@ -188,7 +188,8 @@ def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
             recs = runs[latest]
             man = _manifest(latest)
             sweep = [r for r in recs if r.get("extra", {}).get("sweep")]
-            main = [r for r in recs if not r.get("extra", {}).get("sweep")]
+            parts = [r for r in recs if r.get("extra", {}).get("part")]
+            main = [r for r in recs if not r.get("extra", {}).get("sweep") and not r.get("extra", {}).get("part")]
             title = f"{op} · {fw}" if suite != "verify" else f"{op} · {fw}"
             label = man.get("archive_run")
             lines += [f"### {title} — {gpu}", ""]
@@ -196,6 +197,12 @@ def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
                 lines += _verify_table(main)
             elif main:
                 lines += _case_table(main)
+            if parts:
+                lines += ["", "Parts (device time of each kernel alone, CUDA-graph replays; × floor = its own "
+                          "bytes at the same run's copy bandwidth): " + "; ".join(
+                              f"{r['case'][6:]} {_fmt(r['metrics']['gpu_us'], 0)} µs"
+                              + (f" ({_fmt(r['ratios']['floor'], 2)}×)" if r.get("ratios", {}).get("floor") else "")
+                              + f" [V={r['shape'].get('vocab')}]" for r in parts[:12]) + "."]
             if sweep:
                 best = sorted(sweep, key=lambda r: r["metrics"].get("median_ms", float("inf")))[:3]
                 lines += ["", f"Launch sweep: {len(sweep)} variants in the records; fastest: " + "; ".join(

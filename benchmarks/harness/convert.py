@@ -90,6 +90,16 @@ def _rows_ops(raw: dict[str, Any], op: str, fw: str, ratio_keys: dict[str, str],
                                        metrics=_metrics(c, ratio_keys), ratios=_ratios(c, ratio_keys, invert),
                                        extra={"sweep": True}, **base))
             continue
+        if "parts" in row:  # selective CE (torch): device time of each part of the fused path, CUDA graphs
+            for part in row["parts"]:
+                if part.get("gpu_us") is None:
+                    continue
+                out.append(make_record(op=op, framework=fw, case=f"part: {str(part['name']).strip()}",
+                                       shape={"vocab": row.get("vocab")}, dtype=None,
+                                       metrics={"gpu_us": part["gpu_us"]},
+                                       ratios={"floor": part["x_floor"]} if part.get("x_floor") else {},
+                                       extra={"part": True}, **base))
+            continue
         name = row.get("name") or row.get("method") or row.get("mode")
         if name is None:
             continue
