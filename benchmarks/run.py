@@ -323,6 +323,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "trim": args.trim, "suites": args.suites, "expected_s": total,
                 "software": _software(env), "telemetry_before": _env.telemetry(), "steps": []}
     mpath = run / "manifest.json"
+    if mpath.exists():  # a second call for the same commit on the same day: keep the earlier calls' manifests
+        try:
+            old = json.loads(mpath.read_text())
+            manifest["earlier_calls"] = old.pop("earlier_calls", []) + [old]
+        except ValueError:
+            pass
     print(f"run folder {run}\ncommit {commit}, {gpu} x{n_gpus}; expected ~{total / 60:.1f} min", flush=True)
     failures = 0
     suite_of = {id(st): suite for suite, st, _ in plan}
