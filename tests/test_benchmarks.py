@@ -273,3 +273,25 @@ def test_runner_concurrent_steps_timeouts_and_deadline(tmp_path, monkeypatch, ca
     assert "deadline" in by["too_long"]["skipped"]
     recs = {r["case"]: r for r in records.load_records(tmp_path / "verify")}
     assert recs["quick_ok"]["metrics"]["passed"] == 1.0 and recs["hangs"]["metrics"]["rc"] == 124
+
+
+# ------------------------------------------------------------------------------------------- DECISIONS.md
+def _decision_slugs() -> set[str]:
+    import re
+
+    text = (ROOT / "DECISIONS.md").read_text()
+    return set(re.findall(r"^## ([a-z0-9-]+)\s*$", text, flags=re.M))
+
+
+def test_decisions_has_the_slugs_package_comments_cite():
+    import re
+
+    slugs = _decision_slugs()
+    assert {"fused-head-count-wait", "fused-head-chunk-plan", "scoring-launch-variants", "ce-backward-flat-grid",
+            "scoring-few-row-launch", "pallas-launch-defaults", "pallas-backward-flat-grid-off",
+            "stratified-default"} <= slugs
+    cited = set()
+    for pkg in ("cggr", "cggr_torch", "cggr_jax", "benchmarks"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            cited |= set(re.findall(r"DECISIONS\.md:\s*([a-z0-9-]+)", path.read_text(errors="replace")))
+    assert cited <= slugs, f"cited but not in DECISIONS.md: {sorted(cited - slugs)}"
