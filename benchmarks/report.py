@@ -150,6 +150,47 @@ def _verify_table(recs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: The headline figure of each benchmark: (suite, op, framework, case (prefix), ratio name(s), label)
+HEADLINES = [
+    ("kernels", "scoring", "torch", "triton kernel, default", "read_once_floor", "Triton scoring × read-once floor"),
+    ("kernels", "scoring", "jax", "pallas (default)", ("copy_half", "read_once_floor"),
+     "Pallas scoring × read-once floor (copy/2)"),
+    ("kernels", "selective_ce", "torch", "CGGRLoss topk", "liger_ce", "CGGRLoss topk fwd+bwd × Liger CE"),
+    ("kernels", "selective_ce", "jax", "cggr pallas: score+select+CE (default launches)", "optax_dense",
+     "Pallas pipeline fwd+bwd × optax CE"),
+    ("heads", "fused_linear", "torch", "cggr_fused", "liger_flce", "fused LM head × Liger FLCE"),
+    ("heads", "fused_linear", "jax", "cggr_fused", "one_matmul", "JAX fused LM head × one N·d·V matmul"),
+    ("models", "batch_split", "torch", "cggr", "speedup_vs_standard", "batch split step speed-up vs standard"),
+    ("models", "batch_split", "jax", "cggr", "speedup_vs_standard", "batch split step speed-up vs standard"),
+]
+
+
+def _headlines(latest: dict[tuple[str, str, str, str], list[dict[str, Any]]]) -> list[str]:
+    rows = []
+    for suite, op, fw, prefix, ratio, label in HEADLINES:
+        for (s_, gpu, op_, fw_), recs in sorted(latest.items()):
+            if (s_, op_, fw_) != (suite, op, fw):
+                continue
+            names = (ratio,) if isinstance(ratio, str) else ratio
+            hits = [r for r in recs if (r["case"].strip() == prefix or (r["case"].startswith(prefix) and (
+                    op == "batch_split" or prefix.endswith("default")))) and any(n in r["ratios"] for n in names)]
+            vals = []
+            for r in hits:
+                value = next(r["ratios"][n] for n in names if n in r["ratios"])
+                where = (f" (V={r['shape']['vocab']})" if "vocab" in r["shape"] else
+                         f" ({r['case']})" if op == "batch_split" else "")
+                vals.append(f"{_fmt(value, 2)}{where}")
+            ms = [r["metrics"].get("median_ms") for r in hits if r["metrics"].get("median_ms") is not None]
+            if vals:
+                rows.append(f"| {label} | {fw} | {gpu} | {', '.join(vals)} | {_fmt(ms[0]) if ms else '—'} | "
+                            f"`{hits[0]['commit']}` {hits[0]['date']} |")
+    if not rows:
+        return []
+    return ["## Headlines (latest run of each benchmark)", "",
+            "| figure | framework | GPU | ratio | median ms (first row) | commit, date |",
+            "|---|---|---|---:|---:|---|"] + rows + [""]
+
+
 def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
     records = [r for r in records if not r.get("extra", {}).get("quick")
                and "archive" not in Path(r["_file"]).resolve().relative_to(root.resolve()).parts[:1]]
@@ -176,6 +217,8 @@ def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
     by: dict[tuple[str, str, str, str], dict[Path, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         by[(r["suite"], r["gpu"], r["op"], r["framework"])][_run_folder(r, root)].append(r)
+    latest_of = {key: runs[max(runs, key=_run_key)] for key, runs in by.items()}
+    lines += _headlines(latest_of)
     for suite in SUITES:
         keys = sorted(k for k in by if k[0] == suite)
         if not keys:

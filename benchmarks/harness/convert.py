@@ -262,6 +262,25 @@ def rebuild_migrated(root: Path) -> int:
                 r.setdefault("extra", {}).update(archive_run=label)
             write_records(recs, raw_path.parent.parent / f"{kind}.jsonl")
             n += len(recs)
+            # Run 6's session embedded the other benchmarks' JSON in one file (the transfer limit): the selection
+            # file carries torch scoring + selective CE, the selective-CE JAX file carries JAX scoring.
+            embedded = []
+            if kind == "selective_ce_jax" and isinstance(raw.get("scoring"), dict):
+                embedded.append((raw["scoring"], "scoring_jax", "scoring"))
+            if kind == "selection_torch" and isinstance(raw.get("included"), dict):
+                for name, data in raw["included"].items():
+                    k = kind_of(data, name) if isinstance(data, dict) and data.get("results") else None
+                    if k:
+                        embedded.append((data, k, f"included/{name}"))
+            for data, k, where in embedded:
+                if not data.get("results") or (raw_path.parent / f"bench_{k}.json").exists():
+                    continue  # nothing there, or the same run also kept the file itself
+                sub = convert(data, k, commit=man["commit"], gpu=man["gpu"], date=man["date"],
+                              command=f"{cmd} [embedded: {where}]")
+                for r in sub:
+                    r.setdefault("extra", {}).update(archive_run=label)
+                write_records(sub, raw_path.parent.parent / f"{k}.jsonl")
+                n += len(sub)
         for log_path in sorted(folder.glob("verify/raw/*.log")):
             cmd = f"{man['legacy_case']}  ({log_path.name}; {label[:3]} {label[3:]} of RESULTS_ARCHIVE.md)"
             rec = verify_log_record(log_path, commit=man["commit"], gpu=man["gpu"], date=man["date"], command=cmd)
