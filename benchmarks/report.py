@@ -211,7 +211,7 @@ def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
         "",
         "Reproduce on a GPU machine (repository root, `PYTHONPATH=.`): `python -m benchmarks.run <suite> --commit "
         "<sha> --out-tar $OUT/results.tgz`, suites `verify`, `kernels`, `heads`, `models`, `quality` "
-        "(`python -m benchmarks.run --list`); then `tar xzf results.tgz` here and `python -m benchmarks.report`.",
+        "(`python -m benchmarks.run --list`); then `tar xzf results.tgz` at the repository root and `python -m benchmarks.report`.",
         "",
     ]
     by: dict[tuple[str, str, str, str], dict[Path, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))

@@ -55,6 +55,34 @@ def _attr(candidates: Sequence[tuple[str, str]]) -> Any:
     raise ImportError("benchmarks.harness.compat: none of " + ", ".join(tried) + " exists; fix the path here")
 
 
+class _Lookup:
+    """Attribute lookup over several modules, first hit wins: a kernel helper that moved between
+    ``kernels/<op>.py``, ``kernels/launch.py`` and the ``kernels`` package is still found. ``module_of(name)``
+    gives the module that holds it (to set a module global)."""
+
+    def __init__(self, *names: str):
+        self._mods = []
+        for n in names:
+            try:
+                self._mods.append(importlib.import_module(n))
+            except ModuleNotFoundError as e:
+                if e.name is None or not (n == e.name or n.startswith(e.name + ".")):
+                    raise
+        if not self._mods:
+            raise ImportError(f"benchmarks.harness.compat: none of {names} is importable; fix the path here")
+
+    def module_of(self, name: str) -> ModuleType:
+        for m in self._mods:
+            if hasattr(m, name):
+                return m
+        raise AttributeError(f"{name} in none of {[m.__name__ for m in self._mods]} (benchmarks.harness.compat)")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.module_of(name), name)
+
+
 # ------------------------------------------------------------------------------------------- dispatch
 @contextlib.contextmanager
 def force(framework: str, mode: str) -> Iterator[None]:
@@ -100,37 +128,25 @@ def force(framework: str, mode: str) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------- torch kernels
-def torch_scoring_kernels() -> ModuleType:
+def torch_scoring_kernels() -> Any:
     """The Triton scoring/CE-backward launchers (``launch_scoring``, ``row_geometry``, ``flat_targets``,
-    ``score_tokens_triton``, ``launch_scoring_chunk``, ``backward_config``...): the scoring benchmark times
-    the kernel alone and its launch variants, which no public API exposes."""
-    return _module("cggr_torch.kernels.scoring")
+    ``score_tokens_triton``, ``launch_scoring_chunk``...): the scoring benchmark times the kernel alone and its
+    launch variants, which no public API exposes. Looked up in ``kernels/scoring.py``, then ``kernels/launch.py``
+    and the ``kernels`` package."""
+    return _Lookup("cggr_torch.kernels.scoring", "cggr_torch.kernels.launch", "cggr_torch.kernels")
 
 
-def torch_cross_entropy_kernels() -> ModuleType:
+def torch_cross_entropy_kernels() -> Any:
     """The Triton selective-CE launchers (``selective_cross_entropy_triton``, ``launch_selective_backward``,
     ``launch_masked_mean``): the selective-CE benchmark times the backward kernel and its launch variants alone."""
-    return _module("cggr_torch.kernels.cross_entropy")
+    return _Lookup("cggr_torch.kernels.cross_entropy", "cggr_torch.kernels.launch", "cggr_torch.kernels")
 
 
-def torch_launch() -> ModuleType:
+def torch_launch() -> Any:
     """Launch heuristics (``LaunchConfig``, ``scoring_config``, ``scoring_config_for_rows``, ``num_sms``,
     ``backward_config``, ``CHUNK_STATE_ROWS``): ``kernels/launch.py`` after issue 13, ``kernels/scoring.py``
-    before. Returns a namespace that looks in both, so a name that stayed behind is still found."""
-    mods = []
-    for n in ("cggr_torch.kernels.launch", "cggr_torch.kernels.scoring"):
-        try:
-            mods.append(importlib.import_module(n))
-        except ModuleNotFoundError:
-            pass
-
-    class _Both:
-        def __getattr__(self, name: str) -> Any:
-            for m in mods:
-                if hasattr(m, name):
-                    return getattr(m, name)
-            raise AttributeError(f"{name} in none of {[m.__name__ for m in mods]} (benchmarks.harness.compat)")
-    return _Both()  # type: ignore[return-value]
+    before; both are searched, so a name that stayed behind is still found."""
+    return _Lookup("cggr_torch.kernels.launch", "cggr_torch.kernels.scoring", "cggr_torch.kernels")
 
 
 def torch_mode_code(scoring: str) -> int:
@@ -147,23 +163,23 @@ def torch_next_pow2(x: int) -> int:
     return int(fn(x))
 
 
-def torch_selection_kernels() -> ModuleType:
+def torch_selection_kernels() -> Any:
     """The Triton selection launchers (``launch_keys``, ``launch_plan``, ``launch_mask``, ``sort_order``),
     timed one by one as the selection benchmark's building blocks."""
-    return _module("cggr_torch.kernels.selection")
+    return _Lookup("cggr_torch.kernels.selection", "cggr_torch.kernels.launch", "cggr_torch.kernels")
 
 
 @contextlib.contextmanager
 def torch_sort_key_bits(bits: int) -> Iterator[None]:
-    """Temporarily use ``bits``-bit sort keys in the Triton selection (``kernels.selection.SORT_KEY_BITS``,
-    a module global: the int64-key variant that run 6 rejected is still measured against the int32 default)."""
-    ksel = torch_selection_kernels()
-    old = ksel.SORT_KEY_BITS
-    ksel.SORT_KEY_BITS = bits
+    """Temporarily use ``bits``-bit sort keys in the Triton selection (``SORT_KEY_BITS``, a module global: the
+    int64-key variant that run 6 rejected is still measured against the int32 default)."""
+    mod = torch_selection_kernels().module_of("SORT_KEY_BITS")
+    old = mod.SORT_KEY_BITS
+    mod.SORT_KEY_BITS = bits
     try:
         yield
     finally:
-        ksel.SORT_KEY_BITS = old
+        mod.SORT_KEY_BITS = old
 
 
 def torch_selection_check(difficulty: Any, eligible: Any) -> Any:
@@ -292,10 +308,11 @@ def jax_batch_split_route(step: Any) -> Any:
     raise ImportError("benchmarks.harness.compat: the batch-split step has no route function; fix the name here")
 
 
-def jax_scoring_kernels() -> ModuleType:
+def jax_scoring_kernels() -> Any:
     """``cggr_jax.kernels.scoring``: the read-only Pallas loop of the scoring benchmark reuses its tiling
-    helpers (``tile_columns``, ``program_rows``, ``store``, ``whole``, ``pallas_call_options``)."""
-    return _module("cggr_jax.kernels.scoring")
+    helpers (``tile_columns``, ``program_rows``, ``store``, ``whole``, ``pallas_call_options``); also searched
+    in ``kernels/launch.py`` and the ``kernels`` package."""
+    return _Lookup("cggr_jax.kernels.scoring", "cggr_jax.kernels.launch", "cggr_jax.kernels")
 
 
 def jax_token_statistics_reference(logits: Any, safe_targets: Any, has_target: Any) -> Any:
@@ -320,9 +337,9 @@ def jax_stream_class() -> Any:
     return _attr([("cggr_jax.kernels.scoring", "Stream"), ("cggr_jax.kernels.scoring", "_Stream")])
 
 
-def jax_cross_entropy_kernels() -> ModuleType:
+def jax_cross_entropy_kernels() -> Any:
     """``cggr_jax.kernels.cross_entropy`` (the Pallas CE backward; its ``BACKWARD_FLAT_GRID`` switch)."""
-    return _module("cggr_jax.kernels.cross_entropy")
+    return _Lookup("cggr_jax.kernels.cross_entropy", "cggr_jax.kernels.launch", "cggr_jax.kernels")
 
 
 @contextlib.contextmanager
