@@ -23,6 +23,8 @@ exit status and wall time), ``<suite>/<op>_<framework>.jsonl`` (records), ``<sui
 JSON), ``<suite>/logs/<step>.log``. ``--out-tar`` packs that folder (paths relative to the repository root,
 so ``tar xzf results.tgz`` at the root puts it in place); the device tool brings back at most 8 files.
 
+The correctness steps of ``verify`` (the three pytest runs and the two real-size checks) run at the same time
+on the one GPU (nothing in them is timed; ``--serial`` to run them one by one); benchmarks always run alone.
 ``--deadline-min`` bounds the whole call: a step is started only if its expected time fits what is left, and
 each step's timeout is cut to what is left, so the archive is always written. ``--trim`` runs the cheaper
 variant of each step (no launch sweeps, one vocabulary size, ``--skip-big`` checks). On the GPU machine the
