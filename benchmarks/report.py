@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Regenerate ``benchmarks/RESULTS.md`` from the result records.
+
+    python -m benchmarks.report                       # reads benchmarks/results, writes benchmarks/RESULTS.md
+    python -m benchmarks.report --results DIR --out FILE
+
+For every suite, GPU and (op, framework) it shows the LATEST run that measured it (run folders are ordered by
+their manifest's start time, else by date): one row per case with the median, the inter-quartile range, the
+ratios against the baselines measured in the same run, and tokens/s (input and, where the benchmark selects
+tokens, trained); under each table the commit, the run folder and the command that produced it. Launch-sweep
+variants are summarised (the fastest three), quick CPU script checks and ``benchmarks/results/archive`` are
+left out. The text before runs 21+ lives in ``RESULTS_ARCHIVE.md`` (runs 1-20, unchanged); design decisions
+with their evidence in ``DECISIONS.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+if __package__ in (None, ""):
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0]) == _here:
+        sys.path.pop(0)
+    sys.path.insert(0, os.path.dirname(_here))
+
+from benchmarks.harness.records import RESULTS_ROOT, SUITES, load_records  # noqa: E402
+
+SUITE_TITLES = {"verify": "verify: GPU tests and real-size checks",
+                "kernels": "kernels: scoring, selective CE, selection",
+                "heads": "heads: fused LM head + selective CE", "models": "models: batch splitting, whole step",
+                "quality": "quality"}
+MAX_ROWS = 40
+
+
+def _run_key(folder: Path) -> tuple[str, str]:
+    """Order of run folders: the manifest's start time, else the folder name (``<date>_<commit>``)."""
+    m = folder / "manifest.json"
+    started = ""
+    if m.exists():
+        try:
+            started = json.loads(m.read_text()).get("started") or ""
+        except (OSError, ValueError):
+            started = ""
+    return (started or folder.name[:10], folder.name)
+
+
+def _run_folder(rec: dict[str, Any], root: Path) -> Path:
+    """``<root>/<gpu>/<date>_<commit>`` of a record, from its file's path."""
+    p = Path(rec["_file"]).resolve()
+    rel = p.relative_to(root.resolve())
+    return root.resolve() / rel.parts[0] / rel.parts[1]
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _fmt(x: Optional[float], digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.2f} M"
+    if abs(x) >= 1e4:
+        return f"{x:,.0f}".replace(",", " ")
+    return f"{x:.{digits}f}"
+
+
+def _rel(path: Path, out: Path) -> str:
+    return os.path.relpath(path, out.parent).replace(os.sep, "/")
+
+
+def _telemetry_line(meta_path: Path) -> Optional[str]:
+    """``GPU before/after: SM clock, power`` from the benchmark's ``.meta.json`` (nvidia-smi), if logged."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    parts = []
+    for when in ("before", "after"):
+        t = meta.get(f"telemetry_{when}") or {}
+        g = (t.get("gpus") or [{}])[0]
+        if "clocks.sm" in g:
+            parts.append(f"{when}: SM {g['clocks.sm']:.0f} MHz, {g.get('power.draw', float('nan')):.0f} W, "
+                         f"{g.get('temperature.gpu', float('nan')):.0f} °C")
+    return ("GPU " + "; ".join(parts) + ".") if parts else None
+
+
+def _sweep_name(case: str) -> str:
+    c = case.strip()
+    for prefix in ("pallas sweep ", "sweep "):
+        if c.startswith(prefix):
+            return c[len(prefix):]
+    return c
+
+
+def _case_table(recs: list[dict[str, Any]]) -> list[str]:
+    ratio_names = sorted({k for r in recs for k in r.get("ratios", {})})
+    has_iqr = any("iqr_ms" in r["metrics"] for r in recs)
+    tok_in = any("input_tokens_per_s" in r["metrics"] for r in recs)
+    tok_tr = any("trained_tokens_per_s" in r["metrics"] for r in recs)
+    extra_metric = None
+    if not any("median_ms" in r["metrics"] for r in recs):  # e.g. selection: device µs / eager ms / host µs
+        extra_metric = [k for k in ("gpu_us", "eager_ms", "cpu_us") if any(k in r["metrics"] for r in recs)]
+    head = ["case", "shape"]
+    if extra_metric:
+        head += extra_metric
+    else:
+        head += ["median ms"] + (["IQR ms"] if has_iqr else [])
+    head += [n.replace("_", " ") if n.startswith("speedup_vs_") else f"× {n}" for n in ratio_names]
+    head += (["input tok/s"] if tok_in else []) + (["trained tok/s"] if tok_tr else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for r in recs[:MAX_ROWS]:
+        m = r["metrics"]
+        shape = ", ".join(f"{k}={v}" for k, v in r.get("shape", {}).items() if v is not None)
+        case = r["case"].strip() + (" *(baseline)*" if r.get("baseline") else "")
+        row = [case.replace("|", "/"), shape]
+        if extra_metric:
+            row += [_fmt(m.get(k)) for k in extra_metric]
+        else:
+            row += [_fmt(m.get("median_ms"))] + ([_fmt(m.get("iqr_ms"))] if has_iqr else [])
+        row += [_fmt(r.get("ratios", {}).get(n), 3) for n in ratio_names]
+        row += ([_fmt(m.get("input_tokens_per_s"), 0)] if tok_in else [])
+        row += ([_fmt(m.get("trained_tokens_per_s"), 0)] if tok_tr else [])
+        lines.append("| " + " | ".join(row) + " |")
+    if len(recs) > MAX_ROWS:
+        lines.append(f"\n({len(recs) - MAX_ROWS} more rows in the records file.)")
+    return lines
+
+
+def _verify_table(recs: list[dict[str, Any]]) -> list[str]:
+    lines = ["| step | framework | rc | passed | failed | skipped | wall s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in recs:
+        m = r["metrics"]
+        is_pytest = r["op"] == "pytest"
+
+        def n(key: str) -> str:
+            return str(int(m.get(key, 0))) if is_pytest else "—"
+        failed = str(int(m.get("failed", 0) + m.get("error", 0))) if is_pytest else "—"
+        wall = m.get("wall_s", m.get("pytest_s"))
+        lines.append(f"| {r['case']} | {r['framework']} | {int(m.get('rc', -1))} | {n('passed')} | {failed} | "
+                     f"{n('skipped')} | {_fmt(wall, 0)} |")
+    return lines
+
+
+#: The headline figure of each benchmark: (suite, op, framework, case (prefix), ratio name(s), label)
+HEADLINES = [
+    ("kernels", "scoring", "torch", "triton kernel, default", "read_once_floor", "Triton scoring × read-once floor"),
+    ("kernels", "scoring", "jax", "pallas (default)", ("copy_half", "read_once_floor"),
+     "Pallas scoring × read-once floor (copy/2)"),
+    ("kernels", "selective_ce", "torch", "CGGRLoss topk", "liger_ce", "CGGRLoss topk fwd+bwd × Liger CE"),
+    ("kernels", "selective_ce", "jax", "cggr pallas: score+select+CE (default launches)", "optax_dense",
+     "Pallas pipeline fwd+bwd × optax CE"),
+    ("heads", "fused_linear", "torch", "cggr_fused", "liger_flce", "fused LM head × Liger FLCE"),
+    ("heads", "fused_linear", "jax", "cggr_fused", "one_matmul", "JAX fused LM head × one N·d·V matmul"),
+    ("models", "batch_split", "torch", "cggr", "speedup_vs_standard", "batch split step speed-up vs standard"),
+    ("models", "batch_split", "jax", "cggr", "speedup_vs_standard", "batch split step speed-up vs standard"),
+]
+
+
+def _headlines(latest: dict[tuple[str, str, str, str], list[dict[str, Any]]]) -> list[str]:
+    rows = []
+    for suite, op, fw, prefix, ratio, label in HEADLINES:
+        for (s_, gpu, op_, fw_), recs in sorted(latest.items()):
+            if (s_, op_, fw_) != (suite, op, fw):
+                continue
+            names = (ratio,) if isinstance(ratio, str) else ratio
+            hits = [r for r in recs if (r["case"].strip() == prefix or (r["case"].startswith(prefix) and (
+                    op == "batch_split" or prefix.endswith("default")))) and any(n in r["ratios"] for n in names)]
+            vals = []
+            for r in hits:
+                value = next(r["ratios"][n] for n in names if n in r["ratios"])
+                where = (f" (V={r['shape']['vocab']})" if "vocab" in r["shape"] else
+                         f" ({r['case']})" if op == "batch_split" else "")
+                vals.append(f"{_fmt(value, 2)}{where}")
+            ms = [r["metrics"].get("median_ms") for r in hits if r["metrics"].get("median_ms") is not None]
+            if vals:
+                rows.append(f"| {label} | {fw} | {gpu} | {', '.join(vals)} | {_fmt(ms[0]) if ms else '—'} | "
+                            f"`{hits[0]['commit']}` {hits[0]['date']} |")
+    if not rows:
+        return []
+    return ["## Headlines (latest run of each benchmark)", "",
+            "| figure | framework | GPU | ratio | median ms (first row) | commit, date |",
+            "|---|---|---|---:|---:|---|"] + rows + [""]
+
+
+def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
+    records = [r for r in records if not r.get("extra", {}).get("quick")
+               and "archive" not in Path(r["_file"]).resolve().relative_to(root.resolve()).parts[:1]]
+    lines = [
+        "# Benchmark results",
+        "",
+        "*Generated by `python -m benchmarks.report` from the records under `benchmarks/results/<gpu>/<date>_<commit>/`"
+        " — do not edit by hand.* The log of runs 1–20 (2026-11-24, before the harness) is kept unchanged in "
+        f"[RESULTS_ARCHIVE.md]({_rel(out.parent / 'RESULTS_ARCHIVE.md', out)}); where its files went: "
+        f"[results/MIGRATION.md]({_rel(root / 'MIGRATION.md', out)}). The design decisions these numbers support, "
+        f"with their evidence: [DECISIONS.md]({_rel(out.parent.parent / 'DECISIONS.md', out)}).",
+        "",
+        "Every ratio is against a baseline measured **in the same run** (`× name` = this case's median / the "
+        "baseline's, lower is faster; the model benchmarks' `speedup_vs_*` = baseline step / this step). Times are "
+        "medians after warm-up (`benchmarks/harness/timing.py`: CUDA events for PyTorch, `block_until_ready` for "
+        "JAX); the IQR is p75 − p25. Figures converted from the pre-harness JSON (runs 1–20) have p10/p90 instead "
+        "of an IQR and were timed by the scripts of their time (`triton.testing.do_bench` for most PyTorch rows).",
+        "",
+        "Reproduce on a GPU machine (repository root, `PYTHONPATH=.`): `python -m benchmarks.run <suite> --commit "
+        "<sha> --out-tar $OUT/results.tgz`, suites `verify`, `kernels`, `heads`, `models`, `quality` "
+        "(`python -m benchmarks.run --list`); then `tar xzf results.tgz` at the repository root and `python -m benchmarks.report`.",
+        "",
+    ]
+    by: dict[tuple[str, str, str, str], dict[Path, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by[(r["suite"], r["gpu"], r["op"], r["framework"])][_run_folder(r, root)].append(r)
+    latest_of = {key: runs[max(runs, key=_run_key)] for key, runs in by.items()}
+    lines += _headlines(latest_of)
+    for suite in SUITES:
+        keys = sorted(k for k in by if k[0] == suite)
+        if not keys:
+            continue
+        lines += [f"## {SUITE_TITLES.get(suite, suite)}", ""]
+        for key in keys:
+            _, gpu, op, fw = key
+            runs = by[key]
+            latest = max(runs, key=_run_key)
+            recs = runs[latest]
+            man = _manifest(latest)
+            sweep = [r for r in recs if r.get("extra", {}).get("sweep")]
+            parts = [r for r in recs if r.get("extra", {}).get("part")]
+            main = [r for r in recs if not r.get("extra", {}).get("sweep") and not r.get("extra", {}).get("part")]
+            title = f"{op} · {fw}" if suite != "verify" else f"{op} · {fw}"
+            label = man.get("archive_run")
+            lines += [f"### {title} — {gpu}", ""]
+            if suite == "verify":
+                lines += _verify_table(main)
+            elif main:
+                lines += _case_table(main)
+            if parts:
+                lines += ["", "Parts (device time of each kernel alone, CUDA-graph replays; × floor = its own "
+                          "bytes at the same run's copy bandwidth): " + "; ".join(
+                              f"{r['case'][6:]} {_fmt(r['metrics']['gpu_us'], 0)} µs"
+                              + (f" ({_fmt(r['ratios']['floor'], 2)}×)" if r.get("ratios", {}).get("floor") else "")
+                              + f" [V={r['shape'].get('vocab')}]" for r in parts[:12]) + "."]
+            if sweep:
+                best = sorted(sweep, key=lambda r: r["metrics"].get("median_ms", float("inf")))[:3]
+                lines += ["", f"Launch sweep: {len(sweep)} variants in the records; fastest: " + "; ".join(
+                    f"`{_sweep_name(r['case'])}` {_fmt(r['metrics'].get('median_ms'))} ms "
+                    f"(V={r['shape'].get('vocab')})"
+                    for r in best) + "."]
+            clocks = _telemetry_line(Path(recs[0]["_file"]).with_suffix("").with_suffix(".meta.json"))
+            if clocks:
+                lines += ["", clocks]
+            commands = sorted({r["command"] for r in recs})
+            commits = sorted({r["commit"] for r in recs})
+            older = len(runs) - 1
+            lines += ["", f"Commit {', '.join(f'`{c}`' for c in commits)}, {recs[0]['date']}"
+                      + (f" ({label} of the archive)" if label else "")
+                      + f"; run folder [`{_rel(latest, out)}`]({_rel(latest, out)})"
+                      + (f"; {older} older run(s) of this benchmark in the records" if older else "") + ".",
+                      "Command: " + "; ".join(f"`{c}`" for c in commands), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS_ROOT, help="records root (default %(default)s)")
+    p.add_argument("--out", type=Path, default=RESULTS_ROOT.parent / "RESULTS.md", help="default %(default)s")
+    args = p.parse_args(argv)
+    recs = load_records(args.results)
+    text = render(recs, args.results, args.out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out} from {len(recs)} records")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""CPU smoke tests of the benchmark product (issue 13 item 9): the GPU runner's ``--list`` / ``--dry-run`` of
+every suite, the harness's timing / record / layout on trivial functions, ``benchmarks/report.py`` on fake
+records, and one op script per framework end to end in its ``--quick`` mode (interpreted kernels).
+
+They check the plumbing, not the numbers: no GPU is needed and nothing here is timed for real.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import report, run  # noqa: E402
+from benchmarks.harness import convert, env, records, timing  # noqa: E402
+
+
+def _subprocess_env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p])
+    e.setdefault("TRITON_INTERPRET", "1")
+    e.setdefault("JAX_PLATFORMS", "cpu")
+    e.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    e["CGGR_GPU_NAME"] = "cpu"  # the layout's <gpu> level, whatever this machine has
+    return e
+
+
+# ------------------------------------------------------------------------------------------------ runner
+def test_runner_list_names_every_suite(capsys):
+    assert run.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for suite in ("verify", "kernels", "heads", "models", "quality"):
+        assert f"{suite}:" in out
+    assert "expected on one H200" in out
+
+
+@pytest.mark.parametrize("suite", ["verify", "kernels", "heads", "models"])
+@pytest.mark.parametrize("trim", [False, True])
+def test_runner_dry_run_prints_the_commands(suite, trim, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CGGR_GPU_COUNT", "1")  # the plan of a one-GPU machine, whatever this one has
+    argv = [suite, "--dry-run", "--commit", "abc1234", "--run-folder", str(tmp_path / "r")]
+    argv += ["--trim"] if trim else []
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    cmds = [line for line in out.splitlines() if line and not line.startswith("#")]
+    assert cmds, out
+    for step in run.SUITES[suite][1]:
+        if step.min_gpus > 1:
+            assert f"{step.name}] " in out and "needs 2 GPUs" in out  # named even when skipped
+            continue
+        assert f"[{suite}/{step.name}]" in out
+    for c in cmds:
+        if "benchmarks/" in c and c.split()[1].endswith(tuple(f"{op}.py" for op in records.OPS)):
+            assert f"--run-folder {tmp_path / 'r'}" in c and "--commit abc1234" in c
+    assert not list(tmp_path.iterdir()), "a dry run writes nothing"
+
+
+def test_runner_dry_run_quality_passes_arguments_through(capsys, tmp_path):
+    assert run.main(["quality", "--dry-run", "--commit", "abc1234", "--run-folder", str(tmp_path / "r"), "--",
+                     "--scale", "gpu", "--frameworks", "torch", "--deadline-min", "6"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "benchmarks.quality.run" in x)
+    assert "--scale gpu --frameworks torch --deadline-min 6" in line
+    assert f"--out {tmp_path / 'r' / 'quality'}" in line
+
+
+def test_runner_rejects_unknown_suite(capsys):
+    assert run.main(["final3a", "--dry-run"]) == 2
+    assert "--list" in capsys.readouterr().err
+
+
+def test_runner_estimates_bound_the_lead_command():
+    """The verify + kernels call the lead runs after the merge must fit one device call (≤ 9 min) trimmed."""
+    steps = [s for name in ("verify", "kernels") for s in run.SUITES[name][1] if s.min_gpus == 1]
+    assert run.expected_s(steps, trim=True, serial=False) <= 9 * 60
+    assert all(s.timeout_s >= s.est_s for name in run.SUITES for s in run.SUITES[name][1])
+
+
+def test_parse_pytest_summary():
+    log = "....\n=== 3 failed, 97 passed, 1 skipped, 2 deselected in 49.11s ===\n"
+    assert run.parse_pytest(log) == {"failed": 3.0, "passed": 97.0, "skipped": 1.0, "deselected": 2.0,
+                                     "pytest_s": 49.11}
+
+
+# ------------------------------------------------------------------------------------------------ harness
+def test_summarize_quantiles_and_iqr():
+    t = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0], warmup=2, method="given")
+    assert (t.median_ms, t.p25_ms, t.p75_ms, t.min_ms, t.reps) == (3.0, 2.0, 4.0, 1.0, 5)
+    assert t.iqr_ms == 2.0 and t.as_dict()["iqr_ms"] == 2.0
+    with pytest.raises(ValueError, match="times_ms"):
+        timing.summarize([])
+
+
+def test_measure_times_a_trivial_function():
+    calls = []
+    t = timing.measure(lambda: calls.append(sum(range(200))), framework="host", warmup=2, reps=7,
+                       before_each=lambda: calls.append("prep"))
+    assert t.reps == 7 and t.warmup == 2 and t.method == "host-clock"
+    assert 0 <= t.min_ms <= t.p25_ms <= t.median_ms <= t.p75_ms
+    assert calls.count("prep") == 9 and len(calls) == 18  # before_each ran before every call, untimed
+    budgeted = timing.measure(lambda: None, framework="host", warmup=0, budget_ms=1.0, min_reps=3, max_reps=5)
+    assert 3 <= budgeted.reps <= 5
+    with pytest.raises(ValueError, match="framework"):
+        timing.measure(lambda: None, framework="numpy")
+
+
+def test_ratios_and_throughput():
+    assert timing.ratios(2.0, {"liger": 4.0, "missing": None, "zero": 0.0}) == {"liger": 0.5}
+    tp = timing.throughput(2.0, input_tokens=16384, trained_tokens=4096)
+    assert tp == {"input_tokens_per_s": 16384 / 2e-3, "trained_tokens_per_s": 4096 / 2e-3}
+
+
+@pytest.mark.parametrize("name,slug", [("NVIDIA H200", "h200"), ("NVIDIA GeForce RTX 4090", "rtx-4090"),
+                                       ("cpu", "cpu"), ("Tesla V100-SXM2-16GB", "v100-sxm2-16gb")])
+def test_gpu_slug(name, slug):
+    assert env.gpu_slug(name) == slug
+
+
+def test_record_layout_and_roundtrip(tmp_path):
+    ctx = records.RunContext(suite="kernels", commit="abc1234+dirty", gpu="NVIDIA H200", date="2026-12-02",
+                             command="python benchmarks/scoring.py --framework torch", results_root=tmp_path)
+    assert ctx.run_folder == tmp_path / "h200" / "2026-12-02_abc1234-dirty"
+    t = timing.measure(lambda: None, framework="host", warmup=0, reps=3)
+    rec = ctx.record(op="scoring", framework="torch", case="trivial", shape={"n": 1}, dtype="bf16",
+                     metrics=t.as_dict() | timing.throughput(t.median_ms or 1.0, input_tokens=1),
+                     ratios={"floor": 1.5})
+    path = records.write_records([rec], ctx.suite_dir / "scoring_torch.jsonl")
+    assert path == tmp_path / "h200" / "2026-12-02_abc1234-dirty" / "kernels" / "scoring_torch.jsonl"
+    (back,) = records.load_records(tmp_path)
+    for key in ("schema", "suite", "op", "framework", "case", "shape", "dtype", "metrics", "ratios", "commit",
+                "gpu", "date", "command"):
+        assert back[key] == rec[key]
+    with pytest.raises(ValueError, match="suite"):
+        records.make_record(suite="final3a", op="x", framework="torch", case="c", metrics={"a": 1}, commit="c",
+                            gpu="g", date="d", command="c")
+    with pytest.raises(ValueError, match="metrics"):
+        ctx.record(op="x", framework="torch", case="c", metrics={})
+
+
+def test_convert_legacy_selective_ce_json():
+    raw = {"benchmark": "selective_ce_torch", "args": {"ratio": 0.25},
+           "results": [{"name": "CGGRLoss topk", "n": 16384, "vocab": 128256, "dtype": "bf16", "median_ms": 2.0,
+                        "p10_ms": 1.9, "p90_ms": 2.1, "x_liger": 0.625},
+                       {"name": "liger CE (full)", "n": 16384, "vocab": 128256, "dtype": "bf16", "median_ms": 3.2,
+                        "x_liger": 1.0}]}
+    assert convert.kind_of(raw, "whatever.json") == "selective_ce_torch"
+    cggr, liger = convert.convert(raw, "selective_ce_torch", commit="c", gpu="g", date="d", command="cmd")
+    assert cggr["suite"] == "kernels" and cggr["ratios"] == {"liger_ce": 0.625} and not cggr["baseline"]
+    assert liger["baseline"]
+    assert cggr["metrics"]["input_tokens_per_s"] == pytest.approx(16384 / 2e-3)
+    assert cggr["metrics"]["trained_tokens_per_s"] == pytest.approx(4096 / 2e-3)
+
+
+def test_migrated_results_are_records():
+    recs = records.load_records(records.RESULTS_ROOT)
+    assert len(recs) > 100
+    assert {r["suite"] for r in recs} >= {"kernels", "heads", "models"}
+    assert all(r["gpu"] == "NVIDIA H200" for r in recs if "/h200/" in r["_file"])
+    for folder in (records.RESULTS_ROOT / "h200").iterdir():
+        man = json.loads((folder / "manifest.json").read_text())
+        assert folder.name == f"{man['date']}_{man['commit'].replace('+', '-')}"
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _fake(tmp: Path, folder: str, started: str, median: float, *, quick: bool = False) -> None:
+    d = tmp / "h200" / folder
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"started": started}))
+    recs = [records.make_record(suite="kernels", op="scoring", framework="torch", case="triton default",
+                                shape={"n": 16384, "vocab": 128256}, dtype="bf16",
+                                metrics={"median_ms": median, "iqr_ms": 0.01, "input_tokens_per_s": 1.6e7},
+                                ratios={"read_once_floor": median / 0.976}, commit=folder[11:], gpu="NVIDIA H200",
+                                date=folder[:10], command=f"python benchmarks/scoring.py --framework torch #{folder}",
+                                extra={"quick": True} if quick else None),
+            records.make_record(suite="kernels", op="scoring", framework="torch", case="copy", metrics={
+                "median_ms": 1.953}, baseline=True, commit=folder[11:], gpu="NVIDIA H200", date=folder[:10],
+                command="c")]
+    records.write_records(recs, d / "kernels" / "scoring_torch.jsonl")
+    gpu = {"clocks.sm": 1980.0, "power.draw": 512.0, "temperature.gpu": 41.0}
+    (d / "kernels" / "scoring_torch.meta.json").write_text(json.dumps(
+        {"telemetry_before": {"gpus": [gpu]}, "telemetry_after": {"gpus": [dict(gpu, **{"clocks.sm": 1755.0})]}}))
+
+
+def test_report_renders_the_latest_run(tmp_path):
+    res = tmp_path / "benchmarks" / "results"
+    _fake(res, "2026-12-01_aaaaaaa", "2026-12-01T10:00:00Z", 1.111)
+    _fake(res, "2026-12-02_bbbbbbb", "2026-12-02T10:00:00Z", 1.004)
+    out = tmp_path / "benchmarks" / "RESULTS.md"
+    assert report.main(["--results", str(res), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "1.004" in text and "1.111" not in text  # latest run only
+    assert "× read_once_floor" in text and "1.029" in text  # same-run ratio column
+    assert "`bbbbbbb`" in text and "#2026-12-02_bbbbbbb" in text  # commit and command of the figure
+    assert "RESULTS_ARCHIVE.md" in text and "DECISIONS.md" in text
+    assert "*(baseline)*" in text and "1 older run(s)" in text
+    assert "before: SM 1980 MHz, 512 W" in text and "after: SM 1755 MHz" in text  # nvidia-smi telemetry
+
+
+def test_report_leaves_out_quick_records(tmp_path):
+    res = tmp_path / "results"
+    _fake(res, "2026-12-03_ccccccc", "2026-12-03T10:00:00Z", 7.777, quick=True)
+    text = report.render(records.load_records(res), res, tmp_path / "RESULTS.md")
+    assert "7.777" not in text
+
+
+# ------------------------------------------------------------------------------- end to end, CPU quick
+def test_runner_runs_an_op_quick_and_packs_the_run(tmp_path):
+    """``run.py`` → ``benchmarks/selection.py`` → ``ops/selection_torch.py --smoke`` (interpreted Triton), then
+    the archive the device tool brings back. ~5 s."""
+    runf, tar = tmp_path / "run", tmp_path / "out" / "results.tgz"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.run", "kernels", "--allow-cpu", "--quick", "--only",
+                        "selection_torch", "--run-folder", str(runf), "--commit", "abc1234", "--out-tar", str(tar)],
+                       cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    man = json.loads((runf / "manifest.json").read_text())
+    (step,) = [s for s in man["steps"] if "rc" in s]
+    assert step["step"] == "selection_torch" and step["rc"] == 0
+    recs = records.load_records(runf)
+    assert recs and all(r["op"] == "selection" and r["commit"] == "abc1234" and r["extra"]["quick"] for r in recs)
+    assert (runf / "kernels" / "raw" / "selection_torch.json").exists()
+    assert (runf / "kernels" / "logs" / "selection_torch.log").exists()
+    names = tarfile.open(tar).getnames()
+    assert "run/manifest.json" in names and "run/kernels/selection_torch.jsonl" in names
+
+
+def test_jax_op_script_quick(tmp_path):
+    """``benchmarks/scoring.py --framework jax --quick``: Pallas interpreted on tiny shapes. ~12 s."""
+    p = subprocess.run([sys.executable, "benchmarks/scoring.py", "--framework", "jax", "--quick", "--no-sweep",
+                        "--run-folder", str(tmp_path), "--commit", "abc1234"],
+                       cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = records.load_records(tmp_path)
+    assert {r["case"] for r in recs} >= {"pallas (default)", "copy (jnp.copy, read+write)"}
+    assert all(r["framework"] == "jax" and r["suite"] == "kernels" for r in recs)
+    meta = json.loads((tmp_path / "kernels" / "scoring_jax.meta.json").read_text())
+    assert meta["rc"] == 0 and meta["records"] == len(recs)
+
+
+def test_selection_has_no_jax_benchmark(capsys):
+    from benchmarks.harness import front
+
+    assert front.main("selection", ["--framework", "jax"]) == 0
+    assert "n/a" in capsys.readouterr().out
+
+
+def test_runner_concurrent_steps_timeouts_and_deadline(tmp_path, monkeypatch, capsys):
+    """The runner's own mechanics on stand-in steps: a parallel batch, a step killed at its timeout (rc 124,
+    its own process group), a step skipped because the deadline cannot fit it, the manifest and the records."""
+    py = sys.executable
+    steps = [
+        run.Step("quick_ok", [py, "-c", "print('1 passed in 0.10s')"], est_s=1, timeout_s=20, kind="pytest",
+                 parallel="checks"),
+        run.Step("hangs", [py, "-c", "import time; time.sleep(60)"], est_s=1, timeout_s=2, kind="check",
+                 parallel="checks"),
+        run.Step("too_long", [py, "-c", "print('never')"], est_s=3600, timeout_s=4000, kind="check"),
+    ]
+    monkeypatch.setitem(run.SUITES, "verify", ("stand-in", steps))
+    rc = run.main(["verify", "--allow-cpu", "--run-folder", str(tmp_path), "--commit", "abc1234",
+                   "--deadline-min", "1", "--pytest-workers", "0"])
+    assert rc == 1  # one failing step
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    by = {s["step"]: s for s in man["steps"]}
+    assert by["quick_ok"]["rc"] == 0 and by["quick_ok"]["wall_s"] < 15
+    assert by["hangs"]["rc"] == 124 and by["hangs"]["timed_out"] and by["hangs"]["wall_s"] < 15
+    assert "deadline" in by["too_long"]["skipped"]
+    recs = {r["case"]: r for r in records.load_records(tmp_path / "verify")}
+    assert recs["quick_ok"]["metrics"]["passed"] == 1.0 and recs["hangs"]["metrics"]["rc"] == 124
+
+
+# ------------------------------------------------------------------------------------------- DECISIONS.md
+def _decision_slugs() -> set[str]:
+    import re
+
+    text = (ROOT / "DECISIONS.md").read_text()
+    return set(re.findall(r"^## ([a-z0-9-]+)\s*$", text, flags=re.M))
+
+
+def test_decisions_has_the_slugs_package_comments_cite():
+    import re
+
+    slugs = _decision_slugs()
+    assert {"fused-head-count-wait", "fused-head-chunk-plan", "scoring-launch-variants", "ce-backward-flat-grid",
+            "scoring-few-row-launch", "pallas-launch-defaults", "pallas-backward-flat-grid-off",
+            "stratified-default"} <= slugs
+    cited = set()
+    for pkg in ("cggr", "cggr_torch", "cggr_jax", "benchmarks"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            cited |= set(re.findall(r"DECISIONS\.md:\s*([a-z0-9-]+)", path.read_text(errors="replace")))
+    assert cited <= slugs, f"cited but not in DECISIONS.md: {sorted(cited - slugs)}"
