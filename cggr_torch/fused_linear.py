@@ -48,7 +48,7 @@ times the memory budget below; recomputation is therefore the design.
 
 The backward reads ``K`` on the host (to size the gathered buffer): on CUDA the count is copied to pinned
 memory with a non-blocking copy in the forward, and the backward waits only for that copy's event (on the
-H200 that wait cost nothing measurable: benchmarks/RESULTS.md, run 17). The
+H200 that wait cost nothing measurable: DECISIONS.md: fused-head-count-wait). The
 forward itself never synchronises. Unselected, ignored and non-finite rows are never read in the backward, so
 their gradient is exactly zero (never ``0·NaN``).
 
@@ -87,18 +87,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .curriculum import _host_step
-from .loss import CGGRLoss, Schedule, _base_ratio, _Config, _make_config, _select_and_measure
-from .scoring import (
-    TokenScores,
-    TokenStatistics,
-    _load_kernel,
-    import_kernel,
-    _score_from_statistics,
-    _statistics_dispatch,
-    use_kernels_for,
-)
-from .utils import FLOAT_DTYPES, check_scoring, check_target_range, is_integer_dtype
+from cggr import CGGRConfig
+
+from . import dispatch
+from .curriculum import Schedule, base_ratio, host_step
+from .loss import CGGRLoss, check_schedule
+from .pipeline import select_and_measure
+from .scoring import compute_statistics, scores_from_statistics
+from .types import TokenScores, TokenStatistics
+from .utils import FLOAT_DTYPES, check_scoring, check_target_range, is_integer_dtype, resolve_config, widen_labels
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -122,7 +119,6 @@ _ALIGN = 128
 _MIN_FORWARD_COLUMNS = 4096
 _FILL = 0.875  # fraction of the budget a plan aims for (the caching allocator rounds blocks up)
 _GRADIENT_KERNEL_MODULE = "cggr_torch.kernels.fused_linear"
-_gradient_kernel_cache: dict[str, Any] = {}
 _MIXED_ADDMM: dict[tuple[str, torch.dtype], Optional[str]] = {}
 
 
@@ -251,7 +247,8 @@ def _check_linear(hidden: Any, weight: Any, bias: Any) -> None:
             raise ValueError(f"bias: expected device {hidden.device} (that of hidden), got {bias.device}")
 
 
-def _check_labels(labels: Any, hidden: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+def _check_labels(labels: Any, hidden: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """Static checks of the aligned labels, the label-dtype rule, the range check; returns them widened."""
     expected = tuple(hidden.shape[:-1])
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"labels: expected an integer tensor of shape {expected}, got {_describe(labels)}")
@@ -262,11 +259,13 @@ def _check_labels(labels: Any, hidden: torch.Tensor, vocab_size: int, ignore_ind
                          f"got {tuple(labels.shape)}")
     if labels.device != hidden.device:
         raise ValueError(f"labels: expected device {hidden.device} (that of hidden), got {labels.device}")
+    labels = widen_labels(labels, ignore_index, name="labels")
     check_target_range(labels, vocab_size, ignore_index, name="labels")
+    return labels
 
 
 def _statistics_kernel_for(hidden: torch.Tensor) -> bool:
-    return use_kernels_for(hidden) and _load_kernel() is not None
+    return dispatch.use_kernels(hidden) and dispatch.kernel("token_statistics_triton") is not None
 
 
 # ==================================================================================== blockwise scoring
@@ -283,7 +282,7 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
     dispatcher (the PyTorch reference) takes whole rows (``vocab_chunk`` is ignored: its float32 temporaries
     are what the plan sizes). The blocks run in order on one stream: a block's statistics beside the next
     block's GEMM on a side stream gained nothing reliable on the H200 (the GEMM occupies every SM;
-    benchmarks/RESULTS.md, runs 10-13).
+    DECISIONS.md: fused-head-chunk-plan).
     """
     N = hidden2d.shape[0]
     V = weight.shape[0]
@@ -306,7 +305,7 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
                     cfg = ks.scoring_config_for_rows(r1 - r0, v1 - v0, z.dtype, ks.num_sms(z))
                     if state is None:
                         geom = ks.row_geometry(z)
-                        ks.launch_scoring(geom, t_r, ignore_index, ks._NO_DIFFICULTY, out[:, r0:r1],
+                        ks.launch_scoring(geom, t_r, ignore_index, ks.NO_DIFFICULTY, out[:, r0:r1],
                                           finite[r0:r1], cfg)
                         del geom  # holds z too: both must go before the next block is allocated
                     else:
@@ -318,7 +317,7 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
         for r0 in range(0, N, row_chunk):
             r1 = min(N, r0 + row_chunk)
             z = F.linear(hidden2d[r0:r1], weight, bias)
-            st = _statistics_dispatch(z, None if targets is None else targets[r0:r1], ignore_index)
+            st = compute_statistics(z, None if targets is None else targets[r0:r1], ignore_index)
             for buf, x in zip(out_list, st):
                 buf[r0:r1] = x
             del z, st
@@ -331,9 +330,9 @@ def _gradient_kernel_for(hidden: torch.Tensor) -> Optional[Any]:
     None on non-kernel devices, with ``CGGR_DISABLE_KERNELS=1``, for float64 and when Triton is absent; a
     kernel error is raised by the launch, never replaced.
     """
-    if not use_kernels_for(hidden) or hidden.dtype == torch.float64:
+    if not dispatch.use_kernels(hidden) or hidden.dtype == torch.float64:
         return None
-    launch = import_kernel(_GRADIENT_KERNEL_MODULE, "launch_chunk_gradient", _gradient_kernel_cache)
+    launch = dispatch.kernel("launch_chunk_gradient")
     if launch is None:
         return None
     return importlib.import_module(_GRADIENT_KERNEL_MODULE)
@@ -519,7 +518,7 @@ def _forward_blocks(hidden: torch.Tensor, vocab_size: int, row_chunk_size: Optio
 
 
 def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
-         step: int, base: np.float32, cfg: _Config, row_chunk_size: Optional[int],
+         step: int, base: np.float32, cfg: CGGRConfig, row_chunk_size: Optional[int],
          vocab_chunk_size: Optional[int], memory_budget_bytes: int) -> FusedLinearCGGROutput:
     """The fused loss on validated inputs."""
     token_shape = tuple(hidden.shape[:-1])
@@ -534,7 +533,7 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias:
                                      None if bias is None else bias.detach(), flat_t, cfg.ignore_index, row_chunk,
                                      forward_cols)
         stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
-        scores, mask, metrics = _select_and_measure(stats, labels, step, base, cfg)
+        scores, mask, _k, metrics = select_and_measure(stats, labels, step, base, cfg)
         count = metrics["tokens_selected"]
         valid = scores.valid
         safe_t = torch.where(valid & (labels >= 0) & (labels < V), labels, torch.zeros_like(labels))
@@ -558,7 +557,8 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
                       warmup_steps: int = 1000, num_strata: int = 4, min_tokens_per_sequence: int = 1,
                       ignore_index: int = -100, ratio_schedule: Optional[Schedule] = None,
                       row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
-                      memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> FusedLinearCGGROutput:
+                      memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+                      config: Optional[CGGRConfig] = None) -> FusedLinearCGGROutput:
     """CGGR loss of the LM head ``z = hidden · weightᵀ + bias`` without materialising the logits.
 
     Equal (up to float rounding of the chunked matmuls) to ``cggr_loss(F.linear(hidden, weight, bias), labels,
@@ -579,19 +579,22 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
             statistics take whole rows) and per backward step (default: :func:`plan_chunks`, its
             ``forward_vocab_chunk`` and, with the real ``K``, its ``vocab_chunk``).
         memory_budget_bytes: working-memory target of the default plan (bytes, default 0.25 GiB).
+        config: a ready :class:`cggr.CGGRConfig` instead of the settings.
 
     Raises:
         ValueError: bad shapes/dtypes/devices/configuration, or (CPU) labels out of range. On CUDA an
             out-of-range label trips a device-side assertion (no synchronisation).
     """
-    cfg, schedule = _make_config(scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio,
-                                 warmup_steps, num_strata, min_tokens_per_sequence, ignore_index, None,
-                                 ratio_schedule)
+    cfg = resolve_config(config, dict(
+        scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+        threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
+        num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index))
+    schedule = check_schedule(ratio_schedule, cfg)
     _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
-    s = _host_step(step)
+    s = host_step(step)
     _check_linear(hidden, weight, bias)
-    _check_labels(labels, hidden, weight.shape[0], cfg.ignore_index)
-    return _run(hidden, weight, labels, bias, s, _base_ratio(schedule, s), cfg, row_chunk_size,
+    labels = _check_labels(labels, hidden, weight.shape[0], cfg.ignore_index)
+    return _run(hidden, weight, labels, bias, s, base_ratio(schedule, s), cfg, row_chunk_size,
                 vocab_chunk_size, int(memory_budget_bytes))
 
 
@@ -625,12 +628,12 @@ class FusedLinearCGGRLoss(CGGRLoss):
                  num_strata: int = 4, min_tokens_per_sequence: int = 1, ignore_index: int = -100,
                  ratio_schedule: Optional[Schedule] = None, *, row_chunk_size: Optional[int] = None,
                  vocab_chunk_size: Optional[int] = None,
-                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> None:
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, config: Optional[CGGRConfig] = None) -> None:
         super().__init__(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
                          threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
                          warmup_steps=warmup_steps, num_strata=num_strata,
                          min_tokens_per_sequence=min_tokens_per_sequence, base_loss=None,
-                         ignore_index=ignore_index, ratio_schedule=ratio_schedule)
+                         ignore_index=ignore_index, ratio_schedule=ratio_schedule, config=config)
         _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
         self.row_chunk_size = row_chunk_size
         self.vocab_chunk_size = vocab_chunk_size
@@ -640,9 +643,8 @@ class FusedLinearCGGRLoss(CGGRLoss):
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Selective loss of one batch (float32 scalar) from the LM head's inputs. Never synchronises."""
         _check_linear(hidden, weight, bias)
-        _check_labels(labels, hidden, weight.shape[0], self._cfg.ignore_index)
-        step = self._step
-        out = _run(hidden, weight, labels, bias, step, _base_ratio(self._schedule, step), self._cfg,
+        labels = _check_labels(labels, hidden, weight.shape[0], self.config.ignore_index)
+        out = _run(hidden, weight, labels, bias, self._step, self.base_ratio(), self.config,
                    self.row_chunk_size, self.vocab_chunk_size, self.memory_budget_bytes)
         self._metrics = out.metrics
         return out.loss
@@ -681,7 +683,7 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: Opti
     _check_linear(hidden, weight, bias)
     token_shape = tuple(hidden.shape[:-1])
     if labels is not None:
-        _check_labels(labels, hidden, weight.shape[0], int(ignore_index))
+        labels = _check_labels(labels, hidden, weight.shape[0], int(ignore_index))
     if valid_mask is not None:
         if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool \
                 or tuple(valid_mask.shape) != token_shape:
@@ -697,21 +699,18 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: Opti
                                  forward_cols)
     stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
     with torch.no_grad():
-        return _score_from_statistics(stats, labels, scoring, int(ignore_index), valid_mask)
+        return scores_from_statistics(stats, labels, scoring, int(ignore_index), valid_mask)
 
 
 # ========================================================================================= Hugging Face
-_UNSUPPORTED_HEAD_OPTIONS = ("final_logit_softcapping", "logit_scale", "output_logit_scale", "logits_scaling")
-
-
-def _check_plain_head(model: nn.Module) -> None:
-    """Reject models whose logits are not ``lm_head(hidden)`` (softcapping or scaling after the head)."""
-    config = getattr(model, "config", None)
-    for name in _UNSUPPORTED_HEAD_OPTIONS:
-        value = getattr(config, name, None)
-        if value is not None and value != 1 and value != 1.0:
-            raise ValueError(f"model: config.{name}={value!r} transforms the logits after the LM head; the fused "
-                             f"loss computes hidden · weightᵀ + bias only")
+def _probe_hf(model: nn.Module, base: nn.Module) -> Any:
+    """The probe of the head-linearity rule for a Hugging Face causal LM: (its logits, its hidden states)."""
+    def probe(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=input_ids).logits
+        out = base(input_ids=input_ids)
+        hidden = getattr(out, "last_hidden_state", None)
+        return logits, (out[0] if hidden is None else hidden)
+    return probe
 
 
 def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -733,7 +732,9 @@ def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: to
 
     Raises:
         ValueError: ``loss_module`` not a :class:`FusedLinearCGGRLoss`, a model without a base model or linear
-            output embedding, logit softcapping/scaling after the head, or bad ``input_ids``/``labels``.
+            output embedding, a model whose logits are not ``hidden · Wᵀ + b`` (scaling, capping or
+            soft-capping after the head: the numeric rule :func:`cggr_torch.router.check_linear_head`, run once
+            per model and head), or bad ``input_ids``/``labels``.
     """
     if not isinstance(loss_module, FusedLinearCGGRLoss):
         raise ValueError(f"loss_module: expected a cggr_torch.fused_linear.FusedLinearCGGRLoss, got "
@@ -753,7 +754,12 @@ def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: to
     if not isinstance(head, nn.Linear):
         raise ValueError(f"model: expected get_output_embeddings() to return an nn.Linear LM head, got "
                          f"{type(head).__name__}")
-    _check_plain_head(model)
+    # The one head-linearity rule lives with the routers (which import this module: imported here, at call time).
+    from .router import check_linear_head
+
+    reason = check_linear_head(model, head, _probe_hf(model, base))
+    if reason is not None:
+        raise ValueError(f"model: {reason}")
     out = base(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:

@@ -12,11 +12,12 @@ Every check raises :class:`ValueError` naming the offending argument and what wa
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
+
+from cggr import CONFIG_FIELDS, SCORING_MODES, SELECTION_STRATEGIES, CGGRConfig, check_label_dtype_range
+import cggr
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -27,7 +28,9 @@ __all__ = [
     "check_scoring",
     "check_selection",
     "check_ratio_value",
-    "check_config",
+    "widen_labels",
+    "resolve_config",
+    "check_batch",
     "is_integer_dtype",
 ]
 
@@ -111,29 +114,20 @@ def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int
 
 
 def check_scoring(scoring: Any) -> None:
-    from .scoring import SCORING_MODES
-
+    """``scoring`` must be one of :data:`cggr.SCORING_MODES` (SPEC §3)."""
     if scoring not in SCORING_MODES:
         raise ValueError(f"scoring: expected one of {SCORING_MODES}, got {scoring!r}")
 
 
 def check_selection(selection: Any) -> None:
-    from .selection import SELECTION_STRATEGIES
-
+    """``selection`` must be one of :data:`cggr.SELECTION_STRATEGIES` (SPEC §7)."""
     if selection not in SELECTION_STRATEGIES:
         raise ValueError(f"selection: expected one of {SELECTION_STRATEGIES}, got {selection!r}")
 
 
-def _is_real(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def check_ratio_value(name: str, value: Any) -> float:
-    """A host number in ``(0, 1]`` (SPEC §5.1); returns it as a Python float."""
+    """A host number in ``(0, 1]`` (SPEC §5.1); returns it as a Python float. A CPU floating 0-d tensor is
+    accepted too (:func:`cggr.check_ratio_value` with the tensor case)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or not value.dtype.is_floating_point:
             raise ValueError(f"{name}: expected a floating scalar in (0, 1], got a tensor of shape "
@@ -142,31 +136,74 @@ def check_ratio_value(name: str, value: Any) -> float:
             raise ValueError(f"{name}: expected a host number in (0, 1]; a {value.device} tensor would need a "
                              f"device synchronisation to check")
         value = float(value)
-    elif not _is_real(value):
-        raise ValueError(f"{name}: expected a number in (0, 1], got {type(value).__name__}")
-    value = float(value)
-    if not (0.0 < value <= 1.0):
-        raise ValueError(f"{name}: expected a number in (0, 1], got {value}")
-    return value
+    return cggr.check_ratio_value(name, value)
 
 
-def check_config(*, scoring: Any = "combined", selection: Any = "topk", dynamic_threshold: Any = True,
-                 threshold_sensitivity: Any = 0.5, min_tokens_ratio: Any = 0.25, warmup_steps: Any = 1000,
-                 num_strata: Any = 4, min_tokens_per_sequence: Any = 1, ignore_index: Any = -100) -> None:
-    """The constructor checks of SPEC §5.1 (and the names of §3, §7)."""
-    check_scoring(scoring)
-    check_selection(selection)
-    if not isinstance(dynamic_threshold, bool):
-        raise ValueError(f"dynamic_threshold: expected a bool, got {type(dynamic_threshold).__name__}")
-    if not _is_real(threshold_sensitivity) or not math.isfinite(float(threshold_sensitivity)) \
-            or float(threshold_sensitivity) < 0:
-        raise ValueError(f"threshold_sensitivity: expected a finite number >= 0, got {threshold_sensitivity!r}")
-    check_ratio_value("min_tokens_ratio", min_tokens_ratio)
-    if not _is_int(warmup_steps) or int(warmup_steps) < 0:
-        raise ValueError(f"warmup_steps: expected an integer >= 0, got {warmup_steps!r}")
-    if not _is_int(num_strata) or int(num_strata) < 1:
-        raise ValueError(f"num_strata: expected an integer >= 1, got {num_strata!r}")
-    if not _is_int(min_tokens_per_sequence) or int(min_tokens_per_sequence) < 0:
-        raise ValueError(f"min_tokens_per_sequence: expected an integer >= 0, got {min_tokens_per_sequence!r}")
-    if not _is_int(ignore_index):
-        raise ValueError(f"ignore_index: expected an integer, got {ignore_index!r}")
+def widen_labels(labels: torch.Tensor, ignore_index: int, name: str = "targets") -> torch.Tensor:
+    """The label-dtype rule of SPEC §1 (:func:`cggr.check_label_dtype_range`): an integer dtype that cannot
+    hold ``ignore_index`` is refused (``uint8`` labels with ``-100`` would turn the marker into token 156);
+    unsigned dtypes are widened to int64 so that every later comparison sees their true values.
+
+    ``uint64`` is refused: int64 cannot hold all its values, and a wrapped value could equal ``ignore_index``.
+    Returns ``labels`` itself for signed dtypes (no copy).
+    """
+    dtype = labels.dtype
+    if dtype == torch.uint64:
+        raise ValueError(f"{name}: dtype torch.uint64 is not supported (int64 cannot hold all of its values); "
+                         f"pass int64 labels")
+    info = torch.iinfo(dtype)
+    check_label_dtype_range(name, str(dtype), int(info.min), int(info.max), int(ignore_index))
+    if info.min == 0:
+        return labels.to(torch.int64)
+    return labels
+
+
+def resolve_config(config: Any, settings: dict[str, Any], defaults: CGGRConfig = CGGRConfig()) -> CGGRConfig:
+    """The one :class:`cggr.CGGRConfig` of an entry point: ``config`` when given, else one built from the
+    keyword ``settings`` (validated once, by ``CGGRConfig``). Giving ``config`` together with settings that
+    differ from ``defaults`` is a ``ValueError`` (which one would win is not obvious)."""
+    if config is None:
+        return CGGRConfig(**settings)
+    if not isinstance(config, CGGRConfig):
+        raise ValueError(f"config: expected None or a cggr.CGGRConfig, got {type(config).__name__}")
+    changed = sorted(k for k, v in settings.items() if k in CONFIG_FIELDS and v != getattr(defaults, k))
+    if changed:
+        raise ValueError(f"config: pass either config= or the settings {changed}, not both")
+    return config
+
+
+def check_batch(input_ids: Any, labels: Any, attention_mask: Any, *, labels_required: bool = True) -> None:
+    """Static checks of a batch (no device work): 2-D integer ``input_ids`` ``(B, T)`` with ``B >= 1``;
+    ``labels`` integer of the same shape; ``attention_mask`` integer or bool of the same shape."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected a 2-D (batch, seq_len) tensor, got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}"
+                         f" (a single sequence must be given as shape (1, T))")
+    if not is_integer_dtype(input_ids.dtype):
+        raise ValueError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
+    if input_ids.shape[0] < 1:
+        raise ValueError(f"input_ids: expected at least one sequence, got shape {tuple(input_ids.shape)}")
+    if labels is None:
+        if labels_required:
+            raise ValueError("labels: required (a (B, T) integer tensor; use ignore_index for positions without a "
+                             "target)")
+    else:
+        if not isinstance(labels, torch.Tensor) or not is_integer_dtype(labels.dtype):
+            raise ValueError(f"labels: expected an integer tensor, got "
+                             f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} (that of input_ids), got "
+                             f"{tuple(labels.shape)}")
+        if labels.device != input_ids.device:
+            raise ValueError(f"labels: expected device {input_ids.device} (that of input_ids), got {labels.device}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or not (
+                is_integer_dtype(attention_mask.dtype) or attention_mask.dtype == torch.bool):
+            raise ValueError(f"attention_mask: expected an integer or bool tensor, got "
+                             f"{attention_mask.dtype if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of input_ids), got "
+                             f"{tuple(attention_mask.shape)}; 4-D custom masks are not supported by batch "
+                             f"splitting")
+        if attention_mask.device != input_ids.device:
+            raise ValueError(f"attention_mask: expected device {input_ids.device}, got {attention_mask.device}")

@@ -389,8 +389,15 @@ def test_hf_helper_rejects_bad_arguments():
         hf_causal_lm_cggr_loss(model, ids, ids[:, :4], FusedLinearCGGRLoss())
     with pytest.raises(ValueError, match="model"):
         hf_causal_lm_cggr_loss(torch.nn.Linear(3, 3), ids, ids, FusedLinearCGGRLoss())
+    # A config name alone decides nothing any more: Llama ignores final_logit_softcapping, so its head is still
+    # linear and the fused loss runs; a model that really transforms its logits is refused by the numeric rule
+    # (tests/torch/test_head_linearity.py).
     model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    assert torch.isfinite(hf_causal_lm_cggr_loss(model, ids, ids, FusedLinearCGGRLoss()))
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out * 0.25)   # a real post-head scaling
+    model.lm_head = type(model.lm_head)(24, 301, bias=False)   # a new head object: the rule runs again
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out * 0.25)
+    with pytest.raises(ValueError, match="model: its logits are not hidden @ lm_head.weight.T"):
         hf_causal_lm_cggr_loss(model, ids, ids, FusedLinearCGGRLoss())
 
 
