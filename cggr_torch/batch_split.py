@@ -68,8 +68,8 @@ from .router import (
     model_vocab_size,
     resolve_router_path,
     router_token_scores,
-    score_next_tokens,
 )
+from .scoring import score_next_tokens
 from .selection import rank_tokens, select_tokens
 from .types import SequenceSelection, TokenScores
 from .utils import check_batch, resolve_config, widen_labels

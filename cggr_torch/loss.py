@@ -51,7 +51,7 @@ from torch import nn
 from cggr import METRIC_KEYS, NUMERIC_METRIC_KEYS, CGGRConfig
 
 from . import dispatch
-from .curriculum import Curriculum, Schedule, base_ratio, host_step
+from .curriculum import Curriculum, Schedule, base_ratio, host_step, linear_warmup_ratio
 from .pipeline import host_metrics, select_and_measure
 from .scoring import compute_statistics, row_finite
 from .utils import check_logits, check_target_range, check_targets, resolve_config, widen_labels
@@ -73,8 +73,6 @@ def check_base_loss(base_loss: Any) -> None:
 
 def check_schedule(ratio_schedule: Any, config: CGGRConfig) -> Schedule:
     """The ratio schedule of an entry point: ``ratio_schedule`` or the linear warmup of ``config``."""
-    from .curriculum import linear_warmup_ratio
-
     if ratio_schedule is None:
         return linear_warmup_ratio(config.min_tokens_ratio, config.warmup_steps)
     if not callable(ratio_schedule):

@@ -38,23 +38,23 @@ routing such as sending unselected tokens to a "null" expert in a mixture-of-exp
 from __future__ import annotations
 
 import numbers
-import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cggr import METRIC_KEYS, CGGRConfig
 
 from .curriculum import Curriculum, Schedule
-from .fused_linear import fused_linear_scores
+from .fused_linear import score_next_tokens_fused
 from .loss import check_schedule
 from .pipeline import host_metrics, measure_scores
-from .scoring import score_tokens
+from .scoring import score_next_tokens
 from .types import TokenScores, TokenStatistics
-from .utils import check_batch, check_target_range, resolve_config, widen_labels
+# The head-linearity rule is defined with the argument checks (utils), so that the fused LM head
+# (fused_linear, which this module imports) applies the same rule without importing the routers.
+from .utils import check_batch, check_linear_head, head_linearity_reason, resolve_config, widen_labels
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -68,12 +68,10 @@ __all__ = [
     "check_batch",
     "head_linearity_reason",
     "check_linear_head",
-    "score_next_tokens",
     "METRIC_KEYS",
     "ROUTER_PATHS",
     "fused_head_unsupported_reason",
     "resolve_router_path",
-    "score_next_tokens_fused",
     "router_token_scores",
     "ROUTER_MEMORY_BUDGET",
     "CGGRScorer",
@@ -117,14 +115,6 @@ SUPPORTED_ARCHITECTURES: Mapping[str, _Architecture] = {
 #: logits never exist); ``'logits'`` calls the router and scores the logits it returns; ``'auto'`` picks
 #: ``'fused'`` whenever :func:`fused_head_unsupported_reason` finds no reason against it.
 ROUTER_PATHS: tuple[str, ...] = ("auto", "fused", "logits")
-
-#: Relative tolerance of the head-linearity rule by the lowest precision involved: the model's head rounds
-#: its output to that dtype (float32 accumulation), the rule's reference is computed in float32.
-HEAD_RTOL: Mapping[torch.dtype, float] = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2,
-                                          torch.bfloat16: 3e-2}
-#: Tokens of the synthetic probe sequence of :func:`check_linear_head`.
-HEAD_PROBE_TOKENS = 8
-
 
 # ----------------------------------------------------------------------------------------------- helpers
 def router_logits(output: Any) -> torch.Tensor:
@@ -201,69 +191,6 @@ def _check_no_forward_override(module: nn.Module, path: str) -> None:
             f"(e.g. accelerate dispatch hooks from device_map=...). A truncated view would call the original "
             f"module's forward and silently run every layer; load the model without device_map/offloading, or "
             f"pass CGGRModel an explicit router module")
-
-
-# ----------------------------------------------------------------------------------- head-linearity rule
-def head_linearity_reason(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                          bias: Optional[torch.Tensor]) -> Optional[str]:
-    """The head-linearity rule on given rows: None when ``logits`` equal ``hidden · weightᵀ + bias`` within
-    the tolerance of the lowest precision involved (:data:`HEAD_RTOL`, relative to the largest reference
-    logit), else why not. Non-finite entries must sit at the same places in both."""
-    expected = F.linear(hidden.detach().to(torch.float32), weight.detach().to(torch.float32),
-                        None if bias is None else bias.detach().to(torch.float32))
-    got = logits.detach().to(torch.float32)
-    if tuple(got.shape) != tuple(expected.shape):
-        return (f"its logits have shape {tuple(got.shape)}, hidden @ lm_head.weight.T has "
-                f"{tuple(expected.shape)}")
-    finite = torch.isfinite(expected)
-    if not torch.equal(finite, torch.isfinite(got)):
-        return "its logits are not finite where hidden @ lm_head.weight.T (+ bias) is (or the reverse)"
-    if not bool(finite.any()):
-        return None
-    rtol = max(HEAD_RTOL.get(dt, 1e-4) for dt in (logits.dtype, hidden.dtype, weight.dtype))
-    scale = float(expected[finite].abs().max())
-    err = float((got[finite] - expected[finite]).abs().max())
-    if err <= rtol * scale + 1e-6:
-        return None
-    return (f"its logits are not hidden @ lm_head.weight.T (+ bias): they differ by up to {err:.3g} (tolerance "
-            f"{rtol * scale + 1e-6:.3g} at |logit| <= {scale:.3g}), so a post-head transform (scaling, capping, "
-            f"soft-capping) is applied; the fused path would compute another loss - use CGGRLoss on the "
-            f"model's logits (or router_path='logits') instead")
-
-
-#: model → ((id of head, weight, bias), reason) of the last check (the check runs once per head).
-_HEAD_CHECKS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int, int], Optional[str]]]" = \
-    weakref.WeakKeyDictionary()
-
-
-def check_linear_head(model: nn.Module, head: nn.Linear,
-                      probe: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> Optional[str]:
-    """THE head-linearity rule of both the router's fused path and the fused LM head (no list of names).
-
-    On first use with ``head`` (and again whenever the model's head, weight or bias object changes),
-    ``probe(input_ids)`` runs the model at hand on a synthetic sequence of :data:`HEAD_PROBE_TOKENS` tokens and
-    returns ``(its own logits, the final hidden states the head receives)``; the rule
-    (:func:`head_linearity_reason`) compares the logits with ``hidden · Wᵀ + b``. The probe runs with dropout
-    off (every sub-module's training flag is restored afterwards) and autocast off. Returns None (linear) or
-    the reason; the result is cached per model and head.
-    """
-    key = (id(head), id(head.weight), id(head.bias))
-    cached = _HEAD_CHECKS.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    vocab = int(head.weight.shape[0])
-    ids = (torch.arange(HEAD_PROBE_TOKENS, device=head.weight.device) * 7 + 3).remainder(vocab).reshape(1, -1)
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), torch.autocast(device_type=head.weight.device.type, enabled=False):
-            logits, hidden = probe(ids)
-    finally:
-        for m, flag in flags:
-            m.training = flag
-    reason = head_linearity_reason(logits, hidden, head.weight, head.bias)
-    _HEAD_CHECKS[model] = (key, reason)
-    return reason
 
 
 # ------------------------------------------------------------------------------------------- the routers
@@ -480,51 +407,6 @@ def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architectu
 
 
 # ------------------------------------------------------------------------------------- next-token scoring
-def _pad_last(x: torch.Tensor, value: Union[int, float, bool]) -> torch.Tensor:
-    """Append one column of ``value`` along dim 1 (re-aligns shifted scores to the input positions)."""
-    pad = torch.full((x.shape[0], 1), value, dtype=x.dtype, device=x.device)
-    return torch.cat([x, pad], dim=1)
-
-
-def score_next_tokens(logits: torch.Tensor, labels: Optional[torch.Tensor],
-                      attention_mask: Optional[torch.Tensor], *, scoring: str, ignore_index: int,
-                      shift: bool = True) -> tuple[TokenScores, torch.Tensor]:
-    """Score a router's logits ``(B, T, V)`` per input position (SPEC §2-§4, §9).
-
-    * With ``labels`` and ``shift=True`` (causal LMs): position ``t`` is scored as the pair ``logits[:, t]`` /
-      ``labels[:, t+1]`` (``shift_for_causal_lm``); the pair is valid when ``labels[:, t+1] != ignore_index``
-      and ``attention_mask[:, t+1] != 0`` (a padding target is ignored). The last position has no target: its
-      difficulty and statistics are 0 and it is neither valid nor eligible.
-    * With ``labels`` and ``shift=False`` (masked LMs): ``logits[:, t]`` / ``labels[:, t]``, valid when
-      ``labels[:, t] != ignore_index`` and ``attention_mask[:, t] != 0``.
-    * Without ``labels``: every position whose attention mask is non-zero is valid and the difficulty is the
-      target-free formula of §3 (``scoring='loss'`` is a ``ValueError``).
-
-    Returns:
-        ``(scores, nonfinite)``: a :class:`~cggr_torch.scoring.TokenScores` whose tensors have the input
-        shape ``(B, T)``, and the 0-d int64 count of valid tokens excluded because their router row was not
-        finite (the metric ``tokens_nonfinite``).
-    """
-    if labels is None:
-        valid_mask = None if attention_mask is None else attention_mask != 0
-        scores = score_tokens(logits, None, scoring=scoring, valid_mask=valid_mask)
-    else:
-        # The caller passed labels: range errors name them (score_tokens would say targets).
-        check_target_range(labels, logits.shape[-1], ignore_index, name="labels")
-        tgt = labels
-        if attention_mask is not None:
-            tgt = tgt.masked_fill(attention_mask == 0, ignore_index)
-        if shift:
-            shifted = score_tokens(logits[:, :-1], tgt[:, 1:], scoring=scoring, ignore_index=ignore_index)
-            stats = TokenStatistics(*(_pad_last(x, 0.0) for x in shifted.stats))
-            scores = TokenScores(_pad_last(shifted.difficulty, 0.0), _pad_last(shifted.eligible, False),
-                                 _pad_last(shifted.valid, False), stats)
-        else:
-            scores = score_tokens(logits, tgt, scoring=scoring, ignore_index=ignore_index)
-    nonfinite = (scores.valid & ~scores.eligible).sum()
-    return scores, nonfinite
-
-
 # ------------------------------------------------------------------------------------- the fused path
 #: Default working-memory budget (bytes) of the fused router scoring: 1 GiB of logit blocks. The router pass
 #: runs before the main pass, whose activations dominate the step's peak, so a larger block than the fused
@@ -536,10 +418,11 @@ ROUTER_MEMORY_BUDGET: int = 2**30
 def fused_head_unsupported_reason(router: Any) -> Optional[str]:
     """Why ``router`` cannot be scored on the fused path (None when it can).
 
-    The fused path needs a :class:`TruncatedRouter` of a causal family in ``_PLAIN_HEAD_FAMILIES`` whose LM
-    head is a plain ``nn.Linear`` without hooks and whose config applies no soft-capping or scaling to the
-    logits (e.g. Gemma-2's ``final_logit_softcapping``): then ``logits = head(hidden)`` exactly. Arbitrary
-    router modules and passthrough routers only expose their logits.
+    The fused path needs a causal :class:`TruncatedRouter` whose LM head is a plain ``nn.Linear`` without
+    hooks and whose logits are ``hidden · Wᵀ + b`` by the numeric head-linearity rule
+    (:func:`cggr_torch.utils.check_linear_head`: no scaling, capping or soft-capping after the head, e.g.
+    Gemma-2's ``final_logit_softcapping``, whatever the config calls it). Arbitrary router modules and
+    passthrough routers only expose their logits.
     """
     if isinstance(router, TruncatedRouter):
         return router.fused_head_reason()
@@ -570,48 +453,6 @@ def resolve_router_path(router: Any, router_path: str) -> tuple[str, str]:
         raise ValueError(f"router_path: 'fused' is not possible for this router: {reason}; use 'auto' (falls back "
                          f"to the logits and reports router_path='logits') or 'logits'")
     return "logits", reason
-
-
-def score_next_tokens_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], *,
-                            scoring: str, ignore_index: int, shift: bool = True,
-                            memory_budget_bytes: int = ROUTER_MEMORY_BUDGET) -> tuple[TokenScores, torch.Tensor]:
-    """:func:`score_next_tokens` of the logits ``hidden · weightᵀ + bias`` without materialising them.
-
-    ``hidden`` ``(B, T, d)`` are the router's final (normed) hidden states; the logits are formed block by
-    block by :func:`cggr_torch.fused_linear.fused_linear_scores` (row-chunked matmul, then the Triton scoring
-    kernel on CUDA) and only the five float32 statistics per token are kept. Instead of slicing the hidden
-    states (a copy of ``B·(T−1)·d`` values) the *labels* are shifted: position ``t`` is scored against
-    ``labels[:, t+1]`` and the last position gets ``ignore_index``; its statistics and difficulty are then set
-    to 0, so the result equals :func:`score_next_tokens` on ``F.linear(hidden, weight, bias)`` up to the
-    rounding of the chunked matmul. Under ``torch.autocast`` the matmul runs in the autocast dtype, as
-    ``nn.Linear`` would. No host synchronisation.
-
-    Returns:
-        ``(scores, nonfinite)`` as :func:`score_next_tokens`.
-    """
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):  # the head would run in the autocast dtype: so do the blocks
-        dt = torch.get_autocast_dtype(dev)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
-    if labels is None:
-        valid_mask = None if attention_mask is None else attention_mask != 0
-        scores = fused_linear_scores(hidden, weight, None, bias, scoring=scoring, valid_mask=valid_mask,
-                                     memory_budget_bytes=memory_budget_bytes)
-    else:
-        tgt = labels if attention_mask is None else labels.masked_fill(attention_mask == 0, ignore_index)
-        if shift:
-            tgt = torch.cat([tgt[:, 1:], tgt.new_full((tgt.shape[0], 1), ignore_index)], dim=1)
-        # Same check (and message) as the logits path; a device assertion on CUDA, no synchronisation.
-        check_target_range(tgt, weight.shape[0], ignore_index, name="labels")
-        scores = fused_linear_scores(hidden, weight, tgt, bias, scoring=scoring, ignore_index=ignore_index,
-                                     memory_budget_bytes=memory_budget_bytes)
-        if shift:  # the last position has no target: 0 statistics and difficulty, as score_next_tokens
-            for x in (*scores.stats, scores.difficulty):
-                x[:, -1] = 0.0
-    nonfinite = (scores.valid & ~scores.eligible).sum()
-    return scores, nonfinite
 
 
 def check_budget(value: Any) -> None:

@@ -20,7 +20,7 @@ reference. An error raised *by* the kernel propagates; the reference is never us
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -42,6 +42,7 @@ __all__ = [
     "row_finite",
     "scores_from_statistics",
     "score_tokens",
+    "score_next_tokens",
 ]
 
 _STATISTICS_KERNEL = "token_statistics_triton"
@@ -238,3 +239,49 @@ def score_tokens(logits: torch.Tensor, targets: Optional[torch.Tensor] = None, *
             raise ValueError(f"valid_mask: expected device {logits.device}, got {valid_mask.device}")
     stats = compute_statistics(logits, targets, ignore_index)
     return scores_from_statistics(stats, targets, scoring, ignore_index, valid_mask)
+
+
+# ------------------------------------------------------------------------- scores at the input positions
+def _pad_last(x: torch.Tensor, value: Union[int, float, bool]) -> torch.Tensor:
+    """Append one column of ``value`` along dim 1 (re-aligns shifted scores to the input positions)."""
+    pad = torch.full((x.shape[0], 1), value, dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad], dim=1)
+
+
+def score_next_tokens(logits: torch.Tensor, labels: Optional[torch.Tensor],
+                      attention_mask: Optional[torch.Tensor], *, scoring: str, ignore_index: int,
+                      shift: bool = True) -> tuple[TokenScores, torch.Tensor]:
+    """Score a router's logits ``(B, T, V)`` per input position (SPEC §2-§4, §9).
+
+    * With ``labels`` and ``shift=True`` (causal LMs): position ``t`` is scored as the pair ``logits[:, t]`` /
+      ``labels[:, t+1]`` (``shift_for_causal_lm``); the pair is valid when ``labels[:, t+1] != ignore_index``
+      and ``attention_mask[:, t+1] != 0`` (a padding target is ignored). The last position has no target: its
+      difficulty and statistics are 0 and it is neither valid nor eligible.
+    * With ``labels`` and ``shift=False`` (masked LMs): ``logits[:, t]`` / ``labels[:, t]``, valid when
+      ``labels[:, t] != ignore_index`` and ``attention_mask[:, t] != 0``.
+    * Without ``labels``: every position whose attention mask is non-zero is valid and the difficulty is the
+      target-free formula of §3 (``scoring='loss'`` is a ``ValueError``).
+
+    Returns:
+        ``(scores, nonfinite)``: a :class:`~cggr_torch.scoring.TokenScores` whose tensors have the input
+        shape ``(B, T)``, and the 0-d int64 count of valid tokens excluded because their router row was not
+        finite (the metric ``tokens_nonfinite``).
+    """
+    if labels is None:
+        valid_mask = None if attention_mask is None else attention_mask != 0
+        scores = score_tokens(logits, None, scoring=scoring, valid_mask=valid_mask)
+    else:
+        # The caller passed labels: range errors name them (score_tokens would say targets).
+        check_target_range(labels, logits.shape[-1], ignore_index, name="labels")
+        tgt = labels
+        if attention_mask is not None:
+            tgt = tgt.masked_fill(attention_mask == 0, ignore_index)
+        if shift:
+            shifted = score_tokens(logits[:, :-1], tgt[:, 1:], scoring=scoring, ignore_index=ignore_index)
+            stats = TokenStatistics(*(_pad_last(x, 0.0) for x in shifted.stats))
+            scores = TokenScores(_pad_last(shifted.difficulty, 0.0), _pad_last(shifted.eligible, False),
+                                 _pad_last(shifted.valid, False), stats)
+        else:
+            scores = score_tokens(logits, tgt, scoring=scoring, ignore_index=ignore_index)
+    nonfinite = (scores.valid & ~scores.eligible).sum()
+    return scores, nonfinite

@@ -34,12 +34,14 @@ from .curriculum import num_selected
 from .utils import check_selection
 
 __all__ = ["SELECTION_STRATEGIES", "rank_tokens", "select_tokens", "stratum_counts", "order_key32",
-           "as_ranking_dtype"]
+           "as_ranking_dtype", "check_inputs"]
 
 _SENTINEL = 2**31 - 1
 
 
-def _check(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
+def check_inputs(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
+    """Static checks of the selection inputs (no device work): float ``(N,)``/``(B, T)`` difficulty, bool
+    ``eligible`` of the same shape and device."""
     if not isinstance(difficulty, torch.Tensor) or not difficulty.dtype.is_floating_point:
         raise ValueError(f"difficulty: expected a floating tensor of shape (N,) or (B, T), got "
                          f"{difficulty.dtype if isinstance(difficulty, torch.Tensor) else type(difficulty).__name__}")
@@ -96,7 +98,7 @@ def rank_tokens(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tenso
         difficulty: float tensor ``(N,)`` or ``(B, T)``.
         eligible: bool tensor of the same shape.
     """
-    _check(difficulty, eligible)
+    check_inputs(difficulty, eligible)
     difficulty = as_ranking_dtype(difficulty)
     if dispatch.use_kernels(difficulty):
         kernel = dispatch.kernel("rank_tokens_triton")
@@ -189,7 +191,7 @@ def select_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union
     Returns:
         ``(mask, k)``: bool mask of the input shape, ``k`` a 0-d int32 tensor on the same device.
     """
-    _check(difficulty, eligible)
+    check_inputs(difficulty, eligible)
     check_selection(selection)
     if not isinstance(num_strata, numbers.Integral) or isinstance(num_strata, bool) or num_strata < 1:
         raise ValueError(f"num_strata: expected an integer >= 1, got {num_strata!r}")

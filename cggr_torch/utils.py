@@ -12,9 +12,12 @@ Every check raises :class:`ValueError` naming the offending argument and what wa
 """
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Callable, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from cggr import CONFIG_FIELDS, SCORING_MODES, SELECTION_STRATEGIES, CGGRConfig, check_label_dtype_range
 import cggr
@@ -31,6 +34,10 @@ __all__ = [
     "widen_labels",
     "resolve_config",
     "check_batch",
+    "HEAD_RTOL",
+    "HEAD_PROBE_TOKENS",
+    "head_linearity_reason",
+    "check_linear_head",
     "is_integer_dtype",
 ]
 
@@ -207,3 +214,77 @@ def check_batch(input_ids: Any, labels: Any, attention_mask: Any, *, labels_requ
                              f"splitting")
         if attention_mask.device != input_ids.device:
             raise ValueError(f"attention_mask: expected device {input_ids.device}, got {attention_mask.device}")
+
+
+#: Relative tolerance of the head-linearity rule by the lowest precision involved: the model's head rounds
+#: its output to that dtype (float32 accumulation), the rule's reference is computed in float32.
+HEAD_RTOL: Mapping[torch.dtype, float] = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2,
+                                          torch.bfloat16: 3e-2}
+#: Tokens of the synthetic probe sequence of :func:`check_linear_head`.
+HEAD_PROBE_TOKENS = 8
+
+
+# ----------------------------------------------------------------------------------- head-linearity rule
+def head_linearity_reason(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor]) -> Optional[str]:
+    """The head-linearity rule on given rows: None when ``logits`` equal ``hidden · weightᵀ + bias`` within
+    the tolerance of the lowest precision involved (:data:`HEAD_RTOL`, relative to the largest reference
+    logit), else why not. Non-finite entries must sit at the same places in both."""
+    expected = F.linear(hidden.detach().to(torch.float32), weight.detach().to(torch.float32),
+                        None if bias is None else bias.detach().to(torch.float32))
+    got = logits.detach().to(torch.float32)
+    if tuple(got.shape) != tuple(expected.shape):
+        return (f"its logits have shape {tuple(got.shape)}, hidden @ lm_head.weight.T has "
+                f"{tuple(expected.shape)}")
+    finite = torch.isfinite(expected)
+    if not torch.equal(finite, torch.isfinite(got)):
+        return "its logits are not finite where hidden @ lm_head.weight.T (+ bias) is (or the reverse)"
+    if not bool(finite.any()):
+        return None
+    rtol = max(HEAD_RTOL.get(dt, 1e-4) for dt in (logits.dtype, hidden.dtype, weight.dtype))
+    scale = float(expected[finite].abs().max())
+    err = float((got[finite] - expected[finite]).abs().max())
+    if err <= rtol * scale + 1e-6:
+        return None
+    return (f"its logits are not hidden @ lm_head.weight.T (+ bias): they differ by up to {err:.3g} (tolerance "
+            f"{rtol * scale + 1e-6:.3g} at |logit| <= {scale:.3g}), so a post-head transform (scaling, capping, "
+            f"soft-capping) is applied; the fused path would compute another loss - use CGGRLoss on the "
+            f"model's logits (or router_path='logits') instead")
+
+
+#: model → ((id of head, weight, bias), reason) of the last check (the check runs once per head).
+_HEAD_CHECKS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int, int], Optional[str]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def check_linear_head(model: nn.Module, head: nn.Linear,
+                      probe: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> Optional[str]:
+    """THE head-linearity rule of both the router's fused path and the fused LM head (no list of names).
+
+    The model is an argument like any other: this is its check (used by :mod:`cggr_torch.router` and
+    :func:`cggr_torch.fused_linear.hf_causal_lm_cggr_loss`).
+
+    On first use with ``head`` (and again whenever the model's head, weight or bias object changes),
+    ``probe(input_ids)`` runs the model at hand on a synthetic sequence of :data:`HEAD_PROBE_TOKENS` tokens and
+    returns ``(its own logits, the final hidden states the head receives)``; the rule
+    (:func:`head_linearity_reason`) compares the logits with ``hidden · Wᵀ + b``. The probe runs with dropout
+    off (every sub-module's training flag is restored afterwards) and autocast off. Returns None (linear) or
+    the reason; the result is cached per model and head.
+    """
+    key = (id(head), id(head.weight), id(head.bias))
+    cached = _HEAD_CHECKS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    vocab = int(head.weight.shape[0])
+    ids = (torch.arange(HEAD_PROBE_TOKENS, device=head.weight.device) * 7 + 3).remainder(vocab).reshape(1, -1)
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device_type=head.weight.device.type, enabled=False):
+            logits, hidden = probe(ids)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    reason = head_linearity_reason(logits, hidden, head.weight, head.bias)
+    _HEAD_CHECKS[model] = (key, reason)
+    return reason

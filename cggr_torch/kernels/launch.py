@@ -11,14 +11,16 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional
+import numbers
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from ..utils import FLOAT_DTYPES
 
 __all__ = ["LaunchConfig", "scoring_config", "scoring_config_for_rows", "lse_config", "backward_config",
-           "num_sms", "check_config_device", "interpreting", "next_pow2"]
+           "num_sms", "check_config_device", "interpreting", "next_pow2", "BACKWARD_FLAT_GRID",
+           "DEFAULT_MEMORY_BUDGET", "ChunkPlan", "plan_chunks", "check_positive_int"]
 
 
 def interpreting() -> bool:
@@ -144,7 +146,7 @@ _STREAM_EVICT = ""
 _BACKWARD_BYTES = 8192
 _BACKWARD_BLOCKS_PER_PROGRAM = 1
 _BACKWARD_STORE_HINT = ".cs"
-_BACKWARD_FLAT_GRID = True
+BACKWARD_FLAT_GRID = True
 
 
 def _warps_for(rows: int) -> int:
@@ -207,7 +209,7 @@ def lse_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
 
 def backward_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
     """Heuristic block for the backward kernel: one flat block per program, ``G = ceil(V/BLOCK)`` column
-    groups per row, on the grid ``(N, G)`` or (``_BACKWARD_FLAT_GRID``) the row-major 1-D grid ``(N·G,)``.
+    groups per row, on the grid ``(N, G)`` or (``BACKWARD_FLAT_GRID``) the row-major 1-D grid ``(N·G,)``.
 
     ``BLOCK = _BACKWARD_BYTES`` of gradient (4096 bf16 / 2048 fp32; the next power of two ≥ V for short
     rows), ``num_warps = BLOCK / (32·4·GROUP)`` so that each thread stores four 16-byte vectors.
@@ -218,7 +220,7 @@ def backward_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
     rows = block // group
     return LaunchConfig(rows=rows, group=group, num_warps=_warps_for(rows),
                         blocks_per_program=_BACKWARD_BLOCKS_PER_PROGRAM, store_hint=_BACKWARD_STORE_HINT,
-                        flat_grid=_BACKWARD_FLAT_GRID)
+                        flat_grid=BACKWARD_FLAT_GRID)
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,3 +244,105 @@ def check_config_device(config: LaunchConfig, tensor: torch.Tensor) -> None:
 
 
 next_pow2 = _next_pow2
+
+
+# ================================================================= the fused LM head's chunk plan
+#: Default working-memory budget of the fused loss (bytes): 0.25 GiB.
+DEFAULT_MEMORY_BUDGET: int = 2**28
+
+#: Float32 temporaries per logit of the PyTorch reference statistics (upcast, shift, exp, e·shift, top-2).
+_REFERENCE_STAT_BYTES = 28
+_ALIGN = 128
+#: Narrowest forward logits block (columns) before the plan splits the rows instead (very large N).
+_MIN_FORWARD_COLUMNS = 4096
+_FILL = 0.875  # fraction of the budget a plan aims for (the caching allocator rounds blocks up)
+
+
+# ============================================================================================ chunk plan
+class ChunkPlan(NamedTuple):
+    """Chunk sizes of one call: the forward's logits blocks are ``row_chunk`` rows × ``forward_vocab_chunk``
+    columns; the backward steps through ``vocab_chunk`` columns of the selected rows at a time."""
+
+    row_chunk: int
+    vocab_chunk: int
+    forward_vocab_chunk: int
+
+
+def _round_down(x: int, align: int = _ALIGN) -> int:
+    return (x // align) * align if x >= align else max(1, x)
+
+
+def check_positive_int(value: Any, name: str, allow_none: bool = True) -> Optional[int]:
+    """``value`` as an int >= 1 (or None when allowed); ``ValueError`` naming ``name`` otherwise."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or int(value) < 1:
+        raise ValueError(f"{name}: expected {'None or ' if allow_none else ''}an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _forward_columns(rows: int, vocab_size: int, elsize: int, target: int) -> int:
+    """Columns of an ``rows``-row forward block within ``target`` bytes (the whole row when it fits)."""
+    if rows * vocab_size * elsize <= target:
+        return vocab_size
+    return min(vocab_size, _round_down(target // (rows * elsize)))
+
+
+def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype, *,
+                selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+                statistics_kernel: bool = True, gradient_kernel: bool = False,
+                row_chunk: Optional[int] = None, inplace_accumulation: bool = False) -> ChunkPlan:
+    """Chunk sizes that keep the fused loss' working memory near ``memory_budget_bytes`` (module docstring).
+
+    Args:
+        num_rows: ``N``, tokens of the call.
+        hidden_dim: ``d``.
+        vocab_size: ``V``.
+        dtype: dtype of the hidden states and the weight (the logits' dtype).
+        selected_rows: ``K``, rows of the backward (``N`` when unknown).
+        memory_budget_bytes: the budget ``B`` (default 0.25 GiB).
+        statistics_kernel: True when the statistics come from the Triton kernel (no float32 temporaries;
+            the forward may then split the vocabulary, see the module docstring).
+        gradient_kernel: True when the backward's chunk gradient is the in-place Triton kernel
+            (:mod:`cggr_torch.kernels.fused_linear`: no float32 copy of the chunk).
+        row_chunk: rows per forward block chosen by the caller (the plan then only sizes the columns).
+        inplace_accumulation: True when the backward's float32 ``∂h_S`` accumulator is updated in place (no
+            second ``K × d`` float32 buffer; cuBLAS' float32-output GEMM with ``out=``, or float32 inputs).
+
+    Returns:
+        :class:`ChunkPlan` ``(row_chunk, vocab_chunk, forward_vocab_chunk)``: ``1 ≤ row_chunk ≤ max(1, N)``,
+        ``1 ≤ vocab_chunk ≤ V``, ``1 ≤ forward_vocab_chunk ≤ V`` (``V`` without the statistics kernel).
+    """
+    for name, value in (("num_rows", num_rows), ("hidden_dim", hidden_dim), ("vocab_size", vocab_size)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size: expected an integer >= 1, got {vocab_size}")
+    budget = check_positive_int(memory_budget_bytes, "memory_budget_bytes", allow_none=False)
+    row_chunk = check_positive_int(row_chunk, "row_chunk")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
+    e = torch.empty((), dtype=dtype).element_size()
+    V = int(vocab_size)
+    target = int(_FILL * budget)
+    n = max(1, int(num_rows))
+    if statistics_kernel:
+        # Vocabulary blocks of all rows: GEMMs of the full height and a statistics launch with a program per
+        # row (rows of a block fill the GPU); rows are split only when a block would be narrower than
+        # _MIN_FORWARD_COLUMNS.
+        rows = min(n, row_chunk) if row_chunk is not None else n
+        cols = _forward_columns(rows, V, e, target)
+        if row_chunk is None and cols < min(V, _MIN_FORWARD_COLUMNS):
+            cols = min(V, _MIN_FORWARD_COLUMNS)
+            rows = min(n, _round_down(target // (cols * e)))
+    else:
+        per_row = V * (e + _REFERENCE_STAT_BYTES)
+        rows = min(n, row_chunk) if row_chunk is not None else min(n, _round_down(target // per_row))
+        cols = V
+    k = int(num_rows) if selected_rows is None else int(selected_rows)
+    k = max(1, k)
+    fixed = k * int(hidden_dim) * ((4 if inplace_accumulation else 8) + e)
+    per_col = k * (e if gradient_kernel else 2 * e + 4)
+    bcols = (target - fixed) // per_col if target > fixed else 0
+    vocab_chunk = min(V, max(min(_ALIGN, V), _round_down(int(bcols))))
+    return ChunkPlan(int(rows), int(vocab_chunk), int(cols))

@@ -66,11 +66,7 @@ subnormal fix-up), ``d`` 1, ``s`` 2, top-2 3 (lazy: 0.9) - i.e. ~12.7 instructio
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import numbers
-import os
-from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -95,6 +91,7 @@ from ..utils import FLOAT_DTYPES, check_logits, check_target_range, check_target
 __all__ = [
     "LaunchConfig",
     "scoring_config",
+    "scoring_config_for_rows",
     "lse_config",
     "backward_config",
     "token_statistics_triton",
