@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cggr import DEFAULT_SEQUENCE_SELECTION, SEQUENCE_SELECTIONS, CGGRConfig
+from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, SEQUENCE_SELECTIONS, CGGRConfig
 
 from .curriculum import Curriculum, Schedule
 from .loss import check_schedule
@@ -82,11 +82,7 @@ HF_IGNORE_INDEX = -100
 
 #: Keys of :meth:`CGGRModel.get_metrics`: SPEC §10 plus the sequence counts and the router path used
 #: (``'fused'`` or ``'logits'``, a string like ``selection``/``scoring``).
-MODEL_METRIC_KEYS: tuple[str, ...] = (
-    "step", "token_ratio", "effective_ratio", "tokens_selected", "tokens_total", "tokens_nonfinite",
-    "tokens_out_of_range", "avg_confidence", "avg_entropy", "avg_difficulty", "selection", "scoring",
-    "sequences_selected", "sequences_total", "router_path",
-)
+MODEL_METRIC_KEYS: tuple[str, ...] = METRIC_KEYS + ("sequences_selected", "sequences_total", "router_path")
 
 
 class BatchSplitOutput(NamedTuple):
@@ -166,8 +162,8 @@ def _selection(scores: TokenScores, seq_d: torch.Tensor, seq_elig: torch.Tensor,
 
 
 def select_sequences(router_logits: torch.Tensor, labels: torch.Tensor,
-                     attention_mask: Optional[torch.Tensor] = None, *, ratio: Any, scoring: str = "combined",
-                     ignore_index: int = -100) -> SequenceSelection:
+                     attention_mask: Optional[torch.Tensor] = None, *, ratio: Any, scoring: str = CGGRConfig.scoring,
+                     ignore_index: int = CGGRConfig.ignore_index) -> SequenceSelection:
     """SPEC §9 sequence selection from router logits ``(B, T, V)`` and unshifted ``labels`` ``(B, T)`` at the
     float32 effective ``ratio`` — the pure form of what :meth:`CGGRModel.forward` does after its router pass,
     used by the cross-framework parity tests (``cggr_jax.batch_split.select_sequences(..., ratio=...)``).
@@ -226,14 +222,17 @@ class CGGRModel(Curriculum, nn.Module):
             pass runs before the main pass, so this does not raise the step's peak memory).
     """
 
-    def __init__(self, model: nn.Module, router: Optional[nn.Module] = None, *, scoring: str = "combined",
-                 selection: str = DEFAULT_SEQUENCE_SELECTION, dynamic_threshold: bool = True,
-                 threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
-                 num_strata: int = 4, min_tokens_per_sequence: int = 1, ignore_index: int = -100,
-                 ratio_schedule: Optional[Schedule] = None, router_layers: int = 4,
-                 shift_labels: Optional[bool] = None, router_batch_size: Optional[int] = None,
-                 router_path: str = "auto", router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET,
-                 config: Optional[CGGRConfig] = None) -> None:
+    def __init__(self, model: nn.Module, router: Optional[nn.Module] = None, *, scoring: str = CGGRConfig.scoring,
+                 selection: str = DEFAULT_SEQUENCE_SELECTION,
+                 dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+                 threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+                 min_tokens_ratio: float = CGGRConfig.min_tokens_ratio, warmup_steps: int = CGGRConfig.warmup_steps,
+                 num_strata: int = CGGRConfig.num_strata,
+                 min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+                 ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None,
+                 router_layers: int = 4, shift_labels: Optional[bool] = None,
+                 router_batch_size: Optional[int] = None, router_path: str = "auto",
+                 router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET, config: Optional[CGGRConfig] = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

@@ -238,14 +238,17 @@ def _local_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base:
     return loss, metrics
 
 
-def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torch.Tensor], *,
-              scope: str = "global", process_group: Optional[dist.ProcessGroup] = None,
-              check_consistency: bool = True, scoring: str = "combined", selection: str = "stratified",
-              dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25,
-              warmup_steps: int = 1000, num_strata: int = 4, min_tokens_per_sequence: int = 1,
-              base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = -100,
-              ratio_schedule: Optional[Schedule] = None,
-              config: Optional[CGGRConfig] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torch.Tensor], *, scope: str = "global",
+              process_group: Optional[dist.ProcessGroup] = None, check_consistency: bool = True,
+              scoring: str = CGGRConfig.scoring, selection: str = CGGRConfig.selection,
+              dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+              threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+              min_tokens_ratio: float = CGGRConfig.min_tokens_ratio, warmup_steps: int = CGGRConfig.warmup_steps,
+              num_strata: int = CGGRConfig.num_strata,
+              min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+              base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = CGGRConfig.ignore_index,
+              ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Data-parallel functional CGGR loss at curriculum ``step`` (a host integer): ``(loss, metrics)``.
 
     Called by every rank of ``process_group`` with its own shard ``logits`` ``(B, T, V)`` / ``(N, V)`` and

@@ -467,13 +467,16 @@ def _check_chunk_args(row_chunk_size: Any, vocab_chunk_size: Any, memory_budget_
 
 def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                       step: Union[int, torch.Tensor], *, bias: Optional[torch.Tensor] = None,
-                      scoring: str = "combined", selection: str = "stratified", dynamic_threshold: bool = True,
-                      threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25,
-                      warmup_steps: int = 1000, num_strata: int = 4, min_tokens_per_sequence: int = 1,
-                      ignore_index: int = -100, ratio_schedule: Optional[Schedule] = None,
+                      scoring: str = CGGRConfig.scoring, selection: str = CGGRConfig.selection,
+                      dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+                      threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+                      min_tokens_ratio: float = CGGRConfig.min_tokens_ratio,
+                      warmup_steps: int = CGGRConfig.warmup_steps, num_strata: int = CGGRConfig.num_strata,
+                      min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+                      ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None,
                       row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
-                      memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                      config: Optional[CGGRConfig] = None) -> FusedLinearCGGROutput:
+                      memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, config: Optional[CGGRConfig] = None
+) -> FusedLinearCGGROutput:
     """CGGR loss of the LM head ``z = hidden · weightᵀ + bias`` without materialising the logits.
 
     Equal (up to float rounding of the chunked matmuls) to ``cggr_loss(F.linear(hidden, weight, bias), targets,
@@ -538,11 +541,14 @@ class FusedLinearCGGRLoss(CGGRLoss):
         loss.backward(); optimizer.step(); criterion.step()
     """
 
-    def __init__(self, scoring: str = "combined", selection: str = "stratified", dynamic_threshold: bool = True,
-                 threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
-                 num_strata: int = 4, min_tokens_per_sequence: int = 1, ignore_index: int = -100,
-                 ratio_schedule: Optional[Schedule] = None, *, row_chunk_size: Optional[int] = None,
-                 vocab_chunk_size: Optional[int] = None,
+    def __init__(self, scoring: str = CGGRConfig.scoring, selection: str = CGGRConfig.selection,
+                 dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+                 threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+                 min_tokens_ratio: float = CGGRConfig.min_tokens_ratio, warmup_steps: int = CGGRConfig.warmup_steps,
+                 num_strata: int = CGGRConfig.num_strata,
+                 min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+                 ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None, *,
+                 row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
                  memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, config: Optional[CGGRConfig] = None) -> None:
         super().__init__(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
                          threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
@@ -571,8 +577,8 @@ class FusedLinearCGGRLoss(CGGRLoss):
 
 # ================================================================================ forward-only scores
 def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                        bias: Optional[torch.Tensor] = None, *, scoring: str = "combined",
-                        ignore_index: int = -100, valid_mask: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None, *, scoring: str = CGGRConfig.scoring,
+                        ignore_index: int = CGGRConfig.ignore_index, valid_mask: Optional[torch.Tensor] = None,
                         row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
                         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> TokenScores:
     """SPEC §2-§4 scores of the logits ``hidden · weightᵀ + bias`` without materialising them (router use).

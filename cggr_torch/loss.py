@@ -206,12 +206,15 @@ def _forward(logits: Any, targets: Any, step: int, schedule: Schedule, cfg: CGGR
 
 
 def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torch.Tensor], *,
-              scoring: str = "combined", selection: str = "stratified", dynamic_threshold: bool = True,
-              threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
-              num_strata: int = 4, min_tokens_per_sequence: int = 1,
-              base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = -100,
-              ratio_schedule: Optional[Schedule] = None,
-              config: Optional[CGGRConfig] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              scoring: str = CGGRConfig.scoring, selection: str = CGGRConfig.selection,
+              dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+              threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+              min_tokens_ratio: float = CGGRConfig.min_tokens_ratio, warmup_steps: int = CGGRConfig.warmup_steps,
+              num_strata: int = CGGRConfig.num_strata,
+              min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+              base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = CGGRConfig.ignore_index,
+              ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Functional CGGR loss at curriculum ``step`` (a host integer): ``(loss, metrics)``.
 
     ``loss`` is a float32 scalar with gradient; ``metrics`` maps :data:`NUMERIC_METRIC_KEYS` to detached 0-d
@@ -251,11 +254,15 @@ class CGGRLoss(Curriculum, nn.Module):
     Call :meth:`step` after each optimizer step (or :meth:`set_step`); the step is part of :meth:`state_dict`.
     """
 
-    def __init__(self, scoring: str = "combined", selection: str = "stratified", dynamic_threshold: bool = True,
-                 threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
-                 num_strata: int = 4, min_tokens_per_sequence: int = 1,
-                 base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = -100,
-                 ratio_schedule: Optional[Schedule] = None, *, config: Optional[CGGRConfig] = None) -> None:
+    def __init__(self, scoring: str = CGGRConfig.scoring, selection: str = CGGRConfig.selection,
+                 dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+                 threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+                 min_tokens_ratio: float = CGGRConfig.min_tokens_ratio, warmup_steps: int = CGGRConfig.warmup_steps,
+                 num_strata: int = CGGRConfig.num_strata,
+                 min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+                 base_loss: Optional[Callable[..., torch.Tensor]] = None,
+                 ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None, *,
+                 config: Optional[CGGRConfig] = None) -> None:
         super().__init__()
         self.config = resolve_config(config, dict(
             scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,

@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from cggr import METRIC_KEYS, CGGRConfig
+from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, CGGRConfig
 
 from .curriculum import Curriculum, Schedule
 from .fused_linear import score_next_tokens_fused
@@ -568,14 +568,16 @@ class CGGRScorer(Curriculum, nn.Module):
         router_memory_budget_bytes: working memory of the fused path's logit blocks (default 1 GiB).
     """
 
-    def __init__(self, router: nn.Module, *, scoring: str = "combined", selection: str = "topk",
-                 dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
-                 min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
-                 min_tokens_per_sequence: int = 1, ignore_index: int = -100,
-                 ratio_schedule: Optional[Schedule] = None,
+    def __init__(self, router: nn.Module, *, scoring: str = CGGRConfig.scoring,
+                 selection: str = DEFAULT_SEQUENCE_SELECTION,
+                 dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+                 threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+                 min_tokens_ratio: float = CGGRConfig.min_tokens_ratio, warmup_steps: int = CGGRConfig.warmup_steps,
+                 num_strata: int = CGGRConfig.num_strata,
+                 min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+                 ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None,
                  shift_labels: Optional[bool] = None, router_path: str = "auto",
-                 router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET,
-                 config: Optional[CGGRConfig] = None) -> None:
+                 router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET, config: Optional[CGGRConfig] = None) -> None:
         super().__init__()
         if not callable(router):
             raise ValueError(f"router: expected a callable module returning (B, T, V) logits, got "

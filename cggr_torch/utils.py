@@ -36,6 +36,7 @@ __all__ = [
     "check_batch",
     "HEAD_RTOL",
     "HEAD_PROBE_TOKENS",
+    "HEAD_RTOL_TF32",
     "head_linearity_reason",
     "check_linear_head",
     "is_integer_dtype",
@@ -222,6 +223,11 @@ HEAD_RTOL: Mapping[torch.dtype, float] = {torch.float64: 1e-4, torch.float32: 1e
                                           torch.bfloat16: 3e-2}
 #: Tokens of the synthetic probe sequence of :func:`check_linear_head`.
 HEAD_PROBE_TOKENS = 8
+#: The float32 tolerance when float32 matmuls may run in TF32 (``torch.backends.cuda.matmul.allow_tf32`` or
+#: a ``float32_matmul_precision`` other than ``"highest"``): the model's head and the rule's reference then
+#: round their inputs to 10-bit mantissas in different orders. A transform that moves the logits by less is
+#: below the precision the model computes its own logits with.
+HEAD_RTOL_TF32 = 5e-3
 
 
 # ----------------------------------------------------------------------------------- head-linearity rule
@@ -242,6 +248,9 @@ def head_linearity_reason(logits: torch.Tensor, hidden: torch.Tensor, weight: to
     if not bool(finite.any()):
         return None
     rtol = max(HEAD_RTOL.get(dt, 1e-4) for dt in (logits.dtype, hidden.dtype, weight.dtype))
+    if torch.float32 in (logits.dtype, weight.dtype) and logits.device.type == "cuda" and (
+            torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"):
+        rtol = max(rtol, HEAD_RTOL_TF32)
     scale = float(expected[finite].abs().max())
     err = float((got[finite] - expected[finite]).abs().max())
     if err <= rtol * scale + 1e-6:
