@@ -2,24 +2,23 @@
 
 The contract is ``SPEC.md``; the names mirror ``cggr_jax`` (``CONTRIBUTING.md``). CUDA tensors use the Triton
 kernels of :mod:`cggr_torch.kernels` when they import; set ``CGGR_DISABLE_KERNELS=1`` to force the pure-PyTorch
-reference everywhere.
+reference everywhere (:mod:`cggr_torch.dispatch` decides, and ``dispatch.force(...)`` overrides it for a block).
 """
+from cggr import CGGRConfig
+
+from . import dispatch
+from .batch_split import CGGRModel
 from .curriculum import dynamic_ratio, linear_warmup_ratio, num_selected
 from .loss import METRIC_KEYS, CGGRLoss, cggr_loss
-from .scoring import (
-    SCORING_MODES,
-    TokenScores,
-    TokenStatistics,
-    difficulty_from_statistics,
-    score_tokens,
-    token_statistics,
-)
-from .selection import SELECTION_STRATEGIES, rank_tokens, select_tokens
-from .utils import shift_for_causal_lm
-from .model import CGGRModel
 from .router import CGGRScorer, PassthroughRouter, TruncatedRouter, create_truncated_router
+from .scoring import SCORING_MODES, difficulty_from_statistics, score_tokens, token_statistics
+from .selection import SELECTION_STRATEGIES, rank_tokens, select_tokens
+from .types import TokenScores, TokenStatistics
+from .utils import shift_for_causal_lm
 
 __all__ = [
+    "CGGRConfig",
+    "dispatch",
     "CGGRLoss",
     "cggr_loss",
     "METRIC_KEYS",
@@ -49,7 +48,7 @@ __all__ = [
 def __getattr__(name: str):
     # The Trainer integration imports transformers' Trainer (and accelerate); load it only when asked for.
     if name in ("CGGRTrainer", "CGGRStepCallback"):
-        from . import trainer
+        from . import integrations
 
-        return getattr(trainer, name)
+        return getattr(integrations, name)
     raise AttributeError(f"module 'cggr_torch' has no attribute {name!r}")

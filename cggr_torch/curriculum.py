@@ -2,19 +2,27 @@
 
 * :func:`linear_warmup_ratio` runs on the host in NumPy float32 from a Python-int step (no device work);
 * :func:`dynamic_ratio` runs on the device (the mean confidence is a device tensor; no synchronisation);
-* :func:`num_selected` computes ``k`` exactly in int64 on the device (or in Python for host numbers).
+* :func:`num_selected` computes ``k`` exactly in integers on the device (int64 arithmetic, an int32 result)
+  or in Python for host numbers;
+* :class:`Curriculum` is the curriculum *state* of every stateful entry point (``CGGRLoss``, the fused LM head
+  and the distributed loss, which derive from it, ``CGGRScorer`` and ``CGGRModel``): the step counter, the
+  ratio schedule, ``step()``/``set_step()`` and the ``state_dict`` extra state, in one place.
 """
 from __future__ import annotations
 
 import numbers
-from typing import Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
 from .utils import check_ratio_value
 
-__all__ = ["linear_warmup_ratio", "LinearWarmupSchedule", "dynamic_ratio", "num_selected", "RATIO_SCALE"]
+__all__ = ["linear_warmup_ratio", "LinearWarmupSchedule", "dynamic_ratio", "num_selected", "RATIO_SCALE",
+           "host_step", "base_ratio", "Curriculum", "Schedule"]
+
+#: A ratio schedule: ``step -> ratio`` (a host number in ``(0, 1]``).
+Schedule = Callable[[int], Any]
 
 #: ``ratio`` is quantised to 16 fractional bits before ``k`` is computed (SPEC §5.3).
 RATIO_SCALE = 65536
@@ -24,7 +32,7 @@ Number = Union[int, float, np.floating, np.integer]
 _F32 = np.float32
 
 
-def _host_step(step: object) -> int:
+def host_step(step: object) -> int:
     """A non-negative integer step from an int, a NumPy integer or a CPU integer 0-d tensor."""
     if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.dtype.is_floating_point or step.dtype == torch.bool:
@@ -59,7 +67,7 @@ class LinearWarmupSchedule:
         self.warmup_steps = int(warmup_steps)
 
     def __call__(self, step: int) -> np.float32:
-        s = _host_step(step)
+        s = host_step(step)
         if self.warmup_steps == 0:
             return self.min_tokens_ratio
         one = _F32(1.0)
@@ -135,7 +143,7 @@ def num_selected(n: Union[torch.Tensor, int], ratio: Union[torch.Tensor, Number]
 
     ``ratio = 0.625, n = 256 → 160``; ``ratio = 0.25, n = 10 → 3``.
 
-    Returns a Python ``int`` when ``n`` and ``ratio`` are host numbers, otherwise a 0-d int64 tensor on the
+    Returns a Python ``int`` when ``n`` and ``ratio`` are host numbers, otherwise a 0-d int32 tensor on the
     device of the tensor argument (no synchronisation; a CUDA ratio outside ``(0, 1]`` trips a device
     assertion).
 
@@ -176,4 +184,76 @@ def num_selected(n: Union[torch.Tensor, int], ratio: Union[torch.Tensor, Number]
     r_q = torch.round(r_t * float(RATIO_SCALE)).to(torch.int64)
     k = torch.div(r_q * n_t + RATIO_SCALE // 2, RATIO_SCALE, rounding_mode="floor")
     k = torch.minimum(n_t, torch.clamp(k, min=1))
-    return torch.where(n_t > 0, k, torch.zeros_like(k))
+    # int64 arithmetic above (r_q·n reaches 2**47); k <= n < 2**31 fits int32, the dtype of k in both packages.
+    return torch.where(n_t > 0, k, torch.zeros_like(k)).to(torch.int32)
+
+
+def base_ratio(schedule: Schedule, step: int) -> np.float32:
+    """``base(step)`` of SPEC §5.1 from ``schedule`` as float32, checked to lie in ``(0, 1]`` (host only)."""
+    return np.float32(check_ratio_value("ratio_schedule", schedule(step)))
+
+
+def _config_property(name: str) -> property:
+    def get(self: Any) -> Any:
+        return getattr(self.config, name)
+
+    get.__doc__ = f"``config.{name}`` (read-only; the configuration is a frozen :class:`cggr.CGGRConfig`)."
+    return property(get)
+
+
+class Curriculum:
+    """The curriculum state of a stateful CGGR entry point (a mixin of ``nn.Module`` subclasses).
+
+    The entry point stores its :class:`cggr.CGGRConfig` as ``self.config``; each setting is readable as an
+    attribute of the same name (``loss.selection``, ``model.warmup_steps``, ...).
+
+    Holds the step (a host ``int``, never a device tensor: reading it costs no synchronisation) and the ratio
+    schedule. The step is part of ``state_dict()`` as the module's extra state ``{'step': int}``, so resuming
+    from a checkpoint restores the curriculum; :meth:`set_step` sets it (the Hugging Face callback of
+    :mod:`cggr_torch.integrations` re-syncs it to the trainer's global step on a resume).
+    """
+
+    _step: int
+    ratio_schedule: Schedule
+
+    def _init_curriculum(self, min_tokens_ratio: float, warmup_steps: int,
+                         ratio_schedule: Optional[Schedule]) -> None:
+        if ratio_schedule is None:
+            ratio_schedule = linear_warmup_ratio(min_tokens_ratio, warmup_steps)
+        elif not callable(ratio_schedule):
+            raise ValueError(f"ratio_schedule: expected None or a callable step -> ratio in (0, 1], got "
+                             f"{type(ratio_schedule).__name__}")
+        self.ratio_schedule = ratio_schedule
+        self._step = 0
+
+    @property
+    def current_step(self) -> int:
+        """The curriculum step the next forward uses (number of :meth:`step` calls, or as restored/set)."""
+        return self._step
+
+    def step(self) -> None:
+        """Advance the curriculum by one; call once after each optimizer step."""
+        self._step += 1
+
+    def set_step(self, step: int) -> None:
+        """Set the curriculum step (e.g. to the trainer's global step when resuming)."""
+        self._step = host_step(step)
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"step": self._step}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, Mapping) or "step" not in state:
+            raise ValueError(f"state_dict: expected {type(self).__name__} extra state {{'step': int}}, got "
+                             f"{state!r}")
+        self.set_step(state["step"])
+
+    def base_ratio(self) -> np.float32:
+        """``base(step)`` at the current step (SPEC §5.1, or the custom schedule's value, checked)."""
+        return base_ratio(self.ratio_schedule, self._step)
+
+
+for _name in ("scoring", "selection", "dynamic_threshold", "threshold_sensitivity", "min_tokens_ratio",
+              "warmup_steps", "num_strata", "min_tokens_per_sequence", "ignore_index"):
+    setattr(Curriculum, _name, _config_property(_name))
+del _name

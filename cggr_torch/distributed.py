@@ -50,19 +50,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .curriculum import _host_step, dynamic_ratio
+from cggr import CGGRConfig
+
+from .curriculum import Schedule, base_ratio, host_step
 from .loss import (
     CGGRLoss,
-    Schedule,
-    _base_ratio,
-    _Config,
-    _forward,
-    _make_config,
-    _selected_cross_entropy,
-    _validate_inputs,
+    check_base_loss,
+    check_schedule,
+    forward_reference,
+    selected_cross_entropy,
+    validate_inputs,
 )
-from .scoring import _row_finite, _score_from_statistics, _statistics_dispatch
+from .pipeline import effective_ratio
+from .scoring import compute_statistics, row_finite, scores_from_statistics
 from .selection import select_tokens
+from .utils import resolve_config
 
 __all__ = ["SCOPES", "DISTRIBUTED_METRIC_KEYS", "DistributedCGGRLoss", "cggr_loss", "group_info"]
 
@@ -140,7 +142,7 @@ def _check_consistency(logits: torch.Tensor, step: int, base: np.float32, world:
         raise ValueError(f"logits: {msg}; got {detail}")
 
 
-def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: _Config,
+def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: CGGRConfig,
                     base_loss: Optional[Callable[..., torch.Tensor]], group: Optional[dist.ProcessGroup],
                     check_consistency: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SPEC §13 global scope on validated inputs: ``(loss, metrics)``; see the module docstring."""
@@ -152,8 +154,9 @@ def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base
         _check_consistency(logits, step, base, world, group)
 
     with torch.no_grad():
-        stats = _statistics_dispatch(logits.detach(), targets, cfg.ignore_index)
-        scores = _score_from_statistics(stats, targets, cfg.scoring, cfg.ignore_index, None)
+        # The stages of cggr_torch.pipeline, with one all-gather between eligibility and the ratio.
+        stats = compute_statistics(logits.detach(), targets, cfg.ignore_index)
+        scores = scores_from_statistics(stats, targets, cfg.scoring, cfg.ignore_index)
         elig = scores.eligible
         zero = torch.zeros((), dtype=torch.float32, device=dev)
 
@@ -186,17 +189,14 @@ def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base
         avg_difficulty = torch.where(e_g, d_g, zero).sum(dtype=torch.float32) / denom
 
         base_t = torch.full((), float(base), dtype=torch.float32, device=dev)
-        if cfg.dynamic_threshold and cfg.selection != "fixed_quota":
-            ratio = dynamic_ratio(base_t, avg_conf, cfg.threshold_sensitivity)
-        else:
-            ratio = base_t
+        ratio = effective_ratio(base, avg_conf, cfg)
         mask_g, _k = select_tokens(d_g, e_g, ratio, selection=cfg.selection, num_strata=cfg.num_strata,
                                    min_tokens_per_sequence=cfg.min_tokens_per_sequence)
         count_g = mask_g.sum()
         mask = mask_g.reshape(world, N)[rank].reshape(tok_shape)
-        row_ok = _row_finite(stats, has_targets=True)
+        row_ok = row_finite(stats, has_targets=True)
 
-    total = _selected_cross_entropy(logits, targets, mask, row_ok, scores.valid, base_loss)
+    total = selected_cross_entropy(logits, targets, mask, row_ok, scores.valid, base_loss)
     denom_sel = torch.clamp(count_g, min=1).to(torch.float32)
     share = total * float(world) / denom_sel
     with torch.no_grad():
@@ -226,11 +226,11 @@ def _world_size_or_one(group: Optional[dist.ProcessGroup]) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def _local_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: _Config,
+def _local_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: CGGRConfig,
                    base_loss: Optional[Callable[..., torch.Tensor]],
                    group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SPEC §13 local scope: the single-device loss of this rank's shard (no communication)."""
-    loss, metrics = _forward(logits, targets, step, base, cfg, base_loss)
+    loss, metrics = forward_reference(logits, targets, step, base, cfg, base_loss)
     dev = logits.device
     world = _world_size_or_one(group)
     metrics["tokens_selected_local"] = metrics["tokens_selected"]
@@ -238,13 +238,17 @@ def _local_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base:
     return loss, metrics
 
 
-def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torch.Tensor], *,
-              scope: str = "global", process_group: Optional[dist.ProcessGroup] = None,
-              check_consistency: bool = True, scoring: str = "combined", selection: str = "stratified",
-              dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25,
-              warmup_steps: int = 1000, num_strata: int = 4, min_tokens_per_sequence: int = 1,
-              base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = -100,
-              ratio_schedule: Optional[Schedule] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torch.Tensor], *, scope: str = "global",
+              process_group: Optional[dist.ProcessGroup] = None, check_consistency: bool = True,
+              scoring: str = CGGRConfig.scoring, selection: str = CGGRConfig.selection,
+              dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+              threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+              min_tokens_ratio: float = CGGRConfig.min_tokens_ratio, warmup_steps: int = CGGRConfig.warmup_steps,
+              num_strata: int = CGGRConfig.num_strata,
+              min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+              base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = CGGRConfig.ignore_index,
+              ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Data-parallel functional CGGR loss at curriculum ``step`` (a host integer): ``(loss, metrics)``.
 
     Called by every rank of ``process_group`` with its own shard ``logits`` ``(B, T, V)`` / ``(N, V)`` and
@@ -270,12 +274,15 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
     _check_scope(scope)
     if not isinstance(check_consistency, bool):
         raise ValueError(f"check_consistency: expected a bool, got {type(check_consistency).__name__}")
-    cfg, schedule = _make_config(scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio,
-                                 warmup_steps, num_strata, min_tokens_per_sequence, ignore_index, base_loss,
-                                 ratio_schedule)
-    s = _host_step(step)
-    _validate_inputs(logits, targets, cfg.ignore_index)
-    base = _base_ratio(schedule, s)
+    cfg = resolve_config(config, dict(
+        scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+        threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
+        num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index))
+    check_base_loss(base_loss)
+    schedule = check_schedule(ratio_schedule, cfg)
+    s = host_step(step)
+    targets = validate_inputs(logits, targets, cfg.ignore_index)
+    base = base_ratio(schedule, s)
     if scope == "local":
         return _local_forward(logits, targets, s, base, cfg, base_loss, process_group)
     return _global_forward(logits, targets, s, base, cfg, base_loss, process_group, check_consistency)
@@ -314,14 +321,14 @@ class DistributedCGGRLoss(CGGRLoss):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Selective loss of this rank's shard (float32 scalar). Never synchronises with a CUDA device."""
-        _validate_inputs(logits, targets, self._cfg.ignore_index)
+        targets = validate_inputs(logits, targets, self.config.ignore_index)
         step = self._step
-        base = _base_ratio(self._schedule, step)
+        base = self.base_ratio()
         if self._scope == "local":
-            loss, metrics = _local_forward(logits, targets, step, base, self._cfg, self.base_loss,
+            loss, metrics = _local_forward(logits, targets, step, base, self.config, self.base_loss,
                                            self.process_group)
         else:
-            loss, metrics = _global_forward(logits, targets, step, base, self._cfg, self.base_loss,
+            loss, metrics = _global_forward(logits, targets, step, base, self.config, self.base_loss,
                                             self.process_group, self._check_consistency)
         self._metrics = metrics
         return loss

@@ -48,11 +48,11 @@ times the memory budget below; recomputation is therefore the design.
 
 The backward reads ``K`` on the host (to size the gathered buffer): on CUDA the count is copied to pinned
 memory with a non-blocking copy in the forward, and the backward waits only for that copy's event (on the
-H200 that wait cost nothing measurable: benchmarks/RESULTS.md, run 17). The
+H200 that wait cost nothing measurable: DECISIONS.md: fused-head-count-wait). The
 forward itself never synchronises. Unselected, ignored and non-finite rows are never read in the backward, so
 their gradient is exactly zero (never ``0·NaN``).
 
-**Memory heuristic** (:func:`plan_chunks`, overridable by ``row_chunk_size`` / ``vocab_chunk_size``; all
+**Memory heuristic** (:func:`plan_chunks`, in :mod:`cggr_torch.kernels.launch` with the other launch plans; overridable by ``row_chunk_size`` / ``vocab_chunk_size``; all
 sizes in bytes, ``e`` = element size of the inputs, ``B`` = ``memory_budget_bytes``, default 0.25 GiB):
 
 * forward with the statistics kernel: a block of ``R × C`` logits holds ``R·C·e`` bytes (the kernel reads
@@ -87,18 +87,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .curriculum import _host_step
-from .loss import CGGRLoss, Schedule, _base_ratio, _Config, _make_config, _select_and_measure
-from .scoring import (
-    TokenScores,
-    TokenStatistics,
-    _load_kernel,
-    import_kernel,
-    _score_from_statistics,
-    _statistics_dispatch,
-    use_kernels_for,
+from cggr import CGGRConfig
+
+from . import dispatch
+from .curriculum import Schedule, base_ratio, host_step
+from .loss import CGGRLoss, check_schedule
+from .pipeline import select_and_measure
+from .scoring import compute_statistics, scores_from_statistics
+from .types import TokenScores, TokenStatistics
+from .kernels.launch import DEFAULT_MEMORY_BUDGET, ChunkPlan, check_positive_int, plan_chunks
+from .utils import (
+    FLOAT_DTYPES,
+    check_linear_head,
+    check_scoring,
+    check_target_range,
+    is_integer_dtype,
+    resolve_config,
+    widen_labels,
 )
-from .utils import FLOAT_DTYPES, check_scoring, check_target_range, is_integer_dtype
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -110,109 +116,14 @@ __all__ = [
     "fused_linear_cggr_loss",
     "fused_linear_scores",
     "hf_causal_lm_cggr_loss",
+    "score_next_tokens_fused",
+    "gradient_kernel_for",
+    "accumulates_in_place",
+    "accumulate_matmul",
 ]
 
-#: Default working-memory budget of the fused loss (bytes): 0.25 GiB.
-DEFAULT_MEMORY_BUDGET: int = 2**28
-
-#: Float32 temporaries per logit of the PyTorch reference statistics (upcast, shift, exp, e·shift, top-2).
-_REFERENCE_STAT_BYTES = 28
-_ALIGN = 128
-#: Narrowest forward logits block (columns) before the plan splits the rows instead (very large N).
-_MIN_FORWARD_COLUMNS = 4096
-_FILL = 0.875  # fraction of the budget a plan aims for (the caching allocator rounds blocks up)
 _GRADIENT_KERNEL_MODULE = "cggr_torch.kernels.fused_linear"
-_gradient_kernel_cache: dict[str, Any] = {}
 _MIXED_ADDMM: dict[tuple[str, torch.dtype], Optional[str]] = {}
-
-
-# ============================================================================================ chunk plan
-class ChunkPlan(NamedTuple):
-    """Chunk sizes of one call: the forward's logits blocks are ``row_chunk`` rows × ``forward_vocab_chunk``
-    columns; the backward steps through ``vocab_chunk`` columns of the selected rows at a time."""
-
-    row_chunk: int
-    vocab_chunk: int
-    forward_vocab_chunk: int
-
-
-def _round_down(x: int, align: int = _ALIGN) -> int:
-    return (x // align) * align if x >= align else max(1, x)
-
-
-def _check_positive_int(value: Any, name: str, allow_none: bool = True) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or int(value) < 1:
-        raise ValueError(f"{name}: expected {'None or ' if allow_none else ''}an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _forward_columns(rows: int, vocab_size: int, elsize: int, target: int) -> int:
-    """Columns of an ``rows``-row forward block within ``target`` bytes (the whole row when it fits)."""
-    if rows * vocab_size * elsize <= target:
-        return vocab_size
-    return min(vocab_size, _round_down(target // (rows * elsize)))
-
-
-def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: torch.dtype, *,
-                selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                statistics_kernel: bool = True, gradient_kernel: bool = False,
-                row_chunk: Optional[int] = None, inplace_accumulation: bool = False) -> ChunkPlan:
-    """Chunk sizes that keep the fused loss' working memory near ``memory_budget_bytes`` (module docstring).
-
-    Args:
-        num_rows: ``N``, tokens of the call.
-        hidden_dim: ``d``.
-        vocab_size: ``V``.
-        dtype: dtype of the hidden states and the weight (the logits' dtype).
-        selected_rows: ``K``, rows of the backward (``N`` when unknown).
-        memory_budget_bytes: the budget ``B`` (default 0.25 GiB).
-        statistics_kernel: True when the statistics come from the Triton kernel (no float32 temporaries;
-            the forward may then split the vocabulary, see the module docstring).
-        gradient_kernel: True when the backward's chunk gradient is the in-place Triton kernel
-            (:mod:`cggr_torch.kernels.fused_linear`: no float32 copy of the chunk).
-        row_chunk: rows per forward block chosen by the caller (the plan then only sizes the columns).
-        inplace_accumulation: True when the backward's float32 ``∂h_S`` accumulator is updated in place (no
-            second ``K × d`` float32 buffer; cuBLAS' float32-output GEMM with ``out=``, or float32 inputs).
-
-    Returns:
-        :class:`ChunkPlan` ``(row_chunk, vocab_chunk, forward_vocab_chunk)``: ``1 ≤ row_chunk ≤ max(1, N)``,
-        ``1 ≤ vocab_chunk ≤ V``, ``1 ≤ forward_vocab_chunk ≤ V`` (``V`` without the statistics kernel).
-    """
-    for name, value in (("num_rows", num_rows), ("hidden_dim", hidden_dim), ("vocab_size", vocab_size)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size: expected an integer >= 1, got {vocab_size}")
-    budget = _check_positive_int(memory_budget_bytes, "memory_budget_bytes", allow_none=False)
-    row_chunk = _check_positive_int(row_chunk, "row_chunk")
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
-    e = torch.empty((), dtype=dtype).element_size()
-    V = int(vocab_size)
-    target = int(_FILL * budget)
-    n = max(1, int(num_rows))
-    if statistics_kernel:
-        # Vocabulary blocks of all rows: GEMMs of the full height and a statistics launch with a program per
-        # row (rows of a block fill the GPU); rows are split only when a block would be narrower than
-        # _MIN_FORWARD_COLUMNS.
-        rows = min(n, row_chunk) if row_chunk is not None else n
-        cols = _forward_columns(rows, V, e, target)
-        if row_chunk is None and cols < min(V, _MIN_FORWARD_COLUMNS):
-            cols = min(V, _MIN_FORWARD_COLUMNS)
-            rows = min(n, _round_down(target // (cols * e)))
-    else:
-        per_row = V * (e + _REFERENCE_STAT_BYTES)
-        rows = min(n, row_chunk) if row_chunk is not None else min(n, _round_down(target // per_row))
-        cols = V
-    k = int(num_rows) if selected_rows is None else int(selected_rows)
-    k = max(1, k)
-    fixed = k * int(hidden_dim) * ((4 if inplace_accumulation else 8) + e)
-    per_col = k * (e if gradient_kernel else 2 * e + 4)
-    bcols = (target - fixed) // per_col if target > fixed else 0
-    vocab_chunk = min(V, max(min(_ALIGN, V), _round_down(int(bcols))))
-    return ChunkPlan(int(rows), int(vocab_chunk), int(cols))
 
 
 # ========================================================================================= input checks
@@ -251,22 +162,25 @@ def _check_linear(hidden: Any, weight: Any, bias: Any) -> None:
             raise ValueError(f"bias: expected device {hidden.device} (that of hidden), got {bias.device}")
 
 
-def _check_labels(labels: Any, hidden: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+def _check_targets(targets: Any, hidden: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """Static checks of the aligned targets, the label-dtype rule, the range check; returns them widened."""
     expected = tuple(hidden.shape[:-1])
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"labels: expected an integer tensor of shape {expected}, got {_describe(labels)}")
-    if not is_integer_dtype(labels.dtype):
-        raise ValueError(f"labels: expected an integer dtype, got {labels.dtype}")
-    if tuple(labels.shape) != expected:
-        raise ValueError(f"labels: expected shape {expected} (the leading dims of hidden {tuple(hidden.shape)}), "
-                         f"got {tuple(labels.shape)}")
-    if labels.device != hidden.device:
-        raise ValueError(f"labels: expected device {hidden.device} (that of hidden), got {labels.device}")
-    check_target_range(labels, vocab_size, ignore_index, name="labels")
+    if not isinstance(targets, torch.Tensor):
+        raise ValueError(f"targets: expected an integer tensor of shape {expected}, got {_describe(targets)}")
+    if not is_integer_dtype(targets.dtype):
+        raise ValueError(f"targets: expected an integer dtype, got {targets.dtype}")
+    if tuple(targets.shape) != expected:
+        raise ValueError(f"targets: expected shape {expected} (the leading dims of hidden {tuple(hidden.shape)}), "
+                         f"got {tuple(targets.shape)}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets: expected device {hidden.device} (that of hidden), got {targets.device}")
+    targets = widen_labels(targets, ignore_index, name="targets")
+    check_target_range(targets, vocab_size, ignore_index, name="targets")
+    return targets
 
 
 def _statistics_kernel_for(hidden: torch.Tensor) -> bool:
-    return use_kernels_for(hidden) and _load_kernel() is not None
+    return dispatch.use_kernels(hidden) and dispatch.kernel("token_statistics_triton") is not None
 
 
 # ==================================================================================== blockwise scoring
@@ -277,13 +191,13 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
     ``vocab_chunk`` columns (flat).
 
     With the Triton statistics kernel each block goes to one launch that writes its rows' statistics
-    straight into one ``(6, N)`` buffer (the labels were range-checked once by the caller, so no per-block
+    straight into one ``(6, N)`` buffer (the targets were range-checked once by the caller, so no per-block
     validation or copy); a row split into vocabulary blocks carries its running state from one block's
     launch to the next (:func:`cggr_torch.kernels.scoring.launch_scoring_chunk`). Elsewhere the statistics
     dispatcher (the PyTorch reference) takes whole rows (``vocab_chunk`` is ignored: its float32 temporaries
     are what the plan sizes). The blocks run in order on one stream: a block's statistics beside the next
     block's GEMM on a side stream gained nothing reliable on the H200 (the GEMM occupies every SM;
-    benchmarks/RESULTS.md, runs 10-13).
+    DECISIONS.md: fused-head-chunk-plan).
     """
     N = hidden2d.shape[0]
     V = weight.shape[0]
@@ -306,7 +220,7 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
                     cfg = ks.scoring_config_for_rows(r1 - r0, v1 - v0, z.dtype, ks.num_sms(z))
                     if state is None:
                         geom = ks.row_geometry(z)
-                        ks.launch_scoring(geom, t_r, ignore_index, ks._NO_DIFFICULTY, out[:, r0:r1],
+                        ks.launch_scoring(geom, t_r, ignore_index, ks.NO_DIFFICULTY, out[:, r0:r1],
                                           finite[r0:r1], cfg)
                         del geom  # holds z too: both must go before the next block is allocated
                     else:
@@ -318,22 +232,22 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
         for r0 in range(0, N, row_chunk):
             r1 = min(N, r0 + row_chunk)
             z = F.linear(hidden2d[r0:r1], weight, bias)
-            st = _statistics_dispatch(z, None if targets is None else targets[r0:r1], ignore_index)
+            st = compute_statistics(z, None if targets is None else targets[r0:r1], ignore_index)
             for buf, x in zip(out_list, st):
                 buf[r0:r1] = x
             del z, st
     return TokenStatistics(*out_list)
 
 
-def _gradient_kernel_for(hidden: torch.Tensor) -> Optional[Any]:
+def gradient_kernel_for(hidden: torch.Tensor) -> Optional[Any]:
     """The Triton chunk-gradient module for ``hidden``'s device and dtype, or None (PyTorch element-wise ops).
 
     None on non-kernel devices, with ``CGGR_DISABLE_KERNELS=1``, for float64 and when Triton is absent; a
     kernel error is raised by the launch, never replaced.
     """
-    if not use_kernels_for(hidden) or hidden.dtype == torch.float64:
+    if not dispatch.use_kernels(hidden) or hidden.dtype == torch.float64:
         return None
-    launch = import_kernel(_GRADIENT_KERNEL_MODULE, "launch_chunk_gradient", _gradient_kernel_cache)
+    launch = dispatch.kernel("launch_chunk_gradient")
     if launch is None:
         return None
     return importlib.import_module(_GRADIENT_KERNEL_MODULE)
@@ -371,12 +285,12 @@ def _mixed_addmm_mode(device: torch.device, dtype: torch.dtype) -> Optional[str]
     return _MIXED_ADDMM[key]
 
 
-def _accumulates_in_place(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`_accumulate_matmul` needs no second ``K × d`` buffer (see :func:`plan_chunks`)."""
+def accumulates_in_place(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`accumulate_matmul` needs no second ``K × d`` buffer (see :func:`plan_chunks`)."""
     return dtype in (torch.float32, torch.float64) or _mixed_addmm_mode(device, dtype) == "inplace"
 
 
-def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc + a @ b`` with ``acc`` float32 (float64 for float64 inputs): the product is not rounded to the
     inputs' dtype before the sum where the backend offers a float32-output GEMM (``∂h_S`` over vocab chunks);
     in place where it can accumulate into ``acc`` itself."""
@@ -442,12 +356,12 @@ class _SelectedRowsCrossEntropy(torch.autograd.Function):
                 lse_sel = lse.index_select(0, idx).unsqueeze(1)
                 scale = grad_loss.detach().to(torch.float32).reshape(()) / denom
                 chunk = ctx.vocab_chunk
-                kernel = _gradient_kernel_for(hidden2d)
+                kernel = gradient_kernel_for(hidden2d)
                 if chunk is None:
                     chunk = plan_chunks(N, d, V, dtype, selected_rows=K,
                                         memory_budget_bytes=ctx.memory_budget_bytes,
                                         gradient_kernel=kernel is not None,
-                                        inplace_accumulation=_accumulates_in_place(dev, dtype)).vocab_chunk
+                                        inplace_accumulation=accumulates_in_place(dev, dtype)).vocab_chunk
                 acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
                 acc_h = torch.zeros((K, d), dtype=acc_dtype, device=dev) if need_h else None
                 if kernel is not None:
@@ -481,7 +395,7 @@ class _SelectedRowsCrossEntropy(torch.autograd.Function):
                         g_c = g.to(dtype)
                         del g
                     if need_h:
-                        acc_h = _accumulate_matmul(acc_h, g_c, w_c)
+                        acc_h = accumulate_matmul(acc_h, g_c, w_c)
                     if need_w:
                         torch.mm(g_c.t(), h_sel, out=grad_w[v0:v1])
                     del g_c
@@ -518,8 +432,8 @@ def _forward_blocks(hidden: torch.Tensor, vocab_size: int, row_chunk_size: Optio
     return plan.row_chunk, (vocab_chunk_size or plan.forward_vocab_chunk)
 
 
-def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
-         step: int, base: np.float32, cfg: _Config, row_chunk_size: Optional[int],
+def _run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
+         step: int, base: np.float32, cfg: CGGRConfig, row_chunk_size: Optional[int],
          vocab_chunk_size: Optional[int], memory_budget_bytes: int) -> FusedLinearCGGROutput:
     """The fused loss on validated inputs."""
     token_shape = tuple(hidden.shape[:-1])
@@ -529,15 +443,15 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias:
     N = hidden2d.shape[0]
     row_chunk, forward_cols = _forward_blocks(hidden, V, row_chunk_size, vocab_chunk_size, memory_budget_bytes)
     with torch.no_grad():
-        flat_t = labels.reshape(-1)
+        flat_t = targets.reshape(-1)
         flat = _blockwise_statistics(hidden2d.detach(), weight.detach(),
                                      None if bias is None else bias.detach(), flat_t, cfg.ignore_index, row_chunk,
                                      forward_cols)
         stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
-        scores, mask, metrics = _select_and_measure(stats, labels, step, base, cfg)
+        scores, mask, _k, metrics = select_and_measure(stats, targets, step, base, cfg)
         count = metrics["tokens_selected"]
         valid = scores.valid
-        safe_t = torch.where(valid & (labels >= 0) & (labels < V), labels, torch.zeros_like(labels))
+        safe_t = torch.where(valid & (targets >= 0) & (targets < V), targets, torch.zeros_like(targets))
         safe_t = safe_t.reshape(-1).to(torch.int64)
 
     loss = _SelectedRowsCrossEntropy.apply(hidden2d, weight, bias, flat.nll, mask.reshape(-1), safe_t, flat.lse,
@@ -546,30 +460,34 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias:
 
 
 def _check_chunk_args(row_chunk_size: Any, vocab_chunk_size: Any, memory_budget_bytes: Any) -> None:
-    _check_positive_int(row_chunk_size, "row_chunk_size")
-    _check_positive_int(vocab_chunk_size, "vocab_chunk_size")
-    _check_positive_int(memory_budget_bytes, "memory_budget_bytes", allow_none=False)
+    check_positive_int(row_chunk_size, "row_chunk_size")
+    check_positive_int(vocab_chunk_size, "vocab_chunk_size")
+    check_positive_int(memory_budget_bytes, "memory_budget_bytes", allow_none=False)
 
 
-def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                       step: Union[int, torch.Tensor], *, bias: Optional[torch.Tensor] = None,
-                      scoring: str = "combined", selection: str = "stratified", dynamic_threshold: bool = True,
-                      threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25,
-                      warmup_steps: int = 1000, num_strata: int = 4, min_tokens_per_sequence: int = 1,
-                      ignore_index: int = -100, ratio_schedule: Optional[Schedule] = None,
+                      scoring: str = CGGRConfig.scoring, selection: str = CGGRConfig.selection,
+                      dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+                      threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+                      min_tokens_ratio: float = CGGRConfig.min_tokens_ratio,
+                      warmup_steps: int = CGGRConfig.warmup_steps, num_strata: int = CGGRConfig.num_strata,
+                      min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+                      ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None,
                       row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
-                      memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> FusedLinearCGGROutput:
+                      memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, config: Optional[CGGRConfig] = None
+) -> FusedLinearCGGROutput:
     """CGGR loss of the LM head ``z = hidden · weightᵀ + bias`` without materialising the logits.
 
-    Equal (up to float rounding of the chunked matmuls) to ``cggr_loss(F.linear(hidden, weight, bias), labels,
+    Equal (up to float rounding of the chunked matmuls) to ``cggr_loss(F.linear(hidden, weight, bias), targets,
     step, ...)`` with the default cross-entropy, in value, gradients and selection.
 
     Args:
         hidden: ``(N, d)`` or ``(B, T, d)`` float32/float16/bfloat16/float64 (a 3-D input's rows are the
-            sequences of ``sequence_aware``); already aligned with ``labels`` (a causal LM shifts first, see
-            :func:`hf_causal_lm_cggr_loss`).
+            sequences of ``sequence_aware``); already aligned with ``targets`` (a causal LM shifts its labels
+            first, see :func:`hf_causal_lm_cggr_loss`).
         weight: ``(V, d)`` LM-head weight (``nn.Linear`` layout), same dtype and device as ``hidden``.
-        labels: integer tensor of shape ``hidden.shape[:-1]``; values in ``[0, V)`` or ``ignore_index``.
+        targets: integer tensor of shape ``hidden.shape[:-1]``; values in ``[0, V)`` or ``ignore_index``.
         step: curriculum step (host integer).
         bias: optional ``(V,)`` LM-head bias.
         scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio, warmup_steps,
@@ -579,34 +497,37 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
             statistics take whole rows) and per backward step (default: :func:`plan_chunks`, its
             ``forward_vocab_chunk`` and, with the real ``K``, its ``vocab_chunk``).
         memory_budget_bytes: working-memory target of the default plan (bytes, default 0.25 GiB).
+        config: a ready :class:`cggr.CGGRConfig` instead of the settings.
 
     Raises:
-        ValueError: bad shapes/dtypes/devices/configuration, or (CPU) labels out of range. On CUDA an
+        ValueError: bad shapes/dtypes/devices/configuration, or (CPU) targets out of range. On CUDA an
             out-of-range label trips a device-side assertion (no synchronisation).
     """
-    cfg, schedule = _make_config(scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio,
-                                 warmup_steps, num_strata, min_tokens_per_sequence, ignore_index, None,
-                                 ratio_schedule)
+    cfg = resolve_config(config, dict(
+        scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+        threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
+        num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index))
+    schedule = check_schedule(ratio_schedule, cfg)
     _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
-    s = _host_step(step)
+    s = host_step(step)
     _check_linear(hidden, weight, bias)
-    _check_labels(labels, hidden, weight.shape[0], cfg.ignore_index)
-    return _run(hidden, weight, labels, bias, s, _base_ratio(schedule, s), cfg, row_chunk_size,
+    targets = _check_targets(targets, hidden, weight.shape[0], cfg.ignore_index)
+    return _run(hidden, weight, targets, bias, s, base_ratio(schedule, s), cfg, row_chunk_size,
                 vocab_chunk_size, int(memory_budget_bytes))
 
 
-def fused_linear_cggr_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+def fused_linear_cggr_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                            step: Union[int, torch.Tensor], **kwargs: Any) -> tuple[torch.Tensor,
                                                                                     dict[str, torch.Tensor]]:
     """``(loss, metrics)`` of :func:`fused_linear_cggr` (same arguments): the functional form, mirroring
     :func:`cggr_torch.cggr_loss`."""
-    out = fused_linear_cggr(hidden, weight, labels, step, **kwargs)
+    out = fused_linear_cggr(hidden, weight, targets, step, **kwargs)
     return out.loss, out.metrics
 
 
 # =============================================================================================== module
 class FusedLinearCGGRLoss(CGGRLoss):
-    """:class:`cggr_torch.CGGRLoss` fused with the LM head: ``forward(hidden, weight, labels, bias=None)``.
+    """:class:`cggr_torch.CGGRLoss` fused with the LM head: ``forward(hidden, weight, targets, bias=None)``.
 
     Same configuration, ``step()``, ``get_metrics()`` and ``state_dict()`` as ``CGGRLoss`` (the default
     float32 cross-entropy; no ``base_loss``), plus the chunking arguments of :func:`fused_linear_cggr`.
@@ -620,29 +541,31 @@ class FusedLinearCGGRLoss(CGGRLoss):
         loss.backward(); optimizer.step(); criterion.step()
     """
 
-    def __init__(self, scoring: str = "combined", selection: str = "stratified", dynamic_threshold: bool = True,
-                 threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
-                 num_strata: int = 4, min_tokens_per_sequence: int = 1, ignore_index: int = -100,
-                 ratio_schedule: Optional[Schedule] = None, *, row_chunk_size: Optional[int] = None,
-                 vocab_chunk_size: Optional[int] = None,
-                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> None:
+    def __init__(self, scoring: str = CGGRConfig.scoring, selection: str = CGGRConfig.selection,
+                 dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+                 threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+                 min_tokens_ratio: float = CGGRConfig.min_tokens_ratio, warmup_steps: int = CGGRConfig.warmup_steps,
+                 num_strata: int = CGGRConfig.num_strata,
+                 min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+                 ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None, *,
+                 row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, config: Optional[CGGRConfig] = None) -> None:
         super().__init__(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
                          threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
                          warmup_steps=warmup_steps, num_strata=num_strata,
                          min_tokens_per_sequence=min_tokens_per_sequence, base_loss=None,
-                         ignore_index=ignore_index, ratio_schedule=ratio_schedule)
+                         ignore_index=ignore_index, ratio_schedule=ratio_schedule, config=config)
         _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
         self.row_chunk_size = row_chunk_size
         self.vocab_chunk_size = vocab_chunk_size
         self.memory_budget_bytes = int(memory_budget_bytes)
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Selective loss of one batch (float32 scalar) from the LM head's inputs. Never synchronises."""
         _check_linear(hidden, weight, bias)
-        _check_labels(labels, hidden, weight.shape[0], self._cfg.ignore_index)
-        step = self._step
-        out = _run(hidden, weight, labels, bias, step, _base_ratio(self._schedule, step), self._cfg,
+        targets = _check_targets(targets, hidden, weight.shape[0], self.config.ignore_index)
+        out = _run(hidden, weight, targets, bias, self._step, self.base_ratio(), self.config,
                    self.row_chunk_size, self.vocab_chunk_size, self.memory_budget_bytes)
         self._metrics = out.metrics
         return out.loss
@@ -653,35 +576,35 @@ class FusedLinearCGGRLoss(CGGRLoss):
 
 
 # ================================================================================ forward-only scores
-def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                        bias: Optional[torch.Tensor] = None, *, scoring: str = "combined",
-                        ignore_index: int = -100, valid_mask: Optional[torch.Tensor] = None,
+def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None, *, scoring: str = CGGRConfig.scoring,
+                        ignore_index: int = CGGRConfig.ignore_index, valid_mask: Optional[torch.Tensor] = None,
                         row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
                         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> TokenScores:
     """SPEC §2-§4 scores of the logits ``hidden · weightᵀ + bias`` without materialising them (router use).
 
-    Equal to ``score_tokens(F.linear(hidden, weight, bias), labels, scoring=..., ...)`` up to the rounding of
+    Equal to ``score_tokens(F.linear(hidden, weight, bias), targets, scoring=..., ...)`` up to the rounding of
     the chunked matmuls. No gradient flows through the result.
 
     Args:
         hidden: ``(N, d)`` or ``(B, T, d)`` floating tensor.
         weight: ``(V, d)``, same dtype/device.
-        labels: optional integer tensor of the token shape (needed for ``nll``; ``scoring='loss'``).
+        targets: optional integer tensor of the token shape (needed for ``nll``; ``scoring='loss'``).
         bias: optional ``(V,)``.
         scoring, ignore_index, valid_mask: as :func:`cggr_torch.score_tokens`.
         row_chunk_size, memory_budget_bytes: as :func:`fused_linear_cggr`.
         vocab_chunk_size: vocabulary columns per logits block (as :func:`fused_linear_cggr`'s forward).
     """
     check_scoring(scoring)
-    if scoring == "loss" and labels is None:
-        raise ValueError("labels: scoring='loss' needs labels, got None")
+    if scoring == "loss" and targets is None:
+        raise ValueError("targets: scoring='loss' needs targets, got None")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index: expected an integer, got {ignore_index!r}")
     _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
     _check_linear(hidden, weight, bias)
     token_shape = tuple(hidden.shape[:-1])
-    if labels is not None:
-        _check_labels(labels, hidden, weight.shape[0], int(ignore_index))
+    if targets is not None:
+        targets = _check_targets(targets, hidden, weight.shape[0], int(ignore_index))
     if valid_mask is not None:
         if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool \
                 or tuple(valid_mask.shape) != token_shape:
@@ -693,25 +616,64 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, labels: Opti
     row_chunk, forward_cols = _forward_blocks(hidden, weight.shape[0], row_chunk_size, vocab_chunk_size,
                                               int(memory_budget_bytes))
     flat = _blockwise_statistics(hidden2d.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                 None if labels is None else labels.reshape(-1), int(ignore_index), row_chunk,
+                                 None if targets is None else targets.reshape(-1), int(ignore_index), row_chunk,
                                  forward_cols)
     stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
     with torch.no_grad():
-        return _score_from_statistics(stats, labels, scoring, int(ignore_index), valid_mask)
+        return scores_from_statistics(stats, targets, scoring, int(ignore_index), valid_mask)
+
+
+def score_next_tokens_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], *,
+                            scoring: str, ignore_index: int, shift: bool = True,
+                            memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> tuple[TokenScores, torch.Tensor]:
+    """:func:`score_next_tokens` of the logits ``hidden · weightᵀ + bias`` without materialising them.
+
+    ``hidden`` ``(B, T, d)`` are the router's final (normed) hidden states; the logits are formed block by
+    block by :func:`cggr_torch.fused_linear.fused_linear_scores` (row-chunked matmul, then the Triton scoring
+    kernel on CUDA) and only the five float32 statistics per token are kept. Instead of slicing the hidden
+    states (a copy of ``B·(T−1)·d`` values) the *labels* are shifted: position ``t`` is scored against
+    ``labels[:, t+1]`` and the last position gets ``ignore_index``; its statistics and difficulty are then set
+    to 0, so the result equals :func:`score_next_tokens` on ``F.linear(hidden, weight, bias)`` up to the
+    rounding of the chunked matmul. Under ``torch.autocast`` the matmul runs in the autocast dtype, as
+    ``nn.Linear`` would. No host synchronisation.
+
+    Returns:
+        ``(scores, nonfinite)`` as :func:`score_next_tokens`.
+    """
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):  # the head would run in the autocast dtype: so do the blocks
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    if labels is None:
+        valid_mask = None if attention_mask is None else attention_mask != 0
+        scores = fused_linear_scores(hidden, weight, None, bias, scoring=scoring, valid_mask=valid_mask,
+                                     memory_budget_bytes=memory_budget_bytes)
+    else:
+        tgt = labels if attention_mask is None else labels.masked_fill(attention_mask == 0, ignore_index)
+        if shift:
+            tgt = torch.cat([tgt[:, 1:], tgt.new_full((tgt.shape[0], 1), ignore_index)], dim=1)
+        # Same check (and message) as the logits path; a device assertion on CUDA, no synchronisation.
+        check_target_range(tgt, weight.shape[0], ignore_index, name="labels")
+        scores = fused_linear_scores(hidden, weight, tgt, bias, scoring=scoring, ignore_index=ignore_index,
+                                     memory_budget_bytes=memory_budget_bytes)
+        if shift:  # the last position has no target: 0 statistics and difficulty, as score_next_tokens
+            for x in (*scores.stats, scores.difficulty):
+                x[:, -1] = 0.0
+    nonfinite = (scores.valid & ~scores.eligible).sum()
+    return scores, nonfinite
 
 
 # ========================================================================================= Hugging Face
-_UNSUPPORTED_HEAD_OPTIONS = ("final_logit_softcapping", "logit_scale", "output_logit_scale", "logits_scaling")
-
-
-def _check_plain_head(model: nn.Module) -> None:
-    """Reject models whose logits are not ``lm_head(hidden)`` (softcapping or scaling after the head)."""
-    config = getattr(model, "config", None)
-    for name in _UNSUPPORTED_HEAD_OPTIONS:
-        value = getattr(config, name, None)
-        if value is not None and value != 1 and value != 1.0:
-            raise ValueError(f"model: config.{name}={value!r} transforms the logits after the LM head; the fused "
-                             f"loss computes hidden · weightᵀ + bias only")
+def _probe_hf(model: nn.Module, base: nn.Module) -> Any:
+    """The probe of the head-linearity rule for a Hugging Face causal LM: (its logits, its hidden states)."""
+    def probe(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=input_ids).logits
+        out = base(input_ids=input_ids)
+        hidden = getattr(out, "last_hidden_state", None)
+        return logits, (out[0] if hidden is None else hidden)
+    return probe
 
 
 def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -733,7 +695,9 @@ def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: to
 
     Raises:
         ValueError: ``loss_module`` not a :class:`FusedLinearCGGRLoss`, a model without a base model or linear
-            output embedding, logit softcapping/scaling after the head, or bad ``input_ids``/``labels``.
+            output embedding, a model whose logits are not ``hidden · Wᵀ + b`` (scaling, capping or
+            soft-capping after the head: the numeric rule :func:`cggr_torch.router.check_linear_head`, run once
+            per model and head), or bad ``input_ids``/``labels``.
     """
     if not isinstance(loss_module, FusedLinearCGGRLoss):
         raise ValueError(f"loss_module: expected a cggr_torch.fused_linear.FusedLinearCGGRLoss, got "
@@ -753,12 +717,17 @@ def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: to
     if not isinstance(head, nn.Linear):
         raise ValueError(f"model: expected get_output_embeddings() to return an nn.Linear LM head, got "
                          f"{type(head).__name__}")
-    _check_plain_head(model)
+    reason = check_linear_head(model, head, _probe_hf(model, base))
+    if reason is not None:
+        raise ValueError(f"model: {reason}")
     out = base(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:
         hidden = out[0]
     ignore = loss_module.ignore_index
+    # The caller passed labels: the dtype rule and range errors name them (the loss would say targets).
+    labels = widen_labels(labels, ignore, name="labels")
+    check_target_range(labels, head.weight.shape[0], ignore, name="labels")
     shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore)], dim=1)
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(labels.shape):

@@ -39,18 +39,22 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
-from .curriculum import dynamic_ratio, linear_warmup_ratio
-from .fused_linear import fused_linear_scores
-from .loss import METRIC_KEYS
-from .scoring import TokenScores, TokenStatistics, score_tokens
-from .selection import select_tokens
-from .utils import check_config, check_ratio_value, check_target_range, is_integer_dtype
+from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, CGGRConfig
+
+from .curriculum import Curriculum, Schedule
+from .fused_linear import score_next_tokens_fused
+from .loss import check_schedule
+from .pipeline import host_metrics, measure_scores
+from .scoring import score_next_tokens
+from .types import TokenScores, TokenStatistics
+# The head-linearity rule is defined with the argument checks (utils), so that the fused LM head
+# (fused_linear, which this module imports) applies the same rule without importing the routers.
+from .utils import check_batch, check_linear_head, head_linearity_reason, resolve_config, widen_labels
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -62,20 +66,16 @@ __all__ = [
     "model_vocab_size",
     "is_masked_lm",
     "check_batch",
-    "effective_labels",
-    "score_next_tokens",
+    "head_linearity_reason",
+    "check_linear_head",
     "METRIC_KEYS",
     "ROUTER_PATHS",
     "fused_head_unsupported_reason",
     "resolve_router_path",
-    "score_next_tokens_fused",
     "router_token_scores",
     "ROUTER_MEMORY_BUDGET",
     "CGGRScorer",
 ]
-
-#: The Hugging Face label value that the models' own losses ignore.
-HF_IGNORE_INDEX = -100
 
 #: Per-token inputs that CGGR hands to the router as well as to the main model (when the caller gives them).
 ROUTER_INPUT_KEYS: tuple[str, ...] = ("position_ids", "token_type_ids")
@@ -115,19 +115,6 @@ SUPPORTED_ARCHITECTURES: Mapping[str, _Architecture] = {
 #: logits never exist); ``'logits'`` calls the router and scores the logits it returns; ``'auto'`` picks
 #: ``'fused'`` whenever :func:`fused_head_unsupported_reason` finds no reason against it.
 ROUTER_PATHS: tuple[str, ...] = ("auto", "fused", "logits")
-
-#: Causal families whose task-model forward computes its logits as exactly
-#: ``get_output_embeddings()(base_model(...).last_hidden_state)`` (the base model applies the final norm),
-#: possibly followed by a logit soft-cap/scale that :func:`fused_head_unsupported_reason` detects from the
-#: config. Each is checked against the materialised path in ``tests/torch/test_router.py``.
-_PLAIN_HEAD_FAMILIES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3",
-                                  "olmo2", "gpt2", "gptj", "falcon", "gpt_neox"})
-
-#: Config attributes that transform the logits after the LM head (soft-capping, scaling): a value other than
-#: None / 1 means the head is not a plain linear map and the fused router path cannot be used.
-_LOGIT_TRANSFORM_OPTIONS = ("final_logit_softcapping", "logit_scale", "output_logit_scale", "logits_scaling",
-                            "output_multiplier_scale", "logit_softcapping")
-
 
 # ----------------------------------------------------------------------------------------------- helpers
 def router_logits(output: Any) -> torch.Tensor:
@@ -286,14 +273,13 @@ class TruncatedRouter(nn.Module):
         return router_logits(out)
 
     def fused_head_reason(self) -> Optional[str]:
-        """None when the truncated model's logits are exactly ``lm_head(hidden_states(...))`` with a plain
-        ``nn.Linear`` head, else the reason why not (see :func:`fused_head_unsupported_reason`)."""
+        """None when the truncated model's logits are ``lm_head(hidden_states(...))`` with a plain
+        ``nn.Linear`` head, else the reason why not: the static reasons (a masked LM, a layer list outside the
+        base model, a head that is not a plain ``nn.Linear`` or has hooks), then the numeric head-linearity
+        rule (:func:`check_linear_head`, evaluated once per head and cached)."""
         if self.masked_lm:
             return (f"{self.architecture!r} is a masked LM: its head transforms the hidden states (dense, "
                     f"activation, norm) before the vocabulary projection")
-        if self.architecture not in _PLAIN_HEAD_FAMILIES:
-            return (f"the architecture {self.architecture!r} (layers_path={self.layers_path!r}) is not one whose "
-                    f"head is verified to be lm_head(last_hidden_state); known: {sorted(_PLAIN_HEAD_FAMILIES)}")
         prefix = self.layers_path.split(".")[0]
         if "." not in self.layers_path or getattr(self.source, "base_model_prefix", None) != prefix:
             return (f"layers_path={self.layers_path!r} does not start at the base model "
@@ -305,12 +291,11 @@ class TruncatedRouter(nn.Module):
                     f"quantised wrapper whose forward is not weight·h + bias)")
         if head._forward_hooks or head._forward_pre_hooks:
             return "the LM head has forward hooks, which the fused path would bypass"
-        config = getattr(self.source, "config", None)
-        for name in _LOGIT_TRANSFORM_OPTIONS:
-            value = getattr(config, name, None)
-            if value is not None and not isinstance(value, bool) and value != 1:
-                return f"config.{name}={value!r} transforms the logits after the LM head"
-        return None
+        return check_linear_head(self.source, head, self._probe_logits_and_hidden)
+
+    def _probe_logits_and_hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return self(input_ids), self.hidden_states(input_ids)
 
     def lm_head(self) -> nn.Linear:
         """The model's LM head (``get_output_embeddings()``), shared with the model."""
@@ -422,96 +407,6 @@ def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architectu
 
 
 # ------------------------------------------------------------------------------------- next-token scoring
-def check_batch(input_ids: Any, labels: Any, attention_mask: Any, *, labels_required: bool = True) -> None:
-    """Static checks of a batch (no device work): 2-D integer ``input_ids`` ``(B, T)`` with ``B >= 1``;
-    ``labels`` integer of the same shape; ``attention_mask`` integer or bool of the same shape."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids: expected a 2-D (batch, seq_len) tensor, got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}"
-                         f" (a single sequence must be given as shape (1, T))")
-    if not is_integer_dtype(input_ids.dtype):
-        raise ValueError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
-    if input_ids.shape[0] < 1:
-        raise ValueError(f"input_ids: expected at least one sequence, got shape {tuple(input_ids.shape)}")
-    if labels is None:
-        if labels_required:
-            raise ValueError("labels: required (a (B, T) integer tensor; use ignore_index for positions without a "
-                             "target)")
-    else:
-        if not isinstance(labels, torch.Tensor) or not is_integer_dtype(labels.dtype):
-            raise ValueError(f"labels: expected an integer tensor, got "
-                             f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-        if tuple(labels.shape) != tuple(input_ids.shape):
-            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} (that of input_ids), got "
-                             f"{tuple(labels.shape)}")
-        if labels.device != input_ids.device:
-            raise ValueError(f"labels: expected device {input_ids.device} (that of input_ids), got {labels.device}")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or not (
-                is_integer_dtype(attention_mask.dtype) or attention_mask.dtype == torch.bool):
-            raise ValueError(f"attention_mask: expected an integer or bool tensor, got "
-                             f"{attention_mask.dtype if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
-        if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of input_ids), got "
-                             f"{tuple(attention_mask.shape)}; 4-D custom masks are not supported by batch "
-                             f"splitting")
-        if attention_mask.device != input_ids.device:
-            raise ValueError(f"attention_mask: expected device {input_ids.device}, got {attention_mask.device}")
-
-
-def effective_labels(labels: torch.Tensor, attention_mask: Optional[torch.Tensor], ignore_index: int,
-                     out_ignore_index: int = HF_IGNORE_INDEX) -> torch.Tensor:
-    """``labels`` with every ignored position (``labels == ignore_index`` or ``attention_mask == 0``) set to
-    ``out_ignore_index`` (the Hugging Face ``-100`` by default, what the models' own losses ignore)."""
-    drop = labels == ignore_index
-    if attention_mask is not None:
-        drop = drop | (attention_mask == 0)
-    return labels.masked_fill(drop, out_ignore_index)
-
-
-def _pad_last(x: torch.Tensor, value: Union[int, float, bool]) -> torch.Tensor:
-    """Append one column of ``value`` along dim 1 (re-aligns shifted scores to the input positions)."""
-    pad = torch.full((x.shape[0], 1), value, dtype=x.dtype, device=x.device)
-    return torch.cat([x, pad], dim=1)
-
-
-def score_next_tokens(logits: torch.Tensor, labels: Optional[torch.Tensor],
-                      attention_mask: Optional[torch.Tensor], *, scoring: str, ignore_index: int,
-                      shift: bool = True) -> tuple[TokenScores, torch.Tensor]:
-    """Score a router's logits ``(B, T, V)`` per input position (SPEC §2-§4, §9).
-
-    * With ``labels`` and ``shift=True`` (causal LMs): position ``t`` is scored as the pair ``logits[:, t]`` /
-      ``labels[:, t+1]`` (``shift_for_causal_lm``); the pair is valid when ``labels[:, t+1] != ignore_index``
-      and ``attention_mask[:, t+1] != 0`` (a padding target is ignored). The last position has no target: its
-      difficulty and statistics are 0 and it is neither valid nor eligible.
-    * With ``labels`` and ``shift=False`` (masked LMs): ``logits[:, t]`` / ``labels[:, t]``, valid when
-      ``labels[:, t] != ignore_index`` and ``attention_mask[:, t] != 0``.
-    * Without ``labels``: every position whose attention mask is non-zero is valid and the difficulty is the
-      target-free formula of §3 (``scoring='loss'`` is a ``ValueError``).
-
-    Returns:
-        ``(scores, nonfinite)``: a :class:`~cggr_torch.scoring.TokenScores` whose tensors have the input
-        shape ``(B, T)``, and the 0-d int64 count of valid tokens excluded because their router row was not
-        finite (the metric ``tokens_nonfinite``).
-    """
-    if labels is None:
-        valid_mask = None if attention_mask is None else attention_mask != 0
-        scores = score_tokens(logits, None, scoring=scoring, valid_mask=valid_mask)
-    else:
-        tgt = labels
-        if attention_mask is not None:
-            tgt = tgt.masked_fill(attention_mask == 0, ignore_index)
-        if shift:
-            shifted = score_tokens(logits[:, :-1], tgt[:, 1:], scoring=scoring, ignore_index=ignore_index)
-            stats = TokenStatistics(*(_pad_last(x, 0.0) for x in shifted.stats))
-            scores = TokenScores(_pad_last(shifted.difficulty, 0.0), _pad_last(shifted.eligible, False),
-                                 _pad_last(shifted.valid, False), stats)
-        else:
-            scores = score_tokens(logits, tgt, scoring=scoring, ignore_index=ignore_index)
-    nonfinite = (scores.valid & ~scores.eligible).sum()
-    return scores, nonfinite
-
-
 # ------------------------------------------------------------------------------------- the fused path
 #: Default working-memory budget (bytes) of the fused router scoring: 1 GiB of logit blocks. The router pass
 #: runs before the main pass, whose activations dominate the step's peak, so a larger block than the fused
@@ -523,10 +418,11 @@ ROUTER_MEMORY_BUDGET: int = 2**30
 def fused_head_unsupported_reason(router: Any) -> Optional[str]:
     """Why ``router`` cannot be scored on the fused path (None when it can).
 
-    The fused path needs a :class:`TruncatedRouter` of a causal family in ``_PLAIN_HEAD_FAMILIES`` whose LM
-    head is a plain ``nn.Linear`` without hooks and whose config applies no soft-capping or scaling to the
-    logits (e.g. Gemma-2's ``final_logit_softcapping``): then ``logits = head(hidden)`` exactly. Arbitrary
-    router modules and passthrough routers only expose their logits.
+    The fused path needs a causal :class:`TruncatedRouter` whose LM head is a plain ``nn.Linear`` without
+    hooks and whose logits are ``hidden · Wᵀ + b`` by the numeric head-linearity rule
+    (:func:`cggr_torch.utils.check_linear_head`: no scaling, capping or soft-capping after the head, e.g.
+    Gemma-2's ``final_logit_softcapping``, whatever the config calls it). Arbitrary router modules and
+    passthrough routers only expose their logits.
     """
     if isinstance(router, TruncatedRouter):
         return router.fused_head_reason()
@@ -559,49 +455,7 @@ def resolve_router_path(router: Any, router_path: str) -> tuple[str, str]:
     return "logits", reason
 
 
-def score_next_tokens_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                            labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], *,
-                            scoring: str, ignore_index: int, shift: bool = True,
-                            memory_budget_bytes: int = ROUTER_MEMORY_BUDGET) -> tuple[TokenScores, torch.Tensor]:
-    """:func:`score_next_tokens` of the logits ``hidden · weightᵀ + bias`` without materialising them.
-
-    ``hidden`` ``(B, T, d)`` are the router's final (normed) hidden states; the logits are formed block by
-    block by :func:`cggr_torch.fused_linear.fused_linear_scores` (row-chunked matmul, then the Triton scoring
-    kernel on CUDA) and only the five float32 statistics per token are kept. Instead of slicing the hidden
-    states (a copy of ``B·(T−1)·d`` values) the *labels* are shifted: position ``t`` is scored against
-    ``labels[:, t+1]`` and the last position gets ``ignore_index``; its statistics and difficulty are then set
-    to 0, so the result equals :func:`score_next_tokens` on ``F.linear(hidden, weight, bias)`` up to the
-    rounding of the chunked matmul. Under ``torch.autocast`` the matmul runs in the autocast dtype, as
-    ``nn.Linear`` would. No host synchronisation.
-
-    Returns:
-        ``(scores, nonfinite)`` as :func:`score_next_tokens`.
-    """
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):  # the head would run in the autocast dtype: so do the blocks
-        dt = torch.get_autocast_dtype(dev)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
-    if labels is None:
-        valid_mask = None if attention_mask is None else attention_mask != 0
-        scores = fused_linear_scores(hidden, weight, None, bias, scoring=scoring, valid_mask=valid_mask,
-                                     memory_budget_bytes=memory_budget_bytes)
-    else:
-        tgt = labels if attention_mask is None else labels.masked_fill(attention_mask == 0, ignore_index)
-        if shift:
-            tgt = torch.cat([tgt[:, 1:], tgt.new_full((tgt.shape[0], 1), ignore_index)], dim=1)
-        # Same check (and message) as the logits path; a device assertion on CUDA, no synchronisation.
-        check_target_range(tgt, weight.shape[0], ignore_index)
-        scores = fused_linear_scores(hidden, weight, tgt, bias, scoring=scoring, ignore_index=ignore_index,
-                                     memory_budget_bytes=memory_budget_bytes)
-        if shift:  # the last position has no target: 0 statistics and difficulty, as score_next_tokens
-            for x in (*scores.stats, scores.difficulty):
-                x[:, -1] = 0.0
-    nonfinite = (scores.valid & ~scores.eligible).sum()
-    return scores, nonfinite
-
-
-def _check_budget(value: Any) -> None:
+def check_budget(value: Any) -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"router_memory_budget_bytes: expected an integer >= 1 (bytes), got {value!r}")
 
@@ -670,97 +524,8 @@ def router_token_scores(router: Callable[..., Any], path: str, input_ids: torch.
     return (parts[0] if len(parts) == 1 else _cat_scores(parts)), nonfinite
 
 
-# ------------------------------------------------------------------------------------ curriculum state
-class _CurriculumMixin:
-    """Step counter, ratio schedule and dynamic threshold shared by :class:`CGGRScorer` and ``CGGRModel``.
-
-    The step lives in ``state_dict()`` as extra state (``{'step': int}``), so resuming restores the curriculum.
-    """
-
-    _step: int
-    ratio_schedule: Callable[[int], Any]
-    dynamic_threshold: bool
-    threshold_sensitivity: float
-
-    def _init_curriculum(self, min_tokens_ratio: float, warmup_steps: int,
-                         ratio_schedule: Optional[Callable[[int], Any]]) -> None:
-        if ratio_schedule is None:
-            ratio_schedule = linear_warmup_ratio(min_tokens_ratio, warmup_steps)
-        elif not callable(ratio_schedule):
-            raise ValueError(f"ratio_schedule: expected a callable step -> ratio in (0, 1], got "
-                             f"{type(ratio_schedule).__name__}")
-        self.ratio_schedule = ratio_schedule
-        self._step = 0
-
-    @property
-    def current_step(self) -> int:
-        """The curriculum step the next forward uses (number of :meth:`step` calls, or as restored/set)."""
-        return self._step
-
-    def step(self) -> None:
-        """Advance the curriculum by one; call once after each optimizer step."""
-        self._step += 1
-
-    def set_step(self, step: int) -> None:
-        """Set the curriculum step (e.g. to the trainer's global step when resuming)."""
-        if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step: expected an integer >= 0, got {step!r}")
-        self._step = int(step)
-
-    def get_extra_state(self) -> dict[str, int]:
-        return {"step": self._step}
-
-    def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, Mapping) or "step" not in state:
-            raise ValueError(f"state_dict: expected extra state {{'step': int}}, got {state!r}")
-        self.set_step(int(state["step"]))
-
-    def _base_ratio(self) -> np.float32:
-        """``base(step)`` of SPEC §5.1 (or the custom schedule's value, checked to lie in (0, 1])."""
-        value = self.ratio_schedule(self._step)
-        return np.float32(check_ratio_value("ratio_schedule(step)", value))
-
-    def _metrics_dict(self, last: Optional[dict[str, Any]], extra_keys: tuple[str, ...]) -> dict[str, Any]:
-        return _metrics_dict_impl(self, last, extra_keys)
-
-    def _effective_ratio(self, base: np.float32, mean_confidence: torch.Tensor, dynamic: bool) -> torch.Tensor:
-        """SPEC §5.2 as a 0-d float32 tensor on the device of ``mean_confidence`` (no synchronisation)."""
-        if dynamic:
-            return dynamic_ratio(base, mean_confidence, self.threshold_sensitivity)
-        return torch.full((), float(base), dtype=torch.float32, device=mean_confidence.device)
-
-
-def _metrics_dict_impl(obj: Any, last: Optional[dict[str, Any]], extra_keys: tuple[str, ...]) -> dict[str, Any]:
-    numeric = [k for k in METRIC_KEYS if k not in ("selection", "scoring")] + list(extra_keys)
-    if last is None:
-        base = float(obj._base_ratio())
-        out: dict[str, Any] = {k: 0 for k in numeric}
-        out.update(step=obj._step, token_ratio=base, effective_ratio=base, avg_confidence=0.0, avg_entropy=0.0,
-                   avg_difficulty=0.0)
-    else:
-        out = {k: _to_python(last[k]) for k in numeric}
-    out["selection"] = obj.selection
-    out["scoring"] = obj.scoring
-    return out
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """float32 sum of ``x`` over ``mask`` divided by ``count`` (0 when the count is 0); no synchronisation."""
-    total = torch.where(mask, x.to(torch.float32), torch.zeros((), dtype=torch.float32, device=x.device)).sum()
-    return total / torch.clamp(count, min=1).to(torch.float32)
-
-
-def _to_python(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        return int(value) if not value.dtype.is_floating_point else float(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 # ---------------------------------------------------------------------------------------------- scorer
-class CGGRScorer(_CurriculumMixin, nn.Module):
+class CGGRScorer(Curriculum, nn.Module):
     """Score token difficulty with a router and pick the hard tokens: ``(difficulty, mask, info)``.
 
     ``forward(input_ids, labels=None, attention_mask=None, **router_kwargs)`` runs ``router`` under
@@ -791,7 +556,9 @@ class CGGRScorer(_CurriculumMixin, nn.Module):
         router: a module mapping ``(input_ids, attention_mask=..., **router_kwargs)`` to logits ``(B, T, V)``
             (see :func:`router_logits` for the accepted output forms), e.g. :func:`create_truncated_router`.
         scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio, warmup_steps,
-        num_strata, min_tokens_per_sequence, ignore_index, ratio_schedule: as ``CGGRLoss`` (SPEC §3-§7).
+        num_strata, min_tokens_per_sequence, ignore_index, ratio_schedule: as ``CGGRLoss`` (SPEC §3-§7)
+            (keyword-only; ``selection`` defaults to ``'topk'``); or ``config``, a ready
+            :class:`cggr.CGGRConfig` (stored as ``.config``).
         shift_labels: ``None`` to shift unless the router is a masked LM (:func:`is_masked_lm`).
         router_path: ``'auto'`` (default), ``'fused'`` or ``'logits'``: how the router's tokens are scored
             (:data:`ROUTER_PATHS`, :func:`resolve_router_path`). ``'auto'`` scores a truncated router with a
@@ -801,43 +568,39 @@ class CGGRScorer(_CurriculumMixin, nn.Module):
         router_memory_budget_bytes: working memory of the fused path's logit blocks (default 1 GiB).
     """
 
-    def __init__(self, router: nn.Module, *, scoring: str = "combined", selection: str = "topk",
-                 dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
-                 min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
-                 min_tokens_per_sequence: int = 1, ignore_index: int = -100,
-                 ratio_schedule: Optional[Callable[[int], Any]] = None,
+    def __init__(self, router: nn.Module, *, scoring: str = CGGRConfig.scoring,
+                 selection: str = DEFAULT_SEQUENCE_SELECTION,
+                 dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+                 threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+                 min_tokens_ratio: float = CGGRConfig.min_tokens_ratio, warmup_steps: int = CGGRConfig.warmup_steps,
+                 num_strata: int = CGGRConfig.num_strata,
+                 min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+                 ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None,
                  shift_labels: Optional[bool] = None, router_path: str = "auto",
-                 router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET) -> None:
+                 router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET, config: Optional[CGGRConfig] = None) -> None:
         super().__init__()
         if not callable(router):
             raise ValueError(f"router: expected a callable module returning (B, T, V) logits, got "
                              f"{type(router).__name__}")
-        _check_budget(router_memory_budget_bytes)
+        check_budget(router_memory_budget_bytes)
         resolve_router_path(router, router_path)   # validates router_path; 'fused' must be possible
-        check_config(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
-                     threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
-                     warmup_steps=warmup_steps, num_strata=num_strata,
-                     min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index)
+        self.config = resolve_config(config, dict(
+            scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+            threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+            warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
+            ignore_index=ignore_index), CGGRConfig(selection="topk"))
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise ValueError(f"shift_labels: expected None or a bool, got {shift_labels!r}")
         if isinstance(router, nn.Module) and not isinstance(router, (TruncatedRouter, PassthroughRouter)):
             self.router = router
         else:  # weights owned by another model: held by reference, not registered (no duplicate state)
             object.__setattr__(self, "router", router)
-        self.scoring = scoring
-        self.selection = selection
-        self.dynamic_threshold = dynamic_threshold
-        self.threshold_sensitivity = float(threshold_sensitivity)
-        self.min_tokens_ratio = float(min_tokens_ratio)
-        self.warmup_steps = int(warmup_steps)
-        self.num_strata = int(num_strata)
-        self.min_tokens_per_sequence = int(min_tokens_per_sequence)
-        self.ignore_index = int(ignore_index)
         self.shift_labels = (not is_masked_lm(router)) if shift_labels is None else shift_labels
         self.router_path = router_path
         self.router_memory_budget_bytes = int(router_memory_budget_bytes)
         self.router_path_reason = resolve_router_path(router, router_path)[1]
-        self._init_curriculum(min_tokens_ratio, warmup_steps, ratio_schedule)
+        self._init_curriculum(self.config.min_tokens_ratio, self.config.warmup_steps,
+                              check_schedule(ratio_schedule, self.config))
         self._last: Optional[dict[str, Any]] = None
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -846,38 +609,35 @@ class CGGRScorer(_CurriculumMixin, nn.Module):
         check_batch(input_ids, labels, attention_mask, labels_required=False)
         if labels is None and self.scoring == "loss":
             raise ValueError("labels: scoring='loss' needs labels (the next-token targets), got None")
+        if labels is not None:
+            labels = widen_labels(labels, self.config.ignore_index, name="labels")
         # Host-only (a few attribute reads): the model may have changed since the last call (e.g. a LoRA head).
         path, self.router_path_reason = resolve_router_path(self.router, self.router_path)
+        base = self.base_ratio()
         with torch.no_grad():
             scores, nonfinite = router_token_scores(self.router, path, input_ids, labels, attention_mask,
                                                     router_kwargs, scoring=self.scoring,
                                                     ignore_index=self.ignore_index, shift=self.shift_labels,
                                                     memory_budget_bytes=self.router_memory_budget_bytes)
-            eligible = scores.eligible
-            n = eligible.sum()
-            mean_conf = _masked_mean(scores.stats.confidence, eligible, n)
-            base = self._base_ratio()
-            dynamic = self.dynamic_threshold and self.selection != "fixed_quota"
-            ratio = self._effective_ratio(base, mean_conf, dynamic)
-            mask, k = select_tokens(scores.difficulty, eligible, ratio, selection=self.selection,
-                                    num_strata=self.num_strata,
-                                    min_tokens_per_sequence=self.min_tokens_per_sequence)
+            measured = measure_scores(scores, self._step, base, self.config)
+        metrics = measured.metrics
+        mask = measured.mask
         info: dict[str, Any] = {
-            "k": k,
-            "ratio": ratio,
-            "effective_ratio": ratio,
+            "k": measured.k,
+            "ratio": metrics["effective_ratio"],
+            "effective_ratio": metrics["effective_ratio"],
             "tokens_out_of_range": 0,
             "token_ratio": float(base),
             "step": self._step,
-            "eligible": eligible,
+            "eligible": scores.eligible,
             "valid": scores.valid,
             "stats": scores.stats,
-            "tokens_selected": mask.sum(),
-            "tokens_total": n,
+            "tokens_selected": metrics["tokens_selected"],
+            "tokens_total": metrics["tokens_total"],
             "tokens_nonfinite": nonfinite,
-            "avg_confidence": mean_conf,
-            "avg_entropy": _masked_mean(scores.stats.entropy, eligible, n),
-            "avg_difficulty": _masked_mean(scores.difficulty, eligible, n),
+            "avg_confidence": metrics["avg_confidence"],
+            "avg_entropy": metrics["avg_entropy"],
+            "avg_difficulty": metrics["avg_difficulty"],
             "router_path": path,
         }
         self._last = info
@@ -896,8 +656,9 @@ class CGGRScorer(_CurriculumMixin, nn.Module):
 
         Before the first forward the counts and averages are 0 and both ratios are the current base ratio.
         The router path is :attr:`router_path_used` (kept out of this dict, whose keys are SPEC §10's)."""
-        return self._metrics_dict(self._last, extra_keys=())
+        return host_metrics(self._last, self._step, self.base_ratio(), self.config)
 
     def extra_repr(self) -> str:
-        return (f"scoring={self.scoring!r}, selection={self.selection!r}, min_tokens_ratio={self.min_tokens_ratio}, "
-                f"warmup_steps={self.warmup_steps}, dynamic_threshold={self.dynamic_threshold}, step={self._step}")
+        c = self.config
+        return (f"scoring={c.scoring!r}, selection={c.selection!r}, min_tokens_ratio={c.min_tokens_ratio}, "
+                f"warmup_steps={c.warmup_steps}, dynamic_threshold={c.dynamic_threshold}, step={self._step}")

@@ -12,25 +12,23 @@ The entropy is evaluated on the shifted logits ``z − m`` (mathematically ident
 without the cancellation of two numbers of size ``|m|``); masked ``−∞`` entries are excluded explicitly
 (no ``0·(−∞)``, no ``log(p + eps)``).
 
-Kernel dispatch: :func:`token_statistics` sends CUDA tensors to
+Kernel dispatch (:mod:`cggr_torch.dispatch`): :func:`token_statistics` sends CUDA tensors to
 ``cggr_torch.kernels.scoring.token_statistics_triton(logits, targets, ignore_index)`` when that module can be
-imported (it needs Triton). Set the environment variable ``CGGR_DISABLE_KERNELS=1`` to force this reference
-everywhere. An error raised *by* the kernel propagates; the reference is never used as a silent fallback.
-Only the absence of the kernel module (or of Triton) selects the reference, with a one-time warning for CUDA
-tensors. :class:`cggr_torch.CGGRLoss` applies the same rule to the selective cross-entropy kernel
-(``cggr_torch.kernels.cross_entropy.selective_cross_entropy_triton``) when ``base_loss`` is the default.
+imported (it needs Triton); ``CGGR_DISABLE_KERNELS=1`` or ``dispatch.force("reference")`` forces this
+reference. An error raised *by* the kernel propagates; the reference is never used as a silent fallback.
 """
 from __future__ import annotations
 
-import importlib
 import numbers
-import os
-import warnings
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Optional, Union
 
 import torch
 
-from .utils import check_logits, check_scoring, check_target_range, check_targets
+from cggr import SCORING_MODES
+
+from . import dispatch
+from .types import TokenScores, TokenStatistics
+from .utils import check_logits, check_scoring, check_target_range, check_targets, widen_labels
 
 __all__ = [
     "SCORING_MODES",
@@ -38,111 +36,43 @@ __all__ = [
     "TokenScores",
     "token_statistics",
     "token_statistics_reference",
+    "reference_statistics",
+    "compute_statistics",
     "difficulty_from_statistics",
+    "row_finite",
+    "scores_from_statistics",
     "score_tokens",
-    "kernels_enabled",
-    "use_kernels_for",
+    "score_next_tokens",
 ]
 
-SCORING_MODES: tuple[str, ...] = ("entropy", "margin", "loss", "combined")
-
-
-class TokenStatistics(NamedTuple):
-    """SPEC §2 statistics, each float32 of the token shape (``logits.shape[:-1]``).
-
-    ``nll`` is 0 where there is no valid target (no targets given, or ``target == ignore_index``). Rows that
-    are not finite (NaN, ``+∞``, only ``−∞``) carry non-finite values in at least one field.
-    """
-
-    lse: torch.Tensor
-    entropy: torch.Tensor
-    confidence: torch.Tensor
-    runner_up: torch.Tensor
-    nll: torch.Tensor
-
-
-class TokenScores(NamedTuple):
-    """SPEC §3-§4: float32 ``difficulty``, bool ``eligible`` and ``valid`` (token shape), and the statistics."""
-
-    difficulty: torch.Tensor
-    eligible: torch.Tensor
-    valid: torch.Tensor
-    stats: TokenStatistics
-
-
-# ------------------------------------------------------------------------------------------ kernel dispatch
-_KERNEL_MODULE = "cggr_torch.kernels.scoring"
-_KERNEL_DEVICE_TYPES: tuple[str, ...] = ("cuda",)  # devices whose tensors go to the kernel
-_kernel_cache: dict[str, Optional[Callable[..., TokenStatistics]]] = {}
-_warned_no_kernel = False
-
-
-def kernels_enabled() -> bool:
-    """False when the environment variable ``CGGR_DISABLE_KERNELS`` is set to ``1``/``true``/``yes``."""
-    return os.environ.get("CGGR_DISABLE_KERNELS", "").strip().lower() not in ("1", "true", "yes")
-
-
-def import_kernel(module_name: str, attr: str, cache: dict) -> Optional[Callable[..., Any]]:
-    """``module_name.attr`` if the module imports; None if that module (or Triton) does not exist.
-
-    Any other import error (a bug in the kernel module) propagates. The result is memoised in ``cache``.
-    """
-    if "fn" not in cache:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            missing = exc.name or ""
-            if missing in (module_name, "cggr_torch.kernels", "triton") or missing.startswith("triton."):
-                cache["fn"] = None
-                return None
-            raise
-        cache["fn"] = getattr(module, attr)
-    return cache["fn"]
-
-
-def use_kernels_for(tensor: torch.Tensor) -> bool:
-    """True when ``tensor`` lives on a kernel device (CUDA) and ``CGGR_DISABLE_KERNELS`` is not set."""
-    return tensor.device.type in _KERNEL_DEVICE_TYPES and kernels_enabled()
-
-
-def warn_no_kernel(what: str) -> None:
-    """One warning per process that a kernel device uses the reference because Triton is not importable."""
-    global _warned_no_kernel
-    if not _warned_no_kernel:
-        _warned_no_kernel = True
-        warnings.warn(f"cggr_torch: the Triton kernels ({what}) are not importable; CUDA tensors use the "
-                      f"PyTorch reference", RuntimeWarning, stacklevel=3)
-
-
-def _load_kernel() -> Optional[Callable[..., TokenStatistics]]:
-    """``token_statistics_triton`` if its module imports; None if the module or Triton is absent."""
-    return import_kernel(_KERNEL_MODULE, "token_statistics_triton", _kernel_cache)
+_STATISTICS_KERNEL = "token_statistics_triton"
 
 
 def _check_kernel_output(out: object, shape: tuple[int, ...]) -> None:
     """Static check of a kernel's result (no device work): a TokenStatistics of float32 token-shaped tensors."""
     if not isinstance(out, TokenStatistics):
-        raise RuntimeError(f"{_KERNEL_MODULE}.token_statistics_triton returned {type(out).__name__}, "
-                           f"expected TokenStatistics")
+        raise RuntimeError(f"{_STATISTICS_KERNEL} returned {type(out).__name__}, expected TokenStatistics")
     for name, x in zip(TokenStatistics._fields, out):
         if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or tuple(x.shape) != shape:
-            raise RuntimeError(f"{_KERNEL_MODULE}.token_statistics_triton: field {name} must be a float32 "
-                               f"tensor of shape {shape}, got "
-                               f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise RuntimeError(f"{_STATISTICS_KERNEL}: field {name} must be a float32 tensor of shape {shape}, "
+                               f"got {(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
 
 
 # ------------------------------------------------------------------------------------------- the reference
-def _validate(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int) -> None:
+def _validate(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int) -> Optional[torch.Tensor]:
+    """Checks of SPEC §1/§11; returns ``targets`` widened by the label-dtype rule (:func:`widen_labels`)."""
     check_logits(logits)
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise ValueError(f"ignore_index: expected an integer, got {ignore_index!r}")
     if targets is not None:
         check_targets(targets, logits)
+        targets = widen_labels(targets, ignore_index)
         check_target_range(targets, logits.shape[-1], ignore_index)
+    return targets
 
 
 @torch.no_grad()
-def _reference_statistics(logits: torch.Tensor, targets: Optional[torch.Tensor],
+def reference_statistics(logits: torch.Tensor, targets: Optional[torch.Tensor],
                           ignore_index: int) -> TokenStatistics:
     """SPEC §2 in float32 on already validated inputs (see the module docstring for the formulas)."""
     z = logits.detach().to(torch.float32)
@@ -187,21 +117,22 @@ def token_statistics_reference(logits: torch.Tensor, targets: Optional[torch.Ten
             ``ignore_index``.
         ignore_index: target value marking a token without a target.
     """
-    _validate(logits, targets, ignore_index)
-    return _reference_statistics(logits, targets, ignore_index)
+    targets = _validate(logits, targets, ignore_index)
+    return reference_statistics(logits, targets, ignore_index)
 
 
-def _statistics_dispatch(logits: torch.Tensor, targets: Optional[torch.Tensor],
-                         ignore_index: int) -> TokenStatistics:
-    if use_kernels_for(logits):
-        kernel = _load_kernel()
+def compute_statistics(logits: torch.Tensor, targets: Optional[torch.Tensor],
+                       ignore_index: int) -> TokenStatistics:
+    """SPEC §2 statistics of already validated inputs, from the kernel or the reference as
+    :mod:`cggr_torch.dispatch` decides (the first stage of :mod:`cggr_torch.pipeline`)."""
+    if dispatch.use_kernels(logits):
+        kernel = dispatch.kernel(_STATISTICS_KERNEL)
         if kernel is not None:
             with torch.no_grad():
                 out = kernel(logits.detach(), targets, ignore_index)
             _check_kernel_output(out, tuple(logits.shape[:-1]))
             return out
-        warn_no_kernel(_KERNEL_MODULE)
-    return _reference_statistics(logits, targets, ignore_index)
+    return reference_statistics(logits, targets, ignore_index)
 
 
 def token_statistics(logits: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
@@ -221,8 +152,8 @@ def token_statistics(logits: torch.Tensor, targets: Optional[torch.Tensor] = Non
     Raises:
         ValueError: bad shapes/dtypes, or (CPU) targets out of range.
     """
-    _validate(logits, targets, ignore_index)
-    return _statistics_dispatch(logits, targets, ignore_index)
+    targets = _validate(logits, targets, ignore_index)
+    return compute_statistics(logits, targets, ignore_index)
 
 
 # ------------------------------------------------------------------------------------------- difficulty
@@ -255,7 +186,8 @@ def difficulty_from_statistics(stats: TokenStatistics, scoring: str = "combined"
     return d + stats.nll if has_targets else d
 
 
-def _row_finite(stats: TokenStatistics, has_targets: bool) -> torch.Tensor:
+def row_finite(stats: TokenStatistics, has_targets: bool) -> torch.Tensor:
+    """SPEC §4: the row's statistics are finite (lse, H, p1, p2 and, with targets, nll)."""
     ok = (torch.isfinite(stats.lse) & torch.isfinite(stats.entropy) & torch.isfinite(stats.confidence)
           & torch.isfinite(stats.runner_up))
     if has_targets:
@@ -263,8 +195,10 @@ def _row_finite(stats: TokenStatistics, has_targets: bool) -> torch.Tensor:
     return ok
 
 
-def _score_from_statistics(stats: TokenStatistics, targets: Optional[torch.Tensor], scoring: str,
-                           ignore_index: int, valid_mask: Optional[torch.Tensor]) -> TokenScores:
+def scores_from_statistics(stats: TokenStatistics, targets: Optional[torch.Tensor], scoring: str,
+                           ignore_index: int, valid_mask: Optional[torch.Tensor] = None) -> TokenScores:
+    """SPEC §3-§4 from the statistics: difficulty, ``valid`` (target ≠ ``ignore_index``, AND ``valid_mask``)
+    and ``eligible`` (valid, finite row, difficulty not NaN). No validation, no device synchronisation."""
     has_targets = targets is not None
     if has_targets:
         valid = targets != ignore_index
@@ -273,7 +207,7 @@ def _score_from_statistics(stats: TokenStatistics, targets: Optional[torch.Tenso
     if valid_mask is not None:
         valid = valid & valid_mask
     d = difficulty_from_statistics(stats, scoring, has_targets=has_targets)
-    eligible = valid & _row_finite(stats, has_targets) & ~torch.isnan(d)
+    eligible = valid & row_finite(stats, has_targets) & ~torch.isnan(d)
     return TokenScores(d, eligible, valid, stats)
 
 
@@ -294,7 +228,7 @@ def score_tokens(logits: torch.Tensor, targets: Optional[torch.Tensor] = None, *
     check_scoring(scoring)
     if scoring == "loss" and targets is None:
         raise ValueError("targets: scoring='loss' needs targets, got None")
-    _validate(logits, targets, ignore_index)
+    targets = _validate(logits, targets, ignore_index)
     if valid_mask is not None:
         if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool:
             raise ValueError(f"valid_mask: expected a bool tensor, got "
@@ -303,5 +237,51 @@ def score_tokens(logits: torch.Tensor, targets: Optional[torch.Tensor] = None, *
             raise ValueError(f"valid_mask: expected shape {tuple(logits.shape[:-1])}, got {tuple(valid_mask.shape)}")
         if valid_mask.device != logits.device:
             raise ValueError(f"valid_mask: expected device {logits.device}, got {valid_mask.device}")
-    stats = _statistics_dispatch(logits, targets, ignore_index)
-    return _score_from_statistics(stats, targets, scoring, ignore_index, valid_mask)
+    stats = compute_statistics(logits, targets, ignore_index)
+    return scores_from_statistics(stats, targets, scoring, ignore_index, valid_mask)
+
+
+# ------------------------------------------------------------------------- scores at the input positions
+def _pad_last(x: torch.Tensor, value: Union[int, float, bool]) -> torch.Tensor:
+    """Append one column of ``value`` along dim 1 (re-aligns shifted scores to the input positions)."""
+    pad = torch.full((x.shape[0], 1), value, dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad], dim=1)
+
+
+def score_next_tokens(logits: torch.Tensor, labels: Optional[torch.Tensor],
+                      attention_mask: Optional[torch.Tensor], *, scoring: str, ignore_index: int,
+                      shift: bool = True) -> tuple[TokenScores, torch.Tensor]:
+    """Score a router's logits ``(B, T, V)`` per input position (SPEC §2-§4, §9).
+
+    * With ``labels`` and ``shift=True`` (causal LMs): position ``t`` is scored as the pair ``logits[:, t]`` /
+      ``labels[:, t+1]`` (``shift_for_causal_lm``); the pair is valid when ``labels[:, t+1] != ignore_index``
+      and ``attention_mask[:, t+1] != 0`` (a padding target is ignored). The last position has no target: its
+      difficulty and statistics are 0 and it is neither valid nor eligible.
+    * With ``labels`` and ``shift=False`` (masked LMs): ``logits[:, t]`` / ``labels[:, t]``, valid when
+      ``labels[:, t] != ignore_index`` and ``attention_mask[:, t] != 0``.
+    * Without ``labels``: every position whose attention mask is non-zero is valid and the difficulty is the
+      target-free formula of §3 (``scoring='loss'`` is a ``ValueError``).
+
+    Returns:
+        ``(scores, nonfinite)``: a :class:`~cggr_torch.scoring.TokenScores` whose tensors have the input
+        shape ``(B, T)``, and the 0-d int64 count of valid tokens excluded because their router row was not
+        finite (the metric ``tokens_nonfinite``).
+    """
+    if labels is None:
+        valid_mask = None if attention_mask is None else attention_mask != 0
+        scores = score_tokens(logits, None, scoring=scoring, valid_mask=valid_mask)
+    else:
+        # The caller passed labels: range errors name them (score_tokens would say targets).
+        check_target_range(labels, logits.shape[-1], ignore_index, name="labels")
+        tgt = labels
+        if attention_mask is not None:
+            tgt = tgt.masked_fill(attention_mask == 0, ignore_index)
+        if shift:
+            shifted = score_tokens(logits[:, :-1], tgt[:, 1:], scoring=scoring, ignore_index=ignore_index)
+            stats = TokenStatistics(*(_pad_last(x, 0.0) for x in shifted.stats))
+            scores = TokenScores(_pad_last(shifted.difficulty, 0.0), _pad_last(shifted.eligible, False),
+                                 _pad_last(shifted.valid, False), stats)
+        else:
+            scores = score_tokens(logits, tgt, scoring=scoring, ignore_index=ignore_index)
+    nonfinite = (scores.valid & ~scores.eligible).sum()
+    return scores, nonfinite

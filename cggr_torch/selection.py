@@ -8,14 +8,16 @@ int32 key once: ``b`` = the float32 bits of the difficulty (``−0.0`` canonical
 ``o = b`` if ``b ≥ 0`` else ``b ^ 0x7FFFFFFF`` (monotone in the value, ``±∞`` included), ``key = ~o`` for
 eligible tokens and ``2^31 − 1`` for the others (no eligible key reaches it: that would be a NaN). One stable
 ascending sort puts the ``n`` eligible tokens first, in rank order, so ``rank(order[j]) = j`` - no cumulative
-count, no comparison of keys after the sort. Float64 difficulties are ranked by their float64 values
-(a stable ascending sort of ``−d``, NaN for the others), since float32 keys would merge distinct values.
+count, no comparison of keys after the sort.
 
-Dispatch: CUDA tensors (float32/float16/bfloat16 difficulties) use the Triton implementation
+Dtype rule (SPEC §6): float64 difficulties are first rounded to float32 (round to nearest even), then ranked
+like any other, so both packages select the same tokens from the same array; float16/bfloat16 values are
+exact in float32. Two float64 values that round to the same float32 tie, broken by the lower flat index.
+
+Dispatch (:mod:`cggr_torch.dispatch`): CUDA tensors use the Triton implementation
 :func:`cggr_torch.kernels.selection.select_tokens_triton` (keys → sort → a one-program plan for ``n``/``k``/
-strata → one mask pass: a handful of launches instead of dozens) unless ``CGGR_DISABLE_KERNELS=1`` or Triton
-is not importable (then the PyTorch code below, with the one-time warning of :mod:`cggr_torch.scoring`).
-Both give bit-identical masks and ``k`` (tested against the oracle).
+strata → one mask pass: a handful of launches instead of dozens) unless kernels are disabled or Triton is not
+importable (then the PyTorch code below). Both give bit-identical masks and ``k`` (tested against the oracle).
 """
 from __future__ import annotations
 
@@ -25,22 +27,21 @@ from typing import Union
 import numpy as np
 import torch
 
+from cggr import SELECTION_STRATEGIES
+
+from . import dispatch
 from .curriculum import num_selected
-from .scoring import import_kernel, use_kernels_for, warn_no_kernel
 from .utils import check_selection
 
-__all__ = ["SELECTION_STRATEGIES", "rank_tokens", "select_tokens", "stratum_counts"]
+__all__ = ["SELECTION_STRATEGIES", "rank_tokens", "select_tokens", "stratum_counts", "order_key32",
+           "as_ranking_dtype", "check_inputs"]
 
-SELECTION_STRATEGIES: tuple[str, ...] = ("topk", "stratified", "sequence_aware", "fixed_quota")
-
-_KERNEL_MODULE = "cggr_torch.kernels.selection"
-_select_kernel_cache: dict = {}
-_rank_kernel_cache: dict = {}
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SENTINEL = 2**31 - 1
 
 
-def _check(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
+def check_inputs(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
+    """Static checks of the selection inputs (no device work): float ``(N,)``/``(B, T)`` difficulty, bool
+    ``eligible`` of the same shape and device."""
     if not isinstance(difficulty, torch.Tensor) or not difficulty.dtype.is_floating_point:
         raise ValueError(f"difficulty: expected a floating tensor of shape (N,) or (B, T), got "
                          f"{difficulty.dtype if isinstance(difficulty, torch.Tensor) else type(difficulty).__name__}")
@@ -56,7 +57,12 @@ def _check(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
         raise ValueError(f"eligible: expected device {difficulty.device}, got {eligible.device}")
 
 
-def _order_key32(d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+def as_ranking_dtype(difficulty: torch.Tensor) -> torch.Tensor:
+    """The difficulties that are ranked (SPEC §6): float64 rounded to float32 (to nearest), others as given."""
+    return difficulty.to(torch.float32) if difficulty.dtype == torch.float64 else difficulty
+
+
+def order_key32(d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """int32 key whose ascending order is SPEC §6 (see the module docstring); ``d`` float32, ``e`` bool."""
     d = torch.where(d == 0, torch.zeros_like(d), d).contiguous()          # −0.0 → +0.0
     bits = d.view(torch.int32)
@@ -66,16 +72,13 @@ def _order_key32(d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 def _sorted_order(difficulty: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(order, n)``: flat indices with the ``n`` eligible tokens first, in rank order (SPEC §6)."""
-    d = difficulty.reshape(-1)
+    d = as_ranking_dtype(difficulty).reshape(-1)
     e = eligible.reshape(-1) & ~torch.isnan(d)
-    if d.dtype == torch.float64:
-        # float64 values would collide as float32 keys: stable ascending sort of −d, NaN (sorted last by
-        # torch.sort) for the tokens that are not eligible; −(+0.0) gives every zero the same bits.
-        key = torch.where(e, -torch.where(d == 0, torch.zeros_like(d), d), torch.full_like(d, float("nan")))
-        order = torch.sort(key, stable=True).indices
-    else:
-        order = torch.sort(_order_key32(d.to(torch.float32), e), stable=True).indices
+    order = torch.sort(order_key32(d.to(torch.float32), e), stable=True).indices
     return order, e.sum()
+
+
+_order_key32 = order_key32  # the benchmarks' name (benchmarks/ is rewritten separately)
 
 
 def _flat_rank(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
@@ -83,19 +86,6 @@ def _flat_rank(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor
     order, n = _sorted_order(difficulty, eligible)
     pos = torch.arange(order.numel(), device=order.device, dtype=torch.int64)
     return torch.empty_like(pos).scatter_(0, order, torch.where(pos < n, pos, torch.full_like(pos, -1)))
-
-
-def _load_select_kernel():
-    return import_kernel(_KERNEL_MODULE, "select_tokens_triton", _select_kernel_cache)
-
-
-def _load_rank_kernel():
-    return import_kernel(_KERNEL_MODULE, "rank_tokens_triton", _rank_kernel_cache)
-
-
-def _use_kernel(difficulty: torch.Tensor) -> bool:
-    """CUDA (kernel device), kernels enabled, and a dtype the float32 key represents exactly."""
-    return use_kernels_for(difficulty) and difficulty.dtype in _KERNEL_DTYPES
 
 
 def rank_tokens(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
@@ -108,12 +98,12 @@ def rank_tokens(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tenso
         difficulty: float tensor ``(N,)`` or ``(B, T)``.
         eligible: bool tensor of the same shape.
     """
-    _check(difficulty, eligible)
-    if _use_kernel(difficulty):
-        kernel = _load_rank_kernel()
+    check_inputs(difficulty, eligible)
+    difficulty = as_ranking_dtype(difficulty)
+    if dispatch.use_kernels(difficulty):
+        kernel = dispatch.kernel("rank_tokens_triton")
         if kernel is not None:
             return kernel(difficulty, eligible)
-        warn_no_kernel(_KERNEL_MODULE)
     return _flat_rank(difficulty, eligible).to(torch.int32).reshape(difficulty.shape)
 
 
@@ -199,9 +189,9 @@ def select_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union
         min_tokens_per_sequence: ``>= 0`` (sequence_aware).
 
     Returns:
-        ``(mask, k)``: bool mask of the input shape, ``k`` a 0-d int64 tensor on the same device.
+        ``(mask, k)``: bool mask of the input shape, ``k`` a 0-d int32 tensor on the same device.
     """
-    _check(difficulty, eligible)
+    check_inputs(difficulty, eligible)
     check_selection(selection)
     if not isinstance(num_strata, numbers.Integral) or isinstance(num_strata, bool) or num_strata < 1:
         raise ValueError(f"num_strata: expected an integer >= 1, got {num_strata!r}")
@@ -209,12 +199,13 @@ def select_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union
             or min_tokens_per_sequence < 0:
         raise ValueError(f"min_tokens_per_sequence: expected an integer >= 0, got {min_tokens_per_sequence!r}")
     num_strata, min_tokens_per_sequence = int(num_strata), int(min_tokens_per_sequence)
-    if _use_kernel(difficulty):
-        kernel = _load_select_kernel()
+    difficulty = as_ranking_dtype(difficulty)
+    if dispatch.use_kernels(difficulty):
+        kernel = dispatch.kernel("select_tokens_triton")
         if kernel is not None:
-            return kernel(difficulty, eligible, ratio, selection=selection, num_strata=num_strata,
-                          min_tokens_per_sequence=min_tokens_per_sequence)
-        warn_no_kernel(_KERNEL_MODULE)
+            mask, k = kernel(difficulty, eligible, ratio, selection=selection, num_strata=num_strata,
+                             min_tokens_per_sequence=min_tokens_per_sequence)
+            return mask, k.to(torch.int32)
     rank = _flat_rank(difficulty, eligible)
     n = (rank >= 0).sum()
     k = num_selected(n, ratio)
@@ -227,4 +218,4 @@ def select_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union
         within = _within_sequence_rank(rank2)
         extra = (within >= 0) & (within < min_tokens_per_sequence)
         mask = mask | extra.reshape(-1)
-    return mask.reshape(difficulty.shape), k
+    return mask.reshape(difficulty.shape), k.to(torch.int32)

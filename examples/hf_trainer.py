@@ -9,7 +9,7 @@ What happens:
   source; see ``examples/data.py``) is tokenised character by character;
 * rows of variable length (right-padded, ``attention_mask`` 0 and label -100 on the padding) feed a tiny
   ``LlamaForCausalLM`` built from a config;
-* :class:`cggr_torch.trainer.CGGRTrainer` trains it: a 2-layer truncated router (sharing the model's weights)
+* :class:`cggr_torch.integrations.CGGRTrainer` trains it: a 2-layer truncated router (sharing the model's weights)
   scores every batch, and only the hardest sequences (25 % after a short warm-up, adjusted by the batch's
   confidence) run the full model's forward and backward. ``CGGRStepCallback`` advances the curriculum after
   each optimizer step; the Trainer logs ``cggr/*`` metrics next to the loss.
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from cggr_torch.trainer import CGGRTrainer
+    from cggr_torch.integrations import CGGRTrainer
 
     hf_logging.set_verbosity_error()
     source = load_text(args.text, max_chars=args.max_chars)

@@ -22,8 +22,10 @@ Public entry points (imported lazily, so that ``import cggr_torch.kernels`` work
 * :func:`scored_selective_cross_entropy` - the fused path's loss: the masked mean of the scoring pass's
   ``nll`` with the same sparse backward.
 
-Launch-grid and block-size heuristics live in one place: :mod:`cggr_torch.kernels.scoring`
-(:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`, :func:`backward_config`); the benchmarks
+Launch-grid and block-size heuristics live in one place: :mod:`cggr_torch.kernels.launch`
+(:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`, :func:`backward_config`, the fused LM head's
+:func:`plan_chunks`); the kernel modules import only ``cggr``, ``cggr_torch.types``, ``cggr_torch.utils`` and each
+other, never a policy module (dispatch is :mod:`cggr_torch.dispatch`'s). The benchmarks
 ``benchmarks/bench_scoring_torch.py`` (scoring variants), ``benchmarks/bench_selective_ce_torch.py``
 (backward variants) and ``benchmarks/bench_selection_torch.py`` (sort variants) sweep alternatives on a GPU.
 
@@ -56,10 +58,10 @@ _LAZY = {
     "token_statistics_triton": "scoring",
     "score_tokens_triton": "scoring",
     "launch_scoring_chunk": "scoring",
-    "LaunchConfig": "scoring",
-    "scoring_config": "scoring",
-    "lse_config": "scoring",
-    "backward_config": "scoring",
+    "LaunchConfig": "launch",
+    "scoring_config": "launch",
+    "lse_config": "launch",
+    "backward_config": "launch",
     "selective_cross_entropy_triton": "cross_entropy",
     "scored_selective_cross_entropy": "cross_entropy",
     "select_tokens_triton": "selection",

@@ -37,10 +37,10 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..utils import check_logits, check_target_range, check_targets
+from . import scoring as scoring_kernels
 from .scoring import (
     LaunchConfig,
     RowGeometry,
-    _ref_of,
     backward_config,
     check_kernel_device,
     device_guard,
@@ -48,6 +48,9 @@ from .scoring import (
     lse_config,
     row_geometry,
 )
+
+# The kernels below call the scoring module's rescaling reference by this (module-global) name.
+_ref_of = scoring_kernels.ref_of
 
 __all__ = [
     "selective_cross_entropy_triton",

@@ -66,23 +66,32 @@ subnormal fix-up), ``d`` 1, ``s`` 2, top-2 3 (lazy: 0.9) - i.e. ~12.7 instructio
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import numbers
-import os
-from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..scoring import SCORING_MODES, TokenScores, TokenStatistics
+from cggr import SCORING_MODES
+
+from ..types import TokenScores, TokenStatistics
+from .launch import (
+    LaunchConfig,
+    backward_config,
+    check_config_device,
+    interpreting,
+    lse_config,
+    num_sms,
+    scoring_config,
+    scoring_config_for_rows,
+)
 from ..utils import FLOAT_DTYPES, check_logits, check_target_range, check_targets
 
 __all__ = [
     "LaunchConfig",
     "scoring_config",
+    "scoring_config_for_rows",
     "lse_config",
     "backward_config",
     "token_statistics_triton",
@@ -91,216 +100,25 @@ __all__ = [
     "launch_scoring_chunk",
     "CHUNK_STATE_ROWS",
     "num_sms",
+    "MODE_CODE",
+    "NO_DIFFICULTY",
+    "interpreting",
+    "order_key",
 ]
 
-_MODE_CODE = {"entropy": 0, "margin": 1, "loss": 2, "combined": 3}
-_NO_DIFFICULTY = -1
-
-
-# ============================================================================================ heuristics
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _is_pow2(x: int) -> bool:
-    return isinstance(x, int) and x >= 1 and (x & (x - 1)) == 0
-
-
-_EVICT_POLICIES = ("evict_first", "evict_last", "")
-_STORE_HINTS = ("", ".cs", ".wt", ".cg")
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Launch shape of one kernel.
-
-    Attributes:
-        rows: ``ROWS`` (power of two): vector lanes of the loop-carried state.
-        group: ``GROUP`` (power of two): contiguous elements reduced inside a thread before they reach the
-            state (1 = no in-thread pre-reduction). The block is ``rows·group`` logits per loop iteration.
-            The backward kernel ignores the split and uses a flat block of ``rows·group`` elements.
-        num_warps: warps per program (power of two, 1-32).
-        ftz: scoring stream only: ``2^u`` by ``ex2.approx.ftz.f32`` (inline PTX, CUDA only; see the module
-            docstring). False: ``tl.exp2``.
-        persistent: scoring only: 0 = one program per row; ``p > 0`` = ``p`` programs per SM looping over the
-            rows (grid ``min(N, p·#SM)``).
-        evict: eviction hint of the streaming logit loads: ``'evict_first'``, ``'evict_last'`` or ``''``.
-        lazy_top2: scoring only: track the row's runner-up as a scalar and compute a block's top-2 only when
-            the block's maximum exceeds it (see :func:`_stream_block_lazy`; exact, ties included). False: the
-            per-lane pairwise top-2 on every block.
-        blocks_per_program: backward only: consecutive column blocks written by one program (grid
-            ``(N, ceil(V / (BLOCK·blocks_per_program)))``).
-        store_hint: backward only: cache modifier of the gradient stores (``''``, ``'.cs'``, ``'.wt'``,
-            ``'.cg'``).
-        flat_grid: backward only: a 1-D grid of ``N·G`` programs (``G`` column groups per row), program
-            ``p`` writing group ``p mod G`` of row ``p div G``, so that programs launched one after another
-            store along one row (sequential addresses). False: the 2-D grid ``(N, G)``, whose fastest
-            index is the row (neighbouring programs store the same columns of different rows).
-    """
-
-    rows: int
-    group: int
-    num_warps: int
-    ftz: bool = False
-    persistent: int = 0
-    evict: str = "evict_first"
-    lazy_top2: bool = False
-    blocks_per_program: int = 1
-    store_hint: str = ""
-    flat_grid: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("rows", "group", "num_warps", "blocks_per_program"):
-            value = getattr(self, name)
-            if not _is_pow2(value):
-                raise ValueError(f"LaunchConfig.{name}: expected a power of two >= 1, got {value!r}")
-        if self.num_warps > 32:
-            raise ValueError(f"LaunchConfig.num_warps: expected at most 32, got {self.num_warps}")
-        for name in ("ftz", "lazy_top2", "flat_grid"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LaunchConfig.{name}: expected a bool, got {getattr(self, name)!r}")
-        if isinstance(self.persistent, bool) or not isinstance(self.persistent, int) or self.persistent < 0:
-            raise ValueError(f"LaunchConfig.persistent: expected an int >= 0 (programs per SM), got "
-                             f"{self.persistent!r}")
-        if self.evict not in _EVICT_POLICIES:
-            raise ValueError(f"LaunchConfig.evict: expected one of {_EVICT_POLICIES}, got {self.evict!r}")
-        if self.store_hint not in _STORE_HINTS:
-            raise ValueError(f"LaunchConfig.store_hint: expected one of {_STORE_HINTS}, got {self.store_hint!r}")
-
-    @property
-    def block(self) -> int:
-        """Logits per loop iteration (``rows·group``)."""
-        return self.rows * self.group
-
-    def describe(self) -> str:
-        """Short label, e.g. ``128x8 1w ftz p21`` or ``512x8 4w bpp2 flat``."""
-        parts = [f"{self.rows}x{self.group}", f"{self.num_warps}w"]
-        if self.ftz:
-            parts.append("ftz")
-        if self.lazy_top2:
-            parts.append("lazy")
-        if self.persistent:
-            parts.append(f"p{self.persistent}")
-        if self.evict != "evict_first":
-            parts.append(f"evict={self.evict or 'none'}")
-        if self.blocks_per_program != 1:
-            parts.append(f"bpp{self.blocks_per_program}")
-        if self.store_hint:
-            parts.append(f"st{self.store_hint}")
-        if self.flat_grid:
-            parts.append("flat")
-        return " ".join(parts)
-
-
-#: Scoring / lse kernels: one warp per row and ``ROWS = 128`` lanes, i.e. four 16-byte loads per thread per
-#: iteration (1024 bf16 / 512 fp32 logits). One warp needs no barrier for the per-block max (shuffles only);
-#: with the next block prefetched the loop uses ~96 registers (sm_90, ptxas), so ~21 programs fit on an SM
-#: with ~42 KB of loads in flight. Measured alternatives: ``benchmarks/bench_scoring_torch.py`` (sweep).
-_STREAM_ROWS = 128
-_STREAM_WARPS = 1
-#: Scoring stream variants chosen by the sweep (see :class:`LaunchConfig`). H200 run 6 (benchmarks/RESULTS.md):
-#: flush-to-zero exp2 + lazy runner-up + no eviction hint = 1.044x the read-once floor at N = 16384,
-#: V = 128256 bf16 (1.057x at V = 131072), against 1.129x / 1.171x for the plain stream.
-_STREAM_FTZ = True
-_STREAM_LAZY_TOP2 = True
-_STREAM_PERSISTENT = 0
-_STREAM_EVICT = ""
-#: Backward kernel: bytes of gradient per block (the grid is rows × column-block groups), with four 16-byte
-#: vectors per thread; ``_BACKWARD_BLOCKS_PER_PROGRAM`` consecutive blocks per program and the cache modifier
-#: of the gradient stores are sweep variants (``benchmarks/bench_selective_ce_torch.py``), and so is the
-#: flat (row-major) grid: the 2-D grid's launch order scatters consecutive programs' stores one row
-#: (V·elsize bytes) apart; the flat grid keeps them sequential, which suits the DRAM write path better.
-#: H200 run 9 (benchmarks/RESULTS.md), N = 16384, V = 128256 bf16, 25 % selected: 2-D grid 1316 µs, flat
-#: 1183 µs, flat + streaming stores (``.cs``) 1175 µs (1439 / 1215 / 1204 µs at V = 131072) - adopted.
-_BACKWARD_BYTES = 8192
-_BACKWARD_BLOCKS_PER_PROGRAM = 1
-_BACKWARD_STORE_HINT = ".cs"
-_BACKWARD_FLAT_GRID = True
-
-
-def _warps_for(rows: int) -> int:
-    """Four 16-byte vectors per thread: ``rows // 128`` warps, clamped to ``[1, 8]``."""
-    return max(1, min(8, rows // 128))
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
-    return torch.finfo(dtype).bits // 8
-
-
-def scoring_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
-    """Heuristic block for the one-pass scoring kernel (one program per row, a loop over the row).
-
-    ``GROUP`` = elements of one 16-byte load (8 for bf16/fp16, 4 for fp32, 2 for fp64), ``ROWS = 128``
-    (fewer, a power of two, for rows shorter than one block), one warp.
-    """
-    group = max(1, 16 // _element_size(dtype))
-    block = max(group, min(_STREAM_ROWS * group, _next_pow2(vocab_size)))
-    ftz = _STREAM_FTZ and not _interpreting()
-    return LaunchConfig(rows=block // group, group=group, num_warps=_STREAM_WARPS, ftz=ftz,
-                        persistent=_STREAM_PERSISTENT, lazy_top2=_STREAM_LAZY_TOP2, evict=_STREAM_EVICT)
-
-
-#: One-warp scoring programs per SM below which the stream cannot keep enough loads in flight: with fewer
-#: rows than ``_STREAM_MIN_WARPS_PER_SM · #SM`` each row gets several warps (see
-#: :func:`scoring_config_for_rows`). The fused LM head scores blocks of 896 rows (bf16, V = 128256): on an
-#: H200 (132 SMs) 18 such launches took 1.88 ms with 1 warp per row, 1.50 ms with 2, 1.89 ms with 4 and
-#: 1.65 ms with 8 (run 12; the read floor is ~0.93 ms), so 8 per SM - 2 warps for those blocks - is adopted.
-_STREAM_MIN_WARPS_PER_SM = 8
-
-
-def scoring_config_for_rows(n_rows: int, vocab_size: int, dtype: torch.dtype, sms: int) -> LaunchConfig:
-    """:func:`scoring_config` for a launch of only ``n_rows`` rows on ``sms`` SMs.
-
-    With ``n_rows ≥ _STREAM_MIN_WARPS_PER_SM · sms`` this is :func:`scoring_config` (one warp per row). With
-    fewer rows each program gets ``w = min(8, next_pow2(⌈8·sms / n_rows⌉))`` warps and ``ROWS = 128·w`` lanes
-    (still four 16-byte loads per thread per iteration; the per-block maximum then crosses warps), with
-    ``ROWS`` clipped to the row length like the default and ``w`` to ``ROWS / 128``. Same statistics up to the
-    summation order of the lanes.
-    """
-    base = scoring_config(vocab_size, dtype)
-    target = _STREAM_MIN_WARPS_PER_SM * max(1, int(sms))
-    if n_rows <= 0 or n_rows >= target:
-        return base
-    warps = min(8, _next_pow2(-(-target // int(n_rows))))
-    rows = max(1, min(_STREAM_ROWS * warps, _next_pow2(vocab_size) // base.group))
-    return dataclasses.replace(base, rows=rows, num_warps=max(1, min(warps, rows // _STREAM_ROWS)))
-
-
-def lse_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
-    """Heuristic block for the selective forward's log-sum-exp pass (the streaming shape of scoring; the
-    scoring-only variants ``ftz``/``persistent`` do not apply)."""
-    c = scoring_config(vocab_size, dtype)
-    return LaunchConfig(rows=c.rows, group=c.group, num_warps=c.num_warps)
-
-
-def backward_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
-    """Heuristic block for the backward kernel: one flat block per program, ``G = ceil(V/BLOCK)`` column
-    groups per row, on the grid ``(N, G)`` or (``_BACKWARD_FLAT_GRID``) the row-major 1-D grid ``(N·G,)``.
-
-    ``BLOCK = _BACKWARD_BYTES`` of gradient (4096 bf16 / 2048 fp32; the next power of two ≥ V for short
-    rows), ``num_warps = BLOCK / (32·4·GROUP)`` so that each thread stores four 16-byte vectors.
-    """
-    elsize = _element_size(dtype)
-    group = max(1, 16 // elsize)
-    block = max(group, min(_BACKWARD_BYTES // elsize, _next_pow2(vocab_size)))
-    rows = block // group
-    return LaunchConfig(rows=rows, group=group, num_warps=_warps_for(rows),
-                        blocks_per_program=_BACKWARD_BLOCKS_PER_PROGRAM, store_hint=_BACKWARD_STORE_HINT,
-                        flat_grid=_BACKWARD_FLAT_GRID)
+#: The scoring kernel's ``mode`` argument for each SPEC §3 scoring mode.
+MODE_CODE = {"entropy": 0, "margin": 1, "loss": 2, "combined": 3}
+#: ``mode`` for "statistics only, no difficulty" (the fused LM head's blocks).
+NO_DIFFICULTY = -1
+_MODE_CODE, _NO_DIFFICULTY = MODE_CODE, NO_DIFFICULTY  # the benchmarks' names (benchmarks/ moves separately)
 
 
 # ======================================================================================= input handling
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def check_kernel_device(tensor: torch.Tensor, name: str) -> None:
     """Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``)."""
     if tensor.device.type == "cuda":
         return
-    if tensor.device.type == "cpu" and _interpreting():
+    if tensor.device.type == "cpu" and interpreting():
         return
     raise ValueError(f"{name}: the Triton kernels need a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), "
                      f"got a tensor on {tensor.device}; use cggr_torch.scoring.token_statistics for the reference")
@@ -359,6 +177,10 @@ def _ref_of(m):
     return tl.where(m > float("-inf"), m * 1.4426950408889634, 0.0)
 
 
+#: The streaming state's rescaling reference as a Triton function (shared with the cross-entropy kernels).
+ref_of = _ref_of
+
+
 @triton.jit
 def _group_top2(x, ROWS: tl.constexpr, GROUP: tl.constexpr):
     """Largest and second largest of each row of a [ROWS, GROUP] block (in-thread for GROUP ≤ one vector).
@@ -384,6 +206,10 @@ def _order_key(d, eligible, i, KEY64: tl.constexpr):
     if KEY64:
         key = (key.to(tl.int64) << 32) | i
     return key
+
+
+#: The SPEC §6 sort key as a Triton function (shared with :mod:`cggr_torch.kernels.selection`).
+order_key = _order_key
 
 
 @triton.jit
@@ -610,26 +436,6 @@ def _chunk_scoring_kernel(
 
 
 # ============================================================================================ launchers
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
-
-
-def num_sms(tensor: torch.Tensor) -> int:
-    """Streaming multiprocessors of the tensor's CUDA device (2 under the interpreter); cached, no sync."""
-    if tensor.device.type != "cuda":
-        return 2
-    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
-    return _sm_count(index)
-
-
-def check_config_device(config: LaunchConfig, tensor: torch.Tensor) -> None:
-    """``ftz`` is inline PTX: refused for anything but a CUDA tensor (the interpreter cannot run it)."""
-    if config.ftz and (tensor.device.type != "cuda" or _interpreting()):
-        raise ValueError("config.ftz: the ex2.approx.ftz inline PTX needs a CUDA tensor without "
-                         "TRITON_INTERPRET; use ftz=False")
-
-
 def _check_statistics_buffers(out: torch.Tensor, finite: torch.Tensor, n: int) -> None:
     """The output buffers of a scoring launch: float32 ``(6, n)`` with unit stride along N, int8 ``(n,)``."""
     if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != 6 or out.shape[1] != n \
@@ -811,7 +617,7 @@ def token_statistics_triton(logits: torch.Tensor, targets: Optional[torch.Tensor
         ValueError: bad shapes, dtypes, device, or (CPU) out-of-range targets.
     """
     _validated(logits, targets, ignore_index)
-    out, _finite, geom = _run(logits, targets, ignore_index, _NO_DIFFICULTY, config)
+    out, _finite, geom = _run(logits, targets, ignore_index, NO_DIFFICULTY, config)
     return _stats_of(out, geom.token_shape)
 
 
@@ -844,7 +650,7 @@ def score_tokens_triton(logits: torch.Tensor, targets: Optional[torch.Tensor] = 
             raise ValueError(f"valid_mask: expected shape {token_shape}, got {tuple(valid_mask.shape)}")
         if valid_mask.device != logits.device:
             raise ValueError(f"valid_mask: expected device {logits.device}, got {valid_mask.device}")
-    out, finite, geom = _run(logits, targets, ignore_index, _MODE_CODE[scoring], config)
+    out, finite, geom = _run(logits, targets, ignore_index, MODE_CODE[scoring], config)
     stats = _stats_of(out, token_shape)
     difficulty = out[5].view(token_shape)
     if targets is not None:

@@ -41,7 +41,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .scoring import _order_key, check_kernel_device, device_guard
+from . import scoring as scoring_kernels
+from .scoring import check_kernel_device, device_guard
+
+# The kernels below call the scoring module's sort-key function by this (module-global) name.
+_order_key = scoring_kernels.order_key
 
 __all__ = [
     "SORT_KEY_BITS",

@@ -9,7 +9,7 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
 from cggr_jax import batch_split as jbs  # noqa: E402
-from cggr_torch import model as tmodel  # noqa: E402
+from cggr_torch import batch_split as tmodel  # noqa: E402
 from tests import oracle  # noqa: E402
 
 

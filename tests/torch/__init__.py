@@ -48,7 +48,7 @@ def kernel_test_device() -> str:
 
     from cggr_torch.kernels import scoring as ks
 
-    if ks._interpreting():
+    if ks.interpreting():
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"

@@ -297,7 +297,7 @@ def test_fused_linear_scores_match_score_tokens(with_labels):
         want = score_tokens(F.linear(h, w, b), labels, scoring=scoring, valid_mask=vm)
         assert torch.equal(got.eligible, want.eligible) and torch.equal(got.valid, want.valid)
         torch.testing.assert_close(got.difficulty, want.difficulty, equal_nan=True, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="targets"):     # aligned targets (labels = unshifted HF labels)
         fused_linear_scores(h, w, None, scoring="loss")
     with pytest.raises(ValueError, match="valid_mask"):
         fused_linear_scores(h, w, labels, valid_mask=vm[0])
@@ -314,10 +314,11 @@ def test_bad_input_raises_clear_errors():
         (dict(hidden=h[0]), "hidden: expected a"),
         (dict(hidden=h.to(torch.int64)), "hidden: expected"),
         (dict(hidden=h.reshape(1, 1, 37, 24)), "hidden: expected a"),
-        (dict(labels=t[:30]), r"labels: expected shape \(37,\)"),
-        (dict(labels=t.float()), "labels: expected an integer dtype"),
-        (dict(labels=torch.full_like(t, 301)), r"labels: every value must lie in \[0, 301\)"),
-        (dict(labels=torch.full_like(t, -5)), r"labels: every value must lie in \[0, 301\)"),
+        (dict(targets=t[:30]), r"targets: expected shape \(37,\)"),
+        (dict(targets=t.float()), "targets: expected an integer dtype"),
+        (dict(targets=torch.full_like(t, 301)), r"targets: every value must lie in \[0, 301\)"),
+        (dict(targets=torch.full_like(t, -5)), r"targets: every value must lie in \[0, 301\)"),
+        (dict(targets=t.to(torch.uint8)), r"targets: dtype torch.uint8 holds \[0, 255\] and cannot represent"),
         (dict(bias=b[:300]), r"bias: expected None or a tensor of shape \(301,\)"),
         (dict(bias=b.half()), "bias: expected dtype"),
         (dict(weight=w.to("meta")), "weight: expected device"),
@@ -328,10 +329,10 @@ def test_bad_input_raises_clear_errors():
         (dict(step=-1), "step"),
     ]
     for change, msg in cases:
-        args = dict(hidden=h, weight=w, labels=t, step=0, bias=b)
+        args = dict(hidden=h, weight=w, targets=t, step=0, bias=b)
         args.update(change)
         with pytest.raises(ValueError, match=msg):
-            fused_linear_cggr(args.pop("hidden"), args.pop("weight"), args.pop("labels"), args.pop("step"), **args)
+            fused_linear_cggr(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("step"), **args)
     crit = FusedLinearCGGRLoss()
     with pytest.raises(ValueError, match="weight: expected dtype"):
         crit(h, w.half(), t)
@@ -389,12 +390,21 @@ def test_hf_helper_rejects_bad_arguments():
         hf_causal_lm_cggr_loss(model, ids, ids[:, :4], FusedLinearCGGRLoss())
     with pytest.raises(ValueError, match="model"):
         hf_causal_lm_cggr_loss(torch.nn.Linear(3, 3), ids, ids, FusedLinearCGGRLoss())
+    # A config name alone decides nothing any more: Llama ignores final_logit_softcapping, so its head is still
+    # linear and the fused loss runs; a model that really transforms its logits is refused by the numeric rule
+    # (tests/torch/test_head_linearity.py).
     model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    assert torch.isfinite(hf_causal_lm_cggr_loss(model, ids, ids, FusedLinearCGGRLoss()))
+    # errors name the caller's argument: labels (unshifted), not the loss module's aligned targets
+    with pytest.raises(ValueError, match=r"labels: every value must lie in \[0, 301\)"):
+        hf_causal_lm_cggr_loss(model, ids, torch.full_like(ids, 301), FusedLinearCGGRLoss())
+    model.lm_head = type(model.lm_head)(24, 301, bias=False)   # a new head object: the rule runs again
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out * 0.25)   # a real post-head scaling
+    with pytest.raises(ValueError, match="model: its logits are not hidden @ lm_head.weight.T"):
         hf_causal_lm_cggr_loss(model, ids, ids, FusedLinearCGGRLoss())
 
 
-def test_accumulate_matmul_adds_the_float32_product():
+def testaccumulate_matmul_adds_the_float32_product():
     """The backward's ∂h accumulator: float32 result of acc + a @ b; in place where cuBLAS' float32-output GEMM
     takes out= (CUDA), with the product unrounded there."""
     from cggr_torch import fused_linear as fl
@@ -406,12 +416,12 @@ def test_accumulate_matmul_adds_the_float32_product():
     want = acc.double() + a.double() @ b.double()
     mode = fl._mixed_addmm_mode(dev, torch.bfloat16)
     buf = acc.clone()
-    got = fl._accumulate_matmul(buf, a, b)
+    got = fl.accumulate_matmul(buf, a, b)
     assert got.dtype == torch.float32 and got.shape == (37, 19)
     rel = 1e-5 if mode is not None else 1e-2       # without the mixed GEMM the product is rounded to bf16
     assert float((got.double() - want).abs().max()) <= rel * float(want.abs().max())
     if mode == "inplace" or dev.type == "cpu":
         assert got.data_ptr() == buf.data_ptr()
-    assert fl._accumulates_in_place(dev, torch.float32)
+    assert fl.accumulates_in_place(dev, torch.float32)
     if dev.type == "cpu":
-        assert mode is None and not fl._accumulates_in_place(dev, torch.bfloat16)
+        assert mode is None and not fl.accumulates_in_place(dev, torch.bfloat16)

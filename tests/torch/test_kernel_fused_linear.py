@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from cggr_torch import scoring as scoring_mod  # noqa: E402
+from cggr_torch import dispatch  # noqa: E402
 from cggr_torch.fused_linear import fused_linear_cggr  # noqa: E402
 from cggr_torch.kernels import fused_linear as kfl  # noqa: E402
 from cggr_torch.kernels import scoring as ks  # noqa: E402
@@ -125,13 +125,13 @@ def _grads(h, w, b, t, **kw):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_loss_with_the_kernel_equals_the_elementwise_backward(monkeypatch, dtype):
+def test_fused_loss_with_the_kernel_equals_the_elementwise_backward(dtype):
     """Same statistics and selection (the forward is shared); gradients equal within the rounding of G."""
     h, w, b, t = _inputs(11, 37, 24, 301, DT[dtype])
-    monkeypatch.setattr(scoring_mod, "_KERNEL_DEVICE_TYPES", ("cpu", "cuda"))
-    loss_k, mask_k, grads_k = _grads(h, w, b, t)
-    monkeypatch.setenv("CGGR_DISABLE_KERNELS", "1")
-    loss_r, mask_r, grads_r = _grads(h, w, b, t)
+    with dispatch.force("kernel") as log:
+        loss_k, mask_k, grads_k = _grads(h, w, b, t)
+    with dispatch.force("reference"):
+        loss_r, mask_r, grads_r = _grads(h, w, b, t)
     assert torch.equal(mask_k, mask_r)
     torch.testing.assert_close(loss_k, loss_r, rtol=1e-5, atol=1e-6)
     rel = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
@@ -148,7 +148,7 @@ def test_fused_loss_with_the_kernel_equals_the_elementwise_backward(monkeypatch,
 @pytest.mark.parametrize("blocks", [dict(row_chunk_size=8), dict(vocab_chunk_size=64),
                                     dict(row_chunk_size=20, vocab_chunk_size=101)],
                          ids=["row-blocks", "vocab-blocks", "row-and-vocab-blocks"])
-def test_blockwise_statistics_kernel_path_equals_the_reference(monkeypatch, with_labels, blocks):
+def test_blockwise_statistics_kernel_path_equals_the_reference(with_labels, blocks):
     """The forward writes each block's statistics straight into one buffer - a row split into vocabulary
     blocks carries its state between launches: same scores as the reference (whole rows)."""
     from cggr_torch.fused_linear import fused_linear_scores
@@ -158,10 +158,10 @@ def test_blockwise_statistics_kernel_path_equals_the_reference(monkeypatch, with
     t[t >= 150] = 7
     labels = t.to(DEVICE) if with_labels else None
     args = (h.to(DEVICE), w.to(DEVICE), labels, b.to(DEVICE))
-    monkeypatch.setattr(scoring_mod, "_KERNEL_DEVICE_TYPES", ("cpu", "cuda"))
-    got = fused_linear_scores(*args, **blocks)
-    monkeypatch.setenv("CGGR_DISABLE_KERNELS", "1")
-    ref = fused_linear_scores(*args, **blocks)
+    with dispatch.force("kernel"):
+        got = fused_linear_scores(*args, **blocks)
+    with dispatch.force("reference"):
+        ref = fused_linear_scores(*args, **blocks)
     for name in ("difficulty",) + tuple(got.stats._fields):
         a = (got.difficulty if name == "difficulty" else getattr(got.stats, name)).cpu()
         r = (ref.difficulty if name == "difficulty" else getattr(ref.stats, name)).cpu()

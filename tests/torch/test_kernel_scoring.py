@@ -128,7 +128,7 @@ def test_default_config_and_poisoned_buffers() -> None:
     geom = ks.row_geometry(x)
     out = torch.full((6, 15), float("nan"), dtype=torch.float32, device=DEVICE)
     fin = torch.full((15,), 7, dtype=torch.int8, device=DEVICE)
-    ks.launch_scoring(geom, ks.flat_targets(t.to(DEVICE)), IGN, ks._MODE_CODE["combined"], out, fin)
+    ks.launch_scoring(geom, ks.flat_targets(t.to(DEVICE)), IGN, ks.MODE_CODE["combined"], out, fin)
     ref = oracle.score_tokens(x.to(torch.float64).cpu().numpy(), t.numpy(), "combined", IGN)
     rf = ref["stats"]["row_finite"]
     assert set(fin.cpu().tolist()) <= {0, 1}
@@ -220,7 +220,7 @@ def test_out_of_range_target_is_never_read() -> None:
     out = torch.full((6, 3), float("nan"), device=DEVICE)
     fin = torch.full((3,), 7, dtype=torch.int8, device=DEVICE)
     t = torch.tensor([V, -5, 4], dtype=torch.int64, device=DEVICE)
-    ks.launch_scoring(geom, t, IGN, ks._MODE_CODE["loss"], out, fin, CFG)
+    ks.launch_scoring(geom, t, IGN, ks.MODE_CODE["loss"], out, fin, CFG)
     assert torch.isnan(out[4, :2]).all() and torch.isfinite(out[4, 2])
     assert fin.cpu().tolist() == [0, 0, 1]
 
@@ -319,7 +319,7 @@ def test_selection_on_kernel_scores_matches_oracle() -> None:
 def test_selection_outputs_key_and_status(key_dtype: torch.dtype) -> None:
     """With key/status buffers the kernel also writes the SPEC §6 sort key and the status bits; the
     statistics and the difficulty are unchanged (bit for bit)."""
-    from cggr_torch.selection import _order_key32
+    from cggr_torch.selection import order_key32
 
     x64, t = crafted(seed=7)
     x = x64.to(torch.float32)
@@ -335,9 +335,9 @@ def test_selection_outputs_key_and_status(key_dtype: torch.dtype) -> None:
     fin = torch.full((15,), 7, dtype=torch.int8, device=DEVICE)
     key = torch.full((15,), 99, dtype=key_dtype, device=DEVICE)
     status = torch.full((15,), 99, dtype=torch.int8, device=DEVICE)
-    ks.launch_scoring(geom, tf, IGN, ks._MODE_CODE["combined"], out, fin, CFG, key=key, status=status)
+    ks.launch_scoring(geom, tf, IGN, ks.MODE_CODE["combined"], out, fin, CFG, key=key, status=status)
     plain = torch.full((6, 15), float("nan"), device=DEVICE)
-    ks.launch_scoring(geom, tf, IGN, ks._MODE_CODE["combined"], plain, fin, CFG)
+    ks.launch_scoring(geom, tf, IGN, ks.MODE_CODE["combined"], plain, fin, CFG)
     torch.testing.assert_close(out, plain, rtol=0, atol=0, equal_nan=True)
     stats = ref_scoring.TokenStatistics(*(out[j] for j in range(5)))
     finite = torch.ones(15, dtype=torch.bool, device=DEVICE)
@@ -349,7 +349,7 @@ def test_selection_outputs_key_and_status(key_dtype: torch.dtype) -> None:
     assert status.cpu().tolist() == (valid.to(torch.int8) | (eligible.to(torch.int8) << 1)
                                      | ((valid & ~in_range).to(torch.int8) << 2)).cpu().tolist()
     assert status.cpu()[[12, 13]].tolist() == [5, 5] and status.cpu()[10] == 0
-    want = _order_key32(out[5], eligible)
+    want = order_key32(out[5], eligible)
     if key_dtype == torch.int64:
         want = (want.to(torch.int64) << 32) | torch.arange(15, device=DEVICE)
     assert torch.equal(key, want)

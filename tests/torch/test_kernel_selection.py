@@ -19,8 +19,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 import cggr_torch  # noqa: E402
-from cggr_torch import loss as loss_mod  # noqa: E402
-from cggr_torch import scoring as scoring_mod  # noqa: E402
+from cggr_torch import dispatch  # noqa: E402
 from cggr_torch import selection as sel_mod  # noqa: E402
 from cggr_torch.curriculum import dynamic_ratio  # noqa: E402
 from cggr_torch.kernels import scoring as ks  # noqa: E402
@@ -45,11 +44,11 @@ def key_bits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.fixture
-def kernel_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route the public functions of this device to the kernels (CPU tensors under the interpreter)."""
-    monkeypatch.setattr(scoring_mod, "_KERNEL_DEVICE_TYPES", (DEVICE,))
-    monkeypatch.setattr(loss_mod, "_FUSED_DEVICE_TYPES", (DEVICE,))
-    monkeypatch.delenv("CGGR_DISABLE_KERNELS", raising=False)
+def kernel_device():
+    """Route the public functions of this device to the kernels, the fused loss path included (CPU tensors
+    under the interpreter); yields the dispatch log."""
+    with dispatch.force("kernel") as log:
+        yield log
 
 
 def _problem(rng: np.random.Generator, two_d: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -187,27 +186,20 @@ def test_plan_from_scores_metrics_and_exact_dynamic_ratio() -> None:
     assert int(ints[6]) == 0
 
 
-def test_public_select_tokens_dispatch(kernel_device: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = {"select": 0, "rank": 0}
-    sel_fn, rank_fn = ksel.select_tokens_triton, ksel.rank_tokens_triton
-
-    def count(fn, key):
-        def wrapped(*a, **kw):
-            calls[key] += 1
-            return fn(*a, **kw)
-        return wrapped
-
-    monkeypatch.setattr(sel_mod, "_load_select_kernel", lambda: count(sel_fn, "select"))
-    monkeypatch.setattr(sel_mod, "_load_rank_kernel", lambda: count(rank_fn, "rank"))
+def test_public_select_tokens_dispatch(kernel_device: dispatch.DispatchLog) -> None:
+    calls = kernel_device.calls
     d = torch.tensor([[1.0, 3.0, 3.0], [0.5, -0.0, 0.0]], device=DEVICE)
     e = torch.ones(2, 3, dtype=torch.bool, device=DEVICE)
     m, k = sel_mod.select_tokens(d, e, 0.5, selection="sequence_aware", min_tokens_per_sequence=1)
-    assert calls["select"] == 1 and int(k) == 3 and m.cpu().tolist() == [[True, True, True], [True, False, False]]
-    assert sel_mod.rank_tokens(d, e).cpu().tolist() == [[2, 0, 1], [3, 4, 5]] and calls["rank"] == 1
-    sel_mod.select_tokens(d.double(), e, 0.5)                # float64: the PyTorch path (exact float64 order)
-    monkeypatch.setenv("CGGR_DISABLE_KERNELS", "1")
-    m2, _ = sel_mod.select_tokens(d, e, 0.5, selection="sequence_aware", min_tokens_per_sequence=1)
-    assert calls["select"] == 1 and torch.equal(m, m2)
+    assert calls["select_tokens_triton"] == 1 and int(k) == 3 and k.dtype == torch.int32
+    assert m.cpu().tolist() == [[True, True, True], [True, False, False]]
+    assert sel_mod.rank_tokens(d, e).cpu().tolist() == [[2, 0, 1], [3, 4, 5]] and calls["rank_tokens_triton"] == 1
+    # float64 difficulties are rounded to float32 first (SPEC §6), so they take the kernel too, same selection
+    m64, _ = sel_mod.select_tokens(d.double(), e, 0.5, selection="sequence_aware", min_tokens_per_sequence=1)
+    assert calls["select_tokens_triton"] == 2 and torch.equal(m64, m)
+    with dispatch.force("reference"):
+        m2, _ = sel_mod.select_tokens(d, e, 0.5, selection="sequence_aware", min_tokens_per_sequence=1)
+    assert calls["select_tokens_triton"] == 2 and torch.equal(m, m2)
 
 
 # ------------------------------------------------------------------------------------ the fused CGGRLoss
@@ -237,15 +229,8 @@ def _fused_check(logits: torch.Tensor, targets: torch.Tensor, step: int, **cfg) 
 
 
 @pytest.mark.parametrize("selection", oracle.SELECTION_STRATEGIES)
-def test_fused_loss_matches_oracle(kernel_device: None, monkeypatch: pytest.MonkeyPatch, selection: str) -> None:
+def test_fused_loss_matches_oracle(kernel_device: dispatch.DispatchLog, selection: str) -> None:
     calls = {"fused": 0}
-    fused = loss_mod._forward_fused
-
-    def counting(*a, **kw):
-        calls["fused"] += 1
-        return fused(*a, **kw)
-
-    monkeypatch.setattr(loss_mod, "_forward_fused", counting)
     rng = np.random.default_rng(oracle.SELECTION_STRATEGIES.index(selection))
     logits = random_logits(rng, (3, 7, 33))
     targets = random_targets(rng, (3, 7), 33)
@@ -254,22 +239,23 @@ def test_fused_loss_matches_oracle(kernel_device: None, monkeypatch: pytest.Monk
     targets[0, 2] = 4
     out = _fused_check(logits, targets, 6, selection=selection, min_tokens_ratio=0.3, warmup_steps=10,
                        num_strata=3, min_tokens_per_sequence=2, threshold_sensitivity=0.7)
+    calls["fused"] = kernel_device.calls["select_from_scores"]   # one fused forward (its selection call)
     assert calls["fused"] == 1 and int(out["metrics"]["tokens_nonfinite"]) == 1
     assert (out["x"].grad[0, 2] == 0).all() and (out["x"].grad[1] == 0).all()
     # the same call through the reference gives the same loss and gradient
-    monkeypatch.setenv("CGGR_DISABLE_KERNELS", "1")
-    x_ref = logits.clone().to(DEVICE).requires_grad_(True)
-    loss_ref, _ = cggr_torch.cggr_loss(x_ref, targets.to(DEVICE), 6, selection=selection, min_tokens_ratio=0.3,
-                                       warmup_steps=10, num_strata=3, min_tokens_per_sequence=2,
-                                       threshold_sensitivity=0.7)
-    loss_ref.backward()
-    assert calls["fused"] == 1
+    with dispatch.force("reference"):
+        x_ref = logits.clone().to(DEVICE).requires_grad_(True)
+        loss_ref, _ = cggr_torch.cggr_loss(x_ref, targets.to(DEVICE), 6, selection=selection, min_tokens_ratio=0.3,
+                                           warmup_steps=10, num_strata=3, min_tokens_per_sequence=2,
+                                           threshold_sensitivity=0.7)
+        loss_ref.backward()
+    assert kernel_device.calls["select_from_scores"] == calls["fused"] == 1
     np.testing.assert_allclose(float(out["loss"].detach()), float(loss_ref.detach()), atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(out["x"].grad.cpu().numpy(), x_ref.grad.cpu().numpy(), atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_fused_loss_half_precision_and_2d(kernel_device: None, dtype: torch.dtype) -> None:
+def test_fused_loss_half_precision_and_2d(kernel_device: dispatch.DispatchLog, dtype: torch.dtype) -> None:
     rng = np.random.default_rng(9)
     logits = random_logits(rng, (19, 37), dtype=dtype)
     targets = random_targets(rng, (19,), 37)
@@ -277,7 +263,7 @@ def test_fused_loss_half_precision_and_2d(kernel_device: None, dtype: torch.dtyp
     assert out["x"].grad.dtype == dtype
 
 
-def test_fused_module_steps_and_metrics(kernel_device: None) -> None:
+def test_fused_module_steps_and_metrics(kernel_device: dispatch.DispatchLog) -> None:
     rng = np.random.default_rng(10)
     logits = random_logits(rng, (2, 9, 17))
     targets = random_targets(rng, (2, 9), 17, p_ignore=0.0)
@@ -293,7 +279,7 @@ def test_fused_module_steps_and_metrics(kernel_device: None) -> None:
         crit.step()
 
 
-def test_fused_loss_nothing_selectable_and_bad_targets(kernel_device: None) -> None:
+def test_fused_loss_nothing_selectable_and_bad_targets(kernel_device: dispatch.DispatchLog) -> None:
     x = torch.randn(2, 5, 11, device=DEVICE).requires_grad_(True)
     for t in (torch.full((2, 5), IGN, device=DEVICE), None):
         if t is None:                                        # empty batch

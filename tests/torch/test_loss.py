@@ -368,41 +368,30 @@ def test_cuda_selection_bit_identical_with_signed_zeros_and_ties(selection):
 
 # ------------------------------------------------------------------------ kernel wiring (Triton interpreter)
 @pytest.mark.parametrize("selection", ["topk", "sequence_aware"])
-def test_kernel_path_matches_oracle_under_interpreter(monkeypatch, selection):
+def test_kernel_path_matches_oracle_under_interpreter(selection):
     """CGGRLoss routed through both Triton kernels (scoring + selective CE), run by the Triton interpreter."""
     import os
 
-    from cggr_torch import loss as loss_mod
-    from cggr_torch import scoring as scoring_mod
+    from cggr_torch import dispatch
 
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 to run Triton kernels on CPU")
-    monkeypatch.setattr(scoring_mod, "_KERNEL_DEVICE_TYPES", ("cpu",))
-    monkeypatch.delenv("CGGR_DISABLE_KERNELS", raising=False)
-    calls = {"stats": 0, "ce": 0}
-    stats_fn, ce_fn = scoring_mod._load_kernel(), loss_mod._load_selective_ce()
-    assert stats_fn is not None and ce_fn is not None
-
-    def counting(fn, key):
-        def wrapped(*args, **kwargs):
-            calls[key] += 1
-            return fn(*args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(scoring_mod, "_load_kernel", lambda: counting(stats_fn, "stats"))
-    monkeypatch.setattr(loss_mod, "_load_selective_ce", lambda: counting(ce_fn, "ce"))
     rng = np.random.default_rng(17)
     logits = random_logits(rng, (3, 5, 33))
     logits[0, 1, 4] = float("nan")
     targets = random_targets(rng, (3, 5), 33)
-    out = _check(logits, targets, 7, selection=selection, warmup_steps=10, min_tokens_per_sequence=2)
+    # the composable kernel path (the fused loss path is tested in test_kernel_selection.py)
+    with dispatch.force("kernel", fused_loss=False) as log:
+        out = _check(logits, targets, 7, selection=selection, warmup_steps=10, min_tokens_per_sequence=2)
+    calls = {"stats": log.calls["token_statistics_triton"], "ce": log.calls["selective_cross_entropy_triton"]}
     assert calls["stats"] >= 1 and calls["ce"] == 1
     assert int(out["metrics"]["tokens_nonfinite"]) == int(targets[0, 1] != -100)
-    # CGGR_DISABLE_KERNELS=1 forces the reference: same selection, same loss within float32 rounding
-    monkeypatch.setenv("CGGR_DISABLE_KERNELS", "1")
-    x_ref, loss_ref, _ = _run(logits, targets, 7, selection=selection, warmup_steps=10, min_tokens_per_sequence=2)
-    assert calls["ce"] == 1
+    # dispatch.force("reference") (as CGGR_DISABLE_KERNELS=1): same selection, same loss within float32 rounding
+    with dispatch.force("reference") as log_ref:
+        x_ref, loss_ref, _ = _run(logits, targets, 7, selection=selection, warmup_steps=10,
+                                  min_tokens_per_sequence=2)
+    assert log_ref.calls["selective_cross_entropy_triton"] == 0 and sum(log_ref.calls.values()) == 0
     np.testing.assert_allclose(float(out["loss"].detach()), float(loss_ref.detach()), atol=1e-6, rtol=1e-5)
     np.testing.assert_allclose(out["x"].grad.numpy(), x_ref.grad.numpy(), atol=1e-6, rtol=1e-4)
 

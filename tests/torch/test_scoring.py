@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cggr_torch import scoring
+from cggr_torch import dispatch, scoring
 from cggr_torch.scoring import (
     SCORING_MODES,
     TokenStatistics,
@@ -184,9 +184,55 @@ def test_targets_of_any_integer_dtype():
     logits = random_logits(rng, (6, 7))
     t = torch.from_numpy(rng.integers(0, 7, 6))
     ref = token_statistics(logits, t)
-    for dt in (torch.int32, torch.int16, torch.uint8, torch.int8):
+    for dt in (torch.int32, torch.int16, torch.int8):
         got = token_statistics(logits, t.to(dt))
         torch.testing.assert_close(got.nll, ref.nll, atol=0, rtol=0)
+    # unsigned labels with an ignore_index they can represent are widened before any comparison (uint16/uint32
+    # used to crash in the range check); the ignore marker still works
+    t_ign = t.clone()
+    t_ign[2] = -100
+    ref_ign = token_statistics(logits, t_ign)
+    for dt, ignore in ((torch.uint8, 255), (torch.uint16, 65535), (torch.uint32, 2**32 - 1)):
+        tu = t.to(dt)
+        got = token_statistics(logits, tu, ignore_index=ignore)
+        torch.testing.assert_close(got.nll, ref.nll, atol=0, rtol=0)
+        tu[2] = ignore
+        got = token_statistics(logits, tu, ignore_index=ignore)
+        torch.testing.assert_close(got.nll, ref_ign.nll, atol=0, rtol=0)
+        sc = score_tokens(logits, tu, ignore_index=ignore)
+        assert not bool(sc.valid[2]) and int(sc.valid.sum()) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64])
+def test_label_dtypes_that_cannot_hold_ignore_index_are_refused(dtype):
+    """uint8 labels cannot represent ignore_index=-100: it would wrap to token 156, which would then silently
+    never be trained (SPEC §1). Refused with a clear error naming the argument, in every entry point (uint16 and
+    uint32 likewise with -100: no crash, the same rule; uint64 always: int64 cannot widen it)."""
+    logits = torch.randn(2, 3, 7)
+    t = torch.randint(0, 7, (2, 3)).to(dtype)
+    match = (f"targets: dtype {dtype} holds .* cannot represent ignore_index=-100" if dtype != torch.uint64
+             else "targets: dtype torch.uint64")
+    with pytest.raises(ValueError, match=match):
+        token_statistics(logits, t)
+    with pytest.raises(ValueError, match=match):
+        score_tokens(logits, t)
+    from cggr_torch import CGGRLoss, cggr_loss
+
+    with pytest.raises(ValueError, match=match):
+        cggr_loss(logits, t, 0)
+    with pytest.raises(ValueError, match=match):
+        CGGRLoss()(logits, t)
+
+
+def test_uint16_uint32_out_of_range_labels_raise_with_their_true_value():
+    logits = torch.randn(4, 7)
+    for dt, ignore in ((torch.uint16, 65535), (torch.uint32, 2**32 - 1)):
+        with pytest.raises(ValueError, match="targets: every value must lie in \\[0, 7\\).*e.g. 300"):
+            token_statistics(logits, torch.tensor([1, 300, 2, 3]).to(dt), ignore_index=ignore)
+        with pytest.raises(ValueError, match="targets: every value must lie in \\[0, 7\\).*e.g. 4000000"
+                           if dt == torch.uint32 else "targets: every value"):
+            token_statistics(logits, torch.tensor([1, 4_000_000 if dt == torch.uint32 else 65534, 2, 3]).to(dt),
+                             ignore_index=ignore)
 
 
 def test_difficulty_modes_and_evaluation_order():
@@ -234,51 +280,51 @@ class _Recorder:
         return self.result
 
 
-@pytest.fixture
-def cpu_as_kernel_device(monkeypatch):
-    """Route CPU tensors through the kernel hook (CUDA is not available here)."""
-    monkeypatch.setattr(scoring, "_KERNEL_DEVICE_TYPES", ("cpu",))
-    monkeypatch.delenv("CGGR_DISABLE_KERNELS", raising=False)
-    return monkeypatch
-
-
-def test_dispatch_uses_kernel_and_propagates_its_errors(cpu_as_kernel_device):
+def test_dispatch_uses_kernel_and_propagates_its_errors():
+    """dispatch.force("kernel") routes CPU tensors through the kernel hook (CUDA is not available here)."""
     logits, targets = torch.randn(3, 5), torch.tensor([0, 1, -100])
     ref = scoring.token_statistics_reference(logits, targets)
     rec = _Recorder(result=ref)
-    cpu_as_kernel_device.setattr(scoring, "_load_kernel", lambda: rec)
-    out = token_statistics(logits, targets)
-    assert rec.calls == 1 and out is ref
-    score_tokens(logits, targets)
-    assert rec.calls == 2
+    with dispatch.force("kernel", kernels={"token_statistics_triton": rec}) as log:
+        out = token_statistics(logits, targets)
+        assert rec.calls == 1 and out is ref
+        score_tokens(logits, targets)
+        assert rec.calls == 2
+    assert log.calls["token_statistics_triton"] == 2
     # a kernel error is raised, never replaced by the reference
     bad = _Recorder(error=RuntimeError("kernel exploded"))
-    cpu_as_kernel_device.setattr(scoring, "_load_kernel", lambda: bad)
-    with pytest.raises(RuntimeError, match="kernel exploded"):
-        token_statistics(logits, targets)
+    with dispatch.force("kernel", kernels={"token_statistics_triton": bad}):
+        with pytest.raises(RuntimeError, match="kernel exploded"):
+            token_statistics(logits, targets)
     # a malformed kernel result is an error too
     wrong = _Recorder(result=TokenStatistics(*(x[:2] for x in ref)))
-    cpu_as_kernel_device.setattr(scoring, "_load_kernel", lambda: wrong)
-    with pytest.raises(RuntimeError, match="shape"):
-        token_statistics(logits, targets)
+    with dispatch.force("kernel", kernels={"token_statistics_triton": wrong}):
+        with pytest.raises(RuntimeError, match="shape"):
+            token_statistics(logits, targets)
 
 
-def test_env_var_forces_reference(cpu_as_kernel_device):
+def test_env_var_forces_reference(monkeypatch):
     bad = _Recorder(error=RuntimeError("must not be called"))
-    cpu_as_kernel_device.setattr(scoring, "_load_kernel", lambda: bad)
-    cpu_as_kernel_device.setenv("CGGR_DISABLE_KERNELS", "1")
-    token_statistics(torch.randn(3, 5))
+    with dispatch.force("reference", kernels={"token_statistics_triton": bad}):
+        token_statistics(torch.randn(3, 5))
     assert bad.calls == 0
+    # under "auto" the environment variable decides (CUDA tensors would use the kernels otherwise)
+    monkeypatch.setenv("CGGR_DISABLE_KERNELS", "1")
+    assert not dispatch.kernels_enabled() and not dispatch.use_kernels(torch.zeros(1))
+    monkeypatch.delenv("CGGR_DISABLE_KERNELS")
+    assert dispatch.kernels_enabled() and not dispatch.use_kernels(torch.zeros(1))   # CPU: no kernels
+    with pytest.raises(ValueError, match="mode"):
+        with dispatch.force("fast"):
+            pass
+    with pytest.raises(ValueError, match="kernels"):
+        with dispatch.force("kernel", kernels={"no_such_kernel": bad}):
+            pass
 
 
 def test_load_kernel_missing_module_vs_broken_module(monkeypatch):
-    monkeypatch.setattr(scoring, "_kernel_cache", {})
-    monkeypatch.setattr(scoring, "_KERNEL_MODULE", "cggr_torch.kernels._no_such_module_")
-    assert scoring._load_kernel() is None
+    assert dispatch.load_kernel("cggr_torch.kernels._no_such_module_", "token_statistics_triton") is None
     # a module that exists but fails to import for another reason propagates the error
     broken = "cggr_test_broken_kernel_module_"
-    monkeypatch.setattr(scoring, "_kernel_cache", {})
-    monkeypatch.setattr(scoring, "_KERNEL_MODULE", broken)
 
     class _Finder:
         def find_spec(self, name, path=None, target=None):
@@ -298,19 +344,17 @@ def test_load_kernel_missing_module_vs_broken_module(monkeypatch):
     finder = _Finder()
     monkeypatch.setattr(sys, "meta_path", [finder] + sys.meta_path)
     with pytest.raises(ModuleNotFoundError, match="cggr_nonexistent_dependency_"):
-        scoring._load_kernel()
+        dispatch.load_kernel(broken, "token_statistics_triton")
     # and a module that imports is used
     ok = types.ModuleType("cggr_test_ok_kernel_")
     ok.token_statistics_triton = lambda *a: "sentinel"
     monkeypatch.setitem(sys.modules, "cggr_test_ok_kernel_", ok)
-    monkeypatch.setattr(scoring, "_kernel_cache", {})
-    monkeypatch.setattr(scoring, "_KERNEL_MODULE", "cggr_test_ok_kernel_")
-    assert scoring._load_kernel()() == "sentinel"
+    assert dispatch.load_kernel("cggr_test_ok_kernel_", "token_statistics_triton")() == "sentinel"
 
 
 def test_out_of_range_target_is_never_read_by_the_reference():
     # CPU raises before this point; on CUDA the check is a device assertion, so the reference itself must
     # neither index out of bounds nor make such a token eligible.
     logits = torch.randn(3, 4)
-    st_ = scoring._reference_statistics(logits, torch.tensor([1, 9, -100]), -100)
+    st_ = scoring.reference_statistics(logits, torch.tensor([1, 9, -100]), -100)
     assert math.isfinite(st_.nll[0].item()) and math.isnan(st_.nll[1].item()) and st_.nll[2].item() == 0.0

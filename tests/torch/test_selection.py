@@ -20,7 +20,7 @@ def _same_as_oracle(d: np.ndarray, e: np.ndarray, ratio: np.float32, selection: 
     mask, k = select_tokens(torch.from_numpy(d), torch.from_numpy(e), torch.tensor(ratio), selection=selection,
                             num_strata=num_strata, min_tokens_per_sequence=min_tps)
     assert mask.dtype == torch.bool and tuple(mask.shape) == d.shape
-    assert k.dtype == torch.int64 and k.shape == ()
+    assert k.dtype == torch.int32 and k.shape == ()  # k is int32 in both packages
     m_o, k_o = oracle.select_tokens(d, e, ratio, selection, num_strata, min_tps)
     assert int(k) == k_o
     np.testing.assert_array_equal(mask.numpy(), m_o)

@@ -12,8 +12,8 @@ pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate>
 
 from transformers import TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 
-from cggr_torch.model import CGGRModel  # noqa: E402
-from cggr_torch.trainer import CGGRStepCallback, CGGRTrainer  # noqa: E402
+from cggr_torch.batch_split import CGGRModel  # noqa: E402
+from cggr_torch.integrations import CGGRStepCallback, CGGRTrainer  # noqa: E402
 from tests import oracle  # noqa: E402
 from tests.torch.test_router import V, tiny_model  # noqa: E402
 
@@ -95,6 +95,38 @@ def test_callback_resumes_from_the_global_step():
     assert cggr.current_step == 8
     with pytest.raises(ValueError, match="step"):
         CGGRStepCallback(object())
+
+
+def test_callback_resyncs_every_cggr_object_including_a_loss():
+    """A resumed CGGRLoss used to be silently left at step 0 (it had no set_step); now every CGGR object the
+    callback is given or finds inside the model is re-synced at train begin and step begin."""
+    from cggr_torch import CGGRLoss, CGGRScorer, create_truncated_router
+    from cggr_torch.fused_linear import FusedLinearCGGRLoss
+
+    model = tiny_model("gpt2")
+    inner = CGGRLoss(warmup_steps=10)
+    model.cggr_loss = inner                       # a CGGR module registered inside the trained model
+    loss = FusedLinearCGGRLoss(warmup_steps=10)
+    scorer = CGGRScorer(create_truncated_router(model, 1))
+    cb = CGGRStepCallback([loss, scorer])
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 5                         # as restored from a checkpoint
+    cb.on_train_begin(None, state, control, model=model)
+    assert loss.current_step == scorer.current_step == inner.current_step == 5
+    cb.on_step_end(None, state, control)
+    assert loss.current_step == scorer.current_step == inner.current_step == 6
+    state.global_step = 9
+    cb.on_step_begin(None, state, control)
+    assert loss.current_step == scorer.current_step == inner.current_step == 9
+    # CGGRLoss.set_step validates like every step argument and is restored by state_dict
+    with pytest.raises(ValueError, match="step: expected an integer >= 0"):
+        inner.set_step(-1)
+    fresh = CGGRLoss(warmup_steps=10)
+    fresh.load_state_dict(inner.state_dict())
+    assert fresh.current_step == 9
+    # CGGRTrainer's callback finds the model's CGGR modules by itself
+    cb2 = CGGRStepCallback(CGGRModel(model, router_layers=1), model=model)
+    assert any(o is inner for o in cb2.objects)
 
 
 def test_trainer_rejects_what_it_would_silently_ignore(tmp_path):

@@ -4,7 +4,8 @@ One training step of ``CGGRModel(model)(input_ids, labels, attention_mask)``:
 
 1. **Router pass** (``torch.no_grad()``): a cheap router (default: the model's first 4 layers sharing its
    weights, :func:`~cggr_torch.router.create_truncated_router`). On the **fused path** (the default whenever
-   the router is a truncated router whose LM head is a plain ``nn.Linear``, no logit soft-capping/scaling) it
+   the router is a truncated router whose LM head is a plain linear map by the numeric rule of
+   :func:`cggr_torch.router.check_linear_head`: no logit scaling, capping or soft-capping) it
    runs to its final normed hidden states and the head's logits are scored block by block
    (:func:`cggr_torch.fused_linear.fused_linear_scores`: row-chunked matmul + the Triton scoring kernel), so
    the ``(B, T, V)`` router logits never exist; otherwise (**logits path**: arbitrary router modules,
@@ -46,46 +47,42 @@ from __future__ import annotations
 import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
+from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, SEQUENCE_SELECTIONS, CGGRConfig
+
+from .curriculum import Curriculum, Schedule
+from .loss import check_schedule
+from .pipeline import effective_ratio, eligible_mean, host_metrics
 from .router import (
-    HF_IGNORE_INDEX,
     ROUTER_INPUT_KEYS,
     ROUTER_MEMORY_BUDGET,
     ROUTER_PATHS,
     PassthroughRouter,
     TruncatedRouter,
-    _check_budget,
-    _CurriculumMixin,
-    _masked_mean,
-    check_batch,
+    check_budget,
     create_truncated_router,
-    effective_labels,
     is_masked_lm,
     model_vocab_size,
     resolve_router_path,
     router_token_scores,
-    score_next_tokens,
 )
-from .scoring import TokenScores
-from .selection import select_tokens
-from .utils import check_config
+from .scoring import score_next_tokens
+from .selection import rank_tokens, select_tokens
+from .types import SequenceSelection, TokenScores
+from .utils import check_batch, resolve_config, widen_labels
 
 __all__ = ["CGGRModel", "BatchSplitOutput", "SEQUENCE_SELECTIONS", "MODEL_METRIC_KEYS", "SequenceSelection",
-           "select_sequences", "sequence_difficulty"]
+           "select_sequences", "sequence_difficulty", "effective_labels", "HF_IGNORE_INDEX"]
 
-#: Selections valid at sequence level (SPEC §9): ``topk``, and ``fixed_quota`` (= ``topk`` without the
-#: dynamic threshold, §7.1). ``stratified`` and ``sequence_aware`` select tokens and are a ``ValueError``.
-SEQUENCE_SELECTIONS: tuple[str, ...] = ("topk", "fixed_quota")
+#: The Hugging Face label value that the models' own losses ignore.
+HF_IGNORE_INDEX = -100
 
 #: Keys of :meth:`CGGRModel.get_metrics`: SPEC §10 plus the sequence counts and the router path used
 #: (``'fused'`` or ``'logits'``, a string like ``selection``/``scoring``).
-MODEL_METRIC_KEYS: tuple[str, ...] = (
-    "step", "token_ratio", "effective_ratio", "tokens_selected", "tokens_total", "tokens_nonfinite",
-    "tokens_out_of_range", "avg_confidence", "avg_entropy", "avg_difficulty", "selection", "scoring",
-    "sequences_selected", "sequences_total", "router_path",
-)
+MODEL_METRIC_KEYS: tuple[str, ...] = METRIC_KEYS + ("sequences_selected", "sequences_total", "router_path")
 
 
 class BatchSplitOutput(NamedTuple):
@@ -120,13 +117,14 @@ def _shares_all_weights(router: nn.Module, model: nn.Module) -> bool:
     return all(id(t) in owned for t in router.parameters()) and all(id(t) in owned for t in router.buffers())
 
 
-class SequenceSelection(NamedTuple):
-    """Result of :func:`select_sequences` (mirrors ``cggr_jax.batch_split.SequenceSelection``)."""
-
-    mask: torch.Tensor        # (B,) bool, the kept sequences (exactly ``k`` of them)
-    k: torch.Tensor           # 0-d int64 ``k_seq``
-    difficulty: torch.Tensor  # (B,) float32 ``D_b`` (0 for ineligible sequences)
-    eligible: torch.Tensor    # (B,) bool, sequences with at least one eligible shifted target
+def effective_labels(labels: torch.Tensor, attention_mask: Optional[torch.Tensor], ignore_index: int,
+                     out_ignore_index: int = HF_IGNORE_INDEX) -> torch.Tensor:
+    """``labels`` with every ignored position (``labels == ignore_index`` or ``attention_mask == 0``) set to
+    ``out_ignore_index`` (the Hugging Face ``-100`` by default, what the models' own losses ignore)."""
+    drop = labels == ignore_index
+    if attention_mask is not None:
+        drop = drop | (attention_mask == 0)
+    return labels.masked_fill(drop, out_ignore_index)
 
 
 class _Route(NamedTuple):
@@ -154,25 +152,36 @@ def sequence_difficulty(difficulty: torch.Tensor, eligible: torch.Tensor) -> tup
     return total / torch.clamp(count, min=1).to(torch.float32), count > 0
 
 
+def _selection(scores: TokenScores, seq_d: torch.Tensor, seq_elig: torch.Tensor, keep: torch.Tensor,
+               k: torch.Tensor, ratio: torch.Tensor, base: Any) -> SequenceSelection:
+    dev = seq_d.device
+    base_t = torch.full((), float(np.float32(base)), dtype=torch.float32, device=dev)
+    return SequenceSelection(keep, k, rank_tokens(seq_d, seq_elig), seq_d, seq_elig,
+                             torch.as_tensor(ratio, dtype=torch.float32, device=dev).reshape(()), base_t, scores,
+                             torch.zeros((), dtype=torch.int32, device=dev))
+
+
 def select_sequences(router_logits: torch.Tensor, labels: torch.Tensor,
-                     attention_mask: Optional[torch.Tensor] = None, *, ratio: Any, scoring: str = "combined",
-                     ignore_index: int = -100) -> SequenceSelection:
+                     attention_mask: Optional[torch.Tensor] = None, *, ratio: Any, scoring: str = CGGRConfig.scoring,
+                     ignore_index: int = CGGRConfig.ignore_index) -> SequenceSelection:
     """SPEC §9 sequence selection from router logits ``(B, T, V)`` and unshifted ``labels`` ``(B, T)`` at the
     float32 effective ``ratio`` — the pure form of what :meth:`CGGRModel.forward` does after its router pass,
-    used by the cross-framework parity tests (``cggr_jax.batch_split.select_sequences(..., ratio=...)``)."""
+    used by the cross-framework parity tests (``cggr_jax.batch_split.select_sequences(..., ratio=...)``).
+    ``base_ratio`` of the result is NaN (the ratio was passed directly)."""
+    labels = widen_labels(labels, ignore_index, name="labels")
     scores, _ = score_next_tokens(router_logits, labels, attention_mask, scoring=scoring,
                                   ignore_index=ignore_index, shift=True)
     seq_d, seq_elig = sequence_difficulty(scores.difficulty, scores.eligible)
     mask, k = select_tokens(seq_d, seq_elig, ratio, selection="topk")
-    return SequenceSelection(mask, k, seq_d, seq_elig)
+    return _selection(scores, seq_d, seq_elig, mask, k, ratio, float("nan"))
 
 
-class CGGRModel(_CurriculumMixin, nn.Module):
+class CGGRModel(Curriculum, nn.Module):
     """Batch splitting (SPEC §9): score with a cheap router, train the full model on the hardest sequences.
 
     See the module docstring for the algorithm, the single host synchronisation and the edge cases.
 
-    Usage::
+    Usage (everything after ``router`` is keyword-only, so no positional order can differ from ``CGGRLoss``'s)::
 
         cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=1000)
         loss = cggr(input_ids, labels=labels, attention_mask=attention_mask)
@@ -199,6 +208,8 @@ class CGGRModel(_CurriculumMixin, nn.Module):
             but unused: they parametrise token strategies that do not apply to sequences.
         ignore_index: label value without a target (also every padding position is ignored).
         ratio_schedule: optional ``step -> ratio in (0, 1]`` replacing the linear warm-up.
+        config: a ready :class:`cggr.CGGRConfig` instead of the settings (stored as ``.config``; checked with
+            :meth:`cggr.CGGRConfig.for_sequences`).
         router_layers: layers of the default router (``router=None`` only).
         shift_labels: ``None`` = shift (causal LM) unless the model is a masked LM (no shift).
         router_batch_size: run the router and the scoring on chunks of this many sequences (bounds the memory
@@ -211,34 +222,43 @@ class CGGRModel(_CurriculumMixin, nn.Module):
             pass runs before the main pass, so this does not raise the step's peak memory).
     """
 
-    def __init__(self, model: nn.Module, router: Optional[nn.Module] = None, scoring: str = "combined",
-                 min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, dynamic_threshold: bool = True,
-                 threshold_sensitivity: float = 0.5, selection: str = "topk", num_strata: int = 4,
-                 min_tokens_per_sequence: int = 1, *, ignore_index: int = -100,
-                 ratio_schedule: Optional[Callable[[int], Any]] = None, router_layers: int = 4,
-                 shift_labels: Optional[bool] = None, router_batch_size: Optional[int] = None,
-                 router_path: str = "auto", router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET) -> None:
+    def __init__(self, model: nn.Module, router: Optional[nn.Module] = None, *, scoring: str = CGGRConfig.scoring,
+                 selection: str = DEFAULT_SEQUENCE_SELECTION,
+                 dynamic_threshold: bool = CGGRConfig.dynamic_threshold,
+                 threshold_sensitivity: float = CGGRConfig.threshold_sensitivity,
+                 min_tokens_ratio: float = CGGRConfig.min_tokens_ratio, warmup_steps: int = CGGRConfig.warmup_steps,
+                 num_strata: int = CGGRConfig.num_strata,
+                 min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
+                 ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None,
+                 router_layers: int = 4, shift_labels: Optional[bool] = None,
+                 router_batch_size: Optional[int] = None, router_path: str = "auto",
+                 router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET, config: Optional[CGGRConfig] = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        check_config(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
-                     threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
-                     warmup_steps=warmup_steps, num_strata=num_strata,
-                     min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index)
-        if selection not in SEQUENCE_SELECTIONS:
-            raise ValueError(f"selection: batch splitting selects whole sequences and supports "
-                             f"{SEQUENCE_SELECTIONS} (SPEC §9); {selection!r} selects tokens, use CGGRLoss for it")
+        self.config = resolve_config(config, dict(
+            scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+            threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+            warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
+            ignore_index=ignore_index), CGGRConfig(selection=DEFAULT_SEQUENCE_SELECTION)).for_sequences()
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise ValueError(f"shift_labels: expected None or a bool, got {shift_labels!r}")
         if router_batch_size is not None and (not isinstance(router_batch_size, numbers.Integral)
                                               or isinstance(router_batch_size, bool) or router_batch_size < 1):
             raise ValueError(f"router_batch_size: expected None or an integer >= 1, got {router_batch_size!r}")
-        _check_budget(router_memory_budget_bytes)
+        check_budget(router_memory_budget_bytes)
         if router_path not in ROUTER_PATHS:
             raise ValueError(f"router_path: expected one of {ROUTER_PATHS}, got {router_path!r}")
         self.model = model
         if router is None:
-            router = create_truncated_router(model, router_layers)
+            # The caller's argument is router_layers: its errors must say so, not num_layers.
+            if not isinstance(router_layers, numbers.Integral) or isinstance(router_layers, bool) \
+                    or router_layers < 1:
+                raise ValueError(f"router_layers: expected an integer >= 1, got {router_layers!r}")
+            try:
+                router = create_truncated_router(model, router_layers)
+            except ValueError as err:
+                raise ValueError(str(err).replace("num_layers:", "router_layers:", 1)) from err
         if not callable(router):
             raise ValueError(f"router: expected a module returning (B, T, V) logits, got {type(router).__name__}")
         if isinstance(router, (TruncatedRouter, PassthroughRouter)):
@@ -249,15 +269,6 @@ class CGGRModel(_CurriculumMixin, nn.Module):
             self.router = router
         else:
             object.__setattr__(self, "router", router)
-        self.scoring = scoring
-        self.selection = selection
-        self.dynamic_threshold = dynamic_threshold
-        self.threshold_sensitivity = float(threshold_sensitivity)
-        self.min_tokens_ratio = float(min_tokens_ratio)
-        self.warmup_steps = int(warmup_steps)
-        self.num_strata = int(num_strata)
-        self.min_tokens_per_sequence = int(min_tokens_per_sequence)
-        self.ignore_index = int(ignore_index)
         self.shift_labels = (not is_masked_lm(model)) if shift_labels is None else shift_labels
         self.router_batch_size = None if router_batch_size is None else int(router_batch_size)
         self.vocab_size = model_vocab_size(model)
@@ -265,7 +276,8 @@ class CGGRModel(_CurriculumMixin, nn.Module):
         self.router_memory_budget_bytes = int(router_memory_budget_bytes)
         #: Why the last (or, before the first forward, the next) router pass takes its path.
         self.router_path_reason = resolve_router_path(router, router_path)[1]
-        self._init_curriculum(min_tokens_ratio, warmup_steps, ratio_schedule)
+        self._init_curriculum(self.config.min_tokens_ratio, self.config.warmup_steps,
+                              check_schedule(ratio_schedule, self.config))
         self._last: Optional[dict[str, Any]] = None
         self.last_kept: Optional[torch.Tensor] = None
 
@@ -283,9 +295,9 @@ class CGGRModel(_CurriculumMixin, nn.Module):
             elig = scores.eligible
             seq_d, seq_elig = sequence_difficulty(scores.difficulty, elig)
             n = elig.sum()
-            mean_conf = _masked_mean(scores.stats.confidence, elig, n)
-            base = self._base_ratio()
-            ratio = self._effective_ratio(base, mean_conf, self.dynamic_threshold and self.selection == "topk")
+            mean_conf = eligible_mean(scores.stats.confidence, elig, n)
+            base = self.base_ratio()
+            ratio = effective_ratio(base, mean_conf, self.config)
             keep, k_seq = select_tokens(seq_d, seq_elig, ratio, selection="topk")
         return _Route(path, scores, nonfinite, n, mean_conf, base, ratio, seq_d, seq_elig, keep, k_seq)
 
@@ -295,8 +307,9 @@ class CGGRModel(_CurriculumMixin, nn.Module):
         no metrics recorded): the sequences :meth:`forward` would keep at the current step. Used to time the
         router separately (``benchmarks/bench_batch_split_torch.py``) and to compare router paths."""
         check_batch(input_ids, labels, attention_mask)
+        labels = widen_labels(labels, self.config.ignore_index, name="labels")
         r = self._route(input_ids, labels, attention_mask, kwargs)
-        return SequenceSelection(r.keep, r.k_seq, r.seq_d, r.seq_elig)
+        return _selection(r.scores, r.seq_d, r.seq_elig, r.keep, r.k_seq, r.ratio, r.base)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -319,6 +332,7 @@ class CGGRModel(_CurriculumMixin, nn.Module):
         """:meth:`forward` with ``model`` as the main pass (e.g. a DDP / accelerate wrapper of ``self.model``,
         as the Hugging Face ``Trainer`` hands it to ``compute_loss``); returns a :class:`BatchSplitOutput`."""
         check_batch(input_ids, labels, attention_mask)
+        labels = widen_labels(labels, self.config.ignore_index, name="labels")
         B = input_ids.shape[0]
         r = self._route(input_ids, labels, attention_mask, kwargs)
         scores, elig, n, seq_elig = r.scores, r.scores.eligible, r.n, r.seq_elig
@@ -357,8 +371,8 @@ class CGGRModel(_CurriculumMixin, nn.Module):
             "tokens_nonfinite": r.nonfinite,
             "tokens_out_of_range": 0,
             "avg_confidence": r.mean_conf,
-            "avg_entropy": _masked_mean(scores.stats.entropy, elig, n),
-            "avg_difficulty": _masked_mean(scores.difficulty, elig, n),
+            "avg_entropy": eligible_mean(scores.stats.entropy, elig, n),
+            "avg_difficulty": eligible_mean(scores.difficulty, elig, n),
             "sequences_selected": num_kept,
             "sequences_total": seq_elig.sum(),
             "k_seq": r.k_seq,
@@ -374,11 +388,13 @@ class CGGRModel(_CurriculumMixin, nn.Module):
         the valid targets in the main loss, ``tokens_total`` the router's eligible tokens of the whole batch.
         Reads the device: call it outside the training step's hot path. Before the first forward the counts
         and averages are 0 and both ratios are the current base ratio."""
-        out = self._metrics_dict(self._last, extra_keys=("sequences_selected", "sequences_total"))
+        out = host_metrics(self._last, self._step, self.base_ratio(), self.config,
+                           extra_keys=("sequences_selected", "sequences_total"))
         out["router_path"] = (self._last["router_path"] if self._last is not None
                               else resolve_router_path(self.router, self.router_path)[0])
         return out
 
     def extra_repr(self) -> str:
-        return (f"scoring={self.scoring!r}, selection={self.selection!r}, min_tokens_ratio={self.min_tokens_ratio}, "
-                f"warmup_steps={self.warmup_steps}, dynamic_threshold={self.dynamic_threshold}, step={self._step}")
+        c = self.config
+        return (f"scoring={c.scoring!r}, selection={c.selection!r}, min_tokens_ratio={c.min_tokens_ratio}, "
+                f"warmup_steps={c.warmup_steps}, dynamic_threshold={c.dynamic_threshold}, step={self._step}")

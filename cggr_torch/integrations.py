@@ -1,8 +1,8 @@
-"""Hugging Face ``Trainer`` integration of batch splitting (:class:`~cggr_torch.model.CGGRModel`).
+"""Hugging Face ``Trainer`` integration of batch splitting (:class:`~cggr_torch.batch_split.CGGRModel`).
 
 ::
 
-    from cggr_torch.trainer import CGGRTrainer
+    from cggr_torch.integrations import CGGRTrainer
 
     trainer = CGGRTrainer(
         model=model,                                  # a …ForCausalLM, trained and saved as usual
@@ -18,9 +18,10 @@ What it does:
   DDP/accelerate) as the main pass: the truncated router scores the batch under ``no_grad`` and only the hardest
   sequences go through the model's forward and backward. Evaluation (``model.training`` false) uses the
   standard full-batch loss of ``Trainer.compute_loss``.
-* :class:`CGGRStepCallback` (added automatically) calls ``CGGRModel.step()`` after every optimizer step
-  (``on_step_end``) and, at the start of every step, aligns the curriculum step with ``state.global_step`` if
-  they differ, so that resuming from a checkpoint resumes the curriculum where it was.
+* :class:`CGGRStepCallback` (added automatically) calls ``step()`` of every CGGR object (the ``CGGRModel`` and
+  any CGGR module inside the model) after every optimizer step (``on_step_end``) and, at train begin and at the
+  start of every step, aligns each curriculum step with ``state.global_step`` if they differ, so that resuming
+  from a checkpoint resumes the curriculum where it was.
 * The returned loss is a per-micro-batch mean; the trainer divides it by the gradient-accumulation steps
   (``model_accepts_loss_kwargs`` is turned off for this trainer, so ``num_items_in_batch`` computed over the
   full batch is not applied to the kept sequences; this behaves the same on transformers 5.17-5.23).
@@ -38,40 +39,67 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .model import CGGRModel
+from .batch_split import CGGRModel
+from .curriculum import Curriculum
 
-__all__ = ["CGGRTrainer", "CGGRStepCallback"]
+__all__ = ["CGGRTrainer", "CGGRStepCallback", "cggr_objects"]
 
 
 class CGGRStepCallback(TrainerCallback):
-    """Advance a ``CGGRModel``'s (or ``CGGRScorer``'s / ``CGGRLoss``'s) curriculum with the Trainer.
+    """Advance the curriculum of every CGGR object of a training run with the Trainer.
 
-    * ``on_step_begin``: if the curriculum step differs from ``state.global_step`` (fresh start after a resume),
-      set it to ``state.global_step`` (needs ``set_step``);
-    * ``on_step_end`` (after the optimizer step and ``global_step += 1``): ``cggr.step()``.
+    ``cggr``: one object with a ``step()`` method (``CGGRModel``, ``CGGRScorer``, ``CGGRLoss``, the fused or
+    distributed loss) or a list of them. With ``model=...`` every CGGR module inside that model (e.g. a
+    ``CGGRLoss`` registered as a sub-module) is found as well (:func:`cggr_objects`).
+
+    * ``on_train_begin`` and ``on_step_begin``: every object whose curriculum step differs from
+      ``state.global_step`` (a fresh start after a resume from a checkpoint) is set to it with ``set_step``;
+    * ``on_step_end`` (after the optimizer step and ``global_step += 1``): ``step()`` on every object.
     """
 
-    def __init__(self, cggr: Any) -> None:
-        if not callable(getattr(cggr, "step", None)):
-            raise ValueError(f"cggr: expected an object with a step() method (CGGRModel, CGGRScorer, CGGRLoss), "
-                             f"got {type(cggr).__name__}")
-        self.cggr = cggr
+    def __init__(self, cggr: Any, model: Optional[torch.nn.Module] = None) -> None:
+        objects = list(cggr) if isinstance(cggr, (list, tuple)) else [cggr]
+        for obj in objects:
+            if not callable(getattr(obj, "step", None)):
+                raise ValueError(f"cggr: expected an object with a step() method (CGGRModel, CGGRScorer, "
+                                 f"CGGRLoss), got {type(obj).__name__}")
+        if model is not None:
+            objects += [m for m in cggr_objects(model) if all(m is not o for o in objects)]
+        self.objects = objects
+        self.cggr = objects[0] if len(objects) == 1 else objects
 
-    def _current(self) -> Optional[int]:
-        step = getattr(self.cggr, "current_step", None)
-        if step is None:
-            return None
-        return int(step)
+    def _resync(self, global_step: int) -> None:
+        for obj in self.objects:
+            current = getattr(obj, "current_step", None)
+            if current is not None and int(current) != global_step and callable(getattr(obj, "set_step", None)):
+                obj.set_step(int(global_step))
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        if isinstance(model, torch.nn.Module):   # CGGR modules inside the trained model are re-synced too
+            self.objects += [m for m in cggr_objects(model) if all(m is not o for o in self.objects)]
+        self._resync(state.global_step)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> None:
-        current = self._current()
-        if current is not None and current != state.global_step and callable(getattr(self.cggr, "set_step", None)):
-            self.cggr.set_step(int(state.global_step))
+        self._resync(state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
-        self.cggr.step()
+        for obj in self.objects:
+            obj.step()
+
+
+def cggr_objects(module: torch.nn.Module) -> list[Any]:
+    """Every CGGR object with a curriculum inside ``module`` (itself included): the modules deriving from
+    :class:`cggr_torch.curriculum.Curriculum` (``CGGRLoss`` and its fused/distributed forms, ``CGGRScorer``,
+    ``CGGRModel``), each once."""
+    found: list[Any] = []
+    for m in module.modules():
+        if isinstance(m, Curriculum) and all(m is not f for f in found):
+            found.append(m)
+    return found
 
 
 class CGGRTrainer(Trainer):
@@ -112,7 +140,7 @@ class CGGRTrainer(Trainer):
         # accumulation and never hand it num_items_in_batch (counted over the full batch).
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self.add_callback(CGGRStepCallback(cggr_model))
+        self.add_callback(CGGRStepCallback(cggr_model, model=self.model))
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Optional[Any] = None) -> Any:
