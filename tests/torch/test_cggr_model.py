@@ -340,13 +340,7 @@ def _load_script(relpath: str):
 
 
 def test_benchmark_quick_mode_runs(tmp_path):
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks/bench_batch_split_torch.py"
-    if not script.exists() or "cggr_torch.model import" in script.read_text():
-        pytest.skip("the pre-redesign batch-split benchmark imports cggr_torch.model (now batch_split); the "
-                    "benchmarks branch replaces it (benchmarks/ops, smoke-tested by tests/test_benchmarks.py)")
-    bench = _load_script("benchmarks/bench_batch_split_torch.py")
+    bench = _load_script("benchmarks/ops/batch_split_torch.py")
     out = tmp_path / "bench.json"
     record = bench.main(["--quick", "--out", str(out)])
     modes = [r["mode"] for r in record["results"]]
