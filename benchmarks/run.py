@@ -4,7 +4,7 @@
     python -m benchmarks.run --list                          # suites, their steps and expected times
     python -m benchmarks.run verify kernels --dry-run        # the commands, nothing run
     python -m benchmarks.run verify kernels --trim --commit <sha> --out-tar $OUT/results.tgz
-    python -m benchmarks.run quality -- --scale gpu --frameworks torch --modes main --budget flops
+    python -m benchmarks.run quality -- --scale S --round round2 --deadline-s 530
 
 Suites (``--list`` prints the steps):
 
@@ -15,7 +15,8 @@ Suites (``--list`` prints the steps):
   131072, bf16), every baseline (copy floors, Liger CE, torch.compile CE, optax) measured in the same run;
 * ``heads``   - the fused LM head + selective CE (N = 16384, d = 2048, V = 128256), both frameworks;
 * ``models``  - batch splitting, whole training step (134.5M Llama-style, B = 64, T = 1024), both frameworks;
-* ``quality`` - delegates to ``python -m benchmarks.quality.run`` with the arguments after ``--``.
+* ``quality`` - delegates to ``python -m benchmarks.quality.study`` with the arguments after ``--``
+  (``benchmarks/quality/README.md``; the study's own results live in ``benchmarks/quality/results``).
 
 Everything a run writes goes under ONE folder, ``benchmarks/results/<gpu>/<date>_<commit>/`` (``--run-folder``
 to change it): ``manifest.json`` (commit, GPU, software, clocks/power before and after, every step's command,
@@ -148,9 +149,9 @@ SUITES: dict[str, tuple[str, list[Step]]] = {
             ["--batch-size", "64", "--router-layers", "4", "--router-path", "auto"], est=230, trim_est=130,
             timeout=330),
     ]),
-    "quality": ("the quality study: python -m benchmarks.quality.run <arguments after -->", [
-        Step("quality", ["{py}", "-m", "benchmarks.quality.run", "{quality_args}"], est_s=420, timeout_s=590,
-             kind="check", framework="both", note="the estimate depends on the arguments (--deadline-min)"),
+    "quality": ("the quality study: python -m benchmarks.quality.study <arguments after -->", [
+        Step("quality", ["{py}", "-m", "benchmarks.quality.study", "{quality_args}"], est_s=420, timeout_s=590,
+             kind="check", framework="both", note="the estimate depends on the arguments (--deadline-s)"),
     ]),
 }
 

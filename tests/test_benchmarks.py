@@ -65,10 +65,10 @@ def test_runner_dry_run_prints_the_commands(suite, trim, capsys, tmp_path, monke
 
 def test_runner_dry_run_quality_passes_arguments_through(capsys, tmp_path):
     assert run.main(["quality", "--dry-run", "--commit", "abc1234", "--run-folder", str(tmp_path / "r"), "--",
-                     "--scale", "gpu", "--frameworks", "torch", "--deadline-min", "6"]) == 0
+                     "--scale", "S", "--round", "round2", "--deadline-s", "530"]) == 0
     out = capsys.readouterr().out
-    line = next(x for x in out.splitlines() if "benchmarks.quality.run" in x)
-    assert "--scale gpu --frameworks torch --deadline-min 6" in line
+    line = next(x for x in out.splitlines() if "benchmarks.quality.study" in x)
+    assert "--scale S --round round2 --deadline-s 530" in line
     assert f"--out {tmp_path / 'r' / 'quality'}" in line
 
 
