@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
-from cggr_jax import batch_split as jbs  # noqa: E402
+from cggr_jax import router as jbs  # noqa: E402
 from cggr_torch import model as tmodel  # noqa: E402
 from tests import oracle  # noqa: E402
 
