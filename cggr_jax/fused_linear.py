@@ -17,8 +17,8 @@ loop over static column slices of ``W``/``b`` (either ``weight_layout``) feeds
 :func:`cggr_jax.kernels.scoring.chunk_statistics`, which resumes each row's streaming state - running max
 ``m``, runner-up ``r``, the rescaled sums ``d = Σ e^{z−m}`` and ``s = Σ e^{z−m}(z − m)``, the target logit -
 where the previous column block left it, the last block giving the statistics. Tall GEMMs, and a statistics
-launch of one program per row (the PyTorch twin measured that row blocks of a whole vocabulary starve the
-statistics pass: 896 rows cannot fill 132 SMs; ``benchmarks/bench_fused_linear_jax.py`` times both forwards).
+launch of one program per row (row blocks of a whole vocabulary starve the statistics pass: 896 rows cannot
+fill 132 SMs; DECISIONS.md: fused-head-chunk-plan).
 Each block's GEMM is ordered after the previous block's statistics (an ``optimization_barrier``), so the GEMMs
 cannot all be scheduled ahead of the kernels and one block of logits at a time needs to be live. With
 ``C = V`` every row block goes whole to the dispatcher of :func:`cggr_jax.scoring.token_statistics`; the XLA
@@ -81,6 +81,7 @@ from cggr import CGGRConfig
 from cggr_jax import curriculum, dispatch, pipeline, utils
 from cggr_jax import selection as selection_lib
 from cggr_jax import scoring as scoring_lib
+from cggr_jax.kernels.launch import DEFAULT_MEMORY_BUDGET, ChunkPlan, plan_chunks
 from cggr_jax.types import TokenScores, TokenStatistics
 from cggr_jax.loss import DEFAULT_CONFIG, CGGRLoss, resolve_config
 
@@ -96,94 +97,13 @@ __all__ = [
     "fused_linear_scores",
 ]
 
-#: Default working-memory budget (bytes): 0.25 GiB.
-DEFAULT_MEMORY_BUDGET: int = 2**28
-
 _WEIGHT_LAYOUTS = ("vd", "dv")
-_REFERENCE_STAT_BYTES = 16
-_ALIGN = 128
-_FILL = 0.875
-#: Narrowest forward logits block (columns) before the plan splits the rows instead (very large N); the
-#: same value as ``cggr_torch.fused_linear``.
-_MIN_FORWARD_COLUMNS = 4096
-
-
-# ============================================================================================ chunk plan
-class ChunkPlan(NamedTuple):
-    """Chunk sizes of one call: the forward's logits blocks are ``row_chunk`` rows × ``forward_vocab_chunk``
-    columns; the backward steps through ``vocab_chunk`` columns of the selected rows at a time."""
-
-    row_chunk: int
-    vocab_chunk: int
-    forward_vocab_chunk: int
-
-
-def _round_down(x: int, align: int = _ALIGN) -> int:
-    return (x // align) * align if x >= align else max(1, x)
 
 
 def _positive_int(value: Any, name: str, allow_none: bool = True) -> Optional[int]:
     if value is None and allow_none:
         return None
     return utils.check_int(value, name, minimum=1)
-
-
-def _forward_columns(rows: int, vocab_size: int, elsize: int, target: int) -> int:
-    """Columns of a ``rows``-row forward block within ``target`` bytes (the whole row when it fits)."""
-    if rows * vocab_size * elsize <= target:
-        return vocab_size
-    return min(vocab_size, _round_down(target // (rows * elsize)))
-
-
-def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, *,
-                selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                statistics_kernel: bool = True, logits_dtype: Any = None,
-                row_chunk: Optional[int] = None) -> ChunkPlan:
-    """Chunk sizes that keep the working memory near ``memory_budget_bytes`` (see the module docstring).
-
-    Args:
-        num_rows: ``N``; hidden_dim: ``d``; vocab_size: ``V``.
-        dtype: dtype of the hidden states and weight; ``logits_dtype``: that of the logits (default ``dtype``).
-        selected_rows: rows of the backward buffer (``capacity``; ``N`` when None).
-        memory_budget_bytes: the budget (default 0.25 GiB).
-        statistics_kernel: True (default, as in ``cggr_torch``) when the statistics come from the Pallas
-            kernel (no float32 temporaries; the forward may then split the vocabulary, see the module
-            docstring); False for the XLA reference (whole rows).
-        row_chunk: rows per forward block chosen by the caller (the plan then only sizes the columns).
-
-    Returns:
-        :class:`ChunkPlan` ``(row_chunk, vocab_chunk, forward_vocab_chunk)``: ``1 ≤ row_chunk ≤ max(1, N)``,
-        ``1 ≤ vocab_chunk ≤ V``, ``1 ≤ forward_vocab_chunk ≤ V`` (``V`` without the statistics kernel).
-    """
-    num_rows = utils.check_int(num_rows, "num_rows", minimum=0)
-    hidden_dim = utils.check_int(hidden_dim, "hidden_dim", minimum=0)
-    vocab_size = utils.check_int(vocab_size, "vocab_size", minimum=1)
-    budget = utils.check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
-    row_chunk = _positive_int(row_chunk, "row_chunk")
-    e = jnp.dtype(dtype).itemsize
-    ell = jnp.dtype(dtype if logits_dtype is None else logits_dtype).itemsize
-    target = int(_FILL * budget)
-    n = max(1, num_rows)
-    if statistics_kernel:
-        # Vocabulary blocks of all rows: GEMMs of the full height and a statistics launch with a program per
-        # row (the rows of a block fill the GPU); rows are split only when a block would be narrower than
-        # _MIN_FORWARD_COLUMNS (very large N).
-        rows = min(n, row_chunk) if row_chunk is not None else n
-        cols = _forward_columns(rows, vocab_size, ell, target)
-        if row_chunk is None and cols < min(vocab_size, _MIN_FORWARD_COLUMNS):
-            cols = min(vocab_size, _MIN_FORWARD_COLUMNS)
-            rows = min(n, _round_down(target // (cols * ell)))
-    else:
-        # The XLA reference statistics take whole rows (their float32 temporaries are what is sized here).
-        per_row = vocab_size * (ell + _REFERENCE_STAT_BYTES)
-        rows = min(n, row_chunk) if row_chunk is not None else min(n, _round_down(target // per_row))
-        cols = vocab_size
-    k = max(1, num_rows if selected_rows is None else int(selected_rows))
-    fixed = k * hidden_dim * (4 + e)
-    per_col = k * (ell + 8 + e)
-    bcols = (target - fixed) // per_col if target > fixed else 0
-    vocab_chunk = min(vocab_size, max(min(_ALIGN, vocab_size), _round_down(int(bcols))))
-    return ChunkPlan(int(rows), int(vocab_chunk), int(cols))
 
 
 def _num_selected_host(n: int, ratio: np.float32) -> int:

@@ -10,10 +10,13 @@ other ``cggr_jax`` module.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from .. import utils
 
 __all__ = [
     "PALLAS_GPU_BACKEND",
@@ -30,6 +33,9 @@ __all__ = [
     "scoring_config_for_rows",
     "num_sms",
     "resolve_interpret",
+    "DEFAULT_MEMORY_BUDGET",
+    "ChunkPlan",
+    "plan_chunks",
 ]
 
 # ------------------------------------------------------------------------------------------------ backend
@@ -75,11 +81,13 @@ class LaunchDefaults:
 
 #: Scoring kernel defaults: one warp per program owning one row, 2 KiB of the row per step (bf16: 1024
 #: logits, four 16-byte loads per thread, the next step prefetched). Switch with the best line printed by
-#: ``benchmarks/bench_scoring_jax.py`` (H200 measurements in ``benchmarks/results/``).
-SCORING_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=4096, num_warps=1, num_stages=1)  # H200 run 6: 1.11x floor
+#: ``benchmarks/bench_scoring_jax.py``. Within 1.11x of the H200's bandwidth floor, the best of the sweep
+#: (DECISIONS.md: pallas-launch-defaults).
+SCORING_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=4096, num_warps=1, num_stages=1)
 #: Selective-CE backward defaults: one row × 8 KiB of gradient per program (bf16: 4096 columns), 4 warps
-#: (four 16-byte stores per thread). Switch with ``benchmarks/bench_selective_ce_jax.py``.
-BACKWARD_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=16384, num_warps=8, num_stages=1)  # H200 run 6
+#: (four 16-byte stores per thread). Switch with ``benchmarks/bench_selective_ce_jax.py``; the best of the
+#: H200 sweep (DECISIONS.md: pallas-launch-defaults).
+BACKWARD_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=16384, num_warps=8, num_stages=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +152,7 @@ def tile_columns(cfg: KernelConfig, itemsize: int) -> int:
 
 
 #: One-warp scoring programs resident per SM below which the stream cannot keep enough loads in flight
-#: (mirror of ``cggr_torch.kernels.scoring._STREAM_MIN_WARPS_PER_SM``, measured there; see
+#: (the value measured for the PyTorch twin of this kernel; DECISIONS.md: scoring-few-row-launch; see
 #: :func:`scoring_config_for_rows`).
 STREAM_MIN_WARPS_PER_SM = 8
 
@@ -197,3 +205,86 @@ BACKWARD_FLAT_GRID: bool = False
 
 #: Largest flat grid (programs): CUDA's ``gridDim.x`` limit, and ``program_id`` is int32.
 MAX_FLAT_PROGRAMS = 2**31 - 1
+
+
+#: Default working-memory budget (bytes): 0.25 GiB.
+DEFAULT_MEMORY_BUDGET: int = 2**28
+
+_REFERENCE_STAT_BYTES = 16
+_ALIGN = 128
+_FILL = 0.875
+#: Narrowest forward logits block (columns) before the plan splits the rows instead (very large N); the
+#: same value as ``cggr_torch.fused_linear``.
+_MIN_FORWARD_COLUMNS = 4096
+
+
+# ------------------------------------------------------------------------------- the fused head's chunk plan
+class ChunkPlan(NamedTuple):
+    """Chunk sizes of one call: the forward's logits blocks are ``row_chunk`` rows × ``forward_vocab_chunk``
+    columns; the backward steps through ``vocab_chunk`` columns of the selected rows at a time."""
+
+    row_chunk: int
+    vocab_chunk: int
+    forward_vocab_chunk: int
+
+
+def _round_down(x: int, align: int = _ALIGN) -> int:
+    return (x // align) * align if x >= align else max(1, x)
+
+
+def _forward_columns(rows: int, vocab_size: int, elsize: int, target: int) -> int:
+    """Columns of a ``rows``-row forward block within ``target`` bytes (the whole row when it fits)."""
+    if rows * vocab_size * elsize <= target:
+        return vocab_size
+    return min(vocab_size, _round_down(target // (rows * elsize)))
+
+
+def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, *,
+                selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+                statistics_kernel: bool = True, logits_dtype: Any = None,
+                row_chunk: Optional[int] = None) -> ChunkPlan:
+    """Chunk sizes that keep the working memory near ``memory_budget_bytes`` (see the module docstring).
+
+    Args:
+        num_rows: ``N``; hidden_dim: ``d``; vocab_size: ``V``.
+        dtype: dtype of the hidden states and weight; ``logits_dtype``: that of the logits (default ``dtype``).
+        selected_rows: rows of the backward buffer (``capacity``; ``N`` when None).
+        memory_budget_bytes: the budget (default 0.25 GiB).
+        statistics_kernel: True (default, as in ``cggr_torch``) when the statistics come from the Pallas
+            kernel (no float32 temporaries; the forward may then split the vocabulary, see the module
+            docstring); False for the XLA reference (whole rows).
+        row_chunk: rows per forward block chosen by the caller (the plan then only sizes the columns).
+
+    Returns:
+        :class:`ChunkPlan` ``(row_chunk, vocab_chunk, forward_vocab_chunk)``: ``1 ≤ row_chunk ≤ max(1, N)``,
+        ``1 ≤ vocab_chunk ≤ V``, ``1 ≤ forward_vocab_chunk ≤ V`` (``V`` without the statistics kernel).
+    """
+    num_rows = utils.check_int(num_rows, "num_rows", minimum=0)
+    hidden_dim = utils.check_int(hidden_dim, "hidden_dim", minimum=0)
+    vocab_size = utils.check_int(vocab_size, "vocab_size", minimum=1)
+    budget = utils.check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
+    row_chunk = None if row_chunk is None else utils.check_int(row_chunk, "row_chunk", minimum=1)
+    e = jnp.dtype(dtype).itemsize
+    ell = jnp.dtype(dtype if logits_dtype is None else logits_dtype).itemsize
+    target = int(_FILL * budget)
+    n = max(1, num_rows)
+    if statistics_kernel:
+        # Vocabulary blocks of all rows: GEMMs of the full height and a statistics launch with a program per
+        # row (the rows of a block fill the GPU); rows are split only when a block would be narrower than
+        # _MIN_FORWARD_COLUMNS (very large N).
+        rows = min(n, row_chunk) if row_chunk is not None else n
+        cols = _forward_columns(rows, vocab_size, ell, target)
+        if row_chunk is None and cols < min(vocab_size, _MIN_FORWARD_COLUMNS):
+            cols = min(vocab_size, _MIN_FORWARD_COLUMNS)
+            rows = min(n, _round_down(target // (cols * ell)))
+    else:
+        # The XLA reference statistics take whole rows (their float32 temporaries are what is sized here).
+        per_row = vocab_size * (ell + _REFERENCE_STAT_BYTES)
+        rows = min(n, row_chunk) if row_chunk is not None else min(n, _round_down(target // per_row))
+        cols = vocab_size
+    k = max(1, num_rows if selected_rows is None else int(selected_rows))
+    fixed = k * hidden_dim * (4 + e)
+    per_col = k * (ell + 8 + e)
+    bcols = (target - fixed) // per_col if target > fixed else 0
+    vocab_chunk = min(vocab_size, max(min(_ALIGN, vocab_size), _round_down(int(bcols))))
+    return ChunkPlan(int(rows), int(vocab_chunk), int(cols))
