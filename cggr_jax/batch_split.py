@@ -136,7 +136,7 @@ def causal_lm_loss(
     attention_mask: jax.Array | None = None,
     weights: jax.Array | None = None,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = utils.DEFAULT_CONFIG.ignore_index,
 ) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy ``Σ ce / max(1, count)`` over the valid shifted tokens and its count.
 

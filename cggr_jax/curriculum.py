@@ -163,7 +163,8 @@ def check_ratio_value(ratio: Any, name: str = "ratio") -> jax.Array:
     return r
 
 
-def linear_warmup_ratio(min_tokens_ratio: float = 0.25, warmup_steps: int = 1000) -> optax.Schedule:
+def linear_warmup_ratio(min_tokens_ratio: float = utils.DEFAULT_CONFIG.min_tokens_ratio,
+                        warmup_steps: int = utils.DEFAULT_CONFIG.warmup_steps) -> optax.Schedule:
     """The default curriculum (SPEC §5.1) as an ``optax.Schedule`` ``step -> float32 ratio``.
 
     ``base(step) = 1 ⊖ (min(1, f32(step) ⊘ f32(warmup_steps)) ⊗ (1 ⊖ min_tokens_ratio))`` in float32, and

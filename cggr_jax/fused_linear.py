@@ -630,7 +630,8 @@ def _scores(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], lab
 
 
 def fused_linear_scores(hidden: jax.Array, weight: jax.Array, targets: Optional[jax.Array] = None,
-                        bias: Optional[jax.Array] = None, *, scoring: str = "combined", ignore_index: int = -100,
+                        bias: Optional[jax.Array] = None, *, scoring: str = DEFAULT_CONFIG.scoring,
+                        ignore_index: int = DEFAULT_CONFIG.ignore_index,
                         valid_mask: Optional[jax.Array] = None, row_chunk_size: Optional[int] = None,
                         vocab_chunk_size: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
                         weight_layout: str = "vd", logits_dtype: Any = None) -> TokenScores:

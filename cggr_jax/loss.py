@@ -38,8 +38,7 @@ from cggr_jax import curriculum, dispatch, pipeline, scoring, selection, utils
 __all__ = ["METRIC_KEYS", "NUMERIC_METRIC_KEYS", "CGGRLoss", "cggr_loss", "metrics_to_dict", "metric_template",
            "DEFAULT_CONFIG", "resolve_config"]
 
-#: The defaults of every entry point's settings: those of ``cggr.CGGRConfig`` (not re-declared here).
-DEFAULT_CONFIG = CGGRConfig()
+DEFAULT_CONFIG = utils.DEFAULT_CONFIG
 metric_template = pipeline.metric_template
 
 

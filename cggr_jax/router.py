@@ -53,6 +53,7 @@ __all__ = [
     "create_truncated_router",
     "check_labels_and_mask",
     "check_linear_head",
+    "forget_head_checks",
     "head_weight",
     "linear_head_logits",
     "sequence_difficulty",
@@ -358,6 +359,11 @@ def _head_probe_model(model: Any) -> Any:
         return jnp.zeros(x.shape, x.dtype)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map(fresh, state))
+
+
+def forget_head_checks() -> None:
+    """Forget the cached verdicts of :func:`check_linear_head` (e.g. after redefining a model class)."""
+    _HEAD_VERDICTS.clear()
 
 
 def check_linear_head(model: Any, name: str = "model") -> None:

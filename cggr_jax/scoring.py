@@ -102,7 +102,7 @@ def _checked_inputs(logits: Any, targets: Any, ignore_index: Any,
 
 
 def token_statistics(logits: jax.Array, targets: jax.Array | None = None, *,
-                     ignore_index: int = -100) -> TokenStatistics:
+                     ignore_index: int = utils.DEFAULT_CONFIG.ignore_index) -> TokenStatistics:
     """SPEC §2 for every token of ``logits`` ``(B, T, V)`` / ``(N, V)``; float32 results of the token shape.
 
     ``targets`` (integer, the leading dims of ``logits``) are only needed for ``nll``; a target equal to
@@ -160,7 +160,7 @@ def row_finite(stats: TokenStatistics, has_target: jax.Array | None) -> jax.Arra
 
 
 # ------------------------------------------------------------------------------------------- difficulty
-def difficulty_from_statistics(stats: TokenStatistics, scoring: str = "combined", *,
+def difficulty_from_statistics(stats: TokenStatistics, scoring: str = utils.DEFAULT_CONFIG.scoring, *,
                                has_targets: bool = True) -> jax.Array:
     """SPEC §3 in float32: ``margin_term = 1 − (p1 − p2)``; ``entropy → H``; ``margin → margin_term``;
     ``loss → nll``; ``combined → (H + margin_term) + nll`` (``H + margin_term`` when ``has_targets`` is
@@ -204,8 +204,9 @@ def scores_from_statistics(stats: TokenStatistics, scoring: str, *, not_ignored:
     return TokenScores(difficulty, eligible, valid, stats)
 
 
-def score_tokens(logits: jax.Array, targets: jax.Array | None = None, *, scoring: str = "combined",
-                 ignore_index: int = -100, valid_mask: jax.Array | None = None) -> TokenScores:
+def score_tokens(logits: jax.Array, targets: jax.Array | None = None, *,
+                 scoring: str = utils.DEFAULT_CONFIG.scoring, ignore_index: int = utils.DEFAULT_CONFIG.ignore_index,
+                 valid_mask: jax.Array | None = None) -> TokenScores:
     """SPEC §2–§4: difficulty, validity and eligibility of every token (:func:`scores_from_statistics`).
 
     * ``valid`` = target given and ``!= ignore_index`` (every token when ``targets`` is None), and

@@ -237,7 +237,9 @@ def select_checked(d: jax.Array, e: jax.Array, ratio: jax.Array, selection: str,
 
 
 def select_tokens(difficulty: jax.Array, eligible: jax.Array, ratio: Any, *, selection: str = "topk",
-                  num_strata: int = 4, min_tokens_per_sequence: int = 1) -> tuple[jax.Array, jax.Array]:
+                  num_strata: int = utils.DEFAULT_CONFIG.num_strata,
+                  min_tokens_per_sequence: int = utils.DEFAULT_CONFIG.min_tokens_per_sequence,
+                  ) -> tuple[jax.Array, jax.Array]:
     """SPEC §7: the boolean mask of kept tokens (the input's shape) and ``k`` (int32 scalar).
 
     ``difficulty`` float (computed in float32) and ``eligible`` bool, both ``(N,)`` or ``(B, T)`` (a 2-D

@@ -14,9 +14,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cggr import check_label_dtype_range
+from cggr import CGGRConfig, check_label_dtype_range
 
 __all__ = [
+    "DEFAULT_CONFIG",
     "shift_for_causal_lm",
     "is_traced",
     "as_logits",
@@ -30,6 +31,10 @@ __all__ = [
     "check_real",
     "check_choice",
 ]
+
+
+#: The defaults of every setting, those of ``cggr.CGGRConfig`` (never re-declared in this package).
+DEFAULT_CONFIG = CGGRConfig()
 
 
 # ------------------------------------------------------------------------------------------ tracing state

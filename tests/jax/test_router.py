@@ -62,7 +62,7 @@ def test_post_head_transforms_are_refused(cls, tied):
     ids = jnp.zeros((2, T), jnp.int32)
     with pytest.raises(ValueError, match="post-head transform"):
         router.decoder_lm_cggr_loss(model, ids, ids, 0)
-    router._HEAD_VERDICTS.clear()    # the verdict is cached; check the traced path afresh
+    router.forget_head_checks()    # the verdict is cached; check the traced path afresh
     with pytest.raises(ValueError, match="post-head transform"):
         nnx.jit(lambda m, i: router.decoder_lm_cggr_loss(m, i, i, 0))(model, ids)
 
