@@ -313,9 +313,10 @@ class BatchSplitTrainStep:
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, count, grads
 
-    def _route(self, params: Any, rest: Any, input_ids: jax.Array, labels: jax.Array,
+    def route(self, params: Any, rest: Any, input_ids: jax.Array, labels: jax.Array,
                attention_mask: jax.Array | None, step: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-        """``(rank, k, metrics)`` of the kept sequences for the selecting modes (rank −1 = not eligible)."""
+        """``(rank, k, metrics)`` of the kept sequences for the selecting modes (rank −1 = not eligible): the
+        router's part of the step (traced inside it; public so that benchmarks can time the router alone)."""
         cfg = self.config
         B = input_ids.shape[0]
         zero_f, zero_i = jnp.float32(0.0), jnp.int32(0)
@@ -389,7 +390,7 @@ class BatchSplitTrainStep:
                 "avg_difficulty": zero_f, "avg_sequence_difficulty_selected": zero_f,
             }
         else:
-            rank, k, route_metrics = self._route(params, rest, input_ids, labels, attention_mask, step)
+            rank, k, route_metrics = self.route(params, rest, input_ids, labels, attention_mask, step)
             # Kept sequences first (by rank), then the other eligible ones, then the ineligible ones.
             order_key = jnp.where(rank >= 0, rank, B + jnp.arange(B, dtype=jnp.int32))
             order = jnp.argsort(order_key).astype(jnp.int32)

@@ -87,6 +87,7 @@ from cggr_jax.loss import DEFAULT_CONFIG, CGGRLoss, resolve_config
 
 __all__ = [
     "describe",
+    "forward_blocks",
     "DEFAULT_MEMORY_BUDGET",
     "ChunkPlan",
     "FusedLinearCGGROutput",
@@ -221,7 +222,7 @@ def _resolve_logits_dtype(logits_dtype: Any, hidden_dtype: Any) -> str:
     return dt.name
 
 
-def _forward_blocks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, ldt: str, kernel: bool,
+def forward_blocks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, ldt: str, kernel: bool,
                     row_chunk_size: Optional[int], vocab_chunk_size: Optional[int], memory_budget_bytes: int,
                     selected_rows: Optional[int] = None) -> tuple[ChunkPlan, int, int]:
     """``(plan, rows, columns)``: the plan (its rows sized for the caller's ``row_chunk_size`` when given)
@@ -584,7 +585,7 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, targets: jax.Array, 
         cap = utils.check_int(capacity, "capacity", minimum=min(1, N), maximum=N)
     ldt = _resolve_logits_dtype(logits_dtype, hidden.dtype)
     kernel = dispatch.use_kernels(hidden)
-    plan, rows, cols = _forward_blocks(N, d, V, hidden.dtype, ldt, kernel, row_chunk_size, vocab_chunk_size,
+    plan, rows, cols = forward_blocks(N, d, V, hidden.dtype, ldt, kernel, row_chunk_size, vocab_chunk_size,
                                        memory_budget_bytes, selected_rows=cap)
     cfg = _Config(capacity=cap, row_chunk=rows, vocab_chunk=vocab_chunk_size or plan.vocab_chunk,
                   forward_vocab_chunk=cols, weight_layout=weight_layout, logits_dtype=ldt,
@@ -661,7 +662,7 @@ def fused_linear_scores(hidden: jax.Array, weight: jax.Array, targets: Optional[
     ldt = _resolve_logits_dtype(logits_dtype, hidden.dtype)
     N = int(np.prod(token_shape))
     kernel = dispatch.use_kernels(hidden)
-    _, row_chunk, cols = _forward_blocks(N, d, V, hidden.dtype, ldt, kernel, row_chunk_size, vocab_chunk_size,
+    _, row_chunk, cols = forward_blocks(N, d, V, hidden.dtype, ldt, kernel, row_chunk_size, vocab_chunk_size,
                                          memory_budget_bytes)
     return _scores(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight),
                    None if bias is None else jax.lax.stop_gradient(bias), targets, valid_mask,

@@ -1,8 +1,10 @@
-"""A small Llama-style decoder-only language model in Flax NNX, with a truncated *router* view.
+"""The small Flax NNX model zoo of ``cggr_jax``: a Llama-style decoder-only language model (``DecoderLM``).
 
-The model is the JAX half of CGGR batch splitting (SPEC §9): a cheap router made of the model's own first
-``num_layers`` blocks (plus the final norm and the LM head, all shared, no copies) scores a batch, and only
-the hardest sequences run the full model's forward and backward (see :mod:`cggr_jax.batch_split`).
+JAX has no Hugging Face model hub to wrap, so the demos, tests and benchmarks of batch splitting (SPEC §9) use
+this model (the documented exception to the mirror of ``cggr_torch``). ``DecoderLM.router_logits`` runs the
+model's own first ``num_layers`` blocks (plus the final norm and the LM head, all shared, no copies): the
+routers built on it (``TruncatedRouter``, the scorer) live in :mod:`cggr_jax.router`, the training step in
+:mod:`cggr_jax.batch_split`.
 
 Architecture (per block, pre-norm, residual stream ``x`` of shape ``(B, T, d)``)::
 

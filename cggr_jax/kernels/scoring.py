@@ -219,7 +219,7 @@ def sanitize_targets(targets1d: jax.Array, vocab: int, ignore_index: int) -> tup
 
 
 # ------------------------------------------------------------------------------------------------- kernel
-class _Stream:
+class Stream:
     """The ``(R, block_v)`` steps of a program's rows as ``(R, C)`` sub-tiles, loaded in the input dtype.
 
     ``row_mask`` (``(R,)`` bool or None): rows past ``N`` of a ragged last program; their loads are masked
@@ -271,7 +271,7 @@ class _Stream:
         return carry
 
 
-def _online_statistics(stream: _Stream, interpret: bool,
+def _online_statistics(stream: Stream, interpret: bool,
                        init: Optional[tuple[jax.Array, ...]] = None) -> tuple[jax.Array, ...]:
     """``(m, r, d, s)`` per row of the program (module doc), ``(R,)`` float32 each.
 
@@ -357,7 +357,7 @@ def _row_statistics_kernel(*refs: Any, n: int, v: int, rows: int, block_v: int, 
     active = in_range if row_ref is None else in_range & (row_ref[safe] != 0)
 
     def compute() -> None:
-        stream = _Stream(x_ref, row0, rows, out_mask, v, block_v, chunk)
+        stream = Stream(x_ref, row0, rows, out_mask, v, block_v, chunk)
         m, r, d, s = _online_statistics(stream, interpret)
         ok = z_t = None
         if has_targets:
@@ -447,7 +447,7 @@ def _chunk_statistics_kernel(*refs: Any, n: int, c: int, rows: int, block_v: int
     out_mask = in_range if n % rows else None  # rows past N exist only in a ragged last program
     # Per-row scalars are gathered at the clamped row index (always legal); rows past N are never stored.
     init = None if first else tuple(ref[safe] for ref in prev[:4])
-    stream = _Stream(x_ref, row0, rows, out_mask, c, block_v, chunk)
+    stream = Stream(x_ref, row0, rows, out_mask, c, block_v, chunk)
     m, r, d, s = _online_statistics(stream, interpret, init)
     z_t = valid = None
     if has_targets:
@@ -488,7 +488,7 @@ def chunk_statistics(logits_chunk: jax.Array, targets1d: Optional[jax.Array] = N
     For logits produced one vocabulary chunk at a time (the fused LM head's forward): the chunks of a row
     are passed in increasing ``v0``, the first (``v0 = 0``) starting from the empty carry ``(m, r, d, s) =
     (−∞, −∞, 0, 0)``, every later one from the ``state`` the previous call returned. Each call runs the
-    recurrence of the module docstring over its ``C`` columns (same kernel body, same ``_Stream`` with the
+    recurrence of the module docstring over its ``C`` columns (same kernel body, same ``Stream`` with the
     ragged last step masked to −∞), so with chunk widths ``C_1 … C_k`` the result equals one pass over the
     whole row up to the summation order of ``d`` and ``s``: the top-2 ``(m, r)``, the target logit and the
     finiteness are exactly those of :func:`row_statistics`. A chunk that is not the last (``v0 + C <
