@@ -20,33 +20,34 @@ Quick start (Flax NNX)::
         optimizer.update(model, grads, cggr_metrics=metrics)
         return loss, metrics
 """
-from cggr_jax import curriculum, loss, scoring, selection, transform, utils
+from cggr import SCORING_MODES, SELECTION_STRATEGIES, CGGRConfig
+
+from cggr_jax import curriculum, dispatch, integrations, loss, pipeline, scoring, selection, types, utils
 from cggr_jax.curriculum import dynamic_ratio, linear_warmup_ratio, num_selected
+from cggr_jax.integrations import CurriculumState, advance_curriculum, current_step, latest_metrics
 from cggr_jax.loss import METRIC_KEYS, CGGRLoss, cggr_loss, metrics_to_dict
-from cggr_jax.scoring import (
-    SCORING_MODES,
-    TokenScores,
-    TokenStatistics,
-    difficulty_from_statistics,
-    score_tokens,
-    token_statistics,
-)
-from cggr_jax.selection import SELECTION_STRATEGIES, rank_tokens, select_tokens
-from cggr_jax.transform import CurriculumState, advance_curriculum, current_step, latest_metrics
+from cggr_jax.scoring import difficulty_from_statistics, score_tokens, token_statistics
+from cggr_jax.selection import rank_tokens, select_tokens
+from cggr_jax.types import SequenceSelection, TokenScores, TokenStatistics
 from cggr_jax.utils import shift_for_causal_lm
 
 __all__ = [
+    "CGGRConfig",
     "curriculum",
+    "dispatch",
+    "integrations",
     "loss",
+    "pipeline",
     "scoring",
     "selection",
-    "transform",
+    "types",
     "utils",
     "SCORING_MODES",
     "SELECTION_STRATEGIES",
     "METRIC_KEYS",
     "TokenStatistics",
     "TokenScores",
+    "SequenceSelection",
     "token_statistics",
     "difficulty_from_statistics",
     "score_tokens",

@@ -28,7 +28,7 @@ import optax
 from cggr_jax import utils
 
 __all__ = ["linear_warmup_ratio", "dynamic_ratio", "num_selected", "check_step", "check_ratio_value",
-           "exact_add", "exact_div"]
+           "exact_add", "exact_div", "schedule_for", "schedule_value", "check_schedule"]
 
 _MAX_INT32 = 2**31 - 1
 
@@ -163,7 +163,8 @@ def check_ratio_value(ratio: Any, name: str = "ratio") -> jax.Array:
     return r
 
 
-def linear_warmup_ratio(min_tokens_ratio: float = 0.25, warmup_steps: int = 1000) -> optax.Schedule:
+def linear_warmup_ratio(min_tokens_ratio: float = utils.DEFAULT_CONFIG.min_tokens_ratio,
+                        warmup_steps: int = utils.DEFAULT_CONFIG.warmup_steps) -> optax.Schedule:
     """The default curriculum (SPEC §5.1) as an ``optax.Schedule`` ``step -> float32 ratio``.
 
     ``base(step) = 1 ⊖ (min(1, f32(step) ⊘ f32(warmup_steps)) ⊗ (1 ⊖ min_tokens_ratio))`` in float32, and
@@ -231,3 +232,30 @@ def num_selected(n: Any, ratio: Any) -> jax.Array:
     k = jnp.minimum(n_u, jnp.maximum(jnp.uint32(1), k))
     k = jnp.where(n_u == 0, jnp.uint32(0), k)
     return k.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------- the schedule in use
+def check_schedule(ratio_schedule: Any) -> Any:
+    """``ratio_schedule`` must be None or a callable ``step -> ratio`` (an ``optax.Schedule``)."""
+    if ratio_schedule is not None and not callable(ratio_schedule):
+        raise ValueError(f"ratio_schedule: expected None or an optax.Schedule (a callable step -> ratio), "
+                         f"got {type(ratio_schedule).__name__}")
+    return ratio_schedule
+
+
+def schedule_for(config: Any, ratio_schedule: Any = None) -> optax.Schedule:
+    """The curriculum of an entry point: ``ratio_schedule`` when given, else
+    ``linear_warmup_ratio(config.min_tokens_ratio, config.warmup_steps)`` (``config`` a ``cggr.CGGRConfig``)."""
+    if ratio_schedule is not None:
+        return ratio_schedule
+    return linear_warmup_ratio(config.min_tokens_ratio, config.warmup_steps)
+
+
+def schedule_value(schedule: optax.Schedule, step: jax.Array, name: str = "ratio_schedule(step)") -> jax.Array:
+    """``schedule(step)`` as a float32 scalar; a non-scalar or non-real value is a :class:`ValueError`."""
+    value = jnp.asarray(schedule(step))
+    if value.shape != () or not (jnp.issubdtype(value.dtype, jnp.floating)
+                                 or jnp.issubdtype(value.dtype, jnp.integer)):
+        raise ValueError(f"{name}: expected a real scalar in (0, 1], got dtype {value.dtype} and "
+                         f"shape {value.shape}")
+    return value.astype(jnp.float32)

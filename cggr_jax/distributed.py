@@ -52,8 +52,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cggr_jax import curriculum, scoring, selection, utils
-from cggr_jax import loss as _loss
+from cggr_jax import curriculum, dispatch, pipeline, scoring, utils
 from cggr_jax.loss import CGGRLoss
 
 __all__ = ["SCOPES", "DistributedCGGRLoss", "cggr_loss", "shard_cggr_loss", "batch_sharding"]
@@ -93,24 +92,16 @@ def _plain_config(cfg: CGGRLoss) -> CGGRLoss:
     """``cfg`` as a plain :class:`CGGRLoss` (drops the fields a subclass adds)."""
     if type(cfg) is CGGRLoss:
         return cfg
-    names = {f.name for f in dataclasses.fields(CGGRLoss)}
-    return CGGRLoss(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names})
+    return CGGRLoss.from_config(cfg.config, ratio_schedule=cfg.ratio_schedule)
 
 
 def _selected_ce_sum(logits: jax.Array, safe: jax.Array, has_target: jax.Array, mask: jax.Array,
-                     stats: scoring.TokenStatistics, ignore_index: int, ce_kernel: bool) -> jax.Array:
-    """``Σ_{i ∈ mask} ce_i`` in float32 with the SPEC §8 gradient w.r.t. ``logits``.
-
-    The same selective cross-entropy as :class:`cggr_jax.CGGRLoss` (the Pallas kernel on a GPU backend, else
-    the XLA ``custom_vjp`` whose forward reads no logits), which returns the mean over ``mask``; it is
-    multiplied back by ``|mask|`` (a constant for the gradient; 0 when nothing is selected on this shard).
-    """
+                     stats: scoring.TokenStatistics, ignore_index: int, kernel: bool) -> jax.Array:
+    """``Σ_{i ∈ mask} ce_i`` in float32 with the SPEC §8 gradient w.r.t. ``logits``: the pipeline's selective
+    cross-entropy (the mean over ``mask``) multiplied back by ``|mask|`` (a constant for the gradient; 0 when
+    nothing is selected on this shard)."""
     count = jnp.sum(mask, dtype=jnp.int32).astype(jnp.float32)
-    if ce_kernel:
-        kernel_targets = jnp.where(has_target, safe, ignore_index)
-        mean = _loss._load_ce_kernel()(logits, kernel_targets, mask, ignore_index=ignore_index, stats=stats)
-    else:
-        mean = _loss._selected_ce(logits, safe, mask, stats.lse, stats.nll)
+    mean = pipeline.selective_cross_entropy(logits, safe, has_target, mask, stats, ignore_index, kernel=kernel)
     return mean.astype(jnp.float32) * count
 
 
@@ -118,7 +109,7 @@ def _axis_size(axis_name: str) -> int:
     return int(jax.lax.axis_size(axis_name))
 
 
-def _global_share(logits: jax.Array, labels: jax.Array, step: jax.Array, cfg: CGGRLoss,
+def _global_share(logits: jax.Array, targets: jax.Array, step: jax.Array, cfg: CGGRLoss,
                   axis_name: str) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The per-shard body of the global scope (module docstring); ``axis_name`` must be bound.
 
@@ -130,17 +121,19 @@ def _global_share(logits: jax.Array, labels: jax.Array, step: jax.Array, cfg: CG
     tok_shape = tuple(logits.shape[:-1])
     N = math.prod(tok_shape)
     V = logits.shape[-1]
-    not_ignored, in_range, safe = utils.target_masks(labels, V, cfg.ignore_index)
+    config = cfg.config
+    not_ignored, in_range, safe = utils.target_masks(targets, V, config.ignore_index)
     has_target = not_ignored & in_range
-    stats = scoring.dispatch_statistics(jax.lax.stop_gradient(logits), safe, has_target, cfg.ignore_index,
-                                        kernel=scoring.use_kernel())
+    kernel = dispatch.use_kernels(logits)
+    stats = scoring.dispatch_statistics(jax.lax.stop_gradient(logits), safe, has_target, config.ignore_index,
+                                        kernel=kernel)
     stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
-    difficulty = scoring.difficulty_from_statistics(stats, cfg.scoring, has_targets=True)
-    elig = has_target & scoring.row_finite(stats, has_target) & ~jnp.isnan(difficulty)
+    scores = scoring.scores_from_statistics(stats, config.scoring, not_ignored=not_ignored, in_range=in_range)
+    elig = scores.eligible
     zero = jnp.float32(0.0)
 
     # The exchange: difficulties (NaN = not eligible, lossless by SPEC §4) and the sums behind c̄ / metrics.
-    d_local = jnp.where(elig, difficulty.astype(jnp.float32), jnp.float32(jnp.nan)).reshape(N)
+    d_local = jnp.where(elig, scores.difficulty.astype(jnp.float32), jnp.float32(jnp.nan)).reshape(N)
     placed = jax.lax.dynamic_update_slice(jnp.zeros((W * N,), jnp.float32), d_local, (r * N,))
     sums = jnp.stack([jnp.sum(jnp.where(elig, stats.confidence, zero)),
                       jnp.sum(jnp.where(elig, stats.entropy, zero))])
@@ -153,39 +146,24 @@ def _global_share(logits: jax.Array, labels: jax.Array, step: jax.Array, cfg: CG
     e_g = ~jnp.isnan(d_g)
     n_g = jnp.sum(e_g, dtype=jnp.int32)
     denom = jnp.maximum(n_g, 1).astype(jnp.float32)
-    avg_conf = sums[0] / denom
-    base = _loss._schedule_value(cfg.schedule, step)
-    if cfg.dynamic_threshold and cfg.selection != "fixed_quota":
-        ratio = curriculum.dynamic_ratio(base, avg_conf, cfg.threshold_sensitivity)
-    else:
-        ratio = base
-    mask_g, _ = selection.select_tokens(d_g, e_g, ratio, selection=cfg.selection, num_strata=cfg.num_strata,
-                                        min_tokens_per_sequence=cfg.min_tokens_per_sequence)
+    averages = {"tokens_total": n_g, "avg_confidence": sums[0] / denom, "avg_entropy": sums[1] / denom,
+                "avg_difficulty": jnp.sum(jnp.where(e_g, d_g, zero)) / denom}
+    base, ratio = pipeline.ratios(config, cfg.schedule, step, averages["avg_confidence"])
+    mask_g, _ = pipeline.select(d_g, e_g, ratio, config)
     count_g = jnp.sum(mask_g, dtype=jnp.int32)
     mask = jax.lax.dynamic_slice(mask_g.reshape(W * N), (r * N,), (N,)).reshape(tok_shape)
 
-    total = _selected_ce_sum(logits, safe, has_target, mask, stats, cfg.ignore_index, _loss._use_ce_kernel())
+    total = _selected_ce_sum(logits, safe, has_target, mask, stats, config.ignore_index, kernel)
     share = total / jnp.maximum(count_g, 1).astype(jnp.float32)
-    metrics = {
-        "step": step,
-        "token_ratio": base,
-        "effective_ratio": ratio,
-        "tokens_selected": count_g,
-        "tokens_total": n_g,
-        "tokens_nonfinite": counts[0],
-        "tokens_out_of_range": counts[1],
-        "avg_confidence": avg_conf,
-        "avg_entropy": sums[1] / denom,
-        "avg_difficulty": jnp.sum(jnp.where(e_g, d_g, zero)) / denom,
-    }
+    metrics = pipeline.measure(step, base, ratio, count_g, averages, counts[0], counts[1])
     return share, metrics
 
 
-def _local_share(logits: jax.Array, labels: jax.Array, step: jax.Array, cfg: CGGRLoss,
+def _local_share(logits: jax.Array, targets: jax.Array, step: jax.Array, cfg: CGGRLoss,
                  axis_name: str) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The per-shard body of the local scope: ``L_r / W`` and metrics combined over the axis."""
     W = _axis_size(axis_name)
-    loss, m = _plain_config(cfg)(logits, labels, step)
+    loss, m = _plain_config(cfg)(logits, targets, step)
     n = m["tokens_total"]
     counts = jax.lax.psum(jnp.stack([m[k].astype(jnp.int32) for k in _COUNT_KEYS]), axis_name)
     weighted = jax.lax.psum(jnp.stack([m[k].astype(jnp.float32) * n.astype(jnp.float32) for k in _AVERAGE_KEYS]
@@ -200,18 +178,7 @@ def _local_share(logits: jax.Array, labels: jax.Array, step: jax.Array, cfg: CGG
     return loss / jnp.float32(W), metrics
 
 
-def _checked_inputs(logits: Any, labels: Any, step: Any, cfg: CGGRLoss) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The argument checks of :class:`cggr_jax.CGGRLoss` (``ValueError`` naming the argument)."""
-    logits = utils.as_logits(logits)
-    labels = utils.as_targets(labels, logits.shape, "labels")
-    utils.check_target_range(labels, logits.shape[-1], cfg.ignore_index, "labels")
-    step = curriculum.check_step(step)
-    if cfg.ratio_schedule is not None and not utils.is_traced(step):
-        curriculum.check_ratio_value(_loss._schedule_value(cfg.ratio_schedule, step), "ratio_schedule(step)")
-    return logits, labels, step
-
-
-def shard_cggr_loss(logits: jax.Array, labels: jax.Array, step: Any, *, axis_name: str = "data",
+def shard_cggr_loss(logits: jax.Array, targets: jax.Array, step: Any, *, axis_name: str = "data",
                     scope: str = "global", loss_fn: CGGRLoss | None = None,
                     **config: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CGGR on one shard of a data-parallel batch, inside ``shard_map`` (``axis_name`` must be bound).
@@ -224,7 +191,7 @@ def shard_cggr_loss(logits: jax.Array, labels: jax.Array, step: Any, *, axis_nam
 
     Args:
         logits: this shard's ``(B, T, V)`` or ``(N, V)`` logits (every shard the same shape).
-        labels: this shard's integer targets, the leading dims of ``logits`` (already shifted).
+        targets: this shard's integer targets, the leading dims of ``logits`` (already shifted).
         step: the curriculum step (an integer scalar, replicated).
         axis_name: the data axis of the enclosing ``shard_map``.
         scope: ``"global"`` or ``"local"``.
@@ -233,10 +200,10 @@ def shard_cggr_loss(logits: jax.Array, labels: jax.Array, step: Any, *, axis_nam
     _check_scope(scope)
     _check_axis_name(axis_name)
     cfg = _as_config(loss_fn, config)
-    logits, labels, step = _checked_inputs(logits, labels, step, cfg)
+    logits, targets, step = cfg.check_call(logits, targets, step)
     if scope == "local":
-        return _local_share(logits, labels, step, cfg, axis_name)
-    return _global_share(logits, labels, step, cfg, axis_name)
+        return _local_share(logits, targets, step, cfg, axis_name)
+    return _global_share(logits, targets, step, cfg, axis_name)
 
 
 def _check_mesh(mesh: Any, axis_name: str, logits: Any) -> int:
@@ -256,7 +223,7 @@ def _shard_map(fn: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-def cggr_loss(logits: jax.Array, labels: jax.Array, step: Any, *, mesh: Mesh, axis_name: str = "data",
+def cggr_loss(logits: jax.Array, targets: jax.Array, step: Any, *, mesh: Mesh, axis_name: str = "data",
               scope: str = "global", loss_fn: CGGRLoss | None = None,
               **config: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Data-parallel CGGR loss on global arrays whose first axis is sharded over ``axis_name`` of ``mesh``.
@@ -268,7 +235,7 @@ def cggr_loss(logits: jax.Array, labels: jax.Array, step: Any, *, mesh: Mesh, ax
 
     Args:
         logits: ``(B, T, V)`` or ``(N, V)``; the leading dimension divisible by the data-axis size.
-        labels: integer targets, the leading dims of ``logits`` (already shifted).
+        targets: integer targets, the leading dims of ``logits`` (already shifted).
         step: the curriculum step (integer scalar).
         mesh: the device mesh; other axes than ``axis_name`` see replicated inputs.
         axis_name: the data axis.
@@ -282,7 +249,7 @@ def cggr_loss(logits: jax.Array, labels: jax.Array, step: Any, *, mesh: Mesh, ax
     _check_scope(scope)
     _check_axis_name(axis_name)
     cfg = _as_config(loss_fn, config)
-    logits, labels, step = _checked_inputs(logits, labels, step, cfg)
+    logits, targets, step = cfg.check_call(logits, targets, step)
     _check_mesh(mesh, axis_name, logits)
     body = _global_share if scope == "global" else _local_share
 
@@ -291,7 +258,7 @@ def cggr_loss(logits: jax.Array, labels: jax.Array, step: Any, *, mesh: Mesh, ax
         return jax.lax.psum(share, axis_name), metrics
 
     data = P(axis_name)
-    return _shard_map(per_shard, mesh, (data, data, P()), (P(), P()))(logits, labels, step)
+    return _shard_map(per_shard, mesh, (data, data, P()), (P(), P()))(logits, targets, step)
 
 
 def batch_sharding(mesh: Mesh, axis_name: str = "data") -> NamedSharding:
@@ -306,7 +273,7 @@ def batch_sharding(mesh: Mesh, axis_name: str = "data") -> NamedSharding:
 class DistributedCGGRLoss(CGGRLoss):
     """:class:`cggr_jax.CGGRLoss` for a batch sharded over a data axis (SPEC §13); frozen and hashable.
 
-    ``__call__(logits, labels, step) -> (loss, metrics)`` is :func:`cggr_loss` with this configuration:
+    ``__call__(logits, targets, step) -> (loss, metrics)`` is :func:`cggr_loss` with this configuration:
     global arrays sharded over ``axis_name`` of ``mesh``, ``scope="global"`` (the whole batch, the same result
     as one device) or ``"local"`` (the mean of the shards' own CGGR losses).
     """
@@ -327,11 +294,11 @@ class DistributedCGGRLoss(CGGRLoss):
             raise ValueError(f"axis_name: {self.axis_name!r} is not an axis of the mesh "
                              f"{tuple(self.mesh.axis_names)}")
 
-    def __call__(self, logits: jax.Array, labels: jax.Array, step: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        return cggr_loss(logits, labels, step, mesh=self.mesh, axis_name=self.axis_name, scope=self.scope,
+    def __call__(self, logits: jax.Array, targets: jax.Array, step: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return cggr_loss(logits, targets, step, mesh=self.mesh, axis_name=self.axis_name, scope=self.scope,
                          loss_fn=_plain_config(self))
 
-    def shard(self, logits: jax.Array, labels: jax.Array, step: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def shard(self, logits: jax.Array, targets: jax.Array, step: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         """:func:`shard_cggr_loss` with this configuration (inside ``shard_map`` over ``axis_name``)."""
-        return shard_cggr_loss(logits, labels, step, axis_name=self.axis_name, scope=self.scope,
+        return shard_cggr_loss(logits, targets, step, axis_name=self.axis_name, scope=self.scope,
                                loss_fn=_plain_config(self))

@@ -17,8 +17,8 @@ loop over static column slices of ``W``/``b`` (either ``weight_layout``) feeds
 :func:`cggr_jax.kernels.scoring.chunk_statistics`, which resumes each row's streaming state - running max
 ``m``, runner-up ``r``, the rescaled sums ``d = Σ e^{z−m}`` and ``s = Σ e^{z−m}(z − m)``, the target logit -
 where the previous column block left it, the last block giving the statistics. Tall GEMMs, and a statistics
-launch of one program per row (the PyTorch twin measured that row blocks of a whole vocabulary starve the
-statistics pass: 896 rows cannot fill 132 SMs; ``benchmarks/bench_fused_linear_jax.py`` times both forwards).
+launch of one program per row (row blocks of a whole vocabulary starve the statistics pass: 896 rows cannot
+fill 132 SMs; DECISIONS.md: fused-head-chunk-plan).
 Each block's GEMM is ordered after the previous block's statistics (an ``optimization_barrier``), so the GEMMs
 cannot all be scheduled ahead of the kernels and one block of logits at a time needs to be live. With
 ``C = V`` every row block goes whole to the dispatcher of :func:`cggr_jax.scoring.token_statistics`; the XLA
@@ -76,11 +76,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cggr_jax import curriculum, selection as selection_mod, utils
-from cggr_jax import loss as _loss
-from cggr_jax import scoring as _sc
+from cggr import CGGRConfig
+
+from cggr_jax import curriculum, dispatch, pipeline, utils
+from cggr_jax import selection as selection_lib
+from cggr_jax import scoring as scoring_lib
+from cggr_jax.kernels.launch import DEFAULT_MEMORY_BUDGET, ChunkPlan, plan_chunks
+from cggr_jax.types import TokenScores, TokenStatistics
+from cggr_jax.loss import DEFAULT_CONFIG, CGGRLoss, resolve_config
 
 __all__ = [
+    "describe",
+    "forward_blocks",
     "DEFAULT_MEMORY_BUDGET",
     "ChunkPlan",
     "FusedLinearCGGROutput",
@@ -89,100 +96,15 @@ __all__ = [
     "fused_linear_cggr",
     "fused_linear_cggr_loss",
     "fused_linear_scores",
-    "decoder_lm_hidden_states",
-    "decoder_lm_cggr_loss",
 ]
 
-#: Default working-memory budget (bytes): 0.25 GiB.
-DEFAULT_MEMORY_BUDGET: int = 2**28
-
 _WEIGHT_LAYOUTS = ("vd", "dv")
-_REFERENCE_STAT_BYTES = 16
-_ALIGN = 128
-_FILL = 0.875
-#: Narrowest forward logits block (columns) before the plan splits the rows instead (very large N); the
-#: same value as ``cggr_torch.fused_linear``.
-_MIN_FORWARD_COLUMNS = 4096
-_CONFIG_FIELDS = ("scoring", "selection", "dynamic_threshold", "threshold_sensitivity", "min_tokens_ratio",
-                  "warmup_steps", "num_strata", "min_tokens_per_sequence", "ignore_index", "ratio_schedule")
-
-
-# ============================================================================================ chunk plan
-class ChunkPlan(NamedTuple):
-    """Chunk sizes of one call: the forward's logits blocks are ``row_chunk`` rows × ``forward_vocab_chunk``
-    columns; the backward steps through ``vocab_chunk`` columns of the selected rows at a time."""
-
-    row_chunk: int
-    vocab_chunk: int
-    forward_vocab_chunk: int
-
-
-def _round_down(x: int, align: int = _ALIGN) -> int:
-    return (x // align) * align if x >= align else max(1, x)
 
 
 def _positive_int(value: Any, name: str, allow_none: bool = True) -> Optional[int]:
     if value is None and allow_none:
         return None
     return utils.check_int(value, name, minimum=1)
-
-
-def _forward_columns(rows: int, vocab_size: int, elsize: int, target: int) -> int:
-    """Columns of a ``rows``-row forward block within ``target`` bytes (the whole row when it fits)."""
-    if rows * vocab_size * elsize <= target:
-        return vocab_size
-    return min(vocab_size, _round_down(target // (rows * elsize)))
-
-
-def plan_chunks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, *,
-                selected_rows: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                statistics_kernel: bool = True, logits_dtype: Any = None,
-                row_chunk: Optional[int] = None) -> ChunkPlan:
-    """Chunk sizes that keep the working memory near ``memory_budget_bytes`` (see the module docstring).
-
-    Args:
-        num_rows: ``N``; hidden_dim: ``d``; vocab_size: ``V``.
-        dtype: dtype of the hidden states and weight; ``logits_dtype``: that of the logits (default ``dtype``).
-        selected_rows: rows of the backward buffer (``capacity``; ``N`` when None).
-        memory_budget_bytes: the budget (default 0.25 GiB).
-        statistics_kernel: True (default, as in ``cggr_torch``) when the statistics come from the Pallas
-            kernel (no float32 temporaries; the forward may then split the vocabulary, see the module
-            docstring); False for the XLA reference (whole rows).
-        row_chunk: rows per forward block chosen by the caller (the plan then only sizes the columns).
-
-    Returns:
-        :class:`ChunkPlan` ``(row_chunk, vocab_chunk, forward_vocab_chunk)``: ``1 ≤ row_chunk ≤ max(1, N)``,
-        ``1 ≤ vocab_chunk ≤ V``, ``1 ≤ forward_vocab_chunk ≤ V`` (``V`` without the statistics kernel).
-    """
-    num_rows = utils.check_int(num_rows, "num_rows", minimum=0)
-    hidden_dim = utils.check_int(hidden_dim, "hidden_dim", minimum=0)
-    vocab_size = utils.check_int(vocab_size, "vocab_size", minimum=1)
-    budget = utils.check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
-    row_chunk = _positive_int(row_chunk, "row_chunk")
-    e = jnp.dtype(dtype).itemsize
-    ell = jnp.dtype(dtype if logits_dtype is None else logits_dtype).itemsize
-    target = int(_FILL * budget)
-    n = max(1, num_rows)
-    if statistics_kernel:
-        # Vocabulary blocks of all rows: GEMMs of the full height and a statistics launch with a program per
-        # row (the rows of a block fill the GPU); rows are split only when a block would be narrower than
-        # _MIN_FORWARD_COLUMNS (very large N).
-        rows = min(n, row_chunk) if row_chunk is not None else n
-        cols = _forward_columns(rows, vocab_size, ell, target)
-        if row_chunk is None and cols < min(vocab_size, _MIN_FORWARD_COLUMNS):
-            cols = min(vocab_size, _MIN_FORWARD_COLUMNS)
-            rows = min(n, _round_down(target // (cols * ell)))
-    else:
-        # The XLA reference statistics take whole rows (their float32 temporaries are what is sized here).
-        per_row = vocab_size * (ell + _REFERENCE_STAT_BYTES)
-        rows = min(n, row_chunk) if row_chunk is not None else min(n, _round_down(target // per_row))
-        cols = vocab_size
-    k = max(1, num_rows if selected_rows is None else int(selected_rows))
-    fixed = k * hidden_dim * (4 + e)
-    per_col = k * (ell + 8 + e)
-    bcols = (target - fixed) // per_col if target > fixed else 0
-    vocab_chunk = min(vocab_size, max(min(_ALIGN, vocab_size), _round_down(int(bcols))))
-    return ChunkPlan(int(rows), int(vocab_chunk), int(cols))
 
 
 def _num_selected_host(n: int, ratio: np.float32) -> int:
@@ -193,9 +115,12 @@ def _num_selected_host(n: int, ratio: np.float32) -> int:
     return min(n, max(1, (r_q * n + 32768) // 65536))
 
 
-def max_selected(num_tokens: int, num_sequences: int = 1, *, selection: str = "stratified",
-                 dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
-                 min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, min_tokens_per_sequence: int = 1,
+def max_selected(num_tokens: int, num_sequences: int = 1, *, selection: str = DEFAULT_CONFIG.selection,
+                 dynamic_threshold: bool = DEFAULT_CONFIG.dynamic_threshold,
+                 threshold_sensitivity: float = DEFAULT_CONFIG.threshold_sensitivity,
+                 min_tokens_ratio: float = DEFAULT_CONFIG.min_tokens_ratio,
+                 warmup_steps: int = DEFAULT_CONFIG.warmup_steps,
+                 min_tokens_per_sequence: int = DEFAULT_CONFIG.min_tokens_per_sequence,
                  ratio_schedule: Optional[Callable[[Any], Any]] = None) -> int:
     """The largest number of tokens the configuration can select from ``num_tokens`` (the default capacity).
 
@@ -207,16 +132,23 @@ def max_selected(num_tokens: int, num_sequences: int = 1, *, selection: str = "s
     """
     num_tokens = utils.check_int(num_tokens, "num_tokens", minimum=0)
     num_sequences = utils.check_int(num_sequences, "num_sequences", minimum=1)
-    if ratio_schedule is not None or warmup_steps > 0:
+    config = CGGRConfig(selection=selection, dynamic_threshold=dynamic_threshold,
+                        threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+                        warmup_steps=warmup_steps, min_tokens_per_sequence=min_tokens_per_sequence)
+    return _max_selected(num_tokens, num_sequences, config, ratio_schedule)
+
+
+def _max_selected(num_tokens: int, num_sequences: int, config: CGGRConfig, ratio_schedule: Any) -> int:
+    if ratio_schedule is not None or config.warmup_steps > 0:
         r_max = np.float32(1.0)
     else:
-        r_max = np.float32(min_tokens_ratio)
-        if dynamic_threshold and selection != "fixed_quota":
+        r_max = np.float32(config.min_tokens_ratio)
+        if config.uses_dynamic_threshold:
             f32 = np.float32   # SPEC §5.2 at c̄ = 0, in host float32 (callable while tracing)
-            r_max = min(f32(1.0), f32(r_max * f32(f32(1.0) + f32(f32(1.0) * f32(threshold_sensitivity)))))
+            r_max = min(f32(1.0), f32(r_max * f32(f32(1.0) + f32(f32(1.0) * f32(config.threshold_sensitivity)))))
     k = _num_selected_host(num_tokens, r_max)
-    if selection == "sequence_aware":
-        k += num_sequences * int(min_tokens_per_sequence)
+    if config.selection == "sequence_aware":
+        k += num_sequences * int(config.min_tokens_per_sequence)
     return min(num_tokens, k)
 
 
@@ -225,15 +157,7 @@ def max_selected(num_tokens: int, num_sequences: int = 1, *, selection: str = "s
 class _Config:
     """Static configuration of one fused call (hashable: a ``jit`` static argument)."""
 
-    scoring: str
-    selection: str
-    dynamic_threshold: bool
-    threshold_sensitivity: float
-    min_tokens_ratio: float
-    warmup_steps: int
-    num_strata: int
-    min_tokens_per_sequence: int
-    ignore_index: int
+    config: CGGRConfig
     ratio_schedule: Optional[Callable[[Any], Any]]
     capacity: int
     row_chunk: int
@@ -244,44 +168,9 @@ class _Config:
     statistics_kernel: bool
 
 
-def _check_loss_config(scoring_name: Any, selection: Any, dynamic_threshold: Any, threshold_sensitivity: Any,
-                       min_tokens_ratio: Any, warmup_steps: Any, num_strata: Any, min_tokens_per_sequence: Any,
-                       ignore_index: Any, ratio_schedule: Any) -> dict[str, Any]:
-    utils.check_choice(scoring_name, "scoring", _sc.SCORING_MODES)
-    utils.check_choice(selection, "selection", selection_mod.SELECTION_STRATEGIES)
-    if not isinstance(dynamic_threshold, bool):
-        raise ValueError(f"dynamic_threshold: expected a bool, got {dynamic_threshold!r}")
-    return dict(
-        scoring=scoring_name, selection=selection, dynamic_threshold=dynamic_threshold,
-        threshold_sensitivity=utils.check_real(threshold_sensitivity, "threshold_sensitivity", low=0.0),
-        min_tokens_ratio=utils.check_real(min_tokens_ratio, "min_tokens_ratio", low=0.0, high=1.0,
-                                          low_inclusive=False),
-        warmup_steps=utils.check_int(warmup_steps, "warmup_steps", minimum=0),
-        num_strata=utils.check_int(num_strata, "num_strata", minimum=1, maximum=selection_mod.MAX_STRATA),
-        min_tokens_per_sequence=utils.check_int(min_tokens_per_sequence, "min_tokens_per_sequence", minimum=0),
-        ignore_index=utils.check_int(ignore_index, "ignore_index"),
-        ratio_schedule=_check_schedule(ratio_schedule),
-    )
-
-
-def _check_schedule(ratio_schedule: Any) -> Optional[Callable[[Any], Any]]:
-    if ratio_schedule is not None and not callable(ratio_schedule):
-        raise ValueError(f"ratio_schedule: expected None or a callable step -> ratio in (0, 1], got "
-                         f"{type(ratio_schedule).__name__}")
-    return ratio_schedule
-
-
-def _config_from_loss_fn(loss_fn: Any) -> dict[str, Any]:
-    """The loss configuration of a ``cggr_jax.loss.CGGRLoss``-like object (its constructor's field names)."""
-    missing = [name for name in _CONFIG_FIELDS if not hasattr(loss_fn, name)]
-    if missing:
-        raise ValueError(f"loss_fn: expected a cggr_jax CGGRLoss (with attributes {_CONFIG_FIELDS}), got "
-                         f"{type(loss_fn).__name__} without {missing}")
-    return {name: getattr(loss_fn, name) for name in _CONFIG_FIELDS}
-
-
 # ========================================================================================= input checks
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
+    """``x`` described for an error message: its dtype and shape, or its type."""
     shape = getattr(x, "shape", None)
     dtype = getattr(x, "dtype", None)
     if shape is None or dtype is None:
@@ -296,14 +185,14 @@ def _check_linear(hidden: Any, weight: Any, bias: Any, weight_layout: str) -> tu
     h_shape = getattr(hidden, "shape", None)
     if h_dtype is None or h_shape is None or len(h_shape) not in (2, 3) \
             or not jnp.issubdtype(h_dtype, jnp.floating):
-        raise ValueError(f"hidden: expected a floating (N, d) or (B, T, d) array, got {_describe(hidden)}")
+        raise ValueError(f"hidden: expected a floating (N, d) or (B, T, d) array, got {describe(hidden)}")
     d = int(h_shape[-1])
     w_shape = getattr(weight, "shape", None)
     w_dtype = getattr(weight, "dtype", None)
     want = f"(V, {d})" if weight_layout == "vd" else f"({d}, V)"
     if w_shape is None or w_dtype is None or len(w_shape) != 2:
         raise ValueError(f"weight: expected the LM head weight of shape {want} (weight_layout="
-                         f"{weight_layout!r}), got {_describe(weight)}")
+                         f"{weight_layout!r}), got {describe(weight)}")
     w_d, V = (w_shape[1], w_shape[0]) if weight_layout == "vd" else (w_shape[0], w_shape[1])
     if w_d != d:
         raise ValueError(f"weight: expected shape {want} with d = hidden.shape[-1] = {d} (weight_layout="
@@ -315,16 +204,15 @@ def _check_linear(hidden: Any, weight: Any, bias: Any, weight_layout: str) -> tu
     if bias is not None:
         b_shape = getattr(bias, "shape", None)
         if b_shape is None or tuple(b_shape) != (V,):
-            raise ValueError(f"bias: expected None or an array of shape ({V},), got {_describe(bias)}")
+            raise ValueError(f"bias: expected None or an array of shape ({V},), got {describe(bias)}")
         if bias.dtype != h_dtype:
             raise ValueError(f"bias: expected dtype {h_dtype} (that of hidden), got {bias.dtype}")
     return d, int(V)
 
 
-def _check_labels(labels: Any, hidden_shape: tuple[int, ...], vocab_size: int, ignore_index: int) -> jax.Array:
-    labels = utils.as_targets(labels, tuple(hidden_shape[:-1]) + (vocab_size,), "labels")
-    utils.check_target_range(labels, vocab_size, ignore_index, "labels")
-    return labels
+def _check_targets(labels: Any, hidden_shape: tuple[int, ...], vocab_size: int, ignore_index: int,
+                  name: str = "targets") -> jax.Array:
+    return utils.as_targets(labels, tuple(hidden_shape[:-1]) + (vocab_size,), name, ignore_index=ignore_index)
 
 
 def _resolve_logits_dtype(logits_dtype: Any, hidden_dtype: Any) -> str:
@@ -334,12 +222,7 @@ def _resolve_logits_dtype(logits_dtype: Any, hidden_dtype: Any) -> str:
     return dt.name
 
 
-def _statistics_kernel() -> bool:
-    """Whether the statistics go to the Pallas kernel (decided outside any trace, a static argument)."""
-    return _sc.use_kernel()
-
-
-def _forward_blocks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, ldt: str, kernel: bool,
+def forward_blocks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, ldt: str, kernel: bool,
                     row_chunk_size: Optional[int], vocab_chunk_size: Optional[int], memory_budget_bytes: int,
                     selected_rows: Optional[int] = None) -> tuple[ChunkPlan, int, int]:
     """``(plan, rows, columns)``: the plan (its rows sized for the caller's ``row_chunk_size`` when given)
@@ -365,7 +248,7 @@ def _logits(h: jax.Array, w: jax.Array, b: Optional[jax.Array], layout: str, ldt
 
 def _vocab_chunked_statistics(h_c: jax.Array, w: jax.Array, b: Optional[jax.Array], t_c: Optional[jax.Array],
                               m_c: Optional[jax.Array], ignore_index: int, layout: str, ldt: Any,
-                              cols: int) -> _sc.TokenStatistics:
+                              cols: int) -> TokenStatistics:
     """Statistics of the rows ``h_c`` from vocabulary blocks ``Z = h_c W[v0:v1]ᵀ + b[v0:v1]`` of ``cols``
     columns (a ragged last block), each folded into the rows' carried state by the Pallas chunk kernel
     (:func:`cggr_jax.kernels.scoring.chunk_statistics`; the last block yields the statistics).
@@ -374,7 +257,8 @@ def _vocab_chunked_statistics(h_c: jax.Array, w: jax.Array, b: Optional[jax.Arra
     The blocks are a Python loop over static slices of the vocabulary axis (axis 0 of a ``"vd"`` weight, 1 of
     ``"dv"``), so every kernel launch has a static ``v0``.
     """
-    from .kernels import scoring as _ks
+    from .kernels import launch as kernel_launch
+    from .kernels import scoring as kernel_scoring
 
     V = w.shape[0] if layout == "vd" else w.shape[1]
     rows = h_c.shape[0]
@@ -391,20 +275,20 @@ def _vocab_chunked_statistics(h_c: jax.Array, w: jax.Array, b: Optional[jax.Arra
             # GEMMs ahead of the kernels, so one block of logits at a time needs to be live (the plan's budget).
             h_in, state = jax.lax.optimization_barrier((h_c, state))
         z = _logits(h_in, w_c, b_c, layout, ldt)
-        itemsize = _ks.as_float32_input(z).dtype.itemsize      # the element size the kernel reads
+        itemsize = kernel_scoring.as_float32_input(z).dtype.itemsize      # the element size the kernel reads
         # Few rows (a row split): widen each row's program so that the statistics still stream at full rate.
-        launch = _ks.scoring_config_for_rows(rows, v1 - v0, itemsize, _ks.num_sms())
-        cfg = _ks.kernel_config(v1 - v0, itemsize, **launch.kwargs())
-        state = _ks.chunk_statistics(z, t_k, ignore_index=ignore_index, v0=v0, vocab_size=V, state=state,
+        launch = kernel_launch.scoring_config_for_rows(rows, v1 - v0, itemsize, kernel_launch.num_sms())
+        cfg = kernel_launch.kernel_config(v1 - v0, itemsize, **launch.kwargs())
+        state = kernel_scoring.chunk_statistics(z, t_k, ignore_index=ignore_index, v0=v0, vocab_size=V, state=state,
                                      cfg=cfg)
     lse, entropy, p1, p2 = state[:4]
     nll = jnp.zeros((rows,), jnp.float32) if t_c is None else jnp.where(m_c, state[4], 0.0)
-    return _sc.TokenStatistics(lse, entropy, p1, p2, nll)
+    return TokenStatistics(lse, entropy, p1, p2, nll)
 
 
 def _blockwise_statistics(h2: jax.Array, w: jax.Array, b: Optional[jax.Array], safe: Optional[jax.Array],
                           has_target: Optional[jax.Array], ignore_index: int, row_chunk: int, layout: str,
-                          ldt: Any, kernel: bool, vocab_chunk: Optional[int] = None) -> _sc.TokenStatistics:
+                          ldt: Any, kernel: bool, vocab_chunk: Optional[int] = None) -> TokenStatistics:
     """Flat SPEC §2 statistics of ``h2 Wᵀ + b`` from logit blocks of ``row_chunk`` rows × ``vocab_chunk``
     columns (None = ``V``).
 
@@ -420,20 +304,22 @@ def _blockwise_statistics(h2: jax.Array, w: jax.Array, b: Optional[jax.Array], s
     tail = N - n_full * R
     cols = V if (not kernel or vocab_chunk is None) else max(1, min(int(vocab_chunk), V))
 
-    def block(h_c: jax.Array, t_c: Optional[jax.Array], m_c: Optional[jax.Array]) -> _sc.TokenStatistics:
+    def block(h_c: jax.Array, t_c: Optional[jax.Array], m_c: Optional[jax.Array]) -> TokenStatistics:
         if cols < V:
             return _vocab_chunked_statistics(h_c, w, b, t_c, m_c, ignore_index, layout, ldt, cols)
         z = _logits(h_c, w, b, layout, ldt)
         launch = None
         if kernel:  # a block has few rows: widen each row's program so the statistics stream at full rate
-            from .kernels import scoring as _ks
-            launch = _ks.scoring_config_for_rows(z.shape[0], z.shape[1],
-                                                 _ks.as_float32_input(z).dtype.itemsize, _ks.num_sms())
-        return _sc.dispatch_statistics(z, t_c, m_c, ignore_index, kernel=kernel, launch=launch)
+            from .kernels import launch as kernel_launch
+            from .kernels import scoring as kernel_scoring
+            launch = kernel_launch.scoring_config_for_rows(z.shape[0], z.shape[1],
+                                                           kernel_scoring.as_float32_input(z).dtype.itemsize,
+                                                           kernel_launch.num_sms())
+        return scoring_lib.dispatch_statistics(z, t_c, m_c, ignore_index, kernel=kernel, launch=launch)
 
-    parts: list[_sc.TokenStatistics] = []
+    parts: list[TokenStatistics] = []
     if n_full > 0:
-        def body(carry: None, i: jax.Array) -> tuple[None, _sc.TokenStatistics]:
+        def body(carry: None, i: jax.Array) -> tuple[None, TokenStatistics]:
             r0 = i * R
             h_c = jax.lax.dynamic_slice_in_dim(h2, r0, R, 0)
             t_c = None if safe is None else jax.lax.dynamic_slice_in_dim(safe, r0, R, 0)
@@ -441,17 +327,17 @@ def _blockwise_statistics(h2: jax.Array, w: jax.Array, b: Optional[jax.Array], s
             return carry, block(h_c, t_c, m_c)
 
         _, ys = jax.lax.scan(body, None, jnp.arange(n_full, dtype=jnp.int32))
-        parts.append(_sc.TokenStatistics(*(y.reshape(-1) for y in ys)))
+        parts.append(TokenStatistics(*(y.reshape(-1) for y in ys)))
     if tail > 0:
         r0 = n_full * R
         parts.append(block(h2[r0:], None if safe is None else safe[r0:],
                            None if has_target is None else has_target[r0:]))
     if not parts:
         empty = jnp.zeros((0,), jnp.float32)
-        return _sc.TokenStatistics(empty, empty, empty, empty, empty)
+        return TokenStatistics(empty, empty, empty, empty, empty)
     if len(parts) == 1:
         return parts[0]
-    return _sc.TokenStatistics(*(jnp.concatenate(xs) for xs in zip(*parts)))
+    return TokenStatistics(*(jnp.concatenate(xs) for xs in zip(*parts)))
 
 
 # ============================================================================================ backward
@@ -566,7 +452,7 @@ class FusedLinearCGGROutput(NamedTuple):
     loss: jax.Array
     metrics: dict[str, jax.Array]
     mask: jax.Array
-    scores: _sc.TokenScores
+    scores: TokenScores
     tokens_over_capacity: jax.Array
 
 
@@ -580,36 +466,24 @@ def _fused(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labe
     V = weight.shape[0] if cfg.weight_layout == "vd" else weight.shape[1]
     ldt = jnp.dtype(cfg.logits_dtype)
     flat_labels = labels.reshape(-1)
-    not_ignored, in_range, safe = utils.target_masks(flat_labels, V, cfg.ignore_index)
+    not_ignored, in_range, safe = utils.target_masks(flat_labels, V, cfg.config.ignore_index)
     has_t = not_ignored & in_range
     sg = jax.lax.stop_gradient
     flat = _blockwise_statistics(sg(h2), sg(weight), None if bias is None else sg(bias), safe, has_t,
-                                 cfg.ignore_index, cfg.row_chunk, cfg.weight_layout, ldt, cfg.statistics_kernel,
+                                 cfg.config.ignore_index, cfg.row_chunk, cfg.weight_layout, ldt, cfg.statistics_kernel,
                                  cfg.forward_vocab_chunk)
-    stats = _sc.TokenStatistics(*(x.reshape(token_shape) for x in flat))
-    has_t2 = has_t.reshape(token_shape)
-    difficulty = _sc.difficulty_from_statistics(stats, cfg.scoring, has_targets=True)
-    elig = has_t2 & _sc.row_finite(stats, has_t2) & ~jnp.isnan(difficulty)
-    scores = _sc.TokenScores(difficulty, elig, has_t2, stats)
-    n = jnp.sum(elig, dtype=jnp.int32)
-    denom = jnp.maximum(n, 1).astype(jnp.float32)
-
-    def mean_eligible(x: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.where(elig, x, 0.0), dtype=jnp.float32) / denom
-
-    avg_conf = mean_eligible(stats.confidence)
-    schedule = cfg.ratio_schedule or curriculum.linear_warmup_ratio(cfg.min_tokens_ratio, cfg.warmup_steps)
-    base = jnp.asarray(schedule(step)).astype(jnp.float32).reshape(())
-    if cfg.dynamic_threshold and cfg.selection != "fixed_quota":
-        ratio = curriculum.dynamic_ratio(base, avg_conf, cfg.threshold_sensitivity)
-    else:
-        ratio = base
-    mask, _k = selection_mod.select_tokens(difficulty, elig, ratio, selection=cfg.selection,
-                                           num_strata=cfg.num_strata,
-                                           min_tokens_per_sequence=cfg.min_tokens_per_sequence)
+    stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
+    config = cfg.config
+    in_range2 = in_range.reshape(token_shape)
+    scores = scoring_lib.scores_from_statistics(stats, config.scoring, not_ignored=not_ignored.reshape(token_shape),
+                                                in_range=in_range2)
+    difficulty, elig = scores.difficulty, scores.eligible
+    measured = pipeline.select_and_measure(scores, in_range2, step, config=config,
+                                           schedule=curriculum.schedule_for(config, cfg.ratio_schedule))
+    mask = measured.mask
     # The fixed-size buffer: selected tokens in rank order (hardest first), the first `capacity` kept.
     mask_f = mask.reshape(-1)
-    rank = selection_mod.rank_tokens(difficulty, elig).reshape(-1)
+    rank = selection_lib.rank_tokens(difficulty, elig).reshape(-1)
     key = jnp.where(mask_f, rank, jnp.int32(N))
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
     position = jnp.zeros((N,), jnp.int32).at[order].set(jnp.arange(N, dtype=jnp.int32))
@@ -626,28 +500,19 @@ def _fused(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labe
     row_lse = jnp.where(slot_live, flat.lse[rows], 0.0)
     plan = _BackwardPlan(cfg.vocab_chunk, cfg.weight_layout, cfg.logits_dtype)
     loss = _selected_rows_loss(plan, h2, weight, bias, sg(loss_value), rows, row_weight, row_target, row_lse)
-    valid = has_t2
-    values = {
-        "step": jnp.asarray(step, jnp.int32),
-        "token_ratio": base,
-        "effective_ratio": ratio,
-        "tokens_selected": kept,
-        "tokens_total": n,
-        "tokens_nonfinite": jnp.sum(valid & ~elig, dtype=jnp.int32),
-        "tokens_out_of_range": jnp.sum(not_ignored & ~in_range, dtype=jnp.int32),
-        "avg_confidence": avg_conf,
-        "avg_entropy": mean_eligible(stats.entropy),
-        "avg_difficulty": mean_eligible(difficulty),
-    }
-    metrics = {key: values[key] for key in _loss.NUMERIC_METRIC_KEYS}
+    metrics = dict(measured.metrics, tokens_selected=kept)
     return FusedLinearCGGROutput(loss, metrics, kept_mask.reshape(token_shape), scores, count - kept)
 
 
-def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, labels: jax.Array, step: Any, *,
-                      bias: Optional[jax.Array] = None, loss_fn: Any = None, scoring: str = "combined",
-                      selection: str = "stratified", dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
-                      min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
-                      min_tokens_per_sequence: int = 1, ignore_index: int = -100,
+def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, targets: jax.Array, step: Any, *,
+                      bias: Optional[jax.Array] = None, loss_fn: Any = None, config: Optional[CGGRConfig] = None,
+                      scoring: str = DEFAULT_CONFIG.scoring, selection: str = DEFAULT_CONFIG.selection,
+                      dynamic_threshold: bool = DEFAULT_CONFIG.dynamic_threshold,
+                      threshold_sensitivity: float = DEFAULT_CONFIG.threshold_sensitivity,
+                      min_tokens_ratio: float = DEFAULT_CONFIG.min_tokens_ratio,
+                      warmup_steps: int = DEFAULT_CONFIG.warmup_steps, num_strata: int = DEFAULT_CONFIG.num_strata,
+                      min_tokens_per_sequence: int = DEFAULT_CONFIG.min_tokens_per_sequence,
+                      ignore_index: int = DEFAULT_CONFIG.ignore_index,
                       ratio_schedule: Optional[Callable[[Any], Any]] = None, capacity: Optional[int] = None,
                       row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
                       memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, weight_layout: str = "vd",
@@ -658,10 +523,10 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, labels: jax.Array, s
     default cross-entropy, in value, gradients and selection — as long as ``|S| ≤ capacity``.
 
     Args:
-        hidden: ``(N, d)`` or ``(B, T, d)`` floating array, aligned with ``labels`` (a causal LM shifts first;
+        hidden: ``(N, d)`` or ``(B, T, d)`` floating array, aligned with ``targets`` (a causal LM shifts first;
             a 3-D input's rows are the sequences of ``sequence_aware``).
         weight: the LM head, ``(V, d)`` (``weight_layout="vd"``) or ``(d, V)`` (``"dv"``), dtype of ``hidden``.
-        labels: integer array of the token shape; values in ``[0, V)`` or ``ignore_index`` (concrete
+        targets: integer array of the token shape; values in ``[0, V)`` or ``ignore_index`` (concrete
             out-of-range values raise; traced ones make the token ineligible, metric ``tokens_out_of_range``).
         step: curriculum step (int or integer scalar array, may be traced).
         bias: optional ``(V,)`` bias, dtype of ``hidden``.
@@ -684,49 +549,49 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, labels: jax.Array, s
         :class:`FusedLinearCGGROutput`.
 
     Raises:
-        ValueError: bad shapes/dtypes/configuration; concrete labels out of range; concrete inputs whose
+        ValueError: bad shapes/dtypes/configuration; concrete targets out of range; concrete inputs whose
             selection exceeds ``capacity``.
     """
-    given = dict(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
-                 threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
-                 warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
-                 ignore_index=ignore_index, ratio_schedule=ratio_schedule)
+    settings = dict(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+                    threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+                    warmup_steps=warmup_steps, num_strata=num_strata,
+                    min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index)
     if loss_fn is not None:
-        defaults = dict(scoring="combined", selection="stratified", dynamic_threshold=True, threshold_sensitivity=0.5,
-                        min_tokens_ratio=0.25, warmup_steps=1000, num_strata=4, min_tokens_per_sequence=1,
-                        ignore_index=-100, ratio_schedule=None)
-        changed = [k for k, v in given.items() if v is not defaults[k] and v != defaults[k]]
-        if changed:
-            raise ValueError(f"loss_fn: pass either loss_fn or the configuration keywords, not both (got {changed})")
-        given = _config_from_loss_fn(loss_fn)
-    conf = _check_loss_config(given["scoring"], given["selection"], given["dynamic_threshold"],
-                              given["threshold_sensitivity"], given["min_tokens_ratio"], given["warmup_steps"],
-                              given["num_strata"], given["min_tokens_per_sequence"], given["ignore_index"],
-                              given["ratio_schedule"])
+        if not isinstance(loss_fn, CGGRLoss):
+            raise ValueError(f"loss_fn: expected a cggr_jax CGGRLoss, got {type(loss_fn).__name__}")
+        if config is not None or ratio_schedule is not None:
+            raise ValueError("loss_fn: pass either loss_fn or config=/ratio_schedule=, not both")
+        try:
+            resolve_config(loss_fn.config, settings, caller="fused_linear_cggr")
+        except ValueError as err:
+            raise ValueError(f"loss_fn: pass either loss_fn or the configuration keywords, not both ({err})") from err
+        config, ratio_schedule = loss_fn.config, loss_fn.ratio_schedule
+    config = resolve_config(config, settings, caller="fused_linear_cggr")
+    curriculum.check_schedule(ratio_schedule)
+    if config.num_strata > selection_lib.MAX_STRATA:
+        raise ValueError(f"num_strata: expected an integer <= {selection_lib.MAX_STRATA}, got {config.num_strata}")
     _positive_int(row_chunk_size, "row_chunk_size")
     _positive_int(vocab_chunk_size, "vocab_chunk_size")
     utils.check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
     d, V = _check_linear(hidden, weight, bias, weight_layout)
-    labels = _check_labels(labels, tuple(hidden.shape), V, conf["ignore_index"])
+    targets = _check_targets(targets, tuple(hidden.shape), V, config.ignore_index)
     step_arr = curriculum.check_step(step)
     token_shape = tuple(hidden.shape[:-1])
     N = int(np.prod(token_shape))
     num_seq = token_shape[0] if len(token_shape) == 2 else 1
     if capacity is None:
-        cap = max_selected(N, max(1, num_seq), **{k: conf[k] for k in (
-            "selection", "dynamic_threshold", "threshold_sensitivity", "min_tokens_ratio", "warmup_steps",
-            "min_tokens_per_sequence", "ratio_schedule")})
+        cap = _max_selected(N, max(1, num_seq), config, ratio_schedule)
     else:
         cap = utils.check_int(capacity, "capacity", minimum=min(1, N), maximum=N)
     ldt = _resolve_logits_dtype(logits_dtype, hidden.dtype)
-    kernel = _statistics_kernel()
-    plan, rows, cols = _forward_blocks(N, d, V, hidden.dtype, ldt, kernel, row_chunk_size, vocab_chunk_size,
+    kernel = dispatch.use_kernels(hidden)
+    plan, rows, cols = forward_blocks(N, d, V, hidden.dtype, ldt, kernel, row_chunk_size, vocab_chunk_size,
                                        memory_budget_bytes, selected_rows=cap)
     cfg = _Config(capacity=cap, row_chunk=rows, vocab_chunk=vocab_chunk_size or plan.vocab_chunk,
                   forward_vocab_chunk=cols, weight_layout=weight_layout, logits_dtype=ldt,
-                  statistics_kernel=kernel, **conf)
-    out = _fused(hidden, weight, bias, labels, step_arr, cfg)
-    concrete = not any(utils.is_traced(x) for x in (hidden, weight, bias, labels, step_arr) if x is not None)
+                  statistics_kernel=kernel, config=config, ratio_schedule=ratio_schedule)
+    out = _fused(hidden, weight, bias, targets, step_arr, cfg)
+    concrete = not any(utils.is_traced(x) for x in (hidden, weight, bias, targets, step_arr) if x is not None)
     if concrete:
         over = int(out.tokens_over_capacity)
         if over > 0:
@@ -735,11 +600,11 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, labels: jax.Array, s
     return out
 
 
-def fused_linear_cggr_loss(hidden: jax.Array, weight: jax.Array, labels: jax.Array, step: Any,
+def fused_linear_cggr_loss(hidden: jax.Array, weight: jax.Array, targets: jax.Array, step: Any,
                            **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """``(loss, metrics)`` of :func:`fused_linear_cggr` (same arguments), for ``jax.value_and_grad(...,
     has_aux=True)``."""
-    out = fused_linear_cggr(hidden, weight, labels, step, **kwargs)
+    out = fused_linear_cggr(hidden, weight, targets, step, **kwargs)
     return out.loss, out.metrics
 
 
@@ -748,128 +613,58 @@ def fused_linear_cggr_loss(hidden: jax.Array, weight: jax.Array, labels: jax.Arr
                                              "ldt", "kernel"))
 def _scores(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labels: Optional[jax.Array],
             valid_mask: Optional[jax.Array], scoring_name: str, ignore_index: int, row_chunk: int,
-            vocab_chunk: int, layout: str, ldt: str, kernel: bool) -> _sc.TokenScores:
+            vocab_chunk: int, layout: str, ldt: str, kernel: bool) -> TokenScores:
     token_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     V = weight.shape[0] if layout == "vd" else weight.shape[1]
     if labels is None:
-        safe = has_t = None
-        valid = jnp.ones(token_shape, bool)
+        safe = has_t = not_ignored = in_range = None
     else:
         not_ignored, in_range, safe = utils.target_masks(labels.reshape(-1), V, ignore_index)
         has_t = not_ignored & in_range
-        valid = has_t.reshape(token_shape)
+        not_ignored, in_range = not_ignored.reshape(token_shape), in_range.reshape(token_shape)
     flat = _blockwise_statistics(h2, weight, bias, safe, has_t, ignore_index, row_chunk, layout, jnp.dtype(ldt),
                                  kernel, vocab_chunk)
-    stats = _sc.TokenStatistics(*(x.reshape(token_shape) for x in flat))
-    if valid_mask is not None:
-        valid = valid & valid_mask
-    d = _sc.difficulty_from_statistics(stats, scoring_name, has_targets=labels is not None)
-    elig = valid & _sc.row_finite(stats, None if has_t is None else has_t.reshape(token_shape)) & ~jnp.isnan(d)
-    return _sc.TokenScores(d, elig, valid, stats)
+    stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
+    return scoring_lib.scores_from_statistics(stats, scoring_name, not_ignored=not_ignored, in_range=in_range,
+                                              valid_mask=valid_mask)
 
 
-def fused_linear_scores(hidden: jax.Array, weight: jax.Array, labels: Optional[jax.Array] = None,
-                        bias: Optional[jax.Array] = None, *, scoring: str = "combined", ignore_index: int = -100,
+def fused_linear_scores(hidden: jax.Array, weight: jax.Array, targets: Optional[jax.Array] = None,
+                        bias: Optional[jax.Array] = None, *, scoring: str = DEFAULT_CONFIG.scoring,
+                        ignore_index: int = DEFAULT_CONFIG.ignore_index,
                         valid_mask: Optional[jax.Array] = None, row_chunk_size: Optional[int] = None,
                         vocab_chunk_size: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                        weight_layout: str = "vd", logits_dtype: Any = None) -> _sc.TokenScores:
+                        weight_layout: str = "vd", logits_dtype: Any = None) -> TokenScores:
     """SPEC §2-§4 scores of ``hidden · Wᵀ + bias`` without materialising the logits (router use).
 
-    Equal to ``cggr_jax.scoring.score_tokens(logits, labels, ...)`` up to the rounding of the chunked matmuls;
+    Equal to ``cggr_jax.scoring.score_tokens(logits, targets, ...)`` up to the rounding of the chunked matmuls;
     arguments as :func:`fused_linear_cggr` and :func:`cggr_jax.scoring.score_tokens` (``row_chunk_size``,
     ``vocab_chunk_size``: the forward's logits blocks, default :func:`plan_chunks`; ``vocab_chunk_size``
     applies with the Pallas statistics kernel only). No gradient is defined (wrap the inputs in
     ``jax.lax.stop_gradient`` when used inside a differentiated function).
     """
     scoring_name = scoring
-    utils.check_choice(scoring_name, "scoring", _sc.SCORING_MODES)
-    if scoring_name == "loss" and labels is None:
-        raise ValueError("labels: scoring='loss' needs labels, got None")
+    utils.check_choice(scoring_name, "scoring", scoring_lib.SCORING_MODES)
+    if scoring_name == "loss" and targets is None:
+        raise ValueError("targets: scoring='loss' needs targets, got None")
     ignore_index = utils.check_int(ignore_index, "ignore_index")
     _positive_int(row_chunk_size, "row_chunk_size")
     _positive_int(vocab_chunk_size, "vocab_chunk_size")
     utils.check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
     d, V = _check_linear(hidden, weight, bias, weight_layout)
     token_shape = tuple(hidden.shape[:-1])
-    if labels is not None:
-        labels = _check_labels(labels, tuple(hidden.shape), V, ignore_index)
+    if targets is not None:
+        targets = _check_targets(targets, tuple(hidden.shape), V, ignore_index)
     if valid_mask is not None:
         if getattr(valid_mask, "dtype", None) != jnp.bool_ or tuple(getattr(valid_mask, "shape", ())) != token_shape:
-            raise ValueError(f"valid_mask: expected a bool array of shape {token_shape}, got {_describe(valid_mask)}")
+            raise ValueError(f"valid_mask: expected a bool array of shape {token_shape}, got {describe(valid_mask)}")
     ldt = _resolve_logits_dtype(logits_dtype, hidden.dtype)
     N = int(np.prod(token_shape))
-    kernel = _statistics_kernel()
-    _, row_chunk, cols = _forward_blocks(N, d, V, hidden.dtype, ldt, kernel, row_chunk_size, vocab_chunk_size,
+    kernel = dispatch.use_kernels(hidden)
+    _, row_chunk, cols = forward_blocks(N, d, V, hidden.dtype, ldt, kernel, row_chunk_size, vocab_chunk_size,
                                          memory_budget_bytes)
     return _scores(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight),
-                   None if bias is None else jax.lax.stop_gradient(bias), labels, valid_mask,
+                   None if bias is None else jax.lax.stop_gradient(bias), targets, valid_mask,
                    scoring_name=scoring_name, ignore_index=ignore_index, row_chunk=row_chunk, vocab_chunk=cols,
                    layout=weight_layout, ldt=ldt, kernel=kernel)
-
-
-
-# ============================================================================================ DecoderLM
-def decoder_lm_hidden_states(model: Any, input_ids: jax.Array,
-                             attention_mask: Optional[jax.Array] = None) -> jax.Array:
-    """Final (normed) hidden states ``(B, T, d)`` of a :class:`cggr_jax.models.DecoderLM`: the input of its
-    LM head.
-
-    Uses ``model.hidden_states(input_ids, attention_mask)`` when the model defines it; otherwise runs the
-    model's documented sub-modules (``embed``, ``layers``, ``final_norm``) exactly as ``DecoderLM.__call__``
-    does before its head.
-    """
-    from cggr_jax import models
-
-    if not isinstance(model, models.DecoderLM):
-        raise ValueError(f"model: expected a cggr_jax.models.DecoderLM, got {type(model).__name__}")
-    method = getattr(model, "hidden_states", None)
-    if callable(method):
-        return method(input_ids, attention_mask)
-    models._check_inputs(model.config, input_ids, attention_mask)
-    x = model.embed(jnp.asarray(input_ids).astype(jnp.int32))
-    for block in list(model.layers):
-        x = block(x, attention_mask)
-    return model.final_norm(x)
-
-
-def decoder_lm_cggr_loss(model: Any, input_ids: jax.Array, labels: jax.Array, step: Any, *,
-                         attention_mask: Optional[jax.Array] = None,
-                         **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """CGGR loss of a :class:`cggr_jax.models.DecoderLM` without materialising its ``(B, T, V)`` logits.
-
-    ``hidden = decoder_lm_hidden_states(model, input_ids, attention_mask)``; the head weight is
-    ``model.lm_head.kernel`` (``(d, V)``, ``weight_layout="dv"``) or, with tied embeddings,
-    ``model.embed.embedding`` (``(V, d)``), cast to the model's compute dtype exactly as the model's head does;
-    logits are float32 like the model's (``logits_dtype=float32`` unless given). Labels are shifted (SPEC §1):
-    position ``t`` is scored against ``labels[:, t + 1]``, the last position and positions whose next token is
-    padding (``attention_mask[:, t + 1] == 0``) get ``ignore_index`` (the convention of SPEC §9). ``kwargs``
-    are those of :func:`fused_linear_cggr` (configuration, capacity, chunking). Differentiable w.r.t. the
-    model's parameters (use inside ``nnx.value_and_grad`` with ``has_aux=True``).
-    """
-    from cggr_jax import models
-
-    if not isinstance(model, models.DecoderLM):
-        raise ValueError(f"model: expected a cggr_jax.models.DecoderLM, got {type(model).__name__}")
-    ids_shape = getattr(input_ids, "shape", None)
-    if ids_shape is None or len(ids_shape) != 2:
-        raise ValueError(f"input_ids: expected an integer (B, T) array, got {_describe(input_ids)}")
-    labels = utils.as_targets(labels, tuple(ids_shape) + (model.config.vocab_size,), "labels")
-    loss_fn = kwargs.get("loss_fn")
-    ignore_index = kwargs.get("ignore_index", -100) if loss_fn is None else getattr(loss_fn, "ignore_index", -100)
-    ignore_index = utils.check_int(ignore_index, "ignore_index")
-    dtype = model.config.dtype
-    hidden = decoder_lm_hidden_states(model, input_ids, attention_mask).astype(dtype)
-    if model.lm_head is not None:
-        weight, layout = model.lm_head.kernel[...].astype(dtype), "dv"
-    else:
-        weight, layout = model.embed.embedding[...].astype(dtype), "vd"
-    labels = jnp.asarray(labels)
-    pad = jnp.full((labels.shape[0], 1), ignore_index, dtype=labels.dtype)
-    shifted = jnp.concatenate([labels[:, 1:], pad], axis=1)
-    if attention_mask is not None:
-        nxt = jnp.concatenate([jnp.asarray(attention_mask)[:, 1:] != 0,
-                               jnp.zeros((labels.shape[0], 1), bool)], axis=1)
-        shifted = jnp.where(nxt, shifted, jnp.asarray(ignore_index, labels.dtype))
-    kwargs.setdefault("logits_dtype", jnp.float32)
-    return fused_linear_cggr_loss(hidden, weight, shifted, step, weight_layout=layout, **kwargs)

@@ -1,8 +1,10 @@
-"""A small Llama-style decoder-only language model in Flax NNX, with a truncated *router* view.
+"""The small Flax NNX model zoo of ``cggr_jax``: a Llama-style decoder-only language model (``DecoderLM``).
 
-The model is the JAX half of CGGR batch splitting (SPEC §9): a cheap router made of the model's own first
-``num_layers`` blocks (plus the final norm and the LM head, all shared, no copies) scores a batch, and only
-the hardest sequences run the full model's forward and backward (see :mod:`cggr_jax.batch_split`).
+JAX has no Hugging Face model hub to wrap, so the demos, tests and benchmarks of batch splitting (SPEC §9) use
+this model (the documented exception to the mirror of ``cggr_torch``). ``DecoderLM.router_logits`` runs the
+model's own first ``num_layers`` blocks (plus the final norm and the LM head, all shared, no copies): the
+routers built on it (``TruncatedRouter``, the scorer) live in :mod:`cggr_jax.router`, the training step in
+:mod:`cggr_jax.batch_split`.
 
 Architecture (per block, pre-norm, residual stream ``x`` of shape ``(B, T, d)``)::
 
@@ -43,8 +45,8 @@ __all__ = [
     "CausalSelfAttention",
     "DecoderBlock",
     "DecoderLM",
-    "TruncatedRouter",
-    "create_truncated_router",
+    "check_inputs",
+    "check_num_layers",
     "rotary_embedding",
 ]
 
@@ -253,7 +255,7 @@ class DecoderBlock(nnx.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def _check_inputs(
+def check_inputs(
     config: DecoderConfig, input_ids: jax.Array, attention_mask: jax.Array | None
 ) -> None:
     """Static (shape/dtype) checks; never reads values, so it is free under ``jit``."""
@@ -327,7 +329,7 @@ class DecoderLM(nnx.Module):
     def _forward(
         self, input_ids: jax.Array, num_layers: int, attention_mask: jax.Array | None
     ) -> jax.Array:
-        _check_inputs(self.config, input_ids, attention_mask)
+        check_inputs(self.config, input_ids, attention_mask)
         x = self.embed(input_ids.astype(jnp.int32))
         for block in list(self.layers)[:num_layers]:
             x = block(x, attention_mask)
@@ -347,8 +349,8 @@ class DecoderLM(nnx.Module):
         scorers (``cggr_jax.fused_linear``) use it to score the head without materialising the logits.
         """
         n = self.config.num_layers if num_layers is None else num_layers
-        _check_num_layers(n, self.config)
-        _check_inputs(self.config, input_ids, attention_mask)
+        check_num_layers(n, self.config)
+        check_inputs(self.config, input_ids, attention_mask)
         x = self.embed(input_ids.astype(jnp.int32))
         for block in list(self.layers)[:n]:
             x = block(x, attention_mask)
@@ -359,37 +361,14 @@ class DecoderLM(nnx.Module):
     ) -> jax.Array:
         """Truncated forward through the first ``num_layers`` blocks (``0 ≤ num_layers ≤ L``), then the
         shared final norm and head: float32 logits ``(B, T, V)``. ``num_layers == L`` equals ``model(...)``."""
-        _check_num_layers(num_layers, self.config)
+        check_num_layers(num_layers, self.config)
         return self._forward(input_ids, num_layers, attention_mask)
 
 
-def _check_num_layers(num_layers: int, config: DecoderConfig) -> None:
+def check_num_layers(num_layers: int, config: DecoderConfig) -> None:
     if not isinstance(num_layers, int) or isinstance(num_layers, bool):
         raise ValueError(f"num_layers must be a Python int (static), got {type(num_layers).__name__}")
     if not 0 <= num_layers <= config.num_layers:
         raise ValueError(
             f"num_layers must be in [0, {config.num_layers}] (the model's layer count), got {num_layers}"
         )
-
-
-class TruncatedRouter(nnx.Module):
-    """A view of a :class:`DecoderLM`: its embedding, first ``num_layers`` blocks, final norm and head.
-
-    The sub-modules are the model's own objects (NNX shared references), so the router holds no parameter
-    copies and always sees the model's current weights; ``router(ids) == model.router_logits(ids, n)``.
-    """
-
-    def __init__(self, model: DecoderLM, num_layers: int) -> None:
-        _check_num_layers(num_layers, model.config)
-        self.model = model
-        self.num_layers = num_layers
-
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        return self.model.router_logits(input_ids, self.num_layers, attention_mask)
-
-
-def create_truncated_router(model: DecoderLM, num_layers: int = 4) -> TruncatedRouter:
-    """The JAX counterpart of ``cggr_torch.create_truncated_router``: a router sharing ``model``'s weights."""
-    if not isinstance(model, DecoderLM):
-        raise ValueError(f"model must be a cggr_jax.models.DecoderLM, got {type(model).__name__}")
-    return TruncatedRouter(model, num_layers)

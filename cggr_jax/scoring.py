@@ -21,22 +21,23 @@ Difficulty (SPEC §3), in float32 with the prescribed evaluation order:
 ``margin_term = 1 − (p1 − p2)``; ``entropy: H``; ``margin: margin_term``; ``loss: nll``;
 ``combined: (H + margin_term) + nll`` (``H + margin_term`` without targets).
 
-:func:`token_statistics` is the reference; on a GPU backend it dispatches to
-``cggr_jax.kernels.scoring.token_statistics_pallas`` when that module imports, unless the environment variable
-``CGGR_DISABLE_KERNELS=1`` is set.
+:func:`token_statistics` dispatches (:func:`cggr_jax.dispatch.use_kernels`, decided at trace time) between the
+reference :func:`token_statistics_reference` and ``cggr_jax.kernels.scoring.token_statistics_pallas``.
+:func:`scores_from_statistics` is SPEC §3–§4 (difficulty, validity, eligibility) on statistics, shared by
+every scorer of the package (the plain, fused and batch-split paths).
 """
 from __future__ import annotations
 
 import functools
-import os
-import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
+from cggr import SCORING_MODES
 
-from cggr_jax import utils
+from cggr_jax import dispatch, utils
+from cggr_jax.types import TokenScores, TokenStatistics
 
 __all__ = [
     "SCORING_MODES",
@@ -45,73 +46,11 @@ __all__ = [
     "token_statistics",
     "token_statistics_reference",
     "difficulty_from_statistics",
+    "scores_from_statistics",
     "score_tokens",
     "row_finite",
     "dispatch_statistics",
-    "use_kernel",
-    "kernels_disabled",
 ]
-
-SCORING_MODES: tuple[str, ...] = ("entropy", "margin", "loss", "combined")
-
-_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
-_DISABLE_ENV = "CGGR_DISABLE_KERNELS"
-
-
-class TokenStatistics(NamedTuple):
-    """Float32 statistics of every token (token shape = the logits' shape without ``V``).
-
-    ``nll`` is 0 where there is no valid target (no targets given, ``ignore_index``, or out of range).
-    """
-
-    lse: jax.Array
-    entropy: jax.Array
-    confidence: jax.Array
-    runner_up: jax.Array
-    nll: jax.Array
-
-
-class TokenScores(NamedTuple):
-    """Result of :func:`score_tokens` (SPEC §3–§4).
-
-    ``difficulty`` float32; ``valid`` (target given, not ``ignore_index``, inside ``[0, V)``, and inside
-    ``valid_mask``); ``eligible`` = ``valid`` and the row finite and the difficulty not NaN; ``stats`` the
-    :class:`TokenStatistics`. Valid but non-finite tokens are ``valid & ~eligible``.
-    """
-
-    difficulty: jax.Array
-    eligible: jax.Array
-    valid: jax.Array
-    stats: TokenStatistics
-
-
-# ------------------------------------------------------------------------------------------- kernel hook
-@functools.lru_cache(maxsize=1)
-def _load_pallas_kernel() -> Callable[..., TokenStatistics] | None:
-    try:
-        from cggr_jax.kernels.scoring import token_statistics_pallas
-    except ImportError as err:
-        warnings.warn(f"cggr_jax: the Pallas scoring kernel could not be imported ({err!r}); using the XLA "
-                      f"reference token_statistics on this GPU backend", RuntimeWarning, stacklevel=3)
-        return None
-    return token_statistics_pallas
-
-
-def kernels_disabled() -> bool:
-    """True when ``CGGR_DISABLE_KERNELS`` is ``1``/``true``/``yes`` (the switch shared with ``cggr_torch``)."""
-    return os.environ.get(_DISABLE_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def use_kernel() -> bool:
-    """Whether :func:`token_statistics` dispatches to the Pallas kernel: a GPU default backend,
-    ``CGGR_DISABLE_KERNELS`` unset, and ``cggr_jax.kernels.scoring`` importable (a failed import warns once).
-
-    Decided outside any trace and passed to the jitted implementation as a static argument, so changing the
-    environment variable takes effect at the next call.
-    """
-    if kernels_disabled() or jax.default_backend() not in _GPU_PLATFORMS:
-        return False
-    return _load_pallas_kernel() is not None
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -158,58 +97,50 @@ def _checked_inputs(logits: Any, targets: Any, ignore_index: Any,
     ignore_index = utils.check_int(ignore_index, "ignore_index")
     if targets is None:
         return logits, None, ignore_index
-    targets = utils.as_targets(targets, logits.shape)
-    utils.check_target_range(targets, logits.shape[-1], ignore_index)
+    targets = utils.as_targets(targets, logits.shape, ignore_index=ignore_index)
     return logits, targets, ignore_index
 
 
-def _target_masks(targets: jax.Array | None, vocab_size: int, ignore_index: int,
-                  ) -> tuple[jax.Array | None, jax.Array | None]:
-    """``(safe_targets, has_target)`` or ``(None, None)``; see :func:`cggr_jax.utils.target_masks`."""
-    if targets is None:
-        return None, None
-    not_ignored, in_range, safe = utils.target_masks(targets, vocab_size, ignore_index)
-    return safe, not_ignored & in_range
-
-
 def token_statistics(logits: jax.Array, targets: jax.Array | None = None, *,
-                     ignore_index: int = -100) -> TokenStatistics:
+                     ignore_index: int = utils.DEFAULT_CONFIG.ignore_index) -> TokenStatistics:
     """SPEC §2 for every token of ``logits`` ``(B, T, V)`` / ``(N, V)``; float32 results of the token shape.
 
     ``targets`` (integer, the leading dims of ``logits``) are only needed for ``nll``; a target equal to
     ``ignore_index`` (or, under ``jit``, outside ``[0, V)``) has ``nll = 0`` and is never used as an index.
     Concrete out-of-range targets raise :class:`ValueError`.
 
-    On a GPU backend this calls ``cggr_jax.kernels.scoring.token_statistics_pallas(logits, targets,
-    ignore_index)`` when that module imports (``CGGR_DISABLE_KERNELS=1`` forces the XLA reference). The kernel
-    path has no autodiff rule: differentiate the loss, whose statistics are taken under ``stop_gradient``.
+    Kernel or reference: :func:`cggr_jax.dispatch.use_kernels` (a GPU backend unless ``CGGR_DISABLE_KERNELS=1``
+    or :func:`cggr_jax.dispatch.force`). The kernel path has no autodiff rule: differentiate the loss, whose
+    statistics are taken under ``stop_gradient``.
     """
     logits, targets, ignore_index = _checked_inputs(logits, targets, ignore_index)
-    return _token_statistics_impl(logits, targets, ignore_index=ignore_index, kernel=use_kernel())
+    return _token_statistics_impl(logits, targets, ignore_index=ignore_index,
+                                  kernel=dispatch.use_kernels(logits))
 
 
 @functools.partial(jax.jit, static_argnames=("ignore_index", "kernel"))
 def _token_statistics_impl(logits: jax.Array, targets: jax.Array | None, *, ignore_index: int,
                            kernel: bool) -> TokenStatistics:
-    safe, has_target = _target_masks(targets, logits.shape[-1], ignore_index)
-    return dispatch_statistics(logits, safe, has_target, ignore_index, kernel=kernel)
+    if targets is None:
+        return dispatch_statistics(logits, None, None, ignore_index, kernel=kernel)
+    not_ignored, in_range, safe = utils.target_masks(targets, logits.shape[-1], ignore_index)
+    return dispatch_statistics(logits, safe, not_ignored & in_range, ignore_index, kernel=kernel)
 
 
 def dispatch_statistics(logits: jax.Array, safe_targets: jax.Array | None, has_target: jax.Array | None,
                         ignore_index: int, *, kernel: bool, launch: Any = None) -> TokenStatistics:
-    """Statistics of checked inputs: the Pallas kernel when ``kernel`` (see :func:`use_kernel`), else
+    """Statistics of checked inputs: the Pallas kernel when ``kernel`` (decide it with
+    :func:`cggr_jax.dispatch.use_kernels` outside the jitted function and pass it statically), else
     :func:`token_statistics_reference`. ``safe_targets``/``has_target`` as from
     :func:`cggr_jax.utils.target_masks` (both None without targets); ``launch`` an optional
-    :class:`cggr_jax.kernels.scoring.Launch` for the kernel (ignored by the reference)."""
+    :class:`cggr_jax.kernels.Launch` for the kernel (ignored by the reference)."""
     if not kernel:
         return token_statistics_reference(logits, safe_targets, has_target)
-    token_statistics_pallas = _load_pallas_kernel()
-    if token_statistics_pallas is None:
-        raise RuntimeError("dispatch_statistics(kernel=True) but cggr_jax.kernels.scoring did not import")
+    kernels = dispatch.load_kernels(required=True)
     # The kernel sees in-range targets or ignore_index only (int32), never an out-of-range value.
     kernel_targets = None if safe_targets is None else jnp.where(has_target, safe_targets, ignore_index)
-    stats = token_statistics_pallas(logits, kernel_targets, ignore_index,
-                                    **({} if launch is None else launch.kwargs()))
+    stats = kernels.token_statistics_pallas(logits, kernel_targets, ignore_index,
+                                            **({} if launch is None else launch.kwargs()))
     if not isinstance(stats, TokenStatistics):
         raise TypeError(f"token_statistics_pallas returned {type(stats).__name__}, expected TokenStatistics")
     chex.assert_shape(tuple(stats), logits.shape[:-1])
@@ -229,7 +160,7 @@ def row_finite(stats: TokenStatistics, has_target: jax.Array | None) -> jax.Arra
 
 
 # ------------------------------------------------------------------------------------------- difficulty
-def difficulty_from_statistics(stats: TokenStatistics, scoring: str = "combined", *,
+def difficulty_from_statistics(stats: TokenStatistics, scoring: str = utils.DEFAULT_CONFIG.scoring, *,
                                has_targets: bool = True) -> jax.Array:
     """SPEC §3 in float32: ``margin_term = 1 − (p1 − p2)``; ``entropy → H``; ``margin → margin_term``;
     ``loss → nll``; ``combined → (H + margin_term) + nll`` (``H + margin_term`` when ``has_targets`` is
@@ -256,13 +187,32 @@ def difficulty_from_statistics(stats: TokenStatistics, scoring: str = "combined"
     return d + stats.nll.astype(jnp.float32) if has_targets else d
 
 
-def score_tokens(logits: jax.Array, targets: jax.Array | None = None, *, scoring: str = "combined",
-                 ignore_index: int = -100, valid_mask: jax.Array | None = None) -> TokenScores:
-    """SPEC §2–§4: difficulty, validity and eligibility of every token.
+def scores_from_statistics(stats: TokenStatistics, scoring: str, *, not_ignored: jax.Array | None,
+                           in_range: jax.Array | None, valid_mask: jax.Array | None = None) -> TokenScores:
+    """SPEC §3–§4 on statistics: ``valid`` = target ``!= ignore_index`` (``not_ignored``; every token without
+    targets) and ``valid_mask``; ``eligible`` = ``valid`` and the target in ``[0, V)`` (``in_range``) and the
+    row finite and the difficulty not NaN. ``not_ignored``/``in_range`` are both None without targets."""
+    has_targets = not_ignored is not None
+    difficulty = difficulty_from_statistics(stats, scoring, has_targets=has_targets)
+    shape = stats.lse.shape
+    valid = not_ignored if has_targets else jnp.ones(shape, dtype=bool)
+    if valid_mask is not None:
+        valid = valid & valid_mask
+    has_target = (not_ignored & in_range) if has_targets else None
+    usable = valid if not has_targets else valid & in_range
+    eligible = usable & row_finite(stats, has_target) & ~jnp.isnan(difficulty)
+    return TokenScores(difficulty, eligible, valid, stats)
 
-    * ``valid`` = target given and ``!= ignore_index`` and inside ``[0, V)`` (every token when
-      ``targets`` is None), and ``valid_mask`` where one is passed (bool, the token shape);
-    * ``eligible`` = ``valid`` and the row finite (SPEC §2) and the difficulty not NaN.
+
+def score_tokens(logits: jax.Array, targets: jax.Array | None = None, *,
+                 scoring: str = utils.DEFAULT_CONFIG.scoring, ignore_index: int = utils.DEFAULT_CONFIG.ignore_index,
+                 valid_mask: jax.Array | None = None) -> TokenScores:
+    """SPEC §2–§4: difficulty, validity and eligibility of every token (:func:`scores_from_statistics`).
+
+    * ``valid`` = target given and ``!= ignore_index`` (every token when ``targets`` is None), and
+      ``valid_mask`` where one is passed (bool, the token shape);
+    * ``eligible`` = ``valid`` and the target inside ``[0, V)`` and the row finite (SPEC §2) and the
+      difficulty not NaN.
     """
     utils.check_choice(scoring, "scoring", SCORING_MODES)
     if scoring == "loss" and targets is None:
@@ -280,30 +230,16 @@ def score_tokens(logits: jax.Array, targets: jax.Array | None = None, *, scoring
                              f"got {tuple(vm_shape)}")
         valid_mask = jnp.asarray(valid_mask)
     return _score_tokens_impl(logits, targets, valid_mask, scoring=scoring, ignore_index=ignore_index,
-                              kernel=use_kernel())
+                              kernel=dispatch.use_kernels(logits))
 
 
 @functools.partial(jax.jit, static_argnames=("scoring", "ignore_index", "kernel"))
 def _score_tokens_impl(logits: jax.Array, targets: jax.Array | None, valid_mask: jax.Array | None, *,
                        scoring: str, ignore_index: int, kernel: bool) -> TokenScores:
-    safe, has_target = _target_masks(targets, logits.shape[-1], ignore_index)
-    stats = dispatch_statistics(logits, safe, has_target, ignore_index, kernel=kernel)
-    valid = jnp.ones(logits.shape[:-1], dtype=bool) if has_target is None else has_target
-    if valid_mask is not None:
-        valid = valid & valid_mask
-    difficulty = difficulty_from_statistics(stats, scoring, has_targets=targets is not None)
-    eligible = valid & row_finite(stats, has_target) & ~jnp.isnan(difficulty)
-    return TokenScores(difficulty, eligible, valid, stats)
-
-
-# ------------------------------------------------------------------------- names used by sibling modules
-def _kernel_for_backend() -> Callable[..., TokenStatistics] | None:
-    """The Pallas kernel when :func:`use_kernel` is true, else None (kept for ``cggr_jax.fused_linear``)."""
-    return _load_pallas_kernel() if use_kernel() else None
-
-
-def _dispatch_statistics(logits: jax.Array, safe_targets: jax.Array | None, has_target: jax.Array | None,
-                         ignore_index: int) -> TokenStatistics:
-    """:func:`dispatch_statistics` with ``kernel=use_kernel()`` decided at trace time (kept for
-    ``cggr_jax.fused_linear``; new code should decide outside the trace and pass ``kernel=`` statically)."""
-    return dispatch_statistics(logits, safe_targets, has_target, ignore_index, kernel=use_kernel())
+    if targets is None:
+        stats = dispatch_statistics(logits, None, None, ignore_index, kernel=kernel)
+        return scores_from_statistics(stats, scoring, not_ignored=None, in_range=None, valid_mask=valid_mask)
+    not_ignored, in_range, safe = utils.target_masks(targets, logits.shape[-1], ignore_index)
+    stats = dispatch_statistics(logits, safe, not_ignored & in_range, ignore_index, kernel=kernel)
+    return scores_from_statistics(stats, scoring, not_ignored=not_ignored, in_range=in_range,
+                                  valid_mask=valid_mask)

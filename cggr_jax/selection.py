@@ -23,12 +23,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from cggr import SELECTION_STRATEGIES
 
 from cggr_jax import curriculum, utils
 
-__all__ = ["SELECTION_STRATEGIES", "MAX_STRATA", "rank_tokens", "select_tokens"]
+__all__ = ["SELECTION_STRATEGIES", "MAX_STRATA", "rank_tokens", "select_tokens", "select_checked"]
 
-SELECTION_STRATEGIES: tuple[str, ...] = ("topk", "stratified", "sequence_aware", "fixed_quota")
 
 #: Upper bound on ``num_strata``: the quota denominator ``W = S(S+1)/2`` must fit in 32 bits.
 MAX_STRATA = 65536
@@ -149,6 +149,11 @@ def _check_scores(difficulty: Any, eligible: Any) -> tuple[jax.Array, jax.Array]
     if tuple(eligible.shape) != tuple(difficulty.shape):
         raise ValueError(f"eligible: expected shape {tuple(difficulty.shape)} (the shape of difficulty), "
                          f"got {tuple(eligible.shape)}")
+    # SPEC §6: wider difficulties (float64) are first rounded to float32 (round to nearest, ties to even),
+    # then ranked: both packages select the same tokens from the same array. Host arrays are rounded by NumPy
+    # before any conversion, so the result does not depend on jax_enable_x64.
+    if isinstance(difficulty, np.ndarray):
+        difficulty = difficulty.astype(np.float32)
     d = jnp.asarray(difficulty).astype(jnp.float32)
     return d, jnp.asarray(eligible) & ~jnp.isnan(d)
 
@@ -211,7 +216,7 @@ def _stratified_mask(rank: jax.Array, n: jax.Array, k: jax.Array, num_strata: in
 
 
 @functools.partial(jax.jit, static_argnames=("selection", "num_strata", "min_tokens_per_sequence"))
-def _select_checked(d: jax.Array, e: jax.Array, ratio: jax.Array, selection: str, num_strata: int,
+def select_checked(d: jax.Array, e: jax.Array, ratio: jax.Array, selection: str, num_strata: int,
                     min_tokens_per_sequence: int) -> tuple[jax.Array, jax.Array]:
     """:func:`select_tokens` on validated inputs (``e`` already excludes NaN difficulties)."""
     shape = d.shape
@@ -232,7 +237,9 @@ def _select_checked(d: jax.Array, e: jax.Array, ratio: jax.Array, selection: str
 
 
 def select_tokens(difficulty: jax.Array, eligible: jax.Array, ratio: Any, *, selection: str = "topk",
-                  num_strata: int = 4, min_tokens_per_sequence: int = 1) -> tuple[jax.Array, jax.Array]:
+                  num_strata: int = utils.DEFAULT_CONFIG.num_strata,
+                  min_tokens_per_sequence: int = utils.DEFAULT_CONFIG.min_tokens_per_sequence,
+                  ) -> tuple[jax.Array, jax.Array]:
     """SPEC §7: the boolean mask of kept tokens (the input's shape) and ``k`` (int32 scalar).
 
     ``difficulty`` float (computed in float32) and ``eligible`` bool, both ``(N,)`` or ``(B, T)`` (a 2-D
@@ -251,5 +258,5 @@ def select_tokens(difficulty: jax.Array, eligible: jax.Array, ratio: Any, *, sel
     min_tokens_per_sequence = utils.check_int(min_tokens_per_sequence, "min_tokens_per_sequence", minimum=0)
     d, e = _check_scores(difficulty, eligible)
     r = curriculum.check_ratio_value(ratio)
-    return _select_checked(d, e, r, selection=selection, num_strata=num_strata,
+    return select_checked(d, e, r, selection=selection, num_strata=num_strata,
                            min_tokens_per_sequence=min_tokens_per_sequence)

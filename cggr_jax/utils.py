@@ -14,20 +14,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from cggr import CGGRConfig, check_label_dtype_range
 
 __all__ = [
+    "DEFAULT_CONFIG",
     "shift_for_causal_lm",
     "is_traced",
     "as_logits",
     "as_targets",
     "check_logits",
     "check_targets",
+    "check_label_dtype",
     "check_target_range",
     "target_masks",
     "check_int",
     "check_real",
     "check_choice",
 ]
+
+
+#: The defaults of every setting, those of ``cggr.CGGRConfig`` (never re-declared in this package).
+DEFAULT_CONFIG = CGGRConfig()
 
 
 # ------------------------------------------------------------------------------------------ tracing state
@@ -70,16 +77,34 @@ def check_logits(logits: Any, name: str = "logits") -> None:
         raise ValueError(f"{name}: the vocabulary (last) dimension V must be >= 1, got shape {tuple(shape)}")
 
 
-def as_targets(targets: Any, logits_shape: tuple[int, ...], name: str = "targets") -> jax.Array:
-    """``targets`` as a ``jax.Array`` after :func:`check_targets` (array-likes are converted)."""
+def as_targets(targets: Any, logits_shape: tuple[int, ...], name: str = "targets", *,
+               ignore_index: int | None = None) -> jax.Array:
+    """``targets`` as a ``jax.Array`` after :func:`check_targets` (array-likes are converted).
+
+    With ``ignore_index`` also the label rules of SPEC §1.1 and §11, checked on the caller's own values
+    BEFORE any conversion: the dtype must be able to hold ``ignore_index`` (:func:`check_label_dtype`), and
+    concrete values must lie in ``[0, V)`` or equal ``ignore_index`` (:func:`check_target_range`). Host
+    (NumPy) int64 labels are checked before ``jnp.asarray`` turns them into int32 without 64-bit mode, so a
+    value beyond int32 raises instead of being wrapped into range. Errors name ``name``.
+    """
     if not isinstance(targets, (jax.Array, np.ndarray)):
         try:
-            targets = jnp.asarray(targets)
-        except TypeError as err:
+            targets = np.asarray(targets)
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{name}: expected an integer array of shape {tuple(logits_shape[:-1])}, "
                              f"got {type(targets).__name__}") from err
     check_targets(targets, logits_shape, name)
+    if ignore_index is not None:
+        check_label_dtype(targets.dtype, ignore_index, name)
+        check_target_range(targets, logits_shape[-1], ignore_index, name)
     return jnp.asarray(targets)
+
+
+def check_label_dtype(dtype: Any, ignore_index: int, name: str = "targets") -> None:
+    """SPEC §1.1: an integer dtype that cannot represent ``ignore_index`` (``uint8`` with ``-100``) would wrap
+    the marker onto a real token id; refused with :func:`cggr.check_label_dtype_range`. Static (dtype only)."""
+    info = np.iinfo(np.dtype(dtype))
+    check_label_dtype_range(name, np.dtype(dtype).name, int(info.min), int(info.max), int(ignore_index))
 
 
 def check_targets(targets: Any, logits_shape: tuple[int, ...], name: str = "targets") -> None:
@@ -135,7 +160,10 @@ def check_target_range(targets: Any, vocab_size: int, ignore_index: int, name: s
     t = np.asarray(targets)
     if t.size == 0:
         return
-    bad = (t != ignore_index) & ((t < 0) | (t >= vocab_size))
+    if t.dtype != np.uint64:
+        t = t.astype(np.int64)   # widened: unsigned and narrow dtypes are compared as their true values
+    not_ignored = (t != ignore_index) if ignore_index >= 0 or t.dtype != np.uint64 else np.ones(t.shape, bool)
+    bad = not_ignored & ((t < 0) | (t >= vocab_size))
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"{name}: values must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
@@ -191,5 +219,9 @@ def shift_for_causal_lm(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     logits = as_logits(logits)
     if logits.ndim != 3:
         raise ValueError(f"logits: expected shape (B, T, V) for a causal LM, got {tuple(logits.shape)}")
-    labels = as_targets(labels, logits.shape, "labels")
+    if isinstance(labels, np.ndarray):
+        # Host labels stay NumPy, so that the loss checks their true values before any conversion (SPEC §1.1).
+        check_targets(labels, logits.shape, "labels")
+    else:
+        labels = as_targets(labels, logits.shape, "labels")
     return logits[:, :-1], labels[:, 1:]

@@ -328,7 +328,7 @@ def train_jax(cfg: DemoConfig, train_batches: Iterator[np.ndarray], held_out: li
 
     from cggr_jax.loss import CGGRLoss, metrics_to_dict
     from cggr_jax.models import DecoderConfig, DecoderLM
-    from cggr_jax.transform import advance_curriculum, current_step
+    from cggr_jax.integrations import advance_curriculum, current_step
     from cggr_jax.utils import shift_for_causal_lm
 
     run = RunResult(name="jax-cggr" if use_cggr else "jax-ce", framework="jax",

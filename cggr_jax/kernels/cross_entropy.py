@@ -11,7 +11,7 @@ as ``stats=`` (the scores the selection was made from — then the loss reads no
 here with the kernel's row mask, which reads only programs holding a selected row.
 
 Backward. The gradient is written tile by tile: grid ``(⌈N / R⌉, ⌈V / block_v⌉)`` (or, with
-:data:`BACKWARD_FLAT_GRID`, the same tiles on a flat row-major 1-D grid), one ``(R, block_v)`` tile per
+``flat_grid=True``, the same tiles on a flat row-major 1-D grid), one ``(R, block_v)`` tile per
 program (``R = block_rows``), no loop. A tile reads the logits of its *selected* rows only (the
 load is masked per row) and writes ``(2^{(z − lse)·log2 e} − onehot(t)) · g / |S|`` there — the softmax
 from the saved ``lse``, no second reduction — and exact zeros in every other row; a tile without a selected
@@ -24,31 +24,30 @@ row: one subtraction, one multiply and one ``ex2`` (``(z − lse)`` is exact for
 The selection itself (``mask``, the scores it came from) carries no gradient: ``stats`` is wrapped in
 ``stop_gradient`` and the custom rule returns no cotangent for targets, mask, lse or nll.
 
-Pipeline (issue item 2): :func:`scored_selective_cross_entropy_pallas` runs scores → selection
-(``cggr_jax.selection.select_tokens`` on device) → this loss, reading the logits once in the forward pass.
+Scores → selection → this loss in one pass is ``cggr_jax.pipeline.scored_selective_cross_entropy`` (policy
+lives outside the kernels: this module imports only ``cggr_jax.types``, ``cggr_jax.utils`` and its siblings).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ..types import TokenStatistics
+from .launch import BACKWARD_DEFAULTS, BACKWARD_FLAT_GRID, MAX_FLAT_PROGRAMS, SCORING_DEFAULTS, KernelConfig, Launch, \
+    kernel_config
 from .scoring import (
-    _LOG2E,
-    BACKWARD_DEFAULTS,
-    SCORING_DEFAULTS,
-    KernelConfig,
-    Launch,
+    LOG2E,
     as_float32_input,
     bind,
     check_inputs,
     exp2,
-    kernel_config,
     load,
     pallas_call_options,
     program_rows,
@@ -59,25 +58,8 @@ from .scoring import (
     whole,
 )
 
-if TYPE_CHECKING:
-    from cggr_jax.scoring import TokenStatistics
+__all__ = ["selective_cross_entropy_pallas", "backward_grids"]
 
-__all__ = ["selective_cross_entropy_pallas", "scored_selective_cross_entropy_pallas", "backward_grids"]
-
-#: Grid order of the backward kernel (experimental; read by :func:`_ce_grad` when the backward is traced).
-#: ``False`` (default): the 2-D grid ``(⌈N / R⌉, ⌈V / block_v⌉)``. The Triton lowering launches
-#: ``program_id(0)`` fastest, so consecutive programs write the *same* column tile of successive row tiles —
-#: stores one logits row (``V·itemsize``, ~250 KB for V = 128256 bf16) apart. ``True``: a flat 1-D grid of
-#: ``⌈N / R⌉·⌈V / block_v⌉`` programs in row-major order (row tile ``pid // n_col_tiles``, column tile
-#: ``pid mod n_col_tiles``), so consecutive programs walk along one row and their stores are contiguous. In
-#: the PyTorch/Triton twin of this kernel that made the backward 10 % faster on an H200 (1316 → 1183 µs,
-#: N = 16384, V = 128256 bf16); the Pallas variant is not measured yet, hence the default stays ``False``.
-#: Both give bit-identical gradients. ``benchmarks/bench_selective_ce_jax.py`` toggles it (set it, then
-#: build a fresh ``jax.jit``: a function already traced keeps the grid it was traced with).
-BACKWARD_FLAT_GRID = False
-
-#: Largest flat grid (programs): CUDA's ``gridDim.x`` limit, and ``program_id`` is int32.
-_MAX_FLAT_PROGRAMS = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------- backward kernel
@@ -113,7 +95,7 @@ def _ce_grad_kernel(tgt_ref: Any, sel_ref: Any, lse_ref: Any, scale_ref: Any, x_
             x = load(x_ref.at[view], read, None if read is None else -jnp.inf, stream=True)
             lse = lse_ref[safe]
             tgt = tgt_ref[safe]
-            p = exp2((x.astype(f32) - lse[:, None]) * f32(_LOG2E), interpret)
+            p = exp2((x.astype(f32) - lse[:, None]) * f32(LOG2E), interpret)
             g = (p - jnp.where(cols == tgt[:, None], f32(1.0), f32(0.0))) * scale_ref[0]
             if rows > 1:
                 g = jnp.where(sel[:, None], g, f32(0.0))
@@ -134,15 +116,15 @@ def _ce_grad_kernel(tgt_ref: Any, sel_ref: Any, lse_ref: Any, scale_ref: Any, x_
 def _ce_grad(logits2d: jax.Array, tgt: jax.Array, sel: jax.Array, lse: jax.Array, scale: jax.Array,
              cfg: KernelConfig) -> jax.Array:
     n, v = logits2d.shape
-    flat = bool(BACKWARD_FLAT_GRID)  # read at trace time
+    flat = cfg.flat_grid
     n_row_tiles, n_col_tiles = pl.cdiv(n, cfg.block_rows), pl.cdiv(v, cfg.block_v)
     if flat:
-        if n_row_tiles * n_col_tiles > _MAX_FLAT_PROGRAMS:
+        if n_row_tiles * n_col_tiles > MAX_FLAT_PROGRAMS:
             raise ValueError(
-                f"BACKWARD_FLAT_GRID: logits of shape ({n}, {v}) with block_rows={cfg.block_rows}, "
+                f"flat_grid: logits of shape ({n}, {v}) with block_rows={cfg.block_rows}, "
                 f"block_v={cfg.block_v} need {n_row_tiles} x {n_col_tiles} = {n_row_tiles * n_col_tiles} "
-                f"programs, more than the {_MAX_FLAT_PROGRAMS} a flat (int32) grid can index; use larger "
-                f"blocks or BACKWARD_FLAT_GRID = False")
+                f"programs, more than the {MAX_FLAT_PROGRAMS} a flat (int32) grid can index; use larger "
+                f"blocks or flat_grid=False")
         grid: tuple[int, ...] = (n_row_tiles * n_col_tiles,)
     else:
         grid = (n_row_tiles, n_col_tiles)
@@ -162,8 +144,8 @@ def _ce_grad(logits2d: jax.Array, tgt: jax.Array, sel: jax.Array, lse: jax.Array
 
 def backward_grids(fn: Any, *args: Any) -> list[tuple[int, ...]]:
     """The launch grids of this module's backward kernel (``cggr_selective_ce_grad``) in the jaxpr of
-    ``fn(*args)``, nested jaxprs included: which grid (2-D or :data:`BACKWARD_FLAT_GRID`'s flat one) a traced
-    function really uses (JAX reuses traces, so a flag flipped after a trace is not seen by it)."""
+    ``fn(*args)``, nested jaxprs included: which grid (2-D, or the flat one of ``flat_grid=True``) a traced
+    function really uses."""
     grids: list[tuple[int, ...]] = []
 
     def walk(jaxpr: Any) -> None:
@@ -221,11 +203,12 @@ def _as_launch(value: Optional[Launch], name: str) -> Launch:
 
 
 def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: jax.Array, *,
-                                   ignore_index: int = -100, stats: Optional["TokenStatistics"] = None,
+                                   ignore_index: int = -100, stats: Optional[TokenStatistics] = None,
                                    interpret: Optional[bool] = None, block_rows: Optional[int] = None,
                                    block_v: Optional[int] = None, num_warps: Optional[int] = None,
                                    num_stages: Optional[int] = None,
-                                   scoring_launch: Optional[Launch] = None) -> jax.Array:
+                                   scoring_launch: Optional[Launch] = None,
+                                   flat_grid: Optional[bool] = None) -> jax.Array:
     """Mean float32 cross-entropy over the selected tokens, with the sparse custom backward (module doc).
 
     Args:
@@ -236,9 +219,11 @@ def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: 
         used for the selection); its ``lse``/``nll`` are reused and the forward reads no logits.
       interpret: ``None`` = compile with the Triton backend on a GPU, interpret elsewhere.
       block_rows, block_v, num_warps, num_stages: launch of the backward kernel (rows × columns per program;
-        defaults :data:`~cggr_jax.kernels.scoring.BACKWARD_DEFAULTS`).
+        defaults :data:`~cggr_jax.kernels.launch.BACKWARD_DEFAULTS`).
       scoring_launch: launch of the row-masked scoring pass that computes ``lse``/``nll`` when ``stats`` is
-        None (defaults :data:`~cggr_jax.kernels.scoring.SCORING_DEFAULTS`).
+        None (defaults :data:`~cggr_jax.kernels.launch.SCORING_DEFAULTS`).
+      flat_grid: the backward's grid order, ``None`` = :data:`~cggr_jax.kernels.launch.BACKWARD_FLAT_GRID`
+        (read when this function is traced; both orders give bit-identical gradients).
 
     Returns:
       A float32 scalar; ``0.0`` with an all-zero gradient when nothing is selected. jit-safe.
@@ -254,6 +239,9 @@ def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: 
     itemsize = as_float32_input(logits).dtype.itemsize
     cfg = kernel_config(v, itemsize, defaults=BACKWARD_DEFAULTS, block_rows=block_rows, block_v=block_v,
                         num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    if flat_grid is not None and not isinstance(flat_grid, bool):
+        raise ValueError(f"flat_grid: expected None or a bool, got {flat_grid!r}")
+    cfg = dataclasses.replace(cfg, flat_grid=BACKWARD_FLAT_GRID if flat_grid is None else flat_grid)
     fwd_cfg = kernel_config(v, itemsize, defaults=SCORING_DEFAULTS, interpret=interpret,
                             **_as_launch(scoring_launch, "scoring_launch").kwargs())
     if n == 0:
@@ -274,38 +262,3 @@ def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: 
         nll = lax.stop_gradient(stats.nll).reshape(n)
     sel = want & (jnp.abs(nll) < jnp.inf)  # a non-finite row is never in the loss (SPEC §4, §8)
     return _selective_ce(logits2d, tgt, sel, lse, nll, cfg)
-
-
-def scored_selective_cross_entropy_pallas(
-        logits: jax.Array, targets: jax.Array, ratio: Any, *, scoring: str = "combined",
-        selection: str = "topk", num_strata: int = 4, min_tokens_per_sequence: int = 1,
-        ignore_index: int = -100, interpret: Optional[bool] = None, scoring_launch: Optional[Launch] = None,
-        backward_launch: Optional[Launch] = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Scores (one kernel read of the logits) → selection on device → selective cross-entropy.
-
-    ``ratio`` is the float32 ratio after the dynamic threshold (SPEC §5.2); eligibility is SPEC §4
-    (valid ∧ target in range ∧ finite row ∧ difficulty not NaN). Returns ``(loss, mask, k)``; gradients flow
-    to ``logits`` through the sparse backward only. The difficulty is
-    ``cggr_jax.scoring.difficulty_from_statistics``, the selection ``cggr_jax.selection.select_tokens``.
-    ``scoring_launch`` / ``backward_launch``: :class:`~cggr_jax.kernels.scoring.Launch` of the scoring and
-    the backward kernel (None: their defaults).
-    """
-    from cggr_jax.scoring import difficulty_from_statistics, row_finite
-    from cggr_jax.selection import select_tokens
-
-    logits, targets, ignore_index = check_inputs(logits, targets, ignore_index)
-    scoring_launch = _as_launch(scoring_launch, "scoring_launch")
-    backward_launch = _as_launch(backward_launch, "backward_launch")
-    stats = token_statistics_pallas(lax.stop_gradient(logits), targets, ignore_index, interpret=interpret,
-                                    **scoring_launch.kwargs())
-    stats = jax.tree_util.tree_map(lax.stop_gradient, stats)
-    difficulty = difficulty_from_statistics(stats, scoring, has_targets=True)
-    _, code = sanitize_targets(targets.reshape(-1), logits.shape[-1], ignore_index)
-    has_target = code.reshape(targets.shape) == 1
-    eligible = has_target & row_finite(stats, has_target) & ~jnp.isnan(difficulty)
-    mask, k = select_tokens(difficulty, eligible, ratio, selection=selection, num_strata=num_strata,
-                            min_tokens_per_sequence=min_tokens_per_sequence)
-    loss = selective_cross_entropy_pallas(logits, targets, mask, ignore_index=ignore_index, stats=stats,
-                                          interpret=interpret, **backward_launch.kwargs())
-    return loss, mask, k

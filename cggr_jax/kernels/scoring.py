@@ -94,201 +94,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from cggr_jax import utils
-
-if TYPE_CHECKING:  # imported lazily at run time: cggr_jax.scoring may import this module
-    from cggr_jax.scoring import TokenStatistics
+from .. import utils
+from ..types import TokenStatistics
+from .launch import (PALLAS_GPU_BACKEND, SCORING_DEFAULTS, KernelConfig, Launch, kernel_config,
+                     resolve_interpret, tile_columns)
 
 __all__ = [
-    "PALLAS_GPU_BACKEND",
-    "Launch",
-    "LaunchDefaults",
-    "KernelConfig",
-    "SCORING_DEFAULTS",
-    "BACKWARD_DEFAULTS",
-    "kernel_config",
-    "kernels_enabled",
-    "scoring_config_for_rows",
-    "num_sms",
-    "use_pallas_kernels",
-    "resolve_interpret",
     "token_statistics_pallas",
     "CHUNK_STATE_ROWS",
     "chunk_statistics",
 ]
 
-# ------------------------------------------------------------------------------------------------ backend
-#: How ``pallas_call`` is lowered on a GPU. ``"triton"``: Pallas' Triton backend, selected explicitly with
-#: ``jax.experimental.pallas.triton.CompilerParams`` (present in jax 0.10.x and 0.11.x; 0.11 deprecates it
-#: with a warning at lowering but keeps it). Why not Mosaic GPU (the default backend of a bare
-#: ``pl.pallas_call`` since jax 0.10): its generic ``pallas_call`` path is itself deprecated in favour of
-#: ``plgpu.kernel`` (an API that changed between 0.10 and 0.11), it has no masked load with a fill value
-#: (a ragged vocabulary block must read as −∞) and needs warpgroup-level code for a row reduction, while this
-#: workload — a bandwidth-bound streaming reduction without matmuls — gains nothing from wgmma/TMA on Hopper.
-#: This constant is the only place that names the lowering; :func:`_compiler_params` reads it.
-PALLAS_GPU_BACKEND: str = "triton"
-
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634
 #: Lower clamp of ``t = z − m`` inside ``e^t·t``: ``e^-200 = 0`` in float32 (``2^-288``), so the clamp changes
 #: no nonzero term and turns ``0·(−∞)`` into ``0·(−200) = 0``.
 _T_MIN = -200.0
-
-
-# ------------------------------------------------------------------------------------------------- config
-@dataclasses.dataclass(frozen=True)
-class Launch:
-    """Launch parameters of one kernel; ``None`` fields take the kernel's defaults.
-
-    ``block_rows``: token rows per program (power of two); ``block_v``: vocabulary columns per loop step
-    (scoring) or per program (backward), a power of two; ``num_warps``: warps per program (power of two);
-    ``num_stages``: Triton's ``num_stages`` (passed through; no effect on these loops, see the module doc).
-    """
-
-    block_rows: Optional[int] = None
-    block_v: Optional[int] = None
-    num_warps: Optional[int] = None
-    num_stages: Optional[int] = None
-
-    def kwargs(self) -> dict[str, Optional[int]]:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class LaunchDefaults:
-    """Default launch of a kernel: ``block_bytes`` is the width of one row's step in bytes, so that
-    ``block_v = block_bytes // itemsize`` (the same loads per thread for bf16/fp16 and fp32)."""
-
-    block_rows: int
-    block_bytes: int
-    num_warps: int
-    num_stages: int
-
-
-#: Scoring kernel defaults: one warp per program owning one row, 2 KiB of the row per step (bf16: 1024
-#: logits, four 16-byte loads per thread, the next step prefetched). Switch with the best line printed by
-#: ``benchmarks/bench_scoring_jax.py`` (H200 measurements in ``benchmarks/results/``).
-SCORING_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=4096, num_warps=1, num_stages=1)  # H200 run 6: 1.11x floor
-#: Selective-CE backward defaults: one row × 8 KiB of gradient per program (bf16: 4096 columns), 4 warps
-#: (four 16-byte stores per thread). Switch with ``benchmarks/bench_selective_ce_jax.py``.
-BACKWARD_DEFAULTS = LaunchDefaults(block_rows=1, block_bytes=16384, num_warps=8, num_stages=1)  # H200 run 6
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """Validated static launch parameters (hashable: used as a ``custom_vjp`` non-differentiable argument).
-
-    ``block_rows``: token rows per program; ``block_v``: vocabulary columns per step (scoring) or per program
-    (backward); ``num_warps``, ``num_stages``: Triton launch options (ignored by the interpreter);
-    ``interpret``: run the kernel as ``pallas_call(..., interpret=True)``.
-    """
-
-    block_rows: int
-    block_v: int
-    num_warps: int
-    num_stages: int
-    interpret: bool
-
-
-def _is_pow2(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1 and not x & (x - 1)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def kernel_config(vocab: int, itemsize: int = 2, *, defaults: LaunchDefaults = SCORING_DEFAULTS,
-                  block_rows: Optional[int] = None, block_v: Optional[int] = None,
-                  num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                  interpret: Optional[bool] = None) -> KernelConfig:
-    """Validate/default the launch parameters for a vocabulary of ``vocab`` columns of ``itemsize`` bytes.
-
-    Defaults come from ``defaults`` (:data:`SCORING_DEFAULTS` or :data:`BACKWARD_DEFAULTS`); the default
-    ``block_v`` is ``defaults.block_bytes // itemsize`` capped at the next power of two ≥ ``vocab`` (and at
-    least 16). ``ValueError`` for a parameter that is not a power of two (``num_stages``: a positive int).
-    """
-    if block_rows is None:
-        block_rows = defaults.block_rows
-    if not _is_pow2(block_rows):
-        raise ValueError(f"block_rows must be a positive power of two, got {block_rows!r}")
-    if block_v is None:
-        block_v = max(16, min(defaults.block_bytes // max(1, itemsize), _next_pow2(vocab)))
-    if not _is_pow2(block_v):
-        raise ValueError(f"block_v must be a positive power of two, got {block_v!r}")
-    num_warps = defaults.num_warps if num_warps is None else num_warps
-    if not _is_pow2(num_warps) or num_warps > 32:
-        raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps!r}")
-    num_stages = defaults.num_stages if num_stages is None else num_stages
-    if not isinstance(num_stages, (int, np.integer)) or isinstance(num_stages, bool) or num_stages < 1:
-        raise ValueError(f"num_stages must be a positive integer, got {num_stages!r}")
-    return KernelConfig(int(block_rows), int(block_v), int(num_warps), int(num_stages),
-                        resolve_interpret(interpret))
-
-
-def tile_columns(cfg: KernelConfig, itemsize: int) -> int:
-    """Columns ``C`` of one ``(R, C)`` sub-tile (module doc): ``32·vec·max(1, num_warps // R)``, at most
-    ``block_v``; ``vec`` = elements of a 16-byte load."""
-    vec = max(1, 16 // max(1, itemsize))
-    return min(cfg.block_v, 32 * vec * max(1, cfg.num_warps // cfg.block_rows))
-
-
-# ------------------------------------------------------------------------------------------- environment
-def kernels_enabled() -> bool:
-    """False when ``CGGR_DISABLE_KERNELS`` is ``1``/``true``/``yes`` (the same switch as ``cggr_torch``)."""
-    return os.environ.get("CGGR_DISABLE_KERNELS", "").strip().lower() not in ("1", "true", "yes")
-
-
-def use_pallas_kernels() -> bool:
-    """Whether ``cggr_jax`` should route its jitted scoring/loss through these kernels.
-
-    True on a GPU backend (``jax.default_backend() == "gpu"``) unless ``CGGR_DISABLE_KERNELS`` is set; on
-    CPU/TPU the XLA reference is used (the kernels stay callable there with ``interpret=True``).
-    """
-    return kernels_enabled() and jax.default_backend() == "gpu"
-
-
-#: One-warp scoring programs resident per SM below which the stream cannot keep enough loads in flight
-#: (mirror of ``cggr_torch.kernels.scoring._STREAM_MIN_WARPS_PER_SM``, measured there; see
-#: :func:`scoring_config_for_rows`).
-STREAM_MIN_WARPS_PER_SM = 8
-
-
-def scoring_config_for_rows(n_rows: int, vocab: int, itemsize: int, sms: int) -> Launch:
-    """Launch of the scoring kernel for a call of only ``n_rows`` rows on ``sms`` SMs.
-
-    ``Launch()`` (the :data:`SCORING_DEFAULTS`) when ``n_rows ≥ 8·sms``. With fewer rows (the fused LM head's
-    blocks) each row's program gets ``w = min(8, next_pow2(⌈8·sms / n_rows⌉))`` warps and a step ``w`` times
-    as wide (the same loads per thread), with the step clipped to the row like the default and ``w`` to the
-    widening that clipping leaves. Same statistics up to the summation order.
-    """
-    target = STREAM_MIN_WARPS_PER_SM * max(1, int(sms))
-    if n_rows <= 0 or n_rows >= target:
-        return Launch()
-    warps = min(8, _next_pow2(-(-target // int(n_rows))))
-    base_v = max(16, min(SCORING_DEFAULTS.block_bytes // max(1, itemsize), _next_pow2(vocab)))
-    block_v = max(16, min(SCORING_DEFAULTS.block_bytes * warps // max(1, itemsize), _next_pow2(vocab)))
-    warps = max(1, min(warps, block_v // base_v)) * SCORING_DEFAULTS.num_warps
-    return Launch(block_v=block_v, num_warps=min(32, warps))
-
-
-def num_sms() -> int:
-    """Streaming multiprocessors of the default JAX GPU device, as ``cggr_torch.kernels.scoring.num_sms`` (2
-    when it reports none or is not a GPU, as the PyTorch twin does under its interpreter)."""
-    try:
-        dev = jax.devices()[0]
-    except RuntimeError:  # pragma: no cover - no backend at all
-        return 2
-    count = getattr(dev, "core_count", None) if dev.platform == "gpu" else None
-    return int(count) if isinstance(count, (int, np.integer)) and count > 0 else 2
-
-
-def resolve_interpret(interpret: Optional[bool]) -> bool:
-    """``interpret=None``: compile for the GPU when the default backend is a GPU, interpret otherwise."""
-    if interpret is None:
-        return jax.default_backend() != "gpu"
-    if not isinstance(interpret, (bool, np.bool_)):
-        raise ValueError(f"interpret must be None, True or False, got {interpret!r}")
-    return bool(interpret)
 
 
 def _compiler_params(num_warps: int, num_stages: int) -> Any:
@@ -378,8 +198,7 @@ def check_inputs(logits: Any, targets: Any, ignore_index: Any) -> tuple[jax.Arra
     logits = utils.as_logits(logits)
     ignore_index = utils.check_int(ignore_index, "ignore_index")
     if targets is not None:
-        targets = utils.as_targets(targets, logits.shape)
-        utils.check_target_range(targets, logits.shape[-1], ignore_index)
+        targets = utils.as_targets(targets, logits.shape, ignore_index=ignore_index)
     return logits, targets, ignore_index
 
 
@@ -400,7 +219,7 @@ def sanitize_targets(targets1d: jax.Array, vocab: int, ignore_index: int) -> tup
 
 
 # ------------------------------------------------------------------------------------------------- kernel
-class _Stream:
+class Stream:
     """The ``(R, block_v)`` steps of a program's rows as ``(R, C)`` sub-tiles, loaded in the input dtype.
 
     ``row_mask`` (``(R,)`` bool or None): rows past ``N`` of a ragged last program; their loads are masked
@@ -452,7 +271,7 @@ class _Stream:
         return carry
 
 
-def _online_statistics(stream: _Stream, interpret: bool,
+def _online_statistics(stream: Stream, interpret: bool,
                        init: Optional[tuple[jax.Array, ...]] = None) -> tuple[jax.Array, ...]:
     """``(m, r, d, s)`` per row of the program (module doc), ``(R,)`` float32 each.
 
@@ -461,7 +280,7 @@ def _online_statistics(stream: _Stream, interpret: bool,
     either way: ``d``, ``s`` are relative to the carried ``m`` and get rescaled when a step raises it."""
     f32 = jnp.float32
     neg_inf = f32(-jnp.inf)
-    log2e = f32(_LOG2E)
+    log2e = f32(LOG2E)
     rows = stream.rows
 
     def fn(tiles: list[jax.Array], carry: Any) -> Any:
@@ -517,7 +336,7 @@ def _row_outputs(m: jax.Array, r: jax.Array, d: jax.Array, s: jax.Array, z_t: Op
     bad = jnp.logical_not((d == d) & (m > -jnp.inf) & (m < jnp.inf))
     nan = f32(jnp.nan)
     log_d = jnp.log(d)
-    vals = [m + log_d, log_d - s / d, f32(1.0) / d, exp2((r - m) * f32(_LOG2E), interpret) / d]
+    vals = [m + log_d, log_d - s / d, f32(1.0) / d, exp2((r - m) * f32(LOG2E), interpret) / d]
     vals = [jnp.where(bad, nan, x) for x in vals]
     if z_t is not None:
         vals.append(jnp.where(valid, jnp.where(bad, nan, (m - z_t) + log_d), f32(0.0)))
@@ -538,7 +357,7 @@ def _row_statistics_kernel(*refs: Any, n: int, v: int, rows: int, block_v: int, 
     active = in_range if row_ref is None else in_range & (row_ref[safe] != 0)
 
     def compute() -> None:
-        stream = _Stream(x_ref, row0, rows, out_mask, v, block_v, chunk)
+        stream = Stream(x_ref, row0, rows, out_mask, v, block_v, chunk)
         m, r, d, s = _online_statistics(stream, interpret)
         ok = z_t = None
         if has_targets:
@@ -628,7 +447,7 @@ def _chunk_statistics_kernel(*refs: Any, n: int, c: int, rows: int, block_v: int
     out_mask = in_range if n % rows else None  # rows past N exist only in a ragged last program
     # Per-row scalars are gathered at the clamped row index (always legal); rows past N are never stored.
     init = None if first else tuple(ref[safe] for ref in prev[:4])
-    stream = _Stream(x_ref, row0, rows, out_mask, c, block_v, chunk)
+    stream = Stream(x_ref, row0, rows, out_mask, c, block_v, chunk)
     m, r, d, s = _online_statistics(stream, interpret, init)
     z_t = valid = None
     if has_targets:
@@ -669,7 +488,7 @@ def chunk_statistics(logits_chunk: jax.Array, targets1d: Optional[jax.Array] = N
     For logits produced one vocabulary chunk at a time (the fused LM head's forward): the chunks of a row
     are passed in increasing ``v0``, the first (``v0 = 0``) starting from the empty carry ``(m, r, d, s) =
     (−∞, −∞, 0, 0)``, every later one from the ``state`` the previous call returned. Each call runs the
-    recurrence of the module docstring over its ``C`` columns (same kernel body, same ``_Stream`` with the
+    recurrence of the module docstring over its ``C`` columns (same kernel body, same ``Stream`` with the
     ragged last step masked to −∞), so with chunk widths ``C_1 … C_k`` the result equals one pass over the
     whole row up to the summation order of ``d`` and ``s``: the top-2 ``(m, r)``, the target logit and the
     finiteness are exactly those of :func:`row_statistics`. A chunk that is not the last (``v0 + C <
@@ -724,8 +543,7 @@ def chunk_statistics(logits_chunk: jax.Array, targets1d: Optional[jax.Array] = N
             raise ValueError(f"state: expected the float32 ({CHUNK_STATE_ROWS}, {n}) state returned by the "
                              f"previous chunk (required when v0 > 0; v0 = {v0}), got {_describe_array(state)}")
     if targets1d is not None:
-        targets1d = utils.as_targets(targets1d, (n, vocab_size), "targets1d")
-        utils.check_target_range(targets1d, vocab_size, ignore_index, "targets1d")
+        targets1d = utils.as_targets(targets1d, (n, vocab_size), "targets1d", ignore_index=ignore_index)
     if cfg is not None and not isinstance(cfg, KernelConfig):
         raise ValueError(f"cfg: expected None or a KernelConfig (kernel_config(...)), got {type(cfg).__name__}")
     x = as_float32_input(jnp.asarray(logits_chunk))
@@ -770,7 +588,7 @@ def chunk_statistics(logits_chunk: jax.Array, targets1d: Optional[jax.Array] = N
 def token_statistics_pallas(logits: jax.Array, targets: Optional[jax.Array] = None, ignore_index: int = -100,
                             *, interpret: Optional[bool] = None, block_rows: Optional[int] = None,
                             block_v: Optional[int] = None, num_warps: Optional[int] = None,
-                            num_stages: Optional[int] = None) -> "TokenStatistics":
+                            num_stages: Optional[int] = None) -> TokenStatistics:
     """SPEC §2 statistics of every token from one read of the logits (the kernel behind
     ``cggr_jax.scoring.token_statistics``).
 
@@ -786,7 +604,6 @@ def token_statistics_pallas(logits: jax.Array, targets: Optional[jax.Array] = No
       ``cggr_jax.scoring.TokenStatistics(lse, entropy, confidence, runner_up, nll)``, float32 of the token
       shape; ``nll = 0`` where there is no valid target, NaN statistics on non-finite rows. jit-safe.
     """
-    from cggr_jax.scoring import TokenStatistics  # lazy: cggr_jax.scoring dispatches to this module
 
     logits, targets, ignore_index = check_inputs(logits, targets, ignore_index)
     shape = logits.shape[:-1]

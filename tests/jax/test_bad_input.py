@@ -67,7 +67,9 @@ def test_out_of_range_labels_under_jit_do_not_raise():
     assert int(metrics["tokens_out_of_range"]) == 2
     assert int(metrics["tokens_total"]) == 3 and np.isfinite(float(loss))
     sc = jax.jit(lambda z, t: scoring.score_tokens(z, t))(Z, t)
-    np.testing.assert_array_equal(np.asarray(sc.valid), [[True, True, False], [False, False, True]])
+    # SPEC §4: valid = target != ignore_index; the out-of-range ones are valid but never eligible (SPEC §11)
+    np.testing.assert_array_equal(np.asarray(sc.valid), [[True, True, True], [True, False, True]])
+    np.testing.assert_array_equal(np.asarray(sc.eligible), [[True, True, False], [False, False, True]])
 
 
 def test_ignore_index_is_not_out_of_range():
@@ -75,7 +77,7 @@ def test_ignore_index_is_not_out_of_range():
     LOSS(Z, t, 0)
     loss, m = cggr_jax.CGGRLoss(ignore_index=7)(Z, jnp.asarray([[0, 7, 4], [7, 7, 1]]), 0)
     assert int(m["tokens_total"]) == 3
-    with _raises("labels"):
+    with _raises("targets"):
         cggr_jax.CGGRLoss(ignore_index=7)(Z, t, 0)                  # -100 is now out of range
 
 
@@ -185,3 +187,28 @@ def test_shift_transform_and_metrics_errors():
         cggr_jax.metrics_to_dict({"step": 1}, LOSS)
     with _raises("loss_fn"):
         cggr_jax.metrics_to_dict(metrics, "topk")
+
+
+# --------------------------------------------------------------------------------- label dtypes (SPEC §1.1)
+def test_int64_host_labels_beyond_int32_raise_before_conversion():
+    """Without 64-bit mode ``jnp.asarray`` would wrap 2**32 + 3 to 3 (in range): the host values are checked
+    first, in every entry point, and the error names the caller's argument."""
+    t = np.zeros((2, 3), np.int64)
+    t[0, 1] = 2**32 + 3
+    for fn, name in ((lambda: LOSS(Z, t, 0), "targets"), (lambda: scoring.score_tokens(Z, t), "targets"),
+                     (lambda: scoring.token_statistics(Z, t), "targets"),
+                     (lambda: LOSS(*cggr_jax.shift_for_causal_lm(Z, t), 0), "targets")):
+        with _raises(rf"{name}: values must lie in \[0, 5\).*{2**32 + 3}"):
+            fn()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
+def test_unsigned_labels_with_negative_ignore_index_are_refused(dtype):
+    t = np.zeros((2, 3), dtype)
+    for given in (t, jnp.asarray(t)):
+        with _raises(rf"targets: dtype {np.dtype(dtype).name} .*ignore_index=-100"):
+            LOSS(Z, given, 0)
+        with _raises(rf"targets: dtype {np.dtype(dtype).name} .*ignore_index=-100"):
+            jax.jit(lambda z, tt: LOSS(z, tt, 0))(Z, given)         # a static rule: raises under jit too
+    loss, m = cggr_jax.CGGRLoss(ignore_index=0)(Z, t + 1, 0)        # an ignore_index the dtype holds
+    assert int(m["tokens_total"]) == 6 and np.isfinite(float(loss))

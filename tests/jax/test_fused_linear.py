@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cggr_jax import dispatch
 from cggr_jax import fused_linear as fl
+from cggr_jax import router
 from cggr_jax.loss import NUMERIC_METRIC_KEYS, CGGRLoss, metrics_to_dict
 from cggr_jax import scoring as sc
 from tests import oracle
@@ -218,7 +220,7 @@ def test_capacity_overflow_under_jit_keeps_the_hardest_and_reports_it():
     # concrete inputs: the overflow and the out-of-range label are ValueErrors
     with pytest.raises(ValueError, match="capacity"):
         fl.fused_linear_cggr(h, w, t.at[5].set(0), 0, bias=b, capacity=6, **cfg)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="targets"):
         fl.fused_linear_cggr(h, w, t, 0, bias=b, **cfg)
 
 
@@ -286,7 +288,7 @@ def test_fused_linear_scores_match_score_tokens():
         np.testing.assert_array_equal(np.asarray(got.valid), np.asarray(want.valid))
         # the same float32 formulas; XLA may fuse the row sums differently inside the scan (last-bit changes)
         np.testing.assert_allclose(np.asarray(got.difficulty), np.asarray(want.difficulty), atol=1e-5, rtol=1e-6)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="targets"):
         fl.fused_linear_scores(h, w, None, scoring="loss")
     with pytest.raises(ValueError, match="valid_mask"):
         fl.fused_linear_scores(h, w, t, valid_mask=vm[0])
@@ -299,7 +301,7 @@ def test_fused_linear_scores_match_score_tokens():
 def test_fused_statistics_through_the_pallas_kernel_with_wide_programs(monkeypatch):
     """The forward's blocks through the (interpreted) Pallas kernel, launched for few rows (wide programs):
     the same scores as the XLA reference path."""
-    from cggr_jax.kernels import scoring as ks
+    from cggr_jax.kernels import launch as ks
 
     calls = []
     original = ks.scoring_config_for_rows
@@ -311,12 +313,12 @@ def test_fused_statistics_through_the_pallas_kernel_with_wide_programs(monkeypat
 
     h, w, b, t = _inputs(13, (3, 11), 23, 2053, jnp.float32)     # rows of 2053: room for wider steps
     h = h.at[2, 5].set(jnp.inf)
-    monkeypatch.setattr(fl, "_statistics_kernel", lambda: False)   # the XLA reference, on any backend
-    want = fl.fused_linear_scores(h, w, t, b, row_chunk_size=7)
+    with dispatch.force("reference"):                             # the XLA reference, on any backend
+        want = fl.fused_linear_scores(h, w, t, b, row_chunk_size=7)
     monkeypatch.setattr(ks, "scoring_config_for_rows", spy)
-    monkeypatch.setattr(fl, "_statistics_kernel", lambda: True)
     jax.clear_caches()                    # a GPU run may hold this call's kernel trace from another test
-    got = fl.fused_linear_scores(h, w, t, b, row_chunk_size=7)
+    with dispatch.force("kernel"):
+        got = fl.fused_linear_scores(h, w, t, b, row_chunk_size=7)
     assert calls and all(launch.num_warps and launch.num_warps > 1 for _, launch in calls)
     np.testing.assert_array_equal(np.asarray(got.eligible), np.asarray(want.eligible))
     assert not bool(got.eligible[2, 5])
@@ -354,12 +356,12 @@ def test_blockwise_statistics_kernel_path_equals_the_reference(monkeypatch, with
     t = jnp.where(t >= 150, 7, t)
     labels = t if with_labels else None
     weight = w if layout == "vd" else w.T
-    monkeypatch.setattr(fl, "_statistics_kernel", lambda: False)
-    ref = fl.fused_linear_scores(h, weight, labels, b, weight_layout=layout, **blocks)
+    with dispatch.force("reference"):
+        ref = fl.fused_linear_scores(h, weight, labels, b, weight_layout=layout, **blocks)
     calls = _spy_chunk_launches(monkeypatch)
-    monkeypatch.setattr(fl, "_statistics_kernel", lambda: True)
-    fl._scores.clear_cache()                # another test may hold this call's trace (the spy sees none)
-    got = fl.fused_linear_scores(h, weight, labels, b, weight_layout=layout, **blocks)
+    jax.clear_caches()                      # another test may hold this call's trace (the spy sees none)
+    with dispatch.force("kernel"):
+        got = fl.fused_linear_scores(h, weight, labels, b, weight_layout=layout, **blocks)
     cols = blocks.get("vocab_chunk_size")
     if cols is None:
         assert not calls                    # 8-row blocks of whole rows fit the budget: the whole-row kernel
@@ -389,12 +391,12 @@ def test_vocab_chunked_forward_gives_the_reference_loss_and_gradients(monkeypatc
     h, w, b, t = _inputs(8, (3, 13), 24, 301, dtype)
     cfg = dict(selection="sequence_aware", min_tokens_ratio=0.3, warmup_steps=0, min_tokens_per_sequence=1,
                weight_layout="dv", vocab_chunk_size=100)
-    monkeypatch.setattr(fl, "_statistics_kernel", lambda: False)
-    want, grads_want = _run(h, w.T, b, t, 0, **cfg)
+    with dispatch.force("reference"):
+        want, grads_want = _run(h, w.T, b, t, 0, **cfg)
     calls = _spy_chunk_launches(monkeypatch)
-    monkeypatch.setattr(fl, "_statistics_kernel", lambda: True)
-    fl._fused.clear_cache()
-    got, grads_got = _run(h, w.T, b, t, 0, **cfg)
+    jax.clear_caches()                      # another test may hold this call's trace (the spy sees none)
+    with dispatch.force("kernel"):
+        got, grads_got = _run(h, w.T, b, t, 0, **cfg)
     assert [v0 for _, v0, _ in calls] == [0, 100, 200, 300]      # 100-column blocks, a 1-column last one
     np.testing.assert_array_equal(np.asarray(got.mask), np.asarray(want.mask))
     assert int(got.metrics["tokens_selected"]) > 0
@@ -417,9 +419,9 @@ def test_bad_input_raises_clear_errors():
         (dict(weight_layout="vdx"), "weight_layout"),
         (dict(hidden=h[0]), "hidden: expected"),
         (dict(hidden=h.astype(jnp.int32)), "hidden: expected"),
-        (dict(labels=t[:30]), r"labels: expected shape \(37,\)"),
-        (dict(labels=t.astype(jnp.float32)), "labels: expected an integer dtype"),
-        (dict(labels=jnp.full_like(t, 301)), r"labels: values must lie in \[0, 301\)"),
+        (dict(targets=t[:30]), r"targets: expected shape \(37,\)"),
+        (dict(targets=t.astype(jnp.float32)), "targets: expected an integer dtype"),
+        (dict(targets=jnp.full_like(t, 301)), r"targets: values must lie in \[0, 301\)"),
         (dict(bias=b[:300]), r"bias: expected None or an array of shape \(301,\)"),
         (dict(bias=b.astype(jnp.float16)), "bias: expected dtype"),
         (dict(row_chunk_size=0), "row_chunk_size"),
@@ -432,12 +434,12 @@ def test_bad_input_raises_clear_errors():
         (dict(loss_fn=object()), "loss_fn"),
     ]
     for change, msg in cases:
-        args = dict(hidden=h, weight=w, labels=t, step=0, bias=b)
+        args = dict(hidden=h, weight=w, targets=t, step=0, bias=b)
         args.update(change)
         if msg is None:
             continue  # a valid call (checked elsewhere); listed to document the accepted layout
         with pytest.raises(ValueError, match=msg):
-            fl.fused_linear_cggr(args.pop("hidden"), args.pop("weight"), args.pop("labels"), args.pop("step"),
+            fl.fused_linear_cggr(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("step"),
                                  **args)
 
 
@@ -458,7 +460,7 @@ def test_decoder_lm_helper_matches_materialised_logits(tie):
     cfg = dict(selection="sequence_aware", min_tokens_ratio=0.3, warmup_steps=0, min_tokens_per_sequence=2)
 
     def fused(m):
-        loss, metrics = fl.decoder_lm_cggr_loss(m, ids, labels, 0, attention_mask=amask, vocab_chunk_size=100,
+        loss, metrics = router.decoder_lm_cggr_loss(m, ids, labels, 0, attention_mask=amask, vocab_chunk_size=100,
                                                 **cfg)
         return loss, metrics
 
@@ -469,7 +471,7 @@ def test_decoder_lm_helper_matches_materialised_logits(tie):
     tgt = np.asarray(labels[:, 1:]).copy()
     tgt[np.asarray(amask[:, 1:]) == 0] = -100
     scores = fl.fused_linear_scores(
-        fl.decoder_lm_hidden_states(model, ids, amask)[:, :-1],
+        router.decoder_lm_hidden_states(model, ids, amask)[:, :-1],
         model.lm_head.kernel[...] if not tie else model.embed.embedding[...],
         jnp.asarray(tgt), weight_layout="dv" if not tie else "vd", logits_dtype=jnp.float32)
     ref = oracle.cggr_loss(_f64(logits), tgt, 0, difficulty_override=np.asarray(scores.difficulty), **cfg)
@@ -490,4 +492,4 @@ def test_decoder_lm_helper_matches_materialised_logits(tie):
     for a, e in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=1e-6, rtol=2e-4)
     with pytest.raises(ValueError, match="model"):
-        fl.decoder_lm_cggr_loss(object(), ids, labels, 0)
+        router.decoder_lm_cggr_loss(object(), ids, labels, 0)

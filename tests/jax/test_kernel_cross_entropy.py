@@ -13,13 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cggr_jax.kernels import (
-    Launch,
-    scored_selective_cross_entropy_pallas,
-    selective_cross_entropy_pallas,
-    token_statistics_pallas,
-)
-from cggr_jax.kernels import cross_entropy as ce_module
+from cggr_jax.kernels import Launch, selective_cross_entropy_pallas, token_statistics_pallas
+from cggr_jax.pipeline import scored_selective_cross_entropy as scored_selective_cross_entropy_pallas
 from cggr_jax.scoring import TokenStatistics, difficulty_from_statistics
 from tests import oracle
 
@@ -250,18 +245,16 @@ def test_triton_lowering_forward_backward() -> None:
 @pytest.mark.parametrize("n,v,rows,bv,ragged_rows,ragged_cols", [
     (23, 203, 4, 64, True, True), (24, 256, 4, 64, False, False), (17_000, 128_256, 2, 4096, False, True)])
 def test_triton_ir_backward_masks(n: int, v: int, rows: int, bv: int, ragged_rows: bool,
-                                  ragged_cols: bool, flat: bool, monkeypatch) -> None:
+                                  ragged_cols: bool, flat: bool) -> None:
     """GPU path of the backward kernel: with a ragged row block every gradient store is masked; otherwise
     only the stores of the ragged column tile are; the logits are only read under the selected-row mask.
-    Both grid orders (``BACKWARD_FLAT_GRID``): the flat grid reads only program id x."""
+    Both grid orders (``flat_grid``): the flat grid reads only program id x."""
     from tests.jax.test_kernel_scoring import memory_ops, triton_ir
-
-    monkeypatch.setattr(ce_module, "BACKWARD_FLAT_GRID", flat)
 
     def grad(x, t, m, lse, nll):
         stats = TokenStatistics(lse, lse, lse, lse, nll)
         return jax.grad(lambda a: selective_cross_entropy_pallas(
-            a, t, m, stats=stats, interpret=False, block_rows=rows, block_v=bv, num_warps=4))(x)
+            a, t, m, stats=stats, interpret=False, block_rows=rows, block_v=bv, num_warps=4, flat_grid=flat))(x)
 
     f32 = jax.ShapeDtypeStruct((n,), jnp.float32)
     ttirs = triton_ir(grad, jax.ShapeDtypeStruct((n, v), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.int32),
@@ -279,22 +272,21 @@ def test_triton_ir_backward_masks(n: int, v: int, rows: int, bv: int, ragged_row
         assert all(k == 2 for k in stores)
 
 
-# ----------------------------------------------------------------- flat row-major grid (BACKWARD_FLAT_GRID)
+# ------------------------------------------------------------------------- flat row-major grid (flat_grid)
 def ce_grad_grids(fn, *args) -> list[tuple[int, ...]]:
     """The grids of the backward kernel's ``pallas_call`` in the jaxpr of ``fn(*args)``."""
     from cggr_jax.kernels.cross_entropy import backward_grids
     return backward_grids(fn, *args)
 
 
-def flat_and_grid2d(monkeypatch, make_fn, *args) -> tuple[tuple, tuple]:
-    """``make_fn()`` — a fresh function each call, so no trace of one grid order is reused for the other —
-    run with ``BACKWARD_FLAT_GRID`` True and False; the backward kernel's grid is checked to be 1-D / 2-D."""
+def flat_and_grid2d(make_fn, *args) -> tuple[tuple, tuple]:
+    """``make_fn(flat)`` run with ``flat_grid`` True and False; the backward kernel's grid is checked to be
+    1-D / 2-D."""
     out = []
     for flat in (True, False):
-        monkeypatch.setattr(ce_module, "BACKWARD_FLAT_GRID", flat)
-        grids = ce_grad_grids(make_fn(), *args)
+        grids = ce_grad_grids(make_fn(flat), *args)
         assert grids and all(len(g) == (1 if flat else 2) for g in grids), grids
-        out.append((grids, jax.jit(make_fn())(*args)))
+        out.append((grids, jax.jit(make_fn(flat))(*args)))
     return out[0], out[1]
 
 
@@ -311,17 +303,17 @@ FLAT_CASES = [
 
 @pytest.mark.parametrize("dtype,n,v,backward", FLAT_CASES,
                          ids=[f"{d}-{n}x{v}-R{b['block_rows']}-bv{b['block_v']}" for d, n, v, b in FLAT_CASES])
-def test_flat_grid_loss_and_grad(dtype: str, n: int, v: int, backward: dict, monkeypatch) -> None:
-    """``BACKWARD_FLAT_GRID = True``: a 1-D grid of ``⌈N/R⌉·⌈V/block_v⌉`` programs; loss and gradient
+def test_flat_grid_loss_and_grad(dtype: str, n: int, v: int, backward: dict) -> None:
+    """``flat_grid=True``: a 1-D grid of ``⌈N/R⌉·⌈V/block_v⌉`` programs; loss and gradient
     against the float64 oracle and jax.grad (ignored row in the mask, NaN/+inf rows unselected: exactly zero
     gradient in every unselected row), and bit-identical to the 2-D grid."""
     z, t, mask = make_batch(DTYPES[dtype], n=n, v=v, seed=4)
     logits = jnp.asarray(z, DTYPES[dtype])
     tj, mj = jnp.asarray(t), jnp.asarray(mask)
     stats = token_statistics_pallas(logits, tj, interpret=True, block_v=64)
-    make = lambda: jax.value_and_grad(lambda x: selective_cross_entropy_pallas(  # noqa: E731
-        x, tj, mj, stats=stats, interpret=True, **backward))
-    (grids, (loss, grad)), (_, (loss2d, grad2d)) = flat_and_grid2d(monkeypatch, make, logits)
+    make = lambda flat: jax.value_and_grad(lambda x: selective_cross_entropy_pallas(  # noqa: E731
+        x, tj, mj, stats=stats, interpret=True, flat_grid=flat, **backward))
+    (grids, (loss, grad)), (_, (loss2d, grad2d)) = flat_and_grid2d(make, logits)
     tiles = -(-n // backward["block_rows"]) * -(-v // backward["block_v"])
     assert grids == [(tiles,)]
     sel = mask & (t != IGNORE)
@@ -331,17 +323,17 @@ def test_flat_grid_loss_and_grad(dtype: str, n: int, v: int, backward: dict, mon
     assert float(loss) == float(loss2d)
 
 
-def test_flat_grid_nothing_selected_all_ignored_nonfinite(monkeypatch) -> None:
+def test_flat_grid_nothing_selected_all_ignored_nonfinite() -> None:
     """Flat grid: nothing selected / every token ignored → loss 0 and an all-zero gradient; a mask selecting
     the NaN and +inf rows drops them (zero gradient there, no NaN anywhere, same as the 2-D grid)."""
     z, t, mask = make_batch(jnp.float32, n=9, v=70, seed=2)
     mask = mask.copy()
     mask[3] = mask[4] = True  # NaN row and +inf row
     logits = jnp.asarray(z)
-    make = lambda: jax.value_and_grad(lambda x, tt, m: selective_cross_entropy_pallas(  # noqa: E731
-        x, tt, m, interpret=True, block_rows=2, block_v=32, scoring_launch=Launch(block_rows=2, block_v=32)))
-    (grids, (loss, grad)), (_, (_, grad2d)) = flat_and_grid2d(monkeypatch, make, logits, jnp.asarray(t),
-                                                              jnp.asarray(mask))
+    make = lambda flat: jax.value_and_grad(lambda x, tt, m: selective_cross_entropy_pallas(  # noqa: E731
+        x, tt, m, interpret=True, block_rows=2, block_v=32, scoring_launch=Launch(block_rows=2, block_v=32),
+        flat_grid=flat))
+    (grids, (loss, grad)), (_, (_, grad2d)) = flat_and_grid2d(make, logits, jnp.asarray(t), jnp.asarray(mask))
     assert grids == [(5 * 3,)]
     sel = mask & (t != IGNORE)
     sel[3] = sel[4] = False
@@ -350,8 +342,7 @@ def test_flat_grid_nothing_selected_all_ignored_nonfinite(monkeypatch) -> None:
     np.testing.assert_allclose(np.asarray(grad, np.float64), ref_grad, atol=1e-5, rtol=1e-4)
     assert (np.asarray(grad)[~sel] == 0).all()
     np.testing.assert_array_equal(np.asarray(grad), np.asarray(grad2d))
-    monkeypatch.setattr(ce_module, "BACKWARD_FLAT_GRID", True)
-    fn = jax.jit(make())
+    fn = jax.jit(make(True))
     assert ce_grad_grids(fn, logits, jnp.asarray(t), jnp.asarray(mask)) == [(15,)]
     for tt, m in ((t, np.zeros(9, bool)), (np.full(9, IGNORE, np.int32), np.ones(9, bool))):
         loss, grad = fn(logits, jnp.asarray(tt), jnp.asarray(m))
@@ -359,21 +350,19 @@ def test_flat_grid_nothing_selected_all_ignored_nonfinite(monkeypatch) -> None:
         assert not np.isnan(np.asarray(grad)).any() and (np.asarray(grad) == 0).all()
 
 
-def test_flat_grid_too_many_programs(monkeypatch) -> None:
+def test_flat_grid_too_many_programs() -> None:
     """A flat grid of more than 2^31 − 1 programs is refused at trace time with the shapes in the message;
     the same shapes trace with the 2-D grid."""
     n, v = 2**20, 2**17  # 2^20 row tiles × 2^13 column tiles of 16 = 2^33 programs
 
-    def fn(x, t, m, lse, nll):
+    def fn(x, t, m, lse, nll, flat=True):
         stats = TokenStatistics(lse, lse, lse, lse, nll)
         return jax.grad(lambda a: selective_cross_entropy_pallas(
-            a, t, m, stats=stats, interpret=True, block_rows=1, block_v=16))(x)
+            a, t, m, stats=stats, interpret=True, block_rows=1, block_v=16, flat_grid=flat))(x)
 
     f32 = jax.ShapeDtypeStruct((n,), jnp.float32)
     shapes = (jax.ShapeDtypeStruct((n, v), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.int32),
               jax.ShapeDtypeStruct((n,), jnp.bool_), f32, f32)
-    monkeypatch.setattr(ce_module, "BACKWARD_FLAT_GRID", True)
-    with pytest.raises(ValueError, match=rf"BACKWARD_FLAT_GRID.*\({n}, {v}\).*{2**33}"):
+    with pytest.raises(ValueError, match=rf"flat_grid.*\({n}, {v}\).*{2**33}"):
         jax.eval_shape(lambda *a: fn(*a), *shapes)
-    monkeypatch.setattr(ce_module, "BACKWARD_FLAT_GRID", False)
-    assert jax.eval_shape(lambda *a: fn(*a), *shapes).shape == (n, v)
+    assert jax.eval_shape(lambda *a: fn(*a, flat=False), *shapes).shape == (n, v)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from cggr_jax.kernels import Launch, kernel_config, token_statistics_pallas
-from cggr_jax.kernels.scoring import SCORING_DEFAULTS, tile_columns
+from cggr_jax.kernels.launch import SCORING_DEFAULTS, tile_columns
 from cggr_jax.scoring import TokenStatistics, difficulty_from_statistics
 from tests import oracle
 
@@ -391,7 +391,7 @@ def test_triton_ir_masks_ragged_row_block(n: int, rows: int, ragged: bool) -> No
 
 def test_few_rows_get_wider_programs_with_the_same_statistics() -> None:
     """A launch of few rows (the fused LM head's blocks) widens each row's program; the statistics agree."""
-    from cggr_jax.kernels.scoring import scoring_config_for_rows
+    from cggr_jax.kernels.launch import scoring_config_for_rows
 
     assert scoring_config_for_rows(16384, 128256, 2, 132) == Launch()
     wide = scoring_config_for_rows(896, 128256, 2, 132)

@@ -14,7 +14,8 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 nnx = pytest.importorskip("flax.nnx")
 
-from cggr_jax.models import DecoderConfig, DecoderLM, create_truncated_router  # noqa: E402
+from cggr_jax.models import DecoderConfig, DecoderLM  # noqa: E402
+from cggr_jax.router import create_truncated_router  # noqa: E402
 
 V, D, L, H = 37, 24, 3, 3  # odd vocab, head_dim 8
 

@@ -15,7 +15,7 @@ optax = pytest.importorskip("optax")
 nnx = pytest.importorskip("flax.nnx")
 
 import cggr_jax  # noqa: E402
-from tests.jax.test_transform import TinyLM, _data, make_train_step  # noqa: E402
+from tests.jax.test_integrations import TinyLM, _data, make_train_step  # noqa: E402
 
 
 @pytest.mark.parametrize("selection", ["topk", "stratified"])
@@ -57,7 +57,7 @@ def test_eager_loss_reuses_one_executable():
 
 
 def test_nnx_train_step_compiles_once():
-    vocab = 13                                                   # test_transform's sizes: cached eager ops
+    vocab = 13                                                   # test_integrations's sizes: cached eager ops
     model = TinyLM(vocab, 16, rngs=nnx.Rngs(1))
     loss_fn = cggr_jax.CGGRLoss(warmup_steps=4, selection="sequence_aware", min_tokens_per_sequence=2)
     optimizer = nnx.Optimizer(model, optax.chain(cggr_jax.advance_curriculum(), optax.adamw(1e-2)),

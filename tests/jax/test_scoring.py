@@ -163,12 +163,19 @@ def test_custom_ignore_index_and_narrow_target_dtypes():
     t = np.array([0, 299, 7, 0, 150, 299])
     sc = scoring.score_tokens(jnp.asarray(z), jnp.asarray(t), ignore_index=0)
     np.testing.assert_array_equal(np.asarray(sc.valid), t != 0)
-    # uint8 targets cannot hold -100 nor reach V = 300: nothing is ignored, nothing out of range
+    # uint8 targets cannot hold -100 (it would wrap onto token 156): refused, host or device (SPEC §1.1)
     t8 = np.array([1, 2, 255, 0, 9, 3], np.uint8)
-    sc8 = scoring.score_tokens(jnp.asarray(z), jnp.asarray(t8))
-    so = oracle.score_tokens(z, t8.astype(np.int64))
+    for given in (t8, jnp.asarray(t8)):
+        with pytest.raises(ValueError, match=r"targets: dtype uint8 .*ignore_index=-100"):
+            scoring.score_tokens(jnp.asarray(z), given)
+    # with an ignore_index the dtype holds (255), uint8 cannot reach V = 300: nothing out of range
+    sc8 = scoring.score_tokens(jnp.asarray(z), jnp.asarray(t8), ignore_index=255)
+    so = oracle.score_tokens(z, t8.astype(np.int64), ignore_index=255)
     np.testing.assert_array_equal(np.asarray(sc8.eligible), so["eligible"])
     np.testing.assert_allclose(np.asarray(sc8.stats.nll), so["stats"]["nll"], atol=1e-4, rtol=1e-5)
+    # uint16 labels are widened before the range check: 65535 is out of range for V = 300
+    with pytest.raises(ValueError, match=r"targets: values must lie in \[0, 300\).*65535"):
+        scoring.score_tokens(jnp.asarray(z), np.array([1, 2, 65535, 0, 9, 3], np.uint16), ignore_index=0)
 
 
 def test_jit_grad_compatible_and_out_of_range_under_jit():
@@ -182,7 +189,8 @@ def test_jit_grad_compatible_and_out_of_range_under_jit():
 
     eligible, valid, nll = f(z, t)
     np.testing.assert_array_equal(np.asarray(eligible), [True, False, False, False])
-    np.testing.assert_array_equal(np.asarray(valid), [True, False, False, False])
+    # SPEC §4: valid = target != ignore_index; a traced out-of-range target is valid, never eligible
+    np.testing.assert_array_equal(np.asarray(valid), [True, True, True, False])
     assert np.all(np.asarray(nll)[1:] == 0.0)
     # the reference statistics are differentiable (entropy gradient vs central differences)
     g = jax.grad(lambda x: jnp.sum(scoring.token_statistics(x).entropy))(z)
@@ -211,25 +219,28 @@ class _Spy:
 
 
 def test_kernel_dispatch_hook(monkeypatch):
+    from cggr_jax import dispatch, kernels
+
     spy = _Spy()
-    monkeypatch.setattr(scoring, "_GPU_PLATFORMS", (jax.default_backend(),))   # pretend this is a GPU
-    monkeypatch.setattr(scoring, "_load_pallas_kernel", lambda: spy)
+    monkeypatch.setattr(kernels, "token_statistics_pallas", spy)   # a spy on the kernel entry point
     monkeypatch.delenv("CGGR_DISABLE_KERNELS", raising=False)
-    assert scoring.use_kernel()
     z = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 7)), jnp.float32)
     t = jnp.asarray([[1, -100, 3], [9, 0, 6]])            # 9: out of range (allowed under jit)
-    st = jax.jit(lambda z, t: scoring.token_statistics(z, t))(z, t)
+    with dispatch.force("kernel"):                         # route as on a GPU
+        assert dispatch.use_kernels(z)
+        st = jax.jit(lambda z, t: scoring.token_statistics(z, t))(z, t)
     assert spy.calls == [((2, 3, 7), jnp.int32, -100)]
     has = (t >= 0) & (t < 7)
     ref = scoring.token_statistics_reference(z, jnp.where(has, t, 0), has)
     np.testing.assert_allclose(np.asarray(st.lse), np.asarray(ref.lse), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(st.nll)[np.asarray(has)], np.asarray(ref.nll + 1.0)[np.asarray(has)])
     assert float(st.nll[1, 0]) == 0.0 and float(st.nll[0, 1]) == 0.0   # no valid target: exactly 0
-    sc = scoring.score_tokens(z, jnp.asarray([[1, -100, 3], [2, 0, 6]]))
+    with dispatch.force("kernel"):
+        sc = scoring.score_tokens(z, jnp.asarray([[1, -100, 3], [2, 0, 6]]))
     assert len(spy.calls) == 2 and bool(sc.eligible[0, 0])
     for value in ("1", "true", "YES"):
         monkeypatch.setenv("CGGR_DISABLE_KERNELS", value)
-        assert not scoring.use_kernel()
+        assert not dispatch.kernels_enabled() and not dispatch.use_kernels(z)
         scoring.token_statistics(z, jnp.asarray([[1, -100, 3], [2, 0, 6]]))
         scoring.score_tokens(z, jnp.asarray([[1, -100, 3], [2, 0, 6]]))
         assert len(spy.calls) == 2                     # the reference path: the kernel is not called

@@ -217,3 +217,17 @@ def test_select_tokens_property(values, eligible, ratio, strategy):
         assert np.all(mask.sum(1) >= np.minimum(1, (e & ~np.isnan(d)).sum(1)))
     else:
         assert mask.sum() == k_o
+
+
+def test_float64_difficulties_are_rounded_to_float32_before_ranking():
+    """SPEC §6: a float64 difficulty is first rounded to float32 (to nearest), then ranked - so both packages
+    select the same tokens from the same array, with or without jax_enable_x64. 1 + 2^-30 and 1 round to the
+    same float32: the tie goes to the lower index, although the float64 values differ."""
+    d = np.array([1.0, 1.0 + 2.0**-30, 0.5, 1.0 + 2.0**-20], np.float64)
+    e = np.ones(4, bool)
+    rank = np.asarray(selection.rank_tokens(d, e))
+    np.testing.assert_array_equal(rank, oracle.rank_tokens(d.astype(np.float32), e))
+    np.testing.assert_array_equal(rank, [1, 2, 3, 0])
+    mask, k = selection.select_tokens(d, e, 0.5)
+    assert k.dtype == jnp.int32 and int(k) == 2
+    np.testing.assert_array_equal(np.asarray(mask), [True, False, False, True])

@@ -3,6 +3,12 @@
 Both frameworks run in this one process on CPU. Level 1 is fuzzed with hypothesis; levels 2-4 run on seeded
 random batches of logits. The number of level-3 batches whose selections were fully identical is printed in
 the terminal summary (see tests/conftest.py).
+
+Shape buckets (compile time): PyTorch runs every batch at its own shape; JAX runs it padded to one bucket shape
+per dimension set (tokens that take no part: ``ignore_index`` targets / ineligible difficulties, appended
+after every row and below the last row, so the flat order of the real tokens — SPEC §6 — and every count are
+unchanged) and the results are cut back to the real shape. Each bucket compiles once instead of every fuzzed
+shape compiling anew; the assertions are unchanged.
 """
 from __future__ import annotations
 
@@ -26,6 +32,20 @@ from cggr_torch import selection as tsel  # noqa: E402
 from tests import oracle  # noqa: E402
 
 PARITY_REPORT: dict[str, list[int]] = {}  # strategy -> [identical batches, total batches]
+
+#: JAX bucket shapes: level 1 (1-D, 2-D) and levels 2-4 (B, T); V is not padded (the logits' rows are whole).
+BUCKET_1D, BUCKET_2D, BUCKET_BT = (40,), (5, 9), (3, 11)
+
+
+def pad_to(x: np.ndarray, shape: tuple[int, ...], fill) -> np.ndarray:
+    """``x`` padded with ``fill`` at the end of its leading ``len(shape)`` dimensions up to ``shape``."""
+    widths = [(0, n - m) for n, m in zip(shape, x.shape)] + [(0, 0)] * (x.ndim - len(shape))
+    return np.pad(x, widths, constant_values=fill)
+
+
+def cut(x, shape: tuple[int, ...]) -> np.ndarray:
+    """The real region ``x[:shape[0], :shape[1], ...]`` of a bucketed JAX result."""
+    return np.asarray(x)[tuple(slice(0, n) for n in shape)]
 
 STRATEGIES = oracle.SELECTION_STRATEGIES
 
@@ -58,9 +78,12 @@ def test_level1_masks_bit_identical(problem):
     kw = dict(selection=selection, num_strata=num_strata, min_tokens_per_sequence=min_tps)
     m_t, k_t = tsel.select_tokens(torch.from_numpy(d), torch.from_numpy(eligible),
                                   torch.tensor(ratio, dtype=torch.float32), **kw)
-    m_j, k_j = jsel.select_tokens(jnp.asarray(d), jnp.asarray(eligible), jnp.float32(ratio), **kw)
+    bucket = BUCKET_2D if d.ndim == 2 else BUCKET_1D
+    m_j, k_j = jsel.select_tokens(jnp.asarray(pad_to(d, bucket, 0.0)), jnp.asarray(pad_to(eligible, bucket, False)),
+                                  jnp.float32(ratio), **kw)
+    m_j = cut(m_j, d.shape)
     m_o, k_o = oracle.select_tokens(d, eligible, ratio, **kw)
-    m_t, m_j = m_t.numpy(), np.asarray(m_j)
+    m_t = m_t.numpy()
     assert m_t.shape == m_j.shape == d.shape
     assert int(k_t) == int(k_j) == k_o
     np.testing.assert_array_equal(m_t, m_o)
@@ -115,7 +138,9 @@ def test_level2_scores_within_tolerance(dtype, scoring):
     for _ in range(6):
         logits, targets = _random_batch(rng, dtype)
         s_t = tsc.score_tokens(_to_torch(logits, dtype), torch.from_numpy(targets), scoring=scoring)
-        s_j = jsc.score_tokens(_to_jax(logits, dtype), jnp.asarray(targets), scoring=scoring)
+        s_j = jsc.score_tokens(_to_jax(pad_to(logits, BUCKET_BT, 0.0), dtype),
+                               jnp.asarray(pad_to(targets, BUCKET_BT, -100)), scoring=scoring)
+        s_j = jax.tree_util.tree_map(lambda x: cut(x, targets.shape), s_j)
         np.testing.assert_array_equal(s_t.eligible.numpy(), np.asarray(s_j.eligible))
         e = s_t.eligible.numpy()
         d_t, d_j = s_t.difficulty.numpy()[e], np.asarray(s_j.difficulty)[e]
@@ -195,7 +220,9 @@ def test_level3_selections_identical_outside_band(selection, record_property):
                    min_tokens_per_sequence=int(rng.integers(0, 3)))
         step = int(rng.integers(0, 80))
         d_t, e_t, m_t, k_t, r_t = _pipeline_torch(_to_torch(logits, dtype), torch.from_numpy(targets), step, cfg)
-        m_j, k_j, r_j = _pipeline_jax(_to_jax(logits, dtype), jnp.asarray(targets), step, cfg)
+        m_j, k_j, r_j = _pipeline_jax(_to_jax(pad_to(logits, BUCKET_BT, 0.0), dtype),
+                                      jnp.asarray(pad_to(targets, BUCKET_BT, -100)), step, cfg)
+        m_j = cut(m_j, targets.shape)
         total += 1
         if np.array_equal(m_t, m_j) and k_t == k_j:
             identical += 1
@@ -224,8 +251,11 @@ def test_level4_loss_and_gradients_agree(dtype, selection):
         lt = torch.from_numpy(logits).requires_grad_(True)
         loss_t, met_t = cggr_torch.cggr_loss(lt, torch.from_numpy(targets), 25, **cfg)
         loss_t.backward()
-        fn = lambda x: cggr_jax.cggr_loss(x, jnp.asarray(targets), jnp.int32(25), **cfg)  # noqa: E731
-        (loss_j, met_j), g_j = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(logits))
+        padded_targets = jnp.asarray(pad_to(targets, BUCKET_BT, -100))
+        fn = lambda x: cggr_jax.cggr_loss(x, padded_targets, jnp.int32(25), **cfg)  # noqa: E731
+        (loss_j, met_j), g_j = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(pad_to(logits, BUCKET_BT, 0.0)))
+        assert not np.asarray(g_j)[targets.shape[0]:].any() and not np.asarray(g_j)[:, targets.shape[1]:].any()
+        g_j = cut(g_j, targets.shape)
         if int(met_t["tokens_selected"]) != int(met_j["tokens_selected"]):
             continue  # a band case: covered by level 3
         np.testing.assert_allclose(float(loss_t.detach()), float(loss_j), atol=1e-5, rtol=1e-4)

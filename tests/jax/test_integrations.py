@@ -1,4 +1,4 @@
-"""The optax integration (``cggr_jax.transform``) and a complete Flax NNX training step.
+"""The optax integration (``cggr_jax.integrations``) and a complete Flax NNX training step.
 
 The NNX step is the README's pattern: ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` with
 ``tx = optax.chain(cggr_jax.advance_curriculum(), optax.adamw(...))``, the step read from

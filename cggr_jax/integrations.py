@@ -1,4 +1,4 @@
-"""The optax integration: the curriculum step lives in the optimizer state (SPEC §5.1).
+"""Framework integrations of ``cggr_jax``: the optax transform, where the curriculum step lives (SPEC §5.1).
 
 ``optax.chain(cggr_jax.advance_curriculum(), optax.adamw(1e-3))`` counts optimizer updates in a
 :class:`CurriculumState` and keeps the metrics of the last loss call, passed to ``update`` as the extra
@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cggr_jax.loss import NUMERIC_METRIC_KEYS, metric_template
+from cggr import NUMERIC_METRIC_KEYS
+
+from cggr_jax.pipeline import metric_template
 
 __all__ = ["CurriculumState", "advance_curriculum", "current_step", "latest_metrics"]
 
@@ -31,7 +33,7 @@ class CurriculumState(NamedTuple):
 
     ``step``: int32 scalar, the number of updates applied so far — the curriculum step of the next loss.
     ``metrics``: the ``cggr_metrics`` passed to the last update (zeros before the first), a dict of scalar
-    arrays with the keys of :data:`cggr_jax.loss.NUMERIC_METRIC_KEYS`.
+    arrays with the keys of :data:`cggr.NUMERIC_METRIC_KEYS`.
     """
 
     step: jax.Array
