@@ -20,7 +20,7 @@ from .metrics import INT_METRIC_KEYS, METRIC_KEYS, NUMERIC_METRIC_KEYS
 __all__ = [
     "CGGRConfig", "CONFIG_FIELDS", "SCORING_MODES", "SELECTION_STRATEGIES", "SEQUENCE_SELECTIONS",
     "DEFAULT_SEQUENCE_SELECTION", "METRIC_KEYS", "NUMERIC_METRIC_KEYS", "INT_METRIC_KEYS", "check_ratio_value",
-    "check_label_dtype_range",
+    "check_label_dtype_range", "require",
 ]
 
 #: The PyTorch names the seed docs import from ``cggr``; resolved lazily so that ``import cggr`` needs no torch.
@@ -29,13 +29,28 @@ _TORCH_API = ("CGGRLoss", "CGGRModel", "create_truncated_router", "cggr_loss", "
               "shift_for_causal_lm")
 
 
+def require(module: str, *, package: str, extra: str) -> None:
+    """Import ``module`` or raise ``ModuleNotFoundError`` naming the extra that installs it.
+
+    ``cggr_torch``/``cggr_jax`` call this first, so a user who installed one framework and imports the other
+    package learns what to install instead of reading a bare "No module named 'jax'".
+    """
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:  # a dependency of the framework itself is missing: show the real error
+            raise
+        raise ModuleNotFoundError(
+            f"{package} needs {module!r}, which is not installed: pip install 'cggr-routing[{extra}]' "
+            f"(see the README's Install section for CPU-only and GPU builds)", name=module) from err
+
+
 def __getattr__(name: str) -> Any:
     if name in _TORCH_API:
-        try:
-            import cggr_torch
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError(f"cggr.{name} is the PyTorch API; install it with `pip install cggr[torch]` "
-                              f"({err})") from err
+        import cggr_torch  # raises the install hint of require() when torch is missing
+
         return getattr(cggr_torch, name)
     raise AttributeError(f"module 'cggr' has no attribute {name!r}")
 

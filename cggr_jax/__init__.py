@@ -20,7 +20,9 @@ Quick start (Flax NNX)::
         optimizer.update(model, grads, cggr_metrics=metrics)
         return loss, metrics
 """
-from cggr import SCORING_MODES, SELECTION_STRATEGIES, CGGRConfig
+from cggr import SCORING_MODES, SELECTION_STRATEGIES, CGGRConfig, require
+
+require("jax", package="cggr_jax", extra="jax")
 
 from cggr_jax import curriculum, dispatch, integrations, loss, pipeline, scoring, selection, types, utils
 from cggr_jax.curriculum import dynamic_ratio, linear_warmup_ratio, num_selected

@@ -4,7 +4,10 @@ The contract is ``SPEC.md``; the names mirror ``cggr_jax`` (``CONTRIBUTING.md``)
 kernels of :mod:`cggr_torch.kernels` when they import; set ``CGGR_DISABLE_KERNELS=1`` to force the pure-PyTorch
 reference everywhere (:mod:`cggr_torch.dispatch` decides, and ``dispatch.force(...)`` overrides it for a block).
 """
-from cggr import CGGRConfig
+from cggr import CGGRConfig, require
+
+require("torch", package="cggr_torch", extra="torch")
+
 
 from . import dispatch
 from .batch_split import CGGRModel

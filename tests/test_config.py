@@ -77,3 +77,20 @@ def test_lazy_torch_api():
     assert cggr.CGGRLoss is cggr_torch.CGGRLoss and cggr.create_truncated_router is cggr_torch.create_truncated_router
     with pytest.raises(AttributeError):
         cggr.not_a_name
+
+
+@pytest.mark.parametrize("package, blocked, extra", [("cggr_torch", "torch", "torch"), ("cggr_jax", "jax", "jax")])
+def test_missing_framework_names_the_extra(package, blocked, extra):
+    import subprocess
+    import sys
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        f"    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == {blocked!r} or name.startswith({blocked!r} + '.'):\n"
+        f"            raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"import {package}\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode != 0
+    assert f"pip install 'cggr-routing[{extra}]'" in res.stderr, res.stderr[-2000:]
