@@ -12,7 +12,8 @@ One ``jax.jit``-compiled function ``(state, input_ids, labels, attention_mask) -
   ``stop_gradient(params)`` (no parameter copies, no gradient). On the **fused path** (default for a
   :class:`cggr_jax.models.DecoderLM`, ``config.router_path``) it stops at the final normed hidden states
   (``model.hidden_states(ids, mask, router_layers)``) and the head is scored block by block
-  (:func:`cggr_jax.router.select_sequences_fused`), so the ``(B, T, V)`` float32 router logits are never materialised; on the
+  (:func:`cggr_jax.router.select_sequences_fused`), so the ``(B, T, V)`` float32 router logits are never
+  materialised; on the
   **logits path** (any other model) ``model.router_logits(ids, router_layers)`` is scored. The step's
   :attr:`BatchSplitTrainStep.router_path` says which one runs;
 * the ``k_seq`` kept sequences are gathered into a batch of **static** size ``b``, the smallest configured
@@ -61,9 +62,8 @@ loss 0 and zero gradients.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -240,7 +240,8 @@ class BatchSplitTrainStep:
         self.buckets = buckets
         self.vocab_size = vocab_size
         #: ``"fused"`` / ``"logits"``: how the router is scored (resolved by :meth:`init` and at trace time;
-        #: ``None`` for the modes without a router or before either), and why (:func:`cggr_jax.router.resolve_router_path`).
+        #: ``None`` for the modes without a router or before either), and why
+        #: (:func:`cggr_jax.router.resolve_router_path`).
         self.router_path: str | None = None
         self.router_path_reason: str | None = None
         self.num_traces = 0

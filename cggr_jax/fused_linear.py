@@ -22,8 +22,9 @@ fill 132 SMs; DECISIONS.md: fused-head-chunk-plan).
 Each block's GEMM is ordered after the previous block's statistics (an ``optimization_barrier``), so the GEMMs
 cannot all be scheduled ahead of the kernels and one block of logits at a time needs to be live. With
 ``C = V`` every row block goes whole to the dispatcher of :func:`cggr_jax.scoring.token_statistics`; the XLA
-reference statistics (other backends) always take whole rows. Difficulty, eligibility, ratio, ``k`` and the selection follow from the statistics
-(:mod:`cggr_jax.selection`, static shapes), and the loss value is ``Σ_S nll / |S|`` — no extra matmul.
+reference statistics (other backends) always take whole rows. Difficulty, eligibility, ratio, ``k``, the
+selection and the metrics follow from the statistics through :mod:`cggr_jax.pipeline` (static shapes), and the
+loss value is ``Σ_S nll / |S|`` — no extra matmul.
 
 **Fixed-size selection buffer.** The selected rows are gathered into a buffer of static size ``capacity``
 (default :func:`max_selected`: the largest number of tokens the configuration can select from ``N`` — ``N``

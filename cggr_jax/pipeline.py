@@ -175,7 +175,8 @@ def scored_selective_cross_entropy(
         logits: jax.Array, targets: jax.Array, ratio: Any, *, scoring: str = utils.DEFAULT_CONFIG.scoring,
         selection: str = "topk", num_strata: int = utils.DEFAULT_CONFIG.num_strata,
         min_tokens_per_sequence: int = utils.DEFAULT_CONFIG.min_tokens_per_sequence,
-        ignore_index: int = utils.DEFAULT_CONFIG.ignore_index, interpret: bool | None = None, scoring_launch: Any = None,
+        ignore_index: int = utils.DEFAULT_CONFIG.ignore_index, interpret: bool | None = None,
+        scoring_launch: Any = None,
         backward_launch: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The Pallas kernels end to end: scores (one kernel read of the logits) → selection on device →

@@ -82,10 +82,8 @@ when the whole array exceeds 2^32 bytes, so ``N·V > 2^31`` elements is addresse
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -96,8 +94,7 @@ from jax.experimental.pallas import triton as plt
 
 from .. import utils
 from ..types import TokenStatistics
-from .launch import (PALLAS_GPU_BACKEND, SCORING_DEFAULTS, KernelConfig, Launch, kernel_config,
-                     resolve_interpret, tile_columns)
+from .launch import PALLAS_GPU_BACKEND, SCORING_DEFAULTS, KernelConfig, kernel_config, tile_columns
 
 __all__ = [
     "token_statistics_pallas",
