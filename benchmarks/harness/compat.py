@@ -23,7 +23,8 @@ __all__ = [
     "jax_fused_statistics_kernel", "jax_fused_forward_blocks", "torch_plan_chunks", "torch_default_memory_budget",
     "torch_fused_linear_module", "torch_router_constants", "jax_batch_split_route", "jax_scoring_kernels",
     "jax_token_statistics_reference", "jax_stream_class", "jax_cross_entropy_kernels", "jax_backward_flat_grid",
-    "jax_backward_grids", "jax_plan_chunks", "jax_default_memory_budget", "jax_fused_linear_module",
+    "jax_backward_grids", "jax_scored_selective_cross_entropy", "jax_plan_chunks", "jax_default_memory_budget",
+    "jax_fused_linear_module",
 ]
 
 
@@ -346,20 +347,31 @@ def jax_cross_entropy_kernels() -> Any:
 def jax_backward_flat_grid(on: bool) -> Iterator[None]:
     """Temporarily switch the Pallas CE backward's grid (DECISIONS.md: ce-backward-flat-grid: it stays 2-D in
     JAX); ``kernels/launch.py`` after issue 13 if it moved there, else ``kernels/cross_entropy.py``."""
+    # kernels/cross_entropy.py binds the default from kernels/launch.py at import: switch every binding.
+    mods = []
     for n in ("cggr_jax.kernels.launch", "cggr_jax.kernels.cross_entropy"):
         try:
             m = importlib.import_module(n)
         except ModuleNotFoundError:
             continue
         if hasattr(m, "BACKWARD_FLAT_GRID"):
-            old = m.BACKWARD_FLAT_GRID
-            m.BACKWARD_FLAT_GRID = on
-            try:
-                yield
-            finally:
-                m.BACKWARD_FLAT_GRID = old
-            return
-    raise ImportError("benchmarks.harness.compat: no BACKWARD_FLAT_GRID in cggr_jax")
+            mods.append((m, m.BACKWARD_FLAT_GRID))
+    if not mods:
+        raise ImportError("benchmarks.harness.compat: no BACKWARD_FLAT_GRID in cggr_jax")
+    for m, _ in mods:
+        m.BACKWARD_FLAT_GRID = on
+    try:
+        yield
+    finally:
+        for m, old in mods:
+            m.BACKWARD_FLAT_GRID = old
+
+
+def jax_scored_selective_cross_entropy() -> Any:
+    """Scores → selection → selective CE with the Pallas kernels (``cggr_jax.pipeline`` after issue 13;
+    ``kernels.scored_selective_cross_entropy_pallas`` before)."""
+    return _attr([("cggr_jax.pipeline", "scored_selective_cross_entropy"),
+                  ("cggr_jax.kernels", "scored_selective_cross_entropy_pallas")])
 
 
 def jax_backward_grids(fn: Any, *args: Any) -> Any:
@@ -376,7 +388,10 @@ def jax_fused_linear_module() -> ModuleType:
 def jax_fused_statistics_kernel() -> Any:
     """Whether / which Pallas statistics kernel the JAX fused head uses here (private
     ``fused_linear._statistics_kernel()`` before issue 13)."""
-    return _attr([("cggr_jax.fused_linear", "statistics_kernel"), ("cggr_jax.fused_linear", "_statistics_kernel")])()
+    try:  # after issue 13 the decision is cggr_jax.dispatch's, read outside any trace
+        return bool(importlib.import_module("cggr_jax.dispatch").use_kernels())
+    except ModuleNotFoundError:
+        return _attr([("cggr_jax.fused_linear", "_statistics_kernel")])()
 
 
 def jax_fused_forward_blocks(*args: Any, **kwargs: Any) -> Any:

@@ -7,7 +7,7 @@ times ``jax.value_and_grad`` (w.r.t. the logits) under ``jit`` of
 * ``optax dense`` — ``optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()`` (the logits as
   they are) and ``optax dense (fp32 upcast)`` — the same on ``logits.astype(float32)``;
 * ``cggr pallas: score+select+CE`` — the whole pipeline
-  (:func:`cggr_jax.kernels.scored_selective_cross_entropy_pallas`: scoring kernel → ``select_tokens`` on
+  (:func:`cggr_jax.pipeline.scored_selective_cross_entropy`: scoring kernel → ``select_tokens`` on
   device → selective CE with the sparse backward), with the default launches and, when a scoring benchmark
   JSON is given (``--scoring-json``, written by ``benchmarks/scoring.py --framework jax``), with the best scoring launch
   found there and the best backward launch found here;
@@ -60,7 +60,6 @@ from cggr_jax.kernels import (  # noqa: E402
     BACKWARD_DEFAULTS,
     Launch,
     kernel_config,
-    scored_selective_cross_entropy_pallas,
     selective_cross_entropy_pallas,
     token_statistics_pallas,
 )
@@ -166,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 [x, t])
 
         def pipeline(a, b, r, scoring_launch=None, backward_launch=None):
-            loss, _, k = scored_selective_cross_entropy_pallas(
+            loss, _, k = compat.jax_scored_selective_cross_entropy()(
                 a, b, r, selection=args.selection, interpret=interpret, scoring_launch=scoring_launch,
                 backward_launch=backward_launch)
             return loss, k
