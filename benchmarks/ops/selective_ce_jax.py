@@ -295,7 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         best_line = (f"BACKWARD_DEFAULTS = LaunchDefaults(block_rows={b['block_rows']}, "
                      f"block_bytes={b['block_v'] * itemsize}, num_warps={b['num_warps']}, num_stages=1)")
         summary.append(f"best backward launch ({args.dtype}, V={args.vocab[0]}): {launch_name(b)}  "
-                       f"-> cggr_jax/kernels/scoring.py: {best_line}")
+                       f"-> cggr_jax/kernels/launch.py: {best_line}")
     dump(best_line)
     print(f"\nwrote {args.out}")
     if scoring_json is not None:
