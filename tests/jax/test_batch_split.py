@@ -119,8 +119,13 @@ def test_ties_keep_lower_batch_index_and_jit_matches_eager():
     assert int(sel.k) == r0 + 1 and bool(sel.mask[0]) and not bool(sel.mask[8])
     jitted = jax.jit(lambda z, y, m, s: rt.select_sequences(z, y, m, step=s, config=cfg))
     traced = jitted(zj, labels, mask, jnp.int32(3))
+    exact = jax.default_backend() == "cpu"
     for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(traced)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        a, b = np.asarray(a), np.asarray(b)
+        if exact or not np.issubdtype(a.dtype, np.floating):
+            np.testing.assert_array_equal(a, b)
+        else:  # a GPU fuses the jitted reductions in another order (SPEC §9: the summation order is free)
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=0)
 
 
 def test_dynamic_threshold_and_fixed_quota():

@@ -269,6 +269,7 @@ def case_ddp(rank: int, world: int) -> None:
 
 def case_fsdp(rank: int, world: int) -> None:
     """FSDP2 (``fully_shard``): the averaged, sharded gradients equal the single-process gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     V, B, T, step = 13, 2, 5, 3
@@ -277,7 +278,9 @@ def case_fsdp(rank: int, world: int) -> None:
     ref_model = _TinyLM(V)
     model = _TinyLM(V)
     model.load_state_dict(ref_model.state_dict())
-    fully_shard(model)
+    # A CPU mesh: on a CUDA machine fully_shard would otherwise move the model to the GPU, while this world
+    # talks over gloo with CPU inputs (the GPU data-parallel checks are benchmarks/verify_dp_torch.py).
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     loss, _ = D.cggr_loss(model(_slice(ids, world, rank)), _slice(targets, world, rank), step, warmup_steps=6)
     loss.backward()
     got = {n: p.grad.full_tensor().detach().clone() for n, p in model.named_parameters()}
