@@ -28,6 +28,7 @@ from cggr_jax import curriculum, dispatch, integrations, loss, pipeline, scoring
 from cggr_jax.curriculum import dynamic_ratio, linear_warmup_ratio, num_selected
 from cggr_jax.integrations import CurriculumState, advance_curriculum, current_step, latest_metrics
 from cggr_jax.loss import METRIC_KEYS, CGGRLoss, cggr_loss, metrics_to_dict
+from cggr_jax.router import TruncatedRouter, create_truncated_router
 from cggr_jax.scoring import difficulty_from_statistics, score_tokens, token_statistics
 from cggr_jax.selection import rank_tokens, select_tokens
 from cggr_jax.types import SequenceSelection, TokenScores, TokenStatistics
@@ -66,4 +67,6 @@ __all__ = [
     "current_step",
     "latest_metrics",
     "shift_for_causal_lm",
+    "TruncatedRouter",
+    "create_truncated_router",
 ]

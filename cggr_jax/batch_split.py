@@ -75,8 +75,15 @@ from cggr import NUMERIC_METRIC_KEYS
 from cggr_jax import curriculum, integrations, router, selection, utils
 # The step's configuration and the router paths it takes, defined with the scorer in cggr_jax.router.
 from cggr_jax.router import ROUTER_MEMORY_BUDGET, ROUTER_PATHS, BatchSplitConfig
+# The sequence selection of SPEC §9 lives in router.py beside the scorer that feeds it; batch splitting
+# re-exports it so that both packages' batch_split modules carry the same names (CONTRIBUTING.md).
+from cggr_jax.router import select_sequences, sequence_difficulty
+from cggr_jax.types import SequenceSelection
 
 __all__ = [
+    "select_sequences",
+    "sequence_difficulty",
+    "SequenceSelection",
     "BatchSplitConfig",
     "BatchSplitState",
     "BatchSplitTrainStep",

@@ -96,15 +96,15 @@ def use_kernels(x: Any = None) -> bool:
 
 
 @contextlib.contextmanager
-def force(new_mode: str) -> Iterator[None]:
-    """Within the block, :func:`use_kernels` follows ``new_mode`` (``"kernel"``, ``"reference"``, ``"auto"``).
+def force(mode: str) -> Iterator[None]:  # the argument shadows mode(): the state is read directly
+    """Within the block, :func:`use_kernels` follows ``mode`` (``"kernel"``, ``"reference"``, ``"auto"``).
 
     Affects what is traced inside the block (see the module docstring); restores the previous mode on exit.
     """
-    if new_mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {new_mode!r}")
-    previous = mode()
-    _state.mode = new_mode
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    previous = getattr(_state, "mode", "auto")
+    _state.mode = mode
     try:
         yield
     finally:

@@ -150,12 +150,12 @@ def dispatch_statistics(logits: jax.Array, safe_targets: jax.Array | None, has_t
     return stats
 
 
-def row_finite(stats: TokenStatistics, has_target: jax.Array | None) -> jax.Array:
+def row_finite(stats: TokenStatistics, has_targets: jax.Array | None) -> jax.Array:
     """SPEC §2: ``lse``, ``H``, ``p1``, ``p2`` and (where a valid target exists) ``nll`` all finite."""
     ok = (jnp.isfinite(stats.lse) & jnp.isfinite(stats.entropy) & jnp.isfinite(stats.confidence)
           & jnp.isfinite(stats.runner_up))
-    if has_target is not None:
-        ok = ok & (jnp.isfinite(stats.nll) | ~has_target)
+    if has_targets is not None:
+        ok = ok & (jnp.isfinite(stats.nll) | ~has_targets)
     return ok
 
 

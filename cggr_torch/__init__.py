@@ -16,7 +16,7 @@ from .loss import METRIC_KEYS, CGGRLoss, cggr_loss
 from .router import CGGRScorer, PassthroughRouter, TruncatedRouter, create_truncated_router
 from .scoring import SCORING_MODES, difficulty_from_statistics, score_tokens, token_statistics
 from .selection import SELECTION_STRATEGIES, rank_tokens, select_tokens
-from .types import TokenScores, TokenStatistics
+from .types import SequenceSelection, TokenScores, TokenStatistics
 from .utils import shift_for_causal_lm
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "SELECTION_STRATEGIES",
     "TokenScores",
     "TokenStatistics",
+    "SequenceSelection",
     "token_statistics",
     "difficulty_from_statistics",
     "score_tokens",
