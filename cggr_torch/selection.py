@@ -78,7 +78,6 @@ def _sorted_order(difficulty: torch.Tensor, eligible: torch.Tensor) -> tuple[tor
     return order, e.sum()
 
 
-_order_key32 = order_key32  # the benchmarks' name (benchmarks/ is rewritten separately)
 
 
 def _flat_rank(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,6 @@ __all__ = [
 MODE_CODE = {"entropy": 0, "margin": 1, "loss": 2, "combined": 3}
 #: ``mode`` for "statistics only, no difficulty" (the fused LM head's blocks).
 NO_DIFFICULTY = -1
-_MODE_CODE, _NO_DIFFICULTY = MODE_CODE, NO_DIFFICULTY  # the benchmarks' names (benchmarks/ moves separately)
 
 
 # ======================================================================================= input handling
