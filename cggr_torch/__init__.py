@@ -46,12 +46,13 @@ __all__ = [
     "create_truncated_router",
     "CGGRTrainer",
     "CGGRStepCallback",
+    "use_cggr",
 ]
 
 
 def __getattr__(name: str):
     # The Trainer integration imports transformers' Trainer (and accelerate); load it only when asked for.
-    if name in ("CGGRTrainer", "CGGRStepCallback"):
+    if name in ("CGGRTrainer", "CGGRStepCallback", "use_cggr"):
         from . import integrations
 
         return getattr(integrations, name)

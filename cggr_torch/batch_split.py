@@ -24,7 +24,8 @@ One training step of ``CGGRModel(model)(input_ids, labels, attention_mask)``:
 6. **Main pass**: ``input_ids``, ``labels``, ``attention_mask`` and every per-sequence keyword argument (a tensor
    whose first dimension is ``B``) are sliced to the kept rows; the model runs forward on them with
    ``labels`` (ignored positions set to ``-100``) and its own loss, the mean token cross-entropy over their
-   valid shifted targets, is returned. Backward therefore costs ``k_seq / B`` of a full batch.
+   valid shifted targets, is returned; a model that returns only logits gets that loss computed here
+   (float32). Backward therefore costs ``k_seq / B`` of a full batch.
 
 **Synchronisation.** Steps 1-5 run asynchronously on the device. Slicing to a data-dependent number of rows
 needs ``k_seq`` on the host, so ``torch.nonzero`` of the keep-mask is the one (unavoidable) host
@@ -111,6 +112,46 @@ def _loss_of(outputs: Any) -> Optional[torch.Tensor]:
     return loss if isinstance(loss, torch.Tensor) else None
 
 
+def _logits_of(outputs: Any) -> Optional[torch.Tensor]:
+    """The logits of a model output without a loss: the tensor itself, ``.logits``, ``['logits']`` or the first
+    element of a tuple (None when there is none)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, dict):
+        logits = outputs.get("logits")
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
+        logits = outputs[0]
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
+def _forward_parameters(model: nn.Module) -> tuple[bool, bool, bool]:
+    """Which of ``input_ids`` (by keyword), ``attention_mask`` and ``labels`` the model's forward accepts: a
+    logits-only module such as ``forward(self, x)`` gets ``input_ids`` positionally and no labels."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):   # no introspectable signature: assume the Hugging Face one
+        return True, True, True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True, True, True
+    return "input_ids" in params, "attention_mask" in params, "labels" in params
+
+
+def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True,
+                    ignore_index: int = HF_IGNORE_INDEX) -> torch.Tensor:
+    """Mean float32 cross-entropy of ``logits`` ``(B, T, V)`` against ``labels`` ``(B, T)`` over the targets that
+    are not ``ignore_index``; with ``shift`` (causal LM, SPEC §1) ``logits[:, :-1]`` predict ``labels[:, 1:]``.
+    0 when no target is valid (divided by ``max(count, 1)``, so the count never has to reach the host)."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    flat = labels.reshape(-1)
+    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(torch.float32), flat,
+                                              ignore_index=ignore_index, reduction="sum")
+    return total / torch.clamp((flat != ignore_index).sum(), min=1).to(torch.float32)
+
+
 def _shares_all_weights(router: nn.Module, model: nn.Module) -> bool:
     """True when every parameter and buffer of ``router`` is (the same object as) one of ``model``'s."""
     owned = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
@@ -191,7 +232,11 @@ class CGGRModel(Curriculum, nn.Module):
         model: the model to train (a Hugging Face ``…ForCausalLM``, or any module whose forward accepts
             ``input_ids``, ``attention_mask``, ``labels`` and per-sequence keyword arguments and returns its
             mean token cross-entropy as ``.loss`` / ``['loss']`` / a 0-d first tuple element, ignoring label
-            ``-100`` and shifting internally when it is causal).
+            ``-100`` and shifting internally when it is causal). A model that returns only logits (a
+            ``(B, T, V)`` tensor, or an output with ``.logits`` and no loss, e.g. ``forward(self, input_ids)``)
+            works too: ``CGGRModel`` then computes the mean float32 next-token cross-entropy of the kept rows
+            itself (float32, SPEC §9 targets) and puts it into the output's ``loss`` field where
+            it has one. ``labels`` / ``attention_mask`` go to the model only when its forward accepts them.
         router: a module ``(input_ids, attention_mask=..., **kw) -> (B, T, V)`` logits (or an output with
             ``.logits``) over the model's vocabulary. ``None``: ``create_truncated_router(model, router_layers)``.
             A router whose weights all belong to ``model`` (a truncated or passthrough router of ``model``, or
@@ -278,6 +323,7 @@ class CGGRModel(Curriculum, nn.Module):
         self.router_path_reason = resolve_router_path(router, router_path)[1]
         self._init_curriculum(self.config.min_tokens_ratio, self.config.warmup_steps,
                               check_schedule(ratio_schedule, self.config))
+        self._forward_params = _forward_parameters(model)
         self._last: Optional[dict[str, Any]] = None
         self.last_kept: Optional[torch.Tensor] = None
 
@@ -323,7 +369,7 @@ class CGGRModel(Curriculum, nn.Module):
         Raises:
             ValueError: ``input_ids`` not 2-D integer, ``labels``/``attention_mask`` of another shape, labels
                 out of ``[0, V)`` (CPU; a device assertion on CUDA), a router whose logits are not
-                ``(B, T, V_model)``, or a model that returns no loss.
+                ``(B, T, V_model)``, or a model that returns neither a loss nor ``(k, T, V_model)`` logits.
         """
         return self.forward_with(self.model, input_ids, labels, attention_mask, **kwargs).loss
 
@@ -352,13 +398,24 @@ class CGGRModel(Curriculum, nn.Module):
             with torch.no_grad():   # only the kept rows' labels are needed
                 eff_k = effective_labels(labels.index_select(0, kept), am_k, self.ignore_index).to(torch.int64)
             main_kwargs = {k: take(v) for k, v in kwargs.items()}
-            if am_k is not None:
+            ids_kw, takes_mask, takes_labels = self._forward_params
+            if am_k is not None and takes_mask:
+                # A model without an attention_mask parameter cannot use it; the padding targets are still
+                # excluded from the loss through eff_k.
                 main_kwargs["attention_mask"] = am_k
-            outputs = model(input_ids=input_ids.index_select(0, kept), labels=eff_k, **main_kwargs)
+            if takes_labels:
+                main_kwargs["labels"] = eff_k
+            ids_k = input_ids.index_select(0, kept)
+            outputs = model(input_ids=ids_k, **main_kwargs) if ids_kw else model(ids_k, **main_kwargs)
             loss = _loss_of(outputs)
             if loss is None:
-                raise ValueError(f"model: {type(self.model).__name__} returned no loss for labels=...; CGGRModel "
-                                 f"needs a model that computes its mean token cross-entropy from `labels`")
+                loss = self._own_loss(outputs, eff_k)
+                # Hand the loss back inside the model's own output where it has a loss field (a Hugging Face
+                # ModelOutput, a dict, an object with .loss = None), as a model given labels would.
+                if isinstance(outputs, dict):
+                    outputs["loss"] = loss
+                elif not isinstance(outputs, (torch.Tensor, tuple, list)) and hasattr(outputs, "loss"):
+                    outputs.loss = loss
             scored = eff_k[:, 1:] if self.shift_labels else eff_k
             tokens_selected = (scored != HF_IGNORE_INDEX).sum()
         self.last_kept = kept
@@ -379,6 +436,23 @@ class CGGRModel(Curriculum, nn.Module):
             "router_path": r.path,
         }
         return BatchSplitOutput(loss, outputs, kept, r.seq_d, seq_elig)
+
+    def _own_loss(self, outputs: Any, eff_k: torch.Tensor) -> torch.Tensor:
+        """The next-token loss of a model that returned logits but no loss (as the seed docs' wrapper did)."""
+        logits = _logits_of(outputs)
+        name = type(self.model).__name__
+        if logits is None:
+            raise ValueError(f"model: {name} returned {type(outputs).__name__} with neither a loss nor logits; "
+                             f"CGGRModel needs a (B, T, V) logits tensor, an output with .logits, or a .loss "
+                             f"computed from labels=")
+        want = (eff_k.shape[0], eff_k.shape[1])
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != want or not logits.is_floating_point() \
+                or (self.vocab_size is not None and logits.shape[2] != self.vocab_size):
+            vocab = "V" if self.vocab_size is None else str(self.vocab_size)
+            raise ValueError(f"model: {name} returned logits of shape {tuple(logits.shape)} and dtype "
+                             f"{logits.dtype}; expected floating (k, T, {vocab}) = ({want[0]}, {want[1]}, {vocab}) "
+                             f"for the kept rows")
+        return _next_token_loss(logits, eff_k, shift=self.shift_labels)
 
     # ------------------------------------------------------------------------------------------ metrics
     def get_metrics(self) -> dict[str, Any]:

@@ -1,6 +1,15 @@
 """Hugging Face ``Trainer`` integration of batch splitting (:class:`~cggr_torch.batch_split.CGGRModel`).
 
-::
+One call switches an existing ``Trainer`` (or a subclass such as TRL's ``SFTTrainer``) to CGGR, as Liger's
+``apply_liger_kernel_to_*`` does for kernels::
+
+    from cggr_torch.integrations import use_cggr
+
+    trainer = use_cggr(Trainer(model=model, args=args, train_dataset=train_ds),
+                       min_tokens_ratio=0.25, warmup_steps=1000, router_layers=4)
+    trainer.train()
+
+or, equivalently, the subclass::
 
     from cggr_torch.integrations import CGGRTrainer
 
@@ -29,6 +38,11 @@ What it does:
 * The Trainer's own model is untouched (the wrapper holds it by reference), so ``save_model`` and
   checkpoints are the usual ones.
 
+``use_cggr`` does the same to a ready trainer instance: it replaces the instance's ``compute_loss`` and ``log``
+(the class's own ones stay in use for evaluation and are called for every log), so it composes with any
+``Trainer`` subclass. In training mode the subclass's own ``compute_loss`` is *not* run (e.g. the extra
+training metrics of TRL's ``SFTTrainer``); packed batches (``padding_free``) are one row and are never split.
+
 Label smoothing (``label_smoothing_factor > 0``) and ``compute_loss_func`` are rejected with a ``ValueError``:
 the main pass uses the model's own cross-entropy over the kept sequences and would silently ignore them.
 """
@@ -42,7 +56,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from .batch_split import CGGRModel
 from .curriculum import Curriculum
 
-__all__ = ["CGGRTrainer", "CGGRStepCallback", "cggr_objects"]
+__all__ = ["use_cggr", "CGGRTrainer", "CGGRStepCallback", "cggr_objects"]
 
 
 class CGGRStepCallback(TrainerCallback):
@@ -102,8 +116,111 @@ def cggr_objects(module: torch.nn.Module) -> list[Any]:
     return found
 
 
+def _attach(trainer: Trainer, cggr_model: Optional[CGGRModel], cggr_kwargs: dict[str, Any], *,
+            kwargs_name: str) -> CGGRModel:
+    """Check ``trainer``, build (or check) its ``CGGRModel``, register the step callback; shared by
+    :class:`CGGRTrainer` and :func:`use_cggr` (``kwargs_name``: how the caller spells the CGGR settings)."""
+    if trainer.model is None:
+        raise ValueError("model: the Trainer needs the model to train for CGGR (model_init is not supported)")
+    if cggr_model is not None and cggr_kwargs:
+        raise ValueError(f"{kwargs_name}: pass either a ready CGGRModel (cggr_model) or {kwargs_name}, not both")
+    if cggr_model is None:
+        cggr_model = CGGRModel(trainer.model, **cggr_kwargs)
+    elif not isinstance(cggr_model, CGGRModel):
+        raise ValueError(f"cggr_model: expected a CGGRModel, got {type(cggr_model).__name__}")
+    elif cggr_model.model is not trainer.model:
+        raise ValueError("cggr_model: it must wrap the same model object that is given to the Trainer")
+    if trainer.label_smoother is not None:
+        raise ValueError("args.label_smoothing_factor: not supported with CGGR (the kept sequences are "
+                         "trained with the model's own cross-entropy); set it to 0")
+    if trainer.compute_loss_func is not None:
+        raise ValueError("compute_loss_func: not supported with CGGR (batch splitting computes the loss)")
+    trainer.cggr = cggr_model
+    # The CGGR loss is a per-micro-batch mean over the kept sequences: let the Trainer scale it for gradient
+    # accumulation and never hand it num_items_in_batch (counted over the full batch).
+    trainer.model_accepts_loss_kwargs = False
+    trainer.loss_is_scaled_for_ga = False
+    trainer.add_callback(CGGRStepCallback(cggr_model, model=trainer.model))
+    return cggr_model
+
+
+def _batch_split_loss(cggr: CGGRModel, model: torch.nn.Module, inputs: dict[str, Any],
+                      return_outputs: bool) -> Any:
+    """The training loss of one micro-batch by batch splitting, with ``model`` (maybe DDP-wrapped) as main pass."""
+    inputs = dict(inputs)
+    if "input_ids" not in inputs or inputs.get("labels") is None:
+        raise ValueError(f"inputs: CGGR needs 'input_ids' and 'labels' in every training batch, got keys "
+                         f"{sorted(inputs)} (use a collator that sets labels, e.g. "
+                         f"DataCollatorForLanguageModeling(tokenizer, mlm=False))")
+    input_ids = inputs.pop("input_ids")
+    labels = inputs.pop("labels")
+    attention_mask = inputs.pop("attention_mask", None)
+    result = cggr.forward_with(model, input_ids, labels, attention_mask, **inputs)
+    return (result.loss, result.outputs) if return_outputs else result.loss
+
+
+def _with_metrics(cggr: CGGRModel, logs: dict[str, float]) -> dict[str, float]:
+    """``logs`` plus ``cggr/<metric>`` of the last CGGR step when they are training logs (they carry ``loss``).
+    Reading the metrics waits for the device, which is why it happens only here, at logging steps."""
+    if "loss" in logs and cggr.last_kept is not None:
+        for key, value in cggr.get_metrics().items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                logs[f"cggr/{key}"] = value
+    return logs
+
+
+def use_cggr(trainer: Trainer, cggr_model: Optional[CGGRModel] = None, **config: Any) -> Trainer:
+    """Switch a ready ``transformers.Trainer`` (or subclass, e.g. TRL's ``SFTTrainer``) to CGGR batch splitting.
+
+    ``trainer = use_cggr(Trainer(...), min_tokens_ratio=0.25, warmup_steps=1000)`` then ``trainer.train()``:
+
+    * training micro-batches run :meth:`CGGRModel.forward_with` (router pass, then the model's forward and
+      backward on the hardest sequences only); evaluation keeps the trainer's own ``compute_loss``;
+    * :class:`CGGRStepCallback` advances the curriculum once per optimizer step (not per micro-batch under
+      gradient accumulation) and re-syncs it to ``state.global_step`` when resuming from a checkpoint;
+    * training logs gain ``cggr/<metric>`` entries (:meth:`CGGRModel.get_metrics` of the last micro-batch),
+      so they reach every ``report_to`` integration (wandb, tensorboard) and ``on_log`` callbacks.
+
+    Args:
+        trainer: the Trainer to switch (its ``model`` is the model trained and saved, untouched).
+        cggr_model: a ready :class:`CGGRModel` wrapping ``trainer.model``; or
+        **config: the keyword arguments of :class:`CGGRModel` (``min_tokens_ratio``, ``warmup_steps``,
+            ``router_layers``, ``config=CGGRConfig(...)``, ...). Not both.
+
+    Returns:
+        ``trainer`` itself, with ``trainer.cggr`` the ``CGGRModel`` in use.
+
+    Raises:
+        ValueError: ``trainer`` not a Trainer or already using CGGR, ``cggr_model`` and ``config`` both or a
+            mismatched ``cggr_model``, label smoothing, a ``compute_loss_func``, or invalid CGGR settings.
+    """
+    if not isinstance(trainer, Trainer):
+        raise ValueError(f"trainer: expected a transformers.Trainer, got {type(trainer).__name__}")
+    if isinstance(getattr(trainer, "cggr", None), CGGRModel):
+        # a second call would wrap compute_loss twice and register a second step callback
+        raise ValueError("trainer: it already uses CGGR (use_cggr was applied, or it is a CGGRTrainer)")
+    cggr = _attach(trainer, cggr_model, config, kwargs_name="config")
+    own_compute_loss, own_log = trainer.compute_loss, trainer.log
+
+    def compute_loss(model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Optional[Any] = None) -> Any:
+        if not model.training:
+            return own_compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+        return _batch_split_loss(cggr, model, inputs, return_outputs)
+
+    def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        own_log(_with_metrics(cggr, logs), *args, **kwargs)
+
+    # Instance attributes shadow the class's methods: the Trainer calls self.compute_loss / self.log.
+    trainer.compute_loss = compute_loss
+    trainer.log = log
+    return trainer
+
+
 class CGGRTrainer(Trainer):
-    """``transformers.Trainer`` whose training loss is CGGR batch splitting (see the module docstring).
+    """``transformers.Trainer`` whose training loss is CGGR batch splitting (see the module docstring;
+    :func:`use_cggr` does the same to a ready trainer).
 
     Args:
         *args, **kwargs: as ``Trainer`` (``model`` is required: the model to train).
@@ -120,48 +237,15 @@ class CGGRTrainer(Trainer):
     def __init__(self, *args: Any, cggr_model: Optional[CGGRModel] = None,
                  cggr_kwargs: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.model is None:
-            raise ValueError("model: CGGRTrainer needs the model to train (model_init is not supported)")
-        if cggr_model is not None and cggr_kwargs:
-            raise ValueError("cggr_kwargs: pass either a ready CGGRModel (cggr_model) or cggr_kwargs, not both")
-        if cggr_model is None:
-            cggr_model = CGGRModel(self.model, **(cggr_kwargs or {}))
-        elif not isinstance(cggr_model, CGGRModel):
-            raise ValueError(f"cggr_model: expected a CGGRModel, got {type(cggr_model).__name__}")
-        elif cggr_model.model is not self.model:
-            raise ValueError("cggr_model: it must wrap the same model object that is given to the Trainer")
-        if self.label_smoother is not None:
-            raise ValueError("args.label_smoothing_factor: not supported by CGGRTrainer (the kept sequences are "
-                             "trained with the model's own cross-entropy); set it to 0")
-        if self.compute_loss_func is not None:
-            raise ValueError("compute_loss_func: not supported by CGGRTrainer (batch splitting computes the loss)")
-        self.cggr = cggr_model
-        # The CGGR loss is a per-micro-batch mean over the kept sequences: let the Trainer scale it for gradient
-        # accumulation and never hand it num_items_in_batch (counted over the full batch).
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
-        self.add_callback(CGGRStepCallback(cggr_model, model=self.model))
+        self.cggr = _attach(self, cggr_model, dict(cggr_kwargs or {}), kwargs_name="cggr_kwargs")
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Optional[Any] = None) -> Any:
         """Batch-split loss in training mode; the standard loss otherwise. ``num_items_in_batch`` is unused."""
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs)
-        inputs = dict(inputs)
-        if "input_ids" not in inputs or inputs.get("labels") is None:
-            raise ValueError(f"inputs: CGGRTrainer needs 'input_ids' and 'labels' in every batch, got keys "
-                             f"{sorted(inputs)} (use a collator that sets labels, e.g. "
-                             f"DataCollatorForLanguageModeling(tokenizer, mlm=False))")
-        input_ids = inputs.pop("input_ids")
-        labels = inputs.pop("labels")
-        attention_mask = inputs.pop("attention_mask", None)
-        result = self.cggr.forward_with(model, input_ids, labels, attention_mask, **inputs)
-        return (result.loss, result.outputs) if return_outputs else result.loss
+        return _batch_split_loss(self.cggr, model, inputs, return_outputs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the last step's ``cggr/<metric>`` values to training logs (those that carry ``loss``)."""
-        if "loss" in logs and self.cggr._last is not None:
-            for key, value in self.cggr.get_metrics().items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    logs[f"cggr/{key}"] = value
-        super().log(logs, *args, **kwargs)
+        super().log(_with_metrics(self.cggr, logs), *args, **kwargs)

@@ -9,10 +9,12 @@ What happens:
   source; see ``examples/data.py``) is tokenised character by character;
 * rows of variable length (right-padded, ``attention_mask`` 0 and label -100 on the padding) feed a tiny
   ``LlamaForCausalLM`` built from a config;
-* :class:`cggr_torch.integrations.CGGRTrainer` trains it: a 2-layer truncated router (sharing the model's weights)
-  scores every batch, and only the hardest sequences (25 % after a short warm-up, adjusted by the batch's
-  confidence) run the full model's forward and backward. ``CGGRStepCallback`` advances the curriculum after
-  each optimizer step; the Trainer logs ``cggr/*`` metrics next to the loss.
+* a plain ``Trainer`` switched to CGGR in one call, ``use_cggr(trainer, ...)``
+  (:func:`cggr_torch.integrations.use_cggr`; ``CGGRTrainer`` is the same as a subclass), trains it: a 2-layer
+  truncated router (sharing the model's weights) scores every batch, and only the hardest sequences (25 %
+  after a short warm-up, adjusted by the batch's confidence) run the full model's forward and backward.
+  ``CGGRStepCallback`` advances the curriculum after each optimizer step; the Trainer logs ``cggr/*`` metrics
+  next to the loss.
 * evaluation uses the standard full-batch loss; the final model is saved with ``trainer.save_model``.
 
 With ``--baseline`` the same model is also trained with the plain ``Trainer`` for comparison.
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from cggr_torch.integrations import CGGRTrainer
+    from cggr_torch.integrations import use_cggr
 
     hf_logging.set_verbosity_error()
     source = load_text(args.text, max_chars=args.max_chars)
@@ -98,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="cggr_hf_trainer_"))
     results = {}
-    runs = [("cggr", CGGRTrainer)] + ([("baseline", Trainer)] if args.baseline else [])
-    for name, trainer_cls in runs:
+    runs = ["cggr"] + (["baseline"] if args.baseline else [])
+    for name in runs:
         model = build_model(vocab, args)
         targs = TrainingArguments(
             output_dir=str(out_dir / name), use_cpu=not torch.cuda.is_available(), report_to=[],
@@ -107,11 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
             max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=5,
             logging_steps=max(1, args.steps // 10), save_strategy="no", disable_tqdm=True, seed=args.seed,
             dataloader_num_workers=0)
-        kwargs = dict(model=model, args=targs, train_dataset=train_rows, eval_dataset=eval_rows)
-        if trainer_cls is CGGRTrainer:
-            kwargs["cggr_kwargs"] = dict(router_layers=args.router_layers, min_tokens_ratio=args.ratio,
-                                         warmup_steps=args.warmup)
-        trainer = trainer_cls(**kwargs)
+        trainer = Trainer(model=model, args=targs, train_dataset=train_rows, eval_dataset=eval_rows)
+        if name == "cggr":   # the one line that switches the Trainer to CGGR batch splitting
+            use_cggr(trainer, router_layers=args.router_layers, min_tokens_ratio=args.ratio, warmup_steps=args.warmup)
         start = time.perf_counter()
         train_out = trainer.train()
         seconds = time.perf_counter() - start
@@ -119,13 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_model(str(out_dir / name / "final"))
         results[name] = {"train_loss": train_out.training_loss, "eval_loss": eval_loss,
                          "eval_bits_per_char": eval_loss / math.log(2), "train_seconds": seconds}
-        if trainer_cls is CGGRTrainer:
+        if name == "cggr":
             results[name]["cggr_step"] = trainer.cggr.current_step
             results[name]["last_metrics"] = trainer.cggr.get_metrics()
             assert trainer.cggr.current_step == trainer.state.global_step
         print(f"[{name}] {args.steps} steps in {seconds:.1f}s: train loss {train_out.training_loss:.4f}, "
               f"eval loss {eval_loss:.4f} ({eval_loss / math.log(2):.3f} bits/char)")
-        if trainer_cls is CGGRTrainer:
+        if name == "cggr":
             m = trainer.cggr.get_metrics()
             print(f"[{name}] last step: kept {m['sequences_selected']}/{m['sequences_total']} sequences "
                   f"(ratio {m['effective_ratio']:.3f}), {m['tokens_selected']} of {m['tokens_total']} scored tokens "

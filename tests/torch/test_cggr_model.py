@@ -305,11 +305,11 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="warmup_steps"):
         CGGRModel(model, router_layers=1, warmup_steps=-1)
 
-    class NoLoss(nn.Module):
+    class NoLoss(nn.Module):   # neither a loss nor logits (logits alone are fine: see the tests below)
         def forward(self, input_ids, **kw):
-            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, V))
+            return SimpleNamespace(hidden_states=torch.zeros(*input_ids.shape, V))
 
-    with pytest.raises(ValueError, match="no loss"):
+    with pytest.raises(ValueError, match="model: NoLoss returned .* neither a loss nor logits"):
         CGGRModel(NoLoss(), create_truncated_router(model, 1), warmup_steps=0)(ids, labels=ids)
 
 
@@ -422,3 +422,149 @@ def test_fused_router_all_ignored_batch_and_explicit_paths():
         CGGRModel(model, router_layers=1, router_memory_budget_bytes=-1)
     auto = CGGRModel(RecordingLM(V), FixedRouter(torch.zeros(3, 6, V)))
     assert auto.get_metrics()["router_path"] == "logits" and "arbitrary module" in auto.router_path_reason
+
+
+# ------------------------------------------------------------------------------ models that return only logits
+class TensorLM(nn.Module):
+    """``forward(self, x)``: a logits tensor, no labels, no attention mask (the seed docs' ``model(input_ids)``)."""
+
+    def __init__(self, vocab: int = V, dim: int = 8, out_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, vocab)
+        self.out_dtype = out_dtype
+        self.calls: list[int] = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        h = self.emb(x)
+        prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)   # causal: position t sees t-1 and t
+        return self.head(torch.tanh(self.mix(torch.cat([h, prev], dim=-1)))).to(self.out_dtype)
+
+
+class LogitsAttrLM(TensorLM):
+    """Returns an object with ``.logits`` only (no ``loss`` attribute), bfloat16 logits."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=super().forward(input_ids))
+
+
+class HFNoLabels(nn.Module):
+    """A Hugging Face causal LM called without labels: its output has ``.logits`` and ``loss=None``."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def _logits_case(B: int = 6, T: int = 10, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, T), generator=g)
+    am = torch.ones_like(ids)
+    am[1, 7:] = 0
+    am[4, 5:] = 0
+    am[2, 8:] = 0
+    am[5, 9:] = 0
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[3, 2] = -100
+    router = FixedRouter(torch.randn(B, T, V, generator=g) * 3)
+    return ids, labels, am, router
+
+
+def _reference_nll(logits: torch.Tensor, labels: torch.Tensor, am: torch.Tensor) -> float:
+    """By hand, float64: mean of -log p(labels[t+1] | logits[t]) over t with a valid, unpadded target."""
+    logp = torch.log_softmax(logits.detach().to(torch.float64), dim=-1)
+    total, count = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            y = int(labels[b, t + 1])
+            if y != -100 and int(am[b, t + 1]) != 0:
+                total -= float(logp[b, t, y])
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("cls", [TensorLM, LogitsAttrLM])
+def test_model_returning_only_logits_gets_the_next_token_loss_of_the_kept_rows(cls):
+    torch.manual_seed(0)
+    lm = cls(out_dtype=torch.bfloat16) if cls is LogitsAttrLM else cls()
+    ids, labels, am, router = _logits_case()
+    cggr = CGGRModel(lm, router=router, warmup_steps=0, min_tokens_ratio=0.5, dynamic_threshold=False)
+    res = cggr.forward_with(lm, ids, labels, attention_mask=am)
+    kept = res.kept
+    assert 0 < kept.numel() < ids.shape[0] and lm.calls == [kept.numel()]   # only the kept rows ran
+    assert (am[kept] == 0).any() and (labels[kept] == -100).any()   # both ignore rules matter for these rows
+    assert res.loss.dtype == torch.float32 and res.loss.dim() == 0
+    logits = lm(ids[kept])
+    logits = logits.logits if cls is LogitsAttrLM else logits
+    want = _reference_nll(logits, labels[kept], am[kept])
+    assert float(res.loss.detach()) == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert cggr.get_metrics()["tokens_selected"] == int(((labels[kept][:, 1:] != -100) & (am[kept][:, 1:] != 0)).sum())
+    # gradients flow to every parameter and equal those of the same loss written by hand
+    res.loss.backward()
+    grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    lm.zero_grad()
+    eff = labels.masked_fill(am == 0, -100)[kept]
+    F.cross_entropy(logits[:, :-1].float().reshape(-1, V), eff[:, 1:].reshape(-1), ignore_index=-100).backward()
+    for n, p in lm.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_hf_model_output_without_loss_gets_the_loss_computed_and_filled_in():
+    hf = tiny_model("llama").train()
+    wrapped = HFNoLabels(hf)
+    ids, labels, am, _ = _logits_case(seed=1)
+    cggr = CGGRModel(wrapped, router=create_truncated_router(hf, 1), warmup_steps=0, min_tokens_ratio=0.5)
+    torch.manual_seed(0)
+    res = cggr.forward_with(wrapped, ids, labels, attention_mask=am)
+    kept = res.kept
+    assert 0 < kept.numel() < ids.shape[0] and (am[kept] == 0).any() and (labels[kept] == -100).any()
+    assert res.outputs.loss is res.loss and res.outputs["loss"] is res.loss   # the output's own loss field
+    res.loss.backward()
+    grads = {n: p.grad.clone() for n, p in hf.named_parameters()}
+    hf.zero_grad()
+    eff = labels.masked_fill(am == 0, -100)[kept]
+    ref = hf(input_ids=ids[kept], attention_mask=am[kept]).logits
+    assert float(res.loss.detach()) == pytest.approx(_reference_nll(ref, labels[kept], am[kept]), rel=1e-5, abs=1e-6)
+    hf(input_ids=ids[kept], attention_mask=am[kept], labels=eff).loss.backward()   # HF's own loss, same rows
+    for n, p in hf.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+class _Returns(nn.Module):
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value = value
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids):
+        return self.value(input_ids) if callable(self.value) else self.value
+
+
+@pytest.mark.parametrize("value, match", [
+    (None, "neither a loss nor logits"),
+    (SimpleNamespace(hidden=torch.zeros(1)), "neither a loss nor logits"),
+    (lambda x: torch.zeros(x.shape[0], x.shape[1]), "logits of shape"),                      # 2-D
+    (lambda x: torch.zeros(x.shape[0], x.shape[1] + 1, V), "logits of shape"),               # wrong T
+    (lambda x: torch.zeros(x.shape[0], x.shape[1], V, dtype=torch.long), "dtype"),           # integer
+])
+def test_model_output_without_loss_or_usable_logits_raises_naming_model(value, match):
+    ids, labels, am, router = _logits_case()
+    cggr = CGGRModel(_Returns(value), router=router, warmup_steps=0)
+    with pytest.raises(ValueError, match=f"model: _Returns.*{match}"):
+        cggr(ids, labels=labels, attention_mask=am)
+
+
+def test_logits_of_another_vocabulary_than_the_models_head_raise():
+    hf = tiny_model("llama")
+    wrong = _Returns(lambda x: torch.zeros(x.shape[0], x.shape[1], V + 1))
+    wrong.get_output_embeddings = hf.get_output_embeddings      # vocabulary V from the head
+    ids, labels, am, router = _logits_case()
+    with pytest.raises(ValueError, match=rf"model: .*\(k, T, {V}\)"):
+        CGGRModel(wrong, router=router, warmup_steps=0)(ids, labels=labels, attention_mask=am)

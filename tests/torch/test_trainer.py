@@ -160,3 +160,140 @@ def test_hf_trainer_example_runs(tmp_path):
                         "--out", str(tmp_path)])
     assert res["cggr"]["cggr_step"] == 3 and math.isfinite(res["cggr"]["eval_loss"])
     assert (tmp_path / "results.json").exists() and (tmp_path / "cggr" / "final").is_dir()
+
+
+# ------------------------------------------------------------------------------ use_cggr: the one-call switch
+class _LogRecorder(transformers.TrainerCallback):
+    """Every ``logs`` dict that reaches the callbacks (what wandb / tensorboard receive)."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, Any]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append({"global_step": state.global_step, **(logs or {})})
+
+
+def test_use_cggr_switches_a_plain_trainer_and_its_metrics_reach_on_log(tmp_path):
+    import cggr
+    import cggr_torch
+    from cggr_torch.integrations import use_cggr
+
+    assert cggr.use_cggr is use_cggr and cggr_torch.use_cggr is use_cggr
+    model = tiny_model("llama").train()
+    rows: list[int] = []
+    model.register_forward_hook(lambda m, args, kw, out: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    rec = _LogRecorder()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=_dataset(24),
+                                   callbacks=[rec])
+    assert use_cggr(trainer, router_layers=2, warmup_steps=2, min_tokens_ratio=0.5) is trainer
+    assert isinstance(trainer.cggr, CGGRModel) and trainer.cggr.model is model and trainer.model is model
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.cggr.current_step == 3
+    train_logs = [log for log in rec.logs if "loss" in log]
+    assert [log["cggr/step"] for log in train_logs] == [0, 1, 2]          # the curriculum advanced per step
+    assert [log["cggr/token_ratio"] for log in train_logs] == [1.0, 0.75, 0.5]
+    for log in train_logs:
+        assert all(isinstance(v, (int, float)) for k, v in log.items() if k.startswith("cggr/"))
+        assert {"cggr/sequences_selected", "cggr/sequences_total", "cggr/effective_ratio"} <= set(log)
+    last = train_logs[-1]
+    assert last["cggr/sequences_selected"] == oracle.num_selected(last["cggr/sequences_total"],
+                                                                  last["cggr/effective_ratio"]) < 6
+    assert rows[-1] == last["cggr/sequences_selected"] < 6    # the model's forward saw only the kept rows
+    assert any(k.startswith("cggr/") for h in trainer.state.log_history for k in h)   # and the Trainer's history
+
+
+def test_use_cggr_with_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
+    from cggr_torch.integrations import use_cggr
+
+    model = tiny_model("gpt2").train()
+    trainer = use_cggr(transformers.Trainer(
+        model=model, args=_args(tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,
+                                logging_steps=2), train_dataset=_dataset(16)),
+        router_layers=1, warmup_steps=4, min_tokens_ratio=0.25)
+    seen, reads = [], []
+    inner_loss, inner_metrics = trainer.compute_loss, trainer.cggr.get_metrics
+
+    def recording_loss(model, inputs, **kw):
+        seen.append(trainer.cggr.current_step)
+        return inner_loss(model, inputs, **kw)
+
+    def counting_metrics():
+        reads.append(trainer.state.global_step)
+        return inner_metrics()
+
+    trainer.compute_loss = recording_loss
+    trainer.cggr.get_metrics = counting_metrics
+    trainer.train()
+    assert seen == [0, 0, 1, 1]                      # two micro-batches per optimizer step, one curriculum step
+    assert trainer.state.global_step == 2 and trainer.cggr.current_step == 2
+    assert reads == [2]                              # the metrics are read (device sync) at logging steps only
+    assert trainer.model_accepts_loss_kwargs is False
+
+
+def test_use_cggr_resumes_the_curriculum_from_a_checkpoint(tmp_path):
+    from cggr_torch.integrations import use_cggr
+
+    cfg = dict(router_layers=1, warmup_steps=8, min_tokens_ratio=0.25, dynamic_threshold=False)
+
+    def run(resume: Any = None) -> tuple[transformers.Trainer, _LogRecorder]:
+        rec = _LogRecorder()
+        args = _args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2)
+        trainer = use_cggr(transformers.Trainer(model=tiny_model("llama").train(), args=args,
+                                                train_dataset=_dataset(24), callbacks=[rec]), **cfg)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, rec
+
+    _, first = run()
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
+    resumed, second = run(str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.cggr.current_step == 4
+    by_step = {log["global_step"]: log for log in first.logs if "loss" in log}
+    again = [log for log in second.logs if "loss" in log]
+    assert [log["global_step"] for log in again] == [3, 4]            # only the steps after the checkpoint ran
+    for log in again:                                                 # the curriculum continued, not restarted
+        assert log["cggr/step"] == log["global_step"] - 1
+        assert log["cggr/token_ratio"] == by_step[log["global_step"]]["cggr/token_ratio"] < 1.0
+
+
+def test_use_cggr_evaluation_uses_the_trainers_own_loss(tmp_path):
+    from cggr_torch.integrations import use_cggr
+
+    model = tiny_model("llama")
+    data = _dataset(6, pad_every=2)
+    trainer = use_cggr(transformers.Trainer(model=model, args=_args(tmp_path, per_device_eval_batch_size=6),
+                                            eval_dataset=data), router_layers=1, warmup_steps=0,
+                       min_tokens_ratio=0.25)
+    metrics = trainer.evaluate()
+    batch = {k: torch.stack([row[k] for row in data]) for k in data[0]}
+    with torch.no_grad():
+        want = model(**batch).loss
+    assert metrics["eval_loss"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_use_cggr_rejects_bad_arguments_naming_them(tmp_path):
+    from cggr_torch.integrations import use_cggr
+
+    model = tiny_model("llama")
+    data = _dataset(6)
+
+    def plain(**kw: Any) -> transformers.Trainer:
+        return transformers.Trainer(model=model, args=_args(tmp_path, **kw), train_dataset=data)
+
+    with pytest.raises(ValueError, match="trainer: expected a transformers.Trainer"):
+        use_cggr(model, router_layers=1)
+    trainer = use_cggr(plain(), router_layers=1)
+    with pytest.raises(ValueError, match="trainer: it already uses CGGR"):
+        use_cggr(trainer, router_layers=1)
+    with pytest.raises(ValueError, match="trainer: it already uses CGGR"):
+        use_cggr(CGGRTrainer(model=model, args=_args(tmp_path), train_dataset=data, cggr_kwargs=dict(router_layers=1)))
+    with pytest.raises(ValueError, match="config: .*not both"):
+        use_cggr(plain(), cggr_model=CGGRModel(model, router_layers=1), router_layers=1)
+    with pytest.raises(ValueError, match="cggr_model: it must wrap the same model"):
+        use_cggr(plain(), cggr_model=CGGRModel(tiny_model("llama", seed=2), router_layers=1))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        use_cggr(plain(label_smoothing_factor=0.1), router_layers=1)
+    with pytest.raises(ValueError, match="min_tokens_ratio"):
+        use_cggr(plain(), router_layers=1, min_tokens_ratio=0.0)
+    model.train()
+    with pytest.raises(ValueError, match="inputs: .*labels"):
+        trainer.compute_loss(model, {"input_ids": data[0]["input_ids"][None]})
