@@ -45,6 +45,7 @@ CUDA are device-side assertions, and the metrics stay on the device until :meth:
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -128,8 +129,6 @@ def _logits_of(outputs: Any) -> Optional[torch.Tensor]:
 def _forward_parameters(model: nn.Module) -> tuple[bool, bool, bool]:
     """Which of ``input_ids`` (by keyword), ``attention_mask`` and ``labels`` the model's forward accepts: a
     logits-only module such as ``forward(self, x)`` gets ``input_ids`` positionally and no labels."""
-    import inspect
-
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):   # no introspectable signature: assume the Hugging Face one
@@ -415,7 +414,10 @@ class CGGRModel(Curriculum, nn.Module):
                 if isinstance(outputs, dict):
                     outputs["loss"] = loss
                 elif not isinstance(outputs, (torch.Tensor, tuple, list)) and hasattr(outputs, "loss"):
-                    outputs.loss = loss
+                    try:
+                        outputs.loss = loss
+                    except AttributeError:   # a read-only loss (a property, a frozen dataclass): keep it as is
+                        pass
             scored = eff_k[:, 1:] if self.shift_labels else eff_k
             tokens_selected = (scored != HF_IGNORE_INDEX).sum()
         self.last_kept = kept
