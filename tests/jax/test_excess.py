@@ -176,7 +176,8 @@ def test_reference_with_another_scoring_is_refused():
     for call in (lambda: scoring.score_tokens(Z, T, scoring="loss", reference_nll=ref),
                  lambda: cggr_jax.cggr_loss(Z, T, 0, reference_nll=ref),
                  lambda: cggr_jax.CGGRLoss(scoring="entropy")(Z, T, 0, reference_nll=ref)):
-        with pytest.raises(ValueError, match=r"reference_nll: only scoring='excess'.*scoring='(loss|combined|entropy)'"):
+        with pytest.raises(ValueError,
+                           match=r"reference_nll: only scoring='excess'.*scoring='(loss|combined|entropy)'"):
             call()
 
 

@@ -202,7 +202,8 @@ def test_reference_with_another_scoring_is_refused():
     for call in (lambda: score_tokens(logits, targets, scoring="loss", reference_nll=ref),
                  lambda: cggr_torch.cggr_loss(logits, targets, 0, reference_nll=ref),
                  lambda: cggr_torch.CGGRLoss(scoring="entropy")(logits, targets, reference_nll=ref)):
-        with pytest.raises(ValueError, match=r"reference_nll: only scoring='excess'.*scoring='(loss|combined|entropy)'"):
+        with pytest.raises(ValueError,
+                           match=r"reference_nll: only scoring='excess'.*scoring='(loss|combined|entropy)'"):
             call()
 
 
@@ -224,8 +225,8 @@ def test_entry_points_without_reference_support_say_so():
     with pytest.raises(ValueError, match="not supported yet by FusedLinearCGGRLoss; issue 14"):
         cggr_torch.fused_linear.FusedLinearCGGRLoss(scoring="excess")
     with pytest.raises(ValueError, match="not supported yet by fused_linear_cggr; issue 14"):
-        cggr_torch.fused_linear.fused_linear_cggr(torch.zeros(2, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long),
-                                                  0, scoring="excess")
+        cggr_torch.fused_linear.fused_linear_cggr(torch.zeros(2, 4), torch.zeros(5, 4),
+                                                  torch.zeros(2, dtype=torch.long), 0, scoring="excess")
     with pytest.raises(ValueError, match="not supported yet by fused_linear_scores; issue 14"):
         cggr_torch.fused_linear.fused_linear_scores(torch.zeros(2, 4), torch.zeros(5, 4),
                                                     torch.zeros(2, dtype=torch.long), scoring="excess")
