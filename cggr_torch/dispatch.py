@@ -12,7 +12,8 @@ one-time ``RuntimeWarning``; an error raised *by* a kernel propagates, never rep
     assert log.calls["select_from_scores"] == 1
 
 * ``"kernel"``: every tensor goes to the kernels, including :class:`cggr_torch.CGGRLoss`'s fused kernel path
-  (``fused_loss=False`` keeps that loss on its composable path: scoring kernel, selection, selective CE);
+  (``fused_loss=False`` keeps that loss on its composable path: scoring kernel, selection, selective CE;
+  ``scoring='excess'`` always takes the composable path, see :func:`use_fused_loss`);
 * ``"reference"``: every tensor goes to the reference (as ``CGGR_DISABLE_KERNELS=1``);
 * ``"auto"``: the rule above.
 
