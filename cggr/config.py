@@ -16,6 +16,9 @@ from typing import Any, Mapping
 
 __all__ = [
     "SCORING_MODES",
+    "REFERENCE_SCORING_MODES",
+    "check_reference_arguments",
+    "reject_reference_scoring",
     "SELECTION_STRATEGIES",
     "SEQUENCE_SELECTIONS",
     "CONFIG_FIELDS",
@@ -26,7 +29,9 @@ __all__ = [
 ]
 
 #: SPEC §3: the difficulty of a token.
-SCORING_MODES: tuple[str, ...] = ("entropy", "margin", "loss", "combined")
+SCORING_MODES: tuple[str, ...] = ("entropy", "margin", "loss", "combined", "excess")
+#: SPEC §3.1: the modes whose difficulty subtracts a caller-given per-token reference loss (``reference_nll``).
+REFERENCE_SCORING_MODES: tuple[str, ...] = ("excess",)
 #: SPEC §7: how the ``k`` hardest tokens are chosen.
 SELECTION_STRATEGIES: tuple[str, ...] = ("topk", "stratified", "sequence_aware", "fixed_quota")
 #: SPEC §9: batch splitting selects whole sequences; the per-token strategies have no meaning there.
@@ -51,6 +56,33 @@ def check_ratio_value(name: str, value: Any) -> float:
     if not (0.0 < value <= 1.0):
         raise ValueError(f"{name}: expected a number in (0, 1], got {value}")
     return value
+
+
+def check_reference_arguments(scoring: str, reference_shape: Any, targets_shape: Any, *,
+                              has_targets: bool = True, name: str = "reference_nll") -> None:
+    """SPEC §3.1's static argument rules for ``reference_nll`` (``reference_shape``: its shape, or None when the
+    caller passed none). Shared by both packages so that the messages are the same; ``ValueError`` naming
+    ``name``. Dtype checks are the framework's (they need its dtypes)."""
+    needs = scoring in REFERENCE_SCORING_MODES
+    if needs and reference_shape is None:
+        raise ValueError(f"{name}: scoring={scoring!r} needs a per-token reference loss of the targets' shape "
+                         f"{tuple(targets_shape) if targets_shape is not None else '(targets)'}, got None")
+    if not needs and reference_shape is not None:
+        # A reference that no formula reads would be silently ignored: refuse it.
+        raise ValueError(f"{name}: only scoring='excess' reads a reference loss; got one with scoring={scoring!r}")
+    if needs and not has_targets:
+        raise ValueError(f"targets: scoring={scoring!r} needs targets (nll − reference_nll), got None")
+    if needs and tuple(reference_shape) != tuple(targets_shape):
+        raise ValueError(f"{name}: expected shape {tuple(targets_shape)} (the targets' shape), got "
+                         f"{tuple(reference_shape)}")
+
+
+def reject_reference_scoring(config: "CGGRConfig", caller: str) -> None:
+    """SPEC §3.1: the entry points that do not take ``reference_nll`` yet refuse ``scoring='excess'`` at once
+    (instead of failing later, or scoring without the reference)."""
+    if config.scoring in REFERENCE_SCORING_MODES:
+        raise ValueError(f"scoring: {config.scoring!r} is not supported yet by {caller}; issue 14 (use "
+                         f"CGGRLoss / cggr_loss / score_tokens with reference_nll=)")
 
 
 @dataclasses.dataclass(frozen=True)

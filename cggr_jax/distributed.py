@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cggr import reject_reference_scoring
 from cggr_jax import curriculum, dispatch, pipeline, scoring, utils
 from cggr_jax.loss import CGGRLoss
 
@@ -84,8 +85,11 @@ def _as_config(loss_fn: CGGRLoss | None, config: dict[str, Any]) -> CGGRLoss:
                              f"(got also {sorted(config)})")
         if not isinstance(loss_fn, CGGRLoss):
             raise ValueError(f"loss_fn: expected a cggr_jax.CGGRLoss, got {type(loss_fn).__name__}")
+        reject_reference_scoring(loss_fn.config, "cggr_jax.distributed")
         return loss_fn
-    return CGGRLoss(**config)
+    cfg = CGGRLoss(**config)
+    reject_reference_scoring(cfg.config, "cggr_jax.distributed")
+    return cfg
 
 
 def _plain_config(cfg: CGGRLoss) -> CGGRLoss:
@@ -286,6 +290,7 @@ class DistributedCGGRLoss(CGGRLoss):
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
+        reject_reference_scoring(self.config, "DistributedCGGRLoss")
         _check_scope(self.scope)
         _check_axis_name(self.axis_name)
         if not isinstance(self.mesh, Mesh):

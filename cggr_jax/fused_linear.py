@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cggr import CGGRConfig
+from cggr import CGGRConfig, reject_reference_scoring
 
 from cggr_jax import curriculum, dispatch, pipeline, utils
 from cggr_jax import selection as selection_lib
@@ -568,6 +568,7 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, targets: jax.Array, 
             raise ValueError(f"loss_fn: pass either loss_fn or the configuration keywords, not both ({err})") from err
         config, ratio_schedule = loss_fn.config, loss_fn.ratio_schedule
     config = resolve_config(config, settings, caller="fused_linear_cggr")
+    reject_reference_scoring(config, "fused_linear_cggr")
     curriculum.check_schedule(ratio_schedule)
     if config.num_strata > selection_lib.MAX_STRATA:
         raise ValueError(f"num_strata: expected an integer <= {selection_lib.MAX_STRATA}, got {config.num_strata}")
@@ -649,6 +650,7 @@ def fused_linear_scores(hidden: jax.Array, weight: jax.Array, targets: Optional[
     utils.check_choice(scoring_name, "scoring", scoring_lib.SCORING_MODES)
     if scoring_name == "loss" and targets is None:
         raise ValueError("targets: scoring='loss' needs targets, got None")
+    reject_reference_scoring(CGGRConfig(scoring=scoring_name), "fused_linear_scores")
     ignore_index = utils.check_int(ignore_index, "ignore_index")
     _positive_int(row_chunk_size, "row_chunk_size")
     _positive_int(vocab_chunk_size, "vocab_chunk_size")

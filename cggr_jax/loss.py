@@ -65,7 +65,8 @@ class CGGRLoss:
     call ``(logits, targets, step) -> (loss, metrics)`` is a pure function (``jit``/``grad`` friendly).
 
     Args (the settings of ``cggr.CGGRConfig``, with its defaults):
-      scoring: ``'combined'`` (default), ``'entropy'``, ``'margin'`` or ``'loss'`` (SPEC §3).
+      scoring: ``'combined'`` (default), ``'entropy'``, ``'margin'``, ``'loss'`` (SPEC §3) or ``'excess'``
+        (``nll − reference_nll``, SPEC §3.1; pass ``reference_nll`` to the call).
       selection: ``'topk'``, ``'stratified'`` (default), ``'sequence_aware'`` or ``'fixed_quota'`` (SPEC §7).
       dynamic_threshold: scale the ratio by ``1 + (1 − c̄)·threshold_sensitivity`` (SPEC §5.2; off for
         ``'fixed_quota'``).
@@ -145,25 +146,34 @@ class CGGRLoss:
                                          "ratio_schedule(step)")
         return logits, targets, step
 
-    def __call__(self, logits: jax.Array, targets: jax.Array, step: Any
+    def __call__(self, logits: jax.Array, targets: jax.Array, step: Any, reference_nll: Any = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """``(loss, metrics)`` for one batch at curriculum step ``step`` (see the class docstring)."""
+        """``(loss, metrics)`` for one batch at curriculum step ``step`` (see the class docstring).
+
+        ``reference_nll``: with ``scoring='excess'`` (and only then), the reference model's per-token loss, a
+        floating array of the targets' shape; the difficulty is ``nll − reference_nll`` (SPEC §3.1). It is an
+        array argument of the jitted body (None is static), so a new reference does not recompile.
+        """
         logits, targets, step = self.check_call(logits, targets, step)
-        return _loss_impl(logits, targets, step, config=self.config, schedule=self.ratio_schedule,
-                          kernel=dispatch.use_kernels(logits))
+        reference_nll = scoring.check_reference_nll(reference_nll, self.scoring, tuple(targets.shape))
+        return _loss_impl(logits, targets, step, reference_nll, config=self.config,
+                          schedule=self.ratio_schedule, kernel=dispatch.use_kernels(logits))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "schedule", "kernel"))
-def _loss_impl(logits: jax.Array, targets: jax.Array, step: jax.Array, *, config: CGGRConfig, schedule: Any,
-               kernel: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-    loss, _, metrics = selective_loss(logits, targets, step, config=config, schedule=schedule, kernel=kernel)
+def _loss_impl(logits: jax.Array, targets: jax.Array, step: jax.Array, reference_nll: jax.Array | None, *,
+               config: CGGRConfig, schedule: Any, kernel: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+    loss, _, metrics = selective_loss(logits, targets, step, config=config, schedule=schedule, kernel=kernel,
+                                      reference_nll=reference_nll)
     return loss, metrics
 
 
 def selective_loss(logits: jax.Array, targets: jax.Array, step: jax.Array, *, config: CGGRConfig,
-                   schedule: Any = None, kernel: bool) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+                   schedule: Any = None, kernel: bool, reference_nll: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """The traced body of :class:`CGGRLoss` on checked inputs: ``(loss, mask, metrics)`` (the pipeline's
-    steps, :mod:`cggr_jax.pipeline`). ``schedule``: a ``ratio_schedule`` or None for the config's warmup."""
+    steps, :mod:`cggr_jax.pipeline`). ``schedule``: a ``ratio_schedule`` or None for the config's warmup;
+    ``reference_nll``: the checked float32 reference of ``scoring='excess'`` (SPEC §3.1), else None."""
     V = logits.shape[-1]
     not_ignored, in_range, safe = utils.target_masks(targets, V, config.ignore_index)
     has_target = not_ignored & in_range
@@ -171,7 +181,8 @@ def selective_loss(logits: jax.Array, targets: jax.Array, step: jax.Array, *, co
     stats = scoring.dispatch_statistics(jax.lax.stop_gradient(logits), safe, has_target, config.ignore_index,
                                         kernel=kernel)
     stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
-    scores = scoring.scores_from_statistics(stats, config.scoring, not_ignored=not_ignored, in_range=in_range)
+    scores = scoring.scores_from_statistics(stats, config.scoring, not_ignored=not_ignored, in_range=in_range,
+                                            reference_nll=reference_nll)
     measured = pipeline.select_and_measure(scores, in_range, step, config=config,
                                            schedule=curriculum.schedule_for(config, schedule))
     loss = pipeline.selective_cross_entropy(logits, safe, has_target, measured.mask, stats, config.ignore_index,
@@ -179,10 +190,10 @@ def selective_loss(logits: jax.Array, targets: jax.Array, step: jax.Array, *, co
     return loss.astype(jnp.float32), measured.mask, measured.metrics
 
 
-def cggr_loss(logits: jax.Array, targets: jax.Array, step: Any, **config: Any,
+def cggr_loss(logits: jax.Array, targets: jax.Array, step: Any, *, reference_nll: Any = None, **config: Any,
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Functional form: ``CGGRLoss(**config)(logits, targets, step)`` → ``(loss, metrics)``."""
-    return CGGRLoss(**config)(logits, targets, step)
+    """Functional form: ``CGGRLoss(**config)(logits, targets, step, reference_nll)`` → ``(loss, metrics)``."""
+    return CGGRLoss(**config)(logits, targets, step, reference_nll)
 
 
 def metrics_to_dict(metrics: Mapping[str, Any], loss_fn: CGGRLoss) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cggr import DEFAULT_SEQUENCE_SELECTION, CGGRConfig
+from cggr import DEFAULT_SEQUENCE_SELECTION, CGGRConfig, reject_reference_scoring
 from flax import nnx
 
 from cggr_jax import curriculum, fused_linear, models, pipeline, scoring, selection, utils
@@ -125,6 +125,7 @@ class BatchSplitConfig:
                             threshold_sensitivity=self.threshold_sensitivity,
                             min_tokens_ratio=self.min_tokens_ratio, warmup_steps=self.warmup_steps,
                             ignore_index=self.ignore_index).for_sequences()
+        reject_reference_scoring(config, "the JAX batch-split step")
         object.__setattr__(self, "_config", config)   # not a field: the settings above are the fields
         utils.check_int(self.seed, "seed")
         utils.check_choice(self.router_path, "router_path", ROUTER_PATHS)

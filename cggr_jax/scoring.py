@@ -34,12 +34,14 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-from cggr import SCORING_MODES
+import numpy as np
+from cggr import SCORING_MODES, check_reference_arguments
 
 from cggr_jax import dispatch, utils
 from cggr_jax.types import TokenScores, TokenStatistics
 
 __all__ = [
+    "check_reference_nll",
     "SCORING_MODES",
     "TokenStatistics",
     "TokenScores",
@@ -160,17 +162,44 @@ def row_finite(stats: TokenStatistics, has_targets: jax.Array | None) -> jax.Arr
 
 
 # ------------------------------------------------------------------------------------------- difficulty
+def check_reference_nll(reference_nll: Any, scoring: str, token_shape: tuple[int, ...], *,
+                        has_targets: bool = True) -> jax.Array | None:
+    """SPEC §3.1's checks of ``reference_nll`` (``ValueError`` naming it; static, so they also run under a
+    trace); returns it as a float32 array (float16/bfloat16 widen exactly, float64 rounds to nearest — on the
+    host for NumPy input, so no 64-bit mode is needed) or None."""
+    if reference_nll is not None and not isinstance(reference_nll, (jax.Array, np.ndarray)):
+        raise ValueError(f"reference_nll: expected a floating array of shape {tuple(token_shape)} or None, got "
+                         f"{type(reference_nll).__name__}")
+    check_reference_arguments(scoring, None if reference_nll is None else tuple(reference_nll.shape),
+                              tuple(token_shape), has_targets=has_targets)
+    if reference_nll is None:
+        return None
+    if not jnp.issubdtype(reference_nll.dtype, jnp.floating):
+        raise ValueError(f"reference_nll: expected a floating dtype (float16/bfloat16/float32/float64), got "
+                         f"{reference_nll.dtype}")
+    if isinstance(reference_nll, np.ndarray):
+        reference_nll = reference_nll.astype(np.float32)   # round-to-nearest on the host, as torch's .to()
+    return jax.lax.stop_gradient(jnp.asarray(reference_nll).astype(jnp.float32))
+
+
 def difficulty_from_statistics(stats: TokenStatistics, scoring: str = utils.DEFAULT_CONFIG.scoring, *,
-                               has_targets: bool = True) -> jax.Array:
+                               has_targets: bool = True, reference_nll: jax.Array | None = None) -> jax.Array:
     """SPEC §3 in float32: ``margin_term = 1 − (p1 − p2)``; ``entropy → H``; ``margin → margin_term``;
     ``loss → nll``; ``combined → (H + margin_term) + nll`` (``H + margin_term`` when ``has_targets`` is
-    False). ``scoring='loss'`` with ``has_targets=False`` is a :class:`ValueError`.
+    False); ``excess → nll − reference_nll`` (SPEC §3.1: NaN where the reference is not finite, so the token
+    is never eligible). ``scoring='loss'``/``'excess'`` with ``has_targets=False``, and a missing, misplaced or
+    mis-shaped ``reference_nll``, are a :class:`ValueError`.
     """
     utils.check_choice(scoring, "scoring", SCORING_MODES)
     if not isinstance(has_targets, bool):
         raise ValueError(f"has_targets: expected a bool, got {has_targets!r}")
     if not isinstance(stats, TokenStatistics):
         raise ValueError(f"stats: expected a TokenStatistics, got {type(stats).__name__}")
+    ref = check_reference_nll(reference_nll, scoring, tuple(stats.nll.shape), has_targets=has_targets)
+    if ref is not None:
+        # A non-finite reference must not rank as a number (nll − (+inf) = −inf): NaN makes the token not
+        # eligible, and the pipeline counts it in tokens_nonfinite (valid, in range, not eligible).
+        return jnp.where(jnp.isfinite(ref), stats.nll.astype(jnp.float32) - ref, jnp.float32(jnp.nan))
     one = jnp.float32(1.0)
     entropy = stats.entropy.astype(jnp.float32)
     margin = one - (stats.confidence.astype(jnp.float32) - stats.runner_up.astype(jnp.float32))
@@ -188,12 +217,13 @@ def difficulty_from_statistics(stats: TokenStatistics, scoring: str = utils.DEFA
 
 
 def scores_from_statistics(stats: TokenStatistics, scoring: str, *, not_ignored: jax.Array | None,
-                           in_range: jax.Array | None, valid_mask: jax.Array | None = None) -> TokenScores:
+                           in_range: jax.Array | None, valid_mask: jax.Array | None = None,
+                           reference_nll: jax.Array | None = None) -> TokenScores:
     """SPEC §3–§4 on statistics: ``valid`` = target ``!= ignore_index`` (``not_ignored``; every token without
     targets) and ``valid_mask``; ``eligible`` = ``valid`` and the target in ``[0, V)`` (``in_range``) and the
     row finite and the difficulty not NaN. ``not_ignored``/``in_range`` are both None without targets."""
     has_targets = not_ignored is not None
-    difficulty = difficulty_from_statistics(stats, scoring, has_targets=has_targets)
+    difficulty = difficulty_from_statistics(stats, scoring, has_targets=has_targets, reference_nll=reference_nll)
     shape = stats.lse.shape
     valid = not_ignored if has_targets else jnp.ones(shape, dtype=bool)
     if valid_mask is not None:
@@ -206,13 +236,16 @@ def scores_from_statistics(stats: TokenStatistics, scoring: str, *, not_ignored:
 
 def score_tokens(logits: jax.Array, targets: jax.Array | None = None, *,
                  scoring: str = utils.DEFAULT_CONFIG.scoring, ignore_index: int = utils.DEFAULT_CONFIG.ignore_index,
-                 valid_mask: jax.Array | None = None) -> TokenScores:
+                 valid_mask: jax.Array | None = None, reference_nll: jax.Array | None = None) -> TokenScores:
     """SPEC §2–§4: difficulty, validity and eligibility of every token (:func:`scores_from_statistics`).
 
     * ``valid`` = target given and ``!= ignore_index`` (every token when ``targets`` is None), and
       ``valid_mask`` where one is passed (bool, the token shape);
     * ``eligible`` = ``valid`` and the target inside ``[0, V)`` and the row finite (SPEC §2) and the
-      difficulty not NaN.
+      difficulty not NaN (and, for ``scoring='excess'``, the reference finite).
+
+    ``reference_nll``: ``scoring='excess'`` only (and required there), the reference model's per-token loss
+    of the targets' shape (SPEC §3.1).
     """
     utils.check_choice(scoring, "scoring", SCORING_MODES)
     if scoring == "loss" and targets is None:
@@ -220,6 +253,7 @@ def score_tokens(logits: jax.Array, targets: jax.Array | None = None, *,
                          "choose 'entropy', 'margin' or 'combined'")
     logits, targets, ignore_index = _checked_inputs(logits, targets, ignore_index)
     token_shape = tuple(logits.shape[:-1])
+    reference_nll = check_reference_nll(reference_nll, scoring, token_shape, has_targets=targets is not None)
     if valid_mask is not None:
         vm_dtype = getattr(valid_mask, "dtype", None)
         vm_shape = getattr(valid_mask, "shape", None)
@@ -229,17 +263,18 @@ def score_tokens(logits: jax.Array, targets: jax.Array | None = None, *,
             raise ValueError(f"valid_mask: expected shape {token_shape} (the leading dimensions of logits), "
                              f"got {tuple(vm_shape)}")
         valid_mask = jnp.asarray(valid_mask)
-    return _score_tokens_impl(logits, targets, valid_mask, scoring=scoring, ignore_index=ignore_index,
-                              kernel=dispatch.use_kernels(logits))
+    return _score_tokens_impl(logits, targets, valid_mask, reference_nll, scoring=scoring,
+                              ignore_index=ignore_index, kernel=dispatch.use_kernels(logits))
 
 
 @functools.partial(jax.jit, static_argnames=("scoring", "ignore_index", "kernel"))
-def _score_tokens_impl(logits: jax.Array, targets: jax.Array | None, valid_mask: jax.Array | None, *,
-                       scoring: str, ignore_index: int, kernel: bool) -> TokenScores:
+def _score_tokens_impl(logits: jax.Array, targets: jax.Array | None, valid_mask: jax.Array | None,
+                       reference_nll: jax.Array | None, *, scoring: str, ignore_index: int,
+                       kernel: bool) -> TokenScores:
     if targets is None:
         stats = dispatch_statistics(logits, None, None, ignore_index, kernel=kernel)
         return scores_from_statistics(stats, scoring, not_ignored=None, in_range=None, valid_mask=valid_mask)
     not_ignored, in_range, safe = utils.target_masks(targets, logits.shape[-1], ignore_index)
     stats = dispatch_statistics(logits, safe, not_ignored & in_range, ignore_index, kernel=kernel)
     return scores_from_statistics(stats, scoring, not_ignored=not_ignored, in_range=in_range,
-                                  valid_mask=valid_mask)
+                                  valid_mask=valid_mask, reference_nll=reference_nll)

@@ -12,7 +12,8 @@ one-time ``RuntimeWarning``; an error raised *by* a kernel propagates, never rep
     assert log.calls["select_from_scores"] == 1
 
 * ``"kernel"``: every tensor goes to the kernels, including :class:`cggr_torch.CGGRLoss`'s fused kernel path
-  (``fused_loss=False`` keeps that loss on its composable path: scoring kernel, selection, selective CE);
+  (``fused_loss=False`` keeps that loss on its composable path: scoring kernel, selection, selective CE;
+  ``scoring='excess'`` always takes the composable path, see :func:`use_fused_loss`);
 * ``"reference"``: every tensor goes to the reference (as ``CGGR_DISABLE_KERNELS=1``);
 * ``"auto"``: the rule above.
 
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
+
+from cggr import REFERENCE_SCORING_MODES
 
 __all__ = ["MODES", "KERNEL_DEVICE_TYPES", "FUSED_LOSS_DEVICE_TYPES", "KERNEL_ENTRY_POINTS", "DispatchLog",
            "kernels_enabled", "use_kernels", "use_fused_loss", "load_kernel", "kernel", "warn_no_kernel", "force",
@@ -92,9 +95,18 @@ def use_kernels(x: torch.Tensor) -> bool:
     return x.device.type in KERNEL_DEVICE_TYPES and kernels_enabled()
 
 
-def use_fused_loss(x: torch.Tensor) -> bool:
+def use_fused_loss(x: torch.Tensor, scoring: Optional[str] = None) -> bool:
     """True when ``CGGRLoss`` on ``x`` takes its fused kernel path (the kernel-side realisation of
-    :mod:`cggr_torch.pipeline`); the entry point must also import (see :func:`kernel`)."""
+    :mod:`cggr_torch.pipeline`); the entry point must also import (see :func:`kernel`).
+
+    ``scoring``: the loss's scoring mode. The fused path computes the difficulty and the sort keys inside the
+    scoring kernel, which knows only the modes without a reference; a reference mode (``'excess'``, SPEC §3.1)
+    therefore takes the composable path (scoring kernel → ``nll − reference_nll`` → selection kernel →
+    selective cross-entropy kernel), even under ``force("kernel")``. This is the dispatch rule, not a
+    fallback: the fused kernel reading the reference is a later step of issue 14.
+    """
+    if scoring is not None and scoring in REFERENCE_SCORING_MODES:
+        return False
     if not use_kernels(x):
         return False
     if _state.mode == "kernel":

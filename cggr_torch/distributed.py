@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cggr import CGGRConfig
+from cggr import CGGRConfig, reject_reference_scoring
 
 from .curriculum import Schedule, base_ratio, host_step
 from .loss import (
@@ -278,6 +278,7 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
         scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
         threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
         num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index))
+    reject_reference_scoring(cfg, "cggr_torch.distributed.cggr_loss")
     check_base_loss(base_loss)
     schedule = check_schedule(ratio_schedule, cfg)
     s = host_step(step)
@@ -309,6 +310,7 @@ class DistributedCGGRLoss(CGGRLoss):
     def __init__(self, *args: Any, scope: str = "global", process_group: Optional[dist.ProcessGroup] = None,
                  check_consistency: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        reject_reference_scoring(self.config, "DistributedCGGRLoss")
         self._scope = _check_scope(scope)
         if not isinstance(check_consistency, bool):
             raise ValueError(f"check_consistency: expected a bool, got {type(check_consistency).__name__}")

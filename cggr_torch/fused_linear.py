@@ -87,7 +87,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from cggr import CGGRConfig
+from cggr import CGGRConfig, reject_reference_scoring
 
 from . import dispatch
 from .curriculum import Schedule, base_ratio, host_step
@@ -507,6 +507,7 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
         threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
         num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index))
+    reject_reference_scoring(cfg, "fused_linear_cggr")
     schedule = check_schedule(ratio_schedule, cfg)
     _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
     s = host_step(step)
@@ -555,6 +556,7 @@ class FusedLinearCGGRLoss(CGGRLoss):
                          warmup_steps=warmup_steps, num_strata=num_strata,
                          min_tokens_per_sequence=min_tokens_per_sequence, base_loss=None,
                          ignore_index=ignore_index, ratio_schedule=ratio_schedule, config=config)
+        reject_reference_scoring(self.config, "FusedLinearCGGRLoss")
         _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
         self.row_chunk_size = row_chunk_size
         self.vocab_chunk_size = vocab_chunk_size
@@ -598,6 +600,7 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Opt
     check_scoring(scoring)
     if scoring == "loss" and targets is None:
         raise ValueError("targets: scoring='loss' needs targets, got None")
+    reject_reference_scoring(CGGRConfig(scoring=scoring), "fused_linear_scores")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index: expected an integer, got {ignore_index!r}")
     _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)

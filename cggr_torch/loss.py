@@ -53,7 +53,7 @@ from cggr import METRIC_KEYS, NUMERIC_METRIC_KEYS, CGGRConfig
 from . import dispatch
 from .curriculum import Curriculum, Schedule, base_ratio, host_step, linear_warmup_ratio
 from .pipeline import host_metrics, select_and_measure
-from .scoring import compute_statistics, row_finite
+from .scoring import check_reference_nll, compute_statistics, row_finite
 from .utils import check_logits, check_target_range, check_targets, resolve_config, widen_labels
 
 __all__ = ["CGGRLoss", "cggr_loss", "METRIC_KEYS", "NUMERIC_METRIC_KEYS", "Schedule", "check_base_loss",
@@ -92,9 +92,10 @@ def validate_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
     return targets
 
 
-def _fused(logits: Any, base_loss: Optional[Callable[..., torch.Tensor]]) -> bool:
-    """The fused kernel path applies: default base loss, dispatch says so, and its kernels import."""
-    return (base_loss is None and isinstance(logits, torch.Tensor) and dispatch.use_fused_loss(logits)
+def _fused(logits: Any, base_loss: Optional[Callable[..., torch.Tensor]], scoring: str) -> bool:
+    """The fused kernel path applies: default base loss, dispatch says so (not for a reference scoring, see
+    :func:`cggr_torch.dispatch.use_fused_loss`), and its kernels import."""
+    return (base_loss is None and isinstance(logits, torch.Tensor) and dispatch.use_fused_loss(logits, scoring)
             and dispatch.kernel("select_from_scores") is not None)
 
 
@@ -142,13 +143,15 @@ def forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: int, base: 
 
 
 def forward_reference(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32,
-                      cfg: CGGRConfig, base_loss: Optional[Callable[..., torch.Tensor]]
+                      cfg: CGGRConfig, base_loss: Optional[Callable[..., torch.Tensor]],
+                      reference_nll: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The composable path on validated inputs: :mod:`cggr_torch.pipeline`, then the selective cross-entropy
-    (the kernel where dispatch says so and ``base_loss`` is the default); returns ``(loss, metrics)``."""
+    (the kernel where dispatch says so and ``base_loss`` is the default); returns ``(loss, metrics)``.
+    ``reference_nll``: the checked float32 reference of ``scoring='excess'`` (SPEC §3.1), else None."""
     with torch.no_grad():
         stats = compute_statistics(logits.detach(), targets, cfg.ignore_index)
-        measured = select_and_measure(stats, targets, step, base, cfg)
+        measured = select_and_measure(stats, targets, step, base, cfg, reference_nll)
         mask, metrics = measured.mask, measured.metrics
         count = metrics["tokens_selected"]
 
@@ -196,13 +199,15 @@ def selected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: to
 
 
 def _forward(logits: Any, targets: Any, step: int, schedule: Schedule, cfg: CGGRConfig,
-             base_loss: Optional[Callable[..., torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    fused = _fused(logits, base_loss)
+             base_loss: Optional[Callable[..., torch.Tensor]], reference_nll: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    fused = _fused(logits, base_loss, cfg.scoring)
     targets = validate_inputs(logits, targets, cfg.ignore_index, range_check=not fused)
+    reference_nll = check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape), device=logits.device)
     base = base_ratio(schedule, step)
     if fused:
         return forward_fused(logits, targets, step, base, cfg)
-    return forward_reference(logits, targets, step, base, cfg, base_loss)
+    return forward_reference(logits, targets, step, base, cfg, base_loss, reference_nll)
 
 
 def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torch.Tensor], *,
@@ -213,12 +218,14 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
               num_strata: int = CGGRConfig.num_strata,
               min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
               base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = CGGRConfig.ignore_index,
-              ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None
+              ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None,
+              reference_nll: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Functional CGGR loss at curriculum ``step`` (a host integer): ``(loss, metrics)``.
 
     ``loss`` is a float32 scalar with gradient; ``metrics`` maps :data:`NUMERIC_METRIC_KEYS` to detached 0-d
-    tensors on the logits' device (no synchronisation). Arguments as :class:`CGGRLoss`.
+    tensors on the logits' device (no synchronisation). Arguments as :class:`CGGRLoss`; ``reference_nll`` as
+    its ``forward`` (``scoring='excess'`` only, SPEC §3.1).
     """
     cfg = resolve_config(config, dict(
         scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
@@ -226,14 +233,15 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
         num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index))
     check_base_loss(base_loss)
     schedule = check_schedule(ratio_schedule, cfg)
-    return _forward(logits, targets, host_step(step), schedule, cfg, base_loss)
+    return _forward(logits, targets, host_step(step), schedule, cfg, base_loss, reference_nll)
 
 
 class CGGRLoss(Curriculum, nn.Module):
     """Confidence-Gated Gradient Routing loss: mean cross-entropy over the hardest tokens.
 
     Args:
-        scoring: difficulty, one of ``'entropy'``, ``'margin'``, ``'loss'``, ``'combined'`` (SPEC §3).
+        scoring: difficulty, one of ``'entropy'``, ``'margin'``, ``'loss'``, ``'combined'`` (SPEC §3) or
+            ``'excess'`` (``nll − reference_nll``, SPEC §3.1; pass ``reference_nll`` to ``forward``).
         selection: one of ``'topk'``, ``'stratified'``, ``'sequence_aware'``, ``'fixed_quota'`` (SPEC §7).
         dynamic_threshold: scale the ratio by the batch confidence (SPEC §5.2).
         threshold_sensitivity: ``>= 0``, finite; how strongly low confidence raises the ratio.
@@ -275,10 +283,15 @@ class CGGRLoss(Curriculum, nn.Module):
         self.base_loss = base_loss  # an nn.Module is registered as a submodule (moves with .to())
         self._metrics: Optional[dict[str, torch.Tensor]] = None
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Selective loss of one batch (float32 scalar). Never synchronises with the device."""
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor,
+                reference_nll: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Selective loss of one batch (float32 scalar). Never synchronises with the device.
+
+        ``reference_nll``: with ``scoring='excess'`` (and only then), the reference model's per-token loss, a
+        floating tensor of the targets' shape; the difficulty is ``nll − reference_nll`` (SPEC §3.1).
+        """
         loss, self._metrics = _forward(logits, targets, self._step, self.ratio_schedule, self.config,
-                                       self.base_loss)
+                                       self.base_loss, reference_nll)
         return loss
 
     def get_metrics(self) -> dict[str, Any]:

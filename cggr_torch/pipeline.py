@@ -95,10 +95,11 @@ def measure_scores(scores: TokenScores, step: int, base: Any, config: CGGRConfig
 
 
 def select_and_measure(stats: TokenStatistics, targets: Optional[torch.Tensor], step: int, base: Any,
-                       config: CGGRConfig) -> Measured:
+                       config: CGGRConfig, reference_nll: Optional[torch.Tensor] = None) -> Measured:
     """SPEC §3-§7 and §10 from per-token statistics (every loss that has the statistics at hand: the
-    materialised logits, the fused LM head)."""
-    scores = scores_from_statistics(stats, targets, config.scoring, config.ignore_index)
+    materialised logits, the fused LM head). ``reference_nll``: ``scoring='excess'`` only (SPEC §3.1)."""
+    scores = scores_from_statistics(stats, targets, config.scoring, config.ignore_index,
+                                    reference_nll=reference_nll)
     return measure_scores(scores, step, base, config)
 
 

@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, CGGRConfig
+from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, CGGRConfig, reject_reference_scoring
 
 from .curriculum import Curriculum, Schedule
 from .fused_linear import score_next_tokens_fused
@@ -589,6 +589,7 @@ class CGGRScorer(Curriculum, nn.Module):
             threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
             warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
             ignore_index=ignore_index), CGGRConfig(selection="topk"))
+        reject_reference_scoring(self.config, "CGGRScorer")
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise ValueError(f"shift_labels: expected None or a bool, got {shift_labels!r}")
         if isinstance(router, nn.Module) and not isinstance(router, (TruncatedRouter, PassthroughRouter)):

@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-from cggr import SCORING_MODES
+from cggr import REFERENCE_SCORING_MODES, SCORING_MODES, check_reference_arguments
 
 from . import dispatch
 from .types import TokenScores, TokenStatistics
@@ -43,6 +43,7 @@ __all__ = [
     "scores_from_statistics",
     "score_tokens",
     "score_next_tokens",
+    "check_reference_nll",
 ]
 
 _STATISTICS_KERNEL = "token_statistics_triton"
@@ -157,8 +158,28 @@ def token_statistics(logits: torch.Tensor, targets: Optional[torch.Tensor] = Non
 
 
 # ------------------------------------------------------------------------------------------- difficulty
+def check_reference_nll(reference_nll: Optional[torch.Tensor], scoring: str, token_shape: tuple[int, ...], *,
+                        has_targets: bool = True, device: Optional[torch.device] = None) -> Optional[torch.Tensor]:
+    """SPEC §3.1's checks of ``reference_nll`` (``ValueError`` naming it); returns it detached as float32
+    (float16/bfloat16 widen exactly, float64 rounds to nearest) or None. No device synchronisation."""
+    if reference_nll is not None and not isinstance(reference_nll, torch.Tensor):
+        raise ValueError(f"reference_nll: expected a floating tensor of shape {tuple(token_shape)} or None, got "
+                         f"{type(reference_nll).__name__}")
+    check_reference_arguments(scoring, None if reference_nll is None else tuple(reference_nll.shape),
+                              tuple(token_shape), has_targets=has_targets)
+    if reference_nll is None:
+        return None
+    if not reference_nll.dtype.is_floating_point:
+        raise ValueError(f"reference_nll: expected a floating dtype (float16/bfloat16/float32/float64), got "
+                         f"{reference_nll.dtype}")
+    if device is not None and reference_nll.device != device:
+        raise ValueError(f"reference_nll: expected device {device} (the logits'), got {reference_nll.device}")
+    return reference_nll.detach().to(torch.float32)
+
+
 def difficulty_from_statistics(stats: TokenStatistics, scoring: str = "combined", *,
-                               has_targets: bool = True) -> torch.Tensor:
+                               has_targets: bool = True,
+                               reference_nll: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SPEC §3 difficulty in float32::
 
         margin_term = 1 − (p1 − p2)
@@ -166,13 +187,22 @@ def difficulty_from_statistics(stats: TokenStatistics, scoring: str = "combined"
         margin   : d = margin_term
         loss     : d = nll                           (needs targets)
         combined : d = (H + margin_term) + nll       (H + margin_term without targets)
+        excess   : d = nll − reference_nll            (SPEC §3.1; NaN where the reference is not finite,
+                                                       so such a token is never eligible)
 
     Raises:
-        ValueError: unknown ``scoring``, or ``scoring='loss'`` with ``has_targets=False``.
+        ValueError: unknown ``scoring``, ``scoring='loss'``/``'excess'`` with ``has_targets=False``, or a
+        missing, misplaced or mis-shaped ``reference_nll`` (SPEC §3.1).
     """
     check_scoring(scoring)
     if not isinstance(stats, TokenStatistics):
         raise ValueError(f"stats: expected a TokenStatistics, got {type(stats).__name__}")
+    ref = check_reference_nll(reference_nll, scoring, tuple(stats.nll.shape), has_targets=has_targets,
+                              device=stats.nll.device)
+    if ref is not None:
+        # A non-finite reference must not rank as a number (nll − (+inf) = −inf would be "easiest"): NaN makes
+        # the token not eligible, and the pipeline counts it in tokens_nonfinite (valid, not eligible).
+        return torch.where(torch.isfinite(ref), stats.nll - ref, torch.full_like(ref, float("nan")))
     if scoring == "entropy":
         return stats.entropy
     margin_term = 1.0 - (stats.confidence - stats.runner_up)
@@ -196,7 +226,8 @@ def row_finite(stats: TokenStatistics, has_targets: bool) -> torch.Tensor:
 
 
 def scores_from_statistics(stats: TokenStatistics, targets: Optional[torch.Tensor], scoring: str,
-                           ignore_index: int, valid_mask: Optional[torch.Tensor] = None) -> TokenScores:
+                           ignore_index: int, valid_mask: Optional[torch.Tensor] = None,
+                           reference_nll: Optional[torch.Tensor] = None) -> TokenScores:
     """SPEC §3-§4 from the statistics: difficulty, ``valid`` (target ≠ ``ignore_index``, AND ``valid_mask``)
     and ``eligible`` (valid, finite row, difficulty not NaN). No validation, no device synchronisation."""
     has_targets = targets is not None
@@ -206,13 +237,14 @@ def scores_from_statistics(stats: TokenStatistics, targets: Optional[torch.Tenso
         valid = torch.ones(stats.lse.shape, dtype=torch.bool, device=stats.lse.device)
     if valid_mask is not None:
         valid = valid & valid_mask
-    d = difficulty_from_statistics(stats, scoring, has_targets=has_targets)
+    d = difficulty_from_statistics(stats, scoring, has_targets=has_targets, reference_nll=reference_nll)
     eligible = valid & row_finite(stats, has_targets) & ~torch.isnan(d)
     return TokenScores(d, eligible, valid, stats)
 
 
 def score_tokens(logits: torch.Tensor, targets: Optional[torch.Tensor] = None, *, scoring: str = "combined",
-                 ignore_index: int = -100, valid_mask: Optional[torch.Tensor] = None) -> TokenScores:
+                 ignore_index: int = -100, valid_mask: Optional[torch.Tensor] = None,
+                 reference_nll: Optional[torch.Tensor] = None) -> TokenScores:
     """SPEC §2-§4: difficulty, validity and eligibility of every token.
 
     ``valid`` = ``targets != ignore_index`` (all True without targets), AND ``valid_mask`` when given.
@@ -224,11 +256,15 @@ def score_tokens(logits: torch.Tensor, targets: Optional[torch.Tensor] = None, *
         scoring: one of :data:`SCORING_MODES`; ``'loss'`` needs targets.
         ignore_index: target value marking a token without a target.
         valid_mask: optional bool tensor of shape ``logits.shape[:-1]`` (e.g. an attention mask).
+        reference_nll: ``scoring='excess'`` only (and required there): the reference model's per-token loss,
+            a floating tensor of the targets' shape (SPEC §3.1); a non-finite value makes its token not eligible.
     """
     check_scoring(scoring)
     if scoring == "loss" and targets is None:
         raise ValueError("targets: scoring='loss' needs targets, got None")
     targets = _validate(logits, targets, ignore_index)
+    reference_nll = check_reference_nll(reference_nll, scoring, tuple(logits.shape[:-1]),
+                                        has_targets=targets is not None, device=logits.device)
     if valid_mask is not None:
         if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool:
             raise ValueError(f"valid_mask: expected a bool tensor, got "
@@ -238,7 +274,7 @@ def score_tokens(logits: torch.Tensor, targets: Optional[torch.Tensor] = None, *
         if valid_mask.device != logits.device:
             raise ValueError(f"valid_mask: expected device {logits.device}, got {valid_mask.device}")
     stats = compute_statistics(logits, targets, ignore_index)
-    return scores_from_statistics(stats, targets, scoring, ignore_index, valid_mask)
+    return scores_from_statistics(stats, targets, scoring, ignore_index, valid_mask, reference_nll)
 
 
 # ------------------------------------------------------------------------- scores at the input positions
@@ -267,6 +303,10 @@ def score_next_tokens(logits: torch.Tensor, labels: Optional[torch.Tensor],
         shape ``(B, T)``, and the 0-d int64 count of valid tokens excluded because their router row was not
         finite (the metric ``tokens_nonfinite``).
     """
+    if scoring in REFERENCE_SCORING_MODES:
+        # Batch splitting's reference (per token or per sequence, aligned like the labels) is a later step.
+        raise ValueError(f"scoring: {scoring!r} is not supported yet by batch splitting (CGGRModel, CGGRScorer); "
+                         f"issue 14 (use CGGRLoss / cggr_loss / score_tokens with reference_nll=)")
     if labels is None:
         valid_mask = None if attention_mask is None else attention_mask != 0
         scores = score_tokens(logits, None, scoring=scoring, valid_mask=valid_mask)

@@ -11,7 +11,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+# The modes computed from the logits alone (the conformance vectors and the parity sweeps iterate over these);
+# SPEC §3.1's reference mode needs a reference_nll as well.
 SCORING_MODES = ("entropy", "margin", "loss", "combined")
+REFERENCE_SCORING_MODES = ("excess",)
+ALL_SCORING_MODES = SCORING_MODES + REFERENCE_SCORING_MODES
 SELECTION_STRATEGIES = ("topk", "stratified", "sequence_aware", "fixed_quota")
 
 # SPEC §11: (atol, rtol) of an implementation's float32 statistic against this oracle.
@@ -79,9 +83,19 @@ def token_statistics(logits: np.ndarray, targets: np.ndarray | None = None,
 
 # ------------------------------------------------------------------------------------------ §3 difficulty
 def difficulty_from_statistics(stats: dict[str, np.ndarray], scoring: str = "combined",
-                               has_targets: bool = True) -> np.ndarray:
-    if scoring not in SCORING_MODES:
-        raise ValueError(f"scoring must be one of {SCORING_MODES}, got {scoring!r}")
+                               has_targets: bool = True, reference_nll: np.ndarray | None = None) -> np.ndarray:
+    if scoring not in ALL_SCORING_MODES:
+        raise ValueError(f"scoring must be one of {ALL_SCORING_MODES}, got {scoring!r}")
+    if (scoring == "excess") != (reference_nll is not None):
+        raise ValueError("reference_nll is given exactly when scoring='excess'")
+    if scoring == "excess":
+        # SPEC §3.1: nll - ref in float64 on the reference's own values; a non-finite reference gives NaN
+        # (not eligible), never an infinite difficulty that would rank as a number.
+        if not has_targets:
+            raise ValueError("scoring='excess' needs targets")
+        ref = np.asarray(reference_nll, dtype=np.float64).reshape(stats["nll"].shape)
+        with np.errstate(invalid="ignore"):
+            return np.where(np.isfinite(ref), stats["nll"] - ref, np.nan)
     margin = 1.0 - (stats["confidence"] - stats["runner_up"])
     if scoring == "entropy":
         return stats["entropy"].copy()
@@ -96,8 +110,12 @@ def difficulty_from_statistics(stats: dict[str, np.ndarray], scoring: str = "com
 
 
 def score_tokens(logits: np.ndarray, targets: np.ndarray | None = None, scoring: str = "combined",
-                 ignore_index: int = -100, valid_mask: np.ndarray | None = None) -> dict[str, Any]:
-    """SPEC §2-§4: difficulty, validity and eligibility of every token."""
+                 ignore_index: int = -100, valid_mask: np.ndarray | None = None,
+                 reference_nll: np.ndarray | None = None) -> dict[str, Any]:
+    """SPEC §2-§4 (and §3.1 with ``reference_nll``): difficulty, validity and eligibility of every token.
+
+    ``nonfinite`` (the metric ``tokens_nonfinite``): valid tokens whose row, or (excess) reference, is not
+    finite."""
     stats = token_statistics(logits, targets, ignore_index)
     shape = stats["lse"].shape
     if targets is not None:
@@ -106,9 +124,12 @@ def score_tokens(logits: np.ndarray, targets: np.ndarray | None = None, scoring:
         valid = np.ones(shape, dtype=bool)
     if valid_mask is not None:
         valid = valid & np.asarray(valid_mask, dtype=bool).reshape(shape)
-    d = difficulty_from_statistics(stats, scoring, has_targets=targets is not None)
-    eligible = valid & stats["row_finite"] & ~np.isnan(d)
-    nonfinite = valid & ~stats["row_finite"]
+    d = difficulty_from_statistics(stats, scoring, has_targets=targets is not None, reference_nll=reference_nll)
+    finite = stats["row_finite"].copy()
+    if reference_nll is not None:
+        finite &= np.isfinite(np.asarray(reference_nll, dtype=np.float64).reshape(shape))
+    eligible = valid & finite & ~np.isnan(d)
+    nonfinite = valid & ~finite
     return {"difficulty": d, "eligible": eligible, "valid": valid, "stats": stats, "nonfinite": nonfinite}
 
 
@@ -225,14 +246,15 @@ def cggr_loss(logits: np.ndarray, targets: np.ndarray, step: int, scoring: str =
               selection: str = "stratified", dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
               min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
               min_tokens_per_sequence: int = 1, ignore_index: int = -100,
-              difficulty_override: np.ndarray | None = None) -> dict[str, Any]:
+              difficulty_override: np.ndarray | None = None,
+              reference_nll: np.ndarray | None = None) -> dict[str, Any]:
     """The whole CGGRLoss forward and its analytic gradient w.r.t. the logits (float64).
 
     ``difficulty_override`` lets a test feed an implementation's own float32 difficulties, so that the
     selection is compared exactly while the scores are compared within tolerance.
     """
     logits = np.asarray(logits, dtype=np.float64)
-    sc = score_tokens(logits, targets, scoring, ignore_index)
+    sc = score_tokens(logits, targets, scoring, ignore_index, reference_nll=reference_nll)
     d = sc["difficulty"] if difficulty_override is None else np.asarray(difficulty_override, np.float64)
     eligible = sc["eligible"]
     n = int(eligible.sum())

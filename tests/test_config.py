@@ -94,3 +94,20 @@ def test_missing_framework_names_the_extra(package, blocked, extra):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode != 0
     assert f"pip install 'cggr-routing[{extra}]'" in res.stderr, res.stderr[-2000:]
+
+
+def test_excess_is_a_scoring_mode_with_shared_reference_rules():
+    import cggr
+
+    assert "excess" in cggr.SCORING_MODES and cggr.REFERENCE_SCORING_MODES == ("excess",)
+    cggr.check_reference_arguments("excess", (2, 3), (2, 3))
+    cggr.check_reference_arguments("combined", None, (2, 3))
+    for args, kwargs, match in [(("excess", None, (2, 3)), {}, r"reference_nll: scoring='excess' needs.*\(2, 3\)"),
+                                (("loss", (2, 3), (2, 3)), {}, r"reference_nll: only scoring='excess'.*'loss'"),
+                                (("excess", (3,), (2, 3)), {}, r"reference_nll: expected shape \(2, 3\).*\(3,\)"),
+                                (("excess", (2, 3), (2, 3)), {"has_targets": False}, "targets: scoring='excess'")]:
+        with pytest.raises(ValueError, match=match):
+            cggr.check_reference_arguments(*args, **kwargs)
+    with pytest.raises(ValueError, match="not supported yet by X; issue 14"):
+        cggr.reject_reference_scoring(cggr.CGGRConfig(scoring="excess"), "X")
+    cggr.reject_reference_scoring(cggr.CGGRConfig(), "X")

@@ -171,3 +171,37 @@ def test_conformance_covers_the_required_cases():
         assert required in names
     docs = next(c for c in CASES if c["name"] == "docs_metrics_example")["expected"]["metrics"]
     assert (docs["token_ratio"], docs["tokens_selected"], docs["tokens_total"]) == (0.625, 160, 256)
+
+
+# ------------------------------------------------------------------------- SPEC §3.1: scoring='excess'
+def test_excess_closed_forms():
+    V = 7
+    ref = np.array([0.5, np.nan, np.inf, -np.inf, 2.0])
+    targets = np.array([3, 1, 2, 0, -100])
+    sc = oracle.score_tokens(np.zeros((5, V)), targets, "excess", reference_nll=ref)
+    assert sc["difficulty"][0] == pytest.approx(math.log(V) - 0.5)
+    # a non-finite reference: valid, not eligible, counted (never an infinite difficulty that ranks)
+    assert np.isnan(sc["difficulty"][1:4]).all()
+    np.testing.assert_array_equal(sc["eligible"], [True, False, False, False, False])
+    np.testing.assert_array_equal(sc["nonfinite"], [False, True, True, True, False])
+    assert not sc["valid"][4]                     # ignored: not valid, not counted
+
+
+def test_excess_selection_follows_the_reference():
+    # equal losses (uniform logits): topk keeps the token with the smallest reference
+    out = oracle.cggr_loss(np.zeros((4, 5)), np.array([0, 1, 2, 3]), 0, scoring="excess", selection="topk",
+                           dynamic_threshold=False, min_tokens_ratio=0.25, warmup_steps=0,
+                           reference_nll=np.array([3.0, 0.0, 1.0, 2.0]))
+    np.testing.assert_array_equal(out["mask"], [False, True, False, False])
+    assert out["loss"] == pytest.approx(math.log(5))
+    assert out["metrics"]["avg_difficulty"] == pytest.approx(math.log(5) - 1.5)
+
+
+def test_excess_reference_rules():
+    with pytest.raises(ValueError, match="reference_nll"):
+        oracle.score_tokens(np.zeros((2, 3)), np.array([0, 1]), "excess")
+    with pytest.raises(ValueError, match="reference_nll"):
+        oracle.score_tokens(np.zeros((2, 3)), np.array([0, 1]), "loss", reference_nll=np.zeros(2))
+    with pytest.raises(ValueError, match="targets"):
+        oracle.difficulty_from_statistics(oracle.token_statistics(np.zeros((2, 3))), "excess", has_targets=False,
+                                          reference_nll=np.zeros(2))

@@ -79,14 +79,19 @@ def test_scores_match_oracle(V, dtype):
 @pytest.mark.parametrize("mode", scoring.SCORING_MODES)
 def test_every_scoring_mode_matches_oracle(mode):
     zj, z_up, targets = _hard_batch(33, "float32", seed=11)
-    sc = scoring.score_tokens(zj, jnp.asarray(targets), scoring=mode)
-    so = oracle.score_tokens(z_up, targets, mode)
+    # SPEC §3.1: 'excess' needs a reference (float32, so the oracle's float64 value is the same number)
+    ref = (np.random.default_rng(5).uniform(0, 4, targets.shape).astype(np.float32) if mode == "excess"
+           else None)
+    sc = scoring.score_tokens(zj, jnp.asarray(targets), scoring=mode,
+                              reference_nll=None if ref is None else jnp.asarray(ref))
+    so = oracle.score_tokens(z_up, targets, mode, reference_nll=ref)
     np.testing.assert_array_equal(np.asarray(sc.eligible), so["eligible"])
     e = so["eligible"]
     atol, rtol = oracle.SCORE_TOL["difficulty"]
     np.testing.assert_allclose(np.asarray(sc.difficulty)[e], so["difficulty"][e], atol=atol, rtol=rtol)
     # and from the statistics directly
-    d = scoring.difficulty_from_statistics(sc.stats, mode)
+    d = scoring.difficulty_from_statistics(sc.stats, mode,
+                                           reference_nll=None if ref is None else jnp.asarray(ref))
     np.testing.assert_array_equal(np.asarray(d)[e], np.asarray(sc.difficulty)[e])
 
 

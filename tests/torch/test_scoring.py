@@ -26,10 +26,13 @@ STAT_NAMES = ("lse", "entropy", "confidence", "runner_up", "nll")
 
 
 def _check_against_oracle(logits: torch.Tensor, targets: torch.Tensor | None, scoring_mode: str = "combined",
-                          ignore_index: int = -100) -> None:
-    got = score_tokens(logits, targets, scoring=scoring_mode, ignore_index=ignore_index)
+                          ignore_index: int = -100, reference_nll: torch.Tensor | None = None) -> None:
+    if scoring_mode == "excess" and reference_nll is None:   # SPEC §3.1: the mode needs a reference
+        reference_nll = torch.from_numpy(np.random.default_rng(5).uniform(0, 4, tuple(logits.shape[:-1])))
+    got = score_tokens(logits, targets, scoring=scoring_mode, ignore_index=ignore_index,
+                       reference_nll=reference_nll)
     ref = oracle.score_tokens(as_f64(logits), None if targets is None else targets.numpy(), scoring_mode,
-                              ignore_index)
+                              ignore_index, reference_nll=None if reference_nll is None else as_f64(reference_nll))
     assert got.difficulty.dtype == torch.float32 and got.difficulty.shape == logits.shape[:-1]
     np.testing.assert_array_equal(got.eligible.numpy(), ref["eligible"])
     np.testing.assert_array_equal(got.valid.numpy(), ref["valid"])
