@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, SEQUENCE_SELECTIONS, CGGRConfig
+from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, SEQUENCE_SELECTIONS, CGGRConfig, reject_reference_scoring
 
 from .curriculum import Curriculum, Schedule
 from .loss import check_schedule
@@ -285,6 +285,7 @@ class CGGRModel(Curriculum, nn.Module):
             threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
             warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
             ignore_index=ignore_index), CGGRConfig(selection=DEFAULT_SEQUENCE_SELECTION)).for_sequences()
+        reject_reference_scoring(self.config, "CGGRModel")  # at construction, not at the first forward
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise ValueError(f"shift_labels: expected None or a bool, got {shift_labels!r}")
         if router_batch_size is not None and (not isinstance(router_batch_size, numbers.Integral)

@@ -238,3 +238,9 @@ def test_entry_points_without_reference_support_say_so():
     with pytest.raises(ValueError, match="not supported yet by batch splitting"):
         cggr_torch.scoring.score_next_tokens(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), None,
                                              scoring="excess", ignore_index=-100)
+
+
+def test_cggr_model_refuses_excess_at_construction():
+    # before any forward: a user learns at once that batch splitting has no reference yet
+    with pytest.raises(ValueError, match="not supported yet by CGGRModel; issue 14"):
+        cggr_torch.CGGRModel(torch.nn.Linear(2, 2), scoring="excess")
