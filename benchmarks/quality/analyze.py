@@ -143,7 +143,8 @@ def summarize(folder: Path) -> dict:
     comparisons = {}
     for lab in table:
         base = "random_subset+noise" if lab.endswith("+noise") else "random_subset"
-        for comp in (base, "std_k"):
+        comps = (base, "std_k") + (("oracle_excess",) if lab.startswith("router_excess") and "+noise" not in lab else ())
+        for comp in comps:
             if lab != comp and comp in val and (comp != "std_k" or not lab.endswith("+noise")):
                 comparisons[f"{lab} - {comp}"] = paired(val[lab], val[comp], floor)
     # m: per seed, against that seed's std_k budget curve (N/2, N, 2N where run).

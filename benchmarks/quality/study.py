@@ -38,11 +38,15 @@ except ImportError:  # pragma: no cover
 
 SCHEMA = "cggr-quality-v2-run/1"
 ARMS = ("std_B", "std_k", "random_subset", "oracle_loss", "oracle_excess", "ref_only", "cggr_matched",
-        "cggr_shipped")
+        "cggr_shipped", "router_excess_r1", "router_excess_r2", "router_excess_r4")
+#: Round 2: the router-excess arms (PROTOCOL.md §9): the truncated router's per-chunk mean NLL (its first n layers,
+#: the model's final norm and head, ``create_truncated_router``) minus the stored reference NLL; top-k trained.
+ROUTER_EXCESS = {"router_excess_r1": 1, "router_excess_r2": 2, "router_excess_r4": 4}
 #: Cost of one step relative to a std_B step, for the deadline estimate of an arm not yet measured in this output
 #: folder (measured at scale S on an H200 in round 1: std_B 35.6 ms/step).
 COST_FACTOR = {"std_B": 1.0, "std_k": 0.55, "random_subset": 0.6, "oracle_loss": 1.7, "oracle_excess": 1.75,
-               "ref_only": 0.6, "cggr_matched": 0.85, "cggr_shipped": 1.25}
+               "ref_only": 0.6, "cggr_matched": 0.85, "cggr_shipped": 1.25,
+               "router_excess_r1": 0.65, "router_excess_r2": 0.72, "router_excess_r4": 0.85}
 
 
 # ----------------------------------------------------------------------------------------------- scales
@@ -436,6 +440,11 @@ class Study:
 
             opts = {} if spec.arm == "cggr_shipped" else {"warmup_steps": 0, "dynamic_threshold": False}
             cggr = CGGRModel(model, router_layers=min(4, s.layers), **opts)
+        router = None
+        if spec.arm in ROUTER_EXCESS:
+            from cggr_torch import create_truncated_router
+
+            router = create_truncated_router(model, min(ROUTER_EXCESS[spec.arm], s.layers))
         B = s.keep if spec.arm == "std_k" else s.batch
         stream = self.stream(spec.seed, B, spec.steps, spec.noise)
         k = s.keep
@@ -475,6 +484,14 @@ class Study:
                 sel["cand_full"] += full.sum()
                 sel["trained_full"] += full[idx].sum()
                 sel["n_full"] += 1
+                chosen = None                                               # read back at the next eval (no sync)
+                trained_ids.append((i, idx, ids))
+                losses.append(self._train_rows(model, opt, toks[idx]))
+            elif router is not None:   # router excess: no-grad truncated forward on all candidates
+                with torch.no_grad(), ctx.autocast():
+                    lg = router(toks[:, :-1])
+                rl = F.cross_entropy(lg.float().transpose(1, 2), toks[:, 1:], reduction="none").mean(1)
+                idx = torch.topk(rl - torch.from_numpy(ref).to(ctx.device), k).indices
                 chosen = None                                               # read back at the next eval (no sync)
                 trained_ids.append((i, idx, ids))
                 losses.append(self._train_rows(model, opt, toks[idx]))
@@ -793,7 +810,35 @@ def _keep_best_only(st: Study) -> None:
         st.best_B_state = None
 
 
-PLANS: dict[str, Callable[[Study], None]] = {"round1": plan_round1, "round1b": plan_round1b}
+def plan_round2a(st: Study) -> None:
+    """PROTOCOL.md §9, round 2a (same scale, reference and tuned rates as round 1, so it writes into round 1's
+    folder): router-excess arms at 4 and 1 layers (3 seeds), more seeds of std_k / random_subset, std_k's budget
+    curve for m, router excess at 2 layers, then its noise control."""
+    s = st.scale
+    st.ensure_reference()
+    lr_B, lr_k = st.best_lr("std_B"), st.best_lr("std_k")
+    if lr_B is None or lr_k is None:
+        st.log("round2a needs round1's sweeps: stopping")
+        return
+    st.log(f"tuned LR: std_B {lr_B}, std_k {lr_k}")
+    seeds = list(s.seeds)
+    for a in ("router_excess_r4", "router_excess_r1"):
+        for seed in seeds:
+            st.run(RunSpec(a, seed, lr_k, s.steps))
+    for seed in (3, 4, 5):
+        for a in ("std_k", "random_subset"):
+            st.run(RunSpec(a, seed, lr_k, s.steps))
+    st.run(RunSpec("std_k", seeds[0], lr_k, s.steps * 2, tag="budget"))
+    for seed in seeds[1:]:
+        for steps in (s.steps // 2, s.steps * 2):
+            st.run(RunSpec("std_k", seed, lr_k, steps, tag="budget"))
+    for seed in seeds:
+        st.run(RunSpec("router_excess_r2", seed, lr_k, s.steps))
+    st.run(RunSpec("router_excess_r4", seeds[0], lr_k, s.steps, noise=True))
+
+
+PLANS: dict[str, Callable[[Study], None]] = {"round1": plan_round1, "round1b": plan_round1b,
+                                             "round2a": plan_round2a}
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
