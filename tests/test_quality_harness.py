@@ -77,8 +77,9 @@ def test_round1_plan_end_to_end_tiny(tmp_path: Path) -> None:
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
     s = study.SCALES["tiny"]
     arms = {r["arm"] + ("+noise" if r["noise"] else "") for r in runs.values()}
-    assert arms >= set(study.ARMS) | {"random_subset+noise", "oracle_excess+noise", "oracle_loss+noise",
-                                      "cggr_matched+noise"}
+    round1_arms = set(study.ARMS) - set(study.ROUTER_EXCESS) - set(study.CGGR_EXCESS) - set(study.TOKEN_ARMS)
+    assert arms >= round1_arms | {"random_subset+noise", "oracle_excess+noise", "oracle_loss+noise",
+                                  "cggr_matched+noise"}
     assert len([r for r in runs.values() if r["tag"] == "budget"]) == 2 * len(s.seeds)
     assert any(r["tag"] == "repeat" for r in runs.values())
     for key, r in runs.items():
@@ -238,3 +239,33 @@ def test_bad_cli_input(tmp_path: Path) -> None:
         analyze.main([str(tmp_path)])
     with pytest.raises(ValueError, match="split"):
         pycode.load_corpus(tmp_path, ("bogus",))
+
+
+def test_round2_plans_tiny(tmp_path: Path) -> None:
+    """Rounds 2a/2b after round 1 in the same folder: every round-2 arm runs, with its accounting."""
+    data = _write_corpus(tmp_path / "pycode")
+    out = tmp_path / "out"
+    base = ["--scale", "tiny", "--out", str(out), "--data-dir", str(data), "--device", "cpu", "--no-progress"]
+    assert study.main(base + ["--steps", "4"]) == 0
+    assert study.main(base + ["--steps", "4", "--round", "round2a"]) == 0
+    assert study.main(base + ["--steps", "4", "--round", "round2b", "--with-sampled"]) == 0
+    runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    arms = {r["arm"] for r in runs}
+    assert arms >= set(study.ROUTER_EXCESS) | set(study.CGGR_EXCESS) | set(study.TOKEN_ARMS)
+    s = study.SCALES["tiny"]
+    for r in runs:
+        acc = r["accounting"]
+        if r["arm"] in study.TOKEN_ARMS:
+            assert acc["level"] == "token" and acc["candidate_tokens"] == s.batch * 4 * s.seq_len
+            if r["arm"] != "excess_token_sampled":   # exactly k/B of the candidate tokens are in the loss
+                assert acc["trained_tokens"] == s.keep * 4 * s.seq_len
+            else:
+                assert 0 < acc["trained_tokens"] <= s.batch * 4 * s.seq_len
+        elif r["arm"] in study.ROUTER_EXCESS or r["arm"] in study.CGGR_EXCESS:
+            assert acc["trained_rows"] == s.keep * 4
+    # The library's excess batch splitting keeps the chunks the harness's router-excess arm keeps (same router,
+    # same reference), so round 2b's CGGRModel arms repeat round 2a's selection.
+    for n in (1,):
+        a = np.load(next((out / "runs").glob(f"router_excess_r{n}__lr*__N4__s0.ids.npy")))
+        b = np.load(next((out / "runs").glob(f"cggr_excess_r{n}__lr*__N4__s0.ids.npy")))
+        assert sorted(a[:s.keep].tolist()) == sorted(b[:s.keep].tolist())

@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
 
 from benchmarks.harness import compat, measure  # noqa: E402
-from cggr_jax import token_statistics  # noqa: E402
+from cggr_jax import score_tokens, token_statistics  # noqa: E402
 from cggr_jax.kernels import kernel_config, token_statistics_pallas  # noqa: E402
 
 kscoring = compat.jax_scoring_kernels()
@@ -263,6 +263,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         dcfg = kernel_config(v, itemsize)
         default_launch = {"block_rows": dcfg.block_rows, "block_v": dcfg.block_v, "num_warps": dcfg.num_warps}
         default = record("pallas (default)", time_fn(default_fn, [x, t], **timing), **default_launch)
+        # Excess scoring (SPEC §3.1; issue 14's goal: <= 1.05x the same call with a logits-only scoring).
+        ref = jax.random.uniform(jax.random.fold_in(key, v + 2), (args.n,), jnp.float32) * 8
+        comb = record("score_tokens (dispatch, combined)",
+                      time_fn(jax.jit(lambda a, b: score_tokens(a, b).difficulty), [x, t], **timing))
+        exc = record("score_tokens (dispatch, excess + reference_nll)", time_fn(
+            jax.jit(lambda a, b, r: score_tokens(a, b, scoring="excess", reference_nll=r).difficulty),
+            [x, t, ref], **timing))
+        exc["x_combined"] = exc["median_ms"] / comb["median_ms"]
+        summary.append(f"V={v}: score_tokens excess/combined {exc['x_combined']:.3f}x "
+                       f"({exc['median_ms']:.3f} / {comb['median_ms']:.3f} ms)")
 
         @jax.jit
         def worst_ratio(a: Any, b: Any) -> jax.Array:

@@ -116,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import triton
 
     from benchmarks.harness import compat, measure
-    from cggr_torch import token_statistics
+    from cggr_torch import score_tokens, token_statistics
     from cggr_torch.kernels import score_tokens_triton, token_statistics_triton
 
     ks = compat.torch_scoring_kernels()
@@ -201,6 +201,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         record("score_tokens_triton (combined, + eligibility)", lambda i: score_tokens_triton(bufs[i], tgts[i]))
         if not args.smoke:
             record("cggr_torch.scoring.token_statistics (dispatch)", lambda i: token_statistics(bufs[i], tgts[i]))
+        # Excess scoring (SPEC §3.1; issue 14's goal: <= 1.05x the same call with a logits-only scoring).
+        refs = [torch.rand((args.n,), generator=gen, device=device) * 8 for _ in bufs]
+        comb = record("score_tokens (dispatch, combined)", lambda i: score_tokens(bufs[i], tgts[i]), kind="comb")
+        exc = record("score_tokens (dispatch, excess + reference_nll)",
+                     lambda i: score_tokens(bufs[i], tgts[i], scoring="excess", reference_nll=refs[i]), kind="excess")
+        exc["x_combined"] = exc["median_ms"] / comb["median_ms"]
         sweep = []
         if not args.no_sweep:
             for c in sweep_configs(v, elsize, device == "cuda"):
@@ -235,6 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         line = (f"V={v}: floor {floor_ms:.3f} ms | default {default['median_ms']:.3f} "
                 f"({default['x_read_once_floor']:.3f}x) | +key/status {fused['median_ms']:.3f} "
                 f"({fused['x_read_once_floor']:.3f}x)")
+        line += f" | excess/combined {exc['x_combined']:.3f}x"
         if ok:
             line += " | sweep: " + ", ".join(f"{c['config']} {c['x_read_once_floor']:.3f}x" for c in ok[:4])
         bad = [c["config"] for c in sweep if "error" in c]

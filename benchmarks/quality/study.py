@@ -38,15 +38,25 @@ except ImportError:  # pragma: no cover
 
 SCHEMA = "cggr-quality-v2-run/1"
 ARMS = ("std_B", "std_k", "random_subset", "oracle_loss", "oracle_excess", "ref_only", "cggr_matched",
-        "cggr_shipped", "router_excess_r1", "router_excess_r2", "router_excess_r4")
+        "cggr_shipped", "router_excess_r1", "router_excess_r2", "router_excess_r4", "cggr_excess_r1",
+        "cggr_excess_r4", "random_token", "cggr_token", "excess_token", "excess_token_sampled")
 #: Round 2: the router-excess arms (PROTOCOL.md §9): the truncated router's per-chunk mean NLL (its first n layers,
 #: the model's final norm and head, ``create_truncated_router``) minus the stored reference NLL; top-k trained.
 ROUTER_EXCESS = {"router_excess_r1": 1, "router_excess_r2": 2, "router_excess_r4": 4}
+#: Round 2b: the same selection through the library, ``CGGRModel(scoring="excess")`` with the stored per-chunk
+#: reference as its per-sequence ``reference_nll`` (count-matched: no curriculum, no dynamic threshold).
+CGGR_EXCESS = {"cggr_excess_r1": 1, "cggr_excess_r4": 4}
+#: Round 2b: token-level arms. Each step runs the model on all B candidates and puts ratio k/B of their tokens in
+#: the loss (as many loss tokens as the k-arms train on): random tokens, CGGR's shipped token scoring, excess tokens
+#: (the reference model's per-token NLL, computed on the fly), and excess with unbiased sampled selection.
+TOKEN_ARMS = ("random_token", "cggr_token", "excess_token", "excess_token_sampled")
 #: Cost of one step relative to a std_B step, for the deadline estimate of an arm not yet measured in this output
 #: folder (measured at scale S on an H200 in round 1: std_B 35.6 ms/step).
 COST_FACTOR = {"std_B": 1.0, "std_k": 0.55, "random_subset": 0.6, "oracle_loss": 1.7, "oracle_excess": 1.75,
                "ref_only": 0.6, "cggr_matched": 0.85, "cggr_shipped": 1.25,
-               "router_excess_r1": 0.65, "router_excess_r2": 0.72, "router_excess_r4": 0.85}
+               "router_excess_r1": 0.65, "router_excess_r2": 0.72, "router_excess_r4": 0.85,
+               "cggr_excess_r1": 0.7, "cggr_excess_r4": 0.85, "random_token": 1.1, "cggr_token": 1.2,
+               "excess_token": 1.5, "excess_token_sampled": 1.5}
 
 
 # ----------------------------------------------------------------------------------------------- scales
@@ -413,6 +423,71 @@ class Study:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    def _train_tokens(self, model, opt, toks: torch.Tensor, spec: RunSpec, i: int, crit, ref_model,
+                      sel: dict) -> torch.Tensor:
+        """One optimizer step of a token-level arm on all candidates ``toks`` (B, T+1): ratio k/B of the tokens
+        are in the loss (random, CGGR's scoring, or excess against ``ref_model``). Device-side bookkeeping only."""
+        s = self.scale
+        inputs, targets = toks[:, :-1], toks[:, 1:]
+        ref_tok = None
+        if ref_model is not None:
+            ref_tok = token_nll(ref_model, toks, self.ctx)                   # (B, T) float32, no grad
+        with self.ctx.autocast():
+            logits = model(input_ids=inputs).logits
+        flat = logits.reshape(-1, logits.shape[-1])
+        tgt = targets.reshape(-1)
+        if crit is None:   # random_token: exactly round(n·k/B) uniformly random tokens, seeded per (seed, step)
+            g = torch.Generator(device=toks.device).manual_seed(int(spec.seed) * 1_000_003 + i)
+            n_keep = int(round(tgt.numel() * s.keep / s.batch))
+            idx = torch.topk(torch.rand(tgt.numel(), generator=g, device=toks.device), n_keep).indices
+            loss = F.cross_entropy(flat[idx].float(), tgt[idx])
+            sel["loss_tokens"] += n_keep
+        else:
+            extra = {} if ref_tok is None else {"reference_nll": ref_tok.reshape(-1)}
+            loss = crit(flat, tgt, **extra)
+            if crit.config.selection == "sampled":   # a random count: read it (one device read per step)
+                sel["loss_tokens"] += crit.get_metrics()["tokens_selected"]
+            else:                                    # exactly k of SPEC §5.3: every token is eligible here
+                sel["loss_tokens"] += int(round(tgt.numel() * s.keep / s.batch))
+            if ref_tok is not None and getattr(crit, "last_mask", None) is not None:
+                msk = crit.last_mask.reshape(-1)
+                sel["tok_ref_sel"] += ref_tok.reshape(-1)[msk].sum()
+                sel["tok_n_sel"] += msk.sum()
+        if ref_tok is not None:
+            sel["tok_ref_all"] += ref_tok.sum()
+            sel["tok_n_all"] += ref_tok.numel()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def reference_model(self) -> torch.nn.Module:
+        """The reference model itself (token-level excess needs per-token reference losses, which the stored
+        per-chunk tables do not hold): trained once per invocation with ensure_reference's recipe, kept in memory."""
+        if getattr(self, "_ref_model", None) is None:
+            s = self.scale
+            ref = self.corpus["ref"]
+            steps_per_epoch = max(1, ref.shape[0] // s.batch)
+            total = steps_per_epoch * s.ref_epochs
+            t0 = time.time()
+            model = build_model(s, self.V, 1000, self.ctx.device)
+            opt = make_optimizer(model, s.ref_lr, self.ctx.device)
+            rng = np.random.default_rng(1000)
+            order = np.concatenate([rng.permutation(ref.shape[0])[:steps_per_epoch * s.batch]
+                                    for _ in range(s.ref_epochs)])
+            for j in range(total):
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(j, total, s.ref_lr)
+                self._train_rows(model, opt, self.ctx.tokens(ref[order[j * s.batch:(j + 1) * s.batch], :s.seq_len + 1]))
+            model.eval()
+            v = self.evaluator.curve_loss(model)
+            self.log(f"reference model retrained in memory ({total} steps, {time.time() - t0:.1f} s): val subset "
+                     f"{v:.4f}")
+            del opt
+            self._ref_model = model
+        return self._ref_model
+
     def run(self, spec: RunSpec, keep_state: Any = False) -> Optional[dict]:
         """Train one run (skipped when its JSON exists). ``keep_state``: True = keep the weights in memory when
         they beat the kept ones (the std_B sweep, for the gate); "last" = keep them as ``last_state``."""
@@ -440,12 +515,27 @@ class Study:
 
             opts = {} if spec.arm == "cggr_shipped" else {"warmup_steps": 0, "dynamic_threshold": False}
             cggr = CGGRModel(model, router_layers=min(4, s.layers), **opts)
+        if spec.arm in CGGR_EXCESS:
+            from cggr_torch import CGGRModel
+
+            cggr = CGGRModel(model, router_layers=min(CGGR_EXCESS[spec.arm], s.layers), scoring="excess",
+                             selection="topk", warmup_steps=0, dynamic_threshold=False,
+                             min_tokens_ratio=s.keep / s.batch)
+        crit = None
+        if spec.arm in TOKEN_ARMS and spec.arm != "random_token":
+            from cggr_torch import CGGRLoss
+
+            opts = {"scoring": "combined", "selection": "stratified"} if spec.arm == "cggr_token" else \
+                {"scoring": "excess", "selection": "topk" if spec.arm == "excess_token" else "sampled"}
+            crit = CGGRLoss(warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=s.keep / s.batch, **opts)
+        ref_model = self.reference_model() if spec.arm in ("excess_token", "excess_token_sampled") else None
         router = None
         if spec.arm in ROUTER_EXCESS:
             from cggr_torch import create_truncated_router
 
             router = create_truncated_router(model, min(ROUTER_EXCESS[spec.arm], s.layers))
         B = s.keep if spec.arm == "std_k" else s.batch
+        token_level = spec.arm in TOKEN_ARMS
         stream = self.stream(spec.seed, B, spec.steps, spec.noise)
         k = s.keep
         evals = sorted({max(1, round(spec.steps * (j + 1) / s.eval_points)) for j in range(s.eval_points)})
@@ -453,6 +543,7 @@ class Study:
         n_drained = 0
         cand_tokens = trained_rows = 0
         sel = {"cand_ref": 0.0, "trained_ref": 0.0, "cand_full": 0.0, "trained_full": 0.0, "n_full": 0,
+               "loss_tokens": 0.0, "tok_ref_sel": 0.0, "tok_ref_all": 0.0, "tok_n_sel": 0.0, "tok_n_all": 0.0,
                "noise_trained_by_quarter": [0, 0, 0, 0], "rows_by_quarter": [0, 0, 0, 0]}
         wall = 0.0
         t_first = None
@@ -495,10 +586,16 @@ class Study:
                 chosen = None                                               # read back at the next eval (no sync)
                 trained_ids.append((i, idx, ids))
                 losses.append(self._train_rows(model, opt, toks[idx]))
-            else:  # cggr_matched / cggr_shipped: the shipped batch-splitting path, 1025 tokens in so the
-                # targets are exactly the other arms' 1024 (CGGRModel shifts internally)
+            elif token_level:
+                chosen = np.arange(len(ids))
+                losses.append(self._train_tokens(model, opt, toks, spec, i, crit, ref_model, sel))
+            else:  # cggr_matched / cggr_shipped / cggr_excess_*: the shipped batch-splitting path, 1025 tokens in so
+                # the targets are exactly the other arms' 1024 (CGGRModel shifts internally)
+                extra = {}
+                if spec.arm in CGGR_EXCESS:   # per-sequence reference: the stored per-chunk mean NLL
+                    extra["reference_nll"] = torch.from_numpy(ref).to(ctx.device)
                 with ctx.autocast():
-                    loss = cggr(toks, labels=toks)
+                    loss = cggr(toks, labels=toks, **extra)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
@@ -520,6 +617,8 @@ class Study:
                 steps_timed = i  # steps 1..i
                 wall_axis = wall * (i + 1) / max(1, steps_timed)
                 trained_rows += self._drain(trained_ids, n_drained, sel, spec)
+                if token_level:   # loss tokens, not rows: k/B of the candidates' tokens (sampled: the realised count)
+                    trained_rows = int(sel["loss_tokens"]) / s.seq_len
                 n_drained = len(trained_ids)
                 model.eval()
                 vl = self.evaluator.curve_loss(model)
@@ -544,7 +643,8 @@ class Study:
             "schema": SCHEMA, "key": spec.key(), "arm": spec.arm, "noise": spec.noise, "seed": spec.seed,
             "lr": spec.lr, "tag": spec.tag, "scale": asdict(s), "params": n_params(model),
             "accounting": {"optimizer_steps": spec.steps, "candidate_tokens": cand_tokens,
-                           "trained_tokens": trained_rows * s.seq_len, "trained_rows": trained_rows,
+                           "trained_tokens": int(round(trained_rows * s.seq_len)), "trained_rows": trained_rows,
+                           "level": "token" if token_level else "sequence",
                            "train_wall_s": wall * spec.steps / max(1, spec.steps - 1), "first_step_s": t_first,
                            "ms_per_step": ms, "build_s": t_build_s},
             "curve": curve, "final": final,
@@ -555,7 +655,11 @@ class Study:
                           "ref_nll_trained_mean": sel["trained_ref"] / rows,
                           "ref_nll_candidates_mean": sel["cand_ref"] / max(1, cand_tokens // s.seq_len),
                           "full_nll_trained_mean": float(sel["trained_full"]) / (n_full * k) if n_full else None,
-                          "full_nll_candidates_mean": float(sel["cand_full"]) / (n_full * s.batch) if n_full else None},
+                          "full_nll_candidates_mean": float(sel["cand_full"]) / (n_full * s.batch) if n_full else None,
+                          "token_ref_nll_selected_mean": (float(sel["tok_ref_sel"]) / float(sel["tok_n_sel"])
+                                                          if ref_model is not None and float(sel["tok_n_sel"]) else None),
+                          "token_ref_nll_all_mean": (float(sel["tok_ref_all"]) / float(sel["tok_n_all"])
+                                                     if ref_model is not None and float(sel["tok_n_all"]) else None)},
             "device": self.device_name, "amp": "bf16" if ctx.amp else "fp32", "versions": self.versions,
             "commit": self.commit, "protocol_commit": self.args.protocol_commit,
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -837,8 +941,32 @@ def plan_round2a(st: Study) -> None:
     st.run(RunSpec("router_excess_r4", seeds[0], lr_k, s.steps, noise=True))
 
 
+def plan_round2b(st: Study) -> None:
+    """PROTOCOL.md §9, round 2b: the promoted router-excess selection through the library (``CGGRModel``), then
+    the token-level arms (3 seeds each), then what round 2a left."""
+    s = st.scale
+    st.ensure_reference()
+    lr_B, lr_k = st.best_lr("std_B"), st.best_lr("std_k")
+    if lr_B is None or lr_k is None:
+        st.log("round2b needs round1's sweeps: stopping")
+        return
+    seeds = list(s.seeds)
+    for a in ("cggr_excess_r4", "cggr_excess_r1"):
+        for seed in seeds:
+            st.run(RunSpec(a, seed, lr_k, s.steps))
+    token_arms = ["random_token", "excess_token", "cggr_token"]
+    if getattr(st.args, "with_sampled", False):
+        token_arms.append("excess_token_sampled")
+    for seed in seeds:
+        for a in token_arms:
+            st.run(RunSpec(a, seed, lr_B, s.steps))
+    st.run(RunSpec("router_excess_r4", seeds[0], lr_k, s.steps, noise=True))
+    for seed in seeds[1:]:
+        st.run(RunSpec("router_excess_r2", seed, lr_k, s.steps))
+
+
 PLANS: dict[str, Callable[[Study], None]] = {"round1": plan_round1, "round1b": plan_round1b,
-                                             "round2a": plan_round2a}
+                                             "round2a": plan_round2a, "round2b": plan_round2b}
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
@@ -862,6 +990,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs the plan would start (with estimated seconds) and run nothing")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--with-sampled", action="store_true",
+                   help="round2b: add the excess_token_sampled arm (needs selection='sampled', issue 14)")
     p.add_argument("--no-verify", action="store_true", help="skip the corpus sha256 checks")
     a = p.parse_args(argv)
     if a.scale not in SCALES:
