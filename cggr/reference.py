@@ -189,9 +189,9 @@ def reference_batches(chunks: Any, chunk_ids: Any, store: ReferenceStore, batch_
     ``reference_nll[:, 1:]``.
 
     ``order`` is a sequence of positions into ``chunks`` (e.g. a seeded permutation); by default 0..n-1.
-    Token ids come out as int64, references as float32 (NaN where the store has none). Every check runs before
-    the first batch: a chunk id the store lacks is a :class:`MissingChunkIds` (``KeyError`` and ``ValueError``)
-    naming ``chunk_ids``.
+    Token ids come out as int64, references as float32 (NaN where the store has none). A chunk id the store lacks is a :class:`MissingChunkIds` (``KeyError`` and ``ValueError``)
+    naming ``chunk_ids``. The checks run when it is called (it returns an iterator); a ``ReferenceBatch``'s
+    ``chunk_ids`` are the ids of its rows.
     """
     chunks = np.asarray(chunks)
     chunk_ids = np.asarray(chunk_ids)
@@ -220,6 +220,12 @@ def reference_batches(chunks: Any, chunk_ids: Any, store: ReferenceStore, batch_
     store.rows(chunk_ids[order], name="chunk_ids")  # fail early on any missing id
     if chunks.size and not np.issubdtype(chunks.dtype, np.integer):
         raise ValueError(f"chunks: expected integer token ids, got dtype {chunks.dtype}")
+    return _batches(chunks, chunk_ids, store, batch_size, order, layout, drop_last)
+
+
+def _batches(chunks: np.ndarray, chunk_ids: np.ndarray, store: ReferenceStore, batch_size: int, order: np.ndarray,
+             layout: str, drop_last: bool) -> Iterator[ReferenceBatch]:
+    # A generator of its own, so that reference_batches checks its arguments when called, not at the first next()
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
         pos = order[start:start + batch_size]
@@ -285,7 +291,7 @@ def chunks_sha256(chunks: Any, chunk_ids: Any, *, rows_per_block: int = 4096) ->
 
 def json_safe(value: Any) -> Any:
     """``value`` as JSON data for a store's meta: mappings and sequences recursively, NumPy scalars and arrays as
-    Python numbers and lists, anything else (a dtype, a class) by its ``str``."""
+    Python numbers and lists, dtypes by their NumPy name, anything else by its ``str``."""
     if isinstance(value, Mapping):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -296,6 +302,11 @@ def json_safe(value: Any) -> Any:
         return value.item()
     if value is None or isinstance(value, (bool, int, str)):
         return value
+    if isinstance(value, np.dtype) or (isinstance(value, type) and hasattr(value, "dtype")):
+        try:  # a NumPy dtype or a scalar type such as jnp.float32: its name, "float32"
+            return np.dtype(value).name
+        except TypeError:
+            pass
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
     return str(value)
