@@ -76,7 +76,8 @@ def _chunk_means(token_nll: np.ndarray) -> np.ndarray:
 
 def write_reference(directory: str, chunk_ids: Any, token_nll: Any, *,
                     meta: Optional[Mapping[str, Any]] = None) -> "ReferenceStore":
-    """Write a store; ``chunk_ids`` (n,) distinct integers, ``token_nll`` (n, T) floats (rounded to float16).
+    """Write a store; ``chunk_ids`` (n,) distinct integers, ``token_nll`` (n, T) floats (rounded to float16;
+    a value beyond float16's range, ``|x| > 65504``, is stored as ``±inf``, a token without a usable reference).
 
     ``meta`` (JSON-serialisable) records how the scores were made: the reference model, its training split,
     the corpus and its manifest hash. Returns the store as read back.
@@ -92,7 +93,8 @@ def write_reference(directory: str, chunk_ids: Any, token_nll: Any, *,
         raise ValueError("chunk_ids: expected distinct ids, found duplicates")
     order = np.argsort(ids, kind="stable")
     ids = ids[order].astype(np.int64)
-    nll16 = nll[order].astype(np.float16)  # round once; the means are taken of what is stored
+    with np.errstate(over="ignore"):  # beyond float16 (|x| > 65504 nats) is ±inf: no usable reference (§3.1)
+        nll16 = nll[order].astype(np.float16)  # round once; the means are taken of what is stored
     os.makedirs(directory, exist_ok=True)
     arrays = {"chunk_ids.npy": ids, "token_nll.npy": nll16, "chunk_mean.npy": _chunk_means(nll16)}
     for name, arr in arrays.items():
@@ -189,9 +191,9 @@ def reference_batches(chunks: Any, chunk_ids: Any, store: ReferenceStore, batch_
     ``reference_nll[:, 1:]``.
 
     ``order`` is a sequence of positions into ``chunks`` (e.g. a seeded permutation); by default 0..n-1.
-    Token ids come out as int64, references as float32 (NaN where the store has none). A chunk id the store lacks is a :class:`MissingChunkIds` (``KeyError`` and ``ValueError``)
-    naming ``chunk_ids``. The checks run when it is called (it returns an iterator); a ``ReferenceBatch``'s
-    ``chunk_ids`` are the ids of its rows.
+    Token ids come out as int64, references as float32 (NaN where the store has none). A chunk id the store
+    lacks is a :class:`MissingChunkIds` (``KeyError`` and ``ValueError``) naming ``chunk_ids``. The checks run
+    when it is called (it returns an iterator); a ``ReferenceBatch``'s ``chunk_ids`` are the ids of its rows.
     """
     chunks = np.asarray(chunks)
     chunk_ids = np.asarray(chunk_ids)

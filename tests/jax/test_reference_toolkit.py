@@ -96,7 +96,8 @@ def test_training_reduces_held_out_loss_and_is_deterministic(tmp_path):
     for seed in (0, 0, 1):
         m = _model(seed=1)
         train_reference_model(m, train, steps=3, batch_size=8, lr=1e-2, seed=seed)
-        params.append(np.concatenate([np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(nnx.state(m, nnx.Param))]))
+        leaves = jax.tree_util.tree_leaves(nnx.state(m, nnx.Param))
+        params.append(np.concatenate([np.asarray(x).ravel() for x in leaves]))
     np.testing.assert_array_equal(params[0], params[1])
     assert not np.array_equal(params[0], params[2])
 
