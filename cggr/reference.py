@@ -165,10 +165,11 @@ def load_reference(directory: str, *, verify: bool = True) -> ReferenceStore:
 
 
 class ReferenceBatch(NamedTuple):
-    """One batch. ``layout="targets"``: ``input_ids = row[:-1]``, ``targets = row[1:]``, ``reference_nll``
-    of shape ``(B, T)`` aligned with ``targets`` (for ``CGGRLoss``). ``layout="labels"``: ``input_ids =
-    labels = row`` (Hugging Face shifts inside), ``reference_nll`` of shape ``(B, T + 1)`` aligned with
-    ``labels`` (column 0, a token without a prediction, is NaN)."""
+    """One batch of :func:`reference_batches`. ``layout="targets"``: ``input_ids = row[:-1]``, ``labels =
+    row[1:]`` (the aligned targets), ``reference_nll`` of shape ``(B, T)`` aligned with them (for ``CGGRLoss``).
+    ``layout="labels"``: ``input_ids = labels = row`` (unshifted; Hugging Face shifts inside), ``reference_nll``
+    of shape ``(B, T + 1)`` aligned with ``labels`` (column 0, a token without a prediction, is NaN).
+    ``chunk_ids`` are the rows' ids, ``chunk_reference`` each chunk's mean reference NLL (``ReferenceStore``)."""
 
     chunk_ids: np.ndarray
     input_ids: np.ndarray

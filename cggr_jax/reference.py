@@ -95,7 +95,8 @@ def train_reference_model(model: Any, chunks: Any, *, steps: int, batch_size: in
     decay to ``min_lr_ratio · lr``), read inside the jitted step from the optimizer's count; gradients are clipped
     to global norm ``grad_clip`` (``None``: no clipping). ``seed`` fixes the batch order (the same batches as
     PyTorch's trainer); a module's own randomness is its ``nnx.Rngs``'. ``callback(step, loss)`` receives each
-    update's loss as a device array (reading it synchronises). The model is updated in place and returned.
+    update's loss as a device array (reading it synchronises). The model is trained in train mode
+    (``nnx.Module.train``), updated in place and returned in eval mode.
     """
     cfg = check_training_args(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                               min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed)
@@ -117,6 +118,7 @@ def train_reference_model(model: Any, chunks: Any, *, steps: int, batch_size: in
     adamw = optax.adamw(schedule, b1=float(betas[0]), b2=float(betas[1]), eps=1e-8,
                         weight_decay=cfg["weight_decay"])
     tx = adamw if cfg["grad_clip"] is None else optax.chain(optax.clip_by_global_norm(cfg["grad_clip"]), adamw)
+    model.train()  # dropout on (a module with dropout draws from its own nnx.Rngs)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
@@ -134,6 +136,7 @@ def train_reference_model(model: Any, chunks: Any, *, steps: int, batch_size: in
         loss = update(model, optimizer, jnp.asarray(chunks[order[step]].astype(dtype)))
         if callback is not None:
             callback(step, loss)
+    model.eval()
     return model
 
 
@@ -142,7 +145,8 @@ def score_chunks(model: Any, chunks: Any, chunk_ids: Any, directory: str, *, bat
     """Score ``chunks`` (``(n, T + 1)``, ids ``chunk_ids``) with ``model`` once and write the store; return it.
 
     ``token_nll[c, t]`` is the float32 NLL of ``row[t + 1]`` given ``row[:t + 1]`` (the targets' alignment,
-    :mod:`cggr.reference`), no gradient, rounded to float16 on disk by :func:`cggr.reference.write_reference`. The
+    :mod:`cggr.reference`), no gradient, in an evaluation view of the model (``nnx.view`` with dropout off; the
+    caller's module keeps its mode), rounded to float16 on disk by :func:`cggr.reference.write_reference`. The
     store's meta holds ``model`` (:func:`model_meta`), ``data_sha256`` (:func:`cggr.reference.chunks_sha256`),
     ``num_chunks``, ``seq_len``, ``score_dtype`` and then the caller's ``meta`` (its keys win).
     """
@@ -160,6 +164,8 @@ def score_chunks(model: Any, chunks: Any, chunk_ids: Any, directory: str, *, bat
     def nll_of(model: Any, rows: jax.Array) -> jax.Array:
         return jax.lax.stop_gradient(token_nll(model_logits(model, rows[:, :-1]), rows[:, 1:]))
 
+    # an evaluation view (dropout off, running averages): the caller's module keeps its own mode
+    view = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
     dtype = _token_dtype()
     out = np.empty((n, width - 1), np.float32)
     for start in range(0, n, bs):
@@ -167,7 +173,7 @@ def score_chunks(model: Any, chunks: Any, chunk_ids: Any, directory: str, *, bat
         m = rows.shape[0]
         if m < bs:  # pad with token 0 (a valid id) to the static batch shape; the padding rows are dropped
             rows = np.concatenate([rows, np.zeros((bs - m, width), dtype)])
-        out[start:start + m] = np.asarray(nll_of(model, jnp.asarray(rows)))[:m]
+        out[start:start + m] = np.asarray(nll_of(view, jnp.asarray(rows)))[:m]
     record = {"model": model_meta(model), "data_sha256": chunks_sha256(chunks, ids), "num_chunks": int(n),
               "seq_len": int(width - 1), "score_dtype": "float32"}
     record.update(json_safe(dict(meta or {})))

@@ -74,9 +74,15 @@ def _device_of(model: Any) -> torch.device:
 
 
 def _vocab_size(model: Any, device: torch.device) -> int:
-    # The logits' width, read from one tiny forward: a config's vocab_size can differ from the head's rows.
-    with torch.no_grad():
-        return int(model_logits(model, torch.zeros((1, 1), dtype=torch.long, device=device)).shape[-1])
+    # The logits' width, read from one tiny forward (a config's vocab_size can differ from the head's rows), in
+    # eval mode so that it draws nothing from the caller's RNG (dropout)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(model_logits(model, torch.zeros((1, 1), dtype=torch.long, device=device)).shape[-1])
+    finally:
+        model.train(was_training)
 
 
 def train_reference_model(model: Any, chunks: Any, *, steps: int, batch_size: int, lr: float,

@@ -193,3 +193,31 @@ def test_bad_input_names_the_argument(scored, tmp_path):
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+class DropLM(nnx.Module):
+    """A module with dropout: scoring must switch it off, training must use it."""
+
+    def __init__(self, seed=0):
+        rngs = nnx.Rngs(seed)
+        self.embed = nnx.Embed(V, 16, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+        self.head = nnx.Linear(16, V, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.head(self.dropout(self.embed(ids)))
+
+
+def test_dropout_off_when_scoring_on_when_training(tmp_path):
+    rng = np.random.default_rng(8)
+    chunks = _chunks(rng, n=4)
+    model = DropLM()
+    a = score_chunks(model, chunks, np.arange(4), str(tmp_path / "a"), batch_size=4).token_nll
+    b = score_chunks(model, chunks, np.arange(4), str(tmp_path / "b"), batch_size=4).token_nll
+    np.testing.assert_array_equal(a, b)
+    assert model.dropout.deterministic is False  # the caller's mode is kept
+    logits = model_logits(nnx.view(model, deterministic=True), jnp.asarray(chunks[:, :-1].astype(np.int32)))
+    np.testing.assert_allclose(a.astype(np.float32), token_nll(logits, jnp.asarray(chunks[:, 1:], jnp.int32)),
+                               rtol=2 ** -10)
+    train_reference_model(model, chunks, steps=2, batch_size=2, lr=1e-2)
+    assert model.dropout.deterministic is True  # returned in eval mode

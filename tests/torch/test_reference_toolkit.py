@@ -295,3 +295,33 @@ def test_example_smoke(tmp_path):
     assert "mean reference loss" in proc.stdout
     store = load_reference(str(tmp_path / "store"))
     assert store.meta["reference_split"] == "ref" and np.isfinite(store.chunk_mean).all()
+
+
+class DropBigram(Bigram):
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, ids):
+        return self.drop(self.emb(ids)) * 3.0
+
+
+def test_dropout_is_seeded_when_training_and_off_when_scoring(tmp_path):
+    rng = np.random.default_rng(9)
+    chunks = _chunks(rng, n=6)
+
+    def run(seed):
+        torch.manual_seed(0)
+        model = DropBigram().train()
+        state = torch.get_rng_state()
+        train_reference_model(model, chunks, steps=3, batch_size=2, lr=0.1, seed=seed)
+        assert torch.equal(torch.get_rng_state(), state) and not model.training
+        return model
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a.emb.weight, b.emb.weight) and not torch.equal(a.emb.weight, c.emb.weight)
+    a.train()
+    s1 = score_chunks(a, chunks, np.arange(6), str(tmp_path / "1")).token_nll
+    s2 = score_chunks(a, chunks, np.arange(6), str(tmp_path / "2")).token_nll
+    np.testing.assert_array_equal(s1, s2)
+    assert a.training
