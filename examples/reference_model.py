@@ -15,7 +15,7 @@ makes one with :mod:`cggr_torch.reference` on CPU in well under a minute:
 run short; a store is only usable with chunks cropped the same way (its ``seq_len`` says which).
 ``--smoke`` is a couple of steps on a few short chunks (the test suite runs it).
 
-    python examples/reference_model.py                      # ~30 s on 2 CPU cores
+    python examples/reference_model.py                      # about 35 s on 2 CPU cores (most of it training)
     python examples/reference_model.py --smoke --out /tmp/ref
 """
 from __future__ import annotations

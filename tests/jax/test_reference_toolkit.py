@@ -221,3 +221,24 @@ def test_dropout_off_when_scoring_on_when_training(tmp_path):
                                rtol=2 ** -10)
     train_reference_model(model, chunks, steps=2, batch_size=2, lr=1e-2)
     assert model.dropout.deterministic is True  # returned in eval mode
+
+
+def test_one_trace_per_training_run_and_per_scoring_run(tmp_path):
+    traces = []
+
+    class Counting(nnx.Module):
+        def __init__(self):
+            self.table = nnx.Param(jnp.zeros((V, V)))
+
+        def __call__(self, ids):
+            traces.append(ids.shape)  # a Python side effect: runs once per trace
+            return self.table[...][ids]
+
+    rng = np.random.default_rng(10)
+    chunks = _chunks(rng, n=7)
+    m = Counting()
+    train_reference_model(m, chunks, steps=6, batch_size=3, lr=1e-2)
+    assert traces == [(1, 1), (3, T)]  # the vocabulary probe (shapes only), then one trace of the step
+    traces.clear()
+    score_chunks(m, chunks, np.arange(7), str(tmp_path / "s"), batch_size=3)  # 3 batches, the last one padded
+    assert traces == [(1, 1), (3, T)]
