@@ -448,7 +448,7 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias
                                      None if bias is None else bias.detach(), flat_t, cfg.ignore_index, row_chunk,
                                      forward_cols)
         stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
-        scores, mask, _k, metrics = select_and_measure(stats, targets, step, base, cfg)
+        scores, mask, _k, metrics = select_and_measure(stats, targets, step, base, cfg)[:4]
         count = metrics["tokens_selected"]
         valid = scores.valid
         safe_t = torch.where(valid & (targets >= 0) & (targets < V), targets, torch.zeros_like(targets))
