@@ -20,6 +20,7 @@ __all__ = [
     "check_reference_arguments",
     "reject_reference_scoring",
     "reject_sampled_selection",
+    "check_sampling_parameters",
     "SAMPLED_SELECTIONS",
     "SELECTION_STRATEGIES",
     "SEQUENCE_SELECTIONS",
@@ -89,6 +90,22 @@ def reject_reference_scoring(config: "CGGRConfig", caller: str) -> None:
                          f"CGGRLoss / cggr_loss / score_tokens with reference_nll=)")
 
 
+def check_sampling_parameters(power: Any, uniform_mix: Any, floor: Any, seed: Any = 0, *,
+                              prefix: str = "") -> tuple[float, float, float, int]:
+    """SPEC §7.4's parameter rules, shared by ``CGGRConfig`` (``prefix='sample_'``) and the ``sample_tokens``
+    functions of both packages (no prefix): ``power`` β finite ``>= 0``, ``uniform_mix`` λ in ``[0, 1]``,
+    ``floor`` ε finite ``> 0``, ``seed`` an integer in ``[0, 2^32)``. Returns them as Python numbers."""
+    if not is_real(power) or not math.isfinite(float(power)) or float(power) < 0:
+        raise ValueError(f"{prefix}power: expected a finite number >= 0, got {power!r}")
+    if not is_real(uniform_mix) or not (0.0 <= float(uniform_mix) <= 1.0):
+        raise ValueError(f"{prefix}uniform_mix: expected a number in [0, 1], got {uniform_mix!r}")
+    if not is_real(floor) or not math.isfinite(float(floor)) or float(floor) <= 0:
+        raise ValueError(f"{prefix}floor: expected a finite number > 0, got {floor!r}")
+    if not is_int(seed) or not 0 <= int(seed) < 2**32:
+        raise ValueError(f"{prefix}seed: expected an integer in [0, 2**32), got {seed!r}")
+    return float(power), float(uniform_mix), float(floor), int(seed)
+
+
 def reject_sampled_selection(config: "CGGRConfig", caller: str) -> None:
     """SPEC §7.4: the entry points whose loss has no per-token weights yet refuse ``selection='sampled'`` at
     once (an unweighted mean over a random sample would be a silently wrong loss)."""
@@ -156,17 +173,8 @@ class CGGRConfig:
                 f"min_tokens_per_sequence: expected an integer >= 0, got {self.min_tokens_per_sequence!r}")
         if not is_int(self.ignore_index):
             raise ValueError(f"ignore_index: expected an integer, got {self.ignore_index!r}")
-        b = self.sample_power
-        if not is_real(b) or not math.isfinite(float(b)) or float(b) < 0:
-            raise ValueError(f"sample_power: expected a finite number >= 0, got {b!r}")
-        lam = self.sample_uniform_mix
-        if not is_real(lam) or not (0.0 <= float(lam) <= 1.0):
-            raise ValueError(f"sample_uniform_mix: expected a number in [0, 1], got {lam!r}")
-        eps = self.sample_floor
-        if not is_real(eps) or not math.isfinite(float(eps)) or float(eps) <= 0:
-            raise ValueError(f"sample_floor: expected a finite number > 0, got {eps!r}")
-        if not is_int(self.sample_seed) or not 0 <= int(self.sample_seed) < 2**32:
-            raise ValueError(f"sample_seed: expected an integer in [0, 2**32), got {self.sample_seed!r}")
+        check_sampling_parameters(self.sample_power, self.sample_uniform_mix, self.sample_floor,
+                                  self.sample_seed, prefix="sample_")
         # Normalise NumPy scalars to Python numbers so that equal configs hash equal (jit static arguments).
         for name, kind in (("threshold_sensitivity", float), ("min_tokens_ratio", float), ("warmup_steps", int),
                            ("num_strata", int), ("min_tokens_per_sequence", int), ("ignore_index", int),

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cggr import SELECTION_STRATEGIES, CGGRConfig, check_ratio_value
-from cggr.config import SAMPLED_SELECTIONS, is_int, is_real
+from cggr.config import SAMPLED_SELECTIONS, check_sampling_parameters, is_int
 
 from . import dispatch
 from .curriculum import num_selected
@@ -254,9 +254,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_seed(seed: object) -> int:
-    if not is_int(seed) or not 0 <= int(seed) < 2**32:
-        raise ValueError(f"seed: expected an integer in [0, 2**32), got {seed!r}")
-    return int(seed)
+    return check_sampling_parameters(0.0, 0.0, 1.0, seed)[3]
 
 
 def uniform_hash(seed: int, step: Union[int, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
@@ -294,8 +292,7 @@ def uniform_hash(seed: int, step: Union[int, torch.Tensor], index: torch.Tensor)
 
 def _check_sampling(power: object, uniform_mix: object, floor: object) -> tuple[float, float, float]:
     """The parameters of SPEC §7.4 (the rules of ``cggr.CGGRConfig``'s ``sample_*`` fields)."""
-    cfg = CGGRConfig(sample_power=power, sample_uniform_mix=uniform_mix, sample_floor=floor)
-    return cfg.sample_power, cfg.sample_uniform_mix, cfg.sample_floor
+    return check_sampling_parameters(power, uniform_mix, floor)[:3]
 
 
 def _probabilities(d: torch.Tensor, e: torch.Tensor, k: torch.Tensor, power: float, uniform_mix: float,
