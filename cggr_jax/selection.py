@@ -362,7 +362,8 @@ def _probabilities(d: jax.Array, e: jax.Array, k: jax.Array, power: float, unifo
     jstar = jnp.min(jnp.where(ok, idx, jnp.int32(N)))
     s_j = suffix[jnp.minimum(jstar, N - 1)]
     c = jnp.where(s_j > 0, (kk - jstar).astype(f32) / jnp.where(s_j > 0, s_j, f32(1.0)), f32(0.0))
-    pi_sorted = jnp.where(idx < jstar, f32(1.0), jnp.minimum(c * ps, f32(1.0)))
+    # k = n keeps every eligible token: exactly π = 1 (the rounding of c·p could leave 1 − ulp).
+    pi_sorted = jnp.where((idx < jstar) | (kk >= n), f32(1.0), jnp.minimum(c * ps, f32(1.0)))
     pi_sorted = jnp.where((idx < n) & (kk > 0), pi_sorted, f32(0.0))
     return jnp.zeros((N,), f32).at[order].set(pi_sorted)
 

@@ -326,7 +326,8 @@ def _probabilities(d: torch.Tensor, e: torch.Tensor, k: torch.Tensor, power: flo
     jc = torch.clamp(jstar, max=max(N - 1, 0))
     s_j = suffix[jc] if N else zero
     c = torch.where(s_j > 0, (kk - jstar).to(f32) / torch.where(s_j > 0, s_j, torch.ones_like(s_j)), zero)
-    pi_sorted = torch.where(j < jstar, torch.ones_like(ps), torch.clamp(c * ps, max=1.0))
+    # k = n keeps every eligible token: exactly π = 1 (the rounding of c·p could leave 1 − ulp).
+    pi_sorted = torch.where((j < jstar) | (kk >= n), torch.ones_like(ps), torch.clamp(c * ps, max=1.0))
     pi_sorted = torch.where((j < n) & (kk > 0), pi_sorted, torch.zeros_like(pi_sorted))
     return torch.empty_like(pi_sorted).scatter_(0, order, pi_sorted)
 

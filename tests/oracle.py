@@ -260,7 +260,7 @@ def sampling_probabilities(difficulty: np.ndarray, eligible: np.ndarray, k: int,
     jstar = next(j for j in range(k) if (k - j) * ps[j] <= suffix[j])
     c = (k - jstar) / suffix[jstar] if suffix[jstar] > 0 else 0.0
     for m, i in enumerate(order):
-        pi[i] = 1.0 if m < jstar else min(1.0, c * ps[m])
+        pi[i] = 1.0 if (m < jstar or k == n) else min(1.0, c * ps[m])
     return pi.reshape(np.shape(difficulty))
 
 
