@@ -32,6 +32,7 @@ from cggr import INT_METRIC_KEYS, NUMERIC_METRIC_KEYS, CGGRConfig
 
 from cggr_jax import curriculum, dispatch, selection, utils
 from cggr_jax import scoring as scoring_lib
+from cggr_jax.selection import sample_checked
 from cggr_jax.types import TokenScores, TokenStatistics
 
 __all__ = ["Measured", "metric_template", "eligible_mean", "token_averages", "ratios", "select", "measure",
@@ -250,7 +251,7 @@ def scored_selective_cross_entropy(
         min_tokens_per_sequence: int = utils.DEFAULT_CONFIG.min_tokens_per_sequence,
         ignore_index: int = utils.DEFAULT_CONFIG.ignore_index, interpret: bool | None = None,
         scoring_launch: Any = None,
-        backward_launch: Any = None,
+        backward_launch: Any = None, step: Any = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The Pallas kernels end to end: scores (one kernel read of the logits) → selection on device →
     selective cross-entropy. Returns ``(loss, mask, k)``.
@@ -259,6 +260,8 @@ def scored_selective_cross_entropy(
     flow to ``logits`` through the sparse backward only. ``interpret``: ``None`` = compile on a GPU,
     interpret elsewhere; ``scoring_launch`` / ``backward_launch``: :class:`cggr_jax.kernels.Launch` of the
     two kernels (None: their defaults). Always the kernels, whatever :mod:`cggr_jax.dispatch` says.
+    ``selection='sampled'`` (SPEC §7.4) draws at ``step`` (an integer scalar, may be traced) with the default
+    ``CGGRConfig.sample_*`` parameters and returns the Horvitz–Thompson loss of §8 (``k`` expected).
     """
     kernels = dispatch.load_kernels(required=True)
     config = CGGRConfig(scoring=scoring, selection=selection, num_strata=num_strata,
@@ -276,6 +279,17 @@ def scored_selective_cross_entropy(
     stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
     not_ignored, in_range, _ = utils.target_masks(targets, logits.shape[-1], ignore_index)
     scores = scoring_lib.scores_from_statistics(stats, config.scoring, not_ignored=not_ignored, in_range=in_range)
+    if config.selection == "sampled":
+        d = scores.difficulty.astype(jnp.float32)
+        e = scores.eligible & ~jnp.isnan(d)
+        mask, weights, k = sample_checked(   # the argument `selection` shadows the module here
+            d, e, ratio, jnp.asarray(step, jnp.int32).reshape(()), seed=config.sample_seed,
+            power=config.sample_power, uniform_mix=config.sample_uniform_mix, floor=config.sample_floor)
+        row_weights = weights / jnp.maximum(jnp.sum(e, dtype=jnp.int32), 1).astype(jnp.float32)
+        loss = kernels.selective_cross_entropy_pallas(logits, targets, mask, ignore_index=ignore_index,
+                                                      stats=stats, interpret=interpret, row_weights=row_weights,
+                                                      **backward_launch.kwargs())
+        return loss, mask, k
     mask, k = select(scores.difficulty, scores.eligible, ratio, config)
     loss = kernels.selective_cross_entropy_pallas(logits, targets, mask, ignore_index=ignore_index, stats=stats,
                                                   interpret=interpret, **backward_launch.kwargs())

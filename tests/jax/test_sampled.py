@@ -251,3 +251,25 @@ def test_entry_points_without_weights_refuse_sampled():
     m, wt, k = sample_checked(jnp.ones(5), jnp.ones(5, bool), jnp.float32(0.4), jnp.int32(0), seed=0, power=1.0,
                               uniform_mix=0.1, floor=1e-6)
     assert int(k) == 2 and m.shape == (5,)
+
+
+def test_scored_selective_cross_entropy_sampled_is_the_loss():
+    """The all-kernel pipeline (the benchmark's) with ``selection='sampled'`` equals CGGRLoss's sampled loss."""
+    from cggr_jax.pipeline import scored_selective_cross_entropy
+    rng = np.random.default_rng(2)
+    z = jnp.asarray(rng.standard_normal((30, 9)), jnp.float32)
+    t = np.asarray(rng.integers(0, 9, 30))
+    t[:4] = -100
+    t = jnp.asarray(t)
+
+    def pipe(a):
+        loss, mask, k = scored_selective_cross_entropy(a, t, 0.4, selection="sampled", step=3)
+        return loss, (mask, k)
+
+    (loss, (mask, k)), g = jax.value_and_grad(pipe, has_aux=True)(z)
+    fn = CGGRLoss(selection="sampled", ratio_schedule=lambda s: 0.4, dynamic_threshold=False)
+    with dispatch.force("reference"):
+        (loss2, met), g2 = jax.value_and_grad(lambda a: fn(a, t, 3), has_aux=True)(z)
+    assert int(mask.sum()) == int(met["tokens_selected"]) and int(k) == oracle.num_selected(26, np.float32(0.4))
+    assert float(loss) == pytest.approx(float(loss2), rel=1e-5, abs=1e-6)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g2), atol=1e-6, rtol=1e-5)
