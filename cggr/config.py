@@ -19,6 +19,9 @@ __all__ = [
     "REFERENCE_SCORING_MODES",
     "check_reference_arguments",
     "reject_reference_scoring",
+    "reject_sampled_selection",
+    "check_sampling_parameters",
+    "SAMPLED_SELECTIONS",
     "SELECTION_STRATEGIES",
     "SEQUENCE_SELECTIONS",
     "CONFIG_FIELDS",
@@ -33,7 +36,9 @@ SCORING_MODES: tuple[str, ...] = ("entropy", "margin", "loss", "combined", "exce
 #: SPEC §3.1: the modes whose difficulty subtracts a caller-given per-token reference loss (``reference_nll``).
 REFERENCE_SCORING_MODES: tuple[str, ...] = ("excess",)
 #: SPEC §7: how the ``k`` hardest tokens are chosen.
-SELECTION_STRATEGIES: tuple[str, ...] = ("topk", "stratified", "sequence_aware", "fixed_quota")
+SELECTION_STRATEGIES: tuple[str, ...] = ("topk", "stratified", "sequence_aware", "fixed_quota", "sampled")
+#: SPEC §7.4: the strategies that draw tokens at random and weight their losses (Horvitz–Thompson).
+SAMPLED_SELECTIONS: tuple[str, ...] = ("sampled",)
 #: SPEC §9: batch splitting selects whole sequences; the per-token strategies have no meaning there.
 SEQUENCE_SELECTIONS: tuple[str, ...] = ("topk", "fixed_quota")
 
@@ -85,6 +90,30 @@ def reject_reference_scoring(config: "CGGRConfig", caller: str) -> None:
                          f"CGGRLoss / cggr_loss / score_tokens with reference_nll=)")
 
 
+def check_sampling_parameters(power: Any, uniform_mix: Any, floor: Any, seed: Any = 0, *,
+                              prefix: str = "") -> tuple[float, float, float, int]:
+    """SPEC §7.4's parameter rules, shared by ``CGGRConfig`` (``prefix='sample_'``) and the ``sample_tokens``
+    functions of both packages (no prefix): ``power`` β finite ``>= 0``, ``uniform_mix`` λ in ``[0, 1]``,
+    ``floor`` ε finite ``> 0``, ``seed`` an integer in ``[0, 2^32)``. Returns them as Python numbers."""
+    if not is_real(power) or not math.isfinite(float(power)) or float(power) < 0:
+        raise ValueError(f"{prefix}power: expected a finite number >= 0, got {power!r}")
+    if not is_real(uniform_mix) or not (0.0 <= float(uniform_mix) <= 1.0):
+        raise ValueError(f"{prefix}uniform_mix: expected a number in [0, 1], got {uniform_mix!r}")
+    if not is_real(floor) or not math.isfinite(float(floor)) or float(floor) <= 0:
+        raise ValueError(f"{prefix}floor: expected a finite number > 0, got {floor!r}")
+    if not is_int(seed) or not 0 <= int(seed) < 2**32:
+        raise ValueError(f"{prefix}seed: expected an integer in [0, 2**32), got {seed!r}")
+    return float(power), float(uniform_mix), float(floor), int(seed)
+
+
+def reject_sampled_selection(config: "CGGRConfig", caller: str) -> None:
+    """SPEC §7.4: the entry points whose loss has no per-token weights yet refuse ``selection='sampled'`` at
+    once (an unweighted mean over a random sample would be a silently wrong loss)."""
+    if config.selection in SAMPLED_SELECTIONS:
+        raise ValueError(f"selection: {config.selection!r} is not supported yet by {caller} (use CGGRLoss / "
+                         f"cggr_loss for it, SPEC §7.4)")
+
+
 @dataclasses.dataclass(frozen=True)
 class CGGRConfig:
     """The settings of CGGR (seed docs "Configuration Reference"; SPEC §3–§7).
@@ -100,6 +129,11 @@ class CGGRConfig:
         num_strata: strata of ``stratified`` (``>= 1``).
         min_tokens_per_sequence: the per-sequence floor of ``sequence_aware`` (``>= 0``).
         ignore_index: the target value that marks a position without a target (SPEC §4).
+        sample_power: ``β >= 0`` of ``selection='sampled'`` (SPEC §7.4): inclusion ∝ ``(max(d, 0) + ε)^β``
+            (0 = uniform sampling).
+        sample_uniform_mix: ``λ ∈ [0, 1]``, the uniform share mixed into the sampling distribution (SPEC §7.4).
+        sample_floor: ``ε > 0``, added to the difficulty before the power (SPEC §7.4).
+        sample_seed: integer in ``[0, 2^32)``, the seed of the counter-based hash of SPEC §7.4.
 
     The default ``selection`` is ``"stratified"``, that of ``CGGRLoss``; batch splitting's default is ``"topk"``
     (:data:`DEFAULT_SEQUENCE_SELECTION`).
@@ -114,6 +148,10 @@ class CGGRConfig:
     num_strata: int = 4
     min_tokens_per_sequence: int = 1
     ignore_index: int = -100
+    sample_power: float = 1.0
+    sample_uniform_mix: float = 0.1
+    sample_floor: float = 1e-6
+    sample_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORING_MODES:
@@ -135,9 +173,13 @@ class CGGRConfig:
                 f"min_tokens_per_sequence: expected an integer >= 0, got {self.min_tokens_per_sequence!r}")
         if not is_int(self.ignore_index):
             raise ValueError(f"ignore_index: expected an integer, got {self.ignore_index!r}")
+        check_sampling_parameters(self.sample_power, self.sample_uniform_mix, self.sample_floor,
+                                  self.sample_seed, prefix="sample_")
         # Normalise NumPy scalars to Python numbers so that equal configs hash equal (jit static arguments).
         for name, kind in (("threshold_sensitivity", float), ("min_tokens_ratio", float), ("warmup_steps", int),
-                           ("num_strata", int), ("min_tokens_per_sequence", int), ("ignore_index", int)):
+                           ("num_strata", int), ("min_tokens_per_sequence", int), ("ignore_index", int),
+                           ("sample_power", float), ("sample_uniform_mix", float), ("sample_floor", float),
+                           ("sample_seed", int)):
             object.__setattr__(self, name, kind(getattr(self, name)))
 
     @property

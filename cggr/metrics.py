@@ -6,7 +6,8 @@ __all__ = ["METRIC_KEYS", "NUMERIC_METRIC_KEYS", "INT_METRIC_KEYS"]
 #: SPEC §10, in the order of the seed docs.
 METRIC_KEYS: tuple[str, ...] = (
     "step", "token_ratio", "effective_ratio", "tokens_selected", "tokens_total", "tokens_nonfinite",
-    "tokens_out_of_range", "avg_confidence", "avg_entropy", "avg_difficulty", "selection", "scoring",
+    "tokens_out_of_range", "avg_confidence", "avg_entropy", "avg_difficulty", "sample_ess", "selection",
+    "scoring",
 )
 #: The metrics that are numbers (the last two are the configuration's strings).
 NUMERIC_METRIC_KEYS: tuple[str, ...] = METRIC_KEYS[:-2]

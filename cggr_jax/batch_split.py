@@ -423,7 +423,8 @@ class BatchSplitTrainStep:
                        "tokens_selected": count, **route_metrics}
 
         # The SPEC §10 subset of the metrics goes to the curriculum state (``integrations.latest_metrics``).
-        cggr_metrics = {key: metrics[key] for key in NUMERIC_METRIC_KEYS}
+        cggr_metrics = {key: metrics[key] if key != "sample_ess" else metrics["tokens_selected"].astype(jnp.float32)
+                        for key in NUMERIC_METRIC_KEYS}   # SPEC §10: sequence selection is unweighted
         updates, opt_state = self.optimizer.update(grads, opt_state, params, cggr_metrics=cggr_metrics)
         params = optax.apply_updates(params, updates)
         return BatchSplitState(params, rest, opt_state), metrics

@@ -53,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cggr import reject_reference_scoring
+from cggr.config import reject_sampled_selection
 from cggr_jax import curriculum, dispatch, pipeline, scoring, utils
 from cggr_jax.loss import CGGRLoss
 
@@ -86,9 +87,11 @@ def _as_config(loss_fn: CGGRLoss | None, config: dict[str, Any]) -> CGGRLoss:
         if not isinstance(loss_fn, CGGRLoss):
             raise ValueError(f"loss_fn: expected a cggr_jax.CGGRLoss, got {type(loss_fn).__name__}")
         reject_reference_scoring(loss_fn.config, "cggr_jax.distributed")
+        reject_sampled_selection(loss_fn.config, "cggr_jax.distributed")
         return loss_fn
     cfg = CGGRLoss(**config)
     reject_reference_scoring(cfg.config, "cggr_jax.distributed")
+    reject_sampled_selection(cfg.config, "cggr_jax.distributed")
     return cfg
 
 
@@ -179,6 +182,7 @@ def _local_share(logits: jax.Array, targets: jax.Array, step: jax.Array, cfg: CG
     for i, key in enumerate(_AVERAGE_KEYS):
         metrics[key] = (weighted[i] / denom).astype(m[key].dtype)
     metrics["effective_ratio"] = (weighted[len(_AVERAGE_KEYS)] / jnp.float32(W)).astype(m["effective_ratio"].dtype)
+    metrics["sample_ess"] = metrics["tokens_selected"].astype(jnp.float32)   # SPEC §10: unweighted selection
     return loss / jnp.float32(W), metrics
 
 
@@ -291,6 +295,7 @@ class DistributedCGGRLoss(CGGRLoss):
         if parent is not None:
             parent()
         reject_reference_scoring(self.config, "DistributedCGGRLoss")
+        reject_sampled_selection(self.config, "DistributedCGGRLoss")
         _check_scope(self.scope)
         _check_axis_name(self.axis_name)
         if not isinstance(self.mesh, Mesh):

@@ -78,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cggr import CGGRConfig, reject_reference_scoring
+from cggr.config import reject_sampled_selection
 
 from cggr_jax import curriculum, dispatch, pipeline, utils
 from cggr_jax import selection as selection_lib
@@ -501,7 +502,7 @@ def _fused(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labe
     row_lse = jnp.where(slot_live, flat.lse[rows], 0.0)
     plan = _BackwardPlan(cfg.vocab_chunk, cfg.weight_layout, cfg.logits_dtype)
     loss = _selected_rows_loss(plan, h2, weight, bias, sg(loss_value), rows, row_weight, row_target, row_lse)
-    metrics = dict(measured.metrics, tokens_selected=kept)
+    metrics = dict(measured.metrics, tokens_selected=kept, sample_ess=kept.astype(jnp.float32))
     return FusedLinearCGGROutput(loss, metrics, kept_mask.reshape(token_shape), scores, count - kept)
 
 
@@ -569,6 +570,7 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, targets: jax.Array, 
         config, ratio_schedule = loss_fn.config, loss_fn.ratio_schedule
     config = resolve_config(config, settings, caller="fused_linear_cggr")
     reject_reference_scoring(config, "fused_linear_cggr")
+    reject_sampled_selection(config, "fused_linear_cggr")
     curriculum.check_schedule(ratio_schedule)
     if config.num_strata > selection_lib.MAX_STRATA:
         raise ValueError(f"num_strata: expected an integer <= {selection_lib.MAX_STRATA}, got {config.num_strata}")

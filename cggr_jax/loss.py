@@ -67,7 +67,8 @@ class CGGRLoss:
     Args (the settings of ``cggr.CGGRConfig``, with its defaults):
       scoring: ``'combined'`` (default), ``'entropy'``, ``'margin'``, ``'loss'`` (SPEC §3) or ``'excess'``
         (``nll − reference_nll``, SPEC §3.1; pass ``reference_nll`` to the call).
-      selection: ``'topk'``, ``'stratified'`` (default), ``'sequence_aware'`` or ``'fixed_quota'`` (SPEC §7).
+      selection: ``'topk'``, ``'stratified'`` (default), ``'sequence_aware'``, ``'fixed_quota'`` (SPEC §7) or
+        ``'sampled'`` (SPEC §7.4: a random draw of ``k`` expected tokens, each loss weighted by ``1/π``).
       dynamic_threshold: scale the ratio by ``1 + (1 − c̄)·threshold_sensitivity`` (SPEC §5.2; off for
         ``'fixed_quota'``).
       threshold_sensitivity: finite, ``>= 0`` (typically 0–1).
@@ -78,6 +79,8 @@ class CGGRLoss:
       ignore_index: target value that marks a token without a target (default −100).
       ratio_schedule: any ``optax.Schedule`` ``step -> ratio`` in ``(0, 1]``, replacing the default
         :func:`cggr_jax.curriculum.linear_warmup_ratio` (``min_tokens_ratio``, ``warmup_steps``).
+      sample_power, sample_uniform_mix, sample_floor, sample_seed: ``β >= 0``, ``λ ∈ [0, 1]``, ``ε > 0`` and
+        the hash seed of ``'sampled'`` (SPEC §7.4; the draws depend on the traced ``step``, no recompilation).
 
     :attr:`config` holds the one validated ``cggr.CGGRConfig``; :meth:`from_config` builds a loss from one.
 
@@ -103,6 +106,10 @@ class CGGRLoss:
     min_tokens_per_sequence: int = DEFAULT_CONFIG.min_tokens_per_sequence
     ignore_index: int = DEFAULT_CONFIG.ignore_index
     ratio_schedule: optax.Schedule | None = None
+    sample_power: float = DEFAULT_CONFIG.sample_power
+    sample_uniform_mix: float = DEFAULT_CONFIG.sample_uniform_mix
+    sample_floor: float = DEFAULT_CONFIG.sample_floor
+    sample_seed: int = DEFAULT_CONFIG.sample_seed
 
     def __post_init__(self) -> None:
         settings = {name: getattr(self, name) for name in dataclasses.asdict(DEFAULT_CONFIG)}
@@ -186,7 +193,7 @@ def selective_loss(logits: jax.Array, targets: jax.Array, step: jax.Array, *, co
     measured = pipeline.select_and_measure(scores, in_range, step, config=config,
                                            schedule=curriculum.schedule_for(config, schedule))
     loss = pipeline.selective_cross_entropy(logits, safe, has_target, measured.mask, stats, config.ignore_index,
-                                            kernel=kernel)
+                                            kernel=kernel, row_weights=pipeline.loss_weights(measured, config))
     return loss.astype(jnp.float32), measured.mask, measured.metrics
 
 

@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from cggr import SELECTION_STRATEGIES
+from cggr.config import SAMPLED_SELECTIONS, check_sampling_parameters
 
 from cggr_jax import curriculum, utils
 
-__all__ = ["SELECTION_STRATEGIES", "MAX_STRATA", "rank_tokens", "select_tokens", "select_checked"]
+__all__ = ["SELECTION_STRATEGIES", "MAX_STRATA", "rank_tokens", "select_tokens", "select_checked",
+           "uniform_hash", "sampling_probabilities", "sample_tokens", "sample_checked"]
 
 
 #: Upper bound on ``num_strata``: the quota denominator ``W = S(S+1)/2`` must fit in 32 bits.
@@ -218,7 +220,11 @@ def _stratified_mask(rank: jax.Array, n: jax.Array, k: jax.Array, num_strata: in
 @functools.partial(jax.jit, static_argnames=("selection", "num_strata", "min_tokens_per_sequence"))
 def select_checked(d: jax.Array, e: jax.Array, ratio: jax.Array, selection: str, num_strata: int,
                     min_tokens_per_sequence: int) -> tuple[jax.Array, jax.Array]:
-    """:func:`select_tokens` on validated inputs (``e`` already excludes NaN difficulties)."""
+    """:func:`select_tokens` on validated inputs (``e`` already excludes NaN difficulties); a deterministic
+    strategy (``sampled`` needs a step and a seed: :func:`sample_checked`)."""
+    if selection in SAMPLED_SELECTIONS:
+        raise ValueError(f"selection: {selection!r} draws tokens at random; use sample_tokens / sample_checked "
+                         f"(SPEC §7.4), which take the step and the seed")
     shape = d.shape
     rank = _ranks_last_axis(d.reshape(-1), e.reshape(-1))
     n = jnp.sum(e, dtype=jnp.int32)
@@ -239,6 +245,10 @@ def select_checked(d: jax.Array, e: jax.Array, ratio: jax.Array, selection: str,
 def select_tokens(difficulty: jax.Array, eligible: jax.Array, ratio: Any, *, selection: str = "topk",
                   num_strata: int = utils.DEFAULT_CONFIG.num_strata,
                   min_tokens_per_sequence: int = utils.DEFAULT_CONFIG.min_tokens_per_sequence,
+                  step: Any = 0, seed: int = utils.DEFAULT_CONFIG.sample_seed,
+                  power: float = utils.DEFAULT_CONFIG.sample_power,
+                  uniform_mix: float = utils.DEFAULT_CONFIG.sample_uniform_mix,
+                  floor: float = utils.DEFAULT_CONFIG.sample_floor,
                   ) -> tuple[jax.Array, jax.Array]:
     """SPEC §7: the boolean mask of kept tokens (the input's shape) and ``k`` (int32 scalar).
 
@@ -251,12 +261,182 @@ def select_tokens(difficulty: jax.Array, eligible: jax.Array, ratio: Any, *, sel
       ``floor(k·(S−s)/W)`` (``W = S(S+1)/2``) plus the remainder to the hardest strata, spill-over to later
       then earlier strata, and in-stratum ranks ``floor((2j+1)·m_s/(2·e_s))`` (exactly ``k``);
     * ``sequence_aware``: ``topk`` plus each sequence's ``min_tokens_per_sequence`` hardest eligible tokens
-      (the total may exceed ``k``).
+      (the total may exceed ``k``);
+    * ``sampled``: the random draw of SPEC §7.4 (``k`` expected tokens; ``step``, ``seed``, ``power``,
+      ``uniform_mix``, ``floor`` as :func:`sample_tokens`, which also returns the loss weights ``1/π``).
     """
     utils.check_choice(selection, "selection", SELECTION_STRATEGIES)
+    if selection in SAMPLED_SELECTIONS:
+        mask, _, k = sample_tokens(difficulty, eligible, ratio, step=step, seed=seed, power=power,
+                                   uniform_mix=uniform_mix, floor=floor)
+        return mask, k
     num_strata = utils.check_int(num_strata, "num_strata", minimum=1, maximum=MAX_STRATA)
     min_tokens_per_sequence = utils.check_int(min_tokens_per_sequence, "min_tokens_per_sequence", minimum=0)
     d, e = _check_scores(difficulty, eligible)
     r = curriculum.check_ratio_value(ratio)
     return select_checked(d, e, r, selection=selection, num_strata=num_strata,
                            min_tokens_per_sequence=min_tokens_per_sequence)
+
+
+# ------------------------------------------------------------------------------- SPEC §7.4 sampled selection
+#: lowbias32's multipliers and the seed salt (SPEC §7.4).
+_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+_SEED_SALT = 0x9E3779B9
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """lowbias32 (SPEC §7.4) on uint32 (XLA's uint32 multiplication wraps mod 2^32, as the SPEC's ⊗32)."""
+    x = x ^ (x >> jnp.uint32(16))
+    x = x * jnp.uint32(_MULTIPLIERS[0])
+    x = x ^ (x >> jnp.uint32(15))
+    x = x * jnp.uint32(_MULTIPLIERS[1])
+    return x ^ (x >> jnp.uint32(16))
+
+
+def _hash_checked(seed: int, step: jax.Array, index: jax.Array) -> jax.Array:
+    h = _mix32(jnp.asarray(np.uint32(seed ^ _SEED_SALT)))
+    h = _mix32(h ^ step.astype(jnp.uint32))
+    h = _mix32(h ^ index.astype(jnp.uint32))
+    # (h >> 8) | 1 < 2^24: exact in float32, and so is the power-of-two scale.
+    return ((h >> jnp.uint32(8)) | jnp.uint32(1)).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+
+
+def uniform_hash(seed: int, step: Any, index: Any) -> jax.Array:
+    """SPEC §7.4: the draws ``u ∈ (0, 1)`` (float32, the shape of ``index``) of a counter-based hash::
+
+        h = mix(seed ^ 0x9E3779B9);  h = mix(h ^ step);  h = mix(h ^ index);  u = ((h >> 8) | 1) · 2^-24
+
+    ``mix`` is lowbias32 on uint32; ``step`` and ``index`` are taken mod 2^32. Exact integer arithmetic: the
+    same bits in every package and on every backend. ``u`` is an odd multiple of 2^-24, never 0, so an
+    included token has ``π > 2^-24`` and a finite weight. jit-compatible (``step`` may be traced).
+
+    Args:
+        seed: host integer in ``[0, 2^32)``.
+        step: integer scalar ``>= 0`` (host or array; the curriculum step, SPEC §5.4).
+        index: integer array of flat token indices (``>= 0``).
+    """
+    seed = check_sampling_parameters(0.0, 0.0, 1.0, seed)[3]
+    index_dtype = getattr(index, "dtype", None)
+    if index_dtype is None or not jnp.issubdtype(index_dtype, jnp.integer):
+        raise ValueError(f"index: expected an integer array, got {index_dtype or type(index).__name__}")
+    return _hash_checked(seed, _check_step(step), jnp.asarray(index))
+
+
+def _check_step(step: Any) -> jax.Array:
+    dtype = getattr(step, "dtype", None)
+    if dtype is None:
+        step = utils.check_int(step, "step", minimum=0)
+        return jnp.asarray(np.uint32(step & 0xFFFFFFFF))
+    if not jnp.issubdtype(dtype, jnp.integer) or tuple(getattr(step, "shape", ())) not in ((), (1,)):
+        raise ValueError(f"step: expected an integer scalar, got dtype {dtype} and shape {getattr(step, 'shape', None)}")
+    return jnp.asarray(step).reshape(())
+
+
+def _probabilities(d: jax.Array, e: jax.Array, k: jax.Array, power: float, uniform_mix: float,
+                   floor: float) -> jax.Array:
+    """SPEC §7.4 on flat float32 ``d`` and bool ``e`` (NaN already not eligible), ``k`` an int32 scalar."""
+    f32 = jnp.float32
+    N = d.shape[0]
+    if N == 0:
+        return jnp.zeros((0,), f32)
+    n = jnp.sum(e, dtype=jnp.int32)
+    fmax = float(np.finfo(np.float32).max)
+    b = jnp.minimum(jnp.maximum(d, f32(0.0)) + f32(floor), f32(fmax))
+    b = jnp.where(e, b, f32(1.0))                            # any positive value: not read below
+    log_b = jnp.log(b)
+    log_max = jnp.max(jnp.where(e, log_b, -jnp.inf))
+    q = jnp.where(e, jnp.exp(f32(power) * (log_b - log_max)), f32(0.0))
+    Q = jnp.sum(q)
+    n_f = jnp.maximum(n, 1).astype(f32)
+    p = jnp.where(e, (f32(1.0 - uniform_mix) * q) / jnp.maximum(Q, f32(1e-45)) + f32(uniform_mix) / n_f,
+                  f32(0.0))
+    # Water-filling: sort p descending (ties: lower flat index first; ineligible last), suffix sums S_j, the
+    # first j < k with (k − j)·p_(j) <= S_j caps the j largest at 1 and scales the rest by (k − j)/S_j.
+    key = jnp.where(e, f32(0.0) - p, jnp.inf)               # 0 − p: +0.0 for p = 0 (no −0.0 in the order)
+    idx = jnp.arange(N, dtype=jnp.int32)
+    key_sorted, order = jax.lax.sort((key, idx), num_keys=2)
+    ps = jnp.where(key_sorted < jnp.inf, f32(0.0) - key_sorted, f32(0.0))
+    suffix = jnp.cumsum(ps[::-1])[::-1]
+    kk = jnp.minimum(k.astype(jnp.int32), n)
+    ok = (idx < kk) & ((kk - idx).astype(f32) * ps <= suffix)
+    jstar = jnp.min(jnp.where(ok, idx, jnp.int32(N)))
+    s_j = suffix[jnp.minimum(jstar, N - 1)]
+    c = jnp.where(s_j > 0, (kk - jstar).astype(f32) / jnp.where(s_j > 0, s_j, f32(1.0)), f32(0.0))
+    # k = n keeps every eligible token: exactly π = 1 (the rounding of c·p could leave 1 − ulp).
+    pi_sorted = jnp.where((idx < jstar) | (kk >= n), f32(1.0), jnp.minimum(c * ps, f32(1.0)))
+    pi_sorted = jnp.where((idx < n) & (kk > 0), pi_sorted, f32(0.0))
+    return jnp.zeros((N,), f32).at[order].set(pi_sorted)
+
+
+def sampling_probabilities(difficulty: jax.Array, eligible: jax.Array, k: Any, *,
+                           power: float = utils.DEFAULT_CONFIG.sample_power,
+                           uniform_mix: float = utils.DEFAULT_CONFIG.sample_uniform_mix,
+                           floor: float = utils.DEFAULT_CONFIG.sample_floor) -> jax.Array:
+    """SPEC §7.4: the inclusion probabilities ``π`` (float32, the input's shape) of the ``sampled`` selection.
+
+    Over the ``n`` eligible tokens (NaN difficulty is not eligible)::
+
+        b_i = min(max(d_i, 0) + ε, FLT_MAX),   q_i = exp(β·(ln b_i − ln max_j b_j))   (= (b_i / b_max)^β)
+        p_i = (1 − λ)·q_i / Σq + λ / n,        π_i = min(1, c·p_i),  Σ π = min(k, n)
+
+    (water-filling: sort ``p`` descending, suffix sums ``S_j``; ``j*`` = the first ``j < k`` with
+    ``(k − j)·p_(j) <= S_j``; ``π = 1`` for the ``j*`` largest and ``c = (k − j*)/S_{j*}``). ``π = 0`` for
+    tokens that are not eligible, and everywhere when ``k = 0``. jit-compatible.
+
+    Args:
+        difficulty: float array ``(N,)`` or ``(B, T)`` (float64 is rounded to float32, SPEC §6).
+        eligible: bool array of the same shape.
+        k: the expected count, an integer ``>= 0`` (host or scalar array; ``k > n`` counts as ``n``).
+        power, uniform_mix, floor: ``β >= 0``, ``λ ∈ [0, 1]``, ``ε > 0`` (``CGGRConfig.sample_*``).
+    """
+    d, e = _check_scores(difficulty, eligible)
+    power, uniform_mix, floor, _ = check_sampling_parameters(power, uniform_mix, floor)
+    k_dtype = getattr(k, "dtype", None)
+    if k_dtype is None:
+        k = jnp.int32(utils.check_int(k, "k", minimum=0, maximum=2**31 - 1))
+    elif not jnp.issubdtype(k_dtype, jnp.integer) or tuple(getattr(k, "shape", ())) != ():
+        raise ValueError(f"k: expected an integer scalar, got dtype {k_dtype} and shape {getattr(k, 'shape', None)}")
+    return _probabilities_jit(d.reshape(-1), e.reshape(-1), jnp.asarray(k).astype(jnp.int32), power=power,
+                              uniform_mix=uniform_mix, floor=floor).reshape(d.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("power", "uniform_mix", "floor"))
+def _probabilities_jit(d: jax.Array, e: jax.Array, k: jax.Array, *, power: float, uniform_mix: float,
+                       floor: float) -> jax.Array:
+    return _probabilities(d, e, k, power, uniform_mix, floor)
+
+
+@functools.partial(jax.jit, static_argnames=("seed", "power", "uniform_mix", "floor"))
+def sample_checked(d: jax.Array, e: jax.Array, ratio: jax.Array, step: jax.Array, *, seed: int, power: float,
+                   uniform_mix: float, floor: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`sample_tokens` on validated inputs (float32 ``d``, ``e`` already excluding NaN difficulties,
+    integer scalar ``step``); the parameters are static."""
+    shape = d.shape
+    df, ef = d.reshape(-1), e.reshape(-1)
+    k = curriculum.num_selected(jnp.sum(ef, dtype=jnp.int32), ratio)
+    pi = _probabilities(df, ef, k, power, uniform_mix, floor)
+    u = _hash_checked(seed, step, jnp.arange(df.shape[0], dtype=jnp.uint32))
+    mask = ef & (u < pi)
+    weights = jnp.where(mask, jnp.float32(1.0) / jnp.where(mask, pi, jnp.float32(1.0)), jnp.float32(0.0))
+    return mask.reshape(shape), weights.reshape(shape), k
+
+
+def sample_tokens(difficulty: jax.Array, eligible: jax.Array, ratio: Any, *, step: Any = 0,
+                  seed: int = utils.DEFAULT_CONFIG.sample_seed, power: float = utils.DEFAULT_CONFIG.sample_power,
+                  uniform_mix: float = utils.DEFAULT_CONFIG.sample_uniform_mix,
+                  floor: float = utils.DEFAULT_CONFIG.sample_floor) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """SPEC §7.4: the ``sampled`` selection: ``(mask, weights, k)``.
+
+    ``k = num_selected(n, ratio)`` (§5.3) is the *expected* count; token ``i`` is included iff it is eligible
+    and ``uniform_hash(seed, step, i) < π_i`` (:func:`sampling_probabilities`, flat row-major ``i``), and its
+    Horvitz–Thompson weight is ``w_i = 1/π_i`` (float32; 0 for the others), so that
+    ``E[Σ_{i∈S} w_i·ce_i] = Σ_eligible ce_i``. ``step`` may be traced (one compilation for a whole run).
+
+    Returns:
+        ``mask`` (bool, the input's shape), ``weights`` (float32, the input's shape), ``k`` (int32 scalar).
+    """
+    power, uniform_mix, floor, seed = check_sampling_parameters(power, uniform_mix, floor, seed)
+    d, e = _check_scores(difficulty, eligible)
+    r = curriculum.check_ratio_value(ratio)
+    return sample_checked(d, e, r, _check_step(step), seed=seed, power=power, uniform_mix=uniform_mix,
+                          floor=floor)

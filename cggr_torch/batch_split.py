@@ -433,6 +433,7 @@ class CGGRModel(Curriculum, nn.Module):
             "avg_confidence": r.mean_conf,
             "avg_entropy": eligible_mean(scores.stats.entropy, elig, n),
             "avg_difficulty": eligible_mean(scores.difficulty, elig, n),
+            "sample_ess": tokens_selected.to(torch.float32),   # SPEC §10: an unweighted selection
             "sequences_selected": num_kept,
             "sequences_total": seq_elig.sum(),
             "k_seq": r.k_seq,

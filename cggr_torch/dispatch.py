@@ -13,7 +13,8 @@ one-time ``RuntimeWarning``; an error raised *by* a kernel propagates, never rep
 
 * ``"kernel"``: every tensor goes to the kernels, including :class:`cggr_torch.CGGRLoss`'s fused kernel path
   (``fused_loss=False`` keeps that loss on its composable path: scoring kernel, selection, selective CE;
-  ``scoring='excess'`` always takes the composable path, see :func:`use_fused_loss`);
+  ``scoring='excess'`` and ``selection='sampled'`` always take the composable path, see
+  :func:`use_fused_loss`);
 * ``"reference"``: every tensor goes to the reference (as ``CGGR_DISABLE_KERNELS=1``);
 * ``"auto"``: the rule above.
 
@@ -33,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 
 from cggr import REFERENCE_SCORING_MODES
+from cggr.config import SAMPLED_SELECTIONS
 
 __all__ = ["MODES", "KERNEL_DEVICE_TYPES", "FUSED_LOSS_DEVICE_TYPES", "KERNEL_ENTRY_POINTS", "DispatchLog",
            "kernels_enabled", "use_kernels", "use_fused_loss", "load_kernel", "kernel", "warn_no_kernel", "force",
@@ -95,7 +97,7 @@ def use_kernels(x: torch.Tensor) -> bool:
     return x.device.type in KERNEL_DEVICE_TYPES and kernels_enabled()
 
 
-def use_fused_loss(x: torch.Tensor, scoring: Optional[str] = None) -> bool:
+def use_fused_loss(x: torch.Tensor, scoring: Optional[str] = None, selection: Optional[str] = None) -> bool:
     """True when ``CGGRLoss`` on ``x`` takes its fused kernel path (the kernel-side realisation of
     :mod:`cggr_torch.pipeline`); the entry point must also import (see :func:`kernel`).
 
@@ -104,8 +106,14 @@ def use_fused_loss(x: torch.Tensor, scoring: Optional[str] = None) -> bool:
     therefore takes the composable path (scoring kernel → ``nll − reference_nll`` → selection kernel →
     selective cross-entropy kernel), even under ``force("kernel")``. This is the dispatch rule, not a
     fallback: the fused kernel reading the reference is a later step of issue 14.
+
+    ``selection``: the loss's strategy. ``'sampled'`` (SPEC §7.4) needs per-token loss weights, which the fused
+    plan and loss kernels do not carry; it takes the composable path (scoring kernel → ``sample_tokens`` →
+    selective cross-entropy kernel with row weights), by the same rule.
     """
     if scoring is not None and scoring in REFERENCE_SCORING_MODES:
+        return False
+    if selection is not None and selection in SAMPLED_SELECTIONS:
         return False
     if not use_kernels(x):
         return False

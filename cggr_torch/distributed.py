@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from cggr import CGGRConfig, reject_reference_scoring
+from cggr.config import reject_sampled_selection
 
 from .curriculum import Schedule, base_ratio, host_step
 from .loss import (
@@ -216,6 +217,7 @@ def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base
         "avg_confidence": avg_conf,
         "avg_entropy": avg_entropy,
         "avg_difficulty": avg_difficulty,
+        "sample_ess": count_g.to(torch.float32),   # SPEC §10: unweighted selection (sampled is refused)
         "tokens_selected_local": mask.sum(),
         "world_size": torch.full((), world, dtype=torch.int64, device=dev),
     }
@@ -279,6 +281,7 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
         threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
         num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index))
     reject_reference_scoring(cfg, "cggr_torch.distributed.cggr_loss")
+    reject_sampled_selection(cfg, "cggr_torch.distributed.cggr_loss")
     check_base_loss(base_loss)
     schedule = check_schedule(ratio_schedule, cfg)
     s = host_step(step)
@@ -311,6 +314,7 @@ class DistributedCGGRLoss(CGGRLoss):
                  check_consistency: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         reject_reference_scoring(self.config, "DistributedCGGRLoss")
+        reject_sampled_selection(self.config, "DistributedCGGRLoss")
         self._scope = _check_scope(scope)
         if not isinstance(check_consistency, bool):
             raise ValueError(f"check_consistency: expected a bool, got {type(check_consistency).__name__}")

@@ -88,6 +88,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from cggr import CGGRConfig, reject_reference_scoring
+from cggr.config import reject_sampled_selection
 
 from . import dispatch
 from .curriculum import Schedule, base_ratio, host_step
@@ -448,7 +449,7 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias
                                      None if bias is None else bias.detach(), flat_t, cfg.ignore_index, row_chunk,
                                      forward_cols)
         stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
-        scores, mask, _k, metrics = select_and_measure(stats, targets, step, base, cfg)
+        scores, mask, _k, metrics = select_and_measure(stats, targets, step, base, cfg)[:4]
         count = metrics["tokens_selected"]
         valid = scores.valid
         safe_t = torch.where(valid & (targets >= 0) & (targets < V), targets, torch.zeros_like(targets))
@@ -508,6 +509,7 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
         num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index))
     reject_reference_scoring(cfg, "fused_linear_cggr")
+    reject_sampled_selection(cfg, "fused_linear_cggr")
     schedule = check_schedule(ratio_schedule, cfg)
     _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
     s = host_step(step)
@@ -557,6 +559,7 @@ class FusedLinearCGGRLoss(CGGRLoss):
                          min_tokens_per_sequence=min_tokens_per_sequence, base_loss=None,
                          ignore_index=ignore_index, ratio_schedule=ratio_schedule, config=config)
         reject_reference_scoring(self.config, "FusedLinearCGGRLoss")
+        reject_sampled_selection(self.config, "FusedLinearCGGRLoss")
         _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
         self.row_chunk_size = row_chunk_size
         self.vocab_chunk_size = vocab_chunk_size

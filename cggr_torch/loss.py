@@ -52,7 +52,7 @@ from cggr import METRIC_KEYS, NUMERIC_METRIC_KEYS, CGGRConfig
 
 from . import dispatch
 from .curriculum import Curriculum, Schedule, base_ratio, host_step, linear_warmup_ratio
-from .pipeline import host_metrics, select_and_measure
+from .pipeline import host_metrics, loss_weights, select_and_measure
 from .scoring import check_reference_nll, compute_statistics, row_finite
 from .utils import check_logits, check_target_range, check_targets, resolve_config, widen_labels
 
@@ -92,10 +92,12 @@ def validate_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
     return targets
 
 
-def _fused(logits: Any, base_loss: Optional[Callable[..., torch.Tensor]], scoring: str) -> bool:
-    """The fused kernel path applies: default base loss, dispatch says so (not for a reference scoring, see
-    :func:`cggr_torch.dispatch.use_fused_loss`), and its kernels import."""
-    return (base_loss is None and isinstance(logits, torch.Tensor) and dispatch.use_fused_loss(logits, scoring)
+def _fused(logits: Any, base_loss: Optional[Callable[..., torch.Tensor]], scoring: str,
+           selection: Optional[str] = None) -> bool:
+    """The fused kernel path applies: default base loss, dispatch says so (not for a reference scoring nor
+    ``sampled``, see :func:`cggr_torch.dispatch.use_fused_loss`), and its kernels import."""
+    return (base_loss is None and isinstance(logits, torch.Tensor)
+            and dispatch.use_fused_loss(logits, scoring, selection)
             and dispatch.kernel("select_from_scores") is not None)
 
 
@@ -139,6 +141,8 @@ def forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: int, base: 
                                               ints[sel:sel + 1])
     metrics = {name: ints[slot] for name, slot in ksel.INT_SLOTS.items() if name in NUMERIC_METRIC_KEYS}
     metrics.update({name: floats[slot] for name, slot in ksel.FLOAT_SLOTS.items()})
+    # SPEC §10: an unweighted selection's effective sample size is its count (the fused path is never sampled).
+    metrics["sample_ess"] = ints[sel].to(torch.float32)
     return loss, {name: metrics[name] for name in NUMERIC_METRIC_KEYS}
 
 
@@ -154,26 +158,35 @@ def forward_reference(logits: torch.Tensor, targets: torch.Tensor, step: int, ba
         measured = select_and_measure(stats, targets, step, base, cfg, reference_nll)
         mask, metrics = measured.mask, measured.metrics
         count = metrics["tokens_selected"]
+        # SPEC §8: ``sampled`` weights row i by w_i / max(1, n) (Horvitz–Thompson); None: the selected mean.
+        row_weights = loss_weights(measured, cfg)
 
     ce_kernel = None
     if base_loss is None and dispatch.use_kernels(logits):
         ce_kernel = dispatch.kernel("selective_cross_entropy_triton")
     if ce_kernel is not None:
         # Sparse forward/backward: only the selected rows are read; the gradient of the others is written as 0.
-        loss = ce_kernel(logits, targets, mask, ignore_index=cfg.ignore_index, lse=stats.lse)
+        if row_weights is None:
+            loss = ce_kernel(logits, targets, mask, ignore_index=cfg.ignore_index, lse=stats.lse)
+        else:
+            loss = ce_kernel(logits, targets, mask, ignore_index=cfg.ignore_index, lse=stats.lse,
+                             row_weights=row_weights)
     else:
         with torch.no_grad():
             row_ok = row_finite(stats, has_targets=True)
-        total = selected_cross_entropy(logits, targets, mask, row_ok, measured.scores.valid, base_loss)
-        loss = total / torch.clamp(count, min=1).to(torch.float32)
+        total = selected_cross_entropy(logits, targets, mask, row_ok, measured.scores.valid, base_loss,
+                                       row_weights)
+        loss = total if row_weights is not None else total / torch.clamp(count, min=1).to(torch.float32)
     return loss, metrics
 
 
 def selected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                            row_ok: torch.Tensor, valid: torch.Tensor,
-                           base_loss: Optional[Callable[..., torch.Tensor]]) -> torch.Tensor:
+                           base_loss: Optional[Callable[..., torch.Tensor]],
+                           row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``Σ_{i ∈ mask} ce_i`` (float32, with gradient) on sanitised inputs: the reference loss's sum (SPEC §8),
-    shared with :mod:`cggr_torch.distributed`.
+    shared with :mod:`cggr_torch.distributed`. With ``row_weights`` (float32, the token shape; ``sampled``,
+    SPEC §7.4) the weighted sum ``Σ_{i ∈ mask} row_weights_i·ce_i``.
 
     Rows that are not finite (``row_ok`` False) are replaced by zeros and ignored/out-of-range targets by 0
     before the cross-entropy, so unselected tokens get an exact zero gradient (never ``0·NaN``) and nothing is
@@ -195,13 +208,15 @@ def selected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: to
                              f"use reduction='none'")
         ce = ce.to(torch.float32)
     flat = mask.reshape(-1)
+    if row_weights is not None:
+        ce = ce * row_weights.reshape(-1).to(torch.float32)
     return torch.where(flat, ce, torch.zeros_like(ce)).sum()
 
 
 def _forward(logits: Any, targets: Any, step: int, schedule: Schedule, cfg: CGGRConfig,
              base_loss: Optional[Callable[..., torch.Tensor]], reference_nll: Optional[torch.Tensor] = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    fused = _fused(logits, base_loss, cfg.scoring)
+    fused = _fused(logits, base_loss, cfg.scoring, cfg.selection)
     targets = validate_inputs(logits, targets, cfg.ignore_index, range_check=not fused)
     reference_nll = check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape), device=logits.device)
     base = base_ratio(schedule, step)
@@ -219,7 +234,9 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
               min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
               base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = CGGRConfig.ignore_index,
               ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None,
-              reference_nll: Optional[torch.Tensor] = None
+              reference_nll: Optional[torch.Tensor] = None, sample_power: float = CGGRConfig.sample_power,
+              sample_uniform_mix: float = CGGRConfig.sample_uniform_mix,
+              sample_floor: float = CGGRConfig.sample_floor, sample_seed: int = CGGRConfig.sample_seed
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Functional CGGR loss at curriculum ``step`` (a host integer): ``(loss, metrics)``.
 
@@ -230,7 +247,9 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
     cfg = resolve_config(config, dict(
         scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
         threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
-        num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index))
+        num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index,
+        sample_power=sample_power, sample_uniform_mix=sample_uniform_mix, sample_floor=sample_floor,
+        sample_seed=sample_seed))
     check_base_loss(base_loss)
     schedule = check_schedule(ratio_schedule, cfg)
     return _forward(logits, targets, host_step(step), schedule, cfg, base_loss, reference_nll)
@@ -242,7 +261,8 @@ class CGGRLoss(Curriculum, nn.Module):
     Args:
         scoring: difficulty, one of ``'entropy'``, ``'margin'``, ``'loss'``, ``'combined'`` (SPEC §3) or
             ``'excess'`` (``nll − reference_nll``, SPEC §3.1; pass ``reference_nll`` to ``forward``).
-        selection: one of ``'topk'``, ``'stratified'``, ``'sequence_aware'``, ``'fixed_quota'`` (SPEC §7).
+        selection: one of ``'topk'``, ``'stratified'``, ``'sequence_aware'``, ``'fixed_quota'`` (SPEC §7) or
+            ``'sampled'`` (SPEC §7.4: a random draw of ``k`` expected tokens, each loss weighted by ``1/π``).
         dynamic_threshold: scale the ratio by the batch confidence (SPEC §5.2).
         threshold_sensitivity: ``>= 0``, finite; how strongly low confidence raises the ratio.
         min_tokens_ratio: ``(0, 1]``, the ratio reached after warmup.
@@ -256,6 +276,8 @@ class CGGRLoss(Curriculum, nn.Module):
         ratio_schedule: optional ``step -> ratio`` (host number in ``(0, 1]``) replacing the linear warmup;
             ``min_tokens_ratio`` and ``warmup_steps`` are then validated but unused.
         config: a ready :class:`cggr.CGGRConfig` instead of the settings above (stored as ``.config``).
+        sample_power, sample_uniform_mix, sample_floor, sample_seed: ``β >= 0``, ``λ ∈ [0, 1]``, ``ε > 0`` and
+            the hash seed of ``'sampled'`` (SPEC §7.4; keyword-only).
 
     ``forward(logits, targets)`` takes ``(B, T, V)`` with ``(B, T)`` or ``(N, V)`` with ``(N,)`` (already
     shifted for a causal LM, see :func:`cggr_torch.shift_for_causal_lm`) and returns the float32 loss.
@@ -270,13 +292,16 @@ class CGGRLoss(Curriculum, nn.Module):
                  min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
                  base_loss: Optional[Callable[..., torch.Tensor]] = None,
                  ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None, *,
-                 config: Optional[CGGRConfig] = None) -> None:
+                 config: Optional[CGGRConfig] = None, sample_power: float = CGGRConfig.sample_power,
+                 sample_uniform_mix: float = CGGRConfig.sample_uniform_mix,
+                 sample_floor: float = CGGRConfig.sample_floor, sample_seed: int = CGGRConfig.sample_seed) -> None:
         super().__init__()
         self.config = resolve_config(config, dict(
             scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
             threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
             warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
-            ignore_index=ignore_index))
+            ignore_index=ignore_index, sample_power=sample_power, sample_uniform_mix=sample_uniform_mix,
+            sample_floor=sample_floor, sample_seed=sample_seed))
         check_base_loss(base_loss)
         self._init_curriculum(self.config.min_tokens_ratio, self.config.warmup_steps,
                               check_schedule(ratio_schedule, self.config))

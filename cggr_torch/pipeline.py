@@ -10,8 +10,10 @@ order, through the functions below instead of re-coding them::
     eligibility  SPEC §4    (same call: valid = target ≠ ignore_index, finite row, d not NaN)
     ratio        SPEC §5    base(step) on the host (curriculum), then effective_ratio: the dynamic threshold
                             from the eligible tokens' mean confidence when config.uses_dynamic_threshold
-    selection    SPEC §6-7  selection.select_tokens (k = num_selected, SPEC §5.3)
-    loss weights SPEC §8    the caller's: Σ_{i∈mask} ce_i / max(1, |mask|)
+    selection    SPEC §6-7  selection.select_tokens (k = num_selected, SPEC §5.3); ``sampled`` (§7.4):
+                            selection.sample_tokens, which also gives the per-token weights 1/π
+    loss weights SPEC §8    the caller's: Σ_{i∈mask} ce_i / max(1, |mask|), or for ``sampled``
+                            Σ_{i∈mask} w_i·ce_i / max(1, n) (:func:`loss_weights`)
     metrics      SPEC §10   metric_tensors (device, no synchronisation), host_metrics (Python scalars)
 
 The CUDA fused path of ``CGGRLoss`` (``loss.forward_fused``) is the kernel-side realisation of the same stages
@@ -32,21 +34,24 @@ from cggr import NUMERIC_METRIC_KEYS, CGGRConfig
 
 from .curriculum import dynamic_ratio
 from .scoring import scores_from_statistics
-from .selection import select_tokens
+from .selection import sample_tokens, select_tokens
 from .types import TokenScores, TokenStatistics
 
 __all__ = ["Measured", "eligible_mean", "effective_ratio", "measure_scores", "select_and_measure",
-           "metric_tensors", "host_metrics", "to_python"]
+           "metric_tensors", "host_metrics", "to_python", "loss_weights", "effective_sample_size"]
 
 
 class Measured(NamedTuple):
-    """The pipeline's result: the scores (SPEC §3-§4), the selection ``mask`` and int32 ``k`` (§5.3-§7), and
-    the SPEC §10 numeric metrics as 0-d device tensors (``metrics``)."""
+    """The pipeline's result: the scores (SPEC §3-§4), the selection ``mask`` and int32 ``k`` (§5.3-§7), the
+    SPEC §10 numeric metrics as 0-d device tensors (``metrics``) and the float32 per-token ``weights``: the
+    Horvitz–Thompson weights ``1/π`` of ``sampled`` (§7.4), 1.0 on the selected tokens of the other
+    strategies, 0 elsewhere (:func:`loss_weights` turns them into the loss's row weights)."""
 
     scores: TokenScores
     mask: torch.Tensor
     k: torch.Tensor
     metrics: dict[str, torch.Tensor]
+    weights: Optional[torch.Tensor] = None
 
 
 def eligible_mean(x: torch.Tensor, eligible: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -64,22 +69,46 @@ def effective_ratio(base: Any, mean_confidence: torch.Tensor, config: CGGRConfig
     return base_t
 
 
+def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+    """SPEC §10 ``sample_ess``: float32 ``(Σw)² / Σw²`` over the selected tokens (``weights`` 0 elsewhere);
+    0 when nothing is selected."""
+    w = weights.reshape(-1).to(torch.float32)
+    s1 = w.sum(dtype=torch.float32)
+    s2 = (w * w).sum(dtype=torch.float32)
+    return torch.where(s2 > 0, (s1 * s1) / torch.where(s2 > 0, s2, torch.ones_like(s2)), torch.zeros_like(s2))
+
+
+def loss_weights(measured: "Measured", config: CGGRConfig) -> Optional[torch.Tensor]:
+    """SPEC §8: the float32 row weights ``ω_i = w_i / max(1, n)`` of ``sampled`` (the loss is
+    ``Σ_{i∈mask} ω_i·ce_i``), or None for the other strategies (their loss is the plain selected mean)."""
+    if config.selection != "sampled":
+        return None
+    n = torch.clamp(measured.metrics["tokens_total"], min=1).to(torch.float32)
+    return (measured.weights.to(torch.float32) / n).detach()
+
+
 def metric_tensors(scores: TokenScores, mask: torch.Tensor, step: int, base: Any, ratio: torch.Tensor,
-                   count: torch.Tensor, mean_confidence: torch.Tensor) -> dict[str, torch.Tensor]:
-    """SPEC §10's numeric metrics as 0-d device tensors (no synchronisation)."""
+                   count: torch.Tensor, mean_confidence: torch.Tensor,
+                   weights: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """SPEC §10's numeric metrics as 0-d device tensors (no synchronisation). ``weights``: the
+    Horvitz–Thompson weights of ``sampled`` (``sample_ess`` from them); None for an unweighted selection,
+    whose ``sample_ess`` is ``tokens_selected``."""
     dev = scores.difficulty.device
     elig = scores.eligible
+    selected = mask.sum()
+    ess = selected.to(torch.float32) if weights is None else effective_sample_size(weights)
     return {
         "step": torch.full((), int(step), dtype=torch.int64, device=dev),
         "token_ratio": torch.full((), float(np.float32(base)), dtype=torch.float32, device=dev),
         "effective_ratio": ratio.detach(),
-        "tokens_selected": mask.sum(),
+        "tokens_selected": selected,
         "tokens_total": count,
         "tokens_nonfinite": (scores.valid & ~elig).sum(),
         "tokens_out_of_range": torch.zeros((), dtype=torch.int64, device=dev),
         "avg_confidence": mean_confidence,
         "avg_entropy": eligible_mean(scores.stats.entropy, elig, count).detach(),
         "avg_difficulty": eligible_mean(scores.difficulty, elig, count).detach(),
+        "sample_ess": ess.detach(),
     }
 
 
@@ -89,9 +118,16 @@ def measure_scores(scores: TokenScores, step: int, base: Any, config: CGGRConfig
     n = elig.sum()
     mean_conf = eligible_mean(scores.stats.confidence, elig, n)
     ratio = effective_ratio(base, mean_conf, config)
+    if config.selection == "sampled":      # SPEC §7.4: a random draw with Horvitz–Thompson weights
+        mask, weights, k = sample_tokens(scores.difficulty, elig, ratio, step=step, seed=config.sample_seed,
+                                         power=config.sample_power, uniform_mix=config.sample_uniform_mix,
+                                         floor=config.sample_floor)
+        metrics = metric_tensors(scores, mask, step, base, ratio, n, mean_conf, weights)
+        return Measured(scores, mask, k, metrics, weights)
     mask, k = select_tokens(scores.difficulty, elig, ratio, selection=config.selection,
                             num_strata=config.num_strata, min_tokens_per_sequence=config.min_tokens_per_sequence)
-    return Measured(scores, mask, k, metric_tensors(scores, mask, step, base, ratio, n, mean_conf))
+    return Measured(scores, mask, k, metric_tensors(scores, mask, step, base, ratio, n, mean_conf),
+                    mask.to(torch.float32))
 
 
 def select_and_measure(stats: TokenStatistics, targets: Optional[torch.Tensor], step: int, base: Any,
@@ -125,7 +161,7 @@ def host_metrics(last: Optional[dict[str, Any]], step: int, base: Any, config: C
         b = float(np.float32(base))
         out: dict[str, Any] = {k: 0 for k in numeric}
         out.update(step=int(step), token_ratio=b, effective_ratio=b, avg_confidence=0.0, avg_entropy=0.0,
-                   avg_difficulty=0.0)
+                   avg_difficulty=0.0, sample_ess=0.0)
     else:
         out = {k: to_python(last[k]) for k in numeric}
     out["selection"] = config.selection

@@ -639,6 +639,7 @@ class CGGRScorer(Curriculum, nn.Module):
             "avg_confidence": metrics["avg_confidence"],
             "avg_entropy": metrics["avg_entropy"],
             "avg_difficulty": metrics["avg_difficulty"],
+            "sample_ess": metrics["sample_ess"],
             "router_path": path,
         }
         self._last = info

@@ -27,14 +27,15 @@ from typing import Union
 import numpy as np
 import torch
 
-from cggr import SELECTION_STRATEGIES
+from cggr import SELECTION_STRATEGIES, CGGRConfig, check_ratio_value
+from cggr.config import SAMPLED_SELECTIONS, check_sampling_parameters, is_int
 
 from . import dispatch
 from .curriculum import num_selected
 from .utils import check_selection
 
 __all__ = ["SELECTION_STRATEGIES", "rank_tokens", "select_tokens", "stratum_counts", "order_key32",
-           "as_ranking_dtype", "check_inputs"]
+           "as_ranking_dtype", "check_inputs", "uniform_hash", "sampling_probabilities", "sample_tokens"]
 
 _SENTINEL = 2**31 - 1
 
@@ -169,7 +170,10 @@ def _within_sequence_rank(rank2: torch.Tensor) -> torch.Tensor:
 
 def select_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union[torch.Tensor, float], *,
                   selection: str = "topk", num_strata: int = 4,
-                  min_tokens_per_sequence: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                  min_tokens_per_sequence: int = 1, step: Union[int, torch.Tensor] = 0,
+                  seed: int = CGGRConfig.sample_seed, power: float = CGGRConfig.sample_power,
+                  uniform_mix: float = CGGRConfig.sample_uniform_mix,
+                  floor: float = CGGRConfig.sample_floor) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection mask of SPEC §7 and ``k`` of §5.3.
 
     * ``topk`` / ``fixed_quota``: the eligible tokens with ``rank < k`` (exactly ``k``; ``fixed_quota`` differs
@@ -178,6 +182,8 @@ def select_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union
       systematic sampling inside each stratum (exactly ``k``);
     * ``sequence_aware``: ``topk`` ∪ each sequence's ``min_tokens_per_sequence`` hardest eligible tokens
       (rows of a 2-D input are the sequences; a 1-D input is one sequence). May exceed ``k``.
+    * ``sampled``: the random draw of SPEC §7.4 (``k`` expected tokens; ``step``, ``seed``, ``power``,
+      ``uniform_mix``, ``floor`` as :func:`sample_tokens`, which also returns the loss weights ``1/π``).
 
     Args:
         difficulty: float tensor ``(N,)`` or ``(B, T)``.
@@ -198,6 +204,10 @@ def select_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union
             or min_tokens_per_sequence < 0:
         raise ValueError(f"min_tokens_per_sequence: expected an integer >= 0, got {min_tokens_per_sequence!r}")
     num_strata, min_tokens_per_sequence = int(num_strata), int(min_tokens_per_sequence)
+    if selection in SAMPLED_SELECTIONS:
+        mask, _, k = sample_tokens(difficulty, eligible, ratio, step=step, seed=seed, power=power,
+                                   uniform_mix=uniform_mix, floor=floor)
+        return mask, k
     difficulty = as_ranking_dtype(difficulty)
     if dispatch.use_kernels(difficulty):
         kernel = dispatch.kernel("select_tokens_triton")
@@ -218,3 +228,174 @@ def select_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union
         extra = (within >= 0) & (within < min_tokens_per_sequence)
         mask = mask | extra.reshape(-1)
     return mask.reshape(difficulty.shape), k.to(torch.int32)
+
+
+# ------------------------------------------------------------------------------- SPEC §7.4 sampled selection
+_MASK32 = 0xFFFFFFFF
+#: lowbias32's multipliers (SPEC §7.4), split in 16-bit halves so that int64 products never overflow.
+_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+_SEED_SALT = 0x9E3779B9
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x · c) mod 2^32`` of uint32 values held in int64: ``x·c_lo + ((x·c_hi mod 2^16) << 16)``, every
+    intermediate below 2^50 (an int64 product of two 32-bit values could overflow)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (SPEC §7.4) on uint32 values held in int64."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MULTIPLIERS[0])
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MULTIPLIERS[1])
+    return x ^ (x >> 16)
+
+
+def _check_seed(seed: object) -> int:
+    return check_sampling_parameters(0.0, 0.0, 1.0, seed)[3]
+
+
+def uniform_hash(seed: int, step: Union[int, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """SPEC §7.4: the draws ``u ∈ (0, 1)`` (float32, the shape of ``index``) of a counter-based hash::
+
+        h = mix(seed ^ 0x9E3779B9);  h = mix(h ^ step);  h = mix(h ^ index);  u = ((h >> 8) | 1) · 2^-24
+
+    ``mix`` is lowbias32 on uint32; ``step`` and ``index`` are taken mod 2^32. Exact integer arithmetic: the
+    same bits in every package and on every device. ``u`` is an odd multiple of 2^-24, never 0, so an
+    included token has ``π > 2^-24`` and a finite weight.
+
+    Args:
+        seed: host integer in ``[0, 2^32)``.
+        step: host integer ``>= 0`` or an integer tensor (the curriculum step, SPEC §5.4).
+        index: integer tensor of flat token indices (``>= 0``).
+    """
+    seed = _check_seed(seed)
+    if not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise ValueError(f"index: expected an integer tensor, got "
+                         f"{index.dtype if isinstance(index, torch.Tensor) else type(index).__name__}")
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype.is_floating_point or step.dtype == torch.bool:
+            raise ValueError(f"step: expected an integer scalar, got {step.dtype} {tuple(step.shape)}")
+        step_t = step.reshape(()).to(device=index.device, dtype=torch.int64) & _MASK32
+    else:
+        if not is_int(step) or int(step) < 0:
+            raise ValueError(f"step: expected an integer >= 0, got {step!r}")
+        step_t = torch.full((), int(step) & _MASK32, dtype=torch.int64, device=index.device)
+    h = _mix32(torch.full((), seed ^ _SEED_SALT, dtype=torch.int64, device=index.device))
+    h = _mix32(h ^ step_t)
+    h = _mix32(h ^ (index.to(torch.int64) & _MASK32))
+    # (h >> 8) | 1 < 2^24: exact in float32, and so is the power-of-two scale.
+    return (((h >> 8) | 1).to(torch.float32) * (2.0 ** -24)).to(torch.float32)
+
+
+def _check_sampling(power: object, uniform_mix: object, floor: object) -> tuple[float, float, float]:
+    """The parameters of SPEC §7.4 (the rules of ``cggr.CGGRConfig``'s ``sample_*`` fields)."""
+    return check_sampling_parameters(power, uniform_mix, floor)[:3]
+
+
+def _probabilities(d: torch.Tensor, e: torch.Tensor, k: torch.Tensor, power: float, uniform_mix: float,
+                   floor: float) -> torch.Tensor:
+    """SPEC §7.4 on flat float32 ``d`` and bool ``e`` (NaN already not eligible), ``k`` an int tensor."""
+    f32 = torch.float32
+    N = d.numel()
+    dev = d.device
+    n = e.sum()
+    zero = torch.zeros((), dtype=f32, device=dev)
+    fmax = float(torch.finfo(f32).max)
+    b = torch.clamp(torch.clamp(d, min=0.0) + np.float32(floor), max=fmax)
+    b = torch.where(e, b, torch.ones_like(b))             # any positive value: not read below
+    log_b = torch.log(b)
+    log_max = torch.where(e, log_b, torch.full_like(log_b, -float("inf"))).max() if N else zero
+    q = torch.where(e, torch.exp(np.float32(power) * (log_b - log_max)), zero)
+    Q = q.sum()
+    n_f = torch.clamp(n, min=1).to(f32)
+    p = torch.where(e, (np.float32(1.0 - uniform_mix) * q) / torch.clamp(Q, min=np.float32(1e-45))
+                    + np.float32(uniform_mix) / n_f, zero)
+    # Water-filling: sort p descending (ties: lower flat index first; ineligible last), suffix sums S_j, the
+    # first j < k with (k − j)·p_(j) <= S_j caps the j largest at 1 and scales the rest by (k − j)/S_j.
+    key = torch.where(e, p, torch.full_like(p, -1.0))
+    ps, order = torch.sort(key, descending=True, stable=True)
+    ps = torch.clamp(ps, min=0.0)
+    suffix = torch.flip(torch.cumsum(torch.flip(ps, (0,)), 0), (0,))
+    kk = torch.minimum(k.to(torch.int64), n)
+    j = torch.arange(N, device=dev, dtype=torch.int64)
+    ok = (j < kk) & ((kk - j).to(f32) * ps <= suffix)
+    jstar = torch.where(ok, j, torch.full_like(j, N)).min() if N else torch.zeros((), dtype=torch.int64, device=dev)
+    jc = torch.clamp(jstar, max=max(N - 1, 0))
+    s_j = suffix[jc] if N else zero
+    c = torch.where(s_j > 0, (kk - jstar).to(f32) / torch.where(s_j > 0, s_j, torch.ones_like(s_j)), zero)
+    # k = n keeps every eligible token: exactly π = 1 (the rounding of c·p could leave 1 − ulp).
+    pi_sorted = torch.where((j < jstar) | (kk >= n), torch.ones_like(ps), torch.clamp(c * ps, max=1.0))
+    pi_sorted = torch.where((j < n) & (kk > 0), pi_sorted, torch.zeros_like(pi_sorted))
+    return torch.empty_like(pi_sorted).scatter_(0, order, pi_sorted)
+
+
+def sampling_probabilities(difficulty: torch.Tensor, eligible: torch.Tensor, k: Union[int, torch.Tensor], *,
+                           power: float = CGGRConfig.sample_power,
+                           uniform_mix: float = CGGRConfig.sample_uniform_mix,
+                           floor: float = CGGRConfig.sample_floor) -> torch.Tensor:
+    """SPEC §7.4: the inclusion probabilities ``π`` (float32, the input's shape) of the ``sampled`` selection.
+
+    Over the ``n`` eligible tokens (NaN difficulty is not eligible)::
+
+        b_i = min(max(d_i, 0) + ε, FLT_MAX),   q_i = exp(β·(ln b_i − ln max_j b_j))   (= (b_i / b_max)^β)
+        p_i = (1 − λ)·q_i / Σq + λ / n,        π_i = min(1, c·p_i),  Σ π = min(k, n)
+
+    (water-filling: sort ``p`` descending, suffix sums ``S_j``; ``j*`` = the first ``j < k`` with
+    ``(k − j)·p_(j) <= S_j``; ``π = 1`` for the ``j*`` largest and ``c = (k − j*)/S_{j*}``). ``π = 0`` for
+    tokens that are not eligible, and everywhere when ``k = 0``. No synchronisation.
+
+    Args:
+        difficulty: float tensor ``(N,)`` or ``(B, T)`` (float64 is rounded to float32, SPEC §6).
+        eligible: bool tensor of the same shape.
+        k: the expected count, a host integer ``>= 0`` or an integer tensor (``k > n`` counts as ``n``).
+        power, uniform_mix, floor: ``β >= 0``, ``λ ∈ [0, 1]``, ``ε > 0`` (``CGGRConfig.sample_*``).
+    """
+    check_inputs(difficulty, eligible)
+    power, uniform_mix, floor = _check_sampling(power, uniform_mix, floor)
+    d = as_ranking_dtype(difficulty).reshape(-1).to(torch.float32)
+    e = eligible.reshape(-1) & ~torch.isnan(d)
+    if isinstance(k, torch.Tensor):
+        if k.numel() != 1 or k.dtype.is_floating_point or k.dtype == torch.bool:
+            raise ValueError(f"k: expected an integer scalar, got {k.dtype} {tuple(k.shape)}")
+        k_t = k.reshape(()).to(device=d.device, dtype=torch.int64)
+    else:
+        if not is_int(k) or int(k) < 0:
+            raise ValueError(f"k: expected an integer >= 0, got {k!r}")
+        k_t = torch.full((), int(k), dtype=torch.int64, device=d.device)
+    return _probabilities(d, e, k_t, power, uniform_mix, floor).reshape(difficulty.shape)
+
+
+def sample_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union[torch.Tensor, float], *,
+                  step: Union[int, torch.Tensor] = 0, seed: int = CGGRConfig.sample_seed,
+                  power: float = CGGRConfig.sample_power, uniform_mix: float = CGGRConfig.sample_uniform_mix,
+                  floor: float = CGGRConfig.sample_floor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC §7.4: the ``sampled`` selection: ``(mask, weights, k)``.
+
+    ``k = num_selected(n, ratio)`` (§5.3) is the *expected* count; token ``i`` is included iff it is eligible
+    and ``uniform_hash(seed, step, i) < π_i`` (:func:`sampling_probabilities`, flat row-major ``i``), and its
+    Horvitz–Thompson weight is ``w_i = 1/π_i`` (float32; 0 for the others), so that
+    ``E[Σ_{i∈S} w_i·ce_i] = Σ_eligible ce_i``.
+
+    Returns:
+        ``mask`` (bool, the input's shape), ``weights`` (float32, the input's shape), ``k`` (0-d int32).
+    """
+    check_inputs(difficulty, eligible)
+    seed = _check_seed(seed)
+    power, uniform_mix, floor = _check_sampling(power, uniform_mix, floor)
+    if not isinstance(ratio, torch.Tensor):
+        check_ratio_value("ratio", ratio)
+    d = as_ranking_dtype(difficulty).reshape(-1).to(torch.float32)
+    e = eligible.reshape(-1) & ~torch.isnan(d)
+    n = e.sum()
+    k = num_selected(n, ratio)
+    if not isinstance(k, torch.Tensor):
+        k = torch.full((), int(k), dtype=torch.int32, device=d.device)
+    pi = _probabilities(d, e, k, power, uniform_mix, floor)
+    u = uniform_hash(seed, step, torch.arange(d.numel(), device=d.device, dtype=torch.int64))
+    mask = e & (u < pi)
+    weights = torch.where(mask, 1.0 / torch.where(mask, pi, torch.ones_like(pi)), torch.zeros_like(pi))
+    shape = difficulty.shape
+    return mask.reshape(shape), weights.reshape(shape), k.to(torch.int32)

@@ -17,6 +17,13 @@ SCORING_MODES = ("entropy", "margin", "loss", "combined")
 REFERENCE_SCORING_MODES = ("excess",)
 ALL_SCORING_MODES = SCORING_MODES + REFERENCE_SCORING_MODES
 SELECTION_STRATEGIES = ("topk", "stratified", "sequence_aware", "fixed_quota")
+# SPEC §7.4: the random, weighted strategy (kept apart: the sweeps above compare deterministic masks exactly).
+SAMPLED_SELECTIONS = ("sampled",)
+# SPEC §11 (sampled): inclusion probabilities of two implementations (or one and this oracle) agree within
+# this relative tolerance; an inclusion may differ only where |u − π| lies within PI_RTOL·π of the boundary.
+PI_RTOL = 1e-4
+# The defaults of cggr.CGGRConfig's sample_* fields (SPEC §7.4).
+SAMPLE_DEFAULTS = {"power": 1.0, "uniform_mix": 0.1, "floor": 1e-6, "seed": 0}
 
 # SPEC §11: (atol, rtol) of an implementation's float32 statistic against this oracle.
 SCORE_TOL: dict[str, tuple[float, float]] = {
@@ -208,9 +215,84 @@ def stratum_counts(n: int, k: int, num_strata: int) -> tuple[list[int], list[int
     return m, e
 
 
+def _mix32(x: int) -> int:
+    """lowbias32 (SPEC §7.4), on Python ints reduced mod 2^32."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x ^= x >> 16
+    return x
+
+
+def uniform_hash(seed: int, step: int, index: int) -> float:
+    """SPEC §7.4: ``u ∈ (0, 1)`` of token ``index`` at ``(seed, step)``; exact (an odd multiple of 2^-24)."""
+    h = _mix32(int(seed) ^ 0x9E3779B9)
+    h = _mix32(h ^ (int(step) & 0xFFFFFFFF))
+    h = _mix32(h ^ (int(index) & 0xFFFFFFFF))
+    return ((h >> 8) | 1) * 2.0 ** -24
+
+
+def sampling_probabilities(difficulty: np.ndarray, eligible: np.ndarray, k: int, power: float = 1.0,
+                           uniform_mix: float = 0.1, floor: float = 1e-6) -> np.ndarray:
+    """SPEC §7.4: the inclusion probabilities π (float64, the input's shape; 0 where not eligible) whose sum is
+    ``min(k, n)``, by the water-filling of the SPEC written as plainly as possible."""
+    d = np.asarray(difficulty, dtype=np.float64).reshape(-1)
+    e = np.asarray(eligible, dtype=bool).reshape(-1) & ~np.isnan(d)
+    idx = [i for i in range(d.size) if e[i]]
+    n = len(idx)
+    pi = np.zeros(d.size)
+    k = min(max(int(k), 0), n)
+    if k == 0:
+        return pi.reshape(np.shape(difficulty))
+    fmax = float(np.finfo(np.float32).max)
+    b = {i: min(max(d[i], 0.0) + floor, fmax) for i in idx}
+    bmax = max(b.values())
+    q = {i: math.exp(power * (math.log(b[i]) - math.log(bmax))) for i in idx}
+    Q = sum(q.values())
+    p = {i: (1.0 - uniform_mix) * q[i] / Q + uniform_mix / n for i in idx}
+    order = sorted(idx, key=lambda i: (-p[i], i))
+    ps = [p[i] for i in order]
+    suffix = [0.0] * (n + 1)
+    for j in range(n - 1, -1, -1):
+        suffix[j] = suffix[j + 1] + ps[j]
+    jstar = next(j for j in range(k) if (k - j) * ps[j] <= suffix[j])
+    c = (k - jstar) / suffix[jstar] if suffix[jstar] > 0 else 0.0
+    for m, i in enumerate(order):
+        pi[i] = 1.0 if (m < jstar or k == n) else min(1.0, c * ps[m])
+    return pi.reshape(np.shape(difficulty))
+
+
+def sample_tokens(difficulty: np.ndarray, eligible: np.ndarray, ratio: float, step: int = 0, seed: int = 0,
+                  power: float = 1.0, uniform_mix: float = 0.1, floor: float = 1e-6
+                  ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """SPEC §7.4: ``(mask, weights, k, pi, u)``: token i is in iff eligible and ``u_i < π_i``; ``w = 1/π``."""
+    shape = np.shape(difficulty)
+    d = np.asarray(difficulty, dtype=np.float64).reshape(-1)
+    e = np.asarray(eligible, dtype=bool).reshape(-1) & ~np.isnan(d)
+    k = num_selected(int(e.sum()), ratio)
+    pi = sampling_probabilities(d, e, k, power, uniform_mix, floor).reshape(-1)
+    u = np.array([uniform_hash(seed, step, i) for i in range(d.size)])
+    mask = e & (u < pi)
+    w = np.where(mask, 1.0 / np.where(mask, pi, 1.0), 0.0)
+    return mask.reshape(shape), w.reshape(shape), k, pi.reshape(shape), u.reshape(shape)
+
+
+def sample_ess(weights: np.ndarray) -> float:
+    """SPEC §10: ``(Σw)² / Σw²`` over the selected tokens (0 when none)."""
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    s2 = float((w * w).sum())
+    return float(w.sum()) ** 2 / s2 if s2 > 0 else 0.0
+
+
 def select_tokens(difficulty: np.ndarray, eligible: np.ndarray, ratio: float, selection: str = "topk",
                   num_strata: int = 4, min_tokens_per_sequence: int = 1) -> tuple[np.ndarray, int]:
-    """SPEC §7. ``difficulty``/``eligible`` are (N,) or (B, T); rows of a 2-D input are sequences."""
+    """SPEC §7. ``difficulty``/``eligible`` are (N,) or (B, T); rows of a 2-D input are sequences.
+    ``sampled`` (§7.4) draws with the default step, seed and parameters (see :func:`sample_tokens`)."""
+    if selection in SAMPLED_SELECTIONS:
+        mask, _, k, _, _ = sample_tokens(difficulty, eligible, ratio)
+        return mask, k
     if selection not in SELECTION_STRATEGIES:
         raise ValueError(f"selection must be one of {SELECTION_STRATEGIES}, got {selection!r}")
     shape = np.shape(difficulty)
@@ -247,7 +329,9 @@ def cggr_loss(logits: np.ndarray, targets: np.ndarray, step: int, scoring: str =
               min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, num_strata: int = 4,
               min_tokens_per_sequence: int = 1, ignore_index: int = -100,
               difficulty_override: np.ndarray | None = None,
-              reference_nll: np.ndarray | None = None) -> dict[str, Any]:
+              reference_nll: np.ndarray | None = None, sample_power: float = 1.0,
+              sample_uniform_mix: float = 0.1, sample_floor: float = 1e-6,
+              sample_seed: int = 0) -> dict[str, Any]:
     """The whole CGGRLoss forward and its analytic gradient w.r.t. the logits (float64).
 
     ``difficulty_override`` lets a test feed an implementation's own float32 difficulties, so that the
@@ -265,8 +349,16 @@ def cggr_loss(logits: np.ndarray, targets: np.ndarray, step: int, scoring: str =
         ratio = dynamic_ratio(base, mean_conf, threshold_sensitivity)
     else:
         ratio = F32(base)
-    mask, k = select_tokens(d, eligible, ratio, selection, num_strata, min_tokens_per_sequence)
+    if selection in SAMPLED_SELECTIONS:   # SPEC §7.4, §8: Σ w·ce / max(1, n)
+        mask, weights, k, _, _ = sample_tokens(d, eligible, ratio, step, sample_seed, sample_power,
+                                               sample_uniform_mix, sample_floor)
+        denom = max(1, n)
+    else:
+        mask, k = select_tokens(d, eligible, ratio, selection, num_strata, min_tokens_per_sequence)
+        weights = mask.astype(np.float64)
+        denom = max(1, int(mask.sum()))
     count = int(mask.sum())
+    wflat = weights.reshape(-1)
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
     t = np.asarray(targets).reshape(-1)
@@ -275,11 +367,11 @@ def cggr_loss(logits: np.ndarray, targets: np.ndarray, step: int, scoring: str =
     total = 0.0
     lse = sc["stats"]["lse"].reshape(-1)
     for i in np.nonzero(mflat)[0]:
-        total += sc["stats"]["nll"].reshape(-1)[i]
+        total += wflat[i] * sc["stats"]["nll"].reshape(-1)[i]
         p = np.exp(flat[i] - lse[i])
         p[t[i]] -= 1.0
-        grad[i] = p / count
-    loss = total / max(1, count)
+        grad[i] = wflat[i] * p / denom
+    loss = total / denom
 
     def avg(x: np.ndarray) -> float:
         return float(x[eligible].mean()) if n else 0.0
@@ -295,10 +387,12 @@ def cggr_loss(logits: np.ndarray, targets: np.ndarray, step: int, scoring: str =
         "avg_confidence": avg(conf),
         "avg_entropy": avg(sc["stats"]["entropy"]),
         "avg_difficulty": avg(d),
+        "sample_ess": sample_ess(weights) if selection in SAMPLED_SELECTIONS else float(count),
         "selection": selection,
         "scoring": scoring,
     }
     return {"loss": loss, "grad": grad.reshape(logits.shape), "mask": mask, "k": k, "ratio": ratio,
+            "weights": weights,
             "metrics": metrics, "scores": sc}
 
 

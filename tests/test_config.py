@@ -111,3 +111,38 @@ def test_excess_is_a_scoring_mode_with_shared_reference_rules():
     with pytest.raises(ValueError, match="not supported yet by X; issue 14"):
         cggr.reject_reference_scoring(cggr.CGGRConfig(scoring="excess"), "X")
     cggr.reject_reference_scoring(cggr.CGGRConfig(), "X")
+
+
+def test_sampled_selection_fields():
+    """SPEC §7.4: the sampled strategy and its four validated, documented settings."""
+    import numpy as np
+
+    import cggr
+    from cggr.config import SAMPLED_SELECTIONS, check_sampling_parameters, reject_sampled_selection
+
+    assert "sampled" in cggr.SELECTION_STRATEGIES and SAMPLED_SELECTIONS == ("sampled",)
+    assert "sampled" not in cggr.SEQUENCE_SELECTIONS
+    c = CGGRConfig(selection="sampled")
+    assert (c.sample_power, c.sample_uniform_mix, c.sample_floor, c.sample_seed) == (1.0, 0.1, 1e-6, 0)
+    assert c.uses_dynamic_threshold
+    assert CONFIG_FIELDS[-4:] == ("sample_power", "sample_uniform_mix", "sample_floor", "sample_seed")
+    ok = CGGRConfig(sample_power=np.float32(0.0), sample_uniform_mix=1, sample_floor=np.float64(0.5),
+                    sample_seed=np.uint32(2**32 - 1))
+    assert type(ok.sample_power) is float and type(ok.sample_seed) is int and ok.sample_seed == 2**32 - 1
+    assert hash(ok) == hash(CGGRConfig(sample_power=0.0, sample_uniform_mix=1.0, sample_floor=0.5,
+                                       sample_seed=2**32 - 1))
+    for field, bad in [("sample_power", -1e-9), ("sample_power", float("nan")), ("sample_power", float("inf")),
+                       ("sample_power", True), ("sample_power", "1"), ("sample_uniform_mix", -0.01),
+                       ("sample_uniform_mix", 1.01), ("sample_uniform_mix", float("nan")), ("sample_floor", 0),
+                       ("sample_floor", -1.0), ("sample_floor", float("inf")), ("sample_seed", -1),
+                       ("sample_seed", 2**32), ("sample_seed", 0.0), ("sample_seed", False)]:
+        with pytest.raises(ValueError, match=f"^{field}:"):
+            CGGRConfig(**{field: bad})
+    with pytest.raises(ValueError, match="^power:"):
+        check_sampling_parameters(-1.0, 0.1, 1e-6)
+    with pytest.raises(ValueError, match="selects whole sequences"):
+        CGGRConfig(selection="sampled").for_sequences()
+    with pytest.raises(ValueError, match="not supported yet by X"):
+        reject_sampled_selection(c, "X")
+    reject_sampled_selection(CGGRConfig(), "X")
+    assert "sample_ess" in cggr.NUMERIC_METRIC_KEYS and "sample_ess" not in cggr.INT_METRIC_KEYS

@@ -90,6 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from benchmarks.harness import compat
     from benchmarks.harness import measure as hmeasure
     from cggr_torch import num_selected, select_tokens
+    from cggr_torch.selection import sample_tokens
     from tests import oracle
 
     ksel = compat.torch_selection_kernels()
@@ -217,6 +218,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 record(f"select_tokens {strategy} (pytorch path)",
                        lambda s=strategy: select_tokens(d, e, ratio_t, selection=s), True,
                        strategy=strategy, path="torch")
+        # SPEC §7.4: the sampled selection (PyTorch code on every device; it has no Triton kernel of its own)
+        record("sample_tokens sampled (pytorch path)", lambda: sample_tokens(d, e, ratio_t, step=1), True,
+               strategy="sampled", path="torch")
 
         # building blocks
         flat_d, flat_e = d.reshape(-1), e.reshape(-1)

@@ -95,7 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--vocab", type=int, nargs="+", default=[128256, 131072])
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--ratio", type=float, default=0.25)
-    ap.add_argument("--selection", default="topk")
+    ap.add_argument("--selection", default="topk", choices=("topk", "stratified", "sequence_aware",
+                                                            "fixed_quota", "sampled"))
     ap.add_argument("--budget-ms", type=float, default=100.0, help="timed work per measurement")
     ap.add_argument("--reps", type=int, default=30, help="most timed calls per measurement")
     ap.add_argument("--no-sweep", action="store_true", help="only the default backward launch")

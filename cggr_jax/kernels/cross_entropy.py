@@ -6,6 +6,10 @@ by the selection of SPEC §7 only holds eligible tokens, for which this is the m
     loss          = Σ_{i∈S} nll_i / max(1, |S|),          nll_i = lse_i − z_i[t_i]
     ∂loss/∂z_i    = (softmax(z_i) − onehot(t_i)) · g / max(1, |S|)    for i ∈ S,     0 otherwise
 
+With ``row_weights`` ω (float32 per token; the ``sampled`` selection's ``w_i / max(1, n)``, SPEC §7.4 and §8)
+the loss is ``Σ_{i∈S} ω_i·nll_i`` (no division) and row ``i``'s gradient is scaled by ``g·ω_i``; without them
+the kernel is unchanged (the weights are a static switch of the backward kernel).
+
 Forward. ``nll`` and ``lse`` come from the scoring kernel (:mod:`cggr_jax.kernels.scoring`): either passed in
 as ``stats=`` (the scores the selection was made from — then the loss reads no logits at all), or computed
 here with the kernel's row mask, which reads only programs holding a selected row.
@@ -63,8 +67,12 @@ __all__ = ["selective_cross_entropy_pallas", "backward_grids"]
 
 
 # ---------------------------------------------------------------------------------------- backward kernel
-def _ce_grad_kernel(tgt_ref: Any, sel_ref: Any, lse_ref: Any, scale_ref: Any, x_ref: Any, g_ref: Any, *,
-                    n: int, v: int, rows: int, block_v: int, interpret: bool, flat: bool) -> None:
+def _ce_grad_kernel(*refs: Any, n: int, v: int, rows: int, block_v: int, interpret: bool, flat: bool,
+                    weighted: bool = False) -> None:
+    if weighted:
+        tgt_ref, sel_ref, lse_ref, scale_ref, w_ref, x_ref, g_ref = refs
+    else:
+        (tgt_ref, sel_ref, lse_ref, scale_ref, x_ref, g_ref), w_ref = refs, None
     f32 = jnp.float32
     if flat:  # 1-D row-major grid: program pid = i·n_col_tiles + j (the grid size fits int32, see _ce_grad)
         n_col_tiles = pl.cdiv(v, block_v)
@@ -96,7 +104,10 @@ def _ce_grad_kernel(tgt_ref: Any, sel_ref: Any, lse_ref: Any, scale_ref: Any, x_
             lse = lse_ref[safe]
             tgt = tgt_ref[safe]
             p = exp2((x.astype(f32) - lse[:, None]) * f32(LOG2E), interpret)
-            g = (p - jnp.where(cols == tgt[:, None], f32(1.0), f32(0.0))) * scale_ref[0]
+            if weighted:   # SPEC §7.4: each row's Horvitz–Thompson weight (already divided by max(1, n))
+                g = (p - jnp.where(cols == tgt[:, None], f32(1.0), f32(0.0))) * (scale_ref[0] * w_ref[safe])[:, None]
+            else:
+                g = (p - jnp.where(cols == tgt[:, None], f32(1.0), f32(0.0))) * scale_ref[0]
             if rows > 1:
                 g = jnp.where(sel[:, None], g, f32(0.0))
             store(g_ref.at[view], g.astype(out_dtype), mask)
@@ -114,7 +125,7 @@ def _ce_grad_kernel(tgt_ref: Any, sel_ref: Any, lse_ref: Any, scale_ref: Any, x_
 
 
 def _ce_grad(logits2d: jax.Array, tgt: jax.Array, sel: jax.Array, lse: jax.Array, scale: jax.Array,
-             cfg: KernelConfig) -> jax.Array:
+             cfg: KernelConfig, weights: Optional[jax.Array] = None) -> jax.Array:
     n, v = logits2d.shape
     flat = cfg.flat_grid
     n_row_tiles, n_col_tiles = pl.cdiv(n, cfg.block_rows), pl.cdiv(v, cfg.block_v)
@@ -129,8 +140,11 @@ def _ce_grad(logits2d: jax.Array, tgt: jax.Array, sel: jax.Array, lse: jax.Array
     else:
         grid = (n_row_tiles, n_col_tiles)
     kernel = bind(_ce_grad_kernel, n=n, v=v, rows=cfg.block_rows, block_v=cfg.block_v,
-                  interpret=cfg.interpret, flat=flat)
-    args = [tgt, sel.astype(jnp.int32), lse, scale.reshape(1).astype(jnp.float32), logits2d]
+                  interpret=cfg.interpret, flat=flat, weighted=weights is not None)
+    args = [tgt, sel.astype(jnp.int32), lse, scale.reshape(1).astype(jnp.float32)]
+    if weights is not None:
+        args.append(weights.astype(jnp.float32))
+    args.append(logits2d)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((n, v), logits2d.dtype),
@@ -193,6 +207,29 @@ def _selective_ce_bwd(cfg: KernelConfig, res: tuple[jax.Array, ...], g: jax.Arra
 _selective_ce.defvjp(_selective_ce_fwd, _selective_ce_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _weighted_ce(logits2d: jax.Array, tgt: jax.Array, sel: jax.Array, lse: jax.Array, nll: jax.Array,
+                 weights: jax.Array, cfg: KernelConfig) -> jax.Array:
+    del logits2d, tgt, lse, cfg
+    return jnp.sum(jnp.where(sel, weights * nll, jnp.float32(0.0)))
+
+
+def _weighted_ce_fwd(logits2d: jax.Array, tgt: jax.Array, sel: jax.Array, lse: jax.Array, nll: jax.Array,
+                     weights: jax.Array, cfg: KernelConfig) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    del cfg
+    loss = jnp.sum(jnp.where(sel, weights * nll, jnp.float32(0.0)))
+    return loss, (logits2d, tgt, sel, lse, weights)
+
+
+def _weighted_ce_bwd(cfg: KernelConfig, res: tuple[jax.Array, ...], g: jax.Array) -> tuple[Any, ...]:
+    logits2d, tgt, sel, lse, weights = res
+    grad = _ce_grad(logits2d, tgt, sel, lse, g.astype(jnp.float32), cfg, weights=weights)
+    return grad, None, None, None, None, None
+
+
+_weighted_ce.defvjp(_weighted_ce_fwd, _weighted_ce_bwd)
+
+
 # ------------------------------------------------------------------------------------------ entry points
 def _as_launch(value: Optional[Launch], name: str) -> Launch:
     if value is None:
@@ -208,7 +245,8 @@ def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: 
                                    block_v: Optional[int] = None, num_warps: Optional[int] = None,
                                    num_stages: Optional[int] = None,
                                    scoring_launch: Optional[Launch] = None,
-                                   flat_grid: Optional[bool] = None) -> jax.Array:
+                                   flat_grid: Optional[bool] = None,
+                                   row_weights: Optional[jax.Array] = None) -> jax.Array:
     """Mean float32 cross-entropy over the selected tokens, with the sparse custom backward (module doc).
 
     Args:
@@ -224,6 +262,9 @@ def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: 
         None (defaults :data:`~cggr_jax.kernels.launch.SCORING_DEFAULTS`).
       flat_grid: the backward's grid order, ``None`` = :data:`~cggr_jax.kernels.launch.BACKWARD_FLAT_GRID`
         (read when this function is traced; both orders give bit-identical gradients).
+      row_weights: optional float32 array of the token shape (the ``sampled`` selection's ``w_i / max(1, n)``,
+        SPEC §7.4): the loss is then ``Σ_{i∈S} row_weights_i·nll_i`` and row ``i``'s gradient is scaled by
+        ``row_weights_i`` (no division by ``|S|``). None: the unweighted mean (the kernels unchanged).
 
     Returns:
       A float32 scalar; ``0.0`` with an all-zero gradient when nothing is selected. jit-safe.
@@ -234,6 +275,12 @@ def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: 
                          f"{getattr(mask, 'shape', type(mask).__name__)}")
     if jnp.asarray(mask).dtype != jnp.bool_:
         raise ValueError(f"mask must have dtype bool, got {jnp.asarray(mask).dtype}")
+    if row_weights is not None and (not hasattr(row_weights, "shape")
+                                    or tuple(row_weights.shape) != tuple(targets.shape)
+                                    or jnp.asarray(row_weights).dtype != jnp.float32):
+        raise ValueError(f"row_weights must be a float32 array of shape {tuple(targets.shape)}, got "
+                         f"{getattr(row_weights, 'dtype', type(row_weights).__name__)}"
+                         f"{tuple(getattr(row_weights, 'shape', ()))}")
     v = logits.shape[-1]
     n = math.prod(targets.shape)
     itemsize = as_float32_input(logits).dtype.itemsize
@@ -261,4 +308,7 @@ def selective_cross_entropy_pallas(logits: jax.Array, targets: jax.Array, mask: 
         lse = lax.stop_gradient(stats.lse).reshape(n)
         nll = lax.stop_gradient(stats.nll).reshape(n)
     sel = want & (jnp.abs(nll) < jnp.inf)  # a non-finite row is never in the loss (SPEC §4, §8)
+    if row_weights is not None:
+        w = lax.stop_gradient(jnp.asarray(row_weights)).reshape(n)
+        return _weighted_ce(logits2d, tgt, sel, lse, nll, w, cfg)
     return _selective_ce(logits2d, tgt, sel, lse, nll, cfg)

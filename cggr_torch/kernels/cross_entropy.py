@@ -6,6 +6,11 @@
     loss  = Σ_{i∈S} nll_i / max(1, |S|),        nll_i = lse_i − z_i[target_i]            (float32)
     ∂loss/∂z_i = g·(softmax(z_i) − onehot(target_i)) / max(1, |S|)   for i ∈ S,   0 otherwise
 
+With ``row_weights`` ω (float32 per row; the Horvitz–Thompson weights ``w_i / max(1, n)`` of the ``sampled``
+selection, SPEC §7.4 and §8) the loss is ``Σ_{i∈S} ω_i·nll_i`` (no division) and the gradient of row ``i``
+is ``g·ω_i·(softmax(z_i) − onehot(target_i))``; without them the kernels are unchanged (``HAS_WEIGHTS`` is a
+compile-time switch).
+
 **Forward.** One program per row; an unselected row is not read at all. With ``lse`` given (from the
 scoring pass, :func:`cggr_torch.kernels.scoring.token_statistics_triton`) a selected row costs one gather
 (``z[target]``); without it the program streams the row once for an online log-sum-exp. The per-row losses
@@ -133,7 +138,7 @@ def _selective_backward_kernel(
     x_ptr, t_ptr, sel_ptr, lse_ptr, scale_ptr, count_ptr, g_ptr,
     V, T, x_stride_b, x_stride_t, g_stride_b, g_stride_t, n_col_groups,
     BLOCK: tl.constexpr, BPP: tl.constexpr, HAS_COUNT: tl.constexpr, STORE_HINT: tl.constexpr,
-    FLAT_GRID: tl.constexpr,
+    FLAT_GRID: tl.constexpr, w_ptr, HAS_WEIGHTS: tl.constexpr,
 ):
     """Program (row, column-block group): BPP gradient blocks of a selected row, zeros for the others.
 
@@ -162,6 +167,8 @@ def _selective_backward_kernel(
         scale = tl.load(scale_ptr).to(tl.float32)
         if HAS_COUNT:
             scale = tl.math.div_rn(scale, tl.maximum(tl.load(count_ptr), 1).to(tl.float32))
+        if HAS_WEIGHTS:  # SPEC §7.4: the row's Horvitz–Thompson weight (already divided by max(1, n))
+            scale = scale * tl.load(w_ptr + i)
         for j in tl.static_range(BPP):
             cols = col0 + j * BLOCK + offs
             in_row = cols < V
@@ -220,11 +227,13 @@ def launch_selective_forward(geom: RowGeometry, targets: torch.Tensor, selected:
 def launch_selective_backward(geom: RowGeometry, targets: torch.Tensor, selected: torch.Tensor,
                               lse: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor,
                               config: Optional[LaunchConfig] = None, *,
-                              count: Optional[torch.Tensor] = None) -> None:
+                              count: Optional[torch.Tensor] = None,
+                              row_weights: Optional[torch.Tensor] = None) -> None:
     """Write every row of ``grad`` (shape of the logits, unit last stride; may be the logits themselves).
 
     ``scale`` is a float32 device tensor of one element: ``g/max(1, |S|)``, or ``g`` when ``count`` (an int64
     device tensor of one element holding ``|S|``) is given - then the division happens in the kernel.
+    ``row_weights`` (contiguous float32 ``(N,)``): each selected row's scale is further multiplied by its weight.
 
     The grid is ``(N, G)`` with ``G = ceil(V/(BLOCK·blocks_per_program))`` column groups per row, or with
     ``config.flat_grid`` the row-major ``(N·G,)``, whose consecutive programs store sequentially along a row
@@ -243,6 +252,10 @@ def launch_selective_backward(geom: RowGeometry, targets: torch.Tensor, selected
         raise ValueError(f"scale: expected a float32 tensor of one element, got {scale.dtype} {tuple(scale.shape)}")
     if count is not None and (count.numel() != 1 or count.dtype != torch.int64):
         raise ValueError(f"count: expected an int64 tensor of one element, got {count.dtype} {tuple(count.shape)}")
+    if row_weights is not None and (row_weights.dtype != torch.float32 or tuple(row_weights.shape) != (n,)
+                                    or not row_weights.is_contiguous()):
+        raise ValueError(f"row_weights: expected a contiguous float32 tensor of shape ({n},), got "
+                         f"{row_weights.dtype} {tuple(row_weights.shape)}")
     if grad.dim() == 2:
         g_sb, g_st = 0, grad.stride(0)
     else:
@@ -270,7 +283,8 @@ def launch_selective_backward(geom: RowGeometry, targets: torch.Tensor, selected
             geom.x, targets, selected, lse, scale, count if count is not None else scale, grad,
             geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, g_sb, g_st, n_col_groups,
             BLOCK=block, BPP=cfg.blocks_per_program, HAS_COUNT=count is not None, STORE_HINT=cfg.store_hint,
-            FLAT_GRID=cfg.flat_grid, num_warps=cfg.num_warps,
+            FLAT_GRID=cfg.flat_grid, w_ptr=row_weights if row_weights is not None else scale,
+            HAS_WEIGHTS=row_weights is not None, num_warps=cfg.num_warps,
         )
 
 
@@ -327,7 +341,8 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
                 lse: Optional[torch.Tensor], inplace_backward: bool,
-                fwd_config: Optional[LaunchConfig], bwd_config: Optional[LaunchConfig]) -> torch.Tensor:
+                fwd_config: Optional[LaunchConfig], bwd_config: Optional[LaunchConfig],
+                row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         geom = row_geometry(logits.detach())
         dev = logits.device
         nll = torch.empty((geom.n,), dtype=torch.float32, device=dev)
@@ -337,11 +352,15 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
         else:
             lse_saved = lse
             launch_selective_forward(geom, targets, selected, lse, nll, None, fwd_config)
-        count = selected.sum(dtype=torch.int64)
-        denom = torch.clamp(count, min=1).to(torch.float32)
-        loss = nll.sum() / denom
+        if row_weights is None:
+            count = selected.sum(dtype=torch.int64)
+            denom = torch.clamp(count, min=1).to(torch.float32)
+            loss = nll.sum() / denom
+        else:  # SPEC §7.4/§8: Σ ω_i·nll_i (unselected rows have nll = 0 and ω = 0)
+            denom = torch.ones((), dtype=torch.float32, device=dev)
+            loss = torch.where(selected != 0, nll * row_weights, torch.zeros_like(nll)).sum()
         # geom.x is the logits or (non-unit last stride, never with inplace_backward) a contiguous copy.
-        ctx.save_for_backward(geom.x, targets, selected, lse_saved, denom)
+        ctx.save_for_backward(geom.x, targets, selected, lse_saved, denom, row_weights)
         _save_geometry(ctx, geom, logits)
         ctx.inplace_backward = inplace_backward
         ctx.bwd_config = bwd_config
@@ -351,8 +370,8 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        x, targets, selected, lse, denom = ctx.saved_tensors
-        nones = (None,) * 6
+        x, targets, selected, lse, denom, row_weights = ctx.saved_tensors
+        nones = (None,) * 7
         if not ctx.needs_input_grad[0]:
             return (None,) + nones
         if ctx.inplace_backward and ctx.backward_done:
@@ -364,7 +383,8 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
             grad = x
         else:
             grad = torch.empty(ctx.logits_shape, dtype=x.dtype, device=x.device)
-        launch_selective_backward(geom, targets, selected, lse, scale, grad, ctx.bwd_config)
+        launch_selective_backward(geom, targets, selected, lse, scale, grad, ctx.bwd_config,
+                                  row_weights=row_weights)
         if ctx.inplace_backward:
             ctx.backward_done = True
             torch.autograd.graph.increment_version(grad)
@@ -375,7 +395,8 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
                                    ignore_index: int = -100, lse: Optional[torch.Tensor] = None,
                                    inplace_backward: bool = False,
                                    forward_config: Optional[LaunchConfig] = None,
-                                   backward_config: Optional[LaunchConfig] = None) -> torch.Tensor:
+                                   backward_config: Optional[LaunchConfig] = None,
+                                   row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean float32 cross-entropy over the selected tokens, with a sparse backward (see the module docstring).
 
     Args:
@@ -395,9 +416,12 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
             unit last stride and non-overlapping rows.
         forward_config, backward_config: optional launch shapes (default :func:`lse_config` /
             :func:`backward_config` of :mod:`cggr_torch.kernels.scoring`).
+        row_weights: optional float32 tensor of the token shape (the ``sampled`` selection's ``w_i/max(1, n)``,
+            SPEC §7.4): then the loss is ``Σ_{i∈S} row_weights_i·nll_i`` and row ``i``'s gradient is scaled by
+            ``row_weights_i`` (no division by ``|S|``). None: the unweighted mean (the kernels unchanged).
 
     Returns:
-        0-d float32 loss ``Σ_{i∈S} nll_i / max(1, |S|)`` (0.0 when nothing is selected).
+        0-d float32 loss ``Σ_{i∈S} nll_i / max(1, |S|)`` (0.0 when nothing is selected), or the weighted sum.
 
     Raises:
         ValueError: bad shapes, dtypes, devices, ``inplace_backward`` on a layout that cannot hold the
@@ -441,9 +465,18 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
     with torch.no_grad():
         readable = (t != ignore_index) & (t >= 0) & (t < V)
         selected = (mask.reshape(-1) & readable).to(torch.uint8).contiguous()
+    if row_weights is not None:
+        if not isinstance(row_weights, torch.Tensor) or row_weights.dtype != torch.float32:
+            raise ValueError(f"row_weights: expected a float32 tensor of shape {token_shape}, got "
+                             f"{row_weights.dtype if isinstance(row_weights, torch.Tensor) else type(row_weights).__name__}")
+        if tuple(row_weights.shape) != token_shape:
+            raise ValueError(f"row_weights: expected shape {token_shape}, got {tuple(row_weights.shape)}")
+        if row_weights.device != logits.device:
+            raise ValueError(f"row_weights: expected device {logits.device}, got {row_weights.device}")
+        row_weights = row_weights.detach().reshape(-1).contiguous()
     lse_flat = None if lse is None else lse.detach().reshape(-1).contiguous()
     return _SelectiveCrossEntropy.apply(logits, t, selected, lse_flat, inplace_backward,
-                                        forward_config, backward_config)
+                                        forward_config, backward_config, row_weights)
 
 
 # ===================================================================== fused path (scores already computed)
