@@ -50,7 +50,9 @@ def test_topk_exactly_k_on_ties(selection):
     d = np.full(10, 2.0, dtype=np.float32)
     e = np.ones(10, dtype=bool)
     mask, k = _same_as_oracle(d, e, np.float32(0.3), selection, num_strata=3)
-    assert k == 3 and mask.sum() == 3
+    assert k == 3
+    if selection != "sampled":   # SPEC §7.4: sampled keeps k tokens in expectation only
+        assert mask.sum() == 3
     if selection in ("topk", "fixed_quota", "sequence_aware"):
         assert mask.tolist() == [True] * 3 + [False] * 7  # ties: lower index first
 
