@@ -620,8 +620,7 @@ def fused_linear_cggr_loss(hidden: jax.Array, weight: jax.Array, targets: jax.Ar
                                              "ldt", "kernel"))
 def _scores(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labels: Optional[jax.Array],
             valid_mask: Optional[jax.Array], reference_nll: Optional[jax.Array], scoring_name: str,
-            ignore_index: int, row_chunk: int,
-            vocab_chunk: int, layout: str, ldt: str, kernel: bool) -> TokenScores:
+            ignore_index: int, row_chunk: int, vocab_chunk: int, layout: str, ldt: str, kernel: bool) -> TokenScores:
     token_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     V = weight.shape[0] if layout == "vd" else weight.shape[1]
@@ -651,8 +650,8 @@ def fused_linear_scores(hidden: jax.Array, weight: jax.Array, targets: Optional[
     arguments as :func:`fused_linear_cggr` and :func:`cggr_jax.scoring.score_tokens` (``row_chunk_size``,
     ``vocab_chunk_size``: the forward's logits blocks, default :func:`plan_chunks`; ``vocab_chunk_size``
     applies with the Pallas statistics kernel only; ``reference_nll`` as in :func:`cggr_jax.scoring.score_tokens`,
-    SPEC §3.1). No gradient is defined (wrap the inputs in
-    ``jax.lax.stop_gradient`` when used inside a differentiated function).
+    SPEC §3.1). No gradient is defined (wrap the inputs in ``jax.lax.stop_gradient`` when used inside a
+    differentiated function).
     """
     scoring_name = scoring
     utils.check_choice(scoring_name, "scoring", scoring_lib.SCORING_MODES)
