@@ -52,7 +52,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cggr import reject_reference_scoring
 from cggr.config import reject_sampled_selection
 from cggr_jax import curriculum, dispatch, pipeline, scoring, utils
 from cggr_jax.loss import CGGRLoss
@@ -86,11 +85,9 @@ def _as_config(loss_fn: CGGRLoss | None, config: dict[str, Any]) -> CGGRLoss:
                              f"(got also {sorted(config)})")
         if not isinstance(loss_fn, CGGRLoss):
             raise ValueError(f"loss_fn: expected a cggr_jax.CGGRLoss, got {type(loss_fn).__name__}")
-        reject_reference_scoring(loss_fn.config, "cggr_jax.distributed")
         reject_sampled_selection(loss_fn.config, "cggr_jax.distributed")
         return loss_fn
     cfg = CGGRLoss(**config)
-    reject_reference_scoring(cfg.config, "cggr_jax.distributed")
     reject_sampled_selection(cfg.config, "cggr_jax.distributed")
     return cfg
 
@@ -116,9 +113,11 @@ def _axis_size(axis_name: str) -> int:
     return int(jax.lax.axis_size(axis_name))
 
 
-def _global_share(logits: jax.Array, targets: jax.Array, step: jax.Array, cfg: CGGRLoss,
-                  axis_name: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _global_share(logits: jax.Array, targets: jax.Array, step: jax.Array, reference_nll: jax.Array | None,
+                  cfg: CGGRLoss, axis_name: str) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The per-shard body of the global scope (module docstring); ``axis_name`` must be bound.
+    ``reference_nll``: this shard's checked reference (``scoring='excess'``): the exchanged difficulties
+    already include it (SPEC §3.1, §13.2).
 
     The statistics, eligibility and cross-entropy are those of :class:`cggr_jax.CGGRLoss` on this shard; only
     the selection runs on the exchanged global difficulties.
@@ -135,7 +134,8 @@ def _global_share(logits: jax.Array, targets: jax.Array, step: jax.Array, cfg: C
     stats = scoring.dispatch_statistics(jax.lax.stop_gradient(logits), safe, has_target, config.ignore_index,
                                         kernel=kernel)
     stats = jax.tree_util.tree_map(jax.lax.stop_gradient, stats)
-    scores = scoring.scores_from_statistics(stats, config.scoring, not_ignored=not_ignored, in_range=in_range)
+    scores = scoring.scores_from_statistics(stats, config.scoring, not_ignored=not_ignored, in_range=in_range,
+                                            reference_nll=reference_nll)
     elig = scores.eligible
     zero = jnp.float32(0.0)
 
@@ -166,11 +166,11 @@ def _global_share(logits: jax.Array, targets: jax.Array, step: jax.Array, cfg: C
     return share, metrics
 
 
-def _local_share(logits: jax.Array, targets: jax.Array, step: jax.Array, cfg: CGGRLoss,
-                 axis_name: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+def _local_share(logits: jax.Array, targets: jax.Array, step: jax.Array, reference_nll: jax.Array | None,
+                 cfg: CGGRLoss, axis_name: str) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The per-shard body of the local scope: ``L_r / W`` and metrics combined over the axis."""
     W = _axis_size(axis_name)
-    loss, m = _plain_config(cfg)(logits, targets, step)
+    loss, m = _plain_config(cfg)(logits, targets, step, reference_nll)
     n = m["tokens_total"]
     counts = jax.lax.psum(jnp.stack([m[k].astype(jnp.int32) for k in _COUNT_KEYS]), axis_name)
     weighted = jax.lax.psum(jnp.stack([m[k].astype(jnp.float32) * n.astype(jnp.float32) for k in _AVERAGE_KEYS]
@@ -187,7 +187,7 @@ def _local_share(logits: jax.Array, targets: jax.Array, step: jax.Array, cfg: CG
 
 
 def shard_cggr_loss(logits: jax.Array, targets: jax.Array, step: Any, *, axis_name: str = "data",
-                    scope: str = "global", loss_fn: CGGRLoss | None = None,
+                    scope: str = "global", loss_fn: CGGRLoss | None = None, reference_nll: Any = None,
                     **config: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CGGR on one shard of a data-parallel batch, inside ``shard_map`` (``axis_name`` must be bound).
 
@@ -204,14 +204,16 @@ def shard_cggr_loss(logits: jax.Array, targets: jax.Array, step: Any, *, axis_na
         axis_name: the data axis of the enclosing ``shard_map``.
         scope: ``"global"`` or ``"local"``.
         loss_fn: a :class:`cggr_jax.CGGRLoss` holding the configuration, or pass its keyword arguments.
+        reference_nll: with ``scoring='excess'`` (and only then) this shard's reference per-token loss, of
+            ``targets``' shape (SPEC §3.1).
     """
     _check_scope(scope)
     _check_axis_name(axis_name)
     cfg = _as_config(loss_fn, config)
     logits, targets, step = cfg.check_call(logits, targets, step)
-    if scope == "local":
-        return _local_share(logits, targets, step, cfg, axis_name)
-    return _global_share(logits, targets, step, cfg, axis_name)
+    ref = scoring.check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape))
+    body = _local_share if scope == "local" else _global_share
+    return body(logits, targets, step, ref, cfg, axis_name)
 
 
 def _check_mesh(mesh: Any, axis_name: str, logits: Any) -> int:
@@ -232,7 +234,7 @@ def _shard_map(fn: Callable[..., Any], mesh: Mesh, in_specs: Any, out_specs: Any
 
 
 def cggr_loss(logits: jax.Array, targets: jax.Array, step: Any, *, mesh: Mesh, axis_name: str = "data",
-              scope: str = "global", loss_fn: CGGRLoss | None = None,
+              scope: str = "global", loss_fn: CGGRLoss | None = None, reference_nll: Any = None,
               **config: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Data-parallel CGGR loss on global arrays whose first axis is sharded over ``axis_name`` of ``mesh``.
 
@@ -249,6 +251,8 @@ def cggr_loss(logits: jax.Array, targets: jax.Array, step: Any, *, mesh: Mesh, a
         axis_name: the data axis.
         scope: ``"global"`` or ``"local"``.
         loss_fn: a :class:`cggr_jax.CGGRLoss` holding the configuration, or pass its keyword arguments.
+        reference_nll: with ``scoring='excess'`` (and only then) the reference per-token loss of ``targets``'
+            shape, sharded like them (each device reads its shard's slice; SPEC §3.1).
 
     Raises:
         ValueError: unknown ``scope``/``axis_name``, a leading dimension not divisible by the axis size, or
@@ -258,15 +262,18 @@ def cggr_loss(logits: jax.Array, targets: jax.Array, step: Any, *, mesh: Mesh, a
     _check_axis_name(axis_name)
     cfg = _as_config(loss_fn, config)
     logits, targets, step = cfg.check_call(logits, targets, step)
+    ref = scoring.check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape))
     _check_mesh(mesh, axis_name, logits)
     body = _global_share if scope == "global" else _local_share
 
-    def per_shard(lg: jax.Array, lb: jax.Array, st: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        share, metrics = body(lg, lb, st, cfg, axis_name)
+    def per_shard(lg: jax.Array, lb: jax.Array, st: jax.Array, *rf: jax.Array
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        share, metrics = body(lg, lb, st, rf[0] if rf else None, cfg, axis_name)
         return jax.lax.psum(share, axis_name), metrics
 
     data = P(axis_name)
-    return _shard_map(per_shard, mesh, (data, data, P()), (P(), P()))(logits, targets, step)
+    args = (logits, targets, step) + (() if ref is None else (ref,))   # the reference is sharded like targets
+    return _shard_map(per_shard, mesh, (data, data, P()) + (data,) * (len(args) - 3), (P(), P()))(*args)
 
 
 def batch_sharding(mesh: Mesh, axis_name: str = "data") -> NamedSharding:
@@ -294,7 +301,6 @@ class DistributedCGGRLoss(CGGRLoss):
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
-        reject_reference_scoring(self.config, "DistributedCGGRLoss")
         reject_sampled_selection(self.config, "DistributedCGGRLoss")
         _check_scope(self.scope)
         _check_axis_name(self.axis_name)
@@ -304,11 +310,13 @@ class DistributedCGGRLoss(CGGRLoss):
             raise ValueError(f"axis_name: {self.axis_name!r} is not an axis of the mesh "
                              f"{tuple(self.mesh.axis_names)}")
 
-    def __call__(self, logits: jax.Array, targets: jax.Array, step: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, logits: jax.Array, targets: jax.Array, step: Any,
+                 reference_nll: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         return cggr_loss(logits, targets, step, mesh=self.mesh, axis_name=self.axis_name, scope=self.scope,
-                         loss_fn=_plain_config(self))
+                         loss_fn=_plain_config(self), reference_nll=reference_nll)
 
-    def shard(self, logits: jax.Array, targets: jax.Array, step: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def shard(self, logits: jax.Array, targets: jax.Array, step: Any,
+              reference_nll: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """:func:`shard_cggr_loss` with this configuration (inside ``shard_map`` over ``axis_name``)."""
         return shard_cggr_loss(logits, targets, step, axis_name=self.axis_name, scope=self.scope,
-                               loss_fn=_plain_config(self))
+                               loss_fn=_plain_config(self), reference_nll=reference_nll)

@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cggr import CGGRConfig, reject_reference_scoring
+from cggr import CGGRConfig
 from cggr.config import reject_sampled_selection
 
 from cggr_jax import curriculum, dispatch, pipeline, utils
@@ -460,7 +460,7 @@ class FusedLinearCGGROutput(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _fused(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labels: jax.Array, step: jax.Array,
-           cfg: _Config) -> FusedLinearCGGROutput:
+           reference_nll: Optional[jax.Array], cfg: _Config) -> FusedLinearCGGROutput:
     token_shape = labels.shape
     d = hidden.shape[-1]
     h2 = hidden.reshape(-1, d)
@@ -477,8 +477,9 @@ def _fused(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labe
     stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
     config = cfg.config
     in_range2 = in_range.reshape(token_shape)
+    # SPEC §3.1: excess subtracts the reference after the statistics (Pallas or XLA), never inside them.
     scores = scoring_lib.scores_from_statistics(stats, config.scoring, not_ignored=not_ignored.reshape(token_shape),
-                                                in_range=in_range2)
+                                                in_range=in_range2, reference_nll=reference_nll)
     difficulty, elig = scores.difficulty, scores.eligible
     measured = pipeline.select_and_measure(scores, in_range2, step, config=config,
                                            schedule=curriculum.schedule_for(config, cfg.ratio_schedule))
@@ -507,7 +508,8 @@ def _fused(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labe
 
 
 def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, targets: jax.Array, step: Any, *,
-                      bias: Optional[jax.Array] = None, loss_fn: Any = None, config: Optional[CGGRConfig] = None,
+                      bias: Optional[jax.Array] = None, reference_nll: Any = None, loss_fn: Any = None,
+                      config: Optional[CGGRConfig] = None,
                       scoring: str = DEFAULT_CONFIG.scoring, selection: str = DEFAULT_CONFIG.selection,
                       dynamic_threshold: bool = DEFAULT_CONFIG.dynamic_threshold,
                       threshold_sensitivity: float = DEFAULT_CONFIG.threshold_sensitivity,
@@ -532,6 +534,9 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, targets: jax.Array, 
             out-of-range values raise; traced ones make the token ineligible, metric ``tokens_out_of_range``).
         step: curriculum step (int or integer scalar array, may be traced).
         bias: optional ``(V,)`` bias, dtype of ``hidden``.
+        reference_nll: with ``scoring='excess'`` (and only then) the reference model's per-token loss, a
+            floating array of the targets' shape aligned like them (SPEC §3.1); no gradient, and an array
+            argument of the compiled body (a new reference does not recompile).
         loss_fn: optional ``cggr_jax`` ``CGGRLoss`` whose configuration is used instead of the keyword
             arguments below (then they must keep their defaults).
         scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio, warmup_steps,
@@ -569,7 +574,6 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, targets: jax.Array, 
             raise ValueError(f"loss_fn: pass either loss_fn or the configuration keywords, not both ({err})") from err
         config, ratio_schedule = loss_fn.config, loss_fn.ratio_schedule
     config = resolve_config(config, settings, caller="fused_linear_cggr")
-    reject_reference_scoring(config, "fused_linear_cggr")
     reject_sampled_selection(config, "fused_linear_cggr")
     curriculum.check_schedule(ratio_schedule)
     if config.num_strata > selection_lib.MAX_STRATA:
@@ -579,6 +583,7 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, targets: jax.Array, 
     utils.check_int(memory_budget_bytes, "memory_budget_bytes", minimum=1)
     d, V = _check_linear(hidden, weight, bias, weight_layout)
     targets = _check_targets(targets, tuple(hidden.shape), V, config.ignore_index)
+    ref = scoring_lib.check_reference_nll(reference_nll, config.scoring, tuple(targets.shape))
     step_arr = curriculum.check_step(step)
     token_shape = tuple(hidden.shape[:-1])
     N = int(np.prod(token_shape))
@@ -594,8 +599,8 @@ def fused_linear_cggr(hidden: jax.Array, weight: jax.Array, targets: jax.Array, 
     cfg = _Config(capacity=cap, row_chunk=rows, vocab_chunk=vocab_chunk_size or plan.vocab_chunk,
                   forward_vocab_chunk=cols, weight_layout=weight_layout, logits_dtype=ldt,
                   statistics_kernel=kernel, config=config, ratio_schedule=ratio_schedule)
-    out = _fused(hidden, weight, bias, targets, step_arr, cfg)
-    concrete = not any(utils.is_traced(x) for x in (hidden, weight, bias, targets, step_arr) if x is not None)
+    out = _fused(hidden, weight, bias, targets, step_arr, ref, cfg)
+    concrete = not any(utils.is_traced(x) for x in (hidden, weight, bias, targets, step_arr, ref) if x is not None)
     if concrete:
         over = int(out.tokens_over_capacity)
         if over > 0:
@@ -616,8 +621,8 @@ def fused_linear_cggr_loss(hidden: jax.Array, weight: jax.Array, targets: jax.Ar
 @functools.partial(jax.jit, static_argnames=("scoring_name", "ignore_index", "row_chunk", "vocab_chunk", "layout",
                                              "ldt", "kernel"))
 def _scores(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labels: Optional[jax.Array],
-            valid_mask: Optional[jax.Array], scoring_name: str, ignore_index: int, row_chunk: int,
-            vocab_chunk: int, layout: str, ldt: str, kernel: bool) -> TokenScores:
+            valid_mask: Optional[jax.Array], reference_nll: Optional[jax.Array], scoring_name: str,
+            ignore_index: int, row_chunk: int, vocab_chunk: int, layout: str, ldt: str, kernel: bool) -> TokenScores:
     token_shape = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     V = weight.shape[0] if layout == "vd" else weight.shape[1]
@@ -631,7 +636,7 @@ def _scores(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], lab
                                  kernel, vocab_chunk)
     stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
     return scoring_lib.scores_from_statistics(stats, scoring_name, not_ignored=not_ignored, in_range=in_range,
-                                              valid_mask=valid_mask)
+                                              valid_mask=valid_mask, reference_nll=reference_nll)
 
 
 def fused_linear_scores(hidden: jax.Array, weight: jax.Array, targets: Optional[jax.Array] = None,
@@ -639,20 +644,21 @@ def fused_linear_scores(hidden: jax.Array, weight: jax.Array, targets: Optional[
                         ignore_index: int = DEFAULT_CONFIG.ignore_index,
                         valid_mask: Optional[jax.Array] = None, row_chunk_size: Optional[int] = None,
                         vocab_chunk_size: Optional[int] = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                        weight_layout: str = "vd", logits_dtype: Any = None) -> TokenScores:
+                        weight_layout: str = "vd", logits_dtype: Any = None,
+                        reference_nll: Any = None) -> TokenScores:
     """SPEC §2-§4 scores of ``hidden · Wᵀ + bias`` without materialising the logits (router use).
 
     Equal to ``cggr_jax.scoring.score_tokens(logits, targets, ...)`` up to the rounding of the chunked matmuls;
     arguments as :func:`fused_linear_cggr` and :func:`cggr_jax.scoring.score_tokens` (``row_chunk_size``,
     ``vocab_chunk_size``: the forward's logits blocks, default :func:`plan_chunks`; ``vocab_chunk_size``
-    applies with the Pallas statistics kernel only). No gradient is defined (wrap the inputs in
-    ``jax.lax.stop_gradient`` when used inside a differentiated function).
+    applies with the Pallas statistics kernel only; ``reference_nll`` as in :func:`cggr_jax.scoring.score_tokens`,
+    SPEC §3.1). No gradient is defined (wrap the inputs in ``jax.lax.stop_gradient`` when used inside a
+    differentiated function).
     """
     scoring_name = scoring
     utils.check_choice(scoring_name, "scoring", scoring_lib.SCORING_MODES)
     if scoring_name == "loss" and targets is None:
         raise ValueError("targets: scoring='loss' needs targets, got None")
-    reject_reference_scoring(CGGRConfig(scoring=scoring_name), "fused_linear_scores")
     ignore_index = utils.check_int(ignore_index, "ignore_index")
     _positive_int(row_chunk_size, "row_chunk_size")
     _positive_int(vocab_chunk_size, "vocab_chunk_size")
@@ -661,6 +667,8 @@ def fused_linear_scores(hidden: jax.Array, weight: jax.Array, targets: Optional[
     token_shape = tuple(hidden.shape[:-1])
     if targets is not None:
         targets = _check_targets(targets, tuple(hidden.shape), V, ignore_index)
+    reference_nll = scoring_lib.check_reference_nll(reference_nll, scoring_name, token_shape,
+                                                    has_targets=targets is not None)
     if valid_mask is not None:
         if getattr(valid_mask, "dtype", None) != jnp.bool_ or tuple(getattr(valid_mask, "shape", ())) != token_shape:
             raise ValueError(f"valid_mask: expected a bool array of shape {token_shape}, got {describe(valid_mask)}")
@@ -670,6 +678,6 @@ def fused_linear_scores(hidden: jax.Array, weight: jax.Array, targets: Optional[
     _, row_chunk, cols = forward_blocks(N, d, V, hidden.dtype, ldt, kernel, row_chunk_size, vocab_chunk_size,
                                          memory_budget_bytes)
     return _scores(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(weight),
-                   None if bias is None else jax.lax.stop_gradient(bias), targets, valid_mask,
+                   None if bias is None else jax.lax.stop_gradient(bias), targets, valid_mask, reference_nll,
                    scoring_name=scoring_name, ignore_index=ignore_index, row_chunk=row_chunk, vocab_chunk=cols,
                    layout=weight_layout, ldt=ldt, kernel=kernel)

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cggr import CGGRConfig, reject_reference_scoring
+from cggr import CGGRConfig
 from cggr.config import reject_sampled_selection
 
 from .curriculum import Schedule, base_ratio, host_step
@@ -63,7 +63,7 @@ from .loss import (
     validate_inputs,
 )
 from .pipeline import effective_ratio
-from .scoring import compute_statistics, row_finite, scores_from_statistics
+from .scoring import check_reference_nll, compute_statistics, row_finite, scores_from_statistics
 from .selection import select_tokens
 from .utils import resolve_config
 
@@ -145,8 +145,11 @@ def _check_consistency(logits: torch.Tensor, step: int, base: np.float32, world:
 
 def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: CGGRConfig,
                     base_loss: Optional[Callable[..., torch.Tensor]], group: Optional[dist.ProcessGroup],
-                    check_consistency: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SPEC §13 global scope on validated inputs: ``(loss, metrics)``; see the module docstring."""
+                    check_consistency: bool, reference_nll: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SPEC §13 global scope on validated inputs: ``(loss, metrics)``; see the module docstring.
+    ``reference_nll``: this rank's checked float32 reference (``scoring='excess'``); the gathered difficulties
+    already include it (SPEC §3.1, §13.2)."""
     world, rank = group_info(group)
     dev = logits.device
     tok_shape = tuple(logits.shape[:-1])
@@ -157,7 +160,8 @@ def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base
     with torch.no_grad():
         # The stages of cggr_torch.pipeline, with one all-gather between eligibility and the ratio.
         stats = compute_statistics(logits.detach(), targets, cfg.ignore_index)
-        scores = scores_from_statistics(stats, targets, cfg.scoring, cfg.ignore_index)
+        scores = scores_from_statistics(stats, targets, cfg.scoring, cfg.ignore_index,
+                                        reference_nll=reference_nll)
         elig = scores.eligible
         zero = torch.zeros((), dtype=torch.float32, device=dev)
 
@@ -230,9 +234,10 @@ def _world_size_or_one(group: Optional[dist.ProcessGroup]) -> int:
 
 def _local_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: CGGRConfig,
                    base_loss: Optional[Callable[..., torch.Tensor]],
-                   group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   group: Optional[dist.ProcessGroup], reference_nll: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SPEC §13 local scope: the single-device loss of this rank's shard (no communication)."""
-    loss, metrics = forward_reference(logits, targets, step, base, cfg, base_loss)
+    loss, metrics = forward_reference(logits, targets, step, base, cfg, base_loss, reference_nll)
     dev = logits.device
     world = _world_size_or_one(group)
     metrics["tokens_selected_local"] = metrics["tokens_selected"]
@@ -249,8 +254,8 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
               num_strata: int = CGGRConfig.num_strata,
               min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
               base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = CGGRConfig.ignore_index,
-              ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None,
+              reference_nll: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Data-parallel functional CGGR loss at curriculum ``step`` (a host integer): ``(loss, metrics)``.
 
     Called by every rank of ``process_group`` with its own shard ``logits`` ``(B, T, V)`` / ``(N, V)`` and
@@ -267,6 +272,8 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
         process_group: the data-parallel group (default: the default group); needed for ``"global"``.
         check_consistency: gather 6 int64 per rank and check that all ranks pass the same logits shape, step
             and base ratio (``ValueError`` for CPU tensors, a device assertion for CUDA tensors).
+        reference_nll: with ``scoring='excess'`` (and only then) this rank's reference per-token loss, of
+            the local ``targets``' shape (SPEC §3.1).
         Other arguments: as :class:`cggr_torch.CGGRLoss`.
 
     Raises:
@@ -280,16 +287,16 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
         scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
         threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
         num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index))
-    reject_reference_scoring(cfg, "cggr_torch.distributed.cggr_loss")
     reject_sampled_selection(cfg, "cggr_torch.distributed.cggr_loss")
     check_base_loss(base_loss)
     schedule = check_schedule(ratio_schedule, cfg)
     s = host_step(step)
     targets = validate_inputs(logits, targets, cfg.ignore_index)
+    ref = check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape), device=logits.device)
     base = base_ratio(schedule, s)
     if scope == "local":
-        return _local_forward(logits, targets, s, base, cfg, base_loss, process_group)
-    return _global_forward(logits, targets, s, base, cfg, base_loss, process_group, check_consistency)
+        return _local_forward(logits, targets, s, base, cfg, base_loss, process_group, ref)
+    return _global_forward(logits, targets, s, base, cfg, base_loss, process_group, check_consistency, ref)
 
 
 class DistributedCGGRLoss(CGGRLoss):
@@ -313,7 +320,6 @@ class DistributedCGGRLoss(CGGRLoss):
     def __init__(self, *args: Any, scope: str = "global", process_group: Optional[dist.ProcessGroup] = None,
                  check_consistency: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        reject_reference_scoring(self.config, "DistributedCGGRLoss")
         reject_sampled_selection(self.config, "DistributedCGGRLoss")
         self._scope = _check_scope(scope)
         if not isinstance(check_consistency, bool):
@@ -325,17 +331,20 @@ class DistributedCGGRLoss(CGGRLoss):
     def scope(self) -> str:
         return self._scope
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Selective loss of this rank's shard (float32 scalar). Never synchronises with a CUDA device."""
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor,
+                reference_nll: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Selective loss of this rank's shard (float32 scalar). Never synchronises with a CUDA device.
+        ``reference_nll``: this rank's reference loss of the targets' shape (``scoring='excess'``, SPEC §3.1)."""
         targets = validate_inputs(logits, targets, self.config.ignore_index)
+        ref = check_reference_nll(reference_nll, self.config.scoring, tuple(targets.shape), device=logits.device)
         step = self._step
         base = self.base_ratio()
         if self._scope == "local":
             loss, metrics = _local_forward(logits, targets, step, base, self.config, self.base_loss,
-                                           self.process_group)
+                                           self.process_group, ref)
         else:
             loss, metrics = _global_forward(logits, targets, step, base, self.config, self.base_loss,
-                                            self.process_group, self._check_consistency)
+                                            self.process_group, self._check_consistency, ref)
         self._metrics = metrics
         return loss
 

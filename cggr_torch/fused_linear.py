@@ -87,14 +87,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from cggr import CGGRConfig, reject_reference_scoring
+from cggr import CGGRConfig
 from cggr.config import reject_sampled_selection
 
 from . import dispatch
 from .curriculum import Schedule, base_ratio, host_step
 from .loss import CGGRLoss, check_schedule
 from .pipeline import select_and_measure
-from .scoring import compute_statistics, scores_from_statistics
+from .scoring import check_reference_nll, compute_statistics, scores_from_statistics
 from .types import TokenScores, TokenStatistics
 from .kernels.launch import DEFAULT_MEMORY_BUDGET, ChunkPlan, check_positive_int, plan_chunks
 from .utils import (
@@ -435,8 +435,9 @@ def _forward_blocks(hidden: torch.Tensor, vocab_size: int, row_chunk_size: Optio
 
 def _run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
          step: int, base: np.float32, cfg: CGGRConfig, row_chunk_size: Optional[int],
-         vocab_chunk_size: Optional[int], memory_budget_bytes: int) -> FusedLinearCGGROutput:
-    """The fused loss on validated inputs."""
+         vocab_chunk_size: Optional[int], memory_budget_bytes: int,
+         reference_nll: Optional[torch.Tensor] = None) -> FusedLinearCGGROutput:
+    """The fused loss on validated inputs (``reference_nll``: checked float32, ``scoring='excess'`` only)."""
     token_shape = tuple(hidden.shape[:-1])
     d = hidden.shape[-1]
     V = weight.shape[0]
@@ -449,7 +450,8 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias
                                      None if bias is None else bias.detach(), flat_t, cfg.ignore_index, row_chunk,
                                      forward_cols)
         stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
-        scores, mask, _k, metrics = select_and_measure(stats, targets, step, base, cfg)[:4]
+        # SPEC §3.1: excess subtracts the reference after the statistics (kernel or reference), never in them.
+        scores, mask, _k, metrics = select_and_measure(stats, targets, step, base, cfg, reference_nll)[:4]
         count = metrics["tokens_selected"]
         valid = scores.valid
         safe_t = torch.where(valid & (targets >= 0) & (targets < V), targets, torch.zeros_like(targets))
@@ -476,8 +478,8 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
                       ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None,
                       row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
-                      memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, config: Optional[CGGRConfig] = None
-) -> FusedLinearCGGROutput:
+                      memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, config: Optional[CGGRConfig] = None,
+                      reference_nll: Optional[torch.Tensor] = None) -> FusedLinearCGGROutput:
     """CGGR loss of the LM head ``z = hidden · weightᵀ + bias`` without materialising the logits.
 
     Equal (up to float rounding of the chunked matmuls) to ``cggr_loss(F.linear(hidden, weight, bias), targets,
@@ -499,24 +501,27 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
             ``forward_vocab_chunk`` and, with the real ``K``, its ``vocab_chunk``).
         memory_budget_bytes: working-memory target of the default plan (bytes, default 0.25 GiB).
         config: a ready :class:`cggr.CGGRConfig` instead of the settings.
+        reference_nll: with ``scoring='excess'`` (and only then) the reference model's per-token loss, a
+            floating tensor of the targets' shape aligned like them (SPEC §3.1); no gradient.
 
     Raises:
-        ValueError: bad shapes/dtypes/devices/configuration, or (CPU) targets out of range. On CUDA an
+        ValueError: bad shapes/dtypes/devices/configuration, a missing/misplaced/mis-shaped ``reference_nll``,
+            or (CPU) targets out of range. On CUDA an
             out-of-range label trips a device-side assertion (no synchronisation).
     """
     cfg = resolve_config(config, dict(
         scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
         threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
         num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index))
-    reject_reference_scoring(cfg, "fused_linear_cggr")
     reject_sampled_selection(cfg, "fused_linear_cggr")
     schedule = check_schedule(ratio_schedule, cfg)
     _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
     s = host_step(step)
     _check_linear(hidden, weight, bias)
     targets = _check_targets(targets, hidden, weight.shape[0], cfg.ignore_index)
+    ref = check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape), device=hidden.device)
     return _run(hidden, weight, targets, bias, s, base_ratio(schedule, s), cfg, row_chunk_size,
-                vocab_chunk_size, int(memory_budget_bytes))
+                vocab_chunk_size, int(memory_budget_bytes), ref)
 
 
 def fused_linear_cggr_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -558,7 +563,6 @@ class FusedLinearCGGRLoss(CGGRLoss):
                          warmup_steps=warmup_steps, num_strata=num_strata,
                          min_tokens_per_sequence=min_tokens_per_sequence, base_loss=None,
                          ignore_index=ignore_index, ratio_schedule=ratio_schedule, config=config)
-        reject_reference_scoring(self.config, "FusedLinearCGGRLoss")
         reject_sampled_selection(self.config, "FusedLinearCGGRLoss")
         _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
         self.row_chunk_size = row_chunk_size
@@ -566,12 +570,14 @@ class FusedLinearCGGRLoss(CGGRLoss):
         self.memory_budget_bytes = int(memory_budget_bytes)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Selective loss of one batch (float32 scalar) from the LM head's inputs. Never synchronises."""
+                bias: Optional[torch.Tensor] = None, reference_nll: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Selective loss of one batch (float32 scalar) from the LM head's inputs. Never synchronises.
+        ``reference_nll``: as :meth:`cggr_torch.CGGRLoss.forward` (``scoring='excess'``, SPEC §3.1)."""
         _check_linear(hidden, weight, bias)
         targets = _check_targets(targets, hidden, weight.shape[0], self.config.ignore_index)
+        ref = check_reference_nll(reference_nll, self.config.scoring, tuple(targets.shape), device=hidden.device)
         out = _run(hidden, weight, targets, bias, self._step, self.base_ratio(), self.config,
-                   self.row_chunk_size, self.vocab_chunk_size, self.memory_budget_bytes)
+                   self.row_chunk_size, self.vocab_chunk_size, self.memory_budget_bytes, ref)
         self._metrics = out.metrics
         return out.loss
 
@@ -585,7 +591,8 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Opt
                         bias: Optional[torch.Tensor] = None, *, scoring: str = CGGRConfig.scoring,
                         ignore_index: int = CGGRConfig.ignore_index, valid_mask: Optional[torch.Tensor] = None,
                         row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
-                        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> TokenScores:
+                        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+                        reference_nll: Optional[torch.Tensor] = None) -> TokenScores:
     """SPEC §2-§4 scores of the logits ``hidden · weightᵀ + bias`` without materialising them (router use).
 
     Equal to ``score_tokens(F.linear(hidden, weight, bias), targets, scoring=..., ...)`` up to the rounding of
@@ -596,14 +603,13 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Opt
         weight: ``(V, d)``, same dtype/device.
         targets: optional integer tensor of the token shape (needed for ``nll``; ``scoring='loss'``).
         bias: optional ``(V,)``.
-        scoring, ignore_index, valid_mask: as :func:`cggr_torch.score_tokens`.
+        scoring, ignore_index, valid_mask, reference_nll: as :func:`cggr_torch.score_tokens`.
         row_chunk_size, memory_budget_bytes: as :func:`fused_linear_cggr`.
         vocab_chunk_size: vocabulary columns per logits block (as :func:`fused_linear_cggr`'s forward).
     """
     check_scoring(scoring)
     if scoring == "loss" and targets is None:
         raise ValueError("targets: scoring='loss' needs targets, got None")
-    reject_reference_scoring(CGGRConfig(scoring=scoring), "fused_linear_scores")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise ValueError(f"ignore_index: expected an integer, got {ignore_index!r}")
     _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
@@ -611,6 +617,8 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Opt
     token_shape = tuple(hidden.shape[:-1])
     if targets is not None:
         targets = _check_targets(targets, hidden, weight.shape[0], int(ignore_index))
+    reference_nll = check_reference_nll(reference_nll, scoring, token_shape, has_targets=targets is not None,
+                                        device=hidden.device)
     if valid_mask is not None:
         if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool \
                 or tuple(valid_mask.shape) != token_shape:
@@ -626,7 +634,7 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Opt
                                  forward_cols)
     stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
     with torch.no_grad():
-        return scores_from_statistics(stats, targets, scoring, int(ignore_index), valid_mask)
+        return scores_from_statistics(stats, targets, scoring, int(ignore_index), valid_mask, reference_nll)
 
 
 def score_next_tokens_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -684,7 +692,7 @@ def _probe_hf(model: nn.Module, base: nn.Module) -> Any:
 
 def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                            loss_module: FusedLinearCGGRLoss, attention_mask: Optional[torch.Tensor] = None,
-                           **model_kwargs: Any) -> torch.Tensor:
+                           reference_nll: Optional[torch.Tensor] = None, **model_kwargs: Any) -> torch.Tensor:
     """CGGR loss of a Hugging Face causal LM without materialising its ``(B, T, V)`` logits.
 
     Runs the base model (``model.base_model``, e.g. ``model.model`` of a Llama) to get the final hidden states
@@ -695,6 +703,10 @@ def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: to
     labels instead of slicing the hidden states avoids copying them. A position whose next token is padding
     (``attention_mask[:, t + 1] == 0``) is ignored as well (the convention of SPEC §9); ``attention_mask`` and
     ``model_kwargs`` are passed to the base model.
+
+    ``reference_nll`` (``scoring='excess'`` only, SPEC §3.1) is aligned like the unshifted ``labels``, shape
+    ``(B, T)``: ``reference_nll[b, t]`` is the reference model's loss of predicting ``labels[b, t]``. It is
+    shifted exactly as the labels are (``reference_nll[:, 0]`` is never read; the last position has no target).
 
     Returns the float32 loss; metrics via ``loss_module.get_metrics()``; call ``loss_module.step()`` after
     each optimizer step.
@@ -714,6 +726,9 @@ def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: to
             or not is_integer_dtype(labels.dtype):
         raise ValueError(f"labels: expected an integer tensor of shape {tuple(input_ids.shape)} (that of "
                          f"input_ids), got {_describe(labels)}")
+    # Checked against the unshifted labels (the caller's alignment) before the model runs.
+    reference_nll = check_reference_nll(reference_nll, loss_module.config.scoring, tuple(labels.shape),
+                                        device=labels.device)
     base = getattr(model, "base_model", None)
     if not isinstance(base, nn.Module) or base is model:
         raise ValueError(f"model: expected a Hugging Face *ForCausalLM with a base model (model.base_model), got "
@@ -742,4 +757,6 @@ def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: to
         pad_next = torch.cat([attention_mask[:, 1:] == 0, torch.ones_like(attention_mask[:, :1], dtype=torch.bool)],
                              dim=1)
         shifted = shifted.masked_fill(pad_next, ignore)
-    return loss_module(hidden, head.weight, shifted, head.bias)
+    if reference_nll is not None:   # shifted as the labels; the last position's value is never read (ignored)
+        reference_nll = torch.cat([reference_nll[:, 1:], torch.zeros_like(reference_nll[:, :1])], dim=1)
+    return loss_module(hidden, head.weight, shifted, head.bias, reference_nll)

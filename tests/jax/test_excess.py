@@ -14,7 +14,7 @@ jnp = pytest.importorskip("jax.numpy")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 import cggr_jax  # noqa: E402
-from cggr_jax import distributed, fused_linear, router, scoring  # noqa: E402
+from cggr_jax import router, scoring  # noqa: E402
 from cggr_jax import loss as loss_module  # noqa: E402
 from tests import oracle  # noqa: E402
 
@@ -195,15 +195,6 @@ def test_wrong_shape_dtype_and_type_name_reference_nll():
 
 
 def test_entry_points_without_reference_support_say_so():
-    with pytest.raises(ValueError, match="not supported yet by fused_linear_cggr; issue 14"):
-        fused_linear.fused_linear_cggr(jnp.zeros((2, 4)), jnp.zeros((5, 4)), jnp.zeros(2, jnp.int32), 0,
-                                       scoring="excess")
-    with pytest.raises(ValueError, match="not supported yet by fused_linear_scores; issue 14"):
-        fused_linear.fused_linear_scores(jnp.zeros((2, 4)), jnp.zeros((5, 4)), jnp.zeros(2, jnp.int32),
-                                         scoring="excess")
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    with pytest.raises(ValueError, match="not supported yet by cggr_jax.distributed; issue 14"):
-        distributed.cggr_loss(jnp.zeros((2, 5)), jnp.zeros(2, jnp.int32), 0, mesh=mesh, axis_name="data",
-                              scoring="excess")
+    # The fused LM head and the distributed loss take reference_nll (tests/jax/test_excess_heads.py).
     with pytest.raises(ValueError, match="not supported yet by the JAX batch-split step; issue 14"):
         router.BatchSplitConfig(router_layers=1, scoring="excess")

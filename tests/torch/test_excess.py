@@ -12,8 +12,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import cggr_torch  # noqa: E402
-import cggr_torch.distributed  # noqa: E402,F401  (a submodule the package does not import)
-import cggr_torch.fused_linear  # noqa: E402,F401
 from cggr_torch import dispatch  # noqa: E402
 from cggr_torch.scoring import difficulty_from_statistics, score_tokens, token_statistics  # noqa: E402
 from tests import oracle  # noqa: E402
@@ -222,19 +220,7 @@ def test_wrong_shape_dtype_and_type_name_reference_nll():
 
 
 def test_entry_points_without_reference_support_say_so():
-    with pytest.raises(ValueError, match="not supported yet by FusedLinearCGGRLoss; issue 14"):
-        cggr_torch.fused_linear.FusedLinearCGGRLoss(scoring="excess")
-    with pytest.raises(ValueError, match="not supported yet by fused_linear_cggr; issue 14"):
-        cggr_torch.fused_linear.fused_linear_cggr(torch.zeros(2, 4), torch.zeros(5, 4),
-                                                  torch.zeros(2, dtype=torch.long), 0, scoring="excess")
-    with pytest.raises(ValueError, match="not supported yet by fused_linear_scores; issue 14"):
-        cggr_torch.fused_linear.fused_linear_scores(torch.zeros(2, 4), torch.zeros(5, 4),
-                                                    torch.zeros(2, dtype=torch.long), scoring="excess")
-    with pytest.raises(ValueError, match="not supported yet by DistributedCGGRLoss; issue 14"):
-        cggr_torch.distributed.DistributedCGGRLoss(scoring="excess", scope="local")
-    with pytest.raises(ValueError, match="not supported yet by cggr_torch.distributed.cggr_loss; issue 14"):
-        cggr_torch.distributed.cggr_loss(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), 0, scope="local",
-                                         scoring="excess")
+    # The fused LM head and the distributed loss take reference_nll (tests/torch/test_excess_heads.py).
     with pytest.raises(ValueError, match="not supported yet by batch splitting"):
         cggr_torch.scoring.score_next_tokens(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), None,
                                              scoring="excess", ignore_index=-100)
