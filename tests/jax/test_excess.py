@@ -205,5 +205,7 @@ def test_entry_points_without_reference_support_say_so():
     with pytest.raises(ValueError, match="not supported yet by cggr_jax.distributed; issue 14"):
         distributed.cggr_loss(jnp.zeros((2, 5)), jnp.zeros(2, jnp.int32), 0, mesh=mesh, axis_name="data",
                               scoring="excess")
-    with pytest.raises(ValueError, match="not supported yet by the JAX batch-split step; issue 14"):
-        router.BatchSplitConfig(router_layers=1, scoring="excess")
+    # the batch-split step takes reference_nll (SPEC §9.1; tests/jax/test_split_excess.py): a missing one names it
+    cfg = router.BatchSplitConfig(router_layers=1, scoring="excess")
+    with pytest.raises(ValueError, match="reference_nll: scoring='excess' needs the reference model's loss"):
+        router.select_sequences(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), ratio=0.5, config=cfg)
