@@ -45,8 +45,10 @@ def check_sequence_reference(reference_nll: Any, scoring: str, batch_shape: tupl
     needs = scoring in REFERENCE_SCORING_MODES
     if reference_nll is None:
         if needs:
+            # The usual way to lose it: the Hugging Face Trainer drops batch columns the model does not name.
             raise ValueError(f"reference_nll: scoring={scoring!r} needs the reference model's loss, {forms}; "
-                             f"got None")
+                             f"got None (with the Hugging Face Trainer keep the batch column: "
+                             f"remove_unused_columns=False)")
         return None
     if not needs:
         # A reference that no formula reads would be silently ignored: refuse it.

@@ -285,7 +285,8 @@ def test_bad_reference_raises_naming_reference_nll():
 
 def test_trainer_batches_carry_reference_nll_to_cggr_model(tmp_path):
     """The Hugging Face Trainer passes every batch key on: a reference_nll column reaches CGGRModel (with
-    remove_unused_columns=False; the default drops columns the model's forward does not name)."""
+    remove_unused_columns=False; the default drops columns the model's forward does not name, and CGGRModel then
+    says so)."""
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate>=1.1 (the torch extra)")
     from transformers import TrainingArguments
 
@@ -322,3 +323,10 @@ def test_trainer_batches_carry_reference_nll_to_cggr_model(tmp_path):
         dropped = torch.ones(4, dtype=torch.bool)
         dropped[kept] = False
         assert ref[kept].max() <= ref[dropped].min()
+    # the Trainer's default drops the column (the model's forward does not name it): CGGRModel says what to do
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                             save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, max_steps=1)
+    trainer = CGGRTrainer(model=model, args=args, train_dataset=rows,
+                          cggr_kwargs=dict(router_layers=1, scoring="excess"))
+    with pytest.raises(ValueError, match="reference_nll: .*remove_unused_columns=False"):
+        trainer.train()
