@@ -229,8 +229,8 @@ def select_sequences(router_logits: torch.Tensor, labels: torch.Tensor,
     only, ``(B, T)`` per token aligned like ``labels`` or ``(B,)`` per sequence (SPEC §9.1)."""
     labels = widen_labels(labels, ignore_index, name="labels")
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 3:
-        raise ValueError(f"router_logits: expected a (B, T, V) tensor, got "
-                         f"{tuple(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits).__name__}")
+        got = tuple(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits).__name__
+        raise ValueError(f"router_logits: expected a (B, T, V) tensor, got {got}")
     reference_nll = check_sequence_reference(reference_nll, scoring, tuple(router_logits.shape[:2]),
                                              device=router_logits.device)
     scores, _ = score_next_tokens(router_logits, labels, attention_mask, scoring=router_scoring(scoring),
