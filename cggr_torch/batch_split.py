@@ -379,7 +379,8 @@ class CGGRModel(Curriculum, nn.Module):
                *, reference_nll: Optional[torch.Tensor] = None, **kwargs: Any) -> SequenceSelection:
         """The router pass and sequence selection of one batch alone (no main pass, no host synchronisation,
         no metrics recorded): the sequences :meth:`forward` would keep at the current step. Used to time the
-        router separately (``benchmarks/bench_batch_split_torch.py``) and to compare router paths."""
+        router separately (``benchmarks/bench_batch_split_torch.py``) and to compare router paths. ``reference_nll``
+        as in :meth:`forward`."""
         check_batch(input_ids, labels, attention_mask)
         reference_nll = check_sequence_reference(reference_nll, self.scoring, tuple(input_ids.shape),
                                                  device=input_ids.device)
@@ -415,7 +416,8 @@ class CGGRModel(Curriculum, nn.Module):
                      attention_mask: Optional[torch.Tensor] = None, *, reference_nll: Optional[torch.Tensor] = None,
                      **kwargs: Any) -> BatchSplitOutput:
         """:meth:`forward` with ``model`` as the main pass (e.g. a DDP / accelerate wrapper of ``self.model``,
-        as the Hugging Face ``Trainer`` hands it to ``compute_loss``); returns a :class:`BatchSplitOutput`."""
+        as the Hugging Face ``Trainer`` hands it to ``compute_loss``); returns a :class:`BatchSplitOutput`.
+        ``reference_nll`` as in :meth:`forward` (checked before the router runs)."""
         check_batch(input_ids, labels, attention_mask)
         reference_nll = check_sequence_reference(reference_nll, self.scoring, tuple(input_ids.shape),
                                                  device=input_ids.device)
