@@ -59,6 +59,11 @@ model's (``vocab_size=``) raise :class:`ValueError`. A batch of one sequence is 
 has an eligible target (``k_seq = 1``), so the step equals the standard step (plus the router's cost).
 All-padding (or all-ignored) sequences are never eligible and never kept; a batch of only such sequences gives
 loss 0 and zero gradients.
+
+``scoring="excess"`` (SPEC §9.1): every call passes ``reference_nll=``, the reference model's loss per token
+``(B, T)`` (aligned like the unshifted labels) or per sequence ``(B,)``; a missing one, one given with another
+scoring, another shape or an integer dtype raises :class:`ValueError` before tracing. The modes without a
+router check it but do not read it (as they do not read ``scoring``). A reference of each form is one trace.
 """
 from __future__ import annotations
 
@@ -73,6 +78,7 @@ from flax import nnx
 from cggr import NUMERIC_METRIC_KEYS
 
 from cggr_jax import curriculum, integrations, router, selection, utils
+from cggr_jax.sequence_reference import check_sequence_reference
 # The step's configuration and the router paths it takes, defined with the scorer in cggr_jax.router.
 from cggr_jax.router import ROUTER_MEMORY_BUDGET, ROUTER_PATHS, BatchSplitConfig
 # The sequence selection of SPEC §9 lives in router.py beside the scorer that feeds it; batch splitting
@@ -293,8 +299,12 @@ class BatchSplitTrainStep:
         input_ids: jax.Array,
         labels: jax.Array,
         attention_mask: jax.Array | None = None,
+        reference_nll: jax.Array | None = None,
     ) -> tuple[BatchSplitState, dict[str, jax.Array]]:
         _check_batch(input_ids, labels, attention_mask)
+        # SPEC §9.1: required exactly with scoring='excess', per token (B, T) or per sequence (B,); checked
+        # before tracing (a None and an array reference are two traces, an array of one shape one).
+        reference_nll = check_sequence_reference(reference_nll, self.config.scoring, tuple(input_ids.shape))
         if self.vocab_size is not None:
             # SPEC §11 as in every entry point: concrete out-of-range labels raise here, before the jitted step
             # (under a trace the pair is not eligible and is counted in tokens_out_of_range instead).
@@ -303,7 +313,7 @@ class BatchSplitTrainStep:
             utils.check_label_dtype(labels.dtype, self.config.ignore_index, "labels")
         if not isinstance(state, BatchSplitState):
             raise ValueError(f"state: expected the BatchSplitState returned by init(), got {type(state).__name__}")
-        return self._jitted(state, input_ids, labels, attention_mask)
+        return self._jitted(state, input_ids, labels, attention_mask, reference_nll)
 
     def bucket_sizes(self, batch_size: int) -> tuple[int, ...]:
         """The static gathered sizes used for batches of ``batch_size`` sequences."""
@@ -322,10 +332,14 @@ class BatchSplitTrainStep:
         return loss, count, grads
 
     def route(self, params: Any, rest: Any, input_ids: jax.Array, labels: jax.Array,
-               attention_mask: jax.Array | None, step: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+              attention_mask: jax.Array | None, step: jax.Array,
+              reference_nll: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """``(rank, k, metrics)`` of the kept sequences for the selecting modes (rank −1 = not eligible): the
-        router's part of the step (traced inside it; public so that benchmarks can time the router alone)."""
+        router's part of the step (traced inside it; public so that benchmarks can time the router alone).
+        ``reference_nll``: SPEC §9.1 (checked like :meth:`__call__` does); the modes without a router
+        (``"random_sequence"``) validate it but do not read it, as they do not read ``scoring``."""
         cfg = self.config
+        reference_nll = check_sequence_reference(reference_nll, cfg.scoring, tuple(input_ids.shape))
         B = input_ids.shape[0]
         zero_f, zero_i = jnp.float32(0.0), jnp.int32(0)
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
@@ -354,12 +368,13 @@ class BatchSplitTrainStep:
             hidden = router_model.hidden_states(input_ids, attention_mask, cfg.router_layers)
             weight, layout = router.head_weight(router_model)
             sel = router.select_sequences_fused(hidden, weight, labels, attention_mask, step=step, config=cfg,
-                                         vocab_size=self.vocab_size, weight_layout=layout)
+                                                vocab_size=self.vocab_size, weight_layout=layout,
+                                                reference_nll=reference_nll)
         else:
             router_logits = router_model.router_logits(input_ids, cfg.router_layers, attention_mask)
             sel = router.select_sequences(jax.lax.stop_gradient(router_logits), labels, attention_mask,
-                                          step=step,
-                                   config=cfg, vocab_size=self.vocab_size)
+                                          step=step, config=cfg, vocab_size=self.vocab_size,
+                                          reference_nll=reference_nll)
         rank = sel.rank
         if self.mode == "random_sequence_router":
             rank = selection.rank_tokens(jax.random.uniform(key, (B,), dtype=jnp.float32), sel.eligible)
@@ -379,7 +394,8 @@ class BatchSplitTrainStep:
         return rank, sel.k, metrics
 
     def _step(self, state: BatchSplitState, input_ids: jax.Array, labels: jax.Array,
-              attention_mask: jax.Array | None) -> tuple[BatchSplitState, dict[str, jax.Array]]:
+              attention_mask: jax.Array | None,
+              reference_nll: jax.Array | None) -> tuple[BatchSplitState, dict[str, jax.Array]]:
         self.num_traces += 1  # runs at trace time only: counts compilations
         params, rest, opt_state = state
         B = input_ids.shape[0]
@@ -398,7 +414,8 @@ class BatchSplitTrainStep:
                 "avg_difficulty": zero_f, "avg_sequence_difficulty_selected": zero_f,
             }
         else:
-            rank, k, route_metrics = self.route(params, rest, input_ids, labels, attention_mask, step)
+            rank, k, route_metrics = self.route(params, rest, input_ids, labels, attention_mask, step,
+                                                reference_nll)
             # Kept sequences first (by rank), then the other eligible ones, then the ineligible ones.
             order_key = jnp.where(rank >= 0, rank, B + jnp.arange(B, dtype=jnp.int32))
             order = jnp.argsort(order_key).astype(jnp.int32)

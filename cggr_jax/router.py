@@ -9,7 +9,9 @@ router's logits ``z`` ``(B, T, V)`` and the ``labels`` ``(B, T)`` (unshifted):
 1. shift (SPEC §1): position ``t`` pairs ``z[:, t]`` with ``labels[:, t+1]``; that pair is *valid* when
    ``labels[:, t+1] != ignore_index`` and ``attention_mask[:, t+1] != 0`` (a padding target is ignored);
 2. score every pair (SPEC §2–§4) with :func:`cggr_jax.scoring.score_tokens` → difficulty ``d_{b,t}`` and
-   eligibility ``e_{b,t}``;
+   eligibility ``e_{b,t}``; with ``scoring='excess'`` the pairs are scored as ``'loss'`` and the caller's
+   ``reference_nll`` (per token ``(B, T)`` aligned like the labels, or per sequence ``(B,)``) is applied by
+   :mod:`cggr_jax.sequence_reference` (SPEC §9.1);
 3. sequence difficulty ``D_b = (Σ_t e_{b,t} d_{b,t}) / (Σ_t e_{b,t})`` (float32); a sequence with no eligible
    pair is not eligible; ``n_seq`` = eligible sequences;
 4. ratio (SPEC §5, :func:`cggr_jax.pipeline.ratios`): ``base = schedule(step)`` (default
@@ -36,10 +38,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cggr import DEFAULT_SEQUENCE_SELECTION, CGGRConfig, reject_reference_scoring
+from cggr import DEFAULT_SEQUENCE_SELECTION, CGGRConfig
 from flax import nnx
 
 from cggr_jax import curriculum, fused_linear, models, pipeline, scoring, selection, utils
+from cggr_jax.sequence_reference import apply_sequence_reference, check_sequence_reference, router_scoring
 from cggr_jax.loss import DEFAULT_CONFIG
 from cggr_jax.types import SequenceSelection, TokenScores
 
@@ -125,7 +128,6 @@ class BatchSplitConfig:
                             threshold_sensitivity=self.threshold_sensitivity,
                             min_tokens_ratio=self.min_tokens_ratio, warmup_steps=self.warmup_steps,
                             ignore_index=self.ignore_index).for_sequences()
-        reject_reference_scoring(config, "the JAX batch-split step")
         object.__setattr__(self, "_config", config)   # not a field: the settings above are the fields
         utils.check_int(self.seed, "seed")
         utils.check_choice(self.router_path, "router_path", ROUTER_PATHS)
@@ -171,14 +173,20 @@ def check_labels_and_mask(shape: tuple[int, ...], labels: Any, attention_mask: A
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def sequence_difficulty(difficulty: jax.Array, eligible: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sequence_difficulty(difficulty: jax.Array, eligible: jax.Array,
+                        sequence_reference: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """``D_b = Σ_t e_{b,t} d_{b,t} / Σ_t e_{b,t}`` (float32; 0 where no token is eligible) and the sequence
-    eligibility ``Σ_t e_{b,t} > 0``, for ``(B, T')`` token difficulties and eligibility."""
+    eligibility ``Σ_t e_{b,t} > 0``, for ``(B, T')`` token difficulties and eligibility. With a float32
+    per-sequence ``sequence_reference`` ``(B,)`` (SPEC §9.1; ``difficulty`` is then the router's ``nll``):
+    ``D_b`` = that mean ``⊖ ref_b``."""
     d = jnp.where(eligible, difficulty.astype(jnp.float32), jnp.float32(0.0))
     count = jnp.sum(eligible, axis=1, dtype=jnp.int32)
     total = jnp.sum(d, axis=1, dtype=jnp.float32)
     seq_ok = count > 0
-    seq_d = jnp.where(seq_ok, total / jnp.maximum(count, 1).astype(jnp.float32), jnp.float32(0.0))
+    seq_d = total / jnp.maximum(count, 1).astype(jnp.float32)
+    if sequence_reference is not None:
+        seq_d = seq_d - sequence_reference
+    seq_d = jnp.where(seq_ok, seq_d, jnp.float32(0.0))
     return seq_d, seq_ok
 
 
@@ -191,6 +199,7 @@ def select_sequences(
     ratio: Any = None,
     config: BatchSplitConfig = BatchSplitConfig(),
     vocab_size: int | None = None,
+    reference_nll: jax.Array | None = None,
 ) -> SequenceSelection:
     """SPEC §9 sequence selection from router logits ``(B, T, V)`` and ``labels`` ``(B, T)`` (unshifted).
 
@@ -199,6 +208,9 @@ def select_sequences(
     form for parity tests, matching ``tests.oracle.select_sequences``). ``vocab_size``, when given, must equal
     the router's ``V`` (a router with another vocabulary than the model cannot score the model's labels).
     Works eagerly (concrete out-of-range labels raise :class:`ValueError`) and under ``jit``.
+    ``reference_nll``: ``config.scoring='excess'`` only (and required there), the reference model's loss per
+    token ``(B, T)`` aligned like ``labels`` or per sequence ``(B,)`` (SPEC §9.1,
+    :mod:`cggr_jax.sequence_reference`).
     """
     if not isinstance(config, BatchSplitConfig):
         raise ValueError(f"config: expected a BatchSplitConfig, got {type(config).__name__}")
@@ -214,11 +226,13 @@ def select_sequences(
         )
     if (step is None) == (ratio is None):
         raise ValueError("select_sequences: pass exactly one of step= (curriculum) or ratio= (effective ratio)")
+    reference_nll = check_sequence_reference(reference_nll, config.scoring, tuple(logits.shape[:2]))
 
     targets, valid_mask, out_of_range = shifted_targets(labels, attention_mask, V, config)
-    ts = scoring.score_tokens(logits[:, :-1], targets, scoring=config.scoring, ignore_index=config.ignore_index,
-                              valid_mask=valid_mask)
-    return select_from_scores(ts, out_of_range, step, ratio, config)
+    ts = scoring.score_tokens(logits[:, :-1], targets, scoring=router_scoring(config.scoring),
+                              ignore_index=config.ignore_index, valid_mask=valid_mask)
+    ts, seq_ref = apply_sequence_reference(ts, reference_nll)
+    return select_from_scores(ts, out_of_range, step, ratio, config, seq_ref)
 
 
 def check_shifted_labels(labels: Any, attention_mask: Any, vocab_size: int, ignore_index: int) -> None:
@@ -255,11 +269,13 @@ def shifted_targets(labels: Any, attention_mask: Any, V: int,
 
 
 def select_from_scores(ts: TokenScores, out_of_range: jax.Array, step: Any, ratio: Any,
-                       config: BatchSplitConfig) -> SequenceSelection:
+                       config: BatchSplitConfig, sequence_reference: jax.Array | None = None) -> SequenceSelection:
     """Steps 3-5 of the module docstring from the ``(B, T−1)`` token scores of the shifted pairs: the
     sequence difficulties, the ratio of :func:`cggr_jax.pipeline.ratios` (or ``ratio`` as given) and the
-    ``topk`` of SPEC §7.1 over sequences."""
-    seq_d, seq_ok = sequence_difficulty(ts.difficulty, ts.eligible)
+    ``topk`` of SPEC §7.1 over sequences. ``sequence_reference``: the per-sequence reference of
+    :func:`cggr_jax.sequence_reference.apply_sequence_reference` (``D_b`` = mean ``nll`` ``⊖ ref_b``)."""
+    values = ts.difficulty if sequence_reference is None else ts.stats.nll
+    seq_d, seq_ok = sequence_difficulty(values, ts.eligible, sequence_reference)
     if ratio is not None:
         eff = curriculum.check_ratio_value(ratio)
         base = jnp.float32(jnp.nan)
@@ -285,6 +301,7 @@ def select_sequences_fused(
     bias: jax.Array | None = None,
     weight_layout: str = "vd",
     logits_dtype: Any = jnp.float32,
+    reference_nll: jax.Array | None = None,
 ) -> SequenceSelection:
     """:func:`select_sequences` of the logits ``z = hidden · Wᵀ + bias`` without materialising them.
 
@@ -314,14 +331,16 @@ def select_sequences_fused(
     if (step is None) == (ratio is None):
         raise ValueError("select_sequences_fused: pass exactly one of step= (curriculum) or ratio= (effective "
                          "ratio)")
+    reference_nll = check_sequence_reference(reference_nll, config.scoring, tuple(hshape[:2]))
     targets, valid_mask, out_of_range = shifted_targets(labels, attention_mask, V, config)
     ts = fused_linear.fused_linear_scores(
         jax.lax.stop_gradient(hidden[:, :-1]), jax.lax.stop_gradient(weight), targets,
-        None if bias is None else jax.lax.stop_gradient(bias), scoring=config.scoring,
+        None if bias is None else jax.lax.stop_gradient(bias), scoring=router_scoring(config.scoring),
         ignore_index=config.ignore_index, valid_mask=valid_mask,
         memory_budget_bytes=config.router_memory_budget_bytes, weight_layout=weight_layout,
         logits_dtype=logits_dtype)
-    return select_from_scores(ts, out_of_range, step, ratio, config)
+    ts, seq_ref = apply_sequence_reference(ts, reference_nll)
+    return select_from_scores(ts, out_of_range, step, ratio, config, seq_ref)
 
 
 def head_weight(model: Any) -> tuple[jax.Array, str]:
@@ -438,6 +457,7 @@ def score_sequences(
     attention_mask: jax.Array | None = None,
     step: Any = 0,
     config: BatchSplitConfig = BatchSplitConfig(),
+    reference_nll: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """The ``CGGRScorer`` form: ``(difficulty (B,), mask (B,), info)`` at curriculum ``step``.
 
@@ -445,7 +465,8 @@ def score_sequences(
     ``token_ratio`` (curriculum), and the token averages ``avg_confidence``, ``avg_entropy``,
     ``avg_difficulty``, ``tokens_total``, ``tokens_nonfinite``, ``tokens_out_of_range`` (SPEC §10).
     """
-    sel = select_sequences(router_logits, labels, attention_mask, step=step, config=config)
+    sel = select_sequences(router_logits, labels, attention_mask, step=step, config=config,
+                           reference_nll=reference_nll)
     return sel.difficulty, sel.mask, selection_info(sel)
 
 

@@ -16,6 +16,9 @@ One training step of ``CGGRModel(model)(input_ids, labels, attention_mask)``:
    ``ignore_index`` or its position is padding (``attention_mask == 0``).
 3. **Sequence difficulty** ``D_b = Σ_{t eligible} d_{b,t} / n_b`` (float32), ``n_b`` the eligible tokens of
    sequence ``b``; a sequence with ``n_b = 0`` is not eligible. ``n_seq`` = eligible sequences.
+   With ``scoring='excess'`` (SPEC §9.1) the router scores ``nll`` and the caller's ``reference_nll`` (per token
+   ``(B, T)`` aligned like the labels, or per sequence ``(B,)``) is subtracted first
+   (:mod:`cggr_torch.sequence_reference`); a non-finite reference makes its tokens not eligible.
 4. **How many**: ``ratio`` = SPEC §5 at the current step (curriculum, then the dynamic threshold with ``c̄`` the
    mean confidence over *all* eligible tokens of the batch); ``k_seq = num_selected(n_seq, ratio)`` (§5.3:
    ``k_seq = 0`` iff ``n_seq = 0``, else ``min(n_seq, max(1, round(ratio·n_seq)))``).
@@ -53,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, SEQUENCE_SELECTIONS, CGGRConfig, reject_reference_scoring
+from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, SEQUENCE_SELECTIONS, CGGRConfig
 
 from .curriculum import Curriculum, Schedule
 from .loss import check_schedule
@@ -73,6 +76,7 @@ from .router import (
 )
 from .scoring import score_next_tokens
 from .selection import rank_tokens, select_tokens
+from .sequence_reference import apply_sequence_reference, check_sequence_reference, router_scoring
 from .types import SequenceSelection, TokenScores
 from .utils import check_batch, resolve_config, widen_labels
 
@@ -183,13 +187,26 @@ class _Route(NamedTuple):
     k_seq: torch.Tensor
 
 
-def sequence_difficulty(difficulty: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_difficulty(difficulty: torch.Tensor, eligible: torch.Tensor,
+                        sequence_reference: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC §9: ``D_b`` = float32 mean token difficulty over the eligible tokens of row ``b``; a row with no
-    eligible token is not eligible (its ``D_b`` is 0)."""
+    eligible token is not eligible (its ``D_b`` is 0). With a float32 per-sequence ``sequence_reference``
+    ``(B,)`` (SPEC §9.1; ``difficulty`` is then the router's ``nll``): ``D_b`` = that mean ``⊖ ref_b``."""
     count = eligible.sum(dim=1)
     zero = torch.zeros((), dtype=torch.float32, device=difficulty.device)
     total = torch.where(eligible, difficulty.to(torch.float32), zero).sum(dim=1)
-    return total / torch.clamp(count, min=1).to(torch.float32), count > 0
+    seq_d, seq_ok = total / torch.clamp(count, min=1).to(torch.float32), count > 0
+    if sequence_reference is not None:
+        seq_d = torch.where(seq_ok, seq_d - sequence_reference, zero)
+    return seq_d, seq_ok
+
+
+def _reference_sequence_difficulty(scores: TokenScores, reference_nll: Optional[torch.Tensor], shift: bool
+                                   ) -> tuple[TokenScores, torch.Tensor, torch.Tensor]:
+    """SPEC §9/§9.1: the token scores after the reference (if any) and ``(D, sequence eligible)``."""
+    scores, seq_ref = apply_sequence_reference(scores, reference_nll, shift=shift)
+    values = scores.stats.nll if seq_ref is not None else scores.difficulty
+    return (scores,) + sequence_difficulty(values, scores.eligible, seq_ref)
 
 
 def _selection(scores: TokenScores, seq_d: torch.Tensor, seq_elig: torch.Tensor, keep: torch.Tensor,
@@ -203,15 +220,22 @@ def _selection(scores: TokenScores, seq_d: torch.Tensor, seq_elig: torch.Tensor,
 
 def select_sequences(router_logits: torch.Tensor, labels: torch.Tensor,
                      attention_mask: Optional[torch.Tensor] = None, *, ratio: Any, scoring: str = CGGRConfig.scoring,
-                     ignore_index: int = CGGRConfig.ignore_index) -> SequenceSelection:
+                     ignore_index: int = CGGRConfig.ignore_index,
+                     reference_nll: Optional[torch.Tensor] = None) -> SequenceSelection:
     """SPEC §9 sequence selection from router logits ``(B, T, V)`` and unshifted ``labels`` ``(B, T)`` at the
     float32 effective ``ratio`` — the pure form of what :meth:`CGGRModel.forward` does after its router pass,
     used by the cross-framework parity tests (``cggr_jax.batch_split.select_sequences(..., ratio=...)``).
-    ``base_ratio`` of the result is NaN (the ratio was passed directly)."""
+    ``base_ratio`` of the result is NaN (the ratio was passed directly). ``reference_nll``: ``scoring='excess'``
+    only, ``(B, T)`` per token aligned like ``labels`` or ``(B,)`` per sequence (SPEC §9.1)."""
     labels = widen_labels(labels, ignore_index, name="labels")
-    scores, _ = score_next_tokens(router_logits, labels, attention_mask, scoring=scoring,
+    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 3:
+        got = tuple(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits).__name__
+        raise ValueError(f"router_logits: expected a (B, T, V) tensor, got {got}")
+    reference_nll = check_sequence_reference(reference_nll, scoring, tuple(router_logits.shape[:2]),
+                                             device=router_logits.device)
+    scores, _ = score_next_tokens(router_logits, labels, attention_mask, scoring=router_scoring(scoring),
                                   ignore_index=ignore_index, shift=True)
-    seq_d, seq_elig = sequence_difficulty(scores.difficulty, scores.eligible)
+    scores, seq_d, seq_elig = _reference_sequence_difficulty(scores, reference_nll, True)
     mask, k = select_tokens(seq_d, seq_elig, ratio, selection="topk")
     return _selection(scores, seq_d, seq_elig, mask, k, ratio, float("nan"))
 
@@ -242,7 +266,8 @@ class CGGRModel(Curriculum, nn.Module):
             any router built from its modules) is held by reference and *not* registered as a sub-module, so
             ``parameters()``/``state_dict()`` list each weight once; an independent router is registered as
             ``router`` (a truncated router of *another* model registers that model as ``router_model``).
-        scoring: SPEC §3 difficulty (``'entropy'``, ``'margin'``, ``'loss'``, ``'combined'``).
+        scoring: SPEC §3 difficulty (``'entropy'``, ``'margin'``, ``'loss'``, ``'combined'``, or ``'excess'``
+            with a ``reference_nll`` at every call, SPEC §9.1).
         min_tokens_ratio, warmup_steps: the curriculum of SPEC §5.1 (``0 < min_tokens_ratio <= 1``,
             ``warmup_steps >= 0``).
         dynamic_threshold, threshold_sensitivity: SPEC §5.2.
@@ -285,7 +310,6 @@ class CGGRModel(Curriculum, nn.Module):
             threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
             warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
             ignore_index=ignore_index), CGGRConfig(selection=DEFAULT_SEQUENCE_SELECTION)).for_sequences()
-        reject_reference_scoring(self.config, "CGGRModel")  # at construction, not at the first forward
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise ValueError(f"shift_labels: expected None or a bool, got {shift_labels!r}")
         if router_batch_size is not None and (not isinstance(router_batch_size, numbers.Integral)
@@ -329,17 +353,21 @@ class CGGRModel(Curriculum, nn.Module):
 
     # ------------------------------------------------------------------------------------------ routing
     def _route(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor],
-               kwargs: dict[str, Any]) -> _Route:
-        """Steps 1-5 of the module docstring under ``no_grad``: router pass, scores, ratio, keep-mask. Async."""
+               kwargs: dict[str, Any], reference_nll: Optional[torch.Tensor]) -> _Route:
+        """Steps 1-5 of the module docstring under ``no_grad``: router pass, scores, ratio, keep-mask. Async.
+        ``reference_nll`` as returned by :func:`check_sequence_reference` (SPEC §9.1)."""
         router_kwargs = {k: kwargs[k] for k in ROUTER_INPUT_KEYS if kwargs.get(k) is not None}
         path, self.router_path_reason = resolve_router_path(self.router, self.router_path)  # host only
         with torch.no_grad():
             scores, nonfinite = router_token_scores(
-                self.router, path, input_ids, labels, attention_mask, router_kwargs, scoring=self.scoring,
-                ignore_index=self.ignore_index, shift=self.shift_labels, vocab_size=self.vocab_size,
-                batch_chunk=self.router_batch_size, memory_budget_bytes=self.router_memory_budget_bytes)
+                self.router, path, input_ids, labels, attention_mask, router_kwargs,
+                scoring=router_scoring(self.scoring), ignore_index=self.ignore_index, shift=self.shift_labels,
+                vocab_size=self.vocab_size, batch_chunk=self.router_batch_size,
+                memory_budget_bytes=self.router_memory_budget_bytes)
+            scores, seq_d, seq_elig = _reference_sequence_difficulty(scores, reference_nll, self.shift_labels)
             elig = scores.eligible
-            seq_d, seq_elig = sequence_difficulty(scores.difficulty, elig)
+            if reference_nll is not None:   # SPEC §3.1: a non-finite reference counts as a non-finite token
+                nonfinite = (scores.valid & ~elig).sum()
             n = elig.sum()
             mean_conf = eligible_mean(scores.stats.confidence, elig, n)
             base = self.base_ratio()
@@ -348,39 +376,54 @@ class CGGRModel(Curriculum, nn.Module):
         return _Route(path, scores, nonfinite, n, mean_conf, base, ratio, seq_d, seq_elig, keep, k_seq)
 
     def select(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-               **kwargs: Any) -> SequenceSelection:
+               *, reference_nll: Optional[torch.Tensor] = None, **kwargs: Any) -> SequenceSelection:
         """The router pass and sequence selection of one batch alone (no main pass, no host synchronisation,
         no metrics recorded): the sequences :meth:`forward` would keep at the current step. Used to time the
-        router separately (``benchmarks/bench_batch_split_torch.py``) and to compare router paths."""
+        router separately (``benchmarks/bench_batch_split_torch.py``) and to compare router paths. ``reference_nll``
+        as in :meth:`forward`."""
         check_batch(input_ids, labels, attention_mask)
+        reference_nll = check_sequence_reference(reference_nll, self.scoring, tuple(input_ids.shape),
+                                                 device=input_ids.device)
         labels = widen_labels(labels, self.config.ignore_index, name="labels")
-        r = self._route(input_ids, labels, attention_mask, kwargs)
+        r = self._route(input_ids, labels, attention_mask, kwargs, reference_nll)
         return _selection(r.scores, r.seq_d, r.seq_elig, r.keep, r.k_seq, r.ratio, r.base)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                **kwargs: Any) -> torch.Tensor:
+                *, reference_nll: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
         """Batch-split training loss (0-d tensor) of ``(input_ids, labels)`` ``(B, T)``; see the module docs.
 
         ``kwargs`` go to the main model; tensors whose first dimension is ``B`` are sliced with the batch
         (``position_ids`` of shape ``(1, T)`` and non-tensors pass unchanged). ``position_ids`` and
         ``token_type_ids`` also go to the router.
 
+        ``reference_nll`` (``scoring='excess'`` only, and required there; never passed to the model): the
+        reference model's loss, per token ``(B, T)`` aligned like the unshifted ``labels`` (shifted with them)
+        or per sequence ``(B,)`` (SPEC §9.1); a floating tensor on the device of ``input_ids``. A batch key
+        ``reference_nll`` of the Hugging Face ``Trainer`` arrives here.
+
         Raises:
             ValueError: ``input_ids`` not 2-D integer, ``labels``/``attention_mask`` of another shape, labels
                 out of ``[0, V)`` (CPU; a device assertion on CUDA), a router whose logits are not
-                ``(B, T, V_model)``, or a model that returns neither a loss nor ``(k, T, V_model)`` logits.
+                ``(B, T, V_model)``, a model that returns neither a loss nor ``(k, T, V_model)`` logits, or a
+                ``reference_nll`` missing with ``scoring='excess'``, given with another scoring, of another shape
+                than ``(B, T)`` / ``(B,)``, not floating or on another device.
         """
-        return self.forward_with(self.model, input_ids, labels, attention_mask, **kwargs).loss
+        return self.forward_with(self.model, input_ids, labels, attention_mask, reference_nll=reference_nll,
+                                 **kwargs).loss
 
     def forward_with(self, model: Callable[..., Any], input_ids: torch.Tensor, labels: torch.Tensor,
-                     attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> BatchSplitOutput:
+                     attention_mask: Optional[torch.Tensor] = None, *, reference_nll: Optional[torch.Tensor] = None,
+                     **kwargs: Any) -> BatchSplitOutput:
         """:meth:`forward` with ``model`` as the main pass (e.g. a DDP / accelerate wrapper of ``self.model``,
-        as the Hugging Face ``Trainer`` hands it to ``compute_loss``); returns a :class:`BatchSplitOutput`."""
+        as the Hugging Face ``Trainer`` hands it to ``compute_loss``); returns a :class:`BatchSplitOutput`.
+        ``reference_nll`` as in :meth:`forward` (checked before the router runs)."""
         check_batch(input_ids, labels, attention_mask)
+        reference_nll = check_sequence_reference(reference_nll, self.scoring, tuple(input_ids.shape),
+                                                 device=input_ids.device)
         labels = widen_labels(labels, self.config.ignore_index, name="labels")
         B = input_ids.shape[0]
-        r = self._route(input_ids, labels, attention_mask, kwargs)
+        r = self._route(input_ids, labels, attention_mask, kwargs, reference_nll)
         scores, elig, n, seq_elig = r.scores, r.scores.eligible, r.n, r.seq_elig
         kept = torch.nonzero(r.keep).reshape(-1)   # the step's one host synchronisation (dynamic slice size)
         num_kept = int(kept.numel())

@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, CGGRConfig, reject_reference_scoring
+from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, REFERENCE_SCORING_MODES, CGGRConfig
 
 from .curriculum import Curriculum, Schedule
 from .fused_linear import score_next_tokens_fused
@@ -589,7 +589,9 @@ class CGGRScorer(Curriculum, nn.Module):
             threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
             warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
             ignore_index=ignore_index), CGGRConfig(selection="topk"))
-        reject_reference_scoring(self.config, "CGGRScorer")
+        if self.config.scoring in REFERENCE_SCORING_MODES:   # a routing mask has no reference loss (SPEC §9.1)
+            raise ValueError(f"scoring: {self.config.scoring!r} is not supported by CGGRScorer (its routing mask has "
+                             f"no reference loss); use CGGRModel(scoring='excess') or CGGRLoss with reference_nll=")
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise ValueError(f"shift_labels: expected None or a bool, got {shift_labels!r}")
         if isinstance(router, nn.Module) and not isinstance(router, (TruncatedRouter, PassthroughRouter)):

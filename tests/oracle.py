@@ -420,3 +420,41 @@ def select_sequences(router_logits: np.ndarray, labels: np.ndarray, ratio: float
             seq_d[b] = F32(d[b][e[b]].mean())
     mask, k = select_tokens(seq_d, seq_ok, ratio, "topk")
     return {"mask": mask, "k": k, "sequence_difficulty": seq_d, "sequence_eligible": seq_ok, "scores": sc}
+
+
+def select_sequences_excess(router_logits: np.ndarray, labels: np.ndarray, ratio: float,
+                            reference_nll: np.ndarray, ignore_index: int = -100,
+                            attention_mask: np.ndarray | None = None, shift: bool = True) -> dict[str, Any]:
+    """SPEC §9.1: :func:`select_sequences` with ``scoring='excess'`` and batch splitting's ``reference_nll``,
+    per token ``(B, T)`` (aligned like the unshifted labels: shifted with them) or per sequence ``(B,)``.
+
+    Per token: ``d = nll − ref`` (float64, §3.1), ``D_b`` = mean of ``d`` over the eligible tokens. Per
+    sequence: every token of ``b`` is checked against ``ref_b`` (non-finite: not eligible, counted in
+    ``nonfinite``), ``d = nll − ref_b`` and ``D_b`` = (mean ``nll`` over the eligible tokens) ``− ref_b``.
+    ``shift=False`` (masked LMs) pairs ``logits[:, t]`` with ``labels[:, t]``.
+    """
+    logits = np.asarray(router_logits, dtype=np.float64)
+    tgt = np.array(labels).copy()
+    if attention_mask is not None:
+        tgt[np.asarray(attention_mask) == 0] = ignore_index
+    ref = np.asarray(reference_nll, dtype=np.float64)
+    if shift:
+        logits, tgt = logits[:, :-1], tgt[:, 1:]
+    B, W = tgt.shape
+    per_sequence = ref.ndim == 1
+    if per_sequence:
+        token_ref = np.repeat(ref[:, None], W, axis=1)
+    else:
+        token_ref = ref[:, 1:] if shift else ref
+    sc = score_tokens(logits, tgt, "excess", ignore_index, reference_nll=token_ref)
+    e = sc["eligible"]
+    seq_d = np.zeros(B, dtype=np.float32)
+    seq_ok = e.any(axis=1)
+    for b in range(B):
+        if seq_ok[b]:
+            if per_sequence:
+                seq_d[b] = F32(sc["stats"]["nll"][b][e[b]].mean() - ref[b])
+            else:
+                seq_d[b] = F32(sc["difficulty"][b][e[b]].mean())
+    mask, k = select_tokens(seq_d, seq_ok, ratio, "topk")
+    return {"mask": mask, "k": k, "sequence_difficulty": seq_d, "sequence_eligible": seq_ok, "scores": sc}

@@ -194,7 +194,9 @@ def test_wrong_shape_dtype_and_type_name_reference_nll():
         scoring.score_tokens(Z, None, scoring="excess", reference_nll=jnp.zeros((2, 3)))
 
 
-def test_entry_points_without_reference_support_say_so():
-    # The fused LM head and the distributed loss take reference_nll (tests/jax/test_excess_heads.py).
-    with pytest.raises(ValueError, match="not supported yet by the JAX batch-split step; issue 14"):
-        router.BatchSplitConfig(router_layers=1, scoring="excess")
+def test_batch_split_step_names_a_missing_reference():
+    # The fused LM head and the distributed loss take reference_nll (tests/jax/test_excess_heads.py), and so does
+    # the batch-split step (SPEC §9.1; tests/jax/test_split_excess.py): a missing one names it.
+    cfg = router.BatchSplitConfig(router_layers=1, scoring="excess")
+    with pytest.raises(ValueError, match="reference_nll: scoring='excess' needs the reference model's loss"):
+        router.select_sequences(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), ratio=0.5, config=cfg)

@@ -226,7 +226,13 @@ def test_entry_points_without_reference_support_say_so():
                                              scoring="excess", ignore_index=-100)
 
 
-def test_cggr_model_refuses_excess_at_construction():
-    # before any forward: a user learns at once that batch splitting has no reference yet
-    with pytest.raises(ValueError, match="not supported yet by CGGRModel; issue 14"):
-        cggr_torch.CGGRModel(torch.nn.Linear(2, 2), scoring="excess")
+def test_cggr_model_takes_excess_with_a_reference_and_the_scorer_refuses_it():
+    # batch splitting takes reference_nll (SPEC §9.1; tests/torch/test_split_excess.py): a missing one names it
+    model = torch.nn.Linear(2, 2)
+    cggr = cggr_torch.CGGRModel(model, cggr_torch.PassthroughRouter(model), scoring="excess")
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="reference_nll: scoring='excess' needs the reference model's loss"):
+        cggr(ids, labels=ids)
+    # the scorer's routing mask has no reference: refused at construction
+    with pytest.raises(ValueError, match="not supported by CGGRScorer"):
+        cggr_torch.CGGRScorer(cggr_torch.PassthroughRouter(model), scoring="excess")

@@ -1,0 +1,89 @@
+"""Batch splitting with a reference loss: ``scoring='excess'`` at sequence level (SPEC §9.1).
+
+The router scores its tokens as for ``scoring='loss'`` (``d = nll``, SPEC §3); then the caller's
+``reference_nll`` turns them into excess scores here, before the sequence difficulty:
+
+* **per token**, shape ``(B, T)`` aligned like the *unshifted* labels: ``reference_nll[b, t]`` is the
+  reference's loss of predicting ``labels[b, t]``, shifted exactly like the labels (position 0 is never read).
+  Token difficulty ``d = nll ⊖ ref`` (SPEC §3.1, through :func:`cggr_jax.scoring.difficulty_from_statistics`);
+  a non-finite ``ref`` makes its token not eligible; ``D_b`` = mean of ``d`` over the eligible tokens.
+* **per sequence**, shape ``(B,)``: the reference's mean loss of sequence ``b``. Every token of ``b`` gets
+  ``ref_b`` (so a non-finite ``ref_b`` makes all its valid tokens not eligible, counted in
+  ``tokens_nonfinite``); ``D_b`` = (mean router ``nll`` over the eligible tokens) ``⊖ ref_b``.
+
+The checks are static (shapes and dtypes), so they run eagerly and under a trace alike; the rest is traced.
+Mirrors ``cggr_torch.sequence_reference``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from cggr import REFERENCE_SCORING_MODES
+
+from cggr_jax.scoring import check_reference_nll, difficulty_from_statistics
+from cggr_jax.types import TokenScores
+
+__all__ = ["router_scoring", "check_sequence_reference", "apply_sequence_reference"]
+
+
+def router_scoring(scoring: str) -> str:
+    """The SPEC §3 mode the router scores its tokens with: ``'loss'`` for the reference modes (the reference
+    is subtracted afterwards by :func:`apply_sequence_reference`), else ``scoring`` itself."""
+    return "loss" if scoring in REFERENCE_SCORING_MODES else scoring
+
+
+def check_sequence_reference(reference_nll: Any, scoring: str, batch_shape: tuple[int, int]) -> jax.Array | None:
+    """SPEC §9.1's checks of batch splitting's ``reference_nll`` (``ValueError`` naming it): required exactly
+    when ``scoring`` is ``'excess'``; a floating array of shape ``(B, T)`` (per token, aligned like the labels)
+    or ``(B,)`` (per sequence). Returns it as float32 (SPEC §3.1's rounding: half precision widens exactly,
+    float64 rounds to nearest) without gradient, or None. Static checks only: they also run under a trace."""
+    B, T = (int(s) for s in batch_shape)
+    forms = f"(B, T) = {(B, T)} per token (aligned like the unshifted labels) or (B,) = {(B,)} per sequence"
+    needs = scoring in REFERENCE_SCORING_MODES
+    if reference_nll is None:
+        if needs:
+            raise ValueError(f"reference_nll: scoring={scoring!r} needs the reference model's loss, {forms}; "
+                             f"got None")
+        return None
+    if not needs:
+        # A reference that no formula reads would be silently ignored: refuse it.
+        raise ValueError(f"reference_nll: only scoring='excess' reads a reference loss; got one with "
+                         f"scoring={scoring!r}")
+    if not isinstance(reference_nll, (jax.Array, np.ndarray)):
+        raise ValueError(f"reference_nll: expected a floating array, {forms}; got {type(reference_nll).__name__}")
+    shape = tuple(reference_nll.shape)
+    if shape not in ((B, T), (B,)):
+        raise ValueError(f"reference_nll: expected shape {forms}; got {shape}")
+    # dtype and the float32 rounding of SPEC §3.1, written once in scoring
+    return check_reference_nll(reference_nll, scoring, shape)
+
+
+def apply_sequence_reference(scores: TokenScores, reference_nll: jax.Array | None, *,
+                             shift: bool = True) -> tuple[TokenScores, jax.Array | None]:
+    """Turn the router's ``'loss'`` token scores into excess scores (SPEC §9.1).
+
+    ``scores``: the router's token scores of shape ``(B, W)`` with column ``t`` the pair that predicts
+    ``labels[:, t + 1]`` (``shift=True``, causal; ``W = T − 1``, or ``W = T`` with a never-valid last column)
+    or ``labels[:, t]`` (``shift=False``); ``reference_nll`` as returned by :func:`check_sequence_reference`.
+    Returns ``(scores, sequence_reference)``: the token scores with ``d = nll ⊖ ref`` and the eligibility of
+    SPEC §3.1, and the float32 ``(B,)`` per-sequence reference to subtract from the mean ``nll``
+    (``sequence_difficulty(scores.stats.nll, scores.eligible, it)``), or None for a per-token reference
+    (``D_b`` is then the mean of ``scores.difficulty``). No reference: unchanged.
+    """
+    if reference_nll is None:
+        return scores, None
+    B, W = scores.difficulty.shape
+    per_sequence = reference_nll.ndim == 1
+    if per_sequence:
+        aligned = jnp.broadcast_to(reference_nll[:, None], (B, W))
+    else:
+        aligned = reference_nll[:, 1:] if shift else reference_nll
+        if aligned.shape[1] < W:   # a never-valid last column of input-position scores: never read
+            aligned = jnp.pad(aligned, ((0, 0), (0, W - aligned.shape[1])))
+    d = difficulty_from_statistics(scores.stats, "excess", reference_nll=aligned)
+    # The router's eligibility (valid, in range, finite row) AND a finite reference (SPEC §3.1): d is NaN there.
+    eligible = scores.eligible & ~jnp.isnan(d)
+    return TokenScores(d, eligible, scores.valid, scores.stats), (reference_nll if per_sequence else None)
