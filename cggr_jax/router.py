@@ -502,7 +502,7 @@ def decoder_lm_hidden_states(model: Any, input_ids: jax.Array,
 
 
 def decoder_lm_cggr_loss(model: Any, input_ids: jax.Array, labels: jax.Array, step: Any, *,
-                         attention_mask: Optional[jax.Array] = None,
+                         attention_mask: Optional[jax.Array] = None, reference_nll: Any = None,
                          **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CGGR loss of a :class:`cggr_jax.models.DecoderLM` without materialising its ``(B, T, V)`` logits.
 
@@ -515,6 +515,10 @@ def decoder_lm_cggr_loss(model: Any, input_ids: jax.Array, labels: jax.Array, st
     are those of :func:`cggr_jax.fused_linear.fused_linear_cggr` (configuration, capacity, chunking). The model's
     head must pass :func:`check_linear_head` (checked at first use). Differentiable w.r.t. the
     model's parameters (use inside ``nnx.value_and_grad`` with ``has_aux=True``).
+
+    ``reference_nll`` (``scoring='excess'``, SPEC §3.1) is aligned like the *unshifted* ``labels``, shape
+    ``(B, T)``: ``reference_nll[b, t]`` is the reference model's loss of predicting ``labels[b, t]``. It is shifted
+    exactly like the labels (``reference_nll[:, 0]`` is never read), as PyTorch's ``hf_causal_lm_cggr_loss`` does.
     """
     if not isinstance(model, models.DecoderLM):
         raise ValueError(f"model: expected a cggr_jax.models.DecoderLM, got {type(model).__name__}")
@@ -538,8 +542,16 @@ def decoder_lm_cggr_loss(model: Any, input_ids: jax.Array, labels: jax.Array, st
         nxt = jnp.concatenate([jnp.asarray(attention_mask)[:, 1:] != 0,
                                jnp.zeros((labels.shape[0], 1), bool)], axis=1)
         shifted = jnp.where(nxt, shifted, jnp.asarray(ignore_index, labels.dtype))
+    if reference_nll is not None:
+        if tuple(getattr(reference_nll, "shape", ())) != tuple(labels.shape):
+            raise ValueError(f"reference_nll: expected shape {tuple(labels.shape)} (that of labels, unshifted), "
+                             f"got {fused_linear.describe(reference_nll)}")
+        ref = jnp.asarray(reference_nll)
+        # Shifted like the labels; the last position has no target (ignore_index), so its value is never read.
+        reference_nll = jnp.concatenate([ref[:, 1:], jnp.zeros_like(ref[:, :1])], axis=1)
     kwargs.setdefault("logits_dtype", jnp.float32)
-    return fused_linear.fused_linear_cggr_loss(hidden, weight, shifted, step, weight_layout=layout, **kwargs)
+    return fused_linear.fused_linear_cggr_loss(hidden, weight, shifted, step, weight_layout=layout,
+                                               reference_nll=reference_nll, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- routers

@@ -105,7 +105,7 @@ def use_fused_loss(x: torch.Tensor, scoring: Optional[str] = None, selection: Op
     scoring kernel, which knows only the modes without a reference; a reference mode (``'excess'``, SPEC §3.1)
     therefore takes the composable path (scoring kernel → ``nll − reference_nll`` → selection kernel →
     selective cross-entropy kernel), even under ``force("kernel")``. This is the dispatch rule, not a
-    fallback: the fused kernel reading the reference is a later step of issue 14.
+    fallback: the subtraction is one elementwise pass over N floats, never over the logits (SPEC §3.1).
 
     ``selection``: the loss's strategy. ``'sampled'`` (SPEC §7.4) needs per-token loss weights, which the fused
     plan and loss kernels do not carry; it takes the composable path (scoring kernel → ``sample_tokens`` →

@@ -53,6 +53,8 @@ from typing import Any, Optional
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from cggr import REFERENCE_SCORING_MODES
+
 from .batch_split import CGGRModel
 from .curriculum import Curriculum
 
@@ -141,7 +143,32 @@ def _attach(trainer: Trainer, cggr_model: Optional[CGGRModel], cggr_kwargs: dict
     trainer.model_accepts_loss_kwargs = False
     trainer.loss_is_scaled_for_ga = False
     trainer.add_callback(CGGRStepCallback(cggr_model, model=trainer.model))
+    if cggr_model.config.scoring in REFERENCE_SCORING_MODES:
+        _keep_reference_column(trainer)
     return cggr_model
+
+
+#: The batch column that carries ``reference_nll`` to :class:`CGGRModel` (SPEC §9.1).
+REFERENCE_COLUMN = "reference_nll"
+
+
+def _keep_reference_column(trainer: Trainer) -> None:
+    """With ``remove_unused_columns=True`` (the default) the Trainer drops every dataset column that the model's
+    ``forward`` does not name. ``reference_nll`` is read by :class:`CGGRModel`, not by the model, so it is added to
+    the kept columns (SPEC §9.1); evaluation removes it again before the model sees the batch."""
+    setter = getattr(trainer, "_set_signature_columns_if_needed", None)
+    if setter is None:   # a Trainer without the column filter keeps every column anyway
+        return
+    setter()
+    columns = list(getattr(trainer, "_signature_columns", None) or [])
+    if REFERENCE_COLUMN not in columns:
+        columns.append(REFERENCE_COLUMN)
+    trainer._signature_columns = columns
+
+
+def _without_reference(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Evaluation batches go to the model itself, which takes no reference."""
+    return {k: v for k, v in inputs.items() if k != REFERENCE_COLUMN} if REFERENCE_COLUMN in inputs else inputs
 
 
 def _batch_split_loss(cggr: CGGRModel, model: torch.nn.Module, inputs: dict[str, Any],
@@ -205,7 +232,7 @@ def use_cggr(trainer: Trainer, cggr_model: Optional[CGGRModel] = None, **config:
     def compute_loss(model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Optional[Any] = None) -> Any:
         if not model.training:
-            return own_compute_loss(model, inputs, return_outputs=return_outputs,
+            return own_compute_loss(model, _without_reference(inputs), return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
         return _batch_split_loss(cggr, model, inputs, return_outputs)
 
@@ -243,7 +270,7 @@ class CGGRTrainer(Trainer):
                      num_items_in_batch: Optional[Any] = None) -> Any:
         """Batch-split loss in training mode; the standard loss otherwise. ``num_items_in_batch`` is unused."""
         if not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs)
+            return super().compute_loss(model, _without_reference(inputs), return_outputs=return_outputs)
         return _batch_split_loss(self.cggr, model, inputs, return_outputs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

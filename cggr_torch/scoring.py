@@ -304,9 +304,10 @@ def score_next_tokens(logits: torch.Tensor, labels: Optional[torch.Tensor],
         finite (the metric ``tokens_nonfinite``).
     """
     if scoring in REFERENCE_SCORING_MODES:
-        # Batch splitting's reference (per token or per sequence, aligned like the labels) is a later step.
-        raise ValueError(f"scoring: {scoring!r} is not supported yet by batch splitting (CGGRModel, CGGRScorer); "
-                         f"issue 14 (use CGGRLoss / cggr_loss / score_tokens with reference_nll=)")
+        # The reference is applied after the router's scores (SPEC §9.1), by the caller that holds it.
+        raise ValueError(f"scoring: {scoring!r} is applied after the router's scores (SPEC §9.1): call "
+                         f"score_next_tokens with scoring='loss', then "
+                         f"cggr_torch.sequence_reference.apply_sequence_reference")
     if labels is None:
         valid_mask = None if attention_mask is None else attention_mask != 0
         scores = score_tokens(logits, None, scoring=scoring, valid_mask=valid_mask)

@@ -219,9 +219,10 @@ def test_wrong_shape_dtype_and_type_name_reference_nll():
         score_tokens(logits, None, scoring="excess", reference_nll=torch.zeros(2, 3))
 
 
-def test_entry_points_without_reference_support_say_so():
-    # The fused LM head and the distributed loss take reference_nll (tests/torch/test_excess_heads.py).
-    with pytest.raises(ValueError, match="not supported yet by batch splitting"):
+def test_score_next_tokens_points_to_the_sequence_reference():
+    # The fused LM head, the distributed loss (tests/torch/test_excess_heads.py) and batch splitting
+    # (tests/torch/test_split_excess.py) take reference_nll; the router's token scorer leaves it to its caller.
+    with pytest.raises(ValueError, match="apply_sequence_reference"):
         cggr_torch.scoring.score_next_tokens(torch.zeros(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), None,
                                              scoring="excess", ignore_index=-100)
 

@@ -283,6 +283,16 @@ def test_bad_reference_raises_naming_reference_nll():
         CGGRScorer(FixedRouter(logits), scoring="excess")
 
 
+def datasets_or_rows(rows):
+    """A ``datasets.Dataset`` when the library is installed (the Trainer filters the columns of those only),
+    else the plain rows."""
+    try:
+        import datasets
+    except ImportError:
+        return rows
+    return datasets.Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows]).with_format("torch")
+
+
 def test_trainer_batches_carry_reference_nll_to_cggr_model(tmp_path):
     """The Hugging Face Trainer passes every batch key on: a reference_nll column reaches CGGRModel (with
     remove_unused_columns=False; the default drops columns the model's forward does not name, and CGGRModel then
@@ -323,10 +333,18 @@ def test_trainer_batches_carry_reference_nll_to_cggr_model(tmp_path):
         dropped = torch.ones(4, dtype=torch.bool)
         dropped[kept] = False
         assert ref[kept].max() <= ref[dropped].min()
-    # the Trainer's default drops the column (the model's forward does not name it): CGGRModel says what to do
+    # The Trainer's default (remove_unused_columns=True) drops the columns the model's forward does not name;
+    # CGGRTrainer / use_cggr keep reference_nll, and evaluation removes it before the model sees the batch.
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
-                             save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, max_steps=1)
-    trainer = CGGRTrainer(model=model, args=args, train_dataset=rows,
+                             per_device_eval_batch_size=4, save_strategy="no", disable_tqdm=True,
+                             dataloader_num_workers=0, max_steps=1)
+    trainer = CGGRTrainer(model=model, args=args, train_dataset=datasets_or_rows(rows), eval_dataset=rows[:4],
                           cggr_kwargs=dict(router_layers=1, scoring="excess"))
+    seen.clear()
+    trainer.cggr.forward_with = spy
+    trainer.train()
+    assert len(seen) == 1 and seen[0][0] is not None
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    # Without CGGR's Trainer switch the column is dropped, and CGGRModel says what to do.
     with pytest.raises(ValueError, match="reference_nll: .*remove_unused_columns=False"):
-        trainer.train()
+        trainer.cggr(rows[0]["input_ids"][None], labels=rows[0]["labels"][None])
