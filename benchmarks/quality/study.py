@@ -951,15 +951,19 @@ def plan_round2b(st: Study) -> None:
         st.log("round2b needs round1's sweeps: stopping")
         return
     seeds = list(s.seeds)
+    # One seed of each library arm first (its step cost, and P14's check), then the token arms seed-major so
+    # that a deadline leaves paired seeds, then the rest.
     for a in ("cggr_excess_r4", "cggr_excess_r1"):
-        for seed in seeds:
-            st.run(RunSpec(a, seed, lr_k, s.steps))
-    token_arms = ["random_token", "excess_token", "cggr_token"]
-    if getattr(st.args, "with_sampled", False):
-        token_arms.append("excess_token_sampled")
+        st.run(RunSpec(a, seeds[0], lr_k, s.steps))
     for seed in seeds:
-        for a in token_arms:
+        for a in ("random_token", "excess_token", "cggr_token"):
             st.run(RunSpec(a, seed, lr_B, s.steps))
+    if getattr(st.args, "with_sampled", False):
+        for seed in seeds:
+            st.run(RunSpec("excess_token_sampled", seed, lr_B, s.steps))
+    for a in ("cggr_excess_r4", "cggr_excess_r1"):
+        for seed in seeds[1:]:
+            st.run(RunSpec(a, seed, lr_k, s.steps))
     st.run(RunSpec("router_excess_r4", seeds[0], lr_k, s.steps, noise=True))
     for seed in seeds[1:]:
         st.run(RunSpec("router_excess_r2", seed, lr_k, s.steps))
