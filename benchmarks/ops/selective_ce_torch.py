@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 sys.path.insert(0, ROOT)
 
-STRATEGIES = ("fixed_quota", "topk", "stratified", "sequence_aware")
+STRATEGIES = ("fixed_quota", "topk", "stratified", "sequence_aware", "sampled")
 
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
