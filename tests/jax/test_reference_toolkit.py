@@ -98,8 +98,10 @@ def test_training_reduces_held_out_loss_and_is_deterministic(tmp_path):
         train_reference_model(m, train, steps=3, batch_size=8, lr=1e-2, seed=seed)
         leaves = jax.tree_util.tree_leaves(nnx.state(m, nnx.Param))
         params.append(np.concatenate([np.asarray(x).ravel() for x in leaves]))
-    np.testing.assert_array_equal(params[0], params[1])
-    assert not np.array_equal(params[0], params[2])
+    # Same batches and learning rates: equal up to the last bits of GPU reductions (XLA's GPU reductions are not
+    # run-to-run bit-reproducible; on the CPU they are); another seed trains on other batches: far apart.
+    np.testing.assert_allclose(params[0], params[1], rtol=1e-5, atol=1e-6)
+    assert np.abs(params[0] - params[2]).max() > 1e-3
 
 
 def test_training_follows_the_shared_schedule():

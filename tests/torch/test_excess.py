@@ -15,7 +15,7 @@ import cggr_torch  # noqa: E402
 from cggr_torch import dispatch  # noqa: E402
 from cggr_torch.scoring import difficulty_from_statistics, score_tokens, token_statistics  # noqa: E402
 from tests import oracle  # noqa: E402
-from tests.torch import DTYPES, as_f64, random_logits, random_targets  # noqa: E402
+from tests.torch import DTYPES, as_f64, kernel_test_device, random_logits, random_targets  # noqa: E402
 
 REF_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16,
               "float64": torch.float64}
@@ -167,13 +167,14 @@ def test_excess_under_forced_kernels_takes_the_composable_path():
     # CPU tensors under force("kernel") run the Triton interpreter: the scoring kernel computes the statistics,
     # the subtraction follows, and the fused plan (select_from_scores) is never called for excess.
     pytest.importorskip("triton")
+    dev = kernel_test_device()   # compiled kernels (a GPU) need CUDA tensors
     rng = np.random.default_rng(21)
     logits, targets = random_logits(rng, (2, 5, 17)), random_targets(rng, (2, 5), 17)
     ref = reference_for(rng, (2, 5), "float32")
     cfg = dict(scoring="excess", warmup_steps=0, min_tokens_ratio=0.4)
     expected, exp_metrics = cggr_torch.cggr_loss(logits, targets, 0, reference_nll=ref, **cfg)
     with dispatch.force("kernel") as log:
-        got, metrics = cggr_torch.cggr_loss(logits, targets, 0, reference_nll=ref, **cfg)
+        got, metrics = cggr_torch.cggr_loss(logits.to(dev), targets.to(dev), 0, reference_nll=ref.to(dev), **cfg)
     assert log.calls["token_statistics_triton"] == 1 and log.calls["select_from_scores"] == 0
     assert int(metrics["tokens_selected"]) == int(exp_metrics["tokens_selected"])
     np.testing.assert_allclose(float(got.detach()), float(expected.detach()), atol=1e-5, rtol=1e-5)

@@ -131,8 +131,7 @@ def _run(logits, targets, step, **cfg):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", [(3, 7, 11), (29, 5)])
 def test_loss_matches_the_oracle(mode, dtype, shape):
-    if mode == "kernel":
-        kernel_test_device()
+    dev = kernel_test_device() if mode == "kernel" else "cpu"   # compiled kernels (a GPU) need CUDA tensors
     rng = np.random.default_rng(len(shape) * 7 + len(dtype))
     V = shape[-1]
     logits = random_logits(rng, shape, DTYPES[dtype])
@@ -142,13 +141,13 @@ def test_loss_matches_the_oracle(mode, dtype, shape):
         logits[2, 0, :] = float("inf")
     cfg = dict(selection="sampled", warmup_steps=10, sample_seed=11, sample_power=1.5, sample_uniform_mix=0.2)
     with dispatch.force(mode) as log:
-        x, loss, met = _run(logits, targets, 4, **cfg)
+        x, loss, met = _run(logits.to(dev), targets.to(dev), 4, **cfg)
     if mode == "kernel":
         assert log.calls["select_from_scores"] == 0            # the fused path does not know `sampled`
         assert log.calls["selective_cross_entropy_triton"] == 1
     d = score_tokens(logits, targets).difficulty.numpy()
     ref = oracle.cggr_loss(as_f64(logits), targets.numpy(), 4, difficulty_override=d, **cfg)
-    mask = torch.isfinite(x.grad).all(-1).numpy()  # sanity: the gradient is finite everywhere
+    mask = torch.isfinite(x.grad).all(-1).cpu().numpy()  # sanity: the gradient is finite everywhere
     assert mask.all()
     assert int(met["tokens_selected"]) == int(ref["mask"].sum())
     assert int(met["tokens_total"]) == ref["metrics"]["tokens_total"]
@@ -156,19 +155,18 @@ def test_loss_matches_the_oracle(mode, dtype, shape):
     assert float(met["sample_ess"]) == pytest.approx(ref["metrics"]["sample_ess"], rel=1e-4)
     assert float(loss) == pytest.approx(ref["loss"], rel=1e-4, abs=1e-5)
     atol, rtol = GRAD_TOL[dtype]
-    np.testing.assert_allclose(x.grad.float().numpy(), ref["grad"], atol=atol, rtol=rtol)
+    np.testing.assert_allclose(x.grad.float().cpu().numpy(), ref["grad"], atol=atol, rtol=rtol)
     assert x.grad.dtype == DTYPES[dtype]
 
 
 @pytest.mark.parametrize("mode", ["reference", "kernel"])
 def test_all_ignored_and_empty(mode):
-    if mode == "kernel":
-        kernel_test_device()
+    dev = kernel_test_device() if mode == "kernel" else "cpu"
     with dispatch.force(mode):
         for logits, targets in [(torch.randn(4, 6, 5), torch.full((4, 6), -100)),
                                 (torch.randn(0, 5), torch.zeros(0, dtype=torch.int64)),
                                 (torch.full((3, 5), float("nan")), torch.zeros(3, dtype=torch.int64))]:
-            x, loss, met = _run(logits, targets, 0, selection="sampled")
+            x, loss, met = _run(logits.to(dev), targets.to(dev), 0, selection="sampled")
             assert float(loss) == 0.0 and not x.grad.any() and int(met["tokens_selected"]) == 0
             assert float(met["sample_ess"]) == 0.0
 
