@@ -144,6 +144,10 @@ def summarize(folder: Path) -> dict:
     for lab in table:
         base = "random_subset+noise" if lab.endswith("+noise") else "random_subset"
         comps = (base, "std_k") + (("oracle_excess",) if lab.startswith("router_excess") and "+noise" not in lab else ())
+        if lab.endswith("_token") or lab.endswith("_token_sampled"):   # token arms: against random tokens
+            comps += ("random_token",)
+        if lab.startswith("cggr_excess_r"):                            # the library path vs the harness's
+            comps += ("router_excess_r" + lab.rsplit("_r", 1)[1],)
         for comp in comps:
             if lab != comp and comp in val and (comp != "std_k" or not lab.endswith("+noise")):
                 comparisons[f"{lab} - {comp}"] = paired(val[lab], val[comp], floor)
