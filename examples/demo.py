@@ -104,7 +104,7 @@ class DemoConfig:
     batch-split router (the model's first block(s)).
     """
 
-    steps: int = 240
+    steps: int = 200
     batch_size: int = 16
     seq_len: int = 64
     d_model: int = 64
@@ -115,9 +115,9 @@ class DemoConfig:
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
     min_tokens_ratio: float = 0.25
-    warmup_steps: int = 48
+    warmup_steps: int = 40
     threshold_sensitivity: float = 0.5
-    eval_every: int = 12
+    eval_every: int = 10
     eval_batches: int = 4
     seed: int = 0
     tokenizer: str = "char"
@@ -156,7 +156,7 @@ class DemoConfig:
 
 
 #: ``--quick``: a smaller model and a few steps (a smoke test of the whole pipeline).
-QUICK: dict[str, int] = dict(steps=8, batch_size=8, seq_len=32, d_model=32, num_layers=2, num_heads=2,
+QUICK: dict[str, int] = dict(steps=8, batch_size=8, seq_len=32, d_model=32, num_layers=1, num_heads=2,
                              mlp_hidden=64, eval_batches=1)
 
 
