@@ -312,8 +312,12 @@ def test_verdict_is_computed_from_the_numbers() -> None:
     assert t["trained_token_share_after_curriculum"]["cggr_split"] == pytest.approx(0.25)
     # the text carries the numbers of the dict and words that follow their signs
     assert "+0.1000" in text and "-0.1000" in text and "+0.0500" in text and "+0.0050" in text
-    assert "torch: loss-based CGGR token selection did not beat random selection here: it ended worse" in text
-    assert "jax: loss-based CGGR token selection beat random selection here (Δ = -0.1000 nats)" in text
+    assert t["lowest_at_equal_steps"] == "random_seq" and j["lowest_at_equal_steps"] == "standard"
+    assert ("torch: random_seq ended lowest at equal steps (1.9000); loss-based CGGR token selection did not beat "
+            "random selection here: it ended worse") in text
+    assert ("jax: standard ended lowest at equal steps (2.0000); loss-based CGGR token selection beat random "
+            "selection here (Δ = -0.1000 nats)") in text
+    assert "One seed" in text
     assert "a tie" in text and "2.00× faster per step" in text
     assert "random_seq reached standard's final held-out CE first in wall-clock (3.7 s against 10.0 s)" in text
     assert "jax:" in text and "no selection arm reached standard's final held-out CE sooner" in text
@@ -394,6 +398,7 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
         v = verdict["frameworks"][fw]
         final = {arm: runs[f"{fw}-{arm}"]["eval_loss"][-1] for arm in demo.ARMS}
         assert v["final_eval_loss"] == final
+        assert v["lowest_at_equal_steps"] == min(final, key=final.__getitem__)
         for arm, loss in final.items():
             assert f"{arm} {loss:.4f}" in text
         assert v["delta_token"] == pytest.approx(final["cggr_token"] - final["random_token"])
