@@ -769,7 +769,8 @@ def plot_curves(runs: Sequence[RunResult], cfg: DemoConfig, source: TextSource, 
     ax_share.set_xlabel("optimizer step")
     ax_share.set_ylabel("trained tokens / input tokens")
     ax_share.set_title(f"Tokens trained per step: curriculum 1 → {cfg.min_tokens_ratio} over {cfg.warmup_steps} "
-                       "steps (line);\ntoken arms × (1 + (1 − c̄)·0.5) by the dynamic threshold", fontsize=9)
+                       f"steps (line);\ntoken arms × (1 + (1 − c̄)·{cfg.threshold_sensitivity}) by the dynamic "
+                       "threshold", fontsize=9)
     ax_share.grid(alpha=0.3)
     ax_share.legend(fontsize=7, ncol=2)
     fig.suptitle(f"CGGR demo — {source.name}, {cfg.tokenizer} tokens, {cfg.num_layers}-layer d={cfg.d_model} "
