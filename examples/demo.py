@@ -1,33 +1,48 @@
 #!/usr/bin/env python
-"""CGGR demo: a tiny GPT trained with ``CGGRLoss`` vs plain cross-entropy, in PyTorch and in JAX/Flax.
+"""CGGR demo with a verdict: standard training vs random vs CGGR selection, at token level and by batch splitting,
+in PyTorch and in JAX/Flax, compared on held-out loss against optimizer steps *and* against wall-clock time.
 
-``make demo`` (``python examples/demo.py``) runs four short trainings on real text, on CPU, offline:
+``make demo`` (``python examples/demo.py``) trains a tiny decoder on real text (Tiny Shakespeare when present,
+else the Python standard library's sources), on CPU, offline. Five arms per framework, from the same
+initialisation and the same batches (``ratio`` = ``--min-tokens-ratio``, 0.25):
 
-=============  =========================================================================================
-run            what
-=============  =========================================================================================
-torch-ce       ``transformers`` Llama built from a config, ``torch.optim.AdamW``, mean cross-entropy
-torch-cggr     the same model/initialisation/batches, ``cggr_torch.CGGRLoss`` + ``criterion.step()``
-jax-ce         ``cggr_jax.models.DecoderLM`` (Flax NNX), ``nnx.Optimizer(optax.adamw)``, mean CE
-jax-cggr       the same, ``cggr_jax.CGGRLoss`` with ``optax.chain(advance_curriculum(), adamw)``;
-               the curriculum step is read from the optimizer state, all inside one ``nnx.jit`` step
-=============  =========================================================================================
+================  ==============================================================================================
+arm               what one training step does
+================  ==============================================================================================
+``standard``      mean cross-entropy over every token of the batch
+``random_token``  the fair baseline of token selection: the loss is the mean cross-entropy of a uniformly random
+                  (seeded) subset of the tokens whose size follows CGGR's count rule: the curriculum ratio raised
+                  by the dynamic threshold from the batch's mean confidence (SPEC §5.1-§5.3)
+``cggr_token``    ``CGGRLoss`` with its defaults (``combined`` scoring, ``stratified`` selection, dynamic
+                  threshold 0.5) except a short curriculum: the ratio falls from 1 to ``ratio`` over the first
+                  ``warmup_steps`` (20 % of the run) instead of 1000 steps
+``random_seq``    a uniformly random (seeded) ``ratio`` of the *sequences* of each batch, forward + backward on
+                  those rows only (the baseline of batch splitting)
+``cggr_split``    batch splitting (SPEC §9): PyTorch ``CGGRModel``, JAX ``make_batch_split_train_step``; a router
+                  made of the model's first ``router_layers`` block(s) scores the sequences and the full model
+                  trains only the hardest ``ratio`` of them (``selection="fixed_quota"``, so it keeps exactly
+                  as many sequences as ``random_seq``; same curriculum)
+================  ==============================================================================================
 
-CGGR's training loss is the mean cross-entropy over the *selected* (hardest) tokens only,
-``loss = Σ_{i∈S} ce_i / |S|`` with ``|S| = k ≈ ratio · n``, so it is not comparable with the full
-cross-entropy ``Σ_i ce_i / n`` of the baseline. The comparable quantity is the **held-out cross-entropy
-over all tokens** of the last 10 % of the text, measured every ``--eval-every`` steps; that is what the
-plot and the summary compare. The curriculum ratio falls linearly from 1 to ``min_tokens_ratio`` over
-``warmup_steps`` (SPEC §5.1); the dynamic threshold then raises it by ``(1 − c̄)·sensitivity`` (§5.2).
+PyTorch trains a ``transformers`` Llama built from a config with ``torch.optim.AdamW``; JAX trains
+``cggr_jax.models.DecoderLM`` (Flax NNX) with ``optax.adamw`` (chained after ``advance_curriculum()``), with
+the batch-split arms in ``BatchSplitTrainStep``. Within a framework every arm starts from the same weights.
 
-Outputs (``--out``, default ``out/demo``): ``demo.png`` (held-out CE vs step, token ratio vs step),
-``demo_curves.json`` (every curve and the configuration) and a summary table on stdout.
-The exit status is 1 when any recorded curve is not finite.
+What is compared: the **held-out cross-entropy over all tokens** of the last 10 % of the text (the training
+losses of the selection arms cover only the selected tokens and are not comparable), against the optimizer step
+and against the training wall-clock (evaluation excluded). The arms of a framework run **interleaved**, one
+step of each in turn, so that the load of a shared machine falls on all of them alike; before timing, each arm
+makes one warm-up step on a throwaway copy (JAX compilation, lazy initialisation), reported apart.
+
+Outputs (``--out``, default ``out/demo``): ``demo.png`` (held-out CE vs step and vs wall-clock, and the share of
+tokens trained per step), ``demo_curves.json`` (every curve, the configuration and the verdict), and on stdout
+a summary table and the **verdict**, computed from the numbers. The exit status is 1 when a curve is not finite.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -59,9 +74,20 @@ from examples.data import (  # noqa: E402
 )
 
 FRAMEWORKS = ("torch", "jax")
+ARMS = ("standard", "random_token", "cggr_token", "random_seq", "cggr_split")
+TOKEN_ARMS = ("random_token", "cggr_token")
+SEQUENCE_ARMS = ("random_seq", "cggr_split")
 TOKENIZERS = ("char", "byte", "bpe")
 PLOT_NAME = "demo.png"
 CURVES_NAME = "demo_curves.json"
+
+#: Two held-out CEs closer than this count as a tie in the verdict's wording (one seed, no significance test).
+TIE_NATS = 0.01
+
+#: The project's quality study (benchmarks/quality/RESULTS.md, round 1: a real code corpus, 23 M-parameter
+#: model, 3 seeds). Quoted in the verdict as the study's finding, never as something this demo measured.
+STUDY_CGGR_VS_RANDOM_NATS = +0.21
+STUDY_EXCESS_VS_RANDOM_NATS = -0.21
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,35 +97,35 @@ CURVES_NAME = "demo_curves.json"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Everything that defines a run (identical for the four runs except the framework and the loss).
+    """Everything that defines the runs (identical for all arms except the arm itself).
 
-    The defaults train a ~0.4 M-parameter, 2-layer, d=128 decoder for 200 steps of 16 × 64 characters:
-    about 1-2 minutes for all four runs on 2 CPU cores. The CGGR warmup is 30 % of the run, so the
-    ratio reaches ``min_tokens_ratio`` with 70 % of the steps still to go.
+    ``min_tokens_ratio`` is the demo's ``ratio``: the share of tokens (token arms) or of sequences (sequence
+    arms) trained once the curriculum of ``warmup_steps`` steps is over. ``router_layers`` is the depth of the
+    batch-split router (the model's first block(s)).
     """
 
     steps: int = 200
     batch_size: int = 16
     seq_len: int = 64
-    d_model: int = 128
+    d_model: int = 64
     num_layers: int = 2
     num_heads: int = 4
-    mlp_hidden: int = 384
+    mlp_hidden: int = 192
+    router_layers: int = 1
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
     min_tokens_ratio: float = 0.25
-    warmup_steps: int = 60
+    warmup_steps: int = 40
     threshold_sensitivity: float = 0.5
-    eval_every: int = 20
+    eval_every: int = 10
     eval_batches: int = 4
-    log_every: int = 1
     seed: int = 0
     tokenizer: str = "char"
     bpe_vocab_size: int = 512
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "d_model", "num_layers", "num_heads", "mlp_hidden", "eval_every",
-                    "eval_batches", "log_every", "bpe_vocab_size")
+        positive = ("steps", "batch_size", "d_model", "num_layers", "num_heads", "mlp_hidden", "router_layers",
+                    "eval_every", "eval_batches", "bpe_vocab_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -108,6 +134,8 @@ class DemoConfig:
             raise ValueError(f"seq_len must be an int >= 2, got {self.seq_len!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.router_layers > self.num_layers:
+            raise ValueError(f"router_layers ({self.router_layers}) must not exceed num_layers ({self.num_layers})")
         if not (0.0 < self.min_tokens_ratio <= 1.0):
             raise ValueError(f"min_tokens_ratio must lie in (0, 1], got {self.min_tokens_ratio!r}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -121,10 +149,15 @@ class DemoConfig:
         if self.bpe_vocab_size < 256:
             raise ValueError(f"bpe_vocab_size must be >= 256, got {self.bpe_vocab_size!r}")
 
+    @property
+    def predictions(self) -> int:
+        """Next-token predictions (= trainable tokens) of one batch: ``batch_size · (seq_len − 1)``."""
+        return self.batch_size * (self.seq_len - 1)
 
-#: ``--quick``: a smaller model and a few steps (a smoke test of the whole pipeline, a few seconds).
-QUICK: dict[str, int] = dict(steps=6, batch_size=4, seq_len=32, d_model=64, num_layers=2, num_heads=2,
-                             mlp_hidden=128, eval_batches=1)
+
+#: ``--quick``: a smaller model and a few steps (a smoke test of the whole pipeline).
+QUICK: dict[str, int] = dict(steps=8, batch_size=8, seq_len=32, d_model=32, num_layers=1, num_heads=2,
+                             mlp_hidden=64, eval_batches=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,12 +167,18 @@ QUICK: dict[str, int] = dict(steps=6, batch_size=4, seq_len=32, d_model=64, num_
 
 @dataclass
 class RunResult:
-    """The curves of one run. ``steps[j]`` is the 0-based optimizer step of the j-th training record;
-    ``eval_steps[j]`` the number of optimizer updates done before the j-th held-out evaluation."""
+    """The curves of one arm in one framework.
+
+    ``steps[j]`` is the 0-based optimizer step of the j-th training record and ``step_seconds[j]`` its wall-clock
+    time; ``eval_steps[j]`` is the number of updates done before the j-th held-out evaluation and
+    ``eval_wallclock[j]`` the training seconds spent until then (evaluations and the warm-up excluded).
+    ``tokens_total``: next-token predictions in the batch (the input); ``tokens_selected``: those in the loss
+    (trained); ``sequences_selected``: rows that ran forward + backward.
+    """
 
     name: str
     framework: str
-    loss: str
+    arm: str
     num_params: int = 0
     steps: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
@@ -147,65 +186,65 @@ class RunResult:
     effective_ratio: list[float] = field(default_factory=list)
     tokens_selected: list[int] = field(default_factory=list)
     tokens_total: list[int] = field(default_factory=list)
+    sequences_selected: list[int] = field(default_factory=list)
+    sequences_total: list[int] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
+    eval_wallclock: list[float] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
-    train_seconds: float = 0.0
-    first_step_seconds: float = 0.0
+    warmup_seconds: float = 0.0
     eval_seconds: float = 0.0
 
-    def add_step_time(self, seconds: float) -> None:
-        """Account the time of the step just recorded; the first one (JIT compilation, lazy init) is also
-        kept apart."""
-        if len(self.steps) == 1:
-            self.first_step_seconds = seconds
-        self.train_seconds += seconds
+    @property
+    def train_seconds(self) -> float:
+        return float(sum(self.step_seconds))
 
-    def steps_per_second(self) -> float:
-        """Steady-state speed: the steps after the first over their time (NaN with a single step)."""
-        rest = self.train_seconds - self.first_step_seconds
-        return (len(self.steps) - 1) / rest if len(self.steps) > 1 and rest > 0 else float("nan")
-
-    def record(self, step: int, loss: float, metrics: dict[str, Any]) -> None:
+    def record(self, step: int, loss: float, metrics: dict[str, Any], seconds: float) -> None:
         self.steps.append(int(step))
         self.train_loss.append(float(loss))
-        self.token_ratio.append(float(metrics["token_ratio"]))
-        self.effective_ratio.append(float(metrics["effective_ratio"]))
-        self.tokens_selected.append(int(metrics["tokens_selected"]))
-        self.tokens_total.append(int(metrics["tokens_total"]))
+        for key in ("token_ratio", "effective_ratio"):
+            getattr(self, key).append(float(metrics[key]))
+        for key in ("tokens_selected", "tokens_total", "sequences_selected", "sequences_total"):
+            getattr(self, key).append(int(metrics[key]))
+        self.step_seconds.append(float(seconds))
+
+    def record_eval(self, step: int, loss: float, seconds: float) -> None:
+        self.eval_steps.append(int(step))
+        self.eval_wallclock.append(self.train_seconds)
+        self.eval_loss.append(float(loss))
+        self.eval_seconds += seconds
+
+    def ms_per_step(self, first: int = 0) -> float:
+        """Mean milliseconds per step over the steps ``>= first`` (NaN when there is none)."""
+        times = [t for s, t in zip(self.steps, self.step_seconds) if s >= first]
+        return 1000.0 * sum(times) / len(times) if times else float("nan")
+
+    def tokens_per_second(self) -> tuple[float, float]:
+        """(input, trained) next-token predictions per training second."""
+        seconds = self.train_seconds
+        if seconds <= 0:
+            return float("nan"), float("nan")
+        return sum(self.tokens_total) / seconds, sum(self.tokens_selected) / seconds
 
     def curves(self) -> dict[str, list[float] | list[int]]:
         return {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, list)}
+
+    def summary(self, warmup_steps: int) -> dict[str, float]:
+        inp, trained = self.tokens_per_second()
+        return {"train_seconds": self.train_seconds, "warmup_seconds": self.warmup_seconds,
+                "eval_seconds": self.eval_seconds, "ms_per_step": self.ms_per_step(),
+                "ms_per_step_after_curriculum": self.ms_per_step(warmup_steps),
+                "input_tokens_per_s": inp, "trained_tokens_per_s": trained,
+                "final_eval_loss": self.eval_loss[-1] if self.eval_loss else float("nan")}
 
     def nonfinite_curves(self) -> list[str]:
         return [k for k, v in self.curves().items() if not all(math.isfinite(x) for x in v)]
 
 
-def _full_metrics(n_tokens: int) -> dict[str, Any]:
-    """Metrics of a plain cross-entropy step: every token is in the loss."""
-    return {"token_ratio": 1.0, "effective_ratio": 1.0, "tokens_selected": n_tokens, "tokens_total": n_tokens}
-
-
-class _Progress:
-    """A tqdm bar with the live metrics: loss, ratio/effective ratio, selected/total tokens, last eval."""
-
-    def __init__(self, name: str, total: int, enabled: bool) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc=f"{name:>10}", unit="step", disable=not enabled, dynamic_ncols=True,
-                        leave=True, file=sys.stderr)
-        self.eval_loss: float | None = None
-
-    def update(self, n: int, loss: float, metrics: dict[str, Any]) -> None:
-        text = (f"loss={loss:.3f} ratio={float(metrics['token_ratio']):.3f} "
-                f"eff={float(metrics['effective_ratio']):.3f} "
-                f"sel={int(metrics['tokens_selected'])}/{int(metrics['tokens_total'])}")
-        if self.eval_loss is not None:
-            text += f" eval_ce={self.eval_loss:.3f}"
-        self.bar.set_postfix_str(text, refresh=False)
-        self.bar.update(n)
-
-    def close(self) -> None:
-        self.bar.close()
+def _all_tokens(cfg: DemoConfig) -> dict[str, Any]:
+    """Metrics of a step that trains every token of every sequence."""
+    return {"token_ratio": 1.0, "effective_ratio": 1.0, "tokens_selected": cfg.predictions,
+            "tokens_total": cfg.predictions, "sequences_selected": cfg.batch_size, "sequences_total": cfg.batch_size}
 
 
 def _eval_schedule(cfg: DemoConfig) -> set[int]:
@@ -213,88 +252,151 @@ def _eval_schedule(cfg: DemoConfig) -> set[int]:
     return set(range(0, cfg.steps, cfg.eval_every)) | {cfg.steps}
 
 
+class _Progress:
+    """A tqdm bar per framework with the live metrics of the arm that stepped last."""
+
+    def __init__(self, name: str, total: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=f"{name:>6}", unit="step", disable=not enabled, dynamic_ncols=True,
+                        leave=True, file=sys.stderr)
+
+    def update(self, runs: Sequence[RunResult]) -> None:
+        parts = []
+        for run in runs:
+            text = f"{run.arm}: sel={run.tokens_selected[-1]}/{run.tokens_total[-1]}"
+            if run.eval_loss:
+                text += f" eval_ce={run.eval_loss[-1]:.3f}"
+            parts.append(text)
+        self.bar.set_postfix_str("; ".join(parts), refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 # --------------------------------------------------------------------------------------------------
 # PyTorch
 # --------------------------------------------------------------------------------------------------
 
 
-def train_torch(cfg: DemoConfig, train_batches: Iterator[np.ndarray], held_out: list[np.ndarray],
-                vocab_size: int, *, use_cggr: bool, device: str, progress: bool) -> RunResult:
-    """Train the ``transformers`` Llama with plain CE or ``cggr_torch.CGGRLoss``; return its curves."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM, LlamaConfig
+class TorchArm:
+    """One PyTorch arm: the model, its optimizer and the arm's training step (public ``cggr_torch`` API only)."""
 
-    from cggr_torch.loss import CGGRLoss
-    from cggr_torch.utils import shift_for_causal_lm
+    def __init__(self, arm: str, cfg: DemoConfig, vocab_size: int, device: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, LlamaConfig
 
-    run = RunResult(name="torch-cggr" if use_cggr else "torch-ce", framework="torch",
-                    loss="cggr" if use_cggr else "cross_entropy")
-    torch.manual_seed(cfg.seed)
-    model_config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.seq_len, rms_norm_eps=1e-5, initializer_range=0.02,
-        tie_word_embeddings=False, use_cache=False,
-    )
-    model = AutoModelForCausalLM.from_config(model_config).to(device)
-    model.train()
-    run.num_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                  weight_decay=cfg.weight_decay)
-    criterion = (CGGRLoss(min_tokens_ratio=cfg.min_tokens_ratio, warmup_steps=cfg.warmup_steps,
-                          threshold_sensitivity=cfg.threshold_sensitivity) if use_cggr else None)
+        from cggr_torch import CGGRLoss, CGGRModel, linear_warmup_ratio
 
-    @torch.no_grad()
-    def held_out_ce() -> float:
-        model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        count = 0
-        for batch in held_out:
-            ids = torch.from_numpy(batch).long().to(device)
-            logits, labels = shift_for_causal_lm(model(input_ids=ids).logits, ids)
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                     reduction="sum").double()
-            count += labels.numel()
-        model.train()
-        return float(total) / count
+        self.arm, self.cfg, self.device = arm, cfg, device
+        torch.manual_seed(cfg.seed)  # the same initial weights in every arm
+        model_config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+            max_position_embeddings=cfg.seq_len, rms_norm_eps=1e-5, initializer_range=0.02,
+            tie_word_embeddings=False, use_cache=False,
+        )
+        self.model = AutoModelForCausalLM.from_config(model_config).to(device)
+        self.model.train()
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
+                                           eps=1e-8, weight_decay=cfg.weight_decay)
+        self.schedule = linear_warmup_ratio(cfg.min_tokens_ratio, cfg.warmup_steps)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # the random arms' choices
+        self.step_count = 0
+        self.criterion = (CGGRLoss(min_tokens_ratio=cfg.min_tokens_ratio, warmup_steps=cfg.warmup_steps)
+                          if arm == "cggr_token" else None)
+        # fixed_quota: exactly num_selected(B, base ratio) sequences, the count random_seq keeps.
+        self.split = (CGGRModel(self.model, router_layers=cfg.router_layers, selection="fixed_quota",
+                                min_tokens_ratio=cfg.min_tokens_ratio, warmup_steps=cfg.warmup_steps)
+                      if arm == "cggr_split" else None)
 
-    evals = _eval_schedule(cfg)
-    bar = _Progress(run.name, cfg.steps, progress)
-    pending = 0
-    try:
-        for step in range(cfg.steps + 1):
-            if step in evals:
-                t0 = time.perf_counter()
-                run.eval_steps.append(step)
-                run.eval_loss.append(held_out_ce())
-                bar.eval_loss = run.eval_loss[-1]
-                run.eval_seconds += time.perf_counter() - t0
-            if step == cfg.steps:
-                break
-            t0 = time.perf_counter()
-            ids = torch.from_numpy(next(train_batches)).long().to(device)
-            logits, labels = shift_for_causal_lm(model(input_ids=ids).logits, ids)
-            if criterion is not None:
-                loss = criterion(logits, labels)
-            else:
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # Logging reads values back (one host sync per step); forward/backward above never do.
-            metrics = criterion.get_metrics() if criterion is not None else _full_metrics(labels.numel())
-            if criterion is not None:
-                criterion.step()  # advance the curriculum after the optimizer step
-            run.record(step, loss.item(), metrics)
-            run.add_step_time(time.perf_counter() - t0)
-            pending += 1
-            if pending == cfg.log_every or step == cfg.steps - 1:
-                bar.update(pending, run.train_loss[-1], metrics)
-                pending = 0
-    finally:
-        bar.close()
-    return run
+    def _ce(self, logits: Any, labels: Any, reduction: str = "mean") -> Any:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction=reduction)
+
+    def train_step(self, batch: np.ndarray) -> tuple[float, dict[str, Any]]:
+        """One optimizer step; returns the training loss and the step's counts (read back for logging)."""
+        import torch
+
+        from cggr_torch import dynamic_ratio, num_selected, select_tokens, shift_for_causal_lm, token_statistics
+
+        cfg = self.cfg
+        ids = torch.from_numpy(batch).long().to(self.device)
+        metrics = _all_tokens(cfg)
+        if self.arm == "standard":
+            logits, labels = shift_for_causal_lm(self.model(input_ids=ids).logits, ids)
+            loss = self._ce(logits, labels)
+        elif self.arm == "cggr_token":
+            logits, labels = shift_for_causal_lm(self.model(input_ids=ids).logits, ids)
+            loss = self.criterion(logits, labels)
+        elif self.arm == "random_token":
+            logits, labels = shift_for_causal_lm(self.model(input_ids=ids).logits, ids)
+            ce = self._ce(logits, labels, "none").reshape(labels.shape)
+            with torch.no_grad():
+                # CGGR's count rule (curriculum, then the dynamic threshold from the batch's mean confidence),
+                # but the tokens are a uniformly random subset: top-k of uniform noise.
+                confidence = token_statistics(logits.detach()).confidence
+                base = self.schedule(self.step_count)
+                ratio = dynamic_ratio(base, confidence.mean(), cfg.threshold_sensitivity)
+                noise = torch.rand(labels.shape, generator=self.generator).to(self.device)
+                mask, k = select_tokens(noise, torch.ones_like(labels, dtype=torch.bool), ratio, selection="topk")
+            loss = torch.where(mask, ce, torch.zeros_like(ce)).sum() / k.clamp(min=1)
+            metrics.update(token_ratio=float(base), effective_ratio=float(ratio), tokens_selected=int(k))
+        elif self.arm == "random_seq":
+            base = self.schedule(self.step_count)
+            k = int(num_selected(ids.shape[0], base))
+            rows = torch.randperm(ids.shape[0], generator=self.generator)[:k].sort().values.to(self.device)
+            sub = ids.index_select(0, rows)
+            logits, labels = shift_for_causal_lm(self.model(input_ids=sub).logits, sub)
+            loss = self._ce(logits, labels)
+            metrics.update(token_ratio=float(base), effective_ratio=float(base), tokens_selected=labels.numel(),
+                           sequences_selected=k)
+        else:  # cggr_split
+            loss = self.split(ids, labels=ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        # Logging reads values back (one host sync per step); the forward/backward above never do.
+        if self.criterion is not None:
+            m = self.criterion.get_metrics()
+            metrics.update(token_ratio=m["token_ratio"], effective_ratio=m["effective_ratio"],
+                           tokens_selected=m["tokens_selected"], tokens_total=m["tokens_total"])
+            self.criterion.step()  # advance the curriculum after the optimizer step
+        if self.split is not None:
+            m = self.split.get_metrics()
+            metrics.update(token_ratio=m["token_ratio"], effective_ratio=m["effective_ratio"],
+                           tokens_selected=m["tokens_selected"], tokens_total=m["tokens_total"],
+                           sequences_selected=m["sequences_selected"], sequences_total=m["sequences_total"])
+            self.split.step()
+        self.step_count += 1
+        return loss.item(), metrics
+
+    def held_out_ce(self, held_out: list[np.ndarray]) -> float:
+        """Mean cross-entropy over every held-out prediction (float64 accumulation)."""
+        import torch
+
+        from cggr_torch import shift_for_causal_lm
+
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in held_out:
+                ids = torch.from_numpy(batch).long().to(self.device)
+                logits, labels = shift_for_causal_lm(self.model(input_ids=ids).logits, ids)
+                total += float(self._ce(logits, labels, "sum").double())
+                count += labels.numel()
+        self.model.train()
+        return total / count
+
+
+def _torch_warmup(arm: str, cfg: DemoConfig, vocab_size: int, device: str, batch: np.ndarray) -> float:
+    """Seconds of one step of a throwaway copy of the arm (lazy initialisation happens outside the timing)."""
+    t0 = time.perf_counter()
+    TorchArm(arm, cfg, vocab_size, device).train_step(batch)
+    return time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +410,7 @@ def _jax_eval_sum() -> Any:
     import optax
     from flax import nnx
 
-    from cggr_jax.utils import shift_for_causal_lm
+    from cggr_jax import shift_for_causal_lm
 
     @nnx.jit
     def eval_sum(model: Any, ids: Any) -> Any:
@@ -318,102 +420,299 @@ def _jax_eval_sum() -> Any:
     return eval_sum
 
 
-def train_jax(cfg: DemoConfig, train_batches: Iterator[np.ndarray], held_out: list[np.ndarray],
-              vocab_size: int, *, use_cggr: bool, progress: bool) -> RunResult:
-    """Train ``cggr_jax.models.DecoderLM`` with plain CE or ``cggr_jax.CGGRLoss``; return its curves."""
+@functools.cache
+def _jax_token_step(arm: str, cfg: DemoConfig) -> Any:
+    """The ``nnx.jit`` step ``(model, optimizer, ids) -> (loss, metrics)`` of a token-level JAX arm; cached so that
+    the warm-up copy and the timed run share one compilation. The curriculum step is read from the optimizer
+    state (``advance_curriculum``), everything inside one jitted step."""
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from cggr_jax.loss import CGGRLoss, metrics_to_dict
-    from cggr_jax.models import DecoderConfig, DecoderLM
-    from cggr_jax.integrations import advance_curriculum, current_step
-    from cggr_jax.utils import shift_for_causal_lm
+    from cggr_jax import (CGGRLoss, current_step, dynamic_ratio, linear_warmup_ratio, select_tokens,
+                          shift_for_causal_lm, token_statistics)
 
-    run = RunResult(name="jax-cggr" if use_cggr else "jax-ce", framework="jax",
-                    loss="cggr" if use_cggr else "cross_entropy")
-    model = DecoderLM(
-        DecoderConfig(vocab_size=vocab_size, d_model=cfg.d_model, num_layers=cfg.num_layers,
-                      num_heads=cfg.num_heads, max_seq_len=cfg.seq_len, mlp_hidden_dim=cfg.mlp_hidden),
-        rngs=nnx.Rngs(cfg.seed),
-    )
-    run.num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
-    adamw = optax.adamw(cfg.learning_rate, b1=0.9, b2=0.95, eps=1e-8, weight_decay=cfg.weight_decay)
+    loss_fn = (CGGRLoss(min_tokens_ratio=cfg.min_tokens_ratio, warmup_steps=cfg.warmup_steps)
+               if arm == "cggr_token" else None)
+    schedule = linear_warmup_ratio(cfg.min_tokens_ratio, cfg.warmup_steps)
 
-    if use_cggr:
-        loss_fn = CGGRLoss(min_tokens_ratio=cfg.min_tokens_ratio, warmup_steps=cfg.warmup_steps,
-                           threshold_sensitivity=cfg.threshold_sensitivity)
-        optimizer = nnx.Optimizer(model, optax.chain(advance_curriculum(), adamw), wrt=nnx.Param)
+    @nnx.jit
+    def train_step(model: Any, optimizer: Any, ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        step = current_step(optimizer.opt_state)
 
-        @nnx.jit
-        def train_step(model: DecoderLM, optimizer: nnx.Optimizer, ids: jax.Array):
-            step = current_step(optimizer.opt_state)  # the curriculum step lives in the optimizer state
-
-            def loss_of(model: DecoderLM):
-                logits, labels = shift_for_causal_lm(model(ids), ids)
+        def loss_of(model: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+            logits, labels = shift_for_causal_lm(model(ids), ids)
+            n = jnp.int32(labels.size)
+            if arm == "cggr_token":
                 return loss_fn(logits, labels, step)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            if arm == "standard":
+                return ce.mean(), {"token_ratio": jnp.float32(1.0), "effective_ratio": jnp.float32(1.0),
+                                   "tokens_selected": n, "tokens_total": n}
+            # random_token: CGGR's count rule (curriculum + dynamic threshold), uniformly random tokens.
+            confidence = token_statistics(jax.lax.stop_gradient(logits)).confidence
+            base = schedule(step)
+            ratio = dynamic_ratio(base, jnp.mean(confidence), cfg.threshold_sensitivity)
+            noise = jax.random.uniform(jax.random.fold_in(jax.random.key(cfg.seed), step), labels.shape)
+            mask, k = select_tokens(noise, jnp.ones(labels.shape, dtype=bool), ratio, selection="topk")
+            loss = jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(k, 1).astype(jnp.float32)
+            return loss, {"token_ratio": base, "effective_ratio": ratio, "tokens_selected": k, "tokens_total": n}
 
-            (loss, metrics), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
+        (loss, metrics), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
+        if arm == "cggr_token":
             optimizer.update(model, grads, cggr_metrics=metrics)
-            return loss, metrics
-    else:
-        loss_fn = None
-        optimizer = nnx.Optimizer(model, adamw, wrt=nnx.Param)
-
-        @nnx.jit
-        def train_step(model: DecoderLM, optimizer: nnx.Optimizer, ids: jax.Array):
-            def loss_of(model: DecoderLM):
-                logits, labels = shift_for_causal_lm(model(ids), ids)
-                return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-            loss, grads = nnx.value_and_grad(loss_of)(model)
+        else:
             optimizer.update(model, grads)
-            return loss, None
+        return loss, metrics
 
-    eval_sum = _jax_eval_sum()  # shared by both JAX runs: compiled once for the model's structure
-    held_out_dev = [jnp.asarray(b) for b in held_out]
-    held_out_count = sum(b.shape[0] * (b.shape[1] - 1) for b in held_out)
+    return train_step, loss_fn
 
-    def held_out_ce() -> float:
-        total = sum(float(eval_sum(model, b)) for b in held_out_dev)
-        return total / held_out_count
 
+class JaxArm:
+    """One JAX arm: ``cggr_jax.models.DecoderLM`` (a copy of ``base_model``: the same initial weights in every
+    arm) with ``optax.chain(advance_curriculum(), adamw)``; the sequence arms run in ``BatchSplitTrainStep``."""
+
+    def __init__(self, arm: str, cfg: DemoConfig, base_model: Any) -> None:
+        import jax
+        import optax
+        from flax import nnx
+
+        from cggr_jax import advance_curriculum
+        from cggr_jax.batch_split import BatchSplitConfig, make_batch_split_train_step
+
+        self.arm, self.cfg = arm, cfg
+        self.num_params = sum(int(np.prod(x.shape)) for x in
+                              jax.tree_util.tree_leaves(nnx.state(base_model, nnx.Param)))
+        self.tx = optax.chain(advance_curriculum(),
+                              optax.adamw(cfg.learning_rate, b1=0.9, b2=0.95, eps=1e-8,
+                                          weight_decay=cfg.weight_decay))
+        self.model = nnx.clone(base_model)
+        self.split = None
+        if arm in SEQUENCE_ARMS:
+            graphdef = nnx.split(self.model, nnx.Param, ...)[0]
+            # fixed_quota: exactly num_selected(B, base ratio) sequences in both modes; "random_sequence" uses the
+            # same curriculum without a router. Buckets: the final count and B (the curriculum's early steps);
+            # each bucket is one compiled forward/backward.
+            k_final = max(1, round(cfg.min_tokens_ratio * cfg.batch_size))
+            config = BatchSplitConfig(router_layers=cfg.router_layers, selection="fixed_quota",
+                                      min_tokens_ratio=cfg.min_tokens_ratio, warmup_steps=cfg.warmup_steps,
+                                      seed=cfg.seed)
+            self.split = make_batch_split_train_step(
+                graphdef, config, self.tx, mode="cggr" if arm == "cggr_split" else "random_sequence",
+                buckets=(k_final,))
+            self.state = self.split.init(self.model)
+        else:
+            self.optimizer = nnx.Optimizer(self.model, self.tx, wrt=nnx.Param)
+            self.step_fn, self.loss_fn = _jax_token_step(arm, cfg)
+
+    def warmup(self, batch: np.ndarray) -> float:
+        """Seconds of one step on a throwaway copy: compiles the step outside the timed run."""
+        import jax.numpy as jnp
+        from flax import nnx
+
+        t0 = time.perf_counter()
+        ids = jnp.asarray(batch)
+        if self.split is not None:
+            _, metrics = self.split(self.split.init(self.model), ids, ids)  # self.model keeps the initial weights
+            metrics["loss"].block_until_ready()
+        else:
+            model = nnx.clone(self.model)
+            optimizer = nnx.Optimizer(model, self.tx, wrt=nnx.Param)
+            loss, _ = self.step_fn(model, optimizer, ids)
+            loss.block_until_ready()
+        return time.perf_counter() - t0
+
+    def current_model(self) -> Any:
+        return self.split.model(self.state) if self.split is not None else self.model
+
+    def train_step(self, batch: np.ndarray) -> tuple[float, dict[str, Any]]:
+        import jax.numpy as jnp
+
+        from cggr_jax import metrics_to_dict
+
+        ids = jnp.asarray(batch)
+        metrics = _all_tokens(self.cfg)
+        if self.split is not None:
+            self.state, m = self.split(self.state, ids, ids)
+            loss = m["loss"]
+            metrics.update({key: m[key] for key in ("token_ratio", "effective_ratio", "tokens_selected",
+                                                    "tokens_total", "sequences_selected", "sequences_total")})
+        else:
+            loss, m = self.step_fn(self.model, self.optimizer, ids)
+            if self.loss_fn is not None:
+                m = metrics_to_dict(m, self.loss_fn)  # host read-back, for logging only
+            metrics.update({key: m[key] for key in ("token_ratio", "effective_ratio", "tokens_selected",
+                                                    "tokens_total")})
+        metrics = {k: np.asarray(v).item() for k, v in metrics.items()}  # host read-back, for logging only
+        return float(loss), metrics
+
+    def held_out_ce(self, held_out: list[Any]) -> float:
+        eval_sum = _jax_eval_sum()  # shared by every JAX arm: compiled once for the model's structure
+        model = self.current_model()
+        total = sum(float(eval_sum(model, b)) for b in held_out)
+        return total / sum(b.shape[0] * (b.shape[1] - 1) for b in held_out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training loop (the arms of one framework, interleaved)
+# --------------------------------------------------------------------------------------------------
+
+
+def train_framework(framework: str, arms: Sequence[str], cfg: DemoConfig, train_ids: np.ndarray,
+                    held_out: list[np.ndarray], vocab_size: int, *, device: str, progress: bool) -> list[RunResult]:
+    """Train every arm of ``framework`` on the same batch stream, one step of each arm in turn."""
+    if framework == "torch":
+        trainers: list[Any] = [TorchArm(arm, cfg, vocab_size, device) for arm in arms]
+        held: list[Any] = held_out
+    else:
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from cggr_jax.models import DecoderConfig, DecoderLM
+
+        base_model = DecoderLM(  # initialised once; every arm trains a copy
+            DecoderConfig(vocab_size=vocab_size, d_model=cfg.d_model, num_layers=cfg.num_layers,
+                          num_heads=cfg.num_heads, max_seq_len=cfg.seq_len, mlp_hidden_dim=cfg.mlp_hidden),
+            rngs=nnx.Rngs(cfg.seed),
+        )
+        trainers = [JaxArm(arm, cfg, base_model) for arm in arms]
+        held = [jnp.asarray(b) for b in held_out]
+    runs = [RunResult(name=f"{framework}-{arm}", framework=framework, arm=arm, num_params=t.num_params)
+            for arm, t in zip(arms, trainers)]
+    first = next(batch_iterator(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed))
+    for arm, trainer, run in zip(arms, trainers, runs):
+        run.warmup_seconds = (_torch_warmup(arm, cfg, vocab_size, device, first) if framework == "torch"
+                              else trainer.warmup(first))
+
+    batches = batch_iterator(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed)  # the same stream for all
     evals = _eval_schedule(cfg)
-    bar = _Progress(run.name, cfg.steps, progress)
-    pending = 0
+    bar = _Progress(framework, cfg.steps, progress)
     try:
         for step in range(cfg.steps + 1):
             if step in evals:
-                t0 = time.perf_counter()
-                run.eval_steps.append(step)
-                run.eval_loss.append(held_out_ce())
-                bar.eval_loss = run.eval_loss[-1]
-                run.eval_seconds += time.perf_counter() - t0
+                for trainer, run in zip(trainers, runs):
+                    t0 = time.perf_counter()
+                    ce = trainer.held_out_ce(held)
+                    run.record_eval(step, ce, time.perf_counter() - t0)
             if step == cfg.steps:
                 break
-            t0 = time.perf_counter()
-            ids = jnp.asarray(next(train_batches))
-            loss, metrics = train_step(model, optimizer, ids)
-            if loss_fn is not None:
-                metrics = metrics_to_dict(metrics, loss_fn)  # host read-back, for logging only
-                if int(metrics["step"]) != step:
-                    raise RuntimeError(f"curriculum step {metrics['step']} read from the optimizer state "
-                                       f"disagrees with the loop's update count {step}")
-            else:
-                metrics = _full_metrics(ids.shape[0] * (ids.shape[1] - 1))
-            run.record(step, float(loss), metrics)
-            run.add_step_time(time.perf_counter() - t0)
-            pending += 1
-            if pending == cfg.log_every or step == cfg.steps - 1:
-                bar.update(pending, run.train_loss[-1], metrics)
-                pending = 0
+            batch = next(batches)
+            for trainer, run in zip(trainers, runs):
+                t0 = time.perf_counter()
+                loss, metrics = trainer.train_step(batch)  # returns after reading the loss: the step is done
+                run.record(step, loss, metrics, time.perf_counter() - t0)
+            bar.update(runs)
     finally:
         bar.close()
-    if loss_fn is not None and int(current_step(optimizer.opt_state)) != cfg.steps:
-        raise RuntimeError(f"advance_curriculum counted {int(current_step(optimizer.opt_state))} updates, "
-                           f"expected {cfg.steps}")
-    return run
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# Verdict
+# --------------------------------------------------------------------------------------------------
+
+
+def time_to_reach(run: RunResult, target: float) -> float | None:
+    """Training seconds at which the held-out CE first reaches ``target`` (linear between evaluations), or None."""
+    for j, (t, loss) in enumerate(zip(run.eval_wallclock, run.eval_loss)):
+        if loss <= target:
+            if j == 0:
+                return t
+            t_prev, loss_prev = run.eval_wallclock[j - 1], run.eval_loss[j - 1]
+            return t_prev + (t - t_prev) * (loss_prev - target) / (loss_prev - loss)
+    return None
+
+
+def trained_share(run: RunResult, first: int) -> tuple[float, float]:
+    """(trained tokens / input tokens, trained sequences / sequences) over the steps ``>= first``."""
+    idx = [i for i, s in enumerate(run.steps) if s >= first] or list(range(len(run.steps)))
+    tok = sum(run.tokens_selected[i] for i in idx) / max(1, sum(run.tokens_total[i] for i in idx))
+    seq = sum(run.sequences_selected[i] for i in idx) / max(1, sum(run.sequences_total[i] for i in idx))
+    return tok, seq
+
+
+def _compare(delta: float) -> str:
+    if delta < -TIE_NATS:
+        return f"beat random selection here (Δ = {delta:+.4f} nats)"
+    if delta > TIE_NATS:
+        return f"did not beat random selection here: it ended worse (Δ = {delta:+.4f} nats)"
+    return f"did not beat random selection here (Δ = {delta:+.4f} nats, within ±{TIE_NATS} nats: a tie)"
+
+
+def compute_verdict(runs: Sequence[RunResult], cfg: DemoConfig) -> dict[str, Any]:
+    """The verdict's numbers per framework and its text, all computed from the runs."""
+    out: dict[str, Any] = {"frameworks": {}}
+    lines = [f"VERDICT (computed from this run: one seed, a {cfg.num_layers}-layer d={cfg.d_model} model, "
+             f"{cfg.steps} steps; ratio {cfg.min_tokens_ratio} after a {cfg.warmup_steps}-step curriculum)"]
+    conclusions = []
+    for framework in dict.fromkeys(run.framework for run in runs):
+        by_arm = {run.arm: run for run in runs if run.framework == framework}
+        final = {arm: run.eval_loss[-1] for arm, run in by_arm.items()}
+        v: dict[str, Any] = {"final_eval_loss": final, "at_step": cfg.steps,
+                             "ms_per_step_after_curriculum": {a: r.ms_per_step(cfg.warmup_steps)
+                                                              for a, r in by_arm.items()},
+                             "trained_token_share_after_curriculum": {a: trained_share(r, cfg.warmup_steps)[0]
+                                                                      for a, r in by_arm.items()},
+                             "trained_sequence_share_after_curriculum": {a: trained_share(r, cfg.warmup_steps)[1]
+                                                                         for a, r in by_arm.items()}}
+        lines.append(f"{framework}: final held-out CE (nats/token) at step {cfg.steps}: "
+                     + ", ".join(f"{arm} {loss:.4f}" for arm, loss in final.items()))
+        best = min(final, key=final.__getitem__)
+        v["lowest_at_equal_steps"] = best
+        parts = [f"{best} ended lowest at equal steps ({final[best]:.4f})"]
+        if "cggr_token" in final and "random_token" in final:
+            v["delta_token"] = final["cggr_token"] - final["random_token"]
+            lines.append(f"  token level:  cggr_token − random_token = {v['delta_token']:+.4f} nats")
+            parts.append(f"loss-based CGGR token selection {_compare(v['delta_token'])}")
+        if "cggr_split" in final and "random_seq" in final:
+            v["delta_split"] = final["cggr_split"] - final["random_seq"]
+            lines.append(f"  batch split:  cggr_split − random_seq   = {v['delta_split']:+.4f} nats")
+            parts.append(f"CGGR batch splitting {_compare(v['delta_split'])}")
+        ms = v["ms_per_step_after_curriculum"]
+        if "standard" in by_arm and "cggr_split" in by_arm:
+            v["split_speedup_per_step"] = ms["standard"] / ms["cggr_split"]
+            share = v["trained_token_share_after_curriculum"]["cggr_split"]
+            speed = v["split_speedup_per_step"]
+            lines.append(f"  per step after the curriculum: standard {ms['standard']:.1f} ms, cggr_split "
+                         f"{ms['cggr_split']:.1f} ms ({speed:.2f}× standard's speed), trains {share:.1%} of the "
+                         f"tokens" + (f"; random_seq {ms['random_seq']:.1f} ms" if "random_seq" in ms else ""))
+            parts.append(f"batch splitting trains {share:.0%} of the tokens per step and is "
+                         + (f"{speed:.2f}× faster" if speed >= 1 else f"{1 / speed:.2f}× slower")
+                         + " per step than standard (router included)")
+        if "standard" in by_arm:
+            target = final["standard"]
+            reach = {arm: time_to_reach(run, target) for arm, run in by_arm.items()}
+            v["reach_standard_final_seconds"] = reach
+            reached = {a: t for a, t in reach.items() if t is not None}
+            soonest = min(reached, key=reached.__getitem__) if reached else None
+            v["soonest_to_standard_final"] = soonest
+            others = {a: t for a, t in reached.items() if a != "standard"}
+            lines.append(f"  soonest to standard's final CE {target:.4f} in training wall-clock: "
+                         + (f"{soonest} at {reached[soonest]:.1f} s" if soonest else "none")
+                         + (" (selection arms: " + ", ".join(f"{a} {t:.1f} s" for a, t in others.items()) + ")"
+                            if others else " (no selection arm reached it)"))
+            if soonest == "standard" or soonest is None:
+                parts.append("no selection arm reached standard's final held-out CE sooner in wall-clock")
+            else:
+                parts.append(f"{soonest} reached standard's final held-out CE first in wall-clock "
+                             f"({reached[soonest]:.1f} s against {reach['standard']:.1f} s)")
+        out["frameworks"][framework] = v
+        if parts:
+            conclusions.append(f"{framework}: " + "; ".join(parts) + ".")
+    lines.append("Conclusion:")
+    lines.extend("  " + c for c in conclusions)
+    lines.append(f"  One seed: the demo measures no seed-to-seed spread, so a Δ of a few hundredths of a nat here is "
+                 "weak evidence either way.")
+    lines.append(
+        f"  The project's quality study (benchmarks/quality/RESULTS.md: a real code corpus, a 23 M-parameter model, "
+        f"3 seeds) found loss-based CGGR selection of sequences {STUDY_CGGR_VS_RANDOM_NATS:.2f} nats worse than a "
+        f"random subset, while excess scoring (learner loss minus a reference model's loss) was "
+        f"{-STUDY_EXCESS_VS_RANDOM_NATS:.2f} nats better. Its conclusion: selection by loss/entropy does not beat "
+        "random; the recommended signal is scoring=\"excess\" with a reference model (reference_nll=). This demo "
+        "did not run excess scoring.")
+    out["text"] = "\n".join(lines)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,69 +730,73 @@ def build_tokenizer(cfg: DemoConfig, source: TextSource) -> Tokenizer:
     return BPETokenizer.train(source.text[:cut], cfg.bpe_vocab_size)
 
 
+ARM_COLORS = {"standard": "black", "random_token": "tab:blue", "cggr_token": "tab:orange",
+              "random_seq": "tab:green", "cggr_split": "tab:red"}
+#: torch solid with round markers, JAX dashed with crosses: coincident curves stay visibly two.
+FRAMEWORK_STYLE = {"torch": dict(ls="-", marker="o", ms=4, mfc="none"), "jax": dict(ls="--", marker="x", ms=5)}
+
+
 def plot_curves(runs: Sequence[RunResult], cfg: DemoConfig, source: TextSource, path: Path) -> None:
-    """Held-out full cross-entropy vs step (all runs) and the token ratio vs step (CGGR runs)."""
+    """Held-out CE vs step and vs training wall-clock (every run), and the share of tokens trained per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"torch": "tab:blue", "jax": "tab:orange"}
-    fig, (ax_ce, ax_ratio) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax_step, ax_time, ax_share) = plt.subplots(1, 3, figsize=(19, 5.4))
     for run in runs:
-        style = "-" if run.loss == "cggr" else "--"
-        ax_ce.plot(run.eval_steps, run.eval_loss, style, marker="o", ms=3, color=colors[run.framework],
-                   label=run.name)
-    ax_ce.set_xlabel("optimizer step")
-    ax_ce.set_ylabel("held-out cross-entropy, all tokens (nats/token)")
-    ax_ce.set_title("Held-out CE on every token (the comparable metric)\n"
-                    "training losses are not comparable: CGGR's loss covers only the selected hard tokens",
-                    fontsize=9)
-    ax_ce.grid(alpha=0.3)
-    ax_ce.legend()
-
-    ax_ratio.axhline(1.0, color="gray", ls="--", lw=1, label="plain CE (all tokens)")
-    for run in runs:
-        if run.loss != "cggr":
-            continue
-        c = colors[run.framework]
-        ax_ratio.plot(run.steps, run.token_ratio, ":", color=c, label=f"{run.name} token_ratio (curriculum)")
-        ax_ratio.plot(run.steps, run.effective_ratio, "-", color=c, lw=1,
-                      label=f"{run.name} effective_ratio (dynamic)")
-        frac = [s / t if t else 0.0 for s, t in zip(run.tokens_selected, run.tokens_total)]
-        ax_ratio.plot(run.steps, frac, ".", color=c, ms=2, alpha=0.6,
-                      label=f"{run.name} tokens_selected / tokens_total")
-    ax_ratio.axvline(cfg.warmup_steps, color="k", lw=0.8, alpha=0.4)
-    ax_ratio.set_ylim(0.0, 1.05)
-    ax_ratio.set_xlabel("optimizer step")
-    ax_ratio.set_ylabel("fraction of tokens in the loss")
-    ax_ratio.set_title(f"Token ratio: 1 → {cfg.min_tokens_ratio} over {cfg.warmup_steps} warmup steps "
-                       f"(vertical line), then × (1 + (1 − c̄)·{cfg.threshold_sensitivity})", fontsize=9)
-    ax_ratio.grid(alpha=0.3)
-    ax_ratio.legend(fontsize=7, loc="center right")
+        style = dict(FRAMEWORK_STYLE[run.framework], color=ARM_COLORS[run.arm], lw=1.3, label=run.name)
+        ax_step.plot(run.eval_steps, run.eval_loss, **style)
+        ax_time.plot(run.eval_wallclock, run.eval_loss, **style)
+        share = [s / t if t else 0.0 for s, t in zip(run.tokens_selected, run.tokens_total)]
+        ax_share.plot(run.steps, share, ls=FRAMEWORK_STYLE[run.framework]["ls"], color=ARM_COLORS[run.arm],
+                      lw=1.2, label=run.name)
+    # Zoom on where the arms differ: every run starts near ln V, far above the rest of the curves.
+    later = [loss for run in runs for loss in run.eval_loss[2:]] or [loss for run in runs for loss in run.eval_loss]
+    low, high = min(later), max(later)
+    for ax in (ax_step, ax_time):
+        ax.set_ylabel("held-out cross-entropy, all tokens (nats/token)")
+        ax.set_ylim(low - 0.03 * (high - low + 1e-3), high + 0.05 * (high - low + 1e-3))
+        ax.grid(alpha=0.3)
+    ax_step.set_xlabel("optimizer step")
+    ax_step.set_title("Held-out CE vs step (the comparable metric; training losses of the selection\n"
+                      "arms cover only their selected tokens). y zoomed: every run starts near ln V", fontsize=9)
+    ax_time.set_xlabel("training wall-clock (s; evaluation and warm-up/compilation excluded)")
+    ax_time.set_title("Held-out CE vs wall-clock (arms interleaved step by step on a shared CPU)", fontsize=9)
+    ax_step.legend(fontsize=7, ncol=2)
+    ax_share.axvline(cfg.warmup_steps, color="k", lw=0.8, alpha=0.4)
+    ax_share.set_ylim(0.0, 1.05)
+    ax_share.set_xlabel("optimizer step")
+    ax_share.set_ylabel("trained tokens / input tokens")
+    ax_share.set_title(f"Tokens trained per step: curriculum 1 → {cfg.min_tokens_ratio} over {cfg.warmup_steps} "
+                       f"steps (line);\ntoken arms × (1 + (1 − c̄)·{cfg.threshold_sensitivity}) by the dynamic "
+                       "threshold", fontsize=9)
+    ax_share.grid(alpha=0.3)
+    ax_share.legend(fontsize=7, ncol=2)
     fig.suptitle(f"CGGR demo — {source.name}, {cfg.tokenizer} tokens, {cfg.num_layers}-layer d={cfg.d_model} "
-                 f"decoder, {cfg.steps} steps of {cfg.batch_size}×{cfg.seq_len}", fontsize=10)
+                 f"decoder, {cfg.steps} steps of {cfg.batch_size}×{cfg.seq_len}; torch solid (o), JAX dashed (x)",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def summary_table(runs: Sequence[RunResult], cfg: DemoConfig) -> str:
-    """A plain-text table: final/best held-out CE, share of tokens in the loss after warmup, time."""
-    head = (f"{'run':<11}{'params':>9}{'held-out CE':>13}{'best':>8}{'tokens in loss':>16}"
-            f"{'train s':>9}{'step/s':>8}")
+    """A plain-text table: final/best held-out CE, what is trained after the curriculum, speed."""
+    head = (f"{'run':<20}{'params':>9}{'held-out CE':>12}{'best':>8}{'tok trained':>12}{'seq trained':>12}"
+            f"{'ms/step':>9}{'ms/step*':>9}{'in tok/s':>10}{'tr tok/s':>10}{'train s':>9}{'warm-up s':>10}")
     lines = [head, "-" * len(head)]
     for run in runs:
-        after = [i for i, s in enumerate(run.steps) if s >= cfg.warmup_steps] or list(range(len(run.steps)))
-        sel = sum(run.tokens_selected[i] for i in after)
-        tot = sum(run.tokens_total[i] for i in after)
-        share = sel / tot if tot else float("nan")
-        rate = run.steps_per_second()
-        lines.append(f"{run.name:<11}{run.num_params:>9,}{run.eval_loss[-1]:>13.4f}{min(run.eval_loss):>8.4f}"
-                     f"{share:>15.1%} {run.train_seconds:>8.1f}{rate:>8.1f}")
+        tok, seq = trained_share(run, cfg.warmup_steps)
+        inp, trained = run.tokens_per_second()
+        lines.append(f"{run.name:<20}{run.num_params:>9,}{run.eval_loss[-1]:>12.4f}{min(run.eval_loss):>8.4f}"
+                     f"{tok:>12.1%}{seq:>12.1%}{run.ms_per_step():>9.1f}{run.ms_per_step(cfg.warmup_steps):>9.1f}"
+                     f"{inp:>10,.0f}{trained:>10,.0f}{run.train_seconds:>9.1f}{run.warmup_seconds:>10.1f}")
     lines.append(f"held-out CE: mean cross-entropy over all {cfg.eval_batches}×{cfg.batch_size}×{cfg.seq_len - 1} "
-                 "held-out predictions (last 10 % of the text); tokens in loss: after warmup;\n"
-                 "train s: all training steps incl. the first (JIT compilation); step/s: after the first.")
+                 "held-out predictions (last 10 % of the text); tok/seq trained: share of the batch's predictions /\n"
+                 f"sequences in the loss after the {cfg.warmup_steps}-step curriculum; ms/step*: after the curriculum; "
+                 "in/tr tok/s: input / trained predictions per training second;\ntrain s: every timed step "
+                 "(evaluation excluded); warm-up s: one step on a throwaway copy before timing (JIT compilation).")
     return "\n".join(lines)
 
 
@@ -503,7 +806,7 @@ def _json_safe(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
 
@@ -516,17 +819,20 @@ def _json_safe(value: Any) -> Any:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200; 6 with --quick)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps per run (default {DemoConfig.steps}; {QUICK['steps']} with --quick)")
     p.add_argument("--frameworks", default="torch,jax", help="comma-separated subset of torch,jax")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--text", default=None, help="train on this text file instead of the default corpus")
     p.add_argument("--out", default=str(REPO_ROOT / "out" / "demo"), help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="model initialisation and batch-order seed")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation, batch order and random-arm seed")
     p.add_argument("--quick", action="store_true", help="a few steps of a smaller model (smoke test)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="CGGR warmup (default 30%% of --steps)")
-    p.add_argument("--min-tokens-ratio", type=float, default=0.25, help="CGGR ratio after warmup")
+    p.add_argument("--warmup-steps", type=int, default=None, help="curriculum length (default 20%% of --steps)")
+    p.add_argument("--min-tokens-ratio", type=float, default=0.25,
+                   help="ratio of tokens / sequences trained after the curriculum")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="default: every 5%% of --steps")
     p.add_argument("--tokenizer", choices=TOKENIZERS, default="char")
     p.add_argument("--device", default="cpu", help="PyTorch device (JAX uses its default backend)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -536,32 +842,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def make_config(args: argparse.Namespace) -> DemoConfig:
     """The run configuration from the command line (``--quick`` shrinks the model and the run).
 
-    Unless given, the warmup is 30 % of the steps and the held-out CE is measured every 10 % of them.
+    Unless given, the curriculum lasts 20 % of the steps and the held-out CE is measured every 5 % of them.
     """
     base: dict[str, Any] = dict(QUICK) if args.quick else {}
     for name in ("steps", "batch_size", "seq_len"):
         if getattr(args, name) is not None:
             base[name] = getattr(args, name)
     steps = int(base.get("steps", DemoConfig.steps))
-    base["warmup_steps"] = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.3 * steps))
-    base["eval_every"] = args.eval_every if args.eval_every is not None else max(1, steps // 10)
+    base["warmup_steps"] = args.warmup_steps if args.warmup_steps is not None else max(1, round(0.2 * steps))
+    base["eval_every"] = args.eval_every if args.eval_every is not None else max(1, steps // 20)
     base.update(seed=args.seed, min_tokens_ratio=args.min_tokens_ratio, tokenizer=args.tokenizer)
     return DemoConfig(**base)
+
+
+def _subset(value: str, allowed: Sequence[str], flag: str) -> list[str]:
+    chosen = [f.strip() for f in value.split(",") if f.strip()]
+    if not chosen or any(c not in allowed for c in chosen):
+        raise ValueError(f"{flag} must be a comma-separated subset of {','.join(allowed)}, got {value!r}")
+    return [a for a in allowed if a in chosen]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = make_config(args)
+        frameworks = _subset(args.frameworks, FRAMEWORKS, "--frameworks")
+        arms = _subset(args.arms, ARMS, "--arms")
     except ValueError as err:
         print(f"demo.py: error: {err}", file=sys.stderr)
         return 2
-    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    bad = [f for f in frameworks if f not in FRAMEWORKS]
-    if not frameworks or bad:
-        print(f"demo.py: error: --frameworks must be a comma-separated subset of {','.join(FRAMEWORKS)}, "
-              f"got {args.frameworks!r}", file=sys.stderr)
-        return 2
+    if args.quick and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        # --quick is dominated by XLA's CPU compilation (~5 s per JAX step function, 5 arms); the backend's
+        # optimisation level 0 halves it (measured) and only slows the few steps that follow. Set before jax is
+        # first imported (lazily, below); an explicit XLA_FLAGS setting wins. The full demo keeps the default,
+        # which runs its steps ~2× faster.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -573,35 +888,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"text: {source.name} ({source.origin}), {len(source.text):,} chars -> {len(ids):,} {cfg.tokenizer} "
           f"tokens, vocab {tokenizer.vocab_size}; train {len(train_ids):,} / held-out {len(eval_ids):,} tokens")
     print(f"config: {cfg}")
-    progress = not args.no_progress
+    print(f"arms: {', '.join(arms)}; frameworks: {', '.join(frameworks)} (cggr_token: CGGRLoss defaults with "
+          f"warmup_steps={cfg.warmup_steps}; the split arms keep {cfg.min_tokens_ratio} of the sequences)", flush=True)
 
     runs: list[RunResult] = []
     t_start = time.perf_counter()
     for framework in frameworks:
-        for use_cggr in (False, True):
-            batches = batch_iterator(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed)  # same stream
-            if framework == "torch":
-                runs.append(train_torch(cfg, batches, held_out, tokenizer.vocab_size, use_cggr=use_cggr,
-                                        device=args.device, progress=progress))
-            else:
-                runs.append(train_jax(cfg, batches, held_out, tokenizer.vocab_size, use_cggr=use_cggr,
-                                      progress=progress))
+        runs.extend(train_framework(framework, arms, cfg, train_ids, held_out, tokenizer.vocab_size,
+                                    device=args.device, progress=not args.no_progress))
     total_seconds = time.perf_counter() - t_start
+    verdict = compute_verdict(runs, cfg)
 
     result = {
         "config": dataclasses.asdict(cfg),
         "frameworks": frameworks,
+        "arms": arms,
         "text": {"name": source.name, "origin": source.origin, "chars": len(source.text), "tokens": int(len(ids)),
                  "tokenizer": cfg.tokenizer, "vocab_size": tokenizer.vocab_size,
                  "train_tokens": int(len(train_ids)), "eval_tokens": int(len(eval_ids)),
                  "eval_predictions": int(sum(b.shape[0] * (b.shape[1] - 1) for b in held_out))},
-        "notes": "eval_loss is the held-out mean cross-entropy over all tokens (comparable across runs); "
-                 "train_loss of CGGR runs covers only the selected tokens and is not comparable.",
+        "notes": "eval_loss is the held-out mean cross-entropy over all tokens (comparable across runs), measured "
+                 "after eval_steps updates and eval_wallclock training seconds (evaluation and warm-up excluded); "
+                 "train_loss of the selection arms covers only the selected tokens and is not comparable. tokens_* "
+                 "count next-token predictions: tokens_total the batch's (input), tokens_selected those in the loss "
+                 "(trained).",
         "total_seconds": total_seconds,
-        "runs": {run.name: {"framework": run.framework, "loss": run.loss, "num_params": run.num_params,
-                            "train_seconds": run.train_seconds,
-                            "first_step_seconds": run.first_step_seconds, "eval_seconds": run.eval_seconds, **run.curves()}
+        "runs": {run.name: {"framework": run.framework, "arm": run.arm, "num_params": run.num_params,
+                            **run.summary(cfg.warmup_steps), **run.curves()}
                  for run in runs},
+        "verdict": verdict,
     }
     curves_path = out / CURVES_NAME
     curves_path.write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n", encoding="utf-8")
@@ -610,7 +925,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print()
     print(summary_table(runs, cfg))
-    print(f"\nall runs: {total_seconds:.1f} s; plot: {plot_path}; curves: {curves_path}")
+    print(f"\nall runs: {total_seconds:.1f} s; plot: {plot_path}; curves: {curves_path}\n")
+    print(verdict["text"])
     broken = {run.name: run.nonfinite_curves() for run in runs if run.nonfinite_curves()}
     if broken:
         print(f"demo.py: error: non-finite values in {broken}", file=sys.stderr)

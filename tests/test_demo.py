@@ -1,9 +1,10 @@
 """Tests of the demo (`examples/demo.py`) and its data helpers (`examples/data.py`).
 
 The end-to-end test runs ``python examples/demo.py --quick`` exactly as ``make demo`` runs the full demo
-(a subprocess, both frameworks, four runs) into a temporary directory and checks the artefacts: the PNG,
-the JSON curves (finite, the right lengths, the CGGR curriculum reaching ``min_tokens_ratio``, the same
-curriculum in PyTorch and JAX) and the summary table.
+(a subprocess, both frameworks, five arms each) into a temporary directory and checks the artefacts: the PNG,
+the JSON curves (finite, the right lengths, both x-axes: steps and training wall-clock), the trained-token
+accounting of every arm, the same curriculum in PyTorch and JAX, and the verdict (printed last, stored in the
+JSON, its numbers equal to the curves'). The verdict's logic is also tested on synthetic runs.
 """
 
 from __future__ import annotations
@@ -233,21 +234,95 @@ def test_batching_rejects_bad_arguments(kwargs: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+
 def test_demo_defaults_reach_min_ratio_within_the_run() -> None:
     cfg = demo.make_config(demo.parse_args([]))
     assert cfg.warmup_steps < cfg.steps and cfg.min_tokens_ratio == 0.25
-    assert cfg.steps % cfg.eval_every == 0
+    assert cfg.steps % cfg.eval_every == 0 and cfg.router_layers <= cfg.num_layers
     quick = demo.make_config(demo.parse_args(["--quick"]))
     assert quick.warmup_steps < quick.steps <= 10
     custom = demo.make_config(demo.parse_args(["--steps", "50", "--seed", "3"]))
-    assert (custom.steps, custom.warmup_steps, custom.eval_every, custom.seed) == (50, 15, 5, 3)
+    assert (custom.steps, custom.warmup_steps, custom.eval_every, custom.seed) == (50, 10, 2, 3)
 
 
 def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
     assert demo.main(["--frameworks", "tensorflow", "--out", str(tmp_path)]) == 2
+    assert demo.main(["--arms", "standard,oracle", "--out", str(tmp_path)]) == 2
+    assert demo.main(["--arms", "", "--out", str(tmp_path)]) == 2
     assert demo.main(["--steps", "0", "--out", str(tmp_path)]) == 2
     with pytest.raises(FileNotFoundError):
         demo.main(["--quick", "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path)])
+
+
+def _run(framework: str, arm: str, eval_wallclock: list[float], eval_loss: list[float]) -> "demo.RunResult":
+    """A synthetic run: one training record per eval interval of 10 steps (only the verdict's inputs matter)."""
+    n = len(eval_loss) - 1
+    run = demo.RunResult(name=f"{framework}-{arm}", framework=framework, arm=arm)
+    run.eval_steps = [10 * j for j in range(n + 1)]
+    run.eval_wallclock = list(eval_wallclock)
+    run.eval_loss = list(eval_loss)
+    sel = {"standard": 100, "random_token": 30, "cggr_token": 30, "random_seq": 25, "cggr_split": 25}[arm]
+    seqs = 1 if arm in demo.SEQUENCE_ARMS else 4
+    for j in range(n):
+        dt = eval_wallclock[j + 1] - eval_wallclock[j]
+        run.record(10 * j, 1.0, {"token_ratio": 1.0, "effective_ratio": 1.0, "tokens_selected": sel,
+                                 "tokens_total": 100, "sequences_selected": seqs, "sequences_total": 4}, dt)
+    return run
+
+
+def test_time_to_reach_interpolates_between_evaluations() -> None:
+    run = _run("torch", "standard", [0.0, 2.0, 4.0], [4.0, 3.0, 2.0])
+    assert demo.time_to_reach(run, 4.0) == 0.0
+    assert demo.time_to_reach(run, 2.5) == pytest.approx(3.0)
+    assert demo.time_to_reach(run, 2.0) == pytest.approx(4.0)
+    assert demo.time_to_reach(run, 1.9) is None
+    bumpy = _run("torch", "standard", [0.0, 1.0, 2.0, 3.0], [4.0, 2.0, 3.0, 1.0])
+    assert demo.time_to_reach(bumpy, 2.0) == pytest.approx(1.0)  # the first crossing
+
+
+def test_verdict_is_computed_from_the_numbers() -> None:
+    cfg = demo.DemoConfig(steps=20, warmup_steps=0, eval_every=10)
+    runs = [
+        _run("torch", "standard", [0.0, 5.0, 10.0], [4.0, 3.0, 2.00]),
+        _run("torch", "random_token", [0.0, 4.0, 8.0], [4.0, 3.2, 2.30]),
+        _run("torch", "cggr_token", [0.0, 4.0, 8.0], [4.0, 3.3, 2.40]),   # worse than random: +0.1
+        _run("torch", "random_seq", [0.0, 2.0, 4.0], [4.0, 2.5, 1.90]),   # reaches 2.0 at ~3.58 s
+        _run("torch", "cggr_split", [0.0, 2.5, 5.0], [4.0, 2.2, 1.95]),   # better than random_seq? no: +0.05
+        _run("jax", "standard", [0.0, 5.0, 10.0], [4.0, 3.0, 2.00]),
+        _run("jax", "random_token", [0.0, 4.0, 8.0], [4.0, 3.2, 2.30]),
+        _run("jax", "cggr_token", [0.0, 4.0, 8.0], [4.0, 3.1, 2.20]),     # better than random: −0.1
+        _run("jax", "random_seq", [0.0, 2.0, 4.0], [4.0, 2.9, 2.50]),
+        _run("jax", "cggr_split", [0.0, 2.5, 5.0], [4.0, 2.9, 2.505]),    # a tie: +0.005
+    ]
+    verdict = demo.compute_verdict(runs, cfg)
+    text = verdict["text"]
+    t, j = verdict["frameworks"]["torch"], verdict["frameworks"]["jax"]
+    assert t["final_eval_loss"] == {"standard": 2.0, "random_token": 2.3, "cggr_token": 2.4, "random_seq": 1.9,
+                                    "cggr_split": 1.95}
+    assert t["delta_token"] == pytest.approx(0.1) and t["delta_split"] == pytest.approx(0.05)
+    assert j["delta_token"] == pytest.approx(-0.1) and j["delta_split"] == pytest.approx(0.005)
+    # random_seq crosses 2.0 between (2 s, 2.5) and (4 s, 1.9): 2 + 2·0.5/0.6; cggr_split at 2.5 + 2.5·0.2/0.25
+    assert t["reach_standard_final_seconds"]["random_seq"] == pytest.approx(2 + 2 * 0.5 / 0.6)
+    assert t["reach_standard_final_seconds"]["cggr_split"] == pytest.approx(2.5 + 2.5 * 0.2 / 0.25)
+    assert t["reach_standard_final_seconds"]["cggr_token"] is None
+    assert t["soonest_to_standard_final"] == "random_seq"
+    assert j["soonest_to_standard_final"] == "standard"
+    # 10 ms vs 5 ms per step (2 records of 5 s / 2.5 s each) -> 2× standard's speed; 25 % of the tokens
+    assert t["split_speedup_per_step"] == pytest.approx(2.0)
+    assert t["trained_token_share_after_curriculum"]["cggr_split"] == pytest.approx(0.25)
+    # the text carries the numbers of the dict and words that follow their signs
+    assert "+0.1000" in text and "-0.1000" in text and "+0.0500" in text and "+0.0050" in text
+    assert t["lowest_at_equal_steps"] == "random_seq" and j["lowest_at_equal_steps"] == "standard"
+    assert ("torch: random_seq ended lowest at equal steps (1.9000); loss-based CGGR token selection did not beat "
+            "random selection here: it ended worse") in text
+    assert ("jax: standard ended lowest at equal steps (2.0000); loss-based CGGR token selection beat random "
+            "selection here (Δ = -0.1000 nats)") in text
+    assert "One seed" in text
+    assert "a tie" in text and "2.00× faster per step" in text
+    assert "random_seq reached standard's final held-out CE first in wall-clock (3.7 s against 10.0 s)" in text
+    assert "jax:" in text and "no selection arm reached standard's final held-out CE sooner" in text
+    assert "0.21 nats worse" in text and "0.21 nats better" in text and 'scoring="excess"' in text
+    assert "did not run excess scoring" in text
 
 
 def test_demo_quick_end_to_end(tmp_path: Path) -> None:
@@ -255,7 +330,7 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the demo must not need the test-suite's interpreter settings
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "demo.py"), "--quick", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     png = out / demo.PLOT_NAME
@@ -264,34 +339,82 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
 
     result = json.loads((out / demo.CURVES_NAME).read_text(encoding="utf-8"))
     cfg = result["config"]
-    steps, vocab = cfg["steps"], result["text"]["vocab_size"]
-    assert set(result["runs"]) == {"torch-ce", "torch-cggr", "jax-ce", "jax-cggr"}
-    for name, run in result["runs"].items():
-        for key in ("train_loss", "token_ratio", "effective_ratio", "tokens_selected", "tokens_total", "eval_loss"):
+    steps, vocab, ratio, warmup = cfg["steps"], result["text"]["vocab_size"], cfg["min_tokens_ratio"], cfg["warmup_steps"]
+    B, n_tokens = cfg["batch_size"], cfg["batch_size"] * (cfg["seq_len"] - 1)
+    k_seq = max(1, round(ratio * B))
+    assert 0 < warmup < steps
+    runs = result["runs"]
+    assert set(runs) == {f"{fw}-{arm}" for fw in demo.FRAMEWORKS for arm in demo.ARMS}
+    for name, run in runs.items():
+        curves = ("train_loss", "token_ratio", "effective_ratio", "tokens_selected", "tokens_total",
+                  "sequences_selected", "sequences_total", "step_seconds", "eval_loss", "eval_wallclock")
+        for key in curves:
             values = run[key]
             assert values and all(v is not None and math.isfinite(v) for v in values), (name, key, values)
-        assert run["steps"] == list(range(steps))
+        assert run["steps"] == list(range(steps)) and len(run["step_seconds"]) == steps
+        # both x-axes: steps and training wall-clock (the cumulative step times at each evaluation)
         assert run["eval_steps"][0] == 0 and run["eval_steps"][-1] == steps
-        assert len(run["eval_loss"]) == len(run["eval_steps"])
+        assert len(run["eval_loss"]) == len(run["eval_steps"]) == len(run["eval_wallclock"])
+        assert run["eval_wallclock"] == [pytest.approx(sum(run["step_seconds"][:s])) for s in run["eval_steps"]]
+        assert run["train_seconds"] == pytest.approx(sum(run["step_seconds"])) and run["train_seconds"] > 0
+        assert run["input_tokens_per_s"] == pytest.approx(sum(run["tokens_total"]) / run["train_seconds"])
+        assert run["trained_tokens_per_s"] == pytest.approx(sum(run["tokens_selected"]) / run["train_seconds"])
         # a freshly initialised model predicts about uniformly: held-out CE ≈ ln V at step 0
         assert abs(run["eval_loss"][0] - math.log(vocab)) < 0.5, (name, run["eval_loss"][0])
-        n_tokens = cfg["batch_size"] * (cfg["seq_len"] - 1)
-        assert all(t == n_tokens for t in run["tokens_total"])
-        if run["loss"] == "cross_entropy":
-            assert run["tokens_selected"] == run["tokens_total"] and set(run["token_ratio"]) == {1.0}
+        assert all(t == n_tokens for t in run["tokens_total"]) and all(s == B for s in run["sequences_total"])
+        after = range(warmup, steps)
+        if run["arm"] == "standard":
+            assert run["tokens_selected"] == run["tokens_total"] and set(run["sequences_selected"]) == {B}
+        elif run["arm"] in demo.TOKEN_ARMS:
+            # every sequence runs; the loss holds ≈ ratio of the tokens: the curriculum's ratio raised by the
+            # dynamic threshold (SPEC §5.2: ratio · (1 + (1 − c̄)·0.5) with c̄ in [0, 1]), k = round(effective · n)
+            assert set(run["sequences_selected"]) == {B}
+            assert run["token_ratio"][0] == 1.0 and run["tokens_selected"][0] == n_tokens
+            for i in after:
+                eff, sel = run["effective_ratio"][i], run["tokens_selected"][i]
+                assert run["token_ratio"][i] == pytest.approx(ratio)
+                assert ratio - 1e-6 <= eff <= ratio * 1.5 + 1e-6, (name, i, eff)
+                assert abs(sel - eff * n_tokens) <= 1, (name, i, sel, eff)
         else:
-            assert run["token_ratio"][0] == 1.0 and run["token_ratio"][-1] == pytest.approx(cfg["min_tokens_ratio"])
-            assert all(e >= r for e, r in zip(run["effective_ratio"], run["token_ratio"]))
-            assert run["tokens_selected"][-1] < n_tokens
-    # the curriculum is the same schedule in both frameworks, and step 0 starts from the same ratio
-    assert result["runs"]["torch-cggr"]["token_ratio"] == result["runs"]["jax-cggr"]["token_ratio"]
-    # within a framework, both runs start from the same initialisation and see the same first batch
-    for fw in ("torch", "jax"):
-        ce, cggr = result["runs"][f"{fw}-ce"], result["runs"][f"{fw}-cggr"]
-        assert ce["eval_loss"][0] == cggr["eval_loss"][0]
-        assert ce["train_loss"][0] == pytest.approx(cggr["train_loss"][0], rel=1e-5)  # ratio 1 at step 0
+            # batch splitting and its random baseline train exactly ratio of the sequences after the curriculum
+            # (fixed_quota: no dynamic threshold), all the tokens of those sequences
+            assert run["sequences_selected"][0] == B
+            assert [run["sequences_selected"][i] for i in after] == [k_seq] * len(after)
+            assert all(t == s * (cfg["seq_len"] - 1) for t, s in zip(run["tokens_selected"], run["sequences_selected"]))
+    for fw in demo.FRAMEWORKS:
+        # the same count rule: random_seq and cggr_split keep the same number of sequences at every step
+        assert runs[f"{fw}-random_seq"]["sequences_selected"] == runs[f"{fw}-cggr_split"]["sequences_selected"]
+        # every arm of a framework starts from the same initialisation
+        assert len({runs[f"{fw}-{arm}"]["eval_loss"][0] for arm in demo.ARMS}) == 1
+    # the curriculum is the same schedule in both frameworks
+    for arm in ("cggr_token", "random_token", "random_seq", "cggr_split"):
+        assert runs[f"torch-{arm}"]["token_ratio"] == pytest.approx(runs[f"jax-{arm}"]["token_ratio"])
+
+    # the verdict: printed last, stored in the JSON, and its numbers are those of the curves
+    verdict = result["verdict"]
+    assert proc.stdout.rstrip().endswith(verdict["text"].rstrip())
+    text = verdict["text"]
+    for fw in demo.FRAMEWORKS:
+        v = verdict["frameworks"][fw]
+        final = {arm: runs[f"{fw}-{arm}"]["eval_loss"][-1] for arm in demo.ARMS}
+        assert v["final_eval_loss"] == final
+        assert v["lowest_at_equal_steps"] == min(final, key=final.__getitem__)
+        for arm, loss in final.items():
+            assert f"{arm} {loss:.4f}" in text
+        assert v["delta_token"] == pytest.approx(final["cggr_token"] - final["random_token"])
+        assert v["delta_split"] == pytest.approx(final["cggr_split"] - final["random_seq"])
+        assert f"cggr_token − random_token = {v['delta_token']:+.4f} nats" in text
+        assert f"cggr_split − random_seq   = {v['delta_split']:+.4f} nats" in text
+        reach = v["reach_standard_final_seconds"]
+        assert reach["standard"] is not None and reach["standard"] <= runs[f"{fw}-standard"]["train_seconds"] + 1e-9
+        soonest = v["soonest_to_standard_final"]
+        assert soonest in demo.ARMS and reach[soonest] == min(t for t in reach.values() if t is not None)
+        ms = v["ms_per_step_after_curriculum"]
+        assert v["split_speedup_per_step"] == pytest.approx(ms["standard"] / ms["cggr_split"])
+        assert f"{v['split_speedup_per_step']:.2f}× standard's speed" in text
+    assert "Conclusion:" in text and "0.21 nats worse" in text and 'scoring="excess"' in text
 
     assert "held-out CE" in proc.stdout
-    for name in result["runs"]:
+    for name in runs:
         assert name in proc.stdout
     assert "eval_ce=" in proc.stderr and "sel=" in proc.stderr  # the progress bars with live metrics
