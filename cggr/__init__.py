@@ -27,8 +27,8 @@ __all__ = [
 
 #: The PyTorch names the seed docs import from ``cggr``; resolved lazily so that ``import cggr`` needs no torch.
 _TORCH_API = ("CGGRLoss", "CGGRModel", "create_truncated_router", "cggr_loss", "CGGRScorer", "TruncatedRouter",
-              "PassthroughRouter", "CGGRTrainer", "CGGRStepCallback", "use_cggr", "score_tokens",
-              "select_tokens", "shift_for_causal_lm")
+              "PassthroughRouter", "CGGRTrainer", "CGGRStepCallback", "use_cggr", "apply_cggr",
+              "remove_cggr", "score_tokens", "select_tokens", "shift_for_causal_lm")
 
 
 def require(module: str, *, package: str, extra: str) -> None:

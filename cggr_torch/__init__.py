@@ -47,12 +47,14 @@ __all__ = [
     "CGGRTrainer",
     "CGGRStepCallback",
     "use_cggr",
+    "apply_cggr",
+    "remove_cggr",
 ]
 
 
 def __getattr__(name: str):
     # The Trainer integration imports transformers' Trainer (and accelerate); load it only when asked for.
-    if name in ("CGGRTrainer", "CGGRStepCallback", "use_cggr"):
+    if name in ("CGGRTrainer", "CGGRStepCallback", "use_cggr", "apply_cggr", "remove_cggr"):
         from . import integrations
 
         return getattr(integrations, name)
