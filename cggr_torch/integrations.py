@@ -1,7 +1,17 @@
-"""Hugging Face ``Trainer`` integration of batch splitting (:class:`~cggr_torch.batch_split.CGGRModel`).
+"""Hugging Face integration: batch splitting (:class:`~cggr_torch.batch_split.CGGRModel`) in a ``Trainer``, and
+the fused CGGR LM head (:mod:`cggr_torch.fused_linear`) on a causal LM.
 
-One call switches an existing ``Trainer`` (or a subclass such as TRL's ``SFTTrainer``) to CGGR, as Liger's
-``apply_liger_kernel_to_*`` does for kernels::
+One call switches a model to the fused CGGR head, as Liger's ``apply_liger_kernel_to_*`` does for kernels::
+
+    from cggr_torch.integrations import apply_cggr
+
+    model = apply_cggr(AutoModelForCausalLM.from_pretrained(...), min_tokens_ratio=0.25, warmup_steps=1000)
+    loss = model(input_ids, labels=labels, attention_mask=mask).loss    # training mode: no logits materialised
+    loss.backward(); optimizer.step(); model.cggr_loss.step()
+
+(:func:`apply_cggr`; :func:`remove_cggr` undoes it). One call switches an existing ``Trainer`` (or a subclass
+such as TRL's ``SFTTrainer``) to CGGR: ``use_cggr(trainer, head="fused", ...)`` with the fused head (the step
+callback advances ``model.cggr_loss``), or batch splitting by default::
 
     from cggr_torch.integrations import use_cggr
 
