@@ -340,3 +340,15 @@ def test_use_cggr_fused_rejects_bad_arguments_naming_them(tmp_path):
     trainer.model.train()
     with pytest.raises(ValueError, match="inputs: .*labels"):
         trainer.compute_loss(trainer.model, {"input_ids": data[0]["input_ids"][None]})
+
+
+def test_a_trainer_built_after_apply_cggr_scales_for_accumulation(tmp_path):
+    """Without use_cggr, a Trainer built on an applied model must not pass num_items_in_batch (the forward
+    rejects it) and must divide the per-micro-batch mean by the accumulation steps."""
+    model = apply_cggr(tiny_model("llama").train(), **CFG)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_steps=1, gradient_accumulation_steps=2,
+                                                           per_device_train_batch_size=3),
+                                   train_dataset=_dataset(6))
+    assert trainer.model_accepts_loss_kwargs is False
+    assert math.isfinite(trainer.train().training_loss)
+    assert model.cggr_loss.current_step == 0          # no step callback without use_cggr: call step() yourself
