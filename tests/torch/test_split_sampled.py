@@ -104,7 +104,7 @@ def test_kept_sequences_weights_and_loss_match_the_oracle(dtype, seed):
         assert lm.calls[-1]["labels"] is None                         # the model's own loss is not used
         ref = oracle.sampled_sequence_loss(full, labels.numpy(), w_o, e, attention_mask=am.numpy())
         np.testing.assert_allclose(out.loss.item(), ref["loss"], rtol=2e-5, atol=1e-6)
-        assert float(out.outputs.loss) == float(out.loss)             # handed back in the model's output
+        assert out.outputs.loss is out.loss             # handed back in the model's output
         m = model.get_metrics()
         assert m["sequences_selected"] == int(kept.sum()) and m["selection"] == "sampled"
         np.testing.assert_allclose(m["sample_ess"], oracle.sample_ess(w_o), rtol=1e-5)
@@ -140,7 +140,7 @@ def test_gradient_is_that_of_the_weighted_sum():
     ref.backward()
     for g, p in zip(got, lm64.parameters()):
         np.testing.assert_allclose(g.numpy(), p.grad.numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(float(out.loss), float(ref), rtol=1e-5)
+    np.testing.assert_allclose(out.loss.item(), ref.item(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("seed", [0, 5])
@@ -179,12 +179,12 @@ def test_all_ignored_batch_and_custom_ignore_index():
     out = model.forward_with(lm, ids, labels, am)
     sel_e = model.select(ids, labels, am).eligible.numpy()
     assert not sel_e[4] and not sel_e[6] and out.kept.numel() > 0
-    assert np.isfinite(float(out.loss))
+    assert np.isfinite(out.loss.item())
     # every target ignored: nothing eligible, loss 0 with zero gradients, no model call, ESS 0
     calls = len(lm.calls)
     loss = model(ids, torch.full_like(labels, -1), am)
     loss.backward()
-    assert float(loss) == 0.0 and len(lm.calls) == calls
+    assert loss.item() == 0.0 and len(lm.calls) == calls
     assert all(p.grad is None or not p.grad.any() for p in lm.parameters())
     m = model.get_metrics()
     assert m["sequences_selected"] == 0 and m["sequences_total"] == 0 and m["sample_ess"] == 0.0
@@ -212,7 +212,7 @@ def test_excess_and_sampled_together():
     assert not kept[3]
     if not _assert_same_draw(kept, mask_o, pi, u).any():
         r = oracle.sampled_sequence_loss(_full_logits(lm, ids), labels.numpy(), w_o, e, attention_mask=am.numpy())
-        np.testing.assert_allclose(float(out.loss), r["loss"], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(out.loss.item(), r["loss"], rtol=2e-5, atol=1e-6)
 
 
 def test_hugging_face_model_gets_no_labels_and_its_output_carries_the_loss():
@@ -231,7 +231,7 @@ def test_hugging_face_model_gets_no_labels_and_its_output_carries_the_loss():
     kept = np.zeros(5, bool)
     kept[out.kept.numpy()] = True
     assert kept.any()
-    assert float(out.outputs.loss) == float(out.loss)
+    assert out.outputs.loss is out.loss
     if not _assert_same_draw(kept, mask_o, pi, u).any():
         k = out.kept
         with torch.no_grad():
@@ -239,7 +239,7 @@ def test_hugging_face_model_gets_no_labels_and_its_output_carries_the_loss():
         full = np.zeros((5,) + z.shape[1:])
         full[kept] = z
         r = oracle.sampled_sequence_loss(full, ids.numpy(), w_o, sel.eligible.numpy(), attention_mask=am.numpy())
-        np.testing.assert_allclose(float(out.loss), r["loss"], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(out.loss.item(), r["loss"], rtol=2e-5, atol=1e-6)
 
 
 def test_bad_input():
