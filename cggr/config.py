@@ -39,8 +39,9 @@ REFERENCE_SCORING_MODES: tuple[str, ...] = ("excess",)
 SELECTION_STRATEGIES: tuple[str, ...] = ("topk", "stratified", "sequence_aware", "fixed_quota", "sampled")
 #: SPEC §7.4: the strategies that draw tokens at random and weight their losses (Horvitz–Thompson).
 SAMPLED_SELECTIONS: tuple[str, ...] = ("sampled",)
-#: SPEC §9: batch splitting selects whole sequences; the per-token strategies have no meaning there.
-SEQUENCE_SELECTIONS: tuple[str, ...] = ("topk", "fixed_quota")
+#: SPEC §9: batch splitting selects whole sequences; the per-token strategies have no meaning there. ``sampled``
+#: draws whole sequences with Horvitz–Thompson weights (SPEC §9.2).
+SEQUENCE_SELECTIONS: tuple[str, ...] = ("topk", "fixed_quota", "sampled")
 
 
 def is_real(x: Any) -> bool:

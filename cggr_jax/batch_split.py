@@ -28,6 +28,12 @@ One ``jax.jit``-compiled function ``(state, input_ids, labels, attention_mask) -
   the switch keeps the Python side asynchronous. On GPU the XLA runtime reads the branch index itself.)
   ``k_seq = 0`` (every sequence without an eligible target) takes a branch that runs no model at all: the
   loss is 0 and the gradient is exactly zero (the optimizer still makes its update from zero gradients);
+* ``selection="sampled"`` (SPEC §9.2): the kept sequences are a random draw (``k_seq`` expected, the realised
+  count picks the bucket and is reported as ``sequences_selected``) and each kept row carries the loss weight
+  ``ω_b = w_b / max(1, N_tok)`` (``w_b = 1/π_b``, ``N_tok`` the valid shifted targets of all eligible
+  sequences; padding rows 0), so the loss ``Σ_b ω_b Σ_t ce_{b,t}`` is the Horvitz–Thompson estimate of the
+  mean token cross-entropy of the whole batch's eligible sequences. ``sample_ess`` (in the curriculum's
+  metrics) is the ESS of the kept sequences' ``w``;
 * the gradient goes through ``optimizer`` — an optax transformation that must contain
   :func:`cggr_jax.integrations.advance_curriculum` (e.g. ``optax.chain(advance_curriculum(), optax.adamw(…))``)
   — and the curriculum step is read from the optimizer state with :func:`cggr_jax.integrations.current_step`,
@@ -76,6 +82,7 @@ import optax
 from flax import nnx
 
 from cggr import NUMERIC_METRIC_KEYS
+from cggr.config import SAMPLED_SELECTIONS
 
 from cggr_jax import curriculum, integrations, router, selection, utils
 from cggr_jax.sequence_reference import check_sequence_reference
@@ -150,6 +157,7 @@ def causal_lm_loss(
     weights: jax.Array | None = None,
     *,
     ignore_index: int = utils.DEFAULT_CONFIG.ignore_index,
+    weighted: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy ``Σ ce / max(1, count)`` over the valid shifted tokens and its count.
 
@@ -158,6 +166,9 @@ def causal_lm_loss(
     ``weights[b] > 0`` (``weights`` ``(B,)`` excludes whole rows, e.g. a bucket's padding sequences). Excluded
     pairs read no target (index 0 is gathered) and get an exactly zero gradient; a non-finite excluded row
     cannot leak a NaN into the gradient because it is replaced by zeros first.
+
+    ``weighted=True`` (SPEC §9.2, ``selection="sampled"``): the loss is ``Σ_{b,t} weights[b]·ce_{b,t}`` instead,
+    the row weights already holding the normalisation (``w_b / max(1, N_tok)``); the count is unchanged.
     """
     z = logits[:, :-1].astype(jnp.float32)
     targets = labels[:, 1:]
@@ -173,6 +184,10 @@ def causal_lm_loss(
     picked = jnp.take_along_axis(z, safe[..., None], axis=-1)[..., 0]
     ce = jnp.where(valid, lse - picked, 0.0)
     count = jnp.sum(valid, dtype=jnp.int32)
+    if weighted:
+        if weights is None:
+            raise ValueError("weights: weighted=True needs the (B,) row weights, got None")
+        return jnp.sum(ce * weights.astype(jnp.float32)[:, None], dtype=jnp.float32), count
     return jnp.sum(ce, dtype=jnp.float32) / jnp.maximum(count, 1).astype(jnp.float32), count
 
 
@@ -320,13 +335,14 @@ class BatchSplitTrainStep:
         return _resolve_buckets(self.buckets, batch_size)
 
     def _loss_and_grad(self, params: Any, rest: Any, ids: jax.Array, labels: jax.Array,
-                       amask: jax.Array | None, weights: jax.Array | None) -> tuple[jax.Array, jax.Array, Any]:
+                       amask: jax.Array | None, weights: jax.Array | None,
+                       weighted: bool = False) -> tuple[jax.Array, jax.Array, Any]:
         """``(loss, token count, d loss / d params)`` of :func:`causal_lm_loss` on the full model."""
         graphdef, ignore = self.graphdef, self.config.ignore_index
 
         def loss_fn(p):
             logits = nnx.merge(graphdef, p, rest)(ids, amask)
-            return causal_lm_loss(logits, labels, amask, weights, ignore_index=ignore)
+            return causal_lm_loss(logits, labels, amask, weights, ignore_index=ignore, weighted=weighted)
 
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, count, grads
@@ -337,7 +353,12 @@ class BatchSplitTrainStep:
         """``(rank, k, metrics)`` of the kept sequences for the selecting modes (rank −1 = not eligible): the
         router's part of the step (traced inside it; public so that benchmarks can time the router alone).
         ``reference_nll``: SPEC §9.1 (checked like :meth:`__call__` does); the modes without a router
-        (``"random_sequence"``) validate it but do not read it, as they do not read ``scoring``."""
+        (``"random_sequence"``) validate it but do not read it, as they do not read ``scoring``.
+
+        ``selection="sampled"`` (SPEC §9.2, mode ``"cggr"``): ``rank`` numbers the drawn sequences ``0 … k−1`` in
+        batch order (−1 for the others), ``k`` is the realised count, and ``metrics`` also holds
+        ``"sequence_weights"`` (``(B,)`` float32 loss weights ``w_b / max(1, N_tok)``, 0 where not kept) and
+        ``"sample_ess"``; the step takes both out of its own metrics."""
         cfg = self.config
         reference_nll = check_sequence_reference(reference_nll, cfg.scoring, tuple(input_ids.shape))
         B = input_ids.shape[0]
@@ -378,7 +399,24 @@ class BatchSplitTrainStep:
         rank = sel.rank
         if self.mode == "random_sequence_router":
             rank = selection.rank_tokens(jax.random.uniform(key, (B,), dtype=jnp.float32), sel.eligible)
-        kept = (rank >= 0) & (rank < sel.k)
+        k = sel.k
+        extra: dict[str, jax.Array] = {}
+        if self.mode == "cggr" and cfg.config.selection in SAMPLED_SELECTIONS:
+            # SPEC §9.2: the same draw as sel.mask (same D, ratio, step), plus its 1/π weights.
+            c = cfg.config
+            drawn, w, _ = selection.sample_tokens(sel.difficulty, sel.eligible, sel.ratio, step=step,
+                                                  seed=c.sample_seed, power=c.sample_power,
+                                                  uniform_mix=c.sample_uniform_mix, floor=c.sample_floor)
+            valid = _shifted_valid(labels, attention_mask, cfg.ignore_index)
+            if self.vocab_size is not None:   # an out-of-range (traced) target has no cross-entropy
+                valid = valid & utils.target_masks(labels[:, 1:], self.vocab_size, cfg.ignore_index)[1]
+            n_tok = jnp.sum(valid & sel.eligible[:, None], dtype=jnp.int32)
+            k = jnp.sum(drawn, dtype=jnp.int32)
+            rank = jnp.where(drawn, jnp.cumsum(drawn.astype(jnp.int32)) - 1, -1).astype(jnp.int32)
+            w_sum, w_sq = jnp.sum(w), jnp.sum(w * w)
+            extra = {"sequence_weights": w / jnp.maximum(n_tok, 1).astype(jnp.float32),
+                     "sample_ess": jnp.where(w_sq > 0, w_sum * w_sum / jnp.where(w_sq > 0, w_sq, 1.0), zero_f)}
+        kept = (rank >= 0) & (rank < k)
         n_kept = jnp.sum(kept, dtype=jnp.int32)
         info = router.selection_info(sel)
         metrics = {
@@ -390,8 +428,9 @@ class BatchSplitTrainStep:
                 n_kept > 0,
                 jnp.sum(jnp.where(kept, sel.difficulty, 0.0)) / jnp.maximum(n_kept, 1).astype(jnp.float32),
                 zero_f),
+            **extra,
         }
-        return rank, sel.k, metrics
+        return rank, k, metrics
 
     def _step(self, state: BatchSplitState, input_ids: jax.Array, labels: jax.Array,
               attention_mask: jax.Array | None,
@@ -401,6 +440,7 @@ class BatchSplitTrainStep:
         B = input_ids.shape[0]
         step = integrations.current_step(opt_state)
         zero_f, zero_i = jnp.float32(0.0), jnp.int32(0)
+        sample_ess = None
 
         if self.mode == "standard":
             loss, count, grads = self._loss_and_grad(params, rest, input_ids, labels, attention_mask, None)
@@ -416,6 +456,8 @@ class BatchSplitTrainStep:
         else:
             rank, k, route_metrics = self.route(params, rest, input_ids, labels, attention_mask, step,
                                                 reference_nll)
+            seq_weights = route_metrics.pop("sequence_weights", None)   # SPEC §9.2 (sampled)
+            sample_ess = route_metrics.pop("sample_ess", None)
             # Kept sequences first (by rank), then the other eligible ones, then the ineligible ones.
             order_key = jnp.where(rank >= 0, rank, B + jnp.arange(B, dtype=jnp.int32))
             order = jnp.argsort(order_key).astype(jnp.int32)
@@ -429,10 +471,14 @@ class BatchSplitTrainStep:
             def make_branch(b: int):
                 def run(_):
                     idx = order[:b]
-                    weights = (jnp.arange(b, dtype=jnp.int32) < k).astype(jnp.float32)
+                    if seq_weights is None:
+                        weights = (jnp.arange(b, dtype=jnp.int32) < k).astype(jnp.float32)
+                    else:   # the drawn rows come first; the others (padding) have weight 0
+                        weights = jnp.take(seq_weights, idx, axis=0)
                     sub_mask = None if attention_mask is None else jnp.take(attention_mask, idx, axis=0)
                     return self._loss_and_grad(params, rest, jnp.take(input_ids, idx, axis=0),
-                                               jnp.take(labels, idx, axis=0), sub_mask, weights)
+                                               jnp.take(labels, idx, axis=0), sub_mask, weights,
+                                               weighted=seq_weights is not None)
                 return run
 
             loss, count, grads = jax.lax.switch(branch, [zero_branch] + [make_branch(b) for b in sizes], None)
@@ -440,8 +486,9 @@ class BatchSplitTrainStep:
                        "tokens_selected": count, **route_metrics}
 
         # The SPEC §10 subset of the metrics goes to the curriculum state (``integrations.latest_metrics``).
-        cggr_metrics = {key: metrics[key] if key != "sample_ess" else metrics["tokens_selected"].astype(jnp.float32)
-                        for key in NUMERIC_METRIC_KEYS}   # SPEC §10: sequence selection is unweighted
+        if self.mode == "standard" or sample_ess is None:   # SPEC §10: an unweighted selection's ESS is its count
+            sample_ess = metrics["tokens_selected"].astype(jnp.float32)
+        cggr_metrics = {key: metrics[key] if key != "sample_ess" else sample_ess for key in NUMERIC_METRIC_KEYS}
         updates, opt_state = self.optimizer.update(grads, opt_state, params, cggr_metrics=cggr_metrics)
         params = optax.apply_updates(params, updates)
         return BatchSplitState(params, rest, opt_state), metrics

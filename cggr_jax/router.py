@@ -19,7 +19,10 @@ router's logits ``z`` ``(B, T, V)`` and the ``labels`` ``(B, T)`` (unshifted):
    mean confidence over *all* eligible pairs (``ratio = base`` unless ``config.uses_dynamic_threshold``);
 5. ``k_seq = num_selected(n_seq, ratio)`` and the kept sequences are the ``k_seq`` of lowest rank in the
    SPEC §6 order over sequences (``D`` descending, lower batch index first), i.e.
-   ``cggr_jax.selection.select_tokens(D, eligible, ratio, selection="topk")``.
+   ``cggr_jax.selection.select_tokens(D, eligible, ratio, selection="topk")``. With ``selection="sampled"``
+   (SPEC §9.2) the mask is instead the draw of ``cggr_jax.selection.sample_tokens(D, eligible, ratio,
+   step=step)`` (``k_seq`` expected sequences; the draw's index is the batch index), whose ``1/π_b`` weights
+   the batch-split step applies to the loss.
 
 The head-linearity rule (:func:`check_linear_head`): wherever CGGR derives logits from a model's head (the
 fused router path of the batch-split step and :func:`decoder_lm_cggr_loss`), the model's own logits are first
@@ -39,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from cggr import DEFAULT_SEQUENCE_SELECTION, CGGRConfig
+from cggr.config import SAMPLED_SELECTIONS
 from flax import nnx
 
 from cggr_jax import curriculum, fused_linear, models, pipeline, scoring, selection, utils
@@ -93,8 +97,9 @@ class BatchSplitConfig:
         router_layers: number of the model's blocks the router runs (``0 ≤ router_layers ≤ num_layers``).
         scoring, dynamic_threshold, threshold_sensitivity, min_tokens_ratio, warmup_steps, ignore_index: as
             ``cggr.CGGRConfig`` (SPEC §3, §5).
-        selection: ``"topk"`` or ``"fixed_quota"`` (= topk without the dynamic threshold). ``"stratified"``
-            and ``"sequence_aware"`` are token-level strategies and a :class:`ValueError` here (SPEC §9).
+        selection: ``"topk"``, ``"fixed_quota"`` (= topk without the dynamic threshold) or ``"sampled"``
+            (SPEC §9.2). ``"stratified"`` and ``"sequence_aware"`` are token-level strategies and a
+            :class:`ValueError` here (SPEC §9).
         ratio_schedule: optional ``step -> ratio`` (an ``optax.Schedule``, values in ``(0, 1]``) replacing the
             default curriculum.
         seed: PRNG seed of the random modes (the key of step ``s`` is ``fold_in(key(seed), s)``).
@@ -104,6 +109,8 @@ class BatchSplitConfig:
             that cannot take it is a :class:`ValueError`; ``"auto"`` falls back for a model without hidden
             states and the step reports it (``BatchSplitTrainStep.router_path``, ``router_path_reason``).
         router_memory_budget_bytes: working memory of the fused path's logit blocks (bytes, default 1 GiB).
+        sample_power, sample_uniform_mix, sample_floor, sample_seed: SPEC §7.4's parameters of ``"sampled"``
+            (``cggr.CGGRConfig``'s ``sample_*`` fields), applied to the sequence difficulties (§9.2).
 
     :attr:`config` (set by the constructor) is the one validated ``cggr.CGGRConfig`` of these settings.
     """
@@ -120,6 +127,10 @@ class BatchSplitConfig:
     seed: int = 0
     router_path: str = "auto"
     router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET
+    sample_power: float = DEFAULT_CONFIG.sample_power
+    sample_uniform_mix: float = DEFAULT_CONFIG.sample_uniform_mix
+    sample_floor: float = DEFAULT_CONFIG.sample_floor
+    sample_seed: int = DEFAULT_CONFIG.sample_seed
 
     def __post_init__(self) -> None:
         utils.check_int(self.router_layers, "router_layers", minimum=0)
@@ -127,7 +138,9 @@ class BatchSplitConfig:
                             dynamic_threshold=self.dynamic_threshold,
                             threshold_sensitivity=self.threshold_sensitivity,
                             min_tokens_ratio=self.min_tokens_ratio, warmup_steps=self.warmup_steps,
-                            ignore_index=self.ignore_index).for_sequences()
+                            ignore_index=self.ignore_index, sample_power=self.sample_power,
+                            sample_uniform_mix=self.sample_uniform_mix, sample_floor=self.sample_floor,
+                            sample_seed=self.sample_seed).for_sequences()
         object.__setattr__(self, "_config", config)   # not a field: the settings above are the fields
         utils.check_int(self.seed, "seed")
         utils.check_choice(self.router_path, "router_path", ROUTER_PATHS)
@@ -272,7 +285,8 @@ def select_from_scores(ts: TokenScores, out_of_range: jax.Array, step: Any, rati
                        config: BatchSplitConfig, sequence_reference: jax.Array | None = None) -> SequenceSelection:
     """Steps 3-5 of the module docstring from the ``(B, T−1)`` token scores of the shifted pairs: the
     sequence difficulties, the ratio of :func:`cggr_jax.pipeline.ratios` (or ``ratio`` as given) and the
-    ``topk`` of SPEC §7.1 over sequences. ``sequence_reference``: the per-sequence reference of
+    ``topk`` of SPEC §7.1 over sequences (``sampled``: the draw of SPEC §9.2 at ``step``, step 0 when
+    ``ratio`` is given). ``sequence_reference``: the per-sequence reference of
     :func:`cggr_jax.sequence_reference.apply_sequence_reference` (``D_b`` = mean ``nll`` ``⊖ ref_b``)."""
     values = ts.difficulty if sequence_reference is None else ts.stats.nll
     seq_d, seq_ok = sequence_difficulty(values, ts.eligible, sequence_reference)
@@ -283,7 +297,13 @@ def select_from_scores(ts: TokenScores, out_of_range: jax.Array, step: Any, rati
         step = curriculum.check_step(step)
         mean_conf = pipeline.eligible_mean(ts.stats.confidence, ts.eligible)
         base, eff = pipeline.ratios(config.config, config.schedule(), step, mean_conf)
-    mask, k = selection.select_tokens(seq_d, seq_ok, eff, selection="topk")
+    cfg = config.config
+    if cfg.selection in SAMPLED_SELECTIONS:
+        mask, _, k = selection.sample_tokens(seq_d, seq_ok, eff, step=0 if step is None else step,
+                                             seed=cfg.sample_seed, power=cfg.sample_power,
+                                             uniform_mix=cfg.sample_uniform_mix, floor=cfg.sample_floor)
+    else:
+        mask, k = selection.select_tokens(seq_d, seq_ok, eff, selection="topk")
     rank = selection.rank_tokens(seq_d, seq_ok)
     return SequenceSelection(mask, k, rank, seq_d, seq_ok, eff, base, ts, out_of_range)
 

@@ -23,12 +23,19 @@ One training step of ``CGGRModel(model)(input_ids, labels, attention_mask)``:
    mean confidence over *all* eligible tokens of the batch); ``k_seq = num_selected(n_seq, ratio)`` (§5.3:
    ``k_seq = 0`` iff ``n_seq = 0``, else ``min(n_seq, max(1, round(ratio·n_seq)))``).
 5. **Which**: the ``k_seq`` eligible sequences of highest ``D_b`` (§6 order: ``D`` descending, lower batch index
-   first), kept in their original batch order.
+   first), kept in their original batch order. With ``selection='sampled'`` (SPEC §9.2) instead a random draw:
+   sequence ``b`` is kept iff ``uniform_hash(sample_seed, step, b) < π_b`` (the §7.4 probabilities of the
+   ``D_b`` with ``k_seq`` expected sequences, :func:`cggr_torch.selection.sample_tokens` on the ``(B,)``
+   difficulties) and weighted ``w_b = 1/π_b``.
 6. **Main pass**: ``input_ids``, ``labels``, ``attention_mask`` and every per-sequence keyword argument (a tensor
    whose first dimension is ``B``) are sliced to the kept rows; the model runs forward on them with
    ``labels`` (ignored positions set to ``-100``) and its own loss, the mean token cross-entropy over their
    valid shifted targets, is returned; a model that returns only logits gets that loss computed here
-   (float32). Backward therefore costs ``k_seq / B`` of a full batch.
+   (float32). Backward therefore costs ``k_seq / B`` of a full batch. With ``selection='sampled'`` the loss is
+   the Horvitz–Thompson estimate ``Σ_{b kept} w_b · Σ_t ce_{b,t} / max(1, N_tok)`` (``N_tok``: the valid
+   shifted targets of all eligible sequences), computed here from the kept rows' logits (a model's own
+   ``.loss`` cannot take per-sequence weights, so the model gets no ``labels``); its expectation over the
+   draws is the mean token cross-entropy of the whole batch's eligible sequences.
 
 **Synchronisation.** Steps 1-5 run asynchronously on the device. Slicing to a data-dependent number of rows
 needs ``k_seq`` on the host, so ``torch.nonzero`` of the keep-mask is the one (unavoidable) host
@@ -57,6 +64,7 @@ import torch
 from torch import nn
 
 from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, SEQUENCE_SELECTIONS, CGGRConfig
+from cggr.config import SAMPLED_SELECTIONS
 
 from .curriculum import Curriculum, Schedule
 from .loss import check_schedule
@@ -75,7 +83,7 @@ from .router import (
     router_token_scores,
 )
 from .scoring import score_next_tokens
-from .selection import rank_tokens, select_tokens
+from .selection import rank_tokens, sample_tokens, select_tokens
 from .sequence_reference import apply_sequence_reference, check_sequence_reference, router_scoring
 from .types import SequenceSelection, TokenScores
 from .utils import check_batch, resolve_config, widen_labels
@@ -155,6 +163,17 @@ def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool 
     return total / torch.clamp((flat != ignore_index).sum(), min=1).to(torch.float32)
 
 
+def _weighted_next_token_loss(logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor, *,
+                              shift: bool = True, ignore_index: int = HF_IGNORE_INDEX) -> torch.Tensor:
+    """SPEC §9.2: ``Σ_b ω_b · Σ_t ce_{b,t}`` (float32) of ``logits`` ``(k, T, V)`` against ``labels`` ``(k, T)``
+    with row weights ``ω`` ``(k,)``; ignored targets contribute 0 (shifted as in :func:`_next_token_loss`)."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(torch.float32),
+                                           labels.reshape(-1), ignore_index=ignore_index, reduction="none")
+    return (ce.reshape(labels.shape).sum(dim=1) * row_weights).sum()
+
+
 def _shares_all_weights(router: nn.Module, model: nn.Module) -> bool:
     """True when every parameter and buffer of ``router`` is (the same object as) one of ``model``'s."""
     owned = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
@@ -185,6 +204,7 @@ class _Route(NamedTuple):
     seq_elig: torch.Tensor
     keep: torch.Tensor
     k_seq: torch.Tensor
+    weights: Optional[torch.Tensor]   # SPEC §9.2: (B,) float32 1/π_b of the kept sequences (sampled only)
 
 
 def sequence_difficulty(difficulty: torch.Tensor, eligible: torch.Tensor,
@@ -271,8 +291,12 @@ class CGGRModel(Curriculum, nn.Module):
         min_tokens_ratio, warmup_steps: the curriculum of SPEC §5.1 (``0 < min_tokens_ratio <= 1``,
             ``warmup_steps >= 0``).
         dynamic_threshold, threshold_sensitivity: SPEC §5.2.
-        selection: ``'topk'`` (default) or ``'fixed_quota'`` (topk with the dynamic threshold off). The token
-            strategies ``'stratified'`` and ``'sequence_aware'`` are a ``ValueError`` at sequence level (§9).
+        selection: ``'topk'`` (default), ``'fixed_quota'`` (topk with the dynamic threshold off) or ``'sampled'``
+            (SPEC §9.2: sequences drawn with probabilities ``π_b``, loss weighted by ``1/π_b``; the model must
+            return logits). The token strategies ``'stratified'`` and ``'sequence_aware'`` are a
+            ``ValueError`` at sequence level (§9).
+        sample_power, sample_uniform_mix, sample_floor, sample_seed: SPEC §7.4's parameters of ``'sampled'``
+            (``cggr.CGGRConfig``'s ``sample_*`` fields), applied to the sequence difficulties (§9.2).
         num_strata, min_tokens_per_sequence: validated as in ``CGGRLoss`` (§5.1) for a uniform constructor,
             but unused: they parametrise token strategies that do not apply to sequences.
         ignore_index: label value without a target (also every padding position is ignored).
@@ -301,7 +325,11 @@ class CGGRModel(Curriculum, nn.Module):
                  ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None,
                  router_layers: int = 4, shift_labels: Optional[bool] = None,
                  router_batch_size: Optional[int] = None, router_path: str = "auto",
-                 router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET, config: Optional[CGGRConfig] = None) -> None:
+                 router_memory_budget_bytes: int = ROUTER_MEMORY_BUDGET,
+                 sample_power: float = CGGRConfig.sample_power,
+                 sample_uniform_mix: float = CGGRConfig.sample_uniform_mix,
+                 sample_floor: float = CGGRConfig.sample_floor, sample_seed: int = CGGRConfig.sample_seed,
+                 config: Optional[CGGRConfig] = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -309,7 +337,9 @@ class CGGRModel(Curriculum, nn.Module):
             scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
             threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
             warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
-            ignore_index=ignore_index), CGGRConfig(selection=DEFAULT_SEQUENCE_SELECTION)).for_sequences()
+            ignore_index=ignore_index, sample_power=sample_power, sample_uniform_mix=sample_uniform_mix,
+            sample_floor=sample_floor, sample_seed=sample_seed),
+            CGGRConfig(selection=DEFAULT_SEQUENCE_SELECTION)).for_sequences()
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise ValueError(f"shift_labels: expected None or a bool, got {shift_labels!r}")
         if router_batch_size is not None and (not isinstance(router_batch_size, numbers.Integral)
@@ -372,8 +402,16 @@ class CGGRModel(Curriculum, nn.Module):
             mean_conf = eligible_mean(scores.stats.confidence, elig, n)
             base = self.base_ratio()
             ratio = effective_ratio(base, mean_conf, self.config)
-            keep, k_seq = select_tokens(seq_d, seq_elig, ratio, selection="topk")
-        return _Route(path, scores, nonfinite, n, mean_conf, base, ratio, seq_d, seq_elig, keep, k_seq)
+            weights = None
+            cfg = self.config
+            if cfg.selection in SAMPLED_SELECTIONS:
+                # SPEC §9.2: §7.4 over the (B,) sequence difficulties, so the draw's index is the batch index.
+                keep, weights, k_seq = sample_tokens(
+                    seq_d, seq_elig, ratio, step=self._step, seed=cfg.sample_seed, power=cfg.sample_power,
+                    uniform_mix=cfg.sample_uniform_mix, floor=cfg.sample_floor)
+            else:
+                keep, k_seq = select_tokens(seq_d, seq_elig, ratio, selection="topk")
+        return _Route(path, scores, nonfinite, n, mean_conf, base, ratio, seq_d, seq_elig, keep, k_seq, weights)
 
     def select(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                *, reference_nll: Optional[torch.Tensor] = None, **kwargs: Any) -> SequenceSelection:
@@ -427,6 +465,16 @@ class CGGRModel(Curriculum, nn.Module):
         scores, elig, n, seq_elig = r.scores, r.scores.eligible, r.n, r.seq_elig
         kept = torch.nonzero(r.keep).reshape(-1)   # the step's one host synchronisation (dynamic slice size)
         num_kept = int(kept.numel())
+        sampled = r.weights is not None
+        if sampled:
+            # SPEC §9.2: the HT denominator N_tok = valid shifted targets of all eligible sequences (device).
+            eff_all = effective_labels(labels, attention_mask, self.ignore_index)
+            scored_all = eff_all[:, 1:] if self.shift_labels else eff_all
+            n_tok = ((scored_all != HF_IGNORE_INDEX) & seq_elig[:, None]).sum()
+            w_kept = r.weights.index_select(0, kept)
+            # SPEC §10: (Σw)² / Σw² over the kept sequences (w ≥ 1, so Σw² > 0 whenever one is kept).
+            sample_ess = (w_kept.sum() ** 2 / (w_kept * w_kept).sum() if num_kept > 0
+                          else torch.zeros((), dtype=torch.float32, device=input_ids.device))
         if num_kept == 0:
             loss = torch.zeros((), dtype=torch.float32, device=input_ids.device, requires_grad=True)
             outputs = None
@@ -446,13 +494,16 @@ class CGGRModel(Curriculum, nn.Module):
                 # A model without an attention_mask parameter cannot use it; the padding targets are still
                 # excluded from the loss through eff_k.
                 main_kwargs["attention_mask"] = am_k
-            if takes_labels:
+            if takes_labels and not sampled:   # sampled: the model's unweighted loss would be unused work
                 main_kwargs["labels"] = eff_k
             ids_k = input_ids.index_select(0, kept)
             outputs = model(input_ids=ids_k, **main_kwargs) if ids_kw else model(ids_k, **main_kwargs)
-            loss = _loss_of(outputs)
+            loss = None if sampled else _loss_of(outputs)
             if loss is None:
-                loss = self._own_loss(outputs, eff_k)
+                row_weights = None
+                if sampled:   # SPEC §9.2 / §8: ω_b = w_b ⊘ f32(max(1, N_tok))
+                    row_weights = w_kept / torch.clamp(n_tok, min=1).to(torch.float32)
+                loss = self._own_loss(outputs, eff_k, row_weights)
                 # Hand the loss back inside the model's own output where it has a loss field (a Hugging Face
                 # ModelOutput, a dict, an object with .loss = None), as a model given labels would.
                 if isinstance(outputs, dict):
@@ -476,7 +527,8 @@ class CGGRModel(Curriculum, nn.Module):
             "avg_confidence": r.mean_conf,
             "avg_entropy": eligible_mean(scores.stats.entropy, elig, n),
             "avg_difficulty": eligible_mean(scores.difficulty, elig, n),
-            "sample_ess": tokens_selected.to(torch.float32),   # SPEC §10: an unweighted selection
+            # SPEC §10: the ESS of the HT weights for sampled (§9.2); an unweighted selection's is its count.
+            "sample_ess": sample_ess if sampled else tokens_selected.to(torch.float32),
             "sequences_selected": num_kept,
             "sequences_total": seq_elig.sum(),
             "k_seq": r.k_seq,
@@ -484,14 +536,19 @@ class CGGRModel(Curriculum, nn.Module):
         }
         return BatchSplitOutput(loss, outputs, kept, r.seq_d, seq_elig)
 
-    def _own_loss(self, outputs: Any, eff_k: torch.Tensor) -> torch.Tensor:
-        """The next-token loss of a model that returned logits but no loss (as the seed docs' wrapper did)."""
+    def _own_loss(self, outputs: Any, eff_k: torch.Tensor,
+                  row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The next-token loss of a model that returned logits but no loss (as the seed docs' wrapper did), or,
+        with ``row_weights`` ``(k,)`` (``selection='sampled'``, SPEC §9.2), ``Σ_b ω_b Σ_t ce_{b,t}``."""
         logits = _logits_of(outputs)
         name = type(self.model).__name__
         if logits is None:
+            needs = ("selection='sampled' weights each sequence's loss and needs the model's logits"
+                     if row_weights is not None else
+                     "CGGRModel needs a (B, T, V) logits tensor, an output with .logits, or a .loss computed "
+                     "from labels=")
             raise ValueError(f"model: {name} returned {type(outputs).__name__} with neither a loss nor logits; "
-                             f"CGGRModel needs a (B, T, V) logits tensor, an output with .logits, or a .loss "
-                             f"computed from labels=")
+                             f"{needs}")
         want = (eff_k.shape[0], eff_k.shape[1])
         if logits.dim() != 3 or tuple(logits.shape[:2]) != want or not logits.is_floating_point() \
                 or (self.vocab_size is not None and logits.shape[2] != self.vocab_size):
@@ -499,6 +556,8 @@ class CGGRModel(Curriculum, nn.Module):
             raise ValueError(f"model: {name} returned logits of shape {tuple(logits.shape)} and dtype "
                              f"{logits.dtype}; expected floating (k, T, {vocab}) = ({want[0]}, {want[1]}, {vocab}) "
                              f"for the kept rows")
+        if row_weights is not None:
+            return _weighted_next_token_loss(logits, eff_k, row_weights, shift=self.shift_labels)
         return _next_token_loss(logits, eff_k, shift=self.shift_labels)
 
     # ------------------------------------------------------------------------------------------ metrics

@@ -458,3 +458,38 @@ def select_sequences_excess(router_logits: np.ndarray, labels: np.ndarray, ratio
                 seq_d[b] = F32(sc["difficulty"][b][e[b]].mean())
     mask, k = select_tokens(seq_d, seq_ok, ratio, "topk")
     return {"mask": mask, "k": k, "sequence_difficulty": seq_d, "sequence_eligible": seq_ok, "scores": sc}
+
+
+def sample_sequences(sequence_difficulty: np.ndarray, sequence_eligible: np.ndarray, ratio: float, step: int = 0,
+                     seed: int = 0, power: float = 1.0, uniform_mix: float = 0.1, floor: float = 1e-6
+                     ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """SPEC §9.2: :func:`sample_tokens` over the ``(B,)`` sequence difficulties (the draw's index is the batch
+    index ``b``): ``(mask, weights, k_seq, pi, u)``."""
+    d = np.asarray(sequence_difficulty, dtype=np.float64).reshape(-1)
+    return sample_tokens(d, np.asarray(sequence_eligible, dtype=bool).reshape(-1), ratio, step, seed, power,
+                         uniform_mix, floor)
+
+
+def sampled_sequence_loss(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+                          sequence_eligible: np.ndarray, ignore_index: int = -100,
+                          attention_mask: np.ndarray | None = None, shift: bool = True) -> dict[str, Any]:
+    """SPEC §9.2 in float64: ``loss = Σ_b w_b · Σ_t ce_{b,t} / max(1, N_tok)`` over the full batch's main-model
+    ``logits`` ``(B, T, V)`` (rows with ``w_b = 0`` contribute nothing), ``N_tok`` = the valid shifted targets of
+    the eligible sequences; also ``full_mean`` = ``Σ_{eligible b} Σ_t ce_{b,t} / max(1, N_tok)``, the loss's
+    expectation, and the per-sequence sums ``row_ce``."""
+    z = np.asarray(logits, dtype=np.float64)
+    tgt = np.array(labels).copy()
+    if attention_mask is not None:
+        tgt[np.asarray(attention_mask) == 0] = ignore_index
+    if shift:
+        z, tgt = z[:, :-1], tgt[:, 1:]
+    valid = tgt != ignore_index
+    m = z.max(axis=-1, keepdims=True)
+    lse = (m[..., 0] + np.log(np.exp(z - m).sum(axis=-1)))
+    picked = np.take_along_axis(z, np.where(valid, tgt, 0)[..., None], axis=-1)[..., 0]
+    row_ce = np.where(valid, lse - picked, 0.0).sum(axis=1)
+    ok = np.asarray(sequence_eligible, dtype=bool)
+    n_tok = int((valid & ok[:, None]).sum())
+    w = np.asarray(weights, dtype=np.float64)
+    return {"loss": float((w * row_ce).sum() / max(1, n_tok)), "n_tok": n_tok,
+            "full_mean": float(row_ce[ok].sum() / max(1, n_tok)), "row_ce": row_ce}

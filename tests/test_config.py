@@ -53,7 +53,7 @@ def test_sequence_selections():
     assert CGGRConfig(selection="topk").for_sequences().selection == "topk"
     with pytest.raises(ValueError, match="^selection: batch splitting"):
         CGGRConfig(selection="stratified").for_sequences()
-    assert set(SEQUENCE_SELECTIONS) == {"topk", "fixed_quota"}
+    assert set(SEQUENCE_SELECTIONS) == {"topk", "fixed_quota", "sampled"}
 
 
 def test_label_dtype_rule():
@@ -121,7 +121,7 @@ def test_sampled_selection_fields():
     from cggr.config import SAMPLED_SELECTIONS, check_sampling_parameters, reject_sampled_selection
 
     assert "sampled" in cggr.SELECTION_STRATEGIES and SAMPLED_SELECTIONS == ("sampled",)
-    assert "sampled" not in cggr.SEQUENCE_SELECTIONS
+    assert "sampled" in cggr.SEQUENCE_SELECTIONS   # SPEC §9.2: sequence-level sampling
     c = CGGRConfig(selection="sampled")
     assert (c.sample_power, c.sample_uniform_mix, c.sample_floor, c.sample_seed) == (1.0, 0.1, 1e-6, 0)
     assert c.uses_dynamic_threshold
@@ -140,8 +140,7 @@ def test_sampled_selection_fields():
             CGGRConfig(**{field: bad})
     with pytest.raises(ValueError, match="^power:"):
         check_sampling_parameters(-1.0, 0.1, 1e-6)
-    with pytest.raises(ValueError, match="selects whole sequences"):
-        CGGRConfig(selection="sampled").for_sequences()
+    assert CGGRConfig(selection="sampled").for_sequences().selection == "sampled"
     with pytest.raises(ValueError, match="not supported yet by X"):
         reject_sampled_selection(c, "X")
     reject_sampled_selection(CGGRConfig(), "X")
