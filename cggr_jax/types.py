@@ -44,7 +44,8 @@ class SequenceSelection(NamedTuple):
     """Sequence selection of batch splitting (SPEC §9); ``B`` = batch size. The same fields in both packages.
 
     Attributes:
-        mask: ``(B,)`` bool, the kept sequences (exactly ``k`` of them).
+        mask: ``(B,)`` bool, the kept sequences (exactly ``k`` of them; for ``selection="sampled"`` the random draw of
+            SPEC §9.2, ``k`` in expectation).
         k: int32 scalar ``k_seq``.
         rank: ``(B,)`` int32 SPEC §6 rank of each eligible sequence, −1 for ineligible ones.
         difficulty: ``(B,)`` float32 ``D_b`` (0 for ineligible sequences).

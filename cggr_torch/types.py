@@ -43,7 +43,8 @@ class SequenceSelection(NamedTuple):
     """Result of :func:`cggr_torch.batch_split.select_sequences` (mirrors ``cggr_jax``'s, same fields).
 
     Attributes:
-        mask: ``(B,)`` bool, the kept sequences (exactly ``k`` of them).
+        mask: ``(B,)`` bool, the kept sequences (exactly ``k`` of them; for ``selection="sampled"`` the random draw of
+            SPEC §9.2, ``k`` in expectation).
         k: 0-d int32 ``k_seq``.
         rank: ``(B,)`` int32 SPEC §6 rank of each eligible sequence, −1 for ineligible ones.
         difficulty: ``(B,)`` float32 ``D_b`` (0 for ineligible sequences).
