@@ -185,7 +185,10 @@ def _candidate_layer_paths(model: nn.Module) -> list[str]:
 
 
 def _check_no_forward_override(module: nn.Module, path: str) -> None:
-    if "forward" in module.__dict__:
+    # The task model itself may carry an instance-level forward that is not a dispatch hook (TRL's SFTTrainer
+    # installs a fused-loss forward): the root view runs the class's forward instead (see _view_of). Accelerate's
+    # hooks (`_hf_hook`) move tensors between devices, so a view without them would be wrong: those still raise.
+    if "forward" in module.__dict__ and (path or "_hf_hook" in module.__dict__):
         raise ValueError(
             f"model: the module at {path or '<root>'!r} ({type(module).__name__}) has an instance-level `forward` "
             f"(e.g. accelerate dispatch hooks from device_map=...). A truncated view would call the original "
@@ -225,6 +228,7 @@ class TruncatedRouter(nn.Module):
         # `Module.compile()` stores a compiled call of the *original* module: the view must run its own forward.
         if state.get("_compiled_call_impl") is not None:
             state["_compiled_call_impl"] = None
+        state.pop("forward", None)   # an instance forward (root only, see _check_no_forward_override): the class's runs
         view.__dict__.clear()
         view.__dict__.update(state)
         return view

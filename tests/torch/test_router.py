@@ -285,6 +285,34 @@ def test_bad_arguments():
     hooked.model.forward = hooked.model.forward
     with pytest.raises(ValueError, match="device_map"):
         create_truncated_router(hooked, num_layers=1)
+    # on the task model itself: an accelerate hook (it moves tensors between devices) still refuses ...
+    root_hooked = tiny_model("llama")
+    root_hooked.forward = root_hooked.forward
+    root_hooked._hf_hook = object()
+    with pytest.raises(ValueError, match="device_map"):
+        create_truncated_router(root_hooked, num_layers=1)
+
+
+def test_an_instance_forward_on_the_task_model_is_not_the_routers():
+    """TRL's SFTTrainer installs its own (fused-loss) forward on the model instance; the router's view runs the
+    class's forward with the first layers only, so its logits are those of the truncated model, not of the
+    patched full forward."""
+    model = tiny_model("llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    want = create_truncated_router(model, num_layers=1)(ids)
+    calls = []
+    original = model.forward
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.forward = patched
+    router = create_truncated_router(model, num_layers=1)
+    got = router(ids)
+    assert calls == [] and torch.equal(got, want)
+    full = model(ids).logits
+    assert calls == [1] and not torch.allclose(full, got)
 
 
 def test_router_logits_accepts_the_common_output_forms():
