@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import (CONFIG_FIELDS, DEFAULT_SEQUENCE_SELECTION, REFERENCE_SCORING_MODES, SCORING_MODES,
                      SELECTION_STRATEGIES, SEQUENCE_SELECTIONS, CGGRConfig, check_ratio_value,
-                     check_reference_arguments, reject_reference_scoring)
+                     check_reference_arguments, check_sequence_reference_arguments, reject_reference_scoring)
 from .labels import check_label_dtype_range
 from .metrics import INT_METRIC_KEYS, METRIC_KEYS, NUMERIC_METRIC_KEYS
 
@@ -22,7 +22,7 @@ __all__ = [
     "CGGRConfig", "CONFIG_FIELDS", "SCORING_MODES", "SELECTION_STRATEGIES", "SEQUENCE_SELECTIONS",
     "DEFAULT_SEQUENCE_SELECTION", "METRIC_KEYS", "NUMERIC_METRIC_KEYS", "INT_METRIC_KEYS", "check_ratio_value",
     "check_label_dtype_range", "require", "REFERENCE_SCORING_MODES", "check_reference_arguments",
-    "reject_reference_scoring",
+    "check_sequence_reference_arguments", "reject_reference_scoring",
 ]
 
 #: The PyTorch names the seed docs import from ``cggr``; resolved lazily so that ``import cggr`` needs no torch.

@@ -18,6 +18,7 @@ __all__ = [
     "SCORING_MODES",
     "REFERENCE_SCORING_MODES",
     "check_reference_arguments",
+    "check_sequence_reference_arguments",
     "reject_reference_scoring",
     "reject_sampled_selection",
     "check_sampling_parameters",
@@ -81,6 +82,32 @@ def check_reference_arguments(scoring: str, reference_shape: Any, targets_shape:
     if needs and tuple(reference_shape) != tuple(targets_shape):
         raise ValueError(f"{name}: expected shape {tuple(targets_shape)} (the targets' shape), got "
                          f"{tuple(reference_shape)}")
+
+
+def check_sequence_reference_arguments(scoring: str, reference: Any, batch_shape: Any, *, array_type: type,
+                                       kind: str = "tensor", hint: str = "") -> bool:
+    """SPEC §9.1's static rules for batch splitting's ``reference_nll``, shared by both packages so that the messages
+    are the same (``ValueError`` naming it). Returns whether a reference is to be read: False when none is given
+    and none is needed. ``array_type``: the framework's array type(s); ``kind`` names it in the message; ``hint``
+    is appended to the missing-reference error. Dtype, device and rounding are the framework's (SPEC §3.1)."""
+    B, T = (int(s) for s in batch_shape)
+    forms = f"(B, T) = {(B, T)} per token (aligned like the unshifted labels) or (B,) = {(B,)} per sequence"
+    needs = scoring in REFERENCE_SCORING_MODES
+    if reference is None:
+        if needs:
+            raise ValueError(f"reference_nll: scoring={scoring!r} needs the reference model's loss, {forms}; "
+                             f"got None{hint}")
+        return False
+    if not needs:
+        # A reference that no formula reads would be silently ignored: refuse it.
+        raise ValueError(f"reference_nll: only scoring='excess' reads a reference loss; got one with "
+                         f"scoring={scoring!r}")
+    if not isinstance(reference, array_type):
+        raise ValueError(f"reference_nll: expected a floating {kind}, {forms}; got {type(reference).__name__}")
+    shape = tuple(reference.shape)
+    if shape not in ((B, T), (B,)):
+        raise ValueError(f"reference_nll: expected shape {forms}; got {shape}")
+    return True
 
 
 def reject_reference_scoring(config: "CGGRConfig", caller: str) -> None:

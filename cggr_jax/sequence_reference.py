@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cggr import REFERENCE_SCORING_MODES
+from cggr import REFERENCE_SCORING_MODES, check_sequence_reference_arguments
 
 from cggr_jax.scoring import check_reference_nll, difficulty_from_statistics
 from cggr_jax.types import TokenScores
@@ -40,23 +40,10 @@ def check_sequence_reference(reference_nll: Any, scoring: str, batch_shape: tupl
     when ``scoring`` is ``'excess'``; a floating array of shape ``(B, T)`` (per token, aligned like the labels)
     or ``(B,)`` (per sequence). Returns it as float32 (SPEC §3.1's rounding: half precision widens exactly,
     float64 rounds to nearest) without gradient, or None. Static checks only: they also run under a trace."""
-    B, T = (int(s) for s in batch_shape)
-    forms = f"(B, T) = {(B, T)} per token (aligned like the unshifted labels) or (B,) = {(B,)} per sequence"
-    needs = scoring in REFERENCE_SCORING_MODES
-    if reference_nll is None:
-        if needs:
-            raise ValueError(f"reference_nll: scoring={scoring!r} needs the reference model's loss, {forms}; "
-                             f"got None")
+    if not check_sequence_reference_arguments(scoring, reference_nll, batch_shape,
+                                              array_type=(jax.Array, np.ndarray), kind="array"):
         return None
-    if not needs:
-        # A reference that no formula reads would be silently ignored: refuse it.
-        raise ValueError(f"reference_nll: only scoring='excess' reads a reference loss; got one with "
-                         f"scoring={scoring!r}")
-    if not isinstance(reference_nll, (jax.Array, np.ndarray)):
-        raise ValueError(f"reference_nll: expected a floating array, {forms}; got {type(reference_nll).__name__}")
     shape = tuple(reference_nll.shape)
-    if shape not in ((B, T), (B,)):
-        raise ValueError(f"reference_nll: expected shape {forms}; got {shape}")
     # dtype and the float32 rounding of SPEC §3.1, written once in scoring
     return check_reference_nll(reference_nll, scoring, shape)
 

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from cggr import REFERENCE_SCORING_MODES
+from cggr import REFERENCE_SCORING_MODES, check_sequence_reference_arguments
 
 from .scoring import check_reference_nll, difficulty_from_statistics
 from .types import TokenScores
@@ -40,25 +40,12 @@ def check_sequence_reference(reference_nll: Any, scoring: str, batch_shape: tupl
     when ``scoring`` is ``'excess'``; a floating tensor of shape ``(B, T)`` (per token, aligned like the
     labels) or ``(B,)`` (per sequence) on ``device``. Returns it detached as float32 (SPEC §3.1's rounding:
     half precision widens exactly, float64 rounds to nearest) or None. Static checks only, no device work."""
-    B, T = (int(s) for s in batch_shape)
-    forms = f"(B, T) = {(B, T)} per token (aligned like the unshifted labels) or (B,) = {(B,)} per sequence"
-    needs = scoring in REFERENCE_SCORING_MODES
-    if reference_nll is None:
-        if needs:
-            # The usual way to lose it: the Hugging Face Trainer drops batch columns the model does not name.
-            raise ValueError(f"reference_nll: scoring={scoring!r} needs the reference model's loss, {forms}; "
-                             f"got None (with the Hugging Face Trainer keep the batch column: "
-                             f"remove_unused_columns=False)")
+    # The missing reference's usual cause: a Trainer (without use_cggr / CGGRTrainer) drops the batch column.
+    hint = " (with a Hugging Face Trainer not switched by use_cggr / CGGRTrainer: remove_unused_columns=False)"
+    if not check_sequence_reference_arguments(scoring, reference_nll, batch_shape, array_type=torch.Tensor,
+                                              kind="tensor", hint=hint):
         return None
-    if not needs:
-        # A reference that no formula reads would be silently ignored: refuse it.
-        raise ValueError(f"reference_nll: only scoring='excess' reads a reference loss; got one with "
-                         f"scoring={scoring!r}")
-    if not isinstance(reference_nll, torch.Tensor):
-        raise ValueError(f"reference_nll: expected a floating tensor, {forms}; got {type(reference_nll).__name__}")
     shape = tuple(reference_nll.shape)
-    if shape not in ((B, T), (B,)):
-        raise ValueError(f"reference_nll: expected shape {forms}; got {shape}")
     # dtype, device and the float32 rounding of SPEC §3.1, written once in scoring
     return check_reference_nll(reference_nll, scoring, shape, device=device)
 

@@ -145,3 +145,22 @@ def test_sampled_selection_fields():
         reject_sampled_selection(c, "X")
     reject_sampled_selection(CGGRConfig(), "X")
     assert "sample_ess" in cggr.NUMERIC_METRIC_KEYS and "sample_ess" not in cggr.INT_METRIC_KEYS
+
+
+def test_sequence_reference_arguments_are_one_rule():
+    """SPEC §9.1's static rules, shared by both packages' batch splitting (cggr.check_sequence_reference_arguments)."""
+    import numpy as np
+
+    from cggr import check_sequence_reference_arguments as check
+
+    assert check("combined", None, (2, 5), array_type=np.ndarray) is False
+    assert check("excess", np.zeros((2, 5), np.float32), (2, 5), array_type=np.ndarray) is True
+    assert check("excess", np.zeros(2, np.float32), (2, 5), array_type=np.ndarray) is True
+    with pytest.raises(ValueError, match=r"reference_nll: scoring='excess' needs .*got None \(hint\)"):
+        check("excess", None, (2, 5), array_type=np.ndarray, hint=" (hint)")
+    with pytest.raises(ValueError, match="only scoring='excess' reads a reference loss"):
+        check("loss", np.zeros(2), (2, 5), array_type=np.ndarray)
+    with pytest.raises(ValueError, match="expected a floating array"):
+        check("excess", [0.0, 1.0], (2, 5), array_type=np.ndarray, kind="array")
+    with pytest.raises(ValueError, match=r"expected shape .*\(B, T\) = \(2, 5\).*got \(2, 4\)"):
+        check("excess", np.zeros((2, 4)), (2, 5), array_type=np.ndarray)
