@@ -1,7 +1,7 @@
 """Tests of the demo (`examples/demo.py`) and its data helpers (`examples/data.py`).
 
 The end-to-end test runs ``python examples/demo.py --quick`` exactly as ``make demo`` runs the full demo
-(a subprocess, both frameworks, five arms each) into a temporary directory and checks the artefacts: the PNG,
+(a subprocess, both frameworks, seven arms each) into a temporary directory and checks the artefacts: the PNG,
 the JSON curves (finite, the right lengths, both x-axes: steps and training wall-clock), the trained-token
 accounting of every arm, the same curriculum in PyTorch and JAX, and the verdict (printed last, stored in the
 JSON, its numbers equal to the curves'). The verdict's logic is also tested on synthetic runs.
@@ -261,7 +261,8 @@ def _run(framework: str, arm: str, eval_wallclock: list[float], eval_loss: list[
     run.eval_steps = [10 * j for j in range(n + 1)]
     run.eval_wallclock = list(eval_wallclock)
     run.eval_loss = list(eval_loss)
-    sel = {"standard": 100, "random_token": 30, "cggr_token": 30, "random_seq": 25, "cggr_split": 25}[arm]
+    sel = {"standard": 100, "random_token": 30, "cggr_token": 30, "random_seq": 25, "cggr_split": 25,
+           "excess_token": 30, "excess_split": 25}[arm]
     seqs = 1 if arm in demo.SEQUENCE_ARMS else 4
     for j in range(n):
         dt = eval_wallclock[j + 1] - eval_wallclock[j]
@@ -325,6 +326,94 @@ def test_verdict_is_computed_from_the_numbers() -> None:
     assert "did not run excess scoring" in text
 
 
+def test_verdict_of_the_excess_arms_follows_the_numbers() -> None:
+    cfg = demo.DemoConfig(steps=20, warmup_steps=0, eval_every=10)
+    common = [("standard", 2.00), ("random_token", 2.30), ("cggr_token", 2.40), ("random_seq", 1.90),
+              ("cggr_split", 1.95)]
+    reference = {"steps": 60, "batch_size": 32, "chunks": 100, "train_seconds": 1.5, "score_seconds": 0.25,
+                 "held_out_ce": 2.5}
+
+    def runs_of(excess: dict[str, dict[str, float]]) -> list:
+        return [_run(fw, arm, [0.0, 4.0, 8.0], [4.0, 3.0, loss])
+                for fw, finals in excess.items() for arm, loss in common + list(finals.items())]
+
+    # torch: excess wins both (−0.2, −0.05); jax: excess_token loses (+0.1), excess_split ties (+0.005)
+    runs = runs_of({"torch": {"excess_token": 2.10, "excess_split": 1.85},
+                    "jax": {"excess_token": 2.40, "excess_split": 1.905}})
+    verdict = demo.compute_verdict(runs, cfg, {"torch": reference, "jax": dict(reference, held_out_ce=2.75)})
+    t, j, text = verdict["frameworks"]["torch"], verdict["frameworks"]["jax"], verdict["text"]
+    assert t["delta_excess_token"] == pytest.approx(-0.2) and t["delta_excess_split"] == pytest.approx(-0.05)
+    assert j["delta_excess_token"] == pytest.approx(0.1) and j["delta_excess_split"] == pytest.approx(0.005)
+    assert t["reference_held_out_ce"] == 2.5 and j["reference_held_out_ce"] == 2.75
+    assert verdict["excess_beats_random"] == [True, True, False, False]
+    assert "excess token: excess_token − random_token = -0.2000 nats" in text
+    assert "excess split: excess_split − random_seq   = -0.0500 nats" in text
+    assert "excess token: excess_token − random_token = +0.1000 nats" in text
+    assert "excess token selection beat random selection here (Δ = -0.2000 nats)" in text
+    assert "excess batch splitting beat random selection here (Δ = -0.0500 nats)" in text
+    assert "excess token selection did not beat random selection here: it ended worse (Δ = +0.1000 nats)" in text
+    assert "excess batch splitting did not beat random selection here (Δ = +0.0050 nats, within" in text
+    assert "held-out CE 2.5000 after 60 steps (1.5 s + 0.2 s scoring" in text and "held-out CE 2.7500" in text
+    assert "beat its random baseline in 2 of 4 comparisons" in text and "23 M parameters on real code" in text
+    assert "on this tiny character-level task excess scoring does not win consistently" in text
+    assert "did not run excess scoring" not in text and "One seed" in text
+    assert "0.21 nats better" in text and "0.09 nats better, not yet significant" in text
+
+    # every excess Δ below −TIE_NATS: the text says it agrees with the study (still one seed)
+    wins = demo.compute_verdict(runs_of({"torch": {"excess_token": 2.10, "excess_split": 1.85}}), cfg,
+                                {"torch": reference})
+    assert wins["excess_beats_random"] == [True, True]
+    assert "beat its random baseline in every comparison, as in the study" in wins["text"]
+    assert "does not win" not in wins["text"]
+    # no excess arm: said so, and no excess keys
+    loses = demo.compute_verdict(runs_of({"torch": {"excess_token": 2.40, "excess_split": 1.95}}), cfg)
+    assert loses["excess_beats_random"] == [False, False]
+    assert "in 0 of 2 comparisons" in loses["text"] and "excess scoring does not win;" in loses["text"]
+    assert "reference model of the excess arms" not in loses["text"]  # no reference record given: none quoted
+    plain = demo.compute_verdict(runs_of({"torch": {}}), cfg)
+    assert "did not run excess scoring" in plain["text"] and "delta_excess_token" not in plain["frameworks"]["torch"]
+    assert plain["excess_beats_random"] == []
+
+
+def test_excess_arms_need_the_reference_slice() -> None:
+    cfg = demo.DemoConfig(**demo.QUICK, warmup_steps=1)
+    ids = np.arange(5000, dtype=np.int32) % 50
+    with pytest.raises(ValueError, match="reference_ids"):
+        demo.train_framework("torch", ["standard", "excess_token"], cfg, ids, [], 50, device="cpu", progress=False)
+    chunks = demo.reference_chunks(np.arange(100, dtype=np.int32), cfg)  # seq_len 32: 3 chunks, the tail dropped
+    assert chunks.shape == (3, 32)
+    np.testing.assert_array_equal(chunks.ravel(), np.arange(96))
+    with pytest.raises(ValueError, match="reference slice"):
+        demo.reference_chunks(np.arange(31, dtype=np.int32), cfg)
+    with pytest.raises(ValueError, match="reference_fraction"):
+        demo.DemoConfig(reference_fraction=0.0)
+    with pytest.raises(ValueError, match="reference_steps"):
+        demo.DemoConfig(reference_steps=0)
+
+
+def test_torch_excess_token_arm_reads_the_reference() -> None:
+    """The reference decides which tokens train: a reference that makes one half of the tokens far "easier in
+    excess" moves the selection (and the loss) away from the same step with a zero reference."""
+    cfg = demo.DemoConfig(**demo.QUICK, warmup_steps=0)
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 20, size=(cfg.batch_size, cfg.seq_len)).astype(np.int32)
+    zero = np.zeros((cfg.batch_size, cfg.seq_len - 1), np.float32)
+    skew = zero.copy()
+    skew[:, ::2] = 50.0  # even positions: excess = nll − 50, never among the top-k
+    losses = []
+    for arm in ("excess_token", "excess_split"):
+        for ref in (zero, skew):
+            loss, metrics = demo.TorchArm(arm, cfg, 20, "cpu").train_step(batch, ref)
+            assert math.isfinite(loss)
+            losses.append(loss)
+            if arm == "excess_token":
+                assert metrics["tokens_total"] == cfg.predictions
+                assert 0 < metrics["tokens_selected"] <= cfg.predictions // 2 + 1  # ≤ ratio·1.5 of the tokens
+            else:
+                assert metrics["sequences_selected"] == max(1, round(cfg.min_tokens_ratio * cfg.batch_size))
+    assert losses[0] != pytest.approx(losses[1], abs=1e-6)  # token level: other tokens selected
+
+
 def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     env = dict(os.environ)
@@ -340,6 +429,10 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     result = json.loads((out / demo.CURVES_NAME).read_text(encoding="utf-8"))
     cfg = result["config"]
     steps, vocab, ratio, warmup = cfg["steps"], result["text"]["vocab_size"], cfg["min_tokens_ratio"], cfg["warmup_steps"]
+    # the reference slice is its own text: train + reference + held-out = the whole text, none shared
+    text = result["text"]
+    assert text["train_tokens"] + text["reference_tokens"] + text["eval_tokens"] == text["tokens"]
+    assert text["reference_tokens"] == round(cfg["reference_fraction"] * text["tokens"])
     B, n_tokens = cfg["batch_size"], cfg["batch_size"] * (cfg["seq_len"] - 1)
     k_seq = max(1, round(ratio * B))
     assert 0 < warmup < steps
@@ -382,12 +475,25 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
             assert [run["sequences_selected"][i] for i in after] == [k_seq] * len(after)
             assert all(t == s * (cfg["seq_len"] - 1) for t, s in zip(run["tokens_selected"], run["sequences_selected"]))
     for fw in demo.FRAMEWORKS:
-        # the same count rule: random_seq and cggr_split keep the same number of sequences at every step
-        assert runs[f"{fw}-random_seq"]["sequences_selected"] == runs[f"{fw}-cggr_split"]["sequences_selected"]
+        # the same count rule: random_seq, cggr_split and excess_split keep the same number of sequences at every
+        # step; the token arms follow the same curriculum (their dynamic threshold reads each model's confidence)
+        for arm in ("cggr_split", "excess_split"):
+            assert runs[f"{fw}-random_seq"]["sequences_selected"] == runs[f"{fw}-{arm}"]["sequences_selected"]
+        for arm in ("cggr_token", "excess_token"):
+            assert runs[f"{fw}-random_token"]["token_ratio"] == pytest.approx(runs[f"{fw}-{arm}"]["token_ratio"])
         # every arm of a framework starts from the same initialisation
         assert len({runs[f"{fw}-{arm}"]["eval_loss"][0] for arm in demo.ARMS}) == 1
+        # the excess arms train other tokens / sequences than the loss-based ones (the reference is read)
+        for a, b in (("excess_token", "cggr_token"), ("excess_split", "cggr_split")):
+            assert runs[f"{fw}-{a}"]["eval_loss"][1:] != runs[f"{fw}-{b}"]["eval_loss"][1:]
+        # the reference model: trained and timed apart, once per framework
+        ref = result["reference"][fw]
+        assert ref["steps"] == cfg["reference_steps"] and ref["batch_size"] == cfg["reference_batch_size"]
+        assert ref["chunks"] == text["reference_tokens"] // cfg["seq_len"]
+        assert ref["train_seconds"] > 0 and ref["score_seconds"] > 0
+        assert abs(ref["held_out_ce"] - math.log(vocab)) < 1.0  # a few steps: still near ln V, finite
     # the curriculum is the same schedule in both frameworks
-    for arm in ("cggr_token", "random_token", "random_seq", "cggr_split"):
+    for arm in demo.ARMS[1:]:
         assert runs[f"torch-{arm}"]["token_ratio"] == pytest.approx(runs[f"jax-{arm}"]["token_ratio"])
 
     # the verdict: printed last, stored in the JSON, and its numbers are those of the curves
@@ -405,6 +511,11 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
         assert v["delta_split"] == pytest.approx(final["cggr_split"] - final["random_seq"])
         assert f"cggr_token − random_token = {v['delta_token']:+.4f} nats" in text
         assert f"cggr_split − random_seq   = {v['delta_split']:+.4f} nats" in text
+        assert v["delta_excess_token"] == pytest.approx(final["excess_token"] - final["random_token"])
+        assert v["delta_excess_split"] == pytest.approx(final["excess_split"] - final["random_seq"])
+        assert f"excess_token − random_token = {v['delta_excess_token']:+.4f} nats" in text
+        assert f"excess_split − random_seq   = {v['delta_excess_split']:+.4f} nats" in text
+        assert v["reference_held_out_ce"] == result["reference"][fw]["held_out_ce"]
         reach = v["reach_standard_final_seconds"]
         assert reach["standard"] is not None and reach["standard"] <= runs[f"{fw}-standard"]["train_seconds"] + 1e-9
         soonest = v["soonest_to_standard_final"]
@@ -413,6 +524,17 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
         assert v["split_speedup_per_step"] == pytest.approx(ms["standard"] / ms["cggr_split"])
         assert f"{v['split_speedup_per_step']:.2f}× standard's speed" in text
     assert "Conclusion:" in text and "0.21 nats worse" in text and 'scoring="excess"' in text
+    # the conclusion on excess follows the computed Δs
+    deltas = [verdict["frameworks"][fw][k] for fw in demo.FRAMEWORKS for k in ("delta_excess_token",
+                                                                              "delta_excess_split")]
+    assert verdict["excess_beats_random"] == [d < -demo.TIE_NATS for d in deltas]
+    if all(d < -demo.TIE_NATS for d in deltas):
+        assert "as in the study" in text
+    else:
+        assert f"in {sum(d < -demo.TIE_NATS for d in deltas)} of 4 comparisons" in text
+        assert "23 M parameters on real code" in text
+    assert "did not run excess scoring" not in text
+    assert "reference model (excess arms; not in any arm's wall-clock)" in proc.stdout
 
     assert "held-out CE" in proc.stdout
     for name in runs:
