@@ -1,5 +1,5 @@
 # Two entry points, each doing all set-up from nothing on a fresh machine:
-#   make demo   - trains a tiny GPT five ways (standard, random/CGGR token selection, random/CGGR batch splitting) in PyTorch and JAX/Flax; plot, curves and a verdict in out/demo/
+#   make demo   - trains a tiny GPT seven ways (standard; random, CGGR and excess token selection; random, CGGR and excess batch splitting) in PyTorch and JAX/Flax; plot, curves and a verdict in out/demo/
 #   make test   - runs the whole test suite (CPU; kernels in interpreter mode)
 PYTHON ?= python3
 VENV   ?= .venv
