@@ -108,6 +108,7 @@ from .utils import (
 )
 
 __all__ = [
+    "hf_base_and_head",
     "DEFAULT_MEMORY_BUDGET",
     "ChunkPlan",
     "FusedLinearCGGROutput",
@@ -680,14 +681,30 @@ def score_next_tokens_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
 
 
 # ========================================================================================= Hugging Face
-def _probe_hf(model: nn.Module, base: nn.Module) -> Any:
-    """The probe of the head-linearity rule for a Hugging Face causal LM: (its logits, its hidden states)."""
+def hf_base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """A Hugging Face causal LM's base model and ``nn.Linear`` LM head, checked by SPEC §9's head-linearity rule
+    (its logits must be ``hidden · Wᵀ + b``); ``ValueError`` naming ``model`` otherwise. Shared by
+    :func:`hf_causal_lm_cggr_loss` and ``cggr_torch.integrations.apply_cggr``."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        raise ValueError(f"model: expected a Hugging Face *ForCausalLM with a base model (model.base_model), got "
+                         f"{type(model).__name__}")
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"model: expected get_output_embeddings() to return an nn.Linear LM head, got "
+                         f"{type(head).__name__}")
+
     def probe(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(input_ids=input_ids).logits
         out = base(input_ids=input_ids)
         hidden = getattr(out, "last_hidden_state", None)
         return logits, (out[0] if hidden is None else hidden)
-    return probe
+
+    reason = check_linear_head(model, head, probe)
+    if reason is not None:
+        raise ValueError(f"model: {reason}")
+    return base, head
 
 
 def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -729,18 +746,7 @@ def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: to
     # Checked against the unshifted labels (the caller's alignment) before the model runs.
     reference_nll = check_reference_nll(reference_nll, loss_module.config.scoring, tuple(labels.shape),
                                         device=labels.device)
-    base = getattr(model, "base_model", None)
-    if not isinstance(base, nn.Module) or base is model:
-        raise ValueError(f"model: expected a Hugging Face *ForCausalLM with a base model (model.base_model), got "
-                         f"{type(model).__name__}")
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"model: expected get_output_embeddings() to return an nn.Linear LM head, got "
-                         f"{type(head).__name__}")
-    reason = check_linear_head(model, head, _probe_hf(model, base))
-    if reason is not None:
-        raise ValueError(f"model: {reason}")
+    base, head = hf_base_and_head(model)
     out = base(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None:

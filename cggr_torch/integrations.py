@@ -70,9 +70,8 @@ from cggr import REFERENCE_SCORING_MODES
 
 from .batch_split import CGGRModel
 from .curriculum import Curriculum
-from .fused_linear import FusedLinearCGGRLoss, hf_causal_lm_cggr_loss
+from .fused_linear import FusedLinearCGGRLoss, hf_base_and_head, hf_causal_lm_cggr_loss
 from .router import is_masked_lm
-from .utils import check_linear_head
 
 __all__ = ["use_cggr", "CGGRTrainer", "CGGRStepCallback", "cggr_objects", "apply_cggr", "remove_cggr",
            "HEADS"]
@@ -224,16 +223,6 @@ HEADS = ("split", "fused")
 _APPLIED = "_cggr_applied"
 
 
-def _head_probe(model: torch.nn.Module, base: torch.nn.Module) -> Any:
-    """The probe of :func:`cggr_torch.utils.check_linear_head` (SPEC §9) for a Hugging Face causal LM."""
-    def probe(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=input_ids).logits
-        out = base(input_ids=input_ids)
-        hidden = getattr(out, "last_hidden_state", None)
-        return logits, (out[0] if hidden is None else hidden)
-    return probe
-
-
 def _flat_arguments(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call's arguments by name (positional ones named by the original forward's signature, ``**kwargs``
     flattened)."""
@@ -322,23 +311,12 @@ def apply_cggr(model: torch.nn.Module, **config: Any) -> torch.nn.Module:
                          f"{type(model).__name__}")
     if _APPLIED in model.__dict__:
         raise ValueError("model: the fused CGGR head is already applied (call remove_cggr(model) first)")
-    base = getattr(model, "base_model", None)
-    if not isinstance(base, torch.nn.Module) or base is model:
-        raise ValueError(f"model: expected a Hugging Face *ForCausalLM with a base model (model.base_model), got "
-                         f"{type(model).__name__}")
     if is_masked_lm(model):
         raise ValueError(f"model: expected a causal LM (next-token prediction, SPEC §1 shift), got the masked LM "
                          f"{type(model).__name__}")
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"model: expected get_output_embeddings() to return an nn.Linear LM head, got "
-                         f"{type(head).__name__}")
     loss_module = FusedLinearCGGRLoss(**config)     # validates the settings, naming the argument
     # SPEC §9 at switch time (the loss repeats it only when the head changes: the result is cached)
-    reason = check_linear_head(model, head, _head_probe(model, base))
-    if reason is not None:
-        raise ValueError(f"model: {reason}")
+    hf_base_and_head(model)
     own = model.forward
     signature = inspect.signature(own)
     cggr_forward = types.FunctionType(_cggr_forward.__code__, _cggr_forward.__globals__, "forward",
