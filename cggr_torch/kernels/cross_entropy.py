@@ -306,6 +306,17 @@ def launch_masked_mean(mask: torch.Tensor, nll: torch.Tensor, loss: torch.Tensor
 
 
 # ======================================================================================= autograd glue
+def _check_token_floats(name: str, x: Any, token_shape: tuple[int, ...], device: torch.device) -> None:
+    """An optional per-token float32 input (``lse``, ``row_weights``): the logits' leading shape and device."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise ValueError(f"{name}: expected a float32 tensor of shape {token_shape}, got "
+                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if tuple(x.shape) != token_shape:
+        raise ValueError(f"{name}: expected shape {token_shape}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {x.device}")
+
+
 def _rows_disjoint(t: torch.Tensor) -> bool:
     """True when distinct rows of a ``(B, T, V)`` / ``(N, V)`` tensor with unit last stride never overlap."""
     V = t.shape[-1]
@@ -442,13 +453,7 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
     if mask.device != logits.device:
         raise ValueError(f"mask: expected device {logits.device}, got {mask.device}")
     if lse is not None:
-        if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32:
-            raise ValueError(f"lse: expected a float32 tensor of shape {token_shape}, got "
-                             f"{lse.dtype if isinstance(lse, torch.Tensor) else type(lse).__name__}")
-        if tuple(lse.shape) != token_shape:
-            raise ValueError(f"lse: expected shape {token_shape}, got {tuple(lse.shape)}")
-        if lse.device != logits.device:
-            raise ValueError(f"lse: expected device {logits.device}, got {lse.device}")
+        _check_token_floats("lse", lse, token_shape, logits.device)
     if not isinstance(inplace_backward, bool):
         raise ValueError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
     V = logits.shape[-1]
@@ -466,13 +471,7 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
         readable = (t != ignore_index) & (t >= 0) & (t < V)
         selected = (mask.reshape(-1) & readable).to(torch.uint8).contiguous()
     if row_weights is not None:
-        if not isinstance(row_weights, torch.Tensor) or row_weights.dtype != torch.float32:
-            raise ValueError(f"row_weights: expected a float32 tensor of shape {token_shape}, got "
-                             f"{row_weights.dtype if isinstance(row_weights, torch.Tensor) else type(row_weights).__name__}")
-        if tuple(row_weights.shape) != token_shape:
-            raise ValueError(f"row_weights: expected shape {token_shape}, got {tuple(row_weights.shape)}")
-        if row_weights.device != logits.device:
-            raise ValueError(f"row_weights: expected device {logits.device}, got {row_weights.device}")
+        _check_token_floats("row_weights", row_weights, token_shape, logits.device)
         row_weights = row_weights.detach().reshape(-1).contiguous()
     lse_flat = None if lse is None else lse.detach().reshape(-1).contiguous()
     return _SelectiveCrossEntropy.apply(logits, t, selected, lse_flat, inplace_backward,
