@@ -969,8 +969,30 @@ def plan_round2b(st: Study) -> None:
         st.run(RunSpec("router_excess_r2", seed, lr_k, s.steps))
 
 
+def plan_round3a(st: Study) -> None:
+    """PROTOCOL.md §9 "Round 3a": seeds 3-5 of the token-level excess comparison (rule 2), then what round 2b left
+    (the library's excess arms at seeds 1-2, router excess's noise control, router_excess_r2 seeds 1-2)."""
+    s = st.scale
+    st.ensure_reference()
+    lr_B, lr_k = st.best_lr("std_B"), st.best_lr("std_k")
+    if lr_B is None or lr_k is None:
+        st.log("round3a needs round1's sweeps: stopping")
+        return
+    for seed in (3, 4, 5):
+        for a in ("random_token", "excess_token"):
+            st.run(RunSpec(a, seed, lr_B, s.steps))
+    seeds = list(s.seeds)
+    for a in ("cggr_excess_r4", "cggr_excess_r1"):
+        for seed in seeds[1:]:
+            st.run(RunSpec(a, seed, lr_k, s.steps))
+    st.run(RunSpec("router_excess_r4", seeds[0], lr_k, s.steps, noise=True))
+    for seed in seeds[1:]:
+        st.run(RunSpec("router_excess_r2", seed, lr_k, s.steps))
+
+
 PLANS: dict[str, Callable[[Study], None]] = {"round1": plan_round1, "round1b": plan_round1b,
-                                             "round2a": plan_round2a, "round2b": plan_round2b}
+                                             "round2a": plan_round2a, "round2b": plan_round2b,
+                                             "round3a": plan_round3a}
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
