@@ -134,12 +134,35 @@ def cggr_objects(module: torch.nn.Module) -> list[Any]:
     return found
 
 
+def _check_trainer(trainer: Trainer, computes: str) -> None:
+    """What both heads need from a Trainer: a model (not ``model_init``), no label smoothing and no custom loss
+    function (``computes``: what computes the loss instead, for the messages)."""
+    if trainer.model is None:
+        raise ValueError("model: the Trainer needs the model to train for CGGR (model_init is not supported)")
+    if trainer.label_smoother is not None:
+        raise ValueError(f"args.label_smoothing_factor: not supported with CGGR ({computes}); set it to 0")
+    if trainer.compute_loss_func is not None:
+        raise ValueError(f"compute_loss_func: not supported with CGGR ({computes})")
+
+
+def _wire(trainer: Trainer, cggr: Any) -> None:
+    """Attach ``cggr`` (a CGGRModel or the fused head's loss) to ``trainer``: its curriculum step callback and the
+    Trainer's loss scaling. The CGGR loss is a per-micro-batch mean over what was kept: the Trainer scales it for
+    gradient accumulation and never hands it ``num_items_in_batch`` (a count over the full batch). With a reference
+    scoring, the ``reference_nll`` column survives the Trainer's column filter."""
+    trainer.cggr = cggr
+    trainer.model_accepts_loss_kwargs = False
+    trainer.loss_is_scaled_for_ga = False
+    trainer.add_callback(CGGRStepCallback(cggr, model=trainer.model))
+    if cggr.config.scoring in REFERENCE_SCORING_MODES:
+        _keep_reference_column(trainer)
+
+
 def _attach(trainer: Trainer, cggr_model: Optional[CGGRModel], cggr_kwargs: dict[str, Any], *,
             kwargs_name: str) -> CGGRModel:
     """Check ``trainer``, build (or check) its ``CGGRModel``, register the step callback; shared by
     :class:`CGGRTrainer` and :func:`use_cggr` (``kwargs_name``: how the caller spells the CGGR settings)."""
-    if trainer.model is None:
-        raise ValueError("model: the Trainer needs the model to train for CGGR (model_init is not supported)")
+    _check_trainer(trainer, "batch splitting computes the loss with the model's own cross-entropy")
     if cggr_model is not None and cggr_kwargs:
         raise ValueError(f"{kwargs_name}: pass either a ready CGGRModel (cggr_model) or {kwargs_name}, not both")
     if cggr_model is None:
@@ -148,19 +171,7 @@ def _attach(trainer: Trainer, cggr_model: Optional[CGGRModel], cggr_kwargs: dict
         raise ValueError(f"cggr_model: expected a CGGRModel, got {type(cggr_model).__name__}")
     elif cggr_model.model is not trainer.model:
         raise ValueError("cggr_model: it must wrap the same model object that is given to the Trainer")
-    if trainer.label_smoother is not None:
-        raise ValueError("args.label_smoothing_factor: not supported with CGGR (the kept sequences are "
-                         "trained with the model's own cross-entropy); set it to 0")
-    if trainer.compute_loss_func is not None:
-        raise ValueError("compute_loss_func: not supported with CGGR (batch splitting computes the loss)")
-    trainer.cggr = cggr_model
-    # The CGGR loss is a per-micro-batch mean over the kept sequences: let the Trainer scale it for gradient
-    # accumulation and never hand it num_items_in_batch (counted over the full batch).
-    trainer.model_accepts_loss_kwargs = False
-    trainer.loss_is_scaled_for_ga = False
-    trainer.add_callback(CGGRStepCallback(cggr_model, model=trainer.model))
-    if cggr_model.config.scoring in REFERENCE_SCORING_MODES:
-        _keep_reference_column(trainer)
+    _wire(trainer, cggr_model)
     return cggr_model
 
 
@@ -377,28 +388,15 @@ def _fused_loss(model: torch.nn.Module, inputs: dict[str, Any], return_outputs: 
 def _attach_fused(trainer: Trainer, config: dict[str, Any]) -> FusedLinearCGGRLoss:
     """The fused-head form of :func:`_attach`: :func:`apply_cggr` on ``trainer.model`` (or its fused head if
     already applied and no settings are given), the step callback, the Trainer's loss scaling."""
+    _check_trainer(trainer, "the fused head computes the selective cross-entropy itself")
     model = trainer.model
-    if model is None:
-        raise ValueError("model: the Trainer needs the model to train for CGGR (model_init is not supported)")
-    if trainer.label_smoother is not None:
-        raise ValueError("args.label_smoothing_factor: not supported with CGGR (the fused head computes the "
-                         "selective cross-entropy itself); set it to 0")
-    if trainer.compute_loss_func is not None:
-        raise ValueError("compute_loss_func: not supported with CGGR (the fused head computes the loss)")
     loss = model.__dict__.get("cggr_loss") if _APPLIED in model.__dict__ else None
     if loss is not None and config:
         raise ValueError("config: the model already has the fused CGGR head (apply_cggr); pass no settings to "
                          "use it, or remove_cggr(model) first")
     if loss is None:
         loss = apply_cggr(model, **config).cggr_loss
-    trainer.cggr = loss
-    # A per-micro-batch mean over the selected tokens: the Trainer scales it for gradient accumulation and
-    # never hands the model num_items_in_batch (a token count of the full batch).
-    trainer.model_accepts_loss_kwargs = False
-    trainer.loss_is_scaled_for_ga = False
-    trainer.add_callback(CGGRStepCallback(loss, model=model))
-    if loss.config.scoring in REFERENCE_SCORING_MODES:
-        _keep_reference_column(trainer)
+    _wire(trainer, loss)
     return loss
 
 
