@@ -878,17 +878,27 @@ def plan_round1(st: Study) -> None:
             st.run(RunSpec(a, seed, arm_lr[a], s.steps, noise=True))
 
 
+def _resumed_rates(st: Study, plan: str) -> Optional[tuple[float, float]]:
+    """The preamble of every plan after round 1: the reference tables, then round 1's tuned rates (std_B, std_k)
+    from its sweeps; None (logged) when the sweeps are not in the output folder."""
+    st.ensure_reference()
+    lr_B, lr_k = st.best_lr("std_B"), st.best_lr("std_k")
+    if lr_B is None or lr_k is None:
+        st.log(f"{plan} needs round1's sweeps: stopping")
+        return None
+    st.log(f"tuned LR: std_B {lr_B}, std_k {lr_k}")
+    return lr_B, lr_k
+
+
 def plan_round1b(st: Study) -> None:
     """Round 1, second device call: what the first left, re-prioritised after it (RESULTS.md says why): the
     nondeterminism floor doubling as a second gate checkpoint (a model *weaker* than the reference), then the
     paired seeds 1-2 of the arms that decide round 2, then the rest of plan_round1 in its order."""
     s = st.scale
-    st.ensure_reference()
-    lr_B, lr_k = st.best_lr("std_B"), st.best_lr("std_k")
-    if lr_B is None or lr_k is None:
-        st.log("round1b needs round1's sweeps: stopping")
+    rates = _resumed_rates(st, "round1b")
+    if rates is None:
         return
-    st.log(f"tuned LR: std_B {lr_B}, std_k {lr_k}")
+    lr_B, lr_k = rates
     seeds = list(s.seeds)
     if not (st.out / "gate_std_k.json").exists():
         st.run(RunSpec("std_k", seeds[0], lr_k, s.steps, tag="repeat"), keep_state="last")
@@ -919,12 +929,10 @@ def plan_round2a(st: Study) -> None:
     folder): router-excess arms at 4 and 1 layers (3 seeds), more seeds of std_k / random_subset, std_k's budget
     curve for m, router excess at 2 layers, then its noise control."""
     s = st.scale
-    st.ensure_reference()
-    lr_B, lr_k = st.best_lr("std_B"), st.best_lr("std_k")
-    if lr_B is None or lr_k is None:
-        st.log("round2a needs round1's sweeps: stopping")
+    rates = _resumed_rates(st, "round2a")
+    if rates is None:
         return
-    st.log(f"tuned LR: std_B {lr_B}, std_k {lr_k}")
+    lr_B, lr_k = rates
     seeds = list(s.seeds)
     for a in ("router_excess_r4", "router_excess_r1"):
         for seed in seeds:
@@ -945,11 +953,10 @@ def plan_round2b(st: Study) -> None:
     """PROTOCOL.md §9, round 2b: the promoted router-excess selection through the library (``CGGRModel``), then
     the token-level arms (3 seeds each), then what round 2a left."""
     s = st.scale
-    st.ensure_reference()
-    lr_B, lr_k = st.best_lr("std_B"), st.best_lr("std_k")
-    if lr_B is None or lr_k is None:
-        st.log("round2b needs round1's sweeps: stopping")
+    rates = _resumed_rates(st, "round2b")
+    if rates is None:
         return
+    lr_B, lr_k = rates
     seeds = list(s.seeds)
     # One seed of each library arm first (its step cost, and P14's check), then the token arms seed-major so
     # that a deadline leaves paired seeds, then the rest.
@@ -973,11 +980,10 @@ def plan_round3a(st: Study) -> None:
     """PROTOCOL.md §9 "Round 3a": seeds 3-5 of the token-level excess comparison (rule 2), then what round 2b left
     (the library's excess arms at seeds 1-2, router excess's noise control, router_excess_r2 seeds 1-2)."""
     s = st.scale
-    st.ensure_reference()
-    lr_B, lr_k = st.best_lr("std_B"), st.best_lr("std_k")
-    if lr_B is None or lr_k is None:
-        st.log("round3a needs round1's sweeps: stopping")
+    rates = _resumed_rates(st, "round3a")
+    if rates is None:
         return
+    lr_B, lr_k = rates
     for seed in (3, 4, 5):
         for a in ("random_token", "excess_token"):
             st.run(RunSpec(a, seed, lr_B, s.steps))
