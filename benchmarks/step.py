@@ -84,14 +84,9 @@ QUICK_SHAPES: dict[str, dict[str, Any]] = {
     "qwen": dict(d=32, layers=4, heads=4, kv_heads=1, ffn=64, vocab=151, tied=True, batch_size=8, seq_len=16,
                  note="tiny stand-in of the qwen shape"),
 }
-#: Expected seconds of one row (model build, compile, warm-up, timed steps) on one H200 before one of its kind
-#: has run: guesses from the issue's step times and the models suite's compile times, rounded up.
-PRIORS = {
-    "torch:1b:eager": 15, "torch:135m:eager": 15, "torch:qwen:eager": 15,
-    "torch:1b:compiled": 80, "torch:135m:compiled": 100, "torch:qwen:compiled": 90,
-    "jax:1b:jit": 50, "jax:135m:jit": 60, "jax:qwen:jit": 55,
-    "jax:1b:split": 80, "jax:135m:split": 90, "jax:qwen:split": 80,
-}
+#: How much longer a row of each shape takes than at the 1B shape (the priors of the ops modules are for 1B):
+#: the 135m shape has 30 layers to compile and B = 64, the qwen shape 24 layers and the largest vocabulary.
+SHAPE_FACTOR = {"1b": 1.0, "135m": 1.3, "qwen": 1.1}
 CGGR_NOTE = ("cggr.CGGRConfig defaults except warmup_steps=0 (steady state) and dynamic_threshold={dyn} "
              "(at random init the SPEC 5.2 threshold would keep ratio*1.5); kept sequences k = {k} of {B}")
 
@@ -208,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = command_line(["benchmarks/step.py"] + argv)
     root = _env.REPO_ROOT / "out" / "bench" if args.quick and args.run_folder is None else None
     ctx = RunContext(suite=SUITE, commit=args.commit, command=cmd, results_root=root, run_folder=args.run_folder)
-    budget = Budget(args.deadline_s, PRIORS)
+    budget = Budget(args.deadline_s)
     if fw == "torch":
         device = impl.device_for(args.quick)
         environment = impl.environment(device)
@@ -239,8 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         meta = {"op": OP, "framework": fw, "shape": name, "suite": SUITE, "command": cmd, "commit": ctx.commit,
                 "gpu": ctx.gpu, "date": ctx.date, "telemetry_before": _env.telemetry()}
         t_shape = time.time()
+        prepared: Any = None
         if fw == "torch":
-            batches = impl.make_batches(shape, device, args.seed)
             plan = [(r, c) for r, c in impl.ROWS if not (args.eager_only and c)]
         else:
             import jax.numpy as jnp
@@ -250,27 +245,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raw["config"]["attention"] = attention
             if note:
                 raw["attention_note"] = note
-            batches = impl.make_batches(shape, args.seed)
             plan = [(r, True) for r in impl.ROWS]
         if rows_wanted is not None:
             plan = [(r, c) for r, c in plan if r in rows_wanted]
         for row, compiled in plan:
-            if fw == "torch":
-                row_kind = f"{kind}:{'compiled' if compiled else 'eager'}"
-            else:
-                row_kind = f"{kind}:{'split' if row.startswith('batch_split') else 'jit'}"
-            why = budget.fits(row_kind, share_left=share_end - budget.elapsed())
+            prior = (impl.PRIOR_S[(row, compiled)] if fw == "torch" else impl.PRIOR_S[row]) * SHAPE_FACTOR.get(name, 1)
+            why = budget.fits(prior, share_left=share_end - budget.elapsed())
             label = row + (" (compiled)" if compiled and fw == "torch" else "")
             if why is not None:
                 res = {"row": row, "compiled": compiled, "status": "skipped", "reason": why, "wall_s": 0.0}
                 print(f"  [{name}] {label}: SKIPPED ({why})", flush=True)
             else:
                 print(f"  [{name}] {label} ...", flush=True)
+                t_row = time.perf_counter()
+                if prepared is None:  # the shape's model and batches, built by its first row that runs
+                    prepared = (impl.prepare_shape(shape, scfg, device) if fw == "torch"
+                                else impl.prepare_shape(shape, scfg))
                 if fw == "torch":
-                    res = impl.run_row(row, compiled, shape, scfg, device, batches)
+                    res = impl.run_row(row, compiled, shape, scfg, device, prepared)
                 else:
-                    res = impl.run_row(row, shape, scfg, batches)
-                budget.observe(row_kind, res["wall_s"])
+                    res = impl.run_row(row, shape, scfg, prepared)
+                budget.observe(prior, time.perf_counter() - t_row)
                 if res["status"] == "ok":
                     print(f"  [{name}] {label}: {res['median_ms']:.1f} ms/step (IQR {res['iqr_ms']:.1f}), "
                           f"{res['input_tokens_per_s']:,.0f} input tok/s, "
@@ -287,7 +282,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if rec_path.exists():
                 rec_path.unlink()
             write_records(records_of(raw, fw, ctx, args.quick), rec_path)
-        del batches
+        if prepared is not None:
+            if fw == "torch":
+                impl.release_shape(prepared, device)
+            else:
+                impl.release_shape(prepared)
+        del prepared
         meta.update(wall_s=time.time() - t_shape, telemetry_after=_env.telemetry(), rows=len(raw["rows"]),
                     software=software)
         (ctx.suite_dir / f"{stem}.meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")

@@ -1,32 +1,31 @@
 """A wall-clock budget for benchmarks that run many rows in one process (``benchmarks/step.py``).
 
-The GPU runner kills a step at its timeout and the device call has a hard limit, so a long script must stop
+The GPU runner kills a step at its timeout and a device call has a hard limit, so a long script must stop
 *starting* rows before its time is out and keep what it measured. :class:`Budget` answers "does a row that is
-expected to take ``s`` seconds still fit?"; the expected time of a row kind is what the last row of that kind
-took (its prior until one ran). A row that does not fit is skipped and its record says why.
+expected to take ``s`` seconds still fit?". A row's expected time is its prior (a guess written next to the
+benchmark) times a scale learned from the rows already run (the median of their measured / prior times), so
+one slow or fast machine corrects every later estimate. A row that does not fit is skipped and its record
+says why.
 """
 from __future__ import annotations
 
+import statistics
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 __all__ = ["Budget"]
 
 
 class Budget:
-    """``total_s`` seconds from construction (``None``: unlimited). ``priors``: expected seconds of a row kind
-    before one has run; a kind with no prior and no observation is expected to take ``default_s``."""
+    """``total_s`` seconds from construction (``None``: unlimited)."""
 
-    def __init__(self, total_s: Optional[float], priors: Optional[dict[str, float]] = None,
-                 default_s: float = 60.0, clock=time.monotonic):
+    def __init__(self, total_s: Optional[float], clock: Callable[[], float] = time.monotonic):
         if total_s is not None and not total_s > 0:
             raise ValueError(f"total_s: expected None or a number > 0, got {total_s!r}")
         self.total_s = total_s
         self._clock = clock
         self._t0 = clock()
-        self._priors = dict(priors or {})
-        self._seen: dict[str, float] = {}
-        self.default_s = float(default_s)
+        self._ratios: list[float] = []
 
     def elapsed(self) -> float:
         return self._clock() - self._t0
@@ -35,18 +34,24 @@ class Budget:
         """Seconds left (``inf`` without a budget)."""
         return float("inf") if self.total_s is None else self.total_s - self.elapsed()
 
-    def expected(self, kind: str) -> float:
-        """Expected seconds of a row of ``kind``: the last observed one, else its prior, else ``default_s``."""
-        return self._seen.get(kind, self._priors.get(kind, self.default_s))
+    @property
+    def scale(self) -> float:
+        """Median of measured / prior over the rows observed so far (1 before any), clamped to [0.25, 4]."""
+        return min(4.0, max(0.25, statistics.median(self._ratios))) if self._ratios else 1.0
 
-    def observe(self, kind: str, seconds: float) -> None:
-        self._seen[kind] = float(seconds)
+    def expected(self, prior_s: float) -> float:
+        return prior_s * self.scale
 
-    def fits(self, kind: str, share_left: Optional[float] = None) -> Optional[str]:
-        """``None`` when a row of ``kind`` fits what is left (and ``share_left``, a sub-budget, if given), else
-        the reason it is skipped."""
-        need = self.expected(kind)
+    def observe(self, prior_s: float, seconds: float) -> None:
+        """A row whose prior was ``prior_s`` took ``seconds``."""
+        if prior_s > 0 and seconds > 0:
+            self._ratios.append(seconds / prior_s)
+
+    def fits(self, prior_s: float, share_left: Optional[float] = None) -> Optional[str]:
+        """``None`` when a row of prior ``prior_s`` fits what is left (and ``share_left``, a sub-budget, if
+        given), else the reason it is skipped."""
+        need = self.expected(prior_s)
         left = self.left() if share_left is None else min(self.left(), share_left)
         if need > left:
-            return f"deadline: {max(left, 0.0):.0f} s left, a {kind} row is expected to take {need:.0f} s"
+            return f"deadline: {max(left, 0.0):.0f} s left, the row is expected to take {need:.0f} s"
         return None

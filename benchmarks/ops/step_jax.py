@@ -40,6 +40,11 @@ from flax import nnx
 
 ROWS: list[str] = ["standard", "cggr_fused", "random_subset", "batch_split_L4", "cggr_loss", "batch_split_L2",
                    "batch_split_L1"]
+#: Expected seconds of each row on one H200 at the 1B shape (build, compile, 3 + 8 steps) before any row ran
+#: (rescaled by ``benchmarks.harness.budget.Budget``): a batch-split step compiles the model's forward and
+#: backward once per bucket (two) plus the router.
+PRIOR_S: dict[str, float] = {"standard": 45, "cggr_fused": 50, "random_subset": 40, "batch_split_L4": 80,
+                             "cggr_loss": 50, "batch_split_L2": 75, "batch_split_L1": 70}
 LABELS = {
     "standard": "standard (optax CE, jit)", "cggr_loss": "CGGRLoss on logits", "cggr_fused": "fused CGGR head",
     "random_subset": "random subset (same kept count)", "batch_split_L1": "batch split, 1-layer router",
@@ -186,22 +191,33 @@ def _peak_gib(compiled: Any) -> Optional[float]:
     return total / 2**30
 
 
-def run_row(row: str, shape: dict[str, Any], cfg: dict[str, Any], batches: list[jax.Array]) -> dict[str, Any]:
-    """Measure one row; returns its raw result (``status`` ``ok`` / ``failed``)."""
-    from benchmarks.harness import measure
+def prepare_shape(shape: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model of one shape (its initial weights; every row copies them into its own state) and batches."""
     from cggr_jax.models import DecoderLM
 
+    dtype = jnp.bfloat16 if cfg["dtype"] == "bf16" else jnp.float32
+    model = DecoderLM(decoder_config(shape, dtype, cfg["attention"]), rngs=nnx.Rngs(cfg["seed"]))
+    return {"model": model, "graphdef": nnx.split(model, nnx.Param, ...)[0],
+            "batches": make_batches(shape, cfg["seed"])}
+
+
+def release_shape(prepared: dict[str, Any]) -> None:
+    prepared.clear()
+    gc.collect()
+
+
+def run_row(row: str, shape: dict[str, Any], cfg: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
+    """Measure one row from the shape's initial weights; returns its raw result (``status`` ``ok`` /
+    ``failed``)."""
+    from benchmarks.harness import measure
+
     B, T = shape["batch_size"], shape["seq_len"]
+    batches = prepared["batches"]
     res: dict[str, Any] = {"row": row, "compiled": True, "label": LABELS.get(row, row)}
     t_row = time.perf_counter()
     state = compiled = None
     try:
-        dtype = jnp.bfloat16 if cfg["dtype"] == "bf16" else jnp.float32
-        model_cfg = decoder_config(shape, dtype, cfg["attention"])
-        model = DecoderLM(model_cfg, rngs=nnx.Rngs(cfg["seed"]))
-        graphdef = nnx.split(model, nnx.Param, ...)[0]
-        jitted, state, args_of, notes = _make_row(row, graphdef, model, cfg, B, T)
-        del model
+        jitted, state, args_of, notes = _make_row(row, prepared["graphdef"], prepared["model"], cfg, B, T)
         res.update(notes)
         t0 = time.perf_counter()
         compiled = jitted.lower(state, *args_of(batches[0])).compile()

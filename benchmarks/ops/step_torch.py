@@ -15,12 +15,14 @@ of one shape. Rows (``ROWS``, in the order they run; each from the same initial 
 * ``batch_split_L{1,2,4}`` ``cggr_torch.CGGRModel`` with a truncated router of 1, 2, 4 layers;
 * ``random_subset``  the full model on ``k`` random sequences of the batch, ``k`` = what CGGR keeps.
 
-Every row also runs **compiled** (``torch.compile(model)``; the base model for the head-fused rows): the CGGR
-losses are compiled too (``torch.compile(loss_module)``); when that fails the failure is recorded
-(``compile_error``) and the row goes on with the loss eager and the model compiled. ``CGGRModel`` gets the
-compiled model as its main pass (``forward_with``); its router stays eager. ``torch._dynamo`` is reset before
-each compiled row, so every row compiles what it uses (and the recompile limit is per row); graphs compiled
-during the timed steps and graph breaks are recorded.
+Every row also runs **compiled** (``torch.compile(model, dynamic=False)``; the base model for the head-fused
+rows): the CGGR losses are compiled too (``torch.compile(loss_module)``); when that fails the failure is
+recorded (``compile_error``) and the row goes on with the loss eager and the model compiled. ``CGGRModel`` gets
+the compiled model as its main pass (``forward_with``); its router stays eager. The rows of one shape share one
+model (weights reset to the same initial values before each row), so a compiled row reuses the graphs an
+earlier row compiled (the main pass of ``CGGRModel`` is the ``random_subset`` graph: both run the model on
+``k`` sequences); ``torch._dynamo`` is reset between shapes. The graphs each row compiled, the graph breaks
+and the graphs compiled during the timed steps (recompilation) are recorded.
 
 CGGR settings: the defaults of ``cggr.CGGRConfig`` except ``warmup_steps=0`` (the steady state is measured,
 not the curriculum) and ``dynamic_threshold=False`` unless ``dynamic_threshold`` is set: at random init the
@@ -46,11 +48,22 @@ import torch
 #: (row, compiled) in the order they run for one shape: the baselines first, then the rows of the issue's
 #: goals (fused vs compiled standard, batch split vs random subset), then the rest.
 ROWS: list[tuple[str, bool]] = [
-    ("standard", False), ("standard", True), ("cggr_fused", False), ("cggr_fused", True),
+    ("standard", False), ("standard", True), ("cggr_fused", False), ("cggr_fused", True), ("liger_flce", False),
     ("random_subset", False), ("batch_split_L4", False), ("random_subset", True), ("batch_split_L4", True),
-    ("cggr_loss", False), ("cggr_loss", True), ("batch_split_L2", False), ("batch_split_L1", False),
-    ("liger_flce", False), ("batch_split_L2", True), ("batch_split_L1", True), ("liger_flce", True),
+    ("batch_split_L2", False), ("batch_split_L1", False), ("batch_split_L2", True), ("batch_split_L1", True),
+    ("cggr_loss", False), ("cggr_loss", True), ("liger_flce", True),
 ]
+#: Expected seconds of each row on one H200 at the 1B shape (weights reset, compile, 3 + 8 steps) before any
+#: row ran; ``benchmarks.harness.budget.Budget`` rescales them by what the rows already run took. Guesses from
+#: the issue's step times and the models suite's compile times, rounded up; a compiled row that reuses an
+#: earlier row's graphs (``CGGRModel`` after ``random_subset``, Liger after the fused head) compiles nothing.
+PRIOR_S: dict[tuple[str, bool], float] = {
+    ("standard", False): 12, ("standard", True): 70, ("cggr_fused", False): 15, ("cggr_fused", True): 90,
+    ("liger_flce", False): 10, ("random_subset", False): 8, ("batch_split_L4", False): 10,
+    ("random_subset", True): 60, ("batch_split_L4", True): 12, ("batch_split_L2", False): 10,
+    ("batch_split_L1", False): 10, ("batch_split_L2", True): 12, ("batch_split_L1", True): 12,
+    ("cggr_loss", False): 12, ("cggr_loss", True): 90, ("liger_flce", True): 15,
+}
 LABELS = {
     "standard": "standard (HF loss)", "liger_flce": "Liger fused linear CE", "cggr_loss": "CGGRLoss on logits",
     "cggr_fused": "fused CGGR head", "random_subset": "random subset (same kept count)",
@@ -92,10 +105,10 @@ def _short(err: BaseException) -> str:
 
 
 class _Row:
-    """The loss of one row: ``forward(ids, shifted) -> (loss, trained tokens)``, ``after()`` after the optimizer
+    """The loss of one row: ``forward(ids, labels, shifted) -> (loss, trained tokens)``, ``after()`` after the optimizer
     step (the curriculum's ``step()``), ``loss_eager()`` to fall back when a compiled loss fails."""
 
-    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]],
+    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]],
                  after: Callable[[], None] = lambda: None, loss_eager: Optional[Callable[[], None]] = None,
                  notes: Optional[dict[str, Any]] = None):
         self.forward, self.after, self.loss_eager = forward, after, loss_eager
@@ -109,15 +122,18 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
     from cggr_torch.fused_linear import FusedLinearCGGRLoss, hf_causal_lm_cggr_loss
 
     def compile_(m: Any) -> Any:
-        return torch.compile(m, backend=backend)
+        # Static shapes: every row's shapes are fixed (the kept count too, with the threshold off), and the
+        # rows of one shape share the compiled graphs of one model (see ``run_row``); automatic dynamic shapes
+        # would turn the second batch size seen (standard B, then the kept k) into a dynamic-shape graph.
+        return torch.compile(m, backend=backend, dynamic=False)
 
     cggr_kw = dict(min_tokens_ratio=cfg["ratio"], warmup_steps=0, dynamic_threshold=cfg["dynamic_threshold"])
     full_tokens = B * (T - 1)
     head = model.get_output_embeddings()
     if row == "standard":
         main = compile_(model) if compiled else model
-        return _Row(lambda ids, shifted: (main(input_ids=ids, labels=ids).loss, full_tokens),
-                    notes={"api": "model(input_ids, labels=input_ids).loss"})
+        return _Row(lambda ids, labels, shifted: (main(input_ids=ids, labels=labels).loss, full_tokens),
+                    notes={"api": "model(input_ids=ids, labels=labels).loss"})
     if row == "liger_flce":
         try:
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
@@ -127,7 +143,7 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
         base = compile_(model.model) if compiled else model.model
         d = head.weight.shape[1]
 
-        def liger_forward(ids: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def liger_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
             hidden = base(input_ids=ids).last_hidden_state
             return liger(head.weight, hidden.reshape(-1, d), shifted.reshape(-1)), full_tokens
         return _Row(liger_forward, notes={"api": "LigerFusedLinearCrossEntropyLoss(W, base(ids) hidden, shifted)"
@@ -137,7 +153,7 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
         main = compile_(model) if compiled else model
         cell = [compile_(crit) if compiled else crit]
 
-        def loss_forward(ids: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def loss_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
             loss = cell[0](main(input_ids=ids).logits, shifted)
             return loss, compat.torch_loss_metric_tensors(crit).get("tokens_selected")
 
@@ -148,15 +164,15 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
     if row == "cggr_fused":
         crit = FusedLinearCGGRLoss(**cggr_kw)
         if not compiled:
-            def fused_forward(ids: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
-                loss = hf_causal_lm_cggr_loss(model, ids, ids, crit)
+            def fused_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+                loss = hf_causal_lm_cggr_loss(model, ids, labels, crit)
                 return loss, compat.torch_loss_metric_tensors(crit).get("tokens_selected")
-            return _Row(fused_forward, crit.step, notes={"api": "hf_causal_lm_cggr_loss(model, ids, ids, "
+            return _Row(fused_forward, crit.step, notes={"api": "hf_causal_lm_cggr_loss(model, ids, labels, "
                                                                 "FusedLinearCGGRLoss)"})
         base = compile_(model.model)
         cell = [compile_(crit)]
 
-        def fused_compiled(ids: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def fused_compiled(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
             hidden = base(input_ids=ids).last_hidden_state
             loss = cell[0](hidden, head.weight, shifted, head.bias)
             return loss, compat.torch_loss_metric_tensors(crit).get("tokens_selected")
@@ -170,10 +186,9 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
         gen = torch.Generator(device="cpu").manual_seed(cfg["seed"])
         main = compile_(model) if compiled else model
 
-        def random_forward(ids: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def random_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
             idx = torch.randperm(B, generator=gen)[:k].sort().values.to(device, non_blocking=True)
-            sub = ids.index_select(0, idx)
-            return main(input_ids=sub, labels=sub).loss, k * (T - 1)
+            return main(input_ids=ids.index_select(0, idx), labels=labels.index_select(0, idx)).loss, k * (T - 1)
         return _Row(random_forward, notes={"api": f"model(ids[random {k} of {B}], labels=...).loss"})
     if row.startswith("batch_split_L"):
         layers = int(row[len("batch_split_L"):])
@@ -181,15 +196,15 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
         if compiled:
             main = compile_(model)
 
-            def split_forward(ids: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
-                out = cg.forward_with(main, ids, ids)
+            def split_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+                out = cg.forward_with(main, ids, labels)
                 return out.loss, int(out.kept.numel()) * (T - 1)
         else:
-            def split_forward(ids: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
-                loss = cg(ids, labels=ids)
+            def split_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+                loss = cg(ids, labels=labels)
                 return loss, int(cg.last_kept.numel()) * (T - 1)
         notes = {"api": "CGGRModel(model, router_layers=%d)" % layers
-                 + (".forward_with(torch.compile(model), ...) (router eager)" if compiled else "(ids, labels=ids)"),
+                 + (".forward_with(torch.compile(model), ids, labels) (router eager)" if compiled else "(ids, labels=labels)"),
                  "router_layers": layers, "nominal_kept": int(num_selected(B, cfg["ratio"]))}
         return _Row(split_forward, cg.step, notes=notes)
     raise ValueError(f"row: unknown row {row!r}; expected one of {sorted(LABELS)}")
@@ -199,35 +214,54 @@ class _Skip(Exception):
     """A row that cannot run here (its reason is recorded)."""
 
 
+def prepare_shape(shape: dict[str, Any], cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The model of one shape, shared by its rows, and a host copy of its initial weights (every row starts
+    from them). Sharing the model lets the compiled rows share the graphs they have in common (``torch._dynamo``
+    caches per code object and module): the kept-count graph of ``random_subset`` is the main pass of every
+    compiled ``CGGRModel`` row, the base model of ``cggr_fused`` is that of ``liger_flce``."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # a new shape, a new model: nothing of the previous shape's graphs is reused
+    dtype = torch.bfloat16 if cfg["dtype"] == "bf16" else torch.float32
+    model = build_model(shape, device, dtype, cfg["seed"])
+    init = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if device.type == "cuda":
+        init = {k: v.pin_memory() for k, v in init.items()}
+    return {"model": model, "init": init, "batches": make_batches(shape, device, cfg["seed"])}
+
+
 def run_row(row: str, compiled: bool, shape: dict[str, Any], cfg: dict[str, Any], device: torch.device,
-            batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-    """Measure one row; returns its raw result (``status`` ``ok`` / ``skipped`` / ``failed``)."""
+            prepared: dict[str, Any]) -> dict[str, Any]:
+    """Measure one row on the shape's shared model (weights reset to the initial ones, a fresh AdamW);
+    returns its raw result (``status`` ``ok`` / ``skipped`` / ``failed``)."""
     from benchmarks.harness import measure
 
     B, T = shape["batch_size"], shape["seq_len"]
+    model, batches = prepared["model"], prepared["batches"]
     res: dict[str, Any] = {"row": row, "compiled": compiled, "label": LABELS.get(row, row)}
     t_row = time.perf_counter()
-    model = opt = made = None
+    opt = made = None
     try:
-        if compiled:
-            torch._dynamo.reset()  # this row compiles what it uses; the recompile limit counts for it alone
+        with torch.no_grad():
+            state = model.state_dict()
+            for k, v in prepared["init"].items():
+                state[k].copy_(v, non_blocking=True)
+        model.zero_grad(set_to_none=True)
         counts0 = _dynamo_counts()
-        dtype = torch.bfloat16 if cfg["dtype"] == "bf16" else torch.float32
-        model = build_model(shape, device, dtype, cfg["seed"])
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
         made = _make_row(row, compiled, model, cfg, B, T, device, cfg["compile_backend"])
         res.update(made.notes)
         trained: list[Any] = []
 
         def step(i: int) -> None:
-            ids, shifted = batches[i % len(batches)]
-            loss, n = made.forward(ids, shifted)
+            loss, n = made.forward(*batches[i % len(batches)])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             made.after()
             trained.append(n)
 
+        _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -261,15 +295,16 @@ def run_row(row: str, compiled: bool, shape: dict[str, Any], cfg: dict[str, Any]
         res.update(status="ok", **{k: v for k, v in timing.as_dict().items() if k != "warmup"})
         res["warmup_steps"] = cfg["warmup"]
         res["input_tokens_per_step"] = B * T
-        if per_step:
-            res["trained_tokens_per_step"] = statistics.median(per_step)
         res["input_tokens_per_s"] = B * T / (timing.median_ms * 1e-3)
         if per_step:
+            res["trained_tokens_per_step"] = statistics.median(per_step)
             res["trained_tokens_per_s"] = res["trained_tokens_per_step"] / (timing.median_ms * 1e-3)
         if row.startswith("batch_split") or row == "random_subset":
             res["sequences_trained"] = res.get("trained_tokens_per_step", 0) / (T - 1)
         res["peak_memory_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
         if compiled:
+            # Graphs compiled by this row (0 when it reuses an earlier row's graphs of the same model), graph
+            # breaks met while compiling them, and graphs compiled during the timed steps (recompilation).
             res["graphs_compiled_warmup"] = counts1["graphs"] - counts0["graphs"]
             res["graph_breaks_warmup"] = counts1["graph_breaks"] - counts0["graph_breaks"]
             res["graphs_compiled_timed"] = counts2["graphs"] - counts1["graphs"]
@@ -278,7 +313,8 @@ def run_row(row: str, compiled: bool, shape: dict[str, Any], cfg: dict[str, Any]
     except Exception as err:  # noqa: BLE001 - one failing row (OOM, compile crash) must not lose the others
         res.update(status="failed", reason=_short(err), trace=traceback.format_exc()[-3000:])
     finally:
-        del model, opt, made
+        del opt, made
+        model.zero_grad(set_to_none=True)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -286,16 +322,25 @@ def run_row(row: str, compiled: bool, shape: dict[str, Any], cfg: dict[str, Any]
     return res
 
 
+def release_shape(prepared: dict[str, Any], device: torch.device) -> None:
+    prepared.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def make_batches(shape: dict[str, Any], device: torch.device, seed: int, n: int = 4
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n`` random ``(input_ids, shifted labels)`` batches: ``shifted[:, t] = ids[:, t + 1]``, the last position
-    ``-100`` (SPEC §1: the prediction at ``t`` is scored against token ``t + 1``)."""
+                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``n`` random ``(input_ids, labels, shifted labels)`` batches. ``labels`` is a copy of the ids (as a data
+    collator hands them; the model shifts them itself); ``shifted[:, t] = ids[:, t + 1]``, the last position
+    ``-100`` (SPEC §1: the prediction at ``t`` is scored against token ``t + 1``) for the losses given
+    aligned targets."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for _ in range(n):
         ids = torch.randint(0, shape["vocab"], (shape["batch_size"], shape["seq_len"]), generator=g)
         shifted = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE)], dim=1)
-        out.append((ids.to(device), shifted.to(device)))
+        out.append((ids.to(device), ids.clone().to(device), shifted.to(device)))
     return out
 
 
