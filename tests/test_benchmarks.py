@@ -297,6 +297,8 @@ def test_budget_skips_what_does_not_fit_and_learns_the_scale():
     b = Budget(100.0, clock=lambda: now[0])
     assert b.fits(60.0) is None and b.fits(60.0, share_left=50.0).startswith("deadline")
     b.observe(10.0, 20.0)  # rows take twice their prior here
+    assert b.scale == 1.0  # one row is not enough to rescale (it also paid for start-up)
+    b.observe(10.0, 20.0)
     assert b.scale == 2.0 and b.expected(30.0) == 60.0
     now[0] = 50.0
     assert b.fits(20.0) is None and "50 s left" in b.fits(30.0)

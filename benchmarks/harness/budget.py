@@ -36,8 +36,9 @@ class Budget:
 
     @property
     def scale(self) -> float:
-        """Median of measured / prior over the rows observed so far (1 before any), clamped to [0.25, 4]."""
-        return min(4.0, max(0.25, statistics.median(self._ratios))) if self._ratios else 1.0
+        """Median of measured / prior over the rows observed so far, clamped to [0.25, 4]; 1 before two rows
+        (the first row also pays for process start-up: CUDA context, library handles, lazy imports)."""
+        return min(4.0, max(0.25, statistics.median(self._ratios))) if len(self._ratios) >= 2 else 1.0
 
     def expected(self, prior_s: float) -> float:
         return prior_s * self.scale

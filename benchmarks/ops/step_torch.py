@@ -21,7 +21,8 @@ recorded (``compile_error``) and the row goes on with the loss eager and the mod
 the compiled model as its main pass (``forward_with``); its router stays eager. The rows of one shape share one
 model (weights reset to the same initial values before each row), so a compiled row reuses the graphs an
 earlier row compiled (the main pass of ``CGGRModel`` is the ``random_subset`` graph: both run the model on
-``k`` sequences); ``torch._dynamo`` is reset between shapes. The graphs each row compiled, the graph breaks
+``k`` sequences; Liger's base model is the fused head's); ``torch._dynamo`` is reset between shapes and
+before each compiled CGGR-loss row (``FRESH_DYNAMO``). The graphs each row compiled, the graph breaks
 and the graphs compiled during the timed steps (recompilation) are recorded.
 
 CGGR settings: the defaults of ``cggr.CGGRConfig`` except ``warmup_steps=0`` (the steady state is measured,
@@ -49,10 +50,14 @@ import torch
 #: goals (fused vs compiled standard, batch split vs random subset), then the rest.
 ROWS: list[tuple[str, bool]] = [
     ("standard", False), ("standard", True), ("cggr_fused", False), ("cggr_fused", True), ("liger_flce", False),
-    ("random_subset", False), ("batch_split_L4", False), ("random_subset", True), ("batch_split_L4", True),
-    ("batch_split_L2", False), ("batch_split_L1", False), ("batch_split_L2", True), ("batch_split_L1", True),
-    ("cggr_loss", False), ("cggr_loss", True), ("liger_flce", True),
+    ("liger_flce", True), ("random_subset", False), ("batch_split_L4", False), ("random_subset", True),
+    ("batch_split_L4", True), ("batch_split_L2", False), ("batch_split_L1", False), ("batch_split_L2", True),
+    ("batch_split_L1", True), ("cggr_loss", False), ("cggr_loss", True),
 ]
+#: Compiled rows that compile a CGGR loss start from a fresh ``torch._dynamo``: both CGGR losses run the same
+#: inner functions, whose recompile limit an earlier row could have used up (the later row would then run
+#: eager and look fast). Each of these rows compiles a model graph no earlier row has anyway.
+FRESH_DYNAMO = {"cggr_fused", "cggr_loss"}
 #: Expected seconds of each row on one H200 at the 1B shape (weights reset, compile, 3 + 8 steps) before any
 #: row ran; ``benchmarks.harness.budget.Budget`` rescales them by what the rows already run took. Guesses from
 #: the issue's step times and the models suite's compile times, rounded up; a compiled row that reuses an
@@ -71,6 +76,8 @@ LABELS = {
     "batch_split_L4": "CGGRModel, 4-layer router",
 }
 IGNORE = -100
+Tensor = torch.Tensor
+Out = tuple[torch.Tensor, Any]  # a row's forward: (loss, tokens that got a loss: an int or a 0-d tensor)
 
 
 def build_model(shape: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
@@ -105,10 +112,10 @@ def _short(err: BaseException) -> str:
 
 
 class _Row:
-    """The loss of one row: ``forward(ids, labels, shifted) -> (loss, trained tokens)``, ``after()`` after the optimizer
-    step (the curriculum's ``step()``), ``loss_eager()`` to fall back when a compiled loss fails."""
+    """The loss of one row: ``forward(ids, labels, shifted) -> (loss, trained tokens)``, ``after()`` after the
+    optimizer step (the curriculum's ``step()``), ``loss_eager()`` to fall back when a compiled loss fails."""
 
-    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Any]],
+    def __init__(self, forward: Callable[[Tensor, Tensor, Tensor], Out],
                  after: Callable[[], None] = lambda: None, loss_eager: Optional[Callable[[], None]] = None,
                  notes: Optional[dict[str, Any]] = None):
         self.forward, self.after, self.loss_eager = forward, after, loss_eager
@@ -143,7 +150,7 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
         base = compile_(model.model) if compiled else model.model
         d = head.weight.shape[1]
 
-        def liger_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def liger_forward(ids: Tensor, labels: Tensor, shifted: Tensor) -> Out:
             hidden = base(input_ids=ids).last_hidden_state
             return liger(head.weight, hidden.reshape(-1, d), shifted.reshape(-1)), full_tokens
         return _Row(liger_forward, notes={"api": "LigerFusedLinearCrossEntropyLoss(W, base(ids) hidden, shifted)"
@@ -153,7 +160,7 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
         main = compile_(model) if compiled else model
         cell = [compile_(crit) if compiled else crit]
 
-        def loss_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def loss_forward(ids: Tensor, labels: Tensor, shifted: Tensor) -> Out:
             loss = cell[0](main(input_ids=ids).logits, shifted)
             return loss, compat.torch_loss_metric_tensors(crit).get("tokens_selected")
 
@@ -164,7 +171,7 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
     if row == "cggr_fused":
         crit = FusedLinearCGGRLoss(**cggr_kw)
         if not compiled:
-            def fused_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            def fused_forward(ids: Tensor, labels: Tensor, shifted: Tensor) -> Out:
                 loss = hf_causal_lm_cggr_loss(model, ids, labels, crit)
                 return loss, compat.torch_loss_metric_tensors(crit).get("tokens_selected")
             return _Row(fused_forward, crit.step, notes={"api": "hf_causal_lm_cggr_loss(model, ids, labels, "
@@ -172,7 +179,7 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
         base = compile_(model.model)
         cell = [compile_(crit)]
 
-        def fused_compiled(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def fused_compiled(ids: Tensor, labels: Tensor, shifted: Tensor) -> Out:
             hidden = base(input_ids=ids).last_hidden_state
             loss = cell[0](hidden, head.weight, shifted, head.bias)
             return loss, compat.torch_loss_metric_tensors(crit).get("tokens_selected")
@@ -186,7 +193,7 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
         gen = torch.Generator(device="cpu").manual_seed(cfg["seed"])
         main = compile_(model) if compiled else model
 
-        def random_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def random_forward(ids: Tensor, labels: Tensor, shifted: Tensor) -> Out:
             idx = torch.randperm(B, generator=gen)[:k].sort().values.to(device, non_blocking=True)
             return main(input_ids=ids.index_select(0, idx), labels=labels.index_select(0, idx)).loss, k * (T - 1)
         return _Row(random_forward, notes={"api": f"model(ids[random {k} of {B}], labels=...).loss"})
@@ -196,15 +203,15 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
         if compiled:
             main = compile_(model)
 
-            def split_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            def split_forward(ids: Tensor, labels: Tensor, shifted: Tensor) -> Out:
                 out = cg.forward_with(main, ids, labels)
                 return out.loss, int(out.kept.numel()) * (T - 1)
         else:
-            def split_forward(ids: torch.Tensor, labels: torch.Tensor, shifted: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            def split_forward(ids: Tensor, labels: Tensor, shifted: Tensor) -> Out:
                 loss = cg(ids, labels=labels)
                 return loss, int(cg.last_kept.numel()) * (T - 1)
-        notes = {"api": "CGGRModel(model, router_layers=%d)" % layers
-                 + (".forward_with(torch.compile(model), ids, labels) (router eager)" if compiled else "(ids, labels=labels)"),
+        call = ".forward_with(torch.compile(model), ids, labels) (router eager)" if compiled else "(ids, labels=labels)"
+        notes = {"api": f"CGGRModel(model, router_layers={layers}){call}",
                  "router_layers": layers, "nominal_kept": int(num_selected(B, cfg["ratio"]))}
         return _Row(split_forward, cg.step, notes=notes)
     raise ValueError(f"row: unknown row {row!r}; expected one of {sorted(LABELS)}")
@@ -247,14 +254,18 @@ def run_row(row: str, compiled: bool, shape: dict[str, Any], cfg: dict[str, Any]
             for k, v in prepared["init"].items():
                 state[k].copy_(v, non_blocking=True)
         model.zero_grad(set_to_none=True)
+        if compiled and row in FRESH_DYNAMO:
+            torch._dynamo.reset()
         counts0 = _dynamo_counts()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
         made = _make_row(row, compiled, model, cfg, B, T, device, cfg["compile_backend"])
         res.update(made.notes)
         trained: list[Any] = []
+        last_loss: list[Any] = [None]
 
         def step(i: int) -> None:
             loss, n = made.forward(*batches[i % len(batches)])
+            last_loss[0] = loss.detach()  # read after the timed steps: a broken (compiled) path shows as NaN
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -292,7 +303,11 @@ def run_row(row: str, compiled: bool, shape: dict[str, Any], cfg: dict[str, Any]
         counts2 = _dynamo_counts()
         per_step = [float(x) if not isinstance(x, torch.Tensor) else float(x.item()) for x in trained
                     if x is not None]
+        final = float(last_loss[0])
+        if final != final or final in (float("inf"), float("-inf")):
+            raise RuntimeError(f"non-finite loss {final} at the last timed step")
         res.update(status="ok", **{k: v for k, v in timing.as_dict().items() if k != "warmup"})
+        res["final_loss"] = final
         res["warmup_steps"] = cfg["warmup"]
         res["input_tokens_per_step"] = B * T
         res["input_tokens_per_s"] = B * T / (timing.median_ms * 1e-3)
