@@ -171,7 +171,7 @@ def _make_row(row: str, graphdef: Any, model: Any, cfg: dict[str, Any], B: int, 
 
         layers = int(row[len("batch_split_L"):])
         split_cfg = bs.BatchSplitConfig(router_layers=layers, seed=cfg["seed"], **cggr_kw)
-        buckets = (k,) if not cfg["dynamic_threshold"] else tuple(sorted({k, min(B, int(np.ceil(1.5 * k))), B}))
+        buckets = (k,)  # k = the steady-state kept count (benchmarks/step.py); B is always added
         step = bs.make_batch_split_train_step(graphdef, split_cfg, tx, mode="cggr", buckets=buckets)
         state = step.init(model)
         notes.update(api=f"make_batch_split_train_step(mode='cggr', router_layers={layers}, buckets={buckets})",
