@@ -36,8 +36,10 @@ rows (out of memory, a crash) are records too, with their reason.
 **Budget.** ``--deadline-s`` bounds the script: a row starts only when its expected time (the last row of its
 kind, else a prior) fits both what is left and the shape's share of it (what is left / shapes left), so every
 shape gets its baselines; rows run most important first (baselines, then the issue's goals). What does not fit
-is recorded as skipped. The GPU runner's suite ``step`` passes a deadline that fits one device call; run one
-shape per call with a longer deadline for a complete table of that shape (``--shapes 135m --deadline-s 540``).
+is recorded as skipped. The GPU runner's suite ``step`` has one step per framework and shape, with deadlines
+such that one shape in both frameworks fits one device call (~8.5 min: ``python -m benchmarks.run step
+--deadline-min 9`` runs the 1B shape, ``--only step_torch_135m,step_jax_135m`` the next). For every row of one
+shape in one framework, call this script with a longer deadline (``--shapes 135m --deadline-s 540``).
 
 Outputs (one file per shape, so runs of different shapes in one run folder do not replace each other):
 ``<run folder>/step/step_<shape>_<framework>.jsonl`` (records, rewritten after every row: a run cut short keeps
