@@ -33,7 +33,7 @@ from benchmarks.harness.records import RESULTS_ROOT, SUITES, load_records  # noq
 SUITE_TITLES = {"verify": "verify: GPU tests and real-size checks",
                 "kernels": "kernels: scoring, selective CE, selection",
                 "heads": "heads: fused LM head + selective CE", "models": "models: batch splitting, whole step",
-                "quality": "quality"}
+                "quality": "quality", "step": "step: the whole training step, both frameworks"}
 MAX_ROWS = 40
 
 
@@ -191,6 +191,111 @@ def _headlines(latest: dict[tuple[str, str, str, str], list[dict[str, Any]]]) ->
             "|---|---|---|---:|---:|---|"] + rows + [""]
 
 
+#: The issue-16 goals read off each shape's step table: (label, row, baseline row, compiled, goal as a speed-up
+#: baseline / row, shapes it applies to or None for all)
+STEP_GOALS = [
+    ("fused CGGR step vs compiled standard", "cggr_fused", "standard", True, 1.15, ("1b",)),
+    ("CGGRModel (4-layer router) vs random subset, compiled", "batch_split_L4", "random_subset", True, 0.9, None),
+    ("CGGRModel (2-layer router) vs random subset, compiled", "batch_split_L2", "random_subset", True, 0.9, None),
+]
+
+
+def _step_note(r: dict[str, Any]) -> str:
+    """What a reader must know about a row besides its figures: skipped / failed and why, a compile failure,
+    recompilation during the timed steps."""
+    e, m = r.get("extra", {}), r["metrics"]
+    if e.get("status") not in (None, "ok"):
+        return f"{e.get('status')}: {e.get('reason', '')}"[:200]
+    parts = []
+    if e.get("compile_error"):
+        parts.append(f"loss compile failed, loss eager: {e['compile_error']}"[:160])
+    if m.get("graphs_compiled_timed"):
+        parts.append(f"{int(m['graphs_compiled_timed'])} graph(s) compiled during the timed steps")
+    if m.get("graph_breaks_warmup"):
+        parts.append(f"{int(m['graph_breaks_warmup'])} graph break(s)")
+    if m.get("sequences_trained") is not None:
+        parts.append(f"{m['sequences_trained']:g} sequences")
+    return "; ".join(parts)
+
+
+def _step_section(records: list[dict[str, Any]], root: Path, out: Path) -> list[str]:
+    """The ``step`` suite: one table per GPU and model shape with the rows of both frameworks (each framework's
+    latest run of that shape), the JAX / PyTorch ratio of each row measured in both, and the issue-16 goals."""
+    by: dict[tuple[str, str, str], dict[Path, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by[(r["gpu"], str(r.get("shape", {}).get("model")), r["framework"])][_run_folder(r, root)].append(r)
+    lines: list[str] = []
+    for gpu, shape in sorted({(g, s) for g, s, _ in by}):
+        latest: dict[str, tuple[Path, list[dict[str, Any]]]] = {}
+        for fw in ("torch", "jax"):
+            runs = by.get((gpu, shape, fw))
+            if runs:
+                folder = max(runs, key=_run_key)
+                latest[fw] = (folder, runs[folder])
+        first = next(iter(latest.values()))[1][0]
+        sh = first.get("shape", {})
+        lines += [f"### step · {shape} — {gpu}", "",
+                  f"B = {sh.get('batch_size')}, T = {sh.get('seq_len')}, V = {sh.get('vocab')}, d = {sh.get('d')}, "
+                  f"{sh.get('layers')} layers, {first.get('dtype')}. {first.get('extra', {}).get('cggr', '')}. "
+                  "`× standard` = this step's time / the standard step's of the same run (eager rows: eager "
+                  "standard; compiled rows: compiled standard; JAX: JAX standard), lower is faster; `× random "
+                  "subset` likewise for the batch-split rows.", "",
+                  "| row | framework | compiled | step ms | IQR ms | × standard | × random subset | input tok/s | "
+                  "trained tok/s | peak GiB | note |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        order = [(fw, c) for fw, c in (("torch", False), ("torch", True), ("jax", True))]
+        ms: dict[tuple[str, str, bool], float] = {}
+        for fw, compiled in order:
+            if fw not in latest:
+                continue
+            for r in latest[fw][1]:
+                e, m = r.get("extra", {}), r["metrics"]
+                if bool(e.get("compiled")) != compiled:
+                    continue
+                row = e.get("row", r["case"])
+                if e.get("status", "ok") == "ok" and m.get("median_ms") is not None:
+                    ms[(fw, row, compiled)] = m["median_ms"]
+                mem = m.get("peak_memory_gib")
+                lines.append("| " + " | ".join([
+                    row + (" *(baseline)*" if r.get("baseline") else ""), fw,
+                    ("jit" if fw == "jax" else "yes") if compiled else "no", _fmt(m.get("median_ms"), 1),
+                    _fmt(m.get("iqr_ms"), 1), _fmt(r.get("ratios", {}).get("standard"), 3),
+                    _fmt(r.get("ratios", {}).get("random_subset"), 3), _fmt(m.get("input_tokens_per_s"), 0),
+                    _fmt(m.get("trained_tokens_per_s"), 0), _fmt(mem, 1) if mem is not None else "—",
+                    _step_note(r).replace("|", "/")]) + " |")
+        cross = []
+        for (fw, row, compiled), v in ms.items():
+            if fw != "jax":
+                continue
+            parts = [f"{_fmt(v / ms[('torch', row, c)], 2)}× {'compiled' if c else 'eager'}"
+                     for c in (False, True) if ms.get(("torch", row, c))]
+            if parts:
+                cross.append(f"{row} {', '.join(parts)}")
+        if cross:
+            lines += ["", "JAX / PyTorch step time of the same row (lower: JAX faster; goal ≤ 1.2): "
+                      + "; ".join(cross) + "."]
+        goals = []
+        for label, row, base, compiled, goal, shapes in STEP_GOALS:
+            if shapes is not None and shape not in shapes:
+                continue
+            a, b = ms.get(("torch", row, compiled)), ms.get(("torch", base, compiled))
+            if a and b:
+                verdict = "met" if b / a >= goal else "not met"
+                goals.append(f"{label}: {_fmt(b / a, 2)}× (goal ≥ {goal}, {verdict})")
+        if goals:
+            lines += ["", "Issue 16 goals (speed-up = baseline step / this step, PyTorch): " + "; ".join(goals) + "."]
+        for fw, (folder, recs) in latest.items():
+            clocks = _telemetry_line(Path(recs[0]["_file"]).with_suffix("").with_suffix(".meta.json"))
+            older = len(by[(gpu, shape, fw)]) - 1
+            lines += ["", f"{fw}: commit {', '.join(f'`{c}`' for c in sorted({r['commit'] for r in recs}))}, "
+                      f"{recs[0]['date']}; run folder [`{_rel(folder, out)}`]({_rel(folder, out)})"
+                      + (f"; {older} older run(s) of this shape in the records" if older else "") + "."
+                      + (f" {clocks}" if clocks else ""),
+                      "Command: " + "; ".join(f"`{c}`" for c in sorted({r["command"] for r in recs}))]
+        lines.append("")
+    return lines
+
+
 def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
     records = [r for r in records if not r.get("extra", {}).get("quick")
                and "archive" not in Path(r["_file"]).resolve().relative_to(root.resolve()).parts[:1]]
@@ -210,16 +315,22 @@ def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
         "of an IQR and were timed by the scripts of their time (`triton.testing.do_bench` for most PyTorch rows).",
         "",
         "Reproduce on a GPU machine (repository root, `PYTHONPATH=.`): `python -m benchmarks.run <suite> --commit "
-        "<sha> --out-tar $OUT/results.tgz`, suites `verify`, `kernels`, `heads`, `models`, `quality` "
+        "<sha> --out-tar $OUT/results.tgz`, suites `verify`, `kernels`, `heads`, `models`, `quality`, `step` "
         "(`python -m benchmarks.run --list`); then `tar xzf results.tgz` at the repository root and `python -m benchmarks.report`.",
         "",
     ]
+    step_records = [r for r in records if r["suite"] == "step"]  # one table per shape: _step_section
     by: dict[tuple[str, str, str, str], dict[Path, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        by[(r["suite"], r["gpu"], r["op"], r["framework"])][_run_folder(r, root)].append(r)
+        if r["suite"] != "step":
+            by[(r["suite"], r["gpu"], r["op"], r["framework"])][_run_folder(r, root)].append(r)
     latest_of = {key: runs[max(runs, key=_run_key)] for key, runs in by.items()}
     lines += _headlines(latest_of)
     for suite in SUITES:
+        if suite == "step":
+            if step_records:
+                lines += [f"## {SUITE_TITLES['step']}", ""] + _step_section(step_records, root, out)
+            continue
         keys = sorted(k for k in by if k[0] == suite)
         if not keys:
             continue

@@ -15,6 +15,11 @@ Suites (``--list`` prints the steps):
   131072, bf16), every baseline (copy floors, Liger CE, torch.compile CE, optax) measured in the same run;
 * ``heads``   - the fused LM head + selective CE (N = 16384, d = 2048, V = 128256), both frameworks;
 * ``models``  - batch splitting, whole training step (134.5M Llama-style, B = 64, T = 1024), both frameworks;
+* ``step``    - the whole training step users run (issue 16): Hugging Face Llama (PyTorch, eager and
+  ``torch.compile``) and ``DecoderLM`` (JAX, ``jit``) at the Llama-3.2-1B, SmolLM-135M and Qwen-vocabulary
+  shapes, bf16, AdamW: standard, Liger, ``CGGRLoss``, the fused head, ``CGGRModel`` (router 1/2/4 layers), a
+  random subset (``benchmarks/step.py``). One step per framework and shape; one device call fits one shape in
+  both frameworks (``step --deadline-min 9`` runs the 1B shape, ``--only step_torch_135m,step_jax_135m`` the next);
 * ``quality`` - delegates to ``python -m benchmarks.quality.study`` with the arguments after ``--``
   (``benchmarks/quality/README.md``; the study's own results live in ``benchmarks/quality/results``).
 
@@ -97,6 +102,20 @@ def _op(op: str, fw: str, extra: Sequence[str] = (), trim_extra: Optional[Sequen
                 trim_est_s=trim_est, timeout_s=timeout, kind="op", framework=fw, note=note)
 
 
+def _step_op(fw: str, shape: str, deadline_s: int) -> Step:
+    """One shape of the whole-step benchmark (``benchmarks/step.py``) in one framework: its records go to
+    ``step/step_<shape>_<framework>.jsonl``, so the shapes can run in separate calls into one run folder.
+    ``--trim``: the eager rows only (PyTorch) / the baselines and the goal rows (JAX)."""
+    base = ["{py}", "benchmarks/step.py", "--framework", fw, "--run-folder", "{run}", "--commit", "{commit}",
+            "--shapes", shape]
+    trim = (["--eager-only", "--deadline-s", "100"] if fw == "torch" else
+            ["--rows", "standard,cggr_fused,random_subset,batch_split_L4", "--deadline-s", "150"])
+    return Step(name=f"step_{fw}_{shape}", argv=base + ["--deadline-s", str(deadline_s)], trim_argv=base + trim,
+                est_s=deadline_s + 25, trim_est_s=(125 if fw == "torch" else 175), timeout_s=deadline_s + 150,
+                kind="op", framework=fw,
+                note=f"--deadline-s {deadline_s}: rows that do not fit are recorded as skipped")
+
+
 #: Correctness steps share the GPU and run at the same time (16 CPU cores; JAX compiles dominate): nothing in
 #: them is timed, and JAX must not preallocate 75 % of the GPU in each process.
 _CHECK_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
@@ -148,6 +167,14 @@ SUITES: dict[str, tuple[str, list[Step]]] = {
         _op("batch_split", "jax", ["--batch-size", "64", "--router-layers", "2,4", "--router-path", "auto"],
             ["--batch-size", "64", "--router-layers", "4", "--router-path", "auto"], est=230, trim_est=130,
             timeout=330),
+    ]),
+    "step": ("whole training step (fwd + bwd + AdamW, bf16), PyTorch eager/compiled and JAX jit, one step per shape "
+             "and framework", [
+        # One device call fits one shape in both frameworks (~8.5 min); the other shapes: --only their steps.
+        # Each script stops starting rows at its --deadline-s (skipped rows are records with the reason).
+        _step_op("torch", "1b", 290), _step_op("jax", "1b", 190),
+        _step_op("torch", "135m", 290), _step_op("jax", "135m", 190),
+        _step_op("torch", "qwen", 290), _step_op("jax", "qwen", 190),
     ]),
     "quality": ("the quality study: python -m benchmarks.quality.study <arguments after -->", [
         Step("quality", ["{py}", "-m", "benchmarks.quality.study", "{quality_args}"], est_s=420, timeout_s=590,

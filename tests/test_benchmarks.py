@@ -37,12 +37,12 @@ def _subprocess_env() -> dict[str, str]:
 def test_runner_list_names_every_suite(capsys):
     assert run.main(["--list"]) == 0
     out = capsys.readouterr().out
-    for suite in ("verify", "kernels", "heads", "models", "quality"):
+    for suite in ("verify", "kernels", "heads", "models", "quality", "step"):
         assert f"{suite}:" in out
     assert "expected on one H200" in out
 
 
-@pytest.mark.parametrize("suite", ["verify", "kernels", "heads", "models"])
+@pytest.mark.parametrize("suite", ["verify", "kernels", "heads", "models", "step"])
 @pytest.mark.parametrize("trim", [False, True])
 def test_runner_dry_run_prints_the_commands(suite, trim, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("CGGR_GPU_COUNT", "1")  # the plan of a one-GPU machine, whatever this one has
@@ -273,6 +273,117 @@ def test_runner_concurrent_steps_timeouts_and_deadline(tmp_path, monkeypatch, ca
     assert "deadline" in by["too_long"]["skipped"]
     recs = {r["case"]: r for r in records.load_records(tmp_path / "verify")}
     assert recs["quick_ok"]["metrics"]["passed"] == 1.0 and recs["hangs"]["metrics"]["rc"] == 124
+
+
+# ------------------------------------------------------------------------------ whole-step suite (step)
+STEP_ROWS_TORCH = {"standard", "liger_flce", "cggr_loss", "cggr_fused", "batch_split_L1", "batch_split_L2",
+                   "batch_split_L4", "random_subset"}
+STEP_ROWS_JAX = STEP_ROWS_TORCH - {"liger_flce"}
+RECORD_KEYS = ("schema", "suite", "op", "framework", "case", "shape", "dtype", "metrics", "ratios", "baseline",
+               "commit", "gpu", "date", "command")
+
+
+def _step(tmp: Path, *args: str, timeout: int = 420) -> list[dict]:
+    p = subprocess.run([sys.executable, "benchmarks/step.py", "--run-folder", str(tmp), "--commit", "abc1234",
+                        *args], cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return records.load_records(tmp)
+
+
+def test_budget_skips_what_does_not_fit_and_learns_the_scale():
+    from benchmarks.harness.budget import Budget
+
+    now = [0.0]
+    b = Budget(100.0, clock=lambda: now[0])
+    assert b.fits(60.0) is None and b.fits(60.0, share_left=50.0).startswith("deadline")
+    b.observe(10.0, 20.0)  # rows take twice their prior here
+    assert b.scale == 1.0  # one row is not enough to rescale (it also paid for start-up)
+    b.observe(10.0, 20.0)
+    assert b.scale == 2.0 and b.expected(30.0) == 60.0
+    now[0] = 50.0
+    assert b.fits(20.0) is None and "50 s left" in b.fits(30.0)
+    assert Budget(None).fits(1e9) is None
+    with pytest.raises(ValueError, match="total_s"):
+        Budget(0.0)
+
+
+@pytest.mark.parametrize("fw", ["torch", "jax"])
+def test_step_deadline_records_every_row_as_skipped(fw, tmp_path):
+    """A budget nothing fits: every row of every shape is a record saying why, one file per shape; nothing is
+    built or compiled (a few seconds)."""
+    recs = _step(tmp_path, "--framework", fw, "--quick", "--deadline-s", "0.001")
+    files = {Path(r["_file"]).name for r in recs}
+    assert files == {f"step_{s}_{fw}.jsonl" for s in ("1b", "135m", "qwen")}
+    assert all(r["extra"]["status"] == "skipped" and "deadline" in r["extra"]["reason"] for r in recs)
+    assert all(r["metrics"] == {"skipped": 1.0, "wall_s": 0.0} for r in recs)
+    per_shape = len(STEP_ROWS_TORCH) * 2 if fw == "torch" else len(STEP_ROWS_JAX)
+    assert len(recs) == 3 * per_shape
+
+
+def _check_step_records(recs: list[dict], fw: str, rows: set[str]) -> None:
+    assert recs and all(r["suite"] == "step" and r["op"] == "step" and r["framework"] == fw for r in recs)
+    for r in recs:
+        for key in RECORD_KEYS:
+            assert key in r, key
+        assert r["commit"] == "abc1234" and r["extra"]["quick"] and r["dtype"] == "bf16"
+        assert r["shape"]["model"] == "1b" and r["shape"]["batch_size"] == 8 and r["shape"]["seq_len"] == 16
+        assert "warmup_steps=0" in r["extra"]["cggr"]
+    ok = [r for r in recs if r["extra"]["status"] == "ok"]
+    compiled = {True, False} if fw == "torch" else {True}
+    assert {(r["extra"]["row"], r["extra"]["compiled"]) for r in recs} == {(x, c) for x in rows for c in compiled}
+    for r in recs:
+        if r["extra"]["status"] != "ok":
+            assert r["extra"]["row"] == "liger_flce" and r["extra"]["status"] == "skipped", r["extra"]
+            assert "liger" in r["extra"]["reason"]
+    assert len(ok) >= len(recs) - 2
+    B, T = 8, 16
+    for r in ok:
+        m = r["metrics"]
+        assert m["median_ms"] > 0 and m["iqr_ms"] >= 0 and m["reps"] == 2 and m["warmup_steps"] == 1
+        assert m["input_tokens_per_s"] == pytest.approx(B * T / (m["median_ms"] * 1e-3))
+        row = r["extra"]["row"]
+        trained = m["trained_tokens_per_step"]
+        if row in ("standard", "liger_flce"):
+            assert trained == B * (T - 1)
+        elif row.startswith("batch_split") or row == "random_subset":
+            assert trained == 2 * (T - 1) and m["sequences_trained"] == 2  # num_selected(8, 0.25)
+        else:  # token-level CGGR: a quarter of the valid targets (stratified, threshold off)
+            assert trained == pytest.approx(0.25 * B * (T - 1), abs=1)
+        assert m["trained_tokens_per_s"] == pytest.approx(trained / (m["median_ms"] * 1e-3))
+        if row == "standard":
+            assert r["baseline"] and "standard" not in r["ratios"]
+        else:
+            assert r["ratios"]["standard"] > 0
+        if row.startswith("batch_split"):
+            assert r["ratios"]["random_subset"] > 0
+        if fw == "jax":
+            assert m["peak_memory_gib"] > 0 and m["compile_s"] > 0
+    if fw == "torch":
+        for r in ok:
+            if r["extra"]["compiled"]:
+                assert "graphs_compiled_timed" in r["metrics"]
+
+
+def test_step_torch_quick(tmp_path):
+    """``benchmarks/step.py --framework torch --quick``: every row eager and compiled (aot_eager) on a tiny
+    Llama, CPU; then the report's step table from those records. ~1 min."""
+    recs = _step(tmp_path, "--framework", "torch", "--quick", "--shapes", "1b")
+    _check_step_records(recs, "torch", STEP_ROWS_TORCH)
+    for r in recs:
+        r["extra"].pop("quick")
+    text = report.render(recs, tmp_path, tmp_path / "RESULTS.md")
+    assert "### step · 1b — cpu" in text and "| batch_split_L4 | torch | yes |" in text
+    assert "Issue 16 goals" in text and "fused CGGR step vs compiled standard" in text
+    meta = json.loads((tmp_path / "step" / "step_1b_torch.meta.json").read_text())
+    assert meta["rows"] == len(recs)
+
+
+def test_step_jax_quick(tmp_path):
+    """``benchmarks/step.py --framework jax --quick``: every row (jit) on a tiny DecoderLM, CPU. ~1.5 min."""
+    recs = _step(tmp_path, "--framework", "jax", "--quick", "--shapes", "1b")
+    _check_step_records(recs, "jax", STEP_ROWS_JAX)
+    raw = json.loads((tmp_path / "step" / "raw" / "step_1b_jax.json").read_text())
+    assert raw["config"]["attention"] == "xla" and len(raw["rows"]) == len(recs)
 
 
 # ------------------------------------------------------------------------------------------- DECISIONS.md

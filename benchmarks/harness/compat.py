@@ -21,7 +21,8 @@ __all__ = [
     "torch_order_key32", "torch_loss_metric_tensors", "torch_backward_flat_grid", "torch_fused_gradient_kernel",
     "torch_fused_without_gradient_kernel", "torch_fused_accumulates_in_place", "torch_fused_accumulate_matmul",
     "jax_fused_statistics_kernel", "jax_fused_forward_blocks", "torch_plan_chunks", "torch_default_memory_budget",
-    "torch_fused_linear_module", "torch_router_constants", "jax_batch_split_route", "jax_scoring_kernels",
+    "torch_fused_linear_module", "torch_router_constants", "jax_batch_split_route", "jax_batch_split_jitted",
+    "jax_scoring_kernels",
     "jax_token_statistics_reference", "jax_stream_class", "jax_cross_entropy_kernels", "jax_backward_flat_grid",
     "jax_backward_grids", "jax_scored_selective_cross_entropy", "jax_plan_chunks", "jax_default_memory_budget",
     "jax_fused_linear_module",
@@ -307,6 +308,18 @@ def jax_batch_split_route(step: Any) -> Any:
         if fn is not None:
             return fn
     raise ImportError("benchmarks.harness.compat: the batch-split step has no route function; fix the name here")
+
+
+def jax_batch_split_jitted(step: Any) -> Any:
+    """The jitted function behind a JAX batch-split train step's ``__call__`` (private ``step._jitted``:
+    ``(state, input_ids, labels, attention_mask, reference_nll) -> (state, metrics)``, without the host-side
+    label checks): the whole-step benchmark lowers and compiles it once, reads XLA's memory analysis of it and
+    times that compiled step."""
+    for name in ("jitted", "_jitted"):
+        fn = getattr(step, name, None)
+        if fn is not None and hasattr(fn, "lower"):
+            return fn
+    raise ImportError("benchmarks.harness.compat: the batch-split step has no jitted function; fix the name here")
 
 
 def jax_scoring_kernels() -> Any:
