@@ -25,13 +25,13 @@ streaming state - running maximum ``m``, runner-up, ``s = Σ e^{y−m}``, ``a = 
 recomputed (``R'`` rows × ``C'`` columns) from the saved ``lse`` and ``H``; ``∂h`` of a row block accumulates in
 float32 over the vocabulary chunks; ``∂W[v0:v1]`` is one matmul per (row block, chunk), accumulated in the
 weight's dtype across row blocks (one row block - one rounding - whenever its rows fit the budget, e.g.
-``≤ 4736`` rows at ``d = 4096`` bf16; float32 weights accumulate in float32); ``∂b`` in float32.
+``≤ 3584`` rows at ``d = 4096`` bf16; float32 weights accumulate in float32); ``∂b`` in float32.
 
 **Memory bound** (:func:`plan_token_stats`; ``e`` = element size of the inputs, ``B`` = ``memory_budget_bytes``,
 default 0.25 GiB, of which 7/8 is planned): beyond the inputs, the outputs and the gradients, the working set
 is at most ``B`` bytes - forward ``R·C·(e + 20) + 32·R``, backward ``R'·d·(4 + 2e) + C'·(R'·(2e + 24) + d·e)``
 plus ``4V`` for the float32 ``∂b`` (at ``N = 16384, V = 151936, d = 4096`` bf16: forward 16384 rows × 640
-columns, backward 4736 rows × 1024 columns, both under 0.22 GiB). The plan is a pure function of the shapes;
+columns, backward 3584 rows × 1024 columns, both under 0.22 GiB). The plan is a pure function of the shapes;
 ``tests/torch/test_token_stats.py`` measures the live bytes of every tensor the call allocates.
 
 **Non-finite rows** (SPEC §14.2): a row whose transformed logits hold a NaN or ``+∞``, are all ``−∞``, whose
