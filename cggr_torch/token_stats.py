@@ -21,8 +21,8 @@ of the fused head's kernel has no temperature or soft-cap, and ``cggr_torch/kern
 a kernel would go to ``cggr_torch/kernels/token_stats.py``; DECISIONS.md: token-stats-pure-first-version).
 Forward: blocks of ``R`` rows × ``C`` vocabulary columns ``Z = H_r W[v0:v1]ᵀ + b[v0:v1]`` (one matmul in the
 inputs' dtype), each folded into the rows' streaming state - running maximum ``m``, runner-up,
-``s = Σ e^{y−m}``, ``a = Σ e^{y−m}(y − m)``, the target's ``y`` - and dropped (``lse = m + ln s``, ``H = ln s − a/s``, ``p1 = 1/s``). Backward: the same blocks are
-recomputed (``R'`` rows × ``C'`` columns) from the saved ``lse`` and ``H``; ``∂h`` of a row block accumulates in
+``s = Σ e^{y−m}``, ``a = Σ e^{y−m}(y − m)``, the target's ``y`` - and dropped (``lse = m + ln s``,
+``H = ln s − a/s``, ``p1 = 1/s``). Backward: the same blocks are recomputed (``R'`` rows × ``C'`` columns) from the saved ``lse`` and ``H``; ``∂h`` of a row block accumulates in
 float32 over the vocabulary chunks; ``∂W[v0:v1]`` is one matmul per (row block, chunk), accumulated in the
 weight's dtype across row blocks (one row block - one rounding - whenever its rows fit the budget, e.g.
 ``≤ 3584`` rows at ``d = 4096`` bf16; float32 weights accumulate in float32); ``∂b`` in float32.
