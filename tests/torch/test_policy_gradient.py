@@ -271,3 +271,24 @@ def test_bad_tensors():
         policy_gradient_loss(x["h"], x["w"], x["t"], x["adv"], None, x["lp0"])         # beta = 0
     with pytest.raises(ValueError, match="targets"):
         policy_gradient_loss(x["h"], x["w"], x["t"] + 1000, x["adv"])
+
+
+def test_oracle_policy_gradient_terms_by_finite_differences():
+    rng = np.random.default_rng(30)
+    lp = rng.uniform(-6, -1, 40)
+    old = lp + rng.normal(0, 0.4, 40)
+    adv = rng.normal(0, 1, 40)
+    ref = lp + rng.normal(0, 0.3, 40)
+    terms = oracle.policy_gradient_terms(lp, old, adv, ref, 0.1, 0.2, 0.28)
+    eps = 1e-7
+    fd = (oracle.policy_gradient_terms(lp + eps, old, adv, ref, 0.1, 0.2, 0.28)["loss"]
+          - oracle.policy_gradient_terms(lp - eps, old, adv, ref, 0.1, 0.2, 0.28)["loss"]) / (2 * eps)
+    np.testing.assert_allclose(terms["grad"], fd, atol=1e-6)
+    assert terms["clipped"].any() and (~terms["clipped"]).any()
+    kept = rng.random(40) > 0.5
+    elig = kept | (rng.random(40) > 0.3)
+    agg = oracle.policy_gradient_loss(terms["loss"].reshape(4, 10), terms["grad"].reshape(4, 10),
+                                      kept.reshape(4, 10), elig.reshape(4, 10), loss_type="grpo")
+    per_seq = [(terms["loss"].reshape(4, 10)[b] * kept.reshape(4, 10)[b]).sum() / max(1, elig.reshape(4, 10)[b].sum())
+               for b in range(4)]
+    assert agg["loss"] == pytest.approx(np.mean(per_seq))

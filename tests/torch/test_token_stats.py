@@ -341,3 +341,28 @@ def test_bad_tensors():
         token_stats_on_rows(h, w, t, b, stats, torch.zeros(2, dtype=torch.long), torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="statistics"):
         token_stats_on_rows(h, w, t, b, (1, 2), torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------- the oracle itself
+@pytest.mark.parametrize("temperature, softcap", [(1.0, None), (0.7, 2.0)])
+def test_oracle_gradient_is_the_finite_difference_of_the_oracle(temperature, softcap):
+    rng = np.random.default_rng(20)
+    z = rng.standard_normal((4, 9)) * 2
+    z[1, 3] = -np.inf
+    t = np.array([2, -100, 5, 3])
+    g_lp, g_h = rng.standard_normal(4), rng.standard_normal(4)
+
+    def f(zz):
+        r = oracle.token_stats(zz, t, temperature, softcap)
+        return float((g_lp * r["logprob"] + g_h * r["entropy"]).sum())
+
+    G = oracle.token_stats_grad(z, t, g_lp, g_h, temperature, softcap)
+    eps = 1e-6
+    for i in range(4):
+        for j in range(9):
+            if not np.isfinite(z[i, j]):
+                assert G[i, j] == 0
+                continue
+            e = np.zeros_like(z)
+            e[i, j] = eps
+            assert abs((f(z + e) - f(z - e)) / (2 * eps) - G[i, j]) <= 1e-6
