@@ -150,3 +150,24 @@ def test_bad_arguments(kwargs, match):
                     ((h, w, t[:3], b), "targets"), ((h, w.astype(jnp.bfloat16), t, b), "weight")):
         with pytest.raises(ValueError, match=m):
             fused_linear_token_stats(*args)
+
+
+def test_compiled_working_memory_stays_within_the_budget():
+    """XLA's temporary buffers of forward + backward (``memory_analysis().temp_size_in_bytes``: the working memory
+    beyond inputs and outputs) at N = 300, V = 2000 with a 256 KiB budget; the full logits would be 2.4 MB."""
+    N, d, V = 300, 16, 2000
+    h = jax.random.normal(jax.random.PRNGKey(0), (N, d))
+    w = jax.random.normal(jax.random.PRNGKey(1), (V, d)) * 0.25
+    b = jnp.zeros((V,))
+    t = jax.random.randint(jax.random.PRNGKey(2), (N,), 0, V)
+    temps = {}
+    for budget in (256 * 1024, 2**30):
+        def f(h, w, b, budget=budget):
+            o = fused_linear_token_stats(h, w, t, b, softcap=3.0, memory_budget_bytes=budget)
+            return jnp.sum(o.logprob) + jnp.sum(o.entropy)
+        mem = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(h, w, b).compile().memory_analysis()
+        if mem is None:
+            pytest.skip("this backend reports no memory analysis")
+        temps[budget] = mem.temp_size_in_bytes
+    assert temps[256 * 1024] <= 256 * 1024, temps
+    assert temps[2**30] > 4 * 256 * 1024, temps          # the check can fail: whole-vocabulary blocks do not fit
