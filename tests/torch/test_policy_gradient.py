@@ -292,3 +292,17 @@ def test_oracle_policy_gradient_terms_by_finite_differences():
     per_seq = [(terms["loss"].reshape(4, 10)[b] * kept.reshape(4, 10)[b]).sum() / max(1, elig.reshape(4, 10)[b].sum())
                for b in range(4)]
     assert agg["loss"] == pytest.approx(np.mean(per_seq))
+
+
+def test_benchmark_script_runs_quick(tmp_path):
+    """``benchmarks/token_stats.py --framework torch --quick`` (the H200 script, tiny shapes on the CPU)."""
+    import json
+
+    from benchmarks.token_stats import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--framework", "torch", "--quick", "--out", str(out), "--methods", "trl_materialised",
+                 "cggr_policy_gradient", "--ratios", "0.2"]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"trl_materialised[0.2]", "cggr_policy_gradient[0.2]"}
+    assert all("median_ms" in r for r in res.values())
