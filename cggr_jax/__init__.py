@@ -30,7 +30,9 @@ from cggr_jax.integrations import CurriculumState, advance_curriculum, current_s
 from cggr_jax.loss import METRIC_KEYS, CGGRLoss, cggr_loss, metrics_to_dict
 from cggr_jax.router import TruncatedRouter, create_truncated_router
 from cggr_jax.scoring import difficulty_from_statistics, score_tokens, token_statistics
+from cggr_jax.policy_gradient import policy_gradient_loss
 from cggr_jax.selection import rank_tokens, select_tokens
+from cggr_jax.token_stats import fused_linear_token_stats
 from cggr_jax.types import SequenceSelection, TokenScores, TokenStatistics
 from cggr_jax.utils import shift_for_causal_lm
 
@@ -69,4 +71,6 @@ __all__ = [
     "shift_for_causal_lm",
     "TruncatedRouter",
     "create_truncated_router",
+    "fused_linear_token_stats",
+    "policy_gradient_loss",
 ]

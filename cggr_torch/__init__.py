@@ -15,7 +15,9 @@ from .curriculum import dynamic_ratio, linear_warmup_ratio, num_selected
 from .loss import METRIC_KEYS, CGGRLoss, cggr_loss
 from .router import CGGRScorer, PassthroughRouter, TruncatedRouter, create_truncated_router
 from .scoring import SCORING_MODES, difficulty_from_statistics, score_tokens, token_statistics
+from .policy_gradient import policy_gradient_loss
 from .selection import SELECTION_STRATEGIES, rank_tokens, select_tokens
+from .token_stats import fused_linear_token_stats
 from .types import SequenceSelection, TokenScores, TokenStatistics
 from .utils import shift_for_causal_lm
 
@@ -44,6 +46,8 @@ __all__ = [
     "PassthroughRouter",
     "TruncatedRouter",
     "create_truncated_router",
+    "fused_linear_token_stats",
+    "policy_gradient_loss",
     "CGGRTrainer",
     "CGGRStepCallback",
     "use_cggr",

@@ -493,3 +493,115 @@ def sampled_sequence_loss(logits: np.ndarray, labels: np.ndarray, weights: np.nd
     w = np.asarray(weights, dtype=np.float64)
     return {"loss": float((w * row_ce).sum() / max(1, n_tok)), "n_tok": n_tok,
             "full_mean": float(row_ce[ok].sum() / max(1, n_tok)), "row_ce": row_ce}
+
+
+# ------------------------------------------------------------------------------ §14 token stats and RL loss
+def transform_logits(logits: np.ndarray, temperature: float = 1.0, softcap: float | None = None) -> np.ndarray:
+    """SPEC §14.1 in float64: ``softcap·tanh(z/softcap)`` (when given), then divided by ``temperature``."""
+    y = np.asarray(logits, dtype=np.float64)
+    if softcap is not None:
+        with np.errstate(invalid="ignore"):
+            y = softcap * np.tanh(y / softcap)
+    return y / temperature
+
+
+def token_stats(logits: np.ndarray, targets: np.ndarray, temperature: float = 1.0, softcap: float | None = None,
+                ignore_index: int = -100) -> dict[str, np.ndarray]:
+    """SPEC §14.1-§14.2 of materialised logits: float64 ``logprob`` (0 for ignored targets), ``entropy``,
+    ``lse`` (NaN on non-finite rows, except an ignored target's logprob 0), ``finite`` and the §2 statistics of
+    the transformed logits under ``stats`` (NaN in every field of a non-finite row)."""
+    y = transform_logits(logits, temperature, softcap)
+    st = token_statistics(y, targets, ignore_index)
+    ok = st["row_finite"]
+    t = np.asarray(targets)
+    has_t = t != ignore_index
+    stats = {k: np.where(ok, st[k], np.nan) for k in ("lse", "entropy", "confidence", "runner_up", "nll")}
+    logprob = np.where(has_t, -stats["nll"], 0.0)
+    return {"logprob": logprob, "entropy": stats["entropy"], "lse": stats["lse"], "finite": ok, "stats": stats}
+
+
+def token_stats_grad(logits: np.ndarray, targets: np.ndarray, g_logprob: np.ndarray, g_entropy: np.ndarray,
+                     temperature: float = 1.0, softcap: float | None = None,
+                     ignore_index: int = -100) -> np.ndarray:
+    """``∂(Σ g_lp·logprob + g_H·H)/∂logits`` in float64 (SPEC §14.1); zero on non-finite rows and, for the
+    log-prob part, on ignored targets."""
+    z = np.asarray(logits, dtype=np.float64)
+    res = token_stats(z, targets, temperature, softcap, ignore_index)
+    y = transform_logits(z, temperature, softcap)
+    V = z.shape[-1]
+    zf, yf = z.reshape(-1, V), y.reshape(-1, V)
+    t = np.asarray(targets).reshape(-1)
+    ok = res["finite"].reshape(-1)
+    lse, H = res["lse"].reshape(-1), res["entropy"].reshape(-1)
+    gl, gh = np.asarray(g_logprob, np.float64).reshape(-1), np.asarray(g_entropy, np.float64).reshape(-1)
+    out = np.zeros_like(zf)
+    for i in range(zf.shape[0]):
+        if not ok[i]:
+            continue
+        fin = ~np.isneginf(yf[i])
+        logp = np.full(V, -np.inf)
+        logp[fin] = yf[i, fin] - lse[i]
+        p = np.exp(logp)
+        gy = np.zeros(V)
+        gy[fin] = -gh[i] * p[fin] * (logp[fin] + H[i])
+        if t[i] != ignore_index:
+            gy -= gl[i] * p
+            gy[int(t[i])] += gl[i]
+        dy = np.full(V, 1.0 / temperature)
+        if softcap is not None:
+            dy = (1.0 - np.tanh(zf[i] / softcap) ** 2) / temperature
+            dy = np.where(np.isfinite(dy), dy, 0.0)
+        out[i] = gy * dy
+    return out.reshape(z.shape)
+
+
+LOSS_TYPES = ("grpo", "sequence-mean", "dapo", "token-mean", "bnpo")
+
+
+def policy_gradient_terms(logprob: np.ndarray, old_logprob: np.ndarray, advantages: np.ndarray,
+                          ref_logprob: np.ndarray | None = None, beta: float = 0.0, epsilon_low: float = 0.2,
+                          epsilon_high: float = 0.2) -> dict[str, np.ndarray]:
+    """SPEC §14.3 per-token loss ``ℓ`` (float64) and its derivative ``∂ℓ/∂logprob``; ``advantages`` already
+    broadcast to the token shape."""
+    lp = np.asarray(logprob, np.float64)
+    old = np.asarray(old_logprob, np.float64)
+    A = np.asarray(advantages, np.float64)
+    ratio = np.exp(lp - old)
+    clipped = np.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    unclipped_wins = ratio * A <= clipped * A          # min(r·A, r̃·A) = r·A (ties: the unclipped one)
+    loss = -np.minimum(ratio * A, clipped * A)
+    # ∂(−r·A)/∂lp = −r·A where the unclipped term is the minimum; the clipped term is constant in lp
+    # wherever the clamp is active (and equals r·A otherwise, which the tie rule assigns to the unclipped).
+    grad = np.where(unclipped_wins, -ratio * A, 0.0)
+    if ref_logprob is not None and beta != 0.0:
+        ref = np.asarray(ref_logprob, np.float64)
+        kl = np.exp(ref - lp) - (ref - lp) - 1.0
+        loss = loss + beta * kl
+        grad = grad + beta * (1.0 - np.exp(ref - lp))
+    return {"loss": loss, "grad": grad, "ratio": ratio, "clipped": ~unclipped_wins}
+
+
+def policy_gradient_loss(token_loss: np.ndarray, token_grad: np.ndarray, kept: np.ndarray, eligible: np.ndarray,
+                         weights: np.ndarray | None = None, loss_type: str = "dapo") -> dict[str, Any]:
+    """SPEC §14.3 aggregation of the per-token losses over the kept tokens: ``(B, T)`` arrays (a 1-D input is
+    one sequence). Returns the float64 loss and ``∂loss/∂logprob`` (zero off the kept tokens)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    ell = np.asarray(token_loss, np.float64)
+    g = np.asarray(token_grad, np.float64)
+    kept = np.asarray(kept, bool)
+    elig = np.asarray(eligible, bool)
+    if ell.ndim == 1:
+        ell, g, kept, elig = ell[None], g[None], kept[None], elig[None]
+        w = None if weights is None else np.asarray(weights, np.float64)[None]
+    else:
+        w = None if weights is None else np.asarray(weights, np.float64)
+    w = kept.astype(np.float64) if w is None else np.where(kept, w, 0.0)
+    contrib = np.where(kept, w * np.where(kept, ell, 0.0), 0.0)
+    if loss_type in ("grpo", "sequence-mean"):
+        denom = np.maximum(1, elig.sum(axis=1, keepdims=True)).astype(np.float64) * ell.shape[0]
+    else:
+        denom = np.full((ell.shape[0], 1), float(max(1, int(elig.sum()))))
+    loss = float((contrib / denom).sum())
+    grad = np.where(kept, w * np.where(kept, g, 0.0) / denom, 0.0)
+    return {"loss": loss, "grad": grad.reshape(np.asarray(token_loss).shape)}

@@ -1,0 +1,302 @@
+r"""The GRPO/PPO clipped policy-gradient loss on the tokens CGGR selects, from the LM head's inputs (SPEC §14.3).
+
+For each token ``i`` with a target (a completion token; ``ignore_index`` marks prompt and padding)::
+
+    lp_i  = log p(t_i)  of the transformed logits (SPEC §14.1, :mod:`cggr_torch.token_stats`, no logits)
+    r_i   = exp(lp_i − old_i)                  (old_i = lp_i without gradient when old_logprob is None)
+    ℓ_i   = −min(r_i·A_i, clip(r_i, 1 − ε_low, 1 + ε_high)·A_i) + β·(exp(ref_i − lp_i) − (ref_i − lp_i) − 1)
+
+and the loss is ``Σ_{i kept} w_i·ℓ_i / D_i``: the kept tokens are CGGR's selection (SPEC §3-§7) on the same
+statistics (default: the 20 % highest-entropy tokens, "Beyond the 80/20 Rule"), ``w_i`` their weights
+(``1/π_i`` for ``selection='sampled'``, else 1) and ``D_i`` the aggregation's normaliser over the *eligible*
+tokens - as TRL's ``top_entropy_quantile`` masks the loss, not the normaliser: ``"token-mean"`` / ``"dapo"`` /
+``"bnpo"`` ``D = max(1, n)``; ``"sequence-mean"`` / ``"grpo"`` ``D_i = B · max(1, n_b)`` for ``i`` in
+sequence ``b``.
+
+The forward computes every row's statistics once (:func:`cggr_torch.token_stats.fused_linear_statistics`); the
+backward recomputes and touches the LM head for the kept rows only
+(:func:`cggr_torch.token_stats.token_stats_on_rows`), gathered into a buffer whose size is a host bound of the
+selection (``num_selected(N, ratio_max)``; ``N`` for ``sampled``), so nothing synchronises with the device.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from cggr import CGGRConfig
+from cggr.config import reject_reference_scoring
+
+from .curriculum import Curriculum, Schedule, base_ratio, dynamic_ratio, host_step, linear_warmup_ratio, num_selected
+from .fused_linear import DEFAULT_MEMORY_BUDGET
+from .loss import check_schedule
+from .pipeline import host_metrics, measure_scores
+from .scoring import scores_from_statistics
+from .token_stats import check_transform, fused_linear_statistics, token_stats_on_rows
+from .types import TokenScores
+from .utils import resolve_config
+
+__all__ = ["LOSS_TYPES", "PG_CONFIG", "PG_METRIC_KEYS", "PolicyGradientLoss", "PolicyGradientOutput",
+           "policy_gradient_capacity", "policy_gradient_loss"]
+
+#: SPEC §14.3: the aggregations, TRL's names (``grpo`` = sequence-mean, ``dapo``/``bnpo`` = token-mean).
+LOSS_TYPES = ("grpo", "sequence-mean", "dapo", "token-mean", "bnpo")
+_SEQUENCE_MEAN = ("grpo", "sequence-mean")
+#: The CGGR defaults of the policy-gradient loss: the entropy top-20 % of "Beyond the 80/20 Rule", fixed from
+#: the first step (no warmup, no dynamic threshold).
+PG_CONFIG = CGGRConfig(scoring="entropy", selection="topk", dynamic_threshold=False, min_tokens_ratio=0.2,
+                       warmup_steps=0)
+#: Metrics beyond SPEC §10: the fraction of kept tokens whose clip is active, the mean k3 KL over kept tokens.
+PG_METRIC_KEYS = ("clip_fraction", "kl")
+
+
+class PolicyGradientOutput(NamedTuple):
+    """``loss`` (float32 scalar with gradient), ``metrics`` (SPEC §10 plus :data:`PG_METRIC_KEYS`, 0-d
+    tensors), the kept-token ``mask`` and the per-token ``logprob``/``entropy`` of every token (no gradient;
+    what a trainer logs or stores as the next ``old_logprob``)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    mask: torch.Tensor
+    logprob: torch.Tensor
+    entropy: torch.Tensor
+
+
+def _check_real(value: Any, name: str, low: float = 0.0, allow_none: bool = False) -> Optional[float]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) \
+            or float(value) < low:
+        raise ValueError(f"{name}: expected {'None or ' if allow_none else ''}a finite number >= {low}, got "
+                         f"{value!r}")
+    return float(value)
+
+
+def _check_per_token(x: Any, name: str, shape: tuple[int, ...], device: torch.device,
+                     allow_sequence: bool = False) -> Optional[torch.Tensor]:
+    """A floating tensor of the token ``shape`` (or, ``allow_sequence``, one value per sequence), as float32."""
+    if x is None:
+        return None
+    seq = (shape[0],) if len(shape) == 2 else (1,)
+    ok_shapes = [shape] + ([seq] if allow_sequence else [])
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or tuple(x.shape) not in ok_shapes:
+        want = " or ".join(str(s) for s in ok_shapes)
+        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a floating tensor of shape {want}, got {got}")
+    if x.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of hidden), got {x.device}")
+    x = x.detach().to(torch.float32)
+    if tuple(x.shape) != shape:     # one value per sequence: broadcast along the tokens
+        x = x.reshape(seq + (1,) * (len(shape) - 1)).expand(shape) if len(shape) == 2 else x.expand(shape)
+    return x
+
+
+def policy_gradient_capacity(num_tokens: int, num_sequences: int, base: Any, config: CGGRConfig) -> int:
+    """The most tokens the configuration can keep from ``num_tokens`` at curriculum ratio ``base`` (the size of
+    the backward's row buffer): ``num_selected(N, r_max)``, ``r_max`` the ratio at zero confidence when the
+    dynamic threshold applies (SPEC §5.2 is monotone in ``c̄``); ``sequence_aware`` adds
+    ``min_tokens_per_sequence`` per sequence; ``sampled`` can draw every token (``N``)."""
+    if num_tokens == 0:
+        return 0
+    if config.selection == "sampled":
+        return int(num_tokens)
+    r = float(np.float32(base))
+    if config.uses_dynamic_threshold:
+        r = float(dynamic_ratio(r, 0.0, config.threshold_sensitivity))
+    k = num_selected(int(num_tokens), r)
+    if config.selection == "sequence_aware":
+        k += int(num_sequences) * int(config.min_tokens_per_sequence)
+    return int(min(num_tokens, k))
+
+
+def _run(hidden, weight, targets, advantages, old_logprob, ref_logprob, bias, step: int, base: Any,
+         config: CGGRConfig, pg: dict[str, Any]) -> PolicyGradientOutput:
+    stats = fused_linear_statistics(hidden, weight, targets, bias, temperature=pg["temperature"],
+                                    softcap=pg["softcap"], ignore_index=config.ignore_index, **pg["chunks"])
+    shape = tuple(hidden.shape[:-1])
+    dev = hidden.device
+    adv = _check_per_token(advantages, "advantages", shape, dev, allow_sequence=True)
+    if adv is None:
+        raise ValueError("advantages: expected a floating tensor (one value per sequence or per token), got None")
+    old = _check_per_token(old_logprob, "old_logprob", shape, dev)
+    ref = _check_per_token(ref_logprob, "ref_logprob", shape, dev)
+    beta = pg["beta"]
+    if (ref is None) != (beta == 0.0):
+        raise ValueError(f"ref_logprob: the KL term needs both beta > 0 and ref_logprob (got beta={beta} and "
+                         f"ref_logprob {'None' if ref is None else 'given'}); a reference with beta = 0 would be "
+                         f"silently unused")
+    scores = scores_from_statistics(stats, targets, config.scoring, config.ignore_index)
+    # A token whose advantage, old or reference log-prob is not finite is not eligible (counted in
+    # tokens_nonfinite, SPEC §10), so it can never make the loss NaN.
+    extra = torch.isfinite(adv)
+    for x in (old, ref):
+        if x is not None:
+            extra = extra & torch.isfinite(x)
+    scores = TokenScores(scores.difficulty, scores.eligible & extra, scores.valid, scores.stats)
+    measured = measure_scores(scores, step, base, config)
+    mask = measured.mask
+    N = int(math.prod(shape))
+    B = shape[0] if len(shape) == 2 else 1
+    cap = policy_gradient_capacity(N, B, base, config)
+    flat_mask = mask.reshape(-1)
+    rows = torch.argsort((~flat_mask).to(torch.int8), stable=True)[:cap]
+    live = flat_mask[rows]
+    out = token_stats_on_rows(hidden, weight, targets, bias, stats, rows, live, need=("logprob",),
+                              temperature=pg["temperature"], softcap=pg["softcap"],
+                              ignore_index=config.ignore_index, **pg["chunks"])
+    lp = out.logprob
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    old_r = lp.detach() if old is None else torch.where(live, old.reshape(-1)[rows], zero)
+    adv_r = torch.where(live, adv.reshape(-1)[rows], zero)
+    ratio = torch.exp(lp - old_r)
+    clipped = torch.clamp(ratio, 1.0 - pg["epsilon_low"], 1.0 + pg["epsilon_high"])
+    unclipped = ratio * adv_r <= clipped * adv_r
+    # min(r·A, r̃·A) with the tie given to r·A; where the clip is active r̃ is constant in lp.
+    ell = -torch.where(unclipped, ratio * adv_r, clipped.detach() * adv_r)
+    kl = torch.zeros_like(ell)
+    if ref is not None:
+        d = torch.where(live, ref.reshape(-1)[rows], zero) - lp
+        kl = torch.exp(d) - d - 1.0
+        ell = ell + beta * kl
+    weights = measured.weights.reshape(-1)[rows]
+    elig = scores.eligible.reshape(B, -1)
+    if pg["loss_type"] in _SEQUENCE_MEAN:
+        per_seq = torch.clamp(elig.sum(dim=1), min=1).to(torch.float32) * float(B)
+        denom = per_seq[rows // elig.shape[1]]
+    else:
+        denom = torch.clamp(elig.sum(), min=1).to(torch.float32).expand(rows.shape)
+    loss = torch.where(live, weights * ell / denom, zero).sum(dtype=torch.float32)
+    kept = torch.clamp(live.sum(), min=1).to(torch.float32)
+    metrics = dict(measured.metrics)
+    metrics["clip_fraction"] = ((live & ~unclipped).sum().to(torch.float32) / kept).detach()
+    metrics["kl"] = (torch.where(live, kl, zero).sum() / kept).detach()
+    has_t = targets != config.ignore_index
+    logprob_all = torch.where(has_t, -stats.nll, torch.zeros_like(stats.nll))
+    return PolicyGradientOutput(loss, metrics, mask, logprob_all, stats.entropy)
+
+
+def _pg_settings(beta, epsilon_low, epsilon_high, loss_type, temperature, softcap, row_chunk_size,
+                 vocab_chunk_size, memory_budget_bytes) -> dict[str, Any]:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
+    eps_low = _check_real(epsilon_low, "epsilon_low")
+    eps_high = _check_real(epsilon_high, "epsilon_high", allow_none=True)
+    temperature, softcap = check_transform(temperature, softcap)
+    return dict(beta=_check_real(beta, "beta"), epsilon_low=eps_low,
+                epsilon_high=eps_low if eps_high is None else eps_high, loss_type=loss_type,
+                temperature=temperature, softcap=softcap,
+                chunks=dict(row_chunk_size=row_chunk_size, vocab_chunk_size=vocab_chunk_size,
+                            memory_budget_bytes=memory_budget_bytes))
+
+
+def _config(config, settings) -> CGGRConfig:
+    cfg = resolve_config(config, settings, defaults=PG_CONFIG)
+    reject_reference_scoring(cfg, "the policy-gradient loss")
+    return cfg
+
+
+def policy_gradient_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         advantages: torch.Tensor, old_logprob: Optional[torch.Tensor] = None,
+                         ref_logprob: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
+                         step: int = 0, beta: float = 0.0, epsilon_low: float = 0.2,
+                         epsilon_high: Optional[float] = None, loss_type: str = "dapo", temperature: float = 1.0,
+                         softcap: Optional[float] = None, scoring: str = PG_CONFIG.scoring,
+                         selection: str = PG_CONFIG.selection,
+                         dynamic_threshold: bool = PG_CONFIG.dynamic_threshold,
+                         threshold_sensitivity: float = PG_CONFIG.threshold_sensitivity,
+                         min_tokens_ratio: float = PG_CONFIG.min_tokens_ratio,
+                         warmup_steps: int = PG_CONFIG.warmup_steps, num_strata: int = PG_CONFIG.num_strata,
+                         min_tokens_per_sequence: int = PG_CONFIG.min_tokens_per_sequence,
+                         ignore_index: int = PG_CONFIG.ignore_index, sample_power: float = PG_CONFIG.sample_power,
+                         sample_uniform_mix: float = PG_CONFIG.sample_uniform_mix,
+                         sample_floor: float = PG_CONFIG.sample_floor, sample_seed: int = PG_CONFIG.sample_seed,
+                         ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None,
+                         row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
+                         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> PolicyGradientOutput:
+    """The clipped policy-gradient loss on CGGR's kept tokens, without the ``(N, V)`` logits (SPEC §14.3).
+
+    Args:
+        hidden: ``(B, T, d)`` (``B`` sequences) or ``(N, d)`` (one sequence), aligned with ``targets``.
+        weight, bias: the LM head (``(V, d)``, ``(V,)``), dtype and device of ``hidden``.
+        targets: the sampled tokens, integer, token shape; ``ignore_index`` on prompt and padding positions.
+        advantages: floating, one per sequence (``(B,)``; ``(1,)`` for 2-D input) or per token.
+        old_logprob: floating, token shape: the sampling policy's log-probs (None: on-policy, ratio 1).
+        ref_logprob: floating, token shape: the reference model's log-probs; needed iff ``beta > 0``.
+        step: the curriculum step (host int; the module form holds it).
+        beta: the k3 KL coefficient (``≥ 0``). epsilon_low, epsilon_high: the clip range ``[1 − ε_low,
+            1 + ε_high]`` (``epsilon_high=None``: ``ε_low``).
+        loss_type: one of :data:`LOSS_TYPES`.
+        temperature, softcap: SPEC §14.1 (the sampler's temperature, the model's logit soft-cap).
+        scoring ... sample_seed, ratio_schedule, config: the CGGR selection (SPEC §3-§7), defaults
+            :data:`PG_CONFIG` (entropy top-20 %, from step 0); ``scoring='excess'`` is not supported.
+        row_chunk_size, vocab_chunk_size, memory_budget_bytes: as :func:`cggr_torch.token_stats.fused_linear_token_stats`.
+
+    Returns:
+        :class:`PolicyGradientOutput`.
+    """
+    cfg = _config(config, dict(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+                               threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+                               warmup_steps=warmup_steps, num_strata=num_strata,
+                               min_tokens_per_sequence=min_tokens_per_sequence, ignore_index=ignore_index,
+                               sample_power=sample_power, sample_uniform_mix=sample_uniform_mix,
+                               sample_floor=sample_floor, sample_seed=sample_seed))
+    pg = _pg_settings(beta, epsilon_low, epsilon_high, loss_type, temperature, softcap, row_chunk_size,
+                      vocab_chunk_size, memory_budget_bytes)
+    schedule = check_schedule(ratio_schedule, cfg)
+    step = host_step(step)
+    return _run(hidden, weight, targets, advantages, old_logprob, ref_logprob, bias, step,
+                base_ratio(schedule, step), cfg, pg)
+
+
+class PolicyGradientLoss(Curriculum, nn.Module):
+    """:func:`policy_gradient_loss` as a module that holds the curriculum step (SPEC §5.4) and the metrics.
+
+    ``forward(hidden, weight, targets, advantages, old_logprob=None, ref_logprob=None, bias=None)`` returns
+    the loss; :meth:`get_metrics` the last call's metrics as Python scalars; call :meth:`step` after each
+    optimizer step. Arguments as :func:`policy_gradient_loss`.
+    """
+
+    def __init__(self, *, beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: Optional[float] = None,
+                 loss_type: str = "dapo", temperature: float = 1.0, softcap: Optional[float] = None,
+                 scoring: str = PG_CONFIG.scoring, selection: str = PG_CONFIG.selection,
+                 dynamic_threshold: bool = PG_CONFIG.dynamic_threshold,
+                 threshold_sensitivity: float = PG_CONFIG.threshold_sensitivity,
+                 min_tokens_ratio: float = PG_CONFIG.min_tokens_ratio, warmup_steps: int = PG_CONFIG.warmup_steps,
+                 num_strata: int = PG_CONFIG.num_strata,
+                 min_tokens_per_sequence: int = PG_CONFIG.min_tokens_per_sequence,
+                 ignore_index: int = PG_CONFIG.ignore_index, sample_power: float = PG_CONFIG.sample_power,
+                 sample_uniform_mix: float = PG_CONFIG.sample_uniform_mix,
+                 sample_floor: float = PG_CONFIG.sample_floor, sample_seed: int = PG_CONFIG.sample_seed,
+                 ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None,
+                 row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> None:
+        super().__init__()
+        self.config = _config(config, dict(
+            scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
+            threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
+            warmup_steps=warmup_steps, num_strata=num_strata, min_tokens_per_sequence=min_tokens_per_sequence,
+            ignore_index=ignore_index, sample_power=sample_power, sample_uniform_mix=sample_uniform_mix,
+            sample_floor=sample_floor, sample_seed=sample_seed))
+        self.pg = _pg_settings(beta, epsilon_low, epsilon_high, loss_type, temperature, softcap, row_chunk_size,
+                               vocab_chunk_size, memory_budget_bytes)
+        self._init_curriculum(self.config.min_tokens_ratio, self.config.warmup_steps,
+                              check_schedule(ratio_schedule, self.config))
+        self._metrics: Optional[dict[str, torch.Tensor]] = None
+        self.last_output: Optional[PolicyGradientOutput] = None
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                advantages: torch.Tensor, old_logprob: Optional[torch.Tensor] = None,
+                ref_logprob: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = _run(hidden, weight, targets, advantages, old_logprob, ref_logprob, bias, self._step,
+                   self.base_ratio(), self.config, self.pg)
+        self._metrics = out.metrics
+        self.last_output = out
+        return out.loss
+
+    def get_metrics(self) -> dict[str, Any]:
+        """SPEC §10 metrics and :data:`PG_METRIC_KEYS` of the last ``forward`` as Python scalars (synchronises)."""
+        return host_metrics(self._metrics, self._step, self.base_ratio(), self.config, extra_keys=PG_METRIC_KEYS)
