@@ -1,0 +1,496 @@
+"""The ``sampled`` selection (SPEC §7.4) on the device: three Triton launches around one ``torch.sort``.
+
+:func:`cggr_torch.selection.sample_tokens` and :func:`cggr_torch.selection.sampling_probabilities` dispatch
+CUDA tensors here (:mod:`cggr_torch.dispatch`); the PyTorch code there stays the reference (about 60 small
+operations, launch-bound on the host). The same SPEC §7.4 arithmetic, in this order:
+
+1. **probabilities** (one program, three passes over the ``N`` tokens; fixed summation order):
+   pass 1 counts the eligible tokens ``n`` (eligible and not NaN) and takes ``max ln b`` with
+   ``b = min(max(d, 0) ⊕ ε, FLT_MAX)``; then ``k`` (SPEC §5.3 from the ratio, exactly as
+   :mod:`cggr_torch.kernels.selection`'s plan: ``r_q = round_half_even(ratio·2^16)``,
+   ``k = (r_q·n + 2^15) >> 16`` clamped to ``[1, n]``, 0 when ``n = 0``; or a given ``k``) and
+   ``k' = min(k, n)``; pass 2 sums ``q = exp(β ⊗ (ln b ⊖ ln b*))`` into ``Q``; pass 3 writes the int32 sort
+   key of ``p = ((1 − λ) ⊗ q) ⊘ Q ⊕ λ ⊘ f32(max(n, 1))``: ``~bits(p)`` for an eligible token
+   (``p ≥ +0``, so the ascending key is ``p`` descending) and ``2^31 − 1`` otherwise.
+2. ``torch.sort(key, stable=True)``: the eligible tokens first, ``p`` descending, ties by lower flat index
+   (the stable sort), exactly the reference's order. ``p`` is read back from the sorted key's bits.
+3. **water-filling** (one program, one pass over the ``n`` sorted positions from the last block to the
+   first): ``S_j = carry ⊕ (in-block suffix sum)`` (any order is allowed; every term is ``≥ 0`` so
+   ``S_j ≥ p_(j)``), ``j* = min {j < k' : f32(k' − j) ⊗ p_(j) ≤ S_j}`` and ``c = f32(k' − j*) ⊘ S_{j*}``
+   (0 if ``S_{j*} = 0``).
+4. **draws** (one program per block of sorted positions ``m``): ``π = 1`` for ``m < j*`` or when
+   ``k' = n``, ``min(1, c ⊗ p_(m))`` otherwise, 0 for ``m ≥ n`` or ``k' = 0``; token ``i = order[m]`` draws
+   ``u_i`` (lowbias32 of ``(seed, step, i)``, exact uint32 arithmetic) and is kept iff ``m < n`` and
+   ``u_i < π``, with weight ``1 ⊘ π``. Every output element is written once (``order`` is a permutation).
+
+Divisions are ``div_rn`` (correctly rounded, as PyTorch's) and the kernels are compiled without FMA
+contraction; on a GPU ``ln``/``exp`` are libdevice's ``logf``/``expf`` (what PyTorch's CUDA ``log``/``exp``
+call), under the interpreter NumPy's. What may differ from the reference is what SPEC §11 allows: the
+float32 summation order of ``Q`` and of the suffix sums (``π`` within a few ulp); ``n``, ``k``, the order,
+``j*``'s rule and the draws ``u`` are exact. Nothing synchronises with the host: ``n``, ``k``, ``k'``,
+``j*`` and ``c`` stay in two small device buffers (slots in :data:`INT_SLOTS`, :data:`FLOAT_SLOTS`); a device
+ratio outside ``(0, 1]`` clears the ``ok`` slot, which the launcher turns into ``torch._assert_async``.
+
+Launches for ``sample_tokens`` on a CUDA tensor: probabilities, the sort, water-filling, draws (plus the
+assertion when the ratio is a device tensor). The probability and water-filling kernels are single programs
+whose time grows linearly with ``N`` (a few µs per 4096 tokens and pass); at ``N = 2^20`` they take about as
+long as the sort itself.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from cggr.config import check_sampling_parameters, is_int
+
+from ..utils import check_ratio_value
+from .scoring import check_kernel_device, device_guard, interpreting
+
+__all__ = [
+    "INT_SLOTS",
+    "FLOAT_SLOTS",
+    "sample_tokens_triton",
+    "sampling_probabilities_triton",
+    "launch_probabilities",
+    "sort_by_probability",
+    "launch_water_filling",
+    "launch_draws",
+]
+
+#: Slots of the int32 plan buffer (``k`` is the SPEC §5.3 count, ``k_eff`` = ``min(k, n)``).
+INT_SLOTS = {"n": 0, "k": 1, "k_eff": 2, "j_star": 3, "ok": 4}
+#: Slots of the float32 plan buffer.
+FLOAT_SLOTS = {"c": 0, "s_star": 1}
+_N_INTS = 8
+_N_FLOATS = 4
+
+_SENTINEL32 = 2**31 - 1
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+_PROB_BLOCK = 4096          # one program, 8 warps: 16 tokens per thread per step (as the selection plan)
+_PROB_WARPS = 8
+_WATER_BLOCK = 4096
+_WATER_WARPS = 8
+_DRAW_BLOCK = 1024          # sorted positions per program of the draw kernel
+_DRAW_WARPS = 4
+
+#: ``K_MODE`` of the probability kernel: where ``k`` comes from.
+_K_FROM_HOST_RATIO, _K_FROM_DEVICE_RATIO, _K_FROM_HOST, _K_FROM_DEVICE = 0, 1, 2, 3
+
+
+# =============================================================================================== kernels
+@triton.jit
+def _ln(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        y = libdevice.log(x)
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _exp(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        y = libdevice.exp(x)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _log_b(d, floor, LIBDEVICE: tl.constexpr):
+    """``ln b`` with ``b = min(max(d, 0) ⊕ ε, FLT_MAX)`` (SPEC §7.4: ±∞ difficulties stay finite)."""
+    b = tl.minimum(tl.maximum(d, 0.0) + floor, 3.4028234663852886e38)
+    return _ln(b, LIBDEVICE)
+
+
+@triton.jit
+def _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE: tl.constexpr):
+    """``(e, ln b)`` of tokens ``idx``: eligible = ``eligible`` and not NaN (SPEC §4)."""
+    d = tl.load(d_ptr + idx, mask=inb, other=0.0).to(tl.float32)    # float64 rounds to nearest (SPEC §6)
+    e = (tl.load(e_ptr + idx, mask=inb, other=0) != 0) & (d == d) & inb
+    return e, _log_b(d, floor, LIBDEVICE)
+
+
+@triton.jit(do_not_specialize=["k_host"])
+def _probabilities_kernel(
+    d_ptr, e_ptr, ratio_ptr, k_ptr, key_ptr, ints_ptr, floats_ptr,
+    N, ratio, k_host, floor, power, one_minus_mix, mix,
+    K_MODE: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: ``n``, ``max ln b``, ``k``, ``Q`` and the sort key of ``p``. See the module docstring."""
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    # pass 1: n and max ln b over the eligible tokens
+    cnt = tl.zeros([BLOCK], tl.int32)
+    top = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(0, N, BLOCK):
+        idx = offs + start
+        inb = idx < N
+        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        cnt += e.to(tl.int32)
+        top = tl.maximum(top, tl.where(e, lb, float("-inf")))
+    n = tl.sum(cnt.to(tl.int64), 0)
+    lb_max = tl.where(n > 0, tl.max(top, 0), 0.0)                   # n = 0: no q is read
+    # k (SPEC §5.3), then k' = min(k, n)
+    ok = n >= 0
+    if K_MODE == 0 or K_MODE == 1:
+        if K_MODE == 0:
+            r = ratio + tl.zeros([], tl.float32)
+        else:
+            r = tl.load(ratio_ptr).to(tl.float32)
+        ok = (r > 0.0) & (r <= 1.0)
+        x = tl.where(ok, r * 65536.0, 0.0)                           # an exact scaling
+        f = x.to(tl.int32)                                            # x ≥ 0: truncation = floor
+        frac = x - f.to(tl.float32)                                   # exact
+        r_q = f + ((frac > 0.5) | ((frac == 0.5) & ((f & 1) == 1))).to(tl.int32)
+        k = (r_q.to(tl.int64) * n + 32768) >> 16
+        k = tl.where(n > 0, tl.minimum(n, tl.maximum(k, 1)), 0)
+    elif K_MODE == 2:
+        k = k_host + tl.zeros([], tl.int64)
+    else:
+        k = tl.load(k_ptr).to(tl.int64)
+    k_eff = tl.minimum(k, n)
+    # pass 2: Q = Σ_eligible q
+    q_acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, N, BLOCK):
+        idx = offs + start
+        inb = idx < N
+        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        q_acc += tl.where(e, _exp(power * tl.where(e, lb - lb_max, 0.0), LIBDEVICE), 0.0)
+    Q = tl.sum(q_acc, 0)
+    Q = tl.where(Q > 0.0, Q, 1.0)                  # Q ≥ 1 whenever n ≥ 1 (q of the max is exp(0) = 1)
+    share = tl.math.div_rn(mix + tl.zeros([], tl.float32), tl.maximum(n, 1).to(tl.float32))
+    # pass 3: the sort key of p
+    for start in range(0, N, BLOCK):
+        idx = offs + start
+        inb = idx < N
+        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        q = tl.where(e, _exp(power * tl.where(e, lb - lb_max, 0.0), LIBDEVICE), 0.0)
+        p = tl.math.div_rn(one_minus_mix * q, Q) + share
+        key = tl.where(e, ~p.to(tl.int32, bitcast=True), 2147483647)
+        tl.store(key_ptr + idx, key, mask=inb)
+    tl.store(ints_ptr + 0, n.to(tl.int32))
+    tl.store(ints_ptr + 1, k.to(tl.int32))
+    tl.store(ints_ptr + 2, k_eff.to(tl.int32))
+    tl.store(ints_ptr + 4, ok.to(tl.int32))
+    tl.store(floats_ptr + 2, Q)
+
+
+@triton.jit
+def _water_kernel(skey_ptr, ints_ptr, floats_ptr, BLOCK: tl.constexpr):
+    """One program: ``j*`` and ``c`` of the water-filling from the sorted keys, last block first."""
+    n = tl.load(ints_ptr + 0).to(tl.int64)
+    kk = tl.load(ints_ptr + 2).to(tl.int64)
+    lane = tl.arange(0, BLOCK)
+    rev = (BLOCK - 1 - lane).to(tl.int64)          # lane t holds position start + BLOCK − 1 − t
+    n_blocks = tl.cdiv(n, BLOCK)
+    carry = tl.zeros([], tl.float64)
+    j_star = n + 1                                 # > every candidate (candidates are < k' ≤ n)
+    s_star = tl.zeros([], tl.float32)
+    for b in range(0, n_blocks):
+        j = (n_blocks - 1 - b) * BLOCK + rev
+        ranked = j < n
+        key = tl.load(skey_ptr + j, mask=ranked, other=-1)          # ~(-1) = +0.0
+        p = tl.where(ranked, (~key).to(tl.float32, bitcast=True), 0.0)
+        # S_j, the suffix sum from position j, accumulated in float64 (smallest terms first) and rounded once
+        # to float32: within an ulp or so of the exact sum whatever the scan's order
+        S64 = carry + tl.cumsum(p.to(tl.float64), 0)
+        S = S64.to(tl.float32)
+        qualifies = ranked & (j < kk) & ((kk - j).to(tl.float32) * p <= S)
+        j_b = tl.min(tl.where(qualifies, j, n + 1), 0)
+        s_b = tl.sum(tl.where(j == j_b, S, 0.0), 0)
+        better = j_b < j_star                      # blocks come last to first: a lower j always wins
+        j_star = tl.where(better, j_b, j_star)
+        s_star = tl.where(better, s_b, s_star)
+        carry = tl.sum(tl.where(lane == BLOCK - 1, S64, 0.0), 0)   # S at the block's first position
+    c = tl.where(s_star > 0.0,
+                 tl.math.div_rn((kk - j_star).to(tl.float32), tl.where(s_star > 0.0, s_star, 1.0)), 0.0)
+    tl.store(ints_ptr + 3, tl.minimum(j_star, n).to(tl.int32))
+    tl.store(floats_ptr + 0, c)
+    tl.store(floats_ptr + 1, s_star)
+
+
+@triton.jit
+def _lowbias32(x):
+    """lowbias32 (SPEC §7.4) on uint32: logical shifts, products mod 2^32."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x7FEB352D, tl.int32).to(tl.uint32, bitcast=True)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], -2073254261, tl.int32).to(tl.uint32, bitcast=True)        # 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit(do_not_specialize=["seed", "step"])
+def _draw_kernel(
+    skey_ptr, order_ptr, ints_ptr, floats_ptr, step_ptr, mask_ptr, w_ptr, pi_ptr, N, seed, step,
+    STEP_FROM_PTR: tl.constexpr, DRAW: tl.constexpr, WRITE_PI: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Sorted positions ``m`` of one block: ``π``, the draw, the mask and the weight of token ``order[m]``."""
+    m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = m < N
+    n = tl.load(ints_ptr + 0).to(tl.int64)
+    kk = tl.load(ints_ptr + 2).to(tl.int64)
+    j_star = tl.load(ints_ptr + 3).to(tl.int64)
+    c = tl.load(floats_ptr + 0)
+    ranked = m < n
+    key = tl.load(skey_ptr + m, mask=inb & ranked, other=-1)
+    tok = tl.load(order_ptr + m, mask=inb, other=0)
+    p = tl.where(ranked, (~key).to(tl.float32, bitcast=True), 0.0)
+    pi = tl.where((m < j_star) | (kk >= n), 1.0, tl.minimum(c * p, 1.0))
+    pi = tl.where(ranked & (kk > 0), pi, 0.0)
+    if WRITE_PI:
+        tl.store(pi_ptr + tok, pi, mask=inb)
+    if DRAW:
+        # seed and step are host integers mod 2^32 passed as int32 bit patterns (one signature for all values)
+        h = _lowbias32((seed + tl.zeros([], tl.int32)).to(tl.uint32, bitcast=True)
+                       ^ tl.full([], -1640531527, tl.int32).to(tl.uint32, bitcast=True))   # 0x9E3779B9
+        if STEP_FROM_PTR:
+            s = tl.load(step_ptr).to(tl.int64).to(tl.uint32)                # mod 2^32 (truncation)
+        else:
+            s = (step + tl.zeros([], tl.int32)).to(tl.uint32, bitcast=True)
+        h = _lowbias32(h ^ s)
+        h = _lowbias32(h ^ tok.to(tl.uint32))                          # the flat index mod 2^32
+        u = ((h >> 8) | 1).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08   # · 2^-24, exact
+        keep = ranked & (u < pi)
+        w = tl.where(keep, tl.math.div_rn(1.0, tl.where(keep, pi, 1.0)), 0.0)
+        tl.store(mask_ptr + tok, keep, mask=inb)
+        tl.store(w_ptr + tok, w, mask=inb)
+
+
+# ============================================================================================ launchers
+def _int32_bits(value: int) -> int:
+    """A value mod 2^32 as the signed int32 with the same bits (so the kernel argument is always int32)."""
+    value &= 0xFFFFFFFF
+    return value - 2**32 if value >= 2**31 else value
+
+
+def _libdevice() -> bool:
+    """libdevice ``logf``/``expf`` when compiled (PyTorch's CUDA functions); the interpreter has no libdevice."""
+    return not interpreting()
+
+
+def launch_probabilities(difficulty: torch.Tensor, eligible: torch.Tensor, key: torch.Tensor, ints: torch.Tensor,
+                         floats: torch.Tensor, *, ratio: Union[float, torch.Tensor, None] = None,
+                         k: Union[int, torch.Tensor, None] = None, power: float, uniform_mix: float,
+                         floor: float) -> None:
+    """Run the probability kernel (one program): ``key`` (contiguous int32 ``(N,)``) ← the sort key of ``p``;
+    ``ints``/``floats`` ← ``n``, ``k``, ``k'``, ``ok`` (and ``Q``). Exactly one of ``ratio`` (a host float32
+    value or a one-element float device tensor) and ``k`` (a host integer ``>= 0`` or a one-element integer
+    device tensor). ``difficulty``/``eligible`` flat and contiguous; no checks here."""
+    if (ratio is None) == (k is None):
+        raise ValueError("launch_probabilities: pass exactly one of ratio and k")
+    ratio_t = k_t = ints
+    ratio_v, k_v = 1.0, 0
+    if ratio is not None:
+        if isinstance(ratio, torch.Tensor):
+            mode, ratio_t = _K_FROM_DEVICE_RATIO, ratio
+        else:
+            mode, ratio_v = _K_FROM_HOST_RATIO, float(ratio)
+    elif isinstance(k, torch.Tensor):
+        mode, k_t = _K_FROM_DEVICE, k
+    else:
+        mode, k_v = _K_FROM_HOST, int(k)
+    with device_guard(difficulty):
+        _probabilities_kernel[(1,)](
+            difficulty, eligible, ratio_t, k_t, key, ints, floats,
+            difficulty.numel(), ratio_v, k_v, float(np.float32(floor)), float(np.float32(power)),
+            # (1 − λ) and λ rounded to float32 from the float64 host values, as the reference does
+            float(np.float32(1.0 - uniform_mix)), float(np.float32(uniform_mix)),
+            K_MODE=mode, LIBDEVICE=_libdevice(), BLOCK=_PROB_BLOCK, num_warps=_PROB_WARPS,
+            enable_fp_fusion=False,
+        )
+
+
+def sort_by_probability(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sorted_key, order)``: one stable ascending ``torch.sort`` of the int32 key (``p`` descending, ties
+    by lower flat index, the ineligible tokens last)."""
+    out = torch.sort(key, stable=True)
+    return out.values, out.indices
+
+
+def launch_water_filling(sorted_key: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> None:
+    """Run the water-filling kernel (one program): ``j*`` into ``ints``, ``c`` (and ``S_{j*}``) into ``floats``."""
+    with device_guard(sorted_key):
+        _water_kernel[(1,)](sorted_key, ints, floats, BLOCK=_WATER_BLOCK, num_warps=_WATER_WARPS,
+                            enable_fp_fusion=False)
+
+
+def launch_draws(sorted_key: torch.Tensor, order: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, *,
+                 mask: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+                 pi: Optional[torch.Tensor] = None, seed: int = 0, step: Union[int, torch.Tensor] = 0) -> None:
+    """Run the draw kernel: every element of ``pi`` (float32 ``(N,)``) and/or of ``mask`` (bool) and ``weights``
+    (float32) is written once. ``seed`` a host integer, ``step`` a host integer or a one-element integer
+    tensor on the device (both taken mod 2^32)."""
+    n_tok = order.numel()
+    if n_tok == 0:
+        return
+    draw = mask is not None
+    if draw != (weights is not None):
+        raise ValueError("launch_draws: pass mask and weights together")
+    step_from_ptr = isinstance(step, torch.Tensor)
+    with device_guard(order):
+        _draw_kernel[(triton.cdiv(n_tok, _DRAW_BLOCK),)](
+            sorted_key, order, ints, floats, step if step_from_ptr else ints,
+            mask if draw else ints, weights if draw else floats, pi if pi is not None else floats,
+            n_tok, _int32_bits(int(seed)), 0 if step_from_ptr else _int32_bits(int(step)),
+            STEP_FROM_PTR=step_from_ptr, DRAW=draw, WRITE_PI=pi is not None, BLOCK=_DRAW_BLOCK,
+            num_warps=_DRAW_WARPS, enable_fp_fusion=False,
+        )
+
+
+# ========================================================================================== public API
+def _check_tensors(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
+    if not isinstance(difficulty, torch.Tensor) or difficulty.dtype not in (torch.float32, torch.float16,
+                                                                             torch.bfloat16, torch.float64):
+        raise ValueError(f"difficulty: expected a float tensor (float32/float16/bfloat16/float64), got "
+                         f"{difficulty.dtype if isinstance(difficulty, torch.Tensor) else type(difficulty).__name__}")
+    check_kernel_device(difficulty, "difficulty")
+    if difficulty.dim() not in (1, 2):
+        raise ValueError(f"difficulty: expected shape (N,) or (B, T), got {tuple(difficulty.shape)}")
+    if not isinstance(eligible, torch.Tensor) or eligible.dtype != torch.bool:
+        raise ValueError(f"eligible: expected a bool tensor, got "
+                         f"{eligible.dtype if isinstance(eligible, torch.Tensor) else type(eligible).__name__}")
+    if tuple(eligible.shape) != tuple(difficulty.shape) or eligible.device != difficulty.device:
+        raise ValueError(f"eligible: expected shape {tuple(difficulty.shape)} on {difficulty.device} (that of "
+                         f"difficulty), got {tuple(eligible.shape)} on {eligible.device}")
+    if difficulty.numel() >= 2**31:
+        raise ValueError(f"difficulty: at most 2**31 - 1 tokens (int32 counts, SPEC §6), got {difficulty.numel()}")
+
+
+def _device_scalar(value: torch.Tensor, name: str, device: torch.device, *, floating: bool) -> Optional[
+        torch.Tensor]:
+    """A one-element tensor argument: None if it lives on the CPU while the kernel runs elsewhere (the caller
+    reads it, no synchronisation), else the flat tensor on ``device``; checks dtype, size and device."""
+    kind = "floating" if floating else "integer"
+    if value.numel() != 1 or value.dtype.is_floating_point != floating or value.dtype == torch.bool:
+        raise ValueError(f"{name}: expected a one-element {kind} tensor, got dtype {value.dtype} and shape "
+                         f"{tuple(value.shape)}")
+    if value.device.type == "cpu" and device.type != "cpu":
+        return None
+    if value.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} or the CPU, got one on {value.device}")
+    return value.reshape(1)
+
+
+def _ratio_argument(ratio: Union[torch.Tensor, float], device: torch.device) -> Union[float, torch.Tensor]:
+    """A host float32 value in (0, 1] (checked now) or a one-element float tensor on ``device`` (checked on the
+    device). A CPU tensor is read (no synchronisation) and checked on the host."""
+    if isinstance(ratio, torch.Tensor):
+        on_device = _device_scalar(ratio, "ratio", device, floating=True)
+        if on_device is not None and device.type != "cpu":
+            return on_device
+    return float(np.float32(check_ratio_value("ratio", ratio)))
+
+
+def _step_argument(step: Union[int, torch.Tensor], device: torch.device) -> Union[int, torch.Tensor]:
+    if isinstance(step, torch.Tensor):
+        on_device = _device_scalar(step, "step", device, floating=False)
+        if on_device is not None and device.type != "cpu":
+            return on_device
+        return int(step.reshape(()))                   # a CPU tensor: read it, mod 2^32 like the reference
+    if not is_int(step) or int(step) < 0:
+        raise ValueError(f"step: expected an integer >= 0, got {step!r}")
+    return int(step)
+
+
+def _buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((_N_INTS,), dtype=torch.int32, device=device),
+            torch.empty((_N_FLOATS,), dtype=torch.float32, device=device))
+
+
+def _probabilities_and_order(d: torch.Tensor, e: torch.Tensor, *, ratio: Union[float, torch.Tensor, None],
+                             k: Union[int, torch.Tensor, None], power: float, uniform_mix: float,
+                             floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-3 of the module docstring: ``(sorted_key, order, ints, floats)``."""
+    dev = d.device
+    ints, floats = _buffers(dev)
+    key = torch.empty((d.numel(),), dtype=torch.int32, device=dev)
+    launch_probabilities(d, e, key, ints, floats, ratio=ratio, k=k, power=power, uniform_mix=uniform_mix,
+                         floor=floor)
+    if isinstance(ratio, torch.Tensor) and dev.type == "cuda":
+        torch._assert_async(ints[INT_SLOTS["ok"]], "ratio: expected a value in (0, 1]")
+    sorted_key, order = sort_by_probability(key)
+    if d.numel():
+        launch_water_filling(sorted_key, ints, floats)
+    return sorted_key, order, ints, floats
+
+
+def sample_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union[torch.Tensor, float], *,
+                         step: Union[int, torch.Tensor] = 0, seed: int = 0, power: float = 1.0,
+                         uniform_mix: float = 0.1, floor: float = 1e-6
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cggr_torch.selection.sample_tokens` (SPEC §7.4) on the device: ``(mask, weights, k)``.
+
+    ``k = num_selected(n, ratio)`` (SPEC §5.3) is the expected count; token ``i`` is kept iff it is eligible
+    (and its difficulty not NaN) and ``uniform_hash(seed, step, i) < π_i``, with weight ``1/π_i`` (float32; 0
+    for the others). Same ``k``, order and draws as the reference; ``π`` within SPEC §11's ``PI_RTOL``.
+
+    Args:
+        difficulty: float32/float16/bfloat16/float64 ``(N,)`` or ``(B, T)`` (float64 rounds to float32),
+            on CUDA (CPU under ``TRITON_INTERPRET=1``).
+        eligible: bool tensor of the same shape and device.
+        ratio: a host number in ``(0, 1]``, or a one-element float tensor (a device value is checked on the
+            device with ``torch._assert_async``).
+        step: a host integer ``>= 0`` or a one-element integer tensor (taken mod 2^32).
+        seed, power, uniform_mix, floor: SPEC §7.4's parameters (``CGGRConfig.sample_*`` rules).
+
+    Returns:
+        ``mask`` (bool, the input's shape), ``weights`` (float32, the input's shape), ``k`` (0-d int32, a view
+        of the plan buffer).
+
+    Raises:
+        ValueError: bad tensors, parameters, ratio or step (nothing is read from the device).
+    """
+    _check_tensors(difficulty, eligible)
+    power, uniform_mix, floor, seed = check_sampling_parameters(power, uniform_mix, floor, seed)
+    dev = difficulty.device
+    r = _ratio_argument(ratio, dev)
+    step_v = _step_argument(step, dev)
+    shape = tuple(difficulty.shape)
+    d = difficulty.reshape(-1).contiguous()
+    e = eligible.reshape(-1).contiguous()
+    sorted_key, order, ints, floats = _probabilities_and_order(d, e, ratio=r, k=None, power=power,
+                                                               uniform_mix=uniform_mix, floor=floor)
+    mask = torch.empty((d.numel(),), dtype=torch.bool, device=dev)
+    weights = torch.empty((d.numel(),), dtype=torch.float32, device=dev)
+    launch_draws(sorted_key, order, ints, floats, mask=mask, weights=weights, seed=seed, step=step_v)
+    return mask.view(shape), weights.view(shape), ints[INT_SLOTS["k"]]
+
+
+def sampling_probabilities_triton(difficulty: torch.Tensor, eligible: torch.Tensor, k: Union[int, torch.Tensor], *,
+                                  power: float = 1.0, uniform_mix: float = 0.1, floor: float = 1e-6) -> torch.Tensor:
+    """:func:`cggr_torch.selection.sampling_probabilities` (SPEC §7.4) on the device: ``π`` (float32, the
+    input's shape; 0 where not eligible and everywhere when ``k = 0``; ``k > n`` counts as ``n``).
+
+    Args:
+        difficulty, eligible: as :func:`sample_tokens_triton`.
+        k: the expected count, a host integer ``>= 0`` or a one-element integer tensor (a negative device
+            value counts as 0).
+        power, uniform_mix, floor: SPEC §7.4's parameters.
+    """
+    _check_tensors(difficulty, eligible)
+    power, uniform_mix, floor, _ = check_sampling_parameters(power, uniform_mix, floor)
+    dev = difficulty.device
+    if isinstance(k, torch.Tensor):
+        k_arg = _device_scalar(k, "k", dev, floating=False)
+        if k_arg is None or dev.type == "cpu":
+            k_arg = int(k.reshape(()))                  # a CPU tensor: read it (no synchronisation)
+    elif is_int(k) and int(k) >= 0:
+        k_arg = int(k)
+    else:
+        raise ValueError(f"k: expected an integer >= 0, got {k!r}")
+    if isinstance(k_arg, int):
+        k_arg = max(0, min(k_arg, 2**31 - 1))           # counts are int32; k > n counts as n anyway
+    shape = tuple(difficulty.shape)
+    d = difficulty.reshape(-1).contiguous()
+    e = eligible.reshape(-1).contiguous()
+    sorted_key, order, ints, floats = _probabilities_and_order(d, e, ratio=None, k=k_arg, power=power,
+                                                               uniform_mix=uniform_mix, floor=floor)
+    pi = torch.empty((d.numel(),), dtype=torch.float32, device=dev)
+    launch_draws(sorted_key, order, ints, floats, pi=pi)
+    return pi.view(shape)
