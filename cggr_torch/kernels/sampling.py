@@ -362,40 +362,42 @@ def _check_tensors(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
         raise ValueError(f"difficulty: at most 2**31 - 1 tokens (int32 counts, SPEC §6), got {difficulty.numel()}")
 
 
-def _device_scalar(value: torch.Tensor, name: str, device: torch.device, *, floating: bool) -> Optional[
+def _scalar_tensor(value: torch.Tensor, name: str, device: torch.device, *, floating: bool) -> Optional[
         torch.Tensor]:
-    """A one-element tensor argument: None if it lives on the CPU while the kernel runs elsewhere (the caller
-    reads it, no synchronisation), else the flat tensor on ``device``; checks dtype, size and device."""
+    """A one-element tensor argument (dtype, size and device checked): the flat tensor when it lives on the
+    kernel's device (read by the kernel; under the interpreter that is the CPU), None for a CPU tensor while
+    the kernel runs on a GPU (the caller reads it on the host: no synchronisation)."""
     kind = "floating" if floating else "integer"
     if value.numel() != 1 or value.dtype.is_floating_point != floating or value.dtype == torch.bool:
         raise ValueError(f"{name}: expected a one-element {kind} tensor, got dtype {value.dtype} and shape "
                          f"{tuple(value.shape)}")
-    if value.device.type == "cpu" and device.type != "cpu":
+    if value.device == device:
+        return value.reshape(1)
+    if value.device.type == "cpu":
         return None
-    if value.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} or the CPU, got one on {value.device}")
-    return value.reshape(1)
+    raise ValueError(f"{name}: expected a tensor on {device} or the CPU, got one on {value.device}")
 
 
 def _ratio_argument(ratio: Union[torch.Tensor, float], device: torch.device) -> Union[float, torch.Tensor]:
-    """A host float32 value in (0, 1] (checked now) or a one-element float tensor on ``device`` (checked on the
-    device). A CPU tensor is read (no synchronisation) and checked on the host."""
+    """A host float32 value in (0, 1], or a one-element float tensor on the kernel's device (a GPU value is
+    checked on the device; a CPU value is read and checked now, like the reference's ``num_selected``)."""
     if isinstance(ratio, torch.Tensor):
-        on_device = _device_scalar(ratio, "ratio", device, floating=True)
-        if on_device is not None and device.type != "cpu":
+        on_device = _scalar_tensor(ratio, "ratio", device, floating=True)
+        if ratio.device.type == "cpu":
+            check_ratio_value("ratio", ratio)           # reading a CPU tensor does not synchronise
+        if on_device is not None:
             return on_device
     return float(np.float32(check_ratio_value("ratio", ratio)))
 
 
-def _step_argument(step: Union[int, torch.Tensor], device: torch.device) -> Union[int, torch.Tensor]:
-    if isinstance(step, torch.Tensor):
-        on_device = _device_scalar(step, "step", device, floating=False)
-        if on_device is not None and device.type != "cpu":
-            return on_device
-        return int(step.reshape(()))                   # a CPU tensor: read it, mod 2^32 like the reference
-    if not is_int(step) or int(step) < 0:
-        raise ValueError(f"step: expected an integer >= 0, got {step!r}")
-    return int(step)
+def _int_argument(value: Union[int, torch.Tensor], name: str, device: torch.device) -> Union[int, torch.Tensor]:
+    """``step`` or ``k``: a host integer ``>= 0`` or a one-element integer tensor (see :func:`_scalar_tensor`)."""
+    if isinstance(value, torch.Tensor):
+        on_device = _scalar_tensor(value, name, device, floating=False)
+        return on_device if on_device is not None else int(value.reshape(()))
+    if not is_int(value) or int(value) < 0:
+        raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+    return int(value)
 
 
 def _buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,7 +452,7 @@ def sample_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio
     power, uniform_mix, floor, seed = check_sampling_parameters(power, uniform_mix, floor, seed)
     dev = difficulty.device
     r = _ratio_argument(ratio, dev)
-    step_v = _step_argument(step, dev)
+    step_v = _int_argument(step, "step", dev)
     shape = tuple(difficulty.shape)
     d = difficulty.reshape(-1).contiguous()
     e = eligible.reshape(-1).contiguous()
@@ -476,16 +478,9 @@ def sampling_probabilities_triton(difficulty: torch.Tensor, eligible: torch.Tens
     _check_tensors(difficulty, eligible)
     power, uniform_mix, floor, _ = check_sampling_parameters(power, uniform_mix, floor)
     dev = difficulty.device
-    if isinstance(k, torch.Tensor):
-        k_arg = _device_scalar(k, "k", dev, floating=False)
-        if k_arg is None or dev.type == "cpu":
-            k_arg = int(k.reshape(()))                  # a CPU tensor: read it (no synchronisation)
-    elif is_int(k) and int(k) >= 0:
-        k_arg = int(k)
-    else:
-        raise ValueError(f"k: expected an integer >= 0, got {k!r}")
+    k_arg = _int_argument(k, "k", dev)
     if isinstance(k_arg, int):
-        k_arg = max(0, min(k_arg, 2**31 - 1))           # counts are int32; k > n counts as n anyway
+        k_arg = max(0, min(k_arg, 2**31 - 1))           # counts are int32 (a negative CPU tensor counts as 0)
     shape = tuple(difficulty.shape)
     d = difficulty.reshape(-1).contiguous()
     e = eligible.reshape(-1).contiguous()
