@@ -8,7 +8,7 @@ exactly: the kernel's mask is ``eligible & (u < π)`` with the reference's ``u``
 (the draws and the comparison are exact) and its weights are ``1 ⊘ π`` bit for bit. Every output element is
 written (poisoned buffers), and ``CGGRLoss(selection='sampled')`` gives the same loss and gradient on the
 kernel path as on the reference path. Runs in the Triton interpreter on CPU tensors, or on CUDA when the
-interpreter is off.
+interpreter is off, on both kernel paths (one program per step, or multi-program kernels for large inputs).
 """
 from __future__ import annotations
 
@@ -31,6 +31,17 @@ PI_RTOL = oracle.PI_RTOL
 INF, NAN = float("inf"), float("nan")
 PARAMS = [(1.0, 0.1), (0.0, 0.1), (2.0, 0.0), (1.0, 1.0), (0.5, 0.3), (3.0, 0.05), (4.0, 0.0), (1.0, 0.0)]
 HALF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@pytest.fixture(autouse=True, params=["single", "multi"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both kernel paths: the one-program kernels and the multi-program ones (normally above
+    ``SINGLE_PROGRAM_MAX_TOKENS``; here for every non-empty input)."""
+    monkeypatch.setattr(ksam, "SINGLE_PROGRAM_MAX_TOKENS", 2**31 if request.param == "single" else 0)
+    if request.param == "multi":    # small blocks: many partials, reduced in several steps, even on small inputs
+        monkeypatch.setattr(ksam, "_MULTI_BLOCK", 512)
+        monkeypatch.setattr(ksam, "_REDUCE_BLOCK", 4)
+    return request.param
 
 
 def _tensors(d: np.ndarray, e: np.ndarray, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,10 +254,14 @@ def test_tensor_ratio_and_step_give_the_same_draw():
         assert not torch.equal(sel.sample_tokens(d_t, e_t, 0.3, step=8, seed=2**32 - 1)[0], m1)
 
 
-def test_large_input():
-    """N = 2^20 + 3 (many blocks of every kernel, int32 counts far from their limits)."""
+def test_large_input(kernel_path, monkeypatch):
+    """N = 2^20 + 3 on the one-program path (256 steps per pass); 2^17 + 3 on the multi-program path with its
+    default blocks (65 per launch; the interpreter runs programs one by one), reduced 16 at a time."""
     g = torch.Generator().manual_seed(0)
-    n_tok = 2**20 + 3
+    n_tok = 2**20 + 3 if kernel_path == "single" else 2**17 + 3
+    if kernel_path == "multi":
+        monkeypatch.setattr(ksam, "_MULTI_BLOCK", 2048)
+        monkeypatch.setattr(ksam, "_REDUCE_BLOCK", 16)
     d = (8.0 + 2.0 * torch.randn(n_tok, generator=g)).to(DEVICE)
     e = (torch.rand(n_tok, generator=g) > 0.1).to(DEVICE)
     m_r, w_r, k_r, pi_r = _reference(d, e, 0.25, step=9, seed=4)
@@ -263,7 +278,7 @@ def test_large_input():
 
 
 # ------------------------------------------------------------------------------------------ launch helpers
-def test_poisoned_outputs_are_fully_written():
+def test_poisoned_outputs_are_fully_written(kernel_path):
     rng = np.random.default_rng(2)
     n_tok = 2 * ksam._DRAW_BLOCK + 37          # several draw programs and a ragged last one
     d = rng.standard_normal(n_tok).astype(np.float32)
@@ -279,11 +294,13 @@ def test_poisoned_outputs_are_fully_written():
     assert int(ints[ksam.INT_SLOTS["ok"]]) == 1
     assert (key.cpu().numpy()[~e] == 2**31 - 1).all() and (key.cpu().numpy()[e] < 0).all()
     sorted_key, order = ksam.sort_by_probability(key)
-    ksam.launch_water_filling(sorted_key, ints, floats)
+    partials = ksam.launch_water_filling(sorted_key, ints, floats)
+    assert (partials is None) == (kernel_path == "single")
     mask = torch.ones(n_tok, dtype=torch.bool, device=DEVICE)
     weights = torch.full((n_tok,), NAN, device=DEVICE)
     pi = torch.full((n_tok,), NAN, device=DEVICE)
-    ksam.launch_draws(sorted_key, order, ints, floats, mask=mask, weights=weights, pi=pi, seed=5, step=6)
+    ksam.launch_draws(sorted_key, order, ints, floats, mask=mask, weights=weights, pi=pi, seed=5, step=6,
+                      partials=partials)
     pi, mask, weights = pi.cpu().numpy(), mask.cpu().numpy(), weights.cpu().numpy()
     assert not np.isnan(pi).any() and not np.isnan(weights).any()
     assert (pi[~e] == 0).all() and not mask[~e].any() and (weights[~e] == 0).all()
