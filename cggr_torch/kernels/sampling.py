@@ -1,4 +1,5 @@
-"""The ``sampled`` selection (SPEC §7.4) on the device: three Triton launches around one ``torch.sort``.
+"""The ``sampled`` selection (SPEC §7.4) on the device: three Triton launches around one ``torch.sort``
+(six for large inputs).
 
 :func:`cggr_torch.selection.sample_tokens` and :func:`cggr_torch.selection.sampling_probabilities` dispatch
 CUDA tensors here (:mod:`cggr_torch.dispatch`); the PyTorch code there stays the reference (about 60 small
@@ -15,9 +16,9 @@ operations, launch-bound on the host). The same SPEC §7.4 arithmetic, in this o
 2. ``torch.sort(key, stable=True)``: the eligible tokens first, ``p`` descending, ties by lower flat index
    (the stable sort), exactly the reference's order. ``p`` is read back from the sorted key's bits.
 3. **water-filling** (one program, one pass over the ``n`` sorted positions from the last block to the
-   first): ``S_j = carry ⊕ (in-block suffix sum)`` (any order is allowed; every term is ``≥ 0`` so
-   ``S_j ≥ p_(j)``), ``j* = min {j < k' : f32(k' − j) ⊗ p_(j) ≤ S_j}`` and ``c = f32(k' − j*) ⊘ S_{j*}``
-   (0 if ``S_{j*} = 0``).
+   first): ``S_j = carry ⊕ (in-block suffix sum)``, accumulated in float64 and rounded once to float32 (any
+   order is allowed; every term is ``≥ 0`` so ``S_j ≥ p_(j)``), ``j* = min {j < k' : f32(k' − j) ⊗ p_(j) ≤
+   S_j}`` and ``c = f32(k' − j*) ⊘ S_{j*}`` (0 if ``S_{j*} = 0``).
 4. **draws** (one program per block of sorted positions ``m``): ``π = 1`` for ``m < j*`` or when
    ``k' = n``, ``min(1, c ⊗ p_(m))`` otherwise, 0 for ``m ≥ n`` or ``k' = 0``; token ``i = order[m]`` draws
    ``u_i`` (lowbias32 of ``(seed, step, i)``, exact uint32 arithmetic) and is kept iff ``m < n`` and
@@ -32,9 +33,14 @@ float32 summation order of ``Q`` and of the suffix sums (``π`` within a few ulp
 ratio outside ``(0, 1]`` clears the ``ok`` slot, which the launcher turns into ``torch._assert_async``.
 
 Launches for ``sample_tokens`` on a CUDA tensor: probabilities, the sort, water-filling, draws (plus the
-assertion when the ratio is a device tensor). The probability and water-filling kernels are single programs
-whose time grows linearly with ``N`` (a few µs per 4096 tokens and pass); at ``N = 2^20`` they take about as
-long as the sort itself.
+assertion when the ratio is a device tensor). The one-program kernels' time grows linearly with ``N`` (a few
+µs per 4096 tokens and pass, estimated), so above :data:`SINGLE_PROGRAM_MAX_TOKENS` steps 1 and 3 are
+multi-program launches instead, one program per block of :data:`_MULTI_BLOCK` tokens: step 1 as three
+launches (block counts and maxima; block sums of ``q``; keys), step 3 as two (block sums of ``p`` in float64;
+each block's candidate ``j_b`` with the later blocks' sums as its carry), the draw kernel taking the least
+``j_b``. Every program that needs a global value (``n``, ``max ln b``, ``Q``, ``j*``) reduces all the block
+partials itself in one fixed order, so every program sees the same value and no launch waits on another
+except through the stream order.
 """
 from __future__ import annotations
 
@@ -179,7 +185,8 @@ def _sort_key(e, q, Q, share, one_minus_mix):
 def _mass(Q, n, mix):
     """``(Q, λ ⊘ f32(max(n, 1)))``; ``Q ≥ 1`` whenever ``n ≥ 1`` (q of the maximum is ``exp(0) = 1``), and no
     ``p`` is read when ``n = 0``."""
-    return tl.where(Q > 0.0, Q, 1.0), tl.math.div_rn(mix + tl.zeros([], tl.float32), tl.maximum(n, 1).to(tl.float32))
+    share = tl.math.div_rn(mix + tl.zeros([], tl.float32), tl.maximum(n, 1).to(tl.float32))
+    return tl.where(Q > 0.0, Q, 1.0), share
 
 
 @triton.jit(do_not_specialize=["k_host"])
