@@ -391,7 +391,7 @@ def _draw_kernel(
     kk = tl.load(ints_ptr + 2).to(tl.int64)
     if MULTI:
         r = tl.arange(0, R_BLOCK)
-        least = tl.full([R_BLOCK], n + 1, tl.int64)
+        least = tl.zeros([R_BLOCK], tl.int64) + (n + 1)
         for s0 in range(0, G, R_BLOCK):
             least = tl.minimum(least, tl.load(part_j_ptr + s0 + r, mask=(s0 + r) < G, other=n + 1))
         j_star = tl.min(least, 0)
