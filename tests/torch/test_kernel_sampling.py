@@ -405,3 +405,24 @@ def test_cggr_loss_kernel_path_equals_reference_path(shape):
     assert m_k["sample_ess"] == pytest.approx(m_r["sample_ess"], rel=1e-4)
     assert l_k == pytest.approx(l_r, rel=1e-4, abs=1e-5)
     np.testing.assert_allclose(g_k, g_r, atol=1e-5, rtol=1e-4)
+
+
+def test_sequence_level_sampled_uses_the_kernel(kernel_path):
+    """SPEC §9.2: ``CGGRModel(selection='sampled')`` draws its sequences with ``sample_tokens`` on the ``(B,)``
+    difficulties, so on the kernel path it keeps the same sequences with the same loss."""
+    from cggr_torch.batch_split import CGGRModel
+    from tests.torch.test_router import FixedRouter
+    from tests.torch.test_split_sampled import SAMPLE, LogitsLM, _case
+
+    ids, logits, labels, am = _case(0, torch.float32)
+    out = {}
+    for mode in ("reference", "kernel"):
+        lm = LogitsLM(11, 0)
+        model = CGGRModel(lm, router=FixedRouter(logits), selection="sampled", warmup_steps=0, min_tokens_ratio=0.5,
+                          **SAMPLE)
+        with dispatch.force(mode) as log:
+            res = model.forward_with(lm, ids, labels, am)
+        out[mode] = (res.kept, float(res.loss.detach()), log.calls["sample_tokens_triton"])
+    assert out["kernel"][2] == 1 and out["reference"][2] == 0
+    assert torch.equal(out["kernel"][0], out["reference"][0]) and out["kernel"][0].numel() > 0
+    assert out["kernel"][1] == pytest.approx(out["reference"][1], rel=1e-5)
