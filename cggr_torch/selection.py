@@ -393,8 +393,9 @@ def sample_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union
     ``E[Σ_{i∈S} w_i·ce_i] = Σ_eligible ce_i``.
 
     CUDA tensors use :func:`cggr_torch.kernels.sampling.sample_tokens_triton` (:mod:`cggr_torch.dispatch`):
-    three launches around one ``torch.sort`` instead of about sixty small operations, no synchronisation; the
-    same ``k`` and draws, ``π`` within SPEC §11's ``PI_RTOL`` (the code below is the reference).
+    three launches around one ``torch.sort`` (six for large inputs) instead of about sixty small operations, no
+    synchronisation; the same ``k`` and draws, ``π`` within SPEC §11's ``PI_RTOL`` (the code below is the
+    reference).
 
     Returns:
         ``mask`` (bool, the input's shape), ``weights`` (float32, the input's shape), ``k`` (0-d int32).

@@ -20,8 +20,8 @@ Public entry points (imported lazily, so that ``import cggr_torch.kernels`` work
   :func:`select_from_scores` is the fused :class:`cggr_torch.CGGRLoss` path's selection (the plan also
   computes the dynamic ratio and every SPEC §10 metric);
 * :func:`sample_tokens_triton` / :func:`sampling_probabilities_triton` - SPEC §7.4's ``sampled`` selection
-  (probabilities → one ``torch.sort`` → water-filling → draws: three launches around the sort), behind
-  :func:`cggr_torch.selection.sample_tokens` / :func:`~cggr_torch.selection.sampling_probabilities`;
+  (probabilities → one ``torch.sort`` → water-filling → draws: three launches around the sort, six for large
+  inputs), behind :func:`cggr_torch.selection.sample_tokens` / :func:`~cggr_torch.selection.sampling_probabilities`;
 * :func:`scored_selective_cross_entropy` - the fused path's loss: the masked mean of the scoring pass's
   ``nll`` with the same sparse backward.
 
