@@ -35,7 +35,7 @@ ratio outside ``(0, 1]`` clears the ``ok`` slot, which the launcher turns into `
 Launches for ``sample_tokens`` on a CUDA tensor: probabilities, the sort, water-filling, draws (plus the
 assertion when the ratio is a device tensor). The one-program kernels' time grows linearly with ``N`` (a few
 µs per 4096 tokens and pass, estimated), so above :data:`SINGLE_PROGRAM_MAX_TOKENS` steps 1 and 3 are
-multi-program launches instead, one program per block of :data:`_MULTI_BLOCK` tokens: step 1 as three
+multi-program launches instead, one program per block of :data:`MULTI_BLOCK` tokens: step 1 as three
 launches (block counts and maxima; block sums of ``q``; keys), step 3 as two (block sums of ``p`` in float64;
 each block's candidate ``j_b`` with the later blocks' sums as its carry), the draw kernel taking the least
 ``j_b``. Every program that needs a global value (``n``, ``max ln b``, ``Q``, ``j*``) reduces all the block
@@ -61,6 +61,9 @@ __all__ = [
     "INT_SLOTS",
     "FLOAT_SLOTS",
     "SINGLE_PROGRAM_MAX_TOKENS",
+    "DRAW_BLOCK",
+    "MULTI_BLOCK",
+    "REDUCE_BLOCK",
     "WaterPartials",
     "multi_program",
     "sample_tokens_triton",
@@ -78,18 +81,18 @@ FLOAT_SLOTS = {"c": 0, "s_star": 1, "Q": 2, "ln_b_max": 3}
 _N_INTS = 8
 _N_FLOATS = 4
 
-_SENTINEL32 = 2**31 - 1
-_FLT_MAX = float(np.finfo(np.float32).max)
-
 _PROB_BLOCK = 4096          # one program, 8 warps: 16 tokens per thread per step (as the selection plan)
 _PROB_WARPS = 8
 _WATER_BLOCK = 4096
 _WATER_WARPS = 8
-_DRAW_BLOCK = 1024          # sorted positions per program of the draw kernel
 _DRAW_WARPS = 4
-_MULTI_BLOCK = 2048         # tokens (or sorted positions) per program of the multi-program kernels
 _MULTI_WARPS = 4
-_REDUCE_BLOCK = 1024        # per-block partials read per step when a program reduces all of them
+#: Sorted positions per program of the draw kernel.
+DRAW_BLOCK = 1024
+#: Tokens (or sorted positions) per program of the multi-program kernels.
+MULTI_BLOCK = 2048
+#: Per-block partials read per step when a program reduces all of them (multi-program path).
+REDUCE_BLOCK = 1024
 
 #: Above this many tokens the probabilities and the water-filling use multi-program kernels (six launches
 #: around the sort instead of three): a single program's time grows linearly with N (estimated a few µs per
@@ -489,16 +492,16 @@ def launch_probabilities(difficulty: torch.Tensor, eligible: torch.Tensor, key: 
                 enable_fp_fusion=False,
             )
             return
-        g = triton.cdiv(n_tok, _MULTI_BLOCK)
+        g = triton.cdiv(n_tok, MULTI_BLOCK)
         part_n = torch.empty((g,), dtype=torch.int32, device=difficulty.device)
         part_max = torch.empty((g,), dtype=torch.float32, device=difficulty.device)
         part_q = torch.empty((g,), dtype=torch.float32, device=difficulty.device)
-        common = dict(LIBDEVICE=_libdevice(), BLOCK=_MULTI_BLOCK, num_warps=_MULTI_WARPS, enable_fp_fusion=False)
+        common = dict(LIBDEVICE=_libdevice(), BLOCK=MULTI_BLOCK, num_warps=_MULTI_WARPS, enable_fp_fusion=False)
         _count_max_kernel[(g,)](difficulty, eligible, part_n, part_max, n_tok, floor_v, **common)
         _q_sum_kernel[(g,)](difficulty, eligible, part_n, part_max, part_q, ratio_t, k_t, ints, floats,
-                            n_tok, g, ratio_v, k_v, floor_v, power_v, K_MODE=mode, R_BLOCK=_REDUCE_BLOCK, **common)
+                            n_tok, g, ratio_v, k_v, floor_v, power_v, K_MODE=mode, R_BLOCK=REDUCE_BLOCK, **common)
         _key_kernel[(g,)](difficulty, eligible, part_q, key, ints, floats, n_tok, g, floor_v, power_v, keep_v, mix_v,
-                          R_BLOCK=_REDUCE_BLOCK, **common)
+                          R_BLOCK=REDUCE_BLOCK, **common)
 
 
 def sort_by_probability(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -521,14 +524,14 @@ def launch_water_filling(sorted_key: torch.Tensor, ints: torch.Tensor, floats: t
             _water_kernel[(1,)](sorted_key, ints, floats, BLOCK=_WATER_BLOCK, num_warps=_WATER_WARPS,
                                 enable_fp_fusion=False)
             return None
-        g = triton.cdiv(n_tok, _MULTI_BLOCK)
+        g = triton.cdiv(n_tok, MULTI_BLOCK)
         dev = sorted_key.device
         part_s = torch.empty((g,), dtype=torch.float64, device=dev)
         partials = WaterPartials(torch.empty((g,), dtype=torch.int64, device=dev),
                                  torch.empty((g,), dtype=torch.float32, device=dev))
-        _block_sum_kernel[(g,)](sorted_key, ints, part_s, BLOCK=_MULTI_BLOCK, num_warps=_MULTI_WARPS)
-        _water_blocks_kernel[(g,)](sorted_key, ints, part_s, partials.j, partials.s, g, BLOCK=_MULTI_BLOCK,
-                                   R_BLOCK=_REDUCE_BLOCK, num_warps=_MULTI_WARPS, enable_fp_fusion=False)
+        _block_sum_kernel[(g,)](sorted_key, ints, part_s, BLOCK=MULTI_BLOCK, num_warps=_MULTI_WARPS)
+        _water_blocks_kernel[(g,)](sorted_key, ints, part_s, partials.j, partials.s, g, BLOCK=MULTI_BLOCK,
+                                   R_BLOCK=REDUCE_BLOCK, num_warps=_MULTI_WARPS, enable_fp_fusion=False)
         return partials
 
 
@@ -548,14 +551,14 @@ def launch_draws(sorted_key: torch.Tensor, order: torch.Tensor, ints: torch.Tens
     step_from_ptr = isinstance(step, torch.Tensor)
     multi = partials is not None
     with device_guard(order):
-        _draw_kernel[(triton.cdiv(n_tok, _DRAW_BLOCK),)](
+        _draw_kernel[(triton.cdiv(n_tok, DRAW_BLOCK),)](
             sorted_key, order, ints, floats, partials.j if multi else ints, partials.s if multi else floats,
             step if step_from_ptr else ints, mask if draw else ints, weights if draw else floats,
             pi if pi is not None else floats,
             n_tok, partials.j.numel() if multi else 0, _int32_bits(int(seed)),
             0 if step_from_ptr else _int32_bits(int(step)),
-            STEP_FROM_PTR=step_from_ptr, DRAW=draw, WRITE_PI=pi is not None, MULTI=multi, BLOCK=_DRAW_BLOCK,
-            R_BLOCK=_REDUCE_BLOCK, num_warps=_DRAW_WARPS, enable_fp_fusion=False,
+            STEP_FROM_PTR=step_from_ptr, DRAW=draw, WRITE_PI=pi is not None, MULTI=multi, BLOCK=DRAW_BLOCK,
+            R_BLOCK=REDUCE_BLOCK, num_warps=_DRAW_WARPS, enable_fp_fusion=False,
         )
 
 

@@ -39,8 +39,8 @@ def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     ``SINGLE_PROGRAM_MAX_TOKENS``; here for every non-empty input)."""
     monkeypatch.setattr(ksam, "SINGLE_PROGRAM_MAX_TOKENS", 2**31 if request.param == "single" else 0)
     if request.param == "multi":    # small blocks: many partials, reduced in several steps, even on small inputs
-        monkeypatch.setattr(ksam, "_MULTI_BLOCK", 512)
-        monkeypatch.setattr(ksam, "_REDUCE_BLOCK", 4)
+        monkeypatch.setattr(ksam, "MULTI_BLOCK", 512)
+        monkeypatch.setattr(ksam, "REDUCE_BLOCK", 4)
     return request.param
 
 
@@ -134,9 +134,8 @@ def test_difficulty_dtypes(dtype):
 
 
 def test_ties_and_repeated_values_keep_the_reference_order():
-    """Equal p (power 0, λ = 1, repeated difficulties): the stable sort's lower-index-first order matters only
-    through j*, which must agree; π and masks must equal the reference's exactly here (no sums of distinct
-    values to round differently)."""
+    """Equal p (power 0, λ = 1, repeated difficulties, ±0): tied tokens must get the same π and the same
+    treatment as in the reference (SPEC §7.4's order: p descending, ties by lower flat index)."""
     d = np.array([3.0, 3.0, 1.0, 3.0, -0.0, 0.0, 1.0, 3.0, 2.0] * 7, dtype=np.float32)
     e = np.ones(d.shape, dtype=bool)
     e[5::9] = False
@@ -260,8 +259,8 @@ def test_large_input(kernel_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     n_tok = 2**20 + 3 if kernel_path == "single" else 2**17 + 3
     if kernel_path == "multi":
-        monkeypatch.setattr(ksam, "_MULTI_BLOCK", 2048)
-        monkeypatch.setattr(ksam, "_REDUCE_BLOCK", 16)
+        monkeypatch.setattr(ksam, "MULTI_BLOCK", 2048)
+        monkeypatch.setattr(ksam, "REDUCE_BLOCK", 16)
     d = (8.0 + 2.0 * torch.randn(n_tok, generator=g)).to(DEVICE)
     e = (torch.rand(n_tok, generator=g) > 0.1).to(DEVICE)
     m_r, w_r, k_r, pi_r = _reference(d, e, 0.25, step=9, seed=4)
@@ -280,7 +279,7 @@ def test_large_input(kernel_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ launch helpers
 def test_poisoned_outputs_are_fully_written(kernel_path):
     rng = np.random.default_rng(2)
-    n_tok = 2 * ksam._DRAW_BLOCK + 37          # several draw programs and a ragged last one
+    n_tok = 2 * ksam.DRAW_BLOCK + 37          # several draw programs and a ragged last one
     d = rng.standard_normal(n_tok).astype(np.float32)
     e = rng.random(n_tok) < 0.7
     d_t, e_t = _tensors(d, e)
