@@ -54,6 +54,8 @@ KERNEL_ENTRY_POINTS: Mapping[str, str] = {
     "rank_tokens_triton": "cggr_torch.kernels.selection",
     "select_from_scores": "cggr_torch.kernels.selection",
     "launch_chunk_gradient": "cggr_torch.kernels.fused_linear",
+    "sample_tokens_triton": "cggr_torch.kernels.sampling",
+    "sampling_probabilities_triton": "cggr_torch.kernels.sampling",
 }
 
 
@@ -108,8 +110,9 @@ def use_fused_loss(x: torch.Tensor, scoring: Optional[str] = None, selection: Op
     fallback: the subtraction is one elementwise pass over N floats, never over the logits (SPEC §3.1).
 
     ``selection``: the loss's strategy. ``'sampled'`` (SPEC §7.4) needs per-token loss weights, which the fused
-    plan and loss kernels do not carry; it takes the composable path (scoring kernel → ``sample_tokens`` →
-    selective cross-entropy kernel with row weights), by the same rule.
+    plan and loss kernels do not carry; it takes the composable path (scoring kernel → ``sample_tokens``, itself
+    the kernels ``sample_tokens_triton`` of :mod:`cggr_torch.kernels.sampling` → selective cross-entropy kernel
+    with row weights), by the same rule.
     """
     if scoring is not None and scoring in REFERENCE_SCORING_MODES:
         return False

@@ -257,6 +257,15 @@ def _check_seed(seed: object) -> int:
     return check_sampling_parameters(0.0, 0.0, 1.0, seed)[3]
 
 
+def _check_step(step: object) -> None:
+    """SPEC §5.4's step as the draws take it: a host integer ``>= 0`` or a one-element integer tensor."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype.is_floating_point or step.dtype == torch.bool:
+            raise ValueError(f"step: expected an integer scalar, got {step.dtype} {tuple(step.shape)}")
+    elif not is_int(step) or int(step) < 0:
+        raise ValueError(f"step: expected an integer >= 0, got {step!r}")
+
+
 def uniform_hash(seed: int, step: Union[int, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
     """SPEC §7.4: the draws ``u ∈ (0, 1)`` (float32, the shape of ``index``) of a counter-based hash::
 
@@ -275,13 +284,10 @@ def uniform_hash(seed: int, step: Union[int, torch.Tensor], index: torch.Tensor)
     if not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool:
         raise ValueError(f"index: expected an integer tensor, got "
                          f"{index.dtype if isinstance(index, torch.Tensor) else type(index).__name__}")
+    _check_step(step)
     if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.dtype.is_floating_point or step.dtype == torch.bool:
-            raise ValueError(f"step: expected an integer scalar, got {step.dtype} {tuple(step.shape)}")
         step_t = step.reshape(()).to(device=index.device, dtype=torch.int64) & _MASK32
     else:
-        if not is_int(step) or int(step) < 0:
-            raise ValueError(f"step: expected an integer >= 0, got {step!r}")
         step_t = torch.full((), int(step) & _MASK32, dtype=torch.int64, device=index.device)
     h = _mix32(torch.full((), seed ^ _SEED_SALT, dtype=torch.int64, device=index.device))
     h = _mix32(h ^ step_t)
@@ -345,7 +351,9 @@ def sampling_probabilities(difficulty: torch.Tensor, eligible: torch.Tensor, k: 
 
     (water-filling: sort ``p`` descending, suffix sums ``S_j``; ``j*`` = the first ``j < k`` with
     ``(k − j)·p_(j) <= S_j``; ``π = 1`` for the ``j*`` largest and ``c = (k − j*)/S_{j*}``). ``π = 0`` for
-    tokens that are not eligible, and everywhere when ``k = 0``. No synchronisation.
+    tokens that are not eligible, and everywhere when ``k = 0``. No synchronisation. CUDA tensors use
+    :func:`cggr_torch.kernels.sampling.sampling_probabilities_triton` (:mod:`cggr_torch.dispatch`; the same
+    ``π`` within SPEC §11's ``PI_RTOL``, the code below is the reference).
 
     Args:
         difficulty: float tensor ``(N,)`` or ``(B, T)`` (float64 is rounded to float32, SPEC §6).
@@ -355,15 +363,20 @@ def sampling_probabilities(difficulty: torch.Tensor, eligible: torch.Tensor, k: 
     """
     check_inputs(difficulty, eligible)
     power, uniform_mix, floor = _check_sampling(power, uniform_mix, floor)
-    d = as_ranking_dtype(difficulty).reshape(-1).to(torch.float32)
-    e = eligible.reshape(-1) & ~torch.isnan(d)
     if isinstance(k, torch.Tensor):
         if k.numel() != 1 or k.dtype.is_floating_point or k.dtype == torch.bool:
             raise ValueError(f"k: expected an integer scalar, got {k.dtype} {tuple(k.shape)}")
+    elif not is_int(k) or int(k) < 0:
+        raise ValueError(f"k: expected an integer >= 0, got {k!r}")
+    if dispatch.use_kernels(difficulty):
+        kernel = dispatch.kernel("sampling_probabilities_triton")
+        if kernel is not None:
+            return kernel(difficulty, eligible, k, power=power, uniform_mix=uniform_mix, floor=floor)
+    d = as_ranking_dtype(difficulty).reshape(-1).to(torch.float32)
+    e = eligible.reshape(-1) & ~torch.isnan(d)
+    if isinstance(k, torch.Tensor):
         k_t = k.reshape(()).to(device=d.device, dtype=torch.int64)
     else:
-        if not is_int(k) or int(k) < 0:
-            raise ValueError(f"k: expected an integer >= 0, got {k!r}")
         k_t = torch.full((), int(k), dtype=torch.int64, device=d.device)
     return _probabilities(d, e, k_t, power, uniform_mix, floor).reshape(difficulty.shape)
 
@@ -379,6 +392,11 @@ def sample_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union
     Horvitz–Thompson weight is ``w_i = 1/π_i`` (float32; 0 for the others), so that
     ``E[Σ_{i∈S} w_i·ce_i] = Σ_eligible ce_i``.
 
+    CUDA tensors use :func:`cggr_torch.kernels.sampling.sample_tokens_triton` (:mod:`cggr_torch.dispatch`):
+    three launches around one ``torch.sort`` (six for large inputs) instead of about sixty small operations, no
+    synchronisation; the same ``k`` and draws, ``π`` within SPEC §11's ``PI_RTOL`` (the code below is the
+    reference).
+
     Returns:
         ``mask`` (bool, the input's shape), ``weights`` (float32, the input's shape), ``k`` (0-d int32).
     """
@@ -387,6 +405,12 @@ def sample_tokens(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union
     power, uniform_mix, floor = _check_sampling(power, uniform_mix, floor)
     if not isinstance(ratio, torch.Tensor):
         check_ratio_value("ratio", ratio)
+    _check_step(step)
+    if dispatch.use_kernels(difficulty):
+        kernel = dispatch.kernel("sample_tokens_triton")
+        if kernel is not None:
+            return kernel(difficulty, eligible, ratio, step=step, seed=seed, power=power, uniform_mix=uniform_mix,
+                          floor=floor)
     d = as_ranking_dtype(difficulty).reshape(-1).to(torch.float32)
     e = eligible.reshape(-1) & ~torch.isnan(d)
     n = e.sum()

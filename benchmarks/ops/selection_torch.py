@@ -9,6 +9,11 @@ Rows:
 
 * every strategy through the public ``select_tokens`` - the Triton path (CUDA default) and the PyTorch path
   (``CGGR_DISABLE_KERNELS=1``) - plus the Triton path with unique int64 keys (``SORT_KEY_BITS = 64``);
+* SPEC §7.4's ``sample_tokens`` (``sampled``, step 1): the Triton sampler (``cggr_torch.kernels.sampling``:
+  probabilities, sort, water-filling, draws; the default path for the size, and the other one of its
+  one-program / multi-program paths, to tune ``SINGLE_PROGRAM_MAX_TOKENS``) and the PyTorch path; its
+  ``exact`` column is SPEC §11's rule for ``sampled`` (same ``k``, masks identical except draws within
+  ``PI_RTOL·π`` of ``π``), not bit-identity;
 * building blocks: argument validation, ``num_selected`` (ratio → k on the device), the Triton key / plan /
   mask kernels, and the sort variants: ``torch.sort`` of the int32 key stable / unstable, of a float32 key
   stable / unstable, of the unique int64 key (``(ordered_bits << 32) | index``) stable / unstable, and the
@@ -90,8 +95,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from benchmarks.harness import compat
     from benchmarks.harness import measure as hmeasure
     from cggr_torch import num_selected, select_tokens
-    from cggr_torch.selection import sample_tokens
+    from cggr_torch.selection import sample_tokens, sampling_probabilities, uniform_hash
     from tests import oracle
+
+    from cggr import CGGRConfig
+
+    power, mix, seed = CGGRConfig.sample_power, CGGRConfig.sample_uniform_mix, CGGRConfig.sample_seed  # defaults
+
+    try:
+        import cggr_torch.kernels.sampling as ksam
+    except ModuleNotFoundError:        # a checkout whose sampler has no kernels
+        ksam = None
+
+    @contextlib.contextmanager
+    def sampler_path(multi: bool) -> Iterator[None]:
+        """The Triton sampler's one-program (``multi=False``) or multi-program kernels whatever ``N`` is."""
+        if ksam is None:
+            yield
+            return
+        saved = ksam.SINGLE_PROGRAM_MAX_TOKENS
+        ksam.SINGLE_PROGRAM_MAX_TOKENS = 0 if multi else 2**31
+        try:
+            yield
+        finally:
+            ksam.SINGLE_PROGRAM_MAX_TOKENS = saved
+
+    def sampled_same(got: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], pi_ref: torch.Tensor) -> bool:
+        """SPEC §11 for ``sampled``: the same k; masks identical except draws within PI_RTOL·π of π."""
+        u = uniform_hash(seed, 1, torch.arange(pi_ref.numel(), device=pi_ref.device)).reshape(pi_ref.shape)
+        band = (u - pi_ref).abs() <= oracle.PI_RTOL * pi_ref
+        return int(got[2]) == int(ref[2]) and not bool(((got[0] != ref[0]) & ~band).any())
 
     ksel = compat.torch_selection_kernels()
 
@@ -218,9 +251,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 record(f"select_tokens {strategy} (pytorch path)",
                        lambda s=strategy: select_tokens(d, e, ratio_t, selection=s), True,
                        strategy=strategy, path="torch")
-        # SPEC §7.4: the sampled selection (PyTorch code on every device; it has no Triton kernel of its own)
-        record("sample_tokens sampled (pytorch path)", lambda: sample_tokens(d, e, ratio_t, step=1), True,
-               strategy="sampled", path="torch")
+        # SPEC §7.4: the sampled selection, Triton sampler (CUDA default) and PyTorch path
+        with reference_path():
+            sampled_ref = sample_tokens(d, e, ratio_t, step=1)
+            pi_ref = sampling_probabilities(d, e, sampled_ref[2], power=power, uniform_mix=mix)
+        fn_s = (lambda: sample_tokens(d, e, ratio_t, step=1))
+        multi_default = ksam is not None and ksam.multi_program(n_tok)
+        record("sample_tokens sampled (triton)", fn_s, sampled_same(fn_s(), sampled_ref, pi_ref),
+               strategy="sampled", path="triton32")
+        with sampler_path(multi=not multi_default):   # the other Triton path, to tune the switch between them
+            record(f"sample_tokens sampled (triton, {'one-program' if multi_default else 'multi-program'})", fn_s,
+                   sampled_same(fn_s(), sampled_ref, pi_ref), strategy="sampled", path="triton-other")
+        with reference_path():
+            record("sample_tokens sampled (pytorch path)", fn_s, True, strategy="sampled", path="torch")
 
         # building blocks
         flat_d, flat_e = d.reshape(-1), e.reshape(-1)
@@ -293,6 +336,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary.append(f"{label:>9} gpu µs triton/torch: " + ", ".join(
             f"{st} {fmt(by[f'select_tokens {st} (triton, int32 key)']['gpu_us'], '.0f')}/"
             f"{fmt(by[f'select_tokens {st} (pytorch path)']['gpu_us'], '.0f')}" for st in STRATEGIES[1:]))
+        ts, ps = by["sample_tokens sampled (triton)"], by["sample_tokens sampled (pytorch path)"]
+        other = next(r for r in rows if r.get("path") == "triton-other")
+        summary.append(f"{label:>9} sampled: triton {fmt(ts['gpu_us'], '.1f')} µs gpu / {fmt(ts['eager_ms'], '.3f')} "
+                       f"ms eager / {fmt(ts['cpu_us'], '.0f')} µs cpu | {other['name'].split(', ')[-1][:-1]} "
+                       f"{fmt(other['gpu_us'], '.1f')} / {fmt(other['eager_ms'], '.3f')} / "
+                       f"{fmt(other['cpu_us'], '.0f')} | torch path {fmt(ps['gpu_us'], '.1f')} / "
+                       f"{fmt(ps['eager_ms'], '.3f')} / {fmt(ps['cpu_us'], '.0f')} | SPEC §11 "
+                       f"{'yes' if ts['exact'] and other['exact'] else 'NO'}")
         summary.append(f"{label:>9} sorts gpu µs: " + ", ".join(
             f"{r['short']} {fmt(r['gpu_us'], '.0f')}" for r in rows if r.get("kind") == "sort") + "; host-k "
             + ", ".join(f"{r['name'].split()[0].strip()} {fmt(r['gpu_us'], '.0f')}" for r in rows

@@ -11,10 +11,15 @@ model's output would), selection ratio 0.25. Every row is one forward + backward
   and ``warmup_steps=0`` so that every row keeps the same 25 % (``stratified``: S = 4; ``sequence_aware``:
   the input is viewed as (16, 1024) sequences, one token each); plus the default configuration (its default
   strategy with the dynamic threshold on: it keeps more tokens, so its backward reads more rows);
+* ``CGGRLoss sampled``        - SPEC §7.4 takes the composable path (scoring kernel → ``sample_tokens``, the
+  Triton sampler of ``cggr_torch.kernels.sampling`` → selective CE kernel with row weights); the row
+  ``CGGRLoss sampled, PyTorch sampler`` swaps in the PyTorch reference sampler (what the row measured before
+  the sampler had kernels), so that the two differ only in the sampler;
 * ``liger CE``                - Liger-Kernel's fused cross-entropy (skipped when ``liger_kernel`` is absent);
 * ``eager CE``                - ``F.cross_entropy(logits, targets)``; ``--compile`` adds ``torch.compile``;
 * parts of the fused path, device time from CUDA graphs: scoring (+ key/status), plan, sort, mask, masked
-  mean, backward kernel; and a short sweep of backward launch variants (block bytes, blocks per program,
+  mean, backward kernel, and the sampled path's ``sample_tokens`` (Triton sampler; a failed capture means it
+  synchronises); and a short sweep of backward launch variants (block bytes, blocks per program,
   store cache modifier, the row-major ``flat`` grid) - pick the fastest for
   ``cggr_torch/kernels/scoring.py`` (``_BACKWARD_*``);
 * two reference floors for the backward kernel, timed like the parts (no CGGR work): ``grad.zero_()`` of an
@@ -86,6 +91,36 @@ def load_liger() -> tuple[Optional[Callable[..., Any]], str]:
                 "liger_kernel.ops.cross_entropy.LigerCrossEntropyFunction"
         except Exception as err_o:  # noqa: BLE001
             return None, f"liger_kernel not importable ({type(err_t).__name__}: {err_t}; {type(err_o).__name__})"
+
+
+def _sample_tokens() -> Optional[Callable[..., Any]]:
+    """``cggr_torch.selection.sample_tokens`` (None in a checkout without the sampled selection)."""
+    import importlib
+
+    return getattr(importlib.import_module("cggr_torch.selection"), "sample_tokens", None)
+
+
+def _reference_sampler() -> Optional[Callable[[], Any]]:
+    """A context manager factory that routes ``sample_tokens`` to its PyTorch reference while every other
+    dispatch decision stays as it is (None in a checkout whose sampler has no kernel entry point)."""
+    import contextlib
+
+    from cggr_torch import dispatch
+
+    if "sample_tokens_triton" not in getattr(dispatch, "KERNEL_ENTRY_POINTS", {}):
+        return None
+    sample_tokens = _sample_tokens()
+
+    def reference(*args: Any, **kwargs: Any) -> Any:
+        with dispatch.force("reference"):
+            return sample_tokens(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def swapped() -> Any:
+        with dispatch.force(dispatch.mode(), kernels={"sample_tokens_triton": reference}):
+            yield
+
+    return swapped
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -212,6 +247,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 fn = (lambda x, t, c=crit: c(x, t).backward())
             record(f"CGGRLoss {strategy}", fn, cggr_floor, kind="module", strategy=strategy)
+        reference_sampler = _reference_sampler()
+        if reference_sampler is not None:
+            # SPEC §7.4 with the PyTorch sampler in place of the Triton one (everything else unchanged)
+            crit_s = CGGRLoss(selection="sampled", dynamic_threshold=False, min_tokens_ratio=args.ratio,
+                              warmup_steps=0)
+
+            def sampled_torch_sampler(x: torch.Tensor, t: torch.Tensor, c: Any = crit_s) -> None:
+                with reference_sampler():
+                    c(x, t).backward()
+            record("CGGRLoss sampled, PyTorch sampler", sampled_torch_sampler, cggr_floor, kind="module",
+                   strategy="sampled+torch-sampler")
         # The docs' strategy with the flat (row-major) backward grid instead of the default 2-D grid.
         crit_flat = CGGRLoss(selection="topk", dynamic_threshold=False, min_tokens_ratio=args.ratio, warmup_steps=0)
 
@@ -256,6 +302,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         order = ksel.sort_order(key)
         mask = torch.empty((n,), dtype=torch.bool, device=device)
         part("mask kernel", lambda: ksel.launch_mask(order, ints, None, mask))
+        sample_fn = _sample_tokens()
+        if sample_fn is not None:
+            sc0 = ks.score_tokens_triton(x0, t0)
+            part("sampler (sample_tokens, sampled)", lambda: sample_fn(sc0.difficulty, sc0.eligible, ratio_t, step=1))
+            del sc0
         loss_buf = torch.empty((), dtype=torch.float32, device=device)
         count = torch.empty((1,), dtype=torch.int64, device=device)
         part("masked mean (loss)", lambda: kce.launch_masked_mean(mask, out[4], loss_buf, count))
@@ -338,6 +389,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary.append("  CGGRLoss: " + ", ".join(
             f"{r['strategy']} {r['median_ms']:.3f} ({fmt(r['x_liger'], '.2f')}x)" for r in rows
             if r.get("kind") == "module"))
+        smp, tk = by.get("CGGRLoss sampled"), by.get("CGGRLoss topk")
+        if smp is not None and tk is not None:     # issue 14's goal: sampled adds <= 5 % at ratio 0.25
+            smp_t = by.get("CGGRLoss sampled, PyTorch sampler")
+            summary.append(f"  sampled {smp['median_ms']:.3f} ms = {smp['median_ms'] / raw['median_ms']:.3f}x raw "
+                           f"pipeline (composable topk), {smp['median_ms'] / tk['median_ms']:.3f}x CGGRLoss topk "
+                           f"(goal <= 1.05) | PyTorch sampler "
+                           f"{fmt(None if smp_t is None else smp_t['median_ms'], '.3f')} ms")
         line = "  parts gpu µs: " + ", ".join(f"{name.split(' (')[0].replace(' kernel', '').strip()} {fmt(us, '.0f')}"
                                            for name, us, _ in parts
                                            if not name.startswith("  ") and not name.startswith("floor"))

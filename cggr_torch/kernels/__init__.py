@@ -19,6 +19,9 @@ Public entry points (imported lazily, so that ``import cggr_torch.kernels`` work
   bit-identical to :func:`cggr_torch.selection.select_tokens`, which dispatches CUDA tensors to it;
   :func:`select_from_scores` is the fused :class:`cggr_torch.CGGRLoss` path's selection (the plan also
   computes the dynamic ratio and every SPEC §10 metric);
+* :func:`sample_tokens_triton` / :func:`sampling_probabilities_triton` - SPEC §7.4's ``sampled`` selection
+  (probabilities → one ``torch.sort`` → water-filling → draws: three launches around the sort, six for large
+  inputs), behind :func:`cggr_torch.selection.sample_tokens` / :func:`~cggr_torch.selection.sampling_probabilities`;
 * :func:`scored_selective_cross_entropy` - the fused path's loss: the masked mean of the scoring pass's
   ``nll`` with the same sparse backward.
 
@@ -48,6 +51,8 @@ __all__ = [
     "select_tokens_triton",
     "rank_tokens_triton",
     "select_from_scores",
+    "sample_tokens_triton",
+    "sampling_probabilities_triton",
     "LaunchConfig",
     "scoring_config",
     "lse_config",
@@ -67,6 +72,8 @@ _LAZY = {
     "select_tokens_triton": "selection",
     "rank_tokens_triton": "selection",
     "select_from_scores": "selection",
+    "sample_tokens_triton": "sampling",
+    "sampling_probabilities_triton": "sampling",
 }
 
 

@@ -1,0 +1,711 @@
+"""The ``sampled`` selection (SPEC §7.4) on the device: three Triton launches around one ``torch.sort``
+(six for large inputs).
+
+:func:`cggr_torch.selection.sample_tokens` and :func:`cggr_torch.selection.sampling_probabilities` dispatch
+CUDA tensors here (:mod:`cggr_torch.dispatch`); the PyTorch code there stays the reference (about 60 small
+operations, launch-bound on the host). The same SPEC §7.4 arithmetic, in this order:
+
+1. **probabilities** (one program, three passes over the ``N`` tokens; fixed summation order):
+   pass 1 counts the eligible tokens ``n`` (eligible and not NaN) and takes ``max ln b`` with
+   ``b = min(max(d, 0) ⊕ ε, FLT_MAX)``; then ``k`` (SPEC §5.3 from the ratio, exactly as
+   :mod:`cggr_torch.kernels.selection`'s plan: ``r_q = round_half_even(ratio·2^16)``,
+   ``k = (r_q·n + 2^15) >> 16`` clamped to ``[1, n]``, 0 when ``n = 0``; or a given ``k``) and
+   ``k' = min(k, n)``; pass 2 sums ``q = exp(β ⊗ (ln b ⊖ ln b*))`` into ``Q``; pass 3 writes the int32 sort
+   key of ``p = ((1 − λ) ⊗ q) ⊘ Q ⊕ λ ⊘ f32(max(n, 1))``: ``~bits(p)`` for an eligible token
+   (``p ≥ +0``, so the ascending key is ``p`` descending) and ``2^31 − 1`` otherwise.
+2. ``torch.sort(key, stable=True)``: the eligible tokens first, ``p`` descending, ties by lower flat index
+   (the stable sort), exactly the reference's order. ``p`` is read back from the sorted key's bits.
+3. **water-filling** (one program, one pass over the ``n`` sorted positions from the last block to the
+   first): ``S_j = carry ⊕ (in-block suffix sum)``, accumulated in float64 and rounded once to float32 (any
+   order is allowed; every term is ``≥ 0`` so ``S_j ≥ p_(j)``), ``j* = min {j < k' : f32(k' − j) ⊗ p_(j) ≤
+   S_j}`` and ``c = f32(k' − j*) ⊘ S_{j*}`` (0 if ``S_{j*} = 0``).
+4. **draws** (one program per block of sorted positions ``m``): ``π = 1`` for ``m < j*`` or when
+   ``k' = n``, ``min(1, c ⊗ p_(m))`` otherwise, 0 for ``m ≥ n`` or ``k' = 0``; token ``i = order[m]`` draws
+   ``u_i`` (lowbias32 of ``(seed, step, i)``, exact uint32 arithmetic) and is kept iff ``m < n`` and
+   ``u_i < π``, with weight ``1 ⊘ π``. Every output element is written once (``order`` is a permutation).
+
+Divisions are ``div_rn`` (correctly rounded, as PyTorch's) and the kernels are compiled without FMA
+contraction; on a GPU ``ln``/``exp`` are libdevice's ``logf``/``expf`` (what PyTorch's CUDA ``log``/``exp``
+call), under the interpreter NumPy's. What may differ from the reference is what SPEC §11 allows: the
+float32 summation order of ``Q`` and of the suffix sums (``π`` within a few ulp); ``n``, ``k``, the order,
+``j*``'s rule and the draws ``u`` are exact. Nothing synchronises with the host: ``n``, ``k``, ``k'``,
+``j*`` and ``c`` stay in two small device buffers (slots in :data:`INT_SLOTS`, :data:`FLOAT_SLOTS`); a device
+ratio outside ``(0, 1]`` clears the ``ok`` slot, which the launcher turns into ``torch._assert_async``.
+
+Launches for ``sample_tokens`` on a CUDA tensor: probabilities, the sort, water-filling, draws (plus the
+assertion when the ratio is a device tensor). The one-program kernels' time grows linearly with ``N`` (a few
+µs per 4096 tokens and pass, estimated), so above :data:`SINGLE_PROGRAM_MAX_TOKENS` steps 1 and 3 are
+multi-program launches instead, one program per block of :data:`MULTI_BLOCK` tokens: step 1 as three
+launches (block counts and maxima; block sums of ``q``; keys), step 3 as two (block sums of ``p`` in float64;
+each block's candidate ``j_b`` with the later blocks' sums as its carry), the draw kernel taking the least
+``j_b``. Every program that needs a global value (``n``, ``max ln b``, ``Q``, ``j*``) reduces all the block
+partials itself in one fixed order, so every program sees the same value and no launch waits on another
+except through the stream order.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from cggr.config import check_sampling_parameters, is_int
+
+from ..utils import check_ratio_value
+from .scoring import check_kernel_device, device_guard, interpreting
+
+__all__ = [
+    "INT_SLOTS",
+    "FLOAT_SLOTS",
+    "SINGLE_PROGRAM_MAX_TOKENS",
+    "DRAW_BLOCK",
+    "MULTI_BLOCK",
+    "REDUCE_BLOCK",
+    "WaterPartials",
+    "multi_program",
+    "sample_tokens_triton",
+    "sampling_probabilities_triton",
+    "launch_probabilities",
+    "sort_by_probability",
+    "launch_water_filling",
+    "launch_draws",
+]
+
+#: Slots of the int32 plan buffer (``k`` is the SPEC §5.3 count, ``k_eff`` = ``min(k, n)``).
+INT_SLOTS = {"n": 0, "k": 1, "k_eff": 2, "j_star": 3, "ok": 4}
+#: Slots of the float32 plan buffer.
+FLOAT_SLOTS = {"c": 0, "s_star": 1, "Q": 2, "ln_b_max": 3}
+_N_INTS = 8
+_N_FLOATS = 4
+
+_PROB_BLOCK = 4096          # one program, 8 warps: 16 tokens per thread per step (as the selection plan)
+_PROB_WARPS = 8
+_WATER_BLOCK = 4096
+_WATER_WARPS = 8
+_DRAW_WARPS = 4
+_MULTI_WARPS = 4
+#: Sorted positions per program of the draw kernel.
+DRAW_BLOCK = 1024
+#: Tokens (or sorted positions) per program of the multi-program kernels.
+MULTI_BLOCK = 2048
+#: Per-block partials read per step when a program reduces all of them (multi-program path).
+REDUCE_BLOCK = 1024
+
+#: Above this many tokens the probabilities and the water-filling use multi-program kernels (six launches
+#: around the sort instead of three): a single program's time grows linearly with N (estimated a few µs per
+#: 4096 tokens and pass), many short programs' does not. Not yet tuned on a GPU (the selection benchmark
+#: times both paths); 65536 keeps the one-program path, at most 16 steps per pass, for N = 16384.
+SINGLE_PROGRAM_MAX_TOKENS = 65536
+
+#: ``K_MODE`` of the probability kernel: where ``k`` comes from.
+_K_FROM_HOST_RATIO, _K_FROM_DEVICE_RATIO, _K_FROM_HOST, _K_FROM_DEVICE = 0, 1, 2, 3
+
+
+# =============================================================================================== kernels
+@triton.jit
+def _ln(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        y = libdevice.log(x)
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _exp(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        y = libdevice.exp(x)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _log_b(d, floor, LIBDEVICE: tl.constexpr):
+    """``ln b`` with ``b = min(max(d, 0) ⊕ ε, FLT_MAX)`` (SPEC §7.4: ±∞ difficulties stay finite)."""
+    b = tl.minimum(tl.maximum(d, 0.0) + floor, 3.4028234663852886e38)
+    return _ln(b, LIBDEVICE)
+
+
+@triton.jit
+def _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE: tl.constexpr):
+    """``(e, ln b)`` of tokens ``idx``: eligible = ``eligible`` and not NaN (SPEC §4)."""
+    d = tl.load(d_ptr + idx, mask=inb, other=0.0).to(tl.float32)    # float64 rounds to nearest (SPEC §6)
+    e = (tl.load(e_ptr + idx, mask=inb, other=0) != 0) & (d == d) & inb
+    return e, _log_b(d, floor, LIBDEVICE)
+
+
+@triton.jit
+def _expected_count(n, ratio_ptr, k_ptr, ratio, k_host, K_MODE: tl.constexpr):
+    """``(k, ok)``: SPEC §5.3's ``k`` from a host or device ratio (``ok``: the ratio lies in ``(0, 1]``), or a
+    given host or device ``k`` (``ok`` true). ``n`` int64."""
+    ok = n >= 0
+    if K_MODE == 0 or K_MODE == 1:
+        if K_MODE == 0:
+            r = ratio + tl.zeros([], tl.float32)
+        else:
+            r = tl.load(ratio_ptr).to(tl.float32)
+        ok = (r > 0.0) & (r <= 1.0)
+        x = tl.where(ok, r * 65536.0, 0.0)                           # an exact scaling
+        f = x.to(tl.int32)                                            # x ≥ 0: truncation = floor
+        frac = x - f.to(tl.float32)                                   # exact
+        r_q = f + ((frac > 0.5) | ((frac == 0.5) & ((f & 1) == 1))).to(tl.int32)
+        k = (r_q.to(tl.int64) * n + 32768) >> 16
+        k = tl.where(n > 0, tl.minimum(n, tl.maximum(k, 1)), 0)
+    elif K_MODE == 2:
+        k = k_host + tl.zeros([], tl.int64)
+    else:
+        k = tl.load(k_ptr).to(tl.int64)
+    return k, ok
+
+
+@triton.jit
+def _store_counts(ints_ptr, floats_ptr, n, k, ok, lb_max):
+    tl.store(ints_ptr + 0, n.to(tl.int32))
+    tl.store(ints_ptr + 1, k.to(tl.int32))
+    tl.store(ints_ptr + 2, tl.minimum(k, n).to(tl.int32))
+    tl.store(ints_ptr + 4, ok.to(tl.int32))
+    tl.store(floats_ptr + 3, lb_max)
+
+
+@triton.jit
+def _q(e, lb, lb_max, power, LIBDEVICE: tl.constexpr):
+    """``q = exp(β ⊗ (ln b ⊖ ln b*))`` of the eligible tokens, 0 for the others."""
+    return tl.where(e, _exp(power * tl.where(e, lb - lb_max, 0.0), LIBDEVICE), 0.0)
+
+
+@triton.jit
+def _sort_key(e, q, Q, share, one_minus_mix):
+    """int32 key of ``p = ((1 − λ) ⊗ q) ⊘ Q ⊕ λ/n``: ``~bits(p)`` (``p ≥ +0``), ``2^31 − 1`` if not eligible."""
+    p = tl.math.div_rn(one_minus_mix * q, Q) + share
+    return tl.where(e, ~p.to(tl.int32, bitcast=True), 2147483647)
+
+
+@triton.jit
+def _mass(Q, n, mix):
+    """``(Q, λ ⊘ f32(max(n, 1)))``; ``Q ≥ 1`` whenever ``n ≥ 1`` (q of the maximum is ``exp(0) = 1``), and no
+    ``p`` is read when ``n = 0``."""
+    share = tl.math.div_rn(mix + tl.zeros([], tl.float32), tl.maximum(n, 1).to(tl.float32))
+    return tl.where(Q > 0.0, Q, 1.0), share
+
+
+@triton.jit(do_not_specialize=["k_host"])
+def _probabilities_kernel(
+    d_ptr, e_ptr, ratio_ptr, k_ptr, key_ptr, ints_ptr, floats_ptr,
+    N, ratio, k_host, floor, power, one_minus_mix, mix,
+    K_MODE: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: ``n``, ``max ln b``, ``k``, ``Q`` and the sort key of ``p``. See the module docstring."""
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    # pass 1: n and max ln b over the eligible tokens
+    cnt = tl.zeros([BLOCK], tl.int32)
+    top = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(0, N, BLOCK):
+        idx = offs + start
+        inb = idx < N
+        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        cnt += e.to(tl.int32)
+        top = tl.maximum(top, tl.where(e, lb, float("-inf")))
+    n = tl.sum(cnt.to(tl.int64), 0)
+    lb_max = tl.where(n > 0, tl.max(top, 0), 0.0)                   # n = 0: no q is read
+    k, ok = _expected_count(n, ratio_ptr, k_ptr, ratio, k_host, K_MODE)
+    # pass 2: Q = Σ_eligible q
+    q_acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, N, BLOCK):
+        idx = offs + start
+        inb = idx < N
+        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        q_acc += _q(e, lb, lb_max, power, LIBDEVICE)
+    Q, share = _mass(tl.sum(q_acc, 0), n, mix)
+    # pass 3: the sort key of p
+    for start in range(0, N, BLOCK):
+        idx = offs + start
+        inb = idx < N
+        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        tl.store(key_ptr + idx, _sort_key(e, _q(e, lb, lb_max, power, LIBDEVICE), Q, share, one_minus_mix),
+                 mask=inb)
+    _store_counts(ints_ptr, floats_ptr, n, k, ok, lb_max)
+    tl.store(floats_ptr + 2, Q)
+
+
+# --- the same three passes as three multi-program launches (large N): per-block partials, each program of a
+# --- later launch reduces all of them in one fixed order (so every program sees the same n, max and Q)
+@triton.jit
+def _count_max_kernel(d_ptr, e_ptr, part_n_ptr, part_max_ptr, N, floor, LIBDEVICE: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Block ``b``: its eligible count and ``max ln b``."""
+    b = tl.program_id(0)
+    idx = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    e, lb = _load_eligible(d_ptr, e_ptr, idx, idx < N, floor, LIBDEVICE)
+    tl.store(part_n_ptr + b, tl.sum(e.to(tl.int32), 0))
+    tl.store(part_max_ptr + b, tl.max(tl.where(e, lb, float("-inf")), 0))
+
+
+@triton.jit(do_not_specialize=["k_host"])
+def _q_sum_kernel(
+    d_ptr, e_ptr, part_n_ptr, part_max_ptr, part_q_ptr, ratio_ptr, k_ptr, ints_ptr, floats_ptr,
+    N, G, ratio, k_host, floor, power,
+    K_MODE: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr, R_BLOCK: tl.constexpr,
+):
+    """Block ``b``: ``Σ q`` of its tokens (``n`` and ``max ln b`` reduced from the partials); program 0 also
+    stores ``n``, ``k``, ``k'``, ``ok`` and ``max ln b``."""
+    b = tl.program_id(0)
+    r = tl.arange(0, R_BLOCK)
+    cnt = tl.zeros([R_BLOCK], tl.int64)
+    top = tl.full([R_BLOCK], float("-inf"), tl.float32)
+    for s0 in range(0, G, R_BLOCK):
+        inr = (s0 + r) < G
+        cnt += tl.load(part_n_ptr + s0 + r, mask=inr, other=0).to(tl.int64)
+        top = tl.maximum(top, tl.load(part_max_ptr + s0 + r, mask=inr, other=float("-inf")))
+    n = tl.sum(cnt, 0)
+    lb_max = tl.where(n > 0, tl.max(top, 0), 0.0)
+    idx = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    e, lb = _load_eligible(d_ptr, e_ptr, idx, idx < N, floor, LIBDEVICE)
+    tl.store(part_q_ptr + b, tl.sum(_q(e, lb, lb_max, power, LIBDEVICE), 0))
+    if b == 0:
+        k, ok = _expected_count(n, ratio_ptr, k_ptr, ratio, k_host, K_MODE)
+        _store_counts(ints_ptr, floats_ptr, n, k, ok, lb_max)
+
+
+@triton.jit
+def _key_kernel(d_ptr, e_ptr, part_q_ptr, key_ptr, ints_ptr, floats_ptr, N, G, floor, power, one_minus_mix, mix,
+                LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr, R_BLOCK: tl.constexpr):
+    """Block ``b``: the sort keys of its tokens (``Q`` reduced from the partials in one fixed order)."""
+    b = tl.program_id(0)
+    n = tl.load(ints_ptr + 0).to(tl.int64)
+    lb_max = tl.load(floats_ptr + 3)
+    r = tl.arange(0, R_BLOCK)
+    q_acc = tl.zeros([R_BLOCK], tl.float32)
+    for s0 in range(0, G, R_BLOCK):
+        q_acc += tl.load(part_q_ptr + s0 + r, mask=(s0 + r) < G, other=0.0)
+    Q, share = _mass(tl.sum(q_acc, 0), n, mix)
+    idx = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = idx < N
+    e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+    tl.store(key_ptr + idx, _sort_key(e, _q(e, lb, lb_max, power, LIBDEVICE), Q, share, one_minus_mix), mask=inb)
+    if b == 0:
+        tl.store(floats_ptr + 2, Q)
+
+
+@triton.jit
+def _sorted_p(skey_ptr, j, ranked):
+    """``p_(j)`` from the sorted key's bits (0 past the ``n`` eligible positions)."""
+    key = tl.load(skey_ptr + j, mask=ranked, other=-1)              # ~(-1) = +0.0
+    return tl.where(ranked, (~key).to(tl.float32, bitcast=True), 0.0)
+
+
+@triton.jit
+def _block_candidate(skey_ptr, j, n, kk, carry):
+    """Sorted positions ``j`` (descending along the lanes) with ``carry`` = the float64 sum of every later
+    position: ``(j_b, S at j_b, S64 at the block's first position)``, ``j_b`` the least ``j < k'`` with
+    ``f32(k' − j) ⊗ p_(j) ≤ S_j`` (``n + 1`` if none). ``S_j`` accumulates in float64 (smallest terms first)
+    and is rounded once to float32: within about an ulp of the exact sum whatever the scan's order."""
+    ranked = j < n
+    p = _sorted_p(skey_ptr, j, ranked)
+    S64 = carry + tl.cumsum(p.to(tl.float64), 0)
+    S = S64.to(tl.float32)
+    qualifies = ranked & (j < kk) & ((kk - j).to(tl.float32) * p <= S)
+    j_b = tl.min(tl.where(qualifies, j, n + 1), 0)
+    s_b = tl.sum(tl.where(j == j_b, S, 0.0), 0)
+    return j_b, s_b, tl.max(S64, 0)
+
+
+@triton.jit
+def _fill_factor(kk, j_star, s_star):
+    """``c = f32(k' − j*) ⊘ S_{j*}`` (0 if ``S_{j*} = 0``)."""
+    return tl.where(s_star > 0.0,
+                    tl.math.div_rn((kk - j_star).to(tl.float32), tl.where(s_star > 0.0, s_star, 1.0)), 0.0)
+
+
+@triton.jit
+def _water_kernel(skey_ptr, ints_ptr, floats_ptr, BLOCK: tl.constexpr):
+    """One program: ``j*`` and ``c`` of the water-filling from the sorted keys, last block first."""
+    n = tl.load(ints_ptr + 0).to(tl.int64)
+    kk = tl.load(ints_ptr + 2).to(tl.int64)
+    rev = (BLOCK - 1 - tl.arange(0, BLOCK)).to(tl.int64)     # lane t holds position start + BLOCK − 1 − t
+    n_blocks = tl.cdiv(n, BLOCK)
+    carry = tl.zeros([], tl.float64)
+    j_star = n + 1                                 # > every candidate (candidates are < k' ≤ n)
+    s_star = tl.zeros([], tl.float32)
+    for b in range(0, n_blocks):
+        j_b, s_b, carry = _block_candidate(skey_ptr, (n_blocks - 1 - b) * BLOCK + rev, n, kk, carry)
+        better = j_b < j_star                      # blocks come last to first: a lower j always wins
+        j_star = tl.where(better, j_b, j_star)
+        s_star = tl.where(better, s_b, s_star)
+    tl.store(ints_ptr + 3, tl.minimum(j_star, n).to(tl.int32))
+    tl.store(floats_ptr + 0, _fill_factor(kk, j_star, s_star))
+    tl.store(floats_ptr + 1, s_star)
+
+
+@triton.jit
+def _block_sum_kernel(skey_ptr, ints_ptr, part_s_ptr, BLOCK: tl.constexpr):
+    """Block ``b`` of sorted positions: the float64 sum of its ``p``."""
+    b = tl.program_id(0)
+    n = tl.load(ints_ptr + 0).to(tl.int64)
+    j = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(part_s_ptr + b, tl.sum(_sorted_p(skey_ptr, j, j < n).to(tl.float64), 0))
+
+
+@triton.jit
+def _water_blocks_kernel(skey_ptr, ints_ptr, part_s_ptr, part_j_ptr, part_sj_ptr, G, BLOCK: tl.constexpr,
+                         R_BLOCK: tl.constexpr):
+    """Block ``b`` of sorted positions: its water-filling candidate ``(j_b, S_{j_b})``, the carry being the sum of
+    the later blocks' partial sums (the draw kernel takes the least ``j_b``)."""
+    b = tl.program_id(0)
+    n = tl.load(ints_ptr + 0).to(tl.int64)
+    kk = tl.load(ints_ptr + 2).to(tl.int64)
+    r = tl.arange(0, R_BLOCK)
+    acc = tl.zeros([R_BLOCK], tl.float64)
+    for s0 in range(0, G, R_BLOCK):
+        later = ((s0 + r) < G) & ((s0 + r) > b)
+        acc += tl.load(part_s_ptr + s0 + r, mask=later, other=0.0)
+    rev = (BLOCK - 1 - tl.arange(0, BLOCK)).to(tl.int64)
+    j_b, s_b, _ = _block_candidate(skey_ptr, b.to(tl.int64) * BLOCK + rev, n, kk, tl.sum(acc, 0))
+    tl.store(part_j_ptr + b, j_b)
+    tl.store(part_sj_ptr + b, s_b)
+
+
+@triton.jit
+def _lowbias32(x):
+    """lowbias32 (SPEC §7.4) on uint32: logical shifts, products mod 2^32."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x7FEB352D, tl.int32).to(tl.uint32, bitcast=True)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], -2073254261, tl.int32).to(tl.uint32, bitcast=True)        # 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit(do_not_specialize=["seed", "step"])
+def _draw_kernel(
+    skey_ptr, order_ptr, ints_ptr, floats_ptr, part_j_ptr, part_sj_ptr, step_ptr, mask_ptr, w_ptr, pi_ptr,
+    N, G, seed, step,
+    STEP_FROM_PTR: tl.constexpr, DRAW: tl.constexpr, WRITE_PI: tl.constexpr, MULTI: tl.constexpr,
+    BLOCK: tl.constexpr, R_BLOCK: tl.constexpr,
+):
+    """Sorted positions ``m`` of one block: ``π``, the draw, the mask and the weight of token ``order[m]``.
+    ``MULTI``: ``j*`` and ``c`` from the water-filling blocks' candidates (the least ``j_b``), else from the
+    one-program water-filling's slots."""
+    m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = m < N
+    n = tl.load(ints_ptr + 0).to(tl.int64)
+    kk = tl.load(ints_ptr + 2).to(tl.int64)
+    if MULTI:
+        r = tl.arange(0, R_BLOCK)
+        least = tl.zeros([R_BLOCK], tl.int64) + (n + 1)
+        for s0 in range(0, G, R_BLOCK):
+            least = tl.minimum(least, tl.load(part_j_ptr + s0 + r, mask=(s0 + r) < G, other=n + 1))
+        j_star = tl.min(least, 0)
+        s_acc = tl.zeros([R_BLOCK], tl.float32)
+        for s0 in range(0, G, R_BLOCK):                 # candidates are distinct positions: one block has j*
+            inr = (s0 + r) < G
+            jb = tl.load(part_j_ptr + s0 + r, mask=inr, other=n + 1)
+            s_acc = tl.maximum(s_acc, tl.where(inr & (jb == j_star) & (j_star <= n),
+                                               tl.load(part_sj_ptr + s0 + r, mask=inr, other=0.0), 0.0))
+        c = _fill_factor(kk, j_star, tl.max(s_acc, 0))
+    else:
+        j_star = tl.load(ints_ptr + 3).to(tl.int64)
+        c = tl.load(floats_ptr + 0)
+    ranked = m < n
+    p = _sorted_p(skey_ptr, m, inb & ranked)
+    tok = tl.load(order_ptr + m, mask=inb, other=0)
+    pi = tl.where((m < j_star) | (kk >= n), 1.0, tl.minimum(c * p, 1.0))
+    pi = tl.where(ranked & (kk > 0), pi, 0.0)
+    if WRITE_PI:
+        tl.store(pi_ptr + tok, pi, mask=inb)
+    if DRAW:
+        # seed and step are host integers mod 2^32 passed as int32 bit patterns (one signature for all values)
+        h = _lowbias32((seed + tl.zeros([], tl.int32)).to(tl.uint32, bitcast=True)
+                       ^ tl.full([], -1640531527, tl.int32).to(tl.uint32, bitcast=True))   # 0x9E3779B9
+        if STEP_FROM_PTR:
+            s = tl.load(step_ptr).to(tl.int64).to(tl.uint32)                # mod 2^32 (truncation)
+        else:
+            s = (step + tl.zeros([], tl.int32)).to(tl.uint32, bitcast=True)
+        h = _lowbias32(h ^ s)
+        h = _lowbias32(h ^ tok.to(tl.uint32))                          # the flat index mod 2^32
+        u = ((h >> 8) | 1).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08   # · 2^-24, exact
+        keep = ranked & (u < pi)
+        w = tl.where(keep, tl.math.div_rn(1.0, tl.where(keep, pi, 1.0)), 0.0)
+        tl.store(mask_ptr + tok, keep, mask=inb)
+        tl.store(w_ptr + tok, w, mask=inb)
+
+
+# ============================================================================================ launchers
+def _int32_bits(value: int) -> int:
+    """A value mod 2^32 as the signed int32 with the same bits (so the kernel argument is always int32)."""
+    value &= 0xFFFFFFFF
+    return value - 2**32 if value >= 2**31 else value
+
+
+def _libdevice() -> bool:
+    """libdevice ``logf``/``expf`` when compiled (PyTorch's CUDA functions); the interpreter has no libdevice."""
+    return not interpreting()
+
+
+def multi_program(n_tokens: int) -> bool:
+    """Whether ``n_tokens`` take the multi-program kernels (more launches, each short) instead of the single
+    programs (whose time grows linearly with ``N``): above :data:`SINGLE_PROGRAM_MAX_TOKENS`."""
+    return n_tokens > SINGLE_PROGRAM_MAX_TOKENS
+
+
+class WaterPartials(NamedTuple):
+    """The multi-program water-filling's per-block candidates (int64 ``j_b``, float32 ``S_{j_b}``)."""
+
+    j: torch.Tensor
+    s: torch.Tensor
+
+
+def launch_probabilities(difficulty: torch.Tensor, eligible: torch.Tensor, key: torch.Tensor, ints: torch.Tensor,
+                         floats: torch.Tensor, *, ratio: Union[float, torch.Tensor, None] = None,
+                         k: Union[int, torch.Tensor, None] = None, power: float, uniform_mix: float,
+                         floor: float) -> None:
+    """Step 1: ``key`` (contiguous int32 ``(N,)``) ← the sort key of ``p``; ``ints``/``floats`` ← ``n``, ``k``,
+    ``k'``, ``ok`` (and ``Q``, ``max ln b``). One program, or three multi-program launches above
+    :data:`SINGLE_PROGRAM_MAX_TOKENS`. Exactly one of ``ratio`` (a host float32 value or a one-element float
+    device tensor) and ``k`` (a host integer ``>= 0`` or a one-element integer device tensor).
+    ``difficulty``/``eligible`` flat and contiguous; no other checks here."""
+    if (ratio is None) == (k is None):
+        raise ValueError("launch_probabilities: pass exactly one of ratio and k")
+    ratio_t = k_t = ints
+    ratio_v, k_v = 1.0, 0
+    if ratio is not None:
+        if isinstance(ratio, torch.Tensor):
+            mode, ratio_t = _K_FROM_DEVICE_RATIO, ratio
+        else:
+            mode, ratio_v = _K_FROM_HOST_RATIO, float(ratio)
+    elif isinstance(k, torch.Tensor):
+        mode, k_t = _K_FROM_DEVICE, k
+    else:
+        mode, k_v = _K_FROM_HOST, int(k)
+    n_tok = difficulty.numel()
+    # (1 − λ) and λ rounded to float32 from the float64 host values, as the reference does
+    floor_v, power_v = float(np.float32(floor)), float(np.float32(power))
+    keep_v, mix_v = float(np.float32(1.0 - uniform_mix)), float(np.float32(uniform_mix))
+    with device_guard(difficulty):
+        if not multi_program(n_tok):
+            _probabilities_kernel[(1,)](
+                difficulty, eligible, ratio_t, k_t, key, ints, floats,
+                n_tok, ratio_v, k_v, floor_v, power_v, keep_v, mix_v,
+                K_MODE=mode, LIBDEVICE=_libdevice(), BLOCK=_PROB_BLOCK, num_warps=_PROB_WARPS,
+                enable_fp_fusion=False,
+            )
+            return
+        g = triton.cdiv(n_tok, MULTI_BLOCK)
+        part_n = torch.empty((g,), dtype=torch.int32, device=difficulty.device)
+        part_max = torch.empty((g,), dtype=torch.float32, device=difficulty.device)
+        part_q = torch.empty((g,), dtype=torch.float32, device=difficulty.device)
+        common = dict(LIBDEVICE=_libdevice(), BLOCK=MULTI_BLOCK, num_warps=_MULTI_WARPS, enable_fp_fusion=False)
+        _count_max_kernel[(g,)](difficulty, eligible, part_n, part_max, n_tok, floor_v, **common)
+        _q_sum_kernel[(g,)](difficulty, eligible, part_n, part_max, part_q, ratio_t, k_t, ints, floats,
+                            n_tok, g, ratio_v, k_v, floor_v, power_v, K_MODE=mode, R_BLOCK=REDUCE_BLOCK, **common)
+        _key_kernel[(g,)](difficulty, eligible, part_q, key, ints, floats, n_tok, g, floor_v, power_v, keep_v, mix_v,
+                          R_BLOCK=REDUCE_BLOCK, **common)
+
+
+def sort_by_probability(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2: ``(sorted_key, order)``: one stable ascending ``torch.sort`` of the int32 key (``p`` descending,
+    ties by lower flat index, the ineligible tokens last)."""
+    out = torch.sort(key, stable=True)
+    return out.values, out.indices
+
+
+def launch_water_filling(sorted_key: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor
+                         ) -> Optional[WaterPartials]:
+    """Step 3: one program writing ``j*`` into ``ints`` and ``c`` (and ``S_{j*}``) into ``floats``; above
+    :data:`SINGLE_PROGRAM_MAX_TOKENS` two multi-program launches whose per-block candidates it returns (pass
+    them to :func:`launch_draws`)."""
+    n_tok = sorted_key.numel()
+    if n_tok == 0:
+        return None
+    with device_guard(sorted_key):
+        if not multi_program(n_tok):
+            _water_kernel[(1,)](sorted_key, ints, floats, BLOCK=_WATER_BLOCK, num_warps=_WATER_WARPS,
+                                enable_fp_fusion=False)
+            return None
+        g = triton.cdiv(n_tok, MULTI_BLOCK)
+        dev = sorted_key.device
+        part_s = torch.empty((g,), dtype=torch.float64, device=dev)
+        partials = WaterPartials(torch.empty((g,), dtype=torch.int64, device=dev),
+                                 torch.empty((g,), dtype=torch.float32, device=dev))
+        _block_sum_kernel[(g,)](sorted_key, ints, part_s, BLOCK=MULTI_BLOCK, num_warps=_MULTI_WARPS)
+        _water_blocks_kernel[(g,)](sorted_key, ints, part_s, partials.j, partials.s, g, BLOCK=MULTI_BLOCK,
+                                   R_BLOCK=REDUCE_BLOCK, num_warps=_MULTI_WARPS, enable_fp_fusion=False)
+        return partials
+
+
+def launch_draws(sorted_key: torch.Tensor, order: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor, *,
+                 mask: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+                 pi: Optional[torch.Tensor] = None, seed: int = 0, step: Union[int, torch.Tensor] = 0,
+                 partials: Optional[WaterPartials] = None) -> None:
+    """Step 4: every element of ``pi`` (float32 ``(N,)``) and/or of ``mask`` (bool) and ``weights`` (float32)
+    is written once. ``seed`` a host integer, ``step`` a host integer or a one-element integer tensor on the
+    device (both taken mod 2^32); ``partials``: what :func:`launch_water_filling` returned."""
+    n_tok = order.numel()
+    if n_tok == 0:
+        return
+    draw = mask is not None
+    if draw != (weights is not None):
+        raise ValueError("launch_draws: pass mask and weights together")
+    step_from_ptr = isinstance(step, torch.Tensor)
+    multi = partials is not None
+    with device_guard(order):
+        _draw_kernel[(triton.cdiv(n_tok, DRAW_BLOCK),)](
+            sorted_key, order, ints, floats, partials.j if multi else ints, partials.s if multi else floats,
+            step if step_from_ptr else ints, mask if draw else ints, weights if draw else floats,
+            pi if pi is not None else floats,
+            n_tok, partials.j.numel() if multi else 0, _int32_bits(int(seed)),
+            0 if step_from_ptr else _int32_bits(int(step)),
+            STEP_FROM_PTR=step_from_ptr, DRAW=draw, WRITE_PI=pi is not None, MULTI=multi, BLOCK=DRAW_BLOCK,
+            R_BLOCK=REDUCE_BLOCK, num_warps=_DRAW_WARPS, enable_fp_fusion=False,
+        )
+
+
+# ========================================================================================== public API
+def _check_tensors(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
+    if not isinstance(difficulty, torch.Tensor) or difficulty.dtype not in (torch.float32, torch.float16,
+                                                                             torch.bfloat16, torch.float64):
+        raise ValueError(f"difficulty: expected a float tensor (float32/float16/bfloat16/float64), got "
+                         f"{difficulty.dtype if isinstance(difficulty, torch.Tensor) else type(difficulty).__name__}")
+    check_kernel_device(difficulty, "difficulty")
+    if difficulty.dim() not in (1, 2):
+        raise ValueError(f"difficulty: expected shape (N,) or (B, T), got {tuple(difficulty.shape)}")
+    if not isinstance(eligible, torch.Tensor) or eligible.dtype != torch.bool:
+        raise ValueError(f"eligible: expected a bool tensor, got "
+                         f"{eligible.dtype if isinstance(eligible, torch.Tensor) else type(eligible).__name__}")
+    if tuple(eligible.shape) != tuple(difficulty.shape) or eligible.device != difficulty.device:
+        raise ValueError(f"eligible: expected shape {tuple(difficulty.shape)} on {difficulty.device} (that of "
+                         f"difficulty), got {tuple(eligible.shape)} on {eligible.device}")
+    if difficulty.numel() >= 2**31:
+        raise ValueError(f"difficulty: at most 2**31 - 1 tokens (int32 counts, SPEC §6), got {difficulty.numel()}")
+
+
+def _scalar_tensor(value: torch.Tensor, name: str, device: torch.device, *, floating: bool) -> Optional[
+        torch.Tensor]:
+    """A one-element tensor argument (dtype, size and device checked): the flat tensor when it lives on the
+    kernel's device (read by the kernel; under the interpreter that is the CPU), None for a CPU tensor while
+    the kernel runs on a GPU (the caller reads it on the host: no synchronisation)."""
+    kind = "floating" if floating else "integer"
+    if value.numel() != 1 or value.dtype.is_floating_point != floating or value.dtype == torch.bool:
+        raise ValueError(f"{name}: expected a one-element {kind} tensor, got dtype {value.dtype} and shape "
+                         f"{tuple(value.shape)}")
+    if value.device == device:
+        return value.reshape(1)
+    if value.device.type == "cpu":
+        return None
+    raise ValueError(f"{name}: expected a tensor on {device} or the CPU, got one on {value.device}")
+
+
+def _ratio_argument(ratio: Union[torch.Tensor, float], device: torch.device) -> Union[float, torch.Tensor]:
+    """A host float32 value in (0, 1], or a one-element float tensor on the kernel's device (a GPU value is
+    checked on the device; a CPU value is read and checked now, like the reference's ``num_selected``)."""
+    if isinstance(ratio, torch.Tensor):
+        on_device = _scalar_tensor(ratio, "ratio", device, floating=True)
+        if ratio.device.type == "cpu":
+            check_ratio_value("ratio", ratio)           # reading a CPU tensor does not synchronise
+        if on_device is not None:
+            return on_device
+    return float(np.float32(check_ratio_value("ratio", ratio)))
+
+
+def _int_argument(value: Union[int, torch.Tensor], name: str, device: torch.device) -> Union[int, torch.Tensor]:
+    """``step`` or ``k``: a host integer ``>= 0`` or a one-element integer tensor (see :func:`_scalar_tensor`)."""
+    if isinstance(value, torch.Tensor):
+        on_device = _scalar_tensor(value, name, device, floating=False)
+        return on_device if on_device is not None else int(value.reshape(()))
+    if not is_int(value) or int(value) < 0:
+        raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def _buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((_N_INTS,), dtype=torch.int32, device=device),
+            torch.empty((_N_FLOATS,), dtype=torch.float32, device=device))
+
+
+def _probabilities_and_order(d: torch.Tensor, e: torch.Tensor, *, ratio: Union[float, torch.Tensor, None],
+                             k: Union[int, torch.Tensor, None], power: float, uniform_mix: float,
+                             floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    Optional[WaterPartials]]:
+    """Steps 1-3 of the module docstring: ``(sorted_key, order, ints, floats, partials)``."""
+    dev = d.device
+    ints, floats = _buffers(dev)
+    key = torch.empty((d.numel(),), dtype=torch.int32, device=dev)
+    launch_probabilities(d, e, key, ints, floats, ratio=ratio, k=k, power=power, uniform_mix=uniform_mix,
+                         floor=floor)
+    if isinstance(ratio, torch.Tensor) and dev.type == "cuda":
+        torch._assert_async(ints[INT_SLOTS["ok"]], "ratio: expected a value in (0, 1]")
+    sorted_key, order = sort_by_probability(key)
+    partials = launch_water_filling(sorted_key, ints, floats)
+    return sorted_key, order, ints, floats, partials
+
+
+def sample_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union[torch.Tensor, float], *,
+                         step: Union[int, torch.Tensor] = 0, seed: int = 0, power: float = 1.0,
+                         uniform_mix: float = 0.1, floor: float = 1e-6
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cggr_torch.selection.sample_tokens` (SPEC §7.4) on the device: ``(mask, weights, k)``.
+
+    ``k = num_selected(n, ratio)`` (SPEC §5.3) is the expected count; token ``i`` is kept iff it is eligible
+    (and its difficulty not NaN) and ``uniform_hash(seed, step, i) < π_i``, with weight ``1/π_i`` (float32; 0
+    for the others). Same ``k``, order and draws as the reference; ``π`` within SPEC §11's ``PI_RTOL``.
+
+    Args:
+        difficulty: float32/float16/bfloat16/float64 ``(N,)`` or ``(B, T)`` (float64 rounds to float32),
+            on CUDA (CPU under ``TRITON_INTERPRET=1``).
+        eligible: bool tensor of the same shape and device.
+        ratio: a host number in ``(0, 1]``, or a one-element float tensor (a device value is checked on the
+            device with ``torch._assert_async``).
+        step: a host integer ``>= 0`` or a one-element integer tensor (taken mod 2^32).
+        seed, power, uniform_mix, floor: SPEC §7.4's parameters (``CGGRConfig.sample_*`` rules).
+
+    Returns:
+        ``mask`` (bool, the input's shape), ``weights`` (float32, the input's shape), ``k`` (0-d int32, a view
+        of the plan buffer).
+
+    Raises:
+        ValueError: bad tensors, parameters, ratio or step (nothing is read from the device).
+    """
+    _check_tensors(difficulty, eligible)
+    power, uniform_mix, floor, seed = check_sampling_parameters(power, uniform_mix, floor, seed)
+    dev = difficulty.device
+    r = _ratio_argument(ratio, dev)
+    step_v = _int_argument(step, "step", dev)
+    shape = tuple(difficulty.shape)
+    d = difficulty.reshape(-1).contiguous()
+    e = eligible.reshape(-1).contiguous()
+    sorted_key, order, ints, floats, partials = _probabilities_and_order(d, e, ratio=r, k=None, power=power,
+                                                               uniform_mix=uniform_mix, floor=floor)
+    mask = torch.empty((d.numel(),), dtype=torch.bool, device=dev)
+    weights = torch.empty((d.numel(),), dtype=torch.float32, device=dev)
+    launch_draws(sorted_key, order, ints, floats, mask=mask, weights=weights, seed=seed, step=step_v,
+                 partials=partials)
+    return mask.view(shape), weights.view(shape), ints[INT_SLOTS["k"]]
+
+
+def sampling_probabilities_triton(difficulty: torch.Tensor, eligible: torch.Tensor, k: Union[int, torch.Tensor], *,
+                                  power: float = 1.0, uniform_mix: float = 0.1, floor: float = 1e-6) -> torch.Tensor:
+    """:func:`cggr_torch.selection.sampling_probabilities` (SPEC §7.4) on the device: ``π`` (float32, the
+    input's shape; 0 where not eligible and everywhere when ``k = 0``; ``k > n`` counts as ``n``).
+
+    Args:
+        difficulty, eligible: as :func:`sample_tokens_triton`.
+        k: the expected count, a host integer ``>= 0`` or a one-element integer tensor (a negative device
+            value counts as 0).
+        power, uniform_mix, floor: SPEC §7.4's parameters.
+    """
+    _check_tensors(difficulty, eligible)
+    power, uniform_mix, floor, _ = check_sampling_parameters(power, uniform_mix, floor)
+    dev = difficulty.device
+    k_arg = _int_argument(k, "k", dev)
+    if isinstance(k_arg, int):
+        k_arg = max(0, min(k_arg, 2**31 - 1))           # counts are int32 (a negative CPU tensor counts as 0)
+    shape = tuple(difficulty.shape)
+    d = difficulty.reshape(-1).contiguous()
+    e = eligible.reshape(-1).contiguous()
+    sorted_key, order, ints, floats, partials = _probabilities_and_order(d, e, ratio=None, k=k_arg, power=power,
+                                                               uniform_mix=uniform_mix, floor=floor)
+    pi = torch.empty((d.numel(),), dtype=torch.float32, device=dev)
+    launch_draws(sorted_key, order, ints, floats, pi=pi, partials=partials)
+    return pi.view(shape)
