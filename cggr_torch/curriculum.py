@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import numpy as np
 import torch
 
+from . import dispatch
 from .utils import check_ratio_value
 
 __all__ = ["linear_warmup_ratio", "LinearWarmupSchedule", "dynamic_ratio", "num_selected", "RATIO_SCALE",
@@ -333,6 +334,8 @@ class Curriculum:
                              f"{type(ratio_schedule).__name__}")
         self.ratio_schedule = ratio_schedule
         self._step = 0
+        if torch.cuda.is_available() and dispatch.kernels_enabled():
+            dispatch.preload_kernels()   # torch.compile cannot trace the kernels' import (SPEC §12.1)
         self.register_buffer("curriculum_step", torch.zeros((), dtype=torch.int64), persistent=False)
 
     @property
