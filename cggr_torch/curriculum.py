@@ -171,11 +171,13 @@ def linear_warmup_ratio_tensor(step: torch.Tensor, min_tokens_ratio: float, warm
 
 
 @torch.compiler.disable
-def _host_schedule_value(schedule: Schedule, step: torch.Tensor, host: Optional[Callable[[], int]]) -> float:
+def _host_schedule_value(schedule: Schedule, step: torch.Tensor, host: Optional[Callable[[], int]]
+                         ) -> torch.Tensor:
     # A user schedule maps a host step to a host number: it runs outside the graph (a graph break under
-    # torch.compile, never a recompilation: the host step is read here, not made a constant of the graph).
+    # torch.compile, never a recompilation: the host step is read here and the value returns as a tensor,
+    # so neither becomes a constant of a graph).
     s = host() if host is not None else host_step(step.cpu())
-    return float(base_ratio(schedule, s))
+    return torch.full((), float(base_ratio(schedule, s)), dtype=torch.float32, device=step.device)
 
 
 def base_ratio_tensor(schedule: Schedule, step: torch.Tensor, host: Optional[Callable[[], int]] = None
@@ -190,7 +192,7 @@ def base_ratio_tensor(schedule: Schedule, step: torch.Tensor, host: Optional[Cal
     """
     if isinstance(schedule, LinearWarmupSchedule):
         return linear_warmup_ratio_tensor(step, schedule.min_ratio, schedule.warmup_steps)
-    return torch.full((), _host_schedule_value(schedule, step, host), dtype=torch.float32, device=step.device)
+    return _host_schedule_value(schedule, step, host)
 
 
 def _as_f32_tensor(x: Union[torch.Tensor, Number], device: torch.device) -> torch.Tensor:

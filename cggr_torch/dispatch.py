@@ -20,8 +20,8 @@ one-time ``RuntimeWarning``; an error raised *by* a kernel propagates, never rep
 
 ``kernels={name: fn}`` substitutes kernel entry points for the block (a fake kernel in a test); the returned
 :class:`DispatchLog` counts the calls of every kernel entry point obtained through :func:`kernel` meanwhile.
-Under ``torch.compile`` the dispatch is decided when the call is traced, and the counts are those of the
-traces: a compiled function called again without retracing is not counted again.
+Under ``torch.compile`` the dispatch is decided when the call is traced, and only eager calls are counted
+(a count inside a graph would be a side effect that the compiler guards on).
 """
 from __future__ import annotations
 
@@ -163,8 +163,11 @@ def _counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     logs = list(_state.logs)
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        for log in logs:
-            log.calls[name] += 1
+        # A traced call is not counted: counting would be a side effect of the graph, which the compiler
+        # guards on (a recompilation at every call).
+        if not torch.compiler.is_compiling():
+            for log in logs:
+                log.calls[name] += 1
         return fn(*args, **kwargs)
 
     return wrapped
