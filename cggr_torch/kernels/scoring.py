@@ -674,7 +674,7 @@ def score_tokens_triton(logits: torch.Tensor, targets: Optional[torch.Tensor] = 
 def scoring_op(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int, mode: int,
                key_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, finite, key, status)`` of :func:`launch_scoring` on validated logits: ``out`` float32
-    ``(6, N)``, ``finite`` int8 ``(N,)``; with ``key_bits`` 32 or 64 (needs ``mode >= 0``) the sort key and
+    ``(6, N)`` (row 5, the difficulty, is 0 when ``mode`` is -1), ``finite`` int8 ``(N,)``; with ``key_bits`` 32 or 64 (needs ``mode >= 0``) the sort key and
     the int8 status, else two empty tensors. ``targets``: None or an integer tensor of the token shape."""
     geom = row_geometry(logits.detach())
     n = geom.n
@@ -690,6 +690,8 @@ def scoring_op(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_ind
         key = torch.empty((0,), dtype=torch.int32, device=dev)
         status = torch.empty((0,), dtype=torch.int8, device=dev)
         launch_scoring(geom, t, ignore_index, mode, out, finite)
+    if mode < 0:
+        out[5].zero_()   # no difficulty: the row is defined all the same (an op's outputs are deterministic)
     return out, finite, key, status
 
 
