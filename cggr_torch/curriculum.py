@@ -79,6 +79,11 @@ class LinearWarmupSchedule:
         self.min_ratio = float(self.min_tokens_ratio)  # the same value as a Python float (the tensor form's)
         self.warmup_steps = int(warmup_steps)
 
+    def __setstate__(self, state: dict) -> None:
+        # Schedules pickled before the tensor form existed lack ``min_ratio``.
+        self.__dict__.update(state)
+        self.__dict__.setdefault("min_ratio", float(self.min_tokens_ratio))
+
     def __call__(self, step: int) -> np.float32:
         s = host_step(step)
         if self.warmup_steps == 0:
@@ -190,7 +195,7 @@ def base_ratio_tensor(schedule: Schedule, step: torch.Tensor, host: Optional[Cal
     reads the tensor) outside the compiled graph - a graph break under ``torch.compile`` - and checked to lie
     in ``(0, 1]``.
     """
-    if isinstance(schedule, LinearWarmupSchedule):
+    if type(schedule) is LinearWarmupSchedule:   # a subclass may override __call__: a host schedule then
         return linear_warmup_ratio_tensor(step, schedule.min_ratio, schedule.warmup_steps)
     return _host_schedule_value(schedule, step, host)
 
@@ -200,8 +205,9 @@ def _as_f32_tensor(x: Union[torch.Tensor, Number], device: torch.device) -> torc
         if x.numel() != 1:
             raise ValueError(f"expected a scalar, got a tensor of shape {tuple(x.shape)}")
         return x.reshape(()).to(device=device, dtype=torch.float32)
-    # torch.full writes the value in a kernel: no host-to-device copy, no synchronisation.
-    return torch.full((), float(_F32(x)), dtype=torch.float32, device=device)
+    # torch.full writes the value in a kernel (no host-to-device copy, no synchronisation) and rounds it to
+    # float32 to nearest, as NumPy's float32() does (no NumPy here: torch.compile would trace it).
+    return torch.full((), float(x), dtype=torch.float32, device=device)
 
 
 def _device_of(*xs: object) -> torch.device:

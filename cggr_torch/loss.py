@@ -3,7 +3,7 @@
 One call::
 
     scores      = score_tokens(logits, targets)                    (§2-§4, no gradient)
-    base        = schedule(step)                                   (§5.1, host float32)
+    base        = schedule(step)                                   (§5.1, float32, from the step tensor)
     c̄           = Σ_eligible p1 / max(1, n)                        (device float32)
     ratio       = min(1, base·(1 + (1 − c̄)·sensitivity))            (§5.2; = base when off / fixed_quota)
     mask, k     = select_tokens(d, eligible, ratio, ...)           (§5.3, §7)
@@ -36,8 +36,9 @@ nothing is read out of bounds. Hence ``∂loss/∂z_i = (softmax(z_i) − onehot
 ``i`` and 0 elsewhere, and a call with nothing selectable returns ``0.0`` with an all-zero gradient.
 
 The forward pass never synchronises with the device: ``k``, the masks and the metrics stay tensors; the
-curriculum ratio is computed on the host from the Python-int step; metrics are converted to Python numbers
-only by :meth:`CGGRLoss.get_metrics`.
+curriculum ratio is computed on the device from the module's step tensor (SPEC §12.1: the forward compiles
+with ``torch.compile(fullgraph=True)``, once for every step); metrics are converted to Python numbers only by
+:meth:`CGGRLoss.get_metrics`.
 """
 from __future__ import annotations
 
