@@ -436,6 +436,12 @@ def test_kernel_custom_ops_pass_opcheck():
     mask = readable.bool()
     ops.append((torch.ops.cggr.selected_rows_cross_entropy.default,
                 (h, w, b, out[4].contiguous(), mask, safe, out[0].contiguous(), mask.sum(), 0, 1 << 20)))
+    z = torch.randn(5, 7)
+    k_rows = -(-5 // 16)
+    ops.append((torch.ops.cggr.chunk_gradient.default,
+                (z, torch.randn(5), torch.tensor([0, 3, 9, 2, 4]), 2, torch.tensor([0.5]), torch.empty(k_rows, 7))))
+    ops.append((torch.ops.cggr.chunk_gradient.default,
+                (z.clone(), torch.randn(5), torch.tensor([0, 3, 9, 2, 4]), 2, torch.tensor([0.5]), None)))
     ops.append((torch.ops.cggr.linear_warmup_ratio.default, (torch.tensor(3), 0.25, 10)))
     ops.append((torch.ops.cggr.dynamic_ratio.default, (torch.tensor(0.5), torch.tensor(0.25), torch.tensor(0.5))))
     with dispatch.force("kernel"):
