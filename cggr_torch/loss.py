@@ -292,6 +292,11 @@ class CGGRLoss(Curriculum, nn.Module):
     ``forward(logits, targets)`` takes ``(B, T, V)`` with ``(B, T)`` or ``(N, V)`` with ``(N,)`` (already
     shifted for a causal LM, see :func:`cggr_torch.shift_for_causal_lm`) and returns the float32 loss.
     Call :meth:`step` after each optimizer step (or :meth:`set_step`); the step is part of :meth:`state_dict`.
+
+    ``torch.compile`` (SPEC §12.1): the forward compiles with ``fullgraph=True`` and is compiled once for every
+    step - the step is the module's ``curriculum_step`` buffer, so move the loss to the logits' device
+    (``loss.to(device)``) and call :meth:`step` outside the compiled function (inside, it is a graph break).
+    A custom ``ratio_schedule`` is called on the host: one graph break per call, no recompilation.
     """
 
     def __init__(self, scoring: str = CGGRConfig.scoring, selection: str = CGGRConfig.selection,
