@@ -7,19 +7,31 @@
 * :class:`Curriculum` is the curriculum *state* of every stateful entry point (``CGGRLoss``, the fused LM head
   and the distributed loss, which derive from it, ``CGGRScorer`` and ``CGGRModel``): the step counter, the
   ratio schedule, ``step()``/``set_step()`` and the ``state_dict`` extra state, in one place.
+
+The compile contract (SPEC §12.1): the losses' forward reads the step only as a *tensor* (the module's
+``curriculum_step`` buffer, advanced in place by :meth:`Curriculum.step`) and computes the default schedule's
+ratio from it with :func:`base_ratio_tensor` - the custom op ``cggr::linear_warmup_ratio`` (and
+``cggr::dynamic_ratio`` for SPEC §5.2), whose implementation is the float32 formula one torch op per
+rounding. A custom op is opaque to the compiler, so ``torch.compile`` can neither contract ``1 − t·s`` into a
+fused multiply-add nor rewrite ``s / w`` as ``s·(1/w)``: the compiled ratio is bit-identical to the NumPy
+reference (:class:`LinearWarmupSchedule`), there is no host synchronisation and no recompilation as the step
+moves. The NumPy form stays the documented reference and the host form (``get_metrics``, the scorer).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
+from . import dispatch
 from .utils import check_ratio_value
 
 __all__ = ["linear_warmup_ratio", "LinearWarmupSchedule", "dynamic_ratio", "num_selected", "RATIO_SCALE",
-           "host_step", "base_ratio", "Curriculum", "Schedule"]
+           "host_step", "base_ratio", "Curriculum", "Schedule", "step_tensor", "linear_warmup_ratio_tensor",
+           "base_ratio_tensor"]
 
 #: A ratio schedule: ``step -> ratio`` (a host number in ``(0, 1]``).
 Schedule = Callable[[int], Any]
@@ -64,7 +76,13 @@ class LinearWarmupSchedule:
         if not isinstance(warmup_steps, numbers.Integral) or isinstance(warmup_steps, bool) or warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected an integer >= 0, got {warmup_steps!r}")
         self.min_tokens_ratio = _F32(min_tokens_ratio)
+        self.min_ratio = float(self.min_tokens_ratio)  # the same value as a Python float (the tensor form's)
         self.warmup_steps = int(warmup_steps)
+
+    def __setstate__(self, state: dict) -> None:
+        # Schedules pickled before the tensor form existed lack ``min_ratio``.
+        self.__dict__.update(state)
+        self.__dict__.setdefault("min_ratio", float(self.min_tokens_ratio))
 
     def __call__(self, step: int) -> np.float32:
         s = host_step(step)
@@ -94,13 +112,102 @@ def linear_warmup_ratio(min_tokens_ratio: float = 0.25, warmup_steps: int = 1000
     return LinearWarmupSchedule(min_tokens_ratio, warmup_steps)
 
 
+def step_tensor(step: Union[int, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The curriculum step as a 0-d int64 tensor on ``device`` (SPEC §5.4) without reading a device tensor.
+
+    A host integer is checked (``>= 0``) and written by a fill kernel (no host-to-device copy); an integer
+    0-d tensor is taken as it is (its value is not read: a CPU tensor is checked eagerly outside
+    ``torch.compile``, a device tensor never). Pass a tensor already on ``device``: another device costs a copy.
+
+    Raises:
+        ValueError: a negative or non-integer host step, a floating/bool or non-scalar tensor, a negative CPU
+            tensor (eager).
+    """
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype.is_floating_point or step.dtype == torch.bool or step.is_complex():
+            raise ValueError(f"step: expected an integer scalar, got a tensor of dtype {step.dtype} and shape "
+                             f"{tuple(step.shape)}")
+        if step.device.type == "cpu" and not torch.compiler.is_compiling() and bool(step.reshape(()) < 0):
+            raise ValueError(f"step: expected an integer >= 0, got {int(step)}")
+        return step.reshape(()).to(device=device, dtype=torch.int64)
+    return torch.full((), host_step(step), dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op("cggr::linear_warmup_ratio", mutates_args=())
+def _linear_warmup_op(step: torch.Tensor, min_tokens_ratio: float, warmup_steps: int) -> torch.Tensor:
+    # One torch op per rounding of SPEC §5.1, each a correctly rounded float32 operation (the op is opaque to
+    # torch.compile, which would otherwise be free to contract or reorder them).
+    f32 = torch.float32
+    r_min = torch.full((), min_tokens_ratio, dtype=f32, device=step.device)   # rounded to float32
+    if warmup_steps == 0:
+        return r_min
+    one = torch.ones((), dtype=f32, device=step.device)
+    # f32(step): int64 → float32 rounds to nearest (exact below 2^24), as NumPy's float32(int).
+    w = torch.full((), float(warmup_steps), dtype=f32, device=step.device)     # f32(warmup_steps)
+    frac = torch.minimum(one, torch.div(step.to(f32), w))
+    return torch.sub(one, torch.mul(frac, torch.sub(one, r_min)))
+
+
+@_linear_warmup_op.register_fake
+def _(step: torch.Tensor, min_tokens_ratio: float, warmup_steps: int) -> torch.Tensor:
+    return torch.empty((), dtype=torch.float32, device=step.device)
+
+
+@torch.library.custom_op("cggr::dynamic_ratio", mutates_args=())
+def _dynamic_ratio_op(base: torch.Tensor, mean_confidence: torch.Tensor, sensitivity: torch.Tensor) -> torch.Tensor:
+    # SPEC §5.2 one rounding per op (opaque to torch.compile: no fused multiply-add).
+    one = torch.ones((), dtype=torch.float32, device=mean_confidence.device)
+    adj = torch.mul(torch.sub(one, mean_confidence), sensitivity)
+    return torch.clamp(torch.mul(base, torch.add(adj, one)), max=1.0)
+
+
+@_dynamic_ratio_op.register_fake
+def _(base: torch.Tensor, mean_confidence: torch.Tensor, sensitivity: torch.Tensor) -> torch.Tensor:
+    return torch.empty((), dtype=torch.float32, device=mean_confidence.device)
+
+
+def linear_warmup_ratio_tensor(step: torch.Tensor, min_tokens_ratio: float, warmup_steps: int) -> torch.Tensor:
+    """SPEC §5.1 on a 0-d integer step tensor: a 0-d float32 tensor on the step's device, bit-identical to
+    :func:`linear_warmup_ratio` (the NumPy reference) at the same step. No synchronisation; under
+    ``torch.compile`` one graph serves every step (the custom op ``cggr::linear_warmup_ratio``)."""
+    # The op rounds min_tokens_ratio to float32 itself (torch.full), as NumPy's float32() does: no NumPy here,
+    # which torch.compile would trace.
+    return _linear_warmup_op(step.reshape(()).to(torch.int64), float(min_tokens_ratio), int(warmup_steps))
+
+
+@torch.compiler.disable
+def _host_schedule_value(schedule: Schedule, step: torch.Tensor, host: Optional[Callable[[], int]]
+                         ) -> torch.Tensor:
+    # A user schedule maps a host step to a host number: it runs outside the graph (a graph break under
+    # torch.compile, never a recompilation: the host step is read here and the value returns as a tensor,
+    # so neither becomes a constant of a graph).
+    s = host() if host is not None else host_step(step.cpu())
+    return torch.full((), float(base_ratio(schedule, s)), dtype=torch.float32, device=step.device)
+
+
+def base_ratio_tensor(schedule: Schedule, step: torch.Tensor, host: Optional[Callable[[], int]] = None
+                      ) -> torch.Tensor:
+    """``base(step)`` (SPEC §5.1) as a 0-d float32 tensor on the step tensor's device.
+
+    The default schedule (:class:`LinearWarmupSchedule`) is computed from ``step`` with torch ops
+    (:func:`linear_warmup_ratio_tensor`): no synchronisation, no graph break. Any other callable is a host
+    function ``int -> number``: it is called with ``host()`` (the host step; ``int(step)`` when None, which
+    reads the tensor) outside the compiled graph - a graph break under ``torch.compile`` - and checked to lie
+    in ``(0, 1]``.
+    """
+    if type(schedule) is LinearWarmupSchedule:   # a subclass may override __call__: a host schedule then
+        return linear_warmup_ratio_tensor(step, schedule.min_ratio, schedule.warmup_steps)
+    return _host_schedule_value(schedule, step, host)
+
+
 def _as_f32_tensor(x: Union[torch.Tensor, Number], device: torch.device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"expected a scalar, got a tensor of shape {tuple(x.shape)}")
         return x.reshape(()).to(device=device, dtype=torch.float32)
-    # torch.full writes the value in a kernel: no host-to-device copy, no synchronisation.
-    return torch.full((), float(_F32(x)), dtype=torch.float32, device=device)
+    # torch.full writes the value in a kernel (no host-to-device copy, no synchronisation) and rounds it to
+    # float32 to nearest, as NumPy's float32() does (no NumPy here: torch.compile would trace it).
+    return torch.full((), float(x), dtype=torch.float32, device=device)
 
 
 def _device_of(*xs: object) -> torch.device:
@@ -124,14 +231,14 @@ def dynamic_ratio(base_ratio: Union[torch.Tensor, Number], mean_confidence: Unio
     """
     if not isinstance(threshold_sensitivity, torch.Tensor):
         if not isinstance(threshold_sensitivity, numbers.Real) or isinstance(threshold_sensitivity, bool) \
-                or not np.isfinite(float(threshold_sensitivity)) or float(threshold_sensitivity) < 0:
+                or not math.isfinite(float(threshold_sensitivity)) or float(threshold_sensitivity) < 0:
             raise ValueError(f"threshold_sensitivity: expected a finite number >= 0, got {threshold_sensitivity!r}")
     dev = _device_of(mean_confidence, base_ratio, threshold_sensitivity)
     base = _as_f32_tensor(base_ratio, dev)
     conf = _as_f32_tensor(mean_confidence, dev)
     sens = _as_f32_tensor(threshold_sensitivity, dev)
-    adj = (1.0 - conf) * sens          # float32 tensor ops (a Python scalar does not promote float32)
-    return torch.clamp(base * (adj + 1.0), max=1.0)
+    # One float32 op per rounding inside the custom op cggr::dynamic_ratio (opaque to torch.compile).
+    return _dynamic_ratio_op(base, conf, sens)
 
 
 def num_selected(n: Union[torch.Tensor, int], ratio: Union[torch.Tensor, Number]) -> Union[torch.Tensor, int]:
@@ -175,7 +282,8 @@ def num_selected(n: Union[torch.Tensor, int], ratio: Union[torch.Tensor, Number]
                              f"{tuple(ratio.shape)}")
         r_t = ratio.reshape(()).to(device=dev, dtype=torch.float32)
         ok = (r_t > 0) & (r_t <= 1)
-        if r_t.device.type == "cuda":
+        if r_t.device.type == "cuda" or torch.compiler.is_compiling():
+            # A compiled graph cannot raise on a value: the check becomes an assertion (RuntimeError).
             torch._assert_async(ok, "ratio: expected a value in (0, 1]")
         elif r_t.device.type == "cpu" and not bool(ok):
             raise ValueError(f"ratio: expected a value in (0, 1], got {float(r_t)}")
@@ -207,14 +315,23 @@ class Curriculum:
     The entry point stores its :class:`cggr.CGGRConfig` as ``self.config``; each setting is readable as an
     attribute of the same name (``loss.selection``, ``model.warmup_steps``, ...).
 
-    Holds the step (a host ``int``, never a device tensor: reading it costs no synchronisation) and the ratio
-    schedule. The step is part of ``state_dict()`` as the module's extra state ``{'step': int}``, so resuming
+    Holds the step twice, kept equal by :meth:`step` and :meth:`set_step`: a host ``int`` (``current_step``,
+    for the host readers - ``get_metrics``, the scorer, the Trainer callback - so reading it costs no
+    synchronisation) and the 0-d int64 buffer ``curriculum_step`` that the losses' forward reads (SPEC §12.1:
+    under ``torch.compile`` the graph takes the step as a tensor input, so it is compiled once for every
+    step). :meth:`step` advances the buffer in place (one tiny kernel, no synchronisation). The buffer is not
+    persistent: the step is part of ``state_dict()`` as the module's extra state ``{'step': int}``, so resuming
     from a checkpoint restores the curriculum; :meth:`set_step` sets it (the Hugging Face callback of
     :mod:`cggr_torch.integrations` re-syncs it to the trainer's global step on a resume).
+
+    ``step()`` and ``set_step()`` run eagerly (``torch.compiler.disable``): called inside a compiled function
+    they are a graph break, never a recompilation. Call them outside the compiled step (after the optimizer
+    step) for a graph without breaks.
     """
 
     _step: int
     ratio_schedule: Schedule
+    curriculum_step: torch.Tensor
 
     def _init_curriculum(self, min_tokens_ratio: float, warmup_steps: int,
                          ratio_schedule: Optional[Schedule]) -> None:
@@ -225,19 +342,28 @@ class Curriculum:
                              f"{type(ratio_schedule).__name__}")
         self.ratio_schedule = ratio_schedule
         self._step = 0
+        if torch.cuda.is_available() and dispatch.kernels_enabled():
+            dispatch.preload_kernels()   # torch.compile cannot trace the kernels' import (SPEC §12.1)
+        self.register_buffer("curriculum_step", torch.zeros((), dtype=torch.int64), persistent=False)
 
     @property
     def current_step(self) -> int:
         """The curriculum step the next forward uses (number of :meth:`step` calls, or as restored/set)."""
         return self._step
 
+    @torch.compiler.disable
     def step(self) -> None:
         """Advance the curriculum by one; call once after each optimizer step."""
         self._step += 1
+        with torch.no_grad():
+            self.curriculum_step.add_(1)
 
+    @torch.compiler.disable
     def set_step(self, step: int) -> None:
         """Set the curriculum step (e.g. to the trainer's global step when resuming)."""
         self._step = host_step(step)
+        with torch.no_grad():
+            self.curriculum_step.fill_(self._step)   # a fill kernel: no host-to-device copy
 
     def get_extra_state(self) -> dict[str, int]:
         return {"step": self._step}
@@ -249,8 +375,28 @@ class Curriculum:
         self.set_step(state["step"])
 
     def base_ratio(self) -> np.float32:
-        """``base(step)`` at the current step (SPEC §5.1, or the custom schedule's value, checked)."""
+        """``base(step)`` at the current step (SPEC §5.1, or the custom schedule's value, checked; host)."""
         return base_ratio(self.ratio_schedule, self._step)
+
+    def step_on(self, device: torch.device) -> torch.Tensor:
+        """The step buffer on ``device`` (0-d int64), for the forward. Outside ``torch.compile`` a buffer on
+        another device is moved there once (the module then keeps it there); inside, it is copied per call -
+        move the module (``loss.to(device)``) or run one eager call before compiling to avoid the copy."""
+        buf = self.curriculum_step
+        if buf.device != device:
+            buf = buf.to(device)
+            if not torch.compiler.is_compiling():
+                self.curriculum_step = buf
+        return buf
+
+    def base_ratio_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(step, base)``: the step buffer and ``base(step)`` (SPEC §5.1) as 0-d tensors on ``device``
+        (:func:`base_ratio_tensor`; the default schedule never synchronises nor breaks a compiled graph)."""
+        step = self.step_on(device)
+        return step, base_ratio_tensor(self.ratio_schedule, step, host=self._host_step)
+
+    def _host_step(self) -> int:
+        return self._step
 
 
 for _name in ("scoring", "selection", "dynamic_threshold", "threshold_sensitivity", "min_tokens_ratio",

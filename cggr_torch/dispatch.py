@@ -20,6 +20,8 @@ one-time ``RuntimeWarning``; an error raised *by* a kernel propagates, never rep
 
 ``kernels={name: fn}`` substitutes kernel entry points for the block (a fake kernel in a test); the returned
 :class:`DispatchLog` counts the calls of every kernel entry point obtained through :func:`kernel` meanwhile.
+Under ``torch.compile`` the dispatch is decided when the call is traced, and only eager calls are counted
+(a count inside a graph would be a side effect that the compiler guards on).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from cggr.config import SAMPLED_SELECTIONS
 
 __all__ = ["MODES", "KERNEL_DEVICE_TYPES", "FUSED_LOSS_DEVICE_TYPES", "KERNEL_ENTRY_POINTS", "DispatchLog",
            "kernels_enabled", "use_kernels", "use_fused_loss", "load_kernel", "kernel", "warn_no_kernel", "force",
-           "mode"]
+           "mode", "preload_kernels"]
 
 MODES: tuple[str, ...] = ("auto", "kernel", "reference")
 #: Devices whose tensors use the kernels under ``"auto"``.
@@ -144,12 +146,31 @@ def load_kernel(module_name: str, attr: str) -> Optional[Callable[..., Any]]:
     return _import_cache[key]
 
 
+def preload_kernels() -> None:
+    """Import every kernel module now (memoised by :func:`load_kernel`; a missing Triton is remembered as None).
+
+    ``torch.compile`` cannot trace an import, so the entry points must be resolved before a compiled call
+    first asks for them (SPEC §12.1): :func:`force` does this for ``"kernel"``, and the CGGR modules do it when
+    they are built on a machine with a kernel device and kernels enabled. A compiled call that still finds a
+    module unimported imports it outside the graph (one graph break, that call only)."""
+    for name, module_name in KERNEL_ENTRY_POINTS.items():
+        load_kernel(module_name, name)
+
+
+@torch.compiler.disable
+def _load_outside_graph(module_name: str, attr: str) -> Optional[Callable[..., Any]]:
+    return load_kernel(module_name, attr)
+
+
 def _counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     logs = list(_state.logs)
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        for log in logs:
-            log.calls[name] += 1
+        # A traced call is not counted: counting would be a side effect of the graph, which the compiler
+        # guards on (a recompilation at every call).
+        if not torch.compiler.is_compiling():
+            for log in logs:
+                log.calls[name] += 1
         return fn(*args, **kwargs)
 
     return wrapped
@@ -161,7 +182,12 @@ def kernel(name: str) -> Optional[Callable[..., Any]]:
     fn = _state.overrides.get(name)
     if fn is None:
         module_name = KERNEL_ENTRY_POINTS[name]
-        fn = load_kernel(module_name, name)
+        if (module_name, name) in _import_cache:
+            fn = _import_cache[(module_name, name)]
+        elif torch.compiler.is_compiling():
+            fn = _load_outside_graph(module_name, name)
+        else:
+            fn = load_kernel(module_name, name)
         if fn is None:
             warn_no_kernel(module_name)
             return None
@@ -191,6 +217,8 @@ def force(mode: str = "kernel", *, fused_loss: bool = True,
     if unknown:
         raise ValueError(f"kernels: unknown kernel entry point(s) {unknown}; expected names of "
                          f"{sorted(KERNEL_ENTRY_POINTS)}")
+    if mode == "kernel":
+        preload_kernels()
     saved = (_state.mode, _state.fused_loss, dict(_state.overrides))
     log = DispatchLog()
     _state.mode, _state.fused_loss = mode, bool(fused_loss)

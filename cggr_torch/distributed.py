@@ -53,7 +53,7 @@ import torch.distributed as dist
 from cggr import CGGRConfig
 from cggr.config import reject_sampled_selection
 
-from .curriculum import Schedule, base_ratio, host_step
+from .curriculum import Schedule, base_ratio_tensor, host_step, step_tensor
 from .loss import (
     CGGRLoss,
     check_base_loss,
@@ -62,7 +62,7 @@ from .loss import (
     selected_cross_entropy,
     validate_inputs,
 )
-from .pipeline import effective_ratio
+from .pipeline import as_ratio_tensor, as_step_tensor, effective_ratio
 from .scoring import check_reference_nll, compute_statistics, row_finite, scores_from_statistics
 from .selection import select_tokens
 from .utils import resolve_config
@@ -116,21 +116,23 @@ def _device_vector(values: list[int], dtype: torch.dtype, device: torch.device) 
     return out
 
 
-def _check_consistency(logits: torch.Tensor, step: int, base: np.float32, world: int,
+def _check_consistency(logits: torch.Tensor, step: torch.Tensor, base: torch.Tensor, world: int,
                        group: Optional[dist.ProcessGroup]) -> None:
-    """Every rank must pass the same logits shape, step and base ratio (one gather of 6 int64 per rank)."""
+    """Every rank must pass the same logits shape, step and base ratio (one gather of 6 int64 per rank).
+    ``step`` and ``base`` are 0-d device tensors (never read on the host)."""
     shape = list(logits.shape[:-1]) + ([-1] if logits.dim() == 2 else [])
-    base_bits = int(np.asarray(base, dtype=np.float32).view(np.int32))
-    mine = [logits.dim(), shape[0], shape[1], logits.shape[-1], int(step), base_bits]
+    mine = [logits.dim(), shape[0], shape[1], logits.shape[-1]]
     dev = logits.device
-    meta = _device_vector(mine, torch.int64, dev)
+    base_bits = base.reshape(1).to(device=dev, dtype=torch.float32).view(torch.int32).to(torch.int64)
+    meta = torch.cat([_device_vector(mine, torch.int64, dev), step.reshape(1).to(device=dev, dtype=torch.int64),
+                      base_bits])
     everyone = torch.empty(world * _META_LEN, dtype=torch.int64, device=dev)
     _all_gather_single(everyone, meta, group=group)
     everyone = everyone.view(world, _META_LEN)
     msg = ("cggr_torch.distributed: every rank of the process group must call the loss with logits of the same "
            "shape and at the same curriculum step (pad short batches with ignore_index targets; call step() on "
            "every rank)")
-    if dev.type == "cuda":
+    if dev.type == "cuda" or torch.compiler.is_compiling():
         torch._assert_async((everyone == meta.unsqueeze(0)).all(), msg)
         return
     rows = everyone.cpu().tolist()  # CPU (gloo) or another non-CUDA device: checked eagerly
@@ -143,7 +145,8 @@ def _check_consistency(logits: torch.Tensor, step: int, base: np.float32, world:
         raise ValueError(f"logits: {msg}; got {detail}")
 
 
-def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: CGGRConfig,
+def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: torch.Tensor, base: torch.Tensor,
+                    cfg: CGGRConfig,
                     base_loss: Optional[Callable[..., torch.Tensor]], group: Optional[dist.ProcessGroup],
                     check_consistency: bool, reference_nll: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -193,7 +196,7 @@ def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base
         nonfinite_g = (extra[:, 2].to(torch.int64) * _LIMB + extra[:, 3].to(torch.int64)).sum()
         avg_difficulty = torch.where(e_g, d_g, zero).sum(dtype=torch.float32) / denom
 
-        base_t = torch.full((), float(base), dtype=torch.float32, device=dev)
+        base_t = as_ratio_tensor(base, dev)
         ratio = effective_ratio(base, avg_conf, cfg)
         mask_g, _k = select_tokens(d_g, e_g, ratio, selection=cfg.selection, num_strata=cfg.num_strata,
                                    min_tokens_per_sequence=cfg.min_tokens_per_sequence)
@@ -211,7 +214,7 @@ def _global_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base
     loss = (share - share.detach()) + global_loss  # value: the global loss; gradient: this rank's share
 
     metrics = {
-        "step": torch.full((), int(step), dtype=torch.int64, device=dev),
+        "step": as_step_tensor(step, dev),
         "token_ratio": base_t,
         "effective_ratio": ratio.detach(),
         "tokens_selected": count_g,
@@ -232,7 +235,8 @@ def _world_size_or_one(group: Optional[dist.ProcessGroup]) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def _local_forward(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32, cfg: CGGRConfig,
+def _local_forward(logits: torch.Tensor, targets: torch.Tensor, step: torch.Tensor, base: torch.Tensor,
+                   cfg: CGGRConfig,
                    base_loss: Optional[Callable[..., torch.Tensor]],
                    group: Optional[dist.ProcessGroup], reference_nll: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -256,7 +260,8 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
               base_loss: Optional[Callable[..., torch.Tensor]] = None, ignore_index: int = CGGRConfig.ignore_index,
               ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None,
               reference_nll: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Data-parallel functional CGGR loss at curriculum ``step`` (a host integer): ``(loss, metrics)``.
+    """Data-parallel functional CGGR loss at curriculum ``step`` (a host integer, or a 0-d integer tensor on
+    the logits' device - the form for torch.compile): ``(loss, metrics)``.
 
     Called by every rank of ``process_group`` with its own shard ``logits`` ``(B, T, V)`` / ``(N, V)`` and
     ``targets`` ``(B, T)`` / ``(N,)``. ``scope="global"`` selects over the concatenation of all ranks' tokens
@@ -290,10 +295,12 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
     reject_sampled_selection(cfg, "cggr_torch.distributed.cggr_loss")
     check_base_loss(base_loss)
     schedule = check_schedule(ratio_schedule, cfg)
-    s = host_step(step)
+    if not isinstance(step, torch.Tensor):
+        host_step(step)
     targets = validate_inputs(logits, targets, cfg.ignore_index)
     ref = check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape), device=logits.device)
-    base = base_ratio(schedule, s)
+    s = step_tensor(step, logits.device)
+    base = base_ratio_tensor(schedule, s, host=None if isinstance(step, torch.Tensor) else (lambda: int(step)))
     if scope == "local":
         return _local_forward(logits, targets, s, base, cfg, base_loss, process_group, ref)
     return _global_forward(logits, targets, s, base, cfg, base_loss, process_group, check_consistency, ref)
@@ -337,8 +344,7 @@ class DistributedCGGRLoss(CGGRLoss):
         ``reference_nll``: this rank's reference loss of the targets' shape (``scoring='excess'``, SPEC §3.1)."""
         targets = validate_inputs(logits, targets, self.config.ignore_index)
         ref = check_reference_nll(reference_nll, self.config.scoring, tuple(targets.shape), device=logits.device)
-        step = self._step
-        base = self.base_ratio()
+        step, base = self.base_ratio_on(logits.device)
         if self._scope == "local":
             loss, metrics = _local_forward(logits, targets, step, base, self.config, self.base_loss,
                                            self.process_group, ref)

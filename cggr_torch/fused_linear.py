@@ -91,7 +91,7 @@ from cggr import CGGRConfig
 from cggr.config import reject_sampled_selection
 
 from . import dispatch
-from .curriculum import Schedule, base_ratio, host_step
+from .curriculum import Schedule, base_ratio_tensor, host_step, step_tensor
 from .loss import CGGRLoss, check_schedule
 from .pipeline import select_and_measure
 from .scoring import check_reference_nll, compute_statistics, scores_from_statistics
@@ -206,29 +206,9 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
     dev = hidden2d.device
     with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
         if _statistics_kernel_for(hidden2d):
-            from .kernels import scoring as ks
-            out = torch.empty((6, N), dtype=torch.float32, device=dev)
-            finite = torch.empty((N,), dtype=torch.int8, device=dev)
-            C = max(1, min(int(vocab_chunk), V))
-            state = torch.empty((ks.CHUNK_STATE_ROWS, N), dtype=torch.float32, device=dev) if C < V else None
-            t = None if targets is None else ks.flat_targets(targets)
-            for r0 in range(0, N, row_chunk):
-                r1 = min(N, r0 + row_chunk)
-                t_r = None if t is None else t[r0:r1]
-                for v0 in range(0, V, C):
-                    v1 = min(V, v0 + C)
-                    z = F.linear(hidden2d[r0:r1], weight[v0:v1], None if bias is None else bias[v0:v1])
-                    # A block of few rows widens each row's program so that the GPU still streams at full rate.
-                    cfg = ks.scoring_config_for_rows(r1 - r0, v1 - v0, z.dtype, ks.num_sms(z))
-                    if state is None:
-                        geom = ks.row_geometry(z)
-                        ks.launch_scoring(geom, t_r, ignore_index, ks.NO_DIFFICULTY, out[:, r0:r1],
-                                          finite[r0:r1], cfg)
-                        del geom  # holds z too: both must go before the next block is allocated
-                    else:
-                        ks.launch_scoring_chunk(z, t_r, ignore_index, v0, V, state[:, r0:r1], out[:, r0:r1],
-                                                finite[r0:r1], cfg)
-                    del z
+            # One custom op (cggr::fused_linear_statistics): torch.compile sees through it (SPEC §12.1).
+            out = _kernel_statistics_op(hidden2d, weight, bias, targets, int(ignore_index), int(row_chunk),
+                                        int(vocab_chunk))
             return TokenStatistics(*(out[k] for k in range(5)))
         out_list = [torch.empty((N,), dtype=torch.float32, device=dev) for _ in TokenStatistics._fields]
         for r0 in range(0, N, row_chunk):
@@ -239,6 +219,49 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
                 buf[r0:r1] = x
             del z, st
     return TokenStatistics(*out_list)
+
+
+@torch.library.custom_op("cggr::fused_linear_statistics", mutates_args=())
+def _kernel_statistics_op(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          targets: Optional[torch.Tensor], ignore_index: int, row_chunk: int,
+                          vocab_chunk: int) -> torch.Tensor:
+    """The statistics kernel's branch of :func:`_blockwise_statistics`: float32 ``(6, N)`` (rows lse,
+    entropy, p1, p2, nll; the last row 0), from logit blocks that exist only inside this op."""
+    N = hidden2d.shape[0]
+    V = weight.shape[0]
+    dev = hidden2d.device
+    with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
+        from .kernels import scoring as ks
+        out = torch.empty((6, N), dtype=torch.float32, device=dev)
+        finite = torch.empty((N,), dtype=torch.int8, device=dev)
+        C = max(1, min(int(vocab_chunk), V))
+        state = torch.empty((ks.CHUNK_STATE_ROWS, N), dtype=torch.float32, device=dev) if C < V else None
+        t = None if targets is None else ks.flat_targets(targets)
+        for r0 in range(0, N, row_chunk):
+            r1 = min(N, r0 + row_chunk)
+            t_r = None if t is None else t[r0:r1]
+            for v0 in range(0, V, C):
+                v1 = min(V, v0 + C)
+                z = F.linear(hidden2d[r0:r1], weight[v0:v1], None if bias is None else bias[v0:v1])
+                # A block of few rows widens each row's program so that the GPU still streams at full rate.
+                cfg = ks.scoring_config_for_rows(r1 - r0, v1 - v0, z.dtype, ks.num_sms(z))
+                if state is None:
+                    geom = ks.row_geometry(z)
+                    ks.launch_scoring(geom, t_r, ignore_index, ks.NO_DIFFICULTY, out[:, r0:r1],
+                                      finite[r0:r1], cfg)
+                    del geom  # holds z too: both must go before the next block is allocated
+                else:
+                    ks.launch_scoring_chunk(z, t_r, ignore_index, v0, V, state[:, r0:r1], out[:, r0:r1],
+                                            finite[r0:r1], cfg)
+                del z
+        out[5].zero_()   # no difficulty here; the row is defined all the same (deterministic outputs)
+        return out
+
+
+@_kernel_statistics_op.register_fake
+def _(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: Optional[torch.Tensor],
+      ignore_index: int, row_chunk: int, vocab_chunk: int) -> torch.Tensor:
+    return torch.empty((6, hidden2d.shape[0]), dtype=torch.float32, device=hidden2d.device)
 
 
 def gradient_kernel_for(hidden: torch.Tensor) -> Optional[Any]:
@@ -340,71 +363,149 @@ class _SelectedRowsCrossEntropy(torch.autograd.Function):
         host, event = ctx.count_host
         if event is not None:
             event.synchronize()  # waits for the forward's count copy only, not for the queued backward work
-        K = int(host)
-        N, d = hidden2d.shape
-        V = weight.shape[0]
-        dtype = hidden2d.dtype
-        dev = hidden2d.device
-        grad_h = torch.zeros_like(hidden2d) if need_h else None
-        grad_w = (torch.zeros_like(weight) if K == 0 else torch.empty_like(weight)) if need_w else None
-        grad_b32 = torch.zeros((V,), dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                               device=dev) if need_b else None
-        if K > 0:
-            with torch.autocast(device_type=dev.type, enabled=False):
-                # Selected rows in increasing index order, without a second synchronisation.
-                idx = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[:K]
-                h_sel = hidden2d.index_select(0, idx)
-                t_sel = safe_targets.index_select(0, idx)
-                lse_sel = lse.index_select(0, idx).unsqueeze(1)
-                scale = grad_loss.detach().to(torch.float32).reshape(()) / denom
-                chunk = ctx.vocab_chunk
-                kernel = gradient_kernel_for(hidden2d)
-                if chunk is None:
-                    chunk = plan_chunks(N, d, V, dtype, selected_rows=K,
-                                        memory_budget_bytes=ctx.memory_budget_bytes,
-                                        gradient_kernel=kernel is not None,
-                                        inplace_accumulation=accumulates_in_place(dev, dtype)).vocab_chunk
-                acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-                acc_h = torch.zeros((K, d), dtype=acc_dtype, device=dev) if need_h else None
-                if kernel is not None:
-                    lse_rows = lse_sel.reshape(-1)
-                    scale_dev = scale.reshape(1)
-                for v0 in range(0, V, chunk):
-                    v1 = min(V, v0 + chunk)
-                    w_c = weight[v0:v1]
-                    z = F.linear(h_sel, w_c, None if bias is None else bias[v0:v1])
-                    if kernel is not None:
-                        # One pass, in place: z becomes G in the inputs' dtype (float32 arithmetic).
-                        colsum = None
-                        if need_b:
-                            colsum = torch.empty((-(-K // kernel.CHUNK_BLOCK_ROWS), v1 - v0),
-                                                 dtype=torch.float32, device=dev)
-                        kernel.launch_chunk_gradient(z, lse_rows, t_sel, v0, scale_dev, colsum)
-                        if need_b:
-                            grad_b32[v0:v1] = colsum.sum(dim=0)
-                        g_c = z
-                        del z  # only g_c may hold the chunk, or two chunks coexist at the next F.linear
-                    else:
-                        g = z.to(torch.float32)
-                        del z
-                        g.sub_(lse_sel).exp_()
-                        hit = (t_sel >= v0) & (t_sel < v1)
-                        col = torch.clamp(t_sel - v0, 0, v1 - v0 - 1).unsqueeze(1)
-                        g.scatter_add_(1, col, -hit.to(torch.float32).unsqueeze(1))
-                        g.mul_(scale)
-                        if need_b:
-                            grad_b32[v0:v1] = g.sum(dim=0)
-                        g_c = g.to(dtype)
-                        del g
-                    if need_h:
-                        acc_h = accumulate_matmul(acc_h, g_c, w_c)
-                    if need_w:
-                        torch.mm(g_c.t(), h_sel, out=grad_w[v0:v1])
-                    del g_c
-                if need_h:
-                    grad_h.index_copy_(0, idx, acc_h.to(dtype))
-        grad_b = grad_b32.to(bias.dtype) if need_b else None
+        grad_h, grad_w, grad_b = _selected_rows_backward(
+            grad_loss, hidden2d, weight, bias, mask, safe_targets, lse, denom, int(host), ctx.vocab_chunk,
+            ctx.memory_budget_bytes, need_h, need_w, need_b)
         return (grad_h, grad_w, grad_b) + rest
+
+
+def _selected_rows_backward(grad_loss: torch.Tensor, hidden2d: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor], mask: torch.Tensor, safe_targets: torch.Tensor,
+                            lse: torch.Tensor, denom: torch.Tensor, K: int, vocab_chunk: Optional[int],
+                            memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool
+                            ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The backward of the selected rows (see the module docstring) with ``K = |S|`` known on the host."""
+    N, d = hidden2d.shape
+    V = weight.shape[0]
+    dtype = hidden2d.dtype
+    dev = hidden2d.device
+    grad_h = torch.zeros_like(hidden2d) if need_h else None
+    grad_w = (torch.zeros_like(weight) if K == 0 else torch.empty_like(weight)) if need_w else None
+    grad_b32 = torch.zeros((V,), dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                           device=dev) if need_b else None
+    if K > 0:
+        with torch.autocast(device_type=dev.type, enabled=False):
+            # Selected rows in increasing index order, without a second synchronisation.
+            idx = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[:K]
+            h_sel = hidden2d.index_select(0, idx)
+            t_sel = safe_targets.index_select(0, idx)
+            lse_sel = lse.index_select(0, idx).unsqueeze(1)
+            scale = grad_loss.detach().to(torch.float32).reshape(()) / denom
+            chunk = vocab_chunk
+            kernel = gradient_kernel_for(hidden2d)
+            if chunk is None:
+                chunk = plan_chunks(N, d, V, dtype, selected_rows=K,
+                                    memory_budget_bytes=memory_budget_bytes,
+                                    gradient_kernel=kernel is not None,
+                                    inplace_accumulation=accumulates_in_place(dev, dtype)).vocab_chunk
+            acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            acc_h = torch.zeros((K, d), dtype=acc_dtype, device=dev) if need_h else None
+            if kernel is not None:
+                lse_rows = lse_sel.reshape(-1)
+                scale_dev = scale.reshape(1)
+            for v0 in range(0, V, chunk):
+                v1 = min(V, v0 + chunk)
+                w_c = weight[v0:v1]
+                z = F.linear(h_sel, w_c, None if bias is None else bias[v0:v1])
+                if kernel is not None:
+                    # One pass, in place: z becomes G in the inputs' dtype (float32 arithmetic).
+                    colsum = None
+                    if need_b:
+                        colsum = torch.empty((-(-K // kernel.CHUNK_BLOCK_ROWS), v1 - v0),
+                                             dtype=torch.float32, device=dev)
+                    kernel.launch_chunk_gradient(z, lse_rows, t_sel, v0, scale_dev, colsum)
+                    if need_b:
+                        grad_b32[v0:v1] = colsum.sum(dim=0)
+                    g_c = z
+                    del z  # only g_c may hold the chunk, or two chunks coexist at the next F.linear
+                else:
+                    g = z.to(torch.float32)
+                    del z
+                    g.sub_(lse_sel).exp_()
+                    hit = (t_sel >= v0) & (t_sel < v1)
+                    col = torch.clamp(t_sel - v0, 0, v1 - v0 - 1).unsqueeze(1)
+                    g.scatter_add_(1, col, -hit.to(torch.float32).unsqueeze(1))
+                    g.mul_(scale)
+                    if need_b:
+                        grad_b32[v0:v1] = g.sum(dim=0)
+                    g_c = g.to(dtype)
+                    del g
+                if need_h:
+                    acc_h = accumulate_matmul(acc_h, g_c, w_c)
+                if need_w:
+                    torch.mm(g_c.t(), h_sel, out=grad_w[v0:v1])
+                del g_c
+            if need_h:
+                grad_h.index_copy_(0, idx, acc_h.to(dtype))
+    grad_b = grad_b32.to(bias.dtype) if need_b else None
+    return grad_h, grad_w, grad_b
+
+
+# The compiled form (SPEC §12.1): the same loss as custom ops with a registered autograd formula. The
+# backward needs K on the host to size its buffers; inside the op it reads the count (one synchronisation
+# per backward on CUDA, where the eager autograd function waits only for a pinned copy made in the forward).
+@torch.library.custom_op("cggr::selected_rows_cross_entropy", mutates_args=())
+def selected_rows_cross_entropy_op(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                   nll: torch.Tensor, mask: torch.Tensor, safe_targets: torch.Tensor,
+                                   lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
+                                   memory_budget_bytes: int) -> torch.Tensor:
+    """``Σ_{i∈mask} nll_i / max(1, count)`` (float32 0-d); its gradient is the selected-rows backward."""
+    denom = torch.clamp(count, min=1).to(torch.float32)
+    return torch.where(mask, nll, torch.zeros_like(nll)).sum() / denom
+
+
+@selected_rows_cross_entropy_op.register_fake
+def _(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], nll: torch.Tensor,
+      mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
+      memory_budget_bytes: int) -> torch.Tensor:
+    return torch.empty((), dtype=torch.float32, device=nll.device)
+
+
+@torch.library.custom_op("cggr::selected_rows_cross_entropy_backward", mutates_args=())
+def selected_rows_cross_entropy_backward_op(
+        grad_loss: torch.Tensor, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+        mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
+        memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(∂h, ∂W, ∂b)`` of :func:`selected_rows_cross_entropy_op`; a gradient that is not needed (or the
+    bias's without a bias) is an empty tensor."""
+    denom = torch.clamp(count, min=1).to(torch.float32)
+    K = int(count)  # sizes the gathered rows: read on the host (see above)
+    g_h, g_w, g_b = _selected_rows_backward(grad_loss, hidden2d, weight, bias, mask, safe_targets, lse, denom, K,
+                                            vocab_chunk or None, memory_budget_bytes, need_h, need_w,
+                                            need_b and bias is not None)
+    empty = hidden2d.new_empty((0,))
+    return (g_h if g_h is not None else empty, g_w if g_w is not None else empty,
+            g_b if g_b is not None else empty)
+
+
+@selected_rows_cross_entropy_backward_op.register_fake
+def _(grad_loss: torch.Tensor, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+      mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
+      memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    empty = hidden2d.new_empty((0,))
+    return (torch.empty_like(hidden2d) if need_h else empty, torch.empty_like(weight) if need_w else empty,
+            torch.empty_like(bias) if need_b and bias is not None else hidden2d.new_empty((0,)))
+
+
+def _selected_rows_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    hidden2d, weight, bias, _nll, mask, safe_targets, lse, count, vocab_chunk, budget = inputs
+    ctx.save_for_backward(hidden2d, weight, bias, mask, safe_targets, lse, count)
+    ctx.vocab_chunk, ctx.memory_budget_bytes = vocab_chunk, budget
+
+
+def _selected_rows_grad(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    hidden2d, weight, bias, mask, safe_targets, lse, count = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    g_h, g_w, g_b = selected_rows_cross_entropy_backward_op(
+        grad_loss, hidden2d, weight, bias, mask, safe_targets, lse, count, ctx.vocab_chunk,
+        ctx.memory_budget_bytes, need_h, need_w, bool(need_b and bias is not None))
+    return ((g_h if need_h else None), (g_w if need_w else None),
+            (g_b if need_b and bias is not None else None)) + (None,) * 7
+
+
+selected_rows_cross_entropy_op.register_autograd(_selected_rows_grad, setup_context=_selected_rows_setup_context)
 
 
 # ================================================================================================ core
@@ -435,7 +536,8 @@ def _forward_blocks(hidden: torch.Tensor, vocab_size: int, row_chunk_size: Optio
 
 
 def _run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
-         step: int, base: np.float32, cfg: CGGRConfig, row_chunk_size: Optional[int],
+         step: Union[int, torch.Tensor], base: Union[np.float32, torch.Tensor], cfg: CGGRConfig,
+         row_chunk_size: Optional[int],
          vocab_chunk_size: Optional[int], memory_budget_bytes: int,
          reference_nll: Optional[torch.Tensor] = None) -> FusedLinearCGGROutput:
     """The fused loss on validated inputs (``reference_nll``: checked float32, ``scoring='excess'`` only)."""
@@ -458,8 +560,12 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias
         safe_t = torch.where(valid & (targets >= 0) & (targets < V), targets, torch.zeros_like(targets))
         safe_t = safe_t.reshape(-1).to(torch.int64)
 
-    loss = _SelectedRowsCrossEntropy.apply(hidden2d, weight, bias, flat.nll, mask.reshape(-1), safe_t, flat.lse,
-                                           count, vocab_chunk_size, memory_budget_bytes)
+    if torch.compiler.is_compiling():
+        loss = selected_rows_cross_entropy_op(hidden2d, weight, bias, flat.nll, mask.reshape(-1), safe_t,
+                                              flat.lse, count, vocab_chunk_size or 0, memory_budget_bytes)
+    else:
+        loss = _SelectedRowsCrossEntropy.apply(hidden2d, weight, bias, flat.nll, mask.reshape(-1), safe_t,
+                                               flat.lse, count, vocab_chunk_size, memory_budget_bytes)
     return FusedLinearCGGROutput(loss, metrics, mask, scores)
 
 
@@ -492,7 +598,7 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
             first, see :func:`hf_causal_lm_cggr_loss`).
         weight: ``(V, d)`` LM-head weight (``nn.Linear`` layout), same dtype and device as ``hidden``.
         targets: integer tensor of shape ``hidden.shape[:-1]``; values in ``[0, V)`` or ``ignore_index``.
-        step: curriculum step (host integer).
+        step: curriculum step: a host integer or a 0-d integer tensor (pass a tensor under torch.compile).
         bias: optional ``(V,)`` LM-head bias.
         scoring, selection, dynamic_threshold, threshold_sensitivity, min_tokens_ratio, warmup_steps,
         num_strata, min_tokens_per_sequence, ignore_index, ratio_schedule: as :class:`cggr_torch.CGGRLoss`.
@@ -517,12 +623,15 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     reject_sampled_selection(cfg, "fused_linear_cggr")
     schedule = check_schedule(ratio_schedule, cfg)
     _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
-    s = host_step(step)
+    if not isinstance(step, torch.Tensor):
+        host_step(step)
     _check_linear(hidden, weight, bias)
     targets = _check_targets(targets, hidden, weight.shape[0], cfg.ignore_index)
     ref = check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape), device=hidden.device)
-    return _run(hidden, weight, targets, bias, s, base_ratio(schedule, s), cfg, row_chunk_size,
-                vocab_chunk_size, int(memory_budget_bytes), ref)
+    s = step_tensor(step, hidden.device)
+    base = base_ratio_tensor(schedule, s, host=None if isinstance(step, torch.Tensor) else (lambda: int(step)))
+    return _run(hidden, weight, targets, bias, s, base, cfg, row_chunk_size, vocab_chunk_size,
+                int(memory_budget_bytes), ref)
 
 
 def fused_linear_cggr_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -577,7 +686,8 @@ class FusedLinearCGGRLoss(CGGRLoss):
         _check_linear(hidden, weight, bias)
         targets = _check_targets(targets, hidden, weight.shape[0], self.config.ignore_index)
         ref = check_reference_nll(reference_nll, self.config.scoring, tuple(targets.shape), device=hidden.device)
-        out = _run(hidden, weight, targets, bias, self._step, self.base_ratio(), self.config,
+        step, base = self.base_ratio_on(hidden.device)
+        out = _run(hidden, weight, targets, bias, step, base, self.config,
                    self.row_chunk_size, self.vocab_chunk_size, self.memory_budget_bytes, ref)
         self._metrics = out.metrics
         return out.loss

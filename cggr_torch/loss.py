@@ -3,7 +3,7 @@
 One call::
 
     scores      = score_tokens(logits, targets)                    (§2-§4, no gradient)
-    base        = schedule(step)                                   (§5.1, host float32)
+    base        = schedule(step)                                   (§5.1, float32, from the step tensor)
     c̄           = Σ_eligible p1 / max(1, n)                        (device float32)
     ratio       = min(1, base·(1 + (1 − c̄)·sensitivity))            (§5.2; = base when off / fixed_quota)
     mask, k     = select_tokens(d, eligible, ratio, ...)           (§5.3, §7)
@@ -36,8 +36,9 @@ nothing is read out of bounds. Hence ``∂loss/∂z_i = (softmax(z_i) − onehot
 ``i`` and 0 elsewhere, and a call with nothing selectable returns ``0.0`` with an all-zero gradient.
 
 The forward pass never synchronises with the device: ``k``, the masks and the metrics stay tensors; the
-curriculum ratio is computed on the host from the Python-int step; metrics are converted to Python numbers
-only by :meth:`CGGRLoss.get_metrics`.
+curriculum ratio is computed on the device from the module's step tensor (SPEC §12.1: the forward compiles
+with ``torch.compile(fullgraph=True)``, once for every step); metrics are converted to Python numbers only by
+:meth:`CGGRLoss.get_metrics`.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ from torch import nn
 from cggr import METRIC_KEYS, NUMERIC_METRIC_KEYS, CGGRConfig
 
 from . import dispatch
-from .curriculum import Curriculum, Schedule, base_ratio, host_step, linear_warmup_ratio
+from .curriculum import Curriculum, Schedule, base_ratio_tensor, host_step, linear_warmup_ratio, step_tensor
 from .pipeline import host_metrics, loss_weights, select_and_measure
 from .scoring import check_reference_nll, compute_statistics, row_finite
 from .utils import check_logits, check_target_range, check_targets, resolve_config, widen_labels
@@ -101,7 +102,7 @@ def _fused(logits: Any, base_loss: Optional[Callable[..., torch.Tensor]], scorin
             and dispatch.kernel("select_from_scores") is not None)
 
 
-def forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32,
+def forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: torch.Tensor, base: torch.Tensor,
                   cfg: CGGRConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole loss in ~10 kernel launches on statically validated inputs (see the module docstring).
 
@@ -117,36 +118,31 @@ def forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: int, base: 
     V = logits.shape[-1]
     token_shape = tuple(logits.shape[:-1])
     with torch.no_grad():
-        geom = ks.row_geometry(logits.detach())
+        # One custom op (cggr::scoring): statistics, difficulty, status and sort key in one pass.
+        out, _finite, key, status = ks.scoring_op(logits.detach(), targets, cfg.ignore_index,
+                                                  ks.MODE_CODE[cfg.scoring], ksel.SORT_KEY_BITS)
         t = ks.flat_targets(targets)
-        n = geom.n
-        out = torch.empty((6, n), dtype=torch.float32, device=dev)
-        finite = torch.empty((n,), dtype=torch.int8, device=dev)
-        key = torch.empty((n,), dtype=torch.int32 if ksel.SORT_KEY_BITS == 32 else torch.int64, device=dev)
-        status = torch.empty((n,), dtype=torch.int8, device=dev)
-        ks.launch_scoring(geom, t, cfg.ignore_index, ks.MODE_CODE[cfg.scoring], out, finite, key=key,
-                          status=status)
         plan = select_from_scores(
             key, status, out, token_shape, selection=cfg.selection, num_strata=cfg.num_strata,
-            min_tokens_per_sequence=cfg.min_tokens_per_sequence, base_ratio=float(base),
+            min_tokens_per_sequence=cfg.min_tokens_per_sequence, base_ratio=base,
             dynamic=cfg.uses_dynamic_threshold, threshold_sensitivity=cfg.threshold_sensitivity, step=step)
         ints, floats = plan.ints, plan.floats
-        if dev.type == "cuda":
-            torch._assert_async(ints[ksel.INT_SLOTS["ok"]],
+        if dev.type == "cuda" or torch.compiler.is_compiling():
+            torch._assert_async(ints[ksel.INT_SLOTS["ok"]] != 0,
                                 f"targets: every value must lie in [0, {V}) or equal ignore_index={cfg.ignore_index}")
         elif not bool(ints[ksel.INT_SLOTS["ok"]]):  # interpreter (CPU tensors): eager, as check_target_range
             check_target_range(targets, V, cfg.ignore_index)
-    sel = ksel.INT_SLOTS["tokens_selected"]
-    loss = kce.scored_selective_cross_entropy(logits, geom, t, plan.mask.reshape(-1), out[0], out[4],
-                                              ints[sel:sel + 1])
+    loss, count = kce.scored_selective_cross_entropy_op(logits, t, plan.mask.reshape(-1), out[0], out[4])
     metrics = {name: ints[slot] for name, slot in ksel.INT_SLOTS.items() if name in NUMERIC_METRIC_KEYS}
     metrics.update({name: floats[slot] for name, slot in ksel.FLOAT_SLOTS.items()})
+    metrics["tokens_selected"] = count.reshape(())   # the real count (sequence_aware may exceed k)
     # SPEC §10: an unweighted selection's effective sample size is its count (the fused path is never sampled).
-    metrics["sample_ess"] = ints[sel].to(torch.float32)
+    metrics["sample_ess"] = count.reshape(()).to(torch.float32)
     return loss, {name: metrics[name] for name in NUMERIC_METRIC_KEYS}
 
 
-def forward_reference(logits: torch.Tensor, targets: torch.Tensor, step: int, base: np.float32,
+def forward_reference(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torch.Tensor],
+                      base: Union[np.float32, torch.Tensor],
                       cfg: CGGRConfig, base_loss: Optional[Callable[..., torch.Tensor]],
                       reference_nll: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -213,13 +209,15 @@ def selected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: to
     return torch.where(flat, ce, torch.zeros_like(ce)).sum()
 
 
-def _forward(logits: Any, targets: Any, step: int, schedule: Schedule, cfg: CGGRConfig,
-             base_loss: Optional[Callable[..., torch.Tensor]], reference_nll: Optional[torch.Tensor] = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _forward(logits: Any, targets: Any, ratio_of: Callable[[torch.device], tuple[torch.Tensor, torch.Tensor]],
+             cfg: CGGRConfig, base_loss: Optional[Callable[..., torch.Tensor]],
+             reference_nll: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Validate, then the fused or the composable path. ``ratio_of(device)`` gives ``(step, base)`` as 0-d
+    tensors on the logits' device (SPEC §5.1, §12.1: the step is a tensor, never a constant of a graph)."""
     fused = _fused(logits, base_loss, cfg.scoring, cfg.selection)
     targets = validate_inputs(logits, targets, cfg.ignore_index, range_check=not fused)
     reference_nll = check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape), device=logits.device)
-    base = base_ratio(schedule, step)
+    step, base = ratio_of(logits.device)
     if fused:
         return forward_fused(logits, targets, step, base, cfg)
     return forward_reference(logits, targets, step, base, cfg, base_loss, reference_nll)
@@ -238,7 +236,11 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
               sample_uniform_mix: float = CGGRConfig.sample_uniform_mix,
               sample_floor: float = CGGRConfig.sample_floor, sample_seed: int = CGGRConfig.sample_seed
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Functional CGGR loss at curriculum ``step`` (a host integer): ``(loss, metrics)``.
+    """Functional CGGR loss at curriculum ``step``: ``(loss, metrics)``.
+
+    ``step``: a host integer ``>= 0`` or a 0-d integer tensor (on the logits' device). Under
+    ``torch.compile`` pass a tensor: a Python int is a constant of the graph (a recompilation when it
+    changes, until the compiler marks it dynamic).
 
     ``loss`` is a float32 scalar with gradient; ``metrics`` maps :data:`NUMERIC_METRIC_KEYS` to detached 0-d
     tensors on the logits' device (no synchronisation). Arguments as :class:`CGGRLoss`; ``reference_nll`` as
@@ -252,7 +254,15 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
         sample_seed=sample_seed))
     check_base_loss(base_loss)
     schedule = check_schedule(ratio_schedule, cfg)
-    return _forward(logits, targets, host_step(step), schedule, cfg, base_loss, reference_nll)
+    if not isinstance(step, torch.Tensor):
+        host_step(step)
+
+    def ratio_of(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        s = step_tensor(step, device)
+        host = None if isinstance(step, torch.Tensor) else (lambda: int(step))
+        return s, base_ratio_tensor(schedule, s, host=host)
+
+    return _forward(logits, targets, ratio_of, cfg, base_loss, reference_nll)
 
 
 class CGGRLoss(Curriculum, nn.Module):
@@ -282,6 +292,11 @@ class CGGRLoss(Curriculum, nn.Module):
     ``forward(logits, targets)`` takes ``(B, T, V)`` with ``(B, T)`` or ``(N, V)`` with ``(N,)`` (already
     shifted for a causal LM, see :func:`cggr_torch.shift_for_causal_lm`) and returns the float32 loss.
     Call :meth:`step` after each optimizer step (or :meth:`set_step`); the step is part of :meth:`state_dict`.
+
+    ``torch.compile`` (SPEC §12.1): the forward compiles with ``fullgraph=True`` and is compiled once for every
+    step - the step is the module's ``curriculum_step`` buffer, so move the loss to the logits' device
+    (``loss.to(device)``) and call :meth:`step` outside the compiled function (inside, it is a graph break).
+    A custom ``ratio_schedule`` is called on the host: one graph break per call, no recompilation.
     """
 
     def __init__(self, scoring: str = CGGRConfig.scoring, selection: str = CGGRConfig.selection,
@@ -315,8 +330,8 @@ class CGGRLoss(Curriculum, nn.Module):
         ``reference_nll``: with ``scoring='excess'`` (and only then), the reference model's per-token loss, a
         floating tensor of the targets' shape; the difficulty is ``nll − reference_nll`` (SPEC §3.1).
         """
-        loss, self._metrics = _forward(logits, targets, self._step, self.ratio_schedule, self.config,
-                                       self.base_loss, reference_nll)
+        loss, self._metrics = _forward(logits, targets, self.base_ratio_on, self.config, self.base_loss,
+                                       reference_nll)
         return loss
 
     def get_metrics(self) -> dict[str, Any]:

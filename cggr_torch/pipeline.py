@@ -8,7 +8,8 @@ order, through the functions below instead of re-coding them::
     statistics   SPEC §2    scoring.compute_statistics (kernel or reference, cggr_torch.dispatch)
     difficulty   SPEC §3    scoring.scores_from_statistics
     eligibility  SPEC §4    (same call: valid = target ≠ ignore_index, finite row, d not NaN)
-    ratio        SPEC §5    base(step) on the host (curriculum), then effective_ratio: the dynamic threshold
+    ratio        SPEC §5    base(step) (curriculum: a tensor from the step tensor in the losses, SPEC §12.1;
+                            a host number in the scorer), then effective_ratio: the dynamic threshold
                             from the eligible tokens' mean confidence when config.uses_dynamic_threshold
     selection    SPEC §6-7  selection.select_tokens (k = num_selected, SPEC §5.3); ``sampled`` (§7.4):
                             selection.sample_tokens, which also gives the per-token weights 1/π
@@ -37,7 +38,8 @@ from .scoring import scores_from_statistics
 from .selection import sample_tokens, select_tokens
 from .types import TokenScores, TokenStatistics
 
-__all__ = ["Measured", "eligible_mean", "effective_ratio", "measure_scores", "select_and_measure",
+__all__ = ["Measured", "eligible_mean", "effective_ratio", "as_ratio_tensor", "as_step_tensor", "measure_scores",
+           "select_and_measure",
            "metric_tensors", "host_metrics", "to_python", "loss_weights", "effective_sample_size"]
 
 
@@ -63,10 +65,26 @@ def eligible_mean(x: torch.Tensor, eligible: torch.Tensor, count: torch.Tensor) 
 def effective_ratio(base: Any, mean_confidence: torch.Tensor, config: CGGRConfig) -> torch.Tensor:
     """SPEC §5.2: the ratio after the dynamic threshold (``base`` itself when ``config`` does not use it), a
     0-d float32 tensor on the device of ``mean_confidence``."""
-    base_t = torch.full((), float(np.float32(base)), dtype=torch.float32, device=mean_confidence.device)
+    base_t = as_ratio_tensor(base, mean_confidence.device)
     if config.uses_dynamic_threshold:
         return dynamic_ratio(base_t, mean_confidence, config.threshold_sensitivity)
     return base_t
+
+
+def as_ratio_tensor(base: Any, device: torch.device) -> torch.Tensor:
+    """``base`` (a host number or a 0-d tensor, e.g. :func:`cggr_torch.curriculum.base_ratio_tensor`'s) as a
+    0-d float32 tensor on ``device``; a host number is written by a fill kernel (no copy, no graph input)."""
+    if isinstance(base, torch.Tensor):
+        return base.reshape(()).to(device=device, dtype=torch.float32)
+    return torch.full((), float(np.float32(base)), dtype=torch.float32, device=device)
+
+
+def as_step_tensor(step: Any, device: torch.device) -> torch.Tensor:
+    """The metric ``step``: a fresh 0-d int64 tensor on ``device`` (a copy of a step tensor, never a view of
+    the module's buffer, which ``step()`` advances in place)."""
+    if isinstance(step, torch.Tensor):
+        return step.reshape(()).to(device=device, dtype=torch.int64).clone()
+    return torch.full((), int(step), dtype=torch.int64, device=device)
 
 
 def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
@@ -98,8 +116,8 @@ def metric_tensors(scores: TokenScores, mask: torch.Tensor, step: int, base: Any
     selected = mask.sum()
     ess = selected.to(torch.float32) if weights is None else effective_sample_size(weights)
     return {
-        "step": torch.full((), int(step), dtype=torch.int64, device=dev),
-        "token_ratio": torch.full((), float(np.float32(base)), dtype=torch.float32, device=dev),
+        "step": as_step_tensor(step, dev),
+        "token_ratio": as_ratio_tensor(base, dev),
         "effective_ratio": ratio.detach(),
         "tokens_selected": selected,
         "tokens_total": count,

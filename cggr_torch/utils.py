@@ -108,12 +108,15 @@ def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int
     """Targets must lie in ``[0, V)`` or equal ``ignore_index`` (SPEC §1, §11).
 
     CPU: ``ValueError`` now. CUDA: ``torch._assert_async`` (no host synchronisation). Other devices: eager.
+    Inside ``torch.compile`` (any device): ``torch._assert_async`` (a ``RuntimeError`` naming the argument).
     """
     if targets.numel() == 0:
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
     msg = (f"{name}: every value must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}")
-    if targets.device.type == "cuda":
+    if targets.device.type == "cuda" or torch.compiler.is_compiling():
+        # Under torch.compile a value cannot raise ValueError without a graph break: an assertion instead
+        # (RuntimeError with this message when the compiled call runs; SPEC §12.1).
         torch._assert_async(torch.logical_not(bad.any()), msg)
         return
     if bool(bad.any()):

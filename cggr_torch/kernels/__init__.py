@@ -32,6 +32,11 @@ other, never a policy module (dispatch is :mod:`cggr_torch.dispatch`'s). The ben
 ``benchmarks/bench_scoring_torch.py`` (scoring variants), ``benchmarks/bench_selective_ce_torch.py``
 (backward variants) and ``benchmarks/bench_selection_torch.py`` (sort variants) sweep alternatives on a GPU.
 
+Every entry point runs its launches inside a ``torch.library`` custom op (namespace ``cggr``, registered in the
+module of its kernel, with a fake implementation and, where a gradient flows, a backward op), so that
+``torch.compile`` treats a kernel as one opaque node (SPEC §12.1). The variants with an explicit launch
+configuration or ``inplace_backward=True`` stay eager-only autograd functions.
+
 On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before Triton is
 imported); otherwise they need CUDA tensors. Kernel errors are raised, never replaced by the reference.
 """

@@ -63,6 +63,10 @@ __all__ = [
     "launch_selective_forward",
     "launch_selective_backward",
     "launch_masked_mean",
+    "selective_cross_entropy_op",
+    "selective_cross_entropy_backward_op",
+    "scored_selective_cross_entropy_op",
+    "scored_selective_cross_entropy_backward_op",
 ]
 
 #: The one-program masked mean: 4096 lanes, 8 warps (16 B of mask and nll per thread per step).
@@ -474,8 +478,13 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
         _check_token_floats("row_weights", row_weights, token_shape, logits.device)
         row_weights = row_weights.detach().reshape(-1).contiguous()
     lse_flat = None if lse is None else lse.detach().reshape(-1).contiguous()
-    return _SelectiveCrossEntropy.apply(logits, t, selected, lse_flat, inplace_backward,
-                                        forward_config, backward_config, row_weights)
+    if inplace_backward or forward_config is not None or backward_config is not None:
+        # Eager-only variants (a gradient written into the logits, explicit launch shapes): the autograd
+        # function itself. The default goes through the custom ops below, which torch.compile sees through.
+        return _SelectiveCrossEntropy.apply(logits, t, selected, lse_flat, inplace_backward,
+                                            forward_config, backward_config, row_weights)
+    loss, _lse, _denom = selective_cross_entropy_op(logits, t, selected, lse_flat, row_weights)
+    return loss
 
 
 # ===================================================================== fused path (scores already computed)
@@ -547,4 +556,128 @@ def scored_selective_cross_entropy(logits: torch.Tensor, geom: RowGeometry, targ
     if count.dtype != torch.int64 or count.numel() != 1 or count.device != logits.device:
         raise ValueError(f"count: expected an int64 one-element tensor on {logits.device}, got {count.dtype} "
                          f"{tuple(count.shape)} on {count.device}")
-    return _ScoredSelectiveCrossEntropy.apply(logits, geom, targets, selected, lse, nll, count, backward_config)
+    if backward_config is not None:
+        return _ScoredSelectiveCrossEntropy.apply(logits, geom, targets, selected, lse, nll, count, backward_config)
+    loss, c = scored_selective_cross_entropy_op(logits, targets, selected, lse, nll)
+    count.copy_(c.reshape(count.shape))
+    return loss
+
+
+# ================================================================ torch.library custom ops (SPEC §12.1)
+# The default forms of both losses as custom ops with fake implementations and a registered autograd formula
+# (the backward is a custom op too), so that torch.compile sees through them without tracing a Triton launch.
+@torch.library.custom_op("cggr::selective_cross_entropy", mutates_args=())
+def selective_cross_entropy_op(logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
+                               lse: Optional[torch.Tensor], row_weights: Optional[torch.Tensor]
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, lse_out, denom)`` on prepared inputs (flat int64 ``targets``, uint8 ``selected``, optional
+    flat float32 ``lse`` / ``row_weights``); ``lse_out`` is the computed log-sum-exp when ``lse`` is None,
+    else empty; ``denom`` the float32 divisor (``max(1, |S|)``, or 1 with ``row_weights``)."""
+    geom = row_geometry(logits.detach())
+    dev = logits.device
+    nll = torch.empty((geom.n,), dtype=torch.float32, device=dev)
+    if lse is None:
+        lse_out = torch.empty((geom.n,), dtype=torch.float32, device=dev)
+        launch_selective_forward(geom, targets, selected, None, nll, lse_out, None)
+    else:
+        lse_out = torch.empty((0,), dtype=torch.float32, device=dev)
+        launch_selective_forward(geom, targets, selected, lse, nll, None, None)
+    if row_weights is None:
+        denom = torch.clamp(selected.sum(dtype=torch.int64), min=1).to(torch.float32)
+        loss = nll.sum() / denom
+    else:
+        denom = torch.ones((), dtype=torch.float32, device=dev)
+        loss = torch.where(selected != 0, nll * row_weights, torch.zeros_like(nll)).sum()
+    return loss, lse_out, denom
+
+
+@selective_cross_entropy_op.register_fake
+def _(logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor, lse: Optional[torch.Tensor],
+      row_weights: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = targets.shape[0]
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    return torch.empty((), **f32), torch.empty((n if lse is None else 0,), **f32), torch.empty((), **f32)
+
+
+@torch.library.custom_op("cggr::selective_cross_entropy_backward", mutates_args=())
+def selective_cross_entropy_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                                        selected: torch.Tensor, lse: torch.Tensor, denom: torch.Tensor,
+                                        row_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """``∂loss/∂logits`` of :func:`selective_cross_entropy_op`: ``g·(softmax − onehot)/denom`` on the selected
+    rows (times ``row_weights``), exact zeros elsewhere; the logits' shape and dtype."""
+    geom = row_geometry(logits.detach())
+    scale = (grad_loss.detach().to(torch.float32).reshape(1) / denom).contiguous()
+    grad = torch.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
+    launch_selective_backward(geom, targets, selected, lse, scale, grad, None, row_weights=row_weights)
+    return grad
+
+
+@selective_cross_entropy_backward_op.register_fake
+def _(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
+      lse: torch.Tensor, denom: torch.Tensor, row_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
+
+
+def _selective_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    logits, targets, selected, lse, row_weights = inputs
+    _loss, lse_out, denom = output
+    ctx.has_lse = lse is not None
+    ctx.save_for_backward(logits, targets, selected, lse if lse is not None else lse_out, denom, row_weights)
+
+
+def _selective_backward(ctx: Any, grad_loss: torch.Tensor, _g_lse: Any, _g_denom: Any) -> tuple[Any, ...]:
+    logits, targets, selected, lse, denom, row_weights = ctx.saved_tensors
+    grad = selective_cross_entropy_backward_op(grad_loss, logits, targets, selected, lse, denom, row_weights)
+    return grad, None, None, None, None
+
+
+selective_cross_entropy_op.register_autograd(_selective_backward, setup_context=_selective_setup_context)
+
+
+@torch.library.custom_op("cggr::scored_selective_cross_entropy", mutates_args=())
+def scored_selective_cross_entropy_op(logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
+                                      lse: torch.Tensor, nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, count)`` of :func:`scored_selective_cross_entropy` (count: int64 ``(1,)``, ``|S|``)."""
+    loss = torch.empty((), dtype=torch.float32, device=logits.device)
+    count = torch.empty((1,), dtype=torch.int64, device=logits.device)
+    launch_masked_mean(selected, nll, loss, count)
+    return loss, count
+
+
+@scored_selective_cross_entropy_op.register_fake
+def _(logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor, lse: torch.Tensor,
+      nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((), dtype=torch.float32, device=logits.device),
+            torch.empty((1,), dtype=torch.int64, device=logits.device))
+
+
+@torch.library.custom_op("cggr::scored_selective_cross_entropy_backward", mutates_args=())
+def scored_selective_cross_entropy_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor,
+                                               targets: torch.Tensor, selected: torch.Tensor, lse: torch.Tensor,
+                                               count: torch.Tensor) -> torch.Tensor:
+    """``∂loss/∂logits`` of :func:`scored_selective_cross_entropy_op` (``g/|S|`` formed on the device)."""
+    geom = row_geometry(logits.detach())
+    g = grad_loss.detach().to(torch.float32).reshape(1)
+    grad = torch.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
+    launch_selective_backward(geom, targets, selected, lse, g, grad, None, count=count)
+    return grad
+
+
+@scored_selective_cross_entropy_backward_op.register_fake
+def _(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
+      lse: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
+
+
+def _scored_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    logits, targets, selected, lse, _nll = inputs
+    ctx.save_for_backward(logits, targets, selected, lse, output[1])
+
+
+def _scored_backward(ctx: Any, grad_loss: torch.Tensor, _g_count: Any) -> tuple[Any, ...]:
+    logits, targets, selected, lse, count = ctx.saved_tensors
+    grad = scored_selective_cross_entropy_backward_op(grad_loss, logits, targets, selected, lse, count)
+    return grad, None, None, None, None
+
+
+scored_selective_cross_entropy_op.register_autograd(_scored_backward, setup_context=_scored_setup_context)

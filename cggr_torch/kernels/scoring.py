@@ -66,6 +66,7 @@ subnormal fix-up), ``d`` 1, ``s`` 2, top-2 3 (lazy: 0.9) - i.e. ~12.7 instructio
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from typing import NamedTuple, Optional
 
@@ -104,6 +105,7 @@ __all__ = [
     "NO_DIFFICULTY",
     "interpreting",
     "order_key",
+    "scoring_op",
 ]
 
 #: The scoring kernel's ``mode`` argument for each SPEC §3 scoring mode.
@@ -584,6 +586,9 @@ def _validated(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_ind
 def _run(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int, mode: int,
          config: Optional[LaunchConfig]) -> tuple[torch.Tensor, torch.Tensor, RowGeometry]:
     geom = row_geometry(logits.detach())
+    if config is None:  # the default launch shape: the custom op (SPEC §12.1)
+        out, finite, _key, _status = scoring_op(logits.detach(), targets, int(ignore_index), int(mode), 0)
+        return out, finite, geom
     out = torch.empty((6, geom.n), dtype=torch.float32, device=logits.device)
     finite = torch.empty((geom.n,), dtype=torch.int8, device=logits.device)
     t = None if targets is None else flat_targets(targets)
@@ -660,3 +665,42 @@ def score_tokens_triton(logits: torch.Tensor, targets: Optional[torch.Tensor] = 
         valid = valid & valid_mask
     eligible = valid & finite.view(token_shape).bool() & ~torch.isnan(difficulty)
     return TokenScores(difficulty, eligible, valid, stats)
+
+
+# ================================================================ torch.library custom ops (SPEC §12.1)
+# The scoring pass as a custom op: torch.compile sees one opaque node with a fake (shape-only) implementation
+# instead of tracing into a Triton launch, so a compiled loss has no graph break here.
+@torch.library.custom_op("cggr::scoring", mutates_args=())
+def scoring_op(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int, mode: int,
+               key_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, finite, key, status)`` of :func:`launch_scoring` on validated logits: ``out`` float32
+    ``(6, N)`` (row 5, the difficulty, is 0 when ``mode`` is -1), ``finite`` int8 ``(N,)``; with ``key_bits`` 32 or 64 (needs ``mode >= 0``) the sort key and
+    the int8 status, else two empty tensors. ``targets``: None or an integer tensor of the token shape."""
+    geom = row_geometry(logits.detach())
+    n = geom.n
+    dev = logits.device
+    out = torch.empty((6, n), dtype=torch.float32, device=dev)
+    finite = torch.empty((n,), dtype=torch.int8, device=dev)
+    t = None if targets is None else flat_targets(targets)
+    if key_bits:
+        key = torch.empty((n,), dtype=torch.int32 if key_bits == 32 else torch.int64, device=dev)
+        status = torch.empty((n,), dtype=torch.int8, device=dev)
+        launch_scoring(geom, t, ignore_index, mode, out, finite, key=key, status=status)
+    else:
+        key = torch.empty((0,), dtype=torch.int32, device=dev)
+        status = torch.empty((0,), dtype=torch.int8, device=dev)
+        launch_scoring(geom, t, ignore_index, mode, out, finite)
+    if mode < 0:
+        out[5].zero_()   # no difficulty: the row is defined all the same (an op's outputs are deterministic)
+    return out, finite, key, status
+
+
+@scoring_op.register_fake
+def _(logits: torch.Tensor, targets: Optional[torch.Tensor], ignore_index: int, mode: int,
+      key_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = math.prod(logits.shape[:-1])
+    dev = logits.device
+    m = n if key_bits else 0
+    return (logits.new_empty((6, n), dtype=torch.float32), logits.new_empty((n,), dtype=torch.int8),
+            torch.empty((m,), dtype=torch.int64 if key_bits == 64 else torch.int32, device=dev),
+            torch.empty((m,), dtype=torch.int8, device=dev))

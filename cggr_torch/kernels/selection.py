@@ -55,6 +55,9 @@ __all__ = [
     "select_tokens_triton",
     "rank_tokens_triton",
     "select_from_scores",
+    "select_from_scores_op",
+    "select_tokens_op",
+    "rank_tokens_op",
     "sort_order",
     "launch_keys",
     "launch_plan",
@@ -120,11 +123,16 @@ def _first_walk(sv, n, k, R, W, S, P_prev, M_prev):
 @triton.jit
 def _plan_kernel(
     key_ptr, status_ptr, conf_ptr, ent_ptr, diff_ptr, ratio_ptr, ints_ptr, floats_ptr, strata_ptr,
-    N, base, sensitivity, step, S,
+    base_ptr, step_ptr, N, base, sensitivity, step, S,
     FROM_SCORES: tl.constexpr, RATIO_MODE: tl.constexpr, KEY64: tl.constexpr, STRATA: tl.constexpr,
-    BLOCK: tl.constexpr, S_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, S_BLOCK: tl.constexpr, DEVICE_BASE: tl.constexpr,
 ):
-    """One program: counts, sums, ratio, k and (STRATA) the quotas e_s. See the module docstring."""
+    """One program: counts, sums, ratio, k and (STRATA) the quotas e_s. See the module docstring.
+    DEVICE_BASE: ``base`` and ``step`` are read from one-element device buffers (the compiled losses' step
+    tensor, SPEC §12.1) instead of host scalars."""
+    if DEVICE_BASE:
+        base = tl.load(base_ptr).to(tl.float32)
+        step = tl.load(step_ptr).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     cnt = tl.zeros([BLOCK], tl.int32)
     nonfinite = tl.zeros([BLOCK], tl.int32)
@@ -181,6 +189,11 @@ def _plan_kernel(
     tl.store(floats_ptr + 2, mean_conf)
     tl.store(floats_ptr + 3, tl.math.div_rn(tl.sum(ent_acc, 0), nf))
     tl.store(floats_ptr + 4, tl.math.div_rn(tl.sum(diff_acc, 0), nf))
+    # The spare slots are written too: every output of the custom ops is defined (deterministic).
+    tl.store(ints_ptr + 7, tl.zeros([], tl.int64))
+    tl.store(floats_ptr + 5, tl.zeros([], tl.float32))
+    tl.store(floats_ptr + 6, tl.zeros([], tl.float32))
+    tl.store(floats_ptr + 7, tl.zeros([], tl.float32))
     if STRATA:
         S64 = S + tl.zeros([], tl.int64)      # scalar arguments equal to 1 arrive as constexpr: no .to()
         W = S64 * (S64 + 1) // 2
@@ -277,20 +290,30 @@ def sort_order(key: torch.Tensor) -> torch.Tensor:
 def launch_plan(ints: torch.Tensor, floats: torch.Tensor, strata: Optional[torch.Tensor], n_tokens: int, *,
                 key: Optional[torch.Tensor] = None, status: Optional[torch.Tensor] = None,
                 stats: Optional[torch.Tensor] = None, ratio: Union[float, torch.Tensor] = 1.0,
-                dynamic: bool = False, sensitivity: float = 0.0, step: int = 0, num_strata: int = 1) -> None:
+                dynamic: bool = False, sensitivity: float = 0.0, step: Union[int, torch.Tensor] = 0,
+                num_strata: int = 1, base: Optional[torch.Tensor] = None) -> None:
     """Run the plan kernel (one program).
 
     Either ``key`` (select_tokens: only ``n`` is counted) or ``status`` + ``stats`` (the scoring kernel's
     ``(6, N)`` buffer: confidence row 2, entropy row 1, difficulty row 5) for the fused loss. ``ratio`` is a
-    host float (``base`` when ``dynamic``) or a one-element float device tensor. ``strata`` (int64 ``(S,)``)
+    host float (``base`` when ``dynamic``) or a one-element float device tensor (the ratio itself). ``base``:
+    a one-element float32 device tensor holding the curriculum ratio (then ``ratio`` is unused, ``dynamic``
+    applies, and ``step`` must be a one-element int64 device tensor too). ``strata`` (int64 ``(S,)``)
     receives the stratified quotas when given.
     """
     dev_t = key if key is not None else status
     from_scores = status is not None
-    if isinstance(ratio, torch.Tensor):
-        ratio_mode, ratio_t, base = 1, ratio, 0.0
+    base_t = step_t = ints
+    device_base = base is not None
+    if device_base:
+        if not isinstance(step, torch.Tensor):
+            raise ValueError("step: a device base ratio needs a one-element int64 step tensor")
+        ratio_mode, ratio_t, base_host = (2 if dynamic else 0), ints, 0.0
+        base_t, step_t, step = base.reshape(1), step.reshape(1), 0
+    elif isinstance(ratio, torch.Tensor):
+        ratio_mode, ratio_t, base_host = 1, ratio, 0.0
     else:
-        ratio_mode, ratio_t, base = (2 if dynamic else 0), ints, float(ratio)
+        ratio_mode, ratio_t, base_host = (2 if dynamic else 0), ints, float(ratio)
     if from_scores:
         conf, ent, dif = stats[2], stats[1], stats[5]
     else:
@@ -300,11 +323,12 @@ def launch_plan(ints: torch.Tensor, floats: torch.Tensor, strata: Optional[torch
     with device_guard(dev_t):
         _plan_kernel[(1,)](
             key if key is not None else ints, status if from_scores else ints, conf, ent, dif, ratio_t,
-            ints, floats, strata if strata is not None else ints,
-            n_tokens, base, float(sensitivity), int(step), S,
+            ints, floats, strata if strata is not None else ints, base_t, step_t,
+            n_tokens, base_host, float(sensitivity), int(step), S,
             FROM_SCORES=from_scores, RATIO_MODE=ratio_mode,
             KEY64=key is not None and key.dtype == torch.int64, STRATA=strata is not None,
-            BLOCK=_PLAN_BLOCK, S_BLOCK=max(2, s_block), num_warps=_PLAN_WARPS, enable_fp_fusion=False,
+            BLOCK=_PLAN_BLOCK, S_BLOCK=max(2, s_block), DEVICE_BASE=device_base, num_warps=_PLAN_WARPS,
+            enable_fp_fusion=False,
         )
 
 
@@ -360,25 +384,58 @@ class SelectionPlan(NamedTuple):
 
 
 def select_from_scores(key: torch.Tensor, status: torch.Tensor, stats: torch.Tensor, token_shape: tuple[int, ...],
-                       *, selection: str, num_strata: int, min_tokens_per_sequence: int, base_ratio: float,
-                       dynamic: bool, threshold_sensitivity: float, step: int) -> SelectionPlan:
+                       *, selection: str, num_strata: int, min_tokens_per_sequence: int,
+                       base_ratio: Union[float, torch.Tensor], dynamic: bool, threshold_sensitivity: float,
+                       step: Union[int, torch.Tensor]) -> SelectionPlan:
     """The fused loss's selection from the scoring kernel's ``key``/``status``/``stats`` buffers (no checks:
     the buffers come from :func:`cggr_torch.kernels.scoring.launch_scoring` with ``key``/``status``).
 
-    ``base_ratio`` is the curriculum ratio (host float32 value); with ``dynamic`` the plan applies SPEC §5.2
-    with the mean confidence of the eligible tokens. Every SPEC §10 metric lands in the plan buffers;
-    ``tokens_selected`` is ``k`` (the loss overwrites it with the real count).
+    ``base_ratio`` is the curriculum ratio: a 0-d float32 tensor on the buffers' device (the losses' form,
+    read by the plan kernel: no synchronisation, one compiled graph for every step) or a host float32 value;
+    ``step`` likewise a 0-d integer tensor or a host int. With ``dynamic`` the plan applies SPEC §5.2 with the
+    mean confidence of the eligible tokens. Every SPEC §10 metric lands in the plan buffers;
+    ``tokens_selected`` is ``k`` (the loss overwrites it with the real count). Runs as the custom op
+    ``cggr::select_from_scores``.
     """
     dev = key.device
+    if not isinstance(base_ratio, torch.Tensor):
+        base_ratio = torch.full((), float(np.float32(base_ratio)), dtype=torch.float32, device=dev)
+    if not isinstance(step, torch.Tensor):
+        step = torch.full((), int(step), dtype=torch.int64, device=dev)
+    mask, ints, floats = select_from_scores_op(
+        key, status, stats, list(token_shape), selection, int(num_strata), int(min_tokens_per_sequence),
+        base_ratio.reshape(()).to(device=dev, dtype=torch.float32), bool(dynamic), float(threshold_sensitivity),
+        step.reshape(()).to(device=dev, dtype=torch.int64))
+    return SelectionPlan(mask, ints, floats)
+
+
+@torch.library.custom_op("cggr::select_from_scores", mutates_args=())
+def select_from_scores_op(key: torch.Tensor, status: torch.Tensor, stats: torch.Tensor, token_shape: list[int],
+                          selection: str, num_strata: int, min_tokens_per_sequence: int, base_ratio: torch.Tensor,
+                          dynamic: bool, threshold_sensitivity: float, step: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`select_from_scores` as a custom op: ``(mask, ints, floats)`` (SPEC §12.1)."""
+    dev = key.device
     n_tok = key.numel()
+    shape = tuple(token_shape)
     ints = torch.empty((_N_INTS,), dtype=torch.int64, device=dev)
     floats = torch.empty((_N_FLOATS,), dtype=torch.float32, device=dev)
     strata = torch.empty((num_strata,), dtype=torch.int64, device=dev) if selection == "stratified" else None
-    launch_plan(ints, floats, strata, n_tok, status=status, stats=stats, ratio=float(base_ratio), dynamic=dynamic,
-                sensitivity=threshold_sensitivity, step=step, num_strata=num_strata)
+    launch_plan(ints, floats, strata, n_tok, status=status, stats=stats, dynamic=dynamic,
+                sensitivity=threshold_sensitivity, step=step, num_strata=num_strata, base=base_ratio)
     order = sort_order(key)
-    mask = _select_after_plan(order, ints, strata, token_shape, selection, num_strata, min_tokens_per_sequence, dev)
-    return SelectionPlan(mask.view(token_shape), ints, floats)
+    mask = _select_after_plan(order, ints, strata, shape, selection, num_strata, min_tokens_per_sequence, dev)
+    return mask.view(shape), ints, floats
+
+
+@select_from_scores_op.register_fake
+def _(key: torch.Tensor, status: torch.Tensor, stats: torch.Tensor, token_shape: list[int], selection: str,
+      num_strata: int, min_tokens_per_sequence: int, base_ratio: torch.Tensor, dynamic: bool,
+      threshold_sensitivity: float, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dev = key.device
+    return (torch.empty(tuple(token_shape), dtype=torch.bool, device=dev),
+            torch.empty((_N_INTS,), dtype=torch.int64, device=dev),
+            torch.empty((_N_FLOATS,), dtype=torch.float32, device=dev))
 
 
 def _ratio_argument(ratio: Union[torch.Tensor, float, np.floating], device: torch.device) -> Union[float,
@@ -390,7 +447,7 @@ def _ratio_argument(ratio: Union[torch.Tensor, float, np.floating], device: torc
         if ratio.numel() != 1 or not ratio.dtype.is_floating_point:
             raise ValueError(f"ratio: expected a floating scalar in (0, 1], got dtype {ratio.dtype} and shape "
                              f"{tuple(ratio.shape)}")
-        if ratio.device.type == "cpu":
+        if ratio.device.type == "cpu" and not (torch.compiler.is_compiling() and device.type == "cpu"):
             return float(np.float32(check_ratio_value("ratio", ratio)))
         if ratio.device != device:
             raise ValueError(f"ratio: expected a tensor on {device} or the CPU, got one on {ratio.device}")
@@ -406,7 +463,8 @@ def select_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio
     ``difficulty`` float32/float16/bfloat16 ``(N,)`` or ``(B, T)`` (float64 keeps more order information than
     the float32 key: use the PyTorch path), ``eligible`` bool of the same shape, on CUDA (CPU under
     ``TRITON_INTERPRET=1``). Arguments are validated by the caller (:func:`cggr_torch.selection.select_tokens`)
-    except the ones checked here. Returns ``(mask, k)``; ``k`` is a 0-d int64 view of the plan buffer.
+    except the ones checked here. Returns ``(mask, k)``; ``k`` is a 0-d int64 tensor. Runs as the custom op
+    ``cggr::select_tokens`` (SPEC §12.1).
 
     Raises:
         ValueError: float64 difficulties, a host ratio outside ``(0, 1]``, a ratio on another device.
@@ -416,31 +474,56 @@ def select_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio
         raise ValueError(f"difficulty: the Triton selection takes float32/float16/bfloat16, got {difficulty.dtype}")
     if not isinstance(num_strata, numbers.Integral) or not isinstance(min_tokens_per_sequence, numbers.Integral):
         raise ValueError("num_strata, min_tokens_per_sequence: expected integers")
+    r = _ratio_argument(ratio, difficulty.device)
+    ratio_t = r if isinstance(r, torch.Tensor) else None
+    return select_tokens_op(difficulty, eligible, ratio_t, 0.0 if ratio_t is not None else float(r), selection,
+                            int(num_strata), int(min_tokens_per_sequence))
+
+
+@torch.library.custom_op("cggr::select_tokens", mutates_args=())
+def select_tokens_op(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Optional[torch.Tensor],
+                     ratio_value: float, selection: str, num_strata: int, min_tokens_per_sequence: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_tokens_triton` on checked arguments: ``ratio`` a one-element float32 device tensor, or
+    None and the host ``ratio_value``. Returns ``(mask, k)`` (k 0-d int64)."""
     dev = difficulty.device
     shape = tuple(difficulty.shape)
     n_tok = difficulty.numel()
-    r = _ratio_argument(ratio, dev)
     d = difficulty.reshape(-1).contiguous()
     e = eligible.reshape(-1).contiguous()
     key = torch.empty((n_tok,), dtype=_key_dtype(), device=dev)
     launch_keys(d, e, key)
     ints = torch.empty((_N_INTS,), dtype=torch.int64, device=dev)
     floats = torch.empty((_N_FLOATS,), dtype=torch.float32, device=dev)
-    strata = torch.empty((int(num_strata),), dtype=torch.int64, device=dev) if selection == "stratified" else None
-    launch_plan(ints, floats, strata, n_tok, key=key, ratio=r, num_strata=int(num_strata))
-    if isinstance(r, torch.Tensor) and dev.type == "cuda":
+    strata = torch.empty((num_strata,), dtype=torch.int64, device=dev) if selection == "stratified" else None
+    launch_plan(ints, floats, strata, n_tok, key=key, ratio=ratio if ratio is not None else ratio_value,
+                num_strata=num_strata)
+    if ratio is not None and dev.type == "cuda":
         torch._assert_async(ints[INT_SLOTS["ok"]], "ratio: expected a value in (0, 1]")
     order = sort_order(key)
-    mask = _select_after_plan(order, ints, strata, shape, selection, int(num_strata), int(min_tokens_per_sequence),
-                              dev)
-    return mask.view(shape), ints[INT_SLOTS["k"]]
+    mask = _select_after_plan(order, ints, strata, shape, selection, num_strata, min_tokens_per_sequence, dev)
+    return mask.view(shape), ints[INT_SLOTS["k"]].clone()
+
+
+@select_tokens_op.register_fake
+def _(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Optional[torch.Tensor], ratio_value: float,
+      selection: str, num_strata: int, min_tokens_per_sequence: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(tuple(difficulty.shape), dtype=torch.bool, device=difficulty.device),
+            torch.empty((), dtype=torch.int64, device=difficulty.device))
 
 
 def rank_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    """:func:`cggr_torch.selection.rank_tokens` on the device: int32 rank of the input shape, −1 where not eligible."""
+    """:func:`cggr_torch.selection.rank_tokens` on the device: int32 rank of the input shape, −1 where not
+    eligible. Runs as the custom op ``cggr::rank_tokens`` (SPEC §12.1)."""
     check_kernel_device(difficulty, "difficulty")
     if difficulty.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"difficulty: the Triton selection takes float32/float16/bfloat16, got {difficulty.dtype}")
+    return rank_tokens_op(difficulty, eligible)
+
+
+@torch.library.custom_op("cggr::rank_tokens", mutates_args=())
+def rank_tokens_op(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """:func:`rank_tokens_triton` on checked arguments."""
     dev = difficulty.device
     n_tok = difficulty.numel()
     key = torch.empty((n_tok,), dtype=_key_dtype(), device=dev)
@@ -453,3 +536,8 @@ def rank_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor) -> torc
     rank = torch.empty((n_tok,), dtype=torch.int32, device=dev)
     launch_mask(order, ints, None, mask, rank=rank, rank_fill=-1)
     return rank.view(difficulty.shape)
+
+
+@rank_tokens_op.register_fake
+def _(difficulty: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tuple(difficulty.shape), dtype=torch.int32, device=difficulty.device)
