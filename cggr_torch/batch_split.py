@@ -453,8 +453,9 @@ class CGGRModel(Curriculum, nn.Module):
                 raise ValueError(str(err).replace("num_layers:", "router_layers:", 1)) from err
         if not callable(router):
             raise ValueError(f"router: expected a module returning (B, T, V) logits, got {type(router).__name__}")
-        built = getattr(router, "positions", None) if isinstance(router, (TruncatedRouter, PassthroughRouter)) \
-            else None
+        # The router's own settings (create_truncated_router's), also through a torch.compile wrapper.
+        built = getattr(router, "positions", None)
+        built = built if isinstance(built, RouterPositions) else None
         if built is not None and not built.is_full and not own.is_full and built != own:
             raise ValueError(f"router_positions/router_samples/router_prefix: the router was built with {built} "
                              f"and CGGRModel was given {own}; set them in one place")

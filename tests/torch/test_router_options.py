@@ -350,3 +350,18 @@ def test_bucket_shapes_and_bad_buckets():
         CGGRModel(model, TinyRouter(), warmup_steps=0, buckets=(20,)).forward_with(model, ids, ids)
     with pytest.raises(ValueError, match="batch_size"):
         default_buckets(0)
+
+
+def test_a_compiled_truncated_router_keeps_its_settings_and_selects_like_the_eager_one():
+    model = tiny_model("llama")
+    ids, labels, am = _batch(7)
+    router = create_truncated_router(model, 2, router_prefix=6, router_positions=2)
+    torch._dynamo.reset()
+    compiled = CGGRModel(model, torch.compile(router, backend="eager"), warmup_steps=0, min_tokens_ratio=0.5)
+    assert compiled.positions == RouterPositions(2, None, 6)
+    eager = CGGRModel(model, router, warmup_steps=0, min_tokens_ratio=0.5)
+    a, b = compiled.forward_with(model, ids, labels, am), eager.forward_with(model, ids, labels, am)
+    assert compiled.get_metrics()["router_path"] == "logits" and eager.get_metrics()["router_path"] == "fused"
+    assert torch.equal(a.kept, b.kept)
+    torch.testing.assert_close(a.sequence_difficulty, b.sequence_difficulty, atol=6e-4, rtol=2e-5)
+    torch._dynamo.reset()
