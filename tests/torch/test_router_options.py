@@ -99,6 +99,13 @@ def test_equivalent_settings_select_what_the_full_router_selects():
         assert torch.equal(res.kept, full.kept) and torch.equal(res.sequence_eligible, full.sequence_eligible)
         torch.testing.assert_close(res.sequence_difficulty, full.sequence_difficulty, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(res.loss, full.loss, atol=0, rtol=0)
+    # chunking the router pass changes nothing either
+    a = CGGRModel(model, router_layers=2, warmup_steps=0, router_samples=3, router_prefix=8)
+    b = CGGRModel(model, router_layers=2, warmup_steps=0, router_samples=3, router_prefix=8, router_batch_size=3,
+                  router_memory_budget_bytes=4096)
+    ra, rb = a.forward_with(model, ids, labels, am), b.forward_with(model, ids, labels, am)
+    assert torch.equal(ra.kept, rb.kept)
+    torch.testing.assert_close(ra.sequence_difficulty, rb.sequence_difficulty, atol=1e-5, rtol=1e-5)
 
 
 def test_prefix_router_reads_only_the_prefix_and_the_head_runs_on_the_scored_rows(monkeypatch):
@@ -365,3 +372,22 @@ def test_a_compiled_truncated_router_keeps_its_settings_and_selects_like_the_eag
     assert torch.equal(a.kept, b.kept)
     torch.testing.assert_close(a.sequence_difficulty, b.sequence_difficulty, atol=6e-4, rtol=2e-5)
     torch._dynamo.reset()
+
+
+def test_masked_lm_scores_its_subset_without_a_shift():
+    model = tiny_model("bert")
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(3, V, (5, 9), generator=g)
+    labels = ids.clone()
+    labels[:, 1::2] = -100
+    cggr = CGGRModel(model, router_layers=1, warmup_steps=0, min_tokens_ratio=0.5, router_positions=3)
+    res = cggr.forward_with(model, ids, labels)
+    with torch.no_grad():
+        full = create_truncated_router(model, 1)(ids)
+    pos = oracle.router_scored_positions(9, 3, shift=False)           # 0, 3, 6: position t predicts labels[t]
+    assert pos.tolist() == [0, 3, 6]
+    sc = oracle.score_tokens(as_f64(full)[:, pos], labels.numpy()[:, pos])
+    e = sc["eligible"]
+    want = np.array([sc["difficulty"][b][e[b]].mean() for b in range(5)])
+    np.testing.assert_allclose(res.sequence_difficulty.numpy(), want, atol=2e-4, rtol=2e-5)
+    assert cggr.get_metrics()["tokens_total"] == int(e.sum()) == 10   # labels at 0 and 6 (3 is ignored)
