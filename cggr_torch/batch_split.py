@@ -91,11 +91,10 @@ from .router import (
     scored_index,
 )
 from .scoring import score_next_tokens
-from .utils import check_target_range
 from .selection import rank_tokens, sample_tokens, select_tokens
 from .sequence_reference import apply_sequence_reference, check_sequence_reference, router_scoring
 from .types import SequenceSelection, TokenScores
-from .utils import check_batch, resolve_config, widen_labels
+from .utils import check_batch, check_target_range, resolve_config, widen_labels
 
 __all__ = ["CGGRModel", "BatchSplitOutput", "SEQUENCE_SELECTIONS", "MODEL_METRIC_KEYS", "SequenceSelection",
            "select_sequences", "sequence_difficulty", "effective_labels", "HF_IGNORE_INDEX", "default_buckets",
