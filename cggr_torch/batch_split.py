@@ -399,7 +399,9 @@ class CGGRModel(Curriculum, nn.Module):
             ``k`` rows), a sequence of sizes in ``[1, B]`` (``B`` is added) or a callable ``B -> sizes``. The kept
             rows are padded to the smallest size ``>= k`` with copies of the first kept row that carry no loss
             and no gradient, so a compiled model sees at most ``len(buckets)`` shapes (one compile each).
-            ``BatchSplitOutput.outputs`` then holds the padded batch, its first ``k`` rows the kept ones.
+            ``BatchSplitOutput.outputs`` then holds the padded batch, its first ``k`` rows the kept ones. A model
+            that couples the rows of a batch (an MoE load-balancing loss, expert capacity) sees the copies too:
+            pass ``buckets=None`` for it.
     """
 
     def __init__(self, model: nn.Module, router: Optional[nn.Module] = None, *, scoring: str = CGGRConfig.scoring,
