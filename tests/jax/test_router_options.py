@@ -189,3 +189,32 @@ def test_bad_settings_raise_naming_the_argument():
         rt.select_sequences(z, labels.at[0, 10].set(99), mask, ratio=0.5, config=bs.BatchSplitConfig(router_prefix=2))
     assert bs.BatchSplitConfig(router_positions=np.int64(3)) == bs.BatchSplitConfig(router_positions=3)
     assert hash(bs.BatchSplitConfig(router_samples=8)) == hash(bs.BatchSplitConfig(router_samples=8))
+
+
+@pytest.mark.parametrize("selection", ["topk", "sampled"])
+def test_step_with_a_stride_an_excess_reference_and_each_selection(selection):
+    from cggr_jax.integrations import advance_curriculum
+
+    model = _model(2)
+    graphdef = nnx.split(model, nnx.Param, ...)[0]
+    cfg = bs.BatchSplitConfig(router_layers=1, warmup_steps=0, min_tokens_ratio=0.5, scoring="excess",
+                              selection=selection, router_positions=3, router_path="logits")
+    step = bs.make_batch_split_train_step(graphdef, cfg, optax.chain(advance_curriculum(), optax.sgd(0.1)),
+                                          buckets=(4,), donate=False, compiler_options=FAST)
+    state = step.init(model)
+    ids = jax.random.randint(jax.random.key(3), (8, 11), 0, 29, dtype=jnp.int32)
+    labels = ids.at[1, 1:].set(IGNORE)
+    mask = jnp.ones_like(ids).at[6, 5:].set(0)
+    ref = jnp.asarray(np.random.default_rng(0).uniform(0, 3, size=(8,)), jnp.float32).at[4].set(jnp.nan)
+    logits = model.router_logits(ids, 1, mask)
+    _, m = step(state, ids, labels, mask, ref)
+    m = jax.device_get(m)
+    want = oracle.select_sequences_at(np.asarray(logits), np.asarray(labels), np.float32(m["effective_ratio"]),
+                                      oracle.router_scored_positions(11, 3), scoring="excess",
+                                      attention_mask=np.asarray(mask), reference_nll=np.asarray(ref, np.float64))
+    assert int(m["tokens_total"]) == want["tokens_total"]
+    assert int(m["sequences_total"]) == int(want["sequence_eligible"].sum()) == 6   # 1 ignored, 4 NaN reference
+    assert int(m["tokens_nonfinite"]) == int(want["scores"]["nonfinite"].sum()) > 0
+    assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
+    if selection == "topk":
+        assert int(m["sequences_selected"]) == want["k"]
