@@ -394,6 +394,10 @@ class CGGRModel(Curriculum, nn.Module):
             eligible scored positions; on the fused path the head runs on the scored rows only. Defaults: the
             router's own ``.positions`` (``create_truncated_router(..., router_samples=64)``), else every
             position; a router built with other non-default settings is a ``ValueError``.
+        router_compile: the default router's layers under ``torch.compile``: ``False`` (default, eager),
+            ``True`` or a dict of ``torch.compile`` keyword arguments (``{"mode": "reduce-overhead"}``: CUDA
+            graphs); see :func:`cggr_torch.router.create_truncated_router`. Off by default (compile time, and
+            one compile per distinct router input shape).
         buckets: SPEC §9.4, the main pass's batch sizes: ``'auto'`` (default: :func:`default_buckets` when
             ``model`` is compiled, :func:`is_compiled_module`, else exact slicing), ``None`` (exact slicing:
             ``k`` rows), a sequence of sizes in ``[1, B]`` (``B`` is added) or a callable ``B -> sizes``. The kept
@@ -419,7 +423,7 @@ class CGGRModel(Curriculum, nn.Module):
                  sample_uniform_mix: float = CGGRConfig.sample_uniform_mix,
                  sample_floor: float = CGGRConfig.sample_floor, sample_seed: int = CGGRConfig.sample_seed,
                  router_positions: Any = ROUTER_POSITIONS_ALL, router_samples: Optional[int] = None,
-                 router_prefix: Optional[int] = None, buckets: Any = "auto",
+                 router_prefix: Optional[int] = None, router_compile: Any = False, buckets: Any = "auto",
                  config: Optional[CGGRConfig] = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -449,9 +453,13 @@ class CGGRModel(Curriculum, nn.Module):
                 raise ValueError(f"router_layers: expected an integer >= 1, got {router_layers!r}")
             try:
                 router = create_truncated_router(model, router_layers, router_positions=own.router_positions,
-                                                 router_samples=own.router_samples, router_prefix=own.router_prefix)
+                                                 router_samples=own.router_samples, router_prefix=own.router_prefix,
+                                                 router_compile=router_compile)
             except ValueError as err:
                 raise ValueError(str(err).replace("num_layers:", "router_layers:", 1)) from err
+        elif router_compile is not False:
+            raise ValueError("router_compile: applies to the default router (router=None); build a router with "
+                             "create_truncated_router(model, n, router_compile=...) or pass torch.compile(router)")
         if not callable(router):
             raise ValueError(f"router: expected a module returning (B, T, V) logits, got {type(router).__name__}")
         # The router's own settings (create_truncated_router's), also through a torch.compile wrapper.

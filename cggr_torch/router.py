@@ -212,9 +212,15 @@ class TruncatedRouter(nn.Module):
     """
 
     def __init__(self, model: nn.Module, num_layers: int, layers_path: str, architecture: str,
-                 positions: RouterPositions = RouterPositions()) -> None:
+                 positions: RouterPositions = RouterPositions(), compile_options: Optional[dict] = None) -> None:
         super().__init__()
         object.__setattr__(self, "source", model)
+        #: ``torch.compile`` keyword arguments for the truncated model's forward (None: eager); see
+        #: :func:`create_truncated_router`'s ``router_compile``.
+        self.compile_options = None if compile_options is None else dict(compile_options)
+        # id(view) -> (view, its compiled call): held outside the module tree so that no parameter is registered
+        # twice; the root view (logits) and the base-model view (hidden states) each keep their own.
+        object.__setattr__(self, "_compiled", {})
         #: SPEC §9.3: the positions this router reads and scores (``create_truncated_router``'s settings).
         self.positions = positions
         self.num_layers = int(num_layers)
@@ -275,12 +281,26 @@ class TruncatedRouter(nn.Module):
         if view is not self._modules.get("view"):
             self.view = view
 
+    def _runner(self, module: nn.Module) -> Callable[..., Any]:
+        """``module`` itself, or its ``torch.compile``d call with :attr:`compile_options`. The views are reused
+        across calls while the model keeps its structure (:meth:`refresh`), so one compiled call serves every
+        step; a rebuilt view (new layer objects) is compiled anew."""
+        if self.compile_options is None:
+            return module
+        cached = self._compiled.get(id(module))
+        if cached is None or cached[0] is not module:
+            if len(self._compiled) >= 8:   # views rebuilt many times (the model's structure changed): start over
+                self._compiled.clear()
+            cached = (module, torch.compile(module, **self.compile_options))
+            self._compiled[id(module)] = cached
+        return cached[1]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs: Any) -> torch.Tensor:
         """Logits ``(B, T, V)`` of the truncated model for ``input_ids`` ``(B, T)``."""
         self.refresh()
-        out = self.view(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True,
-                        **kwargs)
+        out = self._runner(self.view)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                      return_dict=True, **kwargs)
         return router_logits(out)
 
     def fused_head_reason(self) -> Optional[str]:
@@ -321,7 +341,8 @@ class TruncatedRouter(nn.Module):
         head, computed by the base model's own ``forward`` on the truncated layer list."""
         self.refresh()
         base = self.view._modules[self.layers_path.split(".")[0]]
-        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **kwargs)
+        out = self._runner(base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                 return_dict=True, **kwargs)
         hidden = getattr(out, "last_hidden_state", None)
         if not isinstance(hidden, torch.Tensor):
             hidden = out[0] if isinstance(out, (tuple, list)) else None
@@ -357,7 +378,7 @@ class PassthroughRouter(nn.Module):
 def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architecture: Optional[str] = None,
                             layers_path: Optional[str] = None, router_positions: Any = ROUTER_POSITIONS_ALL,
                             router_samples: Optional[int] = None,
-                            router_prefix: Optional[int] = None) -> nn.Module:
+                            router_prefix: Optional[int] = None, router_compile: Any = False) -> nn.Module:
     """A router sharing ``model``'s embeddings, first ``num_layers`` decoder layers, final norm, rotary
     embeddings and LM head (zero extra parameter memory; see the module docstring for how).
 
@@ -376,6 +397,12 @@ def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architectu
             ``router_positions``-th position (``'all'``: every one), or ``router_samples`` evenly spaced ones,
             of the first ``router_prefix`` columns the router reads (``None``: all ``T``). Kept as the router's
             ``.positions`` (a :class:`cggr.config.RouterPositions`) and applied by ``CGGRModel``.
+        router_compile: ``False`` (default: eager), ``True`` or a dict of ``torch.compile`` keyword arguments
+            (e.g. ``{"mode": "reduce-overhead"}`` for CUDA graphs): run the truncated model's layers (its
+            hidden states on the fused path, its logits otherwise) compiled. The scoring after them is unchanged.
+            Off by default: compiling costs time at the first steps and every distinct ``(B, T)``/prefix shape
+            compiles once more; with ``mode="reduce-overhead"`` the outputs are overwritten by the next call,
+            which ``CGGRModel`` never holds across calls.
 
     Returns:
         :class:`TruncatedRouter` (or :class:`PassthroughRouter`).
@@ -386,6 +413,15 @@ def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architectu
             ``router_positions`` / ``router_samples`` / ``router_prefix``.
     """
     positions = RouterPositions(router_positions, router_samples, router_prefix)
+    if router_compile is True:
+        compile_options: Optional[dict] = {}
+    elif router_compile is False or router_compile is None:
+        compile_options = None
+    elif isinstance(router_compile, Mapping):
+        compile_options = dict(router_compile)
+    else:
+        raise ValueError(f"router_compile: expected a bool or a dict of torch.compile keyword arguments, got "
+                         f"{router_compile!r}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module (a Hugging Face task model), got {type(model).__name__}")
     orig = model._modules.get("_orig_mod")
@@ -394,6 +430,8 @@ def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architectu
     if architecture == "passthrough":
         if layers_path is not None:
             raise ValueError("layers_path: not used with architecture='passthrough' (the full model is the router)")
+        if compile_options is not None:
+            raise ValueError("router_compile: not supported with architecture='passthrough' (compile the model)")
         return PassthroughRouter(model, positions)
     if not isinstance(num_layers, numbers.Integral) or isinstance(num_layers, bool) or num_layers < 1:
         raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
@@ -424,7 +462,7 @@ def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architectu
         raise ValueError(f"model: {type(model).__name__} has no LM head (get_output_embeddings() is None); pass the "
                          f"task model (…ForCausalLM / …ForMaskedLM), not the bare base model")
     _resolve(model, layers_path)
-    return TruncatedRouter(model, int(num_layers), layers_path, name, positions)
+    return TruncatedRouter(model, int(num_layers), layers_path, name, positions, compile_options)
 
 
 # ------------------------------------------------------------------------------------- next-token scoring

@@ -391,3 +391,30 @@ def test_masked_lm_scores_its_subset_without_a_shift():
     want = np.array([sc["difficulty"][b][e[b]].mean() for b in range(5)])
     np.testing.assert_allclose(res.sequence_difficulty.numpy(), want, atol=2e-4, rtol=2e-5)
     assert cggr.get_metrics()["tokens_total"] == int(e.sum()) == 10   # labels at 0 and 6 (3 is ignored)
+
+
+def test_router_compile_flag_runs_the_layers_compiled_and_changes_no_selection():
+    from torch._dynamo.testing import CompileCounter
+
+    model = tiny_model("llama")
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = CGGRModel(model, router_layers=2, warmup_steps=0, min_tokens_ratio=0.5, router_prefix=8,
+                         router_compile={"backend": counter, "dynamic": False})
+    eager = CGGRModel(model, router_layers=2, warmup_steps=0, min_tokens_ratio=0.5, router_prefix=8)
+    assert compiled.router.compile_options == {"backend": counter, "dynamic": False}
+    for seed in range(3):
+        ids, labels, am = _batch(10 + seed)
+        a, b = compiled.forward_with(model, ids, labels, am), eager.forward_with(model, ids, labels, am)
+        assert torch.equal(a.kept, b.kept) and compiled.get_metrics()["router_path"] == "fused"
+        torch.testing.assert_close(a.sequence_difficulty, b.sequence_difficulty, atol=1e-5, rtol=1e-5)
+    assert 1 <= counter.frame_count <= 3   # the head-linearity probe's shapes and the (7, 8) prefix: no more
+    before = counter.frame_count
+    ids, labels, am = _batch(20)
+    compiled.forward_with(model, ids, labels, am)
+    assert counter.frame_count == before   # a further step of the same shape compiles nothing
+    with pytest.raises(ValueError, match="router_compile"):
+        create_truncated_router(model, 1, router_compile="yes")
+    with pytest.raises(ValueError, match="router_compile"):
+        CGGRModel(model, create_truncated_router(model, 1), router_compile=True)
+    torch._dynamo.reset()
