@@ -19,7 +19,8 @@ Modes (each starts from the same initial weights and a fresh AdamW):
 ``cggr[L=…,path,<option>]`` row per option beside the rows above, with the deepest ``--router-layers`` and the
 first ``--router-path``: ``s<n>`` scores every n-th position (``router_positions=n``), ``m<n>`` n evenly
 spaced positions (``router_samples=n``), ``p<n>`` reads an n-token prefix (``router_prefix=n``); tokens
-combine (``p256s4``). ``--router-options ''`` runs none.
+combine (``p256s4``). ``--router-options ''`` runs none. ``--router-compile`` runs every cggr row's router
+layers under ``torch.compile`` (``CGGRModel(router_compile=True)``; off by default, as in the library).
 
 **Router time.** After a cggr row's timed steps, the router pass alone (``CGGRModel.select``: router forward,
 scoring, sequence selection; no main pass, no host sync inside) is timed ``--steps`` times in the same
@@ -118,7 +119,8 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches:
         cggr = CGGRModel(model, router_layers=router_layers, min_tokens_ratio=args.ratio, warmup_steps=0,
                          dynamic_threshold=args.dynamic_threshold,
                          router_batch_size=args.router_batch_size or None, router_path=router_path,
-                         router_memory_budget_bytes=args.router_memory_budget, **(positions or {}))
+                         router_memory_budget_bytes=args.router_memory_budget, **(positions or {}),
+                         **({"router_compile": True} if getattr(args, "router_compile", False) else {}))
     kept_counts: list[int] = []
 
     def step(ids: torch.Tensor) -> None:
@@ -267,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--router-options", default=DEFAULT_ROUTER_OPTIONS,
                    help="extra cggr rows with SPEC §9.3's cheaper routers: s<n> (stride), m<n> (sample), "
                         "p<n> (prefix), combinable (p256s4); '' for none")
+    p.add_argument("--router-compile", action="store_true",
+                   help="the cggr rows' router layers under torch.compile (CGGRModel(router_compile=True))")
     p.add_argument("--dynamic-threshold", action="store_true")
     p.add_argument("--precision", choices=("bf16-autocast", "bf16", "fp32"), default="bf16-autocast",
                    help="bf16-autocast: fp32 weights + bf16 autocast; bf16: bf16 weights")
