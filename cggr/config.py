@@ -27,6 +27,8 @@ __all__ = [
     "SEQUENCE_SELECTIONS",
     "CONFIG_FIELDS",
     "CGGRConfig",
+    "ROUTER_POSITIONS_ALL",
+    "RouterPositions",
     "check_ratio_value",
     "is_int",
     "is_real",
@@ -243,3 +245,75 @@ class CGGRConfig:
 CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(CGGRConfig))
 #: Batch splitting's default selection (SPEC §9).
 DEFAULT_SEQUENCE_SELECTION = "topk"
+
+
+#: ``router_positions`` value that scores every router position (SPEC §9.3), the default.
+ROUTER_POSITIONS_ALL = "all"
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterPositions:
+    """Which positions a batch-splitting router reads and scores (SPEC §9.3), validated once for both packages.
+
+    Attributes:
+        router_positions: ``"all"`` (default) or an integer stride ``s >= 1``: score the candidate positions
+            ``t = 0, s, 2s, …``.
+        router_samples: ``None`` (default) or an integer ``m >= 1``: score ``m`` positions evenly spaced over the
+            candidates, ``t_j = ⌊j·L/m⌋`` (all ``L`` when ``m >= L``). Exclusive with a stride.
+        router_prefix: ``None`` (default) or an integer ``P >= 1``: the router reads only the first ``min(P, T)``
+            columns of the batch; the candidates are the positions it reads that have a target.
+
+    The positions depend on the batch's ``T`` and these settings only (never on the data), so they are static
+    under ``jit``/``torch.compile``. ``ValueError`` naming the argument on bad values.
+    """
+
+    router_positions: Any = ROUTER_POSITIONS_ALL
+    router_samples: Any = None
+    router_prefix: Any = None
+
+    def __post_init__(self) -> None:
+        stride = self.router_positions
+        if not (stride == ROUTER_POSITIONS_ALL if isinstance(stride, str) else is_int(stride) and int(stride) >= 1):
+            raise ValueError(f"router_positions: expected {ROUTER_POSITIONS_ALL!r} or an integer stride >= 1, "
+                             f"got {stride!r}")
+        for name in ("router_samples", "router_prefix"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or int(value) < 1):
+                raise ValueError(f"{name}: expected None or an integer >= 1, got {value!r}")
+        if self.router_samples is not None and stride != ROUTER_POSITIONS_ALL:
+            raise ValueError(f"router_samples: a sample of positions and a stride (router_positions={stride!r}) "
+                             f"exclude each other; give one of them")
+        # Normalise NumPy integers so that equal settings hash equal (jit static arguments).
+        for name in ("router_positions", "router_samples", "router_prefix"):
+            value = getattr(self, name)
+            if is_int(value):
+                object.__setattr__(self, name, int(value))
+
+    @property
+    def is_full(self) -> bool:
+        """True for the defaults: the router reads and scores every position (SPEC §9 unchanged)."""
+        return (self.router_positions == ROUTER_POSITIONS_ALL and self.router_samples is None
+                and self.router_prefix is None)
+
+    def read_length(self, seq_len: int) -> int:
+        """``R = min(P, T)``: the columns of a ``(B, T)`` batch that the router reads (``T`` without a prefix)."""
+        return int(seq_len) if self.router_prefix is None else min(int(self.router_prefix), int(seq_len))
+
+    def candidates(self, seq_len: int, shift: bool = True) -> int:
+        """``L``: the router positions with a target, ``min(R, T − 1)`` for a causal router (``shift``), else
+        ``R`` (SPEC §9.3)."""
+        read = self.read_length(seq_len)
+        return max(0, min(read, int(seq_len) - 1)) if shift else read
+
+    def scored(self, seq_len: int, shift: bool = True) -> tuple[int, ...] | None:
+        """The scored router positions ``t`` (ascending; position ``t`` predicts ``labels[:, t+1]`` when
+        ``shift``, ``labels[:, t]`` otherwise), or None when they are all ``T`` input positions of SPEC §9
+        (the defaults: nothing to gather)."""
+        if self.is_full:
+            return None
+        L = self.candidates(seq_len, shift)
+        if self.router_samples is not None:
+            m = self.router_samples
+            return tuple(range(L)) if m >= L else tuple(j * L // m for j in range(m))
+        step = 1 if self.router_positions == ROUTER_POSITIONS_ALL else self.router_positions
+        return tuple(range(0, L, step))

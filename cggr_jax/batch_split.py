@@ -55,6 +55,11 @@ Modes:
 
 The random choice of step ``s`` uses the key ``fold_in(key(config.seed), s)`` (ranks of uniform priorities).
 
+A cheaper router (SPEC §9.3): ``BatchSplitConfig(router_prefix=P)`` runs the router on the first ``min(P, T)``
+columns only, and ``router_positions=s`` (a stride) or ``router_samples=m`` (evenly spaced) score a subset of its
+positions; on the fused path the head and the scoring run on the gathered hidden rows of those positions only.
+The positions are static (they depend on ``T`` and the config), so they add no recompilation.
+
 Buckets default to :func:`default_buckets` (``⌈B·f⌉`` for ``f ∈ {1/8, 1/4, 3/8, 1/2, 3/4, 1}``); ``B`` is
 always added. More buckets waste less padding compute and cost more compile time (one model forward/backward
 per bucket, compiled once).
@@ -385,14 +390,18 @@ class BatchSplitTrainStep:
         router_model = nnx.merge(self.graphdef, jax.lax.stop_gradient(params), rest)
         path, self.router_path_reason = router.resolve_router_path(router_model, cfg.router_path)  # trace time
         self.router_path = path
+        # SPEC §9.3: a prefix router reads the first R columns only (static); the scorers take its R columns.
+        read = cfg.positions.read_length(input_ids.shape[1])
+        ids_r = input_ids[:, :read]
+        mask_r = None if attention_mask is None else attention_mask[:, :read]
         if path == "fused":
-            hidden = router_model.hidden_states(input_ids, attention_mask, cfg.router_layers)
+            hidden = router_model.hidden_states(ids_r, mask_r, cfg.router_layers)
             weight, layout = router.head_weight(router_model)
             sel = router.select_sequences_fused(hidden, weight, labels, attention_mask, step=step, config=cfg,
                                                 vocab_size=self.vocab_size, weight_layout=layout,
                                                 reference_nll=reference_nll)
         else:
-            router_logits = router_model.router_logits(input_ids, cfg.router_layers, attention_mask)
+            router_logits = router_model.router_logits(ids_r, cfg.router_layers, mask_r)
             sel = router.select_sequences(jax.lax.stop_gradient(router_logits), labels, attention_mask,
                                           step=step, config=cfg, vocab_size=self.vocab_size,
                                           reference_nll=reference_nll)

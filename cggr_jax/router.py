@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from cggr import DEFAULT_SEQUENCE_SELECTION, CGGRConfig
-from cggr.config import SAMPLED_SELECTIONS
+from cggr.config import ROUTER_POSITIONS_ALL, SAMPLED_SELECTIONS, RouterPositions
 from flax import nnx
 
 from cggr_jax import curriculum, fused_linear, models, pipeline, scoring, selection, utils
@@ -111,8 +111,14 @@ class BatchSplitConfig:
         router_memory_budget_bytes: working memory of the fused path's logit blocks (bytes, default 1 GiB).
         sample_power, sample_uniform_mix, sample_floor, sample_seed: SPEC §7.4's parameters of ``"sampled"``
             (``cggr.CGGRConfig``'s ``sample_*`` fields), applied to the sequence difficulties (§9.2).
+        router_positions, router_samples, router_prefix: SPEC §9.3, a cheaper router: score every
+            ``router_positions``-th position (``"all"``: every one) or ``router_samples`` evenly spaced ones, of
+            the first ``router_prefix`` columns the router reads (``None``: all); the sequence difficulty is the
+            mean over the eligible scored positions, and on the fused path the head runs on the scored rows
+            only. Static: they fix shapes, never recompile with the data.
 
-    :attr:`config` (set by the constructor) is the one validated ``cggr.CGGRConfig`` of these settings.
+    :attr:`config` (set by the constructor) is the one validated ``cggr.CGGRConfig`` of these settings and
+    :attr:`positions` the validated :class:`cggr.config.RouterPositions` of the last three.
     """
 
     router_layers: int = 4
@@ -131,6 +137,9 @@ class BatchSplitConfig:
     sample_uniform_mix: float = DEFAULT_CONFIG.sample_uniform_mix
     sample_floor: float = DEFAULT_CONFIG.sample_floor
     sample_seed: int = DEFAULT_CONFIG.sample_seed
+    router_positions: Any = ROUTER_POSITIONS_ALL
+    router_samples: int | None = None
+    router_prefix: int | None = None
 
     def __post_init__(self) -> None:
         utils.check_int(self.router_layers, "router_layers", minimum=0)
@@ -142,6 +151,8 @@ class BatchSplitConfig:
                             sample_uniform_mix=self.sample_uniform_mix, sample_floor=self.sample_floor,
                             sample_seed=self.sample_seed).for_sequences()
         object.__setattr__(self, "_config", config)   # not a field: the settings above are the fields
+        object.__setattr__(self, "_positions", RouterPositions(self.router_positions, self.router_samples,
+                                                               self.router_prefix))
         utils.check_int(self.seed, "seed")
         utils.check_choice(self.router_path, "router_path", ROUTER_PATHS)
         utils.check_int(self.router_memory_budget_bytes, "router_memory_budget_bytes", minimum=1)
@@ -151,6 +162,11 @@ class BatchSplitConfig:
     def config(self) -> CGGRConfig:
         """The one validated ``cggr.CGGRConfig`` of these settings."""
         return self._config
+
+    @property
+    def positions(self) -> RouterPositions:
+        """SPEC §9.3: the validated positions the router reads and scores."""
+        return self._positions
 
     def schedule(self) -> Callable[[Any], jax.Array]:
         """The curriculum ``step -> base ratio`` (:func:`cggr_jax.curriculum.schedule_for`)."""
@@ -230,7 +246,7 @@ def select_sequences(
     logits = utils.as_logits(router_logits, "router_logits")
     if logits.ndim != 3:
         raise ValueError(f"router_logits: expected shape (B, T, V), got {tuple(logits.shape)}")
-    check_labels_and_mask(tuple(logits.shape[:2]), labels, attention_mask, "router_logits[:, :, 0]")
+    B, T = _router_columns(tuple(logits.shape), labels, attention_mask, config, "router_logits")
     V = logits.shape[-1]
     if vocab_size is not None and int(vocab_size) != V:
         raise ValueError(
@@ -239,12 +255,14 @@ def select_sequences(
         )
     if (step is None) == (ratio is None):
         raise ValueError("select_sequences: pass exactly one of step= (curriculum) or ratio= (effective ratio)")
-    reference_nll = check_sequence_reference(reference_nll, config.scoring, tuple(logits.shape[:2]))
+    reference_nll = check_sequence_reference(reference_nll, config.scoring, (B, T))
 
     targets, valid_mask, out_of_range = shifted_targets(labels, attention_mask, V, config)
-    ts = scoring.score_tokens(logits[:, :-1], targets, scoring=router_scoring(config.scoring),
+    idx, targets, valid_mask, out_of_range = _scored_pairs(config, T, targets, valid_mask, out_of_range, V)
+    z = logits[:, :T - 1] if idx is None else jnp.take(logits, idx, axis=1)   # SPEC §9.3: the pairs of S
+    ts = scoring.score_tokens(z, targets, scoring=router_scoring(config.scoring),
                               ignore_index=config.ignore_index, valid_mask=valid_mask)
-    ts, seq_ref = apply_sequence_reference(ts, reference_nll)
+    ts, seq_ref = apply_sequence_reference(ts, reference_nll, columns=None if idx is None else idx + 1)
     return select_from_scores(ts, out_of_range, step, ratio, config, seq_ref)
 
 
@@ -279,6 +297,40 @@ def shifted_targets(labels: Any, attention_mask: Any, V: int,
     considered = not_ignored if valid_mask is None else not_ignored & valid_mask
     out_of_range = jnp.sum(considered & ~in_range, dtype=jnp.int32)
     return targets, valid_mask, out_of_range
+
+
+def _router_columns(shape: tuple[int, ...], labels: Any, attention_mask: Any, config: BatchSplitConfig,
+                    name: str) -> tuple[int, int]:
+    """``(B, T)`` of the batch whose router output (``name``, of leading shape ``shape``) is scored: with the
+    default positions the router covers all ``T`` columns; with a prefix (SPEC §9.3) it may cover the ``R`` it
+    read, ``T`` is then that of ``labels``."""
+    pos = config.positions
+    lshape = getattr(labels, "shape", None)
+    if pos.is_full or lshape is None or len(lshape) != 2:
+        check_labels_and_mask(tuple(shape[:2]), labels, attention_mask, f"{name}[:, :, 0]")
+        return int(shape[0]), int(shape[1])
+    B, T = (int(x) for x in lshape)
+    check_labels_and_mask((B, T), labels, attention_mask, "labels")
+    allowed = sorted({T, pos.read_length(T)})
+    if int(shape[0]) != B or int(shape[1]) not in allowed:
+        raise ValueError(f"{name}: expected leading shape ({B}, T') with T' in {allowed} (all columns or the "
+                         f"router_prefix read), got {tuple(shape)}")
+    return B, T
+
+
+def _scored_pairs(config: BatchSplitConfig, T: int, targets: jax.Array, valid_mask: jax.Array | None,
+                  out_of_range: jax.Array, V: int) -> tuple[Any, jax.Array, jax.Array | None, jax.Array]:
+    """SPEC §9.3: ``(S, targets, valid mask, out-of-range count)`` of the scored pairs (``S`` a static int32
+    array of router positions, None with the defaults: every pair, unchanged inputs)."""
+    scored = config.positions.scored(T, shift=True)
+    if scored is None:
+        return None, targets, valid_mask, out_of_range
+    idx = np.asarray(scored, dtype=np.int32)
+    targets = jnp.take(targets, idx, axis=1)
+    valid_mask = None if valid_mask is None else jnp.take(valid_mask, idx, axis=1)
+    not_ignored, in_range, _ = utils.target_masks(targets, V, config.ignore_index)
+    considered = not_ignored if valid_mask is None else not_ignored & valid_mask
+    return idx, targets, valid_mask, jnp.sum(considered & ~in_range, dtype=jnp.int32)
 
 
 def select_from_scores(ts: TokenScores, out_of_range: jax.Array, step: Any, ratio: Any,
@@ -344,22 +396,25 @@ def select_sequences_fused(
         raise ValueError(f"weight: expected a 2-D LM-head weight with weight_layout 'vd' or 'dv', got "
                          f"{tuple(wshape) if wshape is not None else type(weight).__name__} / {weight_layout!r}")
     V = int(wshape[0] if weight_layout == "vd" else wshape[1])
-    check_labels_and_mask(tuple(hshape[:2]), labels, attention_mask, "hidden[:, :, 0]")
+    B, T = _router_columns(tuple(hshape), labels, attention_mask, config, "hidden")
     if vocab_size is not None and int(vocab_size) != V:
         raise ValueError(f"weight: vocabulary size {V} differs from the model's vocab_size {int(vocab_size)}; the "
                          f"router must share the model's tokenizer and head")
     if (step is None) == (ratio is None):
         raise ValueError("select_sequences_fused: pass exactly one of step= (curriculum) or ratio= (effective "
                          "ratio)")
-    reference_nll = check_sequence_reference(reference_nll, config.scoring, tuple(hshape[:2]))
+    reference_nll = check_sequence_reference(reference_nll, config.scoring, (B, T))
     targets, valid_mask, out_of_range = shifted_targets(labels, attention_mask, V, config)
+    idx, targets, valid_mask, out_of_range = _scored_pairs(config, T, targets, valid_mask, out_of_range, V)
+    # SPEC §9.3: the head and the scoring run on the gathered hidden rows of S only (the saving).
+    h = hidden[:, :T - 1] if idx is None else jnp.take(hidden, idx, axis=1)
     ts = fused_linear.fused_linear_scores(
-        jax.lax.stop_gradient(hidden[:, :-1]), jax.lax.stop_gradient(weight), targets,
+        jax.lax.stop_gradient(h), jax.lax.stop_gradient(weight), targets,
         None if bias is None else jax.lax.stop_gradient(bias), scoring=router_scoring(config.scoring),
         ignore_index=config.ignore_index, valid_mask=valid_mask,
         memory_budget_bytes=config.router_memory_budget_bytes, weight_layout=weight_layout,
         logits_dtype=logits_dtype)
-    ts, seq_ref = apply_sequence_reference(ts, reference_nll)
+    ts, seq_ref = apply_sequence_reference(ts, reference_nll, columns=None if idx is None else idx + 1)
     return select_from_scores(ts, out_of_range, step, ratio, config, seq_ref)
 
 

@@ -49,7 +49,7 @@ def check_sequence_reference(reference_nll: Any, scoring: str, batch_shape: tupl
 
 
 def apply_sequence_reference(scores: TokenScores, reference_nll: jax.Array | None, *,
-                             shift: bool = True) -> tuple[TokenScores, jax.Array | None]:
+                             shift: bool = True, columns: Any = None) -> tuple[TokenScores, jax.Array | None]:
     """Turn the router's ``'loss'`` token scores into excess scores (SPEC §9.1).
 
     ``scores``: the router's token scores of shape ``(B, W)`` with column ``t`` the pair that predicts
@@ -59,6 +59,9 @@ def apply_sequence_reference(scores: TokenScores, reference_nll: jax.Array | Non
     SPEC §3.1, and the float32 ``(B,)`` per-sequence reference to subtract from the mean ``nll``
     (``sequence_difficulty(scores.stats.nll, scores.eligible, it)``), or None for a per-token reference
     (``D_b`` is then the mean of ``scores.difficulty``). No reference: unchanged.
+
+    ``columns`` (SPEC §9.3, a subset of the router's positions): the static int ``(W,)`` label column that each
+    score column predicts; a per-token reference is then read at those columns (``shift`` is not applied).
     """
     if reference_nll is None:
         return scores, None
@@ -66,6 +69,8 @@ def apply_sequence_reference(scores: TokenScores, reference_nll: jax.Array | Non
     per_sequence = reference_nll.ndim == 1
     if per_sequence:
         aligned = jnp.broadcast_to(reference_nll[:, None], (B, W))
+    elif columns is not None:
+        aligned = jnp.take(reference_nll, jnp.asarray(columns, dtype=jnp.int32), axis=1)
     else:
         aligned = reference_nll[:, 1:] if shift else reference_nll
         if aligned.shape[1] < W:   # a never-valid last column of input-position scores: never read

@@ -41,6 +41,12 @@ One training step of ``CGGRModel(model)(input_ids, labels, attention_mask)``:
 needs ``k_seq`` on the host, so ``torch.nonzero`` of the keep-mask is the one (unavoidable) host
 synchronisation of the step. Everything else (shape checks, curriculum) is host-only, target range checks on
 CUDA are device-side assertions, and the metrics stay on the device until :meth:`CGGRModel.get_metrics`.
+(The count must be a host number because PyTorch sizes tensors on the host; the curriculum's base ratio is a
+host number already, but the dynamic threshold's mean confidence is not, hence the read.) With **buckets**
+(SPEC §9.4; the default ``'auto'`` for a compiled model) the kept rows are padded to a static size with copies
+of the first kept row carrying no loss and no gradient, so a ``torch.compile``d model compiles at most once per
+bucket as ``k_seq`` moves. **Cheaper routers** (SPEC §9.3): ``router_prefix``, ``router_positions`` (a stride)
+and ``router_samples`` make the router read fewer columns and score fewer positions.
 
 **Documented edge cases.**
 
@@ -56,6 +62,7 @@ CUDA are device-side assertions, and the metrics stay on the device until :meth:
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -64,7 +71,7 @@ import torch
 from torch import nn
 
 from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, SEQUENCE_SELECTIONS, CGGRConfig
-from cggr.config import SAMPLED_SELECTIONS
+from cggr.config import ROUTER_POSITIONS_ALL, SAMPLED_SELECTIONS, RouterPositions
 
 from .curriculum import Curriculum, Schedule
 from .loss import check_schedule
@@ -81,15 +88,17 @@ from .router import (
     model_vocab_size,
     resolve_router_path,
     router_token_scores,
+    scored_index,
 )
 from .scoring import score_next_tokens
 from .selection import rank_tokens, sample_tokens, select_tokens
 from .sequence_reference import apply_sequence_reference, check_sequence_reference, router_scoring
 from .types import SequenceSelection, TokenScores
-from .utils import check_batch, resolve_config, widen_labels
+from .utils import check_batch, check_target_range, resolve_config, widen_labels
 
 __all__ = ["CGGRModel", "BatchSplitOutput", "SEQUENCE_SELECTIONS", "MODEL_METRIC_KEYS", "SequenceSelection",
-           "select_sequences", "sequence_difficulty", "effective_labels", "HF_IGNORE_INDEX"]
+           "select_sequences", "sequence_difficulty", "effective_labels", "HF_IGNORE_INDEX", "default_buckets",
+           "is_compiled_module"]
 
 #: The Hugging Face label value that the models' own losses ignore.
 HF_IGNORE_INDEX = -100
@@ -141,6 +150,9 @@ def _logits_of(outputs: Any) -> Optional[torch.Tensor]:
 def _forward_parameters(model: nn.Module) -> tuple[bool, bool, bool]:
     """Which of ``input_ids`` (by keyword), ``attention_mask`` and ``labels`` the model's forward accepts: a
     logits-only module such as ``forward(self, x)`` gets ``input_ids`` positionally and no labels."""
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, nn.Module):   # torch.compile(model): the original module's forward is the one called
+        model = orig
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):   # no introspectable signature: assume the Hugging Face one
@@ -172,6 +184,44 @@ def _weighted_next_token_loss(logits: torch.Tensor, labels: torch.Tensor, row_we
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(torch.float32),
                                            labels.reshape(-1), ignore_index=ignore_index, reduction="none")
     return (ce.reshape(labels.shape).sum(dim=1) * row_weights).sum()
+
+
+_DEFAULT_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)
+
+
+def default_buckets(batch_size: int) -> tuple[int, ...]:
+    """SPEC §9.4: ``sorted{⌈B·f⌉ : f ∈ (1/8, 1/4, 3/8, 1/2, 3/4, 1)}`` (each ``≥ 1``), at most 6 sizes, as
+    ``cggr_jax.batch_split.default_buckets``."""
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    return tuple(sorted({max(1, math.ceil(batch_size * f)) for f in _DEFAULT_FRACTIONS}))
+
+
+def is_compiled_module(model: Any) -> bool:
+    """True for a ``torch.compile``d module (an ``OptimizedModule``) or one that called ``.compile()``: the models
+    whose main pass ``CGGRModel(buckets='auto')`` pads to static bucket sizes (SPEC §9.4)."""
+    return isinstance(getattr(model, "_orig_mod", None), nn.Module) or \
+        getattr(model, "_compiled_call_impl", None) is not None
+
+
+def _check_buckets(buckets: Any) -> Any:
+    """``'auto'``, None, a callable, or a tuple of integers ``>= 1`` (the upper bound ``B`` is checked per call)."""
+    if buckets is None or (isinstance(buckets, str) and buckets == "auto"):
+        return buckets
+    if isinstance(buckets, str):
+        raise ValueError(f"buckets: expected 'auto', None, a sequence of integers >= 1 or a callable "
+                         f"batch_size -> sizes, got {buckets!r}")
+    if callable(buckets):
+        return buckets
+    try:
+        values = tuple(buckets)
+    except TypeError as err:
+        raise ValueError(f"buckets: expected 'auto', None, a sequence of integers >= 1 or a callable "
+                         f"batch_size -> sizes, got {buckets!r}") from err
+    for b in values:
+        if not isinstance(b, numbers.Integral) or isinstance(b, bool) or b < 1:
+            raise ValueError(f"buckets: expected integers >= 1, got {b!r} in {buckets!r}")
+    return tuple(int(b) for b in values)
 
 
 def _shares_all_weights(router: nn.Module, model: nn.Module) -> bool:
@@ -221,10 +271,12 @@ def sequence_difficulty(difficulty: torch.Tensor, eligible: torch.Tensor,
     return seq_d, seq_ok
 
 
-def _reference_sequence_difficulty(scores: TokenScores, reference_nll: Optional[torch.Tensor], shift: bool
+def _reference_sequence_difficulty(scores: TokenScores, reference_nll: Optional[torch.Tensor], shift: bool,
+                                   columns: Optional[torch.Tensor] = None
                                    ) -> tuple[TokenScores, torch.Tensor, torch.Tensor]:
-    """SPEC §9/§9.1: the token scores after the reference (if any) and ``(D, sequence eligible)``."""
-    scores, seq_ref = apply_sequence_reference(scores, reference_nll, shift=shift)
+    """SPEC §9/§9.1: the token scores after the reference (if any) and ``(D, sequence eligible)``; ``columns``:
+    the target columns of a subset of scored positions (SPEC §9.3)."""
+    scores, seq_ref = apply_sequence_reference(scores, reference_nll, shift=shift, columns=columns)
     values = scores.stats.nll if seq_ref is not None else scores.difficulty
     return (scores,) + sequence_difficulty(values, scores.eligible, seq_ref)
 
@@ -241,21 +293,44 @@ def _selection(scores: TokenScores, seq_d: torch.Tensor, seq_elig: torch.Tensor,
 def select_sequences(router_logits: torch.Tensor, labels: torch.Tensor,
                      attention_mask: Optional[torch.Tensor] = None, *, ratio: Any, scoring: str = CGGRConfig.scoring,
                      ignore_index: int = CGGRConfig.ignore_index,
-                     reference_nll: Optional[torch.Tensor] = None) -> SequenceSelection:
+                     reference_nll: Optional[torch.Tensor] = None, router_positions: Any = ROUTER_POSITIONS_ALL,
+                     router_samples: Optional[int] = None,
+                     router_prefix: Optional[int] = None) -> SequenceSelection:
     """SPEC §9 sequence selection from router logits ``(B, T, V)`` and unshifted ``labels`` ``(B, T)`` at the
     float32 effective ``ratio`` — the pure form of what :meth:`CGGRModel.forward` does after its router pass,
     used by the cross-framework parity tests (``cggr_jax.batch_split.select_sequences(..., ratio=...)``).
     ``base_ratio`` of the result is NaN (the ratio was passed directly). ``reference_nll``: ``scoring='excess'``
-    only, ``(B, T)`` per token aligned like ``labels`` or ``(B,)`` per sequence (SPEC §9.1)."""
+    only, ``(B, T)`` per token aligned like ``labels`` or ``(B,)`` per sequence (SPEC §9.1).
+    ``router_positions``, ``router_samples``, ``router_prefix``: SPEC §9.3, the scored subset of positions;
+    ``router_logits`` may then hold the ``R`` columns a prefix router read instead of all ``T``."""
+    positions = RouterPositions(router_positions, router_samples, router_prefix)
     labels = widen_labels(labels, ignore_index, name="labels")
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 3:
         got = tuple(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits).__name__
         raise ValueError(f"router_logits: expected a (B, T, V) tensor, got {got}")
-    reference_nll = check_sequence_reference(reference_nll, scoring, tuple(router_logits.shape[:2]),
-                                             device=router_logits.device)
-    scores, _ = score_next_tokens(router_logits, labels, attention_mask, scoring=router_scoring(scoring),
-                                  ignore_index=ignore_index, shift=True)
-    scores, seq_d, seq_elig = _reference_sequence_difficulty(scores, reference_nll, True)
+    B, T = tuple(router_logits.shape[:2])
+    if not positions.is_full:   # the logits may cover the R columns a prefix router read (SPEC §9.3)
+        if labels.dim() != 2:
+            raise ValueError(f"labels: expected a (B, T) integer tensor, got shape {tuple(labels.shape)}")
+        B, T = tuple(labels.shape)
+        check_batch(labels, labels, attention_mask)
+        allowed = sorted({T, positions.read_length(T)})
+        if router_logits.shape[0] != B or router_logits.shape[1] not in allowed:
+            raise ValueError(f"router_logits: expected shape ({B}, T', V) with T' in {allowed} (all columns or "
+                             f"the router_prefix read), got {tuple(router_logits.shape)}")
+    index = scored_index(positions, T, shift=True, device=router_logits.device)
+    reference_nll = check_sequence_reference(reference_nll, scoring, (B, T), device=router_logits.device)
+    if index is None:
+        scores, _ = score_next_tokens(router_logits, labels, attention_mask, scoring=router_scoring(scoring),
+                                      ignore_index=ignore_index, shift=True)
+        columns = None
+    else:   # SPEC §9.3: the pairs of S only (the logits of all T columns or of the R a prefix router read)
+        pos, columns = index
+        check_target_range(labels, router_logits.shape[-1], ignore_index, name="labels")
+        scores, _ = score_next_tokens(router_logits.index_select(1, pos), labels.index_select(1, columns),
+                                      None if attention_mask is None else attention_mask.index_select(1, columns),
+                                      scoring=router_scoring(scoring), ignore_index=ignore_index, shift=False)
+    scores, seq_d, seq_elig = _reference_sequence_difficulty(scores, reference_nll, True, columns)
     mask, k = select_tokens(seq_d, seq_elig, ratio, selection="topk")
     return _selection(scores, seq_d, seq_elig, mask, k, ratio, float("nan"))
 
@@ -313,6 +388,24 @@ class CGGRModel(Curriculum, nn.Module):
             :func:`cggr_torch.router.resolve_router_path`.
         router_memory_budget_bytes: working memory of the fused path's logit blocks (default 1 GiB; the router
             pass runs before the main pass, so this does not raise the step's peak memory).
+        router_positions, router_samples, router_prefix: SPEC §9.3, a cheaper router: score every
+            ``router_positions``-th position (``'all'``: every one) or ``router_samples`` evenly spaced ones, of
+            the first ``router_prefix`` columns (``None``: all), the sequence difficulty being the mean over the
+            eligible scored positions; on the fused path the head runs on the scored rows only. Defaults: the
+            router's own ``.positions`` (``create_truncated_router(..., router_samples=64)``), else every
+            position; a router built with other non-default settings is a ``ValueError``.
+        router_compile: the default router's layers under ``torch.compile``: ``False`` (default, eager),
+            ``True`` or a dict of ``torch.compile`` keyword arguments (``{"mode": "reduce-overhead"}``: CUDA
+            graphs); see :func:`cggr_torch.router.create_truncated_router`. Off by default (compile time, and
+            one compile per distinct router input shape).
+        buckets: SPEC §9.4, the main pass's batch sizes: ``'auto'`` (default: :func:`default_buckets` when
+            ``model`` is compiled, :func:`is_compiled_module`, else exact slicing), ``None`` (exact slicing:
+            ``k`` rows), a sequence of sizes in ``[1, B]`` (``B`` is added) or a callable ``B -> sizes``. The kept
+            rows are padded to the smallest size ``>= k`` with copies of the first kept row that carry no loss
+            and no gradient, so a compiled model sees at most ``len(buckets)`` shapes (one compile each).
+            ``BatchSplitOutput.outputs`` then holds the padded batch, its first ``k`` rows the kept ones. A model
+            that couples the rows of a batch (an MoE load-balancing loss, expert capacity) sees the copies too:
+            pass ``buckets=None`` for it.
     """
 
     def __init__(self, model: nn.Module, router: Optional[nn.Module] = None, *, scoring: str = CGGRConfig.scoring,
@@ -329,6 +422,8 @@ class CGGRModel(Curriculum, nn.Module):
                  sample_power: float = CGGRConfig.sample_power,
                  sample_uniform_mix: float = CGGRConfig.sample_uniform_mix,
                  sample_floor: float = CGGRConfig.sample_floor, sample_seed: int = CGGRConfig.sample_seed,
+                 router_positions: Any = ROUTER_POSITIONS_ALL, router_samples: Optional[int] = None,
+                 router_prefix: Optional[int] = None, router_compile: Any = False, buckets: Any = "auto",
                  config: Optional[CGGRConfig] = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -349,17 +444,32 @@ class CGGRModel(Curriculum, nn.Module):
         if router_path not in ROUTER_PATHS:
             raise ValueError(f"router_path: expected one of {ROUTER_PATHS}, got {router_path!r}")
         self.model = model
+        own = RouterPositions(router_positions, router_samples, router_prefix)   # validated (SPEC §9.3)
+        self.buckets = _check_buckets(buckets)
         if router is None:
             # The caller's argument is router_layers: its errors must say so, not num_layers.
             if not isinstance(router_layers, numbers.Integral) or isinstance(router_layers, bool) \
                     or router_layers < 1:
                 raise ValueError(f"router_layers: expected an integer >= 1, got {router_layers!r}")
             try:
-                router = create_truncated_router(model, router_layers)
+                router = create_truncated_router(model, router_layers, router_positions=own.router_positions,
+                                                 router_samples=own.router_samples, router_prefix=own.router_prefix,
+                                                 router_compile=router_compile)
             except ValueError as err:
                 raise ValueError(str(err).replace("num_layers:", "router_layers:", 1)) from err
+        elif router_compile is not False:
+            raise ValueError("router_compile: applies to the default router (router=None); build a router with "
+                             "create_truncated_router(model, n, router_compile=...) or pass torch.compile(router)")
         if not callable(router):
             raise ValueError(f"router: expected a module returning (B, T, V) logits, got {type(router).__name__}")
+        # The router's own settings (create_truncated_router's), also through a torch.compile wrapper.
+        built = getattr(router, "positions", None)
+        built = built if isinstance(built, RouterPositions) else None
+        if built is not None and not built.is_full and not own.is_full and built != own:
+            raise ValueError(f"router_positions/router_samples/router_prefix: the router was built with {built} "
+                             f"and CGGRModel was given {own}; set them in one place")
+        #: SPEC §9.3: the positions the router reads and scores (a :class:`cggr.config.RouterPositions`).
+        self.positions = built if own.is_full and built is not None else own
         if isinstance(router, (TruncatedRouter, PassthroughRouter)):
             object.__setattr__(self, "router", router)
             if router.source is not model:
@@ -393,8 +503,11 @@ class CGGRModel(Curriculum, nn.Module):
                 self.router, path, input_ids, labels, attention_mask, router_kwargs,
                 scoring=router_scoring(self.scoring), ignore_index=self.ignore_index, shift=self.shift_labels,
                 vocab_size=self.vocab_size, batch_chunk=self.router_batch_size,
-                memory_budget_bytes=self.router_memory_budget_bytes)
-            scores, seq_d, seq_elig = _reference_sequence_difficulty(scores, reference_nll, self.shift_labels)
+                memory_budget_bytes=self.router_memory_budget_bytes, positions=self.positions)
+            index = scored_index(self.positions, input_ids.shape[1], shift=self.shift_labels,
+                                 device=input_ids.device)
+            scores, seq_d, seq_elig = _reference_sequence_difficulty(scores, reference_nll, self.shift_labels,
+                                                                     None if index is None else index[1])
             elig = scores.eligible
             if reference_nll is not None:   # SPEC §3.1: a non-finite reference counts as a non-finite token
                 nonfinite = (scores.valid & ~elig).sum()
@@ -465,6 +578,14 @@ class CGGRModel(Curriculum, nn.Module):
         scores, elig, n, seq_elig = r.scores, r.scores.eligible, r.n, r.seq_elig
         kept = torch.nonzero(r.keep).reshape(-1)   # the step's one host synchronisation (dynamic slice size)
         num_kept = int(kept.numel())
+        # SPEC §9.4: pad the kept rows to a static bucket size with copies of the first kept row (no loss, no
+        # gradient), so that a compiled model sees a bounded number of batch shapes.
+        sizes = self.bucket_sizes(B, model)
+        rows = kept
+        if sizes is not None and num_kept > 0:
+            size = min(b for b in sizes if b >= num_kept)
+            if size > num_kept:
+                rows = torch.cat([kept, kept[:1].expand(size - num_kept)])
         sampled = r.weights is not None
         if sampled:
             # SPEC §9.2: the HT denominator N_tok = valid shifted targets of all eligible sequences (device).
@@ -482,12 +603,13 @@ class CGGRModel(Curriculum, nn.Module):
         else:
             def take(t: Any) -> Any:
                 if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == B:
-                    return t.index_select(0, kept)
+                    return t.index_select(0, rows)
                 return t
 
-            am_k = None if attention_mask is None else attention_mask.index_select(0, kept)
+            am_k = None if attention_mask is None else attention_mask.index_select(0, rows)
             with torch.no_grad():   # only the kept rows' labels are needed
-                eff_k = effective_labels(labels.index_select(0, kept), am_k, self.ignore_index).to(torch.int64)
+                eff_k = effective_labels(labels.index_select(0, rows), am_k, self.ignore_index).to(torch.int64)
+                eff_k[num_kept:] = HF_IGNORE_INDEX   # bucket padding (SPEC §9.4): no target, no loss
             main_kwargs = {k: take(v) for k, v in kwargs.items()}
             ids_kw, takes_mask, takes_labels = self._forward_params
             if am_k is not None and takes_mask:
@@ -496,13 +618,15 @@ class CGGRModel(Curriculum, nn.Module):
                 main_kwargs["attention_mask"] = am_k
             if takes_labels and not sampled:   # sampled: the model's unweighted loss would be unused work
                 main_kwargs["labels"] = eff_k
-            ids_k = input_ids.index_select(0, kept)
+            ids_k = input_ids.index_select(0, rows)
             outputs = model(input_ids=ids_k, **main_kwargs) if ids_kw else model(ids_k, **main_kwargs)
             loss = None if sampled else _loss_of(outputs)
             if loss is None:
                 row_weights = None
-                if sampled:   # SPEC §9.2 / §8: ω_b = w_b ⊘ f32(max(1, N_tok))
-                    row_weights = w_kept / torch.clamp(n_tok, min=1).to(torch.float32)
+                if sampled:   # SPEC §9.2 / §8: ω_b = w_b ⊘ f32(max(1, N_tok)); padding rows 0 (§9.4)
+                    w_rows = r.weights.index_select(0, rows)
+                    w_rows[num_kept:] = 0.0
+                    row_weights = w_rows / torch.clamp(n_tok, min=1).to(torch.float32)
                 loss = self._own_loss(outputs, eff_k, row_weights)
                 # Hand the loss back inside the model's own output where it has a loss field (a Hugging Face
                 # ModelOutput, a dict, an object with .loss = None), as a model given labels would.
@@ -535,6 +659,21 @@ class CGGRModel(Curriculum, nn.Module):
             "router_path": r.path,
         }
         return BatchSplitOutput(loss, outputs, kept, r.seq_d, seq_elig)
+
+    def bucket_sizes(self, batch_size: int, model: Any = None) -> Optional[tuple[int, ...]]:
+        """SPEC §9.4: the main pass's batch sizes for batches of ``batch_size`` sequences (ascending, ``B``
+        included), or None for exact slicing; ``model``: the main pass's module (``'auto'`` buckets when it or
+        :attr:`model` is compiled)."""
+        buckets = self.buckets
+        if isinstance(buckets, str):   # 'auto'
+            compiled = is_compiled_module(self.model) or (model is not None and is_compiled_module(model))
+            buckets = default_buckets if compiled else None
+        if buckets is None:
+            return None
+        values = _check_buckets(buckets(batch_size)) if callable(buckets) else buckets
+        if not isinstance(values, tuple) or any(b > batch_size for b in values):
+            raise ValueError(f"buckets: expected sizes in [1, {batch_size}] (the batch size), got {values!r}")
+        return tuple(sorted(set(values) | {batch_size}))
 
     def _own_loss(self, outputs: Any, eff_k: torch.Tensor,
                   row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -37,6 +37,7 @@ routing such as sending unselected tokens to a "null" expert in a mixture-of-exp
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, REFERENCE_SCORING_MODES, CGGRConfig
+from cggr.config import ROUTER_POSITIONS_ALL, RouterPositions
 
 from .curriculum import Curriculum, Schedule
 from .fused_linear import score_next_tokens_fused
@@ -54,7 +56,8 @@ from .scoring import score_next_tokens
 from .types import TokenScores, TokenStatistics
 # The head-linearity rule is defined with the argument checks (utils), so that the fused LM head
 # (fused_linear, which this module imports) applies the same rule without importing the routers.
-from .utils import check_batch, check_linear_head, head_linearity_reason, resolve_config, widen_labels
+from .utils import (check_batch, check_linear_head, check_target_range, head_linearity_reason, resolve_config,
+                    widen_labels)
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -73,6 +76,7 @@ __all__ = [
     "fused_head_unsupported_reason",
     "resolve_router_path",
     "router_token_scores",
+    "scored_index",
     "ROUTER_MEMORY_BUDGET",
     "CGGRScorer",
 ]
@@ -207,9 +211,18 @@ class TruncatedRouter(nn.Module):
     plain reference (``source``), not as a sub-module.
     """
 
-    def __init__(self, model: nn.Module, num_layers: int, layers_path: str, architecture: str) -> None:
+    def __init__(self, model: nn.Module, num_layers: int, layers_path: str, architecture: str,
+                 positions: RouterPositions = RouterPositions(), compile_options: Optional[dict] = None) -> None:
         super().__init__()
         object.__setattr__(self, "source", model)
+        #: ``torch.compile`` keyword arguments for the truncated model's forward (None: eager); see
+        #: :func:`create_truncated_router`'s ``router_compile``.
+        self.compile_options = None if compile_options is None else dict(compile_options)
+        # id(view) -> (view, its compiled call): held outside the module tree so that no parameter is registered
+        # twice; the root view (logits) and the base-model view (hidden states) each keep their own.
+        object.__setattr__(self, "_compiled", {})
+        #: SPEC §9.3: the positions this router reads and scores (``create_truncated_router``'s settings).
+        self.positions = positions
         self.num_layers = int(num_layers)
         self.layers_path = layers_path
         self.architecture = architecture
@@ -268,12 +281,26 @@ class TruncatedRouter(nn.Module):
         if view is not self._modules.get("view"):
             self.view = view
 
+    def _runner(self, module: nn.Module) -> Callable[..., Any]:
+        """``module`` itself, or its ``torch.compile``d call with :attr:`compile_options`. The views are reused
+        across calls while the model keeps its structure (:meth:`refresh`), so one compiled call serves every
+        step; a rebuilt view (new layer objects) is compiled anew."""
+        if self.compile_options is None:
+            return module
+        cached = self._compiled.get(id(module))
+        if cached is None or cached[0] is not module:
+            if len(self._compiled) >= 8:   # views rebuilt many times (the model's structure changed): start over
+                self._compiled.clear()
+            cached = (module, torch.compile(module, **self.compile_options))
+            self._compiled[id(module)] = cached
+        return cached[1]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs: Any) -> torch.Tensor:
         """Logits ``(B, T, V)`` of the truncated model for ``input_ids`` ``(B, T)``."""
         self.refresh()
-        out = self.view(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True,
-                        **kwargs)
+        out = self._runner(self.view)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                      return_dict=True, **kwargs)
         return router_logits(out)
 
     def fused_head_reason(self) -> Optional[str]:
@@ -314,7 +341,8 @@ class TruncatedRouter(nn.Module):
         head, computed by the base model's own ``forward`` on the truncated layer list."""
         self.refresh()
         base = self.view._modules[self.layers_path.split(".")[0]]
-        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **kwargs)
+        out = self._runner(base)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                 return_dict=True, **kwargs)
         hidden = getattr(out, "last_hidden_state", None)
         if not isinstance(hidden, torch.Tensor):
             hidden = out[0] if isinstance(out, (tuple, list)) else None
@@ -324,17 +352,19 @@ class TruncatedRouter(nn.Module):
         return hidden
 
     def extra_repr(self) -> str:
+        extra = "" if self.positions.is_full else f", positions={self.positions}"
         return (f"architecture={self.architecture!r}, num_layers={self.num_layers}, "
-                f"layers_path={self.layers_path!r}")
+                f"layers_path={self.layers_path!r}{extra}")
 
 
 class PassthroughRouter(nn.Module):
     """The full model used as its own router (``architecture='passthrough'``): no truncation, a full extra
     forward pass per step. Holds the model as a plain reference (no duplicate registration)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, positions: RouterPositions = RouterPositions()) -> None:
         super().__init__()
         object.__setattr__(self, "source", model)
+        self.positions = positions   # SPEC §9.3
         self.architecture = "passthrough"
         self.masked_lm = is_masked_lm(model)
 
@@ -346,7 +376,9 @@ class PassthroughRouter(nn.Module):
 
 
 def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architecture: Optional[str] = None,
-                            layers_path: Optional[str] = None) -> nn.Module:
+                            layers_path: Optional[str] = None, router_positions: Any = ROUTER_POSITIONS_ALL,
+                            router_samples: Optional[int] = None,
+                            router_prefix: Optional[int] = None, router_compile: Any = False) -> nn.Module:
     """A router sharing ``model``'s embeddings, first ``num_layers`` decoder layers, final norm, rotary
     embeddings and LM head (zero extra parameter memory; see the module docstring for how).
 
@@ -361,14 +393,35 @@ def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architectu
             that are not auto-detected (e.g. ``'model.layers'``). Overrides the family's path. The router is
             then exactly "the model with that list cut", which is correct as long as the model's forward
             iterates over that list; verify it against the full model once.
+        router_positions, router_samples, router_prefix: SPEC §9.3, the cheaper router: score every
+            ``router_positions``-th position (``'all'``: every one), or ``router_samples`` evenly spaced ones,
+            of the first ``router_prefix`` columns the router reads (``None``: all ``T``). Kept as the router's
+            ``.positions`` (a :class:`cggr.config.RouterPositions`) and applied by ``CGGRModel``.
+        router_compile: ``False`` (default: eager), ``True`` or a dict of ``torch.compile`` keyword arguments
+            (e.g. ``{"mode": "reduce-overhead"}`` for CUDA graphs): run the truncated model's layers (its
+            hidden states on the fused path, its logits otherwise) compiled. The scoring after them is unchanged.
+            Off by default: compiling costs time at the first steps and every distinct ``(B, T)``/prefix shape
+            compiles once more; with ``mode="reduce-overhead"`` the outputs are overwritten by the next call,
+            which ``CGGRModel`` never holds across calls.
 
     Returns:
         :class:`TruncatedRouter` (or :class:`PassthroughRouter`).
 
     Raises:
         ValueError: bad ``num_layers``, unknown architecture (naming the fixes), a model without an LM head,
-            a ``layers_path`` that is not a ``ModuleList``, or a model dispatched with accelerate hooks.
+            a ``layers_path`` that is not a ``ModuleList``, a model dispatched with accelerate hooks, or bad
+            ``router_positions`` / ``router_samples`` / ``router_prefix``.
     """
+    positions = RouterPositions(router_positions, router_samples, router_prefix)
+    if router_compile is True:
+        compile_options: Optional[dict] = {}
+    elif router_compile is False or router_compile is None:
+        compile_options = None
+    elif isinstance(router_compile, Mapping):
+        compile_options = dict(router_compile)
+    else:
+        raise ValueError(f"router_compile: expected a bool or a dict of torch.compile keyword arguments, got "
+                         f"{router_compile!r}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module (a Hugging Face task model), got {type(model).__name__}")
     orig = model._modules.get("_orig_mod")
@@ -377,7 +430,9 @@ def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architectu
     if architecture == "passthrough":
         if layers_path is not None:
             raise ValueError("layers_path: not used with architecture='passthrough' (the full model is the router)")
-        return PassthroughRouter(model)
+        if compile_options is not None:
+            raise ValueError("router_compile: not supported with architecture='passthrough' (compile the model)")
+        return PassthroughRouter(model, positions)
     if not isinstance(num_layers, numbers.Integral) or isinstance(num_layers, bool) or num_layers < 1:
         raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
     config = getattr(model, "config", None)
@@ -407,7 +462,7 @@ def create_truncated_router(model: nn.Module, num_layers: int = 4, *, architectu
         raise ValueError(f"model: {type(model).__name__} has no LM head (get_output_embeddings() is None); pass the "
                          f"task model (…ForCausalLM / …ForMaskedLM), not the bare base model")
     _resolve(model, layers_path)
-    return TruncatedRouter(model, int(num_layers), layers_path, name)
+    return TruncatedRouter(model, int(num_layers), layers_path, name, positions, compile_options)
 
 
 # ------------------------------------------------------------------------------------- next-token scoring
@@ -470,12 +525,44 @@ def _cat_scores(parts: list[TokenScores]) -> TokenScores:
                        torch.cat([p.valid for p in parts]), stats)
 
 
+@functools.lru_cache(maxsize=64)
+def _index_on(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # One host-to-device copy per (positions, T, device), then reused: a fresh copy every step would make the
+    # host wait for the device queue (a pageable host-to-device copy is synchronous).
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def scored_index(positions: Optional[RouterPositions], seq_len: int, *, shift: bool,
+                 device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """SPEC §9.3: ``(router positions S, their target columns)`` as int64 tensors on ``device`` (the target
+    column of position ``t`` is ``t + 1`` when ``shift``, else ``t``), or None when every position is scored
+    (``positions`` None or the defaults: SPEC §9 unchanged). Cached per shape: no host synchronisation."""
+    scored = None if positions is None else positions.scored(seq_len, shift)
+    if scored is None:
+        return None
+    targets = tuple(t + 1 for t in scored) if shift else scored
+    return _index_on(scored, torch.device(device)), _index_on(targets, torch.device(device))
+
+
+def _prefix(value: Any, seq_len: int, read: int) -> Any:
+    """A per-token router input cut to the ``read`` columns the router reads (SPEC §9.3), else unchanged."""
+    if read < seq_len and isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-1] == seq_len:
+        return value[..., :read]
+    return value
+
+
 def router_token_scores(router: Callable[..., Any], path: str, input_ids: torch.Tensor,
                         labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
                         router_kwargs: Mapping[str, Any], *, scoring: str, ignore_index: int, shift: bool,
                         vocab_size: Optional[int] = None, batch_chunk: Optional[int] = None,
-                        memory_budget_bytes: int = ROUTER_MEMORY_BUDGET) -> tuple[TokenScores, torch.Tensor]:
+                        memory_budget_bytes: int = ROUTER_MEMORY_BUDGET,
+                        positions: Optional[RouterPositions] = None) -> tuple[TokenScores, torch.Tensor]:
     """The router pass: token scores ``(B, T)`` (SPEC §2-§4 at the input positions) and the non-finite count.
+
+    With ``positions`` other than the defaults (SPEC §9.3) the router reads the first ``R`` columns only and
+    the scores are ``(B, |S|)``: column ``j`` is the pair of router position ``S[j]`` and its target, already
+    aligned (:func:`scored_index`); on the fused path the head and the scoring run on the gathered ``B·|S|``
+    hidden rows only.
 
     ``path='fused'`` (a :class:`TruncatedRouter` accepted by :func:`resolve_router_path`): final hidden states
     then :func:`score_next_tokens_fused`; ``path='logits'``: the router's logits, checked to be
@@ -487,6 +574,11 @@ def router_token_scores(router: Callable[..., Any], path: str, input_ids: torch.
     chunk = batch_chunk or B
     parts: list[TokenScores] = []
     nonfinite: Optional[torch.Tensor] = None
+    index = scored_index(positions, T, shift=shift, device=input_ids.device)
+    read = T if index is None else positions.read_length(T)
+    if index is not None and labels is not None and vocab_size is not None:
+        # Every label is checked, scored or not (the main pass reads them all), as on the full path.
+        check_target_range(labels, vocab_size, ignore_index, name="labels")
     for start in range(0, B, chunk):
         if chunk >= B:
             ids, am, lab, kw = input_ids, attention_mask, labels, router_kwargs
@@ -498,7 +590,38 @@ def router_token_scores(router: Callable[..., Any], path: str, input_ids: torch.
             kw = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v)
                   for k, v in router_kwargs.items()}
         rows = ids.shape[0]
-        if path == "fused":
+        if index is not None:   # SPEC §9.3: read R columns, score the pairs of S (targets already aligned)
+            pos, cols = index
+            ids, am_read = ids[:, :read], (None if am is None else am[:, :read])
+            kw = {k: _prefix(v, T, read) for k, v in kw.items()}
+            lab = None if lab is None else lab.index_select(1, cols)
+            am_s = None if am is None else am.index_select(1, cols)
+            if path == "fused":
+                head = router.lm_head()
+                if vocab_size is not None and head.weight.shape[0] != vocab_size:
+                    raise ValueError(f"router: its LM head has {head.weight.shape[0]} rows but the model's "
+                                     f"vocabulary has {vocab_size} entries")
+                hidden = router.hidden_states(ids, attention_mask=am_read, **kw)
+                if tuple(hidden.shape[:2]) != (rows, read):
+                    raise ValueError(f"router: expected hidden states of shape ({rows}, {read}, d), got "
+                                     f"{tuple(hidden.shape)}")
+                scores, nf = score_next_tokens_fused(hidden.index_select(1, pos), head.weight, head.bias, lab,
+                                                     am_s, scoring=scoring, ignore_index=ignore_index,
+                                                     shift=False, memory_budget_bytes=memory_budget_bytes)
+            elif path == "logits":
+                logits = router_logits(router(ids, attention_mask=am_read, **kw))
+                if logits.dim() != 3 or tuple(logits.shape[:2]) != (rows, read):
+                    raise ValueError(f"router: expected logits of shape ({rows}, {read}, V) for the {read} "
+                                     f"columns it reads, got {tuple(logits.shape)}")
+                if vocab_size is not None and logits.shape[-1] != vocab_size:
+                    raise ValueError(f"router: its vocabulary has {logits.shape[-1]} entries but the model's has "
+                                     f"{vocab_size}; the router must score the model's own vocabulary")
+                scores, nf = score_next_tokens(logits.index_select(1, pos), lab, am_s, scoring=scoring,
+                                               ignore_index=ignore_index, shift=False)
+                del logits
+            else:
+                raise ValueError(f"path: expected 'fused' or 'logits' (a resolved router path), got {path!r}")
+        elif path == "fused":
             head = router.lm_head()
             if vocab_size is not None and head.weight.shape[0] != vocab_size:
                 raise ValueError(f"router: its LM head has {head.weight.shape[0]} rows but the model's vocabulary "

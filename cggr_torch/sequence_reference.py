@@ -51,7 +51,8 @@ def check_sequence_reference(reference_nll: Any, scoring: str, batch_shape: tupl
 
 
 def apply_sequence_reference(scores: TokenScores, reference_nll: Optional[torch.Tensor], *,
-                             shift: bool = True) -> tuple[TokenScores, Optional[torch.Tensor]]:
+                             shift: bool = True,
+                             columns: Optional[torch.Tensor] = None) -> tuple[TokenScores, Optional[torch.Tensor]]:
     """Turn the router's ``'loss'`` token scores into excess scores (SPEC §9.1).
 
     ``scores``: the router's token scores of shape ``(B, W)`` with column ``t`` the pair that predicts
@@ -61,6 +62,10 @@ def apply_sequence_reference(scores: TokenScores, reference_nll: Optional[torch.
     ``d = nll ⊖ ref`` and the eligibility of SPEC §3.1, and the float32 ``(B,)`` per-sequence reference to
     subtract from the mean ``nll`` (``sequence_difficulty(scores.stats.nll, scores.eligible, it)``), or None
     for a per-token reference (``D_b`` is then the mean of ``scores.difficulty``). No reference: unchanged.
+
+    ``columns`` (SPEC §9.3, a subset of the router's positions): int64 ``(W,)``, the label column that each
+    score column predicts (:func:`cggr_torch.router.scored_index`); a per-token reference is then read at those
+    columns (``shift`` is not applied: the columns are already the targets').
     """
     if reference_nll is None:
         return scores, None
@@ -68,6 +73,8 @@ def apply_sequence_reference(scores: TokenScores, reference_nll: Optional[torch.
     per_sequence = reference_nll.dim() == 1
     if per_sequence:
         aligned = reference_nll[:, None].expand(B, W)
+    elif columns is not None:
+        aligned = reference_nll.index_select(1, columns)
     else:
         aligned = reference_nll[:, 1:] if shift else reference_nll
         if aligned.shape[1] < W:   # the never-valid last column of input-position scores: never read

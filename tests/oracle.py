@@ -605,3 +605,55 @@ def policy_gradient_loss(token_loss: np.ndarray, token_grad: np.ndarray, kept: n
     loss = float((contrib / denom).sum())
     grad = np.where(kept, w * np.where(kept, g, 0.0) / denom, 0.0)
     return {"loss": loss, "grad": grad.reshape(np.asarray(token_loss).shape)}
+def router_scored_positions(seq_len: int, router_positions: Any = "all", router_samples: int | None = None,
+                            router_prefix: int | None = None, shift: bool = True) -> np.ndarray:
+    """SPEC §9.3: the scored router positions ``S`` (ascending int64) of a batch of ``seq_len`` columns.
+
+    ``R = min(P, T)`` read columns, ``L = min(R, T − 1)`` candidates (``R`` without ``shift``); a stride ``s``
+    scores ``0, s, 2s, … < L``; a sample ``m`` scores ``⌊j·L/m⌋`` for ``j < m`` (all ``L`` when ``m >= L``)."""
+    T = int(seq_len)
+    R = T if router_prefix is None else min(int(router_prefix), T)
+    L = max(0, min(R, T - 1)) if shift else R
+    if router_samples is not None:
+        m = int(router_samples)
+        return np.arange(L, dtype=np.int64) if m >= L else np.array([j * L // m for j in range(m)], dtype=np.int64)
+    s = 1 if router_positions == "all" else int(router_positions)
+    return np.arange(0, L, s, dtype=np.int64)
+
+
+def select_sequences_at(router_logits: np.ndarray, labels: np.ndarray, ratio: float, positions: np.ndarray,
+                        scoring: str = "combined", ignore_index: int = -100,
+                        attention_mask: np.ndarray | None = None,
+                        reference_nll: np.ndarray | None = None) -> dict[str, Any]:
+    """SPEC §9.3: :func:`select_sequences` (or :func:`select_sequences_excess` with ``reference_nll``) of a causal
+    router scored at the pairs ``(t, t+1)``, ``t ∈ positions`` only; ``router_logits`` ``(B, T, V)`` are the full
+    router's (a causal prefix router's logits are the same at the positions it reads). Every statistic —
+    ``D_b``, eligibility, ``c̄`` (``mean_confidence``), ``tokens_total`` — is over the scored pairs."""
+    pos = np.asarray(positions, dtype=np.int64)
+    logits = np.asarray(router_logits, dtype=np.float64)[:, pos]
+    tgt = np.array(labels).copy()
+    if attention_mask is not None:
+        tgt[np.asarray(attention_mask) == 0] = ignore_index
+    tgt = tgt[:, pos + 1]
+    B = tgt.shape[0]
+    per_sequence = False
+    if scoring == "excess":
+        ref = np.asarray(reference_nll, dtype=np.float64)
+        per_sequence = ref.ndim == 1
+        token_ref = np.repeat(ref[:, None], len(pos), axis=1) if per_sequence else ref[:, pos + 1]
+        sc = score_tokens(logits, tgt, "excess", ignore_index, reference_nll=token_ref)
+    else:
+        sc = score_tokens(logits, tgt, scoring, ignore_index)
+    e = sc["eligible"]
+    seq_d = np.zeros(B, dtype=np.float32)
+    seq_ok = e.any(axis=1)
+    for b in range(B):
+        if seq_ok[b]:
+            if per_sequence:
+                seq_d[b] = F32(sc["stats"]["nll"][b][e[b]].mean() - ref[b])
+            else:
+                seq_d[b] = F32(sc["difficulty"][b][e[b]].mean())
+    mask, k = select_tokens(seq_d, seq_ok, ratio, "topk")
+    conf = sc["stats"]["confidence"][e]
+    return {"mask": mask, "k": k, "sequence_difficulty": seq_d, "sequence_eligible": seq_ok, "scores": sc,
+            "tokens_total": int(e.sum()), "mean_confidence": float(conf.mean()) if conf.size else 0.0}

@@ -164,3 +164,37 @@ def test_sequence_reference_arguments_are_one_rule():
         check("excess", [0.0, 1.0], (2, 5), array_type=np.ndarray, kind="array")
     with pytest.raises(ValueError, match=r"expected shape .*\(B, T\) = \(2, 5\).*got \(2, 4\)"):
         check("excess", np.zeros((2, 4)), (2, 5), array_type=np.ndarray)
+
+
+def test_router_positions_are_validated_once_and_follow_spec_9_3():
+    from cggr.config import ROUTER_POSITIONS_ALL, RouterPositions
+    from tests import oracle
+
+    assert RouterPositions() == RouterPositions(ROUTER_POSITIONS_ALL, None, None) and RouterPositions().is_full
+    assert RouterPositions().scored(9) is None                       # the defaults gather nothing
+    for kwargs, name in (({"router_positions": 0}, "router_positions"), ({"router_positions": "every"},
+                         "router_positions"), ({"router_positions": 2.0}, "router_positions"),
+                         ({"router_positions": True}, "router_positions"), ({"router_samples": 0}, "router_samples"),
+                         ({"router_samples": "4"}, "router_samples"), ({"router_prefix": 0}, "router_prefix"),
+                         ({"router_prefix": 1.5}, "router_prefix"),
+                         ({"router_positions": 1, "router_samples": 4}, "router_samples")):
+        with pytest.raises(ValueError, match=name):
+            RouterPositions(**kwargs)
+    # the scored positions against the oracle's independent SPEC §9.3, over odd and tiny T, causal and not
+    for T in (1, 2, 3, 7, 10, 33):
+        for kwargs in ({"router_positions": 1}, {"router_positions": 4}, {"router_positions": 40},
+                       {"router_samples": 1}, {"router_samples": 3}, {"router_samples": 40}, {"router_prefix": 1},
+                       {"router_prefix": 5}, {"router_prefix": 40}, {"router_prefix": 6, "router_positions": 4},
+                       {"router_prefix": 8, "router_samples": 5}):
+            for shift in (True, False):
+                got = RouterPositions(**kwargs).scored(T, shift)
+                want = oracle.router_scored_positions(T, shift=shift, **kwargs)
+                assert list(got) == want.tolist(), (T, kwargs, shift)
+                assert len(set(got)) == len(got) and list(got) == sorted(got)
+    rp = RouterPositions(router_prefix=5)
+    assert (rp.read_length(9), rp.read_length(3), rp.candidates(9), rp.candidates(5), rp.candidates(5, False)) == \
+           (5, 3, 5, 4, 5)
+    np = pytest.importorskip("numpy")
+    assert RouterPositions(np.int64(4)) == RouterPositions(4) and hash(RouterPositions(np.int64(4))) == \
+        hash(RouterPositions(4))
+    assert type(RouterPositions(np.int64(4)).router_positions) is int

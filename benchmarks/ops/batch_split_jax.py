@@ -15,7 +15,10 @@ Modes (each from the same initial weights, a fresh ``optax.chain(advance_curricu
   the whole batch, SPEC §9 selection, forward + backward of the kept sequences padded to the smallest bucket.
 
 ``--router-layers 1,2,4,8`` and ``--router-path auto,logits`` (comma lists) run one ``cggr[L=…,path]`` row per
-combination. **Router time**: after a router mode's timed steps, the router pass alone (the step's own
+combination. **Cheaper routers** (SPEC §9.3): ``--router-options`` (default ``s4,s16,m64,p256``) adds one
+``cggr[L=…,path,<option>]`` row per option with the deepest ``--router-layers`` and the first ``--router-path``:
+``s<n>`` = ``router_positions=n`` (stride), ``m<n>`` = ``router_samples=n``, ``p<n>`` = ``router_prefix=n``;
+tokens combine (``p256s4``); ``--router-options ''`` runs none. **Router time**: after a router mode's timed steps, the router pass alone (the step's own
 ``_route``: truncated forward, scoring — fused or from the logits, ``router_path`` in the row — and the
 sequence selection, jitted on its own) is timed ``--steps`` times in the same process (``router_ms_median``);
 the summary lines give ``cggr / standard`` and ``cggr / random_sequence`` (goals ≥ 2.5× and ≥ 0.9×), the
@@ -41,6 +44,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -67,6 +71,22 @@ FULL = dict(num_layers=30, d_model=576, num_heads=9, num_kv_heads=3, mlp_hidden_
 QUICK = dict(num_layers=3, d_model=32, num_heads=4, num_kv_heads=2, mlp_hidden_dim=64, vocab_size=97,
              tie_embeddings=True)
 MODES = ("standard", "random_sequence", "cggr")
+#: SPEC §9.3's settings of the default option rows (``--router-options``), as in ``batch_split_torch.py``.
+DEFAULT_ROUTER_OPTIONS = "s4,s16,m64,p256"
+_OPTION_KEYS = {"s": "router_positions", "m": "router_samples", "p": "router_prefix"}
+
+
+def parse_router_options(text: str) -> list[tuple[str, dict[str, int]]]:
+    """``'s4,m64,p256s4'`` -> ``[('s4', {'router_positions': 4}), ...]`` (SPEC §9.3 settings per row)."""
+    out = []
+    for token in (t.strip() for t in str(text).split(",")):
+        if not token:
+            continue
+        parts = re.findall(r"([smp])(\d+)", token)
+        if not parts or "".join(k + v for k, v in parts) != token:
+            raise SystemExit(f"--router-options: expected tokens like s4, m64, p256 or p256s4, got {token!r}")
+        out.append((token, {_OPTION_KEYS[k]: int(v) for k, v in parts}))
+    return out
 
 
 def _probe_cudnn(dtype: Any, num_heads: int, kv_heads: int, head_dim: int, seq_len: int) -> str | None:
@@ -123,7 +143,8 @@ def peak_memory_gb() -> float | None:
 
 
 def run_mode(mode: str, cfg: DecoderConfig, args: argparse.Namespace, batches: list[jax.Array],
-             router_layers: int | None = None, router_path: str = "auto", label: str | None = None) -> dict[str, Any]:
+             router_layers: int | None = None, router_path: str = "auto", label: str | None = None,
+             positions: dict[str, int] | None = None) -> dict[str, Any]:
     from benchmarks.harness import compat, measure
     from cggr_jax import advance_curriculum
 
@@ -133,7 +154,8 @@ def run_mode(mode: str, cfg: DecoderConfig, args: argparse.Namespace, batches: l
                                     min_tokens_ratio=args.ratio, warmup_steps=0,
                                     dynamic_threshold=args.dynamic_threshold, seed=args.seed,
                                     router_path=router_path,
-                                    router_memory_budget_bytes=args.router_memory_budget or bs.ROUTER_MEMORY_BUDGET)
+                                    router_memory_budget_bytes=args.router_memory_budget or bs.ROUTER_MEMORY_BUDGET,
+                                    **(positions or {}))
     B = batches[0].shape[0]
     buckets = buckets_for(args, B)
     tx = optax.chain(advance_curriculum(), optax.adamw(args.lr, weight_decay=0.1))
@@ -180,7 +202,8 @@ def run_mode(mode: str, cfg: DecoderConfig, args: argparse.Namespace, batches: l
                      framework="jax", warmup=0, reps=args.steps)
         router = {"router_layers": split_cfg.router_layers, "router_path": step.router_path,
                   "router_path_reason": step.router_path_reason,
-                  "router_ms_median": rt.median_ms, "router_ms_min": rt.min_ms}
+                  "router_ms_median": rt.median_ms, "router_ms_min": rt.min_ms,
+                  "router_options": dict(positions or {})}
     tokens = B * args.seq_len
     return {
         **router,
@@ -242,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto | fused | logits, or a comma list (e.g. auto,logits): one cggr row per value")
     p.add_argument("--router-memory-budget", type=int, default=None,
                    help="bytes of logit blocks on the fused router path (default: BatchSplitConfig's, 1 GiB)")
+    p.add_argument("--router-options", default=DEFAULT_ROUTER_OPTIONS,
+                   help="extra cggr rows with SPEC §9.3's cheaper routers: s<n> (stride), m<n> (sample), "
+                        "p<n> (prefix), combinable (p256s4); '' for none")
     p.add_argument("--dynamic-threshold", action="store_true", help="turn the SPEC §5.2 threshold on")
     p.add_argument("--buckets", default=None, help="comma-separated bucket sizes (default: see module doc)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="compute dtype (default bf16; --quick fp32)")
@@ -286,16 +312,21 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
     variants = [(L, path) for L in layer_list for path in path_list]
+    option_rows = parse_router_options(args.router_options)
     runs = []
     for mode in modes:
         if mode == "cggr":
-            runs += [(mode, L, path, "cggr" if len(variants) == 1 else f"cggr[L={L},{path}]") for L, path in variants]
+            runs += [(mode, L, path, "cggr" if len(variants) == 1 else f"cggr[L={L},{path}]", None)
+                     for L, path in variants]
+            runs += [(mode, max(layer_list), path_list[0], f"cggr[L={max(layer_list)},{path_list[0]},{name}]", kw)
+                     for name, kw in option_rows]
         else:
-            runs.append((mode, layer_list[0], path_list[0], mode))
-    for mode, L, path, label in runs:
+            runs.append((mode, layer_list[0], path_list[0], mode, None))
+    for mode, L, path, label, positions in runs:
         print(f"[{label}] running ...", flush=True)
         try:
-            r = run_mode(mode, cfg, args, batches, router_layers=L, router_path=path, label=label)
+            r = run_mode(mode, cfg, args, batches, router_layers=L, router_path=path, label=label,
+                         positions=positions)
         except Exception as err:  # noqa: BLE001 - out of memory is reported per mode, the others still run
             if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
                 raise

@@ -15,6 +15,13 @@ Modes (each starts from the same initial weights and a fresh AdamW):
   backward of the kept sequences. ``--router-layers 1,2,4,8`` and ``--router-path auto,logits`` (comma lists)
   run one ``cggr[L=…,path]`` row per combination (a sweep in one process, same batches and weights).
 
+**Cheaper routers** (SPEC §9.3): ``--router-options`` (default ``s4,s16,m64,p256``) adds one
+``cggr[L=…,path,<option>]`` row per option beside the rows above, with the deepest ``--router-layers`` and the
+first ``--router-path``: ``s<n>`` scores every n-th position (``router_positions=n``), ``m<n>`` n evenly
+spaced positions (``router_samples=n``), ``p<n>`` reads an n-token prefix (``router_prefix=n``); tokens
+combine (``p256s4``). ``--router-options ''`` runs none. ``--router-compile`` runs every cggr row's router
+layers under ``torch.compile`` (``CGGRModel(router_compile=True)``; off by default, as in the library).
+
 **Router time.** After a cggr row's timed steps, the router pass alone (``CGGRModel.select``: router forward,
 scoring, sequence selection; no main pass, no host sync inside) is timed ``--steps`` times in the same
 process and reported as ``router_ms_median``; ``router_path`` says whether the router was scored on the fused
@@ -38,6 +45,7 @@ import argparse
 import gc
 import json
 import platform
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -55,6 +63,22 @@ FULL = dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_ke
 QUICK = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=64, vocab_size=97)
 MODES = ("standard", "random_sequence", "cggr")
+#: SPEC §9.3's settings of the default option rows (``--router-options``).
+DEFAULT_ROUTER_OPTIONS = "s4,s16,m64,p256"
+_OPTION_KEYS = {"s": "router_positions", "m": "router_samples", "p": "router_prefix"}
+
+
+def parse_router_options(text: str) -> list[tuple[str, dict[str, int]]]:
+    """``'s4,m64,p256s4'`` -> ``[('s4', {'router_positions': 4}), ...]`` (SPEC §9.3 settings per row)."""
+    out = []
+    for token in (t.strip() for t in str(text).split(",")):
+        if not token:
+            continue
+        parts = re.findall(r"([smp])(\d+)", token)
+        if not parts or "".join(k + v for k, v in parts) != token:
+            raise SystemExit(f"--router-options: expected tokens like s4, m64, p256 or p256s4, got {token!r}")
+        out.append((token, {_OPTION_KEYS[k]: int(v) for k, v in parts}))
+    return out
 
 
 def build_model(shape: dict[str, int], seq_len: int, device: torch.device, dtype: torch.dtype, seed: int,
@@ -77,7 +101,7 @@ def sync(device: torch.device) -> None:
 
 def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches: list[torch.Tensor],
              shape: dict[str, int], router_layers: int | None = None, router_path: str = "auto",
-             label: str | None = None) -> dict[str, Any]:
+             label: str | None = None, positions: dict[str, int] | None = None) -> dict[str, Any]:
     from benchmarks.harness import measure
     from cggr_torch import CGGRModel, num_selected
 
@@ -95,7 +119,8 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches:
         cggr = CGGRModel(model, router_layers=router_layers, min_tokens_ratio=args.ratio, warmup_steps=0,
                          dynamic_threshold=args.dynamic_threshold,
                          router_batch_size=args.router_batch_size or None, router_path=router_path,
-                         router_memory_budget_bytes=args.router_memory_budget)
+                         router_memory_budget_bytes=args.router_memory_budget, **(positions or {}),
+                         **({"router_compile": True} if getattr(args, "router_compile", False) else {}))
     kept_counts: list[int] = []
 
     def step(ids: torch.Tensor) -> None:
@@ -164,6 +189,7 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches:
         result["router_layers"] = router_layers
         result["router_path"] = result["cggr_metrics"]["router_path"]
         result["router_path_reason"] = cggr.router_path_reason
+        result["router_options"] = dict(positions or {})
         result["router_ms_median"] = router_timing.median_ms
         result["router_ms_min"] = router_timing.min_ms
     del model, opt, cggr
@@ -240,6 +266,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--router-batch-size", type=int, default=0,
                    help="score the batch in chunks of this many sequences (bounds the (B, T, V) router-logit "
                         "memory of the logits path); 0 (default) = the whole batch at once")
+    p.add_argument("--router-options", default=DEFAULT_ROUTER_OPTIONS,
+                   help="extra cggr rows with SPEC §9.3's cheaper routers: s<n> (stride), m<n> (sample), "
+                        "p<n> (prefix), combinable (p256s4); '' for none")
+    p.add_argument("--router-compile", action="store_true",
+                   help="the cggr rows' router layers under torch.compile (CGGRModel(router_compile=True))")
     p.add_argument("--dynamic-threshold", action="store_true")
     p.add_argument("--precision", choices=("bf16-autocast", "bf16", "fp32"), default="bf16-autocast",
                    help="bf16-autocast: fp32 weights + bf16 autocast; bf16: bf16 weights")
@@ -275,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--router-layers / --router-path: need at least one value (layers >= 1)")
     if args.router_memory_budget is None:
         args.router_memory_budget = ROUTER_MEMORY_BUDGET
+    option_rows = parse_router_options(args.router_options)
     if args.quick:
         device = torch.device("cpu")
         shape = QUICK
@@ -300,10 +332,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     variants = [(L, path) for L in layer_list for path in path_list]
     for mode in modes:
-        runs = [(None, "auto", mode)] if mode != "cggr" else [
-            (L, path, "cggr" if len(variants) == 1 else f"cggr[L={L},{path}]") for L, path in variants]
-        for L, path, label in runs:
-            r = run_mode(mode, args, device, batches, shape, router_layers=L, router_path=path, label=label)
+        runs = [(None, "auto", mode, None)] if mode != "cggr" else [
+            (L, path, "cggr" if len(variants) == 1 else f"cggr[L={L},{path}]", None) for L, path in variants] + [
+            (max(layer_list), path_list[0], f"cggr[L={max(layer_list)},{path_list[0]},{name}]", kw)
+            for name, kw in option_rows]
+        for L, path, label, positions in runs:
+            r = run_mode(mode, args, device, batches, shape, router_layers=L, router_path=path, label=label,
+                         positions=positions)
             results.append(r)
             extra = (f", router alone {r['router_ms_median']:.1f} ms ({r['router_path']})"
                      if "router_ms_median" in r else "")

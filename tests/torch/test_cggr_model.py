@@ -344,7 +344,13 @@ def test_benchmark_quick_mode_runs(tmp_path):
     out = tmp_path / "bench.json"
     record = bench.main(["--quick", "--out", str(out)])
     modes = [r["mode"] for r in record["results"]]
-    assert modes == ["standard", "random_sequence", "cggr"] and out.exists()
+    # the default rows, then one row per cheaper router of SPEC §9.3 (--router-options s4,s16,m64,p256)
+    assert modes == ["standard", "random_sequence", "cggr", "cggr[L=2,auto,s4]", "cggr[L=2,auto,s16]",
+                     "cggr[L=2,auto,m64]", "cggr[L=2,auto,p256]"] and out.exists()
+    options = {r["mode"]: r["router_options"] for r in record["results"] if "router_options" in r}
+    assert options["cggr"] == {} and options["cggr[L=2,auto,s16]"] == {"router_positions": 16}
+    assert options["cggr[L=2,auto,m64]"] == {"router_samples": 64}
+    assert all(r["sequences_trained_median"] == 2 for r in record["results"][1:])
     by_mode = {r["mode"]: r for r in record["results"]}
     assert by_mode["cggr"]["sequences_trained_median"] == by_mode["random_sequence"]["sequences_trained_median"] == 2
     assert all(r["tokens_per_s"] > 0 for r in record["results"])
