@@ -357,7 +357,7 @@ def test_verdict_of_the_excess_arms_follows_the_numbers() -> None:
     assert "beat its random baseline in 2 of 4 comparisons" in text and "23 M parameters on real code" in text
     assert "on this tiny character-level task excess scoring does not win consistently" in text
     assert "did not run excess scoring" not in text and "One seed" in text
-    assert "0.21 nats better" in text and "0.09 nats better, not yet significant" in text
+    assert "0.21 nats better" in text and "0.10 nats better, 6/6 seeds" in text
 
     # every excess Δ below −TIE_NATS: the text says it agrees with the study (still one seed)
     wins = demo.compute_verdict(runs_of({"torch": {"excess_token": 2.10, "excess_split": 1.85}}), cfg,
