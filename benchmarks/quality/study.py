@@ -660,7 +660,7 @@ class Study:
                                   "manifests": manifests},
                         "device": self.device_name, "commit": self.commit}
             (d / "ref.json").write_text(json.dumps(meta_out, indent=1))
-            self.ref_store_info = self._store_info(False, 0.0)
+            self.ref_store_info = self._store_info(True, 0.0)
             self.log(f"reference: val {val['val_loss']:.4f} (best step {info['best_step']} of {info['steps']}); "
                      f"stores of {len(needed)} train chunks in {score_s:.1f} s at {sd}")
         del model
@@ -669,8 +669,10 @@ class Study:
         self.export()
 
     def _store_info(self, rebuilt: bool, diff: Optional[float]) -> dict:
+        """What a token arm's JSON records about the per-token store it read: its hash, whether this invocation
+        (re)built it, and the largest difference of its chunk means to the committed per-chunk table."""
         man = json.loads((self.ref_store_dir / "train" / "manifest.json").read_text())
-        return {"store_token_nll_sha256": man["sha256"]["token_nll.npy"], "store_rebuilt_this_call": rebuilt,
+        return {"store_token_nll_sha256": man["sha256"]["token_nll.npy"], "store_built_this_call": rebuilt,
                 "store_max_abs_chunk_mean_diff_vs_committed": diff}
 
     # -------------------------------------------------------------------------- training
