@@ -507,12 +507,15 @@ class Study:
         order = np.concatenate([rng.permutation(ref.shape[0])[:steps_per_epoch * s.batch]
                                 for _ in range(s.es_ref_epochs)])
         history, best, losses = [], None, []
+        step_s, t_seg = 0.0, time.time()   # training time without the evaluations (a std_B step: same model, B)
         for i in _bar(range(total), "reference (early stopping)", self.progress):
             for g in opt.param_groups:
                 g["lr"] = lr_at(i, total, s.ref_lr)
             losses.append(self._train_rows(model, opt, ctx.tokens(ref[order[i * s.batch:(i + 1) * s.batch],
                                                                        :s.seq_len + 1])))
             if (i + 1) % s.es_ref_eval_every == 0 or i + 1 == total:
+                ctx.sync()
+                step_s += time.time() - t_seg
                 model.eval()
                 v = self.evaluator.curve_loss(model)
                 model.train()
@@ -521,6 +524,8 @@ class Study:
                 history.append({"step": i + 1, "epoch": (i + 1) / steps_per_epoch, "val_subset": v, "train_loss": tl})
                 if math.isfinite(v) and (best is None or v < best[1]):
                     best = (i + 1, v, {k: t.detach().clone() for k, t in model.state_dict().items()})
+                ctx.sync()
+                t_seg = time.time()
         if best is None:
             raise RuntimeError("reference: no finite val-subset loss at any evaluation (diverged); lower ref_lr")
         model.load_state_dict(best[2])
@@ -530,7 +535,9 @@ class Study:
         info = {"seed": 1000, "split": "ref", "chunks": int(ref.shape[0]), "epochs": s.es_ref_epochs,
                 "steps": total, "steps_per_epoch": steps_per_epoch, "lr": s.ref_lr,
                 "eval_every": s.es_ref_eval_every, "history": history, "best_step": best[0],
-                "best_val_subset": best[1], "train_s": time.time() - t0}
+                "best_val_subset": best[1], "train_s": time.time() - t0, "ms_per_step": 1000 * step_s / total}
+        # Until a std_B run is measured, the deadline plans with the reference's step time (same model and B).
+        self.measured_ms.setdefault("std_B", info["ms_per_step"])
         self.log(f"reference: {total} steps in {info['train_s']:.1f} s; best val subset {best[1]:.4f} at step "
                  f"{best[0]} (" + ", ".join(f"{h['step']}: {h['val_subset']:.3f}" for h in history) + ")")
         return model, info
@@ -763,6 +770,10 @@ class Study:
             return None
         est = self.estimate_s(spec)
         if self.args.dry_run:
+            listed = self.__dict__.setdefault("_dry_listed", set())
+            if spec.key() in listed:    # e.g. seed 0's tuned std_B/std_k: the sweep runs, listed once
+                return None
+            listed.add(spec.key())
             self.dry_total += est
             self.log(f"would run {spec.key()} (~{est:.0f} s; {self.dry_total:.0f} s so far)")
             return None
