@@ -19,6 +19,7 @@ import json
 import lzma
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -370,6 +371,15 @@ def test_round3_plan_end_to_end_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyP
     md = (out / "summary.md").read_text()
     assert "## Time ratio R" in md and "early stopping" in md and "stride" in md
     assert f"{r1_arm} - random_subset" in summary["paired"] and f"{r1_arm} - cggr_excess_r4" in summary["paired"]
+    # Rule 2's extra seeds: the committed tables gain the new seed's chunks and noise bank; no value changes.
+    before = np.load(out / "ref" / "refnll_train.npy")
+    assert study.main(argv + ["--seeds", "0,1,2"]) == 0
+    after = np.load(out / "ref" / "refnll_train.npy")
+    ids012, gate012 = study.round3_chunk_ids(replace(s, seeds=(0, 1, 2)), 200)
+    assert np.isfinite(after[ids012]).all() and np.isfinite(before).sum() < np.isfinite(after).sum()
+    np.testing.assert_array_equal(after[np.isfinite(before)], before[np.isfinite(before)])
+    assert (out / "ref" / "refnll_noise_s2.npy").exists()
+    assert study.RunSpec("excess_token", 2, lr_B, s.steps).key() + ".json" in {p.name for p in (out / "runs").iterdir()}
 
 
 def _r3_study(tmp_path: Path) -> study.Study:

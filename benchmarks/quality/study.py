@@ -595,23 +595,24 @@ class Study:
         seeds = sorted(set(s.seeds) | {0})
         train_ids, gate_ids = round3_chunk_ids(s, self.corpus["train"].shape[0])
         needed = np.union1d(train_ids, gate_ids)
-        tables = [d / "ref.json", d / "refnll_train.npy", d / "refnll_gate_noise.npy"] + \
-            [d / f"refnll_noise_s{x}.npy" for x in seeds]
-        committed = all(f.exists() for f in tables)
+        # "committed": the reference was trained and recorded; more seeds (rule 2) only add chunks and noise
+        # banks to its tables (from the store, scored by the same checkpoint or a retrain), never change a value.
+        committed = (d / "ref.json").exists() and (d / "refnll_train.npy").exists() and \
+            (d / "refnll_gate_noise.npy").exists()
+        incomplete = False
         if committed:
             self.ref_train = np.load(d / "refnll_train.npy")
-            self.ref_noise = {x: np.load(d / f"refnll_noise_s{x}.npy") for x in seeds}
+            self.ref_noise = {x: np.load(d / f"refnll_noise_s{x}.npy") for x in seeds
+                              if (d / f"refnll_noise_s{x}.npy").exists()}
             self.ref_gate_noise = np.load(d / "refnll_gate_noise.npy")
-            if not np.isfinite(self.ref_train[needed]).all():
-                raise ValueError(f"{d}/refnll_train.npy does not cover the chunks of seeds {seeds}: the committed "
-                                 f"reference was built for other seeds (use its seeds, or a fresh --out)")
-            if not stores:
+            incomplete = len(self.ref_noise) < len(seeds) or not np.isfinite(self.ref_train[needed]).all()
+            if not stores and not incomplete:
                 self.log(f"reference tables loaded from {d} (per-token stores: when a token arm runs)")
                 return
         stores = self._load_stores(needed, seeds)
         if stores is not None:
             self.ref_store, self.noise_stores, gate_store = stores
-        if committed and stores is not None:
+        if committed and stores is not None and not incomplete:
             diff = float(np.max(np.abs(self.ref_store.chunk_mean_of(needed) - self.ref_train[needed])))
             self.ref_store_info = self._store_info(False, diff)
             self.log(f"reference tables loaded from {d}, per-token stores from {self.ref_store_dir}")
@@ -642,7 +643,19 @@ class Study:
         table = np.full(self.corpus["train"].shape[0], np.nan, np.float32)
         table[train_store.chunk_ids] = train_store.chunk_mean
         if committed:   # a rebuild: the committed means stay; say how far the rebuilt store is from them
-            diff = float(np.max(np.abs(table[needed] - self.ref_train[needed])))
+            old = np.isfinite(self.ref_train)
+            both = needed[old[needed]]
+            diff = float(np.max(np.abs(table[both] - self.ref_train[both]))) if both.size else 0.0
+            add = needed[~old[needed]]
+            if add.size or len(self.ref_noise) < len(seeds):   # new seeds: add their chunks, keep every value
+                self.ref_train[add] = table[add]
+                np.save(d / "refnll_train.npy", self.ref_train)
+                for x in seeds:
+                    if x not in self.ref_noise:
+                        self.ref_noise[x] = noise_stores[x].chunk_mean.copy()
+                        np.save(d / f"refnll_noise_s{x}.npy", self.ref_noise[x])
+                self.log(f"reference tables extended by {add.size} train chunks and the noise banks of seeds "
+                         f"{seeds} (existing values kept)")
             self.ref_store_info = self._store_info(True, diff)
             self.log(f"reference stores rebuilt in {score_s:.1f} s; max |chunk mean - committed| = {diff:.2e}")
         else:
