@@ -7,8 +7,20 @@ seconds after start, so a device call ends inside its limit with whole runs writ
 
     python -m benchmarks.quality.study --scale S --round round1 --out benchmarks/quality/results/round1
     python -m benchmarks.quality.study --scale tiny --out /tmp/q --device cpu     # the CPU smoke
+    python -m benchmarks.quality.study --scale S2 --round round3 --out benchmarks/quality/results/round3 \
+        --deadline-s 480 --export $OUT/round3.tar.gz                               # one round-3 device call
+    python -m benchmarks.quality.study --scale S2 --round round3 --out x --plan-only   # its estimated calls
 
-Only the public API of ``cggr_torch`` is used (``CGGRModel``, ``create_truncated_router``, ``score_tokens``).
+Round 3 (S2, PROTOCOL.md "Round 3"): ``--plan-only`` at std_B = 65 ms/step (assumed) and ``--deadline-s 480``
+estimates 6 calls, ~37 min of device time on fresh machines (~32 min when the machine stays warm between calls
+and keeps the per-token stores): (1) reference + stores, sweeps, gate ~420 s; (2) seed 0's sequence arms and
+std_k budgets ~300 s; (3) seed 0's token pair (with a store rebuild) and seed 1's sequence arms ~435 s;
+(4) seed 1's budgets and token pair ~415 s; (5) seed 2's sequence arms and budgets ~380 s; (6) seed 2's token
+pair ~250 s. PROTOCOL.md's "How to run round 3" note has the exact commands.
+
+Only public APIs of the packages are used (``cggr_torch``: ``CGGRModel``, ``CGGRLoss``, ``create_truncated_router``,
+``score_tokens``, ``batch_split.select_sequences``, ``reference.score_chunks``; ``cggr.reference.load_reference``,
+``cggr.config.RouterPositions``).
 """
 from __future__ import annotations
 
