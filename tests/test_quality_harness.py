@@ -444,6 +444,22 @@ def test_round3_stored_token_reference_gives_the_on_the_fly_selection(tmp_path: 
     live_mask = select_tokens(*(lambda t: (t.difficulty, t.eligible))(
         score_tokens(flat, tgt, scoring="excess", reference_nll=live.reshape(-1))), s.keep / s.batch)[0]
     assert (live_mask == masks[0]).float().mean() > 0.97               # unrounded: at most a few boundary ties
+    # The token arm itself reads exactly that reference at its first step (captured from its training step).
+    captured = {}
+    orig = study.Study._train_tokens
+
+    def spy(self, model, opt, toks_, spec, i, crit, ref_model, sel, ref_tok=None):
+        if i == 0:
+            captured.update(toks=toks_.clone(), ref=ref_tok.clone(), ref_model=ref_model)
+        return orig(self, model, opt, toks_, spec, i, crit, ref_model, sel, ref_tok)
+
+    study.Study._train_tokens = spy
+    try:
+        st.run(study.RunSpec("excess_token", 0, 1e-3, 2))
+    finally:
+        study.Study._train_tokens = orig
+    assert captured["ref_model"] is None and torch.equal(captured["toks"], toks)
+    assert torch.equal(captured["ref"], stored)
     # Noise chunks read their seed's bank; a missing store is a clear error.
     neg = np.array([-1, -2])
     np.testing.assert_array_equal(st.ref_tokens_of(neg, 0), st.noise_stores[0].token_nll[:2].astype(np.float32))
