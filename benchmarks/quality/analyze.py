@@ -296,8 +296,8 @@ def render(summary: dict) -> str:
         L.append(f"* `{lab}`: " + "; ".join(parts))
     if s.get("time_ratio"):
         L.append("\n## Time ratio R = (B/k)·t_arm/(m·t_B) (PROTOCOL.md round 3; goal R ≤ 0.7)\n")
-        L.append("| arm | seeds | m (mean) | t_arm/t_B | R per seed | mean R | 95 % CI | time to std_B's loss per seed |"
-                 "\n|---|---|---|---|---|---|---|---|")
+        L.append("| arm | seeds | m (mean) | t_arm/t_B | R per seed | mean R | 95 % CI | "
+                 "time to std_B's loss per seed |\n|---|---|---|---|---|---|---|---|")
         for lab, e in s["time_ratio"].items():
             per = ", ".join(f"s{sd}: {p['R']:.2f}" for sd, p in e["per_seed"].items())
             ci = f"[{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]" if "ci" in e else "—"
