@@ -99,6 +99,16 @@ def time_to_target(curve: list, target: float) -> Optional[float]:
     return None
 
 
+def time_ratio(B: int, k: int, t_arm: float, t_B: float, m: float) -> float:
+    """PROTOCOL.md "Round 3": R = (B/k)·t_arm/(m·t_B), the wall-clock an arm with data multiplier ``m`` and step
+    cost ``t_arm`` needs to reach std_B's final loss, relative to std_B's (N·(B/k)/m steps of t_arm against N of
+    t_B). R < 1: the arm gets there sooner; the goal (§6.6) is R ≤ 0.7. ``ValueError`` on non-positive inputs."""
+    for name, v in (("B", B), ("k", k), ("t_arm", t_arm), ("t_B", t_B), ("m", m)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+    return (B / k) * t_arm / (m * t_B)
+
+
 def summarize(folder: Path) -> dict:
     runs = load_runs(folder)
     N = max(r["scale"]["steps"] for r in runs)
@@ -146,8 +156,10 @@ def summarize(folder: Path) -> dict:
         comps = (base, "std_k") + (("oracle_excess",) if lab.startswith("router_excess") and "+noise" not in lab else ())
         if lab.endswith("_token") or lab.endswith("_token_sampled"):   # token arms: against random tokens
             comps += ("random_token",)
-        if lab.startswith("cggr_excess_r"):                            # the library path vs the harness's
+        if lab.startswith("cggr_excess_r") and "_s" not in lab:        # the library path vs the harness's
             comps += ("router_excess_r" + lab.rsplit("_r", 1)[1],)
+        if lab.startswith("cggr_excess_r1_s"):                          # round 3: the cheap router vs all positions
+            comps += ("cggr_excess_r4",)
         for comp in comps:
             if lab != comp and comp in val and (comp != "std_k" or not lab.endswith("+noise")):
                 comparisons[f"{lab} - {comp}"] = paired(val[lab], val[comp], floor)
@@ -182,11 +194,39 @@ def summarize(folder: Path) -> dict:
                     tgt = arms["std_B"][s]["final"]["val_loss"]
                     ttt[lab][s] = {"target": tgt, "time_s": time_to_target(r["curve"], tgt),
                                    "std_B_wall_s": arms["std_B"][s]["accounting"]["train_wall_s"]}
+    # R (round 3): per seed, from the arm's own m and ms/step and std_B's ms/step of the same seed; std_k has m = 1
+    # by construction (its own curve). Arms at batch B (std_B itself) are not k-row arms: no R.
+    ratio = {}
+    if "std_B" in arms:
+        for lab, d in table.items():
+            if lab.startswith("std_B") or lab.endswith("+noise"):
+                continue
+            per = {}
+            for sd in d["seeds"]:
+                r = arms[lab][sd]
+                mm = 1.0 if lab == "std_k" else m.get(lab, {}).get("per_seed", {}).get(sd, {}).get("m")
+                if sd not in arms["std_B"] or mm is None or not (mm > 0):
+                    continue
+                sc = r["scale"]
+                t_arm, t_B = r["accounting"]["ms_per_step"], arms["std_B"][sd]["accounting"]["ms_per_step"]
+                per[sd] = {"R": time_ratio(sc["batch"], sc["keep"], t_arm, t_B, mm), "m": mm, "t_arm_ms": t_arm,
+                           "t_B_ms": t_B, "B_over_k": sc["batch"] / sc["keep"],
+                           "time_to_target_s": ttt.get(lab, {}).get(sd, {}).get("time_s"),
+                           "std_B_wall_s": arms["std_B"][sd]["accounting"]["train_wall_s"]}
+            if per:
+                xs = np.array([p["R"] for p in per.values()])
+                entry = {"per_seed": per, "mean": float(xs.mean()), "n": len(xs),
+                         "m_mean": float(np.mean([p["m"] for p in per.values()])),
+                         "t_arm_over_t_B": float(np.mean([p["t_arm_ms"] / p["t_B_ms"] for p in per.values()]))}
+                if len(xs) > 1:
+                    half = t95(len(xs) - 1) * xs.std(ddof=1) / math.sqrt(len(xs))
+                    entry["ci"] = [float(xs.mean() - half), float(xs.mean() + half)]
+                ratio[lab] = entry
     gates = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("gate*.json"))}
     ref = json.loads((folder / "ref" / "ref.json").read_text()) if (folder / "ref" / "ref.json").exists() else None
     return {"N": N, "sweep": {a: {str(k): v for k, v in d.items()} for a, d in sweep.items()}, "tuned_lr": tuned,
             "floor_delta0": floor, "repeat": [r["key"] for r in repeat], "arms": table, "paired": comparisons,
-            "m": m, "time_to_target": ttt, "gates": gates, "reference": ref,
+            "m": m, "time_to_target": ttt, "time_ratio": ratio, "gates": gates, "reference": ref,
             "budget_runs": {str(s): sorted(v) for s, v in budgets.items()}}
 
 
@@ -208,8 +248,10 @@ def render(summary: dict) -> str:
     L = [f"# Quality study v2 summary (N = {s['N']} steps)\n"]
     if s["reference"]:
         r = s["reference"]
+        es = (f" (early stopping: best val subset {r['best_val_subset']:.4f} at step {r['best_step']})"
+              if "best_step" in r else "")
         L.append(f"Reference model: {r['steps']} steps on `ref` ({r['chunks']} chunks, {r['epochs']} epochs, lr "
-                 f"{r['lr']}), val {r['final']['val_loss']:.4f}; mean ref NLL of train chunks "
+                 f"{r['lr']}){es}, val {r['final']['val_loss']:.4f}; mean ref NLL of train chunks "
                  f"{r['refnll_train_mean']:.3f}, of noise chunks "
                  f"{np.mean(list(r['refnll_noise_mean'].values())):.3f}.\n")
     L.append("## LR sweeps (seed 0, final full-val loss)\n\n| arm | lr | val | ms/step |\n|---|---|---|---|")
@@ -252,6 +294,17 @@ def render(summary: dict) -> str:
         parts = [f"s{sd}: {_reached(v['time_s'])} (std_B {v['std_B_wall_s']:.1f} s, target {v['target']:.4f})"
                  for sd, v in sorted(d.items())]
         L.append(f"* `{lab}`: " + "; ".join(parts))
+    if s.get("time_ratio"):
+        L.append("\n## Time ratio R = (B/k)·t_arm/(m·t_B) (PROTOCOL.md round 3; goal R ≤ 0.7)\n")
+        L.append("| arm | seeds | m (mean) | t_arm/t_B | R per seed | mean R | 95 % CI | "
+                 "time to std_B's loss per seed |\n|---|---|---|---|---|---|---|---|")
+        for lab, e in s["time_ratio"].items():
+            per = ", ".join(f"s{sd}: {p['R']:.2f}" for sd, p in e["per_seed"].items())
+            ci = f"[{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]" if "ci" in e else "—"
+            tt = "; ".join(f"s{sd}: {_reached(p['time_to_target_s'])} (std_B {p['std_B_wall_s']:.1f} s)"
+                           for sd, p in e["per_seed"].items())
+            L.append(f"| `{lab}` | {e['n']} | {e['m_mean']:.2f} | {e['t_arm_over_t_B']:.3f} | {per} | "
+                     f"{e['mean']:.2f} | {ci} | {tt} |")
     L.append("\n## Val loss by target-token frequency rank (mean over seeds)\n")
     keys = next(iter(s["arms"].values()))["by_freq"].keys()
     L.append("| arm | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
@@ -270,6 +323,9 @@ def render(summary: dict) -> str:
         L.append(f"\nLowest reference NLL (`ref_only`'s rule): noise share in top 25 % "
                  f"{n['noise_share_top25_of_lowest_ref']:.3f}. Base rate of noise: "
                  f"{g['noise_chunks'] / g['chunks']:.3f}.")
+        if "r1_stride" in g:
+            L.append(f"Scored positions per option: {g['scored_positions']}. The 1-layer arm's stride (rule of "
+                     f"round 3, item 4: 16 if its rho to oracle excess ≥ 0.5, else 4): **{g['r1_stride']}**.")
     return "\n".join(L) + "\n"
 
 
@@ -300,7 +356,8 @@ def plot(summary: dict, folder: Path, runs: list) -> list:
         ax.set_ylim(top=min(6.5, ax.get_ylim()[1]))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        ax.set_title(f"pycode, scale S, N = {summary['N']} steps: mean over seeds, band = min..max")
+        ax.set_title(f"pycode, scale {runs[0]['scale']['name']}, N = {summary['N']} steps: mean over seeds, "
+                     f"band = min..max")
         fig.tight_layout()
         p = folder / fname
         fig.savefig(p, dpi=110)
