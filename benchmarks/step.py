@@ -25,11 +25,13 @@ router and one option each (``ROUTER_OPTION_ROWS``; ``--quick`` uses smaller val
   PyTorch, which matches JAX's always-jitted router). Not in the default selection.
 
 **Rows run by default** (``--rows`` not given; ``DEFAULT_ROWS`` of each ops module): every row except
-``batch_split_L1_combined``. PyTorch at the 1B shape: 24 rows (12 eager, 12 compiled), ~4.5 min on the H200
-(the compiled rows that compile a new model graph take ~40 s each: ``standard``, ``cggr_fused``,
-``random_subset``, ``cggr_loss``; the compiled ``CGGRModel`` rows reuse ``random_subset``'s graph, their
-kept count being one of the buckets, and take 2-3 s; ``compiled_router`` compiles the 1-layer router once
-more). ``--rows all`` runs every row, ``--rows a,b`` the rows named (both variants of each in PyTorch).
+``batch_split_L1_combined``. PyTorch at the 1B shape: 24 rows (12 eager, 12 compiled), estimated ~4.6 min on
+the H200 (run 8aea2f4 measured 235 s for the 16 rows before the cheaper routers: the compiled rows that compile a
+new model graph take ~40 s each, ``standard``, ``cggr_fused``, ``random_subset``, ``cggr_loss``; the compiled
+``CGGRModel`` rows reuse ``random_subset``'s graph, their kept count being one of the buckets, and take 2-3 s, as
+do the eager ones; ``compiled_router`` compiles the 1-layer router once more, ~10-20 s, not yet measured).
+The runner gives it ``--deadline-s 300``; what does not fit (the last row, ``cggr_loss`` compiled, first) is
+recorded as skipped. ``--rows all`` runs every row, ``--rows a,b`` the rows named (both variants of each in PyTorch).
 
 Shapes (``SHAPES``; ``--shapes`` picks, default all three, in this order):
 

@@ -190,13 +190,13 @@ def _method_and_ratio(name: str) -> tuple[str, Optional[float]]:
 
 
 def _token_stats(raw: dict[str, Any], fw: str, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """``benchmarks/ops/token_stats_<fw>.py``'s JSON: one record per method and ρ. Metrics: the time (median,
-    p10, p90), ``input_tokens_per_s`` (``N`` per call), ``trained_tokens_per_s`` (the ``round(ρ·valid)``
-    tokens in the loss), ``peak_extra_gib`` (PyTorch: peak allocated during one call beyond the inputs and
-    the gradients; JAX: the compiled program's temporary memory). Ratios, at the same ρ: ``materialised``
-    (time / the materialised path's), ``materialised_memory`` (extra memory / its) and, for our methods,
-    ``fastest_fused`` (time / the fastest fused alternative's at that ρ: TRL's chunked head, Liger's GRPO loss). A method that failed
-    (out of memory) or a baseline that could not run (its note) is a record with its reason."""
+    """``benchmarks/ops/token_stats_<fw>.py``'s JSON: one record per method and ρ. Metrics: the time (median, p10,
+    p90), ``input_tokens_per_s`` (``N`` per call), ``trained_tokens_per_s`` (the ``round(ρ·valid)`` tokens in the
+    loss), ``peak_extra_gib`` (PyTorch: peak allocated during one call beyond the inputs and the gradients; JAX: the
+    compiled program's temporary memory). Ratios, at the same ρ: ``materialised`` (time / the materialised path's),
+    ``materialised_memory`` (extra memory / its) and, for our methods, ``fastest_fused`` (time / the fastest fused
+    alternative's at that ρ: TRL's chunked head, Liger's GRPO loss). A method that failed (out of memory) or a
+    baseline that could not run (its note) is a record with its reason."""
     shape = dict(raw.get("shape") or {})
     n, valid = shape.get("N"), shape.get("valid_tokens")
     rows: dict[str, dict[str, Any]] = {k: v for k, v in (raw.get("results") or {}).items() if isinstance(v, dict)}

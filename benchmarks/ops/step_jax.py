@@ -46,7 +46,7 @@ ROWS: list[str] = ["standard", "cggr_fused", "random_subset", "batch_split_L4", 
                    "batch_split_L1_combined"]
 #: The rows ``benchmarks/step.py`` runs without ``--rows``: all but the combined router (as in PyTorch). At the
 #: 1B shape the runner's 190 s budget reaches the first rows only (the rest are recorded as skipped); the
-#: cheaper routers need their own call (``--rows random_subset,batch_split_L1,batch_split_L1_stride,...``).
+#: cheaper routers need a call of their own (``--rows random_subset,batch_split_L1,batch_split_L1_stride,...``).
 DEFAULT_ROWS: list[str] = [r for r in ROWS if r != "batch_split_L1_combined"]
 #: Expected seconds of each row on one H200 at the 1B shape (build, compile, 3 + 8 steps) before any row ran
 #: (rescaled by ``benchmarks.harness.budget.Budget``): a batch-split step compiles the model's forward and

@@ -24,12 +24,12 @@ Every row also runs **compiled** (``torch.compile(model, dynamic=False)``; the b
 rows): the CGGR losses are compiled too (``torch.compile(loss_module)``); when that fails the failure is
 recorded (``compile_error``) and the row goes on with the loss eager and the model compiled. ``CGGRModel`` gets
 the compiled model as its main pass (``forward_with``; ``buckets="auto"``, the default, pads the kept rows to
-``default_buckets(B)``, SPEC §9.4); its router stays eager unless the row sets ``router_compile``. The rows of one shape share one
-model (weights reset to the same initial values before each row), so a compiled row reuses the graphs an
-earlier row compiled (the main pass of ``CGGRModel`` is the ``random_subset`` graph: both run the model on
-``k`` sequences; Liger's base model is the fused head's); ``torch._dynamo`` is reset between shapes and
-before each compiled CGGR-loss row (``FRESH_DYNAMO``). The graphs each row compiled, the graph breaks
-and the graphs compiled during the timed steps (recompilation) are recorded.
+``default_buckets(B)``, SPEC §9.4); its router stays eager unless the row sets ``router_compile``. The rows of
+one shape share one model (weights reset to the same initial values before each row), so a compiled row reuses
+the graphs an earlier row compiled (the main pass of ``CGGRModel`` is the ``random_subset`` graph: both run the
+model on ``k`` sequences; Liger's base model is the fused head's); ``torch._dynamo`` is reset between shapes and
+before each compiled CGGR-loss row (``FRESH_DYNAMO``). The graphs each row compiled, the graph breaks and the
+graphs compiled during the timed steps (recompilation) are recorded.
 
 CGGR settings: the defaults of ``cggr.CGGRConfig`` except ``warmup_steps=0`` (the steady state is measured,
 not the curriculum) and ``dynamic_threshold=False`` unless ``dynamic_threshold`` is set: at random init the
