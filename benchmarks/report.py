@@ -28,11 +28,13 @@ if __package__ in (None, ""):
         sys.path.pop(0)
     sys.path.insert(0, os.path.dirname(_here))
 
+from benchmarks.harness.convert import TOKEN_STATS_OURS  # noqa: E402
 from benchmarks.harness.records import RESULTS_ROOT, SUITES, load_records  # noqa: E402
 
 SUITE_TITLES = {"verify": "verify: GPU tests and real-size checks",
                 "kernels": "kernels: scoring, selective CE, selection",
-                "heads": "heads: fused LM head + selective CE", "models": "models: batch splitting, whole step",
+                "heads": "heads: fused LM head + selective CE; per-token log-probs + entropy (token_stats)",
+                "models": "models: batch splitting, whole step",
                 "quality": "quality", "step": "step: the whole training step, both frameworks"}
 MAX_ROWS = 40
 
@@ -160,6 +162,10 @@ HEADLINES = [
      "Pallas pipeline fwd+bwd × optax CE"),
     ("heads", "fused_linear", "torch", "cggr_fused", "liger_flce", "fused LM head × Liger FLCE"),
     ("heads", "fused_linear", "jax", "cggr_fused", "one_matmul", "JAX fused LM head × one N·d·V matmul"),
+    ("heads", "token_stats", "torch", "cggr_policy_gradient[0.2]", "materialised",
+     "policy-gradient loss at ρ = 0.2 × TRL's materialised path"),
+    ("heads", "token_stats", "jax", "cggr_policy_gradient[0.2]", "materialised",
+     "policy-gradient loss at ρ = 0.2 × materialised path"),
     ("models", "batch_split", "torch", "cggr", "speedup_vs_standard", "batch split step speed-up vs standard"),
     ("models", "batch_split", "jax", "cggr", "speedup_vs_standard", "batch split step speed-up vs standard"),
 ]
@@ -192,12 +198,19 @@ def _headlines(latest: dict[tuple[str, str, str, str], list[dict[str, Any]]]) ->
 
 
 #: The issue-16 goals read off each shape's step table: (label, row, baseline row, compiled, goal as a speed-up
-#: baseline / row, shapes it applies to or None for all)
+#: baseline / row, shapes it applies to or None for all). ``BEST_ROUTER`` as the row: the fastest batch-split row
+#: of that framework and variant (every router: 1/2/4 layers and the SPEC §9.3 options), named in the line.
+BEST_ROUTER = "best router"
 STEP_GOALS = [
     ("fused CGGR step vs compiled standard", "cggr_fused", "standard", True, 1.15, ("1b",)),
-    ("CGGRModel (4-layer router) vs random subset, compiled", "batch_split_L4", "random_subset", True, 0.9, None),
-    ("CGGRModel (2-layer router) vs random subset, compiled", "batch_split_L2", "random_subset", True, 0.9, None),
+    ("CGGRModel vs random subset, compiled", BEST_ROUTER, "random_subset", True, 0.9, None),
 ]
+
+
+def _best_router(ms: dict[tuple[str, str, bool], float], fw: str, compiled: bool) -> Optional[str]:
+    """The fastest ``batch_split*`` row of ``fw`` (and variant) measured in this table, or None."""
+    rows = [(v, row) for (f, row, c), v in ms.items() if f == fw and c == compiled and row.startswith("batch_split")]
+    return min(rows)[1] if rows else None
 
 
 def _step_note(r: dict[str, Any]) -> str:
@@ -215,6 +228,8 @@ def _step_note(r: dict[str, Any]) -> str:
         parts.append(f"{int(m['graph_breaks_warmup'])} graph break(s)")
     if m.get("sequences_trained") is not None:
         parts.append(f"{m['sequences_trained']:g} sequences")
+    if e.get("router_options"):
+        parts.append(", ".join(f"{k}={v}" for k, v in e["router_options"].items()))
     return "; ".join(parts)
 
 
@@ -278,12 +293,17 @@ def _step_section(records: list[dict[str, Any]], root: Path, out: Path) -> list[
         for label, row, base, compiled, goal, shapes in STEP_GOALS:
             if shapes is not None and shape not in shapes:
                 continue
-            a, b = ms.get(("torch", row, compiled)), ms.get(("torch", base, compiled))
-            if a and b:
-                verdict = "met" if b / a >= goal else "not met"
-                goals.append(f"{label}: {_fmt(b / a, 2)}× (goal ≥ {goal}, {verdict})")
+            for fw in ("torch", "jax") if row == BEST_ROUTER else ("torch",):
+                name = _best_router(ms, fw, compiled) if row == BEST_ROUTER else row
+                a, b = ms.get((fw, name, compiled)), ms.get((fw, base, compiled))
+                if a and b:
+                    verdict = "met" if b / a >= goal else "not met"
+                    what = f"{label} ({'JAX, ' if fw == 'jax' else ''}best router row: {name})" \
+                        if row == BEST_ROUTER else label
+                    goals.append(f"{what}: {_fmt(b / a, 2)}× (goal ≥ {goal}, {verdict})")
         if goals:
-            lines += ["", "Issue 16 goals (speed-up = baseline step / this step, PyTorch): " + "; ".join(goals) + "."]
+            lines += ["", "Issue 16 goals (speed-up = baseline step / this step; PyTorch unless marked): "
+                      + "; ".join(goals) + "."]
         for fw, (folder, recs) in latest.items():
             clocks = _telemetry_line(Path(recs[0]["_file"]).with_suffix("").with_suffix(".meta.json"))
             older = len(by[(gpu, shape, fw)]) - 1
@@ -293,6 +313,62 @@ def _step_section(records: list[dict[str, Any]], root: Path, out: Path) -> list[
                       + (f" {clocks}" if clocks else ""),
                       "Command: " + "; ".join(f"`{c}`" for c in sorted({r["command"] for r in recs}))]
         lines.append("")
+    return lines
+
+
+#: Issue 17's goals: at ρ = 0.2 ≤ 0.6× the time and ≤ 0.1× the extra memory of the materialised path; at ρ = 1
+#: no slower than the fastest fused alternative measured.
+TOKEN_STATS_GOALS = {"time_at_0.2": 0.6, "memory_at_0.2": 0.1, "fused_at_1": 1.0}
+
+
+def _token_stats_table(recs: list[dict[str, Any]]) -> list[str]:
+    """``heads/token_stats``: one row per method and ρ (time, extra memory, the ratios of
+    ``benchmarks.harness.convert._token_stats``, tokens/s) and the issue-17 goal line of each of our methods."""
+    lines = ["| method | ρ | median ms | p10–p90 ms | × materialised | extra memory GiB | × materialised memory | "
+             "× fastest fused | input tok/s | trained tok/s | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in recs:
+        m, e, rat = r["metrics"], r.get("extra", {}), r.get("ratios", {})
+        rho = r.get("shape", {}).get("ratio")
+        method = e.get("method", r["case"]) + (" *(baseline)*" if r.get("baseline") else "")
+        if e.get("status") not in (None, "ok"):
+            note = f"{e.get('status')}: {e.get('reason', '')}"[:200]
+        else:
+            note = str(e.get("note", ""))[:160]
+        p = (f"{_fmt(m.get('p10_ms'), 2)}–{_fmt(m.get('p90_ms'), 2)}" if m.get("p10_ms") is not None else "—")
+        lines.append("| " + " | ".join([
+            method, "—" if rho is None else f"{rho:g}", _fmt(m.get("median_ms"), 2), p,
+            _fmt(rat.get("materialised"), 3), _fmt(m.get("peak_extra_gib"), 3),
+            _fmt(rat.get("materialised_memory"), 3), _fmt(rat.get("fastest_fused"), 3),
+            _fmt(m.get("input_tokens_per_s"), 0), _fmt(m.get("trained_tokens_per_s"), 0),
+            note.replace("|", "/")]) + " |")
+    goals = []
+    for r in recs:
+        e, rat = r.get("extra", {}), r.get("ratios", {})
+        rho = r.get("shape", {}).get("ratio")
+        if e.get("method") not in TOKEN_STATS_OURS or e.get("status") != "ok" or rho is None:
+            continue
+        parts = []
+        if abs(rho - 0.2) < 1e-9:
+            t, mem = rat.get("materialised"), rat.get("materialised_memory")
+            if t is not None:
+                parts.append(f"{_fmt(t, 2)}× the time (goal ≤ {TOKEN_STATS_GOALS['time_at_0.2']}, "
+                             f"{'met' if t <= TOKEN_STATS_GOALS['time_at_0.2'] else 'not met'})")
+            if mem is not None:
+                parts.append(f"{_fmt(mem, 3)}× the extra memory (goal ≤ {TOKEN_STATS_GOALS['memory_at_0.2']}, "
+                             f"{'met' if mem <= TOKEN_STATS_GOALS['memory_at_0.2'] else 'not met'})")
+            elif t is not None:
+                parts.append("extra memory not measured here")
+        elif rho >= 1.0:
+            f = rat.get("fastest_fused")
+            parts.append(f"{_fmt(f, 2)}× the fastest fused alternative (goal ≤ {TOKEN_STATS_GOALS['fused_at_1']}, "
+                         f"{'met' if f <= TOKEN_STATS_GOALS['fused_at_1'] else 'not met'})" if f is not None
+                         else "no fused alternative measured in this run")
+        if parts:
+            goals.append(f"{e['method']} at ρ = {rho:g}: " + ", ".join(parts))
+    if goals:
+        lines += ["", "Issue 17 goals (against the materialised path of the same run, and at ρ = 1 the fastest "
+                  "fused alternative): " + "; ".join(goals) + "."]
     return lines
 
 
@@ -349,6 +425,8 @@ def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
             lines += [f"### {title} — {gpu}", ""]
             if suite == "verify":
                 lines += _verify_table(main)
+            elif op == "token_stats" and main:
+                lines += _token_stats_table(main)
             elif main:
                 lines += _case_table(main)
             if parts:

@@ -13,13 +13,18 @@ Suites (``--list`` prints the steps):
   and on ≥ 2 GPUs the data-parallel checks ``verify_dp_torch.py`` / ``verify_dp_jax.py``;
 * ``kernels`` - scoring, selective cross-entropy and selection (both frameworks; N = 16384, V = 128256 and
   131072, bf16), every baseline (copy floors, Liger CE, torch.compile CE, optax) measured in the same run;
-* ``heads``   - the fused LM head + selective CE (N = 16384, d = 2048, V = 128256), both frameworks;
+* ``heads``   - the fused LM head + selective CE (N = 16384, d = 2048, V = 128256), both frameworks; per-token
+  log-probs + entropy + the policy-gradient backward (``token_stats``, issue 17: a Qwen-style head, N = 16384,
+  d = 4096, V = 151936, bf16, ρ = 0.2 and 1) against TRL's materialised path and the fused alternatives whose
+  packages are importable (TRL's chunked head, Liger's GRPO loss: carry their wheels), both frameworks;
 * ``models``  - batch splitting, whole training step (134.5M Llama-style, B = 64, T = 1024), both frameworks;
 * ``step``    - the whole training step users run (issue 16): Hugging Face Llama (PyTorch, eager and
   ``torch.compile``) and ``DecoderLM`` (JAX, ``jit``) at the Llama-3.2-1B, SmolLM-135M and Qwen-vocabulary
-  shapes, bf16, AdamW: standard, Liger, ``CGGRLoss``, the fused head, ``CGGRModel`` (router 1/2/4 layers), a
-  random subset (``benchmarks/step.py``). One step per framework and shape; one device call fits one shape in
-  both frameworks (``step --deadline-min 9`` runs the 1B shape, ``--only step_torch_135m,step_jax_135m`` the next);
+  shapes, bf16, AdamW: standard, Liger, ``CGGRLoss``, the fused head, ``CGGRModel`` (router 1/2/4 layers and
+  the cheaper routers of SPEC §9.3: a 1-layer router with ``router_positions``, ``router_samples``,
+  ``router_prefix``, ``router_compile``), a random subset (``benchmarks/step.py``; its default row selection).
+  One step per framework and shape; one device call fits one shape in both frameworks (``step --deadline-min
+  9`` runs the 1B shape, ``--only step_torch_135m,step_jax_135m`` the next);
 * ``quality`` - delegates to ``python -m benchmarks.quality.study`` with the arguments after ``--``
   (``benchmarks/quality/README.md``; the study's own results live in ``benchmarks/quality/results``).
 
@@ -155,9 +160,17 @@ SUITES: dict[str, tuple[str, list[Step]]] = {
             ["--no-sweep", "--vocab", "128256"], est=130, trim_est=50, timeout=300),
         _op("selection", "torch", [], ["--sizes", "16384"], est=40, trim_est=25, timeout=150),
     ]),
-    "heads": ("fused LM head + selective CE (N = 16384, d = 2048, V = 128256 bf16), both frameworks", [
+    "heads": ("fused LM head + selective CE (N = 16384, d = 2048, V = 128256 bf16); per-token log-probs + entropy "
+              "+ policy-gradient backward (N = 16384, d = 4096, V = 151936 bf16, rho 0.2 and 1); both frameworks", [
         _op("fused_linear", "torch", ["--budgets", "0.5"], ["--budgets"], est=110, trim_est=60, timeout=250),
         _op("fused_linear", "jax", [], ["--budgets"], est=110, trim_est=70, timeout=250),
+        # token_stats: 7-9 methods (TRL materialised, our two paths at each rho; TRL chunked / Liger GRPO when
+        # importable), each one call for the peak memory, 2 warm-ups and ~2 s of timed calls; JAX compiles 6
+        # programs (~15 s each). --trim: ~0.6 s of timed calls per method.
+        _op("token_stats", "torch", [], ["--budget-ms", "600"], est=90, trim_est=60, timeout=300,
+            note="issue 17; --trim: --budget-ms 600"),
+        _op("token_stats", "jax", [], ["--budget-ms", "600"], est=150, trim_est=120, timeout=330,
+            note="issue 17; --trim: --budget-ms 600"),
     ]),
     "models": ("batch splitting, whole training step with AdamW (134.5M, B = 64, T = 1024 bf16)", [
         _op("batch_split", "torch", ["--batch-size", "64", "--router-layers", "2,4", "--router-path", "auto",
@@ -172,9 +185,12 @@ SUITES: dict[str, tuple[str, list[Step]]] = {
              "and framework", [
         # One device call fits one shape in both frameworks (~8.5 min); the other shapes: --only their steps.
         # Each script stops starting rows at its --deadline-s (skipped rows are records with the reason).
-        _step_op("torch", "1b", 290), _step_op("jax", "1b", 190),
-        _step_op("torch", "135m", 290), _step_op("jax", "135m", 190),
-        _step_op("torch", "qwen", 290), _step_op("jax", "qwen", 190),
+        # PyTorch: step.py's default rows (DEFAULT_ROWS: 24 at 1B incl. the cheaper routers; 235 s measured for
+        # the 16 earlier rows + ~40 s estimated for the 8 new ones); JAX: its default rows in budget order (the
+        # 1B budget reaches its first rows, the rest are recorded as skipped).
+        _step_op("torch", "1b", 300), _step_op("jax", "1b", 190),
+        _step_op("torch", "135m", 300), _step_op("jax", "135m", 190),
+        _step_op("torch", "qwen", 300), _step_op("jax", "qwen", 190),
     ]),
     "quality": ("the quality study: python -m benchmarks.quality.study <arguments after -->", [
         Step("quality", ["{py}", "-m", "benchmarks.quality.study", "{quality_args}"], est_s=420, timeout_s=590,

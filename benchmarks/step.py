@@ -7,9 +7,31 @@ framework, measured against the standard step of the same run:
 
 * PyTorch (``benchmarks/ops/step_torch.py``): Hugging Face Llama models built from configs, bf16 weights,
   ``torch.optim.AdamW``; rows ``standard``, ``liger_flce``, ``cggr_loss``, ``cggr_fused``,
-  ``batch_split_L{1,2,4}`` (``CGGRModel``), ``random_subset``, each eager and compiled (``torch.compile``);
+  ``batch_split_L{1,2,4}`` (``CGGRModel``), the cheaper routers of SPEC §9.3 (``ROUTER_OPTION_ROWS``), and
+  ``random_subset``, each eager and compiled (``torch.compile``; ``CGGRModel`` with ``buckets="auto"``);
 * JAX (``benchmarks/ops/step_jax.py``): ``cggr_jax.models.DecoderLM`` of the same shapes, bf16, optax AdamW,
-  ``jit``; rows ``standard``, ``cggr_loss``, ``cggr_fused``, ``batch_split_L{1,2,4}``, ``random_subset``.
+  ``jit``; rows ``standard``, ``cggr_loss``, ``cggr_fused``, ``batch_split_L{1,2,4}``, the cheaper routers
+  (``BatchSplitConfig``; no ``compiled_router`` row: the JAX router is always jitted), ``random_subset``.
+
+**The cheaper routers** (issue 16 point 3, SPEC §9.3): ``CGGRModel`` / ``BatchSplitConfig`` with a 1-layer
+router and one option each (``ROUTER_OPTION_ROWS``; ``--quick`` uses smaller values that still take effect at
+``T = 16``):
+
+* ``batch_split_L1_stride``          ``router_positions=16`` (score every 16th position);
+* ``batch_split_L1_samples``         ``router_samples=64`` (64 evenly spaced positions);
+* ``batch_split_L1_prefix``          ``router_prefix=256`` (the router reads the first 256 columns);
+* ``batch_split_L1_compiled_router`` ``router_compile=True`` (PyTorch only: the router's layers compiled);
+* ``batch_split_L1_combined``        ``router_prefix=256, router_samples=64`` (+ ``router_compile=True`` in
+  PyTorch, which matches JAX's always-jitted router). Not in the default selection.
+
+**Rows run by default** (``--rows`` not given; ``DEFAULT_ROWS`` of each ops module): every row except
+``batch_split_L1_combined``. PyTorch at the 1B shape: 24 rows (12 eager, 12 compiled), estimated ~4.6 min on
+the H200 (run 8aea2f4 measured 235 s for the 16 rows before the cheaper routers: the compiled rows that compile a
+new model graph take ~40 s each, ``standard``, ``cggr_fused``, ``random_subset``, ``cggr_loss``; the compiled
+``CGGRModel`` rows reuse ``random_subset``'s graph, their kept count being one of the buckets, and take 2-3 s, as
+do the eager ones; ``compiled_router`` compiles the 1-layer router once more, ~10-20 s, not yet measured).
+The runner gives it ``--deadline-s 300``; what does not fit (the last row, ``cggr_loss`` compiled, first) is
+recorded as skipped. ``--rows all`` runs every row, ``--rows a,b`` the rows named (both variants of each in PyTorch).
 
 Shapes (``SHAPES``; ``--shapes`` picks, default all three, in this order):
 
@@ -89,6 +111,23 @@ QUICK_SHAPES: dict[str, dict[str, Any]] = {
 #: How much longer a row of each shape takes than at the 1B shape (the priors of the ops modules are for 1B):
 #: the 135m shape has 30 layers to compile and B = 64, the qwen shape 24 layers and the largest vocabulary.
 SHAPE_FACTOR = {"1b": 1.0, "135m": 1.3, "qwen": 1.1}
+#: The cheaper-router rows (SPEC §9.3): row -> the options ``CGGRModel`` / ``BatchSplitConfig`` gets besides
+#: ``router_layers=1``. ``router_compile`` is PyTorch's only (the JAX step drops it: its router is jitted).
+ROUTER_OPTION_ROWS: dict[str, dict[str, Any]] = {
+    "batch_split_L1_stride": dict(router_positions=16),
+    "batch_split_L1_samples": dict(router_samples=64),
+    "batch_split_L1_prefix": dict(router_prefix=256),
+    "batch_split_L1_compiled_router": dict(router_compile=True),
+    "batch_split_L1_combined": dict(router_prefix=256, router_samples=64, router_compile=True),
+}
+#: ``--quick`` (T = 16): values that still score / read a strict subset of the positions.
+QUICK_ROUTER_OPTION_ROWS: dict[str, dict[str, Any]] = {
+    "batch_split_L1_stride": dict(router_positions=4),
+    "batch_split_L1_samples": dict(router_samples=4),
+    "batch_split_L1_prefix": dict(router_prefix=8),
+    "batch_split_L1_compiled_router": dict(router_compile=True),
+    "batch_split_L1_combined": dict(router_prefix=8, router_samples=4, router_compile=True),
+}
 CGGR_NOTE = ("cggr.CGGRConfig defaults except warmup_steps=0 (steady state) and dynamic_threshold={dyn} "
              "(at random init the SPEC 5.2 threshold would keep ratio*1.5); kept sequences k = {k} of {B}")
 
@@ -99,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--framework", choices=("torch", "jax"), required=True)
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (script check; numbers mean nothing)")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of %(default)s (in the order given)")
-    p.add_argument("--rows", default=None, help="comma list of rows to run (default all; see the ops modules)")
+    p.add_argument("--rows", default=None, help="comma list of rows to run, or 'all' (default: the ops module's "
+                                                "DEFAULT_ROWS, every row but batch_split_L1_combined)")
     p.add_argument("--eager-only", action="store_true", help="PyTorch: skip the compiled rows")
     p.add_argument("--deadline-s", type=float, default=None, help="wall-clock budget of the whole script")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps, the first compiles (default 3; "
@@ -148,7 +188,8 @@ def records_of(raw: dict[str, Any], fw: str, ctx: RunContext, quick: bool) -> li
         status = r.get("status")
         extra: dict[str, Any] = {"row": r["row"], "label": r.get("label"), "compiled": compiled, "status": status,
                                  "shape_name": shape_name, "cggr": raw["cggr"]}
-        for k in ("reason", "api", "compile_error", "router_layers", "buckets", "router_path", "nominal_kept"):
+        for k in ("reason", "api", "compile_error", "router_layers", "router_options", "buckets", "router_path",
+                  "nominal_kept"):
             if r.get(k) is not None:
                 extra[k] = r[k]
         if quick:
@@ -195,8 +236,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         from benchmarks.ops import step_jax as impl
         all_rows = list(impl.ROWS)
-    rows_wanted = parse_list(args.rows, all_rows, "--rows")
+    if args.rows is None:
+        rows_wanted = list(impl.DEFAULT_ROWS)
+    elif args.rows.strip() == "all":
+        rows_wanted = list(all_rows)
+    else:
+        rows_wanted = parse_list(args.rows, all_rows + ["all"], "--rows")
+        rows_wanted = list(all_rows) if "all" in rows_wanted else rows_wanted
     cfg: dict[str, Any] = dict(
+        router_options=QUICK_ROUTER_OPTION_ROWS if args.quick else ROUTER_OPTION_ROWS,
         ratio=args.ratio, dynamic_threshold=bool(args.dynamic_threshold), lr=args.lr, seed=args.seed,
         warmup=max(1, args.warmup if args.warmup is not None else 1 if args.quick else 3),
         steps=max(1, args.steps if args.steps is not None else 2 if args.quick else 8), dtype="bf16",
@@ -248,8 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if note:
                 raw["attention_note"] = note
             plan = [(r, True) for r in impl.ROWS]
-        if rows_wanted is not None:
-            plan = [(r, c) for r, c in plan if r in rows_wanted]
+        plan = [(r, c) for r, c in plan if r in rows_wanted]
         for row, compiled in plan:
             prior = (impl.PRIOR_S[(row, compiled)] if fw == "torch" else impl.PRIOR_S[row]) * SHAPE_FACTOR.get(name, 1)
             why = budget.fits(prior, share_left=share_end - budget.elapsed())

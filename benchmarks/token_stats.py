@@ -2,10 +2,12 @@
 """The token_stats benchmark (SPEC §14, issue 17):
 ``python benchmarks/token_stats.py --framework torch|jax [--quick] [implementation options]``.
 
-Runs ``benchmarks/ops/token_stats_<framework>.py`` directly (``--help`` lists its options). Not yet wired into
-:mod:`benchmarks.harness.front` / ``benchmarks/run.py`` suites: it writes its own JSON to ``--out``.
+Per-token log-probs + entropy + the policy-gradient backward of a Qwen-style LM head (N = 16384, d = 4096,
+V = 151936, bf16) at ρ = 0.2 and ρ = 1, against TRL's materialised path and the fused alternatives. Runs
+``benchmarks/ops/token_stats_<framework>.py`` through the shared front (:mod:`benchmarks.harness.front`):
+records under ``benchmarks/results/<gpu>/<date>_<commit>/heads/token_stats_<framework>.jsonl`` (suite
+``heads``); ``--help`` lists every option.
 """
-import importlib
 import os
 import sys
 
@@ -14,24 +16,7 @@ if sys.path and os.path.abspath(sys.path[0]) == _HERE:
     sys.path.pop(0)  # benchmarks/<op>.py must not shadow top-level modules of the same name
 sys.path.insert(0, os.path.dirname(_HERE))  # the repository root
 
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    framework = None
-    for i, a in enumerate(argv):
-        if a == "--framework" and i + 1 < len(argv):
-            framework = argv[i + 1]
-            del argv[i:i + 2]
-            break
-        if a.startswith("--framework="):
-            framework = a.split("=", 1)[1]
-            del argv[i]
-            break
-    if framework not in ("torch", "jax"):
-        print("usage: python benchmarks/token_stats.py --framework torch|jax [--quick] [options]", file=sys.stderr)
-        return 2
-    return importlib.import_module(f"benchmarks.ops.token_stats_{framework}").main(argv)
-
+from benchmarks.harness.front import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main("token_stats"))

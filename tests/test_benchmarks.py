@@ -276,9 +276,15 @@ def test_runner_concurrent_steps_timeouts_and_deadline(tmp_path, monkeypatch, ca
 
 
 # ------------------------------------------------------------------------------ whole-step suite (step)
+ROUTER_OPTION_ROWS = {"batch_split_L1_stride", "batch_split_L1_samples", "batch_split_L1_prefix"}
 STEP_ROWS_TORCH = {"standard", "liger_flce", "cggr_loss", "cggr_fused", "batch_split_L1", "batch_split_L2",
-                   "batch_split_L4", "random_subset"}
-STEP_ROWS_JAX = STEP_ROWS_TORCH - {"liger_flce"}
+                   "batch_split_L4", "random_subset", "batch_split_L1_compiled_router"} | ROUTER_OPTION_ROWS
+STEP_ROWS_JAX = STEP_ROWS_TORCH - {"liger_flce", "batch_split_L1_compiled_router"}
+#: the options each router row sets in --quick (benchmarks/step.py QUICK_ROUTER_OPTION_ROWS)
+QUICK_OPTIONS = {"batch_split_L1_stride": {"router_positions": 4}, "batch_split_L1_samples": {"router_samples": 4},
+                 "batch_split_L1_prefix": {"router_prefix": 8},
+                 "batch_split_L1_compiled_router": {"router_compile": True},
+                 "batch_split_L1_combined": {"router_prefix": 8, "router_samples": 4, "router_compile": True}}
 RECORD_KEYS = ("schema", "suite", "op", "framework", "case", "shape", "dtype", "metrics", "ratios", "baseline",
                "commit", "gpu", "date", "command")
 
@@ -318,6 +324,28 @@ def test_step_deadline_records_every_row_as_skipped(fw, tmp_path):
     assert all(r["metrics"] == {"skipped": 1.0, "wall_s": 0.0} for r in recs)
     per_shape = len(STEP_ROWS_TORCH) * 2 if fw == "torch" else len(STEP_ROWS_JAX)
     assert len(recs) == 3 * per_shape
+    assert not any(r["extra"]["row"] == "batch_split_L1_combined" for r in recs)  # not a default row
+
+
+@pytest.mark.parametrize("fw", ["torch", "jax"])
+def test_step_rows_selection(fw, tmp_path):
+    """``--rows all`` adds the rows outside the default selection (the combined router); named rows run alone
+    (both variants in PyTorch); an unknown row is an error naming ``--rows``. Nothing is built (deadline)."""
+    recs = _step(tmp_path / "all", "--framework", fw, "--quick", "--shapes", "1b", "--rows", "all",
+                 "--deadline-s", "0.001")
+    every = (STEP_ROWS_TORCH if fw == "torch" else STEP_ROWS_JAX) | {"batch_split_L1_combined"}
+    assert {r["extra"]["row"] for r in recs} == every
+    recs = _step(tmp_path / "two", "--framework", fw, "--quick", "--shapes", "1b", "--rows",
+                 "random_subset,batch_split_L1_prefix", "--deadline-s", "0.001")
+    got = sorted((r["extra"]["row"], r["extra"]["compiled"]) for r in recs)
+    want = [("batch_split_L1_prefix", True), ("random_subset", True)]
+    if fw == "torch":
+        want = sorted(want + [("batch_split_L1_prefix", False), ("random_subset", False)])
+    assert got == want
+    p = subprocess.run([sys.executable, "benchmarks/step.py", "--framework", fw, "--quick", "--rows",
+                        "batch_split_L3_fast", "--run-folder", str(tmp_path / "bad")], cwd=ROOT,
+                       env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "--rows" in p.stderr
 
 
 def _check_step_records(recs: list[dict], fw: str, rows: set[str]) -> None:
@@ -356,6 +384,17 @@ def _check_step_records(recs: list[dict], fw: str, rows: set[str]) -> None:
             assert r["ratios"]["standard"] > 0
         if row.startswith("batch_split"):
             assert r["ratios"]["random_subset"] > 0
+            assert r["extra"]["router_layers"] == (1 if row.startswith("batch_split_L1") else int(row[-1]))
+        if row in QUICK_OPTIONS:  # the cheaper routers: the options as set, in the record and its API line
+            want = dict(QUICK_OPTIONS[row])
+            if fw == "jax":
+                want.pop("router_compile", None)
+            assert r["extra"]["router_options"] == want
+            assert all(f"{k}={v!r}" in r["extra"]["api"] for k, v in want.items())
+        elif row.startswith("batch_split"):
+            assert "router_options" not in r["extra"]
+        if fw == "torch" and row.startswith("batch_split") and r["extra"]["compiled"]:
+            assert r["extra"]["buckets"] == [1, 2, 3, 4, 6, 8]  # buckets="auto" with the compiled model, B = 8
         if fw == "jax":
             assert m["peak_memory_gib"] > 0 and m["compile_s"] > 0
     if fw == "torch":
@@ -374,6 +413,10 @@ def test_step_torch_quick(tmp_path):
     text = report.render(recs, tmp_path, tmp_path / "RESULTS.md")
     assert "### step · 1b — cpu" in text and "| batch_split_L4 | torch | yes |" in text
     assert "Issue 16 goals" in text and "fused CGGR step vs compiled standard" in text
+    best = min((r["metrics"]["median_ms"], r["extra"]["row"]) for r in recs
+               if r["extra"]["status"] == "ok" and r["extra"]["compiled"] and r["extra"]["row"].startswith("batch"))
+    assert f"CGGRModel vs random subset, compiled (best router row: {best[1]})" in text
+    assert "router_prefix=8" in text  # the options in the row's note
     meta = json.loads((tmp_path / "step" / "step_1b_torch.meta.json").read_text())
     assert meta["rows"] == len(recs)
 
@@ -384,6 +427,136 @@ def test_step_jax_quick(tmp_path):
     _check_step_records(recs, "jax", STEP_ROWS_JAX)
     raw = json.loads((tmp_path / "step" / "raw" / "step_1b_jax.json").read_text())
     assert raw["config"]["attention"] == "xla" and len(raw["rows"]) == len(recs)
+
+
+def _step_rec(row: str, ms: float, *, fw: str = "torch", compiled: bool = True, shape: str = "1b",
+              options: dict | None = None) -> dict:
+    extra = {"row": row, "compiled": compiled, "status": "ok", "shape_name": shape, "cggr": "k = 4 of 16"}
+    if options:
+        extra["router_options"] = options
+    rec = records.make_record(suite="step", op="step", framework=fw, case=row, metrics={"median_ms": ms},
+                              shape={"model": shape, "batch_size": 16, "seq_len": 1024, "vocab": 128256},
+                              dtype="bf16", commit="abc1234", gpu="NVIDIA H200", date="2026-12-03", command="c",
+                              extra=extra, baseline=row in ("standard", "random_subset"))
+    return rec
+
+
+def test_report_step_goal_uses_the_best_router_row(tmp_path):
+    """The issue-16 goal line names the fastest compiled batch-split row of each framework and judges it against
+    the random subset of the same table (speed-up = random subset / row, goal ≥ 0.9)."""
+    d = tmp_path / "h200" / "2026-12-03_abc1234" / "step"
+    recs = [_step_rec("standard", 250.0), _step_rec("random_subset", 100.0), _step_rec("batch_split_L4", 150.0),
+            _step_rec("batch_split_L1_prefix", 105.0, options={"router_prefix": 256}),
+            _step_rec("batch_split_L1_stride", 90.0, compiled=False),  # eager: not the compiled goal's row
+            _step_rec("cggr_fused", 200.0),
+            _step_rec("random_subset", 80.0, fw="jax"), _step_rec("batch_split_L2", 100.0, fw="jax"),
+            _step_rec("batch_split_L1_samples", 95.0, fw="jax")]
+    records.write_records([r for r in recs if r["framework"] == "torch"], d / "step_1b_torch.jsonl")
+    records.write_records([r for r in recs if r["framework"] == "jax"], d / "step_1b_jax.jsonl")
+    text = report.render(records.load_records(tmp_path), tmp_path, tmp_path / "RESULTS.md")
+    goal = next(line for line in text.splitlines() if line.startswith("Issue 16 goals"))
+    assert "CGGRModel vs random subset, compiled (best router row: batch_split_L1_prefix): 0.95× (goal ≥ 0.9, met)" \
+        in goal
+    assert "CGGRModel vs random subset, compiled (JAX, best router row: batch_split_L1_samples): 0.84× " \
+           "(goal ≥ 0.9, not met)" in goal
+    assert "fused CGGR step vs compiled standard: 1.25× (goal ≥ 1.15, met)" in goal
+    assert "router_prefix=256" in text
+
+
+# ---------------------------------------------------------------------- token stats (heads suite, issue 17)
+TOKEN_STATS_TORCH = {"trl_materialised", "cggr_token_stats", "cggr_policy_gradient"}
+
+
+def _token_stats(tmp: Path, fw: str) -> list[dict]:
+    p = subprocess.run([sys.executable, "benchmarks/token_stats.py", "--framework", fw, "--quick", "--run-folder",
+                        str(tmp), "--commit", "abc1234"], cwd=ROOT, env=_subprocess_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    meta = json.loads((tmp / "heads" / f"token_stats_{fw}.meta.json").read_text())
+    recs = records.load_records(tmp)
+    assert meta["rc"] == 0 and meta["records"] == len(recs) and "--quick" in meta["impl_argv"]
+    assert (tmp / "heads" / "raw" / f"token_stats_{fw}.json").exists()
+    return recs
+
+
+@pytest.mark.parametrize("fw", ["torch", "jax"])
+def test_token_stats_quick_records_and_report(fw, tmp_path):
+    """``benchmarks/token_stats.py --framework torch|jax --quick`` through the shared front: records in the
+    ``heads`` suite with input / trained tokens/s and the same-run ratios, then the report's table and the
+    issue-17 goal line. ~15 s each."""
+    recs = _token_stats(tmp_path, fw)
+    assert all(r["suite"] == "heads" and r["op"] == "token_stats" and r["framework"] == fw and r["extra"]["quick"]
+               and Path(r["_file"]).name == f"token_stats_{fw}.jsonl" for r in recs)
+    ref = "trl_materialised" if fw == "torch" else "materialised"
+    ok = {r["case"]: r for r in recs if r["extra"]["status"] == "ok"}
+    want = {f"{m}[{rho}]" for m in (ref, "cggr_token_stats", "cggr_policy_gradient") for rho in ("0.2", "1")}
+    assert want <= set(ok)
+    for name, r in ok.items():
+        m, shape = r["metrics"], r["shape"]
+        n, valid, rho = shape["N"], shape["valid_tokens"], shape["ratio"]
+        assert (n, shape["V"], shape["d"]) == (256, 1003, 32) and valid == 256 - 4 * 8  # the prompt: T // 8
+        assert m["input_tokens_per_s"] == pytest.approx(n / (m["median_ms"] * 1e-3))
+        trained = valid if rho == 1.0 else round(rho * valid)
+        assert m["trained_tokens_per_s"] == pytest.approx(trained / (m["median_ms"] * 1e-3))
+        if r["extra"]["method"] == ref:
+            assert r["baseline"] and "materialised" not in r["ratios"]
+        else:
+            base = ok[f"{ref}[{name.split('[')[1]}"]["metrics"]["median_ms"]
+            assert r["ratios"]["materialised"] == pytest.approx(m["median_ms"] / base)
+        if fw == "jax":  # the compiled program's temporary memory
+            assert m["peak_extra_gib"] > 0
+            if r["extra"]["method"] != ref:
+                assert r["ratios"]["materialised_memory"] > 0
+        # the same loss as the materialised path at the same rho (same selection)
+        assert m[f"check_loss_vs_{ref}"] < 1e-2
+    for r in recs:
+        r["extra"].pop("quick")
+    text = report.render(recs, tmp_path, tmp_path / "RESULTS.md")
+    assert f"### token_stats · {fw} — cpu" in text and "× materialised memory" in text
+    goal = next(line for line in text.splitlines() if line.startswith("Issue 17 goals"))
+    assert "cggr_policy_gradient at ρ = 0.2:" in goal and "cggr_token_stats at ρ = 1:" in goal
+    assert "policy-gradient loss at ρ = 0.2" in text  # the headline
+
+
+def test_token_stats_conversion_and_goals():
+    """A GPU-like raw JSON (memory measured, a fused alternative, a failed method, a baseline that could not
+    import): ratios against the same-run rows at the same ρ, and the goal verdicts."""
+    from benchmarks.harness import front
+
+    assert front.IMPLEMENTATIONS["token_stats"]["jax"] == "benchmarks.ops.token_stats_jax"
+    assert convert.SUITE_OF_OP["token_stats"] == "heads" and front.QUICK_FLAG["token_stats"] == "--quick"
+    raw = {"op": "token_stats", "framework": "torch",
+           "shape": {"N": 16384, "B": 16, "T": 1024, "d": 4096, "V": 151936, "dtype": "bf16", "valid_tokens": 14336},
+           "results": {
+               "trl_materialised[0.2]": {"median_ms": 100.0, "p10_ms": 99.0, "p90_ms": 101.0, "peak_extra_gib": 40.0},
+               "trl_materialised[1]": {"median_ms": 100.0, "peak_extra_gib": 40.0},
+               "trl_chunked[1]": {"median_ms": 80.0, "peak_extra_gib": 2.0},
+               "cggr_policy_gradient[0.2]": {"median_ms": 50.0, "peak_extra_gib": 2.0},
+               "cggr_policy_gradient[1]": {"median_ms": 88.0, "peak_extra_gib": 2.5},
+               "cggr_token_stats[0.2]": {"median_ms": 70.0, "peak_extra_gib": 6.0},
+               "cggr_token_stats[1]": {"error": "OutOfMemoryError: CUDA out of memory"}},
+           "notes": {"liger_grpo": "skipped: Liger-Kernel's fused linear GRPO loss unavailable (ModuleNotFoundError)"}}
+    assert convert.kind_of(raw, "whatever.json") == "token_stats_torch"
+    assert convert.kind_of({}, "bench_token_stats_jax.json") == "token_stats_jax"
+    recs = convert.convert(raw, "token_stats_torch", commit="c", gpu="NVIDIA H200", date="d", command="cmd")
+    by = {r["case"]: r for r in recs}
+    pg2, pg1 = by["cggr_policy_gradient[0.2]"], by["cggr_policy_gradient[1]"]
+    assert pg2["ratios"] == {"materialised": 0.5, "materialised_memory": 0.05}
+    assert pg1["ratios"] == pytest.approx({"materialised": 0.88, "materialised_memory": 2.5 / 40, "fastest_fused": 1.1})
+    assert pg2["metrics"]["trained_tokens_per_s"] == pytest.approx(round(0.2 * 14336) / 0.05)
+    assert pg2["suite"] == "heads" and not pg2["baseline"] and by["trl_chunked[1]"]["baseline"]
+    assert by["cggr_token_stats[1]"]["extra"]["status"] == "failed" and "memory" in \
+        by["cggr_token_stats[1]"]["extra"]["reason"]
+    assert by["liger_grpo"]["extra"]["status"] == "skipped" and by["liger_grpo"]["metrics"] == {"skipped": 1.0}
+    for r in recs:
+        r["_file"] = "/x/h200/2026-12-03_c/heads/token_stats_torch.jsonl"
+    text = "\n".join(report._token_stats_table(recs))
+    assert ("cggr_policy_gradient at ρ = 0.2: 0.50× the time (goal ≤ 0.6, met), 0.050× the extra memory "
+            "(goal ≤ 0.1, met)") in text
+    assert "cggr_policy_gradient at ρ = 1: 1.10× the fastest fused alternative (goal ≤ 1.0, not met)" in text
+    assert "cggr_token_stats at ρ = 0.2: 0.70× the time (goal ≤ 0.6, not met), 0.150× the extra memory " \
+           "(goal ≤ 0.1, not met)" in text
+    assert "failed: OutOfMemoryError" in text and "skipped: Liger" in text
 
 
 # ------------------------------------------------------------------------------------------- DECISIONS.md

@@ -15,7 +15,7 @@ from benchmarks.harness.records import make_record
 __all__ = ["SUITE_OF_OP", "convert", "kind_of"]
 
 SUITE_OF_OP = {"scoring": "kernels", "selective_ce": "kernels", "selection": "kernels",
-               "fused_linear": "heads", "batch_split": "models"}
+               "fused_linear": "heads", "batch_split": "models", "token_stats": "heads"}
 
 _SHAPE_KEYS = ("n", "vocab", "N", "V", "d", "batch_size", "seq_len", "shape", "ratio")
 _SKIP = {"name", "method", "mode", "dtype", "kind", "sync", "exact", "strategy", "path", "agrees_with_default",
@@ -30,8 +30,10 @@ def kind_of(raw: dict[str, Any], filename: str = "") -> Optional[str]:
             return k
     if b == "bench_batch_split_jax":
         return "batch_split_jax"
+    if raw.get("op") == "token_stats" and raw.get("framework") in ("torch", "jax"):
+        return f"token_stats_{raw['framework']}"
     name = filename.rsplit("/", 1)[-1]
-    for op in ("batch_split", "fused_linear", "selective_ce", "scoring", "selection"):
+    for op in ("batch_split", "fused_linear", "selective_ce", "scoring", "selection", "token_stats"):
         for fw in ("torch", "jax"):
             if name.startswith(f"bench_{op}_{fw}") or name.startswith(f"{op}_{fw}"):
                 return f"{op}_{fw}"
@@ -169,6 +171,95 @@ def _batch_split(raw: dict[str, Any], fw: str, base: dict[str, Any]) -> list[dic
     return out
 
 
+#: token_stats: the materialised baseline of each framework (TRL's classic path; its JAX transcription), the
+#: fused alternatives (issue 17's ρ = 1 goal) and our methods.
+TOKEN_STATS_MATERIALISED = {"torch": "trl_materialised", "jax": "materialised"}
+TOKEN_STATS_FUSED_ALTERNATIVES = ("trl_chunked", "liger_grpo")
+TOKEN_STATS_OURS = ("cggr_token_stats", "cggr_policy_gradient")
+
+
+def _method_and_ratio(name: str) -> tuple[str, Optional[float]]:
+    """``"cggr_policy_gradient[0.2]"`` -> ``("cggr_policy_gradient", 0.2)``."""
+    if name.endswith("]") and "[" in name:
+        method, rho = name[:-1].split("[", 1)
+        try:
+            return method, float(rho)
+        except ValueError:
+            return name, None
+    return name, None
+
+
+def _token_stats(raw: dict[str, Any], fw: str, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """``benchmarks/ops/token_stats_<fw>.py``'s JSON: one record per method and ρ. Metrics: the time (median, p10,
+    p90), ``input_tokens_per_s`` (``N`` per call), ``trained_tokens_per_s`` (the ``round(ρ·valid)`` tokens in the
+    loss), ``peak_extra_gib`` (PyTorch: peak allocated during one call beyond the inputs and the gradients; JAX: the
+    compiled program's temporary memory). Ratios, at the same ρ: ``materialised`` (time / the materialised path's),
+    ``materialised_memory`` (extra memory / its) and, for our methods, ``fastest_fused`` (time / the fastest fused
+    alternative's at that ρ: TRL's chunked head, Liger's GRPO loss). A method that failed (out of memory) or a
+    baseline that could not run (its note) is a record with its reason."""
+    shape = dict(raw.get("shape") or {})
+    n, valid = shape.get("N"), shape.get("valid_tokens")
+    rows: dict[str, dict[str, Any]] = {k: v for k, v in (raw.get("results") or {}).items() if isinstance(v, dict)}
+    ref_name = TOKEN_STATS_MATERIALISED[fw]
+
+    def ok(line: Optional[dict[str, Any]]) -> bool:
+        return bool(line) and _num(line.get("median_ms")) and line["median_ms"] > 0
+
+    def memory(line: dict[str, Any]) -> Optional[float]:
+        v = line.get("peak_extra_gib", line.get("temp_gib"))
+        return float(v) if _num(v) else None
+    out = []
+    for name, line in rows.items():
+        method, rho = _method_and_ratio(name)
+        rec_shape = {k: v for k, v in shape.items() if k not in ("dtype",)}
+        rec_shape["ratio"] = rho
+        extra: dict[str, Any] = {"method": method,
+                                 "memory_method": ("torch.cuda.max_memory_allocated beyond inputs and grads"
+                                                   if fw == "torch" else "compiled memory_analysis temp_size")}
+        note = (raw.get("notes") or {}).get(method)
+        if note:
+            extra["note"] = note
+        is_base = method == ref_name or method in TOKEN_STATS_FUSED_ALTERNATIVES
+        if not ok(line):
+            extra.update(status="failed", reason=str(line.get("error", "no timing"))[:500])
+            out.append(make_record(op="token_stats", framework=fw, case=name, shape=rec_shape,
+                                   dtype=shape.get("dtype"), metrics={"failed": 1.0}, baseline=is_base,
+                                   extra=extra, **base))
+            continue
+        ms = line["median_ms"]
+        metrics = {k: v for k, v in line.items() if _num(v) and k not in ("temp_gib",)}
+        mem = memory(line)
+        if mem is not None:
+            metrics["peak_extra_gib"] = mem
+        trained = None
+        if valid and rho is not None:
+            trained = valid if rho >= 1.0 else max(1, int(round(rho * valid)))
+        _tokens(metrics, ms, n, trained)
+        ratios: dict[str, float] = {}
+        ref = rows.get(f"{ref_name}[{name.split('[')[-1]}") if rho is not None else None
+        if method != ref_name and ok(ref):
+            ratios["materialised"] = ms / ref["median_ms"]
+            ref_mem = memory(ref)
+            if mem is not None and ref_mem:
+                ratios["materialised_memory"] = mem / ref_mem
+        if method in TOKEN_STATS_OURS and rho is not None:
+            fused = [r["median_ms"] for k, r in rows.items() if ok(r)
+                     and _method_and_ratio(k)[0] in TOKEN_STATS_FUSED_ALTERNATIVES and _method_and_ratio(k)[1] == rho]
+            if fused:
+                ratios["fastest_fused"] = ms / min(fused)
+        extra["status"] = "ok"
+        out.append(make_record(op="token_stats", framework=fw, case=name, shape=rec_shape, dtype=shape.get("dtype"),
+                               metrics=metrics, ratios=ratios, baseline=is_base, extra=extra, **base))
+    for method, note in (raw.get("notes") or {}).items():  # baselines that could not run here
+        if isinstance(note, str) and note.startswith("skipped") and not any(
+                _method_and_ratio(k)[0] == method for k in rows):
+            out.append(make_record(op="token_stats", framework=fw, case=method,
+                                   shape={k: v for k, v in shape.items() if k != "dtype"}, dtype=shape.get("dtype"),
+                                   metrics={"skipped": 1.0}, baseline=True,
+                                   extra={"method": method, "status": "skipped", "reason": note[:500]}, **base))
+    return out
+
+
 def convert(raw: dict[str, Any], kind: str, *, suite: Optional[str] = None, commit: str, gpu: str, date: str,
             command: str) -> list[dict[str, Any]]:
     """Records of one script JSON. ``kind`` is ``<op>_<framework>`` (see :func:`kind_of`)."""
@@ -191,6 +282,8 @@ def convert(raw: dict[str, Any], kind: str, *, suite: Optional[str] = None, comm
         return _fused(raw, fw, base)
     if op == "batch_split":
         return _batch_split(raw, fw, base)
+    if op == "token_stats":
+        return _token_stats(raw, fw, base)
     raise ValueError(f"kind: unknown benchmark kind {kind!r}")
 
 

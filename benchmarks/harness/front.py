@@ -30,6 +30,7 @@ IMPLEMENTATIONS = {
     "selection": {"torch": "benchmarks.ops.selection_torch"},
     "fused_linear": {"torch": "benchmarks.ops.fused_linear_torch", "jax": "benchmarks.ops.fused_linear_jax"},
     "batch_split": {"torch": "benchmarks.ops.batch_split_torch", "jax": "benchmarks.ops.batch_split_jax"},
+    "token_stats": {"torch": "benchmarks.ops.token_stats_torch", "jax": "benchmarks.ops.token_stats_jax"},
 }
 #: why an (op, framework) pair has no benchmark
 NOT_AVAILABLE = {
@@ -38,7 +39,7 @@ NOT_AVAILABLE = {
 }
 #: the CPU script-check flag each implementation understands (the front accepts ``--quick`` for all)
 QUICK_FLAG = {"scoring": "--smoke", "selective_ce": "--smoke", "selection": "--smoke", "fused_linear": "--quick",
-              "batch_split": "--quick"}
+              "batch_split": "--quick", "token_stats": "--quick"}
 
 
 def build_parser(op: str) -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ __all__ = ["SCHEMA", "RESULTS_ROOT", "SUITES", "OPS", "FRAMEWORKS", "RunContext"
 SCHEMA = "cggr-bench/1"
 RESULTS_ROOT = _env.REPO_ROOT / "benchmarks" / "results"
 SUITES = ("verify", "kernels", "heads", "models", "quality", "step")
-OPS = ("scoring", "selective_ce", "selection", "fused_linear", "batch_split", "step")
+OPS = ("scoring", "selective_ce", "selection", "fused_linear", "batch_split", "step", "token_stats")
 FRAMEWORKS = ("torch", "jax")
 
 

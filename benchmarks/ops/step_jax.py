@@ -12,6 +12,9 @@ Run through ``benchmarks/step.py --framework jax``; this module measures the row
                      ``model.hidden_states(ids)`` and the (tied) embedding (the logits never exist);
 * ``batch_split_L{1,2,4}`` ``cggr_jax.batch_split.make_batch_split_train_step`` (``mode="cggr"``), a truncated
                      router of 1, 2, 4 layers, buckets ``(k, B)`` (``k`` = the kept count; ``B`` is always added);
+* ``batch_split_L1_<option>`` the cheaper routers of SPEC §9.3: ``BatchSplitConfig(router_layers=1, **options)``
+                     with ``cfg["router_options"][row]`` (``benchmarks/step.py`` ``ROUTER_OPTION_ROWS``) less
+                     PyTorch's ``router_compile`` (the JAX router is jitted with the step);
 * ``random_subset``  the full model on ``k`` random sequences of the batch (a permutation keyed by the step).
 
 CGGR settings as in the PyTorch rows (``benchmarks/ops/step_torch.py``): defaults except ``warmup_steps=0`` and
@@ -39,16 +42,27 @@ import optax
 from flax import nnx
 
 ROWS: list[str] = ["standard", "cggr_fused", "random_subset", "batch_split_L4", "cggr_loss", "batch_split_L2",
-                   "batch_split_L1"]
+                   "batch_split_L1", "batch_split_L1_stride", "batch_split_L1_samples", "batch_split_L1_prefix",
+                   "batch_split_L1_combined"]
+#: The rows ``benchmarks/step.py`` runs without ``--rows``: all but the combined router (as in PyTorch). At the
+#: 1B shape the runner's 190 s budget reaches the first rows only (the rest are recorded as skipped); the
+#: cheaper routers need a call of their own (``--rows random_subset,batch_split_L1,batch_split_L1_stride,...``).
+DEFAULT_ROWS: list[str] = [r for r in ROWS if r != "batch_split_L1_combined"]
 #: Expected seconds of each row on one H200 at the 1B shape (build, compile, 3 + 8 steps) before any row ran
 #: (rescaled by ``benchmarks.harness.budget.Budget``): a batch-split step compiles the model's forward and
 #: backward once per bucket (two) plus the router.
 PRIOR_S: dict[str, float] = {"standard": 45, "cggr_fused": 50, "random_subset": 40, "batch_split_L4": 80,
-                             "cggr_loss": 50, "batch_split_L2": 75, "batch_split_L1": 70}
+                             "cggr_loss": 50, "batch_split_L2": 75, "batch_split_L1": 70,
+                             "batch_split_L1_stride": 70, "batch_split_L1_samples": 70, "batch_split_L1_prefix": 70,
+                             "batch_split_L1_combined": 70}
 LABELS = {
     "standard": "standard (optax CE, jit)", "cggr_loss": "CGGRLoss on logits", "cggr_fused": "fused CGGR head",
     "random_subset": "random subset (same kept count)", "batch_split_L1": "batch split, 1-layer router",
     "batch_split_L2": "batch split, 2-layer router", "batch_split_L4": "batch split, 4-layer router",
+    "batch_split_L1_stride": "batch split, 1-layer router, router_positions (stride)",
+    "batch_split_L1_samples": "batch split, 1-layer router, router_samples",
+    "batch_split_L1_prefix": "batch split, 1-layer router, router_prefix",
+    "batch_split_L1_combined": "batch split, 1-layer router, router_prefix + router_samples",
 }
 IGNORE = -100
 
@@ -169,13 +183,20 @@ def _make_row(row: str, graphdef: Any, model: Any, cfg: dict[str, Any], B: int, 
     if row.startswith("batch_split_L"):
         from benchmarks.harness import compat
 
-        layers = int(row[len("batch_split_L"):])
-        split_cfg = bs.BatchSplitConfig(router_layers=layers, seed=cfg["seed"], **cggr_kw)
+        layers = int(row[len("batch_split_L"):].split("_")[0])
+        options = dict(cfg.get("router_options", {}).get(row, {})) if row != f"batch_split_L{layers}" else {}
+        if row != f"batch_split_L{layers}" and not options:
+            raise ValueError(f"row: {row!r} has no router options in cfg['router_options']")
+        options.pop("router_compile", None)  # PyTorch's option: the JAX router is always jitted
+        split_cfg = bs.BatchSplitConfig(router_layers=layers, seed=cfg["seed"], **options, **cggr_kw)
         buckets = (k,)  # k = the steady-state kept count (benchmarks/step.py); B is always added
         step = bs.make_batch_split_train_step(graphdef, split_cfg, tx, mode="cggr", buckets=buckets)
         state = step.init(model)
-        notes.update(api=f"make_batch_split_train_step(mode='cggr', router_layers={layers}, buckets={buckets})",
+        args = "".join(f", {k}={v!r}" for k, v in options.items())
+        notes.update(api=f"make_batch_split_train_step(mode='cggr', router_layers={layers}{args}, buckets={buckets})",
                      router_layers=layers, buckets=list(step.bucket_sizes(B)), router_path=step.router_path)
+        if options:
+            notes["router_options"] = options
         return compat.jax_batch_split_jitted(step), state, lambda ids: (ids, ids, None, None), notes
     raise ValueError(f"row: unknown row {row!r}; expected one of {ROWS}")
 

@@ -13,17 +13,23 @@ of one shape. Rows (``ROWS``, in the order they run; each from the same initial 
                      the compiled base model (``hf_causal_lm_cggr_loss`` checks ``isinstance`` of its loss
                      module, which a compiled module is not);
 * ``batch_split_L{1,2,4}`` ``cggr_torch.CGGRModel`` with a truncated router of 1, 2, 4 layers;
+* ``batch_split_L1_<option>`` the cheaper routers of SPEC §9.3: ``CGGRModel(model, router_layers=1, **options)``
+                     with ``cfg["router_options"][row]`` (``benchmarks/step.py`` ``ROUTER_OPTION_ROWS``:
+                     ``router_positions``, ``router_samples``, ``router_prefix``, ``router_compile``, a
+                     combination); ``router_compile=True`` becomes ``{"backend": <compile backend>}`` when the
+                     benchmark's backend is not inductor (``--quick``: ``aot_eager``);
 * ``random_subset``  the full model on ``k`` random sequences of the batch, ``k`` = what CGGR keeps.
 
 Every row also runs **compiled** (``torch.compile(model, dynamic=False)``; the base model for the head-fused
 rows): the CGGR losses are compiled too (``torch.compile(loss_module)``); when that fails the failure is
 recorded (``compile_error``) and the row goes on with the loss eager and the model compiled. ``CGGRModel`` gets
-the compiled model as its main pass (``forward_with``); its router stays eager. The rows of one shape share one
-model (weights reset to the same initial values before each row), so a compiled row reuses the graphs an
-earlier row compiled (the main pass of ``CGGRModel`` is the ``random_subset`` graph: both run the model on
-``k`` sequences; Liger's base model is the fused head's); ``torch._dynamo`` is reset between shapes and
-before each compiled CGGR-loss row (``FRESH_DYNAMO``). The graphs each row compiled, the graph breaks
-and the graphs compiled during the timed steps (recompilation) are recorded.
+the compiled model as its main pass (``forward_with``; ``buckets="auto"``, the default, pads the kept rows to
+``default_buckets(B)``, SPEC §9.4); its router stays eager unless the row sets ``router_compile``. The rows of
+one shape share one model (weights reset to the same initial values before each row), so a compiled row reuses
+the graphs an earlier row compiled (the main pass of ``CGGRModel`` is the ``random_subset`` graph: both run the
+model on ``k`` sequences; Liger's base model is the fused head's); ``torch._dynamo`` is reset between shapes and
+before each compiled CGGR-loss row (``FRESH_DYNAMO``). The graphs each row compiled, the graph breaks and the
+graphs compiled during the timed steps (recompilation) are recorded.
 
 CGGR settings: the defaults of ``cggr.CGGRConfig`` except ``warmup_steps=0`` (the steady state is measured,
 not the curriculum) and ``dynamic_threshold=False`` unless ``dynamic_threshold`` is set: at random init the
@@ -51,9 +57,16 @@ import torch
 ROWS: list[tuple[str, bool]] = [
     ("standard", False), ("standard", True), ("cggr_fused", False), ("cggr_fused", True), ("liger_flce", False),
     ("liger_flce", True), ("random_subset", False), ("batch_split_L4", False), ("random_subset", True),
-    ("batch_split_L4", True), ("batch_split_L2", False), ("batch_split_L1", False), ("batch_split_L2", True),
-    ("batch_split_L1", True), ("cggr_loss", False), ("cggr_loss", True),
+    ("batch_split_L4", True), ("batch_split_L1", True), ("batch_split_L1_stride", True),
+    ("batch_split_L1_samples", True), ("batch_split_L1_prefix", True), ("batch_split_L1_compiled_router", True),
+    ("batch_split_L2", False), ("batch_split_L1", False), ("batch_split_L2", True),
+    ("batch_split_L1_stride", False), ("batch_split_L1_samples", False), ("batch_split_L1_prefix", False),
+    ("batch_split_L1_compiled_router", False), ("cggr_loss", False), ("cggr_loss", True),
+    ("batch_split_L1_combined", True), ("batch_split_L1_combined", False),
 ]
+#: The rows ``benchmarks/step.py`` runs without ``--rows`` (both variants of each): all but the combined router,
+#: which compiles its router twice more (~40 s at the 1B shape); ``--rows all`` or naming it runs it.
+DEFAULT_ROWS: list[str] = sorted({r for r, _ in ROWS} - {"batch_split_L1_combined"})
 #: Compiled rows that compile a CGGR loss start from a fresh ``torch._dynamo``: both CGGR losses run the same
 #: inner functions, whose recompile limit an earlier row could have used up (the later row would then run
 #: eager and look fast). Each of these rows compiles a model graph no earlier row has anyway.
@@ -68,12 +81,24 @@ PRIOR_S: dict[tuple[str, bool], float] = {
     ("random_subset", True): 60, ("batch_split_L4", True): 12, ("batch_split_L2", False): 10,
     ("batch_split_L1", False): 10, ("batch_split_L2", True): 12, ("batch_split_L1", True): 12,
     ("cggr_loss", False): 12, ("cggr_loss", True): 90, ("liger_flce", True): 15,
+    # The cheaper routers (1-layer router, options of SPEC §9.3): as batch_split_L1, plus a router compile
+    # (one layer, forward only) for the rows with router_compile.
+    ("batch_split_L1_stride", False): 10, ("batch_split_L1_samples", False): 10,
+    ("batch_split_L1_prefix", False): 10, ("batch_split_L1_compiled_router", False): 30,
+    ("batch_split_L1_stride", True): 12, ("batch_split_L1_samples", True): 12, ("batch_split_L1_prefix", True): 12,
+    ("batch_split_L1_compiled_router", True): 30, ("batch_split_L1_combined", False): 30,
+    ("batch_split_L1_combined", True): 30,
 }
 LABELS = {
     "standard": "standard (HF loss)", "liger_flce": "Liger fused linear CE", "cggr_loss": "CGGRLoss on logits",
     "cggr_fused": "fused CGGR head", "random_subset": "random subset (same kept count)",
     "batch_split_L1": "CGGRModel, 1-layer router", "batch_split_L2": "CGGRModel, 2-layer router",
     "batch_split_L4": "CGGRModel, 4-layer router",
+    "batch_split_L1_stride": "CGGRModel, 1-layer router, router_positions (stride)",
+    "batch_split_L1_samples": "CGGRModel, 1-layer router, router_samples",
+    "batch_split_L1_prefix": "CGGRModel, 1-layer router, router_prefix",
+    "batch_split_L1_compiled_router": "CGGRModel, 1-layer router, router_compile=True",
+    "batch_split_L1_combined": "CGGRModel, 1-layer router, router_prefix + router_samples + router_compile",
 }
 IGNORE = -100
 Tensor = torch.Tensor
@@ -198,8 +223,14 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
             return main(input_ids=ids.index_select(0, idx), labels=labels.index_select(0, idx)).loss, k * (T - 1)
         return _Row(random_forward, notes={"api": f"model(ids[random {k} of {B}], labels=...).loss"})
     if row.startswith("batch_split_L"):
-        layers = int(row[len("batch_split_L"):])
-        cg = CGGRModel(model, router_layers=layers, **cggr_kw)
+        layers = int(row[len("batch_split_L"):].split("_")[0])
+        options = dict(cfg.get("router_options", {}).get(row, {})) if row != f"batch_split_L{layers}" else {}
+        if row != f"batch_split_L{layers}" and not options:
+            raise ValueError(f"row: {row!r} has no router options in cfg['router_options']")
+        shown = dict(options)
+        if options.get("router_compile") is True and backend != "inductor":
+            options["router_compile"] = {"backend": backend}  # --quick: the benchmark's own backend
+        cg = CGGRModel(model, router_layers=layers, buckets="auto", **options, **cggr_kw)
         if compiled:
             main = compile_(model)
 
@@ -210,9 +241,16 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
             def split_forward(ids: Tensor, labels: Tensor, shifted: Tensor) -> Out:
                 loss = cg(ids, labels=labels)
                 return loss, int(cg.last_kept.numel()) * (T - 1)
-        call = ".forward_with(torch.compile(model), ids, labels) (router eager)" if compiled else "(ids, labels=labels)"
-        notes = {"api": f"CGGRModel(model, router_layers={layers}){call}",
+        router = "router compiled" if options.get("router_compile") else "router eager"
+        call = (f".forward_with(torch.compile(model), ids, labels) ({router}, buckets {cg.bucket_sizes(B, main)})"
+                if compiled else f"(ids, labels=labels) ({router})")
+        args = "".join(f", {k}={v!r}" for k, v in shown.items())
+        notes = {"api": f"CGGRModel(model, router_layers={layers}{args}){call}",
                  "router_layers": layers, "nominal_kept": int(num_selected(B, cfg["ratio"]))}
+        if shown:
+            notes["router_options"] = shown
+        if compiled:
+            notes["buckets"] = list(cg.bucket_sizes(B, main) or ())
         return _Row(split_forward, cg.step, notes=notes)
     raise ValueError(f"row: unknown row {row!r}; expected one of {sorted(LABELS)}")
 
@@ -317,7 +355,7 @@ def run_row(row: str, compiled: bool, shape: dict[str, Any], cfg: dict[str, Any]
         if row.startswith("batch_split") or row == "random_subset":
             res["sequences_trained"] = res.get("trained_tokens_per_step", 0) / (T - 1)
         res["peak_memory_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
-        if compiled:
+        if compiled or "router_compile" in res.get("router_options", {}):
             # Graphs compiled by this row (0 when it reuses an earlier row's graphs of the same model), graph
             # breaks met while compiling them, and graphs compiled during the timed steps (recompilation).
             res["graphs_compiled_warmup"] = counts1["graphs"] - counts0["graphs"]

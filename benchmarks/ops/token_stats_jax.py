@@ -12,7 +12,8 @@ method is ``jax.jit(jax.value_and_grad(loss, argnums=(hidden, weight)))``:
 Columns: median / p10 / p90 (ms, ``block_until_ready``) and the compiled program's temporary memory
 (``compiled.memory_analysis().temp_size_in_bytes``, GiB: the working memory beyond inputs and outputs).
 
-``python benchmarks/token_stats.py --framework jax [--quick]``.
+``python benchmarks/token_stats.py --framework jax [--quick]`` (the shared front: records in the ``heads``
+suite; the temporary memory is the records' ``peak_extra_gib``).
 """
 from __future__ import annotations
 
@@ -127,10 +128,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         line = results[name]
         print(f"{name:32s} " + (f"{line['median_ms']:10.2f} ms  temp {line['temp_gib']}" if "median_ms" in line
                                  else line["error"]), flush=True)
+    for name, line in results.items():  # the same check as the PyTorch script's, against the materialised path
+        ref = results.get(f"materialised[{name.split('[')[-1]}")
+        if "loss" in line and ref and "loss" in ref:
+            line["check_loss_vs_materialised"] = abs(line["loss"] - ref["loss"]) / max(1e-12, abs(ref["loss"]))
     out = {"op": "token_stats", "framework": "jax", "backend": jax.default_backend(),
            "devices": [str(x) for x in jax.devices()], "jax": jax.__version__,
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "shape": {"N": N, "B": B, "T": S, "d": d, "V": V, "dtype": args.dtype}, "results": results,
+           "shape": {"N": N, "B": B, "T": S, "d": d, "V": V, "dtype": args.dtype, "valid_tokens": n_host},
+           "results": results,
            "quick": args.quick}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -21,9 +21,10 @@ Columns: median / p10 / p90 (ms, CUDA events, ``grad`` reset outside the timed i
 allocated beyond the inputs during one call (``torch.cuda.max_memory_allocated``), in GiB. ``check``: each
 method's loss against ``trl_materialised`` at the same ρ (same selection up to entropy ties).
 
-Run on the H200 from the repository root::
+Run on the H200 from the repository root through the shared front (suite ``heads``; records with input and
+trained tokens/s, peak memory and the issue-17 ratios, ``benchmarks/harness/convert.py``)::
 
-    python benchmarks/token_stats.py --framework torch --out bench_token_stats_torch.json
+    python benchmarks/token_stats.py --framework torch
 
 ``--quick`` runs tiny shapes on the CPU (checks the script; numbers mean nothing).
 """
@@ -207,7 +208,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = {"op": "token_stats", "framework": "torch", "device": str(dev),
            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
            "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "shape": {"N": N, "B": B, "T": S, "d": d, "V": V, "dtype": args.dtype, "temperature": T},
+           "shape": {"N": N, "B": B, "T": S, "d": d, "V": V, "dtype": args.dtype, "temperature": T,
+                     "valid_tokens": int(valid.sum())},
            "results": results, "notes": notes, "quick": args.quick}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
