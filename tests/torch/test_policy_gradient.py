@@ -295,13 +295,14 @@ def test_oracle_policy_gradient_terms_by_finite_differences():
 
 
 def test_benchmark_script_runs_quick(tmp_path):
-    """``benchmarks/token_stats.py --framework torch --quick`` (the H200 script, tiny shapes on the CPU)."""
+    """The PyTorch implementation of ``benchmarks/token_stats.py`` with ``--quick`` (the H200 script, tiny shapes on
+    the CPU; the script itself goes through the shared front, tested in ``tests/test_benchmarks.py``)."""
     import json
 
-    from benchmarks.token_stats import main
+    from benchmarks.ops.token_stats_torch import main
 
     out = tmp_path / "bench.json"
-    assert main(["--framework", "torch", "--quick", "--out", str(out), "--methods", "trl_materialised",
+    assert main(["--quick", "--out", str(out), "--methods", "trl_materialised",
                  "cggr_policy_gradient", "--ratios", "0.2"]) == 0
     res = json.loads(out.read_text())["results"]
     assert set(res) == {"trl_materialised[0.2]", "cggr_policy_gradient[0.2]"}
