@@ -194,6 +194,35 @@ def test_excess_scoring_compiles(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scoring", ["combined", "excess"])
+def test_sampled_selection_compiles(backend, scoring):
+    """``selection='sampled'`` (SPEC §7.4) on the reference path: fullgraph, no recompilation as the step (and
+    with it the draws' hash input) moves, the eager values."""
+    rng = np.random.default_rng(13)
+
+    def reference(targets):
+        return torch.from_numpy(rng.uniform(0.0, 3.0, size=tuple(targets.shape)).astype(np.float32))
+
+    cfg = dict(scoring=scoring, selection="sampled", warmup_steps=WARMUP, dynamic_threshold=True,
+               threshold_sensitivity=0.5, sample_seed=5)
+    _compiled_vs_eager(lambda: CGGRLoss(**cfg), backend, rng, extra=reference if scoring == "excess" else None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampled_functional_loss_compiles(backend):
+    rng = np.random.default_rng(14)
+    kw = dict(selection="sampled", warmup_steps=WARMUP, sample_seed=9)
+    f = torch.compile(lambda x, t, s: cggr_loss(x, t, s, **kw), backend=backend, fullgraph=True)
+    for s in range(STEPS):
+        logits, targets = _batch(rng)
+        with no_recompile() if s else contextlib.nullcontext():
+            loss_c, met_c = f(logits, targets, torch.tensor(s))
+        loss_e, met_e = cggr_loss(logits, targets, s, **kw)
+        assert float(loss_c) == pytest.approx(float(loss_e), rel=1e-6)
+        _assert_same_metrics(met_c, met_e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_functional_loss_takes_a_step_tensor(backend):
     rng = np.random.default_rng(4)
     f = torch.compile(lambda x, t, s: cggr_loss(x, t, s, warmup_steps=WARMUP), backend=backend, fullgraph=True)
@@ -387,7 +416,7 @@ def test_whole_train_step_compiles_and_matches_eager(backend):
 
 # ------------------------------------------------------------------------------------ the kernel ops
 @needs_interpreter
-@pytest.mark.parametrize("selection, fused_loss", [(s, True) for s in NON_SAMPLED]
+@pytest.mark.parametrize("selection, fused_loss", [(s, True) for s in NON_SAMPLED + ("sampled",)]
                          + [("topk", False), ("stratified", False)])
 def test_kernel_path_compiles_on_the_interpreter(selection, fused_loss):
     """The fused kernel path (every strategy) and the composable one (scoring kernel, selection kernel,
@@ -470,5 +499,37 @@ def test_kernel_path_compiled_matches_eager_on_cuda(selection, fused_loss):
             torch.testing.assert_close(grad_c, grad_e)
             _assert_same_metrics({k: v.cpu() for k, v in crit._metrics.items()},
                                  {k: v.cpu() for k, v in twin._metrics.items()})
+            crit.step()
+            twin.step()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_sampled_excess_compiles_on_the_interpreter(backend):
+    """The fused ``sampled`` path (``cggr::scoring`` → ``cggr::sampled_loss_from_scores``, with a reference):
+    fullgraph, no recompilation over the warm-up, the eager values; the odd batches (half precision, non-finite
+    rows, all ignored) through the same graph."""
+    rng = np.random.default_rng(16)
+
+    def reference(targets):
+        ref = rng.uniform(0.0, 3.0, size=tuple(targets.shape)).astype(np.float32)
+        ref.reshape(-1)[2] = np.inf
+        return torch.from_numpy(ref)
+
+    cfg = dict(scoring="excess", selection="sampled", warmup_steps=WARMUP, dynamic_threshold=True)
+    with dispatch.force("kernel") as log:
+        _compiled_vs_eager(lambda: CGGRLoss(**cfg), backend, rng, extra=reference, steps=5, B=2, T=6)
+    assert log.calls["sample_from_scores"] >= 5           # the eager twin's calls (traced calls are not counted)
+    crit, twin = CGGRLoss(selection="sampled", warmup_steps=WARMUP), CGGRLoss(selection="sampled",
+                                                                            warmup_steps=WARMUP)
+    torch._dynamo.reset()
+    with dispatch.force("kernel"):
+        f = torch.compile(lambda x, t: crit(x, t), backend=backend, fullgraph=True)
+        for i, (logits, targets) in enumerate(_odd_batches(rng, torch.bfloat16)):
+            with no_recompile() if i else contextlib.nullcontext():
+                loss_c, grad_c = _grad_of(f, logits, targets)
+            loss_e, grad_e = _grad_of(twin, logits, targets)
+            assert torch.equal(loss_c, loss_e) and torch.equal(grad_c, grad_e)
+            _assert_same_metrics(crit._metrics, twin._metrics)
             crit.step()
             twin.step()
