@@ -23,6 +23,11 @@ by :func:`cggr_torch.dispatch.use_fused_loss`), about ten launches and no host s
 4. the loss is the masked mean of the scoring pass's ``nll`` (one program); the backward kernel reads only
    the selected rows and forms ``g/|S|`` on the device.
 
+``selection='sampled'`` (SPEC §7.4) has its own fused path, :func:`forward_sampled`: the scoring kernel, then
+one custom op (:func:`cggr_torch.kernels.sampling.sample_from_scores`: probabilities with every metric and
+the dynamic ratio, one sort, water-filling, draws writing the row weights ``w/max(1, n)``, a one-program finish
+with the loss ``Σ ω·nll``), five launches and the sort; the backward is the sparse kernel with the row weights.
+
 The loss's difficulties are bit-identical to :func:`cggr_torch.scoring.difficulty_from_statistics` of the
 kernel's statistics, and the selection is bit-identical to :func:`cggr_torch.selection.select_tokens` on
 them. Other kernel devices (the Triton interpreter in tests) and a custom ``base_loss`` use the composable

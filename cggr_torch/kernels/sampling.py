@@ -32,6 +32,13 @@ float32 summation order of ``Q`` and of the suffix sums (``π`` within a few ulp
 ``j*`` and ``c`` stay in two small device buffers (slots in :data:`INT_SLOTS`, :data:`FLOAT_SLOTS`); a device
 ratio outside ``(0, 1]`` clears the ``ok`` slot, which the launcher turns into ``torch._assert_async``.
 
+**The fused ``sampled`` loss** (:func:`sample_from_scores`, the custom op ``cggr::sampled_loss_from_scores``
+behind :class:`cggr_torch.CGGRLoss` on CUDA) runs the same steps from the scoring kernel's buffers: step 1's
+first pass also sums every SPEC §10 metric and applies the dynamic threshold (§5.2) to the device base ratio;
+step 4 writes the loss's row weights ``w ⊘ f32(max(1, n))`` and per-program partials (count, ``Σw``, ``Σw²``,
+``Σ ω ⊗ nll``), which one finish program reduces in a fixed order (``tokens_selected``, ``sample_ess``, the
+loss). Five launches with the scoring kernel, plus the sort.
+
 Launches for ``sample_tokens`` on a CUDA tensor: probabilities, the sort, water-filling, draws (plus the
 assertion when the ratio is a device tensor). The one-program kernels' time grows linearly with ``N`` (a few
 µs per 4096 tokens and pass, estimated), so above :data:`SINGLE_PROGRAM_MAX_TOKENS` steps 1 and 3 are
