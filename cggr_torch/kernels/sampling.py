@@ -90,6 +90,7 @@ __all__ = [
     "sample_from_scores",
     "sampled_loss_from_scores_op",
     "sampled_loss_backward_op",
+    "sample_tokens_op",
 ]
 
 #: Slots of the int32 plan buffer (``k`` is the SPEC §5.3 count, ``k_eff`` = ``min(k, n)``).
@@ -811,8 +812,10 @@ def _ratio_argument(ratio: Union[torch.Tensor, float], device: torch.device) -> 
     checked on the device; a CPU value is read and checked now, like the reference's ``num_selected``)."""
     if isinstance(ratio, torch.Tensor):
         on_device = _scalar_tensor(ratio, "ratio", device, floating=True)
-        if ratio.device.type == "cpu":
-            check_ratio_value("ratio", ratio)           # reading a CPU tensor does not synchronise
+        # reading a CPU tensor does not synchronise; a compiled call on CPU (the interpreter) checks it in the
+        # kernel instead (the ok slot, torch._assert_async): a read would be a graph break
+        if ratio.device.type == "cpu" and not (torch.compiler.is_compiling() and on_device is not None):
+            check_ratio_value("ratio", ratio)
         if on_device is not None:
             return on_device
     return float(np.float32(check_ratio_value("ratio", ratio)))
@@ -843,7 +846,7 @@ def _probabilities_and_order(d: torch.Tensor, e: torch.Tensor, *, ratio: Union[f
     key = torch.empty((d.numel(),), dtype=torch.int32, device=dev)
     launch_probabilities(d, e, key, ints, floats, ratio=ratio, k=k, power=power, uniform_mix=uniform_mix,
                          floor=floor)
-    if isinstance(ratio, torch.Tensor) and dev.type == "cuda":
+    if isinstance(ratio, torch.Tensor):     # a CPU value was also checked on the host (when not compiling)
         torch._assert_async(ints[INT_SLOTS["ok"]], "ratio: expected a value in (0, 1]")
     sorted_key, order = sort_by_probability(key)
     partials = launch_water_filling(sorted_key, ints, floats)
@@ -884,13 +887,38 @@ def sample_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio
     shape = tuple(difficulty.shape)
     d = difficulty.reshape(-1).contiguous()
     e = eligible.reshape(-1).contiguous()
-    sorted_key, order, ints, floats, partials = _probabilities_and_order(d, e, ratio=r, k=None, power=power,
-                                                               uniform_mix=uniform_mix, floor=floor)
-    mask = torch.empty((d.numel(),), dtype=torch.bool, device=dev)
-    weights = torch.empty((d.numel(),), dtype=torch.float32, device=dev)
-    launch_draws(sorted_key, order, ints, floats, mask=mask, weights=weights, seed=seed, step=step_v,
-                 partials=partials)
+    ratio_t = r if isinstance(r, torch.Tensor) else None
+    step_t = step_v if isinstance(step_v, torch.Tensor) else None
+    mask, weights, ints = sample_tokens_op(d, e, ratio_t, 0.0 if ratio_t is not None else float(r), step_t,
+                                           0 if step_t is not None else _int32_bits(int(step_v)), int(seed),
+                                           float(power), float(uniform_mix), float(floor))
     return mask.view(shape), weights.view(shape), ints[INT_SLOTS["k"]]
+
+
+@torch.library.custom_op("cggr::sample_tokens", mutates_args=())
+def sample_tokens_op(d: torch.Tensor, e: torch.Tensor, ratio: Optional[torch.Tensor], ratio_value: float,
+                     step: Optional[torch.Tensor], step_value: int, seed: int, power: float, uniform_mix: float,
+                     floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sample_tokens_triton` on checked flat arguments (SPEC §12.1): ``ratio`` a one-element device
+    tensor or None and the host ``ratio_value``; ``step`` likewise (``step_value`` as int32 bits). Returns
+    ``(mask, weights, ints)`` (flat; ``ints`` the plan buffer, slots :data:`INT_SLOTS`)."""
+    sorted_key, order, ints, floats, partials = _probabilities_and_order(
+        d, e, ratio=ratio if ratio is not None else ratio_value, k=None, power=power, uniform_mix=uniform_mix,
+        floor=floor)
+    mask = torch.empty((d.numel(),), dtype=torch.bool, device=d.device)
+    weights = torch.empty((d.numel(),), dtype=torch.float32, device=d.device)
+    launch_draws(sorted_key, order, ints, floats, mask=mask, weights=weights, seed=seed,
+                 step=step if step is not None else step_value, partials=partials)
+    return mask, weights, ints
+
+
+@sample_tokens_op.register_fake
+def _(d: torch.Tensor, e: torch.Tensor, ratio: Optional[torch.Tensor], ratio_value: float,
+      step: Optional[torch.Tensor], step_value: int, seed: int, power: float, uniform_mix: float,
+      floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.empty((d.shape[0],), dtype=torch.bool, device=d.device),
+            torch.empty((d.shape[0],), dtype=torch.float32, device=d.device),
+            torch.empty((_N_INTS,), dtype=torch.int32, device=d.device))
 
 
 def sampling_probabilities_triton(difficulty: torch.Tensor, eligible: torch.Tensor, k: Union[int, torch.Tensor], *,

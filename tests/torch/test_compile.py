@@ -417,7 +417,7 @@ def test_whole_train_step_compiles_and_matches_eager(backend):
 # ------------------------------------------------------------------------------------ the kernel ops
 @needs_interpreter
 @pytest.mark.parametrize("selection, fused_loss", [(s, True) for s in NON_SAMPLED + ("sampled",)]
-                         + [("topk", False), ("stratified", False)])
+                         + [("topk", False), ("stratified", False), ("sampled", False)])
 def test_kernel_path_compiles_on_the_interpreter(selection, fused_loss):
     """The fused kernel path (every strategy) and the composable one (scoring kernel, selection kernel,
     selective cross-entropy kernel), 5 steps through the warm-up, on the Triton interpreter."""
