@@ -873,8 +873,7 @@ def sample_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio
         seed, power, uniform_mix, floor: SPEC §7.4's parameters (``CGGRConfig.sample_*`` rules).
 
     Returns:
-        ``mask`` (bool, the input's shape), ``weights`` (float32, the input's shape), ``k`` (0-d int32, a view
-        of the plan buffer).
+        ``mask`` (bool, the input's shape), ``weights`` (float32, the input's shape), ``k`` (0-d int32).
 
     Raises:
         ValueError: bad tensors, parameters, ratio or step (nothing is read from the device).
@@ -889,10 +888,10 @@ def sample_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio
     e = eligible.reshape(-1).contiguous()
     ratio_t = r if isinstance(r, torch.Tensor) else None
     step_t = step_v if isinstance(step_v, torch.Tensor) else None
-    mask, weights, ints = sample_tokens_op(d, e, ratio_t, 0.0 if ratio_t is not None else float(r), step_t,
-                                           0 if step_t is not None else _int32_bits(int(step_v)), int(seed),
-                                           float(power), float(uniform_mix), float(floor))
-    return mask.view(shape), weights.view(shape), ints[INT_SLOTS["k"]]
+    mask, weights, k = sample_tokens_op(d, e, ratio_t, 0.0 if ratio_t is not None else float(r), step_t,
+                                        0 if step_t is not None else _int32_bits(int(step_v)), int(seed),
+                                        float(power), float(uniform_mix), float(floor))
+    return mask.view(shape), weights.view(shape), k
 
 
 @torch.library.custom_op("cggr::sample_tokens", mutates_args=())
@@ -901,7 +900,8 @@ def sample_tokens_op(d: torch.Tensor, e: torch.Tensor, ratio: Optional[torch.Ten
                      floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`sample_tokens_triton` on checked flat arguments (SPEC §12.1): ``ratio`` a one-element device
     tensor or None and the host ``ratio_value``; ``step`` likewise (``step_value`` as int32 bits). Returns
-    ``(mask, weights, ints)`` (flat; ``ints`` the plan buffer, slots :data:`INT_SLOTS`)."""
+    ``(mask, weights, k)`` (flat; ``k`` a 0-d int32 copy of the plan's slot: an op's outputs are fully defined
+    and alias nothing)."""
     sorted_key, order, ints, floats, partials = _probabilities_and_order(
         d, e, ratio=ratio if ratio is not None else ratio_value, k=None, power=power, uniform_mix=uniform_mix,
         floor=floor)
@@ -909,7 +909,7 @@ def sample_tokens_op(d: torch.Tensor, e: torch.Tensor, ratio: Optional[torch.Ten
     weights = torch.empty((d.numel(),), dtype=torch.float32, device=d.device)
     launch_draws(sorted_key, order, ints, floats, mask=mask, weights=weights, seed=seed,
                  step=step if step is not None else step_value, partials=partials)
-    return mask, weights, ints
+    return mask, weights, ints[INT_SLOTS["k"]].clone()
 
 
 @sample_tokens_op.register_fake
@@ -918,7 +918,7 @@ def _(d: torch.Tensor, e: torch.Tensor, ratio: Optional[torch.Tensor], ratio_val
       floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (torch.empty((d.shape[0],), dtype=torch.bool, device=d.device),
             torch.empty((d.shape[0],), dtype=torch.float32, device=d.device),
-            torch.empty((_N_INTS,), dtype=torch.int32, device=d.device))
+            torch.empty((), dtype=torch.int32, device=d.device))
 
 
 def sampling_probabilities_triton(difficulty: torch.Tensor, eligible: torch.Tensor, k: Union[int, torch.Tensor], *,

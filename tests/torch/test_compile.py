@@ -434,6 +434,7 @@ def test_kernel_custom_ops_pass_opcheck():
     from cggr_torch.kernels import selection as ksel
     from cggr_torch import fused_linear as fl
 
+    dispatch.preload_kernels()      # every cggr op registered, whatever ran before this test
     rng = np.random.default_rng(13)
     logits, targets = _batch(rng, B=2, T=5, V=11)
     n = targets.numel()
@@ -471,6 +472,16 @@ def test_kernel_custom_ops_pass_opcheck():
                 (z, torch.randn(5), torch.tensor([0, 3, 9, 2, 4]), 2, torch.tensor([0.5]), torch.empty(k_rows, 7))))
     ops.append((torch.ops.cggr.chunk_gradient.default,
                 (z.clone(), torch.randn(5), torch.tensor([0, 3, 9, 2, 4]), 2, torch.tensor([0.5]), None)))
+    # the sampled selection (SPEC §7.4): the composable path's sampler and the fused sampled loss
+    ops.append((torch.ops.cggr.sample_tokens.default,
+                (d.reshape(-1), e.reshape(-1), torch.tensor([0.5]), 0.0, torch.tensor([3]), 0, 7, 1.0, 0.1, 1e-6)))
+    ops.append((torch.ops.cggr.sample_tokens.default, (d.reshape(-1), e.reshape(-1), None, 0.4, None, 5, 7, 2.0,
+                                                       0.0, 1e-6)))
+    ref = torch.rand(n) * 2
+    for reference in (None, ref):
+        ops.append((torch.ops.cggr.sampled_loss_from_scores.default,
+                    (x, t, out, status, reference, torch.tensor(0.5), torch.tensor(3), True, 0.5, 7, 1.5, 0.2,
+                     1e-6)))
     ops.append((torch.ops.cggr.linear_warmup_ratio.default, (torch.tensor(3), 0.25, 10)))
     ops.append((torch.ops.cggr.dynamic_ratio.default, (torch.tensor(0.5), torch.tensor(0.25), torch.tensor(0.5))))
     with dispatch.force("kernel"):
@@ -481,7 +492,7 @@ def test_kernel_custom_ops_pass_opcheck():
 
 
 @needs_cuda
-@pytest.mark.parametrize("selection", NON_SAMPLED)
+@pytest.mark.parametrize("selection", NON_SAMPLED + ("sampled",))
 @pytest.mark.parametrize("fused_loss", [True, False])
 def test_kernel_path_compiled_matches_eager_on_cuda(selection, fused_loss):
     rng = np.random.default_rng(14)
