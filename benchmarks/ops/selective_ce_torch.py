@@ -104,8 +104,9 @@ def _sample_tokens() -> Optional[Callable[..., Any]]:
 
 
 def _reference_sampler() -> Optional[Callable[[], Any]]:
-    """A context manager factory that routes ``sample_tokens`` to its PyTorch reference while every other
-    dispatch decision stays as it is (None in a checkout whose sampler has no kernel entry point)."""
+    """A context manager factory that puts ``CGGRLoss`` on its composable kernel path (the fused sampled path
+    never calls ``sample_tokens``) and routes ``sample_tokens`` to its PyTorch reference, every other kernel
+    unchanged (None in a checkout whose sampler has no kernel entry point)."""
     import contextlib
 
     from cggr_torch import dispatch
