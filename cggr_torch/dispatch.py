@@ -13,7 +13,7 @@ one-time ``RuntimeWarning``; an error raised *by* a kernel propagates, never rep
 
 * ``"kernel"``: every tensor goes to the kernels, including :class:`cggr_torch.CGGRLoss`'s fused kernel path
   (``fused_loss=False`` keeps that loss on its composable path: scoring kernel, selection, selective CE;
-  ``scoring='excess'`` and ``selection='sampled'`` always take the composable path, see
+  ``scoring='excess'`` takes the composable path except with ``selection='sampled'``, see
   :func:`use_fused_loss`);
 * ``"reference"``: every tensor goes to the reference (as ``CGGR_DISABLE_KERNELS=1``);
 * ``"auto"``: the rule above.
@@ -58,6 +58,7 @@ KERNEL_ENTRY_POINTS: Mapping[str, str] = {
     "launch_chunk_gradient": "cggr_torch.kernels.fused_linear",
     "sample_tokens_triton": "cggr_torch.kernels.sampling",
     "sampling_probabilities_triton": "cggr_torch.kernels.sampling",
+    "sample_from_scores": "cggr_torch.kernels.sampling",
 }
 
 
@@ -111,14 +112,14 @@ def use_fused_loss(x: torch.Tensor, scoring: Optional[str] = None, selection: Op
     selective cross-entropy kernel), even under ``force("kernel")``. This is the dispatch rule, not a
     fallback: the subtraction is one elementwise pass over N floats, never over the logits (SPEC §3.1).
 
-    ``selection``: the loss's strategy. ``'sampled'`` (SPEC §7.4) needs per-token loss weights, which the fused
-    plan and loss kernels do not carry; it takes the composable path (scoring kernel → ``sample_tokens``, itself
-    the kernels ``sample_tokens_triton`` of :mod:`cggr_torch.kernels.sampling` → selective cross-entropy kernel
-    with row weights), by the same rule.
+    ``selection``: the loss's strategy. ``'sampled'`` (SPEC §7.4) has its own fused path
+    (``loss.forward_sampled``: the scoring kernel, then ``sample_from_scores`` of
+    :mod:`cggr_torch.kernels.sampling`, whose probability kernel computes the metrics and the ratio and whose
+    draw kernel writes the loss's row weights), for every scoring mode: with ``'excess'`` the sampler's first
+    kernel subtracts the reference while it reads the scores.
     """
-    if scoring is not None and scoring in REFERENCE_SCORING_MODES:
-        return False
-    if selection is not None and selection in SAMPLED_SELECTIONS:
+    sampled = selection is not None and selection in SAMPLED_SELECTIONS
+    if scoring is not None and scoring in REFERENCE_SCORING_MODES and not sampled:
         return False
     if not use_kernels(x):
         return False

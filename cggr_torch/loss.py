@@ -23,6 +23,11 @@ by :func:`cggr_torch.dispatch.use_fused_loss`), about ten launches and no host s
 4. the loss is the masked mean of the scoring pass's ``nll`` (one program); the backward kernel reads only
    the selected rows and forms ``g/|S|`` on the device.
 
+``selection='sampled'`` (SPEC §7.4) has its own fused path, :func:`forward_sampled`: the scoring kernel, then
+one custom op (:func:`cggr_torch.kernels.sampling.sample_from_scores`: probabilities with every metric and
+the dynamic ratio, one sort, water-filling, draws writing the row weights ``w/max(1, n)``, a one-program finish
+with the loss ``Σ ω·nll``), five launches and the sort; the backward is the sparse kernel with the row weights.
+
 The loss's difficulties are bit-identical to :func:`cggr_torch.scoring.difficulty_from_statistics` of the
 kernel's statistics, and the selection is bit-identical to :func:`cggr_torch.selection.select_tokens` on
 them. Other kernel devices (the Triton interpreter in tests) and a custom ``base_loss`` use the composable
@@ -50,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cggr import METRIC_KEYS, NUMERIC_METRIC_KEYS, CGGRConfig
+from cggr.config import SAMPLED_SELECTIONS
 
 from . import dispatch
 from .curriculum import Curriculum, Schedule, base_ratio_tensor, host_step, linear_warmup_ratio, step_tensor
@@ -95,11 +101,50 @@ def validate_inputs(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
 
 def _fused(logits: Any, base_loss: Optional[Callable[..., torch.Tensor]], scoring: str,
            selection: Optional[str] = None) -> bool:
-    """The fused kernel path applies: default base loss, dispatch says so (not for a reference scoring nor
-    ``sampled``, see :func:`cggr_torch.dispatch.use_fused_loss`), and its kernels import."""
+    """The fused kernel path applies: default base loss, dispatch says so (see
+    :func:`cggr_torch.dispatch.use_fused_loss`), and its kernels import (``sample_from_scores`` for
+    ``sampled``, ``select_from_scores`` for the other strategies)."""
+    entry = "sample_from_scores" if selection in SAMPLED_SELECTIONS else "select_from_scores"
     return (base_loss is None and isinstance(logits, torch.Tensor)
             and dispatch.use_fused_loss(logits, scoring, selection)
-            and dispatch.kernel("select_from_scores") is not None)
+            and dispatch.kernel(entry) is not None)
+
+
+def forward_sampled(logits: torch.Tensor, targets: torch.Tensor, step: torch.Tensor, base: torch.Tensor,
+                    cfg: CGGRConfig, reference_nll: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The fused ``sampled`` loss (SPEC §7.4, §8) on statically validated inputs: the scoring kernel (with
+    status; ``scoring='excess'`` runs it in mode ``loss`` and the sampler subtracts ``reference_nll``, SPEC §3.1)
+    then :func:`cggr_torch.kernels.sampling.sample_from_scores` (probabilities with every SPEC §10 metric, one
+    sort, water-filling, draws writing the row weights ``w/max(1, n)``, a one-program finish): about seven
+    launches, no host synchronisation. The target range is checked on the device (the ``ok`` slot), as
+    :func:`forward_fused` does. Equal to :func:`forward_reference`'s composable kernel path: the same
+    ``k``, mask and weights (given the same ratio), the loss and ``sample_ess`` up to float32 summation order."""
+    from .kernels import sampling as ksam
+    from .kernels import scoring as ks
+    from .kernels import selection as ksel
+
+    sample_from_scores = dispatch.kernel("sample_from_scores")
+    V = logits.shape[-1]
+    mode = ks.MODE_CODE["loss" if reference_nll is not None else cfg.scoring]
+    t = ks.flat_targets(targets)
+    with torch.no_grad():
+        out, _finite, _key, status = ks.scoring_op(logits.detach(), targets, cfg.ignore_index, mode,
+                                                   ksel.SORT_KEY_BITS)
+    res = sample_from_scores(
+        logits, t, out, status, tuple(logits.shape[:-1]), reference=reference_nll, base_ratio=base, step=step,
+        dynamic=cfg.uses_dynamic_threshold, threshold_sensitivity=cfg.threshold_sensitivity, seed=cfg.sample_seed,
+        power=cfg.sample_power, uniform_mix=cfg.sample_uniform_mix, floor=cfg.sample_floor)
+    ints, floats = res.ints, res.floats
+    ok = ints[ksam.METRIC_INT_SLOTS["ok"]]
+    if logits.device.type == "cuda" or torch.compiler.is_compiling():
+        torch._assert_async(ok != 0, f"targets: every value must lie in [0, {V}) or equal "
+                                     f"ignore_index={cfg.ignore_index}")
+    elif not bool(ok):  # interpreter (CPU tensors): eager, as check_target_range
+        check_target_range(targets, V, cfg.ignore_index)
+    metrics = {name: ints[slot] for name, slot in ksam.METRIC_INT_SLOTS.items()}
+    metrics.update({name: floats[slot] for name, slot in ksam.METRIC_FLOAT_SLOTS.items()})
+    return res.loss, {name: metrics[name] for name in NUMERIC_METRIC_KEYS}
 
 
 def forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: torch.Tensor, base: torch.Tensor,
@@ -218,6 +263,8 @@ def _forward(logits: Any, targets: Any, ratio_of: Callable[[torch.device], tuple
     targets = validate_inputs(logits, targets, cfg.ignore_index, range_check=not fused)
     reference_nll = check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape), device=logits.device)
     step, base = ratio_of(logits.device)
+    if fused and cfg.selection in SAMPLED_SELECTIONS:
+        return forward_sampled(logits, targets, step, base, cfg, reference_nll)
     if fused:
         return forward_fused(logits, targets, step, base, cfg)
     return forward_reference(logits, targets, step, base, cfg, base_loss, reference_nll)

@@ -19,7 +19,9 @@ order, through the functions below instead of re-coding them::
 
 The CUDA fused path of ``CGGRLoss`` (``loss.forward_fused``) is the kernel-side realisation of the same stages
 (the scoring kernel writes statistics, difficulty, status and sort key; one plan program computes the ratio,
-``k`` and every metric); it is tested bit-identical to this pipeline. The distributed global scope runs the
+``k`` and every metric); it is tested bit-identical to this pipeline; ``loss.forward_sampled`` is the same for ``sampled`` (the
+sampler's probability kernel computes the metrics, its draw kernel the row weights of :func:`loss_weights`).
+The distributed global scope runs the
 same stages with one all-gather between eligibility and ratio (SPEC §13).
 
 Nothing here synchronises with the device; everything runs under ``torch.no_grad()`` in the callers.

@@ -330,7 +330,8 @@ def _probabilities(d: torch.Tensor, e: torch.Tensor, k: torch.Tensor, power: flo
     ok = (j < kk) & ((kk - j).to(f32) * ps <= suffix)
     jstar = torch.where(ok, j, torch.full_like(j, N)).min() if N else torch.zeros((), dtype=torch.int64, device=dev)
     jc = torch.clamp(jstar, max=max(N - 1, 0))
-    s_j = suffix[jc] if N else zero
+    # index_select, not suffix[jc]: a 0-d tensor index is a graph break under torch.compile (SPEC §12.1)
+    s_j = suffix.index_select(0, jc.reshape(1)).reshape(()) if N else zero
     c = torch.where(s_j > 0, (kk - jstar).to(f32) / torch.where(s_j > 0, s_j, torch.ones_like(s_j)), zero)
     # k = n keeps every eligible token: exactly π = 1 (the rounding of c·p could leave 1 − ulp).
     pi_sorted = torch.where((j < jstar) | (kk >= n), torch.ones_like(ps), torch.clamp(c * ps, max=1.0))

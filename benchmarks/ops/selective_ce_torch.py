@@ -11,15 +11,18 @@ model's output would), selection ratio 0.25. Every row is one forward + backward
   and ``warmup_steps=0`` so that every row keeps the same 25 % (``stratified``: S = 4; ``sequence_aware``:
   the input is viewed as (16, 1024) sequences, one token each); plus the default configuration (its default
   strategy with the dynamic threshold on: it keeps more tokens, so its backward reads more rows);
-* ``CGGRLoss sampled``        - SPEC §7.4 takes the composable path (scoring kernel → ``sample_tokens``, the
-  Triton sampler of ``cggr_torch.kernels.sampling`` → selective CE kernel with row weights); the row
-  ``CGGRLoss sampled, PyTorch sampler`` swaps in the PyTorch reference sampler (what the row measured before
-  the sampler had kernels), so that the two differ only in the sampler;
+* ``CGGRLoss sampled``        - SPEC §7.4 on its fused path (``loss.forward_sampled``: scoring kernel →
+  ``cggr::sampled_loss_from_scores``: probabilities with every metric, one sort, water-filling, draws writing
+  the row weights, a one-program finish; the backward kernel with row weights); ``CGGRLoss sampled,
+  composable kernel path`` is the previous path (scoring kernel → ``sample_tokens``, the Triton sampler →
+  selective CE kernel with row weights, plus the pipeline's PyTorch glue), and ``CGGRLoss sampled, PyTorch
+  sampler`` that path with the PyTorch reference sampler swapped in;
 * ``liger CE``                - Liger-Kernel's fused cross-entropy (skipped when ``liger_kernel`` is absent);
 * ``eager CE``                - ``F.cross_entropy(logits, targets)``; ``--compile`` adds ``torch.compile``;
 * parts of the fused path, device time from CUDA graphs: scoring (+ key/status), plan, sort, mask, masked
-  mean, backward kernel, and the sampled path's ``sample_tokens`` (Triton sampler; a failed capture means it
-  synchronises); and a short sweep of backward launch variants (block bytes, blocks per program,
+  mean, backward kernel, the composable sampled path's ``sample_tokens`` (Triton sampler; a failed capture
+  means it synchronises) and the fused sampled path's ``sampled_loss_from_scores`` (everything after the
+  scoring kernel, its sort included); and a short sweep of backward launch variants (block bytes, blocks per program,
   store cache modifier, the row-major ``flat`` grid) - pick the fastest for
   ``cggr_torch/kernels/scoring.py`` (``_BACKWARD_*``);
 * two reference floors for the backward kernel, timed like the parts (no CGGR work): ``grad.zero_()`` of an
@@ -101,8 +104,9 @@ def _sample_tokens() -> Optional[Callable[..., Any]]:
 
 
 def _reference_sampler() -> Optional[Callable[[], Any]]:
-    """A context manager factory that routes ``sample_tokens`` to its PyTorch reference while every other
-    dispatch decision stays as it is (None in a checkout whose sampler has no kernel entry point)."""
+    """A context manager factory that puts ``CGGRLoss`` on its composable kernel path (the fused sampled path
+    never calls ``sample_tokens``) and routes ``sample_tokens`` to its PyTorch reference, every other kernel
+    unchanged (None in a checkout whose sampler has no kernel entry point)."""
     import contextlib
 
     from cggr_torch import dispatch
@@ -117,7 +121,8 @@ def _reference_sampler() -> Optional[Callable[[], Any]]:
 
     @contextlib.contextmanager
     def swapped() -> Any:
-        with dispatch.force(dispatch.mode(), kernels={"sample_tokens_triton": reference}):
+        # the composable path (the fused sampled path never calls sample_tokens_triton)
+        with dispatch.force("kernel", fused_loss=False, kernels={"sample_tokens_triton": reference}):
             yield
 
     return swapped
@@ -130,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import triton
 
     from benchmarks.harness import compat, measure
-    from cggr_torch import CGGRLoss, select_tokens
+    from cggr_torch import CGGRLoss, dispatch, select_tokens
 
     ks = compat.torch_scoring_kernels()
     kce = compat.torch_cross_entropy_kernels()
@@ -258,6 +263,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     c(x, t).backward()
             record("CGGRLoss sampled, PyTorch sampler", sampled_torch_sampler, cggr_floor, kind="module",
                    strategy="sampled+torch-sampler")
+        if "sample_from_scores" in getattr(dispatch, "KERNEL_ENTRY_POINTS", {}):
+            # SPEC §7.4 on the composable kernel path (what "CGGRLoss sampled" measured before the fused path)
+            crit_c = CGGRLoss(selection="sampled", dynamic_threshold=False, min_tokens_ratio=args.ratio,
+                              warmup_steps=0)
+
+            def sampled_composable(x: torch.Tensor, t: torch.Tensor, c: Any = crit_c) -> None:
+                with dispatch.force("kernel", fused_loss=False):
+                    c(x, t).backward()
+            record("CGGRLoss sampled, composable kernel path", sampled_composable, cggr_floor, kind="module",
+                   strategy="sampled+composable")
         # The docs' strategy with the flat (row-major) backward grid instead of the default 2-D grid.
         crit_flat = CGGRLoss(selection="topk", dynamic_threshold=False, min_tokens_ratio=args.ratio, warmup_steps=0)
 
@@ -307,6 +322,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sc0 = ks.score_tokens_triton(x0, t0)
             part("sampler (sample_tokens, sampled)", lambda: sample_fn(sc0.difficulty, sc0.eligible, ratio_t, step=1))
             del sc0
+        if "sample_from_scores" in getattr(dispatch, "KERNEL_ENTRY_POINTS", {}):
+            from cggr_torch.kernels import sampling as ksam
+
+            base_t = torch.tensor(args.ratio, dtype=torch.float32, device=device)
+            step_t = torch.tensor(1, dtype=torch.int64, device=device)
+            part("sampled from scores (fused sampled: probabilities, sort, water-filling, draws, finish)",
+                 lambda: ksam.sampled_loss_from_scores_op(x0, tf, out, status, None, base_t, step_t, False, 0.0, 0,
+                                                          1.0, 0.1, 1e-6))
         loss_buf = torch.empty((), dtype=torch.float32, device=device)
         count = torch.empty((1,), dtype=torch.int64, device=device)
         part("masked mean (loss)", lambda: kce.launch_masked_mean(mask, out[4], loss_buf, count))
@@ -392,9 +415,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         smp, tk = by.get("CGGRLoss sampled"), by.get("CGGRLoss topk")
         if smp is not None and tk is not None:     # issue 14's goal: sampled adds <= 5 % at ratio 0.25
             smp_t = by.get("CGGRLoss sampled, PyTorch sampler")
+            smp_c = by.get("CGGRLoss sampled, composable kernel path")
             summary.append(f"  sampled {smp['median_ms']:.3f} ms = {smp['median_ms'] / raw['median_ms']:.3f}x raw "
                            f"pipeline (composable topk), {smp['median_ms'] / tk['median_ms']:.3f}x CGGRLoss topk "
-                           f"(goal <= 1.05) | PyTorch sampler "
+                           f"(goal <= 1.05) | composable kernel path "
+                           f"{fmt(None if smp_c is None else smp_c['median_ms'], '.3f')} ms | PyTorch sampler "
                            f"{fmt(None if smp_t is None else smp_t['median_ms'], '.3f')} ms")
         line = "  parts gpu µs: " + ", ".join(f"{name.split(' (')[0].replace(' kernel', '').strip()} {fmt(us, '.0f')}"
                                            for name, us, _ in parts

@@ -22,6 +22,8 @@ Public entry points (imported lazily, so that ``import cggr_torch.kernels`` work
 * :func:`sample_tokens_triton` / :func:`sampling_probabilities_triton` - SPEC §7.4's ``sampled`` selection
   (probabilities → one ``torch.sort`` → water-filling → draws: three launches around the sort, six for large
   inputs), behind :func:`cggr_torch.selection.sample_tokens` / :func:`~cggr_torch.selection.sampling_probabilities`;
+  :func:`sample_from_scores` is the fused ``sampled`` loss after the scoring kernel (probabilities with every
+  SPEC §10 metric, sort, water-filling, draws writing the row weights, a one-program finish with the loss);
 * :func:`scored_selective_cross_entropy` - the fused path's loss: the masked mean of the scoring pass's
   ``nll`` with the same sparse backward.
 
@@ -58,6 +60,7 @@ __all__ = [
     "select_from_scores",
     "sample_tokens_triton",
     "sampling_probabilities_triton",
+    "sample_from_scores",
     "LaunchConfig",
     "scoring_config",
     "lse_config",
@@ -79,6 +82,7 @@ _LAZY = {
     "select_from_scores": "selection",
     "sample_tokens_triton": "sampling",
     "sampling_probabilities_triton": "sampling",
+    "sample_from_scores": "sampling",
 }
 
 

@@ -194,6 +194,35 @@ def test_excess_scoring_compiles(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scoring", ["combined", "excess"])
+def test_sampled_selection_compiles(backend, scoring):
+    """``selection='sampled'`` (SPEC §7.4) on the reference path: fullgraph, no recompilation as the step (and
+    with it the draws' hash input) moves, the eager values."""
+    rng = np.random.default_rng(13)
+
+    def reference(targets):
+        return torch.from_numpy(rng.uniform(0.0, 3.0, size=tuple(targets.shape)).astype(np.float32))
+
+    cfg = dict(scoring=scoring, selection="sampled", warmup_steps=WARMUP, dynamic_threshold=True,
+               threshold_sensitivity=0.5, sample_seed=5)
+    _compiled_vs_eager(lambda: CGGRLoss(**cfg), backend, rng, extra=reference if scoring == "excess" else None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampled_functional_loss_compiles(backend):
+    rng = np.random.default_rng(14)
+    kw = dict(selection="sampled", warmup_steps=WARMUP, sample_seed=9)
+    f = torch.compile(lambda x, t, s: cggr_loss(x, t, s, **kw), backend=backend, fullgraph=True)
+    for s in range(STEPS):
+        logits, targets = _batch(rng)
+        with no_recompile() if s else contextlib.nullcontext():
+            loss_c, met_c = f(logits, targets, torch.tensor(s))
+        loss_e, met_e = cggr_loss(logits, targets, s, **kw)
+        assert float(loss_c) == pytest.approx(float(loss_e), rel=1e-6)
+        _assert_same_metrics(met_c, met_e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_functional_loss_takes_a_step_tensor(backend):
     rng = np.random.default_rng(4)
     f = torch.compile(lambda x, t, s: cggr_loss(x, t, s, warmup_steps=WARMUP), backend=backend, fullgraph=True)
@@ -387,8 +416,8 @@ def test_whole_train_step_compiles_and_matches_eager(backend):
 
 # ------------------------------------------------------------------------------------ the kernel ops
 @needs_interpreter
-@pytest.mark.parametrize("selection, fused_loss", [(s, True) for s in NON_SAMPLED]
-                         + [("topk", False), ("stratified", False)])
+@pytest.mark.parametrize("selection, fused_loss", [(s, True) for s in NON_SAMPLED + ("sampled",)]
+                         + [("topk", False), ("stratified", False), ("sampled", False)])
 def test_kernel_path_compiles_on_the_interpreter(selection, fused_loss):
     """The fused kernel path (every strategy) and the composable one (scoring kernel, selection kernel,
     selective cross-entropy kernel), 5 steps through the warm-up, on the Triton interpreter."""
@@ -405,6 +434,7 @@ def test_kernel_custom_ops_pass_opcheck():
     from cggr_torch.kernels import selection as ksel
     from cggr_torch import fused_linear as fl
 
+    dispatch.preload_kernels()      # every cggr op registered, whatever ran before this test
     rng = np.random.default_rng(13)
     logits, targets = _batch(rng, B=2, T=5, V=11)
     n = targets.numel()
@@ -442,6 +472,16 @@ def test_kernel_custom_ops_pass_opcheck():
                 (z, torch.randn(5), torch.tensor([0, 3, 9, 2, 4]), 2, torch.tensor([0.5]), torch.empty(k_rows, 7))))
     ops.append((torch.ops.cggr.chunk_gradient.default,
                 (z.clone(), torch.randn(5), torch.tensor([0, 3, 9, 2, 4]), 2, torch.tensor([0.5]), None)))
+    # the sampled selection (SPEC §7.4): the composable path's sampler and the fused sampled loss
+    ops.append((torch.ops.cggr.sample_tokens.default,
+                (d.reshape(-1), e.reshape(-1), torch.tensor([0.5]), 0.0, torch.tensor([3]), 0, 7, 1.0, 0.1, 1e-6)))
+    ops.append((torch.ops.cggr.sample_tokens.default, (d.reshape(-1), e.reshape(-1), None, 0.4, None, 5, 7, 2.0,
+                                                       0.0, 1e-6)))
+    ref = torch.rand(n) * 2
+    for reference in (None, ref):
+        ops.append((torch.ops.cggr.sampled_loss_from_scores.default,
+                    (x, t, out, status, reference, torch.tensor(0.5), torch.tensor(3), True, 0.5, 7, 1.5, 0.2,
+                     1e-6)))
     ops.append((torch.ops.cggr.linear_warmup_ratio.default, (torch.tensor(3), 0.25, 10)))
     ops.append((torch.ops.cggr.dynamic_ratio.default, (torch.tensor(0.5), torch.tensor(0.25), torch.tensor(0.5))))
     with dispatch.force("kernel"):
@@ -452,7 +492,7 @@ def test_kernel_custom_ops_pass_opcheck():
 
 
 @needs_cuda
-@pytest.mark.parametrize("selection", NON_SAMPLED)
+@pytest.mark.parametrize("selection", NON_SAMPLED + ("sampled",))
 @pytest.mark.parametrize("fused_loss", [True, False])
 def test_kernel_path_compiled_matches_eager_on_cuda(selection, fused_loss):
     rng = np.random.default_rng(14)
@@ -470,5 +510,37 @@ def test_kernel_path_compiled_matches_eager_on_cuda(selection, fused_loss):
             torch.testing.assert_close(grad_c, grad_e)
             _assert_same_metrics({k: v.cpu() for k, v in crit._metrics.items()},
                                  {k: v.cpu() for k, v in twin._metrics.items()})
+            crit.step()
+            twin.step()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_sampled_excess_compiles_on_the_interpreter(backend):
+    """The fused ``sampled`` path (``cggr::scoring`` → ``cggr::sampled_loss_from_scores``, with a reference):
+    fullgraph, no recompilation over the warm-up, the eager values; the odd batches (half precision, non-finite
+    rows, all ignored) through the same graph."""
+    rng = np.random.default_rng(16)
+
+    def reference(targets):
+        ref = rng.uniform(0.0, 3.0, size=tuple(targets.shape)).astype(np.float32)
+        ref.reshape(-1)[2] = np.inf
+        return torch.from_numpy(ref)
+
+    cfg = dict(scoring="excess", selection="sampled", warmup_steps=WARMUP, dynamic_threshold=True)
+    with dispatch.force("kernel") as log:
+        _compiled_vs_eager(lambda: CGGRLoss(**cfg), backend, rng, extra=reference, steps=5, B=2, T=6)
+    assert log.calls["sample_from_scores"] >= 5           # the eager twin's calls (traced calls are not counted)
+    crit, twin = CGGRLoss(selection="sampled", warmup_steps=WARMUP), CGGRLoss(selection="sampled",
+                                                                            warmup_steps=WARMUP)
+    torch._dynamo.reset()
+    with dispatch.force("kernel"):
+        f = torch.compile(lambda x, t: crit(x, t), backend=backend, fullgraph=True)
+        for i, (logits, targets) in enumerate(_odd_batches(rng, torch.bfloat16)):
+            with no_recompile() if i else contextlib.nullcontext():
+                loss_c, grad_c = _grad_of(f, logits, targets)
+            loss_e, grad_e = _grad_of(twin, logits, targets)
+            assert torch.equal(loss_c, loss_e) and torch.equal(grad_c, grad_e)
+            _assert_same_metrics(crit._metrics, twin._metrics)
             crit.step()
             twin.step()

@@ -143,8 +143,8 @@ def test_loss_matches_the_oracle(mode, dtype, shape):
     with dispatch.force(mode) as log:
         x, loss, met = _run(logits.to(dev), targets.to(dev), 4, **cfg)
     if mode == "kernel":
-        assert log.calls["select_from_scores"] == 0            # the fused path does not know `sampled`
-        assert log.calls["selective_cross_entropy_triton"] == 1
+        assert log.calls["select_from_scores"] == 0            # the fused sampled path, not the top-k one
+        assert log.calls["sample_from_scores"] == 1
     d = score_tokens(logits, targets).difficulty.numpy()
     ref = oracle.cggr_loss(as_f64(logits), targets.numpy(), 4, difficulty_override=d, **cfg)
     mask = torch.isfinite(x.grad).all(-1).cpu().numpy()  # sanity: the gradient is finite everywhere
