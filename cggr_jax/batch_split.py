@@ -1,8 +1,8 @@
 r"""CGGR batch splitting in JAX (SPEC §9): a truncated router picks the hardest sequences of a batch, and only
 those run the full model's forward and backward, inside one jit-compiled training step.
 
-The scoring — :func:`cggr_jax.router.select_sequences` / :func:`cggr_jax.router.score_sequences` (the
-counterpart of PyTorch's ``CGGRScorer``) — lives in :mod:`cggr_jax.router`; this module is the training step.
+The scoring — :func:`cggr_jax.scorer.select_sequences` / :func:`cggr_jax.scorer.score_sequences` (the
+counterpart of PyTorch's ``CGGRScorer``) — lives in :mod:`cggr_jax.scorer`; this module is the training step.
 
 Training step (:func:`make_batch_split_train_step`)
 ----------------------------------------------------
@@ -12,7 +12,7 @@ One ``jax.jit``-compiled function ``(state, input_ids, labels, attention_mask) -
   ``stop_gradient(params)`` (no parameter copies, no gradient). On the **fused path** (default for a
   :class:`cggr_jax.models.DecoderLM`, ``config.router_path``) it stops at the final normed hidden states
   (``model.hidden_states(ids, mask, router_layers)``) and the head is scored block by block
-  (:func:`cggr_jax.router.select_sequences_fused`), so the ``(B, T, V)`` float32 router logits are never
+  (:func:`cggr_jax.scorer.select_sequences_fused`), so the ``(B, T, V)`` float32 router logits are never
   materialised; on the
   **logits path** (any other model) ``model.router_logits(ids, router_layers)`` is scored. The step's
   :attr:`BatchSplitTrainStep.router_path` says which one runs;
@@ -89,13 +89,14 @@ from flax import nnx
 from cggr import NUMERIC_METRIC_KEYS
 from cggr.config import SAMPLED_SELECTIONS
 
-from cggr_jax import curriculum, integrations, router, selection, utils
+from cggr_jax import causal_lm, curriculum, integrations, router, scorer, selection, utils
 from cggr_jax.sequence_reference import check_sequence_reference
-# The step's configuration and the router paths it takes, defined with the scorer in cggr_jax.router.
-from cggr_jax.router import ROUTER_MEMORY_BUDGET, ROUTER_PATHS, BatchSplitConfig
-# The sequence selection of SPEC §9 lives in router.py beside the scorer that feeds it; batch splitting
-# re-exports it so that both packages' batch_split modules carry the same names (CONTRIBUTING.md).
-from cggr_jax.router import select_sequences, sequence_difficulty
+# The router paths the step takes (cggr_jax.router) and its configuration (with the scorer, cggr_jax.scorer).
+from cggr_jax.router import ROUTER_MEMORY_BUDGET, ROUTER_PATHS
+from cggr_jax.scorer import BatchSplitConfig
+# The sequence selection of SPEC §9 lives in scorer.py; batch splitting re-exports it so that both packages'
+# batch_split modules carry the same names (CONTRIBUTING.md).
+from cggr_jax.scorer import select_sequences, sequence_difficulty
 from cggr_jax.types import SequenceSelection
 
 __all__ = [
@@ -140,7 +141,7 @@ SEQUENCE_METRIC_KEYS: tuple[str, ...] = (
 # ----------------------------------------------------------------------------------------------- checks
 def _check_batch(input_ids: Any, labels: Any, attention_mask: Any) -> None:
     """Static checks of a ``(B, T)`` batch: 2-D integer ``input_ids`` with ``B ≥ 1`` and ``T ≥ 2``, then
-    :func:`cggr_jax.router.check_labels_and_mask`."""
+    :func:`cggr_jax.scorer.check_labels_and_mask`."""
     shape = getattr(input_ids, "shape", None)
     dtype = getattr(input_ids, "dtype", None)
     if shape is None or len(shape) != 2:
@@ -151,7 +152,7 @@ def _check_batch(input_ids: Any, labels: Any, attention_mask: Any) -> None:
         )
     if not jnp.issubdtype(dtype, jnp.integer):
         raise ValueError(f"input_ids: expected an integer dtype (token ids), got {dtype}")
-    router.check_labels_and_mask(tuple(shape), labels, attention_mask, "input_ids")
+    scorer.check_labels_and_mask(tuple(shape), labels, attention_mask, "input_ids")
 
 
 # ------------------------------------------------------------------------------------------------- loss
@@ -328,7 +329,7 @@ class BatchSplitTrainStep:
         if self.vocab_size is not None:
             # SPEC §11 as in every entry point: concrete out-of-range labels raise here, before the jitted step
             # (under a trace the pair is not eligible and is counted in tokens_out_of_range instead).
-            router.check_shifted_labels(labels, attention_mask, self.vocab_size, self.config.ignore_index)
+            scorer.check_shifted_labels(labels, attention_mask, self.vocab_size, self.config.ignore_index)
         else:
             utils.check_label_dtype(labels.dtype, self.config.ignore_index, "labels")
         if not isinstance(state, BatchSplitState):
@@ -396,13 +397,13 @@ class BatchSplitTrainStep:
         mask_r = None if attention_mask is None else attention_mask[:, :read]
         if path == "fused":
             hidden = router_model.hidden_states(ids_r, mask_r, cfg.router_layers)
-            weight, layout = router.head_weight(router_model)
-            sel = router.select_sequences_fused(hidden, weight, labels, attention_mask, step=step, config=cfg,
+            weight, layout = causal_lm.head_weight(router_model)
+            sel = scorer.select_sequences_fused(hidden, weight, labels, attention_mask, step=step, config=cfg,
                                                 vocab_size=self.vocab_size, weight_layout=layout,
                                                 reference_nll=reference_nll)
         else:
             router_logits = router_model.router_logits(ids_r, cfg.router_layers, mask_r)
-            sel = router.select_sequences(jax.lax.stop_gradient(router_logits), labels, attention_mask,
+            sel = scorer.select_sequences(jax.lax.stop_gradient(router_logits), labels, attention_mask,
                                           step=step, config=cfg, vocab_size=self.vocab_size,
                                           reference_nll=reference_nll)
         rank = sel.rank
@@ -427,7 +428,7 @@ class BatchSplitTrainStep:
                      "sample_ess": jnp.where(w_sq > 0, w_sum * w_sum / jnp.where(w_sq > 0, w_sq, 1.0), zero_f)}
         kept = (rank >= 0) & (rank < k)
         n_kept = jnp.sum(kept, dtype=jnp.int32)
-        info = router.selection_info(sel)
+        info = scorer.selection_info(sel)
         metrics = {
             "token_ratio": sel.base_ratio, "effective_ratio": sel.ratio, "sequences_total": info["n"],
             "tokens_total": info["tokens_total"], "tokens_nonfinite": info["tokens_nonfinite"],

@@ -36,8 +36,8 @@ loss, the metric ``tokens_selected`` reports the kept count and :attr:`FusedLine
 the dropped one (concrete, non-traced inputs raise :class:`ValueError` instead). The default capacity never
 overflows.
 
-**Backward** (``jax.custom_vjp``): only the buffer's rows are recomputed, one vocabulary chunk of ``C``
-columns at a time (``lax.fori_loop`` over full chunks plus a static tail)::
+**Backward** (``jax.custom_vjp``, :mod:`cggr_jax.fused_linear_backward`): only the buffer's rows are
+recomputed, one vocabulary chunk of ``C`` columns at a time (``lax.fori_loop`` over full chunks plus a static tail)::
 
     Z = H_S W[v0:v1]ᵀ + b[v0:v1];   G = (exp(Z − lse_S) − onehot)·w        (float32, saved lse)
     ∂H_S += G W[v0:v1]  (float32 accumulator);   ∂W[v0:v1] = Gᵀ H_S;   ∂b[v0:v1] = Σ G
@@ -83,6 +83,8 @@ from cggr.config import reject_sampled_selection
 from cggr_jax import curriculum, dispatch, pipeline, utils
 from cggr_jax import selection as selection_lib
 from cggr_jax import scoring as scoring_lib
+# The backward pass (the selected rows' gradient) lives in its own module.
+from cggr_jax.fused_linear_backward import BackwardPlan, block_logits, selected_rows_loss
 from cggr_jax.kernels.launch import DEFAULT_MEMORY_BUDGET, ChunkPlan, plan_chunks
 from cggr_jax.types import TokenScores, TokenStatistics
 from cggr_jax.loss import DEFAULT_CONFIG, CGGRLoss, resolve_config
@@ -239,15 +241,6 @@ def forward_blocks(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, 
 
 
 # ==================================================================================== blockwise scoring
-def _logits(h: jax.Array, w: jax.Array, b: Optional[jax.Array], layout: str, ldt: Any) -> jax.Array:
-    """``h Wᵀ + b`` in ``ldt`` with float32 accumulation (``w`` in the given layout)."""
-    contract = ((1,), (1,)) if layout == "vd" else ((1,), (0,))
-    z = jax.lax.dot_general(h, w, (contract, ((), ())), preferred_element_type=jnp.float32)
-    if b is not None:
-        z = z + b.astype(jnp.float32)
-    return z.astype(ldt)
-
-
 def _vocab_chunked_statistics(h_c: jax.Array, w: jax.Array, b: Optional[jax.Array], t_c: Optional[jax.Array],
                               m_c: Optional[jax.Array], ignore_index: int, layout: str, ldt: Any,
                               cols: int) -> TokenStatistics:
@@ -276,7 +269,7 @@ def _vocab_chunked_statistics(h_c: jax.Array, w: jax.Array, b: Optional[jax.Arra
             # Data dependence of this block's GEMM on the previous block's statistics: XLA cannot hoist the
             # GEMMs ahead of the kernels, so one block of logits at a time needs to be live (the plan's budget).
             h_in, state = jax.lax.optimization_barrier((h_c, state))
-        z = _logits(h_in, w_c, b_c, layout, ldt)
+        z = block_logits(h_in, w_c, b_c, layout, ldt)
         itemsize = kernel_scoring.as_float32_input(z).dtype.itemsize      # the element size the kernel reads
         # Few rows (a row split): widen each row's program so that the statistics still stream at full rate.
         launch = kernel_launch.scoring_config_for_rows(rows, v1 - v0, itemsize, kernel_launch.num_sms())
@@ -309,7 +302,7 @@ def _blockwise_statistics(h2: jax.Array, w: jax.Array, b: Optional[jax.Array], s
     def block(h_c: jax.Array, t_c: Optional[jax.Array], m_c: Optional[jax.Array]) -> TokenStatistics:
         if cols < V:
             return _vocab_chunked_statistics(h_c, w, b, t_c, m_c, ignore_index, layout, ldt, cols)
-        z = _logits(h_c, w, b, layout, ldt)
+        z = block_logits(h_c, w, b, layout, ldt)
         launch = None
         if kernel:  # a block has few rows: widen each row's program so the statistics stream at full rate
             from .kernels import launch as kernel_launch
@@ -340,102 +333,6 @@ def _blockwise_statistics(h2: jax.Array, w: jax.Array, b: Optional[jax.Array], s
     if len(parts) == 1:
         return parts[0]
     return TokenStatistics(*(jnp.concatenate(xs) for xs in zip(*parts)))
-
-
-# ============================================================================================ backward
-@dataclasses.dataclass(frozen=True)
-class _BackwardPlan:
-    vocab_chunk: int
-    weight_layout: str
-    logits_dtype: str
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _selected_rows_loss(plan: _BackwardPlan, hidden2d: jax.Array, weight: jax.Array, bias: Optional[jax.Array],
-                        loss_value: jax.Array, rows: jax.Array, row_weight: jax.Array, row_target: jax.Array,
-                        row_lse: jax.Array) -> jax.Array:
-    """Returns ``loss_value``; its VJP is the selective cross-entropy gradient of the buffered rows."""
-    return loss_value
-
-
-def _selected_rows_fwd(plan: _BackwardPlan, hidden2d: jax.Array, weight: jax.Array, bias: Optional[jax.Array],
-                       loss_value: jax.Array, rows: jax.Array, row_weight: jax.Array, row_target: jax.Array,
-                       row_lse: jax.Array) -> tuple[jax.Array, tuple[Any, ...]]:
-    return loss_value, (hidden2d, weight, bias, rows, row_weight, row_target, row_lse)
-
-
-def _vocab_slice(x: jax.Array, start: Any, size: int, axis: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
-
-
-def _selected_rows_bwd(plan: _BackwardPlan, res: tuple[Any, ...], g: jax.Array) -> tuple[Any, ...]:
-    hidden2d, weight, bias, rows, row_weight, row_target, row_lse = res
-    N, d = hidden2d.shape
-    layout = plan.weight_layout
-    v_axis = 0 if layout == "vd" else 1
-    V = weight.shape[v_axis]
-    cap = rows.shape[0]
-    cdt = hidden2d.dtype
-    ldt = jnp.dtype(plan.logits_dtype)
-    if cap == 0:
-        gb0 = None if bias is None else jnp.zeros_like(bias)
-        return (jnp.zeros_like(hidden2d), jnp.zeros_like(weight), gb0) + (None,) * 5
-    live = row_weight > 0
-    w_rows = row_weight * g.astype(jnp.float32)
-    h_sel = jnp.where(live[:, None], hidden2d[rows], jnp.zeros((), cdt))
-    lse_col = row_lse[:, None]
-
-    def chunk(v0: Any, size: int) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
-        w_c = _vocab_slice(weight, v0, size, v_axis)
-        b_c = None if bias is None else _vocab_slice(bias, v0, size, 0)
-        z = _logits(h_sel, w_c, b_c, layout, ldt).astype(jnp.float32)
-        cols = v0 + jnp.arange(size, dtype=jnp.int32)
-        onehot = (row_target[:, None] == cols[None, :]).astype(jnp.float32)
-        gz = jnp.where(live[:, None], (jnp.exp(z - lse_col) - onehot) * w_rows[:, None], 0.0)
-        gz_c = gz.astype(cdt)
-        if layout == "vd":   # w_c (C, d)
-            gh = jax.lax.dot_general(gz_c, w_c, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            gw = jax.lax.dot_general(gz_c, h_sel, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        else:                # w_c (d, C)
-            gh = jax.lax.dot_general(gz_c, w_c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            gw = jax.lax.dot_general(h_sel, gz_c, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        gb = None if bias is None else jnp.sum(gz, axis=0)
-        return gh, gw.astype(weight.dtype), gb
-
-    C = max(1, min(plan.vocab_chunk, V))
-    n_full = V // C
-    tail = V - n_full * C
-    acc_h = jnp.zeros((cap, d), jnp.float32)
-    grad_w = jnp.zeros_like(weight)
-    grad_b = None if bias is None else jnp.zeros((V,), jnp.float32)
-
-    def body(i: jax.Array, carry: tuple[Any, ...]) -> tuple[Any, ...]:
-        a_h, g_w, g_b = carry
-        v0 = i * C
-        gh, gw, gb = chunk(v0, C)
-        g_w = jax.lax.dynamic_update_slice_in_dim(g_w, gw, v0, v_axis)
-        if g_b is not None:
-            g_b = jax.lax.dynamic_update_slice_in_dim(g_b, gb, v0, 0)
-        return a_h + gh, g_w, g_b
-
-    if n_full > 0:
-        acc_h, grad_w, grad_b = jax.lax.fori_loop(0, n_full, body, (acc_h, grad_w, grad_b))
-    if tail > 0:
-        v0 = n_full * C
-        gh, gw, gb = chunk(v0, tail)
-        acc_h = acc_h + gh
-        grad_w = jax.lax.dynamic_update_slice_in_dim(grad_w, gw, v0, v_axis)
-        if grad_b is not None:
-            grad_b = grad_b.at[v0:].set(gb)
-    # Rows are distinct except the padding slots (row 0, value exactly 0), so an add in the output dtype is
-    # exact and needs no N × d float32 buffer.
-    acc_h = jnp.where(live[:, None], acc_h, 0.0).astype(cdt)
-    grad_h = jnp.zeros((N, d), cdt).at[rows].add(acc_h)
-    grad_b_out = None if bias is None else grad_b.astype(bias.dtype)
-    return (grad_h, grad_w, grad_b_out) + (None,) * 5
-
-
-_selected_rows_loss.defvjp(_selected_rows_fwd, _selected_rows_bwd)
 
 
 # ================================================================================================ core
@@ -501,8 +398,8 @@ def _fused(hidden: jax.Array, weight: jax.Array, bias: Optional[jax.Array], labe
     row_weight = jnp.where(slot_live, 1.0 / sel_denom, 0.0).astype(jnp.float32)
     row_target = jnp.where(slot_live, safe[rows], 0)
     row_lse = jnp.where(slot_live, flat.lse[rows], 0.0)
-    plan = _BackwardPlan(cfg.vocab_chunk, cfg.weight_layout, cfg.logits_dtype)
-    loss = _selected_rows_loss(plan, h2, weight, bias, sg(loss_value), rows, row_weight, row_target, row_lse)
+    plan = BackwardPlan(cfg.vocab_chunk, cfg.weight_layout, cfg.logits_dtype)
+    loss = selected_rows_loss(plan, h2, weight, bias, sg(loss_value), rows, row_weight, row_target, row_lse)
     metrics = dict(measured.metrics, tokens_selected=kept, sample_ess=kept.astype(jnp.float32))
     return FusedLinearCGGROutput(loss, metrics, kept_mask.reshape(token_shape), scores, count - kept)
 

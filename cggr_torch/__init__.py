@@ -13,7 +13,8 @@ from . import dispatch
 from .batch_split import CGGRModel
 from .curriculum import dynamic_ratio, linear_warmup_ratio, num_selected
 from .loss import METRIC_KEYS, CGGRLoss, cggr_loss
-from .router import CGGRScorer, PassthroughRouter, TruncatedRouter, create_truncated_router
+from .router import PassthroughRouter, TruncatedRouter, create_truncated_router
+from .scorer import CGGRScorer
 from .scoring import SCORING_MODES, difficulty_from_statistics, score_tokens, token_statistics
 from .policy_gradient import policy_gradient_loss
 from .selection import SELECTION_STRATEGIES, rank_tokens, select_tokens

@@ -82,14 +82,12 @@ from .router import (
     ROUTER_PATHS,
     PassthroughRouter,
     TruncatedRouter,
-    check_budget,
     create_truncated_router,
     is_masked_lm,
     model_vocab_size,
     resolve_router_path,
-    router_token_scores,
-    scored_index,
 )
+from .scorer import check_budget, router_token_scores, scored_index
 from .scoring import score_next_tokens
 from .selection import rank_tokens, sample_tokens, select_tokens
 from .sequence_reference import apply_sequence_reference, check_sequence_reference, router_scoring

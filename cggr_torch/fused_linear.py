@@ -23,8 +23,8 @@ statistics (other devices) take whole rows. Only the five float32 statistics per
 difficulty (§3), eligibility (§4), ratio (§5), selection (§7) and the loss value ``Σ_S nll / |S|`` come from
 the statistics alone — the forward computes no extra matmul for the loss.
 
-**Backward** recomputes the logits of the selected rows only. The ``K = |S|`` selected rows are gathered
-(``H_S``: ``K × d``); for each vocabulary chunk ``[v0, v1)`` of ``C`` columns::
+**Backward** (:mod:`cggr_torch.fused_linear_backward`) recomputes the logits of the selected rows only. The
+``K = |S|`` selected rows are gathered (``H_S``: ``K × d``); for each vocabulary chunk ``[v0, v1)`` of ``C`` columns::
 
     Z   = H_S W[v0:v1]ᵀ + b[v0:v1]                 (K × C, inputs' dtype, float32 accumulation in cuBLAS)
     G   = (exp(Z − lse_S) − onehot) · grad / |S|   (float32 arithmetic, with the forward's saved lse)
@@ -76,7 +76,6 @@ The gradients themselves (``∂h``: ``N × d``, ``∂W``: ``V × d``, ``∂b``) 
 """
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from typing import Any, NamedTuple, Optional, Union
@@ -84,52 +83,62 @@ from typing import Any, NamedTuple, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.autograd.function import once_differentiable
 
 from cggr import CGGRConfig
 from cggr.config import reject_sampled_selection
 
 from . import dispatch
 from .curriculum import Schedule, base_ratio_tensor, host_step, step_tensor
+# The backward pass lives in its own module; its public helpers stay importable from here.
+from .fused_linear_backward import (
+    SelectedRowsCrossEntropy,
+    accumulate_matmul,
+    accumulates_in_place,
+    gradient_kernel_for,
+    selected_rows_cross_entropy_op,
+)
 from .loss import CGGRLoss, check_schedule
 from .pipeline import select_and_measure
 from .scoring import check_reference_nll, compute_statistics, scores_from_statistics
 from .types import TokenScores, TokenStatistics
 from .kernels.launch import DEFAULT_MEMORY_BUDGET, ChunkPlan, check_positive_int, plan_chunks
-from .utils import (
-    FLOAT_DTYPES,
-    check_linear_head,
-    check_scoring,
-    check_target_range,
-    is_integer_dtype,
-    resolve_config,
-    widen_labels,
-)
+from .utils import FLOAT_DTYPES, check_scoring, check_target_range, is_integer_dtype, resolve_config, widen_labels
 
 __all__ = [
-    "hf_base_and_head",
     "DEFAULT_MEMORY_BUDGET",
     "ChunkPlan",
     "FusedLinearCGGROutput",
     "FusedLinearCGGRLoss",
+    "describe",
     "plan_chunks",
     "fused_linear_cggr",
     "fused_linear_cggr_loss",
     "fused_linear_scores",
-    "hf_causal_lm_cggr_loss",
     "score_next_tokens_fused",
     "gradient_kernel_for",
     "accumulates_in_place",
     "accumulate_matmul",
+    # re-exported from cggr_torch.causal_lm (their home since the split), loaded on first use below
+    "hf_base_and_head",
+    "hf_causal_lm_cggr_loss",
 ]
 
-_GRADIENT_KERNEL_MODULE = "cggr_torch.kernels.fused_linear"
-_MIXED_ADDMM: dict[tuple[str, torch.dtype], Optional[str]] = {}
+#: Names that moved to :mod:`cggr_torch.causal_lm`, which imports this module: resolved lazily (PEP 562) so
+#: that ``from cggr_torch.fused_linear import hf_causal_lm_cggr_loss`` keeps working without an import cycle.
+_CAUSAL_LM_NAMES = ("hf_base_and_head", "hf_causal_lm_cggr_loss")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CAUSAL_LM_NAMES:
+        from . import causal_lm
+
+        return getattr(causal_lm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ========================================================================================= input checks
-def _describe(x: Any) -> str:
+def describe(x: Any) -> str:
+    """A short description of an argument for error messages: a tensor's dtype, shape and device, else its type."""
     if isinstance(x, torch.Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
     return type(x).__name__
@@ -138,12 +147,12 @@ def _describe(x: Any) -> str:
 def _check_linear(hidden: Any, weight: Any, bias: Any) -> None:
     """Shapes, dtypes and devices of ``hidden (N, d) | (B, T, d)``, ``weight (V, d)``, ``bias (V,)``."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden: expected a (N, d) or (B, T, d) floating tensor, got {_describe(hidden)}")
+        raise ValueError(f"hidden: expected a (N, d) or (B, T, d) floating tensor, got {describe(hidden)}")
     if hidden.dtype not in FLOAT_DTYPES:
         raise ValueError(f"hidden: expected dtype float32, float16, bfloat16 or float64, got {hidden.dtype}")
     d = hidden.shape[-1]
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight: expected the LM head weight of shape (V, d) = (V, {d}), got {_describe(weight)}")
+        raise ValueError(f"weight: expected the LM head weight of shape (V, d) = (V, {d}), got {describe(weight)}")
     if weight.shape[1] != d:
         raise ValueError(f"weight: expected shape (V, {d}) (d = hidden.shape[-1]), got {tuple(weight.shape)}; "
                          f"an nn.Linear LM head's .weight has this layout")
@@ -157,7 +166,7 @@ def _check_linear(hidden: Any, weight: Any, bias: Any) -> None:
     if bias is not None:
         V = weight.shape[0]
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (V,):
-            raise ValueError(f"bias: expected None or a tensor of shape ({V},), got {_describe(bias)}")
+            raise ValueError(f"bias: expected None or a tensor of shape ({V},), got {describe(bias)}")
         if bias.dtype != hidden.dtype:
             raise ValueError(f"bias: expected dtype {hidden.dtype} (that of hidden), got {bias.dtype}")
         if bias.device != hidden.device:
@@ -168,7 +177,7 @@ def _check_targets(targets: Any, hidden: torch.Tensor, vocab_size: int, ignore_i
     """Static checks of the aligned targets, the label-dtype rule, the range check; returns them widened."""
     expected = tuple(hidden.shape[:-1])
     if not isinstance(targets, torch.Tensor):
-        raise ValueError(f"targets: expected an integer tensor of shape {expected}, got {_describe(targets)}")
+        raise ValueError(f"targets: expected an integer tensor of shape {expected}, got {describe(targets)}")
     if not is_integer_dtype(targets.dtype):
         raise ValueError(f"targets: expected an integer dtype, got {targets.dtype}")
     if tuple(targets.shape) != expected:
@@ -264,249 +273,6 @@ def _(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return torch.empty((6, hidden2d.shape[0]), dtype=torch.float32, device=hidden2d.device)
 
 
-def gradient_kernel_for(hidden: torch.Tensor) -> Optional[Any]:
-    """The Triton chunk-gradient module for ``hidden``'s device and dtype, or None (PyTorch element-wise ops).
-
-    None on non-kernel devices, with ``CGGR_DISABLE_KERNELS=1``, for float64 and when Triton is absent; a
-    kernel error is raised by the launch, never replaced.
-    """
-    if not dispatch.use_kernels(hidden) or hidden.dtype == torch.float64:
-        return None
-    launch = dispatch.kernel("launch_chunk_gradient")
-    if launch is None:
-        return None
-    return importlib.import_module(_GRADIENT_KERNEL_MODULE)
-
-
-def _mixed_addmm_mode(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """How ``acc_fp32 + a @ b`` runs for ``a, b`` of ``dtype`` here without rounding the product to ``dtype``.
-
-    ``"inplace"``: ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` - cuBLAS' float32-output GEMM
-    accumulating into ``acc`` itself (no copy of ``acc``, no second accumulator); ``"functional"``: the same
-    without ``out=`` (PyTorch first copies ``acc`` into a new result); None: neither (older builds, other
-    backends). PyTorch ≥ 2.8 exposes the float32-output GEMM for float16/bfloat16 inputs on CUDA; probed once
-    per (device type, dtype) on a 2 × 2 problem, result checked.
-    """
-    key = (device.type, dtype)
-    if key not in _MIXED_ADDMM:
-        mode: Optional[str] = None
-        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-            a = torch.ones((2, 2), dtype=dtype, device=device)
-            try:
-                c = torch.ones((2, 2), dtype=torch.float32, device=device)
-                r = torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-                if r.data_ptr() == c.data_ptr() and bool((c == 3).all()):
-                    mode = "inplace"
-            except (TypeError, RuntimeError, NotImplementedError):
-                pass
-            if mode is None:
-                try:
-                    c = torch.ones((2, 2), dtype=torch.float32, device=device)
-                    if bool((torch.addmm(c, a, a, out_dtype=torch.float32) == 3).all()):
-                        mode = "functional"
-                except (TypeError, RuntimeError, NotImplementedError):
-                    pass
-        _MIXED_ADDMM[key] = mode
-    return _MIXED_ADDMM[key]
-
-
-def accumulates_in_place(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`accumulate_matmul` needs no second ``K × d`` buffer (see :func:`plan_chunks`)."""
-    return dtype in (torch.float32, torch.float64) or _mixed_addmm_mode(device, dtype) == "inplace"
-
-
-def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``acc + a @ b`` with ``acc`` float32 (float64 for float64 inputs): the product is not rounded to the
-    inputs' dtype before the sum where the backend offers a float32-output GEMM (``∂h_S`` over vocab chunks);
-    in place where it can accumulate into ``acc`` itself."""
-    if a.dtype == acc.dtype:
-        return acc.addmm_(a, b)
-    mode = _mixed_addmm_mode(a.device, a.dtype)
-    if mode == "inplace":
-        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    if mode == "functional":
-        return torch.addmm(acc, a, b, out_dtype=torch.float32)
-    return acc.add_(a @ b)
-
-
-# ============================================================================================ autograd
-class _SelectedRowsCrossEntropy(torch.autograd.Function):
-    """``loss = Σ_{i∈mask} nll_i / denom`` whose backward recomputes only the selected rows' logits."""
-
-    @staticmethod
-    def forward(ctx: Any, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                nll: torch.Tensor, mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor,
-                count: torch.Tensor, vocab_chunk: Optional[int], memory_budget_bytes: int) -> torch.Tensor:
-        denom = torch.clamp(count, min=1).to(torch.float32)
-        loss = torch.where(mask, nll, torch.zeros_like(nll)).sum() / denom
-        ctx.save_for_backward(hidden2d, weight, bias, mask, safe_targets, lse, denom)
-        if count.device.type == "cuda":
-            host = torch.empty((), dtype=torch.int64, pin_memory=True)
-            host.copy_(count, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            ctx.count_host = (host, event)
-        else:
-            ctx.count_host = (count, None)
-        ctx.vocab_chunk = vocab_chunk
-        ctx.memory_budget_bytes = memory_budget_bytes
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        hidden2d, weight, bias, mask, safe_targets, lse, denom = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        rest = (None,) * 7
-        if not (need_h or need_w or need_b):
-            return (None, None, None) + rest
-        host, event = ctx.count_host
-        if event is not None:
-            event.synchronize()  # waits for the forward's count copy only, not for the queued backward work
-        grad_h, grad_w, grad_b = _selected_rows_backward(
-            grad_loss, hidden2d, weight, bias, mask, safe_targets, lse, denom, int(host), ctx.vocab_chunk,
-            ctx.memory_budget_bytes, need_h, need_w, need_b)
-        return (grad_h, grad_w, grad_b) + rest
-
-
-def _selected_rows_backward(grad_loss: torch.Tensor, hidden2d: torch.Tensor, weight: torch.Tensor,
-                            bias: Optional[torch.Tensor], mask: torch.Tensor, safe_targets: torch.Tensor,
-                            lse: torch.Tensor, denom: torch.Tensor, K: int, vocab_chunk: Optional[int],
-                            memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool
-                            ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The backward of the selected rows (see the module docstring) with ``K = |S|`` known on the host."""
-    N, d = hidden2d.shape
-    V = weight.shape[0]
-    dtype = hidden2d.dtype
-    dev = hidden2d.device
-    grad_h = torch.zeros_like(hidden2d) if need_h else None
-    grad_w = (torch.zeros_like(weight) if K == 0 else torch.empty_like(weight)) if need_w else None
-    grad_b32 = torch.zeros((V,), dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                           device=dev) if need_b else None
-    if K > 0:
-        with torch.autocast(device_type=dev.type, enabled=False):
-            # Selected rows in increasing index order, without a second synchronisation.
-            idx = torch.sort(mask.to(torch.int8), descending=True, stable=True).indices[:K]
-            h_sel = hidden2d.index_select(0, idx)
-            t_sel = safe_targets.index_select(0, idx)
-            lse_sel = lse.index_select(0, idx).unsqueeze(1)
-            scale = grad_loss.detach().to(torch.float32).reshape(()) / denom
-            chunk = vocab_chunk
-            kernel = gradient_kernel_for(hidden2d)
-            if chunk is None:
-                chunk = plan_chunks(N, d, V, dtype, selected_rows=K,
-                                    memory_budget_bytes=memory_budget_bytes,
-                                    gradient_kernel=kernel is not None,
-                                    inplace_accumulation=accumulates_in_place(dev, dtype)).vocab_chunk
-            acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            acc_h = torch.zeros((K, d), dtype=acc_dtype, device=dev) if need_h else None
-            if kernel is not None:
-                lse_rows = lse_sel.reshape(-1)
-                scale_dev = scale.reshape(1)
-            for v0 in range(0, V, chunk):
-                v1 = min(V, v0 + chunk)
-                w_c = weight[v0:v1]
-                z = F.linear(h_sel, w_c, None if bias is None else bias[v0:v1])
-                if kernel is not None:
-                    # One pass, in place: z becomes G in the inputs' dtype (float32 arithmetic).
-                    colsum = None
-                    if need_b:
-                        colsum = torch.empty((-(-K // kernel.CHUNK_BLOCK_ROWS), v1 - v0),
-                                             dtype=torch.float32, device=dev)
-                    kernel.launch_chunk_gradient(z, lse_rows, t_sel, v0, scale_dev, colsum)
-                    if need_b:
-                        grad_b32[v0:v1] = colsum.sum(dim=0)
-                    g_c = z
-                    del z  # only g_c may hold the chunk, or two chunks coexist at the next F.linear
-                else:
-                    g = z.to(torch.float32)
-                    del z
-                    g.sub_(lse_sel).exp_()
-                    hit = (t_sel >= v0) & (t_sel < v1)
-                    col = torch.clamp(t_sel - v0, 0, v1 - v0 - 1).unsqueeze(1)
-                    g.scatter_add_(1, col, -hit.to(torch.float32).unsqueeze(1))
-                    g.mul_(scale)
-                    if need_b:
-                        grad_b32[v0:v1] = g.sum(dim=0)
-                    g_c = g.to(dtype)
-                    del g
-                if need_h:
-                    acc_h = accumulate_matmul(acc_h, g_c, w_c)
-                if need_w:
-                    torch.mm(g_c.t(), h_sel, out=grad_w[v0:v1])
-                del g_c
-            if need_h:
-                grad_h.index_copy_(0, idx, acc_h.to(dtype))
-    grad_b = grad_b32.to(bias.dtype) if need_b else None
-    return grad_h, grad_w, grad_b
-
-
-# The compiled form (SPEC §12.1): the same loss as custom ops with a registered autograd formula. The
-# backward needs K on the host to size its buffers; inside the op it reads the count (one synchronisation
-# per backward on CUDA, where the eager autograd function waits only for a pinned copy made in the forward).
-@torch.library.custom_op("cggr::selected_rows_cross_entropy", mutates_args=())
-def selected_rows_cross_entropy_op(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                   nll: torch.Tensor, mask: torch.Tensor, safe_targets: torch.Tensor,
-                                   lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
-                                   memory_budget_bytes: int) -> torch.Tensor:
-    """``Σ_{i∈mask} nll_i / max(1, count)`` (float32 0-d); its gradient is the selected-rows backward."""
-    denom = torch.clamp(count, min=1).to(torch.float32)
-    return torch.where(mask, nll, torch.zeros_like(nll)).sum() / denom
-
-
-@selected_rows_cross_entropy_op.register_fake
-def _(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], nll: torch.Tensor,
-      mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
-      memory_budget_bytes: int) -> torch.Tensor:
-    return torch.empty((), dtype=torch.float32, device=nll.device)
-
-
-@torch.library.custom_op("cggr::selected_rows_cross_entropy_backward", mutates_args=())
-def selected_rows_cross_entropy_backward_op(
-        grad_loss: torch.Tensor, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-        mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
-        memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(∂h, ∂W, ∂b)`` of :func:`selected_rows_cross_entropy_op`; a gradient that is not needed (or the
-    bias's without a bias) is an empty tensor."""
-    denom = torch.clamp(count, min=1).to(torch.float32)
-    K = int(count)  # sizes the gathered rows: read on the host (see above)
-    g_h, g_w, g_b = _selected_rows_backward(grad_loss, hidden2d, weight, bias, mask, safe_targets, lse, denom, K,
-                                            vocab_chunk or None, memory_budget_bytes, need_h, need_w,
-                                            need_b and bias is not None)
-    empty = hidden2d.new_empty((0,))
-    return (g_h if g_h is not None else empty, g_w if g_w is not None else empty,
-            g_b if g_b is not None else empty)
-
-
-@selected_rows_cross_entropy_backward_op.register_fake
-def _(grad_loss: torch.Tensor, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-      mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
-      memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool
-      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    empty = hidden2d.new_empty((0,))
-    return (torch.empty_like(hidden2d) if need_h else empty, torch.empty_like(weight) if need_w else empty,
-            torch.empty_like(bias) if need_b and bias is not None else hidden2d.new_empty((0,)))
-
-
-def _selected_rows_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    hidden2d, weight, bias, _nll, mask, safe_targets, lse, count, vocab_chunk, budget = inputs
-    ctx.save_for_backward(hidden2d, weight, bias, mask, safe_targets, lse, count)
-    ctx.vocab_chunk, ctx.memory_budget_bytes = vocab_chunk, budget
-
-
-def _selected_rows_grad(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-    hidden2d, weight, bias, mask, safe_targets, lse, count = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    g_h, g_w, g_b = selected_rows_cross_entropy_backward_op(
-        grad_loss, hidden2d, weight, bias, mask, safe_targets, lse, count, ctx.vocab_chunk,
-        ctx.memory_budget_bytes, need_h, need_w, bool(need_b and bias is not None))
-    return ((g_h if need_h else None), (g_w if need_w else None),
-            (g_b if need_b and bias is not None else None)) + (None,) * 7
-
-
-selected_rows_cross_entropy_op.register_autograd(_selected_rows_grad, setup_context=_selected_rows_setup_context)
-
 
 # ================================================================================================ core
 class FusedLinearCGGROutput(NamedTuple):
@@ -564,7 +330,7 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias
         loss = selected_rows_cross_entropy_op(hidden2d, weight, bias, flat.nll, mask.reshape(-1), safe_t,
                                               flat.lse, count, vocab_chunk_size or 0, memory_budget_bytes)
     else:
-        loss = _SelectedRowsCrossEntropy.apply(hidden2d, weight, bias, flat.nll, mask.reshape(-1), safe_t,
+        loss = SelectedRowsCrossEntropy.apply(hidden2d, weight, bias, flat.nll, mask.reshape(-1), safe_t,
                                                flat.lse, count, vocab_chunk_size, memory_budget_bytes)
     return FusedLinearCGGROutput(loss, metrics, mask, scores)
 
@@ -595,7 +361,7 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     Args:
         hidden: ``(N, d)`` or ``(B, T, d)`` float32/float16/bfloat16/float64 (a 3-D input's rows are the
             sequences of ``sequence_aware``); already aligned with ``targets`` (a causal LM shifts its labels
-            first, see :func:`hf_causal_lm_cggr_loss`).
+            first, see :func:`cggr_torch.causal_lm.hf_causal_lm_cggr_loss`).
         weight: ``(V, d)`` LM-head weight (``nn.Linear`` layout), same dtype and device as ``hidden``.
         targets: integer tensor of shape ``hidden.shape[:-1]``; values in ``[0, V)`` or ``ignore_index``.
         step: curriculum step: a host integer or a 0-d integer tensor (pass a tensor under torch.compile).
@@ -733,7 +499,7 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Opt
     if valid_mask is not None:
         if not isinstance(valid_mask, torch.Tensor) or valid_mask.dtype != torch.bool \
                 or tuple(valid_mask.shape) != token_shape:
-            raise ValueError(f"valid_mask: expected a bool tensor of shape {token_shape}, got {_describe(valid_mask)}")
+            raise ValueError(f"valid_mask: expected a bool tensor of shape {token_shape}, got {describe(valid_mask)}")
         if valid_mask.device != hidden.device:
             raise ValueError(f"valid_mask: expected device {hidden.device}, got {valid_mask.device}")
     d = hidden.shape[-1]
@@ -788,91 +554,3 @@ def score_next_tokens_fused(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
                 x[:, -1] = 0.0
     nonfinite = (scores.valid & ~scores.eligible).sum()
     return scores, nonfinite
-
-
-# ========================================================================================= Hugging Face
-def hf_base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """A Hugging Face causal LM's base model and ``nn.Linear`` LM head, checked by SPEC §9's head-linearity rule
-    (its logits must be ``hidden · Wᵀ + b``); ``ValueError`` naming ``model`` otherwise. Shared by
-    :func:`hf_causal_lm_cggr_loss` and ``cggr_torch.integrations.apply_cggr``."""
-    base = getattr(model, "base_model", None)
-    if not isinstance(base, nn.Module) or base is model:
-        raise ValueError(f"model: expected a Hugging Face *ForCausalLM with a base model (model.base_model), got "
-                         f"{type(model).__name__}")
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"model: expected get_output_embeddings() to return an nn.Linear LM head, got "
-                         f"{type(head).__name__}")
-
-    def probe(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=input_ids).logits
-        out = base(input_ids=input_ids)
-        hidden = getattr(out, "last_hidden_state", None)
-        return logits, (out[0] if hidden is None else hidden)
-
-    reason = check_linear_head(model, head, probe)
-    if reason is not None:
-        raise ValueError(f"model: {reason}")
-    return base, head
-
-
-def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                           loss_module: FusedLinearCGGRLoss, attention_mask: Optional[torch.Tensor] = None,
-                           reference_nll: Optional[torch.Tensor] = None, **model_kwargs: Any) -> torch.Tensor:
-    """CGGR loss of a Hugging Face causal LM without materialising its ``(B, T, V)`` logits.
-
-    Runs the base model (``model.base_model``, e.g. ``model.model`` of a Llama) to get the final hidden states
-    ``(B, T, d)``, takes the output embedding ``model.get_output_embeddings()`` (an ``nn.Linear``; tied
-    embeddings are the same parameter) and calls ``loss_module(hidden, weight, shifted_labels, bias)`` where
-    ``shifted_labels[:, t] = labels[:, t + 1]`` and the last position gets ``ignore_index`` (SPEC §1: the
-    prediction at ``t`` is scored against token ``t + 1``; the last position has no target). Shifting the
-    labels instead of slicing the hidden states avoids copying them. A position whose next token is padding
-    (``attention_mask[:, t + 1] == 0``) is ignored as well (the convention of SPEC §9); ``attention_mask`` and
-    ``model_kwargs`` are passed to the base model.
-
-    ``reference_nll`` (``scoring='excess'`` only, SPEC §3.1) is aligned like the unshifted ``labels``, shape
-    ``(B, T)``: ``reference_nll[b, t]`` is the reference model's loss of predicting ``labels[b, t]``. It is
-    shifted exactly as the labels are (``reference_nll[:, 0]`` is never read; the last position has no target).
-
-    Returns the float32 loss; metrics via ``loss_module.get_metrics()``; call ``loss_module.step()`` after
-    each optimizer step.
-
-    Raises:
-        ValueError: ``loss_module`` not a :class:`FusedLinearCGGRLoss`, a model without a base model or linear
-            output embedding, a model whose logits are not ``hidden · Wᵀ + b`` (scaling, capping or
-            soft-capping after the head: the numeric rule :func:`cggr_torch.router.check_linear_head`, run once
-            per model and head), or bad ``input_ids``/``labels``.
-    """
-    if not isinstance(loss_module, FusedLinearCGGRLoss):
-        raise ValueError(f"loss_module: expected a cggr_torch.fused_linear.FusedLinearCGGRLoss, got "
-                         f"{type(loss_module).__name__}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or not is_integer_dtype(input_ids.dtype):
-        raise ValueError(f"input_ids: expected an integer (B, T) tensor, got {_describe(input_ids)}")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape) \
-            or not is_integer_dtype(labels.dtype):
-        raise ValueError(f"labels: expected an integer tensor of shape {tuple(input_ids.shape)} (that of "
-                         f"input_ids), got {_describe(labels)}")
-    # Checked against the unshifted labels (the caller's alignment) before the model runs.
-    reference_nll = check_reference_nll(reference_nll, loss_module.config.scoring, tuple(labels.shape),
-                                        device=labels.device)
-    base, head = hf_base_and_head(model)
-    out = base(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        hidden = out[0]
-    ignore = loss_module.ignore_index
-    # The caller passed labels: the dtype rule and range errors name them (the loss would say targets).
-    labels = widen_labels(labels, ignore, name="labels")
-    check_target_range(labels, head.weight.shape[0], ignore, name="labels")
-    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore)], dim=1)
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(labels.shape):
-            raise ValueError(f"attention_mask: expected None or a tensor of shape {tuple(labels.shape)}, got "
-                             f"{_describe(attention_mask)}")
-        pad_next = torch.cat([attention_mask[:, 1:] == 0, torch.ones_like(attention_mask[:, :1], dtype=torch.bool)],
-                             dim=1)
-        shifted = shifted.masked_fill(pad_next, ignore)
-    if reference_nll is not None:   # shifted as the labels; the last position's value is never read (ignored)
-        reference_nll = torch.cat([reference_nll[:, 1:], torch.zeros_like(reference_nll[:, :1])], dim=1)
-    return loss_module(hidden, head.weight, shifted, head.bias, reference_nll)

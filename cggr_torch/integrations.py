@@ -70,7 +70,8 @@ from cggr import REFERENCE_SCORING_MODES
 
 from .batch_split import CGGRModel
 from .curriculum import Curriculum
-from .fused_linear import FusedLinearCGGRLoss, hf_base_and_head, hf_causal_lm_cggr_loss
+from .causal_lm import hf_base_and_head, hf_causal_lm_cggr_loss
+from .fused_linear import FusedLinearCGGRLoss
 from .router import is_masked_lm
 
 __all__ = ["use_cggr", "CGGRTrainer", "CGGRStepCallback", "cggr_objects", "apply_cggr", "remove_cggr",
@@ -287,7 +288,7 @@ def apply_cggr(model: torch.nn.Module, **config: Any) -> torch.nn.Module:
 
     ``model = apply_cggr(model, min_tokens_ratio=0.25, warmup_steps=1000)``; then, in training mode,
     ``model(input_ids, labels=labels, attention_mask=mask).loss`` is the CGGR loss of
-    :func:`cggr_torch.fused_linear.hf_causal_lm_cggr_loss` (SPEC §1: position ``t`` is scored against
+    :func:`cggr_torch.causal_lm.hf_causal_lm_cggr_loss` (SPEC §1: position ``t`` is scored against
     ``labels[:, t + 1]``, a position whose next token is padding is ignored; SPEC §2-§8 selection from the
     hidden states and the head weight), and the ``(B, T, V)`` logits are never materialised: the output's
     ``.logits`` is None. ``reference_nll=`` (``scoring='excess'``, SPEC §3.1), aligned like the unshifted

@@ -19,7 +19,7 @@ with ``top_entropy_quantile = 1`` the loss and gradients equal TRL's own path wi
 :func:`cggr_torch.policy_gradient.policy_gradient_loss`.
 
 Limits (``ValueError``): vision-language inputs, MoE auxiliary losses, and models whose logits are not
-``hidden · Wᵀ + b`` (soft-capped or scaled heads: SPEC §9's head check, :func:`cggr_torch.fused_linear.hf_base_and_head`).
+``hidden · Wᵀ + b`` (soft-capped or scaled heads: SPEC §9's head check, :func:`cggr_torch.causal_lm.hf_base_and_head`).
 Tested with ``trl==1.16.0`` (whose own ``GRPOTrainer`` head is already chunked, ``trl.trainer.utils.add_fused_lm_head``).
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any, Optional
 
 import torch
 
-from .fused_linear import DEFAULT_MEMORY_BUDGET, hf_base_and_head
+from .causal_lm import hf_base_and_head
+from .fused_linear import DEFAULT_MEMORY_BUDGET
 from .selection import select_tokens
 from .token_stats import fused_linear_token_stats
 

@@ -9,7 +9,7 @@ This example makes the combination concrete with shapes that never depend on the
 * every feed-forward block of a tiny ``LlamaForCausalLM`` is replaced by :class:`NullRoutedMoE`: top-1 gating
   over ``E`` experts plus a **null expert** whose output is exactly zero (the residual stream carries the token
   through unchanged, at no FLOP cost);
-* before each training step, :class:`cggr_torch.router.CGGRScorer` scores every position with a truncated
+* before each training step, :class:`cggr_torch.scorer.CGGRScorer` scores every position with a truncated
   router (the model's first layers, weights shared) and returns a ``(B, T)`` mask of the hard tokens — exactly
   ``k`` of them (SPEC §5.3/§7) whatever the data;
 * tokens outside the mask go to the null expert; the selected ones are dispatched into per-expert buffers of a
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers.utils import logging as hf_logging
 
-    from cggr_torch.router import CGGRScorer, create_truncated_router
+    from cggr_torch.router import create_truncated_router
+    from cggr_torch.scorer import CGGRScorer
 
     hf_logging.set_verbosity_error()
     source = load_text(args.text, max_chars=args.max_chars)

@@ -238,23 +238,25 @@ def torch_backward_flat_grid(on: bool) -> Iterator[None]:
 
 def torch_fused_linear_module() -> ModuleType:
     """``cggr_torch.fused_linear`` for its internals used by the fused-head diagnostics
-    (``_gradient_kernel_for``, ``_accumulates_in_place``, ``_accumulate_matmul``); the module keeps its name
-    in issue 13's layout."""
+    (``fused_linear_cggr``); the module keeps its name in issue 13's layout (its backward and the
+    accumulation helpers are in ``fused_linear_backward`` since the module split: see the functions below)."""
     return _module("cggr_torch.fused_linear")
 
 
 def torch_fused_gradient_kernel(hidden: Any) -> Any:
     """The Triton in-place chunk-gradient kernel the fused head would use for ``hidden`` (None without one;
     private ``fused_linear._gradient_kernel_for`` before issue 13). DECISIONS.md: fused-head-inplace-gradient."""
-    return _attr([("cggr_torch.fused_linear", "gradient_kernel_for"),
+    return _attr([("cggr_torch.fused_linear_backward", "gradient_kernel_for"),
+                  ("cggr_torch.fused_linear", "gradient_kernel_for"),
                   ("cggr_torch.fused_linear", "_gradient_kernel_for")])(hidden)
 
 
 @contextlib.contextmanager
 def torch_fused_without_gradient_kernel() -> Iterator[None]:
     """Run the fused head with its element-wise PyTorch chunk gradient instead of the Triton pass (the rejected
-    alternative of DECISIONS.md: fused-head-inplace-gradient): patches the module's kernel lookup."""
-    fl = torch_fused_linear_module()
+    alternative of DECISIONS.md: fused-head-inplace-gradient): patches the kernel lookup of the module that
+    runs the backward (``fused_linear_backward`` since the module split, ``fused_linear`` before)."""
+    fl = _module("cggr_torch.fused_linear_backward", "cggr_torch.fused_linear")
     name = "gradient_kernel_for" if hasattr(fl, "gradient_kernel_for") else "_gradient_kernel_for"
     old = getattr(fl, name)
     setattr(fl, name, lambda h: None)
@@ -267,13 +269,15 @@ def torch_fused_without_gradient_kernel() -> Iterator[None]:
 def torch_fused_accumulates_in_place(device: Any, dtype: Any) -> bool:
     """Whether the fused head's backward accumulates ∂h in place (cuBLAS float32-output GEMM); private
     ``fused_linear._accumulates_in_place`` before issue 13. DECISIONS.md: fused-head-chunk-plan."""
-    return bool(_attr([("cggr_torch.fused_linear", "accumulates_in_place"),
+    return bool(_attr([("cggr_torch.fused_linear_backward", "accumulates_in_place"),
+                       ("cggr_torch.fused_linear", "accumulates_in_place"),
                        ("cggr_torch.fused_linear", "_accumulates_in_place")])(device, dtype))
 
 
 def torch_fused_accumulate_matmul(acc: Any, z: Any, w: Any) -> Any:
     """``acc += z @ w`` as the fused head's backward does it (private ``fused_linear._accumulate_matmul``)."""
-    return _attr([("cggr_torch.fused_linear", "accumulate_matmul"),
+    return _attr([("cggr_torch.fused_linear_backward", "accumulate_matmul"),
+                  ("cggr_torch.fused_linear", "accumulate_matmul"),
                   ("cggr_torch.fused_linear", "_accumulate_matmul")])(acc, z, w)
 
 

@@ -17,7 +17,9 @@ nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
 
 from cggr_jax import batch_split as bs  # noqa: E402
-from cggr_jax import router as rt  # noqa: E402
+from cggr_jax import scorer as jsc  # noqa: E402
+from cggr_jax.causal_lm import head_weight  # noqa: E402
+from cggr_jax.router import resolve_router_path  # noqa: E402
 from cggr_jax.models import DecoderConfig, DecoderLM  # noqa: E402
 from tests import oracle  # noqa: E402
 
@@ -100,7 +102,7 @@ def _check_against_reference(sel, ref, B):
 def test_select_sequences_matches_reference(dtype, seed, step, scoring):
     zj, z, labels, mask = _batch(seed, dtype=dtype)
     cfg = bs.BatchSplitConfig(scoring=scoring)
-    sel = rt.select_sequences(zj, labels, mask, step=step, config=cfg)
+    sel = jsc.select_sequences(zj, labels, mask, step=step, config=cfg)
     ref = reference_sequences(z, np.asarray(labels), np.asarray(mask), step, scoring=scoring)
     assert not ref["seq_ok"][4] and not ref["seq_ok"][5]  # all-ignored / all-padding are never eligible
     _check_against_reference(sel, ref, zj.shape[0])
@@ -110,14 +112,14 @@ def test_select_sequences_matches_reference(dtype, seed, step, scoring):
 def test_ties_keep_lower_batch_index_and_jit_matches_eager():
     zj, z, labels, mask = _batch(5)
     cfg = bs.BatchSplitConfig(warmup_steps=0, min_tokens_ratio=0.25, dynamic_threshold=False)
-    eager = rt.select_sequences(zj, labels, mask, step=3, config=cfg)
+    eager = jsc.select_sequences(zj, labels, mask, step=3, config=cfg)
     assert float(eager.difficulty[0]) == float(eager.difficulty[8])  # identical sequences
     # Choose the ratio so that the cut falls between the two tied sequences.
     r0 = int(eager.rank[0])
     n = int(eager.eligible.sum())
-    sel = rt.select_sequences(zj, labels, mask, ratio=np.float32((r0 + 1) / n), config=cfg)
+    sel = jsc.select_sequences(zj, labels, mask, ratio=np.float32((r0 + 1) / n), config=cfg)
     assert int(sel.k) == r0 + 1 and bool(sel.mask[0]) and not bool(sel.mask[8])
-    jitted = jax.jit(lambda z, y, m, s: rt.select_sequences(z, y, m, step=s, config=cfg))
+    jitted = jax.jit(lambda z, y, m, s: jsc.select_sequences(z, y, m, step=s, config=cfg))
     traced = jitted(zj, labels, mask, jnp.int32(3))
     exact = jax.default_backend() == "cpu"
     for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(traced)):
@@ -131,18 +133,18 @@ def test_ties_keep_lower_batch_index_and_jit_matches_eager():
 def test_dynamic_threshold_and_fixed_quota():
     zj, z, labels, mask = _batch(6)
     base = oracle.linear_warmup_ratio(0.25, 1000)(600)
-    dyn = rt.select_sequences(zj, labels, mask, step=600, config=bs.BatchSplitConfig())
-    fixed = rt.select_sequences(zj, labels, mask, step=600, config=bs.BatchSplitConfig(selection="fixed_quota"))
-    off = rt.select_sequences(zj, labels, mask, step=600, config=bs.BatchSplitConfig(dynamic_threshold=False))
+    dyn = jsc.select_sequences(zj, labels, mask, step=600, config=bs.BatchSplitConfig())
+    fixed = jsc.select_sequences(zj, labels, mask, step=600, config=bs.BatchSplitConfig(selection="fixed_quota"))
+    off = jsc.select_sequences(zj, labels, mask, step=600, config=bs.BatchSplitConfig(dynamic_threshold=False))
     assert np.float32(fixed.ratio) == np.float32(off.ratio) == base
     assert np.float32(dyn.ratio) > base  # mean confidence < 1 raises the ratio (SPEC §5.2)
     sched = bs.BatchSplitConfig(ratio_schedule=lambda s: jnp.float32(0.5), dynamic_threshold=False)
-    assert np.float32(rt.select_sequences(zj, labels, mask, step=1, config=sched).ratio) == np.float32(0.5)
+    assert np.float32(jsc.select_sequences(zj, labels, mask, step=1, config=sched).ratio) == np.float32(0.5)
 
 
 def test_score_sequences_info_matches_oracle_metrics():
     zj, z, labels, mask = _batch(7)
-    d, m, info = rt.score_sequences(zj, labels, mask, 500, bs.BatchSplitConfig())
+    d, m, info = jsc.score_sequences(zj, labels, mask, 500, bs.BatchSplitConfig())
     ref = reference_sequences(z, np.asarray(labels), np.asarray(mask), 500)
     el = ref["scores"]["eligible"]
     assert int(info["tokens_total"]) == int(el.sum())
@@ -157,28 +159,28 @@ def test_score_sequences_info_matches_oracle_metrics():
 
 def test_all_ignored_batch_selects_nothing():
     zj, _, labels, mask = _batch(8)
-    sel = rt.select_sequences(zj, jnp.full_like(labels, IGNORE), mask, step=0)
+    sel = jsc.select_sequences(zj, jnp.full_like(labels, IGNORE), mask, step=0)
     assert int(sel.k) == 0 and not bool(sel.mask.any()) and float(sel.ratio) == 1.0
-    sel = rt.select_sequences(zj, labels, jnp.zeros_like(mask), step=0)
+    sel = jsc.select_sequences(zj, labels, jnp.zeros_like(mask), step=0)
     assert int(sel.k) == 0 and not bool(sel.mask.any())
 
 
 def test_selection_bad_inputs():
     zj, _, labels, mask = _batch(9)
     with pytest.raises(ValueError, match="labels"):
-        rt.select_sequences(zj, labels[:, 1:], step=0)
+        jsc.select_sequences(zj, labels[:, 1:], step=0)
     with pytest.raises(ValueError, match="attention_mask"):
-        rt.select_sequences(zj, labels, mask[:3], step=0)
+        jsc.select_sequences(zj, labels, mask[:3], step=0)
     with pytest.raises(ValueError, match="router_logits"):
-        rt.select_sequences(zj[0], labels, step=0)  # (T, V): not a batch
+        jsc.select_sequences(zj[0], labels, step=0)  # (T, V): not a batch
     with pytest.raises(ValueError, match="vocab"):
-        rt.select_sequences(zj, labels, step=0, vocab_size=zj.shape[-1] + 1)  # router vocab != model vocab
+        jsc.select_sequences(zj, labels, step=0, vocab_size=zj.shape[-1] + 1)  # router vocab != model vocab
     with pytest.raises(ValueError, match="labels"):
-        rt.select_sequences(zj, labels.at[1, 3].set(zj.shape[-1]), step=0)  # concrete out-of-range target
+        jsc.select_sequences(zj, labels.at[1, 3].set(zj.shape[-1]), step=0)  # concrete out-of-range target
     with pytest.raises(ValueError, match="exactly one"):
-        rt.select_sequences(zj, labels, step=0, ratio=0.5)
+        jsc.select_sequences(zj, labels, step=0, ratio=0.5)
     with pytest.raises(ValueError, match="ratio"):
-        rt.select_sequences(zj, labels, ratio=1.5)
+        jsc.select_sequences(zj, labels, ratio=1.5)
     with pytest.raises(ValueError, match="selection"):
         bs.BatchSplitConfig(selection="stratified")
     with pytest.raises(ValueError, match="selection"):
@@ -192,7 +194,7 @@ def test_selection_bad_inputs():
 def test_out_of_range_labels_under_jit_are_counted_not_used():
     zj, _, labels, mask = _batch(10)
     bad = labels.at[0, 5].set(999).at[6, 1].set(-5)  # two otherwise eligible targets
-    f = jax.jit(lambda z, y, m: rt.score_sequences(z, y, m, 0, bs.BatchSplitConfig()))
+    f = jax.jit(lambda z, y, m: jsc.score_sequences(z, y, m, 0, bs.BatchSplitConfig()))
     _, _, info = f(zj, bad, mask)
     assert int(info["tokens_out_of_range"]) == 2
     _, _, info_ok = f(zj, labels, mask)
@@ -287,7 +289,7 @@ def test_step_equals_sgd_on_exactly_the_kept_sequences(curriculum_run):
             continue
         before = run["states"][i]
         ids, labels, mask = _batch_at(i)
-        sel = rt.select_sequences(router_fn(before.params, before.rest, ids, mask), labels, mask, step=i, config=cfg)
+        sel = jsc.select_sequences(router_fn(before.params, before.rest, ids, mask), labels, mask, step=i, config=cfg)
         kept = np.flatnonzero(np.asarray(sel.mask))
         assert len(kept) == k and 2 not in kept
         # Pad to the bucket with copies of kept row 0 (a fixed shape for the jitted reference) and drop them
@@ -331,7 +333,7 @@ def test_random_sequence_router_keeps_cggr_count_with_a_random_choice(curriculum
     for i in range(4):
         ids, labels, mask = _batch_at(i)
         state, m = rnd(state, ids, labels, mask)
-        sel = rt.select_sequences(router_fn(state.params, state.rest, ids, mask), labels, mask, step=i, config=cfg)
+        sel = jsc.select_sequences(router_fn(state.params, state.rest, ids, mask), labels, mask, step=i, config=cfg)
         assert int(m["sequences_selected"]) == int(sel.k) and float(m["effective_ratio"]) == float(sel.ratio)
         top = float(jnp.mean(sel.difficulty[sel.mask]))
         diffs.append(top - float(m["avg_sequence_difficulty_selected"]))
@@ -438,9 +440,9 @@ def test_fused_router_selects_like_the_logits_path_and_the_oracle(tie, dtype):
     config = bs.BatchSplitConfig(router_layers=2, warmup_steps=0, min_tokens_ratio=0.4)
     logits = model.router_logits(ids, 2, mask)
     hidden = model.hidden_states(ids, mask, 2)
-    weight, layout = rt.head_weight(model)
-    a = rt.select_sequences(logits, labels, mask, step=0, config=config, vocab_size=29)
-    b = rt.select_sequences_fused(hidden, weight, labels, mask, step=0, config=config, vocab_size=29,
+    weight, layout = head_weight(model)
+    a = jsc.select_sequences(logits, labels, mask, step=0, config=config, vocab_size=29)
+    b = jsc.select_sequences_fused(hidden, weight, labels, mask, step=0, config=config, vocab_size=29,
                                   weight_layout=layout)
     # scores within SPEC §11 of the float64 oracle on the router's own logits, eligibility identical
     ref = reference_sequences(logits, labels, mask, 0, min_ratio=0.4, warmup=0)
@@ -492,17 +494,17 @@ def test_router_path_validation_and_explicit_fallback():
     class OtherLM(nnx.Module):  # only router_logits: not a DecoderLM
         pass
 
-    assert rt.resolve_router_path(_model(), "auto")[0] == "fused"
-    path, reason = rt.resolve_router_path(OtherLM(), "auto")
+    assert resolve_router_path(_model(), "auto")[0] == "fused"
+    path, reason = resolve_router_path(OtherLM(), "auto")
     assert path == "logits" and "DecoderLM" in reason
     with pytest.raises(ValueError, match="router_path"):
-        rt.resolve_router_path(OtherLM(), "fused")
-    assert rt.resolve_router_path(_model(), "logits")[0] == "logits"
+        resolve_router_path(OtherLM(), "fused")
+    assert resolve_router_path(_model(), "logits")[0] == "logits"
     hidden = jnp.zeros((2, 5, 16))
     with pytest.raises(ValueError, match="hidden"):
-        rt.select_sequences_fused(hidden[0], jnp.zeros((V, 16)), jnp.zeros((2, 5), jnp.int32), step=0)
+        jsc.select_sequences_fused(hidden[0], jnp.zeros((V, 16)), jnp.zeros((2, 5), jnp.int32), step=0)
     with pytest.raises(ValueError, match="vocab"):
-        rt.select_sequences_fused(hidden, jnp.zeros((V, 16)), jnp.zeros((2, 5), jnp.int32), step=0,
+        jsc.select_sequences_fused(hidden, jnp.zeros((V, 16)), jnp.zeros((2, 5), jnp.int32), step=0,
                                   vocab_size=V + 1)
     with pytest.raises(ValueError, match="labels"):
-        rt.select_sequences_fused(hidden, jnp.zeros((V, 16)), jnp.full((2, 5), V, jnp.int32), step=0)
+        jsc.select_sequences_fused(hidden, jnp.zeros((V, 16)), jnp.full((2, 5), V, jnp.int32), step=0)

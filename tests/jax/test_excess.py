@@ -14,7 +14,7 @@ jnp = pytest.importorskip("jax.numpy")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 import cggr_jax  # noqa: E402
-from cggr_jax import router, scoring  # noqa: E402
+from cggr_jax import scorer, scoring  # noqa: E402
 from cggr_jax import loss as loss_module  # noqa: E402
 from tests import oracle  # noqa: E402
 
@@ -197,6 +197,6 @@ def test_wrong_shape_dtype_and_type_name_reference_nll():
 def test_batch_split_step_names_a_missing_reference():
     # The fused LM head and the distributed loss take reference_nll (tests/jax/test_excess_heads.py), and so does
     # the batch-split step (SPEC §9.1; tests/jax/test_split_excess.py): a missing one names it.
-    cfg = router.BatchSplitConfig(router_layers=1, scoring="excess")
+    cfg = scorer.BatchSplitConfig(router_layers=1, scoring="excess")
     with pytest.raises(ValueError, match="reference_nll: scoring='excess' needs the reference model's loss"):
-        router.select_sequences(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), ratio=0.5, config=cfg)
+        scorer.select_sequences(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), ratio=0.5, config=cfg)

@@ -13,7 +13,7 @@ Odd sizes (N = 37 or 3 × 13, d = 23, V = 301), fp32/bf16 (fp16 against the orac
 eligible, counted in ``tokens_nonfinite``), ignore_index, all-ignored batches and the argument errors.
 
 ``cggr_jax.integrations`` has no entry point that takes labels; the labels-taking fused helper,
-``cggr_jax.router.decoder_lm_cggr_loss``, shifts a labels-aligned reference like the labels (tested last).
+``cggr_jax.causal_lm.decoder_lm_cggr_loss``, shifts a labels-aligned reference like the labels (tested last).
 """
 from __future__ import annotations
 
@@ -340,7 +340,7 @@ def test_decoder_lm_helper_shifts_the_reference_like_the_labels():
     from flax import nnx
 
     from cggr_jax import fused_linear as fl
-    from cggr_jax import router
+    from cggr_jax import causal_lm
     from cggr_jax.models import DecoderConfig, DecoderLM
 
     model = DecoderLM(DecoderConfig(vocab_size=301, d_model=24, num_layers=1, num_heads=2, max_seq_len=16),
@@ -350,8 +350,8 @@ def test_decoder_lm_helper_shifts_the_reference_like_the_labels():
     ref = rng.uniform(0.0, 8.0, (3, 9)).astype(np.float32)
     ref[:, 0] = np.nan                       # never read: position 0 predicts nothing
     cfg = dict(scoring="excess", selection="topk", min_tokens_ratio=0.3, warmup_steps=0, dynamic_threshold=False)
-    loss, metrics = router.decoder_lm_cggr_loss(model, ids, ids, 0, reference_nll=jnp.asarray(ref), **cfg)
-    hidden = router.decoder_lm_hidden_states(model, ids, None)
+    loss, metrics = causal_lm.decoder_lm_cggr_loss(model, ids, ids, 0, reference_nll=jnp.asarray(ref), **cfg)
+    hidden = causal_lm.decoder_lm_hidden_states(model, ids, None)
     tgt = jnp.concatenate([ids[:, 1:], jnp.full((3, 1), -100, jnp.int32)], axis=1)
     ref_s = jnp.asarray(np.concatenate([ref[:, 1:], np.zeros((3, 1), np.float32)], axis=1))
     want, want_m = fl.fused_linear_cggr_loss(hidden.astype(model.config.dtype), model.lm_head.kernel[...], tgt, 0,
@@ -359,7 +359,7 @@ def test_decoder_lm_helper_shifts_the_reference_like_the_labels():
     assert int(metrics["tokens_nonfinite"]) == 0 and int(metrics["tokens_total"]) == 3 * 8
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-6, atol=1e-6)
     # A caller who passes the targets-aligned (already shifted) reference gets it shifted once more: wrong tokens.
-    other, _ = router.decoder_lm_cggr_loss(model, ids, ids, 0, reference_nll=ref_s, **cfg)
+    other, _ = causal_lm.decoder_lm_cggr_loss(model, ids, ids, 0, reference_nll=ref_s, **cfg)
     assert abs(float(other) - float(loss)) > 1e-4
     with pytest.raises(ValueError, match="reference_nll: expected shape"):
-        router.decoder_lm_cggr_loss(model, ids, ids, 0, reference_nll=jnp.zeros((3, 8)), **cfg)
+        causal_lm.decoder_lm_cggr_loss(model, ids, ids, 0, reference_nll=jnp.zeros((3, 8)), **cfg)

@@ -15,7 +15,7 @@ import pytest
 
 from cggr_jax import dispatch
 from cggr_jax import fused_linear as fl
-from cggr_jax import router
+from cggr_jax import causal_lm
 from cggr_jax.loss import NUMERIC_METRIC_KEYS, CGGRLoss, metrics_to_dict
 from cggr_jax import scoring as sc
 from tests import oracle
@@ -460,7 +460,7 @@ def test_decoder_lm_helper_matches_materialised_logits(tie):
     cfg = dict(selection="sequence_aware", min_tokens_ratio=0.3, warmup_steps=0, min_tokens_per_sequence=2)
 
     def fused(m):
-        loss, metrics = router.decoder_lm_cggr_loss(m, ids, labels, 0, attention_mask=amask, vocab_chunk_size=100,
+        loss, metrics = causal_lm.decoder_lm_cggr_loss(m, ids, labels, 0, attention_mask=amask, vocab_chunk_size=100,
                                                 **cfg)
         return loss, metrics
 
@@ -471,7 +471,7 @@ def test_decoder_lm_helper_matches_materialised_logits(tie):
     tgt = np.asarray(labels[:, 1:]).copy()
     tgt[np.asarray(amask[:, 1:]) == 0] = -100
     scores = fl.fused_linear_scores(
-        router.decoder_lm_hidden_states(model, ids, amask)[:, :-1],
+        causal_lm.decoder_lm_hidden_states(model, ids, amask)[:, :-1],
         model.lm_head.kernel[...] if not tie else model.embed.embedding[...],
         jnp.asarray(tgt), weight_layout="dv" if not tie else "vd", logits_dtype=jnp.float32)
     ref = oracle.cggr_loss(_f64(logits), tgt, 0, difficulty_override=np.asarray(scores.difficulty), **cfg)
@@ -492,4 +492,4 @@ def test_decoder_lm_helper_matches_materialised_logits(tie):
     for a, e in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=1e-6, rtol=2e-4)
     with pytest.raises(ValueError, match="model"):
-        router.decoder_lm_cggr_loss(object(), ids, labels, 0)
+        causal_lm.decoder_lm_cggr_loss(object(), ids, labels, 0)

@@ -11,7 +11,7 @@ from flax import nnx
 
 import cggr_jax
 from cggr_jax import batch_split as bs
-from cggr_jax import router
+from cggr_jax import causal_lm, router, scorer
 from cggr_jax.integrations import advance_curriculum
 from cggr_jax.models import DecoderConfig, DecoderLM
 
@@ -50,7 +50,7 @@ def _config(**kw) -> DecoderConfig:
 def test_post_head_transforms_are_refused(cls, tied):
     model = cls(_config(tie_embeddings=tied), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"model: its logits are not hidden @ lm_head.weight.T"):
-        router.check_linear_head(model)
+        causal_lm.check_linear_head(model)
     # the fused router path of the batch-split step, requested or automatic
     graphdef = nnx.split(model, nnx.Param, ...)[0]
     for path in ("auto", "fused"):
@@ -61,20 +61,20 @@ def test_post_head_transforms_are_refused(cls, tied):
     # the fused LM head of a DecoderLM, also when the model is only traced (under jit)
     ids = jnp.zeros((2, T), jnp.int32)
     with pytest.raises(ValueError, match="post-head transform"):
-        router.decoder_lm_cggr_loss(model, ids, ids, 0)
-    router.forget_head_checks()    # the verdict is cached; check the traced path afresh
+        causal_lm.decoder_lm_cggr_loss(model, ids, ids, 0)
+    causal_lm.forget_head_checks()    # the verdict is cached; check the traced path afresh
     with pytest.raises(ValueError, match="post-head transform"):
-        nnx.jit(lambda m, i: router.decoder_lm_cggr_loss(m, i, i, 0))(model, ids)
+        nnx.jit(lambda m, i: causal_lm.decoder_lm_cggr_loss(m, i, i, 0))(model, ids)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["head", "tied"])
 def test_a_plain_model_passes_and_the_fused_path_matches_its_logits(tied):
     model = DecoderLM(_config(tie_embeddings=tied), rngs=nnx.Rngs(1))
-    router.check_linear_head(model)                                  # no error
+    causal_lm.check_linear_head(model)                                  # no error
     assert router.resolve_router_path(model, "auto")[0] == "fused"
     ids = jax.random.randint(jax.random.key(2), (B, T), 0, V, dtype=jnp.int32)
-    weight, layout = router.head_weight(model)
-    np.testing.assert_allclose(np.asarray(router.linear_head_logits(model.hidden_states(ids), weight, layout)),
+    weight, layout = causal_lm.head_weight(model)
+    np.testing.assert_allclose(np.asarray(causal_lm.linear_head_logits(model.hidden_states(ids), weight, layout)),
                                np.asarray(model(ids)), rtol=1e-5, atol=1e-5)
     # the logits path stays available for a transformed model (its own router_logits are scored)
     assert router.resolve_router_path(ScaledLM(_config(), rngs=nnx.Rngs(0)), "logits")[0] == "logits"
@@ -87,7 +87,7 @@ def test_sequence_selection_fields_are_the_mirror_union():
     assert cggr_jax.SequenceSelection is router.SequenceSelection is cggr_jax.types.SequenceSelection
     z = jax.random.normal(jax.random.key(0), (B, T, V))
     labels = jax.random.randint(jax.random.key(1), (B, T), 0, V)
-    sel = router.select_sequences(z, labels, step=0)
+    sel = scorer.select_sequences(z, labels, step=0)
     assert sel.k.dtype == jnp.int32 and sel.mask.shape == (B,) and sel.token_scores.difficulty.shape == (B, T - 1)
 
 
@@ -120,3 +120,15 @@ def test_batch_split_step_label_rules():
     bad[1, 4] = V + 3
     state, metrics = step(state, ids, bad, mask)
     assert int(metrics["tokens_out_of_range"]) == 0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_moved_names_keep_their_old_import_paths():
+    """The module split moved the scorer to ``scorer`` and the head rule and DecoderLM loss to ``causal_lm``;
+    every name stays importable from ``router`` (same object, listed in its ``__all__``)."""
+    for new in (scorer, causal_lm):
+        for name in new.__all__:
+            assert name in router.__all__ and getattr(router, name) is getattr(new, name), (new.__name__, name)
+    from cggr_jax.router import BatchSplitConfig, decoder_lm_cggr_loss, select_sequences  # noqa: F401
+    assert select_sequences is bs.select_sequences and BatchSplitConfig is bs.BatchSplitConfig
+    with pytest.raises(AttributeError):
+        router.no_such_name  # noqa: B018

@@ -16,7 +16,8 @@ nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
 
 from cggr_jax import batch_split as bs  # noqa: E402
-from cggr_jax import router as rt  # noqa: E402
+from cggr_jax import scorer as jsc  # noqa: E402
+from cggr_jax.causal_lm import head_weight  # noqa: E402
 from cggr_jax.models import DecoderConfig, DecoderLM  # noqa: E402
 from tests import oracle  # noqa: E402
 
@@ -55,7 +56,7 @@ def _check(sel, want, ratio):
     mask, k = oracle.select_tokens(np.asarray(sel.difficulty, np.float64), np.asarray(sel.eligible), ratio, "topk")
     np.testing.assert_array_equal(np.asarray(sel.mask), mask)
     assert int(sel.k) == k
-    info = rt.selection_info(sel)
+    info = jsc.selection_info(sel)
     assert int(info["tokens_total"]) == want["tokens_total"]
 
 
@@ -66,7 +67,7 @@ def test_select_sequences_with_options_matches_the_oracle(options, dtype):
     T = z.shape[1]
     cfg = bs.BatchSplitConfig(**options)
     ratio = np.float32(0.5)
-    sel = rt.select_sequences(z, labels, mask, ratio=ratio, config=cfg)
+    sel = jsc.select_sequences(z, labels, mask, ratio=ratio, config=cfg)
     positions = oracle.router_scored_positions(T, **options)
     want = oracle.select_sequences_at(z_exact, np.asarray(labels), ratio, positions, attention_mask=np.asarray(mask))
     _check(sel, want, ratio)
@@ -76,10 +77,10 @@ def test_select_sequences_with_options_matches_the_oracle(options, dtype):
     # a prefix router's R columns select exactly what all T columns select
     R = cfg.positions.read_length(T)
     if R < T:
-        short = rt.select_sequences(z[:, :R], labels, mask, ratio=ratio, config=cfg)
+        short = jsc.select_sequences(z[:, :R], labels, mask, ratio=ratio, config=cfg)
         np.testing.assert_array_equal(np.asarray(short.difficulty), np.asarray(sel.difficulty))
     # under jit, with the curriculum step: the same selection (the positions are static)
-    jitted = jax.jit(lambda zz, ll, mm: rt.select_sequences(zz, ll, mm, step=0, config=cfg))(z, labels, mask)
+    jitted = jax.jit(lambda zz, ll, mm: jsc.select_sequences(zz, ll, mm, step=0, config=cfg))(z, labels, mask)
     np.testing.assert_allclose(np.asarray(jitted.difficulty), np.asarray(sel.difficulty), atol=1e-6)
 
 
@@ -93,7 +94,7 @@ def test_excess_reference_with_options(options, form):
     ref[5] = np.nan
     cfg = bs.BatchSplitConfig(scoring="excess", **options)
     ratio = np.float32(0.5)
-    sel = rt.select_sequences(z, labels, mask, ratio=ratio, config=cfg, reference_nll=jnp.asarray(ref))
+    sel = jsc.select_sequences(z, labels, mask, ratio=ratio, config=cfg, reference_nll=jnp.asarray(ref))
     positions = oracle.router_scored_positions(T, **options)
     want = oracle.select_sequences_at(z_exact, np.asarray(labels), ratio, positions, scoring="excess",
                                       attention_mask=np.asarray(mask), reference_nll=ref.astype(np.float64))
@@ -119,9 +120,9 @@ def test_fused_selection_with_options_matches_the_logits_path_and_the_oracle(opt
     R = cfg.positions.read_length(11)
     logits = model.router_logits(ids, 2, mask)                # all T columns
     hidden = model.hidden_states(ids[:, :R], mask[:, :R], 2)  # the columns the router reads
-    weight, layout = rt.head_weight(model)
-    a = rt.select_sequences(logits, labels, mask, step=0, config=cfg, vocab_size=29)
-    b = rt.select_sequences_fused(hidden, weight, labels, mask, step=0, config=cfg, vocab_size=29,
+    weight, layout = head_weight(model)
+    a = jsc.select_sequences(logits, labels, mask, step=0, config=cfg, vocab_size=29)
+    b = jsc.select_sequences_fused(hidden, weight, labels, mask, step=0, config=cfg, vocab_size=29,
                                   weight_layout=layout)
     np.testing.assert_array_equal(np.asarray(b.mask), np.asarray(a.mask))
     np.testing.assert_allclose(np.asarray(b.difficulty), np.asarray(a.difficulty), atol=5e-4, rtol=4e-5)
@@ -129,7 +130,7 @@ def test_fused_selection_with_options_matches_the_logits_path_and_the_oracle(opt
     want = oracle.select_sequences_at(np.asarray(logits), np.asarray(labels), np.float32(b.ratio), positions,
                                       attention_mask=np.asarray(mask))
     _check(b, want, np.float32(b.ratio))
-    np.testing.assert_allclose(float(rt.selection_info(b)["avg_confidence"]), want["mean_confidence"], atol=1e-5)
+    np.testing.assert_allclose(float(jsc.selection_info(b)["avg_confidence"]), want["mean_confidence"], atol=1e-5)
 
 
 def test_batch_split_step_reads_the_prefix_scores_the_subset_and_compiles_once(monkeypatch):
@@ -184,9 +185,9 @@ def test_bad_settings_raise_naming_the_argument():
     cfg = bs.BatchSplitConfig(router_prefix=4)
     z, _, labels, mask = _batch(3)
     with pytest.raises(ValueError, match="router_logits"):   # neither T nor R columns
-        rt.select_sequences(z[:, :3], labels, mask, ratio=0.5, config=cfg)
+        jsc.select_sequences(z[:, :3], labels, mask, ratio=0.5, config=cfg)
     with pytest.raises(ValueError, match="labels"):          # concrete out-of-range labels, scored or not
-        rt.select_sequences(z, labels.at[0, 10].set(99), mask, ratio=0.5, config=bs.BatchSplitConfig(router_prefix=2))
+        jsc.select_sequences(z, labels.at[0, 10].set(99), mask, ratio=0.5, config=bs.BatchSplitConfig(router_prefix=2))
     assert bs.BatchSplitConfig(router_positions=np.int64(3)) == bs.BatchSplitConfig(router_positions=3)
     assert hash(bs.BatchSplitConfig(router_samples=8)) == hash(bs.BatchSplitConfig(router_samples=8))
 

@@ -13,13 +13,14 @@ nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
 
 from cggr_jax import batch_split as bs  # noqa: E402
-from cggr_jax import router as rt  # noqa: E402
+from cggr_jax import scorer as jsc  # noqa: E402
+from cggr_jax.causal_lm import head_weight  # noqa: E402
 from cggr_jax.models import DecoderConfig, DecoderLM  # noqa: E402
 from tests import oracle  # noqa: E402
 from tests.jax.test_batch_split import FAST, IGNORE, _batch, _curriculum_tx, _plain_loss  # noqa: E402
 
 FORMS = ("token", "sequence")
-EXCESS = rt.BatchSplitConfig(scoring="excess", warmup_steps=0, min_tokens_ratio=0.4)
+EXCESS = jsc.BatchSplitConfig(scoring="excess", warmup_steps=0, min_tokens_ratio=0.4)
 
 
 def _reference(seed: int, labels, mask, form: str, nonfinite: bool = True) -> np.ndarray:
@@ -53,7 +54,7 @@ def _check(sel, o, ratio):
     mask_o, k_o = oracle.select_tokens(np.asarray(sel.difficulty, np.float64), np.asarray(sel.eligible), ratio)
     np.testing.assert_array_equal(np.asarray(sel.mask), mask_o)
     assert int(sel.k) == k_o == o["k"]
-    info = rt.selection_info(sel)
+    info = jsc.selection_info(sel)
     assert int(info["tokens_total"]) == int(e.sum())
     assert int(info["tokens_nonfinite"]) == int(sc["nonfinite"].sum())
     np.testing.assert_allclose(float(info["avg_difficulty"]), sc["difficulty"][e].mean(), atol=6e-4)
@@ -66,7 +67,7 @@ def test_select_sequences_matches_the_oracle(form, dtype):
     z, z_exact, labels, mask = _batch(5 + FORMS.index(form), dtype=dtype)   # B = 9, T = 7: odd sizes
     ref = _reference(1, labels, mask, form)
     ratio = np.float32(0.45)
-    sel = rt.select_sequences(z, labels, mask, ratio=ratio, config=EXCESS, reference_nll=jnp.asarray(ref))
+    sel = jsc.select_sequences(z, labels, mask, ratio=ratio, config=EXCESS, reference_nll=jnp.asarray(ref))
     o = oracle.select_sequences_excess(z_exact, np.asarray(labels), ratio, ref, attention_mask=np.asarray(mask))
     assert not o["sequence_eligible"][4] and not o["sequence_eligible"][5]   # all-ignored, all-padding
     if form == "sequence":
@@ -74,16 +75,16 @@ def test_select_sequences_matches_the_oracle(form, dtype):
     assert o["scores"]["nonfinite"].sum() > 3
     _check(sel, o, ratio)
     # under jit: the same selection; a NumPy float64 reference rounds to the same float32
-    jitted = jax.jit(lambda zz, r, q: rt.select_sequences(zz, labels, mask, ratio=q, config=EXCESS,
+    jitted = jax.jit(lambda zz, r, q: jsc.select_sequences(zz, labels, mask, ratio=q, config=EXCESS,
                                                           reference_nll=r))
     sj = jitted(z, jnp.asarray(ref), jnp.float32(ratio))
     np.testing.assert_array_equal(np.asarray(sj.mask), np.asarray(sel.mask))
     # SPEC §9: the mean's summation order is free (a GPU's jit and eager reductions differ in the last bit)
     np.testing.assert_allclose(np.asarray(sj.difficulty), np.asarray(sel.difficulty), rtol=1e-6, atol=1e-6)
-    s64 = rt.select_sequences(z, labels, mask, ratio=ratio, config=EXCESS, reference_nll=ref.astype(np.float64))
+    s64 = jsc.select_sequences(z, labels, mask, ratio=ratio, config=EXCESS, reference_nll=ref.astype(np.float64))
     np.testing.assert_array_equal(np.asarray(s64.difficulty), np.asarray(sel.difficulty))
     # at a curriculum step: c̄ over the eligible tokens (the reference's non-finite tokens excluded)
-    st = rt.select_sequences(z, labels, mask, step=0, config=EXCESS, reference_nll=jnp.asarray(ref))
+    st = jsc.select_sequences(z, labels, mask, step=0, config=EXCESS, reference_nll=jnp.asarray(ref))
     e = o["scores"]["eligible"]
     cbar = o["scores"]["stats"]["confidence"][e].mean()
     assert abs(float(st.ratio) - float(oracle.dynamic_ratio(np.float32(0.4), cbar, 0.5))) < 1e-6
@@ -92,9 +93,9 @@ def test_select_sequences_matches_the_oracle(form, dtype):
 def test_custom_ignore_index():
     z, z_exact, labels, mask = _batch(9)
     labels = jnp.where(labels == IGNORE, -1, labels)
-    cfg = rt.BatchSplitConfig(scoring="excess", ignore_index=-1)
+    cfg = jsc.BatchSplitConfig(scoring="excess", ignore_index=-1)
     ref = _reference(2, jnp.where(labels == -1, IGNORE, labels), mask, "token")
-    sel = rt.select_sequences(z, labels, mask, ratio=np.float32(0.5), config=cfg, reference_nll=jnp.asarray(ref))
+    sel = jsc.select_sequences(z, labels, mask, ratio=np.float32(0.5), config=cfg, reference_nll=jnp.asarray(ref))
     o = oracle.select_sequences_excess(z_exact, np.asarray(labels), np.float32(0.5), ref, ignore_index=-1,
                                        attention_mask=np.asarray(mask))
     _check(sel, o, np.float32(0.5))
@@ -103,10 +104,10 @@ def test_custom_ignore_index():
 def test_per_token_and_per_sequence_forms_agree():
     z, _, labels, mask = _batch(3)
     ref_tok = _reference(4, labels, mask, "token", nonfinite=False)
-    tok = rt.select_sequences(z, labels, mask, ratio=0.5, config=EXCESS, reference_nll=jnp.asarray(ref_tok))
+    tok = jsc.select_sequences(z, labels, mask, ratio=0.5, config=EXCESS, reference_nll=jnp.asarray(ref_tok))
     elig = np.asarray(tok.token_scores.eligible)            # (B, T − 1): column t predicts labels[:, t + 1]
     per_seq = np.where(elig, ref_tok[:, 1:].astype(np.float64), 0.0).sum(1) / np.maximum(elig.sum(1), 1)
-    seq = rt.select_sequences(z, labels, mask, ratio=0.5, config=EXCESS, reference_nll=per_seq)
+    seq = jsc.select_sequences(z, labels, mask, ratio=0.5, config=EXCESS, reference_nll=per_seq)
     np.testing.assert_array_equal(np.asarray(tok.eligible), np.asarray(seq.eligible))
     np.testing.assert_array_equal(elig, np.asarray(seq.token_scores.eligible))
     ok = np.asarray(tok.eligible)
@@ -127,11 +128,11 @@ def test_fused_router_path_selects_like_the_logits_path(form):
     labels = ids.at[1, 1:].set(IGNORE).at[3, 4].set(IGNORE)
     mask = jnp.ones_like(ids).at[2, 6:].set(0).at[4, :].set(0).at[5, :2].set(0)
     ref = _reference(3, labels, mask, form)
-    config = rt.BatchSplitConfig(router_layers=2, scoring="excess", warmup_steps=0, min_tokens_ratio=0.4)
+    config = jsc.BatchSplitConfig(router_layers=2, scoring="excess", warmup_steps=0, min_tokens_ratio=0.4)
     logits = model.router_logits(ids, 2, mask)
-    weight, layout = rt.head_weight(model)
-    a = rt.select_sequences(logits, labels, mask, step=0, config=config, vocab_size=29, reference_nll=ref)
-    b = rt.select_sequences_fused(model.hidden_states(ids, mask, 2), weight, labels, mask, step=0, config=config,
+    weight, layout = head_weight(model)
+    a = jsc.select_sequences(logits, labels, mask, step=0, config=config, vocab_size=29, reference_nll=ref)
+    b = jsc.select_sequences_fused(model.hidden_states(ids, mask, 2), weight, labels, mask, step=0, config=config,
                                   vocab_size=29, weight_layout=layout, reference_nll=ref)
     o = oracle.select_sequences_excess(np.asarray(logits, np.float64), np.asarray(labels), np.float32(b.ratio), ref,
                                        attention_mask=np.asarray(mask))
@@ -191,7 +192,7 @@ def test_step_keeps_the_selected_sequences_and_trains_on_exactly_them(excess_run
         before, ref = run["states"][i], run["refs"][i]
         ids, labels, mask = _step_batch(i)
         logits = router_fn(before.params, before.rest, ids, mask)
-        sel = rt.select_sequences(logits, labels, mask, step=i, config=cfg, reference_nll=ref)
+        sel = jsc.select_sequences(logits, labels, mask, step=i, config=cfg, reference_nll=ref)
         kept = np.flatnonzero(np.asarray(sel.mask))
         k = int(m["sequences_selected"])
         assert len(kept) == k == int(sel.k) and 2 not in kept
@@ -250,7 +251,7 @@ def test_bad_reference_raises_before_tracing(excess_run):
         with pytest.raises(ValueError, match=match):
             step(state, ids, labels, mask, reference_nll=ref)
         with pytest.raises(ValueError, match=match):
-            rt.select_sequences(jnp.zeros((B, T, V)), labels, mask, ratio=0.5, config=excess_run["cfg"],
+            jsc.select_sequences(jnp.zeros((B, T, V)), labels, mask, ratio=0.5, config=excess_run["cfg"],
                                 reference_nll=ref)
     assert step.num_traces == traces
     # a reference given with another scoring would be silently unused: refused, in the step and the selection
@@ -261,12 +262,12 @@ def test_bad_reference_raises_before_tracing(excess_run):
         plain(plain.init(excess_run["model"]), ids, labels, mask, reference_nll=np.zeros(B, np.float32))
     assert plain.num_traces == 0
     with pytest.raises(ValueError, match="reference_nll: only scoring='excess'"):
-        rt.select_sequences(jnp.zeros((B, T, V)), labels, mask, ratio=0.5, reference_nll=np.zeros(B, np.float32))
+        jsc.select_sequences(jnp.zeros((B, T, V)), labels, mask, ratio=0.5, reference_nll=np.zeros(B, np.float32))
     with pytest.raises(ValueError, match="reference_nll: only scoring='excess'"):
-        rt.score_sequences(jnp.zeros((B, T, V)), labels, mask, reference_nll=np.zeros(B, np.float32))
+        jsc.score_sequences(jnp.zeros((B, T, V)), labels, mask, reference_nll=np.zeros(B, np.float32))
     # traced: the shape rule is static, so it raises under jit as well
     with pytest.raises(ValueError, match="reference_nll: expected shape"):
-        jax.jit(lambda r, q: rt.select_sequences(jnp.zeros((B, T, V)), labels, mask, ratio=q,
+        jax.jit(lambda r, q: jsc.select_sequences(jnp.zeros((B, T, V)), labels, mask, ratio=q,
                                                  config=excess_run["cfg"], reference_nll=r).mask)(
             jnp.zeros((B, 2)), jnp.float32(0.5))
 

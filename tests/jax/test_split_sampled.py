@@ -1,4 +1,4 @@
-"""Sequence-level ``selection="sampled"`` (SPEC §9.2) in JAX: ``router.select_sequences`` and the jitted
+"""Sequence-level ``selection="sampled"`` (SPEC §9.2) in JAX: ``scorer.select_sequences`` and the jitted
 batch-split step, against the float64 oracle (``tests.oracle.sample_sequences`` on the sequence difficulties,
 ``tests.oracle.sampled_sequence_loss`` for the Horvitz–Thompson loss), an independent gradient, unbiasedness
 over many steps, all-ignored batches, ``excess`` + ``sampled`` and bad input."""
@@ -13,17 +13,17 @@ nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
 
 from cggr_jax import batch_split as bs  # noqa: E402
-from cggr_jax import router as rt  # noqa: E402
+from cggr_jax import scorer as jsc  # noqa: E402
 from cggr_jax.integrations import latest_metrics  # noqa: E402
 from tests import oracle  # noqa: E402
 from tests.jax.test_batch_split import (B, BUCKETS, FAST, IGNORE, LR, T, V, _batch, _curriculum_tx,  # noqa: E402
                                         _model, _tokens)
 
 SAMPLE = dict(sample_power=1.5, sample_uniform_mix=0.2, sample_floor=1e-6, sample_seed=7)
-SAMPLED = rt.BatchSplitConfig(selection="sampled", warmup_steps=0, min_tokens_ratio=0.4, **SAMPLE)
+SAMPLED = jsc.BatchSplitConfig(selection="sampled", warmup_steps=0, min_tokens_ratio=0.4, **SAMPLE)
 
 
-def _oracle_draw(sel, step: int, cfg: rt.BatchSplitConfig = SAMPLED):
+def _oracle_draw(sel, step: int, cfg: jsc.BatchSplitConfig = SAMPLED):
     c = cfg.config
     return oracle.sample_sequences(np.asarray(sel.difficulty, np.float64), np.asarray(sel.eligible),
                                    np.float32(sel.ratio), step, c.sample_seed, c.sample_power, c.sample_uniform_mix,
@@ -41,7 +41,7 @@ def _assert_same_draw(mask, mask_o, pi, u):
 def test_select_sequences_draw_matches_the_oracle(dtype):
     z, z_exact, labels, mask = _batch(2, dtype=dtype)        # B = 9, T = 7, NaN/inf rows, padding, ignored
     # ratio form: the draw at step 0
-    sel = rt.select_sequences(z, labels, mask, ratio=np.float32(0.45), config=SAMPLED)
+    sel = jsc.select_sequences(z, labels, mask, ratio=np.float32(0.45), config=SAMPLED)
     o = oracle.select_sequences(z_exact, np.asarray(labels), np.float32(0.45), attention_mask=np.asarray(mask))
     e = o["sequence_eligible"]
     np.testing.assert_array_equal(np.asarray(sel.eligible), e)
@@ -51,10 +51,10 @@ def test_select_sequences_draw_matches_the_oracle(dtype):
     assert int(sel.k) == k_o == o["k"]
     _assert_same_draw(sel.mask, mask_o, pi, u)
     # curriculum form at several steps, eager and under jit (one trace: the step is traced)
-    jitted = jax.jit(lambda s: rt.select_sequences(z, labels, mask, step=s, config=SAMPLED))
+    jitted = jax.jit(lambda s: jsc.select_sequences(z, labels, mask, step=s, config=SAMPLED))
     counts = set()
     for step in range(8):
-        s = rt.select_sequences(z, labels, mask, step=step, config=SAMPLED)
+        s = jsc.select_sequences(z, labels, mask, step=step, config=SAMPLED)
         sj = jitted(jnp.int32(step))
         np.testing.assert_array_equal(np.asarray(s.mask), np.asarray(sj.mask))
         mask_o, _, k_o, pi, u = _oracle_draw(s, step)
@@ -97,7 +97,7 @@ def _weighted_loss(graphdef, params, rest, ids, labels, mask, w, n_tok):
 
 
 def test_step_loss_weights_gradient_and_metrics():
-    cfg = rt.BatchSplitConfig(router_layers=1, selection="sampled", warmup_steps=0, min_tokens_ratio=0.4, **SAMPLE)
+    cfg = jsc.BatchSplitConfig(router_layers=1, selection="sampled", warmup_steps=0, min_tokens_ratio=0.4, **SAMPLE)
     batches = [_batch_at(i) for i in range(6)]
     graphdef, step, states, metrics = _run(cfg, batches)
     router_fn = jax.jit(lambda p, r, ids, mask: nnx.merge(graphdef, p, r).router_logits(ids, 1, mask))
@@ -106,7 +106,7 @@ def test_step_loss_weights_gradient_and_metrics():
     for i, m in enumerate(metrics):
         before = states[i]
         ids, labels, mask = batches[i]
-        sel = rt.select_sequences(router_fn(before.params, before.rest, ids, mask), labels, mask, step=i, config=cfg)
+        sel = jsc.select_sequences(router_fn(before.params, before.rest, ids, mask), labels, mask, step=i, config=cfg)
         mask_o, w_o, k_o, pi, u = _oracle_draw(sel, i, cfg)
         kept = np.asarray(sel.mask)
         n_kept = int(kept.sum())
@@ -142,7 +142,7 @@ def test_step_loss_weights_gradient_and_metrics():
 def test_step_loss_is_unbiased():
     """With a frozen model (lr 0), the mean step loss over many draws → the mean token CE of the eligible
     sequences (tolerance from the HT variance Σ_b (1 − π_b)/π_b · (S_b / N_tok)²)."""
-    cfg = rt.BatchSplitConfig(router_layers=1, selection="sampled", warmup_steps=0, min_tokens_ratio=0.3,
+    cfg = jsc.BatchSplitConfig(router_layers=1, selection="sampled", warmup_steps=0, min_tokens_ratio=0.3,
                               dynamic_threshold=False, **SAMPLE)
     batch = _batch_at(0)
     S = 200
@@ -150,7 +150,7 @@ def test_step_loss_is_unbiased():
     ids, labels, mask = batch
     p0 = states[0]
     logits = nnx.merge(graphdef, p0.params, p0.rest)(ids, mask)
-    sel = rt.select_sequences(nnx.merge(graphdef, p0.params, p0.rest).router_logits(ids, 1, mask), labels, mask,
+    sel = jsc.select_sequences(nnx.merge(graphdef, p0.params, p0.rest).router_logits(ids, 1, mask), labels, mask,
                               step=0, config=cfg)
     _, _, _, pi, _ = _oracle_draw(sel, 0, cfg)
     e = np.asarray(sel.eligible)
@@ -165,7 +165,7 @@ def test_step_loss_is_unbiased():
 
 
 def test_all_ignored_batch_and_excess_with_sampled():
-    cfg = rt.BatchSplitConfig(router_layers=1, selection="sampled", warmup_steps=0, min_tokens_ratio=0.5,
+    cfg = jsc.BatchSplitConfig(router_layers=1, selection="sampled", warmup_steps=0, min_tokens_ratio=0.5,
                               scoring="excess", **SAMPLE)
     ids, labels, mask = _batch_at(1)
     ref = np.random.default_rng(0).uniform(0.5, 3.0, B).astype(np.float32)
@@ -177,7 +177,7 @@ def test_all_ignored_batch_and_excess_with_sampled():
     state = step.init(model)
     new, m = step(state, ids, labels, mask, jnp.asarray(ref))
     router_logits = model.router_logits(ids, 1, mask)
-    sel = rt.select_sequences(router_logits, labels, mask, step=0, config=cfg, reference_nll=jnp.asarray(ref))
+    sel = jsc.select_sequences(router_logits, labels, mask, step=0, config=cfg, reference_nll=jnp.asarray(ref))
     o = oracle.select_sequences_excess(np.asarray(router_logits, np.float64), np.asarray(labels), np.float32(sel.ratio),
                                        ref, attention_mask=np.asarray(mask))
     e = o["sequence_eligible"]
@@ -201,8 +201,8 @@ def test_bad_input():
     for field, bad in [("sample_power", -1.0), ("sample_uniform_mix", 1.5), ("sample_floor", 0.0),
                        ("sample_seed", -1), ("sample_seed", 2**32)]:
         with pytest.raises(ValueError, match=f"^{field}:"):
-            rt.BatchSplitConfig(selection="sampled", **{field: bad})
+            jsc.BatchSplitConfig(selection="sampled", **{field: bad})
     with pytest.raises(ValueError, match="^selection: batch splitting"):
-        rt.BatchSplitConfig(selection="stratified")
+        jsc.BatchSplitConfig(selection="stratified")
     with pytest.raises(ValueError, match="^weights:"):
         bs.causal_lm_loss(jnp.zeros((2, 3, V)), jnp.zeros((2, 3), jnp.int32), weighted=True)

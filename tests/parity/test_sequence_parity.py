@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
-from cggr_jax import router as jbs  # noqa: E402
+from cggr_jax import scorer as jbs  # noqa: E402
 from cggr_torch import batch_split as tmodel  # noqa: E402
 from tests import oracle  # noqa: E402
 from tests.parity.test_parity import pad_to  # noqa: E402

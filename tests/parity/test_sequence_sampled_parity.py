@@ -4,7 +4,7 @@ same eligible sequences, ratio and difficulties, the same draw and the same ``1/
 Level 1 (exact given identical float32 sequence difficulties and ratio): both packages' ``sample_tokens`` on
 the ``(B,)`` difficulties (what ``CGGRModel`` and the JAX step apply, the batch index being the draw's index)
 give the same inclusions, up to the π tolerance of SPEC §11 at ``u ≈ π``, and weights within ``PI_RTOL``.
-End to end (``CGGRModel`` with a router returning the logits vs ``cggr_jax.router.select_sequences`` at the same
+End to end (``CGGRModel`` with a router returning the logits vs ``cggr_jax.scorer.select_sequences`` at the same
 curriculum step): the difficulties differ by float32 summation order only, so the draws agree except where
 ``u`` lies within that rounding of ``π``.
 """
@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
-from cggr_jax import router as jbs  # noqa: E402
+from cggr_jax import scorer as jbs  # noqa: E402
 from cggr_jax import selection as jsel  # noqa: E402
 from cggr_torch import batch_split as tmodel  # noqa: E402
 from cggr_torch import selection as tsel  # noqa: E402

@@ -12,7 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate>=1.1 (the torch extra)")
 
-from cggr_torch.fused_linear import FusedLinearCGGRLoss, hf_causal_lm_cggr_loss  # noqa: E402
+from cggr_torch.causal_lm import hf_causal_lm_cggr_loss  # noqa: E402
+from cggr_torch.fused_linear import FusedLinearCGGRLoss  # noqa: E402
 from cggr_torch.integrations import apply_cggr, remove_cggr, use_cggr  # noqa: E402
 from tests import oracle  # noqa: E402
 from tests.torch.test_router import V, tiny_model  # noqa: E402

@@ -97,3 +97,27 @@ def test_dispatch_force_nests_and_restores():
         with dispatch.force("kernel", fused_loss=False):
             assert dispatch.use_kernels(x) and not dispatch.use_fused_loss(x)
     assert dispatch.mode() == "auto" and not dispatch.use_kernels(x)
+
+
+def test_moved_names_keep_their_old_import_paths():
+    """The module split (causal_lm, scorer, fused_linear_backward) kept every public name importable from its
+    former module, as the same object, and listed in that module's ``__all__``."""
+    import importlib
+
+    moved = {
+        ("fused_linear", "causal_lm"): ("hf_base_and_head", "hf_causal_lm_cggr_loss"),
+        ("fused_linear", "fused_linear_backward"): ("gradient_kernel_for", "accumulates_in_place",
+                                                    "accumulate_matmul"),
+        ("router", "scorer"): ("CGGRScorer", "router_token_scores", "scored_index"),
+    }
+    for (old, new), names in moved.items():
+        old_mod = importlib.import_module(f"cggr_torch.{old}")
+        new_mod = importlib.import_module(f"cggr_torch.{new}")
+        for name in names:
+            assert name in old_mod.__all__ and name in new_mod.__all__, (old, new, name)
+            assert getattr(old_mod, name) is getattr(new_mod, name), (old, new, name)
+    from cggr_torch.fused_linear import hf_causal_lm_cggr_loss  # noqa: F401 - the from-import form works too
+    from cggr_torch.router import CGGRScorer as OldScorer
+    assert OldScorer is CGGRScorer
+    with pytest.raises(AttributeError):
+        importlib.import_module("cggr_torch.router").no_such_name  # noqa: B018

@@ -34,8 +34,8 @@ from cggr_torch.fused_linear import (
     fused_linear_cggr,
     fused_linear_cggr_loss,
     fused_linear_scores,
-    hf_causal_lm_cggr_loss,
 )
+from cggr_torch.causal_lm import hf_causal_lm_cggr_loss
 from cggr_torch.loss import NUMERIC_METRIC_KEYS
 from tests import oracle
 from tests.torch import as_f64, kernel_test_device

@@ -23,9 +23,9 @@ from cggr_torch.fused_linear import (
     fused_linear_cggr,
     fused_linear_cggr_loss,
     fused_linear_scores,
-    hf_causal_lm_cggr_loss,
     plan_chunks,
 )
+from cggr_torch.causal_lm import hf_causal_lm_cggr_loss
 from cggr_torch.loss import METRIC_KEYS, NUMERIC_METRIC_KEYS
 from tests import oracle
 from tests.torch import as_f64, assert_within
@@ -407,7 +407,7 @@ def test_hf_helper_rejects_bad_arguments():
 def testaccumulate_matmul_adds_the_float32_product():
     """The backward's ∂h accumulator: float32 result of acc + a @ b; in place where cuBLAS' float32-output GEMM
     takes out= (CUDA), with the product unrounded there."""
-    from cggr_torch import fused_linear as fl
+    from cggr_torch import fused_linear_backward as fl
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(3)
     a = torch.randn(37, 301, generator=g).to(dev, torch.bfloat16)

@@ -13,7 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from cggr_torch import CGGRModel, CGGRScorer, create_truncated_router  # noqa: E402
-from cggr_torch.fused_linear import FusedLinearCGGRLoss, hf_causal_lm_cggr_loss  # noqa: E402
+from cggr_torch.causal_lm import hf_causal_lm_cggr_loss  # noqa: E402
+from cggr_torch.fused_linear import FusedLinearCGGRLoss  # noqa: E402
 from cggr_torch.router import check_linear_head, head_linearity_reason  # noqa: E402
 
 V = 97

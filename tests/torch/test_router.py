@@ -20,7 +20,6 @@ transformers = pytest.importorskip("transformers")
 from cggr_torch.loss import METRIC_KEYS  # noqa: E402
 from cggr_torch.router import (  # noqa: E402
     SUPPORTED_ARCHITECTURES,
-    CGGRScorer,
     PassthroughRouter,
     TruncatedRouter,
     create_truncated_router,
@@ -28,6 +27,7 @@ from cggr_torch.router import (  # noqa: E402
     resolve_router_path,
     router_logits,
 )
+from cggr_torch.scorer import CGGRScorer  # noqa: E402
 from tests import oracle  # noqa: E402
 from tests.torch import DTYPES, as_f64, assert_within, random_logits, random_targets  # noqa: E402
 

@@ -16,7 +16,7 @@ from torch import nn
 pytest.importorskip("transformers")
 
 from cggr.config import RouterPositions  # noqa: E402
-from cggr_torch import router as router_module  # noqa: E402
+from cggr_torch import scorer as scorer_module  # noqa: E402
 from cggr_torch.batch_split import CGGRModel, default_buckets, is_compiled_module, select_sequences  # noqa: E402
 from cggr_torch.router import create_truncated_router  # noqa: E402
 from tests import oracle  # noqa: E402
@@ -115,7 +115,7 @@ def test_prefix_router_reads_only_the_prefix_and_the_head_runs_on_the_scored_row
     cggr = CGGRModel(model, router_layers=2, warmup_steps=0, router_prefix=6, router_positions=2)
     seen = {}
     real_hidden = cggr.router.hidden_states
-    real_fused = router_module.score_next_tokens_fused
+    real_fused = scorer_module.score_next_tokens_fused
 
     def hidden_states(input_ids, attention_mask=None, **kw):
         seen["ids"], seen["am"], seen["kw"] = input_ids.shape, attention_mask.shape, kw
@@ -126,7 +126,7 @@ def test_prefix_router_reads_only_the_prefix_and_the_head_runs_on_the_scored_row
         return real_fused(hidden, *args, **kw)
 
     monkeypatch.setattr(cggr.router, "hidden_states", hidden_states)
-    monkeypatch.setattr(router_module, "score_next_tokens_fused", fused)
+    monkeypatch.setattr(scorer_module, "score_next_tokens_fused", fused)
     pos_ids = torch.arange(T).expand(B, T)
     cggr.forward_with(model, ids, labels, am, position_ids=pos_ids)
     assert seen["ids"] == (B, 6) and seen["am"] == (B, 6) and seen["kw"]["position_ids"].shape == (B, 6)

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 from cggr_torch.batch_split import CGGRModel, select_sequences  # noqa: E402
-from cggr_torch.router import CGGRScorer  # noqa: E402
+from cggr_torch.scorer import CGGRScorer  # noqa: E402
 from tests import oracle  # noqa: E402
 from tests.torch import as_f64, random_logits, random_targets  # noqa: E402
 from tests.torch.test_cggr_model import RecordingLM  # noqa: E402
