@@ -3,7 +3,7 @@
 JAX has no Hugging Face model hub to wrap, so the demos, tests and benchmarks of batch splitting (SPEC §9) use
 this model (the documented exception to the mirror of ``cggr_torch``). ``DecoderLM.router_logits`` runs the
 model's own first ``num_layers`` blocks (plus the final norm and the LM head, all shared, no copies): the
-routers built on it (``TruncatedRouter``, the scorer) live in :mod:`cggr_jax.router`, the training step in
+routers built on it (``TruncatedRouter``, the scorer) live in :mod:`cggr_jax.router` and :mod:`cggr_jax.scorer`, the training step in
 :mod:`cggr_jax.batch_split`.
 
 Architecture (per block, pre-norm, residual stream ``x`` of shape ``(B, T, d)``)::

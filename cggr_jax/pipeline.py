@@ -18,7 +18,7 @@ Order (the SPEC section of each step):
 (:mod:`cggr_jax.loss`), the fused LM head (:mod:`cggr_jax.fused_linear`) and the distributed loss's local
 scope use it whole; the distributed global scope (:mod:`cggr_jax.distributed`) runs :func:`ratios`,
 :func:`select` and :func:`measure` on the difficulties and sums exchanged between devices, and batch splitting
-(:mod:`cggr_jax.router`) runs :func:`ratios` and :func:`token_averages` on its token scores and selects
+(:mod:`cggr_jax.scorer`) runs :func:`ratios` and :func:`token_averages` on its token scores and selects
 sequences. Everything is traced, static-shaped and free of host synchronisation: ``step`` is an int32 array,
 the configuration (a ``cggr.CGGRConfig``) is static.
 """

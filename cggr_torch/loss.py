@@ -64,7 +64,8 @@ from .scoring import check_reference_nll, compute_statistics, row_finite
 from .utils import check_logits, check_target_range, check_targets, resolve_config, widen_labels
 
 __all__ = ["CGGRLoss", "cggr_loss", "METRIC_KEYS", "NUMERIC_METRIC_KEYS", "Schedule", "check_base_loss",
-           "check_schedule", "validate_inputs", "forward_fused", "forward_reference", "selected_cross_entropy"]
+           "check_schedule", "validate_inputs", "forward_fused", "forward_reference", "forward_sampled",
+           "selected_cross_entropy"]
 
 
 def check_base_loss(base_loss: Any) -> None:

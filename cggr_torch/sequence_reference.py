@@ -64,7 +64,7 @@ def apply_sequence_reference(scores: TokenScores, reference_nll: Optional[torch.
     for a per-token reference (``D_b`` is then the mean of ``scores.difficulty``). No reference: unchanged.
 
     ``columns`` (SPEC §9.3, a subset of the router's positions): int64 ``(W,)``, the label column that each
-    score column predicts (:func:`cggr_torch.router.scored_index`); a per-token reference is then read at those
+    score column predicts (:func:`cggr_torch.scorer.scored_index`); a per-token reference is then read at those
     columns (``shift`` is not applied: the columns are already the targets').
     """
     if reference_nll is None:

@@ -274,7 +274,7 @@ def check_linear_head(model: nn.Module, head: nn.Linear,
     """THE head-linearity rule of both the router's fused path and the fused LM head (no list of names).
 
     The model is an argument like any other: this is its check (used by :mod:`cggr_torch.router` and
-    :func:`cggr_torch.fused_linear.hf_causal_lm_cggr_loss`).
+    :func:`cggr_torch.causal_lm.hf_causal_lm_cggr_loss`).
 
     On first use with ``head`` (and again whenever the model's head, weight or bias object changes),
     ``probe(input_ids)`` runs the model at hand on a synthetic sequence of :data:`HEAD_PROBE_TOKENS` tokens and

@@ -8,7 +8,7 @@ of one shape. Rows (``ROWS``, in the order they run; each from the same initial 
 * ``liger_flce``     Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` on the base model's hidden states
                      (skipped, with the import error as its reason, when ``liger_kernel`` does not import);
 * ``cggr_loss``      ``cggr_torch.CGGRLoss`` on the model's ``(B, T, V)`` logits;
-* ``cggr_fused``     the fused CGGR LM head: ``cggr_torch.fused_linear.hf_causal_lm_cggr_loss`` (eager); the
+* ``cggr_fused``     the fused CGGR LM head: ``cggr_torch.causal_lm.hf_causal_lm_cggr_loss`` (eager); the
                      compiled row calls the same head, ``FusedLinearCGGRLoss(hidden, W, shifted labels)``, on
                      the compiled base model (``hf_causal_lm_cggr_loss`` checks ``isinstance`` of its loss
                      module, which a compiled module is not);
@@ -151,7 +151,8 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
               device: torch.device, backend: str) -> _Row:
     from benchmarks.harness import compat
     from cggr_torch import CGGRLoss, CGGRModel, num_selected
-    from cggr_torch.fused_linear import FusedLinearCGGRLoss, hf_causal_lm_cggr_loss
+    from cggr_torch.causal_lm import hf_causal_lm_cggr_loss
+    from cggr_torch.fused_linear import FusedLinearCGGRLoss
 
     def compile_(m: Any) -> Any:
         # Static shapes: every row's shapes are fixed (the kept count too, with the threshold off), and the
