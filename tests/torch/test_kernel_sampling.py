@@ -312,7 +312,7 @@ def test_the_kernel_path_runs_no_torch_compute(monkeypatch):
     """The glue around the three Triton launches reaches PyTorch only for allocations, views and the one sort
     (no elementwise op, no copy, no host read). The launch helpers are stubbed here: the interpreter itself
     copies tensors, which a GPU launch does not."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
     class Ops(TorchDispatchMode):
         def __init__(self) -> None:
@@ -324,8 +324,17 @@ def test_the_kernel_path_runs_no_torch_compute(monkeypatch):
             return func(*args, **(kwargs or {}))
 
     launches: list[str] = []
-    for name in ("launch_probabilities", "launch_water_filling", "launch_draws"):
+    for name in ("launch_water_filling", "launch_draws"):
         monkeypatch.setattr(ksam, name, lambda *a, _name=name, **k: launches.append(_name))
+
+    def probabilities_stub(d, e, key, ints, floats, **kwargs):
+        # The device check reads the kernel's "ok" flag: write it as the kernel would, outside the mode.
+        launches.append("launch_probabilities")
+        with _disable_current_modes():
+            ints.zero_()
+            ints[ksam.INT_SLOTS["ok"]] = 1
+
+    monkeypatch.setattr(ksam, "launch_probabilities", probabilities_stub)
     # the custom op's body inline (through the dispatcher the op is one node, its body hidden from the mode)
     monkeypatch.setattr(ksam, "sample_tokens_op", ksam.sample_tokens_op._init_fn)
     rng = np.random.default_rng(3)
