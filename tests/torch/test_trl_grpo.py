@@ -52,8 +52,7 @@ def _loss_and_grads(trainer: Any, inputs: dict[str, Any]) -> tuple[float, list[t
 
 @pytest.mark.parametrize("loss_type, beta", [("dapo", 0.0), ("grpo", 0.0), ("bnpo", 0.0)])
 def test_all_tokens_kept_equals_trls_own_path(tmp_path, loss_type, beta):
-    """(beta > 0 makes TRL load a reference model by name, which needs the Hub: the KL term is tested in
-    tests/torch/test_policy_gradient.py.)"""
+    """(The KL term, ``beta > 0``: :func:`test_kl_to_the_reference_equals_trls_own_path`.)"""
     model = tiny_model("llama").train()
     theirs = _trainer(trl.GRPOTrainer, copy.deepcopy(model), tmp_path / "a", loss_type=loss_type, beta=beta)
     ours = _trainer(CGGRGRPOTrainer, copy.deepcopy(model), tmp_path / "b", loss_type=loss_type, beta=beta)
@@ -66,6 +65,44 @@ def test_all_tokens_kept_equals_trls_own_path(tmp_path, loss_type, beta):
     scale = max(float(g.abs().max()) for g in ga)
     assert scale > 0
     assert max(float((a - b).abs().max()) for a, b in zip(ga, gb)) <= 1e-5 * scale
+
+
+def test_kl_to_the_reference_equals_trls_own_path(tmp_path):
+    """``beta > 0``: TRL loads the reference model by the policy's ``name_or_path``; a tiny model saved to a local
+    folder makes that an offline load. Each trainer computes its own batch (the same completions from the same
+    seed, the reference's log-probs from its own head): the reference log-probs, the loss with its KL term and
+    the gradients agree."""
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "policy")
+    model.config._name_or_path = str(tmp_path / "policy")
+    with torch.no_grad():            # the policy moves away from the saved reference: a non-zero KL and gradient
+        g = torch.Generator().manual_seed(5)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.train()
+    theirs = _trainer(trl.GRPOTrainer, copy.deepcopy(model), tmp_path / "a", loss_type="dapo", beta=0.04)
+    ours = _trainer(CGGRGRPOTrainer, copy.deepcopy(model), tmp_path / "b", loss_type="dapo", beta=0.04)
+    assert theirs.ref_model is not None and ours.ref_model is not None
+    batches = []
+    for trainer in (theirs, ours):
+        torch.manual_seed(0)
+        batches.append(trainer._generate_and_score_completions([_dataset()[i] for i in range(4)]))
+    a, b = batches
+    assert torch.equal(a["completion_ids"], b["completion_ids"])
+    torch.testing.assert_close(b["ref_per_token_logps"], a["ref_per_token_logps"], atol=1e-5, rtol=1e-5)
+    ids = torch.cat([a["prompt_ids"], a["completion_ids"]], 1)
+    with torch.no_grad():
+        policy_logps, _ = fused_per_token_logps_and_entropies(model, ids, torch.cat([a["prompt_mask"],
+                                                              a["completion_mask"]], 1), ids.shape[1] -
+                                                              a["prompt_ids"].shape[1], temperature=0.9)
+    assert (policy_logps - a["ref_per_token_logps"]).abs().max() > 1e-2     # the KL term is not zero
+    la, ga = _loss_and_grads(theirs, a)
+    lb, gb = _loss_and_grads(ours, b)
+    assert len(ga) == len(gb) > 0
+    assert abs(la - lb) <= 1e-6 + 1e-5 * abs(la)
+    scale = max(float(g.abs().max()) for g in ga)
+    assert scale > 0
+    assert max(float((x - y).abs().max()) for x, y in zip(ga, gb)) <= 1e-5 * scale
 
 
 def test_per_token_logps_match_trl(tmp_path):
