@@ -56,10 +56,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from cggr.config import check_sampling_parameters, is_int
+from cggr.config import check_sampling_parameters
 
-from ..utils import check_ratio_value
-from .inputs import check_kernel_device, device_guard
+from .inputs import check_kernel_device, device_guard, int_argument, ratio_argument
 from .launch import interpreting
 
 #: The fused ``sampled`` loss's names, defined in :mod:`cggr_torch.kernels.sampled_loss` (which imports this
@@ -649,46 +648,6 @@ def _check_tensors(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
         raise ValueError(f"difficulty: at most 2**31 - 1 tokens (int32 counts, SPEC §6), got {difficulty.numel()}")
 
 
-def _scalar_tensor(value: torch.Tensor, name: str, device: torch.device, *, floating: bool) -> Optional[
-        torch.Tensor]:
-    """A one-element tensor argument (dtype, size and device checked): the flat tensor when it lives on the
-    kernel's device (read by the kernel; under the interpreter that is the CPU), None for a CPU tensor while
-    the kernel runs on a GPU (the caller reads it on the host: no synchronisation)."""
-    kind = "floating" if floating else "integer"
-    if value.numel() != 1 or value.dtype.is_floating_point != floating or value.dtype == torch.bool:
-        raise ValueError(f"{name}: expected a one-element {kind} tensor, got dtype {value.dtype} and shape "
-                         f"{tuple(value.shape)}")
-    if value.device == device:
-        return value.reshape(1)
-    if value.device.type == "cpu":
-        return None
-    raise ValueError(f"{name}: expected a tensor on {device} or the CPU, got one on {value.device}")
-
-
-def _ratio_argument(ratio: Union[torch.Tensor, float], device: torch.device) -> Union[float, torch.Tensor]:
-    """A host float32 value in (0, 1], or a one-element float tensor on the kernel's device (a GPU value is
-    checked on the device; a CPU value is read and checked now, like the reference's ``num_selected``)."""
-    if isinstance(ratio, torch.Tensor):
-        on_device = _scalar_tensor(ratio, "ratio", device, floating=True)
-        # reading a CPU tensor does not synchronise; a compiled call on CPU (the interpreter) checks it in the
-        # kernel instead (the ok slot, torch._assert_async): a read would be a graph break
-        if ratio.device.type == "cpu" and not (torch.compiler.is_compiling() and on_device is not None):
-            check_ratio_value("ratio", ratio)
-        if on_device is not None:
-            return on_device
-    return float(np.float32(check_ratio_value("ratio", ratio)))
-
-
-def _int_argument(value: Union[int, torch.Tensor], name: str, device: torch.device) -> Union[int, torch.Tensor]:
-    """``step`` or ``k``: a host integer ``>= 0`` or a one-element integer tensor (see :func:`_scalar_tensor`)."""
-    if isinstance(value, torch.Tensor):
-        on_device = _scalar_tensor(value, name, device, floating=False)
-        return on_device if on_device is not None else int(value.reshape(()))
-    if not is_int(value) or int(value) < 0:
-        raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
-    return int(value)
-
-
 def plan_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampler's int32 / float32 plan buffers (slots :data:`INT_SLOTS` / :data:`FLOAT_SLOTS`, written by the
     kernels before they are read); shared with the fused loss."""
@@ -741,8 +700,8 @@ def sample_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio
     _check_tensors(difficulty, eligible)
     power, uniform_mix, floor, seed = check_sampling_parameters(power, uniform_mix, floor, seed)
     dev = difficulty.device
-    r = _ratio_argument(ratio, dev)
-    step_v = _int_argument(step, "step", dev)
+    r = ratio_argument(ratio, dev)
+    step_v = int_argument(step, "step", dev)
     shape = tuple(difficulty.shape)
     d = difficulty.reshape(-1).contiguous()
     e = eligible.reshape(-1).contiguous()
@@ -795,7 +754,7 @@ def sampling_probabilities_triton(difficulty: torch.Tensor, eligible: torch.Tens
     _check_tensors(difficulty, eligible)
     power, uniform_mix, floor, _ = check_sampling_parameters(power, uniform_mix, floor)
     dev = difficulty.device
-    k_arg = _int_argument(k, "k", dev)
+    k_arg = int_argument(k, "k", dev)
     if isinstance(k_arg, int):
         k_arg = max(0, min(k_arg, 2**31 - 1))           # counts are int32 (a negative CPU tensor counts as 0)
     shape = tuple(difficulty.shape)
