@@ -26,15 +26,8 @@ import triton.language as tl
 from . import sampling as sampler
 from .cross_entropy import launch_selective_backward
 from .inputs import device_guard, row_geometry
-from .sampling import (
-    expected_count,
-    log_b,
-    mass_and_share,
-    probability_key,
-    q_value,
-    store_counts,
-    use_libdevice,
-)
+from .sampling import use_libdevice
+from .sampling_math import expected_count, log_b, mass_and_share, probability_key, q_value, store_counts
 
 __all__ = [
     "METRIC_INT_SLOTS",

@@ -34,6 +34,8 @@ ratio outside ``(0, 1]`` clears the ``ok`` slot, which the launcher turns into `
 
 The fused ``sampled`` loss (:func:`sample_from_scores`, ``cggr::sampled_loss_from_scores``) runs the same steps
 from the scoring kernel's buffers; it lives in :mod:`cggr_torch.kernels.sampled_loss` and is re-exported here.
+The arithmetic of the steps, as Triton device functions shared by both, is
+:mod:`cggr_torch.kernels.sampling_math`'s.
 
 Launches for ``sample_tokens`` on a CUDA tensor: probabilities, the sort, water-filling, draws (plus the
 assertion when the ratio is a device tensor). The one-program kernels' time grows linearly with ``N`` (a few
@@ -54,12 +56,23 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from cggr.config import check_sampling_parameters
 
 from .inputs import check_kernel_device, device_guard, int_argument, ratio_argument
 from .launch import interpreting
+from .sampling_math import (
+    block_candidate,
+    expected_count,
+    fill_factor,
+    load_eligible,
+    lowbias32,
+    mass_and_share,
+    probability_key,
+    q_value,
+    sorted_p,
+    store_counts,
+)
 
 #: The fused ``sampled`` loss's names, defined in :mod:`cggr_torch.kernels.sampled_loss` (which imports this
 #: module) and re-exported here on first use (:func:`__getattr__`), so that the sampler's module stays the one
@@ -86,15 +99,9 @@ __all__ = [
     "draw_programs",
     "DrawPartials",
     "sample_tokens_op",
-    # the step-1 device functions, helpers and tunables shared with the fused loss (:mod:`.sampled_loss`)
+    # helpers and tunables shared with the fused loss (:mod:`cggr_torch.kernels.sampled_loss`)
     "PROB_BLOCK",
     "PROB_WARPS",
-    "log_b",
-    "expected_count",
-    "store_counts",
-    "q_value",
-    "probability_key",
-    "mass_and_share",
     "use_libdevice",
     "plan_buffers",
     # the fused ``sampled`` loss, re-exported from :mod:`cggr_torch.kernels.sampled_loss` (its home since the split)
@@ -133,96 +140,7 @@ SINGLE_PROGRAM_MAX_TOKENS = 65536
 _K_FROM_HOST_RATIO, _K_FROM_DEVICE_RATIO, _K_FROM_HOST, _K_FROM_DEVICE = 0, 1, 2, 3
 
 
-# =============================================================================================== kernels
-@triton.jit
-def _ln(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        y = libdevice.log(x)
-    else:
-        y = tl.log(x)
-    return y
-
-
-@triton.jit
-def _exp(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        y = libdevice.exp(x)
-    else:
-        y = tl.exp(x)
-    return y
-
-
-@triton.jit
-def log_b(d, floor, LIBDEVICE: tl.constexpr):
-    """``ln b`` with ``b = min(max(d, 0) ⊕ ε, FLT_MAX)`` (SPEC §7.4: ±∞ difficulties stay finite). Public: the
-    fused loss's probability kernel (:mod:`cggr_torch.kernels.sampled_loss`) calls it, like the step-1
-    functions below."""
-    b = tl.minimum(tl.maximum(d, 0.0) + floor, 3.4028234663852886e38)
-    return _ln(b, LIBDEVICE)
-
-
-@triton.jit
-def _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE: tl.constexpr):
-    """``(e, ln b)`` of tokens ``idx``: eligible = ``eligible`` and not NaN (SPEC §4)."""
-    d = tl.load(d_ptr + idx, mask=inb, other=0.0).to(tl.float32)    # float64 rounds to nearest (SPEC §6)
-    e = (tl.load(e_ptr + idx, mask=inb, other=0) != 0) & (d == d) & inb
-    return e, log_b(d, floor, LIBDEVICE)
-
-
-@triton.jit
-def expected_count(n, ratio_ptr, k_ptr, ratio, k_host, K_MODE: tl.constexpr):
-    """``(k, ok)``: SPEC §5.3's ``k`` from a host or device ratio (``ok``: the ratio lies in ``(0, 1]``), or a
-    given host or device ``k`` (``ok`` true). ``n`` int64."""
-    ok = n >= 0
-    if K_MODE == 0 or K_MODE == 1:
-        if K_MODE == 0:
-            r = ratio + tl.zeros([], tl.float32)
-        else:
-            r = tl.load(ratio_ptr).to(tl.float32)
-        ok = (r > 0.0) & (r <= 1.0)
-        x = tl.where(ok, r * 65536.0, 0.0)                           # an exact scaling
-        f = x.to(tl.int32)                                            # x ≥ 0: truncation = floor
-        frac = x - f.to(tl.float32)                                   # exact
-        r_q = f + ((frac > 0.5) | ((frac == 0.5) & ((f & 1) == 1))).to(tl.int32)
-        k = (r_q.to(tl.int64) * n + 32768) >> 16
-        k = tl.where(n > 0, tl.minimum(n, tl.maximum(k, 1)), 0)
-    elif K_MODE == 2:
-        k = k_host + tl.zeros([], tl.int64)
-    else:
-        k = tl.load(k_ptr).to(tl.int64)
-    return k, ok
-
-
-@triton.jit
-def store_counts(ints_ptr, floats_ptr, n, k, ok, lb_max):
-    tl.store(ints_ptr + 0, n.to(tl.int32))
-    tl.store(ints_ptr + 1, k.to(tl.int32))
-    tl.store(ints_ptr + 2, tl.minimum(k, n).to(tl.int32))
-    tl.store(ints_ptr + 4, ok.to(tl.int32))
-    tl.store(floats_ptr + 3, lb_max)
-
-
-@triton.jit
-def q_value(e, lb, lb_max, power, LIBDEVICE: tl.constexpr):
-    """``q = exp(β ⊗ (ln b ⊖ ln b*))`` of the eligible tokens, 0 for the others."""
-    return tl.where(e, _exp(power * tl.where(e, lb - lb_max, 0.0), LIBDEVICE), 0.0)
-
-
-@triton.jit
-def probability_key(e, q, Q, share, one_minus_mix):
-    """int32 key of ``p = ((1 − λ) ⊗ q) ⊘ Q ⊕ λ/n``: ``~bits(p)`` (``p ≥ +0``), ``2^31 − 1`` if not eligible."""
-    p = tl.math.div_rn(one_minus_mix * q, Q) + share
-    return tl.where(e, ~p.to(tl.int32, bitcast=True), 2147483647)
-
-
-@triton.jit
-def mass_and_share(Q, n, mix):
-    """``(Q, λ ⊘ f32(max(n, 1)))``; ``Q ≥ 1`` whenever ``n ≥ 1`` (q of the maximum is ``exp(0) = 1``), and no
-    ``p`` is read when ``n = 0``."""
-    share = tl.math.div_rn(mix + tl.zeros([], tl.float32), tl.maximum(n, 1).to(tl.float32))
-    return tl.where(Q > 0.0, Q, 1.0), share
-
-
+# ======================================================== kernels (their arithmetic: :mod:`.sampling_math`)
 @triton.jit(do_not_specialize=["k_host"])
 def _probabilities_kernel(
     d_ptr, e_ptr, ratio_ptr, k_ptr, key_ptr, ints_ptr, floats_ptr,
@@ -237,7 +155,7 @@ def _probabilities_kernel(
     for start in range(0, N, BLOCK):
         idx = offs + start
         inb = idx < N
-        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        e, lb = load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
         cnt += e.to(tl.int32)
         top = tl.maximum(top, tl.where(e, lb, float("-inf")))
     n = tl.sum(cnt.to(tl.int64), 0)
@@ -248,14 +166,14 @@ def _probabilities_kernel(
     for start in range(0, N, BLOCK):
         idx = offs + start
         inb = idx < N
-        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        e, lb = load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
         q_acc += q_value(e, lb, lb_max, power, LIBDEVICE)
     Q, share = mass_and_share(tl.sum(q_acc, 0), n, mix)
     # pass 3: the sort key of p
     for start in range(0, N, BLOCK):
         idx = offs + start
         inb = idx < N
-        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        e, lb = load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
         tl.store(key_ptr + idx, probability_key(e, q_value(e, lb, lb_max, power, LIBDEVICE), Q, share, one_minus_mix),
                  mask=inb)
     store_counts(ints_ptr, floats_ptr, n, k, ok, lb_max)
@@ -270,7 +188,7 @@ def _count_max_kernel(d_ptr, e_ptr, part_n_ptr, part_max_ptr, N, floor, LIBDEVIC
     """Block ``b``: its eligible count and ``max ln b``."""
     b = tl.program_id(0)
     idx = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    e, lb = _load_eligible(d_ptr, e_ptr, idx, idx < N, floor, LIBDEVICE)
+    e, lb = load_eligible(d_ptr, e_ptr, idx, idx < N, floor, LIBDEVICE)
     tl.store(part_n_ptr + b, tl.sum(e.to(tl.int32), 0))
     tl.store(part_max_ptr + b, tl.max(tl.where(e, lb, float("-inf")), 0))
 
@@ -294,7 +212,7 @@ def _q_sum_kernel(
     n = tl.sum(cnt, 0)
     lb_max = tl.where(n > 0, tl.max(top, 0), 0.0)
     idx = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    e, lb = _load_eligible(d_ptr, e_ptr, idx, idx < N, floor, LIBDEVICE)
+    e, lb = load_eligible(d_ptr, e_ptr, idx, idx < N, floor, LIBDEVICE)
     tl.store(part_q_ptr + b, tl.sum(q_value(e, lb, lb_max, power, LIBDEVICE), 0))
     if b == 0:
         k, ok = expected_count(n, ratio_ptr, k_ptr, ratio, k_host, K_MODE)
@@ -315,41 +233,11 @@ def _key_kernel(d_ptr, e_ptr, part_q_ptr, key_ptr, ints_ptr, floats_ptr, N, G, f
     Q, share = mass_and_share(tl.sum(q_acc, 0), n, mix)
     idx = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = idx < N
-    e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+    e, lb = load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
     tl.store(key_ptr + idx, probability_key(e, q_value(e, lb, lb_max, power, LIBDEVICE), Q, share, one_minus_mix),
              mask=inb)
     if b == 0:
         tl.store(floats_ptr + 2, Q)
-
-
-@triton.jit
-def _sorted_p(skey_ptr, j, ranked):
-    """``p_(j)`` from the sorted key's bits (0 past the ``n`` eligible positions)."""
-    key = tl.load(skey_ptr + j, mask=ranked, other=-1)              # ~(-1) = +0.0
-    return tl.where(ranked, (~key).to(tl.float32, bitcast=True), 0.0)
-
-
-@triton.jit
-def _block_candidate(skey_ptr, j, n, kk, carry):
-    """Sorted positions ``j`` (descending along the lanes) with ``carry`` = the float64 sum of every later
-    position: ``(j_b, S at j_b, S64 at the block's first position)``, ``j_b`` the least ``j < k'`` with
-    ``f32(k' − j) ⊗ p_(j) ≤ S_j`` (``n + 1`` if none). ``S_j`` accumulates in float64 (smallest terms first)
-    and is rounded once to float32: within about an ulp of the exact sum whatever the scan's order."""
-    ranked = j < n
-    p = _sorted_p(skey_ptr, j, ranked)
-    S64 = carry + tl.cumsum(p.to(tl.float64), 0)
-    S = S64.to(tl.float32)
-    qualifies = ranked & (j < kk) & ((kk - j).to(tl.float32) * p <= S)
-    j_b = tl.min(tl.where(qualifies, j, n + 1), 0)
-    s_b = tl.sum(tl.where(j == j_b, S, 0.0), 0)
-    return j_b, s_b, tl.max(S64, 0)
-
-
-@triton.jit
-def _fill_factor(kk, j_star, s_star):
-    """``c = f32(k' − j*) ⊘ S_{j*}`` (0 if ``S_{j*} = 0``)."""
-    return tl.where(s_star > 0.0,
-                    tl.math.div_rn((kk - j_star).to(tl.float32), tl.where(s_star > 0.0, s_star, 1.0)), 0.0)
 
 
 @triton.jit
@@ -363,12 +251,12 @@ def _water_kernel(skey_ptr, ints_ptr, floats_ptr, BLOCK: tl.constexpr):
     j_star = n + 1                                 # > every candidate (candidates are < k' ≤ n)
     s_star = tl.zeros([], tl.float32)
     for b in range(0, n_blocks):
-        j_b, s_b, carry = _block_candidate(skey_ptr, (n_blocks - 1 - b) * BLOCK + rev, n, kk, carry)
+        j_b, s_b, carry = block_candidate(skey_ptr, (n_blocks - 1 - b) * BLOCK + rev, n, kk, carry)
         better = j_b < j_star                      # blocks come last to first: a lower j always wins
         j_star = tl.where(better, j_b, j_star)
         s_star = tl.where(better, s_b, s_star)
     tl.store(ints_ptr + 3, tl.minimum(j_star, n).to(tl.int32))
-    tl.store(floats_ptr + 0, _fill_factor(kk, j_star, s_star))
+    tl.store(floats_ptr + 0, fill_factor(kk, j_star, s_star))
     tl.store(floats_ptr + 1, s_star)
 
 
@@ -378,7 +266,7 @@ def _block_sum_kernel(skey_ptr, ints_ptr, part_s_ptr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     n = tl.load(ints_ptr + 0).to(tl.int64)
     j = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(part_s_ptr + b, tl.sum(_sorted_p(skey_ptr, j, j < n).to(tl.float64), 0))
+    tl.store(part_s_ptr + b, tl.sum(sorted_p(skey_ptr, j, j < n).to(tl.float64), 0))
 
 
 @triton.jit
@@ -395,19 +283,9 @@ def _water_blocks_kernel(skey_ptr, ints_ptr, part_s_ptr, part_j_ptr, part_sj_ptr
         later = ((s0 + r) < G) & ((s0 + r) > b)
         acc += tl.load(part_s_ptr + s0 + r, mask=later, other=0.0)
     rev = (BLOCK - 1 - tl.arange(0, BLOCK)).to(tl.int64)
-    j_b, s_b, _ = _block_candidate(skey_ptr, b.to(tl.int64) * BLOCK + rev, n, kk, tl.sum(acc, 0))
+    j_b, s_b, _ = block_candidate(skey_ptr, b.to(tl.int64) * BLOCK + rev, n, kk, tl.sum(acc, 0))
     tl.store(part_j_ptr + b, j_b)
     tl.store(part_sj_ptr + b, s_b)
-
-
-@triton.jit
-def _lowbias32(x):
-    """lowbias32 (SPEC §7.4) on uint32: logical shifts, products mod 2^32."""
-    x = x ^ (x >> 16)
-    x = x * tl.full([], 0x7FEB352D, tl.int32).to(tl.uint32, bitcast=True)
-    x = x ^ (x >> 15)
-    x = x * tl.full([], -2073254261, tl.int32).to(tl.uint32, bitcast=True)        # 0x846CA68B
-    return x ^ (x >> 16)
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
@@ -440,12 +318,12 @@ def _draw_kernel(
             jb = tl.load(part_j_ptr + s0 + r, mask=inr, other=n + 1)
             s_acc = tl.maximum(s_acc, tl.where(inr & (jb == j_star) & (j_star <= n),
                                                tl.load(part_sj_ptr + s0 + r, mask=inr, other=0.0), 0.0))
-        c = _fill_factor(kk, j_star, tl.max(s_acc, 0))
+        c = fill_factor(kk, j_star, tl.max(s_acc, 0))
     else:
         j_star = tl.load(ints_ptr + 3).to(tl.int64)
         c = tl.load(floats_ptr + 0)
     ranked = m < n
-    p = _sorted_p(skey_ptr, m, inb & ranked)
+    p = sorted_p(skey_ptr, m, inb & ranked)
     tok = tl.load(order_ptr + m, mask=inb, other=0)
     pi = tl.where((m < j_star) | (kk >= n), 1.0, tl.minimum(c * p, 1.0))
     pi = tl.where(ranked & (kk > 0), pi, 0.0)
@@ -453,14 +331,14 @@ def _draw_kernel(
         tl.store(pi_ptr + tok, pi, mask=inb)
     if DRAW:
         # seed and step are host integers mod 2^32 passed as int32 bit patterns (one signature for all values)
-        h = _lowbias32((seed + tl.zeros([], tl.int32)).to(tl.uint32, bitcast=True)
+        h = lowbias32((seed + tl.zeros([], tl.int32)).to(tl.uint32, bitcast=True)
                        ^ tl.full([], -1640531527, tl.int32).to(tl.uint32, bitcast=True))   # 0x9E3779B9
         if STEP_FROM_PTR:
             s = tl.load(step_ptr).to(tl.int64).to(tl.uint32)                # mod 2^32 (truncation)
         else:
             s = (step + tl.zeros([], tl.int32)).to(tl.uint32, bitcast=True)
-        h = _lowbias32(h ^ s)
-        h = _lowbias32(h ^ tok.to(tl.uint32))                          # the flat index mod 2^32
+        h = lowbias32(h ^ s)
+        h = lowbias32(h ^ tok.to(tl.uint32))                          # the flat index mod 2^32
         u = ((h >> 8) | 1).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08   # · 2^-24, exact
         keep = ranked & (u < pi)
         w = tl.where(keep, tl.math.div_rn(1.0, tl.where(keep, pi, 1.0)), 0.0)
