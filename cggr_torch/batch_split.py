@@ -61,8 +61,6 @@ and ``router_samples`` make the router read fewer columns and score fewer positi
 """
 from __future__ import annotations
 
-import inspect
-import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -75,6 +73,18 @@ from cggr.config import ROUTER_POSITIONS_ALL, SAMPLED_SELECTIONS, RouterPosition
 
 from .curriculum import Curriculum, Schedule
 from .loss import check_schedule
+from .main_pass import (
+    HF_IGNORE_INDEX,
+    check_buckets,
+    default_buckets,
+    effective_labels,
+    forward_parameters,
+    is_compiled_module,
+    next_token_loss,
+    output_logits,
+    output_loss,
+    weighted_next_token_loss,
+)
 from .pipeline import effective_ratio, eligible_mean, host_metrics
 from .router import (
     ROUTER_INPUT_KEYS,
@@ -98,9 +108,6 @@ __all__ = ["CGGRModel", "BatchSplitOutput", "SEQUENCE_SELECTIONS", "MODEL_METRIC
            "select_sequences", "sequence_difficulty", "effective_labels", "HF_IGNORE_INDEX", "default_buckets",
            "is_compiled_module"]
 
-#: The Hugging Face label value that the models' own losses ignore.
-HF_IGNORE_INDEX = -100
-
 #: Keys of :meth:`CGGRModel.get_metrics`: SPEC §10 plus the sequence counts and the router path used
 #: (``'fused'`` or ``'logits'``, a string like ``selection``/``scoring``).
 MODEL_METRIC_KEYS: tuple[str, ...] = METRIC_KEYS + ("sequences_selected", "sequences_total", "router_path")
@@ -122,120 +129,10 @@ class BatchSplitOutput(NamedTuple):
     sequence_eligible: torch.Tensor
 
 
-def _loss_of(outputs: Any) -> Optional[torch.Tensor]:
-    loss = getattr(outputs, "loss", None)
-    if loss is None and isinstance(outputs, dict):
-        loss = outputs.get("loss")
-    if loss is None and isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor) \
-            and outputs[0].dim() == 0:
-        loss = outputs[0]
-    return loss if isinstance(loss, torch.Tensor) else None
-
-
-def _logits_of(outputs: Any) -> Optional[torch.Tensor]:
-    """The logits of a model output without a loss: the tensor itself, ``.logits``, ``['logits']`` or the first
-    element of a tuple (None when there is none)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    logits = getattr(outputs, "logits", None)
-    if logits is None and isinstance(outputs, dict):
-        logits = outputs.get("logits")
-    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
-        logits = outputs[0]
-    return logits if isinstance(logits, torch.Tensor) else None
-
-
-def _forward_parameters(model: nn.Module) -> tuple[bool, bool, bool]:
-    """Which of ``input_ids`` (by keyword), ``attention_mask`` and ``labels`` the model's forward accepts: a
-    logits-only module such as ``forward(self, x)`` gets ``input_ids`` positionally and no labels."""
-    orig = getattr(model, "_orig_mod", None)
-    if isinstance(orig, nn.Module):   # torch.compile(model): the original module's forward is the one called
-        model = orig
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):   # no introspectable signature: assume the Hugging Face one
-        return True, True, True
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return True, True, True
-    return "input_ids" in params, "attention_mask" in params, "labels" in params
-
-
-def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = True,
-                    ignore_index: int = HF_IGNORE_INDEX) -> torch.Tensor:
-    """Mean float32 cross-entropy of ``logits`` ``(B, T, V)`` against ``labels`` ``(B, T)`` over the targets that
-    are not ``ignore_index``; with ``shift`` (causal LM, SPEC §1) ``logits[:, :-1]`` predict ``labels[:, 1:]``.
-    0 when no target is valid (divided by ``max(count, 1)``, so the count never has to reach the host)."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    flat = labels.reshape(-1)
-    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(torch.float32), flat,
-                                              ignore_index=ignore_index, reduction="sum")
-    return total / torch.clamp((flat != ignore_index).sum(), min=1).to(torch.float32)
-
-
-def _weighted_next_token_loss(logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor, *,
-                              shift: bool = True, ignore_index: int = HF_IGNORE_INDEX) -> torch.Tensor:
-    """SPEC §9.2: ``Σ_b ω_b · Σ_t ce_{b,t}`` (float32) of ``logits`` ``(k, T, V)`` against ``labels`` ``(k, T)``
-    with row weights ``ω`` ``(k,)``; ignored targets contribute 0 (shifted as in :func:`_next_token_loss`)."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(torch.float32),
-                                           labels.reshape(-1), ignore_index=ignore_index, reduction="none")
-    return (ce.reshape(labels.shape).sum(dim=1) * row_weights).sum()
-
-
-_DEFAULT_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)
-
-
-def default_buckets(batch_size: int) -> tuple[int, ...]:
-    """SPEC §9.4: ``sorted{⌈B·f⌉ : f ∈ (1/8, 1/4, 3/8, 1/2, 3/4, 1)}`` (each ``≥ 1``), at most 6 sizes, as
-    ``cggr_jax.batch_split.default_buckets``."""
-    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-    return tuple(sorted({max(1, math.ceil(batch_size * f)) for f in _DEFAULT_FRACTIONS}))
-
-
-def is_compiled_module(model: Any) -> bool:
-    """True for a ``torch.compile``d module (an ``OptimizedModule``) or one that called ``.compile()``: the models
-    whose main pass ``CGGRModel(buckets='auto')`` pads to static bucket sizes (SPEC §9.4)."""
-    return isinstance(getattr(model, "_orig_mod", None), nn.Module) or \
-        getattr(model, "_compiled_call_impl", None) is not None
-
-
-def _check_buckets(buckets: Any) -> Any:
-    """``'auto'``, None, a callable, or a tuple of integers ``>= 1`` (the upper bound ``B`` is checked per call)."""
-    if buckets is None or (isinstance(buckets, str) and buckets == "auto"):
-        return buckets
-    if isinstance(buckets, str):
-        raise ValueError(f"buckets: expected 'auto', None, a sequence of integers >= 1 or a callable "
-                         f"batch_size -> sizes, got {buckets!r}")
-    if callable(buckets):
-        return buckets
-    try:
-        values = tuple(buckets)
-    except TypeError as err:
-        raise ValueError(f"buckets: expected 'auto', None, a sequence of integers >= 1 or a callable "
-                         f"batch_size -> sizes, got {buckets!r}") from err
-    for b in values:
-        if not isinstance(b, numbers.Integral) or isinstance(b, bool) or b < 1:
-            raise ValueError(f"buckets: expected integers >= 1, got {b!r} in {buckets!r}")
-    return tuple(int(b) for b in values)
-
-
 def _shares_all_weights(router: nn.Module, model: nn.Module) -> bool:
     """True when every parameter and buffer of ``router`` is (the same object as) one of ``model``'s."""
     owned = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
     return all(id(t) in owned for t in router.parameters()) and all(id(t) in owned for t in router.buffers())
-
-
-def effective_labels(labels: torch.Tensor, attention_mask: Optional[torch.Tensor], ignore_index: int,
-                     out_ignore_index: int = HF_IGNORE_INDEX) -> torch.Tensor:
-    """``labels`` with every ignored position (``labels == ignore_index`` or ``attention_mask == 0``) set to
-    ``out_ignore_index`` (the Hugging Face ``-100`` by default, what the models' own losses ignore)."""
-    drop = labels == ignore_index
-    if attention_mask is not None:
-        drop = drop | (attention_mask == 0)
-    return labels.masked_fill(drop, out_ignore_index)
 
 
 class _Route(NamedTuple):
@@ -443,7 +340,7 @@ class CGGRModel(Curriculum, nn.Module):
             raise ValueError(f"router_path: expected one of {ROUTER_PATHS}, got {router_path!r}")
         self.model = model
         own = RouterPositions(router_positions, router_samples, router_prefix)   # validated (SPEC §9.3)
-        self.buckets = _check_buckets(buckets)
+        self.buckets = check_buckets(buckets)
         if router is None:
             # The caller's argument is router_layers: its errors must say so, not num_layers.
             if not isinstance(router_layers, numbers.Integral) or isinstance(router_layers, bool) \
@@ -485,7 +382,7 @@ class CGGRModel(Curriculum, nn.Module):
         self.router_path_reason = resolve_router_path(router, router_path)[1]
         self._init_curriculum(self.config.min_tokens_ratio, self.config.warmup_steps,
                               check_schedule(ratio_schedule, self.config))
-        self._forward_params = _forward_parameters(model)
+        self._forward_params = forward_parameters(model)
         self._last: Optional[dict[str, Any]] = None
         self.last_kept: Optional[torch.Tensor] = None
 
@@ -618,7 +515,7 @@ class CGGRModel(Curriculum, nn.Module):
                 main_kwargs["labels"] = eff_k
             ids_k = input_ids.index_select(0, rows)
             outputs = model(input_ids=ids_k, **main_kwargs) if ids_kw else model(ids_k, **main_kwargs)
-            loss = None if sampled else _loss_of(outputs)
+            loss = None if sampled else output_loss(outputs)
             if loss is None:
                 row_weights = None
                 if sampled:   # SPEC §9.2 / §8: ω_b = w_b ⊘ f32(max(1, N_tok)); padding rows 0 (§9.4)
@@ -668,7 +565,7 @@ class CGGRModel(Curriculum, nn.Module):
             buckets = default_buckets if compiled else None
         if buckets is None:
             return None
-        values = _check_buckets(buckets(batch_size)) if callable(buckets) else buckets
+        values = check_buckets(buckets(batch_size)) if callable(buckets) else buckets
         if not isinstance(values, tuple) or any(b > batch_size for b in values):
             raise ValueError(f"buckets: expected sizes in [1, {batch_size}] (the batch size), got {values!r}")
         return tuple(sorted(set(values) | {batch_size}))
@@ -677,7 +574,7 @@ class CGGRModel(Curriculum, nn.Module):
                   row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The next-token loss of a model that returned logits but no loss (as the seed docs' wrapper did), or,
         with ``row_weights`` ``(k,)`` (``selection='sampled'``, SPEC §9.2), ``Σ_b ω_b Σ_t ce_{b,t}``."""
-        logits = _logits_of(outputs)
+        logits = output_logits(outputs)
         name = type(self.model).__name__
         if logits is None:
             needs = ("selection='sampled' weights each sequence's loss and needs the model's logits"
@@ -694,8 +591,8 @@ class CGGRModel(Curriculum, nn.Module):
                              f"{logits.dtype}; expected floating (k, T, {vocab}) = ({want[0]}, {want[1]}, {vocab}) "
                              f"for the kept rows")
         if row_weights is not None:
-            return _weighted_next_token_loss(logits, eff_k, row_weights, shift=self.shift_labels)
-        return _next_token_loss(logits, eff_k, shift=self.shift_labels)
+            return weighted_next_token_loss(logits, eff_k, row_weights, shift=self.shift_labels)
+        return next_token_loss(logits, eff_k, shift=self.shift_labels)
 
     # ------------------------------------------------------------------------------------------ metrics
     def get_metrics(self) -> dict[str, Any]:

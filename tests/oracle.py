@@ -397,6 +397,41 @@ def cggr_loss(logits: np.ndarray, targets: np.ndarray, step: int, scoring: str =
 
 
 # -------------------------------------------------------------------------------------- §9 sequence level
+def effective_labels(labels: np.ndarray, attention_mask: np.ndarray | None = None,
+                     ignore_index: int = -100) -> np.ndarray:
+    """SPEC §9: a copy of the unshifted ``labels`` with every padding position (``attention_mask == 0``) set to
+    ``ignore_index`` (a padding position is never a target)."""
+    tgt = np.array(labels).copy()
+    if attention_mask is not None:
+        tgt[np.asarray(attention_mask) == 0] = ignore_index
+    return tgt
+
+
+def sequence_difficulty(difficulty: np.ndarray, eligible: np.ndarray,
+                        sequence_reference: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """SPEC §9 / §9.1: ``(D, sequence eligible)``: ``D_b`` = the float64 mean of ``difficulty`` over the eligible
+    tokens of row ``b`` (minus ``sequence_reference[b]``, per sequence, when given), rounded once to float32; a
+    row without an eligible token is not eligible and its ``D_b`` is 0."""
+    d = np.asarray(difficulty, dtype=np.float64)
+    e = np.asarray(eligible, dtype=bool)
+    seq_d = np.zeros(d.shape[0], dtype=np.float32)
+    seq_ok = e.any(axis=1)
+    for b in np.flatnonzero(seq_ok):
+        mean = d[b][e[b]].mean()
+        seq_d[b] = F32(mean - sequence_reference[b] if sequence_reference is not None else mean)
+    return seq_d, seq_ok
+
+
+def _scored_sequence_difficulty(scores: dict[str, Any], sequence_reference: np.ndarray | None
+                                ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sequence_difficulty` of router token ``scores`` (:func:`score_tokens`): with a per-sequence
+    reference (SPEC §9.1) the mean ``nll`` minus ``ref_b``, else the mean token difficulty (per-token ``excess``
+    already subtracted the reference in ``scores['difficulty']``)."""
+    if sequence_reference is not None:
+        return sequence_difficulty(scores["stats"]["nll"], scores["eligible"], sequence_reference)
+    return sequence_difficulty(scores["difficulty"], scores["eligible"])
+
+
 def select_sequences(router_logits: np.ndarray, labels: np.ndarray, ratio: float, scoring: str = "combined",
                      ignore_index: int = -100, attention_mask: np.ndarray | None = None,
                      difficulty_override: np.ndarray | None = None) -> dict[str, Any]:
@@ -406,18 +441,10 @@ def select_sequences(router_logits: np.ndarray, labels: np.ndarray, ratio: float
     token difficulties (to compare selection exactly given an implementation's own float32 scores).
     """
     logits = np.asarray(router_logits, dtype=np.float64)[:, :-1]
-    tgt = np.array(labels)[:, 1:].copy()
-    if attention_mask is not None:
-        tgt[np.asarray(attention_mask)[:, 1:] == 0] = ignore_index
+    tgt = effective_labels(labels, attention_mask, ignore_index)[:, 1:]
     sc = score_tokens(logits, tgt, scoring, ignore_index)
     d = sc["difficulty"] if difficulty_override is None else np.asarray(difficulty_override, np.float64)
-    e = sc["eligible"]
-    B = d.shape[0]
-    seq_d = np.zeros(B, dtype=np.float32)
-    seq_ok = e.any(axis=1)
-    for b in range(B):
-        if seq_ok[b]:
-            seq_d[b] = F32(d[b][e[b]].mean())
+    seq_d, seq_ok = sequence_difficulty(d, sc["eligible"])
     mask, k = select_tokens(seq_d, seq_ok, ratio, "topk")
     return {"mask": mask, "k": k, "sequence_difficulty": seq_d, "sequence_eligible": seq_ok, "scores": sc}
 
@@ -434,28 +461,18 @@ def select_sequences_excess(router_logits: np.ndarray, labels: np.ndarray, ratio
     ``shift=False`` (masked LMs) pairs ``logits[:, t]`` with ``labels[:, t]``.
     """
     logits = np.asarray(router_logits, dtype=np.float64)
-    tgt = np.array(labels).copy()
-    if attention_mask is not None:
-        tgt[np.asarray(attention_mask) == 0] = ignore_index
+    tgt = effective_labels(labels, attention_mask, ignore_index)
     ref = np.asarray(reference_nll, dtype=np.float64)
     if shift:
         logits, tgt = logits[:, :-1], tgt[:, 1:]
-    B, W = tgt.shape
+    W = tgt.shape[1]
     per_sequence = ref.ndim == 1
     if per_sequence:
         token_ref = np.repeat(ref[:, None], W, axis=1)
     else:
         token_ref = ref[:, 1:] if shift else ref
     sc = score_tokens(logits, tgt, "excess", ignore_index, reference_nll=token_ref)
-    e = sc["eligible"]
-    seq_d = np.zeros(B, dtype=np.float32)
-    seq_ok = e.any(axis=1)
-    for b in range(B):
-        if seq_ok[b]:
-            if per_sequence:
-                seq_d[b] = F32(sc["stats"]["nll"][b][e[b]].mean() - ref[b])
-            else:
-                seq_d[b] = F32(sc["difficulty"][b][e[b]].mean())
+    seq_d, seq_ok = _scored_sequence_difficulty(sc, ref if per_sequence else None)
     mask, k = select_tokens(seq_d, seq_ok, ratio, "topk")
     return {"mask": mask, "k": k, "sequence_difficulty": seq_d, "sequence_eligible": seq_ok, "scores": sc}
 
@@ -478,9 +495,7 @@ def sampled_sequence_loss(logits: np.ndarray, labels: np.ndarray, weights: np.nd
     the eligible sequences; also ``full_mean`` = ``Σ_{eligible b} Σ_t ce_{b,t} / max(1, N_tok)``, the loss's
     expectation, and the per-sequence sums ``row_ce``."""
     z = np.asarray(logits, dtype=np.float64)
-    tgt = np.array(labels).copy()
-    if attention_mask is not None:
-        tgt[np.asarray(attention_mask) == 0] = ignore_index
+    tgt = effective_labels(labels, attention_mask, ignore_index)
     if shift:
         z, tgt = z[:, :-1], tgt[:, 1:]
     valid = tgt != ignore_index
@@ -631,28 +646,17 @@ def select_sequences_at(router_logits: np.ndarray, labels: np.ndarray, ratio: fl
     ``D_b``, eligibility, ``c̄`` (``mean_confidence``), ``tokens_total`` — is over the scored pairs."""
     pos = np.asarray(positions, dtype=np.int64)
     logits = np.asarray(router_logits, dtype=np.float64)[:, pos]
-    tgt = np.array(labels).copy()
-    if attention_mask is not None:
-        tgt[np.asarray(attention_mask) == 0] = ignore_index
-    tgt = tgt[:, pos + 1]
-    B = tgt.shape[0]
-    per_sequence = False
+    tgt = effective_labels(labels, attention_mask, ignore_index)[:, pos + 1]
+    sequence_ref = None
     if scoring == "excess":
         ref = np.asarray(reference_nll, dtype=np.float64)
-        per_sequence = ref.ndim == 1
-        token_ref = np.repeat(ref[:, None], len(pos), axis=1) if per_sequence else ref[:, pos + 1]
+        sequence_ref = ref if ref.ndim == 1 else None
+        token_ref = np.repeat(ref[:, None], len(pos), axis=1) if sequence_ref is not None else ref[:, pos + 1]
         sc = score_tokens(logits, tgt, "excess", ignore_index, reference_nll=token_ref)
     else:
         sc = score_tokens(logits, tgt, scoring, ignore_index)
     e = sc["eligible"]
-    seq_d = np.zeros(B, dtype=np.float32)
-    seq_ok = e.any(axis=1)
-    for b in range(B):
-        if seq_ok[b]:
-            if per_sequence:
-                seq_d[b] = F32(sc["stats"]["nll"][b][e[b]].mean() - ref[b])
-            else:
-                seq_d[b] = F32(sc["difficulty"][b][e[b]].mean())
+    seq_d, seq_ok = _scored_sequence_difficulty(sc, sequence_ref)
     mask, k = select_tokens(seq_d, seq_ok, ratio, "topk")
     conf = sc["stats"]["confidence"][e]
     return {"mask": mask, "k": k, "sequence_difficulty": seq_d, "sequence_eligible": seq_ok, "scores": sc,

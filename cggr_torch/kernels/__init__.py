@@ -22,14 +22,16 @@ Public entry points (imported lazily, so that ``import cggr_torch.kernels`` work
 * :func:`sample_tokens_triton` / :func:`sampling_probabilities_triton` - SPEC §7.4's ``sampled`` selection
   (probabilities → one ``torch.sort`` → water-filling → draws: three launches around the sort, six for large
   inputs), behind :func:`cggr_torch.selection.sample_tokens` / :func:`~cggr_torch.selection.sampling_probabilities`;
-  :func:`sample_from_scores` is the fused ``sampled`` loss after the scoring kernel (probabilities with every
-  SPEC §10 metric, sort, water-filling, draws writing the row weights, a one-program finish with the loss);
+  :func:`sample_from_scores` (:mod:`~cggr_torch.kernels.sampled_loss`) is the fused ``sampled`` loss after the
+  scoring kernel (probabilities with every SPEC §10 metric, sort, water-filling, draws writing the row weights, a
+  one-program finish with the loss);
 * :func:`scored_selective_cross_entropy` - the fused path's loss: the masked mean of the scoring pass's
   ``nll`` with the same sparse backward.
 
 Launch-grid and block-size heuristics live in one place: :mod:`cggr_torch.kernels.launch`
 (:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`, :func:`backward_config`, the fused LM head's
-:func:`plan_chunks`); the kernel modules import only ``cggr``, ``cggr_torch.types``, ``cggr_torch.utils`` and each
+:func:`plan_chunks`), the input handling every launcher shares in :mod:`cggr_torch.kernels.inputs` (device
+checks, row addressing); the kernel modules import only ``cggr``, ``cggr_torch.types``, ``cggr_torch.utils`` and each
 other, never a policy module (dispatch is :mod:`cggr_torch.dispatch`'s). The benchmarks
 ``benchmarks/bench_scoring_torch.py`` (scoring variants), ``benchmarks/bench_selective_ce_torch.py``
 (backward variants) and ``benchmarks/bench_selection_torch.py`` (sort variants) sweep alternatives on a GPU.
@@ -82,7 +84,7 @@ _LAZY = {
     "select_from_scores": "selection",
     "sample_tokens_triton": "sampling",
     "sampling_probabilities_triton": "sampling",
-    "sample_from_scores": "sampling",
+    "sample_from_scores": "sampled_loss",
 }
 
 

@@ -4,6 +4,17 @@ One place for every launch decision (:class:`LaunchConfig` and the functions cho
 kernels (:mod:`cggr_torch.kernels.scoring`, ``cross_entropy``, ``fused_linear``) hold only kernel code and
 the benchmarks sweep alternatives here. Each default names the decision that chose it in
 ``benchmarks/DECISIONS.md``. Imports only ``torch``, ``..utils`` and the standard library.
+
+Variants of the scoring stream (:mod:`cggr_torch.kernels.scoring`) for the benchmark sweep, fields of
+:class:`LaunchConfig`: ``ftz`` (the stream's ``2^u`` by ``ex2.approx.ftz.f32`` inline PTX: one MUFU op instead of
+MUFU plus the subnormal fix-up; results below ``2^−126`` flush to 0, far below every tolerance; CUDA only),
+``lazy_top2`` (the runner-up kept as one scalar; a block's own top-2 is computed only when its maximum
+exceeds it, which for real logits is a handful of the ~125 blocks of a row: one max per logit instead of
+the pairwise top-2, and no top-2 lanes in registers; exact, ties included), ``persistent`` (a grid of
+``persistent × #SM`` programs looping over rows) and ``evict`` (the cache eviction hint of the streaming
+loads). Budget of the hot loop per logit (bf16): upcast 1, ``u`` 1, ``2^u`` 1 MUFU (+3 for the non-ftz
+subnormal fix-up), ``d`` 1, ``s`` 2, top-2 3 (lazy: 0.9) - i.e. ~12.7 instructions by default and ~7.5 with
+``ftz`` and ``lazy_top2``, which matters because the default loop issues close to the SM's limit at HBM rate.
 """
 from __future__ import annotations
 

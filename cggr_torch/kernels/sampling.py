@@ -32,12 +32,10 @@ float32 summation order of ``Q`` and of the suffix sums (``π`` within a few ulp
 ``j*`` and ``c`` stay in two small device buffers (slots in :data:`INT_SLOTS`, :data:`FLOAT_SLOTS`); a device
 ratio outside ``(0, 1]`` clears the ``ok`` slot, which the launcher turns into ``torch._assert_async``.
 
-**The fused ``sampled`` loss** (:func:`sample_from_scores`, the custom op ``cggr::sampled_loss_from_scores``
-behind :class:`cggr_torch.CGGRLoss` on CUDA) runs the same steps from the scoring kernel's buffers: step 1's
-first pass also sums every SPEC §10 metric and applies the dynamic threshold (§5.2) to the device base ratio;
-step 4 writes the loss's row weights ``w ⊘ f32(max(1, n))`` and per-program partials (count, ``Σw``, ``Σw²``,
-``Σ ω ⊗ nll``), which one finish program reduces in a fixed order (``tokens_selected``, ``sample_ess``, the
-loss). Five launches with the scoring kernel, plus the sort.
+The fused ``sampled`` loss (:func:`sample_from_scores`, ``cggr::sampled_loss_from_scores``) runs the same steps
+from the scoring kernel's buffers; it lives in :mod:`cggr_torch.kernels.sampled_loss` and is re-exported here.
+The arithmetic of the steps, as Triton device functions shared by both, is
+:mod:`cggr_torch.kernels.sampling_math`'s.
 
 Launches for ``sample_tokens`` on a CUDA tensor: probabilities, the sort, water-filling, draws (plus the
 assertion when the ratio is a device tensor). The one-program kernels' time grows linearly with ``N`` (a few
@@ -51,19 +49,37 @@ except through the stream order.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from cggr.config import check_sampling_parameters, is_int
+from cggr.config import check_sampling_parameters
 
-from ..utils import check_ratio_value
-from .cross_entropy import launch_selective_backward
-from .scoring import check_kernel_device, device_guard, interpreting, row_geometry
+from .inputs import check_kernel_device, device_guard, int_argument, ratio_argument
+from .launch import interpreting
+from .sampling_math import (
+    block_candidate,
+    expected_count,
+    fill_factor,
+    load_eligible,
+    lowbias32,
+    mass_and_share,
+    probability_key,
+    q_value,
+    sorted_p,
+    store_counts,
+)
+
+#: The fused ``sampled`` loss's names, defined in :mod:`cggr_torch.kernels.sampled_loss` (which imports this
+#: module) and re-exported here on first use (:func:`__getattr__`), so that the sampler's module stays the one
+#: namespace of the ``sampled`` path (what imports, stubs or re-tunes it here reaches the fused loss too).
+_FUSED_LOSS_NAMES = ("METRIC_INT_SLOTS", "METRIC_FLOAT_SLOTS", "SampledLoss", "sample_from_scores",
+                     "sampled_loss_from_scores_op", "sampled_loss_backward_op", "launch_scored_probabilities",
+                     "launch_finish")
 
 __all__ = [
     "INT_SLOTS",
@@ -80,17 +96,16 @@ __all__ = [
     "sort_by_probability",
     "launch_water_filling",
     "launch_draws",
-    "launch_scored_probabilities",
-    "launch_finish",
     "draw_programs",
     "DrawPartials",
-    "METRIC_INT_SLOTS",
-    "METRIC_FLOAT_SLOTS",
-    "SampledLoss",
-    "sample_from_scores",
-    "sampled_loss_from_scores_op",
-    "sampled_loss_backward_op",
     "sample_tokens_op",
+    # helpers and tunables shared with the fused loss (:mod:`cggr_torch.kernels.sampled_loss`)
+    "PROB_BLOCK",
+    "PROB_WARPS",
+    "use_libdevice",
+    "plan_buffers",
+    # the fused ``sampled`` loss, re-exported from :mod:`cggr_torch.kernels.sampled_loss` (its home since the split)
+    *_FUSED_LOSS_NAMES,
 ]
 
 #: Slots of the int32 plan buffer (``k`` is the SPEC §5.3 count, ``k_eff`` = ``min(k, n)``).
@@ -99,17 +114,11 @@ INT_SLOTS = {"n": 0, "k": 1, "k_eff": 2, "j_star": 3, "ok": 4}
 FLOAT_SLOTS = {"c": 0, "s_star": 1, "Q": 2, "ln_b_max": 3}
 _N_INTS = 8
 _N_FLOATS = 4
-#: Slots of the fused ``sampled`` loss's int64 metric buffer (SPEC §10 names; those of
-#: :mod:`cggr_torch.kernels.selection`'s plan).
-METRIC_INT_SLOTS = {"step": 0, "tokens_selected": 1, "tokens_total": 2, "tokens_nonfinite": 3,
-                    "tokens_out_of_range": 4, "k": 5, "ok": 6}
-#: Slots of its float32 metric buffer.
-METRIC_FLOAT_SLOTS = {"token_ratio": 0, "effective_ratio": 1, "avg_confidence": 2, "avg_entropy": 3,
-                      "avg_difficulty": 4, "sample_ess": 5}
-_N_METRICS = 8
 
-_PROB_BLOCK = 4096          # one program, 8 warps: 16 tokens per thread per step (as the selection plan)
-_PROB_WARPS = 8
+#: Tokens per step of the one-program probability kernels (this module's and the fused loss's): 8 warps, 16
+#: tokens per thread per step, as the selection plan.
+PROB_BLOCK = 4096
+PROB_WARPS = 8
 _WATER_BLOCK = 4096
 _WATER_WARPS = 8
 _DRAW_WARPS = 4
@@ -131,94 +140,7 @@ SINGLE_PROGRAM_MAX_TOKENS = 65536
 _K_FROM_HOST_RATIO, _K_FROM_DEVICE_RATIO, _K_FROM_HOST, _K_FROM_DEVICE = 0, 1, 2, 3
 
 
-# =============================================================================================== kernels
-@triton.jit
-def _ln(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        y = libdevice.log(x)
-    else:
-        y = tl.log(x)
-    return y
-
-
-@triton.jit
-def _exp(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        y = libdevice.exp(x)
-    else:
-        y = tl.exp(x)
-    return y
-
-
-@triton.jit
-def _log_b(d, floor, LIBDEVICE: tl.constexpr):
-    """``ln b`` with ``b = min(max(d, 0) ⊕ ε, FLT_MAX)`` (SPEC §7.4: ±∞ difficulties stay finite)."""
-    b = tl.minimum(tl.maximum(d, 0.0) + floor, 3.4028234663852886e38)
-    return _ln(b, LIBDEVICE)
-
-
-@triton.jit
-def _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE: tl.constexpr):
-    """``(e, ln b)`` of tokens ``idx``: eligible = ``eligible`` and not NaN (SPEC §4)."""
-    d = tl.load(d_ptr + idx, mask=inb, other=0.0).to(tl.float32)    # float64 rounds to nearest (SPEC §6)
-    e = (tl.load(e_ptr + idx, mask=inb, other=0) != 0) & (d == d) & inb
-    return e, _log_b(d, floor, LIBDEVICE)
-
-
-@triton.jit
-def _expected_count(n, ratio_ptr, k_ptr, ratio, k_host, K_MODE: tl.constexpr):
-    """``(k, ok)``: SPEC §5.3's ``k`` from a host or device ratio (``ok``: the ratio lies in ``(0, 1]``), or a
-    given host or device ``k`` (``ok`` true). ``n`` int64."""
-    ok = n >= 0
-    if K_MODE == 0 or K_MODE == 1:
-        if K_MODE == 0:
-            r = ratio + tl.zeros([], tl.float32)
-        else:
-            r = tl.load(ratio_ptr).to(tl.float32)
-        ok = (r > 0.0) & (r <= 1.0)
-        x = tl.where(ok, r * 65536.0, 0.0)                           # an exact scaling
-        f = x.to(tl.int32)                                            # x ≥ 0: truncation = floor
-        frac = x - f.to(tl.float32)                                   # exact
-        r_q = f + ((frac > 0.5) | ((frac == 0.5) & ((f & 1) == 1))).to(tl.int32)
-        k = (r_q.to(tl.int64) * n + 32768) >> 16
-        k = tl.where(n > 0, tl.minimum(n, tl.maximum(k, 1)), 0)
-    elif K_MODE == 2:
-        k = k_host + tl.zeros([], tl.int64)
-    else:
-        k = tl.load(k_ptr).to(tl.int64)
-    return k, ok
-
-
-@triton.jit
-def _store_counts(ints_ptr, floats_ptr, n, k, ok, lb_max):
-    tl.store(ints_ptr + 0, n.to(tl.int32))
-    tl.store(ints_ptr + 1, k.to(tl.int32))
-    tl.store(ints_ptr + 2, tl.minimum(k, n).to(tl.int32))
-    tl.store(ints_ptr + 4, ok.to(tl.int32))
-    tl.store(floats_ptr + 3, lb_max)
-
-
-@triton.jit
-def _q(e, lb, lb_max, power, LIBDEVICE: tl.constexpr):
-    """``q = exp(β ⊗ (ln b ⊖ ln b*))`` of the eligible tokens, 0 for the others."""
-    return tl.where(e, _exp(power * tl.where(e, lb - lb_max, 0.0), LIBDEVICE), 0.0)
-
-
-@triton.jit
-def _sort_key(e, q, Q, share, one_minus_mix):
-    """int32 key of ``p = ((1 − λ) ⊗ q) ⊘ Q ⊕ λ/n``: ``~bits(p)`` (``p ≥ +0``), ``2^31 − 1`` if not eligible."""
-    p = tl.math.div_rn(one_minus_mix * q, Q) + share
-    return tl.where(e, ~p.to(tl.int32, bitcast=True), 2147483647)
-
-
-@triton.jit
-def _mass(Q, n, mix):
-    """``(Q, λ ⊘ f32(max(n, 1)))``; ``Q ≥ 1`` whenever ``n ≥ 1`` (q of the maximum is ``exp(0) = 1``), and no
-    ``p`` is read when ``n = 0``."""
-    share = tl.math.div_rn(mix + tl.zeros([], tl.float32), tl.maximum(n, 1).to(tl.float32))
-    return tl.where(Q > 0.0, Q, 1.0), share
-
-
+# ======================================================== kernels (their arithmetic: :mod:`.sampling_math`)
 @triton.jit(do_not_specialize=["k_host"])
 def _probabilities_kernel(
     d_ptr, e_ptr, ratio_ptr, k_ptr, key_ptr, ints_ptr, floats_ptr,
@@ -233,124 +155,29 @@ def _probabilities_kernel(
     for start in range(0, N, BLOCK):
         idx = offs + start
         inb = idx < N
-        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        e, lb = load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
         cnt += e.to(tl.int32)
         top = tl.maximum(top, tl.where(e, lb, float("-inf")))
     n = tl.sum(cnt.to(tl.int64), 0)
     lb_max = tl.where(n > 0, tl.max(top, 0), 0.0)                   # n = 0: no q is read
-    k, ok = _expected_count(n, ratio_ptr, k_ptr, ratio, k_host, K_MODE)
+    k, ok = expected_count(n, ratio_ptr, k_ptr, ratio, k_host, K_MODE)
     # pass 2: Q = Σ_eligible q
     q_acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, N, BLOCK):
         idx = offs + start
         inb = idx < N
-        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
-        q_acc += _q(e, lb, lb_max, power, LIBDEVICE)
-    Q, share = _mass(tl.sum(q_acc, 0), n, mix)
+        e, lb = load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        q_acc += q_value(e, lb, lb_max, power, LIBDEVICE)
+    Q, share = mass_and_share(tl.sum(q_acc, 0), n, mix)
     # pass 3: the sort key of p
     for start in range(0, N, BLOCK):
         idx = offs + start
         inb = idx < N
-        e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
-        tl.store(key_ptr + idx, _sort_key(e, _q(e, lb, lb_max, power, LIBDEVICE), Q, share, one_minus_mix),
+        e, lb = load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+        tl.store(key_ptr + idx, probability_key(e, q_value(e, lb, lb_max, power, LIBDEVICE), Q, share, one_minus_mix),
                  mask=inb)
-    _store_counts(ints_ptr, floats_ptr, n, k, ok, lb_max)
+    store_counts(ints_ptr, floats_ptr, n, k, ok, lb_max)
     tl.store(floats_ptr + 2, Q)
-
-
-@triton.jit
-def _load_scored(status_ptr, stats_ptr, ref_ptr, idx, inb, N, HAS_REF: tl.constexpr):
-    """``(status, e, d)`` of tokens ``idx`` from the scoring kernel's buffers (``stats`` float32 ``(6, N)``).
-    With ``HAS_REF`` (``scoring='excess'``, the scoring pass run in mode ``loss``): ``d = nll ⊖ ref`` where the
-    reference is finite, NaN (not eligible) elsewhere (SPEC §3.1); else ``d`` is the scoring pass's row 5."""
-    st = tl.load(status_ptr + idx, mask=inb, other=0).to(tl.int32)
-    if HAS_REF:
-        nll = tl.load(stats_ptr + 4 * N + idx, mask=inb, other=0.0)
-        ref = tl.load(ref_ptr + idx, mask=inb, other=0.0).to(tl.float32)
-        fin = tl.abs(ref) < float("inf")                              # false for ±inf and NaN
-        d = tl.where(fin, nll - ref, float("nan"))
-        e = ((st & 2) != 0) & fin & (d == d)
-    else:
-        d = tl.load(stats_ptr + 5 * N + idx, mask=inb, other=0.0)
-        e = (st & 2) != 0                                             # eligible ⇒ d is not NaN (SPEC §4)
-    return st, e, d
-
-
-@triton.jit
-def _scored_probabilities_kernel(
-    status_ptr, stats_ptr, ref_ptr, base_ptr, step_ptr, key_ptr, ints_ptr, floats_ptr, mints_ptr, mfloats_ptr,
-    N, sensitivity, floor, power, one_minus_mix, mix,
-    HAS_REF: tl.constexpr, DYNAMIC: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """One program, the fused ``sampled`` loss's step 1 from the scoring kernel's buffers: pass 1 also sums
-    every SPEC §10 metric (fixed order, as the selection plan), applies the dynamic threshold (§5.2) to the
-    device base ratio and computes ``k`` (§5.3); passes 2-3 as :func:`_probabilities_kernel`. Metrics go to
-    ``mints`` (int64) / ``mfloats`` (float32), slots :data:`METRIC_INT_SLOTS` / :data:`METRIC_FLOAT_SLOTS`."""
-    offs = tl.arange(0, BLOCK).to(tl.int64)
-    cnt = tl.zeros([BLOCK], tl.int32)
-    nonfinite = tl.zeros([BLOCK], tl.int32)
-    bad = tl.zeros([BLOCK], tl.int32)
-    conf_acc = tl.zeros([BLOCK], tl.float32)
-    ent_acc = tl.zeros([BLOCK], tl.float32)
-    diff_acc = tl.zeros([BLOCK], tl.float32)
-    top = tl.full([BLOCK], float("-inf"), tl.float32)
-    for start in range(0, N, BLOCK):
-        idx = offs + start
-        inb = idx < N
-        st, e, d = _load_scored(status_ptr, stats_ptr, ref_ptr, idx, inb, N, HAS_REF)
-        conf = tl.load(stats_ptr + 2 * N + idx, mask=inb, other=0.0)
-        ent = tl.load(stats_ptr + N + idx, mask=inb, other=0.0)
-        cnt += e.to(tl.int32)
-        nonfinite += (((st & 1) != 0) & ~e).to(tl.int32)                # valid, not eligible
-        bad += ((st & 4) != 0).to(tl.int32)
-        conf_acc += tl.where(e, conf, 0.0)
-        ent_acc += tl.where(e, ent, 0.0)
-        diff_acc += tl.where(e, d, 0.0)
-        top = tl.maximum(top, tl.where(e, _log_b(d, floor, LIBDEVICE), float("-inf")))
-    n = tl.sum(cnt.to(tl.int64), 0)
-    nf = tl.maximum(n, 1).to(tl.float32)
-    mean_conf = tl.math.div_rn(tl.sum(conf_acc, 0), nf)
-    base = tl.load(base_ptr).to(tl.float32)
-    if DYNAMIC:  # SPEC §5.2, operation by operation (compiled without FMA contraction)
-        ratio = tl.minimum(base * (1.0 + (1.0 - mean_conf) * sensitivity), 1.0)
-    else:
-        ratio = base
-    lb_max = tl.where(n > 0, tl.max(top, 0), 0.0)
-    k, ok = _expected_count(n, ints_ptr, ints_ptr, ratio, 0, 0)
-    ok = ok & (tl.sum(bad, 0) == 0)
-    q_acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, N, BLOCK):
-        idx = offs + start
-        inb = idx < N
-        _st, e, d = _load_scored(status_ptr, stats_ptr, ref_ptr, idx, inb, N, HAS_REF)
-        q_acc += _q(e, _log_b(d, floor, LIBDEVICE), lb_max, power, LIBDEVICE)
-    Q, share = _mass(tl.sum(q_acc, 0), n, mix)
-    for start in range(0, N, BLOCK):
-        idx = offs + start
-        inb = idx < N
-        _st, e, d = _load_scored(status_ptr, stats_ptr, ref_ptr, idx, inb, N, HAS_REF)
-        q = _q(e, _log_b(d, floor, LIBDEVICE), lb_max, power, LIBDEVICE)
-        tl.store(key_ptr + idx, _sort_key(e, q, Q, share, one_minus_mix), mask=inb)
-    _store_counts(ints_ptr, floats_ptr, n, k, ok, lb_max)
-    tl.store(floats_ptr + 2, Q)
-    zero_i = tl.zeros([], tl.int64)
-    zero_f = tl.zeros([], tl.float32)
-    tl.store(mints_ptr + 0, tl.load(step_ptr).to(tl.int64))
-    tl.store(mints_ptr + 1, zero_i)                       # tokens_selected: the finish kernel's
-    tl.store(mints_ptr + 2, n)
-    tl.store(mints_ptr + 3, tl.sum(nonfinite.to(tl.int64), 0))
-    tl.store(mints_ptr + 4, zero_i)
-    tl.store(mints_ptr + 5, k)
-    tl.store(mints_ptr + 6, ok.to(tl.int64))
-    tl.store(mints_ptr + 7, zero_i)
-    tl.store(mfloats_ptr + 0, base)
-    tl.store(mfloats_ptr + 1, ratio)
-    tl.store(mfloats_ptr + 2, mean_conf)
-    tl.store(mfloats_ptr + 3, tl.math.div_rn(tl.sum(ent_acc, 0), nf))
-    tl.store(mfloats_ptr + 4, tl.math.div_rn(tl.sum(diff_acc, 0), nf))
-    tl.store(mfloats_ptr + 5, zero_f)                     # sample_ess: the finish kernel's
-    tl.store(mfloats_ptr + 6, zero_f)
-    tl.store(mfloats_ptr + 7, zero_f)
 
 
 # --- the same three passes as three multi-program launches (large N): per-block partials, each program of a
@@ -361,7 +188,7 @@ def _count_max_kernel(d_ptr, e_ptr, part_n_ptr, part_max_ptr, N, floor, LIBDEVIC
     """Block ``b``: its eligible count and ``max ln b``."""
     b = tl.program_id(0)
     idx = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    e, lb = _load_eligible(d_ptr, e_ptr, idx, idx < N, floor, LIBDEVICE)
+    e, lb = load_eligible(d_ptr, e_ptr, idx, idx < N, floor, LIBDEVICE)
     tl.store(part_n_ptr + b, tl.sum(e.to(tl.int32), 0))
     tl.store(part_max_ptr + b, tl.max(tl.where(e, lb, float("-inf")), 0))
 
@@ -385,11 +212,11 @@ def _q_sum_kernel(
     n = tl.sum(cnt, 0)
     lb_max = tl.where(n > 0, tl.max(top, 0), 0.0)
     idx = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    e, lb = _load_eligible(d_ptr, e_ptr, idx, idx < N, floor, LIBDEVICE)
-    tl.store(part_q_ptr + b, tl.sum(_q(e, lb, lb_max, power, LIBDEVICE), 0))
+    e, lb = load_eligible(d_ptr, e_ptr, idx, idx < N, floor, LIBDEVICE)
+    tl.store(part_q_ptr + b, tl.sum(q_value(e, lb, lb_max, power, LIBDEVICE), 0))
     if b == 0:
-        k, ok = _expected_count(n, ratio_ptr, k_ptr, ratio, k_host, K_MODE)
-        _store_counts(ints_ptr, floats_ptr, n, k, ok, lb_max)
+        k, ok = expected_count(n, ratio_ptr, k_ptr, ratio, k_host, K_MODE)
+        store_counts(ints_ptr, floats_ptr, n, k, ok, lb_max)
 
 
 @triton.jit
@@ -403,43 +230,14 @@ def _key_kernel(d_ptr, e_ptr, part_q_ptr, key_ptr, ints_ptr, floats_ptr, N, G, f
     q_acc = tl.zeros([R_BLOCK], tl.float32)
     for s0 in range(0, G, R_BLOCK):
         q_acc += tl.load(part_q_ptr + s0 + r, mask=(s0 + r) < G, other=0.0)
-    Q, share = _mass(tl.sum(q_acc, 0), n, mix)
+    Q, share = mass_and_share(tl.sum(q_acc, 0), n, mix)
     idx = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = idx < N
-    e, lb = _load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
-    tl.store(key_ptr + idx, _sort_key(e, _q(e, lb, lb_max, power, LIBDEVICE), Q, share, one_minus_mix), mask=inb)
+    e, lb = load_eligible(d_ptr, e_ptr, idx, inb, floor, LIBDEVICE)
+    tl.store(key_ptr + idx, probability_key(e, q_value(e, lb, lb_max, power, LIBDEVICE), Q, share, one_minus_mix),
+             mask=inb)
     if b == 0:
         tl.store(floats_ptr + 2, Q)
-
-
-@triton.jit
-def _sorted_p(skey_ptr, j, ranked):
-    """``p_(j)`` from the sorted key's bits (0 past the ``n`` eligible positions)."""
-    key = tl.load(skey_ptr + j, mask=ranked, other=-1)              # ~(-1) = +0.0
-    return tl.where(ranked, (~key).to(tl.float32, bitcast=True), 0.0)
-
-
-@triton.jit
-def _block_candidate(skey_ptr, j, n, kk, carry):
-    """Sorted positions ``j`` (descending along the lanes) with ``carry`` = the float64 sum of every later
-    position: ``(j_b, S at j_b, S64 at the block's first position)``, ``j_b`` the least ``j < k'`` with
-    ``f32(k' − j) ⊗ p_(j) ≤ S_j`` (``n + 1`` if none). ``S_j`` accumulates in float64 (smallest terms first)
-    and is rounded once to float32: within about an ulp of the exact sum whatever the scan's order."""
-    ranked = j < n
-    p = _sorted_p(skey_ptr, j, ranked)
-    S64 = carry + tl.cumsum(p.to(tl.float64), 0)
-    S = S64.to(tl.float32)
-    qualifies = ranked & (j < kk) & ((kk - j).to(tl.float32) * p <= S)
-    j_b = tl.min(tl.where(qualifies, j, n + 1), 0)
-    s_b = tl.sum(tl.where(j == j_b, S, 0.0), 0)
-    return j_b, s_b, tl.max(S64, 0)
-
-
-@triton.jit
-def _fill_factor(kk, j_star, s_star):
-    """``c = f32(k' − j*) ⊘ S_{j*}`` (0 if ``S_{j*} = 0``)."""
-    return tl.where(s_star > 0.0,
-                    tl.math.div_rn((kk - j_star).to(tl.float32), tl.where(s_star > 0.0, s_star, 1.0)), 0.0)
 
 
 @triton.jit
@@ -453,12 +251,12 @@ def _water_kernel(skey_ptr, ints_ptr, floats_ptr, BLOCK: tl.constexpr):
     j_star = n + 1                                 # > every candidate (candidates are < k' ≤ n)
     s_star = tl.zeros([], tl.float32)
     for b in range(0, n_blocks):
-        j_b, s_b, carry = _block_candidate(skey_ptr, (n_blocks - 1 - b) * BLOCK + rev, n, kk, carry)
+        j_b, s_b, carry = block_candidate(skey_ptr, (n_blocks - 1 - b) * BLOCK + rev, n, kk, carry)
         better = j_b < j_star                      # blocks come last to first: a lower j always wins
         j_star = tl.where(better, j_b, j_star)
         s_star = tl.where(better, s_b, s_star)
     tl.store(ints_ptr + 3, tl.minimum(j_star, n).to(tl.int32))
-    tl.store(floats_ptr + 0, _fill_factor(kk, j_star, s_star))
+    tl.store(floats_ptr + 0, fill_factor(kk, j_star, s_star))
     tl.store(floats_ptr + 1, s_star)
 
 
@@ -468,7 +266,7 @@ def _block_sum_kernel(skey_ptr, ints_ptr, part_s_ptr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     n = tl.load(ints_ptr + 0).to(tl.int64)
     j = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(part_s_ptr + b, tl.sum(_sorted_p(skey_ptr, j, j < n).to(tl.float64), 0))
+    tl.store(part_s_ptr + b, tl.sum(sorted_p(skey_ptr, j, j < n).to(tl.float64), 0))
 
 
 @triton.jit
@@ -485,19 +283,9 @@ def _water_blocks_kernel(skey_ptr, ints_ptr, part_s_ptr, part_j_ptr, part_sj_ptr
         later = ((s0 + r) < G) & ((s0 + r) > b)
         acc += tl.load(part_s_ptr + s0 + r, mask=later, other=0.0)
     rev = (BLOCK - 1 - tl.arange(0, BLOCK)).to(tl.int64)
-    j_b, s_b, _ = _block_candidate(skey_ptr, b.to(tl.int64) * BLOCK + rev, n, kk, tl.sum(acc, 0))
+    j_b, s_b, _ = block_candidate(skey_ptr, b.to(tl.int64) * BLOCK + rev, n, kk, tl.sum(acc, 0))
     tl.store(part_j_ptr + b, j_b)
     tl.store(part_sj_ptr + b, s_b)
-
-
-@triton.jit
-def _lowbias32(x):
-    """lowbias32 (SPEC §7.4) on uint32: logical shifts, products mod 2^32."""
-    x = x ^ (x >> 16)
-    x = x * tl.full([], 0x7FEB352D, tl.int32).to(tl.uint32, bitcast=True)
-    x = x ^ (x >> 15)
-    x = x * tl.full([], -2073254261, tl.int32).to(tl.uint32, bitcast=True)        # 0x846CA68B
-    return x ^ (x >> 16)
 
 
 @triton.jit(do_not_specialize=["seed", "step"])
@@ -512,7 +300,8 @@ def _draw_kernel(
     ``MULTI``: ``j*`` and ``c`` from the water-filling blocks' candidates (the least ``j_b``), else from the
     one-program water-filling's slots. ``FUSED`` (the fused ``sampled`` loss, SPEC §8): the weight written is
     the loss's row weight ``ω = w ⊘ f32(max(1, n))``, and the program stores its partials (count; ``Σw``,
-    ``Σw²``, ``Σ ω ⊗ nll`` of its kept tokens) for :func:`_finish_kernel`."""
+    ``Σw²``, ``Σ ω ⊗ nll`` of its kept tokens) for the finish kernel of
+    :mod:`cggr_torch.kernels.sampled_loss`."""
     m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = m < N
     n = tl.load(ints_ptr + 0).to(tl.int64)
@@ -529,12 +318,12 @@ def _draw_kernel(
             jb = tl.load(part_j_ptr + s0 + r, mask=inr, other=n + 1)
             s_acc = tl.maximum(s_acc, tl.where(inr & (jb == j_star) & (j_star <= n),
                                                tl.load(part_sj_ptr + s0 + r, mask=inr, other=0.0), 0.0))
-        c = _fill_factor(kk, j_star, tl.max(s_acc, 0))
+        c = fill_factor(kk, j_star, tl.max(s_acc, 0))
     else:
         j_star = tl.load(ints_ptr + 3).to(tl.int64)
         c = tl.load(floats_ptr + 0)
     ranked = m < n
-    p = _sorted_p(skey_ptr, m, inb & ranked)
+    p = sorted_p(skey_ptr, m, inb & ranked)
     tok = tl.load(order_ptr + m, mask=inb, other=0)
     pi = tl.where((m < j_star) | (kk >= n), 1.0, tl.minimum(c * p, 1.0))
     pi = tl.where(ranked & (kk > 0), pi, 0.0)
@@ -542,14 +331,14 @@ def _draw_kernel(
         tl.store(pi_ptr + tok, pi, mask=inb)
     if DRAW:
         # seed and step are host integers mod 2^32 passed as int32 bit patterns (one signature for all values)
-        h = _lowbias32((seed + tl.zeros([], tl.int32)).to(tl.uint32, bitcast=True)
+        h = lowbias32((seed + tl.zeros([], tl.int32)).to(tl.uint32, bitcast=True)
                        ^ tl.full([], -1640531527, tl.int32).to(tl.uint32, bitcast=True))   # 0x9E3779B9
         if STEP_FROM_PTR:
             s = tl.load(step_ptr).to(tl.int64).to(tl.uint32)                # mod 2^32 (truncation)
         else:
             s = (step + tl.zeros([], tl.int32)).to(tl.uint32, bitcast=True)
-        h = _lowbias32(h ^ s)
-        h = _lowbias32(h ^ tok.to(tl.uint32))                          # the flat index mod 2^32
+        h = lowbias32(h ^ s)
+        h = lowbias32(h ^ tok.to(tl.uint32))                          # the flat index mod 2^32
         u = ((h >> 8) | 1).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08   # · 2^-24, exact
         keep = ranked & (u < pi)
         w = tl.where(keep, tl.math.div_rn(1.0, tl.where(keep, pi, 1.0)), 0.0)
@@ -568,29 +357,6 @@ def _draw_kernel(
             tl.store(w_ptr + tok, w, mask=inb)
 
 
-@triton.jit
-def _finish_kernel(pcnt_ptr, pf_ptr, mints_ptr, mfloats_ptr, loss_ptr, G, R_BLOCK: tl.constexpr):
-    """One program: the draw programs' partials reduced in one fixed order: ``tokens_selected``,
-    ``sample_ess = (Σw)² ⊘ Σw²`` (0 when nothing is kept, SPEC §10) and the loss ``Σ ω ⊗ nll`` (SPEC §8)."""
-    r = tl.arange(0, R_BLOCK)
-    cnt = tl.zeros([R_BLOCK], tl.int64)
-    s1 = tl.zeros([R_BLOCK], tl.float32)
-    s2 = tl.zeros([R_BLOCK], tl.float32)
-    sl = tl.zeros([R_BLOCK], tl.float32)
-    for s0 in range(0, G, R_BLOCK):
-        inr = (s0 + r) < G
-        cnt += tl.load(pcnt_ptr + s0 + r, mask=inr, other=0).to(tl.int64)
-        s1 += tl.load(pf_ptr + s0 + r, mask=inr, other=0.0)
-        s2 += tl.load(pf_ptr + G + s0 + r, mask=inr, other=0.0)
-        sl += tl.load(pf_ptr + 2 * G + s0 + r, mask=inr, other=0.0)
-    S1 = tl.sum(s1, 0)
-    S2 = tl.sum(s2, 0)
-    ess = tl.where(S2 > 0.0, tl.math.div_rn(S1 * S1, tl.where(S2 > 0.0, S2, 1.0)), 0.0)
-    tl.store(mints_ptr + 1, tl.sum(cnt, 0))
-    tl.store(mfloats_ptr + 5, ess)
-    tl.store(loss_ptr, tl.sum(sl, 0))
-
-
 # ============================================================================================ launchers
 def _int32_bits(value: int) -> int:
     """A value mod 2^32 as the signed int32 with the same bits (so the kernel argument is always int32)."""
@@ -598,8 +364,9 @@ def _int32_bits(value: int) -> int:
     return value - 2**32 if value >= 2**31 else value
 
 
-def _libdevice() -> bool:
-    """libdevice ``logf``/``expf`` when compiled (PyTorch's CUDA functions); the interpreter has no libdevice."""
+def use_libdevice() -> bool:
+    """libdevice ``logf``/``expf`` when compiled (PyTorch's CUDA functions); the interpreter has no libdevice.
+    The ``LIBDEVICE`` argument of every probability kernel (this module's and the fused loss's)."""
     return not interpreting()
 
 
@@ -647,7 +414,7 @@ def launch_probabilities(difficulty: torch.Tensor, eligible: torch.Tensor, key: 
             _probabilities_kernel[(1,)](
                 difficulty, eligible, ratio_t, k_t, key, ints, floats,
                 n_tok, ratio_v, k_v, floor_v, power_v, keep_v, mix_v,
-                K_MODE=mode, LIBDEVICE=_libdevice(), BLOCK=_PROB_BLOCK, num_warps=_PROB_WARPS,
+                K_MODE=mode, LIBDEVICE=use_libdevice(), BLOCK=PROB_BLOCK, num_warps=PROB_WARPS,
                 enable_fp_fusion=False,
             )
             return
@@ -655,7 +422,7 @@ def launch_probabilities(difficulty: torch.Tensor, eligible: torch.Tensor, key: 
         part_n = torch.empty((g,), dtype=torch.int32, device=difficulty.device)
         part_max = torch.empty((g,), dtype=torch.float32, device=difficulty.device)
         part_q = torch.empty((g,), dtype=torch.float32, device=difficulty.device)
-        common = dict(LIBDEVICE=_libdevice(), BLOCK=MULTI_BLOCK, num_warps=_MULTI_WARPS, enable_fp_fusion=False)
+        common = dict(LIBDEVICE=use_libdevice(), BLOCK=MULTI_BLOCK, num_warps=_MULTI_WARPS, enable_fp_fusion=False)
         _count_max_kernel[(g,)](difficulty, eligible, part_n, part_max, n_tok, floor_v, **common)
         _q_sum_kernel[(g,)](difficulty, eligible, part_n, part_max, part_q, ratio_t, k_t, ints, floats,
                             n_tok, g, ratio_v, k_v, floor_v, power_v, K_MODE=mode, R_BLOCK=REDUCE_BLOCK, **common)
@@ -740,38 +507,6 @@ def draw_programs(n_tokens: int) -> int:
     return triton.cdiv(n_tokens, DRAW_BLOCK) if n_tokens > 0 else 0
 
 
-def launch_scored_probabilities(status: torch.Tensor, stats: torch.Tensor, reference: Optional[torch.Tensor],
-                                base: torch.Tensor, step: torch.Tensor, key: torch.Tensor, ints: torch.Tensor,
-                                floats: torch.Tensor, mints: torch.Tensor, mfloats: torch.Tensor, *,
-                                dynamic: bool, sensitivity: float, power: float, uniform_mix: float,
-                                floor: float) -> None:
-    """Step 1 of the fused ``sampled`` loss (one program): from the scoring kernel's ``status`` (int8 ``(N,)``)
-    and ``stats`` (float32 ``(6, N)``), plus ``reference`` (float32 ``(N,)``, ``scoring='excess'``), the sort
-    key of ``p``, the sampler's ``ints``/``floats`` and every SPEC §10 metric into ``mints`` (int64 ``(8,)``)
-    and ``mfloats`` (float32 ``(8,)``). ``base`` (float32) and ``step`` (int64) are one-element device tensors.
-
-    One program whatever ``N``: the multi-program probability kernels do not sum the metrics (above
-    :data:`SINGLE_PROGRAM_MAX_TOKENS` this launch is slower than they are, but never wrong)."""
-    n_tok = status.numel()
-    floor_v, power_v = float(np.float32(floor)), float(np.float32(power))
-    keep_v, mix_v = float(np.float32(1.0 - uniform_mix)), float(np.float32(uniform_mix))
-    with device_guard(status):
-        _scored_probabilities_kernel[(1,)](
-            status, stats, reference if reference is not None else stats, base, step, key, ints, floats, mints,
-            mfloats, n_tok, float(sensitivity), floor_v, power_v, keep_v, mix_v,
-            HAS_REF=reference is not None, DYNAMIC=bool(dynamic), LIBDEVICE=_libdevice(), BLOCK=_PROB_BLOCK,
-            num_warps=_PROB_WARPS, enable_fp_fusion=False,
-        )
-
-
-def launch_finish(fused: DrawPartials, mints: torch.Tensor, mfloats: torch.Tensor, loss: torch.Tensor) -> None:
-    """One program: ``tokens_selected``, ``sample_ess`` and the loss (float32, one element) from the draw
-    programs' partials."""
-    with device_guard(mints):
-        _finish_kernel[(1,)](fused.count, fused.sums, mints, mfloats, loss, fused.count.numel(),
-                             R_BLOCK=REDUCE_BLOCK, num_warps=4, enable_fp_fusion=False)
-
-
 # ========================================================================================== public API
 def _check_tensors(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
     if not isinstance(difficulty, torch.Tensor) or difficulty.dtype not in (torch.float32, torch.float16,
@@ -791,47 +526,9 @@ def _check_tensors(difficulty: torch.Tensor, eligible: torch.Tensor) -> None:
         raise ValueError(f"difficulty: at most 2**31 - 1 tokens (int32 counts, SPEC §6), got {difficulty.numel()}")
 
 
-def _scalar_tensor(value: torch.Tensor, name: str, device: torch.device, *, floating: bool) -> Optional[
-        torch.Tensor]:
-    """A one-element tensor argument (dtype, size and device checked): the flat tensor when it lives on the
-    kernel's device (read by the kernel; under the interpreter that is the CPU), None for a CPU tensor while
-    the kernel runs on a GPU (the caller reads it on the host: no synchronisation)."""
-    kind = "floating" if floating else "integer"
-    if value.numel() != 1 or value.dtype.is_floating_point != floating or value.dtype == torch.bool:
-        raise ValueError(f"{name}: expected a one-element {kind} tensor, got dtype {value.dtype} and shape "
-                         f"{tuple(value.shape)}")
-    if value.device == device:
-        return value.reshape(1)
-    if value.device.type == "cpu":
-        return None
-    raise ValueError(f"{name}: expected a tensor on {device} or the CPU, got one on {value.device}")
-
-
-def _ratio_argument(ratio: Union[torch.Tensor, float], device: torch.device) -> Union[float, torch.Tensor]:
-    """A host float32 value in (0, 1], or a one-element float tensor on the kernel's device (a GPU value is
-    checked on the device; a CPU value is read and checked now, like the reference's ``num_selected``)."""
-    if isinstance(ratio, torch.Tensor):
-        on_device = _scalar_tensor(ratio, "ratio", device, floating=True)
-        # reading a CPU tensor does not synchronise; a compiled call on CPU (the interpreter) checks it in the
-        # kernel instead (the ok slot, torch._assert_async): a read would be a graph break
-        if ratio.device.type == "cpu" and not (torch.compiler.is_compiling() and on_device is not None):
-            check_ratio_value("ratio", ratio)
-        if on_device is not None:
-            return on_device
-    return float(np.float32(check_ratio_value("ratio", ratio)))
-
-
-def _int_argument(value: Union[int, torch.Tensor], name: str, device: torch.device) -> Union[int, torch.Tensor]:
-    """``step`` or ``k``: a host integer ``>= 0`` or a one-element integer tensor (see :func:`_scalar_tensor`)."""
-    if isinstance(value, torch.Tensor):
-        on_device = _scalar_tensor(value, name, device, floating=False)
-        return on_device if on_device is not None else int(value.reshape(()))
-    if not is_int(value) or int(value) < 0:
-        raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
-    return int(value)
-
-
-def _buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def plan_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's int32 / float32 plan buffers (slots :data:`INT_SLOTS` / :data:`FLOAT_SLOTS`, written by the
+    kernels before they are read); shared with the fused loss."""
     return (torch.empty((_N_INTS,), dtype=torch.int32, device=device),
             torch.empty((_N_FLOATS,), dtype=torch.float32, device=device))
 
@@ -842,7 +539,7 @@ def _probabilities_and_order(d: torch.Tensor, e: torch.Tensor, *, ratio: Union[f
                                                     Optional[WaterPartials]]:
     """Steps 1-3 of the module docstring: ``(sorted_key, order, ints, floats, partials)``."""
     dev = d.device
-    ints, floats = _buffers(dev)
+    ints, floats = plan_buffers(dev)
     key = torch.empty((d.numel(),), dtype=torch.int32, device=dev)
     launch_probabilities(d, e, key, ints, floats, ratio=ratio, k=k, power=power, uniform_mix=uniform_mix,
                          floor=floor)
@@ -881,8 +578,8 @@ def sample_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio
     _check_tensors(difficulty, eligible)
     power, uniform_mix, floor, seed = check_sampling_parameters(power, uniform_mix, floor, seed)
     dev = difficulty.device
-    r = _ratio_argument(ratio, dev)
-    step_v = _int_argument(step, "step", dev)
+    r = ratio_argument(ratio, dev)
+    step_v = int_argument(step, "step", dev)
     shape = tuple(difficulty.shape)
     d = difficulty.reshape(-1).contiguous()
     e = eligible.reshape(-1).contiguous()
@@ -935,7 +632,7 @@ def sampling_probabilities_triton(difficulty: torch.Tensor, eligible: torch.Tens
     _check_tensors(difficulty, eligible)
     power, uniform_mix, floor, _ = check_sampling_parameters(power, uniform_mix, floor)
     dev = difficulty.device
-    k_arg = _int_argument(k, "k", dev)
+    k_arg = int_argument(k, "k", dev)
     if isinstance(k_arg, int):
         k_arg = max(0, min(k_arg, 2**31 - 1))           # counts are int32 (a negative CPU tensor counts as 0)
     shape = tuple(difficulty.shape)
@@ -948,121 +645,10 @@ def sampling_probabilities_triton(difficulty: torch.Tensor, eligible: torch.Tens
     return pi.view(shape)
 
 
-# ============================================================== the fused ``sampled`` loss (SPEC §7.4, §8)
-class SampledLoss(NamedTuple):
-    """Result of :func:`sample_from_scores`: the float32 ``loss`` ``Σ_{i∈mask} ω_i·nll_i`` (with gradient
-    through the logits), the bool ``mask`` and float32 ``row_weights`` ``ω = w/max(1, n)`` (token shape,
-    detached), and the SPEC §10 metric buffers ``ints`` (int64) / ``floats`` (float32), slots
-    :data:`METRIC_INT_SLOTS` / :data:`METRIC_FLOAT_SLOTS`."""
-
-    loss: torch.Tensor
-    mask: torch.Tensor
-    row_weights: torch.Tensor
-    ints: torch.Tensor
-    floats: torch.Tensor
-
-
-def sample_from_scores(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, status: torch.Tensor,
-                       token_shape: tuple[int, ...], *, reference: Optional[torch.Tensor],
-                       base_ratio: torch.Tensor, step: torch.Tensor, dynamic: bool, threshold_sensitivity: float,
-                       seed: int, power: float, uniform_mix: float, floor: float) -> SampledLoss:
-    """:class:`cggr_torch.CGGRLoss`'s fused ``sampled`` path after the scoring kernel (no checks: the buffers
-    come from :func:`cggr_torch.kernels.scoring.scoring_op` with a sort key, the parameters from a validated
-    ``CGGRConfig``). Five launches around one ``torch.sort``: probabilities from the scores (every metric, the
-    dynamic ratio, ``k``), the sort, water-filling, the draws (mask, row weights, per-program partials) and a
-    one-program finish (count, ``sample_ess``, loss); the backward is the selective cross-entropy's sparse
-    kernel with the row weights. Runs as the custom op ``cggr::sampled_loss_from_scores`` (SPEC §12.1).
-
-    Args:
-        logits: the differentiable logits (read only by the backward).
-        targets: flat int64 ``(N,)`` (:func:`cggr_torch.kernels.scoring.flat_targets`).
-        stats, status: the scoring kernel's float32 ``(6, N)`` and int8 ``(N,)`` buffers.
-        reference: ``scoring='excess'``: float32 reference losses (``N`` elements; the scoring pass ran in mode
-            ``loss``), else None.
-        base_ratio, step: 0-d float32 / int64 tensors on the device (the curriculum, SPEC §5.1, §12.1).
-        dynamic, threshold_sensitivity: SPEC §5.2.
-        seed, power, uniform_mix, floor: SPEC §7.4.
-    """
-    ref = None if reference is None else reference.reshape(-1).to(torch.float32).contiguous()
-    loss, mask, w, ints, floats = sampled_loss_from_scores_op(
-        logits, targets, stats, status, ref, base_ratio.reshape(()), step.reshape(()), bool(dynamic),
-        float(threshold_sensitivity), int(seed), float(power), float(uniform_mix), float(floor))
-    return SampledLoss(loss, mask.view(token_shape), w.detach().view(token_shape), ints, floats.detach())
-
-
-@torch.library.custom_op("cggr::sampled_loss_from_scores", mutates_args=())
-def sampled_loss_from_scores_op(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
-                                status: torch.Tensor, reference: Optional[torch.Tensor], base_ratio: torch.Tensor,
-                                step: torch.Tensor, dynamic: bool, threshold_sensitivity: float, seed: int,
-                                power: float, uniform_mix: float, floor: float
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`sample_from_scores` as a custom op: ``(loss, mask, row_weights, ints, floats)`` (flat mask and
-    weights). Every output element is written by a kernel."""
-    dev = stats.device
-    n_tok = status.numel()
-    ints, floats = _buffers(dev)
-    mints = torch.empty((_N_METRICS,), dtype=torch.int64, device=dev)
-    mfloats = torch.empty((_N_METRICS,), dtype=torch.float32, device=dev)
-    loss = torch.empty((), dtype=torch.float32, device=dev)
-    key = torch.empty((n_tok,), dtype=torch.int32, device=dev)
-    base_t, step_t = base_ratio.reshape(1), step.reshape(1)
-    launch_scored_probabilities(status, stats, reference, base_t, step_t, key, ints, floats, mints, mfloats,
-                                dynamic=dynamic, sensitivity=threshold_sensitivity, power=power,
-                                uniform_mix=uniform_mix, floor=floor)
-    sorted_key, order = sort_by_probability(key)
-    partials = launch_water_filling(sorted_key, ints, floats)
-    mask = torch.empty((n_tok,), dtype=torch.bool, device=dev)
-    weights = torch.empty((n_tok,), dtype=torch.float32, device=dev)
-    g = draw_programs(n_tok)
-    fused = DrawPartials(stats[4], torch.empty((g,), dtype=torch.int32, device=dev),
-                         torch.empty((3, g), dtype=torch.float32, device=dev))
-    launch_draws(sorted_key, order, ints, floats, mask=mask, weights=weights, seed=seed, step=step_t,
-                 partials=partials, fused=fused)
-    launch_finish(fused, mints, mfloats, loss)
-    return loss, mask, weights, mints, mfloats
-
-
-@sampled_loss_from_scores_op.register_fake
-def _(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, status: torch.Tensor,
-      reference: Optional[torch.Tensor], base_ratio: torch.Tensor, step: torch.Tensor, dynamic: bool,
-      threshold_sensitivity: float, seed: int, power: float, uniform_mix: float, floor: float
-      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dev = stats.device
-    n = status.shape[0]
-    return (torch.empty((), dtype=torch.float32, device=dev), torch.empty((n,), dtype=torch.bool, device=dev),
-            torch.empty((n,), dtype=torch.float32, device=dev),
-            torch.empty((_N_METRICS,), dtype=torch.int64, device=dev),
-            torch.empty((_N_METRICS,), dtype=torch.float32, device=dev))
-
-
-@torch.library.custom_op("cggr::sampled_loss_backward", mutates_args=())
-def sampled_loss_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                             mask: torch.Tensor, stats: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
-    """``∂loss/∂logits`` of :func:`sampled_loss_from_scores_op`: ``g·ω_i·(softmax(z_i) − onehot(t_i))`` on the
-    kept rows (from the scoring pass's ``lse``, ``stats[0]``), exact zeros elsewhere (SPEC §8)."""
-    geom = row_geometry(logits.detach())
-    g = grad_loss.detach().to(torch.float32).reshape(1).contiguous()
-    grad = torch.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
-    launch_selective_backward(geom, targets, mask, stats[0], g, grad, None, row_weights=row_weights)
-    return grad
-
-
-@sampled_loss_backward_op.register_fake
-def _(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-      stats: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
-    return torch.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
-
-
-def _sampled_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    logits, targets, stats = inputs[0], inputs[1], inputs[2]
-    _loss, mask, weights, _ints, _floats = output
-    ctx.save_for_backward(logits, targets, mask, stats, weights)
-
-
-def _sampled_backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any) -> tuple[Any, ...]:
-    logits, targets, mask, stats, weights = ctx.saved_tensors
-    grad = sampled_loss_backward_op(grad_loss, logits, targets, mask, stats, weights)
-    return (grad,) + (None,) * 12
-
-
-sampled_loss_from_scores_op.register_autograd(_sampled_backward, setup_context=_sampled_setup_context)
+def __getattr__(name: str) -> Any:
+    """The fused ``sampled`` loss's names (:data:`_FUSED_LOSS_NAMES`), imported from
+    :mod:`cggr_torch.kernels.sampled_loss` on first use (PEP 562): that module imports this one, so an import at
+    the top here would be a cycle."""
+    if name in _FUSED_LOSS_NAMES:
+        return getattr(importlib.import_module(f"{__package__}.sampled_loss"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""One-pass Triton scoring kernel (SPEC §2-§4) and the launch heuristics of every ``cggr_torch`` kernel.
+"""One-pass Triton scoring kernel (SPEC §2-§4).
 
 Per row ``z ∈ R^V`` (loaded in its own dtype, upcast exactly to float32) the kernel keeps, while it streams
 the row block by block, in base-2 units with ``L = log2(e)``:
@@ -51,24 +51,16 @@ reaches it: that would be a NaN). A stable ascending sort then ranks eligible to
 descending, ties by lower index. ``key64 = key32·2^32 + i`` is unique, so any (unstable) sort gives the
 same order.
 
-Launch heuristics (:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`,
-:func:`backward_config`) are defined here, and only here, for all kernels of this package. Variants for the
-benchmark sweep: ``ftz`` (the stream's ``2^u`` by ``ex2.approx.ftz.f32`` inline PTX: one MUFU op instead of
-MUFU plus the subnormal fix-up; results below ``2^−126`` flush to 0, far below every tolerance; CUDA only),
-``lazy_top2`` (the runner-up kept as one scalar; a block's own top-2 is computed only when its maximum
-exceeds it, which for real logits is a handful of the ~125 blocks of a row: one max per logit instead of
-the pairwise top-2, and no top-2 lanes in registers; exact, ties included), ``persistent`` (a grid of
-``persistent × #SM`` programs looping over rows) and ``evict`` (the cache eviction hint of the streaming
-loads). Budget of the hot loop per logit (bf16): upcast 1, ``u`` 1, ``2^u`` 1 MUFU (+3 for the non-ftz
-subnormal fix-up), ``d`` 1, ``s`` 2, top-2 3 (lazy: 0.9) - i.e. ~12.7 instructions by default and ~7.5 with
-``ftz`` and ``lazy_top2``, which matters because the default loop issues close to the SM's limit at HBM rate.
+Launch shapes (:class:`LaunchConfig`, :func:`scoring_config`, …) and their variants are
+:mod:`cggr_torch.kernels.launch`'s; the input handling shared by every kernel module
+(:func:`check_kernel_device`, :func:`device_guard`, :func:`row_geometry`, :func:`flat_targets`) is
+:mod:`cggr_torch.kernels.inputs`' (re-exported here, its first home).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -77,6 +69,7 @@ import triton.language as tl
 from cggr import SCORING_MODES
 
 from ..types import TokenScores, TokenStatistics
+from .inputs import RowGeometry, check_kernel_device, device_guard, flat_targets, row_geometry
 from .launch import (
     LaunchConfig,
     backward_config,
@@ -112,55 +105,6 @@ __all__ = [
 MODE_CODE = {"entropy": 0, "margin": 1, "loss": 2, "combined": 3}
 #: ``mode`` for "statistics only, no difficulty" (the fused LM head's blocks).
 NO_DIFFICULTY = -1
-
-
-# ======================================================================================= input handling
-def check_kernel_device(tensor: torch.Tensor, name: str) -> None:
-    """Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    if tensor.device.type == "cuda":
-        return
-    if tensor.device.type == "cpu" and interpreting():
-        return
-    raise ValueError(f"{name}: the Triton kernels need a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), "
-                     f"got a tensor on {tensor.device}; use cggr_torch.scoring.token_statistics for the reference")
-
-
-def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make the tensor's CUDA device current for a launch (Triton launches on the current device)."""
-    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
-
-
-class RowGeometry(NamedTuple):
-    """How the kernels address the rows of a ``(B, T, V)`` or ``(N, V)`` tensor.
-
-    Row ``i`` (the flat token index) is ``b = i // T``, ``t = i − b·T`` and starts at element
-    ``b·stride_b + t·stride_t`` of ``x`` (64-bit in the kernels); columns have unit stride.
-    """
-
-    x: torch.Tensor
-    n: int
-    vocab: int
-    seq_len: int
-    stride_b: int
-    stride_t: int
-    token_shape: tuple[int, ...]
-
-
-def row_geometry(logits: torch.Tensor) -> RowGeometry:
-    """Addressing of validated ``logits``; a tensor whose last dimension is not unit-stride is copied once."""
-    V = logits.shape[-1]
-    x = logits if (logits.stride(-1) == 1 or V == 1) else logits.contiguous()
-    token_shape = tuple(logits.shape[:-1])
-    if logits.dim() == 2:
-        n = logits.shape[0]
-        return RowGeometry(x, n, V, max(1, n), 0, x.stride(0), token_shape)
-    B, T = logits.shape[0], logits.shape[1]
-    return RowGeometry(x, B * T, V, max(1, T), x.stride(0), x.stride(1), token_shape)
-
-
-def flat_targets(targets: torch.Tensor) -> torch.Tensor:
-    """Targets as a contiguous int64 ``(N,)`` tensor (a copy only when needed)."""
-    return targets.reshape(-1).to(torch.int64).contiguous()
 
 
 # ============================================================================================== kernel

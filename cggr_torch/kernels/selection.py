@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import scoring as scoring_kernels
-from .scoring import check_kernel_device, device_guard
+from .inputs import check_kernel_device, device_guard, ratio_argument
 
 # The kernels below call the scoring module's sort-key function by this (module-global) name.
 _order_key = scoring_kernels.order_key
@@ -438,23 +438,6 @@ def _(key: torch.Tensor, status: torch.Tensor, stats: torch.Tensor, token_shape:
             torch.empty((_N_FLOATS,), dtype=torch.float32, device=dev))
 
 
-def _ratio_argument(ratio: Union[torch.Tensor, float, np.floating], device: torch.device) -> Union[float,
-                                                                                                     torch.Tensor]:
-    """A host float in (0, 1] (checked now) or a one-element float32 tensor on ``device`` (checked on the device)."""
-    from ..utils import check_ratio_value
-
-    if isinstance(ratio, torch.Tensor):
-        if ratio.numel() != 1 or not ratio.dtype.is_floating_point:
-            raise ValueError(f"ratio: expected a floating scalar in (0, 1], got dtype {ratio.dtype} and shape "
-                             f"{tuple(ratio.shape)}")
-        if ratio.device.type == "cpu" and not (torch.compiler.is_compiling() and device.type == "cpu"):
-            return float(np.float32(check_ratio_value("ratio", ratio)))
-        if ratio.device != device:
-            raise ValueError(f"ratio: expected a tensor on {device} or the CPU, got one on {ratio.device}")
-        return ratio.reshape(1).to(torch.float32)
-    return float(np.float32(check_ratio_value("ratio", ratio)))
-
-
 def select_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Union[torch.Tensor, float], *,
                          selection: str = "topk", num_strata: int = 4,
                          min_tokens_per_sequence: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -474,7 +457,7 @@ def select_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio
         raise ValueError(f"difficulty: the Triton selection takes float32/float16/bfloat16, got {difficulty.dtype}")
     if not isinstance(num_strata, numbers.Integral) or not isinstance(min_tokens_per_sequence, numbers.Integral):
         raise ValueError("num_strata, min_tokens_per_sequence: expected integers")
-    r = _ratio_argument(ratio, difficulty.device)
+    r = ratio_argument(ratio, difficulty.device)
     ratio_t = r if isinstance(r, torch.Tensor) else None
     return select_tokens_op(difficulty, eligible, ratio_t, 0.0 if ratio_t is not None else float(r), selection,
                             int(num_strata), int(min_tokens_per_sequence))
@@ -484,7 +467,7 @@ def select_tokens_triton(difficulty: torch.Tensor, eligible: torch.Tensor, ratio
 def select_tokens_op(difficulty: torch.Tensor, eligible: torch.Tensor, ratio: Optional[torch.Tensor],
                      ratio_value: float, selection: str, num_strata: int, min_tokens_per_sequence: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`select_tokens_triton` on checked arguments: ``ratio`` a one-element float32 device tensor, or
+    """:func:`select_tokens_triton` on checked arguments: ``ratio`` a one-element float device tensor, or
     None and the host ``ratio_value``. Returns ``(mask, k)`` (k 0-d int64)."""
     dev = difficulty.device
     shape = tuple(difficulty.shape)

@@ -25,6 +25,7 @@ from cggr_torch import curriculum as tcur  # noqa: E402
 from cggr_torch import scoring as tsc  # noqa: E402
 from cggr_torch import selection as tsel  # noqa: E402
 from tests import oracle  # noqa: E402
+from tests.parity.cases import same_selection  # noqa: E402
 
 STRATEGIES = ("topk", "stratified", "sequence_aware", "fixed_quota")
 SHAPE = (3, 11, 37)
@@ -61,16 +62,11 @@ def test_level1_masks_bit_identical_from_identical_excess_difficulties(selection
         s_t, _ = _scores(z, t, ref)
         d, e = s_t.difficulty.numpy(), s_t.eligible.numpy()
         ratio = np.float32(rng.uniform(0.05, 1.0))
-        m_t, k_t = tsel.select_tokens(torch.from_numpy(d), torch.from_numpy(e), torch.tensor(ratio),
-                                      selection=selection, num_strata=3, min_tokens_per_sequence=2)
-        m_j, k_j = jsel.select_tokens(jnp.asarray(d), jnp.asarray(e), jnp.float32(ratio), selection=selection,
-                                      num_strata=3, min_tokens_per_sequence=2)
-        assert int(k_t) == int(k_j)
-        np.testing.assert_array_equal(m_t.numpy(), np.asarray(m_j))
+        m_t, k_t = same_selection(d, e, ratio, selection=selection, num_strata=3, min_tokens_per_sequence=2)
         # and both equal the oracle's selection on the same difficulties
         m_o, k_o = oracle.select_tokens(d.astype(np.float64), e, ratio, selection, 3, 2)
-        assert int(k_t) == k_o
-        np.testing.assert_array_equal(m_t.numpy(), m_o)
+        assert k_t == k_o
+        np.testing.assert_array_equal(m_t, m_o)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

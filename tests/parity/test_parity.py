@@ -30,17 +30,12 @@ from cggr_torch import curriculum as tcur  # noqa: E402
 from cggr_torch import scoring as tsc  # noqa: E402
 from cggr_torch import selection as tsel  # noqa: E402
 from tests import oracle  # noqa: E402
+from tests.parity.cases import pad_to  # noqa: E402
 
 PARITY_REPORT: dict[str, list[int]] = {}  # strategy -> [identical batches, total batches]
 
 #: JAX bucket shapes: level 1 (1-D, 2-D) and levels 2-4 (B, T); V is not padded (the logits' rows are whole).
 BUCKET_1D, BUCKET_2D, BUCKET_BT = (40,), (5, 9), (3, 11)
-
-
-def pad_to(x: np.ndarray, shape: tuple[int, ...], fill) -> np.ndarray:
-    """``x`` padded with ``fill`` at the end of its leading ``len(shape)`` dimensions up to ``shape``."""
-    widths = [(0, n - m) for n, m in zip(shape, x.shape)] + [(0, 0)] * (x.ndim - len(shape))
-    return np.pad(x, widths, constant_values=fill)
 
 
 def cut(x, shape: tuple[int, ...]) -> np.ndarray:

@@ -15,7 +15,7 @@ jnp = jax.numpy
 from cggr_jax import scorer as jbs  # noqa: E402
 from cggr_torch import batch_split as tmodel  # noqa: E402
 from tests import oracle  # noqa: E402
-from tests.parity.test_sequence_parity import _batch  # noqa: E402
+from tests.parity.cases import same_sequences, sequence_batch  # noqa: E402
 
 OPTIONS = [
     {"router_positions": 3},
@@ -37,7 +37,7 @@ def test_same_logits_same_sequences_with_router_options(options, reference):
     identical = 0
     for trial in range(6):
         B, T, V = int(rng.integers(2, 9)), int(rng.integers(2, 13)), int(rng.choice([5, 33]))
-        logits, labels, mask = _batch(rng, B, T, V)
+        logits, labels, mask = sequence_batch(rng, B, T, V)
         ratio = np.float32(rng.uniform(0.05, 1.0))
         ref = None
         if reference is not None:
@@ -56,23 +56,5 @@ def test_same_logits_same_sequences_with_router_options(options, reference):
         positions = oracle.router_scored_positions(T, **options)
         o = oracle.select_sequences_at(logits, labels, ratio, positions, scoring=scoring, attention_mask=mask,
                                        reference_nll=None if ref is None else ref.astype(np.float64))
-        np.testing.assert_array_equal(t.eligible.numpy(), np.asarray(j.eligible))
-        np.testing.assert_array_equal(t.eligible.numpy(), o["sequence_eligible"])
-        assert int(t.k) == int(j.k) == o["k"]
-        e = t.eligible.numpy()
-        np.testing.assert_allclose(t.difficulty.numpy()[e], np.asarray(j.difficulty)[e],
-                                   atol=oracle.SCORE_PARITY_ATOL, rtol=oracle.SCORE_PARITY_RTOL)
-        # selection exact given each package's own difficulties (level 1) ...
-        m_o, _ = oracle.select_tokens(t.difficulty.numpy(), e, ratio)
-        np.testing.assert_array_equal(t.mask.numpy(), m_o)
-        m_o, _ = oracle.select_tokens(np.asarray(j.difficulty), np.asarray(j.eligible), ratio)
-        np.testing.assert_array_equal(np.asarray(j.mask), m_o)
-        # ... and across frameworks different only within the parity band of the cut
-        diff = t.mask.numpy() != np.asarray(j.mask)
-        if diff.any():
-            d = t.difficulty.numpy()
-            cut = np.sort(d[e])[::-1][int(t.k) - 1]
-            assert np.all(np.abs(d[diff] - cut) <= 2 * oracle.SCORE_PARITY_ATOL)
-        else:
-            identical += 1
+        identical += same_sequences(t, j.mask, j.eligible, j.difficulty, j.k, o, ratio)
     assert identical >= 5

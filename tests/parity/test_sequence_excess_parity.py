@@ -1,8 +1,8 @@
 """SPEC §9.1 / §11: given the same router logits and the same ``reference_nll`` (per token ``(B, T)`` aligned
 like the labels, or per sequence ``(B,)``), PyTorch and JAX keep the same sequences.
 
-As in ``test_sequence_parity.py``, JAX runs every batch padded to one bucket shape (extra all-padding sequences,
-extra padding positions; their reference is NaN, which is never read there) so that the bucket compiles once.
+As in ``test_sequence_parity.py``, JAX runs every batch padded to one bucket shape (``tests/parity/cases.py``;
+the padding's reference is NaN, which is never read there) so that the bucket compiles once.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ jnp = jax.numpy
 from cggr_jax import scorer as jbs  # noqa: E402
 from cggr_torch import batch_split as tmodel  # noqa: E402
 from tests import oracle  # noqa: E402
-from tests.parity.test_parity import pad_to  # noqa: E402
-from tests.parity.test_sequence_parity import BUCKET, _batch  # noqa: E402
+from tests.parity.cases import (BUCKET, bucketed, pad_to, real_sequences, same_sequences,  # noqa: E402
+                                sequence_batch)
 
 CONFIG = jbs.BatchSplitConfig(scoring="excess")
 
@@ -42,7 +42,7 @@ def test_same_router_logits_and_reference_same_sequences(form, dtype):
     identical = 0
     for trial in range(8):
         B, T, V = int(rng.integers(1, 9)), int(rng.integers(2, 10)), int(rng.choice([5, 33, 64]))
-        logits, labels, mask = _batch(rng, B, T, V)
+        logits, labels, mask = sequence_batch(rng, B, T, V)
         tl = torch.from_numpy(logits).to(getattr(torch, dtype))
         logits = tl.float().numpy()                     # the values both frameworks (and the oracle) see
         ref = _reference(rng, labels, mask, form)       # float64: both round it to the same float32
@@ -50,37 +50,15 @@ def test_same_router_logits_and_reference_same_sequences(form, dtype):
         t = tmodel.select_sequences(tl, torch.from_numpy(labels), torch.from_numpy(mask), ratio=torch.tensor(ratio),
                                     scoring="excess", reference_nll=torch.from_numpy(ref))
         ref_pad = pad_to(ref, (BUCKET[0],) if form == "sequence" else BUCKET, np.nan)
-        j = jbs.select_sequences(jnp.asarray(pad_to(logits, BUCKET, 0.0)).astype(getattr(jnp, dtype)),
-                                 jnp.asarray(pad_to(labels, BUCKET, -100), dtype=jnp.int32),
-                                 jnp.asarray(pad_to(mask, BUCKET, 0), dtype=jnp.int32), ratio=jnp.float32(ratio),
-                                 config=CONFIG, reference_nll=ref_pad)
-        assert not np.asarray(j.mask)[B:].any() and not np.asarray(j.eligible)[B:].any()
-        jm, je, jd = np.asarray(j.mask)[:B], np.asarray(j.eligible)[:B], np.asarray(j.difficulty)[:B]
+        j = jbs.select_sequences(*bucketed(logits, labels, mask, dtype), ratio=jnp.float32(ratio), config=CONFIG,
+                                 reference_nll=ref_pad)
         o = oracle.select_sequences_excess(logits, labels, ratio, ref, attention_mask=mask)
-        e = t.eligible.numpy()
-        np.testing.assert_array_equal(e, je)
-        np.testing.assert_array_equal(e, o["sequence_eligible"])
-        assert int(t.k) == int(j.k) == o["k"]
+        identical += same_sequences(t, *real_sequences(j, B), j.k, o, ratio)
         # the token-level counts agree too (eligible tokens; valid tokens excluded by a row or the reference)
         tt, jt = t.token_scores, j.token_scores
         assert int(tt.eligible.sum()) == int(np.asarray(jt.eligible).sum()) == int(o["scores"]["eligible"].sum())
         assert int((tt.valid & ~tt.eligible).sum()) == int(np.asarray(jt.valid & ~jt.eligible).sum()) \
             == int(o["scores"]["nonfinite"].sum())
-        np.testing.assert_allclose(t.difficulty.numpy()[e], jd[e], atol=oracle.SCORE_PARITY_ATOL,
-                                   rtol=oracle.SCORE_PARITY_RTOL)
-        # exact selection given identical sequence difficulties (level 1), in both packages
-        m_o, _ = oracle.select_tokens(t.difficulty.numpy(), e, ratio)
-        np.testing.assert_array_equal(t.mask.numpy(), m_o)
-        m_o, _ = oracle.select_tokens(jd, je, ratio)
-        np.testing.assert_array_equal(jm, m_o)
-        # across frameworks, differences only within the band of the cut-off (level 3)
-        diff = t.mask.numpy() != jm
-        if diff.any():
-            d = t.difficulty.numpy()
-            cut = np.sort(d[e])[::-1][int(t.k) - 1]
-            assert np.all(np.abs(d[diff] - cut) <= 2 * oracle.SCORE_PARITY_ATOL)
-        else:
-            identical += 1
     assert identical >= 6
 
 
@@ -94,7 +72,7 @@ def test_cggr_model_and_the_jax_selection_agree_at_a_curriculum_step(form):
 
     rng = np.random.default_rng(77 + (form == "sequence"))
     B, T, V = 7, 9, 33
-    logits, labels, mask = _batch(rng, B, T, V)
+    logits, labels, mask = sequence_batch(rng, B, T, V)
     ref = _reference(rng, labels, mask, form)
     model = RecordingLM(V)
     cggr = tmodel.CGGRModel(model, FixedRouter(torch.from_numpy(logits)), scoring="excess", warmup_steps=10,

@@ -22,8 +22,7 @@ from cggr_jax import selection as jsel  # noqa: E402
 from cggr_torch import batch_split as tmodel  # noqa: E402
 from cggr_torch import selection as tsel  # noqa: E402
 from tests import oracle  # noqa: E402
-from tests.parity.test_parity import pad_to  # noqa: E402
-from tests.parity.test_sequence_parity import BUCKET, _batch  # noqa: E402
+from tests.parity.cases import bucketed, real_sequences, sequence_batch  # noqa: E402
 
 SAMPLE = dict(sample_power=1.5, sample_uniform_mix=0.2, sample_floor=1e-6, sample_seed=11)
 PARAMS = dict(seed=11, power=1.5, uniform_mix=0.2, floor=1e-6)
@@ -66,7 +65,7 @@ def test_cggr_model_and_the_jax_selection_draw_the_same_sequences(dtype):
     jitted = jax.jit(lambda z, y, m, s, cfg: jbs.select_sequences(z, y, m, step=s, config=cfg), static_argnums=4)
     for trial in range(8):
         B, T, V = int(rng.integers(1, 9)), int(rng.integers(2, 10)), int(rng.choice([5, 33]))
-        logits, labels, mask = _batch(rng, B, T, V)
+        logits, labels, mask = sequence_batch(rng, B, T, V)
         tl = torch.from_numpy(logits).to(getattr(torch, dtype))
         logits = tl.float().numpy()
         step = int(rng.integers(0, 50))
@@ -78,11 +77,8 @@ def test_cggr_model_and_the_jax_selection_draw_the_same_sequences(dtype):
                                 torch.from_numpy(mask))
         m = cggr.get_metrics()
         cfg = jbs.BatchSplitConfig(selection="sampled", warmup_steps=20, min_tokens_ratio=0.3, **SAMPLE)
-        j = jitted(jnp.asarray(pad_to(logits, BUCKET, 0.0)).astype(getattr(jnp, dtype)),
-                   jnp.asarray(pad_to(labels, BUCKET, -100), dtype=jnp.int32),
-                   jnp.asarray(pad_to(mask, BUCKET, 0), dtype=jnp.int32), jnp.int32(step), cfg)
-        assert not np.asarray(j.mask)[B:].any() and not np.asarray(j.eligible)[B:].any()
-        jm, je, jd = np.asarray(j.mask)[:B], np.asarray(j.eligible)[:B], np.asarray(j.difficulty)[:B]
+        j = jitted(*bucketed(logits, labels, mask, dtype), jnp.int32(step), cfg)
+        jm, je, jd = real_sequences(j, B)
         e = res.sequence_eligible.numpy()
         np.testing.assert_array_equal(e, je)
         assert float(j.base_ratio) == m["token_ratio"]
