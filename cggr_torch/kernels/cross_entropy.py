@@ -213,12 +213,12 @@ def _saved_geometry(ctx: Any, x: torch.Tensor) -> RowGeometry:
     return RowGeometry(x, n, V, T, sb, st, token_shape)
 
 
-def _check_not_compiling(inplace_backward: bool) -> None:
-    """In-place gradients are eager only: a compiled graph may keep, reuse or functionalise the logits buffer,
-    so the overwrite would not be the documented one (SPEC §8, in-place backward)."""
-    if inplace_backward and torch.compiler.is_compiling():
-        raise ValueError("inplace_backward: True is supported in eager mode only; under torch.compile pass "
-                         "inplace_backward=False")
+@torch.compiler.disable
+def _eager_apply(fn: Any, *args: Any) -> torch.Tensor:
+    """``fn.apply(*args)`` outside any compiled graph: the eager-only autograd functions (explicit launch shapes,
+    in-place gradients) launch Triton directly, which the compiler must not trace; under ``torch.compile``
+    this is a graph break (``fullgraph=True`` raises), never a traced kernel."""
+    return fn.apply(*args)
 
 
 def _gradient_buffer(ctx: Any, x: torch.Tensor) -> torch.Tensor:
@@ -350,7 +350,6 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
     V = logits.shape[-1]
     if inplace_backward:
         check_inplace_logits(logits)
-        _check_not_compiling(inplace_backward)
     check_target_range(targets, V, ignore_index)
 
     t = flat_targets(targets)
@@ -364,7 +363,7 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
     if inplace_backward or forward_config is not None or backward_config is not None:
         # Eager-only variants (a gradient written into the logits, explicit launch shapes): the autograd
         # function itself. The default goes through the custom ops below, which torch.compile sees through.
-        return _SelectiveCrossEntropy.apply(logits, t, selected, lse_flat, inplace_backward,
+        return _eager_apply(_SelectiveCrossEntropy, logits, t, selected, lse_flat, inplace_backward,
                                             forward_config, backward_config, row_weights)
     loss, _lse, _denom = selective_cross_entropy_op(logits, t, selected, lse_flat, row_weights)
     return loss
@@ -434,7 +433,6 @@ def _check_scored(logits: torch.Tensor, geom: RowGeometry, inplace_backward: boo
         raise ValueError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
     if inplace_backward:
         check_inplace_logits(logits)
-        _check_not_compiling(inplace_backward)
         if geom.x.data_ptr() != logits.data_ptr() or geom.x.stride() != logits.stride():
             raise ValueError("geom: inplace_backward=True needs the row geometry of logits.detach() itself "
                              "(kernels.scoring.row_geometry), not of a copy")
@@ -478,7 +476,7 @@ def scored_selective_cross_entropy(logits: torch.Tensor, geom: RowGeometry, targ
         raise ValueError(f"count: expected an int64 one-element tensor on {logits.device}, got {count.dtype} "
                          f"{tuple(count.shape)} on {count.device}")
     if backward_config is not None or inplace_backward:
-        return _ScoredSelectiveCrossEntropy.apply(logits, geom, targets, selected, lse, nll, count, backward_config,
+        return _eager_apply(_ScoredSelectiveCrossEntropy, logits, geom, targets, selected, lse, nll, count, backward_config,
                                                   inplace_backward)
     loss, c = scored_selective_cross_entropy_op(logits, targets, selected, lse, nll)
     count.copy_(c.reshape(count.shape))
@@ -511,7 +509,7 @@ def weighted_selective_cross_entropy(logits: torch.Tensor, geom: RowGeometry, ta
     if not isinstance(loss, torch.Tensor) or loss.dtype != torch.float32 or loss.numel() != 1:
         raise ValueError(f"loss: expected a float32 one-element tensor, got "
                          f"{loss.dtype if isinstance(loss, torch.Tensor) else type(loss).__name__}")
-    return _ScoredSelectiveCrossEntropy.apply(logits, geom, targets, selected, lse, None, None, backward_config,
+    return _eager_apply(_ScoredSelectiveCrossEntropy, logits, geom, targets, selected, lse, None, None, backward_config,
                                               inplace_backward, loss, row_weights)
 
 

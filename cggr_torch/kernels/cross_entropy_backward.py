@@ -160,13 +160,19 @@ def launch_selective_backward(geom: RowGeometry, targets: torch.Tensor, selected
 
 
 def check_inplace_logits(logits: torch.Tensor, name: str = "logits") -> None:
-    """The layout a buffer must have to receive its own gradient in place (SPEC §8, in-place backward):
+    """The mode and layout a buffer must have to receive its own gradient in place (SPEC §8, in-place backward):
     unit stride along ``V`` and rows that never overlap in memory (a ``(B, T, V)`` / ``(N, V)`` tensor; a
     slice such as ``logits[:, :-1]`` qualifies, a transpose or an ``expand`` does not).
 
+    The in-place gradient is eager only: under ``torch.compile`` the compiled graph may keep, reuse or
+    functionalise the logits buffer, so the overwrite would not be the documented one.
+
     Raises:
-        ValueError: naming ``name`` and the offending strides.
+        ValueError: naming ``name`` and the offending strides, or ``inplace_backward`` under ``torch.compile``.
     """
+    if torch.compiler.is_compiling():
+        raise ValueError("inplace_backward: True is supported in eager mode only; under torch.compile pass "
+                         "inplace_backward=False")
     if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"{name}: inplace_backward=True needs a (B, T, V) or (N, V) tensor, got {got}")
