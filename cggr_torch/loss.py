@@ -124,7 +124,7 @@ def forward_sampled(logits: torch.Tensor, targets: torch.Tensor, step: torch.Ten
 
     ``inplace_backward`` (checked by the caller): the sampler runs on the detached logits and
     :func:`cggr_torch.kernels.cross_entropy.weighted_selective_cross_entropy` attaches the same gradient,
-    written into the logits buffer (SPEC §8, in-place backward)."""
+    written into the logits buffer (SPEC §8.1)."""
     from .kernels import cross_entropy as kce
     from .kernels import sampling as ksam
     from .kernels import scoring as ks
@@ -165,7 +165,7 @@ def forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: torch.Tenso
     The target range is checked by the plan kernel (the ``ok`` slot) and ``torch._assert_async`` - one launch
     instead of eight; an out-of-range target is never read either way (its row is not eligible).
     ``inplace_backward`` (checked by the caller): the backward writes the gradient into the logits buffer
-    (SPEC §8, in-place backward; the same kernel and values, no ``N·V`` allocation).
+    (SPEC §8.1; the same kernel and values, no ``N·V`` allocation).
     """
     from .kernels import cross_entropy as kce
     from .kernels import scoring as ks
@@ -214,7 +214,7 @@ def forward_reference(logits: torch.Tensor, targets: torch.Tensor, step: Union[i
     (the kernel where dispatch says so and ``base_loss`` is the default); returns ``(loss, metrics)``.
     ``reference_nll``: the checked float32 reference of ``scoring='excess'`` (SPEC §3.1), else None.
     ``inplace_backward`` (checked by the caller): the kernel writes the gradient into the logits buffer; the
-    PyTorch cross-entropy (no kernel, or a ``base_loss``) leaves them intact (SPEC §8, in-place backward)."""
+    PyTorch cross-entropy (no kernel, or a ``base_loss``) leaves them intact (SPEC §8.1)."""
     with torch.no_grad():
         stats = compute_statistics(logits.detach(), targets, cfg.ignore_index)
         measured = select_and_measure(stats, targets, step, base, cfg, reference_nll)
@@ -278,7 +278,7 @@ def selected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: to
 def _check_inplace_backward(inplace_backward: Any, logits: torch.Tensor) -> bool:
     """``inplace_backward`` of a loss: a bool; when True, ``logits`` must be able to receive their own gradient
     (eager mode, unit stride along V, rows that do not overlap: the kernels' rule,
-    :func:`cggr_torch.kernels.cross_entropy.check_inplace_logits`; SPEC §8, in-place backward)."""
+    :func:`cggr_torch.kernels.cross_entropy.check_inplace_logits`; SPEC §8.1)."""
     if not isinstance(inplace_backward, bool):
         raise ValueError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
     if inplace_backward:
@@ -375,7 +375,7 @@ class CGGRLoss(Curriculum, nn.Module):
         sample_power, sample_uniform_mix, sample_floor, sample_seed: ``β >= 0``, ``λ ∈ [0, 1]``, ``ε > 0`` and
             the hash seed of ``'sampled'`` (SPEC §7.4; keyword-only).
         inplace_backward: keyword-only, default False. True lets the backward write ``∂loss/∂logits`` into the
-            logits you passed (SPEC §8, in-place backward): no ``N·V`` gradient buffer is allocated, but **the
+            logits you passed (SPEC §8.1): no ``N·V`` gradient buffer is allocated, but **the
             logits you passed hold the gradient after backward; do not read them again** (and call backward
             once per forward). Any other autograd use of the logits that saved them (``(logits * w).sum()``, a
             view of them) raises PyTorch's "modified by an inplace operation" error rather than a wrong

@@ -10,7 +10,7 @@ model's output would), selection ratio 0.25. Every row is one forward + backward
 * ``raw selective CE kernel`` - :func:`selective_cross_entropy_triton` alone, the mask and ``lse`` computed once
   before timing (one gather forward, the backward kernel), dense and ``inplace_backward=True``;
 * ``CGGRLoss topk, inplace_backward`` (and ``sampled``) - the fused path writing the gradient into the logits
-  (SPEC §8, in-place backward; DECISIONS.md: inplace-selective-ce);
+  (SPEC §8.1; DECISIONS.md: inplace-selective-ce);
 * ``CGGRLoss <strategy>``     - the module (fused kernel path) for every strategy, ``dynamic_threshold=False``
   and ``warmup_steps=0`` so that every row keeps the same 25 % (``stratified``: S = 4; ``sequence_aware``:
   the input is viewed as (16, 1024) sequences, one token each); plus the default configuration (its default

@@ -19,9 +19,10 @@ are summed by ``torch.sum`` (deterministic), divided by the device count: no hos
 **Backward.** :mod:`cggr_torch.kernels.cross_entropy_backward` (re-exported here): one launch writes the
 whole gradient, ``(2^{(z − lse)·log2 e} − [col = target])·g/|S|`` on the selected rows (read once) and zeros on
 the others: ``|S|·V`` reads plus ``N·V`` writes, the floor of a dense gradient. ``inplace_backward=True``
-writes it into the logits buffer itself (SPEC §8, in-place backward): the same traffic, no ``N·V`` allocation;
+writes it into the logits buffer itself (SPEC §8.1): the same traffic, no ``N·V`` allocation;
 the logits are destroyed, so nothing may read them afterwards (an autograd node that saved them raises, as for
-any in-place operation), and there is one backward per forward. It is eager only (``torch.compile`` raises).
+any in-place operation), and there is one backward per forward. It is eager only (under ``torch.compile``
+a graph break; ``fullgraph=True`` raises).
 
 The selection itself (scores → ratio → :func:`cggr_torch.selection.select_tokens`) is done by the caller on
 the device; ``mask`` must only contain eligible (finite) rows - a selected non-finite row makes the loss NaN.
@@ -313,9 +314,10 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
         lse: optional float32 tensor of the token shape holding each row's log-sum-exp (e.g.
             ``token_statistics_triton(...).lse``); then the forward reads only ``z[target]`` of the selected
             rows. Without it the forward streams each selected row once.
-        inplace_backward: write the gradient into the logits buffer (saves an ``N·V`` allocation; the logits
-            are overwritten, so no other autograd node may need them; one backward only). Needs logits with
-            unit last stride and non-overlapping rows.
+        inplace_backward: write the gradient into the logits buffer (SPEC §8.1: saves an ``N·V`` allocation,
+            same traffic; the logits are overwritten, so no other autograd node may need them - one that saved
+            them raises; one backward only; eager only, a graph break under ``torch.compile``). Needs logits
+            that pass :func:`check_inplace_logits` (unit last stride, non-overlapping rows).
         forward_config, backward_config: optional launch shapes (default :func:`lse_config` /
             :func:`backward_config` of :mod:`cggr_torch.kernels.scoring`).
         row_weights: optional float32 tensor of the token shape (the ``sampled`` selection's ``w_i/max(1, n)``,
@@ -463,7 +465,7 @@ def scored_selective_cross_entropy(logits: torch.Tensor, geom: RowGeometry, targ
         lse, nll: contiguous float32 ``(N,)`` from the scoring kernel.
         count: int64 device tensor of one element; receives ``|S|``.
         backward_config: optional launch shape of the backward kernel.
-        inplace_backward: write the gradient into the logits buffer (SPEC §8, in-place backward; eager only,
+        inplace_backward: write the gradient into the logits buffer (SPEC §8.1; eager only,
             one backward; ``logits`` must pass :func:`check_inplace_logits`).
 
     Returns:

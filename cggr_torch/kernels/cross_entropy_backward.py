@@ -160,7 +160,7 @@ def launch_selective_backward(geom: RowGeometry, targets: torch.Tensor, selected
 
 
 def check_inplace_logits(logits: torch.Tensor, name: str = "logits") -> None:
-    """The mode and layout a buffer must have to receive its own gradient in place (SPEC §8, in-place backward):
+    """The mode and layout a buffer must have to receive its own gradient in place (SPEC §8.1):
     unit stride along ``V`` and rows that never overlap in memory (a ``(B, T, V)`` / ``(N, V)`` tensor; a
     slice such as ``logits[:, :-1]`` qualifies, a transpose or an ``expand`` does not).
 

@@ -1,4 +1,4 @@
-"""The in-place selective cross-entropy backward (SPEC §8, in-place backward): ``CGGRLoss(inplace_backward=True)``
+"""The in-place selective cross-entropy backward (SPEC §8.1): ``CGGRLoss(inplace_backward=True)``
 on the fused (topk / sampled) and composable kernel paths, the raw kernels, and its autograd safety.
 
 References: the float64 oracle's ``cggr_loss`` (fed the kernels' own float32 difficulties, so that selections
