@@ -137,8 +137,9 @@ def forward_sampled(logits: torch.Tensor, targets: torch.Tensor, step: torch.Ten
     with torch.no_grad():
         out, _finite, _key, status = ks.scoring_op(logits.detach(), targets, cfg.ignore_index, mode,
                                                    ksel.SORT_KEY_BITS)
-    res = sample_from_scores(
-        logits.detach() if inplace_backward else logits, t, out, status, tuple(logits.shape[:-1]), reference=reference_nll, base_ratio=base, step=step,
+    res = sample_from_scores(   # in place: the op runs on the detached logits, the gradient is attached below
+        logits.detach() if inplace_backward else logits, t, out, status, tuple(logits.shape[:-1]),
+        reference=reference_nll, base_ratio=base, step=step,
         dynamic=cfg.uses_dynamic_threshold, threshold_sensitivity=cfg.threshold_sensitivity, seed=cfg.sample_seed,
         power=cfg.sample_power, uniform_mix=cfg.sample_uniform_mix, floor=cfg.sample_floor)
     ints, floats = res.ints, res.floats

@@ -366,7 +366,7 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
         # Eager-only variants (a gradient written into the logits, explicit launch shapes): the autograd
         # function itself. The default goes through the custom ops below, which torch.compile sees through.
         return _eager_apply(_SelectiveCrossEntropy, logits, t, selected, lse_flat, inplace_backward,
-                                            forward_config, backward_config, row_weights)
+                            forward_config, backward_config, row_weights)
     loss, _lse, _denom = selective_cross_entropy_op(logits, t, selected, lse_flat, row_weights)
     return loss
 
@@ -478,8 +478,8 @@ def scored_selective_cross_entropy(logits: torch.Tensor, geom: RowGeometry, targ
         raise ValueError(f"count: expected an int64 one-element tensor on {logits.device}, got {count.dtype} "
                          f"{tuple(count.shape)} on {count.device}")
     if backward_config is not None or inplace_backward:
-        return _eager_apply(_ScoredSelectiveCrossEntropy, logits, geom, targets, selected, lse, nll, count, backward_config,
-                                                  inplace_backward)
+        return _eager_apply(_ScoredSelectiveCrossEntropy, logits, geom, targets, selected, lse, nll, count,
+                            backward_config, inplace_backward)
     loss, c = scored_selective_cross_entropy_op(logits, targets, selected, lse, nll)
     count.copy_(c.reshape(count.shape))
     return loss
@@ -511,8 +511,8 @@ def weighted_selective_cross_entropy(logits: torch.Tensor, geom: RowGeometry, ta
     if not isinstance(loss, torch.Tensor) or loss.dtype != torch.float32 or loss.numel() != 1:
         raise ValueError(f"loss: expected a float32 one-element tensor, got "
                          f"{loss.dtype if isinstance(loss, torch.Tensor) else type(loss).__name__}")
-    return _eager_apply(_ScoredSelectiveCrossEntropy, logits, geom, targets, selected, lse, None, None, backward_config,
-                                              inplace_backward, loss, row_weights)
+    return _eager_apply(_ScoredSelectiveCrossEntropy, logits, geom, targets, selected, lse, None, None,
+                        backward_config, inplace_backward, loss, row_weights)
 
 
 # ================================================================ torch.library custom ops (SPEC §12.1)
