@@ -64,8 +64,8 @@ from .scoring import check_reference_nll, compute_statistics, row_finite
 from .utils import check_logits, check_target_range, check_targets, resolve_config, widen_labels
 
 __all__ = ["CGGRLoss", "cggr_loss", "METRIC_KEYS", "NUMERIC_METRIC_KEYS", "Schedule", "check_base_loss",
-           "check_schedule", "validate_inputs", "forward_fused", "forward_reference", "forward_sampled",
-           "selected_cross_entropy"]
+           "check_schedule", "validate_inputs", "forward_fused", "forward_reference",
+           "forward_sampled", "selected_cross_entropy"]
 
 
 def check_base_loss(base_loss: Any) -> None:
@@ -112,15 +112,20 @@ def _fused(logits: Any, base_loss: Optional[Callable[..., torch.Tensor]], scorin
 
 
 def forward_sampled(logits: torch.Tensor, targets: torch.Tensor, step: torch.Tensor, base: torch.Tensor,
-                    cfg: CGGRConfig, reference_nll: Optional[torch.Tensor] = None
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    cfg: CGGRConfig, reference_nll: Optional[torch.Tensor] = None, *,
+                    inplace_backward: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fused ``sampled`` loss (SPEC §7.4, §8) on statically validated inputs: the scoring kernel (with
     status; ``scoring='excess'`` runs it in mode ``loss`` and the sampler subtracts ``reference_nll``, SPEC §3.1)
     then :func:`cggr_torch.kernels.sampling.sample_from_scores` (probabilities with every SPEC §10 metric, one
     sort, water-filling, draws writing the row weights ``w/max(1, n)``, a one-program finish): about seven
     launches, no host synchronisation. The target range is checked on the device (the ``ok`` slot), as
     :func:`forward_fused` does. Equal to :func:`forward_reference`'s composable kernel path: the same
-    ``k``, mask and weights (given the same ratio), the loss and ``sample_ess`` up to float32 summation order."""
+    ``k``, mask and weights (given the same ratio), the loss and ``sample_ess`` up to float32 summation order.
+
+    ``inplace_backward`` (checked by the caller): the sampler runs on the detached logits and
+    :func:`cggr_torch.kernels.cross_entropy.weighted_selective_cross_entropy` attaches the same gradient,
+    written into the logits buffer (SPEC §8.1)."""
+    from .kernels import cross_entropy as kce
     from .kernels import sampling as ksam
     from .kernels import scoring as ks
     from .kernels import selection as ksel
@@ -132,8 +137,9 @@ def forward_sampled(logits: torch.Tensor, targets: torch.Tensor, step: torch.Ten
     with torch.no_grad():
         out, _finite, _key, status = ks.scoring_op(logits.detach(), targets, cfg.ignore_index, mode,
                                                    ksel.SORT_KEY_BITS)
-    res = sample_from_scores(
-        logits, t, out, status, tuple(logits.shape[:-1]), reference=reference_nll, base_ratio=base, step=step,
+    res = sample_from_scores(   # in place: the op runs on the detached logits, the gradient is attached below
+        logits.detach() if inplace_backward else logits, t, out, status, tuple(logits.shape[:-1]),
+        reference=reference_nll, base_ratio=base, step=step,
         dynamic=cfg.uses_dynamic_threshold, threshold_sensitivity=cfg.threshold_sensitivity, seed=cfg.sample_seed,
         power=cfg.sample_power, uniform_mix=cfg.sample_uniform_mix, floor=cfg.sample_floor)
     ints, floats = res.ints, res.floats
@@ -145,15 +151,22 @@ def forward_sampled(logits: torch.Tensor, targets: torch.Tensor, step: torch.Ten
         check_target_range(targets, V, cfg.ignore_index)
     metrics = {name: ints[slot] for name, slot in ksam.METRIC_INT_SLOTS.items()}
     metrics.update({name: floats[slot] for name, slot in ksam.METRIC_FLOAT_SLOTS.items()})
-    return res.loss, {name: metrics[name] for name in NUMERIC_METRIC_KEYS}
+    loss = res.loss
+    if inplace_backward:
+        loss = kce.weighted_selective_cross_entropy(
+            logits, ks.row_geometry(logits.detach()), t, res.mask.reshape(-1), out[0], res.row_weights.reshape(-1),
+            res.loss, inplace_backward=True)
+    return loss, {name: metrics[name] for name in NUMERIC_METRIC_KEYS}
 
 
 def forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: torch.Tensor, base: torch.Tensor,
-                  cfg: CGGRConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  cfg: CGGRConfig, *, inplace_backward: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole loss in ~10 kernel launches on statically validated inputs (see the module docstring).
 
     The target range is checked by the plan kernel (the ``ok`` slot) and ``torch._assert_async`` - one launch
     instead of eight; an out-of-range target is never read either way (its row is not eligible).
+    ``inplace_backward`` (checked by the caller): the backward writes the gradient into the logits buffer
+    (SPEC §8.1; the same kernel and values, no ``N·V`` allocation).
     """
     from .kernels import cross_entropy as kce
     from .kernels import scoring as ks
@@ -178,7 +191,13 @@ def forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: torch.Tenso
                                 f"targets: every value must lie in [0, {V}) or equal ignore_index={cfg.ignore_index}")
         elif not bool(ints[ksel.INT_SLOTS["ok"]]):  # interpreter (CPU tensors): eager, as check_target_range
             check_target_range(targets, V, cfg.ignore_index)
-    loss, count = kce.scored_selective_cross_entropy_op(logits, t, plan.mask.reshape(-1), out[0], out[4])
+    if inplace_backward:
+        count = torch.empty((1,), dtype=torch.int64, device=dev)
+        loss = kce.scored_selective_cross_entropy(logits, ks.row_geometry(logits.detach()), t,
+                                                  plan.mask.reshape(-1), out[0], out[4], count,
+                                                  inplace_backward=True)
+    else:
+        loss, count = kce.scored_selective_cross_entropy_op(logits, t, plan.mask.reshape(-1), out[0], out[4])
     metrics = {name: ints[slot] for name, slot in ksel.INT_SLOTS.items() if name in NUMERIC_METRIC_KEYS}
     metrics.update({name: floats[slot] for name, slot in ksel.FLOAT_SLOTS.items()})
     metrics["tokens_selected"] = count.reshape(())   # the real count (sequence_aware may exceed k)
@@ -190,11 +209,13 @@ def forward_fused(logits: torch.Tensor, targets: torch.Tensor, step: torch.Tenso
 def forward_reference(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torch.Tensor],
                       base: Union[np.float32, torch.Tensor],
                       cfg: CGGRConfig, base_loss: Optional[Callable[..., torch.Tensor]],
-                      reference_nll: Optional[torch.Tensor] = None
+                      reference_nll: Optional[torch.Tensor] = None, *, inplace_backward: bool = False
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The composable path on validated inputs: :mod:`cggr_torch.pipeline`, then the selective cross-entropy
     (the kernel where dispatch says so and ``base_loss`` is the default); returns ``(loss, metrics)``.
-    ``reference_nll``: the checked float32 reference of ``scoring='excess'`` (SPEC §3.1), else None."""
+    ``reference_nll``: the checked float32 reference of ``scoring='excess'`` (SPEC §3.1), else None.
+    ``inplace_backward`` (checked by the caller): the kernel writes the gradient into the logits buffer; the
+    PyTorch cross-entropy (no kernel, or a ``base_loss``) leaves them intact (SPEC §8.1)."""
     with torch.no_grad():
         stats = compute_statistics(logits.detach(), targets, cfg.ignore_index)
         measured = select_and_measure(stats, targets, step, base, cfg, reference_nll)
@@ -208,11 +229,11 @@ def forward_reference(logits: torch.Tensor, targets: torch.Tensor, step: Union[i
         ce_kernel = dispatch.kernel("selective_cross_entropy_triton")
     if ce_kernel is not None:
         # Sparse forward/backward: only the selected rows are read; the gradient of the others is written as 0.
-        if row_weights is None:
-            loss = ce_kernel(logits, targets, mask, ignore_index=cfg.ignore_index, lse=stats.lse)
-        else:
-            loss = ce_kernel(logits, targets, mask, ignore_index=cfg.ignore_index, lse=stats.lse,
-                             row_weights=row_weights)
+        # Keywords only when set: a test's replacement kernel (dispatch.force(kernels=...)) need not take them.
+        extra: dict[str, Any] = {} if row_weights is None else {"row_weights": row_weights}
+        if inplace_backward:
+            extra["inplace_backward"] = True
+        loss = ce_kernel(logits, targets, mask, ignore_index=cfg.ignore_index, lse=stats.lse, **extra)
     else:
         with torch.no_grad():
             row_ok = row_finite(stats, has_targets=True)
@@ -255,20 +276,38 @@ def selected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: to
     return torch.where(flat, ce, torch.zeros_like(ce)).sum()
 
 
+def _check_inplace_backward(inplace_backward: Any, logits: torch.Tensor) -> bool:
+    """``inplace_backward`` of a loss: a bool; when True, ``logits`` must be able to receive their own gradient
+    (eager mode, unit stride along V, rows that do not overlap: the kernels' rule,
+    :func:`cggr_torch.kernels.cross_entropy.check_inplace_logits`; SPEC §8.1)."""
+    if not isinstance(inplace_backward, bool):
+        raise ValueError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
+    if inplace_backward:
+        try:
+            from .kernels.cross_entropy_backward import check_inplace_logits
+        except ImportError:   # no Triton: no kernel can overwrite the logits, the permission is simply unused
+            return inplace_backward
+        check_inplace_logits(logits)
+    return inplace_backward
+
+
 def _forward(logits: Any, targets: Any, ratio_of: Callable[[torch.device], tuple[torch.Tensor, torch.Tensor]],
              cfg: CGGRConfig, base_loss: Optional[Callable[..., torch.Tensor]],
-             reference_nll: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             reference_nll: Optional[torch.Tensor] = None,
+             inplace_backward: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Validate, then the fused or the composable path. ``ratio_of(device)`` gives ``(step, base)`` as 0-d
     tensors on the logits' device (SPEC §5.1, §12.1: the step is a tensor, never a constant of a graph)."""
     fused = _fused(logits, base_loss, cfg.scoring, cfg.selection)
     targets = validate_inputs(logits, targets, cfg.ignore_index, range_check=not fused)
+    inplace_backward = _check_inplace_backward(inplace_backward, logits)
     reference_nll = check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape), device=logits.device)
     step, base = ratio_of(logits.device)
     if fused and cfg.selection in SAMPLED_SELECTIONS:
-        return forward_sampled(logits, targets, step, base, cfg, reference_nll)
+        return forward_sampled(logits, targets, step, base, cfg, reference_nll, inplace_backward=inplace_backward)
     if fused:
-        return forward_fused(logits, targets, step, base, cfg)
-    return forward_reference(logits, targets, step, base, cfg, base_loss, reference_nll)
+        return forward_fused(logits, targets, step, base, cfg, inplace_backward=inplace_backward)
+    return forward_reference(logits, targets, step, base, cfg, base_loss, reference_nll,
+                             inplace_backward=inplace_backward)
 
 
 def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torch.Tensor], *,
@@ -282,8 +321,8 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
               ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None,
               reference_nll: Optional[torch.Tensor] = None, sample_power: float = CGGRConfig.sample_power,
               sample_uniform_mix: float = CGGRConfig.sample_uniform_mix,
-              sample_floor: float = CGGRConfig.sample_floor, sample_seed: int = CGGRConfig.sample_seed
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              sample_floor: float = CGGRConfig.sample_floor, sample_seed: int = CGGRConfig.sample_seed,
+              inplace_backward: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Functional CGGR loss at curriculum ``step``: ``(loss, metrics)``.
 
     ``step``: a host integer ``>= 0`` or a 0-d integer tensor (on the logits' device). Under
@@ -291,8 +330,8 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
     changes, until the compiler marks it dynamic).
 
     ``loss`` is a float32 scalar with gradient; ``metrics`` maps :data:`NUMERIC_METRIC_KEYS` to detached 0-d
-    tensors on the logits' device (no synchronisation). Arguments as :class:`CGGRLoss`; ``reference_nll`` as
-    its ``forward`` (``scoring='excess'`` only, SPEC §3.1).
+    tensors on the logits' device (no synchronisation). Arguments as :class:`CGGRLoss` (``inplace_backward``
+    included); ``reference_nll`` as its ``forward`` (``scoring='excess'`` only, SPEC §3.1).
     """
     cfg = resolve_config(config, dict(
         scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
@@ -310,7 +349,7 @@ def cggr_loss(logits: torch.Tensor, targets: torch.Tensor, step: Union[int, torc
         host = None if isinstance(step, torch.Tensor) else (lambda: int(step))
         return s, base_ratio_tensor(schedule, s, host=host)
 
-    return _forward(logits, targets, ratio_of, cfg, base_loss, reference_nll)
+    return _forward(logits, targets, ratio_of, cfg, base_loss, reference_nll, inplace_backward)
 
 
 class CGGRLoss(Curriculum, nn.Module):
@@ -336,6 +375,14 @@ class CGGRLoss(Curriculum, nn.Module):
         config: a ready :class:`cggr.CGGRConfig` instead of the settings above (stored as ``.config``).
         sample_power, sample_uniform_mix, sample_floor, sample_seed: ``β >= 0``, ``λ ∈ [0, 1]``, ``ε > 0`` and
             the hash seed of ``'sampled'`` (SPEC §7.4; keyword-only).
+        inplace_backward: keyword-only, default False. True lets the backward write ``∂loss/∂logits`` into the
+            logits you passed (SPEC §8.1): no ``N·V`` gradient buffer is allocated, but **the
+            logits you passed hold the gradient after backward; do not read them again** (and call backward
+            once per forward). Any other autograd use of the logits that saved them (``(logits * w).sum()``, a
+            view of them) raises PyTorch's "modified by an inplace operation" error rather than a wrong
+            gradient. Needs unit stride along V and non-overlapping rows (a slice such as ``logits[:, :-1]`` is
+            fine; else ``ValueError`` naming ``logits``); eager only (``ValueError`` under ``torch.compile``).
+            The PyTorch reference path (no kernels, or a ``base_loss``) leaves the logits intact.
 
     ``forward(logits, targets)`` takes ``(B, T, V)`` with ``(B, T)`` or ``(N, V)`` with ``(N,)`` (already
     shifted for a causal LM, see :func:`cggr_torch.shift_for_causal_lm`) and returns the float32 loss.
@@ -357,7 +404,8 @@ class CGGRLoss(Curriculum, nn.Module):
                  ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None, *,
                  config: Optional[CGGRConfig] = None, sample_power: float = CGGRConfig.sample_power,
                  sample_uniform_mix: float = CGGRConfig.sample_uniform_mix,
-                 sample_floor: float = CGGRConfig.sample_floor, sample_seed: int = CGGRConfig.sample_seed) -> None:
+                 sample_floor: float = CGGRConfig.sample_floor, sample_seed: int = CGGRConfig.sample_seed,
+                 inplace_backward: bool = False) -> None:
         super().__init__()
         self.config = resolve_config(config, dict(
             scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
@@ -370,6 +418,12 @@ class CGGRLoss(Curriculum, nn.Module):
                               check_schedule(ratio_schedule, self.config))
         self.base_loss = base_loss  # an nn.Module is registered as a submodule (moves with .to())
         self._metrics: Optional[dict[str, torch.Tensor]] = None
+        if not isinstance(inplace_backward, bool):
+            raise ValueError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
+        if inplace_backward and type(self).forward is not CGGRLoss.forward:
+            # A subclass with its own forward (distributed, fused head) would silently ignore the permission.
+            raise ValueError(f"inplace_backward: {type(self).__name__} does not support True (CGGRLoss only)")
+        self.inplace_backward = inplace_backward
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 reference_nll: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -379,7 +433,7 @@ class CGGRLoss(Curriculum, nn.Module):
         floating tensor of the targets' shape; the difficulty is ``nll − reference_nll`` (SPEC §3.1).
         """
         loss, self._metrics = _forward(logits, targets, self.base_ratio_on, self.config, self.base_loss,
-                                       reference_nll)
+                                       reference_nll, self.inplace_backward)
         return loss
 
     def get_metrics(self) -> dict[str, Any]:
@@ -396,4 +450,4 @@ class CGGRLoss(Curriculum, nn.Module):
                 f"threshold_sensitivity={c.threshold_sensitivity}, min_tokens_ratio={c.min_tokens_ratio}, "
                 f"warmup_steps={c.warmup_steps}, num_strata={c.num_strata}, "
                 f"min_tokens_per_sequence={c.min_tokens_per_sequence}, ignore_index={c.ignore_index}, "
-                f"step={self._step}")
+                f"step={self._step}" + (", inplace_backward=True" if self.inplace_backward else ""))

@@ -7,6 +7,10 @@ model's output would), selection ratio 0.25. Every row is one forward + backward
 * ``raw pipeline``            - the composable public functions: :func:`score_tokens_triton` →
   :func:`select_tokens` (``topk``, device ratio 0.25) → :func:`selective_cross_entropy_triton` (``lse`` from
   the scoring pass) → backward; also with ``inplace_backward=True``;
+* ``raw selective CE kernel`` - :func:`selective_cross_entropy_triton` alone, the mask and ``lse`` computed once
+  before timing (one gather forward, the backward kernel), dense and ``inplace_backward=True``;
+* ``CGGRLoss topk, inplace_backward`` (and ``sampled``) - the fused path writing the gradient into the logits
+  (SPEC §8.1; DECISIONS.md: inplace-selective-ce);
 * ``CGGRLoss <strategy>``     - the module (fused kernel path) for every strategy, ``dynamic_threshold=False``
   and ``warmup_steps=0`` so that every row keeps the same 25 % (``stratified``: S = 4; ``sequence_aware``:
   the input is viewed as (16, 1024) sequences, one token each); plus the default configuration (its default
@@ -28,6 +32,14 @@ model's output would), selection ratio 0.25. Every row is one forward + backward
 * two reference floors for the backward kernel, timed like the parts (no CGGR work): ``grad.zero_()`` of an
   N×V buffer (the pure write of N·V) and "write N·V + read ratio·N rows" (``zero_`` of the other rows plus a
   copy of the first ratio·N rows: exactly the backward's traffic, laid out sequentially).
+
+The in-place rows overwrite their logits with the gradient, so their buffers are restored from a pristine copy
+before every call, outside the timed interval (otherwise the next call would score the previous gradient).
+``floor: ...`` rows are not timed: each is its byte count at the run's copy bandwidth (the ``floor ms``
+convention below), one per traffic model: CGGR with a dense gradient, in place or not (``(2 + r)·N·V``: the
+scoring read, the selected rows' re-read, the whole gradient written); the raw kernel given mask and lse
+(``(1 + r)·N·V``); a full CE (``2·N·V``); and issue 18's in-place estimate ``(1 + 2r)·N·V``, which only a
+sparse gradient could reach (the unselected rows' zeros are not written).
 
 Columns: median/p10/p90 ms (the harness: CUDA events after warm-up, ``logits.grad`` reset outside the timed
 interval, ``--buffers`` logit buffers used round-robin), ``× liger`` (goal for the CGGR rows: ≤ 0.65), ``floor ms`` (bytes the method must move at
@@ -161,10 +173,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"N={args.n}, {args.dtype}, ratio {args.ratio}")
     print(f"_liger: {liger_note}_")
 
-    def timed(fn: Callable[[], Any], grad_to_none: Optional[list] = None) -> dict[str, float]:
+    def timed(fn: Callable[[], Any], grad_to_none: Optional[list] = None,
+              prep: Optional[Callable[[], Any]] = None) -> dict[str, float]:
         def reset() -> None:  # a backward must not accumulate into the previous call's gradient
             for b in grad_to_none or ():
                 b.grad = None
+            if prep is not None:
+                prep()
         if args.smoke:  # interpreted kernels: one host-clock call, numbers mean nothing
             return measure(fn, framework="torch", device=device, warmup=0, reps=1, before_each=reset).as_dict()
         return measure(fn, framework="torch", device=device, warmup=10, budget_ms=args.rep_ms,
@@ -224,25 +239,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         del dst
         copy_bw = 2 * nbytes / (copy["median_ms"] * 1e-3)  # bytes/s moved by a d2d copy (read + write)
 
+        pristine: list[torch.Tensor] = []   # copies of the logits for the in-place rows, made on first use
+
+        def restore() -> None:
+            """Put the original logits back into every buffer (the in-place rows overwrite them)."""
+            if not pristine:
+                pristine.extend(b.detach().clone() for b in bufs)
+            with torch.no_grad():
+                for b, p in zip(bufs, pristine):
+                    b.copy_(p)
+
         def record(name: str, fn: Callable[[torch.Tensor, torch.Tensor], Any], floor_bytes: Optional[float],
-                   grads: bool = True, **extra: Any) -> None:
+                   grads: bool = True, inplace: bool = False, **extra: Any) -> None:
             def call() -> Any:
                 i = next(cyc)
                 return fn(bufs[i], tgts[i])
-            r = timed(call, grad_to_none=bufs if grads else None)
+            r = timed(call, grad_to_none=bufs if grads else None, prep=restore if inplace else None)
             for b in bufs:
                 b.grad = None
+            if inplace:
+                restore()
             r["peak_extra_GB"] = (lambda p: None if p is None else p / 1e9)(peak_extra_bytes(call))
             for b in bufs:
                 b.grad = None
+            if inplace:
+                restore()
             r.update(name=name, n=args.n, vocab=v, dtype=args.dtype,
                      floor_ms=None if floor_bytes is None else floor_bytes / copy_bw * 1e3, **extra)
             rows.append(r)
 
         full_floor = 2 * nbytes                                   # read N·V, write N·V
         cggr_floor = nbytes * (2 + args.ratio)                    # scoring read, selected re-read, gradient write
+        kernel_floor = nbytes * (1 + args.ratio)                 # the CE alone: selected re-read, gradient write
         record("raw pipeline (score+select+CE)", lambda x, t: raw_fwd_bwd(x, t, False), cggr_floor, kind="raw")
-        record("raw pipeline, inplace_backward", lambda x, t: raw_fwd_bwd(x, t, True), cggr_floor, kind="raw")
+        record("raw pipeline, inplace_backward", lambda x, t: raw_fwd_bwd(x, t, True), cggr_floor, kind="raw",
+               inplace=True)
+        # The raw kernel alone (SPEC §8), mask and lse of each buffer computed once, before timing.
+        given = []
+        with torch.no_grad():
+            for b, t_ in zip(bufs, tgts):
+                sc_b = ks.score_tokens_triton(b.detach(), t_)
+                given.append((select_tokens(sc_b.difficulty, sc_b.eligible, ratio_t)[0], sc_b.stats.lse))
+                del sc_b
+        lookup = {id(b): g_ for b, g_ in zip(bufs, given)}
+
+        def raw_kernel(x: torch.Tensor, t: torch.Tensor, inplace: bool) -> None:
+            mask_, lse_ = lookup[id(x)]
+            kce.selective_cross_entropy_triton(x, t, mask_, lse=lse_, inplace_backward=inplace).backward()
+        record("raw selective CE kernel (mask+lse given)", lambda x, t: raw_kernel(x, t, False), kernel_floor,
+               kind="raw")
+        record("raw selective CE kernel (mask+lse given), inplace_backward", lambda x, t: raw_kernel(x, t, True),
+               kernel_floor, kind="raw", inplace=True)
+        del given, lookup
         seq = (args.n // args.seq_len, args.seq_len)
         for strategy in STRATEGIES:
             crit = CGGRLoss(selection=strategy, dynamic_threshold=False, min_tokens_ratio=args.ratio,
@@ -280,6 +328,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with compat.torch_backward_flat_grid(True):
                 crit_flat(x, t).backward()
         record("CGGRLoss topk, flat backward grid", topk_flat, cggr_floor, kind="module", strategy="topk+flat")
+        for strategy in ("topk", "sampled"):   # SPEC §8's in-place backward on the fused paths
+            crit_in = CGGRLoss(selection=strategy, dynamic_threshold=False, min_tokens_ratio=args.ratio,
+                               warmup_steps=0, inplace_backward=True)
+            record(f"CGGRLoss {strategy}, inplace_backward", lambda x, t, c=crit_in: c(x, t).backward(), cggr_floor,
+                   kind="module", strategy=f"{strategy}+inplace", inplace=True)
         crit_dyn = CGGRLoss(min_tokens_ratio=args.ratio, warmup_steps=0)
         record(f"CGGRLoss default ({crit_dyn.selection}, dynamic threshold)", lambda x, t: crit_dyn(x, t).backward(),
                None, kind="module", strategy=f"default={crit_dyn.selection}+dynamic")
@@ -383,6 +436,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               None if us is None else us / (bwd_bytes / copy_bw * 1e6)))
         del g_buf, out, fin, key, status, order, mask
 
+        # Floors from bytes (not timed): median_ms is the byte count at this run's copy bandwidth.
+        for name, fb in (("floor: CGGR, dense gradient, in place or not ((2+r)·N·V)", cggr_floor),
+                         ("floor: selective CE kernel given mask+lse ((1+r)·N·V)", kernel_floor),
+                         ("floor: full CE (2·N·V)", full_floor),
+                         ("floor: issue 18's in-place estimate ((1+2r)·N·V; needs a sparse gradient)",
+                          nbytes * (1 + 2 * args.ratio))):
+            ms = fb / copy_bw * 1e3
+            rows.append({"name": name, "median_ms": ms, "p10_ms": ms, "p90_ms": ms, "peak_extra_GB": None,
+                         "n": args.n, "vocab": v, "dtype": args.dtype, "floor_ms": ms, "kind": "floor",
+                         "floor_kind": "bytes at the copy bandwidth", "bytes": fb})
         liger_ms = next((r["median_ms"] for r in rows if r["name"].startswith("liger")), None)
         for r in rows:
             r["x_liger"] = None if liger_ms is None else r["median_ms"] / liger_ms
@@ -421,6 +484,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            f"(goal <= 1.05) | composable kernel path "
                            f"{fmt(None if smp_c is None else smp_c['median_ms'], '.3f')} ms | PyTorch sampler "
                            f"{fmt(None if smp_t is None else smp_t['median_ms'], '.3f')} ms")
+        tk_in = by.get("CGGRLoss topk, inplace_backward")
+        floor_row = by.get("floor: CGGR, dense gradient, in place or not ((2+r)·N·V)")
+        if tk is not None and tk_in is not None and floor_row is not None:   # issue 18: in place <= 1.1x its floor
+            kin, kd = by["raw selective CE kernel (mask+lse given), inplace_backward"], \
+                by["raw selective CE kernel (mask+lse given)"]
+            summary.append(f"  in place: CGGRLoss topk {tk_in['median_ms']:.3f} ms vs dense {tk['median_ms']:.3f} "
+                           f"({tk_in['median_ms'] / floor_row['median_ms']:.2f}x the (2+r)·N·V floor, goal <= 1.1; "
+                           f"peak extra {fmt(tk_in['peak_extra_GB'], '.2f')} vs {fmt(tk['peak_extra_GB'], '.2f')} GB)"
+                           f" | raw kernel in place {kin['median_ms']:.3f} vs dense {kd['median_ms']:.3f} ms "
+                           f"({fmt(kin['x_floor'], '.2f')}x its (1+r)·N·V floor)")
         line = "  parts gpu µs: " + ", ".join(f"{name.split(' (')[0].replace(' kernel', '').strip()} {fmt(us, '.0f')}"
                                            for name, us, _ in parts
                                            if not name.startswith("  ") and not name.startswith("floor"))

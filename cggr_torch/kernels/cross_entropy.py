@@ -16,17 +16,13 @@ scoring pass, :func:`cggr_torch.kernels.scoring.token_statistics_triton`) a sele
 (``z[target]``); without it the program streams the row once for an online log-sum-exp. The per-row losses
 are summed by ``torch.sum`` (deterministic), divided by the device count: no host synchronisation.
 
-**Backward.** One program per (row, group of ``BPP`` column blocks), ``G = ceil(V/(BLOCK·BPP))`` groups per
-row: a program of a selected row reads its blocks of logits once and writes
-``(2^{(z − lse)·log2 e} − [col = target])·g/|S|`` (``g/|S|`` is read from a device scalar); a program of an
-unselected row only writes zeros. Memory traffic is therefore ``|S|·V`` reads plus ``N·V`` writes. The
-default grid is ``(N, G)``; since the hardware launches ``program_id(0)`` fastest, programs that run side by
-side write the same columns of different rows (stores one row apart). ``LaunchConfig.flat_grid`` launches
-the row-major 1-D grid ``(N·G,)`` instead (program ``p`` → row ``p div G``, group ``p mod G``), so that
-neighbouring programs write consecutive addresses of one row; which is faster is a benchmark question
-(``benchmarks/bench_selective_ce_torch.py``). Both grids write exactly the same values.
-``inplace_backward=True`` writes the gradient into the logits buffer itself (no ``N·V`` allocation; the
-logits are destroyed, so nothing else may need them afterwards; one backward per forward).
+**Backward.** :mod:`cggr_torch.kernels.cross_entropy_backward` (re-exported here): one launch writes the
+whole gradient, ``(2^{(z − lse)·log2 e} − [col = target])·g/|S|`` on the selected rows (read once) and zeros on
+the others: ``|S|·V`` reads plus ``N·V`` writes, the floor of a dense gradient. ``inplace_backward=True``
+writes it into the logits buffer itself (SPEC §8.1): the same traffic, no ``N·V`` allocation;
+the logits are destroyed, so nothing may read them afterwards (an autograd node that saved them raises, as for
+any in-place operation), and there is one backward per forward. It is eager only (under ``torch.compile``
+a graph break; ``fullgraph=True`` raises).
 
 The selection itself (scores → ratio → :func:`cggr_torch.selection.select_tokens`) is done by the caller on
 the device; ``mask`` must only contain eligible (finite) rows - a selected non-finite row makes the loss NaN.
@@ -43,10 +39,10 @@ from torch.autograd.function import once_differentiable
 
 from ..utils import check_logits, check_target_range, check_targets
 from . import scoring as scoring_kernels
+from .cross_entropy_backward import check_inplace_logits, launch_selective_backward
 from .scoring import (
     LaunchConfig,
     RowGeometry,
-    backward_config,
     check_kernel_device,
     device_guard,
     flat_targets,
@@ -63,6 +59,8 @@ __all__ = [
     "launch_selective_forward",
     "launch_selective_backward",
     "launch_masked_mean",
+    "check_inplace_logits",
+    "weighted_selective_cross_entropy",
     "selective_cross_entropy_op",
     "selective_cross_entropy_backward_op",
     "scored_selective_cross_entropy_op",
@@ -72,9 +70,6 @@ __all__ = [
 #: The one-program masked mean: 4096 lanes, 8 warps (16 B of mask and nll per thread per step).
 _MEAN_BLOCK = 4096
 _MEAN_WARPS = 8
-#: CUDA's grid limits (programs along x and along y).
-_GRID_X_MAX = 2**31 - 1
-_GRID_Y_MAX = 65535
 
 
 # ============================================================================================== kernels
@@ -138,56 +133,6 @@ def _selective_forward_kernel(
 
 
 @triton.jit
-def _selective_backward_kernel(
-    x_ptr, t_ptr, sel_ptr, lse_ptr, scale_ptr, count_ptr, g_ptr,
-    V, T, x_stride_b, x_stride_t, g_stride_b, g_stride_t, n_col_groups,
-    BLOCK: tl.constexpr, BPP: tl.constexpr, HAS_COUNT: tl.constexpr, STORE_HINT: tl.constexpr,
-    FLAT_GRID: tl.constexpr, w_ptr, HAS_WEIGHTS: tl.constexpr,
-):
-    """Program (row, column-block group): BPP gradient blocks of a selected row, zeros for the others.
-
-    The scale is ``scale[0]`` or, with HAS_COUNT, ``scale[0] ⊘ max(1, count[0])`` (g / |S| read on the device).
-    Grid ``(N, n_col_groups)``, or with FLAT_GRID ``(N·n_col_groups,)`` in row-major order, so that programs
-    launched one after another store along one row instead of one row apart.
-    """
-    if FLAT_GRID:
-        pid = tl.program_id(0).to(tl.int64)
-        i = pid // n_col_groups
-        # col_group < n_col_groups < 2^31 (the launcher's bound): column offsets stay 32-bit, as in the 2-D grid.
-        col_group = (pid - i * n_col_groups).to(tl.int32)
-    else:
-        i = tl.program_id(0).to(tl.int64)
-        col_group = tl.program_id(1)
-    b = i // T
-    t = i - b * T
-    col0 = col_group * (BLOCK * BPP)
-    offs = tl.arange(0, BLOCK)
-    g_row = g_ptr + b * g_stride_b + t * g_stride_t
-    sel = tl.load(sel_ptr + i)
-    if sel != 0:
-        x_row = x_ptr + b * x_stride_b + t * x_stride_t
-        lse = tl.load(lse_ptr + i)
-        tgt = tl.load(t_ptr + i)
-        scale = tl.load(scale_ptr).to(tl.float32)
-        if HAS_COUNT:
-            scale = tl.math.div_rn(scale, tl.maximum(tl.load(count_ptr), 1).to(tl.float32))
-        if HAS_WEIGHTS:  # SPEC §7.4: the row's Horvitz–Thompson weight (already divided by max(1, n))
-            scale = scale * tl.load(w_ptr + i)
-        for j in tl.static_range(BPP):
-            cols = col0 + j * BLOCK + offs
-            in_row = cols < V
-            x = tl.load(x_row + cols, mask=in_row, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            p = tl.exp2((x - lse) * 1.4426950408889634)
-            grad = (p - tl.where(cols == tgt, 1.0, 0.0)) * scale
-            tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=in_row, cache_modifier=STORE_HINT)
-    else:
-        for j in tl.static_range(BPP):
-            cols = col0 + j * BLOCK + offs
-            tl.store(g_row + cols, tl.zeros([BLOCK], g_ptr.dtype.element_ty), mask=cols < V,
-                     cache_modifier=STORE_HINT)
-
-
-@triton.jit
 def _masked_mean_kernel(mask_ptr, nll_ptr, loss_ptr, count_ptr, N, BLOCK: tl.constexpr):
     """One program: ``count = Σ mask``, ``loss = (Σ_{mask} nll) ⊘ max(1, count)`` (fixed summation order)."""
     offs = tl.arange(0, BLOCK)
@@ -228,70 +173,6 @@ def launch_selective_forward(geom: RowGeometry, targets: torch.Tensor, selected:
         )
 
 
-def launch_selective_backward(geom: RowGeometry, targets: torch.Tensor, selected: torch.Tensor,
-                              lse: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor,
-                              config: Optional[LaunchConfig] = None, *,
-                              count: Optional[torch.Tensor] = None,
-                              row_weights: Optional[torch.Tensor] = None) -> None:
-    """Write every row of ``grad`` (shape of the logits, unit last stride; may be the logits themselves).
-
-    ``scale`` is a float32 device tensor of one element: ``g/max(1, |S|)``, or ``g`` when ``count`` (an int64
-    device tensor of one element holding ``|S|``) is given - then the division happens in the kernel.
-    ``row_weights`` (contiguous float32 ``(N,)``): each selected row's scale is further multiplied by its weight.
-
-    The grid is ``(N, G)`` with ``G = ceil(V/(BLOCK·blocks_per_program))`` column groups per row, or with
-    ``config.flat_grid`` the row-major ``(N·G,)``, whose consecutive programs store sequentially along a row
-    (see the module docstring). CUDA bounds the grid (x ≤ 2^31 − 1, y ≤ 65535 programs); a shape beyond
-    them raises ``ValueError`` before anything is launched.
-    """
-    n = geom.n
-    if n == 0:
-        return
-    want = geom.token_shape + (geom.vocab,)
-    if tuple(grad.shape) != want or grad.device != geom.x.device:
-        raise ValueError(f"grad: expected shape {want} on {geom.x.device}, got {tuple(grad.shape)} on {grad.device}")
-    if grad.stride(-1) != 1 and geom.vocab > 1:
-        raise ValueError(f"grad: expected a unit stride along V, got strides {grad.stride()}")
-    if scale.numel() != 1 or scale.dtype != torch.float32:
-        raise ValueError(f"scale: expected a float32 tensor of one element, got {scale.dtype} {tuple(scale.shape)}")
-    if count is not None and (count.numel() != 1 or count.dtype != torch.int64):
-        raise ValueError(f"count: expected an int64 tensor of one element, got {count.dtype} {tuple(count.shape)}")
-    if row_weights is not None and (row_weights.dtype != torch.float32 or tuple(row_weights.shape) != (n,)
-                                    or not row_weights.is_contiguous()):
-        raise ValueError(f"row_weights: expected a contiguous float32 tensor of shape ({n},), got "
-                         f"{row_weights.dtype} {tuple(row_weights.shape)}")
-    if grad.dim() == 2:
-        g_sb, g_st = 0, grad.stride(0)
-    else:
-        g_sb, g_st = grad.stride(0), grad.stride(1)
-    cfg = config if config is not None else backward_config(geom.vocab, grad.dtype)
-    block = cfg.block
-    n_col_groups = triton.cdiv(geom.vocab, block * cfg.blocks_per_program)
-    if cfg.flat_grid:
-        if n * n_col_groups > _GRID_X_MAX:
-            raise ValueError(f"backward flat grid: N·G = {n}·{n_col_groups} = {n * n_col_groups} programs exceed "
-                             f"the grid limit {_GRID_X_MAX}; use larger blocks / blocks_per_program, or "
-                             f"flat_grid=False")
-        grid: tuple[int, ...] = (n * n_col_groups,)
-    else:
-        if n > _GRID_X_MAX:
-            raise ValueError(f"backward grid: N = {n} rows exceed the grid limit {_GRID_X_MAX}")
-        if n_col_groups > _GRID_Y_MAX:
-            raise ValueError(f"backward grid: G = ceil(V / (BLOCK·blocks_per_program)) = {n_col_groups} column "
-                             f"groups (V = {geom.vocab}, BLOCK = {block}, blocks_per_program = "
-                             f"{cfg.blocks_per_program}) exceed the grid's y limit {_GRID_Y_MAX}; use larger "
-                             f"blocks / blocks_per_program, or flat_grid=True")
-        grid = (n, n_col_groups)
-    with device_guard(geom.x):
-        _selective_backward_kernel[grid](
-            geom.x, targets, selected, lse, scale, count if count is not None else scale, grad,
-            geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, g_sb, g_st, n_col_groups,
-            BLOCK=block, BPP=cfg.blocks_per_program, HAS_COUNT=count is not None, STORE_HINT=cfg.store_hint,
-            FLAT_GRID=cfg.flat_grid, w_ptr=row_weights if row_weights is not None else scale,
-            HAS_WEIGHTS=row_weights is not None, num_warps=cfg.num_warps,
-        )
-
-
 def launch_masked_mean(mask: torch.Tensor, nll: torch.Tensor, loss: torch.Tensor, count: torch.Tensor) -> None:
     """``count ← Σ mask`` (int64, one element) and ``loss ← Σ_{mask} nll / max(1, count)`` (float32, one element).
 
@@ -321,18 +202,6 @@ def _check_token_floats(name: str, x: Any, token_shape: tuple[int, ...], device:
         raise ValueError(f"{name}: expected device {device}, got {x.device}")
 
 
-def _rows_disjoint(t: torch.Tensor) -> bool:
-    """True when distinct rows of a ``(B, T, V)`` / ``(N, V)`` tensor with unit last stride never overlap."""
-    V = t.shape[-1]
-    if t.dim() == 2:
-        return t.shape[0] <= 1 or t.stride(0) >= V
-    B, T = t.shape[0], t.shape[1]
-    ok_t = T <= 1 or t.stride(1) >= V
-    span_t = (T - 1) * t.stride(1) + V if T >= 1 else 0
-    ok_b = B <= 1 or t.stride(0) >= span_t
-    return ok_t and ok_b
-
-
 def _save_geometry(ctx: Any, geom: RowGeometry, logits: torch.Tensor) -> None:
     """Keep the row geometry's host fields on ``ctx`` (the buffer itself goes through ``save_for_backward``)."""
     ctx.geom_meta = (geom.n, geom.vocab, geom.seq_len, geom.stride_b, geom.stride_t, geom.token_shape)
@@ -343,6 +212,33 @@ def _saved_geometry(ctx: Any, x: torch.Tensor) -> RowGeometry:
     """The :class:`RowGeometry` of the saved buffer ``x`` from :func:`_save_geometry`'s fields."""
     n, V, T, sb, st, token_shape = ctx.geom_meta
     return RowGeometry(x, n, V, T, sb, st, token_shape)
+
+
+@torch.compiler.disable
+def _eager_apply(fn: Any, *args: Any) -> torch.Tensor:
+    """``fn.apply(*args)`` outside any compiled graph: the eager-only autograd functions (explicit launch shapes,
+    in-place gradients) launch Triton directly, which the compiler must not trace; under ``torch.compile``
+    this is a graph break (``fullgraph=True`` raises), never a traced kernel."""
+    return fn.apply(*args)
+
+
+def _gradient_buffer(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+    """Where the backward writes ``∂loss/∂logits``: the saved logits buffer itself (in place, once) or a new
+    uninitialised buffer (every element is written by the kernel, so no fill)."""
+    if not ctx.inplace_backward:
+        return torch.empty(ctx.logits_shape, dtype=x.dtype, device=x.device)
+    if ctx.backward_done:
+        raise RuntimeError("inplace_backward=True: the logits buffer already holds the gradient; a second "
+                           "backward (retain_graph=True) cannot recompute it")
+    return x
+
+
+def _gradient_written(ctx: Any, grad: torch.Tensor) -> None:
+    """After an in-place backward: bump the logits' version counter, so that any other autograd node that saved
+    them (or a view of them) raises "modified by an inplace operation" instead of reading the gradient."""
+    if ctx.inplace_backward:
+        ctx.backward_done = True
+        torch.autograd.graph.increment_version(grad)
 
 
 class _SelectiveCrossEntropy(torch.autograd.Function):
@@ -389,20 +285,12 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
         nones = (None,) * 7
         if not ctx.needs_input_grad[0]:
             return (None,) + nones
-        if ctx.inplace_backward and ctx.backward_done:
-            raise RuntimeError("selective_cross_entropy_triton(inplace_backward=True): the logits buffer already "
-                               "holds the gradient; a second backward (retain_graph=True) cannot recompute it")
         geom = _saved_geometry(ctx, x)
         scale = (grad_loss.detach().to(torch.float32).reshape(1) / denom).contiguous()
-        if ctx.inplace_backward:
-            grad = x
-        else:
-            grad = torch.empty(ctx.logits_shape, dtype=x.dtype, device=x.device)
+        grad = _gradient_buffer(ctx, x)
         launch_selective_backward(geom, targets, selected, lse, scale, grad, ctx.bwd_config,
                                   row_weights=row_weights)
-        if ctx.inplace_backward:
-            ctx.backward_done = True
-            torch.autograd.graph.increment_version(grad)
+        _gradient_written(ctx, grad)
         return (grad,) + nones
 
 
@@ -426,9 +314,10 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
         lse: optional float32 tensor of the token shape holding each row's log-sum-exp (e.g.
             ``token_statistics_triton(...).lse``); then the forward reads only ``z[target]`` of the selected
             rows. Without it the forward streams each selected row once.
-        inplace_backward: write the gradient into the logits buffer (saves an ``N·V`` allocation; the logits
-            are overwritten, so no other autograd node may need them; one backward only). Needs logits with
-            unit last stride and non-overlapping rows.
+        inplace_backward: write the gradient into the logits buffer (SPEC §8.1: saves an ``N·V`` allocation,
+            same traffic; the logits are overwritten, so no other autograd node may need them - one that saved
+            them raises; one backward only; eager only, a graph break under ``torch.compile``). Needs logits
+            that pass :func:`check_inplace_logits` (unit last stride, non-overlapping rows).
         forward_config, backward_config: optional launch shapes (default :func:`lse_config` /
             :func:`backward_config` of :mod:`cggr_torch.kernels.scoring`).
         row_weights: optional float32 tensor of the token shape (the ``sampled`` selection's ``w_i/max(1, n)``,
@@ -462,12 +351,7 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
         raise ValueError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
     V = logits.shape[-1]
     if inplace_backward:
-        if logits.stride(-1) != 1 and V > 1:
-            raise ValueError(f"logits: inplace_backward=True needs a unit stride along V, got strides "
-                             f"{logits.stride()}; pass logits.contiguous() or inplace_backward=False")
-        if not _rows_disjoint(logits):
-            raise ValueError(f"logits: inplace_backward=True needs rows that do not overlap in memory, got shape "
-                             f"{tuple(logits.shape)} with strides {logits.stride()}")
+        check_inplace_logits(logits)
     check_target_range(targets, V, ignore_index)
 
     t = flat_targets(targets)
@@ -481,48 +365,86 @@ def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, 
     if inplace_backward or forward_config is not None or backward_config is not None:
         # Eager-only variants (a gradient written into the logits, explicit launch shapes): the autograd
         # function itself. The default goes through the custom ops below, which torch.compile sees through.
-        return _SelectiveCrossEntropy.apply(logits, t, selected, lse_flat, inplace_backward,
-                                            forward_config, backward_config, row_weights)
+        return _eager_apply(_SelectiveCrossEntropy, logits, t, selected, lse_flat, inplace_backward,
+                            forward_config, backward_config, row_weights)
     loss, _lse, _denom = selective_cross_entropy_op(logits, t, selected, lse_flat, row_weights)
     return loss
 
 
 # ===================================================================== fused path (scores already computed)
 class _ScoredSelectiveCrossEntropy(torch.autograd.Function):
-    """``loss = Σ_{i∈S} nll_i / max(1, |S|)`` from the scoring pass's ``nll``; backward as
-    :class:`_SelectiveCrossEntropy`, with ``g/|S|`` formed in the backward kernel from the device count."""
+    """The fused paths' loss on the scoring pass's statistics; backward as :class:`_SelectiveCrossEntropy`.
+
+    Without ``loss_in``: ``loss = Σ_{i∈S} nll_i / max(1, |S|)`` (one program, ``|S|`` written to ``count``) and
+    ``g/|S|`` is formed in the backward kernel from the device count. With ``loss_in`` (the ``sampled`` path's
+    ``Σ ω_i·nll_i``, computed by its finish kernel) and ``row_weights``: the loss is that value and the gradient
+    of row ``i`` is scaled by ``g·ω_i``. ``inplace_backward``: the gradient goes into the logits buffer.
+    """
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, geom: RowGeometry, targets: torch.Tensor, selected: torch.Tensor,
-                lse: torch.Tensor, nll: torch.Tensor, count: torch.Tensor,
-                bwd_config: Optional[LaunchConfig]) -> torch.Tensor:
-        loss = torch.empty((), dtype=torch.float32, device=logits.device)
-        launch_masked_mean(selected, nll, loss, count)
-        ctx.save_for_backward(geom.x, targets, selected, lse, count)
+                lse: torch.Tensor, nll: Optional[torch.Tensor], count: Optional[torch.Tensor],
+                bwd_config: Optional[LaunchConfig], inplace_backward: bool = False,
+                loss_in: Optional[torch.Tensor] = None, row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if loss_in is None:
+            loss = torch.empty((), dtype=torch.float32, device=logits.device)
+            launch_masked_mean(selected, nll, loss, count)
+        else:   # a new tensor: the op's own output stays non-differentiable
+            loss = loss_in.detach().reshape(()).clone()
+        ctx.save_for_backward(geom.x, targets, selected, lse, count, row_weights)
         _save_geometry(ctx, geom, logits)
         ctx.bwd_config = bwd_config
+        ctx.inplace_backward = inplace_backward
+        ctx.backward_done = False
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        x, targets, selected, lse, count = ctx.saved_tensors
-        nones = (None,) * 7
+        x, targets, selected, lse, count, row_weights = ctx.saved_tensors
+        nones = (None,) * 10
         if not ctx.needs_input_grad[0]:
             return (None,) + nones
         geom = _saved_geometry(ctx, x)
         g = grad_loss.detach()
         if g.dtype != torch.float32:
             g = g.to(torch.float32)
-        grad = torch.empty(ctx.logits_shape, dtype=x.dtype, device=x.device)
-        launch_selective_backward(geom, targets, selected, lse, g.reshape(1), grad, ctx.bwd_config, count=count)
+        grad = _gradient_buffer(ctx, x)
+        if row_weights is None:
+            launch_selective_backward(geom, targets, selected, lse, g.reshape(1), grad, ctx.bwd_config,
+                                      count=count)
+        else:
+            launch_selective_backward(geom, targets, selected, lse, g.reshape(1).contiguous(), grad,
+                                      ctx.bwd_config, row_weights=row_weights)
+        _gradient_written(ctx, grad)
         return (grad,) + nones
+
+
+def _check_scored(logits: torch.Tensor, geom: RowGeometry, inplace_backward: bool,
+                  flat: tuple[tuple[str, Optional[torch.Tensor], tuple[torch.dtype, ...]], ...]) -> None:
+    """The checks shared by the fused paths' losses: ``(N,)`` contiguous per-row buffers on the logits'
+    device, and for ``inplace_backward`` a logits layout that can hold the gradient with ``geom`` on it."""
+    n = geom.n
+    for name, t, dt in flat:
+        if t is None or not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a contiguous {dt[0]} ({n},) tensor, got {type(t).__name__}")
+        if t.dtype not in dt or tuple(t.shape) != (n,) or not t.is_contiguous() or t.device != logits.device:
+            raise ValueError(f"{name}: expected a contiguous {dt[0]} ({n},) tensor on {logits.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if not isinstance(inplace_backward, bool):
+        raise ValueError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
+    if inplace_backward:
+        check_inplace_logits(logits)
+        if geom.x.data_ptr() != logits.data_ptr() or geom.x.stride() != logits.stride():
+            raise ValueError("geom: inplace_backward=True needs the row geometry of logits.detach() itself "
+                             "(kernels.scoring.row_geometry), not of a copy")
 
 
 def scored_selective_cross_entropy(logits: torch.Tensor, geom: RowGeometry, targets: torch.Tensor,
                                    selected: torch.Tensor, lse: torch.Tensor, nll: torch.Tensor,
                                    count: torch.Tensor, *,
-                                   backward_config: Optional[LaunchConfig] = None) -> torch.Tensor:
+                                   backward_config: Optional[LaunchConfig] = None,
+                                   inplace_backward: bool = False) -> torch.Tensor:
     """Selective cross-entropy whose per-row statistics come from the scoring kernel (the fused CGGR path).
 
     ::
@@ -543,24 +465,54 @@ def scored_selective_cross_entropy(logits: torch.Tensor, geom: RowGeometry, targ
         lse, nll: contiguous float32 ``(N,)`` from the scoring kernel.
         count: int64 device tensor of one element; receives ``|S|``.
         backward_config: optional launch shape of the backward kernel.
+        inplace_backward: write the gradient into the logits buffer (SPEC §8.1; eager only,
+            one backward; ``logits`` must pass :func:`check_inplace_logits`).
 
     Returns:
         0-d float32 loss (0.0 when nothing is selected).
     """
-    n = geom.n
-    for name, t, dt in (("targets", targets, (torch.int64,)), ("selected", selected, (torch.bool, torch.uint8)),
-                        ("lse", lse, (torch.float32,)), ("nll", nll, (torch.float32,))):
-        if t.dtype not in dt or tuple(t.shape) != (n,) or not t.is_contiguous() or t.device != logits.device:
-            raise ValueError(f"{name}: expected a contiguous {dt[0]} ({n},) tensor on {logits.device}, got "
-                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    _check_scored(logits, geom, inplace_backward,
+                  (("targets", targets, (torch.int64,)), ("selected", selected, (torch.bool, torch.uint8)),
+                   ("lse", lse, (torch.float32,)), ("nll", nll, (torch.float32,))))
     if count.dtype != torch.int64 or count.numel() != 1 or count.device != logits.device:
         raise ValueError(f"count: expected an int64 one-element tensor on {logits.device}, got {count.dtype} "
                          f"{tuple(count.shape)} on {count.device}")
-    if backward_config is not None:
-        return _ScoredSelectiveCrossEntropy.apply(logits, geom, targets, selected, lse, nll, count, backward_config)
+    if backward_config is not None or inplace_backward:
+        return _eager_apply(_ScoredSelectiveCrossEntropy, logits, geom, targets, selected, lse, nll, count,
+                            backward_config, inplace_backward)
     loss, c = scored_selective_cross_entropy_op(logits, targets, selected, lse, nll)
     count.copy_(c.reshape(count.shape))
     return loss
+
+
+def weighted_selective_cross_entropy(logits: torch.Tensor, geom: RowGeometry, targets: torch.Tensor,
+                                     selected: torch.Tensor, lse: torch.Tensor, row_weights: torch.Tensor,
+                                     loss: torch.Tensor, *, backward_config: Optional[LaunchConfig] = None,
+                                     inplace_backward: bool = False) -> torch.Tensor:
+    """The weighted selective cross-entropy (SPEC §7.4, §8) whose value the caller has already computed: returns
+    ``loss``'s value as a new 0-d float32 tensor whose gradient w.r.t. ``logits`` is
+
+    ::
+
+        ∂loss/∂z_i = g·ω_i·(2^{(z_i − lse_i)·log2 e} − onehot(t_i))   for i ∈ S,   0 otherwise
+
+    (the ``sampled`` fused path's gradient, ``ω`` = ``row_weights``). It lets that path - whose loss comes from
+    :func:`cggr_torch.kernels.sampling.sample_from_scores` on the detached logits - write the gradient in place.
+
+    Args:
+        logits, geom, targets, selected, lse, backward_config, inplace_backward: as
+            :func:`scored_selective_cross_entropy`.
+        row_weights: contiguous float32 ``(N,)``, 0 on the unselected rows.
+        loss: float32 one-element tensor, ``Σ_{i∈S} ω_i·nll_i`` (not differentiated).
+    """
+    _check_scored(logits, geom, inplace_backward,
+                  (("targets", targets, (torch.int64,)), ("selected", selected, (torch.bool, torch.uint8)),
+                   ("lse", lse, (torch.float32,)), ("row_weights", row_weights, (torch.float32,))))
+    if not isinstance(loss, torch.Tensor) or loss.dtype != torch.float32 or loss.numel() != 1:
+        raise ValueError(f"loss: expected a float32 one-element tensor, got "
+                         f"{loss.dtype if isinstance(loss, torch.Tensor) else type(loss).__name__}")
+    return _eager_apply(_ScoredSelectiveCrossEntropy, logits, geom, targets, selected, lse, None, None,
+                        backward_config, inplace_backward, loss, row_weights)
 
 
 # ================================================================ torch.library custom ops (SPEC §12.1)
