@@ -25,7 +25,10 @@ Public entry points (imported lazily, so that ``import cggr_torch.kernels`` work
   :func:`sample_from_scores` is the fused ``sampled`` loss after the scoring kernel (probabilities with every
   SPEC §10 metric, sort, water-filling, draws writing the row weights, a one-program finish with the loss);
 * :func:`scored_selective_cross_entropy` - the fused path's loss: the masked mean of the scoring pass's
-  ``nll`` with the same sparse backward.
+  ``nll`` with the same sparse backward;
+* :func:`launch_head_statistics` / :func:`launch_head_gradient` - the fused LM head's GEMMs with the CGGR work
+  in their epilogues (``head_kernel="gemm"``): the split-V forward statistics and the backward's chunk
+  gradient, no logits block in memory (:class:`HeadGemmConfig`, :func:`head_gemm_config`: their tile shapes).
 
 Launch-grid and block-size heuristics live in one place: :mod:`cggr_torch.kernels.launch`
 (:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`, :func:`backward_config`, the fused LM head's
@@ -65,6 +68,10 @@ __all__ = [
     "scoring_config",
     "lse_config",
     "backward_config",
+    "launch_head_statistics",
+    "launch_head_gradient",
+    "HeadGemmConfig",
+    "head_gemm_config",
 ]
 
 _LAZY = {
@@ -83,6 +90,10 @@ _LAZY = {
     "sample_tokens_triton": "sampling",
     "sampling_probabilities_triton": "sampling",
     "sample_from_scores": "sampling",
+    "launch_head_statistics": "fused_head_gemm",
+    "launch_head_gradient": "fused_head_gemm",
+    "HeadGemmConfig": "fused_head_gemm",
+    "head_gemm_config": "fused_head_gemm",
 }
 
 

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import num_sms
+from .launch import interpreting, num_sms
 from .scoring import check_kernel_device, device_guard, ref_of
 
 __all__ = [
@@ -157,8 +157,12 @@ def _top2_merge(a1, a2, b1, b2):
 
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, rows_ld, cols_ld, D, stride_hm, stride_hk, stride_wn, stride_wk,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
-    """float32 ``H[rows_ld] · W[cols_ld]ᵀ`` (``BM × BN``); rows/columns are in-bounds addresses."""
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """float32 ``H[rows_ld] · W[cols_ld]ᵀ`` (``BM × BN``); rows/columns are in-bounds addresses.
+
+    ``UPCAST`` (the Triton interpreter with bfloat16 only, whose ``tl.dot`` misreads bfloat16 operands): the
+    tiles are widened to float32 first - exact, and so is each bf16·bf16 product, as on the tensor cores."""
     ks = tl.arange(0, BK)
     a_ptrs = h_ptr + rows_ld[:, None] * stride_hm + ks[None, :] * stride_hk
     b_ptrs = w_ptr + cols_ld[None, :] * stride_wn + ks[:, None] * stride_wk
@@ -171,7 +175,9 @@ def _logits_tile(h_ptr, w_ptr, rows_ld, cols_ld, D, stride_hm, stride_hk, stride
             k_ok = ks < D - k0
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if IEEE:
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
@@ -185,7 +191,7 @@ def _head_statistics_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
     N, V, D, S, stride_hm, stride_hk, stride_wn, stride_wk, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """One (row block, vocabulary split): the split's streaming state of every row → ``partials``."""
     pid = tl.program_id(0)
@@ -213,7 +219,7 @@ def _head_statistics_kernel(
         cols = tl.arange(0, BN).to(tl.int64) + tile * BN   # tile·BN < V < 2^31
         col_ok = cols < V
         acc = _logits_tile(h_ptr, w_ptr, rows_ld, cols % V, D, stride_hm, stride_hk, stride_wn, stride_wk,
-                           BM, BN, BK, EVEN_K, IEEE)
+                           BM, BN, BK, EVEN_K, IEEE, UPCAST)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
@@ -303,7 +309,7 @@ def _head_gradient_kernel(
     h_ptr, w_ptr, b_ptr, lse_ptr, t_ptr, scale_ptr, g_ptr, colsum_ptr,
     K, C, D, v0, stride_hm, stride_hk, stride_wn, stride_wk, stride_g,
     HAS_BIAS: tl.constexpr, HAS_COLSUM: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One ``BM × BN`` tile of ``G = s·(softmax − onehot)`` of the chunk, from its logits in registers."""
     pid = tl.program_id(0)
@@ -320,7 +326,7 @@ def _head_gradient_kernel(
     row_ok = rows < K
     col_ok = cols < C
     acc = _logits_tile(h_ptr, w_ptr, rows % K, cols % C, D, stride_hm, stride_hk, stride_wn, stride_wk,
-                       BM, BN, BK, EVEN_K, IEEE)
+                       BM, BN, BK, EVEN_K, IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -338,6 +344,11 @@ def _head_gradient_kernel(
 
 # ============================================================================================ launchers
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    """The interpreter's bfloat16 ``tl.dot`` workaround (see :func:`_logits_tile`); never on a GPU."""
+    return x.dtype == torch.bfloat16 and interpreting()
 
 
 def _check_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -412,7 +423,7 @@ def launch_head_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
             hidden, weight, bias if bias is not None else hidden, targets if has_t else hidden, partials,
             N, V, d, S, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), int(ignore_index),
             HAS_BIAS=bias is not None, HAS_TARGETS=has_t, EVEN_K=d % cfg.block_k == 0,
-            IEEE=hidden.dtype == torch.float32, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+            IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden), BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         _head_combine_kernel[(triton.cdiv(N, _COMBINE_ROWS),)](
@@ -474,7 +485,7 @@ def launch_head_gradient(h_sel: torch.Tensor, weight: torch.Tensor, bias: Option
             K, C, d, v0, h_sel.stride(0), h_sel.stride(1), weight.stride(0), weight.stride(1),
             grad.stride(0) if K > 1 else C,
             HAS_BIAS=bias is not None, HAS_COLSUM=colsum is not None, EVEN_K=d % cfg.block_k == 0,
-            IEEE=h_sel.dtype == torch.float32, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=_GROUP_M,
+            IEEE=h_sel.dtype == torch.float32, UPCAST=_upcast(h_sel), BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=_GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
