@@ -189,7 +189,7 @@ def _logits_tile(h_ptr, w_ptr, rows_ld, cols_ld, D, stride_hm, stride_hk, stride
 @triton.jit
 def _head_statistics_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
-    N, V, D, S, stride_hm, stride_hk, stride_wn, stride_wk, ignore_index,
+    N, V, D, S, plane, stride_hm, stride_hk, stride_wn, stride_wk, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -242,24 +242,28 @@ def _head_statistics_kernel(
         d_acc += tl.sum(e, 1)
         # A −∞ logit has e = 0: 0·(−3e38) = 0, never 0·(−∞).
         s_acc += tl.sum(e * tl.maximum(u, -3.0e38), 1)
-    base = part_ptr + pid_s.to(tl.int64) * N + rows
-    plane = S.to(tl.int64) * N
-    tl.store(base, m, mask=row_ok)
-    tl.store(base + plane, z2, mask=row_ok)
-    tl.store(base + 2 * plane, d_acc, mask=row_ok)
-    tl.store(base + 3 * plane, s_acc, mask=row_ok)
-    tl.store(base + 4 * plane, z_t, mask=row_ok)
+    # partials[j, s, row] (plane = S·N). Pointer steps, not j·plane: a runtime int may be specialised to a
+    # constant (N = 1), and pointer arithmetic is 64-bit whatever the offset's type.
+    p = part_ptr + pid_s.to(tl.int64) * N + rows
+    tl.store(p, m, mask=row_ok)
+    p += plane
+    tl.store(p, z2, mask=row_ok)
+    p += plane
+    tl.store(p, d_acc, mask=row_ok)
+    p += plane
+    tl.store(p, s_acc, mask=row_ok)
+    p += plane
+    tl.store(p, z_t, mask=row_ok)
 
 
 @triton.jit
 def _head_combine_kernel(
-    part_ptr, t_ptr, out_ptr, N, S, V, out_stride, ignore_index,
+    part_ptr, t_ptr, out_ptr, N, S, plane, V, out_stride, ignore_index,
     HAS_TARGETS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Merge the ``S`` split states of each row in split order and write lse, H, p1, p2, nll (row 5: 0)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < N
-    plane = S.to(tl.int64) * N
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     z2 = tl.full([BLOCK], float("-inf"), tl.float32)
     d = tl.zeros([BLOCK], dtype=tl.float32)
@@ -267,11 +271,16 @@ def _head_combine_kernel(
     z_t = tl.zeros([BLOCK], dtype=tl.float32)
     p = part_ptr + rows
     for _j in range(0, S):
-        m_j = tl.load(p, mask=ok, other=float("-inf"))
-        z2_j = tl.load(p + plane, mask=ok, other=float("-inf"))
-        d_j = tl.load(p + 2 * plane, mask=ok, other=0.0)
-        s_j = tl.load(p + 3 * plane, mask=ok, other=0.0)
-        z_t += tl.load(p + 4 * plane, mask=ok, other=0.0)
+        q = p
+        m_j = tl.load(q, mask=ok, other=float("-inf"))
+        q += plane
+        z2_j = tl.load(q, mask=ok, other=float("-inf"))
+        q += plane
+        d_j = tl.load(q, mask=ok, other=0.0)
+        q += plane
+        s_j = tl.load(q, mask=ok, other=0.0)
+        q += plane
+        z_t += tl.load(q, mask=ok, other=0.0)
         z2 = tl.maximum(tl.minimum(m, m_j), tl.maximum(z2, z2_j))
         m_new = tl.maximum(m, m_j)
         c_new = ref_of(m_new)
@@ -421,13 +430,13 @@ def launch_head_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
     with device_guard(hidden):
         _head_statistics_kernel[(triton.cdiv(N, cfg.block_m) * S,)](
             hidden, weight, bias if bias is not None else hidden, targets if has_t else hidden, partials,
-            N, V, d, S, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), int(ignore_index),
+            N, V, d, S, S * N, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), int(ignore_index),
             HAS_BIAS=bias is not None, HAS_TARGETS=has_t, EVEN_K=d % cfg.block_k == 0,
             IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden), BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         _head_combine_kernel[(triton.cdiv(N, _COMBINE_ROWS),)](
-            partials, targets if has_t else partials, out, N, S, V, out.stride(0), int(ignore_index),
+            partials, targets if has_t else partials, out, N, S, S * N, V, out.stride(0), int(ignore_index),
             HAS_TARGETS=has_t, BLOCK=_COMBINE_ROWS, num_warps=_COMBINE_WARPS,
         )
 
