@@ -396,3 +396,21 @@ def test_custom_ops_pass_opcheck():
     for op, args in ops:
         result = torch.library.opcheck(op, args, raise_exception=False)
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_compiled_module_matches_eager():
+    """SPEC §12.1: ``cggr::head_gemm_statistics`` and the selected-rows op with the epilogue backward compile
+    with ``fullgraph=True`` and compute what the eager call computes."""
+    h, w, b, t = _inputs(27, 2 * 6, 16, 40, torch.float32)
+    h3, t3 = h.reshape(2, 6, 16), t.reshape(2, 6)
+    crit, twin = (FusedLinearCGGRLoss(warmup_steps=0, head_kernel="gemm") for _ in range(2))
+    with dispatch.force("kernel"):
+        f = torch.compile(lambda hh, ww, tt, bb: crit(hh, ww, tt, bb), backend="aot_eager", fullgraph=True)
+        results = []
+        for fn in (f, twin):
+            leaves = [x.detach().clone().requires_grad_(True) for x in (h3, w, b)]
+            loss = fn(leaves[0], leaves[1], t3, leaves[2])
+            loss.backward()
+            results.append((loss.detach(), *[x.grad for x in leaves]))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
