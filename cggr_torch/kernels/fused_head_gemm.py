@@ -150,12 +150,6 @@ def head_splits(num_rows: int, vocab_size: int, config: HeadGemmConfig, sms: int
 
 # ============================================================================================== kernels
 @triton.jit
-def _top2_merge(a1, a2, b1, b2):
-    """(largest, second largest) of the union of two multisets: ties count (equal maxima give a2 = a1)."""
-    return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
-
-
-@triton.jit
 def _logits_tile(h_ptr, w_ptr, rows_ld, cols_ld, D, stride_hm, stride_hk, stride_wn, stride_wk,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                  UPCAST: tl.constexpr):
@@ -224,10 +218,19 @@ def _head_statistics_kernel(
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
         if HAS_TARGETS:
-            # Exactly one tile of one split holds a readable target: the others add exact zeros.
-            hit = (cols[None, :] == tgt[:, None]) & readable[:, None]
-            z_t += tl.sum(tl.where(hit, acc, 0.0), 1)
-        g1, g2 = tl.reduce((acc, tl.full([BM, BN], float("-inf"), tl.float32)), 1, _top2_merge)
+            # The target's column within this tile (int32; −1 when it is elsewhere or not readable). Most
+            # tiles hold no target of the block's rows: the gather is skipped for them.
+            local = tl.where(readable & (tgt >= tile * BN) & (tgt < tile * BN + BN), tgt - tile * BN, -1)
+            local = local.to(tl.int32)
+            if tl.max(local, 0) >= 0:
+                # Exactly one tile of one split holds a readable target: the others add exact zeros.
+                z_t += tl.sum(tl.where(tl.arange(0, BN)[None, :] == local[:, None], acc, 0.0), 1)
+        # Top-2 of each row of the tile, ties counted: the runner-up is the largest value below the maximum,
+        # or the maximum itself when it occurs twice. (Fewer registers than a pairwise tl.reduce.)
+        g1 = tl.max(acc, 1)
+        at_max = acc == g1[:, None]
+        g2 = tl.max(tl.where(at_max, float("-inf"), acc), 1)
+        g2 = tl.where(tl.sum(at_max.to(tl.int32), 1) > 1, g1, g2)
         z2 = tl.maximum(tl.minimum(m, g1), tl.maximum(z2, g2))
         # Rebase d and s from c(m) to c(m_new) (δ = 0 when the maximum does not rise), then add the tile.
         m_new = tl.maximum(m, g1)

@@ -102,13 +102,17 @@ def test_statistics_match_the_blocks_path():
 
 
 def test_ties_and_minus_infinity_in_the_runner_up():
-    """Two equal maxima give p2 = p1 (ties count), across tiles and splits; a −∞ bias column adds nothing."""
+    """Two equal maxima give p2 = p1 (ties count), across tiles and splits (rows 0, 1) and inside one tile
+    (row 2); a −∞ bias column adds nothing."""
     N, d, V = 3, 16, 100
     h = torch.zeros((N, d))
-    h[:, 0] = 1.0
+    h[:2, 0] = 1.0
+    h[2, 1] = 1.0
     w = torch.zeros((V, d))
     w[5, 0] = 4.0
     w[90, 0] = 4.0          # the same maximum in another tile and another split
+    w[10, 1] = 3.0
+    w[11, 1] = 3.0          # the same maximum twice in one tile
     b = torch.zeros(V)
     b[7] = float("-inf")
     t = torch.tensor([5, 7, -100])
