@@ -85,6 +85,8 @@ class HeadGemmConfig:
             smallest ``tl.dot`` shape).
         num_warps, num_stages: Triton launch parameters (software pipelining depth of the K-loop).
         splits: forward vocabulary splits ``S`` (0 = :func:`head_splits`' heuristic).
+        flatten: forward only: one software-pipelined loop over (tile, K step) instead of a K-loop per tile
+            (``tl.range(flatten=True)``: the next tile's loads overlap this tile's epilogue). Unmeasured: off.
     """
 
     block_m: int = 128
@@ -93,6 +95,7 @@ class HeadGemmConfig:
     num_warps: int = 8
     num_stages: int = 4
     splits: int = 0
+    flatten: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -105,11 +108,13 @@ class HeadGemmConfig:
             raise ValueError(f"HeadGemmConfig.num_stages: expected an int >= 1, got {self.num_stages!r}")
         if isinstance(self.splits, bool) or not isinstance(self.splits, int) or self.splits < 0:
             raise ValueError(f"HeadGemmConfig.splits: expected an int >= 0 (0 = heuristic), got {self.splits!r}")
+        if not isinstance(self.flatten, bool):
+            raise ValueError(f"HeadGemmConfig.flatten: expected a bool, got {self.flatten!r}")
 
     def describe(self) -> str:
         """Short label, e.g. ``128x128x64 8w 4st S=auto``."""
         return (f"{self.block_m}x{self.block_n}x{self.block_k} {self.num_warps}w {self.num_stages}st "
-                f"S={self.splits or 'auto'}")
+                f"S={self.splits or 'auto'}" + (" flat" if self.flatten else ""))
 
 
 #: Candidates for H100/H200 bfloat16 (the benchmark sweeps them; none is measured yet). 128 × 128 keeps the
@@ -123,6 +128,8 @@ HEAD_GEMM_CONFIGS: tuple[HeadGemmConfig, ...] = (
     HeadGemmConfig(128, 256, 64, 8, 3),
     HeadGemmConfig(64, 128, 64, 4, 4),
     HeadGemmConfig(128, 64, 64, 4, 4),
+    HeadGemmConfig(128, 128, 64, 8, 4, flatten=True),
+    HeadGemmConfig(64, 128, 64, 4, 4, flatten=True),
 )
 #: float32 inputs: 64 × 128 × 32, 8 warps, 3 stages - no register spills under ptxas for sm_90 (128 × 128 spills
 #: ~350 bytes with the IEEE product).
@@ -189,9 +196,12 @@ def _head_statistics_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, part_ptr,
     N, V, D, S, plane, stride_hm, stride_hk, stride_wn, stride_wk, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_TARGETS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLATTEN: tl.constexpr,
 ):
-    """One (row block, vocabulary split): the split's streaming state of every row → ``partials``."""
+    """One (row block, vocabulary split): the split's streaming state of every row → ``partials``.
+
+    ``FLATTEN``: the tile loop and the K-loop inside it become one software-pipelined loop
+    (``tl.range(flatten=True)``), so the next tile's first loads are in flight during this tile's epilogue."""
     pid = tl.program_id(0)
     pid_s = pid % S
     pid_m = pid // S
@@ -213,7 +223,7 @@ def _head_statistics_kernel(
     d_acc = tl.zeros([BM], dtype=tl.float32)
     s_acc = tl.zeros([BM], dtype=tl.float32)
     z_t = tl.zeros([BM], dtype=tl.float32)
-    for tile in range(tile0, tile1):
+    for tile in tl.range(tile0, tile1, flatten=FLATTEN):
         cols = tl.arange(0, BN).to(tl.int64) + tile * BN   # tile·BN < V < 2^31
         col_ok = cols < V
         acc = _logits_tile(h_ptr, w_ptr, rows_ld, cols % V, D, stride_hm, stride_hk, stride_wn, stride_wk,
@@ -440,7 +450,7 @@ def launch_head_statistics(hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
             N, V, d, S, S * N, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), int(ignore_index),
             HAS_BIAS=bias is not None, HAS_TARGETS=has_t, EVEN_K=d % cfg.block_k == 0,
             IEEE=hidden.dtype == torch.float32, UPCAST=_upcast(hidden), BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            FLATTEN=cfg.flatten, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         _head_combine_kernel[(triton.cdiv(N, _COMBINE_ROWS),)](
             partials, targets if has_t else partials, out, N, S, S * N, V, out.stride(0), int(ignore_index),

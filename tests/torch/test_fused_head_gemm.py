@@ -82,6 +82,11 @@ def test_statistics_equal_for_every_split_count():
     base = _statistics(h, w, b, t, 1)
     for splits in (2, 5, 10):
         out = _statistics(h, w, b, t, splits)
+        if splits == 5:  # the flattened (tile, K) loop: the same arithmetic in the same order
+            flat = torch.empty((6, 7), device=DEVICE)
+            hg.launch_head_statistics(h.to(DEVICE), w.to(DEVICE), b.to(DEVICE), t.to(DEVICE), -100, flat,
+                                      hg.HeadGemmConfig(**TILES, splits=5, flatten=True))
+            assert torch.equal(flat.cpu(), out)
         for k, q in enumerate(STATS):
             assert_within(out[k], ref[q], q)
             torch.testing.assert_close(out[k], base[k], rtol=2e-5, atol=2e-4)
@@ -192,6 +197,8 @@ def test_statistics_launcher_rejects_bad_arguments():
         hg.HeadGemmConfig(block_n=48)
     with pytest.raises(ValueError, match="splits"):
         hg.HeadGemmConfig(splits=-1)
+    with pytest.raises(ValueError, match="flatten"):
+        hg.HeadGemmConfig(flatten=1)
     hg.launch_head_statistics(h[:0], w, b, t[:0], -100, torch.empty((6, 0), device=DEVICE), cfg)  # N = 0
 
 
