@@ -42,7 +42,6 @@ gemm-epilogue-head.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -69,7 +68,6 @@ __all__ = [
 
 #: Float32 values of a split's partial state per row: ``m``, ``z_(2)``, ``d``, ``s``, ``z_t`` (module docstring).
 HEAD_PARTIAL_ROWS = 5
-_LOG2E = 1.4426950408889634
 _COMBINE_ROWS = 128
 _COMBINE_WARPS = 4
 #: Rows of tiles swept together by the backward GEMM's grouped ordering (W_c tiles reused from L2).
@@ -240,7 +238,7 @@ def _head_statistics_kernel(
                 # Exactly one tile of one split holds a readable target: the others add exact zeros.
                 z_t += tl.sum(tl.where(tl.arange(0, BN)[None, :] == local[:, None], acc, 0.0), 1)
         # Top-2 of each row of the tile, ties counted: the runner-up is the largest value below the maximum,
-        # or the maximum itself when it occurs twice. (Fewer registers than a pairwise tl.reduce.)
+        # or the maximum itself when it occurs twice (plain reductions, no pairwise tl.reduce of two arrays).
         g1 = tl.max(acc, 1)
         at_max = acc == g1[:, None]
         g2 = tl.max(tl.where(at_max, float("-inf"), acc), 1)
@@ -553,5 +551,5 @@ def _(h_sel: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], l
 
 def colsum_rows(num_rows: int, dtype: torch.dtype, device: torch.device) -> int:
     """Rows of the ``colsum`` buffer that :func:`head_gradient_op` (the default tile shape) writes."""
-    return max(1, math.ceil(num_rows / head_gemm_config(dtype, device).block_m))
+    return max(1, -(-int(num_rows) // head_gemm_config(dtype, device).block_m))
 
