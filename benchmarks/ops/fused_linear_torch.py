@@ -338,8 +338,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # K selected rows (its G chunks; the two cuBLAS matmuls are in "backward GEMMs alone" above).
     if cuda and has_head_kernel:
         import dataclasses
-        import importlib
-        hg = importlib.import_module("cggr_torch.kernels.fused_head_gemm")
+
+        from cggr_torch import kernels as hg  # the public names of the GEMM-epilogue kernels
         t_flat = labels.reshape(-1).to(torch.int64).contiguous()
         stat_out = torch.empty((6, N), dtype=torch.float32, device=dev)
 

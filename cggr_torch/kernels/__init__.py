@@ -28,7 +28,8 @@ Public entry points (imported lazily, so that ``import cggr_torch.kernels`` work
   ``nll`` with the same sparse backward;
 * :func:`launch_head_statistics` / :func:`launch_head_gradient` - the fused LM head's GEMMs with the CGGR work
   in their epilogues (``head_kernel="gemm"``): the split-V forward statistics and the backward's chunk
-  gradient, no logits block in memory (:class:`HeadGemmConfig`, :func:`head_gemm_config`: their tile shapes).
+  gradient, no logits block in memory (:class:`HeadGemmConfig`, :func:`head_gemm_config`, :data:`HEAD_GEMM_CONFIGS`, :func:`head_splits`: their
+  tile shapes and vocabulary splits).
 
 Launch-grid and block-size heuristics live in one place: :mod:`cggr_torch.kernels.launch`
 (:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`, :func:`backward_config`, the fused LM head's
@@ -71,7 +72,9 @@ __all__ = [
     "launch_head_statistics",
     "launch_head_gradient",
     "HeadGemmConfig",
+    "HEAD_GEMM_CONFIGS",
     "head_gemm_config",
+    "head_splits",
 ]
 
 _LAZY = {
@@ -93,7 +96,9 @@ _LAZY = {
     "launch_head_statistics": "fused_head_gemm",
     "launch_head_gradient": "fused_head_gemm",
     "HeadGemmConfig": "fused_head_gemm",
+    "HEAD_GEMM_CONFIGS": "fused_head_gemm",
     "head_gemm_config": "fused_head_gemm",
+    "head_splits": "fused_head_gemm",
 }
 
 
