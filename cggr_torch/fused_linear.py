@@ -73,6 +73,16 @@ sizes in bytes, ``e`` = element size of the inputs, ``B`` = ``memory_budget_byte
   the warmup); ``C`` is then 128 and the working set exceeds the budget by that fixed part.
 
 The gradients themselves (``∂h``: ``N × d``, ``∂W``: ``V × d``, ``∂b``) are outputs, not working memory.
+
+**GEMM epilogues** (``head_kernel="gemm"``, kernel devices; :mod:`cggr_torch.kernels.fused_head_gemm`): the
+forward's statistics are taken in the epilogue of a Triton GEMM split over the vocabulary (per-split partial
+states, ``5·S·N`` floats, merged in a fixed order), so no logits block is written or re-read; the backward's
+chunk gradient ``G`` is written by the epilogue of a Triton GEMM instead of a cuBLAS matmul plus the in-place
+pass (the ``∂h``/``∂W`` matmuls stay cuBLAS; the chunk plan is that of the in-place kernel). The logits are
+then the GEMM's float32 accumulator, not rounded to the inputs' dtype. ``"blocks"`` is the path above;
+``"auto"`` is ``"blocks"`` until a same-run GPU measurement says otherwise (DECISIONS.md: gemm-epilogue-head).
+Where dispatch selects the PyTorch reference (no kernel device, ``CGGR_DISABLE_KERNELS=1``) every value runs
+the reference, as for every kernel.
 """
 from __future__ import annotations
 
@@ -194,12 +204,53 @@ def _statistics_kernel_for(hidden: torch.Tensor) -> bool:
     return dispatch.use_kernels(hidden) and dispatch.kernel("token_statistics_triton") is not None
 
 
+#: Values of ``head_kernel`` (module docstring): ``"auto"`` is ``"blocks"`` until measured otherwise.
+_HEAD_KERNELS = ("auto", "gemm", "blocks")
+_HEAD_GEMM_MODULE = "cggr_torch.kernels.fused_head_gemm"
+_HEAD_GEMM_LOADED: dict[str, bool] = {}
+
+
+@torch.compiler.disable
+def _load_head_gemm() -> bool:
+    return dispatch.load_kernel(_HEAD_GEMM_MODULE, "head_statistics_op") is not None
+
+
+def _head_gemm_importable() -> bool:
+    """Whether the GEMM-epilogue kernels import (memoised: a compiled call reads the cache, never imports)."""
+    if "ok" not in _HEAD_GEMM_LOADED:
+        _HEAD_GEMM_LOADED["ok"] = _load_head_gemm()
+    return _HEAD_GEMM_LOADED["ok"]
+
+
+def _check_head_kernel(head_kernel: Any, dtype: Optional[torch.dtype] = None) -> str:
+    """``head_kernel`` validated (``ValueError`` naming it): one of ``_HEAD_KERNELS``; ``"gemm"`` has no
+    float64 path (``tl.dot``), refused whatever the device so that a call never depends on where it runs."""
+    if not isinstance(head_kernel, str) or head_kernel not in _HEAD_KERNELS:
+        raise ValueError(f"head_kernel: expected one of {_HEAD_KERNELS}, got {head_kernel!r}")
+    if head_kernel == "gemm" and dtype == torch.float64:
+        raise ValueError("head_kernel: 'gemm' needs float32, float16 or bfloat16 hidden states (its Triton GEMM "
+                         "has no float64 path), got float64; use head_kernel='blocks' or 'auto'")
+    return head_kernel
+
+
+def _head_gemm_for(hidden: torch.Tensor, head_kernel: str) -> bool:
+    """True when the head's GEMMs run with the CGGR epilogues: ``head_kernel='gemm'`` where dispatch selects
+    the kernels and Triton imports (a missing Triton warns once and takes the dispatch rule's path)."""
+    if head_kernel != "gemm" or not dispatch.use_kernels(hidden):
+        return False
+    if not _head_gemm_importable():
+        dispatch.warn_no_kernel(_HEAD_GEMM_MODULE)
+        return False
+    return True
+
+
 # ==================================================================================== blockwise scoring
 def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                           targets: Optional[torch.Tensor], ignore_index: int, row_chunk: int,
-                          vocab_chunk: int) -> TokenStatistics:
+                          vocab_chunk: int, head_gemm: bool = False) -> TokenStatistics:
     """SPEC §2 statistics of every row of ``hidden2d Wᵀ + b`` from logit blocks of ``row_chunk`` rows ×
-    ``vocab_chunk`` columns (flat).
+    ``vocab_chunk`` columns (flat), or (``head_gemm``) from the epilogue of the split-V Triton GEMM
+    (``cggr::head_gemm_statistics``: no logits block at all; the block sizes are then unused).
 
     With the Triton statistics kernel each block goes to one launch that writes its rows' statistics
     straight into one ``(6, N)`` buffer (the targets were range-checked once by the caller, so no per-block
@@ -214,6 +265,9 @@ def _blockwise_statistics(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Op
     V = weight.shape[0]
     dev = hidden2d.device
     with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
+        if head_gemm:
+            out = torch.ops.cggr.head_gemm_statistics(hidden2d, weight, bias, targets, int(ignore_index))
+            return TokenStatistics(*(out[k] for k in range(5)))
         if _statistics_kernel_for(hidden2d):
             # One custom op (cggr::fused_linear_statistics): torch.compile sees through it (SPEC §12.1).
             out = _kernel_statistics_op(hidden2d, weight, bias, targets, int(ignore_index), int(row_chunk),
@@ -305,19 +359,21 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias
          step: Union[int, torch.Tensor], base: Union[np.float32, torch.Tensor], cfg: CGGRConfig,
          row_chunk_size: Optional[int],
          vocab_chunk_size: Optional[int], memory_budget_bytes: int,
-         reference_nll: Optional[torch.Tensor] = None) -> FusedLinearCGGROutput:
-    """The fused loss on validated inputs (``reference_nll``: checked float32, ``scoring='excess'`` only)."""
+         reference_nll: Optional[torch.Tensor] = None, head_kernel: str = "auto") -> FusedLinearCGGROutput:
+    """The fused loss on validated inputs (``reference_nll``: checked float32, ``scoring='excess'`` only;
+    ``head_kernel``: checked)."""
     token_shape = tuple(hidden.shape[:-1])
     d = hidden.shape[-1]
     V = weight.shape[0]
     hidden2d = hidden.reshape(-1, d)
     N = hidden2d.shape[0]
     row_chunk, forward_cols = _forward_blocks(hidden, V, row_chunk_size, vocab_chunk_size, memory_budget_bytes)
+    gemm = _head_gemm_for(hidden, head_kernel)
     with torch.no_grad():
         flat_t = targets.reshape(-1)
         flat = _blockwise_statistics(hidden2d.detach(), weight.detach(),
                                      None if bias is None else bias.detach(), flat_t, cfg.ignore_index, row_chunk,
-                                     forward_cols)
+                                     forward_cols, gemm)
         stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
         # SPEC §3.1: excess subtracts the reference after the statistics (kernel or reference), never in them.
         scores, mask, _k, metrics = select_and_measure(stats, targets, step, base, cfg, reference_nll)[:4]
@@ -328,10 +384,10 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias
 
     if torch.compiler.is_compiling():
         loss = selected_rows_cross_entropy_op(hidden2d, weight, bias, flat.nll, mask.reshape(-1), safe_t,
-                                              flat.lse, count, vocab_chunk_size or 0, memory_budget_bytes)
+                                              flat.lse, count, vocab_chunk_size or 0, memory_budget_bytes, gemm)
     else:
         loss = SelectedRowsCrossEntropy.apply(hidden2d, weight, bias, flat.nll, mask.reshape(-1), safe_t,
-                                               flat.lse, count, vocab_chunk_size, memory_budget_bytes)
+                                               flat.lse, count, vocab_chunk_size, memory_budget_bytes, gemm)
     return FusedLinearCGGROutput(loss, metrics, mask, scores)
 
 
@@ -352,7 +408,8 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None,
                       row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
                       memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, config: Optional[CGGRConfig] = None,
-                      reference_nll: Optional[torch.Tensor] = None) -> FusedLinearCGGROutput:
+                      reference_nll: Optional[torch.Tensor] = None, head_kernel: str = "auto"
+                      ) -> FusedLinearCGGROutput:
     """CGGR loss of the LM head ``z = hidden · weightᵀ + bias`` without materialising the logits.
 
     Equal (up to float rounding of the chunked matmuls) to ``cggr_loss(F.linear(hidden, weight, bias), targets,
@@ -376,10 +433,13 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         config: a ready :class:`cggr.CGGRConfig` instead of the settings.
         reference_nll: with ``scoring='excess'`` (and only then) the reference model's per-token loss, a
             floating tensor of the targets' shape aligned like them (SPEC §3.1); no gradient.
+        head_kernel: ``"blocks"`` (cuBLAS logits blocks, then the statistics kernel / the in-place gradient
+            pass), ``"gemm"`` (the statistics and the chunk gradient in Triton GEMM epilogues; not float64) or
+            ``"auto"`` (today ``"blocks"``); kernel devices only (module docstring).
 
     Raises:
         ValueError: bad shapes/dtypes/devices/configuration, a missing/misplaced/mis-shaped ``reference_nll``,
-            or (CPU) targets out of range. On CUDA an
+            a bad ``head_kernel``, or (CPU) targets out of range. On CUDA an
             out-of-range label trips a device-side assertion (no synchronisation).
     """
     cfg = resolve_config(config, dict(
@@ -392,12 +452,13 @@ def fused_linear_cggr(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     if not isinstance(step, torch.Tensor):
         host_step(step)
     _check_linear(hidden, weight, bias)
+    _check_head_kernel(head_kernel, hidden.dtype)
     targets = _check_targets(targets, hidden, weight.shape[0], cfg.ignore_index)
     ref = check_reference_nll(reference_nll, cfg.scoring, tuple(targets.shape), device=hidden.device)
     s = step_tensor(step, hidden.device)
     base = base_ratio_tensor(schedule, s, host=None if isinstance(step, torch.Tensor) else (lambda: int(step)))
     return _run(hidden, weight, targets, bias, s, base, cfg, row_chunk_size, vocab_chunk_size,
-                int(memory_budget_bytes), ref)
+                int(memory_budget_bytes), ref, head_kernel)
 
 
 def fused_linear_cggr_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -414,7 +475,8 @@ class FusedLinearCGGRLoss(CGGRLoss):
     """:class:`cggr_torch.CGGRLoss` fused with the LM head: ``forward(hidden, weight, targets, bias=None)``.
 
     Same configuration, ``step()``, ``get_metrics()`` and ``state_dict()`` as ``CGGRLoss`` (the default
-    float32 cross-entropy; no ``base_loss``), plus the chunking arguments of :func:`fused_linear_cggr`.
+    float32 cross-entropy; no ``base_loss``), plus the chunking arguments and ``head_kernel`` of
+    :func:`fused_linear_cggr`.
     The logits are never materialised; see the module docstring for the algorithm and memory heuristic.
 
     Example::
@@ -433,7 +495,8 @@ class FusedLinearCGGRLoss(CGGRLoss):
                  min_tokens_per_sequence: int = CGGRConfig.min_tokens_per_sequence,
                  ignore_index: int = CGGRConfig.ignore_index, ratio_schedule: Optional[Schedule] = None, *,
                  row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
-                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, config: Optional[CGGRConfig] = None) -> None:
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, config: Optional[CGGRConfig] = None,
+                 head_kernel: str = "auto") -> None:
         super().__init__(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
                          threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
                          warmup_steps=warmup_steps, num_strata=num_strata,
@@ -444,23 +507,28 @@ class FusedLinearCGGRLoss(CGGRLoss):
         self.row_chunk_size = row_chunk_size
         self.vocab_chunk_size = vocab_chunk_size
         self.memory_budget_bytes = int(memory_budget_bytes)
+        self.head_kernel = _check_head_kernel(head_kernel)
+        if head_kernel == "gemm":
+            _head_gemm_importable()  # imported now, so that a compiled forward never has to
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
                 bias: Optional[torch.Tensor] = None, reference_nll: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Selective loss of one batch (float32 scalar) from the LM head's inputs. Never synchronises.
         ``reference_nll``: as :meth:`cggr_torch.CGGRLoss.forward` (``scoring='excess'``, SPEC §3.1)."""
         _check_linear(hidden, weight, bias)
+        _check_head_kernel(self.head_kernel, hidden.dtype)
         targets = _check_targets(targets, hidden, weight.shape[0], self.config.ignore_index)
         ref = check_reference_nll(reference_nll, self.config.scoring, tuple(targets.shape), device=hidden.device)
         step, base = self.base_ratio_on(hidden.device)
         out = _run(hidden, weight, targets, bias, step, base, self.config,
-                   self.row_chunk_size, self.vocab_chunk_size, self.memory_budget_bytes, ref)
+                   self.row_chunk_size, self.vocab_chunk_size, self.memory_budget_bytes, ref, self.head_kernel)
         self._metrics = out.metrics
         return out.loss
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, row_chunk_size={self.row_chunk_size}, "
-                f"vocab_chunk_size={self.vocab_chunk_size}, memory_budget_bytes={self.memory_budget_bytes}")
+                f"vocab_chunk_size={self.vocab_chunk_size}, memory_budget_bytes={self.memory_budget_bytes}, "
+                f"head_kernel={self.head_kernel!r}")
 
 
 # ================================================================================ forward-only scores
@@ -469,7 +537,7 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Opt
                         ignore_index: int = CGGRConfig.ignore_index, valid_mask: Optional[torch.Tensor] = None,
                         row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
                         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
-                        reference_nll: Optional[torch.Tensor] = None) -> TokenScores:
+                        reference_nll: Optional[torch.Tensor] = None, head_kernel: str = "auto") -> TokenScores:
     """SPEC §2-§4 scores of the logits ``hidden · weightᵀ + bias`` without materialising them (router use).
 
     Equal to ``score_tokens(F.linear(hidden, weight, bias), targets, scoring=..., ...)`` up to the rounding of
@@ -483,6 +551,7 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Opt
         scoring, ignore_index, valid_mask, reference_nll: as :func:`cggr_torch.score_tokens`.
         row_chunk_size, memory_budget_bytes: as :func:`fused_linear_cggr`.
         vocab_chunk_size: vocabulary columns per logits block (as :func:`fused_linear_cggr`'s forward).
+        head_kernel: as :func:`fused_linear_cggr` (its forward statistics).
     """
     check_scoring(scoring)
     if scoring == "loss" and targets is None:
@@ -491,6 +560,7 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Opt
         raise ValueError(f"ignore_index: expected an integer, got {ignore_index!r}")
     _check_chunk_args(row_chunk_size, vocab_chunk_size, memory_budget_bytes)
     _check_linear(hidden, weight, bias)
+    _check_head_kernel(head_kernel, hidden.dtype)
     token_shape = tuple(hidden.shape[:-1])
     if targets is not None:
         targets = _check_targets(targets, hidden, weight.shape[0], int(ignore_index))
@@ -508,7 +578,7 @@ def fused_linear_scores(hidden: torch.Tensor, weight: torch.Tensor, targets: Opt
                                               int(memory_budget_bytes))
     flat = _blockwise_statistics(hidden2d.detach(), weight.detach(), None if bias is None else bias.detach(),
                                  None if targets is None else targets.reshape(-1), int(ignore_index), row_chunk,
-                                 forward_cols)
+                                 forward_cols, _head_gemm_for(hidden, head_kernel))
     stats = TokenStatistics(*(x.reshape(token_shape) for x in flat))
     with torch.no_grad():
         return scores_from_statistics(stats, targets, scoring, int(ignore_index), valid_mask, reference_nll)

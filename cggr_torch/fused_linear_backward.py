@@ -6,6 +6,11 @@ The algorithm, its matmul cost and its memory plan are described in :mod:`cggr_t
 forward, which computes the statistics, the selection and the loss value, and calls
 :class:`SelectedRowsCrossEntropy` eagerly or :func:`selected_rows_cross_entropy_op` under ``torch.compile``).
 Split from it so that each module holds one pass; the names are re-exported there.
+
+With ``head_gemm`` (``head_kernel="gemm"`` of the forward, kernel devices only) each chunk's logits and
+gradient come from one Triton GEMM whose epilogue writes ``G`` directly
+(:func:`cggr_torch.kernels.fused_head_gemm.launch_head_gradient`), instead of a cuBLAS matmul writing ``Z`` and
+the in-place pass turning it into ``G``; the two backward matmuls stay cuBLAS.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ __all__ = [
 ]
 
 _GRADIENT_KERNEL_MODULE = "cggr_torch.kernels.fused_linear"
+#: The GEMM-epilogue kernels of ``head_kernel="gemm"`` (imported by the forward, which decided to use them).
+_HEAD_GEMM_MODULE = "cggr_torch.kernels.fused_head_gemm"
 _MIXED_ADDMM: dict[tuple[str, torch.dtype], Optional[str]] = {}
 
 
@@ -105,7 +112,8 @@ class SelectedRowsCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 nll: torch.Tensor, mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor,
-                count: torch.Tensor, vocab_chunk: Optional[int], memory_budget_bytes: int) -> torch.Tensor:
+                count: torch.Tensor, vocab_chunk: Optional[int], memory_budget_bytes: int,
+                head_gemm: bool = False) -> torch.Tensor:
         denom = torch.clamp(count, min=1).to(torch.float32)
         loss = torch.where(mask, nll, torch.zeros_like(nll)).sum() / denom
         ctx.save_for_backward(hidden2d, weight, bias, mask, safe_targets, lse, denom)
@@ -119,6 +127,7 @@ class SelectedRowsCrossEntropy(torch.autograd.Function):
             ctx.count_host = (count, None)
         ctx.vocab_chunk = vocab_chunk
         ctx.memory_budget_bytes = memory_budget_bytes
+        ctx.head_gemm = bool(head_gemm)
         return loss
 
     @staticmethod
@@ -126,7 +135,7 @@ class SelectedRowsCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         hidden2d, weight, bias, mask, safe_targets, lse, denom = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        rest = (None,) * 7
+        rest = (None,) * 8
         if not (need_h or need_w or need_b):
             return (None, None, None) + rest
         host, event = ctx.count_host
@@ -134,16 +143,18 @@ class SelectedRowsCrossEntropy(torch.autograd.Function):
             event.synchronize()  # waits for the forward's count copy only, not for the queued backward work
         grad_h, grad_w, grad_b = _selected_rows_backward(
             grad_loss, hidden2d, weight, bias, mask, safe_targets, lse, denom, int(host), ctx.vocab_chunk,
-            ctx.memory_budget_bytes, need_h, need_w, need_b)
+            ctx.memory_budget_bytes, need_h, need_w, need_b, ctx.head_gemm)
         return (grad_h, grad_w, grad_b) + rest
 
 
 def _selected_rows_backward(grad_loss: torch.Tensor, hidden2d: torch.Tensor, weight: torch.Tensor,
                             bias: Optional[torch.Tensor], mask: torch.Tensor, safe_targets: torch.Tensor,
                             lse: torch.Tensor, denom: torch.Tensor, K: int, vocab_chunk: Optional[int],
-                            memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool
+                            memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool,
+                            head_gemm: bool = False
                             ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The backward of the selected rows (see the module docstring) with ``K = |S|`` known on the host."""
+    """The backward of the selected rows (see the module docstring) with ``K = |S|`` known on the host;
+    ``head_gemm``: each chunk's ``G`` from the GEMM-epilogue kernel (the caller checked it applies)."""
     N, d = hidden2d.shape
     V = weight.shape[0]
     dtype = hidden2d.dtype
@@ -161,20 +172,41 @@ def _selected_rows_backward(grad_loss: torch.Tensor, hidden2d: torch.Tensor, wei
             lse_sel = lse.index_select(0, idx).unsqueeze(1)
             scale = grad_loss.detach().to(torch.float32).reshape(()) / denom
             chunk = vocab_chunk
-            kernel = gradient_kernel_for(hidden2d)
+            gemm = importlib.import_module(_HEAD_GEMM_MODULE) if head_gemm else None
+            kernel = None if head_gemm else gradient_kernel_for(hidden2d)
             if chunk is None:
+                # The epilogue kernel holds one K × C chunk of G in the inputs' dtype, as the in-place pass.
                 chunk = plan_chunks(N, d, V, dtype, selected_rows=K,
                                     memory_budget_bytes=memory_budget_bytes,
-                                    gradient_kernel=kernel is not None,
+                                    gradient_kernel=kernel is not None or head_gemm,
                                     inplace_accumulation=accumulates_in_place(dev, dtype)).vocab_chunk
             acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             acc_h = torch.zeros((K, d), dtype=acc_dtype, device=dev) if need_h else None
-            if kernel is not None:
-                lse_rows = lse_sel.reshape(-1)
+            if kernel is not None or head_gemm:
+                lse_rows = lse_sel.reshape(-1).contiguous()
                 scale_dev = scale.reshape(1)
+            if head_gemm:
+                g_buf = torch.empty((K, min(chunk, V)), dtype=dtype, device=dev)  # reused by every chunk
             for v0 in range(0, V, chunk):
                 v1 = min(V, v0 + chunk)
                 w_c = weight[v0:v1]
+                if head_gemm:
+                    # One GEMM: the chunk's logits stay in registers, its epilogue writes G (and ∂b's sums).
+                    g_c = g_buf[:, :v1 - v0]
+                    colsum = None
+                    if need_b:
+                        colsum = torch.empty((gemm.colsum_rows(K, dtype, dev), v1 - v0), dtype=torch.float32,
+                                             device=dev)
+                    gemm.head_gradient_op(h_sel, w_c, None if bias is None else bias[v0:v1].contiguous(),
+                                          lse_rows, t_sel, v0, scale_dev, g_c, colsum)
+                    if need_b:
+                        grad_b32[v0:v1] = colsum.sum(dim=0)
+                    if need_h:
+                        acc_h = accumulate_matmul(acc_h, g_c, w_c)
+                    if need_w:
+                        torch.mm(g_c.t(), h_sel, out=grad_w[v0:v1])
+                    del g_c
+                    continue
                 z = F.linear(h_sel, w_c, None if bias is None else bias[v0:v1])
                 if kernel is not None:
                     # One pass, in place: z becomes G in the inputs' dtype (float32 arithmetic).
@@ -217,8 +249,9 @@ def _selected_rows_backward(grad_loss: torch.Tensor, hidden2d: torch.Tensor, wei
 def selected_rows_cross_entropy_op(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                                    nll: torch.Tensor, mask: torch.Tensor, safe_targets: torch.Tensor,
                                    lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
-                                   memory_budget_bytes: int) -> torch.Tensor:
-    """``Σ_{i∈mask} nll_i / max(1, count)`` (float32 0-d); its gradient is the selected-rows backward."""
+                                   memory_budget_bytes: int, head_gemm: bool = False) -> torch.Tensor:
+    """``Σ_{i∈mask} nll_i / max(1, count)`` (float32 0-d); its gradient is the selected-rows backward
+    (``head_gemm``: with the GEMM-epilogue gradient kernel)."""
     denom = torch.clamp(count, min=1).to(torch.float32)
     return torch.where(mask, nll, torch.zeros_like(nll)).sum() / denom
 
@@ -226,7 +259,7 @@ def selected_rows_cross_entropy_op(hidden2d: torch.Tensor, weight: torch.Tensor,
 @selected_rows_cross_entropy_op.register_fake
 def _(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], nll: torch.Tensor,
       mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
-      memory_budget_bytes: int) -> torch.Tensor:
+      memory_budget_bytes: int, head_gemm: bool = False) -> torch.Tensor:
     return torch.empty((), dtype=torch.float32, device=nll.device)
 
 
@@ -234,7 +267,7 @@ def _(hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 def selected_rows_cross_entropy_backward_op(
         grad_loss: torch.Tensor, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
-        memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool
+        memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool, head_gemm: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(∂h, ∂W, ∂b)`` of :func:`selected_rows_cross_entropy_op`; a gradient that is not needed (or the
     bias's without a bias) is an empty tensor."""
@@ -242,7 +275,7 @@ def selected_rows_cross_entropy_backward_op(
     K = int(count)  # sizes the gathered rows: read on the host (see above)
     g_h, g_w, g_b = _selected_rows_backward(grad_loss, hidden2d, weight, bias, mask, safe_targets, lse, denom, K,
                                             vocab_chunk or None, memory_budget_bytes, need_h, need_w,
-                                            need_b and bias is not None)
+                                            need_b and bias is not None, head_gemm)
     empty = hidden2d.new_empty((0,))
     return (g_h if g_h is not None else empty, g_w if g_w is not None else empty,
             g_b if g_b is not None else empty)
@@ -251,7 +284,7 @@ def selected_rows_cross_entropy_backward_op(
 @selected_rows_cross_entropy_backward_op.register_fake
 def _(grad_loss: torch.Tensor, hidden2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
       mask: torch.Tensor, safe_targets: torch.Tensor, lse: torch.Tensor, count: torch.Tensor, vocab_chunk: int,
-      memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool
+      memory_budget_bytes: int, need_h: bool, need_w: bool, need_b: bool, head_gemm: bool = False
       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     empty = hidden2d.new_empty((0,))
     return (torch.empty_like(hidden2d) if need_h else empty, torch.empty_like(weight) if need_w else empty,
@@ -259,9 +292,10 @@ def _(grad_loss: torch.Tensor, hidden2d: torch.Tensor, weight: torch.Tensor, bia
 
 
 def _selected_rows_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    hidden2d, weight, bias, _nll, mask, safe_targets, lse, count, vocab_chunk, budget = inputs
+    hidden2d, weight, bias, _nll, mask, safe_targets, lse, count, vocab_chunk, budget, *gemm = inputs
     ctx.save_for_backward(hidden2d, weight, bias, mask, safe_targets, lse, count)
     ctx.vocab_chunk, ctx.memory_budget_bytes = vocab_chunk, budget
+    ctx.head_gemm = bool(gemm[0]) if gemm else False
 
 
 def _selected_rows_grad(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
@@ -269,9 +303,9 @@ def _selected_rows_grad(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[tor
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     g_h, g_w, g_b = selected_rows_cross_entropy_backward_op(
         grad_loss, hidden2d, weight, bias, mask, safe_targets, lse, count, ctx.vocab_chunk,
-        ctx.memory_budget_bytes, need_h, need_w, bool(need_b and bias is not None))
+        ctx.memory_budget_bytes, need_h, need_w, bool(need_b and bias is not None), ctx.head_gemm)
     return ((g_h if need_h else None), (g_w if need_w else None),
-            (g_b if need_b and bias is not None else None)) + (None,) * 7
+            (g_b if need_b and bias is not None else None)) + (None,) * 8
 
 
 selected_rows_cross_entropy_op.register_autograd(_selected_rows_grad, setup_context=_selected_rows_setup_context)

@@ -10,6 +10,12 @@ Every method runs forward + backward to ``∂hidden`` and ``∂weight`` (``torch
 * ``cggr_fused[elementwise-grad]`` - the backward's chunk gradient with PyTorch element-wise ops instead of
   the in-place Triton kernel (the pre-kernel implementation, for comparison);
 * ``cggr_fused forward only`` - the forward alone under ``no_grad`` (the backward is the difference);
+* ``cggr_fused[head_kernel=gemm]``, ``cggr_fused forward only [head_kernel=gemm]`` - the same with the CGGR work
+  in Triton GEMM epilogues (``cggr_torch.kernels.fused_head_gemm``: split-V forward statistics, the backward's
+  chunk gradient written by its GEMM), beside today's ``head_kernel="blocks"`` rows above, so that one run
+  decides the default (DECISIONS.md: gemm-epilogue-head); ``diag: gemm-epilogue ...`` rows time its two
+  kernels alone with the default tile shape and (``--gemm-sweep``: ~10 more Triton compilations, beyond the
+  runner's step budget) every tile shape of ``HEAD_GEMM_CONFIGS`` and several split counts;
 * ``cggr_materialised``   - ``cggr_loss(F.linear(h, W), t)``: full logits, then the CGGR loss (Triton kernels);
 * ``torch_linear_ce``     - ``F.cross_entropy(F.linear(h, W).float(), t)``: plain full cross-entropy;
 * ``liger_flce``          - Liger's ``LigerFusedLinearCrossEntropyLoss`` (full gradient), if importable;
@@ -64,6 +70,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--forward-columns", type=int, nargs="*", default=[],
                     help="extra forward-only runs with these vocabulary block widths (vocab_chunk_size)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler kernel breakdown (CUDA)")
+    ap.add_argument("--gemm-sweep", action="store_true",
+                    help="also time the GEMM-epilogue kernels alone for every candidate tile shape and split count")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on CPU (script check only)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -107,9 +115,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     labels = torch.randint(0, V, (N,), generator=g).to(dev)
     cfg = dict(selection="fixed_quota", warmup_steps=0, min_tokens_ratio=args.ratio)
 
-    def fused(budget: int) -> Callable[[], tuple]:
+    # head_kernel (issue 18): "blocks" is today's path and the default of "auto"; older commits lack it.
+    import inspect
+    has_head_kernel = "head_kernel" in inspect.signature(fused_linear_cggr).parameters
+
+    def fused(budget: int, **extra: Any) -> Callable[[], tuple]:
         def run() -> tuple:
-            loss = fused_linear_cggr(hidden, weight, labels, 0, memory_budget_bytes=budget, **cfg).loss
+            loss = fused_linear_cggr(hidden, weight, labels, 0, memory_budget_bytes=budget, **cfg, **extra).loss
             return (loss,) + torch.autograd.grad(loss, (hidden, weight))
         return run
 
@@ -128,10 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return run()
         return patched
 
-    def fused_forward_only(cols: Optional[int] = None) -> Callable[[], tuple]:
+    def fused_forward_only(cols: Optional[int] = None, **extra: Any) -> Callable[[], tuple]:
         def run() -> tuple:
             with torch.no_grad():
-                return (fused_linear_cggr(hidden, weight, labels, 0, vocab_chunk_size=cols, **cfg).loss,)
+                return (fused_linear_cggr(hidden, weight, labels, 0, vocab_chunk_size=cols, **cfg, **extra).loss,)
         return run
 
     def materialised() -> tuple:
@@ -146,17 +158,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with torch.no_grad():
             return (hidden @ weight.t(),)
 
+    notes: dict[str, str] = {}
     methods: dict[str, Callable[[], tuple]] = {"cggr_fused": fused(DEFAULT_MEMORY_BUDGET)}
     for b in args.budgets:
         methods[f"cggr_fused[B={b:g}GiB]"] = fused(max(1, int(b * GIB)))
     # Variant of the default plan: the PyTorch element-wise chunk gradient instead of the in-place Triton kernel.
     methods["cggr_fused[elementwise-grad]"] = variant(fused(DEFAULT_MEMORY_BUDGET))
     methods["cggr_fused forward only"] = fused_forward_only()
+    if has_head_kernel:
+        methods["cggr_fused[head_kernel=gemm]"] = fused(DEFAULT_MEMORY_BUDGET, head_kernel="gemm")
+        methods["cggr_fused forward only [head_kernel=gemm]"] = fused_forward_only(head_kernel="gemm")
+    else:
+        notes["cggr_fused[head_kernel=gemm]"] = "this commit has no head_kernel argument"
     for cols in args.forward_columns:
         methods[f"cggr_fused forward only [{cols} columns]"] = fused_forward_only(cols)
     methods["cggr_materialised"] = materialised
     methods["torch_linear_ce"] = full_ce
-    notes: dict[str, str] = {}
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss()
@@ -315,6 +332,52 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 del z
             return (acc[:1, :1].sum(),)
     methods["diag: backward GEMMs alone (recompute, dh, dW over the plan's chunks)"] = backward_gemms
+
+    # The GEMM-epilogue kernels alone (issue 18): the forward statistics over all N rows (no logits buffer)
+    # for each candidate tile shape and several split counts, and the backward's chunk gradient over the
+    # K selected rows (its G chunks; the two cuBLAS matmuls are in "backward GEMMs alone" above).
+    if cuda and has_head_kernel:
+        import dataclasses
+
+        from cggr_torch import kernels as hg  # the public names of the GEMM-epilogue kernels
+        t_flat = labels.reshape(-1).to(torch.int64).contiguous()
+        stat_out = torch.empty((6, N), dtype=torch.float32, device=dev)
+
+        def gemm_statistics(config: Any) -> Callable[[], tuple]:
+            def run() -> tuple:
+                with torch.no_grad():
+                    hg.launch_head_statistics(hidden, weight, None, t_flat, -100, stat_out, config)
+                return (stat_out[0, :1].sum(),)
+            return run
+
+        default_cfg = hg.head_gemm_config(dtype, dev)
+        sweep = [default_cfg]
+        if args.gemm_sweep:
+            sweep = list(dict.fromkeys((default_cfg,) + hg.HEAD_GEMM_CONFIGS))
+            sweep += [dataclasses.replace(default_cfg, splits=s) for s in (1, 2, 4, 8)]
+        for c in sweep:
+            s_eff = hg.head_splits(N, V, c, compat.torch_launch().num_sms(hidden))
+            methods[f"diag: gemm-epilogue statistics alone, {c.describe()} (S={s_eff})"] = gemm_statistics(c)
+
+        def gemm_gradient(config: Any) -> Callable[[], tuple]:
+            bplan = plan_chunks(N, d, V, dtype, selected_rows=k_sel, gradient_kernel=True,
+                                inplace_accumulation=compat.torch_fused_accumulates_in_place(dev, dtype))
+            h_sel = hidden.detach()[:k_sel]
+            lse = torch.full((k_sel,), 12.0, dtype=torch.float32, device=dev)
+            t_sel = t_flat[:k_sel]
+            scale = torch.ones(1, dtype=torch.float32, device=dev)
+            g_buf = torch.empty((k_sel, bplan.vocab_chunk), dtype=dtype, device=dev)
+
+            def run() -> tuple:
+                for v0 in range(0, V, bplan.vocab_chunk):
+                    v1 = min(V, v0 + bplan.vocab_chunk)
+                    hg.launch_head_gradient(h_sel, weight.detach()[v0:v1], None, lse, t_sel, v0, scale,
+                                            g_buf[:, :v1 - v0], None, config)
+                return (g_buf[:1, :1].float().sum(),)
+            return run
+
+        for c in (dict.fromkeys((default_cfg,) + hg.HEAD_GEMM_CONFIGS) if args.gemm_sweep else (default_cfg,)):
+            methods[f"diag: gemm-epilogue gradient chunks alone (K x V), {c.describe()}"] = gemm_gradient(c)
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods or k.split("[")[0] in args.methods}
 
@@ -363,13 +426,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     check: dict[str, Any] = {}
     if "cggr_fused" in methods and "cggr_materialised" in methods:
-        a = methods["cggr_fused"]()
         b = methods["cggr_materialised"]()
-        check["loss_abs_diff"] = float((a[0] - b[0]).detach().abs())
-        for nm, x, y in (("grad_hidden", a[1], b[1]), ("grad_weight", a[2], b[2])):
-            scale = float(y.float().abs().max())
-            check[f"{nm}_max_err_rel"] = float((x.float() - y.float()).abs().max()) / max(scale, 1e-30)
-        del a, b
+        # The GEMM-epilogue path takes the float32 accumulator as the logit (no rounding to the inputs' dtype),
+        # so it may select a few different tokens than the rounded materialised logits: compare, do not assert.
+        for prefix, key in (("", "cggr_fused"), ("gemm_", "cggr_fused[head_kernel=gemm]")):
+            if key not in methods:
+                continue
+            a = methods[key]()
+            check[f"{prefix}loss_abs_diff"] = float((a[0] - b[0]).detach().abs())
+            for nm, x, y in (("grad_hidden", a[1], b[1]), ("grad_weight", a[2], b[2])):
+                scale = float(y.float().abs().max())
+                check[f"{prefix}{nm}_max_err_rel"] = float((x.float() - y.float()).abs().max()) / max(scale, 1e-30)
+            del a
+        del b
         # Scores: the fused forward's statistics against the scoring of the materialised logits.
         from cggr_torch import score_tokens
         from cggr_torch.fused_linear import fused_linear_scores
@@ -381,6 +450,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 y = ms.difficulty if nm == "difficulty" else getattr(ms.stats, nm)
                 check[f"scores_{nm}_max_abs_err"] = float((x - y).abs().nan_to_num(0.0).max())
             check["scores_eligible_equal"] = bool(torch.equal(fs.eligible, ms.eligible))
+            if has_head_kernel:
+                gs = fused_linear_scores(hidden, weight, labels, head_kernel="gemm")
+                for nm in ("difficulty",) + tuple(gs.stats._fields):
+                    x = gs.difficulty if nm == "difficulty" else getattr(gs.stats, nm)
+                    y = ms.difficulty if nm == "difficulty" else getattr(ms.stats, nm)
+                    check[f"gemm_scores_{nm}_max_abs_err"] = float((x - y).abs().nan_to_num(0.0).max())
+                check["gemm_scores_eligible_equal"] = bool(torch.equal(gs.eligible, ms.eligible))
+                del gs
             del fs, ms
 
     if cuda and args.profile:

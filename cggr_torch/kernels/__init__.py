@@ -26,7 +26,11 @@ Public entry points (imported lazily, so that ``import cggr_torch.kernels`` work
   scoring kernel (probabilities with every SPEC §10 metric, sort, water-filling, draws writing the row weights, a
   one-program finish with the loss);
 * :func:`scored_selective_cross_entropy` - the fused path's loss: the masked mean of the scoring pass's
-  ``nll`` with the same sparse backward.
+  ``nll`` with the same sparse backward;
+* :func:`launch_head_statistics` / :func:`launch_head_gradient` - the fused LM head's GEMMs with the CGGR work
+  in their epilogues (``head_kernel="gemm"``): the split-V forward statistics and the backward's chunk
+  gradient, no logits block in memory (:class:`HeadGemmConfig`, :func:`head_gemm_config`,
+  :data:`HEAD_GEMM_CONFIGS`, :func:`head_splits`: their tile shapes and vocabulary splits).
 
 Launch-grid and block-size heuristics live in one place: :mod:`cggr_torch.kernels.launch`
 (:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`, :func:`backward_config`, the fused LM head's
@@ -67,6 +71,12 @@ __all__ = [
     "scoring_config",
     "lse_config",
     "backward_config",
+    "launch_head_statistics",
+    "launch_head_gradient",
+    "HeadGemmConfig",
+    "HEAD_GEMM_CONFIGS",
+    "head_gemm_config",
+    "head_splits",
 ]
 
 _LAZY = {
@@ -85,6 +95,12 @@ _LAZY = {
     "sample_tokens_triton": "sampling",
     "sampling_probabilities_triton": "sampling",
     "sample_from_scores": "sampled_loss",
+    "launch_head_statistics": "fused_head_gemm",
+    "launch_head_gradient": "fused_head_gemm",
+    "HeadGemmConfig": "fused_head_gemm",
+    "HEAD_GEMM_CONFIGS": "fused_head_gemm",
+    "head_gemm_config": "fused_head_gemm",
+    "head_splits": "fused_head_gemm",
 }
 
 
