@@ -128,7 +128,7 @@ def load_records(root: Path) -> list[dict[str, Any]]:
 def manifest_calls(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The device calls a run manifest describes: its earlier calls, then itself (without ``earlier_calls``)."""
     own = {k: v for k, v in manifest.items() if k != "earlier_calls"}
-    return list(manifest.get("earlier_calls") or []) + [own]
+    return list(manifest.get("earlier_calls") or []) + ([own] if own else [])
 
 
 def merge_manifests(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
