@@ -210,22 +210,34 @@ def test_carry_plan_packs_parts_and_small_wheels_per_call(tmp_path):
     carried = tmp_path / ".whl"
     big = _blob(tmp_path / "libs-1-cp312-cp312-manylinux_2_28_x86_64.whl", 90 * KIB)
     wheels.split(big, carried / "parts", part_mib=40 / 1024)  # 40 + 40 + 10 KiB
-    _blob(carried / "quack_kernels-0.6.5-py3-none-any.whl", 8 * KIB, seed=1)
     _blob(carried / "liger_kernel-0.6.5-py3-none-any.whl", 8 * KIB, seed=2)
-    # a "call" of 64 KiB (limit and tree in MiB units scaled down: 0.0625 MiB limit, 0.01 MiB tree)
+    (carried / "anchors").mkdir()
+    for i, name in enumerate(("quack_kernels-0.6.5-py3-none-any.whl", "nvidia_cutlass_dsl-4.7.1-py3-none-any.whl",
+                              "a-1-py3-none-any.whl", "b-1-py3-none-any.whl", "c-1-py3-none-any.whl",
+                              "d-1-py3-none-any.whl", "e-1-py3-none-any.whl", "f-1-py3-none-any.whl")):
+        _blob(carried / "anchors" / name, KIB, seed=10 + i)
+    # a "call" of 64 KiB (limit and tree in MiB scaled down: 0.0625 MiB limit, 0.01 MiB tree)
     calls = wheels.carry_plan(carried, tree_mib=0.01, limit_mib=0.0625)
-    manifest = f".whl/parts/{big.name}.parts.json"
-    assert all(c[0] == manifest for c in calls)  # every call carries the manifest
-    flat = [p for c in calls for p in c[1:]]
-    assert flat == [f".whl/parts/{big.name}.part000", f".whl/parts/{big.name}.part001",
-                    f".whl/parts/{big.name}.part002", ".whl/liger_kernel-0.6.5-py3-none-any.whl",
-                    ".whl/quack_kernels-0.6.5-py3-none-any.whl"]
-    sizes = {p.name: p.stat().st_size for p in list(carried.glob("*.whl")) + list((carried / "parts").iterdir())}
+    m, p = f".whl/parts/{big.name}.parts.json", f".whl/parts/{big.name}.part"
+    assert calls == [[m, p + "000"], [p + "001", p + "002"], [".whl/liger_kernel-0.6.5-py3-none-any.whl",
+                                                               ".whl/anchors"]]
+    sizes = {f".whl/{f.relative_to(carried).as_posix()}": f.stat().st_size for f in carried.rglob("*") if f.is_file()}
+    sizes[".whl/anchors"] = 8 * KIB
     for c in calls:
-        assert sum(sizes[Path(p).name] for p in c) + 0.01 * 1024 * KIB <= 0.0625 * 1024 * KIB
-        assert len(c) <= 8
-    assert len(calls) == 3
+        assert sum(sizes[x] for x in c) + 0.01 * 1024 * KIB <= 0.0625 * 1024 * KIB and len(c) <= 8
+    # the runner installs the subfolder's wheels too, never the parts
+    assert [w.name for w in wheels.carried_wheels(carried)][:1] == ["liger_kernel-0.6.5-py3-none-any.whl"]
+    assert len(wheels.carried_wheels(carried)) == 9
     with pytest.raises(ValueError, match="does not fit one call"):
         wheels.carry_plan(carried, tree_mib=0.03, limit_mib=0.0625)
     with pytest.raises(ValueError, match="wheel_dir: .* is not a folder"):
         wheels.carry_plan(tmp_path / "absent", tree_mib=1)
+
+
+def test_carry_plan_respects_the_eight_paths_limit(tmp_path):
+    carried = tmp_path / ".whl"
+    carried.mkdir()
+    for i in range(10):
+        _blob(carried / f"w{i}-1-py3-none-any.whl", 10, seed=i)
+    calls = wheels.carry_plan(carried, tree_mib=1)
+    assert [len(c) for c in calls] == [8, 2]

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 __all__ = ["DEFAULT_TARGET", "DEFAULT_JOINED", "DEFAULT_PART_MIB", "CALL_LIMIT_MIB", "WheelPartsError",
-           "sha256_of", "split", "join_one", "join", "pth_paths", "install_carried", "carry_plan", "main"]
+           "sha256_of", "split", "join_one", "join", "pth_paths", "carried_wheels", "install_carried",
+           "carry_plan", "main"]
 
 #: pip's ``--target`` on the GPU machine: a ``site-packages`` folder, so that QuACK's epilogue fingerprinting
 #: sees the cutlass DSL as installed code (see the module docstring).
@@ -205,13 +206,14 @@ def install_carried(wheel_dir: Path, target: Path = DEFAULT_TARGET, joined_dir: 
                     python: Optional[str] = None) -> dict[str, Any]:
     """What ``benchmarks/run.py`` does with carried wheels before its steps: join the parts in
     ``<wheel_dir>/parts`` (if any) into ``joined_dir``, ``pip install --no-index --no-deps --target target`` the
-    wheels of ``wheel_dir`` and the joined ones, and process the target's ``.pth`` files. Returns a report for
+    wheels of ``wheel_dir``, of its subfolders (``.whl/anchors/``) and the joined ones, and process the target's
+    ``.pth`` files. Returns a report for
     the run's manifest: ``wheels``, ``joined``, ``target``, ``pythonpath`` (the entries to prepend to the steps'
     ``PYTHONPATH``: the target, then the ``.pth`` entries), ``errors`` (each failure with its reason: a baseline
     whose wheel did not arrive is then recorded as not importable, with that reason, by its benchmark)."""
     wheel_dir, target = Path(wheel_dir), Path(target)
     report: dict[str, Any] = {"target": str(target), "wheels": [], "joined": [], "pythonpath": [], "errors": []}
-    wheels = sorted(wheel_dir.glob("*.whl"))
+    wheels = carried_wheels(wheel_dir)
     parts = wheel_dir / "parts"
     for mpath in _manifests(parts) if parts.is_dir() else []:  # one wheel at a time: a broken one must not
         try:                                                      # stop the others
@@ -240,40 +242,52 @@ def install_carried(wheel_dir: Path, target: Path = DEFAULT_TARGET, joined_dir: 
     return report
 
 
+def carried_wheels(wheel_dir: Path) -> list[Path]:
+    """The wheels of ``wheel_dir`` and of its subfolders one level down (``.whl/anchors/*.whl``: a group that
+    travels as one ``carry`` path), never the parts folder's files."""
+    wheel_dir = Path(wheel_dir)
+    return sorted(wheel_dir.glob("*.whl")) + sorted(w for w in wheel_dir.glob("*/*.whl") if w.parent.name != "parts")
+
+
 def carry_plan(wheel_dir: Path, tree_mib: float, limit_mib: float = CALL_LIMIT_MIB) -> list[list[str]]:
-    """The ``carry`` list of each device call (paths relative to the repository root, ``.whl/...``): the parts
-    of ``<wheel_dir>/parts`` and the small wheels of ``wheel_dir``, packed in order so that each call's carried
-    bytes plus ``tree_mib`` (the working tree that travels anyway) stay within ``limit_mib``; every call also
-    carries the parts manifests (tiny) so that any call can check what has arrived. At most 8 paths a call (the
-    device tool's limit). Raises ``ValueError`` when one file alone does not fit."""
+    """The ``carry`` list of each device call (paths relative to the repository root, ``.whl/...``), packed in
+    order so that each call's carried bytes plus ``tree_mib`` (the working tree that travels anyway) stay within
+    ``limit_mib``, with at most 8 paths a call (the device tool's limit). The units: each part of
+    ``<wheel_dir>/parts`` (the first one with its wheel's ``.parts.json``: files carried by an earlier call stay on
+    the warm machine), each wheel of ``wheel_dir``, and each subfolder holding wheels as one path. Raises
+    ``ValueError`` when one unit alone does not fit."""
     wheel_dir = Path(wheel_dir)
     if not wheel_dir.is_dir():
         raise ValueError(f"wheel_dir: {wheel_dir} is not a folder")
     budget = (limit_mib - tree_mib) * _MIB
     rel = lambda p: f"{wheel_dir.name}/{p.relative_to(wheel_dir).as_posix()}"  # noqa: E731
     parts_dir = wheel_dir / "parts"
-    manifests = _manifests(parts_dir) if parts_dir.is_dir() else []
-    files: list[Path] = []
-    for mpath in manifests:
-        files += [parts_dir / p["name"] for p in _read_manifest(mpath)["parts"]]
-    files += sorted(wheel_dir.glob("*.whl"))
-    fixed = [rel(m) for m in manifests]
-    fixed_bytes = sum(m.stat().st_size for m in manifests)
+    units: list[tuple[list[str], int, str]] = []  # (paths, bytes, name for the error)
+    for mpath in _manifests(parts_dir) if parts_dir.is_dir() else []:
+        for i, p in enumerate(_read_manifest(mpath)["parts"]):
+            f = parts_dir / p["name"]
+            paths = ([rel(mpath)] if i == 0 else []) + [rel(f)]
+            units.append((paths, p["size"] + (mpath.stat().st_size if i == 0 else 0), p["name"]))
+    for w in sorted(wheel_dir.glob("*.whl")):
+        units.append(([rel(w)], w.stat().st_size, w.name))
+    for sub in sorted(d for d in wheel_dir.iterdir() if d.is_dir() and d.name != "parts"):
+        files = [f for f in sub.rglob("*") if f.is_file()]
+        if any(f.suffix == ".whl" for f in files):
+            units.append(([rel(sub)], sum(f.stat().st_size for f in files), sub.name + "/"))
     calls: list[list[str]] = []
     cur: list[str] = []
-    used = fixed_bytes
-    for f in files:
-        size = f.stat().st_size
-        if size + fixed_bytes > budget:
-            raise ValueError(f"tree_mib: {f.name} ({size / _MIB:.1f} MiB) does not fit one call of {limit_mib} MiB "
+    used = 0
+    for paths, size, name in units:
+        if size > budget:
+            raise ValueError(f"tree_mib: {name} ({size / _MIB:.1f} MiB) does not fit one call of {limit_mib} MiB "
                              f"with a {tree_mib} MiB working tree; split it smaller (--part-mib)")
-        if cur and (used + size > budget or len(fixed) + len(cur) >= 8):
-            calls.append(fixed + cur)
-            cur, used = [], fixed_bytes
-        cur.append(rel(f))
+        if cur and (used + size > budget or len(cur) + len(paths) > 8):
+            calls.append(cur)
+            cur, used = [], 0
+        cur += paths
         used += size
     if cur or not calls:
-        calls.append(fixed + cur)
+        calls.append(cur)
     return calls
 
 
