@@ -505,6 +505,12 @@ def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
                 lines += _token_stats_table(main)
             elif suite == "anchors" and main:
                 lines += _anchors_table(main)
+                carried = [c.get("carried_wheels") for c in [man] + list(man.get("earlier_calls") or [])]
+                carried = next((c for c in carried if isinstance(c, dict) and c.get("wheels")), None)
+                if carried:  # issue 18: the exact wheels of the anchors, from the run's manifest
+                    lines += ["", "Carried wheels (installed with `pip --target " + str(carried.get("target"))
+                              + "`): " + ", ".join(f"`{w}`" for w in carried["wheels"]) + "."
+                              + (" Errors: " + "; ".join(carried["errors"]) if carried.get("errors") else "")]
             elif main:
                 lines += _case_table(main)
             if parts:

@@ -140,6 +140,9 @@ def test_report_anchor_ratio_lines(tmp_path):
                      baseline=True),
                 _rec("anchor_linear_ce", "liger_flce", liger, d=d, baseline=True)]
     records.write_records(lin, run_f / "anchors" / "anchors_torch.jsonl")
+    (run_f / "manifest.json").write_text(json.dumps({"started": "2026-12-03T11:00:00Z", "carried_wheels": {
+        "target": "/tmp/cggr-site/site-packages", "errors": [],
+        "wheels": ["quack_kernels-0.6.5-py3-none-any.whl", "nvidia_cutlass_dsl-4.7.1-py3-none-any.whl"]}}))
     text = report.render(records.load_records(tmp_path), tmp_path, tmp_path / "RESULTS.md")
     assert "## anchors:" in text and "### anchor_ce · torch — NVIDIA H200" in text
     assert "- CGGRLoss topk × QuACK CE: 0.67× (2.240 ms / 3.320 ms)" in text
@@ -152,6 +155,8 @@ def test_report_anchor_ratio_lines(tmp_path):
     assert "- fused LM head × Liger FLCE (d = 2048): 0.52× (24.960 ms / 47.700 ms) (goal ≤ 0.45, not met)" in text
     assert "not run: skipped: quack.linear_cross_entropy not importable" in text  # the table's note column
     assert "Anchor packages: quack-kernels 0.6.5." in text
+    assert ("Carried wheels (installed with `pip --target /tmp/cggr-site/site-packages`): "
+            "`quack_kernels-0.6.5-py3-none-any.whl`, `nvidia_cutlass_dsl-4.7.1-py3-none-any.whl`.") in text
     assert "| CGGRLoss topk fwd+bwd × QuACK CE | torch | NVIDIA H200 | 0.67 (V=128256) |" in text  # headline
 
 

@@ -241,3 +241,15 @@ def test_carry_plan_respects_the_eight_paths_limit(tmp_path):
         _blob(carried / f"w{i}-1-py3-none-any.whl", 10, seed=i)
     calls = wheels.carry_plan(carried, tree_mib=1)
     assert [len(c) for c in calls] == [8, 2]
+
+
+def test_install_carried_refuses_two_versions_of_one_distribution(tmp_path):
+    """Parts of an earlier try stay on the warm machine: two versions of one wheel are named, nothing installed."""
+    carried = tmp_path / ".whl"
+    carried.mkdir()
+    a = _fake_dsl_wheel(carried / "fake_dsl-1.0-py3-none-any.whl")
+    wheels.split(_fake_dsl_wheel(tmp_path / "fake_dsl-2.0-py3-none-any.whl"), carried / "parts")
+    report = wheels.install_carried(carried, target=tmp_path / "site-packages", joined_dir=tmp_path / "j")
+    (err,) = report["errors"]
+    assert "two versions" in err and a.name in err and "fake_dsl-2.0-py3-none-any.whl" in err
+    assert report["pythonpath"] == [] and not (tmp_path / "site-packages").exists()

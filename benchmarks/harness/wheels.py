@@ -226,6 +226,15 @@ def install_carried(wheel_dir: Path, target: Path = DEFAULT_TARGET, joined_dir: 
     if not wheels:
         return report
     report["wheels"] = [w.name for w in wheels]
+    by_dist: dict[str, list[str]] = {}
+    for w in wheels:  # wheel file names: <distribution>-<version>-...; pip refuses two versions of one
+        by_dist.setdefault(w.name.split("-", 1)[0].lower(), []).append(w.name)
+    doubles = {d: names for d, names in by_dist.items() if len(names) > 1}
+    if doubles:
+        report["errors"].append("two versions of one distribution carried (remove the stale ones on the GPU "
+                                "machine, e.g. rm -f .whl/parts/*<old version>*): "
+                                + "; ".join(", ".join(n) for n in doubles.values()))
+        return report
     target.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([python or sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                            "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(target)]
