@@ -32,7 +32,8 @@ Linear rows (``op = anchor_linear_ce``), per d:
 
 * ``cggr_fused``        - ``cggr_torch.fused_linear.fused_linear_cggr_loss`` (``fixed_quota``, ratio 0.25,
   ``warmup_steps=0``, default 0.25 GiB plan: the fused_linear benchmark's ``cggr_fused``);
-* ``quack_linear_ce``   - ``quack.linear_cross_entropy.chunked_linear_cross_entropy`` (chunk 4096);
+* ``quack_linear_ce``   - ``quack.linear_cross_entropy.chunked_linear_cross_entropy`` (chunk 4096, its
+  autotuned GEMMs; ``--quack-untuned``: ``tuned=False``);
 * ``liger_flce``        - Liger's ``LigerFusedLinearCrossEntropyLoss``;
 * ``torch_linear_ce``   - ``F.cross_entropy(F.linear(h, W).float(), t)``;
 * ``matmul``            - one ``(N, d) × (d, V)`` GEMM: the FLOP unit (ratio ``one_matmul``).
@@ -40,7 +41,8 @@ Linear rows (``op = anchor_linear_ce``), per d:
 An anchor that does not import is a record with ``status: skipped`` and the import error as its reason; one
 that fails while running, ``status: failed`` with the error; ``benchmarks/report.py`` prints "not run: <reason>"
 in its ratio lines. Each full-CE anchor's loss is checked against the float32 eager loss of the same inputs
-(``loss_rel_err``). Ratios of our rows: ``× quack_ce``, ``× liger_ce``, … (this row's median / the anchor's,
+(``loss_rel_err``); ``first_call_s`` is the first call's wall time (compilation, QuACK's autotuning). Ratios
+of our rows: ``× quack_ce``, ``× liger_ce``, … (this row's median / the anchor's,
 same process). Records: ``<run folder>/anchors/anchors_torch.jsonl``, the raw JSON under ``raw/``, the GPU's
 clocks before and after in ``anchors_torch.meta.json``. QuACK needs the cutlass DSL, carried as wheels:
 ``benchmarks/ANCHORS.md``. ``--quick``: tiny shapes on CPU (our rows; the anchors are recorded as skipped
@@ -88,6 +90,9 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--budget-ms", type=int, default=200, help="timed calls of a CE row (ms)")
     ap.add_argument("--iters", type=int, default=10, help="timed calls of a linear row")
     ap.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    ap.add_argument("--quack-untuned", action="store_true",
+                    help="QuACK's linear CE with tuned=False (its default GEMM configs, no autotuning at the first "
+                         "call) when the autotuned first call does not fit the device call")
     ap.add_argument("--run-folder", type=Path, default=None,
                     help="default benchmarks/results/<gpu>/<date>_<commit> (--quick: out/bench/...)")
     ap.add_argument("--commit", default=None, help="commit of the figures (default $CGGR_COMMIT or git)")
@@ -293,8 +298,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for b in bufs:
                     b.grad = None
             try:
+                t0 = time.perf_counter()
                 loss0 = fn(bufs[0], tgts[0])  # first call: compiles, and the loss check on fresh logits
                 err = None if name.startswith("cggr") else float((loss0.float() - ref0).abs() / ref0.abs().clamp_min(1))
+                first_s = time.perf_counter() - t0  # the float() above waited for the GPU
                 reset()
                 if args.quick:
                     t = measure(call, framework="torch", device=dev.type, warmup=0, reps=1, before_each=reset)
@@ -321,7 +328,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     torch.cuda.empty_cache()
                 continue
             r = {"group": "ce", "name": name, "status": "ok", "n": N, "vocab": V, "implementation": impl,
-                 "inplace": inplace, **t.as_dict(), "peak_extra_gib": peak, "loss_rel_err": err}
+                 "inplace": inplace, **t.as_dict(), "peak_extra_gib": peak, "loss_rel_err": err,
+                 "first_call_s": first_s}
             rows.append(r)
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
             print(f"| {name} | {t.median_ms:.3f} | {t.p10_ms:.3f} | {t.p90_ms:.3f} | {fmt(peak, '.2f')} | "
@@ -332,6 +340,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # --------------------------------------------------------------------------------------------- linear
     lin_wanted = [r for r in LINEAR_ROWS if wanted is None or r in wanted]
+    quack_kw = {"tuned": False} if args.quack_untuned else {}
+    if args.quack_untuned:
+        quack_lce_note += "(tuned=False)"
     for d in args.d if lin_wanted else []:
         g = torch.Generator(device="cpu").manual_seed(0)
         temps = torch.empty(N, 1).uniform_(0.3, 3.0, generator=g)
@@ -356,7 +367,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "cggr_fused": (with_grads(lambda: fused_linear_cggr_loss(
                 hidden, weight, labels, 0, selection="fixed_quota", warmup_steps=0,
                 min_tokens_ratio=args.ratio)[0]), None, "cggr_torch.fused_linear.fused_linear_cggr_loss"),
-            "quack_linear_ce": (with_grads(lambda: quack_lce(hidden, weight, labels)) if quack_lce else None,
+            "quack_linear_ce": (with_grads(lambda: quack_lce(hidden, weight, labels, **quack_kw)) if quack_lce
+                                else None,
                                 None if quack_lce else quack_lce_note, quack_lce_note),
             "liger_flce": (with_grads(lambda: liger_flce(hidden, weight, labels)) if liger_flce else None,
                            None if liger_flce else liger_flce_note, liger_flce_note),
@@ -376,7 +388,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 skip("linear_ce", name, why or "not available", n=N, vocab=V, d=d)
                 continue
             try:
-                out = fn()  # first call: compiles; the loss check
+                t0 = time.perf_counter()
+                out = fn()  # first call: compiles (QuACK: autotunes its GEMMs); the loss check
+                sync()
+                first_s = time.perf_counter() - t0
                 err = (float((out[0].float() - ref).abs() / ref.abs().clamp_min(1))
                        if name in ("quack_linear_ce", "liger_flce", "torch_linear_ce") else None)
                 del out
@@ -401,7 +416,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     torch.cuda.empty_cache()
                 continue
             rows.append({"group": "linear_ce", "name": name, "status": "ok", "n": N, "vocab": V, "d": d,
-                         "implementation": impl, **t.as_dict(), "peak_extra_gib": peak, "loss_rel_err": err})
+                         "implementation": impl, **t.as_dict(), "peak_extra_gib": peak, "loss_rel_err": err,
+                         "first_call_s": first_s})
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
             print(f"| {name} | {t.median_ms:.2f} | {t.p10_ms:.2f} | {t.p90_ms:.2f} | {fmt(peak, '.3f')} | "
                   f"{fmt(err, '.1e')} |")
@@ -456,7 +472,7 @@ def to_records(rows: list[dict[str, Any]], ctx: Any, *, dtype: str, quick: bool,
         else:
             metrics = {k: r[k] for k in ("median_ms", "p25_ms", "p75_ms", "p10_ms", "p90_ms", "min_ms", "iqr_ms",
                                          "reps") if r.get(k) is not None}
-            for k in ("peak_extra_gib", "loss_rel_err"):
+            for k in ("peak_extra_gib", "loss_rel_err", "first_call_s"):
                 if r.get(k) is not None:
                     metrics[k] = r[k]
             selective = name.startswith("cggr")
