@@ -75,7 +75,8 @@ def test_anchors_quick_through_the_runner_skips_the_anchors_cleanly(tmp_path):
     assert "cggr_topk" in log and "not run:" in log
     meta = json.loads((runf / "anchors" / "anchors_torch.meta.json").read_text())
     assert meta["records"] == len(recs) and meta["rc"] == 0
-    assert json.loads((runf / "anchors" / "raw" / "anchors_torch.json").read_text())["rows"]
+    raw = json.loads((runf / "anchors" / "raw" / "anchors_torch.json").read_text())
+    assert raw["rows"] and raw["complete"] is True
 
 
 def test_anchors_bad_arguments(tmp_path):
