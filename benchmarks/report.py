@@ -35,7 +35,8 @@ SUITE_TITLES = {"verify": "verify: GPU tests and real-size checks",
                 "kernels": "kernels: scoring, selective CE, selection",
                 "heads": "heads: fused LM head + selective CE; per-token log-probs + entropy (token_stats)",
                 "models": "models: batch splitting, whole step",
-                "quality": "quality", "step": "step: the whole training step, both frameworks"}
+                "quality": "quality", "step": "step: the whole training step, both frameworks",
+                "anchors": "anchors: QuACK and Liger CE / linear CE beside ours, one process (issue 18)"}
 MAX_ROWS = 40
 
 
@@ -166,6 +167,8 @@ HEADLINES = [
      "policy-gradient loss at ρ = 0.2 × TRL's materialised path"),
     ("heads", "token_stats", "jax", "cggr_policy_gradient[0.2]", "materialised",
      "policy-gradient loss at ρ = 0.2 × materialised path"),
+    ("anchors", "anchor_ce", "torch", "cggr_topk", "quack_ce", "CGGRLoss topk fwd+bwd × QuACK CE"),
+    ("anchors", "anchor_linear_ce", "torch", "cggr_fused", "quack_linear_ce", "fused LM head × QuACK linear CE"),
     ("models", "batch_split", "torch", "cggr", "speedup_vs_standard", "batch split step speed-up vs standard"),
     ("models", "batch_split", "jax", "cggr", "speedup_vs_standard", "batch split step speed-up vs standard"),
 ]
@@ -183,7 +186,9 @@ def _headlines(latest: dict[tuple[str, str, str, str], list[dict[str, Any]]]) ->
             vals = []
             for r in hits:
                 value = next(r["ratios"][n] for n in names if n in r["ratios"])
-                where = (f" (V={r['shape']['vocab']})" if "vocab" in r["shape"] else
+                where = (f" (V={r['shape']['vocab']}, d={r['shape']['d']})" if "d" in r["shape"] and
+                         "vocab" in r["shape"] else
+                         f" (V={r['shape']['vocab']})" if "vocab" in r["shape"] else
                          f" ({r['case']})" if op == "batch_split" else "")
                 vals.append(f"{_fmt(value, 2)}{where}")
             ms = [r["metrics"].get("median_ms") for r in hits if r["metrics"].get("median_ms") is not None]
@@ -372,6 +377,75 @@ def _token_stats_table(recs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+#: Issue 18's same-run ratio lines of the anchors suite: (op, our row, anchor row, label, goal or None).
+ANCHOR_RATIOS = [
+    ("anchor_ce", "cggr_topk", "quack_ce", "CGGRLoss topk × QuACK CE", None),
+    ("anchor_ce", "cggr_selective_inplace_grad", "quack_ce", "in-place selective CE × QuACK CE", 0.5),
+    ("anchor_ce", "cggr_selective_inplace", "quack_ce_inplace", "in-place selective CE × QuACK CE in place "
+     "(both backward into .grad)", None),
+    ("anchor_ce", "cggr_topk", "liger_ce", "CGGRLoss topk × Liger CE", None),
+    ("anchor_linear_ce", "cggr_fused", "quack_linear_ce", "fused LM head × QuACK linear CE", None),
+    ("anchor_linear_ce", "cggr_fused", "liger_flce", "fused LM head × Liger FLCE", 0.45),
+]
+
+
+def _anchor_status(r: Optional[dict[str, Any]]) -> Optional[str]:
+    """None when the row ran, else ``"<status>: <reason>"`` (absent rows: ``not measured in this run``)."""
+    if r is None:
+        return "not measured in this run"
+    e = r.get("extra", {})
+    if e.get("status", "ok") == "ok" and r["metrics"].get("median_ms") is not None:
+        return None
+    return f"{e.get('status', 'no timing')}: {e.get('reason', '')}"
+
+
+def _anchors_table(recs: list[dict[str, Any]]) -> list[str]:
+    """``anchors/anchor_*``: one row per case and shape (time, IQR, extra memory, the loss check against the
+    float32 eager loss, the same-process ratios, what ran or why not), then issue 18's ratio lines, each anchor
+    that did not run named with its reason ("not run: ...")."""
+    ratio_names = sorted({k for r in recs for k in r.get("ratios", {})})
+    head = ["row", "shape", "median ms", "IQR ms", "peak extra GiB", "loss rel err"] + [f"× {n}" for n in ratio_names]
+    lines = ["| " + " | ".join(head + ["note"]) + " |", "|---|---|" + "---:|" * (len(head) - 2) + "---|"]
+    for r in recs:
+        m, e = r["metrics"], r.get("extra", {})
+        shape = ", ".join(f"{k}={v}" for k, v in r.get("shape", {}).items() if v is not None)
+        status = _anchor_status(r)
+        note = f"not run: {status}" if status else str(e.get("implementation", ""))
+        row = [r["case"] + (" *(baseline)*" if r.get("baseline") else ""), shape, _fmt(m.get("median_ms")),
+               _fmt(m.get("iqr_ms")), _fmt(m.get("peak_extra_gib"), 3),
+               "—" if m.get("loss_rel_err") is None else f"{m['loss_rel_err']:.1e}"]
+        row += [_fmt(r.get("ratios", {}).get(n), 3) for n in ratio_names]
+        lines.append("| " + " | ".join(x.replace("|", "/") for x in row + [note[:300]]) + " |")
+    by = {(r["case"], r.get("shape", {}).get("d")): r for r in recs}
+    op = recs[0]["op"] if recs else ""
+    ratio_lines = []
+    for op_, ours, anchor, label, goal in ANCHOR_RATIOS:
+        if op_ != op:
+            continue
+        for d in sorted({k[1] for k in by}, key=lambda x: x or 0):
+            a, b = by.get((ours, d)), by.get((anchor, d))
+            if a is None and b is None:
+                continue
+            where = f" (d = {d})" if d is not None else ""
+            why_b, why_a = _anchor_status(b), _anchor_status(a)
+            if why_b:
+                ratio_lines.append(f"{label}{where}: not run: {anchor} {why_b}"[:400])
+            elif why_a:
+                ratio_lines.append(f"{label}{where}: not run: {ours} {why_a}"[:400])
+            else:
+                x = a["metrics"]["median_ms"] / b["metrics"]["median_ms"]
+                verdict = f" (goal ≤ {goal}, {'met' if x <= goal else 'not met'})" if goal is not None else ""
+                ratio_lines.append(f"{label}{where}: {_fmt(x, 2)}× ({_fmt(a['metrics']['median_ms'])} ms / "
+                                   f"{_fmt(b['metrics']['median_ms'])} ms){verdict}")
+    if ratio_lines:
+        lines += ["", "Issue 18 ratios (same process; our median / the anchor's, lower is faster):", ""]
+        lines += [f"- {x}" for x in ratio_lines]
+    pkgs = next((r.get("extra", {}).get("packages") for r in recs if r.get("extra", {}).get("packages")), None)
+    if pkgs:
+        lines += ["", "Anchor packages: " + ", ".join(f"{k} {v}" for k, v in sorted(pkgs.items())) + "."]
+    return lines
+
+
 def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
     records = [r for r in records if not r.get("extra", {}).get("quick")
                and "archive" not in Path(r["_file"]).resolve().relative_to(root.resolve()).parts[:1]]
@@ -391,8 +465,10 @@ def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
         "of an IQR and were timed by the scripts of their time (`triton.testing.do_bench` for most PyTorch rows).",
         "",
         "Reproduce on a GPU machine (repository root, `PYTHONPATH=.`): `python -m benchmarks.run <suite> --commit "
-        "<sha> --out-tar $OUT/results.tgz`, suites `verify`, `kernels`, `heads`, `models`, `quality`, `step` "
-        "(`python -m benchmarks.run --list`); then `tar xzf results.tgz` at the repository root and `python -m benchmarks.report`.",
+        "<sha> --out-tar $OUT/results.tgz`, suites `verify`, `kernels`, `heads`, `models`, `quality`, `step`, "
+        "`anchors` (`python -m benchmarks.run --list`; the anchors' carried wheels: `benchmarks/ANCHORS.md`); then "
+        "`python -m benchmarks.run --unpack results.tgz` here (merges the run's manifest with an earlier call's) and "
+        "`python -m benchmarks.report`.",
         "",
     ]
     step_records = [r for r in records if r["suite"] == "step"]  # one table per shape: _step_section
@@ -427,6 +503,14 @@ def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
                 lines += _verify_table(main)
             elif op == "token_stats" and main:
                 lines += _token_stats_table(main)
+            elif suite == "anchors" and main:
+                lines += _anchors_table(main)
+                carried = [c.get("carried_wheels") for c in [man] + list(man.get("earlier_calls") or [])]
+                carried = next((c for c in carried if isinstance(c, dict) and c.get("wheels")), None)
+                if carried:  # issue 18: the exact wheels of the anchors, from the run's manifest
+                    lines += ["", "Carried wheels (installed with `pip --target " + str(carried.get("target"))
+                              + "`): " + ", ".join(f"`{w}`" for w in carried["wheels"]) + "."
+                              + (" Errors: " + "; ".join(carried["errors"]) if carried.get("errors") else "")]
             elif main:
                 lines += _case_table(main)
             if parts:

@@ -26,7 +26,11 @@ Suites (``--list`` prints the steps):
   One step per framework and shape; one device call fits one shape in both frameworks (``step --deadline-min
   9`` runs the 1B shape, ``--only step_torch_135m,step_jax_135m`` the next);
 * ``quality`` - delegates to ``python -m benchmarks.quality.study`` with the arguments after ``--``
-  (``benchmarks/quality/README.md``; the study's own results live in ``benchmarks/quality/results``).
+  (``benchmarks/quality/README.md``; the study's own results live in ``benchmarks/quality/results``);
+* ``anchors`` - issue 18's external anchors beside ours in one process (``benchmarks/ops/anchors_torch.py``):
+  QuACK's CE (autograd and ``inplace_backward``) and linear CE, Liger's CE and fused linear CE, against
+  ``CGGRLoss`` topk and the fused LM head at N = 16384, V = 128256 (d = 2048 and 4096), bf16. QuACK needs the
+  cutlass DSL, carried as wheels in parts: ``benchmarks/ANCHORS.md`` has the recipe and the device commands.
 
 Everything a run writes goes under ONE folder, ``benchmarks/results/<gpu>/<date>_<commit>/`` (``--run-folder``
 to change it): ``manifest.json`` (commit, GPU, software, clocks/power before and after, every step's command,
@@ -40,7 +44,14 @@ on the one GPU (nothing in them is timed; ``--serial`` to run them one by one); 
 each step's timeout is cut to what is left, so the archive is always written. ``--trim`` runs the cheaper
 variant of each step (no launch sweeps, one vocabulary size, ``--skip-big`` checks). On the GPU machine the
 working tree has no ``.git``: pass ``--commit`` (or set ``CGGR_COMMIT``). Carried wheels in ``.whl/``
-(liger-kernel, cut-cross-entropy) are installed into ``/tmp/site`` first; nothing is fetched.
+(liger-kernel, cut-cross-entropy, QuACK and the cutlass DSL) and the wheels joined from ``.whl/parts/`` (sha256
+checked) are installed into ``/tmp/cggr-site/site-packages`` first and the ``.pth`` files pip leaves there
+unprocessed are applied to the steps' ``PYTHONPATH`` (``benchmarks/harness/wheels.py``); the manifest's
+``carried_wheels`` says what was installed and what failed. Nothing is fetched.
+
+Back here, ``python -m benchmarks.run --unpack results.tgz`` unpacks a call's archive at the repository root and
+merges its ``manifest.json`` with one already there (an earlier call of the same commit and day, on another
+machine) instead of overwriting it (``benchmarks.harness.records.unpack_results``).
 """
 from __future__ import annotations
 
@@ -66,7 +77,9 @@ if __package__ in (None, ""):  # ``python benchmarks/run.py``: make the reposito
 
 from benchmarks.harness import env as _env  # noqa: E402
 from benchmarks.harness.convert import parse_pytest  # noqa: E402,F401  (re-exported: the runner's records)
-from benchmarks.harness.records import RESULTS_ROOT, run_dir, write_records, make_record  # noqa: E402
+from benchmarks.harness import wheels as _wheels  # noqa: E402
+from benchmarks.harness.records import (RESULTS_ROOT, make_record, manifest_calls, run_dir,  # noqa: E402
+                                        unpack_results, write_records)
 
 ROOT = _env.REPO_ROOT
 PY = "python"  # replaced by sys.executable when run; kept literal in --dry-run output for copy-paste
@@ -196,6 +209,18 @@ SUITES: dict[str, tuple[str, list[Step]]] = {
         Step("quality", ["{py}", "-m", "benchmarks.quality.study", "{quality_args}"], est_s=420, timeout_s=590,
              kind="check", framework="both", note="the estimate depends on the arguments (--deadline-s)"),
     ]),
+    "anchors": ("QuACK CE / linear CE and Liger CE / FLCE beside CGGRLoss topk and the fused head, one process "
+                "(N = 16384, V = 128256, d = 2048 and 4096 bf16; carry the wheels: benchmarks/ANCHORS.md)", [
+        # CE: 7 rows of ~2-6 ms (~1 s each with warm-up and the 200 ms budget, plus QuACK's first compile,
+        # ~20-40 s per kernel variant); linear CE: 5 rows x 2 widths of 25-95 ms x 14 calls (~1.5 s each) plus
+        # compiles. --trim: d = 2048 only and shorter budgets.
+        Step("anchors_torch", ["{py}", "benchmarks/ops/anchors_torch.py", "--run-folder", "{run}", "--commit",
+                               "{commit}"],
+             trim_argv=["{py}", "benchmarks/ops/anchors_torch.py", "--run-folder", "{run}", "--commit", "{commit}",
+                        "--d", "2048", "--budget-ms", "100", "--iters", "6"],
+             est_s=200, trim_est_s=120, timeout_s=420, kind="op", framework="torch",
+             note="rows that cannot import or run are recorded with the reason"),
+    ]),
 }
 
 
@@ -249,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pytest-xdist workers for the verify suite when xdist is installed (0: none)")
     p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (script checks; not for figures)")
     p.add_argument("--quick", action="store_true", help="pass --quick to the op benchmarks (CPU script checks)")
+    p.add_argument("--unpack", type=Path, default=None, metavar="TGZ",
+                   help="here, after a device call: unpack its results archive at the repository root, merging "
+                        "manifest.json with the one already there (no suites run)")
     return p
 
 
@@ -291,6 +319,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
         list_suites(args.trim)
+        return 0
+    if args.unpack is not None:
+        if args.suites:
+            print("error: --unpack runs no suites; name none", file=sys.stderr)
+            return 2
+        try:
+            folders = unpack_results(args.unpack, ROOT)
+        except (OSError, ValueError, tarfile.TarError) as err:  # unreadable archive, unsafe member
+            print(f"error: --unpack {args.unpack}: {err}", file=sys.stderr)
+            return 2
+        for f in folders:
+            calls = manifest_calls(json.loads((f / "manifest.json").read_text()))
+            print(f"unpacked {f} ({len(calls)} call(s) in its manifest)")
         return 0
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown or not args.suites:
@@ -353,13 +394,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env.update(PYTHONUNBUFFERED="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                NVSHMEM_DISABLE_NVLS="1", CGGR_COMMIT=commit)
     pypath = [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    wheels = sorted((ROOT / ".whl").glob("*.whl"))
-    if wheels:  # Liger / CCE baselines, carried as wheels (no registry on the GPU machine)
-        rc = subprocess.call([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-                              "--no-compile", "--no-cache-dir", "--upgrade", "--target", "/tmp/site"]
-                             + [str(w) for w in wheels])
-        if rc == 0:
-            pypath.append("/tmp/site")
+    carried = None
+    if (ROOT / ".whl").is_dir():  # baselines and anchors carried as wheels (no registry on the GPU machine)
+        carried = _wheels.install_carried(ROOT / ".whl")
+        pypath += carried["pythonpath"]  # the target, then what its .pth files add (pip --target skips them)
+        for err in carried["errors"]:
+            print(f"carried wheels: {err}", file=sys.stderr, flush=True)
     env["PYTHONPATH"] = os.pathsep.join(pypath)
 
     manifest = {"schema": "cggr-bench-run/1", "commit": commit, "gpu": gpu, "gpus": n_gpus, "date": date,
@@ -367,12 +407,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in argv)
                 + (" -- " + " ".join(shlex.quote(a) for a in quality_args) if quality_args else ""),
                 "trim": args.trim, "suites": args.suites, "expected_s": total,
-                "software": _software(env), "telemetry_before": _env.telemetry(), "steps": []}
+                "software": _software(env), "carried_wheels": carried, "telemetry_before": _env.telemetry(),
+                "steps": []}
     mpath = run / "manifest.json"
     if mpath.exists():  # a second call for the same commit on the same day: keep the earlier calls' manifests
         try:
-            old = json.loads(mpath.read_text())
-            manifest["earlier_calls"] = old.pop("earlier_calls", []) + [old]
+            manifest["earlier_calls"] = manifest_calls(json.loads(mpath.read_text()))
         except ValueError:
             pass
     print(f"run folder {run}\ncommit {commit}, {gpu} x{n_gpus}; expected ~{total / 60:.1f} min", flush=True)
@@ -478,7 +518,9 @@ def _software(env: dict[str, str]) -> dict[str, str]:
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + sys.path
     out = {}
     for dist in ("torch", "triton", "jax", "jaxlib", "flax", "optax", "transformers", "liger-kernel",
-                 "cut-cross-entropy", "pytest-xdist"):
+                 "cut-cross-entropy", "pytest-xdist", "quack-kernels", "nvidia-cutlass-dsl",
+                 "nvidia-cutlass-dsl-libs-base", "nvidia-cutlass-dsl-libs-core", "nvidia-cutlass-dsl-libs-cu12",
+                 "nvidia-cutlass-dsl-libs-cu13", "apache-tvm-ffi", "torch-c-dlpack-ext"):
         found = next(iter(metadata.distributions(name=dist, path=paths)), None)
         out[dist] = found.version if found is not None else "absent"
     return out

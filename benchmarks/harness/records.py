@@ -20,18 +20,21 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from pathlib import Path
+import tarfile
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Optional
 
 from benchmarks.harness import env as _env
 
 __all__ = ["SCHEMA", "RESULTS_ROOT", "SUITES", "OPS", "FRAMEWORKS", "RunContext", "make_record",
-           "run_dir", "write_records", "load_records", "command_line"]
+           "run_dir", "write_records", "load_records", "command_line", "manifest_calls", "merge_manifests",
+           "unpack_results"]
 
 SCHEMA = "cggr-bench/1"
 RESULTS_ROOT = _env.REPO_ROOT / "benchmarks" / "results"
-SUITES = ("verify", "kernels", "heads", "models", "quality", "step")
-OPS = ("scoring", "selective_ce", "selection", "fused_linear", "batch_split", "step", "token_stats")
+SUITES = ("verify", "kernels", "heads", "models", "quality", "step", "anchors")
+OPS = ("scoring", "selective_ce", "selection", "fused_linear", "batch_split", "step", "token_stats", "anchor_ce",
+       "anchor_linear_ce")
 FRAMEWORKS = ("torch", "jax")
 
 
@@ -120,3 +123,67 @@ def load_records(root: Path) -> list[dict[str, Any]]:
                 r.setdefault("_file", str(p))
                 out.append(r)
     return out
+
+
+def manifest_calls(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The device calls a run manifest describes: its earlier calls, then itself (without ``earlier_calls``)."""
+    own = {k: v for k, v in manifest.items() if k != "earlier_calls"}
+    return list(manifest.get("earlier_calls") or []) + ([own] if own else [])
+
+
+def merge_manifests(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """One manifest for a run folder written by several device calls (the same commit and day, one machine
+    or several): every call of both, each once (a call is known by its ``started`` time, ``command`` and
+    ``gpu``), ordered by ``started``; the latest call is the top level (``benchmarks/report.py`` orders run
+    folders by it) and the others are its ``earlier_calls``."""
+    seen, calls = set(), []
+    for c in manifest_calls(old) + manifest_calls(new):
+        key = (c.get("started"), c.get("command"), c.get("gpu"))
+        if key in seen:
+            continue
+        seen.add(key)
+        calls.append(c)
+    calls.sort(key=lambda c: str(c.get("started") or ""))
+    top = dict(calls[-1])
+    if len(calls) > 1:
+        top["earlier_calls"] = calls[:-1]
+    return top
+
+
+def unpack_results(archive: Path, root: Path) -> list[Path]:
+    """Unpack a device call's results archive (``benchmarks/run.py --out-tar``, paths relative to the
+    repository root) at ``root``, merging each ``manifest.json`` with the one already there
+    (:func:`merge_manifests`) instead of overwriting it: an earlier call of the same commit and day, on this or
+    another machine, keeps its record. Records files of the same name are replaced (one invocation = one
+    file, as on the GPU machine). Returns the run folders touched. Raises ``ValueError`` for an archive member
+    that is absolute, climbs out of ``root`` or is a link."""
+    root = Path(root).resolve()
+    folders: list[Path] = []
+    with tarfile.open(archive, "r:*") as tar:
+        members = tar.getmembers()
+        for m in members:
+            pure = PurePosixPath(m.name)
+            if pure.is_absolute() or ".." in pure.parts:
+                raise ValueError(f"archive: member {m.name!r} of {archive} is outside the repository root")
+            if not (m.isfile() or m.isdir()):
+                raise ValueError(f"archive: member {m.name!r} of {archive} is a link or special file")
+        for m in members:
+            dest = root / m.name
+            if m.isdir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            data = tar.extractfile(m).read()
+            if PurePosixPath(m.name).name == "manifest.json":
+                folders.append(dest.parent)
+                if dest.exists():
+                    try:
+                        old = json.loads(dest.read_text())
+                    except ValueError:
+                        old = None
+                    if isinstance(old, dict):
+                        merged = merge_manifests(old, json.loads(data))
+                        dest.write_text(json.dumps(merged, indent=2) + "\n")
+                        continue
+            dest.write_bytes(data)
+    return folders
