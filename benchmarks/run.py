@@ -175,7 +175,7 @@ SUITES: dict[str, tuple[str, list[Step]]] = {
     ]),
     "heads": ("fused LM head + selective CE (N = 16384, d = 2048, V = 128256 bf16); per-token log-probs + entropy "
               "+ policy-gradient backward (N = 16384, d = 4096, V = 151936 bf16, rho 0.2 and 1); both frameworks", [
-        _op("fused_linear", "torch", ["--budgets", "0.5"], ["--budgets"], est=110, trim_est=60, timeout=250),
+        _op("fused_linear", "torch", ["--budgets", "0.5"], ["--budgets"], est=150, trim_est=80, timeout=300),
         _op("fused_linear", "jax", [], ["--budgets"], est=110, trim_est=70, timeout=250),
         # token_stats: 7-9 methods (TRL materialised, our two paths at each rho; TRL chunked / Liger GRPO when
         # importable), each one call for the peak memory, 2 warm-ups and ~2 s of timed calls; JAX compiles 6

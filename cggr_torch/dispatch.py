@@ -58,7 +58,9 @@ KERNEL_ENTRY_POINTS: Mapping[str, str] = {
     "launch_chunk_gradient": "cggr_torch.kernels.fused_linear",
     "sample_tokens_triton": "cggr_torch.kernels.sampling",
     "sampling_probabilities_triton": "cggr_torch.kernels.sampling",
-    "sample_from_scores": "cggr_torch.kernels.sampling",
+    "sample_from_scores": "cggr_torch.kernels.sampled_loss",
+    "launch_head_statistics": "cggr_torch.kernels.fused_head_gemm",
+    "launch_head_gradient": "cggr_torch.kernels.fused_head_gemm",
 }
 
 

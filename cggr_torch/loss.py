@@ -24,7 +24,7 @@ by :func:`cggr_torch.dispatch.use_fused_loss`), about ten launches and no host s
    the selected rows and forms ``g/|S|`` on the device.
 
 ``selection='sampled'`` (SPEC §7.4) has its own fused path, :func:`forward_sampled`: the scoring kernel, then
-one custom op (:func:`cggr_torch.kernels.sampling.sample_from_scores`: probabilities with every metric and
+one custom op (:func:`cggr_torch.kernels.sampled_loss.sample_from_scores`: probabilities with every metric and
 the dynamic ratio, one sort, water-filling, draws writing the row weights ``w/max(1, n)``, a one-program finish
 with the loss ``Σ ω·nll``), five launches and the sort; the backward is the sparse kernel with the row weights.
 
@@ -116,7 +116,7 @@ def forward_sampled(logits: torch.Tensor, targets: torch.Tensor, step: torch.Ten
                     inplace_backward: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fused ``sampled`` loss (SPEC §7.4, §8) on statically validated inputs: the scoring kernel (with
     status; ``scoring='excess'`` runs it in mode ``loss`` and the sampler subtracts ``reference_nll``, SPEC §3.1)
-    then :func:`cggr_torch.kernels.sampling.sample_from_scores` (probabilities with every SPEC §10 metric, one
+    then :func:`cggr_torch.kernels.sampled_loss.sample_from_scores` (probabilities with every SPEC §10 metric, one
     sort, water-filling, draws writing the row weights ``w/max(1, n)``, a one-program finish): about seven
     launches, no host synchronisation. The target range is checked on the device (the ``ok`` slot), as
     :func:`forward_fused` does. Equal to :func:`forward_reference`'s composable kernel path: the same
@@ -126,7 +126,7 @@ def forward_sampled(logits: torch.Tensor, targets: torch.Tensor, step: torch.Ten
     :func:`cggr_torch.kernels.cross_entropy.weighted_selective_cross_entropy` attaches the same gradient,
     written into the logits buffer (SPEC §8.1)."""
     from .kernels import cross_entropy as kce
-    from .kernels import sampling as ksam
+    from .kernels import sampled_loss as ksam
     from .kernels import scoring as ks
     from .kernels import selection as ksel
 

@@ -40,15 +40,8 @@ from torch.autograd.function import once_differentiable
 from ..utils import check_logits, check_target_range, check_targets
 from . import scoring as scoring_kernels
 from .cross_entropy_backward import check_inplace_logits, launch_selective_backward
-from .scoring import (
-    LaunchConfig,
-    RowGeometry,
-    check_kernel_device,
-    device_guard,
-    flat_targets,
-    lse_config,
-    row_geometry,
-)
+from .inputs import RowGeometry, check_kernel_device, device_guard, flat_targets, row_geometry
+from .launch import LaunchConfig, lse_config
 
 # The kernels below call the scoring module's rescaling reference by this (module-global) name.
 _ref_of = scoring_kernels.ref_of
@@ -497,7 +490,7 @@ def weighted_selective_cross_entropy(logits: torch.Tensor, geom: RowGeometry, ta
         ∂loss/∂z_i = g·ω_i·(2^{(z_i − lse_i)·log2 e} − onehot(t_i))   for i ∈ S,   0 otherwise
 
     (the ``sampled`` fused path's gradient, ``ω`` = ``row_weights``). It lets that path - whose loss comes from
-    :func:`cggr_torch.kernels.sampling.sample_from_scores` on the detached logits - write the gradient in place.
+    :func:`cggr_torch.kernels.sampled_loss.sample_from_scores` on the detached logits - write the gradient in place.
 
     Args:
         logits, geom, targets, selected, lse, backward_config, inplace_backward: as

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .launch import LaunchConfig, backward_config
-from .scoring import RowGeometry, device_guard
+from .inputs import RowGeometry, device_guard
 
 __all__ = ["launch_selective_backward", "check_inplace_logits"]
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .scoring import check_kernel_device, device_guard
+from .inputs import check_kernel_device, device_guard
 
 __all__ = ["launch_chunk_gradient", "chunk_gradient_op", "CHUNK_BLOCK_ROWS", "CHUNK_BLOCK_COLS"]
 
