@@ -238,20 +238,84 @@ def _step_note(r: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _step_rows(tables: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[tuple[str, str, bool], float]]:
+    """Table rows of one step table (``tables``: framework -> records of one run) and their medians by
+    ``(framework, row, compiled)``."""
+    lines: list[str] = []
+    ms: dict[tuple[str, str, bool], float] = {}
+    for fw, compiled in (("torch", False), ("torch", True), ("jax", True)):
+        for r in tables.get(fw, []):
+            e, m = r.get("extra", {}), r["metrics"]
+            if bool(e.get("compiled")) != compiled:
+                continue
+            row = e.get("row", r["case"])
+            if e.get("status", "ok") == "ok" and m.get("median_ms") is not None:
+                ms[(fw, row, compiled)] = m["median_ms"]
+            mem = m.get("peak_memory_gib")
+            lines.append("| " + " | ".join([
+                row + (" *(baseline)*" if r.get("baseline") else ""), fw,
+                ("jit" if fw == "jax" else "yes") if compiled else "no", _fmt(m.get("median_ms"), 1),
+                _fmt(m.get("iqr_ms"), 1), _fmt(r.get("ratios", {}).get("standard"), 3),
+                _fmt(r.get("ratios", {}).get("random_subset"), 3), _fmt(m.get("input_tokens_per_s"), 0),
+                _fmt(m.get("trained_tokens_per_s"), 0), _fmt(mem, 1) if mem is not None else "—",
+                _step_note(r).replace("|", "/")]) + " |")
+    return lines, ms
+
+
+def _step_goals(ms: dict[tuple[str, str, bool], float], shape: str) -> list[str]:
+    """Issue 16's goals over one table's medians (each ratio within one run)."""
+    goals = []
+    for label, row, base, compiled, goal, shapes in STEP_GOALS:
+        if shapes is not None and shape not in shapes:
+            continue
+        for fw in ("torch", "jax") if row == BEST_ROUTER else ("torch",):
+            name = _best_router(ms, fw, compiled) if row == BEST_ROUTER else row
+            a, b = ms.get((fw, name, compiled)), ms.get((fw, base, compiled))
+            if a and b:
+                verdict = "met" if b / a >= goal else "not met"
+                what = f"{label} ({'JAX, ' if fw == 'jax' else ''}best router row: {name})" \
+                    if row == BEST_ROUTER else label
+                # three decimals where two would round a miss up to the goal (0.897 is not 0.90)
+                digits = 3 if (round(b / a, 2) >= goal) != (b / a >= goal) else 2
+                goals.append(f"{what}: {_fmt(b / a, digits)}× (goal ≥ {goal}, {verdict})")
+    return goals
+
+
+def _run_lines(fw: str, folder: Path, recs: list[dict[str, Any]], out: Path, older: int) -> list[str]:
+    clocks = _telemetry_line(Path(recs[0]["_file"]).with_suffix("").with_suffix(".meta.json"))
+    return ["", f"{fw}: commit {', '.join(f'`{c}`' for c in sorted({r['commit'] for r in recs}))}, "
+            f"{recs[0]['date']}; run folder [`{_rel(folder, out)}`]({_rel(folder, out)})"
+            + (f"; {older} older run(s) of this shape in the records" if older else "") + "."
+            + (f" {clocks}" if clocks else ""),
+            "Command: " + "; ".join(f"`{c}`" for c in sorted({r["command"] for r in recs}))]
+
+
+_STEP_HEADER = ["| row | framework | compiled | step ms | IQR ms | × standard | × random subset | input tok/s | "
+                "trained tok/s | peak GiB | note |",
+                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+
 def _step_section(records: list[dict[str, Any]], root: Path, out: Path) -> list[str]:
     """The ``step`` suite: one table per GPU and model shape with the rows of both frameworks (each framework's
-    latest run of that shape), the JAX / PyTorch ratio of each row measured in both, and the issue-16 goals."""
+    latest run of that shape with a ``standard`` row), the JAX / PyTorch ratio of each row measured in both, and
+    the issue-16 goals; then one table per later *partial* run (a subset of the rows, e.g. the cheaper routers
+    with their own random subset), with its goals computed within that run only."""
     by: dict[tuple[str, str, str], dict[Path, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         by[(r["gpu"], str(r.get("shape", {}).get("model")), r["framework"])][_run_folder(r, root)].append(r)
     lines: list[str] = []
     for gpu, shape in sorted({(g, s) for g, s, _ in by}):
         latest: dict[str, tuple[Path, list[dict[str, Any]]]] = {}
+        partial: list[tuple[str, Path, list[dict[str, Any]]]] = []
         for fw in ("torch", "jax"):
             runs = by.get((gpu, shape, fw))
             if runs:
-                folder = max(runs, key=_run_key)
+                full = [f for f, recs in runs.items()
+                        if any(r.get("extra", {}).get("row", r["case"]) == "standard" for r in recs)]
+                folder = max(full or runs, key=_run_key)
                 latest[fw] = (folder, runs[folder])
+                partial += [(fw, f, runs[f]) for f in sorted(runs, key=_run_key)
+                            if f != folder and _run_key(f) > _run_key(folder)]
         first = next(iter(latest.values()))[1][0]
         sh = first.get("shape", {})
         lines += [f"### step · {shape} — {gpu}", "",
@@ -259,30 +323,9 @@ def _step_section(records: list[dict[str, Any]], root: Path, out: Path) -> list[
                   f"{sh.get('layers')} layers, {first.get('dtype')}. {first.get('extra', {}).get('cggr', '')}. "
                   "`× standard` = this step's time / the standard step's of the same run (eager rows: eager "
                   "standard; compiled rows: compiled standard; JAX: JAX standard), lower is faster; `× random "
-                  "subset` likewise for the batch-split rows.", "",
-                  "| row | framework | compiled | step ms | IQR ms | × standard | × random subset | input tok/s | "
-                  "trained tok/s | peak GiB | note |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        order = [(fw, c) for fw, c in (("torch", False), ("torch", True), ("jax", True))]
-        ms: dict[tuple[str, str, bool], float] = {}
-        for fw, compiled in order:
-            if fw not in latest:
-                continue
-            for r in latest[fw][1]:
-                e, m = r.get("extra", {}), r["metrics"]
-                if bool(e.get("compiled")) != compiled:
-                    continue
-                row = e.get("row", r["case"])
-                if e.get("status", "ok") == "ok" and m.get("median_ms") is not None:
-                    ms[(fw, row, compiled)] = m["median_ms"]
-                mem = m.get("peak_memory_gib")
-                lines.append("| " + " | ".join([
-                    row + (" *(baseline)*" if r.get("baseline") else ""), fw,
-                    ("jit" if fw == "jax" else "yes") if compiled else "no", _fmt(m.get("median_ms"), 1),
-                    _fmt(m.get("iqr_ms"), 1), _fmt(r.get("ratios", {}).get("standard"), 3),
-                    _fmt(r.get("ratios", {}).get("random_subset"), 3), _fmt(m.get("input_tokens_per_s"), 0),
-                    _fmt(m.get("trained_tokens_per_s"), 0), _fmt(mem, 1) if mem is not None else "—",
-                    _step_note(r).replace("|", "/")]) + " |")
+                  "subset` likewise for the batch-split rows.", ""] + _STEP_HEADER
+        rows, ms = _step_rows({fw: recs for fw, (_, recs) in latest.items()})
+        lines += rows
         cross = []
         for (fw, row, compiled), v in ms.items():
             if fw != "jax":
@@ -294,29 +337,21 @@ def _step_section(records: list[dict[str, Any]], root: Path, out: Path) -> list[
         if cross:
             lines += ["", "JAX / PyTorch step time of the same row (lower: JAX faster; goal ≤ 1.2): "
                       + "; ".join(cross) + "."]
-        goals = []
-        for label, row, base, compiled, goal, shapes in STEP_GOALS:
-            if shapes is not None and shape not in shapes:
-                continue
-            for fw in ("torch", "jax") if row == BEST_ROUTER else ("torch",):
-                name = _best_router(ms, fw, compiled) if row == BEST_ROUTER else row
-                a, b = ms.get((fw, name, compiled)), ms.get((fw, base, compiled))
-                if a and b:
-                    verdict = "met" if b / a >= goal else "not met"
-                    what = f"{label} ({'JAX, ' if fw == 'jax' else ''}best router row: {name})" \
-                        if row == BEST_ROUTER else label
-                    goals.append(f"{what}: {_fmt(b / a, 2)}× (goal ≥ {goal}, {verdict})")
+        goals = _step_goals(ms, shape)
         if goals:
             lines += ["", "Issue 16 goals (speed-up = baseline step / this step; PyTorch unless marked): "
                       + "; ".join(goals) + "."]
         for fw, (folder, recs) in latest.items():
-            clocks = _telemetry_line(Path(recs[0]["_file"]).with_suffix("").with_suffix(".meta.json"))
-            older = len(by[(gpu, shape, fw)]) - 1
-            lines += ["", f"{fw}: commit {', '.join(f'`{c}`' for c in sorted({r['commit'] for r in recs}))}, "
-                      f"{recs[0]['date']}; run folder [`{_rel(folder, out)}`]({_rel(folder, out)})"
-                      + (f"; {older} older run(s) of this shape in the records" if older else "") + "."
-                      + (f" {clocks}" if clocks else ""),
-                      "Command: " + "; ".join(f"`{c}`" for c in sorted({r["command"] for r in recs}))]
+            lines += _run_lines(fw, folder, recs, out, len(by[(gpu, shape, fw)]) - 1)
+        for fw, folder, recs in partial:
+            lines += ["", f"#### step · {shape}, a later partial run ({fw}, `{folder.name}`): its rows with "
+                      "their own same-run baselines", ""] + _STEP_HEADER
+            rows, pms = _step_rows({fw: recs})
+            lines += rows
+            goals = _step_goals(pms, shape)
+            if goals:
+                lines += ["", "Issue 16 goals within this run: " + "; ".join(goals) + "."]
+            lines += _run_lines(fw, folder, recs, out, 0)
         lines.append("")
     return lines
 

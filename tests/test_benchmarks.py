@@ -579,3 +579,27 @@ def test_decisions_has_the_slugs_package_comments_cite():
         for path in (ROOT / pkg).rglob("*.py"):
             cited |= set(re.findall(r"DECISIONS\.md:\s*([a-z0-9-]+)", path.read_text(errors="replace")))
     assert cited <= slugs, f"cited but not in DECISIONS.md: {sorted(cited - slugs)}"
+
+
+def test_report_step_partial_run_gets_its_own_table(tmp_path):
+    """A later run with a subset of the rows (no ``standard`` row) does not replace the full run's table: it is
+    shown after it, with the goal computed within that run only, and a miss that two decimals would round up to
+    the goal is printed with three."""
+    full = tmp_path / "h200" / "2026-12-03_aaa1111" / "step"
+    part = tmp_path / "h200" / "2026-12-04_bbb2222" / "step"
+    records.write_records([_step_rec("standard", 250.0), _step_rec("random_subset", 100.0),
+                           _step_rec("batch_split_L1", 130.0), _step_rec("cggr_fused", 230.0)],
+                          full / "step_1b_torch.jsonl")
+    later = [_step_rec("random_subset", 68.9), _step_rec("batch_split_L1_prefix", 76.8,
+                                                          options={"router_prefix": 256})]
+    for r in later:
+        r["commit"], r["date"] = "bbb2222", "2026-12-04"
+    records.write_records(later, part / "step_1b_torch.jsonl")
+    text = report.render(records.load_records(tmp_path), tmp_path, tmp_path / "RESULTS.md")
+    lines = text.splitlines()
+    main_goal = next(line for line in lines if line.startswith("Issue 16 goals ("))
+    assert "batch_split_L1): 0.77× (goal ≥ 0.9, not met)" in main_goal and "1.09×" in main_goal
+    assert any("a later partial run (torch, `2026-12-04_bbb2222`)" in line for line in lines)
+    part_goal = next(line for line in lines if line.startswith("Issue 16 goals within this run"))
+    assert "(best router row: batch_split_L1_prefix): 0.897× (goal ≥ 0.9, not met)" in part_goal
+    assert lines.index(main_goal) < lines.index(part_goal)
