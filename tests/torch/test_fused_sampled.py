@@ -224,7 +224,7 @@ def test_launch_count(monkeypatch):
     """The fused sampled forward is five Triton launches (scoring, probabilities, water-filling, draws, finish)
     and one sort; the backward one launch. Other PyTorch work in the forward: the curriculum's ratio from the
     step tensor and the target-range flag (SPEC §12.1), a few scalar operations."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tests.torch.op_log import OpLog
     import triton.runtime.interpreter as interp
 
     if DEVICE != "cpu":
@@ -238,14 +238,6 @@ def test_launch_count(monkeypatch):
 
     monkeypatch.setattr(interp.GridExecutor, "__call__", counted)
 
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     rng = np.random.default_rng(8)
     logits, targets = _batch(rng, (2, 9, 7), odd=False)
@@ -269,7 +261,7 @@ def test_launch_count(monkeypatch):
     status = torch.zeros((18,), dtype=torch.int8)
     args = (x.detach(), targets.reshape(-1), stats, status, None, torch.tensor(0.5), torch.tensor(3), True, 0.5, 0,
             1.0, 0.1, 1e-6)
-    with Ops() as ops:      # the op's body (the dispatcher would show the op as one node)
+    with OpLog() as ops:      # the op's body (the dispatcher would show the op as one node)
         ksam.sampled_loss_from_scores_op._init_fn(*args)
     assert set(ops.names) <= {"empty", "sort", "view", "select", "reshape", "_reshape_alias", "alias"}, ops.names
     assert ops.names.count("sort") == 1 and launches == ["p", "w", "d", "f"]

@@ -312,16 +312,9 @@ def test_the_kernel_path_runs_no_torch_compute(monkeypatch):
     """The glue around the three Triton launches reaches PyTorch only for allocations, views and the one sort
     (no elementwise op, no copy, no host read). The launch helpers are stubbed here: the interpreter itself
     copies tensors, which a GPU launch does not."""
-    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from torch.utils._python_dispatch import _disable_current_modes
 
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+    from tests.torch.op_log import OpLog
 
     launches: list[str] = []
     for name in ("launch_water_filling", "launch_draws"):
@@ -340,7 +333,7 @@ def test_the_kernel_path_runs_no_torch_compute(monkeypatch):
     rng = np.random.default_rng(3)
     d_t, e_t = _tensors(rng.standard_normal((4, 9)).astype(np.float32), rng.random((4, 9)) < 0.8)
     ratio = torch.tensor(0.3, device=DEVICE)
-    with dispatch.force("kernel"), Ops() as ops:
+    with dispatch.force("kernel"), OpLog() as ops:
         sel.sample_tokens(d_t, e_t, ratio, step=3)
     allowed = {"empty", "sort", "view", "select", "_reshape_alias", "reshape", "alias", "clone"}  # clone: k
     allowed |= {"_assert_async"}        # a tensor ratio is checked on the device, without a host read
