@@ -224,8 +224,9 @@ def test_launch_count(monkeypatch):
     """The fused sampled forward is five Triton launches (scoring, probabilities, water-filling, draws, finish)
     and one sort; the backward one launch. Other PyTorch work in the forward: the curriculum's ratio from the
     step tensor and the target-range flag (SPEC §12.1), a few scalar operations."""
-    from tests.torch.op_log import OpLog
     import triton.runtime.interpreter as interp
+
+    from tests.torch.op_log import OpLog
 
     if DEVICE != "cpu":
         pytest.skip("counts the interpreter's launches")
