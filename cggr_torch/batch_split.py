@@ -37,12 +37,17 @@ One training step of ``CGGRModel(model)(input_ids, labels, attention_mask)``:
    ``.loss`` cannot take per-sequence weights, so the model gets no ``labels``); its expectation over the
    draws is the mean token cross-entropy of the whole batch's eligible sequences.
 
-**Synchronisation.** Steps 1-5 run asynchronously on the device. Slicing to a data-dependent number of rows
-needs ``k_seq`` on the host, so ``torch.nonzero`` of the keep-mask is the one (unavoidable) host
-synchronisation of the step. Everything else (shape checks, curriculum) is host-only, target range checks on
-CUDA are device-side assertions, and the metrics stay on the device until :meth:`CGGRModel.get_metrics`.
-(The count must be a host number because PyTorch sizes tensors on the host; the curriculum's base ratio is a
-host number already, but the dynamic threshold's mean confidence is not, hence the read.) With **buckets**
+**Synchronisation.** Steps 1-5 run asynchronously on the device. Everything else (shape checks, curriculum) is
+host-only, target range checks on CUDA are device-side assertions, and the metrics stay on the device until
+:meth:`CGGRModel.get_metrics`. The main pass's number of rows must be a host number (PyTorch sizes tensors on
+the host); ``kept_rows`` (SPEC §9.4) says where it comes from. ``'exact'``: slicing to the kept rows needs
+``k_seq`` on the host, so ``torch.nonzero`` of the keep-mask is the step's one host synchronisation (the
+curriculum's base ratio is a host number already, but the dynamic threshold's mean confidence is not).
+``'bound'``: the main pass runs on ``k_max`` rows (:meth:`CGGRModel.kept_rows_bound`, an upper bound of
+``k_seq`` computed from ``B``, the host step's ratio and, with the dynamic threshold, its largest value
+``min(1, base·(1+σ))``): the kept rows first, then copies of the first kept row with no target, so the step has
+no host synchronisation at all; the loss, gradients and metrics are those of ``'exact'``. ``'auto'`` (default)
+takes ``'bound'`` where it costs no extra rows (no dynamic threshold, not ``sampled``). With **buckets**
 (SPEC §9.4; the default ``'auto'`` for a compiled model) the kept rows are padded to a static size with copies
 of the first kept row carrying no loss and no gradient, so a ``torch.compile``d model compiles at most once per
 bucket as ``k_seq`` moves. **Cheaper routers** (SPEC §9.3): ``router_prefix``, ``router_positions`` (a stride)
@@ -53,10 +58,12 @@ and ``router_samples`` make the router read fewer columns and score fewer positi
 * ``B = 1``: the single sequence is kept whenever it has an eligible token (``k_seq = max(1, ·)``), so the step
   equals a standard step plus the router's cost.
 * A sequence that is all padding / all ``ignore_index`` (or whose router rows are all non-finite) is never kept.
-  If no sequence is eligible (e.g. an all-padding batch, or ``T = 1``) the main model does not run and the loss
-  is a float32 ``0.0`` leaf tensor with ``requires_grad=True`` (``backward()`` works and leaves every gradient
-  untouched). Under DistributedDataParallel this means that rank skips the model's forward; avoid all-padding
-  batches there.
+  If no sequence is eligible (e.g. an all-padding batch, or ``T = 1``) the loss is a float32 ``0.0``: with
+  ``kept_rows='exact'`` the main model does not run and the loss is a leaf tensor with ``requires_grad=True``
+  (``backward()`` works and leaves every gradient untouched; under DistributedDataParallel that rank skips the
+  model's forward, so avoid all-padding batches there); with ``'bound'`` the main pass still runs on its
+  ``k_max`` rows (copies of row 0, every position attended, every target 0, so the model's own loss is finite)
+  and the loss is ``torch.where(k = 0, 0, ·)``: exactly 0 with exactly-zero gradients.
 * The router pass uses the model's current train/eval mode (dropout included), since it shares its modules.
 """
 from __future__ import annotations
@@ -319,6 +326,15 @@ class CGGRModel(Curriculum, nn.Module):
             ``BatchSplitOutput.outputs`` then holds the padded batch, its first ``k`` rows the kept ones. A model
             that couples the rows of a batch (an MoE load-balancing loss, expert capacity) sees the copies too:
             pass ``buckets=None`` for it.
+        kept_rows: SPEC §9.4, how the main pass learns its number of rows: ``'exact'`` (the kept count, read on
+            the host: one host synchronisation per step), ``'bound'`` (``k_max`` rows,
+            :meth:`kept_rows_bound`, no host synchronisation; the rows beyond the kept count are copies of the
+            first kept row with no target, so loss, gradients and metrics are unchanged, at the cost of up to
+            ``(1+σ)×`` the kept rows with the dynamic threshold, ``B`` rows with ``'sampled'``) or ``'auto'``
+            (default: ``'bound'`` when the bound is the count of a fully eligible batch, i.e. no dynamic
+            threshold and not ``'sampled'``; else ``'exact'``; :meth:`kept_rows_mode`). With buckets the main
+            pass has the bucket of ``k_max`` rows. The padding rows couple into a model that couples its rows
+            (as buckets do): use ``'exact'`` with ``buckets=None`` there.
     """
 
     def __init__(self, model: nn.Module, router: Optional[nn.Module] = None, *, scoring: str = CGGRConfig.scoring,
@@ -406,6 +422,8 @@ class CGGRModel(Curriculum, nn.Module):
         self._forward_params = forward_parameters(model)
         self._last: Optional[dict[str, Any]] = None
         self.last_kept: Optional[torch.Tensor] = None
+        #: The last forward's kept count, a 0-d int64 device tensor (read it outside the hot path).
+        self.last_num_kept: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------------------------------ routing
     def _route(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -588,6 +606,7 @@ class CGGRModel(Curriculum, nn.Module):
             scored = eff_k[:, 1:] if self.shift_labels else eff_k
             tokens_selected = ((scored != HF_IGNORE_INDEX) & real[:, None]).sum()
         self.last_kept = kept
+        self.last_num_kept = num_kept_t
         self._last = {
             "step": self._step,
             "token_ratio": float(r.base),

@@ -96,8 +96,10 @@ def test_bound_equals_exact_and_the_oracle(B, T, ratio, dynamic, dtype):
         k_max = cggr.kept_rows_bound(B)
         assert res.kept.shape == (k_max,) and int(res.num_kept) <= k_max
         assert res.outputs.logits.shape[0] == k_max if model_cls is RecordingLM else res.outputs.shape[0] == k_max
-        if not dynamic and not ineligible:   # every sequence eligible, no threshold: the bound is the count
+        if not dynamic and bool(res.sequence_eligible.all()):   # no threshold, all eligible: bound = count
             assert int(res.num_kept) == k_max
+        elif not dynamic and ineligible and B >= 4:   # the count of the eligible ones is below the bound
+            assert int(res.num_kept) == oracle.num_selected(int(res.sequence_eligible.sum()), np.float32(ratio))
         # the oracle's selection at the package's float32 ratio and sequence difficulties (exact, SPEC §9)
         ok = res.sequence_eligible.numpy()
         ref = oracle.select_sequences(as_f64(logits), labels.numpy(), np.float32(metrics["effective_ratio"]),
