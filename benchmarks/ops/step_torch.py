@@ -63,7 +63,8 @@ ROWS: list[tuple[str, bool]] = [
     ("batch_split_L1_compiled_router", True),
     ("batch_split_L2", False), ("batch_split_L1", False), ("batch_split_L2", True),
     ("batch_split_L1_stride", False), ("batch_split_L1_samples", False), ("batch_split_L1_prefix", False),
-    ("batch_split_L1_stride4", False), ("batch_split_L1_compiled_router", False), ("cggr_loss", False), ("cggr_loss", True),
+    ("batch_split_L1_stride4", False), ("batch_split_L1_compiled_router", False), ("cggr_loss", False),
+    ("cggr_loss", True),
     ("batch_split_L1_combined", True), ("batch_split_L1_combined", False),
 ]
 #: The rows ``benchmarks/step.py`` runs without ``--rows`` (both variants of each): all but the combined router,
