@@ -265,3 +265,21 @@ def test_auto_and_bad_values():
     for bad in ("fast", None, 1, "Bound"):
         with pytest.raises(ValueError, match="kept_rows"):
             CGGRModel(model, TinyRouter(), kept_rows=bad)
+
+
+@pytest.mark.parametrize("options", [dict(buckets=(2, 5)), dict(router_positions=3), dict(router_samples=2),
+                                     dict(buckets=(3,), router_positions=4)])
+def test_bound_equals_exact_with_buckets_and_cheaper_routers(options):
+    """Buckets round k_max up (the main pass has the bucket of the bound, not of the count); a cheaper router
+    (SPEC §9.3) can leave sequences without a scored eligible pair (ineligible), which the bound pads."""
+    B, T = 9, 10
+    logits, labels, am = _case(11, torch.float32, B, T, True)
+    am[6, 3:] = 0                           # a short sequence: few scored pairs with a stride
+    kw = dict(min_tokens_ratio=0.3, **options)
+    exact = _step("exact", TinyLM, logits, labels, am, **kw)
+    bound = _step("bound", TinyLM, logits, labels, am, **kw)
+    _assert_same(exact, bound, B)
+    cggr = bound[3]
+    k_max, sizes = cggr.kept_rows_bound(B), cggr.bucket_sizes(B)
+    want = k_max if sizes is None else min(b for b in sizes if b >= k_max)
+    assert bound[0].outputs.shape[0] == want and bound[0].kept.shape == (k_max,)
