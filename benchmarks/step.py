@@ -8,7 +8,9 @@ framework, measured against the standard step of the same run:
 * PyTorch (``benchmarks/ops/step_torch.py``): Hugging Face Llama models built from configs, bf16 weights,
   ``torch.optim.AdamW``; rows ``standard``, ``liger_flce``, ``cggr_loss``, ``cggr_fused``,
   ``batch_split_L{1,2,4}`` (``CGGRModel``), the cheaper routers of SPEC §9.3 (``ROUTER_OPTION_ROWS``), and
-  ``random_subset``, each eager and compiled (``torch.compile``; ``CGGRModel`` with ``buckets="auto"``);
+  ``random_subset``, each eager and compiled (``torch.compile``; ``CGGRModel`` with ``buckets="auto"`` and
+  the default ``kept_rows="auto"``, which is ``"bound"`` here, the threshold being off: no host synchronisation
+  per step, SPEC §9.4; each record's ``kept_rows`` says which ran);
 * JAX (``benchmarks/ops/step_jax.py``): ``cggr_jax.models.DecoderLM`` of the same shapes, bf16, optax AdamW,
   ``jit``; rows ``standard``, ``cggr_loss``, ``cggr_fused``, ``batch_split_L{1,2,4}``, the cheaper routers
   (``BatchSplitConfig``; no ``compiled_router`` row: the JAX router is always jitted), ``random_subset``.
@@ -20,12 +22,14 @@ router and one option each (``ROUTER_OPTION_ROWS``; ``--quick`` uses smaller val
 * ``batch_split_L1_stride``          ``router_positions=16`` (score every 16th position);
 * ``batch_split_L1_samples``         ``router_samples=64`` (64 evenly spaced positions);
 * ``batch_split_L1_prefix``          ``router_prefix=256`` (the router reads the first 256 columns);
+* ``batch_split_L1_stride4``         ``router_positions=4`` (every 4th position: the stride the quality study's
+  gate chose, ``benchmarks/quality/RESULTS.md`` "Round 3 (S2) — interim"; PyTorch only);
 * ``batch_split_L1_compiled_router`` ``router_compile=True`` (PyTorch only: the router's layers compiled);
 * ``batch_split_L1_combined``        ``router_prefix=256, router_samples=64`` (+ ``router_compile=True`` in
   PyTorch, which matches JAX's always-jitted router). Not in the default selection.
 
 **Rows run by default** (``--rows`` not given; ``DEFAULT_ROWS`` of each ops module): every row except
-``batch_split_L1_combined``. PyTorch at the 1B shape: 24 rows (12 eager, 12 compiled), estimated ~4.6 min on
+``batch_split_L1_combined``. PyTorch at the 1B shape: 26 rows (13 eager, 13 compiled), estimated ~4.8 min on
 the H200 (run 8aea2f4 measured 235 s for the 16 rows before the cheaper routers: the compiled rows that compile a
 new model graph take ~40 s each, ``standard``, ``cggr_fused``, ``random_subset``, ``cggr_loss``; the compiled
 ``CGGRModel`` rows reuse ``random_subset``'s graph, their kept count being one of the buckets, and take 2-3 s, as
@@ -117,6 +121,7 @@ ROUTER_OPTION_ROWS: dict[str, dict[str, Any]] = {
     "batch_split_L1_stride": dict(router_positions=16),
     "batch_split_L1_samples": dict(router_samples=64),
     "batch_split_L1_prefix": dict(router_prefix=256),
+    "batch_split_L1_stride4": dict(router_positions=4),
     "batch_split_L1_compiled_router": dict(router_compile=True),
     "batch_split_L1_combined": dict(router_prefix=256, router_samples=64, router_compile=True),
 }
@@ -125,6 +130,7 @@ QUICK_ROUTER_OPTION_ROWS: dict[str, dict[str, Any]] = {
     "batch_split_L1_stride": dict(router_positions=4),
     "batch_split_L1_samples": dict(router_samples=4),
     "batch_split_L1_prefix": dict(router_prefix=8),
+    "batch_split_L1_stride4": dict(router_positions=4),
     "batch_split_L1_compiled_router": dict(router_compile=True),
     "batch_split_L1_combined": dict(router_prefix=8, router_samples=4, router_compile=True),
 }
@@ -189,7 +195,7 @@ def records_of(raw: dict[str, Any], fw: str, ctx: RunContext, quick: bool) -> li
         extra: dict[str, Any] = {"row": r["row"], "label": r.get("label"), "compiled": compiled, "status": status,
                                  "shape_name": shape_name, "cggr": raw["cggr"]}
         for k in ("reason", "api", "compile_error", "router_layers", "router_options", "buckets", "router_path",
-                  "nominal_kept"):
+                  "nominal_kept", "kept_rows", "kept_rows_bound"):
             if r.get(k) is not None:
                 extra[k] = r[k]
         if quick:

@@ -37,12 +37,17 @@ One training step of ``CGGRModel(model)(input_ids, labels, attention_mask)``:
    ``.loss`` cannot take per-sequence weights, so the model gets no ``labels``); its expectation over the
    draws is the mean token cross-entropy of the whole batch's eligible sequences.
 
-**Synchronisation.** Steps 1-5 run asynchronously on the device. Slicing to a data-dependent number of rows
-needs ``k_seq`` on the host, so ``torch.nonzero`` of the keep-mask is the one (unavoidable) host
-synchronisation of the step. Everything else (shape checks, curriculum) is host-only, target range checks on
-CUDA are device-side assertions, and the metrics stay on the device until :meth:`CGGRModel.get_metrics`.
-(The count must be a host number because PyTorch sizes tensors on the host; the curriculum's base ratio is a
-host number already, but the dynamic threshold's mean confidence is not, hence the read.) With **buckets**
+**Synchronisation.** Steps 1-5 run asynchronously on the device. Everything else (shape checks, curriculum) is
+host-only, target range checks on CUDA are device-side assertions, and the metrics stay on the device until
+:meth:`CGGRModel.get_metrics`. The main pass's number of rows must be a host number (PyTorch sizes tensors on
+the host); ``kept_rows`` (SPEC §9.4) says where it comes from. ``'exact'``: slicing to the kept rows needs
+``k_seq`` on the host, so ``torch.nonzero`` of the keep-mask is the step's one host synchronisation (the
+curriculum's base ratio is a host number already, but the dynamic threshold's mean confidence is not).
+``'bound'``: the main pass runs on ``k_max`` rows (:meth:`CGGRModel.kept_rows_bound`, an upper bound of
+``k_seq`` computed from ``B``, the host step's ratio and, with the dynamic threshold, its largest value
+``min(1, base·(1+σ))``): the kept rows first, then copies of the first kept row with no target, so the step has
+no host synchronisation at all; the loss, gradients and metrics are those of ``'exact'``. ``'auto'`` (default)
+takes ``'bound'`` where it costs no extra rows (no dynamic threshold, not ``sampled``). With **buckets**
 (SPEC §9.4; the default ``'auto'`` for a compiled model) the kept rows are padded to a static size with copies
 of the first kept row carrying no loss and no gradient, so a ``torch.compile``d model compiles at most once per
 bucket as ``k_seq`` moves. **Cheaper routers** (SPEC §9.3): ``router_prefix``, ``router_positions`` (a stride)
@@ -53,10 +58,12 @@ and ``router_samples`` make the router read fewer columns and score fewer positi
 * ``B = 1``: the single sequence is kept whenever it has an eligible token (``k_seq = max(1, ·)``), so the step
   equals a standard step plus the router's cost.
 * A sequence that is all padding / all ``ignore_index`` (or whose router rows are all non-finite) is never kept.
-  If no sequence is eligible (e.g. an all-padding batch, or ``T = 1``) the main model does not run and the loss
-  is a float32 ``0.0`` leaf tensor with ``requires_grad=True`` (``backward()`` works and leaves every gradient
-  untouched). Under DistributedDataParallel this means that rank skips the model's forward; avoid all-padding
-  batches there.
+  If no sequence is eligible (e.g. an all-padding batch, or ``T = 1``) the loss is a float32 ``0.0``: with
+  ``kept_rows='exact'`` the main model does not run and the loss is a leaf tensor with ``requires_grad=True``
+  (``backward()`` works and leaves every gradient untouched; under DistributedDataParallel that rank skips the
+  model's forward, so avoid all-padding batches there); with ``'bound'`` the main pass still runs on its
+  ``k_max`` rows (copies of row 0, every position attended, every target 0, so the model's own loss is finite)
+  and the loss is ``torch.where(k = 0, 0, ·)``: exactly 0 with exactly-zero gradients.
 * The router pass uses the model's current train/eval mode (dropout included), since it shares its modules.
 """
 from __future__ import annotations
@@ -71,7 +78,7 @@ from torch import nn
 from cggr import DEFAULT_SEQUENCE_SELECTION, METRIC_KEYS, SEQUENCE_SELECTIONS, CGGRConfig
 from cggr.config import ROUTER_POSITIONS_ALL, SAMPLED_SELECTIONS, RouterPositions
 
-from .curriculum import Curriculum, Schedule
+from .curriculum import Curriculum, Schedule, num_selected
 from .loss import check_schedule
 from .main_pass import (
     HF_IGNORE_INDEX,
@@ -119,7 +126,10 @@ class BatchSplitOutput(NamedTuple):
     ``loss``: mean cross-entropy over the kept sequences' valid targets (0-d); ``outputs``: the main model's
     output on the kept sequences (None when none was kept); ``kept``: int64 batch indices of the kept
     sequences, ascending; ``sequence_difficulty``: float32 ``(B,)`` ``D_b`` (0 where not eligible);
-    ``sequence_eligible``: bool ``(B,)``.
+    ``sequence_eligible``: bool ``(B,)``; ``num_kept``: 0-d int64 device tensor, the number of kept sequences.
+    With ``kept_rows='bound'`` (SPEC §9.4) ``kept`` has the host-known length ``k_max``
+    (:meth:`CGGRModel.kept_rows_bound`): the kept indices ascending, then ``B`` (an out-of-range index) in the
+    ``k_max − num_kept`` unused slots, and ``outputs`` is never None (the main pass always runs).
     """
 
     loss: torch.Tensor
@@ -127,6 +137,21 @@ class BatchSplitOutput(NamedTuple):
     kept: torch.Tensor
     sequence_difficulty: torch.Tensor
     sequence_eligible: torch.Tensor
+    num_kept: Optional[torch.Tensor] = None
+
+
+#: ``CGGRModel(kept_rows=…)`` (SPEC §9.4): how the main pass learns its number of rows.
+KEPT_ROWS: tuple[str, ...] = ("auto", "exact", "bound")
+
+
+def _bound_rows(keep: torch.Tensor, num_kept: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC §9.4 ``kept_rows='bound'``: ``size`` row indices of a ``(B,)`` keep-mask without reading it on the
+    host: the kept rows in ascending batch order, then copies of the first kept row (of row 0 when none is
+    kept); and the bool ``(size,)`` mask of the slots holding a kept row. ``size <= B``."""
+    idx = torch.arange(keep.shape[0], device=keep.device)
+    order = torch.argsort(torch.where(keep, idx, idx + keep.shape[0]))   # distinct keys: kept rows first
+    real = torch.arange(size, device=keep.device) < num_kept
+    return torch.where(real, order[:size], order[:1].expand(size)), real
 
 
 def _shares_all_weights(router: nn.Module, model: nn.Module) -> bool:
@@ -301,6 +326,15 @@ class CGGRModel(Curriculum, nn.Module):
             ``BatchSplitOutput.outputs`` then holds the padded batch, its first ``k`` rows the kept ones. A model
             that couples the rows of a batch (an MoE load-balancing loss, expert capacity) sees the copies too:
             pass ``buckets=None`` for it.
+        kept_rows: SPEC §9.4, how the main pass learns its number of rows: ``'exact'`` (the kept count, read on
+            the host: one host synchronisation per step), ``'bound'`` (``k_max`` rows,
+            :meth:`kept_rows_bound`, no host synchronisation; the rows beyond the kept count are copies of the
+            first kept row with no target, so loss, gradients and metrics are unchanged, at the cost of up to
+            ``(1+σ)×`` the kept rows with the dynamic threshold, ``B`` rows with ``'sampled'``) or ``'auto'``
+            (default: ``'bound'`` when the bound is the count of a fully eligible batch, i.e. no dynamic
+            threshold and not ``'sampled'``; else ``'exact'``; :meth:`kept_rows_mode`). With buckets the main
+            pass has the bucket of ``k_max`` rows. The padding rows couple into a model that couples its rows
+            (as buckets do): use ``'exact'`` with ``buckets=None`` there.
     """
 
     def __init__(self, model: nn.Module, router: Optional[nn.Module] = None, *, scoring: str = CGGRConfig.scoring,
@@ -319,7 +353,7 @@ class CGGRModel(Curriculum, nn.Module):
                  sample_floor: float = CGGRConfig.sample_floor, sample_seed: int = CGGRConfig.sample_seed,
                  router_positions: Any = ROUTER_POSITIONS_ALL, router_samples: Optional[int] = None,
                  router_prefix: Optional[int] = None, router_compile: Any = False, buckets: Any = "auto",
-                 config: Optional[CGGRConfig] = None) -> None:
+                 kept_rows: str = "auto", config: Optional[CGGRConfig] = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -341,6 +375,9 @@ class CGGRModel(Curriculum, nn.Module):
         self.model = model
         own = RouterPositions(router_positions, router_samples, router_prefix)   # validated (SPEC §9.3)
         self.buckets = check_buckets(buckets)
+        if not isinstance(kept_rows, str) or kept_rows not in KEPT_ROWS:
+            raise ValueError(f"kept_rows: expected one of {KEPT_ROWS}, got {kept_rows!r}")
+        self.kept_rows = kept_rows
         if router is None:
             # The caller's argument is router_layers: its errors must say so, not num_layers.
             if not isinstance(router_layers, numbers.Integral) or isinstance(router_layers, bool) \
@@ -385,6 +422,8 @@ class CGGRModel(Curriculum, nn.Module):
         self._forward_params = forward_parameters(model)
         self._last: Optional[dict[str, Any]] = None
         self.last_kept: Optional[torch.Tensor] = None
+        #: The last forward's kept count, a 0-d int64 device tensor (read it outside the hot path).
+        self.last_num_kept: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------------------------------ routing
     def _route(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor],
@@ -471,31 +510,55 @@ class CGGRModel(Curriculum, nn.Module):
         B = input_ids.shape[0]
         r = self._route(input_ids, labels, attention_mask, kwargs, reference_nll)
         scores, elig, n, seq_elig = r.scores, r.scores.eligible, r.n, r.seq_elig
-        kept = torch.nonzero(r.keep).reshape(-1)   # the step's one host synchronisation (dynamic slice size)
-        num_kept = int(kept.numel())
-        # SPEC §9.4: pad the kept rows to a static bucket size with copies of the first kept row (no loss, no
-        # gradient), so that a compiled model sees a bounded number of batch shapes.
         sizes = self.bucket_sizes(B, model)
-        rows = kept
-        if sizes is not None and num_kept > 0:
-            size = min(b for b in sizes if b >= num_kept)
-            if size > num_kept:
-                rows = torch.cat([kept, kept[:1].expand(size - num_kept)])
+        bound = self.kept_rows_mode() == "bound"
+        if bound:
+            # SPEC §9.4 kept_rows='bound': no host synchronisation. The main pass has a host-known number of
+            # rows (the bucket of the bound k_max); `real` marks the slots holding the realised kept rows.
+            k_max = self.kept_rows_bound(B)
+            size = k_max if sizes is None else min(b for b in sizes if b >= k_max)
+            num_kept_t = r.keep.sum()
+            rows, real = _bound_rows(r.keep, num_kept_t, size)
+            kept = torch.where(real[:k_max], rows[:k_max], torch.full_like(rows[:k_max], B))
+            num_kept: Any = num_kept_t
+        else:
+            kept = torch.nonzero(r.keep).reshape(-1)   # the step's one host synchronisation (dynamic slice size)
+            num_kept = int(kept.numel())
+            num_kept_t = torch.full((), num_kept, dtype=torch.int64, device=input_ids.device)
+            # SPEC §9.4: pad the kept rows to a static bucket size with copies of the first kept row (no loss,
+            # no gradient), so that a compiled model sees a bounded number of batch shapes.
+            rows = kept
+            if sizes is not None and num_kept > 0:
+                size = min(b for b in sizes if b >= num_kept)
+                if size > num_kept:
+                    rows = torch.cat([kept, kept[:1].expand(size - num_kept)])
         sampled = r.weights is not None
         if sampled:
             # SPEC §9.2: the HT denominator N_tok = valid shifted targets of all eligible sequences (device).
             eff_all = effective_labels(labels, attention_mask, self.ignore_index)
             scored_all = eff_all[:, 1:] if self.shift_labels else eff_all
             n_tok = ((scored_all != HF_IGNORE_INDEX) & seq_elig[:, None]).sum()
-            w_kept = r.weights.index_select(0, kept)
-            # SPEC §10: (Σw)² / Σw² over the kept sequences (w ≥ 1, so Σw² > 0 whenever one is kept).
-            sample_ess = (w_kept.sum() ** 2 / (w_kept * w_kept).sum() if num_kept > 0
-                          else torch.zeros((), dtype=torch.float32, device=input_ids.device))
-        if num_kept == 0:
+            zero_f = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+            if bound:   # the same sums over the keep-mask, 0 when none is kept (no host branch)
+                w_kept = torch.where(r.keep, r.weights, zero_f)
+                w_sq = (w_kept * w_kept).sum()
+                sample_ess = torch.where(w_sq > 0, w_kept.sum() ** 2 / torch.where(w_sq > 0, w_sq, 1.0), zero_f)
+            else:
+                w_kept = r.weights.index_select(0, kept)
+                # SPEC §10: (Σw)² / Σw² over the kept sequences (w ≥ 1, so Σw² > 0 whenever one is kept).
+                sample_ess = w_kept.sum() ** 2 / (w_kept * w_kept).sum() if num_kept > 0 else zero_f
+        if not bound and num_kept == 0:
             loss = torch.zeros((), dtype=torch.float32, device=input_ids.device, requires_grad=True)
             outputs = None
             tokens_selected = torch.zeros((), dtype=torch.int64, device=input_ids.device)
         else:
+            if not bound:   # the slots holding kept rows; the rest is bucket padding (host-known here)
+                real = torch.arange(rows.shape[0], device=rows.device) < num_kept
+            # kept_rows='bound' with no kept row (n_seq = 0): the main pass still runs (its shape is static), on
+            # copies of row 0 with every position attended and every target 0, so that the model's own loss is
+            # finite; the step's loss is then replaced by an exact 0, whose gradient is 0 (SPEC §9.4).
+            empty = (num_kept_t == 0) if bound else None
+
             def take(t: Any) -> Any:
                 if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == B:
                     return t.index_select(0, rows)
@@ -504,7 +567,12 @@ class CGGRModel(Curriculum, nn.Module):
             am_k = None if attention_mask is None else attention_mask.index_select(0, rows)
             with torch.no_grad():   # only the kept rows' labels are needed
                 eff_k = effective_labels(labels.index_select(0, rows), am_k, self.ignore_index).to(torch.int64)
-                eff_k[num_kept:] = HF_IGNORE_INDEX   # bucket padding (SPEC §9.4): no target, no loss
+                # bucket / bound padding (SPEC §9.4): no target, no loss
+                eff_k = eff_k.masked_fill(~real[:, None], HF_IGNORE_INDEX)
+                if empty is not None:
+                    eff_k = torch.where(empty, torch.zeros_like(eff_k), eff_k)
+                    if am_k is not None:
+                        am_k = torch.where(empty, torch.ones_like(am_k), am_k)
             main_kwargs = {k: take(v) for k, v in kwargs.items()}
             ids_kw, takes_mask, takes_labels = self._forward_params
             if am_k is not None and takes_mask:
@@ -516,13 +584,16 @@ class CGGRModel(Curriculum, nn.Module):
             ids_k = input_ids.index_select(0, rows)
             outputs = model(input_ids=ids_k, **main_kwargs) if ids_kw else model(ids_k, **main_kwargs)
             loss = None if sampled else output_loss(outputs)
-            if loss is None:
+            own = loss is None
+            if own:
                 row_weights = None
                 if sampled:   # SPEC §9.2 / §8: ω_b = w_b ⊘ f32(max(1, N_tok)); padding rows 0 (§9.4)
-                    w_rows = r.weights.index_select(0, rows)
-                    w_rows[num_kept:] = 0.0
+                    w_rows = torch.where(real, r.weights.index_select(0, rows), 0.0)
                     row_weights = w_rows / torch.clamp(n_tok, min=1).to(torch.float32)
                 loss = self._own_loss(outputs, eff_k, row_weights)
+            if empty is not None:
+                loss = torch.where(empty, torch.zeros((), dtype=loss.dtype, device=loss.device), loss)
+            if own:
                 # Hand the loss back inside the model's own output where it has a loss field (a Hugging Face
                 # ModelOutput, a dict, an object with .loss = None), as a model given labels would.
                 if isinstance(outputs, dict):
@@ -533,8 +604,9 @@ class CGGRModel(Curriculum, nn.Module):
                     except AttributeError:   # a read-only loss (a property, a frozen dataclass): keep it as is
                         pass
             scored = eff_k[:, 1:] if self.shift_labels else eff_k
-            tokens_selected = (scored != HF_IGNORE_INDEX).sum()
+            tokens_selected = ((scored != HF_IGNORE_INDEX) & real[:, None]).sum()
         self.last_kept = kept
+        self.last_num_kept = num_kept_t
         self._last = {
             "step": self._step,
             "token_ratio": float(r.base),
@@ -553,7 +625,35 @@ class CGGRModel(Curriculum, nn.Module):
             "k_seq": r.k_seq,
             "router_path": r.path,
         }
-        return BatchSplitOutput(loss, outputs, kept, r.seq_d, seq_elig)
+        return BatchSplitOutput(loss, outputs, kept, r.seq_d, seq_elig, num_kept_t)
+
+    def kept_rows_mode(self) -> str:
+        """SPEC §9.4: ``'exact'`` or ``'bound'``, what ``kept_rows`` resolves to. ``'auto'`` is ``'bound'`` when
+        the bound is the count of a batch whose sequences are all eligible (no dynamic threshold, or a
+        sensitivity of 0, and not ``selection='sampled'``), else ``'exact'`` (DECISIONS.md
+        ``sync-free-batch-split``)."""
+        if self.kept_rows != "auto":
+            return self.kept_rows
+        cfg = self.config
+        if cfg.selection in SAMPLED_SELECTIONS or (cfg.uses_dynamic_threshold and cfg.threshold_sensitivity > 0):
+            return "exact"
+        return "bound"
+
+    def kept_rows_bound(self, batch_size: int) -> int:
+        """SPEC §9.4: ``k_max``, a host upper bound of the kept count of a batch of ``batch_size`` sequences at the
+        current step: ``num_selected(B, r_max)`` with ``r_max`` the curriculum ratio, raised to
+        ``min(1, base ⊗ (1 ⊕ σ))`` (the dynamic threshold at ``c̄ = 0``) when the threshold is on; ``B`` with
+        ``selection='sampled'`` (a Horvitz–Thompson draw may keep every eligible sequence)."""
+        cfg = self.config
+        if cfg.selection in SAMPLED_SELECTIONS:
+            return int(batch_size)
+        ratio = np.float32(self.base_ratio())
+        if cfg.uses_dynamic_threshold:
+            # SPEC §5.2's float32 operations at c̄ = 0: each is monotone in c̄, so no c̄ in [0, 1] exceeds it.
+            one = np.float32(1.0)
+            boost = np.float32(one + np.float32(one * np.float32(cfg.threshold_sensitivity)))
+            ratio = min(one, np.float32(ratio * boost))
+        return int(num_selected(int(batch_size), float(ratio)))
 
     def bucket_sizes(self, batch_size: int, model: Any = None) -> Optional[tuple[int, ...]]:
         """SPEC §9.4: the main pass's batch sizes for batches of ``batch_size`` sequences (ascending, ``B``

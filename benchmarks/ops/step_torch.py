@@ -16,7 +16,8 @@ of one shape. Rows (``ROWS``, in the order they run; each from the same initial 
 * ``batch_split_L1_<option>`` the cheaper routers of SPEC §9.3: ``CGGRModel(model, router_layers=1, **options)``
                      with ``cfg["router_options"][row]`` (``benchmarks/step.py`` ``ROUTER_OPTION_ROWS``:
                      ``router_positions``, ``router_samples``, ``router_prefix``, ``router_compile``, a
-                     combination); ``router_compile=True`` becomes ``{"backend": <compile backend>}`` when the
+                     combination; ``batch_split_L1_stride4``: ``router_positions=4``, the stride the quality
+                     study's gate chose); ``router_compile=True`` becomes ``{"backend": <compile backend>}`` when the
                      benchmark's backend is not inductor (``--quick``: ``aot_eager``);
 * ``random_subset``  the full model on ``k`` random sequences of the batch, ``k`` = what CGGR keeps.
 
@@ -58,10 +59,12 @@ ROWS: list[tuple[str, bool]] = [
     ("standard", False), ("standard", True), ("cggr_fused", False), ("cggr_fused", True), ("liger_flce", False),
     ("liger_flce", True), ("random_subset", False), ("batch_split_L4", False), ("random_subset", True),
     ("batch_split_L4", True), ("batch_split_L1", True), ("batch_split_L1_stride", True),
-    ("batch_split_L1_samples", True), ("batch_split_L1_prefix", True), ("batch_split_L1_compiled_router", True),
+    ("batch_split_L1_samples", True), ("batch_split_L1_prefix", True), ("batch_split_L1_stride4", True),
+    ("batch_split_L1_compiled_router", True),
     ("batch_split_L2", False), ("batch_split_L1", False), ("batch_split_L2", True),
     ("batch_split_L1_stride", False), ("batch_split_L1_samples", False), ("batch_split_L1_prefix", False),
-    ("batch_split_L1_compiled_router", False), ("cggr_loss", False), ("cggr_loss", True),
+    ("batch_split_L1_stride4", False), ("batch_split_L1_compiled_router", False), ("cggr_loss", False),
+    ("cggr_loss", True),
     ("batch_split_L1_combined", True), ("batch_split_L1_combined", False),
 ]
 #: The rows ``benchmarks/step.py`` runs without ``--rows`` (both variants of each): all but the combined router,
@@ -86,6 +89,7 @@ PRIOR_S: dict[tuple[str, bool], float] = {
     ("batch_split_L1_stride", False): 10, ("batch_split_L1_samples", False): 10,
     ("batch_split_L1_prefix", False): 10, ("batch_split_L1_compiled_router", False): 30,
     ("batch_split_L1_stride", True): 12, ("batch_split_L1_samples", True): 12, ("batch_split_L1_prefix", True): 12,
+    ("batch_split_L1_stride4", False): 10, ("batch_split_L1_stride4", True): 12,
     ("batch_split_L1_compiled_router", True): 30, ("batch_split_L1_combined", False): 30,
     ("batch_split_L1_combined", True): 30,
 }
@@ -97,6 +101,7 @@ LABELS = {
     "batch_split_L1_stride": "CGGRModel, 1-layer router, router_positions (stride)",
     "batch_split_L1_samples": "CGGRModel, 1-layer router, router_samples",
     "batch_split_L1_prefix": "CGGRModel, 1-layer router, router_prefix",
+    "batch_split_L1_stride4": "CGGRModel, 1-layer router, router_positions=4 (the quality study's gate)",
     "batch_split_L1_compiled_router": "CGGRModel, 1-layer router, router_compile=True",
     "batch_split_L1_combined": "CGGRModel, 1-layer router, router_prefix + router_samples + router_compile",
 }
@@ -237,17 +242,18 @@ def _make_row(row: str, compiled: bool, model: torch.nn.Module, cfg: dict[str, A
 
             def split_forward(ids: Tensor, labels: Tensor, shifted: Tensor) -> Out:
                 out = cg.forward_with(main, ids, labels)
-                return out.loss, int(out.kept.numel()) * (T - 1)
+                return out.loss, out.num_kept * (T - 1)   # a device count: no host read in the timed step
         else:
             def split_forward(ids: Tensor, labels: Tensor, shifted: Tensor) -> Out:
                 loss = cg(ids, labels=labels)
-                return loss, int(cg.last_kept.numel()) * (T - 1)
+                return loss, cg.last_num_kept * (T - 1)
         router = "router compiled" if options.get("router_compile") else "router eager"
         call = (f".forward_with(torch.compile(model), ids, labels) ({router}, buckets {cg.bucket_sizes(B, main)})"
                 if compiled else f"(ids, labels=labels) ({router})")
         args = "".join(f", {k}={v!r}" for k, v in shown.items())
         notes = {"api": f"CGGRModel(model, router_layers={layers}{args}){call}",
-                 "router_layers": layers, "nominal_kept": int(num_selected(B, cfg["ratio"]))}
+                 "router_layers": layers, "nominal_kept": int(num_selected(B, cfg["ratio"])),
+                 "kept_rows": cg.kept_rows_mode(), "kept_rows_bound": cg.kept_rows_bound(B)}
         if shown:
             notes["router_options"] = shown
         if compiled:
