@@ -136,7 +136,7 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device, batches:
                 kept_counts.append(keep)
             else:
                 loss = cggr(ids, labels=ids)
-                kept_counts.append(int(cggr.last_kept.numel()))
+                kept_counts.append(int(cggr.last_num_kept))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
