@@ -50,7 +50,8 @@ import triton
 import triton.language as tl
 
 from .launch import interpreting, num_sms
-from .scoring import check_kernel_device, device_guard, ref_of
+from .inputs import check_kernel_device, device_guard
+from .scoring import ref_of
 
 __all__ = [
     "HeadGemmConfig",
