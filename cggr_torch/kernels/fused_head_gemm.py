@@ -49,8 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreting, num_sms
 from .inputs import check_kernel_device, device_guard
+from .launch import interpreting, num_sms
 from .scoring import ref_of
 
 __all__ = [
