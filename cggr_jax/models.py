@@ -149,6 +149,13 @@ def _normal(std: float) -> nnx.Initializer:
     return nnx.initializers.normal(stddev=std)
 
 
+def _projection_kwargs(config: DecoderConfig, rngs: nnx.Rngs) -> dict[str, Any]:
+    """The ``nnx.Linear`` arguments of every projection inside a block (attention and MLP): no bias, the
+    config's compute and parameter dtypes, normal initialisation."""
+    return dict(use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype,
+                kernel_init=_normal(config.init_std), rngs=rngs)
+
+
 class RMSNorm(nnx.Module):
     """``y = x / sqrt(mean(x², axis=-1) + eps) ⊙ g``, computed in float32, returned in ``dtype``."""
 
@@ -186,13 +193,7 @@ class CausalSelfAttention(nnx.Module):
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs) -> None:
         d = config.d_model
-        kw = dict(
-            use_bias=False,
-            dtype=config.dtype,
-            param_dtype=config.param_dtype,
-            kernel_init=_normal(config.init_std),
-            rngs=rngs,
-        )
+        kw = _projection_kwargs(config, rngs)
         kv = config.kv_heads * config.head_dim
         self.q_proj = nnx.Linear(d, d, **kw)
         self.k_proj = nnx.Linear(d, kv, **kw)
@@ -225,13 +226,7 @@ class SwiGLU(nnx.Module):
     """``W_down(silu(W_gate x) ⊙ W_up x)``."""
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs) -> None:
-        kw = dict(
-            use_bias=False,
-            dtype=config.dtype,
-            param_dtype=config.param_dtype,
-            kernel_init=_normal(config.init_std),
-            rngs=rngs,
-        )
+        kw = _projection_kwargs(config, rngs)
         self.gate_proj = nnx.Linear(config.d_model, config.hidden_dim, **kw)
         self.up_proj = nnx.Linear(config.d_model, config.hidden_dim, **kw)
         self.down_proj = nnx.Linear(config.hidden_dim, config.d_model, **kw)

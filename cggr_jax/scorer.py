@@ -34,7 +34,7 @@ head-linearity rule in :mod:`cggr_jax.causal_lm`; ``cggr_jax.batch_split`` runs 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -220,24 +220,13 @@ def select_sequences(
     logits = utils.as_logits(router_logits, "router_logits")
     if logits.ndim != 3:
         raise ValueError(f"router_logits: expected shape (B, T, V), got {tuple(logits.shape)}")
-    B, T = _router_columns(tuple(logits.shape), labels, attention_mask, config, "router_logits")
-    V = logits.shape[-1]
-    if vocab_size is not None and int(vocab_size) != V:
-        raise ValueError(
-            f"router_logits: vocabulary size {V} differs from the model's vocab_size {int(vocab_size)}; the "
-            f"router must share the model's tokenizer and head"
-        )
-    if (step is None) == (ratio is None):
-        raise ValueError("select_sequences: pass exactly one of step= (curriculum) or ratio= (effective ratio)")
-    reference_nll = check_sequence_reference(reference_nll, config.scoring, (B, T))
-
-    targets, valid_mask, out_of_range = shifted_targets(labels, attention_mask, V, config)
-    idx, targets, valid_mask, out_of_range = _scored_pairs(config, T, targets, valid_mask, out_of_range, V)
-    z = logits[:, :T - 1] if idx is None else jnp.take(logits, idx, axis=1)   # SPEC §9.3: the pairs of S
-    ts = scoring.score_tokens(z, targets, scoring=router_scoring(config.scoring),
-                              ignore_index=config.ignore_index, valid_mask=valid_mask)
-    ts, seq_ref = apply_sequence_reference(ts, reference_nll, columns=None if idx is None else idx + 1)
-    return select_from_scores(ts, out_of_range, step, ratio, config, seq_ref)
+    pairs = _pairs_to_score("select_sequences", tuple(logits.shape), "router_logits", int(logits.shape[-1]),
+                            "router_logits", labels, attention_mask, step, ratio, config, vocab_size, reference_nll)
+    idx = pairs.columns
+    z = logits[:, :pairs.T - 1] if idx is None else jnp.take(logits, idx, axis=1)   # SPEC §9.3: the pairs of S
+    ts = scoring.score_tokens(z, pairs.targets, scoring=router_scoring(config.scoring),
+                              ignore_index=config.ignore_index, valid_mask=pairs.valid_mask)
+    return _select_pairs(ts, pairs, step, ratio, config)
 
 
 def check_shifted_labels(labels: Any, attention_mask: Any, vocab_size: int, ignore_index: int) -> None:
@@ -290,6 +279,45 @@ def _router_columns(shape: tuple[int, ...], labels: Any, attention_mask: Any, co
         raise ValueError(f"{name}: expected leading shape ({B}, T') with T' in {allowed} (all columns or the "
                          f"router_prefix read), got {tuple(shape)}")
     return B, T
+
+
+class _Pairs(NamedTuple):
+    """The shifted pairs a router scores (SPEC §9, §9.3), prepared by :func:`_pairs_to_score`."""
+
+    T: int                          # the batch's columns (of labels)
+    columns: Any                    # S, a static int32 array of router positions; None: every pair
+    targets: jax.Array              # the targets of the scored pairs
+    valid_mask: jax.Array | None    # their attention-mask validity (None without a mask)
+    out_of_range: jax.Array         # the out-of-range count of the considered targets
+    reference_nll: jax.Array | None  # checked (SPEC §9.1), still aligned like the labels
+
+
+def _pairs_to_score(caller: str, shape: tuple[int, ...], name: str, V: int, vocab_name: str, labels: Any,
+                    attention_mask: Any, step: Any, ratio: Any, config: BatchSplitConfig, vocab_size: int | None,
+                    reference_nll: Any) -> _Pairs:
+    """The checks and the targets shared by :func:`select_sequences` and :func:`select_sequences_fused`: the
+    router output ``name`` of leading ``shape`` against the labels and mask, its vocabulary ``V`` (named
+    ``vocab_name``) against ``vocab_size``, exactly one of ``step`` / ``ratio``, the reference; then the
+    shifted targets of the scored pairs (SPEC §9.3)."""
+    B, T = _router_columns(shape, labels, attention_mask, config, name)
+    if vocab_size is not None and int(vocab_size) != V:
+        raise ValueError(f"{vocab_name}: vocabulary size {V} differs from the model's vocab_size {int(vocab_size)}; "
+                         f"the router must share the model's tokenizer and head")
+    if (step is None) == (ratio is None):
+        raise ValueError(f"{caller}: pass exactly one of step= (curriculum) or ratio= (effective ratio)")
+    reference_nll = check_sequence_reference(reference_nll, config.scoring, (B, T))
+    targets, valid_mask, out_of_range = shifted_targets(labels, attention_mask, V, config)
+    idx, targets, valid_mask, out_of_range = _scored_pairs(config, T, targets, valid_mask, out_of_range, V)
+    return _Pairs(T, idx, targets, valid_mask, out_of_range, reference_nll)
+
+
+def _select_pairs(ts: TokenScores, pairs: _Pairs, step: Any, ratio: Any,
+                  config: BatchSplitConfig) -> SequenceSelection:
+    """The router's token scores of ``pairs`` → the selection: the reference (SPEC §9.1, at the target columns
+    of the scored pairs), then :func:`select_from_scores`."""
+    columns = None if pairs.columns is None else pairs.columns + 1
+    ts, seq_ref = apply_sequence_reference(ts, pairs.reference_nll, columns=columns)
+    return select_from_scores(ts, pairs.out_of_range, step, ratio, config, seq_ref)
 
 
 def _scored_pairs(config: BatchSplitConfig, T: int, targets: jax.Array, valid_mask: jax.Array | None,
@@ -370,26 +398,18 @@ def select_sequences_fused(
         raise ValueError(f"weight: expected a 2-D LM-head weight with weight_layout 'vd' or 'dv', got "
                          f"{tuple(wshape) if wshape is not None else type(weight).__name__} / {weight_layout!r}")
     V = int(wshape[0] if weight_layout == "vd" else wshape[1])
-    B, T = _router_columns(tuple(hshape), labels, attention_mask, config, "hidden")
-    if vocab_size is not None and int(vocab_size) != V:
-        raise ValueError(f"weight: vocabulary size {V} differs from the model's vocab_size {int(vocab_size)}; the "
-                         f"router must share the model's tokenizer and head")
-    if (step is None) == (ratio is None):
-        raise ValueError("select_sequences_fused: pass exactly one of step= (curriculum) or ratio= (effective "
-                         "ratio)")
-    reference_nll = check_sequence_reference(reference_nll, config.scoring, (B, T))
-    targets, valid_mask, out_of_range = shifted_targets(labels, attention_mask, V, config)
-    idx, targets, valid_mask, out_of_range = _scored_pairs(config, T, targets, valid_mask, out_of_range, V)
+    pairs = _pairs_to_score("select_sequences_fused", tuple(hshape), "hidden", V, "weight", labels,
+                            attention_mask, step, ratio, config, vocab_size, reference_nll)
+    idx = pairs.columns
     # SPEC §9.3: the head and the scoring run on the gathered hidden rows of S only (the saving).
-    h = hidden[:, :T - 1] if idx is None else jnp.take(hidden, idx, axis=1)
+    h = hidden[:, :pairs.T - 1] if idx is None else jnp.take(hidden, idx, axis=1)
     ts = fused_linear.fused_linear_scores(
-        jax.lax.stop_gradient(h), jax.lax.stop_gradient(weight), targets,
+        jax.lax.stop_gradient(h), jax.lax.stop_gradient(weight), pairs.targets,
         None if bias is None else jax.lax.stop_gradient(bias), scoring=router_scoring(config.scoring),
-        ignore_index=config.ignore_index, valid_mask=valid_mask,
+        ignore_index=config.ignore_index, valid_mask=pairs.valid_mask,
         memory_budget_bytes=config.router_memory_budget_bytes, weight_layout=weight_layout,
         logits_dtype=logits_dtype)
-    ts, seq_ref = apply_sequence_reference(ts, reference_nll, columns=None if idx is None else idx + 1)
-    return select_from_scores(ts, out_of_range, step, ratio, config, seq_ref)
+    return _select_pairs(ts, pairs, step, ratio, config)
 
 
 def score_sequences(

@@ -64,6 +64,10 @@ def hf_causal_lm_cggr_loss(model: nn.Module, input_ids: torch.Tensor, labels: to
     ``(B, T)``: ``reference_nll[b, t]`` is the reference model's loss of predicting ``labels[b, t]``. It is
     shifted exactly as the labels are (``reference_nll[:, 0]`` is never read; the last position has no target).
 
+    The head's kernel is ``loss_module.head_kernel`` (``FusedLinearCGGRLoss(head_kernel=...)``, SPEC §12;
+    :func:`cggr_torch.integrations.apply_cggr` passes its ``head_kernel=`` there): the module is the one holder
+    of the head's settings, so this function takes no second ``head_kernel`` that could contradict it.
+
     Returns the float32 loss; metrics via ``loss_module.get_metrics()``; call ``loss_module.step()`` after
     each optimizer step.
 

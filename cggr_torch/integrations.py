@@ -282,7 +282,7 @@ def _cggr_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     return CausalLMOutputWithPast(loss=loss, logits=None)
 
 
-def apply_cggr(model: torch.nn.Module, **config: Any) -> torch.nn.Module:
+def apply_cggr(model: torch.nn.Module, *, head_kernel: str = "auto", **config: Any) -> torch.nn.Module:
     """Switch a Hugging Face causal LM (Llama, Qwen2/3, Mistral, GPT-2, ... any ``*ForCausalLM`` with a base
     model and a linear ``nn.Linear`` output embedding) to the fused CGGR LM head, in place; returns ``model``.
 
@@ -308,7 +308,10 @@ def apply_cggr(model: torch.nn.Module, **config: Any) -> torch.nn.Module:
 
     Args:
         model: the causal LM (its forward is replaced on the instance; the class is untouched).
-        **config: the keyword arguments of :class:`~cggr_torch.fused_linear.FusedLinearCGGRLoss`
+        head_kernel: how the fused head computes its logits blocks (SPEC §12): ``"blocks"``, ``"gemm"`` (Triton
+            GEMM epilogues; not float64) or ``"auto"`` (the default); kept as ``model.cggr_loss.head_kernel``
+            and checked there, by :class:`~cggr_torch.fused_linear.FusedLinearCGGRLoss`.
+        **config: the other keyword arguments of :class:`~cggr_torch.fused_linear.FusedLinearCGGRLoss`
             (``min_tokens_ratio``, ``warmup_steps``, ``scoring``, ``selection``, ``config=CGGRConfig(...)``,
             chunk sizes, ...).
 
@@ -326,7 +329,8 @@ def apply_cggr(model: torch.nn.Module, **config: Any) -> torch.nn.Module:
     if is_masked_lm(model):
         raise ValueError(f"model: expected a causal LM (next-token prediction, SPEC §1 shift), got the masked LM "
                          f"{type(model).__name__}")
-    loss_module = FusedLinearCGGRLoss(**config)     # validates the settings, naming the argument
+    # validates the settings and head_kernel, naming the argument
+    loss_module = FusedLinearCGGRLoss(head_kernel=head_kernel, **config)
     # SPEC §9 at switch time (the loss repeats it only when the head changes: the result is cached)
     hf_base_and_head(model)
     own = model.forward

@@ -79,6 +79,41 @@ def _prefix(value: Any, seq_len: int, read: int) -> Any:
     return value
 
 
+def _score_rows(router: Callable[..., Any], path: str, ids: torch.Tensor, am_read: Optional[torch.Tensor],
+                kw: Mapping[str, Any], lab: Optional[torch.Tensor], am_scored: Optional[torch.Tensor],
+                pos: Optional[torch.Tensor], *, scoring: str, ignore_index: int, shift: bool,
+                vocab_size: Optional[int], memory_budget_bytes: int) -> tuple[TokenScores, torch.Tensor]:
+    """One chunk of :func:`router_token_scores`: run the router on ``ids`` (the columns it reads), check its
+    output, keep the positions ``pos`` (SPEC §9.3; None: all of them) and score them against ``lab``."""
+    rows, read = ids.shape
+    if path == "fused":
+        head = router.lm_head()
+        if vocab_size is not None and head.weight.shape[0] != vocab_size:
+            raise ValueError(f"router: its LM head has {head.weight.shape[0]} rows but the model's vocabulary "
+                             f"has {vocab_size} entries")
+        hidden = router.hidden_states(ids, attention_mask=am_read, **kw)
+        if tuple(hidden.shape[:2]) != (rows, read):
+            raise ValueError(f"router: expected hidden states of shape ({rows}, {read}, d), got "
+                             f"{tuple(hidden.shape)}")
+        # the head and the scoring run on the scored rows only
+        hidden = hidden if pos is None else hidden.index_select(1, pos)
+        return score_next_tokens_fused(hidden, head.weight, head.bias, lab, am_scored, scoring=scoring,
+                                       ignore_index=ignore_index, shift=shift,
+                                       memory_budget_bytes=memory_budget_bytes)
+    if path == "logits":
+        logits = router_logits(router(ids, attention_mask=am_read, **kw))
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != (rows, read):
+            raise ValueError(f"router: expected logits of shape ({rows}, {read}, V) for the {read} columns it "
+                             f"reads, got {tuple(logits.shape)}")
+        if vocab_size is not None and logits.shape[-1] != vocab_size:
+            raise ValueError(f"router: its vocabulary has {logits.shape[-1]} entries but the model's has "
+                             f"{vocab_size}; the router must score the model's own vocabulary (build it "
+                             f"with create_truncated_router(model) or from a model with the same tokenizer)")
+        logits = logits if pos is None else logits.index_select(1, pos)
+        return score_next_tokens(logits, lab, am_scored, scoring=scoring, ignore_index=ignore_index, shift=shift)
+    raise ValueError(f"path: expected 'fused' or 'logits' (a resolved router path), got {path!r}")
+
+
 def router_token_scores(router: Callable[..., Any], path: str, input_ids: torch.Tensor,
                         labels: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
                         router_kwargs: Mapping[str, Any], *, scoring: str, ignore_index: int, shift: bool,
@@ -117,62 +152,16 @@ def router_token_scores(router: Callable[..., Any], path: str, input_ids: torch.
             lab = None if labels is None else labels[sl]
             kw = {k: (v[sl] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v)
                   for k, v in router_kwargs.items()}
-        rows = ids.shape[0]
+        pos, am_scored, shift_scored = None, am, shift
         if index is not None:   # SPEC §9.3: read R columns, score the pairs of S (targets already aligned)
             pos, cols = index
-            ids, am_read = ids[:, :read], (None if am is None else am[:, :read])
-            kw = {k: _prefix(v, T, read) for k, v in kw.items()}
             lab = None if lab is None else lab.index_select(1, cols)
-            am_s = None if am is None else am.index_select(1, cols)
-            if path == "fused":
-                head = router.lm_head()
-                if vocab_size is not None and head.weight.shape[0] != vocab_size:
-                    raise ValueError(f"router: its LM head has {head.weight.shape[0]} rows but the model's "
-                                     f"vocabulary has {vocab_size} entries")
-                hidden = router.hidden_states(ids, attention_mask=am_read, **kw)
-                if tuple(hidden.shape[:2]) != (rows, read):
-                    raise ValueError(f"router: expected hidden states of shape ({rows}, {read}, d), got "
-                                     f"{tuple(hidden.shape)}")
-                scores, nf = score_next_tokens_fused(hidden.index_select(1, pos), head.weight, head.bias, lab,
-                                                     am_s, scoring=scoring, ignore_index=ignore_index,
-                                                     shift=False, memory_budget_bytes=memory_budget_bytes)
-            elif path == "logits":
-                logits = router_logits(router(ids, attention_mask=am_read, **kw))
-                if logits.dim() != 3 or tuple(logits.shape[:2]) != (rows, read):
-                    raise ValueError(f"router: expected logits of shape ({rows}, {read}, V) for the {read} "
-                                     f"columns it reads, got {tuple(logits.shape)}")
-                if vocab_size is not None and logits.shape[-1] != vocab_size:
-                    raise ValueError(f"router: its vocabulary has {logits.shape[-1]} entries but the model's has "
-                                     f"{vocab_size}; the router must score the model's own vocabulary")
-                scores, nf = score_next_tokens(logits.index_select(1, pos), lab, am_s, scoring=scoring,
-                                               ignore_index=ignore_index, shift=False)
-                del logits
-            else:
-                raise ValueError(f"path: expected 'fused' or 'logits' (a resolved router path), got {path!r}")
-        elif path == "fused":
-            head = router.lm_head()
-            if vocab_size is not None and head.weight.shape[0] != vocab_size:
-                raise ValueError(f"router: its LM head has {head.weight.shape[0]} rows but the model's vocabulary "
-                                 f"has {vocab_size} entries")
-            hidden = router.hidden_states(ids, attention_mask=am, **kw)
-            if tuple(hidden.shape[:2]) != (rows, T):
-                raise ValueError(f"router: expected hidden states of shape ({rows}, {T}, d), got "
-                                 f"{tuple(hidden.shape)}")
-            scores, nf = score_next_tokens_fused(hidden, head.weight, head.bias, lab, am, scoring=scoring,
-                                                 ignore_index=ignore_index, shift=shift,
-                                                 memory_budget_bytes=memory_budget_bytes)
-        elif path == "logits":
-            logits = router_logits(router(ids, attention_mask=am, **kw))
-            if logits.dim() != 3 or tuple(logits.shape[:2]) != (rows, T):
-                raise ValueError(f"router: expected logits of shape ({rows}, {T}, V), got {tuple(logits.shape)}")
-            if vocab_size is not None and logits.shape[-1] != vocab_size:
-                raise ValueError(f"router: its vocabulary has {logits.shape[-1]} entries but the model's has "
-                                 f"{vocab_size}; the router must score the model's own vocabulary (build it "
-                                 f"with create_truncated_router(model) or from a model with the same tokenizer)")
-            scores, nf = score_next_tokens(logits, lab, am, scoring=scoring, ignore_index=ignore_index, shift=shift)
-            del logits
-        else:
-            raise ValueError(f"path: expected 'fused' or 'logits' (a resolved router path), got {path!r}")
+            am_scored = None if am is None else am.index_select(1, cols)
+            ids, am, shift_scored = ids[:, :read], (None if am is None else am[:, :read]), False
+            kw = {k: _prefix(v, T, read) for k, v in kw.items()}
+        scores, nf = _score_rows(router, path, ids, am, kw, lab, am_scored, pos, scoring=scoring,
+                                 ignore_index=ignore_index, shift=shift_scored, vocab_size=vocab_size,
+                                 memory_budget_bytes=memory_budget_bytes)
         parts.append(scores)
         nonfinite = nf if nonfinite is None else nonfinite + nf
     assert nonfinite is not None  # B >= 1 (checked by check_batch)

@@ -234,6 +234,52 @@ def _gradient_written(ctx: Any, grad: torch.Tensor) -> None:
         torch.autograd.graph.increment_version(grad)
 
 
+def _save_for_sparse_backward(ctx: Any, geom: RowGeometry, logits: torch.Tensor, saved: tuple[Any, ...],
+                              bwd_config: Optional[LaunchConfig], inplace_backward: bool) -> None:
+    """What both eager autograd functions keep for their sparse backward: ``geom.x`` (the logits or their
+    unit-stride copy) then ``saved``, the geometry, the launch shape and the in-place state. No ``N·V`` buffer."""
+    ctx.save_for_backward(geom.x, *saved)
+    _save_geometry(ctx, geom, logits)
+    ctx.bwd_config = bwd_config
+    ctx.inplace_backward = inplace_backward
+    ctx.backward_done = False
+
+
+def _sparse_backward(ctx: Any, x: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor, lse: torch.Tensor,
+                     scale: torch.Tensor, *, count: Optional[torch.Tensor] = None,
+                     row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``∂loss/∂logits`` of both eager autograd functions (:func:`launch_selective_backward`'s ``scale``,
+    ``count`` and ``row_weights``), written into a new buffer or, with ``inplace_backward``, the logits."""
+    grad = _gradient_buffer(ctx, x)
+    launch_selective_backward(_saved_geometry(ctx, x), targets, selected, lse, scale, grad, ctx.bwd_config,
+                              count=count, row_weights=row_weights)
+    _gradient_written(ctx, grad)
+    return grad
+
+
+def _selective_loss(geom: RowGeometry, targets: torch.Tensor, selected: torch.Tensor, lse: Optional[torch.Tensor],
+                    row_weights: Optional[torch.Tensor], config: Optional[LaunchConfig]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, lse_out, denom)`` of the unfused loss, eager or custom op: ``lse_out`` the computed log-sum-exp
+    when ``lse`` is None, else empty; ``denom`` the float32 divisor (``max(1, |S|)``, or 1 with
+    ``row_weights``: SPEC §7.4/§8's ``Σ ω_i·nll_i``, unselected rows having ``nll = 0`` and ``ω = 0``)."""
+    dev = geom.x.device
+    nll = torch.empty((geom.n,), dtype=torch.float32, device=dev)
+    if lse is None:
+        lse_out = torch.empty((geom.n,), dtype=torch.float32, device=dev)
+        launch_selective_forward(geom, targets, selected, None, nll, lse_out, config)
+    else:
+        lse_out = torch.empty((0,), dtype=torch.float32, device=dev)
+        launch_selective_forward(geom, targets, selected, lse, nll, None, config)
+    if row_weights is None:
+        denom = torch.clamp(selected.sum(dtype=torch.int64), min=1).to(torch.float32)
+        loss = nll.sum() / denom
+    else:
+        denom = torch.ones((), dtype=torch.float32, device=dev)
+        loss = torch.where(selected != 0, nll * row_weights, torch.zeros_like(nll)).sum()
+    return loss, lse_out, denom
+
+
 class _SelectiveCrossEntropy(torch.autograd.Function):
     """``loss = Σ_{i∈S} nll_i / max(1, |S|)``; backward ``g·(softmax − onehot)/max(1, |S|)`` on S, 0 elsewhere.
 
@@ -248,27 +294,10 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
                 fwd_config: Optional[LaunchConfig], bwd_config: Optional[LaunchConfig],
                 row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         geom = row_geometry(logits.detach())
-        dev = logits.device
-        nll = torch.empty((geom.n,), dtype=torch.float32, device=dev)
-        if lse is None:
-            lse_saved = torch.empty((geom.n,), dtype=torch.float32, device=dev)
-            launch_selective_forward(geom, targets, selected, None, nll, lse_saved, fwd_config)
-        else:
-            lse_saved = lse
-            launch_selective_forward(geom, targets, selected, lse, nll, None, fwd_config)
-        if row_weights is None:
-            count = selected.sum(dtype=torch.int64)
-            denom = torch.clamp(count, min=1).to(torch.float32)
-            loss = nll.sum() / denom
-        else:  # SPEC §7.4/§8: Σ ω_i·nll_i (unselected rows have nll = 0 and ω = 0)
-            denom = torch.ones((), dtype=torch.float32, device=dev)
-            loss = torch.where(selected != 0, nll * row_weights, torch.zeros_like(nll)).sum()
+        loss, lse_out, denom = _selective_loss(geom, targets, selected, lse, row_weights, fwd_config)
         # geom.x is the logits or (non-unit last stride, never with inplace_backward) a contiguous copy.
-        ctx.save_for_backward(geom.x, targets, selected, lse_saved, denom, row_weights)
-        _save_geometry(ctx, geom, logits)
-        ctx.inplace_backward = inplace_backward
-        ctx.bwd_config = bwd_config
-        ctx.backward_done = False
+        _save_for_sparse_backward(ctx, geom, logits, (targets, selected, lse_out if lse is None else lse, denom,
+                                                      row_weights), bwd_config, inplace_backward)
         return loss
 
     @staticmethod
@@ -278,13 +307,8 @@ class _SelectiveCrossEntropy(torch.autograd.Function):
         nones = (None,) * 7
         if not ctx.needs_input_grad[0]:
             return (None,) + nones
-        geom = _saved_geometry(ctx, x)
         scale = (grad_loss.detach().to(torch.float32).reshape(1) / denom).contiguous()
-        grad = _gradient_buffer(ctx, x)
-        launch_selective_backward(geom, targets, selected, lse, scale, grad, ctx.bwd_config,
-                                  row_weights=row_weights)
-        _gradient_written(ctx, grad)
-        return (grad,) + nones
+        return (_sparse_backward(ctx, x, targets, selected, lse, scale, row_weights=row_weights),) + nones
 
 
 def selective_cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
@@ -384,11 +408,8 @@ class _ScoredSelectiveCrossEntropy(torch.autograd.Function):
             launch_masked_mean(selected, nll, loss, count)
         else:   # a new tensor: the op's own output stays non-differentiable
             loss = loss_in.detach().reshape(()).clone()
-        ctx.save_for_backward(geom.x, targets, selected, lse, count, row_weights)
-        _save_geometry(ctx, geom, logits)
-        ctx.bwd_config = bwd_config
-        ctx.inplace_backward = inplace_backward
-        ctx.backward_done = False
+        _save_for_sparse_backward(ctx, geom, logits, (targets, selected, lse, count, row_weights), bwd_config,
+                                  inplace_backward)
         return loss
 
     @staticmethod
@@ -398,18 +419,10 @@ class _ScoredSelectiveCrossEntropy(torch.autograd.Function):
         nones = (None,) * 10
         if not ctx.needs_input_grad[0]:
             return (None,) + nones
-        geom = _saved_geometry(ctx, x)
-        g = grad_loss.detach()
-        if g.dtype != torch.float32:
-            g = g.to(torch.float32)
-        grad = _gradient_buffer(ctx, x)
-        if row_weights is None:
-            launch_selective_backward(geom, targets, selected, lse, g.reshape(1), grad, ctx.bwd_config,
-                                      count=count)
-        else:
-            launch_selective_backward(geom, targets, selected, lse, g.reshape(1).contiguous(), grad,
-                                      ctx.bwd_config, row_weights=row_weights)
-        _gradient_written(ctx, grad)
+        g = grad_loss.detach().to(torch.float32).reshape(1).contiguous()
+        # with row_weights the scale is g·ω_i; without, g/|S| is formed in the kernel from the device count
+        grad = _sparse_backward(ctx, x, targets, selected, lse, g, count=None if row_weights is not None else count,
+                                row_weights=row_weights)
         return (grad,) + nones
 
 
@@ -518,22 +531,7 @@ def selective_cross_entropy_op(logits: torch.Tensor, targets: torch.Tensor, sele
     """``(loss, lse_out, denom)`` on prepared inputs (flat int64 ``targets``, uint8 ``selected``, optional
     flat float32 ``lse`` / ``row_weights``); ``lse_out`` is the computed log-sum-exp when ``lse`` is None,
     else empty; ``denom`` the float32 divisor (``max(1, |S|)``, or 1 with ``row_weights``)."""
-    geom = row_geometry(logits.detach())
-    dev = logits.device
-    nll = torch.empty((geom.n,), dtype=torch.float32, device=dev)
-    if lse is None:
-        lse_out = torch.empty((geom.n,), dtype=torch.float32, device=dev)
-        launch_selective_forward(geom, targets, selected, None, nll, lse_out, None)
-    else:
-        lse_out = torch.empty((0,), dtype=torch.float32, device=dev)
-        launch_selective_forward(geom, targets, selected, lse, nll, None, None)
-    if row_weights is None:
-        denom = torch.clamp(selected.sum(dtype=torch.int64), min=1).to(torch.float32)
-        loss = nll.sum() / denom
-    else:
-        denom = torch.ones((), dtype=torch.float32, device=dev)
-        loss = torch.where(selected != 0, nll * row_weights, torch.zeros_like(nll)).sum()
-    return loss, lse_out, denom
+    return _selective_loss(row_geometry(logits.detach()), targets, selected, lse, row_weights, None)
 
 
 @selective_cross_entropy_op.register_fake
@@ -544,17 +542,25 @@ def _(logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor, lse: 
     return torch.empty((), **f32), torch.empty((n if lse is None else 0,), **f32), torch.empty((), **f32)
 
 
+def _op_gradient(logits: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor, lse: torch.Tensor,
+                 scale: torch.Tensor, *, count: Optional[torch.Tensor] = None,
+                 row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The custom ops' backward: a new gradient buffer (an op never writes its inputs), every element written
+    by :func:`launch_selective_backward` (its ``scale``, ``count`` and ``row_weights``)."""
+    grad = torch.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
+    launch_selective_backward(row_geometry(logits.detach()), targets, selected, lse, scale, grad, None, count=count,
+                              row_weights=row_weights)
+    return grad
+
+
 @torch.library.custom_op("cggr::selective_cross_entropy_backward", mutates_args=())
 def selective_cross_entropy_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                                         selected: torch.Tensor, lse: torch.Tensor, denom: torch.Tensor,
                                         row_weights: Optional[torch.Tensor]) -> torch.Tensor:
     """``∂loss/∂logits`` of :func:`selective_cross_entropy_op`: ``g·(softmax − onehot)/denom`` on the selected
     rows (times ``row_weights``), exact zeros elsewhere; the logits' shape and dtype."""
-    geom = row_geometry(logits.detach())
     scale = (grad_loss.detach().to(torch.float32).reshape(1) / denom).contiguous()
-    grad = torch.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
-    launch_selective_backward(geom, targets, selected, lse, scale, grad, None, row_weights=row_weights)
-    return grad
+    return _op_gradient(logits, targets, selected, lse, scale, row_weights=row_weights)
 
 
 @selective_cross_entropy_backward_op.register_fake
@@ -601,11 +607,7 @@ def scored_selective_cross_entropy_backward_op(grad_loss: torch.Tensor, logits: 
                                                targets: torch.Tensor, selected: torch.Tensor, lse: torch.Tensor,
                                                count: torch.Tensor) -> torch.Tensor:
     """``∂loss/∂logits`` of :func:`scored_selective_cross_entropy_op` (``g/|S|`` formed on the device)."""
-    geom = row_geometry(logits.detach())
-    g = grad_loss.detach().to(torch.float32).reshape(1)
-    grad = torch.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
-    launch_selective_backward(geom, targets, selected, lse, g, grad, None, count=count)
-    return grad
+    return _op_gradient(logits, targets, selected, lse, grad_loss.detach().to(torch.float32).reshape(1), count=count)
 
 
 @scored_selective_cross_entropy_backward_op.register_fake

@@ -203,6 +203,65 @@ def test_apply_cggr_rejects_bad_input_naming_it():
     assert model(input_ids=ids, labels=labels, return_dict=False)[0].dim() == 0
 
 
+# ------------------------------------------------------------------------------------ head_kernel (SPEC §12)
+def _record_head_kernel(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ``head_kernel`` each fused-head forward runs with (the fused head's one decision point, called
+    through: on CPU every value takes the reference path, so the value is what can be checked here)."""
+    import cggr_torch.fused_linear as fused_linear
+
+    seen: list[str] = []
+    decide = fused_linear._head_gemm_for
+
+    def recording(hidden: torch.Tensor, head_kernel: str) -> bool:
+        seen.append(head_kernel)
+        return decide(hidden, head_kernel)
+
+    monkeypatch.setattr(fused_linear, "_head_gemm_for", recording)
+    return seen
+
+
+@pytest.mark.parametrize("head_kernel", ["auto", "gemm", "blocks"])
+def test_head_kernel_reaches_the_fused_head(monkeypatch, head_kernel):
+    seen = _record_head_kernel(monkeypatch)
+    model = _no_dropout(tiny_model("llama").train())
+    ref_model = copy.deepcopy(model)
+    ids, am, labels = _batch()
+    want = hf_causal_lm_cggr_loss(ref_model, ids, labels, FusedLinearCGGRLoss(head_kernel=head_kernel, **CFG), am)
+    assert seen == [head_kernel]                          # hf_causal_lm_cggr_loss runs the module's head_kernel
+    apply_cggr(model, head_kernel=head_kernel, **CFG)
+    assert model.cggr_loss.head_kernel == head_kernel
+    got = model(ids, labels=labels, attention_mask=am).loss
+    assert seen == [head_kernel, head_kernel]             # apply_cggr's forward too
+    assert torch.equal(got.detach(), want.detach())
+    # an independent reference: without the keyword the head is "auto", the same loss on CPU
+    default = apply_cggr(copy.deepcopy(ref_model), **CFG)
+    assert default.cggr_loss.head_kernel == "auto"
+    assert torch.equal(default(ids, labels=labels, attention_mask=am).loss.detach(), want.detach())
+
+
+def test_use_cggr_fused_passes_head_kernel_to_apply_cggr(monkeypatch, tmp_path):
+    seen = _record_head_kernel(monkeypatch)
+    model = tiny_model("llama").train()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_dataset(6))
+    use_cggr(trainer, head="fused", head_kernel="blocks", **CFG)
+    assert trainer.cggr is model.cggr_loss and model.cggr_loss.head_kernel == "blocks"
+    trainer.train()
+    assert seen and set(seen) == {"blocks"}
+
+
+def test_bad_head_kernel_is_a_value_error_naming_it():
+    model = tiny_model("llama")
+    for bad in ("cublas", "GEMM", None, 1):
+        with pytest.raises(ValueError, match="head_kernel: expected one of"):
+            apply_cggr(model, head_kernel=bad)
+        assert "forward" not in model.__dict__ and "cggr_loss" not in model.__dict__     # nothing half-applied
+    # "gemm" has no float64 path: refused at the first training forward, whatever the device
+    double = apply_cggr(tiny_model("llama").double().train(), head_kernel="gemm", **CFG)
+    ids, am, labels = _batch()
+    with pytest.raises(ValueError, match="head_kernel: 'gemm' needs float32"):
+        double(ids, labels=labels, attention_mask=am)
+
+
 # ------------------------------------------------------------------------- use_cggr(trainer, head="fused")
 def test_use_cggr_fused_trains_with_the_fused_head_and_logs(tmp_path):
     import cggr
