@@ -50,6 +50,18 @@ def _loss_and_grads(trainer: Any, inputs: dict[str, Any]) -> tuple[float, list[t
     return float(loss.detach()), [p.grad.detach().clone() for p in trainer.model.parameters() if p.grad is not None]
 
 
+def _assert_same_loss_and_grads(theirs: Any, theirs_inputs: dict[str, Any], ours: Any,
+                                ours_inputs: dict[str, Any]) -> None:
+    """TRL's loss and gradients on its batch equal ours on ours (non-zero gradients, float32 rounding)."""
+    la, ga = _loss_and_grads(theirs, theirs_inputs)
+    lb, gb = _loss_and_grads(ours, ours_inputs)
+    assert len(ga) == len(gb) > 0
+    assert abs(la - lb) <= 1e-6 + 1e-5 * abs(la)
+    scale = max(float(g.abs().max()) for g in ga)
+    assert scale > 0
+    assert max(float((x - y).abs().max()) for x, y in zip(ga, gb)) <= 1e-5 * scale
+
+
 @pytest.mark.parametrize("loss_type, beta", [("dapo", 0.0), ("grpo", 0.0), ("bnpo", 0.0)])
 def test_all_tokens_kept_equals_trls_own_path(tmp_path, loss_type, beta):
     """(The KL term, ``beta > 0``: :func:`test_kl_to_the_reference_equals_trls_own_path`.)"""
@@ -58,13 +70,7 @@ def test_all_tokens_kept_equals_trls_own_path(tmp_path, loss_type, beta):
     ours = _trainer(CGGRGRPOTrainer, copy.deepcopy(model), tmp_path / "b", loss_type=loss_type, beta=beta)
     torch.manual_seed(0)
     inputs = theirs._generate_and_score_completions([_dataset()[i] for i in range(4)])
-    la, ga = _loss_and_grads(theirs, inputs)
-    lb, gb = _loss_and_grads(ours, inputs)
-    assert len(ga) == len(gb) > 0
-    assert abs(la - lb) <= 1e-6 + 1e-5 * abs(la)
-    scale = max(float(g.abs().max()) for g in ga)
-    assert scale > 0
-    assert max(float((a - b).abs().max()) for a, b in zip(ga, gb)) <= 1e-5 * scale
+    _assert_same_loss_and_grads(theirs, inputs, ours, inputs)
 
 
 def test_kl_to_the_reference_equals_trls_own_path(tmp_path):
@@ -96,13 +102,7 @@ def test_kl_to_the_reference_equals_trls_own_path(tmp_path):
                                                               a["completion_mask"]], 1), ids.shape[1] -
                                                               a["prompt_ids"].shape[1], temperature=0.9)
     assert (policy_logps - a["ref_per_token_logps"]).abs().max() > 1e-2     # the KL term is not zero
-    la, ga = _loss_and_grads(theirs, a)
-    lb, gb = _loss_and_grads(ours, b)
-    assert len(ga) == len(gb) > 0
-    assert abs(la - lb) <= 1e-6 + 1e-5 * abs(la)
-    scale = max(float(g.abs().max()) for g in ga)
-    assert scale > 0
-    assert max(float((x - y).abs().max()) for x, y in zip(ga, gb)) <= 1e-5 * scale
+    _assert_same_loss_and_grads(theirs, a, ours, b)
 
 
 def test_per_token_logps_match_trl(tmp_path):
