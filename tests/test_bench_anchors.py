@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -20,16 +19,8 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import report, run  # noqa: E402
 from benchmarks.harness import records  # noqa: E402
+from tests.bench_env import subprocess_env as _env  # noqa: E402
 
-
-def _env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p])
-    e.setdefault("TRITON_INTERPRET", "1")
-    e.setdefault("JAX_PLATFORMS", "cpu")
-    e.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    e["CGGR_GPU_NAME"] = "cpu"
-    return e
 
 
 # ------------------------------------------------------------------------------------------ the op script

@@ -7,7 +7,6 @@ They check the plumbing, not the numbers: no GPU is needed and nothing here is t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -21,16 +20,8 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import report, run  # noqa: E402
 from benchmarks.harness import convert, env, records, timing  # noqa: E402
+from tests.bench_env import subprocess_env as _subprocess_env  # noqa: E402
 
-
-def _subprocess_env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p])
-    e.setdefault("TRITON_INTERPRET", "1")
-    e.setdefault("JAX_PLATFORMS", "cpu")
-    e.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    e["CGGR_GPU_NAME"] = "cpu"  # the layout's <gpu> level, whatever this machine has
-    return e
 
 
 # ------------------------------------------------------------------------------------------------ runner
