@@ -104,12 +104,19 @@ from .router import (
     model_vocab_size,
     resolve_router_path,
 )
-from .scorer import check_budget, router_token_scores, scored_index
-from .scoring import score_next_tokens
-from .selection import rank_tokens, sample_tokens, select_tokens
-from .sequence_reference import apply_sequence_reference, check_sequence_reference, router_scoring
+from .scorer import (
+    check_budget,
+    reference_sequence_difficulty,
+    router_token_scores,
+    scored_index,
+    select_sequences,
+    sequence_difficulty,
+    sequence_selection,
+)
+from .selection import sample_tokens, select_tokens
+from .sequence_reference import check_sequence_reference, router_scoring
 from .types import SequenceSelection, TokenScores
-from .utils import check_batch, check_target_range, resolve_config, widen_labels
+from .utils import check_batch, resolve_config, widen_labels
 
 __all__ = ["CGGRModel", "BatchSplitOutput", "SEQUENCE_SELECTIONS", "MODEL_METRIC_KEYS", "SequenceSelection",
            "select_sequences", "sequence_difficulty", "effective_labels", "HF_IGNORE_INDEX", "default_buckets",
@@ -175,84 +182,6 @@ class _Route(NamedTuple):
     keep: torch.Tensor
     k_seq: torch.Tensor
     weights: Optional[torch.Tensor]   # SPEC §9.2: (B,) float32 1/π_b of the kept sequences (sampled only)
-
-
-def sequence_difficulty(difficulty: torch.Tensor, eligible: torch.Tensor,
-                        sequence_reference: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC §9: ``D_b`` = float32 mean token difficulty over the eligible tokens of row ``b``; a row with no
-    eligible token is not eligible (its ``D_b`` is 0). With a float32 per-sequence ``sequence_reference``
-    ``(B,)`` (SPEC §9.1; ``difficulty`` is then the router's ``nll``): ``D_b`` = that mean ``⊖ ref_b``."""
-    count = eligible.sum(dim=1)
-    zero = torch.zeros((), dtype=torch.float32, device=difficulty.device)
-    total = torch.where(eligible, difficulty.to(torch.float32), zero).sum(dim=1)
-    seq_d, seq_ok = total / torch.clamp(count, min=1).to(torch.float32), count > 0
-    if sequence_reference is not None:
-        seq_d = torch.where(seq_ok, seq_d - sequence_reference, zero)
-    return seq_d, seq_ok
-
-
-def _reference_sequence_difficulty(scores: TokenScores, reference_nll: Optional[torch.Tensor], shift: bool,
-                                   columns: Optional[torch.Tensor] = None
-                                   ) -> tuple[TokenScores, torch.Tensor, torch.Tensor]:
-    """SPEC §9/§9.1: the token scores after the reference (if any) and ``(D, sequence eligible)``; ``columns``:
-    the target columns of a subset of scored positions (SPEC §9.3)."""
-    scores, seq_ref = apply_sequence_reference(scores, reference_nll, shift=shift, columns=columns)
-    values = scores.stats.nll if seq_ref is not None else scores.difficulty
-    return (scores,) + sequence_difficulty(values, scores.eligible, seq_ref)
-
-
-def _selection(scores: TokenScores, seq_d: torch.Tensor, seq_elig: torch.Tensor, keep: torch.Tensor,
-               k: torch.Tensor, ratio: torch.Tensor, base: Any) -> SequenceSelection:
-    dev = seq_d.device
-    base_t = torch.full((), float(np.float32(base)), dtype=torch.float32, device=dev)
-    return SequenceSelection(keep, k, rank_tokens(seq_d, seq_elig), seq_d, seq_elig,
-                             torch.as_tensor(ratio, dtype=torch.float32, device=dev).reshape(()), base_t, scores,
-                             torch.zeros((), dtype=torch.int32, device=dev))
-
-
-def select_sequences(router_logits: torch.Tensor, labels: torch.Tensor,
-                     attention_mask: Optional[torch.Tensor] = None, *, ratio: Any, scoring: str = CGGRConfig.scoring,
-                     ignore_index: int = CGGRConfig.ignore_index,
-                     reference_nll: Optional[torch.Tensor] = None, router_positions: Any = ROUTER_POSITIONS_ALL,
-                     router_samples: Optional[int] = None,
-                     router_prefix: Optional[int] = None) -> SequenceSelection:
-    """SPEC §9 sequence selection from router logits ``(B, T, V)`` and unshifted ``labels`` ``(B, T)`` at the
-    float32 effective ``ratio`` — the pure form of what :meth:`CGGRModel.forward` does after its router pass,
-    used by the cross-framework parity tests (``cggr_jax.batch_split.select_sequences(..., ratio=...)``).
-    ``base_ratio`` of the result is NaN (the ratio was passed directly). ``reference_nll``: ``scoring='excess'``
-    only, ``(B, T)`` per token aligned like ``labels`` or ``(B,)`` per sequence (SPEC §9.1).
-    ``router_positions``, ``router_samples``, ``router_prefix``: SPEC §9.3, the scored subset of positions;
-    ``router_logits`` may then hold the ``R`` columns a prefix router read instead of all ``T``."""
-    positions = RouterPositions(router_positions, router_samples, router_prefix)
-    labels = widen_labels(labels, ignore_index, name="labels")
-    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 3:
-        got = tuple(router_logits.shape) if isinstance(router_logits, torch.Tensor) else type(router_logits).__name__
-        raise ValueError(f"router_logits: expected a (B, T, V) tensor, got {got}")
-    B, T = tuple(router_logits.shape[:2])
-    if not positions.is_full:   # the logits may cover the R columns a prefix router read (SPEC §9.3)
-        if labels.dim() != 2:
-            raise ValueError(f"labels: expected a (B, T) integer tensor, got shape {tuple(labels.shape)}")
-        B, T = tuple(labels.shape)
-        check_batch(labels, labels, attention_mask)
-        allowed = sorted({T, positions.read_length(T)})
-        if router_logits.shape[0] != B or router_logits.shape[1] not in allowed:
-            raise ValueError(f"router_logits: expected shape ({B}, T', V) with T' in {allowed} (all columns or "
-                             f"the router_prefix read), got {tuple(router_logits.shape)}")
-    index = scored_index(positions, T, shift=True, device=router_logits.device)
-    reference_nll = check_sequence_reference(reference_nll, scoring, (B, T), device=router_logits.device)
-    if index is None:
-        scores, _ = score_next_tokens(router_logits, labels, attention_mask, scoring=router_scoring(scoring),
-                                      ignore_index=ignore_index, shift=True)
-        columns = None
-    else:   # SPEC §9.3: the pairs of S only (the logits of all T columns or of the R a prefix router read)
-        pos, columns = index
-        check_target_range(labels, router_logits.shape[-1], ignore_index, name="labels")
-        scores, _ = score_next_tokens(router_logits.index_select(1, pos), labels.index_select(1, columns),
-                                      None if attention_mask is None else attention_mask.index_select(1, columns),
-                                      scoring=router_scoring(scoring), ignore_index=ignore_index, shift=False)
-    scores, seq_d, seq_elig = _reference_sequence_difficulty(scores, reference_nll, True, columns)
-    mask, k = select_tokens(seq_d, seq_elig, ratio, selection="topk")
-    return _selection(scores, seq_d, seq_elig, mask, k, ratio, float("nan"))
 
 
 class CGGRModel(Curriculum, nn.Module):
@@ -440,7 +369,7 @@ class CGGRModel(Curriculum, nn.Module):
                 memory_budget_bytes=self.router_memory_budget_bytes, positions=self.positions)
             index = scored_index(self.positions, input_ids.shape[1], shift=self.shift_labels,
                                  device=input_ids.device)
-            scores, seq_d, seq_elig = _reference_sequence_difficulty(scores, reference_nll, self.shift_labels,
+            scores, seq_d, seq_elig = reference_sequence_difficulty(scores, reference_nll, self.shift_labels,
                                                                      None if index is None else index[1])
             elig = scores.eligible
             if reference_nll is not None:   # SPEC §3.1: a non-finite reference counts as a non-finite token
@@ -471,7 +400,7 @@ class CGGRModel(Curriculum, nn.Module):
                                                  device=input_ids.device)
         labels = widen_labels(labels, self.config.ignore_index, name="labels")
         r = self._route(input_ids, labels, attention_mask, kwargs, reference_nll)
-        return _selection(r.scores, r.seq_d, r.seq_elig, r.keep, r.k_seq, r.ratio, r.base)
+        return sequence_selection(r.scores, r.seq_d, r.seq_elig, r.keep, r.k_seq, r.ratio, r.base)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
