@@ -55,3 +55,23 @@ def kernel_test_device() -> str:
     pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
     raise AssertionError("unreachable")  # pragma: no cover
 
+
+
+def assert_fails_in_a_child(source: str, match: str) -> None:
+    """Runs ``source`` in a child Python and checks that it fails with ``match`` (a regex) on its stderr.
+
+    On a GPU a failed ``torch._assert_async`` is a device-side assertion: it is reported asynchronously and
+    leaves the process's CUDA context unusable, so every later test in the same worker would fail too. Such a
+    call can only be tested in a process of its own."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
+    assert proc.returncode != 0, f"the child should have failed; stdout: {proc.stdout[-2000:]}"
+    assert re.search(match, proc.stderr), proc.stderr[-4000:]

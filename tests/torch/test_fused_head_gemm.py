@@ -95,7 +95,7 @@ def test_statistics_equal_for_every_split_count():
 def test_statistics_match_the_blocks_path():
     """fp32: the epilogue's statistics equal today's path (cuBLAS blocks + the chunked statistics kernel)
     within twice the SPEC §11 bounds; the eligibility is identical."""
-    h, w, b, t = _inputs(5, 37, 33, 300, torch.float32)
+    h, w, b, t = (x.to(DEVICE) for x in _inputs(5, 37, 33, 300, torch.float32))
     with dispatch.force("kernel"):
         got = fused_linear_scores(h, w, t, b, head_kernel="gemm")
         blocks = fused_linear_scores(h, w, t, b, head_kernel="blocks", vocab_chunk_size=100)
@@ -362,7 +362,7 @@ def test_fused_loss_gemm_all_ignored_and_nonfinite_rows():
 
 def test_module_and_reference_dispatch():
     """The module takes ``head_kernel``; where dispatch selects the reference, ``"gemm"`` runs it too."""
-    h, w, b, t = _inputs(24, 3 * 5, 16, 40, torch.float32)
+    h, w, b, t = (x.to(DEVICE) for x in _inputs(24, 3 * 5, 16, 40, torch.float32))
     h3, t3 = h.reshape(3, 5, 16), t.reshape(3, 5)
     crit = FusedLinearCGGRLoss(warmup_steps=0, head_kernel="gemm")
     assert "head_kernel='gemm'" in repr(crit)
@@ -412,7 +412,7 @@ def test_custom_ops_pass_opcheck():
 def test_compiled_module_matches_eager():
     """SPEC §12.1: ``cggr::head_gemm_statistics`` and the selected-rows op with the epilogue backward compile
     with ``fullgraph=True`` and compute what the eager call computes."""
-    h, w, b, t = _inputs(27, 2 * 6, 16, 40, torch.float32)
+    h, w, b, t = (x.to(DEVICE) for x in _inputs(27, 2 * 6, 16, 40, torch.float32))
     h3, t3 = h.reshape(2, 6, 16), t.reshape(2, 6)
     crit, twin = (FusedLinearCGGRLoss(warmup_steps=0, head_kernel="gemm") for _ in range(2))
     with dispatch.force("kernel"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests import oracle
-from tests.torch import DTYPES, kernel_test_device, random_logits, random_targets
+from tests.torch import DTYPES, assert_fails_in_a_child, kernel_test_device, random_logits, random_targets
 
 from cggr_torch import CGGRLoss, cggr_loss, dispatch  # noqa: E402
 from cggr_torch import loss as loss_mod  # noqa: E402
@@ -166,6 +166,17 @@ def test_out_of_range_targets_raise():
     rng = np.random.default_rng(4)
     logits, targets = _batch(rng, (2, 5, 7), odd=False)
     targets[1, 2] = 7
+    if DEVICE == "cuda":    # a device-side assertion: only a process of its own survives it
+        assert_fails_in_a_child(
+            "import torch\n"
+            "from cggr_torch import CGGRLoss\n"
+            "x = torch.randn(2, 5, 7, device='cuda', requires_grad=True)\n"
+            "t = torch.zeros(2, 5, dtype=torch.int64, device='cuda')\n"
+            "t[1, 2] = 7\n"
+            "CGGRLoss(selection='sampled', warmup_steps=0)(x, t).backward()\n"
+            "torch.cuda.synchronize()\n",
+            r"targets: every value must lie in \[0, 7\)")
+        return
     with pytest.raises((ValueError, RuntimeError), match="targets"):
         _run("kernel", logits, targets, selection="sampled", warmup_steps=0)
 

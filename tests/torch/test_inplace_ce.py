@@ -59,7 +59,7 @@ def _run(path: str, x: torch.Tensor, t: torch.Tensor, inplace: bool, **cfg):
     with dispatch.force(**PATHS[path]) if path in PATHS else dispatch.force("reference"):
         loss, metrics = cggr_loss(y, t.to(DEVICE), STEP, inplace_backward=inplace, **cfg)
         loss.backward()
-    return loss.detach(), leaf.grad, y.detach(), metrics
+    return loss.detach().cpu(), leaf.grad.cpu(), y.detach().cpu(), {k: v.cpu() for k, v in metrics.items()}
 
 
 def _oracle(x: torch.Tensor, t: torch.Tensor, **cfg) -> dict:
@@ -130,7 +130,7 @@ def test_module_form_and_leaf_logits_alias_their_gradient():
         crit(leaf, t.to(DEVICE)).backward()
     assert leaf.grad.data_ptr() == leaf.data_ptr()
     _, g_d, _, _ = _run("fused", x, t, False, **CFG)
-    assert torch.equal(leaf.grad, g_d)
+    assert torch.equal(leaf.grad.cpu(), g_d)
     assert "inplace_backward" not in repr(CGGRLoss(**CFG))
 
 
@@ -143,11 +143,11 @@ def test_sliced_and_permuted_logits(path):
     full = x.clone().to(DEVICE).requires_grad_(True)
     with dispatch.force(**PATHS[path]):
         cggr_loss((full * 1)[:, :-1], t[:, :-1].to(DEVICE), STEP, inplace_backward=True, **CFG)[0].backward()
-    assert torch.equal(full.grad[:, :-1], want) and (full.grad[:, -1] == 0).all()
+    assert torch.equal(full.grad[:, :-1].cpu(), want) and (full.grad[:, -1] == 0).all()
     tb = x.transpose(0, 1).contiguous().to(DEVICE).requires_grad_(True)     # (T, B, V) storage
     with dispatch.force(**PATHS[path]):
         cggr_loss((tb * 1).transpose(0, 1), t.to(DEVICE), STEP, inplace_backward=True, **CFG)[0].backward()
-    assert torch.equal(tb.grad.transpose(0, 1), _run(path, x, t, False, **CFG)[1])
+    assert torch.equal(tb.grad.transpose(0, 1).cpu(), _run(path, x, t, False, **CFG)[1])
 
 
 # ------------------------------------------------------------------------------------- autograd safety
@@ -221,7 +221,7 @@ def test_compile():
         loss.backward()
     torch._dynamo.reset()
     l_d, g_d, _, _ = _run("fused", x, t, False, **CFG)
-    assert float(loss.detach()) == float(l_d) and torch.equal(leaf.grad, g_d)
+    assert float(loss.detach()) == float(l_d) and torch.equal(leaf.grad.cpu(), g_d)
 
 
 # ------------------------------------------------------------------------------------------- bad input
