@@ -6,8 +6,8 @@ time, unless the caller already chose; on a machine with an NVIDIA GPU neither i
 from __future__ import annotations
 
 import os
-
 import shutil
+import sys
 
 if shutil.which("nvidia-smi") is None and not os.path.exists("/proc/driver/nvidia"):  # no GPU: interpreters
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -42,3 +42,28 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG0
     for strategy, identical, total in sorted(rows):
         terminalreporter.write_line(
             f"{strategy:>15}: {identical}/{total} generated batches selected identical tokens in torch and jax")
+
+
+def cuda_context_poisoned(torch=None) -> bool:
+    """Whether this process's CUDA context has a sticky error (a device-side assertion, i.e. a failed
+    ``torch._assert_async`` on CUDA tensors, or an illegal address). False without torch, CUDA or an initialised
+    context: the check never imports torch or initialises CUDA itself. ``torch``: the module (tests pass a fake)."""
+    torch = sys.modules.get("torch") if torch is None else torch
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return False
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:   # torch.AcceleratorError (torch >= 2.8) or RuntimeError: both say "CUDA error"
+        return "CUDA error" in str(exc)
+    return False
+
+
+def pytest_runtest_teardown(item, nextitem):  # noqa: ARG001
+    # A sticky CUDA error makes every later test of the process fail with it (one GPU run lost 143 tests to one
+    # device-side assertion). Under pytest-xdist, end the worker instead: xdist reports the test as crashed and
+    # runs the rest of the worker's tests in a fresh process. Without xdist, the session goes on (and shows it).
+    if os.environ.get("PYTEST_XDIST_WORKER") and cuda_context_poisoned():
+        sys.stderr.write(f"\n{item.nodeid} left the CUDA context with a sticky error: ending this worker so that "
+                         "pytest-xdist replaces it\n")
+        sys.stderr.flush()
+        os._exit(3)
