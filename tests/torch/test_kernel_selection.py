@@ -97,6 +97,13 @@ def test_half_precision_difficulties_and_docs_examples() -> None:
                                   torch.ones(3, dtype=torch.bool, device=DEVICE), 0.5)
     with pytest.raises(ValueError, match="ratio"):
         ksel.select_tokens_triton(torch.zeros(3, device=DEVICE), torch.ones(3, dtype=torch.bool, device=DEVICE), 1.5)
+    # the same ratio as a tensor on the kernel's device: read and refused on the host under the interpreter,
+    # a device-side assertion on the plan's "ok" slot on CUDA (no host read)
+    assert_range_check_fails(
+        "from cggr_torch.kernels import selection as ksel\n"
+        "d = torch.rand(6, device=dev)\n"
+        "ksel.select_tokens_triton(d, d > 0.2, torch.tensor(1.5, device=dev))\n",
+        r"ratio: expected a (number|value) in \(0, 1\]")
 
 
 def test_empty_and_nothing_eligible() -> None:
