@@ -79,9 +79,9 @@ def assert_fails_in_a_child(source: str, match: str) -> None:
 
 
 def assert_range_check_fails(snippet: str, match: str) -> None:
-    """Runs ``snippet`` (Python source whose tensors live on the device named ``dev``; ``torch`` is imported) and checks
-    that a range check (SPEC §1, §11: ``cggr_torch.utils.check_target_range``, the kernels' ``ok`` slot) rejects
-    it with a message matching ``match``, wherever the kernel tests run.
+    """Runs ``snippet`` (Python source whose tensors live on the device named ``dev``; ``torch`` is imported) and
+    checks that a range check (SPEC §1, §11: ``cggr_torch.utils.check_target_range``, the kernels' ``ok`` slot)
+    rejects it with a message matching ``match``, wherever the kernel tests run.
 
     Under the interpreter (``dev = "cpu"``) the check raises ``ValueError`` at once: the snippet runs here, inside
     any ``dispatch.force`` block of the caller. On a GPU (``dev = "cuda"``) it is a device-side assertion, which
