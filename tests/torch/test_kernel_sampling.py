@@ -377,8 +377,8 @@ def test_bad_input():
     # CPU), a device-side assertion on the kernel's "ok" slot on CUDA (no host read)
     assert_range_check_fails(
         "from cggr_torch.kernels import sampling as ksam\n"
-        "d = torch.rand(6, device=dev)\n"
-        "ksam.sample_tokens_triton(d, d > 0.2, torch.tensor(1.5, device=dev))\n",
+        "d, e = torch.rand(6, device=dev), torch.ones(6, dtype=torch.bool, device=dev)\n"
+        "ksam.sample_tokens_triton(d, e, torch.tensor(1.5, device=dev))\n",
         r"ratio: expected a (number|value) in \(0, 1\]")
     # the public functions check before dispatching (same messages on both paths)
     with dispatch.force("kernel") as log:

@@ -101,8 +101,8 @@ def test_half_precision_difficulties_and_docs_examples() -> None:
     # a device-side assertion on the plan's "ok" slot on CUDA (no host read)
     assert_range_check_fails(
         "from cggr_torch.kernels import selection as ksel\n"
-        "d = torch.rand(6, device=dev)\n"
-        "ksel.select_tokens_triton(d, d > 0.2, torch.tensor(1.5, device=dev))\n",
+        "d, e = torch.rand(6, device=dev), torch.ones(6, dtype=torch.bool, device=dev)\n"
+        "ksel.select_tokens_triton(d, e, torch.tensor(1.5, device=dev))\n",
         r"ratio: expected a (number|value) in \(0, 1\]")
 
 
