@@ -25,15 +25,16 @@ def random_targets(rng: np.random.Generator, shape: tuple[int, ...], V: int, p_i
 
 
 def as_f64(x: torch.Tensor) -> np.ndarray:
-    """The exact values of a (possibly half-precision) tensor as float64."""
-    return x.detach().to(torch.float32).double().numpy()
+    """The exact values of a (possibly half-precision) tensor, on any device, as a float64 NumPy array."""
+    return x.detach().cpu().to(torch.float32).double().numpy()
 
 
 def assert_within(actual: torch.Tensor, expected: np.ndarray, quantity: str, where: np.ndarray | None = None,
                   scale: float = 1.0) -> None:
-    """``|a − e| ≤ atol + rtol·|e|`` with SPEC §11's bounds for ``quantity`` (times ``scale``)."""
+    """``|a − e| ≤ atol + rtol·|e|`` with SPEC §11's bounds for ``quantity`` (times ``scale``); ``actual`` may
+    live on any device (the kernel tests' tensors are CUDA tensors on a GPU)."""
     atol, rtol = oracle.SCORE_TOL[quantity]
-    a = actual.detach().double().numpy()
+    a = actual.detach().cpu().double().numpy()
     e = np.asarray(expected, dtype=np.float64)
     if where is not None:
         a, e = a[where], e[where]
@@ -75,3 +76,24 @@ def assert_fails_in_a_child(source: str, match: str) -> None:
                           timeout=600)
     assert proc.returncode != 0, f"the child should have failed; stdout: {proc.stdout[-2000:]}"
     assert re.search(match, proc.stderr), proc.stderr[-4000:]
+
+
+def assert_range_check_fails(snippet: str, match: str) -> None:
+    """Runs ``snippet`` (Python source whose tensors live on the device named ``dev``; ``torch`` is imported) and
+    checks that a range check (SPEC §1, §11: ``cggr_torch.utils.check_target_range``, the kernels' ``ok`` slot)
+    rejects it with a message matching ``match``, wherever the kernel tests run.
+
+    Under the interpreter (``dev = "cpu"``) the check raises ``ValueError`` at once: the snippet runs here, inside
+    any ``dispatch.force`` block of the caller. On a GPU (``dev = "cuda"``) it is a device-side assertion, which
+    leaves the CUDA context unusable: the snippet runs in a child process (:func:`assert_fails_in_a_child`, default
+    dispatch) followed by a synchronisation that reports the assertion. The same source runs in both places, so
+    the CPU run checks the text of the GPU one."""
+    import pytest
+
+    dev = kernel_test_device()
+    source = f"import torch\ndev = {dev!r}\n{snippet}"
+    if dev == "cuda":
+        assert_fails_in_a_child(source + "\ntorch.cuda.synchronize()\n", match)
+        return
+    with pytest.raises(ValueError, match=match):
+        exec(compile(source, "<range-check snippet>", "exec"), {})

@@ -18,6 +18,7 @@ from cggr_torch import (
     select_tokens,
     token_statistics,
 )
+from tests.torch import assert_fails_in_a_child
 
 V = 5
 
@@ -158,6 +159,13 @@ def test_bad_ratio_and_selection_arguments():
             num_selected(torch.tensor(10), torch.tensor(r))
         with pytest.raises(ValueError, match="ratio"):
             select_tokens(torch.rand(6), torch.ones(6, dtype=torch.bool), r)
+    if torch.cuda.is_available():   # a CUDA ratio is a device-side assertion: only a process of its own survives it
+        assert_fails_in_a_child(
+            "import torch\n"
+            "from cggr_torch import num_selected\n"
+            "num_selected(torch.tensor(10, device='cuda'), torch.tensor(1.5, device='cuda'))\n"
+            "torch.cuda.synchronize()\n",
+            r"ratio: expected a value in \(0, 1\]")
     with pytest.raises(ValueError, match="^n:"):
         num_selected(-1, 0.5)
     with pytest.raises(ValueError, match="^n:"):

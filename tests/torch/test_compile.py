@@ -36,6 +36,10 @@ WARMUP = 4                       # the ratio moves over the first 4 steps, then 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="the Triton interpreter (TRITON_INTERPRET=1)")
+#: Where the Triton kernels run: the CPU under the interpreter, else a CUDA GPU (None: no kernel tests).
+KERNEL_DEVICE = "cpu" if INTERPRETED else ("cuda" if torch.cuda.is_available() else None)
+needs_kernel_device = pytest.mark.skipif(KERNEL_DEVICE is None,
+                                         reason="Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU")
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +82,8 @@ def _assert_same_metrics(compiled: dict, eager: dict) -> None:
     for key in ("step", "tokens_selected", "tokens_total", "tokens_nonfinite", "tokens_out_of_range"):
         assert int(compiled[key]) == int(eager[key]), key
     for key in ("token_ratio", "effective_ratio"):      # the ratio decides k: bit-identical
-        assert compiled[key].to(torch.float32).numpy().tobytes() == eager[key].to(torch.float32).numpy().tobytes(), key
+        assert compiled[key].cpu().to(torch.float32).numpy().tobytes() == \
+            eager[key].cpu().to(torch.float32).numpy().tobytes(), key
     for key in ("avg_confidence", "avg_entropy", "avg_difficulty", "sample_ess"):
         assert float(compiled[key]) == pytest.approx(float(eager[key]), rel=1e-6, abs=1e-6), key
 
@@ -119,17 +124,20 @@ def test_compiled_ratio_is_bit_identical_and_compiled_once(backend):
 
 
 # ------------------------------------------------------------------------------------------ CGGRLoss
-def _compiled_vs_eager(make, backend, rng, *, extra=None, V=13, oracle_cfg=None, steps=STEPS, B=3, T=7):
-    """Run a compiled and an eager instance side by side for ``steps`` steps; return the compiled instance."""
-    crit, twin = make(), make()
+def _compiled_vs_eager(make, backend, rng, *, extra=None, V=13, oracle_cfg=None, steps=STEPS, B=3, T=7,
+                       device="cpu"):
+    """Run a compiled and an eager instance side by side for ``steps`` steps on ``device``; return the compiled
+    instance."""
+    crit, twin = make().to(device), make().to(device)
     f = torch.compile(lambda x, t, *a: crit(x, t, *a), backend=backend, fullgraph=True)
     for i in range(steps):
         logits, targets = _batch(rng, B=B, T=T, V=V)
-        args = () if extra is None else (extra(targets),)
+        args = () if extra is None else (extra(targets).to(device),)
+        on_device = (logits.to(device), targets.to(device))
         ctx = no_recompile() if i > 0 else contextlib.nullcontext()
         with ctx:
-            loss_c, grad_c = _grad_of(f, logits, targets, *args)
-        loss_e, grad_e = _grad_of(twin, logits, targets, *args)
+            loss_c, grad_c = _grad_of(f, *on_device, *args)
+        loss_e, grad_e = _grad_of(twin, *on_device, *args)
         assert torch.equal(loss_c, loss_e) or float(loss_c) == pytest.approx(float(loss_e), rel=1e-6), i
         torch.testing.assert_close(grad_c, grad_e, rtol=1e-6, atol=1e-7)
         assert torch.equal(grad_c == 0, grad_e == 0)                   # the same tokens selected
@@ -317,20 +325,21 @@ def test_the_default_schedule_compiles_on_a_fresh_module_at_warmup_zero_and_defa
 
 # ---------------------------------------------------------------------------------- fused head, DDP
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["reference", pytest.param("kernel", marks=needs_interpreter)])
+@pytest.mark.parametrize("mode", ["reference", pytest.param("kernel", marks=needs_kernel_device)])
 def test_fused_head_compiles_and_matches_eager(backend, mode):
     rng = np.random.default_rng(8)
     d, V = 8, 19
-    weight = torch.from_numpy(rng.standard_normal((V, d)).astype(np.float32)).requires_grad_(True)
+    dev = KERNEL_DEVICE if mode == "kernel" else "cpu"      # on a GPU the kernels take CUDA tensors only
+    weight = torch.from_numpy(rng.standard_normal((V, d)).astype(np.float32)).to(dev).requires_grad_(True)
     bias = None                   # the kernel case runs without a bias, the reference case with one
     if mode == "reference":
         bias = torch.from_numpy(rng.standard_normal(V).astype(np.float32)).requires_grad_(True)
-    crit, twin = (FusedLinearCGGRLoss(selection="stratified", warmup_steps=WARMUP) for _ in range(2))
+    crit, twin = (FusedLinearCGGRLoss(selection="stratified", warmup_steps=WARMUP).to(dev) for _ in range(2))
     with dispatch.force(mode):
         f = torch.compile(lambda h, w, t, b: crit(h, w, t, b), backend=backend, fullgraph=True)
         for i in range(STEPS):
-            hidden = torch.from_numpy(rng.standard_normal((3, 5, d)).astype(np.float32))
-            targets = random_targets(rng, (3, 5), V)
+            hidden = torch.from_numpy(rng.standard_normal((3, 5, d)).astype(np.float32)).to(dev)
+            targets = random_targets(rng, (3, 5), V).to(dev)
             grads = []
             for fn in (f, twin):
                 h = hidden.clone().requires_grad_(True)
@@ -427,8 +436,10 @@ def test_kernel_path_compiles_on_the_interpreter(selection, fused_loss):
                            B=2, T=6)
 
 
-@needs_interpreter
+@needs_kernel_device
 def test_kernel_custom_ops_pass_opcheck():
+    """Every ``cggr`` custom op passes ``torch.library.opcheck`` (schema, fake tensors, AOT dispatch) on the kernel
+    device: the interpreter's CPU tensors, or CUDA tensors on a GPU (where the fake functions meet CUDA)."""
     from cggr_torch.kernels import cross_entropy as kce
     from cggr_torch.kernels import scoring as ks
     from cggr_torch.kernels import selection as ksel
@@ -436,7 +447,8 @@ def test_kernel_custom_ops_pass_opcheck():
 
     dispatch.preload_kernels()      # every cggr op registered, whatever ran before this test
     rng = np.random.default_rng(13)
-    logits, targets = _batch(rng, B=2, T=5, V=11)
+    dev = KERNEL_DEVICE
+    logits, targets = (x.to(dev) for x in _batch(rng, B=2, T=5, V=11))
     n = targets.numel()
     t = targets.reshape(-1).contiguous()
     readable = ((t != -100) & (t >= 0)).to(torch.uint8)
@@ -447,43 +459,46 @@ def test_kernel_custom_ops_pass_opcheck():
     d = out[5].reshape(2, 5).contiguous()
     e = (status.reshape(2, 5) & 2) != 0
     for sel in NON_SAMPLED:
-        ops.append((torch.ops.cggr.select_tokens.default, (d, e, torch.tensor([0.5]), 0.0, sel, 3, 1)))
+        ops.append((torch.ops.cggr.select_tokens.default, (d, e, torch.tensor([0.5], device=dev), 0.0, sel, 3, 1)))
         ops.append((torch.ops.cggr.select_tokens.default, (d, e, None, 0.375, sel, 3, 1)))
         ops.append((torch.ops.cggr.select_from_scores.default,
-                    (key, status, out, [2, 5], sel, 3, 1, torch.tensor(0.5), True, 0.5, torch.tensor(3))))
+                    (key, status, out, [2, 5], sel, 3, 1, torch.tensor(0.5, device=dev), True, 0.5,
+                     torch.tensor(3, device=dev))))
     ops.append((torch.ops.cggr.rank_tokens.default, (d, e)))
     x = logits.clone().requires_grad_(True)
-    rw = torch.rand(n)
+    rw = torch.rand(n, device=dev)
     ops.append((torch.ops.cggr.selective_cross_entropy.default, (x, t, readable, None, None)))
     ops.append((torch.ops.cggr.selective_cross_entropy.default, (x, t, readable, out[0].contiguous(), rw)))
     ops.append((torch.ops.cggr.scored_selective_cross_entropy.default,
                 (x, t, readable.bool(), out[0].contiguous(), out[4].contiguous())))
-    h = torch.randn(n, 6, requires_grad=True)
-    w = torch.randn(11, 6, requires_grad=True)
-    b = torch.randn(11, requires_grad=True)
+    h = torch.randn(n, 6, device=dev, requires_grad=True)
+    w = torch.randn(11, 6, device=dev, requires_grad=True)
+    b = torch.randn(11, device=dev, requires_grad=True)
     ops.append((torch.ops.cggr.fused_linear_statistics.default, (h.detach(), w.detach(), b.detach(), t, -100, 4, 5)))
     safe = torch.where(t >= 0, t, torch.zeros_like(t))
     mask = readable.bool()
     ops.append((torch.ops.cggr.selected_rows_cross_entropy.default,
                 (h, w, b, out[4].contiguous(), mask, safe, out[0].contiguous(), mask.sum(), 0, 1 << 20)))
-    z = torch.randn(5, 7)
+    z = torch.randn(5, 7, device=dev)
+    v_t = torch.tensor([0, 3, 9, 2, 4], device=dev)
+    half = torch.tensor([0.5], device=dev)
     k_rows = -(-5 // 16)
     ops.append((torch.ops.cggr.chunk_gradient.default,
-                (z, torch.randn(5), torch.tensor([0, 3, 9, 2, 4]), 2, torch.tensor([0.5]), torch.empty(k_rows, 7))))
+                (z, torch.randn(5, device=dev), v_t, 2, half, torch.empty(k_rows, 7, device=dev))))
     ops.append((torch.ops.cggr.chunk_gradient.default,
-                (z.clone(), torch.randn(5), torch.tensor([0, 3, 9, 2, 4]), 2, torch.tensor([0.5]), None)))
+                (z.clone(), torch.randn(5, device=dev), v_t, 2, half, None)))
     # the sampled selection (SPEC §7.4): the composable path's sampler and the fused sampled loss
     ops.append((torch.ops.cggr.sample_tokens.default,
-                (d.reshape(-1), e.reshape(-1), torch.tensor([0.5]), 0.0, torch.tensor([3]), 0, 7, 1.0, 0.1, 1e-6)))
+                (d.reshape(-1), e.reshape(-1), half, 0.0, torch.tensor([3], device=dev), 0, 7, 1.0, 0.1, 1e-6)))
     ops.append((torch.ops.cggr.sample_tokens.default, (d.reshape(-1), e.reshape(-1), None, 0.4, None, 5, 7, 2.0,
                                                        0.0, 1e-6)))
-    ref = torch.rand(n) * 2
+    ref = torch.rand(n, device=dev) * 2
     for reference in (None, ref):
         ops.append((torch.ops.cggr.sampled_loss_from_scores.default,
-                    (x, t, out, status, reference, torch.tensor(0.5), torch.tensor(3), True, 0.5, 7, 1.5, 0.2,
-                     1e-6)))
-    ops.append((torch.ops.cggr.linear_warmup_ratio.default, (torch.tensor(3), 0.25, 10)))
-    ops.append((torch.ops.cggr.dynamic_ratio.default, (torch.tensor(0.5), torch.tensor(0.25), torch.tensor(0.5))))
+                    (x, t, out, status, reference, torch.tensor(0.5, device=dev), torch.tensor(3, device=dev), True,
+                     0.5, 7, 1.5, 0.2, 1e-6)))
+    ops.append((torch.ops.cggr.linear_warmup_ratio.default, (torch.tensor(3, device=dev), 0.25, 10)))
+    ops.append((torch.ops.cggr.dynamic_ratio.default, tuple(torch.tensor(v, device=dev) for v in (0.5, 0.25, 0.5))))
     with dispatch.force("kernel"):
         for op, args in ops:
             result = torch.library.opcheck(op, args, raise_exception=False)
@@ -514,12 +529,12 @@ def test_kernel_path_compiled_matches_eager_on_cuda(selection, fused_loss):
             twin.step()
 
 
-@needs_interpreter
+@needs_kernel_device
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_sampled_excess_compiles_on_the_interpreter(backend):
+def test_fused_sampled_excess_compiles_on_the_kernel_device(backend):
     """The fused ``sampled`` path (``cggr::scoring`` → ``cggr::sampled_loss_from_scores``, with a reference):
     fullgraph, no recompilation over the warm-up, the eager values; the odd batches (half precision, non-finite
-    rows, all ignored) through the same graph."""
+    rows, all ignored) through the same graph. On the interpreter's CPU tensors, or CUDA tensors on a GPU."""
     rng = np.random.default_rng(16)
 
     def reference(targets):
@@ -529,14 +544,15 @@ def test_fused_sampled_excess_compiles_on_the_interpreter(backend):
 
     cfg = dict(scoring="excess", selection="sampled", warmup_steps=WARMUP, dynamic_threshold=True)
     with dispatch.force("kernel") as log:
-        _compiled_vs_eager(lambda: CGGRLoss(**cfg), backend, rng, extra=reference, steps=5, B=2, T=6)
+        _compiled_vs_eager(lambda: CGGRLoss(**cfg), backend, rng, extra=reference, steps=5, B=2, T=6,
+                           device=KERNEL_DEVICE)
     assert log.calls["sample_from_scores"] >= 5           # the eager twin's calls (traced calls are not counted)
-    crit, twin = CGGRLoss(selection="sampled", warmup_steps=WARMUP), CGGRLoss(selection="sampled",
-                                                                            warmup_steps=WARMUP)
+    crit, twin = (CGGRLoss(selection="sampled", warmup_steps=WARMUP).to(KERNEL_DEVICE) for _ in range(2))
     torch._dynamo.reset()
     with dispatch.force("kernel"):
         f = torch.compile(lambda x, t: crit(x, t), backend=backend, fullgraph=True)
         for i, (logits, targets) in enumerate(_odd_batches(rng, torch.bfloat16)):
+            logits, targets = logits.to(KERNEL_DEVICE), targets.to(KERNEL_DEVICE)
             with no_recompile() if i else contextlib.nullcontext():
                 loss_c, grad_c = _grad_of(f, logits, targets)
             loss_e, grad_e = _grad_of(twin, logits, targets)

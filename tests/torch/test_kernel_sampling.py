@@ -22,7 +22,7 @@ from cggr_torch import CGGRLoss, dispatch  # noqa: E402
 from cggr_torch import selection as sel  # noqa: E402
 from cggr_torch.kernels import sampling as ksam  # noqa: E402
 from tests import oracle  # noqa: E402
-from tests.torch import kernel_test_device, random_logits, random_targets  # noqa: E402
+from tests.torch import assert_range_check_fails, kernel_test_device, random_logits, random_targets  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -373,6 +373,13 @@ def test_bad_input():
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
             fn()
+    # a ratio outside (0, 1] on the kernel's device: read and refused on the host under the interpreter (the
+    # CPU), a device-side assertion on the kernel's "ok" slot on CUDA (no host read)
+    assert_range_check_fails(
+        "from cggr_torch.kernels import sampling as ksam\n"
+        "d, e = torch.rand(6, device=dev), torch.ones(6, dtype=torch.bool, device=dev)\n"
+        "ksam.sample_tokens_triton(d, e, torch.tensor(1.5, device=dev))\n",
+        r"ratio: expected a (number|value) in \(0, 1\]")
     # the public functions check before dispatching (same messages on both paths)
     with dispatch.force("kernel") as log:
         with pytest.raises(ValueError, match="step"):

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from cggr_torch import scoring as ref_scoring  # noqa: E402
 from cggr_torch import selection as ref_selection  # noqa: E402
 from cggr_torch.kernels import scoring as ks  # noqa: E402
-from tests.torch import kernel_test_device  # noqa: E402
+from tests.torch import assert_range_check_fails, kernel_test_device  # noqa: E402
 from tests import oracle  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter: log2(0), inf − inf on bad rows
@@ -237,9 +237,11 @@ def test_bad_input() -> None:
         ks.token_statistics_triton(x, torch.zeros(5, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="targets"):
         ks.token_statistics_triton(x, torch.zeros(4, device=DEVICE))            # float targets
-    if DEVICE == "cpu":
-        with pytest.raises(ValueError, match="targets"):
-            ks.token_statistics_triton(x, torch.tensor([0, 1, V, 2]))
+    # a valid target outside [0, V): ValueError under the interpreter, a device-side assertion on CUDA
+    assert_range_check_fails(
+        "from cggr_torch.kernels import scoring as ks\n"
+        f"ks.token_statistics_triton(torch.randn(4, {V}, device=dev), torch.tensor([0, 1, {V}, 2], device=dev))\n",
+        rf"targets: every value must lie in \[0, {V}\)")
     with pytest.raises(ValueError, match="scoring"):
         ks.score_tokens_triton(x, scoring="focal")
     with pytest.raises(ValueError, match="valid_mask"):
@@ -253,8 +255,8 @@ def test_bad_input() -> None:
                           torch.empty(4, dtype=torch.int8, device=DEVICE))
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="the device check is about CPU tensors without the interpreter")
 def test_cpu_without_interpreter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU tensor with the interpreter off (switched off here; on a GPU it is off anyway): a ValueError."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
         ks.token_statistics_triton(torch.randn(2, V))

@@ -23,7 +23,7 @@ from cggr_torch import dispatch  # noqa: E402
 from cggr_torch import selection as sel_mod  # noqa: E402
 from cggr_torch.curriculum import dynamic_ratio  # noqa: E402
 from cggr_torch.kernels import scoring as ks  # noqa: E402
-from tests.torch import kernel_test_device  # noqa: E402
+from tests.torch import assert_range_check_fails, kernel_test_device  # noqa: E402
 from cggr_torch.kernels import selection as ksel  # noqa: E402
 from tests import oracle  # noqa: E402
 from tests.torch import as_f64, random_logits, random_targets  # noqa: E402
@@ -97,6 +97,13 @@ def test_half_precision_difficulties_and_docs_examples() -> None:
                                   torch.ones(3, dtype=torch.bool, device=DEVICE), 0.5)
     with pytest.raises(ValueError, match="ratio"):
         ksel.select_tokens_triton(torch.zeros(3, device=DEVICE), torch.ones(3, dtype=torch.bool, device=DEVICE), 1.5)
+    # the same ratio as a tensor on the kernel's device: read and refused on the host under the interpreter,
+    # a device-side assertion on the plan's "ok" slot on CUDA (no host read)
+    assert_range_check_fails(
+        "from cggr_torch.kernels import selection as ksel\n"
+        "d, e = torch.rand(6, device=dev), torch.ones(6, dtype=torch.bool, device=dev)\n"
+        "ksel.select_tokens_triton(d, e, torch.tensor(1.5, device=dev))\n",
+        r"ratio: expected a (number|value) in \(0, 1\]")
 
 
 def test_empty_and_nothing_eligible() -> None:
@@ -293,9 +300,13 @@ def test_fused_loss_nothing_selectable_and_bad_targets(kernel_device: dispatch.D
     x[2] = float("-inf")                                     # all −∞: not finite, never selected
     loss, met = cggr_torch.cggr_loss(x.requires_grad_(True), torch.tensor([1, 2, 3, 4], device=DEVICE), 2000)
     assert int(met["tokens_nonfinite"]) == 1 and torch.isfinite(loss)
-    if DEVICE == "cpu":
-        with pytest.raises(ValueError, match="targets"):
-            cggr_torch.cggr_loss(torch.randn(3, 11), torch.tensor([0, 11, 2]), 0)
+    # a valid target outside [0, V) on the fused path: ValueError under the interpreter (inside this test's
+    # dispatch.force("kernel")), the plan kernel's "ok" slot and a device-side assertion on CUDA
+    assert_range_check_fails(
+        "import cggr_torch\n"
+        "x = torch.randn(3, 11, device=dev, requires_grad=True)\n"
+        "cggr_torch.cggr_loss(x, torch.tensor([0, 11, 2], device=dev), 0)[0].backward()\n",
+        r"targets: every value must lie in \[0, 11\)")
 
 
 # ------------------------------------------------------------------------------------------------ GPU only
