@@ -215,11 +215,14 @@ def train(st: study.Study, seed: int, lr: float, steps: int, device_name: Option
     t0 = time.time()
     for i in range(steps):
         ids, toks_np = stream.batch(i)
-        toks = jnp.asarray(toks_np.astype(np.int32))
+        # Host (NumPy) arrays go in: the step checks the labels' range on the caller's values before its jitted
+        # part (SPEC §11), which for a device array would be a device-to-host copy every step; jit transfers
+        # NumPy arguments to the device asynchronously.
+        toks = toks_np.astype(np.int32)
         ref = st.ref_of(ids, seed)
         cand_tokens += toks_np.shape[0] * s.seq_len
         cand_ref += float(ref.sum())
-        state, metrics = train_step(state, toks, toks, None, jnp.asarray(ref))
+        state, metrics = train_step(state, toks, toks, None, ref)
         pend_rows.append(metrics["sequences_selected"])   # device scalars: read at the next evaluation
         pend_loss.append(metrics["loss"])
         pend_diff.append(metrics["avg_sequence_difficulty_selected"])

@@ -18,6 +18,10 @@ std_k budgets ~300 s; (3) seed 0's token pair (with a store rebuild) and seed 1'
 (4) seed 1's budgets and token pair ~415 s; (5) seed 2's sequence arms and budgets ~380 s; (6) seed 2's token
 pair ~250 s. PROTOCOL.md's "How to run round 3" note has the exact commands.
 
+Round 4 (M, PROTOCOL.md "Round 4"): ``--round round4``, in ``round4.py`` (the plan, the `test` split, the schedule)
+and ``jax_arm.py`` (the JAX arm, a child process); this file only hosts its hooks (``READS_TEST``,
+``Evaluator.test_loss``, ``Study.after_run``, ``Study.cost_factor``, ``--ref-dir``).
+
 Only public APIs of the packages are used (``cggr_torch``: ``CGGRModel``, ``CGGRLoss``, ``create_truncated_router``,
 ``score_tokens``, ``batch_split.select_sequences``, ``reference.score_chunks``; ``cggr.reference.load_reference``,
 ``cggr.config.RouterPositions``).
@@ -338,7 +342,8 @@ class Study:
         self.probs = pycode.unigram(corpus["train"], self.V)
         self.evaluator = Evaluator(corpus, s, self.ctx, self.probs)
         self.log(f"corpus {data_dir}: train {corpus['train'].shape} ref {corpus['ref'].shape} val "
-                 f"{corpus['val'].shape} V={self.V}, OOD sets {sorted(self.evaluator.ood)} ({time.time() - t:.1f} s)")
+                 f"{corpus['val'].shape}" + (f" test {corpus['test'].shape}" if "test" in corpus.splits else "") +
+                 f" V={self.V}, OOD sets {sorted(self.evaluator.ood)} ({time.time() - t:.1f} s)")
         self.ref_train: Optional[np.ndarray] = None
         self.ref_noise: dict[int, np.ndarray] = {}
         self.ref_gate_noise: Optional[np.ndarray] = None
