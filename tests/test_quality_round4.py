@@ -361,3 +361,22 @@ def torch_state_from_jax(jm, s: study.Scale) -> dict:
         for n in ("gate_proj", "up_proj", "down_proj"):
             sd[p + f"mlp.{n}.weight"] = a(getattr(blk.mlp, n).kernel).T.contiguous()
     return sd
+
+
+def test_jax_arm_bf16_compute(tmp_path: Path) -> None:
+    """The GPU's configuration (bf16 compute, float32 parameters) traces and trains at the tiny scale on CPU: the
+    JSON says bf16, every number is finite, exactly k rows per step."""
+    from benchmarks.quality import jax_arm
+
+    data, ref = _write_corpus(tmp_path / "pycode"), _write_ref(tmp_path / "ref")
+    rest = _argv(tmp_path, data, ref, steps=2)
+    assert jax_arm.main(["--lr", "1e-3", "--dtype", "bfloat16", "--", *rest]) == 0
+    [p] = (tmp_path / "out" / "runs").glob("cggr_excess_r1_s4_jax__*.json")
+    r = json.loads(p.read_text())
+    s = study.SCALES["tiny"]
+    assert r["amp"] == "bf16"
+    assert "precision: DecoderConfig(dtype=bfloat16" in " ".join(r["differences_from_pytorch_arm"])
+    assert r["accounting"]["trained_rows"] == 2 * s.keep
+    assert all(math.isfinite(r["final"][k]) for k in ("val_loss", "test_loss", "val_loss_subset"))
+    with pytest.raises(ValueError, match="dtype"):
+        jax_arm.parse_args(["--lr", "1e-3", "--dtype", "float16", "--", *rest])

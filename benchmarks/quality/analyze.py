@@ -264,8 +264,10 @@ def summarize(folder: Path) -> dict:
     ref = json.loads((folder / "ref" / "ref.json").read_text()) if (folder / "ref" / "ref.json").exists() else None
     return {"N": N, "sweep": {a: {str(k): v for k, v in d.items()} for a, d in sweep.items()}, "tuned_lr": tuned,
             "floor_delta0": floor, "repeat": [r["key"] for r in repeat], "arms": table, "paired": comparisons,
-            "m": m, "time_to_target": ttt, "paired_test": paired_test, "jax": jax_arms, "time_ratio": ratio, "gates": gates, "reference": ref,
-            "budget_runs": {str(s): sorted(v) for s, v in budgets.items()}}
+            "m": m, "time_to_target": ttt, "time_ratio": ratio, "gates": gates, "reference": ref,
+            "budget_runs": {str(s): sorted(v) for s, v in budgets.items()},
+            # round 4 only (earlier rounds' summaries stay as they were)
+            **({"paired_test": paired_test} if paired_test else {}), **({"jax": jax_arms} if jax_arms else {})}
 
 
 def jax_band(jax_runs: dict, torch_runs: dict, torch_label: str) -> dict:
@@ -303,6 +305,10 @@ def jax_band(jax_runs: dict, torch_runs: dict, torch_label: str) -> dict:
             "ms_per_step": r["accounting"]["ms_per_step"], "first_step_s": r["accounting"].get("first_step_s"),
             "p29": (final_ok and bool(curve_ok)) if checked else None}   # None: no evaluation after the first two
     return out
+
+
+def _p29(v: Optional[bool]) -> str:
+    return "n/a (no evaluation after the first two)" if v is None else "holds" if v else "fails"
 
 
 def _mean_or_none(xs: list) -> Optional[float]:
@@ -363,7 +369,7 @@ def render(summary: dict) -> str:
                 L.append(f"| `{lab}` | {len(d['test_seeds'])} | {', '.join(f'{x:.4f}' for x in d['test_per_seed'])} "
                          f"| {d['test_mean']:.4f} |")
         L.append("\n| comparison | n | Δ test per seed | mean Δ test | SE | 95 % CI | verdict (test) | mean Δ val "
-                 "(same seeds) | verdict (val) | Δtest − Δval | P30 |\n|---|---|---|---|---|---|---|---|---|---|---|")
+                 "(same seeds) | verdict (val) | Δtest − Δval | P30 |\n" + "|---" * 11 + "|")
         for k, p in s["paired_test"].items():
             ci = "—" if p["ci"] is None else f"[{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]"
             L.append(f"| {k} | {p['n']} | {', '.join(f'{x:+.4f}' for x in p['per_seed'])} | {p['mean']:+.4f} | "
@@ -382,7 +388,7 @@ def render(summary: dict) -> str:
             L.append(f"| {sd} | {r['val']:.4f} | {r['val_minus_torch_mean']:+.4f} | {r['final_within']} | "
                      f"{r['curve_within']} ({r['curve_points_checked']}) | {r['curve_worst_excess']:+.4f} | "
                      f"{_f(r['test'])} | {r['ms_per_step']:.1f} | {_f(r['first_step_s'], 1)} | "
-                     f"{'n/a (no evaluation after the first two)' if r['p29'] is None else 'holds' if r['p29'] else 'fails'} |")
+                     f"{_p29(r['p29'])} |")
     L.append("\n## Effective data multiplier m vs `std_k`'s budget curve\n")
     if not s["m"]:
         L.append("No seed has >= 2 `std_k` budgets yet.")

@@ -195,7 +195,6 @@ def train(st: study.Study, seed: int, lr: float, steps: int, device_name: Option
     train_step, state = make_train_step(model, s, steps, lr)
     ev = JaxEvaluator(st.evaluator, train_step.graphdef)
     stream = st.stream(seed, s.batch, steps, False)
-    k = s.keep
     # The first step's selection, before the clock starts (route() is the step's own router part, public for
     # this): recorded so that a reader can check the arm's ranking (tests/test_quality_round4.py does).
     ids0, toks0 = stream.batch(0)
@@ -300,8 +299,8 @@ def train(st: study.Study, seed: int, lr: float, steps: int, device_name: Option
     if ref_info is not None:
         res["reference"] = ref_info
     path.write_text(json.dumps(res, indent=1))
-    st.log(f"done {spec.key()}: val {final['val_loss']:.4f} (subset {curve[-1]['val_loss'] if curve else float('nan'):.4f})"
-           f", test {final.get('test_loss', float('nan')):.4f}, {ms:.1f} ms/step (first step {t_first:.1f} s), "
+    sub = curve[-1]["val_loss"] if curve else float("nan")
+    st.log(f"done {spec.key()}: val {final['val_loss']:.4f} (subset {sub:.4f}), test {final.get('test_loss', float('nan')):.4f}, {ms:.1f} ms/step (first step {t_first:.1f} s), "
            f"trained {trained_rows} rows, router path {train_step.router_path}")
     return res
 
@@ -334,6 +333,8 @@ def parse_args(argv: Optional[list] = None) -> tuple:
         raise ValueError(f"--arm-seed: expected a non-negative integer, got {a.arm_seed}")
     if not (math.isfinite(a.lr) and a.lr > 0):
         raise ValueError(f"--lr: expected a finite rate > 0, got {a.lr}")
+    if a.dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"--dtype: expected auto, bfloat16 or float32, got {a.dtype!r}")
     if a.run_steps is not None and a.run_steps < 2:
         raise ValueError(f"--run-steps: expected an integer >= 2, got {a.run_steps}")
     sa = study.parse_args(rest)

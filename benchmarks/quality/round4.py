@@ -41,8 +41,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
-
 import numpy as np
 
 from benchmarks.quality import pycode, study
