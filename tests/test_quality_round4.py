@@ -165,6 +165,19 @@ def test_round4_plan_end_to_end_tiny(tmp_path: Path) -> None:
     assert band["runs"]["0"]["val"] == j["final"]["val_loss"] and band["tolerance"] >= 0.05
     md = (out / "summary.md").read_text()
     assert "## The `test` split" in md and "## JAX arm `cggr_excess_r1_s4_jax`" in md
+    # A fresh machine between the sweep's calls loses the kept weights: the tuned sweep run without its `test`
+    # number is trained again under the tag "test", and the analysis takes seed 0's `test` number from it.
+    key_B = study.RunSpec("std_B", 0, lr_B, 4).key()
+    r = json.loads((out / "runs" / f"{key_B}.json").read_text())
+    del r["final"]["test_loss"], r["final"]["test_source"]
+    (out / "runs" / f"{key_B}.json").write_text(json.dumps(r))
+    assert study.main(argv) == 0
+    retrain = json.loads((out / "runs" / f"{study.RunSpec('std_B', 0, lr_B, 4, tag='test').key()}.json").read_text())
+    assert math.isfinite(retrain["final"]["test_loss"])
+    assert "test_loss" not in json.loads((out / "runs" / f"{key_B}.json").read_text())["final"]
+    summ = analyze.summarize(out)
+    assert summ["arms"]["std_B"]["test_per_seed"][0] == retrain["final"]["test_loss"]
+    assert summ["arms"]["std_B"]["val_per_seed"][0] == r["final"]["val_loss"]     # val stays the sweep run's
 
 
 def replace_steps(scale: study.Scale, steps: int) -> study.Scale:

@@ -300,8 +300,9 @@ def train(st: study.Study, seed: int, lr: float, steps: int, device_name: Option
         res["reference"] = ref_info
     path.write_text(json.dumps(res, indent=1))
     sub = curve[-1]["val_loss"] if curve else float("nan")
-    st.log(f"done {spec.key()}: val {final['val_loss']:.4f} (subset {sub:.4f}), test {final.get('test_loss', float('nan')):.4f}, {ms:.1f} ms/step (first step {t_first:.1f} s), "
-           f"trained {trained_rows} rows, router path {train_step.router_path}")
+    test = final.get("test_loss", float("nan"))
+    st.log(f"done {spec.key()}: val {final['val_loss']:.4f} (subset {sub:.4f}), test {test:.4f}, {ms:.1f} ms/step "
+           f"(first step {t_first:.1f} s), trained {trained_rows} rows, router path {train_step.router_path}")
     return res
 
 
