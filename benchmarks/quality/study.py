@@ -1676,7 +1676,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                    help=f"std_B ms/step assumed for the deadline before one is measured (default per scale: "
                         f"{ASSUME_MS_STD_B})")
     p.add_argument("--ref-store", default=None,
-                   help="round 3: folder of the per-token reference stores (default .data/round3_ref/<scale>)")
+                   help="round 3: folder of the per-token reference stores (default .refstore/round3/<scale>); "
+                        "round 4: its sweep/ subfolder keeps the sweep runs' weights (default "
+                        ".refstore/round4/<scale>/sweep)")
     p.add_argument("--ref-dir", default=None,
                    help="round 4: the folder of the per-chunk reference table it reads (refnll_train.npy, "
                         "ref.json; default benchmarks/quality/results/round3/ref)")
