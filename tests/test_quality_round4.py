@@ -393,3 +393,31 @@ def test_jax_arm_bf16_compute(tmp_path: Path) -> None:
     assert all(math.isfinite(r["final"][k]) for k in ("val_loss", "test_loss", "val_loss_subset"))
     with pytest.raises(ValueError, match="dtype"):
         jax_arm.parse_args(["--lr", "1e-3", "--dtype", "float16", "--", *rest])
+
+
+def test_tuned_sweep_run_gets_test_from_its_weights_on_disk(tmp_path: Path) -> None:
+    """A later call on the same machine: the tuned sweep run's weights are read from ``<store>/sweep/``, its JSON
+    gains the `test` loss of exactly those weights, and the arm's kept weights are deleted; without them the caller
+    is told to retrain (False)."""
+    data, ref = _write_corpus(tmp_path / "pycode"), _write_ref(tmp_path / "ref")
+    st = study.Study(study.parse_args(_argv(tmp_path, data, ref)))
+    s = st.scale
+    spec = study.RunSpec("std_k", 0, 1e-3, s.steps)
+    model = study.build_model(s, st.V, 5, st.ctx.device)
+    model.eval()
+    d = round4.sweep_dir(st)
+    d.mkdir(parents=True)
+    torch.save(model.state_dict(), d / f"{spec.key()}.pt")
+    other = d / f"{study.RunSpec('std_k', 0, 3e-3, s.steps).key()}.pt"
+    torch.save(model.state_dict(), other)
+    keep_B = d / f"{study.RunSpec('std_B', 0, 1e-3, s.steps).key()}.pt"
+    torch.save(model.state_dict(), keep_B)
+    (st.out / "runs" / f"{spec.key()}.json").write_text(json.dumps({"final": {"val_loss": 4.0}}))
+    assert round4.attach_sweep_test(st, "std_k", 1e-3)
+    r = json.loads((st.out / "runs" / f"{spec.key()}.json").read_text())
+    assert r["final"]["test_loss"] == st.evaluator.test_loss(model)["test_loss"]
+    assert r["final"]["test_source"] == "sweep checkpoint" and r["final"]["val_loss"] == 4.0
+    assert not other.exists() and keep_B.exists()           # only the decided arm's weights go
+    spec_B = study.RunSpec("std_B", 0, 2e-3, s.steps)
+    (st.out / "runs" / f"{spec_B.key()}.json").write_text(json.dumps({"final": {"val_loss": 4.0}}))
+    assert not round4.attach_sweep_test(st, "std_B", 2e-3)   # no weights for that run: retrain

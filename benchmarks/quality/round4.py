@@ -10,8 +10,8 @@ What it runs, in order (every task skipped when its JSON exists; units run whole
    (``results/round3/ref/refnll_train.npy`` + ``ref.json``, ``--ref-dir`` to move it). Every train chunk the plan
    reads (each seed's first max(B·N, k·2N) permutation entries) must be finite there: a NaN (not covered) is a
    ``ValueError`` before anything trains.
-2. **LR sweeps** (seed 0) of ``std_B`` and ``std_k`` over the scale's grids ({5e-4, 1e-3, 2e-3} at M), rule 1's
-   extra point beyond an edge argmin (``study.edge_extension``).
+2. **LR sweeps** (seed 0) of ``std_B``, then ``std_k``, over the scale's grids ({5e-4, 1e-3, 2e-3} at M), each
+   with rule 1's extra point beyond an edge argmin (``study.edge_extension``) before the next arm's sweep.
 3. **Per seed** (0, 1, 2): the paired sequence arms (``std_B``, ``std_k``, ``random_subset``,
    ``cggr_excess_r1_s4``; seed 0's ``std_B``/``std_k`` are the tuned sweep runs), then ``std_k``'s budgets N/2
    and 2N (no 4N), each a unit.
@@ -253,36 +253,38 @@ def plan_round4(st: study.Study) -> None:
     st.cost_factor.update(COST_FACTOR)
     load_reference(st)
     st.after_run = lambda spec, model, res: after_run(st, spec, model, res)
-    for sp in [study.RunSpec("std_B", 0, lr, s.steps) for lr in s.lr_grid_B] + \
-            [study.RunSpec("std_k", 0, lr, s.steps) for lr in s.lr_grid_k]:
-        st.run(sp)
+    # Each arm's sweep is decided (grid, then rule 1's point) before the next starts, so that its tuned run gets
+    # its `test` number from weights still in memory or on this machine's disk.
+    tuned = {}
     for arm, grid in (("std_B", s.lr_grid_B), ("std_k", s.lr_grid_k)):
+        for lr in grid:
+            st.run(study.RunSpec(arm, 0, lr, s.steps))
         ext = study.edge_extension(st.sweep_results(arm), grid)
         if ext is not None:
             st.log(f"rule 1: {arm}'s argmin is at an edge of {grid}; adding lr {ext:g}")
             st.run(study.RunSpec(arm, 0, ext, s.steps))
-    if st.stopped:
-        return
-    lr_B, lr_k = st.best_lr("std_B"), st.best_lr("std_k")
-    if st.args.dry_run and (lr_B is None or lr_k is None):
-        lr_B, lr_k = lr_B or s.lr_grid_B[len(s.lr_grid_B) // 2], lr_k or s.lr_grid_k[len(s.lr_grid_k) // 2]
-        st.log(f"(dry run: the sweeps are not done; listing the arms at placeholder rates {lr_B:g}/{lr_k:g})")
-    elif lr_B is None or lr_k is None:
-        st.log("sweeps incomplete: stopping the plan here")
-        return
-    for arm, lr in (("std_B", lr_B), ("std_k", lr_k)):
-        res = st.sweep_results(arm)
-        if lr in (min(res, default=lr), max(res, default=lr)) and len(res) > 1:
-            st.log(f"rule 1: {arm}'s tuned lr {lr:g} is still at an edge of {sorted(res)}: a claim against it "
-                   f"needs the grid extended again")
-    st.log(f"tuned LR: std_B {lr_B}, std_k {lr_k}")
-    if not st.args.dry_run:
-        for arm, lr in (("std_B", lr_B), ("std_k", lr_k)):
-            if not attach_sweep_test(st, arm, lr):
+        if st.stopped:
+            return
+        lr = st.best_lr(arm)
+        if lr is None:
+            if not st.args.dry_run:
+                st.log(f"{arm}'s sweep is incomplete: stopping the plan here")
+                return
+            lr = grid[len(grid) // 2]
+            st.log(f"(dry run: {arm}'s sweep is not done; listing its runs at the placeholder rate {lr:g})")
+        else:
+            res = st.sweep_results(arm)
+            if lr in (min(res), max(res)) and len(res) > 1:
+                st.log(f"rule 1: {arm}'s tuned lr {lr:g} is still at an edge of {sorted(res)}: a claim against it "
+                       f"needs the grid extended again")
+            if not st.args.dry_run and not attach_sweep_test(st, arm, lr):
                 st.log(f"the tuned sweep run of {arm} (lr {lr:g}) has no kept weights (a fresh machine): it is "
                        f"trained again under the tag 'test' for seed 0's `test` number")
                 if not st.run_unit([study.RunSpec(arm, 0, lr, s.steps, tag="test")], f"seed 0: {arm} test retrain"):
                     return
+        tuned[arm] = lr
+    lr_B, lr_k = tuned["std_B"], tuned["std_k"]
+    st.log(f"tuned LR: std_B {lr_B}, std_k {lr_k}")
     for what, specs in round4_units(s, lr_B, lr_k):
         if specs[0].arm == JAX_ARM:
             if not run_jax_unit(st, specs[0], what):
@@ -305,9 +307,10 @@ def round4_schedule(scale: study.Scale, ms_B: float, deadline_s: float) -> list:
     tasks = []
     for arm, grid in (("std_B", scale.lr_grid_B), ("std_k", scale.lr_grid_k)):
         tasks += [(f"sweep {arm} lr {lr:g}", run_s(study.RunSpec(arm, 0, lr, scale.steps))) for lr in grid]
-    tasks.append(("rule 1: a possible extra sweep point (std_k cost)",
-                  run_s(study.RunSpec("std_k", 0, 1, scale.steps))))
-    tasks.append(("test of the two tuned sweep runs (from their kept weights)", 2 * (test_s + 3.0)))
+        if arm == "std_k":   # one extra point is budgeted (at std_k's cost): S and S2 each needed one
+            tasks.append(("rule 1: a possible extra sweep point (std_k cost)",
+                          run_s(study.RunSpec("std_k", 0, 1, scale.steps))))
+        tasks.append((f"test of the tuned {arm} sweep run (from its kept weights)", test_s + 3.0))
     for what, specs in round4_units(scale, 1.0, 1.0):
         if scale.seeds and what.startswith(f"seed {scale.seeds[0]}:"):   # seed 0's std_B/std_k are sweep runs
             specs = [sp for sp in specs if sp.tag or sp.arm not in ("std_B", "std_k")]
