@@ -142,7 +142,8 @@ def summarize(folder: Path) -> dict:
             "train_wall_s": float(np.mean([r["accounting"]["train_wall_s"] for r in rs])),
             "ms_per_step": float(np.mean([r["accounting"]["ms_per_step"] for r in rs])),
             "noise_share_trained": float(np.mean([r["selection"]["noise_share_trained"] for r in rs])),
-            "ref_nll_trained": float(np.mean([r["selection"]["ref_nll_trained_mean"] for r in rs])),
+            # None for the JAX arm (round 4: its jitted step returns no kept ids)
+            "ref_nll_trained": _mean_or_none([r["selection"]["ref_nll_trained_mean"] for r in rs]),
             "ref_nll_candidates": float(np.mean([r["selection"]["ref_nll_candidates_mean"] for r in rs])),
             "full_nll_trained": _mean_or_none([r["selection"]["full_nll_trained_mean"] for r in rs]),
             "full_nll_candidates": _mean_or_none([r["selection"]["full_nll_candidates_mean"] for r in rs]),
@@ -150,8 +151,25 @@ def summarize(folder: Path) -> dict:
             "by_freq": {k: _mean_or_none([r["final"]["val_loss_by_freq_bucket"][k] for r in rs])
                         for k in rs[0]["final"]["val_loss_by_freq_bucket"]},
         }
+    # Round 4: the `test` loss of each (arm, seed); seed 0's tuned std_B/std_k are sweep runs whose `test` number
+    # was attached after the sweep, or comes from their retrain under the tag "test" (round4.py).
+    test = {}
+    for lab, d in arms.items():
+        for sd, r in d.items():
+            t = r["final"].get("test_loss")
+            if t is None:
+                t = next((x["final"].get("test_loss") for x in runs if x["tag"] == "test" and label(x) == lab
+                          and x["seed"] == sd and x["lr"] == r["lr"]
+                          and x["accounting"]["optimizer_steps"] == N), None)
+            if t is not None:
+                test.setdefault(lab, {})[sd] = t
+    for lab, d in test.items():
+        v = np.array([d[sd] for sd in sorted(d)])
+        table[lab].update(test_seeds=sorted(d), test_per_seed=[float(x) for x in v], test_mean=float(v.mean()))
     comparisons = {}
     for lab in table:
+        if lab.endswith("_jax"):   # round 4's JAX arm starts from other weights: compared with a seed band below
+            continue
         base = "random_subset+noise" if lab.endswith("+noise") else "random_subset"
         comps = (base, "std_k") + (("oracle_excess",) if lab.startswith("router_excess") and "+noise" not in lab else ())
         if lab.endswith("_token") or lab.endswith("_token_sampled"):   # token arms: against random tokens
@@ -222,12 +240,75 @@ def summarize(folder: Path) -> dict:
                     half = t95(len(xs) - 1) * xs.std(ddof=1) / math.sqrt(len(xs))
                     entry["ci"] = [float(xs.mean() - half), float(xs.mean() + half)]
                 ratio[lab] = entry
+    paired_test = {}
+    for key in comparisons:
+        lab, comp = key.split(" - ")
+        if lab in test and comp in test:
+            pt = paired(test[lab], test[comp], floor)
+            if pt is not None:
+                pv = paired({sd: val[lab][sd] for sd in pt["seeds"]}, {sd: val[comp][sd] for sd in pt["seeds"]},
+                            floor)
+                pt["val_mean_same_seeds"] = pv["mean"]
+                pt["val_verdict_same_seeds"] = pv["verdict"]
+                pt["test_minus_val"] = pt["mean"] - pv["mean"]
+                # PROTOCOL.md round 4, P30: the sign holds where val says better/worse, and |Δtest − Δval| ≤ 0.02
+                decided = pv["verdict"] in ("lower (better)", "higher (worse)")
+                pt["p30"] = (abs(pt["test_minus_val"]) <= 0.02 and
+                             (not decided or np.sign(pt["mean"]) == np.sign(pv["mean"])))
+                paired_test[key] = pt
+    jax_arms = {}
+    for lab in table:
+        if lab.endswith("_jax") and lab[:-4] in arms:
+            jax_arms[lab] = jax_band(arms[lab], arms[lab[:-4]], lab[:-4])
     gates = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("gate*.json"))}
     ref = json.loads((folder / "ref" / "ref.json").read_text()) if (folder / "ref" / "ref.json").exists() else None
     return {"N": N, "sweep": {a: {str(k): v for k, v in d.items()} for a, d in sweep.items()}, "tuned_lr": tuned,
             "floor_delta0": floor, "repeat": [r["key"] for r in repeat], "arms": table, "paired": comparisons,
             "m": m, "time_to_target": ttt, "time_ratio": ratio, "gates": gates, "reference": ref,
-            "budget_runs": {str(s): sorted(v) for s, v in budgets.items()}}
+            "budget_runs": {str(s): sorted(v) for s, v in budgets.items()},
+            # round 4 only (earlier rounds' summaries stay as they were)
+            **({"paired_test": paired_test} if paired_test else {}), **({"jax": jax_arms} if jax_arms else {})}
+
+
+def jax_band(jax_runs: dict, torch_runs: dict, torch_label: str) -> dict:
+    """PROTOCOL.md round 4, item 4 and P29: the JAX arm (its own initialisation) against the PyTorch arm's seed
+    band: final val within max(0.05, 3·sd) of the PyTorch seeds' mean, and at every evaluation after the first two
+    its val-subset loss within [min − 0.05, max + 0.05] of the PyTorch seeds' at the same step."""
+    tv = np.array([r["final"]["val_loss"] for r in torch_runs.values()])
+    sd = float(tv.std(ddof=1)) if len(tv) > 1 else None
+    tol = max(0.05, 3 * sd) if sd is not None else 0.05
+    out = {"torch_arm": torch_label, "torch_seeds": sorted(torch_runs), "torch_val_mean": float(tv.mean()),
+           "torch_val_sd": sd, "torch_val_min": float(tv.min()), "torch_val_max": float(tv.max()),
+           "tolerance": tol, "runs": {}}
+    tt = [r["final"].get("test_loss") for r in torch_runs.values()]
+    if all(t is not None for t in tt):
+        out.update(torch_test_mean=float(np.mean(tt)), torch_test_min=float(np.min(tt)),
+                   torch_test_max=float(np.max(tt)))
+    for seed, r in sorted(jax_runs.items()):
+        v = r["final"]["val_loss"]
+        curve_ok, worst = True, 0.0
+        checked = 0
+        for j, c in enumerate(r["curve"]):
+            if j < 2:
+                continue
+            band = [tc["val_loss"] for t in torch_runs.values() for tc in t["curve"] if tc["step"] == c["step"]]
+            if len(band) < len(torch_runs):
+                continue
+            lo, hi = min(band) - 0.05, max(band) + 0.05
+            checked += 1
+            worst = max(worst, lo - c["val_loss"], c["val_loss"] - hi)
+            curve_ok &= lo <= c["val_loss"] <= hi
+        final_ok = abs(v - out["torch_val_mean"]) <= tol
+        out["runs"][seed] = {"val": v, "test": r["final"].get("test_loss"), "val_minus_torch_mean": v - out[
+            "torch_val_mean"], "final_within": final_ok, "curve_points_checked": checked,
+            "curve_within": bool(curve_ok) if checked else None, "curve_worst_excess": worst,
+            "ms_per_step": r["accounting"]["ms_per_step"], "first_step_s": r["accounting"].get("first_step_s"),
+            "p29": (final_ok and bool(curve_ok)) if checked else None}   # None: no evaluation after the first two
+    return out
+
+
+def _p29(v: Optional[bool]) -> str:
+    return "n/a (no evaluation after the first two)" if v is None else "holds" if v else "fails"
 
 
 def _mean_or_none(xs: list) -> Optional[float]:
@@ -269,7 +350,7 @@ def render(summary: dict) -> str:
         L.append(f"| `{lab}` | {d['lr']:g} | {len(d['seeds'])} | {', '.join(f'{x:.4f}' for x in d['val_per_seed'])} | "
                  f"{d['val_mean']:.4f} ± {_f(d['val_sd'])} | {d['trained_tokens'] / 1e6:.2f}M | "
                  f"{d['candidate_tokens'] / 1e6:.2f}M | {d['train_wall_s']:.1f} | {d['ms_per_step']:.1f} | "
-                 f"{d['noise_share_trained']:.3f} | {d['ref_nll_trained']:.3f} / {d['ref_nll_candidates']:.3f} | "
+                 f"{d['noise_share_trained']:.3f} | {_f(d['ref_nll_trained'], 3)} / {d['ref_nll_candidates']:.3f} | "
                  f"{_f(d['full_nll_trained'], 3)} / {_f(d['full_nll_candidates'], 3)} | "
                  f"{_f(d['ood'].get('wikitext2_valid'), 3)} | {_f(d['ood'].get('tinyshakespeare'), 3)} |")
     L.append("\n## Paired differences (Δ = arm − comparator, per seed; 95 % t-CI)\n")
@@ -280,6 +361,34 @@ def render(summary: dict) -> str:
         ci = "—" if p["ci"] is None else f"[{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]"
         L.append(f"| {k} | {p['n']} | {', '.join(f'{x:+.4f}' for x in p['per_seed'])} | {p['mean']:+.4f} | "
                  f"{_f(p['se'])} | {ci} | {p['verdict']} |")
+    if s.get("paired_test"):
+        L.append("\n## The `test` split (round 4: read once, at the end of every run but the sweep's)\n")
+        L.append("| arm | seeds | test per seed | mean |\n|---|---|---|---|")
+        for lab, d in s["arms"].items():
+            if "test_per_seed" in d:
+                L.append(f"| `{lab}` | {len(d['test_seeds'])} | {', '.join(f'{x:.4f}' for x in d['test_per_seed'])} "
+                         f"| {d['test_mean']:.4f} |")
+        L.append("\n| comparison | n | Δ test per seed | mean Δ test | SE | 95 % CI | verdict (test) | mean Δ val "
+                 "(same seeds) | verdict (val) | Δtest − Δval | P30 |\n" + "|---" * 11 + "|")
+        for k, p in s["paired_test"].items():
+            ci = "—" if p["ci"] is None else f"[{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]"
+            L.append(f"| {k} | {p['n']} | {', '.join(f'{x:+.4f}' for x in p['per_seed'])} | {p['mean']:+.4f} | "
+                     f"{_f(p['se'])} | {ci} | {p['verdict']} | {p['val_mean_same_seeds']:+.4f} | "
+                     f"{p['val_verdict_same_seeds']} | {p['test_minus_val']:+.4f} | {'yes' if p['p30'] else 'no'} |")
+    for lab, j in s.get("jax", {}).items():
+        L.append(f"\n## JAX arm `{lab}` vs the PyTorch arm `{j['torch_arm']}`'s seed band (P29)\n")
+        L.append(f"PyTorch seeds {j['torch_seeds']}: final val mean {j['torch_val_mean']:.4f}, sd "
+                 f"{_f(j['torch_val_sd'])}, min {j['torch_val_min']:.4f}, max {j['torch_val_max']:.4f}; tolerance "
+                 f"max(0.05, 3 sd) = {j['tolerance']:.4f}" +
+                 (f"; test mean {j['torch_test_mean']:.4f} (min {j['torch_test_min']:.4f}, max "
+                  f"{j['torch_test_max']:.4f})" if "torch_test_mean" in j else "") + ".\n")
+        L.append("| seed | val | Δ vs PyTorch mean | final within | curve within band (points) | worst excess | "
+                 "test | ms/step | first step s | P29 |\n|---|---|---|---|---|---|---|---|---|---|")
+        for sd, r in j["runs"].items():
+            L.append(f"| {sd} | {r['val']:.4f} | {r['val_minus_torch_mean']:+.4f} | {r['final_within']} | "
+                     f"{r['curve_within']} ({r['curve_points_checked']}) | {r['curve_worst_excess']:+.4f} | "
+                     f"{_f(r['test'])} | {r['ms_per_step']:.1f} | {_f(r['first_step_s'], 1)} | "
+                     f"{_p29(r['p29'])} |")
     L.append("\n## Effective data multiplier m vs `std_k`'s budget curve\n")
     if not s["m"]:
         L.append("No seed has >= 2 `std_k` budgets yet.")

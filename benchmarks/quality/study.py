@@ -18,6 +18,10 @@ std_k budgets ~300 s; (3) seed 0's token pair (with a store rebuild) and seed 1'
 (4) seed 1's budgets and token pair ~415 s; (5) seed 2's sequence arms and budgets ~380 s; (6) seed 2's token
 pair ~250 s. PROTOCOL.md's "How to run round 3" note has the exact commands.
 
+Round 4 (M, PROTOCOL.md "Round 4"): ``--round round4``, in ``round4.py`` (the plan, the `test` split, the schedule)
+and ``jax_arm.py`` (the JAX arm, a child process); this file only hosts its hooks (``READS_TEST``,
+``Evaluator.test_loss``, ``Study.after_run``, ``Study.cost_factor``, ``--ref-dir``).
+
 Only public APIs of the packages are used (``cggr_torch``: ``CGGRModel``, ``CGGRLoss``, ``create_truncated_router``,
 ``score_tokens``, ``batch_split.select_sequences``, ``reference.score_chunks``; ``cggr.reference.load_reference``,
 ``cggr.config.RouterPositions``).
@@ -84,6 +88,9 @@ COST_FACTOR = {"std_B": 1.0, "std_k": 0.55, "random_subset": 0.6, "oracle_loss":
 #: --assume-ms-std-B's default per scale (std_B ms/step before one is measured; S measured on an H200 in round 1,
 #: S2 and M scaled by their FLOPs per step with a launch-bound floor: a guess until round 3's first runs).
 ASSUME_MS_STD_B = {"S": 40.0, "S2": 65.0, "M": 160.0, "tiny": 5.0}
+#: The plans that read the `test` split (PROTOCOL.md §1: not before the final round; "Round 4 (M)", item 5). Every
+#: other plan loads neither the split nor a test number (tests/test_quality_round4.py checks it).
+READS_TEST = ("round4",)
 
 
 # ----------------------------------------------------------------------------------------------- scales
@@ -121,7 +128,8 @@ SCALES = {
     "S": Scale("S", 384, 6, 6, 1024),
     # Round 3 (PROTOCOL.md "Round 3 (S2)"): the grids of its item 2 (rule 1 adds a point at an edge)
     "S2": Scale("S2", 512, 8, 8, 1376, lr_grid_B=(1e-3, 2e-3, 4e-3), lr_grid_k=(1e-3, 2e-3, 4e-3)),
-    "M": Scale("M", 768, 12, 12, 2048),
+    # Round 4 (PROTOCOL.md "Round 4 (M)", item 2): larger models want lower rates (rule 1 adds a point at an edge)
+    "M": Scale("M", 768, 12, 12, 2048, lr_grid_B=(5e-4, 1e-3, 2e-3), lr_grid_k=(5e-4, 1e-3, 2e-3)),
     # CPU smoke: checks the harness, not the science. Short chunks (first 33 tokens of each), tiny model.
     "tiny": Scale("tiny", 32, 2, 2, 64, seq_len=32, batch=8, keep=2, steps=6, eval_points=2, eval_chunks=8,
                   eval_batch=8, gate_chunks=40, gate_routers=(1, 2), ref_epochs=1, lr_grid_B=(1e-3, 3e-3),
@@ -242,12 +250,29 @@ class Evaluator:
         self.val = val[:, :scale.seq_len + 1]
         self.subset = self.val[pycode.eval_subset(val.shape[0], min(scale.eval_chunks, val.shape[0]))]
         self.ood = {k: v[:scale.ood_chunks, :scale.seq_len + 1] for k, v in pycode.load_ood(corpus.data_dir).items()}
+        # Round 4 only (READS_TEST): all of `test` (at tiny a slice, as val is sliced), else never loaded.
+        self.test = None
+        if "test" in corpus.splits:
+            test = corpus["test"]
+            if scale.val_chunks:
+                test = test[pycode.eval_subset(test.shape[0], min(scale.val_chunks, test.shape[0]))]
+            self.test = test[:, :scale.seq_len + 1]
         rank = np.empty(len(probs), np.int64)
         rank[np.argsort(-probs, kind="stable")] = np.arange(len(probs))   # 0 = most frequent train token
         self.rank = torch.from_numpy(rank).to(ctx.device)
 
     def curve_loss(self, model) -> float:
         return float(chunk_nll(model, self.subset, self.ctx, self.scale.eval_batch, self.scale.seq_len).mean())
+
+    def test_loss(self, model) -> dict:
+        """Round 4 (PROTOCOL.md "Round 4", item 5): mean NLL over all `test` chunks, computed as ``final``'s
+        ``val_loss`` is (per-chunk means of float32 NLL in eval_batch batches, then their mean)."""
+        if self.test is None:
+            raise ValueError("test_loss: the `test` split is not loaded (only the plans in READS_TEST read it)")
+        s = self.scale
+        pc = torch.cat([token_nll(model, self.ctx.tokens(self.test[i:i + s.eval_batch]), self.ctx).mean(1)
+                        for i in range(0, self.test.shape[0], s.eval_batch)])
+        return {"test_loss": float(pc.mean()), "test_chunks": int(pc.numel())}
 
     def final(self, model) -> dict:
         s, ctx = self.scale, self.ctx
@@ -305,7 +330,8 @@ class Study:
         self.log_path = self.out / "log.txt"
         data_dir = pycode.find_pycode_dir(args.data_dir)
         t = time.time()
-        corpus = pycode.load_corpus(data_dir, ("train", "ref", "val"), verify=not args.no_verify)
+        splits = ("train", "ref", "val") + (("test",) if getattr(args, "round", None) in READS_TEST else ())
+        corpus = pycode.load_corpus(data_dir, splits, verify=not args.no_verify)
         s = self.scale
         if s.train_chunks:
             corpus.splits["train"] = corpus["train"][:s.train_chunks]
@@ -316,7 +342,8 @@ class Study:
         self.probs = pycode.unigram(corpus["train"], self.V)
         self.evaluator = Evaluator(corpus, s, self.ctx, self.probs)
         self.log(f"corpus {data_dir}: train {corpus['train'].shape} ref {corpus['ref'].shape} val "
-                 f"{corpus['val'].shape} V={self.V}, OOD sets {sorted(self.evaluator.ood)} ({time.time() - t:.1f} s)")
+                 f"{corpus['val'].shape}" + (f" test {corpus['test'].shape}" if "test" in corpus.splits else "") +
+                 f" V={self.V}, OOD sets {sorted(self.evaluator.ood)} ({time.time() - t:.1f} s)")
         self.ref_train: Optional[np.ndarray] = None
         self.ref_noise: dict[int, np.ndarray] = {}
         self.ref_gate_noise: Optional[np.ndarray] = None
@@ -338,6 +365,10 @@ class Study:
         self.stop_at_miss = False
         self.stopped = False
         self.dry_total = 0.0
+        # Hooks of later plans (round4.py): the step-cost factors of arms not yet measured, and a call made with
+        # (spec, model, result) just before a run's JSON is written (round 4 adds the `test` loss there).
+        self.cost_factor: dict = dict(COST_FACTOR)
+        self.after_run: Optional[Callable] = None
         self.versions = {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": _version("transformers"), "numpy": np.__version__}
         self.commit = _git_commit()
@@ -407,7 +438,7 @@ class Study:
         ms = self.measured_ms.get(spec.arm)
         if ms is None:
             base = self.measured_ms.get("std_B", self.args.assume_ms_std_B)
-            ms = base * COST_FACTOR[spec.arm]
+            ms = base * self.cost_factor[spec.arm]
         return spec.steps * ms / 1000 + run_overhead_s(self.scale, self.measured_ms.get("std_B",
                                                                                        self.args.assume_ms_std_B))
 
@@ -1001,6 +1032,8 @@ class Study:
                                         for k2, v in cggr.get_metrics().items()}
         if spec.arm not in ("std_B", "std_k"):
             np.save(self.out / "runs" / f"{spec.key()}.ids.npy", all_ids.astype(np.int32))
+        if self.after_run is not None:
+            self.after_run(spec, model, res)
         path.write_text(json.dumps(res, indent=1))
         sub = curve[-1]["val_loss"] if curve else float("nan")
         self.log(f"done {spec.key()}: val {final['val_loss']:.4f} (subset {sub:.4f}), {ms:.1f} ms/step, trained "
@@ -1614,9 +1647,17 @@ def round3_schedule(scale: Scale, ms_B: float, deadline_s: float) -> list:
     return calls
 
 
+def plan_round4(st: Study) -> None:
+    """PROTOCOL.md "Round 4 (M)": in ``round4.py`` (imported here, when the plan runs)."""
+    from benchmarks.quality import round4
+
+    round4.plan_round4(st)
+
+
 PLANS: dict[str, Callable[[Study], None]] = {"round1": plan_round1, "round1b": plan_round1b,
                                              "round2a": plan_round2a, "round2b": plan_round2b,
-                                             "round3a": plan_round3a, "round3": plan_round3}
+                                             "round3a": plan_round3a, "round3": plan_round3,
+                                             "round4": plan_round4}
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
@@ -1635,9 +1676,14 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
                    help=f"std_B ms/step assumed for the deadline before one is measured (default per scale: "
                         f"{ASSUME_MS_STD_B})")
     p.add_argument("--ref-store", default=None,
-                   help="round 3: folder of the per-token reference stores (default .data/round3_ref/<scale>)")
+                   help="round 3: folder of the per-token reference stores (default .refstore/round3/<scale>); "
+                        "round 4: its sweep/ subfolder keeps the sweep runs' weights (default "
+                        ".refstore/round4/<scale>/sweep)")
+    p.add_argument("--ref-dir", default=None,
+                   help="round 4: the folder of the per-chunk reference table it reads (refnll_train.npy, "
+                        "ref.json; default benchmarks/quality/results/round3/ref)")
     p.add_argument("--plan-only", action="store_true",
-                   help="print the round's estimated device calls (round3 only; --deadline-s per call, default "
+                   help="print the round's estimated device calls (round3, round4; --deadline-s per call, default "
                         "480) and exit without loading the corpus")
     p.add_argument("--export", default=None, help="tar.gz path refreshed after every task (device calls)")
     p.add_argument("--protocol-commit", default=os.environ.get("CGGR_PROTOCOL_COMMIT"),
@@ -1679,8 +1725,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         a.assume_ms_std_B = ASSUME_MS_STD_B.get(scale.name, 40.0)
     if a.assume_ms_std_B <= 0:
         raise ValueError(f"--assume-ms-std-B: expected > 0, got {a.assume_ms_std_B}")
-    if a.plan_only and a.round != "round3":
-        raise ValueError(f"--plan-only: only the round3 plan has a static schedule, got --round {a.round}")
+    if a.plan_only and a.round not in ("round3", "round4"):
+        raise ValueError(f"--plan-only: only the round3 and round4 plans have a static schedule, got --round "
+                         f"{a.round}")
     a.scale_obj = scale
     return a
 
@@ -1689,9 +1736,14 @@ def main(argv: Optional[list] = None) -> int:
     args = parse_args(argv)
     if args.plan_only:
         deadline = args.deadline_s or 480.0
-        calls = round3_schedule(args.scale_obj, args.assume_ms_std_B, deadline)
+        if args.round == "round4":
+            from benchmarks.quality import round4
+
+            calls = round4.round4_schedule(args.scale_obj, args.assume_ms_std_B, deadline)
+        else:
+            calls = round3_schedule(args.scale_obj, args.assume_ms_std_B, deadline)
         total = sum(sec for c in calls for _, sec in c)
-        print(f"round3 at scale {args.scale_obj.name}, std_B assumed {args.assume_ms_std_B:g} ms/step, "
+        print(f"{args.round} at scale {args.scale_obj.name}, std_B assumed {args.assume_ms_std_B:g} ms/step, "
               f"--deadline-s {deadline:g}: {len(calls)} calls, ~{total / 60:.1f} min of device time")
         for j, c in enumerate(calls, 1):
             print(f"call {j} (~{sum(sec for _, sec in c):.0f} s):")
