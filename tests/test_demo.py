@@ -358,6 +358,7 @@ def test_verdict_of_the_excess_arms_follows_the_numbers() -> None:
     assert "on this tiny character-level task excess scoring does not win consistently" in text
     assert "did not run excess scoring" not in text and "One seed" in text
     assert "0.21 nats better" in text and "0.10 nats better, 6/6 seeds" in text
+    assert "only 0.037 nats better and excess tokens 0.215 nats worse" in text and "sooner in wall-clock" in text
 
     # every excess Δ below −TIE_NATS: the text says it agrees with the study (still one seed)
     wins = demo.compute_verdict(runs_of({"torch": {"excess_token": 2.10, "excess_split": 1.85}}), cfg,
