@@ -103,6 +103,9 @@ class Step:
     env: dict[str, str] = field(default_factory=dict)
     note: str = ""
     parallel: Optional[str] = None  # consecutive steps with the same group run at the same time
+    # pytest steps: their share of --pytest-workers (the JAX tests compile on the CPU for most of their time, and the
+    # GPU machine has 16 cores for the three concurrent pytest runs)
+    xdist_scale: float = 1.0
 
 
     def command(self, trim: bool) -> list[str]:
@@ -139,15 +142,17 @@ def _step_op(fw: str, shape: str, deadline_s: int) -> Step:
 _CHECK_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 
-def _pytest(name: str, paths: list[str], fw: str, est: int, timeout: int) -> Step:
-    return Step(name=name, argv=["{py}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-ra", "{xdist}"] + paths,
+def _pytest(name: str, paths: list[str], fw: str, est: int, timeout: int, xdist_scale: float = 1.0) -> Step:
+    # --durations: the log names the slowest tests, so the next GPU run can be made shorter where it matters
+    return Step(name=name, argv=["{py}", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-ra", "--durations=25",
+                                 "{xdist}"] + paths,
                 est_s=est, timeout_s=timeout, kind="pytest", framework=fw, env=dict(_CHECK_ENV), parallel="checks",
-                note="compiled (TRITON_INTERPRET unset), whole directory")
+                note="compiled (TRITON_INTERPRET unset), whole directory", xdist_scale=xdist_scale)
 
 
 SUITES: dict[str, tuple[str, list[Step]]] = {
     "verify": ("GPU tests of both packages compiled (whole), real-size kernel checks, data-parallel checks", [
-        _pytest("pytest_jax", ["tests/jax"], "jax", est=300, timeout=480),
+        _pytest("pytest_jax", ["tests/jax"], "jax", est=300, timeout=480, xdist_scale=5 / 3),
         _pytest("pytest_torch", ["tests/torch"], "torch", est=200, timeout=480),
         _pytest("pytest_parity", ["tests/parity"], "both", est=90, timeout=300),
         Step("verify_torch", ["{py}", "benchmarks/verify_torch.py"], est_s=130, timeout_s=300, kind="check",
@@ -236,6 +241,15 @@ def gpu_count() -> int:
     return 0
 
 
+def scale_workers(xdist: Sequence[str], scale: float) -> list[str]:
+    """``xdist`` (``-n N --dist ...``) with ``N`` scaled by ``scale`` (at least 1); anything else unchanged."""
+    out = list(xdist)
+    if scale != 1.0 and "-n" in out:
+        i = out.index("-n") + 1
+        out[i] = str(max(1, round(int(out[i]) * scale)))
+    return out
+
+
 def expand(step: Step, *, trim: bool, run: Path, commit: str, py: str, quality_args: Sequence[str],
            xdist: Sequence[str], quick: bool = False) -> list[str]:
     out: list[str] = []
@@ -246,7 +260,7 @@ def expand(step: Step, *, trim: bool, run: Path, commit: str, py: str, quality_a
                 qa += ["--out", str(run / "quality")]
             out += qa
         elif a == "{xdist}":
-            out += list(xdist)
+            out += scale_workers(xdist, step.xdist_scale)
         else:
             out.append(a.replace("{run}", str(run)).replace("{commit}", commit).replace("{py}", py))
     if quick and step.kind == "op":

@@ -63,6 +63,25 @@ def test_runner_dry_run_quality_passes_arguments_through(capsys, tmp_path):
     assert f"--out {tmp_path / 'r' / 'quality'}" in line
 
 
+def test_pytest_workers_scale_per_step():
+    """The JAX tests get 5/3 of --pytest-workers (their time is mostly CPU compilation); the others the count
+    itself; a placeholder without ``-n`` passes through."""
+    assert run.scale_workers(["-n", "3", "--dist", "loadfile"], 5 / 3) == ["-n", "5", "--dist", "loadfile"]
+    assert run.scale_workers(["-n", "3", "--dist", "loadfile"], 1.0) == ["-n", "3", "--dist", "loadfile"]
+    assert run.scale_workers(["-n", "1"], 0.2) == ["-n", "1"]
+    assert run.scale_workers([], 5 / 3) == []
+    assert run.scale_workers(["[-n 3 --dist loadfile if pytest-xdist is installed]"], 2.0) == \
+        ["[-n 3 --dist loadfile if pytest-xdist is installed]"]
+    steps = {st.name: st for st in run.SUITES["verify"][1]}
+    xd = ["-n", "3", "--dist", "loadfile"]
+    jax_cmd = run.expand(steps["pytest_jax"], trim=False, run=Path("r"), commit="c", py="py", quality_args=(),
+                         xdist=xd)
+    torch_cmd = run.expand(steps["pytest_torch"], trim=False, run=Path("r"), commit="c", py="py", quality_args=(),
+                           xdist=xd)
+    assert jax_cmd[jax_cmd.index("-n") + 1] == "5" and torch_cmd[torch_cmd.index("-n") + 1] == "3"
+    assert "--durations=25" in jax_cmd and jax_cmd[-1] == "tests/jax"
+
+
 def test_runner_rejects_unknown_suite(capsys):
     assert run.main(["final3a", "--dry-run"]) == 2
     assert "--list" in capsys.readouterr().err
