@@ -1,5 +1,4 @@
-"""The ``sampled`` selection (SPEC §7.4) on the device: three Triton launches around one ``torch.sort``
-(six for large inputs).
+"""The ``sampled`` selection (SPEC §7.4) on the device: 3 Triton launches around one ``torch.sort`` (6 for large N).
 
 :func:`cggr_torch.selection.sample_tokens` and :func:`cggr_torch.selection.sampling_probabilities` dispatch
 CUDA tensors here (:mod:`cggr_torch.dispatch`); the PyTorch code there stays the reference (about 60 small
@@ -32,11 +31,8 @@ float32 summation order of ``Q`` and of the suffix sums (``π`` within a few ulp
 ``j*`` and ``c`` stay in two small device buffers (slots in :data:`INT_SLOTS`, :data:`FLOAT_SLOTS`); a device
 ratio outside ``(0, 1]`` clears the ``ok`` slot, which the launcher turns into ``torch._assert_async``.
 
-The fused ``sampled`` loss (:func:`sample_from_scores`, ``cggr::sampled_loss_from_scores``) runs the same steps
-from the scoring kernel's buffers; it lives in :mod:`cggr_torch.kernels.sampled_loss` and is re-exported here.
-The arithmetic of the steps, as Triton device functions shared by both, is
-:mod:`cggr_torch.kernels.sampling_math`'s.
-
+The fused ``sampled`` loss (:func:`sample_from_scores`, re-exported from :mod:`~cggr_torch.kernels.sampled_loss`)
+runs the same steps from the scoring kernel's buffers; both share :mod:`~cggr_torch.kernels.sampling_math`'s code.
 Launches for ``sample_tokens`` on a CUDA tensor: probabilities, the sort, water-filling, draws (plus the
 assertion when the ratio is a device tensor). The one-program kernels' time grows linearly with ``N`` (a few
 µs per 4096 tokens and pass, estimated), so above :data:`SINGLE_PROGRAM_MAX_TOKENS` steps 1 and 3 are
