@@ -163,8 +163,32 @@ def test_round4_plan_end_to_end_tiny(tmp_path: Path) -> None:
     tv = [runs[study.RunSpec("cggr_excess_r1_s4", sd, lr_k, 4).key()]["final"]["val_loss"] for sd in s.seeds]
     assert band["torch_val_mean"] == pytest.approx(np.mean(tv)) and band["torch_val_min"] == min(tv)
     assert band["runs"]["0"]["val"] == j["final"]["val_loss"] and band["tolerance"] >= 0.05
+    # m read on `test`: each seed's std_k budget curve of test losses (N/2, N, 2N), inverted at the arm's test loss.
+    trained = runs[study.RunSpec("cggr_excess_r1_s4", 0, lr_k, 4).key()]["accounting"]["trained_tokens"]
+    mt = summ["m_test"]["cggr_excess_r1_s4"]["per_seed"]
+    for sd in s.seeds:
+        pts = [(r["accounting"]["trained_tokens"], r["final"]["test_loss"]) for r in runs.values()
+               if r["arm"] == "std_k" and r["seed"] == sd and r["lr"] == lr_k and r["tag"] in ("", "budget")]
+        assert len(pts) == 3
+        assert mt[str(sd)]["m"] == pytest.approx(analyze.invert_curve(pts, a[sd])[0] / trained)
+    assert set(summ["m_test"]) == set(summ["m"])
     md = (out / "summary.md").read_text()
     assert "## The `test` split" in md and "## JAX arm `cggr_excess_r1_s4_jax`" in md
+    assert "### The same m read on `test`" in md
+    # The out-of-domain sets (none at scale tiny: given here, in a copy): the same pairs, on each set's final loss.
+    assert summ["paired_ood"] == {}
+    ood_out = tmp_path / "with_ood"
+    (ood_out / "runs").mkdir(parents=True)
+    ood = {}
+    for i, (key, r) in enumerate(sorted(runs.items())):
+        r = json.loads(json.dumps(r))
+        r["final"]["ood"] = {"setA": 5.0 + 0.01 * i}
+        ood[key] = r["final"]["ood"]["setA"]
+        (ood_out / "runs" / f"{key}.json").write_text(json.dumps(r))
+    po = analyze.summarize(ood_out)["paired_ood"]["setA"]["cggr_excess_r1_s4 - random_subset"]
+    assert po["per_seed"] == pytest.approx([ood[study.RunSpec("cggr_excess_r1_s4", sd, lr_k, 4).key()]
+                                            - ood[study.RunSpec("random_subset", sd, lr_k, 4).key()]
+                                            for sd in s.seeds])
     # A fresh machine between the sweep's calls loses the kept weights: the tuned sweep run without its `test`
     # number is trained again under the tag "test", and the analysis takes seed 0's `test` number from it.
     key_B = study.RunSpec("std_B", 0, lr_B, 4).key()

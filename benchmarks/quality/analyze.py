@@ -182,27 +182,18 @@ def summarize(folder: Path) -> dict:
             if lab != comp and comp in val and (comp != "std_k" or not lab.endswith("+noise")):
                 comparisons[f"{lab} - {comp}"] = paired(val[lab], val[comp], floor)
     # m: per seed, against that seed's std_k budget curve (N/2, N, 2N where run).
+    budget_runs = [r for r in runs if r["arm"] == "std_k" and not r["noise"] and r["lr"] == tuned.get("std_k")
+                   and r["tag"] in ("", "budget")]
     budgets = defaultdict(list)
-    for r in runs:
-        if r["arm"] == "std_k" and not r["noise"] and r["lr"] == tuned.get("std_k") and r["tag"] in ("", "budget"):
-            budgets[r["seed"]].append((r["accounting"]["trained_tokens"], r["final"]["val_loss"]))
-    m = {}
-    for lab, d in table.items():
-        if lab.startswith("std_") or lab.endswith("+noise"):
-            continue
-        per = {}
-        for s in d["seeds"]:
-            if len(budgets.get(s, [])) >= 2:
-                D, ext = invert_curve(budgets[s], arms[lab][s]["final"]["val_loss"])
-                per[s] = {"m": D / arms[lab][s]["accounting"]["trained_tokens"], "extrapolated": ext,
-                          "budgets": sorted(budgets[s])}
-        if per:
-            xs = np.array([p["m"] for p in per.values()])
-            entry = {"per_seed": per, "mean": float(xs.mean()), "n": len(xs)}
-            if len(xs) > 1:
-                half = t95(len(xs) - 1) * xs.std(ddof=1) / math.sqrt(len(xs))
-                entry["ci"] = [float(xs.mean() - half), float(xs.mean() + half)]
-            m[lab] = entry
+    for r in budget_runs:
+        budgets[r["seed"]].append((r["accounting"]["trained_tokens"], r["final"]["val_loss"]))
+    m = data_multipliers(table, arms, budgets, {lab: val[lab] for lab in arms})
+    # Round 4: the same m read on `test` (the budgets' and the arms' test losses), where every budget has one.
+    test_budgets = defaultdict(list)
+    for r in budget_runs:
+        if r["final"].get("test_loss") is not None:
+            test_budgets[r["seed"]].append((r["accounting"]["trained_tokens"], r["final"]["test_loss"]))
+    m_test = data_multipliers(table, arms, test_budgets, test) if test else {}
     ttt = {}
     if "std_B" in arms:
         for lab, d in arms.items():
@@ -256,6 +247,17 @@ def summarize(folder: Path) -> dict:
                 pt["p30"] = (abs(pt["test_minus_val"]) <= 0.02 and
                              (not decided or np.sign(pt["mean"]) == np.sign(pv["mean"])))
                 paired_test[key] = pt
+    # Out-of-domain sets (§8): the same pairs, on each OOD set's final loss.
+    paired_ood = {}
+    for key in comparisons:
+        lab, comp = key.split(" - ")
+        for name in table[lab]["ood"]:
+            a = {sd: r["final"]["ood"].get(name) for sd, r in arms[lab].items()}
+            b = {sd: r["final"]["ood"].get(name) for sd, r in arms[comp].items()}
+            pt = paired({sd: x for sd, x in a.items() if x is not None},
+                        {sd: x for sd, x in b.items() if x is not None}, floor)
+            if pt is not None:
+                paired_ood.setdefault(name, {})[key] = pt
     jax_arms = {}
     for lab in table:
         if lab.endswith("_jax") and lab[:-4] in arms:
@@ -267,7 +269,33 @@ def summarize(folder: Path) -> dict:
             "m": m, "time_to_target": ttt, "time_ratio": ratio, "gates": gates, "reference": ref,
             "budget_runs": {str(s): sorted(v) for s, v in budgets.items()},
             # round 4 only (earlier rounds' summaries stay as they were)
-            **({"paired_test": paired_test} if paired_test else {}), **({"jax": jax_arms} if jax_arms else {})}
+            **({"paired_test": paired_test} if paired_test else {}), **({"jax": jax_arms} if jax_arms else {}),
+            **({"m_test": m_test, "test_budget_runs": {str(s): sorted(v) for s, v in test_budgets.items()}}
+               if m_test else {}), "paired_ood": paired_ood}
+
+
+def data_multipliers(table: dict, arms: dict, budgets: dict, loss: dict) -> dict:
+    """Effective data multiplier m per arm (PROTOCOL.md §5): per seed, the trained tokens at which that seed's
+    ``std_k`` budget curve ``budgets[seed]`` [(D, L)] reaches the arm's loss ``loss[label][seed]``, over the arm's own
+    trained tokens; mean and 95 % t-interval over the seeds. ``std_*`` and noise arms are skipped."""
+    m = {}
+    for lab, d in table.items():
+        if lab.startswith("std_") or lab.endswith("+noise"):
+            continue
+        per = {}
+        for s in d["seeds"]:
+            if len(budgets.get(s, [])) >= 2 and s in loss.get(lab, {}):
+                D, ext = invert_curve(budgets[s], loss[lab][s])
+                per[s] = {"m": D / arms[lab][s]["accounting"]["trained_tokens"], "extrapolated": ext,
+                          "budgets": sorted(budgets[s])}
+        if per:
+            xs = np.array([p["m"] for p in per.values()])
+            entry = {"per_seed": per, "mean": float(xs.mean()), "n": len(xs)}
+            if len(xs) > 1:
+                half = t95(len(xs) - 1) * xs.std(ddof=1) / math.sqrt(len(xs))
+                entry["ci"] = [float(xs.mean() - half), float(xs.mean() + half)]
+            m[lab] = entry
+    return m
 
 
 def jax_band(jax_runs: dict, torch_runs: dict, torch_label: str) -> dict:
@@ -322,6 +350,16 @@ def _reached(t: Optional[float]) -> str:
 
 def _f(x, nd=4) -> str:
     return "—" if x is None else f"{x:.{nd}f}"
+
+
+def _m_lines(m: dict) -> list:
+    out = []
+    for lab, e in m.items():
+        per = ", ".join(f"s{sd}: {p['m']:.2f}{' (extrapolated)' if p['extrapolated'] else ''}"
+                        for sd, p in e["per_seed"].items())
+        ci = f", 95 % CI [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]" if "ci" in e else " (one seed: no interval)"
+        out.append(f"* `{lab}`: m = {e['mean']:.2f}{ci}; {per}")
+    return out
 
 
 def render(summary: dict) -> str:
@@ -392,12 +430,21 @@ def render(summary: dict) -> str:
     L.append("\n## Effective data multiplier m vs `std_k`'s budget curve\n")
     if not s["m"]:
         L.append("No seed has >= 2 `std_k` budgets yet.")
-    for lab, e in s["m"].items():
-        per = ", ".join(f"s{sd}: {p['m']:.2f}{' (extrapolated)' if p['extrapolated'] else ''}"
-                        for sd, p in e["per_seed"].items())
-        ci = f", 95 % CI [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}]" if "ci" in e else " (one seed: no interval)"
-        L.append(f"* `{lab}`: m = {e['mean']:.2f}{ci}; {per}")
+    L += _m_lines(s["m"])
     L.append(f"\nBudget points (trained tokens, val) per seed: {s['budget_runs']}\n")
+    if s.get("m_test"):
+        L.append("### The same m read on `test` (the arms' and the budgets' `test` losses)\n")
+        L += _m_lines(s["m_test"])
+        L.append(f"\nBudget points (trained tokens, test) per seed: {s['test_budget_runs']}\n")
+    if s.get("paired_ood"):
+        L.append("## Paired differences on the out-of-domain sets (final loss)\n")
+        L.append("| set | comparison | n | Δ per seed | mean Δ | 95 % CI | verdict |\n|---|---|---|---|---|---|---|")
+        for name, comps in s["paired_ood"].items():
+            for k, p in comps.items():
+                ci = "—" if p["ci"] is None else f"[{p['ci'][0]:+.4f}, {p['ci'][1]:+.4f}]"
+                L.append(f"| {name} | {k} | {p['n']} | {', '.join(f'{x:+.4f}' for x in p['per_seed'])} | "
+                         f"{p['mean']:+.4f} | {ci} | {p['verdict']} |")
+        L.append("")
     L.append("## Time to tuned `std_B`'s final val loss (same seed)\n")
     for lab, d in s["time_to_target"].items():
         parts = [f"s{sd}: {_reached(v['time_s'])} (std_B {v['std_B_wall_s']:.1f} s, target {v['target']:.4f})"
