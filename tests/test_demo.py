@@ -323,6 +323,7 @@ def test_verdict_is_computed_from_the_numbers() -> None:
     assert "random_seq reached standard's final held-out CE first in wall-clock (3.7 s against 10.0 s)" in text
     assert "jax:" in text and "no selection arm reached standard's final held-out CE sooner" in text
     assert "0.21 nats worse" in text and "0.21 nats better" in text and 'scoring="excess"' in text
+    assert "0.097 nats better on the validation split but only 0.025 (not significant) on the held-out test" in text
     assert "did not run excess scoring" in text
 
 
