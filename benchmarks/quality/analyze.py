@@ -475,7 +475,8 @@ def _chunk_source_lines(c: dict) -> list:
 
     ts = c["token_share"]
     L = ["\n## Chunk sources (which packages the trained chunks come from)\n",
-         f"Tables of `{c['sources_dir']}` (relative to this folder; `python -m benchmarks.quality.sources`: every split's stream rebuilt file by "
+         f"Tables of `{c['sources_dir']}` (relative to this folder; `python -m benchmarks.quality.sources`: every "
+         "split's stream rebuilt file by "
          f"file and checked token for token against the stored arrays). A chunk counts for the package holding most "
          f"of its 1025 tokens ({100 * c['single_package_train_chunks']:.1f} % of train chunks lie in one package). "
          "Shares are of each run's trained clean chunks (`runs/*.ids.npy`, noise left out), averaged over seeds, "

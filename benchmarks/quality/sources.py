@@ -128,13 +128,18 @@ def check_stream(stream: np.ndarray, stored: np.ndarray, split: str, seq_len: in
     body = stored[:, :seq_len].reshape(-1) != stream[:n * seq_len]
     last = stored[:, seq_len] != stream[seq_len:n * seq_len + 1:seq_len]
     if body.any() or last.any():
-        first = [int(np.argmax(body))] if body.any() else []
-        if last.any():   # column seq_len of row j is stream position seq_len·(j + 1)
-            first.append(int(np.argmax(last)) * seq_len + seq_len)
-        pos = min(first)
-        i = pos // seq_len
+        # (stream position, chunk, column) of the first difference; column seq_len of chunk j is position
+        # seq_len·(j + 1), the token chunk j shares with chunk j + 1
+        first = []
+        if body.any():
+            b = int(np.argmax(body))
+            first.append((b, b // seq_len, b % seq_len))
+        if last.any():
+            j = int(np.argmax(last))
+            first.append((seq_len * (j + 1), j, seq_len))
+        pos, i, col = min(first)
         raise ValueError(f"{split}: the re-encoded stream differs from the stored chunks at stream position {pos} "
-                         f"(chunk {i}, column {pos - i * seq_len}): {int(body.sum() + last.sum())} tokens differ; "
+                         f"(chunk {i}, column {col}): {int(body.sum() + last.sum())} tokens differ; "
                          f"the rebuild (wheels, rules, tokenizer) is not the corpus's")
 
 
@@ -253,8 +258,9 @@ def build_sources(data_dir: Path, wheel_dir: Path, out: Path, splits: Sequence[s
                                    "sha256_raw": info.get("sha256_raw")}
         log(f"[sources] {split}: {len(files)} files, {int(lengths.sum())} tokens, {len(table['majority_package'])} "
             f"chunks; stream equals the stored array ({time.time() - t:.1f} s)")
-    result["wall_s"] = round(time.time() - t0, 1)
+    # no timings in the file: two runs write identical outputs
     (out / "packages.json").write_text(json.dumps(result, indent=1) + "\n")
+    log(f"[sources] wrote {out} in {time.time() - t0:.1f} s")
     return result
 
 
