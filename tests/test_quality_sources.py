@@ -441,3 +441,28 @@ def test_analyze_main_writes_the_section(tmp_path: Path) -> None:
     assert analyze.main([str(folder), "--no-plots", "--sources", str(tmp_path / "elsewhere")]) == 0
     assert "## Chunk sources" in (folder / "summary.md").read_text()
     assert json.loads((folder / "summary.json").read_text())["chunk_sources"]["sources_dir"] == "../elsewhere"
+
+
+def test_committed_tables_are_consistent() -> None:
+    """The committed tables of the real corpus (``benchmarks/quality/results/sources``): complete, shares sum to 1,
+    and, where the corpus is present, the counts of its ``manifest.json``."""
+    folder = Path(analyze.__file__).parent / "results" / "sources"
+    meta = sources.load_sources(folder)
+    assert len(meta["packages"]) == 23 and set(meta["splits"]) == set(pycode.SPLITS)
+    for split, d in meta["splits"].items():
+        a = d["arrays"]
+        assert d["validated"] is True
+        assert len(a["first_package"]) == len(a["majority_package"]) == len(a["majority_tokens"]) == d["chunks"]
+        assert int(a["majority_package"].max()) < 23 and int(a["majority_tokens"].min()) > 1025 // 23
+        assert sum(p["token_share"] for p in d["per_package"].values()) == pytest.approx(1.0)
+        assert sum(p["majority_chunks"] for p in d["per_package"].values()) == d["chunks"]
+        assert d["covered_tokens"] == 1024 * d["chunks"] + 1
+    try:
+        data = pycode.find_pycode_dir()
+    except FileNotFoundError:
+        pytest.skip("no pycode corpus here: only the internal consistency was checked")
+    m = json.loads((data / "manifest.json").read_text())
+    for split, d in meta["splits"].items():
+        info = m["splits"][split]
+        assert (d["chunks"], d["files"], d["tokens"], d["tokens_dropped_tail"], d["sha256_raw"]) == \
+            (info["chunks"], info["files"], info["tokens"], info["tokens_dropped_tail"], info["sha256_raw"])
