@@ -3,19 +3,24 @@ effective data multiplier m, time-to-target, selection logs, gate tables, and th
 
     python -m benchmarks.quality.analyze benchmarks/quality/results/round1     # writes summary.md/.json + PNGs
 
-Reads only the run JSONs (``runs/*.json``), ``gate*.json`` and ``ref/ref.json``; re-running is idempotent.
+Reads only the run JSONs (``runs/*.json``), ``gate*.json`` and ``ref/ref.json``; re-running is idempotent. Where the
+chunk-source tables of ``benchmarks.quality.sources`` exist (``<folder>/../sources/``, or ``--sources DIR``), it
+also reads the runs' ``*.ids.npy`` and adds a section "Chunk sources" (which packages the selecting arms prefer).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from benchmarks.quality import pycode, sources
 
 #: Two-sided 95 % Student t quantiles by degrees of freedom (beyond the table: the normal 1.96).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -109,7 +114,9 @@ def time_ratio(B: int, k: int, t_arm: float, t_B: float, m: float) -> float:
     return (B / k) * t_arm / (m * t_B)
 
 
-def summarize(folder: Path) -> dict:
+def summarize(folder: Path, sources_dir: Optional[Path] = None) -> dict:
+    """The summary of a results folder; ``sources_dir`` (default ``<folder>/../sources``): the chunk-source tables,
+    used where they exist (key ``chunk_sources``)."""
     runs = load_runs(folder)
     N = max(r["scale"]["steps"] for r in runs)
     main = [r for r in runs if not r["tag"] and r["accounting"]["optimizer_steps"] == N]
@@ -262,6 +269,8 @@ def summarize(folder: Path) -> dict:
     for lab in table:
         if lab.endswith("_jax") and lab[:-4] in arms:
             jax_arms[lab] = jax_band(arms[lab], arms[lab[:-4]], lab[:-4])
+    sources_dir = Path(folder).parent / "sources" if sources_dir is None else Path(sources_dir)
+    csrc = chunk_source_shares(folder, arms, sources_dir) if (sources_dir / "packages.json").is_file() else None
     gates = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("gate*.json"))}
     ref = json.loads((folder / "ref" / "ref.json").read_text()) if (folder / "ref" / "ref.json").exists() else None
     return {"N": N, "sweep": {a: {str(k): v for k, v in d.items()} for a, d in sweep.items()}, "tuned_lr": tuned,
@@ -271,7 +280,7 @@ def summarize(folder: Path) -> dict:
             # round 4 only (earlier rounds' summaries stay as they were)
             **({"paired_test": paired_test} if paired_test else {}), **({"jax": jax_arms} if jax_arms else {}),
             **({"m_test": m_test, "test_budget_runs": {str(s): sorted(v) for s, v in test_budgets.items()}}
-               if m_test else {}), "paired_ood": paired_ood}
+               if m_test else {}), "paired_ood": paired_ood, **({"chunk_sources": csrc} if csrc else {})}
 
 
 def data_multipliers(table: dict, arms: dict, budgets: dict, loss: dict) -> dict:
@@ -333,6 +342,182 @@ def jax_band(jax_runs: dict, torch_runs: dict, torch_label: str) -> dict:
             "ms_per_step": r["accounting"]["ms_per_step"], "first_step_s": r["accounting"].get("first_step_s"),
             "p29": (final_ok and bool(curve_ok)) if checked else None}   # None: no evaluation after the first two
     return out
+
+
+#: How many over- and under-selected packages the "Chunk sources" section names per arm.
+N_EXTREMES = 3
+
+
+def candidate_ids(run: dict, n_train: int) -> np.ndarray:
+    """The clean (non-noise) candidate chunk ids a run saw, in stream order: the harness's own
+    ``pycode.CandidateStream`` of the run's seed, batch, steps and noise, over a stand-in of the train split's shape
+    (only the ids are read; no corpus needed)."""
+    sc = run["scale"]
+    B = sc["keep"] if run["arm"] == "std_k" else sc["batch"]
+    T, steps = sc["seq_len"], run["accounting"]["optimizer_steps"]
+    frac = sc["noise_frac"] if run["noise"] else 0.0
+    n_noise = int(round(frac * B))
+    zero = np.zeros(1, np.uint16)
+    stream = pycode.CandidateStream(np.broadcast_to(zero, (n_train, T + 1)), run["seed"], B, steps, T,
+                                    noise_frac=frac,
+                                    noise=np.broadcast_to(zero, (n_noise * steps, T + 1)) if n_noise else None)
+    ids = np.concatenate([stream.batch(i)[0] for i in range(steps)])
+    return ids[ids >= 0]
+
+
+def chunk_source_shares(folder: Path, arms: dict, sources_dir: Path) -> dict:
+    """The "Chunk sources" section (issue 15): per arm, the package shares of its trained chunks (the saved
+    ``runs/<key>.ids.npy``; noise chunks left out; each chunk counted for its majority package, as tabled by
+    ``benchmarks.quality.sources``), per seed and then averaged over seeds, against the same seeds' candidate chunks
+    (``candidate_ids``; where a run's ids are not all among them, against ``random_subset``'s trained chunks); the
+    largest over/under-selections with z = Δ / the SE of a uniformly random choice of as many chunks from the same
+    candidates; each split's exposure Σ_p token share(p) · trained(p)/baseline(p); and the token shares of every
+    split (``packages.json``)."""
+    meta = sources.load_sources(sources_dir)
+    pk = meta["packages"]
+    P = len(pk)
+    if "train" not in meta["splits"]:
+        raise ValueError(f"{sources_dir}: no train table (rerun benchmarks.quality.sources with the train split)")
+    maj = meta["splits"]["train"]["arrays"]["majority_package"].astype(np.int64)
+    n_table = len(maj)
+
+    def shares(ids: np.ndarray) -> np.ndarray:
+        return np.bincount(maj[ids], minlength=P) / max(1, len(ids))
+
+    cands, per_arm, not_listed = {}, {}, {}
+    for lab in sorted(arms):
+        per = {}
+        for sd, r in sorted(arms[lab].items()):
+            n_train = r["scale"].get("train_chunks") or n_table
+            if n_train > n_table:
+                raise ValueError(f"{r['key']}: its train split has {n_train} chunks, {sources_dir} tables {n_table}")
+            if r["accounting"].get("level") == "token":
+                not_listed[lab] = "token-level arm: trains on every candidate chunk"
+                break
+            f = folder / "runs" / f"{r['key']}.ids.npy"
+            if not f.is_file():
+                not_listed[lab] = ("trains on every candidate chunk (no ids saved)" if r["arm"] in ("std_B", "std_k")
+                                   else "no ids.npy saved")
+                break
+            ids = np.load(f).astype(np.int64)
+            clean = ids[ids >= 0]
+            if clean.size and clean.max() >= n_train:
+                raise ValueError(f"{f}: chunk id {clean.max()} beyond the {n_train} train chunks: "
+                                 f"the run used another corpus than {sources_dir}")
+            ck = (r["seed"], r["arm"] == "std_k", r["noise"], r["accounting"]["optimizer_steps"], n_train)
+            if ck not in cands:
+                cands[ck] = candidate_ids(r, n_train)
+            cand = cands[ck]
+            ok = bool(np.isin(clean, cand).all())
+            per[sd] = {"trained": shares(clean), "n": int(len(clean)), "n_candidates": int(len(cand)),
+                       "candidates": shares(cand) if ok else None}
+        else:
+            if per:
+                per_arm[lab] = per
+    # the candidates of the plain (noise-free, batch-B) streams of every seed seen: the composition column
+    plain = [shares(c) for (sd, k_stream, noise, _, _), c in sorted(cands.items()) if not k_stream and not noise]
+    # relative to the results folder, so that the summary does not depend on where analyze was started from
+    out = {"packages": pk, "sources_dir": os.path.relpath(sources_dir, folder), "attribution": "majority_package",
+           "single_package_train_chunks": meta["splits"]["train"]["single_package_chunks"] / max(1, n_table),
+           "token_share": {sp: {p: d["per_package"][p]["token_share"] for p in pk}
+                           for sp, d in meta["splits"].items()},
+           "candidates_share": dict(zip(pk, map(float, np.mean(plain, 0)))) if plain else None,
+           "arms": {}, "not_listed": not_listed}
+    for lab, per in per_arm.items():
+        seeds = sorted(per)
+        tr = np.mean([per[sd]["trained"] for sd in seeds], 0)
+        n = float(np.mean([per[sd]["n"] for sd in seeds]))
+        if all(per[sd]["candidates"] is not None for sd in seeds):
+            base_name = "candidates"
+            base = np.mean([per[sd]["candidates"] for sd in seeds], 0)
+            f = n / float(np.mean([per[sd]["n_candidates"] for sd in seeds]))
+            se = np.sqrt(base * (1 - base) * (1 - f) / (n * len(seeds)))
+        else:
+            base_name = "random_subset+noise" if lab.endswith("+noise") else "random_subset"
+            if base_name not in per_arm or base_name == lab:
+                not_listed[lab] = "candidates not recoverable and no random_subset to compare with"
+                continue
+            base = np.mean([per_arm[base_name][sd]["trained"] for sd in sorted(per_arm[base_name])], 0)
+            se = np.full(P, np.nan)
+        d = tr - base
+        z = np.where(se > 0, d / np.where(se > 0, se, 1), np.nan)
+        order = np.argsort(-d, kind="stable")
+        over = [int(i) for i in order if d[i] > 0][:N_EXTREMES]
+        under = [int(i) for i in order[::-1] if d[i] < 0][:N_EXTREMES]
+        pos = [pk[i] for i in range(P) if d[i] > 0]
+        entry = {"seeds": seeds, "trained_chunks_per_seed": n, "baseline": base_name,
+                 "trained_share": dict(zip(pk, map(float, tr))), "baseline_share": dict(zip(pk, map(float, base))),
+                 "ratio": {pk[i]: (float(tr[i] / base[i]) if base[i] > 0 else None) for i in range(P)},
+                 "z": {pk[i]: (None if not np.isfinite(z[i]) else float(z[i])) for i in range(P)},
+                 "tv_distance": float(0.5 * np.abs(d).sum()),
+                 "over": [[pk[i], float(tr[i]), float(base[i]), None if not np.isfinite(z[i]) else float(z[i])]
+                          for i in over],
+                 "under": [[pk[i], float(tr[i]), float(base[i]), None if not np.isfinite(z[i]) else float(z[i])]
+                           for i in under],
+                 "over_selected_packages": pos,
+                 "over_selected_token_share": {sp: float(sum(out["token_share"][sp][p] for p in pos))
+                                               for sp in out["token_share"]},
+                 # the rate at which the arm trained on a split's packages relative to its baseline: the split's
+                 # token shares weighting the per-package ratios (1 = no tilt towards or away from that split)
+                 "exposure": {sp: float(sum(out["token_share"][sp][pk[i]] * tr[i] / base[i]
+                                            for i in range(P) if base[i] > 0)) for sp in out["token_share"]}}
+        out["arms"][lab] = entry
+    return out
+
+
+def _chunk_source_lines(c: dict) -> list:
+    def pct(x: Optional[float]) -> str:
+        return "—" if x is None else f"{100 * x:.1f}"
+
+    def ext(items: list) -> str:
+        return ", ".join(f"{p} {100 * t:.1f} vs {100 * b:.1f}" + ("" if z is None else f" (z {z:+.1f})")
+                         for p, t, b, z in items) or "—"
+
+    ts = c["token_share"]
+    L = ["\n## Chunk sources (which packages the trained chunks come from)\n",
+         f"Tables of `{c['sources_dir']}` (relative to this folder; `python -m benchmarks.quality.sources`: every "
+         "split's stream rebuilt file by "
+         f"file and checked token for token against the stored arrays). A chunk counts for the package holding most "
+         f"of its 1025 tokens ({100 * c['single_package_train_chunks']:.1f} % of train chunks lie in one package). "
+         "Shares are of each run's trained clean chunks (`runs/*.ids.npy`, noise left out), averaged over seeds, "
+         "against the same seeds' candidate chunks (or `random_subset`'s trained chunks where the candidates are not "
+         "recoverable); z = Δ / SE of a uniformly random choice of as many chunks from the same candidates. Split "
+         "compositions are token shares of the tokens the chunks cover.\n"]
+    if c["arms"]:
+        L.append("| arm | seeds | trained chunks / seed | baseline | TV distance (pp) | most over-selected (% vs "
+                 "baseline %) | most under-selected | exposure val / test |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for lab, e in c["arms"].items():
+            x = e["exposure"]
+            L.append(f"| `{lab}` | {len(e['seeds'])} | {e['trained_chunks_per_seed']:.0f} | {e['baseline']} | "
+                     f"{100 * e['tv_distance']:.1f} | {ext(e['over'])} | {ext(e['under'])} | "
+                     f"{_f(x.get('val'), 3)} / {_f(x.get('test'), 3)} |")
+        L.append("\nExposure of a split = Σ over packages of its token share × the arm's trained share / baseline "
+                 "share: the rate, relative to the baseline, at which the arm trained on that split's packages.")
+    if c["not_listed"]:
+        L.append("")
+    for lab, why in c["not_listed"].items():
+        L.append(f"* `{lab}`: not listed; {why}.")
+    arms = list(c["arms"])
+    cand = c["candidates_share"] or {}
+    splits = [sp for sp in ("train", "val", "test") if sp in ts]
+    L.append("\nPackage shares in % (splits: tokens; candidates and arms: chunks; an arm's ratio to its baseline "
+             "in brackets), packages by train share:\n")
+    L.append("| package | " + " | ".join(f"{sp} tok" for sp in splits) +
+             (" | val − test (pp)" if "val" in ts and "test" in ts else "") + " | candidates | " +
+             " | ".join(f"`{a}`" for a in arms) + " |")
+    L.append("|---" * (2 + len(splits) + ("val" in ts and "test" in ts) + len(arms)) + "|")
+    order = sorted(c["packages"], key=lambda p: -ts.get("train", ts[splits[0]] if splits else {}).get(p, 0.0))
+    for p in order:
+        row = [p] + [pct(ts[sp][p]) for sp in splits]
+        if "val" in ts and "test" in ts:
+            row.append(f"{100 * (ts['val'][p] - ts['test'][p]):+.1f}")
+        row.append(pct(cand.get(p)))
+        for a in arms:
+            r = c["arms"][a]["ratio"][p]
+            row.append(f"{pct(c['arms'][a]['trained_share'][p])} ({'—' if r is None else f'×{r:.2f}'})")
+        L.append("| " + " | ".join(row) + " |")
+    return L
 
 
 def _p29(v: Optional[bool]) -> str:
@@ -482,6 +667,8 @@ def render(summary: dict) -> str:
         if "r1_stride" in g:
             L.append(f"Scored positions per option: {g['scored_positions']}. The 1-layer arm's stride (rule of "
                      f"round 3, item 4: 16 if its rho to oracle excess ≥ 0.5, else 4): **{g['r1_stride']}**.")
+    if s.get("chunk_sources"):
+        L += _chunk_source_lines(s["chunk_sources"])
     return "\n".join(L) + "\n"
 
 
@@ -526,11 +713,12 @@ def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", help="a results folder written by benchmarks.quality.study")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--sources", help="chunk-source tables (benchmarks.quality.sources; default <folder>/../sources)")
     a = ap.parse_args(argv)
     folder = Path(a.folder)
     if not (folder / "runs").is_dir():
         raise ValueError(f"{folder} has no runs/ folder: pass the --out of benchmarks.quality.study")
-    s = summarize(folder)
+    s = summarize(folder, Path(a.sources) if a.sources else None)
     (folder / "summary.json").write_text(json.dumps(s, indent=1, default=str))
     (folder / "summary.md").write_text(render(s))
     if not a.no_plots:
