@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate>=1.1 (the torch extra)")
-trl = pytest.importorskip("trl", reason="trl is not installed (pip install trl: it is not in the dev extra)")
+trl = pytest.importorskip("trl", reason="trl is not installed (the dev extra has it: pip install -e '.[dev]')")
 
 datasets = pytest.importorskip("datasets", reason="trl's SFTTrainer needs the datasets package")
 
