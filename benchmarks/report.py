@@ -540,7 +540,12 @@ def render(records: list[dict[str, Any]], root: Path, out: Path) -> str:
                 lines += _token_stats_table(main)
             elif suite == "anchors" and main:
                 lines += _anchors_table(main)
-                carried = [c.get("carried_wheels") for c in [man] + list(man.get("earlier_calls") or [])]
+                # the wheels of the call that ran the anchors: a later call of the same run folder (another
+                # suite) may have carried fewer wheels, and its manifest is the top-level one after --unpack
+                calls = [man] + list(man.get("earlier_calls") or [])
+                calls = ([c for c in calls if "anchors" in (c.get("suites") or [])]
+                         + [c for c in calls if "anchors" not in (c.get("suites") or [])])
+                carried = [c.get("carried_wheels") for c in calls]
                 carried = next((c for c in carried if isinstance(c, dict) and c.get("wheels")), None)
                 if carried:  # issue 18: the exact wheels of the anchors, from the run's manifest
                     lines += ["", "Carried wheels (installed with `pip --target " + str(carried.get("target"))

@@ -146,6 +146,26 @@ def test_report_anchor_ratio_lines(tmp_path):
     assert "| CGGRLoss topk fwd+bwd × QuACK CE | torch | NVIDIA H200 | 0.67 (V=128256) |" in text  # headline
 
 
+
+def test_report_lists_the_wheels_of_the_call_that_ran_the_anchors(tmp_path):
+    # 2026-12-03: four calls shared one run folder; the last (step, Liger only) became the top-level manifest
+    # and the report named its wheels under the anchors' tables instead of the anchors call's QuACK wheels.
+    run_f = tmp_path / "h200" / "2026-12-03_ccccccc"
+    records.write_records([_rec("anchor_ce", "cggr_topk", 2.24, ratios={"quack_ce": 2.24 / 3.32}),
+                           _rec("anchor_ce", "quack_ce", 3.32, baseline=True)],
+                          run_f / "anchors" / "anchors_torch.jsonl")
+    liger = {"target": "/tmp/cggr-site/site-packages", "errors": [], "wheels": ["liger_kernel-0.6.5-py3-none-any.whl"]}
+    quack = {"target": "/tmp/cggr-site/site-packages", "errors": [],
+             "wheels": ["liger_kernel-0.6.5-py3-none-any.whl", "quack_kernels-0.6.5-py3-none-any.whl"]}
+    (run_f / "manifest.json").write_text(json.dumps({
+        "started": "2026-12-03T12:00:00Z", "suites": ["step"], "carried_wheels": liger,
+        "earlier_calls": [{"started": "2026-12-03T10:00:00Z", "suites": ["kernels"], "carried_wheels": liger},
+                          {"started": "2026-12-03T11:00:00Z", "suites": ["anchors", "heads"],
+                           "carried_wheels": quack}]}))
+    text = report.render(records.load_records(tmp_path), tmp_path, tmp_path / "RESULTS.md")
+    assert ("Carried wheels (installed with `pip --target /tmp/cggr-site/site-packages`): "
+            "`liger_kernel-0.6.5-py3-none-any.whl`, `quack_kernels-0.6.5-py3-none-any.whl`.") in text
+
 # ------------------------------------------------------------------------------- unpack and manifest merge
 def _manifest(started: str, command: str, gpu: str = "NVIDIA H200", **more) -> dict:
     return {"schema": "cggr-bench-run/1", "commit": "ccccccc", "gpu": gpu, "started": started, "command": command,
@@ -211,3 +231,18 @@ def test_runner_unpack_command_errors(tmp_path, capsys):
     assert run.main(["--unpack", str(tmp_path / "junk.tgz")]) == 2
     assert run.main(["kernels", "--unpack", str(tmp_path / "junk.tgz")]) == 2
     assert "runs no suites" in capsys.readouterr().err
+
+
+def test_quack_chunk_size_never_equals_the_hidden_size():
+    # QuACK 0.6.5 refused d = 4096 with its default chunk of 4096 rows on the H200 ("m == n makes row/col
+    # inference ambiguous"); the benchmark must pass a chunk with unequal sides and keep the default elsewhere.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "ops"))
+    try:
+        import anchors_torch
+    finally:
+        sys.path.pop(0)
+    assert anchors_torch.quack_chunk_size(2048) == 4096
+    assert anchors_torch.quack_chunk_size(4096) == 8192
+    assert anchors_torch.quack_chunk_size(8192) == 4096
+    for d in (1024, 2048, 3072, 4096, 5120, 8192):
+        assert anchors_torch.quack_chunk_size(d) != d

@@ -32,7 +32,8 @@ Linear rows (``op = anchor_linear_ce``), per d:
 
 * ``cggr_fused``        - ``cggr_torch.fused_linear.fused_linear_cggr_loss`` (``fixed_quota``, ratio 0.25,
   ``warmup_steps=0``, default 0.25 GiB plan: the fused_linear benchmark's ``cggr_fused``);
-* ``quack_linear_ce``   - ``quack.linear_cross_entropy.chunked_linear_cross_entropy`` (chunk 4096, its
+* ``quack_linear_ce``   - ``quack.linear_cross_entropy.chunked_linear_cross_entropy`` (chunk 4096, 8192 at d = 4096
+  where a square chunk GEMM is refused: :func:`quack_chunk_size`; its
   autotuned GEMMs; ``--quack-untuned``: ``tuned=False``);
 * ``liger_flce``        - Liger's ``LigerFusedLinearCrossEntropyLoss``;
 * ``torch_linear_ce``   - ``F.cross_entropy(F.linear(h, W).float(), t)``;
@@ -151,6 +152,19 @@ def load_quack_linear_ce() -> tuple[Optional[Callable[..., Any]], str]:
     except Exception as err:  # noqa: BLE001
         return None, f"quack.linear_cross_entropy not importable ({_why(err)})"
     return chunked_linear_cross_entropy, "quack.linear_cross_entropy.chunked_linear_cross_entropy"
+
+
+#: QuACK's own default chunk of rows per GEMM.
+QUACK_CHUNK = 4096
+
+
+def quack_chunk_size(d: int, chunk: int = QUACK_CHUNK) -> int:
+    """The ``chunk_size`` for QuACK's linear CE at hidden size ``d``: its default, doubled when it equals ``d``.
+
+    quack-kernels 0.6.5 infers a row/column vector operand of its GEMM epilogue from the shapes and refuses a
+    square chunk GEMM (H200, 2026-12-03, d = 4096, chunk 4096: "operand 'v': m == n makes row/col inference
+    ambiguous"); a chunk of 8192 rows keeps the same kernels with unequal sides."""
+    return 2 * chunk if chunk == d else chunk
 
 
 def load_liger_flce() -> tuple[Optional[Callable[..., Any]], str]:
@@ -395,9 +409,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "cggr_fused": (with_grads(lambda: fused_linear_cggr_loss(
                 hidden, weight, labels, 0, selection="fixed_quota", warmup_steps=0,
                 min_tokens_ratio=args.ratio)[0]), None, "cggr_torch.fused_linear.fused_linear_cggr_loss"),
-            "quack_linear_ce": (with_grads(lambda: quack_lce(hidden, weight, labels, **quack_kw)) if quack_lce
+            "quack_linear_ce": (with_grads(lambda: quack_lce(
+                hidden, weight, labels, chunk_size=quack_chunk_size(d), **quack_kw)) if quack_lce
                                 else None,
-                                None if quack_lce else quack_lce_note, quack_lce_note),
+                                None if quack_lce else quack_lce_note,
+                                f"{quack_lce_note} (chunk_size={quack_chunk_size(d)})"),
             "liger_flce": (with_grads(lambda: liger_flce(hidden, weight, labels)) if liger_flce else None,
                            None if liger_flce else liger_flce_note, liger_flce_note),
             "torch_linear_ce": (with_grads(lambda: F.cross_entropy(F.linear(hidden, weight).float(), labels)), None,
