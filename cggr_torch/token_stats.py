@@ -16,9 +16,10 @@ returns the target log-prob ``logprob_i = y_i[t_i] − lse_i`` (0 for ``ignore_i
     ∂/∂z_ij = ∂/∂y_ij · (1 − tanh²(z_ij / softcap)) / temperature       (without softcap: / temperature)
     ∂h_i = Σ_j ∂/∂z_ij W_j,   ∂W = Σ_i (∂/∂z_i)ᵀ h_i,   ∂b = Σ_i ∂/∂z_i
 
-**This first version is pure PyTorch, correct on every device** (no Triton kernel: the SPEC §2 streaming state
-of the fused head's kernel has no temperature or soft-cap, and ``cggr_torch/kernels/*`` is not ours to change;
-a kernel would go to ``cggr_torch/kernels/token_stats.py``; DECISIONS.md: token-stats-pure-first-version).
+**The forward's kernel:** with ``temperature = 1`` and no soft-cap on a kernel device, the statistics come from
+the fused LM head's statistics op (cuBLAS blocks, each read once by the Triton scoring kernel). A transform, the
+CPU and the backward use plain PyTorch (the SPEC §2 streaming state of that kernel has no temperature or
+soft-cap; DECISIONS.md: token-stats-pure-first-version).
 Forward: blocks of ``R`` rows × ``C`` vocabulary columns ``Z = H_r W[v0:v1]ᵀ + b[v0:v1]`` (one matmul in the
 inputs' dtype), each folded into the rows' streaming state - running maximum ``m``, runner-up,
 ``s = Σ e^{y−m}``, ``a = Σ e^{y−m}(y − m)``, the target's ``y`` - and dropped (``lse = m + ln s``,
@@ -50,6 +51,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import dispatch
 from .fused_linear import DEFAULT_MEMORY_BUDGET
 from .kernels.launch import check_positive_int
 from .types import TokenStatistics
@@ -271,9 +273,38 @@ def _block_statistics(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return tuple(torch.where(ok, x, nan) for x in (lse, entropy, p1, p2, nll)) + (ok,)
 
 
+def _statistics_kernel_for(h2: torch.Tensor, temperature: float, softcap: Optional[float]) -> bool:
+    """The fused LM head's statistics op (``cggr::fused_linear_statistics``: cuBLAS blocks + the Triton
+    scoring kernel, one pass over each block) serves the untransformed distribution (SPEC §14.1 with
+    ``temperature = 1`` and no soft-cap, where ``y = z``) on a kernel device; a transform takes the blocks here."""
+    return (temperature == 1.0 and softcap is None and dispatch.use_kernels(h2)
+            and dispatch.kernel("token_statistics_triton") is not None)
+
+
+def _kernel_statistics(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], safe_t: torch.Tensor,
+                       has_t: torch.Tensor, plan: TokenStatsPlan) -> tuple[TokenStatistics, torch.Tensor]:
+    """:func:`_flat_statistics` through the fused head's statistics op. Its blocks hold only the logits
+    (``e`` bytes a logit instead of ``e + 20``), so the plan's bytes hold ``(e + 20)/e`` times its columns."""
+    e = h2.element_size()
+    V = weight.shape[0]
+    cols = min(V, _round_down(plan.vocab_chunk * (e + 20) // e))
+    t = torch.where(has_t, safe_t, torch.full_like(safe_t, -1))     # -1: never a valid target (safe_t >= 0)
+    with torch.no_grad(), torch.autocast(device_type=h2.device.type, enabled=False):
+        out = torch.ops.cggr.fused_linear_statistics(h2, weight, bias, t, -1, int(plan.row_chunk), int(cols))
+        stats = [out[k] for k in range(5)]
+        # SPEC §2: a non-finite row carries a non-finite value in some field; §14.2 makes it NaN in all of them.
+        ok = torch.isfinite(h2).all(dim=1)
+        for x in stats:
+            ok &= torch.isfinite(x)
+        nan = torch.full_like(stats[0], math.nan)
+        return TokenStatistics(*(torch.where(ok, x, nan) for x in stats)), ok
+
+
 def _flat_statistics(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], safe_t: torch.Tensor,
                      has_t: torch.Tensor, plan: TokenStatsPlan, temperature: float,
                      softcap: Optional[float]) -> tuple[TokenStatistics, torch.Tensor]:
+    if _statistics_kernel_for(h2, temperature, softcap):
+        return _kernel_statistics(h2, weight, bias, safe_t, has_t, plan)
     N = h2.shape[0]
     out = [torch.empty((N,), dtype=torch.float32, device=h2.device) for _ in range(5)]
     ok = torch.empty((N,), dtype=torch.bool, device=h2.device)
