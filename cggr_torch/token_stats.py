@@ -273,7 +273,7 @@ def _block_statistics(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return tuple(torch.where(ok, x, nan) for x in (lse, entropy, p1, p2, nll)) + (ok,)
 
 
-def _statistics_kernel_for(h2: torch.Tensor, temperature: float, softcap: Optional[float]) -> bool:
+def _uses_statistics_op(h2: torch.Tensor, temperature: float, softcap: Optional[float]) -> bool:
     """The fused LM head's statistics op (``cggr::fused_linear_statistics``: cuBLAS blocks + the Triton
     scoring kernel, one pass over each block) serves the untransformed distribution (SPEC §14.1 with
     ``temperature = 1`` and no soft-cap, where ``y = z``) on a kernel device; a transform takes the blocks here."""
@@ -303,7 +303,7 @@ def _kernel_statistics(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 def _flat_statistics(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], safe_t: torch.Tensor,
                      has_t: torch.Tensor, plan: TokenStatsPlan, temperature: float,
                      softcap: Optional[float]) -> tuple[TokenStatistics, torch.Tensor]:
-    if _statistics_kernel_for(h2, temperature, softcap):
+    if _uses_statistics_op(h2, temperature, softcap):
         return _kernel_statistics(h2, weight, bias, safe_t, has_t, plan)
     N = h2.shape[0]
     out = [torch.empty((N,), dtype=torch.float32, device=h2.device) for _ in range(5)]
