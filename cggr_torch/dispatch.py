@@ -56,6 +56,7 @@ KERNEL_ENTRY_POINTS: Mapping[str, str] = {
     "rank_tokens_triton": "cggr_torch.kernels.selection",
     "select_from_scores": "cggr_torch.kernels.selection",
     "launch_chunk_gradient": "cggr_torch.kernels.fused_linear",
+    "launch_token_stats_gradient": "cggr_torch.kernels.token_stats_gradient",
     "sample_tokens_triton": "cggr_torch.kernels.sampling",
     "sampling_probabilities_triton": "cggr_torch.kernels.sampling",
     "sample_from_scores": "cggr_torch.kernels.sampled_loss",

@@ -16,10 +16,12 @@ returns the target log-prob ``logprob_i = y_i[t_i] − lse_i`` (0 for ``ignore_i
     ∂/∂z_ij = ∂/∂y_ij · (1 − tanh²(z_ij / softcap)) / temperature       (without softcap: / temperature)
     ∂h_i = Σ_j ∂/∂z_ij W_j,   ∂W = Σ_i (∂/∂z_i)ᵀ h_i,   ∂b = Σ_i ∂/∂z_i
 
-**The forward's kernel:** with ``temperature = 1`` and no soft-cap on a kernel device, the statistics come from
-the fused LM head's statistics op (cuBLAS blocks, each read once by the Triton scoring kernel). A transform, the
-CPU and the backward use plain PyTorch (the SPEC §2 streaming state of that kernel has no temperature or
-soft-cap; DECISIONS.md: token-stats-pure-first-version).
+**Kernels** (kernel devices; the CPU and float64 use plain PyTorch, DECISIONS.md: token-stats-pure-first-version):
+the forward's statistics come from the fused LM head's statistics op (cuBLAS blocks, each read once by the Triton
+scoring kernel) when ``temperature = 1`` and there is no soft-cap (that kernel's SPEC §2 streaming state has no
+transform; a transform takes the PyTorch blocks); the backward turns each recomputed cuBLAS chunk into its
+gradient in place with :mod:`cggr_torch.kernels.token_stats_gradient` (any temperature and soft-cap). Both hold
+only the logits chunk, so the same bytes hold more columns than the element-wise plan below (``_kernel_plan``).
 Forward: blocks of ``R`` rows × ``C`` vocabulary columns ``Z = H_r W[v0:v1]ᵀ + b[v0:v1]`` (one matmul in the
 inputs' dtype), each folded into the rows' streaming state - running maximum ``m``, runner-up,
 ``s = Σ e^{y−m}``, ``a = Σ e^{y−m}(y − m)``, the target's ``y`` - and dropped (``lse = m + ln s``,
@@ -53,6 +55,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .fused_linear import DEFAULT_MEMORY_BUDGET
+from .fused_linear_backward import accumulate_matmul
 from .kernels.launch import check_positive_int
 from .types import TokenStatistics
 from .utils import FLOAT_DTYPES, check_target_range, is_integer_dtype, widen_labels
@@ -283,11 +286,9 @@ def _uses_statistics_op(h2: torch.Tensor, temperature: float, softcap: Optional[
 
 def _kernel_statistics(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], safe_t: torch.Tensor,
                        has_t: torch.Tensor, plan: TokenStatsPlan) -> tuple[TokenStatistics, torch.Tensor]:
-    """:func:`_flat_statistics` through the fused head's statistics op. Its blocks hold only the logits
-    (``e`` bytes a logit instead of ``e + 20``), so the plan's bytes hold ``(e + 20)/e`` times its columns."""
-    e = h2.element_size()
-    V = weight.shape[0]
-    cols = min(V, _round_down(plan.vocab_chunk * (e + 20) // e))
+    """:func:`_flat_statistics` through the fused head's statistics op (its columns widened by
+    :func:`_kernel_plan`)."""
+    cols = plan.vocab_chunk
     t = torch.where(has_t, safe_t, torch.full_like(safe_t, -1))     # -1: never a valid target (safe_t >= 0)
     with torch.no_grad(), torch.autocast(device_type=h2.device.type, enabled=False):
         out = torch.ops.cggr.fused_linear_statistics(h2, weight, bias, t, -1, int(plan.row_chunk), int(cols))
@@ -334,9 +335,35 @@ def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: Any, bias: Opt
     safe_t = torch.where(has_t, t, torch.zeros_like(t)).to(torch.int64)
     plan = plan_token_stats(h2.shape[0], h2.shape[1], weight.shape[0], hidden.dtype, grad_rows=grad_rows,
                             memory_budget_bytes=int(memory_budget_bytes))
+    if vocab_chunk_size is None:
+        plan = _kernel_plan(plan, h2, weight.shape[0], temperature, softcap)
     plan = TokenStatsPlan(row_chunk_size or plan.row_chunk, vocab_chunk_size or plan.vocab_chunk,
                           row_chunk_size or plan.backward_row_chunk, vocab_chunk_size or plan.backward_vocab_chunk)
     return h2, safe_t, has_t, plan, temperature, softcap
+
+
+def _gradient_kernel(h2: torch.Tensor) -> Optional[Any]:
+    """The Triton chunk-gradient launch (``launch_token_stats_gradient``) for ``h2``'s device and dtype, or None
+    (PyTorch element-wise ops: non-kernel devices, ``CGGR_DISABLE_KERNELS=1``, float64)."""
+    if not dispatch.use_kernels(h2) or h2.dtype == torch.float64:
+        return None
+    return dispatch.kernel("launch_token_stats_gradient")
+
+
+def _kernel_plan(plan: TokenStatsPlan, h2: torch.Tensor, vocab_size: int, temperature: float,
+                 softcap: Optional[float]) -> TokenStatsPlan:
+    """The plan's columns where kernels hold the blocks: the same bytes, more columns. The statistics op's
+    forward blocks hold only the logits (``e`` bytes a logit instead of ``e + 20``); the gradient kernel's
+    backward chunk is the logits buffer itself (``R'·e`` bytes a column, plus ``4·⌈R'/16⌉`` for the bias sums,
+    instead of ``R'·(2e + 24)``; ``∂W`` accumulates in place, so no ``C'·d·e`` product either)."""
+    e = h2.element_size()
+    cols, bcols = plan.vocab_chunk, plan.backward_vocab_chunk
+    if _uses_statistics_op(h2, temperature, softcap):
+        cols = min(vocab_size, _round_down(cols * (e + 20) // e))
+    if _gradient_kernel(h2) is not None:
+        R, d = plan.backward_row_chunk, h2.shape[1]
+        bcols = min(vocab_size, _round_down(bcols * (R * (2 * e + 24) + d * e) // (R * e + 4 * -(-R // 16))))
+    return plan._replace(vocab_chunk=cols, backward_vocab_chunk=bcols)
 
 
 def fused_linear_statistics(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -373,6 +400,10 @@ def _backward(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     g_h = torch.where(ok, g_h.to(f32), zero)
     lse = torch.where(ok, lse, zero)
     entropy = torch.where(ok, entropy, zero)
+    launch = _gradient_kernel(h2)
+    if launch is not None:
+        return _kernel_backward(launch, h2, weight, bias, rows, safe_t, lse, entropy, g_lp, g_h, plan,
+                                temperature, softcap, need_h, need_w, need_b, ok)
     gh = torch.zeros((h2.shape[0], d), dtype=dt, device=dev) if need_h else None
     gw = torch.zeros_like(weight) if need_w else None
     gb = torch.zeros((V,), dtype=f32, device=dev) if need_b else None
@@ -420,6 +451,53 @@ def _backward(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                 if need_w:
                     gw[v0:v1] += gd.t() @ h
                 del gd
+            if need_h:
+                if idx is None:
+                    gh[r0:r1] = acc.to(dt)
+                else:
+                    gh.index_add_(0, idx, acc.to(dt))
+            del acc, h
+    return gh, gw, (None if gb is None else gb.to(dt))
+
+
+def _kernel_backward(launch, h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     rows: Optional[torch.Tensor], safe_t: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                     g_lp: torch.Tensor, g_h: torch.Tensor, plan: TokenStatsPlan, temperature: float,
+                     softcap: Optional[float], need_h: bool, need_w: bool, need_b: bool, ok: torch.Tensor):
+    """:func:`_backward` with each recomputed chunk turned into its gradient in place by the Triton kernel
+    (``launch``): one read and one write of the chunk in the inputs' dtype; ``∂h`` of a row block accumulates
+    in float32 through a float32-output GEMM where the backend has one, ``∂W`` in place (``addmm_``). The caller
+    has zeroed ``g_lp``/``g_H``/``lse``/``H`` of non-finite rows and ``g_lp`` of rows without a target."""
+    K = safe_t.shape[0]
+    V, d = weight.shape
+    dev, dt = h2.device, h2.dtype
+    f32 = torch.float32
+    gh = torch.zeros((h2.shape[0], d), dtype=dt, device=dev) if need_h else None
+    gw = torch.zeros_like(weight) if need_w else None
+    gb = torch.zeros((V,), dtype=f32, device=dev) if need_b else None
+    R, C = plan.backward_row_chunk, plan.backward_vocab_chunk
+    targets = torch.where(g_lp != 0, safe_t, torch.full_like(safe_t, -1)).to(torch.int64)
+    with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
+        for r0 in range(0, K, R):
+            r1 = min(K, r0 + R)
+            idx = None if rows is None else rows[r0:r1]
+            h = h2[r0:r1] if idx is None else h2.index_select(0, idx)
+            h = torch.where(ok[r0:r1, None], h, torch.zeros((), dtype=dt, device=dev))
+            acc = torch.zeros((r1 - r0, d), dtype=f32, device=dev) if need_h else None
+            per_row = [x[r0:r1].contiguous() for x in (lse, entropy, g_lp, g_h, targets)]
+            for v0 in range(0, V, C):
+                v1 = min(V, v0 + C)
+                z = F.linear(h, weight[v0:v1], None if bias is None else bias[v0:v1])
+                colsum = torch.empty((-(-(r1 - r0) // 16), v1 - v0), dtype=f32, device=dev) if need_b else None
+                launch(z, *per_row[:4], per_row[4], v0, temperature=temperature, softcap=softcap, colsum=colsum)
+                if need_b:
+                    gb[v0:v1] += colsum.sum(dim=0)
+                    del colsum
+                if need_h:
+                    acc = accumulate_matmul(acc, z, weight[v0:v1])
+                if need_w:
+                    gw[v0:v1].addmm_(z.t(), h)
+                del z
             if need_h:
                 if idx is None:
                     gh[r0:r1] = acc.to(dt)

@@ -30,7 +30,10 @@ Public entry points (imported lazily, so that ``import cggr_torch.kernels`` work
 * :func:`launch_head_statistics` / :func:`launch_head_gradient` - the fused LM head's GEMMs with the CGGR work
   in their epilogues (``head_kernel="gemm"``): the split-V forward statistics and the backward's chunk
   gradient, no logits block in memory (:class:`HeadGemmConfig`, :func:`head_gemm_config`,
-  :data:`HEAD_GEMM_CONFIGS`, :func:`head_splits`: their tile shapes and vocabulary splits).
+  :data:`HEAD_GEMM_CONFIGS`, :func:`head_splits`: their tile shapes and vocabulary splits);
+* :func:`launch_token_stats_gradient` - the per-token log-prob / entropy backward's chunk gradient
+  (:mod:`cggr_torch.token_stats`, SPEC §14.1): a recomputed logits chunk becomes the gradient of
+  ``Σ g_lp·logprob + g_H·H`` in place, temperature and soft-cap included.
 
 Launch-grid and block-size heuristics live in one place: :mod:`cggr_torch.kernels.launch`
 (:class:`LaunchConfig`, :func:`scoring_config`, :func:`lse_config`, :func:`backward_config`, the fused LM head's
@@ -73,6 +76,7 @@ __all__ = [
     "backward_config",
     "launch_head_statistics",
     "launch_head_gradient",
+    "launch_token_stats_gradient",
     "HeadGemmConfig",
     "HEAD_GEMM_CONFIGS",
     "head_gemm_config",
@@ -97,6 +101,7 @@ _LAZY = {
     "sample_from_scores": "sampled_loss",
     "launch_head_statistics": "fused_head_gemm",
     "launch_head_gradient": "fused_head_gemm",
+    "launch_token_stats_gradient": "token_stats_gradient",
     "HeadGemmConfig": "fused_head_gemm",
     "HEAD_GEMM_CONFIGS": "fused_head_gemm",
     "head_gemm_config": "fused_head_gemm",
