@@ -17,6 +17,14 @@ The forward computes every row's statistics once (:func:`cggr_torch.token_stats.
 backward recomputes and touches the LM head for the kept rows only
 (:func:`cggr_torch.token_stats.token_stats_on_rows`), gathered into a buffer whose size is a host bound of the
 selection (``num_selected(N, ratio_max)``; ``N`` for ``sampled``), so nothing synchronises with the device.
+
+**At ρ = 1** (every eligible token kept with weight 1: ``topk``/``stratified`` at a host ratio of 1 without the
+dynamic threshold, a token-mean aggregation, temperature 1 and no soft-cap, on a kernel device) the loss is
+separable per token up to the scalar ``1/D``, so its gradient is computed in the forward, in one pass over the
+LM head (:func:`cggr_torch.token_stats.token_stats_with_gradient`: three ``N·V·d`` GEMMs instead of the
+statistics' one plus the backward's three) and scaled by ``grad/D`` in the backward, in place. Same loss, mask,
+metrics and gradients (tests/torch/test_policy_gradient_one_pass.py); ``∂W`` is summed over the row blocks in
+the weight's dtype.
 """
 from __future__ import annotations
 
@@ -36,8 +44,9 @@ from .fused_linear import DEFAULT_MEMORY_BUDGET
 from .loss import check_schedule
 from .pipeline import host_metrics, measure_scores
 from .scoring import scores_from_statistics
-from .token_stats import check_transform, fused_linear_statistics, token_stats_on_rows
-from .types import TokenScores
+from .token_stats import (check_transform, fused_linear_statistics, one_pass_available, token_stats_on_rows,
+                          token_stats_with_gradient)
+from .types import TokenScores, TokenStatistics
 from .utils import resolve_config
 
 __all__ = ["LOSS_TYPES", "PG_CONFIG", "PG_METRIC_KEYS", "PolicyGradientLoss", "PolicyGradientOutput",
@@ -113,11 +122,36 @@ def policy_gradient_capacity(num_tokens: int, num_sequences: int, base: Any, con
     return int(min(num_tokens, k))
 
 
-def _run(hidden, weight, targets, advantages, old_logprob, ref_logprob, bias, step: int, base: Any,
-         config: CGGRConfig, pg: dict[str, Any]) -> PolicyGradientOutput:
-    stats = fused_linear_statistics(hidden, weight, targets, bias, temperature=pg["temperature"],
-                                    softcap=pg["softcap"], ignore_index=config.ignore_index, **pg["chunks"])
+def _objective(lp: torch.Tensor, live: torch.Tensor, old: Optional[torch.Tensor], adv: torch.Tensor,
+               ref: Optional[torch.Tensor], pg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC §14.3's per-token ``ℓ_i`` (module docstring), its k3 KL term and whether the clip is inactive, for
+    the rows' log-probs ``lp`` (with or without gradient); ``old``/``adv``/``ref`` are the same rows' values
+    (``old`` None: on-policy). Rows with ``live = False`` read zeros (their values may be anything)."""
+    zero = torch.zeros((), dtype=torch.float32, device=lp.device)
+    old_r = lp.detach() if old is None else torch.where(live, old, zero)
+    adv_r = torch.where(live, adv, zero)
+    ratio = torch.exp(lp - old_r)
+    clipped = torch.clamp(ratio, 1.0 - pg["epsilon_low"], 1.0 + pg["epsilon_high"])
+    unclipped = ratio * adv_r <= clipped * adv_r
+    # min(r·A, r̃·A) with the tie given to r·A; where the clip is active r̃ is constant in lp.
+    ell = -torch.where(unclipped, ratio * adv_r, clipped.detach() * adv_r)
+    kl = torch.zeros_like(ell)
+    if ref is not None:
+        d = torch.where(live, ref, zero) - lp
+        kl = torch.exp(d) - d - 1.0
+        ell = ell + pg["beta"] * kl
+    return ell, kl, unclipped
+
+
+def _checked_extras(hidden, targets, advantages, old_logprob, ref_logprob, pg: dict[str, Any]):
+    """The per-token inputs as float32 token-shaped tensors and ``extra``: the tokens whose advantage, old and
+    reference log-probs are finite (the others are not eligible, counted in ``tokens_nonfinite``, SPEC §10, so
+    they can never make the loss NaN)."""
     shape = tuple(hidden.shape[:-1])
+    if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != shape:
+        got = f"shape {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets: expected an integer tensor of shape {shape} (the leading dims of hidden), "
+                         f"got {got}")
     dev = hidden.device
     adv = _check_per_token(advantages, "advantages", shape, dev, allow_sequence=True)
     if adv is None:
@@ -129,13 +163,104 @@ def _run(hidden, weight, targets, advantages, old_logprob, ref_logprob, bias, st
         raise ValueError(f"ref_logprob: the KL term needs both beta > 0 and ref_logprob (got beta={beta} and "
                          f"ref_logprob {'None' if ref is None else 'given'}); a reference with beta = 0 would be "
                          f"silently unused")
-    scores = scores_from_statistics(stats, targets, config.scoring, config.ignore_index)
-    # A token whose advantage, old or reference log-prob is not finite is not eligible (counted in
-    # tokens_nonfinite, SPEC §10), so it can never make the loss NaN.
     extra = torch.isfinite(adv)
     for x in (old, ref):
         if x is not None:
             extra = extra & torch.isfinite(x)
+    return adv, old, ref, extra
+
+
+def _one_pass_applies(hidden, weight, bias, base: Any, config: CGGRConfig, pg: dict[str, Any]) -> bool:
+    """The ρ = 1 policy gradient in one pass (:func:`cggr_torch.token_stats.token_stats_with_gradient`): every
+    eligible token is kept with weight 1 (``topk``/``stratified`` at a host ratio of 1, no dynamic threshold),
+    the normaliser is one scalar (token-mean aggregations: then ``∂L/∂lp_i`` is separable up to ``1/D``, applied
+    after the pass), a gradient is wanted, and the kernels run (temperature 1, no soft-cap)."""
+    return (pg["loss_type"] not in _SEQUENCE_MEAN and config.selection in ("topk", "stratified")
+            and not config.uses_dynamic_threshold and float(np.float32(base)) == 1.0
+            and torch.is_grad_enabled()
+            and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+            and one_pass_available(hidden, pg["temperature"], pg["softcap"]))
+
+
+class _PrecomputedGradients(torch.autograd.Function):
+    """Attaches gradients computed in the forward (the one-pass path) to the loss: the backward scales them by
+    ``grad · scale`` in place and hands them on (no copy of the ``V × d`` weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, value, scale, hidden, weight, bias, gh, gw, gb):
+        ctx.save_for_backward(scale)
+        ctx.grads = (gh, gw, gb)
+        ctx.hidden_shape = hidden.shape
+        return value.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        s = grad.to(torch.float32) * scale
+        gh, gw, gb = (None if x is None else x.mul_(s) for x in (gh, gw, gb))
+        gh = None if gh is None else gh.reshape(ctx.hidden_shape)
+        return None, None, gh, gw, gb, None, None, None
+
+
+def _run_one_pass(hidden, weight, targets, bias, adv, old, ref, extra, step: int, base: Any, config: CGGRConfig,
+                  pg: dict[str, Any]) -> PolicyGradientOutput:
+    """:func:`_run` at ρ = 1 in one pass over the LM head (see :func:`_one_pass_applies`): the gradient of
+    ``Σ_{i eligible} ℓ_i`` row block by row block, scaled by ``1/D`` once the eligible count ``D`` is known
+    (on the device, no synchronisation); the loss, mask and metrics as :func:`_run` computes them."""
+    flat = [None if x is None else x.reshape(-1) for x in (old, adv, ref)]
+    extra_f = extra.reshape(-1)
+    has_t = (targets != config.ignore_index).reshape(-1)
+
+    def row_grad(r0: int, r1: int, logprob: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        live = ok & has_t[r0:r1] & extra_f[r0:r1]
+        with torch.enable_grad():
+            x = logprob.detach().requires_grad_(True)
+            ell, _, _ = _objective(x, live, *(None if v is None else v[r0:r1] for v in flat), pg)
+            (g,) = torch.autograd.grad(torch.where(live, ell, torch.zeros_like(ell)).sum(), x)
+        return torch.where(live, g, torch.zeros_like(g))
+
+    res = token_stats_with_gradient(hidden, weight, targets, bias, row_grad,
+                                    need_hidden=hidden.requires_grad, need_weight=weight.requires_grad,
+                                    need_bias=bias is not None and bias.requires_grad,
+                                    ignore_index=config.ignore_index,
+                                    row_chunk_size=pg["chunks"]["row_chunk_size"],
+                                    memory_budget_bytes=pg["chunks"]["memory_budget_bytes"])
+    shape = tuple(hidden.shape[:-1])
+    stats = TokenStatistics(*(x.reshape(shape) for x in res.statistics))
+    scores = scores_from_statistics(stats, targets, config.scoring, config.ignore_index)
+    scores = TokenScores(scores.difficulty, scores.eligible & extra, scores.valid, scores.stats)
+    measured = measure_scores(scores, step, base, config)
+    mask = measured.mask
+    live = mask.reshape(-1)
+    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    lp = torch.where(has_t, -res.statistics.nll, torch.zeros_like(res.statistics.nll))
+    with torch.no_grad():
+        ell, kl, unclipped = _objective(lp, live, *flat, pg)
+        denom = torch.clamp(scores.eligible.sum(), min=1).to(torch.float32)
+        value = torch.where(live, ell, zero).sum(dtype=torch.float32) / denom
+        kept = torch.clamp(live.sum(), min=1).to(torch.float32)
+    loss = _PrecomputedGradients.apply(value, 1.0 / denom, hidden, weight, bias, res.grad_hidden, res.grad_weight,
+                                       res.grad_bias)
+    metrics = dict(measured.metrics)
+    metrics["clip_fraction"] = ((live & ~unclipped).sum().to(torch.float32) / kept).detach()
+    metrics["kl"] = (torch.where(live, kl, zero).sum() / kept).detach()
+    return PolicyGradientOutput(loss, metrics, mask, lp.reshape(shape), stats.entropy)
+
+
+def _run(hidden, weight, targets, advantages, old_logprob, ref_logprob, bias, step: int, base: Any,
+         config: CGGRConfig, pg: dict[str, Any]) -> PolicyGradientOutput:
+    if _one_pass_applies(hidden, weight, bias, base, config, pg):
+        adv, old, ref, extra = _checked_extras(hidden, targets, advantages, old_logprob, ref_logprob, pg)
+        return _run_one_pass(hidden, weight, targets, bias, adv, old, ref, extra, step, base, config, pg)
+    stats = fused_linear_statistics(hidden, weight, targets, bias, temperature=pg["temperature"],
+                                    softcap=pg["softcap"], ignore_index=config.ignore_index, **pg["chunks"])
+    shape = tuple(hidden.shape[:-1])
+    dev = hidden.device
+    adv, old, ref, extra = _checked_extras(hidden, targets, advantages, old_logprob, ref_logprob, pg)
+    scores = scores_from_statistics(stats, targets, config.scoring, config.ignore_index)
     scores = TokenScores(scores.difficulty, scores.eligible & extra, scores.valid, scores.stats)
     measured = measure_scores(scores, step, base, config)
     mask = measured.mask
@@ -150,18 +275,8 @@ def _run(hidden, weight, targets, advantages, old_logprob, ref_logprob, bias, st
                               ignore_index=config.ignore_index, **pg["chunks"])
     lp = out.logprob
     zero = torch.zeros((), dtype=torch.float32, device=dev)
-    old_r = lp.detach() if old is None else torch.where(live, old.reshape(-1)[rows], zero)
-    adv_r = torch.where(live, adv.reshape(-1)[rows], zero)
-    ratio = torch.exp(lp - old_r)
-    clipped = torch.clamp(ratio, 1.0 - pg["epsilon_low"], 1.0 + pg["epsilon_high"])
-    unclipped = ratio * adv_r <= clipped * adv_r
-    # min(r·A, r̃·A) with the tie given to r·A; where the clip is active r̃ is constant in lp.
-    ell = -torch.where(unclipped, ratio * adv_r, clipped.detach() * adv_r)
-    kl = torch.zeros_like(ell)
-    if ref is not None:
-        d = torch.where(live, ref.reshape(-1)[rows], zero) - lp
-        kl = torch.exp(d) - d - 1.0
-        ell = ell + beta * kl
+    ell, kl, unclipped = _objective(lp, live, *(None if x is None else x.reshape(-1)[rows] for x in (old, adv, ref)),
+                                    pg)
     weights = measured.weights.reshape(-1)[rows]
     elig = scores.eligible.reshape(B, -1)
     if pg["loss_type"] in _SEQUENCE_MEAN:
