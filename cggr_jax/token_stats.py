@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cggr_jax import utils
+from cggr_jax import dispatch, fused_linear, utils
 from cggr_jax.kernels.launch import DEFAULT_MEMORY_BUDGET
 from cggr_jax.types import TokenStatistics
 
@@ -364,6 +364,39 @@ def _statistics(h2, w, b, safe, has_t, bad_target, plan, temperature, softcap):
     return TokenStatistics(*(jnp.where(ok, x, jnp.nan) for x in stats)), ok
 
 
+def _uses_statistics_kernel(hidden: jax.Array, temperature: float, softcap: Optional[float]) -> bool:
+    """The fused head's Pallas statistics (:func:`cggr_jax.fused_linear.fused_linear_scores`: XLA GEMM blocks,
+    each read once by the chunk kernel) serve the untransformed distribution (temperature 1, no soft-cap) where
+    the kernels run; a transform takes the ``lax`` blocks (the kernel's state has no transform)."""
+    return temperature == 1.0 and softcap is None and dispatch.use_kernels(hidden)
+
+
+def _any_statistics(h2, weight, bias, safe, has_t, bad_t, plan: TokenStatsPlan, temperature: float,
+                    softcap: Optional[float], ignore_index: int, row_chunk_size: Optional[int],
+                    vocab_chunk_size: Optional[int], memory_budget_bytes: int) -> tuple[TokenStatistics, jax.Array]:
+    """:func:`_statistics`, or the same statistics from the fused head's kernel path (same memory budget; the
+    caller's chunk sizes are its blocks), with SPEC §14.2's non-finite rows."""
+    if not _uses_statistics_kernel(h2, temperature, softcap):
+        return _statistics(h2, weight, bias, safe, has_t, bad_t, plan=plan, temperature=temperature,
+                           softcap=softcap)
+    sg = jax.lax.stop_gradient
+    # In-range targets or ignore_index only: an out-of-range target is bad_t, not finite below.
+    t = jnp.where(has_t, safe, ignore_index)
+    scores = fused_linear.fused_linear_scores(sg(h2), sg(weight), t, None if bias is None else sg(bias),
+                                              scoring="entropy", ignore_index=ignore_index,
+                                              row_chunk_size=row_chunk_size, vocab_chunk_size=vocab_chunk_size,
+                                              memory_budget_bytes=memory_budget_bytes)
+    return _non_finite_rows(h2, scores.stats, bad_t)
+
+
+@jax.jit
+def _non_finite_rows(h2, stats: TokenStatistics, bad_t) -> tuple[TokenStatistics, jax.Array]:
+    ok = jnp.all(jnp.isfinite(h2), axis=1) & ~bad_t
+    for x in stats:
+        ok = ok & jnp.isfinite(x)
+    return TokenStatistics(*(jnp.where(ok, x, jnp.nan) for x in stats)), ok
+
+
 def fused_linear_statistics(hidden: jax.Array, weight: jax.Array, targets: jax.Array,
                             bias: Optional[jax.Array] = None, *, temperature: float = 1.0,
                             softcap: Optional[float] = None, ignore_index: int = -100,
@@ -374,8 +407,8 @@ def fused_linear_statistics(hidden: jax.Array, weight: jax.Array, targets: jax.A
     h2, safe, has_t, bad_t, plan, temperature, softcap = _prepare(
         hidden, weight, targets, bias, temperature, softcap, ignore_index, row_chunk_size, vocab_chunk_size,
         memory_budget_bytes)
-    stats, _ = _statistics(h2, weight, bias, safe, has_t, bad_t, plan=plan, temperature=temperature,
-                           softcap=softcap)
+    stats, _ = _any_statistics(h2, weight, bias, safe, has_t, bad_t, plan, temperature, softcap, ignore_index,
+                               row_chunk_size, vocab_chunk_size, memory_budget_bytes)
     shape = tuple(hidden.shape[:-1])
     return TokenStatistics(*(x.reshape(shape) for x in stats))
 
@@ -400,8 +433,8 @@ def fused_linear_token_stats(hidden: jax.Array, weight: jax.Array, targets: jax.
     h2, safe, has_t, bad_t, plan, temperature, softcap = _prepare(
         hidden, weight, targets, bias, temperature, softcap, ignore_index, row_chunk_size, vocab_chunk_size,
         memory_budget_bytes)
-    stats, ok = _statistics(h2, weight, bias, safe, has_t, bad_t, plan=plan, temperature=temperature,
-                            softcap=softcap)
+    stats, ok = _any_statistics(h2, weight, bias, safe, has_t, bad_t, plan, temperature, softcap, ignore_index,
+                                row_chunk_size, vocab_chunk_size, memory_budget_bytes)
     logprob = jnp.where(has_t | bad_t, -stats.nll, 0.0)
     entropy = stats.entropy
     N = h2.shape[0]

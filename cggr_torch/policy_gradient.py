@@ -197,6 +197,10 @@ class _PrecomputedGradients(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (scale,) = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("policy_gradient_loss: the one-pass loss (rho = 1) stores its gradients and hands "
+                               "them on in its first backward; a second backward through the same loss "
+                               "(retain_graph=True) is not supported - recompute the loss")
         gh, gw, gb = ctx.grads
         ctx.grads = None
         s = grad.to(torch.float32) * scale

@@ -193,3 +193,13 @@ def test_one_pass_rows_and_availability():
     with dispatch.force("kernel"):
         assert ts.one_pass_available(h) and not ts.one_pass_available(h, 0.7) and not ts.one_pass_available(h, 1.0, 5.0)
         assert not ts.one_pass_available(h.double())
+
+
+def test_a_second_backward_is_refused_clearly():
+    h, w, b, t, adv, _, _ = _case(8)
+    hl = h.detach().clone().requires_grad_(True)
+    with dispatch.force("kernel"):
+        out = policy_gradient_loss(hl, w, t, adv, min_tokens_ratio=1.0)
+        out.loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="second backward"):
+            out.loss.backward()
