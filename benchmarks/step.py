@@ -23,8 +23,10 @@ router and one option each (``ROUTER_OPTION_ROWS``; ``--quick`` uses smaller val
 * ``batch_split_L1_samples``         ``router_samples=64`` (64 evenly spaced positions);
 * ``batch_split_L1_prefix``          ``router_prefix=256`` (the router reads the first 256 columns);
 * ``batch_split_L1_stride4``         ``router_positions=4`` (every 4th position: the stride the quality study's
-  gate chose, ``benchmarks/quality/RESULTS.md`` "Round 3 (S2) — interim"; PyTorch only);
+  gate chose, ``benchmarks/quality/RESULTS.md`` "Round 3 (S2) — interim"; the recommended router);
 * ``batch_split_L1_compiled_router`` ``router_compile=True`` (PyTorch only: the router's layers compiled);
+* ``batch_split_L1_stride4_compiled_router`` ``router_positions=4, router_compile=True`` (PyTorch only: the
+  recommended router with its layers compiled);
 * ``batch_split_L1_combined``        ``router_prefix=256, router_samples=64`` (+ ``router_compile=True`` in
   PyTorch, which matches JAX's always-jitted router). Not in the default selection.
 
@@ -123,6 +125,7 @@ ROUTER_OPTION_ROWS: dict[str, dict[str, Any]] = {
     "batch_split_L1_prefix": dict(router_prefix=256),
     "batch_split_L1_stride4": dict(router_positions=4),
     "batch_split_L1_compiled_router": dict(router_compile=True),
+    "batch_split_L1_stride4_compiled_router": dict(router_positions=4, router_compile=True),
     "batch_split_L1_combined": dict(router_prefix=256, router_samples=64, router_compile=True),
 }
 #: ``--quick`` (T = 16): values that still score / read a strict subset of the positions.
@@ -132,6 +135,7 @@ QUICK_ROUTER_OPTION_ROWS: dict[str, dict[str, Any]] = {
     "batch_split_L1_prefix": dict(router_prefix=8),
     "batch_split_L1_stride4": dict(router_positions=4),
     "batch_split_L1_compiled_router": dict(router_compile=True),
+    "batch_split_L1_stride4_compiled_router": dict(router_positions=4, router_compile=True),
     "batch_split_L1_combined": dict(router_prefix=8, router_samples=4, router_compile=True),
 }
 CGGR_NOTE = ("cggr.CGGRConfig defaults except warmup_steps=0 (steady state) and dynamic_threshold={dyn} "

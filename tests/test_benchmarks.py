@@ -289,12 +289,14 @@ def test_runner_concurrent_steps_timeouts_and_deadline(tmp_path, monkeypatch, ca
 ROUTER_OPTION_ROWS = {"batch_split_L1_stride", "batch_split_L1_samples", "batch_split_L1_prefix"}
 STEP_ROWS_TORCH = {"standard", "liger_flce", "cggr_loss", "cggr_fused", "batch_split_L1", "batch_split_L2",
                    "batch_split_L4", "random_subset", "batch_split_L1_compiled_router",
-                   "batch_split_L1_stride4"} | ROUTER_OPTION_ROWS
-STEP_ROWS_JAX = STEP_ROWS_TORCH - {"liger_flce", "batch_split_L1_compiled_router", "batch_split_L1_stride4"}
+                   "batch_split_L1_stride4", "batch_split_L1_stride4_compiled_router"} | ROUTER_OPTION_ROWS
+STEP_ROWS_JAX = STEP_ROWS_TORCH - {"liger_flce", "batch_split_L1_compiled_router",
+                                   "batch_split_L1_stride4_compiled_router"}
 #: the options each router row sets in --quick (benchmarks/step.py QUICK_ROUTER_OPTION_ROWS)
 QUICK_OPTIONS = {"batch_split_L1_stride": {"router_positions": 4}, "batch_split_L1_samples": {"router_samples": 4},
                  "batch_split_L1_prefix": {"router_prefix": 8}, "batch_split_L1_stride4": {"router_positions": 4},
                  "batch_split_L1_compiled_router": {"router_compile": True},
+                 "batch_split_L1_stride4_compiled_router": {"router_positions": 4, "router_compile": True},
                  "batch_split_L1_combined": {"router_prefix": 8, "router_samples": 4, "router_compile": True}}
 RECORD_KEYS = ("schema", "suite", "op", "framework", "case", "shape", "dtype", "metrics", "ratios", "baseline",
                "commit", "gpu", "date", "command")

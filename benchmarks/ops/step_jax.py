@@ -42,8 +42,8 @@ import optax
 from flax import nnx
 
 ROWS: list[str] = ["standard", "cggr_fused", "random_subset", "batch_split_L4", "cggr_loss", "batch_split_L2",
-                   "batch_split_L1", "batch_split_L1_stride", "batch_split_L1_samples", "batch_split_L1_prefix",
-                   "batch_split_L1_combined"]
+                   "batch_split_L1", "batch_split_L1_stride4", "batch_split_L1_stride", "batch_split_L1_samples",
+                   "batch_split_L1_prefix", "batch_split_L1_combined"]
 #: The rows ``benchmarks/step.py`` runs without ``--rows``: all but the combined router (as in PyTorch). At the
 #: 1B shape the runner's 190 s budget reaches the first rows only (the rest are recorded as skipped); the
 #: cheaper routers need a call of their own (``--rows random_subset,batch_split_L1,batch_split_L1_stride,...``).
@@ -53,13 +53,15 @@ DEFAULT_ROWS: list[str] = [r for r in ROWS if r != "batch_split_L1_combined"]
 #: backward once per bucket (two) plus the router.
 PRIOR_S: dict[str, float] = {"standard": 45, "cggr_fused": 50, "random_subset": 40, "batch_split_L4": 80,
                              "cggr_loss": 50, "batch_split_L2": 75, "batch_split_L1": 70,
-                             "batch_split_L1_stride": 70, "batch_split_L1_samples": 70, "batch_split_L1_prefix": 70,
+                             "batch_split_L1_stride": 70, "batch_split_L1_stride4": 70,
+                             "batch_split_L1_samples": 70, "batch_split_L1_prefix": 70,
                              "batch_split_L1_combined": 70}
 LABELS = {
     "standard": "standard (optax CE, jit)", "cggr_loss": "CGGRLoss on logits", "cggr_fused": "fused CGGR head",
     "random_subset": "random subset (same kept count)", "batch_split_L1": "batch split, 1-layer router",
     "batch_split_L2": "batch split, 2-layer router", "batch_split_L4": "batch split, 4-layer router",
     "batch_split_L1_stride": "batch split, 1-layer router, router_positions (stride)",
+    "batch_split_L1_stride4": "batch split, 1-layer router, router_positions=4 (the recommended router)",
     "batch_split_L1_samples": "batch split, 1-layer router, router_samples",
     "batch_split_L1_prefix": "batch split, 1-layer router, router_prefix",
     "batch_split_L1_combined": "batch split, 1-layer router, router_prefix + router_samples",

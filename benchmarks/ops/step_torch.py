@@ -60,10 +60,11 @@ ROWS: list[tuple[str, bool]] = [
     ("liger_flce", True), ("random_subset", False), ("batch_split_L4", False), ("random_subset", True),
     ("batch_split_L4", True), ("batch_split_L1", True), ("batch_split_L1_stride", True),
     ("batch_split_L1_samples", True), ("batch_split_L1_prefix", True), ("batch_split_L1_stride4", True),
-    ("batch_split_L1_compiled_router", True),
+    ("batch_split_L1_compiled_router", True), ("batch_split_L1_stride4_compiled_router", True),
     ("batch_split_L2", False), ("batch_split_L1", False), ("batch_split_L2", True),
     ("batch_split_L1_stride", False), ("batch_split_L1_samples", False), ("batch_split_L1_prefix", False),
-    ("batch_split_L1_stride4", False), ("batch_split_L1_compiled_router", False), ("cggr_loss", False),
+    ("batch_split_L1_stride4", False), ("batch_split_L1_compiled_router", False),
+    ("batch_split_L1_stride4_compiled_router", False), ("cggr_loss", False),
     ("cggr_loss", True),
     ("batch_split_L1_combined", True), ("batch_split_L1_combined", False),
 ]
@@ -91,6 +92,7 @@ PRIOR_S: dict[tuple[str, bool], float] = {
     ("batch_split_L1_stride", True): 12, ("batch_split_L1_samples", True): 12, ("batch_split_L1_prefix", True): 12,
     ("batch_split_L1_stride4", False): 10, ("batch_split_L1_stride4", True): 12,
     ("batch_split_L1_compiled_router", True): 30, ("batch_split_L1_combined", False): 30,
+    ("batch_split_L1_stride4_compiled_router", True): 30, ("batch_split_L1_stride4_compiled_router", False): 30,
     ("batch_split_L1_combined", True): 30,
 }
 LABELS = {
@@ -103,6 +105,7 @@ LABELS = {
     "batch_split_L1_prefix": "CGGRModel, 1-layer router, router_prefix",
     "batch_split_L1_stride4": "CGGRModel, 1-layer router, router_positions=4 (the quality study's gate)",
     "batch_split_L1_compiled_router": "CGGRModel, 1-layer router, router_compile=True",
+    "batch_split_L1_stride4_compiled_router": "CGGRModel, 1-layer router, router_positions=4, router_compile=True",
     "batch_split_L1_combined": "CGGRModel, 1-layer router, router_prefix + router_samples + router_compile",
 }
 IGNORE = -100
