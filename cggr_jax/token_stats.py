@@ -25,7 +25,6 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cggr_jax import dispatch, fused_linear, utils
 from cggr_jax.kernels.launch import DEFAULT_MEMORY_BUDGET

@@ -39,7 +39,7 @@ from torch import nn
 from cggr import CGGRConfig
 from cggr.config import reject_reference_scoring
 
-from .curriculum import Curriculum, Schedule, base_ratio, dynamic_ratio, host_step, linear_warmup_ratio, num_selected
+from .curriculum import Curriculum, Schedule, base_ratio, dynamic_ratio, host_step, num_selected
 from .fused_linear import DEFAULT_MEMORY_BUDGET
 from .loss import check_schedule
 from .pipeline import host_metrics, measure_scores

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .inputs import check_kernel_device, device_guard
+from .inputs import check_chunk, check_colsum, check_row_vectors, device_guard
 
 __all__ = ["launch_chunk_gradient", "chunk_gradient_op", "CHUNK_BLOCK_ROWS", "CHUNK_BLOCK_COLS"]
 
@@ -80,31 +80,12 @@ def launch_chunk_gradient(z: torch.Tensor, lse: torch.Tensor, targets: torch.Ten
     Raises:
         ValueError: shapes, dtypes, devices or strides other than the above.
     """
-    check_kernel_device(z, "z")
-    if z.dim() != 2 or z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"z: expected a 2-D float32/float16/bfloat16 tensor, got {z.dtype} {tuple(z.shape)}")
-    K, C = z.shape
-    if C > 1 and z.stride(1) != 1:
-        raise ValueError(f"z: expected a unit stride along the columns, got strides {z.stride()}")
-    if K > 1 and z.stride(0) < C:
-        raise ValueError(f"z: rows overlap (row stride {z.stride(0)} < {C} columns)")
-    for name, t, dt in (("lse", lse, torch.float32), ("targets", targets, torch.int64)):
-        if not isinstance(t, torch.Tensor) or t.dtype != dt or tuple(t.shape) != (K,) or not t.is_contiguous() \
-                or t.device != z.device:
-            raise ValueError(f"{name}: expected a contiguous {dt} ({K},) tensor on {z.device}, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-    if not isinstance(v0, int) or isinstance(v0, bool) or v0 < 0:
-        raise ValueError(f"v0: expected a host integer >= 0, got {v0!r}")
+    K, C = check_chunk(z, v0)
+    check_row_vectors(z, lse=(lse, torch.float32), targets=(targets, torch.int64))
     if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.dtype != torch.float32 \
             or scale.device != z.device:
         raise ValueError(f"scale: expected a float32 one-element tensor on {z.device}")
-    grid_r = triton.cdiv(K, CHUNK_BLOCK_ROWS)
-    if colsum is not None:
-        want = (grid_r, C)
-        if colsum.dtype != torch.float32 or tuple(colsum.shape) != want or not colsum.is_contiguous() \
-                or colsum.device != z.device:
-            raise ValueError(f"colsum: expected a contiguous float32 {want} tensor on {z.device}, got "
-                             f"{colsum.dtype} {tuple(colsum.shape)}")
+    check_colsum(colsum, z, CHUNK_BLOCK_ROWS)
     grid_c = triton.cdiv(C, CHUNK_BLOCK_COLS)
     if grid_c > 65535:
         raise ValueError(f"z: {C} columns need {grid_c} column blocks, more than the 65535 of a CUDA grid's "

@@ -11,7 +11,7 @@ one-element tensor, :func:`scalar_argument`). Imports ``torch``, NumPy, ``cggr.c
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from ..utils import check_ratio_value
 from .launch import interpreting
 
 __all__ = ["check_kernel_device", "device_guard", "RowGeometry", "row_geometry", "flat_targets", "scalar_argument",
-           "ratio_argument", "int_argument"]
+           "ratio_argument", "int_argument", "check_chunk", "check_row_vectors", "check_colsum"]
 
 
 def check_kernel_device(tensor: torch.Tensor, name: str) -> None:
@@ -118,3 +118,43 @@ def int_argument(value: Union[int, torch.Tensor], name: str, device: torch.devic
     if not is_int(value) or int(value) < 0:
         raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
     return int(value)
+
+
+# The in-place chunk epilogues (the fused head's chunk gradient, the token-stats gradient) share their buffers'
+# contract: a (K, C) logits chunk overwritten in place, per-row vectors, per-row-block column sums.
+def check_chunk(z: torch.Tensor, v0: int) -> tuple[int, int]:
+    """``(K, C)`` of a logits chunk ``z`` (2-D float32/float16/bfloat16, unit column stride, rows that do not
+    overlap, on a kernel device) and a host ``v0 ≥ 0``; ``ValueError`` naming the argument otherwise."""
+    check_kernel_device(z, "z")
+    if z.dim() != 2 or z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"z: expected a 2-D float32/float16/bfloat16 tensor, got {z.dtype} {tuple(z.shape)}")
+    K, C = z.shape
+    if C > 1 and z.stride(1) != 1:
+        raise ValueError(f"z: expected a unit stride along the columns, got strides {z.stride()}")
+    if K > 1 and z.stride(0) < C:
+        raise ValueError(f"z: rows overlap (row stride {z.stride(0)} < {C} columns)")
+    if not isinstance(v0, int) or isinstance(v0, bool) or v0 < 0:
+        raise ValueError(f"v0: expected a host integer >= 0, got {v0!r}")
+    return K, C
+
+
+def check_row_vectors(z: torch.Tensor, **vectors: tuple[Any, torch.dtype]) -> None:
+    """Each ``name=(tensor, dtype)`` is a contiguous ``(K,)`` tensor of that dtype on ``z``'s device."""
+    K = z.shape[0]
+    for name, (t, dt) in vectors.items():
+        if not isinstance(t, torch.Tensor) or t.dtype != dt or tuple(t.shape) != (K,) or not t.is_contiguous() \
+                or t.device != z.device:
+            raise ValueError(f"{name}: expected a contiguous {dt} ({K},) tensor on {z.device}, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+
+
+def check_colsum(colsum: Optional[torch.Tensor], z: torch.Tensor, block_rows: int) -> None:
+    """``colsum`` is None or a contiguous float32 ``(ceil(K / block_rows), C)`` tensor on ``z``'s device."""
+    if colsum is None:
+        return
+    want = (-(-z.shape[0] // block_rows), z.shape[1])
+    if colsum.dtype != torch.float32 or tuple(colsum.shape) != want or not colsum.is_contiguous() \
+            or colsum.device != z.device:
+        raise ValueError(f"colsum: expected a contiguous float32 {want} tensor on {z.device}, got "
+                         f"{colsum.dtype} {tuple(colsum.shape)}")
+

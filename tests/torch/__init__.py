@@ -97,3 +97,18 @@ def assert_range_check_fails(snippet: str, match: str) -> None:
         return
     with pytest.raises(ValueError, match=match):
         exec(compile(source, "<range-check snippet>", "exec"), {})
+
+
+def head_inputs(seed: int, dtype: torch.dtype, device: str, N: int = 37, d: int = 23, V: int = 301,
+                p_ignore: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden, weight, bias, targets)`` of an LM head at odd sizes: hidden rows of varied scale, a weight of
+    unit-order logits, a bias, ``p_ignore`` of the targets ``-100`` (the token-stats kernel tests)."""
+    rng = np.random.default_rng(seed)
+    h = (rng.standard_normal((N, d)) * rng.uniform(0.3, 3.0, size=(N, 1))).astype(np.float32)
+    w = (rng.standard_normal((V, d)) * (1.5 / np.sqrt(d))).astype(np.float32)
+    b = (rng.standard_normal(V) * 0.5).astype(np.float32)
+    t = rng.integers(0, V, size=N)
+    t[rng.random(N) < p_ignore] = -100
+    return (torch.from_numpy(h).to(dtype).to(device), torch.from_numpy(w).to(dtype).to(device),
+            torch.from_numpy(b).to(dtype).to(device), torch.from_numpy(t).to(device))
+

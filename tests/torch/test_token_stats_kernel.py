@@ -20,7 +20,7 @@ from cggr_torch import dispatch, fused_linear_token_stats  # noqa: E402
 from cggr_torch import token_stats as ts  # noqa: E402
 from cggr_torch.policy_gradient import policy_gradient_loss  # noqa: E402
 from tests import oracle  # noqa: E402
-from tests.torch import as_f64, kernel_test_device  # noqa: E402
+from tests.torch import as_f64, head_inputs, kernel_test_device  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
 
@@ -32,15 +32,8 @@ GRAD_TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
 CHUNKS = dict(row_chunk_size=10, vocab_chunk_size=64)
 
 
-def _inputs(seed, dtype, N=37, d=23, V=301, p_ignore=0.2):
-    rng = np.random.default_rng(seed)
-    h = (rng.standard_normal((N, d)) * rng.uniform(0.3, 3.0, size=(N, 1))).astype(np.float32)
-    w = (rng.standard_normal((V, d)) * (1.5 / np.sqrt(d))).astype(np.float32)
-    b = (rng.standard_normal(V) * 0.5).astype(np.float32)
-    t = rng.integers(0, V, size=N)
-    t[rng.random(N) < p_ignore] = -100
-    return (torch.from_numpy(h).to(dtype).to(DEVICE), torch.from_numpy(w).to(dtype).to(DEVICE),
-            torch.from_numpy(b).to(dtype).to(DEVICE), torch.from_numpy(t).to(DEVICE))
+def _inputs(seed, dtype, **kw):
+    return head_inputs(seed, dtype, DEVICE, **kw)
 
 
 def _np(x):
