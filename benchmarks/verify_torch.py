@@ -26,7 +26,9 @@ Prints **one line per group** - ``PASS  <group> (<n> checks)`` or ``FAIL  <group
 7. N·V > 2^31 (N = 17000, V = 128256 bf16): scoring and the fused loss's gradient on rows around the 2^31
    element boundary and the last rows;
 8. an out-of-range target trips the device-side assertion, in ``token_statistics_triton`` and in
-   ``CGGRLoss`` (subprocesses: it poisons the CUDA context).
+   ``CGGRLoss`` (subprocesses: it poisons the CUDA context);
+9. the ρ = 1 policy gradient's one pass (4 × 1024 tokens, d = 2048, V = 151936 bf16) against the float32
+   materialised loss and gradients and against the two-pass path, and without host synchronisation.
 
 Run from the repository root on a GPU machine (``TRITON_INTERPRET`` unset)::
 
@@ -459,6 +461,61 @@ def check_device_assert() -> None:
                text.strip().splitlines()[-1][:160] if text.strip() else f"rc={proc.returncode}")
 
 
+def check_policy_gradient_one_pass(n_seq: int, T: int, d: int, v: int, dtype: torch.dtype) -> None:
+    """The ρ = 1 policy gradient's one pass (``policy_gradient_loss(min_tokens_ratio=1)``, token-mean, on-policy)
+    against the float32 materialised loss of the same formula (``ℓ_i = −A_i·e^{lp_i − sg(lp_i)}``, mean over the
+    tokens with a target) and against the two-pass path (``selection="sequence_aware"`` at ratio 1 keeps the same
+    tokens); on CUDA also with the sync debug mode set to "error" (no host synchronisation)."""
+    from cggr_torch.policy_gradient import policy_gradient_loss
+
+    g = torch.Generator(device="cpu").manual_seed(5)
+    h = (torch.randn(n_seq, T, d, generator=g) * 0.5).to(DEV, dtype)
+    w = (torch.randn(v, d, generator=g) / d ** 0.5 * 2).to(DEV, dtype)
+    t = torch.randint(0, v, (n_seq, T), generator=g).to(DEV)
+    t[:, :T // 8] = IGN                                     # prompt positions
+    adv = torch.randn(n_seq, generator=g).to(DEV)
+
+    def ours(**kw: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hl, wl = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+        loss = policy_gradient_loss(hl, wl, t, adv, min_tokens_ratio=1.0, loss_type="dapo", **kw).loss
+        loss.backward()
+        return loss.detach(), hl.grad, wl.grad
+
+    got = ours()
+    hf = h.detach().clone().float().requires_grad_(True)   # a copy: .float() of float32 is the tensor itself
+    wf = w.detach().clone().float().requires_grad_(True)
+    logp = torch.log_softmax(hf @ wf.t(), dim=-1)
+    has = t != IGN
+    lp = logp.gather(-1, t.clamp(min=0)[..., None])[..., 0]
+    a = adv[:, None].expand_as(lp)
+    ref = torch.where(has, -a * torch.exp(lp - lp.detach()), torch.zeros_like(lp)).sum() / has.sum()
+    ref.backward()
+    ref = ref.detach()
+    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    report("loss = float32 materialised", abs(float(got[0]) - float(ref)) <= tol * max(1e-6, abs(float(ref))),
+           f"{float(got[0]):.6g} vs {float(ref):.6g}")
+    for name, a_, e_ in (("dh", got[1], hf.grad), ("dW", got[2], wf.grad)):
+        err = float((a_.float() - e_).abs().max()) / max(1e-30, float(e_.abs().max()))
+        report(f"{name} = float32 materialised (max rel {err:.2e})", err <= 4 * tol)
+    two = ours(selection="sequence_aware", min_tokens_per_sequence=0)
+    report("loss = the two-pass path", abs(float(got[0]) - float(two[0])) <= 1e-5 * max(1e-6, abs(float(two[0]))))
+    for name, a_, e_ in (("dh", got[1], two[1]), ("dW", got[2], two[2])):
+        err = float((a_.float() - e_.float()).abs().max()) / max(1e-30, float(e_.float().abs().max()))
+        report(f"{name} = the two-pass path (max rel {err:.2e})", err <= 2 * tol)
+    if DEV == "cuda":
+        sync()
+        err_text: Optional[str] = None
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ours()
+        except RuntimeError as e:
+            err_text = str(e)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        sync()
+        report("one pass: no host synchronisation", err_text is None, (err_text or "")[:160])
+
+
 def smoke() -> int:
     """The same checks on tiny CPU shapes under the interpreter (no sync / device-assert checks)."""
     import warnings
@@ -475,6 +532,8 @@ def smoke() -> int:
         check_selective_ce(40, 300, torch.bfloat16, 0.25, extra_rows=[38, 39])
     with group("smoke CGGRLoss fused bf16 48x300"):
         check_fused_loss(48, 300, torch.bfloat16)
+    with group("smoke policy gradient one pass fp32 3x16x24x301"):
+        check_policy_gradient_one_pass(3, 16, 24, 301, torch.float32)
     print(f"\n{'ALL PASS' if not FAILED_GROUPS else f'{len(FAILED_GROUPS)} FAILED'} (smoke)")
     return 1 if FAILED_GROUPS else 0
 
@@ -529,6 +588,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_fused_loss(n, v, torch.bfloat16, extra_rows=big, strategies=("topk+dynamic",))
     with group("8 device-side assertion on out-of-range targets"):
         check_device_assert()
+    with group("9 policy gradient one pass (rho = 1) bf16 4x1024, d 2048, V 151936"):
+        check_policy_gradient_one_pass(4, 1024, 2048, 151936, torch.bfloat16)
     print(f"\n{'ALL PASS' if not FAILED_GROUPS else f'{len(FAILED_GROUPS)} FAILED: {FAILED_GROUPS}'}")
     return 1 if FAILED_GROUPS else 0
 
