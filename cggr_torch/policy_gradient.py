@@ -22,7 +22,7 @@ selection (``num_selected(N, ratio_max)``; ``N`` for ``sampled``), so nothing sy
 dynamic threshold, a token-mean aggregation, temperature 1 and no soft-cap, on a kernel device) the loss is
 separable per token up to the scalar ``1/D``, so its gradient is computed in the forward, in one pass over the
 LM head (:func:`cggr_torch.token_stats.token_stats_with_gradient`: three ``N·V·d`` GEMMs instead of the
-statistics' one plus the backward's three) and scaled by ``grad/D`` in the backward, in place. Same loss, mask,
+statistics' one plus the backward's three) and scaled by the upstream gradient in the backward, in place. Same loss, mask,
 metrics and gradients (tests/torch/test_policy_gradient_one_pass.py); ``∂W`` is summed over the row blocks in
 the weight's dtype.
 """
@@ -212,18 +212,24 @@ class _PrecomputedGradients(torch.autograd.Function):
 def _run_one_pass(hidden, weight, targets, bias, adv, old, ref, extra, step: int, base: Any, config: CGGRConfig,
                   pg: dict[str, Any]) -> PolicyGradientOutput:
     """:func:`_run` at ρ = 1 in one pass over the LM head (see :func:`_one_pass_applies`): the gradient of
-    ``Σ_{i eligible} ℓ_i`` row block by row block, scaled by ``1/D`` once the eligible count ``D`` is known
-    (on the device, no synchronisation); the loss, mask and metrics as :func:`_run` computes them."""
+    ``Σ_{i eligible} ℓ_i / D'`` row block by row block (``D'`` the eligible count predicted from finite hidden
+    rows), scaled by ``D'/D`` once the true count ``D`` is known (on the device, no synchronisation; exactly 1
+    unless a finite row's statistics were not); the loss, mask and metrics as :func:`_run` computes them."""
     flat = [None if x is None else x.reshape(-1) for x in (old, adv, ref)]
     extra_f = extra.reshape(-1)
     has_t = (targets != config.ignore_index).reshape(-1)
+    # The normaliser as predicted before the pass (finite hidden rows; the statistics of a finite row are finite
+    # unless its logits overflow or the head holds a NaN): the pass scales by 1/D', the backward by D'/D, which
+    # is exactly 1 whenever the prediction holds - so no extra rounding of the stored gradients then.
+    h_ok = torch.isfinite(hidden.detach().reshape(-1, hidden.shape[-1])).all(dim=1)
+    predicted = torch.clamp((has_t & extra_f & h_ok).sum(), min=1).to(torch.float32)
 
     def row_grad(r0: int, r1: int, logprob: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         live = ok & has_t[r0:r1] & extra_f[r0:r1]
         with torch.enable_grad():
             x = logprob.detach().requires_grad_(True)
             ell, _, _ = _objective(x, live, *(None if v is None else v[r0:r1] for v in flat), pg)
-            (g,) = torch.autograd.grad(torch.where(live, ell, torch.zeros_like(ell)).sum(), x)
+            (g,) = torch.autograd.grad(torch.where(live, ell, torch.zeros_like(ell)).sum() / predicted, x)
         return torch.where(live, g, torch.zeros_like(g))
 
     res = token_stats_with_gradient(hidden, weight, targets, bias, row_grad,
@@ -246,7 +252,7 @@ def _run_one_pass(hidden, weight, targets, bias, adv, old, ref, extra, step: int
         denom = torch.clamp(scores.eligible.sum(), min=1).to(torch.float32)
         value = torch.where(live, ell, zero).sum(dtype=torch.float32) / denom
         kept = torch.clamp(live.sum(), min=1).to(torch.float32)
-    loss = _PrecomputedGradients.apply(value, 1.0 / denom, hidden, weight, bias, res.grad_hidden, res.grad_weight,
+    loss = _PrecomputedGradients.apply(value, predicted / denom, hidden, weight, bias, res.grad_hidden, res.grad_weight,
                                        res.grad_bias)
     metrics = dict(measured.metrics)
     metrics["clip_fraction"] = ((live & ~unclipped).sum().to(torch.float32) / kept).detach()

@@ -203,3 +203,22 @@ def test_a_second_backward_is_refused_clearly():
         out.loss.backward(retain_graph=True)
         with pytest.raises(RuntimeError, match="second backward"):
             out.loss.backward()
+
+
+def test_a_row_whose_statistics_turn_non_finite_rescales_exactly(monkeypatch):
+    """A finite hidden row whose target logit is -inf (the bias) has non-finite statistics: the pass predicted it
+    eligible (D' > D), and the backward's D'/D must still give the reference's gradient."""
+    h, w, b, t, adv, _, _ = _case(9)
+    b = b.clone()
+    b[7] = -math.inf
+    t = t.clone()
+    t[0, 5], t[2, 9] = 7, 7
+    expected, e_grads, _ = _run("reference", h, w, b, t, adv)
+    _forbid(monkeypatch, pgm, "token_stats_on_rows")
+    got, grads, _ = _run("kernel", h, w, b, t, adv, row_chunk_size=8)
+    assert not got.mask[0, 5] and not got.mask[2, 9]
+    torch.testing.assert_close(got.loss.detach(), expected.loss.detach(), atol=1e-6, rtol=1e-5)
+    for name, a, e in zip(("hidden", "weight", "bias"), grads, e_grads):
+        if name == "bias":          # column 7's bias gradient: both paths give 0 there (p = 0)
+            e, a = e.nan_to_num(), a.nan_to_num()
+        _close(a, e, 3e-5, name)
