@@ -21,7 +21,7 @@ selection (``num_selected(N, ratio_max)``; ``N`` for ``sampled``), so nothing sy
 **At ρ = 1** (every eligible token kept with weight 1: ``topk``/``stratified`` at a host ratio of 1 without the
 dynamic threshold, a token-mean aggregation, temperature 1 and no soft-cap, on a kernel device) the loss is
 separable per token up to the scalar ``1/D``, so its gradient is computed in the forward, in one pass over the
-LM head (:func:`cggr_torch.token_stats.token_stats_with_gradient`: three ``N·V·d`` GEMMs instead of the
+LM head (:func:`cggr_torch.token_stats_one_pass.token_stats_with_gradient`: three ``N·V·d`` GEMMs instead of the
 statistics' one plus the backward's three) and scaled by the upstream gradient in the backward, in place. Same loss, mask,
 metrics and gradients (tests/torch/test_policy_gradient_one_pass.py); ``∂W`` is summed over the row blocks in
 the weight's dtype.
@@ -44,8 +44,8 @@ from .fused_linear import DEFAULT_MEMORY_BUDGET
 from .loss import check_schedule
 from .pipeline import host_metrics, measure_scores
 from .scoring import scores_from_statistics
-from .token_stats import (check_transform, fused_linear_statistics, one_pass_available, token_stats_on_rows,
-                          token_stats_with_gradient)
+from .token_stats import check_transform, fused_linear_statistics, token_stats_on_rows
+from .token_stats_one_pass import one_pass_available, token_stats_with_gradient
 from .types import TokenScores, TokenStatistics
 from .utils import resolve_config
 
@@ -171,8 +171,8 @@ def _checked_extras(hidden, targets, advantages, old_logprob, ref_logprob, pg: d
 
 
 def _one_pass_applies(hidden, weight, bias, base: Any, config: CGGRConfig, pg: dict[str, Any]) -> bool:
-    """The ρ = 1 policy gradient in one pass (:func:`cggr_torch.token_stats.token_stats_with_gradient`): every
-    eligible token is kept with weight 1 (``topk``/``stratified`` at a host ratio of 1, no dynamic threshold),
+    """The ρ = 1 policy gradient in one pass
+    (:func:`cggr_torch.token_stats_one_pass.token_stats_with_gradient`): every eligible token is kept with weight 1 (``topk``/``stratified`` at a host ratio of 1, no dynamic threshold),
     the normaliser is one scalar (token-mean aggregations: then ``∂L/∂lp_i`` is separable up to ``1/D``, applied
     after the pass), a gradient is wanted, and the kernels run (temperature 1, no soft-cap)."""
     return (pg["loss_type"] not in _SEQUENCE_MEAN and config.selection in ("topk", "stratified")

@@ -69,10 +69,9 @@ __all__ = [
     "fused_linear_token_stats",
     "plan_token_stats",
     "token_stats_on_rows",
-    "OnePassResult",
-    "one_pass_available",
-    "one_pass_rows",
-    "token_stats_with_gradient",
+    "check_token_stats_inputs",
+    "gradient_kernel",
+    "statistics_op_applies",
 ]
 
 #: The differentiable outputs a caller may ask for (SPEC §14.1).
@@ -138,7 +137,7 @@ def _check_need(need: Any) -> tuple[str, ...]:
     return tuple(n for n in NEEDS if n in need)
 
 
-def _check_inputs(hidden: Any, weight: Any, targets: Any, bias: Any, ignore_index: Any) -> torch.Tensor:
+def check_token_stats_inputs(hidden: Any, weight: Any, targets: Any, bias: Any, ignore_index: Any) -> torch.Tensor:
     """Shapes, dtypes, devices and the target range (SPEC §1, §11); returns the widened targets."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
         raise ValueError(f"hidden: expected a (N, d) or (B, T, d) floating tensor, got {_describe(hidden)}")
@@ -280,7 +279,7 @@ def _block_statistics(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return tuple(torch.where(ok, x, nan) for x in (lse, entropy, p1, p2, nll)) + (ok,)
 
 
-def _uses_statistics_op(h2: torch.Tensor, temperature: float, softcap: Optional[float]) -> bool:
+def statistics_op_applies(h2: torch.Tensor, temperature: float, softcap: Optional[float]) -> bool:
     """The fused LM head's statistics op (``cggr::fused_linear_statistics``: cuBLAS blocks + the Triton
     scoring kernel, one pass over each block) serves the untransformed distribution (SPEC §14.1 with
     ``temperature = 1`` and no soft-cap, where ``y = z``) on a kernel device; a transform takes the blocks here."""
@@ -308,7 +307,7 @@ def _kernel_statistics(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 def _flat_statistics(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], safe_t: torch.Tensor,
                      has_t: torch.Tensor, plan: TokenStatsPlan, temperature: float,
                      softcap: Optional[float]) -> tuple[TokenStatistics, torch.Tensor]:
-    if _uses_statistics_op(h2, temperature, softcap):
+    if statistics_op_applies(h2, temperature, softcap):
         return _kernel_statistics(h2, weight, bias, safe_t, has_t, plan)
     N = h2.shape[0]
     out = [torch.empty((N,), dtype=torch.float32, device=h2.device) for _ in range(5)]
@@ -332,7 +331,7 @@ def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: Any, bias: Opt
     for name, value in (("row_chunk_size", row_chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         check_positive_int(value, name)
     check_positive_int(memory_budget_bytes, "memory_budget_bytes", allow_none=False)
-    targets = _check_inputs(hidden, weight, targets, bias, ignore_index)
+    targets = check_token_stats_inputs(hidden, weight, targets, bias, ignore_index)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
     has_t = t != int(ignore_index)
@@ -346,7 +345,7 @@ def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: Any, bias: Opt
     return h2, safe_t, has_t, plan, temperature, softcap
 
 
-def _gradient_kernel(h2: torch.Tensor) -> Optional[Any]:
+def gradient_kernel(h2: torch.Tensor) -> Optional[Any]:
     """The Triton chunk-gradient launch (``launch_token_stats_gradient``) for ``h2``'s device and dtype, or None
     (PyTorch element-wise ops: non-kernel devices, ``CGGR_DISABLE_KERNELS=1``, float64)."""
     if not dispatch.use_kernels(h2) or h2.dtype == torch.float64:
@@ -362,9 +361,9 @@ def _kernel_plan(plan: TokenStatsPlan, h2: torch.Tensor, vocab_size: int, temper
     instead of ``R'·(2e + 24)``; ``∂W`` accumulates in place, so no ``C'·d·e`` product either)."""
     e = h2.element_size()
     cols, bcols = plan.vocab_chunk, plan.backward_vocab_chunk
-    if _uses_statistics_op(h2, temperature, softcap):
+    if statistics_op_applies(h2, temperature, softcap):
         cols = min(vocab_size, _round_down(cols * (e + 20) // e))
-    if _gradient_kernel(h2) is not None:
+    if gradient_kernel(h2) is not None:
         R, d = plan.backward_row_chunk, h2.shape[1]
         bcols = min(vocab_size, _round_down(bcols * (R * (2 * e + 24) + d * e) // (R * e + 4 * -(-R // 16))))
     return plan._replace(vocab_chunk=cols, backward_vocab_chunk=bcols)
@@ -404,7 +403,7 @@ def _backward(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     g_h = torch.where(ok, g_h.to(f32), zero)
     lse = torch.where(ok, lse, zero)
     entropy = torch.where(ok, entropy, zero)
-    launch = _gradient_kernel(h2)
+    launch = gradient_kernel(h2)
     if launch is not None:
         return _kernel_backward(launch, h2, weight, bias, rows, safe_t, lse, entropy, g_lp, g_h, plan,
                                 temperature, softcap, need_h, need_w, need_b, ok)
@@ -635,112 +634,3 @@ def token_stats_on_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         logprob = lp_g if "logprob" in need else logprob
         entropy = ent_g if "entropy" in need else entropy
     return _finish(logprob, entropy, sel.lse, ok, sel, need, (rows.shape[0],))
-
-
-# ================================================================================ one pass (ρ = 1)
-class OnePassResult(NamedTuple):
-    """:func:`token_stats_with_gradient`'s statistics (token-shaped, no gradient, NaN in every field of a
-    non-finite row), ``finite`` and the gradients of the caller's objective (``None`` where not asked for;
-    ``grad_hidden`` is ``(N, d)``)."""
-
-    statistics: TokenStatistics
-    finite: torch.Tensor
-    grad_hidden: Optional[torch.Tensor]
-    grad_weight: Optional[torch.Tensor]
-    grad_bias: Optional[torch.Tensor]
-
-
-def one_pass_available(hidden: torch.Tensor, temperature: float = 1.0, softcap: Optional[float] = None) -> bool:
-    """Whether :func:`token_stats_with_gradient` runs here: a kernel device, float16/bfloat16/float32 inputs,
-    ``temperature = 1`` and no soft-cap (the statistics kernel reads raw logits)."""
-    return (isinstance(hidden, torch.Tensor) and hidden.dtype != torch.float64
-            and _uses_statistics_op(hidden, float(temperature), softcap) and _gradient_kernel(hidden) is not None)
-
-
-def one_pass_rows(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, *, bias: bool = False,
-                  memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> int:
-    """Rows of one block of :func:`token_stats_with_gradient`: the largest ``R`` (a multiple of 128, at least 1,
-    at most ``N``) with ``R·(V·e + d·e + 64 + [bias]·V/4) ≤ 7/8·B`` - the block's whole logits row in the inputs'
-    dtype, its hidden rows, its statistics and, with a bias, the gradient kernel's float32 column sums."""
-    e = _element_size(dtype)
-    budget = check_positive_int(memory_budget_bytes, "memory_budget_bytes", allow_none=False)
-    per_row = vocab_size * e + hidden_dim * e + 64 + (-(-vocab_size // 4) if bias else 0)
-    return int(max(1, min(max(1, num_rows), _round_down(int(_FILL * budget) // per_row))))
-
-
-def token_stats_with_gradient(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              bias: Optional[torch.Tensor], row_grad: Any, *, need_hidden: bool = True,
-                              need_weight: bool = True, need_bias: bool = True, ignore_index: int = -100,
-                              row_chunk_size: Optional[int] = None,
-                              memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> OnePassResult:
-    r"""Every row's statistics and the gradient of a **row-separable** objective ``L = Σ_i f_i(logprob_i)`` in one
-    pass over the LM head: three ``N·V·d`` GEMMs where the statistics followed by a recomputing backward take
-    four (the ρ = 1 policy gradient, DECISIONS.md: token-stats-pure-first-version).
-
-    Row block by row block (:func:`one_pass_rows` rows): the block's whole logits row ``Z = H_r Wᵀ + b`` (one
-    cuBLAS GEMM, the inputs' dtype), its SPEC §2 statistics from one read by the scoring kernel, the caller's
-    ``g_i = ∂L/∂logprob_i = row_grad(r0, r1, logprob, finite)`` (float32 ``(r1 − r0,)``; ``logprob`` is 0 for
-    ``ignore_index`` and NaN on a non-finite row, whose ``g`` is replaced by 0), ``Z`` turned into
-    ``G = g·(onehot − p)`` in place by the gradient kernel, then ``∂h_r = G W`` and ``∂W += Gᵀ H_r`` (``∂W``
-    accumulates in the weight's dtype over the ``⌈N/R⌉`` blocks, as Liger's fused losses do) and ``∂b`` in float32.
-
-    Only where :func:`one_pass_available` (temperature 1, no soft-cap, a kernel device); the caller decides
-    that the objective is separable (its ``∂L/∂logprob_i`` must not depend on other rows' values, which the
-    pass has not computed yet). Working memory beyond the inputs, the outputs and the gradients: at most the
-    budget ``B`` (:func:`one_pass_rows`). No host synchronisation.
-    """
-    if not one_pass_available(hidden):
-        raise ValueError("hidden: token_stats_with_gradient needs a kernel device (CUDA, or the Triton "
-                         "interpreter) and float16/bfloat16/float32 inputs; see one_pass_available")
-    h2, safe_t, has_t, _, _, _ = _prepare(hidden, weight, targets, bias, 1.0, None, ignore_index, row_chunk_size,
-                                          None, memory_budget_bytes)
-    N, d = h2.shape
-    V = weight.shape[0]
-    dev, dt = h2.device, h2.dtype
-    f32 = torch.float32
-    need_bias = need_bias and bias is not None
-    R = row_chunk_size or one_pass_rows(N, d, V, dt, bias=need_bias, memory_budget_bytes=memory_budget_bytes)
-    stats_kernel = dispatch.kernel("token_statistics_triton")
-    launch = _gradient_kernel(h2)
-    out = [torch.empty((N,), dtype=f32, device=dev) for _ in range(5)]
-    finite = torch.empty((N,), dtype=torch.bool, device=dev)
-    gh = torch.empty((N, d), dtype=dt, device=dev) if need_hidden else None
-    gw = torch.zeros_like(weight) if need_weight else None
-    gb = torch.zeros((V,), dtype=f32, device=dev) if need_bias else None
-    t_all = torch.where(has_t, safe_t, torch.full_like(safe_t, -1))
-    zero = torch.zeros((), dtype=f32, device=dev)
-    with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
-        h2 = h2.detach()
-        for r0 in range(0, N, R):
-            r1 = min(N, r0 + R)
-            h_ok = torch.isfinite(h2[r0:r1]).all(dim=1)
-            # A non-finite hidden row is read as zeros: its gradient row is zero, and 0·NaN never reaches ∂W.
-            h = torch.where(h_ok[:, None], h2[r0:r1], torch.zeros((), dtype=dt, device=dev))
-            z = F.linear(h, weight.detach(), None if bias is None else bias.detach())
-            st = stats_kernel(z, t_all[r0:r1], -1)
-            ok = h_ok.clone()
-            for x in st:
-                ok &= torch.isfinite(x)
-            for buf, x in zip(out, st):
-                buf[r0:r1] = torch.where(ok, x, torch.full_like(x, math.nan))
-            finite[r0:r1] = ok
-            has_r = has_t[r0:r1]
-            logprob = torch.where(has_r, -out[4][r0:r1], torch.zeros_like(out[4][r0:r1]))
-            g = row_grad(r0, r1, logprob, ok)
-            g = torch.where(ok & has_r, g.to(f32), zero).contiguous()
-            lse = torch.where(ok, out[0][r0:r1], zero).contiguous()
-            t = torch.where(g != 0, t_all[r0:r1], torch.full_like(t_all[r0:r1], -1)).contiguous()
-            colsum = torch.empty((-(-(r1 - r0) // 16), V), dtype=f32, device=dev) if need_bias else None
-            no_entropy = torch.zeros_like(lse)
-            launch(z, lse, no_entropy, g, no_entropy, t, 0, colsum=colsum)
-            if need_bias:
-                gb += colsum.sum(dim=0)
-                del colsum
-            if need_hidden:
-                torch.mm(z, weight.detach(), out=gh[r0:r1])
-            if need_weight:
-                gw.addmm_(z.t(), h)
-            del z, h
-    stats = TokenStatistics(*out)
-    return OnePassResult(stats, finite, gh, gw, None if gb is None else gb.to(dt))
-

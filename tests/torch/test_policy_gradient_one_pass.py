@@ -1,4 +1,4 @@
-"""The ρ = 1 policy gradient in one pass over the LM head (``cggr_torch.token_stats.token_stats_with_gradient``,
+"""The ρ = 1 policy gradient in one pass over the LM head (``cggr_torch.token_stats_one_pass``,
 three GEMMs instead of four) against the two-pass path of the same call (statistics, then the recomputing
 backward) and against the pure PyTorch reference.
 
@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from cggr_torch import dispatch  # noqa: E402
 from cggr_torch import policy_gradient as pgm  # noqa: E402
-from cggr_torch import token_stats as ts  # noqa: E402
+from cggr_torch import token_stats_one_pass as ts  # noqa: E402
 from cggr_torch.policy_gradient import PolicyGradientLoss, policy_gradient_loss  # noqa: E402
 from tests.torch import kernel_test_device  # noqa: E402
 
