@@ -399,6 +399,21 @@ def check_fused_loss(n: int, v: int, dtype: torch.dtype, extra_rows: Sequence[in
         free_memory()
 
 
+def sync_error(fn: Any) -> Optional[str]:
+    """Run ``fn()`` with CUDA's sync debug mode set to "error": None, or the error a host synchronisation raised."""
+    torch.cuda.synchronize()
+    err: Optional[str] = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as e:
+        err = str(e)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return err
+
+
 def check_no_sync() -> None:
     from cggr_torch import CGGRLoss
     from cggr_torch.kernels.cross_entropy import selective_cross_entropy_triton
@@ -426,16 +441,7 @@ def check_no_sync() -> None:
     for name, fn in cases:
         fn()                                            # compile the kernels outside the checked region
         leaf.grad = None
-        torch.cuda.synchronize()
-        err: Optional[str] = None
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            fn()
-        except RuntimeError as e:
-            err = str(e)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
+        err = sync_error(fn)
         report(name, err is None, (err or "")[:160])
         leaf.grad = None
 
@@ -503,16 +509,7 @@ def check_policy_gradient_one_pass(n_seq: int, T: int, d: int, v: int, dtype: to
         err = float((a_.float() - e_.float()).abs().max()) / max(1e-30, float(e_.float().abs().max()))
         report(f"{name} = the two-pass path (max rel {err:.2e})", err <= 2 * tol)
     if DEV == "cuda":
-        sync()
-        err_text: Optional[str] = None
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            ours()
-        except RuntimeError as e:
-            err_text = str(e)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        sync()
+        err_text = sync_error(ours)
         report("one pass: no host synchronisation", err_text is None, (err_text or "")[:160])
 
 

@@ -69,7 +69,7 @@ __all__ = [
     "fused_linear_token_stats",
     "plan_token_stats",
     "token_stats_on_rows",
-    "check_token_stats_inputs",
+    "flat_inputs",
     "gradient_kernel",
     "statistics_op_applies",
 ]
@@ -137,7 +137,7 @@ def _check_need(need: Any) -> tuple[str, ...]:
     return tuple(n for n in NEEDS if n in need)
 
 
-def check_token_stats_inputs(hidden: Any, weight: Any, targets: Any, bias: Any, ignore_index: Any) -> torch.Tensor:
+def _check_inputs(hidden: Any, weight: Any, targets: Any, bias: Any, ignore_index: Any) -> torch.Tensor:
     """Shapes, dtypes, devices and the target range (SPEC §1, §11); returns the widened targets."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
         raise ValueError(f"hidden: expected a (N, d) or (B, T, d) floating tensor, got {_describe(hidden)}")
@@ -324,6 +324,35 @@ def _flat_statistics(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return TokenStatistics(*out), ok
 
 
+def flat_inputs(hidden: Any, weight: Any, targets: Any, bias: Any,
+                ignore_index: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checked inputs (shapes, dtypes, devices, the target range: SPEC §1, §11; ``ValueError`` naming the
+    argument) as ``(h2, safe_t, has_t)``: the ``(N, d)`` hidden rows, int64 targets with 0 where there is none,
+    and the rows that have one."""
+    targets = _check_inputs(hidden, weight, targets, bias, ignore_index)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    has_t = t != int(ignore_index)
+    return h2, torch.where(has_t, t, torch.zeros_like(t)).to(torch.int64), has_t
+
+
+def _row_block(h2: torch.Tensor, rows: Optional[torch.Tensor], ok: torch.Tensor, r0: int,
+               r1: int) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """The backward's rows ``r0:r1`` (of ``h2``, or of ``h2[rows]``): their indices and hidden states, a
+    non-finite row read as zeros (its gradient is zero, and 0·NaN must not reach ``∂W``)."""
+    idx = None if rows is None else rows[r0:r1]
+    h = h2[r0:r1] if idx is None else h2.index_select(0, idx)
+    return idx, torch.where(ok[r0:r1, None], h, torch.zeros((), dtype=h2.dtype, device=h2.device))
+
+
+def _store_rows(gh: torch.Tensor, idx: Optional[torch.Tensor], r0: int, r1: int, acc: torch.Tensor) -> None:
+    """``∂h`` of a row block into the gradient (rows ``r0:r1``, or added at the gathered ``idx``)."""
+    if idx is None:
+        gh[r0:r1] = acc.to(gh.dtype)
+    else:
+        gh.index_add_(0, idx, acc.to(gh.dtype))
+
+
 def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: Any, bias: Optional[torch.Tensor],
              temperature: Any, softcap: Any, ignore_index: Any, row_chunk_size: Any, vocab_chunk_size: Any,
              memory_budget_bytes: Any, grad_rows: Optional[int] = None):
@@ -331,11 +360,7 @@ def _prepare(hidden: torch.Tensor, weight: torch.Tensor, targets: Any, bias: Opt
     for name, value in (("row_chunk_size", row_chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         check_positive_int(value, name)
     check_positive_int(memory_budget_bytes, "memory_budget_bytes", allow_none=False)
-    targets = check_token_stats_inputs(hidden, weight, targets, bias, ignore_index)
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1)
-    has_t = t != int(ignore_index)
-    safe_t = torch.where(has_t, t, torch.zeros_like(t)).to(torch.int64)
+    h2, safe_t, has_t = flat_inputs(hidden, weight, targets, bias, ignore_index)
     plan = plan_token_stats(h2.shape[0], h2.shape[1], weight.shape[0], hidden.dtype, grad_rows=grad_rows,
                             memory_budget_bytes=int(memory_budget_bytes))
     if vocab_chunk_size is None:
@@ -414,10 +439,7 @@ def _backward(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
         for r0 in range(0, K, R):
             r1 = min(K, r0 + R)
-            idx = None if rows is None else rows[r0:r1]
-            h = h2[r0:r1] if idx is None else h2.index_select(0, idx)
-            # A non-finite row is never read: zeros keep its zero gradient from becoming 0·NaN in ∂W.
-            h = torch.where(ok[r0:r1, None], h, torch.zeros((), dtype=dt, device=dev))
+            idx, h = _row_block(h2, rows, ok, r0, r1)
             acc = torch.zeros((r1 - r0, d), dtype=f32, device=dev) if need_h else None
             gl, gH, l_r, H_r, t_r = (x[r0:r1, None] for x in (g_lp, g_h, lse, entropy, safe_t))
             for v0 in range(0, V, C):
@@ -455,10 +477,7 @@ def _backward(h2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                     gw[v0:v1] += gd.t() @ h
                 del gd
             if need_h:
-                if idx is None:
-                    gh[r0:r1] = acc.to(dt)
-                else:
-                    gh.index_add_(0, idx, acc.to(dt))
+                _store_rows(gh, idx, r0, r1, acc)
             del acc, h
     return gh, gw, (None if gb is None else gb.to(dt))
 
@@ -483,9 +502,7 @@ def _kernel_backward(launch, h2: torch.Tensor, weight: torch.Tensor, bias: Optio
     with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
         for r0 in range(0, K, R):
             r1 = min(K, r0 + R)
-            idx = None if rows is None else rows[r0:r1]
-            h = h2[r0:r1] if idx is None else h2.index_select(0, idx)
-            h = torch.where(ok[r0:r1, None], h, torch.zeros((), dtype=dt, device=dev))
+            idx, h = _row_block(h2, rows, ok, r0, r1)
             acc = torch.zeros((r1 - r0, d), dtype=f32, device=dev) if need_h else None
             per_row = [x[r0:r1].contiguous() for x in (lse, entropy, g_lp, g_h, targets)]
             for v0 in range(0, V, C):
@@ -502,10 +519,7 @@ def _kernel_backward(launch, h2: torch.Tensor, weight: torch.Tensor, bias: Optio
                     gw[v0:v1].addmm_(z.t(), h)
                 del z
             if need_h:
-                if idx is None:
-                    gh[r0:r1] = acc.to(dt)
-                else:
-                    gh.index_add_(0, idx, acc.to(dt))
+                _store_rows(gh, idx, r0, r1, acc)
             del acc, h
     return gh, gw, (None if gb is None else gb.to(dt))
 

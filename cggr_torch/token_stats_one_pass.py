@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import dispatch
 from .fused_linear import DEFAULT_MEMORY_BUDGET
 from .kernels.launch import check_positive_int
-from .token_stats import check_token_stats_inputs, gradient_kernel, statistics_op_applies
+from .token_stats import flat_inputs, gradient_kernel, statistics_op_applies
 from .types import TokenStatistics
 from .utils import FLOAT_DTYPES
 
@@ -89,11 +89,7 @@ def token_stats_with_gradient(hidden: torch.Tensor, weight: torch.Tensor, target
                          "interpreter) and float16/bfloat16/float32 inputs; see one_pass_available")
     check_positive_int(row_chunk_size, "row_chunk_size")
     check_positive_int(memory_budget_bytes, "memory_budget_bytes", allow_none=False)
-    targets = check_token_stats_inputs(hidden, weight, targets, bias, ignore_index)
-    h2 = hidden.reshape(-1, hidden.shape[-1])
-    safe_t = targets.reshape(-1)
-    has_t = safe_t != int(ignore_index)
-    safe_t = torch.where(has_t, safe_t, torch.zeros_like(safe_t)).to(torch.int64)
+    h2, safe_t, has_t = flat_inputs(hidden, weight, targets, bias, ignore_index)
     N, d = h2.shape
     V = weight.shape[0]
     dev, dt = h2.device, h2.dtype
