@@ -25,6 +25,14 @@ def block_logits(h: jax.Array, w: jax.Array, b: Optional[jax.Array], layout: str
     z = jax.lax.dot_general(h, w, (contract, ((), ())), preferred_element_type=jnp.float32)
     if b is not None:
         z = z + b.astype(jnp.float32)
+    ldt = jnp.dtype(ldt)
+    if ldt.itemsize < 4:
+        # XLA may keep a fusion's intermediate in float32 instead of rounding it (its default
+        # --xla_allow_excess_precision), while the logits the forward's kernel read were rounded in memory.
+        # The backward's softmax must use the same logits as the forward's lse, or Σp ≠ 1 and the
+        # gradient is off by the rounding (a few % on peaked bf16 rows): reduce_precision cannot be elided.
+        info = jnp.finfo(ldt)
+        z = jax.lax.reduce_precision(z, exponent_bits=info.nexp, mantissa_bits=info.nmant)
     return z.astype(ldt)
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from cggr_jax import dispatch, fused_linear, utils
+from cggr_jax.fused_linear_backward import block_logits
 from cggr_jax.kernels.launch import DEFAULT_MEMORY_BUDGET
 from cggr_jax.types import TokenStatistics
 
@@ -168,11 +169,9 @@ def _loop(total: int, size: int, body, carry):
 
 
 def _logits(h: jax.Array, w: jax.Array, b: Optional[jax.Array]) -> jax.Array:
-    """``h Wᵀ + b`` in the inputs' dtype (float32 accumulation, one rounding)."""
-    z = jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    if b is not None:
-        z = z + b.astype(jnp.float32)
-    return z.astype(h.dtype)
+    """``h Wᵀ + b`` in the inputs' dtype (float32 accumulation, one rounding that XLA keeps: the fused head's
+    :func:`~cggr_jax.fused_linear_backward.block_logits`)."""
+    return block_logits(h, w, b, "vd", h.dtype)
 
 
 def _transform(z: jax.Array, temperature: float, softcap: Optional[float]) -> jax.Array:

@@ -15,7 +15,9 @@ forward (log-probs and entropies of every token) + the policy-gradient loss on t
 * ``cggr_token_stats[ρ]``  - :func:`cggr_torch.fused_linear_token_stats` (every row's gradient recomputed), then
   the same mask and loss;
 * ``cggr_policy_gradient[ρ]`` - :func:`cggr_torch.policy_gradient_loss` (``min_tokens_ratio = ρ``): the
-  backward recomputes the LM head for the kept rows only.
+  backward recomputes the LM head for the kept rows only;
+* ``cggr_policy_gradient_<B>mib[1]`` - the same at ρ = 1 with ``memory_budget_bytes = B MiB`` (``--pg-budgets-mib``):
+  the one pass's row blocks grow with the budget.
 
 Columns: median / p10 / p90 (ms, CUDA events, ``grad`` reset outside the timed interval) and the peak memory
 allocated beyond the inputs during one call (``torch.cuda.max_memory_allocated``), in GiB. ``check``: each
@@ -55,6 +57,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget-ms", type=float, default=2000.0)
+    ap.add_argument("--pg-budgets-mib", type=int, nargs="*", default=[512, 1024],
+                    help="extra cggr_policy_gradient_<B>mib[1] rows: the ρ = 1 one pass with a memory budget of B MiB")
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--out", default="bench_token_stats_torch.json")
     ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (script check only)")
@@ -157,10 +161,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return loss
         return run
 
-    def ours_pg(rho: float) -> Callable[[], Any]:
+    def ours_pg(rho: float, budget: Optional[int] = None) -> Callable[[], Any]:
+        kw = {} if budget is None else {"memory_budget_bytes": budget}
+
         def run() -> Any:
             out = policy_gradient_loss(hidden, weight, targets, adv, temperature=T, min_tokens_ratio=rho,
-                                       loss_type="dapo")
+                                       loss_type="dapo", **kw)
             out.loss.backward()
             return out.loss
         return run
@@ -168,6 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for rho in args.ratios:
         methods[f"cggr_token_stats[{rho:g}]"] = ours_stats(rho)
         methods[f"cggr_policy_gradient[{rho:g}]"] = ours_pg(rho)
+    if 1.0 in args.ratios:  # the one pass's blocks grow with the budget: fewer ∂W accumulations, longer GEMMs
+        for mib in args.pg_budgets_mib:
+            methods[f"cggr_policy_gradient_{mib}mib[1]"] = ours_pg(1.0, mib << 20)
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods or k.split("[")[0] in args.methods}
 

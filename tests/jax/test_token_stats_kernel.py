@@ -152,3 +152,20 @@ def test_policy_gradient_loss_on_the_kernel_forward(monkeypatch):
     for a, e in zip(got_g, ref_g):
         e64 = _f64(e)
         assert float(np.abs(_f64(a) - e64).max()) <= 2e-5 * float(np.abs(e64).max())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_block_logits_rounding_survives_jit(dtype):
+    """The backward's recomputed logits must be rounded as the forward's were in memory: on the GPU, XLA's
+    default excess precision drops a float32 → bf16 → float32 round trip inside a fusion, and the bf16 hidden
+    gradient of the kernel path was then 6 % off the reference. The rounding is a ``reduce_precision``, which
+    XLA keeps; float32 logits need none."""
+    from cggr_jax.fused_linear_backward import block_logits
+    h, w, b, _ = _inputs(4, "float32")
+    dt = jnp.dtype(dtype)
+    h, w = h.astype(dt), w.astype(dt)
+    text = str(jax.make_jaxpr(lambda h, w, b: block_logits(h, w, b, "vd", dt).astype(jnp.float32) * 2)(h, w, b))
+    assert ("reduce_precision" in text) == (dt.itemsize < 4)
+    z = np.asarray(jax.jit(lambda h, w, b: block_logits(h, w, b, "vd", dt).astype(jnp.float32) * 2)(h, w, b))
+    exact = jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) + b
+    np.testing.assert_array_equal(z, np.asarray(exact.astype(dt).astype(jnp.float32)) * 2)
