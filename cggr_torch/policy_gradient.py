@@ -45,7 +45,7 @@ from .loss import check_schedule
 from .pipeline import host_metrics, measure_scores
 from .scoring import scores_from_statistics
 from .token_stats import check_transform, fused_linear_statistics, token_stats_on_rows
-from .token_stats_one_pass import one_pass_available, token_stats_with_gradient
+from .token_stats_one_pass import ONE_PASS_MEMORY_BUDGET, one_pass_available, token_stats_with_gradient
 from .types import TokenScores, TokenStatistics
 from .utils import resolve_config
 
@@ -237,7 +237,7 @@ def _run_one_pass(hidden, weight, targets, bias, adv, old, ref, extra, step: int
                                     need_bias=bias is not None and bias.requires_grad,
                                     ignore_index=config.ignore_index,
                                     row_chunk_size=pg["chunks"]["row_chunk_size"],
-                                    memory_budget_bytes=pg["chunks"]["memory_budget_bytes"])
+                                    memory_budget_bytes=pg["one_pass_budget"])
     shape = tuple(hidden.shape[:-1])
     stats = TokenStatistics(*(x.reshape(shape) for x in res.statistics))
     scores = scores_from_statistics(stats, targets, config.scoring, config.ignore_index)
@@ -315,7 +315,9 @@ def _pg_settings(beta, epsilon_low, epsilon_high, loss_type, temperature, softca
                 epsilon_high=eps_low if eps_high is None else eps_high, loss_type=loss_type,
                 temperature=temperature, softcap=softcap,
                 chunks=dict(row_chunk_size=row_chunk_size, vocab_chunk_size=vocab_chunk_size,
-                            memory_budget_bytes=memory_budget_bytes))
+                            memory_budget_bytes=(DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None
+                                                 else memory_budget_bytes)),
+                one_pass_budget=ONE_PASS_MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes)
 
 
 def _config(config, settings) -> CGGRConfig:
@@ -341,7 +343,7 @@ def policy_gradient_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          sample_floor: float = PG_CONFIG.sample_floor, sample_seed: int = PG_CONFIG.sample_seed,
                          ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None,
                          row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
-                         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> PolicyGradientOutput:
+                         memory_budget_bytes: Optional[int] = None) -> PolicyGradientOutput:
     """The clipped policy-gradient loss on CGGR's kept tokens, without the ``(N, V)`` logits (SPEC §14.3).
 
     Args:
@@ -358,7 +360,9 @@ def policy_gradient_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         temperature, softcap: SPEC §14.1 (the sampler's temperature, the model's logit soft-cap).
         scoring ... sample_seed, ratio_schedule, config: the CGGR selection (SPEC §3-§7), defaults
             :data:`PG_CONFIG` (entropy top-20 %, from step 0); ``scoring='excess'`` is not supported.
-        row_chunk_size, vocab_chunk_size, memory_budget_bytes: as :func:`cggr_torch.token_stats.fused_linear_token_stats`.
+        row_chunk_size, vocab_chunk_size, memory_budget_bytes: as
+            :func:`cggr_torch.token_stats.fused_linear_token_stats`; ``memory_budget_bytes=None``: its 0.25 GiB,
+            or 1 GiB (``ONE_PASS_MEMORY_BUDGET``) where the ρ = 1 one pass runs (SPEC §14.4).
 
     Returns:
         :class:`PolicyGradientOutput`.
@@ -398,7 +402,7 @@ class PolicyGradientLoss(Curriculum, nn.Module):
                  sample_floor: float = PG_CONFIG.sample_floor, sample_seed: int = PG_CONFIG.sample_seed,
                  ratio_schedule: Optional[Schedule] = None, config: Optional[CGGRConfig] = None,
                  row_chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
-                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> None:
+                 memory_budget_bytes: Optional[int] = None) -> None:
         super().__init__()
         self.config = _config(config, dict(
             scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,

@@ -15,13 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .fused_linear import DEFAULT_MEMORY_BUDGET
 from .kernels.launch import check_positive_int
 from .token_stats import flat_inputs, gradient_kernel, statistics_op_applies
 from .types import TokenStatistics
 from .utils import FLOAT_DTYPES
 
-__all__ = ["OnePassResult", "one_pass_available", "one_pass_rows", "token_stats_with_gradient"]
+__all__ = ["ONE_PASS_MEMORY_BUDGET", "OnePassResult", "one_pass_available", "one_pass_rows",
+           "token_stats_with_gradient"]
+
+#: The one pass's default working memory: 1 GiB, four times the token statistics' 0.25 GiB. Its row blocks grow
+#: with the budget, and with them the ``∂W += Gᵀ H_r`` GEMMs, which read and write all of ``∂W`` once per block
+#: (DECISIONS.md: one-pass-budget; 0.89× Liger's GRPO loss at 1 GiB, 1.02× at 0.25 GiB, with 0.59× its memory).
+ONE_PASS_MEMORY_BUDGET = 1 << 30
 
 _FILL = 0.875           # the fraction of the budget a block fills, as token_stats' plans
 _ALIGN = 128
@@ -51,7 +56,7 @@ def one_pass_available(hidden: torch.Tensor, temperature: float = 1.0, softcap: 
 
 
 def one_pass_rows(num_rows: int, hidden_dim: int, vocab_size: int, dtype: Any, *, bias: bool = False,
-                  memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> int:
+                  memory_budget_bytes: int = ONE_PASS_MEMORY_BUDGET) -> int:
     """Rows of one block of :func:`token_stats_with_gradient`: the largest ``R`` (a multiple of 128, at least 1,
     at most ``N``) with ``R·(V·e + d·e + 64 + [bias]·V/4) ≤ 7/8·B`` - the block's whole logits row in the inputs'
     dtype, its hidden rows, its statistics and, with a bias, the gradient kernel's float32 column sums."""
@@ -67,7 +72,7 @@ def token_stats_with_gradient(hidden: torch.Tensor, weight: torch.Tensor, target
                               bias: Optional[torch.Tensor], row_grad: Any, *, need_hidden: bool = True,
                               need_weight: bool = True, need_bias: bool = True, ignore_index: int = -100,
                               row_chunk_size: Optional[int] = None,
-                              memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> OnePassResult:
+                              memory_budget_bytes: int = ONE_PASS_MEMORY_BUDGET) -> OnePassResult:
     r"""Every row's statistics and the gradient of a **row-separable** objective ``L = Σ_i f_i(logprob_i)`` in one
     pass over the LM head: three ``N·V·d`` GEMMs where the statistics followed by a recomputing backward take
     four (the ρ = 1 policy gradient, DECISIONS.md: token-stats-pure-first-version).

@@ -175,8 +175,8 @@ def _batch_split(raw: dict[str, Any], fw: str, base: dict[str, Any]) -> list[dic
 #: fused alternatives (issue 17's ρ = 1 goal) and our methods.
 TOKEN_STATS_MATERIALISED = {"torch": "trl_materialised", "jax": "materialised"}
 TOKEN_STATS_FUSED_ALTERNATIVES = ("trl_chunked", "liger_grpo")
-TOKEN_STATS_OURS = ("cggr_token_stats", "cggr_policy_gradient", "cggr_policy_gradient_512mib",
-                    "cggr_policy_gradient_1024mib")
+TOKEN_STATS_OURS = ("cggr_token_stats", "cggr_policy_gradient", "cggr_policy_gradient_256mib",
+                    "cggr_policy_gradient_512mib", "cggr_policy_gradient_1024mib")
 
 
 def _method_and_ratio(name: str) -> tuple[str, Optional[float]]:

@@ -39,6 +39,7 @@ Run on the H200 from the repository root::
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -378,8 +379,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         for c in (dict.fromkeys((default_cfg,) + hg.HEAD_GEMM_CONFIGS) if args.gemm_sweep else (default_cfg,)):
             methods[f"diag: gemm-epilogue gradient chunks alone (K x V), {c.describe()}"] = gemm_gradient(c)
-    if args.methods:
-        methods = {k: v for k, v in methods.items() if k in args.methods or k.split("[")[0] in args.methods}
+    if args.methods:  # a name, its part before "[", or a shell pattern ("diag: gemm-epilogue*")
+        methods = {k: v for k, v in methods.items()
+                   if any(k == m or k.split("[")[0] == m or fnmatch.fnmatchcase(k, m) for m in args.methods)}
 
     def sync() -> None:
         if cuda:
@@ -413,6 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
             continue
+        print(f"{name}: {t.median_ms:.3f} ms", flush=True)  # a run cut by its timeout still shows its rows
         rows.append({"method": name, "median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
                      "p25_ms": t.p25_ms, "p75_ms": t.p75_ms,
                      "peak_extra_gib": peak / GIB if cuda else None,

@@ -57,7 +57,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget-ms", type=float, default=2000.0)
-    ap.add_argument("--pg-budgets-mib", type=int, nargs="*", default=[512, 1024],
+    ap.add_argument("--pg-budgets-mib", type=int, nargs="*", default=[256, 512],
                     help="extra cggr_policy_gradient_<B>mib[1] rows: the ρ = 1 one pass with a memory budget of B MiB")
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--out", default="bench_token_stats_torch.json")

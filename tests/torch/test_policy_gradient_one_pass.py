@@ -180,8 +180,10 @@ def test_the_module_form_takes_the_one_pass(monkeypatch):
 def test_one_pass_rows_and_availability():
     e, d, Vq = 2, 4096, 151936
     R = ts.one_pass_rows(16384, d, Vq, torch.bfloat16)
-    assert R % 128 == 0 and R * (Vq * e + d * e + 64) <= 0.875 * 2 ** 30 / 4
-    assert (R + 128) * (Vq * e + d * e + 64) > 0.875 * 2 ** 30 / 4
+    assert ts.ONE_PASS_MEMORY_BUDGET == 2 ** 30                   # the default budget (SPEC §14.4)
+    assert R % 128 == 0 and R * (Vq * e + d * e + 64) <= 0.875 * 2 ** 30
+    assert (R + 128) * (Vq * e + d * e + 64) > 0.875 * 2 ** 30
+    assert ts.one_pass_rows(16384, d, Vq, torch.bfloat16, memory_budget_bytes=2 ** 28) == 640
     assert ts.one_pass_rows(16384, d, Vq, torch.bfloat16, bias=True) <= R
     assert ts.one_pass_rows(5, 8, 11, torch.float32) == 5
     h = torch.zeros((2, 8), device=DEVICE)
@@ -222,3 +224,24 @@ def test_a_row_whose_statistics_turn_non_finite_rescales_exactly(monkeypatch):
         if name == "bias":          # column 7's bias gradient: both paths give 0 there (p = 0)
             e, a = e.nan_to_num(), a.nan_to_num()
         _close(a, e, 3e-5, name)
+
+
+@pytest.mark.parametrize("budget", [None, 3 * 2 ** 20])
+def test_memory_budget_reaches_each_path(budget, monkeypatch):
+    """``memory_budget_bytes=None``: 1 GiB for the one pass, 0.25 GiB for the statistics and the recompute at
+    ρ < 1 (SPEC §14.4); a caller's budget reaches both."""
+    h, w, b, t, adv, _, _ = _case(9)
+    seen = {}
+    for module, name in ((pgm, "token_stats_with_gradient"), (pgm, "fused_linear_statistics"),
+                         (pgm, "token_stats_on_rows")):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen[_name] = kwargs.get("memory_budget_bytes")
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    kw = {} if budget is None else {"memory_budget_bytes": budget}
+    _run("kernel", h, w, b, t, adv, **kw)
+    _run("kernel", h, w, b, t, adv, min_tokens_ratio=0.5, **kw)
+    one, two = (2 ** 30, 2 ** 28) if budget is None else (budget, budget)
+    assert seen == {"token_stats_with_gradient": one, "fused_linear_statistics": two, "token_stats_on_rows": two}
