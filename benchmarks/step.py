@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of %(default)s (in the order given)")
     p.add_argument("--rows", default=None, help="comma list of rows to run, or 'all' (default: the ops module's "
                                                 "DEFAULT_ROWS, every row but batch_split_L1_combined)")
+    p.add_argument("--given-order", action="store_true",
+                   help="run the rows in the order of --rows (default: the ops module's ROWS order), e.g. to "
+                        "see whether a row's time depends on the rows run before it in the same process")
     p.add_argument("--eager-only", action="store_true", help="PyTorch: skip the compiled rows")
     p.add_argument("--deadline-s", type=float, default=None, help="wall-clock budget of the whole script")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps, the first compiles (default 3; "
@@ -169,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "--quick: out/bench/<gpu>/<date>_<commit>)")
     p.add_argument("--commit", default=None, help="commit of the figures (default $CGGR_COMMIT or git)")
     return p
+
+
+def order_plan(plan: list[tuple[str, bool]], rows_wanted: Sequence[str], given_order: bool) -> list[tuple[str, bool]]:
+    """The ``(row, compiled)`` pairs of ``plan`` whose row is wanted: in ``plan``'s order (the ops module's
+    ``ROWS``), or with ``given_order`` in the order of ``rows_wanted`` (a row's variants keep ``plan``'s order)."""
+    kept = [(r, c) for r, c in plan if r in rows_wanted]
+    if given_order:
+        kept.sort(key=lambda rc: list(rows_wanted).index(rc[0]))  # stable: a row's variants as in plan
+    return kept
 
 
 def parse_list(text: Optional[str], allowed: Sequence[str], name: str) -> Optional[list[str]]:
@@ -306,7 +318,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if note:
                 raw["attention_note"] = note
             plan = [(r, True) for r in impl.ROWS]
-        plan = [(r, c) for r, c in plan if r in rows_wanted]
+        plan = order_plan(plan, rows_wanted, args.given_order)
         for row, compiled in plan:
             prior = (impl.PRIOR_S[(row, compiled)] if fw == "torch" else impl.PRIOR_S[row]) * SHAPE_FACTOR.get(name, 1)
             why = budget.fits(prior, share_left=share_end - budget.elapsed())

@@ -618,3 +618,22 @@ def test_report_step_partial_run_gets_its_own_table(tmp_path):
     part_goal = next(line for line in lines if line.startswith("Issue 16 goals within this run"))
     assert "(best router row: batch_split_L1_prefix): 0.897× (goal ≥ 0.9, not met)" in part_goal
     assert lines.index(main_goal) < lines.index(part_goal)
+
+
+@pytest.mark.parametrize("fw", ["torch", "jax"])
+def test_step_given_order(fw, tmp_path):
+    """``--given-order`` runs the rows in the order of ``--rows`` (a row's two variants in ``ROWS``'s order);
+    without it the ops module's ``ROWS`` order holds. Nothing is built (deadline)."""
+    def order(folder: Path, *extra: str) -> list[tuple[str, bool]]:
+        recs = _step(folder, "--framework", fw, "--quick", "--shapes", "1b", "--rows",
+                     "batch_split_L1_prefix,random_subset", "--deadline-s", "0.001", *extra)
+        return [(r["extra"]["row"], r["extra"]["compiled"]) for r in recs]
+
+    rows = ["batch_split_L1_prefix", "random_subset"]
+    given = order(tmp_path / "given", "--given-order")
+    default = order(tmp_path / "default")
+    assert [r for r, _ in given][::(2 if fw == "torch" else 1)] == rows
+    assert [r for r, _ in default][::(2 if fw == "torch" else 1)] == rows[::-1]
+    if fw == "torch":  # each row's variants in ROWS's order
+        assert given == [("batch_split_L1_prefix", True), ("batch_split_L1_prefix", False),
+                         ("random_subset", False), ("random_subset", True)]
