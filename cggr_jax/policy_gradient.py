@@ -130,10 +130,11 @@ def policy_gradient_loss(hidden: jax.Array, weight: jax.Array, targets: jax.Arra
                          ratio_schedule: Optional[Callable[[Any], Any]] = None,
                          config: Optional[CGGRConfig] = None, row_chunk_size: Optional[int] = None,
                          vocab_chunk_size: Optional[int] = None,
-                         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> PolicyGradientOutput:
+                         memory_budget_bytes: Optional[int] = None) -> PolicyGradientOutput:
     """The clipped policy-gradient loss on CGGR's kept tokens without the ``(N, V)`` logits (SPEC §14.3);
     arguments and result as :func:`cggr_torch.policy_gradient.policy_gradient_loss` (``step`` may be a traced
-    integer). Differentiable with ``jax.grad`` in ``hidden``, ``weight`` and ``bias``."""
+    integer; ``memory_budget_bytes=None`` is 0.25 GiB: there is no one pass here, SPEC §14.4). Differentiable
+    with ``jax.grad`` in ``hidden``, ``weight`` and ``bias``."""
     cfg = _resolve(config, dict(scoring=scoring, selection=selection, dynamic_threshold=dynamic_threshold,
                                 threshold_sensitivity=threshold_sensitivity, min_tokens_ratio=min_tokens_ratio,
                                 warmup_steps=warmup_steps, num_strata=num_strata,
@@ -150,7 +151,7 @@ def policy_gradient_loss(hidden: jax.Array, weight: jax.Array, targets: jax.Arra
     curriculum.check_schedule(ratio_schedule)
     step_arr = curriculum.check_step(step)
     chunks = dict(row_chunk_size=row_chunk_size, vocab_chunk_size=vocab_chunk_size,
-                  memory_budget_bytes=memory_budget_bytes)
+                  memory_budget_bytes=DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes)
     stats = fused_linear_statistics(hidden, weight, targets, bias, temperature=temperature, softcap=softcap,
                                     ignore_index=cfg.ignore_index, **chunks)
     shape = tuple(hidden.shape[:-1])
