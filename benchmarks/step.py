@@ -93,6 +93,7 @@ sys.path.insert(0, os.path.dirname(_HERE))  # the repository root
 
 from benchmarks.harness import env as _env  # noqa: E402
 from benchmarks.harness.budget import Budget  # noqa: E402
+from benchmarks.harness import profiles  # noqa: E402
 from benchmarks.harness.records import RunContext, command_line, write_records  # noqa: E402
 
 SUITE = "step"
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--given-order", action="store_true",
                    help="run the rows in the order of --rows (default: the ops module's ROWS order), e.g. to "
                         "see whether a row's time depends on the rows run before it in the same process")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after each row's timed steps, trace N more steps and store and print its kernels "
+                        "(benchmarks/harness/profiles.py; default 0: no trace)")
     p.add_argument("--eager-only", action="store_true", help="PyTorch: skip the compiled rows")
     p.add_argument("--deadline-s", type=float, default=None, help="wall-clock budget of the whole script")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps, the first compiles (default 3; "
@@ -271,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         warmup=max(1, args.warmup if args.warmup is not None else 1 if args.quick else 3),
         steps=max(1, args.steps if args.steps is not None else 2 if args.quick else 8), dtype="bf16",
         compile_backend=args.compile_backend or ("aot_eager" if args.quick else "inductor"),
-        attention=args.attention)
+        attention=args.attention, profile_steps=max(0, args.profile))
     cmd = command_line(["benchmarks/step.py"] + argv)
     root = _env.REPO_ROOT / "out" / "bench" if args.quick and args.run_folder is None else None
     ctx = RunContext(suite=SUITE, commit=args.commit, command=cmd, results_root=root, run_folder=args.run_folder)
@@ -342,6 +346,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           f"{res.get('trained_tokens_per_s', float('nan')):,.0f} trained tok/s"
                           + (f"; compile error: {res['compile_error']}" if res.get("compile_error") else "")
                           + f" [{res['wall_s']:.0f} s]", flush=True)
+                    if res.get("profile"):
+                        print(profiles.table(res["profile"], f"  [{name}] {label} kernel families", "families"),
+                              flush=True)
                 else:
                     failures += int(res["status"] == "failed")
                     print(f"  [{name}] {label}: {res['status'].upper()} ({res.get('reason')})", flush=True)

@@ -637,3 +637,18 @@ def test_step_given_order(fw, tmp_path):
     if fw == "torch":  # each row's variants in ROWS's order
         assert given == [("batch_split_L1_prefix", True), ("batch_split_L1_prefix", False),
                          ("random_subset", False), ("random_subset", True)]
+
+
+@pytest.mark.parametrize("fw", ["torch", "jax"])
+def test_step_profile(fw, tmp_path):
+    """``--profile 1`` stores each row's kernel summary in its raw result (after the timed steps) and prints its
+    families; the records are those of a run without it."""
+    extra = ["--eager-only"] if fw == "torch" else []
+    recs = _step(tmp_path, "--framework", fw, "--quick", "--shapes", "1b", "--rows", "random_subset",
+                 "--profile", "1", *extra)
+    assert [r["extra"]["status"] for r in recs] == ["ok"]
+    raw = json.loads((tmp_path / "step" / "raw" / f"step_1b_{fw}.json").read_text())
+    (row,) = raw["rows"]
+    prof = row["profile"]
+    assert prof["steps"] == 1 and prof["kernels"] and prof["families"] and prof["device_ms_per_step"] > 0
+    assert raw["config"]["profile_steps"] == 1

@@ -33,6 +33,7 @@ import gc
 import statistics
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
@@ -279,6 +280,16 @@ def run_row(row: str, shape: dict[str, Any], cfg: dict[str, Any], prepared: dict
         elif row == "random_subset":
             res["sequences_trained"] = float(cfg["kept"])
         res["final_loss"] = losses[-1]
+        if cfg.get("profile_steps"):  # after the timed steps: their timing is unchanged
+            import tempfile
+
+            from benchmarks.harness import profiles
+            n = int(cfg["profile_steps"])
+            with tempfile.TemporaryDirectory() as tmp:
+                with jax.profiler.trace(tmp, create_perfetto_trace=True):
+                    for i in range(n):
+                        jax.block_until_ready(step(10**6 + i))
+                res["profile"] = profiles.jax_trace_summary(Path(tmp), n)
         cell.clear()
     except Exception as err:  # noqa: BLE001 - one failing row (out of memory, ...) must not lose the others
         res.update(status="failed", reason=_short(err), trace=traceback.format_exc()[-3000:])

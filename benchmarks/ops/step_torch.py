@@ -365,6 +365,16 @@ def run_row(row: str, compiled: bool, shape: dict[str, Any], cfg: dict[str, Any]
         if row.startswith("batch_split") or row == "random_subset":
             res["sequences_trained"] = res.get("trained_tokens_per_step", 0) / (T - 1)
         res["peak_memory_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
+        if cfg.get("profile_steps"):  # after the timed steps and the peak memory: both unchanged
+            from benchmarks.harness import profiles
+            n = int(cfg["profile_steps"])
+            acts = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch.profiler.profile(activities=acts) as prof:
+                for i in range(n):
+                    step(10**6 + i)
+                _sync(device)
+            res["profile"] = profiles.torch_profile_summary(prof, n)
         if compiled or "router_compile" in res.get("router_options", {}):
             # Graphs compiled by this row (0 when it reuses an earlier row's graphs of the same model), graph
             # breaks met while compiling them, and graphs compiled during the timed steps (recompilation).
