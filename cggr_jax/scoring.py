@@ -52,10 +52,26 @@ __all__ = [
     "score_tokens",
     "row_finite",
     "dispatch_statistics",
+    "top_two",
 ]
 
 
 # ------------------------------------------------------------------------------------------- statistics
+def top_two(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The largest and second-largest entries along the last axis (at least 2 long), ties counted: a maximum
+    that occurs twice is its own runner-up (SPEC §2's ``p_(2)``), as ``lax.top_k(z, 2)``.
+
+    Two reductions instead of ``top_k``, which XLA lowers to a full sort of every row on the CPU (a
+    ``(2032, 4096)`` float32 sort took 0.5 s there, 89 % of a small batch-split step) and which dominated
+    the ``lax`` token statistics on the GPU (DECISIONS.md: jax-top-two)."""
+    z1 = jnp.max(z, axis=-1)
+    at_max = z == z1[..., None]
+    twice = jnp.sum(at_max, axis=-1, dtype=jnp.int32) >= 2
+    below = jnp.max(jnp.where(at_max, -jnp.inf, z), axis=-1)
+    # A NaN row: z1 is NaN and no entry equals it; its statistics are not finite either way.
+    return z1, jnp.where(twice, z1, below)
+
+
 def token_statistics_reference(logits: jax.Array, safe_targets: jax.Array | None,
                                has_target: jax.Array | None) -> TokenStatistics:
     """The XLA reference of SPEC §2 on already checked inputs (see the module docstring for the math).
@@ -76,8 +92,7 @@ def token_statistics_reference(logits: jax.Array, safe_targets: jax.Array | None
     ed = jnp.where(d == -jnp.inf, 0.0, e * d)
     entropy = log_s - jnp.sum(ed, axis=-1) / s
     if V >= 2:
-        top2 = jax.lax.top_k(z, 2)[0]
-        z1, z2 = top2[..., 0], top2[..., 1]
+        z1, z2 = top_two(z)
         confidence = jnp.exp(z1 - m_safe) / s        # = 1/s in a finite row
         runner_up = jnp.exp(z2 - m_safe) / s         # exp(-inf) = 0 when the runner-up is masked
     else:                                            # V = 1: p1 = 1 (for a finite row), p2 = 0

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from cggr_jax import dispatch, fused_linear, utils
 from cggr_jax.fused_linear_backward import block_logits
 from cggr_jax.kernels.launch import DEFAULT_MEMORY_BUDGET
+from cggr_jax.scoring import top_two
 from cggr_jax.types import TokenStatistics
 
 __all__ = [
@@ -198,8 +199,7 @@ def _block_statistics(h, w, b, safe_t, has_t, cols: int, temperature: float, sof
         y = _transform(_logits(h, _slice(w, v0, width), _slice(b, v0, width)), temperature, softcap)
         bad = bad | jnp.any(jnp.isnan(y) | (y == jnp.inf), axis=1)
         if width >= 2:
-            top = jax.lax.top_k(y, 2)[0]
-            c1, c2 = top[:, 0], top[:, 1]
+            c1, c2 = top_two(y)
         else:
             c1, c2 = y[:, 0], ninf
         new_m = jnp.maximum(m1, c1)

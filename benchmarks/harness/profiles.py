@@ -13,7 +13,7 @@ gap between kernels is launch or host time).
 JAX: ``jax.profiler.trace(dir, create_perfetto_trace=True)`` writes a Chrome-trace JSON
 (``perfetto_trace.json.gz``) that needs neither TensorBoard nor xprof to read; the device's kernels are the
 complete events of the processes named ``/device:GPU:…``. On the CPU (script checks) there is no device
-process, and the XLA client threads' events stand in for it.
+process, and the HLO ops on the XLA client threads stand in for it.
 """
 from __future__ import annotations
 
@@ -94,9 +94,10 @@ def jax_trace_summary(trace_dir: Path, steps: int, top: int = TOP) -> dict[str, 
             return e.get("pid") in device_pids
         source = "jax trace, /device:GPU kernels"
     else:
-        def keep(e: dict[str, Any]) -> bool:
-            return thread.get((e.get("pid"), e.get("tid")), "").startswith("tf_XLA")
-        source = "jax trace, host XLA threads (no device process)"
+        def keep(e: dict[str, Any]) -> bool:  # the HLO ops themselves, not the executor's events around them
+            return (thread.get((e.get("pid"), e.get("tid")), "").startswith("tf_XLA")
+                    and "hlo_op" in (e.get("args") or {}))
+        source = "jax trace, host XLA ops (no device process)"
     picked = [(str(e["name"]), float(e.get("dur", 0.0)), 1) for e in events
               if e.get("ph") == "X" and keep(e)]
     return summarise(picked, steps, source, top)

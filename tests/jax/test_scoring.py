@@ -258,3 +258,25 @@ def test_kernel_dispatch_hook(monkeypatch):
         scoring.token_statistics(z, jnp.asarray([[1, -100, 3], [2, 0, 6]]))
         scoring.score_tokens(z, jnp.asarray([[1, -100, 3], [2, 0, 6]]))
         assert len(spy.calls) == 2                     # the reference path: the kernel is not called
+
+
+@pytest.mark.parametrize("V", [2, 3, 301])
+def test_top_two_equals_top_k(V):
+    """``scoring.top_two`` (two reductions) against ``lax.top_k(z, 2)`` on random rows, repeated maxima (the
+    runner-up ties the maximum), ±inf and all -inf rows, under ``jit``; a NaN row gives a NaN maximum."""
+    from cggr_jax.scoring import top_two
+
+    rng = np.random.default_rng(V)
+    z = rng.standard_normal((9, V)).astype(np.float32)
+    z[1, :2] = 7.0                                   # the maximum twice
+    z[2] = -np.inf
+    z[3, 0] = np.inf
+    z[4, :2] = np.inf
+    z[5, 1:] = -np.inf
+    z[6] = np.round(z[6])                            # many ties below the maximum
+    zj = jnp.asarray(z)
+    want = np.asarray(jax.lax.top_k(zj, 2)[0])
+    got = np.stack([np.asarray(x) for x in jax.jit(top_two)(zj)], axis=-1)
+    np.testing.assert_array_equal(got, want)
+    nan_row = zj.at[0, V // 2].set(jnp.nan)
+    assert bool(jnp.isnan(top_two(nan_row)[0][0]))
