@@ -349,6 +349,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     if res.get("profile"):
                         print(profiles.table(res["profile"], f"  [{name}] {label} kernel families", "families"),
                               flush=True)
+                    elif res.get("profile_error"):
+                        print(f"  [{name}] {label}: profile failed ({res['profile_error']})", flush=True)
                 else:
                     failures += int(res["status"] == "failed")
                     print(f"  [{name}] {label}: {res['status'].upper()} ({res.get('reason')})", flush=True)

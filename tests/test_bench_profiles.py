@@ -20,14 +20,20 @@ def _write_trace(folder: Path, events: list[dict]) -> None:
 
 def test_summary_of_a_gpu_trace(tmp_path):
     meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
-            {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}}]
+            {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 7, "tid": 1, "args": {"name": "Stream #14(Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 7, "tid": 2, "args": {"name": "XLA Ops"}},
+            {"ph": "M", "name": "thread_name", "pid": 7, "tid": 3, "args": {"name": "XLA Modules"}}]
     kernels = [("gemm_fusion_3", 400.0), ("gemm_fusion_3", 400.0), ("loop_add_fusion.12", 50.0),
                ("loop_add_fusion.7", 150.0), ("sm90_xmma_gemm", 1000.0)]
     events = meta + [{"ph": "X", "pid": 7, "tid": 1, "name": n, "dur": d} for n, d in kernels]
     events += [{"ph": "X", "pid": 1, "tid": 1, "name": "PjitFunction(step)", "dur": 9000.0}]  # host: left out
+    # the derived lines span the same kernels again: left out
+    events += [{"ph": "X", "pid": 7, "tid": 2, "name": n, "dur": d} for n, d in kernels]
+    events += [{"ph": "X", "pid": 7, "tid": 3, "name": "jit_step", "dur": 2000.0}]
     _write_trace(tmp_path, events)
     s = profiles.jax_trace_summary(tmp_path, steps=2, top=2)
-    assert s["source"].endswith("/device:GPU kernels") and s["steps"] == 2
+    assert s["source"].endswith("/device:GPU stream kernels") and s["steps"] == 2
     assert s["device_ms_per_step"] == pytest.approx(2000.0 / 1e3 / 2)
     names = [k["name"] for k in s["kernels"]]
     assert names == ["sm90_xmma_gemm", "gemm_fusion_3", "(other kernels: 2)"]
@@ -38,6 +44,14 @@ def test_summary_of_a_gpu_trace(tmp_path):
     assert fams == pytest.approx({"sm90_xmma_gemm": 0.5, "gemm_fusion": 0.4})  # top 2 families
     text = profiles.table(s, "row", "families")
     assert text.startswith("row: 1.00 ms/step busy over 2 step(s)") and "| gemm_fusion | 0.400 | 1.0 | 40.0 % |" in text
+
+
+def test_a_gpu_trace_without_stream_lines_is_refused(tmp_path):
+    _write_trace(tmp_path, [{"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
+                            {"ph": "M", "name": "thread_name", "pid": 7, "tid": 2, "args": {"name": "XLA Ops"}},
+                            {"ph": "X", "pid": 7, "tid": 2, "name": "fusion", "dur": 5.0}])
+    with pytest.raises(ValueError, match="no 'Stream' lines.*XLA Ops"):
+        profiles.jax_trace_summary(tmp_path, steps=1)
 
 
 def test_family_and_errors(tmp_path):

@@ -7,13 +7,15 @@ steps of each row after its timed steps (outside them: the timing is unchanged) 
 
 A summary is ``{"source", "steps", "device_ms_per_step", "kernels": [{"name", "ms_per_step",
 "calls_per_step", "share"}, ...], "families": [...]}``, the kernels by total time, at most ``top`` of them, the
-rest folded into one ``"(other kernels)"`` row, and the same by :func:`family` (XLA numbers its fusions). ``device_ms_per_step`` is the sum of the kernels' times (busy time, not wall time: a
-gap between kernels is launch or host time).
+rest folded into one ``"(other kernels)"`` row, and the same by :func:`family` (XLA numbers its fusions).
+``device_ms_per_step`` is the sum of the kernels' times (busy time, not wall time: a gap between kernels is
+launch or host time).
 
 JAX: ``jax.profiler.trace(dir, create_perfetto_trace=True)`` writes a Chrome-trace JSON
 (``perfetto_trace.json.gz``) that needs neither TensorBoard nor xprof to read; the device's kernels are the
-complete events of the processes named ``/device:GPU:…``. On the CPU (script checks) there is no device
-process, and the HLO ops on the XLA client threads stand in for it.
+complete events on the stream lines (threads ``Stream #…``) of the processes named ``/device:GPU:…``, not
+the derived ``XLA Modules`` / ``XLA Ops`` / ``Steps`` lines, which span the same kernels again. On the CPU
+(script checks) there is no device process, and the HLO ops on the XLA client threads stand in for it.
 """
 from __future__ import annotations
 
@@ -29,6 +31,21 @@ __all__ = ["family", "jax_trace_summary", "torch_profile_summary", "summarise", 
 TOP = 25
 
 
+def _ranked(total: dict[str, float], calls: dict[str, int], busy: float, steps: int, top: int,
+            fold: bool) -> list[dict[str, Any]]:
+    """The ``top`` names by total time as summary rows; with ``fold`` the rest as one ``(other kernels)`` row."""
+    names = sorted(total, key=lambda n: (-total[n], n))
+    groups = [(n, [n]) for n in names[:top]]
+    if fold and names[top:]:
+        groups.append((f"(other kernels: {len(names) - top})", names[top:]))
+    rows = []
+    for label, members in groups:
+        t = sum(total[n] for n in members)
+        rows.append({"name": label, "ms_per_step": t / 1e3 / steps,
+                     "calls_per_step": sum(calls[n] for n in members) / steps, "share": t / busy if busy else 0.0})
+    return rows
+
+
 def summarise(events: Iterable[tuple[str, float, int]], steps: int, source: str, top: int = TOP) -> dict[str, Any]:
     """``events``: ``(kernel name, duration in µs, calls)`` over ``steps`` steps (a name may repeat: its
     durations and calls add) → the summary described above."""
@@ -36,29 +53,17 @@ def summarise(events: Iterable[tuple[str, float, int]], steps: int, source: str,
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
     total: dict[str, float] = collections.defaultdict(float)
     calls: dict[str, int] = collections.defaultdict(int)
+    fam_total: dict[str, float] = collections.defaultdict(float)
+    fam_calls: dict[str, int] = collections.defaultdict(int)
     for name, dur_us, n in events:
         total[name] += float(dur_us)
         calls[name] += int(n)
+        fam_total[family(name)] += float(dur_us)
+        fam_calls[family(name)] += int(n)
     busy = sum(total.values())
-    ranked = sorted(total, key=lambda n: (-total[n], n))
-    rows = [{"name": n, "ms_per_step": total[n] / 1e3 / steps, "calls_per_step": calls[n] / steps,
-             "share": total[n] / busy if busy else 0.0} for n in ranked[:top]]
-    rest = ranked[top:]
-    if rest:
-        t = sum(total[n] for n in rest)
-        rows.append({"name": f"(other kernels: {len(rest)})", "ms_per_step": t / 1e3 / steps,
-                     "calls_per_step": sum(calls[n] for n in rest) / steps, "share": t / busy if busy else 0.0})
-    fam_total: dict[str, float] = collections.defaultdict(float)
-    fam_calls: dict[str, int] = collections.defaultdict(int)
-    for n in total:
-        f = family(n)
-        fam_total[f] += total[n]
-        fam_calls[f] += calls[n]
-    fams = [{"name": f, "ms_per_step": fam_total[f] / 1e3 / steps, "calls_per_step": fam_calls[f] / steps,
-             "share": fam_total[f] / busy if busy else 0.0}
-            for f in sorted(fam_total, key=lambda f: (-fam_total[f], f))[:top]]
-    return {"source": source, "steps": steps, "device_ms_per_step": busy / 1e3 / steps, "kernels": rows,
-            "families": fams}
+    return {"source": source, "steps": steps, "device_ms_per_step": busy / 1e3 / steps,
+            "kernels": _ranked(total, calls, busy, steps, top, fold=True),
+            "families": _ranked(fam_total, fam_calls, busy, steps, top, fold=False)}
 
 
 _NUMBERED = re.compile(r"([._]\d+)+$")
@@ -90,9 +95,14 @@ def jax_trace_summary(trace_dir: Path, steps: int, top: int = TOP) -> dict[str, 
               if e.get("ph") == "M" and e.get("name") == "thread_name"}
     device_pids = {pid for pid, name in process.items() if name.startswith("/device:GPU")}
     if device_pids:
+        streams = {key for key, name in thread.items() if key[0] in device_pids and name.startswith("Stream")}
+        if not streams:
+            raise ValueError(f"trace_dir: the GPU process has no 'Stream' lines to read kernels from (its lines: "
+                             f"{sorted({n for k, n in thread.items() if k[0] in device_pids})})")
+
         def keep(e: dict[str, Any]) -> bool:
-            return e.get("pid") in device_pids
-        source = "jax trace, /device:GPU kernels"
+            return (e.get("pid"), e.get("tid")) in streams
+        source = "jax trace, /device:GPU stream kernels"
     else:
         def keep(e: dict[str, Any]) -> bool:  # the HLO ops themselves, not the executor's events around them
             return (thread.get((e.get("pid"), e.get("tid")), "").startswith("tf_XLA")

@@ -370,11 +370,14 @@ def run_row(row: str, compiled: bool, shape: dict[str, Any], cfg: dict[str, Any]
             n = int(cfg["profile_steps"])
             acts = [torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with torch.profiler.profile(activities=acts) as prof:
-                for i in range(n):
-                    step(10**6 + i)
-                _sync(device)
-            res["profile"] = profiles.torch_profile_summary(prof, n)
+            try:  # a profile that fails costs the profile, not the row's timing
+                with torch.profiler.profile(activities=acts) as prof:
+                    for i in range(n):
+                        step(10**6 + i)
+                    _sync(device)
+                res["profile"] = profiles.torch_profile_summary(prof, n)
+            except Exception as err:  # noqa: BLE001
+                res["profile_error"] = _short(err)
         if compiled or "router_compile" in res.get("router_options", {}):
             # Graphs compiled by this row (0 when it reuses an earlier row's graphs of the same model), graph
             # breaks met while compiling them, and graphs compiled during the timed steps (recompilation).
